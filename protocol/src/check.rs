@@ -1,0 +1,104 @@
+//! What an agent is told to run and what a run produces.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// A check's state, with Nagios semantics (exit codes 0..=3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Ok,
+    Warning,
+    Critical,
+    Unknown,
+}
+
+impl Status {
+    /// The status a Nagios plugin's exit code means; `None` for codes outside 0..=3.
+    pub fn from_exit_code(code: i32) -> Option<Status> {
+        match code {
+            0 => Some(Status::Ok),
+            1 => Some(Status::Warning),
+            2 => Some(Status::Critical),
+            3 => Some(Status::Unknown),
+            _ => None,
+        }
+    }
+
+    /// The Nagios exit code for this status.
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Warning => "warning",
+            Status::Critical => "critical",
+            Status::Unknown => "unknown",
+        }
+    }
+}
+
+/// One measured value, from Nagios perfdata or a built-in check.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Metric {
+    pub name: String,
+    pub value: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unit: Option<String>,
+    /// Warning range, as written by the plugin (e.g. `10`, `@10:20`, `~:5`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warn: Option<String>,
+    /// Critical range, as written by the plugin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crit: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+}
+
+/// Why a check ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// Its schedule came due.
+    #[default]
+    Schedule,
+    /// Someone asked for it through the API ("run now").
+    RunNow,
+}
+
+/// A check as an agent receives it: already targeted and validated by the gateway.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckSpec {
+    pub name: String,
+    /// Program and arguments. Run directly, never through a shell.
+    pub command: Vec<String>,
+    /// Seconds between runs.
+    pub interval_secs: u64,
+    /// Seconds before the whole process group is killed and the result is UNKNOWN.
+    pub timeout_secs: u64,
+}
+
+/// Whether `name` is usable as a check name: 1 to 64 of `[A-Za-z0-9_.-]`, so it is safe in
+/// URLs, file names and bus subjects.
+pub fn valid_check_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
+        && name != "."
+        && name != ".."
+}
+
+/// The content hash of a configuration: SHA-256 over the canonical JSON of the checks sorted
+/// by name. Agents send the hash they run; gateways send a config only when it differs.
+pub fn config_hash(checks: &[CheckSpec]) -> String {
+    let mut sorted: Vec<&CheckSpec> = checks.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    // Serializing plain structs of strings and integers cannot fail.
+    let json = serde_json::to_vec(&sorted).unwrap_or_default();
+    hex::encode(Sha256::digest(&json))
+}

@@ -1,0 +1,206 @@
+//! The frames of `outpost.v1`, one enum per direction.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::check::{CheckSpec, Metric, Origin, Status};
+use crate::limits::MAX_FRAME_BYTES;
+
+/// Frames an agent sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentFrame {
+    Hello(Hello),
+    Results(Results),
+    RpcReply(RpcReply),
+    Bye(Bye),
+    /// A `type` this side does not know; answered with an `error` frame.
+    #[serde(other)]
+    Unknown,
+}
+
+/// Frames a gateway sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GatewayFrame {
+    Welcome(Welcome),
+    Config(ConfigFrame),
+    Ack(Ack),
+    RpcRequest(RpcRequest),
+    Error(ErrorFrame),
+    #[serde(other)]
+    Unknown,
+}
+
+/// How an agent proves who it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Credential {
+    /// First connection: the tenant's enrollment key, traded for a per-agent secret.
+    EnrollKey { key: String },
+    /// Every later connection: the secret the gateway issued at enrollment.
+    Secret { secret: String },
+}
+
+/// The first frame on every connection, and the only one accepted before authentication.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: u32,
+    pub fingerprint: String,
+    pub credential: Credential,
+    pub agent_version: String,
+    pub os: String,
+    pub arch: String,
+    pub hostname: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Hash of the configuration the agent is running, if any.
+    #[serde(default)]
+    pub config_hash: Option<String>,
+}
+
+/// The gateway's answer to an accepted `hello`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub protocol: u32,
+    pub gateway_version: String,
+    /// Set only when this connection enrolled the agent: store it (mode 0600) and use it
+    /// as the credential from now on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_secret: Option<String>,
+    /// Hash of the configuration this agent should run. A `config` frame follows when it
+    /// differs from the one in `hello`.
+    pub config_hash: String,
+    /// Seconds between websocket pings the gateway expects.
+    pub heartbeat_secs: u64,
+}
+
+/// The complete set of checks the agent should run; replaces what it had.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigFrame {
+    pub hash: String,
+    pub checks: Vec<CheckSpec>,
+}
+
+/// The outcome of one check run, numbered by the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckResult {
+    /// Per-agent sequence number, strictly increasing.
+    pub seq: u64,
+    pub check: String,
+    pub status: Status,
+    /// The first line of output.
+    pub output: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub long_output: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<Metric>,
+    /// Unix time in milliseconds when the run started.
+    pub started_at_ms: u64,
+    pub duration_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default)]
+    pub origin: Origin,
+}
+
+/// A batch of results in increasing `seq` order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Results {
+    pub results: Vec<CheckResult>,
+}
+
+/// Cumulative acknowledgement: every result with `seq <= self.seq` is durable on the bus
+/// and may be deleted by the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub seq: u64,
+}
+
+/// A call from the gateway (on behalf of the API) to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RpcRequest {
+    pub id: u64,
+    #[serde(flatten)]
+    pub call: RpcCall,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "method", rename_all = "snake_case")]
+pub enum RpcCall {
+    /// Run the named check now, out of schedule, and reply with its result.
+    RunCheck { check: String },
+}
+
+/// The agent's answer to an `rpc_request` with the same `id`: a result or an error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RpcReply {
+    pub id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<CheckResult>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<RpcError>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RpcError {
+    /// Machine-readable: `unknown_check`, `unknown_method`, `busy`.
+    pub code: String,
+    pub message: String,
+}
+
+/// A graceful goodbye: the agent is stopping on purpose (deregistered, not lost).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bye {
+    pub reason: String,
+}
+
+/// A problem the gateway reports without closing the connection, or just before it does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorFrame {
+    pub code: String,
+    pub message: String,
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]
+    TooBig { size: usize, limit: usize },
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+fn check_size(text: &str) -> Result<(), FrameError> {
+    if text.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooBig {
+            size: text.len(),
+            limit: MAX_FRAME_BYTES,
+        });
+    }
+    Ok(())
+}
+
+/// Decode a frame received from an agent, enforcing the size bound.
+pub fn decode_agent_frame(text: &str) -> Result<AgentFrame, FrameError> {
+    check_size(text)?;
+    Ok(serde_json::from_str(text)?)
+}
+
+/// Decode a frame received from a gateway, enforcing the size bound.
+pub fn decode_gateway_frame(text: &str) -> Result<GatewayFrame, FrameError> {
+    check_size(text)?;
+    Ok(serde_json::from_str(text)?)
+}
+
+/// Encode a frame as JSON text.
+pub fn encode<T: Serialize>(frame: &T) -> String {
+    // Frames hold strings, numbers, maps with string keys and finite floats from our own
+    // parsers; serde_json cannot fail on them. A non-finite float would become `null`.
+    serde_json::to_string(frame).unwrap_or_else(|e| {
+        format!(r#"{{"type":"error","code":"encode","message":"{}"}}"#, e)
+    })
+}

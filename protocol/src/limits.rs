@@ -1,0 +1,45 @@
+//! Bounds and constants every peer enforces.
+
+use std::time::Duration;
+
+/// The websocket subprotocol both sides must negotiate.
+pub const SUBPROTOCOL: &str = "outpost.v1";
+/// The protocol revision carried in `hello` and `welcome`.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The HTTP path agents upgrade on.
+pub const WS_PATH: &str = "/ws";
+/// Largest frame either side accepts, in bytes. Far below tungstenite's 64 MiB default:
+/// nothing in the protocol needs more, and a peer cannot make us buffer more.
+pub const MAX_FRAME_BYTES: usize = 1024 * 1024;
+/// Most results in one `results` frame.
+pub const MAX_BATCH_RESULTS: usize = 256;
+/// Most checks in one agent's configuration.
+pub const MAX_CHECKS: usize = 10_000;
+/// Longest `output` line kept in a result, in bytes.
+pub const MAX_OUTPUT_BYTES: usize = 4096;
+/// Longest `long_output` kept in a result, in bytes.
+pub const MAX_LONG_OUTPUT_BYTES: usize = 16 * 1024;
+/// Most metrics in one result.
+pub const MAX_METRICS: usize = 256;
+/// How long a gateway waits for `hello` after the websocket opens.
+pub const HELLO_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Websocket close codes the gateway uses, with the reason text it sends.
+pub mod close {
+    /// A frame that is not valid JSON for this protocol (RFC 6455: invalid payload data).
+    pub const MALFORMED: u16 = 1007;
+    /// A frame that breaks the protocol's order, e.g. anything but `hello` first.
+    pub const POLICY: u16 = 1008;
+    /// A frame larger than [`crate::MAX_FRAME_BYTES`] (RFC 6455: message too big).
+    pub const TOO_BIG: u16 = 1009;
+    /// The gateway is shutting down; reconnect (to another gateway) later.
+    pub const GOING_AWAY: u16 = 1001;
+    /// The credential in `hello` was refused.
+    pub const UNAUTHORIZED: u16 = 4401;
+    /// `hello` did not arrive within [`crate::HELLO_DEADLINE`].
+    pub const HELLO_TIMEOUT: u16 = 4408;
+    /// A newer connection for the same fingerprint replaced this one.
+    pub const REPLACED: u16 = 4409;
+    /// The agent's protocol revision is not supported by this gateway.
+    pub const UNSUPPORTED: u16 = 4426;
+}
