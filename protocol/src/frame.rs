@@ -200,7 +200,6 @@ pub fn decode_gateway_frame(text: &str) -> Result<GatewayFrame, FrameError> {
 pub fn encode<T: Serialize>(frame: &T) -> String {
     // Frames hold strings, numbers, maps with string keys and finite floats from our own
     // parsers; serde_json cannot fail on them. A non-finite float would become `null`.
-    serde_json::to_string(frame).unwrap_or_else(|e| {
-        format!(r#"{{"type":"error","code":"encode","message":"{}"}}"#, e)
-    })
+    serde_json::to_string(frame)
+        .unwrap_or_else(|e| format!(r#"{{"type":"error","code":"encode","message":"{}"}}"#, e))
 }

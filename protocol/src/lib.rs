@@ -16,8 +16,8 @@ mod limits;
 pub use check::{config_hash, valid_check_name, CheckSpec, Metric, Origin, Status};
 pub use frame::{
     decode_agent_frame, decode_gateway_frame, encode, Ack, AgentFrame, Bye, CheckResult,
-    Credential, ErrorFrame, FrameError, GatewayFrame, Hello, Results, RpcCall, RpcError,
-    RpcReply, RpcRequest, Welcome, ConfigFrame,
+    ConfigFrame, Credential, ErrorFrame, FrameError, GatewayFrame, Hello, Results, RpcCall,
+    RpcError, RpcReply, RpcRequest, Welcome,
 };
 pub use limits::*;
 

@@ -21,7 +21,10 @@ fn frames_are_tagged_by_type() {
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["type"], "hello");
     assert_eq!(v["credential"]["kind"], "enroll_key");
-    assert_eq!(decode_agent_frame(&text).unwrap(), AgentFrame::Hello(hello()));
+    assert_eq!(
+        decode_agent_frame(&text).unwrap(),
+        AgentFrame::Hello(hello())
+    );
 }
 
 #[test]
@@ -30,11 +33,16 @@ fn unknown_type_and_unknown_fields_degrade_politely() {
         decode_agent_frame(r#"{"type":"telemetry_v9","x":1}"#).unwrap(),
         AgentFrame::Unknown
     );
-    let mut v = serde_json::to_value(AgentFrame::Bye(Bye { reason: "stop".into() })).unwrap();
+    let mut v = serde_json::to_value(AgentFrame::Bye(Bye {
+        reason: "stop".into(),
+    }))
+    .unwrap();
     v["added_in_v2"] = serde_json::json!(true);
     assert_eq!(
         decode_agent_frame(&v.to_string()).unwrap(),
-        AgentFrame::Bye(Bye { reason: "stop".into() })
+        AgentFrame::Bye(Bye {
+            reason: "stop".into()
+        })
     );
 }
 
@@ -48,7 +56,10 @@ fn malformed_and_oversized_frames_are_errors() {
         decode_agent_frame(r#"{"type":"hello"}"#),
         Err(FrameError::Malformed(_))
     ));
-    let big = format!(r#"{{"type":"bye","reason":"{}"}}"#, "x".repeat(MAX_FRAME_BYTES));
+    let big = format!(
+        r#"{{"type":"bye","reason":"{}"}}"#,
+        "x".repeat(MAX_FRAME_BYTES)
+    );
     assert!(matches!(
         decode_agent_frame(&big),
         Err(FrameError::TooBig { .. })
@@ -112,5 +123,8 @@ fn status_follows_nagios_exit_codes() {
     assert_eq!(Status::from_exit_code(3), Some(Status::Unknown));
     assert_eq!(Status::from_exit_code(4), None);
     assert_eq!(Status::Critical.code(), 2);
-    assert_eq!(serde_json::to_string(&Status::Warning).unwrap(), r#""warning""#);
+    assert_eq!(
+        serde_json::to_string(&Status::Warning).unwrap(),
+        r#""warning""#
+    );
 }

@@ -1,1 +1,100 @@
-fn main(){}
+//! `outpost-gateway`: parse the command line, prepare the data directory, serve.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use outpost_gateway::settings::ServeArgs;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "outpost-gateway",
+    version,
+    about = "Outpost gateway: agents dial in, results go out to the bus"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Accept agents, serve the API and the console.
+    Serve(ServeArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(70);
+        }
+    };
+    let result = match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let settings = outpost_gateway::Settings::from(args);
+    let shutdown = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let addr = listener.local_addr()?;
+    let grace = settings.grace;
+    let data_dir = settings.data_dir.clone();
+    let prepared = outpost_gateway::prepare(settings, shutdown.clone()).await?;
+    let gw = &prepared.gateway;
+    // Machine-readable lines first (tests and scripts read them), then the human summary.
+    println!("listening https://{addr}");
+    println!("pin_sha256 {}", prepared.tls.pin_sha256);
+    println!("console https://{addr}/#token={}", gw.credentials.api_token);
+    println!(
+        "enroll_key_file {}\napi_token_file {}\nchecks_dir {}",
+        data_dir.join("enroll.key").display(),
+        data_dir.join("api.token").display(),
+        gw.settings.checks_dir.display()
+    );
+    tracing::info!(%addr, pin_sha256 = %prepared.tls.pin_sha256, self_signed = prepared.tls.self_signed, "gateway ready");
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutdown requested");
+        shutdown.cancel();
+    });
+    outpost_gateway::serve(prepared, listener, grace).await
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

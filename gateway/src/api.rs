@@ -1,0 +1,242 @@
+//! The HTTP side of the gateway: the agents' websocket endpoint, the JSON API (bearer
+//! token), `/healthz`, `/metrics` and the console page.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use outpost_protocol::{CheckResult, CheckSpec, RpcCall, MAX_FRAME_BYTES, SUBPROTOCOL, WS_PATH};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::hub::RpcFailure;
+use crate::metrics::Metrics;
+use crate::registry::AgentRecord;
+use crate::util::now_ms;
+use crate::Gateway;
+
+/// The peer address of the connection a request came in on.
+#[derive(Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+pub fn router(gw: Arc<Gateway>) -> Router {
+    let api = Router::new()
+        .route("/agents", get(list_agents))
+        .route("/agents/{fingerprint}", get(get_agent))
+        .route("/agents/{fingerprint}/checks", get(agent_checks))
+        .route("/agents/{fingerprint}/checks/{check}/run", post(run_now))
+        .layer(middleware::from_fn_with_state(gw.clone(), require_token));
+    Router::new()
+        .route("/", get(crate::console::page))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route(WS_PATH, get(upgrade))
+        .nest("/api/v1", api)
+        .with_state(gw)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn require_token(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> Response {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match token {
+        Some(t) if gw.credentials.api_token_ok(t.trim()) => next.run(req).await,
+        Some(_) => error(StatusCode::UNAUTHORIZED, "API token refused"),
+        None => error(
+            StatusCode::UNAUTHORIZED,
+            "missing API token: send 'Authorization: Bearer TOKEN' (the token is in api.token in the gateway's data directory)",
+        ),
+    }
+}
+
+async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        gw.metrics.render(gw.hub.connected()),
+    )
+}
+
+async fn upgrade(
+    State(gw): State<Arc<Gateway>>,
+    Extension(Peer(peer)): Extension<Peer>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let ws = ws
+        .protocols([SUBPROTOCOL])
+        .max_message_size(MAX_FRAME_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES);
+    if ws.selected_protocol().is_none() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("websocket subprotocol {SUBPROTOCOL} is required"),
+        );
+    }
+    if gw.shutdown.is_cancelled() {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "gateway is shutting down");
+    }
+    ws.on_upgrade(move |socket| crate::session::run(gw, socket, peer))
+}
+
+#[derive(Serialize)]
+struct AgentView {
+    fingerprint: String,
+    hostname: String,
+    os: String,
+    arch: String,
+    agent_version: String,
+    labels: std::collections::BTreeMap<String, String>,
+    groups: Vec<String>,
+    /// `online`, `lost` or `deregistered`.
+    presence: &'static str,
+    presence_reason: String,
+    connected: bool,
+    last_seen_ms: u64,
+    connected_since_ms: Option<u64>,
+}
+
+fn view(gw: &Gateway, r: &AgentRecord) -> AgentView {
+    AgentView {
+        fingerprint: r.fingerprint.clone(),
+        hostname: r.hostname.clone(),
+        os: r.os.clone(),
+        arch: r.arch.clone(),
+        agent_version: r.agent_version.clone(),
+        labels: r.labels.clone(),
+        groups: r.groups.clone(),
+        presence: r.presence.as_str(),
+        presence_reason: r.presence_reason.clone(),
+        connected: gw.hub.is_connected(&r.fingerprint),
+        last_seen_ms: r.last_seen_ms,
+        connected_since_ms: r.connected_since_ms,
+    }
+}
+
+async fn list_agents(State(gw): State<Arc<Gateway>>) -> Json<Vec<AgentView>> {
+    Json(gw.registry.list().iter().map(|r| view(&gw, r)).collect())
+}
+
+fn unknown_agent(fp: &str) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        format!("no agent with fingerprint {fp} has enrolled here"),
+    )
+}
+
+async fn get_agent(State(gw): State<Arc<Gateway>>, Path(fp): Path<String>) -> Response {
+    match gw.registry.get(&fp) {
+        Some(r) => Json(view(&gw, &r)).into_response(),
+        None => unknown_agent(&fp),
+    }
+}
+
+#[derive(Serialize)]
+struct CheckView {
+    check: String,
+    /// Whether the check is in the agent's current configuration.
+    configured: bool,
+    spec: Option<CheckSpec>,
+    latest: Option<CheckResult>,
+    age_secs: Option<u64>,
+}
+
+async fn agent_checks(State(gw): State<Arc<Gateway>>, Path(fp): Path<String>) -> Response {
+    let Some(rec) = gw.registry.get(&fp) else {
+        return unknown_agent(&fp);
+    };
+    let now = now_ms();
+    let mut out: Vec<CheckView> = rec
+        .checks
+        .iter()
+        .map(|spec| {
+            let latest = rec.latest.get(&spec.name).cloned();
+            CheckView {
+                check: spec.name.clone(),
+                configured: true,
+                age_secs: latest
+                    .as_ref()
+                    .map(|l| now.saturating_sub(l.started_at_ms) / 1000),
+                spec: Some(spec.clone()),
+                latest,
+            }
+        })
+        .collect();
+    for (name, result) in &rec.latest {
+        if !rec.checks.iter().any(|c| &c.name == name) {
+            out.push(CheckView {
+                check: name.clone(),
+                configured: false,
+                spec: None,
+                age_secs: Some(now.saturating_sub(result.started_at_ms) / 1000),
+                latest: Some(result.clone()),
+            });
+        }
+    }
+    out.sort_by(|a, b| a.check.cmp(&b.check));
+    Json(out).into_response()
+}
+
+async fn run_now(
+    State(gw): State<Arc<Gateway>>,
+    Path((fp, check)): Path<(String, String)>,
+) -> Response {
+    let Some(rec) = gw.registry.get(&fp) else {
+        return unknown_agent(&fp);
+    };
+    let Some(spec) = rec.checks.iter().find(|c| c.name == check) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("check {check:?} is not configured on agent {fp}"),
+        );
+    };
+    let deadline = Duration::from_secs(spec.timeout_secs.saturating_add(5).min(120));
+    Metrics::inc(&gw.metrics.rpc_calls);
+    let reply = gw
+        .hub
+        .rpc(
+            &fp,
+            RpcCall::RunCheck {
+                check: check.clone(),
+            },
+            deadline,
+        )
+        .await;
+    let reply = match reply {
+        Ok(r) => r,
+        Err(e) => {
+            Metrics::inc(&gw.metrics.rpc_failures);
+            let status = match e {
+                RpcFailure::NotConnected(_) => StatusCode::CONFLICT,
+                RpcFailure::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
+                RpcFailure::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
+                RpcFailure::Disconnected(_) => StatusCode::BAD_GATEWAY,
+            };
+            return error(status, e.to_string());
+        }
+    };
+    match (reply.result, reply.error) {
+        (Some(result), _) => Json(result).into_response(),
+        (None, Some(e)) => {
+            Metrics::inc(&gw.metrics.rpc_failures);
+            let status = if e.code == "unknown_check" {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::BAD_GATEWAY
+            };
+            error(status, format!("agent answered {}: {}", e.code, e.message))
+        }
+        (None, None) => error(StatusCode::BAD_GATEWAY, "agent sent an empty reply"),
+    }
+}

@@ -1,0 +1,69 @@
+//! The bus results and presence events are handed to. One trait, so the embedded bus
+//! (the default, for a single gateway) and NATS JetStream (for a fleet) are
+//! interchangeable; a session acks an agent's batch only after `publish_results` returns.
+
+pub mod embedded;
+
+use async_trait::async_trait;
+use outpost_protocol::CheckResult;
+use serde::{Deserialize, Serialize};
+
+/// Which agent a message is about.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct AgentRef {
+    pub tenant: String,
+    pub fingerprint: String,
+}
+
+/// What a publish did with the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Published {
+    /// Results newly made durable.
+    pub accepted: usize,
+    /// Results already durable from an earlier send (same fingerprint and sequence), dropped.
+    pub duplicates: usize,
+}
+
+/// An agent's presence as the rest of the platform sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Presence {
+    /// Authenticated and connected.
+    Online,
+    /// The connection ended without `bye`.
+    Lost,
+    /// The agent said `bye`: stopped on purpose.
+    Deregistered,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceEvent {
+    #[serde(flatten)]
+    pub agent: AgentRef,
+    pub presence: Presence,
+    pub at_ms: u64,
+    /// Free text: why the state changed (close reason, bye reason).
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("bus storage failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bus is shutting down")]
+    Closed,
+}
+
+#[async_trait]
+pub trait Bus: Send + Sync {
+    /// Make `results` durable, in order, dropping any whose sequence number the bus has
+    /// already made durable for this agent. Returns only once they are durable.
+    async fn publish_results(
+        &self,
+        agent: &AgentRef,
+        results: &[CheckResult],
+    ) -> Result<Published, BusError>;
+
+    /// Publish a presence change.
+    async fn publish_presence(&self, event: &PresenceEvent) -> Result<(), BusError>;
+}

@@ -1,0 +1,357 @@
+//! The embedded bus: append-only JSON-lines files under `DATA_DIR/bus/`, written by one
+//! task that group-commits (one fsync for everything queued), so "durable" means on disk
+//! exactly as it will mean "in a JetStream stream" when clustered.
+//!
+//! `results.jsonl` holds one line per result: `{"tenant","fingerprint","result":{..}}`.
+//! `presence.jsonl` holds presence events. Deduplication is by (fingerprint, seq): agents
+//! number results strictly increasingly, so the bus keeps the highest durable sequence per
+//! agent and drops anything at or below it. Not here: retention and compaction (the files
+//! grow until an operator rotates them), consumers other than the gateway itself.
+
+use std::collections::HashMap;
+use std::io::{BufRead, Seek, Write};
+use std::path::Path;
+
+use async_trait::async_trait;
+use outpost_protocol::CheckResult;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{AgentRef, Bus, BusError, Presence, PresenceEvent, Published};
+
+/// Jobs waiting for the writer. A full queue makes publishers wait (backpressure reaches
+/// the agents as slower acks), it never drops.
+const QUEUE: usize = 1024;
+
+#[derive(Serialize, Deserialize)]
+struct ResultLine {
+    tenant: String,
+    fingerprint: String,
+    result: CheckResult,
+}
+
+enum Job {
+    Results {
+        agent: AgentRef,
+        results: Vec<CheckResult>,
+        done: oneshot::Sender<Result<Published, String>>,
+    },
+    Presence {
+        event: PresenceEvent,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+pub struct EmbeddedBus {
+    tx: mpsc::Sender<Job>,
+}
+
+/// What the bus held when it was opened: the newest result per agent and check, and each
+/// agent's last presence, so the gateway's view survives a restart.
+#[derive(Default)]
+pub struct Recovered {
+    pub latest: HashMap<String, HashMap<String, CheckResult>>,
+    pub results_on_disk: u64,
+    pub torn_bytes_dropped: u64,
+}
+
+impl EmbeddedBus {
+    pub async fn open(dir: &Path) -> std::io::Result<(EmbeddedBus, Recovered)> {
+        std::fs::create_dir_all(dir)?;
+        let results_path = dir.join("results.jsonl");
+        let presence_path = dir.join("presence.jsonl");
+        let (results, watermarks, recovered) = recover(&results_path)?;
+        let presence = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&presence_path)?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        std::thread::Builder::new()
+            .name("outpost-bus-writer".into())
+            .spawn(move || writer(rx, results, presence, watermarks))?;
+        Ok((EmbeddedBus { tx }, recovered))
+    }
+}
+
+/// Read `results.jsonl`, drop a torn last line (a crash mid-append), and rebuild the
+/// per-agent watermarks and the latest result per check.
+fn recover(path: &Path) -> std::io::Result<(std::fs::File, HashMap<String, u64>, Recovered)> {
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(path)?;
+    let mut watermarks: HashMap<String, u64> = HashMap::new();
+    let mut rec = Recovered::default();
+    let mut good_len: u64 = 0;
+    let mut reader = std::io::BufReader::new(&file);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 {
+            break;
+        }
+        if line.last() != Some(&b'\n') {
+            rec.torn_bytes_dropped = n as u64;
+            break;
+        }
+        good_len += n as u64;
+        match serde_json::from_slice::<ResultLine>(&line) {
+            Ok(l) => {
+                rec.results_on_disk += 1;
+                let w = watermarks.entry(l.fingerprint.clone()).or_default();
+                *w = (*w).max(l.result.seq);
+                let per_agent = rec.latest.entry(l.fingerprint).or_default();
+                match per_agent.get(&l.result.check) {
+                    Some(old) if old.seq >= l.result.seq => {}
+                    _ => {
+                        per_agent.insert(l.result.check.clone(), l.result);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "skipping unreadable bus line")
+            }
+        }
+    }
+    drop(reader);
+    if rec.torn_bytes_dropped > 0 {
+        tracing::warn!(file = %path.display(), bytes = rec.torn_bytes_dropped, "dropping a torn last line left by a crash");
+        file.set_len(good_len)?;
+        file.seek(std::io::SeekFrom::End(0))?;
+        file.sync_all()?;
+    }
+    Ok((file, watermarks, rec))
+}
+
+fn writer(
+    mut rx: mpsc::Receiver<Job>,
+    mut results: std::fs::File,
+    mut presence: std::fs::File,
+    mut watermarks: HashMap<String, u64>,
+) {
+    let mut jobs = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        jobs.push(first);
+        while let Ok(more) = rx.try_recv() {
+            jobs.push(more);
+            if jobs.len() >= QUEUE {
+                break;
+            }
+        }
+        let mut rbuf = Vec::new();
+        let mut pbuf = Vec::new();
+        let mut outcomes = Vec::with_capacity(jobs.len());
+        // Watermarks move only once the write is durable; until then track them per group.
+        let mut pending: HashMap<String, u64> = HashMap::new();
+        for job in &jobs {
+            match job {
+                Job::Results {
+                    agent,
+                    results: batch,
+                    ..
+                } => {
+                    let mark = pending
+                        .get(&agent.fingerprint)
+                        .or(watermarks.get(&agent.fingerprint))
+                        .copied()
+                        .unwrap_or(0);
+                    let mut p = Published::default();
+                    let mut high = mark;
+                    for r in batch {
+                        if r.seq <= high {
+                            p.duplicates += 1;
+                            continue;
+                        }
+                        high = r.seq;
+                        p.accepted += 1;
+                        let line = ResultLine {
+                            tenant: agent.tenant.clone(),
+                            fingerprint: agent.fingerprint.clone(),
+                            result: r.clone(),
+                        };
+                        if serde_json::to_writer(&mut rbuf, &line).is_ok() {
+                            rbuf.push(b'\n');
+                        }
+                    }
+                    pending.insert(agent.fingerprint.clone(), high);
+                    outcomes.push(Some(p));
+                }
+                Job::Presence { event, .. } => {
+                    if serde_json::to_writer(&mut pbuf, event).is_ok() {
+                        pbuf.push(b'\n');
+                    }
+                    outcomes.push(None);
+                }
+            }
+        }
+        let io = (|| -> std::io::Result<()> {
+            if !rbuf.is_empty() {
+                results.write_all(&rbuf)?;
+                results.sync_data()?;
+            }
+            if !pbuf.is_empty() {
+                presence.write_all(&pbuf)?;
+                presence.sync_data()?;
+            }
+            Ok(())
+        })();
+        if io.is_ok() {
+            watermarks.extend(pending);
+        } else if let Err(e) = &io {
+            tracing::error!(error = %e, "embedded bus write failed; batches will be retried by their agents");
+        }
+        for (job, outcome) in jobs.drain(..).zip(outcomes) {
+            match job {
+                Job::Results { done, .. } => {
+                    let _ = done.send(match &io {
+                        Ok(()) => Ok(outcome.unwrap_or_default()),
+                        Err(e) => Err(e.to_string()),
+                    });
+                }
+                Job::Presence { done, .. } => {
+                    let _ = done.send(io.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for EmbeddedBus {
+    async fn publish_results(
+        &self,
+        agent: &AgentRef,
+        results: &[CheckResult],
+    ) -> Result<Published, BusError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Job::Results {
+                agent: agent.clone(),
+                results: results.to_vec(),
+                done,
+            })
+            .await
+            .map_err(|_| BusError::Closed)?;
+        match wait.await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(e)) => Err(BusError::Io(std::io::Error::other(e))),
+            Err(_) => Err(BusError::Closed),
+        }
+    }
+
+    async fn publish_presence(&self, event: &PresenceEvent) -> Result<(), BusError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(Job::Presence {
+                event: event.clone(),
+                done,
+            })
+            .await
+            .map_err(|_| BusError::Closed)?;
+        match wait.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(BusError::Io(std::io::Error::other(e))),
+            Err(_) => Err(BusError::Closed),
+        }
+    }
+}
+
+impl Presence {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Presence::Online => "online",
+            Presence::Lost => "lost",
+            Presence::Deregistered => "deregistered",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_protocol::{Origin, Status};
+
+    fn result(seq: u64, check: &str) -> CheckResult {
+        CheckResult {
+            seq,
+            check: check.into(),
+            status: Status::Ok,
+            output: format!("run {seq}"),
+            long_output: String::new(),
+            metrics: vec![],
+            started_at_ms: seq,
+            duration_ms: 1,
+            exit_code: Some(0),
+            origin: Origin::Schedule,
+        }
+    }
+
+    fn agent() -> AgentRef {
+        AgentRef {
+            tenant: "default".into(),
+            fingerprint: "fp".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_dropped_across_reopen_and_torn_tail_is_repaired() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (bus, rec) = EmbeddedBus::open(dir.path()).await.unwrap();
+            assert_eq!(rec.results_on_disk, 0);
+            let p = bus
+                .publish_results(&agent(), &[result(1, "a"), result(2, "b")])
+                .await
+                .unwrap();
+            assert_eq!(
+                p,
+                Published {
+                    accepted: 2,
+                    duplicates: 0
+                }
+            );
+            let p = bus
+                .publish_results(&agent(), &[result(2, "b"), result(3, "a")])
+                .await
+                .unwrap();
+            assert_eq!(
+                p,
+                Published {
+                    accepted: 1,
+                    duplicates: 1
+                }
+            );
+        }
+        // A crash mid-append leaves half a line behind.
+        let path = dir.path().join("results.jsonl");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        f.write_all(br#"{"tenant":"default","fingerp"#).unwrap();
+        drop(f);
+        let (bus, rec) = EmbeddedBus::open(dir.path()).await.unwrap();
+        assert_eq!(rec.results_on_disk, 3);
+        assert!(rec.torn_bytes_dropped > 0);
+        assert_eq!(rec.latest["fp"]["a"].seq, 3);
+        let p = bus
+            .publish_results(&agent(), &[result(3, "a"), result(4, "a")])
+            .await
+            .unwrap();
+        assert_eq!(
+            p,
+            Published {
+                accepted: 1,
+                duplicates: 1
+            }
+        );
+        let text = std::fs::read_to_string(&path).unwrap();
+        let seqs: Vec<u64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<ResultLine>(l).unwrap().result.seq)
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4]);
+    }
+}

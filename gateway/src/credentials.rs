@@ -1,0 +1,239 @@
+//! Who may connect: the tenant's enrollment key (`DATA_DIR/enroll.key`), the admin API
+//! token (`DATA_DIR/api.token`), and one secret per enrolled agent, kept only as a SHA-256
+//! hash in `DATA_DIR/agents/credentials.json`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::util::{constant_time_eq, now_ms, random_token, write_atomic};
+
+/// The only tenant until multi-tenancy lands; every agent and token belongs to it.
+pub const DEFAULT_TENANT: &str = "default";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct AgentCredential {
+    tenant: String,
+    secret_sha256: String,
+    enrolled_at_ms: u64,
+}
+
+pub struct Credentials {
+    pub enroll_key: String,
+    pub api_token: String,
+    path: PathBuf,
+    agents: Mutex<HashMap<String, AgentCredential>>,
+}
+
+/// Why an agent's credential was refused. The message is sent to the agent and logged.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("enrollment key refused: it does not match this gateway's key (see enroll.key in the gateway's data directory)")]
+    BadEnrollKey,
+    #[error("fingerprint {0} is already enrolled; connect with the secret it was given, or remove it from the gateway to enroll again")]
+    AlreadyEnrolled(String),
+    #[error("fingerprint {0} is not enrolled here; configure enroll_key to enroll it")]
+    UnknownAgent(String),
+    #[error("secret refused for fingerprint {0}")]
+    BadSecret(String),
+    #[error("cannot store the new agent's secret: {0}")]
+    Storage(String),
+}
+
+/// A successful authentication.
+pub struct Authenticated {
+    pub tenant: String,
+    /// Set when this call enrolled the agent.
+    pub new_secret: Option<String>,
+}
+
+fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+fn read_or_create_token(path: &Path) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        Ok(_) => anyhow::bail!(
+            "{} is empty; delete it to have a new one generated",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = random_token(24);
+            write_atomic(path, format!("{token}\n").as_bytes(), 0o600)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            Ok(token)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+impl Credentials {
+    pub fn open(data_dir: &Path) -> anyhow::Result<Credentials> {
+        let enroll_key = read_or_create_token(&data_dir.join("enroll.key"))?;
+        let api_token = read_or_create_token(&data_dir.join("api.token"))?;
+        let path = data_dir.join("agents").join("credentials.json");
+        let agents = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
+                format!(
+                    "agent credentials file {} is corrupt; restore it from a backup",
+                    path.display()
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
+            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        };
+        Ok(Credentials {
+            enroll_key,
+            api_token,
+            path,
+            agents: Mutex::new(agents),
+        })
+    }
+
+    /// Check an agent's credential, enrolling it when it presents the enrollment key.
+    /// A new secret is on disk before this returns, so a crash cannot lose it.
+    pub fn authenticate(
+        &self,
+        fingerprint: &str,
+        credential: &outpost_protocol::Credential,
+    ) -> Result<Authenticated, AuthError> {
+        use outpost_protocol::Credential;
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        match credential {
+            Credential::Secret { secret } => {
+                let Some(known) = agents.get(fingerprint) else {
+                    return Err(AuthError::UnknownAgent(fingerprint.to_string()));
+                };
+                if constant_time_eq(
+                    sha256_hex(secret).as_bytes(),
+                    known.secret_sha256.as_bytes(),
+                ) {
+                    Ok(Authenticated {
+                        tenant: known.tenant.clone(),
+                        new_secret: None,
+                    })
+                } else {
+                    Err(AuthError::BadSecret(fingerprint.to_string()))
+                }
+            }
+            Credential::EnrollKey { key } => {
+                if !constant_time_eq(key.as_bytes(), self.enroll_key.as_bytes()) {
+                    return Err(AuthError::BadEnrollKey);
+                }
+                if agents.contains_key(fingerprint) {
+                    return Err(AuthError::AlreadyEnrolled(fingerprint.to_string()));
+                }
+                let secret = random_token(32);
+                agents.insert(
+                    fingerprint.to_string(),
+                    AgentCredential {
+                        tenant: DEFAULT_TENANT.to_string(),
+                        secret_sha256: sha256_hex(&secret),
+                        enrolled_at_ms: now_ms(),
+                    },
+                );
+                if let Err(e) = self.save(&agents) {
+                    agents.remove(fingerprint);
+                    return Err(AuthError::Storage(e.to_string()));
+                }
+                Ok(Authenticated {
+                    tenant: DEFAULT_TENANT.to_string(),
+                    new_secret: Some(secret),
+                })
+            }
+        }
+    }
+
+    /// Whether `token` is the admin API token.
+    pub fn api_token_ok(&self, token: &str) -> bool {
+        constant_time_eq(token.as_bytes(), self.api_token.as_bytes())
+    }
+
+    fn save(&self, agents: &HashMap<String, AgentCredential>) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(agents)?;
+        write_atomic(&self.path, &bytes, 0o600)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_protocol::Credential;
+
+    const FP: &str = "0f8fad5b-d9cb-469f-a165-70867728950e";
+
+    #[test]
+    fn enroll_then_secret_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = Credentials::open(dir.path()).unwrap();
+        let key = creds.enroll_key.clone();
+        let auth = creds
+            .authenticate(FP, &Credential::EnrollKey { key: key.clone() })
+            .unwrap();
+        let secret = auth.new_secret.expect("enrollment issues a secret");
+        assert_eq!(
+            creds.authenticate(FP, &Credential::EnrollKey { key }).err(),
+            Some(AuthError::AlreadyEnrolled(FP.into()))
+        );
+        drop(creds);
+        let creds = Credentials::open(dir.path()).unwrap();
+        assert!(creds
+            .authenticate(
+                FP,
+                &Credential::Secret {
+                    secret: secret.clone()
+                }
+            )
+            .is_ok());
+        assert_eq!(
+            creds
+                .authenticate(
+                    FP,
+                    &Credential::Secret {
+                        secret: "nope".into()
+                    }
+                )
+                .err(),
+            Some(AuthError::BadSecret(FP.into()))
+        );
+        let stored = std::fs::read_to_string(dir.path().join("agents/credentials.json")).unwrap();
+        assert!(!stored.contains(&secret), "secrets are stored hashed");
+    }
+
+    #[test]
+    fn wrong_key_and_unknown_agent_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = Credentials::open(dir.path()).unwrap();
+        assert_eq!(
+            creds
+                .authenticate(
+                    FP,
+                    &Credential::EnrollKey {
+                        key: "guess".into()
+                    }
+                )
+                .err(),
+            Some(AuthError::BadEnrollKey)
+        );
+        assert_eq!(
+            creds
+                .authenticate(FP, &Credential::Secret { secret: "s".into() })
+                .err(),
+            Some(AuthError::UnknownAgent(FP.into()))
+        );
+    }
+
+    #[test]
+    fn corrupt_credentials_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("agents")).unwrap();
+        std::fs::write(dir.path().join("agents/credentials.json"), b"{garbage").unwrap();
+        let err = Credentials::open(dir.path()).err().unwrap();
+        assert!(format!("{err:#}").contains("corrupt"), "{err:#}");
+    }
+}

@@ -1,0 +1,139 @@
+//! The live agent sessions on this gateway, by fingerprint, and run-now calls through them.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outpost_protocol::{GatewayFrame, RpcCall, RpcReply, RpcRequest};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// What a session's writer task sends. Bounded: see [`OUTBOUND_QUEUE`].
+#[derive(Debug)]
+pub enum Outbound {
+    Frame(GatewayFrame),
+    Close(u16, String),
+}
+
+/// Frames queued for one agent. When full, run-now calls fail fast with `Busy` rather
+/// than wait; the session's own acks wait (they are the backpressure on the agent).
+pub const OUTBOUND_QUEUE: usize = 64;
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<RpcReply>>>>;
+
+#[derive(Clone)]
+pub struct SessionHandle {
+    pub conn_id: u64,
+    pub tx: mpsc::Sender<Outbound>,
+    /// Cancelled when a newer connection for the same fingerprint replaces this one.
+    pub replaced: CancellationToken,
+    pub pending: Pending,
+}
+
+#[derive(Default)]
+pub struct Hub {
+    sessions: Mutex<HashMap<String, SessionHandle>>,
+    next_conn: AtomicU64,
+    next_rpc: AtomicU64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RpcFailure {
+    #[error("agent {0} is not connected")]
+    NotConnected(String),
+    #[error("agent {0} has too many frames queued; try again")]
+    Busy(String),
+    #[error("agent {0} did not answer within {1:?}")]
+    Timeout(String, Duration),
+    #[error("agent {0} disconnected before answering")]
+    Disconnected(String),
+}
+
+impl Hub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionHandle>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn new_conn_id(&self) -> u64 {
+        self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Make `handle` the agent's session, replacing (and cancelling) an older one.
+    pub fn register(&self, fingerprint: &str, handle: SessionHandle) {
+        if let Some(old) = self.lock().insert(fingerprint.to_string(), handle) {
+            old.replaced.cancel();
+        }
+    }
+
+    /// Remove the agent's session if it is still `conn_id`. Returns whether it was: a
+    /// replaced session must not mark the agent offline.
+    pub fn unregister(&self, fingerprint: &str, conn_id: u64) -> bool {
+        let mut sessions = self.lock();
+        if sessions
+            .get(fingerprint)
+            .is_some_and(|h| h.conn_id == conn_id)
+        {
+            sessions.remove(fingerprint);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn is_connected(&self, fingerprint: &str) -> bool {
+        self.lock().contains_key(fingerprint)
+    }
+
+    pub fn connected(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Send `call` to the agent and wait up to `deadline` for its reply.
+    pub async fn rpc(
+        &self,
+        fingerprint: &str,
+        call: RpcCall,
+        deadline: Duration,
+    ) -> Result<RpcReply, RpcFailure> {
+        let handle = self
+            .lock()
+            .get(fingerprint)
+            .cloned()
+            .ok_or_else(|| RpcFailure::NotConnected(fingerprint.to_string()))?;
+        let id = self.next_rpc.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = oneshot::channel();
+        handle
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        let frame = Outbound::Frame(GatewayFrame::RpcRequest(RpcRequest { id, call }));
+        let forget = || {
+            handle
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        };
+        match handle.tx.try_send(frame) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                forget();
+                return Err(RpcFailure::Busy(fingerprint.to_string()));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                forget();
+                return Err(RpcFailure::Disconnected(fingerprint.to_string()));
+            }
+        }
+        match tokio::time::timeout(deadline, rx).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(_)) => Err(RpcFailure::Disconnected(fingerprint.to_string())),
+            Err(_) => {
+                forget();
+                Err(RpcFailure::Timeout(fingerprint.to_string(), deadline))
+            }
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! Counters for everything accepted, rejected, dropped or retried, exported at `/metrics`
+//! in the Prometheus text format.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Default)]
+pub struct Metrics {
+    pub connections: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub hello_timeouts: AtomicU64,
+    pub frames_malformed: AtomicU64,
+    pub frames_too_big: AtomicU64,
+    pub frames_out_of_order: AtomicU64,
+    pub frames_unknown: AtomicU64,
+    pub results_accepted: AtomicU64,
+    pub results_duplicate: AtomicU64,
+    pub bus_errors: AtomicU64,
+    pub rpc_calls: AtomicU64,
+    pub rpc_failures: AtomicU64,
+    pub configs_sent: AtomicU64,
+    pub check_file_errors: AtomicU64,
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn render(&self, agents_connected: usize) -> String {
+        let mut out = String::new();
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut line = |name: &str, kind: &str, help: &str, labels: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{labels} {v}"
+            );
+        };
+        line(
+            "outpost_agents_connected",
+            "gauge",
+            "Agents with a live session on this gateway.",
+            "",
+            agents_connected as u64,
+        );
+        line(
+            "outpost_connections_total",
+            "counter",
+            "Websocket connections opened.",
+            "",
+            g(&self.connections),
+        );
+        line(
+            "outpost_auth_failures_total",
+            "counter",
+            "Hellos whose credential was refused.",
+            "",
+            g(&self.auth_failures),
+        );
+        line(
+            "outpost_hello_timeouts_total",
+            "counter",
+            "Connections closed for not sending hello in time.",
+            "",
+            g(&self.hello_timeouts),
+        );
+        let mut rejected = String::new();
+        for (reason, c) in [
+            ("malformed", &self.frames_malformed),
+            ("too_big", &self.frames_too_big),
+            ("out_of_order", &self.frames_out_of_order),
+            ("unknown_type", &self.frames_unknown),
+        ] {
+            let _ = writeln!(
+                rejected,
+                "outpost_frames_rejected_total{{reason=\"{reason}\"}} {}",
+                g(c)
+            );
+        }
+        let _ = write!(out, "# HELP outpost_frames_rejected_total Frames refused, by reason.\n# TYPE outpost_frames_rejected_total counter\n{rejected}");
+        let mut line = |name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        };
+        line(
+            "outpost_results_accepted_total",
+            "Results made durable on the bus.",
+            g(&self.results_accepted),
+        );
+        line(
+            "outpost_results_duplicate_total",
+            "Results dropped as already durable (resends).",
+            g(&self.results_duplicate),
+        );
+        line(
+            "outpost_bus_errors_total",
+            "Bus publishes that failed (batch not acked; the agent resends).",
+            g(&self.bus_errors),
+        );
+        line(
+            "outpost_rpc_calls_total",
+            "Run-now calls sent to agents.",
+            g(&self.rpc_calls),
+        );
+        line(
+            "outpost_rpc_failures_total",
+            "Run-now calls that failed or timed out.",
+            g(&self.rpc_failures),
+        );
+        line(
+            "outpost_configs_sent_total",
+            "Config frames sent to agents.",
+            g(&self.configs_sent),
+        );
+        line(
+            "outpost_check_file_errors",
+            "Check files that failed to parse at the last scan.",
+            g(&self.check_file_errors),
+        );
+        out
+    }
+}

@@ -1,0 +1,522 @@
+//! One agent connection, from the websocket upgrade to its end.
+//!
+//! The order is fixed by the protocol: `hello` within the deadline (nothing else accepted
+//! before it), authentication, `welcome`, then `config` when the agent's hash differs.
+//! After that a reader loop handles results (published to the bus, acked once durable),
+//! rpc replies and `bye`, while a writer task drains the bounded outbound queue. A
+//! malformed or oversized frame closes only this connection, with a close code from
+//! [`outpost_protocol::close`] and a counter.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use outpost_protocol::{
+    close, config_hash, decode_agent_frame, encode, valid_check_name, valid_fingerprint, Ack,
+    AgentFrame, CheckSpec, ConfigFrame, ErrorFrame, FrameError, GatewayFrame, Hello, Results,
+    Welcome, MAX_BATCH_RESULTS, MAX_LONG_OUTPUT_BYTES, MAX_METRICS, MAX_OUTPUT_BYTES,
+    PROTOCOL_VERSION,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::bus::{AgentRef, Presence, PresenceEvent};
+use crate::hub::{Outbound, SessionHandle, OUTBOUND_QUEUE};
+use crate::metrics::Metrics;
+use crate::util::now_ms;
+use crate::Gateway;
+
+pub const GATEWAY_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How a connection ended, for presence and logs.
+enum End {
+    Bye(String),
+    Lost(String),
+    Replaced,
+    Shutdown,
+}
+
+fn close_reason(text: &str) -> String {
+    // RFC 6455 caps the close reason at 123 bytes.
+    let mut s = text.to_string();
+    if s.len() > 120 {
+        let mut cut = 120;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+async fn close_now(socket: &mut WebSocket, code: u16, reason: &str) {
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: close_reason(reason).into(),
+        })))
+        .await;
+}
+
+/// Whether a websocket read error was a frame over the size limit.
+fn is_too_big(err: &axum::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = src {
+        if let Some(t) = e.downcast_ref::<tungstenite::Error>() {
+            return matches!(t, tungstenite::Error::Capacity(_));
+        }
+        src = e.source();
+    }
+    false
+}
+
+/// Run one agent connection to its end.
+pub async fn run(gw: Arc<Gateway>, mut socket: WebSocket, peer: SocketAddr) {
+    Metrics::inc(&gw.metrics.connections);
+    let hello = match tokio::time::timeout(gw.settings.hello_timeout, socket.recv()).await {
+        Err(_) => {
+            Metrics::inc(&gw.metrics.hello_timeouts);
+            tracing::warn!(%peer, "no hello within the deadline; closing");
+            close_now(
+                &mut socket,
+                close::HELLO_TIMEOUT,
+                "hello not received in time",
+            )
+            .await;
+            return;
+        }
+        Ok(None) => return,
+        Ok(Some(Err(e))) => {
+            if is_too_big(&e) {
+                Metrics::inc(&gw.metrics.frames_too_big);
+                tracing::warn!(%peer, "oversized frame before hello; closing");
+                close_now(&mut socket, close::TOO_BIG, "frame exceeds 1 MiB").await;
+            }
+            return;
+        }
+        Ok(Some(Ok(Message::Text(text)))) => match decode_agent_frame(text.as_str()) {
+            Ok(AgentFrame::Hello(h)) => h,
+            Ok(_) => {
+                Metrics::inc(&gw.metrics.frames_out_of_order);
+                tracing::warn!(%peer, "frame before hello; closing");
+                close_now(&mut socket, close::POLICY, "the first frame must be hello").await;
+                return;
+            }
+            Err(e) => {
+                reject_frame(&gw, &mut socket, peer, &e).await;
+                return;
+            }
+        },
+        Ok(Some(Ok(Message::Close(_)))) => return,
+        Ok(Some(Ok(_))) => {
+            Metrics::inc(&gw.metrics.frames_out_of_order);
+            close_now(
+                &mut socket,
+                close::POLICY,
+                "the first frame must be a hello text frame",
+            )
+            .await;
+            return;
+        }
+    };
+    if let Err(why) = validate_hello(&hello) {
+        Metrics::inc(&gw.metrics.frames_malformed);
+        tracing::warn!(%peer, error = %why, "invalid hello; closing");
+        send_error(&mut socket, "invalid_hello", &why).await;
+        close_now(&mut socket, close::POLICY, &why).await;
+        return;
+    }
+    if hello.protocol != PROTOCOL_VERSION {
+        let why = format!(
+            "agent speaks protocol {}, this gateway speaks {}; upgrade the older side",
+            hello.protocol, PROTOCOL_VERSION
+        );
+        tracing::warn!(%peer, fingerprint = %hello.fingerprint, error = %why, "refusing agent");
+        send_error(&mut socket, "unsupported_protocol", &why).await;
+        close_now(&mut socket, close::UNSUPPORTED, &why).await;
+        return;
+    }
+    let auth = match gw
+        .credentials
+        .authenticate(&hello.fingerprint, &hello.credential)
+    {
+        Ok(a) => a,
+        Err(e) => {
+            Metrics::inc(&gw.metrics.auth_failures);
+            tracing::warn!(%peer, fingerprint = %hello.fingerprint, hostname = %hello.hostname, error = %e, "agent refused");
+            send_error(&mut socket, "unauthorized", &e.to_string()).await;
+            close_now(&mut socket, close::UNAUTHORIZED, "unauthorized").await;
+            return;
+        }
+    };
+    let span =
+        tracing::info_span!("agent", fingerprint = %hello.fingerprint, hostname = %hello.hostname);
+    authenticated(gw, socket, peer, hello, auth)
+        .instrument(span)
+        .await
+}
+
+async fn send_error(socket: &mut WebSocket, code: &str, message: &str) {
+    let frame = GatewayFrame::Error(ErrorFrame {
+        code: code.into(),
+        message: message.into(),
+    });
+    let _ = socket.send(Message::Text(encode(&frame).into())).await;
+}
+
+async fn reject_frame(gw: &Gateway, socket: &mut WebSocket, peer: SocketAddr, e: &FrameError) {
+    let code = match e {
+        FrameError::TooBig { .. } => {
+            Metrics::inc(&gw.metrics.frames_too_big);
+            close::TOO_BIG
+        }
+        FrameError::Malformed(_) => {
+            Metrics::inc(&gw.metrics.frames_malformed);
+            close::MALFORMED
+        }
+    };
+    tracing::warn!(%peer, error = %e, "rejected frame; closing");
+    close_now(socket, code, &e.to_string()).await;
+}
+
+fn validate_hello(h: &Hello) -> Result<(), String> {
+    if !valid_fingerprint(&h.fingerprint) {
+        return Err(format!(
+            "fingerprint {:?} is not a lowercase UUID",
+            h.fingerprint
+        ));
+    }
+    for (field, value, max) in [
+        ("hostname", &h.hostname, 255),
+        ("os", &h.os, 64),
+        ("arch", &h.arch, 64),
+        ("agent_version", &h.agent_version, 64),
+    ] {
+        if value.len() > max {
+            return Err(format!("{field} is longer than {max} bytes"));
+        }
+    }
+    if h.labels.len() > 64 || h.groups.len() > 64 {
+        return Err("at most 64 labels and 64 groups".into());
+    }
+    Ok(())
+}
+
+fn validate_batch(batch: &Results) -> Result<(), String> {
+    if batch.results.is_empty() || batch.results.len() > MAX_BATCH_RESULTS {
+        return Err(format!(
+            "a results batch holds 1 to {MAX_BATCH_RESULTS} results, not {}",
+            batch.results.len()
+        ));
+    }
+    let mut prev = 0;
+    for r in &batch.results {
+        if r.seq <= prev {
+            return Err(format!(
+                "sequence numbers must increase within a batch ({} after {prev})",
+                r.seq
+            ));
+        }
+        prev = r.seq;
+        if !valid_check_name(&r.check) {
+            return Err(format!("invalid check name {:?}", r.check));
+        }
+        if r.output.len() > MAX_OUTPUT_BYTES
+            || r.long_output.len() > MAX_LONG_OUTPUT_BYTES
+            || r.metrics.len() > MAX_METRICS
+        {
+            return Err(format!(
+                "result for {} exceeds the output or metric limits",
+                r.check
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn authenticated(
+    gw: Arc<Gateway>,
+    socket: WebSocket,
+    peer: SocketAddr,
+    hello: Hello,
+    auth: crate::credentials::Authenticated,
+) {
+    let fp = hello.fingerprint.clone();
+    let agent = AgentRef {
+        tenant: auth.tenant.clone(),
+        fingerprint: fp.clone(),
+    };
+    let (mut sink, mut stream) = socket.split();
+    let (tx, mut rx) = mpsc::channel::<Outbound>(OUTBOUND_QUEUE);
+    let handle = SessionHandle {
+        conn_id: gw.hub.new_conn_id(),
+        tx: tx.clone(),
+        replaced: CancellationToken::new(),
+        pending: Default::default(),
+    };
+    let writer = tokio::spawn(
+        async move {
+            while let Some(out) = rx.recv().await {
+                let (msg, last) = match out {
+                    Outbound::Frame(f) => (Message::Text(encode(&f).into()), false),
+                    Outbound::Close(code, reason) => (
+                        Message::Close(Some(CloseFrame {
+                            code,
+                            reason: close_reason(&reason).into(),
+                        })),
+                        true,
+                    ),
+                };
+                if sink.send(msg).await.is_err() || last {
+                    break;
+                }
+            }
+            let _ = sink.close().await;
+        }
+        .in_current_span(),
+    );
+
+    gw.registry
+        .connected(&agent.tenant, &hello, &peer.to_string());
+    gw.hub.register(&fp, handle.clone());
+    publish_presence(&gw, &agent, Presence::Online, "connected").await;
+    tracing::info!(%peer, version = %hello.agent_version, enrolled = auth.new_secret.is_some(), "agent connected");
+
+    let mut catalog_rx = gw.checks.subscribe();
+    let checks = gw.checks.current().for_agent(&hello.labels, &hello.groups);
+    let mut sent_hash = config_hash(&checks);
+    let welcome = GatewayFrame::Welcome(Welcome {
+        protocol: PROTOCOL_VERSION,
+        gateway_version: GATEWAY_VERSION.into(),
+        agent_secret: auth.new_secret,
+        config_hash: sent_hash.clone(),
+        heartbeat_secs: gw.settings.heartbeat.as_secs(),
+    });
+    let _ = tx.send(Outbound::Frame(welcome)).await;
+    if hello.config_hash.as_deref() != Some(sent_hash.as_str()) {
+        send_config(&gw, &tx, &fp, checks, sent_hash.clone()).await;
+    } else {
+        gw.registry.set_checks(&fp, checks);
+    }
+
+    // A silent peer for three heartbeats is gone (half-open connections included).
+    let idle = gw.settings.heartbeat * 3;
+    let mut last_acked = 0u64;
+    let end = loop {
+        let msg = tokio::select! {
+            m = tokio::time::timeout(idle, stream.next()) => m,
+            _ = handle.replaced.cancelled() => {
+                let _ = tx.send(Outbound::Close(close::REPLACED, "replaced by a newer connection".into())).await;
+                break End::Replaced;
+            }
+            _ = gw.shutdown.cancelled() => {
+                let _ = tx.send(Outbound::Close(close::GOING_AWAY, "gateway shutting down; reconnect later".into())).await;
+                break End::Shutdown;
+            }
+            changed = catalog_rx.changed() => {
+                if changed.is_ok() {
+                    let checks = catalog_rx.borrow_and_update().for_agent(&hello.labels, &hello.groups);
+                    let hash = config_hash(&checks);
+                    if hash != sent_hash {
+                        sent_hash = hash.clone();
+                        send_config(&gw, &tx, &fp, checks, hash).await;
+                    }
+                }
+                continue;
+            }
+        };
+        let msg = match msg {
+            Err(_) => break End::Lost(format!("no frame or ping for {}s", idle.as_secs())),
+            Ok(None) => break End::Lost("connection closed without bye".into()),
+            Ok(Some(Err(e))) => {
+                if is_too_big(&e) {
+                    Metrics::inc(&gw.metrics.frames_too_big);
+                    tracing::warn!(%peer, "oversized frame; closing");
+                    let _ = tx
+                        .send(Outbound::Close(
+                            close::TOO_BIG,
+                            "frame exceeds 1 MiB".into(),
+                        ))
+                        .await;
+                    break End::Lost("sent an oversized frame".into());
+                }
+                break End::Lost(format!("read error: {e}"));
+            }
+            Ok(Some(Ok(m))) => m,
+        };
+        gw.registry.seen(&fp);
+        let text = match msg {
+            Message::Text(t) => t,
+            Message::Ping(_) | Message::Pong(_) => continue,
+            Message::Close(_) => break End::Lost("closed without bye".into()),
+            Message::Binary(_) => {
+                Metrics::inc(&gw.metrics.frames_malformed);
+                let _ = tx
+                    .send(Outbound::Close(
+                        close::MALFORMED,
+                        "binary frames are not part of outpost.v1".into(),
+                    ))
+                    .await;
+                break End::Lost("sent a binary frame".into());
+            }
+        };
+        let frame = match decode_agent_frame(text.as_str()) {
+            Ok(f) => f,
+            Err(e) => {
+                let code = match e {
+                    FrameError::TooBig { .. } => {
+                        Metrics::inc(&gw.metrics.frames_too_big);
+                        close::TOO_BIG
+                    }
+                    FrameError::Malformed(_) => {
+                        Metrics::inc(&gw.metrics.frames_malformed);
+                        close::MALFORMED
+                    }
+                };
+                tracing::warn!(%peer, error = %e, "rejected frame; closing");
+                let _ = tx.send(Outbound::Close(code, e.to_string())).await;
+                break End::Lost(format!("sent a bad frame: {e}"));
+            }
+        };
+        match frame {
+            AgentFrame::Results(batch) => {
+                if let Err(why) = validate_batch(&batch) {
+                    Metrics::inc(&gw.metrics.frames_malformed);
+                    tracing::warn!(%peer, error = %why, "invalid results batch; closing");
+                    let _ = tx
+                        .send(Outbound::Close(close::MALFORMED, why.clone()))
+                        .await;
+                    break End::Lost(why);
+                }
+                match gw.bus.publish_results(&agent, &batch.results).await {
+                    Ok(p) => {
+                        gw.metrics
+                            .results_accepted
+                            .fetch_add(p.accepted as u64, std::sync::atomic::Ordering::Relaxed);
+                        gw.metrics
+                            .results_duplicate
+                            .fetch_add(p.duplicates as u64, std::sync::atomic::Ordering::Relaxed);
+                        gw.registry.record_results(&fp, &batch.results);
+                        last_acked = batch.results.last().map(|r| r.seq).unwrap_or(last_acked);
+                        if tx
+                            .send(Outbound::Frame(GatewayFrame::Ack(Ack { seq: last_acked })))
+                            .await
+                            .is_err()
+                        {
+                            break End::Lost("writer ended".into());
+                        }
+                    }
+                    Err(e) => {
+                        Metrics::inc(&gw.metrics.bus_errors);
+                        tracing::error!(error = %e, "bus publish failed; closing so the agent resends later");
+                        let _ = tx
+                            .send(Outbound::Close(
+                                close::GOING_AWAY,
+                                "bus unavailable; retry later".into(),
+                            ))
+                            .await;
+                        break End::Lost(format!("bus failure: {e}"));
+                    }
+                }
+            }
+            AgentFrame::RpcReply(reply) => {
+                if let Some(result) = &reply.result {
+                    gw.registry.record_results(&fp, std::iter::once(result));
+                }
+                let waiter = handle
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&reply.id);
+                match waiter {
+                    Some(w) => {
+                        let _ = w.send(reply);
+                    }
+                    None => tracing::debug!(
+                        id = reply.id,
+                        "rpc reply for a call nobody waits for (timed out?)"
+                    ),
+                }
+            }
+            AgentFrame::Bye(bye) => {
+                let _ = tx.send(Outbound::Close(1000, "bye".into())).await;
+                break End::Bye(bye.reason);
+            }
+            AgentFrame::Hello(_) => {
+                Metrics::inc(&gw.metrics.frames_out_of_order);
+                let _ = tx
+                    .send(Outbound::Close(
+                        close::POLICY,
+                        "hello may be sent only once".into(),
+                    ))
+                    .await;
+                break End::Lost("sent a second hello".into());
+            }
+            AgentFrame::Unknown => {
+                Metrics::inc(&gw.metrics.frames_unknown);
+                let _ = tx
+                    .send(Outbound::Frame(GatewayFrame::Error(ErrorFrame {
+                        code: "unknown_frame".into(),
+                        message: "this gateway does not know that frame type; it was ignored"
+                            .into(),
+                    })))
+                    .await;
+            }
+        }
+    };
+    drop(tx);
+    drop(stream);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+    // Fail waiting run-now calls at once instead of letting them time out.
+    handle
+        .pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
+    if !gw.hub.unregister(&fp, handle.conn_id) {
+        tracing::info!("connection replaced by a newer one");
+        return;
+    }
+    let (presence, reason) = match end {
+        End::Bye(r) => (Presence::Deregistered, format!("bye: {r}")),
+        End::Lost(r) => (Presence::Lost, r),
+        End::Shutdown => (Presence::Lost, "gateway shut down".into()),
+        End::Replaced => (Presence::Lost, "replaced".into()),
+    };
+    tracing::info!(presence = presence.as_str(), %reason, "agent disconnected");
+    gw.registry.disconnected(&fp, presence, &reason);
+    publish_presence(&gw, &agent, presence, &reason).await;
+}
+
+async fn send_config(
+    gw: &Gateway,
+    tx: &mpsc::Sender<Outbound>,
+    fp: &str,
+    checks: Vec<CheckSpec>,
+    hash: String,
+) {
+    gw.registry.set_checks(fp, checks.clone());
+    Metrics::inc(&gw.metrics.configs_sent);
+    tracing::info!(checks = checks.len(), %hash, "sending config");
+    let _ = tx
+        .send(Outbound::Frame(GatewayFrame::Config(ConfigFrame {
+            hash,
+            checks,
+        })))
+        .await;
+}
+
+async fn publish_presence(gw: &Gateway, agent: &AgentRef, presence: Presence, reason: &str) {
+    let event = PresenceEvent {
+        agent: agent.clone(),
+        presence,
+        at_ms: now_ms(),
+        reason: reason.to_string(),
+    };
+    if let Err(e) = gw.bus.publish_presence(&event).await {
+        Metrics::inc(&gw.metrics.bus_errors);
+        tracing::error!(error = %e, "cannot publish presence event");
+    }
+}

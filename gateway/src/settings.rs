@@ -1,0 +1,83 @@
+//! The gateway's settings, from the command line (and environment).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+/// `outpost-gateway serve` options.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on for agents, the API and the console (TLS).
+    #[arg(long, env = "OUTPOST_LISTEN", default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    /// Directory for keys, certificates, the agent registry and the embedded bus.
+    #[arg(
+        long,
+        env = "OUTPOST_DATA_DIR",
+        default_value = "/var/lib/outpost-gateway"
+    )]
+    pub data_dir: PathBuf,
+    /// Directory of check definitions (*.toml). Default: DATA_DIR/checks.d
+    #[arg(long, env = "OUTPOST_CHECKS_DIR")]
+    pub checks_dir: Option<PathBuf>,
+    /// The plugin catalog served to agents. Default: DATA_DIR/plugins
+    #[arg(long, env = "OUTPOST_PLUGINS_DIR")]
+    pub plugins_dir: Option<PathBuf>,
+    /// PEM certificate chain to serve instead of the generated self-signed one.
+    #[arg(long, env = "OUTPOST_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "OUTPOST_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Extra DNS names or IPs for the generated certificate (repeatable).
+    #[arg(long = "tls-san")]
+    pub tls_san: Vec<String>,
+    /// Seconds an agent has to send `hello` after the websocket opens.
+    #[arg(long, default_value_t = outpost_protocol::HELLO_DEADLINE.as_secs())]
+    pub hello_timeout: u64,
+    /// Seconds between websocket pings agents should send.
+    #[arg(long, default_value_t = 15)]
+    pub heartbeat: u64,
+    /// Seconds between rescans of the checks directory.
+    #[arg(long, default_value_t = 2)]
+    pub checks_poll: u64,
+    /// Seconds to wait for sessions to end on shutdown.
+    #[arg(long, default_value_t = 10)]
+    pub grace: u64,
+}
+
+/// Checked settings with every default resolved.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub checks_dir: PathBuf,
+    pub plugins_dir: PathBuf,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_sans: Vec<String>,
+    pub hello_timeout: Duration,
+    pub heartbeat: Duration,
+    pub checks_poll: Duration,
+    pub grace: Duration,
+}
+
+impl From<ServeArgs> for Settings {
+    fn from(a: ServeArgs) -> Self {
+        Settings {
+            checks_dir: a.checks_dir.unwrap_or_else(|| a.data_dir.join("checks.d")),
+            plugins_dir: a.plugins_dir.unwrap_or_else(|| a.data_dir.join("plugins")),
+            listen: a.listen,
+            tls_cert: a.tls_cert,
+            tls_key: a.tls_key,
+            tls_sans: a.tls_san,
+            hello_timeout: Duration::from_secs(a.hello_timeout.max(1)),
+            heartbeat: Duration::from_secs(a.heartbeat.max(1)),
+            checks_poll: Duration::from_secs(a.checks_poll.max(1)),
+            grace: Duration::from_secs(a.grace),
+            data_dir: a.data_dir,
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! The gateway's TLS identity: a given certificate and key, or a self-signed pair made on
+//! first start and kept in `DATA_DIR/tls/`. Agents trust it by CA or by its SHA-256 pin.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
+use sha2::{Digest, Sha256};
+
+use crate::settings::Settings;
+use crate::util::write_atomic;
+
+pub struct TlsIdentity {
+    pub server_config: Arc<ServerConfig>,
+    /// Hex SHA-256 of the leaf certificate (DER): what agents put in `pin_sha256`.
+    pub pin_sha256: String,
+    /// Whether the certificate was generated here (and so needs a pin or the CA file).
+    pub self_signed: bool,
+}
+
+impl TlsIdentity {
+    pub fn load_or_generate(settings: &Settings) -> anyhow::Result<TlsIdentity> {
+        let tls_dir = settings.data_dir.join("tls");
+        let (cert_path, key_path, self_signed) = match (&settings.tls_cert, &settings.tls_key) {
+            (Some(c), Some(k)) => (c.clone(), k.clone(), false),
+            _ => {
+                let cert = tls_dir.join("cert.pem");
+                let key = tls_dir.join("key.pem");
+                if !cert.exists() || !key.exists() {
+                    generate(&tls_dir, &settings.tls_sans)?;
+                }
+                (cert, key, true)
+            }
+        };
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
+            .with_context(|| format!("cannot read certificate {}", cert_path.display()))?
+            .collect::<Result<_, _>>()
+            .with_context(|| {
+                format!("certificate file {} is not valid PEM", cert_path.display())
+            })?;
+        let Some(leaf) = certs.first() else {
+            bail!(
+                "certificate file {} holds no certificate",
+                cert_path.display()
+            );
+        };
+        let pin_sha256 = hex::encode(Sha256::digest(leaf.as_ref()));
+        let key = PrivateKeyDer::from_pem_file(&key_path)
+            .with_context(|| format!("cannot read private key {}", key_path.display()))?;
+        let mut config =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
+                .with_context(|| {
+                    format!(
+                        "certificate {} and key {} do not form a usable pair",
+                        cert_path.display(),
+                        key_path.display()
+                    )
+                })?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        if self_signed {
+            write_atomic(
+                &tls_dir.join("cert.sha256"),
+                format!("{pin_sha256}\n").as_bytes(),
+                0o644,
+            )?;
+        }
+        Ok(TlsIdentity {
+            server_config: Arc::new(config),
+            pin_sha256,
+            self_signed,
+        })
+    }
+}
+
+fn generate(tls_dir: &Path, extra_sans: &[String]) -> anyhow::Result<()> {
+    let mut sans = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    if let Ok(h) = std::fs::read_to_string("/etc/hostname") {
+        let h = h.trim();
+        if !h.is_empty() {
+            sans.push(h.to_string());
+        }
+    }
+    sans.extend(extra_sans.iter().cloned());
+    let certified = rcgen::generate_simple_self_signed(sans)
+        .context("cannot generate a self-signed certificate")?;
+    write_atomic(
+        &tls_dir.join("key.pem"),
+        certified.key_pair.serialize_pem().as_bytes(),
+        0o600,
+    )?;
+    write_atomic(
+        &tls_dir.join("cert.pem"),
+        certified.cert.pem().as_bytes(),
+        0o644,
+    )?;
+    tracing::info!(dir = %tls_dir.display(), "generated a self-signed TLS certificate");
+    Ok(())
+}
