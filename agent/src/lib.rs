@@ -1,1 +1,55 @@
+//! The Outpost agent: identifies itself by a fingerprint, dials out to its gateway over
+//! TLS websocket, pulls its checks, runs them on its own schedule, and keeps every result
+//! in its outbox until the gateway acks it.
+//!
+//! A library with a thin binary: [`run`] takes checked [`Settings`] and a cancellation
+//! token; cancelling it sends `bye` and stops.
 
+pub mod checks;
+pub mod config_diff;
+pub mod connection;
+pub mod identity;
+pub mod outbox;
+pub mod scheduler;
+pub mod settings;
+pub mod tls;
+pub mod util;
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+pub use settings::Settings;
+
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Run the agent until `shutdown` is cancelled.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let identity = identity::Identity::load_or_create(&settings.paths)
+        .context("cannot establish the agent's identity")?;
+    println!("fingerprint {}", identity.fingerprint);
+    tracing::info!(fingerprint = %identity.fingerprint, "agent starting");
+    let tls = tls::client_config(&settings.trust).context("cannot set up TLS")?;
+    let outbox: Arc<dyn outbox::Outbox> = Arc::new(
+        outbox::MemoryOutbox::open(&settings.paths.state_dir, settings.outbox_max_results)
+            .context("cannot open the outbox")?,
+    );
+    let scheduler = scheduler::Scheduler::new(
+        identity.fingerprint.clone(),
+        outbox.clone(),
+        settings.max_concurrent_checks,
+        settings.paths.state_dir.join("config.json"),
+    );
+    scheduler.load_cached();
+    let conn = connection::Connection {
+        settings: Arc::new(settings),
+        identity,
+        tls,
+        outbox,
+        scheduler: scheduler.clone(),
+    };
+    conn.run(shutdown.clone()).await;
+    scheduler.stop_all();
+    Ok(())
+}

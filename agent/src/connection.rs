@@ -1,0 +1,376 @@
+//! The link to the gateway: dial out (TCP, TLS, websocket with subprotocol `outpost.v1`),
+//! say `hello`, take the `welcome` and any `config`, then send results in batches, delete
+//! them from the outbox only when acked, answer run-now calls, ping on the heartbeat,
+//! and say `bye` when stopping. Any break ends the session; [`Connection::run`] reconnects
+//! with exponential backoff and full jitter. Checks never wait on any of this.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use outpost_protocol::{
+    close, decode_gateway_frame, encode, AgentFrame, Bye, CheckResult, Credential, GatewayFrame, Hello,
+    Results, RpcCall, RpcReply, MAX_BATCH_RESULTS, MAX_FRAME_BYTES, PROTOCOL_VERSION, SUBPROTOCOL,
+};
+use rand::Rng;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::TlsConnector;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::identity::Identity;
+use crate::outbox::Outbox;
+use crate::scheduler::Scheduler;
+use crate::settings::Settings;
+use crate::AGENT_VERSION;
+
+const DIAL_DEADLINE: Duration = Duration::from_secs(10);
+const WELCOME_DEADLINE: Duration = Duration::from_secs(10);
+/// A batch not acked by then means the link or the gateway is stuck: reconnect.
+const ACK_DEADLINE: Duration = Duration::from_secs(30);
+/// A session that lasted this long resets the backoff.
+const STABLE_SESSION: Duration = Duration::from_secs(30);
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
+pub struct Connection {
+    pub settings: Arc<Settings>,
+    pub identity: Identity,
+    pub tls: Arc<rustls::ClientConfig>,
+    pub outbox: Arc<dyn Outbox>,
+    pub scheduler: Scheduler,
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum End {
+    /// We were asked to stop and said bye.
+    Stopped,
+    /// Something broke; try again after the usual backoff.
+    Retry(String),
+    /// The gateway refused us; retrying soon will not help, so wait the longest backoff.
+    Refused(String),
+}
+
+/// Exponential backoff with full jitter: a random delay in [0, min(cap, base * 2^n)].
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, cap: Duration) -> Backoff {
+        Backoff { base, cap, attempt: 0 }
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.cap);
+        self.attempt = self.attempt.saturating_add(1);
+        ceiling.mul_f64(rand::thread_rng().gen_range(0.0..=1.0))
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+impl Connection {
+    /// Keep a session with the gateway until `shutdown`.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let cap = Duration::from_secs(self.settings.reconnect_max_secs);
+        let mut backoff = Backoff::new(Duration::from_millis(500), cap);
+        loop {
+            let started = Instant::now();
+            let end = self.session(&shutdown).await;
+            if started.elapsed() >= STABLE_SESSION {
+                backoff.reset();
+            }
+            let delay = match end {
+                End::Stopped => return,
+                End::Retry(why) => {
+                    let d = backoff.next_delay();
+                    tracing::warn!(error = %why, retry_in_ms = d.as_millis() as u64, pending = self.outbox.len(), "gateway connection ended");
+                    d
+                }
+                End::Refused(why) => {
+                    tracing::error!(error = %why, retry_in_secs = cap.as_secs(), "gateway refused this agent; fix the configuration (it will retry)");
+                    cap
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn dial(&self) -> Result<Ws, String> {
+        let s = &self.settings;
+        let tcp = tokio::time::timeout(DIAL_DEADLINE, TcpStream::connect((s.host.as_str(), s.port)))
+            .await
+            .map_err(|_| format!("connecting to {}:{} timed out", s.host, s.port))?
+            .map_err(|e| format!("cannot connect to {}:{}: {e}", s.host, s.port))?;
+        let _ = tcp.set_nodelay(true);
+        let name = ServerName::try_from(s.host.clone())
+            .map_err(|e| format!("gateway host {:?} is not a valid TLS name: {e}", s.host))?;
+        let tls = tokio::time::timeout(DIAL_DEADLINE, TlsConnector::from(self.tls.clone()).connect(name, tcp))
+            .await
+            .map_err(|_| "TLS handshake timed out".to_string())?
+            .map_err(|e| format!("TLS handshake with {} failed (is the gateway's certificate trusted?): {e}", s.host))?;
+        let mut req = format!("{}{}", s.gateway_url.trim_end_matches('/'), outpost_protocol::WS_PATH)
+            .into_client_request()
+            .map_err(|e| format!("bad gateway URL: {e}"))?;
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            SUBPROTOCOL.parse().map_err(|_| "bad subprotocol header".to_string())?,
+        );
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_FRAME_BYTES))
+            .max_frame_size(Some(MAX_FRAME_BYTES));
+        let (ws, resp) = tokio::time::timeout(
+            DIAL_DEADLINE,
+            tokio_tungstenite::client_async_with_config(req, tls, Some(config)),
+        )
+        .await
+        .map_err(|_| "websocket handshake timed out".to_string())?
+        .map_err(|e| format!("websocket handshake failed: {e}"))?;
+        let proto = resp
+            .headers()
+            .get("Sec-WebSocket-Protocol")
+            .and_then(|v| v.to_str().ok());
+        if proto != Some(SUBPROTOCOL) {
+            return Err(format!("gateway did not accept subprotocol {SUBPROTOCOL} (answered {proto:?})"));
+        }
+        Ok(ws)
+    }
+
+    fn hello(&self) -> Result<Hello, End> {
+        let credential = match (self.identity.secret(), &self.settings.enroll_key) {
+            (Some(secret), _) => Credential::Secret { secret },
+            (None, Some(key)) => Credential::EnrollKey { key: key.clone() },
+            (None, None) => {
+                return Err(End::Refused(
+                    "this agent has no secret yet and no enroll_key is configured; set enroll_key (or OUTPOST_ENROLL_KEY)".into(),
+                ))
+            }
+        };
+        Ok(Hello {
+            protocol: PROTOCOL_VERSION,
+            fingerprint: self.identity.fingerprint.clone(),
+            credential,
+            agent_version: AGENT_VERSION.into(),
+            os: std::env::consts::OS.into(),
+            arch: std::env::consts::ARCH.into(),
+            hostname: self.settings.hostname.clone(),
+            labels: self.settings.labels.clone(),
+            groups: self.settings.groups.clone(),
+            config_hash: self.scheduler.hash(),
+        })
+    }
+
+    async fn session(&self, shutdown: &CancellationToken) -> End {
+        let hello = match self.hello() {
+            Ok(h) => h,
+            Err(e) => return e,
+        };
+        let ws = tokio::select! {
+            r = self.dial() => r,
+            _ = shutdown.cancelled() => return End::Stopped,
+        };
+        let mut ws = match ws {
+            Ok(ws) => ws,
+            Err(e) => return End::Retry(e),
+        };
+        if let Err(e) = ws.send(Message::Text(encode(&AgentFrame::Hello(hello)).into())).await {
+            return End::Retry(format!("cannot send hello: {e}"));
+        }
+        let welcome = match tokio::time::timeout(WELCOME_DEADLINE, next_frame(&mut ws)).await {
+            Err(_) => return End::Retry("no welcome from the gateway in time".into()),
+            Ok(Err(end)) => return end,
+            Ok(Ok(GatewayFrame::Welcome(w))) => w,
+            Ok(Ok(other)) => return End::Retry(format!("expected welcome, got {other:?}")),
+        };
+        if let Some(secret) = &welcome.agent_secret {
+            if let Err(e) = self.identity.store_secret(secret) {
+                // Without the secret this agent cannot reconnect; say so loudly.
+                tracing::error!(error = %e, "cannot store the secret issued at enrollment");
+                return End::Refused(format!("cannot store the agent secret: {e}"));
+            }
+            tracing::info!("enrolled with the gateway; secret stored");
+        }
+        tracing::info!(gateway_version = %welcome.gateway_version, "connected to gateway");
+        let heartbeat = Duration::from_secs(welcome.heartbeat_secs.clamp(1, 300));
+        self.connected(ws, heartbeat, shutdown).await
+    }
+
+    async fn connected(&self, ws: Ws, heartbeat: Duration, shutdown: &CancellationToken) -> End {
+        let (mut sink, mut stream) = ws.split();
+        let (reply_tx, mut reply_rx) = mpsc::channel::<RpcReply>(16);
+        let mut ping = tokio::time::interval(heartbeat);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let idle = heartbeat * 3;
+        let mut last_heard = Instant::now();
+        // The highest sequence number sent and waiting for an ack, and since when.
+        let mut in_flight: Option<(u64, Instant)> = None;
+        let mut acked = 0u64;
+        loop {
+            if in_flight.is_none() {
+                let batch = self.next_batch(acked);
+                if let Some(last) = batch.last().map(|r| r.seq) {
+                    let text = encode(&AgentFrame::Results(Results { results: batch }));
+                    if let Err(e) = sink.send(Message::Text(text.into())).await {
+                        return End::Retry(format!("cannot send results: {e}"));
+                    }
+                    in_flight = Some((last, Instant::now()));
+                }
+            }
+            if let Some((_, since)) = in_flight {
+                if since.elapsed() > ACK_DEADLINE {
+                    return End::Retry(format!("no ack within {}s", ACK_DEADLINE.as_secs()));
+                }
+            }
+            tokio::select! {
+                msg = stream.next() => {
+                    last_heard = Instant::now();
+                    let frame = match msg {
+                        None => return End::Retry("gateway closed the connection".into()),
+                        Some(Err(e)) => return End::Retry(format!("read error: {e}")),
+                        Some(Ok(Message::Text(t))) => match decode_gateway_frame(t.as_str()) {
+                            Ok(f) => f,
+                            Err(e) => {
+                                let _ = sink.send(Message::Close(Some(CloseFrame { code: CloseCode::from(close::MALFORMED), reason: "malformed frame".into() }))).await;
+                                return End::Retry(format!("gateway sent a bad frame: {e}"));
+                            }
+                        },
+                        Some(Ok(Message::Close(c))) => return closed_by_gateway(c),
+                        Some(Ok(_)) => continue,
+                    };
+                    match frame {
+                        GatewayFrame::Ack(a) => {
+                            self.outbox.ack(a.seq);
+                            acked = acked.max(a.seq);
+                            if in_flight.is_some_and(|(s, _)| a.seq >= s) {
+                                in_flight = None;
+                            }
+                        }
+                        GatewayFrame::Config(c) => {
+                            self.scheduler.apply(c.hash, c.checks);
+                        }
+                        GatewayFrame::RpcRequest(req) => {
+                            let scheduler = self.scheduler.clone();
+                            let tx = reply_tx.clone();
+                            tokio::spawn(async move {
+                                let RpcCall::RunCheck { check } = req.call;
+                                let reply = match scheduler.run_now(&check).await {
+                                    Ok(result) => RpcReply { id: req.id, result: Some(result), error: None },
+                                    Err(error) => RpcReply { id: req.id, result: None, error: Some(error) },
+                                };
+                                let _ = tx.send(reply).await;
+                            });
+                        }
+                        GatewayFrame::Error(e) => tracing::warn!(code = %e.code, message = %e.message, "gateway reported an error"),
+                        GatewayFrame::Welcome(_) => tracing::warn!("ignoring a second welcome"),
+                        GatewayFrame::Unknown => tracing::warn!("ignoring a frame type this agent does not know (is the gateway newer?)"),
+                    }
+                }
+                Some(reply) = reply_rx.recv() => {
+                    if let Err(e) = sink.send(Message::Text(encode(&AgentFrame::RpcReply(reply)).into())).await {
+                        return End::Retry(format!("cannot send rpc reply: {e}"));
+                    }
+                }
+                _ = self.outbox.notify().notified(), if in_flight.is_none() => {}
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > idle {
+                        return End::Retry(format!("nothing heard from the gateway for {}s", idle.as_secs()));
+                    }
+                    if let Err(e) = sink.send(Message::Ping(Vec::new().into())).await {
+                        return End::Retry(format!("cannot send ping: {e}"));
+                    }
+                }
+                _ = shutdown.cancelled() => {
+                    let bye = AgentFrame::Bye(Bye { reason: "agent stopping".into() });
+                    let _ = sink.send(Message::Text(encode(&bye).into())).await;
+                    // Give the gateway a moment to close its side so it records the bye.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        while let Some(Ok(m)) = stream.next().await {
+                            if m.is_close() { break; }
+                        }
+                    }).await;
+                    let _ = sink.close().await;
+                    tracing::info!(pending = self.outbox.len(), "said bye to the gateway");
+                    return End::Stopped;
+                }
+            }
+        }
+    }
+
+    /// The oldest unacked results, as many as fit in one frame.
+    fn next_batch(&self, acked: u64) -> Vec<CheckResult> {
+        let mut batch = self.outbox.pending_after(acked, MAX_BATCH_RESULTS);
+        while batch.len() > 1 && encode(&AgentFrame::Results(Results { results: batch.clone() })).len() > MAX_FRAME_BYTES {
+            batch.truncate(batch.len() / 2);
+        }
+        batch
+    }
+}
+
+async fn next_frame(ws: &mut Ws) -> Result<GatewayFrame, End> {
+    let mut error: Option<String> = None;
+    loop {
+        match ws.next().await {
+            None => return Err(End::Retry("gateway closed the connection".into())),
+            Some(Err(e)) => return Err(End::Retry(format!("read error: {e}"))),
+            Some(Ok(Message::Text(t))) => match decode_gateway_frame(t.as_str()) {
+                Ok(GatewayFrame::Error(e)) => error = Some(format!("{}: {}", e.code, e.message)),
+                Ok(f) => return Ok(f),
+                Err(e) => return Err(End::Retry(format!("gateway sent a bad frame: {e}"))),
+            },
+            Some(Ok(Message::Close(c))) => {
+                return Err(match (closed_by_gateway(c), error) {
+                    (End::Refused(_), Some(msg)) => End::Refused(msg),
+                    (End::Retry(why), Some(msg)) => End::Retry(format!("{why}: {msg}")),
+                    (end, _) => end,
+                })
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+fn closed_by_gateway(c: Option<CloseFrame>) -> End {
+    let Some(c) = c else {
+        return End::Retry("gateway closed the connection".into());
+    };
+    let code = u16::from(c.code);
+    let why = format!("gateway closed the connection ({code}: {})", c.reason);
+    match code {
+        close::UNAUTHORIZED | close::UNSUPPORTED => End::Refused(why),
+        _ => End::Retry(why),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_jittered_and_capped() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let delays: Vec<Duration> = (0..50).map(|_| b.next_delay()).collect();
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
+        assert!(delays[0] <= Duration::from_millis(100));
+        let distinct: std::collections::HashSet<u128> = delays.iter().map(|d| d.as_micros()).collect();
+        assert!(distinct.len() > 40, "delays are jittered");
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,134 @@
+//! Who this agent is: a fingerprint (a UUID made on first start and stored with the
+//! machine id it was made on) and the secret the gateway issued at enrollment.
+//!
+//! A changed machine id means this disk was cloned onto another machine: a new fingerprint
+//! is made and the old secret, which belongs to the old fingerprint, is discarded.
+
+use std::path::Path;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::settings::Paths;
+use crate::util::write_atomic;
+
+#[derive(Debug, Serialize, Deserialize)]
+struct FingerprintFile {
+    fingerprint: String,
+    machine_id: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub fingerprint: String,
+    paths: Paths,
+}
+
+fn read_machine_id(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+impl Identity {
+    pub fn load_or_create(paths: &Paths) -> anyhow::Result<Identity> {
+        let machine_id = read_machine_id(&paths.machine_id_file);
+        let existing = match std::fs::read(&paths.fingerprint_file) {
+            Ok(bytes) => match serde_json::from_slice::<FingerprintFile>(&bytes) {
+                Ok(f) if outpost_protocol::valid_fingerprint(&f.fingerprint) => Some(f),
+                _ => {
+                    tracing::error!(file = %paths.fingerprint_file.display(),
+                        "fingerprint file is unreadable; making a new identity (the agent will enroll again)");
+                    None
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read {}", paths.fingerprint_file.display()))
+            }
+        };
+        let fingerprint = match existing {
+            Some(f) if f.machine_id == machine_id => f.fingerprint,
+            other => {
+                if let Some(old) = other {
+                    tracing::warn!(old = %old.fingerprint, "machine id changed (cloned image?); making a new fingerprint");
+                }
+                let fresh = FingerprintFile {
+                    fingerprint: uuid::Uuid::new_v4().to_string(),
+                    machine_id,
+                };
+                write_atomic(&paths.fingerprint_file, &serde_json::to_vec_pretty(&fresh)?, 0o644)
+                    .with_context(|| format!("cannot write {}", paths.fingerprint_file.display()))?;
+                match std::fs::remove_file(&paths.secret_file) {
+                    Ok(()) => tracing::info!("discarded the secret of the previous fingerprint"),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("cannot remove stale {}", paths.secret_file.display()))
+                    }
+                }
+                fresh.fingerprint
+            }
+        };
+        Ok(Identity {
+            fingerprint,
+            paths: paths.clone(),
+        })
+    }
+
+    /// The secret from enrollment, if this agent has enrolled.
+    pub fn secret(&self) -> Option<String> {
+        std::fs::read_to_string(&self.paths.secret_file)
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    }
+
+    /// Keep the secret the gateway issued, readable by the agent's user only.
+    pub fn store_secret(&self, secret: &str) -> std::io::Result<()> {
+        write_atomic(&self.paths.secret_file, format!("{secret}\n").as_bytes(), 0o600)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn paths(dir: &Path) -> Paths {
+        Paths {
+            state_dir: dir.to_path_buf(),
+            fingerprint_file: dir.join("agent.finger"),
+            secret_file: dir.join("agent.secret"),
+            machine_id_file: dir.join("machine-id"),
+        }
+    }
+
+    #[test]
+    fn fingerprint_is_stable_until_the_machine_id_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = paths(dir.path());
+        std::fs::write(&p.machine_id_file, "machine-a\n").unwrap();
+        let a = Identity::load_or_create(&p).unwrap();
+        assert!(outpost_protocol::valid_fingerprint(&a.fingerprint));
+        a.store_secret("s3cret").unwrap();
+        let mode = std::fs::metadata(&p.secret_file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let again = Identity::load_or_create(&p).unwrap();
+        assert_eq!(again.fingerprint, a.fingerprint);
+        assert_eq!(again.secret().as_deref(), Some("s3cret"));
+
+        std::fs::write(&p.machine_id_file, "machine-b\n").unwrap();
+        let cloned = Identity::load_or_create(&p).unwrap();
+        assert_ne!(cloned.fingerprint, a.fingerprint);
+        assert_eq!(cloned.secret(), None, "the old fingerprint's secret is discarded");
+    }
+
+    #[test]
+    fn corrupt_fingerprint_file_yields_a_new_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = paths(dir.path());
+        std::fs::write(&p.fingerprint_file, "{nonsense").unwrap();
+        let id = Identity::load_or_create(&p).unwrap();
+        assert!(outpost_protocol::valid_fingerprint(&id.fingerprint));
+    }
+}

@@ -1,0 +1,204 @@
+//! Where results wait until the gateway acks them.
+//!
+//! [`Outbox`] is the seam: this in-memory implementation (bounded; the oldest results go
+//! first when full, counted) keeps results across reconnects but not across restarts; the
+//! disk implementation replaces it without touching its callers. Sequence numbers come
+//! from [`SeqFile`], which does survive restarts, because the bus drops anything at or
+//! below the highest sequence it has seen from an agent.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use outpost_protocol::CheckResult;
+use tokio::sync::Notify;
+
+use crate::util::write_atomic;
+
+pub trait Outbox: Send + Sync {
+    /// Number `result`, keep it, and return its sequence number.
+    fn append(&self, result: CheckResult) -> std::io::Result<u64>;
+    /// Up to `max` results with `seq > after`, oldest first.
+    fn pending_after(&self, after: u64, max: usize) -> Vec<CheckResult>;
+    /// Forget every result with `seq <= seq`: the gateway made them durable.
+    fn ack(&self, seq: u64);
+    /// Results waiting for an ack.
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Results dropped because the outbox was full.
+    fn dropped(&self) -> u64;
+    /// Woken after every append.
+    fn notify(&self) -> &Notify;
+}
+
+/// Sequence numbers that only go up, across restarts: the file holds a ceiling reserved
+/// ahead of use, so a crash skips numbers but never repeats one.
+pub struct SeqFile {
+    path: PathBuf,
+    next: u64,
+    ceiling: u64,
+}
+
+const SEQ_BLOCK: u64 = 4096;
+
+impl SeqFile {
+    pub fn open(path: &Path) -> std::io::Result<SeqFile> {
+        let ceiling = match std::fs::read_to_string(path) {
+            Ok(s) => s.trim().parse::<u64>().map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{} does not hold a sequence number; delete it only if the gateway has never seen this agent", path.display()),
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        Ok(SeqFile {
+            path: path.to_path_buf(),
+            next: ceiling + 1,
+            ceiling,
+        })
+    }
+
+    pub fn next(&mut self) -> std::io::Result<u64> {
+        if self.next > self.ceiling {
+            let ceiling = self.next + SEQ_BLOCK;
+            write_atomic(&self.path, format!("{ceiling}\n").as_bytes(), 0o644)?;
+            self.ceiling = ceiling;
+        }
+        let n = self.next;
+        self.next += 1;
+        Ok(n)
+    }
+}
+
+pub struct MemoryOutbox {
+    inner: Mutex<Inner>,
+    max: usize,
+    notify: Notify,
+}
+
+struct Inner {
+    seq: SeqFile,
+    queue: VecDeque<CheckResult>,
+    dropped: u64,
+}
+
+impl MemoryOutbox {
+    pub fn open(state_dir: &Path, max: usize) -> std::io::Result<MemoryOutbox> {
+        std::fs::create_dir_all(state_dir)?;
+        Ok(MemoryOutbox {
+            inner: Mutex::new(Inner {
+                seq: SeqFile::open(&state_dir.join("seq"))?,
+                queue: VecDeque::new(),
+                dropped: 0,
+            }),
+            max: max.max(1),
+            notify: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Outbox for MemoryOutbox {
+    fn append(&self, mut result: CheckResult) -> std::io::Result<u64> {
+        let seq = {
+            let mut inner = self.lock();
+            result.seq = inner.seq.next()?;
+            if inner.queue.len() >= self.max {
+                inner.queue.pop_front();
+                inner.dropped += 1;
+            }
+            inner.queue.push_back(result);
+            inner.queue.back().map(|r| r.seq).unwrap_or(0)
+        };
+        self.notify.notify_one();
+        Ok(seq)
+    }
+
+    fn pending_after(&self, after: u64, max: usize) -> Vec<CheckResult> {
+        let inner = self.lock();
+        let start = inner.queue.partition_point(|r| r.seq <= after);
+        inner.queue.iter().skip(start).take(max).cloned().collect()
+    }
+
+    fn ack(&self, seq: u64) {
+        let mut inner = self.lock();
+        while inner.queue.front().is_some_and(|r| r.seq <= seq) {
+            inner.queue.pop_front();
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    fn dropped(&self) -> u64 {
+        self.lock().dropped
+    }
+
+    fn notify(&self) -> &Notify {
+        &self.notify
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_protocol::{Origin, Status};
+
+    fn r(check: &str) -> CheckResult {
+        CheckResult {
+            seq: 0,
+            check: check.into(),
+            status: Status::Ok,
+            output: String::new(),
+            long_output: String::new(),
+            metrics: vec![],
+            started_at_ms: 0,
+            duration_ms: 0,
+            exit_code: None,
+            origin: Origin::Schedule,
+        }
+    }
+
+    #[test]
+    fn sequence_numbers_increase_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = MemoryOutbox::open(dir.path(), 10).unwrap();
+        let s1 = a.append(r("x")).unwrap();
+        let s2 = a.append(r("x")).unwrap();
+        assert!(s2 > s1);
+        drop(a);
+        let b = MemoryOutbox::open(dir.path(), 10).unwrap();
+        assert!(b.append(r("x")).unwrap() > s2);
+    }
+
+    #[test]
+    fn bounded_drops_oldest_and_acks_are_cumulative() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = MemoryOutbox::open(dir.path(), 3).unwrap();
+        let seqs: Vec<u64> = (0..5).map(|_| o.append(r("x")).unwrap()).collect();
+        assert_eq!(o.len(), 3);
+        assert_eq!(o.dropped(), 2);
+        let pending: Vec<u64> = o.pending_after(0, 10).iter().map(|r| r.seq).collect();
+        assert_eq!(pending, seqs[2..]);
+        assert_eq!(o.pending_after(seqs[3], 10).len(), 1);
+        o.ack(seqs[3]);
+        assert_eq!(o.len(), 1);
+        assert_eq!(o.pending_after(0, 10)[0].seq, seqs[4]);
+    }
+
+    #[test]
+    fn corrupt_seq_file_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("seq"), "garbage").unwrap();
+        let err = MemoryOutbox::open(dir.path(), 3).err().unwrap();
+        assert!(err.to_string().contains("does not hold a sequence number"));
+    }
+}

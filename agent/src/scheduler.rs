@@ -1,0 +1,291 @@
+//! The schedule: one task per check, firing on a fixed grid with a deterministic per-agent
+//! phase (the splay) so a fleet does not fire in step, behind a global concurrency limit.
+//!
+//! A new configuration is compared with the running one; only added, removed and changed
+//! checks are started or stopped. A run that overruns its interval skips the slots it
+//! missed rather than piling up. Results go to the outbox and nowhere else, so the
+//! schedule keeps running whatever happens to the connection.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outpost_protocol::{CheckResult, CheckSpec, Origin, RpcError};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::checks;
+use crate::config_diff;
+use crate::outbox::Outbox;
+use crate::util::{now_ms, write_atomic};
+
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    fingerprint: String,
+    outbox: Arc<dyn Outbox>,
+    limit: Arc<Semaphore>,
+    cache_path: PathBuf,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    hash: Option<String>,
+    running: BTreeMap<String, Running>,
+    next_generation: u64,
+}
+
+struct Running {
+    spec: CheckSpec,
+    stop: CancellationToken,
+    generation: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Cached {
+    hash: String,
+    checks: Vec<CheckSpec>,
+}
+
+/// The check's phase within its interval, in milliseconds: the same for the same agent
+/// and check every time, different across agents.
+pub fn splay_ms(fingerprint: &str, check: &str, interval_ms: u64) -> u64 {
+    let d = Sha256::digest(format!("{fingerprint}/{check}").as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    u64::from_be_bytes(b) % interval_ms.max(1)
+}
+
+/// The first slot strictly after `now` on the grid `phase + k * interval`.
+pub fn next_slot(now_ms: u64, phase_ms: u64, interval_ms: u64) -> u64 {
+    let interval = interval_ms.max(1);
+    let k = now_ms.saturating_sub(phase_ms) / interval + 1;
+    if now_ms < phase_ms {
+        return phase_ms;
+    }
+    phase_ms + k * interval
+}
+
+impl Scheduler {
+    pub fn new(fingerprint: String, outbox: Arc<dyn Outbox>, max_concurrent: usize, cache_path: PathBuf) -> Scheduler {
+        Scheduler {
+            inner: Arc::new(Inner {
+                fingerprint,
+                outbox,
+                limit: Arc::new(Semaphore::new(max_concurrent.max(1))),
+                cache_path,
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hash of the configuration being run, for `hello`.
+    pub fn hash(&self) -> Option<String> {
+        self.lock().hash.clone()
+    }
+
+    pub fn spec(&self, name: &str) -> Option<CheckSpec> {
+        self.lock().running.get(name).map(|r| r.spec.clone())
+    }
+
+    /// Generation of a check's task: changes exactly when the check is (re)started.
+    pub fn generation(&self, name: &str) -> Option<u64> {
+        self.lock().running.get(name).map(|r| r.generation)
+    }
+
+    /// Start from the configuration cached by the last run, if any, so checks run at once
+    /// after a restart even before the gateway is reachable.
+    pub fn load_cached(&self) {
+        let Ok(bytes) = std::fs::read(&self.inner.cache_path) else {
+            return;
+        };
+        match serde_json::from_slice::<Cached>(&bytes) {
+            Ok(c) => {
+                tracing::info!(checks = c.checks.len(), "running the cached configuration until the gateway answers");
+                self.apply_inner(c.hash, c.checks, false);
+            }
+            Err(e) => tracing::warn!(file = %self.inner.cache_path.display(), error = %e, "ignoring unreadable cached configuration"),
+        }
+    }
+
+    /// Run `checks` from now on; returns what changed.
+    pub fn apply(&self, hash: String, checks: Vec<CheckSpec>) -> config_diff::Diff {
+        self.apply_inner(hash, checks, true)
+    }
+
+    fn apply_inner(&self, hash: String, checks: Vec<CheckSpec>, persist: bool) -> config_diff::Diff {
+        let new: BTreeMap<String, CheckSpec> = checks.iter().map(|c| (c.name.clone(), c.clone())).collect();
+        let mut state = self.lock();
+        let old: BTreeMap<String, CheckSpec> =
+            state.running.iter().map(|(k, r)| (k.clone(), r.spec.clone())).collect();
+        let d = config_diff::diff(&old, &new);
+        if !d.is_empty() {
+            tracing::info!(
+                added = d.added.len(),
+                removed = d.removed.len(),
+                changed = d.changed.len(),
+                unchanged = d.unchanged.len(),
+                "configuration changed:\n{}",
+                config_diff::render(&d, &old, &new)
+            );
+        }
+        for name in d.removed.iter().chain(&d.changed) {
+            if let Some(r) = state.running.remove(name) {
+                r.stop.cancel();
+            }
+        }
+        for name in d.added.iter().chain(&d.changed) {
+            let spec = new[name].clone();
+            state.next_generation += 1;
+            let generation = state.next_generation;
+            let stop = CancellationToken::new();
+            tokio::spawn(check_loop(self.inner.clone(), spec.clone(), stop.clone()));
+            state.running.insert(name.clone(), Running { spec, stop, generation });
+        }
+        state.hash = Some(hash.clone());
+        drop(state);
+        if persist {
+            let cached = Cached { hash, checks };
+            if let Err(e) = serde_json::to_vec(&cached)
+                .map_err(std::io::Error::other)
+                .and_then(|b| write_atomic(&self.inner.cache_path, &b, 0o600))
+            {
+                tracing::warn!(file = %self.inner.cache_path.display(), error = %e, "cannot cache the configuration");
+            }
+        }
+        d
+    }
+
+    /// Run a check now, out of schedule; its result goes to the outbox like any other and
+    /// is returned.
+    pub async fn run_now(&self, name: &str) -> Result<CheckResult, RpcError> {
+        let Some(spec) = self.spec(name) else {
+            return Err(RpcError {
+                code: "unknown_check".into(),
+                message: format!("check {name:?} is not configured on this agent"),
+            });
+        };
+        let _permit = self.inner.limit.clone().acquire_owned().await.map_err(|_| RpcError {
+            code: "stopping".into(),
+            message: "agent is stopping".into(),
+        })?;
+        let mut result = checks::run(&spec, Origin::RunNow).await;
+        match self.inner.outbox.append(result.clone()) {
+            Ok(seq) => result.seq = seq,
+            Err(e) => tracing::error!(error = %e, check = name, "cannot queue run-now result"),
+        }
+        Ok(result)
+    }
+
+    pub fn stop_all(&self) {
+        let mut state = self.lock();
+        for (_, r) in std::mem::take(&mut state.running) {
+            r.stop.cancel();
+        }
+        self.inner.limit.close();
+    }
+}
+
+async fn check_loop(inner: Arc<Inner>, spec: CheckSpec, stop: CancellationToken) {
+    let interval_ms = spec.interval_secs.max(1) * 1000;
+    let phase = splay_ms(&inner.fingerprint, &spec.name, interval_ms);
+    loop {
+        let now = now_ms();
+        let wait = next_slot(now, phase, interval_ms) - now;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+            _ = stop.cancelled() => return,
+        }
+        let permit = tokio::select! {
+            p = inner.limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stop.cancelled() => return,
+        };
+        // Not cancellable: a run is bounded by its own timeout, and its result is kept.
+        let result = checks::run(&spec, Origin::Schedule).await;
+        drop(permit);
+        tracing::debug!(check = %spec.name, status = result.status.as_str(), ms = result.duration_ms, "check ran");
+        if let Err(e) = inner.outbox.append(result) {
+            tracing::error!(check = %spec.name, error = %e, "cannot queue result");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::MemoryOutbox;
+
+    #[test]
+    fn slots_are_on_a_grid_strictly_in_the_future() {
+        assert_eq!(next_slot(1000, 300, 1000), 1300);
+        assert_eq!(next_slot(1300, 300, 1000), 2300);
+        assert_eq!(next_slot(100, 300, 1000), 300);
+        assert_eq!(next_slot(1299, 300, 1000), 1300);
+    }
+
+    #[test]
+    fn splay_is_deterministic_and_spread() {
+        let a = splay_ms("agent-a", "disk", 60_000);
+        assert_eq!(a, splay_ms("agent-a", "disk", 60_000));
+        let phases: std::collections::HashSet<u64> =
+            (0..100).map(|i| splay_ms(&format!("agent-{i}"), "disk", 60_000) / 1000).collect();
+        assert!(phases.len() > 40, "100 agents landed on only {} distinct seconds", phases.len());
+    }
+
+    fn spec(name: &str, cmd: &str) -> CheckSpec {
+        CheckSpec {
+            name: name.into(),
+            command: vec![cmd.into()],
+            interval_secs: 1,
+            timeout_secs: 5,
+        }
+    }
+
+    #[tokio::test]
+    async fn only_changed_checks_are_restarted() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox: Arc<dyn Outbox> = Arc::new(MemoryOutbox::open(dir.path(), 100).unwrap());
+        let s = Scheduler::new("fp".into(), outbox.clone(), 4, dir.path().join("config.json"));
+        s.apply("h1".into(), vec![spec("a", "/bin/true"), spec("b", "/bin/true")]);
+        let (ga, gb) = (s.generation("a"), s.generation("b"));
+        let d = s.apply("h2".into(), vec![spec("a", "/bin/true"), spec("b", "/bin/false"), spec("c", "/bin/true")]);
+        assert_eq!(d.changed, vec!["b"]);
+        assert_eq!(s.generation("a"), ga, "unchanged check kept its task");
+        assert_ne!(s.generation("b"), gb, "changed check was restarted");
+        assert!(s.generation("c").is_some());
+        s.apply("h3".into(), vec![spec("c", "/bin/true")]);
+        assert_eq!(s.generation("a"), None);
+        // Results arrive within a couple of intervals.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while outbox.is_empty() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!outbox.is_empty());
+        // The configuration was cached for the next start.
+        let s2 = Scheduler::new("fp".into(), outbox, 4, dir.path().join("config.json"));
+        s2.load_cached();
+        assert_eq!(s2.hash().as_deref(), Some("h3"));
+        assert!(s2.spec("c").is_some());
+        s.stop_all();
+        s2.stop_all();
+    }
+
+    #[tokio::test]
+    async fn run_now_unknown_check_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox: Arc<dyn Outbox> = Arc::new(MemoryOutbox::open(dir.path(), 100).unwrap());
+        let s = Scheduler::new("fp".into(), outbox, 4, dir.path().join("config.json"));
+        assert_eq!(s.run_now("nope").await.unwrap_err().code, "unknown_check");
+    }
+}

@@ -1,0 +1,255 @@
+//! The agent's configuration: a TOML file (`outpost-agent run --config FILE`), with the
+//! environment overriding it (`OUTPOST_GATEWAY_URL`, `OUTPOST_ENROLL_KEY`,
+//! `OUTPOST_PIN_SHA256`, `OUTPOST_CA_FILE`). Parsed into a raw struct that refuses unknown
+//! keys, then validated into [`Settings`], reporting every problem at once.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    gateway_url: Option<String>,
+    enroll_key: Option<String>,
+    ca_file: Option<PathBuf>,
+    pin_sha256: Option<String>,
+    state_dir: Option<PathBuf>,
+    fingerprint_file: Option<PathBuf>,
+    secret_file: Option<PathBuf>,
+    machine_id_file: Option<PathBuf>,
+    hostname: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    groups: Vec<String>,
+    max_concurrent_checks: Option<usize>,
+    outbox_max_results: Option<usize>,
+    reconnect_max_secs: Option<u64>,
+}
+
+/// How the agent decides to trust the gateway's certificate. There is deliberately no
+/// way to skip verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// The operating system's root certificates.
+    SystemRoots,
+    /// A PEM file of CA certificates.
+    CaFile(PathBuf),
+    /// The hex SHA-256 of the gateway's certificate (DER), for self-signed setups.
+    Pin(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub state_dir: PathBuf,
+    pub fingerprint_file: PathBuf,
+    pub secret_file: PathBuf,
+    pub machine_id_file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub gateway_url: String,
+    pub host: String,
+    pub port: u16,
+    pub enroll_key: Option<String>,
+    pub trust: Trust,
+    pub paths: Paths,
+    pub hostname: String,
+    pub labels: BTreeMap<String, String>,
+    pub groups: Vec<String>,
+    pub max_concurrent_checks: usize,
+    pub outbox_max_results: usize,
+    pub reconnect_max_secs: u64,
+}
+
+/// Every problem found in a configuration, one per line.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid agent configuration{}:\n  - {}", .file.as_ref().map(|f| format!(" in {}", f.display())).unwrap_or_default(), .problems.join("\n  - "))]
+pub struct ConfigError {
+    pub file: Option<PathBuf>,
+    pub problems: Vec<String>,
+}
+
+/// Split `wss://host[:port][/path]` into host and port; ws:// and other schemes refused.
+pub fn parse_gateway_url(url: &str) -> Result<(String, u16), String> {
+    let Some(rest) = url.strip_prefix("wss://") else {
+        return Err(format!(
+            "gateway URL {url:?} must use wss:// (TLS is required; ws:// is refused)"
+        ));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("gateway URL {url:?} has an unterminated [IPv6] host"))?;
+        (h.to_string(), after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (authority.to_string(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("gateway URL {url:?} has no host"));
+    }
+    let port = match port {
+        None => 443,
+        Some(p) => p
+            .parse()
+            .map_err(|_| format!("gateway URL {url:?} has an invalid port {p:?}"))?,
+    };
+    Ok((host, port))
+}
+
+impl Settings {
+    /// Read `path` and apply the environment.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: Some(path.to_path_buf()),
+            problems: vec![format!("cannot read the file: {e}")],
+        })?;
+        let env: BTreeMap<String, String> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("OUTPOST_"))
+            .collect();
+        Self::from_toml(&text, &env).map_err(|mut e| {
+            e.file = Some(path.to_path_buf());
+            e
+        })
+    }
+
+    pub fn from_toml(text: &str, env: &BTreeMap<String, String>) -> Result<Settings, ConfigError> {
+        let mut raw: Raw = toml::from_str(text).map_err(|e| ConfigError {
+            file: None,
+            problems: vec![e.to_string()],
+        })?;
+        if let Some(v) = env.get("OUTPOST_GATEWAY_URL") {
+            raw.gateway_url = Some(v.clone());
+        }
+        if let Some(v) = env.get("OUTPOST_ENROLL_KEY") {
+            raw.enroll_key = Some(v.clone());
+        }
+        if let Some(v) = env.get("OUTPOST_PIN_SHA256") {
+            raw.pin_sha256 = Some(v.clone());
+        }
+        if let Some(v) = env.get("OUTPOST_CA_FILE") {
+            raw.ca_file = Some(v.into());
+        }
+        let mut problems = Vec::new();
+        let (gateway_url, host, port) = match raw.gateway_url {
+            None => {
+                problems.push("gateway_url is required (e.g. gateway_url = \"wss://gateway.example.com:8443\")".into());
+                (String::new(), String::new(), 0)
+            }
+            Some(u) => match parse_gateway_url(&u) {
+                Ok((h, p)) => (u, h, p),
+                Err(e) => {
+                    problems.push(e);
+                    (u, String::new(), 0)
+                }
+            },
+        };
+        let trust = match (raw.ca_file, raw.pin_sha256) {
+            (Some(_), Some(_)) => {
+                problems.push("set either ca_file or pin_sha256, not both".into());
+                Trust::SystemRoots
+            }
+            (Some(ca), None) => Trust::CaFile(ca),
+            (None, Some(pin)) => {
+                let pin = pin.trim().to_ascii_lowercase().replace(':', "");
+                if pin.len() != 64 || !pin.bytes().all(|c| c.is_ascii_hexdigit()) {
+                    problems.push(format!(
+                        "pin_sha256 must be 64 hex digits (the gateway prints it at start and keeps it in tls/cert.sha256), got {pin:?}"
+                    ));
+                }
+                Trust::Pin(pin)
+            }
+            (None, None) => Trust::SystemRoots,
+        };
+        let enroll_key = raw.enroll_key.filter(|k| !k.trim().is_empty()).map(|k| k.trim().to_string());
+        for (k, v) in &raw.labels {
+            if k.is_empty() || k.len() > 64 || v.len() > 256 {
+                problems.push(format!("label {k:?}: keys are 1-64 bytes, values at most 256"));
+            }
+        }
+        let max_concurrent_checks = raw.max_concurrent_checks.unwrap_or(32);
+        if max_concurrent_checks == 0 {
+            problems.push("max_concurrent_checks must be at least 1".into());
+        }
+        let (state_dir, etc_dir) = match raw.state_dir {
+            Some(d) => (d.clone(), d),
+            None => (PathBuf::from("/opt/outpost/state"), PathBuf::from("/etc/outpost")),
+        };
+        if !problems.is_empty() {
+            return Err(ConfigError { file: None, problems });
+        }
+        Ok(Settings {
+            gateway_url,
+            host,
+            port,
+            enroll_key,
+            trust,
+            paths: Paths {
+                fingerprint_file: raw.fingerprint_file.unwrap_or_else(|| etc_dir.join("agent.finger")),
+                secret_file: raw.secret_file.unwrap_or_else(|| etc_dir.join("agent.secret")),
+                machine_id_file: raw.machine_id_file.unwrap_or_else(|| PathBuf::from("/etc/machine-id")),
+                state_dir,
+            },
+            hostname: raw.hostname.unwrap_or_else(crate::util::hostname),
+            labels: raw.labels,
+            groups: raw.groups,
+            max_concurrent_checks,
+            outbox_max_results: raw.outbox_max_results.unwrap_or(100_000).max(1),
+            reconnect_max_secs: raw.reconnect_max_secs.unwrap_or(60).max(1),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_must_be_wss() {
+        assert_eq!(parse_gateway_url("wss://gw.example:8443/x").unwrap(), ("gw.example".into(), 8443));
+        assert_eq!(parse_gateway_url("wss://gw.example").unwrap(), ("gw.example".into(), 443));
+        assert_eq!(parse_gateway_url("wss://[::1]:9").unwrap(), ("::1".into(), 9));
+        let e = parse_gateway_url("ws://gw.example").unwrap_err();
+        assert!(e.contains("must use wss://"), "{e}");
+        assert!(parse_gateway_url("wss://:1").is_err());
+        assert!(parse_gateway_url("wss://h:notaport").is_err());
+    }
+
+    #[test]
+    fn every_problem_is_reported_and_env_overrides_the_file() {
+        let err = Settings::from_toml(
+            "gateway_url = \"ws://x\"\npin_sha256 = \"abc\"\nmax_concurrent_checks = 0\n",
+            &BTreeMap::new(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("must use wss://"), "{err}");
+        assert!(err.contains("64 hex digits"), "{err}");
+        assert!(err.contains("max_concurrent_checks"), "{err}");
+        let pin = "ab".repeat(32);
+        let env: BTreeMap<String, String> = [
+            ("OUTPOST_GATEWAY_URL".to_string(), "wss://127.0.0.1:1".to_string()),
+            ("OUTPOST_PIN_SHA256".to_string(), pin.clone()),
+        ]
+        .into();
+        let s = Settings::from_toml("gateway_url = \"ws://x\"\nstate_dir = \"/tmp/s\"\n", &env).unwrap();
+        assert_eq!(s.port, 1);
+        assert_eq!(s.trust, Trust::Pin(pin));
+        assert_eq!(s.paths.secret_file, PathBuf::from("/tmp/s/agent.secret"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = Settings::from_toml("gateway_url = \"wss://x\"\ninsecure_skip_verify = true\n", &BTreeMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field"), "{err}");
+    }
+}
