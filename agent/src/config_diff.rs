@@ -30,7 +30,11 @@ pub fn diff(old: &BTreeMap<String, CheckSpec>, new: &BTreeMap<String, CheckSpec>
             Some(_) => d.changed.push(name.clone()),
         }
     }
-    d.removed = old.keys().filter(|k| !new.contains_key(*k)).cloned().collect();
+    d.removed = old
+        .keys()
+        .filter(|k| !new.contains_key(*k))
+        .cloned()
+        .collect();
     d
 }
 
@@ -50,7 +54,11 @@ fn field_changes(old: &CheckSpec, new: &CheckSpec) -> Vec<String> {
 
 /// A readable account of `d`: one line per added, removed or changed check, then a unified
 /// diff of the changed checks' JSON.
-pub fn render(d: &Diff, old: &BTreeMap<String, CheckSpec>, new: &BTreeMap<String, CheckSpec>) -> String {
+pub fn render(
+    d: &Diff,
+    old: &BTreeMap<String, CheckSpec>,
+    new: &BTreeMap<String, CheckSpec>,
+) -> String {
     let mut out = String::new();
     for n in &d.added {
         let _ = writeln!(out, "+ {n}: {}", new[n].command.join(" "));
@@ -100,6 +108,10 @@ mod tests {
         assert!(text.contains("+ d: /bin/true"), "{text}");
         assert!(text.contains("- c"), "{text}");
         assert!(text.contains("~ b: interval_secs: 10 -> 30"), "{text}");
-        assert!(text.contains("-  \"interval_secs\": 10,") && text.contains("+  \"interval_secs\": 30,"), "{text}");
+        assert!(
+            text.contains("-  \"interval_secs\": 10,")
+                && text.contains("+  \"interval_secs\": 30,"),
+            "{text}"
+        );
     }
 }

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use outpost_protocol::{
-    close, decode_gateway_frame, encode, AgentFrame, Bye, CheckResult, Credential, GatewayFrame, Hello,
-    Results, RpcCall, RpcReply, MAX_BATCH_RESULTS, MAX_FRAME_BYTES, PROTOCOL_VERSION, SUBPROTOCOL,
+    close, decode_gateway_frame, encode, AgentFrame, Bye, CheckResult, Credential, GatewayFrame,
+    Hello, Results, RpcCall, RpcReply, MAX_BATCH_RESULTS, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    SUBPROTOCOL,
 };
 use rand::Rng;
 use rustls::pki_types::ServerName;
@@ -66,7 +67,11 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(base: Duration, cap: Duration) -> Backoff {
-        Backoff { base, cap, attempt: 0 }
+        Backoff {
+            base,
+            cap,
+            attempt: 0,
+        }
     }
 
     pub fn next_delay(&mut self) -> Duration {
@@ -115,23 +120,38 @@ impl Connection {
 
     async fn dial(&self) -> Result<Ws, String> {
         let s = &self.settings;
-        let tcp = tokio::time::timeout(DIAL_DEADLINE, TcpStream::connect((s.host.as_str(), s.port)))
-            .await
-            .map_err(|_| format!("connecting to {}:{} timed out", s.host, s.port))?
-            .map_err(|e| format!("cannot connect to {}:{}: {e}", s.host, s.port))?;
+        let tcp =
+            tokio::time::timeout(DIAL_DEADLINE, TcpStream::connect((s.host.as_str(), s.port)))
+                .await
+                .map_err(|_| format!("connecting to {}:{} timed out", s.host, s.port))?
+                .map_err(|e| format!("cannot connect to {}:{}: {e}", s.host, s.port))?;
         let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(s.host.clone())
             .map_err(|e| format!("gateway host {:?} is not a valid TLS name: {e}", s.host))?;
-        let tls = tokio::time::timeout(DIAL_DEADLINE, TlsConnector::from(self.tls.clone()).connect(name, tcp))
-            .await
-            .map_err(|_| "TLS handshake timed out".to_string())?
-            .map_err(|e| format!("TLS handshake with {} failed (is the gateway's certificate trusted?): {e}", s.host))?;
-        let mut req = format!("{}{}", s.gateway_url.trim_end_matches('/'), outpost_protocol::WS_PATH)
-            .into_client_request()
-            .map_err(|e| format!("bad gateway URL: {e}"))?;
+        let tls = tokio::time::timeout(
+            DIAL_DEADLINE,
+            TlsConnector::from(self.tls.clone()).connect(name, tcp),
+        )
+        .await
+        .map_err(|_| "TLS handshake timed out".to_string())?
+        .map_err(|e| {
+            format!(
+                "TLS handshake with {} failed (is the gateway's certificate trusted?): {e}",
+                s.host
+            )
+        })?;
+        let mut req = format!(
+            "{}{}",
+            s.gateway_url.trim_end_matches('/'),
+            outpost_protocol::WS_PATH
+        )
+        .into_client_request()
+        .map_err(|e| format!("bad gateway URL: {e}"))?;
         req.headers_mut().insert(
             "Sec-WebSocket-Protocol",
-            SUBPROTOCOL.parse().map_err(|_| "bad subprotocol header".to_string())?,
+            SUBPROTOCOL
+                .parse()
+                .map_err(|_| "bad subprotocol header".to_string())?,
         );
         let config = WebSocketConfig::default()
             .max_message_size(Some(MAX_FRAME_BYTES))
@@ -148,7 +168,9 @@ impl Connection {
             .get("Sec-WebSocket-Protocol")
             .and_then(|v| v.to_str().ok());
         if proto != Some(SUBPROTOCOL) {
-            return Err(format!("gateway did not accept subprotocol {SUBPROTOCOL} (answered {proto:?})"));
+            return Err(format!(
+                "gateway did not accept subprotocol {SUBPROTOCOL} (answered {proto:?})"
+            ));
         }
         Ok(ws)
     }
@@ -190,7 +212,10 @@ impl Connection {
             Ok(ws) => ws,
             Err(e) => return End::Retry(e),
         };
-        if let Err(e) = ws.send(Message::Text(encode(&AgentFrame::Hello(hello)).into())).await {
+        if let Err(e) = ws
+            .send(Message::Text(encode(&AgentFrame::Hello(hello)).into()))
+            .await
+        {
             return End::Retry(format!("cannot send hello: {e}"));
         }
         let welcome = match tokio::time::timeout(WELCOME_DEADLINE, next_frame(&mut ws)).await {
@@ -316,7 +341,13 @@ impl Connection {
     /// The oldest unacked results, as many as fit in one frame.
     fn next_batch(&self, acked: u64) -> Vec<CheckResult> {
         let mut batch = self.outbox.pending_after(acked, MAX_BATCH_RESULTS);
-        while batch.len() > 1 && encode(&AgentFrame::Results(Results { results: batch.clone() })).len() > MAX_FRAME_BYTES {
+        while batch.len() > 1
+            && encode(&AgentFrame::Results(Results {
+                results: batch.clone(),
+            }))
+            .len()
+                > MAX_FRAME_BYTES
+        {
             batch.truncate(batch.len() / 2);
         }
         batch
@@ -368,7 +399,8 @@ mod tests {
         let delays: Vec<Duration> = (0..50).map(|_| b.next_delay()).collect();
         assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
         assert!(delays[0] <= Duration::from_millis(100));
-        let distinct: std::collections::HashSet<u128> = delays.iter().map(|d| d.as_micros()).collect();
+        let distinct: std::collections::HashSet<u128> =
+            delays.iter().map(|d| d.as_micros()).collect();
         assert!(distinct.len() > 40, "delays are jittered");
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));

@@ -44,7 +44,8 @@ impl Identity {
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => {
-                return Err(e).with_context(|| format!("cannot read {}", paths.fingerprint_file.display()))
+                return Err(e)
+                    .with_context(|| format!("cannot read {}", paths.fingerprint_file.display()))
             }
         };
         let fingerprint = match existing {
@@ -57,13 +58,19 @@ impl Identity {
                     fingerprint: uuid::Uuid::new_v4().to_string(),
                     machine_id,
                 };
-                write_atomic(&paths.fingerprint_file, &serde_json::to_vec_pretty(&fresh)?, 0o644)
-                    .with_context(|| format!("cannot write {}", paths.fingerprint_file.display()))?;
+                write_atomic(
+                    &paths.fingerprint_file,
+                    &serde_json::to_vec_pretty(&fresh)?,
+                    0o644,
+                )
+                .with_context(|| format!("cannot write {}", paths.fingerprint_file.display()))?;
                 match std::fs::remove_file(&paths.secret_file) {
                     Ok(()) => tracing::info!("discarded the secret of the previous fingerprint"),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => {
-                        return Err(e).with_context(|| format!("cannot remove stale {}", paths.secret_file.display()))
+                        return Err(e).with_context(|| {
+                            format!("cannot remove stale {}", paths.secret_file.display())
+                        })
                     }
                 }
                 fresh.fingerprint
@@ -85,7 +92,11 @@ impl Identity {
 
     /// Keep the secret the gateway issued, readable by the agent's user only.
     pub fn store_secret(&self, secret: &str) -> std::io::Result<()> {
-        write_atomic(&self.paths.secret_file, format!("{secret}\n").as_bytes(), 0o600)
+        write_atomic(
+            &self.paths.secret_file,
+            format!("{secret}\n").as_bytes(),
+            0o600,
+        )
     }
 }
 
@@ -111,7 +122,11 @@ mod tests {
         let a = Identity::load_or_create(&p).unwrap();
         assert!(outpost_protocol::valid_fingerprint(&a.fingerprint));
         a.store_secret("s3cret").unwrap();
-        let mode = std::fs::metadata(&p.secret_file).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(&p.secret_file)
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
         let again = Identity::load_or_create(&p).unwrap();
         assert_eq!(again.fingerprint, a.fingerprint);
@@ -120,7 +135,11 @@ mod tests {
         std::fs::write(&p.machine_id_file, "machine-b\n").unwrap();
         let cloned = Identity::load_or_create(&p).unwrap();
         assert_ne!(cloned.fingerprint, a.fingerprint);
-        assert_eq!(cloned.secret(), None, "the old fingerprint's secret is discarded");
+        assert_eq!(
+            cloned.secret(),
+            None,
+            "the old fingerprint's secret is discarded"
+        );
     }
 
     #[test]

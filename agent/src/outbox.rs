@@ -62,7 +62,7 @@ impl SeqFile {
         })
     }
 
-    pub fn next(&mut self) -> std::io::Result<u64> {
+    pub fn allocate(&mut self) -> std::io::Result<u64> {
         if self.next > self.ceiling {
             let ceiling = self.next + SEQ_BLOCK;
             write_atomic(&self.path, format!("{ceiling}\n").as_bytes(), 0o644)?;
@@ -109,7 +109,7 @@ impl Outbox for MemoryOutbox {
     fn append(&self, mut result: CheckResult) -> std::io::Result<u64> {
         let seq = {
             let mut inner = self.lock();
-            result.seq = inner.seq.next()?;
+            result.seq = inner.seq.allocate()?;
             if inner.queue.len() >= self.max {
                 inner.queue.pop_front();
                 inner.dropped += 1;

@@ -74,7 +74,12 @@ pub fn next_slot(now_ms: u64, phase_ms: u64, interval_ms: u64) -> u64 {
 }
 
 impl Scheduler {
-    pub fn new(fingerprint: String, outbox: Arc<dyn Outbox>, max_concurrent: usize, cache_path: PathBuf) -> Scheduler {
+    pub fn new(
+        fingerprint: String,
+        outbox: Arc<dyn Outbox>,
+        max_concurrent: usize,
+        cache_path: PathBuf,
+    ) -> Scheduler {
         Scheduler {
             inner: Arc::new(Inner {
                 fingerprint,
@@ -112,10 +117,15 @@ impl Scheduler {
         };
         match serde_json::from_slice::<Cached>(&bytes) {
             Ok(c) => {
-                tracing::info!(checks = c.checks.len(), "running the cached configuration until the gateway answers");
+                tracing::info!(
+                    checks = c.checks.len(),
+                    "running the cached configuration until the gateway answers"
+                );
                 self.apply_inner(c.hash, c.checks, false);
             }
-            Err(e) => tracing::warn!(file = %self.inner.cache_path.display(), error = %e, "ignoring unreadable cached configuration"),
+            Err(e) => {
+                tracing::warn!(file = %self.inner.cache_path.display(), error = %e, "ignoring unreadable cached configuration")
+            }
         }
     }
 
@@ -124,11 +134,20 @@ impl Scheduler {
         self.apply_inner(hash, checks, true)
     }
 
-    fn apply_inner(&self, hash: String, checks: Vec<CheckSpec>, persist: bool) -> config_diff::Diff {
-        let new: BTreeMap<String, CheckSpec> = checks.iter().map(|c| (c.name.clone(), c.clone())).collect();
+    fn apply_inner(
+        &self,
+        hash: String,
+        checks: Vec<CheckSpec>,
+        persist: bool,
+    ) -> config_diff::Diff {
+        let new: BTreeMap<String, CheckSpec> =
+            checks.iter().map(|c| (c.name.clone(), c.clone())).collect();
         let mut state = self.lock();
-        let old: BTreeMap<String, CheckSpec> =
-            state.running.iter().map(|(k, r)| (k.clone(), r.spec.clone())).collect();
+        let old: BTreeMap<String, CheckSpec> = state
+            .running
+            .iter()
+            .map(|(k, r)| (k.clone(), r.spec.clone()))
+            .collect();
         let d = config_diff::diff(&old, &new);
         if !d.is_empty() {
             tracing::info!(
@@ -151,7 +170,14 @@ impl Scheduler {
             let generation = state.next_generation;
             let stop = CancellationToken::new();
             tokio::spawn(check_loop(self.inner.clone(), spec.clone(), stop.clone()));
-            state.running.insert(name.clone(), Running { spec, stop, generation });
+            state.running.insert(
+                name.clone(),
+                Running {
+                    spec,
+                    stop,
+                    generation,
+                },
+            );
         }
         state.hash = Some(hash.clone());
         drop(state);
@@ -176,10 +202,16 @@ impl Scheduler {
                 message: format!("check {name:?} is not configured on this agent"),
             });
         };
-        let _permit = self.inner.limit.clone().acquire_owned().await.map_err(|_| RpcError {
-            code: "stopping".into(),
-            message: "agent is stopping".into(),
-        })?;
+        let _permit = self
+            .inner
+            .limit
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| RpcError {
+                code: "stopping".into(),
+                message: "agent is stopping".into(),
+            })?;
         let mut result = checks::run(&spec, Origin::RunNow).await;
         match self.inner.outbox.append(result.clone()) {
             Ok(seq) => result.seq = seq,
@@ -238,9 +270,14 @@ mod tests {
     fn splay_is_deterministic_and_spread() {
         let a = splay_ms("agent-a", "disk", 60_000);
         assert_eq!(a, splay_ms("agent-a", "disk", 60_000));
-        let phases: std::collections::HashSet<u64> =
-            (0..100).map(|i| splay_ms(&format!("agent-{i}"), "disk", 60_000) / 1000).collect();
-        assert!(phases.len() > 40, "100 agents landed on only {} distinct seconds", phases.len());
+        let phases: std::collections::HashSet<u64> = (0..100)
+            .map(|i| splay_ms(&format!("agent-{i}"), "disk", 60_000) / 1000)
+            .collect();
+        assert!(
+            phases.len() > 40,
+            "100 agents landed on only {} distinct seconds",
+            phases.len()
+        );
     }
 
     fn spec(name: &str, cmd: &str) -> CheckSpec {
@@ -256,10 +293,25 @@ mod tests {
     async fn only_changed_checks_are_restarted() {
         let dir = tempfile::tempdir().unwrap();
         let outbox: Arc<dyn Outbox> = Arc::new(MemoryOutbox::open(dir.path(), 100).unwrap());
-        let s = Scheduler::new("fp".into(), outbox.clone(), 4, dir.path().join("config.json"));
-        s.apply("h1".into(), vec![spec("a", "/bin/true"), spec("b", "/bin/true")]);
+        let s = Scheduler::new(
+            "fp".into(),
+            outbox.clone(),
+            4,
+            dir.path().join("config.json"),
+        );
+        s.apply(
+            "h1".into(),
+            vec![spec("a", "/bin/true"), spec("b", "/bin/true")],
+        );
         let (ga, gb) = (s.generation("a"), s.generation("b"));
-        let d = s.apply("h2".into(), vec![spec("a", "/bin/true"), spec("b", "/bin/false"), spec("c", "/bin/true")]);
+        let d = s.apply(
+            "h2".into(),
+            vec![
+                spec("a", "/bin/true"),
+                spec("b", "/bin/false"),
+                spec("c", "/bin/true"),
+            ],
+        );
         assert_eq!(d.changed, vec!["b"]);
         assert_eq!(s.generation("a"), ga, "unchanged check kept its task");
         assert_ne!(s.generation("b"), gb, "changed check was restarted");

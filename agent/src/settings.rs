@@ -168,10 +168,15 @@ impl Settings {
             }
             (None, None) => Trust::SystemRoots,
         };
-        let enroll_key = raw.enroll_key.filter(|k| !k.trim().is_empty()).map(|k| k.trim().to_string());
+        let enroll_key = raw
+            .enroll_key
+            .filter(|k| !k.trim().is_empty())
+            .map(|k| k.trim().to_string());
         for (k, v) in &raw.labels {
             if k.is_empty() || k.len() > 64 || v.len() > 256 {
-                problems.push(format!("label {k:?}: keys are 1-64 bytes, values at most 256"));
+                problems.push(format!(
+                    "label {k:?}: keys are 1-64 bytes, values at most 256"
+                ));
             }
         }
         let max_concurrent_checks = raw.max_concurrent_checks.unwrap_or(32);
@@ -180,10 +185,16 @@ impl Settings {
         }
         let (state_dir, etc_dir) = match raw.state_dir {
             Some(d) => (d.clone(), d),
-            None => (PathBuf::from("/opt/outpost/state"), PathBuf::from("/etc/outpost")),
+            None => (
+                PathBuf::from("/opt/outpost/state"),
+                PathBuf::from("/etc/outpost"),
+            ),
         };
         if !problems.is_empty() {
-            return Err(ConfigError { file: None, problems });
+            return Err(ConfigError {
+                file: None,
+                problems,
+            });
         }
         Ok(Settings {
             gateway_url,
@@ -192,9 +203,15 @@ impl Settings {
             enroll_key,
             trust,
             paths: Paths {
-                fingerprint_file: raw.fingerprint_file.unwrap_or_else(|| etc_dir.join("agent.finger")),
-                secret_file: raw.secret_file.unwrap_or_else(|| etc_dir.join("agent.secret")),
-                machine_id_file: raw.machine_id_file.unwrap_or_else(|| PathBuf::from("/etc/machine-id")),
+                fingerprint_file: raw
+                    .fingerprint_file
+                    .unwrap_or_else(|| etc_dir.join("agent.finger")),
+                secret_file: raw
+                    .secret_file
+                    .unwrap_or_else(|| etc_dir.join("agent.secret")),
+                machine_id_file: raw
+                    .machine_id_file
+                    .unwrap_or_else(|| PathBuf::from("/etc/machine-id")),
                 state_dir,
             },
             hostname: raw.hostname.unwrap_or_else(crate::util::hostname),
@@ -213,9 +230,18 @@ mod tests {
 
     #[test]
     fn urls_must_be_wss() {
-        assert_eq!(parse_gateway_url("wss://gw.example:8443/x").unwrap(), ("gw.example".into(), 8443));
-        assert_eq!(parse_gateway_url("wss://gw.example").unwrap(), ("gw.example".into(), 443));
-        assert_eq!(parse_gateway_url("wss://[::1]:9").unwrap(), ("::1".into(), 9));
+        assert_eq!(
+            parse_gateway_url("wss://gw.example:8443/x").unwrap(),
+            ("gw.example".into(), 8443)
+        );
+        assert_eq!(
+            parse_gateway_url("wss://gw.example").unwrap(),
+            ("gw.example".into(), 443)
+        );
+        assert_eq!(
+            parse_gateway_url("wss://[::1]:9").unwrap(),
+            ("::1".into(), 9)
+        );
         let e = parse_gateway_url("ws://gw.example").unwrap_err();
         assert!(e.contains("must use wss://"), "{e}");
         assert!(parse_gateway_url("wss://:1").is_err());
@@ -235,11 +261,15 @@ mod tests {
         assert!(err.contains("max_concurrent_checks"), "{err}");
         let pin = "ab".repeat(32);
         let env: BTreeMap<String, String> = [
-            ("OUTPOST_GATEWAY_URL".to_string(), "wss://127.0.0.1:1".to_string()),
+            (
+                "OUTPOST_GATEWAY_URL".to_string(),
+                "wss://127.0.0.1:1".to_string(),
+            ),
             ("OUTPOST_PIN_SHA256".to_string(), pin.clone()),
         ]
         .into();
-        let s = Settings::from_toml("gateway_url = \"ws://x\"\nstate_dir = \"/tmp/s\"\n", &env).unwrap();
+        let s = Settings::from_toml("gateway_url = \"ws://x\"\nstate_dir = \"/tmp/s\"\n", &env)
+            .unwrap();
         assert_eq!(s.port, 1);
         assert_eq!(s.trust, Trust::Pin(pin));
         assert_eq!(s.paths.secret_file, PathBuf::from("/tmp/s/agent.secret"));
@@ -247,9 +277,12 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused() {
-        let err = Settings::from_toml("gateway_url = \"wss://x\"\ninsecure_skip_verify = true\n", &BTreeMap::new())
-            .unwrap_err()
-            .to_string();
+        let err = Settings::from_toml(
+            "gateway_url = \"wss://x\"\ninsecure_skip_verify = true\n",
+            &BTreeMap::new(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("unknown field"), "{err}");
     }
 }

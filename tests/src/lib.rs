@@ -1,1 +1,414 @@
+//! Harness for the end-to-end suite: start the real `outpost-gateway` and `outpost-agent`
+//! binaries in a temporary directory per test, on port 0, and talk to them over real TLS.
+//!
+//! The binaries are the ones `cargo build --workspace` left beside this test executable;
+//! `ci/test` builds them once for every test.
 
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use tokio::net::TcpStream;
+
+pub use serde_json::Value;
+
+/// Path of a workspace binary built next to the running test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` before the end-to-end tests (ci/test does)",
+        path.display()
+    );
+    path
+}
+
+/// Poll `f` every 100 ms until it returns `Some`, or panic with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub stderr_path: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child by pid.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    /// Everything the process logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Wait for the process to exit, up to `timeout`; returns its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start `cmd` with stderr to `log` and return it with the stdout lines that `want`
+/// accepts, read until it has seen `lines` of them.
+fn spawn_reading(
+    mut cmd: Command,
+    log: &Path,
+    lines: usize,
+    want: impl Fn(&str) -> bool,
+) -> (Proc, Vec<String>) {
+    let stderr = std::fs::File::create(log).expect("log file");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let proc = Proc {
+        child,
+        stderr_path: log.to_path_buf(),
+    };
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < lines {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if want(&l) => got.push(l),
+            Ok(_) => {}
+            Err(_) => panic!(
+                "process did not print its start lines; log:\n{}",
+                proc.log()
+            ),
+        }
+    }
+    (proc, got)
+}
+
+pub struct Gateway {
+    pub proc: Proc,
+    pub addr: String,
+    pub pin: String,
+    pub data_dir: PathBuf,
+    pub checks_dir: PathBuf,
+    pub token: String,
+    pub enroll_key: String,
+}
+
+impl Gateway {
+    /// Start a gateway with its data directory under `dir`.
+    pub fn start(dir: &Path, extra_args: &[&str]) -> Gateway {
+        Self::start_on(dir, "127.0.0.1:0", extra_args)
+    }
+
+    pub fn start_on(dir: &Path, listen: &str, extra_args: &[&str]) -> Gateway {
+        let data_dir = dir.join("gateway");
+        let checks_dir = data_dir.join("checks.d");
+        std::fs::create_dir_all(&checks_dir).unwrap();
+        let mut cmd = Command::new(bin("outpost-gateway"));
+        cmd.args([
+            "serve",
+            "--listen",
+            listen,
+            "--checks-poll",
+            "1",
+            "--data-dir",
+        ])
+        .arg(&data_dir)
+        .args(extra_args)
+        .env("RUST_LOG", "info,outpost_gateway=debug");
+        let (proc, lines) = spawn_reading(cmd, &dir.join("gateway.log"), 2, |l| {
+            l.starts_with("listening ") || l.starts_with("pin_sha256 ")
+        });
+        let addr = lines[0]
+            .trim_start_matches("listening https://")
+            .to_string();
+        let pin = lines[1].trim_start_matches("pin_sha256 ").to_string();
+        let read = |f: &str| {
+            std::fs::read_to_string(data_dir.join(f))
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        Gateway {
+            proc,
+            addr,
+            pin,
+            token: read("api.token"),
+            enroll_key: read("enroll.key"),
+            data_dir,
+            checks_dir,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    pub fn url(&self) -> String {
+        format!("wss://{}", self.addr)
+    }
+
+    /// Write a check file into the gateway's checks directory.
+    pub fn write_checks(&self, file: &str, toml: &str) {
+        let tmp = self.checks_dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, toml).unwrap();
+        std::fs::rename(&tmp, self.checks_dir.join(file)).unwrap();
+    }
+
+    /// A TLS connection to the gateway that trusts it by pin, like an agent would.
+    pub async fn tls(&self) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let config = outpost_agent::tls::client_config(&outpost_agent::settings::Trust::Pin(
+            self.pin.clone(),
+        ))
+        .unwrap();
+        let tcp = TcpStream::connect(&self.addr).await.unwrap();
+        tokio_rustls::TlsConnector::from(config)
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap()
+    }
+
+    /// An HTTPS request; returns the status and the body parsed as JSON (or as a string).
+    pub async fn http(&self, method: &str, path: &str, token: Option<&str>) -> (u16, Value) {
+        let io = hyper_util::rt::TokioIo::new(self.tls().await);
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        let mut req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "localhost");
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let resp = sender
+            .send_request(req.body(Full::new(Bytes::new())).unwrap())
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let value = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
+        (status, value)
+    }
+
+    /// `GET` an API path with the admin token, expecting 200.
+    pub async fn api(&self, path: &str) -> Value {
+        let (status, body) = self
+            .http("GET", &format!("/api/v1{path}"), Some(&self.token))
+            .await;
+        assert_eq!(status, 200, "GET {path}: {body}");
+        body
+    }
+
+    pub async fn agent(&self, fingerprint: &str) -> Option<Value> {
+        let (status, body) = self
+            .http(
+                "GET",
+                &format!("/api/v1/agents/{fingerprint}"),
+                Some(&self.token),
+            )
+            .await;
+        (status == 200).then_some(body)
+    }
+
+    /// The newest result of `check` on the agent, if any.
+    pub async fn latest(&self, fingerprint: &str, check: &str) -> Option<Value> {
+        let (status, checks) = self
+            .http(
+                "GET",
+                &format!("/api/v1/agents/{fingerprint}/checks"),
+                Some(&self.token),
+            )
+            .await;
+        if status == 404 {
+            return None;
+        }
+        assert_eq!(status, 200, "{checks}");
+        checks
+            .as_array()?
+            .iter()
+            .find(|c| c["check"] == check)
+            .and_then(|c| c.get("latest").cloned())
+            .filter(|l| !l.is_null())
+    }
+
+    pub async fn metric(&self, line_prefix: &str) -> u64 {
+        let (_, body) = self.http("GET", "/metrics", None).await;
+        let text = body.as_str().unwrap_or_default().to_string();
+        text.lines()
+            .find(|l| l.starts_with(line_prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("metric {line_prefix} not found in:\n{text}"))
+    }
+}
+
+pub struct Agent {
+    pub proc: Proc,
+    pub fingerprint: String,
+    pub state_dir: PathBuf,
+    pub config_path: PathBuf,
+}
+
+impl Agent {
+    /// Start an agent under `dir/name` whose configuration is `toml`.
+    pub fn start_with_config(dir: &Path, name: &str, toml: &str) -> Agent {
+        let state_dir = dir.join(name);
+        std::fs::create_dir_all(&state_dir).unwrap();
+        std::fs::write(state_dir.join("machine-id"), format!("machine-{name}\n")).unwrap();
+        let config_path = state_dir.join("agent.toml");
+        let toml = format!(
+            "state_dir = {:?}\nmachine_id_file = {:?}\n{toml}",
+            state_dir.display().to_string(),
+            state_dir.join("machine-id").display().to_string()
+        );
+        std::fs::write(&config_path, toml).unwrap();
+        let mut cmd = Command::new(bin("outpost-agent"));
+        cmd.args(["run", "--config"])
+            .arg(&config_path)
+            .env("RUST_LOG", "info,outpost_agent=debug")
+            .env_remove("OUTPOST_GATEWAY_URL")
+            .env_remove("OUTPOST_ENROLL_KEY")
+            .env_remove("OUTPOST_PIN_SHA256");
+        let (proc, lines) = spawn_reading(cmd, &dir.join(format!("{name}.log")), 1, |l| {
+            l.starts_with("fingerprint ")
+        });
+        Agent {
+            proc,
+            fingerprint: lines[0].trim_start_matches("fingerprint ").to_string(),
+            state_dir,
+            config_path,
+        }
+    }
+
+    /// Start an agent that enrolls with `gw`, trusting it by pin.
+    pub fn start(dir: &Path, name: &str, gw: &Gateway, extra: &str) -> Agent {
+        let toml = format!(
+            "gateway_url = {:?}\nenroll_key = {:?}\npin_sha256 = {:?}\nhostname = {name:?}\n{extra}",
+            gw.url(),
+            gw.enroll_key,
+            gw.pin
+        );
+        Self::start_with_config(dir, name, &toml)
+    }
+}
+
+/// Open a raw `outpost.v1` websocket to the gateway, for tests that misbehave on purpose.
+pub async fn raw_ws(
+    gw: &Gateway,
+) -> tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("wss://{}/ws", gw.addr)
+        .into_client_request()
+        .unwrap();
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        outpost_protocol::SUBPROTOCOL.parse().unwrap(),
+    );
+    // The client's own limit is far above the gateway's so the gateway's limit is tested.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20));
+    let (ws, _) = tokio_tungstenite::client_async_with_config(req, gw.tls().await, Some(config))
+        .await
+        .unwrap();
+    ws
+}
+
+/// Read from a raw websocket until the gateway closes it; returns the close code.
+pub async fn close_code<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    timeout: Duration,
+) -> Option<u16>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    tokio::time::timeout(timeout, async {
+        while let Some(m) = ws.next().await {
+            match m {
+                Ok(Message::Close(Some(c))) => return Some(u16::from(c.code)),
+                Ok(Message::Close(None)) => return None,
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("outpost-e2e-")
+        .tempdir()
+        .unwrap()
+}

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "outpost-agent", version, about = "Outpost agent: runs checks, dials out to its gateway")]
+#[command(
+    name = "outpost-agent",
+    version,
+    about = "Outpost agent: runs checks, dials out to its gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -18,7 +22,12 @@ enum Command {
     /// Run the agent until SIGTERM or SIGINT (then say bye to the gateway and exit).
     Run {
         /// The agent configuration file (TOML).
-        #[arg(long, short, env = "OUTPOST_CONFIG", default_value = "/etc/outpost/agent.toml")]
+        #[arg(
+            long,
+            short,
+            env = "OUTPOST_CONFIG",
+            default_value = "/etc/outpost/agent.toml"
+        )]
         config: PathBuf,
     },
 }
@@ -32,6 +41,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let Command::Run { config } = Cli::parse().command;
     let settings = match outpost_agent::Settings::load(&config) {
@@ -74,7 +84,10 @@ fn main() -> ExitCode {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

@@ -69,7 +69,12 @@ pub async fn run(spec: &CheckSpec) -> CheckResult {
     let started_at_ms = now_ms();
     let started = Instant::now();
     let Some((program, args)) = spec.command.split_first() else {
-        return unknown(spec, started_at_ms, started, "check has an empty command".into());
+        return unknown(
+            spec,
+            started_at_ms,
+            started,
+            "check has an empty command".into(),
+        );
     };
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -82,7 +87,12 @@ pub async fn run(spec: &CheckSpec) -> CheckResult {
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            return unknown(spec, started_at_ms, started, format!("cannot run {program}: {e}"));
+            return unknown(
+                spec,
+                started_at_ms,
+                started,
+                format!("cannot run {program}: {e}"),
+            );
         }
     };
     let pgid = child.id().unwrap_or(0);
@@ -111,14 +121,24 @@ pub async fn run(spec: &CheckSpec) -> CheckResult {
                 spec,
                 started_at_ms,
                 started,
-                format!("check timed out after {}s and was killed", timeout.as_secs()),
+                format!(
+                    "check timed out after {}s and was killed",
+                    timeout.as_secs()
+                ),
             );
         }
     };
     let duration_ms = started.elapsed().as_millis() as u64;
     let status = match status {
         Ok(s) => s,
-        Err(e) => return unknown(spec, started_at_ms, started, format!("cannot wait for {program}: {e}")),
+        Err(e) => {
+            return unknown(
+                spec,
+                started_at_ms,
+                started,
+                format!("cannot wait for {program}: {e}"),
+            )
+        }
     };
     let text = String::from_utf8_lossy(&stdout);
     let mut parsed = nagios::parse_output(&text);
@@ -131,7 +151,10 @@ pub async fn run(spec: &CheckSpec) -> CheckResult {
         Some(code) => match Status::from_exit_code(code) {
             Some(s) => (s, Some(code)),
             None => {
-                parsed.output = format!("plugin exited with code {code} (not 0-3): {}", parsed.output);
+                parsed.output = format!(
+                    "plugin exited with code {code} (not 0-3): {}",
+                    parsed.output
+                );
                 (Status::Unknown, Some(code))
             }
         },
@@ -146,10 +169,16 @@ pub async fn run(spec: &CheckSpec) -> CheckResult {
         notes.push(format!("[output truncated at {OUTPUT_CAP} bytes]"));
     }
     if !parsed.bad_perfdata.is_empty() {
-        notes.push(format!("[unparsable perfdata ignored: {}]", parsed.bad_perfdata.join(" ")));
+        notes.push(format!(
+            "[unparsable perfdata ignored: {}]",
+            parsed.bad_perfdata.join(" ")
+        ));
     }
     if parsed.metrics.len() > MAX_METRICS {
-        notes.push(format!("[{} metrics beyond {MAX_METRICS} dropped]", parsed.metrics.len() - MAX_METRICS));
+        notes.push(format!(
+            "[{} metrics beyond {MAX_METRICS} dropped]",
+            parsed.metrics.len() - MAX_METRICS
+        ));
         parsed.metrics.truncate(MAX_METRICS);
     }
     let mut long_output = parsed.long_output;
@@ -193,8 +222,17 @@ mod tests {
 
     #[tokio::test]
     async fn exit_codes_map_to_status() {
-        for (code, status) in [(0, Status::Ok), (1, Status::Warning), (2, Status::Critical), (3, Status::Unknown)] {
-            let r = run(&spec(&["/bin/sh", "-c", &format!("echo out {code}; exit {code}")], 5)).await;
+        for (code, status) in [
+            (0, Status::Ok),
+            (1, Status::Warning),
+            (2, Status::Critical),
+            (3, Status::Unknown),
+        ] {
+            let r = run(&spec(
+                &["/bin/sh", "-c", &format!("echo out {code}; exit {code}")],
+                5,
+            ))
+            .await;
             assert_eq!(r.status, status);
             assert_eq!(r.output, format!("out {code}"));
             assert_eq!(r.exit_code, Some(code));
@@ -208,14 +246,23 @@ mod tests {
     async fn arguments_are_not_interpreted_by_a_shell() {
         let r = run(&spec(&["/bin/echo", "$HOME; rm -rf /", "|", "x=1"], 5)).await;
         assert_eq!(r.output, "$HOME; rm -rf /");
-        assert_eq!(r.metrics.len(), 1, "text after | is perfdata: {:?}", r.metrics);
+        assert_eq!(
+            r.metrics.len(),
+            1,
+            "text after | is perfdata: {:?}",
+            r.metrics
+        );
     }
 
     #[tokio::test]
     async fn missing_program_is_unknown_with_reason() {
         let r = run(&spec(&["/nonexistent/check_x"], 5)).await;
         assert_eq!(r.status, Status::Unknown);
-        assert!(r.output.contains("cannot run /nonexistent/check_x"), "{}", r.output);
+        assert!(
+            r.output.contains("cannot run /nonexistent/check_x"),
+            "{}",
+            r.output
+        );
     }
 
     #[tokio::test]
@@ -235,7 +282,15 @@ mod tests {
 
     #[tokio::test]
     async fn flood_is_capped_and_said_so() {
-        let r = run(&spec(&["/bin/sh", "-c", "echo FIRST; head -c 2000000 /dev/zero | tr '\\0' x"], 10)).await;
+        let r = run(&spec(
+            &[
+                "/bin/sh",
+                "-c",
+                "echo FIRST; head -c 2000000 /dev/zero | tr '\\0' x",
+            ],
+            10,
+        ))
+        .await;
         assert_eq!(r.output, "FIRST");
         assert!(r.long_output.contains("truncated"), "{}", r.long_output);
         assert!(r.long_output.len() <= MAX_LONG_OUTPUT_BYTES);
@@ -243,7 +298,11 @@ mod tests {
 
     #[tokio::test]
     async fn stderr_explains_a_silent_failure() {
-        let r = run(&spec(&["/bin/sh", "-c", "echo 'no such host' >&2; exit 2"], 5)).await;
+        let r = run(&spec(
+            &["/bin/sh", "-c", "echo 'no such host' >&2; exit 2"],
+            5,
+        ))
+        .await;
         assert_eq!(r.status, Status::Critical);
         assert_eq!(r.output, "no such host");
     }

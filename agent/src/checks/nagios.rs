@@ -145,13 +145,22 @@ fn parse_item(item: &str) -> Result<Option<Metric>, ()> {
     if !value.is_finite() {
         return Err(());
     }
-    let opt = |s: Option<&str>| s.map(str::trim).filter(|s| !s.is_empty()).map(str::to_string);
+    let opt = |s: Option<&str>| {
+        s.map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
     let warn = opt(fields.next());
     let crit = opt(fields.next());
     let num_opt = |s: Option<&str>| -> Result<Option<f64>, ()> {
         match s.map(str::trim).filter(|s| !s.is_empty()) {
             None => Ok(None),
-            Some(v) => v.parse::<f64>().ok().filter(|f| f.is_finite()).map(Some).ok_or(()),
+            Some(v) => v
+                .parse::<f64>()
+                .ok()
+                .filter(|f| f.is_finite())
+                .map(Some)
+                .ok_or(()),
         }
     };
     let min = num_opt(fields.next())?;
@@ -204,7 +213,11 @@ mod tests {
     #[test]
     fn undetermined_and_garbage_perfdata() {
         let p = parse_output("x | a=U;1;2 b=abc c= =5 d=1e3 'open=1");
-        let names: Vec<_> = p.metrics.iter().map(|m| (m.name.as_str(), m.value)).collect();
+        let names: Vec<_> = p
+            .metrics
+            .iter()
+            .map(|m| (m.name.as_str(), m.value))
+            .collect();
         assert_eq!(names, vec![("d", 1000.0)]);
         assert_eq!(p.bad_perfdata.len(), 4, "{:?}", p.bad_perfdata);
         let e = parse_perfdata("e=2.5EB").0;

@@ -1,0 +1,511 @@
+//! The whole path with the real binaries over real TLS on loopback: enrollment, checks
+//! defined on the gateway, results through the API, config changes without restart,
+//! run-now, refusals, bad frames, and a clean bye.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use outpost_e2e::*;
+use tokio_tungstenite::tungstenite::Message;
+
+const T: Duration = Duration::from_secs(20);
+
+/// A plugin script that prints Nagios output with perfdata and exits with `code`.
+fn plugin(dir: &std::path::Path, name: &str, body: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_enrolls_runs_gateway_checks_and_answers_run_now() {
+    let dir = tempdir();
+    let gw = Gateway::start(dir.path(), &[]);
+    let p = plugin(
+        dir.path(),
+        "check_temp",
+        "echo \"TEMP WARNING - 71C|'cpu temp'=71C;70;90;0;120 fan=2200rpm\"\necho 'sensor A fine'\nexit 1",
+    );
+    gw.write_checks(
+        "temp.toml",
+        &format!("[[check]]\nname = \"temp\"\ncommand = [{p:?}]\ninterval = 1\ntimeout = 5\n"),
+    );
+    let agent = Agent::start(dir.path(), "web-1", &gw, "labels = { role = \"web\" }\n");
+
+    // The agent enrolled: its secret is stored, private to it.
+    let secret = agent.state_dir.join("agent.secret");
+    eventually(T, "secret stored", || async {
+        secret.exists().then_some(())
+    })
+    .await;
+    assert_eq!(
+        std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let listed = gw.api("/agents").await;
+    let me = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["fingerprint"] == agent.fingerprint.as_str())
+        .expect("agent listed");
+    assert_eq!(me["hostname"], "web-1");
+    assert_eq!(me["presence"], "online");
+    assert_eq!(me["labels"]["role"], "web");
+
+    let latest = eventually(T, "scheduled result for temp", || {
+        gw.latest(&agent.fingerprint, "temp")
+    })
+    .await;
+    assert_eq!(latest["status"], "warning");
+    assert_eq!(latest["exit_code"], 1);
+    assert_eq!(latest["output"], "TEMP WARNING - 71C");
+    assert_eq!(latest["long_output"], "sensor A fine");
+    assert_eq!(latest["origin"], "schedule");
+    let m = &latest["metrics"];
+    assert_eq!(m[0]["name"], "cpu temp");
+    assert_eq!(m[0]["value"], 71.0);
+    assert_eq!(m[0]["unit"], "C");
+    assert_eq!(m[0]["warn"], "70");
+    assert_eq!(m[0]["crit"], "90");
+    assert_eq!(m[0]["max"], 120.0);
+    assert_eq!(m[1]["name"], "fan");
+    assert_eq!(m[1]["unit"], "rpm");
+
+    // Run now: a fresh result, newer than anything scheduled so far.
+    let before = gw.latest(&agent.fingerprint, "temp").await.unwrap();
+    let (status, fresh) = gw
+        .http(
+            "POST",
+            &format!("/api/v1/agents/{}/checks/temp/run", agent.fingerprint),
+            Some(&gw.token),
+        )
+        .await;
+    assert_eq!(status, 200, "{fresh}");
+    assert_eq!(fresh["origin"], "run_now");
+    assert_eq!(fresh["status"], "warning");
+    assert!(fresh["seq"].as_u64().unwrap() > before["seq"].as_u64().unwrap());
+    assert!(fresh["started_at_ms"].as_u64().unwrap() >= before["started_at_ms"].as_u64().unwrap());
+
+    // The embedded bus holds the results durably, each sequence number once.
+    let bus = std::fs::read_to_string(gw.data_dir.join("bus/results.jsonl")).unwrap();
+    let seqs: Vec<u64> = bus
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["result"]["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    let mut dedup = seqs.clone();
+    dedup.sort();
+    dedup.dedup();
+    assert_eq!(
+        seqs.len(),
+        dedup.len(),
+        "no sequence number twice on the bus"
+    );
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order: {seqs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_check_files_changes_what_the_agent_runs_without_restart() {
+    let dir = tempdir();
+    let gw = Gateway::start(dir.path(), &[]);
+    gw.write_checks(
+        "a.toml",
+        "[[check]]\nname = \"steady\"\ncommand = \"/bin/echo steady\"\ninterval = 1\n\n[[check]]\nname = \"moving\"\ncommand = \"/bin/echo version-1\"\ninterval = 1\n",
+    );
+    // Checks targeted elsewhere must not reach this agent.
+    gw.write_checks(
+        "db.toml",
+        "[[check]]\nname = \"db_only\"\ncommand = \"/bin/true\"\ninterval = 1\ntarget = { labels = { role = \"db\" } }\n",
+    );
+    let mut agent = Agent::start(dir.path(), "app-1", &gw, "labels = { role = \"web\" }\n");
+    let fp = agent.fingerprint.clone();
+    let first = eventually(T, "version-1 result", || async {
+        gw.latest(&fp, "moving")
+            .await
+            .filter(|l| l["output"] == "version-1")
+    })
+    .await;
+    let checks = gw.api(&format!("/agents/{fp}/checks")).await;
+    let names: Vec<&str> = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["check"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["moving", "steady"],
+        "db_only is targeted at role=db"
+    );
+
+    gw.write_checks(
+        "a.toml",
+        "[[check]]\nname = \"steady\"\ncommand = \"/bin/echo steady\"\ninterval = 1\n\n[[check]]\nname = \"moving\"\ncommand = \"/bin/echo version-2\"\ninterval = 1\n\n[[check]]\nname = \"added\"\ncommand = [\"/bin/echo\", \"new check\"]\ninterval = 1\n",
+    );
+    eventually(T, "version-2 result", || async {
+        gw.latest(&fp, "moving")
+            .await
+            .filter(|l| l["output"] == "version-2")
+    })
+    .await;
+    eventually(T, "added check result", || gw.latest(&fp, "added")).await;
+    assert!(agent.proc.is_running(), "no restart needed");
+    // Only the changed and added checks were rescheduled, and the agent said what changed.
+    let log = agent.proc.log();
+    assert!(log.contains("~ moving: command:"), "{log}");
+    assert!(log.contains("+ added: /bin/echo new check"), "{log}");
+    assert!(!log.contains("~ steady"), "{log}");
+    // A broken edit keeps the last good version running.
+    gw.write_checks("a.toml", "[[check]]\nname = \"moving\"\ncommand = \n");
+    eventually(T, "gateway reports the broken file", || async {
+        gw.proc
+            .log()
+            .contains("check file is invalid")
+            .then_some(())
+    })
+    .await;
+    let after = gw.latest(&fp, "steady").await.unwrap()["seq"]
+        .as_u64()
+        .unwrap();
+    eventually(T, "steady keeps running", || async {
+        gw.latest(&fp, "steady")
+            .await
+            .filter(|l| l["seq"].as_u64().unwrap() > after)
+    })
+    .await;
+    assert!(first["seq"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_enrollment_key_is_refused_and_logged() {
+    let dir = tempdir();
+    let gw = Gateway::start(dir.path(), &[]);
+    let toml = format!(
+        "gateway_url = {:?}\nenroll_key = \"not-the-key\"\npin_sha256 = {:?}\n",
+        gw.url(),
+        gw.pin
+    );
+    let agent = Agent::start_with_config(dir.path(), "intruder", &toml);
+    eventually(T, "agent logs the refusal", || async {
+        agent
+            .proc
+            .log()
+            .contains("enrollment key refused")
+            .then_some(())
+    })
+    .await;
+    assert!(gw.proc.log().contains("agent refused"), "{}", gw.proc.log());
+    assert!(gw.metric("outpost_auth_failures_total").await >= 1);
+    assert_eq!(gw.api("/agents").await.as_array().unwrap().len(), 0);
+    assert!(!agent.state_dir.join("agent.secret").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_refuses_a_gateway_it_does_not_trust() {
+    let dir = tempdir();
+    let gw = Gateway::start(dir.path(), &[]);
+    let wrong_pin = "0".repeat(64);
+    let toml = format!(
+        "gateway_url = {:?}\nenroll_key = {:?}\npin_sha256 = {wrong_pin:?}\n",
+        gw.url(),
+        gw.enroll_key
+    );
+    let agent = Agent::start_with_config(dir.path(), "wary", &toml);
+    eventually(T, "agent logs the pin mismatch", || async {
+        agent
+            .proc
+            .log()
+            .contains("does not match pin_sha256")
+            .then_some(())
+    })
+    .await;
+    // A CA file that did not sign the gateway's certificate is refused too.
+    let other = tempdir();
+    let other_gw = Gateway::start(other.path(), &[]);
+    let toml = format!(
+        "gateway_url = \"wss://localhost:{}\"\nenroll_key = {:?}\nca_file = {:?}\n",
+        gw.port(),
+        gw.enroll_key,
+        other_gw.data_dir.join("tls/cert.pem").display().to_string()
+    );
+    let agent2 = Agent::start_with_config(dir.path(), "wary2", &toml);
+    eventually(T, "agent logs the untrusted certificate", || async {
+        let log = agent2.proc.log();
+        (log.contains("TLS handshake") && log.contains("failed")).then_some(())
+    })
+    .await;
+    assert_eq!(
+        gw.api("/agents").await.as_array().unwrap().len(),
+        0,
+        "nobody enrolled"
+    );
+
+    // The right CA file works, with the host name checked.
+    let toml = format!(
+        "gateway_url = \"wss://localhost:{}\"\nenroll_key = {:?}\nca_file = {:?}\n",
+        gw.port(),
+        gw.enroll_key,
+        gw.data_dir.join("tls/cert.pem").display().to_string()
+    );
+    let trusting = Agent::start_with_config(dir.path(), "trusting", &toml);
+    eventually(T, "agent with the right CA connects", || async {
+        gw.agent(&trusting.fingerprint)
+            .await
+            .filter(|a| a["presence"] == "online")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_ws_urls_and_bad_configs_are_refused_at_start() {
+    let dir = tempdir();
+    std::fs::write(
+        dir.path().join("agent.toml"),
+        "gateway_url = \"ws://127.0.0.1:1\"\nskip_verify = true\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin("outpost-agent"))
+        .args(["run", "--config"])
+        .arg(dir.path().join("agent.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "EX_CONFIG");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown field `skip_verify`"), "{err}");
+    std::fs::write(
+        dir.path().join("agent.toml"),
+        "gateway_url = \"ws://127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin("outpost-agent"))
+        .args(["run", "--config"])
+        .arg(dir.path().join("agent.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("must use wss://"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_frames_close_only_their_connection() {
+    let dir = tempdir();
+    let gw = Gateway::start(dir.path(), &["--hello-timeout", "1"]);
+    gw.write_checks(
+        "c.toml",
+        "[[check]]\nname = \"tick\"\ncommand = \"/bin/echo tick\"\ninterval = 1\n",
+    );
+    let agent = Agent::start(dir.path(), "good", &gw, "");
+    let fp = agent.fingerprint.clone();
+    let seq0 = eventually(T, "good agent reports", || gw.latest(&fp, "tick")).await["seq"]
+        .as_u64()
+        .unwrap();
+
+    // Garbage instead of JSON.
+    let mut ws = raw_ws(&gw).await;
+    ws.send(Message::Text("\u{1}garbage{".into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        close_code(&mut ws, T).await,
+        Some(outpost_protocol::close::MALFORMED)
+    );
+
+    // A frame over the 1 MiB limit.
+    let mut ws = raw_ws(&gw).await;
+    let big = format!(
+        "{{\"type\":\"bye\",\"reason\":\"{}\"}}",
+        "x".repeat(2 << 20)
+    );
+    let _ = ws.send(Message::Text(big.into())).await;
+    assert_eq!(
+        close_code(&mut ws, T).await,
+        Some(outpost_protocol::close::TOO_BIG)
+    );
+
+    // Anything but hello first.
+    let mut ws = raw_ws(&gw).await;
+    ws.send(Message::Text(r#"{"type":"results","results":[]}"#.into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        close_code(&mut ws, T).await,
+        Some(outpost_protocol::close::POLICY)
+    );
+
+    // Binary frames are not part of the protocol.
+    let mut ws = raw_ws(&gw).await;
+    ws.send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
+    assert_eq!(
+        close_code(&mut ws, T).await,
+        Some(outpost_protocol::close::POLICY)
+    );
+
+    // Silence: hello must come within the deadline (1 s here).
+    let mut ws = raw_ws(&gw).await;
+    assert_eq!(
+        close_code(&mut ws, Duration::from_secs(5)).await,
+        Some(outpost_protocol::close::HELLO_TIMEOUT)
+    );
+
+    // A plain request on the websocket path is refused at the HTTP level.
+    let (status, body) = gw.http("GET", "/ws", None).await;
+    assert!(status >= 400, "{status} {body}");
+
+    assert!(
+        gw.metric("outpost_frames_rejected_total{reason=\"malformed\"}")
+            .await
+            >= 1
+    );
+    assert!(
+        gw.metric("outpost_frames_rejected_total{reason=\"too_big\"}")
+            .await
+            >= 1
+    );
+    assert!(
+        gw.metric("outpost_frames_rejected_total{reason=\"out_of_order\"}")
+            .await
+            >= 2
+    );
+    assert!(gw.metric("outpost_hello_timeouts_total").await >= 1);
+
+    // The well-behaved agent never noticed.
+    eventually(T, "good agent keeps reporting", || async {
+        gw.latest(&fp, "tick")
+            .await
+            .filter(|l| l["seq"].as_u64().unwrap() > seq0 + 2)
+    })
+    .await;
+    assert_eq!(gw.agent(&fp).await.unwrap()["presence"], "online");
+    let (status, _) = gw
+        .http(
+            "POST",
+            &format!("/api/v1/agents/{fp}/checks/tick/run"),
+            Some(&gw.token),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        !agent.proc.log().contains("gateway connection ended"),
+        "{}",
+        agent.proc.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_requires_a_token_and_answers_fast_for_absent_agents() {
+    let dir = tempdir();
+    let gw = Gateway::start(dir.path(), &[]);
+    assert_eq!(gw.http("GET", "/healthz", None).await.0, 200);
+    assert_eq!(gw.http("GET", "/api/v1/agents", None).await.0, 401);
+    assert_eq!(gw.http("GET", "/api/v1/agents", Some("wrong")).await.0, 401);
+    let (status, body) = gw.http("GET", "/", None).await;
+    assert_eq!(status, 200);
+    assert!(body.as_str().unwrap().contains("Outpost console"));
+
+    gw.write_checks(
+        "c.toml",
+        "[[check]]\nname = \"tick\"\ncommand = \"/bin/echo tick\"\ninterval = 1\n",
+    );
+    let mut agent = Agent::start(dir.path(), "leaver", &gw, "");
+    let fp = agent.fingerprint.clone();
+    eventually(T, "result", || gw.latest(&fp, "tick")).await;
+
+    let run = |check: &'static str, fp: String| {
+        let gw = &gw;
+        async move {
+            let started = std::time::Instant::now();
+            let (status, body) = gw
+                .http(
+                    "POST",
+                    &format!("/api/v1/agents/{fp}/checks/{check}/run"),
+                    Some(&gw.token),
+                )
+                .await;
+            (status, body, started.elapsed())
+        }
+    };
+    let (status, body, _) = run("nope", fp.clone()).await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("not configured"),
+        "{body}"
+    );
+    let (status, _, _) = run("tick", "00000000-0000-4000-8000-000000000000".into()).await;
+    assert_eq!(status, 404);
+
+    // SIGTERM: the agent says bye, exits cleanly, and shows as deregistered.
+    agent.proc.signal(libc::SIGTERM);
+    assert_eq!(agent.proc.wait_exit(Duration::from_secs(10)).await, Some(0));
+    let rec = eventually(T, "deregistered", || async {
+        gw.agent(&fp)
+            .await
+            .filter(|a| a["presence"] == "deregistered")
+    })
+    .await;
+    assert_eq!(rec["connected"], false);
+    let (status, body, took) = run("tick", fp.clone()).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("not connected"),
+        "{body}"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "absent agent answered in {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_and_results_survive_a_gateway_restart() {
+    let dir = tempdir();
+    let mut gw = Gateway::start(dir.path(), &[]);
+    gw.write_checks(
+        "c.toml",
+        "[[check]]\nname = \"tick\"\ncommand = \"/bin/echo tick\"\ninterval = 1\n",
+    );
+    let agent = Agent::start(dir.path(), "stayer", &gw, "reconnect_max_secs = 1\n");
+    let fp = agent.fingerprint.clone();
+    let before = eventually(T, "result", || gw.latest(&fp, "tick")).await["seq"]
+        .as_u64()
+        .unwrap();
+    let listen = gw.addr.clone();
+    gw.proc.signal(libc::SIGTERM);
+    assert_eq!(gw.proc.wait_exit(Duration::from_secs(15)).await, Some(0));
+    drop(gw);
+    let gw = Gateway::start_on(dir.path(), &listen, &[]);
+    // Same pin, same enrollment: the agent comes back with its secret.
+    eventually(T, "agent back online", || async {
+        gw.agent(&fp).await.filter(|a| a["presence"] == "online")
+    })
+    .await;
+    let latest = gw
+        .latest(&fp, "tick")
+        .await
+        .expect("latest result recovered from the bus");
+    assert!(latest["seq"].as_u64().unwrap() >= before);
+    eventually(T, "new results after restart", || async {
+        gw.latest(&fp, "tick")
+            .await
+            .filter(|l| l["seq"].as_u64().unwrap() > before + 1)
+    })
+    .await;
+    assert_eq!(
+        agent
+            .proc
+            .log()
+            .matches("enrolled with the gateway")
+            .count(),
+        1,
+        "reconnected with its secret, no second enrollment"
+    );
+}
