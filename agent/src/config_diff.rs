@@ -91,6 +91,7 @@ mod tests {
                 command: vec!["/bin/true".into()],
                 interval_secs: interval,
                 timeout_secs: 5,
+                plugin: None,
             },
         )
     }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use outpost_protocol::{
     close, decode_gateway_frame, encode, AgentFrame, Bye, CheckResult, Credential, GatewayFrame,
-    Hello, Results, RpcCall, RpcReply, MAX_BATCH_RESULTS, MAX_FRAME_BYTES, PROTOCOL_VERSION,
-    SUBPROTOCOL,
+    Hello, PluginRequest, Results, RpcCall, RpcReply, MAX_BATCH_RESULTS, MAX_FRAME_BYTES,
+    PROTOCOL_VERSION, SUBPROTOCOL,
 };
 use rand::Rng;
 use rustls::pki_types::ServerName;
@@ -247,6 +247,11 @@ impl Connection {
         // The highest sequence number sent and waiting for an ack, and since when.
         let mut in_flight: Option<(u64, Instant)> = None;
         let mut acked = 0u64;
+        // Plugins asked for in this session, so each is requested once.
+        let mut requested = std::collections::HashSet::new();
+        if let Err(e) = self.request_plugins(&mut sink, &mut requested).await {
+            return End::Retry(e);
+        }
         loop {
             if in_flight.is_none() {
                 let batch = self.next_batch(acked);
@@ -289,6 +294,20 @@ impl Connection {
                         }
                         GatewayFrame::Config(c) => {
                             self.scheduler.apply(c.hash, c.checks);
+                            if let Err(e) = self.request_plugins(&mut sink, &mut requested).await {
+                                return End::Retry(e);
+                            }
+                        }
+                        GatewayFrame::Plugin(p) => {
+                            use base64::Engine;
+                            requested.remove(&p.sha256);
+                            let stored = base64::engine::general_purpose::STANDARD
+                                .decode(p.content_b64.as_bytes())
+                                .map_err(|e| format!("plugin {} is not valid base64: {e}", p.name))
+                                .and_then(|bytes| self.scheduler.install_plugin(&p.sha256, &bytes));
+                            if let Err(e) = stored {
+                                tracing::error!(plugin = %p.name, error = %e, "plugin from the gateway refused");
+                            }
                         }
                         GatewayFrame::RpcRequest(req) => {
                             let scheduler = self.scheduler.clone();
@@ -336,6 +355,29 @@ impl Connection {
                 }
             }
         }
+    }
+
+    /// Ask the gateway for every plugin the running checks need and do not have.
+    async fn request_plugins<S>(
+        &self,
+        sink: &mut S,
+        requested: &mut std::collections::HashSet<String>,
+    ) -> Result<(), String>
+    where
+        S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+    {
+        for plugin in self.scheduler.missing_plugins() {
+            if requested.insert(plugin.sha256.clone()) {
+                tracing::info!(plugin = %plugin.name, sha256 = %plugin.sha256, "fetching plugin");
+                let frame = AgentFrame::PluginRequest(PluginRequest {
+                    sha256: plugin.sha256,
+                });
+                sink.send(Message::Text(encode(&frame).into()))
+                    .await
+                    .map_err(|e| format!("cannot request plugin: {e}"))?;
+            }
+        }
+        Ok(())
     }
 
     /// The oldest unacked results, as many as fit in one frame.

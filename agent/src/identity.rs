@@ -110,6 +110,7 @@ mod tests {
             state_dir: dir.to_path_buf(),
             fingerprint_file: dir.join("agent.finger"),
             secret_file: dir.join("agent.secret"),
+            plugins_dir: dir.join("plugins"),
             machine_id_file: dir.join("machine-id"),
         }
     }

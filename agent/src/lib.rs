@@ -10,6 +10,7 @@ pub mod config_diff;
 pub mod connection;
 pub mod identity;
 pub mod outbox;
+pub mod plugins;
 pub mod scheduler;
 pub mod settings;
 pub mod tls;
@@ -35,9 +36,11 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         outbox::MemoryOutbox::open(&settings.paths.state_dir, settings.outbox_max_results)
             .context("cannot open the outbox")?,
     );
+    let plugins = Arc::new(plugins::PluginStore::new(&settings.paths.plugins_dir));
     let scheduler = scheduler::Scheduler::new(
         identity.fingerprint.clone(),
         outbox.clone(),
+        plugins,
         settings.max_concurrent_checks,
         settings.paths.state_dir.join("config.json"),
     );

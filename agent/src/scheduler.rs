@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::checks;
 use crate::config_diff;
 use crate::outbox::Outbox;
+use crate::plugins::PluginStore;
 use crate::util::{now_ms, write_atomic};
 
 #[derive(Clone)]
@@ -30,6 +31,7 @@ pub struct Scheduler {
 struct Inner {
     fingerprint: String,
     outbox: Arc<dyn Outbox>,
+    plugins: Arc<PluginStore>,
     limit: Arc<Semaphore>,
     cache_path: PathBuf,
     state: Mutex<State>,
@@ -77,6 +79,7 @@ impl Scheduler {
     pub fn new(
         fingerprint: String,
         outbox: Arc<dyn Outbox>,
+        plugins: Arc<PluginStore>,
         max_concurrent: usize,
         cache_path: PathBuf,
     ) -> Scheduler {
@@ -84,6 +87,7 @@ impl Scheduler {
             inner: Arc::new(Inner {
                 fingerprint,
                 outbox,
+                plugins,
                 limit: Arc::new(Semaphore::new(max_concurrent.max(1))),
                 cache_path,
                 state: Mutex::new(State::default()),
@@ -212,12 +216,47 @@ impl Scheduler {
                 code: "stopping".into(),
                 message: "agent is stopping".into(),
             })?;
-        let mut result = checks::run(&spec, Origin::RunNow).await;
+        let mut result = checks::run(&spec, Origin::RunNow, &self.inner.plugins).await;
         match self.inner.outbox.append(result.clone()) {
             Ok(seq) => result.seq = seq,
             Err(e) => tracing::error!(error = %e, check = name, "cannot queue run-now result"),
         }
         Ok(result)
+    }
+
+    /// The catalog plugins the running checks need that are not on disk with the right
+    /// hash, each once.
+    pub fn missing_plugins(&self) -> Vec<outpost_protocol::PluginRef> {
+        let mut wanted: Vec<outpost_protocol::PluginRef> = self
+            .lock()
+            .running
+            .values()
+            .filter_map(|r| r.spec.plugin.clone())
+            .collect();
+        wanted.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+        wanted.dedup_by(|a, b| a.sha256 == b.sha256);
+        wanted.retain(|p| self.inner.plugins.verified_path(p).is_err());
+        wanted
+    }
+
+    /// Store a plugin the gateway sent, if a running check wants exactly this content.
+    pub fn install_plugin(&self, sha256: &str, content: &[u8]) -> Result<(), String> {
+        let wanted = self
+            .lock()
+            .running
+            .values()
+            .filter_map(|r| r.spec.plugin.clone())
+            .find(|p| p.sha256 == sha256);
+        let Some(plugin) = wanted else {
+            return Err(format!(
+                "no configured check wants plugin sha256 {sha256}; ignored"
+            ));
+        };
+        self.inner
+            .plugins
+            .install(&plugin, content)
+            .map(|path| tracing::info!(plugin = %plugin.name, path = %path.display(), "plugin installed"))
+            .map_err(|e| e.to_string())
     }
 
     pub fn stop_all(&self) {
@@ -244,7 +283,7 @@ async fn check_loop(inner: Arc<Inner>, spec: CheckSpec, stop: CancellationToken)
             _ = stop.cancelled() => return,
         };
         // Not cancellable: a run is bounded by its own timeout, and its result is kept.
-        let result = checks::run(&spec, Origin::Schedule).await;
+        let result = checks::run(&spec, Origin::Schedule, &inner.plugins).await;
         drop(permit);
         tracing::debug!(check = %spec.name, status = result.status.as_str(), ms = result.duration_ms, "check ran");
         if let Err(e) = inner.outbox.append(result) {
@@ -257,6 +296,10 @@ async fn check_loop(inner: Arc<Inner>, spec: CheckSpec, stop: CancellationToken)
 mod tests {
     use super::*;
     use crate::outbox::MemoryOutbox;
+
+    fn plugins(dir: &tempfile::TempDir) -> Arc<PluginStore> {
+        Arc::new(PluginStore::new(&dir.path().join("plugins")))
+    }
 
     #[test]
     fn slots_are_on_a_grid_strictly_in_the_future() {
@@ -286,6 +329,7 @@ mod tests {
             command: vec![cmd.into()],
             interval_secs: 1,
             timeout_secs: 5,
+            plugin: None,
         }
     }
 
@@ -296,6 +340,7 @@ mod tests {
         let s = Scheduler::new(
             "fp".into(),
             outbox.clone(),
+            plugins(&dir),
             4,
             dir.path().join("config.json"),
         );
@@ -325,7 +370,13 @@ mod tests {
         }
         assert!(!outbox.is_empty());
         // The configuration was cached for the next start.
-        let s2 = Scheduler::new("fp".into(), outbox, 4, dir.path().join("config.json"));
+        let s2 = Scheduler::new(
+            "fp".into(),
+            outbox,
+            plugins(&dir),
+            4,
+            dir.path().join("config.json"),
+        );
         s2.load_cached();
         assert_eq!(s2.hash().as_deref(), Some("h3"));
         assert!(s2.spec("c").is_some());
@@ -337,7 +388,13 @@ mod tests {
     async fn run_now_unknown_check_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let outbox: Arc<dyn Outbox> = Arc::new(MemoryOutbox::open(dir.path(), 100).unwrap());
-        let s = Scheduler::new("fp".into(), outbox, 4, dir.path().join("config.json"));
+        let s = Scheduler::new(
+            "fp".into(),
+            outbox,
+            plugins(&dir),
+            4,
+            dir.path().join("config.json"),
+        );
         assert_eq!(s.run_now("nope").await.unwrap_err().code, "unknown_check");
     }
 }

@@ -18,6 +18,7 @@ struct Raw {
     state_dir: Option<PathBuf>,
     fingerprint_file: Option<PathBuf>,
     secret_file: Option<PathBuf>,
+    plugins_dir: Option<PathBuf>,
     machine_id_file: Option<PathBuf>,
     hostname: Option<String>,
     #[serde(default)]
@@ -46,6 +47,7 @@ pub struct Paths {
     pub state_dir: PathBuf,
     pub fingerprint_file: PathBuf,
     pub secret_file: PathBuf,
+    pub plugins_dir: PathBuf,
     pub machine_id_file: PathBuf,
 }
 
@@ -209,6 +211,7 @@ impl Settings {
                 secret_file: raw
                     .secret_file
                     .unwrap_or_else(|| etc_dir.join("agent.secret")),
+                plugins_dir: raw.plugins_dir.unwrap_or_else(|| state_dir.join("plugins")),
                 machine_id_file: raw
                     .machine_id_file
                     .unwrap_or_else(|| PathBuf::from("/etc/machine-id")),

@@ -4,13 +4,17 @@
 //!
 //! A file that fails to parse is reported (log and `/metrics`) and its last good version
 //! stays in force, so a typo saved by an operator never removes checks from a fleet.
+//!
+//! The plugin catalog (`--plugins-dir`) is scanned at the same time: each regular file
+//! whose name is a valid check name becomes a content-addressed plugin. A check that says
+//! `plugin = "NAME"` runs that plugin; agents fetch it by hash.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use outpost_protocol::{valid_check_name, CheckSpec, MAX_CHECKS};
+use outpost_protocol::{valid_check_name, CheckSpec, PluginRef, MAX_CHECKS, MAX_PLUGIN_BYTES};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -38,15 +42,25 @@ impl Target {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckDef {
+    /// For a plugin check, `command[0]` is the plugin's name and `spec.plugin` is filled
+    /// in from the catalog when the checks are assembled.
     pub spec: CheckSpec,
     pub target: Target,
     pub file: PathBuf,
 }
 
-/// The checks in force, in file-name order.
+/// A plugin file in the catalog.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginEntry {
+    pub plugin: PluginRef,
+    pub path: PathBuf,
+}
+
+/// The checks in force, in file-name order, and the plugin catalog.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Catalog {
     pub checks: Vec<CheckDef>,
+    pub plugins: BTreeMap<String, PluginEntry>,
 }
 
 impl Catalog {
@@ -65,6 +79,57 @@ impl Catalog {
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
+
+    /// The catalog plugin with this content hash.
+    pub fn plugin_by_hash(&self, sha256: &str) -> Option<&PluginEntry> {
+        self.plugins.values().find(|p| p.plugin.sha256 == sha256)
+    }
+}
+
+/// Hash every regular file in `dir` whose name is usable as a plugin name.
+pub fn scan_plugins(dir: &Path) -> BTreeMap<String, PluginEntry> {
+    let mut out = BTreeMap::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return out,
+        Err(e) => {
+            tracing::error!(dir = %dir.display(), error = %e, "cannot read the plugin catalog");
+            return out;
+        }
+    };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let Some(name) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+        else {
+            continue;
+        };
+        // Symlinks are not followed: the catalog serves what is in the directory.
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if !meta.is_file() || !valid_check_name(&name) || name.starts_with('.') {
+            continue;
+        }
+        if meta.len() > MAX_PLUGIN_BYTES {
+            tracing::error!(plugin = %name, size = meta.len(), limit = MAX_PLUGIN_BYTES, "plugin too large to serve; skipped");
+            continue;
+        }
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let plugin = PluginRef {
+                    name: name.clone(),
+                    sha256: hex::encode(Sha256::digest(&bytes)),
+                    size: bytes.len() as u64,
+                };
+                out.insert(name, PluginEntry { plugin, path });
+            }
+            Err(e) => tracing::error!(plugin = %name, error = %e, "cannot read plugin; skipped"),
+        }
+    }
+    out
 }
 
 #[derive(Deserialize)]
@@ -78,7 +143,11 @@ struct RawFile {
 #[serde(deny_unknown_fields)]
 struct RawCheck {
     name: String,
-    command: RawCommand,
+    command: Option<RawCommand>,
+    /// A plugin from the catalog, instead of `command`.
+    plugin: Option<String>,
+    /// Arguments for `plugin`.
+    args: Option<RawCommand>,
     interval: RawDuration,
     timeout: Option<RawDuration>,
     #[serde(default)]
@@ -145,18 +214,39 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<CheckDef>, String> {
                 "{at}: name must be 1-64 characters of A-Z a-z 0-9 _ - ."
             ));
         }
-        let command = match c.command {
+        let split = |raw: RawCommand| match raw {
             RawCommand::Argv(v) => Ok(v),
             RawCommand::Line(l) => shell_words::split(&l).map_err(|e| e.to_string()),
         };
-        let command = match command {
-            Ok(v) if !v.is_empty() && !v[0].is_empty() => v,
-            Ok(_) => {
-                errors.push(format!("{at}: command is empty"));
-                continue;
+        let mut plugin_name = None;
+        let command = match (c.command, c.plugin, c.args) {
+            (Some(_), Some(_), _) => Err("set either command or plugin, not both".to_string()),
+            (Some(_), None, Some(_)) => Err("args go with plugin; put them in command".to_string()),
+            (None, None, _) => Err("command (or plugin) is required".to_string()),
+            (Some(cmd), None, None) => split(cmd)
+                .map_err(|e| format!("command cannot be split into arguments: {e}"))
+                .and_then(|v| match v.first() {
+                    Some(p) if !p.is_empty() => Ok(v),
+                    _ => Err("command is empty".to_string()),
+                }),
+            (None, Some(plugin), _) if !valid_check_name(&plugin) => {
+                Err(format!("plugin {plugin:?} is not a valid plugin name"))
             }
+            (None, Some(plugin), args) => args
+                .map(split)
+                .transpose()
+                .map_err(|e| format!("args cannot be split into arguments: {e}"))
+                .map(|args| {
+                    plugin_name = Some(plugin.clone());
+                    std::iter::once(plugin)
+                        .chain(args.unwrap_or_default())
+                        .collect()
+                }),
+        };
+        let command = match command {
+            Ok(v) => v,
             Err(e) => {
-                errors.push(format!("{at}: command cannot be split into arguments: {e}"));
+                errors.push(format!("{at}: {e}"));
                 continue;
             }
         };
@@ -174,6 +264,12 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<CheckDef>, String> {
                     command,
                     interval_secs,
                     timeout_secs,
+                    // Resolved against the catalog when the checks are assembled.
+                    plugin: plugin_name.map(|name| PluginRef {
+                        name,
+                        sha256: String::new(),
+                        size: 0,
+                    }),
                 },
                 target: c.target,
                 file: path.to_path_buf(),
@@ -266,6 +362,7 @@ impl CheckStore {
                 }
             }
         }
+        let plugins = scan_plugins(&self.plugins_dir);
         let mut seen = std::collections::HashSet::new();
         let mut checks = Vec::new();
         for path in &paths {
@@ -274,6 +371,18 @@ impl CheckStore {
                 .map(|f| f.good.as_slice())
                 .unwrap_or_default()
             {
+                let mut def = def.clone();
+                if let Some(wanted) = &mut def.spec.plugin {
+                    match plugins.get(&wanted.name) {
+                        Some(entry) => *wanted = entry.plugin.clone(),
+                        None => {
+                            failures += 1;
+                            tracing::error!(file = %path.display(), check = %def.spec.name, plugin = %wanted.name,
+                                dir = %self.plugins_dir.display(), "check uses a plugin that is not in the catalog; check skipped");
+                            continue;
+                        }
+                    }
+                }
                 if !seen.insert(def.spec.name.clone()) {
                     tracing::error!(file = %path.display(), check = %def.spec.name,
                         "check name defined twice; the first file (by name) wins");
@@ -283,11 +392,11 @@ impl CheckStore {
                     tracing::error!(limit = MAX_CHECKS, "too many checks; ignoring the rest");
                     break;
                 }
-                checks.push(def.clone());
+                checks.push(def);
             }
         }
         drop(files);
-        let catalog = Catalog { checks };
+        let catalog = Catalog { checks, plugins };
         self.tx.send_if_modified(|cur| {
             if **cur == catalog {
                 false

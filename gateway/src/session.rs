@@ -14,8 +14,8 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use outpost_protocol::{
     close, config_hash, decode_agent_frame, encode, valid_check_name, valid_fingerprint, Ack,
-    AgentFrame, CheckSpec, ConfigFrame, ErrorFrame, FrameError, GatewayFrame, Hello, Results,
-    Welcome, MAX_BATCH_RESULTS, MAX_LONG_OUTPUT_BYTES, MAX_METRICS, MAX_OUTPUT_BYTES,
+    AgentFrame, CheckSpec, ConfigFrame, ErrorFrame, FrameError, GatewayFrame, Hello, PluginFrame,
+    Results, Welcome, MAX_BATCH_RESULTS, MAX_LONG_OUTPUT_BYTES, MAX_METRICS, MAX_OUTPUT_BYTES,
     PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
@@ -440,6 +440,12 @@ async fn authenticated(
                     ),
                 }
             }
+            AgentFrame::PluginRequest(req) => {
+                let frame = plugin_frame(&gw, &req.sha256).await;
+                if tx.send(Outbound::Frame(frame)).await.is_err() {
+                    break End::Lost("writer ended".into());
+                }
+            }
             AgentFrame::Bye(bye) => {
                 let _ = tx.send(Outbound::Close(1000, "bye".into())).await;
                 break End::Bye(bye.reason);
@@ -488,6 +494,45 @@ async fn authenticated(
     tracing::info!(presence = presence.as_str(), %reason, "agent disconnected");
     gw.registry.disconnected(&fp, presence, &reason);
     publish_presence(&gw, &agent, presence, &reason).await;
+}
+
+/// The catalog plugin with content hash `sha256`, or an error frame saying why not.
+async fn plugin_frame(gw: &Gateway, sha256: &str) -> GatewayFrame {
+    use base64::Engine;
+    use sha2::Digest;
+    let refuse = |code: &str, message: String| {
+        tracing::warn!(%sha256, %message, "plugin request refused");
+        GatewayFrame::Error(ErrorFrame {
+            code: code.into(),
+            message,
+        })
+    };
+    let Some(entry) = gw.checks.current().plugin_by_hash(sha256).cloned() else {
+        return refuse(
+            "unknown_plugin",
+            format!("no plugin with sha256 {sha256} in the catalog"),
+        );
+    };
+    match tokio::fs::read(&entry.path).await {
+        Ok(bytes) if hex::encode(sha2::Sha256::digest(&bytes)) == sha256 => {
+            GatewayFrame::Plugin(PluginFrame {
+                name: entry.plugin.name,
+                sha256: sha256.to_string(),
+                content_b64: base64::engine::general_purpose::STANDARD.encode(bytes),
+            })
+        }
+        Ok(_) => refuse(
+            "plugin_changed",
+            format!(
+                "plugin {} changed on the gateway since it was catalogued; a new config follows",
+                entry.plugin.name
+            ),
+        ),
+        Err(e) => refuse(
+            "plugin_unreadable",
+            format!("cannot read plugin {}: {e}", entry.plugin.name),
+        ),
+    }
 }
 
 async fn send_config(

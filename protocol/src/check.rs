@@ -80,6 +80,20 @@ pub struct CheckSpec {
     pub interval_secs: u64,
     /// Seconds before the whole process group is killed and the result is UNKNOWN.
     pub timeout_secs: u64,
+    /// Set when `command[0]` names a plugin from the gateway's catalog: the agent fetches
+    /// it by hash, and runs it only while the file on disk still has this hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugin: Option<PluginRef>,
+}
+
+/// A plugin in the gateway's catalog, addressed by content.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PluginRef {
+    /// File name in the agent's plugin directory; a valid check name (no `/`, no `..`).
+    pub name: String,
+    /// Hex SHA-256 of the file's content.
+    pub sha256: String,
+    pub size: u64,
 }
 
 /// Whether `name` is usable as a check name: 1 to 64 of `[A-Za-z0-9_.-]`, so it is safe in

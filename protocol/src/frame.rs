@@ -14,6 +14,7 @@ pub enum AgentFrame {
     Hello(Hello),
     Results(Results),
     RpcReply(RpcReply),
+    PluginRequest(PluginRequest),
     Bye(Bye),
     /// A `type` this side does not know; answered with an `error` frame.
     #[serde(other)]
@@ -28,6 +29,7 @@ pub enum GatewayFrame {
     Config(ConfigFrame),
     Ack(Ack),
     RpcRequest(RpcRequest),
+    Plugin(PluginFrame),
     Error(ErrorFrame),
     #[serde(other)]
     Unknown,
@@ -150,6 +152,20 @@ pub struct RpcError {
     /// Machine-readable: `unknown_check`, `unknown_method`, `busy`.
     pub code: String,
     pub message: String,
+}
+
+/// Ask for a catalog plugin's content by its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginRequest {
+    pub sha256: String,
+}
+
+/// A catalog plugin's content, base64-encoded. The agent checks the hash before writing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginFrame {
+    pub name: String,
+    pub sha256: String,
+    pub content_b64: String,
 }
 
 /// A graceful goodbye: the agent is stopping on purpose (deregistered, not lost).

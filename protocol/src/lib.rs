@@ -13,11 +13,11 @@ mod check;
 mod frame;
 mod limits;
 
-pub use check::{config_hash, valid_check_name, CheckSpec, Metric, Origin, Status};
+pub use check::{config_hash, valid_check_name, CheckSpec, Metric, Origin, PluginRef, Status};
 pub use frame::{
     decode_agent_frame, decode_gateway_frame, encode, Ack, AgentFrame, Bye, CheckResult,
-    ConfigFrame, Credential, ErrorFrame, FrameError, GatewayFrame, Hello, Results, RpcCall,
-    RpcError, RpcReply, RpcRequest, Welcome,
+    ConfigFrame, Credential, ErrorFrame, FrameError, GatewayFrame, Hello, PluginFrame,
+    PluginRequest, Results, RpcCall, RpcError, RpcReply, RpcRequest, Welcome,
 };
 pub use limits::*;
 

@@ -21,6 +21,8 @@ pub const MAX_OUTPUT_BYTES: usize = 4096;
 pub const MAX_LONG_OUTPUT_BYTES: usize = 16 * 1024;
 /// Most metrics in one result.
 pub const MAX_METRICS: usize = 256;
+/// Largest plugin the catalog serves, in bytes: base64 of it fits in one frame.
+pub const MAX_PLUGIN_BYTES: u64 = 512 * 1024;
 /// How long a gateway waits for `hello` after the websocket opens.
 pub const HELLO_DEADLINE: Duration = Duration::from_secs(10);
 

@@ -89,6 +89,7 @@ fn config_hash_ignores_order_and_sees_changes() {
         command: vec!["/bin/true".into()],
         interval_secs: 60,
         timeout_secs: 10,
+        plugin: None,
     };
     let mut b = a.clone();
     b.name = "b".into();

@@ -509,3 +509,82 @@ async fn enrollment_and_results_survive_a_gateway_restart() {
         "reconnected with its secret, no second enrollment"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_plugins_are_fetched_by_hash_verified_and_updated() {
+    let dir = tempdir();
+    let catalog = dir.path().join("catalog");
+    std::fs::create_dir_all(&catalog).unwrap();
+    // The real catalog's check_mem, plus a plugin this test rewrites.
+    let repo_plugins = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugins");
+    std::fs::copy(repo_plugins.join("check_mem"), catalog.join("check_mem")).unwrap();
+    plugin(&catalog, "check_version", "echo 'VERSION OK - v1'");
+    let catalog_arg = catalog.display().to_string();
+    let gw = Gateway::start(dir.path(), &["--plugins-dir", &catalog_arg]);
+    gw.write_checks(
+        "p.toml",
+        "[[check]]\nname = \"mem\"\nplugin = \"check_mem\"\nargs = [\"-w\", \"99\", \"-c\", \"100\"]\ninterval = 1\n\n[[check]]\nname = \"version\"\nplugin = \"check_version\"\ninterval = 1\n\n[[check]]\nname = \"ghost\"\nplugin = \"check_missing\"\ninterval = 1\n",
+    );
+    let agent = Agent::start(dir.path(), "plugged", &gw, "");
+    let fp = agent.fingerprint.clone();
+    let mem = eventually(T, "check_mem result", || async {
+        gw.latest(&fp, "mem")
+            .await
+            .filter(|l| l["output"].as_str().unwrap_or("").starts_with("MEM "))
+    })
+    .await;
+    assert_eq!(mem["status"], "ok", "{mem}");
+    assert!(mem["metrics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == "used" && m["unit"] == "%"));
+    // Installed byte for byte, executable, under the agent's plugin directory.
+    let installed = agent.state_dir.join("plugins/check_mem");
+    assert_eq!(
+        std::fs::read(&installed).unwrap(),
+        std::fs::read(catalog.join("check_mem")).unwrap()
+    );
+    assert_eq!(
+        std::fs::metadata(&installed).unwrap().permissions().mode() & 0o777,
+        0o755
+    );
+    // A check naming a plugin that is not in the catalog is refused on the gateway.
+    assert!(
+        gw.proc.log().contains("not in the catalog"),
+        "{}",
+        gw.proc.log()
+    );
+    assert!(gw.latest(&fp, "ghost").await.is_none());
+
+    // A new version in the catalog reaches the agent without a restart.
+    eventually(T, "v1 result", || async {
+        gw.latest(&fp, "version")
+            .await
+            .filter(|l| l["output"] == "VERSION OK - v1")
+    })
+    .await;
+    plugin(&catalog, "check_version", "echo 'VERSION OK - v2'");
+    eventually(T, "v2 result", || async {
+        gw.latest(&fp, "version")
+            .await
+            .filter(|l| l["output"] == "VERSION OK - v2")
+    })
+    .await;
+
+    // A plugin changed behind the agent's back is refused, never run.
+    std::fs::write(&installed, "#!/bin/sh\necho 'MEM OK - tampered'\n").unwrap();
+    let refused = eventually(T, "tampered plugin refused", || async {
+        gw.latest(&fp, "mem")
+            .await
+            .filter(|l| l["status"] == "unknown")
+    })
+    .await;
+    assert!(
+        refused["output"]
+            .as_str()
+            .unwrap()
+            .contains("does not match sha256"),
+        "{refused}"
+    );
+}

@@ -217,6 +217,7 @@ mod tests {
             command: cmd.iter().map(|s| s.to_string()).collect(),
             interval_secs: 60,
             timeout_secs: timeout,
+            plugin: None,
         }
     }
 
