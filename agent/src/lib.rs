@@ -29,7 +29,12 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let identity = identity::Identity::load_or_create(&settings.paths)
         .context("cannot establish the agent's identity")?;
-    println!("fingerprint {}", identity.fingerprint);
+    {
+        // For scripts and tests; a closed stdout must not stop the agent.
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "fingerprint {}", identity.fingerprint).and_then(|_| out.flush());
+    }
     tracing::info!(fingerprint = %identity.fingerprint, "agent starting");
     let tls = tls::client_config(&settings.trust).context("cannot set up TLS")?;
     let outbox: Arc<dyn outbox::Outbox> = Arc::new(

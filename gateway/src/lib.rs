@@ -96,10 +96,19 @@ pub async fn serve(
     )
     .await;
     tracker.close();
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+    // Upgraded websocket sessions run outside the tracker; they watch the same token and
+    // leave the hub as they end.
+    let drained = async {
+        tracker.wait().await;
+        while gateway.hub.connected() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    if tokio::time::timeout(grace, drained).await.is_err() {
         tracing::warn!(
-            still_running = tracker.len(),
-            "grace period over; exiting with tasks still running"
+            tasks = tracker.len(),
+            sessions = gateway.hub.connected(),
+            "grace period over; exiting with work still running"
         );
     }
     gateway

@@ -120,10 +120,10 @@ fn spawn_reading(
     let stdout = child.stdout.take().expect("stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        // Drain to the end even after the caller stopped listening: a closed pipe would
+        // make the process's next write fail.
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
+            let _ = tx.send(line);
         }
     });
     let proc = Proc {
@@ -407,8 +407,10 @@ where
 }
 
 pub fn tempdir() -> tempfile::TempDir {
+    // OUTPOST_E2E_KEEP=1 keeps every test's directory (logs, data) for a post-mortem.
     tempfile::Builder::new()
         .prefix("outpost-e2e-")
+        .disable_cleanup(std::env::var_os("OUTPOST_E2E_KEEP").is_some())
         .tempdir()
         .unwrap()
 }

@@ -297,7 +297,8 @@ async fn plain_ws_urls_and_bad_configs_are_refused_at_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_close_only_their_connection() {
     let dir = tempdir();
-    let gw = Gateway::start(dir.path(), &["--hello-timeout", "1"]);
+    // A 1 s heartbeat: the good agent's pings and pongs must keep it connected throughout.
+    let gw = Gateway::start(dir.path(), &["--hello-timeout", "1", "--heartbeat", "1"]);
     gw.write_checks(
         "c.toml",
         "[[check]]\nname = \"tick\"\ncommand = \"/bin/echo tick\"\ninterval = 1\n",
@@ -587,4 +588,169 @@ async fn catalog_plugins_are_fetched_by_hash_verified_and_updated() {
             .contains("does not match sha256"),
         "{refused}"
     );
+}
+
+/// Run openssl, panicking with its output when it fails.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (ci/setup installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_serves_a_given_certificate_that_agents_verify_by_ca_and_name() {
+    let dir = tempdir();
+    let pki = dir.path().join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    openssl(
+        &pki,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=Outpost Test CA",
+        ],
+    );
+    openssl(
+        &pki,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "gw.key",
+            "-out",
+            "gw.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    std::fs::write(
+        pki.join("ext.cnf"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        &pki,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "gw.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "gw.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    let cert = pki.join("gw.pem").display().to_string();
+    let key = pki.join("gw.key").display().to_string();
+    let gw = Gateway::start(dir.path(), &["--tls-cert", &cert, "--tls-key", &key]);
+    assert!(
+        !gw.data_dir.join("tls/cert.pem").exists(),
+        "no self-signed certificate made"
+    );
+    gw.write_checks(
+        "c.toml",
+        "[[check]]\nname = \"tick\"\ncommand = \"/bin/echo tick\"\ninterval = 1\n",
+    );
+    let ca = pki.join("ca.pem").display().to_string();
+    let good = Agent::start_with_config(
+        dir.path(),
+        "by-ca",
+        &format!(
+            "gateway_url = \"wss://localhost:{}\"\nenroll_key = {:?}\nca_file = {ca:?}\n",
+            gw.port(),
+            gw.enroll_key
+        ),
+    );
+    eventually(T, "CA-trusting agent reports", || {
+        gw.latest(&good.fingerprint, "tick")
+    })
+    .await;
+    // The same CA, but a name the certificate does not carry: refused.
+    let wrong_name = Agent::start_with_config(
+        dir.path(),
+        "by-ip",
+        &format!(
+            "gateway_url = \"wss://127.0.0.1:{}\"\nenroll_key = {:?}\nca_file = {ca:?}\n",
+            gw.port(),
+            gw.enroll_key
+        ),
+    );
+    eventually(T, "name mismatch refused", || async {
+        let log = wrong_name.proc.log();
+        (log.contains("TLS handshake") && log.contains("certificate not valid for name"))
+            .then_some(())
+    })
+    .await;
+    assert!(gw.agent(&wrong_name.fingerprint).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_agent_is_noticed_and_comes_back_on_its_own() {
+    let dir = tempdir();
+    let gw = Gateway::start(dir.path(), &["--heartbeat", "1"]);
+    gw.write_checks(
+        "c.toml",
+        "[[check]]\nname = \"tick\"\ncommand = \"/bin/echo tick\"\ninterval = 1\n",
+    );
+    let agent = Agent::start(dir.path(), "sleeper", &gw, "reconnect_max_secs = 1\n");
+    let fp = agent.fingerprint.clone();
+    let seq = eventually(T, "first result", || gw.latest(&fp, "tick")).await["seq"]
+        .as_u64()
+        .unwrap();
+    // Frozen, the agent neither pings nor answers: a half-open connection from the
+    // gateway's side. Three heartbeats of silence mark it lost.
+    agent.proc.signal(libc::SIGSTOP);
+    let lost = eventually(T, "lost", || async {
+        gw.agent(&fp).await.filter(|a| a["presence"] == "lost")
+    })
+    .await;
+    assert!(
+        lost["presence_reason"]
+            .as_str()
+            .unwrap()
+            .contains("no frame or ping"),
+        "{lost}"
+    );
+    agent.proc.signal(libc::SIGCONT);
+    eventually(T, "back online", || async {
+        gw.agent(&fp).await.filter(|a| a["presence"] == "online")
+    })
+    .await;
+    eventually(T, "results flow again", || async {
+        gw.latest(&fp, "tick")
+            .await
+            .filter(|l| l["seq"].as_u64().unwrap() > seq)
+    })
+    .await;
 }

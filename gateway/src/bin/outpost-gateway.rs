@@ -64,15 +64,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let prepared = outpost_gateway::prepare(settings, shutdown.clone()).await?;
     let gw = &prepared.gateway;
     // Machine-readable lines first (tests and scripts read them), then the human summary.
-    println!("listening https://{addr}");
-    println!("pin_sha256 {}", prepared.tls.pin_sha256);
-    println!("console https://{addr}/#token={}", gw.credentials.api_token);
-    println!(
-        "enroll_key_file {}\napi_token_file {}\nchecks_dir {}",
+    // Written without panicking: a closed stdout must not take the gateway down.
+    let banner = format!(
+        "listening https://{addr}\npin_sha256 {}\nconsole https://{addr}/#token={}\nenroll_key_file {}\napi_token_file {}\nchecks_dir {}\n",
+        prepared.tls.pin_sha256,
+        gw.credentials.api_token,
         data_dir.join("enroll.key").display(),
         data_dir.join("api.token").display(),
         gw.settings.checks_dir.display()
     );
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(banner.as_bytes()).and_then(|_| out.flush());
+    }
     tracing::info!(%addr, pin_sha256 = %prepared.tls.pin_sha256, self_signed = prepared.tls.self_signed, "gateway ready");
     tokio::spawn(async move {
         wait_for_signal().await;
