@@ -222,3 +222,31 @@ pub async fn flush_periodically(gw: Arc<Gateway>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn corrupt_registry_is_moved_aside_and_online_agents_become_lost_on_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("agents")).unwrap();
+        std::fs::write(dir.path().join("agents/registry.json"), b"{torn").unwrap();
+        let reg = Registry::open(dir.path(), Recovered::default()).unwrap();
+        assert!(reg.list().is_empty());
+        assert!(dir.path().join("agents/registry.json.corrupt").exists());
+
+        let hello: Hello = serde_json::from_value(serde_json::json!({
+            "protocol": 1, "fingerprint": "0f8fad5b-d9cb-469f-a165-70867728950e",
+            "credential": {"kind": "secret", "secret": "s"}, "agent_version": "1",
+            "os": "linux", "arch": "x86_64", "hostname": "h"
+        }))
+        .unwrap();
+        reg.connected("default", &hello, "127.0.0.1:1");
+        reg.flush().unwrap();
+        let reg = Registry::open(dir.path(), Recovered::default()).unwrap();
+        let rec = &reg.list()[0];
+        assert_eq!(rec.presence, Presence::Lost);
+        assert_eq!(rec.presence_reason, "gateway restarted");
+    }
+}

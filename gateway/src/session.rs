@@ -166,8 +166,10 @@ async fn send_error(socket: &mut WebSocket, code: &str, message: &str) {
     let _ = socket.send(Message::Text(encode(&frame).into())).await;
 }
 
-async fn reject_frame(gw: &Gateway, socket: &mut WebSocket, peer: SocketAddr, e: &FrameError) {
-    let code = match e {
+/// Count a frame that failed to decode and pick the close code for it.
+fn rejected(gw: &Gateway, peer: SocketAddr, e: &FrameError) -> u16 {
+    tracing::warn!(%peer, error = %e, "rejected frame; closing");
+    match e {
         FrameError::TooBig { .. } => {
             Metrics::inc(&gw.metrics.frames_too_big);
             close::TOO_BIG
@@ -176,8 +178,11 @@ async fn reject_frame(gw: &Gateway, socket: &mut WebSocket, peer: SocketAddr, e:
             Metrics::inc(&gw.metrics.frames_malformed);
             close::MALFORMED
         }
-    };
-    tracing::warn!(%peer, error = %e, "rejected frame; closing");
+    }
+}
+
+async fn reject_frame(gw: &Gateway, socket: &mut WebSocket, peer: SocketAddr, e: &FrameError) {
+    let code = rejected(gw, peer, e);
     close_now(socket, code, &e.to_string()).await;
 }
 
@@ -365,17 +370,7 @@ async fn authenticated(
         let frame = match decode_agent_frame(text.as_str()) {
             Ok(f) => f,
             Err(e) => {
-                let code = match e {
-                    FrameError::TooBig { .. } => {
-                        Metrics::inc(&gw.metrics.frames_too_big);
-                        close::TOO_BIG
-                    }
-                    FrameError::Malformed(_) => {
-                        Metrics::inc(&gw.metrics.frames_malformed);
-                        close::MALFORMED
-                    }
-                };
-                tracing::warn!(%peer, error = %e, "rejected frame; closing");
+                let code = rejected(&gw, peer, &e);
                 let _ = tx.send(Outbound::Close(code, e.to_string())).await;
                 break End::Lost(format!("sent a bad frame: {e}"));
             }

@@ -164,13 +164,7 @@ async fn changing_check_files_changes_what_the_agent_runs_without_restart() {
     assert!(!log.contains("~ steady"), "{log}");
     // A broken edit keeps the last good version running.
     gw.write_checks("a.toml", "[[check]]\nname = \"moving\"\ncommand = \n");
-    eventually(T, "gateway reports the broken file", || async {
-        gw.proc
-            .log()
-            .contains("check file is invalid")
-            .then_some(())
-    })
-    .await;
+    gw.proc.wait_for_log("check file is invalid", T).await;
     let after = gw.latest(&fp, "steady").await.unwrap()["seq"]
         .as_u64()
         .unwrap();
@@ -193,14 +187,7 @@ async fn wrong_enrollment_key_is_refused_and_logged() {
         gw.pin
     );
     let agent = Agent::start_with_config(dir.path(), "intruder", &toml);
-    eventually(T, "agent logs the refusal", || async {
-        agent
-            .proc
-            .log()
-            .contains("enrollment key refused")
-            .then_some(())
-    })
-    .await;
+    agent.proc.wait_for_log("enrollment key refused", T).await;
     assert!(gw.proc.log().contains("agent refused"), "{}", gw.proc.log());
     assert!(gw.metric("outpost_auth_failures_total").await >= 1);
     assert_eq!(gw.api("/agents").await.as_array().unwrap().len(), 0);
@@ -218,14 +205,10 @@ async fn agent_refuses_a_gateway_it_does_not_trust() {
         gw.enroll_key
     );
     let agent = Agent::start_with_config(dir.path(), "wary", &toml);
-    eventually(T, "agent logs the pin mismatch", || async {
-        agent
-            .proc
-            .log()
-            .contains("does not match pin_sha256")
-            .then_some(())
-    })
-    .await;
+    agent
+        .proc
+        .wait_for_log("does not match pin_sha256", T)
+        .await;
     // A CA file that did not sign the gateway's certificate is refused too.
     let other = tempdir();
     let other_gw = Gateway::start(other.path(), &[]);

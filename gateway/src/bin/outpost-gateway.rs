@@ -80,27 +80,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     tracing::info!(%addr, pin_sha256 = %prepared.tls.pin_sha256, self_signed = prepared.tls.self_signed, "gateway ready");
     tokio::spawn(async move {
-        wait_for_signal().await;
+        outpost_sys::shutdown_signal().await;
         tracing::info!("shutdown requested");
         shutdown.cancel();
     });
     outpost_gateway::serve(prepared, listener, grace).await
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

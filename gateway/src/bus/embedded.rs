@@ -218,6 +218,25 @@ fn writer(
     }
 }
 
+impl EmbeddedBus {
+    /// Queue a job for the writer and wait for its outcome.
+    async fn submit<T>(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Job,
+    ) -> Result<T, BusError> {
+        let (done, wait) = oneshot::channel();
+        self.tx
+            .send(job(done))
+            .await
+            .map_err(|_| BusError::Closed)?;
+        match wait.await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(BusError::Io(std::io::Error::other(e))),
+            Err(_) => Err(BusError::Closed),
+        }
+    }
+}
+
 #[async_trait]
 impl Bus for EmbeddedBus {
     async fn publish_results(
@@ -225,36 +244,20 @@ impl Bus for EmbeddedBus {
         agent: &AgentRef,
         results: &[CheckResult],
     ) -> Result<Published, BusError> {
-        let (done, wait) = oneshot::channel();
-        self.tx
-            .send(Job::Results {
-                agent: agent.clone(),
-                results: results.to_vec(),
-                done,
-            })
-            .await
-            .map_err(|_| BusError::Closed)?;
-        match wait.await {
-            Ok(Ok(p)) => Ok(p),
-            Ok(Err(e)) => Err(BusError::Io(std::io::Error::other(e))),
-            Err(_) => Err(BusError::Closed),
-        }
+        self.submit(|done| Job::Results {
+            agent: agent.clone(),
+            results: results.to_vec(),
+            done,
+        })
+        .await
     }
 
     async fn publish_presence(&self, event: &PresenceEvent) -> Result<(), BusError> {
-        let (done, wait) = oneshot::channel();
-        self.tx
-            .send(Job::Presence {
-                event: event.clone(),
-                done,
-            })
-            .await
-            .map_err(|_| BusError::Closed)?;
-        match wait.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(BusError::Io(std::io::Error::other(e))),
-            Err(_) => Err(BusError::Closed),
-        }
+        self.submit(|done| Job::Presence {
+            event: event.clone(),
+            done,
+        })
+        .await
     }
 }
 
