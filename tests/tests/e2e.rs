@@ -302,7 +302,45 @@ async fn bad_frames_close_only_their_connection() {
         Some(outpost_protocol::close::MALFORMED)
     );
 
-    // A frame over the 1 MiB limit.
+    // An authenticated connection that then sends garbage, then one over the size limit.
+    for (bad, code) in [
+        (
+            "{\"type\":\"results\",\"results\":\"nope\"}".to_string(),
+            outpost_protocol::close::MALFORMED,
+        ),
+        (
+            format!(
+                "{{\"type\":\"bye\",\"reason\":\"{}\"}}",
+                "y".repeat(2 << 20)
+            ),
+            outpost_protocol::close::TOO_BIG,
+        ),
+    ] {
+        let mut ws = raw_ws(&gw).await;
+        let hello = outpost_protocol::AgentFrame::Hello(outpost_protocol::Hello {
+            protocol: outpost_protocol::PROTOCOL_VERSION,
+            fingerprint: uuid_v4(),
+            credential: outpost_protocol::Credential::EnrollKey {
+                key: gw.enroll_key.clone(),
+            },
+            agent_version: "test".into(),
+            os: "linux".into(),
+            arch: "x86_64".into(),
+            hostname: "raw".into(),
+            labels: Default::default(),
+            groups: vec![],
+            config_hash: None,
+        });
+        ws.send(Message::Text(outpost_protocol::encode(&hello).into()))
+            .await
+            .unwrap();
+        let welcome = next_text(&mut ws).await;
+        assert!(welcome.contains("\"type\":\"welcome\""), "{welcome}");
+        let _ = ws.send(Message::Text(bad.into())).await;
+        assert_eq!(close_code(&mut ws, T).await, Some(code));
+    }
+
+    // A frame over the 1 MiB limit before hello.
     let mut ws = raw_ws(&gw).await;
     let big = format!(
         "{{\"type\":\"bye\",\"reason\":\"{}\"}}",
@@ -736,4 +774,41 @@ async fn a_silent_agent_is_noticed_and_comes_back_on_its_own() {
             .filter(|l| l["seq"].as_u64().unwrap() > seq)
     })
     .await;
+}
+
+/// A random lowercase UUID (v4 layout) without another dependency.
+fn uuid_v4() -> String {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .unwrap();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// The next text frame from a raw websocket.
+async fn next_text<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt;
+    loop {
+        match tokio::time::timeout(T, ws.next())
+            .await
+            .expect("a frame in time")
+        {
+            Some(Ok(Message::Text(t))) => return t.to_string(),
+            Some(Ok(_)) => continue,
+            other => panic!("connection ended: {other:?}"),
+        }
+    }
 }
