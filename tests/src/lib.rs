@@ -428,3 +428,4 @@ pub fn tempdir() -> tempfile::TempDir {
         .tempdir()
         .unwrap()
 }
+pub mod webdriver;
