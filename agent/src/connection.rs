@@ -34,6 +34,8 @@ const DIAL_DEADLINE: Duration = Duration::from_secs(10);
 const WELCOME_DEADLINE: Duration = Duration::from_secs(10);
 /// A batch not acked by then means the link or the gateway is stuck: reconnect.
 const ACK_DEADLINE: Duration = Duration::from_secs(30);
+/// A write the gateway has not taken by then means it stopped reading: reconnect.
+const WRITE_DEADLINE: Duration = Duration::from_secs(15);
 /// A session that lasted this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
 
@@ -212,9 +214,11 @@ impl Connection {
             Ok(ws) => ws,
             Err(e) => return End::Retry(e),
         };
-        if let Err(e) = ws
-            .send(Message::Text(encode(&AgentFrame::Hello(hello)).into()))
-            .await
+        if let Err(e) = send(
+            &mut ws,
+            Message::Text(encode(&AgentFrame::Hello(hello)).into()),
+        )
+        .await
         {
             return End::Retry(format!("cannot send hello: {e}"));
         }
@@ -257,7 +261,7 @@ impl Connection {
                 let batch = self.next_batch(acked);
                 if let Some(last) = batch.last().map(|r| r.seq) {
                     let text = encode(&AgentFrame::Results(Results { results: batch }));
-                    if let Err(e) = sink.send(Message::Text(text.into())).await {
+                    if let Err(e) = send(&mut sink, Message::Text(text.into())).await {
                         return End::Retry(format!("cannot send results: {e}"));
                     }
                     in_flight = Some((last, Instant::now()));
@@ -277,7 +281,7 @@ impl Connection {
                         Some(Ok(Message::Text(t))) => match decode_gateway_frame(t.as_str()) {
                             Ok(f) => f,
                             Err(e) => {
-                                let _ = sink.send(Message::Close(Some(CloseFrame { code: CloseCode::from(close::MALFORMED), reason: "malformed frame".into() }))).await;
+                                let _ = send(&mut sink, Message::Close(Some(CloseFrame { code: CloseCode::from(close::MALFORMED), reason: "malformed frame".into() }))).await;
                                 return End::Retry(format!("gateway sent a bad frame: {e}"));
                             }
                         },
@@ -327,7 +331,7 @@ impl Connection {
                     }
                 }
                 Some(reply) = reply_rx.recv() => {
-                    if let Err(e) = sink.send(Message::Text(encode(&AgentFrame::RpcReply(reply)).into())).await {
+                    if let Err(e) = send(&mut sink, Message::Text(encode(&AgentFrame::RpcReply(reply)).into())).await {
                         return End::Retry(format!("cannot send rpc reply: {e}"));
                     }
                 }
@@ -336,13 +340,13 @@ impl Connection {
                     if last_heard.elapsed() > idle {
                         return End::Retry(format!("nothing heard from the gateway for {}s", idle.as_secs()));
                     }
-                    if let Err(e) = sink.send(Message::Ping(Vec::new().into())).await {
+                    if let Err(e) = send(&mut sink, Message::Ping(Vec::new().into())).await {
                         return End::Retry(format!("cannot send ping: {e}"));
                     }
                 }
                 _ = shutdown.cancelled() => {
                     let bye = AgentFrame::Bye(Bye { reason: "agent stopping".into() });
-                    let _ = sink.send(Message::Text(encode(&bye).into())).await;
+                    let _ = send(&mut sink, Message::Text(encode(&bye).into())).await;
                     // Give the gateway a moment to close its side so it records the bye.
                     let _ = tokio::time::timeout(Duration::from_secs(2), async {
                         while let Some(Ok(m)) = stream.next().await {
@@ -372,7 +376,7 @@ impl Connection {
                 let frame = AgentFrame::PluginRequest(PluginRequest {
                     sha256: plugin.sha256,
                 });
-                sink.send(Message::Text(encode(&frame).into()))
+                send(sink, Message::Text(encode(&frame).into()))
                     .await
                     .map_err(|e| format!("cannot request plugin: {e}"))?;
             }
@@ -393,6 +397,21 @@ impl Connection {
             batch.truncate(batch.len() / 2);
         }
         batch
+    }
+}
+
+/// Send one message, giving up after [`WRITE_DEADLINE`].
+async fn send<S>(sink: &mut S, msg: Message) -> Result<(), String>
+where
+    S: futures_util::Sink<Message, Error = tokio_tungstenite::tungstenite::Error> + Unpin,
+{
+    match tokio::time::timeout(WRITE_DEADLINE, sink.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "the gateway took no data for {}s",
+            WRITE_DEADLINE.as_secs()
+        )),
     }
 }
 

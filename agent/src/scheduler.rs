@@ -68,11 +68,28 @@ pub fn splay_ms(fingerprint: &str, check: &str, interval_ms: u64) -> u64 {
 /// The first slot strictly after `now` on the grid `phase + k * interval`.
 pub fn next_slot(now_ms: u64, phase_ms: u64, interval_ms: u64) -> u64 {
     let interval = interval_ms.max(1);
-    let k = now_ms.saturating_sub(phase_ms) / interval + 1;
     if now_ms < phase_ms {
         return phase_ms;
     }
-    phase_ms + k * interval
+    let k = (now_ms - phase_ms) / interval + 1;
+    phase_ms.saturating_add(k.saturating_mul(interval))
+}
+
+/// A new or changed check first runs within this long (spread by the splay), instead of
+/// waiting up to a whole interval for its slot.
+pub const FIRST_RUN_SPREAD_MS: u64 = 10_000;
+
+/// When a check runs next: soon after it starts (spread by its phase), then on its grid
+/// but never sooner than half an interval after the previous start.
+pub fn next_run(now_ms: u64, last_start_ms: Option<u64>, phase_ms: u64, interval_ms: u64) -> u64 {
+    match last_start_ms {
+        None => now_ms + phase_ms % interval_ms.clamp(1, FIRST_RUN_SPREAD_MS),
+        Some(prev) => next_slot(
+            now_ms.max(prev.saturating_add(interval_ms / 2)),
+            phase_ms,
+            interval_ms,
+        ),
+    }
 }
 
 impl Scheduler {
@@ -269,11 +286,12 @@ impl Scheduler {
 }
 
 async fn check_loop(inner: Arc<Inner>, spec: CheckSpec, stop: CancellationToken) {
-    let interval_ms = spec.interval_secs.max(1) * 1000;
+    let interval_ms = spec.interval_secs.clamp(1, 365 * 24 * 3600) * 1000;
     let phase = splay_ms(&inner.fingerprint, &spec.name, interval_ms);
+    let mut last_start = None;
     loop {
         let now = now_ms();
-        let wait = next_slot(now, phase, interval_ms) - now;
+        let wait = next_run(now, last_start, phase, interval_ms).saturating_sub(now);
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
             _ = stop.cancelled() => return,
@@ -282,6 +300,7 @@ async fn check_loop(inner: Arc<Inner>, spec: CheckSpec, stop: CancellationToken)
             p = inner.limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = stop.cancelled() => return,
         };
+        last_start = Some(now_ms());
         // Not cancellable: a run is bounded by its own timeout, and its result is kept.
         let result = checks::run(&spec, Origin::Schedule, &inner.plugins).await;
         drop(permit);
@@ -307,6 +326,21 @@ mod tests {
         assert_eq!(next_slot(1300, 300, 1000), 2300);
         assert_eq!(next_slot(100, 300, 1000), 300);
         assert_eq!(next_slot(1299, 300, 1000), 1300);
+    }
+
+    #[test]
+    fn first_run_is_soon_then_on_the_grid_with_a_gap() {
+        let (phase, interval) = (37_000, 60_000);
+        let first = next_run(1_000_000, None, phase, interval);
+        assert!(first >= 1_000_000 && first < 1_000_000 + FIRST_RUN_SPREAD_MS);
+        // The grid slot right after the first run is too close: the one after it is used.
+        let second = next_run(first + 100, Some(first), phase, interval);
+        assert!(second - first >= interval / 2, "{first} {second}");
+        assert_eq!((second - phase) % interval, 0, "on the grid");
+        let third = next_run(second + 5, Some(second), phase, interval);
+        assert_eq!(third - second, interval);
+        // Short intervals start within one interval.
+        assert!(next_run(5_000, None, 700, 1_000) < 6_000);
     }
 
     #[test]

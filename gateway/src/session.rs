@@ -30,6 +30,9 @@ use crate::Gateway;
 
 pub const GATEWAY_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// A write the agent has not taken by then means it stopped reading.
+const WRITE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// How a connection ended, for presence and logs.
 enum End {
     Bye(String),
@@ -274,11 +277,22 @@ async fn authenticated(
                         true,
                     ),
                 };
-                if sink.send(msg).await.is_err() || last {
-                    break;
+                // An agent that stops reading must not hold this task (and, through the
+                // full queue, the reader) forever.
+                match tokio::time::timeout(WRITE_DEADLINE, sink.send(msg)).await {
+                    Ok(Ok(())) if !last => {}
+                    Ok(Ok(())) => break,
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        tracing::warn!(
+                            "agent took no data for {}s; dropping the connection",
+                            WRITE_DEADLINE.as_secs()
+                        );
+                        break;
+                    }
                 }
             }
-            let _ = sink.close().await;
+            let _ = tokio::time::timeout(WRITE_DEADLINE, sink.close()).await;
         }
         .in_current_span(),
     );

@@ -98,7 +98,7 @@ pub async fn run(spec: &CheckSpec) -> CheckResult {
     let pgid = child.id().unwrap_or(0);
     let stdout = child.stdout.take();
     let stderr = child.stderr.take();
-    let timeout = Duration::from_secs(spec.timeout_secs.max(1));
+    let timeout = Duration::from_secs(spec.timeout_secs.clamp(1, 24 * 3600));
     let work = async {
         let out = tokio::spawn(read_capped(stdout, OUTPUT_CAP));
         let err = tokio::spawn(read_capped(stderr, OUTPUT_CAP));
