@@ -332,7 +332,7 @@ mod tests {
     fn first_run_is_soon_then_on_the_grid_with_a_gap() {
         let (phase, interval) = (37_000, 60_000);
         let first = next_run(1_000_000, None, phase, interval);
-        assert!(first >= 1_000_000 && first < 1_000_000 + FIRST_RUN_SPREAD_MS);
+        assert!((1_000_000..1_000_000 + FIRST_RUN_SPREAD_MS).contains(&first));
         // The grid slot right after the first run is too close: the one after it is used.
         let second = next_run(first + 100, Some(first), phase, interval);
         assert!(second - first >= interval / 2, "{first} {second}");
