@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use outpost_protocol::{
     close, decode_gateway_frame, encode, AgentFrame, Bye, CheckResult, Credential, GatewayFrame,
-    Hello, PluginRequest, Results, RpcCall, RpcReply, MAX_BATCH_RESULTS, MAX_FRAME_BYTES,
+    Hello, PluginRequest, Results, RpcCall, RpcError, RpcReply, MAX_BATCH_RESULTS, MAX_FRAME_BYTES,
     PROTOCOL_VERSION, SUBPROTOCOL,
 };
 use rand::Rng;
@@ -36,6 +36,8 @@ const WELCOME_DEADLINE: Duration = Duration::from_secs(10);
 const ACK_DEADLINE: Duration = Duration::from_secs(30);
 /// A write the gateway has not taken by then means it stopped reading: reconnect.
 const WRITE_DEADLINE: Duration = Duration::from_secs(15);
+/// Run-now calls running at once; more are answered `busy` at once.
+const MAX_RPCS_IN_FLIGHT: usize = 8;
 /// A session that lasted this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
 
@@ -236,6 +238,18 @@ impl Connection {
             }
             tracing::info!("enrolled with the gateway; secret stored");
         }
+        if welcome.protocol != PROTOCOL_VERSION {
+            return End::Refused(format!(
+                "gateway speaks protocol {}, this agent speaks {}; upgrade the older side",
+                welcome.protocol, PROTOCOL_VERSION
+            ));
+        }
+        // Never number a result at or below what the bus already holds from us (state
+        // restored from an old backup, a reinstall that kept the identity): it would be
+        // taken for a resend and dropped.
+        if let Err(e) = self.outbox.raise_seq_floor(welcome.last_seq) {
+            return End::Retry(format!("cannot raise the sequence floor: {e}"));
+        }
         tracing::info!(gateway_version = %welcome.gateway_version, "connected to gateway");
         let heartbeat = Duration::from_secs(welcome.heartbeat_secs.clamp(1, 300));
         self.connected(ws, heartbeat, shutdown).await
@@ -243,7 +257,8 @@ impl Connection {
 
     async fn connected(&self, ws: Ws, heartbeat: Duration, shutdown: &CancellationToken) -> End {
         let (mut sink, mut stream) = ws.split();
-        let (reply_tx, mut reply_rx) = mpsc::channel::<RpcReply>(16);
+        let (reply_tx, mut reply_rx) = mpsc::channel::<RpcReply>(MAX_RPCS_IN_FLIGHT);
+        let rpc_slots = Arc::new(tokio::sync::Semaphore::new(MAX_RPCS_IN_FLIGHT));
         let mut ping = tokio::time::interval(heartbeat);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let idle = heartbeat * 3;
@@ -251,7 +266,8 @@ impl Connection {
         // The highest sequence number sent and waiting for an ack, and since when.
         let mut in_flight: Option<(u64, Instant)> = None;
         let mut acked = 0u64;
-        // Plugins asked for in this session, so each is requested once.
+        // Plugins asked for and not yet received; forgotten on every heartbeat, so a failed
+        // fetch is retried at that pace.
         let mut requested = std::collections::HashSet::new();
         if let Err(e) = self.request_plugins(&mut sink, &mut requested).await {
             return End::Retry(e);
@@ -267,12 +283,11 @@ impl Connection {
                     in_flight = Some((last, Instant::now()));
                 }
             }
-            if let Some((_, since)) = in_flight {
-                if since.elapsed() > ACK_DEADLINE {
+            let ack_due = in_flight.map(|(_, since)| since + ACK_DEADLINE);
+            tokio::select! {
+                _ = tokio::time::sleep_until(ack_due.unwrap_or_else(Instant::now).into()), if ack_due.is_some() => {
                     return End::Retry(format!("no ack within {}s", ACK_DEADLINE.as_secs()));
                 }
-            }
-            tokio::select! {
                 msg = stream.next() => {
                     last_heard = Instant::now();
                     let frame = match msg {
@@ -286,12 +301,22 @@ impl Connection {
                             }
                         },
                         Some(Ok(Message::Close(c))) => return closed_by_gateway(c),
+                        Some(Ok(Message::Binary(_))) => {
+                            let _ = send(&mut sink, Message::Close(Some(CloseFrame { code: CloseCode::from(close::MALFORMED), reason: "binary frames are not part of outpost.v1".into() }))).await;
+                            return End::Retry("gateway sent a binary frame".into());
+                        }
                         Some(Ok(_)) => continue,
                     };
                     match frame {
                         GatewayFrame::Ack(a) => {
-                            self.outbox.ack(a.seq);
-                            acked = acked.max(a.seq);
+                            // Never delete more than was sent.
+                            let sent = in_flight.map(|(s, _)| s).unwrap_or(acked);
+                            if a.seq > sent {
+                                tracing::warn!(ack = a.seq, sent, "gateway acked beyond what was sent; ignoring the excess");
+                            }
+                            let seq = a.seq.min(sent);
+                            self.outbox.ack(seq);
+                            acked = acked.max(seq);
                             if in_flight.is_some_and(|(s, _)| a.seq >= s) {
                                 in_flight = None;
                             }
@@ -314,9 +339,20 @@ impl Connection {
                             }
                         }
                         GatewayFrame::RpcRequest(req) => {
+                            let Ok(slot) = rpc_slots.clone().try_acquire_owned() else {
+                                let busy = RpcReply { id: req.id, result: None, error: Some(RpcError {
+                                    code: "busy".into(),
+                                    message: format!("{MAX_RPCS_IN_FLIGHT} run-now calls are already running on this agent"),
+                                })};
+                                if let Err(e) = send(&mut sink, Message::Text(encode(&AgentFrame::RpcReply(busy)).into())).await {
+                                    return End::Retry(format!("cannot send rpc reply: {e}"));
+                                }
+                                continue;
+                            };
                             let scheduler = self.scheduler.clone();
                             let tx = reply_tx.clone();
                             tokio::spawn(async move {
+                                let _slot = slot;
                                 let RpcCall::RunCheck { check } = req.call;
                                 let reply = match scheduler.run_now(&check).await {
                                     Ok(result) => RpcReply { id: req.id, result: Some(result), error: None },
@@ -337,6 +373,10 @@ impl Connection {
                 }
                 _ = self.outbox.notify().notified(), if in_flight.is_none() => {}
                 _ = ping.tick() => {
+                    requested.clear();
+                    if let Err(e) = self.request_plugins(&mut sink, &mut requested).await {
+                        return End::Retry(e);
+                    }
                     if last_heard.elapsed() > idle {
                         return End::Retry(format!("nothing heard from the gateway for {}s", idle.as_secs()));
                     }
@@ -353,7 +393,7 @@ impl Connection {
                             if m.is_close() { break; }
                         }
                     }).await;
-                    let _ = sink.close().await;
+                    let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
                     tracing::info!(pending = self.outbox.len(), "said bye to the gateway");
                     return End::Stopped;
                 }

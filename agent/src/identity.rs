@@ -50,9 +50,27 @@ impl Identity {
         };
         let fingerprint = match existing {
             Some(f) if f.machine_id == machine_id => f.fingerprint,
+            // No machine id to compare (file missing or unreadable, e.g. early in boot):
+            // keep the identity rather than throw it away on a guess.
+            Some(f) if machine_id.is_empty() => {
+                tracing::warn!(file = %paths.machine_id_file.display(),
+                    "cannot read the machine id; keeping the stored fingerprint");
+                f.fingerprint
+            }
             other => {
                 if let Some(old) = other {
                     tracing::warn!(old = %old.fingerprint, "machine id changed (cloned image?); making a new fingerprint");
+                }
+                // The old secret goes first: a crash in between must not leave a new
+                // fingerprint paired with the old fingerprint's secret.
+                match std::fs::remove_file(&paths.secret_file) {
+                    Ok(()) => tracing::info!("discarded the secret of the previous fingerprint"),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!("cannot remove stale {}", paths.secret_file.display())
+                        })
+                    }
                 }
                 let fresh = FingerprintFile {
                     fingerprint: uuid::Uuid::new_v4().to_string(),
@@ -64,15 +82,6 @@ impl Identity {
                     0o644,
                 )
                 .with_context(|| format!("cannot write {}", paths.fingerprint_file.display()))?;
-                match std::fs::remove_file(&paths.secret_file) {
-                    Ok(()) => tracing::info!("discarded the secret of the previous fingerprint"),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        return Err(e).with_context(|| {
-                            format!("cannot remove stale {}", paths.secret_file.display())
-                        })
-                    }
-                }
                 fresh.fingerprint
             }
         };
@@ -131,6 +140,14 @@ mod tests {
         assert_eq!(mode, 0o600);
         let again = Identity::load_or_create(&p).unwrap();
         assert_eq!(again.fingerprint, a.fingerprint);
+        assert_eq!(again.secret().as_deref(), Some("s3cret"));
+
+        // An unreadable machine id is not a clone.
+        std::fs::remove_file(&p.machine_id_file).unwrap();
+        assert_eq!(
+            Identity::load_or_create(&p).unwrap().fingerprint,
+            a.fingerprint
+        );
         assert_eq!(again.secret().as_deref(), Some("s3cret"));
 
         std::fs::write(&p.machine_id_file, "machine-b\n").unwrap();

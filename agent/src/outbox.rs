@@ -31,6 +31,8 @@ pub trait Outbox: Send + Sync {
     fn dropped(&self) -> u64;
     /// Woken after every append.
     fn notify(&self) -> &Notify;
+    /// Make every sequence number handed out from now on greater than `floor`.
+    fn raise_seq_floor(&self, floor: u64) -> std::io::Result<()>;
 }
 
 /// Sequence numbers that only go up, across restarts: the file holds a ceiling reserved
@@ -57,17 +59,36 @@ impl SeqFile {
         };
         Ok(SeqFile {
             path: path.to_path_buf(),
-            next: ceiling + 1,
+            next: ceiling.saturating_add(1),
             ceiling,
         })
     }
 
-    pub fn allocate(&mut self) -> std::io::Result<u64> {
+    /// Make the next number greater than `floor`.
+    pub fn raise(&mut self, floor: u64) -> std::io::Result<()> {
+        if self.next <= floor {
+            self.next = floor.saturating_add(1);
+            self.reserve()?;
+        }
+        Ok(())
+    }
+
+    fn reserve(&mut self) -> std::io::Result<()> {
         if self.next > self.ceiling {
+            if self.next >= u64::MAX - SEQ_BLOCK {
+                return Err(std::io::Error::other(
+                    "result sequence numbers are exhausted; the agent needs a new identity",
+                ));
+            }
             let ceiling = self.next + SEQ_BLOCK;
             write_atomic(&self.path, format!("{ceiling}\n").as_bytes(), 0o644)?;
             self.ceiling = ceiling;
         }
+        Ok(())
+    }
+
+    pub fn allocate(&mut self) -> std::io::Result<u64> {
+        self.reserve()?;
         let n = self.next;
         self.next += 1;
         Ok(n)
@@ -145,6 +166,10 @@ impl Outbox for MemoryOutbox {
     fn notify(&self) -> &Notify {
         &self.notify
     }
+
+    fn raise_seq_floor(&self, floor: u64) -> std::io::Result<()> {
+        self.lock().seq.raise(floor)
+    }
 }
 
 #[cfg(test)]
@@ -192,6 +217,31 @@ mod tests {
         o.ack(seqs[3]);
         assert_eq!(o.len(), 1);
         assert_eq!(o.pending_after(0, 10)[0].seq, seqs[4]);
+    }
+
+    #[test]
+    fn the_floor_from_the_gateway_lifts_numbering_and_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = MemoryOutbox::open(dir.path(), 10).unwrap();
+        assert_eq!(o.append(r("x")).unwrap(), 1);
+        o.raise_seq_floor(50_000).unwrap();
+        assert_eq!(o.append(r("x")).unwrap(), 50_001);
+        o.raise_seq_floor(10).unwrap();
+        assert_eq!(
+            o.append(r("x")).unwrap(),
+            50_002,
+            "a lower floor changes nothing"
+        );
+        drop(o);
+        let o = MemoryOutbox::open(dir.path(), 10).unwrap();
+        assert!(o.append(r("x")).unwrap() > 50_002);
+        std::fs::write(dir.path().join("seq"), format!("{}\n", u64::MAX - 1)).unwrap();
+        let o = MemoryOutbox::open(dir.path(), 10).unwrap();
+        assert!(o
+            .append(r("x"))
+            .unwrap_err()
+            .to_string()
+            .contains("exhausted"));
     }
 
     #[test]

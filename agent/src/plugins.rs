@@ -65,6 +65,14 @@ impl PluginStore {
         if !meta.is_file() {
             return Err(PluginError::NotRegular { name });
         }
+        if meta.len() != plugin.size || meta.len() > MAX_PLUGIN_BYTES {
+            // Cheaper than hashing, and bounds what is read.
+            return Err(PluginError::HashMismatch {
+                name,
+                want: plugin.sha256.clone(),
+                got: format!("a file of {} bytes instead of {}", meta.len(), plugin.size),
+            });
+        }
         let bytes =
             std::fs::read(&path).map_err(|_| PluginError::Missing { name: name.clone() })?;
         let got = hex::encode(Sha256::digest(&bytes));

@@ -33,6 +33,9 @@ struct Inner {
     outbox: Arc<dyn Outbox>,
     plugins: Arc<PluginStore>,
     limit: Arc<Semaphore>,
+    /// One lock per check name, shared by every generation of the check and by run-now,
+    /// so two runs of the same check never overlap.
+    run_locks: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
     cache_path: PathBuf,
     state: Mutex<State>,
 }
@@ -106,6 +109,7 @@ impl Scheduler {
                 outbox,
                 plugins,
                 limit: Arc::new(Semaphore::new(max_concurrent.max(1))),
+                run_locks: Mutex::new(BTreeMap::new()),
                 cache_path,
                 state: Mutex::new(State::default()),
             }),
@@ -161,8 +165,17 @@ impl Scheduler {
         checks: Vec<CheckSpec>,
         persist: bool,
     ) -> config_diff::Diff {
-        let new: BTreeMap<String, CheckSpec> =
-            checks.iter().map(|c| (c.name.clone(), c.clone())).collect();
+        let new: BTreeMap<String, CheckSpec> = checks
+            .iter()
+            .filter(|c| match validate(c) {
+                Ok(()) => true,
+                Err(why) => {
+                    tracing::error!(check = %c.name, error = %why, "ignoring an invalid check from the gateway");
+                    false
+                }
+            })
+            .map(|c| (c.name.clone(), c.clone()))
+            .collect();
         let mut state = self.lock();
         let old: BTreeMap<String, CheckSpec> = state
             .running
@@ -223,16 +236,34 @@ impl Scheduler {
                 message: format!("check {name:?} is not configured on this agent"),
             });
         };
-        let _permit = self
-            .inner
-            .limit
-            .clone()
-            .acquire_owned()
+        // Wait briefly for a scheduled run of the same check and for a free slot; the
+        // caller is waiting on the other side of the connection.
+        let busy = |what: &str| RpcError {
+            code: "busy".into(),
+            message: format!(
+                "check {name:?} could not start within {}s: {what}",
+                RUN_NOW_WAIT.as_secs()
+            ),
+        };
+        let lock = self.inner.run_lock(name);
+        let _running = tokio::time::timeout(RUN_NOW_WAIT, lock.lock_owned())
             .await
-            .map_err(|_| RpcError {
-                code: "stopping".into(),
-                message: "agent is stopping".into(),
-            })?;
+            .map_err(|_| busy("it is already running"))?;
+        let _permit = match tokio::time::timeout(
+            RUN_NOW_WAIT,
+            self.inner.limit.clone().acquire_owned(),
+        )
+        .await
+        {
+            Err(_) => return Err(busy("the concurrency limit is reached")),
+            Ok(Err(_)) => {
+                return Err(RpcError {
+                    code: "stopping".into(),
+                    message: "agent is stopping".into(),
+                })
+            }
+            Ok(Ok(p)) => p,
+        };
         let mut result = checks::run(&spec, Origin::RunNow, &self.inner.plugins).await;
         match self.inner.outbox.append(result.clone()) {
             Ok(seq) => result.seq = seq,
@@ -285,8 +316,42 @@ impl Scheduler {
     }
 }
 
+/// How long run-now waits for the check's previous run or a free slot before answering busy.
+const RUN_NOW_WAIT: Duration = Duration::from_secs(5);
+
+/// What the agent insists on in a check, whatever the gateway sent.
+fn validate(c: &CheckSpec) -> Result<(), String> {
+    if !outpost_protocol::valid_check_name(&c.name) {
+        return Err("invalid name".into());
+    }
+    if c.command.first().is_none_or(|p| p.is_empty()) {
+        return Err("empty command".into());
+    }
+    if !(1..=MAX_INTERVAL_SECS).contains(&c.interval_secs) {
+        return Err(format!(
+            "interval {}s is outside 1s to 7 days",
+            c.interval_secs
+        ));
+    }
+    Ok(())
+}
+
+const MAX_INTERVAL_SECS: u64 = 7 * 24 * 3600;
+
+impl Inner {
+    fn run_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.run_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+}
+
 async fn check_loop(inner: Arc<Inner>, spec: CheckSpec, stop: CancellationToken) {
-    let interval_ms = spec.interval_secs.clamp(1, 365 * 24 * 3600) * 1000;
+    let interval_ms = spec.interval_secs.clamp(1, MAX_INTERVAL_SECS) * 1000;
+    let lock = inner.run_lock(&spec.name);
     let phase = splay_ms(&inner.fingerprint, &spec.name, interval_ms);
     let mut last_start = None;
     loop {
@@ -296,6 +361,11 @@ async fn check_loop(inner: Arc<Inner>, spec: CheckSpec, stop: CancellationToken)
             _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
             _ = stop.cancelled() => return,
         }
+        // A previous generation's run (before a config change) or a run-now finishes first.
+        let running = tokio::select! {
+            l = lock.clone().lock_owned() => l,
+            _ = stop.cancelled() => return,
+        };
         let permit = tokio::select! {
             p = inner.limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = stop.cancelled() => return,
@@ -304,6 +374,7 @@ async fn check_loop(inner: Arc<Inner>, spec: CheckSpec, stop: CancellationToken)
         // Not cancellable: a run is bounded by its own timeout, and its result is kept.
         let result = checks::run(&spec, Origin::Schedule, &inner.plugins).await;
         drop(permit);
+        drop(running);
         tracing::debug!(check = %spec.name, status = result.status.as_str(), ms = result.duration_ms, "check ran");
         if let Err(e) = inner.outbox.append(result) {
             tracing::error!(check = %spec.name, error = %e, "cannot queue result");

@@ -64,6 +64,9 @@ pub trait Bus: Send + Sync {
         results: &[CheckResult],
     ) -> Result<Published, BusError>;
 
+    /// The highest sequence number made durable for this agent (0 if none).
+    async fn last_seq(&self, agent: &AgentRef) -> Result<u64, BusError>;
+
     /// Publish a presence change.
     async fn publish_presence(&self, event: &PresenceEvent) -> Result<(), BusError>;
 }

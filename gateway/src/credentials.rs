@@ -20,6 +20,16 @@ struct AgentCredential {
     tenant: String,
     secret_sha256: String,
     enrolled_at_ms: u64,
+    /// Whether the agent has shown it kept its secret (it spoke again after `welcome`, or
+    /// logged in with it). Until then the enrollment key may enroll the fingerprint again,
+    /// so a connection lost between `hello` and the agent storing its secret cannot lock
+    /// the agent out.
+    #[serde(default = "yes")]
+    confirmed: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 pub struct Credentials {
@@ -113,8 +123,13 @@ impl Credentials {
                     sha256_hex(secret).as_bytes(),
                     known.secret_sha256.as_bytes(),
                 ) {
+                    let tenant = known.tenant.clone();
+                    if !known.confirmed {
+                        drop(agents);
+                        self.confirm(fingerprint);
+                    }
                     Ok(Authenticated {
-                        tenant: known.tenant.clone(),
+                        tenant,
                         new_secret: None,
                     })
                 } else {
@@ -125,7 +140,8 @@ impl Credentials {
                 if !constant_time_eq(key.as_bytes(), self.enroll_key.as_bytes()) {
                     return Err(AuthError::BadEnrollKey);
                 }
-                if agents.contains_key(fingerprint) {
+                let previous = agents.get(fingerprint).cloned();
+                if previous.as_ref().is_some_and(|p| p.confirmed) {
                     return Err(AuthError::AlreadyEnrolled(fingerprint.to_string()));
                 }
                 let secret = random_token(32);
@@ -135,10 +151,14 @@ impl Credentials {
                         tenant: DEFAULT_TENANT.to_string(),
                         secret_sha256: sha256_hex(&secret),
                         enrolled_at_ms: now_ms(),
+                        confirmed: false,
                     },
                 );
                 if let Err(e) = self.save(&agents) {
-                    agents.remove(fingerprint);
+                    match previous {
+                        Some(p) => agents.insert(fingerprint.to_string(), p),
+                        None => agents.remove(fingerprint),
+                    };
                     return Err(AuthError::Storage(e.to_string()));
                 }
                 Ok(Authenticated {
@@ -146,6 +166,20 @@ impl Credentials {
                     new_secret: Some(secret),
                 })
             }
+        }
+    }
+
+    /// The agent has shown it holds its secret: the enrollment key can no longer enroll
+    /// its fingerprint again.
+    pub fn confirm(&self, fingerprint: &str) {
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        match agents.get_mut(fingerprint) {
+            Some(c) if !c.confirmed => c.confirmed = true,
+            _ => return,
+        }
+        if let Err(e) = self.save(&agents) {
+            // Harmless: the agent stays re-enrollable until the next save.
+            tracing::warn!(%fingerprint, error = %e, "cannot record that the agent confirmed its secret");
         }
     }
 
@@ -175,7 +209,21 @@ mod tests {
         let auth = creds
             .authenticate(FP, &Credential::EnrollKey { key: key.clone() })
             .unwrap();
-        let secret = auth.new_secret.expect("enrollment issues a secret");
+        let lost = auth.new_secret.expect("enrollment issues a secret");
+        // The agent never got (or never stored) that secret: enrolling again is allowed
+        // until it confirms, and replaces the secret.
+        let again = creds
+            .authenticate(FP, &Credential::EnrollKey { key: key.clone() })
+            .unwrap();
+        let secret = again.new_secret.unwrap();
+        assert_ne!(secret, lost);
+        assert_eq!(
+            creds
+                .authenticate(FP, &Credential::Secret { secret: lost })
+                .err(),
+            Some(AuthError::BadSecret(FP.into()))
+        );
+        creds.confirm(FP);
         assert_eq!(
             creds.authenticate(FP, &Credential::EnrollKey { key }).err(),
             Some(AuthError::AlreadyEnrolled(FP.into()))

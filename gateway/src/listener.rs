@@ -5,8 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
@@ -18,6 +17,8 @@ use crate::Gateway;
 
 /// A client that has not finished the TLS handshake by then is dropped.
 const TLS_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
+/// A client that has not sent its request headers by then is dropped.
+const HEADER_READ_DEADLINE: Duration = Duration::from_secs(10);
 
 pub async fn accept_loop(
     listener: TcpListener,
@@ -63,8 +64,14 @@ pub async fn accept_loop(
                     app.clone().oneshot(req.map(axum::body::Body::new))
                 },
             );
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+            // HTTP/1.1 only (the ALPN we offer): websockets upgrade from it. Without a timer
+            // hyper skips its header timeout, and a client that finishes TLS and then says
+            // nothing would hold its connection forever.
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_DEADLINE)
+                .serve_connection(TokioIo::new(tls), service)
+                .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
                 r = conn.as_mut() => {

@@ -19,6 +19,7 @@ pub struct Metrics {
     pub rpc_calls: AtomicU64,
     pub rpc_failures: AtomicU64,
     pub configs_sent: AtomicU64,
+    pub configs_too_big: AtomicU64,
     pub check_file_errors: AtomicU64,
 }
 
@@ -108,6 +109,11 @@ impl Metrics {
             "outpost_rpc_failures_total",
             "Run-now calls that failed or timed out.",
             g(&self.rpc_failures),
+        );
+        line(
+            "outpost_configs_too_big_total",
+            "Configs not sent because they exceed the frame limit.",
+            g(&self.configs_too_big),
         );
         line(
             "outpost_configs_sent_total",

@@ -46,6 +46,10 @@ pub struct AgentRecord {
     pub checks: Vec<CheckSpec>,
     #[serde(skip)]
     pub latest: HashMap<String, CheckResult>,
+    /// The live connection this record describes, so a replaced connection ending late
+    /// cannot overwrite a newer one's presence.
+    #[serde(skip)]
+    pub conn_id: Option<u64>,
 }
 
 pub struct Registry {
@@ -96,7 +100,7 @@ impl Registry {
     }
 
     /// Record an authenticated `hello`: the agent is online.
-    pub fn connected(&self, tenant: &str, hello: &Hello, peer: &str) {
+    pub fn connected(&self, tenant: &str, hello: &Hello, peer: &str, conn_id: u64) {
         let now = now_ms();
         let mut agents = self.lock();
         let rec = agents
@@ -117,6 +121,7 @@ impl Registry {
                 peer: None,
                 checks: Vec::new(),
                 latest: HashMap::new(),
+                conn_id: None,
             });
         rec.hostname = hello.hostname.clone();
         rec.os = hello.os.clone();
@@ -129,17 +134,33 @@ impl Registry {
         rec.last_seen_ms = now;
         rec.connected_since_ms = Some(now);
         rec.peer = Some(peer.to_string());
+        rec.conn_id = Some(conn_id);
         self.dirty.store(true, Ordering::Relaxed);
     }
 
-    pub fn disconnected(&self, fingerprint: &str, presence: Presence, reason: &str) {
-        if let Some(rec) = self.lock().get_mut(fingerprint) {
-            rec.presence = presence;
-            rec.presence_reason = reason.to_string();
-            rec.last_seen_ms = now_ms();
-            rec.connected_since_ms = None;
+    /// Record the end of connection `conn_id`; returns false (and changes nothing) when a
+    /// newer connection of the agent has taken over meanwhile.
+    pub fn disconnected(
+        &self,
+        fingerprint: &str,
+        conn_id: u64,
+        presence: Presence,
+        reason: &str,
+    ) -> bool {
+        let mut agents = self.lock();
+        let Some(rec) = agents.get_mut(fingerprint) else {
+            return false;
+        };
+        if rec.conn_id != Some(conn_id) {
+            return false;
         }
+        rec.presence = presence;
+        rec.presence_reason = reason.to_string();
+        rec.last_seen_ms = now_ms();
+        rec.connected_since_ms = None;
+        rec.conn_id = None;
         self.dirty.store(true, Ordering::Relaxed);
+        true
     }
 
     pub fn seen(&self, fingerprint: &str) {
@@ -155,7 +176,9 @@ impl Registry {
         self.dirty.store(true, Ordering::Relaxed);
     }
 
-    /// Keep the newest result per check (by sequence number).
+    /// Keep the newest result per configured check (by sequence number). Results for
+    /// checks the agent was not given stay on the bus but are not kept here, so an agent
+    /// cannot grow this map with made-up names.
     pub fn record_results<'a>(
         &self,
         fingerprint: &str,
@@ -163,6 +186,9 @@ impl Registry {
     ) {
         if let Some(rec) = self.lock().get_mut(fingerprint) {
             for r in results {
+                if !rec.checks.iter().any(|c| c.name == r.check) {
+                    continue;
+                }
                 match rec.latest.get(&r.check) {
                     Some(old) if old.seq >= r.seq => {}
                     _ => {
@@ -242,7 +268,9 @@ mod tests {
             "os": "linux", "arch": "x86_64", "hostname": "h"
         }))
         .unwrap();
-        reg.connected("default", &hello, "127.0.0.1:1");
+        reg.connected("default", &hello, "127.0.0.1:1", 7);
+        assert!(!reg.disconnected(&hello.fingerprint, 6, Presence::Lost, "an older connection"));
+        assert_eq!(reg.list()[0].presence, Presence::Online);
         reg.flush().unwrap();
         let reg = Registry::open(dir.path(), Recovered::default()).unwrap();
         let rec = &reg.list()[0];

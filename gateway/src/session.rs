@@ -14,9 +14,9 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use outpost_protocol::{
     close, config_hash, decode_agent_frame, encode, valid_check_name, valid_fingerprint, Ack,
-    AgentFrame, CheckSpec, ConfigFrame, ErrorFrame, FrameError, GatewayFrame, Hello, PluginFrame,
-    Results, Welcome, MAX_BATCH_RESULTS, MAX_LONG_OUTPUT_BYTES, MAX_METRICS, MAX_OUTPUT_BYTES,
-    PROTOCOL_VERSION,
+    AgentFrame, CheckResult, CheckSpec, ConfigFrame, ErrorFrame, FrameError, GatewayFrame, Hello,
+    PluginFrame, Results, Welcome, MAX_BATCH_RESULTS, MAX_FRAME_BYTES, MAX_LONG_OUTPUT_BYTES,
+    MAX_METRICS, MAX_OUTPUT_BYTES, PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -29,6 +29,9 @@ use crate::util::now_ms;
 use crate::Gateway;
 
 pub const GATEWAY_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A bus that has not made a batch durable by then is treated as failed (the agent resends).
+const BUS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// A write the agent has not taken by then means it stopped reading.
 const WRITE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(15);
@@ -212,6 +215,22 @@ fn validate_hello(h: &Hello) -> Result<(), String> {
     Ok(())
 }
 
+fn validate_result(r: &CheckResult) -> Result<(), String> {
+    if !valid_check_name(&r.check) {
+        return Err(format!("invalid check name {:?}", r.check));
+    }
+    if r.output.len() > MAX_OUTPUT_BYTES
+        || r.long_output.len() > MAX_LONG_OUTPUT_BYTES
+        || r.metrics.len() > MAX_METRICS
+    {
+        return Err(format!(
+            "result for {} exceeds the output or metric limits",
+            r.check
+        ));
+    }
+    Ok(())
+}
+
 fn validate_batch(batch: &Results) -> Result<(), String> {
     if batch.results.is_empty() || batch.results.len() > MAX_BATCH_RESULTS {
         return Err(format!(
@@ -228,45 +247,26 @@ fn validate_batch(batch: &Results) -> Result<(), String> {
             ));
         }
         prev = r.seq;
-        if !valid_check_name(&r.check) {
-            return Err(format!("invalid check name {:?}", r.check));
-        }
-        if r.output.len() > MAX_OUTPUT_BYTES
-            || r.long_output.len() > MAX_LONG_OUTPUT_BYTES
-            || r.metrics.len() > MAX_METRICS
-        {
-            return Err(format!(
-                "result for {} exceeds the output or metric limits",
-                r.check
-            ));
-        }
+        validate_result(r)?;
     }
     Ok(())
 }
 
-async fn authenticated(
-    gw: Arc<Gateway>,
-    socket: WebSocket,
-    peer: SocketAddr,
-    hello: Hello,
-    auth: crate::credentials::Authenticated,
-) {
-    let fp = hello.fingerprint.clone();
-    let agent = AgentRef {
-        tenant: auth.tenant.clone(),
-        fingerprint: fp.clone(),
-    };
-    let (mut sink, mut stream) = socket.split();
-    let (tx, mut rx) = mpsc::channel::<Outbound>(OUTBOUND_QUEUE);
-    let handle = SessionHandle {
-        conn_id: gw.hub.new_conn_id(),
-        tx: tx.clone(),
-        replaced: CancellationToken::new(),
-        pending: Default::default(),
-    };
-    let writer = tokio::spawn(
+/// Drain `rx` into the socket until a close frame was sent, the queue is empty after
+/// `stop`, or the agent stops taking data for [`WRITE_DEADLINE`].
+fn spawn_writer(
+    mut sink: futures_util::stream::SplitSink<WebSocket, Message>,
+    mut rx: mpsc::Receiver<Outbound>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(
         async move {
-            while let Some(out) = rx.recv().await {
+            loop {
+                let out = tokio::select! {
+                    biased;
+                    out = rx.recv() => match out { Some(o) => o, None => break },
+                    _ = stop.cancelled() => break,
+                };
                 let (msg, last) = match out {
                     Outbound::Frame(f) => (Message::Text(encode(&f).into()), false),
                     Outbound::Close(code, reason) => (
@@ -277,12 +277,9 @@ async fn authenticated(
                         true,
                     ),
                 };
-                // An agent that stops reading must not hold this task (and, through the
-                // full queue, the reader) forever.
                 match tokio::time::timeout(WRITE_DEADLINE, sink.send(msg)).await {
                     Ok(Ok(())) if !last => {}
-                    Ok(Ok(())) => break,
-                    Ok(Err(_)) => break,
+                    Ok(Ok(())) | Ok(Err(_)) => break,
                     Err(_) => {
                         tracing::warn!(
                             "agent took no data for {}s; dropping the connection",
@@ -295,11 +292,38 @@ async fn authenticated(
             let _ = tokio::time::timeout(WRITE_DEADLINE, sink.close()).await;
         }
         .in_current_span(),
-    );
+    )
+}
 
-    gw.registry
-        .connected(&agent.tenant, &hello, &peer.to_string());
+async fn authenticated(
+    gw: Arc<Gateway>,
+    socket: WebSocket,
+    peer: SocketAddr,
+    hello: Hello,
+    auth: crate::credentials::Authenticated,
+) {
+    let fp = hello.fingerprint.clone();
+    // A newly enrolled agent stores its secret before it sends anything else, so its
+    // next frame (or ping) confirms the enrollment.
+    let mut unconfirmed = auth.new_secret.is_some();
+    let agent = AgentRef {
+        tenant: auth.tenant.clone(),
+        fingerprint: fp.clone(),
+    };
+    let (sink, mut stream) = socket.split();
+    let (tx, rx) = mpsc::channel::<Outbound>(OUTBOUND_QUEUE);
+    let handle = SessionHandle {
+        conn_id: gw.hub.new_conn_id(),
+        tx: tx.clone(),
+        replaced: CancellationToken::new(),
+        pending: Default::default(),
+    };
+    let writer_stop = CancellationToken::new();
+    let writer = spawn_writer(sink, rx, writer_stop.clone());
+
     gw.hub.register(&fp, handle.clone());
+    gw.registry
+        .connected(&agent.tenant, &hello, &peer.to_string(), handle.conn_id);
     publish_presence(&gw, &agent, Presence::Online, "connected").await;
     tracing::info!(%peer, version = %hello.agent_version, enrolled = auth.new_secret.is_some(), "agent connected");
 
@@ -312,6 +336,7 @@ async fn authenticated(
         agent_secret: auth.new_secret,
         config_hash: sent_hash.clone(),
         heartbeat_secs: gw.settings.heartbeat.as_secs(),
+        last_seq: gw.bus.last_seq(&agent).await.unwrap_or(0),
     });
     let _ = tx.send(Outbound::Frame(welcome)).await;
     if hello.config_hash.as_deref() != Some(sent_hash.as_str()) {
@@ -366,6 +391,10 @@ async fn authenticated(
             Ok(Some(Ok(m))) => m,
         };
         gw.registry.seen(&fp);
+        if unconfirmed && !matches!(msg, Message::Close(_)) {
+            gw.credentials.confirm(&fp);
+            unconfirmed = false;
+        }
         let text = match msg {
             Message::Text(t) => t,
             Message::Ping(_) | Message::Pong(_) => continue,
@@ -399,7 +428,18 @@ async fn authenticated(
                         .await;
                     break End::Lost(why);
                 }
-                match gw.bus.publish_results(&agent, &batch.results).await {
+                let published = tokio::time::timeout(
+                    BUS_DEADLINE,
+                    gw.bus.publish_results(&agent, &batch.results),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(crate::bus::BusError::Io(std::io::Error::other(format!(
+                        "no answer from the bus within {}s",
+                        BUS_DEADLINE.as_secs()
+                    ))))
+                });
+                match published {
                     Ok(p) => {
                         gw.metrics
                             .results_accepted
@@ -431,9 +471,6 @@ async fn authenticated(
                 }
             }
             AgentFrame::RpcReply(reply) => {
-                if let Some(result) = &reply.result {
-                    gw.registry.record_results(&fp, std::iter::once(result));
-                }
                 let waiter = handle
                     .pending
                     .lock()
@@ -441,6 +478,16 @@ async fn authenticated(
                     .remove(&reply.id);
                 match waiter {
                     Some(w) => {
+                        if let Some(result) = &reply.result {
+                            if let Err(why) = validate_result(result) {
+                                Metrics::inc(&gw.metrics.frames_malformed);
+                                let _ = tx
+                                    .send(Outbound::Close(close::MALFORMED, why.clone()))
+                                    .await;
+                                break End::Lost(why);
+                            }
+                            gw.registry.record_results(&fp, std::iter::once(result));
+                        }
                         let _ = w.send(reply);
                     }
                     None => tracing::debug!(
@@ -483,7 +530,9 @@ async fn authenticated(
     };
     drop(tx);
     drop(stream);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+    // Whatever was queued (a close frame above all) goes out first; then the writer stops.
+    writer_stop.cancel();
+    let _ = tokio::time::timeout(WRITE_DEADLINE, writer).await;
     // Fail waiting run-now calls at once instead of letting them time out.
     handle
         .pending
@@ -501,8 +550,13 @@ async fn authenticated(
         End::Replaced => (Presence::Lost, "replaced".into()),
     };
     tracing::info!(presence = presence.as_str(), %reason, "agent disconnected");
-    gw.registry.disconnected(&fp, presence, &reason);
-    publish_presence(&gw, &agent, presence, &reason).await;
+    // Only if no newer connection of this agent has registered meanwhile.
+    if gw
+        .registry
+        .disconnected(&fp, handle.conn_id, presence, &reason)
+    {
+        publish_presence(&gw, &agent, presence, &reason).await;
+    }
 }
 
 /// The catalog plugin with content hash `sha256`, or an error frame saying why not.
@@ -551,15 +605,29 @@ async fn send_config(
     checks: Vec<CheckSpec>,
     hash: String,
 ) {
-    gw.registry.set_checks(fp, checks.clone());
+    let count = checks.len();
+    let frame = GatewayFrame::Config(ConfigFrame {
+        hash: hash.clone(),
+        checks: checks.clone(),
+    });
+    let size = encode(&frame).len();
+    if size > MAX_FRAME_BYTES {
+        // The agent would refuse the frame and reconnect forever; keep it on its old config.
+        Metrics::inc(&gw.metrics.configs_too_big);
+        tracing::error!(checks = count, bytes = size, limit = MAX_FRAME_BYTES,
+            "this agent's configuration does not fit in one frame; not sent (target fewer checks at it)");
+        let _ = tx
+            .send(Outbound::Frame(GatewayFrame::Error(ErrorFrame {
+                code: "config_too_big".into(),
+                message: format!("your configuration of {count} checks is {size} bytes, over the {MAX_FRAME_BYTES}-byte frame limit; keeping the previous one"),
+            })))
+            .await;
+        return;
+    }
+    gw.registry.set_checks(fp, checks);
     Metrics::inc(&gw.metrics.configs_sent);
-    tracing::info!(checks = checks.len(), %hash, "sending config");
-    let _ = tx
-        .send(Outbound::Frame(GatewayFrame::Config(ConfigFrame {
-            hash,
-            checks,
-        })))
-        .await;
+    tracing::info!(checks = count, %hash, "sending config");
+    let _ = tx.send(Outbound::Frame(frame)).await;
 }
 
 async fn publish_presence(gw: &Gateway, agent: &AgentRef, presence: Presence, reason: &str) {

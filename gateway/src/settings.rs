@@ -73,9 +73,9 @@ impl From<ServeArgs> for Settings {
             tls_cert: a.tls_cert,
             tls_key: a.tls_key,
             tls_sans: a.tls_san,
-            hello_timeout: Duration::from_secs(a.hello_timeout.max(1)),
-            heartbeat: Duration::from_secs(a.heartbeat.max(1)),
-            checks_poll: Duration::from_secs(a.checks_poll.max(1)),
+            hello_timeout: Duration::from_secs(a.hello_timeout.clamp(1, 3600)),
+            heartbeat: Duration::from_secs(a.heartbeat.clamp(1, 3600)),
+            checks_poll: Duration::from_secs(a.checks_poll.clamp(1, 3600)),
             grace: Duration::from_secs(a.grace),
             data_dir: a.data_dir,
         }

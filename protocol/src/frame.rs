@@ -78,6 +78,10 @@ pub struct Welcome {
     pub config_hash: String,
     /// Seconds between websocket pings the gateway expects.
     pub heartbeat_secs: u64,
+    /// The highest sequence number the bus holds from this agent (0 if none): the agent
+    /// numbers new results above it.
+    #[serde(default)]
+    pub last_seq: u64,
 }
 
 /// The complete set of checks the agent should run; replaces what it had.
@@ -149,7 +153,7 @@ pub struct RpcReply {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RpcError {
-    /// Machine-readable: `unknown_check`, `unknown_method`, `busy`.
+    /// Machine-readable: `unknown_check`, `busy`, `stopping`.
     pub code: String,
     pub message: String,
 }

@@ -812,3 +812,75 @@ where
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_sequence_file_was_lost_is_not_taken_for_a_resend() {
+    let dir = tempdir();
+    let gw = Gateway::start(dir.path(), &[]);
+    gw.write_checks(
+        "c.toml",
+        "[[check]]\nname = \"tick\"\ncommand = \"/bin/echo tick\"\ninterval = 1\n",
+    );
+    let mut agent = Agent::start(dir.path(), "restored", &gw, "");
+    let fp = agent.fingerprint.clone();
+    let before = eventually(T, "results", || async {
+        gw.latest(&fp, "tick")
+            .await
+            .filter(|l| l["seq"].as_u64().unwrap() >= 3)
+    })
+    .await["seq"]
+        .as_u64()
+        .unwrap();
+    agent.proc.signal(libc::SIGTERM);
+    assert_eq!(agent.proc.wait_exit(Duration::from_secs(10)).await, Some(0));
+    // A restore from an old backup, or a reinstall that kept the identity: numbering
+    // would start again from 1, below what the bus already holds.
+    std::fs::remove_file(agent.state_dir.join("seq")).unwrap();
+    let config = std::fs::read_to_string(&agent.config_path).unwrap();
+    drop(agent);
+    let agent = Agent::start_with_config(dir.path(), "restored", &config_body(&config));
+    assert_eq!(agent.fingerprint, fp, "same identity");
+    let after = eventually(T, "new results accepted", || async {
+        gw.latest(&fp, "tick")
+            .await
+            .filter(|l| l["seq"].as_u64().unwrap() > before)
+    })
+    .await;
+    assert!(after["seq"].as_u64().unwrap() > before);
+    assert_eq!(gw.metric("outpost_results_duplicate_total").await, 0);
+}
+
+/// The agent-specific part of a config written by `Agent::start` (the harness adds the
+/// paths again).
+fn config_body(config: &str) -> String {
+    config
+        .lines()
+        .filter(|l| !l.starts_with("state_dir") && !l.starts_with("machine_id_file"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_sends_its_request_is_dropped() {
+    use tokio::io::AsyncReadExt;
+    let dir = tempdir();
+    let gw = Gateway::start(dir.path(), &[]);
+    let mut tls = gw.tls().await;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "connection still open after 30 s");
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "closed too early: {:?}",
+        started.elapsed()
+    );
+}

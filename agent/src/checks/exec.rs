@@ -21,6 +21,9 @@ use crate::util::{now_ms, truncate_utf8};
 pub const OUTPUT_CAP: usize = 64 * 1024;
 
 fn kill_group(pgid: u32) {
+    if pgid == 0 || pgid > i32::MAX as u32 {
+        return;
+    }
     // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
     // The group was created for this plugin (process_group(0)), so it holds nothing else.
     unsafe {
@@ -28,26 +31,60 @@ fn kill_group(pgid: u32) {
     }
 }
 
-/// Read `r` to its end, keeping at most `cap` bytes; returns the bytes and whether
-/// anything was dropped.
-async fn read_capped(r: Option<impl AsyncRead + Unpin>, cap: usize) -> (Vec<u8>, bool) {
+/// Kills the plugin's process group when dropped, however the run ends: finished,
+/// timed out, or abandoned because the agent is stopping.
+struct GroupGuard(u32);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        kill_group(self.0);
+    }
+}
+
+/// How long the output readers may run on after the plugin's group was killed: only
+/// something that escaped the group (setsid) can still hold the pipes open.
+const DRAIN_GRACE: Duration = Duration::from_millis(300);
+
+/// Environment variables a plugin may see; everything else (the agent's own settings,
+/// its enrollment key among them) is withheld.
+const PASSED_ENV: &[&str] = &["PATH", "HOME", "TZ", "USER", "LOGNAME", "TMPDIR", "LANG"];
+
+/// Wait for a reader to reach the end of its pipe, briefly; returns whether it did.
+async fn join_reader(mut handle: tokio::task::JoinHandle<()>) -> bool {
+    match tokio::time::timeout(DRAIN_GRACE, &mut handle).await {
+        Ok(_) => true,
+        Err(_) => {
+            handle.abort();
+            false
+        }
+    }
+}
+
+/// What a reader has kept of one output stream so far, and whether it dropped any.
+type Captured = std::sync::Arc<std::sync::Mutex<(Vec<u8>, bool)>>;
+
+/// Read `r` to its end into `into`, keeping at most `cap` bytes and discarding the rest
+/// (so the plugin never blocks on a full pipe).
+async fn read_capped(r: Option<impl AsyncRead + Unpin>, cap: usize, into: Captured) {
     let Some(mut r) = r else {
-        return (Vec::new(), false);
+        return;
     };
-    let mut kept = Vec::new();
     let mut buf = [0u8; 8192];
-    let mut truncated = false;
     loop {
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                let room = cap.saturating_sub(kept.len());
-                kept.extend_from_slice(&buf[..n.min(room)]);
-                truncated |= n > room;
+                let mut kept = into.lock().unwrap_or_else(|p| p.into_inner());
+                let room = cap.saturating_sub(kept.0.len());
+                kept.0.extend_from_slice(&buf[..n.min(room)]);
+                kept.1 |= n > room;
             }
         }
     }
-    (kept, truncated)
+}
+
+fn take(c: &Captured) -> (Vec<u8>, bool) {
+    std::mem::take(&mut *c.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
 fn unknown(spec: &CheckSpec, started_at_ms: u64, started: Instant, output: String) -> CheckResult {
@@ -83,7 +120,19 @@ pub async fn run(spec: &CheckSpec) -> CheckResult {
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true)
+        .env_clear()
+        .envs(
+            PASSED_ENV
+                .iter()
+                .filter_map(|k| std::env::var_os(k).map(|v| (*k, v))),
+        )
         .env("LC_ALL", "C");
+    if std::env::var_os("PATH").is_none() {
+        cmd.env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -96,27 +145,33 @@ pub async fn run(spec: &CheckSpec) -> CheckResult {
         }
     };
     let pgid = child.id().unwrap_or(0);
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
+    let guard = GroupGuard(pgid);
+    let (out_buf, err_buf) = (Captured::default(), Captured::default());
+    let out = tokio::spawn(read_capped(
+        child.stdout.take(),
+        OUTPUT_CAP,
+        out_buf.clone(),
+    ));
+    let err = tokio::spawn(read_capped(
+        child.stderr.take(),
+        OUTPUT_CAP,
+        err_buf.clone(),
+    ));
+    let (out_abort, err_abort) = (out.abort_handle(), err.abort_handle());
     let timeout = Duration::from_secs(spec.timeout_secs.clamp(1, 24 * 3600));
     let work = async {
-        let out = tokio::spawn(read_capped(stdout, OUTPUT_CAP));
-        let err = tokio::spawn(read_capped(stderr, OUTPUT_CAP));
         let status = child.wait().await;
         // The plugin is done: anything it left behind in its group goes with it.
-        if pgid != 0 {
-            kill_group(pgid);
-        }
-        let (out, out_cut) = out.await.unwrap_or_default();
-        let (err, _) = err.await.unwrap_or_default();
-        (status, out, out_cut, err)
+        kill_group(pgid);
+        let drained = join_reader(out).await & join_reader(err).await;
+        (status, drained)
     };
-    let (status, stdout, truncated, stderr) = match tokio::time::timeout(timeout, work).await {
+    let (status, drained) = match tokio::time::timeout(timeout, work).await {
         Ok(x) => x,
         Err(_) => {
-            if pgid != 0 {
-                kill_group(pgid);
-            }
+            drop(guard);
+            out_abort.abort();
+            err_abort.abort();
             return unknown(
                 spec,
                 started_at_ms,
@@ -128,6 +183,10 @@ pub async fn run(spec: &CheckSpec) -> CheckResult {
             );
         }
     };
+    // The group was killed as soon as the plugin exited; signalling it again later could
+    // reach an unrelated group that reused the number.
+    std::mem::forget(guard);
+    let ((stdout, truncated), (stderr, _)) = (take(&out_buf), take(&err_buf));
     let duration_ms = started.elapsed().as_millis() as u64;
     let status = match status {
         Ok(s) => s,
@@ -165,6 +224,9 @@ pub async fn run(spec: &CheckSpec) -> CheckResult {
         }
     };
     let mut notes = Vec::new();
+    if !drained {
+        notes.push("[a child that left the plugin's process group kept its output open; output after the plugin exited is lost]".to_string());
+    }
     if truncated {
         notes.push(format!("[output truncated at {OUTPUT_CAP} bytes]"));
     }
@@ -295,6 +357,42 @@ mod tests {
         assert_eq!(r.output, "FIRST");
         assert!(r.long_output.contains("truncated"), "{}", r.long_output);
         assert!(r.long_output.len() <= MAX_LONG_OUTPUT_BYTES);
+    }
+
+    #[tokio::test]
+    async fn a_child_that_escapes_the_group_cannot_hold_the_result() {
+        let t = Instant::now();
+        let r = run(&spec(
+            &[
+                "/bin/sh",
+                "-c",
+                "setsid sleep 5 & sleep 0.5; echo 'ESCAPE OK'",
+            ],
+            10,
+        ))
+        .await;
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        assert_eq!(r.status, Status::Ok);
+        assert_eq!(r.output, "ESCAPE OK");
+        assert!(
+            r.long_output.contains("left the plugin's process group"),
+            "{r:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn plugins_do_not_see_the_agents_environment() {
+        std::env::set_var("OUTPOST_ENROLL_KEY", "secret-key");
+        let r = run(&spec(
+            &[
+                "/bin/sh",
+                "-c",
+                "echo \"key=[$OUTPOST_ENROLL_KEY] lc=$LC_ALL\"",
+            ],
+            5,
+        ))
+        .await;
+        assert_eq!(r.output, "key=[] lc=C");
     }
 
     #[tokio::test]

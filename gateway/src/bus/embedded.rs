@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, Seek, Write};
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use outpost_protocol::CheckResult;
@@ -44,6 +45,7 @@ enum Job {
 
 pub struct EmbeddedBus {
     tx: mpsc::Sender<Job>,
+    watermarks: Watermarks,
 }
 
 /// What the bus held when it was opened: the newest result per agent and check, and each
@@ -65,11 +67,15 @@ impl EmbeddedBus {
             .create(true)
             .append(true)
             .open(&presence_path)?;
+        // The files may have just been created: make their directory entries durable.
+        std::fs::File::open(dir)?.sync_all()?;
+        let watermarks: Watermarks = Arc::new(Mutex::new(watermarks));
         let (tx, rx) = mpsc::channel(QUEUE);
+        let marks = watermarks.clone();
         std::thread::Builder::new()
             .name("outpost-bus-writer".into())
-            .spawn(move || writer(rx, results, presence, watermarks))?;
-        Ok((EmbeddedBus { tx }, recovered))
+            .spawn(move || writer(rx, results, presence, marks))?;
+        Ok((EmbeddedBus { tx, watermarks }, recovered))
     }
 }
 
@@ -125,19 +131,40 @@ fn recover(path: &Path) -> std::io::Result<(std::fs::File, HashMap<String, u64>,
     Ok((file, watermarks, rec))
 }
 
+/// Append `buf` to `file` and make it durable; on failure cut the file back to where it
+/// was, so a half-written line can never be glued to the next successful write.
+fn append_durably(file: &mut std::fs::File, buf: &[u8]) -> std::io::Result<()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let start = file.seek(std::io::SeekFrom::End(0))?;
+    let written = file.write_all(buf).and_then(|_| file.sync_data());
+    if written.is_err() {
+        let rolled_back = file.set_len(start).and_then(|_| file.sync_data());
+        if let Err(e) = rolled_back {
+            tracing::error!(error = %e, "cannot cut a failed bus write back; the next start drops the torn line");
+        }
+    }
+    written
+}
+
+/// Watermarks: the highest durable sequence number per fingerprint. Shared so sessions can
+/// tell agents where to number from; only the writer changes them, after a durable write.
+type Watermarks = Arc<Mutex<HashMap<String, u64>>>;
+
 fn writer(
     mut rx: mpsc::Receiver<Job>,
     mut results: std::fs::File,
     mut presence: std::fs::File,
-    mut watermarks: HashMap<String, u64>,
+    watermarks: Watermarks,
 ) {
     let mut jobs = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         jobs.push(first);
-        while let Ok(more) = rx.try_recv() {
-            jobs.push(more);
-            if jobs.len() >= QUEUE {
-                break;
+        while jobs.len() < QUEUE {
+            match rx.try_recv() {
+                Ok(more) => jobs.push(more),
+                Err(_) => break,
             }
         }
         let mut rbuf = Vec::new();
@@ -145,73 +172,75 @@ fn writer(
         let mut outcomes = Vec::with_capacity(jobs.len());
         // Watermarks move only once the write is durable; until then track them per group.
         let mut pending: HashMap<String, u64> = HashMap::new();
-        for job in &jobs {
-            match job {
-                Job::Results {
-                    agent,
-                    results: batch,
-                    ..
-                } => {
-                    let mark = pending
-                        .get(&agent.fingerprint)
-                        .or(watermarks.get(&agent.fingerprint))
-                        .copied()
-                        .unwrap_or(0);
-                    let mut p = Published::default();
-                    let mut high = mark;
-                    for r in batch {
-                        if r.seq <= high {
-                            p.duplicates += 1;
-                            continue;
+        {
+            let marks = watermarks.lock().unwrap_or_else(|p| p.into_inner());
+            for job in &jobs {
+                match job {
+                    Job::Results {
+                        agent,
+                        results: batch,
+                        ..
+                    } => {
+                        let mut high = pending
+                            .get(&agent.fingerprint)
+                            .or(marks.get(&agent.fingerprint))
+                            .copied()
+                            .unwrap_or(0);
+                        let mut p = Published::default();
+                        for r in batch {
+                            if r.seq <= high {
+                                p.duplicates += 1;
+                                continue;
+                            }
+                            high = r.seq;
+                            p.accepted += 1;
+                            let line = ResultLine {
+                                tenant: agent.tenant.clone(),
+                                fingerprint: agent.fingerprint.clone(),
+                                result: r.clone(),
+                            };
+                            if serde_json::to_writer(&mut rbuf, &line).is_ok() {
+                                rbuf.push(b'\n');
+                            }
                         }
-                        high = r.seq;
-                        p.accepted += 1;
-                        let line = ResultLine {
-                            tenant: agent.tenant.clone(),
-                            fingerprint: agent.fingerprint.clone(),
-                            result: r.clone(),
-                        };
-                        if serde_json::to_writer(&mut rbuf, &line).is_ok() {
-                            rbuf.push(b'\n');
+                        pending.insert(agent.fingerprint.clone(), high);
+                        outcomes.push(Some(p));
+                    }
+                    Job::Presence { event, .. } => {
+                        if serde_json::to_writer(&mut pbuf, event).is_ok() {
+                            pbuf.push(b'\n');
                         }
+                        outcomes.push(None);
                     }
-                    pending.insert(agent.fingerprint.clone(), high);
-                    outcomes.push(Some(p));
-                }
-                Job::Presence { event, .. } => {
-                    if serde_json::to_writer(&mut pbuf, event).is_ok() {
-                        pbuf.push(b'\n');
-                    }
-                    outcomes.push(None);
                 }
             }
         }
-        let io = (|| -> std::io::Result<()> {
-            if !rbuf.is_empty() {
-                results.write_all(&rbuf)?;
-                results.sync_data()?;
+        // Results and presence succeed or fail on their own: a failed presence write must
+        // not make durable results look failed (they would be written twice).
+        let rio = append_durably(&mut results, &rbuf);
+        let pio = append_durably(&mut presence, &pbuf);
+        match &rio {
+            Ok(()) => watermarks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .extend(pending),
+            Err(e) => {
+                tracing::error!(error = %e, "embedded bus could not store results; their agents will resend")
             }
-            if !pbuf.is_empty() {
-                presence.write_all(&pbuf)?;
-                presence.sync_data()?;
-            }
-            Ok(())
-        })();
-        if io.is_ok() {
-            watermarks.extend(pending);
-        } else if let Err(e) = &io {
-            tracing::error!(error = %e, "embedded bus write failed; batches will be retried by their agents");
+        }
+        if let Err(e) = &pio {
+            tracing::error!(error = %e, "embedded bus could not store presence events");
         }
         for (job, outcome) in jobs.drain(..).zip(outcomes) {
             match job {
                 Job::Results { done, .. } => {
-                    let _ = done.send(match &io {
+                    let _ = done.send(match &rio {
                         Ok(()) => Ok(outcome.unwrap_or_default()),
                         Err(e) => Err(e.to_string()),
                     });
                 }
                 Job::Presence { done, .. } => {
-                    let _ = done.send(io.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                    let _ = done.send(pio.as_ref().map(|_| ()).map_err(|e| e.to_string()));
                 }
             }
         }
@@ -250,6 +279,16 @@ impl Bus for EmbeddedBus {
             done,
         })
         .await
+    }
+
+    async fn last_seq(&self, agent: &AgentRef) -> Result<u64, BusError> {
+        Ok(self
+            .watermarks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&agent.fingerprint)
+            .copied()
+            .unwrap_or(0))
     }
 
     async fn publish_presence(&self, event: &PresenceEvent) -> Result<(), BusError> {
