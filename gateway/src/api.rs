@@ -230,10 +230,10 @@ async fn run_now(
         (Some(result), _) => Json(result).into_response(),
         (None, Some(e)) => {
             Metrics::inc(&gw.metrics.rpc_failures);
-            let status = if e.code == "unknown_check" {
-                StatusCode::NOT_FOUND
-            } else {
-                StatusCode::BAD_GATEWAY
+            let status = match e.code.as_str() {
+                "unknown_check" => StatusCode::NOT_FOUND,
+                "busy" => StatusCode::TOO_MANY_REQUESTS,
+                _ => StatusCode::BAD_GATEWAY,
             };
             error(status, format!("agent answered {}: {}", e.code, e.message))
         }

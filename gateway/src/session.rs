@@ -400,14 +400,13 @@ async fn authenticated(
             Message::Ping(_) | Message::Pong(_) => continue,
             Message::Close(_) => break End::Lost("closed without bye".into()),
             Message::Binary(_) => {
-                Metrics::inc(&gw.metrics.frames_malformed);
-                let _ = tx
-                    .send(Outbound::Close(
-                        close::MALFORMED,
-                        "binary frames are not part of outpost.v1".into(),
-                    ))
-                    .await;
-                break End::Lost("sent a binary frame".into());
+                break refuse(
+                    &tx,
+                    &gw.metrics.frames_malformed,
+                    close::MALFORMED,
+                    "binary frames are not part of outpost.v1",
+                )
+                .await;
             }
         };
         let frame = match decode_agent_frame(text.as_str()) {
@@ -421,12 +420,7 @@ async fn authenticated(
         match frame {
             AgentFrame::Results(batch) => {
                 if let Err(why) = validate_batch(&batch) {
-                    Metrics::inc(&gw.metrics.frames_malformed);
-                    tracing::warn!(%peer, error = %why, "invalid results batch; closing");
-                    let _ = tx
-                        .send(Outbound::Close(close::MALFORMED, why.clone()))
-                        .await;
-                    break End::Lost(why);
+                    break refuse(&tx, &gw.metrics.frames_malformed, close::MALFORMED, &why).await;
                 }
                 let published = tokio::time::timeout(
                     BUS_DEADLINE,
@@ -480,11 +474,13 @@ async fn authenticated(
                     Some(w) => {
                         if let Some(result) = &reply.result {
                             if let Err(why) = validate_result(result) {
-                                Metrics::inc(&gw.metrics.frames_malformed);
-                                let _ = tx
-                                    .send(Outbound::Close(close::MALFORMED, why.clone()))
-                                    .await;
-                                break End::Lost(why);
+                                break refuse(
+                                    &tx,
+                                    &gw.metrics.frames_malformed,
+                                    close::MALFORMED,
+                                    &why,
+                                )
+                                .await;
                             }
                             gw.registry.record_results(&fp, std::iter::once(result));
                         }
@@ -507,14 +503,13 @@ async fn authenticated(
                 break End::Bye(bye.reason);
             }
             AgentFrame::Hello(_) => {
-                Metrics::inc(&gw.metrics.frames_out_of_order);
-                let _ = tx
-                    .send(Outbound::Close(
-                        close::POLICY,
-                        "hello may be sent only once".into(),
-                    ))
-                    .await;
-                break End::Lost("sent a second hello".into());
+                break refuse(
+                    &tx,
+                    &gw.metrics.frames_out_of_order,
+                    close::POLICY,
+                    "hello may be sent only once",
+                )
+                .await;
             }
             AgentFrame::Unknown => {
                 Metrics::inc(&gw.metrics.frames_unknown);
@@ -557,6 +552,20 @@ async fn authenticated(
     {
         publish_presence(&gw, &agent, presence, &reason).await;
     }
+}
+
+/// Count a frame that breaks the protocol, queue the close frame that says why, and end
+/// the session as lost.
+async fn refuse(
+    tx: &mpsc::Sender<Outbound>,
+    counter: &std::sync::atomic::AtomicU64,
+    code: u16,
+    why: &str,
+) -> End {
+    Metrics::inc(counter);
+    tracing::warn!(code, error = %why, "refused a frame; closing");
+    let _ = tx.send(Outbound::Close(code, why.to_string())).await;
+    End::Lost(format!("refused: {why}"))
 }
 
 /// The catalog plugin with content hash `sha256`, or an error frame saying why not.

@@ -1,5 +1,6 @@
 //! Host facilities shared by the agent and the gateway: writing state files atomically,
-//! the wall clock in the unit the protocol uses, and waiting for a shutdown signal.
+//! the wall clock in the unit the protocol uses, logging setup, and waiting for a
+//! shutdown signal.
 //! Not here: anything about the protocol (see `outpost-protocol`) or either side's logic.
 
 use std::io::Write;
@@ -38,6 +39,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
     drop(f);
     std::fs::rename(&tmp, path)?;
     std::fs::File::open(dir)?.sync_all()
+}
+
+/// Log to stderr at the level `RUST_LOG` sets (default `info`), in colour only on a terminal.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
 }
 
 /// Resolve on SIGTERM or SIGINT (Ctrl-C).

@@ -249,32 +249,24 @@ async fn agent_refuses_a_gateway_it_does_not_trust() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_ws_urls_and_bad_configs_are_refused_at_start() {
     let dir = tempdir();
-    std::fs::write(
-        dir.path().join("agent.toml"),
-        "gateway_url = \"ws://127.0.0.1:1\"\nskip_verify = true\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(bin("outpost-agent"))
-        .args(["run", "--config"])
-        .arg(dir.path().join("agent.toml"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78), "EX_CONFIG");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("unknown field `skip_verify`"), "{err}");
-    std::fs::write(
-        dir.path().join("agent.toml"),
-        "gateway_url = \"ws://127.0.0.1:1\"\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(bin("outpost-agent"))
-        .args(["run", "--config"])
-        .arg(dir.path().join("agent.toml"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("must use wss://"), "{err}");
+    let config = dir.path().join("agent.toml");
+    for (toml, says) in [
+        (
+            "gateway_url = \"ws://127.0.0.1:1\"\nskip_verify = true\n",
+            "unknown field `skip_verify`",
+        ),
+        ("gateway_url = \"ws://127.0.0.1:1\"\n", "must use wss://"),
+    ] {
+        std::fs::write(&config, toml).unwrap();
+        let out = std::process::Command::new(bin("outpost-agent"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(78), "EX_CONFIG for {toml:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -36,13 +36,7 @@ enum Command {
 const EX_CONFIG: u8 = 78;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    outpost_sys::init_logging();
     let Command::Run { config } = Cli::parse().command;
     let settings = match outpost_agent::Settings::load(&config) {
         Ok(s) => s,
