@@ -1,65 +1,130 @@
-//! Running one check: the kinds of check and how their output becomes a result.
+//! Running one check: every kind of check, and how its findings become a result.
 //!
-//! Today every check is an exec check (a Nagios-style plugin); built-in, JSON and daemon
-//! checks join here, one module each.
+//! - program checks: [`exec`] runs a Nagios plugin ([`nagios`] reads its output) or a
+//!   JSON plugin ([`json`] reads its document); [`daemon`] keeps a long-running JSON-lines
+//!   plugin alive;
+//! - built-in probes that need nothing installed: [`system`] (cpu, memory, swap, disk,
+//!   load, network, processes) and [`net`] (TCP, HTTP, DNS, Prometheus, JSON sockets).
+//!
+//! Whatever a check does, it ends as an [`Outcome`] and never as an error: a check that
+//! cannot run is an UNKNOWN result that says why.
 
+pub mod daemon;
 pub mod exec;
+pub mod interpreters;
+pub mod json;
 pub mod nagios;
+pub mod net;
+pub mod outcome;
+pub mod system;
 
-use std::borrow::Cow;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use outpost_protocol::{CheckResult, CheckSpec, Origin, Status};
+use outpost_protocol::probe::Probe;
+use outpost_protocol::{CheckResult, CheckSpec, Origin};
+
+pub use outcome::Outcome;
 
 use crate::plugins::{PluginError, PluginStore};
 use crate::util::now_ms;
 
-/// Run `spec` once and describe the outcome. Never fails: a check that cannot run is an
-/// UNKNOWN result that says why. The sequence number is assigned by the outbox.
-pub async fn run(spec: &CheckSpec, origin: Origin, plugins: &Arc<PluginStore>) -> CheckResult {
-    let spec = match &spec.plugin {
-        None => Cow::Borrowed(spec),
-        Some(plugin) => {
+/// What running checks needs from the agent: the plugin store, the interpreter map and
+/// the state kept between runs of the system probes.
+pub struct Runner {
+    pub plugins: Arc<PluginStore>,
+    pub interpreters: interpreters::Interpreters,
+    pub system: system::SystemProbes,
+}
+
+impl Runner {
+    pub fn new(plugins: Arc<PluginStore>, interpreters: interpreters::Interpreters) -> Runner {
+        Runner {
+            plugins,
+            interpreters,
+            system: system::SystemProbes::new(),
+        }
+    }
+
+    /// The argv a program check runs: a catalog plugin resolved to its verified file, and
+    /// an interpreter put in front where the file's extension asks for one.
+    pub async fn argv(&self, spec: &CheckSpec) -> Result<Vec<String>, Outcome> {
+        let mut argv = spec
+            .probe
+            .command()
+            .map(<[String]>::to_vec)
+            .unwrap_or_default();
+        if let Some(plugin) = &spec.plugin {
             // Hashing reads the whole file: keep it off the async workers.
-            let (store, wanted) = (plugins.clone(), plugin.clone());
-            let verified = tokio::task::spawn_blocking(move || store.verified_path(&wanted))
+            let (store, wanted) = (self.plugins.clone(), plugin.clone());
+            let path = tokio::task::spawn_blocking(move || store.verified_path(&wanted))
                 .await
                 .unwrap_or_else(|e| {
                     Err(PluginError::Io {
                         name: plugin.name.clone(),
                         error: e.to_string(),
                     })
-                });
-            match verified {
-                Ok(path) => {
-                    let mut s = spec.clone();
-                    match s.command.first_mut() {
-                        Some(program) => *program = path.display().to_string(),
-                        None => s.command.push(path.display().to_string()),
-                    }
-                    Cow::Owned(s)
-                }
-                Err(e) => return unknown(spec, origin, e.to_string()),
+                })
+                .map_err(|e| Outcome::unknown(e.to_string()))?;
+            match argv.first_mut() {
+                Some(program) => *program = path.display().to_string(),
+                None => argv.push(path.display().to_string()),
             }
         }
-    };
-    let mut result = exec::run(&spec).await;
-    result.origin = origin;
-    result
+        Ok(self.interpreters.wrap(argv))
+    }
+
+    /// Run `spec` once. Daemon checks are not run here: [`daemon::supervise`] keeps them.
+    pub async fn run(&self, spec: &CheckSpec, origin: Origin) -> CheckResult {
+        let started_at_ms = now_ms();
+        let started = Instant::now();
+        let timeout = Duration::from_secs(spec.timeout_secs.clamp(1, 24 * 3600));
+        let outcome = match &spec.probe {
+            Probe::Nagios(_) => match self.argv(spec).await {
+                Ok(argv) => exec::nagios(&argv, timeout).await,
+                Err(o) => o,
+            },
+            Probe::Json(_) => match self.argv(spec).await {
+                Ok(argv) => exec::json(&argv, timeout).await,
+                Err(o) => o,
+            },
+            Probe::Daemon(_) => {
+                Outcome::unknown("a daemon check reports on its own; it cannot be run on demand")
+            }
+            builtin => {
+                let work = async {
+                    match builtin {
+                        Probe::Cpu(_)
+                        | Probe::Memory(_)
+                        | Probe::Swap(_)
+                        | Probe::Disk(_)
+                        | Probe::Load(_)
+                        | Probe::Network(_)
+                        | Probe::Process(_) => self.system.run(builtin).await,
+                        _ => net::run(builtin).await,
+                    }
+                };
+                tokio::time::timeout(timeout, work)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Outcome::unknown(format!(
+                            "{} check timed out after {}s",
+                            builtin.kind(),
+                            timeout.as_secs()
+                        ))
+                    })
+            }
+        };
+        outcome.into_result(
+            spec,
+            origin,
+            started_at_ms,
+            started.elapsed().as_millis() as u64,
+        )
+    }
 }
 
 /// A result that says why a check could not run.
 pub fn unknown(spec: &CheckSpec, origin: Origin, why: String) -> CheckResult {
-    CheckResult {
-        seq: 0,
-        check: spec.name.clone(),
-        status: Status::Unknown,
-        output: why,
-        long_output: String::new(),
-        metrics: vec![],
-        started_at_ms: now_ms(),
-        duration_ms: 0,
-        exit_code: None,
-        origin,
-    }
+    Outcome::unknown(why).into_result(spec, origin, now_ms(), 0)
 }

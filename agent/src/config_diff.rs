@@ -52,6 +52,20 @@ fn field_changes(old: &CheckSpec, new: &CheckSpec) -> Vec<String> {
         .collect()
 }
 
+/// One line saying what a check runs and when.
+fn describe(c: &CheckSpec) -> String {
+    let what = match c.probe.command() {
+        Some(argv) if c.probe.kind() == "nagios" => argv.join(" "),
+        Some(argv) => format!("{} {}", c.probe.kind(), argv.join(" ")),
+        None => serde_json::to_string(&c.probe).unwrap_or_else(|_| c.probe.kind().into()),
+    };
+    match &c.cron {
+        Some(cron) => format!("{what} (cron {cron})"),
+        None if c.interval_secs == 0 => what,
+        None => format!("{what} (every {}s)", c.interval_secs),
+    }
+}
+
 /// A readable account of `d`: one line per added, removed or changed check, then a unified
 /// diff of the changed checks' JSON.
 pub fn render(
@@ -61,7 +75,7 @@ pub fn render(
 ) -> String {
     let mut out = String::new();
     for n in &d.added {
-        let _ = writeln!(out, "+ {n}: {}", new[n].command.join(" "));
+        let _ = writeln!(out, "+ {n}: {}", describe(&new[n]));
     }
     for n in &d.removed {
         let _ = writeln!(out, "- {n}");
@@ -86,13 +100,14 @@ mod tests {
     fn spec(name: &str, interval: u64) -> (String, CheckSpec) {
         (
             name.into(),
-            CheckSpec {
-                name: name.into(),
-                command: vec!["/bin/true".into()],
-                interval_secs: interval,
-                timeout_secs: 5,
-                plugin: None,
-            },
+            CheckSpec::new(
+                name,
+                outpost_protocol::probe::Probe::Nagios(outpost_protocol::probe::Command {
+                    command: vec!["/bin/true".into()],
+                }),
+                interval,
+                5,
+            ),
         )
     }
 
@@ -106,7 +121,7 @@ mod tests {
         assert_eq!(d.changed, vec!["b"]);
         assert_eq!(d.unchanged, vec!["a"]);
         let text = render(&d, &old, &new);
-        assert!(text.contains("+ d: /bin/true"), "{text}");
+        assert!(text.contains("+ d: /bin/true (every 10s)"), "{text}");
         assert!(text.contains("- c"), "{text}");
         assert!(text.contains("~ b: interval_secs: 10 -> 30"), "{text}");
         assert!(

@@ -121,6 +121,7 @@ mod tests {
             secret_file: dir.join("agent.secret"),
             plugins_dir: dir.join("plugins"),
             machine_id_file: dir.join("machine-id"),
+            checks_dir: dir.join("checks.d"),
         }
     }
 

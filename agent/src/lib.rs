@@ -9,6 +9,7 @@ pub mod checks;
 pub mod config_diff;
 pub mod connection;
 pub mod identity;
+pub mod local_checks;
 pub mod outbox;
 pub mod plugins;
 pub mod scheduler;
@@ -42,14 +43,30 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
             .context("cannot open the outbox")?,
     );
     let plugins = Arc::new(plugins::PluginStore::new(&settings.paths.plugins_dir));
+    let runner = Arc::new(checks::Runner::new(
+        plugins,
+        checks::interpreters::Interpreters::for_platform(&settings.interpreters),
+    ));
     let scheduler = scheduler::Scheduler::new(
         identity.fingerprint.clone(),
         outbox.clone(),
-        plugins,
+        runner,
         settings.max_concurrent_checks,
         settings.paths.state_dir.join("config.json"),
     );
     scheduler.load_cached();
+    let local = local_checks::LocalChecks::new(
+        &settings.paths.checks_dir,
+        settings.labels.clone(),
+        settings.groups.clone(),
+    );
+    let watcher = tokio::spawn(local_checks::watch(
+        local,
+        scheduler.clone(),
+        outbox.clone(),
+        settings.checks_poll,
+        shutdown.clone(),
+    ));
     let conn = connection::Connection {
         settings: Arc::new(settings),
         identity,
@@ -58,6 +75,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         scheduler: scheduler.clone(),
     };
     conn.run(shutdown.clone()).await;
+    watcher.abort();
     scheduler.stop_all();
     Ok(())
 }

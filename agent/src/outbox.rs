@@ -175,21 +175,10 @@ impl Outbox for MemoryOutbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use outpost_protocol::{Origin, Status};
+    use outpost_protocol::Status;
 
     fn r(check: &str) -> CheckResult {
-        CheckResult {
-            seq: 0,
-            check: check.into(),
-            status: Status::Ok,
-            output: String::new(),
-            long_output: String::new(),
-            metrics: vec![],
-            started_at_ms: 0,
-            duration_ms: 0,
-            exit_code: None,
-            origin: Origin::Schedule,
-        }
+        CheckResult::new(check, Status::Ok, "")
     }
 
     #[test]

@@ -1,26 +1,34 @@
 //! The schedule: one task per check, firing on a fixed grid with a deterministic per-agent
-//! phase (the splay) so a fleet does not fire in step, behind a global concurrency limit.
+//! phase (the splay) so a fleet does not fire in step, or at the wall-clock times of a
+//! cron expression, behind a global concurrency limit. Daemon checks get a supervisor
+//! task instead (see `checks::daemon`); they hold no slot of the limit.
 //!
-//! A new configuration is compared with the running one; only added, removed and changed
+//! The checks run are the gateway's merged with the host's own `checks.d` (a local check
+//! whose name the gateway also uses is not run; the gateway's wins). A new configuration
+//! from either side is compared with the running one; only added, removed and changed
 //! checks are started or stopped. A run that overruns its interval skips the slots it
-//! missed rather than piling up. Results go to the outbox and nowhere else, so the
-//! schedule keeps running whatever happens to the connection.
+//! missed rather than piling up.
+//!
+//! Soft and hard states: a non-OK result is soft until it has repeated `max_attempts`
+//! times in a row, and while soft the check reruns every `retry_interval_secs` instead of
+//! waiting for its next slot. Results go to the outbox and nowhere else, so the schedule
+//! keeps running whatever happens to the connection.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outpost_protocol::{CheckResult, CheckSpec, Origin, RpcError};
+use outpost_protocol::probe::Probe;
+use outpost_protocol::{CheckResult, CheckSpec, Origin, RpcError, StateType, Status};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::checks;
+use crate::checks::{self, Runner};
 use crate::config_diff;
 use crate::outbox::Outbox;
-use crate::plugins::PluginStore;
 use crate::util::{now_ms, write_atomic};
 
 #[derive(Clone)]
@@ -31,20 +39,63 @@ pub struct Scheduler {
 struct Inner {
     fingerprint: String,
     outbox: Arc<dyn Outbox>,
-    plugins: Arc<PluginStore>,
+    runner: Arc<Runner>,
     limit: Arc<Semaphore>,
     /// One lock per check name, shared by every generation of the check and by run-now,
     /// so two runs of the same check never overlap.
     run_locks: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
     cache_path: PathBuf,
     state: Mutex<State>,
+    /// Soft/hard tracking per check name; survives config changes of the check.
+    states: Mutex<BTreeMap<String, Tracker>>,
 }
 
 #[derive(Default)]
 struct State {
+    /// Hash of the gateway's configuration being run, for `hello`.
     hash: Option<String>,
+    /// The gateway's checks, as last received.
+    gateway: Vec<CheckSpec>,
+    /// The host's own checks (`checks.d`), as last read.
+    local: Vec<CheckSpec>,
     running: BTreeMap<String, Running>,
     next_generation: u64,
+}
+
+/// Where a check's state stands between runs: the last hard status and how many non-OK
+/// results in a row it has seen.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tracker {
+    hard: Option<Status>,
+    attempt: u32,
+}
+
+impl Tracker {
+    /// Classify a new result: soft while a non-OK status has not yet repeated
+    /// `max_attempts` times; OK is always hard (a recovery resets the count); a hard
+    /// problem state that changes severity stays hard.
+    pub fn classify(&mut self, status: Status, max_attempts: u32) -> (StateType, u32) {
+        let max = max_attempts.max(1);
+        if status == Status::Ok {
+            *self = Tracker {
+                hard: Some(Status::Ok),
+                attempt: 0,
+            };
+            return (StateType::Hard, 1);
+        }
+        if self.hard.is_some_and(|h| h != Status::Ok) {
+            self.hard = Some(status);
+            self.attempt = max;
+            return (StateType::Hard, max);
+        }
+        self.attempt = (self.attempt + 1).min(max);
+        if self.attempt >= max {
+            self.hard = Some(status);
+            (StateType::Hard, self.attempt)
+        } else {
+            (StateType::Soft, self.attempt)
+        }
+    }
 }
 
 struct Running {
@@ -99,7 +150,7 @@ impl Scheduler {
     pub fn new(
         fingerprint: String,
         outbox: Arc<dyn Outbox>,
-        plugins: Arc<PluginStore>,
+        runner: Arc<Runner>,
         max_concurrent: usize,
         cache_path: PathBuf,
     ) -> Scheduler {
@@ -107,11 +158,12 @@ impl Scheduler {
             inner: Arc::new(Inner {
                 fingerprint,
                 outbox,
-                plugins,
+                runner,
                 limit: Arc::new(Semaphore::new(max_concurrent.max(1))),
                 run_locks: Mutex::new(BTreeMap::new()),
                 cache_path,
                 state: Mutex::new(State::default()),
+                states: Mutex::new(BTreeMap::new()),
             }),
         }
     }
@@ -154,7 +206,7 @@ impl Scheduler {
         }
     }
 
-    /// Run `checks` from now on; returns what changed.
+    /// Run the gateway's `checks` from now on (with the host's own); returns what changed.
     pub fn apply(&self, hash: String, checks: Vec<CheckSpec>) -> config_diff::Diff {
         self.apply_inner(hash, checks, true)
     }
@@ -165,7 +217,7 @@ impl Scheduler {
         checks: Vec<CheckSpec>,
         persist: bool,
     ) -> config_diff::Diff {
-        let new: BTreeMap<String, CheckSpec> = checks
+        let valid: Vec<CheckSpec> = checks
             .iter()
             .filter(|c| match validate(c) {
                 Ok(()) => true,
@@ -174,9 +226,52 @@ impl Scheduler {
                     false
                 }
             })
-            .map(|c| (c.name.clone(), c.clone()))
+            .cloned()
             .collect();
         let mut state = self.lock();
+        state.gateway = valid;
+        state.hash = Some(hash.clone());
+        let d = self.reconcile(&mut state);
+        drop(state);
+        if persist {
+            let cached = Cached { hash, checks };
+            if let Err(e) = serde_json::to_vec(&cached)
+                .map_err(std::io::Error::other)
+                .and_then(|b| write_atomic(&self.inner.cache_path, &b, 0o600))
+            {
+                tracing::warn!(file = %self.inner.cache_path.display(), error = %e, "cannot cache the configuration");
+            }
+        }
+        d
+    }
+
+    /// Run the host's own checks (from `checks.d`) from now on, next to the gateway's.
+    /// Returns what changed. Checks are validated by the caller.
+    pub fn apply_local(&self, checks: Vec<CheckSpec>) -> config_diff::Diff {
+        let mut state = self.lock();
+        state.local = checks;
+        self.reconcile(&mut state)
+    }
+
+    /// Names of the checks the gateway configured.
+    pub fn gateway_names(&self) -> Vec<String> {
+        self.lock().gateway.iter().map(|c| c.name.clone()).collect()
+    }
+
+    /// Start and stop tasks so that the running set is the gateway's checks plus the
+    /// local ones whose names the gateway does not use.
+    fn reconcile(&self, state: &mut State) -> config_diff::Diff {
+        let mut new: BTreeMap<String, CheckSpec> = BTreeMap::new();
+        for c in &state.gateway {
+            new.insert(c.name.clone(), c.clone());
+        }
+        for c in &state.local {
+            if new.contains_key(&c.name) {
+                tracing::warn!(check = %c.name, "a local check has the name of a gateway check; the gateway's runs");
+                continue;
+            }
+            new.insert(c.name.clone(), c.clone());
+        }
         let old: BTreeMap<String, CheckSpec> = state
             .running
             .iter()
@@ -198,12 +293,34 @@ impl Scheduler {
                 r.stop.cancel();
             }
         }
+        for name in &d.removed {
+            self.inner
+                .states
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(name);
+        }
         for name in d.added.iter().chain(&d.changed) {
             let spec = new[name].clone();
             state.next_generation += 1;
             let generation = state.next_generation;
             let stop = CancellationToken::new();
-            tokio::spawn(check_loop(self.inner.clone(), spec.clone(), stop.clone()));
+            match spec.probe {
+                Probe::Daemon(_) => {
+                    let inner = self.inner.clone();
+                    tokio::spawn(checks::daemon::supervise(
+                        self.inner.runner.clone(),
+                        spec.clone(),
+                        stop.clone(),
+                        move |r| {
+                            inner.record(r);
+                        },
+                    ));
+                }
+                _ => {
+                    tokio::spawn(check_loop(self.inner.clone(), spec.clone(), stop.clone()));
+                }
+            }
             state.running.insert(
                 name.clone(),
                 Running {
@@ -212,17 +329,6 @@ impl Scheduler {
                     generation,
                 },
             );
-        }
-        state.hash = Some(hash.clone());
-        drop(state);
-        if persist {
-            let cached = Cached { hash, checks };
-            if let Err(e) = serde_json::to_vec(&cached)
-                .map_err(std::io::Error::other)
-                .and_then(|b| write_atomic(&self.inner.cache_path, &b, 0o600))
-            {
-                tracing::warn!(file = %self.inner.cache_path.display(), error = %e, "cannot cache the configuration");
-            }
         }
         d
     }
@@ -264,12 +370,8 @@ impl Scheduler {
             }
             Ok(Ok(p)) => p,
         };
-        let mut result = checks::run(&spec, Origin::RunNow, &self.inner.plugins).await;
-        match self.inner.outbox.append(result.clone()) {
-            Ok(seq) => result.seq = seq,
-            Err(e) => tracing::error!(error = %e, check = name, "cannot queue run-now result"),
-        }
-        Ok(result)
+        let result = self.inner.runner.run(&spec, Origin::RunNow).await;
+        Ok(self.inner.record(result))
     }
 
     /// The catalog plugins the running checks need that are not on disk with the right
@@ -283,7 +385,7 @@ impl Scheduler {
             .collect();
         wanted.sort_by(|a, b| a.sha256.cmp(&b.sha256));
         wanted.dedup_by(|a, b| a.sha256 == b.sha256);
-        wanted.retain(|p| self.inner.plugins.verified_path(p).is_err());
+        wanted.retain(|p| self.inner.runner.plugins.verified_path(p).is_err());
         wanted
     }
 
@@ -301,6 +403,7 @@ impl Scheduler {
             ));
         };
         self.inner
+            .runner
             .plugins
             .install(&plugin, content)
             .map(|path| tracing::info!(plugin = %plugin.name, path = %path.display(), "plugin installed"))
@@ -324,21 +427,47 @@ fn validate(c: &CheckSpec) -> Result<(), String> {
     if !outpost_protocol::valid_check_name(&c.name) {
         return Err("invalid name".into());
     }
-    if c.command.first().is_none_or(|p| p.is_empty()) {
-        return Err("empty command".into());
-    }
-    if !(1..=MAX_INTERVAL_SECS).contains(&c.interval_secs) {
+    c.probe.validate()?;
+    if let Some(cron) = &c.cron {
+        outpost_protocol::checkfile::parse_cron(cron)?;
+    } else if !matches!(c.probe, Probe::Daemon(_))
+        && !(1..=MAX_INTERVAL_SECS).contains(&c.interval_secs)
+    {
         return Err(format!(
             "interval {}s is outside 1s to 7 days",
             c.interval_secs
         ));
     }
+    if c.retry_interval_secs
+        .is_some_and(|r| !(1..=MAX_INTERVAL_SECS).contains(&r))
+    {
+        return Err("retry interval is outside 1s to 7 days".into());
+    }
     Ok(())
 }
 
-const MAX_INTERVAL_SECS: u64 = 7 * 24 * 3600;
+use outpost_protocol::checkfile::MAX_INTERVAL_SECS;
 
 impl Inner {
+    /// Classify a result as soft or hard, queue it, and return it with its sequence
+    /// number.
+    fn record(&self, mut result: CheckResult) -> CheckResult {
+        let (state_type, attempt) = self
+            .states
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(result.check.clone())
+            .or_default()
+            .classify(result.status, result.max_attempts);
+        result.state_type = state_type;
+        result.attempt = attempt;
+        match self.outbox.append(result.clone()) {
+            Ok(seq) => result.seq = seq,
+            Err(e) => tracing::error!(check = %result.check, error = %e, "cannot queue result"),
+        }
+        result
+    }
+
     fn run_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.run_locks
             .lock()
@@ -349,17 +478,94 @@ impl Inner {
     }
 }
 
-async fn check_loop(inner: Arc<Inner>, spec: CheckSpec, stop: CancellationToken) {
-    let interval_ms = spec.interval_secs.clamp(1, MAX_INTERVAL_SECS) * 1000;
-    let lock = inner.run_lock(&spec.name);
-    let phase = splay_ms(&inner.fingerprint, &spec.name, interval_ms);
-    let mut last_start = None;
+/// When a check's task wakes next.
+enum Timing {
+    Grid { phase_ms: u64, interval_ms: u64 },
+    Cron(Box<croner::Cron>),
+}
+
+impl Timing {
+    fn of(fingerprint: &str, spec: &CheckSpec) -> Result<Timing, String> {
+        if let Some(expr) = &spec.cron {
+            return outpost_protocol::checkfile::parse_cron(expr)
+                .map(|c| Timing::Cron(Box::new(c)));
+        }
+        let interval_ms = spec.interval_secs.clamp(1, MAX_INTERVAL_SECS) * 1000;
+        Ok(Timing::Grid {
+            phase_ms: splay_ms(fingerprint, &spec.name, interval_ms),
+            interval_ms,
+        })
+    }
+
+    /// Unix milliseconds of the next run after `now`.
+    fn next(&self, now: u64, last_start: Option<u64>) -> u64 {
+        match self {
+            Timing::Grid {
+                phase_ms,
+                interval_ms,
+            } => next_run(now, last_start, *phase_ms, *interval_ms),
+            Timing::Cron(cron) => next_cron(cron, now),
+        }
+    }
+}
+
+/// The first time strictly after `now_ms` that `cron` matches, in local time; a day
+/// from now if it never does (e.g. the 30th of February).
+pub fn next_cron(cron: &croner::Cron, now_ms: u64) -> u64 {
+    use chrono::TimeZone;
+    let fallback = now_ms + 24 * 3600 * 1000;
+    // Cron has whole seconds: searching from a fraction would keep the fraction.
+    let whole = (now_ms / 1000 * 1000) as i64;
+    let Some(now) = chrono::Local.timestamp_millis_opt(whole).single() else {
+        return fallback;
+    };
+    cron.find_next_occurrence(&now, false)
+        .ok()
+        .and_then(|t| u64::try_from(t.timestamp_millis()).ok())
+        .filter(|t| *t > now_ms)
+        .unwrap_or(fallback)
+}
+
+/// Sleep until the wall clock reads `target_ms`, in steps of at most a minute so a clock
+/// change or a suspended machine does not push a run far off; false when stopped.
+async fn sleep_until(target_ms: u64, stop: &CancellationToken) -> bool {
     loop {
         let now = now_ms();
-        let wait = next_run(now, last_start, phase, interval_ms).saturating_sub(now);
+        if now >= target_ms {
+            return true;
+        }
+        let step = Duration::from_millis((target_ms - now).min(60_000));
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
-            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(step) => {}
+            _ = stop.cancelled() => return false,
+        }
+    }
+}
+
+async fn check_loop(inner: Arc<Inner>, spec: CheckSpec, stop: CancellationToken) {
+    let timing = match Timing::of(&inner.fingerprint, &spec) {
+        Ok(t) => t,
+        Err(why) => {
+            // Validated before; only a changed cron library could get here.
+            inner.record(checks::unknown(&spec, Origin::Schedule, why));
+            return;
+        }
+    };
+    let lock = inner.run_lock(&spec.name);
+    let retry_ms = spec
+        .retry_interval_secs
+        .map(|r| r.clamp(1, MAX_INTERVAL_SECS) * 1000);
+    let mut last_start: Option<u64> = None;
+    let mut soft = false;
+    loop {
+        let now = now_ms();
+        let due = match (soft, retry_ms, last_start) {
+            // A soft problem is confirmed (or cleared) sooner than the next slot.
+            (true, Some(retry), Some(prev)) => prev.saturating_add(retry).max(now),
+            _ => timing.next(now, last_start),
+        };
+        if !sleep_until(due, &stop).await {
+            return;
         }
         // A previous generation's run (before a config change) or a run-now finishes first.
         let running = tokio::select! {
@@ -372,13 +578,11 @@ async fn check_loop(inner: Arc<Inner>, spec: CheckSpec, stop: CancellationToken)
         };
         last_start = Some(now_ms());
         // Not cancellable: a run is bounded by its own timeout, and its result is kept.
-        let result = checks::run(&spec, Origin::Schedule, &inner.plugins).await;
+        let result = inner.runner.run(&spec, Origin::Schedule).await;
         drop(permit);
         drop(running);
         tracing::debug!(check = %spec.name, status = result.status.as_str(), ms = result.duration_ms, "check ran");
-        if let Err(e) = inner.outbox.append(result) {
-            tracing::error!(check = %spec.name, error = %e, "cannot queue result");
-        }
+        soft = inner.record(result).state_type == StateType::Soft;
     }
 }
 
@@ -387,8 +591,13 @@ mod tests {
     use super::*;
     use crate::outbox::MemoryOutbox;
 
-    fn plugins(dir: &tempfile::TempDir) -> Arc<PluginStore> {
-        Arc::new(PluginStore::new(&dir.path().join("plugins")))
+    fn plugins(dir: &tempfile::TempDir) -> Arc<Runner> {
+        Arc::new(Runner::new(
+            Arc::new(crate::plugins::PluginStore::new(
+                &dir.path().join("plugins"),
+            )),
+            Default::default(),
+        ))
     }
 
     #[test]
@@ -428,14 +637,56 @@ mod tests {
         );
     }
 
+    #[test]
+    fn states_turn_hard_after_max_attempts_and_recover_at_once() {
+        use Status::*;
+        let mut t = Tracker::default();
+        let seq: Vec<_> = [
+            Ok, Critical, Warning, Critical, Critical, Warning, Ok, Critical, Ok,
+        ]
+        .into_iter()
+        .map(|s| t.classify(s, 3))
+        .collect();
+        use StateType::{Hard as H, Soft as S};
+        assert_eq!(
+            seq,
+            [
+                (H, 1),
+                (S, 1),
+                (S, 2),
+                (H, 3),
+                (H, 3),
+                (H, 3),
+                (H, 1),
+                (S, 1),
+                (H, 1)
+            ]
+        );
+        let mut t = Tracker::default();
+        assert_eq!(t.classify(Critical, 1), (H, 1), "one attempt: hard at once");
+    }
+
+    #[test]
+    fn cron_fires_at_wall_clock_times() {
+        let cron = outpost_protocol::checkfile::parse_cron("*/15 * * * * *").unwrap();
+        let now = 1_700_000_007_500; // 7.5 s past a minute boundary (UTC and most zones)
+        let next = next_cron(&cron, now);
+        assert_eq!(next % 15_000, 0, "on a 15 s boundary: {next}");
+        assert!(next > now && next - now <= 15_000);
+        assert_eq!(next_cron(&cron, next), next + 15_000, "strictly after");
+        let minutely = outpost_protocol::checkfile::parse_cron("* * * * *").unwrap();
+        assert_eq!(next_cron(&minutely, now) % 60_000, 0);
+    }
+
     fn spec(name: &str, cmd: &str) -> CheckSpec {
-        CheckSpec {
-            name: name.into(),
-            command: vec![cmd.into()],
-            interval_secs: 1,
-            timeout_secs: 5,
-            plugin: None,
-        }
+        CheckSpec::new(
+            name,
+            Probe::Nagios(outpost_protocol::probe::Command {
+                command: vec![cmd.into()],
+            }),
+            1,
+            5,
+        )
     }
 
     #[tokio::test]

@@ -28,6 +28,10 @@ struct Raw {
     max_concurrent_checks: Option<usize>,
     outbox_max_results: Option<usize>,
     reconnect_max_secs: Option<u64>,
+    checks_dir: Option<PathBuf>,
+    checks_poll_secs: Option<u64>,
+    #[serde(default)]
+    interpreters: BTreeMap<String, Vec<String>>,
 }
 
 /// How the agent decides to trust the gateway's certificate. There is deliberately no
@@ -49,6 +53,8 @@ pub struct Paths {
     pub secret_file: PathBuf,
     pub plugins_dir: PathBuf,
     pub machine_id_file: PathBuf,
+    /// Check files that applications on this host drop in (`checks.d`).
+    pub checks_dir: PathBuf,
 }
 
 #[derive(Debug, Clone)]
@@ -65,6 +71,10 @@ pub struct Settings {
     pub max_concurrent_checks: usize,
     pub outbox_max_results: usize,
     pub reconnect_max_secs: u64,
+    /// How often `checks.d` is reread.
+    pub checks_poll: std::time::Duration,
+    /// Plugin file extension → interpreter argv, on top of the platform's defaults.
+    pub interpreters: BTreeMap<String, Vec<String>>,
 }
 
 /// Every problem found in a configuration, one per line.
@@ -181,6 +191,14 @@ impl Settings {
                 ));
             }
         }
+        for (ext, argv) in &raw.interpreters {
+            if ext.trim_start_matches('.').is_empty() || argv.first().is_some_and(|p| p.is_empty())
+            {
+                problems.push(format!(
+                    "interpreters.{ext}: give an extension and the program to run it (an empty list removes a default)"
+                ));
+            }
+        }
         let max_concurrent_checks = raw.max_concurrent_checks.unwrap_or(32);
         if max_concurrent_checks == 0 {
             problems.push("max_concurrent_checks must be at least 1".into());
@@ -215,6 +233,7 @@ impl Settings {
                 machine_id_file: raw
                     .machine_id_file
                     .unwrap_or_else(|| PathBuf::from("/etc/machine-id")),
+                checks_dir: raw.checks_dir.unwrap_or_else(|| etc_dir.join("checks.d")),
                 state_dir,
             },
             hostname: raw.hostname.unwrap_or_else(crate::util::hostname),
@@ -223,6 +242,10 @@ impl Settings {
             max_concurrent_checks,
             outbox_max_results: raw.outbox_max_results.unwrap_or(100_000).max(1),
             reconnect_max_secs: raw.reconnect_max_secs.unwrap_or(60).max(1),
+            checks_poll: std::time::Duration::from_secs(
+                raw.checks_poll_secs.unwrap_or(5).clamp(1, 3600),
+            ),
+            interpreters: raw.interpreters,
         })
     }
 }

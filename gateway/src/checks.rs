@@ -1,4 +1,5 @@
-//! Check definitions: a directory of TOML files, each with one or more `[[check]]` tables,
+//! Check definitions: a directory of TOML files, each with one or more `[[check]]` tables
+//! (the format is `outpost_protocol::checkfile`, shared with the agent's `checks.d`),
 //! rescanned every few seconds. Agents get the checks whose target matches their labels and
 //! groups; a change that alters an agent's set is pushed to it at once.
 //!
@@ -14,40 +15,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
+pub use outpost_protocol::checkfile::{parse_file, CheckDef, Target};
 use outpost_protocol::{valid_check_name, CheckSpec, PluginRef, MAX_CHECKS, MAX_PLUGIN_BYTES};
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::Gateway;
-
-/// Which agents a check is for. Empty means every agent.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Target {
-    /// Every label listed must be set on the agent with this value.
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// The agent must be in at least one of these groups (when any are listed).
-    #[serde(default)]
-    pub groups: Vec<String>,
-}
-
-impl Target {
-    pub fn matches(&self, labels: &BTreeMap<String, String>, groups: &[String]) -> bool {
-        self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
-            && (self.groups.is_empty() || self.groups.iter().any(|g| groups.contains(g)))
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CheckDef {
-    /// For a plugin check, `command[0]` is the plugin's name and `spec.plugin` is filled
-    /// in from the catalog when the checks are assembled.
-    pub spec: CheckSpec,
-    pub target: Target,
-    pub file: PathBuf,
-}
 
 /// A plugin file in the catalog.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,7 +30,7 @@ pub struct PluginEntry {
 }
 
 /// The checks in force, in file-name order, and the plugin catalog.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Catalog {
     pub checks: Vec<CheckDef>,
     pub plugins: BTreeMap<String, PluginEntry>,
@@ -130,158 +103,6 @@ pub fn scan_plugins(dir: &Path) -> BTreeMap<String, PluginEntry> {
         }
     }
     out
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawFile {
-    #[serde(default)]
-    check: Vec<RawCheck>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawCheck {
-    name: String,
-    command: Option<RawCommand>,
-    /// A plugin from the catalog, instead of `command`.
-    plugin: Option<String>,
-    /// Arguments for `plugin`.
-    args: Option<RawCommand>,
-    interval: RawDuration,
-    timeout: Option<RawDuration>,
-    #[serde(default)]
-    target: Target,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum RawCommand {
-    Argv(Vec<String>),
-    Line(String),
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum RawDuration {
-    Secs(u64),
-    Text(String),
-}
-
-const DEFAULT_TIMEOUT_SECS: u64 = 10;
-const MAX_INTERVAL_SECS: u64 = 7 * 24 * 3600;
-
-fn parse_duration(field: &str, raw: &RawDuration) -> Result<u64, String> {
-    let secs = match raw {
-        RawDuration::Secs(s) => *s,
-        RawDuration::Text(t) => {
-            let t = t.trim();
-            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-            let (num, unit) = t.split_at(split);
-            let n: u64 = num.parse().map_err(|_| {
-                format!("{field} {t:?} is not a duration; write e.g. 30, \"30s\", \"5m\" or \"1h\"")
-            })?;
-            let mult = match unit.trim() {
-                "" | "s" => 1,
-                "m" => 60,
-                "h" => 3600,
-                other => {
-                    return Err(format!(
-                        "{field} {t:?} has unknown unit {other:?}; use s, m or h"
-                    ))
-                }
-            };
-            n.saturating_mul(mult)
-        }
-    };
-    if secs == 0 || secs > MAX_INTERVAL_SECS {
-        return Err(format!(
-            "{field} must be between 1 second and 7 days, not {secs} seconds"
-        ));
-    }
-    Ok(secs)
-}
-
-/// Parse one check file, reporting every problem in it at once.
-pub fn parse_file(path: &Path, text: &str) -> Result<Vec<CheckDef>, String> {
-    let raw: RawFile = toml::from_str(text).map_err(|e| e.to_string())?;
-    let mut errors = Vec::new();
-    let mut out = Vec::new();
-    for (i, c) in raw.check.into_iter().enumerate() {
-        let at = format!("check #{} ({:?})", i + 1, c.name);
-        if !valid_check_name(&c.name) {
-            errors.push(format!(
-                "{at}: name must be 1-64 characters of A-Z a-z 0-9 _ - ."
-            ));
-        }
-        let split = |raw: RawCommand| match raw {
-            RawCommand::Argv(v) => Ok(v),
-            RawCommand::Line(l) => shell_words::split(&l).map_err(|e| e.to_string()),
-        };
-        let mut plugin_name = None;
-        let command = match (c.command, c.plugin, c.args) {
-            (Some(_), Some(_), _) => Err("set either command or plugin, not both".to_string()),
-            (Some(_), None, Some(_)) => Err("args go with plugin; put them in command".to_string()),
-            (None, None, _) => Err("command (or plugin) is required".to_string()),
-            (Some(cmd), None, None) => split(cmd)
-                .map_err(|e| format!("command cannot be split into arguments: {e}"))
-                .and_then(|v| match v.first() {
-                    Some(p) if !p.is_empty() => Ok(v),
-                    _ => Err("command is empty".to_string()),
-                }),
-            (None, Some(plugin), _) if !valid_check_name(&plugin) => {
-                Err(format!("plugin {plugin:?} is not a valid plugin name"))
-            }
-            (None, Some(plugin), args) => args
-                .map(split)
-                .transpose()
-                .map_err(|e| format!("args cannot be split into arguments: {e}"))
-                .map(|args| {
-                    plugin_name = Some(plugin.clone());
-                    std::iter::once(plugin)
-                        .chain(args.unwrap_or_default())
-                        .collect()
-                }),
-        };
-        let command = match command {
-            Ok(v) => v,
-            Err(e) => {
-                errors.push(format!("{at}: {e}"));
-                continue;
-            }
-        };
-        let interval = parse_duration("interval", &c.interval).map_err(|e| format!("{at}: {e}"));
-        let timeout = c
-            .timeout
-            .as_ref()
-            .map(|t| parse_duration("timeout", t))
-            .unwrap_or(Ok(DEFAULT_TIMEOUT_SECS))
-            .map_err(|e| format!("{at}: {e}"));
-        match (interval, timeout) {
-            (Ok(interval_secs), Ok(timeout_secs)) => out.push(CheckDef {
-                spec: CheckSpec {
-                    name: c.name,
-                    command,
-                    interval_secs,
-                    timeout_secs,
-                    // Resolved against the catalog when the checks are assembled.
-                    plugin: plugin_name.map(|name| PluginRef {
-                        name,
-                        sha256: String::new(),
-                        size: 0,
-                    }),
-                },
-                target: c.target,
-                file: path.to_path_buf(),
-            }),
-            (i, t) => errors.extend(i.err().into_iter().chain(t.err())),
-        }
-    }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(errors.join("; "))
-    }
 }
 
 struct FileState {
@@ -427,69 +248,6 @@ pub async fn watch(gw: Arc<Gateway>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_argv_and_string_commands_with_durations() {
-        let defs = parse_file(
-            Path::new("x.toml"),
-            r#"
-[[check]]
-name = "load"
-command = ["/usr/lib/nagios/plugins/check_load", "-w", "5,4,3"]
-interval = "1m"
-
-[[check]]
-name = "echo"
-command = "/bin/echo 'hello world' two"
-interval = 30
-timeout = "5s"
-target = { labels = { role = "web" }, groups = ["eu", "us"] }
-"#,
-        )
-        .unwrap();
-        assert_eq!(defs[0].spec.interval_secs, 60);
-        assert_eq!(defs[0].spec.timeout_secs, DEFAULT_TIMEOUT_SECS);
-        assert_eq!(
-            defs[1].spec.command,
-            vec!["/bin/echo", "hello world", "two"]
-        );
-        assert_eq!(defs[1].spec.timeout_secs, 5);
-        let labels: BTreeMap<String, String> = [("role".into(), "web".into())].into();
-        assert!(defs[1].target.matches(&labels, &["us".into()]));
-        assert!(!defs[1].target.matches(&labels, &["asia".into()]));
-        assert!(!defs[1].target.matches(&BTreeMap::new(), &["eu".into()]));
-    }
-
-    #[test]
-    fn reports_every_problem_at_once() {
-        let err = parse_file(
-            Path::new("x.toml"),
-            r#"
-[[check]]
-name = "bad name"
-command = []
-interval = "1d"
-
-[[check]]
-name = "ok"
-command = "x"
-interval = "0s"
-"#,
-        )
-        .unwrap_err();
-        assert!(err.contains("name must be"), "{err}");
-        assert!(err.contains("command is empty"), "{err}");
-        assert!(
-            err.contains("interval \"0s\"") || err.contains("between 1 second"),
-            "{err}"
-        );
-        let err = parse_file(
-            Path::new("x.toml"),
-            "[[check]]\nname='a'\ncommand='x'\ninterval=1\nshell=true\n",
-        )
-        .unwrap_err();
-        assert!(err.contains("unknown field"), "{err}");
-    }
 
     #[test]
     fn broken_file_keeps_its_last_good_version() {

@@ -20,6 +20,10 @@ use crate::bus::Presence;
 use crate::util::{now_ms, write_atomic};
 use crate::Gateway;
 
+/// Checks per agent kept in the registry beyond those the gateway configured: what the
+/// agent runs from its own `checks.d` and its self-checks.
+pub const MAX_LOCAL_CHECKS: usize = 256;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentRecord {
     pub fingerprint: String,
@@ -176,9 +180,10 @@ impl Registry {
         self.dirty.store(true, Ordering::Relaxed);
     }
 
-    /// Keep the newest result per configured check (by sequence number). Results for
-    /// checks the agent was not given stay on the bus but are not kept here, so an agent
-    /// cannot grow this map with made-up names.
+    /// Keep the newest result per check (by sequence number): every check the gateway
+    /// configured, and up to [`MAX_LOCAL_CHECKS`] more that the agent runs on its own
+    /// (its `checks.d`, its self-checks). Beyond that, results stay on the bus but are
+    /// not kept here, so an agent cannot grow this map without bound.
     pub fn record_results<'a>(
         &self,
         fingerprint: &str,
@@ -186,7 +191,11 @@ impl Registry {
     ) {
         if let Some(rec) = self.lock().get_mut(fingerprint) {
             for r in results {
-                if !rec.checks.iter().any(|c| c.name == r.check) {
+                let configured = rec.checks.iter().any(|c| c.name == r.check);
+                if !configured
+                    && !rec.latest.contains_key(&r.check)
+                    && rec.latest.len() >= rec.checks.len() + MAX_LOCAL_CHECKS
+                {
                     continue;
                 }
                 match rec.latest.get(&r.check) {

@@ -3,6 +3,8 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::probe::Probe;
+
 /// A check's state, with Nagios semantics (exit codes 0..=3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -70,20 +72,83 @@ pub enum Origin {
     RunNow,
 }
 
-/// A check as an agent receives it: already targeted and validated by the gateway.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A check as an agent receives it: already targeted and validated by the gateway (or
+/// read from the agent's own `checks.d`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckSpec {
     pub name: String,
-    /// Program and arguments. Run directly, never through a shell.
-    pub command: Vec<String>,
-    /// Seconds between runs.
+    /// What runs.
+    pub probe: Probe,
+    /// Seconds between runs, on the agent's splayed grid. 0 when the check has a `cron`
+    /// schedule or is a daemon (which runs continuously).
     pub interval_secs: u64,
-    /// Seconds before the whole process group is killed and the result is UNKNOWN.
+    /// A cron expression (5 fields, minute first, or 6 with seconds first) in the agent's
+    /// local time; replaces the interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cron: Option<String>,
+    /// Seconds before the whole process group is killed and the result is UNKNOWN. For a
+    /// daemon: the longest silence before an UNKNOWN result says it stopped reporting.
     pub timeout_secs: u64,
-    /// Set when `command[0]` names a plugin from the gateway's catalog: the agent fetches
-    /// it by hash, and runs it only while the file on disk still has this hash.
+    /// Consecutive non-OK results before the state turns hard. 1 (the default) makes every
+    /// state hard at once.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub max_attempts: u32,
+    /// Seconds between runs while a non-OK state is soft; the interval when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_interval_secs: Option<u64>,
+    /// Set when the command's program names a plugin from the gateway's catalog: the
+    /// agent fetches it by hash, and runs it only while the file on disk still has this
+    /// hash.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plugin: Option<PluginRef>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
+impl CheckSpec {
+    /// An interval check of `probe` with the defaults: hard states at once, no plugin.
+    pub fn new(
+        name: impl Into<String>,
+        probe: Probe,
+        interval_secs: u64,
+        timeout_secs: u64,
+    ) -> Self {
+        CheckSpec {
+            name: name.into(),
+            probe,
+            interval_secs,
+            cron: None,
+            timeout_secs,
+            max_attempts: 1,
+            retry_interval_secs: None,
+            plugin: None,
+        }
+    }
+}
+
+/// Whether a state has been confirmed (hard) or may still be a passing glitch (soft).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StateType {
+    #[default]
+    Hard,
+    Soft,
+}
+
+/// One part of a check that failed on its own (a disk of several, a queue of many), as a
+/// JSON plugin reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fault {
+    pub name: String,
+    pub status: Status,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub output: String,
 }
 
 /// A plugin in the gateway's catalog, addressed by content.

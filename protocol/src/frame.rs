@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::check::{CheckSpec, Metric, Origin, Status};
+use crate::check::{CheckSpec, Fault, Metric, Origin, StateType, Status};
 use crate::limits::MAX_FRAME_BYTES;
 
 /// Frames an agent sends.
@@ -111,6 +111,44 @@ pub struct CheckResult {
     pub exit_code: Option<i32>,
     #[serde(default)]
     pub origin: Origin,
+    /// Soft while a non-OK status has not yet repeated `max_attempts` times.
+    #[serde(default)]
+    pub state_type: StateType,
+    /// Which consecutive non-OK result this is (1 for OK results).
+    #[serde(default = "one")]
+    pub attempt: u32,
+    #[serde(default = "one")]
+    pub max_attempts: u32,
+    /// Parts that failed on their own, as a JSON plugin reported them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub faults: Vec<Fault>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl CheckResult {
+    /// A hard result of `check` with nothing but a status and a line of output; the rest
+    /// is filled in by whoever produces it.
+    pub fn new(check: impl Into<String>, status: Status, output: impl Into<String>) -> Self {
+        CheckResult {
+            seq: 0,
+            check: check.into(),
+            status,
+            output: output.into(),
+            long_output: String::new(),
+            metrics: Vec::new(),
+            started_at_ms: 0,
+            duration_ms: 0,
+            exit_code: None,
+            origin: Origin::Schedule,
+            state_type: StateType::Hard,
+            attempt: 1,
+            max_attempts: 1,
+            faults: Vec::new(),
+        }
+    }
 }
 
 /// A batch of results in increasing `seq` order.

@@ -10,10 +10,14 @@
 //! answer with an `error` frame instead of dropping the connection.
 
 mod check;
+pub mod checkfile;
 mod frame;
 mod limits;
+pub mod probe;
 
-pub use check::{config_hash, valid_check_name, CheckSpec, Metric, Origin, PluginRef, Status};
+pub use check::{
+    config_hash, valid_check_name, CheckSpec, Fault, Metric, Origin, PluginRef, StateType, Status,
+};
 pub use frame::{
     decode_agent_frame, decode_gateway_frame, encode, Ack, AgentFrame, Bye, CheckResult,
     ConfigFrame, Credential, ErrorFrame, FrameError, GatewayFrame, Hello, PluginFrame,

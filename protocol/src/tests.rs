@@ -1,4 +1,5 @@
 use super::*;
+use crate::probe::Probe;
 
 fn hello() -> Hello {
     Hello {
@@ -84,13 +85,14 @@ fn rpc_request_flattens_the_call() {
 
 #[test]
 fn config_hash_ignores_order_and_sees_changes() {
-    let a = CheckSpec {
-        name: "a".into(),
-        command: vec!["/bin/true".into()],
-        interval_secs: 60,
-        timeout_secs: 10,
-        plugin: None,
-    };
+    let a = CheckSpec::new(
+        "a",
+        Probe::Nagios(probe::Command {
+            command: vec!["/bin/true".into()],
+        }),
+        60,
+        10,
+    );
     let mut b = a.clone();
     b.name = "b".into();
     assert_eq!(

@@ -311,6 +311,18 @@ impl Gateway {
             .filter(|l| !l.is_null())
     }
 
+    /// Every result of `check` from the agent `fingerprint` that the embedded bus holds,
+    /// in the order they were made durable.
+    pub fn bus_results(&self, fingerprint: &str, check: &str) -> Vec<Value> {
+        let text =
+            std::fs::read_to_string(self.data_dir.join("bus/results.jsonl")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["fingerprint"] == fingerprint && l["result"]["check"] == check)
+            .map(|l| l["result"].clone())
+            .collect()
+    }
+
     pub async fn metric(&self, line_prefix: &str) -> u64 {
         let (_, body) = self.http("GET", "/metrics", None).await;
         let text = body.as_str().unwrap_or_default().to_string();

@@ -159,8 +159,14 @@ async fn changing_check_files_changes_what_the_agent_runs_without_restart() {
     assert!(agent.proc.is_running(), "no restart needed");
     // Only the changed and added checks were rescheduled, and the agent said what changed.
     let log = agent.proc.log();
-    assert!(log.contains("~ moving: command:"), "{log}");
-    assert!(log.contains("+ added: /bin/echo new check"), "{log}");
+    assert!(
+        log.contains("~ moving: probe:") && log.contains("version-2"),
+        "{log}"
+    );
+    assert!(
+        log.contains("+ added: /bin/echo new check (every 1s)"),
+        "{log}"
+    );
     assert!(!log.contains("~ steady"), "{log}");
     // A broken edit keeps the last good version running.
     gw.write_checks("a.toml", "[[check]]\nname = \"moving\"\ncommand = \n");

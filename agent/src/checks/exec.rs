@@ -4,36 +4,39 @@
 //! too, so a plugin's stray children cannot hold its output pipe open or pile up.
 
 use std::os::unix::process::ExitStatusExt;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
 
-use outpost_protocol::{
-    CheckResult, CheckSpec, Origin, Status, MAX_LONG_OUTPUT_BYTES, MAX_METRICS, MAX_OUTPUT_BYTES,
-};
+use outpost_protocol::Status;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 
+use super::outcome::Outcome;
 use crate::checks::nagios;
-use crate::util::{now_ms, truncate_utf8};
 
 /// Most bytes of a plugin's stdout (and, separately, stderr) kept. The rest is read and
 /// discarded so the plugin never blocks on a full pipe, and the result says so.
 pub const OUTPUT_CAP: usize = 64 * 1024;
 
-fn kill_group(pgid: u32) {
+pub(crate) fn kill_group(pgid: u32) {
+    signal_group(pgid, libc::SIGKILL);
+}
+
+/// Send `sig` to the plugin's process group.
+pub(crate) fn signal_group(pgid: u32, sig: i32) {
     if pgid == 0 || pgid > i32::MAX as u32 {
         return;
     }
     // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
     // The group was created for this plugin (process_group(0)), so it holds nothing else.
     unsafe {
-        libc::kill(-(pgid as i32), libc::SIGKILL);
+        libc::kill(-(pgid as i32), sig);
     }
 }
 
 /// Kills the plugin's process group when dropped, however the run ends: finished,
 /// timed out, or abandoned because the agent is stopping.
-struct GroupGuard(u32);
+pub(crate) struct GroupGuard(pub(crate) u32);
 
 impl Drop for GroupGuard {
     fn drop(&mut self) {
@@ -87,31 +90,11 @@ fn take(c: &Captured) -> (Vec<u8>, bool) {
     std::mem::take(&mut *c.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
-fn unknown(spec: &CheckSpec, started_at_ms: u64, started: Instant, output: String) -> CheckResult {
-    CheckResult {
-        seq: 0,
-        check: spec.name.clone(),
-        status: Status::Unknown,
-        output,
-        long_output: String::new(),
-        metrics: vec![],
-        started_at_ms,
-        duration_ms: started.elapsed().as_millis() as u64,
-        exit_code: None,
-        origin: Origin::Schedule,
-    }
-}
-
-pub async fn run(spec: &CheckSpec) -> CheckResult {
-    let started_at_ms = now_ms();
-    let started = Instant::now();
-    let Some((program, args)) = spec.command.split_first() else {
-        return unknown(
-            spec,
-            started_at_ms,
-            started,
-            "check has an empty command".into(),
-        );
+/// The program a check runs, ready to spawn: its own process group, stdin closed, stdout
+/// and stderr piped, a cleared environment, killed if the handle is dropped.
+pub fn command(argv: &[String]) -> Result<Command, String> {
+    let Some((program, args)) = argv.split_first() else {
+        return Err("check has an empty command".into());
     };
     let mut cmd = Command::new(program);
     cmd.args(args)
@@ -133,17 +116,51 @@ pub async fn run(spec: &CheckSpec) -> CheckResult {
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         );
     }
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => {
-            return unknown(
-                spec,
-                started_at_ms,
-                started,
-                format!("cannot run {program}: {e}"),
-            );
+    Ok(cmd)
+}
+
+/// What a program did in one run.
+pub struct Ran {
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub status: ExitStatus,
+    /// Output beyond [`OUTPUT_CAP`] was discarded.
+    pub truncated: bool,
+    /// Something that left the group kept the output open after the program exited.
+    pub escaped: bool,
+}
+
+impl Ran {
+    /// The notes every kind of program check adds about how its output was read.
+    fn notes(&self, o: &mut Outcome) {
+        if self.escaped {
+            o.remark("[a child that left the plugin's process group kept its output open; output after the plugin exited is lost]");
         }
-    };
+        if self.truncated {
+            o.remark(format!("[output truncated at {OUTPUT_CAP} bytes]"));
+        }
+    }
+
+    /// The first line of stderr: a plugin that failed before printing anything usually
+    /// said why there.
+    fn stderr_line(&self) -> String {
+        String::from_utf8_lossy(&self.stderr)
+            .trim()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+/// Run `argv` to its end (or until `timeout`, when its whole group is killed) and keep
+/// what it printed. A program that cannot run or times out is UNKNOWN with the reason.
+pub async fn capture(argv: &[String], timeout: Duration) -> Result<Ran, Outcome> {
+    let mut cmd = command(argv).map_err(Outcome::unknown)?;
+    let program = &argv[0];
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Outcome::unknown(format!("cannot run {program}: {e}")))?;
     let pgid = child.id().unwrap_or(0);
     let guard = GroupGuard(pgid);
     let (out_buf, err_buf) = (Captured::default(), Captured::default());
@@ -158,7 +175,7 @@ pub async fn run(spec: &CheckSpec) -> CheckResult {
         err_buf.clone(),
     ));
     let (out_abort, err_abort) = (out.abort_handle(), err.abort_handle());
-    let timeout = Duration::from_secs(spec.timeout_secs.clamp(1, 24 * 3600));
+    let timeout = timeout.clamp(Duration::from_secs(1), Duration::from_secs(24 * 3600));
     let work = async {
         let status = child.wait().await;
         // The plugin is done: anything it left behind in its group goes with it.
@@ -172,115 +189,131 @@ pub async fn run(spec: &CheckSpec) -> CheckResult {
             drop(guard);
             out_abort.abort();
             err_abort.abort();
-            return unknown(
-                spec,
-                started_at_ms,
-                started,
-                format!(
-                    "check timed out after {}s and was killed",
-                    timeout.as_secs()
-                ),
-            );
+            return Err(Outcome::unknown(format!(
+                "check timed out after {}s and was killed",
+                timeout.as_secs()
+            )));
         }
     };
     // The group was killed as soon as the plugin exited; signalling it again later could
     // reach an unrelated group that reused the number.
     std::mem::forget(guard);
+    let status = status.map_err(|e| Outcome::unknown(format!("cannot wait for {program}: {e}")))?;
     let ((stdout, truncated), (stderr, _)) = (take(&out_buf), take(&err_buf));
-    let duration_ms = started.elapsed().as_millis() as u64;
-    let status = match status {
-        Ok(s) => s,
-        Err(e) => {
-            return unknown(
-                spec,
-                started_at_ms,
-                started,
-                format!("cannot wait for {program}: {e}"),
-            )
-        }
+    Ok(Ran {
+        stdout,
+        stderr,
+        status,
+        truncated,
+        escaped: !drained,
+    })
+}
+
+/// Run a Nagios plugin: the exit code is the status, the output is read for its first
+/// line, long output and perfdata.
+pub async fn nagios(argv: &[String], timeout: Duration) -> Outcome {
+    let ran = match capture(argv, timeout).await {
+        Ok(r) => r,
+        Err(o) => return o,
     };
-    let text = String::from_utf8_lossy(&stdout);
-    let mut parsed = nagios::parse_output(&text);
-    let err_text = String::from_utf8_lossy(&stderr).trim().to_string();
-    if parsed.output.is_empty() && !err_text.is_empty() {
-        // A plugin that failed before printing anything usually said why on stderr.
-        parsed.output = err_text.lines().next().unwrap_or_default().to_string();
+    let parsed = nagios::parse_output(&String::from_utf8_lossy(&ran.stdout));
+    let mut output = parsed.output;
+    if output.is_empty() {
+        output = ran.stderr_line();
     }
-    let (status_val, exit_code) = match status.code() {
+    let (status, exit_code) = match ran.status.code() {
         Some(code) => match Status::from_exit_code(code) {
             Some(s) => (s, Some(code)),
             None => {
-                parsed.output = format!(
-                    "plugin exited with code {code} (not 0-3): {}",
-                    parsed.output
-                );
+                output = format!("plugin exited with code {code} (not 0-3): {output}");
                 (Status::Unknown, Some(code))
             }
         },
         None => {
-            let sig = status.signal().unwrap_or(0);
-            parsed.output = format!("plugin was killed by signal {sig}: {}", parsed.output);
+            let sig = ran.status.signal().unwrap_or(0);
+            output = format!("plugin was killed by signal {sig}: {output}");
             (Status::Unknown, None)
         }
     };
-    let mut notes = Vec::new();
-    if !drained {
-        notes.push("[a child that left the plugin's process group kept its output open; output after the plugin exited is lost]".to_string());
-    }
-    if truncated {
-        notes.push(format!("[output truncated at {OUTPUT_CAP} bytes]"));
-    }
+    let mut o = Outcome::new(status, output);
+    o.long_output = parsed.long_output;
+    o.metrics = parsed.metrics;
+    o.exit_code = exit_code;
+    ran.notes(&mut o);
     if !parsed.bad_perfdata.is_empty() {
-        notes.push(format!(
+        o.remark(format!(
             "[unparsable perfdata ignored: {}]",
             parsed.bad_perfdata.join(" ")
         ));
     }
-    if parsed.metrics.len() > MAX_METRICS {
-        notes.push(format!(
-            "[{} metrics beyond {MAX_METRICS} dropped]",
-            parsed.metrics.len() - MAX_METRICS
-        ));
-        parsed.metrics.truncate(MAX_METRICS);
-    }
-    let mut long_output = parsed.long_output;
-    for n in notes {
-        if !long_output.is_empty() {
-            long_output.push('\n');
+    o
+}
+
+/// Run a JSON plugin: its one JSON document is the result; the exit code only matters
+/// when the document is missing (then it says how the program ended).
+pub async fn json(argv: &[String], timeout: Duration) -> Outcome {
+    let ran = match capture(argv, timeout).await {
+        Ok(r) => r,
+        Err(o) => return o,
+    };
+    let text = String::from_utf8_lossy(&ran.stdout);
+    let mut o = if ran.truncated {
+        Outcome::unknown(format!(
+            "plugin printed more than {OUTPUT_CAP} bytes; a JSON document cannot be cut"
+        ))
+    } else if text.trim().is_empty() {
+        let how = match ran.status.code() {
+            Some(c) => format!("exited with code {c}"),
+            None => format!("was killed by signal {}", ran.status.signal().unwrap_or(0)),
+        };
+        let mut o = Outcome::unknown(format!("plugin printed nothing and {how}"));
+        let err = ran.stderr_line();
+        if !err.is_empty() {
+            o.note(format!("stderr: {err}"));
         }
-        long_output.push_str(&n);
+        o
+    } else {
+        super::json::interpret(&text)
+    };
+    o.exit_code = ran.status.code();
+    if ran.escaped {
+        o.remark("[a child that left the plugin's process group kept its output open; output after the plugin exited is lost]");
     }
-    let mut output = parsed.output;
-    truncate_utf8(&mut output, MAX_OUTPUT_BYTES);
-    if truncate_utf8(&mut long_output, MAX_LONG_OUTPUT_BYTES - 32) {
-        long_output.push_str("\n[long output truncated]");
-    }
-    CheckResult {
-        seq: 0,
-        check: spec.name.clone(),
-        status: status_val,
-        output,
-        long_output,
-        metrics: parsed.metrics,
-        started_at_ms,
-        duration_ms,
-        exit_code,
-        origin: Origin::Schedule,
-    }
+    o
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn spec(cmd: &[&str], timeout: u64) -> CheckSpec {
-        CheckSpec {
-            name: "t".into(),
-            command: cmd.iter().map(|s| s.to_string()).collect(),
-            interval_secs: 60,
-            timeout_secs: timeout,
-            plugin: None,
-        }
+    use outpost_protocol::MAX_LONG_OUTPUT_BYTES;
+    use std::time::Instant;
+
+    fn spec(cmd: &[&str], timeout: u64) -> (Vec<String>, Duration) {
+        (
+            cmd.iter().map(|s| s.to_string()).collect(),
+            Duration::from_secs(timeout),
+        )
+    }
+
+    async fn run(s: &(Vec<String>, Duration)) -> Outcome {
+        let mut o = nagios(&s.0, s.1).await;
+        // As the result will carry it.
+        o.long_output = o
+            .clone()
+            .into_result(
+                &outpost_protocol::CheckSpec::new(
+                    "t",
+                    outpost_protocol::probe::Probe::Cpu(Default::default()),
+                    1,
+                    1,
+                ),
+                outpost_protocol::Origin::Schedule,
+                0,
+                0,
+            )
+            .long_output;
+        o
     }
 
     #[tokio::test]

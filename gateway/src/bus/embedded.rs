@@ -313,20 +313,15 @@ impl Presence {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use outpost_protocol::{Origin, Status};
+    use outpost_protocol::Status;
 
     fn result(seq: u64, check: &str) -> CheckResult {
         CheckResult {
             seq,
-            check: check.into(),
-            status: Status::Ok,
-            output: format!("run {seq}"),
-            long_output: String::new(),
-            metrics: vec![],
             started_at_ms: seq,
             duration_ms: 1,
             exit_code: Some(0),
-            origin: Origin::Schedule,
+            ..CheckResult::new(check, Status::Ok, format!("run {seq}"))
         }
     }
 

@@ -1,0 +1,469 @@
+//! Daemon plugins: a long-running program that prints one JSON document per line (the
+//! JSON plugin format, see [`super::json`]); every line is a result.
+//!
+//! The agent keeps it running: when it exits, that is reported (UNKNOWN, with its exit
+//! code and last stderr line) and it is restarted after an exponential backoff (1 s,
+//! doubling to 60 s; back to 1 s once it has stayed up for a minute). After
+//! [`CRASH_LIMIT`] exits within [`CRASH_WINDOW`] it is a crash loop: a CRITICAL result
+//! says so, the error is logged, and the daemon is not started again until its
+//! configuration changes or the agent restarts.
+//!
+//! When `timeout_secs` is set it is the longest the daemon may stay silent: each time it
+//! passes without a line, an UNKNOWN result says so (the daemon is left running). Lines
+//! longer than [`MAX_LINE`] are dropped with an UNKNOWN result; stderr goes to the agent's
+//! log, at most [`STDERR_LINES_PER_MINUTE`] lines a minute. On stop the daemon's process
+//! group gets SIGTERM, then SIGKILL after [`STOP_GRACE`].
+//!
+//! Daemons do not take a slot of the global concurrency limit: they would hold it forever.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outpost_protocol::{CheckResult, CheckSpec, Origin};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio_util::sync::CancellationToken;
+
+use super::exec::{self, GroupGuard};
+use super::json;
+use super::outcome::Outcome;
+use super::Runner;
+use crate::util::now_ms;
+
+/// Exits within [`CRASH_WINDOW`] that make a crash loop.
+pub const CRASH_LIMIT: usize = 5;
+pub const CRASH_WINDOW: Duration = Duration::from_secs(120);
+/// Longest line read from a daemon.
+pub const MAX_LINE: usize = 64 * 1024;
+/// How long a stopping daemon gets between SIGTERM and SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(3);
+pub const STDERR_LINES_PER_MINUTE: u32 = 20;
+const BACKOFF_START: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// A daemon that stayed up this long is healthy again: its backoff starts over.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+
+/// Restart delays and crash-loop detection, kept apart from processes so it can be tested
+/// on its own.
+#[derive(Debug)]
+pub struct Restarts {
+    exits: VecDeque<Instant>,
+    backoff: Duration,
+}
+
+impl Default for Restarts {
+    fn default() -> Self {
+        Restarts {
+            exits: VecDeque::new(),
+            backoff: BACKOFF_START,
+        }
+    }
+}
+
+impl Restarts {
+    /// Record an exit at `at` after running for `ran`. Returns the delay before the next
+    /// start, or `None` for a crash loop.
+    pub fn exited(&mut self, at: Instant, ran: Duration) -> Option<Duration> {
+        if ran >= STABLE_AFTER {
+            self.backoff = BACKOFF_START;
+        }
+        self.exits.push_back(at);
+        while self
+            .exits
+            .front()
+            .is_some_and(|t| at.duration_since(*t) > CRASH_WINDOW)
+        {
+            self.exits.pop_front();
+        }
+        if self.exits.len() >= CRASH_LIMIT {
+            return None;
+        }
+        let delay = self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        Some(delay)
+    }
+}
+
+fn result(spec: &CheckSpec, o: Outcome) -> CheckResult {
+    o.into_result(spec, Origin::Schedule, now_ms(), 0)
+}
+
+/// Keep `spec`'s daemon running until `stop`, handing each result to `emit`.
+pub async fn supervise(
+    runner: Arc<Runner>,
+    spec: CheckSpec,
+    stop: CancellationToken,
+    emit: impl Fn(CheckResult) + Send + 'static,
+) {
+    let mut restarts = Restarts::default();
+    loop {
+        let started = Instant::now();
+        let ended = match runner.argv(&spec).await {
+            Ok(argv) => run_once(&spec, &argv, &stop, &emit).await,
+            Err(o) => Some(o.output),
+        };
+        let Some(how) = ended else {
+            return; // stopped
+        };
+        match restarts.exited(Instant::now(), started.elapsed()) {
+            Some(delay) => {
+                tracing::warn!(check = %spec.name, reason = %how, retry_in_s = delay.as_secs(), "daemon check ended; restarting");
+                emit(result(
+                    &spec,
+                    Outcome::unknown(format!("daemon {how}; restarting in {}s", delay.as_secs())),
+                ));
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+            None => {
+                let why = format!(
+                    "daemon crash loop: ended {CRASH_LIMIT} times within {}s (last: {how}); not restarting until its configuration changes or the agent restarts",
+                    CRASH_WINDOW.as_secs()
+                );
+                tracing::error!(check = %spec.name, "{why}");
+                emit(result(&spec, Outcome::critical(why)));
+                stop.cancelled().await;
+                return;
+            }
+        }
+    }
+}
+
+/// Run the daemon once. Returns how it ended, or `None` when stopped.
+async fn run_once(
+    spec: &CheckSpec,
+    argv: &[String],
+    stop: &CancellationToken,
+    emit: &impl Fn(CheckResult),
+) -> Option<String> {
+    let mut cmd = match exec::command(argv) {
+        Ok(c) => c,
+        Err(e) => return Some(e),
+    };
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return Some(format!("cannot run {}: {e}", argv[0])),
+    };
+    let pgid = child.id().unwrap_or(0);
+    let guard = GroupGuard(pgid);
+    tracing::info!(check = %spec.name, pid = pgid, "daemon check started");
+    let last_err = Arc::new(std::sync::Mutex::new(String::new()));
+    let stderr = tokio::spawn(log_stderr(
+        child.stderr.take(),
+        spec.name.clone(),
+        last_err.clone(),
+    ));
+    let Some(stdout) = child.stdout.take() else {
+        return Some("has no output pipe".into());
+    };
+    let mut lines = BufReader::new(stdout);
+    let mut buf = Vec::new();
+    let silence = (spec.timeout_secs > 0).then(|| Duration::from_secs(spec.timeout_secs));
+    let mut last_line = tokio::time::Instant::now();
+    let ended = loop {
+        let quiet_until = silence.map(|s| last_line + s);
+        tokio::select! {
+            read = read_line(&mut lines, &mut buf) => match read {
+                Ok(Line::Eof) => break None,
+                Ok(Line::Text) => {
+                    last_line = tokio::time::Instant::now();
+                    let text = String::from_utf8_lossy(&buf);
+                    if !text.trim().is_empty() {
+                        emit(result(spec, json::interpret(&text)));
+                    }
+                }
+                Ok(Line::TooLong) => {
+                    last_line = tokio::time::Instant::now();
+                    emit(result(spec, Outcome::unknown(format!("daemon printed a line longer than {MAX_LINE} bytes; dropped"))));
+                }
+                Err(e) => break Some(format!("output could not be read: {e}")),
+            },
+            _ = async { match quiet_until {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            } } => {
+                last_line = tokio::time::Instant::now();
+                emit(result(spec, Outcome::unknown(format!(
+                    "daemon printed nothing for {}s", spec.timeout_secs))));
+            }
+            _ = stop.cancelled() => {
+                exec::signal_group(pgid, libc::SIGTERM);
+                if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
+                    tracing::warn!(check = %spec.name, "daemon ignored SIGTERM; killing it");
+                }
+                drop(guard);
+                stderr.abort();
+                return None;
+            }
+        }
+    };
+    // Its output closed: it is exiting (or closed stdout on purpose; it goes either way).
+    let status = match tokio::time::timeout(STOP_GRACE, child.wait()).await {
+        Ok(Ok(s)) => describe_exit(s),
+        Ok(Err(e)) => format!("could not be waited for: {e}"),
+        Err(_) => "closed its output but kept running; killed".into(),
+    };
+    drop(guard);
+    let _ = tokio::time::timeout(Duration::from_millis(300), stderr).await;
+    let err = last_err.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let mut how = ended.unwrap_or(status);
+    if !err.is_empty() {
+        how.push_str(&format!(" (stderr: {err})"));
+    }
+    Some(how)
+}
+
+fn describe_exit(s: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (s.code(), s.signal()) {
+        (Some(c), _) => format!("exited with code {c}"),
+        (None, Some(sig)) => format!("was killed by signal {sig}"),
+        (None, None) => "ended".into(),
+    }
+}
+
+enum Line {
+    Text,
+    TooLong,
+    Eof,
+}
+
+/// Read one line into `buf` (without its newline), never holding more than [`MAX_LINE`]
+/// bytes: the rest of an overlong line is skipped.
+async fn read_line(
+    r: &mut (impl tokio::io::AsyncBufRead + Unpin),
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Line> {
+    buf.clear();
+    let mut too_long = false;
+    loop {
+        let chunk = r.fill_buf().await?;
+        if chunk.is_empty() {
+            return Ok(if too_long {
+                Line::TooLong
+            } else if buf.is_empty() {
+                Line::Eof
+            } else {
+                Line::Text
+            });
+        }
+        let (part, done) = match chunk.iter().position(|b| *b == b'\n') {
+            Some(i) => (&chunk[..i], i + 1),
+            None => (chunk, chunk.len()),
+        };
+        let found_newline = done > part.len();
+        if !too_long {
+            if buf.len() + part.len() > MAX_LINE {
+                too_long = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(part);
+            }
+        }
+        r.consume(done);
+        if found_newline {
+            return Ok(if too_long { Line::TooLong } else { Line::Text });
+        }
+    }
+}
+
+/// Log a daemon's stderr, rate limited, remembering the last line for the exit report.
+async fn log_stderr(
+    r: Option<impl AsyncRead + Unpin>,
+    check: String,
+    last: Arc<std::sync::Mutex<String>>,
+) {
+    let Some(r) = r else { return };
+    let mut r = BufReader::new(r);
+    let mut buf = Vec::new();
+    let mut window = Instant::now();
+    let (mut logged, mut dropped) = (0u32, 0u64);
+    while let Ok(Line::Text | Line::TooLong) = read_line(&mut r, &mut buf).await {
+        let mut line = String::from_utf8_lossy(&buf).trim().to_string();
+        crate::util::truncate_utf8(&mut line, 512);
+        if window.elapsed() >= Duration::from_secs(60) {
+            if dropped > 0 {
+                tracing::warn!(check = %check, dropped, "daemon stderr lines not logged (rate limit)");
+            }
+            window = Instant::now();
+            (logged, dropped) = (0, 0);
+        }
+        if logged < STDERR_LINES_PER_MINUTE {
+            logged += 1;
+            tracing::warn!(check = %check, stderr = %line, "daemon check");
+        } else {
+            dropped += 1;
+        }
+        *last.lock().unwrap_or_else(|p| p.into_inner()) = line;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_protocol::Status;
+
+    #[test]
+    fn backoff_doubles_resets_when_stable_and_detects_a_crash_loop() {
+        let mut r = Restarts::default();
+        let t0 = Instant::now();
+        let quick = Duration::from_millis(10);
+        assert_eq!(r.exited(t0, quick), Some(Duration::from_secs(1)));
+        assert_eq!(
+            r.exited(t0 + Duration::from_secs(2), quick),
+            Some(Duration::from_secs(2))
+        );
+        // Stayed up long enough: the backoff starts over; old exits fall out of the window.
+        let later = t0 + CRASH_WINDOW + Duration::from_secs(70);
+        assert_eq!(r.exited(later, STABLE_AFTER), Some(Duration::from_secs(1)));
+        let mut r = Restarts::default();
+        let delays: Vec<_> = (0..CRASH_LIMIT as u64)
+            .map(|i| r.exited(t0 + Duration::from_secs(i), quick))
+            .collect();
+        assert_eq!(
+            delays[..CRASH_LIMIT - 1]
+                .iter()
+                .filter(|d| d.is_some())
+                .count(),
+            CRASH_LIMIT - 1
+        );
+        assert_eq!(
+            delays[CRASH_LIMIT - 1],
+            None,
+            "{CRASH_LIMIT} exits in the window is a crash loop"
+        );
+        let mut r = Restarts::default();
+        for i in 0..10u64 {
+            assert!(
+                r.exited(t0 + Duration::from_secs(i * 60), quick).is_some(),
+                "spread-out exits are not a loop"
+            );
+        }
+        assert_eq!(r.backoff, BACKOFF_MAX);
+    }
+
+    #[tokio::test]
+    async fn long_lines_are_bounded() {
+        let mut input: &[u8] = &[
+            b"{\"a\":1}\n".as_slice(),
+            &vec![b'x'; MAX_LINE + 10],
+            b"\nlast",
+        ]
+        .concat();
+        let mut r = BufReader::new(&mut input);
+        let mut buf = Vec::new();
+        assert!(matches!(
+            read_line(&mut r, &mut buf).await.unwrap(),
+            Line::Text
+        ));
+        assert_eq!(buf, b"{\"a\":1}");
+        assert!(matches!(
+            read_line(&mut r, &mut buf).await.unwrap(),
+            Line::TooLong
+        ));
+        assert!(matches!(
+            read_line(&mut r, &mut buf).await.unwrap(),
+            Line::Text
+        ));
+        assert_eq!(buf, b"last");
+        assert!(matches!(
+            read_line(&mut r, &mut buf).await.unwrap(),
+            Line::Eof
+        ));
+    }
+
+    fn daemon(script: &str, timeout_secs: u64) -> CheckSpec {
+        CheckSpec::new(
+            "d",
+            outpost_protocol::probe::Probe::Daemon(outpost_protocol::probe::Command {
+                command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            }),
+            0,
+            timeout_secs,
+        )
+    }
+
+    async fn collect(spec: CheckSpec, until: impl Fn(&[CheckResult]) -> bool) -> Vec<CheckResult> {
+        let dir = tempfile::tempdir().unwrap();
+        let runner = Arc::new(Runner::new(
+            Arc::new(crate::plugins::PluginStore::new(dir.path())),
+            Default::default(),
+        ));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(supervise(runner, spec, stop.clone(), move |r| {
+            let _ = tx.send(r);
+        }));
+        let mut got = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !until(&got) {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(r)) => got.push(r),
+                _ => panic!("condition not met; got {got:#?}"),
+            }
+        }
+        stop.cancel();
+        tokio::time::timeout(STOP_GRACE + Duration::from_secs(2), task)
+            .await
+            .expect("supervisor stops")
+            .unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn each_line_is_a_result_and_an_exit_is_reported_and_restarted() {
+        let spec = daemon(
+            r#"echo '{"status":"ok","text":"tick","metrics":{"n":1}}'; echo 'oops' >&2; echo 'not json'; exit 3"#,
+            0,
+        );
+        let got = collect(spec, |g| {
+            g.iter().filter(|r| r.output == "tick").count() >= 2
+        })
+        .await;
+        assert_eq!(got[0].status, Status::Ok);
+        assert_eq!(got[0].metrics[0].name, "n");
+        assert_eq!(got[1].status, Status::Unknown);
+        assert!(got[1].output.contains("not valid JSON"), "{:?}", got[1]);
+        assert!(
+            got[2].output.contains("exited with code 3")
+                && got[2].output.contains("stderr: oops")
+                && got[2].output.contains("restarting in 1s"),
+            "{:?}",
+            got[2]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_crash_loop_gives_up_loudly() {
+        let spec = daemon("exit 1", 0);
+        let t = Instant::now();
+        let got = collect(spec, |g| g.iter().any(|r| r.output.contains("crash loop"))).await;
+        let last = got.last().unwrap();
+        assert_eq!(last.status, Status::Critical);
+        assert!(last.output.contains("ended 5 times"), "{}", last.output);
+        assert_eq!(got.len(), CRASH_LIMIT, "{got:#?}");
+        // 1 + 2 + 4 + 8 seconds of backoff between the five starts.
+        assert!(t.elapsed() >= Duration::from_secs(15), "{:?}", t.elapsed());
+    }
+
+    #[tokio::test]
+    async fn silence_is_reported_and_stop_terminates_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("child");
+        // A child in the daemon's group that would outlive a plain kill of the shell.
+        let script = format!(
+            "(sleep 4; touch {}) & echo '{{\"status\":0,\"text\":\"up\"}}'; sleep 60",
+            marker.display()
+        );
+        let got = collect(daemon(&script, 1), |g| {
+            g.iter()
+                .any(|r| r.output.contains("printed nothing for 1s"))
+        })
+        .await;
+        assert_eq!(got[0].output, "up");
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!marker.exists(), "the daemon's group outlived the stop");
+    }
+}

@@ -1,0 +1,494 @@
+//! The check file format: TOML with one or more `[[check]]` tables. The gateway reads a
+//! directory of them (its checks for the fleet) and the agent reads `checks.d/` on its
+//! host (checks that applications drop in); both parse with this module so a file means
+//! the same thing in either place.
+//!
+//! ```toml
+//! [[check]]
+//! name = "load"
+//! command = ["/usr/lib/nagios/plugins/check_load", "-w", "5,4,3", "-c", "10,8,6"]
+//! interval = "1m"
+//!
+//! [[check]]
+//! name = "web"
+//! http = { url = "https://example.com/health", body_contains = "ok", cert_warn_days = 14 }
+//! interval = "30s"
+//! attempts = 3
+//! retry_interval = "10s"
+//! target = { labels = { role = "web" }, groups = ["eu"] }
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::check::{valid_check_name, CheckSpec, PluginRef};
+use crate::probe::*;
+
+/// Which agents a check is for. Empty means every agent.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// Every label listed must be set on the agent with this value.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The agent must be in at least one of these groups (when any are listed).
+    #[serde(default)]
+    pub groups: Vec<String>,
+}
+
+impl Target {
+    pub fn matches(&self, labels: &BTreeMap<String, String>, groups: &[String]) -> bool {
+        self.labels.iter().all(|(k, v)| labels.get(k) == Some(v))
+            && (self.groups.is_empty() || self.groups.iter().any(|g| groups.contains(g)))
+    }
+}
+
+/// One check as a file defines it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CheckDef {
+    /// For a plugin check, the command's program is the plugin's name and `spec.plugin`
+    /// names it with an empty hash; the gateway fills the hash in from its catalog.
+    pub spec: CheckSpec,
+    pub target: Target,
+    pub file: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    check: Vec<RawCheck>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCheck {
+    name: String,
+    command: Option<RawCommand>,
+    /// A plugin from the catalog, instead of `command`.
+    plugin: Option<String>,
+    /// Arguments for `plugin`.
+    args: Option<RawCommand>,
+    /// How a command's output is read: nagios (the default), json or daemon.
+    kind: Option<String>,
+    cpu: Option<Thresholds>,
+    memory: Option<Thresholds>,
+    swap: Option<Thresholds>,
+    disk: Option<DiskProbe>,
+    load: Option<Thresholds>,
+    network: Option<NetworkProbe>,
+    process: Option<ProcessProbe>,
+    tcp: Option<TcpProbe>,
+    http: Option<HttpProbe>,
+    dns: Option<DnsProbe>,
+    prometheus: Option<PrometheusProbe>,
+    json_socket: Option<JsonSocketProbe>,
+    interval: Option<RawDuration>,
+    cron: Option<String>,
+    timeout: Option<RawDuration>,
+    attempts: Option<u32>,
+    retry_interval: Option<RawDuration>,
+    #[serde(default)]
+    target: Target,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawCommand {
+    Argv(Vec<String>),
+    Line(String),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawDuration {
+    Secs(u64),
+    Text(String),
+}
+
+/// Timeout when a check file does not give one.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 10;
+/// Longest interval, timeout or retry interval.
+pub const MAX_INTERVAL_SECS: u64 = 7 * 24 * 3600;
+/// Most attempts before a state turns hard.
+pub const MAX_ATTEMPTS: u32 = 100;
+
+fn parse_duration(field: &str, raw: &RawDuration) -> Result<u64, String> {
+    let secs = match raw {
+        RawDuration::Secs(s) => *s,
+        RawDuration::Text(t) => {
+            let t = t.trim();
+            let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+            let (num, unit) = t.split_at(split);
+            let n: u64 = num.parse().map_err(|_| {
+                format!("{field} {t:?} is not a duration; write e.g. 30, \"30s\", \"5m\" or \"1h\"")
+            })?;
+            let mult = match unit.trim() {
+                "" | "s" => 1,
+                "m" => 60,
+                "h" => 3600,
+                other => {
+                    return Err(format!(
+                        "{field} {t:?} has unknown unit {other:?}; use s, m or h"
+                    ))
+                }
+            };
+            n.saturating_mul(mult)
+        }
+    };
+    if secs == 0 || secs > MAX_INTERVAL_SECS {
+        return Err(format!(
+            "{field} must be between 1 second and 7 days, not {secs} seconds"
+        ));
+    }
+    Ok(secs)
+}
+
+/// Parse a cron expression as checks use it: 5 fields (minute first) or 6 (seconds first).
+pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Optional)
+        .build()
+        .parse(expr)
+        .map_err(|e| format!("cron {expr:?} is not a valid cron expression: {e}"))
+}
+
+impl RawCheck {
+    /// The probe this table describes: a command (or catalog plugin) read as `kind`, or
+    /// exactly one built-in.
+    fn probe(&mut self) -> Result<(Probe, Option<String>), String> {
+        let mut builtins: Vec<Probe> = Vec::new();
+        macro_rules! take {
+            ($($field:ident => $variant:ident),*) => {
+                $(if let Some(p) = self.$field.take() { builtins.push(Probe::$variant(p)); })*
+            };
+        }
+        take!(cpu => Cpu, memory => Memory, swap => Swap, disk => Disk, load => Load,
+              network => Network, process => Process, tcp => Tcp, http => Http, dns => Dns,
+              prometheus => Prometheus, json_socket => JsonSocket);
+        let has_command = self.command.is_some() || self.plugin.is_some();
+        if builtins.len() > 1 || (has_command && !builtins.is_empty()) {
+            return Err("set one of command, plugin or a built-in probe, not several".into());
+        }
+        if let Some(p) = builtins.pop() {
+            if self.kind.is_some() || self.args.is_some() {
+                return Err(format!(
+                    "kind and args go with command or plugin, not with a built-in {} probe",
+                    p.kind()
+                ));
+            }
+            return Ok((p, None));
+        }
+        let split = |raw: RawCommand| match raw {
+            RawCommand::Argv(v) => Ok(v),
+            RawCommand::Line(l) => shell_words::split(&l).map_err(|e| e.to_string()),
+        };
+        let mut plugin_name = None;
+        let command = match (self.command.take(), self.plugin.take(), self.args.take()) {
+            (Some(_), Some(_), _) => Err("set either command or plugin, not both".to_string()),
+            (Some(_), None, Some(_)) => Err("args go with plugin; put them in command".to_string()),
+            (None, None, _) => Err(format!(
+                "command, plugin or a built-in probe ({}) is required",
+                Probe::KINDS[3..].join(", ")
+            )),
+            (Some(cmd), None, None) => split(cmd)
+                .map_err(|e| format!("command cannot be split into arguments: {e}"))
+                .and_then(|v| match v.first() {
+                    Some(p) if !p.is_empty() => Ok(v),
+                    _ => Err("command is empty".to_string()),
+                }),
+            (None, Some(plugin), _) if !valid_check_name(&plugin) => {
+                Err(format!("plugin {plugin:?} is not a valid plugin name"))
+            }
+            (None, Some(plugin), args) => args
+                .map(split)
+                .transpose()
+                .map_err(|e| format!("args cannot be split into arguments: {e}"))
+                .map(|args| {
+                    plugin_name = Some(plugin.clone());
+                    std::iter::once(plugin)
+                        .chain(args.unwrap_or_default())
+                        .collect()
+                }),
+        }?;
+        let command = Command { command };
+        let probe = match self.kind.as_deref().unwrap_or("nagios") {
+            "nagios" => Probe::Nagios(command),
+            "json" => Probe::Json(command),
+            "daemon" => Probe::Daemon(command),
+            other => {
+                return Err(format!(
+                    "kind {other:?} is not one of nagios, json, daemon (built-in probes are tables: http = {{ url = \"...\" }})"
+                ))
+            }
+        };
+        Ok((probe, plugin_name))
+    }
+}
+
+/// Parse one check file, reporting every problem in it at once.
+pub fn parse_file(path: &Path, text: &str) -> Result<Vec<CheckDef>, String> {
+    let raw: RawFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    let mut errors = Vec::new();
+    let mut out = Vec::new();
+    for (i, mut c) in raw.check.into_iter().enumerate() {
+        let at = format!("check #{} ({:?})", i + 1, c.name);
+        let mut problems = Vec::new();
+        if !valid_check_name(&c.name) {
+            problems.push("name must be 1-64 characters of A-Z a-z 0-9 _ - .".to_string());
+        }
+        let probe = c
+            .probe()
+            .and_then(|(p, plugin)| p.validate().map(|()| (p, plugin)))
+            .map_err(|e| problems.push(e))
+            .ok();
+        let daemon = matches!(probe, Some((Probe::Daemon(_), _)));
+        let interval_secs = match (&c.interval, &c.cron) {
+            (Some(_), Some(_)) => {
+                problems.push("set either interval or cron, not both".into());
+                0
+            }
+            (Some(i), None) => parse_duration("interval", i)
+                .map_err(|e| problems.push(e))
+                .unwrap_or(0),
+            (None, Some(expr)) => {
+                if let Err(e) = parse_cron(expr) {
+                    problems.push(e);
+                }
+                0
+            }
+            (None, None) if daemon => 0,
+            (None, None) => {
+                problems.push("interval (or cron) is required".into());
+                0
+            }
+        };
+        let timeout_secs = c
+            .timeout
+            .as_ref()
+            .map(|t| parse_duration("timeout", t))
+            .unwrap_or(Ok(if daemon { 0 } else { DEFAULT_TIMEOUT_SECS }))
+            .map_err(|e| problems.push(e))
+            .unwrap_or(0);
+        let max_attempts = c.attempts.unwrap_or(1);
+        if !(1..=MAX_ATTEMPTS).contains(&max_attempts) {
+            problems.push(format!(
+                "attempts must be between 1 and {MAX_ATTEMPTS}, not {max_attempts}"
+            ));
+        }
+        let retry_interval_secs = c
+            .retry_interval
+            .as_ref()
+            .map(|r| parse_duration("retry_interval", r))
+            .transpose()
+            .map_err(|e| problems.push(e))
+            .unwrap_or(None);
+        match probe {
+            Some((probe, plugin_name)) if problems.is_empty() => out.push(CheckDef {
+                spec: CheckSpec {
+                    name: c.name,
+                    probe,
+                    interval_secs,
+                    cron: c.cron,
+                    timeout_secs,
+                    max_attempts,
+                    retry_interval_secs,
+                    // The gateway fills the hash in from its catalog.
+                    plugin: plugin_name.map(|name| PluginRef {
+                        name,
+                        sha256: String::new(),
+                        size: 0,
+                    }),
+                },
+                target: c.target,
+                file: path.to_path_buf(),
+            }),
+            _ => errors.extend(problems.into_iter().map(|p| format!("{at}: {p}"))),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_argv_and_string_commands_with_durations() {
+        let defs = parse_file(
+            Path::new("x.toml"),
+            r#"
+[[check]]
+name = "load"
+command = ["/usr/lib/nagios/plugins/check_load", "-w", "5,4,3"]
+interval = "1m"
+
+[[check]]
+name = "echo"
+command = "/bin/echo 'hello world' two"
+interval = 30
+timeout = "5s"
+target = { labels = { role = "web" }, groups = ["eu", "us"] }
+"#,
+        )
+        .unwrap();
+        assert_eq!(defs[0].spec.interval_secs, 60);
+        assert_eq!(defs[0].spec.timeout_secs, DEFAULT_TIMEOUT_SECS);
+        assert_eq!(
+            defs[1].spec.probe.command().unwrap(),
+            ["/bin/echo", "hello world", "two"]
+        );
+        assert_eq!(defs[1].spec.timeout_secs, 5);
+        let labels: BTreeMap<String, String> = [("role".into(), "web".into())].into();
+        assert!(defs[1].target.matches(&labels, &["us".into()]));
+        assert!(!defs[1].target.matches(&labels, &["asia".into()]));
+        assert!(!defs[1].target.matches(&BTreeMap::new(), &["eu".into()]));
+    }
+
+    #[test]
+    fn parses_kinds_builtins_cron_and_attempts() {
+        let defs = parse_file(
+            Path::new("x.toml"),
+            r#"
+[[check]]
+name = "queue"
+command = "/opt/app/queue-health --json"
+kind = "json"
+cron = "*/5 * * * *"
+attempts = 3
+retry_interval = "20s"
+
+[[check]]
+name = "tail"
+command = ["/opt/app/watch"]
+kind = "daemon"
+
+[[check]]
+name = "web"
+http = { url = "https://example.com/", expect_status = [200], warn_ms = 500, cert_warn_days = 14 }
+interval = "30s"
+
+[[check]]
+name = "root"
+disk = { warn = 80.0, crit = 90.0 }
+interval = 60
+"#,
+        )
+        .unwrap();
+        assert!(matches!(defs[0].spec.probe, Probe::Json(_)));
+        assert_eq!(defs[0].spec.cron.as_deref(), Some("*/5 * * * *"));
+        assert_eq!(defs[0].spec.interval_secs, 0);
+        assert_eq!(defs[0].spec.max_attempts, 3);
+        assert_eq!(defs[0].spec.retry_interval_secs, Some(20));
+        assert!(matches!(defs[1].spec.probe, Probe::Daemon(_)));
+        assert_eq!(
+            (defs[1].spec.interval_secs, defs[1].spec.timeout_secs),
+            (0, 0)
+        );
+        let Probe::Http(h) = &defs[2].spec.probe else {
+            panic!("{:?}", defs[2].spec.probe)
+        };
+        assert_eq!(h.method, "GET");
+        assert_eq!(h.expect_status, vec![200]);
+        assert_eq!((h.warn_ms, h.cert_warn_days), (Some(500), Some(14)));
+        let Probe::Disk(d) = &defs[3].spec.probe else {
+            panic!("{:?}", defs[3].spec.probe)
+        };
+        assert_eq!((d.path.as_str(), d.crit), ("/", Some(90.0)));
+        // What the gateway sends is what the agent reads back.
+        let wire = serde_json::to_string(&defs[2].spec).unwrap();
+        assert!(
+            wire.contains(r#""probe":{"kind":"http","url":"https://example.com/""#),
+            "{wire}"
+        );
+        assert_eq!(
+            serde_json::from_str::<CheckSpec>(&wire).unwrap(),
+            defs[2].spec
+        );
+    }
+
+    #[test]
+    fn reports_every_problem_at_once() {
+        let err = parse_file(
+            Path::new("x.toml"),
+            r#"
+[[check]]
+name = "bad name"
+command = []
+interval = "1d"
+
+[[check]]
+name = "ok"
+command = "x"
+interval = "0s"
+
+[[check]]
+name = "two"
+command = "x"
+tcp = { host = "localhost", port = 22 }
+interval = 5
+
+[[check]]
+name = "when"
+command = "x"
+cron = "61 * * * *"
+
+[[check]]
+name = "web"
+http = { url = "ftp://x/" }
+interval = 5
+
+[[check]]
+name = "sock"
+json_socket = { address = "localhost:80" }
+interval = 5
+
+[[check]]
+name = "ns"
+dns = { name = "example.com", record_type = "AXFR" }
+interval = 5
+"#,
+        )
+        .unwrap_err();
+        for want in [
+            "name must be",
+            "command is empty",
+            "unknown unit",
+            "between 1 second",
+            "not several",
+            "not a valid cron expression",
+            "must start with http:// or https://",
+            "must be tcp://HOST:PORT or unix:/PATH",
+            "record_type \"AXFR\" is not one of",
+        ] {
+            assert!(err.contains(want), "missing {want:?} in {err}");
+        }
+        let err = parse_file(
+            Path::new("x.toml"),
+            "[[check]]\nname='a'\ncommand='x'\ninterval=1\nshell=true\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("unknown field"), "{err}");
+        let err = parse_file(
+            Path::new("x.toml"),
+            "[[check]]\nname='a'\nhttp={url='http://x/', body_contain='ok'}\ninterval=1\n",
+        )
+        .unwrap_err();
+        assert!(err.contains("unknown field `body_contain`"), "{err}");
+        let err = parse_file(
+            Path::new("x.toml"),
+            "[[check]]\nname='a'\ncommand='x'\nkind='perl'\ninterval=1\nattempts=0\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("kind \"perl\"") && err.contains("attempts must be"),
+            "{err}"
+        );
+    }
+}
