@@ -27,7 +27,10 @@ use outpost_protocol::{CheckResult, CheckSpec, Origin};
 pub use outcome::Outcome;
 
 use crate::plugins::{PluginError, PluginStore};
+
 use crate::util::now_ms;
+/// Longest a check may run, and longest a daemon may stay silent.
+pub use outpost_protocol::checkfile::MAX_TIMEOUT_SECS;
 
 /// What running checks needs from the agent: the plugin store, the interpreter map and
 /// the state kept between runs of the system probes.
@@ -78,7 +81,7 @@ impl Runner {
     pub async fn run(&self, spec: &CheckSpec, origin: Origin) -> CheckResult {
         let started_at_ms = now_ms();
         let started = Instant::now();
-        let timeout = Duration::from_secs(spec.timeout_secs.clamp(1, 24 * 3600));
+        let timeout = Duration::from_secs(spec.timeout_secs.clamp(1, MAX_TIMEOUT_SECS));
         let outcome = match &spec.probe {
             Probe::Nagios(_) => match self.argv(spec).await {
                 Ok(argv) => exec::nagios(&argv, timeout).await,
@@ -106,13 +109,7 @@ impl Runner {
                 };
                 tokio::time::timeout(timeout, work)
                     .await
-                    .unwrap_or_else(|_| {
-                        Outcome::unknown(format!(
-                            "{} check timed out after {}s",
-                            builtin.kind(),
-                            timeout.as_secs()
-                        ))
-                    })
+                    .unwrap_or_else(|_| timed_out(builtin, timeout))
             }
         };
         outcome.into_result(
@@ -121,6 +118,24 @@ impl Runner {
             started_at_ms,
             started.elapsed().as_millis() as u64,
         )
+    }
+}
+
+/// A built-in probe that ran out of time. For a network probe that is the service's
+/// failure (it did not answer), CRITICAL as Nagios's network plugins have it; for a
+/// system probe it is the agent's, UNKNOWN.
+fn timed_out(probe: &Probe, timeout: Duration) -> Outcome {
+    let secs = timeout.as_secs();
+    match probe {
+        Probe::Tcp(_)
+        | Probe::Http(_)
+        | Probe::Dns(_)
+        | Probe::Prometheus(_)
+        | Probe::JsonSocket(_) => Outcome::critical(format!(
+            "{} check got no answer within {secs}s",
+            probe.kind()
+        )),
+        _ => Outcome::unknown(format!("{} check timed out after {secs}s", probe.kind())),
     }
 }
 

@@ -427,14 +427,33 @@ impl Connection {
     /// The oldest unacked results, as many as fit in one frame.
     fn next_batch(&self, acked: u64) -> Vec<CheckResult> {
         let mut batch = self.outbox.pending_after(acked, MAX_BATCH_RESULTS);
-        while batch.len() > 1
-            && encode(&AgentFrame::Results(Results {
-                results: batch.clone(),
+        let too_big = |b: &[CheckResult]| {
+            encode(&AgentFrame::Results(Results {
+                results: b.to_vec(),
             }))
             .len()
                 > MAX_FRAME_BYTES
-        {
+        };
+        while batch.len() > 1 && too_big(&batch) {
             batch.truncate(batch.len() / 2);
+        }
+        if too_big(&batch) {
+            // Results are bounded field by field so this cannot happen; if it ever did, a
+            // result the gateway must refuse would block every result behind it.
+            if let Some(r) = batch.first_mut() {
+                tracing::error!(check = %r.check, seq = r.seq, "result too large for a frame; sending it without its details");
+                *r = CheckResult {
+                    seq: r.seq,
+                    started_at_ms: r.started_at_ms,
+                    duration_ms: r.duration_ms,
+                    origin: r.origin,
+                    ..CheckResult::new(
+                        r.check.clone(),
+                        outpost_protocol::Status::Unknown,
+                        "result was too large to send; its details were dropped",
+                    )
+                };
+            }
         }
         batch
     }

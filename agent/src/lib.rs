@@ -76,6 +76,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     };
     conn.run(shutdown.clone()).await;
     watcher.abort();
-    scheduler.stop_all();
+    scheduler
+        .stop_all(checks::daemon::STOP_GRACE + std::time::Duration::from_secs(1))
+        .await;
     Ok(())
 }

@@ -227,15 +227,32 @@ impl LocalChecks {
     }
 }
 
+/// Read a check file: only a regular file (a FIFO would block the scan, a device could
+/// be endless), opened without blocking, never more than [`MAX_FILE_BYTES`].
 fn read_limited(path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
-    if meta.len() > MAX_FILE_BYTES {
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Err("not a regular file".into());
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(format!(
-            "file is {} bytes; the limit is {MAX_FILE_BYTES}",
-            meta.len()
+            "file is larger than the limit of {MAX_FILE_BYTES} bytes"
         ));
     }
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
     String::from_utf8(bytes).map_err(|_| "file is not UTF-8 text".to_string())
 }
 
@@ -382,11 +399,32 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.path().join("bin.toml"), [0xff, 0xfe, 0x00]).unwrap();
+        let (_, first) = l.scan(&[]);
+        assert!(
+            first
+                .iter()
+                .any(|c| c.1 == Status::Critical && c.2.contains("larger than the limit")),
+            "{first:?}"
+        );
+        assert!(
+            first
+                .iter()
+                .any(|c| c.1 == Status::Critical && c.2.contains("not UTF-8")),
+            "{first:?}"
+        );
+        // A FIFO would block a plain read; a link to a device would never end.
+        let fifo = std::ffi::CString::new(dir.path().join("pipe.toml").to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join("zero.toml")).unwrap();
         let (_, changes) = l.scan(&[]);
-        assert_eq!(changes.len(), 2);
-        assert!(changes.iter().all(|c| c.1 == Status::Critical));
-        assert!(changes.iter().any(|c| c.2.contains("the limit is")));
-        assert!(changes.iter().any(|c| c.2.contains("not UTF-8")));
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        assert!(
+            changes
+                .iter()
+                .all(|c| c.1 == Status::Critical && c.2.contains("not a regular file")),
+            "{changes:?}"
+        );
         assert_eq!(
             file_check_name(Path::new("/x/my app!.toml")),
             "checks.d.my_app_"

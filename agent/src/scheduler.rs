@@ -68,6 +68,8 @@ struct State {
 pub struct Tracker {
     hard: Option<Status>,
     attempt: u32,
+    /// Whether the last result was soft: the check is then rerun on its retry interval.
+    soft: bool,
 }
 
 impl Tracker {
@@ -75,11 +77,18 @@ impl Tracker {
     /// `max_attempts` times; OK is always hard (a recovery resets the count); a hard
     /// problem state that changes severity stays hard.
     pub fn classify(&mut self, status: Status, max_attempts: u32) -> (StateType, u32) {
+        let (state, attempt) = self.next(status, max_attempts);
+        self.soft = state == StateType::Soft;
+        (state, attempt)
+    }
+
+    fn next(&mut self, status: Status, max_attempts: u32) -> (StateType, u32) {
         let max = max_attempts.max(1);
         if status == Status::Ok {
             *self = Tracker {
                 hard: Some(Status::Ok),
                 attempt: 0,
+                soft: false,
             };
             return (StateType::Hard, 1);
         }
@@ -102,6 +111,7 @@ struct Running {
     spec: CheckSpec,
     stop: CancellationToken,
     generation: u64,
+    task: tokio::task::JoinHandle<()>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -217,17 +227,22 @@ impl Scheduler {
         checks: Vec<CheckSpec>,
         persist: bool,
     ) -> config_diff::Diff {
-        let valid: Vec<CheckSpec> = checks
-            .iter()
-            .filter(|c| match validate(c) {
-                Ok(()) => true,
+        let mut valid = Vec::with_capacity(checks.len());
+        for c in &checks {
+            match validate(c) {
+                Ok(()) => valid.push(c.clone()),
                 Err(why) => {
                     tracing::error!(check = %c.name, error = %why, "ignoring an invalid check from the gateway");
-                    false
+                    if outpost_protocol::valid_check_name(&c.name) {
+                        self.inner.record(checks::unknown(
+                            c,
+                            Origin::Schedule,
+                            format!("check not run: {why}"),
+                        ));
+                    }
                 }
-            })
-            .cloned()
-            .collect();
+            }
+        }
         let mut state = self.lock();
         state.gateway = valid;
         state.hash = Some(hash.clone());
@@ -299,34 +314,46 @@ impl Scheduler {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(name);
+            // A run still finishing holds its own reference to the lock.
+            self.inner
+                .run_locks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(name);
         }
         for name in d.added.iter().chain(&d.changed) {
             let spec = new[name].clone();
             state.next_generation += 1;
             let generation = state.next_generation;
             let stop = CancellationToken::new();
-            match spec.probe {
+            let task = match spec.probe {
                 Probe::Daemon(_) => {
                     let inner = self.inner.clone();
-                    tokio::spawn(checks::daemon::supervise(
-                        self.inner.runner.clone(),
-                        spec.clone(),
-                        stop.clone(),
-                        move |r| {
+                    let lock = self.inner.run_lock(name);
+                    let (runner, spec, stop) =
+                        (self.inner.runner.clone(), spec.clone(), stop.clone());
+                    tokio::spawn(async move {
+                        // The previous generation of this daemon stops (SIGTERM and its
+                        // grace) before the new one starts: never two at once.
+                        let _only_one = tokio::select! {
+                            l = lock.lock_owned() => l,
+                            _ = stop.cancelled() => return,
+                        };
+                        checks::daemon::supervise(runner, spec, stop, move |r| {
                             inner.record(r);
-                        },
-                    ));
+                        })
+                        .await
+                    })
                 }
-                _ => {
-                    tokio::spawn(check_loop(self.inner.clone(), spec.clone(), stop.clone()));
-                }
-            }
+                _ => tokio::spawn(check_loop(self.inner.clone(), spec.clone(), stop.clone())),
+            };
             state.running.insert(
                 name.clone(),
                 Running {
                     spec,
                     stop,
                     generation,
+                    task,
                 },
             );
         }
@@ -336,12 +363,19 @@ impl Scheduler {
     /// Run a check now, out of schedule; its result goes to the outbox like any other and
     /// is returned.
     pub async fn run_now(&self, name: &str) -> Result<CheckResult, RpcError> {
-        let Some(spec) = self.spec(name) else {
-            return Err(RpcError {
-                code: "unknown_check".into(),
-                message: format!("check {name:?} is not configured on this agent"),
-            });
+        let unknown = || RpcError {
+            code: "unknown_check".into(),
+            message: format!("check {name:?} is not configured on this agent"),
         };
+        let spec = self.spec(name).ok_or_else(unknown)?;
+        if matches!(spec.probe, Probe::Daemon(_)) {
+            return Err(RpcError {
+                code: "not_runnable".into(),
+                message: format!(
+                    "check {name:?} is a daemon: it reports on its own and cannot be run on demand"
+                ),
+            });
+        }
         // Wait briefly for a scheduled run of the same check and for a free slot; the
         // caller is waiting on the other side of the connection.
         let busy = |what: &str| RpcError {
@@ -370,6 +404,8 @@ impl Scheduler {
             }
             Ok(Ok(p)) => p,
         };
+        // The definition may have changed (or gone) while waiting.
+        let spec = self.spec(name).ok_or_else(unknown)?;
         let result = self.inner.runner.run(&spec, Origin::RunNow).await;
         Ok(self.inner.record(result))
     }
@@ -410,12 +446,24 @@ impl Scheduler {
             .map_err(|e| e.to_string())
     }
 
-    pub fn stop_all(&self) {
-        let mut state = self.lock();
-        for (_, r) in std::mem::take(&mut state.running) {
-            r.stop.cancel();
-        }
+    /// Stop every check; waits up to `grace` for daemons to stop theirs (SIGTERM, then
+    /// SIGKILL) and for cancelled runs to kill their process groups.
+    pub async fn stop_all(&self, grace: Duration) {
+        let tasks: Vec<_> = {
+            let mut state = self.lock();
+            std::mem::take(&mut state.running)
+                .into_values()
+                .map(|r| {
+                    r.stop.cancel();
+                    r.task
+                })
+                .collect()
+        };
         self.inner.limit.close();
+        let all = futures_util::future::join_all(tasks);
+        if tokio::time::timeout(grace, all).await.is_err() {
+            tracing::warn!("some checks did not stop within {}s", grace.as_secs());
+        }
     }
 }
 
@@ -428,6 +476,13 @@ fn validate(c: &CheckSpec) -> Result<(), String> {
         return Err("invalid name".into());
     }
     c.probe.validate()?;
+    let daemon = matches!(c.probe, Probe::Daemon(_));
+    if c.timeout_secs > MAX_TIMEOUT_SECS || (c.timeout_secs == 0 && !daemon) {
+        return Err(format!(
+            "timeout {}s is outside 1s to 24 hours",
+            c.timeout_secs
+        ));
+    }
     if let Some(cron) = &c.cron {
         outpost_protocol::checkfile::parse_cron(cron)?;
     } else if !matches!(c.probe, Probe::Daemon(_))
@@ -446,7 +501,7 @@ fn validate(c: &CheckSpec) -> Result<(), String> {
     Ok(())
 }
 
-use outpost_protocol::checkfile::MAX_INTERVAL_SECS;
+use outpost_protocol::checkfile::{MAX_INTERVAL_SECS, MAX_TIMEOUT_SECS};
 
 impl Inner {
     /// Classify a result as soft or hard, queue it, and return it with its sequence
@@ -466,6 +521,14 @@ impl Inner {
             Err(e) => tracing::error!(check = %result.check, error = %e, "cannot queue result"),
         }
         result
+    }
+
+    fn is_soft(&self, name: &str) -> bool {
+        self.states
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .is_some_and(|t| t.soft)
     }
 
     fn run_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -556,8 +619,9 @@ async fn check_loop(inner: Arc<Inner>, spec: CheckSpec, stop: CancellationToken)
         .retry_interval_secs
         .map(|r| r.clamp(1, MAX_INTERVAL_SECS) * 1000);
     let mut last_start: Option<u64> = None;
-    let mut soft = false;
     loop {
+        // Soft after this loop's run or a run-now's: retry sooner than the next slot.
+        let soft = inner.is_soft(&spec.name);
         let now = now_ms();
         let due = match (soft, retry_ms, last_start) {
             // A soft problem is confirmed (or cleared) sooner than the next slot.
@@ -577,12 +641,16 @@ async fn check_loop(inner: Arc<Inner>, spec: CheckSpec, stop: CancellationToken)
             _ = stop.cancelled() => return,
         };
         last_start = Some(now_ms());
-        // Not cancellable: a run is bounded by its own timeout, and its result is kept.
-        let result = inner.runner.run(&spec, Origin::Schedule).await;
+        // A check removed or changed mid-run is abandoned: dropping the run kills its
+        // process group, and a result of the old definition is not kept.
+        let result = tokio::select! {
+            r = inner.runner.run(&spec, Origin::Schedule) => r,
+            _ = stop.cancelled() => return,
+        };
         drop(permit);
         drop(running);
         tracing::debug!(check = %spec.name, status = result.status.as_str(), ms = result.duration_ms, "check ran");
-        soft = inner.record(result).state_type == StateType::Soft;
+        inner.record(result);
     }
 }
 
@@ -736,8 +804,100 @@ mod tests {
         s2.load_cached();
         assert_eq!(s2.hash().as_deref(), Some("h3"));
         assert!(s2.spec("c").is_some());
-        s.stop_all();
-        s2.stop_all();
+        s.stop_all(Duration::from_secs(1)).await;
+        s2.stop_all(Duration::from_secs(1)).await;
+    }
+
+    #[tokio::test]
+    async fn removing_a_check_mid_run_kills_it_and_keeps_no_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox: Arc<dyn Outbox> = Arc::new(MemoryOutbox::open(dir.path(), 100).unwrap());
+        let s = Scheduler::new(
+            "fp".into(),
+            outbox.clone(),
+            plugins(&dir),
+            4,
+            dir.path().join("c.json"),
+        );
+        let marker = dir.path().join("started");
+        let script = format!("touch {}; sleep 30", marker.display());
+        let mut slow = spec("slow", "/bin/sh");
+        slow.probe = Probe::Nagios(outpost_protocol::probe::Command {
+            command: vec!["/bin/sh".into(), "-c".into(), script.clone()],
+        });
+        slow.timeout_secs = 60;
+        s.apply("h1".into(), vec![slow]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !marker.exists() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the check never started"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        s.apply("h2".into(), vec![]);
+        let gone = tokio::time::Instant::now() + Duration::from_secs(5);
+        while count_cmdline(&script) > 0 {
+            assert!(
+                tokio::time::Instant::now() < gone,
+                "the removed check's plugin still runs"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(outbox.is_empty(), "a removed check left a result");
+        s.stop_all(Duration::from_secs(1)).await;
+    }
+
+    /// Processes whose last argument is `arg`.
+    fn count_cmdline(arg: &str) -> usize {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+            .filter(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
+            .count()
+    }
+
+    #[tokio::test]
+    async fn invalid_gateway_checks_are_reported_and_daemons_refuse_run_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox: Arc<dyn Outbox> = Arc::new(MemoryOutbox::open(dir.path(), 100).unwrap());
+        let s = Scheduler::new(
+            "fp".into(),
+            outbox.clone(),
+            plugins(&dir),
+            4,
+            dir.path().join("c.json"),
+        );
+        let mut forever = spec("forever", "/bin/true");
+        forever.timeout_secs = u64::MAX;
+        let mut newer = spec("newer", "/bin/true");
+        newer.probe = Probe::Unsupported;
+        let mut d = spec("d", "/bin/cat");
+        d.probe = Probe::Daemon(outpost_protocol::probe::Command {
+            command: vec!["/bin/sh".into(), "-c".into(), "sleep 30".into()],
+        });
+        d.interval_secs = 0;
+        s.apply("h".into(), vec![forever, newer, d]);
+        assert!(s.spec("forever").is_none() && s.spec("newer").is_none());
+        let reported = outbox.pending_after(0, 10);
+        let text: Vec<(&str, &str)> = reported
+            .iter()
+            .map(|r| (r.check.as_str(), r.output.as_str()))
+            .collect();
+        assert_eq!(text.len(), 2, "{text:?}");
+        assert!(
+            text[0].0 == "forever" && text[0].1.contains("timeout"),
+            "{text:?}"
+        );
+        assert!(
+            text[1].0 == "newer" && text[1].1.contains("upgrade"),
+            "{text:?}"
+        );
+        assert!(reported.iter().all(|r| r.status == Status::Unknown));
+        let err = s.run_now("d").await.unwrap_err();
+        assert_eq!(err.code, "not_runnable");
+        s.stop_all(Duration::from_secs(5)).await;
     }
 
     #[tokio::test]

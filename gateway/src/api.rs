@@ -233,6 +233,7 @@ async fn run_now(
             let status = match e.code.as_str() {
                 "unknown_check" => StatusCode::NOT_FOUND,
                 "busy" => StatusCode::TOO_MANY_REQUESTS,
+                "not_runnable" => StatusCode::UNPROCESSABLE_ENTITY,
                 _ => StatusCode::BAD_GATEWAY,
             };
             error(status, format!("agent answered {}: {}", e.code, e.message))

@@ -110,8 +110,10 @@ enum RawDuration {
 
 /// Timeout when a check file does not give one.
 pub const DEFAULT_TIMEOUT_SECS: u64 = 10;
-/// Longest interval, timeout or retry interval.
+/// Longest interval or retry interval.
 pub const MAX_INTERVAL_SECS: u64 = 7 * 24 * 3600;
+/// Longest timeout (and longest silence of a daemon).
+pub const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
 /// Most attempts before a state turns hard.
 pub const MAX_ATTEMPTS: u32 = 100;
 
@@ -270,6 +272,13 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<CheckDef>, String> {
             .as_ref()
             .map(|t| parse_duration("timeout", t))
             .unwrap_or(Ok(if daemon { 0 } else { DEFAULT_TIMEOUT_SECS }))
+            .and_then(|t| {
+                if t > MAX_TIMEOUT_SECS {
+                    Err(format!("timeout must be at most 24 hours, not {t} seconds"))
+                } else {
+                    Ok(t)
+                }
+            })
             .map_err(|e| problems.push(e))
             .unwrap_or(0);
         let max_attempts = c.attempts.unwrap_or(1);

@@ -5,7 +5,7 @@ use std::time::Duration;
 /// The websocket subprotocol both sides must negotiate.
 pub const SUBPROTOCOL: &str = "outpost.v1";
 /// The protocol revision carried in `hello` and `welcome`.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The HTTP path agents upgrade on.
 pub const WS_PATH: &str = "/ws";
 /// Largest frame either side accepts, in bytes. Far below tungstenite's 64 MiB default:

@@ -46,6 +46,9 @@ pub enum Probe {
     /// A TCP or unix socket that answers with one JSON document (same format as a JSON
     /// plugin), for applications in containers.
     JsonSocket(JsonSocketProbe),
+    /// A kind this side does not know (sent by a newer peer): never run, reported.
+    #[serde(other)]
+    Unsupported,
 }
 
 impl Probe {
@@ -82,6 +85,7 @@ impl Probe {
             Probe::Dns(_) => "dns",
             Probe::Prometheus(_) => "prometheus",
             Probe::JsonSocket(_) => "json_socket",
+            Probe::Unsupported => "unsupported",
         }
     }
 
@@ -103,6 +107,9 @@ impl Probe {
             Ok(())
         };
         match self {
+            Probe::Unsupported => {
+                return Err("this agent does not know the probe kind; upgrade it".into())
+            }
             Probe::Nagios(c) | Probe::Json(c) | Probe::Daemon(c) => {
                 if c.command.first().is_none_or(|p| p.is_empty()) {
                     return Err("command is empty".into());

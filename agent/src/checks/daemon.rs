@@ -14,7 +14,10 @@
 //! log, at most [`STDERR_LINES_PER_MINUTE`] lines a minute. On stop the daemon's process
 //! group gets SIGTERM, then SIGKILL after [`STOP_GRACE`].
 //!
-//! Daemons do not take a slot of the global concurrency limit: they would hold it forever.
+//! A daemon yields at most one result per [`MIN_GAP`]: lines printed faster are coalesced
+//! (the latest is reported, with a remark counting the others), so a chatty daemon cannot
+//! flood the outbox. Daemons do not take a slot of the global concurrency limit: they
+//! would hold it forever.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -38,6 +41,8 @@ pub const MAX_LINE: usize = 64 * 1024;
 /// How long a stopping daemon gets between SIGTERM and SIGKILL.
 pub const STOP_GRACE: Duration = Duration::from_secs(3);
 pub const STDERR_LINES_PER_MINUTE: u32 = 20;
+/// Shortest time between two results of one daemon; faster lines are coalesced.
+pub const MIN_GAP: Duration = Duration::from_secs(1);
 const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// A daemon that stayed up this long is healthy again: its backoff starts over.
@@ -160,18 +165,33 @@ async fn run_once(
     };
     let mut lines = BufReader::new(stdout);
     let mut buf = Vec::new();
-    let silence = (spec.timeout_secs > 0).then(|| Duration::from_secs(spec.timeout_secs));
+    let silence = (spec.timeout_secs > 0)
+        .then(|| Duration::from_secs(spec.timeout_secs.min(super::MAX_TIMEOUT_SECS)));
     let mut last_line = tokio::time::Instant::now();
+    // At most one result per MIN_GAP: a daemon printing faster has its lines coalesced
+    // (the latest kept, the others counted), so it cannot flood the outbox.
+    let mut last_emit: Option<tokio::time::Instant> = None;
+    let mut pending: Option<(Outcome, u64)> = None;
     let ended = loop {
-        let quiet_until = silence.map(|s| last_line + s);
+        let quiet_until = silence.and_then(|s| last_line.checked_add(s));
+        let flush_at = pending.as_ref().and(last_emit).map(|t| t + MIN_GAP);
         tokio::select! {
             read = read_line(&mut lines, &mut buf) => match read {
                 Ok(Line::Eof) => break None,
                 Ok(Line::Text) => {
                     last_line = tokio::time::Instant::now();
                     let text = String::from_utf8_lossy(&buf);
-                    if !text.trim().is_empty() {
-                        emit(result(spec, json::interpret(&text)));
+                    if text.trim().is_empty() {
+                        continue;
+                    }
+                    let o = json::interpret(&text);
+                    // Lines waiting to be reported are replaced by this newer one.
+                    let skipped = pending.take().map(|(_, n)| n + 1).unwrap_or(0);
+                    if last_emit.is_some_and(|t| t.elapsed() < MIN_GAP) {
+                        pending = Some((o, skipped));
+                    } else {
+                        last_emit = Some(tokio::time::Instant::now());
+                        emit(result(spec, coalesced(o, skipped)));
                     }
                 }
                 Ok(Line::TooLong) => {
@@ -180,6 +200,15 @@ async fn run_once(
                 }
                 Err(e) => break Some(format!("output could not be read: {e}")),
             },
+            _ = async { match flush_at {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            } } => {
+                if let Some((o, skipped)) = pending.take() {
+                    last_emit = Some(tokio::time::Instant::now());
+                    emit(result(spec, coalesced(o, skipped)));
+                }
+            }
             _ = async { match quiet_until {
                 Some(t) => tokio::time::sleep_until(t).await,
                 None => std::future::pending().await,
@@ -199,6 +228,9 @@ async fn run_once(
             }
         }
     };
+    if let Some((o, skipped)) = pending.take() {
+        emit(result(spec, coalesced(o, skipped)));
+    }
     // Its output closed: it is exiting (or closed stdout on purpose; it goes either way).
     let status = match tokio::time::timeout(STOP_GRACE, child.wait()).await {
         Ok(Ok(s)) => describe_exit(s),
@@ -213,6 +245,17 @@ async fn run_once(
         how.push_str(&format!(" (stderr: {err})"));
     }
     Some(how)
+}
+
+/// `o`, saying how many earlier lines it stands for.
+fn coalesced(mut o: Outcome, skipped: u64) -> Outcome {
+    if skipped > 0 {
+        o.remark(format!(
+            "[{skipped} earlier lines within {}s not reported]",
+            MIN_GAP.as_secs()
+        ));
+    }
+    o
 }
 
 fn describe_exit(s: std::process::ExitStatus) -> String {
@@ -432,6 +475,33 @@ mod tests {
                 && got[2].output.contains("restarting in 1s"),
             "{:?}",
             got[2]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_chatty_daemon_is_coalesced_to_one_result_a_second() {
+        let spec = daemon(
+            r#"i=0; while true; do i=$((i+1)); echo "{\"status\":0,\"text\":\"n $i\"}"; done"#,
+            0,
+        );
+        let t = Instant::now();
+        let got = collect(spec, |g| g.len() >= 3).await;
+        assert!(
+            t.elapsed() >= Duration::from_millis(1_900),
+            "{:?}",
+            t.elapsed()
+        );
+        assert!(
+            got[1]
+                .long_output
+                .contains("earlier lines within 1s not reported"),
+            "{:?}",
+            got[1]
+        );
+        let n = |r: &CheckResult| r.output.trim_start_matches("n ").parse::<u64>().unwrap();
+        assert!(
+            n(&got[2]) > n(&got[1]) + 1,
+            "the latest line is reported: {got:#?}"
         );
     }
 

@@ -126,6 +126,8 @@ pub struct Ran {
     pub status: ExitStatus,
     /// Output beyond [`OUTPUT_CAP`] was discarded.
     pub truncated: bool,
+    /// The same for stderr.
+    pub stderr_truncated: bool,
     /// Something that left the group kept the output open after the program exited.
     pub escaped: bool,
 }
@@ -138,6 +140,9 @@ impl Ran {
         }
         if self.truncated {
             o.remark(format!("[output truncated at {OUTPUT_CAP} bytes]"));
+        }
+        if self.stderr_truncated {
+            o.remark(format!("[stderr truncated at {OUTPUT_CAP} bytes]"));
         }
     }
 
@@ -199,12 +204,13 @@ pub async fn capture(argv: &[String], timeout: Duration) -> Result<Ran, Outcome>
     // reach an unrelated group that reused the number.
     std::mem::forget(guard);
     let status = status.map_err(|e| Outcome::unknown(format!("cannot wait for {program}: {e}")))?;
-    let ((stdout, truncated), (stderr, _)) = (take(&out_buf), take(&err_buf));
+    let ((stdout, out_cut), (stderr, err_cut)) = (take(&out_buf), take(&err_buf));
     Ok(Ran {
         stdout,
         stderr,
         status,
-        truncated,
+        truncated: out_cut,
+        stderr_truncated: err_cut,
         escaped: !drained,
     })
 }

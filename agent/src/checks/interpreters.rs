@@ -1,5 +1,7 @@
 //! Windows has no shebang: a plugin's file extension picks the program that runs it
-//! (`.ps1` → PowerShell, `.bat`/`.cmd` → `cmd /c`, `.py` → Python; `.exe` runs directly).
+//! (`.ps1` → PowerShell, `.py` → Python, `.vbs` → cscript; `.exe` runs directly, and so do
+//! `.bat`/`.cmd`: the standard library starts those through `cmd.exe` with the escaping
+//! that keeps arguments from being read as commands, which `cmd /c FILE ARGS` would not).
 //! On Unix the executable bit and the shebang rule and the map starts empty, but either
 //! platform's map can be changed in the agent's configuration:
 //!
@@ -31,8 +33,6 @@ impl Interpreters {
                     "-File",
                 ][..],
             ),
-            ("bat", &["cmd.exe", "/d", "/c"][..]),
-            ("cmd", &["cmd.exe", "/d", "/c"][..]),
             ("py", &["python.exe"][..]),
             ("vbs", &["cscript.exe", "//nologo"][..]),
         ];
@@ -117,8 +117,9 @@ mod tests {
             ])
         );
         assert_eq!(
-            w.wrap(v(&["check.bat"])),
-            v(&["cmd.exe", "/d", "/c", "check.bat"])
+            w.wrap(v(&["check.bat", "a&b"])),
+            v(&["check.bat", "a&b"]),
+            "no cmd /c"
         );
         assert_eq!(
             w.wrap(v(&["check.py", "x"])),

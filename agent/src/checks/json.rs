@@ -37,7 +37,13 @@ pub fn interpret(text: &str) -> Outcome {
     };
     match from_value(&doc) {
         Ok(o) => o,
-        Err(why) => Outcome::unknown(format!("plugin output is not a check result: {why}")),
+        Err(why) => {
+            let mut o = Outcome::unknown(format!("plugin output is not a check result: {why}"));
+            let mut head = text.trim().to_string();
+            crate::util::truncate_utf8(&mut head, 512);
+            o.note(format!("output was: {head}"));
+            o
+        }
     }
 }
 

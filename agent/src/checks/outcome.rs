@@ -9,6 +9,10 @@ use crate::util::truncate_utf8;
 
 /// Most faults kept in one result.
 pub const MAX_FAULTS: usize = 64;
+/// Longest metric name kept.
+pub const MAX_METRIC_NAME_BYTES: usize = 128;
+/// Longest metric unit, warning or critical range kept.
+pub const MAX_METRIC_FIELD_BYTES: usize = 32;
 
 /// A check's findings: every kind of check produces one, and [`Outcome::into_result`]
 /// applies the protocol's size limits in one place.
@@ -107,6 +111,17 @@ impl Outcome {
         for f in &mut self.faults {
             truncate_utf8(&mut f.name, 128);
             truncate_utf8(&mut f.output, 512);
+        }
+        // Every string a plugin can fill is bounded, so one result always fits in a frame
+        // (even with JSON escaping at its worst): see `result_fits_a_frame_at_worst`.
+        for m in &mut self.metrics {
+            truncate_utf8(&mut m.name, MAX_METRIC_NAME_BYTES);
+            for s in [&mut m.unit, &mut m.warn, &mut m.crit]
+                .into_iter()
+                .flatten()
+            {
+                truncate_utf8(s, MAX_METRIC_FIELD_BYTES);
+            }
         }
         if let Some(first) = self.output.lines().next() {
             if first.len() != self.output.len() {
@@ -211,6 +226,43 @@ mod tests {
             &r.long_output[r.long_output.len() - 200..]
         );
         assert_eq!(r.metrics.len(), MAX_METRICS);
+    }
+
+    #[test]
+    fn result_fits_a_frame_at_worst() {
+        use outpost_protocol::{encode, AgentFrame, Fault, Results, MAX_FRAME_BYTES};
+        let spec = CheckSpec::new(
+            "x",
+            outpost_protocol::probe::Probe::Cpu(Default::default()),
+            60,
+            10,
+        );
+        // Control characters take six bytes each once JSON-escaped.
+        let nul = |n: usize| "\u{1}".repeat(n);
+        let mut o = Outcome::new(Status::Ok, nul(1 << 20));
+        o.long_output = nul(1 << 20);
+        o.remark(nul(1 << 20));
+        o.metrics = (0..MAX_METRICS * 2)
+            .map(|_| Metric {
+                name: nul(1 << 16),
+                value: f64::MAX,
+                unit: Some(nul(1 << 16)),
+                warn: Some(nul(1 << 16)),
+                crit: Some(nul(1 << 16)),
+                min: Some(f64::MIN),
+                max: Some(f64::MAX),
+            })
+            .collect();
+        o.faults = (0..MAX_FAULTS * 2)
+            .map(|_| Fault {
+                name: nul(1 << 16),
+                status: Status::Critical,
+                output: nul(1 << 16),
+            })
+            .collect();
+        let r = o.into_result(&spec, Origin::Schedule, u64::MAX, u64::MAX);
+        let frame = encode(&AgentFrame::Results(Results { results: vec![r] }));
+        assert!(frame.len() < MAX_FRAME_BYTES, "{} bytes", frame.len());
     }
 
     #[test]
