@@ -643,8 +643,10 @@ async fn check_loop(inner: Arc<Inner>, spec: CheckSpec, stop: CancellationToken)
         last_start = Some(now_ms());
         // A check removed or changed mid-run is abandoned: dropping the run kills its
         // process group, and a result of the old definition is not kept.
+        // Boxed: the run's future is as large as the largest probe's state, and an idle
+        // task per check should not carry it between runs.
         let result = tokio::select! {
-            r = inner.runner.run(&spec, Origin::Schedule) => r,
+            r = Box::pin(inner.runner.run(&spec, Origin::Schedule)) => r,
             _ = stop.cancelled() => return,
         };
         drop(permit);

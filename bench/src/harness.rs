@@ -1,0 +1,295 @@
+//! Start the real `outpost-gateway` and `outpost-agent` binaries the way the end-to-end
+//! harness (`tests/src/lib.rs`) does — port 0, a fresh data directory, the start lines read
+//! from stdout — but with the binaries from a given directory (the release build), the
+//! default log level (`RUST_LOG` unset: `info`, as in production) and errors instead of
+//! panics.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// Variables that would change what the binaries do behind the benchmark's back.
+const CLEARED_ENV: &[&str] = &[
+    "RUST_LOG",
+    "OUTPOST_CONFIG",
+    "OUTPOST_GATEWAY_URL",
+    "OUTPOST_ENROLL_KEY",
+    "OUTPOST_PIN_SHA256",
+    "OUTPOST_CA_FILE",
+    "OUTPOST_LISTEN",
+    "OUTPOST_DATA_DIR",
+    "OUTPOST_CHECKS_DIR",
+    "OUTPOST_PLUGINS_DIR",
+    "OUTPOST_TLS_CERT",
+    "OUTPOST_TLS_KEY",
+];
+
+/// How long a binary may take to print its start lines.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A child process, stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Proc {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The last `n` lines the process logged.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Log lines at WARN or ERROR level.
+    pub fn problems(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Fail if the process has exited.
+    pub fn ensure_running(&mut self) -> Result<()> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => bail!(
+                "{} exited ({status}); its log ends with:\n{}",
+                self.name,
+                self.log_tail(20)
+            ),
+            Err(e) => Err(e).with_context(|| format!("cannot poll {}", self.name)),
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within `grace`.
+    pub fn stop(&mut self, grace: Duration) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(5));
+    }
+}
+
+/// Start `cmd` with stderr to `log`; return it with the first stdout line that starts
+/// with each of `prefixes` (without the prefix). Stdout is drained to its end afterwards.
+fn spawn_reading(
+    name: &'static str,
+    mut cmd: Command,
+    log: &Path,
+    prefixes: &[&str],
+) -> Result<(Proc, Vec<String>)> {
+    let stderr =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    for k in CLEARED_ENV {
+        cmd.env_remove(k);
+    }
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {name} ({cmd:?})"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("{name} has no stdout pipe"))?;
+    let mut proc = Proc {
+        name,
+        child,
+        log: log.to_path_buf(),
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Drain to the end: a closed pipe would make the process's next write fail.
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut got: Vec<Option<String>> = vec![None; prefixes.len()];
+    let deadline = Instant::now() + START_TIMEOUT;
+    while got.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                for (i, p) in prefixes.iter().enumerate() {
+                    if got[i].is_none() {
+                        if let Some(rest) = line.strip_prefix(p) {
+                            got[i] = Some(rest.trim().to_string());
+                        }
+                    }
+                }
+            }
+            Err(_) => {
+                proc.ensure_running()?;
+                bail!(
+                    "{name} did not print {prefixes:?} within {START_TIMEOUT:?}; its log ends with:\n{}",
+                    proc.log_tail(20)
+                );
+            }
+        }
+    }
+    Ok((proc, got.into_iter().flatten().collect()))
+}
+
+/// The directory holding the workspace binaries to benchmark.
+pub struct Bins {
+    pub dir: PathBuf,
+}
+
+impl Bins {
+    pub fn new(dir: PathBuf) -> Result<Bins> {
+        for name in ["outpost-gateway", "outpost-agent"] {
+            let p = dir.join(name);
+            if !p.is_file() {
+                bail!(
+                    "{} is missing: run `cargo build --release --workspace` (ci/bench does) or pass --bin-dir",
+                    p.display()
+                );
+            }
+        }
+        Ok(Bins { dir })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+pub struct Gateway {
+    pub proc: Proc,
+    pub addr: String,
+    pub pin: String,
+    pub enroll_key: String,
+    pub data_dir: PathBuf,
+}
+
+impl Gateway {
+    /// Start a gateway on a free loopback port with its data directory `dir/gateway`.
+    pub fn start(bins: &Bins, dir: &Path) -> Result<Gateway> {
+        let data_dir = dir.join("gateway");
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("cannot create {}", data_dir.display()))?;
+        let mut cmd = Command::new(bins.path("outpost-gateway"));
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data_dir);
+        let (proc, lines) = spawn_reading(
+            "outpost-gateway",
+            cmd,
+            &dir.join("gateway.log"),
+            &["listening https://", "pin_sha256 ", "enroll_key_file "],
+        )?;
+        let key_file = PathBuf::from(&lines[2]);
+        let enroll_key = std::fs::read_to_string(&key_file)
+            .with_context(|| format!("cannot read the enrollment key {}", key_file.display()))?
+            .trim()
+            .to_string();
+        Ok(Gateway {
+            proc,
+            addr: lines[0].clone(),
+            pin: lines[1].clone(),
+            enroll_key,
+            data_dir,
+        })
+    }
+
+    pub fn port(&self) -> Result<u16> {
+        self.addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| anyhow!("no port in the gateway's address {:?}", self.addr))
+    }
+
+    pub fn bus_path(&self) -> PathBuf {
+        self.data_dir.join("bus").join("results.jsonl")
+    }
+}
+
+pub struct Agent {
+    pub proc: Proc,
+    pub fingerprint: String,
+}
+
+impl Agent {
+    /// Start an agent under `dir/agent` connected to `gw`, running `checks` (TOML
+    /// `[[check]]` tables) from its own `checks.d`, split over files of at most
+    /// `per_file` checks (a check file may be at most 1 MiB).
+    pub fn start(
+        bins: &Bins,
+        dir: &Path,
+        gw: &Gateway,
+        checks: &[String],
+        max_concurrent: Option<usize>,
+    ) -> Result<Agent> {
+        const PER_FILE: usize = 1000;
+        let state_dir = dir.join("agent");
+        let checks_dir = state_dir.join("checks.d");
+        std::fs::create_dir_all(&checks_dir)
+            .with_context(|| format!("cannot create {}", checks_dir.display()))?;
+        for (i, chunk) in checks.chunks(PER_FILE).enumerate() {
+            let path = checks_dir.join(format!("bench-{i:02}.toml"));
+            std::fs::write(&path, chunk.join("\n"))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
+        let machine_id = state_dir.join("machine-id");
+        std::fs::write(&machine_id, "outpost-bench\n")
+            .with_context(|| format!("cannot write {}", machine_id.display()))?;
+        let mut config = format!(
+            "gateway_url = {:?}\nenroll_key = {:?}\npin_sha256 = {:?}\nhostname = \"bench\"\n\
+             state_dir = {:?}\nmachine_id_file = {:?}\nchecks_dir = {:?}\n",
+            format!("wss://{}", gw.addr),
+            gw.enroll_key,
+            gw.pin,
+            state_dir.display().to_string(),
+            machine_id.display().to_string(),
+            checks_dir.display().to_string(),
+        );
+        if let Some(c) = max_concurrent {
+            config.push_str(&format!("max_concurrent_checks = {c}\n"));
+        }
+        let config_path = state_dir.join("agent.toml");
+        std::fs::write(&config_path, config)
+            .with_context(|| format!("cannot write {}", config_path.display()))?;
+        let mut cmd = Command::new(bins.path("outpost-agent"));
+        cmd.args(["run", "--config"]).arg(&config_path);
+        let (proc, lines) = spawn_reading(
+            "outpost-agent",
+            cmd,
+            &dir.join("agent.log"),
+            &["fingerprint "],
+        )?;
+        Ok(Agent {
+            proc,
+            fingerprint: lines[0].clone(),
+        })
+    }
+}
