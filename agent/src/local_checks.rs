@@ -42,10 +42,20 @@ pub fn file_check_name(path: &Path) -> String {
                 '_'
             }
         })
-        .take(64 - "checks.d.".len())
         .collect();
-    format!("checks.d.{clean}")
+    let room = 64 - FILE_CHECK_PREFIX.len();
+    if clean == stem && clean.len() <= room {
+        return format!("{FILE_CHECK_PREFIX}{clean}");
+    }
+    // Changed to fit: a short hash of the real name keeps two files apart
+    // ("a b.toml" and "a_b.toml").
+    let tag = &hex::encode(Sha256::digest(stem.as_bytes()))[..8];
+    let keep: String = clean.chars().take(room - tag.len() - 1).collect();
+    format!("{FILE_CHECK_PREFIX}{keep}-{tag}")
 }
+
+/// Check names that report on local files start with this; local checks may not.
+pub const FILE_CHECK_PREFIX: &str = "checks.d.";
 
 struct FileState {
     digest: [u8; 32],
@@ -191,7 +201,9 @@ impl LocalChecks {
                 if !def.target.matches(&self.labels, &self.groups) {
                     continue;
                 }
-                if gateway.contains(name.as_str()) {
+                if name.starts_with(FILE_CHECK_PREFIX) {
+                    problems.push(format!("check {name:?}: names starting with {FILE_CHECK_PREFIX:?} are reserved for reports on these files"));
+                } else if gateway.contains(name.as_str()) {
                     problems.push(format!(
                         "check {name:?} is also configured by the gateway; the gateway's runs"
                     ));
@@ -425,9 +437,14 @@ mod tests {
                 .all(|c| c.1 == Status::Critical && c.2.contains("not a regular file")),
             "{changes:?}"
         );
-        assert_eq!(
-            file_check_name(Path::new("/x/my app!.toml")),
-            "checks.d.my_app_"
+        let a = file_check_name(Path::new("/x/my app!.toml"));
+        let b = file_check_name(Path::new("/x/my_app_.toml"));
+        assert_eq!(b, "checks.d.my_app_");
+        assert!(a.starts_with("checks.d.my_app_-") && a != b, "{a}");
+        let long = file_check_name(Path::new(&format!("/x/{}.toml", "y".repeat(100))));
+        assert!(
+            long.len() <= 64 && outpost_protocol::valid_check_name(&long),
+            "{long}"
         );
     }
 }
