@@ -1,8 +1,9 @@
 //! Where results wait until the gateway acks them.
 //!
-//! [`Outbox`] is the seam: this in-memory implementation (bounded; the oldest results go
-//! first when full, counted) keeps results across reconnects but not across restarts; the
-//! disk implementation replaces it without touching its callers. Sequence numbers come
+//! [`Outbox`] is the seam: [`MemoryOutbox`] (bounded in results; the oldest go first when
+//! full, counted) keeps results across reconnects but not across restarts; [`DiskOutbox`]
+//! (a redb file, bounded in bytes) keeps them across restarts and crashes, and replaces it
+//! without touching its callers. Sequence numbers come
 //! from [`SeqFile`], which does survive restarts, because the bus drops anything at or
 //! below the highest sequence it has seen from an agent.
 
@@ -14,6 +15,9 @@ use outpost_protocol::CheckResult;
 use tokio::sync::Notify;
 
 use crate::util::write_atomic;
+
+mod disk;
+pub use disk::DiskOutbox;
 
 pub trait Outbox: Send + Sync {
     /// Number `result`, keep it, and return its sequence number.
