@@ -315,7 +315,7 @@ impl Connection {
                                 tracing::warn!(ack = a.seq, sent, "gateway acked beyond what was sent; ignoring the excess");
                             }
                             let seq = a.seq.min(sent);
-                            crate::outbox::blocking(|| self.outbox.ack(seq));
+                            self.outbox.ack(seq);
                             acked = acked.max(seq);
                             if in_flight.is_some_and(|(s, _)| a.seq >= s) {
                                 in_flight = None;

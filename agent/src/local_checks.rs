@@ -305,7 +305,7 @@ pub async fn watch(
                 0,
             );
             let r = Outcome::new(status, text).into_result(&spec, Origin::Schedule, now_ms(), 0);
-            if let Err(e) = crate::outbox::blocking(|| outbox.append(r)) {
+            if let Err(e) = outbox.append(r) {
                 tracing::error!(error = %e, "cannot queue a checks.d status result");
             }
         }

@@ -19,17 +19,6 @@ use crate::util::write_atomic;
 mod disk;
 pub use disk::DiskOutbox;
 
-/// Run `f`, which may wait for the disk, without stalling the other tasks of a
-/// multi-threaded runtime (they move to another worker meanwhile).
-pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
-    }
-}
-
 pub trait Outbox: Send + Sync {
     /// Number `result`, keep it, and return its sequence number.
     fn append(&self, result: CheckResult) -> std::io::Result<u64>;

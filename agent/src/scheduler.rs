@@ -516,7 +516,7 @@ impl Inner {
             .classify(result.status, result.max_attempts);
         result.state_type = state_type;
         result.attempt = attempt;
-        match crate::outbox::blocking(|| self.outbox.append(result.clone())) {
+        match self.outbox.append(result.clone()) {
             Ok(seq) => result.seq = seq,
             Err(e) => tracing::error!(check = %result.check, error = %e, "cannot queue result"),
         }
