@@ -5,6 +5,10 @@
 //! `{"kind":"http","url":"https://example.com/health","expect_status":[200]}`.
 //! Every built-in parameter has a default that makes sense on its own, so the smallest
 //! useful definition is just the kind and its address.
+//!
+//! The latency and TLS fields are written out in each probe that has them rather than
+//! shared through `#[serde(flatten)]`: serde cannot refuse unknown keys of a flattened
+//! struct, and a misspelt key in a check file must be an error, not silently ignored.
 
 use std::collections::BTreeMap;
 

@@ -143,6 +143,23 @@ where
     }
 }
 
+/// Take a baseline sample when `sample` says it had to (its first run), then wait the
+/// gap sysinfo needs before a second sample gives a rate.
+pub(super) async fn baseline<F>(kind: &str, sample: F) -> Result<(), Outcome>
+where
+    F: FnOnce() -> Result<bool, String> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(sample).await {
+        Ok(Ok(true)) => {
+            tokio::time::sleep(MINIMUM_CPU_UPDATE_INTERVAL).await;
+            Ok(())
+        }
+        Ok(Ok(false)) => Ok(()),
+        Ok(Err(why)) => Err(Outcome::unknown(why)),
+        Err(e) => Err(Outcome::unknown(format!("{kind} probe failed: {e}"))),
+    }
+}
+
 /// Lock `m`, recovering the state a panicking holder left behind: every probe refreshes
 /// what it reads, so nothing stays inconsistent for long.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -240,24 +257,18 @@ fn human_bytes(bytes: u64) -> String {
 /// CPU busy percent since the previous cpu refresh. The first run samples twice: the first
 /// refresh only sets the baseline.
 async fn cpu(shared: Arc<Shared>, t: Thresholds) -> Outcome {
-    let first = {
-        let shared = shared.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut host = lock(&shared.host);
-            let sys = system_in(&mut host)?;
-            let first = sys.cpus().is_empty();
-            if first {
-                sys.refresh_cpu_usage();
-            }
-            Ok::<bool, String>(first)
-        })
-        .await
-    };
-    match first {
-        Ok(Ok(true)) => tokio::time::sleep(MINIMUM_CPU_UPDATE_INTERVAL).await,
-        Ok(Ok(false)) => {}
-        Ok(Err(why)) => return Outcome::unknown(why),
-        Err(e) => return Outcome::unknown(format!("cpu probe failed: {e}")),
+    let first = shared.clone();
+    let sampled = baseline("cpu", move || {
+        let mut host = lock(&first.host);
+        let sys = system_in(&mut host)?;
+        let first = sys.cpus().is_empty();
+        if first {
+            sys.refresh_cpu_usage();
+        }
+        Ok(first)
+    });
+    if let Err(o) = sampled.await {
+        return o;
     }
     blocking("cpu", move || {
         let mut host = lock(&shared.host);

@@ -50,23 +50,17 @@ fn list(state: &mut State) -> Result<(), String> {
 
 pub(super) async fn run(shared: Arc<Shared>, probe: ProcessProbe) -> Outcome {
     // The first listing only sets the CPU baseline.
-    let first = {
-        let shared = shared.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut state = lock(&shared.procs);
-            let first = state.listed_at.is_none();
-            if first {
-                list(&mut state)?;
-            }
-            Ok::<bool, String>(first)
-        })
-        .await
-    };
-    match first {
-        Ok(Ok(true)) => tokio::time::sleep(MINIMUM_CPU_UPDATE_INTERVAL).await,
-        Ok(Ok(false)) => {}
-        Ok(Err(why)) => return Outcome::unknown(why),
-        Err(e) => return Outcome::unknown(format!("process probe failed: {e}")),
+    let first = shared.clone();
+    let sampled = super::baseline("process", move || {
+        let mut state = lock(&first.procs);
+        let first = state.listed_at.is_none();
+        if first {
+            list(&mut state)?;
+        }
+        Ok(first)
+    });
+    if let Err(o) = sampled.await {
+        return o;
     }
     blocking("process", move || {
         let mut state = lock(&shared.procs);
