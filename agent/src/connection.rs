@@ -315,7 +315,7 @@ impl Connection {
                                 tracing::warn!(ack = a.seq, sent, "gateway acked beyond what was sent; ignoring the excess");
                             }
                             let seq = a.seq.min(sent);
-                            self.outbox.ack(seq);
+                            crate::outbox::blocking(|| self.outbox.ack(seq));
                             acked = acked.max(seq);
                             if in_flight.is_some_and(|(s, _)| a.seq >= s) {
                                 in_flight = None;
@@ -426,7 +426,8 @@ impl Connection {
 
     /// The oldest unacked results, as many as fit in one frame.
     fn next_batch(&self, acked: u64) -> Vec<CheckResult> {
-        let mut batch = self.outbox.pending_after(acked, MAX_BATCH_RESULTS);
+        let mut batch =
+            crate::outbox::blocking(|| self.outbox.pending_after(acked, MAX_BATCH_RESULTS));
         let too_big = |b: &[CheckResult]| {
             encode(&AgentFrame::Results(Results {
                 results: b.to_vec(),

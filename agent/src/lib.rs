@@ -26,6 +26,9 @@ pub use settings::Settings;
 
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The check under which the agent reports a problem with its own outbox.
+pub const OUTBOX_CHECK: &str = "outpost.outbox";
+
 /// Run the agent until `shutdown` is cancelled.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let identity = identity::Identity::load_or_create(&settings.paths)
@@ -38,10 +41,25 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     }
     tracing::info!(fingerprint = %identity.fingerprint, "agent starting");
     let tls = tls::client_config(&settings.trust).context("cannot set up TLS")?;
-    let outbox: Arc<dyn outbox::Outbox> = Arc::new(
-        outbox::MemoryOutbox::open(&settings.paths.state_dir, settings.outbox_max_results)
-            .context("cannot open the outbox")?,
-    );
+    let (disk, moved_aside) =
+        outbox::DiskOutbox::open(&settings.paths.state_dir, settings.outbox_max_bytes)
+            .context("cannot open the outbox")?;
+    let outbox: Arc<dyn outbox::Outbox> = Arc::new(disk);
+    if let Some(why) = moved_aside {
+        // Said once, as a result that reaches the gateway like any other.
+        tracing::error!(reason = %why, "outbox file was corrupt; started a fresh one");
+        let r = outpost_protocol::CheckResult {
+            started_at_ms: util::now_ms(),
+            ..outpost_protocol::CheckResult::new(
+                OUTBOX_CHECK,
+                outpost_protocol::Status::Critical,
+                why,
+            )
+        };
+        if let Err(e) = outbox.append(r) {
+            tracing::error!(error = %e, "cannot queue the outbox error result");
+        }
+    }
     let plugins = Arc::new(plugins::PluginStore::new(&settings.paths.plugins_dir));
     let runner = Arc::new(checks::Runner::new(
         plugins,
@@ -71,7 +89,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         settings: Arc::new(settings),
         identity,
         tls,
-        outbox,
+        outbox: outbox.clone(),
         scheduler: scheduler.clone(),
     };
     conn.run(shutdown.clone()).await;
@@ -79,5 +97,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     scheduler
         .stop_all(checks::daemon::STOP_GRACE + std::time::Duration::from_secs(1))
         .await;
+    if let Err(e) = outbox::blocking(|| outbox.flush()) {
+        tracing::error!(error = %e, pending = outbox.len(), "stopping before every result reached the disk");
+    }
     Ok(())
 }

@@ -2,8 +2,8 @@
 //!
 //! [`Outbox`] is the seam: [`MemoryOutbox`] (bounded in results; the oldest go first when
 //! full, counted) keeps results across reconnects but not across restarts; [`DiskOutbox`]
-//! (a redb file, bounded in bytes) keeps them across restarts and crashes, and replaces it
-//! without touching its callers. Sequence numbers come
+//! (a redb file, bounded in bytes, appends committed in groups by a writer thread) keeps
+//! them across restarts and crashes; the agent runs it. Sequence numbers come
 //! from [`SeqFile`], which does survive restarts, because the bus drops anything at or
 //! below the highest sequence it has seen from an agent.
 
@@ -19,10 +19,23 @@ use crate::util::write_atomic;
 mod disk;
 pub use disk::DiskOutbox;
 
+/// Run `f`, which may wait for the disk, without stalling the other tasks of a
+/// multi-threaded runtime (they move to another worker meanwhile).
+pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 pub trait Outbox: Send + Sync {
-    /// Number `result`, keep it, and return its sequence number.
+    /// Number `result`, keep it, and return its sequence number. Never waits for the
+    /// disk: see [`Outbox::flush`].
     fn append(&self, result: CheckResult) -> std::io::Result<u64>;
-    /// Up to `max` results with `seq > after`, oldest first.
+    /// Up to `max` results with `seq > after`, oldest first; only results that would
+    /// survive a crash.
     fn pending_after(&self, after: u64, max: usize) -> Vec<CheckResult>;
     /// Forget every result with `seq <= seq`: the gateway made them durable.
     fn ack(&self, seq: u64);
@@ -37,6 +50,9 @@ pub trait Outbox: Send + Sync {
     fn notify(&self) -> &Notify;
     /// Make every sequence number handed out from now on greater than `floor`.
     fn raise_seq_floor(&self, floor: u64) -> std::io::Result<()>;
+    /// Wait until every result appended so far would survive a crash; an error says why
+    /// not (they are still kept, in memory, and retried).
+    fn flush(&self) -> std::io::Result<()>;
 }
 
 /// Sequence numbers that only go up, across restarts: the file holds a ceiling reserved
@@ -173,6 +189,11 @@ impl Outbox for MemoryOutbox {
 
     fn raise_seq_floor(&self, floor: u64) -> std::io::Result<()> {
         self.lock().seq.raise(floor)
+    }
+
+    /// Nothing in memory survives a crash; there is nothing to wait for.
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -26,7 +26,7 @@ struct Raw {
     #[serde(default)]
     groups: Vec<String>,
     max_concurrent_checks: Option<usize>,
-    outbox_max_results: Option<usize>,
+    outbox_max_mb: Option<u64>,
     reconnect_max_secs: Option<u64>,
     checks_dir: Option<PathBuf>,
     checks_poll_secs: Option<u64>,
@@ -69,7 +69,8 @@ pub struct Settings {
     pub labels: BTreeMap<String, String>,
     pub groups: Vec<String>,
     pub max_concurrent_checks: usize,
-    pub outbox_max_results: usize,
+    /// Most bytes the outbox file holds; the oldest results go first beyond it.
+    pub outbox_max_bytes: u64,
     pub reconnect_max_secs: u64,
     /// How often `checks.d` is reread.
     pub checks_poll: std::time::Duration,
@@ -240,7 +241,7 @@ impl Settings {
             labels: raw.labels,
             groups: raw.groups,
             max_concurrent_checks,
-            outbox_max_results: raw.outbox_max_results.unwrap_or(100_000).max(1),
+            outbox_max_bytes: raw.outbox_max_mb.unwrap_or(100).clamp(1, 1 << 20) * 1_000_000,
             reconnect_max_secs: raw.reconnect_max_secs.unwrap_or(60).max(1),
             checks_poll: std::time::Duration::from_secs(
                 raw.checks_poll_secs.unwrap_or(5).clamp(1, 3600),

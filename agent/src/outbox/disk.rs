@@ -2,11 +2,21 @@
 //!
 //! One table maps the sequence number to the result as JSON; a second keeps the count of
 //! results dropped because the outbox was full and the highest sequence number ever
-//! stored. Every append is a durable commit before it returns, so a result survives a
-//! `kill -9` the moment `append` returns; an ack deletes everything up to the acked number
-//! in one transaction. The outbox is bounded in bytes (the JSON plus 8 bytes of key per
-//! result): an append that would go over the bound first deletes the oldest results, in
-//! the same transaction, and adds them to the dropped counter.
+//! stored.
+//!
+//! Appends never wait for the disk. [`Outbox::append`] numbers the result and stages it in
+//! memory; one writer thread commits everything staged in one durable transaction, so a
+//! burst of a thousand results costs one fsync, not a thousand, and a slow or failing disk
+//! never holds up a check. Only committed results are handed to the connection
+//! ([`Outbox::pending_after`]), so nothing reaches the gateway that a crash could take back.
+//! [`Outbox::flush`] waits until everything appended so far is committed. A commit that
+//! fails is retried with backoff; meanwhile the staged results stay in memory, under the
+//! same bound.
+//!
+//! The outbox is bounded in bytes (the JSON plus 8 bytes of key per result): a commit that
+//! would go over the bound first deletes the oldest results, in the same transaction, and
+//! adds them to the dropped counter. An ack deletes everything up to the acked number in
+//! one transaction.
 //!
 //! The file is checked in full on open. A file redb refuses (bad checksums, truncated,
 //! an unknown format) is renamed to `outbox.redb.corrupt-<unix-ms>` and a fresh outbox is
@@ -14,10 +24,12 @@
 //! result. A row whose JSON does not decode is deleted on open and counted as dropped;
 //! nothing read from the file is unwrapped.
 
+use std::collections::VecDeque;
 use std::ops::Bound;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
 
 use outpost_protocol::CheckResult;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -40,18 +52,54 @@ const CACHE_BYTES: usize = 8 * 1024 * 1024;
 const COMPACT_SLACK: u64 = 4 * 1024 * 1024;
 
 pub struct DiskOutbox {
+    shared: Arc<Shared>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Shared {
     db: Database,
     state: Mutex<State>,
+    /// Wakes the writer (something staged, or closing) and flushers (a commit ended).
+    changed: Condvar,
+    /// Held through every write transaction, so that the writer's and an ack's byte
+    /// counts see each other.
+    write_lock: Mutex<()>,
     max_bytes: u64,
     path: PathBuf,
     notify: Notify,
+    /// Unit tests make commits fail with this.
+    #[cfg(test)]
+    fail_commits: std::sync::atomic::AtomicBool,
 }
 
 struct State {
     seq: SeqFile,
+    /// Numbered but not yet committed, oldest first.
+    staged: VecDeque<Staged>,
+    staged_bytes: u64,
+    /// Committed rows and their bytes.
     len: usize,
     bytes: u64,
     dropped: u64,
+    /// The last number handed out, and the number up to which everything is committed
+    /// (or was dropped).
+    issued: u64,
+    settled: u64,
+    /// Why the last commit failed; cleared by the next one that succeeds.
+    failure: Option<String>,
+    commits: u64,
+    closing: bool,
+}
+
+struct Staged {
+    seq: u64,
+    json: Vec<u8>,
+}
+
+impl Staged {
+    fn size(&self) -> u64 {
+        self.json.len() as u64 + ROW_OVERHEAD
+    }
 }
 
 /// Why a file could not be opened: either it is unreadable as an outbox (move it aside)
@@ -219,6 +267,10 @@ fn unix_ms() -> u128 {
         .unwrap_or(0)
 }
 
+/// The writer's wait after a failed commit doubles from this, up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
 impl DiskOutbox {
     /// Open the outbox in `state_dir`, keeping at most `max_bytes` of results.
     ///
@@ -263,38 +315,205 @@ impl DiskOutbox {
         // Never hand out a number at or below one already stored, even if the sequence
         // file was lost or restored from an old backup.
         seq.raise(loaded.last_seq)?;
+        let shared = Arc::new(Shared {
+            db: loaded.db,
+            state: Mutex::new(State {
+                seq,
+                staged: VecDeque::new(),
+                staged_bytes: 0,
+                len: loaded.len,
+                bytes: loaded.bytes,
+                dropped: loaded.dropped,
+                issued: loaded.last_seq,
+                settled: loaded.last_seq,
+                failure: None,
+                commits: 0,
+                closing: false,
+            }),
+            changed: Condvar::new(),
+            write_lock: Mutex::new(()),
+            max_bytes,
+            path,
+            notify: Notify::new(),
+            #[cfg(test)]
+            fail_commits: Default::default(),
+        });
+        let writer = {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name("outbox-writer".into())
+                .spawn(move || shared.write_loop())?
+        };
         Ok((
             DiskOutbox {
-                db: loaded.db,
-                state: Mutex::new(State {
-                    seq,
-                    len: loaded.len,
-                    bytes: loaded.bytes,
-                    dropped: loaded.dropped,
-                }),
-                max_bytes,
-                path,
-                notify: Notify::new(),
+                shared,
+                writer: Some(writer),
             },
             moved_aside,
         ))
     }
 
-    /// Bytes held (the JSON of every result plus 8 per result).
+    /// Bytes held (the JSON of every result plus 8 per result), staged ones included.
     pub fn bytes(&self) -> u64 {
-        self.lock().bytes
+        let st = self.shared.lock();
+        st.bytes + st.staged_bytes
     }
 
     pub fn max_bytes(&self) -> u64 {
-        self.max_bytes
+        self.shared.max_bytes
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.shared.path
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    /// Transactions committed since open: appends per commit is the grouping achieved.
+    pub fn commits(&self) -> u64 {
+        self.shared.lock().commits
+    }
+}
+
+impl Drop for DiskOutbox {
+    /// Commit what is staged (one attempt) and stop the writer.
+    fn drop(&mut self) {
+        self.shared.lock().closing = true;
+        self.shared.changed.notify_all();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write_loop(&self) {
+        let mut retry = RETRY_MIN;
+        loop {
+            let batch: Vec<Staged> = {
+                let mut st = self.lock();
+                while st.staged.is_empty() && !st.closing {
+                    st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+                }
+                if st.staged.is_empty() {
+                    return;
+                }
+                st.staged_bytes = 0;
+                st.staged.drain(..).collect()
+            };
+            let error = match self.commit(&batch) {
+                Ok(()) => {
+                    retry = RETRY_MIN;
+                    self.notify.notify_one();
+                    self.changed.notify_all();
+                    continue;
+                }
+                Err(e) => e,
+            };
+            let mut st = self.lock();
+            for item in batch.into_iter().rev() {
+                st.staged_bytes += item.size();
+                st.staged.push_front(item);
+            }
+            self.bound_staged(&mut st, 0);
+            if st.failure.as_deref() != Some(error.as_str()) {
+                tracing::error!(error = %error, staged = st.staged.len(), "cannot commit results to the outbox; keeping them in memory and retrying");
+            }
+            st.failure = Some(error);
+            self.changed.notify_all();
+            if st.closing {
+                tracing::error!(
+                    lost = st.staged.len(),
+                    "stopping with results the outbox could not commit"
+                );
+                return;
+            }
+            drop(
+                self.changed
+                    .wait_timeout(st, retry)
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            retry = (retry * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// Drop the oldest staged results until `incoming` more bytes fit, keeping at least
+    /// one: the bound holds even while the disk refuses every commit.
+    fn bound_staged(&self, st: &mut State, incoming: u64) {
+        while st.staged_bytes + incoming > self.max_bytes
+            && st.staged.len() > usize::from(incoming == 0)
+        {
+            let Some(old) = st.staged.pop_front() else {
+                break;
+            };
+            st.staged_bytes -= old.size();
+            st.dropped += 1;
+        }
+    }
+
+    /// One durable transaction: the longest run of the newest results (committed rows,
+    /// then `batch`) that fits the bound, and at least the newest result.
+    fn commit(&self, batch: &[Staged]) -> Result<(), String> {
+        let _w = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (held, dropped_before) = {
+            let st = self.lock();
+            (st.bytes, st.dropped)
+        };
+        let Some(last) = batch.last() else {
+            return Ok(());
+        };
+        #[cfg(test)]
+        if self.fail_commits.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err("commits fail in this test".into());
+        }
+        let mut incoming: u64 = batch.iter().map(Staged::size).sum();
+        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        let (mut popped, mut freed, mut skipped) = (0usize, 0u64, 0usize);
+        {
+            let mut table = txn.open_table(RESULTS).map_err(|e| e.to_string())?;
+            while held - freed + incoming > self.max_bytes {
+                match table.pop_first().map_err(|e| e.to_string())? {
+                    Some((_, v)) => {
+                        freed += v.value().len() as u64 + ROW_OVERHEAD;
+                        popped += 1;
+                    }
+                    None => break,
+                }
+            }
+            while incoming > self.max_bytes && skipped + 1 < batch.len() {
+                incoming -= batch[skipped].size();
+                skipped += 1;
+            }
+            for item in &batch[skipped..] {
+                table
+                    .insert(item.seq, item.json.as_slice())
+                    .map_err(|e| e.to_string())?;
+            }
+            let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+            let lost = (popped + skipped) as u64;
+            meta.insert(DROPPED, dropped_before.saturating_add(lost))
+                .map_err(|e| e.to_string())?;
+            meta.insert(LAST_SEQ, last.seq).map_err(|e| e.to_string())?;
+        }
+        txn.commit().map_err(|e| e.to_string())?;
+        let lost = (popped + skipped) as u64;
+        if lost > 0 {
+            tracing::warn!(
+                dropped = lost,
+                max_bytes = self.max_bytes,
+                "outbox full; dropped the oldest results"
+            );
+        }
+        let mut st = self.lock();
+        st.len = st.len - popped + (batch.len() - skipped);
+        st.bytes = held - freed + incoming;
+        st.dropped = st.dropped.saturating_add(lost);
+        st.settled = last.seq;
+        st.commits += 1;
+        st.failure = None;
+        Ok(())
     }
 
     fn try_pending_after(&self, after: u64, max: usize) -> Result<Vec<CheckResult>, redb::Error> {
@@ -321,7 +540,7 @@ impl DiskOutbox {
     }
 
     fn try_ack(&self, seq: u64) -> Result<(), redb::Error> {
-        let mut st = self.lock();
+        let _w = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let txn = self.db.begin_write()?;
         let (mut removed, mut freed) = (0usize, 0u64);
         {
@@ -337,88 +556,76 @@ impl DiskOutbox {
             return Ok(());
         }
         txn.commit()?;
+        let mut st = self.lock();
         st.len = st.len.saturating_sub(removed);
         st.bytes = st.bytes.saturating_sub(freed);
         Ok(())
-    }
-
-    fn try_append(&self, result: &mut CheckResult) -> std::io::Result<u64> {
-        let mut st = self.lock();
-        let seq = st.seq.allocate()?;
-        result.seq = seq;
-        let value = serde_json::to_vec(&*result).map_err(io_err)?;
-        let size = value.len() as u64 + ROW_OVERHEAD;
-        let txn = self.db.begin_write().map_err(io_err)?;
-        let (mut dropped, mut freed) = (0u64, 0u64);
-        {
-            let mut table = txn.open_table(RESULTS).map_err(io_err)?;
-            // The oldest go first; a result bigger than the whole bound is kept alone.
-            while st.bytes.saturating_sub(freed).saturating_add(size) > self.max_bytes {
-                match table.pop_first().map_err(io_err)? {
-                    Some((_, v)) => {
-                        freed += v.value().len() as u64 + ROW_OVERHEAD;
-                        dropped += 1;
-                    }
-                    None => break,
-                }
-            }
-            table.insert(seq, value.as_slice()).map_err(io_err)?;
-            let mut meta = txn.open_table(META).map_err(io_err)?;
-            if dropped > 0 {
-                meta.insert(DROPPED, st.dropped.saturating_add(dropped))
-                    .map_err(io_err)?;
-            }
-            meta.insert(LAST_SEQ, seq).map_err(io_err)?;
-        }
-        txn.commit().map_err(io_err)?;
-        if dropped > 0 {
-            tracing::warn!(
-                dropped,
-                max_bytes = self.max_bytes,
-                "outbox full; dropped the oldest results"
-            );
-        }
-        st.len = (st.len + 1).saturating_sub(dropped as usize);
-        st.bytes = st.bytes.saturating_sub(freed).saturating_add(size);
-        st.dropped = st.dropped.saturating_add(dropped);
-        Ok(seq)
     }
 }
 
 impl Outbox for DiskOutbox {
     fn append(&self, mut result: CheckResult) -> std::io::Result<u64> {
-        let seq = self.try_append(&mut result)?;
-        self.notify.notify_one();
+        let shared = &self.shared;
+        let mut st = shared.lock();
+        if st.closing {
+            return Err(io_err("the outbox is closing"));
+        }
+        let seq = st.seq.allocate()?;
+        result.seq = seq;
+        let json = serde_json::to_vec(&result).map_err(io_err)?;
+        let item = Staged { seq, json };
+        shared.bound_staged(&mut st, item.size());
+        st.staged_bytes += item.size();
+        st.staged.push_back(item);
+        st.issued = seq;
+        drop(st);
+        shared.changed.notify_all();
         Ok(seq)
     }
 
     fn pending_after(&self, after: u64, max: usize) -> Vec<CheckResult> {
-        self.try_pending_after(after, max).unwrap_or_else(|e| {
-            tracing::error!(error = %e, "cannot read the outbox");
-            Vec::new()
-        })
+        self.shared
+            .try_pending_after(after, max)
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "cannot read the outbox");
+                Vec::new()
+            })
     }
 
     fn ack(&self, seq: u64) {
-        if let Err(e) = self.try_ack(seq) {
+        if let Err(e) = self.shared.try_ack(seq) {
             tracing::error!(error = %e, seq, "cannot delete acked results from the outbox");
         }
     }
 
     fn len(&self) -> usize {
-        self.lock().len
+        let st = self.shared.lock();
+        st.len + st.staged.len()
     }
 
     fn dropped(&self) -> u64 {
-        self.lock().dropped
+        self.shared.lock().dropped
     }
 
     fn notify(&self) -> &Notify {
-        &self.notify
+        &self.shared.notify
     }
 
     fn raise_seq_floor(&self, floor: u64) -> std::io::Result<()> {
-        self.lock().seq.raise(floor)
+        self.shared.lock().seq.raise(floor)
+    }
+
+    fn flush(&self) -> std::io::Result<()> {
+        let shared = &self.shared;
+        let mut st = shared.lock();
+        let target = st.issued;
+        while st.settled < target {
+            if let Some(why) = &st.failure {
+                return Err(io_err(format!("results are not yet on disk: {why}")));
+            }
+            st = shared.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        Ok(())
     }
 }
 
@@ -428,6 +635,7 @@ mod tests {
     use outpost_protocol::Status;
     use rand::{rngs::StdRng, Rng, SeedableRng};
     use std::collections::BTreeMap;
+    use std::sync::atomic::Ordering;
 
     fn r(check: &str, output_len: usize) -> CheckResult {
         CheckResult::new(check, Status::Ok, "x".repeat(output_len))
@@ -438,6 +646,13 @@ mod tests {
         let mut numbered = result.clone();
         numbered.seq = seq;
         serde_json::to_vec(&numbered).unwrap().len() as u64 + ROW_OVERHEAD
+    }
+
+    /// Append and wait until it is on disk.
+    fn put(o: &DiskOutbox, result: CheckResult) -> u64 {
+        let seq = o.append(result).unwrap();
+        o.flush().unwrap();
+        seq
     }
 
     fn open(dir: &Path, max_bytes: u64) -> DiskOutbox {
@@ -528,7 +743,7 @@ mod tests {
                     0..=54 => {
                         let check = format!("c{}", rng.gen_range(0..1000));
                         let res = r(&check, rng.gen_range(0..300));
-                        let seq = o.append(res.clone()).unwrap();
+                        let seq = put(&o, res.clone());
                         assert!(seq > last_seq, "{seq} after {last_seq}");
                         last_seq = seq;
                         model.append(seq, check, size_of(&res, seq), max_bytes);
@@ -584,7 +799,7 @@ mod tests {
         let orig = root.path().join("orig");
         let o = open(&orig, 1 << 20);
         for i in 0..40 {
-            o.append(r(&format!("c{i}"), i * 37 % 500)).unwrap();
+            put(&o, r(&format!("c{i}"), i * 37 % 500));
         }
         let originals = all(&o);
         let highest = originals.last().unwrap().seq;
@@ -657,7 +872,7 @@ mod tests {
                 }
             }
             // Whatever happened, numbering carries on above everything handed out.
-            assert!(o.append(r("after", 3)).unwrap() > highest, "{what}");
+            assert!(put(&o, r("after", 3)) > highest, "{what}");
             drop(o);
             let (again, moved) = DiskOutbox::open(&dir, 1 << 20).unwrap();
             assert_eq!(moved, None, "{what}: the fresh file reopens cleanly");
@@ -673,7 +888,7 @@ mod tests {
         let one = size_of(&r("c", 200), 1);
         let max = one * 3 + one / 2;
         let o = open(dir.path(), max);
-        let seqs: Vec<u64> = (0..10).map(|_| o.append(r("c", 200)).unwrap()).collect();
+        let seqs: Vec<u64> = (0..10).map(|_| put(&o, r("c", 200))).collect();
         assert_eq!(o.len(), 3);
         assert_eq!(o.dropped(), 7);
         assert!(o.bytes() <= max);
@@ -685,7 +900,7 @@ mod tests {
         assert_eq!((o.len(), o.dropped()), (3, 7));
         assert!(o.bytes() <= max && o.bytes() >= 3 * one - 3);
         // One result bigger than the whole bound is kept, alone.
-        let big = o.append(r("big", 2000)).unwrap();
+        let big = put(&o, r("big", 2000));
         assert_eq!((o.len(), o.dropped()), (1, 10));
         assert_eq!(all(&o)[0].seq, big);
         o.ack(big);
@@ -693,15 +908,15 @@ mod tests {
         drop(o);
         let o = open(dir.path(), max);
         assert_eq!((o.len(), o.bytes(), o.dropped()), (0, 0, 10));
-        assert!(o.append(r("c", 1)).unwrap() > big);
+        assert!(put(&o, r("c", 1)) > big);
     }
 
     #[test]
     fn rows_that_do_not_decode_are_dropped_and_counted_not_unwrapped() {
         let dir = tempfile::tempdir().unwrap();
         let o = open(dir.path(), 1 << 20);
-        let a = o.append(r("a", 1)).unwrap();
-        let b = o.append(r("b", 1)).unwrap();
+        let a = put(&o, r("a", 1));
+        let b = put(&o, r("b", 1));
         drop(o);
         {
             // Damage written by redb itself, so the checksums hold: only our decoding can
@@ -721,14 +936,14 @@ mod tests {
         assert_eq!(o.dropped(), 2);
         let seqs: Vec<u64> = all(&o).iter().map(|r| r.seq).collect();
         assert_eq!(seqs, [a, b]);
-        assert!(o.append(r("c", 1)).unwrap() > b + 2);
+        assert!(put(&o, r("c", 1)) > b + 2);
     }
 
     #[test]
     fn a_held_file_is_an_error_and_is_not_moved_aside() {
         let dir = tempfile::tempdir().unwrap();
         let o = open(dir.path(), 1 << 20);
-        o.append(r("a", 1)).unwrap();
+        put(&o, r("a", 1));
         assert!(DiskOutbox::open(dir.path(), 1 << 20).is_err());
         let names: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
@@ -752,7 +967,7 @@ mod tests {
         let o = open(Path::new(&dir), 1 << 24);
         let mut out = std::io::stdout().lock();
         for i in 0.. {
-            let seq = o.append(r(&format!("c{i}"), 50)).unwrap();
+            let seq = put(&o, r(&format!("c{i}"), 50));
             writeln!(out, "appended {seq}").unwrap();
             out.flush().unwrap();
         }
@@ -800,7 +1015,7 @@ mod tests {
             );
         }
         let highest = *stored.iter().next_back().unwrap();
-        assert!(o.append(r("after", 1)).unwrap() > highest);
+        assert!(put(&o, r("after", 1)) > highest);
     }
 
     #[test]
@@ -809,36 +1024,89 @@ mod tests {
         // directory taken now is what a kill -9 would leave.
         let dir = tempfile::tempdir().unwrap();
         let o = open(&dir.path().join("a"), 1 << 20);
-        let seq = o.append(r("kept", 1)).unwrap();
+        let seq = put(&o, r("kept", 1));
         snapshot(&dir.path().join("a"), &dir.path().join("b"));
         std::mem::forget(o);
         let o = open(&dir.path().join("b"), 1 << 20);
         assert_eq!(all(&o).iter().map(|r| r.seq).collect::<Vec<_>>(), [seq]);
     }
 
-    /// `cargo test --release -p outpost-agent append_rate -- --ignored --nocapture`
     #[test]
-    #[ignore = "a measurement, not a test"]
-    fn append_rate() {
+    fn concurrent_appends_share_commits_and_keep_their_order() {
         let dir = tempfile::tempdir().unwrap();
-        let o = open(dir.path(), 64 << 20);
-        let n = 2000;
-        let started = std::time::Instant::now();
-        for i in 0..n {
-            o.append(r(&format!("check-{i}"), 120)).unwrap();
-        }
-        let appended = started.elapsed();
-        let started = std::time::Instant::now();
-        let mut acked = 0;
-        while acked < n {
-            let batch = o.pending_after(0, 100);
-            acked += batch.len();
-            o.ack(batch.last().unwrap().seq);
-        }
-        eprintln!(
-            "{n} durable appends in {appended:?} ({:.0}/s); read and acked in batches of 100 in {:?}",
-            n as f64 / appended.as_secs_f64(),
-            started.elapsed()
+        let o = Arc::new(open(dir.path(), 64 << 20));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let o = o.clone();
+                std::thread::spawn(move || {
+                    (0..500)
+                        .map(|i| o.append(r(&format!("t{t}-{i}"), 40)).unwrap())
+                        .collect::<Vec<u64>>()
+                })
+            })
+            .collect();
+        let mut handed_out: Vec<u64> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        o.flush().unwrap();
+        handed_out.sort_unstable();
+        let stored: Vec<u64> = all(&o).iter().map(|r| r.seq).collect();
+        assert_eq!(stored, handed_out, "every append stored once, in order");
+        assert_eq!(o.len(), 4000);
+        let commits = o.commits();
+        assert!(commits < 4000, "{commits} commits for 4000 appends");
+        eprintln!("4000 appends from 8 threads in {commits} commits");
+    }
+
+    #[test]
+    fn dropping_the_outbox_commits_what_is_staged() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = open(dir.path(), 1 << 20);
+        let seqs: Vec<u64> = (0..50).map(|_| o.append(r("c", 10)).unwrap()).collect();
+        drop(o);
+        let o = open(dir.path(), 1 << 20);
+        assert_eq!(all(&o).iter().map(|r| r.seq).collect::<Vec<_>>(), seqs);
+    }
+
+    #[test]
+    fn failing_commits_keep_results_in_memory_under_the_bound_and_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = size_of(&r("c", 100), 1);
+        let o = open(dir.path(), one * 10);
+        let before = put(&o, r("c", 100));
+        o.shared.fail_commits.store(true, Ordering::SeqCst);
+        let staged: Vec<u64> = (0..4).map(|_| o.append(r("c", 100)).unwrap()).collect();
+        let err = o.flush().unwrap_err().to_string();
+        assert!(err.contains("not yet on disk"), "{err}");
+        assert_eq!(o.len(), 5, "staged results are counted");
+        assert_eq!(
+            all(&o).iter().map(|r| r.seq).collect::<Vec<_>>(),
+            [before],
+            "only committed results are handed out"
         );
+        // Far more than the bound while the disk refuses: the oldest staged go first.
+        let last: Vec<u64> = (0..30).map(|_| o.append(r("c", 100)).unwrap()).collect();
+        assert!(o.bytes() <= one * 11, "{} bytes held", o.bytes());
+        assert!(o.dropped() >= 20, "{} dropped", o.dropped());
+        o.shared.fail_commits.store(false, Ordering::SeqCst);
+        // The writer retries on its own; flush waits for it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while o.flush().is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer never retried"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let stored: Vec<u64> = all(&o).iter().map(|r| r.seq).collect();
+        assert_eq!(stored.last(), last.last());
+        assert!(stored.len() <= 10 && stored.len() >= 9, "{stored:?}");
+        assert!(!stored.contains(&staged[0]));
+        let dropped = o.dropped();
+        assert_eq!(dropped as usize + stored.len(), 35);
+        drop(o);
+        let o = open(dir.path(), one * 10);
+        assert_eq!(o.dropped(), dropped, "the count survives a reopen");
     }
 }
