@@ -2,8 +2,18 @@
 //! say `hello`, take the `welcome` and any `config`, then send results in batches, delete
 //! them from the outbox only when acked, answer run-now calls, ping on the heartbeat,
 //! and say `bye` when stopping. Any break ends the session; [`Connection::run`] reconnects
-//! with exponential backoff and full jitter. Checks never wait on any of this.
+//! with exponential backoff and full jitter. Checks never wait on any of this: they run on
+//! their own schedule and their results wait in the outbox.
+//!
+//! The gateway's name is resolved on every dial; when DNS fails, the last address that
+//! worked and the gateway's fallback addresses are tried (see [`crate::gateway_addr`]).
+//! A session ends on purpose in two cases: the gateway sends `reconnect` (draining,
+//! overloaded), and the agent dials again after the delay it asked for instead of the
+//! backoff; or the session reached the gateway's maximum length (jittered), and the agent
+//! opens a new session before it lets the old one go, so the gateway sees a replaced
+//! connection, not a lost agent.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +34,7 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
+use crate::gateway_addr::{AddrBook, Via};
 use crate::identity::Identity;
 use crate::outbox::Outbox;
 use crate::scheduler::Scheduler;
@@ -49,6 +60,10 @@ pub struct Connection {
     pub tls: Arc<rustls::ClientConfig>,
     pub outbox: Arc<dyn Outbox>,
     pub scheduler: Scheduler,
+    /// Where the gateway was reached before, for when DNS fails.
+    pub addrs: tokio::sync::Mutex<AddrBook>,
+    /// The outbox's drop count when last reported, and whether that report was a warning.
+    pub drops_reported: std::sync::Mutex<(u64, bool)>,
 }
 
 /// Why a session ended.
@@ -60,6 +75,10 @@ enum End {
     Retry(String),
     /// The gateway refused us; retrying soon will not help, so wait the longest backoff.
     Refused(String),
+    /// The gateway asked us to come back after this delay (draining, overloaded).
+    Later(Duration, String),
+    /// The session reached its maximum length: open the next one, then drop this one.
+    Rotate(Box<Ws>),
 }
 
 /// Exponential backoff with full jitter: a random delay in [0, min(cap, base * 2^n)].
@@ -97,14 +116,24 @@ impl Connection {
     pub async fn run(&self, shutdown: CancellationToken) {
         let cap = Duration::from_secs(self.settings.reconnect_max_secs);
         let mut backoff = Backoff::new(Duration::from_millis(500), cap);
+        let mut previous: Option<Box<Ws>> = None;
         loop {
             let started = Instant::now();
-            let end = self.session(&shutdown).await;
+            let end = self.session(&shutdown, previous.take()).await;
             if started.elapsed() >= STABLE_SESSION {
                 backoff.reset();
             }
             let delay = match end {
                 End::Stopped => return,
+                End::Rotate(ws) => {
+                    tracing::info!("session reached its maximum length; opening the next one");
+                    previous = Some(ws);
+                    continue;
+                }
+                End::Later(d, why) => {
+                    tracing::warn!(reason = %why, retry_in_ms = d.as_millis() as u64, pending = self.outbox.len(), "gateway asked this agent to come back later");
+                    d
+                }
                 End::Retry(why) => {
                     let d = backoff.next_delay();
                     tracing::warn!(error = %why, retry_in_ms = d.as_millis() as u64, pending = self.outbox.len(), "gateway connection ended");
@@ -122,13 +151,60 @@ impl Connection {
         }
     }
 
-    async fn dial(&self) -> Result<Ws, String> {
+    /// Resolve the gateway (or fall back to cached addresses) and open a session with the
+    /// first address that completes TCP, TLS (verifying the gateway's name) and the
+    /// websocket handshake; queue an `outpost.dns` result when what DNS did changed.
+    async fn dial(&self) -> Result<(Ws, SocketAddr, Via), String> {
         let s = &self.settings;
-        let tcp =
-            tokio::time::timeout(DIAL_DEADLINE, TcpStream::connect((s.host.as_str(), s.port)))
-                .await
-                .map_err(|_| format!("connecting to {}:{} timed out", s.host, s.port))?
-                .map_err(|e| format!("cannot connect to {}:{}: {e}", s.host, s.port))?;
+        let mut book = self.addrs.lock().await;
+        let found = book.candidates(DIAL_DEADLINE).await;
+        let mut errors = Vec::new();
+        let mut connected = None;
+        for (addr, via) in &found.addrs {
+            match self.dial_addr(*addr).await {
+                Ok(ws) => {
+                    connected = Some((ws, *addr, *via));
+                    break;
+                }
+                Err(e) => errors.push(format!("{addr}: {e}")),
+            }
+        }
+        let report = book.report(
+            found.resolve_error.as_deref(),
+            connected.as_ref().map(|(_, a, v)| (*a, *v)),
+        );
+        drop(book);
+        if let Some(r) = report {
+            if let Err(e) = self.outbox.append(r) {
+                tracing::error!(error = %e, "cannot queue the DNS result");
+            }
+        }
+        if let Some(c) = connected {
+            if let Some(err) = &found.resolve_error {
+                tracing::warn!(host = %s.host, error = %err, address = %c.1, via = ?c.2, "cannot resolve the gateway; connected through a cached address");
+            }
+            return Ok(c);
+        }
+        let tried = errors.join("; ");
+        Err(match found.resolve_error {
+            Some(err) if found.addrs.is_empty() => format!(
+                "cannot resolve {}: {err}; no address that worked before is known",
+                s.host
+            ),
+            Some(err) => format!(
+                "cannot resolve {}: {err}; no cached address worked ({tried})",
+                s.host
+            ),
+            None => tried,
+        })
+    }
+
+    async fn dial_addr(&self, addr: SocketAddr) -> Result<Ws, String> {
+        let s = &self.settings;
+        let tcp = tokio::time::timeout(DIAL_DEADLINE, TcpStream::connect(addr))
+            .await
+            .map_err(|_| "connecting timed out".to_string())?
+            .map_err(|e| format!("cannot connect: {e}"))?;
         let _ = tcp.set_nodelay(true);
         let name = ServerName::try_from(s.host.clone())
             .map_err(|e| format!("gateway host {:?} is not a valid TLS name: {e}", s.host))?;
@@ -203,7 +279,9 @@ impl Connection {
         })
     }
 
-    async fn session(&self, shutdown: &CancellationToken) -> End {
+    /// One session. `previous` is a session that reached its maximum length: it is let go
+    /// once this one is welcomed (or failed), by which time the gateway has replaced it.
+    async fn session(&self, shutdown: &CancellationToken, previous: Option<Box<Ws>>) -> End {
         let hello = match self.hello() {
             Ok(h) => h,
             Err(e) => return e,
@@ -212,7 +290,7 @@ impl Connection {
             r = self.dial() => r,
             _ = shutdown.cancelled() => return End::Stopped,
         };
-        let mut ws = match ws {
+        let (mut ws, addr, via) = match ws {
             Ok(ws) => ws,
             Err(e) => return End::Retry(e),
         };
@@ -228,8 +306,10 @@ impl Connection {
             Err(_) => return End::Retry("no welcome from the gateway in time".into()),
             Ok(Err(end)) => return end,
             Ok(Ok(GatewayFrame::Welcome(w))) => w,
+            Ok(Ok(GatewayFrame::Reconnect(r))) => return come_back_later(&r),
             Ok(Ok(other)) => return End::Retry(format!("expected welcome, got {other:?}")),
         };
+        drop(previous);
         if let Some(secret) = &welcome.agent_secret {
             if let Err(e) = self.identity.store_secret(secret) {
                 // Without the secret this agent cannot reconnect; say so loudly.
@@ -250,12 +330,27 @@ impl Connection {
         if let Err(e) = self.outbox.raise_seq_floor(welcome.last_seq) {
             return End::Retry(format!("cannot raise the sequence floor: {e}"));
         }
-        tracing::info!(gateway_version = %welcome.gateway_version, "connected to gateway");
+        tracing::info!(gateway_version = %welcome.gateway_version, %addr, "connected to gateway");
+        self.addrs
+            .lock()
+            .await
+            .connected(addr, via, &welcome.fallback_addrs);
+        self.report_drops();
         let heartbeat = Duration::from_secs(welcome.heartbeat_secs.clamp(1, 300));
-        self.connected(ws, heartbeat, shutdown).await
+        let rotate_at = (welcome.max_session_secs > 0).then(|| {
+            let max = Duration::from_secs(welcome.max_session_secs);
+            Instant::now() + max.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
+        });
+        self.connected(ws, heartbeat, rotate_at, shutdown).await
     }
 
-    async fn connected(&self, ws: Ws, heartbeat: Duration, shutdown: &CancellationToken) -> End {
+    async fn connected(
+        &self,
+        ws: Ws,
+        heartbeat: Duration,
+        rotate_at: Option<Instant>,
+        shutdown: &CancellationToken,
+    ) -> End {
         let (mut sink, mut stream) = ws.split();
         let (reply_tx, mut reply_rx) = mpsc::channel::<RpcReply>(MAX_RPCS_IN_FLIGHT);
         let rpc_slots = Arc::new(tokio::sync::Semaphore::new(MAX_RPCS_IN_FLIGHT));
@@ -273,6 +368,15 @@ impl Connection {
             return End::Retry(e);
         }
         loop {
+            // Past its maximum length the session sends nothing new; once the last batch
+            // is acked it hands over to the next one.
+            let rotating = rotate_at.is_some_and(|t| Instant::now() >= t);
+            if rotating && in_flight.is_none() {
+                return match sink.reunite(stream) {
+                    Ok(ws) => End::Rotate(Box::new(ws)),
+                    Err(_) => End::Retry("cannot hand the session over".into()),
+                };
+            }
             if in_flight.is_none() {
                 let batch = self.next_batch(acked);
                 if let Some(last) = batch.last().map(|r| r.seq) {
@@ -288,6 +392,7 @@ impl Connection {
                 _ = tokio::time::sleep_until(ack_due.unwrap_or_else(Instant::now).into()), if ack_due.is_some() => {
                     return End::Retry(format!("no ack within {}s", ACK_DEADLINE.as_secs()));
                 }
+                _ = tokio::time::sleep_until(rotate_at.unwrap_or_else(Instant::now).into()), if rotate_at.is_some() && !rotating => {}
                 msg = stream.next() => {
                     last_heard = Instant::now();
                     let frame = match msg {
@@ -362,6 +467,10 @@ impl Connection {
                             });
                         }
                         GatewayFrame::Error(e) => tracing::warn!(code = %e.code, message = %e.message, "gateway reported an error"),
+                        GatewayFrame::Reconnect(r) => {
+                            let _ = send(&mut sink, Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "coming back later, as asked".into() }))).await;
+                            return come_back_later(&r);
+                        }
                         GatewayFrame::Welcome(_) => tracing::warn!("ignoring a second welcome"),
                         GatewayFrame::Unknown => tracing::warn!("ignoring a frame type this agent does not know (is the gateway newer?)"),
                     }
@@ -422,6 +531,45 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// On each new session: a WARNING result of `outpost.outbox` when the outbox dropped
+    /// results since the last report, and an OK one on the session after that.
+    fn report_drops(&self) {
+        let mut reported = self
+            .drops_reported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (last, warned) = *reported;
+        let now = self.outbox.dropped();
+        let r = if now > last {
+            *reported = (now, true);
+            CheckResult::new(
+                crate::OUTBOX_CHECK,
+                outpost_protocol::Status::Warning,
+                format!(
+                    "the outbox was full while the gateway was out of reach: {} of the oldest results were dropped ({now} since the outbox was created); raise outbox_max_mb to keep more",
+                    now - last
+                ),
+            )
+        } else if warned {
+            *reported = (now, false);
+            CheckResult::new(
+                crate::OUTBOX_CHECK,
+                outpost_protocol::Status::Ok,
+                "no results dropped since the last report",
+            )
+        } else {
+            return;
+        };
+        drop(reported);
+        let r = CheckResult {
+            started_at_ms: crate::util::now_ms(),
+            ..r
+        };
+        if let Err(e) = self.outbox.append(r) {
+            tracing::error!(error = %e, "cannot queue the outbox report");
+        }
     }
 
     /// The oldest unacked results, as many as fit in one frame.
@@ -496,6 +644,15 @@ async fn next_frame(ws: &mut Ws) -> Result<GatewayFrame, End> {
             Some(Ok(_)) => {}
         }
     }
+}
+
+/// The delay a `reconnect` frame asks for: at random in its range, at most an hour.
+fn come_back_later(r: &outpost_protocol::Reconnect) -> End {
+    const LONGEST: u64 = 3_600_000;
+    let hi = r.max_delay_ms.min(LONGEST);
+    let lo = r.min_delay_ms.min(hi);
+    let ms = rand::thread_rng().gen_range(lo..=hi);
+    End::Later(Duration::from_millis(ms), r.reason.clone())
 }
 
 fn closed_by_gateway(c: Option<CloseFrame>) -> End {

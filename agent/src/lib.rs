@@ -8,6 +8,7 @@
 pub mod checks;
 pub mod config_diff;
 pub mod connection;
+pub mod gateway_addr;
 pub mod identity;
 pub mod local_checks;
 pub mod outbox;
@@ -86,11 +87,17 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         shutdown.clone(),
     ));
     let conn = connection::Connection {
-        settings: Arc::new(settings),
         identity,
         tls,
         outbox: outbox.clone(),
         scheduler: scheduler.clone(),
+        addrs: tokio::sync::Mutex::new(gateway_addr::AddrBook::load(
+            &settings.paths.state_dir,
+            &settings.host,
+            settings.port,
+        )),
+        settings: Arc::new(settings),
+        drops_reported: std::sync::Mutex::new((outbox.dropped(), false)),
     };
     conn.run(shutdown.clone()).await;
     watcher.abort();

@@ -89,6 +89,11 @@ impl Hub {
         self.lock().len()
     }
 
+    /// Whether the agent has a live session here.
+    pub fn has(&self, fingerprint: &str) -> bool {
+        self.lock().contains_key(fingerprint)
+    }
+
     /// Send `call` to the agent and wait up to `deadline` for its reply.
     pub async fn rpc(
         &self,

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub configs_sent: AtomicU64,
     pub configs_too_big: AtomicU64,
     pub check_file_errors: AtomicU64,
+    pub overload_refusals: AtomicU64,
 }
 
 impl Metrics {
@@ -50,6 +51,13 @@ impl Metrics {
             "Websocket connections opened.",
             "",
             g(&self.connections),
+        );
+        line(
+            "outpost_overload_refusals_total",
+            "counter",
+            "Agents told to come back later because --max-agents were connected.",
+            "",
+            g(&self.overload_refusals),
         );
         line(
             "outpost_auth_failures_total",

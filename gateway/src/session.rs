@@ -15,8 +15,8 @@ use futures_util::{SinkExt, StreamExt};
 use outpost_protocol::{
     close, config_hash, decode_agent_frame, encode, valid_check_name, valid_fingerprint, Ack,
     AgentFrame, CheckResult, CheckSpec, ConfigFrame, ErrorFrame, FrameError, GatewayFrame, Hello,
-    PluginFrame, Results, Welcome, MAX_BATCH_RESULTS, MAX_FRAME_BYTES, MAX_LONG_OUTPUT_BYTES,
-    MAX_METRICS, MAX_OUTPUT_BYTES, PROTOCOL_VERSION,
+    PluginFrame, Reconnect, Results, Welcome, MAX_BATCH_RESULTS, MAX_FRAME_BYTES,
+    MAX_LONG_OUTPUT_BYTES, MAX_METRICS, MAX_OUTPUT_BYTES, PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -144,6 +144,25 @@ pub async fn run(gw: Arc<Gateway>, mut socket: WebSocket, peer: SocketAddr) {
         close_now(&mut socket, close::UNSUPPORTED, &why).await;
         return;
     }
+    let max = gw.settings.max_agents;
+    if max > 0 && gw.hub.connected() >= max && !gw.hub.has(&hello.fingerprint) {
+        Metrics::inc(&gw.metrics.overload_refusals);
+        tracing::warn!(%peer, fingerprint = %hello.fingerprint, max_agents = max, "overloaded; telling the agent to come back later");
+        let retry = gw.settings.overload_retry;
+        let frame = come_back_later(
+            &format!("this gateway holds its maximum of {max} agents"),
+            retry / 2,
+            retry,
+        );
+        let _ = socket.send(Message::Text(encode(&frame).into())).await;
+        close_now(
+            &mut socket,
+            close::TRY_AGAIN_LATER,
+            "overloaded; come back later",
+        )
+        .await;
+        return;
+    }
     let auth = match gw
         .credentials
         .authenticate(&hello.fingerprint, &hello.credential)
@@ -162,6 +181,19 @@ pub async fn run(gw: Arc<Gateway>, mut socket: WebSocket, peer: SocketAddr) {
     authenticated(gw, socket, peer, hello, auth)
         .instrument(span)
         .await
+}
+
+/// A `reconnect` frame: dial again after a random delay in `[min, max]`.
+fn come_back_later(
+    reason: &str,
+    min: std::time::Duration,
+    max: std::time::Duration,
+) -> GatewayFrame {
+    GatewayFrame::Reconnect(Reconnect {
+        reason: reason.into(),
+        min_delay_ms: min.as_millis() as u64,
+        max_delay_ms: max.as_millis() as u64,
+    })
 }
 
 async fn send_error(socket: &mut WebSocket, code: &str, message: &str) {
@@ -337,6 +369,13 @@ async fn authenticated(
         config_hash: sent_hash.clone(),
         heartbeat_secs: gw.settings.heartbeat.as_secs(),
         last_seq: gw.bus.last_seq(&agent).await.unwrap_or(0),
+        fallback_addrs: gw
+            .settings
+            .fallback_addrs
+            .iter()
+            .map(|a| a.to_string())
+            .collect(),
+        max_session_secs: gw.settings.max_session.as_secs(),
     });
     let _ = tx.send(Outbound::Frame(welcome)).await;
     if hello.config_hash.as_deref() != Some(sent_hash.as_str()) {
@@ -356,6 +395,11 @@ async fn authenticated(
                 break End::Replaced;
             }
             _ = gw.shutdown.cancelled() => {
+                // Spread the agents' return (to another gateway behind the load balancer,
+                // or this one restarted) over half the grace period.
+                let spread = (gw.settings.grace / 2).min(std::time::Duration::from_secs(30));
+                let later = come_back_later("gateway draining", std::time::Duration::ZERO, spread);
+                let _ = tx.send(Outbound::Frame(later)).await;
                 let _ = tx.send(Outbound::Close(close::GOING_AWAY, "gateway shutting down; reconnect later".into())).await;
                 break End::Shutdown;
             }

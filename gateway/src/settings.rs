@@ -46,6 +46,21 @@ pub struct ServeArgs {
     /// Seconds to wait for sessions to end on shutdown.
     #[arg(long, default_value_t = 10)]
     pub grace: u64,
+    /// Address (`ip:port`) agents may dial when this gateway's name does not resolve, e.g.
+    /// the load balancer's (repeatable). Sent in `welcome`; agents keep it on disk.
+    #[arg(long = "fallback-addr")]
+    pub fallback_addr: Vec<SocketAddr>,
+    /// Longest agent session in seconds (0: no limit); agents reconnect at a random point
+    /// between half of it and all of it, spreading load across gateways.
+    #[arg(long, default_value_t = 3600)]
+    pub max_session: u64,
+    /// Most agents connected at once (0: no limit); more are told to come back later.
+    #[arg(long, default_value_t = 0)]
+    pub max_agents: usize,
+    /// Seconds an agent refused for overload waits before it dials again (at random
+    /// between half of it and all of it).
+    #[arg(long, default_value_t = 60)]
+    pub overload_retry: u64,
 }
 
 /// Checked settings with every default resolved.
@@ -62,6 +77,10 @@ pub struct Settings {
     pub heartbeat: Duration,
     pub checks_poll: Duration,
     pub grace: Duration,
+    pub fallback_addrs: Vec<SocketAddr>,
+    pub max_session: Duration,
+    pub max_agents: usize,
+    pub overload_retry: Duration,
 }
 
 impl From<ServeArgs> for Settings {
@@ -77,6 +96,10 @@ impl From<ServeArgs> for Settings {
             heartbeat: Duration::from_secs(a.heartbeat.clamp(1, 3600)),
             checks_poll: Duration::from_secs(a.checks_poll.clamp(1, 3600)),
             grace: Duration::from_secs(a.grace),
+            fallback_addrs: a.fallback_addr,
+            max_session: Duration::from_secs(a.max_session),
+            max_agents: a.max_agents,
+            overload_retry: Duration::from_secs(a.overload_retry.clamp(1, 86_400)),
             data_dir: a.data_dir,
         }
     }

@@ -31,6 +31,7 @@ pub enum GatewayFrame {
     RpcRequest(RpcRequest),
     Plugin(PluginFrame),
     Error(ErrorFrame),
+    Reconnect(Reconnect),
     #[serde(other)]
     Unknown,
 }
@@ -82,6 +83,15 @@ pub struct Welcome {
     /// numbers new results above it.
     #[serde(default)]
     pub last_seq: u64,
+    /// Addresses (`ip:port`) to dial when the gateway's name does not resolve: the agent
+    /// keeps them on disk and tries them after the last address that worked. TLS still
+    /// verifies the gateway's name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub fallback_addrs: Vec<String>,
+    /// The longest a session should last (0: no limit). The agent reconnects at a random
+    /// point between half of it and all of it, so that load spreads across gateways.
+    #[serde(default)]
+    pub max_session_secs: u64,
 }
 
 /// The complete set of checks the agent should run; replaces what it had.
@@ -214,6 +224,16 @@ pub struct PluginFrame {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bye {
     pub reason: String,
+}
+
+/// Come back later: the gateway is draining or overloaded. The agent closes the
+/// connection and dials again after a random delay in `[min_delay_ms, max_delay_ms]`,
+/// instead of its usual backoff. Sent instead of `welcome` or at any time after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reconnect {
+    pub reason: String,
+    pub min_delay_ms: u64,
+    pub max_delay_ms: u64,
 }
 
 /// A problem the gateway reports without closing the connection, or just before it does.

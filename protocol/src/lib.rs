@@ -21,7 +21,7 @@ pub use check::{
 pub use frame::{
     decode_agent_frame, decode_gateway_frame, encode, Ack, AgentFrame, Bye, CheckResult,
     ConfigFrame, Credential, ErrorFrame, FrameError, GatewayFrame, Hello, PluginFrame,
-    PluginRequest, Results, RpcCall, RpcError, RpcReply, RpcRequest, Welcome,
+    PluginRequest, Reconnect, Results, RpcCall, RpcError, RpcReply, RpcRequest, Welcome,
 };
 pub use limits::*;
 

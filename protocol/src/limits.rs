@@ -36,6 +36,9 @@ pub mod close {
     pub const TOO_BIG: u16 = 1009;
     /// The gateway is shutting down; reconnect (to another gateway) later.
     pub const GOING_AWAY: u16 = 1001;
+    /// The gateway is overloaded; a `reconnect` frame said when to come back (RFC 6455:
+    /// try again later).
+    pub const TRY_AGAIN_LATER: u16 = 1013;
     /// The credential in `hello` was refused.
     pub const UNAUTHORIZED: u16 = 4401;
     /// `hello` did not arrive within [`crate::HELLO_DEADLINE`].

@@ -16,7 +16,8 @@
 //! The outbox is bounded in bytes (the JSON plus 8 bytes of key per result): a commit that
 //! would go over the bound first deletes the oldest results, in the same transaction, and
 //! adds them to the dropped counter. An ack deletes everything up to the acked number in
-//! one transaction.
+//! one transaction that does not wait for the disk: if a crash undoes it, those results
+//! are sent again and the bus drops them as duplicates.
 //!
 //! The file is checked in full on open. A file redb refuses (bad checksums, truncated,
 //! an unknown format) is renamed to `outbox.redb.corrupt-<unix-ms>` and a fresh outbox is
@@ -77,6 +78,9 @@ struct State {
     /// Numbered but not yet committed, oldest first.
     staged: VecDeque<Staged>,
     staged_bytes: u64,
+    /// The batch the writer is committing: results and bytes.
+    writing_len: usize,
+    writing_bytes: u64,
     /// Committed rows and their bytes.
     len: usize,
     bytes: u64,
@@ -321,6 +325,8 @@ impl DiskOutbox {
                 seq,
                 staged: VecDeque::new(),
                 staged_bytes: 0,
+                writing_len: 0,
+                writing_bytes: 0,
                 len: loaded.len,
                 bytes: loaded.bytes,
                 dropped: loaded.dropped,
@@ -356,7 +362,7 @@ impl DiskOutbox {
     /// Bytes held (the JSON of every result plus 8 per result), staged ones included.
     pub fn bytes(&self) -> u64 {
         let st = self.shared.lock();
-        st.bytes + st.staged_bytes
+        st.bytes + st.writing_bytes + st.staged_bytes
     }
 
     pub fn max_bytes(&self) -> u64 {
@@ -400,7 +406,8 @@ impl Shared {
                 if st.staged.is_empty() {
                     return;
                 }
-                st.staged_bytes = 0;
+                st.writing_bytes = std::mem::take(&mut st.staged_bytes);
+                st.writing_len = st.staged.len();
                 st.staged.drain(..).collect()
             };
             let error = match self.commit(&batch) {
@@ -413,6 +420,7 @@ impl Shared {
                 Err(e) => e,
             };
             let mut st = self.lock();
+            (st.writing_len, st.writing_bytes) = (0, 0);
             for item in batch.into_iter().rev() {
                 st.staged_bytes += item.size();
                 st.staged.push_front(item);
@@ -511,6 +519,7 @@ impl Shared {
         st.bytes = held - freed + incoming;
         st.dropped = st.dropped.saturating_add(lost);
         st.settled = last.seq;
+        (st.writing_len, st.writing_bytes) = (0, 0);
         st.commits += 1;
         st.failure = None;
         Ok(())
@@ -541,7 +550,11 @@ impl Shared {
 
     fn try_ack(&self, seq: u64) -> Result<(), redb::Error> {
         let _w = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write()?;
+        // An ack need not wait for the disk: if a crash undoes it, the results are sent
+        // again and the bus drops them as duplicates. The next append's commit makes it
+        // durable anyway.
+        txn.set_durability(redb::Durability::None)?;
         let (mut removed, mut freed) = (0usize, 0u64);
         {
             let mut table = txn.open_table(RESULTS)?;
@@ -600,7 +613,7 @@ impl Outbox for DiskOutbox {
 
     fn len(&self) -> usize {
         let st = self.shared.lock();
-        st.len + st.staged.len()
+        st.len + st.writing_len + st.staged.len()
     }
 
     fn dropped(&self) -> u64 {
@@ -683,6 +696,9 @@ mod tests {
         rows: BTreeMap<u64, (String, u64)>,
         bytes: u64,
         dropped: u64,
+        /// Rows acked since the last durable commit: acks do not wait for the disk, so a
+        /// crash may bring them back (to be sent again and dropped by the bus).
+        undo: BTreeMap<u64, (String, u64)>,
     }
 
     impl Model {
@@ -696,12 +712,26 @@ mod tests {
             }
             self.rows.insert(seq, (check, size));
             self.bytes += size;
+            self.undo.clear();
         }
 
         fn ack(&mut self, seq: u64) {
             let keep = self.rows.split_off(&seq.saturating_add(1));
-            for (_, (_, s)) in std::mem::replace(&mut self.rows, keep) {
+            for (k, (c, s)) in std::mem::replace(&mut self.rows, keep) {
                 self.bytes -= s;
+                self.undo.insert(k, (c, s));
+            }
+        }
+
+        /// After a reopen: the outbox holds either the rows, or the rows and those acked
+        /// since the last durable commit; nothing else.
+        fn settle(&mut self, o: &DiskOutbox) {
+            let got: Vec<u64> = all(o).iter().map(|r| r.seq).collect();
+            let mut with_undo = self.rows.clone();
+            with_undo.extend(std::mem::take(&mut self.undo));
+            if got == with_undo.keys().copied().collect::<Vec<_>>() && got.len() > self.rows.len() {
+                self.bytes = with_undo.values().map(|(_, s)| s).sum();
+                self.rows = with_undo;
             }
         }
 
@@ -763,11 +793,13 @@ mod tests {
                         drop(o);
                         dir = next;
                         o = open(&dir, max_bytes);
+                        model.settle(&o);
                         crashes += 1;
                     }
                     80..=89 => {
                         drop(o);
                         o = open(&dir, max_bytes);
+                        model.settle(&o);
                         reopens += 1;
                     }
                     90..=93 => {
@@ -1087,8 +1119,17 @@ mod tests {
         );
         // Far more than the bound while the disk refuses: the oldest staged go first.
         let last: Vec<u64> = (0..30).map(|_| o.append(r("c", 100)).unwrap()).collect();
-        assert!(o.bytes() <= one * 11, "{} bytes held", o.bytes());
-        assert!(o.dropped() >= 20, "{} dropped", o.dropped());
+        // The writer may hold a batch it is retrying; the bound applies when it is back.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while o.dropped() < 20 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} dropped",
+                o.dropped()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(o.bytes() <= one * 21, "{} bytes held", o.bytes());
         o.shared.fail_commits.store(false, Ordering::SeqCst);
         // The writer retries on its own; flush waits for it.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
