@@ -15,6 +15,9 @@ use tokio::net::TcpStream;
 
 pub use serde_json::Value;
 
+mod dns;
+pub use dns::serve_dns;
+
 /// Path of a workspace binary built next to the running test executable.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
@@ -313,6 +316,17 @@ impl Gateway {
 
     /// Every result of `check` from the agent `fingerprint` that the embedded bus holds,
     /// in the order they were made durable.
+    /// Every result of the agent on the bus, in the order the bus stored them.
+    pub fn bus_all(&self, fingerprint: &str) -> Vec<Value> {
+        let text =
+            std::fs::read_to_string(self.data_dir.join("bus/results.jsonl")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["fingerprint"] == fingerprint)
+            .map(|l| l["result"].clone())
+            .collect()
+    }
+
     pub fn bus_results(&self, fingerprint: &str, check: &str) -> Vec<Value> {
         let text =
             std::fs::read_to_string(self.data_dir.join("bus/results.jsonl")).unwrap_or_default();
@@ -344,6 +358,13 @@ pub struct Agent {
 impl Agent {
     /// Start an agent under `dir/name` whose configuration is `toml`.
     pub fn start_with_config(dir: &Path, name: &str, toml: &str) -> Agent {
+        Self::start_wrapped(dir, name, toml, &[])
+    }
+
+    /// Like [`Agent::start_with_config`], with the agent's command line run by `wrapper`
+    /// (e.g. `unshare` and a shell that changes its view of the system first; the agent's
+    /// argv follows the wrapper's arguments).
+    pub fn start_wrapped(dir: &Path, name: &str, toml: &str, wrapper: &[&str]) -> Agent {
         let state_dir = dir.join(name);
         std::fs::create_dir_all(&state_dir).unwrap();
         std::fs::write(state_dir.join("machine-id"), format!("machine-{name}\n")).unwrap();
@@ -354,7 +375,14 @@ impl Agent {
             state_dir.join("machine-id").display().to_string()
         );
         std::fs::write(&config_path, toml).unwrap();
-        let mut cmd = Command::new(bin("outpost-agent"));
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(bin("outpost-agent")),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(bin("outpost-agent"));
+                c
+            }
+        };
         cmd.args(["run", "--config"])
             .arg(&config_path)
             .env("RUST_LOG", "info,outpost_agent=debug")

@@ -11,13 +11,15 @@
 //! Needs Debian's monitoring-plugins-basic, monitoring-plugins-standard and bind9-dnsutils
 //! (ci/setup installs them).
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
 use outpost_e2e::*;
+
+/// The one name the test DNS server knows.
+const LOCALHOST: &[(&str, [u8; 4])] = &[("localhost", [127, 0, 0, 1])];
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::TcpListener;
 
 const PLUGINS: &str = "/usr/lib/nagios/plugins";
 const T: Duration = Duration::from_secs(20);
@@ -422,51 +424,6 @@ async fn serve_tcp(reply: &'static [u8], request_first: bool) -> u16 {
     port
 }
 
-/// Answer DNS queries: `localhost` A is 127.0.0.1, other types of `localhost` have no
-/// records, and every other name does not exist.
-fn dns_reply(q: &[u8]) -> Option<Vec<u8>> {
-    let mut i = 12;
-    let mut labels: Vec<Vec<u8>> = Vec::new();
-    loop {
-        let n = *q.get(i)? as usize;
-        i += 1;
-        if n == 0 {
-            break;
-        }
-        labels.push(q.get(i..i + n)?.to_ascii_lowercase());
-        i += n;
-    }
-    let qtype = u16::from_be_bytes([*q.get(i)?, *q.get(i + 1)?]);
-    let end = i + 4;
-    q.get(..end)?;
-    let localhost = labels == [b"localhost".to_vec()];
-    let answer = localhost && qtype == 1;
-    let mut r = q[..2].to_vec(); // id
-    r.push(0x84 | (q[2] & 0x01)); // response, authoritative, recursion desired as asked
-    r.push(if localhost { 0x80 } else { 0x83 }); // recursion available; NOERROR or NXDOMAIN
-    r.extend_from_slice(&[0, 1, 0, answer as u8, 0, 0, 0, 0]);
-    r.extend_from_slice(&q[12..end]);
-    if answer {
-        // Name by pointer to the question, A, IN, TTL 300, 4 bytes: 127.0.0.1.
-        r.extend_from_slice(&[0xC0, 12, 0, 1, 0, 1, 0, 0, 1, 44, 0, 4, 127, 0, 0, 1]);
-    }
-    Some(r)
-}
-
-async fn serve_dns(addr: &str) -> std::io::Result<SocketAddr> {
-    let sock = UdpSocket::bind(addr).await?;
-    let local = sock.local_addr()?;
-    tokio::spawn(async move {
-        let mut buf = [0u8; 1500];
-        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
-            if let Some(r) = dns_reply(&buf[..n]) {
-                let _ = sock.send_to(&r, from).await;
-            }
-        }
-    });
-    Ok(local)
-}
-
 fn checks_toml(cases: &[Case]) -> String {
     let mut toml = String::new();
     for c in cases {
@@ -510,12 +467,12 @@ async fn the_agent_reports_what_real_nagios_plugins_print() {
         .local_addr()
         .unwrap()
         .port();
-    let dig_server = serve_dns("127.0.0.1:0").await.unwrap();
+    let dig_server = serve_dns("127.0.0.1:0", LOCALHOST).await.unwrap();
     // check_dns asks nslookup, which has no port option: its server must be on port 53.
     // The test binds a loopback address of its own there; where it may not (not root, no
     // CAP_NET_BIND_SERVICE), nothing answers and both sides must report the same failure.
     let dns_ip = "127.53.0.1";
-    let dns_up = match serve_dns(&format!("{dns_ip}:53")).await {
+    let dns_up = match serve_dns(&format!("{dns_ip}:53"), LOCALHOST).await {
         Ok(_) => true,
         Err(e) => {
             eprintln!("cannot serve DNS on {dns_ip}:53 ({e}): check_dns sees no server");
