@@ -71,7 +71,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         outbox.clone(),
         runner,
         settings.max_concurrent_checks,
-        settings.paths.state_dir.join("config.json"),
+        &settings.paths.state_dir,
     );
     scheduler.load_cached();
     let local = local_checks::LocalChecks::new(

@@ -13,9 +13,30 @@
 //! times in a row, and while soft the check reruns every `retry_interval_secs` instead of
 //! waiting for its next slot. Results go to the outbox and nowhere else, so the schedule
 //! keeps running whatever happens to the connection.
+//!
+//! Restarts: each check's soft/hard state and the time of its last run are cached in
+//! `checks-state.json` (see [`state`]), written at most every [`state::SAVE_EVERY`] while
+//! results come in and once more when the checks are stopped. A check that starts again
+//! with the same definition carries on where it was: soft 2/3 goes on to a hard 3/3, a
+//! hard problem stays hard. Its first run after the restart is decided by [`resume_at`]:
+//! - a soft retry that fell due while the agent was down, or an interval check whose grid
+//!   slot passed meanwhile, runs at once (spread over a few seconds by the splay, like a
+//!   new check), while one that ran recently waits for its next slot as if the agent had
+//!   not stopped;
+//! - a cron check waits for its next cron time: cron is for wall-clock times, and a time
+//!   missed while the agent was down is not made up (only a due soft retry runs at once);
+//! - a daemon check has no schedule: it starts at once as always, with its state restored.
+//!
+//! A check whose definition changed, or that has no cached state, starts fresh (first run
+//! within [`FIRST_RUN_SPREAD_MS`]). Cached states are matched to checks when they start
+//! from the cached configuration or from the first read of `checks.d`; whatever is left
+//! unmatched then is dropped, and the file keeps only the checks that run.
+
+mod state;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,10 +65,29 @@ struct Inner {
     /// One lock per check name, shared by every generation of the check and by run-now,
     /// so two runs of the same check never overlap.
     run_locks: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// `config.json`: the gateway's configuration as last received.
     cache_path: PathBuf,
+    /// `checks-state.json`: the checks' states, for the next start.
+    state_path: PathBuf,
     state: Mutex<State>,
-    /// Soft/hard tracking per check name; survives config changes of the check.
-    states: Mutex<BTreeMap<String, Tracker>>,
+    /// Soft/hard tracking and last result per check name; survives config changes of the
+    /// check.
+    states: Mutex<BTreeMap<String, state::CheckState>>,
+    /// States read from the cache at start that no check has claimed yet.
+    restored: Mutex<BTreeMap<String, state::Saved>>,
+    /// Whether `states` or the running set changed since the state file was written.
+    dirty: AtomicBool,
+    /// Whether the last write of the state file failed (said once, not every time).
+    save_failing: AtomicBool,
+    /// Whether the host's checks have been read once (the cached states still unclaimed
+    /// then are for checks that no longer exist).
+    local_applied: AtomicBool,
+    /// Set by `stop_all`: the state file is not written again.
+    stopped: AtomicBool,
+    /// One write of the state file at a time (they share a temp file name).
+    save_lock: Mutex<()>,
+    /// The task writing the state file while it changes.
+    saver: Mutex<Option<(CancellationToken, tokio::task::JoinHandle<()>)>>,
 }
 
 #[derive(Default)]
@@ -109,6 +149,8 @@ impl Tracker {
 
 struct Running {
     spec: CheckSpec,
+    /// [`state::spec_hash`] of `spec`, for the state file.
+    spec_hash: String,
     stop: CancellationToken,
     generation: u64,
     task: tokio::task::JoinHandle<()>,
@@ -156,13 +198,25 @@ pub fn next_run(now_ms: u64, last_start_ms: Option<u64>, phase_ms: u64, interval
     }
 }
 
+/// When a check first runs after the agent restarted, given when its last run made the
+/// next one due (`due_after_prev`: its soft retry, or its next grid slot). Due while the
+/// agent was down: at once, `spread_ms` after `now`. Not yet due: then, as if the agent had
+/// never stopped.
+pub fn resume_at(now_ms: u64, due_after_prev: u64, spread_ms: u64) -> u64 {
+    if due_after_prev <= now_ms {
+        now_ms + spread_ms
+    } else {
+        due_after_prev
+    }
+}
+
 impl Scheduler {
     pub fn new(
         fingerprint: String,
         outbox: Arc<dyn Outbox>,
         runner: Arc<Runner>,
         max_concurrent: usize,
-        cache_path: PathBuf,
+        state_dir: &std::path::Path,
     ) -> Scheduler {
         Scheduler {
             inner: Arc::new(Inner {
@@ -171,9 +225,17 @@ impl Scheduler {
                 runner,
                 limit: Arc::new(Semaphore::new(max_concurrent.max(1))),
                 run_locks: Mutex::new(BTreeMap::new()),
-                cache_path,
+                cache_path: state_dir.join("config.json"),
+                state_path: state_dir.join(state::FILE),
                 state: Mutex::new(State::default()),
                 states: Mutex::new(BTreeMap::new()),
+                restored: Mutex::new(BTreeMap::new()),
+                dirty: AtomicBool::new(false),
+                save_failing: AtomicBool::new(false),
+                local_applied: AtomicBool::new(false),
+                stopped: AtomicBool::new(false),
+                save_lock: Mutex::new(()),
+                saver: Mutex::new(None),
             }),
         }
     }
@@ -196,24 +258,61 @@ impl Scheduler {
         self.lock().running.get(name).map(|r| r.generation)
     }
 
-    /// Start from the configuration cached by the last run, if any, so checks run at once
-    /// after a restart even before the gateway is reachable.
+    /// Start from the configuration and the check states cached by the last run, if any,
+    /// so checks run at once after a restart even before the gateway is reachable, and
+    /// carry on from their last states; from now on, keep the states cached.
     pub fn load_cached(&self) {
-        let Ok(bytes) = std::fs::read(&self.inner.cache_path) else {
-            return;
-        };
-        match serde_json::from_slice::<Cached>(&bytes) {
-            Ok(c) => {
-                tracing::info!(
-                    checks = c.checks.len(),
-                    "running the cached configuration until the gateway answers"
-                );
-                self.apply_inner(c.hash, c.checks, false);
+        match state::load(&self.inner.state_path) {
+            Ok(saved) => {
+                if !saved.is_empty() {
+                    tracing::info!(checks = saved.len(), "read the check states cached by the last run; each is reused if its check is unchanged");
+                }
+                *lock(&self.inner.restored) = saved;
             }
             Err(e) => {
-                tracing::warn!(file = %self.inner.cache_path.display(), error = %e, "ignoring unreadable cached configuration")
+                tracing::warn!(error = %e, "ignoring the cached check states: every check starts fresh (the file is rewritten as checks run)");
             }
         }
+        if let Ok(bytes) = std::fs::read(&self.inner.cache_path) {
+            match serde_json::from_slice::<Cached>(&bytes) {
+                Ok(c) => {
+                    tracing::info!(
+                        checks = c.checks.len(),
+                        "running the cached configuration until the gateway answers"
+                    );
+                    self.apply_inner(c.hash, c.checks, false);
+                }
+                Err(e) => {
+                    tracing::warn!(file = %self.inner.cache_path.display(), error = %e, "ignoring unreadable cached configuration")
+                }
+            }
+        }
+        self.start_saving();
+    }
+
+    /// Write the state file every [`state::SAVE_EVERY`] while it changes, until `stop_all`.
+    fn start_saving(&self) {
+        let mut saver = lock(&self.inner.saver);
+        if saver.is_some() || self.inner.stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        let stop = CancellationToken::new();
+        // Weak: a scheduler dropped without `stop_all` (in tests) does not keep it alive.
+        let (weak, until) = (Arc::downgrade(&self.inner), stop.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(state::SAVE_EVERY) => {}
+                    _ = until.cancelled() => return,
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                if inner.dirty.swap(false, Ordering::SeqCst) {
+                    let snapshot = inner.snapshot(None);
+                    inner.save(snapshot).await;
+                }
+            }
+        });
+        *saver = Some((stop, task));
     }
 
     /// Run the gateway's `checks` from now on (with the host's own); returns what changed.
@@ -265,7 +364,18 @@ impl Scheduler {
     pub fn apply_local(&self, checks: Vec<CheckSpec>) -> config_diff::Diff {
         let mut state = self.lock();
         state.local = checks;
-        self.reconcile(&mut state)
+        let d = self.reconcile(&mut state);
+        drop(state);
+        if !self.inner.local_applied.swap(true, Ordering::SeqCst) {
+            // The cached configuration and the host's checks have both started: cached
+            // states no check claimed are for checks that are gone.
+            let unclaimed = std::mem::take(&mut *lock(&self.inner.restored));
+            if !unclaimed.is_empty() {
+                tracing::info!(checks = ?unclaimed.keys().collect::<Vec<_>>(), "dropping the cached states of checks no longer configured");
+                self.inner.dirty.store(true, Ordering::SeqCst);
+            }
+        }
+        d
     }
 
     /// Names of the checks the gateway configured.
@@ -303,17 +413,16 @@ impl Scheduler {
                 config_diff::render(&d, &old, &new)
             );
         }
+        if !d.is_empty() {
+            self.inner.dirty.store(true, Ordering::SeqCst);
+        }
         for name in d.removed.iter().chain(&d.changed) {
             if let Some(r) = state.running.remove(name) {
                 r.stop.cancel();
             }
         }
         for name in &d.removed {
-            self.inner
-                .states
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(name);
+            lock(&self.inner.states).remove(name);
             // A run still finishing holds its own reference to the lock.
             self.inner
                 .run_locks
@@ -323,6 +432,8 @@ impl Scheduler {
         }
         for name in d.added.iter().chain(&d.changed) {
             let spec = new[name].clone();
+            let spec_hash = state::spec_hash(&spec);
+            let resume_from = self.inner.claim_restored(&spec, &spec_hash);
             state.next_generation += 1;
             let generation = state.next_generation;
             let stop = CancellationToken::new();
@@ -345,12 +456,18 @@ impl Scheduler {
                         .await
                     })
                 }
-                _ => tokio::spawn(check_loop(self.inner.clone(), spec.clone(), stop.clone())),
+                _ => tokio::spawn(check_loop(
+                    self.inner.clone(),
+                    spec.clone(),
+                    stop.clone(),
+                    resume_from,
+                )),
             };
             state.running.insert(
                 name.clone(),
                 Running {
                     spec,
+                    spec_hash,
                     stop,
                     generation,
                     task,
@@ -447,22 +564,36 @@ impl Scheduler {
     }
 
     /// Stop every check; waits up to `grace` for daemons to stop theirs (SIGTERM, then
-    /// SIGKILL) and for cancelled runs to kill their process groups.
+    /// SIGKILL) and for cancelled runs to kill their process groups, then writes the
+    /// checks' states for the next start.
     pub async fn stop_all(&self, grace: Duration) {
+        let first = !self.inner.stopped.swap(true, Ordering::SeqCst);
+        let mut hashes = BTreeMap::new();
         let tasks: Vec<_> = {
             let mut state = self.lock();
             std::mem::take(&mut state.running)
-                .into_values()
-                .map(|r| {
+                .into_iter()
+                .map(|(name, r)| {
                     r.stop.cancel();
+                    hashes.insert(name, r.spec_hash);
                     r.task
                 })
                 .collect()
         };
         self.inner.limit.close();
+        let saver = lock(&self.inner.saver).take();
+        if let Some((stop, task)) = saver {
+            stop.cancel();
+            let _ = task.await;
+        }
         let all = futures_util::future::join_all(tasks);
         if tokio::time::timeout(grace, all).await.is_err() {
             tracing::warn!("some checks did not stop within {}s", grace.as_secs());
+        }
+        // A second call has nothing running left to save and must not empty the file.
+        if first {
+            let snapshot = self.inner.snapshot(Some(hashes));
+            self.inner.clone().save(snapshot).await;
         }
     }
 }
@@ -507,13 +638,17 @@ impl Inner {
     /// Classify a result as soft or hard, queue it, and return it with its sequence
     /// number.
     fn record(&self, mut result: CheckResult) -> CheckResult {
-        let (state_type, attempt) = self
-            .states
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(result.check.clone())
-            .or_default()
-            .classify(result.status, result.max_attempts);
+        let (state_type, attempt) = {
+            let mut states = lock(&self.states);
+            let s = states.entry(result.check.clone()).or_default();
+            s.last = Some(state::LastRun {
+                status: result.status,
+                started_at_ms: result.started_at_ms,
+                ended_at_ms: result.started_at_ms.saturating_add(result.duration_ms),
+            });
+            s.tracker.classify(result.status, result.max_attempts)
+        };
+        self.dirty.store(true, Ordering::SeqCst);
         result.state_type = state_type;
         result.attempt = attempt;
         match self.outbox.append(result.clone()) {
@@ -524,21 +659,78 @@ impl Inner {
     }
 
     fn is_soft(&self, name: &str) -> bool {
-        self.states
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .is_some_and(|t| t.soft)
+        lock(&self.states).get(name).is_some_and(|s| s.tracker.soft)
+    }
+
+    /// Take the cached state of a check that is starting, if it was saved for this very
+    /// definition: its tracker is restored and the start of its last run is returned.
+    fn claim_restored(&self, spec: &CheckSpec, spec_hash: &str) -> Option<u64> {
+        let saved = lock(&self.restored).remove(&spec.name)?;
+        let Some(restored) = saved.restore(spec, spec_hash) else {
+            tracing::info!(check = %spec.name, "the check changed since its state was cached; it starts fresh");
+            return None;
+        };
+        tracing::debug!(check = %spec.name, hard = ?restored.tracker.hard, attempt = restored.tracker.attempt, soft = restored.tracker.soft, "check state restored");
+        lock(&self.states).insert(spec.name.clone(), restored);
+        restored.last.map(|l| l.started_at_ms)
+    }
+
+    /// What the state file should hold now: every running check's state (those of `hashes`
+    /// when given, the running set's otherwise), and cached states not yet claimed.
+    fn snapshot(&self, hashes: Option<BTreeMap<String, String>>) -> BTreeMap<String, state::Saved> {
+        let hashes = hashes.unwrap_or_else(|| {
+            lock(&self.state)
+                .running
+                .iter()
+                .map(|(name, r)| (name.clone(), r.spec_hash.clone()))
+                .collect()
+        });
+        let mut out = lock(&self.restored).clone();
+        let states = lock(&self.states);
+        for (name, hash) in hashes {
+            if let Some(s) = states.get(&name) {
+                out.insert(name, s.save(hash));
+            }
+        }
+        out
+    }
+
+    /// Write `snapshot` to the state file, off the runtime's threads.
+    async fn save(self: Arc<Self>, snapshot: BTreeMap<String, state::Saved>) {
+        let inner = self.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            let _one = lock(&inner.save_lock);
+            state::save(&inner.state_path, snapshot)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match written {
+            Ok(()) => {
+                if self.save_failing.swap(false, Ordering::SeqCst) {
+                    tracing::info!(file = %self.state_path.display(), "check states are cached again");
+                }
+            }
+            Err(e) => {
+                // Tried again at the next save.
+                self.dirty.store(true, Ordering::SeqCst);
+                if !self.save_failing.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(file = %self.state_path.display(), error = %e, "cannot cache the check states; a restart would start every check fresh");
+                }
+            }
+        }
     }
 
     fn run_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
-        self.run_locks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        lock(&self.run_locks)
             .entry(name.to_string())
             .or_default()
             .clone()
     }
+}
+
+/// Lock a mutex whose data stays consistent even if a holder panicked.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// When a check's task wakes next.
@@ -569,6 +761,30 @@ impl Timing {
             } => next_run(now, last_start, *phase_ms, *interval_ms),
             Timing::Cron(cron) => next_cron(cron, now),
         }
+    }
+
+    /// The first run after a restart of a check whose last run started at `prev`; it is
+    /// soft with retries every `soft_retry_ms` when that is given. `seed` spreads the
+    /// checks that run at once over up to [`FIRST_RUN_SPREAD_MS`]. See the module doc.
+    fn resume(&self, now: u64, prev: u64, soft_retry_ms: Option<u64>, seed: u64) -> u64 {
+        // A clock set back since: the last run counts as just now.
+        let prev = prev.min(now);
+        let (due, period) = match (soft_retry_ms, self) {
+            (Some(retry), _) => (prev.saturating_add(retry), retry),
+            (
+                None,
+                Timing::Grid {
+                    phase_ms,
+                    interval_ms,
+                },
+            ) => (
+                next_run(prev, Some(prev), *phase_ms, *interval_ms),
+                *interval_ms,
+            ),
+            // Cron times missed while the agent was down are not made up.
+            (None, Timing::Cron(cron)) => return next_cron(cron, now),
+        };
+        resume_at(now, due, seed % period.clamp(1, FIRST_RUN_SPREAD_MS))
     }
 }
 
@@ -605,7 +821,14 @@ async fn sleep_until(target_ms: u64, stop: &CancellationToken) -> bool {
     }
 }
 
-async fn check_loop(inner: Arc<Inner>, spec: CheckSpec, stop: CancellationToken) {
+/// Run `spec` on its schedule until `stop`. `resume_from`: the start of its last run
+/// before the agent restarted, when its state was restored.
+async fn check_loop(
+    inner: Arc<Inner>,
+    spec: CheckSpec,
+    stop: CancellationToken,
+    mut resume_from: Option<u64>,
+) {
     let timing = match Timing::of(&inner.fingerprint, &spec) {
         Ok(t) => t,
         Err(why) => {
@@ -618,14 +841,16 @@ async fn check_loop(inner: Arc<Inner>, spec: CheckSpec, stop: CancellationToken)
     let retry_ms = spec
         .retry_interval_secs
         .map(|r| r.clamp(1, MAX_INTERVAL_SECS) * 1000);
+    let seed = splay_ms(&inner.fingerprint, &spec.name, FIRST_RUN_SPREAD_MS);
     let mut last_start: Option<u64> = None;
     loop {
         // Soft after this loop's run or a run-now's: retry sooner than the next slot.
         let soft = inner.is_soft(&spec.name);
         let now = now_ms();
-        let due = match (soft, retry_ms, last_start) {
+        let due = match (resume_from.take(), soft, retry_ms, last_start) {
+            (Some(prev), ..) => timing.resume(now, prev, retry_ms.filter(|_| soft), seed),
             // A soft problem is confirmed (or cleared) sooner than the next slot.
-            (true, Some(retry), Some(prev)) => prev.saturating_add(retry).max(now),
+            (None, true, Some(retry), Some(prev)) => prev.saturating_add(retry).max(now),
             _ => timing.next(now, last_start),
         };
         if !sleep_until(due, &stop).await {
@@ -657,262 +882,4 @@ async fn check_loop(inner: Arc<Inner>, spec: CheckSpec, stop: CancellationToken)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::outbox::MemoryOutbox;
-
-    fn plugins(dir: &tempfile::TempDir) -> Arc<Runner> {
-        Arc::new(Runner::new(
-            Arc::new(crate::plugins::PluginStore::new(
-                &dir.path().join("plugins"),
-            )),
-            Default::default(),
-        ))
-    }
-
-    #[test]
-    fn slots_are_on_a_grid_strictly_in_the_future() {
-        assert_eq!(next_slot(1000, 300, 1000), 1300);
-        assert_eq!(next_slot(1300, 300, 1000), 2300);
-        assert_eq!(next_slot(100, 300, 1000), 300);
-        assert_eq!(next_slot(1299, 300, 1000), 1300);
-    }
-
-    #[test]
-    fn first_run_is_soon_then_on_the_grid_with_a_gap() {
-        let (phase, interval) = (37_000, 60_000);
-        let first = next_run(1_000_000, None, phase, interval);
-        assert!((1_000_000..1_000_000 + FIRST_RUN_SPREAD_MS).contains(&first));
-        // The grid slot right after the first run is too close: the one after it is used.
-        let second = next_run(first + 100, Some(first), phase, interval);
-        assert!(second - first >= interval / 2, "{first} {second}");
-        assert_eq!((second - phase) % interval, 0, "on the grid");
-        let third = next_run(second + 5, Some(second), phase, interval);
-        assert_eq!(third - second, interval);
-        // Short intervals start within one interval.
-        assert!(next_run(5_000, None, 700, 1_000) < 6_000);
-    }
-
-    #[test]
-    fn splay_is_deterministic_and_spread() {
-        let a = splay_ms("agent-a", "disk", 60_000);
-        assert_eq!(a, splay_ms("agent-a", "disk", 60_000));
-        let phases: std::collections::HashSet<u64> = (0..100)
-            .map(|i| splay_ms(&format!("agent-{i}"), "disk", 60_000) / 1000)
-            .collect();
-        assert!(
-            phases.len() > 40,
-            "100 agents landed on only {} distinct seconds",
-            phases.len()
-        );
-    }
-
-    #[test]
-    fn states_turn_hard_after_max_attempts_and_recover_at_once() {
-        use Status::*;
-        let mut t = Tracker::default();
-        let seq: Vec<_> = [
-            Ok, Critical, Warning, Critical, Critical, Warning, Ok, Critical, Ok,
-        ]
-        .into_iter()
-        .map(|s| t.classify(s, 3))
-        .collect();
-        use StateType::{Hard as H, Soft as S};
-        assert_eq!(
-            seq,
-            [
-                (H, 1),
-                (S, 1),
-                (S, 2),
-                (H, 3),
-                (H, 3),
-                (H, 3),
-                (H, 1),
-                (S, 1),
-                (H, 1)
-            ]
-        );
-        let mut t = Tracker::default();
-        assert_eq!(t.classify(Critical, 1), (H, 1), "one attempt: hard at once");
-    }
-
-    #[test]
-    fn cron_fires_at_wall_clock_times() {
-        let cron = outpost_protocol::checkfile::parse_cron("*/15 * * * * *").unwrap();
-        let now = 1_700_000_007_500; // 7.5 s past a minute boundary (UTC and most zones)
-        let next = next_cron(&cron, now);
-        assert_eq!(next % 15_000, 0, "on a 15 s boundary: {next}");
-        assert!(next > now && next - now <= 15_000);
-        assert_eq!(next_cron(&cron, next), next + 15_000, "strictly after");
-        let minutely = outpost_protocol::checkfile::parse_cron("* * * * *").unwrap();
-        assert_eq!(next_cron(&minutely, now) % 60_000, 0);
-    }
-
-    fn spec(name: &str, cmd: &str) -> CheckSpec {
-        CheckSpec::new(
-            name,
-            Probe::Nagios(outpost_protocol::probe::Command {
-                command: vec![cmd.into()],
-            }),
-            1,
-            5,
-        )
-    }
-
-    #[tokio::test]
-    async fn only_changed_checks_are_restarted() {
-        let dir = tempfile::tempdir().unwrap();
-        let outbox: Arc<dyn Outbox> = Arc::new(MemoryOutbox::open(dir.path(), 100).unwrap());
-        let s = Scheduler::new(
-            "fp".into(),
-            outbox.clone(),
-            plugins(&dir),
-            4,
-            dir.path().join("config.json"),
-        );
-        s.apply(
-            "h1".into(),
-            vec![spec("a", "/bin/true"), spec("b", "/bin/true")],
-        );
-        let (ga, gb) = (s.generation("a"), s.generation("b"));
-        let d = s.apply(
-            "h2".into(),
-            vec![
-                spec("a", "/bin/true"),
-                spec("b", "/bin/false"),
-                spec("c", "/bin/true"),
-            ],
-        );
-        assert_eq!(d.changed, vec!["b"]);
-        assert_eq!(s.generation("a"), ga, "unchanged check kept its task");
-        assert_ne!(s.generation("b"), gb, "changed check was restarted");
-        assert!(s.generation("c").is_some());
-        s.apply("h3".into(), vec![spec("c", "/bin/true")]);
-        assert_eq!(s.generation("a"), None);
-        // Results arrive within a couple of intervals.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while outbox.is_empty() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(!outbox.is_empty());
-        // The configuration was cached for the next start.
-        let s2 = Scheduler::new(
-            "fp".into(),
-            outbox,
-            plugins(&dir),
-            4,
-            dir.path().join("config.json"),
-        );
-        s2.load_cached();
-        assert_eq!(s2.hash().as_deref(), Some("h3"));
-        assert!(s2.spec("c").is_some());
-        s.stop_all(Duration::from_secs(1)).await;
-        s2.stop_all(Duration::from_secs(1)).await;
-    }
-
-    #[tokio::test]
-    async fn removing_a_check_mid_run_kills_it_and_keeps_no_result() {
-        let dir = tempfile::tempdir().unwrap();
-        let outbox: Arc<dyn Outbox> = Arc::new(MemoryOutbox::open(dir.path(), 100).unwrap());
-        let s = Scheduler::new(
-            "fp".into(),
-            outbox.clone(),
-            plugins(&dir),
-            4,
-            dir.path().join("c.json"),
-        );
-        let marker = dir.path().join("started");
-        let script = format!("touch {}; sleep 30", marker.display());
-        let mut slow = spec("slow", "/bin/sh");
-        slow.probe = Probe::Nagios(outpost_protocol::probe::Command {
-            command: vec!["/bin/sh".into(), "-c".into(), script.clone()],
-        });
-        slow.timeout_secs = 60;
-        s.apply("h1".into(), vec![slow]);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        while !marker.exists() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the check never started"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        s.apply("h2".into(), vec![]);
-        let gone = tokio::time::Instant::now() + Duration::from_secs(5);
-        while count_cmdline(&script) > 0 {
-            assert!(
-                tokio::time::Instant::now() < gone,
-                "the removed check's plugin still runs"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(outbox.is_empty(), "a removed check left a result");
-        s.stop_all(Duration::from_secs(1)).await;
-    }
-
-    /// Processes whose last argument is `arg`.
-    fn count_cmdline(arg: &str) -> usize {
-        std::fs::read_dir("/proc")
-            .unwrap()
-            .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
-            .filter(|c| c.split(|b| *b == 0).any(|a| a == arg.as_bytes()))
-            .count()
-    }
-
-    #[tokio::test]
-    async fn invalid_gateway_checks_are_reported_and_daemons_refuse_run_now() {
-        let dir = tempfile::tempdir().unwrap();
-        let outbox: Arc<dyn Outbox> = Arc::new(MemoryOutbox::open(dir.path(), 100).unwrap());
-        let s = Scheduler::new(
-            "fp".into(),
-            outbox.clone(),
-            plugins(&dir),
-            4,
-            dir.path().join("c.json"),
-        );
-        let mut forever = spec("forever", "/bin/true");
-        forever.timeout_secs = u64::MAX;
-        let mut newer = spec("newer", "/bin/true");
-        newer.probe = Probe::Unsupported;
-        let mut d = spec("d", "/bin/cat");
-        d.probe = Probe::Daemon(outpost_protocol::probe::Command {
-            command: vec!["/bin/sh".into(), "-c".into(), "sleep 30".into()],
-        });
-        d.interval_secs = 0;
-        s.apply("h".into(), vec![forever, newer, d]);
-        assert!(s.spec("forever").is_none() && s.spec("newer").is_none());
-        let reported = outbox.pending_after(0, 10);
-        let text: Vec<(&str, &str)> = reported
-            .iter()
-            .map(|r| (r.check.as_str(), r.output.as_str()))
-            .collect();
-        assert_eq!(text.len(), 2, "{text:?}");
-        assert!(
-            text[0].0 == "forever" && text[0].1.contains("timeout"),
-            "{text:?}"
-        );
-        assert!(
-            text[1].0 == "newer" && text[1].1.contains("upgrade"),
-            "{text:?}"
-        );
-        assert!(reported.iter().all(|r| r.status == Status::Unknown));
-        let err = s.run_now("d").await.unwrap_err();
-        assert_eq!(err.code, "not_runnable");
-        s.stop_all(Duration::from_secs(5)).await;
-    }
-
-    #[tokio::test]
-    async fn run_now_unknown_check_is_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let outbox: Arc<dyn Outbox> = Arc::new(MemoryOutbox::open(dir.path(), 100).unwrap());
-        let s = Scheduler::new(
-            "fp".into(),
-            outbox,
-            plugins(&dir),
-            4,
-            dir.path().join("config.json"),
-        );
-        assert_eq!(s.run_now("nope").await.unwrap_err().code, "unknown_check");
-    }
-}
+mod tests;
