@@ -166,7 +166,12 @@ impl Connection {
                     connected = Some((ws, *addr, *via));
                     break;
                 }
-                Err(e) => errors.push(format!("{addr}: {e}")),
+                Err(e) => {
+                    if found.addrs.len() > 1 {
+                        tracing::warn!(address = %addr, via = ?via, error = %e, "cannot open a session at this address; trying the next");
+                    }
+                    errors.push(format!("{addr}: {e}"));
+                }
             }
         }
         let report = book.report(

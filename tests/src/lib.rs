@@ -469,3 +469,73 @@ pub fn tempdir() -> tempfile::TempDir {
         .unwrap()
 }
 pub mod webdriver;
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl (ci/setup installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test CA, and a server certificate it issued for `dns_name`, made with openssl in `dir`
+/// (created): returns the paths of the CA certificate, the certificate and its key.
+pub fn test_pki(dir: &Path, dns_name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    let p256 = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let ca = [
+        &["req", "-x509"],
+        &p256[..],
+        &["-keyout", "ca.key", "-out", "ca.pem"],
+    ]
+    .concat();
+    openssl(
+        dir,
+        &[&ca[..], &["-days", "2", "-subj", "/CN=Outpost Test CA"]].concat(),
+    );
+    let csr = [
+        &["req"],
+        &p256[..],
+        &["-keyout", "gw.key", "-out", "gw.csr"],
+    ]
+    .concat();
+    let subject = format!("/CN={dns_name}");
+    openssl(dir, &[&csr[..], &["-subj", &subject]].concat());
+    std::fs::write(
+        dir.join("ext.cnf"),
+        format!("subjectAltName=DNS:{dns_name}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
+    )
+    .unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "gw.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "gw.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    (dir.join("ca.pem"), dir.join("gw.pem"), dir.join("gw.key"))
+}

@@ -610,88 +610,11 @@ async fn catalog_plugins_are_fetched_by_hash_verified_and_updated() {
 }
 
 /// Run openssl, panicking with its output when it fails.
-fn openssl(dir: &std::path::Path, args: &[&str]) {
-    let out = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl (ci/setup installs it)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_serves_a_given_certificate_that_agents_verify_by_ca_and_name() {
     let dir = tempdir();
-    let pki = dir.path().join("pki");
-    std::fs::create_dir_all(&pki).unwrap();
-    openssl(
-        &pki,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=Outpost Test CA",
-        ],
-    );
-    openssl(
-        &pki,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "gw.key",
-            "-out",
-            "gw.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-    );
-    std::fs::write(
-        pki.join("ext.cnf"),
-        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(
-        &pki,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "gw.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "gw.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ],
-    );
-    let cert = pki.join("gw.pem").display().to_string();
-    let key = pki.join("gw.key").display().to_string();
+    let (ca, cert, key) = test_pki(&dir.path().join("pki"), "localhost");
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
     let gw = Gateway::start(dir.path(), &["--tls-cert", &cert, "--tls-key", &key]);
     assert!(
         !gw.data_dir.join("tls/cert.pem").exists(),
@@ -701,7 +624,7 @@ async fn gateway_serves_a_given_certificate_that_agents_verify_by_ca_and_name() 
         "c.toml",
         "[[check]]\nname = \"tick\"\ncommand = \"/bin/echo tick\"\ninterval = 1\n",
     );
-    let ca = pki.join("ca.pem").display().to_string();
+    let ca = ca.display().to_string();
     let good = Agent::start_with_config(
         dir.path(),
         "by-ca",
