@@ -376,7 +376,11 @@ impl Connection {
             // Past its maximum length the session sends nothing new; once the last batch
             // is acked it hands over to the next one.
             let rotating = rotate_at.is_some_and(|t| Instant::now() >= t);
-            if rotating && in_flight.is_none() {
+            // Run-now calls answer on this session: let them finish, within reason.
+            let rpcs_done = (rpc_slots.available_permits() == MAX_RPCS_IN_FLIGHT
+                && reply_rx.is_empty())
+                || rotate_at.is_some_and(|t| t.elapsed() > ACK_DEADLINE);
+            if rotating && in_flight.is_none() && rpcs_done {
                 return match sink.reunite(stream) {
                     Ok(ws) => End::Rotate(Box::new(ws)),
                     Err(_) => End::Retry("cannot hand the session over".into()),
@@ -398,6 +402,7 @@ impl Connection {
                     return End::Retry(format!("no ack within {}s", ACK_DEADLINE.as_secs()));
                 }
                 _ = tokio::time::sleep_until(rotate_at.unwrap_or_else(Instant::now).into()), if rotate_at.is_some() && !rotating => {}
+                _ = tokio::time::sleep_until((rotate_at.unwrap_or_else(Instant::now) + ACK_DEADLINE).into()), if rotating && !rpcs_done => {}
                 msg = stream.next() => {
                     last_heard = Instant::now();
                     let frame = match msg {

@@ -110,6 +110,62 @@ async fn kill_9_of_the_gateway_mid_stream_loses_and_duplicates_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_agent_mid_send_loses_and_duplicates_nothing() {
+    let dir = tempdir();
+    let gw = Gateway::start(dir.path(), &[]);
+    gw.write_checks("c.toml", &checks(40, "/bin/echo sending"));
+    let mut agent = Agent::start(dir.path(), "sender", &gw, "reconnect_max_secs = 1\n");
+    let fp = agent.fingerprint.clone();
+    eventually(T, "a stream of results", || async {
+        (gw.bus_all(&fp).len() >= 120).then_some(())
+    })
+    .await;
+    agent.proc.signal(libc::SIGKILL);
+    agent.proc.wait_exit(Duration::from_secs(10)).await;
+    let state_dir = agent.state_dir.clone();
+    drop(agent);
+    // What the agent had on disk, not yet acked, when it died.
+    let unacked: Vec<u64> = {
+        let (o, moved) = outpost_agent::outbox::DiskOutbox::open(&state_dir, 100_000_000).unwrap();
+        assert_eq!(moved, None, "a kill -9 leaves a readable outbox");
+        use outpost_agent::outbox::Outbox;
+        o.pending_after(0, usize::MAX)
+            .iter()
+            .map(|r| r.seq)
+            .collect()
+    };
+    eprintln!("{} results on disk unacked at the kill", unacked.len());
+
+    let agent = Agent::start(dir.path(), "sender", &gw, "reconnect_max_secs = 1\n");
+    assert_eq!(agent.fingerprint, fp);
+    let restarted = now_ms();
+    let all = eventually(T, "results after the restart", || async {
+        let all = gw.bus_all(&fp);
+        (all.iter().filter(|r| started(r) > restarted).count() >= 80).then_some(all)
+    })
+    .await;
+    let seqs = exactly_once_in_order(&all);
+    for s in &unacked {
+        assert!(
+            seqs.binary_search(s).is_ok(),
+            "result {s} was on disk and never arrived"
+        );
+    }
+    // The only numbers missing are where the restarted agent began a new block: results
+    // that never reached the disk before the kill, and numbers never handed out.
+    let g = gaps(&seqs);
+    assert!(g.len() <= 1, "{g:?}");
+    if let Some((first, _)) = g.first() {
+        assert!(unacked.iter().all(|s| s < first), "{g:?} {unacked:?}");
+        let after = all.iter().find(|r| seq(r) > *first).unwrap();
+        assert!(
+            started(after) >= restarted - 1000,
+            "the gap is at the restart"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outage_longer_than_the_outbox_drops_the_oldest_and_says_how_many() {
     let dir = tempdir();
     let mut gw = Gateway::start(dir.path(), &[]);
