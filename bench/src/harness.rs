@@ -49,6 +49,32 @@ impl Proc {
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 
+    /// Wait until the process has logged a line containing `needle`; fail if it exits or
+    /// `limit` passes first.
+    pub fn wait_for_log(&mut self, needle: &str, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if text.lines().any(|l| l.contains(needle)) {
+                return Ok(());
+            }
+            self.ensure_running()?;
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} did not log {needle:?} within {limit:?}; its log ends with:\n{}",
+                    self.name,
+                    self.log_tail(20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether the process has exited (and been reaped).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// Log lines at WARN or ERROR level.
     pub fn problems(&self) -> Vec<String> {
         std::fs::read_to_string(&self.log)
@@ -72,10 +98,11 @@ impl Proc {
         }
     }
 
-    /// SIGTERM, then SIGKILL if it has not exited within `grace`.
-    pub fn stop(&mut self, grace: Duration) {
+    /// SIGTERM, then SIGKILL if it has not exited within `grace`; true if it exited
+    /// without the SIGKILL.
+    pub fn stop(&mut self, grace: Duration) -> bool {
         if let Ok(Some(_)) = self.child.try_wait() {
-            return;
+            return true;
         }
         // SAFETY: kill(2) on our own child's pid; no memory is involved.
         unsafe {
@@ -84,18 +111,19 @@ impl Proc {
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+                return true;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        false
     }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        self.stop(Duration::from_secs(5));
+        let _ = self.stop(Duration::from_secs(5));
     }
 }
 
@@ -237,6 +265,9 @@ impl Gateway {
 pub struct Agent {
     pub proc: Proc,
     pub fingerprint: String,
+    /// Its `state_dir` (outbox, `seq` file, secret, `checks.d`).
+    pub state_dir: PathBuf,
+    config: PathBuf,
 }
 
 impl Agent {
@@ -279,17 +310,41 @@ impl Agent {
         let config_path = state_dir.join("agent.toml");
         std::fs::write(&config_path, config)
             .with_context(|| format!("cannot write {}", config_path.display()))?;
-        let mut cmd = Command::new(bins.path("outpost-agent"));
-        cmd.args(["run", "--config"]).arg(&config_path);
-        let (proc, lines) = spawn_reading(
-            "outpost-agent",
-            cmd,
-            &dir.join("agent.log"),
-            &["fingerprint "],
-        )?;
+        let (proc, fingerprint) = Self::spawn(bins, &config_path, &dir.join("agent.log"))?;
         Ok(Agent {
             proc,
-            fingerprint: lines[0].clone(),
+            fingerprint,
+            state_dir,
+            config: config_path,
         })
+    }
+
+    /// Its configuration file.
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+
+    fn spawn(bins: &Bins, config: &Path, log: &Path) -> Result<(Proc, String)> {
+        let mut cmd = Command::new(bins.path("outpost-agent"));
+        cmd.args(["run", "--config"]).arg(config);
+        let (proc, mut lines) = spawn_reading("outpost-agent", cmd, log, &["fingerprint "])?;
+        Ok((proc, lines.remove(0)))
+    }
+
+    /// Start the agent again, after [`Proc::stop`], with the same configuration and state,
+    /// logging to `log`.
+    pub fn restart(&mut self, bins: &Bins, log: &Path) -> Result<()> {
+        if !self.proc.exited() {
+            bail!("the agent is still running; stop it before restarting it");
+        }
+        let (proc, fingerprint) = Self::spawn(bins, &self.config, log)?;
+        self.proc = proc;
+        if fingerprint != self.fingerprint {
+            bail!(
+                "the agent came back as {fingerprint}, not {}",
+                self.fingerprint
+            );
+        }
+        Ok(())
     }
 }

@@ -5,7 +5,10 @@
 //!    rate of spawning the same program with the same concurrency in the same run;
 //! 2. scheduling jitter at 1,000 and 10,000 configured checks: how late each run starts
 //!    against its grid slot;
-//! 3. the agent's RSS and CPU with 10, 100 and 1,000 checks.
+//! 3. the agent's RSS and CPU with 10, 100 and 1,000 checks;
+//! 4. the disk outbox: durable appends per second next to a raw `write` + `fdatasync` loop
+//!    on the same filesystem, and the time the agent takes to deliver an hour of backlog
+//!    (100 checks at 10 s) to the gateway after a restart.
 //!
 //! Checks reach the agent through its own `checks.d` (10,000 checks exceed the gateway's
 //! 1 MiB config frame; local check files have no such limit). Results are counted on the
@@ -15,6 +18,7 @@
 
 mod bus;
 mod harness;
+mod outbox;
 mod raw;
 mod sample;
 
@@ -35,12 +39,13 @@ enum Part {
     Throughput,
     Jitter,
     Resources,
+    Outbox,
 }
 
 #[derive(Parser)]
 #[command(
     name = "outpost-bench",
-    about = "Benchmark the release agent and gateway: exec throughput, scheduling jitter, RSS and CPU"
+    about = "Benchmark the release agent and gateway: exec throughput, scheduling jitter, RSS and CPU, the disk outbox"
 )]
 struct Cli {
     /// Directory holding outpost-gateway and outpost-agent (default: this executable's).
@@ -103,10 +108,21 @@ struct Cli {
     /// (default 2; quick 0).
     #[arg(long)]
     retries: Option<usize>,
+    /// Seconds of each durable-append rate in the outbox part (default 5; quick 1).
+    #[arg(long)]
+    outbox_secs: Option<u64>,
+    /// Producer threads of the concurrent outbox rate (default 32).
+    #[arg(long, default_value_t = 32)]
+    outbox_producers: usize,
+    /// Minutes of backlog (100 checks at 10 s) the agent drains in the outbox part
+    /// (default 60; quick 6).
+    #[arg(long)]
+    backlog_minutes: Option<u64>,
 }
 
 /// The resolved parameters of this run.
 struct Plan {
+    quick: bool,
     program: String,
     concurrency: Vec<usize>,
     throughput_checks: Option<usize>,
@@ -120,6 +136,9 @@ struct Plan {
     resource_window: Duration,
     quiet_wait: Duration,
     retries: usize,
+    outbox_secs: Duration,
+    outbox_producers: usize,
+    backlog_minutes: u64,
 }
 
 impl Plan {
@@ -135,6 +154,7 @@ impl Plan {
             vec![32, 8]
         };
         Plan {
+            quick: q,
             program: cli.program.clone(),
             concurrency,
             throughput_checks: cli.throughput_checks,
@@ -154,6 +174,9 @@ impl Plan {
             resource_window: Duration::from_secs(pick(cli.resource_secs, 30, 4)),
             quiet_wait: Duration::from_secs(pick(cli.quiet_wait_secs, 180, 0)),
             retries: cli.retries.unwrap_or(if q { 0 } else { 2 }),
+            outbox_secs: Duration::from_secs(pick(cli.outbox_secs, 5, 1).max(1)),
+            outbox_producers: cli.outbox_producers.max(1),
+            backlog_minutes: pick(cli.backlog_minutes, 60, 6).max(1),
         }
     }
 }
@@ -237,7 +260,12 @@ fn run() -> Result<bool> {
     ));
 
     let parts = if cli.only.is_empty() {
-        vec![Part::Throughput, Part::Jitter, Part::Resources]
+        vec![
+            Part::Throughput,
+            Part::Jitter,
+            Part::Resources,
+            Part::Outbox,
+        ]
     } else {
         let mut p = cli.only.clone();
         p.sort();
@@ -257,6 +285,7 @@ fn run() -> Result<bool> {
             Part::Throughput => ("1. Exec throughput", throughput(&bins, &work, &plan)),
             Part::Jitter => ("2. Scheduling jitter", jitter(&bins, &work, &plan)),
             Part::Resources => ("3. Agent RSS and CPU", resources(&bins, &work, &plan)),
+            Part::Outbox => ("4. Outbox", outbox::outbox(&bins, &work, &plan)),
         };
         let _ = writeln!(report, "### {title}\n");
         match outcome {
@@ -292,8 +321,9 @@ fn caveats(plan: &Plan) -> String {
         .unwrap_or(0);
     format!(
         "### How it was measured\n\n\
-- Every figure comes from the release binaries running for real: a gateway on loopback \
-(embedded bus, fsync before each ack) and one agent connected to it over TLS; checks are \
+- Every figure but the outbox's append rates comes from the release binaries running for \
+real: a gateway on loopback (embedded bus, fsync before each ack) and one agent connected \
+to it over TLS (the append rates drive the agent's `DiskOutbox` from this tool); checks are \
 given to the agent in its own `checks.d` (several files of at most 1,000 checks). A result \
 counts once it is durable on the gateway's bus (`bus/results.jsonl`), by its \
 `started_at_ms`.\n\
@@ -319,7 +349,8 @@ check, interval)` (the agent's own function); each check's first result is left 
 first run is spread over the first 10 s instead of on the grid). `started_at_ms` is taken \
 once the run has a concurrency slot, so waiting for a slot counts as lateness.\n\
 - Durations: raw baselines {raw} s each, throughput window {window} s after a {warmup} s \
-warm-up, resource runs {rw} s after a {rwarm} s warm-up.\n\n",
+warm-up, resource runs {rw} s after a {rwarm} s warm-up, outbox rates {ob} s each, a \
+{backlog}-minute outbox backlog.\n\n",
         program = plan.program,
         busy = BUSY_MACHINE_PCT,
         wait = plan.quiet_wait.as_secs(),
@@ -329,6 +360,8 @@ warm-up, resource runs {rw} s after a {rwarm} s warm-up.\n\n",
         warmup = plan.warmup.as_secs(),
         rw = plan.resource_window.as_secs(),
         rwarm = plan.resource_warmup.as_secs(),
+        ob = plan.outbox_secs.as_secs(),
+        backlog = plan.backlog_minutes,
     )
 }
 

@@ -42,7 +42,7 @@ impl Rate {
 
 /// CPU seconds (user + system) of this process, of its waited-for children, and of the
 /// whole machine so far.
-fn cpu_secs() -> (f64, f64, f64) {
+pub fn cpu_secs() -> (f64, f64, f64) {
     let of = |who: i32| -> f64 {
         // SAFETY: getrusage fills the struct we pass; an all-zero rusage is a valid value.
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
