@@ -293,7 +293,15 @@ impl Connection {
         };
         let ws = tokio::select! {
             r = self.dial() => r,
-            _ = shutdown.cancelled() => return End::Stopped,
+            _ = shutdown.cancelled() => {
+                // Stopping while rotating: the old session is still the agent's; say bye on it.
+                if let Some(mut old) = previous {
+                    let bye = AgentFrame::Bye(Bye { reason: "agent stopping".into() });
+                    let _ = send(&mut *old, Message::Text(encode(&bye).into())).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(2), SinkExt::close(&mut *old)).await;
+                }
+                return End::Stopped;
+            }
         };
         let (mut ws, addr, via) = match ws {
             Ok(ws) => ws,
