@@ -40,6 +40,14 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Wall-clock milliseconds since the Unix epoch, as results carry them.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 /// Poll `f` every 100 ms until it returns `Some`, or panic with `what` after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
 where

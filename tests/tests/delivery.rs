@@ -10,13 +10,6 @@ use outpost_e2e::*;
 
 const T: Duration = Duration::from_secs(40);
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
 fn seq(r: &Value) -> u64 {
     r["seq"].as_u64().unwrap()
 }

@@ -7,13 +7,6 @@ use outpost_e2e::*;
 
 const T: Duration = Duration::from_secs(30);
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_queued_during_an_outage_survive_kill_9_of_the_agent() {
     let dir = tempdir();

@@ -12,13 +12,6 @@ use outpost_e2e::*;
 const T: Duration = Duration::from_secs(30);
 const HOUR_MS: u64 = 3_600_000;
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
-
 /// Results of `check` whose run started after `t`.
 fn results_after(gw: &Gateway, fp: &str, check: &str, t: u64) -> Vec<Value> {
     gw.bus_results(fp, check)
