@@ -6,6 +6,7 @@
 //! token; cancelling it sends `bye` and stops.
 
 pub mod checks;
+pub mod collectors;
 pub mod config_diff;
 pub mod connection;
 pub mod gateway_addr;
