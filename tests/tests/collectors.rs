@@ -138,5 +138,5 @@ async fn the_agent_runs_collectd_from_the_gateway_and_keeps_it_alive() {
     assert_eq!(collectd_pids(&state_dir).len(), 1);
     agent.proc.signal(libc::SIGTERM);
     assert_eq!(agent.proc.wait_exit(T).await, Some(0));
-    assert_eq!(collectd_pids(&state_dir), [], "no collectd left behind");
+    assert_eq!(collectd_pids(&state_dir), Vec::<i32>::new(), "no collectd left behind");
 }
