@@ -19,7 +19,7 @@
 //! is started, so there are never two copies.
 //!
 //! Listeners, one of each per agent on 127.0.0.1 and an ephemeral port ([`listen`]):
-//! Graphite plaintext over TCP, where a path starts with `NAME/` (collectd's `Prefix`), and
+//! Graphite plaintext over TCP, where a path starts with `NAME@` (collectd's `Prefix`), and
 //! HTTP, where fluentd posts JSON arrays of records to `/collector/NAME/TAG`.
 //!
 //! Checks reported through the outbox:

@@ -3,7 +3,7 @@
 //! metric per collector, and turning them into results of `collector.NAME.metrics` once
 //! an interval.
 //!
-//! Attribution: a Graphite path starts with `NAME/` (collectd's `Prefix`), fluentd posts to
+//! Attribution: a Graphite path starts with `NAME@` (collectd's `Prefix`), fluentd posts to
 //! `/collector/NAME/TAG`. Data for a name that is not a running collector is counted and
 //! dropped. Each collector keeps at most [`MAX_SERIES`] metric names between two flushes;
 //! values for further names are dropped and counted in the next result.
@@ -126,7 +126,7 @@ impl Sink {
         self.received += 1;
     }
 
-    /// The metric name for a collectd path (after `NAME/`): the host part goes when it is
+    /// The metric name for a collectd path (after `NAME@`): the host part goes when it is
     /// this agent's (`web-1.cpu-0.cpu-idle` becomes `cpu-0.cpu-idle`).
     fn metric_name(&self, rest: &str) -> String {
         let mut name = match (self.kind, rest.split_once('.')) {
@@ -218,7 +218,7 @@ impl Sinks {
             Err(BadLine::Malformed) => return counts.malformed += 1,
             Err(BadLine::NotANumber) => return counts.not_a_number += 1,
         };
-        let Some((name, rest)) = parsed.path.split_once('/') else {
+        let Some((name, rest)) = parsed.path.split_once('@') else {
             return counts.unknown_collector += 1;
         };
         match sinks.get_mut(name) {
@@ -361,9 +361,9 @@ mod tests {
     #[test]
     fn graphite_lines_parse_and_bad_ones_are_said_apart() {
         assert_eq!(
-            parse_graphite("sys/h.cpu-0.cpu-idle 98.5 1700000000\r"),
+            parse_graphite("sys@h.cpu-0.cpu-idle 98.5 1700000000\r"),
             Ok(GraphiteLine {
-                path: "sys/h.cpu-0.cpu-idle",
+                path: "sys@h.cpu-0.cpu-idle",
                 value: 98.5
             })
         );
@@ -383,14 +383,14 @@ mod tests {
         sinks.declare(&spec("sys.b", CollectorKind::Collectd));
         sinks.declare(&spec("prog", CollectorKind::Program));
         for line in [
-            "sys/web-1_example_com.cpu-0.cpu-idle 98 1700000000",
-            "sys/web-1_example_com.cpu-0.cpu-idle 97 1700000001",
-            "sys/other_host.snmp.if_octets-rx 5 1700000001",
-            "sys.b/web-1_example_com.memory.memory-used 1024 1700000000",
-            "prog/queue.depth 3",
-            "nobody/x.y 1 1",
-            "noslash 1 1",
-            "sys/web-1_example_com.load.load.shortterm nan 1",
+            "sys@web-1_example_com.cpu-0.cpu-idle 98 1700000000",
+            "sys@web-1_example_com.cpu-0.cpu-idle 97 1700000001",
+            "sys@other_host.snmp.if_octets-rx 5 1700000001",
+            "sys.b@web-1_example_com.memory.memory-used 1024 1700000000",
+            "prog@queue.depth 3",
+            "nobody@x.y 1 1",
+            "noprefix 1 1",
+            "sys@web-1_example_com.load.load.shortterm nan 1",
             "garbage",
         ] {
             sinks.graphite(line);
@@ -445,7 +445,7 @@ mod tests {
             "a flush empties the buffers; nothing new, no result"
         );
         sinks.remove("sys");
-        sinks.graphite("sys/web-1_example_com.cpu-0.cpu-idle 1 1");
+        sinks.graphite("sys@web-1_example_com.cpu-0.cpu-idle 1 1");
         assert_eq!(sinks.counts().unknown_collector, 3);
     }
 
@@ -455,7 +455,7 @@ mod tests {
         sinks.declare(&spec("p", CollectorKind::Program));
         let n = MAX_METRICS * 2 + 5;
         for i in 0..n {
-            sinks.graphite(&format!("p/m{i:04} {i} 1"));
+            sinks.graphite(&format!("p@m{i:04} {i} 1"));
         }
         let rs = sinks.flush_due(Instant::now(), true);
         assert_eq!(
@@ -477,9 +477,9 @@ mod tests {
         assert_eq!(names.len(), n, "every metric once");
         // Beyond MAX_SERIES names, new names are dropped and counted; known ones update.
         for i in 0..MAX_SERIES + 10 {
-            sinks.graphite(&format!("p/m{i:05} 1 1"));
+            sinks.graphite(&format!("p@m{i:05} 1 1"));
         }
-        sinks.graphite("p/m00000 2 1");
+        sinks.graphite("p@m00000 2 1");
         let rs = sinks.flush_due(Instant::now(), true);
         assert_eq!(rs.len(), MAX_SERIES / MAX_METRICS);
         assert!(rs.iter().all(|r| r.metrics.len() <= MAX_METRICS));
@@ -489,7 +489,7 @@ mod tests {
             "{}",
             rs[0].long_output
         );
-        let long = format!("p/{} 1 1", "x".repeat(500));
+        let long = format!("p@{} 1 1", "x".repeat(500));
         sinks.graphite(&long);
         let rs = sinks.flush_due(Instant::now(), true);
         assert_eq!(rs[0].metrics[0].name.len(), MAX_METRIC_NAME_BYTES);
@@ -501,11 +501,11 @@ mod tests {
         let mut s = spec("p", CollectorKind::Program);
         s.interval_secs = 10;
         sinks.declare(&s);
-        sinks.graphite("p/a 1");
+        sinks.graphite("p@a 1");
         let t = Instant::now();
         assert!(sinks.flush_due(t, false).is_empty());
         assert_eq!(sinks.flush_due(t + Duration::from_secs(11), false).len(), 1);
-        sinks.graphite("p/a 2");
+        sinks.graphite("p@a 2");
         assert!(sinks
             .flush_due(t + Duration::from_secs(12), false)
             .is_empty());

@@ -21,6 +21,10 @@ use crate::util::{now_ms, truncate_utf8};
 
 /// Longest time between two health results of a running collector.
 pub const HEARTBEAT: Duration = Duration::from_secs(60);
+/// How long a started collector must stay up before it is reported running: one that
+/// exits at once (a bad configuration) goes from WARNING to WARNING to a crash loop
+/// without an OK flapping in between.
+pub const SETTLE: Duration = Duration::from_secs(2);
 /// How often a collector that cannot be started at all (program missing) is tried again.
 pub const RETRY_UNSTARTABLE: Duration = Duration::from_secs(60);
 /// Lines of a collector's output logged per minute (stdout and stderr together).
@@ -191,8 +195,7 @@ pub async fn supervise(
             }
             Ended::Exited(how, tail) => (how, tail),
         };
-        let last = tail
-            .last()
+        let last = notable(&tail)
             .map(|l| format!("; last output: {l}"))
             .unwrap_or_default();
         match restarts.exited(Instant::now(), started.elapsed()) {
@@ -277,13 +280,13 @@ async fn run_once(
             &[],
         )
     };
-    running(h);
-    let mut beat = tokio::time::Instant::now() + HEARTBEAT;
+    h.set(Phase::Starting);
+    let mut beat = tokio::time::Instant::now() + SETTLE;
     let status = loop {
         tokio::select! {
             s = child.wait() => break s,
             _ = tokio::time::sleep_until(beat) => {
-                beat += HEARTBEAT;
+                beat = tokio::time::Instant::now() + HEARTBEAT;
                 running(h);
             }
             _ = stop.cancelled() => {
@@ -313,6 +316,16 @@ async fn run_once(
     Ended::Exited(how, log.tail())
 }
 
+/// The line of `tail` that best says why a collector ended: the last one that speaks of
+/// an error (stdout and stderr interleave, so the very last line may be any), else the
+/// last one.
+fn notable(tail: &[String]) -> Option<&String> {
+    tail.iter()
+        .rev()
+        .find(|l| l.to_ascii_lowercase().contains("error"))
+        .or(tail.last())
+}
+
 /// Logs one output stream of a collector: collectd's `[error]`/`[warning]` lines and all
 /// of stderr at WARN, the rest at INFO.
 fn logger(name: String, stream: &'static str) -> impl Fn(Logged<'_>) {
@@ -335,6 +348,17 @@ fn logger(name: String, stream: &'static str) -> impl Fn(Logged<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_notable_line_speaks_of_an_error() {
+        let tail: Vec<String> = ["[info] a", "[error] b", "Error: c", "[info] d"]
+            .map(String::from)
+            .into();
+        assert_eq!(notable(&tail).unwrap(), "Error: c");
+        assert_eq!(notable(&tail[..2]).unwrap(), "[error] b");
+        assert_eq!(notable(&tail[..1]).unwrap(), "[info] a");
+        assert_eq!(notable(&[]), None);
+    }
 
     #[test]
     fn durations_read_well() {

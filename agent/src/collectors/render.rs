@@ -3,7 +3,7 @@
 //!
 //! - collectd: `collectd.conf` with the declared plugins, `logfile` to stdout (loaded
 //!   first, so the agent's log gets every message) and `write_graphite` pointing at the
-//!   agent's Graphite listener with the prefix `NAME/`; run as `COMMAND -f -C FILE`.
+//!   agent's Graphite listener with the prefix `NAME@`; run as `COMMAND -f -C FILE`.
 //! - fluentd: `fluent.conf` with the declared sources and a `<match **>` that posts the
 //!   records as JSON arrays to `http://127.0.0.1:PORT/collector/NAME/TAG`; run as
 //!   `COMMAND -c FILE`.
@@ -83,10 +83,12 @@ fn known_list() -> String {
     PLACEHOLDERS.join(", ")
 }
 
-/// The start of every Graphite path a collector sends: its name and a `/`, which no
-/// collector name contains, so two collectors never mix.
+/// The start of every Graphite path a collector sends: its name and an `@`, which no
+/// collector name contains, so two collectors never mix. (Not `/`: collectd's
+/// `write_graphite` turns `/`, `:`, `!`, `(`, `)`, quotes and white space into its
+/// `EscapeCharacter`, in the prefix too.)
 pub fn graphite_prefix(name: &str) -> String {
-    format!("{name}/")
+    format!("{name}@")
 }
 
 /// The URL path under which the HTTP listener takes a collector's records.
@@ -387,7 +389,7 @@ mod tests {
             "  File STDOUT\n",
             "<Plugin df>\n  MountPoint \"/\"\n  IgnoreSelected false\n</Plugin>\n",
             "  FlushInterval 2\n",
-            "    Host \"127.0.0.1\"\n    Port \"40001\"\n    Protocol \"tcp\"\n    Prefix \"sys/\"\n",
+            "    Host \"127.0.0.1\"\n    Port \"40001\"\n    Protocol \"tcp\"\n    Prefix \"sys@\"\n",
             "    StoreRates true\n",
             "    SeparateInstances false\n",
         ] {
