@@ -24,7 +24,7 @@
 //!
 //! Checks reported through the outbox:
 //! - `collector.NAME`, its health, on every change and every 60 s while it runs: OK
-//!   running (pid, uptime); WARNING restarting (how it ended, when it starts again, exits
+//!   running (pid, uptime; once it has stayed up 2 s); WARNING restarting (how it ended, when it starts again, exits
 //!   in the window, its last output); CRITICAL crash loop (with its last lines of output);
 //!   CRITICAL config error (the declaration cannot be rendered, the file cannot be
 //!   written, the program cannot be started — retried every minute).

@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::io::BufReader;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -25,15 +25,24 @@ pub const MAX_CONNECTIONS: usize = 64;
 /// Largest HTTP body taken (the rendered fluentd config cuts chunks at 1 MiB).
 pub const MAX_BODY: usize = 2 * 1024 * 1024;
 
-/// Serve Graphite plaintext on `listener` until `stop`.
-pub async fn graphite(listener: TcpListener, sinks: Arc<Sinks>, stop: CancellationToken) {
+/// Accept connections on `listener` until `stop`, each served by `serve` in a task of its
+/// own, at most [`MAX_CONNECTIONS`] at once.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    what: &'static str,
+    stop: CancellationToken,
+    serve: F,
+) where
+    F: Fn(TcpStream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let stream = tokio::select! {
             a = listener.accept() => match a {
                 Ok((s, _)) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "graphite listener: accept failed");
+                    tracing::warn!(listener = what, error = %e, "accept failed");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 }
@@ -42,64 +51,57 @@ pub async fn graphite(listener: TcpListener, sinks: Arc<Sinks>, stop: Cancellati
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             tracing::warn!(
-                "graphite listener: {MAX_CONNECTIONS} connections already open; closing a new one"
+                listener = what,
+                "{MAX_CONNECTIONS} connections already open; closing a new one"
             );
             continue;
         };
-        let (sinks, stop) = (sinks.clone(), stop.clone());
+        let conn = serve(stream);
+        let stop = stop.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let mut r = BufReader::new(stream);
-            let mut buf = Vec::new();
-            loop {
-                let line = tokio::select! {
-                    l = read_line(&mut r, &mut buf) => l,
-                    _ = stop.cancelled() => return,
-                };
-                match line {
-                    Ok(Line::Text) => sinks.graphite(&String::from_utf8_lossy(&buf)),
-                    Ok(Line::TooLong) => sinks.bad_line(),
-                    Ok(Line::Eof) | Err(_) => return,
-                }
-            }
-        });
-    }
-}
-
-/// Serve fluentd's HTTP posts on `listener` until `stop`.
-pub async fn http(listener: TcpListener, sinks: Arc<Sinks>, stop: CancellationToken) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let stream = tokio::select! {
-            a = listener.accept() => match a {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "collector HTTP listener: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-            _ = stop.cancelled() => return,
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!("collector HTTP listener: {MAX_CONNECTIONS} connections already open; closing a new one");
-            continue;
-        };
-        let (sinks, stop) = (sinks.clone(), stop.clone());
-        tokio::spawn(async move {
-            let _slot = slot;
-            let service = hyper::service::service_fn(move |req| {
-                let sinks = sinks.clone();
-                async move { Ok::<_, Infallible>(handle(req, &sinks).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             tokio::select! {
                 _ = conn => {}
                 _ = stop.cancelled() => {}
             }
         });
     }
+}
+
+/// Serve Graphite plaintext on `listener` until `stop`.
+pub async fn graphite(listener: TcpListener, sinks: Arc<Sinks>, stop: CancellationToken) {
+    accept_loop(listener, "graphite", stop, move |stream| {
+        let sinks = sinks.clone();
+        async move {
+            let mut r = BufReader::new(stream);
+            let mut buf = Vec::new();
+            loop {
+                match read_line(&mut r, &mut buf).await {
+                    Ok(Line::Text) => sinks.graphite(&String::from_utf8_lossy(&buf)),
+                    Ok(Line::TooLong) => sinks.bad_line(),
+                    Ok(Line::Eof) | Err(_) => return,
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// Serve fluentd's HTTP posts on `listener` until `stop`.
+pub async fn http(listener: TcpListener, sinks: Arc<Sinks>, stop: CancellationToken) {
+    accept_loop(listener, "collector http", stop, move |stream| {
+        let sinks = sinks.clone();
+        async move {
+            let service = hyper::service::service_fn(move |req| {
+                let sinks = sinks.clone();
+                async move { Ok::<_, Infallible>(handle(req, &sinks).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        }
+    })
+    .await
 }
 
 fn reply(status: StatusCode, text: impl Into<String>) -> Response<Full<Bytes>> {
