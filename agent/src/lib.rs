@@ -16,6 +16,7 @@ pub mod outbox;
 pub mod plugins;
 pub mod scheduler;
 pub mod settings;
+pub mod supervise;
 pub mod tls;
 pub mod util;
 
