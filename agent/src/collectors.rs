@@ -89,6 +89,11 @@ pub struct Collectors {
     graphite: SocketAddr,
     http: SocketAddr,
     running: tokio::sync::Mutex<BTreeMap<String, Running>>,
+    /// The latest declarations handed to [`Collectors::apply_soon`], for the task that
+    /// applies them in order.
+    queued: tokio::sync::watch::Sender<Option<Vec<CollectorSpec>>>,
+    /// Set by `stop_all`: nothing starts afterwards.
+    stopped: std::sync::atomic::AtomicBool,
     /// Ends the listeners and the flusher when the manager is dropped.
     background: CancellationToken,
 }
@@ -115,7 +120,10 @@ impl Collectors {
         let http = TcpListener::bind((render::LISTEN_HOST, 0)).await?;
         let sinks = Arc::new(Sinks::new(&hostname));
         let background = CancellationToken::new();
+        let (queued, mut next) = tokio::sync::watch::channel(None);
         let c = Arc::new(Collectors {
+            queued,
+            stopped: Default::default(),
             graphite: graphite.local_addr()?,
             http: http.local_addr()?,
             work_dir,
@@ -133,7 +141,24 @@ impl Collectors {
         ));
         tokio::spawn(listen::http(http, sinks.clone(), background.clone()));
         tokio::spawn(flusher(sinks, outbox, background));
+        let weak = Arc::downgrade(&c);
+        tokio::spawn(async move {
+            while next.changed().await.is_ok() {
+                let specs = next.borrow_and_update().clone();
+                let (Some(specs), Some(me)) = (specs, weak.upgrade()) else {
+                    continue;
+                };
+                me.apply(specs).await;
+            }
+        });
         Ok(c)
+    }
+
+    /// Like [`Collectors::apply`], without waiting: the connection hands over a new
+    /// configuration and carries on while old collectors stop. Declarations applied this
+    /// way take effect in order; one superseded before its turn is skipped.
+    pub fn apply_soon(&self, specs: Vec<CollectorSpec>) {
+        self.queued.send_replace(Some(specs));
     }
 
     /// Where the Graphite listener is.
@@ -184,6 +209,9 @@ impl Collectors {
             wanted.insert(spec.name.clone(), spec);
         }
         let mut running = self.running.lock().await;
+        if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let mut to_stop = Vec::new();
         let mut to_start = Vec::new();
         for name in running.keys().cloned().collect::<Vec<_>>() {
@@ -247,6 +275,8 @@ impl Collectors {
     /// Stop every collector (TERM, then KILL after the grace period; each one's process
     /// group is gone when this returns) and send the data they had buffered.
     pub async fn stop_all(&self) {
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let mut running = self.running.lock().await;
         let all = std::mem::take(&mut *running);
         futures_util::future::join_all(all.into_values().map(Running::stop)).await;
@@ -276,11 +306,10 @@ async fn stop_leftovers(work_dir: &Path) {
         .map(|e| e.path().join(pidfile::FILE))
         .filter(|p| p.is_file())
         .collect();
-    futures_util::future::join_all(
-        files
-            .iter()
-            .map(|f| pidfile::stop_stale(f, crate::supervise::STOP_GRACE)),
-    )
+    futures_util::future::join_all(files.iter().map(|f| {
+        let dir = f.parent().unwrap_or(work_dir);
+        pidfile::stop_stale(f, dir, None, crate::supervise::STOP_GRACE)
+    }))
     .await;
 }
 

@@ -448,7 +448,7 @@ impl Connection {
                         }
                         GatewayFrame::Config(c) => {
                             self.scheduler.apply_config(c.hash, c.checks, c.collectors.clone());
-                            self.collectors.apply(c.collectors).await;
+                            self.collectors.apply_soon(c.collectors);
                             if let Err(e) = self.request_plugins(&mut sink, &mut requested).await {
                                 return End::Retry(e);
                             }

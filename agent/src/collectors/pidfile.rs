@@ -69,30 +69,81 @@ fn signal(pid: u32, sig: i32) {
     }
 }
 
-/// If `path` records a process that still runs (a collector of an agent that was killed
-/// before it could stop it), stop it: SIGTERM to its group, SIGKILL after `grace`. The
-/// file is removed. Returns the pid that was stopped.
-pub async fn stop_stale(path: &Path, grace: Duration) -> Option<u32> {
-    let recorded = read(path);
-    let _ = std::fs::remove_file(path);
-    let (pid, start) = recorded?;
-    if !alive(pid, start) {
-        return None;
-    }
-    tracing::warn!(pid, file = %path.display(), "a collector left running by an earlier agent is being stopped");
-    signal(pid, libc::SIGTERM);
-    if !gone_within(pid, start, grace).await {
-        signal(pid, libc::SIGKILL);
-        if !gone_within(pid, start, Duration::from_secs(2)).await {
-            tracing::error!(pid, "a collector left by an earlier agent survived SIGKILL");
+/// Running processes of `program` whose working directory is `dir`: collectors are
+/// started there, so these are collectors an earlier agent started, including one it was
+/// killed before it could record in its pid file.
+fn strays(dir: &Path, program: &str) -> Vec<(u32, u64)> {
+    let Ok(dir) = dir.canonicalize() else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.filter_map(Result::ok) {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me || std::fs::read_link(entry.path().join("cwd")).ok().as_deref() != Some(&dir) {
+            continue;
+        }
+        let argv0 = std::fs::read(entry.path().join("cmdline"))
+            .ok()
+            .and_then(|c| c.split(|b| *b == 0).next().map(|a| a.to_vec()));
+        if argv0.as_deref() != Some(program.as_bytes()) {
+            continue;
+        }
+        if let Some(start) = start_time(pid) {
+            found.push((pid, start));
         }
     }
-    Some(pid)
+    found
+}
+
+/// Stop what an earlier agent (killed before it could stop its collectors) left running
+/// for the collector in `dir`: the process recorded in its pid file `path`, and, when the
+/// collector's `program` is known, any process of it working in `dir`. SIGTERM to each one's group, SIGKILL after `grace`. The
+/// pid file is removed. Returns the pids that were stopped.
+pub async fn stop_stale(
+    path: &Path,
+    dir: &Path,
+    program: Option<&str>,
+    grace: Duration,
+) -> Vec<u32> {
+    let mut victims: Vec<(u32, u64)> = read(path)
+        .into_iter()
+        .filter(|(pid, start)| alive(*pid, *start))
+        .collect();
+    let _ = std::fs::remove_file(path);
+    for stray in program.map(|p| strays(dir, p)).unwrap_or_default() {
+        if !victims.contains(&stray) {
+            victims.push(stray);
+        }
+    }
+    for &(pid, _) in &victims {
+        tracing::warn!(pid, dir = %dir.display(), "a collector left running by an earlier agent is being stopped");
+        signal(pid, libc::SIGTERM);
+    }
+    for &(pid, start) in &victims {
+        if !gone_within(pid, start, grace).await {
+            signal(pid, libc::SIGKILL);
+            if !gone_within(pid, start, Duration::from_secs(2)).await {
+                tracing::error!(pid, "a collector left by an earlier agent survived SIGKILL");
+            }
+        }
+    }
+    victims.into_iter().map(|(pid, _)| pid).collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::process::ExitStatusExt;
 
     #[test]
     fn round_trip_and_garbage() {
@@ -111,5 +162,49 @@ mod tests {
             std::fs::write(&p, bad).unwrap();
             assert_eq!(read(&p), None, "{bad:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_collector_missing_from_its_pid_file_is_found_by_program_and_directory() {
+        // An agent killed between spawning a collector and writing its pid file.
+        let dir = tempfile::tempdir().unwrap();
+        let spawn = |program: &str| {
+            std::process::Command::new(program)
+                .arg("30")
+                .current_dir(dir.path())
+                .spawn()
+                .unwrap()
+        };
+        let mut stray = spawn("/bin/sleep");
+        let mut other = spawn("/usr/bin/sleep");
+        // Until it has exec'd, a child still shows the test's command line.
+        let exec_done = |pid: u32| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .unwrap_or_default()
+                .ends_with(b"sleep\x0030\x00")
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !(exec_done(stray.id()) && exec_done(other.id())) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the children never ran sleep"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let stopped = stop_stale(
+            &dir.path().join(FILE),
+            dir.path(),
+            Some("/bin/sleep"),
+            Duration::from_secs(2),
+        )
+        .await;
+        assert_eq!(stopped, [stray.id()]);
+        assert!(stray.wait().unwrap().signal().is_some());
+        assert!(
+            other.try_wait().unwrap().is_none(),
+            "another program in the directory is left alone"
+        );
+        other.kill().unwrap();
+        other.wait().unwrap();
     }
 }

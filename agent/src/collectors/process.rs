@@ -177,7 +177,8 @@ pub async fn supervise(
         return h.set(Phase::Stopped);
     }
     let pid_file = job.dir.join(pidfile::FILE);
-    pidfile::stop_stale(&pid_file, STOP_GRACE).await;
+    let program = rendered.argv.first().map(String::as_str);
+    pidfile::stop_stale(&pid_file, &job.dir, program, STOP_GRACE).await;
     let mut restarts = Restarts::default();
     loop {
         let started = Instant::now();
@@ -316,14 +317,20 @@ async fn run_once(
     Ended::Exited(how, log.tail())
 }
 
-/// The line of `tail` that best says why a collector ended: the last one that speaks of
-/// an error (stdout and stderr interleave, so the very last line may be any), else the
-/// last one.
-fn notable(tail: &[String]) -> Option<&String> {
-    tail.iter()
-        .rev()
-        .find(|l| l.to_ascii_lowercase().contains("error"))
-        .or(tail.last())
+/// What best says why a collector ended: the last lines of `tail` that speak of an error
+/// (stdout and stderr interleave, so the very last line may be any), else the last line.
+fn notable(tail: &[String]) -> Option<String> {
+    // The last three lines that mention an error, oldest first: collectd names the problem
+    // in one line and says that it gave up in the next.
+    let errors: Vec<&str> = tail
+        .iter()
+        .filter(|l| l.to_ascii_lowercase().contains("error"))
+        .map(String::as_str)
+        .collect();
+    match &errors[errors.len().saturating_sub(3)..] {
+        [] => tail.last().cloned(),
+        some => Some(some.join(" | ")),
+    }
 }
 
 /// Logs one output stream of a collector: collectd's `[error]`/`[warning]` lines and all
@@ -354,7 +361,7 @@ mod tests {
         let tail: Vec<String> = ["[info] a", "[error] b", "Error: c", "[info] d"]
             .map(String::from)
             .into();
-        assert_eq!(notable(&tail).unwrap(), "Error: c");
+        assert_eq!(notable(&tail).unwrap(), "[error] b | Error: c");
         assert_eq!(notable(&tail[..2]).unwrap(), "[error] b");
         assert_eq!(notable(&tail[..1]).unwrap(), "[info] a");
         assert_eq!(notable(&[]), None);

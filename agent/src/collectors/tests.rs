@@ -102,7 +102,9 @@ async fn an_exiting_collector_restarts_then_is_a_crash_loop_until_its_declaratio
     let s = setup().await;
     let spec = program(
         "flaky",
-        "echo 'reading config'; echo 'line 3: no such option Foo' >&2; exit 1",
+        // stdout and stderr are read side by side, so which line comes last varies: the
+        // one that names an error is quoted whichever it is.
+        "echo 'reading config'; echo 'line 3: error: no such option Foo' >&2; exit 1",
     );
     s.collectors.apply(vec![spec.clone()]).await;
     let t = Instant::now();
@@ -133,7 +135,7 @@ async fn an_exiting_collector_restarts_then_is_a_crash_loop_until_its_declaratio
     assert!(
         warnings[0]
             .output
-            .ends_with("; last output: line 3: no such option Foo"),
+            .ends_with("; last output: line 3: error: no such option Foo"),
         "{}",
         warnings[0].output
     );
@@ -156,7 +158,8 @@ async fn an_exiting_collector_restarts_then_is_a_crash_loop_until_its_declaratio
         last.output
     );
     assert!(
-        last.long_output.contains("line 3: no such option Foo"),
+        last.long_output
+            .contains("line 3: error: no such option Foo"),
         "the crash loop quotes its output: {last:?}"
     );
     assert_eq!(s.collectors.phase("flaky").await, Some(Phase::CrashLoop));
