@@ -60,6 +60,8 @@ pub struct Connection {
     pub tls: Arc<rustls::ClientConfig>,
     pub outbox: Arc<dyn Outbox>,
     pub scheduler: Scheduler,
+    /// The collectors the gateway declared for this agent.
+    pub collectors: Arc<crate::collectors::Collectors>,
     /// Where the gateway was reached before, for when DNS fails.
     pub addrs: tokio::sync::Mutex<AddrBook>,
     /// The outbox's drop count when last reported, and whether that report was a warning.
@@ -445,7 +447,8 @@ impl Connection {
                             }
                         }
                         GatewayFrame::Config(c) => {
-                            self.scheduler.apply(c.hash, c.checks);
+                            self.scheduler.apply_config(c.hash, c.checks, c.collectors.clone());
+                            self.collectors.apply_soon(c.collectors);
                             if let Err(e) = self.request_plugins(&mut sink, &mut requested).await {
                                 return End::Retry(e);
                             }

@@ -6,6 +6,7 @@
 //! token; cancelling it sends `bye` and stops.
 
 pub mod checks;
+pub mod collectors;
 pub mod config_diff;
 pub mod connection;
 pub mod gateway_addr;
@@ -15,6 +16,7 @@ pub mod outbox;
 pub mod plugins;
 pub mod scheduler;
 pub mod settings;
+pub mod supervise;
 pub mod tls;
 pub mod util;
 
@@ -73,7 +75,15 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         settings.max_concurrent_checks,
         &settings.paths.state_dir,
     );
-    scheduler.load_cached();
+    let cached_collectors = scheduler.load_cached();
+    let collectors = collectors::Collectors::start(
+        settings.paths.state_dir.join("collectors"),
+        settings.hostname.clone(),
+        outbox.clone(),
+    )
+    .await
+    .context("cannot start the collectors' listeners")?;
+    collectors.apply(cached_collectors).await;
     let local = local_checks::LocalChecks::new(
         &settings.paths.checks_dir,
         settings.labels.clone(),
@@ -91,6 +101,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         tls,
         outbox: outbox.clone(),
         scheduler: scheduler.clone(),
+        collectors: collectors.clone(),
         addrs: tokio::sync::Mutex::new(gateway_addr::AddrBook::load(
             &settings.paths.state_dir,
             &settings.host,
@@ -101,9 +112,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     };
     conn.run(shutdown.clone()).await;
     watcher.abort();
-    scheduler
-        .stop_all(checks::daemon::STOP_GRACE + std::time::Duration::from_secs(1))
-        .await;
+    let stopping_checks =
+        scheduler.stop_all(checks::daemon::STOP_GRACE + std::time::Duration::from_secs(1));
+    tokio::join!(stopping_checks, collectors.stop_all());
     if let Err(e) = outbox::blocking(|| outbox.flush()) {
         tracing::error!(error = %e, pending = outbox.len(), "stopping before every result reached the disk");
     }

@@ -41,7 +41,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use outpost_protocol::probe::Probe;
-use outpost_protocol::{CheckResult, CheckSpec, Origin, RpcError, StateType, Status};
+use outpost_protocol::{
+    CheckResult, CheckSpec, CollectorSpec, Origin, RpcError, StateType, Status,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
@@ -160,6 +162,10 @@ struct Running {
 struct Cached {
     hash: String,
     checks: Vec<CheckSpec>,
+    /// Kept here, in the same file as the checks and their hash, so the hash the agent
+    /// says it runs always covers the collectors it runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    collectors: Vec<CollectorSpec>,
 }
 
 /// The check's phase within its interval, in milliseconds: the same for the same agent
@@ -261,7 +267,10 @@ impl Scheduler {
     /// Start from the configuration and the check states cached by the last run, if any,
     /// so checks run at once after a restart even before the gateway is reachable, and
     /// carry on from their last states; from now on, keep the states cached.
-    pub fn load_cached(&self) {
+    /// Load the cached check states and configuration, and start running the cached
+    /// checks; returns the cached collectors, for the caller to start.
+    pub fn load_cached(&self) -> Vec<CollectorSpec> {
+        let mut collectors = Vec::new();
         match state::load(&self.inner.state_path) {
             Ok(saved) => {
                 if !saved.is_empty() {
@@ -280,7 +289,8 @@ impl Scheduler {
                         checks = c.checks.len(),
                         "running the cached configuration until the gateway answers"
                     );
-                    self.apply_inner(c.hash, c.checks, false);
+                    self.apply_inner(c.hash, c.checks, None);
+                    collectors = c.collectors;
                 }
                 Err(e) => {
                     tracing::warn!(file = %self.inner.cache_path.display(), error = %e, "ignoring unreadable cached configuration")
@@ -288,6 +298,7 @@ impl Scheduler {
             }
         }
         self.start_saving();
+        collectors
     }
 
     /// Write the state file every [`state::SAVE_EVERY`] while it changes, until `stop_all`.
@@ -317,14 +328,26 @@ impl Scheduler {
 
     /// Run the gateway's `checks` from now on (with the host's own); returns what changed.
     pub fn apply(&self, hash: String, checks: Vec<CheckSpec>) -> config_diff::Diff {
-        self.apply_inner(hash, checks, true)
+        self.apply_inner(hash, checks, Some(Vec::new()))
     }
 
+    /// Run the gateway's configuration: its checks from now on, and cache them with its
+    /// collectors (which the caller runs).
+    pub fn apply_config(
+        &self,
+        hash: String,
+        checks: Vec<CheckSpec>,
+        collectors: Vec<CollectorSpec>,
+    ) -> config_diff::Diff {
+        self.apply_inner(hash, checks, Some(collectors))
+    }
+
+    /// `persist`: the collectors to cache with the checks, or `None` not to write the cache.
     fn apply_inner(
         &self,
         hash: String,
         checks: Vec<CheckSpec>,
-        persist: bool,
+        persist: Option<Vec<CollectorSpec>>,
     ) -> config_diff::Diff {
         let mut valid = Vec::with_capacity(checks.len());
         for c in &checks {
@@ -347,8 +370,12 @@ impl Scheduler {
         state.hash = Some(hash.clone());
         let d = self.reconcile(&mut state);
         drop(state);
-        if persist {
-            let cached = Cached { hash, checks };
+        if let Some(collectors) = persist {
+            let cached = Cached {
+                hash,
+                checks,
+                collectors,
+            };
             if let Err(e) = serde_json::to_vec(&cached)
                 .map_err(std::io::Error::other)
                 .and_then(|b| write_atomic(&self.inner.cache_path, &b, 0o600))

@@ -15,8 +15,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-pub use outpost_protocol::checkfile::{parse_file, CheckDef, Target};
-use outpost_protocol::{valid_check_name, CheckSpec, PluginRef, MAX_CHECKS, MAX_PLUGIN_BYTES};
+pub use outpost_protocol::checkfile::{parse_file_with_collectors, CheckDef, CollectorDef, Target};
+use outpost_protocol::{
+    valid_check_name, CheckSpec, CollectorSpec, PluginRef, MAX_CHECKS, MAX_COLLECTORS,
+    MAX_PLUGIN_BYTES,
+};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
@@ -33,6 +36,7 @@ pub struct PluginEntry {
 #[derive(Debug, Default, PartialEq)]
 pub struct Catalog {
     pub checks: Vec<CheckDef>,
+    pub collectors: Vec<CollectorDef>,
     pub plugins: BTreeMap<String, PluginEntry>,
 }
 
@@ -50,6 +54,23 @@ impl Catalog {
             .map(|c| c.spec.clone())
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// The collectors an agent with these labels and groups runs, sorted by name.
+    pub fn collectors_for_agent(
+        &self,
+        labels: &BTreeMap<String, String>,
+        groups: &[String],
+    ) -> Vec<CollectorSpec> {
+        let mut v: Vec<CollectorSpec> = self
+            .collectors
+            .iter()
+            .filter(|c| c.target.matches(labels, groups))
+            .map(|c| c.spec.clone())
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v.truncate(MAX_COLLECTORS);
         v
     }
 
@@ -108,6 +129,7 @@ pub fn scan_plugins(dir: &Path) -> BTreeMap<String, PluginEntry> {
 struct FileState {
     digest: [u8; 32],
     good: Vec<CheckDef>,
+    collectors: Vec<CollectorDef>,
 }
 
 pub struct CheckStore {
@@ -168,18 +190,35 @@ impl CheckStore {
             if files.get(path).is_some_and(|f| f.digest == digest) {
                 continue;
             }
-            match parse_file(path, &text) {
-                Ok(good) => {
-                    tracing::info!(file = %path.display(), checks = good.len(), "loaded check file");
-                    files.insert(path.clone(), FileState { digest, good });
+            match parse_file_with_collectors(path, &text) {
+                Ok((good, collectors)) => {
+                    tracing::info!(file = %path.display(), checks = good.len(), collectors = collectors.len(), "loaded check file");
+                    files.insert(
+                        path.clone(),
+                        FileState {
+                            digest,
+                            good,
+                            collectors,
+                        },
+                    );
                 }
                 Err(e) => {
                     failures += 1;
                     let kept = files.get(path).map(|f| f.good.len()).unwrap_or(0);
                     tracing::error!(file = %path.display(), error = %e, kept_checks = kept,
                         "check file is invalid; keeping its last good version");
-                    let good = files.remove(path).map(|f| f.good).unwrap_or_default();
-                    files.insert(path.clone(), FileState { digest, good });
+                    let (good, collectors) = files
+                        .remove(path)
+                        .map(|f| (f.good, f.collectors))
+                        .unwrap_or_default();
+                    files.insert(
+                        path.clone(),
+                        FileState {
+                            digest,
+                            good,
+                            collectors,
+                        },
+                    );
                 }
             }
         }
@@ -216,8 +255,25 @@ impl CheckStore {
                 checks.push(def);
             }
         }
+        let mut collectors: Vec<CollectorDef> = Vec::new();
+        for def in paths
+            .iter()
+            .filter_map(|p| files.get(p))
+            .flat_map(|f| f.collectors.iter())
+        {
+            if collectors.iter().any(|c| c.spec.name == def.spec.name) {
+                tracing::error!(file = %def.file.display(), collector = %def.spec.name,
+                    "collector name defined twice; the first file (by name) wins");
+                continue;
+            }
+            collectors.push(def.clone());
+        }
         drop(files);
-        let catalog = Catalog { checks, plugins };
+        let catalog = Catalog {
+            checks,
+            collectors,
+            plugins,
+        };
         self.tx.send_if_modified(|cur| {
             if **cur == catalog {
                 false

@@ -13,10 +13,11 @@ use std::sync::Arc;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use outpost_protocol::{
-    close, config_hash, decode_agent_frame, encode, valid_check_name, valid_fingerprint, Ack,
-    AgentFrame, CheckResult, CheckSpec, ConfigFrame, ErrorFrame, FrameError, GatewayFrame, Hello,
-    PluginFrame, Reconnect, Results, Welcome, MAX_BATCH_RESULTS, MAX_FRAME_BYTES,
-    MAX_LONG_OUTPUT_BYTES, MAX_METRICS, MAX_OUTPUT_BYTES, PROTOCOL_VERSION,
+    close, config_hash_with_collectors, decode_agent_frame, encode, valid_check_name,
+    valid_fingerprint, Ack, AgentFrame, CheckResult, CheckSpec, CollectorSpec, ConfigFrame,
+    ErrorFrame, FrameError, GatewayFrame, Hello, PluginFrame, Reconnect, Results, Welcome,
+    MAX_BATCH_RESULTS, MAX_FRAME_BYTES, MAX_LONG_OUTPUT_BYTES, MAX_METRICS, MAX_OUTPUT_BYTES,
+    PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -360,8 +361,8 @@ async fn authenticated(
     tracing::info!(%peer, version = %hello.agent_version, enrolled = auth.new_secret.is_some(), "agent connected");
 
     let mut catalog_rx = gw.checks.subscribe();
-    let checks = gw.checks.current().for_agent(&hello.labels, &hello.groups);
-    let mut sent_hash = config_hash(&checks);
+    let config = AgentConfig::of(&gw.checks.current(), &hello);
+    let mut sent_hash = config.hash.clone();
     let welcome = GatewayFrame::Welcome(Welcome {
         protocol: PROTOCOL_VERSION,
         gateway_version: GATEWAY_VERSION.into(),
@@ -379,9 +380,9 @@ async fn authenticated(
     });
     let _ = tx.send(Outbound::Frame(welcome)).await;
     if hello.config_hash.as_deref() != Some(sent_hash.as_str()) {
-        send_config(&gw, &tx, &fp, checks, sent_hash.clone()).await;
+        send_config(&gw, &tx, &fp, config).await;
     } else {
-        gw.registry.set_checks(&fp, checks);
+        gw.registry.set_checks(&fp, config.checks);
     }
 
     // A silent peer for three heartbeats is gone (half-open connections included).
@@ -405,11 +406,10 @@ async fn authenticated(
             }
             changed = catalog_rx.changed() => {
                 if changed.is_ok() {
-                    let checks = catalog_rx.borrow_and_update().for_agent(&hello.labels, &hello.groups);
-                    let hash = config_hash(&checks);
-                    if hash != sent_hash {
-                        sent_hash = hash.clone();
-                        send_config(&gw, &tx, &fp, checks, hash).await;
+                    let config = AgentConfig::of(&catalog_rx.borrow_and_update(), &hello);
+                    if config.hash != sent_hash {
+                        sent_hash = config.hash.clone();
+                        send_config(&gw, &tx, &fp, config).await;
                     }
                 }
                 continue;
@@ -651,17 +651,37 @@ async fn plugin_frame(gw: &Gateway, sha256: &str) -> GatewayFrame {
     }
 }
 
-async fn send_config(
-    gw: &Gateway,
-    tx: &mpsc::Sender<Outbound>,
-    fp: &str,
+/// What one agent runs: the checks and collectors targeted at it, and their hash.
+struct AgentConfig {
     checks: Vec<CheckSpec>,
+    collectors: Vec<CollectorSpec>,
     hash: String,
-) {
+}
+
+impl AgentConfig {
+    fn of(catalog: &crate::checks::Catalog, hello: &Hello) -> AgentConfig {
+        let checks = catalog.for_agent(&hello.labels, &hello.groups);
+        let collectors = catalog.collectors_for_agent(&hello.labels, &hello.groups);
+        let hash = config_hash_with_collectors(&checks, &collectors);
+        AgentConfig {
+            checks,
+            collectors,
+            hash,
+        }
+    }
+}
+
+async fn send_config(gw: &Gateway, tx: &mpsc::Sender<Outbound>, fp: &str, config: AgentConfig) {
+    let AgentConfig {
+        checks,
+        collectors,
+        hash,
+    } = config;
     let count = checks.len();
     let frame = GatewayFrame::Config(ConfigFrame {
         hash: hash.clone(),
         checks: checks.clone(),
+        collectors,
     });
     let size = encode(&frame).len();
     if size > MAX_FRAME_BYTES {

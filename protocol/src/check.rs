@@ -172,6 +172,25 @@ pub fn valid_check_name(name: &str) -> bool {
         && name != ".."
 }
 
+/// The hash of a configuration with collectors: the checks' hash when there are none (so
+/// agents that predate collectors see the same hashes), otherwise over both.
+pub fn config_hash_with_collectors(
+    checks: &[CheckSpec],
+    collectors: &[crate::CollectorSpec],
+) -> String {
+    if collectors.is_empty() {
+        return config_hash(checks);
+    }
+    let mut sorted: Vec<&crate::CollectorSpec> = collectors.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    let json = serde_json::to_vec(&sorted).unwrap_or_default();
+    let mut h = Sha256::new();
+    h.update(config_hash(checks).as_bytes());
+    h.update(b"\ncollectors\n");
+    h.update(&json);
+    hex::encode(h.finalize())
+}
+
 /// The content hash of a configuration: SHA-256 over the canonical JSON of the checks sorted
 /// by name. Agents send the hash they run; gateways send a config only when it differs.
 pub fn config_hash(checks: &[CheckSpec]) -> String {

@@ -17,6 +17,16 @@
 //! retry_interval = "10s"
 //! target = { labels = { role = "web" }, groups = ["eu"] }
 //! ```
+//!
+//! Gateway files may also declare collectors (agents' own `checks.d` may not):
+//!
+//! ```toml
+//! [[collector]]
+//! name = "collectd"
+//! kind = "collectd"
+//! plugins = ["cpu", "memory", { name = "df", config = 'MountPoint "/"' }]
+//! interval = "10s"
+//! ```
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -24,6 +34,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::check::{valid_check_name, CheckSpec, PluginRef};
+use crate::collector::{CollectdPlugin, CollectorKind, CollectorSpec};
 use crate::probe::*;
 
 /// Which agents a check is for. Empty means every agent.
@@ -60,7 +71,43 @@ pub struct CheckDef {
 struct RawFile {
     #[serde(default)]
     check: Vec<RawCheck>,
+    #[serde(default)]
+    collector: Vec<RawCollector>,
 }
+
+/// One collector as a file defines it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CollectorDef {
+    pub spec: CollectorSpec,
+    pub target: Target,
+    pub file: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCollector {
+    name: String,
+    kind: CollectorKind,
+    command: Option<RawCommand>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    plugins: Vec<RawPlugin>,
+    interval: Option<RawDuration>,
+    config: Option<String>,
+    #[serde(default)]
+    target: Target,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawPlugin {
+    Name(String),
+    Block(CollectdPlugin),
+}
+
+/// Interval of a collector that does not give one.
+pub const DEFAULT_COLLECTOR_INTERVAL_SECS: u64 = 10;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -99,6 +146,16 @@ struct RawCheck {
 enum RawCommand {
     Argv(Vec<String>),
     Line(String),
+}
+
+impl RawCommand {
+    /// An argv as given, or a line split like a shell would (never run by one).
+    fn into_argv(self) -> Result<Vec<String>, String> {
+        match self {
+            RawCommand::Argv(v) => Ok(v),
+            RawCommand::Line(l) => shell_words::split(&l).map_err(|e| e.to_string()),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -183,10 +240,7 @@ impl RawCheck {
             }
             return Ok((p, None));
         }
-        let split = |raw: RawCommand| match raw {
-            RawCommand::Argv(v) => Ok(v),
-            RawCommand::Line(l) => shell_words::split(&l).map_err(|e| e.to_string()),
-        };
+        let split = RawCommand::into_argv;
         let mut plugin_name = None;
         let command = match (self.command.take(), self.plugin.take(), self.args.take()) {
             (Some(_), Some(_), _) => Err("set either command or plugin, not both".to_string()),
@@ -230,10 +284,69 @@ impl RawCheck {
     }
 }
 
-/// Parse one check file, reporting every problem in it at once.
+/// Parse one check file of an agent's `checks.d`, reporting every problem in it at once.
+/// Collectors are declared on the gateway only.
 pub fn parse_file(path: &Path, text: &str) -> Result<Vec<CheckDef>, String> {
+    let (checks, collectors) = parse_file_with_collectors(path, text)?;
+    if !collectors.is_empty() {
+        return Err(
+            "collectors are declared in the gateway's check files, not in an agent's checks.d"
+                .into(),
+        );
+    }
+    Ok(checks)
+}
+
+/// Parse one of the gateway's check files: checks and collectors, every problem at once.
+pub fn parse_file_with_collectors(
+    path: &Path,
+    text: &str,
+) -> Result<(Vec<CheckDef>, Vec<CollectorDef>), String> {
     let raw: RawFile = toml::from_str(text).map_err(|e| e.to_string())?;
     let mut errors = Vec::new();
+    let mut collectors = Vec::new();
+    for (i, c) in raw.collector.into_iter().enumerate() {
+        let at = format!("collector #{} ({:?})", i + 1, c.name);
+        let interval_secs = match c.interval.as_ref().map(|d| parse_duration("interval", d)) {
+            None => DEFAULT_COLLECTOR_INTERVAL_SECS,
+            Some(Ok(secs)) => secs,
+            Some(Err(e)) => {
+                errors.push(format!("{at}: {e}"));
+                continue;
+            }
+        };
+        let command = match c.command.map(RawCommand::into_argv).transpose() {
+            Ok(cmd) => cmd.unwrap_or_default(),
+            Err(e) => {
+                errors.push(format!("{at}: {e}"));
+                continue;
+            }
+        };
+        let spec = CollectorSpec {
+            name: c.name,
+            kind: c.kind,
+            command,
+            env: c.env,
+            plugins: c
+                .plugins
+                .into_iter()
+                .map(|p| match p {
+                    RawPlugin::Name(name) => CollectdPlugin { name, config: None },
+                    RawPlugin::Block(b) => b,
+                })
+                .collect(),
+            interval_secs,
+            config: c.config,
+        };
+        match spec.validate() {
+            Ok(()) => collectors.push(CollectorDef {
+                spec,
+                target: c.target,
+                file: path.to_path_buf(),
+            }),
+            Err(e) => errors.push(format!("{at}: {e}")),
+        }
+    }
     let mut out = Vec::new();
     for (i, mut c) in raw.check.into_iter().enumerate() {
         let at = format!("check #{} ({:?})", i + 1, c.name);
@@ -318,7 +431,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<CheckDef>, String> {
         }
     }
     if errors.is_empty() {
-        Ok(out)
+        Ok((out, collectors))
     } else {
         Err(errors.join("; "))
     }
@@ -498,6 +611,46 @@ interval = 5
         assert!(
             err.contains("kind \"perl\"") && err.contains("attempts must be"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn collectors_parse_on_the_gateway_and_are_refused_in_checks_d() {
+        let text = r#"
+[[collector]]
+name = "collectd"
+kind = "collectd"
+plugins = ["cpu", "memory", { name = "df", config = 'MountPoint "/"' }]
+interval = "5s"
+target = { groups = ["db"] }
+
+[[collector]]
+name = "shipper"
+kind = "program"
+command = "/usr/local/bin/shipper --config {{config_file}}"
+env = { LEVEL = "debug" }
+config = "send to {{graphite_host}}:{{graphite_port}}"
+"#;
+        let (checks, collectors) = parse_file_with_collectors(Path::new("c.toml"), text).unwrap();
+        assert!(checks.is_empty());
+        assert_eq!(collectors.len(), 2);
+        let c = &collectors[0].spec;
+        assert_eq!((c.kind, c.interval_secs), (CollectorKind::Collectd, 5));
+        assert_eq!(c.plugins[2].config.as_deref(), Some("MountPoint \"/\""));
+        assert_eq!(collectors[0].target.groups, ["db"]);
+        let p = &collectors[1].spec;
+        assert_eq!(p.interval_secs, DEFAULT_COLLECTOR_INTERVAL_SECS);
+        assert_eq!(p.command[2], "{{config_file}}");
+        let err = parse_file(Path::new("c.toml"), text).unwrap_err();
+        assert!(err.contains("gateway"), "{err}");
+        let bad = parse_file_with_collectors(
+            Path::new("c.toml"),
+            "[[collector]]\nname = \"x\"\nkind = \"collectd\"\ninterval = \"2h\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            bad.contains("collector #1") && bad.contains("plugin") && bad.contains("interval"),
+            "{bad}"
         );
     }
 }

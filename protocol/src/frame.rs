@@ -99,6 +99,9 @@ pub struct Welcome {
 pub struct ConfigFrame {
     pub hash: String,
     pub checks: Vec<CheckSpec>,
+    /// Collectors the agent keeps running (see `CollectorSpec`); absent means none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub collectors: Vec<crate::CollectorSpec>,
 }
 
 /// The outcome of one check run, numbered by the agent.

@@ -11,12 +11,17 @@
 
 mod check;
 pub mod checkfile;
+mod collector;
 mod frame;
 mod limits;
 pub mod probe;
 
 pub use check::{
-    config_hash, valid_check_name, CheckSpec, Fault, Metric, Origin, PluginRef, StateType, Status,
+    config_hash, config_hash_with_collectors, valid_check_name, CheckSpec, Fault, Metric, Origin,
+    PluginRef, StateType, Status,
+};
+pub use collector::{
+    CollectdPlugin, CollectorKind, CollectorSpec, MAX_COLLECTORS, MAX_COLLECTOR_NAME,
 };
 pub use frame::{
     decode_agent_frame, decode_gateway_frame, encode, Ack, AgentFrame, Bye, CheckResult,

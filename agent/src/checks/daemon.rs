@@ -19,75 +19,24 @@
 //! flood the outbox. Daemons do not take a slot of the global concurrency limit: they
 //! would hold it forever.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outpost_protocol::{CheckResult, CheckSpec, Origin};
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::BufReader;
 use tokio_util::sync::CancellationToken;
 
 use super::exec::{self, GroupGuard};
 use super::json;
 use super::outcome::Outcome;
 use super::Runner;
+use crate::supervise::{self, read_line, Line, Logged, OutputLog, Restarts};
+pub use crate::supervise::{CRASH_LIMIT, CRASH_WINDOW, MAX_LINE, STOP_GRACE};
 use crate::util::now_ms;
 
-/// Exits within [`CRASH_WINDOW`] that make a crash loop.
-pub const CRASH_LIMIT: usize = 5;
-pub const CRASH_WINDOW: Duration = Duration::from_secs(120);
-/// Longest line read from a daemon.
-pub const MAX_LINE: usize = 64 * 1024;
-/// How long a stopping daemon gets between SIGTERM and SIGKILL.
-pub const STOP_GRACE: Duration = Duration::from_secs(3);
 pub const STDERR_LINES_PER_MINUTE: u32 = 20;
 /// Shortest time between two results of one daemon; faster lines are coalesced.
 pub const MIN_GAP: Duration = Duration::from_secs(1);
-const BACKOFF_START: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(60);
-/// A daemon that stayed up this long is healthy again: its backoff starts over.
-const STABLE_AFTER: Duration = Duration::from_secs(60);
-
-/// Restart delays and crash-loop detection, kept apart from processes so it can be tested
-/// on its own.
-#[derive(Debug)]
-pub struct Restarts {
-    exits: VecDeque<Instant>,
-    backoff: Duration,
-}
-
-impl Default for Restarts {
-    fn default() -> Self {
-        Restarts {
-            exits: VecDeque::new(),
-            backoff: BACKOFF_START,
-        }
-    }
-}
-
-impl Restarts {
-    /// Record an exit at `at` after running for `ran`. Returns the delay before the next
-    /// start, or `None` for a crash loop.
-    pub fn exited(&mut self, at: Instant, ran: Duration) -> Option<Duration> {
-        if ran >= STABLE_AFTER {
-            self.backoff = BACKOFF_START;
-        }
-        self.exits.push_back(at);
-        while self
-            .exits
-            .front()
-            .is_some_and(|t| at.duration_since(*t) > CRASH_WINDOW)
-        {
-            self.exits.pop_front();
-        }
-        if self.exits.len() >= CRASH_LIMIT {
-            return None;
-        }
-        let delay = self.backoff;
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
-        Some(delay)
-    }
-}
 
 fn result(spec: &CheckSpec, o: Outcome) -> CheckResult {
     o.into_result(spec, Origin::Schedule, now_ms(), 0)
@@ -154,11 +103,17 @@ async fn run_once(
     let pgid = child.id().unwrap_or(0);
     let guard = GroupGuard(pgid);
     tracing::info!(check = %spec.name, pid = pgid, "daemon check started");
-    let last_err = Arc::new(std::sync::Mutex::new(String::new()));
-    let stderr = tokio::spawn(log_stderr(
+    let err_log = OutputLog::new(STDERR_LINES_PER_MINUTE, 1);
+    let check = spec.name.clone();
+    let stderr = tokio::spawn(supervise::log_lines(
         child.stderr.take(),
-        spec.name.clone(),
-        last_err.clone(),
+        err_log.clone(),
+        move |l| match l {
+            Logged::Line(line) => tracing::warn!(check = %check, stderr = %line, "daemon check"),
+            Logged::Dropped(dropped) => {
+                tracing::warn!(check = %check, dropped, "daemon stderr lines not logged (rate limit)")
+            }
+        },
     ));
     let Some(stdout) = child.stdout.take() else {
         return Some("has no output pipe".into());
@@ -218,9 +173,8 @@ async fn run_once(
                     "daemon printed nothing for {}s", spec.timeout_secs))));
             }
             _ = stop.cancelled() => {
-                exec::signal_group(pgid, libc::SIGTERM);
-                if tokio::time::timeout(STOP_GRACE, child.wait()).await.is_err() {
-                    tracing::warn!(check = %spec.name, "daemon ignored SIGTERM; killing it");
+                if !supervise::terminate(&mut child, pgid, STOP_GRACE).await {
+                    tracing::warn!(check = %spec.name, "daemon ignored SIGTERM; killed it");
                 }
                 drop(guard);
                 stderr.abort();
@@ -233,15 +187,14 @@ async fn run_once(
     }
     // Its output closed: it is exiting (or closed stdout on purpose; it goes either way).
     let status = match tokio::time::timeout(STOP_GRACE, child.wait()).await {
-        Ok(Ok(s)) => describe_exit(s),
+        Ok(Ok(s)) => supervise::describe_exit(s),
         Ok(Err(e)) => format!("could not be waited for: {e}"),
         Err(_) => "closed its output but kept running; killed".into(),
     };
     drop(guard);
     let _ = tokio::time::timeout(Duration::from_millis(300), stderr).await;
-    let err = last_err.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let mut how = ended.unwrap_or(status);
-    if !err.is_empty() {
+    if let Some(err) = err_log.tail().pop() {
         how.push_str(&format!(" (stderr: {err})"));
     }
     Some(how)
@@ -258,164 +211,10 @@ fn coalesced(mut o: Outcome, skipped: u64) -> Outcome {
     o
 }
 
-fn describe_exit(s: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (s.code(), s.signal()) {
-        (Some(c), _) => format!("exited with code {c}"),
-        (None, Some(sig)) => format!("was killed by signal {sig}"),
-        (None, None) => "ended".into(),
-    }
-}
-
-enum Line {
-    Text,
-    TooLong,
-    Eof,
-}
-
-/// Read one line into `buf` (without its newline), never holding more than [`MAX_LINE`]
-/// bytes: the rest of an overlong line is skipped.
-async fn read_line(
-    r: &mut (impl tokio::io::AsyncBufRead + Unpin),
-    buf: &mut Vec<u8>,
-) -> std::io::Result<Line> {
-    buf.clear();
-    let mut too_long = false;
-    loop {
-        let chunk = r.fill_buf().await?;
-        if chunk.is_empty() {
-            return Ok(if too_long {
-                Line::TooLong
-            } else if buf.is_empty() {
-                Line::Eof
-            } else {
-                Line::Text
-            });
-        }
-        let (part, done) = match chunk.iter().position(|b| *b == b'\n') {
-            Some(i) => (&chunk[..i], i + 1),
-            None => (chunk, chunk.len()),
-        };
-        let found_newline = done > part.len();
-        if !too_long {
-            if buf.len() + part.len() > MAX_LINE {
-                too_long = true;
-                buf.clear();
-            } else {
-                buf.extend_from_slice(part);
-            }
-        }
-        r.consume(done);
-        if found_newline {
-            return Ok(if too_long { Line::TooLong } else { Line::Text });
-        }
-    }
-}
-
-/// Log a daemon's stderr, rate limited, remembering the last line for the exit report.
-async fn log_stderr(
-    r: Option<impl AsyncRead + Unpin>,
-    check: String,
-    last: Arc<std::sync::Mutex<String>>,
-) {
-    let Some(r) = r else { return };
-    let mut r = BufReader::new(r);
-    let mut buf = Vec::new();
-    let mut window = Instant::now();
-    let (mut logged, mut dropped) = (0u32, 0u64);
-    while let Ok(Line::Text | Line::TooLong) = read_line(&mut r, &mut buf).await {
-        let mut line = String::from_utf8_lossy(&buf).trim().to_string();
-        crate::util::truncate_utf8(&mut line, 512);
-        if window.elapsed() >= Duration::from_secs(60) {
-            if dropped > 0 {
-                tracing::warn!(check = %check, dropped, "daemon stderr lines not logged (rate limit)");
-            }
-            window = Instant::now();
-            (logged, dropped) = (0, 0);
-        }
-        if logged < STDERR_LINES_PER_MINUTE {
-            logged += 1;
-            tracing::warn!(check = %check, stderr = %line, "daemon check");
-        } else {
-            dropped += 1;
-        }
-        *last.lock().unwrap_or_else(|p| p.into_inner()) = line;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use outpost_protocol::Status;
-
-    #[test]
-    fn backoff_doubles_resets_when_stable_and_detects_a_crash_loop() {
-        let mut r = Restarts::default();
-        let t0 = Instant::now();
-        let quick = Duration::from_millis(10);
-        assert_eq!(r.exited(t0, quick), Some(Duration::from_secs(1)));
-        assert_eq!(
-            r.exited(t0 + Duration::from_secs(2), quick),
-            Some(Duration::from_secs(2))
-        );
-        // Stayed up long enough: the backoff starts over; old exits fall out of the window.
-        let later = t0 + CRASH_WINDOW + Duration::from_secs(70);
-        assert_eq!(r.exited(later, STABLE_AFTER), Some(Duration::from_secs(1)));
-        let mut r = Restarts::default();
-        let delays: Vec<_> = (0..CRASH_LIMIT as u64)
-            .map(|i| r.exited(t0 + Duration::from_secs(i), quick))
-            .collect();
-        assert_eq!(
-            delays[..CRASH_LIMIT - 1]
-                .iter()
-                .filter(|d| d.is_some())
-                .count(),
-            CRASH_LIMIT - 1
-        );
-        assert_eq!(
-            delays[CRASH_LIMIT - 1],
-            None,
-            "{CRASH_LIMIT} exits in the window is a crash loop"
-        );
-        let mut r = Restarts::default();
-        for i in 0..10u64 {
-            assert!(
-                r.exited(t0 + Duration::from_secs(i * 60), quick).is_some(),
-                "spread-out exits are not a loop"
-            );
-        }
-        assert_eq!(r.backoff, BACKOFF_MAX);
-    }
-
-    #[tokio::test]
-    async fn long_lines_are_bounded() {
-        let mut input: &[u8] = &[
-            b"{\"a\":1}\n".as_slice(),
-            &vec![b'x'; MAX_LINE + 10],
-            b"\nlast",
-        ]
-        .concat();
-        let mut r = BufReader::new(&mut input);
-        let mut buf = Vec::new();
-        assert!(matches!(
-            read_line(&mut r, &mut buf).await.unwrap(),
-            Line::Text
-        ));
-        assert_eq!(buf, b"{\"a\":1}");
-        assert!(matches!(
-            read_line(&mut r, &mut buf).await.unwrap(),
-            Line::TooLong
-        ));
-        assert!(matches!(
-            read_line(&mut r, &mut buf).await.unwrap(),
-            Line::Text
-        ));
-        assert_eq!(buf, b"last");
-        assert!(matches!(
-            read_line(&mut r, &mut buf).await.unwrap(),
-            Line::Eof
-        ));
-    }
 
     fn daemon(script: &str, timeout_secs: u64) -> CheckSpec {
         CheckSpec::new(

@@ -124,7 +124,23 @@ async fn only_changed_checks_are_restarted() {
     assert_eq!(s.generation("a"), ga, "unchanged check kept its task");
     assert_ne!(s.generation("b"), gb, "changed check was restarted");
     assert!(s.generation("c").is_some());
-    s.apply("h3".into(), vec![spec("c", "/bin/true")]);
+    let collectd = outpost_protocol::CollectorSpec {
+        name: "collectd".into(),
+        kind: outpost_protocol::CollectorKind::Collectd,
+        command: vec![],
+        env: Default::default(),
+        plugins: vec![outpost_protocol::CollectdPlugin {
+            name: "cpu".into(),
+            config: None,
+        }],
+        interval_secs: 10,
+        config: None,
+    };
+    s.apply_config(
+        "h3".into(),
+        vec![spec("c", "/bin/true")],
+        vec![collectd.clone()],
+    );
     assert_eq!(s.generation("a"), None);
     // Results arrive within a couple of intervals.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -134,7 +150,11 @@ async fn only_changed_checks_are_restarted() {
     assert!(!outbox.is_empty());
     // The configuration was cached for the next start.
     let s2 = Scheduler::new("fp".into(), outbox, plugins(&dir), 4, dir.path());
-    s2.load_cached();
+    assert_eq!(
+        s2.load_cached(),
+        [collectd],
+        "collectors cached with the checks"
+    );
     assert_eq!(s2.hash().as_deref(), Some("h3"));
     assert!(s2.spec("c").is_some());
     s.stop_all(Duration::from_secs(1)).await;
@@ -413,6 +433,7 @@ async fn cached_states_of_checks_no_longer_configured_are_dropped() {
     let cached = Cached {
         hash: "h2".into(),
         checks: vec![idle("kept", 3)],
+        collectors: Vec::new(),
     };
     std::fs::write(
         dir.path().join("config.json"),

@@ -1,0 +1,144 @@
+//! The real collectd (Debian's collectd-core, which ci/setup installs), declared on the
+//! gateway and kept alive by the agent: its CPU and memory readings arrive at the gateway
+//! as metrics, a kill -9 of it is followed by a restart, a broken configuration becomes a
+//! crash-loop result, an agent restarted after a kill -9 does not start a second copy, and
+//! a stopped agent leaves no collectd behind.
+
+use std::path::Path;
+use std::time::Duration;
+
+use outpost_e2e::*;
+
+const T: Duration = Duration::from_secs(60);
+const COLLECTD: &str = "/usr/sbin/collectd";
+
+/// Pids of collectd processes started for the agent whose state is in `state_dir`.
+fn collectd_pids(state_dir: &Path) -> Vec<i32> {
+    let marker = state_dir.display().to_string();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        // A zombie has an empty command line; it is not running.
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.first().is_some_and(|a| a.ends_with("collectd"))
+            && args.iter().any(|a| a.contains(&marker))
+        {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn declaration(plugins: &str) -> String {
+    format!(
+        "[[collector]]\nname = \"collectd\"\nkind = \"collectd\"\nplugins = {plugins}\ninterval = \"1s\"\n"
+    )
+}
+
+async fn health(gw: &Gateway, fp: &str, status: &str, text: &str) -> Value {
+    eventually(
+        T,
+        &format!("collector.collectd {status} saying {text:?}"),
+        || async {
+            gw.latest(fp, "collector.collectd").await.filter(|r| {
+                r["status"] == status && r["output"].as_str().unwrap_or("").contains(text)
+            })
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_runs_collectd_from_the_gateway_and_keeps_it_alive() {
+    assert!(
+        Path::new(COLLECTD).exists(),
+        "{COLLECTD} is missing: run ci/setup (it installs collectd-core)"
+    );
+    let dir = tempdir();
+    let gw = Gateway::start(dir.path(), &[]);
+    gw.write_checks("collectd.toml", &declaration(r#"["cpu", "memory"]"#));
+    let mut agent = Agent::start(dir.path(), "collecting", &gw, "reconnect_max_secs = 1\n");
+    let fp = agent.fingerprint.clone();
+    let state_dir = agent.state_dir.clone();
+
+    // collectd's readings arrive as metrics.
+    health(&gw, &fp, "ok", "running").await;
+    let metrics = eventually(T, "cpu and memory metrics", || async {
+        let names: Vec<String> = gw
+            .bus_results(&fp, "collector.collectd.metrics")
+            .iter()
+            .flat_map(|r| r["metrics"].as_array().cloned().unwrap_or_default())
+            .filter_map(|m| m["name"].as_str().map(str::to_string))
+            .collect();
+        (names.iter().any(|n| n.contains("cpu")) && names.iter().any(|n| n.contains("memory")))
+            .then_some(names)
+    })
+    .await;
+    assert!(metrics.iter().any(|n| n.contains("memory")), "{metrics:?}");
+    let first = collectd_pids(&state_dir);
+    assert_eq!(first.len(), 1, "one collectd: {first:?}");
+
+    // kill -9: restarted.
+    unsafe { libc::kill(first[0], libc::SIGKILL) };
+    let second = eventually(T, "collectd restarted", || async {
+        let now = collectd_pids(&state_dir);
+        (now.len() == 1 && now[0] != first[0]).then(|| now[0])
+    })
+    .await;
+    let restarts: Vec<Value> = gw
+        .bus_results(&fp, "collector.collectd")
+        .into_iter()
+        .filter(|r| r["status"] == "warning")
+        .collect();
+    assert!(!restarts.is_empty(), "the exit was reported");
+
+    // The agent killed -9, collectd left running: the next agent does not start a second.
+    agent.proc.signal(libc::SIGKILL);
+    agent.proc.wait_exit(T).await;
+    drop(agent);
+    assert_eq!(
+        collectd_pids(&state_dir),
+        [second],
+        "collectd outlives a kill -9"
+    );
+    let mut agent = Agent::start(dir.path(), "collecting", &gw, "reconnect_max_secs = 1\n");
+    let third = eventually(T, "one new collectd after the restart", || async {
+        let now = collectd_pids(&state_dir);
+        (now.len() == 1 && now[0] != second).then(|| now[0])
+    })
+    .await;
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        assert_eq!(collectd_pids(&state_dir), [third], "never two copies");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A configuration collectd cannot parse: a crash loop, reported.
+    gw.write_checks("collectd.toml", &declaration(r#"["cpu", "nosuchplugin"]"#));
+    let looped = health(&gw, &fp, "critical", "crash loop").await;
+    let text = looped["output"].as_str().unwrap();
+    assert!(
+        text.contains("nosuchplugin"),
+        "collectd's own error is quoted: {text}"
+    );
+
+    // Fixed: running again. Then the agent stops and takes collectd with it.
+    gw.write_checks("collectd.toml", &declaration(r#"["cpu", "memory"]"#));
+    health(&gw, &fp, "ok", "running").await;
+    assert_eq!(collectd_pids(&state_dir).len(), 1);
+    agent.proc.signal(libc::SIGTERM);
+    assert_eq!(agent.proc.wait_exit(T).await, Some(0));
+    assert_eq!(
+        collectd_pids(&state_dir),
+        Vec::<i32>::new(),
+        "no collectd left behind"
+    );
+}
