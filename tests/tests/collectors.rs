@@ -37,6 +37,19 @@ fn collectd_pids(state_dir: &Path) -> Vec<i32> {
     pids
 }
 
+/// Kills whatever collectd the agent under `.0` left behind when the test ends, passed or
+/// not: a failed assertion must not leave collectd running on the machine.
+struct Sweep(std::path::PathBuf);
+
+impl Drop for Sweep {
+    fn drop(&mut self) {
+        for pid in collectd_pids(&self.0) {
+            // SAFETY: kill(2) on a pid just read from /proc for this test's collectd.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 fn declaration(plugins: &str) -> String {
     format!(
         "[[collector]]\nname = \"collectd\"\nkind = \"collectd\"\nplugins = {plugins}\ninterval = \"1s\"\n"
@@ -65,6 +78,8 @@ async fn the_agent_runs_collectd_from_the_gateway_and_keeps_it_alive() {
     let dir = tempdir();
     let gw = Gateway::start(dir.path(), &[]);
     gw.write_checks("collectd.toml", &declaration(r#"["cpu", "memory"]"#));
+    // Declared before the agents, so it runs after they are killed.
+    let _sweep = Sweep(dir.path().join("collecting"));
     let mut agent = Agent::start(dir.path(), "collecting", &gw, "reconnect_max_secs = 1\n");
     let fp = agent.fingerprint.clone();
     let state_dir = agent.state_dir.clone();
