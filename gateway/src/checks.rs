@@ -47,14 +47,13 @@ impl Catalog {
         labels: &BTreeMap<String, String>,
         groups: &[String],
     ) -> Vec<CheckSpec> {
-        let mut v: Vec<CheckSpec> = self
-            .checks
-            .iter()
-            .filter(|c| c.target.matches(labels, groups))
-            .map(|c| c.spec.clone())
-            .collect();
-        v.sort_by(|a, b| a.name.cmp(&b.name));
-        v
+        targeted(
+            &self.checks,
+            labels,
+            groups,
+            |c| (&c.target, &c.spec),
+            |s| &s.name,
+        )
     }
 
     /// The collectors an agent with these labels and groups runs, sorted by name.
@@ -63,13 +62,13 @@ impl Catalog {
         labels: &BTreeMap<String, String>,
         groups: &[String],
     ) -> Vec<CollectorSpec> {
-        let mut v: Vec<CollectorSpec> = self
-            .collectors
-            .iter()
-            .filter(|c| c.target.matches(labels, groups))
-            .map(|c| c.spec.clone())
-            .collect();
-        v.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut v = targeted(
+            &self.collectors,
+            labels,
+            groups,
+            |c| (&c.target, &c.spec),
+            |s| &s.name,
+        );
         v.truncate(MAX_COLLECTORS);
         v
     }
@@ -78,6 +77,24 @@ impl Catalog {
     pub fn plugin_by_hash(&self, sha256: &str) -> Option<&PluginEntry> {
         self.plugins.values().find(|p| p.plugin.sha256 == sha256)
     }
+}
+
+/// The specs of `defs` whose target matches the agent's labels and groups, sorted by name.
+fn targeted<D, S: Clone>(
+    defs: &[D],
+    labels: &BTreeMap<String, String>,
+    groups: &[String],
+    parts: impl Fn(&D) -> (&Target, &S),
+    name: impl Fn(&S) -> &String,
+) -> Vec<S> {
+    let mut v: Vec<S> = defs
+        .iter()
+        .map(&parts)
+        .filter(|(target, _)| target.matches(labels, groups))
+        .map(|(_, spec)| spec.clone())
+        .collect();
+    v.sort_by(|a, b| name(a).cmp(name(b)));
+    v
 }
 
 /// Hash every regular file in `dir` whose name is usable as a plugin name.

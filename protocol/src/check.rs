@@ -61,6 +61,21 @@ pub struct Metric {
     pub max: Option<f64>,
 }
 
+impl Metric {
+    /// A bare reading: a name and a value, no unit, thresholds or bounds.
+    pub fn new(name: impl Into<String>, value: f64) -> Metric {
+        Metric {
+            name: name.into(),
+            value,
+            unit: None,
+            warn: None,
+            crit: None,
+            min: None,
+            max: None,
+        }
+    }
+}
+
 /// Why a check ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

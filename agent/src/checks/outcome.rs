@@ -200,15 +200,7 @@ mod tests {
         );
         let mut o = Outcome::new(Status::Ok, "first\nsecond");
         o.metrics = (0..MAX_METRICS + 3)
-            .map(|i| Metric {
-                name: format!("m{i}"),
-                value: i as f64,
-                unit: None,
-                warn: None,
-                crit: None,
-                min: None,
-                max: None,
-            })
+            .map(|i| Metric::new(format!("m{i}"), i as f64))
             .collect();
         o.output.push_str(&"y".repeat(MAX_OUTPUT_BYTES));
         o.note("z".repeat(MAX_LONG_OUTPUT_BYTES * 2));

@@ -306,15 +306,7 @@ fn flush(sink: &mut Sink) -> Vec<CheckResult> {
     let total = values.len();
     let metrics: Vec<Metric> = values
         .into_iter()
-        .map(|(name, value)| Metric {
-            name,
-            value,
-            unit: None,
-            warn: None,
-            crit: None,
-            min: None,
-            max: None,
-        })
+        .map(|(name, value)| Metric::new(name, value))
         .collect();
     let parts = metrics.len().div_ceil(MAX_METRICS).max(1);
     let mut chunks: Vec<Vec<Metric>> = metrics.chunks(MAX_METRICS).map(<[_]>::to_vec).collect();
