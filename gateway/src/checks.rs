@@ -207,37 +207,30 @@ impl CheckStore {
             if files.get(path).is_some_and(|f| f.digest == digest) {
                 continue;
             }
-            match parse_file_with_collectors(path, &text) {
-                Ok((good, collectors)) => {
-                    tracing::info!(file = %path.display(), checks = good.len(), collectors = collectors.len(), "loaded check file");
-                    files.insert(
-                        path.clone(),
-                        FileState {
-                            digest,
-                            good,
-                            collectors,
-                        },
-                    );
+            let (good, collectors) = match parse_file_with_collectors(path, &text) {
+                Ok(parsed) => {
+                    tracing::info!(file = %path.display(), checks = parsed.0.len(), collectors = parsed.1.len(), "loaded check file");
+                    parsed
                 }
                 Err(e) => {
                     failures += 1;
                     let kept = files.get(path).map(|f| f.good.len()).unwrap_or(0);
                     tracing::error!(file = %path.display(), error = %e, kept_checks = kept,
                         "check file is invalid; keeping its last good version");
-                    let (good, collectors) = files
+                    files
                         .remove(path)
                         .map(|f| (f.good, f.collectors))
-                        .unwrap_or_default();
-                    files.insert(
-                        path.clone(),
-                        FileState {
-                            digest,
-                            good,
-                            collectors,
-                        },
-                    );
+                        .unwrap_or_default()
                 }
-            }
+            };
+            files.insert(
+                path.clone(),
+                FileState {
+                    digest,
+                    good,
+                    collectors,
+                },
+            );
         }
         let plugins = scan_plugins(&self.plugins_dir);
         let mut seen = std::collections::HashSet::new();
