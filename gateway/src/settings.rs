@@ -25,6 +25,10 @@ pub struct ServeArgs {
     /// The plugin catalog served to agents. Default: DATA_DIR/plugins
     #[arg(long, env = "OUTPOST_PLUGINS_DIR")]
     pub plugins_dir: Option<PathBuf>,
+    /// Agent releases served to the installer and to self-updating agents, one
+    /// subdirectory per version. Default: DATA_DIR/releases
+    #[arg(long, env = "OUTPOST_RELEASES_DIR")]
+    pub releases_dir: Option<PathBuf>,
     /// PEM certificate chain to serve instead of the generated self-signed one.
     #[arg(long, env = "OUTPOST_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -70,6 +74,7 @@ pub struct Settings {
     pub data_dir: PathBuf,
     pub checks_dir: PathBuf,
     pub plugins_dir: PathBuf,
+    pub releases_dir: PathBuf,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_sans: Vec<String>,
@@ -88,6 +93,7 @@ impl From<ServeArgs> for Settings {
         Settings {
             checks_dir: a.checks_dir.unwrap_or_else(|| a.data_dir.join("checks.d")),
             plugins_dir: a.plugins_dir.unwrap_or_else(|| a.data_dir.join("plugins")),
+            releases_dir: a.releases_dir.unwrap_or_else(|| a.data_dir.join("releases")),
             listen: a.listen,
             tls_cert: a.tls_cert,
             tls_key: a.tls_key,
