@@ -40,6 +40,25 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// Where `ci/dist` put the cross-built artifacts: `OUTPOST_DIST_DIR`, else `<workspace>/dist`.
+pub fn dist_dir() -> PathBuf {
+    match std::env::var_os("OUTPOST_DIST_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist"),
+    }
+}
+
+/// Path of one artifact `ci/dist` builds (e.g. `outpost-agent-aarch64-unknown-linux-musl`).
+pub fn dist_artifact(name: &str) -> PathBuf {
+    let path = dist_dir().join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `ci/dist` (or `ci/dist --profile dev`) before this test; ci/test does",
+        path.display()
+    );
+    path
+}
+
 /// Wall-clock milliseconds since the Unix epoch, as results carry them.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -373,6 +392,16 @@ impl Agent {
     /// (e.g. `unshare` and a shell that changes its view of the system first; the agent's
     /// argv follows the wrapper's arguments).
     pub fn start_wrapped(dir: &Path, name: &str, toml: &str, wrapper: &[&str]) -> Agent {
+        let agent = bin("outpost-agent");
+        let mut argv: Vec<&std::ffi::OsStr> = wrapper.iter().map(|a| a.as_ref()).collect();
+        argv.push(agent.as_os_str());
+        Self::start_program(dir, name, toml, &argv)
+    }
+
+    /// Like [`Agent::start_with_config`], with `argv` as the command that runs the agent:
+    /// the agent binary (any build of it, e.g. a cross-built one), optionally behind an
+    /// emulator or wrapper. `run --config PATH` is appended.
+    pub fn start_program(dir: &Path, name: &str, toml: &str, argv: &[&std::ffi::OsStr]) -> Agent {
         let state_dir = dir.join(name);
         std::fs::create_dir_all(&state_dir).unwrap();
         std::fs::write(state_dir.join("machine-id"), format!("machine-{name}\n")).unwrap();
@@ -383,14 +412,9 @@ impl Agent {
             state_dir.join("machine-id").display().to_string()
         );
         std::fs::write(&config_path, toml).unwrap();
-        let mut cmd = match wrapper.split_first() {
-            None => Command::new(bin("outpost-agent")),
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(bin("outpost-agent"));
-                c
-            }
-        };
+        let (program, args) = argv.split_first().expect("a program to run the agent");
+        let mut cmd = Command::new(program);
+        cmd.args(args);
         cmd.args(["run", "--config"])
             .arg(&config_path)
             .env("RUST_LOG", "info,outpost_agent=debug")
