@@ -93,7 +93,9 @@ impl From<ServeArgs> for Settings {
         Settings {
             checks_dir: a.checks_dir.unwrap_or_else(|| a.data_dir.join("checks.d")),
             plugins_dir: a.plugins_dir.unwrap_or_else(|| a.data_dir.join("plugins")),
-            releases_dir: a.releases_dir.unwrap_or_else(|| a.data_dir.join("releases")),
+            releases_dir: a
+                .releases_dir
+                .unwrap_or_else(|| a.data_dir.join("releases")),
             listen: a.listen,
             tls_cert: a.tls_cert,
             tls_key: a.tls_key,
