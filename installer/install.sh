@@ -455,7 +455,7 @@ fetch() {
 	dest=$2
 	case $downloader in
 	curl)
-		set -- -sS --proto =https --connect-timeout 15 --max-time 600 --retry 2 -o "$dest"
+		set -- -gsS --proto =https --connect-timeout 15 --max-time 600 --retry 2 -o "$dest"
 		rc=0
 		if [ -n "$pin" ]; then
 			# -k: the pin, checked below on the same connection's certificate, replaces

@@ -301,11 +301,26 @@ async fn installs_under_each_init_system_with_the_right_files_and_service_calls(
         s.clear_calls();
         let root = empty_root(s.dir.path(), &format!("root-{init}"));
         let before = tree(&root);
-        let run = s.install(
-            &root,
-            &["--key", &s.gw.enroll_key, "--ca", &ca],
-            &[("OUTPOST_INIT", init)],
-        );
+        let run = if init == "none" {
+            // The same with environment variables only.
+            let gateway = format!("https://localhost:{port}/");
+            s.install(
+                &root,
+                &[],
+                &[
+                    ("OUTPOST_INIT", init),
+                    ("OUTPOST_KEY", &s.gw.enroll_key),
+                    ("OUTPOST_CA", &ca),
+                    ("OUTPOST_GATEWAY", &gateway),
+                ],
+            )
+        } else {
+            s.install(
+                &root,
+                &["--key", &s.gw.enroll_key, "--ca", &ca],
+                &[("OUTPOST_INIT", init)],
+            )
+        };
         assert!(run.ok, "{init}: {run}");
 
         let bin = root.join("opt/outpost/bin/outpost-agent");
@@ -649,6 +664,86 @@ async fn the_architecture_picks_the_binary_and_others_are_refused() {
     assert_eq!(tree(&root), before);
 }
 
+/// A PATH (one directory, made at `dir`) with every tool of this system but `missing`.
+fn path_without(dir: &Path, missing: &[&str]) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    for d in ["/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"] {
+        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+            let name = e.file_name();
+            let skip = missing.iter().any(|m| name == *m);
+            if !skip && !dir.join(&name).exists() {
+                std::os::unix::fs::symlink(e.path(), dir.join(&name)).unwrap();
+            }
+        }
+    }
+    dir.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wget_does_when_there_is_no_curl() {
+    let s = setup(&[]);
+    let ca = s.ca.display().to_string();
+    let root = empty_root(s.dir.path(), "root");
+    let before = tree(&root);
+    let p = path_without(&s.dir.path().join("no-curl"), &["curl"]);
+    let key = s.gw.enroll_key.clone();
+
+    let run = run_sh(
+        &s.fetch_script(),
+        &["--key", &key, "--pin", &s.gw.pin],
+        &root,
+        &p,
+        &s.calls,
+        &[],
+    );
+    assert!(!run.ok && run.stderr.contains("--pin needs curl"), "{run}");
+    let run = run_sh(
+        &s.fetch_script(),
+        &["--key", &key],
+        &root,
+        &p,
+        &s.calls,
+        &[],
+    );
+    assert!(
+        !run.ok
+            && run
+                .stderr
+                .contains("cannot verify the gateway's certificate"),
+        "{run}"
+    );
+    let run = run_sh(
+        &s.fetch_script(),
+        &["--key", &key, "--ca", &ca, "--version", "3.0.0"],
+        &root,
+        &p,
+        &s.calls,
+        &[],
+    );
+    assert!(
+        !run.ok
+            && run
+                .stderr
+                .contains("the gateway has no releases/3.0.0/SHA256SUMS"),
+        "{run}"
+    );
+    assert_eq!(tree(&root), before);
+
+    let run = run_sh(
+        &s.fetch_script(),
+        &["--key", &key, "--ca", &ca],
+        &root,
+        &p,
+        &s.calls,
+        &[],
+    );
+    assert!(run.ok, "{run}");
+    assert_eq!(
+        std::fs::read(root.join("opt/outpost/bin/outpost-agent")).unwrap(),
+        fake_agent("1.0.0", "x86_64")
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clear_errors_and_nothing_installed() {
     let s = setup(&[]);
@@ -673,18 +768,8 @@ async fn clear_errors_and_nothing_installed() {
     );
     assert!(!run.ok && run.stderr.contains("run this as root"), "{run}");
 
-    // Neither curl nor wget: a PATH with every other tool of this system.
-    let no_dl = s.dir.path().join("no-downloader");
-    std::fs::create_dir_all(&no_dl).unwrap();
-    for d in ["/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"] {
-        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
-            let name = e.file_name();
-            if name != "curl" && name != "wget" && !no_dl.join(&name).exists() {
-                std::os::unix::fs::symlink(e.path(), no_dl.join(&name)).unwrap();
-            }
-        }
-    }
-    let p = no_dl.display().to_string();
+    // Neither curl nor wget.
+    let p = path_without(&s.dir.path().join("no-downloader"), &["curl", "wget"]);
     let run = run_sh(
         &s.fetch_script(),
         &["--key", &key, "--ca", &ca],
