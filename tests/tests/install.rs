@@ -1041,83 +1041,116 @@ fn debian_chroot(into: &Path) {
     assert!(status.success(), "cannot unpack {}", tarball.display());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn curl_pipe_sh_in_a_debian_chroot_installs_an_agent_that_reports() {
-    let dist = dist_dir();
-    let agent_bin = dist.join(X86);
-    assert!(
-        agent_bin.exists() && dist.join("VERSION").exists(),
-        "{} is missing: run ci/dist first (or set OUTPOST_DIST_DIR)",
-        agent_bin.display()
-    );
-    let version = read(&dist.join("VERSION")).trim().to_string();
+/// A gateway on 127.0.0.1 with a CA-issued certificate for `localhost`, the dist
+/// directory published as its release, a check that runs everywhere, and a Debian chroot
+/// that trusts the CA (at /root/gateway-ca.pem) and resolves localhost.
+struct Chroot {
+    dir: tempfile::TempDir,
+    gw: Gateway,
+    root: PathBuf,
+    agent_bin: PathBuf,
+}
 
-    let dir = tempdir();
-    let (ca, cert, key) = test_pki(&dir.path().join("pki"), "localhost");
-    // The release as the gateway's operator publishes it: a copy of the dist directory.
-    let releases = dir.path().join("releases");
-    std::fs::create_dir_all(releases.join(&version)).unwrap();
-    for e in std::fs::read_dir(&dist).unwrap().flatten() {
-        if e.path().is_file() {
-            std::fs::copy(e.path(), releases.join(&version).join(e.file_name())).unwrap();
+impl Chroot {
+    fn new() -> Chroot {
+        let dist = dist_dir();
+        let agent_bin = dist.join(X86);
+        assert!(
+            agent_bin.exists() && dist.join("VERSION").exists(),
+            "{} is missing: run ci/dist first (or set OUTPOST_DIST_DIR)",
+            agent_bin.display()
+        );
+        let version = read(&dist.join("VERSION")).trim().to_string();
+
+        let dir = tempdir();
+        let (ca, cert, key) = test_pki(&dir.path().join("pki"), "localhost");
+        // The release as the gateway's operator publishes it: a copy of the dist directory.
+        let releases = dir.path().join("releases");
+        std::fs::create_dir_all(releases.join(&version)).unwrap();
+        for e in std::fs::read_dir(&dist).unwrap().flatten() {
+            if e.path().is_file() {
+                std::fs::copy(e.path(), releases.join(&version).join(e.file_name())).unwrap();
+            }
+        }
+        let (cert, key, rel) = (
+            cert.display().to_string(),
+            key.display().to_string(),
+            releases.display().to_string(),
+        );
+        let gw = Gateway::start(
+            dir.path(),
+            &[
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+                "--releases-dir",
+                &rel,
+            ],
+        );
+        gw.write_checks(
+            "c.toml",
+            "[[check]]\nname = \"from-chroot\"\ncommand = [\"/bin/sh\", \"-c\", \"echo OK - debian $(cat /etc/debian_version)\"]\ninterval = 1\n",
+        );
+        let root = dir.path().join("debian");
+        debian_chroot(&root);
+        // The chroot shares the network namespace; the gateway's name is localhost.
+        std::fs::write(root.join("etc/hosts"), "127.0.0.1 localhost\n").unwrap();
+        std::fs::copy(&ca, root.join("root/gateway-ca.pem")).unwrap();
+        Chroot {
+            dir,
+            gw,
+            root,
+            agent_bin,
         }
     }
-    let (cert, key, rel) = (
-        cert.display().to_string(),
-        key.display().to_string(),
-        releases.display().to_string(),
-    );
-    let gw = Gateway::start(
-        dir.path(),
-        &[
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &key,
-            "--releases-dir",
-            &rel,
-        ],
-    );
-    gw.write_checks(
-        "c.toml",
-        "[[check]]\nname = \"from-chroot\"\ncommand = [\"/bin/sh\", \"-c\", \"echo OK - debian $(cat /etc/debian_version)\"]\ninterval = 1\n",
-    );
 
-    let chroot = dir.path().join("debian");
-    debian_chroot(&chroot);
-    // The chroot shares the network namespace; the gateway's name is localhost.
-    std::fs::write(chroot.join("etc/hosts"), "127.0.0.1 localhost\n").unwrap();
-    std::fs::copy(&ca, chroot.join("root/gateway-ca.pem")).unwrap();
-
-    let line = format!(
-        "curl -fsSL --cacert /root/gateway-ca.pem https://localhost:{}/install.sh | sh -s -- --key {} --ca /root/gateway-ca.pem",
-        gw.port(),
-        gw.enroll_key
-    );
-    let out = Command::new("timeout")
-        .arg("300")
-        .arg("chroot")
-        .arg(&chroot)
-        .args(["/bin/sh", "-c", &line])
-        .env_clear()
-        .env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    /// Run `line` with /bin/sh inside the chroot; returns (success, stdout, stderr).
+    fn sh(&self, line: &str) -> (bool, String, String) {
+        let out = Command::new("timeout")
+            .arg("300")
+            .arg("chroot")
+            .arg(&self.root)
+            .args(["/bin/sh", "-c", line])
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
         )
-        .output()
-        .unwrap();
-    let said = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "install in the chroot:\n{said}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    }
+
+    /// The one-liner, trusting the gateway by the CA, with `args` after `sh -s --`.
+    fn curl_pipe_sh(&self, args: &str) -> (bool, String, String) {
+        self.sh(&format!(
+            "curl -fsSL --cacert /root/gateway-ca.pem https://localhost:{}/install.sh | sh -s -- {args}",
+            self.gw.port()
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_pipe_sh_in_a_debian_chroot_installs_an_agent_that_reports() {
+    let c = Chroot::new();
+    let (gw, chroot, agent_bin, dir) = (&c.gw, &c.root, &c.agent_bin, &c.dir);
+    let (ok, said, err) = c.curl_pipe_sh(&format!(
+        "--key {} --ca /root/gateway-ca.pem",
+        gw.enroll_key
+    ));
+    assert!(ok, "install in the chroot:\n{said}\n{err}");
     assert!(said.contains("Start the agent yourself"), "{said}");
     let command = "/opt/outpost/bin/outpost-agent run --config /etc/outpost/agent.toml";
     assert!(said.contains(command), "{said}");
     assert_eq!(
         std::fs::read(chroot.join("opt/outpost/bin/outpost-agent")).unwrap(),
-        std::fs::read(&agent_bin).unwrap(),
+        std::fs::read(agent_bin).unwrap(),
         "the installed agent is the dist build"
     );
 
@@ -1164,4 +1197,78 @@ async fn curl_pipe_sh_in_a_debian_chroot_installs_an_agent_that_reports() {
     let secret = chroot.join("etc/outpost/agent.secret");
     assert_eq!(mode(&secret), 0o600);
     assert!(chroot.join("etc/outpost/agent.finger").exists());
+}
+
+/// Kills what the chroot's SysV script started, should the test end early.
+struct PidFile(PathBuf);
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Some(pid) = std::fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            // SAFETY: signalling a process by pid.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sysv_script_runs_the_agent_in_a_debian_chroot_and_stops_it_with_a_bye() {
+    let c = Chroot::new();
+    let pidfile = PidFile(c.root.join("run/outpost-agent.pid"));
+    let (ok, said, err) = c.curl_pipe_sh(&format!(
+        "--key {} --ca /root/gateway-ca.pem --init sysv",
+        c.gw.enroll_key
+    ));
+    assert!(ok, "install:\n{said}\n{err}");
+    assert!(
+        said.contains("started the outpost-agent service (SysV init)"),
+        "{said}"
+    );
+    // Debian's real update-rc.d linked it into the runlevels.
+    let linked = |root: &Path| {
+        std::fs::read_dir(root.join("etc/rc2.d"))
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().contains("outpost-agent"))
+    };
+    assert!(linked(&c.root), "no /etc/rc2.d link");
+
+    let log = c.root.join("var/log/outpost/agent.log");
+    let fingerprint = eventually(T, "the service's agent logs its fingerprint", || async {
+        std::fs::read_to_string(&log)
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("fingerprint ").map(str::to_string))
+    })
+    .await;
+    eventually(Duration::from_secs(60), "a result from the service", || {
+        c.gw.latest(&fingerprint, "from-chroot")
+    })
+    .await;
+    let (ok, status, _) = c.sh("/etc/init.d/outpost-agent status");
+    assert!(ok && status.contains("is running"), "{status}");
+
+    // Uninstall stops it through the script: SIGTERM, and the agent says bye.
+    let (ok, said, err) = c.curl_pipe_sh("--uninstall --init sysv");
+    assert!(ok, "uninstall:\n{said}\n{err}");
+    let agent = eventually(T, "the agent deregistered", || async {
+        c.gw.agent(&fingerprint)
+            .await
+            .filter(|a| a["presence"] == "deregistered")
+    })
+    .await;
+    assert_eq!(agent["connected"], false);
+    assert!(!pidfile.0.exists());
+    assert!(!linked(&c.root), "rc2.d link left behind");
+    assert!(!c.root.join("etc/init.d/outpost-agent").exists());
+    assert!(!c.root.join("opt/outpost/bin/outpost-agent").exists());
+    assert!(
+        c.root.join("etc/outpost/agent.secret").exists(),
+        "identity kept"
+    );
 }
