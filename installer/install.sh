@@ -313,7 +313,7 @@ stop_service() {
 			chkconfig --del outpost-agent || true
 		fi
 		;;
-	none) ;;
+	none) say "no init system here: if you started the agent yourself, stop it yourself (SIGTERM)" ;;
 	esac
 	if [ -f "$(r "$SYSTEMD_UNIT")" ]; then
 		rm -f "$(r "$SYSTEMD_UNIT")"

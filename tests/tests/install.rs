@@ -292,6 +292,38 @@ fn the_script_and_the_init_scripts_pass_shellcheck() {
     }
 }
 
+#[test]
+fn systemd_accepts_the_unit() {
+    // systemd-analyze verify, in a root holding the unit, its ExecStart and the system's
+    // own units (its dependencies); unknown keys only warn, so any output fails too.
+    let dir = tempdir();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("opt/outpost/bin")).unwrap();
+    write_exec(&root.join("opt/outpost/bin/outpost-agent"), "#!/bin/sh\n");
+    std::fs::create_dir_all(root.join("etc/systemd/system")).unwrap();
+    let unit = root.join("etc/systemd/system/outpost-agent.service");
+    std::fs::copy(workspace().join("installer/outpost-agent.service"), &unit).unwrap();
+    std::fs::create_dir_all(root.join("usr/lib/systemd")).unwrap();
+    let copied = Command::new("cp")
+        .args(["-r", "/usr/lib/systemd/system"])
+        .arg(root.join("usr/lib/systemd/"))
+        .status()
+        .unwrap();
+    assert!(copied.success(), "cannot copy /usr/lib/systemd/system");
+    let out = Command::new("timeout")
+        .args(["60", "systemd-analyze", "verify", "--man=no"])
+        .arg(format!("--root={}", root.display()))
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze (Debian package systemd)");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn installs_under_each_init_system_with_the_right_files_and_service_calls() {
     let s = setup(&[]);
