@@ -50,52 +50,7 @@ die() {
 }
 have() { command -v "$1" >/dev/null 2>&1; }
 
-# Everything runs from main, called on the last line: a download cut short runs nothing,
-# and nothing that reads stdin can eat the rest of a piped script.
-main() {
-# ---------------------------------------------------------------- options
-
-opt_key=${OUTPOST_KEY:-}
-opt_gateway=${OUTPOST_GATEWAY:-}
-opt_ca=${OUTPOST_CA:-}
-opt_pin=${OUTPOST_PIN:-}
-opt_version=${OUTPOST_VERSION:-}
-opt_init=${OUTPOST_INIT:-}
-uninstall=0
-purge=0
-
-need_arg() {
-	[ "$2" -ge 2 ] || die "$1 needs a value (see --help)"
-}
-
-while [ $# -gt 0 ]; do
-	case $1 in
-	--key) need_arg "$1" $#; opt_key=$2; shift 2 ;;
-	--key=*) opt_key=${1#*=}; shift ;;
-	--gateway) need_arg "$1" $#; opt_gateway=$2; shift 2 ;;
-	--gateway=*) opt_gateway=${1#*=}; shift ;;
-	--ca) need_arg "$1" $#; opt_ca=$2; shift 2 ;;
-	--ca=*) opt_ca=${1#*=}; shift ;;
-	--pin) need_arg "$1" $#; opt_pin=$2; shift 2 ;;
-	--pin=*) opt_pin=${1#*=}; shift ;;
-	--version) need_arg "$1" $#; opt_version=$2; shift 2 ;;
-	--version=*) opt_version=${1#*=}; shift ;;
-	--init) need_arg "$1" $#; opt_init=$2; shift 2 ;;
-	--init=*) opt_init=${1#*=}; shift ;;
-	--uninstall) uninstall=1; shift ;;
-	--purge) purge=1; shift ;;
-	-h | --help) usage; exit 0 ;;
-	*) die "unknown option \"$1\" (see --help)" ;;
-	esac
-done
-
 # ---------------------------------------------------------------- paths
-
-ROOT=${OUTPOST_ROOT:-}
-case $ROOT in
-'' | /*) ROOT=${ROOT%/} ;;
-*) die "OUTPOST_ROOT must be an absolute path, got \"$ROOT\"" ;;
-esac
 
 # Real paths (written into agent.toml and the service files) ...
 BIN=/opt/outpost/bin/outpost-agent
@@ -110,8 +65,53 @@ INITD_SCRIPT=/etc/init.d/outpost-agent
 # ... and where they are on this filesystem.
 r() { printf '%s%s' "$ROOT" "$1"; }
 
-[ "$(uname -s)" = Linux ] || die "this installer is for Linux; on Windows use the MSI"
-[ "$(id -u)" = 0 ] || die "run this as root, e.g. curl -fsSL https://GATEWAY/install.sh | sudo sh -s -- --key KEY"
+need_arg() {
+	[ "$2" -ge 2 ] || die "$1 needs a value (see --help)"
+}
+
+# Options from the command line, over the environment.
+parse_args() {
+	opt_key=${OUTPOST_KEY:-}
+	opt_gateway=${OUTPOST_GATEWAY:-}
+	opt_ca=${OUTPOST_CA:-}
+	opt_pin=${OUTPOST_PIN:-}
+	opt_version=${OUTPOST_VERSION:-}
+	opt_init=${OUTPOST_INIT:-}
+	uninstall=0
+	purge=0
+
+	while [ $# -gt 0 ]; do
+		case $1 in
+		--key) need_arg "$1" $#; opt_key=$2; shift 2 ;;
+		--key=*) opt_key=${1#*=}; shift ;;
+		--gateway) need_arg "$1" $#; opt_gateway=$2; shift 2 ;;
+		--gateway=*) opt_gateway=${1#*=}; shift ;;
+		--ca) need_arg "$1" $#; opt_ca=$2; shift 2 ;;
+		--ca=*) opt_ca=${1#*=}; shift ;;
+		--pin) need_arg "$1" $#; opt_pin=$2; shift 2 ;;
+		--pin=*) opt_pin=${1#*=}; shift ;;
+		--version) need_arg "$1" $#; opt_version=$2; shift 2 ;;
+		--version=*) opt_version=${1#*=}; shift ;;
+		--init) need_arg "$1" $#; opt_init=$2; shift 2 ;;
+		--init=*) opt_init=${1#*=}; shift ;;
+		--uninstall) uninstall=1; shift ;;
+		--purge) purge=1; shift ;;
+		-h | --help) usage; exit 0 ;;
+		*) die "unknown option \"$1\" (see --help)" ;;
+		esac
+	done
+}
+
+# OUTPOST_ROOT, and that this is root on Linux.
+check_host() {
+	ROOT=${OUTPOST_ROOT:-}
+	case $ROOT in
+	'' | /*) ROOT=${ROOT%/} ;;
+	*) die "OUTPOST_ROOT must be an absolute path, got \"$ROOT\"" ;;
+	esac
+	[ "$(uname -s)" = Linux ] || die "this installer is for Linux; on Windows use the MSI"
+	[ "$(id -u)" = 0 ] || die "run this as root, e.g. curl -fsSL https://GATEWAY/install.sh | sudo sh -s -- --key KEY"
+}
 
 # ---------------------------------------------------------------- init systems
 
@@ -324,7 +324,7 @@ stop_service() {
 
 # ---------------------------------------------------------------- uninstall
 
-if [ "$uninstall" = 1 ]; then
+uninstall_agent() {
 	init=$(detect_init)
 	stop_service "$init"
 	rm -f "$(r "$BIN")" "$(r "$CONFIG")" "$(r "$CONFIG").old" "$(r "$CA_COPY")"
@@ -343,18 +343,9 @@ if [ "$uninstall" = 1 ]; then
 			say "removed the agent"
 		fi
 	fi
-	exit 0
-fi
-[ "$purge" = 0 ] || die "--purge goes with --uninstall"
+}
 
 # ---------------------------------------------------------------- what to install
-
-case $(uname -m) in
-x86_64 | amd64) target=x86_64-unknown-linux-musl ;;
-aarch64 | arm64) target=aarch64-unknown-linux-musl ;;
-*) die "unsupported architecture \"$(uname -m)\": Outpost ships Linux agents for x86_64 and aarch64 only" ;;
-esac
-artifact=outpost-agent-$target
 
 # Value of a top-level string KEY in the existing agent.toml, if any.
 config_value() {
@@ -365,53 +356,6 @@ config_value() {
 			sub(/^[^=]*=[ \t]*"/, ""); sub(/"[ \t]*(#.*)?$/, ""); print; exit
 		}' "$(r "$CONFIG")"
 }
-
-gateway=${opt_gateway:-$served_gateway}
-[ -n "$gateway" ] || gateway=$(config_value gateway_url)
-gateway=${gateway#https://}
-gateway=${gateway#wss://}
-gateway=${gateway%/}
-[ -n "$gateway" ] || die "which gateway? Pass --gateway HOST[:PORT] (or set OUTPOST_GATEWAY)"
-case $gateway in
-*[!A-Za-z0-9.:\[\]-]* | [.:-]*) die "gateway \"$gateway\" is not a HOST[:PORT]" ;;
-esac
-
-[ -z "$opt_ca" ] || [ -z "$opt_pin" ] || die "give either --ca or --pin, not both"
-if [ -n "$opt_ca" ]; then
-	[ -r "$opt_ca" ] || die "cannot read the CA file \"$opt_ca\""
-	grep -q -- '-----BEGIN CERTIFICATE-----' "$opt_ca" || die "CA file \"$opt_ca\" holds no PEM certificate"
-fi
-if [ -n "$opt_pin" ]; then
-	opt_pin=$(printf '%s' "$opt_pin" | tr -d ':' | tr 'A-F' 'a-f')
-	case $opt_pin in
-	*[!0-9a-f]*) die "--pin must be 64 hex digits (the gateway prints it as pin_sha256), got \"$opt_pin\"" ;;
-	esac
-	[ ${#opt_pin} = 64 ] || die "--pin must be 64 hex digits (the gateway prints it as pin_sha256), got \"$opt_pin\""
-fi
-case $opt_key in
-*[!A-Za-z0-9._-]*) die "the enrollment key may hold only letters, digits, '.', '_' and '-'" ;;
-esac
-[ ${#opt_key} -le 256 ] || die "the enrollment key is longer than 256 characters"
-[ -f "$(r "$CONFIG")" ] || [ -n "$opt_key" ] || die "the first install needs an enrollment key: pass --key KEY (or set OUTPOST_KEY)"
-
-# How downloads trust the gateway: the options, else what agent.toml says, else the system.
-ca=$opt_ca
-pin=$opt_pin
-if [ -z "$ca$pin" ]; then
-	pin=$(config_value pin_sha256)
-	if [ -z "$pin" ] && [ -n "$(config_value ca_file)" ]; then
-		ca=$(r "$(config_value ca_file)")
-	fi
-fi
-
-if have curl; then
-	downloader=curl
-elif have wget; then
-	downloader=wget
-	[ -z "$pin" ] || die "--pin needs curl (7.88 or newer); install curl or trust the gateway with --ca FILE"
-else
-	die "neither curl nor wget is installed; install one of them and run this again"
-fi
 
 sha256_of() {
 	if have sha256sum; then
@@ -424,12 +368,6 @@ sha256_of() {
 		die "cannot verify downloads: none of sha256sum, shasum or openssl is installed"
 	fi
 }
-
-tmp=$(mktemp -d "${TMPDIR:-/tmp}/outpost-install.XXXXXX") || die "cannot make a temporary directory"
-trap 'rm -rf "$tmp"' EXIT
-trap 'exit 130' INT TERM
-
-base=https://$gateway
 
 # The leaf certificate curl reported (-w %{certs}) must hash to the pin. The body is
 # only written to a temporary file and is thrown away when it does not.
@@ -500,108 +438,188 @@ fetch() {
 	esac
 }
 
-version=${opt_version:-latest}
-if [ "$version" = latest ]; then
-	fetch releases/latest/VERSION "$tmp/VERSION"
-	version=$(head -n 1 "$tmp/VERSION" | tr -d ' \r\t')
-fi
-case $version in
-'' | *[!A-Za-z0-9.+-]* | [.+-]*) die "\"$version\" is not a version" ;;
-esac
+# The build for this machine, the gateway, how to trust it, and how to download.
+decide() {
+	case $(uname -m) in
+	x86_64 | amd64) target=x86_64-unknown-linux-musl ;;
+	aarch64 | arm64) target=aarch64-unknown-linux-musl ;;
+	*) die "unsupported architecture \"$(uname -m)\": Outpost ships Linux agents for x86_64 and aarch64 only" ;;
+	esac
+	artifact=outpost-agent-$target
 
-say "installing outpost-agent $version for $target from $base"
-fetch "releases/$version/SHA256SUMS" "$tmp/SHA256SUMS"
-fetch "releases/$version/$artifact" "$tmp/$artifact"
+	gateway=${opt_gateway:-$served_gateway}
+	[ -n "$gateway" ] || gateway=$(config_value gateway_url)
+	gateway=${gateway#https://}
+	gateway=${gateway#wss://}
+	gateway=${gateway%/}
+	[ -n "$gateway" ] || die "which gateway? Pass --gateway HOST[:PORT] (or set OUTPOST_GATEWAY)"
+	case $gateway in
+	*[!A-Za-z0-9.:\[\]-]* | [.:-]*) die "gateway \"$gateway\" is not a HOST[:PORT]" ;;
+	esac
 
-expected=$(awk -v f="$artifact" '$2 == f || $2 == "*" f { print $1; exit }' "$tmp/SHA256SUMS")
-[ -n "$expected" ] || die "SHA256SUMS of release $version has no entry for $artifact; nothing was installed"
-got=$(sha256_of "$tmp/$artifact")
-[ "$got" = "$expected" ] || die "checksum mismatch for $artifact: SHA256SUMS says $expected, the download is $got; nothing was installed"
+	[ -z "$opt_ca" ] || [ -z "$opt_pin" ] || die "give either --ca or --pin, not both"
+	if [ -n "$opt_ca" ]; then
+		[ -r "$opt_ca" ] || die "cannot read the CA file \"$opt_ca\""
+		grep -q -- '-----BEGIN CERTIFICATE-----' "$opt_ca" || die "CA file \"$opt_ca\" holds no PEM certificate"
+	fi
+	if [ -n "$opt_pin" ]; then
+		opt_pin=$(printf '%s' "$opt_pin" | tr -d ':' | tr 'A-F' 'a-f')
+		case $opt_pin in
+		*[!0-9a-f]*) die "--pin must be 64 hex digits (the gateway prints it as pin_sha256), got \"$opt_pin\"" ;;
+		esac
+		[ ${#opt_pin} = 64 ] || die "--pin must be 64 hex digits (the gateway prints it as pin_sha256), got \"$opt_pin\""
+	fi
+	case $opt_key in
+	*[!A-Za-z0-9._-]*) die "the enrollment key may hold only letters, digits, '.', '_' and '-'" ;;
+	esac
+	[ ${#opt_key} -le 256 ] || die "the enrollment key is longer than 256 characters"
+	[ -f "$(r "$CONFIG")" ] || [ -n "$opt_key" ] || die "the first install needs an enrollment key: pass --key KEY (or set OUTPOST_KEY)"
+
+	# How downloads trust the gateway: the options, else what agent.toml says, else the system.
+	ca=$opt_ca
+	pin=$opt_pin
+	if [ -z "$ca$pin" ]; then
+		pin=$(config_value pin_sha256)
+		if [ -z "$pin" ] && [ -n "$(config_value ca_file)" ]; then
+			ca=$(r "$(config_value ca_file)")
+		fi
+	fi
+
+	if have curl; then
+		downloader=curl
+	elif have wget; then
+		downloader=wget
+		[ -z "$pin" ] || die "--pin needs curl (7.88 or newer); install curl or trust the gateway with --ca FILE"
+	else
+		die "neither curl nor wget is installed; install one of them and run this again"
+	fi
+	base=https://$gateway
+}
+
+# Download the release into $tmp and verify it; nothing on the host changes here.
+download() {
+	version=${opt_version:-latest}
+	if [ "$version" = latest ]; then
+		fetch releases/latest/VERSION "$tmp/VERSION"
+		version=$(head -n 1 "$tmp/VERSION" | tr -d ' \r\t')
+	fi
+	case $version in
+	'' | *[!A-Za-z0-9.+-]* | [.+-]*) die "\"$version\" is not a version" ;;
+	esac
+
+	say "installing outpost-agent $version for $target from $base"
+	fetch "releases/$version/SHA256SUMS" "$tmp/SHA256SUMS"
+	fetch "releases/$version/$artifact" "$tmp/$artifact"
+
+	expected=$(awk -v f="$artifact" '$2 == f || $2 == "*" f { print $1; exit }' "$tmp/SHA256SUMS")
+	[ -n "$expected" ] || die "SHA256SUMS of release $version has no entry for $artifact; nothing was installed"
+	got=$(sha256_of "$tmp/$artifact")
+	[ "$got" = "$expected" ] || die "checksum mismatch for $artifact: SHA256SUMS says $expected, the download is $got; nothing was installed"
+}
 
 # ---------------------------------------------------------------- install
 
-init=$(detect_init)
-umask 022
-mkdir -p "$(r /opt/outpost/bin)" "$(r "$STATE")" "$(r "$PLUGINS")" "$(r "$LOGS")" "$(r "$ETC/checks.d")"
-chmod 0755 "$(r /opt/outpost)" "$(r /opt/outpost/bin)" "$(r "$ETC")" "$(r "$ETC/checks.d")"
-# The outbox and state are the agent's alone.
-chmod 0700 "$(r "$STATE")"
-case $init in
-systemd) mkdir -p "$(dirname "$(r "$SYSTEMD_UNIT")")" ;;
-openrc | sysv) mkdir -p "$(dirname "$(r "$INITD_SCRIPT")")" ;;
-esac
+install_agent() {
+	init=$(detect_init)
+	umask 022
+	mkdir -p "$(r /opt/outpost/bin)" "$(r "$STATE")" "$(r "$PLUGINS")" "$(r "$LOGS")" "$(r "$ETC/checks.d")"
+	chmod 0755 "$(r /opt/outpost)" "$(r /opt/outpost/bin)" "$(r "$ETC")" "$(r "$ETC/checks.d")"
+	# The outbox and state are the agent's alone.
+	chmod 0700 "$(r "$STATE")"
+	case $init in
+	systemd) mkdir -p "$(dirname "$(r "$SYSTEMD_UNIT")")" ;;
+	openrc | sysv) mkdir -p "$(dirname "$(r "$INITD_SCRIPT")")" ;;
+	esac
 
-upgrade=0
-[ -f "$(r "$BIN")" ] && upgrade=1
-cp "$tmp/$artifact" "$(r "$BIN").new"
-chmod 0755 "$(r "$BIN").new"
-mv -f "$(r "$BIN").new" "$(r "$BIN")"
+	upgrade=0
+	[ -f "$(r "$BIN")" ] && upgrade=1
+	cp "$tmp/$artifact" "$(r "$BIN").new"
+	chmod 0755 "$(r "$BIN").new"
+	mv -f "$(r "$BIN").new" "$(r "$BIN")"
 
-if [ -n "$opt_ca" ]; then
-	cp "$opt_ca" "$(r "$CA_COPY").new"
-	chmod 0644 "$(r "$CA_COPY").new"
-	mv -f "$(r "$CA_COPY").new" "$(r "$CA_COPY")"
-fi
-
-# agent.toml: written whole the first time; afterwards only the keys named by options
-# change, and everything else (labels, groups, edits) stays.
-umask 077
-new=$(r "$CONFIG").new
-: >"$new"
-chmod 0600 "$new"
-set_keys() {
-	[ -z "$opt_gateway" ] || printf 'gateway_url = "wss://%s"\n' "$gateway"
-	[ -z "$opt_key" ] || printf 'enroll_key = "%s"\n' "$opt_key"
-	[ -z "$opt_ca" ] || printf 'ca_file = "%s"\n' "$CA_COPY"
-	[ -z "$opt_pin" ] || printf 'pin_sha256 = "%s"\n' "$opt_pin"
-}
-if [ -f "$(r "$CONFIG")" ]; then
-	drop=''
-	[ -z "$opt_gateway" ] || drop="$drop gateway_url"
-	[ -z "$opt_key" ] || drop="$drop enroll_key"
-	[ -z "$opt_ca$opt_pin" ] || drop="$drop ca_file pin_sha256"
-	if [ -n "$drop" ]; then
-		{
-			set_keys
-			awk -v drop="$drop" '
-				BEGIN { n = split(drop, d, " ") }
-				/^[ \t]*\[/ { table = 1 }
-				!table { for (i = 1; i <= n; i++) if ($0 ~ "^[ \t]*" d[i] "[ \t]*=") next }
-				{ print }' "$(r "$CONFIG")"
-		} >"$new"
-		cp -p "$(r "$CONFIG")" "$(r "$CONFIG").old"
-		mv -f "$new" "$(r "$CONFIG")"
-		say "updated$drop in $CONFIG (the previous file is $CONFIG.old)"
-	else
-		rm -f "$new"
-		say "kept $CONFIG as it is"
+	if [ -n "$opt_ca" ]; then
+		cp "$opt_ca" "$(r "$CA_COPY").new"
+		chmod 0644 "$(r "$CA_COPY").new"
+		mv -f "$(r "$CA_COPY").new" "$(r "$CA_COPY")"
 	fi
-else
-	{
-		printf '# Outpost agent configuration, written by install.sh (docs/INSTALL.md).\n'
-		printf '# Running install.sh again changes only the keys its options name.\n'
-		printf 'gateway_url = "wss://%s"\n' "$gateway"
-		printf 'enroll_key = "%s"\n' "$opt_key"
+
+	# agent.toml: written whole the first time; afterwards only the keys named by options
+	# change, and everything else (labels, groups, edits) stays.
+	umask 077
+	new=$(r "$CONFIG").new
+	: >"$new"
+	chmod 0600 "$new"
+	set_keys() {
+		[ -z "$opt_gateway" ] || printf 'gateway_url = "wss://%s"\n' "$gateway"
+		[ -z "$opt_key" ] || printf 'enroll_key = "%s"\n' "$opt_key"
 		[ -z "$opt_ca" ] || printf 'ca_file = "%s"\n' "$CA_COPY"
 		[ -z "$opt_pin" ] || printf 'pin_sha256 = "%s"\n' "$opt_pin"
-		printf 'state_dir = "%s"\n' "$STATE"
-		printf 'fingerprint_file = "%s"\n' "$ETC/agent.finger"
-		printf 'secret_file = "%s"\n' "$ETC/agent.secret"
-		printf 'checks_dir = "%s"\n' "$ETC/checks.d"
-		printf 'plugins_dir = "%s"\n' "$PLUGINS"
-	} >"$new"
-	mv -f "$new" "$(r "$CONFIG")"
-	say "wrote $CONFIG"
-fi
-chmod 0600 "$(r "$CONFIG")"
-umask 022
+	}
+	if [ -f "$(r "$CONFIG")" ]; then
+		drop=''
+		[ -z "$opt_gateway" ] || drop="$drop gateway_url"
+		[ -z "$opt_key" ] || drop="$drop enroll_key"
+		[ -z "$opt_ca$opt_pin" ] || drop="$drop ca_file pin_sha256"
+		if [ -n "$drop" ]; then
+			{
+				set_keys
+				awk -v drop="$drop" '
+					BEGIN { n = split(drop, d, " ") }
+					/^[ \t]*\[/ { table = 1 }
+					!table { for (i = 1; i <= n; i++) if ($0 ~ "^[ \t]*" d[i] "[ \t]*=") next }
+					{ print }' "$(r "$CONFIG")"
+			} >"$new"
+			cp -p "$(r "$CONFIG")" "$(r "$CONFIG").old"
+			mv -f "$new" "$(r "$CONFIG")"
+			say "updated$drop in $CONFIG (the previous file is $CONFIG.old)"
+		else
+			rm -f "$new"
+			say "kept $CONFIG as it is"
+		fi
+	else
+		{
+			printf '# Outpost agent configuration, written by install.sh (docs/INSTALL.md).\n'
+			printf '# Running install.sh again changes only the keys its options name.\n'
+			printf 'gateway_url = "wss://%s"\n' "$gateway"
+			printf 'enroll_key = "%s"\n' "$opt_key"
+			[ -z "$opt_ca" ] || printf 'ca_file = "%s"\n' "$CA_COPY"
+			[ -z "$opt_pin" ] || printf 'pin_sha256 = "%s"\n' "$opt_pin"
+			printf 'state_dir = "%s"\n' "$STATE"
+			printf 'fingerprint_file = "%s"\n' "$ETC/agent.finger"
+			printf 'secret_file = "%s"\n' "$ETC/agent.secret"
+			printf 'checks_dir = "%s"\n' "$ETC/checks.d"
+			printf 'plugins_dir = "%s"\n' "$PLUGINS"
+		} >"$new"
+		mv -f "$new" "$(r "$CONFIG")"
+		say "wrote $CONFIG"
+	fi
+	chmod 0600 "$(r "$CONFIG")"
+	umask 022
 
-start_service "$init"
-if [ "$upgrade" = 1 ]; then
-	say "upgraded outpost-agent to $version ($BIN); identity, state and outbox kept"
-else
-	say "installed outpost-agent $version ($BIN)"
-fi
+	start_service "$init"
+	if [ "$upgrade" = 1 ]; then
+		say "upgraded outpost-agent to $version ($BIN); identity, state and outbox kept"
+	else
+		say "installed outpost-agent $version ($BIN)"
+	fi
+}
+
+# Everything runs from main, called on the last line: a download cut short runs nothing,
+# and nothing that reads stdin can eat the rest of a piped script.
+main() {
+	parse_args "$@"
+	check_host
+	if [ "$uninstall" = 1 ]; then
+		uninstall_agent
+		exit 0
+	fi
+	[ "$purge" = 0 ] || die "--purge goes with --uninstall"
+	decide
+	tmp=$(mktemp -d "${TMPDIR:-/tmp}/outpost-install.XXXXXX") || die "cannot make a temporary directory"
+	trap 'rm -rf "$tmp"' EXIT
+	trap 'exit 130' INT TERM
+	download
+	install_agent
 }
 
 main "$@"
