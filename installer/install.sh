@@ -543,26 +543,41 @@ install_agent() {
 		mv -f "$(r "$CA_COPY").new" "$(r "$CA_COPY")"
 	fi
 
-	# agent.toml: written whole the first time; afterwards only the keys named by options
-	# change, and everything else (labels, groups, edits) stays.
+	# agent.toml: written whole the first time; afterwards only the keys that options give
+	# a new value change, and everything else (labels, groups, edits) stays.
 	umask 077
 	new=$(r "$CONFIG").new
 	: >"$new"
 	chmod 0600 "$new"
-	set_keys() {
-		[ -z "$opt_gateway" ] || printf 'gateway_url = "wss://%s"\n' "$gateway"
-		[ -z "$opt_key" ] || printf 'enroll_key = "%s"\n' "$opt_key"
-		[ -z "$opt_ca" ] || printf 'ca_file = "%s"\n' "$CA_COPY"
-		[ -z "$opt_pin" ] || printf 'pin_sha256 = "%s"\n' "$opt_pin"
-	}
 	if [ -f "$(r "$CONFIG")" ]; then
 		drop=''
-		[ -z "$opt_gateway" ] || drop="$drop gateway_url"
-		[ -z "$opt_key" ] || drop="$drop enroll_key"
-		[ -z "$opt_ca$opt_pin" ] || drop="$drop ca_file pin_sha256"
+		set_gateway=''
+		set_key=''
+		set_trust=''
+		if [ -n "$opt_gateway" ] && [ "$(config_value gateway_url)" != "wss://$gateway" ]; then
+			set_gateway=1
+			drop="$drop gateway_url"
+		fi
+		if [ -n "$opt_key" ] && [ "$(config_value enroll_key)" != "$opt_key" ]; then
+			set_key=1
+			drop="$drop enroll_key"
+		fi
+		if [ -n "$opt_ca" ] && { [ "$(config_value ca_file)" != "$CA_COPY" ] || [ -n "$(config_value pin_sha256)" ]; }; then
+			set_trust=1
+		fi
+		if [ -n "$opt_pin" ] && { [ "$(config_value pin_sha256)" != "$opt_pin" ] || [ -n "$(config_value ca_file)" ]; }; then
+			set_trust=1
+		fi
+		[ -z "$set_trust" ] || drop="$drop ca_file pin_sha256"
 		if [ -n "$drop" ]; then
 			{
-				set_keys
+				[ -z "$set_gateway" ] || printf 'gateway_url = "wss://%s"\n' "$gateway"
+				[ -z "$set_key" ] || printf 'enroll_key = "%s"\n' "$opt_key"
+				if [ -n "$set_trust" ] && [ -n "$opt_ca" ]; then
+					printf 'ca_file = "%s"\n' "$CA_COPY"
+				elif [ -n "$set_trust" ]; then
+					printf 'pin_sha256 = "%s"\n' "$opt_pin"
+				fi
 				awk -v drop="$drop" '
 					BEGIN { n = split(drop, d, " ") }
 					/^[ \t]*\[/ { table = 1 }
@@ -579,7 +594,7 @@ install_agent() {
 	else
 		{
 			printf '# Outpost agent configuration, written by install.sh (docs/INSTALL.md).\n'
-			printf '# Running install.sh again changes only the keys its options name.\n'
+			printf '# Running install.sh again changes only the keys its options give new values.\n'
 			printf 'gateway_url = "wss://%s"\n' "$gateway"
 			printf 'enroll_key = "%s"\n' "$opt_key"
 			[ -z "$opt_ca" ] || printf 'ca_file = "%s"\n' "$CA_COPY"

@@ -369,7 +369,7 @@ async fn installs_under_each_init_system_with_the_right_files_and_service_calls(
             read(&config),
             format!(
                 "# Outpost agent configuration, written by install.sh (docs/INSTALL.md).\n\
-                 # Running install.sh again changes only the keys its options name.\n\
+                 # Running install.sh again changes only the keys its options give new values.\n\
                  gateway_url = \"wss://localhost:{port}\"\n\
                  enroll_key = \"{}\"\n\
                  ca_file = \"/etc/outpost/ca.pem\"\n\
@@ -540,7 +540,17 @@ async fn running_again_upgrades_in_place_and_keeps_identity_and_edits() {
         .calls()
         .contains(&"systemctl restart outpost-agent.service".to_string()));
 
-    // Options change their keys only; the edit stays; the old file is kept beside it.
+    // The first install's options again: their values are already there, nothing changes.
+    let run = s.install(&root, &["--key", &s.gw.enroll_key, "--ca", &ca], &sd);
+    assert!(run.ok, "{run}");
+    assert!(
+        run.stdout.contains("kept /etc/outpost/agent.toml as it is"),
+        "{run}"
+    );
+    assert_eq!(read(&config), edited);
+    assert!(!etc.join("agent.toml.old").exists());
+
+    // New values change their keys only; the edit stays; the old file is kept beside it.
     // The pin as `openssl x509 -fingerprint -sha256` shows it: upper case, with colons.
     let colons: Vec<String> =
         s.gw.pin
