@@ -139,7 +139,6 @@ write_systemd_unit() {
 	cat <<'EOF'
 [Unit]
 Description=Outpost monitoring agent
-Documentation=https://github.com/outpost/outpost/blob/main/docs/INSTALL.md
 Wants=network-online.target
 After=network-online.target
 
