@@ -385,14 +385,16 @@ check_pin() {
 	[ "$got" = "$pin" ] || die "the gateway's certificate does not match the pin: expected $pin, got $got (nothing was installed)"
 }
 
-# fetch PATH DEST: download $base/PATH into DEST, with the gateway trusted as decided.
+# fetch PATH DEST MAX: download $base/PATH into DEST (at most MAX bytes, with curl), with
+# the gateway trusted as decided.
 fetch() {
 	path=$1
 	url=$base/$1
 	dest=$2
+	max=$3
 	case $downloader in
 	curl)
-		set -- -gsS --proto =https --connect-timeout 15 --max-time 600 --retry 2 -o "$dest"
+		set -- -gsS --proto =https --connect-timeout 15 --max-time 600 --retry 2 --max-filesize "$max" -o "$dest"
 		rc=0
 		if [ -n "$pin" ]; then
 			# -k: the pin, checked below on the same connection's certificate, replaces
@@ -409,6 +411,7 @@ fetch() {
 		7 | 28) die "cannot reach the gateway at $url (is it running, and is its port open?): $(cat "$tmp/curl.err")" ;;
 		35 | 51 | 53 | 54 | 58 | 59 | 60 | 77 | 80 | 83 | 90 | 91)
 			die "cannot verify the gateway's certificate at $url: pass --ca FILE or --pin SHA256 (docs/INSTALL.md): $(cat "$tmp/curl.err")" ;;
+		63) die "$url is larger than the $max bytes it may have" ;;
 		*) die "downloading $url failed (curl exit $rc): $(cat "$tmp/curl.err")" ;;
 		esac
 		[ -z "$pin" ] || check_pin "$tmp/curl.out"
@@ -499,7 +502,7 @@ decide() {
 download() {
 	version=${opt_version:-latest}
 	if [ "$version" = latest ]; then
-		fetch releases/latest/VERSION "$tmp/VERSION"
+		fetch releases/latest/VERSION "$tmp/VERSION" 1024
 		version=$(head -n 1 "$tmp/VERSION" | tr -d ' \r\t')
 	fi
 	case $version in
@@ -507,8 +510,8 @@ download() {
 	esac
 
 	say "installing outpost-agent $version for $target from $base"
-	fetch "releases/$version/SHA256SUMS" "$tmp/SHA256SUMS"
-	fetch "releases/$version/$artifact" "$tmp/$artifact"
+	fetch "releases/$version/SHA256SUMS" "$tmp/SHA256SUMS" 65536
+	fetch "releases/$version/$artifact" "$tmp/$artifact" 536870912
 
 	expected=$(awk -v f="$artifact" '$2 == f || $2 == "*" f { print $1; exit }' "$tmp/SHA256SUMS")
 	[ -n "$expected" ] || die "SHA256SUMS of release $version has no entry for $artifact; nothing was installed"

@@ -830,6 +830,10 @@ async fn clear_errors_and_nothing_installed() {
         "{run}"
     );
 
+    // A release whose SHA256SUMS is far too large to be one.
+    publish_fake(&s.releases, "0.0.1");
+    std::fs::write(s.releases.join("0.0.1/SHA256SUMS"), "0".repeat(70_000)).unwrap();
+
     // Each with the script as served, into the same untouched root.
     let cases: &[(&[&str], &str)] = &[
         (
@@ -854,6 +858,10 @@ async fn clear_errors_and_nothing_installed() {
             "the gateway has no releases/9.9.9/SHA256SUMS",
         ),
         (&["--key", &key], "cannot verify the gateway's certificate"),
+        (
+            &["--key", &key, "--ca", &ca, "--version", "0.0.1"],
+            "releases/0.0.1/SHA256SUMS is larger than the 65536 bytes it may have",
+        ),
         (&["--bogus"], "unknown option \"--bogus\""),
         (&["--purge"], "--purge goes with --uninstall"),
         (
