@@ -14,6 +14,7 @@ pub mod hub;
 pub mod listener;
 pub mod metrics;
 pub mod registry;
+pub mod releases;
 pub mod session;
 pub mod settings;
 pub mod tls;

@@ -29,6 +29,11 @@ pub struct ServeArgs {
     /// subdirectory per version. Default: DATA_DIR/releases
     #[arg(long, env = "OUTPOST_RELEASES_DIR")]
     pub releases_dir: Option<PathBuf>,
+    /// The address agents and the installer use for this gateway (`https://host[:port]`),
+    /// written into `/install.sh` as its default gateway. Without it, the request's Host
+    /// header is used when it is a plain `hostname[:port]`.
+    #[arg(long, env = "OUTPOST_PUBLIC_URL", value_parser = crate::releases::parse_public_url)]
+    pub public_url: Option<String>,
     /// PEM certificate chain to serve instead of the generated self-signed one.
     #[arg(long, env = "OUTPOST_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -75,6 +80,8 @@ pub struct Settings {
     pub checks_dir: PathBuf,
     pub plugins_dir: PathBuf,
     pub releases_dir: PathBuf,
+    /// `host[:port]` of `--public-url`.
+    pub public_authority: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_sans: Vec<String>,
@@ -96,6 +103,7 @@ impl From<ServeArgs> for Settings {
             releases_dir: a
                 .releases_dir
                 .unwrap_or_else(|| a.data_dir.join("releases")),
+            public_authority: a.public_url,
             listen: a.listen,
             tls_cert: a.tls_cert,
             tls_key: a.tls_key,

@@ -1,0 +1,1330 @@
+//! The Linux installer (installer/install.sh) as users run it: fetched from the real
+//! gateway over TLS with `curl --cacert` and piped into `sh`, installing into a temporary
+//! root (OUTPOST_ROOT) with fake init tools on PATH that record their calls; the gateway's
+//! /install.sh and /releases routes; and once end to end in a debootstrap'd Debian chroot
+//! with the static musl agent from the dist directory.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use outpost_e2e::*;
+
+const T: Duration = Duration::from_secs(30);
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace")
+        .to_path_buf()
+}
+
+fn script_source() -> PathBuf {
+    workspace().join("installer/install.sh")
+}
+
+fn write_exec(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+fn mode(path: &Path) -> u32 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// Every path under `root` (relative), with its kind and mode: what a run left behind.
+fn tree(root: &Path) -> BTreeMap<String, String> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let kind = if meta.is_dir() { "dir" } else { "file" };
+            out.insert(
+                rel,
+                format!("{kind} {:o}", meta.permissions().mode() & 0o7777),
+            );
+            if meta.is_dir() {
+                walk(root, &p, out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// A host's root as the installer finds it: the standard directories, nothing of ours.
+fn empty_root(dir: &Path, name: &str) -> PathBuf {
+    let root = dir.join(name);
+    for d in ["etc/systemd/system", "etc/init.d", "opt", "var/log"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    root
+}
+
+fn sha256sum(path: &Path) -> String {
+    let out = Command::new("timeout")
+        .args(["60", "sha256sum"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
+
+/// Publish `files` as release `version` in `releases` (with VERSION and SHA256SUMS).
+fn publish(releases: &Path, version: &str, files: &[(&str, &[u8])]) {
+    let dir = releases.join(version);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut sums = String::new();
+    for (name, bytes) in files {
+        std::fs::write(dir.join(name), bytes).unwrap();
+        sums += &format!("{}  {name}\n", sha256sum(&dir.join(name)));
+    }
+    std::fs::write(dir.join("SHA256SUMS"), sums).unwrap();
+    std::fs::write(dir.join("VERSION"), format!("{version}\n")).unwrap();
+}
+
+const X86: &str = "outpost-agent-x86_64-unknown-linux-musl";
+const ARM: &str = "outpost-agent-aarch64-unknown-linux-musl";
+
+/// Stand-in agent binaries: the fake-root tests never run them, they tell them apart.
+fn fake_agent(version: &str, arch: &str) -> Vec<u8> {
+    format!("#!/bin/sh\necho 'outpost-agent {version} {arch}'\n").into_bytes()
+}
+
+fn publish_fake(releases: &Path, version: &str) {
+    publish(
+        releases,
+        version,
+        &[
+            (X86, &fake_agent(version, "x86_64")),
+            (ARM, &fake_agent(version, "aarch64")),
+        ],
+    );
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    gw: Gateway,
+    ca: PathBuf,
+    releases: PathBuf,
+    /// Fake systemctl, rc-service, rc-update, service, update-rc.d: they append their
+    /// command line to `calls`.
+    fakes: PathBuf,
+    calls: PathBuf,
+}
+
+/// A gateway with a CA-issued certificate for `localhost` and release 1.0.0 published.
+fn setup(extra: &[&str]) -> Setup {
+    let dir = tempdir();
+    let (ca, cert, key) = test_pki(&dir.path().join("pki"), "localhost");
+    let releases = dir.path().join("releases");
+    std::fs::create_dir_all(&releases).unwrap();
+    publish_fake(&releases, "1.0.0");
+    let (cert, key, rel) = (
+        cert.display().to_string(),
+        key.display().to_string(),
+        releases.display().to_string(),
+    );
+    let mut args = vec![
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--releases-dir",
+        &rel,
+    ];
+    args.extend_from_slice(extra);
+    let gw = Gateway::start(dir.path(), &args);
+    let fakes = dir.path().join("fakes");
+    std::fs::create_dir_all(&fakes).unwrap();
+    let calls = dir.path().join("calls.log");
+    for tool in [
+        "systemctl",
+        "rc-service",
+        "rc-update",
+        "service",
+        "update-rc.d",
+    ] {
+        write_exec(
+            &fakes.join(tool),
+            &format!("#!/bin/sh\necho \"{tool} $*\" >>\"$OUTPOST_TEST_CALLS\"\n"),
+        );
+    }
+    Setup {
+        dir,
+        gw,
+        ca,
+        releases,
+        fakes,
+        calls,
+    }
+}
+
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ok={}\n--- stdout\n{}--- stderr\n{}",
+            self.ok, self.stdout, self.stderr
+        )
+    }
+}
+
+impl Setup {
+    fn base(&self) -> String {
+        format!("https://localhost:{}", self.gw.port())
+    }
+
+    /// `curl --cacert CA https://localhost:PORT/install.sh`: the script as served.
+    fn fetch_script(&self) -> Vec<u8> {
+        let out = Command::new("timeout")
+            .args(["30", "curl", "-fsS", "--cacert"])
+            .arg(&self.ca)
+            .arg(format!("{}/install.sh", self.base()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "curl install.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
+    /// `curl ... | sh -s -- ARGS` into `root`, the fake init tools first on PATH.
+    fn install(&self, root: &Path, args: &[&str], env: &[(&str, &str)]) -> Run {
+        let script = self.fetch_script();
+        let path = format!(
+            "{}:{}",
+            self.fakes.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        run_sh(&script, args, root, &path, &self.calls, env)
+    }
+
+    fn calls(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.calls)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn clear_calls(&self) {
+        let _ = std::fs::remove_file(&self.calls);
+    }
+}
+
+fn run_sh(
+    script: &[u8],
+    args: &[&str],
+    root: &Path,
+    path: &str,
+    calls: &Path,
+    env: &[(&str, &str)],
+) -> Run {
+    let mut cmd = Command::new("timeout");
+    cmd.args(["120", "/bin/sh", "-s", "--"])
+        .args(args)
+        .env("OUTPOST_ROOT", root)
+        .env("PATH", path)
+        .env("OUTPOST_TEST_CALLS", calls)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("OUTPOST_") && k != "OUTPOST_E2E_KEEP" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("OUTPOST_ROOT", root)
+        .env("OUTPOST_TEST_CALLS", calls)
+        .envs(env.iter().copied());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(script).unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    Run {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    }
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+#[test]
+fn the_script_and_the_init_scripts_pass_shellcheck() {
+    for f in [
+        "installer/install.sh",
+        "installer/outpost-agent.sysv",
+        "installer/outpost-agent.openrc",
+    ] {
+        let out = Command::new("shellcheck")
+            .args(["-s", "sh"])
+            .arg(workspace().join(f))
+            .output()
+            .expect("shellcheck (ci/setup installs it)");
+        assert!(
+            out.status.success(),
+            "shellcheck {f}:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
+#[test]
+fn systemd_accepts_the_unit() {
+    // systemd-analyze verify, in a root holding the unit, its ExecStart and the system's
+    // own units (its dependencies); unknown keys only warn, so any output fails too.
+    let dir = tempdir();
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("opt/outpost/bin")).unwrap();
+    write_exec(&root.join("opt/outpost/bin/outpost-agent"), "#!/bin/sh\n");
+    std::fs::create_dir_all(root.join("etc/systemd/system")).unwrap();
+    let unit = root.join("etc/systemd/system/outpost-agent.service");
+    std::fs::copy(workspace().join("installer/outpost-agent.service"), &unit).unwrap();
+    std::fs::create_dir_all(root.join("usr/lib/systemd")).unwrap();
+    let copied = Command::new("timeout")
+        .args(["60", "cp"])
+        .args(["-r", "/usr/lib/systemd/system"])
+        .arg(root.join("usr/lib/systemd/"))
+        .status()
+        .unwrap();
+    assert!(copied.success(), "cannot copy /usr/lib/systemd/system");
+    let out = Command::new("timeout")
+        .args(["60", "systemd-analyze", "verify", "--man=no"])
+        .arg(format!("--root={}", root.display()))
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze (Debian package systemd)");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installs_under_each_init_system_with_the_right_files_and_service_calls() {
+    let s = setup(&[]);
+    let ca = s.ca.display().to_string();
+    let port = s.gw.port();
+    for init in ["systemd", "openrc", "sysv", "none"] {
+        s.clear_calls();
+        let root = empty_root(s.dir.path(), &format!("root-{init}"));
+        let before = tree(&root);
+        let run = if init == "none" {
+            // The same with environment variables only.
+            let gateway = format!("https://localhost:{port}/");
+            s.install(
+                &root,
+                &[],
+                &[
+                    ("OUTPOST_INIT", init),
+                    ("OUTPOST_KEY", &s.gw.enroll_key),
+                    ("OUTPOST_CA", &ca),
+                    ("OUTPOST_GATEWAY", &gateway),
+                ],
+            )
+        } else {
+            s.install(
+                &root,
+                &["--key", &s.gw.enroll_key, "--ca", &ca],
+                &[("OUTPOST_INIT", init)],
+            )
+        };
+        assert!(run.ok, "{init}: {run}");
+
+        let bin = root.join("opt/outpost/bin/outpost-agent");
+        assert_eq!(std::fs::read(&bin).unwrap(), fake_agent("1.0.0", "x86_64"));
+        assert_eq!(mode(&bin), 0o755);
+        let config = root.join("etc/outpost/agent.toml");
+        assert_eq!(mode(&config), 0o600, "agent.toml holds the enrollment key");
+        assert_eq!(
+            read(&config),
+            format!(
+                "# Outpost agent configuration, written by install.sh (docs/INSTALL.md).\n\
+                 # Running install.sh again changes only the keys its options give new values.\n\
+                 gateway_url = \"wss://localhost:{port}\"\n\
+                 enroll_key = \"{}\"\n\
+                 ca_file = \"/etc/outpost/ca.pem\"\n\
+                 state_dir = \"/opt/outpost/state\"\n\
+                 fingerprint_file = \"/etc/outpost/agent.finger\"\n\
+                 secret_file = \"/etc/outpost/agent.secret\"\n\
+                 checks_dir = \"/etc/outpost/checks.d\"\n\
+                 plugins_dir = \"/opt/outpost/plugins\"\n",
+                s.gw.enroll_key
+            )
+        );
+        // The agent itself accepts what the installer wrote.
+        let settings =
+            outpost_agent::Settings::from_toml(&read(&config), &BTreeMap::new()).unwrap();
+        assert_eq!(
+            settings.trust,
+            outpost_agent::settings::Trust::CaFile("/etc/outpost/ca.pem".into())
+        );
+        assert_eq!(read(&root.join("etc/outpost/ca.pem")), read(&s.ca));
+        assert_eq!(mode(&root.join("opt/outpost/state")), 0o700);
+        for d in [
+            "opt/outpost/plugins",
+            "etc/outpost/checks.d",
+            "var/log/outpost",
+        ] {
+            assert!(root.join(d).is_dir(), "{init}: {d}");
+        }
+
+        let unit = root.join("etc/systemd/system/outpost-agent.service");
+        let initd = root.join("etc/init.d/outpost-agent");
+        let calls = s.calls();
+        match init {
+            "systemd" => {
+                assert_eq!(
+                    read(&unit),
+                    read(&workspace().join("installer/outpost-agent.service"))
+                );
+                assert_eq!(mode(&unit), 0o644);
+                assert!(!initd.exists());
+                assert_eq!(
+                    calls,
+                    [
+                        "systemctl daemon-reload",
+                        "systemctl enable outpost-agent.service",
+                        "systemctl restart outpost-agent.service"
+                    ]
+                );
+            }
+            "openrc" => {
+                assert_eq!(
+                    read(&initd),
+                    read(&workspace().join("installer/outpost-agent.openrc"))
+                );
+                assert_eq!(mode(&initd), 0o755);
+                assert!(!unit.exists());
+                assert_eq!(
+                    calls,
+                    [
+                        "rc-update add outpost-agent default",
+                        "rc-service outpost-agent restart"
+                    ]
+                );
+            }
+            "sysv" => {
+                assert_eq!(
+                    read(&initd),
+                    read(&workspace().join("installer/outpost-agent.sysv"))
+                );
+                assert_eq!(mode(&initd), 0o755);
+                assert_eq!(
+                    calls,
+                    [
+                        "update-rc.d outpost-agent defaults",
+                        "service outpost-agent restart"
+                    ]
+                );
+            }
+            _ => {
+                assert!(!unit.exists() && !initd.exists());
+                assert!(calls.is_empty(), "{calls:?}");
+                assert!(
+                    run.stdout.contains(
+                        "/opt/outpost/bin/outpost-agent run --config /etc/outpost/agent.toml"
+                    ) && run.stdout.contains("Start the agent yourself"),
+                    "{run}"
+                );
+            }
+        }
+
+        // --uninstall takes away everything this run made (the agent never ran).
+        s.clear_calls();
+        let run = s.install(&root, &["--uninstall"], &[("OUTPOST_INIT", init)]);
+        assert!(run.ok, "{init} uninstall: {run}");
+        assert_eq!(tree(&root), before, "{init}: left behind after --uninstall");
+        let calls = s.calls();
+        let expected: &[&str] = match init {
+            "systemd" => &[
+                "systemctl disable --now outpost-agent.service",
+                "systemctl daemon-reload",
+            ],
+            "openrc" => &[
+                "rc-service outpost-agent stop",
+                "rc-update del outpost-agent default",
+            ],
+            "sysv" => &[
+                "service outpost-agent stop",
+                "update-rc.d -f outpost-agent remove",
+            ],
+            _ => &[],
+        };
+        assert_eq!(calls, expected, "{init}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_again_upgrades_in_place_and_keeps_identity_and_edits() {
+    let s = setup(&[]);
+    let root = empty_root(s.dir.path(), "root");
+    let ca = s.ca.display().to_string();
+    let sd = [("OUTPOST_INIT", "systemd")];
+    let run = s.install(&root, &["--key", &s.gw.enroll_key, "--ca", &ca], &sd);
+    assert!(run.ok, "{run}");
+
+    // What the agent and the admin made since.
+    let etc = root.join("etc/outpost");
+    std::fs::write(etc.join("agent.finger"), "fingerprint-1").unwrap();
+    std::fs::write(etc.join("agent.secret"), "secret-1").unwrap();
+    std::fs::write(root.join("opt/outpost/state/outbox.redb"), "pending").unwrap();
+    std::fs::write(etc.join("checks.d/app.toml"), "# an app's check").unwrap();
+    let config = etc.join("agent.toml");
+    let edited = format!("{}\n[labels]\nrole = \"web\"\n", read(&config));
+    std::fs::write(&config, &edited).unwrap();
+    let kept = |root: &Path| {
+        assert_eq!(
+            read(&root.join("etc/outpost/agent.finger")),
+            "fingerprint-1"
+        );
+        assert_eq!(read(&root.join("etc/outpost/agent.secret")), "secret-1");
+        assert_eq!(read(&root.join("opt/outpost/state/outbox.redb")), "pending");
+        assert_eq!(
+            read(&root.join("etc/outpost/checks.d/app.toml")),
+            "# an app's check"
+        );
+    };
+
+    // A new release; the same one-liner without options upgrades: the CA to trust comes
+    // from agent.toml, the configuration is left alone.
+    publish_fake(&s.releases, "1.10.0");
+    publish_fake(&s.releases, "1.9.0");
+    s.clear_calls();
+    let run = s.install(&root, &[], &sd);
+    assert!(run.ok, "{run}");
+    assert!(
+        run.stdout.contains("upgraded outpost-agent to 1.10.0"),
+        "{run}"
+    );
+    let bin = root.join("opt/outpost/bin/outpost-agent");
+    assert_eq!(std::fs::read(&bin).unwrap(), fake_agent("1.10.0", "x86_64"));
+    assert_eq!(mode(&bin), 0o755);
+    assert_eq!(read(&config), edited);
+    kept(&root);
+    let units: Vec<_> = tree(&root)
+        .into_keys()
+        .filter(|p| p.contains("outpost-agent.service") || p.contains("init.d/outpost"))
+        .collect();
+    assert_eq!(units, ["etc/systemd/system/outpost-agent.service"]);
+    assert!(s
+        .calls()
+        .contains(&"systemctl restart outpost-agent.service".to_string()));
+
+    // The first install's options again: their values are already there, nothing changes.
+    let run = s.install(&root, &["--key", &s.gw.enroll_key, "--ca", &ca], &sd);
+    assert!(run.ok, "{run}");
+    assert!(
+        run.stdout.contains("kept /etc/outpost/agent.toml as it is"),
+        "{run}"
+    );
+    assert_eq!(read(&config), edited);
+    assert!(!etc.join("agent.toml.old").exists());
+
+    // New values change their keys only; the edit stays; the old file is kept beside it.
+    // The pin as `openssl x509 -fingerprint -sha256` shows it: upper case, with colons.
+    let colons: Vec<String> =
+        s.gw.pin
+            .as_bytes()
+            .chunks(2)
+            .map(|c| String::from_utf8_lossy(c).to_uppercase())
+            .collect();
+    let run = s.install(
+        &root,
+        &[
+            "--key",
+            "new-key",
+            "--version",
+            "1.9.0",
+            "--pin",
+            &colons.join(":"),
+        ],
+        &sd,
+    );
+    assert!(run.ok, "{run}");
+    assert_eq!(std::fs::read(&bin).unwrap(), fake_agent("1.9.0", "x86_64"));
+    let now = read(&config);
+    assert!(now.contains("enroll_key = \"new-key\"\n"), "{now}");
+    assert!(
+        now.contains(&format!("pin_sha256 = \"{}\"\n", s.gw.pin)),
+        "{now}"
+    );
+    assert!(!now.contains("ca_file"), "{now}");
+    assert!(!now.contains(&s.gw.enroll_key), "{now}");
+    assert!(now.contains("[labels]\nrole = \"web\"\n"), "{now}");
+    assert_eq!(now.matches("enroll_key").count(), 1, "{now}");
+    assert_eq!(mode(&config), 0o600);
+    assert_eq!(read(&etc.join("agent.toml.old")), edited);
+    assert_eq!(mode(&etc.join("agent.toml.old")), 0o600);
+    outpost_agent::Settings::from_toml(&now, &BTreeMap::new()).unwrap();
+    kept(&root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uninstall_keeps_identity_and_state_and_purge_removes_them() {
+    let s = setup(&[]);
+    let root = empty_root(s.dir.path(), "root");
+    let before = tree(&root);
+    let ca = s.ca.display().to_string();
+    let rc = [("OUTPOST_INIT", "openrc")];
+    let run = s.install(&root, &["--key", &s.gw.enroll_key, "--ca", &ca], &rc);
+    assert!(run.ok, "{run}");
+    let etc = root.join("etc/outpost");
+    std::fs::write(etc.join("agent.finger"), "f").unwrap();
+    std::fs::write(etc.join("agent.secret"), "s").unwrap();
+    std::fs::write(root.join("opt/outpost/state/outbox.redb"), "o").unwrap();
+    std::fs::write(root.join("opt/outpost/plugins/check_x"), "p").unwrap();
+    std::fs::write(root.join("var/log/outpost/agent.log"), "l").unwrap();
+
+    let run = s.install(&root, &["--uninstall"], &rc);
+    assert!(run.ok, "{run}");
+    assert!(run.stdout.contains("--purge"), "{run}");
+    let left: Vec<String> = tree(&root)
+        .into_keys()
+        .filter(|p| !before.contains_key(p))
+        .collect();
+    assert_eq!(
+        left,
+        [
+            "etc/outpost",
+            "etc/outpost/agent.finger",
+            "etc/outpost/agent.secret",
+            "opt/outpost",
+            "opt/outpost/state",
+            "opt/outpost/state/outbox.redb",
+        ]
+    );
+
+    // Installing again comes back as the same agent.
+    let run = s.install(&root, &["--key", &s.gw.enroll_key, "--ca", &ca], &rc);
+    assert!(run.ok, "{run}");
+    assert_eq!(read(&etc.join("agent.finger")), "f");
+
+    let run = s.install(&root, &["--uninstall", "--purge"], &rc);
+    assert!(run.ok, "{run}");
+    assert_eq!(tree(&root), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checksum_mismatch_installs_nothing() {
+    let s = setup(&[]);
+    let ca = s.ca.display().to_string();
+    // 2.0.0's binary is not the one its SHA256SUMS describes.
+    publish_fake(&s.releases, "2.0.0");
+    std::fs::write(
+        s.releases.join("2.0.0").join(X86),
+        fake_agent("2.0.0-tampered", "x86_64"),
+    )
+    .unwrap();
+    let root = empty_root(s.dir.path(), "root");
+    let before = tree(&root);
+    let run = s.install(
+        &root,
+        &["--key", &s.gw.enroll_key, "--ca", &ca],
+        &[("OUTPOST_INIT", "systemd")],
+    );
+    assert!(!run.ok, "{run}");
+    assert!(
+        run.stderr
+            .contains("checksum mismatch for outpost-agent-x86_64-unknown-linux-musl"),
+        "{run}"
+    );
+    assert!(run.stderr.contains("nothing was installed"), "{run}");
+    assert_eq!(tree(&root), before);
+    assert!(s.calls().is_empty());
+
+    // A SHA256SUMS without the artifact is refused the same way.
+    std::fs::write(s.releases.join("2.0.0/SHA256SUMS"), "").unwrap();
+    let run = s.install(&root, &["--key", &s.gw.enroll_key, "--ca", &ca], &[]);
+    assert!(!run.ok && run.stderr.contains("has no entry for"), "{run}");
+    assert_eq!(tree(&root), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_architecture_picks_the_binary_and_others_are_refused() {
+    let s = setup(&[]);
+    let ca = s.ca.display().to_string();
+    let uname = |dir: &str, machine: &str| {
+        let d = s.dir.path().join(dir);
+        std::fs::create_dir_all(&d).unwrap();
+        write_exec(
+            &d.join("uname"),
+            &format!("#!/bin/sh\ncase \"$1\" in -m) echo {machine} ;; *) echo Linux ;; esac\n"),
+        );
+        format!(
+            "{}:{}:{}",
+            d.display(),
+            s.fakes.display(),
+            std::env::var("PATH").unwrap()
+        )
+    };
+    let key = s.gw.enroll_key.clone();
+    let args = ["--key", &key, "--ca", &ca];
+
+    let root = empty_root(s.dir.path(), "arm");
+    let path = uname("arm-bin", "aarch64");
+    let run = run_sh(&s.fetch_script(), &args, &root, &path, &s.calls, &[]);
+    assert!(run.ok, "{run}");
+    assert_eq!(
+        std::fs::read(root.join("opt/outpost/bin/outpost-agent")).unwrap(),
+        fake_agent("1.0.0", "aarch64")
+    );
+
+    let root = empty_root(s.dir.path(), "mips");
+    let before = tree(&root);
+    let path = uname("mips-bin", "mips");
+    let run = run_sh(&s.fetch_script(), &args, &root, &path, &s.calls, &[]);
+    assert!(!run.ok, "{run}");
+    assert!(
+        run.stderr.contains("unsupported architecture \"mips\""),
+        "{run}"
+    );
+    assert_eq!(tree(&root), before);
+}
+
+/// A PATH (one directory, made at `dir`) with every tool of this system but `missing`.
+fn path_without(dir: &Path, missing: &[&str]) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    for d in ["/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"] {
+        for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+            let name = e.file_name();
+            let skip = missing.iter().any(|m| name == *m);
+            if !skip && !dir.join(&name).exists() {
+                std::os::unix::fs::symlink(e.path(), dir.join(&name)).unwrap();
+            }
+        }
+    }
+    dir.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wget_does_when_there_is_no_curl() {
+    let s = setup(&[]);
+    let ca = s.ca.display().to_string();
+    let root = empty_root(s.dir.path(), "root");
+    let before = tree(&root);
+    let p = path_without(&s.dir.path().join("no-curl"), &["curl"]);
+    let key = s.gw.enroll_key.clone();
+
+    let run = run_sh(
+        &s.fetch_script(),
+        &["--key", &key, "--pin", &s.gw.pin],
+        &root,
+        &p,
+        &s.calls,
+        &[],
+    );
+    assert!(!run.ok && run.stderr.contains("--pin needs curl"), "{run}");
+    let run = run_sh(
+        &s.fetch_script(),
+        &["--key", &key],
+        &root,
+        &p,
+        &s.calls,
+        &[],
+    );
+    assert!(
+        !run.ok
+            && run
+                .stderr
+                .contains("cannot verify the gateway's certificate"),
+        "{run}"
+    );
+    let run = run_sh(
+        &s.fetch_script(),
+        &["--key", &key, "--ca", &ca, "--version", "3.0.0"],
+        &root,
+        &p,
+        &s.calls,
+        &[],
+    );
+    assert!(
+        !run.ok
+            && run
+                .stderr
+                .contains("the gateway has no releases/3.0.0/SHA256SUMS"),
+        "{run}"
+    );
+    assert_eq!(tree(&root), before);
+
+    let run = run_sh(
+        &s.fetch_script(),
+        &["--key", &key, "--ca", &ca],
+        &root,
+        &p,
+        &s.calls,
+        &[],
+    );
+    assert!(run.ok, "{run}");
+    assert_eq!(
+        std::fs::read(root.join("opt/outpost/bin/outpost-agent")).unwrap(),
+        fake_agent("1.0.0", "x86_64")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clear_errors_and_nothing_installed() {
+    let s = setup(&[]);
+    let ca = s.ca.display().to_string();
+    let key = s.gw.enroll_key.clone();
+    let root = empty_root(s.dir.path(), "root");
+    let before = tree(&root);
+    let path = std::env::var("PATH").unwrap();
+
+    // Not root (a fake id says uid 1000).
+    let fake_id = s.dir.path().join("id-bin");
+    std::fs::create_dir_all(&fake_id).unwrap();
+    write_exec(&fake_id.join("id"), "#!/bin/sh\necho 1000\n");
+    let p = format!("{}:{path}", fake_id.display());
+    let run = run_sh(
+        &s.fetch_script(),
+        &["--key", &key],
+        &root,
+        &p,
+        &s.calls,
+        &[],
+    );
+    assert!(!run.ok && run.stderr.contains("run this as root"), "{run}");
+
+    // Neither curl nor wget.
+    let p = path_without(&s.dir.path().join("no-downloader"), &["curl", "wget"]);
+    let run = run_sh(
+        &s.fetch_script(),
+        &["--key", &key, "--ca", &ca],
+        &root,
+        &p,
+        &s.calls,
+        &[],
+    );
+    assert!(
+        !run.ok && run.stderr.contains("neither curl nor wget is installed"),
+        "{run}"
+    );
+
+    // A release whose SHA256SUMS is far too large to be one.
+    publish_fake(&s.releases, "0.0.1");
+    std::fs::write(s.releases.join("0.0.1/SHA256SUMS"), "0".repeat(70_000)).unwrap();
+
+    // Each with the script as served, into the same untouched root.
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--key", &key, "--ca", &ca, "--gateway", "127.0.0.1:1"],
+            "cannot reach the gateway at https://127.0.0.1:1/",
+        ),
+        (&["--ca", &ca], "the first install needs an enrollment key"),
+        (
+            &["--key", &key, "--pin", "abc"],
+            "--pin must be 64 hex digits",
+        ),
+        (
+            &["--key", &key, "--ca", &ca, "--pin", &"ab".repeat(32)],
+            "either --ca or --pin",
+        ),
+        (
+            &["--key", "k\"ey", "--ca", &ca],
+            "enrollment key may hold only",
+        ),
+        (
+            &["--key", &key, "--ca", &ca, "--version", "9.9.9"],
+            "the gateway has no releases/9.9.9/SHA256SUMS",
+        ),
+        (&["--key", &key], "cannot verify the gateway's certificate"),
+        (
+            &["--key", &key, "--ca", &ca, "--version", "0.0.1"],
+            "releases/0.0.1/SHA256SUMS is larger than the 65536 bytes it may have",
+        ),
+        (&["--bogus"], "unknown option \"--bogus\""),
+        (&["--purge"], "--purge goes with --uninstall"),
+        (
+            &["--key", &key, "--ca", &ca, "--init", "upstart"],
+            "--init must be systemd, openrc, sysv or none",
+        ),
+    ];
+    for (args, message) in cases {
+        let run = s.install(&root, args, &[]);
+        assert!(!run.ok, "{args:?}: {run}");
+        assert!(
+            run.stderr.contains(message),
+            "{args:?}: want {message:?}\n{run}"
+        );
+    }
+    assert_eq!(tree(&root), before);
+    assert!(s.calls().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_is_the_agents_pin_and_a_wrong_one_installs_nothing() {
+    // The gateway's own self-signed certificate, trusted by its pin only.
+    let dir = tempdir();
+    let releases = dir.path().join("releases");
+    publish_fake(&releases, "1.0.0");
+    let rel = releases.display().to_string();
+    let gw = Gateway::start(dir.path(), &["--releases-dir", &rel]);
+    let s = Setup {
+        ca: gw.data_dir.join("tls/cert.pem"),
+        fakes: dir.path().to_path_buf(),
+        calls: dir.path().join("calls.log"),
+        releases,
+        gw,
+        dir,
+    };
+    let root = empty_root(s.dir.path(), "root");
+    let before = tree(&root);
+    let wrong = "0".repeat(64);
+    let run = s.install(&root, &["--key", &s.gw.enroll_key, "--pin", &wrong], &[]);
+    assert!(!run.ok, "{run}");
+    assert!(
+        run.stderr.contains(&format!(
+            "does not match the pin: expected {wrong}, got {}",
+            s.gw.pin
+        )),
+        "{run}"
+    );
+    assert_eq!(tree(&root), before);
+
+    let upper = s.gw.pin.to_uppercase();
+    let run = s.install(&root, &["--key", &s.gw.enroll_key, "--pin", &upper], &[]);
+    assert!(run.ok, "{run}");
+    let config = read(&root.join("etc/outpost/agent.toml"));
+    let settings = outpost_agent::Settings::from_toml(&config, &BTreeMap::new()).unwrap();
+    assert_eq!(
+        settings.trust,
+        outpost_agent::settings::Trust::Pin(s.gw.pin.clone())
+    );
+}
+
+/// `curl` with extra arguments against the gateway; returns (status, headers, body).
+fn curl(s: &Setup, args: &[&str], path: &str) -> (u16, String, Vec<u8>) {
+    let headers = s.dir.path().join("headers.txt");
+    let out = Command::new("timeout")
+        .args(["30", "curl", "-sS", "--path-as-is", "--cacert"])
+        .arg(&s.ca)
+        .arg("-D")
+        .arg(&headers)
+        .args(args)
+        .arg(format!("{}{path}", s.base()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl {path}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let h = read(&headers);
+    let status = h.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, h.to_ascii_lowercase(), out.stdout)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_the_script_and_releases_and_nothing_else() {
+    let s = setup(&[]);
+    // A 5 MB artifact comes whole, with its length announced.
+    let big: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8).collect();
+    publish(&s.releases, "1.2.0", &[(X86, &big)]);
+    publish_fake(&s.releases, "1.2.0-rc.1");
+    publish_fake(&s.releases, "1.10.0-rc.1");
+    std::fs::write(s.releases.join("1.2.0/.hidden"), "x").unwrap();
+    std::fs::write(s.dir.path().join("secret.txt"), "secret").unwrap();
+    std::os::unix::fs::symlink(
+        s.dir.path().join("secret.txt"),
+        s.releases.join("1.2.0/escape"),
+    )
+    .unwrap();
+
+    let (status, headers, body) = curl(&s, &[], &format!("/releases/1.2.0/{X86}"));
+    assert_eq!(status, 200);
+    assert!(headers.contains("content-length: 5000000\r\n"), "{headers}");
+    assert!(body == big, "body differs from the file");
+    let (status, _, body) = curl(&s, &[], "/releases/latest/VERSION");
+    assert_eq!((status, body.as_slice()), (200, &b"1.10.0-rc.1\n"[..]));
+    let (status, _, body) = curl(&s, &["-I"], &format!("/releases/latest/{X86}"));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+
+    for bad in [
+        "/releases/1.2.0/.hidden",
+        "/releases/1.2.0/escape",
+        "/releases/1.2.0/nope",
+        "/releases/9.0.0/VERSION",
+        "/releases/%2e%2e/secret.txt",
+        "/releases/1.2.0/..%2f..%2fsecret.txt",
+        "/releases/../secret.txt",
+        "/releases/1.2.0/%2Fetc%2Fpasswd",
+    ] {
+        let (status, _, body) = curl(&s, &[], bad);
+        assert_eq!(status, 404, "{bad}: {}", String::from_utf8_lossy(&body));
+        assert!(
+            !String::from_utf8_lossy(&body).contains("secret\n"),
+            "{bad}"
+        );
+    }
+    let (_, _, body) = curl(&s, &[], "/releases/1.2.0/nope");
+    assert_eq!(
+        String::from_utf8_lossy(&body),
+        "no file nope in release 1.2.0 on this gateway\n"
+    );
+
+    // The script names the gateway it came from, when the Host header is a plain name.
+    let (status, _, body) = curl(&s, &[], "/install.sh");
+    assert_eq!(status, 200);
+    let script = String::from_utf8(body).unwrap();
+    assert!(script.contains(&format!("served_gateway='localhost:{}'\n", s.gw.port())));
+    assert_eq!(
+        script.replace(
+            &format!("served_gateway='localhost:{}'", s.gw.port()),
+            "served_gateway=''"
+        ),
+        read(&script_source())
+    );
+    let (_, _, body) = curl(&s, &["-H", "Host: x';reboot;'"], "/install.sh");
+    assert_eq!(String::from_utf8(body).unwrap(), read(&script_source()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_url_is_the_scripts_default_gateway() {
+    let s = setup(&["--public-url", "https://gw.example.com:9443/"]);
+    let script = String::from_utf8(s.fetch_script()).unwrap();
+    assert!(script.contains("served_gateway='gw.example.com:9443'\n"));
+    // A URL that is not https://HOST[:PORT] is refused at start, saying why.
+    let dir = tempdir();
+    let out = Command::new("timeout")
+        .arg("30")
+        .arg(bin("outpost-gateway"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--public-url",
+            "http://gw.example.com",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("gw"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("must start with https://"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ------------------------------------------------------------- Debian chroot, end to end
+
+fn dist_dir() -> PathBuf {
+    std::env::var_os("OUTPOST_DIST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("dist"))
+}
+
+/// A minimal Debian bookworm tree with curl, as a tarball cached across runs (building
+/// it takes minutes), unpacked into `into`.
+fn debian_chroot(into: &Path) {
+    let cache = PathBuf::from(
+        std::env::var_os("OUTPOST_TEST_CACHE").unwrap_or_else(|| "/var/cache/outpost-tests".into()),
+    );
+    let tarball = cache.join("debian-bookworm-minbase.tar");
+    if !tarball.exists() {
+        std::fs::create_dir_all(&cache).unwrap();
+        let build = cache.join(format!("bookworm.build.{}", std::process::id()));
+        let status = Command::new("timeout")
+            .args([
+                "1800",
+                "debootstrap",
+                "--variant=minbase",
+                "--include=curl,ca-certificates",
+                "bookworm",
+            ])
+            .arg(&build)
+            .arg("http://deb.debian.org/debian")
+            .status()
+            .expect("debootstrap (ci/setup installs it)");
+        assert!(status.success(), "debootstrap failed");
+        let tmp = cache.join(format!(
+            "debian-bookworm-minbase.tar.{}",
+            std::process::id()
+        ));
+        let status = Command::new("timeout")
+            .args(["600", "tar"])
+            .arg("-C")
+            .arg(&build)
+            .arg("-cf")
+            .arg(&tmp)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(status.success());
+        std::fs::rename(&tmp, &tarball).unwrap();
+        std::fs::remove_dir_all(&build).unwrap();
+    }
+    std::fs::create_dir_all(into).unwrap();
+    let status = Command::new("timeout")
+        .args(["600", "tar"])
+        .arg("-C")
+        .arg(into)
+        .arg("-xf")
+        .arg(&tarball)
+        .status()
+        .unwrap();
+    assert!(status.success(), "cannot unpack {}", tarball.display());
+}
+
+/// A gateway on 127.0.0.1 with a CA-issued certificate for `localhost`, the dist
+/// directory published as its release, a check that runs everywhere, and a Debian chroot
+/// that trusts the CA (at /root/gateway-ca.pem) and resolves localhost.
+struct Chroot {
+    dir: tempfile::TempDir,
+    gw: Gateway,
+    root: PathBuf,
+    agent_bin: PathBuf,
+}
+
+impl Chroot {
+    fn new() -> Chroot {
+        let dist = dist_dir();
+        let agent_bin = dist.join(X86);
+        assert!(
+            agent_bin.exists() && dist.join("VERSION").exists(),
+            "{} is missing: run ci/dist first (or set OUTPOST_DIST_DIR)",
+            agent_bin.display()
+        );
+        let version = read(&dist.join("VERSION")).trim().to_string();
+
+        let dir = tempdir();
+        let (ca, cert, key) = test_pki(&dir.path().join("pki"), "localhost");
+        // The release as the gateway's operator publishes it: a copy of the dist directory.
+        let releases = dir.path().join("releases");
+        std::fs::create_dir_all(releases.join(&version)).unwrap();
+        for e in std::fs::read_dir(&dist).unwrap().flatten() {
+            if e.path().is_file() {
+                std::fs::copy(e.path(), releases.join(&version).join(e.file_name())).unwrap();
+            }
+        }
+        let (cert, key, rel) = (
+            cert.display().to_string(),
+            key.display().to_string(),
+            releases.display().to_string(),
+        );
+        let gw = Gateway::start(
+            dir.path(),
+            &[
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+                "--releases-dir",
+                &rel,
+            ],
+        );
+        gw.write_checks(
+            "c.toml",
+            "[[check]]\nname = \"from-chroot\"\ncommand = [\"/bin/sh\", \"-c\", \"echo OK - debian $(cat /etc/debian_version)\"]\ninterval = 1\n",
+        );
+        let root = dir.path().join("debian");
+        debian_chroot(&root);
+        // The chroot shares the network namespace; the gateway's name is localhost.
+        std::fs::write(root.join("etc/hosts"), "127.0.0.1 localhost\n").unwrap();
+        std::fs::copy(&ca, root.join("root/gateway-ca.pem")).unwrap();
+        Chroot {
+            dir,
+            gw,
+            root,
+            agent_bin,
+        }
+    }
+
+    /// Run `line` with /bin/sh inside the chroot; returns (success, stdout, stderr).
+    fn sh(&self, line: &str) -> (bool, String, String) {
+        let out = Command::new("timeout")
+            .arg("300")
+            .arg("chroot")
+            .arg(&self.root)
+            .args(["/bin/sh", "-c", line])
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        )
+    }
+
+    /// The one-liner, trusting the gateway by the CA, with `args` after `sh -s --`.
+    fn curl_pipe_sh(&self, args: &str) -> (bool, String, String) {
+        self.sh(&format!(
+            "curl -fsSL --cacert /root/gateway-ca.pem https://localhost:{}/install.sh | sh -s -- {args}",
+            self.gw.port()
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curl_pipe_sh_in_a_debian_chroot_installs_an_agent_that_reports() {
+    let c = Chroot::new();
+    let (gw, chroot, agent_bin, dir) = (&c.gw, &c.root, &c.agent_bin, &c.dir);
+    let (ok, said, err) = c.curl_pipe_sh(&format!(
+        "--key {} --ca /root/gateway-ca.pem",
+        gw.enroll_key
+    ));
+    assert!(ok, "install in the chroot:\n{said}\n{err}");
+    assert!(said.contains("Start the agent yourself"), "{said}");
+    let command = "/opt/outpost/bin/outpost-agent run --config /etc/outpost/agent.toml";
+    assert!(said.contains(command), "{said}");
+    assert_eq!(
+        std::fs::read(chroot.join("opt/outpost/bin/outpost-agent")).unwrap(),
+        std::fs::read(agent_bin).unwrap(),
+        "the installed agent is the dist build"
+    );
+
+    // Start the agent as the script said.
+    let log = dir.path().join("chroot-agent.log");
+    let stdout_path = dir.path().join("chroot-agent.out");
+    let mut argv = vec![chroot.display().to_string()];
+    argv.extend(command.split(' ').map(str::to_string));
+    let child = Command::new("chroot")
+        .args(&argv)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&stdout_path).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let agent = Proc {
+        child,
+        stderr_path: log,
+    };
+    let fingerprint = eventually(T, "the agent prints its fingerprint", || async {
+        std::fs::read_to_string(&stdout_path)
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("fingerprint ").map(str::to_string))
+    })
+    .await;
+    let result = eventually(
+        Duration::from_secs(60),
+        "a result from the chroot agent",
+        || gw.latest(&fingerprint, "from-chroot"),
+    )
+    .await;
+    assert_eq!(result["status"], "ok", "{result}\n{}", agent.log());
+    assert!(
+        result["output"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("OK - debian 12"),
+        "{result}"
+    );
+    let secret = chroot.join("etc/outpost/agent.secret");
+    assert_eq!(mode(&secret), 0o600);
+    assert!(chroot.join("etc/outpost/agent.finger").exists());
+}
+
+/// Kills what the chroot's SysV script started, should the test end early.
+struct PidFile(PathBuf);
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Some(pid) = std::fs::read_to_string(&self.0)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            // SAFETY: signalling a process by pid.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sysv_script_runs_the_agent_in_a_debian_chroot_and_stops_it_with_a_bye() {
+    let c = Chroot::new();
+    let pidfile = PidFile(c.root.join("run/outpost-agent.pid"));
+    let (ok, said, err) = c.curl_pipe_sh(&format!(
+        "--key {} --ca /root/gateway-ca.pem --init sysv",
+        c.gw.enroll_key
+    ));
+    assert!(ok, "install:\n{said}\n{err}");
+    assert!(
+        said.contains("started the outpost-agent service (SysV init)"),
+        "{said}"
+    );
+    // Debian's real update-rc.d linked it into the runlevels.
+    let linked = |root: &Path| {
+        std::fs::read_dir(root.join("etc/rc2.d"))
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().contains("outpost-agent"))
+    };
+    assert!(linked(&c.root), "no /etc/rc2.d link");
+
+    let log = c.root.join("var/log/outpost/agent.log");
+    let fingerprint = eventually(T, "the service's agent logs its fingerprint", || async {
+        std::fs::read_to_string(&log)
+            .ok()?
+            .lines()
+            .find_map(|l| l.strip_prefix("fingerprint ").map(str::to_string))
+    })
+    .await;
+    eventually(Duration::from_secs(60), "a result from the service", || {
+        c.gw.latest(&fingerprint, "from-chroot")
+    })
+    .await;
+    let (ok, status, _) = c.sh("/etc/init.d/outpost-agent status");
+    assert!(ok && status.contains("is running"), "{status}");
+
+    // Uninstall stops it through the script: SIGTERM, and the agent says bye.
+    let (ok, said, err) = c.curl_pipe_sh("--uninstall --init sysv");
+    assert!(ok, "uninstall:\n{said}\n{err}");
+    let agent = eventually(T, "the agent deregistered", || async {
+        c.gw.agent(&fingerprint)
+            .await
+            .filter(|a| a["presence"] == "deregistered")
+    })
+    .await;
+    assert_eq!(agent["connected"], false);
+    assert!(!pidfile.0.exists());
+    assert!(!linked(&c.root), "rc2.d link left behind");
+    assert!(!c.root.join("etc/init.d/outpost-agent").exists());
+    assert!(!c.root.join("opt/outpost/bin/outpost-agent").exists());
+    assert!(
+        c.root.join("etc/outpost/agent.secret").exists(),
+        "identity kept"
+    );
+}
