@@ -39,6 +39,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/metrics", get(metrics))
         .route(WS_PATH, get(upgrade))
         .nest("/api/v1", api)
+        .merge(crate::releases_manifest::router())
         .with_state(gw)
 }
 

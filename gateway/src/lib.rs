@@ -14,6 +14,8 @@ pub mod hub;
 pub mod listener;
 pub mod metrics;
 pub mod registry;
+pub mod releases_manifest;
+pub mod rollout;
 pub mod session;
 pub mod settings;
 pub mod tls;
