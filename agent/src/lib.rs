@@ -69,6 +69,8 @@ pub async fn run_updating(
         outbox::DiskOutbox::open(&settings.paths.state_dir, settings.outbox_max_bytes)
             .context("cannot open the outbox")?;
     let outbox: Arc<dyn outbox::Outbox> = Arc::new(disk);
+    // First, so that a new binary's first result says which version it is and why.
+    let updater = update::Updater::new(&settings, tls.clone(), outbox.clone(), shutdown.clone());
     if let Some(why) = moved_aside {
         // Said once, as a result that reaches the gateway like any other.
         tracing::error!(reason = %why, "outbox file was corrupt; started a fresh one");
@@ -117,7 +119,6 @@ pub async fn run_updating(
         settings.checks_poll,
         shutdown.clone(),
     ));
-    let updater = update::Updater::new(&settings, tls.clone(), outbox.clone(), shutdown.clone());
     let conn = connection::Connection {
         updater: updater.clone(),
         identity,

@@ -19,7 +19,7 @@ pub enum DownloadError {
     Connect(String),
     #[error("GET {path}: the gateway answered {status}")]
     Status { path: String, status: u16 },
-    #[error("GET {path}: the download exceeds {cap} bytes (the most expected); gave up")]
+    #[error("GET {path}: the download exceeds {cap} bytes, the most allowed; gave up")]
     TooBig { path: String, cap: u64 },
     #[error("GET {path}: not complete within {}s; gave up", .deadline.as_secs())]
     Deadline { path: String, deadline: Duration },

@@ -191,4 +191,44 @@ mod tests {
         restore(&staged).unwrap();
         assert_eq!(std::fs::read(&exe).unwrap(), b"old");
     }
+
+    fn script(dir: &Path, body: &str) -> Staged {
+        use std::os::unix::fs::PermissionsExt;
+        let exe = dir.join("outpost-agent");
+        std::fs::write(&exe, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Staged {
+            from: "1".into(),
+            to: "2".into(),
+            exe,
+            previous: dir.join("outpost-agent.previous"),
+            state_dir: dir.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_trial_needs_the_marker_and_a_clean_exit_in_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let marker = tmp.path().join("marker");
+        let t = Duration::from_secs(5);
+        let healthy = script(tmp.path(), "echo ok > \"$OUTPOST_UPDATE_TRIAL\"; exit 0");
+        assert!(matches!(trial(&healthy, &marker, t).await, Trial::Healthy));
+        let crash = script(tmp.path(), "exit 1");
+        match trial(&crash, &marker, t).await {
+            Trial::Failed(why) => assert!(why.contains("exit status: 1"), "{why}"),
+            _ => panic!("a crash passed the trial"),
+        }
+        let no_marker = script(tmp.path(), "exit 0");
+        assert!(matches!(
+            trial(&no_marker, &marker, t).await,
+            Trial::Failed(_)
+        ));
+        let hang = script(tmp.path(), "exec sleep 60");
+        let started = std::time::Instant::now();
+        match trial(&hang, &marker, Duration::from_secs(1)).await {
+            Trial::Failed(why) => assert!(why.contains("within 1s"), "{why}"),
+            _ => panic!("a hung binary passed the trial"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(8));
+    }
 }

@@ -19,6 +19,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start: the size of the serve options does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Accept agents, serve the API and the console.
     Serve(ServeArgs),
