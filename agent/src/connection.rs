@@ -299,7 +299,7 @@ impl Connection {
             r = self.dial() => r,
             _ = shutdown.cancelled() => {
                 // Stopping while rotating: the old session is still the agent's; say bye on it.
-                if let Some(mut old) = previous {
+                if let Some(mut old) = previous.filter(|_| !self.updater.handing_over()) {
                     let bye = AgentFrame::Bye(Bye { reason: "agent stopping".into() });
                     let _ = send(&mut *old, Message::Text(encode(&bye).into())).await;
                     let _ = tokio::time::timeout(Duration::from_secs(2), SinkExt::close(&mut *old)).await;
@@ -519,13 +519,13 @@ impl Connection {
                         return End::Retry(format!("cannot send ping: {e}"));
                     }
                 }
-                _ = shutdown.cancelled(), if self.updater.handing_over() => {
-                    // Coming back as a new binary within seconds: not a deregistration.
-                    let _ = send(&mut sink, Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "agent restarting for an update".into() }))).await;
-                    let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
-                    return End::Stopped;
-                }
                 _ = shutdown.cancelled() => {
+                    if self.updater.handing_over() {
+                        // Coming back as a new binary within seconds: not a deregistration.
+                        let _ = send(&mut sink, Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "agent restarting for an update".into() }))).await;
+                        let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
+                        return End::Stopped;
+                    }
                     let bye = AgentFrame::Bye(Bye { reason: "agent stopping".into() });
                     let _ = send(&mut sink, Message::Text(encode(&bye).into())).await;
                     // Give the gateway a moment to close its side so it records the bye.

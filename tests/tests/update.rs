@@ -327,6 +327,13 @@ async fn update_from_a_to_b_end_to_end() {
             "numbers missing before result {n} ({check}): lost results"
         );
     }
+    // Stopping to swap is not a deregistration: no bye was said on the way.
+    let presence = std::fs::read_to_string(s.gw.data_dir.join("bus/presence.jsonl")).unwrap();
+    let deregistered: Vec<&str> = presence
+        .lines()
+        .filter(|l| l.contains(&fp) && l.contains("\"deregistered\""))
+        .collect();
+    assert!(deregistered.is_empty(), "{deregistered:?}");
     let trial = s.gw.bus_results(&fp, "outpost.update");
     assert!(
         trial
