@@ -187,6 +187,7 @@ impl State {
         Some((serde_json::from_str(status).ok()?, output.to_string()))
     }
 
+    #[cfg(unix)]
     fn marker(&self) -> PathBuf {
         self.dir.join("trial-healthy")
     }
@@ -255,7 +256,13 @@ impl Updater {
                     tracing::error!(error = %e, "cannot record the agent version in the state directory");
                 }
             }
-            if let Ok(from) = std::env::var(DONE_ENV) {
+            // Once per process: after a rollback of a later update, the agent runs again
+            // in the same process with the same environment.
+            static DONE_REPORTED: AtomicBool = AtomicBool::new(false);
+            if let Some(from) = std::env::var(DONE_ENV)
+                .ok()
+                .filter(|_| !DONE_REPORTED.swap(true, Ordering::SeqCst))
+            {
                 queue.push(result(
                     Status::Ok,
                     format!("updated from {from} to {AGENT_VERSION}"),
