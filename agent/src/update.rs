@@ -484,7 +484,7 @@ impl Updater {
         }
         #[cfg(not(unix))]
         {
-            let _ = exe;
+            let _ = (exe, &self.state_dir);
             Ok(None)
         }
     }
