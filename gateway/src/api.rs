@@ -40,6 +40,8 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route(WS_PATH, get(upgrade))
         .nest("/api/v1", api)
         .merge(crate::releases_manifest::router())
+        // The same route as releases::routes() for the installer: keep one when both land.
+        .merge(crate::releases_manifest::files_router())
         .with_state(gw)
 }
 

@@ -30,12 +30,17 @@ use crate::Gateway;
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const SIG_FILE: &str = "manifest.json.sig";
 
-/// `/releases/manifest.json`, its signature, and `/releases/<version>/<file>`.
+/// `/releases/manifest.json` and its signature.
 pub fn router() -> Router<Arc<Gateway>> {
     Router::new()
         .route("/releases/manifest.json", get(manifest))
         .route("/releases/manifest.json.sig", get(signature))
-        .route("/releases/{version}/{file}", get(release_file))
+}
+
+/// `/releases/<version>/<file>`: the release files themselves. The installer's module
+/// (`releases.rs`, on its own branch) serves the same route; keep one of them.
+pub fn files_router() -> Router<Arc<Gateway>> {
+    Router::new().route("/releases/{version}/{file}", get(release_file))
 }
 
 async fn manifest(State(gw): State<Arc<Gateway>>) -> Response {

@@ -557,3 +557,31 @@ async fn a_key_override_not_owned_by_root_is_refused() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_the_manifest_and_nothing_outside_the_releases_directory() {
+    let s = Setup::new(&[]);
+    let f = s.place(B, b"agent");
+    s.manifest(vec![s.entry(B, &f)], Some(&s.key));
+    let (status, body) = s.gw.http("GET", "/releases/manifest.json", None).await;
+    assert_eq!(status, 200);
+    assert_eq!(body["releases"][0]["size"], 5);
+    let (status, _) = s.gw.http("GET", "/releases/manifest.json.sig", None).await;
+    assert_eq!(status, 200);
+    let file = release_file_name(target());
+    let (status, body) =
+        s.gw.http("GET", &format!("/releases/{B}/{file}"), None)
+            .await;
+    assert_eq!((status, body), (200, Value::String("agent".into())));
+    // A symlink inside the directory that leads out of it, and names that try to.
+    std::os::unix::fs::symlink("/etc/passwd", s.releases.join(B).join("passwd")).unwrap();
+    for path in [
+        format!("/releases/{B}/passwd"),
+        format!("/releases/{B}/..%2F..%2Fapi.token"),
+        "/releases/..%2F..%2F/api.token".to_string(),
+        format!("/releases/{B}/.hidden"),
+    ] {
+        let (status, body) = s.gw.http("GET", &path, None).await;
+        assert_eq!(status, 404, "{path}: {body}");
+    }
+}
