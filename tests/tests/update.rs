@@ -470,6 +470,25 @@ async fn a_binary_with_bytes_appended_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binary_changed_after_signing_is_refused() {
+    // Same size, one byte different: only the hash can tell.
+    refused(
+        |s| {
+            let mut bytes = agent_bytes();
+            let f = s.place(B, &bytes);
+            let entry = s.entry(B, &f);
+            let i = bytes.len() / 2;
+            bytes[i] ^= 0xff;
+            std::fs::write(&f, &bytes).unwrap();
+            s.manifest(vec![entry], Some(&s.key));
+            s.rollout(B);
+        },
+        "the signed manifest says",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_binary_for_another_target_is_refused() {
     // Only an aarch64 build of B is listed.
     refused(
