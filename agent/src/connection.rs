@@ -445,7 +445,7 @@ impl Connection {
                             let seq = a.seq.min(sent);
                             crate::outbox::blocking(|| self.outbox.ack(seq));
                             acked = acked.max(seq);
-                            self.updater.on_ack(acked);
+                            self.updater.on_ack(acked, || !self.scheduler.gateway_names().is_empty());
                             if in_flight.is_some_and(|(s, _)| a.seq >= s) {
                                 in_flight = None;
                             }

@@ -15,8 +15,8 @@
 //!
 //! Then the agent stops (no `bye`: it is coming back), closes its outbox, and starts the
 //! new binary as a child in trial mode ([`TRIAL_ENV`]). The child is healthy once it is
-//! welcomed by the gateway and a result it queued at start is acked; it writes a marker
-//! and exits. The parent then `exec`s the new binary (same PID, so systemd and OpenRC
+//! welcomed by the gateway and the result it queued at start is acked, and (when it has
+//! checks) a later result too; it writes a marker and exits. The parent then `exec`s the new binary (same PID, so systemd and OpenRC
 //! keep tracking it). If the child exits without the marker (a crash at start included)
 //! or runs past the trial deadline, the parent kills it, renames the previous binary
 //! back, records the version as bad, and runs on, reporting "rolled back from X".
@@ -311,12 +311,14 @@ impl Updater {
         *self.gateway.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
     }
 
-    /// The gateway acked up to `seq`. On trial, acking our first result proves health.
-    pub fn on_ack(&self, seq: u64) {
+    /// The gateway acked up to `seq`. On trial, health is the ack of the first result this
+    /// binary queued and, when it has checks (`has_checks`), of a later one: it connected,
+    /// was welcomed, and ran its checks and delivered what they produced.
+    pub fn on_ack(&self, seq: u64, has_checks: impl FnOnce() -> bool) {
         let Some((marker, first)) = &self.trial else {
             return;
         };
-        if seq < *first || self.handing_over() {
+        if seq < *first || self.handing_over() || (seq == *first && has_checks()) {
             return;
         }
         match std::fs::write(marker, AGENT_VERSION) {
