@@ -66,6 +66,8 @@ pub struct Connection {
     pub addrs: tokio::sync::Mutex<AddrBook>,
     /// The outbox's drop count when last reported, and whether that report was a warning.
     pub drops_reported: std::sync::Mutex<(u64, bool)>,
+    /// Self-update: takes `update` offers and acks (see [`crate::update`]).
+    pub updater: Arc<crate::update::Updater>,
 }
 
 /// Why a session ended.
@@ -297,7 +299,7 @@ impl Connection {
             r = self.dial() => r,
             _ = shutdown.cancelled() => {
                 // Stopping while rotating: the old session is still the agent's; say bye on it.
-                if let Some(mut old) = previous {
+                if let Some(mut old) = previous.filter(|_| !self.updater.handing_over()) {
                     let bye = AgentFrame::Bye(Bye { reason: "agent stopping".into() });
                     let _ = send(&mut *old, Message::Text(encode(&bye).into())).await;
                     let _ = tokio::time::timeout(Duration::from_secs(2), SinkExt::close(&mut *old)).await;
@@ -346,6 +348,7 @@ impl Connection {
             return End::Retry(format!("cannot raise the sequence floor: {e}"));
         }
         tracing::info!(gateway_version = %welcome.gateway_version, %addr, "connected to gateway");
+        self.updater.connected_to(addr);
         self.addrs
             .lock()
             .await
@@ -442,6 +445,7 @@ impl Connection {
                             let seq = a.seq.min(sent);
                             crate::outbox::blocking(|| self.outbox.ack(seq));
                             acked = acked.max(seq);
+                            self.updater.on_ack(acked, || !self.scheduler.gateway_names().is_empty());
                             if in_flight.is_some_and(|(s, _)| a.seq >= s) {
                                 in_flight = None;
                             }
@@ -492,6 +496,7 @@ impl Connection {
                             let _ = send(&mut sink, Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "coming back later, as asked".into() }))).await;
                             return come_back_later(&r);
                         }
+                        GatewayFrame::Update(offer) => self.updater.offer(offer.version),
                         GatewayFrame::Welcome(_) => tracing::warn!("ignoring a second welcome"),
                         GatewayFrame::Unknown => tracing::warn!("ignoring a frame type this agent does not know (is the gateway newer?)"),
                     }
@@ -515,6 +520,12 @@ impl Connection {
                     }
                 }
                 _ = shutdown.cancelled() => {
+                    if self.updater.handing_over() {
+                        // Coming back as a new binary within seconds: not a deregistration.
+                        let _ = send(&mut sink, Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "agent restarting for an update".into() }))).await;
+                        let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
+                        return End::Stopped;
+                    }
                     let bye = AgentFrame::Bye(Bye { reason: "agent stopping".into() });
                     let _ = send(&mut sink, Message::Text(encode(&bye).into())).await;
                     // Give the gateway a moment to close its side so it records the bye.

@@ -18,6 +18,7 @@ pub mod scheduler;
 pub mod settings;
 pub mod supervise;
 pub mod tls;
+pub mod update;
 pub mod util;
 
 use std::sync::Arc;
@@ -27,13 +28,33 @@ use tokio_util::sync::CancellationToken;
 
 pub use settings::Settings;
 
-pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// This build's version: `OUTPOST_VERSION` at build time, else the crate's version.
+pub const AGENT_VERSION: &str = match option_env!("OUTPOST_VERSION") {
+    Some(v) => v,
+    None => env!("CARGO_PKG_VERSION"),
+};
+/// The Rust target this build is for; self-update fetches the release built for it.
+pub const AGENT_TARGET: &str = env!("OUTPOST_TARGET");
 
 /// The check under which the agent reports a problem with its own outbox.
 pub const OUTBOX_CHECK: &str = "outpost.outbox";
 
 /// Run the agent until `shutdown` is cancelled.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if let Some(staged) = run_updating(settings, shutdown).await? {
+        tracing::warn!(to = %staged.to, "an update was staged but this caller cannot restart the agent; it runs at the next start");
+    }
+    Ok(())
+}
+
+/// Run the agent until `shutdown` is cancelled or it stops to try a new binary, which it
+/// returns: the caller (without a runtime running) passes it to [`update::after_run`].
+pub async fn run_updating(
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Option<update::Staged>> {
+    // Cancelled on shutdown, or by the updater to hand over to a new binary.
+    let shutdown = shutdown.child_token();
     let identity = identity::Identity::load_or_create(&settings.paths)
         .context("cannot establish the agent's identity")?;
     {
@@ -48,6 +69,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         outbox::DiskOutbox::open(&settings.paths.state_dir, settings.outbox_max_bytes)
             .context("cannot open the outbox")?;
     let outbox: Arc<dyn outbox::Outbox> = Arc::new(disk);
+    // First, so that a new binary's first result says which version it is and why.
+    let updater = update::Updater::new(&settings, tls.clone(), outbox.clone(), shutdown.clone());
     if let Some(why) = moved_aside {
         // Said once, as a result that reaches the gateway like any other.
         tracing::error!(reason = %why, "outbox file was corrupt; started a fresh one");
@@ -97,6 +120,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
         shutdown.clone(),
     ));
     let conn = connection::Connection {
+        updater: updater.clone(),
         identity,
         tls,
         outbox: outbox.clone(),
@@ -118,5 +142,5 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Res
     if let Err(e) = outbox::blocking(|| outbox.flush()) {
         tracing::error!(error = %e, pending = outbox.len(), "stopping before every result reached the disk");
     }
-    Ok(())
+    Ok(updater.take_staged())
 }

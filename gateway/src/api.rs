@@ -40,6 +40,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route(WS_PATH, get(upgrade))
         .nest("/api/v1", api)
         .merge(crate::releases::routes())
+        .merge(crate::releases_manifest::router())
         .with_state(gw)
 }
 

@@ -15,6 +15,8 @@ pub mod listener;
 pub mod metrics;
 pub mod registry;
 pub mod releases;
+pub mod releases_manifest;
+pub mod rollout;
 pub mod session;
 pub mod settings;
 pub mod tls;

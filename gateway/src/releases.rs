@@ -265,22 +265,27 @@ async fn artifact(
     State(gw): State<Arc<Gateway>>,
     UrlPath((version, file)): UrlPath<(String, String)>,
 ) -> Response {
-    let path = match resolve(&gw.settings.releases_dir, &version, &file) {
-        Ok(p) => p,
-        Err(e) => return not_found(e),
-    };
-    let opened = match tokio::fs::File::open(&path).await {
+    match resolve(&gw.settings.releases_dir, &version, &file) {
+        Ok(path) => send_file(&path, &format!("{version}/{file}")).await,
+        Err(e) => not_found(e),
+    }
+}
+
+/// Stream the file at `path` with its length (`name` is what a 404 calls it). The caller
+/// has checked that `path` is a regular file inside the releases directory.
+pub(crate) async fn send_file(path: &Path, name: &str) -> Response {
+    let opened = match tokio::fs::File::open(path).await {
         Ok(f) => f,
         Err(e) => {
             tracing::warn!(file = %path.display(), error = %e, "cannot open a release file");
-            return not_found(format!("release file {version}/{file} cannot be read"));
+            return not_found(format!("release file {name} cannot be read"));
         }
     };
     let len = match opened.metadata().await {
         Ok(m) => m.len(),
         Err(e) => {
             tracing::warn!(file = %path.display(), error = %e, "cannot stat a release file");
-            return not_found(format!("release file {version}/{file} cannot be read"));
+            return not_found(format!("release file {name} cannot be read"));
         }
     };
     // Never more than Content-Length, even if the file grows while it is sent.

@@ -384,6 +384,15 @@ async fn authenticated(
     } else {
         gw.registry.set_checks(&fp, config.checks);
     }
+    if let Some(version) = crate::rollout::load(&gw.settings.releases_dir)
+        .await
+        .and_then(|r| r.version_for(&fp, &hello.groups).map(str::to_string))
+        .filter(|v| *v != hello.agent_version)
+    {
+        tracing::info!(%peer, from = %hello.agent_version, to = %version, "offering an agent update");
+        let offer = GatewayFrame::Update(outpost_protocol::UpdateOffer { version });
+        let _ = tx.send(Outbound::Frame(offer)).await;
+    }
 
     // A silent peer for three heartbeats is gone (half-open connections included).
     let idle = gw.settings.heartbeat * 3;

@@ -32,6 +32,8 @@ pub enum GatewayFrame {
     Plugin(PluginFrame),
     Error(ErrorFrame),
     Reconnect(Reconnect),
+    /// Run this agent version (self-update; see `docs/UPDATES.md`).
+    Update(crate::update::UpdateOffer),
     #[serde(other)]
     Unknown,
 }

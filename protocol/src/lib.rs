@@ -15,6 +15,7 @@ mod collector;
 mod frame;
 mod limits;
 pub mod probe;
+pub mod update;
 
 pub use check::{
     config_hash, config_hash_with_collectors, valid_check_name, CheckSpec, Fault, Metric, Origin,
@@ -29,6 +30,7 @@ pub use frame::{
     PluginRequest, Reconnect, Results, RpcCall, RpcError, RpcReply, RpcRequest, Welcome,
 };
 pub use limits::*;
+pub use update::UpdateOffer;
 
 /// Whether `s` is a fingerprint as agents make them: a lowercase hyphenated UUID.
 pub fn valid_fingerprint(s: &str) -> bool {

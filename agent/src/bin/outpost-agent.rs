@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(
     name = "outpost-agent",
-    version,
+    version = outpost_agent::AGENT_VERSION,
     about = "Outpost agent: runs checks, dials out to its gateway"
 )]
 struct Cli {
@@ -45,33 +45,45 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(70);
-        }
-    };
-    let shutdown = CancellationToken::new();
-    let result = runtime.block_on(async {
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            outpost_sys::shutdown_signal().await;
-            tracing::info!("stopping");
-            stop.cancel();
+    let _ = outpost_agent::update::exe_path();
+    loop {
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("error: cannot start the async runtime: {e}");
+                return ExitCode::from(70);
+            }
+        };
+        let shutdown = CancellationToken::new();
+        let result = runtime.block_on(async {
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                outpost_sys::shutdown_signal().await;
+                tracing::info!("stopping");
+                stop.cancel();
+            });
+            outpost_agent::run_updating(settings.clone(), shutdown).await
         });
-        outpost_agent::run(settings, shutdown).await
-    });
-    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
-        }
+        runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+        // A staged update: try the new binary (exec'd when good), or roll back and rerun.
+        let result = match result {
+            Ok(Some(staged)) => match outpost_agent::update::after_run(staged) {
+                outpost_agent::update::AfterRun::RunAgain => continue,
+                outpost_agent::update::AfterRun::Exit => Ok(()),
+            },
+            Ok(None) => Ok(()),
+            Err(e) => Err(e),
+        };
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        };
     }
 }

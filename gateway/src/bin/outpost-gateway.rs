@@ -19,14 +19,82 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start: the size of the serve options does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Accept agents, serve the API and the console.
     Serve(ServeArgs),
+    /// Agent releases for self-update: make a signing key, publish a ci/dist output.
+    #[command(subcommand)]
+    Release(Release),
+}
+
+#[derive(Subcommand)]
+enum Release {
+    /// Make an ed25519 key pair: PREFIX.key (private, mode 0600) and PREFIX.pub (the
+    /// key agents are built with, e.g. installer/release-key.pub).
+    Keygen {
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+    /// Copy DIST_DIR (a ci/dist output) into RELEASES_DIR/<VERSION>/ and sign a new
+    /// manifest over every version present there.
+    Publish {
+        /// The private key made by `release keygen`.
+        #[arg(long)]
+        key: std::path::PathBuf,
+        /// The gateway's releases directory (its --releases-dir).
+        #[arg(
+            long,
+            env = "OUTPOST_RELEASES_DIR",
+            default_value = "/var/lib/outpost-gateway/releases"
+        )]
+        releases_dir: std::path::PathBuf,
+        dist_dir: std::path::PathBuf,
+    },
+}
+
+fn release(cmd: Release) -> anyhow::Result<()> {
+    use outpost_gateway::releases_manifest as rm;
+    match cmd {
+        Release::Keygen { out } => {
+            let (private, public) = rm::keygen(&out)?;
+            println!(
+                "private key {} (mode 0600: keep it off the gateway)\npublic key {}",
+                private.display(),
+                public.display()
+            );
+        }
+        Release::Publish {
+            key,
+            releases_dir,
+            dist_dir,
+        } => {
+            let p = rm::publish(&key, &dist_dir, &releases_dir)?;
+            println!(
+                "published {} ({}) into {}; the manifest lists {} release files",
+                p.version,
+                p.files.join(", "),
+                releases_dir.display(),
+                p.manifest.releases.len()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
     outpost_sys::init_logging();
     let cli = Cli::parse();
+    if let Command::Release(cmd) = cli.command {
+        return match release(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -36,6 +104,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Release(_) => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
