@@ -17,6 +17,9 @@ pub struct TlsIdentity {
     pub server_config: Arc<ServerConfig>,
     /// Hex SHA-256 of the leaf certificate (DER): what agents put in `pin_sha256`.
     pub pin_sha256: String,
+    /// `sha256//BASE64` of the leaf's public key (SPKI): what `curl --pinnedpubkey` takes,
+    /// so that `install.sh` can be fetched from a self-signed gateway by pin.
+    pub curl_pin: String,
     /// Whether the certificate was generated here (and so needs a pin or the CA file).
     pub self_signed: bool,
 }
@@ -48,6 +51,12 @@ impl TlsIdentity {
             );
         };
         let pin_sha256 = hex::encode(Sha256::digest(leaf.as_ref()));
+        let curl_pin = curl_pin(leaf).with_context(|| {
+            format!(
+                "certificate file {} does not parse as X.509",
+                cert_path.display()
+            )
+        })?;
         let key = PrivateKeyDer::from_pem_file(&key_path)
             .with_context(|| format!("cannot read private key {}", key_path.display()))?;
         let mut config =
@@ -73,9 +82,22 @@ impl TlsIdentity {
         Ok(TlsIdentity {
             server_config: Arc::new(config),
             pin_sha256,
+            curl_pin,
             self_signed,
         })
     }
+}
+
+/// `sha256//` and the base64 SHA-256 of the certificate's SubjectPublicKeyInfo (DER).
+fn curl_pin(leaf: &CertificateDer<'_>) -> anyhow::Result<String> {
+    use base64::Engine;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(leaf.as_ref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let spki = cert.tbs_certificate.subject_pki.raw;
+    Ok(format!(
+        "sha256//{}",
+        base64::engine::general_purpose::STANDARD.encode(Sha256::digest(spki))
+    ))
 }
 
 fn generate(tls_dir: &Path, extra_sans: &[String]) -> anyhow::Result<()> {

@@ -194,6 +194,8 @@ pub struct Gateway {
     pub proc: Proc,
     pub addr: String,
     pub pin: String,
+    /// `sha256//BASE64` of the certificate's public key, for `curl --pinnedpubkey`.
+    pub curl_pin: String,
     pub data_dir: PathBuf,
     pub checks_dir: PathBuf,
     pub token: String,
@@ -222,13 +224,16 @@ impl Gateway {
         .arg(&data_dir)
         .args(extra_args)
         .env("RUST_LOG", "info,outpost_gateway=debug");
-        let (proc, lines) = spawn_reading(cmd, &dir.join("gateway.log"), 2, |l| {
-            l.starts_with("listening ") || l.starts_with("pin_sha256 ")
+        let (proc, lines) = spawn_reading(cmd, &dir.join("gateway.log"), 3, |l| {
+            l.starts_with("listening ")
+                || l.starts_with("pin_sha256 ")
+                || l.starts_with("curl_pin ")
         });
         let addr = lines[0]
             .trim_start_matches("listening https://")
             .to_string();
         let pin = lines[1].trim_start_matches("pin_sha256 ").to_string();
+        let curl_pin = lines[2].trim_start_matches("curl_pin ").to_string();
         let read = |f: &str| {
             std::fs::read_to_string(data_dir.join(f))
                 .unwrap()
@@ -239,6 +244,7 @@ impl Gateway {
             proc,
             addr,
             pin,
+            curl_pin,
             token: read("api.token"),
             enroll_key: read("enroll.key"),
             data_dir,

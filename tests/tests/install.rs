@@ -897,6 +897,34 @@ async fn a_pin_is_the_agents_pin_and_a_wrong_one_installs_nothing() {
         gw,
         dir,
     };
+    // The one-liner's first hop: curl fetches the script by the public-key pin the
+    // gateway prints (`curl_pin`), and refuses another.
+    let fetch = |pin: &str| {
+        Command::new("timeout")
+            .args(["30", "curl", "-fsS", "-k", "--pinnedpubkey", pin])
+            .arg(format!("{}/install.sh", s.base()))
+            .output()
+            .unwrap()
+    };
+    let got = fetch(&s.gw.curl_pin);
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    assert!(got.stdout.starts_with(b"#!/bin/sh"));
+    let other = format!("sha256//{}", "A".repeat(43) + "=");
+    let refused = fetch(&other);
+    assert!(
+        !refused.status.success(),
+        "a wrong public-key pin was accepted"
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("pinned"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
     let root = empty_root(s.dir.path(), "root");
     let before = tree(&root);
     let wrong = "0".repeat(64);
@@ -1038,12 +1066,6 @@ async fn public_url_is_the_scripts_default_gateway() {
 }
 
 // ------------------------------------------------------------- Debian chroot, end to end
-
-fn dist_dir() -> PathBuf {
-    std::env::var_os("OUTPOST_DIST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("dist"))
-}
 
 /// A minimal Debian bookworm tree with curl, as a tarball cached across runs (building
 /// it takes minutes), unpacked into `into`.

@@ -129,8 +129,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // Machine-readable lines first (tests and scripts read them), then the human summary.
     // Written without panicking: a closed stdout must not take the gateway down.
     let banner = format!(
-        "listening https://{addr}\npin_sha256 {}\nconsole https://{addr}/#token={}\nenroll_key_file {}\napi_token_file {}\nchecks_dir {}\n",
+        "listening https://{addr}\npin_sha256 {}\ncurl_pin {}\nconsole https://{addr}/#token={}\nenroll_key_file {}\napi_token_file {}\nchecks_dir {}\n",
         prepared.tls.pin_sha256,
+        prepared.tls.curl_pin,
         gw.credentials.api_token,
         data_dir.join("enroll.key").display(),
         data_dir.join("api.token").display(),
