@@ -436,17 +436,27 @@ async fn a_manifest_signed_with_another_key_is_refused() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_truncated_binary_is_refused() {
+/// B's manifest entry is signed for the real binary, then `tamper` changes the file served.
+async fn refused_when_tampered(tamper: impl FnOnce(&mut Vec<u8>), needle: &str) {
     refused(
         |s| {
-            let bytes = agent_bytes();
+            let mut bytes = agent_bytes();
             let f = s.place(B, &bytes);
             let entry = s.entry(B, &f);
-            std::fs::write(&f, &bytes[..bytes.len() - 4096]).unwrap();
+            tamper(&mut bytes);
+            std::fs::write(&f, &bytes).unwrap();
             s.manifest(vec![entry], Some(&s.key));
             s.rollout(B);
         },
+        needle,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_binary_is_refused() {
+    refused_when_tampered(
+        |bytes| bytes.truncate(bytes.len() - 4096),
         "the download is truncated",
     )
     .await;
@@ -454,16 +464,8 @@ async fn a_truncated_binary_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_binary_with_bytes_appended_is_refused() {
-    refused(
-        |s| {
-            let mut bytes = agent_bytes();
-            let f = s.place(B, &bytes);
-            let entry = s.entry(B, &f);
-            bytes.extend_from_slice(b"#!/bin/sh\nrm -rf /\n");
-            std::fs::write(&f, &bytes).unwrap();
-            s.manifest(vec![entry], Some(&s.key));
-            s.rollout(B);
-        },
+    refused_when_tampered(
+        |bytes| bytes.extend_from_slice(b"#!/bin/sh\nrm -rf /\n"),
         "the download exceeds",
     )
     .await;
@@ -472,16 +474,10 @@ async fn a_binary_with_bytes_appended_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_binary_changed_after_signing_is_refused() {
     // Same size, one byte different: only the hash can tell.
-    refused(
-        |s| {
-            let mut bytes = agent_bytes();
-            let f = s.place(B, &bytes);
-            let entry = s.entry(B, &f);
+    refused_when_tampered(
+        |bytes| {
             let i = bytes.len() / 2;
             bytes[i] ^= 0xff;
-            std::fs::write(&f, &bytes).unwrap();
-            s.manifest(vec![entry], Some(&s.key));
-            s.rollout(B);
         },
         "the signed manifest says",
     )
