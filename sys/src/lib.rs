@@ -19,8 +19,11 @@ pub fn now_ms() -> u64 {
 /// `mode` before any data is written, fsynced, renamed over `path`, then the directory
 /// fsynced. Readers see the old content or the new, never a mix; a crash leaves at most a
 /// stray temp file.
+///
+/// On Windows `mode` is ignored: a file inherits the ACL of its directory (the MSI
+/// creates `C:\ProgramData\Outpost` for Administrators and SYSTEM), and a directory
+/// cannot be opened to be fsynced, so only the file is.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(
@@ -28,17 +31,20 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
         path.file_name().and_then(|n| n.to_str()).unwrap_or("state"),
         std::process::id()
     ));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut f = options.open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     drop(f);
     std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    #[cfg(unix)]
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
 }
 
 /// Log to stderr at the level `RUST_LOG` sets (default `info`), in colour only on a terminal.
@@ -52,7 +58,46 @@ pub fn init_logging() {
         .init();
 }
 
+/// Log to `file` (a service has no console) at the level `RUST_LOG` sets (default
+/// `info`), without colour.
+pub fn init_logging_to(file: std::fs::File) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::sync::Mutex::new(file))
+        .with_ansi(false)
+        .init();
+}
+
+/// Resolve on SIGTERM or SIGINT (Ctrl-C); on Windows on Ctrl-C, Ctrl-Break, the console
+/// closing or the system shutting down (a service is stopped by its control handler
+/// instead, see the agent's `service` module).
+#[cfg(windows)]
+pub async fn shutdown_signal() {
+    use tokio::signal::windows;
+    match (
+        windows::ctrl_c(),
+        windows::ctrl_break(),
+        windows::ctrl_close(),
+        windows::ctrl_shutdown(),
+    ) {
+        (Ok(mut c), Ok(mut b), Ok(mut close), Ok(mut shut)) => {
+            tokio::select! {
+                _ = c.recv() => {}
+                _ = b.recv() => {}
+                _ = close.recv() => {}
+                _ = shut.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 /// Resolve on SIGTERM or SIGINT (Ctrl-C).
+#[cfg(unix)]
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match (
@@ -71,7 +116,7 @@ pub async fn shutdown_signal() {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
