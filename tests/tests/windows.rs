@@ -2,7 +2,9 @@
 //! dist directory), run under Wine in a throwaway prefix against the real Linux gateway
 //! over real TLS: it enrolls, runs a batch-file plugin (started through cmd.exe), a
 //! plugin through the extension-to-interpreter map (`.chk` mapped in the configuration to
-//! a runner), and the built-in disk check on `C:\` (GetDiskFreeSpaceExW), delivers their results, and on
+//! a runner), a plugin that hangs (killed at its timeout with the child it started: the
+//! Job Object), a collector (CRITICAL: not supported on Windows), and the built-in disk
+//! check on `C:\` (GetDiskFreeSpaceExW), delivers their results, and on
 //! Ctrl-C (Wine turns SIGINT into a console CTRL_C_EVENT) says `bye` and exits 0.
 //!
 //! What this does not prove: the Windows service (Wine has no real Service Control
@@ -11,8 +13,8 @@
 
 use std::time::Duration;
 
-use outpost_e2e::wine::{dist_file, win_path, Wine};
-use outpost_e2e::{eventually, tempdir, Gateway};
+use outpost_e2e::wine::{dist_file, run_with_deadline, win_path, Wine};
+use outpost_e2e::{bin, eventually, tempdir, Gateway};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -22,6 +24,19 @@ async fn the_windows_agent_enrolls_runs_plugins_and_says_bye_under_wine() {
     let dir = tempdir();
     let wine = Wine::new(dir.path());
     let gw = Gateway::start(dir.path(), &[]);
+
+    // `service` from a console is refused with the reason (no Service Control Manager
+    // started it), not a hang.
+    let (code, _, err) = run_with_deadline(
+        wine.command(&exe, &["service", "--config", r"C:\nowhere.toml"]),
+        "outpost-agent service from a console",
+        Duration::from_secs(60),
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("cannot connect to the Service Control Manager") && err.contains("1063"),
+        "{err}"
+    );
 
     let plugins = dir.path().join("win-plugins");
     std::fs::create_dir_all(&plugins).unwrap();
@@ -41,6 +56,18 @@ async fn the_windows_agent_enrolls_runs_plugins_and_says_bye_under_wine() {
         "@echo off\r\necho MAPPED %1 ran %~nx2\r\nexit /b 0\r\n",
     )
     .unwrap();
+    // Times out: its Job Object is terminated, and with it the child it started, which
+    // would otherwise write the marker some seconds later.
+    let marker = dir.path().join("escaped-child-ran.txt");
+    let hang = plugins.join("check_hang.bat");
+    std::fs::write(
+        &hang,
+        format!(
+            "@echo off\r\nstart /b cmd /c \"ping -n 5 127.0.0.1 >nul & echo late> {}\"\r\nping -n 60 127.0.0.1 >nul\r\n",
+            win_path(&marker)
+        ),
+    )
+    .unwrap();
     let mapped = plugins.join("check_mapped.chk");
     std::fs::write(&mapped, "not run directly\r\n").unwrap();
     gw.write_checks(
@@ -58,12 +85,24 @@ command = [{mapped:?}]
 interval = 1
 
 [[check]]
+name = "hang"
+command = [{hang:?}]
+interval = 1
+timeout = 2
+
+[[collector]]
+name = "shipper"
+kind = "program"
+command = ["C:\\windows\\system32\\cmd.exe"]
+
+[[check]]
 name = "c-drive"
 disk = {{ path = 'C:\' }}
 interval = 1
 "#,
             bat = win_path(&bat),
             mapped = win_path(&mapped),
+            hang = win_path(&hang),
         ),
     );
 
@@ -147,6 +186,30 @@ interval = 1
         .unwrap_or(0.0);
     assert!(total > 0.0, "no disk size measured: {disk}");
 
+    let hung = eventually(T, "the hanging plugin's timeout", || async {
+        gw.latest(&fp, "hang").await
+    })
+    .await;
+    assert_eq!(hung["status"], "unknown", "{hung}");
+    assert_eq!(
+        hung["output"], "check timed out after 2s and was killed",
+        "{hung}"
+    );
+
+    // Collectors are Linux-only: a declared one is CRITICAL and says why.
+    let collector = eventually(T, "the collector's health result", || async {
+        gw.latest(&fp, "collector.shipper").await
+    })
+    .await;
+    assert_eq!(collector["status"], "critical", "{collector}");
+    assert!(
+        collector["output"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not supported on Windows"),
+        "{collector}"
+    );
+
     // Ctrl-C: Wine delivers SIGINT as CTRL_C_EVENT; the agent says bye and exits 0.
     agent.signal(libc::SIGINT);
     assert_eq!(
@@ -161,5 +224,27 @@ interval = 1
             .filter(|a| a["presence"] == "deregistered")
     })
     .await;
+    // The hanging plugin's child would have written the marker 4 s after it started;
+    // every run was killed after 2 s, job and all.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !marker.exists(),
+        "a child of a timed-out plugin survived its Job Object"
+    );
     drop(wine);
+}
+
+#[test]
+fn the_service_command_is_refused_off_windows_with_the_way_to_run_it() {
+    let out = std::process::Command::new(bin("outpost-agent"))
+        .args(["service", "--config", "/etc/outpost/agent.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("`service` is for Windows")
+            && err.contains("outpost-agent run --config /etc/outpost/agent.toml"),
+        "{err}"
+    );
 }

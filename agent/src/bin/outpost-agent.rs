@@ -36,22 +36,22 @@ enum Command {
 /// sysexits.h EX_CONFIG: the configuration is wrong; retrying will not help.
 const EX_CONFIG: u8 = 78;
 
+/// `service`: handed to the Service Control Manager on Windows; refused elsewhere.
 fn service(config: PathBuf) -> ExitCode {
     #[cfg(windows)]
-    if let Err(e) = outpost_agent::service::run(config) {
-        eprintln!("error: {e:#}");
-        return ExitCode::from(1);
-    }
+    let result = outpost_agent::service::run(config);
     #[cfg(not(windows))]
-    {
-        eprintln!(
-            "error: `service` is for Windows; here run `outpost-agent run --config {}` under systemd, OpenRC or SysV init",
-            config.display()
-        );
-        return ExitCode::from(64);
+    let result: anyhow::Result<()> = Err(anyhow::anyhow!(
+        "`service` is for Windows; here run `outpost-agent run --config {}` under systemd, OpenRC or SysV init",
+        config.display()
+    ));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(if cfg!(windows) { 1 } else { 64 })
+        }
     }
-    #[cfg(windows)]
-    ExitCode::SUCCESS
 }
 
 fn main() -> ExitCode {
