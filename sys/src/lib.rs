@@ -20,9 +20,11 @@ pub fn now_ms() -> u64 {
 /// fsynced. Readers see the old content or the new, never a mix; a crash leaves at most a
 /// stray temp file.
 ///
-/// On Windows `mode` is ignored: a file inherits the ACL of its directory (the MSI
-/// creates `C:\ProgramData\Outpost` for Administrators and SYSTEM), and a directory
-/// cannot be opened to be fsynced, so only the file is.
+/// On Windows a private `mode` (nothing for group or others, e.g. 0600) gives the file a
+/// protected ACL before any data is written: full control for SYSTEM, Administrators and
+/// the file's owner, nothing inherited (so not the Users' read access that
+/// `C:\ProgramData` hands down); any other mode leaves the ACL inherited. A directory
+/// cannot be opened to be fsynced there, so only the file is.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
@@ -38,12 +40,70 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
     #[cfg(not(unix))]
     let _ = mode;
     let mut f = options.open(&tmp)?;
+    #[cfg(windows)]
+    if mode & 0o077 == 0 {
+        if let Err(e) = restrict_to_owner_and_admins(&tmp) {
+            drop(f);
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    }
     f.write_all(bytes)?;
     f.sync_all()?;
     drop(f);
     std::fs::rename(&tmp, path)?;
     #[cfg(unix)]
     std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+/// Replace the ACL of `path` with a protected one: full control for SYSTEM (SY),
+/// Administrators (BA) and the owner (OW), nothing inherited.
+#[cfg(windows)]
+fn restrict_to_owner_and_admins(path: &Path) -> std::io::Result<()> {
+    use std::os::windows::ffi::OsStrExt;
+    use windows_sys::Win32::Foundation::LocalFree;
+    use windows_sys::Win32::Security::Authorization::{
+        ConvertStringSecurityDescriptorToSecurityDescriptorW, SDDL_REVISION_1,
+    };
+    use windows_sys::Win32::Security::{
+        SetFileSecurityW, DACL_SECURITY_INFORMATION, PROTECTED_DACL_SECURITY_INFORMATION,
+        PSECURITY_DESCRIPTOR,
+    };
+    let sddl: Vec<u16> = "D:P(A;;FA;;;SY)(A;;FA;;;BA)(A;;FA;;;OW)"
+        .encode_utf16()
+        .chain(Some(0))
+        .collect();
+    let file: Vec<u16> = path.as_os_str().encode_wide().chain(Some(0)).collect();
+    let mut sd: PSECURITY_DESCRIPTOR = std::ptr::null_mut();
+    // SAFETY: `sddl` is NUL-terminated; `sd` receives a LocalAlloc'd descriptor.
+    let ok = unsafe {
+        ConvertStringSecurityDescriptorToSecurityDescriptorW(
+            sddl.as_ptr(),
+            SDDL_REVISION_1,
+            &mut sd,
+            std::ptr::null_mut(),
+        )
+    };
+    if ok == 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `file` is NUL-terminated and `sd` a valid descriptor, freed right after.
+    let ok = unsafe {
+        SetFileSecurityW(
+            file.as_ptr(),
+            DACL_SECURITY_INFORMATION | PROTECTED_DACL_SECURITY_INFORMATION,
+            sd,
+        )
+    };
+    let err = std::io::Error::last_os_error();
+    // SAFETY: `sd` came from LocalAlloc inside the conversion above.
+    unsafe {
+        LocalFree(sd.cast());
+    }
+    if ok == 0 {
+        return Err(err);
+    }
     Ok(())
 }
 

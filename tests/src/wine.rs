@@ -133,6 +133,24 @@ impl Wine {
         let mut wait = Command::new("wineserver");
         wait.arg("-w").env("WINEPREFIX", &wine.prefix);
         run_with_deadline(wait, "wineserver -w", Duration::from_secs(60));
+        // A program started while that server is going away can end at once with exit 0
+        // and no output: wait until the new session really runs programs.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (_, out, err) = run_with_deadline(
+                wine.command("cmd", &["/c", "echo", "outpost-wine-ready"]),
+                "wine cmd /c echo",
+                Duration::from_secs(60),
+            );
+            if out.contains("outpost-wine-ready") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Wine prefix does not run programs: {err}"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
         let system32 = wine.drive_c().join("windows/system32");
         assert!(
             system32.is_dir(),
