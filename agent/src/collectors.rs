@@ -27,7 +27,9 @@
 //!   running (pid, uptime; once it has stayed up 2 s); WARNING restarting (how it ended, when it starts again, exits
 //!   in the window, its last output); CRITICAL crash loop (with its last lines of output);
 //!   CRITICAL config error (the declaration cannot be rendered, the file cannot be
-//!   written, the program cannot be started — retried every minute).
+//!   written, the program cannot be started — retried every minute). On Windows every
+//!   declared collector is CRITICAL "not supported on Windows agents": collectors run on
+//!   Linux only.
 //! - `collector.NAME.metrics`, its data ([`data`]): every interval, OK "N metrics from
 //!   collectd" with the latest value of each metric received in the interval, split into
 //!   several results of at most `MAX_METRICS` metrics when there are more.
@@ -37,7 +39,7 @@ pub mod listen;
 pub mod pidfile;
 pub mod process;
 pub mod render;
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod tests;
 
 use std::collections::BTreeMap;

@@ -25,9 +25,20 @@ pub struct Identity {
 }
 
 fn read_machine_id(path: &Path) -> String {
+    #[cfg(windows)]
+    if path.as_os_str().is_empty() {
+        return windows_machine_guid().unwrap_or_default();
+    }
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())
         .unwrap_or_default()
+}
+
+/// `HKLM\SOFTWARE\Microsoft\Cryptography\MachineGuid`, made when Windows is installed
+/// (and anew by sysprep when an image is generalised).
+#[cfg(windows)]
+fn windows_machine_guid() -> Option<String> {
+    crate::util::registry_string(r"SOFTWARE\Microsoft\Cryptography", "MachineGuid")
 }
 
 impl Identity {
@@ -109,7 +120,7 @@ impl Identity {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;

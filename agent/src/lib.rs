@@ -15,6 +15,9 @@ pub mod local_checks;
 pub mod outbox;
 pub mod plugins;
 pub mod scheduler;
+#[cfg(windows)]
+#[path = "service_windows.rs"]
+pub mod service;
 pub mod settings;
 pub mod supervise;
 pub mod tls;

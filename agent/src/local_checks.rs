@@ -243,14 +243,16 @@ impl LocalChecks {
 /// be endless), opened without blocking, never more than [`MAX_FILE_BYTES`].
 fn read_limited(path: &Path) -> Result<String, String> {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
     let meta = std::fs::metadata(path).map_err(|e| format!("cannot read: {e}"))?;
     if !meta.is_file() {
         return Err("not a regular file".into());
     }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    // Windows has no FIFOs in the file system: the is_file checks suffice there.
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    let file = options
         .open(path)
         .map_err(|e| format!("cannot read: {e}"))?;
     if !file.metadata().is_ok_and(|m| m.is_file()) {

@@ -7,7 +7,6 @@
 //! files are written atomically (temp file, fsync, mode 0755, rename).
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use outpost_protocol::{valid_check_name, PluginRef, MAX_PLUGIN_BYTES};
@@ -113,18 +112,22 @@ impl PluginStore {
             .dir
             .join(format!(".{}.{}.tmp", plugin.name, std::process::id()));
         let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o755)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(io)?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o755).custom_flags(libc::O_NOFOLLOW);
+        }
+        // On Windows create_new does not follow a symlink at `tmp` either (CREATE_NEW
+        // fails on any existing name).
+        let mut f = options.open(&tmp).map_err(io)?;
         f.write_all(content).map_err(io)?;
         f.sync_all().map_err(io)?;
         drop(f);
         // rename replaces a symlink at `path` itself, never what it points to.
         std::fs::rename(&tmp, &path).map_err(io)?;
+        #[cfg(unix)]
         std::fs::File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io)?;

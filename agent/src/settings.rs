@@ -34,6 +34,61 @@ struct Raw {
     interpreters: BTreeMap<String, Vec<String>>,
 }
 
+/// Where things are when the configuration does not say: on Linux `/etc/outpost` and
+/// `/opt/outpost/state`; on Windows everything under `%ProgramData%\Outpost`
+/// (`C:\ProgramData\Outpost`), the binary itself in `C:\Program Files\Outpost`.
+pub mod defaults {
+    use std::path::PathBuf;
+
+    /// The data directory the MSI made (`DataDir` under [`super::INSTALLER_KEY`]), else
+    /// `%ProgramData%\Outpost`, else `C:\ProgramData\Outpost`. The registry comes first
+    /// because a service's environment need not name the folder the installer used
+    /// (under Wine its `%ProgramData%` is `C:\users\Public`).
+    #[cfg(windows)]
+    fn program_data() -> PathBuf {
+        if let Some(dir) = crate::util::registry_string(super::INSTALLER_KEY, "DataDir") {
+            return PathBuf::from(dir);
+        }
+        std::env::var_os("ProgramData")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(r"C:\ProgramData"))
+            .join("Outpost")
+    }
+
+    /// The configuration file `run` and `service` read without `--config`.
+    pub fn config_file() -> PathBuf {
+        #[cfg(windows)]
+        return program_data().join("agent.toml");
+        #[cfg(not(windows))]
+        PathBuf::from("/etc/outpost/agent.toml")
+    }
+
+    /// Identity files and `checks.d`.
+    pub fn etc_dir() -> PathBuf {
+        #[cfg(windows)]
+        return program_data();
+        #[cfg(not(windows))]
+        PathBuf::from("/etc/outpost")
+    }
+
+    /// The outbox, check state, plugins.
+    pub fn state_dir() -> PathBuf {
+        #[cfg(windows)]
+        return program_data().join("state");
+        #[cfg(not(windows))]
+        PathBuf::from("/opt/outpost/state")
+    }
+
+    /// The file holding the machine id; empty on Windows, where the id is the registry's
+    /// `HKLM\SOFTWARE\Microsoft\Cryptography\MachineGuid`.
+    pub fn machine_id_file() -> PathBuf {
+        #[cfg(windows)]
+        return PathBuf::new();
+        #[cfg(not(windows))]
+        PathBuf::from("/etc/machine-id")
+    }
+}
+
 /// How the agent decides to trust the gateway's certificate. There is deliberately no
 /// way to skip verification.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,27 +172,79 @@ pub fn parse_gateway_url(url: &str) -> Result<(String, u16), String> {
     Ok((host, port))
 }
 
+/// Where the Windows installer (the MSI) leaves its settings: `HKLM\SOFTWARE\Outpost`.
+pub const INSTALLER_KEY: &str = r"SOFTWARE\Outpost";
+
+/// The installer's settings, named like the environment variables they stand for: on
+/// Windows the MSI's properties from [`INSTALLER_KEY`] (`GatewayUrl`, `EnrollKey`,
+/// `CaFile`, `PinSha256`); nothing elsewhere (install.sh writes `agent.toml` instead).
+pub fn installer_settings() -> BTreeMap<String, String> {
+    #[cfg(windows)]
+    {
+        [
+            ("OUTPOST_GATEWAY_URL", "GatewayUrl"),
+            ("OUTPOST_ENROLL_KEY", "EnrollKey"),
+            ("OUTPOST_CA_FILE", "CaFile"),
+            ("OUTPOST_PIN_SHA256", "PinSha256"),
+        ]
+        .into_iter()
+        .filter_map(|(var, name)| {
+            crate::util::registry_string(INSTALLER_KEY, name).map(|v| (var.to_string(), v))
+        })
+        .collect()
+    }
+    #[cfg(not(windows))]
+    BTreeMap::new()
+}
+
 impl Settings {
-    /// Read `path` and apply the environment.
+    /// Read `path` and apply the environment, on top of what the installer set (see
+    /// [`installer_settings`]). The file may be missing when the installer set something.
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: Some(path.to_path_buf()),
-            problems: vec![format!("cannot read the file: {e}")],
-        })?;
+        let installer = installer_settings();
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !installer.is_empty() => {
+                String::new()
+            }
+            Err(e) => {
+                return Err(ConfigError {
+                    file: Some(path.to_path_buf()),
+                    problems: vec![format!("cannot read the file: {e}")],
+                })
+            }
+        };
         let env: BTreeMap<String, String> = std::env::vars()
             .filter(|(k, _)| k.starts_with("OUTPOST_"))
             .collect();
-        Self::from_toml(&text, &env).map_err(|mut e| {
+        Self::from_sources(&text, &installer, &env).map_err(|mut e| {
             e.file = Some(path.to_path_buf());
             e
         })
     }
 
     pub fn from_toml(text: &str, env: &BTreeMap<String, String>) -> Result<Settings, ConfigError> {
+        Self::from_sources(text, &BTreeMap::new(), env)
+    }
+
+    /// Parse `text`, fill what it leaves unset from `installer`, then let `env` override.
+    /// The installer's trust (CA file or pin) applies only when the file names neither.
+    pub fn from_sources(
+        text: &str,
+        installer: &BTreeMap<String, String>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Settings, ConfigError> {
         let mut raw: Raw = toml::from_str(text).map_err(|e| ConfigError {
             file: None,
             problems: vec![e.to_string()],
         })?;
+        let given = |k: &str| installer.get(k).filter(|v| !v.trim().is_empty()).cloned();
+        raw.gateway_url = raw.gateway_url.or_else(|| given("OUTPOST_GATEWAY_URL"));
+        raw.enroll_key = raw.enroll_key.or_else(|| given("OUTPOST_ENROLL_KEY"));
+        if raw.ca_file.is_none() && raw.pin_sha256.is_none() {
+            raw.ca_file = given("OUTPOST_CA_FILE").map(PathBuf::from);
+            raw.pin_sha256 = given("OUTPOST_PIN_SHA256");
+        }
         if let Some(v) = env.get("OUTPOST_GATEWAY_URL") {
             raw.gateway_url = Some(v.clone());
         }
@@ -206,10 +313,7 @@ impl Settings {
         }
         let (state_dir, etc_dir) = match raw.state_dir {
             Some(d) => (d.clone(), d),
-            None => (
-                PathBuf::from("/opt/outpost/state"),
-                PathBuf::from("/etc/outpost"),
-            ),
+            None => (defaults::state_dir(), defaults::etc_dir()),
         };
         if !problems.is_empty() {
             return Err(ConfigError {
@@ -233,7 +337,7 @@ impl Settings {
                 plugins_dir: raw.plugins_dir.unwrap_or_else(|| state_dir.join("plugins")),
                 machine_id_file: raw
                     .machine_id_file
-                    .unwrap_or_else(|| PathBuf::from("/etc/machine-id")),
+                    .unwrap_or_else(defaults::machine_id_file),
                 checks_dir: raw.checks_dir.unwrap_or_else(|| etc_dir.join("checks.d")),
                 state_dir,
             },
@@ -300,6 +404,50 @@ mod tests {
         assert_eq!(s.port, 1);
         assert_eq!(s.trust, Trust::Pin(pin));
         assert_eq!(s.paths.secret_file, PathBuf::from("/tmp/s/agent.secret"));
+    }
+
+    #[test]
+    fn installer_settings_fill_only_what_the_file_leaves_unset() {
+        let pin = "cd".repeat(32);
+        let installer: BTreeMap<String, String> = [
+            ("OUTPOST_GATEWAY_URL", "wss://from-msi:8443"),
+            ("OUTPOST_ENROLL_KEY", "msi-key"),
+            ("OUTPOST_PIN_SHA256", pin.as_str()),
+            ("OUTPOST_CA_FILE", ""),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let none = BTreeMap::new();
+        let s = Settings::from_sources("", &installer, &none).unwrap();
+        assert_eq!((s.host.as_str(), s.port), ("from-msi", 8443));
+        assert_eq!(s.enroll_key.as_deref(), Some("msi-key"));
+        assert_eq!(s.trust, Trust::Pin(pin.clone()));
+
+        let file = "gateway_url = \"wss://from-file:1\"\nca_file = \"ca.pem\"\n";
+        let s = Settings::from_sources(file, &installer, &none).unwrap();
+        assert_eq!(s.host, "from-file");
+        assert_eq!(
+            s.trust,
+            Trust::CaFile("ca.pem".into()),
+            "no pin added to the file's CA"
+        );
+        assert_eq!(s.enroll_key.as_deref(), Some("msi-key"));
+
+        let env: BTreeMap<String, String> = [(
+            "OUTPOST_GATEWAY_URL".to_string(),
+            "wss://from-env:2".to_string(),
+        )]
+        .into();
+        let s = Settings::from_sources(file, &installer, &env).unwrap();
+        assert_eq!(s.host, "from-env");
+
+        let bad: BTreeMap<String, String> =
+            [("OUTPOST_GATEWAY_URL".to_string(), "http://x".to_string())].into();
+        let err = Settings::from_sources("", &bad, &none)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must use wss://"), "{err}");
     }
 
     #[test]

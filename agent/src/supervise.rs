@@ -75,8 +75,7 @@ impl Restarts {
 
 /// How a child ended, in words: "exited with code 3", "was killed by signal 9".
 pub fn describe_exit(s: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (s.code(), s.signal()) {
+    match (s.code(), exec::signal_of(s)) {
         (Some(c), _) => format!("exited with code {c}"),
         (None, Some(sig)) => format!("was killed by signal {sig}"),
         (None, None) => "ended".into(),
@@ -88,7 +87,7 @@ pub fn describe_exit(s: std::process::ExitStatus) -> String {
 /// child reaped, and up to [`GROUP_GONE_WAIT`] for the rest of the group to be gone.
 /// Returns whether the child exited on SIGTERM.
 pub async fn terminate(child: &mut Child, pgid: u32, grace: Duration) -> bool {
-    exec::signal_group(pgid, libc::SIGTERM);
+    exec::signal_group(pgid, exec::SIGTERM);
     let obeyed = matches!(tokio::time::timeout(grace, child.wait()).await, Ok(Ok(_)));
     exec::kill_group(pgid);
     if !obeyed {
@@ -140,8 +139,15 @@ pub fn proc_stat(pid: u32) -> Option<ProcStat> {
     })
 }
 
+/// Whether a process is left in the job of `pgid` (see [`crate::checks::exec`]).
+#[cfg(windows)]
+pub fn group_exists(pgid: u32) -> bool {
+    exec::group_alive(pgid)
+}
+
 /// Whether a live process (not a zombie) is left in the group `pgid`. Zombies are left
 /// out: an orphan's new parent may be an init that never reaps them (some containers).
+#[cfg(unix)]
 pub fn group_exists(pgid: u32) -> bool {
     if pgid == 0 || pgid > i32::MAX as u32 {
         return false;

@@ -507,6 +507,7 @@ pub fn tempdir() -> tempfile::TempDir {
         .unwrap()
 }
 pub mod webdriver;
+pub mod wine;
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")

@@ -22,12 +22,13 @@ enum Command {
     /// Run the agent until SIGTERM or SIGINT (then say bye to the gateway and exit).
     Run {
         /// The agent configuration file (TOML).
-        #[arg(
-            long,
-            short,
-            env = "OUTPOST_CONFIG",
-            default_value = "/etc/outpost/agent.toml"
-        )]
+        #[arg(long, short, env = "OUTPOST_CONFIG", default_value_os_t = outpost_agent::settings::defaults::config_file())]
+        config: PathBuf,
+    },
+    /// Run as the Windows service `Outpost` (started by the Service Control Manager).
+    Service {
+        /// The agent configuration file (TOML).
+        #[arg(long, short, env = "OUTPOST_CONFIG", default_value_os_t = outpost_agent::settings::defaults::config_file())]
         config: PathBuf,
     },
 }
@@ -35,9 +36,34 @@ enum Command {
 /// sysexits.h EX_CONFIG: the configuration is wrong; retrying will not help.
 const EX_CONFIG: u8 = 78;
 
+/// `service`: handed to the Service Control Manager on Windows; refused elsewhere.
+fn service(config: PathBuf) -> ExitCode {
+    #[cfg(windows)]
+    let result = outpost_agent::service::run(config);
+    #[cfg(not(windows))]
+    let result: anyhow::Result<()> = Err(anyhow::anyhow!(
+        "`service` is for Windows; here run `outpost-agent run --config {}` under systemd, OpenRC or SysV init",
+        config.display()
+    ));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(if cfg!(windows) { 1 } else { 64 })
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    outpost_sys::init_logging();
-    let Command::Run { config } = Cli::parse().command;
+    let command = Cli::parse().command;
+    if !matches!(command, Command::Service { .. }) {
+        // The service logs to a file; it sets that up itself.
+        outpost_sys::init_logging();
+    }
+    let config = match command {
+        Command::Run { config } => config,
+        Command::Service { config } => return service(config),
+    };
     let settings = match outpost_agent::Settings::load(&config) {
         Ok(s) => s,
         Err(e) => {

@@ -100,7 +100,7 @@ async fn run_once(
         Ok(c) => c,
         Err(e) => return Some(format!("cannot run {}: {e}", argv[0])),
     };
-    let pgid = child.id().unwrap_or(0);
+    let pgid = exec::adopt(&child);
     let guard = GroupGuard(pgid);
     tracing::info!(check = %spec.name, pid = pgid, "daemon check started");
     let err_log = OutputLog::new(STDERR_LINES_PER_MINUTE, 1);

@@ -2,8 +2,13 @@
 //! process group, with stdin closed, output capped, and a deadline after which the whole
 //! group is killed. When the plugin exits, anything it left running in its group is killed
 //! too, so a plugin's stray children cannot hold its output pipe open or pile up.
+//!
+//! On Windows a Job Object stands in for the process group ([`job_windows`]): the pid
+//! names the job, and every "signal" to the group terminates the job.
 
-use std::os::unix::process::ExitStatusExt;
+#[cfg(windows)]
+mod job_windows;
+
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -18,11 +23,55 @@ use crate::checks::nagios;
 /// discarded so the plugin never blocks on a full pipe, and the result says so.
 pub const OUTPUT_CAP: usize = 64 * 1024;
 
+#[cfg(unix)]
+pub(crate) const SIGTERM: i32 = libc::SIGTERM;
+#[cfg(unix)]
+pub(crate) const SIGKILL: i32 = libc::SIGKILL;
+#[cfg(windows)]
+pub(crate) const SIGTERM: i32 = 15;
+#[cfg(windows)]
+pub(crate) const SIGKILL: i32 = 9;
+
+/// The id that names the process group of a child just spawned by [`command`]: its pid,
+/// which leads its group (on Windows: the job it was just put in).
+pub(crate) fn adopt(child: &tokio::process::Child) -> u32 {
+    #[cfg(windows)]
+    return job_windows::adopt(child);
+    #[cfg(unix)]
+    child.id().unwrap_or(0)
+}
+
+/// Whether anything of the group `pgid` still runs (Windows; Unix asks `/proc`, see
+/// [`crate::supervise::group_exists`]).
+#[cfg(windows)]
+pub(crate) fn group_alive(pgid: u32) -> bool {
+    job_windows::alive(pgid)
+}
+
+/// How a program ended: the signal that killed it, if one did (never on Windows).
+pub fn signal_of(status: ExitStatus) -> Option<i32> {
+    #[cfg(unix)]
+    return std::os::unix::process::ExitStatusExt::signal(&status);
+    #[cfg(not(unix))]
+    {
+        let _ = status;
+        None
+    }
+}
+
 pub(crate) fn kill_group(pgid: u32) {
-    signal_group(pgid, libc::SIGKILL);
+    signal_group(pgid, SIGKILL);
+}
+
+/// Send `sig` to the plugin's process group. Windows has no signals for windowless
+/// programs: any `sig` terminates the job.
+#[cfg(windows)]
+pub(crate) fn signal_group(pgid: u32, _sig: i32) {
+    job_windows::kill(pgid);
 }
 
 /// Send `sig` to the plugin's process group.
+#[cfg(unix)]
 pub(crate) fn signal_group(pgid: u32, sig: i32) {
     if pgid == 0 || pgid > i32::MAX as u32 {
         return;
@@ -50,7 +99,35 @@ const DRAIN_GRACE: Duration = Duration::from_millis(300);
 
 /// Environment variables a plugin may see; everything else (the agent's own settings,
 /// its enrollment key among them) is withheld.
+#[cfg(unix)]
 const PASSED_ENV: &[&str] = &["PATH", "HOME", "TZ", "USER", "LOGNAME", "TMPDIR", "LANG"];
+/// The same on Windows, where programs also need the system's location (`SystemRoot`,
+/// without which Winsock and PowerShell fail), `PATHEXT` and `COMSPEC` to run scripts, and
+/// the standard folders.
+#[cfg(windows)]
+const PASSED_ENV: &[&str] = &[
+    "PATH",
+    "PATHEXT",
+    "SystemRoot",
+    "SystemDrive",
+    "windir",
+    "COMSPEC",
+    "TEMP",
+    "TMP",
+    "ProgramData",
+    "ProgramFiles",
+    "ProgramFiles(x86)",
+    "ProgramW6432",
+    "CommonProgramFiles",
+    "ALLUSERSPROFILE",
+    "USERPROFILE",
+    "USERNAME",
+    "COMPUTERNAME",
+    "NUMBER_OF_PROCESSORS",
+    "PROCESSOR_ARCHITECTURE",
+    "PSModulePath",
+    "TZ",
+];
 
 /// Wait for a reader to reach the end of its pipe, briefly; returns whether it did.
 async fn join_reader(mut handle: tokio::task::JoinHandle<()>) -> bool {
@@ -101,15 +178,24 @@ pub fn command(argv: &[String]) -> Result<Command, String> {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true)
-        .env_clear()
+        .kill_on_drop(true);
+    #[cfg(unix)]
+    cmd.process_group(0);
+    // A console Ctrl-C meant for the agent does not reach the plugin (a new group), and a
+    // plugin started by the service gets no console window.
+    #[cfg(windows)]
+    cmd.creation_flags(
+        windows_sys::Win32::System::Threading::CREATE_NEW_PROCESS_GROUP
+            | windows_sys::Win32::System::Threading::CREATE_NO_WINDOW,
+    );
+    cmd.env_clear()
         .envs(
             PASSED_ENV
                 .iter()
                 .filter_map(|k| std::env::var_os(k).map(|v| (*k, v))),
         )
         .env("LC_ALL", "C");
+    #[cfg(unix)]
     if std::env::var_os("PATH").is_none() {
         cmd.env(
             "PATH",
@@ -166,7 +252,7 @@ pub async fn capture(argv: &[String], timeout: Duration) -> Result<Ran, Outcome>
     let mut child = cmd
         .spawn()
         .map_err(|e| Outcome::unknown(format!("cannot run {program}: {e}")))?;
-    let pgid = child.id().unwrap_or(0);
+    let pgid = adopt(&child);
     let guard = GroupGuard(pgid);
     let (out_buf, err_buf) = (Captured::default(), Captured::default());
     let out = tokio::spawn(read_capped(
@@ -236,7 +322,7 @@ pub async fn nagios(argv: &[String], timeout: Duration) -> Outcome {
             }
         },
         None => {
-            let sig = ran.status.signal().unwrap_or(0);
+            let sig = signal_of(ran.status).unwrap_or(0);
             output = format!("plugin was killed by signal {sig}: {output}");
             (Status::Unknown, None)
         }
@@ -270,7 +356,10 @@ pub async fn json(argv: &[String], timeout: Duration) -> Outcome {
     } else if text.trim().is_empty() {
         let how = match ran.status.code() {
             Some(c) => format!("exited with code {c}"),
-            None => format!("was killed by signal {}", ran.status.signal().unwrap_or(0)),
+            None => format!(
+                "was killed by signal {}",
+                signal_of(ran.status).unwrap_or(0)
+            ),
         };
         let mut o = Outcome::unknown(format!("plugin printed nothing and {how}"));
         let err = ran.stderr_line();
@@ -288,7 +377,7 @@ pub async fn json(argv: &[String], timeout: Duration) -> Outcome {
     o
 }
 
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod tests {
     use super::*;
 

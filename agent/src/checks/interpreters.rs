@@ -3,7 +3,8 @@
 //! `.bat`/`.cmd`: the standard library starts those through `cmd.exe` with the escaping
 //! that keeps arguments from being read as commands, which `cmd /c FILE ARGS` would not).
 //! On Unix the executable bit and the shebang rule and the map starts empty, but either
-//! platform's map can be changed in the agent's configuration:
+//! platform's map can be changed in the agent's configuration (docs/WINDOWS.md lists the
+//! Windows map):
 //!
 //! ```toml
 //! [interpreters]

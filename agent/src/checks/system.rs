@@ -388,12 +388,17 @@ fn swap(shared: &Shared, t: &Thresholds) -> Outcome {
 
 /// CPUs online on the host (load averages are host-wide, whatever this process may use).
 fn online_cpus() -> usize {
+    #[cfg(not(unix))]
+    return std::thread::available_parallelism().map_or(1, |n| n.get());
     // SAFETY: sysconf only reads a system value.
-    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-    if n > 0 {
-        n as usize
-    } else {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+    #[cfg(unix)]
+    {
+        let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        if n > 0 {
+            n as usize
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        }
     }
 }
 

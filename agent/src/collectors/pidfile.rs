@@ -54,6 +54,14 @@ async fn gone_within(pid: u32, start: u64, within: Duration) -> bool {
     true
 }
 
+#[cfg(windows)]
+fn signal(pid: u32, sig: i32) {
+    // No /proc, so no start time: nothing is ever found alive to be signalled (and
+    // collectors do not run on Windows, see `process::supervise`).
+    let _ = (pid, sig);
+}
+
+#[cfg(unix)]
 fn signal(pid: u32, sig: i32) {
     // Its whole group when it leads one (collectors are started as group leaders), else
     // only the process.
@@ -127,11 +135,11 @@ pub async fn stop_stale(
     }
     for &(pid, _) in &victims {
         tracing::warn!(pid, dir = %dir.display(), "a collector left running by an earlier agent is being stopped");
-        signal(pid, libc::SIGTERM);
+        signal(pid, exec::SIGTERM);
     }
     for &(pid, start) in &victims {
         if !gone_within(pid, start, grace).await {
-            signal(pid, libc::SIGKILL);
+            signal(pid, exec::SIGKILL);
             if !gone_within(pid, start, Duration::from_secs(2)).await {
                 tracing::error!(pid, "a collector left by an earlier agent survived SIGKILL");
             }
@@ -140,7 +148,7 @@ pub async fn stop_stale(
     victims.into_iter().map(|(pid, _)| pid).collect()
 }
 
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod tests {
     use super::*;
     use std::os::unix::process::ExitStatusExt;

@@ -146,6 +146,18 @@ pub async fn supervise(
         phase,
     };
     let label = job.label();
+    if cfg!(windows) {
+        // Said, never a silent no-op: the gateway shows the collector as CRITICAL.
+        tracing::error!(collector = %job.name, "collectors are not supported on Windows");
+        h.report(
+            Phase::ConfigError,
+            Status::Critical,
+            format!("{label} cannot run: collectors are not supported on Windows agents (only on Linux)"),
+            &[],
+        );
+        stop.cancelled().await;
+        return h.set(Phase::Stopped);
+    }
     let config_error = |why: String| {
         tracing::error!(collector = %job.name, reason = %why, "collector configuration error");
         h.report(
@@ -253,7 +265,7 @@ async fn run_once(
             return Ended::CannotStart(format!("cannot run {}: {e}", rendered.argv[0]));
         }
     };
-    let pid = child.id().unwrap_or(0);
+    let pid = exec::adopt(&child);
     let guard = GroupGuard(pid);
     if let Err(e) = pidfile::write(pid_file, pid) {
         tracing::warn!(collector = %job.name, pid, error = %e, "cannot write the collector's pid file");

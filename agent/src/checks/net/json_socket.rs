@@ -68,9 +68,15 @@ pub async fn run(p: &JsonSocketProbe) -> Outcome {
         Address::Tcp { host, port } => tokio::net::TcpStream::connect((host.as_str(), *port))
             .await
             .map(|s| Box::new(s) as Box<dyn Io>),
+        #[cfg(unix)]
         Address::Unix(path) => tokio::net::UnixStream::connect(path)
             .await
             .map(|s| Box::new(s) as Box<dyn Io>),
+        #[cfg(not(unix))]
+        Address::Unix(path) => Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            format!("unix:{path}: Unix sockets are not supported by the Windows agent; use tcp://HOST:PORT"),
+        )),
     };
     let mut stream = match connected {
         Ok(s) => s,

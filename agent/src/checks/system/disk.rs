@@ -6,9 +6,13 @@
 //! filesystem) and stats every mount point on each refresh (one hung mount would block
 //! every disk check). `statvfs(2)` on the path itself has none of these problems.
 
+#[cfg(unix)]
 use std::ffi::{CString, OsStr};
+#[cfg(unix)]
 use std::io;
+#[cfg(unix)]
 use std::os::unix::ffi::OsStrExt;
+#[cfg(unix)]
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -165,7 +169,69 @@ fn report(probe: &DiskProbe) -> Outcome {
     o
 }
 
+/// Measure the volume holding `path` (GetDiskFreeSpaceExW on the path itself, the
+/// volume's mount point from GetVolumePathNameW). Windows has no inodes and no blocks
+/// reserved for an administrator; quotas show as the difference between free and
+/// available.
+#[cfg(windows)]
+pub(super) fn measure(path: &Path) -> Result<Usage, String> {
+    use std::os::windows::ffi::{OsStrExt, OsStringExt};
+    use windows_sys::Win32::Storage::FileSystem::{GetDiskFreeSpaceExW, GetVolumePathNameW};
+    let shown = path.display();
+    let canonical = std::fs::canonicalize(path).map_err(|e| format!("{shown}: {e}"))?;
+    // `\\?\C:\x` → `C:\x` for display; UNC and device paths stay as they are.
+    let canonical = match canonical.to_str().and_then(|p| p.strip_prefix(r"\\?\")) {
+        Some(p) if p.as_bytes().get(1) == Some(&b':') => PathBuf::from(p),
+        _ => canonical,
+    };
+    // The call wants a directory.
+    let dir = if canonical.is_dir() {
+        canonical.clone()
+    } else {
+        canonical.parent().unwrap_or(&canonical).to_path_buf()
+    };
+    let wide: Vec<u16> = dir
+        .as_os_str()
+        .encode_wide()
+        .chain(std::iter::once(0))
+        .collect();
+    let (mut avail, mut total, mut free) = (0u64, 0u64, 0u64);
+    // SAFETY: `wide` is NUL-terminated; the three outputs are valid u64 places.
+    let ok = unsafe { GetDiskFreeSpaceExW(wide.as_ptr(), &mut avail, &mut total, &mut free) };
+    if ok == 0 {
+        return Err(format!(
+            "{shown}: cannot measure: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let mut volume = [0u16; 1024];
+    // SAFETY: the buffer is valid for the length given.
+    let ok = unsafe { GetVolumePathNameW(wide.as_ptr(), volume.as_mut_ptr(), volume.len() as u32) };
+    let mount_point = if ok != 0 {
+        let end = volume.iter().position(|c| *c == 0).unwrap_or(volume.len());
+        PathBuf::from(std::ffi::OsString::from_wide(&volume[..end]))
+    } else {
+        canonical
+            .ancestors()
+            .last()
+            .unwrap_or(&canonical)
+            .to_path_buf()
+    };
+    Ok(Usage {
+        path: canonical,
+        mount_point,
+        device: None,
+        fs_type: None,
+        read_only: false,
+        total,
+        used: total.saturating_sub(free),
+        avail,
+        inodes: None,
+    })
+}
+
 /// Measure the filesystem holding `path`. The error is the reason, naming the path.
+#[cfg(unix)]
 pub(super) fn measure(path: &Path) -> Result<Usage, String> {
     let shown = path.display();
     let canonical = std::fs::canonicalize(path).map_err(|e| format!("{shown}: {e}"))?;
@@ -211,11 +277,13 @@ pub(super) fn measure(path: &Path) -> Result<Usage, String> {
     })
 }
 
+#[cfg(unix)]
 /// A `statvfs` field as u64, whatever its width on this platform.
 fn wide(v: impl Into<u64>) -> u64 {
     v.into()
 }
 
+#[cfg(unix)]
 fn statvfs(path: &Path) -> io::Result<libc::statvfs> {
     let c_path = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
@@ -234,6 +302,7 @@ fn statvfs(path: &Path) -> io::Result<libc::statvfs> {
     }
 }
 
+#[cfg(unix)]
 #[derive(Debug, Clone, PartialEq)]
 struct MountEntry {
     device: String,
@@ -241,6 +310,7 @@ struct MountEntry {
     fs_type: String,
 }
 
+#[cfg(unix)]
 /// The entry of a `/proc/self/mounts` table whose mount point is the longest prefix of
 /// `path`; of equal ones the last, which is mounted over the others.
 fn mount_entry(table: &[u8], path: &Path) -> Option<MountEntry> {
@@ -273,6 +343,7 @@ fn mount_entry(table: &[u8], path: &Path) -> Option<MountEntry> {
     best.map(|(_, entry)| entry)
 }
 
+#[cfg(unix)]
 /// Undo the mount table's octal escapes (`\040` for a space, `\011`, `\012`, `\134`).
 fn unescape(field: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(field.len());
@@ -295,6 +366,7 @@ fn unescape(field: &[u8]) -> Vec<u8> {
     out
 }
 
+#[cfg(unix)]
 /// The topmost ancestor of `path` still on device `dev`.
 fn mount_point_by_device(path: &Path, dev: u64) -> PathBuf {
     let mut top = path;
@@ -307,7 +379,7 @@ fn mount_point_by_device(path: &Path, dev: u64) -> PathBuf {
     top.to_path_buf()
 }
 
-#[cfg(test)]
+#[cfg(all(test, unix))]
 mod tests {
     use super::super::tests::find;
     use super::super::SystemProbes;
