@@ -42,6 +42,15 @@ pub const AGENT_TARGET: &str = env!("OUTPOST_TARGET");
 /// The check under which the agent reports a problem with its own outbox.
 pub const OUTBOX_CHECK: &str = "outpost.outbox";
 
+/// The agent's async runtime, however it was started (console or Windows service): two
+/// worker threads are plenty, since checks run as processes or on their own tasks.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
 /// Run the agent until `shutdown` is cancelled.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     if let Some(staged) = run_updating(settings, shutdown).await? {

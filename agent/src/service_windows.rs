@@ -121,11 +121,7 @@ fn serve(config: &std::path::Path) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match crate::runtime() {
         Ok(r) => r,
         Err(e) => {
             stopped(ServiceExitCode::ServiceSpecific(70))?;

@@ -193,19 +193,24 @@ impl Setup {
         );
         assert!(agent.proc.is_running(), "the agent stopped");
         let fp = agent.fingerprint.clone();
-        let since = now_ms();
-        eventually(T, "results still arriving", || async {
-            let n = self
-                .gw
-                .bus_results(&fp, "tick")
-                .iter()
-                .filter(|r| r["started_at_ms"].as_u64().unwrap() > since)
-                .count();
-            (n >= 2).then_some(())
-        })
-        .await;
+        self.ticks_after(&fp, now_ms(), 2, "results still arriving")
+            .await;
         let a = self.gw.agent(&fp).await.unwrap();
         assert_eq!(a["agent_version"], self.a_version.as_str());
+    }
+
+    /// Wait for `n` results of the check `tick` that started after `since_ms` on the bus.
+    async fn ticks_after(&self, fp: &str, since_ms: u64, n: usize, what: &str) {
+        eventually(T, what, || async {
+            let got = self
+                .gw
+                .bus_results(fp, "tick")
+                .iter()
+                .filter(|r| r["started_at_ms"].as_u64().unwrap() > since_ms)
+                .count();
+            (got >= n).then_some(())
+        })
+        .await;
     }
 }
 
@@ -286,16 +291,7 @@ async fn update_from_a_to_b_end_to_end() {
             .filter(|a| a["agent_version"] == B && a["presence"] == "online")
     })
     .await;
-    let updated = now_ms();
-    eventually(T, "results from B", || async {
-        let n =
-            s.gw.bus_results(&fp, "tick")
-                .iter()
-                .filter(|r| r["started_at_ms"].as_u64().unwrap() > updated)
-                .count();
-        (n >= 3).then_some(())
-    })
-    .await;
+    s.ticks_after(&fp, now_ms(), 3, "results from B").await;
     // Same process (exec), now running B from the same path; A kept beside it.
     assert!(agent.proc.is_running());
     assert_eq!(agent.proc.pid(), pid);
@@ -367,16 +363,8 @@ async fn a_new_binary_that_crashes_on_start_is_rolled_back() {
     );
     s.reported(&fp, "warning", "was rolled back on this host before")
         .await;
-    let since = now_ms();
-    eventually(T, "results after the rollback", || async {
-        let n =
-            s.gw.bus_results(&fp, "tick")
-                .iter()
-                .filter(|r| r["started_at_ms"].as_u64().unwrap() > since)
-                .count();
-        (n >= 2).then_some(())
-    })
-    .await;
+    s.ticks_after(&fp, now_ms(), 2, "results after the rollback")
+        .await;
     assert!(agent.proc.is_running());
     assert_eq!(
         s.gw.agent(&fp).await.unwrap()["agent_version"],

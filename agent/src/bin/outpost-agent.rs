@@ -71,13 +71,10 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_CONFIG);
         }
     };
+    // Remember where this binary is now: after a self-update swap /proc/self/exe moves.
     let _ = outpost_agent::update::exe_path();
     loop {
-        let runtime = match tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-        {
+        let runtime = match outpost_agent::runtime() {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("error: cannot start the async runtime: {e}");
