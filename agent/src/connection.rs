@@ -51,6 +51,8 @@ const WRITE_DEADLINE: Duration = Duration::from_secs(15);
 const MAX_RPCS_IN_FLIGHT: usize = 8;
 /// A session that lasted this long resets the backoff.
 const STABLE_SESSION: Duration = Duration::from_secs(30);
+/// A restarting agent asks the gateway to wait for it this much longer than the trial.
+const RESTART_SLACK_SECS: u64 = 30;
 
 type Ws = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
 
@@ -300,7 +302,7 @@ impl Connection {
             _ = shutdown.cancelled() => {
                 // Stopping while rotating: the old session is still the agent's; say bye on it.
                 if let Some(mut old) = previous.filter(|_| !self.updater.handing_over()) {
-                    let bye = AgentFrame::Bye(Bye { reason: "agent stopping".into() });
+                    let bye = AgentFrame::Bye(Bye::stopping("agent stopping"));
                     let _ = send(&mut *old, Message::Text(encode(&bye).into())).await;
                     let _ = tokio::time::timeout(Duration::from_secs(2), SinkExt::close(&mut *old)).await;
                 }
@@ -520,13 +522,17 @@ impl Connection {
                     }
                 }
                 _ = shutdown.cancelled() => {
-                    if self.updater.handing_over() {
-                        // Coming back as a new binary within seconds: not a deregistration.
-                        let _ = send(&mut sink, Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "agent restarting for an update".into() }))).await;
-                        let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
-                        return End::Stopped;
-                    }
-                    let bye = AgentFrame::Bye(Bye { reason: "agent stopping".into() });
+                    let bye = if self.updater.handing_over() {
+                        // Coming back as a new binary (or this one, rolled back) before the
+                        // trial ends: not a deregistration, and not lost meanwhile.
+                        Bye {
+                            reason: "agent restarting for an update".into(),
+                            back_within_secs: Some(crate::update::trial_deadline().as_secs() + RESTART_SLACK_SECS),
+                        }
+                    } else {
+                        Bye::stopping("agent stopping")
+                    };
+                    let bye = AgentFrame::Bye(bye);
                     let _ = send(&mut sink, Message::Text(encode(&bye).into())).await;
                     // Give the gateway a moment to close its side so it records the bye.
                     let _ = tokio::time::timeout(Duration::from_secs(2), async {

@@ -40,6 +40,8 @@ const WRITE_DEADLINE: std::time::Duration = std::time::Duration::from_secs(15);
 /// How a connection ended, for presence and logs.
 enum End {
     Bye(String),
+    /// A `bye` from an agent restarting, back within this many seconds.
+    Restarting(String, u64),
     Lost(String),
     Replaced,
     Shutdown,
@@ -553,7 +555,10 @@ async fn authenticated(
             }
             AgentFrame::Bye(bye) => {
                 let _ = tx.send(Outbound::Close(1000, "bye".into())).await;
-                break End::Bye(bye.reason);
+                break match bye.back_within_secs {
+                    Some(secs) => End::Restarting(bye.reason, secs),
+                    None => End::Bye(bye.reason),
+                };
             }
             AgentFrame::Hello(_) => {
                 break refuse(
@@ -592,6 +597,24 @@ async fn authenticated(
         return;
     }
     let (presence, reason) = match end {
+        End::Restarting(reason, secs) => {
+            // Still online: lost only if no new connection has come by the window's end.
+            let window = secs.clamp(1, outpost_protocol::MAX_RESTART_WINDOW_SECS);
+            tracing::info!(%reason, window_secs = window, "agent restarting; online while it comes back");
+            let lost = format!("did not come back within {window}s of restarting ({reason})");
+            let conn_id = handle.conn_id;
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_secs(window)).await;
+                if gw
+                    .registry
+                    .disconnected(&fp, conn_id, Presence::Lost, &lost)
+                {
+                    tracing::info!(fingerprint = %fp, reason = %lost, "agent lost");
+                    publish_presence(&gw, &agent, Presence::Lost, &lost).await;
+                }
+            });
+            return;
+        }
         End::Bye(r) => (Presence::Deregistered, format!("bye: {r}")),
         End::Lost(r) => (Presence::Lost, r),
         End::Shutdown => (Presence::Lost, "gateway shut down".into()),

@@ -229,6 +229,23 @@ pub struct PluginFrame {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bye {
     pub reason: String,
+    /// Set when the agent is restarting and will be back (into an updated binary): the
+    /// gateway keeps it online for this many seconds (capped at
+    /// [`MAX_RESTART_WINDOW_SECS`](crate::limits::MAX_RESTART_WINDOW_SECS)) and reports
+    /// it lost only if it has not reconnected by then. Absent: the agent deregisters.
+    /// A gateway that predates the field ignores it and records a deregistration.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub back_within_secs: Option<u64>,
+}
+
+impl Bye {
+    /// The agent is stopping for good.
+    pub fn stopping(reason: impl Into<String>) -> Bye {
+        Bye {
+            reason: reason.into(),
+            back_within_secs: None,
+        }
+    }
 }
 
 /// Come back later: the gateway is draining or overloaded. The agent closes the

@@ -25,6 +25,9 @@ pub const MAX_METRICS: usize = 256;
 pub const MAX_PLUGIN_BYTES: u64 = 512 * 1024;
 /// How long a gateway waits for `hello` after the websocket opens.
 pub const HELLO_DEADLINE: Duration = Duration::from_secs(10);
+/// Longest a gateway keeps a restarting agent (`bye` with `back_within_secs`) online
+/// while waiting for it to come back.
+pub const MAX_RESTART_WINDOW_SECS: u64 = 600;
 
 /// Websocket close codes the gateway uses, with the reason text it sends.
 pub mod close {

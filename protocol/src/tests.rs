@@ -34,17 +34,30 @@ fn unknown_type_and_unknown_fields_degrade_politely() {
         decode_agent_frame(r#"{"type":"telemetry_v9","x":1}"#).unwrap(),
         AgentFrame::Unknown
     );
-    let mut v = serde_json::to_value(AgentFrame::Bye(Bye {
-        reason: "stop".into(),
-    }))
-    .unwrap();
+    let mut v = serde_json::to_value(AgentFrame::Bye(Bye::stopping("stop"))).unwrap();
     v["added_in_v2"] = serde_json::json!(true);
     assert_eq!(
         decode_agent_frame(&v.to_string()).unwrap(),
-        AgentFrame::Bye(Bye {
-            reason: "stop".into()
-        })
+        AgentFrame::Bye(Bye::stopping("stop"))
     );
+}
+
+#[test]
+fn a_bye_says_whether_the_agent_comes_back() {
+    // An older agent's bye has no window: a deregistration.
+    assert_eq!(
+        decode_agent_frame(r#"{"type":"bye","reason":"agent stopping"}"#).unwrap(),
+        AgentFrame::Bye(Bye::stopping("agent stopping"))
+    );
+    let text = encode(&AgentFrame::Bye(Bye::stopping("x")));
+    assert!(!text.contains("back_within_secs"), "{text}");
+    let restarting = AgentFrame::Bye(Bye {
+        reason: "restarting for an update".into(),
+        back_within_secs: Some(120),
+    });
+    let text = encode(&restarting);
+    assert!(text.contains(r#""back_within_secs":120"#), "{text}");
+    assert_eq!(decode_agent_frame(&text).unwrap(), restarting);
 }
 
 #[test]

@@ -805,3 +805,92 @@ async fn a_client_that_never_sends_its_request_is_dropped() {
         started.elapsed()
     );
 }
+
+/// Open a raw session as agent `fp` with `credential`; returns it with the welcome frame.
+async fn raw_session(
+    gw: &Gateway,
+    fp: &str,
+    credential: outpost_protocol::Credential,
+) -> (
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>,
+    Value,
+) {
+    let mut ws = raw_ws(gw).await;
+    let hello = outpost_protocol::AgentFrame::Hello(outpost_protocol::Hello {
+        protocol: outpost_protocol::PROTOCOL_VERSION,
+        fingerprint: fp.to_string(),
+        credential,
+        agent_version: "test".into(),
+        os: "linux".into(),
+        arch: "x86_64".into(),
+        hostname: "raw".into(),
+        labels: Default::default(),
+        groups: vec![],
+        config_hash: None,
+    });
+    ws.send(Message::Text(outpost_protocol::encode(&hello).into()))
+        .await
+        .unwrap();
+    let welcome: Value = serde_json::from_str(&next_text(&mut ws).await).unwrap();
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    (ws, welcome)
+}
+
+/// A `bye` that says the agent is restarting keeps it online for the window it names: a
+/// new connection within the window publishes no loss, and the agent is lost only when
+/// a window ends without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarting_agent_stays_online_for_its_window_and_is_lost_after_it() {
+    let dir = tempdir();
+    let gw = Gateway::start(dir.path(), &[]);
+    let fp = uuid_v4();
+    let file = gw.data_dir.join("bus/presence.jsonl");
+    let events = || -> Vec<String> {
+        std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&fp))
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .map(|v| v["presence"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let bye = r#"{"type":"bye","reason":"restarting for a test","back_within_secs":3}"#;
+
+    let key = gw.enroll_key.clone();
+    let (mut ws, welcome) =
+        raw_session(&gw, &fp, outpost_protocol::Credential::EnrollKey { key }).await;
+    let secret = welcome["agent_secret"].as_str().unwrap().to_string();
+    ws.send(Message::Text(bye.into())).await.unwrap();
+    assert_eq!(close_code(&mut ws, T).await, Some(1000));
+    let a = eventually(T, "disconnected", || async {
+        gw.agent(&fp).await.filter(|a| a["connected"] == false)
+    })
+    .await;
+    assert_eq!(
+        a["presence"], "online",
+        "a restarting agent is not lost: {a}"
+    );
+
+    // Back within the window; the window then ends while it is connected: no loss.
+    let credential = || outpost_protocol::Credential::Secret {
+        secret: secret.clone(),
+    };
+    let (mut back, _) = raw_session(&gw, &fp, credential()).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(events(), ["online", "online"], "a loss while connected");
+    assert_eq!(gw.agent(&fp).await.unwrap()["presence"], "online");
+
+    // Restarting again, and this time it does not come back.
+    back.send(Message::Text(bye.into())).await.unwrap();
+    assert_eq!(close_code(&mut back, T).await, Some(1000));
+    let lost = eventually(T, "lost after the window", || async {
+        gw.agent(&fp).await.filter(|a| a["presence"] == "lost")
+    })
+    .await;
+    let reason = lost["presence_reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("did not come back within 3s of restarting"),
+        "{lost}"
+    );
+    assert_eq!(events(), ["online", "online", "lost"]);
+}
