@@ -314,26 +314,9 @@ async fn bad_frames_close_only_their_connection() {
             outpost_protocol::close::TOO_BIG,
         ),
     ] {
-        let mut ws = raw_ws(&gw).await;
-        let hello = outpost_protocol::AgentFrame::Hello(outpost_protocol::Hello {
-            protocol: outpost_protocol::PROTOCOL_VERSION,
-            fingerprint: uuid_v4(),
-            credential: outpost_protocol::Credential::EnrollKey {
-                key: gw.enroll_key.clone(),
-            },
-            agent_version: "test".into(),
-            os: "linux".into(),
-            arch: "x86_64".into(),
-            hostname: "raw".into(),
-            labels: Default::default(),
-            groups: vec![],
-            config_hash: None,
-        });
-        ws.send(Message::Text(outpost_protocol::encode(&hello).into()))
-            .await
-            .unwrap();
-        let welcome = next_text(&mut ws).await;
-        assert!(welcome.contains("\"type\":\"welcome\""), "{welcome}");
+        let key = gw.enroll_key.clone();
+        let credential = outpost_protocol::Credential::EnrollKey { key };
+        let (mut ws, _) = raw_session(&gw, &uuid_v4(), credential).await;
         let _ = ws.send(Message::Text(bad.into())).await;
         assert_eq!(close_code(&mut ws, T).await, Some(code));
     }
