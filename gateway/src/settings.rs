@@ -70,6 +70,34 @@ pub struct ServeArgs {
     /// between half of it and all of it).
     #[arg(long, default_value_t = 60)]
     pub overload_retry: u64,
+    /// Seconds a connection that ended without `bye` stays online before the agent is
+    /// published as lost, so a quick reconnect (to this or another gateway) is no alarm.
+    #[arg(long, env = "OUTPOST_PRESENCE_GRACE", default_value_t = 30)]
+    pub presence_grace: u64,
+    /// The tenant this gateway's agents and API token belong to: the first part of every
+    /// subject and key it uses on the bus, so tenants sharing a NATS never see each other.
+    #[arg(long, env = "OUTPOST_TENANT", default_value = crate::credentials::DEFAULT_TENANT, value_parser = parse_tenant)]
+    pub tenant: String,
+    /// This gateway's name in the fleet registry. Default: the one saved in DATA_DIR/gateway.id
+    /// (generated on first start).
+    #[arg(long, env = "OUTPOST_GATEWAY_ID", value_parser = parse_tenant)]
+    pub gateway_id: Option<String>,
+    #[command(flatten)]
+    pub nats: crate::nats::NatsArgs,
+}
+
+/// Tenant names and gateway ids become NATS subject tokens and KV keys.
+pub fn parse_tenant(s: &str) -> Result<String, String> {
+    if (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+    {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?}: use 1-64 letters, digits, '-' or '_' (it becomes a NATS subject token)"
+        ))
+    }
 }
 
 /// Checked settings with every default resolved.
@@ -93,6 +121,11 @@ pub struct Settings {
     pub max_session: Duration,
     pub max_agents: usize,
     pub overload_retry: Duration,
+    pub presence_grace: Duration,
+    pub tenant: String,
+    pub gateway_id: Option<String>,
+    /// `None`: the embedded bus.
+    pub nats: Option<crate::nats::NatsSettings>,
 }
 
 impl From<ServeArgs> for Settings {
@@ -116,6 +149,10 @@ impl From<ServeArgs> for Settings {
             max_session: Duration::from_secs(a.max_session),
             max_agents: a.max_agents,
             overload_retry: Duration::from_secs(a.overload_retry.clamp(1, 86_400)),
+            presence_grace: Duration::from_secs(a.presence_grace.min(86_400)),
+            tenant: a.tenant,
+            gateway_id: a.gateway_id,
+            nats: a.nats.settings(),
             data_dir: a.data_dir,
         }
     }
