@@ -10,6 +10,7 @@ pub mod bus;
 pub mod checks;
 pub mod console;
 pub mod credentials;
+pub mod fleet_config;
 pub mod hub;
 pub mod listener;
 pub mod metrics;
@@ -89,6 +90,16 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
             (Arc::new(bus), registry)
         }
     };
+    if let Some(n) = &nats {
+        fleet_config::sync_once(
+            n,
+            &settings.tenant,
+            &settings.checks_dir,
+            &settings.plugins_dir,
+        )
+        .await
+        .context("cannot load the fleet's checks and plugins from NATS")?;
+    }
     let checks = checks::CheckStore::open(&settings.checks_dir, &settings.plugins_dir)?;
     let gateway = Arc::new(Gateway {
         settings,
@@ -138,6 +149,7 @@ pub async fn serve(
     if let Some(n) = &gateway.nats {
         tracker.spawn(registry::heartbeat(gateway.clone(), n.clone()));
         tracker.spawn(registry::follow(gateway.clone(), n.clone()));
+        tracker.spawn(fleet_config::mirror(gateway.clone(), n.clone()));
     }
     let app = api::router(gateway.clone());
     listener::accept_loop(

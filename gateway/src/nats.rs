@@ -167,9 +167,19 @@ pub struct Nats {
 pub const GATEWAY_TTL: Duration = Duration::from_secs(15);
 
 impl Nats {
-    /// Connect (retrying in the background if no server answers yet, so a gateway can
-    /// start before NATS) and make sure the streams and buckets exist.
+    /// Connect and make sure the streams and buckets exist. Later outages are ridden out by
+    /// reconnecting; at start, a NATS that does not answer within the JetStream timeout
+    /// (10 s) is an error, so a service manager restarts the gateway.
     pub async fn connect(settings: &NatsSettings, name: &str) -> anyhow::Result<Nats> {
+        Self::open(settings, name, true).await
+    }
+
+    /// Connect for a one-off command: an unreachable NATS is an error at once.
+    pub async fn connect_once(settings: &NatsSettings, name: &str) -> anyhow::Result<Nats> {
+        Self::open(settings, name, false).await
+    }
+
+    async fn open(settings: &NatsSettings, name: &str, retry: bool) -> anyhow::Result<Nats> {
         let mut opts = match &settings.creds {
             Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
                 .await
@@ -185,13 +195,13 @@ impl Nats {
         if let Some((cert, key)) = &settings.client_cert {
             opts = opts.add_client_certificate(cert.clone(), key.clone());
         }
-        let opts = opts
-            .name(name)
-            .connection_timeout(Duration::from_secs(5))
-            .retry_on_initial_connect()
-            .event_callback(|event| async move {
-                tracing::info!(%event, "NATS connection event");
-            });
+        let mut opts = opts.name(name).connection_timeout(Duration::from_secs(5));
+        if retry {
+            opts = opts.retry_on_initial_connect();
+        }
+        let opts = opts.event_callback(|event| async move {
+            tracing::info!(%event, "NATS connection event");
+        });
         let client = opts
             .connect(settings.urls.clone())
             .await

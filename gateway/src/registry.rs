@@ -598,7 +598,8 @@ pub async fn publish_presence(gw: &Gateway, agent: &AgentRef, presence: Presence
 }
 
 /// Heartbeat this gateway into the `outpost_gateways` bucket every few seconds, and follow
-/// the other gateways' heartbeats; on shutdown, remove ours so the others sweep at once.
+/// the other gateways' heartbeats; on shutdown, once its agents have left, remove ours so
+/// the others sweep what did not come back at once.
 pub async fn heartbeat(gw: Arc<Gateway>, nats: Arc<Nats>) {
     use futures_util::StreamExt;
     let me = gw.registry.me.clone();
@@ -632,7 +633,13 @@ pub async fn heartbeat(gw: Arc<Gateway>, nats: Arc<Nats>) {
     let mut tick = tokio::time::interval(crate::nats::GATEWAY_TTL / 3);
     loop {
         tokio::select! {
+            // Beat on while draining: the agents still here are not orphans yet.
             _ = tick.tick() => put(now_ms()).await,
+            _ = tokio::time::sleep(Duration::from_millis(100)), if gw.shutdown.is_cancelled() => {
+                if gw.hub.connected() == 0 {
+                    break;
+                }
+            }
             entry = watch.next() => match entry {
                 Some(Ok(e)) => {
                     let beat = match e.operation {
@@ -649,7 +656,6 @@ pub async fn heartbeat(gw: Arc<Gateway>, nats: Arc<Nats>) {
                     }
                 }
             },
-            _ = gw.shutdown.cancelled() => break,
         }
     }
     if let Err(e) = nats.gateways.delete(&me.gateway_id).await {

@@ -19,10 +19,12 @@ pub struct ServeArgs {
         default_value = "/var/lib/outpost-gateway"
     )]
     pub data_dir: PathBuf,
-    /// Directory of check definitions (*.toml). Default: DATA_DIR/checks.d
+    /// Directory of check definitions (*.toml). Default: DATA_DIR/checks.d. Not with
+    /// `--bus nats://…`: a fleet's checks live in NATS (`outpost-gateway config push`).
     #[arg(long, env = "OUTPOST_CHECKS_DIR")]
     pub checks_dir: Option<PathBuf>,
-    /// The plugin catalog served to agents. Default: DATA_DIR/plugins
+    /// The plugin catalog served to agents. Default: DATA_DIR/plugins. Not with
+    /// `--bus nats://…` (see --checks-dir).
     #[arg(long, env = "OUTPOST_PLUGINS_DIR")]
     pub plugins_dir: Option<PathBuf>,
     /// Agent releases served to the installer and to self-updating agents, one
@@ -130,9 +132,25 @@ pub struct Settings {
 
 impl From<ServeArgs> for Settings {
     fn from(a: ServeArgs) -> Self {
+        let nats = a.nats.settings();
+        // In a fleet the checks and plugins come from NATS, mirrored here.
+        let (fleet_checks, fleet_plugins) = crate::fleet_config::mirror_dirs(&a.data_dir);
+        let clustered = nats.is_some();
         Settings {
-            checks_dir: a.checks_dir.unwrap_or_else(|| a.data_dir.join("checks.d")),
-            plugins_dir: a.plugins_dir.unwrap_or_else(|| a.data_dir.join("plugins")),
+            checks_dir: a.checks_dir.unwrap_or_else(|| {
+                if clustered {
+                    fleet_checks
+                } else {
+                    a.data_dir.join("checks.d")
+                }
+            }),
+            plugins_dir: a.plugins_dir.unwrap_or_else(|| {
+                if clustered {
+                    fleet_plugins
+                } else {
+                    a.data_dir.join("plugins")
+                }
+            }),
             releases_dir: a
                 .releases_dir
                 .unwrap_or_else(|| a.data_dir.join("releases")),
@@ -152,7 +170,7 @@ impl From<ServeArgs> for Settings {
             presence_grace: Duration::from_secs(a.presence_grace.min(86_400)),
             tenant: a.tenant,
             gateway_id: a.gateway_id,
-            nats: a.nats.settings(),
+            nats,
             data_dir: a.data_dir,
         }
     }
