@@ -233,9 +233,9 @@ impl Haproxy {
         Ok(answer)
     }
 
-    /// haproxy's view of each gateway: server name to its status column in `show stat`
-    /// ("UP", "DOWN", "UP 1/2" while going down, "DOWN 1/2" while coming up, "no check").
-    pub fn server_status(&self) -> BTreeMap<String, String> {
+    /// `show stat` for the gateways: server name to its row, column name to value (the
+    /// columns haproxy documents: `status`, `check_status`, `scur`, `stot`, ...).
+    pub fn stat(&self) -> BTreeMap<String, BTreeMap<String, String>> {
         let csv = self.command("show stat").expect("haproxy stats socket");
         let mut lines = csv.lines();
         let header: Vec<&str> = lines
@@ -244,20 +244,41 @@ impl Haproxy {
             .expect("show stat header")
             .split(',')
             .collect();
-        let col = |name: &str| header.iter().position(|h| *h == name).expect(name);
-        let (px, sv, status) = (col("pxname"), col("svname"), col("status"));
         lines
-            .map(|l| l.split(',').collect::<Vec<_>>())
-            .filter(|f| f.len() > status && f[px] == BACKEND && f[sv] != "BACKEND")
-            .map(|f| (f[sv].to_string(), f[status].to_string()))
+            .map(|l| {
+                header
+                    .iter()
+                    .map(|h| h.to_string())
+                    .zip(l.split(',').map(String::from))
+            })
+            .map(|row| row.collect::<BTreeMap<String, String>>())
+            .filter(|row| {
+                row.get("pxname").map(String::as_str) == Some(BACKEND)
+                    && row.get("svname").is_some_and(|s| s != "BACKEND")
+            })
+            .map(|row| (row["svname"].clone(), row))
             .collect()
     }
 
-    /// Poll until haproxy reports `server` with exactly `status` ("UP", "DOWN").
+    /// haproxy's view of each gateway: server name to its `status` ("UP", "DOWN",
+    /// "UP 1/2" while going down, "DOWN 1/2" while coming up, "no check").
+    pub fn server_status(&self) -> BTreeMap<String, String> {
+        self.stat()
+            .into_iter()
+            .map(|(name, row)| (name, row.get("status").cloned().unwrap_or_default()))
+            .collect()
+    }
+
+    /// Poll until haproxy reports `server` with exactly `status` ("UP", "DOWN"). "UP"
+    /// also needs a passed health check (`check_status` L7OK): haproxy shows a server
+    /// UP before its first check.
     pub async fn wait_status(&self, server: &str, status: &str, timeout: Duration) {
         let what = format!("haproxy to see {server} {status}");
         eventually(timeout, &what, || async {
-            (self.server_status().get(server).map(String::as_str) == Some(status)).then_some(())
+            let stat = self.stat();
+            let row = stat.get(server)?;
+            let checked = status != "UP" || row.get("check_status")? == "L7OK";
+            (row.get("status")? == status && checked).then_some(())
         })
         .await
     }
