@@ -676,6 +676,8 @@ fn lost_unless_back(
         {
             tracing::info!(fingerprint = %agent.fingerprint, %reason, "agent lost");
             publish_presence(&gw, &agent, Presence::Lost, &reason).await;
+        } else {
+            tracing::info!(fingerprint = %agent.fingerprint, "grace over; a newer connection holds the agent, no change");
         }
     });
 }

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use outpost_e2e::nats::NatsServer;
 use outpost_e2e::tempdir;
-use outpost_gateway::bus::{embedded::EmbeddedBus, nats::NatsBus, AgentRef, Bus, Presence, PresenceEvent};
+use outpost_gateway::bus::{
+    embedded::EmbeddedBus, nats::NatsBus, AgentRef, Bus, Presence, PresenceEvent,
+};
 use outpost_gateway::nats::{presence_subject, results_subject, Nats, NatsSettings};
 use outpost_protocol::CheckResult;
 
@@ -49,21 +51,27 @@ impl Backend {
 
     /// The sequence numbers stored for `agent`, in stored order.
     async fn stored(&self, agent: &AgentRef) -> Vec<u64> {
-        self.read(&results_subject(&agent.tenant, &agent.fingerprint), "results.jsonl")
-            .await
-            .iter()
-            .filter(|v| v["fingerprint"] == agent.fingerprint.as_str())
-            .map(|v| v["result"]["seq"].as_u64().unwrap())
-            .collect()
+        self.read(
+            &results_subject(&agent.tenant, &agent.fingerprint),
+            "results.jsonl",
+        )
+        .await
+        .iter()
+        .filter(|v| v["fingerprint"] == agent.fingerprint.as_str())
+        .map(|v| v["result"]["seq"].as_u64().unwrap())
+        .collect()
     }
 
     async fn presence(&self, agent: &AgentRef) -> Vec<String> {
-        self.read(&presence_subject(&agent.tenant, &agent.fingerprint), "presence.jsonl")
-            .await
-            .iter()
-            .filter(|v| v["fingerprint"] == agent.fingerprint.as_str())
-            .map(|v| v["presence"].as_str().unwrap().to_string())
-            .collect()
+        self.read(
+            &presence_subject(&agent.tenant, &agent.fingerprint),
+            "presence.jsonl",
+        )
+        .await
+        .iter()
+        .filter(|v| v["fingerprint"] == agent.fingerprint.as_str())
+        .map(|v| v["presence"].as_str().unwrap().to_string())
+        .collect()
     }
 
     async fn read(&self, subject: &str, file: &str) -> Vec<serde_json::Value> {
@@ -135,7 +143,10 @@ async fn contract(backend: &Backend) {
 
     assert_eq!(backend.stored(&a).await, (1..=9).collect::<Vec<_>>());
     assert_eq!(backend.stored(&b).await, vec![1, 2]);
-    assert_eq!(backend.presence(&a).await, ["online", "lost", "deregistered"]);
+    assert_eq!(
+        backend.presence(&a).await,
+        ["online", "lost", "deregistered"]
+    );
     assert!(bus.unavailable().is_none());
 }
 
@@ -158,9 +169,10 @@ async fn the_nats_bus_keeps_the_contract_and_dedups_between_gateways() {
     // the stored watermark both hold.
     let (one, two) = (backend.open().await, backend.open().await);
     let c = agent(3);
+    let batch = results(1..=50);
     let (x, y) = tokio::join!(
-        one.publish_results(&c, &results(1..=50)),
-        two.publish_results(&c, &results(1..=50))
+        one.publish_results(&c, &batch),
+        two.publish_results(&c, &batch)
     );
     let (x, y) = (x.unwrap(), y.unwrap());
     assert_eq!(x.accepted + y.accepted, 50, "{x:?} {y:?}");
@@ -187,5 +199,8 @@ fn nats_settings(url: &str) -> NatsSettings {
         #[command(flatten)]
         nats: outpost_gateway::nats::NatsArgs,
     }
-    Args::parse_from(["test", "--bus", url]).nats.settings().unwrap()
+    Args::parse_from(["test", "--bus", url])
+        .nats
+        .settings()
+        .unwrap()
 }

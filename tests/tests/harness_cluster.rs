@@ -12,9 +12,6 @@ use outpost_e2e::haproxy::{self, Haproxy};
 use outpost_e2e::nats::{NatsCluster, NatsServer};
 use outpost_e2e::{eventually, tempdir, test_pki, Gateway};
 
-/// The gateway has no `/readyz` yet; until it does, haproxy checks `/healthz`.
-const HEALTH_PATH: &str = "/healthz";
-
 fn headers_with_id(id: &str) -> HeaderMap {
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", id);
@@ -206,7 +203,7 @@ async fn haproxy_takes_a_killed_gateway_out_and_serves_through_the_other() {
         "one certificate for the fleet"
     );
     let backends: Vec<String> = gateways.iter().map(|g| g.addr.clone()).collect();
-    let lb = Haproxy::start_with_health_path(dir.path(), &backends, HEALTH_PATH);
+    let lb = Haproxy::start(dir.path(), &backends);
     for i in 0..2 {
         lb.wait_status(&lb.server_name(i), "UP", Duration::from_secs(20))
             .await;
