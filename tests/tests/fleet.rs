@@ -871,3 +871,51 @@ async fn tenants_sharing_one_nats_never_see_or_reach_each_others_agents() {
     let answer: Value = serde_json::from_slice(&msg.payload).unwrap();
     assert_eq!(answer["status"], 200, "{answer}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_down_makes_the_gateway_unready_and_results_wait_on_the_agent_until_it_is_back() {
+    let dir = tempdir();
+    let mut nats = NatsServer::start(dir.path(), "n1");
+    let url = nats.url();
+    let pki = pki(dir.path());
+    push(&url, &write_config(dir.path(), &[("base.toml", TICK)]), &[]);
+    let gw = gateway(dir.path(), "gw1", &url, &pki, &[]);
+    let mut a = agent(dir.path(), "a", &gw.addr, &pki, &gw.enroll_key);
+    let fps = vec![a.fingerprint.clone()];
+    assert_eq!(
+        gw.http("GET", "/readyz", None).await,
+        (200, Value::String("ready\n".into()))
+    );
+    eventually(T, "results stored", || async {
+        (stored_results(&url).await.get(&fps[0]).map_or(0, Vec::len) >= 3).then_some(())
+    })
+    .await;
+
+    nats.kill();
+    let (status, body) = eventually(T, "unready", || async {
+        let r = gw.http("GET", "/readyz", None).await;
+        (r.0 == 503).then_some(r)
+    })
+    .await;
+    assert_eq!(status, 503);
+    assert!(
+        body.as_str().unwrap().contains("not connected to NATS"),
+        "{body}"
+    );
+    // The agent keeps running its checks; nothing it has is acked meanwhile.
+    a.proc.wait_for_log("bus unavailable", T).await;
+
+    nats.restart();
+    eventually(T, "ready again", || async {
+        (gw.http("GET", "/readyz", None).await.0 == 200).then_some(())
+    })
+    .await;
+    let before = stored_results(&url).await[&fps[0]].len();
+    eventually(T, "the backlog and new results stored", || async {
+        (stored_results(&url).await.get(&fps[0]).map_or(0, Vec::len) >= before + 5).then_some(())
+    })
+    .await;
+    a.proc.signal(libc::SIGTERM);
+    a.proc.wait_exit(T).await;
+    assert_exactly_once(&stored_results(&url).await, &fps);
+}
