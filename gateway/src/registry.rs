@@ -571,16 +571,23 @@ pub async fn maintain(gw: Arc<Gateway>) {
             tracing::error!(error = %e, "cannot save the agent registry; will retry");
         }
         for (agent, holder, reason) in gw.registry.orphans_due(gw.settings.presence_grace) {
-            if gw
-                .registry
-                .disconnected(&agent.fingerprint, &holder, Presence::Lost, &reason)
-                .await
-            {
-                tracing::info!(fingerprint = %agent.fingerprint, %reason, "agent lost");
-                publish_presence(&gw, &agent, Presence::Lost, &reason).await;
-            }
+            lose(&gw, &agent, &holder, &reason).await;
         }
     }
+}
+
+/// Make the agent lost if `holder` still holds it, and publish that; returns false (and
+/// changes nothing) when a newer connection holds it by now.
+pub async fn lose(gw: &Gateway, agent: &AgentRef, holder: &str, reason: &str) -> bool {
+    let lost = gw
+        .registry
+        .disconnected(&agent.fingerprint, holder, Presence::Lost, reason)
+        .await;
+    if lost {
+        tracing::info!(fingerprint = %agent.fingerprint, %reason, "agent lost");
+        publish_presence(gw, agent, Presence::Lost, reason).await;
+    }
+    lost
 }
 
 /// Publish a presence change on the bus (logged and counted when the bus refuses it).

@@ -669,14 +669,7 @@ fn lost_unless_back(
 ) {
     tokio::spawn(async move {
         tokio::time::sleep(after).await;
-        if gw
-            .registry
-            .disconnected(&agent.fingerprint, &holder, Presence::Lost, &reason)
-            .await
-        {
-            tracing::info!(fingerprint = %agent.fingerprint, %reason, "agent lost");
-            publish_presence(&gw, &agent, Presence::Lost, &reason).await;
-        } else {
+        if !crate::registry::lose(&gw, &agent, &holder, &reason).await {
             tracing::info!(fingerprint = %agent.fingerprint, "grace over; a newer connection holds the agent, no change");
         }
     });

@@ -56,6 +56,21 @@ fn gateway(dir: &Path, id: &str, nats: &str, pki: &Pki, extra: &[&str]) -> Gatew
     Gateway::start(&dir.join(id), &args)
 }
 
+/// Gateways `gw1`..`gwN` on `nats`.
+fn gateways(dir: &Path, n: usize, nats: &str, pki: &Pki) -> Vec<Gateway> {
+    (1..=n)
+        .map(|i| gateway(dir, &format!("gw{i}"), nats, pki, &[]))
+        .collect()
+}
+
+/// One agent on each gateway, dialed directly, so each sits where the test says.
+fn one_agent_each(dir: &Path, gws: &[Gateway], pki: &Pki) -> Vec<Agent> {
+    gws.iter()
+        .enumerate()
+        .map(|(i, g)| agent(dir, &format!("a{i}"), &g.addr, pki, &g.enroll_key))
+        .collect()
+}
+
 /// `outpost-gateway config push DIR`; returns its stdout.
 fn push(nats: &str, dir: &Path, extra: &[&str]) -> String {
     let out = std::process::Command::new(bin("outpost-gateway"))
@@ -238,15 +253,8 @@ async fn run_now_through_any_gateway_reaches_agents_on_the_others_and_every_gate
     let url = nats.url();
     let pki = pki(dir.path());
     push(&url, &write_config(dir.path(), &[("base.toml", TICK)]), &[]);
-    let gws: Vec<Gateway> = (1..=3)
-        .map(|i| gateway(dir.path(), &format!("gw{i}"), &url, &pki, &[]))
-        .collect();
-    // One agent on each gateway, dialed directly, so each sits where the test says.
-    let agents: Vec<Agent> = gws
-        .iter()
-        .enumerate()
-        .map(|(i, g)| agent(dir.path(), &format!("a{i}"), &g.addr, &pki, &g.enroll_key))
-        .collect();
+    let gws = gateways(dir.path(), 3, &url, &pki);
+    let agents = one_agent_each(dir.path(), &gws, &pki);
     for g in &gws {
         eventually(T, "every gateway lists the three agents online", || async {
             let view = fleet_view(g).await;
@@ -331,9 +339,7 @@ async fn a_killed_gateway_behind_haproxy_moves_its_agents_without_a_false_lost_o
     let presence = Presence::follow(&url).await;
     let pki = pki(dir.path());
     push(&url, &write_config(dir.path(), &[("base.toml", TICK)]), &[]);
-    let mut gws: Vec<Gateway> = (1..=3)
-        .map(|i| gateway(dir.path(), &format!("gw{i}"), &url, &pki, &[]))
-        .collect();
+    let mut gws = gateways(dir.path(), 3, &url, &pki);
     let lb = Haproxy::start(
         dir.path(),
         &gws.iter().map(|g| g.addr.clone()).collect::<Vec<_>>(),
@@ -706,14 +712,8 @@ async fn config_push_reaches_agents_on_every_gateway_within_seconds_and_removes_
     let nats = NatsServer::start(dir.path(), "n1");
     let url = nats.url();
     let pki = pki(dir.path());
-    let gws: Vec<Gateway> = (1..=2)
-        .map(|i| gateway(dir.path(), &format!("gw{i}"), &url, &pki, &[]))
-        .collect();
-    let agents: Vec<Agent> = gws
-        .iter()
-        .enumerate()
-        .map(|(i, g)| agent(dir.path(), &format!("a{i}"), &g.addr, &pki, &g.enroll_key))
-        .collect();
+    let gws = gateways(dir.path(), 2, &url, &pki);
+    let agents = one_agent_each(dir.path(), &gws, &pki);
     for (g, a) in gws.iter().zip(&agents) {
         eventually(T, "online", || g.agent(&a.fingerprint)).await;
     }
