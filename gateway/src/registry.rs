@@ -72,6 +72,32 @@ pub struct AgentRecord {
     pub revision: u64,
 }
 
+impl AgentRecord {
+    /// An agent known only by its fingerprint and tenant so far.
+    fn new(fingerprint: &str, tenant: &str, now: u64) -> AgentRecord {
+        AgentRecord {
+            fingerprint: fingerprint.to_string(),
+            tenant: tenant.to_string(),
+            hostname: String::new(),
+            os: String::new(),
+            arch: String::new(),
+            agent_version: String::new(),
+            labels: BTreeMap::new(),
+            groups: Vec::new(),
+            presence: Presence::Online,
+            presence_reason: String::new(),
+            last_seen_ms: now,
+            connected_since_ms: None,
+            peer: None,
+            gateway: String::new(),
+            holder: None,
+            checks: Vec::new(),
+            latest: HashMap::new(),
+            revision: 0,
+        }
+    }
+}
+
 /// This gateway process: its fleet name and a random incarnation, so connections of a
 /// restarted gateway are never mistaken for those of the one before.
 #[derive(Debug, Clone)]
@@ -152,7 +178,23 @@ impl Registry {
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
         // Agents online when the gateway stopped keep their old holder: they are swept to
-        // lost after the grace unless they reconnect first.
+        // lost after the grace unless they reconnect first. The presence events are durable
+        // before the registry file is saved, so they decide each agent's presence.
+        for (fp, event) in recovered.presence {
+            let rec = agents.entry(fp.clone()).or_insert_with(|| {
+                let mut r = AgentRecord::new(&fp, &event.agent.tenant, event.at_ms);
+                r.presence = event.presence;
+                r.gateway = me.gateway_id.clone();
+                r
+            });
+            if rec.presence != event.presence {
+                rec.presence = event.presence;
+                rec.presence_reason = event.reason;
+                if event.presence != Presence::Online {
+                    rec.holder = None;
+                }
+            }
+        }
         for (fp, latest) in recovered.latest {
             if let Some(rec) = agents.get_mut(&fp) {
                 rec.latest = latest;
@@ -208,26 +250,7 @@ impl Registry {
             let mut agents = self.lock();
             let rec = agents
                 .entry(hello.fingerprint.clone())
-                .or_insert_with(|| AgentRecord {
-                    fingerprint: hello.fingerprint.clone(),
-                    tenant: tenant.to_string(),
-                    hostname: String::new(),
-                    os: String::new(),
-                    arch: String::new(),
-                    agent_version: String::new(),
-                    labels: BTreeMap::new(),
-                    groups: Vec::new(),
-                    presence: Presence::Online,
-                    presence_reason: String::new(),
-                    last_seen_ms: now,
-                    connected_since_ms: None,
-                    peer: None,
-                    gateway: String::new(),
-                    holder: None,
-                    checks: Vec::new(),
-                    latest: HashMap::new(),
-                    revision: 0,
-                });
+                .or_insert_with(|| AgentRecord::new(&hello.fingerprint, tenant, now));
             rec.tenant = tenant.to_string();
             rec.hostname = hello.hostname.clone();
             rec.os = hello.os.clone();
@@ -279,7 +302,8 @@ impl Registry {
             let Some(rec) = agents.get_mut(fingerprint) else {
                 return false;
             };
-            if rec.holder.as_deref() != Some(holder) {
+            // An agent recovered as online without a holder is held by "" (see orphans_due).
+            if rec.holder.as_deref().unwrap_or_default() != holder {
                 return false;
             }
             end_hold(rec, presence, reason);
@@ -309,7 +333,7 @@ impl Registry {
             };
             if current
                 .as_ref()
-                .is_some_and(|c| c.holder.as_deref() != Some(holder))
+                .is_some_and(|c| c.holder.as_deref().unwrap_or_default() != holder)
             {
                 return false;
             }

@@ -37,10 +37,20 @@ fn pki(dir: &Path) -> Pki {
 }
 
 fn gateway(dir: &Path, id: &str, nats: &str, pki: &Pki, extra: &[&str]) -> Gateway {
+    gateway_on(dir, id, "127.0.0.1:0", Some(nats), pki, extra)
+}
+
+/// A gateway listening on `listen`, on NATS or (`None`) its embedded bus.
+fn gateway_on(
+    dir: &Path,
+    id: &str,
+    listen: &str,
+    nats: Option<&str>,
+    pki: &Pki,
+    extra: &[&str],
+) -> Gateway {
     let grace = GRACE.to_string();
     let mut args = vec![
-        "--bus",
-        nats,
         "--gateway-id",
         id,
         "--tls-cert",
@@ -52,8 +62,11 @@ fn gateway(dir: &Path, id: &str, nats: &str, pki: &Pki, extra: &[&str]) -> Gatew
         "--grace",
         "6",
     ];
+    if let Some(url) = nats {
+        args.extend_from_slice(&["--bus", url]);
+    }
     args.extend_from_slice(extra);
-    Gateway::start(&dir.join(id), &args)
+    Gateway::start_on(&dir.join(id), listen, &args)
 }
 
 /// Gateways `gw1`..`gwN` on `nats`.
@@ -918,4 +931,94 @@ async fn nats_down_makes_the_gateway_unready_and_results_wait_on_the_agent_until
     a.proc.signal(libc::SIGTERM);
     a.proc.wait_exit(T).await;
     assert_exactly_once(&stored_results(&url).await, &fps);
+}
+
+/// A gateway killed and restarted (same id, same address) keeps the agents that come back
+/// online without an event, and makes lost, after the grace, the one that does not.
+async fn restart_keeps_returning_agents(nats: Option<&str>, dir: &Path) {
+    let pki = pki(dir);
+    let start = |listen: &str| gateway_on(dir, "gw1", listen, nats, &pki, &[]);
+    let mut gw = start("127.0.0.1:0");
+    let addr = gw.addr.clone();
+    match nats {
+        Some(url) => {
+            push(url, &write_config(dir, &[("base.toml", TICK)]), &[]);
+        }
+        None => gw.write_checks("base.toml", TICK),
+    }
+    let presence = match nats {
+        Some(url) => Some(Presence::follow(url).await),
+        None => None,
+    };
+    let events = |gw: &Gateway, fp: &str| -> Vec<Value> {
+        match &presence {
+            Some(p) => p.events(fp),
+            None => std::fs::read_to_string(gw.data_dir.join("bus/presence.jsonl"))
+                .unwrap_or_default()
+                .lines()
+                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+                .filter(|e| e["fingerprint"] == fp)
+                .collect(),
+        }
+    };
+    let back = agent(dir, "back", &addr, &pki, &gw.enroll_key);
+    let frozen = agent(dir, "frozen", &addr, &pki, &gw.enroll_key);
+    for a in [&back, &frozen] {
+        eventually(T, "results", || gw.latest(&a.fingerprint, "tick")).await;
+    }
+    frozen.proc.signal(libc::SIGSTOP);
+    gw.proc.signal(libc::SIGKILL);
+    gw.proc.wait_exit(T).await;
+    gw = start(&addr);
+    let seq = eventually(T, "back reports through the restarted gateway", || async {
+        let l = gw.latest(&back.fingerprint, "tick").await?;
+        (gw.agent(&back.fingerprint).await?["connected"] == true).then_some(l)
+    })
+    .await["seq"]
+        .as_u64()
+        .unwrap();
+    let lost = eventually(T, "frozen lost after the grace", || async {
+        events(&gw, &frozen.fingerprint)
+            .into_iter()
+            .find(|e| e["presence"] == "lost")
+    })
+    .await;
+    assert!(
+        lost["reason"]
+            .as_str()
+            .unwrap()
+            .contains("its gateway (gw1) stopped and it did not reconnect"),
+        "{lost}"
+    );
+    let back_events: Vec<Value> = events(&gw, &back.fingerprint);
+    let kinds: Vec<&str> = back_events
+        .iter()
+        .map(|e| e["presence"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["online", "online"], "{back_events:?}");
+    assert_eq!(
+        gw.agent(&back.fingerprint).await.unwrap()["presence"],
+        "online"
+    );
+    eventually(T, "newer results", || async {
+        gw.latest(&back.fingerprint, "tick")
+            .await
+            .filter(|l| l["seq"].as_u64().unwrap() > seq)
+    })
+    .await;
+    frozen.proc.signal(libc::SIGCONT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_gateway_on_nats_keeps_returning_agents_online_and_sweeps_the_rest() {
+    let dir = tempdir();
+    let nats = NatsServer::start(dir.path(), "n1");
+    restart_keeps_returning_agents(Some(&nats.url()), dir.path()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_gateway_on_its_embedded_bus_keeps_returning_agents_online_and_sweeps_the_rest()
+{
+    let dir = tempdir();
+    restart_keeps_returning_agents(None, dir.path()).await;
 }

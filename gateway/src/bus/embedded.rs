@@ -53,6 +53,9 @@ pub struct EmbeddedBus {
 #[derive(Default)]
 pub struct Recovered {
     pub latest: HashMap<String, HashMap<String, CheckResult>>,
+    /// The last presence event per agent: the registry file is saved every few seconds,
+    /// the events are durable at once, so they say who was online when the gateway died.
+    pub presence: HashMap<String, PresenceEvent>,
     pub results_on_disk: u64,
     pub torn_bytes_dropped: u64,
 }
@@ -62,7 +65,8 @@ impl EmbeddedBus {
         std::fs::create_dir_all(dir)?;
         let results_path = dir.join("results.jsonl");
         let presence_path = dir.join("presence.jsonl");
-        let (results, watermarks, recovered) = recover(&results_path)?;
+        let (results, watermarks, mut recovered) = recover(&results_path)?;
+        recovered.presence = last_presence(&presence_path)?;
         let presence = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -129,6 +133,22 @@ fn recover(path: &Path) -> std::io::Result<(std::fs::File, HashMap<String, u64>,
         file.sync_all()?;
     }
     Ok((file, watermarks, rec))
+}
+
+/// The last event per agent in `presence.jsonl` (unreadable lines skipped).
+fn last_presence(path: &Path) -> std::io::Result<HashMap<String, PresenceEvent>> {
+    let mut last = HashMap::new();
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(last),
+        Err(e) => return Err(e),
+    };
+    for line in std::io::BufReader::new(file).lines() {
+        if let Ok(event) = serde_json::from_str::<PresenceEvent>(&line?) {
+            last.insert(event.agent.fingerprint.clone(), event);
+        }
+    }
+    Ok(last)
 }
 
 /// Append `buf` to `file` and make it durable; on failure cut the file back to where it
