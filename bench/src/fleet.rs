@@ -205,6 +205,19 @@ pub fn write_rpc_check(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `serve` options that give every gateway of a fleet the same certificate (as behind a
+/// load balancer), made once under `dir`: agents pin one certificate for all of them.
+pub fn shared_tls_args(dir: &Path) -> Result<Vec<String>> {
+    std::fs::create_dir_all(dir)?;
+    let (cert, key, _) = nats::self_signed(dir)?;
+    Ok(vec![
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+    ])
+}
+
 /// Memory in decimal kilobytes, for per-connection figures.
 pub fn kb(bytes: f64) -> String {
     format!("{:.1} KB", bytes / 1e3)

@@ -282,7 +282,13 @@ connection (as does this tool). Memory per connection is the figure that carries
             r.reached as f64 / r.ramp.as_secs_f64().max(1e-3),
             r.ramp_cpu_pct,
             r.hold.cpu_pct,
-            kb(r.own_per_connection()),
+            // The second ramp reuses memory this tool freed after the first: only the
+            // first shows the client side's cost.
+            if std::ptr::eq(r, &rows[0]) {
+                kb(r.own_per_connection())
+            } else {
+                "—".into()
+            },
             r.failures,
         );
     }

@@ -52,7 +52,8 @@ pub struct Behaviour {
     pub pin: String,
     /// Results per `results` batch; 0 sends none (an idle agent).
     pub batch: usize,
-    /// Dial again after a lost connection (after a random delay up to `redial_jitter`).
+    /// Dial again after a lost connection or a failed dial, with the agent's backoff: a
+    /// random delay up to `redial_jitter`, doubling after each failed dial (at most 30 s).
     pub redial: bool,
     pub redial_jitter: Duration,
     /// Most dials (TCP + TLS + websocket + hello/welcome) in progress at once.
@@ -316,6 +317,7 @@ async fn agent(
     let src = source_addr(i);
     let mut addr_index = 0usize;
     let mut welcomed_once = false;
+    let mut failed_dials = 0u32;
     loop {
         let dst = b.addrs[addr_index % b.addrs.len()];
         let dialled = {
@@ -329,6 +331,7 @@ async fn agent(
         };
         let end = match dialled {
             Ok((ws, heartbeat, last_seq)) => {
+                failed_dials = 0;
                 stats.welcomes.fetch_add(1, Ordering::Relaxed);
                 stats.online.fetch_add(1, Ordering::Relaxed);
                 if !welcomed_once {
@@ -340,6 +343,7 @@ async fn agent(
                 end
             }
             Err(e) => {
+                failed_dials = failed_dials.saturating_add(1);
                 stats.fail(format!("{e:#}"));
                 SessionEnd::Lost(String::new())
             }
@@ -357,7 +361,11 @@ async fn agent(
                     return;
                 }
                 addr_index += 1;
-                let wait = b.redial_jitter.mul_f64(rand::random::<f64>());
+                let ceiling = b
+                    .redial_jitter
+                    .saturating_mul(1 << failed_dials.min(6))
+                    .min(Duration::from_secs(30));
+                let wait = ceiling.mul_f64(rand::random::<f64>());
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}

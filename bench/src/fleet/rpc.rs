@@ -184,20 +184,19 @@ fn two_gateways(
     let bin = nats::find_server(plan.nats_server.as_deref())?;
     let mut server = nats::Server::start(&bin, &dir.join("nats"), false)?;
     let (enroll, api) = (super::token(), super::token());
+    let tls = super::shared_tls_args(&dir.join("tls"))?;
     let start = |name: &str| -> Result<Gateway> {
         let d = dir.join(name);
         super::prepare_gateway_dir(&d, None, Some((&enroll, &api)))?;
         super::write_rpc_check(&d)?;
-        Gateway::start_with(
-            bins,
-            &d,
-            &[
-                "--bus".into(),
-                server.url(),
-                "--gateway-id".into(),
-                format!("bench-{name}"),
-            ],
-        )
+        let mut args = vec![
+            "--bus".to_string(),
+            server.url(),
+            "--gateway-id".into(),
+            format!("bench-{name}"),
+        ];
+        args.extend(tls.iter().cloned());
+        Gateway::start_with(bins, &d, &args)
     };
     let mut a = start("a")?;
     let mut b = start("b")?;

@@ -152,11 +152,12 @@ fn embedded(
     let n = plan.storm_agents.min(super::fd_budget());
     let (ids, creds) = super::agents_with_secrets(n);
     let (enroll, api) = (super::token(), super::token());
+    let tls = super::shared_tls_args(&dir.join("tls"))?;
     let mut gws = Vec::new();
     for name in ["a", "b"] {
         let d = dir.join(name);
         super::prepare_gateway_dir(&d, Some(&creds), Some((&enroll, &api)))?;
-        gws.push(Gateway::start(bins, &d)?);
+        gws.push(Gateway::start_with(bins, &d, &tls)?);
     }
     let b = gws.pop().expect("two gateways");
     let a = gws.pop().expect("two gateways");
@@ -180,20 +181,19 @@ fn over_nats(
     let bin = nats::find_server(plan.nats_server.as_deref())?;
     let mut server = nats::Server::start(&bin, &dir.join("nats"), false)?;
     let (enroll, api) = (super::token(), super::token());
+    let tls = super::shared_tls_args(&dir.join("tls"))?;
     let mut gws = Vec::new();
     for name in ["a", "b"] {
         let d = dir.join(name);
         super::prepare_gateway_dir(&d, None, Some((&enroll, &api)))?;
-        gws.push(Gateway::start_with(
-            bins,
-            &d,
-            &[
-                "--bus".into(),
-                server.url(),
-                "--gateway-id".into(),
-                format!("bench-{name}"),
-            ],
-        )?);
+        let mut args = vec![
+            "--bus".to_string(),
+            server.url(),
+            "--gateway-id".into(),
+            format!("bench-{name}"),
+        ];
+        args.extend(tls.iter().cloned());
+        gws.push(Gateway::start_with(bins, &d, &args)?);
     }
     let b = gws.pop().expect("two gateways");
     let a = gws.pop().expect("two gateways");
@@ -239,8 +239,8 @@ pub fn storm(bins: &Bins, work: &Path, plan: &crate::Plan) -> Result<(String, Ve
     let mut out = format!(
         "Agents connected to gateway A with the address list A, B; A is killed with SIGKILL \
 and each agent dials B after a random delay of up to 500 ms (the agent's first backoff \
-step), at most {} dials in progress at once in this tool. Times are from the kill until \
-that many agents were welcomed by B (this tool's count of `welcome` frames), and until \
+step, doubling after each failed dial), at most {} dials in progress at once in this tool. Both gateways serve the same certificate (as behind a load balancer). Times are from the \
+kill until that many agents were welcomed by B (this tool's count of `welcome` frames), and until \
 B's `GET /api/v1/agents` listed all of them online.\n\n\
 | setup | agents | first back | half back | 99% back | **all back** | B's API lists all online | B's CPU meanwhile | B's RSS after | failed dials meanwhile |\n\
 |---|---|---|---|---|---|---|---|---|---|\n",
