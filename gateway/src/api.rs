@@ -39,6 +39,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
     Router::new()
         .route("/", get(crate::console::page))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route(WS_PATH, get(upgrade))
         .nest("/api/v1", api)
@@ -64,6 +65,24 @@ async fn require_token(State(gw): State<Arc<Gateway>>, req: Request, next: Next)
             StatusCode::UNAUTHORIZED,
             "missing API token: send 'Authorization: Bearer TOKEN' (the token is in api.token in the gateway's data directory)",
         ),
+    }
+}
+
+/// For load balancers: 200 while this gateway takes agents, 503 (with the reason) while it
+/// drains for shutdown or cannot reach its bus, so new connections go elsewhere.
+async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    let why = if gw.shutdown.is_cancelled() {
+        Some("draining: shutting down".to_string())
+    } else {
+        gw.bus.unavailable()
+    };
+    match why {
+        None => (StatusCode::OK, "ready\n").into_response(),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+            .into_response(),
     }
 }
 
@@ -115,7 +134,10 @@ struct AgentView {
     /// `online`, `lost` or `deregistered`.
     presence: &'static str,
     presence_reason: String,
+    /// Whether a gateway holds a live connection of the agent.
     connected: bool,
+    /// The gateway that holds (or last held) it.
+    gateway: String,
     last_seen_ms: u64,
     connected_since_ms: Option<u64>,
 }
@@ -131,9 +153,30 @@ fn view(gw: &Gateway, r: &AgentRecord) -> AgentView {
         groups: r.groups.clone(),
         presence: r.presence.as_str(),
         presence_reason: r.presence_reason.clone(),
-        connected: gw.hub.is_connected(&r.fingerprint),
-        last_seen_ms: r.last_seen_ms,
+        connected: gw.hub.is_connected(&r.fingerprint)
+            || (r.presence == crate::bus::Presence::Online
+                && r.holder.is_some()
+                && !gw
+                    .registry
+                    .me
+                    .holds(r.holder.as_deref().unwrap_or_default())),
+        gateway: r.gateway.clone(),
+        last_seen_ms: last_seen(gw, r),
         connected_since_ms: r.connected_since_ms,
+    }
+}
+
+/// When the agent was last heard of: its last frame on this gateway; for an agent another
+/// gateway holds, that gateway's last heartbeat (it drops silent agents within three
+/// heartbeat intervals).
+fn last_seen(gw: &Gateway, r: &AgentRecord) -> u64 {
+    let remote = r.presence == crate::bus::Presence::Online
+        && r.holder
+            .as_deref()
+            .is_some_and(|h| !gw.registry.me.holds(h));
+    match gw.registry.holder_beat_ms(r) {
+        Some(beat) if remote => r.last_seen_ms.max(beat),
+        _ => r.last_seen_ms,
     }
 }
 
@@ -205,23 +248,48 @@ async fn run_now(
     State(gw): State<Arc<Gateway>>,
     Path((fp, check)): Path<(String, String)>,
 ) -> Response {
-    let Some(rec) = gw.registry.get(&fp) else {
-        return unknown_agent(&fp);
+    Metrics::inc(&gw.metrics.rpc_calls);
+    let (status, body) = if gw.hub.has(&fp) || gw.nats.is_none() {
+        run_now_here(&gw, &fp, &check).await
+    } else if gw.registry.get(&fp).is_none() {
+        (StatusCode::NOT_FOUND, unknown_agent_body(&fp))
+    } else {
+        crate::rpc::call(&gw, &fp, &check).await
+    };
+    if status != StatusCode::OK {
+        Metrics::inc(&gw.metrics.rpc_failures);
+    }
+    (status, Json(body)).into_response()
+}
+
+fn unknown_agent_body(fp: &str) -> serde_json::Value {
+    json!({ "error": format!("no agent with fingerprint {fp} has enrolled here") })
+}
+
+/// Run `check` on an agent connected to this gateway: the status and JSON body of the
+/// answer (the result, or `{"error"}`), the same for a call from the API here and one
+/// relayed from another gateway.
+pub async fn run_now_here(gw: &Gateway, fp: &str, check: &str) -> (StatusCode, serde_json::Value) {
+    let fail = |status, message: String| (status, json!({ "error": message }));
+    let Some(rec) = gw.registry.get(fp) else {
+        return (StatusCode::NOT_FOUND, unknown_agent_body(fp));
     };
     let Some(spec) = rec.checks.iter().find(|c| c.name == check) else {
-        return error(
+        if !gw.hub.has(fp) {
+            return fail(StatusCode::CONFLICT, format!("agent {fp} is not connected"));
+        }
+        return fail(
             StatusCode::NOT_FOUND,
             format!("check {check:?} is not configured on agent {fp}"),
         );
     };
     let deadline = Duration::from_secs(spec.timeout_secs.saturating_add(5).min(120));
-    Metrics::inc(&gw.metrics.rpc_calls);
     let reply = gw
         .hub
         .rpc(
-            &fp,
+            fp,
             RpcCall::RunCheck {
-                check: check.clone(),
+                check: check.to_string(),
             },
             deadline,
         )
@@ -229,28 +297,29 @@ async fn run_now(
     let reply = match reply {
         Ok(r) => r,
         Err(e) => {
-            Metrics::inc(&gw.metrics.rpc_failures);
             let status = match e {
                 RpcFailure::NotConnected(_) => StatusCode::CONFLICT,
                 RpcFailure::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
                 RpcFailure::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
                 RpcFailure::Disconnected(_) => StatusCode::BAD_GATEWAY,
             };
-            return error(status, e.to_string());
+            return fail(status, e.to_string());
         }
     };
     match (reply.result, reply.error) {
-        (Some(result), _) => Json(result).into_response(),
+        (Some(result), _) => (
+            StatusCode::OK,
+            serde_json::to_value(result).unwrap_or_default(),
+        ),
         (None, Some(e)) => {
-            Metrics::inc(&gw.metrics.rpc_failures);
             let status = match e.code.as_str() {
                 "unknown_check" => StatusCode::NOT_FOUND,
                 "busy" => StatusCode::TOO_MANY_REQUESTS,
                 "not_runnable" => StatusCode::UNPROCESSABLE_ENTITY,
                 _ => StatusCode::BAD_GATEWAY,
             };
-            error(status, format!("agent answered {}: {}", e.code, e.message))
+            fail(status, format!("agent answered {}: {}", e.code, e.message))
         }
-        (None, None) => error(StatusCode::BAD_GATEWAY, "agent sent an empty reply"),
+        (None, None) => fail(StatusCode::BAD_GATEWAY, "agent sent an empty reply".into()),
     }
 }

@@ -1,8 +1,9 @@
 //! The bus results and presence events are handed to. One trait, so the embedded bus
-//! (the default, for a single gateway) and NATS JetStream (for a fleet) are
+//! (the default, for a single gateway) and NATS JetStream (for a fleet, [`nats`]) are
 //! interchangeable; a session acks an agent's batch only after `publish_results` returns.
 
 pub mod embedded;
+pub mod nats;
 
 use async_trait::async_trait;
 use outpost_protocol::CheckResult;
@@ -52,6 +53,8 @@ pub enum BusError {
     Io(#[from] std::io::Error),
     #[error("bus is shutting down")]
     Closed,
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
 }
 
 #[async_trait]
@@ -69,4 +72,9 @@ pub trait Bus: Send + Sync {
 
     /// Publish a presence change.
     async fn publish_presence(&self, event: &PresenceEvent) -> Result<(), BusError>;
+
+    /// Why the bus cannot take results right now, if it cannot (for `/readyz`).
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
 }

@@ -4,12 +4,13 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::nats::{agent_key, Nats};
 use crate::util::{constant_time_eq, now_ms, random_token, write_atomic};
 
 /// The only tenant until multi-tenancy lands; every agent and token belongs to it.
@@ -35,8 +36,20 @@ fn yes() -> bool {
 pub struct Credentials {
     pub enroll_key: String,
     pub api_token: String,
+    /// The tenant this gateway's agents and token belong to.
+    pub tenant: String,
     path: PathBuf,
     agents: Mutex<HashMap<String, AgentCredential>>,
+    /// With NATS: agent secrets live in the shared `outpost_credentials` bucket instead of
+    /// `credentials.json`, so an agent enrolled through one gateway logs in through any.
+    shared: Option<Arc<Nats>>,
+}
+
+/// A tenant's enrollment key and API token, shared by every gateway of the fleet.
+#[derive(Serialize, Deserialize)]
+struct TenantKeys {
+    enroll_key: String,
+    api_token: String,
 }
 
 /// Why an agent's credential was refused. The message is sent to the agent and logged.
@@ -100,9 +113,187 @@ impl Credentials {
         Ok(Credentials {
             enroll_key,
             api_token,
+            tenant: DEFAULT_TENANT.to_string(),
             path,
             agents: Mutex::new(agents),
+            shared: None,
         })
+    }
+
+    /// The gateway's credentials for `tenant`. With NATS, the tenant's enrollment key and
+    /// API token are the fleet's (the first gateway's, stored in the bucket; written to this
+    /// gateway's `enroll.key` and `api.token` too) and agent secrets live in the bucket.
+    pub async fn open_for(
+        data_dir: &Path,
+        tenant: &str,
+        nats: Option<Arc<Nats>>,
+    ) -> anyhow::Result<Credentials> {
+        let mut creds = Credentials::open(data_dir)?;
+        creds.tenant = tenant.to_string();
+        let Some(nats) = nats else {
+            return Ok(creds);
+        };
+        let key = format!("{tenant}._tenant");
+        let mine = serde_json::to_vec(&TenantKeys {
+            enroll_key: creds.enroll_key.clone(),
+            api_token: creds.api_token.clone(),
+        })?;
+        let fleet: TenantKeys = match nats.credentials.create(&key, mine.into()).await {
+            Ok(_) => {
+                tracing::info!(%tenant, "this gateway's enrollment key and API token are now the tenant's");
+                TenantKeys {
+                    enroll_key: creds.enroll_key.clone(),
+                    api_token: creds.api_token.clone(),
+                }
+            }
+            Err(_) => {
+                let bytes = nats
+                    .credentials
+                    .get(&key)
+                    .await
+                    .context("cannot read the tenant's keys from NATS")?
+                    .context("the tenant's keys vanished from NATS")?;
+                serde_json::from_slice(&bytes).context("the tenant's keys in NATS are corrupt")?
+            }
+        };
+        if fleet.enroll_key != creds.enroll_key || fleet.api_token != creds.api_token {
+            tracing::info!(%tenant, "using the fleet's enrollment key and API token (saved to this data directory)");
+            write_atomic(
+                &data_dir.join("enroll.key"),
+                format!("{}\n", fleet.enroll_key).as_bytes(),
+                0o600,
+            )?;
+            write_atomic(
+                &data_dir.join("api.token"),
+                format!("{}\n", fleet.api_token).as_bytes(),
+                0o600,
+            )?;
+        }
+        creds.enroll_key = fleet.enroll_key;
+        creds.api_token = fleet.api_token;
+        creds.shared = Some(nats);
+        Ok(creds)
+    }
+
+    /// Check an agent's credential, enrolling it when it presents the enrollment key. A
+    /// new secret is stored (on disk, or in NATS) before this returns.
+    pub async fn check(
+        &self,
+        fingerprint: &str,
+        credential: &outpost_protocol::Credential,
+    ) -> Result<Authenticated, AuthError> {
+        match &self.shared {
+            None => self.authenticate(fingerprint, credential),
+            Some(nats) => self.check_shared(nats, fingerprint, credential).await,
+        }
+    }
+
+    async fn check_shared(
+        &self,
+        nats: &Nats,
+        fingerprint: &str,
+        credential: &outpost_protocol::Credential,
+    ) -> Result<Authenticated, AuthError> {
+        use outpost_protocol::Credential;
+        let key = agent_key(&self.tenant, fingerprint);
+        let storage = |e: &dyn std::fmt::Display| AuthError::Storage(format!("NATS: {e}"));
+        let entry = nats
+            .credentials
+            .entry(&key)
+            .await
+            .map_err(|e| storage(&e))?;
+        let known = entry
+            .as_ref()
+            .filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
+            .and_then(|e| serde_json::from_slice::<AgentCredential>(&e.value).ok());
+        match credential {
+            Credential::Secret { secret } => {
+                let Some(known) = known else {
+                    return Err(AuthError::UnknownAgent(fingerprint.to_string()));
+                };
+                if !constant_time_eq(
+                    sha256_hex(secret).as_bytes(),
+                    known.secret_sha256.as_bytes(),
+                ) {
+                    return Err(AuthError::BadSecret(fingerprint.to_string()));
+                }
+                if !known.confirmed {
+                    self.confirm_shared(nats, fingerprint).await;
+                }
+                Ok(Authenticated {
+                    tenant: self.tenant.clone(),
+                    new_secret: None,
+                })
+            }
+            Credential::EnrollKey { key: given } => {
+                if !constant_time_eq(given.as_bytes(), self.enroll_key.as_bytes()) {
+                    return Err(AuthError::BadEnrollKey);
+                }
+                if known.as_ref().is_some_and(|k| k.confirmed) {
+                    return Err(AuthError::AlreadyEnrolled(fingerprint.to_string()));
+                }
+                let secret = random_token(32);
+                let value = serde_json::to_vec(&AgentCredential {
+                    tenant: self.tenant.clone(),
+                    secret_sha256: sha256_hex(&secret),
+                    enrolled_at_ms: now_ms(),
+                    confirmed: false,
+                })
+                .map_err(|e| storage(&e))?;
+                // Compare-and-set: two gateways enrolling the same fingerprint at once
+                // cannot both hand out a secret.
+                match entry.map(|e| e.revision) {
+                    None => nats
+                        .credentials
+                        .create(&key, value.into())
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| storage(&e))?,
+                    Some(rev) => nats
+                        .credentials
+                        .update(&key, value.into(), rev)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| storage(&e))?,
+                }
+                Ok(Authenticated {
+                    tenant: self.tenant.clone(),
+                    new_secret: Some(secret),
+                })
+            }
+        }
+    }
+
+    async fn confirm_shared(&self, nats: &Nats, fingerprint: &str) {
+        let key = agent_key(&self.tenant, fingerprint);
+        let Ok(Some(entry)) = nats.credentials.entry(&key).await else {
+            return;
+        };
+        let Ok(mut cred) = serde_json::from_slice::<AgentCredential>(&entry.value) else {
+            return;
+        };
+        if cred.confirmed {
+            return;
+        }
+        cred.confirmed = true;
+        let Ok(value) = serde_json::to_vec(&cred) else {
+            return;
+        };
+        if let Err(e) = nats
+            .credentials
+            .update(&key, value.into(), entry.revision)
+            .await
+        {
+            tracing::warn!(%fingerprint, error = %e, "cannot record that the agent confirmed its secret");
+        }
+    }
+
+    /// The agent has shown it holds its secret (see [`Credentials::confirm`]).
+    pub async fn confirmed(&self, fingerprint: &str) {
+        match &self.shared {
+            None => self.confirm(fingerprint),
+            Some(nats) => self.confirm_shared(nats, fingerprint).await,
+        }
     }
 
     /// Check an agent's credential, enrolling it when it presents the enrollment key.
@@ -123,7 +314,7 @@ impl Credentials {
                     sha256_hex(secret).as_bytes(),
                     known.secret_sha256.as_bytes(),
                 ) {
-                    let tenant = known.tenant.clone();
+                    let tenant = self.tenant.clone();
                     if !known.confirmed {
                         drop(agents);
                         self.confirm(fingerprint);
@@ -148,7 +339,7 @@ impl Credentials {
                 agents.insert(
                     fingerprint.to_string(),
                     AgentCredential {
-                        tenant: DEFAULT_TENANT.to_string(),
+                        tenant: self.tenant.clone(),
                         secret_sha256: sha256_hex(&secret),
                         enrolled_at_ms: now_ms(),
                         confirmed: false,
@@ -162,7 +353,7 @@ impl Credentials {
                     return Err(AuthError::Storage(e.to_string()));
                 }
                 Ok(Authenticated {
-                    tenant: DEFAULT_TENANT.to_string(),
+                    tenant: self.tenant.clone(),
                     new_secret: Some(secret),
                 })
             }

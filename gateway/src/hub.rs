@@ -81,6 +81,13 @@ impl Hub {
         }
     }
 
+    /// End the agent's session here: it has connected through another gateway.
+    pub fn take_over(&self, fingerprint: &str) {
+        if let Some(h) = self.lock().get(fingerprint) {
+            h.replaced.cancel();
+        }
+    }
+
     pub fn is_connected(&self, fingerprint: &str) -> bool {
         self.lock().contains_key(fingerprint)
     }

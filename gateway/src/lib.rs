@@ -10,13 +10,16 @@ pub mod bus;
 pub mod checks;
 pub mod console;
 pub mod credentials;
+pub mod fleet_config;
 pub mod hub;
 pub mod listener;
 pub mod metrics;
+pub mod nats;
 pub mod registry;
 pub mod releases;
 pub mod releases_manifest;
 pub mod rollout;
+pub mod rpc;
 pub mod session;
 pub mod settings;
 pub mod tls;
@@ -42,6 +45,8 @@ pub struct Gateway {
     pub hub: hub::Hub,
     pub metrics: metrics::Metrics,
     pub shutdown: CancellationToken,
+    /// The NATS connection when the gateway runs in a fleet (`--bus nats://…`).
+    pub nats: Option<Arc<nats::Nats>>,
 }
 
 /// What `prepare` found or created in the data directory, printed by the binary.
@@ -59,23 +64,75 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
         )
     })?;
     let tls = tls::TlsIdentity::load_or_generate(&settings)?;
-    let credentials = credentials::Credentials::open(&settings.data_dir)?;
-    let (bus, recovered) = bus::embedded::EmbeddedBus::open(&settings.data_dir.join("bus"))
+    let me = registry::Me {
+        gateway_id: gateway_id(&settings)?,
+        incarnation: util::random_token(6),
+    };
+    let nats = match &settings.nats {
+        Some(n) => Some(Arc::new(
+            nats::Nats::connect(n, &format!("outpost-gateway {}", me.gateway_id)).await?,
+        )),
+        None => None,
+    };
+    let credentials =
+        credentials::Credentials::open_for(&settings.data_dir, &settings.tenant, nats.clone())
+            .await?;
+    let (bus, registry): (Arc<dyn bus::Bus>, _) = match &nats {
+        Some(n) => (
+            Arc::new(bus::nats::NatsBus::new(n.clone())),
+            registry::Registry::shared(n.clone(), me),
+        ),
+        None => {
+            let (bus, recovered) = bus::embedded::EmbeddedBus::open(&settings.data_dir.join("bus"))
+                .await
+                .context("cannot open the embedded bus")?;
+            let registry = registry::Registry::open(&settings.data_dir, recovered, me)?;
+            (Arc::new(bus), registry)
+        }
+    };
+    if let Some(n) = &nats {
+        fleet_config::sync_once(
+            n,
+            &settings.tenant,
+            &settings.checks_dir,
+            &settings.plugins_dir,
+        )
         .await
-        .context("cannot open the embedded bus")?;
-    let registry = registry::Registry::open(&settings.data_dir, recovered)?;
+        .context("cannot load the fleet's checks and plugins from NATS")?;
+    }
     let checks = checks::CheckStore::open(&settings.checks_dir, &settings.plugins_dir)?;
     let gateway = Arc::new(Gateway {
         settings,
         credentials,
         registry,
         checks,
-        bus: Arc::new(bus),
+        bus,
         hub: hub::Hub::default(),
         metrics: metrics::Metrics::default(),
         shutdown,
+        nats,
     });
     Ok(Prepared { gateway, tls })
+}
+
+/// `--gateway-id`, or the id saved in `DATA_DIR/gateway.id` (made on first start).
+fn gateway_id(settings: &Settings) -> anyhow::Result<String> {
+    if let Some(id) = &settings.gateway_id {
+        return Ok(id.clone());
+    }
+    let path = settings.data_dir.join("gateway.id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) => {
+            settings::parse_tenant(s.trim()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = format!("gw-{}", util::random_token(4));
+            util::write_atomic(&path, format!("{id}\n").as_bytes(), 0o644)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            Ok(id)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
 }
 
 /// Run the gateway on `listener` until `gateway.shutdown` is cancelled, then stop
@@ -88,7 +145,12 @@ pub async fn serve(
     let Prepared { gateway, tls } = prepared;
     let tracker = TaskTracker::new();
     tracker.spawn(checks::watch(gateway.clone()));
-    tracker.spawn(registry::flush_periodically(gateway.clone()));
+    tracker.spawn(registry::maintain(gateway.clone()));
+    if let Some(n) = &gateway.nats {
+        tracker.spawn(registry::heartbeat(gateway.clone(), n.clone()));
+        tracker.spawn(registry::follow(gateway.clone(), n.clone()));
+        tracker.spawn(fleet_config::mirror(gateway.clone(), n.clone()));
+    }
     let app = api::router(gateway.clone());
     listener::accept_loop(
         listener,
@@ -118,5 +180,11 @@ pub async fn serve(
         .registry
         .flush()
         .context("cannot save the agent registry")?;
+    if let Some(n) = &gateway.nats {
+        // Whatever is still buffered (the last presence events, the heartbeat's removal).
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(5), n.client.flush()).await {
+            tracing::warn!(error = %e, "NATS did not take the last messages in time");
+        }
+    }
     Ok(())
 }

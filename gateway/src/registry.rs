@@ -1,9 +1,19 @@
 //! The gateway's view of its agents: who they are (from their last `hello`), their
-//! presence, the checks they were given, and the newest result per check.
+//! presence, which gateway holds each one, the checks they were given, and the newest
+//! result per check.
 //!
-//! Metadata and presence are saved to `DATA_DIR/agents/registry.json` (atomically, at most
-//! every couple of seconds and at shutdown); the newest results are rebuilt from the bus
-//! at start. When clustered this becomes a KV bucket shared by all gateways.
+//! With the embedded bus, metadata and presence are saved to `DATA_DIR/agents/registry.json`
+//! (atomically, at most every couple of seconds and at shutdown); the newest results are
+//! rebuilt from the bus at start. With NATS, the registry is the KV bucket `outpost_agents`
+//! shared by every gateway: each gateway writes the agents it holds and watches the bucket,
+//! so its in-memory map (and `GET /api/v1/agents`) is the whole fleet of its tenant.
+//!
+//! Presence is decided by the *holder*: the connection (`gateway/incarnation/conn`) that
+//! last claimed the agent. Only the holder's end can change the agent's presence, so an old
+//! connection ending late (on this gateway or another) changes nothing. A connection lost
+//! without `bye` stays online for the presence grace; a holder whose gateway is gone (no
+//! heartbeat, or restarted) is swept to lost after the same grace unless the agent has been
+//! claimed again meanwhile.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -16,7 +26,8 @@ use outpost_protocol::{CheckResult, CheckSpec, Hello};
 use serde::{Deserialize, Serialize};
 
 use crate::bus::embedded::Recovered;
-use crate::bus::Presence;
+use crate::bus::{AgentRef, Presence, PresenceEvent};
+use crate::nats::{agent_key, Nats};
 use crate::util::{now_ms, write_atomic};
 use crate::Gateway;
 
@@ -45,25 +56,85 @@ pub struct AgentRecord {
     pub connected_since_ms: Option<u64>,
     #[serde(default)]
     pub peer: Option<String>,
-    /// The checks this agent was last given.
+    /// The gateway that holds (or last held) the agent.
+    #[serde(default)]
+    pub gateway: String,
+    /// The connection that holds the agent while it is online: `gateway/incarnation/conn`.
+    #[serde(default)]
+    pub holder: Option<String>,
+    /// The checks this agent was last given (by this gateway).
     #[serde(default)]
     pub checks: Vec<CheckSpec>,
     #[serde(skip)]
     pub latest: HashMap<String, CheckResult>,
-    /// The live connection this record describes, so a replaced connection ending late
-    /// cannot overwrite a newer one's presence.
+    /// The KV revision this record was read or written at (NATS only).
     #[serde(skip)]
-    pub conn_id: Option<u64>,
+    pub revision: u64,
+}
+
+/// This gateway process: its fleet name and a random incarnation, so connections of a
+/// restarted gateway are never mistaken for those of the one before.
+#[derive(Debug, Clone)]
+pub struct Me {
+    pub gateway_id: String,
+    pub incarnation: String,
+}
+
+impl Me {
+    pub fn holder(&self, conn_id: u64) -> String {
+        format!("{}/{}/{conn_id}", self.gateway_id, self.incarnation)
+    }
+
+    /// Whether `holder` is a connection of this very process.
+    pub fn holds(&self, holder: &str) -> bool {
+        holder
+            .strip_prefix(self.gateway_id.as_str())
+            .and_then(|r| r.strip_prefix('/'))
+            .and_then(|r| r.strip_prefix(self.incarnation.as_str()))
+            .is_some_and(|r| r.starts_with('/'))
+    }
+}
+
+/// A gateway's heartbeat in the `outpost_gateways` bucket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Beat {
+    pub incarnation: String,
+    pub at_ms: u64,
+    #[serde(default)]
+    pub listen: String,
+}
+
+enum Store {
+    File { path: PathBuf, dirty: AtomicBool },
+    Kv(Arc<Nats>),
 }
 
 pub struct Registry {
-    path: PathBuf,
+    pub me: Me,
+    store: Store,
     agents: Mutex<HashMap<String, AgentRecord>>,
-    dirty: AtomicBool,
+    /// Live gateways by id (NATS), from their heartbeats.
+    beats: Mutex<HashMap<String, Beat>>,
+    /// Agents whose holder's gateway is gone, and when this gateway noticed.
+    orphans: Mutex<HashMap<String, u64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What one registry change means for this gateway.
+pub enum Applied {
+    /// Nothing to do.
+    Nothing,
+    /// Another connection (on another gateway) now holds an agent this gateway still has
+    /// a session for: end that session.
+    TakenOver(String),
 }
 
 impl Registry {
-    pub fn open(data_dir: &Path, recovered: Recovered) -> anyhow::Result<Registry> {
+    /// The file-backed registry of a single gateway (embedded bus).
+    pub fn open(data_dir: &Path, recovered: Recovered, me: Me) -> anyhow::Result<Registry> {
         let path = data_dir.join("agents").join("registry.json");
         let mut agents: HashMap<String, AgentRecord> = match std::fs::read(&path) {
             Ok(bytes) => match serde_json::from_slice(&bytes) {
@@ -80,91 +151,307 @@ impl Registry {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
-        for rec in agents.values_mut() {
-            if rec.presence == Presence::Online {
-                rec.presence = Presence::Lost;
-                rec.presence_reason = "gateway restarted".into();
-                rec.connected_since_ms = None;
-            }
-        }
+        // Agents online when the gateway stopped keep their old holder: they are swept to
+        // lost after the grace unless they reconnect first.
         for (fp, latest) in recovered.latest {
             if let Some(rec) = agents.get_mut(&fp) {
                 rec.latest = latest;
             }
         }
-        Ok(Registry {
-            path,
+        Ok(Self::with_store(
+            me,
+            Store::File {
+                path,
+                dirty: AtomicBool::new(false),
+            },
+            agents,
+        ))
+    }
+
+    /// The fleet registry in NATS KV; [`watch`] fills it.
+    pub fn shared(nats: Arc<Nats>, me: Me) -> Registry {
+        Self::with_store(me, Store::Kv(nats), HashMap::new())
+    }
+
+    fn with_store(me: Me, store: Store, agents: HashMap<String, AgentRecord>) -> Registry {
+        Registry {
+            me,
+            store,
             agents: Mutex::new(agents),
-            dirty: AtomicBool::new(false),
-        })
+            beats: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(HashMap::new()),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, AgentRecord>> {
-        self.agents.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.agents)
     }
 
-    /// Record an authenticated `hello`: the agent is online.
-    pub fn connected(&self, tenant: &str, hello: &Hello, peer: &str, conn_id: u64) {
+    fn mark_dirty(&self) {
+        if let Store::File { dirty, .. } = &self.store {
+            dirty.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Record an authenticated `hello` on connection `conn_id`: the agent is online and
+    /// held here. With NATS the claim is in the shared registry before this returns.
+    pub async fn connected(
+        &self,
+        tenant: &str,
+        hello: &Hello,
+        peer: &str,
+        conn_id: u64,
+    ) -> anyhow::Result<()> {
         let now = now_ms();
-        let mut agents = self.lock();
-        let rec = agents
-            .entry(hello.fingerprint.clone())
-            .or_insert_with(|| AgentRecord {
-                fingerprint: hello.fingerprint.clone(),
-                tenant: tenant.to_string(),
-                hostname: String::new(),
-                os: String::new(),
-                arch: String::new(),
-                agent_version: String::new(),
-                labels: BTreeMap::new(),
-                groups: Vec::new(),
-                presence: Presence::Online,
-                presence_reason: String::new(),
-                last_seen_ms: now,
-                connected_since_ms: None,
-                peer: None,
-                checks: Vec::new(),
-                latest: HashMap::new(),
-                conn_id: None,
-            });
-        rec.hostname = hello.hostname.clone();
-        rec.os = hello.os.clone();
-        rec.arch = hello.arch.clone();
-        rec.agent_version = hello.agent_version.clone();
-        rec.labels = hello.labels.clone();
-        rec.groups = hello.groups.clone();
-        rec.presence = Presence::Online;
-        rec.presence_reason = "connected".into();
-        rec.last_seen_ms = now;
-        rec.connected_since_ms = Some(now);
-        rec.peer = Some(peer.to_string());
-        rec.conn_id = Some(conn_id);
-        self.dirty.store(true, Ordering::Relaxed);
+        let holder = self.me.holder(conn_id);
+        let shared = {
+            let mut agents = self.lock();
+            let rec = agents
+                .entry(hello.fingerprint.clone())
+                .or_insert_with(|| AgentRecord {
+                    fingerprint: hello.fingerprint.clone(),
+                    tenant: tenant.to_string(),
+                    hostname: String::new(),
+                    os: String::new(),
+                    arch: String::new(),
+                    agent_version: String::new(),
+                    labels: BTreeMap::new(),
+                    groups: Vec::new(),
+                    presence: Presence::Online,
+                    presence_reason: String::new(),
+                    last_seen_ms: now,
+                    connected_since_ms: None,
+                    peer: None,
+                    gateway: String::new(),
+                    holder: None,
+                    checks: Vec::new(),
+                    latest: HashMap::new(),
+                    revision: 0,
+                });
+            rec.tenant = tenant.to_string();
+            rec.hostname = hello.hostname.clone();
+            rec.os = hello.os.clone();
+            rec.arch = hello.arch.clone();
+            rec.agent_version = hello.agent_version.clone();
+            rec.labels = hello.labels.clone();
+            rec.groups = hello.groups.clone();
+            rec.presence = Presence::Online;
+            rec.presence_reason = "connected".into();
+            rec.last_seen_ms = now;
+            rec.connected_since_ms = Some(now);
+            rec.peer = Some(peer.to_string());
+            rec.gateway = self.me.gateway_id.clone();
+            rec.holder = Some(holder);
+            shared_view(rec)
+        };
+        lock(&self.orphans).remove(&hello.fingerprint);
+        self.mark_dirty();
+        if let Store::Kv(nats) = &self.store {
+            let key = agent_key(tenant, &hello.fingerprint);
+            let revision = nats
+                .agents
+                .put(&key, serde_json::to_vec(&shared)?.into())
+                .await
+                .with_context(|| format!("cannot write {key} to the fleet registry"))?;
+            self.note_revision(&hello.fingerprint, revision);
+        }
+        Ok(())
     }
 
-    /// Record the end of connection `conn_id`; returns false (and changes nothing) when a
-    /// newer connection of the agent has taken over meanwhile.
-    pub fn disconnected(
+    fn note_revision(&self, fingerprint: &str, revision: u64) {
+        if let Some(rec) = self.lock().get_mut(fingerprint) {
+            rec.revision = rec.revision.max(revision);
+        }
+    }
+
+    /// End `holder`'s hold on the agent with `presence`. Returns false (and changes
+    /// nothing) when another connection holds the agent by now: only the caller that gets
+    /// true publishes the presence event.
+    pub async fn disconnected(
         &self,
         fingerprint: &str,
-        conn_id: u64,
+        holder: &str,
         presence: Presence,
         reason: &str,
     ) -> bool {
+        let shared = {
+            let mut agents = self.lock();
+            let Some(rec) = agents.get_mut(fingerprint) else {
+                return false;
+            };
+            if rec.holder.as_deref() != Some(holder) {
+                return false;
+            }
+            end_hold(rec, presence, reason);
+            shared_view(rec)
+        };
+        lock(&self.orphans).remove(fingerprint);
+        self.mark_dirty();
+        let Store::Kv(nats) = &self.store else {
+            return true;
+        };
+        // Compare-and-set against the shared registry: a claim by another gateway wins.
+        let key = agent_key(&shared.tenant, fingerprint);
+        for _ in 0..5 {
+            let entry = match nats.agents.entry(&key).await {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(%key, error = %e, "cannot read the fleet registry");
+                    return false;
+                }
+            };
+            let (current, revision) = match entry {
+                Some(e) => match serde_json::from_slice::<AgentRecord>(&e.value) {
+                    Ok(r) => (Some(r), e.revision),
+                    Err(_) => (None, e.revision),
+                },
+                None => (None, 0),
+            };
+            if current
+                .as_ref()
+                .is_some_and(|c| c.holder.as_deref() != Some(holder))
+            {
+                return false;
+            }
+            let value = match serde_json::to_vec(&shared) {
+                Ok(v) => v,
+                Err(_) => return false,
+            };
+            let written = if revision == 0 {
+                nats.agents
+                    .create(&key, value.into())
+                    .await
+                    .map_err(|e| e.to_string())
+            } else {
+                nats.agents
+                    .update(&key, value.into(), revision)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match written {
+                Ok(rev) => {
+                    self.note_revision(fingerprint, rev);
+                    return true;
+                }
+                Err(e) => {
+                    tracing::debug!(%key, error = %e, "fleet registry changed meanwhile; rereading")
+                }
+            }
+        }
+        false
+    }
+
+    /// Apply a change read from the shared registry.
+    pub fn apply(&self, revision: u64, value: Option<&[u8]>, key: &str) -> Applied {
+        let Some(fingerprint) = key.split_once('.').map(|(_, fp)| fp.to_string()) else {
+            return Applied::Nothing;
+        };
         let mut agents = self.lock();
-        let Some(rec) = agents.get_mut(fingerprint) else {
+        let Some(bytes) = value else {
+            if agents
+                .get(&fingerprint)
+                .is_some_and(|r| r.revision < revision)
+            {
+                agents.remove(&fingerprint);
+            }
+            return Applied::Nothing;
+        };
+        let mut incoming: AgentRecord = match serde_json::from_slice(bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(%key, error = %e, "unreadable fleet registry entry; ignored");
+                return Applied::Nothing;
+            }
+        };
+        incoming.revision = revision;
+        let taken_over = incoming
+            .holder
+            .as_deref()
+            .is_some_and(|h| !self.me.holds(h));
+        match agents.get_mut(&fingerprint) {
+            Some(rec) if rec.revision >= revision => return Applied::Nothing,
+            Some(rec) => {
+                let was_mine = rec.holder.as_deref().is_some_and(|h| self.me.holds(h));
+                incoming.checks = std::mem::take(&mut rec.checks);
+                incoming.latest = std::mem::take(&mut rec.latest);
+                *rec = incoming;
+                if was_mine && taken_over {
+                    return Applied::TakenOver(fingerprint);
+                }
+            }
+            None => {
+                agents.insert(fingerprint, incoming);
+            }
+        }
+        Applied::Nothing
+    }
+
+    /// Record a gateway's heartbeat (or its end, `None`).
+    pub fn beat(&self, gateway_id: &str, beat: Option<Beat>) {
+        let mut beats = lock(&self.beats);
+        match beat {
+            Some(b) => beats.insert(gateway_id.to_string(), b),
+            None => beats.remove(gateway_id),
+        };
+    }
+
+    /// Whether the connection `holder` belongs to a gateway process that is alive.
+    fn holder_alive(&self, holder: &str, now: u64) -> bool {
+        if self.me.holds(holder) {
+            return true;
+        }
+        let mut parts = holder.split('/');
+        let (Some(gw), Some(inc)) = (parts.next(), parts.next()) else {
             return false;
         };
-        if rec.conn_id != Some(conn_id) {
-            return false;
+        lock(&self.beats).get(gw).is_some_and(|b| {
+            b.incarnation == inc
+                && now.saturating_sub(b.at_ms) < crate::nats::GATEWAY_TTL.as_millis() as u64
+        })
+    }
+
+    /// Agents online under a holder whose gateway is gone for longer than `grace`: returns
+    /// them with their holder, for [`Registry::disconnected`].
+    pub fn orphans_due(&self, grace: Duration) -> Vec<(AgentRef, String, String)> {
+        let now = now_ms();
+        let mut orphans = lock(&self.orphans);
+        let agents = self.lock();
+        let mut due = Vec::new();
+        orphans.retain(|fp, _| {
+            agents
+                .get(fp)
+                .is_some_and(|r| r.presence == Presence::Online)
+        });
+        for rec in agents.values() {
+            if rec.presence != Presence::Online {
+                continue;
+            }
+            let holder = rec.holder.clone().unwrap_or_default();
+            if self.holder_alive(&holder, now) {
+                orphans.remove(&rec.fingerprint);
+                continue;
+            }
+            let since = *orphans.entry(rec.fingerprint.clone()).or_insert(now);
+            if now.saturating_sub(since) >= grace.as_millis() as u64 {
+                let gw = if rec.gateway.is_empty() {
+                    "an earlier gateway"
+                } else {
+                    rec.gateway.as_str()
+                };
+                due.push((
+                    AgentRef {
+                        tenant: rec.tenant.clone(),
+                        fingerprint: rec.fingerprint.clone(),
+                    },
+                    holder,
+                    format!(
+                        "its gateway ({gw}) stopped and it did not reconnect within {}s",
+                        grace.as_secs()
+                    ),
+                ));
+            }
         }
-        rec.presence = presence;
-        rec.presence_reason = reason.to_string();
-        rec.last_seen_ms = now_ms();
-        rec.connected_since_ms = None;
-        rec.conn_id = None;
-        self.dirty.store(true, Ordering::Relaxed);
-        true
+        due
     }
 
     pub fn seen(&self, fingerprint: &str) {
@@ -177,7 +464,7 @@ impl Registry {
         if let Some(rec) = self.lock().get_mut(fingerprint) {
             rec.checks = checks;
         }
-        self.dirty.store(true, Ordering::Relaxed);
+        self.mark_dirty();
     }
 
     /// Keep the newest result per check (by sequence number): every check the gateway
@@ -230,22 +517,50 @@ impl Registry {
         all
     }
 
-    /// Save if anything changed since the last save.
+    /// Save if anything changed since the last save (the file-backed registry only).
     pub fn flush(&self) -> std::io::Result<()> {
-        if !self.dirty.swap(false, Ordering::Relaxed) {
+        let Store::File { path, dirty } = &self.store else {
+            return Ok(());
+        };
+        if !dirty.swap(false, Ordering::Relaxed) {
             return Ok(());
         }
         let bytes = serde_json::to_vec_pretty(&*self.lock())?;
-        let res = write_atomic(&self.path, &bytes, 0o600);
+        let res = write_atomic(path, &bytes, 0o600);
         if res.is_err() {
-            self.dirty.store(true, Ordering::Relaxed);
+            dirty.store(true, Ordering::Relaxed);
         }
         res
     }
+
+    /// When the gateway holding an online agent was last heard of, for remote agents.
+    pub fn holder_beat_ms(&self, rec: &AgentRecord) -> Option<u64> {
+        let holder = rec.holder.as_deref()?;
+        let gw = holder.split('/').next()?;
+        lock(&self.beats).get(gw).map(|b| b.at_ms)
+    }
 }
 
-/// Save the registry every two seconds when it changed, until shutdown.
-pub async fn flush_periodically(gw: Arc<Gateway>) {
+/// What other gateways see of a record: no checks, no results.
+fn shared_view(rec: &AgentRecord) -> AgentRecord {
+    AgentRecord {
+        checks: Vec::new(),
+        latest: HashMap::new(),
+        ..rec.clone()
+    }
+}
+
+fn end_hold(rec: &mut AgentRecord, presence: Presence, reason: &str) {
+    rec.presence = presence;
+    rec.presence_reason = reason.to_string();
+    rec.last_seen_ms = now_ms();
+    rec.connected_since_ms = None;
+    rec.holder = None;
+}
+
+/// Every two seconds until shutdown: save the registry when it changed (embedded), and
+/// publish as lost the agents whose gateway is gone for longer than the presence grace.
+pub async fn maintain(gw: Arc<Gateway>) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
@@ -255,6 +570,143 @@ pub async fn flush_periodically(gw: Arc<Gateway>) {
         if let Err(e) = gw.registry.flush() {
             tracing::error!(error = %e, "cannot save the agent registry; will retry");
         }
+        for (agent, holder, reason) in gw.registry.orphans_due(gw.settings.presence_grace) {
+            lose(&gw, &agent, &holder, &reason).await;
+        }
+    }
+}
+
+/// Make the agent lost if `holder` still holds it, and publish that; returns false (and
+/// changes nothing) when a newer connection holds it by now.
+pub async fn lose(gw: &Gateway, agent: &AgentRef, holder: &str, reason: &str) -> bool {
+    let lost = gw
+        .registry
+        .disconnected(&agent.fingerprint, holder, Presence::Lost, reason)
+        .await;
+    if lost {
+        tracing::info!(fingerprint = %agent.fingerprint, %reason, "agent lost");
+        publish_presence(gw, agent, Presence::Lost, reason).await;
+    }
+    lost
+}
+
+/// Publish a presence change on the bus (logged and counted when the bus refuses it).
+pub async fn publish_presence(gw: &Gateway, agent: &AgentRef, presence: Presence, reason: &str) {
+    let event = PresenceEvent {
+        agent: agent.clone(),
+        presence,
+        at_ms: now_ms(),
+        reason: reason.to_string(),
+    };
+    if let Err(e) = gw.bus.publish_presence(&event).await {
+        crate::metrics::Metrics::inc(&gw.metrics.bus_errors);
+        tracing::error!(error = %e, "cannot publish presence event");
+    }
+}
+
+/// Heartbeat this gateway into the `outpost_gateways` bucket every few seconds, and follow
+/// the other gateways' heartbeats; on shutdown, once its agents have left, remove ours so
+/// the others sweep what did not come back at once.
+pub async fn heartbeat(gw: Arc<Gateway>, nats: Arc<Nats>) {
+    use futures_util::StreamExt;
+    let me = gw.registry.me.clone();
+    let put = |at_ms| {
+        let beat = Beat {
+            incarnation: me.incarnation.clone(),
+            at_ms,
+            listen: gw.settings.listen.to_string(),
+        };
+        let nats = nats.clone();
+        let id = me.gateway_id.clone();
+        async move {
+            let value = serde_json::to_vec(&beat).unwrap_or_default();
+            if let Err(e) = nats.gateways.put(&id, value.into()).await {
+                tracing::warn!(error = %e, "cannot write this gateway's heartbeat");
+            }
+        }
+    };
+    let mut watch = loop {
+        match nats.gateways.watch_with_history(">").await {
+            Ok(w) => break w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the gateways bucket; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = gw.shutdown.cancelled() => return,
+                }
+            }
+        }
+    };
+    let mut tick = tokio::time::interval(crate::nats::GATEWAY_TTL / 3);
+    loop {
+        tokio::select! {
+            // Beat on while draining: the agents still here are not orphans yet.
+            _ = tick.tick() => put(now_ms()).await,
+            _ = tokio::time::sleep(Duration::from_millis(100)), if gw.shutdown.is_cancelled() => {
+                if gw.hub.connected() == 0 {
+                    break;
+                }
+            }
+            entry = watch.next() => match entry {
+                Some(Ok(e)) => {
+                    let beat = match e.operation {
+                        async_nats::jetstream::kv::Operation::Put => serde_json::from_slice(&e.value).ok(),
+                        _ => None,
+                    };
+                    gw.registry.beat(&e.key, beat);
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, "gateways watch error"),
+                None => {
+                    tracing::warn!("gateways watch ended; restarting it");
+                    if let Ok(w) = nats.gateways.watch_with_history(">").await {
+                        watch = w;
+                    }
+                }
+            },
+        }
+    }
+    if let Err(e) = nats.gateways.delete(&me.gateway_id).await {
+        tracing::warn!(error = %e, "cannot remove this gateway's heartbeat");
+    }
+}
+
+/// Follow the shared registry (this tenant's keys) into the in-memory map, and end local
+/// sessions of agents that another gateway has taken over.
+pub async fn follow(gw: Arc<Gateway>, nats: Arc<Nats>) {
+    use futures_util::StreamExt;
+    let filter = format!("{}.*", gw.settings.tenant);
+    loop {
+        let mut watch = match nats.agents.watch_with_history(&filter).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch the fleet registry; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    _ = gw.shutdown.cancelled() => return,
+                }
+            }
+        };
+        loop {
+            let entry = tokio::select! {
+                e = watch.next() => e,
+                _ = gw.shutdown.cancelled() => return,
+            };
+            match entry {
+                Some(Ok(e)) => {
+                    let value = match e.operation {
+                        async_nats::jetstream::kv::Operation::Put => Some(&e.value[..]),
+                        _ => None,
+                    };
+                    if let Applied::TakenOver(fp) = gw.registry.apply(e.revision, value, &e.key) {
+                        tracing::info!(fingerprint = %fp, "agent reconnected through another gateway; ending its old session here");
+                        gw.hub.take_over(&fp);
+                    }
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, "fleet registry watch error"),
+                None => break,
+            }
+        }
+        tracing::warn!("fleet registry watch ended; restarting it");
     }
 }
 
@@ -262,12 +714,20 @@ pub async fn flush_periodically(gw: Arc<Gateway>) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn corrupt_registry_is_moved_aside_and_online_agents_become_lost_on_restart() {
+    fn me(incarnation: &str) -> Me {
+        Me {
+            gateway_id: "gw1".into(),
+            incarnation: incarnation.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn corrupt_registry_is_moved_aside_and_a_restart_sweeps_unreturned_agents_after_the_grace(
+    ) {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("agents")).unwrap();
         std::fs::write(dir.path().join("agents/registry.json"), b"{torn").unwrap();
-        let reg = Registry::open(dir.path(), Recovered::default()).unwrap();
+        let reg = Registry::open(dir.path(), Recovered::default(), me("a")).unwrap();
         assert!(reg.list().is_empty());
         assert!(dir.path().join("agents/registry.json.corrupt").exists());
 
@@ -277,13 +737,52 @@ mod tests {
             "os": "linux", "arch": "x86_64", "hostname": "h"
         }))
         .unwrap();
-        reg.connected("default", &hello, "127.0.0.1:1", 7);
-        assert!(!reg.disconnected(&hello.fingerprint, 6, Presence::Lost, "an older connection"));
+        reg.connected("default", &hello, "127.0.0.1:1", 7)
+            .await
+            .unwrap();
+        let older = reg.me.holder(6);
+        assert!(
+            !reg.disconnected(
+                &hello.fingerprint,
+                &older,
+                Presence::Lost,
+                "an older connection"
+            )
+            .await
+        );
         assert_eq!(reg.list()[0].presence, Presence::Online);
+        assert!(
+            reg.orphans_due(Duration::ZERO).is_empty(),
+            "held by this process"
+        );
         reg.flush().unwrap();
-        let reg = Registry::open(dir.path(), Recovered::default()).unwrap();
-        let rec = &reg.list()[0];
-        assert_eq!(rec.presence, Presence::Lost);
-        assert_eq!(rec.presence_reason, "gateway restarted");
+
+        // Restarted: still online (it may be reconnecting), lost once the grace is over.
+        let reg = Registry::open(dir.path(), Recovered::default(), me("b")).unwrap();
+        assert_eq!(reg.list()[0].presence, Presence::Online);
+        assert!(reg.orphans_due(Duration::from_secs(60)).is_empty());
+        let due = reg.orphans_due(Duration::ZERO);
+        assert_eq!(due.len(), 1);
+        let (agent, holder, reason) = &due[0];
+        assert_eq!(holder, &me("a").holder(7));
+        assert!(
+            reason.contains("gw1") && reason.contains("did not reconnect"),
+            "{reason}"
+        );
+        assert!(
+            reg.disconnected(&agent.fingerprint, holder, Presence::Lost, reason)
+                .await
+        );
+        assert_eq!(reg.list()[0].presence, Presence::Lost);
+        assert!(reg.orphans_due(Duration::ZERO).is_empty());
+    }
+
+    #[test]
+    fn holders_are_told_apart_by_gateway_and_incarnation() {
+        let m = me("abc");
+        assert!(m.holds("gw1/abc/3"));
+        assert!(!m.holds("gw1/abcd/3"));
+        assert!(!m.holds("gw10/abc/3"));
+        assert!(!m.holds("gw1/ab/3"));
     }
 }

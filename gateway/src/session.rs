@@ -23,10 +23,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::bus::{AgentRef, Presence, PresenceEvent};
+use crate::bus::{AgentRef, Presence};
 use crate::hub::{Outbound, SessionHandle, OUTBOUND_QUEUE};
 use crate::metrics::Metrics;
-use crate::util::now_ms;
+use crate::registry::publish_presence;
 use crate::Gateway;
 
 pub const GATEWAY_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -168,7 +168,8 @@ pub async fn run(gw: Arc<Gateway>, mut socket: WebSocket, peer: SocketAddr) {
     }
     let auth = match gw
         .credentials
-        .authenticate(&hello.fingerprint, &hello.credential)
+        .check(&hello.fingerprint, &hello.credential)
+        .await
     {
         Ok(a) => a,
         Err(e) => {
@@ -357,9 +358,29 @@ async fn authenticated(
     let writer = spawn_writer(sink, rx, writer_stop.clone());
 
     gw.hub.register(&fp, handle.clone());
-    gw.registry
-        .connected(&agent.tenant, &hello, &peer.to_string(), handle.conn_id);
+    let holder = gw.registry.me.holder(handle.conn_id);
+    if let Err(e) = gw
+        .registry
+        .connected(&agent.tenant, &hello, &peer.to_string(), handle.conn_id)
+        .await
+    {
+        Metrics::inc(&gw.metrics.bus_errors);
+        tracing::error!(error = %e, "cannot record the agent in the fleet registry; closing so it retries");
+        let _ = tx
+            .send(Outbound::Close(
+                close::GOING_AWAY,
+                "bus unavailable; retry later".into(),
+            ))
+            .await;
+        drop(tx);
+        writer_stop.cancel();
+        let _ = tokio::time::timeout(WRITE_DEADLINE, writer).await;
+        gw.hub.unregister(&fp, handle.conn_id);
+        return;
+    }
     publish_presence(&gw, &agent, Presence::Online, "connected").await;
+    // Run-now calls from any gateway of the fleet reach this session through NATS.
+    let _rpc = crate::rpc::serve_agent(&gw, &agent).await;
     tracing::info!(%peer, version = %hello.agent_version, enrolled = auth.new_secret.is_some(), "agent connected");
 
     let mut catalog_rx = gw.checks.subscribe();
@@ -447,7 +468,7 @@ async fn authenticated(
         };
         gw.registry.seen(&fp);
         if unconfirmed && !matches!(msg, Message::Close(_)) {
-            gw.credentials.confirm(&fp);
+            gw.credentials.confirmed(&fp).await;
             unconfirmed = false;
         }
         let text = match msg {
@@ -596,38 +617,62 @@ async fn authenticated(
         tracing::info!("connection replaced by a newer one");
         return;
     }
-    let (presence, reason) = match end {
+    match end {
         End::Restarting(reason, secs) => {
             // Still online: lost only if no new connection has come by the window's end.
             let window = secs.clamp(1, outpost_protocol::MAX_RESTART_WINDOW_SECS);
             tracing::info!(%reason, window_secs = window, "agent restarting; online while it comes back");
             let lost = format!("did not come back within {window}s of restarting ({reason})");
-            let conn_id = handle.conn_id;
-            tokio::spawn(async move {
-                tokio::time::sleep(std::time::Duration::from_secs(window)).await;
-                if gw
-                    .registry
-                    .disconnected(&fp, conn_id, Presence::Lost, &lost)
-                {
-                    tracing::info!(fingerprint = %fp, reason = %lost, "agent lost");
-                    publish_presence(&gw, &agent, Presence::Lost, &lost).await;
-                }
-            });
-            return;
+            lost_unless_back(
+                gw,
+                agent,
+                holder,
+                std::time::Duration::from_secs(window),
+                lost,
+            );
         }
-        End::Bye(r) => (Presence::Deregistered, format!("bye: {r}")),
-        End::Lost(r) => (Presence::Lost, r),
-        End::Shutdown => (Presence::Lost, "gateway shut down".into()),
-        End::Replaced => (Presence::Lost, "replaced".into()),
-    };
-    tracing::info!(presence = presence.as_str(), %reason, "agent disconnected");
-    // Only if no newer connection of this agent has registered meanwhile.
-    if gw
-        .registry
-        .disconnected(&fp, handle.conn_id, presence, &reason)
-    {
-        publish_presence(&gw, &agent, presence, &reason).await;
+        End::Lost(reason) => {
+            // Still online for the grace: a quick reconnect, here or through another
+            // gateway, is no alarm.
+            let grace = gw.settings.presence_grace;
+            tracing::info!(%reason, grace_secs = grace.as_secs(), "connection lost without bye");
+            let lost = format!("{reason}; not back within {}s", grace.as_secs());
+            lost_unless_back(gw, agent, holder, grace, lost);
+        }
+        End::Bye(r) => {
+            let reason = format!("bye: {r}");
+            tracing::info!(%reason, "agent deregistered");
+            if gw
+                .registry
+                .disconnected(&fp, &holder, Presence::Deregistered, &reason)
+                .await
+            {
+                publish_presence(&gw, &agent, Presence::Deregistered, &reason).await;
+            }
+        }
+        // Told to reconnect elsewhere: the agent stays online under this holder; if it
+        // does not come back, the gateway that notices this one gone publishes it lost
+        // after the grace (or this one, restarted).
+        End::Shutdown => tracing::info!("session ended by the gateway's shutdown"),
+        End::Replaced => tracing::info!("connection replaced by a newer one"),
     }
+}
+
+/// Publish the agent lost after `after` unless `holder` no longer holds it by then (a new
+/// connection has claimed it, here or on another gateway).
+fn lost_unless_back(
+    gw: Arc<Gateway>,
+    agent: AgentRef,
+    holder: String,
+    after: std::time::Duration,
+    reason: String,
+) {
+    tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        if !crate::registry::lose(&gw, &agent, &holder, &reason).await {
+            tracing::info!(fingerprint = %agent.fingerprint, "grace over; a newer connection holds the agent, no change");
+        }
+    });
 }
 
 /// Count a frame that breaks the protocol, queue the close frame that says why, and end
@@ -733,17 +778,4 @@ async fn send_config(gw: &Gateway, tx: &mpsc::Sender<Outbound>, fp: &str, config
     Metrics::inc(&gw.metrics.configs_sent);
     tracing::info!(checks = count, %hash, "sending config");
     let _ = tx.send(Outbound::Frame(frame)).await;
-}
-
-async fn publish_presence(gw: &Gateway, agent: &AgentRef, presence: Presence, reason: &str) {
-    let event = PresenceEvent {
-        agent: agent.clone(),
-        presence,
-        at_ms: now_ms(),
-        reason: reason.to_string(),
-    };
-    if let Err(e) = gw.bus.publish_presence(&event).await {
-        Metrics::inc(&gw.metrics.bus_errors);
-        tracing::error!(error = %e, "cannot publish presence event");
-    }
 }

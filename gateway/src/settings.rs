@@ -19,10 +19,12 @@ pub struct ServeArgs {
         default_value = "/var/lib/outpost-gateway"
     )]
     pub data_dir: PathBuf,
-    /// Directory of check definitions (*.toml). Default: DATA_DIR/checks.d
+    /// Directory of check definitions (*.toml). Default: DATA_DIR/checks.d. Not with
+    /// `--bus nats://…`: a fleet's checks live in NATS (`outpost-gateway config push`).
     #[arg(long, env = "OUTPOST_CHECKS_DIR")]
     pub checks_dir: Option<PathBuf>,
-    /// The plugin catalog served to agents. Default: DATA_DIR/plugins
+    /// The plugin catalog served to agents. Default: DATA_DIR/plugins. Not with
+    /// `--bus nats://…` (see --checks-dir).
     #[arg(long, env = "OUTPOST_PLUGINS_DIR")]
     pub plugins_dir: Option<PathBuf>,
     /// Agent releases served to the installer and to self-updating agents, one
@@ -70,6 +72,34 @@ pub struct ServeArgs {
     /// between half of it and all of it).
     #[arg(long, default_value_t = 60)]
     pub overload_retry: u64,
+    /// Seconds a connection that ended without `bye` stays online before the agent is
+    /// published as lost, so a quick reconnect (to this or another gateway) is no alarm.
+    #[arg(long, env = "OUTPOST_PRESENCE_GRACE", default_value_t = 30)]
+    pub presence_grace: u64,
+    /// The tenant this gateway's agents and API token belong to: the first part of every
+    /// subject and key it uses on the bus, so tenants sharing a NATS never see each other.
+    #[arg(long, env = "OUTPOST_TENANT", default_value = crate::credentials::DEFAULT_TENANT, value_parser = parse_tenant)]
+    pub tenant: String,
+    /// This gateway's name in the fleet registry. Default: the one saved in DATA_DIR/gateway.id
+    /// (generated on first start).
+    #[arg(long, env = "OUTPOST_GATEWAY_ID", value_parser = parse_tenant)]
+    pub gateway_id: Option<String>,
+    #[command(flatten)]
+    pub nats: crate::nats::NatsArgs,
+}
+
+/// Tenant names and gateway ids become NATS subject tokens and KV keys.
+pub fn parse_tenant(s: &str) -> Result<String, String> {
+    if (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
+    {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?}: use 1-64 letters, digits, '-' or '_' (it becomes a NATS subject token)"
+        ))
+    }
 }
 
 /// Checked settings with every default resolved.
@@ -93,13 +123,34 @@ pub struct Settings {
     pub max_session: Duration,
     pub max_agents: usize,
     pub overload_retry: Duration,
+    pub presence_grace: Duration,
+    pub tenant: String,
+    pub gateway_id: Option<String>,
+    /// `None`: the embedded bus.
+    pub nats: Option<crate::nats::NatsSettings>,
 }
 
 impl From<ServeArgs> for Settings {
     fn from(a: ServeArgs) -> Self {
+        let nats = a.nats.settings();
+        // In a fleet the checks and plugins come from NATS, mirrored here.
+        let (fleet_checks, fleet_plugins) = crate::fleet_config::mirror_dirs(&a.data_dir);
+        let clustered = nats.is_some();
         Settings {
-            checks_dir: a.checks_dir.unwrap_or_else(|| a.data_dir.join("checks.d")),
-            plugins_dir: a.plugins_dir.unwrap_or_else(|| a.data_dir.join("plugins")),
+            checks_dir: a.checks_dir.unwrap_or_else(|| {
+                if clustered {
+                    fleet_checks
+                } else {
+                    a.data_dir.join("checks.d")
+                }
+            }),
+            plugins_dir: a.plugins_dir.unwrap_or_else(|| {
+                if clustered {
+                    fleet_plugins
+                } else {
+                    a.data_dir.join("plugins")
+                }
+            }),
             releases_dir: a
                 .releases_dir
                 .unwrap_or_else(|| a.data_dir.join("releases")),
@@ -116,6 +167,10 @@ impl From<ServeArgs> for Settings {
             max_session: Duration::from_secs(a.max_session),
             max_agents: a.max_agents,
             overload_retry: Duration::from_secs(a.overload_retry.clamp(1, 86_400)),
+            presence_grace: Duration::from_secs(a.presence_grace.min(86_400)),
+            tenant: a.tenant,
+            gateway_id: a.gateway_id,
+            nats,
             data_dir: a.data_dir,
         }
     }

@@ -506,6 +506,8 @@ pub fn tempdir() -> tempfile::TempDir {
         .tempdir()
         .unwrap()
 }
+pub mod haproxy;
+pub mod nats;
 pub mod webdriver;
 pub mod wine;
 
@@ -577,4 +579,41 @@ pub fn test_pki(dir: &Path, dns_name: &str) -> (PathBuf, PathBuf, PathBuf) {
         ],
     );
     (dir.join("ca.pem"), dir.join("gw.pem"), dir.join("gw.key"))
+}
+
+/// `n` distinct loopback TCP ports that were free a moment ago, for servers that cannot
+/// bind port 0 themselves (or must keep their ports across restarts). Another process
+/// may still take one before the server binds it: callers retry with new ports when the
+/// server reports "address already in use".
+pub fn free_ports(n: usize) -> Vec<u16> {
+    // All bound at once, so the kernel hands out distinct ports.
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
+}
+
+/// Start `cmd` with its stdout and stderr appended to `log` (created if missing), so a
+/// restarted server keeps one log across its lives; stdin is closed.
+pub fn spawn_logged(mut cmd: Command, log: &Path) -> Proc {
+    let open = || {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("open {}: {e}", log.display()))
+    };
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(open())
+        .stderr(open())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
+    Proc {
+        child,
+        stderr_path: log.to_path_buf(),
+    }
 }

@@ -643,7 +643,7 @@ async fn gateway_serves_a_given_certificate_that_agents_verify_by_ca_and_name() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_agent_is_noticed_and_comes_back_on_its_own() {
     let dir = tempdir();
-    let gw = Gateway::start(dir.path(), &["--heartbeat", "1"]);
+    let gw = Gateway::start(dir.path(), &["--heartbeat", "1", "--presence-grace", "1"]);
     gw.write_checks(
         "c.toml",
         "[[check]]\nname = \"tick\"\ncommand = \"/bin/echo tick\"\ninterval = 1\n",

@@ -27,6 +27,52 @@ enum Command {
     /// Agent releases for self-update: make a signing key, publish a ci/dist output.
     #[command(subcommand)]
     Release(Release),
+    /// A fleet's checks and plugins in NATS (with `--bus nats://…`).
+    #[command(subcommand)]
+    Config(Config),
+}
+
+#[derive(Subcommand)]
+enum Config {
+    /// Make NATS hold exactly DIR: its *.toml check files and DIR/plugins/*. Validates
+    /// everything first, prints the diff, then applies it (additions, changes, removals).
+    /// Every gateway of the tenant picks the change up within seconds.
+    Push {
+        dir: std::path::PathBuf,
+        /// Show the diff and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, env = "OUTPOST_TENANT", default_value = outpost_gateway::credentials::DEFAULT_TENANT,
+              value_parser = outpost_gateway::settings::parse_tenant)]
+        tenant: String,
+        #[command(flatten)]
+        nats: outpost_gateway::nats::NatsArgs,
+    },
+}
+
+async fn config(cmd: Config) -> anyhow::Result<()> {
+    let Config::Push {
+        dir,
+        dry_run,
+        tenant,
+        nats,
+    } = cmd;
+    let Some(settings) = nats.settings() else {
+        anyhow::bail!("config push needs the fleet's NATS: pass --bus nats://HOST:PORT");
+    };
+    let nats =
+        outpost_gateway::nats::Nats::connect_once(&settings, "outpost-gateway config push").await?;
+    let pushed = outpost_gateway::fleet_config::push(&nats, &tenant, &dir, dry_run).await?;
+    print!("{}", pushed.diff);
+    match (pushed.changes, dry_run) {
+        (0, _) => println!(
+            "no changes: tenant {tenant} already holds {}",
+            dir.display()
+        ),
+        (n, true) => println!("dry run: {n} change(s) not pushed"),
+        (n, false) => println!("pushed {n} change(s) to tenant {tenant}"),
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -104,6 +150,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Config(cmd) => runtime.block_on(config(cmd)),
         Command::Release(_) => Ok(()),
     };
     match result {
@@ -116,6 +163,9 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if args.nats.settings().is_some() && (args.checks_dir.is_some() || args.plugins_dir.is_some()) {
+        anyhow::bail!("with --bus nats://… the checks and plugins come from NATS (mirrored under DATA_DIR/fleet): push a directory with `outpost-gateway config push DIR` instead of --checks-dir/--plugins-dir");
+    }
     let settings = outpost_gateway::Settings::from(args);
     let shutdown = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind(settings.listen)

@@ -1,0 +1,569 @@
+//! Check definitions and plugins for a fleet of gateways, kept in NATS: check files in
+//! the KV bucket `outpost_config` (key `<tenant>.checks.<file name>`, the TOML text) and
+//! plugins in the object store `outpost_plugins_<tenant>` (object name = plugin name,
+//! `sha256` in its metadata).
+//!
+//! `outpost-gateway config push DIR` makes NATS hold exactly what DIR holds (`*.toml`
+//! check files at its top, plugins in `DIR/plugins/`): it validates everything first,
+//! prints a readable diff, and with `--dry-run` stops there. Each gateway mirrors NATS into
+//! `DATA_DIR/fleet/{checks.d,plugins}`, which its check store rescans every
+//! `--checks-poll` seconds, so connected agents get a change within seconds.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use async_nats::jetstream::{kv, object_store};
+use futures_util::StreamExt;
+use outpost_protocol::checkfile::parse_file_with_collectors;
+use outpost_protocol::{valid_check_name, MAX_PLUGIN_BYTES};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+
+use crate::nats::Nats;
+use crate::util::write_atomic;
+use crate::Gateway;
+
+pub const CONFIG_BUCKET: &str = "outpost_config";
+
+pub fn plugins_bucket(tenant: &str) -> String {
+    format!("outpost_plugins_{tenant}")
+}
+
+fn checks_prefix(tenant: &str) -> String {
+    format!("{tenant}.checks.")
+}
+
+/// A configuration: check files (name → TOML text) and plugins (name → sha256 and bytes).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Snapshot {
+    pub checks: BTreeMap<String, String>,
+    pub plugins: BTreeMap<String, Plugin>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plugin {
+    pub sha256: String,
+    pub size: u64,
+    /// Empty when only the digest is known (read from NATS without the content).
+    pub bytes: Vec<u8>,
+}
+
+fn valid_file_name(name: &str) -> bool {
+    name.strip_suffix(".toml").is_some_and(|stem| {
+        !stem.is_empty()
+            && stem.len() <= 128
+            && stem
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-'))
+    })
+}
+
+/// Read and validate a config directory. Every problem is listed in the error, and
+/// nothing is pushed when there is one.
+pub fn read_dir(dir: &Path) -> anyhow::Result<Snapshot> {
+    let mut snap = Snapshot::default();
+    let mut problems = Vec::new();
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    for entry in entries {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !path.is_file() || !name.ends_with(".toml") {
+            continue;
+        }
+        if !valid_file_name(&name) {
+            problems.push(format!(
+                "{name}: check file names are letters, digits, '-' and '_' before .toml"
+            ));
+            continue;
+        }
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) => {
+                problems.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        if let Err(e) = parse_file_with_collectors(&path, &text) {
+            problems.push(format!("{name}: {e}"));
+            continue;
+        }
+        snap.checks.insert(name, text);
+    }
+    let plugins_dir = dir.join("plugins");
+    if plugins_dir.is_dir() {
+        for entry in std::fs::read_dir(&plugins_dir)
+            .with_context(|| format!("cannot read {}", plugins_dir.display()))?
+        {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let meta = std::fs::symlink_metadata(&path)?;
+            if !meta.is_file() || name.starts_with('.') {
+                continue;
+            }
+            if !valid_check_name(&name) {
+                problems.push(format!(
+                    "plugins/{name}: plugin names are 1-64 letters, digits, '-', '_' or '.'"
+                ));
+                continue;
+            }
+            if meta.len() > MAX_PLUGIN_BYTES {
+                problems.push(format!(
+                    "plugins/{name}: {} bytes, over the {MAX_PLUGIN_BYTES}-byte plugin limit",
+                    meta.len()
+                ));
+                continue;
+            }
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            snap.plugins.insert(
+                name,
+                Plugin {
+                    sha256: hex::encode(Sha256::digest(&bytes)),
+                    size: bytes.len() as u64,
+                    bytes,
+                },
+            );
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "{} is not pushed; fix these first:\n  {}",
+            dir.display(),
+            problems.join("\n  ")
+        );
+    }
+    Ok(snap)
+}
+
+/// Open (creating if needed) the config bucket and the tenant's plugin store.
+pub async fn open(
+    nats: &Nats,
+    tenant: &str,
+) -> anyhow::Result<(kv::Store, object_store::ObjectStore)> {
+    let js = &nats.js;
+    let config = match js.get_key_value(CONFIG_BUCKET).await {
+        Ok(s) => s,
+        Err(_) => match js
+            .create_key_value(kv::Config {
+                bucket: CONFIG_BUCKET.into(),
+                description: "Outpost check files per tenant".into(),
+                history: 10,
+                storage: async_nats::jetstream::stream::StorageType::File,
+                num_replicas: nats.settings.replicas,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(s) => s,
+            Err(_) => js
+                .get_key_value(CONFIG_BUCKET)
+                .await
+                .context("cannot open the config bucket")?,
+        },
+    };
+    let name = plugins_bucket(tenant);
+    let plugins = match js.get_object_store(&name).await {
+        Ok(s) => s,
+        Err(_) => match js
+            .create_object_store(object_store::Config {
+                bucket: name.clone(),
+                description: Some(format!("Outpost plugins of tenant {tenant}")),
+                storage: async_nats::jetstream::stream::StorageType::File,
+                num_replicas: nats.settings.replicas,
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(s) => s,
+            Err(_) => js
+                .get_object_store(&name)
+                .await
+                .with_context(|| format!("cannot open the object store {name}"))?,
+        },
+    };
+    Ok((config, plugins))
+}
+
+/// What NATS holds for the tenant now (plugins by digest only).
+pub async fn read_fleet(
+    config: &kv::Store,
+    plugins: &object_store::ObjectStore,
+    tenant: &str,
+) -> anyhow::Result<Snapshot> {
+    let mut snap = Snapshot::default();
+    let prefix = checks_prefix(tenant);
+    let mut keys = config
+        .keys()
+        .await
+        .context("cannot list the config bucket")?;
+    while let Some(key) = keys.next().await {
+        let key = key.context("cannot list the config bucket")?;
+        let Some(name) = key.strip_prefix(&prefix) else {
+            continue;
+        };
+        if let Some(value) = config.get(&key).await.context("cannot read a check file")? {
+            snap.checks.insert(
+                name.to_string(),
+                String::from_utf8_lossy(&value).into_owned(),
+            );
+        }
+    }
+    let mut list = plugins
+        .list()
+        .await
+        .context("cannot list the plugin store")?;
+    while let Some(info) = list.next().await {
+        let info = info.context("cannot list the plugin store")?;
+        if info.deleted {
+            continue;
+        }
+        snap.plugins.insert(
+            info.name.clone(),
+            Plugin {
+                sha256: info.metadata.get("sha256").cloned().unwrap_or_default(),
+                size: info.size as u64,
+                bytes: Vec::new(),
+            },
+        );
+    }
+    Ok(snap)
+}
+
+/// A readable diff from `old` to `new`; empty when they hold the same.
+pub fn diff(old: &Snapshot, new: &Snapshot) -> String {
+    let mut out = String::new();
+    let names: std::collections::BTreeSet<&String> =
+        old.checks.keys().chain(new.checks.keys()).collect();
+    for name in names {
+        match (old.checks.get(name), new.checks.get(name)) {
+            (None, Some(text)) => {
+                let _ = writeln!(out, "+ {name} (new, {} lines)", text.lines().count());
+                for line in text.lines() {
+                    let _ = writeln!(out, "    + {line}");
+                }
+            }
+            (Some(_), None) => {
+                let _ = writeln!(out, "- {name} (removed)");
+            }
+            (Some(a), Some(b)) if a != b => {
+                let _ = writeln!(out, "~ {name}");
+                let d = similar::TextDiff::from_lines(a.as_str(), b.as_str());
+                for change in d.iter_all_changes() {
+                    let sign = match change.tag() {
+                        similar::ChangeTag::Delete => '-',
+                        similar::ChangeTag::Insert => '+',
+                        similar::ChangeTag::Equal => continue,
+                    };
+                    let _ = writeln!(out, "    {sign} {}", change.value().trim_end_matches('\n'));
+                }
+            }
+            _ => {}
+        }
+    }
+    let names: std::collections::BTreeSet<&String> =
+        old.plugins.keys().chain(new.plugins.keys()).collect();
+    for name in names {
+        match (old.plugins.get(name), new.plugins.get(name)) {
+            (None, Some(p)) => {
+                let _ = writeln!(
+                    out,
+                    "+ plugins/{name} ({} bytes, sha256 {})",
+                    p.size,
+                    short(&p.sha256)
+                );
+            }
+            (Some(_), None) => {
+                let _ = writeln!(out, "- plugins/{name} (removed)");
+            }
+            (Some(a), Some(b)) if a.sha256 != b.sha256 => {
+                let _ = writeln!(
+                    out,
+                    "~ plugins/{name} (sha256 {} -> {}, {} -> {} bytes)",
+                    short(&a.sha256),
+                    short(&b.sha256),
+                    a.size,
+                    b.size
+                );
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn short(sha: &str) -> &str {
+    &sha[..sha.len().min(12)]
+}
+
+/// What `push` did.
+pub struct Pushed {
+    pub diff: String,
+    pub changes: usize,
+}
+
+/// Make NATS hold exactly `dir` for `tenant` (nothing changes with `dry_run`).
+pub async fn push(nats: &Nats, tenant: &str, dir: &Path, dry_run: bool) -> anyhow::Result<Pushed> {
+    let wanted = read_dir(dir)?;
+    let (config, plugins) = open(nats, tenant).await?;
+    let current = read_fleet(&config, &plugins, tenant).await?;
+    let diff = diff(&current, &wanted);
+    let changes = diff.lines().filter(|l| !l.starts_with("    ")).count();
+    if dry_run || changes == 0 {
+        return Ok(Pushed { diff, changes });
+    }
+    // Plugins first, so a check that names a new plugin never finds it missing.
+    for (name, p) in &wanted.plugins {
+        if current
+            .plugins
+            .get(name)
+            .is_some_and(|c| c.sha256 == p.sha256)
+        {
+            continue;
+        }
+        let meta = object_store::ObjectMetadata {
+            name: name.clone(),
+            metadata: [("sha256".to_string(), p.sha256.clone())].into(),
+            ..Default::default()
+        };
+        plugins
+            .put(meta, &mut p.bytes.as_slice())
+            .await
+            .with_context(|| format!("cannot store plugin {name}"))?;
+    }
+    let prefix = checks_prefix(tenant);
+    for (name, text) in &wanted.checks {
+        if current.checks.get(name) != Some(text) {
+            config
+                .put(format!("{prefix}{name}"), text.clone().into_bytes().into())
+                .await
+                .with_context(|| format!("cannot store {name}"))?;
+        }
+    }
+    for name in current
+        .checks
+        .keys()
+        .filter(|n| !wanted.checks.contains_key(*n))
+    {
+        config
+            .delete(format!("{prefix}{name}"))
+            .await
+            .with_context(|| format!("cannot remove {name}"))?;
+    }
+    for name in current
+        .plugins
+        .keys()
+        .filter(|n| !wanted.plugins.contains_key(*n))
+    {
+        plugins
+            .delete(name)
+            .await
+            .with_context(|| format!("cannot remove plugin {name}"))?;
+    }
+    Ok(Pushed { diff, changes })
+}
+
+/// Where a gateway mirrors the fleet's configuration.
+pub fn mirror_dirs(data_dir: &Path) -> (PathBuf, PathBuf) {
+    let base = data_dir.join("fleet");
+    (base.join("checks.d"), base.join("plugins"))
+}
+
+/// Write what NATS holds for the tenant into the mirror directories (and remove what it
+/// does not hold), before the check store first reads them.
+pub async fn sync_once(
+    nats: &Nats,
+    tenant: &str,
+    checks_dir: &Path,
+    plugins_dir: &Path,
+) -> anyhow::Result<()> {
+    let (config, plugins) = open(nats, tenant).await?;
+    let fleet = read_fleet(&config, &plugins, tenant).await?;
+    prune(checks_dir, |n| fleet.checks.contains_key(n))?;
+    prune(plugins_dir, |n| fleet.plugins.contains_key(n))?;
+    for (name, text) in &fleet.checks {
+        write_atomic(&checks_dir.join(name), text.as_bytes(), 0o644)?;
+    }
+    for name in fleet.plugins.keys() {
+        let mut object = plugins
+            .get(name)
+            .await
+            .with_context(|| format!("cannot fetch plugin {name}"))?;
+        let mut bytes = Vec::new();
+        object.read_to_end(&mut bytes).await?;
+        write_atomic(&plugins_dir.join(name), &bytes, 0o755)?;
+    }
+    tracing::info!(
+        check_files = fleet.checks.len(),
+        plugins = fleet.plugins.len(),
+        "fleet configuration loaded from NATS"
+    );
+    Ok(())
+}
+
+/// Mirror the tenant's check files and plugins from NATS into the local directories the
+/// check store reads, until shutdown. Files not in NATS are removed at the start.
+pub async fn mirror(gw: Arc<Gateway>, nats: Arc<Nats>) {
+    let tenant = gw.settings.tenant.clone();
+    let (checks_dir, plugins_dir) = (
+        gw.settings.checks_dir.clone(),
+        gw.settings.plugins_dir.clone(),
+    );
+    loop {
+        let run = async {
+            let (config, plugins) = open(&nats, &tenant).await?;
+            let fleet = read_fleet(&config, &plugins, &tenant).await?;
+            prune(&checks_dir, |n| fleet.checks.contains_key(n))?;
+            prune(&plugins_dir, |n| fleet.plugins.contains_key(n))?;
+            let prefix = checks_prefix(&tenant);
+            let mut checks = config
+                .watch_with_history(format!("{prefix}>"))
+                .await
+                .context("cannot watch the config bucket")?;
+            let mut objects = plugins
+                .watch_with_history()
+                .await
+                .context("cannot watch the plugin store")?;
+            loop {
+                tokio::select! {
+                    e = checks.next() => {
+                        let e = e.context("config watch ended")?.context("config watch")?;
+                        let Some(name) = e.key.strip_prefix(&prefix) else { continue };
+                        if !valid_file_name(name) {
+                            continue;
+                        }
+                        let path = checks_dir.join(name);
+                        match e.operation {
+                            kv::Operation::Put => write_atomic(&path, &e.value, 0o644)?,
+                            _ => remove(&path)?,
+                        }
+                        tracing::info!(file = name, op = ?e.operation, "fleet check file changed");
+                    }
+                    info = objects.next() => {
+                        let info = info.context("plugin watch ended")?.context("plugin watch")?;
+                        if !valid_check_name(&info.name) {
+                            continue;
+                        }
+                        let path = plugins_dir.join(&info.name);
+                        if info.deleted {
+                            remove(&path)?;
+                        } else {
+                            let mut object = plugins.get(&info.name).await.context("cannot fetch a plugin")?;
+                            let mut bytes = Vec::with_capacity(info.size);
+                            object.read_to_end(&mut bytes).await?;
+                            write_atomic(&path, &bytes, 0o755)?;
+                        }
+                        tracing::info!(plugin = %info.name, deleted = info.deleted, "fleet plugin changed");
+                    }
+                    _ = gw.shutdown.cancelled() => return Ok::<(), anyhow::Error>(()),
+                }
+            }
+        };
+        match run.await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "mirroring the fleet configuration failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = gw.shutdown.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+fn remove(path: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn prune(dir: &Path, keep: impl Fn(&str) -> bool) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if path.is_file() && !keep(&name) {
+            remove(&path)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_directory_with_a_bad_file_is_refused_with_every_problem_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("good.toml"),
+            "[[check]]\nname='a'\ncommand='/bin/true'\ninterval=10\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("bad.toml"),
+            "[[check]]\nname='b'\ncommand=\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("sp ace.toml"), "").unwrap();
+        std::fs::create_dir(dir.path().join("plugins")).unwrap();
+        std::fs::write(dir.path().join("plugins/ok_plugin"), "#!/bin/sh\n").unwrap();
+        let err = format!("{:#}", read_dir(dir.path()).unwrap_err());
+        assert!(err.contains("is not pushed"), "{err}");
+        assert!(err.contains("bad.toml:"), "{err}");
+        assert!(err.contains("sp ace.toml:"), "{err}");
+        assert!(!err.contains("good.toml"), "{err}");
+        std::fs::remove_file(dir.path().join("bad.toml")).unwrap();
+        std::fs::remove_file(dir.path().join("sp ace.toml")).unwrap();
+        let snap = read_dir(dir.path()).unwrap();
+        assert_eq!(snap.checks.len(), 1);
+        assert_eq!(snap.plugins["ok_plugin"].size, 10);
+    }
+
+    #[test]
+    fn the_diff_shows_added_changed_and_removed_files_and_plugins() {
+        let plugin = |sha: &str| Plugin {
+            sha256: sha.into(),
+            size: 3,
+            bytes: Vec::new(),
+        };
+        let old = Snapshot {
+            checks: [
+                ("a.toml".into(), "x = 1\ny = 2\n".into()),
+                ("gone.toml".into(), "z\n".into()),
+            ]
+            .into(),
+            plugins: [("p".into(), plugin("aaaa")), ("q".into(), plugin("bbbb"))].into(),
+        };
+        let new = Snapshot {
+            checks: [
+                ("a.toml".into(), "x = 1\ny = 3\n".into()),
+                ("new.toml".into(), "n\n".into()),
+            ]
+            .into(),
+            plugins: [("p".into(), plugin("cccc")), ("q".into(), plugin("bbbb"))].into(),
+        };
+        let d = diff(&old, &new);
+        assert_eq!(
+            d,
+            "~ a.toml\n    - y = 2\n    + y = 3\n- gone.toml (removed)\n+ new.toml (new, 1 lines)\n    + n\n~ plugins/p (sha256 aaaa -> cccc, 3 -> 3 bytes)\n"
+        );
+        assert_eq!(diff(&new, &new), "");
+    }
+}

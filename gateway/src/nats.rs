@@ -1,0 +1,358 @@
+//! The connection to NATS when gateways run as a fleet (`--bus nats://…`): options, the
+//! streams and buckets every gateway shares, and the subjects, all namespaced by tenant.
+//!
+//! | what | where |
+//! |---|---|
+//! | results | stream `OUTPOST_RESULTS`, subject `outpost.<tenant>.results.<fingerprint>`, `Nats-Msg-Id` = `<fingerprint>:<seq>` |
+//! | presence events | stream `OUTPOST_PRESENCE`, subject `outpost.<tenant>.presence.<fingerprint>` |
+//! | fleet registry | KV `outpost_agents`, key `<tenant>.<fingerprint>` |
+//! | live gateways | KV `outpost_gateways`, key `<gateway id>` (heartbeat, expires) |
+//! | agent credentials | KV `outpost_credentials`, key `<tenant>.<fingerprint>`; tenant keys under `<tenant>._tenant` |
+//! | run-now | request/reply on `outpost.<tenant>.rpc.<fingerprint>` |
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use async_nats::jetstream::{self, kv, stream};
+use clap::Args;
+
+/// `serve` options for the clustered bus.
+#[derive(Debug, Clone, Args)]
+pub struct NatsArgs {
+    /// `embedded` (one gateway, files under DATA_DIR/bus) or `nats://HOST:PORT[,HOST:PORT…]`
+    /// (a fleet of gateways sharing NATS JetStream). `tls://` URLs require TLS.
+    #[arg(long, env = "OUTPOST_BUS", default_value = "embedded", value_parser = parse_bus)]
+    pub bus: BusChoice,
+    /// NATS credentials file (JWT and nkey seed, as `nsc` writes it).
+    #[arg(long, env = "OUTPOST_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// NATS user (with --nats-password).
+    #[arg(long, env = "OUTPOST_NATS_USER", requires = "nats_password")]
+    pub nats_user: Option<String>,
+    /// NATS password.
+    #[arg(long, env = "OUTPOST_NATS_PASSWORD", requires = "nats_user")]
+    pub nats_password: Option<String>,
+    /// CA certificate (PEM) to verify the NATS servers with; implies TLS.
+    #[arg(long, env = "OUTPOST_NATS_CA")]
+    pub nats_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for NATS servers that require one.
+    #[arg(long, env = "OUTPOST_NATS_CERT", requires = "nats_key")]
+    pub nats_cert: Option<PathBuf>,
+    /// Key for --nats-cert.
+    #[arg(long, env = "OUTPOST_NATS_KEY", requires = "nats_cert")]
+    pub nats_key: Option<PathBuf>,
+    /// Copies JetStream keeps of each stream and bucket (1-5). Default: 3 when three or
+    /// more servers are given, else 1. Three survive the loss of one server.
+    #[arg(long, env = "OUTPOST_NATS_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub nats_replicas: Option<u8>,
+    /// Hours the results stream keeps results (its consumers must read them by then).
+    #[arg(long, default_value_t = 168)]
+    pub results_max_age_hours: u64,
+    /// Bytes the results stream may hold; the oldest go first beyond it (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    pub results_max_bytes: u64,
+    /// Seconds JetStream remembers a `Nats-Msg-Id` to drop a resent result.
+    #[arg(long, default_value_t = 600)]
+    pub dedup_window_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BusChoice {
+    Embedded,
+    Nats(Vec<String>),
+}
+
+fn parse_bus(s: &str) -> Result<BusChoice, String> {
+    if s == "embedded" {
+        return Ok(BusChoice::Embedded);
+    }
+    let urls: Vec<String> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect();
+    if urls.is_empty()
+        || !urls.iter().all(|u| {
+            ["nats://", "tls://"]
+                .iter()
+                .any(|p| u.strip_prefix(p).is_some_and(|rest| !rest.is_empty()))
+        })
+    {
+        return Err(format!(
+            "{s:?}: expected `embedded` or nats://HOST:PORT[,nats://HOST:PORT…] (tls:// for TLS)"
+        ));
+    }
+    Ok(BusChoice::Nats(urls))
+}
+
+/// Resolved NATS options.
+#[derive(Debug, Clone)]
+pub struct NatsSettings {
+    pub urls: Vec<String>,
+    pub creds: Option<PathBuf>,
+    pub user: Option<(String, String)>,
+    pub ca: Option<PathBuf>,
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    pub replicas: usize,
+    pub results_max_age: Duration,
+    pub results_max_bytes: i64,
+    pub dedup_window: Duration,
+}
+
+impl NatsArgs {
+    pub fn settings(&self) -> Option<NatsSettings> {
+        let BusChoice::Nats(urls) = &self.bus else {
+            return None;
+        };
+        let replicas = match self.nats_replicas {
+            Some(r) => r as usize,
+            None if urls.len() >= 3 => 3,
+            None => 1,
+        };
+        Some(NatsSettings {
+            urls: urls.clone(),
+            creds: self.nats_creds.clone(),
+            user: self.nats_user.clone().zip(self.nats_password.clone()),
+            ca: self.nats_ca.clone(),
+            client_cert: self.nats_cert.clone().zip(self.nats_key.clone()),
+            replicas,
+            results_max_age: Duration::from_secs(self.results_max_age_hours.max(1) * 3600),
+            results_max_bytes: if self.results_max_bytes == 0 {
+                -1
+            } else {
+                self.results_max_bytes.min(i64::MAX as u64) as i64
+            },
+            dedup_window: Duration::from_secs(self.dedup_window_secs.clamp(1, 86_400)),
+        })
+    }
+}
+
+pub const RESULTS_STREAM: &str = "OUTPOST_RESULTS";
+pub const PRESENCE_STREAM: &str = "OUTPOST_PRESENCE";
+pub const AGENTS_BUCKET: &str = "outpost_agents";
+pub const GATEWAYS_BUCKET: &str = "outpost_gateways";
+pub const CREDENTIALS_BUCKET: &str = "outpost_credentials";
+
+pub fn results_subject(tenant: &str, fingerprint: &str) -> String {
+    format!("outpost.{tenant}.results.{fingerprint}")
+}
+
+pub fn presence_subject(tenant: &str, fingerprint: &str) -> String {
+    format!("outpost.{tenant}.presence.{fingerprint}")
+}
+
+pub fn rpc_subject(tenant: &str, fingerprint: &str) -> String {
+    format!("outpost.{tenant}.rpc.{fingerprint}")
+}
+
+/// The registry and credentials key of an agent.
+pub fn agent_key(tenant: &str, fingerprint: &str) -> String {
+    format!("{tenant}.{fingerprint}")
+}
+
+/// A live NATS connection with everything the gateway uses on it.
+pub struct Nats {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub results: stream::Stream,
+    pub agents: kv::Store,
+    pub gateways: kv::Store,
+    pub credentials: kv::Store,
+    pub settings: NatsSettings,
+}
+
+/// A gateway's heartbeat in [`GATEWAYS_BUCKET`] older than this means it is gone.
+pub const GATEWAY_TTL: Duration = Duration::from_secs(15);
+
+impl Nats {
+    /// Connect and make sure the streams and buckets exist. Later outages are ridden out by
+    /// reconnecting; at start, a NATS that does not answer within the JetStream timeout
+    /// (10 s) is an error, so a service manager restarts the gateway.
+    pub async fn connect(settings: &NatsSettings, name: &str) -> anyhow::Result<Nats> {
+        Self::open(settings, name, true).await
+    }
+
+    /// Connect for a one-off command: an unreachable NATS is an error at once.
+    pub async fn connect_once(settings: &NatsSettings, name: &str) -> anyhow::Result<Nats> {
+        Self::open(settings, name, false).await
+    }
+
+    async fn open(settings: &NatsSettings, name: &str, retry: bool) -> anyhow::Result<Nats> {
+        let mut opts = match &settings.creds {
+            Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
+                .await
+                .with_context(|| format!("cannot read NATS credentials {}", path.display()))?,
+            None => async_nats::ConnectOptions::new(),
+        };
+        if let Some((user, password)) = &settings.user {
+            opts = opts.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(ca) = &settings.ca {
+            opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let Some((cert, key)) = &settings.client_cert {
+            opts = opts.add_client_certificate(cert.clone(), key.clone());
+        }
+        let mut opts = opts.name(name).connection_timeout(Duration::from_secs(5));
+        if retry {
+            opts = opts.retry_on_initial_connect();
+        }
+        let opts = opts.event_callback(|event| async move {
+            tracing::info!(%event, "NATS connection event");
+        });
+        let client = opts
+            .connect(settings.urls.clone())
+            .await
+            .with_context(|| format!("cannot connect to NATS at {}", settings.urls.join(",")))?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(10))
+            .build(client.clone());
+        let results = ensure_stream(
+            &js,
+            stream::Config {
+                name: RESULTS_STREAM.into(),
+                description: Some("Outpost check results and metrics".into()),
+                subjects: vec!["outpost.*.results.*".into()],
+                retention: stream::RetentionPolicy::Limits,
+                storage: stream::StorageType::File,
+                num_replicas: settings.replicas,
+                max_age: settings.results_max_age,
+                max_bytes: settings.results_max_bytes,
+                duplicate_window: settings.dedup_window,
+                allow_direct: true,
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure_stream(
+            &js,
+            stream::Config {
+                name: PRESENCE_STREAM.into(),
+                description: Some("Outpost agent presence events".into()),
+                subjects: vec!["outpost.*.presence.*".into()],
+                storage: stream::StorageType::File,
+                num_replicas: settings.replicas,
+                max_age: settings.results_max_age,
+                duplicate_window: Duration::from_secs(120),
+                allow_direct: true,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let bucket = |name: &str, description: &str, history: i64, max_age: Duration| kv::Config {
+            bucket: name.into(),
+            description: description.into(),
+            history,
+            max_age,
+            storage: stream::StorageType::File,
+            num_replicas: settings.replicas,
+            ..Default::default()
+        };
+        let agents = ensure_bucket(
+            &js,
+            bucket(
+                AGENTS_BUCKET,
+                "Outpost fleet registry: each agent's presence and the gateway holding it",
+                1,
+                Duration::ZERO,
+            ),
+        )
+        .await?;
+        let gateways = ensure_bucket(
+            &js,
+            bucket(
+                GATEWAYS_BUCKET,
+                "Outpost gateways alive (heartbeats)",
+                1,
+                GATEWAY_TTL * 4,
+            ),
+        )
+        .await?;
+        let credentials = ensure_bucket(
+            &js,
+            bucket(
+                CREDENTIALS_BUCKET,
+                "Outpost agent secrets (SHA-256) and tenant keys",
+                1,
+                Duration::ZERO,
+            ),
+        )
+        .await?;
+        Ok(Nats {
+            client,
+            js,
+            results,
+            agents,
+            gateways,
+            credentials,
+            settings: settings.clone(),
+        })
+    }
+
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+async fn ensure_stream(
+    js: &jetstream::Context,
+    config: stream::Config,
+) -> anyhow::Result<stream::Stream> {
+    let name = config.name.clone();
+    let wanted = (config.num_replicas, config.max_age, config.duplicate_window);
+    let mut s = js
+        .get_or_create_stream(config)
+        .await
+        .with_context(|| format!("cannot create or open the JetStream stream {name}"))?;
+    let info = s.info().await.context("cannot read stream info")?;
+    let have = (
+        info.config.num_replicas,
+        info.config.max_age,
+        info.config.duplicate_window,
+    );
+    if have != wanted {
+        tracing::warn!(stream = %name, ?have, ?wanted, "stream exists with other settings (replicas, max age, duplicate window); keeping them — change them with the nats CLI");
+    }
+    Ok(s)
+}
+
+async fn ensure_bucket(js: &jetstream::Context, config: kv::Config) -> anyhow::Result<kv::Store> {
+    let name = config.bucket.clone();
+    match js.get_key_value(&name).await {
+        Ok(store) => Ok(store),
+        Err(_) => match js.create_key_value(config).await {
+            Ok(store) => Ok(store),
+            // Another gateway created it at the same moment.
+            Err(_) => js
+                .get_key_value(&name)
+                .await
+                .with_context(|| format!("cannot create or open the KV bucket {name}")),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bus_urls_are_checked() {
+        assert_eq!(parse_bus("embedded").unwrap(), BusChoice::Embedded);
+        assert_eq!(
+            parse_bus("nats://a:4222, tls://b:4222").unwrap(),
+            BusChoice::Nats(vec!["nats://a:4222".into(), "tls://b:4222".into()])
+        );
+        for bad in [
+            "",
+            "nats://",
+            "http://a:4222",
+            "a:4222",
+            "nats://a,http://b",
+        ] {
+            let err = parse_bus(bad).unwrap_err();
+            assert!(err.contains("expected `embedded`"), "{bad}: {err}");
+        }
+    }
+}

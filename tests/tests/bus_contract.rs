@@ -1,0 +1,206 @@
+//! The two buses behind `outpost_gateway::bus::Bus` pass the same behavioural tests: the
+//! embedded bus (files) and NATS JetStream (a real nats-server from the pinned PyPI
+//! package). What is checked is read back from where each bus keeps it (the JSON-lines
+//! file, the JetStream stream), not from what the bus said it did.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use outpost_e2e::nats::NatsServer;
+use outpost_e2e::tempdir;
+use outpost_gateway::bus::{
+    embedded::EmbeddedBus, nats::NatsBus, AgentRef, Bus, Presence, PresenceEvent,
+};
+use outpost_gateway::nats::{presence_subject, results_subject, Nats, NatsSettings};
+use outpost_protocol::CheckResult;
+
+fn result(seq: u64) -> CheckResult {
+    serde_json::from_value(serde_json::json!({
+        "seq": seq, "check": "c", "status": "ok", "output": format!("run {seq}"),
+        "started_at_ms": 1_700_000_000_000u64 + seq, "duration_ms": 1
+    }))
+    .unwrap()
+}
+
+fn results(seqs: std::ops::RangeInclusive<u64>) -> Vec<CheckResult> {
+    seqs.map(result).collect()
+}
+
+fn agent(n: u8) -> AgentRef {
+    AgentRef {
+        tenant: "default".into(),
+        fingerprint: format!("0f8fad5b-d9cb-469f-a165-70867728950{n}"),
+    }
+}
+
+enum Backend {
+    Embedded(PathBuf),
+    Nats(NatsSettings),
+}
+
+impl Backend {
+    /// A bus instance, as a gateway (re)started on this backend opens it.
+    async fn open(&self) -> Arc<dyn Bus> {
+        match self {
+            Backend::Embedded(dir) => Arc::new(EmbeddedBus::open(dir).await.unwrap().0),
+            Backend::Nats(s) => Arc::new(NatsBus::new(Arc::new(
+                Nats::connect(s, "bus contract test").await.unwrap(),
+            ))),
+        }
+    }
+
+    /// The sequence numbers stored for `agent`, in stored order.
+    async fn stored(&self, agent: &AgentRef) -> Vec<u64> {
+        self.read(
+            &results_subject(&agent.tenant, &agent.fingerprint),
+            "results.jsonl",
+        )
+        .await
+        .iter()
+        .filter(|v| v["fingerprint"] == agent.fingerprint.as_str())
+        .map(|v| v["result"]["seq"].as_u64().unwrap())
+        .collect()
+    }
+
+    async fn presence(&self, agent: &AgentRef) -> Vec<String> {
+        self.read(
+            &presence_subject(&agent.tenant, &agent.fingerprint),
+            "presence.jsonl",
+        )
+        .await
+        .iter()
+        .filter(|v| v["fingerprint"] == agent.fingerprint.as_str())
+        .map(|v| v["presence"].as_str().unwrap().to_string())
+        .collect()
+    }
+
+    async fn read(&self, subject: &str, file: &str) -> Vec<serde_json::Value> {
+        match self {
+            Backend::Embedded(dir) => std::fs::read_to_string(dir.join(file))
+                .unwrap_or_default()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect(),
+            Backend::Nats(s) => {
+                let client = async_nats::connect(s.urls[0].as_str()).await.unwrap();
+                let js = async_nats::jetstream::new(client);
+                let stream_name = if file == "results.jsonl" {
+                    outpost_gateway::nats::RESULTS_STREAM
+                } else {
+                    outpost_gateway::nats::PRESENCE_STREAM
+                };
+                let mut stream = js.get_stream(stream_name).await.unwrap();
+                let info = stream.info().await.unwrap().state.clone();
+                let mut out = Vec::new();
+                for seq in info.first_sequence..=info.last_sequence {
+                    let Ok(msg) = stream.get_raw_message(seq).await else {
+                        continue;
+                    };
+                    if msg.subject.as_str() == subject {
+                        out.push(serde_json::from_slice(&msg.payload).unwrap());
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
+/// The behaviour both buses promise.
+async fn contract(backend: &Backend) {
+    let (a, b) = (agent(1), agent(2));
+    let bus = backend.open().await;
+    assert_eq!(bus.last_seq(&a).await.unwrap(), 0);
+
+    let p = bus.publish_results(&a, &results(1..=5)).await.unwrap();
+    assert_eq!((p.accepted, p.duplicates), (5, 0));
+    // A resend overlapping what is durable: only the new part is stored.
+    let p = bus.publish_results(&a, &results(3..=7)).await.unwrap();
+    assert_eq!((p.accepted, p.duplicates), (2, 3));
+    let p = bus.publish_results(&b, &results(1..=2)).await.unwrap();
+    assert_eq!((p.accepted, p.duplicates), (2, 0));
+    assert_eq!(bus.last_seq(&a).await.unwrap(), 7);
+    assert_eq!(bus.last_seq(&b).await.unwrap(), 2);
+
+    for presence in [Presence::Online, Presence::Lost, Presence::Deregistered] {
+        bus.publish_presence(&PresenceEvent {
+            agent: a.clone(),
+            presence,
+            at_ms: 1,
+            reason: "contract".into(),
+        })
+        .await
+        .unwrap();
+    }
+    drop(bus);
+
+    // Another instance (a restarted gateway, or another gateway of the fleet) knows what
+    // is durable without having seen it.
+    let bus = backend.open().await;
+    assert_eq!(bus.last_seq(&a).await.unwrap(), 7);
+    let p = bus.publish_results(&a, &results(6..=9)).await.unwrap();
+    assert_eq!((p.accepted, p.duplicates), (2, 2));
+
+    assert_eq!(backend.stored(&a).await, (1..=9).collect::<Vec<_>>());
+    assert_eq!(backend.stored(&b).await, vec![1, 2]);
+    assert_eq!(
+        backend.presence(&a).await,
+        ["online", "lost", "deregistered"]
+    );
+    assert!(bus.unavailable().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_embedded_bus_keeps_the_contract() {
+    let dir = tempdir();
+    contract(&Backend::Embedded(dir.path().join("bus"))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_bus_keeps_the_contract_and_dedups_between_gateways() {
+    let dir = tempdir();
+    let server = NatsServer::start(dir.path(), "n1");
+    let settings = nats_settings(&server.url());
+    let backend = Backend::Nats(settings);
+    contract(&backend).await;
+
+    // Two gateways at once (an agent's old and new connection racing): the second, which
+    // has never seen the agent, stores nothing twice; JetStream's Nats-Msg-Id check and
+    // the stored watermark both hold.
+    let (one, two) = (backend.open().await, backend.open().await);
+    let c = agent(3);
+    let batch = results(1..=50);
+    let (x, y) = tokio::join!(
+        one.publish_results(&c, &batch),
+        two.publish_results(&c, &batch)
+    );
+    let (x, y) = (x.unwrap(), y.unwrap());
+    assert_eq!(x.accepted + y.accepted, 50, "{x:?} {y:?}");
+    assert_eq!(x.duplicates + y.duplicates, 50, "{x:?} {y:?}");
+    assert_eq!(backend.stored(&c).await, (1..=50).collect::<Vec<_>>());
+
+    // The server gone: publishing fails with a clear error instead of acking.
+    drop(server);
+    let err = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        one.publish_results(&c, &results(51..=51)),
+    )
+    .await
+    .expect("a dead NATS fails the publish within the JetStream timeout")
+    .unwrap_err();
+    assert!(err.to_string().contains("bus unavailable"), "{err}");
+    assert!(one.unavailable().is_some());
+}
+
+fn nats_settings(url: &str) -> NatsSettings {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Args {
+        #[command(flatten)]
+        nats: outpost_gateway::nats::NatsArgs,
+    }
+    Args::parse_from(["test", "--bus", url])
+        .nats
+        .settings()
+        .unwrap()
+}

@@ -1,0 +1,921 @@
+//! A fleet: several real gateways on a real nats-server (JetStream), behind real haproxy
+//! running the documented configuration, with real agents over TLS.
+//!
+//! Presence is read from the bus itself (a subscriber on the presence subjects, started
+//! before anything happens), results from the JetStream stream, and the fleet registry
+//! through each gateway's API.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use outpost_e2e::haproxy::Haproxy;
+use outpost_e2e::nats::{NatsCluster, NatsServer};
+use outpost_e2e::{bin, eventually, now_ms, tempdir, test_pki, Agent, Gateway};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(60);
+/// The presence grace the fleet tests run with.
+const GRACE: u64 = 5;
+
+/// The shared certificate every gateway of a fleet serves.
+struct Pki {
+    ca: PathBuf,
+    cert: String,
+    key: String,
+}
+
+fn pki(dir: &Path) -> Pki {
+    let (ca, cert, key) = test_pki(&dir.join("pki"), "localhost");
+    Pki {
+        ca,
+        cert: cert.display().to_string(),
+        key: key.display().to_string(),
+    }
+}
+
+fn gateway(dir: &Path, id: &str, nats: &str, pki: &Pki, extra: &[&str]) -> Gateway {
+    let grace = GRACE.to_string();
+    let mut args = vec![
+        "--bus",
+        nats,
+        "--gateway-id",
+        id,
+        "--tls-cert",
+        &pki.cert,
+        "--tls-key",
+        &pki.key,
+        "--presence-grace",
+        &grace,
+        "--grace",
+        "6",
+    ];
+    args.extend_from_slice(extra);
+    Gateway::start(&dir.join(id), &args)
+}
+
+/// Gateways `gw1`..`gwN` on `nats`.
+fn gateways(dir: &Path, n: usize, nats: &str, pki: &Pki) -> Vec<Gateway> {
+    (1..=n)
+        .map(|i| gateway(dir, &format!("gw{i}"), nats, pki, &[]))
+        .collect()
+}
+
+/// One agent on each gateway, dialed directly, so each sits where the test says.
+fn one_agent_each(dir: &Path, gws: &[Gateway], pki: &Pki) -> Vec<Agent> {
+    gws.iter()
+        .enumerate()
+        .map(|(i, g)| agent(dir, &format!("a{i}"), &g.addr, pki, &g.enroll_key))
+        .collect()
+}
+
+/// `outpost-gateway config push DIR`; returns its stdout.
+fn push(nats: &str, dir: &Path, extra: &[&str]) -> String {
+    let out = std::process::Command::new(bin("outpost-gateway"))
+        .args(["config", "push"])
+        .arg(dir)
+        .args(["--bus", nats])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "config push failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn write_config(dir: &Path, files: &[(&str, &str)]) -> PathBuf {
+    let cfg = dir.join("fleet-config");
+    let _ = std::fs::remove_dir_all(&cfg);
+    std::fs::create_dir_all(cfg.join("plugins")).unwrap();
+    for (name, text) in files {
+        let path = cfg.join(name);
+        std::fs::write(&path, text).unwrap();
+        if name.starts_with("plugins/") {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+    cfg
+}
+
+const TICK: &str = "[[check]]\nname = \"tick\"\ncommand = \"/bin/echo tick\"\ninterval = 1\n";
+
+/// An agent that trusts the fleet's CA and dials `addr` (a gateway or the load balancer).
+fn agent(dir: &Path, name: &str, addr: &str, pki: &Pki, key: &str) -> Agent {
+    let port = addr.rsplit(':').next().unwrap();
+    Agent::start_with_config(
+        dir,
+        name,
+        &format!(
+            "gateway_url = \"wss://localhost:{port}\"\nenroll_key = {key:?}\nca_file = {:?}\nhostname = {name:?}\nreconnect_max_secs = 2\n",
+            pki.ca.display().to_string()
+        ),
+    )
+}
+
+/// A client of any of the comma-separated servers.
+async fn connect(urls: &str) -> async_nats::Client {
+    async_nats::connect(urls.split(',').collect::<Vec<_>>())
+        .await
+        .unwrap()
+}
+
+/// Every presence event published on the bus, from the moment this is created.
+#[derive(Clone, Default)]
+struct Presence(Arc<Mutex<Vec<Value>>>);
+
+impl Presence {
+    async fn follow(nats: &str) -> Presence {
+        let p = Presence::default();
+        let client = connect(nats).await;
+        let mut sub = client.subscribe("outpost.*.presence.*").await.unwrap();
+        client.flush().await.unwrap();
+        let events = p.0.clone();
+        tokio::spawn(async move {
+            let _client = client;
+            while let Some(msg) = sub.next().await {
+                let v: Value = serde_json::from_slice(&msg.payload).unwrap();
+                events.lock().unwrap().push(v);
+            }
+        });
+        p
+    }
+
+    /// The presence values published for `fp`, in order.
+    fn of(&self, fp: &str) -> Vec<String> {
+        self.events(fp)
+            .iter()
+            .map(|e| e["presence"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn events(&self, fp: &str) -> Vec<Value> {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["fingerprint"] == fp)
+            .cloned()
+            .collect()
+    }
+
+    async fn wait_for(&self, fp: &str, presence: &str) -> Value {
+        eventually(T, &format!("{fp} {presence} on the bus"), || async {
+            self.events(fp)
+                .into_iter()
+                .rev()
+                .find(|e| e["presence"] == presence)
+        })
+        .await
+    }
+}
+
+/// The sequence numbers stored in the results stream, per agent, in stored order (read
+/// again while JetStream elects a new leader and does not answer).
+async fn stored_results(nats: &str) -> HashMap<String, Vec<u64>> {
+    eventually(T, "the results stream answers", || read_results(nats)).await
+}
+
+async fn read_results(nats: &str) -> Option<HashMap<String, Vec<u64>>> {
+    let client = connect(nats).await;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js
+        .get_stream(outpost_gateway::nats::RESULTS_STREAM)
+        .await
+        .ok()?;
+    let state = stream.info().await.ok()?.state.clone();
+    let mut out: HashMap<String, Vec<u64>> = HashMap::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        let msg = match stream.get_raw_message(seq).await {
+            Ok(m) => m,
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+            {
+                continue
+            }
+            Err(_) => return None,
+        };
+        let v: Value = serde_json::from_slice(&msg.payload).unwrap();
+        out.entry(v["fingerprint"].as_str().unwrap().to_string())
+            .or_default()
+            .push(v["result"]["seq"].as_u64().unwrap());
+    }
+    Some(out)
+}
+
+/// Each agent's stored sequence numbers are exactly `first..=last`, each once: nothing
+/// acked was lost (acked results are never resent, so a loss is a gap) and nothing was
+/// stored twice.
+fn assert_exactly_once(stored: &HashMap<String, Vec<u64>>, fps: &[String]) {
+    for fp in fps {
+        let seqs = stored
+            .get(fp)
+            .unwrap_or_else(|| panic!("no results stored for {fp}"));
+        let first = seqs[0];
+        let want: Vec<u64> = (first..first + seqs.len() as u64).collect();
+        assert_eq!(
+            seqs, &want,
+            "agent {fp}: stored sequence numbers are not exactly once and gap-free"
+        );
+    }
+}
+
+/// The agents the fleet registry shows, seen through `gw`: fingerprint → (presence, gateway).
+async fn fleet_view(gw: &Gateway) -> HashMap<String, (String, String)> {
+    gw.api("/agents")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["fingerprint"].as_str().unwrap().to_string(),
+                (
+                    a["presence"].as_str().unwrap().to_string(),
+                    a["gateway"].as_str().unwrap().to_string(),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_now_through_any_gateway_reaches_agents_on_the_others_and_every_gateway_lists_the_fleet(
+) {
+    let dir = tempdir();
+    let nats = NatsServer::start(dir.path(), "n1");
+    let url = nats.url();
+    let pki = pki(dir.path());
+    push(&url, &write_config(dir.path(), &[("base.toml", TICK)]), &[]);
+    let gws = gateways(dir.path(), 3, &url, &pki);
+    let agents = one_agent_each(dir.path(), &gws, &pki);
+    for g in &gws {
+        eventually(T, "every gateway lists the three agents online", || async {
+            let view = fleet_view(g).await;
+            agents
+                .iter()
+                .enumerate()
+                .all(|(i, a)| {
+                    view.get(&a.fingerprint) == Some(&("online".into(), format!("gw{}", i + 1)))
+                })
+                .then_some(())
+        })
+        .await;
+    }
+    for (i, a) in agents.iter().enumerate() {
+        eventually(T, "configured", || gws[i].latest(&a.fingerprint, "tick")).await;
+    }
+    // Every gateway runs a check on every agent, its own and the others'.
+    for g in &gws {
+        for a in &agents {
+            let (status, body) = g
+                .http(
+                    "POST",
+                    &format!("/api/v1/agents/{}/checks/tick/run", a.fingerprint),
+                    Some(&g.token),
+                )
+                .await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["origin"], "run_now", "{body}");
+            assert_eq!(body["output"], "tick", "{body}");
+        }
+    }
+    // An unknown check on a remote agent: the holder's answer comes back as is.
+    let (status, body) = gws[0]
+        .http(
+            "POST",
+            &format!("/api/v1/agents/{}/checks/nope/run", agents[2].fingerprint),
+            Some(&gws[0].token),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("not configured"),
+        "{body}"
+    );
+
+    // An agent that stopped: a fast, clear answer, not a timeout.
+    let mut gone = agents.into_iter().nth(1).unwrap();
+    gone.proc.signal(libc::SIGTERM);
+    gone.proc.wait_exit(T).await;
+    eventually(T, "deregistered everywhere", || async {
+        (fleet_view(&gws[2]).await[&gone.fingerprint].0 == "deregistered").then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    let (status, body) = gws[2]
+        .http(
+            "POST",
+            &format!("/api/v1/agents/{}/checks/tick/run", gone.fingerprint),
+            Some(&gws[2].token),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("not connected to any gateway"),
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateway_behind_haproxy_moves_its_agents_without_a_false_lost_or_a_lost_result() {
+    let dir = tempdir();
+    let nats = NatsServer::start(dir.path(), "n1");
+    let url = nats.url();
+    let presence = Presence::follow(&url).await;
+    let pki = pki(dir.path());
+    push(&url, &write_config(dir.path(), &[("base.toml", TICK)]), &[]);
+    let mut gws = gateways(dir.path(), 3, &url, &pki);
+    let lb = Haproxy::start(
+        dir.path(),
+        &gws.iter().map(|g| g.addr.clone()).collect::<Vec<_>>(),
+    );
+    let key = gws[0].enroll_key.clone();
+    let agents: Vec<Agent> = (0..6)
+        .map(|i| agent(dir.path(), &format!("a{i}"), lb.addr(), &pki, &key))
+        .collect();
+    let fps: Vec<String> = agents.iter().map(|a| a.fingerprint.clone()).collect();
+    let view = eventually(T, "all six online through the load balancer", || async {
+        let view = fleet_view(&gws[0]).await;
+        fps.iter()
+            .all(|fp| view.get(fp).is_some_and(|(p, _)| p == "online"))
+            .then_some(view)
+    })
+    .await;
+    // The gateway holding the most agents is killed.
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for fp in &fps {
+        *count.entry(view[fp].1.clone()).or_default() += 1;
+    }
+    let (victim_id, held) = count.into_iter().max_by_key(|(_, n)| *n).unwrap();
+    let victim = victim_id.trim_start_matches("gw").parse::<usize>().unwrap() - 1;
+    assert!(held >= 1);
+    // A control agent on the victim that cannot come back (frozen): its `lost`, published
+    // by a surviving gateway once the grace is over, shows the sweep has run.
+    let control = agent(dir.path(), "control", &gws[victim].addr, &pki, &key);
+    presence.wait_for(&control.fingerprint, "online").await;
+    for fp in &fps {
+        eventually(T, "results flowing", || gws[0].agent(fp)).await;
+    }
+    let before = stored_results(&url).await;
+    control.proc.signal(libc::SIGSTOP);
+    gws[victim].proc.signal(libc::SIGKILL);
+    let survivor = (victim + 1) % 3;
+
+    eventually(T, "every agent online on a surviving gateway", || async {
+        let view = fleet_view(&gws[survivor]).await;
+        fps.iter()
+            .all(|fp| {
+                view.get(fp)
+                    .is_some_and(|(p, g)| p == "online" && *g != victim_id)
+            })
+            .then_some(())
+    })
+    .await;
+    let lost = presence.wait_for(&control.fingerprint, "lost").await;
+    assert!(
+        lost["reason"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("its gateway ({victim_id}) stopped")),
+        "{lost}"
+    );
+    for fp in &fps {
+        assert!(
+            !presence.of(fp).contains(&"lost".to_string()),
+            "false lost for {fp}: {:?}",
+            presence.events(fp)
+        );
+    }
+    // Results keep flowing through the survivors.
+    eventually(T, "results after the move", || async {
+        let now = stored_results(&url).await;
+        fps.iter()
+            .all(|fp| now.get(fp).map_or(0, Vec::len) >= before.get(fp).map_or(0, Vec::len) + 3)
+            .then_some(())
+    })
+    .await;
+
+    // A SIGTERM drain of a second gateway: its agents move to the last one, still no loss.
+    let second = (0..3).find(|&i| i != victim && i != survivor).unwrap();
+    let last_id = format!("gw{}", survivor + 1);
+    assert_eq!(gws[second].http("GET", "/readyz", None).await.0, 200);
+    gws[second].proc.signal(libc::SIGTERM);
+    assert_eq!(
+        gws[second].proc.wait_exit(T).await,
+        Some(0),
+        "drained and exited cleanly"
+    );
+    eventually(T, "every agent online on the last gateway", || async {
+        let view = fleet_view(&gws[survivor]).await;
+        fps.iter()
+            .all(|fp| view.get(fp) == Some(&("online".to_string(), last_id.clone())))
+            .then_some(())
+    })
+    .await;
+    eventually(T, "haproxy marked both DOWN", || async {
+        let st = lb.server_status();
+        (st.values().filter(|s| s.starts_with("DOWN")).count() == 2).then_some(())
+    })
+    .await;
+    let before = stored_results(&url).await;
+    eventually(T, "results after the drain", || async {
+        let now = stored_results(&url).await;
+        fps.iter()
+            .all(|fp| now.get(fp).map_or(0, Vec::len) >= before.get(fp).map_or(0, Vec::len) + 3)
+            .then_some(())
+    })
+    .await;
+    // Stopped with bye, so each delivers what it has.
+    for mut a in agents {
+        a.proc.signal(libc::SIGTERM);
+        a.proc.wait_exit(T).await;
+    }
+    for fp in &fps {
+        presence.wait_for(fp, "deregistered").await;
+        assert!(
+            !presence.of(fp).contains(&"lost".to_string()),
+            "false lost for {fp}: {:?}",
+            presence.events(fp)
+        );
+    }
+    assert_exactly_once(&stored_results(&url).await, &fps);
+}
+
+/// A TCP relay between an agent and a gateway that can stop passing bytes without closing
+/// anything, the way a network that drops every packet looks to both ends.
+mod netcut {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    pub struct Relay {
+        pub addr: String,
+        upstream: Arc<Mutex<String>>,
+        links: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+        cut_new: Arc<AtomicBool>,
+    }
+
+    impl Relay {
+        pub async fn start(upstream: &str) -> Relay {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let relay = Relay {
+                addr: listener.local_addr().unwrap().to_string(),
+                upstream: Arc::new(Mutex::new(upstream.to_string())),
+                links: Default::default(),
+                cut_new: Default::default(),
+            };
+            let (upstream, links, cut_new) = (
+                relay.upstream.clone(),
+                relay.links.clone(),
+                relay.cut_new.clone(),
+            );
+            tokio::spawn(async move {
+                while let Ok((client, _)) = listener.accept().await {
+                    let cut = Arc::new(AtomicBool::new(cut_new.load(Ordering::SeqCst)));
+                    links.lock().unwrap().push(cut.clone());
+                    let to = upstream.lock().unwrap().clone();
+                    tokio::spawn(async move {
+                        if cut.load(Ordering::SeqCst) {
+                            // Nothing gets through: hold the connection, answer nothing.
+                            std::future::pending::<()>().await;
+                        }
+                        let Ok(server) = TcpStream::connect(&to).await else {
+                            return;
+                        };
+                        let (cr, cw) = client.into_split();
+                        let (sr, sw) = server.into_split();
+                        tokio::spawn(pump(cr, sw, cut.clone()));
+                        pump(sr, cw, cut).await;
+                    });
+                }
+            });
+            relay
+        }
+
+        /// Drop every byte of the connections open now, and of new ones if `new_too`.
+        pub fn cut(&self, new_too: bool) {
+            for link in self.links.lock().unwrap().iter() {
+                link.store(true, Ordering::SeqCst);
+            }
+            self.cut_new.store(new_too, Ordering::SeqCst);
+        }
+
+        /// Pass new connections again, to `upstream`.
+        pub fn heal(&self, upstream: &str) {
+            *self.upstream.lock().unwrap() = upstream.to_string();
+            self.cut_new.store(false, Ordering::SeqCst);
+        }
+    }
+
+    async fn pump(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        cut: Arc<AtomicBool>,
+    ) {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if cut.load(Ordering::SeqCst) {
+                continue;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+        if cut.load(Ordering::SeqCst) {
+            // A close does not cross a dead network either.
+            std::future::pending::<()>().await;
+        }
+        let _ = to.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_for_bye_kill_9_network_loss_and_an_old_connection_outliving_its_successor() {
+    let dir = tempdir();
+    let nats = NatsServer::start(dir.path(), "n1");
+    let url = nats.url();
+    let presence = Presence::follow(&url).await;
+    let pki = pki(dir.path());
+    push(&url, &write_config(dir.path(), &[("base.toml", TICK)]), &[]);
+    // Heartbeat 1 s: a silent connection is dropped after 3 s.
+    let gw1 = gateway(dir.path(), "gw1", &url, &pki, &["--heartbeat", "1"]);
+    let gw2 = gateway(dir.path(), "gw2", &url, &pki, &["--heartbeat", "1"]);
+    let key = gw1.enroll_key.clone();
+
+    // bye: deregistered at once.
+    let mut byer = agent(dir.path(), "byer", &gw1.addr, &pki, &key);
+    presence.wait_for(&byer.fingerprint, "online").await;
+    byer.proc.signal(libc::SIGTERM);
+    let bye = presence.wait_for(&byer.fingerprint, "deregistered").await;
+    assert!(bye["reason"].as_str().unwrap().starts_with("bye"), "{bye}");
+    assert_eq!(presence.of(&byer.fingerprint), ["online", "deregistered"]);
+    byer.proc.wait_exit(T).await;
+
+    // kill -9: online through the grace, then lost.
+    let killed = agent(dir.path(), "killed", &gw1.addr, &pki, &key);
+    presence.wait_for(&killed.fingerprint, "online").await;
+    let killed_at = now_ms();
+    killed.proc.signal(libc::SIGKILL);
+    let lost = presence.wait_for(&killed.fingerprint, "lost").await;
+    assert!(
+        lost["at_ms"].as_u64().unwrap() >= killed_at + GRACE * 1000,
+        "lost before the grace was over: {lost} (killed at {killed_at})"
+    );
+    assert!(
+        lost["reason"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("not back within {GRACE}s")),
+        "{lost}"
+    );
+    assert_eq!(presence.of(&killed.fingerprint), ["online", "lost"]);
+
+    // Network loss, and an old connection outliving the new one: `dark` loses its
+    // network for good; `moved` loses its path to gw1 but reconnects through a new path to
+    // gw2 while its old connection on gw1 is still open and silent.
+    let dark_path = netcut::Relay::start(&gw1.addr).await;
+    let moved_path = netcut::Relay::start(&gw1.addr).await;
+    let dark = agent(dir.path(), "dark", &dark_path.addr, &pki, &key);
+    let moved = agent(dir.path(), "moved", &moved_path.addr, &pki, &key);
+    for a in [&dark, &moved] {
+        presence.wait_for(&a.fingerprint, "online").await;
+        eventually(T, "results", || gw1.latest(&a.fingerprint, "tick")).await;
+    }
+    let cut_at = now_ms();
+    dark_path.cut(true);
+    moved_path.cut(false);
+    moved_path.heal(&gw2.addr);
+    eventually(T, "moved online on gw2", || async {
+        (fleet_view(&gw1).await[&moved.fingerprint] == ("online".into(), "gw2".into()))
+            .then_some(())
+    })
+    .await;
+    let lost = presence.wait_for(&dark.fingerprint, "lost").await;
+    assert!(
+        lost["at_ms"].as_u64().unwrap() >= cut_at + GRACE * 1000,
+        "{lost}"
+    );
+    // The moved agent's old connection on gw1 ends one way or another: closed when gw1 sees
+    // gw2's claim, or silent until its grace is over. Either way it must not make the agent
+    // lost.
+    let old_end = eventually(T, "the old connection on gw1 has ended", || async {
+        gw1.proc
+            .log()
+            .lines()
+            .find(|l| {
+                l.contains(&moved.fingerprint)
+                    && (l.contains("ending its old session here")
+                        || l.contains("a newer connection holds the agent")
+                        || l.contains("agent lost"))
+            })
+            .map(str::to_string)
+    })
+    .await;
+    assert!(!old_end.contains("agent lost"), "{old_end}");
+    assert_eq!(
+        presence.of(&moved.fingerprint),
+        ["online", "online"],
+        "{:?}",
+        presence.events(&moved.fingerprint)
+    );
+    assert_eq!(
+        fleet_view(&gw2).await[&moved.fingerprint],
+        ("online".into(), "gw2".into())
+    );
+    // The dark agent's network comes back: it reconnects by itself.
+    dark_path.heal(&gw1.addr);
+    eventually(T, "dark back online", || async {
+        (presence.of(&dark.fingerprint).last().map(String::as_str) == Some("online")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_node_killed_mid_stream_loses_no_acked_result() {
+    let dir = tempdir();
+    let mut cluster = NatsCluster::start(dir.path(), 3);
+    let urls = cluster.urls();
+    let pki = pki(dir.path());
+    let checks: String = (0..5)
+        .map(|i| format!("[[check]]\nname = \"c{i}\"\ncommand = \"/bin/echo {i}\"\ninterval = 1\n"))
+        .collect();
+    push(
+        &urls,
+        &write_config(dir.path(), &[("base.toml", &checks)]),
+        &[],
+    );
+    let gw = gateway(dir.path(), "gw1", &urls, &pki, &[]);
+    let mut a = agent(dir.path(), "a", &gw.addr, &pki, &gw.enroll_key);
+    let fps = vec![a.fingerprint.clone()];
+    eventually(T, "results stored", || async {
+        (stored_results(&urls).await.get(&fps[0]).map_or(0, Vec::len) >= 20).then_some(())
+    })
+    .await;
+    // Kill the node that leads the results stream, mid-stream.
+    let leader = {
+        let client = connect(&urls).await;
+        let js = async_nats::jetstream::new(client);
+        let mut s = js
+            .get_stream(outpost_gateway::nats::RESULTS_STREAM)
+            .await
+            .unwrap();
+        let info = s.info().await.unwrap();
+        assert_eq!(
+            info.config.num_replicas, 3,
+            "three servers given: three replicas by default"
+        );
+        info.cluster
+            .as_ref()
+            .and_then(|c| c.leader.clone())
+            .expect("a stream leader")
+    };
+    let idx = (0..3)
+        .find(|&i| cluster.node(i).name() == leader)
+        .expect("leader is a node");
+    let count_at_kill = stored_results(&urls).await[&fps[0]].len();
+    cluster.kill(idx);
+    eventually(T, "results keep being stored", || async {
+        (stored_results(&urls).await.get(&fps[0]).map_or(0, Vec::len) >= count_at_kill + 25)
+            .then_some(())
+    })
+    .await;
+    cluster.restart(idx);
+    a.proc.signal(libc::SIGTERM);
+    a.proc.wait_exit(T).await;
+    assert_exactly_once(&stored_results(&urls).await, &fps);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_push_reaches_agents_on_every_gateway_within_seconds_and_removes_what_is_gone() {
+    let dir = tempdir();
+    let nats = NatsServer::start(dir.path(), "n1");
+    let url = nats.url();
+    let pki = pki(dir.path());
+    let gws = gateways(dir.path(), 2, &url, &pki);
+    let agents = one_agent_each(dir.path(), &gws, &pki);
+    for (g, a) in gws.iter().zip(&agents) {
+        eventually(T, "online", || g.agent(&a.fingerprint)).await;
+    }
+    let plugin_check = "[[check]]\nname = \"plug\"\nplugin = \"say_hi\"\ninterval = 1\n";
+    let cfg = write_config(
+        dir.path(),
+        &[
+            ("base.toml", TICK),
+            ("more.toml", plugin_check),
+            ("plugins/say_hi", "#!/bin/sh\necho 'OK hi from the fleet'\n"),
+        ],
+    );
+    // A dry run shows the diff and changes nothing.
+    let dry = push(&url, &cfg, &["--dry-run"]);
+    assert!(
+        dry.contains("+ base.toml (new") && dry.contains("+ plugins/say_hi"),
+        "{dry}"
+    );
+    assert!(dry.contains("dry run: 3 change(s) not pushed"), "{dry}");
+    let again = push(&url, &cfg, &["--dry-run"]);
+    assert!(
+        again.contains("dry run: 3 change(s)"),
+        "nothing was pushed by the dry run: {again}"
+    );
+    let out = push(&url, &cfg, &[]);
+    assert!(out.contains("pushed 3 change(s)"), "{out}");
+    for (g, a) in gws.iter().zip(&agents) {
+        let r = eventually(T, "the plugin's result", || {
+            g.latest(&a.fingerprint, "plug")
+        })
+        .await;
+        assert_eq!(r["output"], "OK hi from the fleet", "{r}");
+        eventually(T, "tick", || g.latest(&a.fingerprint, "tick")).await;
+    }
+    // The directory loses a file: the push removes it, and the agents stop running it.
+    std::fs::remove_file(cfg.join("more.toml")).unwrap();
+    let out = push(&url, &cfg, &[]);
+    assert!(out.contains("- more.toml (removed)"), "{out}");
+    assert_eq!(
+        push(&url, &cfg, &[]).trim_end(),
+        format!("no changes: tenant default already holds {}", cfg.display())
+    );
+    for (g, a) in gws.iter().zip(&agents) {
+        eventually(T, "plug no longer configured", || async {
+            let checks = g.api(&format!("/agents/{}/checks", a.fingerprint)).await;
+            let plug = checks
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["check"] == "plug")
+                .cloned();
+            plug.is_none_or(|c| c["configured"] == false).then_some(())
+        })
+        .await;
+    }
+    // A broken directory is refused whole, naming the problem, and the fleet keeps its
+    // configuration.
+    std::fs::write(cfg.join("bad.toml"), "[[check]]\nname = \"x\"\ncommand =\n").unwrap();
+    let out = std::process::Command::new(bin("outpost-gateway"))
+        .args(["config", "push"])
+        .arg(&cfg)
+        .args(["--bus", &url])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is not pushed") && err.contains("bad.toml:"),
+        "{err}"
+    );
+    std::fs::remove_file(cfg.join("bad.toml")).unwrap();
+    assert!(push(&url, &cfg, &["--dry-run"]).starts_with("no changes"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_sharing_one_nats_never_see_or_reach_each_others_agents() {
+    let dir = tempdir();
+    let nats = NatsServer::start(dir.path(), "n1");
+    let url = nats.url();
+    let pki = pki(dir.path());
+    push(
+        &url,
+        &write_config(dir.path(), &[("base.toml", TICK)]),
+        &["--tenant", "acme"],
+    );
+    push(
+        &url,
+        &write_config(dir.path(), &[("base.toml", TICK)]),
+        &["--tenant", "globex"],
+    );
+    let acme = gateway(dir.path(), "acme1", &url, &pki, &["--tenant", "acme"]);
+    let globex = gateway(dir.path(), "globex1", &url, &pki, &["--tenant", "globex"]);
+    assert_ne!(
+        acme.enroll_key, globex.enroll_key,
+        "each tenant has its own keys"
+    );
+    assert_ne!(acme.token, globex.token);
+    let a = agent(dir.path(), "a", &acme.addr, &pki, &acme.enroll_key);
+    let g = agent(dir.path(), "g", &globex.addr, &pki, &globex.enroll_key);
+    eventually(T, "both report", || async {
+        Some((
+            acme.latest(&a.fingerprint, "tick").await?,
+            globex.latest(&g.fingerprint, "tick").await?,
+        ))
+    })
+    .await;
+    // Each tenant's API lists only its own agent.
+    assert_eq!(
+        fleet_view(&acme).await.keys().collect::<Vec<_>>(),
+        [&a.fingerprint]
+    );
+    assert_eq!(
+        fleet_view(&globex).await.keys().collect::<Vec<_>>(),
+        [&g.fingerprint]
+    );
+    // acme asks for globex's agent: unknown to acme, and nothing reaches it.
+    let (status, body) = acme
+        .http(
+            "POST",
+            &format!("/api/v1/agents/{}/checks/tick/run", g.fingerprint),
+            Some(&acme.token),
+        )
+        .await;
+    assert_eq!(status, 404, "{body}");
+    // Even a request put on the bus by hand, on acme's subject for globex's agent, finds
+    // no responder: globex's gateway listens only on globex's subjects.
+    let client = async_nats::connect(url.as_str()).await.unwrap();
+    let err = client
+        .request(
+            outpost_gateway::nats::rpc_subject("acme", &g.fingerprint),
+            serde_json::to_vec(&serde_json::json!({"tenant": "acme", "check": "tick"}))
+                .unwrap()
+                .into(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        async_nats::client::RequestErrorKind::NoResponders,
+        "{err}"
+    );
+    // A globex agent cannot log in to acme's gateway with globex's key.
+    let wrong = agent(dir.path(), "wrong", &acme.addr, &pki, &globex.enroll_key);
+    wrong.proc.wait_for_log("enrollment key refused", T).await;
+    // The right subject does reach it.
+    let msg = client
+        .request(
+            outpost_gateway::nats::rpc_subject("globex", &g.fingerprint),
+            serde_json::to_vec(&serde_json::json!({"tenant": "globex", "check": "tick"}))
+                .unwrap()
+                .into(),
+        )
+        .await
+        .unwrap();
+    let answer: Value = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(answer["status"], 200, "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_down_makes_the_gateway_unready_and_results_wait_on_the_agent_until_it_is_back() {
+    let dir = tempdir();
+    let mut nats = NatsServer::start(dir.path(), "n1");
+    let url = nats.url();
+    let pki = pki(dir.path());
+    push(&url, &write_config(dir.path(), &[("base.toml", TICK)]), &[]);
+    let gw = gateway(dir.path(), "gw1", &url, &pki, &[]);
+    let mut a = agent(dir.path(), "a", &gw.addr, &pki, &gw.enroll_key);
+    let fps = vec![a.fingerprint.clone()];
+    assert_eq!(
+        gw.http("GET", "/readyz", None).await,
+        (200, Value::String("ready\n".into()))
+    );
+    eventually(T, "results stored", || async {
+        (stored_results(&url).await.get(&fps[0]).map_or(0, Vec::len) >= 3).then_some(())
+    })
+    .await;
+
+    nats.kill();
+    let (status, body) = eventually(T, "unready", || async {
+        let r = gw.http("GET", "/readyz", None).await;
+        (r.0 == 503).then_some(r)
+    })
+    .await;
+    assert_eq!(status, 503);
+    assert!(
+        body.as_str().unwrap().contains("not connected to NATS"),
+        "{body}"
+    );
+    // The agent keeps running its checks; nothing it has is acked meanwhile.
+    a.proc.wait_for_log("bus unavailable", T).await;
+
+    nats.restart();
+    eventually(T, "ready again", || async {
+        (gw.http("GET", "/readyz", None).await.0 == 200).then_some(())
+    })
+    .await;
+    let before = stored_results(&url).await[&fps[0]].len();
+    eventually(T, "the backlog and new results stored", || async {
+        (stored_results(&url).await.get(&fps[0]).map_or(0, Vec::len) >= before + 5).then_some(())
+    })
+    .await;
+    a.proc.signal(libc::SIGTERM);
+    a.proc.wait_exit(T).await;
+    assert_exactly_once(&stored_results(&url).await, &fps);
+}
