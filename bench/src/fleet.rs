@@ -193,16 +193,24 @@ pub fn gateway_addr(gw: &Gateway) -> Result<std::net::SocketAddr> {
         .with_context(|| format!("bad gateway address {:?}", gw.addr))
 }
 
-/// A check every agent gets (so that run-now has something to call): written into the
-/// checks directory of the gateway that will start under `dir`.
+/// The check every agent gets, so that run-now has something to call.
+const RPC_CHECK: &str = "[[check]]\nname = \"ping\"\ncommand = [\"/bin/true\"]\ninterval = 3600\n";
+
+/// Write [`RPC_CHECK`] into the checks directory of the gateway that will start under
+/// `dir` (embedded bus).
 pub fn write_rpc_check(dir: &Path) -> Result<()> {
     let checks = Gateway::data_dir_in(dir).join("checks.d");
     std::fs::create_dir_all(&checks)?;
-    std::fs::write(
-        checks.join("bench.toml"),
-        "[[check]]\nname = \"ping\"\ncommand = [\"/bin/true\"]\ninterval = 3600\n",
-    )?;
+    std::fs::write(checks.join("bench.toml"), RPC_CHECK)?;
     Ok(())
+}
+
+/// Push [`RPC_CHECK`] to a fleet on NATS (`config push`), from a directory under `dir`.
+pub fn push_rpc_check(bins: &Bins, dir: &Path, nats_url: &str) -> Result<()> {
+    let config = dir.join("fleet-config");
+    std::fs::create_dir_all(&config)?;
+    std::fs::write(config.join("bench.toml"), RPC_CHECK)?;
+    Gateway::config_push(bins, &config, nats_url)
 }
 
 /// `serve` options that give every gateway of a fleet the same certificate (as behind a

@@ -312,6 +312,23 @@ impl Gateway {
             .unwrap_or_default()
     }
 
+    /// `outpost-gateway config push DIR --bus URL`: give a fleet on NATS its checks.
+    pub fn config_push(bins: &Bins, dir: &Path, nats_url: &str) -> Result<()> {
+        let out = Command::new(bins.path("outpost-gateway"))
+            .args(["config", "push"])
+            .arg(dir)
+            .args(["--bus", nats_url])
+            .output()
+            .context("cannot run outpost-gateway config push")?;
+        if !out.status.success() {
+            bail!(
+                "outpost-gateway config push failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
     pub fn bus_path(&self) -> PathBuf {
         self.data_dir.join("bus").join("results.jsonl")
     }

@@ -136,7 +136,7 @@ struct Cli {
     #[arg(long)]
     fleet_idle_agents: Option<usize>,
     /// The nats-server program for the fleet parts (default: the first on PATH).
-    #[arg(long, env = "OUTPOST_BENCH_NATS_SERVER")]
+    #[arg(long, env = "OUTPOST_NATS_SERVER")]
     nats_server: Option<PathBuf>,
 }
 
@@ -392,6 +392,10 @@ row where it still did is flagged.\n\
 check, interval)` (the agent's own function); each check's first result is left out (the \
 first run is spread over the first 10 s instead of on the grid). `started_at_ms` is taken \
 once the run has a concurrency slot, so waiting for a slot counts as lateness.\n\
+- The fleet parts (5 to 8) drive the release gateway with this tool's simulated agents (one \
+task and one TLS websocket each, from loopback source addresses 127.0.0.2 to 127.0.0.251) and \
+start nats-server themselves; they do not wait for a quiet machine, and their CPU columns \
+are the processes' own.\n\
 - Durations: raw baselines {raw} s each, throughput window {window} s after a {warmup} s \
 warm-up, resource runs {rw} s after a {rwarm} s warm-up, outbox rates {ob} s each, a \
 {backlog}-minute outbox backlog.\n\n",

@@ -100,10 +100,9 @@ fn ramp(
     let ramp_time = t0.elapsed();
     let after_ramp = sample::read(pid)?;
     let tck = sample::clock_ticks_per_sec();
-    let ramp_cpu_pct = (after_ramp.own_ticks - before.own_ticks) as f64
-        / tck
-        / ramp_time.as_secs_f64().max(1e-3)
-        * 100.0;
+    let ramp_cpu_pct =
+        (after_ramp.own_ticks - before.own_ticks) as f64 / tck / ramp_time.as_secs_f64().max(1e-3)
+            * 100.0;
     let mut series = Series::start(pid)?;
     sample_for(hold, &mut [&mut series])?;
     let hold_usage = series.usage()?;
@@ -132,7 +131,9 @@ fn gateway_ramp(
     n: usize,
     fp: &FleetPlan,
 ) -> Result<Ramp> {
-    progress(format!("fleet idle: {n} agents with secrets on one gateway"));
+    progress(format!(
+        "fleet idle: {n} agents with secrets on one gateway"
+    ));
     let (ids, creds) = super::agents_with_secrets(n);
     super::prepare_gateway_dir(dir, Some(&creds), None)?;
     drop(creds);

@@ -102,9 +102,8 @@ impl Stats {
 
 /// The TLS client configuration of the fleet: the agent's own, trusting `pin`.
 fn connector(pin: &str) -> Result<TlsConnector> {
-    let config = outpost_agent::tls::client_config(&outpost_agent::settings::Trust::Pin(
-        pin.to_string(),
-    ))?;
+    let config =
+        outpost_agent::tls::client_config(&outpost_agent::settings::Trust::Pin(pin.to_string()))?;
     Ok(TlsConnector::from(config))
 }
 
@@ -149,10 +148,9 @@ async fn open_ws(tls: &TlsConnector, src: IpAddr, dst: SocketAddr) -> Result<Ws>
     let mut req = format!("wss://{dst}{WS_PATH}").into_client_request()?;
     req.headers_mut()
         .insert("Sec-WebSocket-Protocol", SUBPROTOCOL.parse()?);
-    let (ws, _) =
-        tokio_tungstenite::client_async_with_config(req, stream, Some(small_ws_config()))
-            .await
-            .with_context(|| format!("websocket upgrade at {dst} failed"))?;
+    let (ws, _) = tokio_tungstenite::client_async_with_config(req, stream, Some(small_ws_config()))
+        .await
+        .with_context(|| format!("websocket upgrade at {dst} failed"))?;
     Ok(ws)
 }
 

@@ -42,7 +42,10 @@ pub fn find_server(explicit: Option<&Path>) -> Result<PathBuf> {
                 return Ok(p);
             }
             // A pyenv shim: ask pyenv for the program behind it.
-            if let Ok(out) = Command::new("pyenv").args(["which", "nats-server"]).output() {
+            if let Ok(out) = Command::new("pyenv")
+                .args(["which", "nats-server"])
+                .output()
+            {
                 let real = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
                 if out.status.success() && is_elf(&real) {
                     return Ok(real);

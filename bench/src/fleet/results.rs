@@ -234,9 +234,7 @@ and window).\n\n\
             out,
             "| {} | {} | {} | {} | {} | {} | {:.0}% | {} |",
             r.path,
-            r.rate
-                .map(|v| format!("**{v:.0}**"))
-                .unwrap_or("—".into()),
+            r.rate.map(|v| format!("**{v:.0}**")).unwrap_or("—".into()),
             match (r.rate, raw_rate) {
                 (Some(v), Some(raw)) => format!("{:.0}%", v / raw.max(1e-9) * 100.0),
                 _ => "—".into(),
@@ -263,9 +261,8 @@ and window).\n\n\
                 if ratio >= 0.5 { "met" } else { "missed" }
             ));
         }
-        _ => goals.push(
-            "Results through a gateway on NATS: not measured (see the part's rows).".into(),
-        ),
+        _ => goals
+            .push("Results through a gateway on NATS: not measured (see the part's rows).".into()),
     }
     Ok((out, goals))
 }

@@ -45,16 +45,28 @@ fn measure(
 ) -> Result<Vec<Calls>> {
     rt.block_on(async {
         let mut client = Client::connect(addr, pin, token).await?;
-        // Warm-up, not counted: the first calls pay for lazy set-up on every side.
-        for (i, fp) in fps.iter().enumerate().take(10) {
-            let a = client.call("POST", &run_path(fp)).await?;
-            if a.status != 200 && i == 0 {
-                bail!(
-                    "the first run-now call answered {}: {}",
-                    a.status,
-                    String::from_utf8_lossy(&a.body)
-                );
+        // Until every agent answers (a fleet learns an agent's checks through NATS within
+        // a few seconds of its connection), then warm-up, not counted: the first calls
+        // pay for lazy set-up on every side.
+        let ready_by = Instant::now() + Duration::from_secs(30);
+        for fp in fps {
+            loop {
+                let a = client.call("POST", &run_path(fp)).await?;
+                if a.status == 200 {
+                    break;
+                }
+                if Instant::now() >= ready_by {
+                    bail!(
+                        "run-now for agent {fp} still answered {} after 30 s: {}",
+                        a.status,
+                        String::from_utf8_lossy(&a.body)
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
+        }
+        for fp in fps.iter().take(10) {
+            client.call("POST", &run_path(fp)).await?;
         }
         let mut seq = Calls {
             path: label.to_string(),
@@ -185,10 +197,10 @@ fn two_gateways(
     let mut server = nats::Server::start(&bin, &dir.join("nats"), false)?;
     let (enroll, api) = (super::token(), super::token());
     let tls = super::shared_tls_args(&dir.join("tls"))?;
+    super::push_rpc_check(bins, dir, &server.url())?;
     let start = |name: &str| -> Result<Gateway> {
         let d = dir.join(name);
         super::prepare_gateway_dir(&d, None, Some((&enroll, &api)))?;
-        super::write_rpc_check(&d)?;
         let mut args = vec![
             "--bus".to_string(),
             server.url(),
@@ -253,7 +265,8 @@ pub fn rpc(bins: &Bins, work: &Path, plan: &crate::Plan) -> Result<(String, Vec<
 `POST /api/v1/agents/{{fp}}/checks/ping/run` over HTTPS (kept-alive connection, bearer \
 token), round-robin over the agents, timed from sending the request to the whole answer. \
 First {} calls one after another on one connection, then {} connections making {} calls \
-each at once (10 calls of warm-up before, not counted).\n\n\
+each at once (before them, one call per agent until each answers, and 10 calls of \
+warm-up, not counted). The fleet's checks are pushed with `outpost-gateway config push`.\n\n\
 | path | calls | at once | p50 | p99 | max | mean | calls/s | not 200 |\n\
 |---|---|---|---|---|---|---|---|---|\n",
         fp.rpc_agents, fp.rpc_sequential, fp.rpc_concurrent.0, fp.rpc_concurrent.1

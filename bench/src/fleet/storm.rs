@@ -92,7 +92,12 @@ fn storm_between(
     let mut b_usage = Series::start(b.proc.pid())?;
     let t0 = Instant::now();
     a.proc.kill_now();
-    let marks = [1u64, n.div_ceil(2) as u64, (n as u64 * 99).div_ceil(100), n as u64];
+    let marks = [
+        1u64,
+        n.div_ceil(2) as u64,
+        (n as u64 * 99).div_ceil(100),
+        n as u64,
+    ];
     let mut at: [Option<Duration>; 4] = [None; 4];
     let mut back = 0;
     while t0.elapsed() < STORM_LIMIT {
