@@ -98,6 +98,12 @@ impl Proc {
         }
     }
 
+    /// SIGKILL at once (a crash, as far as its peers can tell), and reap it.
+    pub fn kill_now(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// SIGTERM, then SIGKILL if it has not exited within `grace`; true if it exited
     /// without the SIGKILL.
     pub fn stop(&mut self, grace: Duration) -> bool {
@@ -125,6 +131,25 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.stop(Duration::from_secs(5));
     }
+}
+
+/// Start `cmd` with stdout and stderr to `log` (for programs whose start lines are not
+/// read: wait for them with [`Proc::wait_for_log`]).
+pub fn spawn_logged(name: &'static str, mut cmd: Command, log: &Path) -> Result<Proc> {
+    let out =
+        std::fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    let err = out.try_clone()?;
+    let child = cmd
+        .stdout(out)
+        .stderr(err)
+        .stdin(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {name} ({cmd:?})"))?;
+    Ok(Proc {
+        name,
+        child,
+        log: log.to_path_buf(),
+    })
 }
 
 /// Start `cmd` with stderr to `log`; return it with the first stdout line that starts
@@ -223,12 +248,24 @@ pub struct Gateway {
 impl Gateway {
     /// Start a gateway on a free loopback port with its data directory `dir/gateway`.
     pub fn start(bins: &Bins, dir: &Path) -> Result<Gateway> {
-        let data_dir = dir.join("gateway");
+        Self::start_with(bins, dir, &[])
+    }
+
+    /// Where [`Gateway::start`] keeps the data directory of a gateway started under `dir`
+    /// (to put files there before it starts).
+    pub fn data_dir_in(dir: &Path) -> PathBuf {
+        dir.join("gateway")
+    }
+
+    /// [`Gateway::start`] with more `serve` options (e.g. `--bus nats://…`).
+    pub fn start_with(bins: &Bins, dir: &Path, args: &[String]) -> Result<Gateway> {
+        let data_dir = Self::data_dir_in(dir);
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("cannot create {}", data_dir.display()))?;
         let mut cmd = Command::new(bins.path("outpost-gateway"));
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data_dir);
+            .arg(&data_dir)
+            .args(args);
         let (proc, lines) = spawn_reading(
             "outpost-gateway",
             cmd,
@@ -255,6 +292,41 @@ impl Gateway {
             .next()
             .and_then(|p| p.parse().ok())
             .ok_or_else(|| anyhow!("no port in the gateway's address {:?}", self.addr))
+    }
+
+    /// The admin API token (`api.token` in the data directory).
+    pub fn api_token(&self) -> Result<String> {
+        let p = self.data_dir.join("api.token");
+        Ok(std::fs::read_to_string(&p)
+            .with_context(|| format!("cannot read {}", p.display()))?
+            .trim()
+            .to_string())
+    }
+
+    /// The `serve` options this gateway binary knows (from `serve --help`).
+    pub fn serve_help(bins: &Bins) -> String {
+        Command::new(bins.path("outpost-gateway"))
+            .args(["serve", "--help"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// `outpost-gateway config push DIR --bus URL`: give a fleet on NATS its checks.
+    pub fn config_push(bins: &Bins, dir: &Path, nats_url: &str) -> Result<()> {
+        let out = Command::new(bins.path("outpost-gateway"))
+            .args(["config", "push"])
+            .arg(dir)
+            .args(["--bus", nats_url])
+            .output()
+            .context("cannot run outpost-gateway config push")?;
+        if !out.status.success() {
+            bail!(
+                "outpost-gateway config push failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
     }
 
     pub fn bus_path(&self) -> PathBuf {

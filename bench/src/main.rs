@@ -8,7 +8,11 @@
 //! 3. the agent's RSS and CPU with 10, 100 and 1,000 checks;
 //! 4. the disk outbox: durable appends per second next to a raw `write` + `fdatasync` loop
 //!    on the same filesystem, and the time the agent takes to deliver an hour of backlog
-//!    (100 checks at 10 s) to the gateway after a restart.
+//!    (100 checks at 10 s) to the gateway after a restart;
+//! 5. the fleet (issue 5, [`fleet`]): simulated agents from this tool's load generator —
+//!    idle agents and memory per connection next to nats-server's websocket listener,
+//!    acked results per second through a gateway on NATS JetStream next to raw JetStream
+//!    publishing, run-now latency across two gateways, and a reconnect storm.
 //!
 //! Checks reach the agent through its own `checks.d` (10,000 checks exceed the gateway's
 //! 1 MiB config frame; local check files have no such limit). Results are counted on the
@@ -17,6 +21,7 @@
 //! `docs/BENCHMARKS.md`. This is a measuring tool, not a test: nothing here asserts a time.
 
 mod bus;
+mod fleet;
 mod harness;
 mod outbox;
 mod raw;
@@ -40,12 +45,20 @@ enum Part {
     Jitter,
     Resources,
     Outbox,
+    /// Idle agents on one gateway, memory per connection (and nats-server's).
+    FleetIdle,
+    /// Acked results per second through a gateway on NATS, next to raw JetStream.
+    FleetResults,
+    /// Run-now latency across two gateways.
+    FleetRpc,
+    /// Reconnect storm: a gateway killed, its agents back on another.
+    FleetStorm,
 }
 
 #[derive(Parser)]
 #[command(
     name = "outpost-bench",
-    about = "Benchmark the release agent and gateway: exec throughput, scheduling jitter, RSS and CPU, the disk outbox"
+    about = "Benchmark the release agent and gateway: exec throughput, scheduling jitter, RSS and CPU, the disk outbox, a fleet of simulated agents"
 )]
 struct Cli {
     /// Directory holding outpost-gateway and outpost-agent (default: this executable's).
@@ -118,6 +131,13 @@ struct Cli {
     /// (default 60; quick 6).
     #[arg(long)]
     backlog_minutes: Option<u64>,
+    /// Idle agents the fleet-idle part ramps to (default 50,000; quick 2,000), capped by
+    /// the file-descriptor limit.
+    #[arg(long)]
+    fleet_idle_agents: Option<usize>,
+    /// The nats-server program for the fleet parts (default: the first on PATH).
+    #[arg(long, env = "OUTPOST_NATS_SERVER")]
+    nats_server: Option<PathBuf>,
 }
 
 /// The resolved parameters of this run.
@@ -139,6 +159,7 @@ struct Plan {
     outbox_secs: Duration,
     outbox_producers: usize,
     backlog_minutes: u64,
+    fleet: fleet::FleetPlan,
 }
 
 impl Plan {
@@ -177,6 +198,7 @@ impl Plan {
             outbox_secs: Duration::from_secs(pick(cli.outbox_secs, 5, 1).max(1)),
             outbox_producers: cli.outbox_producers.max(1),
             backlog_minutes: pick(cli.backlog_minutes, 60, 6).max(1),
+            fleet: fleet::FleetPlan::new(q, cli.fleet_idle_agents, cli.nats_server.clone()),
         }
     }
 }
@@ -237,6 +259,8 @@ fn run() -> Result<bool> {
         ));
     }
     let plan = Plan::of(&cli);
+    // The fleet parts hold one descriptor per connection, here and in the gateways.
+    fleet::raise_nofile();
     let temp = match &cli.work_dir {
         Some(_) => None,
         None => Some(
@@ -265,6 +289,10 @@ fn run() -> Result<bool> {
             Part::Jitter,
             Part::Resources,
             Part::Outbox,
+            Part::FleetIdle,
+            Part::FleetResults,
+            Part::FleetRpc,
+            Part::FleetStorm,
         ]
     } else {
         let mut p = cli.only.clone();
@@ -286,6 +314,22 @@ fn run() -> Result<bool> {
             Part::Jitter => ("2. Scheduling jitter", jitter(&bins, &work, &plan)),
             Part::Resources => ("3. Agent RSS and CPU", resources(&bins, &work, &plan)),
             Part::Outbox => ("4. Outbox", outbox::outbox(&bins, &work, &plan)),
+            Part::FleetIdle => (
+                "5. Fleet: idle agents and memory per connection",
+                fleet::idle(&bins, &work, &plan),
+            ),
+            Part::FleetResults => (
+                "6. Fleet: results per second through NATS JetStream",
+                fleet::results(&bins, &work, &plan),
+            ),
+            Part::FleetRpc => (
+                "7. Fleet: run-now latency across two gateways",
+                fleet::rpc(&bins, &work, &plan),
+            ),
+            Part::FleetStorm => (
+                "8. Fleet: reconnect storm",
+                fleet::storm(&bins, &work, &plan),
+            ),
         };
         let _ = writeln!(report, "### {title}\n");
         match outcome {
@@ -348,6 +392,10 @@ row where it still did is flagged.\n\
 check, interval)` (the agent's own function); each check's first result is left out (the \
 first run is spread over the first 10 s instead of on the grid). `started_at_ms` is taken \
 once the run has a concurrency slot, so waiting for a slot counts as lateness.\n\
+- The fleet parts (5 to 8) drive the release gateway with this tool's simulated agents (one \
+task and one TLS websocket each, from loopback source addresses 127.0.0.2 to 127.0.0.251) and \
+start nats-server themselves; they do not wait for a quiet machine, and their CPU columns \
+are the processes' own.\n\
 - Durations: raw baselines {raw} s each, throughput window {window} s after a {warmup} s \
 warm-up, resource runs {rw} s after a {rwarm} s warm-up, outbox rates {ob} s each, a \
 {backlog}-minute outbox backlog.\n\n",

@@ -1,0 +1,237 @@
+//! The fleet parts (issue 5): many simulated agents against the real release gateway.
+//!
+//! - [`idle`]: idle agents held by one gateway and its memory per connection, next to the
+//!   same number of idle NATS clients on nats-server's TLS websocket listener;
+//! - [`results`]: acked results per second through a gateway on NATS JetStream, next to
+//!   raw pipelined JetStream publishing of the same results (and the embedded bus);
+//! - [`rpc`]: run-now latency through one gateway to an agent on another;
+//! - [`storm`]: a gateway killed with SIGKILL and the time until all its agents are back
+//!   on the other one.
+//!
+//! The agents are [`loadgen`]'s tasks in this process; the gateways and nats-server are
+//! child processes. Parts that need the gateway's NATS bus (`serve --bus nats://…`) say
+//! so in their rows when the binary has no such option.
+
+pub mod https;
+mod idle;
+pub mod loadgen;
+pub mod nats;
+mod results;
+mod rpc;
+mod storm;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use outpost_protocol::Credential;
+use sha2::Digest;
+
+use crate::harness::{Bins, Gateway};
+use loadgen::Identity;
+
+pub use idle::idle;
+pub use results::results;
+pub use rpc::rpc;
+pub use storm::storm;
+
+/// The sizes and durations of the fleet parts.
+pub struct FleetPlan {
+    /// Idle agents to ramp to (capped by the file-descriptor limit, see [`fd_budget`]).
+    pub idle_agents: usize,
+    /// Seconds the idle agents are held before the final reading.
+    pub idle_hold: Duration,
+    /// Agents sending results, and results per batch.
+    pub results_agents: usize,
+    pub results_batch: usize,
+    pub results_warmup: Duration,
+    pub results_window: Duration,
+    /// Agents on the far gateway, sequential calls, and concurrent callers × calls each.
+    pub rpc_agents: usize,
+    pub rpc_sequential: usize,
+    pub rpc_concurrent: (usize, usize),
+    /// Agents in the reconnect storm (embedded bus), and in the NATS storm (they enroll
+    /// one by one first, so fewer).
+    pub storm_agents: usize,
+    pub storm_nats_agents: usize,
+    /// Dials in progress at once while ramping up (the storm has its own).
+    pub dial_concurrency: usize,
+    pub storm_dial_concurrency: usize,
+    /// The nats-server binary (found on PATH when not given).
+    pub nats_server: Option<PathBuf>,
+}
+
+impl FleetPlan {
+    pub fn new(quick: bool, idle_agents: Option<usize>, nats_server: Option<PathBuf>) -> Self {
+        let q = |full: usize, quick_v: usize| if quick { quick_v } else { full };
+        FleetPlan {
+            idle_agents: idle_agents.unwrap_or(q(50_000, 2_000)),
+            idle_hold: Duration::from_secs(q(20, 3) as u64),
+            results_agents: q(50, 10),
+            results_batch: 64,
+            results_warmup: Duration::from_secs(q(5, 1) as u64),
+            results_window: Duration::from_secs(q(20, 3) as u64),
+            rpc_agents: q(100, 10),
+            rpc_sequential: q(2_000, 100),
+            rpc_concurrent: (8, q(250, 20)),
+            storm_agents: q(10_000, 500),
+            storm_nats_agents: q(2_000, 200),
+            dial_concurrency: 64,
+            storm_dial_concurrency: 1_000,
+            nats_server: nats_server.filter(|p| !p.as_os_str().is_empty()),
+        }
+    }
+}
+
+/// Raise this process's soft RLIMIT_NOFILE to its hard limit (the gateways and
+/// nats-server it starts inherit it); returns the limit now in force.
+pub fn raise_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit fill and read a plain struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                lim = want;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+/// How many connections one process can hold under the file-descriptor limit: the
+/// limit less a margin for the process's own files. The gateway (one socket per agent)
+/// and this tool (one per simulated agent) are each bound by it.
+pub fn fd_budget() -> usize {
+    (raise_nofile() as usize).saturating_sub(500)
+}
+
+/// Whether this gateway binary has the NATS bus (`serve --bus`).
+pub fn gateway_has_nats(bins: &Bins) -> bool {
+    Gateway::serve_help(bins).contains("--bus")
+}
+
+/// The note for a row that needs the NATS bus when the gateway has none.
+pub const NO_NATS_BUS: &str = "not run: this gateway build has no `serve --bus nats://…` (the NATS bus is not in this build yet)";
+
+/// `n` agents with secrets, and the gateway's `agents/credentials.json` that knows them
+/// (secrets kept as SHA-256, as `gateway/src/credentials.rs` writes it): enrolling 50,000
+/// agents would rewrite that file 50,000 times.
+pub fn agents_with_secrets(n: usize) -> (Vec<Identity>, String) {
+    let mut ids = Vec::with_capacity(n);
+    let mut creds = HashMap::with_capacity(n);
+    let now = crate::now_ms();
+    for _ in 0..n {
+        let fingerprint = loadgen::fingerprint();
+        let secret = hex::encode(rand::random::<[u8; 24]>());
+        creds.insert(
+            fingerprint.clone(),
+            serde_json::json!({
+                "tenant": "default",
+                "secret_sha256": hex::encode(sha2::Sha256::digest(secret.as_bytes())),
+                "enrolled_at_ms": now,
+                "confirmed": true,
+            }),
+        );
+        ids.push(Identity {
+            fingerprint,
+            credential: Credential::Secret { secret },
+        });
+    }
+    let json = serde_json::to_string(&creds).unwrap_or_else(|_| "{}".into());
+    (ids, json)
+}
+
+/// `n` new agents that enroll with `key`.
+pub fn agents_enrolling(n: usize, key: &str) -> Vec<Identity> {
+    (0..n)
+        .map(|_| Identity {
+            fingerprint: loadgen::fingerprint(),
+            credential: Credential::EnrollKey {
+                key: key.to_string(),
+            },
+        })
+        .collect()
+}
+
+/// Put files into the data directory of the gateway that will start under `dir`: the
+/// agents' credentials, and/or the enrollment key and API token (so that several gateways
+/// agree on them whatever they share).
+pub fn prepare_gateway_dir(
+    dir: &Path,
+    credentials: Option<&str>,
+    keys: Option<(&str, &str)>,
+) -> Result<()> {
+    let data = Gateway::data_dir_in(dir);
+    let agents = data.join("agents");
+    std::fs::create_dir_all(&agents)
+        .with_context(|| format!("cannot create {}", agents.display()))?;
+    if let Some(json) = credentials {
+        std::fs::write(agents.join("credentials.json"), json)?;
+    }
+    if let Some((enroll, api)) = keys {
+        std::fs::write(data.join("enroll.key"), format!("{enroll}\n"))?;
+        std::fs::write(data.join("api.token"), format!("{api}\n"))?;
+    }
+    Ok(())
+}
+
+/// The gateway's address as a socket address.
+pub fn gateway_addr(gw: &Gateway) -> Result<std::net::SocketAddr> {
+    gw.addr
+        .parse()
+        .with_context(|| format!("bad gateway address {:?}", gw.addr))
+}
+
+/// The check every agent gets, so that run-now has something to call.
+const RPC_CHECK: &str = "[[check]]\nname = \"ping\"\ncommand = [\"/bin/true\"]\ninterval = 3600\n";
+
+/// Write [`RPC_CHECK`] into the checks directory of the gateway that will start under
+/// `dir` (embedded bus).
+pub fn write_rpc_check(dir: &Path) -> Result<()> {
+    let checks = Gateway::data_dir_in(dir).join("checks.d");
+    std::fs::create_dir_all(&checks)?;
+    std::fs::write(checks.join("bench.toml"), RPC_CHECK)?;
+    Ok(())
+}
+
+/// Push [`RPC_CHECK`] to a fleet on NATS (`config push`), from a directory under `dir`.
+pub fn push_rpc_check(bins: &Bins, dir: &Path, nats_url: &str) -> Result<()> {
+    let config = dir.join("fleet-config");
+    std::fs::create_dir_all(&config)?;
+    std::fs::write(config.join("bench.toml"), RPC_CHECK)?;
+    Gateway::config_push(bins, &config, nats_url)
+}
+
+/// `serve` options that give every gateway of a fleet the same certificate (as behind a
+/// load balancer), made once under `dir`: agents pin one certificate for all of them.
+pub fn shared_tls_args(dir: &Path) -> Result<Vec<String>> {
+    std::fs::create_dir_all(dir)?;
+    let (cert, key, _) = nats::self_signed(dir)?;
+    Ok(vec![
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+    ])
+}
+
+/// Memory in decimal kilobytes, for per-connection figures.
+pub fn kb(bytes: f64) -> String {
+    format!("{:.1} KB", bytes / 1e3)
+}
+
+/// A random token like the gateway's.
+pub fn token() -> String {
+    hex::encode(rand::random::<[u8; 24]>())
+}
