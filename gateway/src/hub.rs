@@ -12,8 +12,16 @@ use tokio_util::sync::CancellationToken;
 /// What a session's writer task sends. Bounded: see [`OUTBOUND_QUEUE`].
 #[derive(Debug)]
 pub enum Outbound {
-    Frame(GatewayFrame),
+    /// Boxed: the queue allocates its slots up front, and a slot the size of the largest
+    /// frame would cost every idle agent kilobytes.
+    Frame(Box<GatewayFrame>),
     Close(u16, String),
+}
+
+impl Outbound {
+    pub fn frame(frame: GatewayFrame) -> Outbound {
+        Outbound::Frame(Box::new(frame))
+    }
 }
 
 /// Frames queued for one agent. When full, run-now calls fail fast with `Busy` rather
@@ -120,7 +128,7 @@ impl Hub {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id, tx);
-        let frame = Outbound::Frame(GatewayFrame::RpcRequest(RpcRequest { id, call }));
+        let frame = Outbound::frame(GatewayFrame::RpcRequest(RpcRequest { id, call }));
         let forget = || {
             handle
                 .pending

@@ -166,11 +166,10 @@ pub async fn run(gw: Arc<Gateway>, mut socket: WebSocket, peer: SocketAddr) {
         .await;
         return;
     }
-    let auth = match gw
-        .credentials
-        .check(&hello.fingerprint, &hello.credential)
-        .await
-    {
+    // Boxed, here and for the other calls made once per session: a future awaited inline
+    // makes the session's state machine as large as its largest such call for the whole
+    // life of the connection (ci/bench: memory per idle agent).
+    let auth = match Box::pin(gw.credentials.check(&hello.fingerprint, &hello.credential)).await {
         Ok(a) => a,
         Err(e) => {
             Metrics::inc(&gw.metrics.auth_failures);
@@ -359,11 +358,11 @@ async fn authenticated(
 
     gw.hub.register(&fp, handle.clone());
     let holder = gw.registry.me.holder(handle.conn_id);
-    if let Err(e) = gw
+    let peer_text = peer.to_string();
+    let claimed = gw
         .registry
-        .connected(&agent.tenant, &hello, &peer.to_string(), handle.conn_id)
-        .await
-    {
+        .connected(&agent.tenant, &hello, &peer_text, handle.conn_id);
+    if let Err(e) = Box::pin(claimed).await {
         Metrics::inc(&gw.metrics.bus_errors);
         tracing::error!(error = %e, "cannot record the agent in the fleet registry; closing so it retries");
         let _ = tx
@@ -378,9 +377,9 @@ async fn authenticated(
         gw.hub.unregister(&fp, handle.conn_id);
         return;
     }
-    publish_presence(&gw, &agent, Presence::Online, "connected").await;
+    Box::pin(publish_presence(&gw, &agent, Presence::Online, "connected")).await;
     // Run-now calls from any gateway of the fleet reach this session through NATS.
-    let _rpc = crate::rpc::serve_agent(&gw, &agent).await;
+    let _rpc = Box::pin(crate::rpc::serve_agent(&gw, &agent)).await;
     tracing::info!(%peer, version = %hello.agent_version, enrolled = auth.new_secret.is_some(), "agent connected");
 
     let mut catalog_rx = gw.checks.subscribe();
@@ -392,7 +391,7 @@ async fn authenticated(
         agent_secret: auth.new_secret,
         config_hash: sent_hash.clone(),
         heartbeat_secs: gw.settings.heartbeat.as_secs(),
-        last_seq: gw.bus.last_seq(&agent).await.unwrap_or(0),
+        last_seq: Box::pin(gw.bus.last_seq(&agent)).await.unwrap_or(0),
         fallback_addrs: gw
             .settings
             .fallback_addrs
@@ -401,20 +400,20 @@ async fn authenticated(
             .collect(),
         max_session_secs: gw.settings.max_session.as_secs(),
     });
-    let _ = tx.send(Outbound::Frame(welcome)).await;
+    let _ = tx.send(Outbound::frame(welcome)).await;
     if hello.config_hash.as_deref() != Some(sent_hash.as_str()) {
-        send_config(&gw, &tx, &fp, config).await;
+        Box::pin(send_config(&gw, &tx, &fp, config)).await;
     } else {
         gw.registry.set_checks(&fp, config.checks);
     }
-    if let Some(version) = crate::rollout::load(&gw.settings.releases_dir)
+    if let Some(version) = Box::pin(crate::rollout::load(&gw.settings.releases_dir))
         .await
         .and_then(|r| r.version_for(&fp, &hello.groups).map(str::to_string))
         .filter(|v| *v != hello.agent_version)
     {
         tracing::info!(%peer, from = %hello.agent_version, to = %version, "offering an agent update");
         let offer = GatewayFrame::Update(outpost_protocol::UpdateOffer { version });
-        let _ = tx.send(Outbound::Frame(offer)).await;
+        let _ = tx.send(Outbound::frame(offer)).await;
     }
 
     // A silent peer for three heartbeats is gone (half-open connections included).
@@ -432,7 +431,7 @@ async fn authenticated(
                 // or this one restarted) over half the grace period.
                 let spread = (gw.settings.grace / 2).min(std::time::Duration::from_secs(30));
                 let later = come_back_later("gateway draining", std::time::Duration::ZERO, spread);
-                let _ = tx.send(Outbound::Frame(later)).await;
+                let _ = tx.send(Outbound::frame(later)).await;
                 let _ = tx.send(Outbound::Close(close::GOING_AWAY, "gateway shutting down; reconnect later".into())).await;
                 break End::Shutdown;
             }
@@ -441,7 +440,7 @@ async fn authenticated(
                     let config = AgentConfig::of(&catalog_rx.borrow_and_update(), &hello);
                     if config.hash != sent_hash {
                         sent_hash = config.hash.clone();
-                        send_config(&gw, &tx, &fp, config).await;
+                        Box::pin(send_config(&gw, &tx, &fp, config)).await;
                     }
                 }
                 continue;
@@ -468,7 +467,7 @@ async fn authenticated(
         };
         gw.registry.seen(&fp);
         if unconfirmed && !matches!(msg, Message::Close(_)) {
-            gw.credentials.confirmed(&fp).await;
+            Box::pin(gw.credentials.confirmed(&fp)).await;
             unconfirmed = false;
         }
         let text = match msg {
@@ -520,7 +519,7 @@ async fn authenticated(
                         gw.registry.record_results(&fp, &batch.results);
                         last_acked = batch.results.last().map(|r| r.seq).unwrap_or(last_acked);
                         if tx
-                            .send(Outbound::Frame(GatewayFrame::Ack(Ack { seq: last_acked })))
+                            .send(Outbound::frame(GatewayFrame::Ack(Ack { seq: last_acked })))
                             .await
                             .is_err()
                         {
@@ -569,8 +568,8 @@ async fn authenticated(
                 }
             }
             AgentFrame::PluginRequest(req) => {
-                let frame = plugin_frame(&gw, &req.sha256).await;
-                if tx.send(Outbound::Frame(frame)).await.is_err() {
+                let frame = Box::pin(plugin_frame(&gw, &req.sha256)).await;
+                if tx.send(Outbound::frame(frame)).await.is_err() {
                     break End::Lost("writer ended".into());
                 }
             }
@@ -593,7 +592,7 @@ async fn authenticated(
             AgentFrame::Unknown => {
                 Metrics::inc(&gw.metrics.frames_unknown);
                 let _ = tx
-                    .send(Outbound::Frame(GatewayFrame::Error(ErrorFrame {
+                    .send(Outbound::frame(GatewayFrame::Error(ErrorFrame {
                         code: "unknown_frame".into(),
                         message: "this gateway does not know that frame type; it was ignored"
                             .into(),
@@ -642,12 +641,17 @@ async fn authenticated(
         End::Bye(r) => {
             let reason = format!("bye: {r}");
             tracing::info!(%reason, "agent deregistered");
-            if gw
+            let ended = gw
                 .registry
-                .disconnected(&fp, &holder, Presence::Deregistered, &reason)
-                .await
-            {
-                publish_presence(&gw, &agent, Presence::Deregistered, &reason).await;
+                .disconnected(&fp, &holder, Presence::Deregistered, &reason);
+            if Box::pin(ended).await {
+                Box::pin(publish_presence(
+                    &gw,
+                    &agent,
+                    Presence::Deregistered,
+                    &reason,
+                ))
+                .await;
             }
         }
         // Told to reconnect elsewhere: the agent stays online under this holder; if it
@@ -767,7 +771,7 @@ async fn send_config(gw: &Gateway, tx: &mpsc::Sender<Outbound>, fp: &str, config
         tracing::error!(checks = count, bytes = size, limit = MAX_FRAME_BYTES,
             "this agent's configuration does not fit in one frame; not sent (target fewer checks at it)");
         let _ = tx
-            .send(Outbound::Frame(GatewayFrame::Error(ErrorFrame {
+            .send(Outbound::frame(GatewayFrame::Error(ErrorFrame {
                 code: "config_too_big".into(),
                 message: format!("your configuration of {count} checks is {size} bytes, over the {MAX_FRAME_BYTES}-byte frame limit; keeping the previous one"),
             })))
@@ -777,5 +781,5 @@ async fn send_config(gw: &Gateway, tx: &mpsc::Sender<Outbound>, fp: &str, config
     gw.registry.set_checks(fp, checks);
     Metrics::inc(&gw.metrics.configs_sent);
     tracing::info!(checks = count, %hash, "sending config");
-    let _ = tx.send(Outbound::Frame(frame)).await;
+    let _ = tx.send(Outbound::frame(frame)).await;
 }
