@@ -171,6 +171,33 @@ impl Credentials {
         }
         creds.enroll_key = fleet.enroll_key;
         creds.api_token = fleet.api_token;
+        // A gateway moving from its embedded bus to NATS brings its enrolled agents along:
+        // each local secret not yet in the bucket is added (never overwriting one there).
+        let local: Vec<(String, AgentCredential)> = creds
+            .agents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(fp, c)| (fp.clone(), c.clone()))
+            .collect();
+        let mut imported = 0;
+        for (fp, cred) in local {
+            let value = serde_json::to_vec(&AgentCredential {
+                tenant: tenant.to_string(),
+                ..cred
+            })?;
+            if nats
+                .credentials
+                .create(agent_key(tenant, &fp), value.into())
+                .await
+                .is_ok()
+            {
+                imported += 1;
+            }
+        }
+        if imported > 0 {
+            tracing::info!(%tenant, agents = imported, "added this gateway's enrolled agents to the fleet's credentials");
+        }
         creds.shared = Some(nats);
         Ok(creds)
     }

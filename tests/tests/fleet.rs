@@ -1022,3 +1022,53 @@ async fn a_restarted_gateway_on_its_embedded_bus_keeps_returning_agents_online_a
     let dir = tempdir();
     restart_keeps_returning_agents(None, dir.path()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_moving_from_its_embedded_bus_to_nats_keeps_its_enrolled_agents() {
+    let dir = tempdir();
+    let pki = pki(dir.path());
+    let gw = gateway_on(dir.path(), "gw1", "127.0.0.1:0", None, &pki, &[]);
+    let addr = gw.addr.clone();
+    gw.write_checks("base.toml", TICK);
+    let mut a = agent(dir.path(), "a", &addr, &pki, &gw.enroll_key);
+    eventually(T, "enrolled and reporting", || {
+        gw.latest(&a.fingerprint, "tick")
+    })
+    .await;
+    a.proc.signal(libc::SIGTERM);
+    a.proc.wait_exit(T).await;
+    drop(gw);
+
+    let nats = NatsServer::start(dir.path(), "n1");
+    let url = nats.url();
+    push(&url, &write_config(dir.path(), &[("base.toml", TICK)]), &[]);
+    let gw = gateway_on(dir.path(), "gw1", &addr, Some(&url), &pki, &[]);
+    // The same agent, same state, no enrollment key in its configuration any more: it can
+    // only log in with the secret it was given.
+    let on = |gw: &Gateway| {
+        Agent::start_with_config(
+            dir.path(),
+            "a",
+            &format!(
+                "gateway_url = \"wss://localhost:{}\"\nca_file = {:?}\nhostname = \"a\"\nreconnect_max_secs = 2\n",
+                gw.port(),
+                pki.ca.display().to_string()
+            ),
+        )
+    };
+    let mut a = on(&gw);
+    eventually(T, "back on NATS with its secret", || {
+        gw.latest(&a.fingerprint, "tick")
+    })
+    .await;
+    a.proc.signal(libc::SIGTERM);
+    a.proc.wait_exit(T).await;
+    // And through a second gateway of the fleet, which never saw it.
+    let gw2 = gateway(dir.path(), "gw2", &url, &pki, &[]);
+    assert_eq!(gw2.enroll_key, gw.enroll_key, "one key for the fleet");
+    let a = on(&gw2);
+    eventually(T, "logged in through gw2", || {
+        gw2.latest(&a.fingerprint, "tick")
+    })
+    .await;
+}
