@@ -226,6 +226,28 @@ pub fn shared_tls_args(dir: &Path) -> Result<Vec<String>> {
     ])
 }
 
+/// A gateway named `name` on NATS at `nats_url`, under `dir/name`, with the fleet's
+/// enrollment key and API token and the shared certificate (`tls`, from [`shared_tls_args`]).
+pub fn start_nats_gateway(
+    bins: &Bins,
+    dir: &Path,
+    name: &str,
+    nats_url: &str,
+    keys: (&str, &str),
+    tls: &[String],
+) -> Result<Gateway> {
+    let d = dir.join(name);
+    prepare_gateway_dir(&d, None, Some(keys))?;
+    let mut args = vec![
+        "--bus".to_string(),
+        nats_url.to_string(),
+        "--gateway-id".into(),
+        format!("bench-{name}"),
+    ];
+    args.extend(tls.iter().cloned());
+    Gateway::start_with(bins, &d, &args)
+}
+
 /// Memory in decimal kilobytes, for per-connection figures.
 pub fn kb(bytes: f64) -> String {
     format!("{:.1} KB", bytes / 1e3)

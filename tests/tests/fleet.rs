@@ -801,6 +801,21 @@ async fn config_push_reaches_agents_on_every_gateway_within_seconds_and_removes_
     assert!(push(&url, &cfg, &["--dry-run"]).starts_with("no changes"));
 }
 
+/// A run-now request for `tick` put on the bus by hand, on `tenant`'s subject for `fp`.
+async fn run_now_on_bus(
+    client: &async_nats::Client,
+    tenant: &str,
+    fp: &str,
+) -> Result<async_nats::Message, async_nats::client::RequestError> {
+    let body = serde_json::json!({"tenant": tenant, "check": "tick"});
+    client
+        .request(
+            outpost_gateway::nats::rpc_subject(tenant, fp),
+            serde_json::to_vec(&body).unwrap().into(),
+        )
+        .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_sharing_one_nats_never_see_or_reach_each_others_agents() {
     let dir = tempdir();
@@ -854,13 +869,7 @@ async fn tenants_sharing_one_nats_never_see_or_reach_each_others_agents() {
     // Even a request put on the bus by hand, on acme's subject for globex's agent, finds
     // no responder: globex's gateway listens only on globex's subjects.
     let client = async_nats::connect(url.as_str()).await.unwrap();
-    let err = client
-        .request(
-            outpost_gateway::nats::rpc_subject("acme", &g.fingerprint),
-            serde_json::to_vec(&serde_json::json!({"tenant": "acme", "check": "tick"}))
-                .unwrap()
-                .into(),
-        )
+    let err = run_now_on_bus(&client, "acme", &g.fingerprint)
         .await
         .unwrap_err();
     assert_eq!(
@@ -872,13 +881,7 @@ async fn tenants_sharing_one_nats_never_see_or_reach_each_others_agents() {
     let wrong = agent(dir.path(), "wrong", &acme.addr, &pki, &globex.enroll_key);
     wrong.proc.wait_for_log("enrollment key refused", T).await;
     // The right subject does reach it.
-    let msg = client
-        .request(
-            outpost_gateway::nats::rpc_subject("globex", &g.fingerprint),
-            serde_json::to_vec(&serde_json::json!({"tenant": "globex", "check": "tick"}))
-                .unwrap()
-                .into(),
-        )
+    let msg = run_now_on_bus(&client, "globex", &g.fingerprint)
         .await
         .unwrap();
     let answer: Value = serde_json::from_slice(&msg.payload).unwrap();

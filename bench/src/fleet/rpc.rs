@@ -198,17 +198,9 @@ fn two_gateways(
     let (enroll, api) = (super::token(), super::token());
     let tls = super::shared_tls_args(&dir.join("tls"))?;
     super::push_rpc_check(bins, dir, &server.url())?;
+    let url = server.url();
     let start = |name: &str| -> Result<Gateway> {
-        let d = dir.join(name);
-        super::prepare_gateway_dir(&d, None, Some((&enroll, &api)))?;
-        let mut args = vec![
-            "--bus".to_string(),
-            server.url(),
-            "--gateway-id".into(),
-            format!("bench-{name}"),
-        ];
-        args.extend(tls.iter().cloned());
-        Gateway::start_with(bins, &d, &args)
+        super::start_nats_gateway(bins, dir, name, &url, (&enroll, &api), &tls)
     };
     let mut a = start("a")?;
     let mut b = start("b")?;

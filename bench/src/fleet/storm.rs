@@ -187,21 +187,9 @@ fn over_nats(
     let mut server = nats::Server::start(&bin, &dir.join("nats"), false)?;
     let (enroll, api) = (super::token(), super::token());
     let tls = super::shared_tls_args(&dir.join("tls"))?;
-    let mut gws = Vec::new();
-    for name in ["a", "b"] {
-        let d = dir.join(name);
-        super::prepare_gateway_dir(&d, None, Some((&enroll, &api)))?;
-        let mut args = vec![
-            "--bus".to_string(),
-            server.url(),
-            "--gateway-id".into(),
-            format!("bench-{name}"),
-        ];
-        args.extend(tls.iter().cloned());
-        gws.push(Gateway::start_with(bins, &d, &args)?);
-    }
-    let b = gws.pop().expect("two gateways");
-    let a = gws.pop().expect("two gateways");
+    let url = server.url();
+    let a = super::start_nats_gateway(bins, dir, "a", &url, (&enroll, &api), &tls)?;
+    let b = super::start_nats_gateway(bins, dir, "b", &url, (&enroll, &api), &tls)?;
     let n = plan.storm_nats_agents.min(super::fd_budget());
     let ids = super::agents_enrolling(n, &enroll);
     let r = storm_between(
