@@ -287,26 +287,14 @@ async fn run_now_through_any_gateway_reaches_agents_on_the_others_and_every_gate
     // Every gateway runs a check on every agent, its own and the others'.
     for g in &gws {
         for a in &agents {
-            let (status, body) = g
-                .http(
-                    "POST",
-                    &format!("/api/v1/agents/{}/checks/tick/run", a.fingerprint),
-                    Some(&g.token),
-                )
-                .await;
+            let (status, body) = run_now(g, &a.fingerprint, "tick").await;
             assert_eq!(status, 200, "{body}");
             assert_eq!(body["origin"], "run_now", "{body}");
             assert_eq!(body["output"], "tick", "{body}");
         }
     }
     // An unknown check on a remote agent: the holder's answer comes back as is.
-    let (status, body) = gws[0]
-        .http(
-            "POST",
-            &format!("/api/v1/agents/{}/checks/nope/run", agents[2].fingerprint),
-            Some(&gws[0].token),
-        )
-        .await;
+    let (status, body) = run_now(&gws[0], &agents[2].fingerprint, "nope").await;
     assert_eq!(status, 404, "{body}");
     assert!(
         body["error"].as_str().unwrap().contains("not configured"),
@@ -322,13 +310,7 @@ async fn run_now_through_any_gateway_reaches_agents_on_the_others_and_every_gate
     })
     .await;
     let started = Instant::now();
-    let (status, body) = gws[2]
-        .http(
-            "POST",
-            &format!("/api/v1/agents/{}/checks/tick/run", gone.fingerprint),
-            Some(&gws[2].token),
-        )
-        .await;
+    let (status, body) = run_now(&gws[2], &gone.fingerprint, "tick").await;
     assert_eq!(status, 409, "{body}");
     assert!(
         body["error"]
@@ -801,6 +783,12 @@ async fn config_push_reaches_agents_on_every_gateway_within_seconds_and_removes_
     assert!(push(&url, &cfg, &["--dry-run"]).starts_with("no changes"));
 }
 
+/// `POST …/checks/CHECK/run` on `gw` with its token: the status and body.
+async fn run_now(gw: &Gateway, fp: &str, check: &str) -> (u16, Value) {
+    let path = format!("/api/v1/agents/{fp}/checks/{check}/run");
+    gw.http("POST", &path, Some(&gw.token)).await
+}
+
 /// A run-now request for `tick` put on the bus by hand, on `tenant`'s subject for `fp`.
 async fn run_now_on_bus(
     client: &async_nats::Client,
@@ -858,13 +846,7 @@ async fn tenants_sharing_one_nats_never_see_or_reach_each_others_agents() {
         [&g.fingerprint]
     );
     // acme asks for globex's agent: unknown to acme, and nothing reaches it.
-    let (status, body) = acme
-        .http(
-            "POST",
-            &format!("/api/v1/agents/{}/checks/tick/run", g.fingerprint),
-            Some(&acme.token),
-        )
-        .await;
+    let (status, body) = run_now(&acme, &g.fingerprint, "tick").await;
     assert_eq!(status, 404, "{body}");
     // Even a request put on the bus by hand, on acme's subject for globex's agent, finds
     // no responder: globex's gateway listens only on globex's subjects.
