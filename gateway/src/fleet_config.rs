@@ -350,27 +350,27 @@ pub async fn push(nats: &Nats, tenant: &str, dir: &Path, dry_run: bool) -> anyho
                 .with_context(|| format!("cannot store {name}"))?;
         }
     }
-    for name in current
-        .checks
-        .keys()
-        .filter(|n| !wanted.checks.contains_key(*n))
-    {
+    for name in absent(&current.checks, &wanted.checks) {
         config
             .delete(format!("{prefix}{name}"))
             .await
             .with_context(|| format!("cannot remove {name}"))?;
     }
-    for name in current
-        .plugins
-        .keys()
-        .filter(|n| !wanted.plugins.contains_key(*n))
-    {
+    for name in absent(&current.plugins, &wanted.plugins) {
         plugins
             .delete(name)
             .await
             .with_context(|| format!("cannot remove plugin {name}"))?;
     }
     Ok(Pushed { diff, changes })
+}
+
+/// The names in `have` that `want` does not hold.
+fn absent<'a, V, W>(
+    have: &'a BTreeMap<String, V>,
+    want: &'a BTreeMap<String, W>,
+) -> impl Iterator<Item = &'a String> {
+    have.keys().filter(|n| !want.contains_key(*n))
 }
 
 /// Where a gateway mirrors the fleet's configuration.

@@ -287,13 +287,13 @@ impl Registry {
         }
     }
 
-    /// End `holder`'s hold on the agent with `presence`. Returns false (and changes
-    /// nothing) when another connection holds the agent by now: only the caller that gets
-    /// true publishes the presence event.
+    /// End `holder`'s hold on the agent with `presence` (`None`: an agent recovered as
+    /// online with no holder). Returns false (and changes nothing) when another connection
+    /// holds the agent by now: only the caller that gets true publishes the presence event.
     pub async fn disconnected(
         &self,
         fingerprint: &str,
-        holder: &str,
+        holder: Option<&str>,
         presence: Presence,
         reason: &str,
     ) -> bool {
@@ -302,8 +302,7 @@ impl Registry {
             let Some(rec) = agents.get_mut(fingerprint) else {
                 return false;
             };
-            // An agent recovered as online without a holder is held by "" (see orphans_due).
-            if rec.holder.as_deref().unwrap_or_default() != holder {
+            if rec.holder.as_deref() != holder {
                 return false;
             }
             end_hold(rec, presence, reason);
@@ -333,7 +332,7 @@ impl Registry {
             };
             if current
                 .as_ref()
-                .is_some_and(|c| c.holder.as_deref().unwrap_or_default() != holder)
+                .is_some_and(|c| c.holder.as_deref() != holder)
             {
                 return false;
             }
@@ -436,7 +435,7 @@ impl Registry {
 
     /// Agents online under a holder whose gateway is gone for longer than `grace`: returns
     /// them with their holder, for [`Registry::disconnected`].
-    pub fn orphans_due(&self, grace: Duration) -> Vec<(AgentRef, String, String)> {
+    pub fn orphans_due(&self, grace: Duration) -> Vec<(AgentRef, Option<String>, String)> {
         let now = now_ms();
         let mut orphans = lock(&self.orphans);
         let agents = self.lock();
@@ -450,8 +449,11 @@ impl Registry {
             if rec.presence != Presence::Online {
                 continue;
             }
-            let holder = rec.holder.clone().unwrap_or_default();
-            if self.holder_alive(&holder, now) {
+            if rec
+                .holder
+                .as_deref()
+                .is_some_and(|h| self.holder_alive(h, now))
+            {
                 orphans.remove(&rec.fingerprint);
                 continue;
             }
@@ -467,7 +469,7 @@ impl Registry {
                         tenant: rec.tenant.clone(),
                         fingerprint: rec.fingerprint.clone(),
                     },
-                    holder,
+                    rec.holder.clone(),
                     format!(
                         "its gateway ({gw}) stopped and it did not reconnect within {}s",
                         grace.as_secs()
@@ -595,14 +597,14 @@ pub async fn maintain(gw: Arc<Gateway>) {
             tracing::error!(error = %e, "cannot save the agent registry; will retry");
         }
         for (agent, holder, reason) in gw.registry.orphans_due(gw.settings.presence_grace) {
-            lose(&gw, &agent, &holder, &reason).await;
+            lose(&gw, &agent, holder.as_deref(), &reason).await;
         }
     }
 }
 
 /// Make the agent lost if `holder` still holds it, and publish that; returns false (and
 /// changes nothing) when a newer connection holds it by now.
-pub async fn lose(gw: &Gateway, agent: &AgentRef, holder: &str, reason: &str) -> bool {
+pub async fn lose(gw: &Gateway, agent: &AgentRef, holder: Option<&str>, reason: &str) -> bool {
     let lost = gw
         .registry
         .disconnected(&agent.fingerprint, holder, Presence::Lost, reason)
@@ -768,7 +770,7 @@ mod tests {
         assert!(
             !reg.disconnected(
                 &hello.fingerprint,
-                &older,
+                Some(&older),
                 Presence::Lost,
                 "an older connection"
             )
@@ -788,14 +790,19 @@ mod tests {
         let due = reg.orphans_due(Duration::ZERO);
         assert_eq!(due.len(), 1);
         let (agent, holder, reason) = &due[0];
-        assert_eq!(holder, &me("a").holder(7));
+        assert_eq!(holder.as_deref(), Some(me("a").holder(7).as_str()));
         assert!(
             reason.contains("gw1") && reason.contains("did not reconnect"),
             "{reason}"
         );
         assert!(
-            reg.disconnected(&agent.fingerprint, holder, Presence::Lost, reason)
-                .await
+            reg.disconnected(
+                &agent.fingerprint,
+                holder.as_deref(),
+                Presence::Lost,
+                reason
+            )
+            .await
         );
         assert_eq!(reg.list()[0].presence, Presence::Lost);
         assert!(reg.orphans_due(Duration::ZERO).is_empty());

@@ -641,9 +641,9 @@ async fn authenticated(
         End::Bye(r) => {
             let reason = format!("bye: {r}");
             tracing::info!(%reason, "agent deregistered");
-            let ended = gw
-                .registry
-                .disconnected(&fp, &holder, Presence::Deregistered, &reason);
+            let ended =
+                gw.registry
+                    .disconnected(&fp, Some(&holder), Presence::Deregistered, &reason);
             if Box::pin(ended).await {
                 Box::pin(publish_presence(
                     &gw,
@@ -673,7 +673,7 @@ fn lost_unless_back(
 ) {
     tokio::spawn(async move {
         tokio::time::sleep(after).await;
-        if !crate::registry::lose(&gw, &agent, &holder, &reason).await {
+        if !crate::registry::lose(&gw, &agent, Some(&holder), &reason).await {
             tracing::info!(fingerprint = %agent.fingerprint, "grace over; a newer connection holds the agent, no change");
         }
     });

@@ -69,6 +69,15 @@ fn gateway_on(
     Gateway::start_on(&dir.join(id), listen, &args)
 }
 
+/// A nats-server, its URL, the fleet's certificate, and the `tick` check pushed to it.
+fn fleet_base(dir: &Path) -> (NatsServer, String, Pki) {
+    let nats = NatsServer::start(dir, "n1");
+    let url = nats.url();
+    let pki = pki(dir);
+    push(&url, &write_config(dir, &[("base.toml", TICK)]), &[]);
+    (nats, url, pki)
+}
+
 /// Gateways `gw1`..`gwN` on `nats`.
 fn gateways(dir: &Path, n: usize, nats: &str, pki: &Pki) -> Vec<Gateway> {
     (1..=n)
@@ -262,10 +271,7 @@ async fn fleet_view(gw: &Gateway) -> HashMap<String, (String, String)> {
 async fn run_now_through_any_gateway_reaches_agents_on_the_others_and_every_gateway_lists_the_fleet(
 ) {
     let dir = tempdir();
-    let nats = NatsServer::start(dir.path(), "n1");
-    let url = nats.url();
-    let pki = pki(dir.path());
-    push(&url, &write_config(dir.path(), &[("base.toml", TICK)]), &[]);
+    let (_nats, url, pki) = fleet_base(dir.path());
     let gws = gateways(dir.path(), 3, &url, &pki);
     let agents = one_agent_each(dir.path(), &gws, &pki);
     for g in &gws {
@@ -329,11 +335,8 @@ async fn run_now_through_any_gateway_reaches_agents_on_the_others_and_every_gate
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_gateway_behind_haproxy_moves_its_agents_without_a_false_lost_or_a_lost_result() {
     let dir = tempdir();
-    let nats = NatsServer::start(dir.path(), "n1");
-    let url = nats.url();
+    let (_nats, url, pki) = fleet_base(dir.path());
     let presence = Presence::follow(&url).await;
-    let pki = pki(dir.path());
-    push(&url, &write_config(dir.path(), &[("base.toml", TICK)]), &[]);
     let mut gws = gateways(dir.path(), 3, &url, &pki);
     let lb = Haproxy::start(
         dir.path(),
@@ -548,11 +551,8 @@ mod netcut {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_for_bye_kill_9_network_loss_and_an_old_connection_outliving_its_successor() {
     let dir = tempdir();
-    let nats = NatsServer::start(dir.path(), "n1");
-    let url = nats.url();
+    let (_nats, url, pki) = fleet_base(dir.path());
     let presence = Presence::follow(&url).await;
-    let pki = pki(dir.path());
-    push(&url, &write_config(dir.path(), &[("base.toml", TICK)]), &[]);
     // Heartbeat 1 s: a silent connection is dropped after 3 s.
     let gw1 = gateway(dir.path(), "gw1", &url, &pki, &["--heartbeat", "1"]);
     let gw2 = gateway(dir.path(), "gw2", &url, &pki, &["--heartbeat", "1"]);
