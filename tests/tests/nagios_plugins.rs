@@ -514,7 +514,8 @@ async fn the_agent_reports_what_real_nagios_plugins_print() {
         case("dummy_bad_state", Exact, Some(3), &["check_dummy", "4", "x"]),
         words("load", Masked, Some(0), "check_load -w 50,40,30 -c 60,50,40"),
         words("load_scaled", Masked, Some(0), "check_load -r -w 50,40,30 -c 60,50,40"),
-        words("disk", Masked, Some(0), &format!("check_disk -w 1% -c 1 -p {tmp}")),
+        // Absolute thresholds (MiB): a percentage turns WARNING on a nearly full build disk.
+        words("disk", Masked, Some(0), &format!("check_disk -w 2 -c 1 -p {tmp}")),
         words("procs", Masked, Some(0), "check_procs -w 5000 -c 10000"),
         // Exactly one process has the gateway's data directory in its arguments (check_procs
         // leaves itself out), so even the count is the same on both sides.
