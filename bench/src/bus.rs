@@ -1,7 +1,10 @@
-//! Read the gateway's embedded bus (`DATA_DIR/bus/results.jsonl`, one JSON line per
-//! durable result) incrementally: each poll parses only what was appended since.
+//! Read the gateway's embedded bus (`DATA_DIR/bus/results.jsonl` and its sealed segments
+//! `results-<n>.jsonl`, one JSON line per durable result) incrementally: each poll parses
+//! only what was appended since, following the file across a rotation by its inode.
 
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -33,8 +36,11 @@ pub struct Rec {
 }
 
 pub struct Bus {
-    path: PathBuf,
+    /// `DATA_DIR/bus`.
+    dir: PathBuf,
     fingerprint: String,
+    /// The segment being followed (its inode) and how far it was read.
+    following: Option<u64>,
     offset: u64,
     pub results: Vec<Rec>,
     /// The latest `started_at_ms` seen.
@@ -44,10 +50,11 @@ pub struct Bus {
 }
 
 impl Bus {
-    pub fn new(path: PathBuf, fingerprint: &str) -> Bus {
+    pub fn new(dir: PathBuf, fingerprint: &str) -> Bus {
         Bus {
-            path,
+            dir,
             fingerprint: fingerprint.to_string(),
+            following: None,
             offset: 0,
             results: Vec::new(),
             max_started_ms: 0,
@@ -55,26 +62,63 @@ impl Bus {
         }
     }
 
+    /// The log's segments, oldest first, opened, with their inodes. Listed again after
+    /// opening, so a rotation in between is noticed and the listing retried.
+    fn segments(&self) -> Result<Vec<(u64, File)>> {
+        loop {
+            let paths = outpost_gateway::bus::segments::paths(&self.dir, "results")
+                .with_context(|| format!("cannot list {}", self.dir.display()))?;
+            let mut open = Vec::new();
+            for path in &paths {
+                match File::open(path) {
+                    Ok(f) => open.push((f.metadata()?.ino(), f)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("cannot open {}", path.display()))
+                    }
+                }
+            }
+            let again = outpost_gateway::bus::segments::paths(&self.dir, "results")?;
+            if open.len() == paths.len() && again == paths {
+                return Ok(open);
+            }
+        }
+    }
+
     /// Parse the complete lines appended since the last poll; returns how many results
     /// of this agent were added.
     pub fn poll(&mut self) -> Result<usize> {
-        let mut f = match std::fs::File::open(&self.path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-            Err(e) => {
-                return Err(e).with_context(|| format!("cannot open {}", self.path.display()))
-            }
-        };
-        f.seek(SeekFrom::Start(self.offset))
-            .with_context(|| format!("cannot seek in {}", self.path.display()))?;
-        let mut buf = Vec::new();
-        f.read_to_end(&mut buf)
-            .with_context(|| format!("cannot read {}", self.path.display()))?;
-        let Some(end) = buf.iter().rposition(|b| *b == b'\n') else {
-            return Ok(0);
-        };
         let before = self.results.len();
-        for line in buf[..end].split(|b| *b == b'\n') {
+        let segments = self.segments()?;
+        let start = match self.following {
+            None => 0,
+            Some(ino) => match segments.iter().position(|(i, _)| *i == ino) {
+                Some(k) => k,
+                None => anyhow::bail!(
+                    "the bus segment being read was deleted (retention) in {}",
+                    self.dir.display()
+                ),
+            },
+        };
+        for (ino, mut f) in segments.into_iter().skip(start) {
+            if self.following != Some(ino) {
+                self.following = Some(ino);
+                self.offset = 0;
+            }
+            f.seek(SeekFrom::Start(self.offset))?;
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf)?;
+            let Some(end) = buf.iter().rposition(|b| *b == b'\n') else {
+                continue;
+            };
+            self.parse(&buf[..end]);
+            self.offset += end as u64 + 1;
+        }
+        Ok(self.results.len() - before)
+    }
+
+    fn parse(&mut self, lines: &[u8]) {
+        for line in lines.split(|b| *b == b'\n') {
             if line.is_empty() {
                 continue;
             }
@@ -92,8 +136,6 @@ impl Bus {
                 Err(_) => self.unparsed += 1,
             }
         }
-        self.offset += end as u64 + 1;
-        Ok(self.results.len() - before)
     }
 
     /// Poll until the bus holds a result that started at or after `until_ms` (so every
@@ -117,5 +159,47 @@ impl Bus {
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn line(fp: &str, i: u64) -> String {
+        format!(
+            "{{\"fingerprint\":\"{fp}\",\"result\":{{\"check\":\"c\",\"status\":\"ok\",\"started_at_ms\":{i}}}}}\n"
+        )
+    }
+
+    fn append(path: &std::path::Path, text: &str) {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+
+    #[test]
+    fn follows_the_log_across_a_rotation_reading_each_line_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let active = dir.path().join("results.jsonl");
+        append(&dir.path().join("results-000001.jsonl"), &line("a", 1));
+        append(&active, &(line("a", 2) + &line("b", 99) + "{\"fingerp"));
+        let mut bus = Bus::new(dir.path().to_path_buf(), "a");
+        assert_eq!(bus.poll().unwrap(), 2);
+        // The torn line is completed, the segment sealed, a new one started.
+        append(&active, &("rint\":\"b\"}\n".to_string() + &line("a", 3)));
+        std::fs::rename(&active, dir.path().join("results-000002.jsonl")).unwrap();
+        append(&active, &line("a", 4));
+        assert_eq!(bus.poll().unwrap(), 2);
+        append(&active, &line("a", 5));
+        assert_eq!(bus.poll().unwrap(), 1);
+        let seen: Vec<u64> = bus.results.iter().map(|r| r.started_at_ms).collect();
+        assert_eq!(seen, [1, 2, 3, 4, 5]);
+        assert_eq!(bus.unparsed, 1, "the line without a result");
     }
 }

@@ -329,8 +329,9 @@ impl Gateway {
         Ok(())
     }
 
-    pub fn bus_path(&self) -> PathBuf {
-        self.data_dir.join("bus").join("results.jsonl")
+    /// The embedded bus's directory (`results.jsonl` and its sealed segments).
+    pub fn bus_dir(&self) -> PathBuf {
+        self.data_dir.join("bus")
     }
 }
 

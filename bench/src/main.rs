@@ -443,7 +443,7 @@ impl Rig {
     /// processes, and return the bus and the agent's warnings and errors.
     fn finish(mut self, until_ms: u64) -> Result<(Bus, Vec<String>)> {
         self.ensure_running()?;
-        let mut bus = Bus::new(self.gw.bus_path(), &self.agent.fingerprint);
+        let mut bus = Bus::new(self.gw.bus_dir(), &self.agent.fingerprint);
         let caught_up = bus.drain(until_ms, Duration::from_secs(3), Duration::from_secs(90))?;
         if !caught_up {
             progress("warning: the bus did not catch up within 90 s; counting what arrived");

@@ -4,6 +4,7 @@
 
 pub mod embedded;
 pub mod nats;
+pub mod segments;
 
 use async_trait::async_trait;
 use outpost_protocol::CheckResult;

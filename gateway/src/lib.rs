@@ -83,9 +83,12 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
             registry::Registry::shared(n.clone(), me),
         ),
         None => {
-            let (bus, recovered) = bus::embedded::EmbeddedBus::open(&settings.data_dir.join("bus"))
-                .await
-                .context("cannot open the embedded bus")?;
+            let (bus, recovered) = bus::embedded::EmbeddedBus::open(
+                &settings.data_dir.join("bus"),
+                settings.retention,
+            )
+            .await
+            .context("cannot open the embedded bus")?;
             let registry = registry::Registry::open(&settings.data_dir, recovered, me)?;
             (Arc::new(bus), registry)
         }

@@ -46,10 +46,12 @@ pub struct NatsArgs {
     /// more servers are given, else 1. Three survive the loss of one server.
     #[arg(long, env = "OUTPOST_NATS_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
     pub nats_replicas: Option<u8>,
-    /// Hours the results stream keeps results (its consumers must read them by then).
+    /// Hours results are kept, in the NATS results stream or the embedded bus files (their
+    /// consumers must read them by then). Presence events on the embedded bus too.
     #[arg(long, default_value_t = 168)]
     pub results_max_age_hours: u64,
-    /// Bytes the results stream may hold; the oldest go first beyond it (0: no limit).
+    /// Bytes of results kept, in the NATS stream or the embedded bus files; the oldest go
+    /// first beyond it (0: no limit).
     #[arg(long, default_value_t = 0)]
     pub results_max_bytes: u64,
     /// Seconds JetStream remembers a `Nats-Msg-Id` to drop a resent result.
@@ -102,6 +104,14 @@ pub struct NatsSettings {
 }
 
 impl NatsArgs {
+    /// How much of the results the bus keeps, whichever bus it is.
+    pub fn retention(&self) -> crate::bus::segments::Retention {
+        crate::bus::segments::Retention {
+            max_age: Duration::from_secs(self.results_max_age_hours.max(1) * 3600),
+            max_bytes: self.results_max_bytes,
+        }
+    }
+
     pub fn settings(&self) -> Option<NatsSettings> {
         let BusChoice::Nats(urls) = &self.bus else {
             return None;
@@ -118,11 +128,10 @@ impl NatsArgs {
             ca: self.nats_ca.clone(),
             client_cert: self.nats_cert.clone().zip(self.nats_key.clone()),
             replicas,
-            results_max_age: Duration::from_secs(self.results_max_age_hours.max(1) * 3600),
-            results_max_bytes: if self.results_max_bytes == 0 {
-                -1
-            } else {
-                self.results_max_bytes.min(i64::MAX as u64) as i64
+            results_max_age: self.retention().max_age,
+            results_max_bytes: match self.retention().max_bytes {
+                0 => -1,
+                cap => cap.min(i64::MAX as u64) as i64,
             },
             dedup_window: Duration::from_secs(self.dedup_window_secs.clamp(1, 86_400)),
         })

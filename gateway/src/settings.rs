@@ -128,11 +128,14 @@ pub struct Settings {
     pub gateway_id: Option<String>,
     /// `None`: the embedded bus.
     pub nats: Option<crate::nats::NatsSettings>,
+    /// How much of the results the embedded bus keeps (the NATS stream's are in `nats`).
+    pub retention: crate::bus::segments::Retention,
 }
 
 impl From<ServeArgs> for Settings {
     fn from(a: ServeArgs) -> Self {
         let nats = a.nats.settings();
+        let retention = a.nats.retention();
         // In a fleet the checks and plugins come from NATS, mirrored here.
         let (fleet_checks, fleet_plugins) = crate::fleet_config::mirror_dirs(&a.data_dir);
         let clustered = nats.is_some();
@@ -171,6 +174,7 @@ impl From<ServeArgs> for Settings {
             tenant: a.tenant,
             gateway_id: a.gateway_id,
             nats,
+            retention,
             data_dir: a.data_dir,
         }
     }

@@ -347,26 +347,31 @@ impl Gateway {
             .filter(|l| !l.is_null())
     }
 
-    /// Every result of `check` from the agent `fingerprint` that the embedded bus holds,
-    /// in the order they were made durable.
+    /// Every line of one of the embedded bus's logs (`results` or `presence`), across all
+    /// its segments, oldest first. A line still being written is left out.
+    pub fn bus_log(&self, name: &str) -> Vec<Value> {
+        outpost_gateway::bus::segments::read_all(&self.data_dir.join("bus"), name)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .collect()
+    }
+
     /// Every result of the agent on the bus, in the order the bus stored them.
     pub fn bus_all(&self, fingerprint: &str) -> Vec<Value> {
-        let text =
-            std::fs::read_to_string(self.data_dir.join("bus/results.jsonl")).unwrap_or_default();
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        self.bus_log("results")
+            .into_iter()
             .filter(|l| l["fingerprint"] == fingerprint)
             .map(|l| l["result"].clone())
             .collect()
     }
 
+    /// Every result of `check` from the agent `fingerprint` that the embedded bus holds,
+    /// in the order they were made durable.
     pub fn bus_results(&self, fingerprint: &str, check: &str) -> Vec<Value> {
-        let text =
-            std::fs::read_to_string(self.data_dir.join("bus/results.jsonl")).unwrap_or_default();
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|l| l["fingerprint"] == fingerprint && l["result"]["check"] == check)
-            .map(|l| l["result"].clone())
+        self.bus_all(fingerprint)
+            .into_iter()
+            .filter(|r| r["check"] == check)
             .collect()
     }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use outpost_e2e::nats::NatsServer;
 use outpost_e2e::tempdir;
+use outpost_gateway::bus::segments::{self, Retention};
 use outpost_gateway::bus::{
     embedded::EmbeddedBus, nats::NatsBus, AgentRef, Bus, Presence, PresenceEvent,
 };
@@ -34,7 +35,7 @@ fn agent(n: u8) -> AgentRef {
 }
 
 enum Backend {
-    Embedded(PathBuf),
+    Embedded(PathBuf, Retention),
     Nats(NatsSettings),
 }
 
@@ -42,7 +43,9 @@ impl Backend {
     /// A bus instance, as a gateway (re)started on this backend opens it.
     async fn open(&self) -> Arc<dyn Bus> {
         match self {
-            Backend::Embedded(dir) => Arc::new(EmbeddedBus::open(dir).await.unwrap().0),
+            Backend::Embedded(dir, retention) => {
+                Arc::new(EmbeddedBus::open(dir, *retention).await.unwrap().0)
+            }
             Backend::Nats(s) => Arc::new(NatsBus::new(Arc::new(
                 Nats::connect(s, "bus contract test").await.unwrap(),
             ))),
@@ -53,7 +56,7 @@ impl Backend {
     async fn stored(&self, agent: &AgentRef) -> Vec<u64> {
         self.read(
             &results_subject(&agent.tenant, &agent.fingerprint),
-            "results.jsonl",
+            "results",
         )
         .await
         .iter()
@@ -65,7 +68,7 @@ impl Backend {
     async fn presence(&self, agent: &AgentRef) -> Vec<String> {
         self.read(
             &presence_subject(&agent.tenant, &agent.fingerprint),
-            "presence.jsonl",
+            "presence",
         )
         .await
         .iter()
@@ -76,15 +79,15 @@ impl Backend {
 
     async fn read(&self, subject: &str, file: &str) -> Vec<serde_json::Value> {
         match self {
-            Backend::Embedded(dir) => std::fs::read_to_string(dir.join(file))
-                .unwrap_or_default()
+            Backend::Embedded(dir, _) => segments::read_all(dir, file)
+                .unwrap()
                 .lines()
                 .map(|l| serde_json::from_str(l).unwrap())
                 .collect(),
             Backend::Nats(s) => {
                 let client = async_nats::connect(s.urls[0].as_str()).await.unwrap();
                 let js = async_nats::jetstream::new(client);
-                let stream_name = if file == "results.jsonl" {
+                let stream_name = if file == "results" {
                     outpost_gateway::nats::RESULTS_STREAM
                 } else {
                     outpost_gateway::nats::PRESENCE_STREAM
@@ -150,10 +153,70 @@ async fn contract(backend: &Backend) {
     assert!(bus.unavailable().is_none());
 }
 
+/// Bytes of results the bus holds: its files, or the stream's own count.
+async fn bytes_stored(backend: &Backend) -> u64 {
+    match backend {
+        Backend::Embedded(dir, _) => segments::paths(dir, "results")
+            .unwrap()
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum(),
+        Backend::Nats(s) => {
+            let client = async_nats::connect(s.urls[0].as_str()).await.unwrap();
+            let js = async_nats::jetstream::new(client);
+            let mut stream = js
+                .get_stream(outpost_gateway::nats::RESULTS_STREAM)
+                .await
+                .unwrap();
+            stream.info().await.unwrap().state.bytes
+        }
+    }
+}
+
+/// With a size cap (`--results-max-bytes`), both buses drop the oldest results and keep
+/// the newest as an unbroken run, and still refuse a resend of a dropped one.
+async fn retention_contract(backend: &Backend, cap: u64) {
+    let a = agent(4);
+    let bus = backend.open().await;
+    for batch in 0..40u64 {
+        let p = bus
+            .publish_results(&a, &results(batch * 50 + 1..=batch * 50 + 50))
+            .await
+            .unwrap();
+        assert_eq!(p.accepted, 50);
+    }
+    let stored = backend.stored(&a).await;
+    assert!(
+        stored.len() < 2000,
+        "nothing was dropped: {} stored",
+        stored.len()
+    );
+    assert!(stored.len() > 100, "too much was dropped: {stored:?}");
+    assert_eq!(stored, (stored[0]..=2000).collect::<Vec<_>>());
+    let bytes = bytes_stored(backend).await;
+    assert!(
+        bytes <= cap + cap / 2,
+        "{bytes} bytes kept under a cap of {cap}"
+    );
+    let p = bus.publish_results(&a, &results(1..=1)).await.unwrap();
+    assert_eq!((p.accepted, p.duplicates), (0, 1));
+}
+
+const KEEP: Retention = Retention {
+    max_age: std::time::Duration::from_secs(7 * 86_400),
+    max_bytes: 0,
+};
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_bus_keeps_the_contract() {
     let dir = tempdir();
-    contract(&Backend::Embedded(dir.path().join("bus"))).await;
+    contract(&Backend::Embedded(dir.path().join("bus"), KEEP)).await;
+    let cap = 128 * 1024;
+    let capped = Retention {
+        max_bytes: cap,
+        ..KEEP
+    };
+    retention_contract(&Backend::Embedded(dir.path().join("capped"), capped), cap).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,14 +255,27 @@ async fn the_nats_bus_keeps_the_contract_and_dedups_between_gateways() {
     assert!(one.unavailable().is_some());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_bus_keeps_the_retention_contract() {
+    let dir = tempdir();
+    let server = NatsServer::start(dir.path(), "n1");
+    let cap = 128 * 1024;
+    let settings = nats_settings_with(&server.url(), &["--results-max-bytes", &cap.to_string()]);
+    retention_contract(&Backend::Nats(settings), cap).await;
+}
+
 fn nats_settings(url: &str) -> NatsSettings {
+    nats_settings_with(url, &[])
+}
+
+fn nats_settings_with(url: &str, more: &[&str]) -> NatsSettings {
     use clap::Parser;
     #[derive(Parser)]
     struct Args {
         #[command(flatten)]
         nats: outpost_gateway::nats::NatsArgs,
     }
-    Args::parse_from(["test", "--bus", url])
+    Args::parse_from(["test", "--bus", url].iter().chain(more))
         .nats
         .settings()
         .unwrap()

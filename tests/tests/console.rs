@@ -88,12 +88,7 @@ fn nanos(output: &Value) -> u128 {
 
 /// Every result of `check` the gateway put on its embedded bus, in order.
 fn bus_results(gw: &Gateway, fp: &str, check: &str) -> Vec<Value> {
-    let text = std::fs::read_to_string(gw.data_dir.join("bus/results.jsonl")).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| l["fingerprint"] == fp && l["result"]["check"] == check)
-        .map(|l| l["result"].clone())
-        .collect()
+    gw.bus_results(fp, check)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

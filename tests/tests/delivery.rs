@@ -252,10 +252,13 @@ async fn sessions_rotate_without_the_agent_ever_looking_lost() {
     let seqs = exactly_once_in_order(&gw.bus_all(&fp));
     assert_eq!(gaps(&seqs), []);
     // Nor on the bus, where a lost moment between two polls would still show.
-    let events = std::fs::read_to_string(gw.data_dir.join("bus/presence.jsonl")).unwrap();
-    let mine: Vec<&str> = events.lines().filter(|l| l.contains(&fp)).collect();
+    let mine: Vec<Value> = gw
+        .bus_log("presence")
+        .into_iter()
+        .filter(|e| e["fingerprint"] == fp.as_str())
+        .collect();
     assert!(!mine.is_empty());
-    assert!(mine.iter().all(|l| l.contains("\"online\"")), "{mine:#?}");
+    assert!(mine.iter().all(|e| e["presence"] == "online"), "{mine:#?}");
     assert!(agent.proc.log().contains("opening the next one"));
     assert!(!agent.proc.log().contains("gateway connection ended"));
 }
@@ -320,4 +323,57 @@ async fn a_frozen_gateway_is_noticed_and_nothing_is_lost() {
     .await;
     let seqs = exactly_once_in_order(&all);
     assert_eq!(gaps(&seqs), []);
+}
+
+/// `--results-max-bytes` bounds the embedded bus's files: the oldest results go, what is
+/// kept is the newest as an unbroken run, and across a restart the gateway still knows
+/// where each agent is and stores nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_size_cap_keeps_the_bus_files_bounded_and_the_newest_results() {
+    let dir = tempdir();
+    let cap: u64 = 128 * 1024;
+    let args = ["--results-max-bytes", "131072"];
+    let mut gw = Gateway::start(dir.path(), &args);
+    gw.write_checks("c.toml", &checks(150, "/bin/echo filling the bus"));
+    let agent = Agent::start(dir.path(), "filler", &gw, "reconnect_max_secs = 1\n");
+    let fp = agent.fingerprint.clone();
+    let on_disk = |gw: &Gateway| -> u64 {
+        outpost_gateway::bus::segments::paths(&gw.data_dir.join("bus"), "results")
+            .unwrap()
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    };
+    // Three caps' worth and more (a stored line is well over 250 bytes).
+    let newest = |gw: &Gateway| gw.bus_all(&fp).last().map_or(0, seq);
+    eventually(T, "results beyond three times the cap", || async {
+        (newest(&gw) >= 1600).then_some(())
+    })
+    .await;
+    let kept = exactly_once_in_order(&gw.bus_all(&fp));
+    assert!(kept[0] > 1, "nothing was deleted: {} bytes", on_disk(&gw));
+    assert_eq!(gaps(&kept), [], "what is kept is not one unbroken run");
+    assert!(
+        on_disk(&gw) <= cap + cap / 2,
+        "{} bytes on disk with a cap of {cap}",
+        on_disk(&gw)
+    );
+
+    let listen = gw.addr.clone();
+    gw.proc.signal(libc::SIGKILL);
+    gw.proc.wait_exit(Duration::from_secs(10)).await;
+    drop(gw);
+    let gw = Gateway::start_on(dir.path(), &listen, &args);
+    let restarted_at = newest(&gw);
+    eventually(T, "results after the restart", || async {
+        (newest(&gw) >= restarted_at + 600).then_some(())
+    })
+    .await;
+    let kept = exactly_once_in_order(&gw.bus_all(&fp));
+    assert!(kept[0] > 1);
+    assert_eq!(gaps(&kept), [], "a result went missing or the run broke");
+    assert!(on_disk(&gw) <= cap + cap / 2, "{} bytes", on_disk(&gw));
+    // The console's view was rebuilt from what was kept.
+    assert!(gw.latest(&fp, "c0").await.is_some());
 }

@@ -91,14 +91,10 @@ async fn agent_enrolls_runs_gateway_checks_and_answers_run_now() {
     assert!(fresh["started_at_ms"].as_u64().unwrap() >= before["started_at_ms"].as_u64().unwrap());
 
     // The embedded bus holds the results durably, each sequence number once.
-    let bus = std::fs::read_to_string(gw.data_dir.join("bus/results.jsonl")).unwrap();
-    let seqs: Vec<u64> = bus
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["result"]["seq"]
-                .as_u64()
-                .unwrap()
-        })
+    let seqs: Vec<u64> = gw
+        .bus_log("results")
+        .iter()
+        .map(|l| l["result"]["seq"].as_u64().unwrap())
         .collect();
     let mut dedup = seqs.clone();
     dedup.sort();
@@ -827,13 +823,10 @@ async fn a_restarting_agent_stays_online_for_its_window_and_is_lost_after_it() {
     let dir = tempdir();
     let gw = Gateway::start(dir.path(), &[]);
     let fp = uuid_v4();
-    let file = gw.data_dir.join("bus/presence.jsonl");
     let events = || -> Vec<String> {
-        std::fs::read_to_string(&file)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| l.contains(&fp))
-            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        gw.bus_log("presence")
+            .iter()
+            .filter(|v| v["fingerprint"] == fp.as_str())
             .map(|v| v["presence"].as_str().unwrap().to_string())
             .collect()
     };

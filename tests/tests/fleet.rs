@@ -938,10 +938,9 @@ async fn restart_keeps_returning_agents(nats: Option<&str>, dir: &Path) {
     let events = |gw: &Gateway, fp: &str| -> Vec<Value> {
         match &presence {
             Some(p) => p.events(fp),
-            None => std::fs::read_to_string(gw.data_dir.join("bus/presence.jsonl"))
-                .unwrap_or_default()
-                .lines()
-                .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            None => gw
+                .bus_log("presence")
+                .into_iter()
                 .filter(|e| e["fingerprint"] == fp)
                 .collect(),
         }

@@ -325,10 +325,13 @@ async fn update_from_a_to_b_end_to_end() {
     }
     // Stopping to swap is neither a deregistration nor a loss: each process said it was
     // restarting and would be back, and it was, so the bus has only online events.
-    let presence = std::fs::read_to_string(s.gw.data_dir.join("bus/presence.jsonl")).unwrap();
-    let mine: Vec<&str> = presence.lines().filter(|l| l.contains(&fp)).collect();
+    let mine: Vec<Value> =
+        s.gw.bus_log("presence")
+            .into_iter()
+            .filter(|e| e["fingerprint"] == fp.as_str())
+            .collect();
     assert!(!mine.is_empty());
-    assert!(mine.iter().all(|l| l.contains("\"online\"")), "{mine:#?}");
+    assert!(mine.iter().all(|e| e["presence"] == "online"), "{mine:#?}");
     let trial = s.gw.bus_results(&fp, "outpost.update");
     assert!(
         trial

@@ -149,7 +149,7 @@ pub fn measure(
         bytes as f64 / results as f64
     ));
 
-    let mut bus = Bus::new(gw.bus_path(), &agent.fingerprint);
+    let mut bus = Bus::new(gw.bus_dir(), &agent.fingerprint);
     bus.poll()?;
     let g0 = sample::read(gw.proc.pid())?;
     let (own0, _, _) = raw::cpu_secs();

@@ -1,28 +1,34 @@
-//! The embedded bus: append-only JSON-lines files under `DATA_DIR/bus/`, written by one
+//! The embedded bus: append-only JSON-lines logs under `DATA_DIR/bus/`, written by one
 //! task that group-commits (one fsync for everything queued), so "durable" means on disk
-//! exactly as it will mean "in a JetStream stream" when clustered.
+//! exactly as it means "in a JetStream stream" when clustered.
 //!
-//! `results.jsonl` holds one line per result: `{"tenant","fingerprint","result":{..}}`.
-//! `presence.jsonl` holds presence events. Deduplication is by (fingerprint, seq): agents
-//! number results strictly increasingly, so the bus keeps the highest durable sequence per
-//! agent and drops anything at or below it. Not here: retention and compaction (the files
-//! grow until an operator rotates them), consumers other than the gateway itself.
+//! `results` holds one line per result: `{"tenant","fingerprint","result":{..}}`.
+//! `presence` holds presence events. Each is a [`super::segments::Log`]: `results.jsonl` is being
+//! written, `results-<n>.jsonl` are sealed, and retention deletes the oldest sealed
+//! segments by age and size, as the NATS results stream does with the same settings.
+//! Deduplication is by (fingerprint, seq): agents number results strictly increasingly, so
+//! the bus keeps the highest durable sequence per agent and drops anything at or below it.
+//! Not here: consumers other than the gateway itself.
 
 use std::collections::HashMap;
-use std::io::{BufRead, Seek, Write};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use outpost_protocol::CheckResult;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use super::segments::{Log, Retention};
 use super::{AgentRef, Bus, BusError, Presence, PresenceEvent, Published};
 
 /// Jobs waiting for the writer. A full queue makes publishers wait (backpressure reaches
 /// the agents as slower acks), it never drops.
 const QUEUE: usize = 1024;
+
+/// How often retention runs when nothing is written (it also runs after every write).
+const MAINTAIN_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Serialize, Deserialize)]
 struct ResultLine {
@@ -41,6 +47,8 @@ enum Job {
         event: PresenceEvent,
         done: oneshot::Sender<Result<(), String>>,
     },
+    /// Apply retention.
+    Maintain,
 }
 
 pub struct EmbeddedBus {
@@ -61,111 +69,79 @@ pub struct Recovered {
 }
 
 impl EmbeddedBus {
-    pub async fn open(dir: &Path) -> std::io::Result<(EmbeddedBus, Recovered)> {
-        std::fs::create_dir_all(dir)?;
-        let results_path = dir.join("results.jsonl");
-        let presence_path = dir.join("presence.jsonl");
-        let (results, watermarks, mut recovered) = recover(&results_path)?;
-        recovered.presence = last_presence(&presence_path)?;
-        let presence = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&presence_path)?;
-        // The files may have just been created: make their directory entries durable.
-        std::fs::File::open(dir)?.sync_all()?;
+    /// Open the bus in `dir`. `retention` bounds the results; presence events are kept
+    /// for the same age.
+    pub async fn open(
+        dir: &Path,
+        retention: Retention,
+    ) -> std::io::Result<(EmbeddedBus, Recovered)> {
+        let opened = Log::open(dir, "results", retention)?;
+        let (watermarks, mut recovered) = recover(&opened.log)?;
+        recovered.torn_bytes_dropped = opened.torn_bytes_dropped;
+        if opened.torn_bytes_dropped > 0 {
+            tracing::warn!(dir = %dir.display(), bytes = opened.torn_bytes_dropped, "dropped a torn last result line left by a crash");
+        }
+        let presence_retention = Retention {
+            max_bytes: 0,
+            ..retention
+        };
+        let presence = Log::open(dir, "presence", presence_retention)?.log;
+        recovered.presence = last_presence(&presence)?;
         let watermarks: Watermarks = Arc::new(Mutex::new(watermarks));
         let (tx, rx) = mpsc::channel(QUEUE);
         let marks = watermarks.clone();
+        let results = opened.log;
         std::thread::Builder::new()
             .name("outpost-bus-writer".into())
             .spawn(move || writer(rx, results, presence, marks))?;
+        // Retention also when nothing is written; ends with the bus.
+        let weak = tx.downgrade();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(MAINTAIN_EVERY);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(tx) = weak.upgrade() else { break };
+                if tx.send(Job::Maintain).await.is_err() {
+                    break;
+                }
+            }
+        });
         Ok((EmbeddedBus { tx, watermarks }, recovered))
     }
 }
 
-/// Read `results.jsonl`, drop a torn last line (a crash mid-append), and rebuild the
-/// per-agent watermarks and the latest result per check.
-fn recover(path: &Path) -> std::io::Result<(std::fs::File, HashMap<String, u64>, Recovered)> {
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .read(true)
-        .append(true)
-        .open(path)?;
+/// Rebuild the per-agent watermarks and the latest result per check from the results log.
+fn recover(log: &Log) -> std::io::Result<(HashMap<String, u64>, Recovered)> {
     let mut watermarks: HashMap<String, u64> = HashMap::new();
     let mut rec = Recovered::default();
-    let mut good_len: u64 = 0;
-    let mut reader = std::io::BufReader::new(&file);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        let n = reader.read_until(b'\n', &mut line)?;
-        if n == 0 {
-            break;
-        }
-        if line.last() != Some(&b'\n') {
-            rec.torn_bytes_dropped = n as u64;
-            break;
-        }
-        good_len += n as u64;
-        match serde_json::from_slice::<ResultLine>(&line) {
-            Ok(l) => {
-                rec.results_on_disk += 1;
-                let w = watermarks.entry(l.fingerprint.clone()).or_default();
-                *w = (*w).max(l.result.seq);
-                let per_agent = rec.latest.entry(l.fingerprint).or_default();
-                match per_agent.get(&l.result.check) {
-                    Some(old) if old.seq >= l.result.seq => {}
-                    _ => {
-                        per_agent.insert(l.result.check.clone(), l.result);
-                    }
+    log.for_each_sealed_line(|line| match serde_json::from_slice::<ResultLine>(line) {
+        Ok(l) => {
+            rec.results_on_disk += 1;
+            let w = watermarks.entry(l.fingerprint.clone()).or_default();
+            *w = (*w).max(l.result.seq);
+            let per_agent = rec.latest.entry(l.fingerprint).or_default();
+            match per_agent.get(&l.result.check) {
+                Some(old) if old.seq >= l.result.seq => {}
+                _ => {
+                    per_agent.insert(l.result.check.clone(), l.result);
                 }
             }
-            Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "skipping unreadable bus line")
-            }
         }
-    }
-    drop(reader);
-    if rec.torn_bytes_dropped > 0 {
-        tracing::warn!(file = %path.display(), bytes = rec.torn_bytes_dropped, "dropping a torn last line left by a crash");
-        file.set_len(good_len)?;
-        file.seek(std::io::SeekFrom::End(0))?;
-        file.sync_all()?;
-    }
-    Ok((file, watermarks, rec))
+        Err(e) => tracing::warn!(error = %e, "skipping unreadable bus line"),
+    })?;
+    Ok((watermarks, rec))
 }
 
-/// The last event per agent in `presence.jsonl` (unreadable lines skipped).
-fn last_presence(path: &Path) -> std::io::Result<HashMap<String, PresenceEvent>> {
+/// The last event per agent in the presence log (unreadable lines skipped).
+fn last_presence(log: &Log) -> std::io::Result<HashMap<String, PresenceEvent>> {
     let mut last = HashMap::new();
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(last),
-        Err(e) => return Err(e),
-    };
-    for line in std::io::BufReader::new(file).lines() {
-        if let Ok(event) = serde_json::from_str::<PresenceEvent>(&line?) {
+    log.for_each_sealed_line(|line| {
+        if let Ok(event) = serde_json::from_slice::<PresenceEvent>(line) {
             last.insert(event.agent.fingerprint.clone(), event);
         }
-    }
+    })?;
     Ok(last)
-}
-
-/// Append `buf` to `file` and make it durable; on failure cut the file back to where it
-/// was, so a half-written line can never be glued to the next successful write.
-fn append_durably(file: &mut std::fs::File, buf: &[u8]) -> std::io::Result<()> {
-    if buf.is_empty() {
-        return Ok(());
-    }
-    let start = file.seek(std::io::SeekFrom::End(0))?;
-    let written = file.write_all(buf).and_then(|_| file.sync_data());
-    if written.is_err() {
-        let rolled_back = file.set_len(start).and_then(|_| file.sync_data());
-        if let Err(e) = rolled_back {
-            tracing::error!(error = %e, "cannot cut a failed bus write back; the next start drops the torn line");
-        }
-    }
-    written
 }
 
 /// Watermarks: the highest durable sequence number per fingerprint. Shared so sessions can
@@ -174,8 +150,8 @@ type Watermarks = Arc<Mutex<HashMap<String, u64>>>;
 
 fn writer(
     mut rx: mpsc::Receiver<Job>,
-    mut results: std::fs::File,
-    mut presence: std::fs::File,
+    mut results: Log,
+    mut presence: Log,
     watermarks: Watermarks,
 ) {
     let mut jobs = Vec::new();
@@ -232,13 +208,14 @@ fn writer(
                         }
                         outcomes.push(None);
                     }
+                    Job::Maintain => outcomes.push(None),
                 }
             }
         }
         // Results and presence succeed or fail on their own: a failed presence write must
         // not make durable results look failed (they would be written twice).
-        let rio = append_durably(&mut results, &rbuf);
-        let pio = append_durably(&mut presence, &pbuf);
+        let rio = results.append(&rbuf);
+        let pio = presence.append(&pbuf);
         match &rio {
             Ok(()) => watermarks
                 .lock()
@@ -251,6 +228,14 @@ fn writer(
         if let Err(e) = &pio {
             tracing::error!(error = %e, "embedded bus could not store presence events");
         }
+        // Before the replies, so nothing touches the files once the last publisher has
+        // its answer.
+        let now = SystemTime::now();
+        for log in [&mut results, &mut presence] {
+            if let Err(e) = log.maintain(now) {
+                tracing::error!(error = %e, "embedded bus retention failed; will retry");
+            }
+        }
         for (job, outcome) in jobs.drain(..).zip(outcomes) {
             match job {
                 Job::Results { done, .. } => {
@@ -262,6 +247,7 @@ fn writer(
                 Job::Presence { done, .. } => {
                     let _ = done.send(pio.as_ref().map(|_| ()).map_err(|e| e.to_string()));
                 }
+                Job::Maintain => {}
             }
         }
     }
@@ -333,7 +319,9 @@ impl Presence {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::segments;
     use outpost_protocol::Status;
+    use std::io::Write;
 
     fn result(seq: u64, check: &str) -> CheckResult {
         CheckResult {
@@ -352,11 +340,74 @@ mod tests {
         }
     }
 
+    const KEEP: Retention = Retention {
+        max_age: Duration::from_secs(7 * 86_400),
+        max_bytes: 0,
+    };
+
+    #[tokio::test]
+    async fn a_size_cap_bounds_the_files_and_keeps_deduplicating() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = Retention {
+            max_bytes: 512 * 1024,
+            ..KEEP
+        };
+        let (bus, _) = EmbeddedBus::open(dir.path(), cap).await.unwrap();
+        let mut seq = 0;
+        for _ in 0..100 {
+            let batch: Vec<CheckResult> = (0..50)
+                .map(|_| {
+                    seq += 1;
+                    result(seq, "a")
+                })
+                .collect();
+            bus.publish_results(&agent(), &batch).await.unwrap();
+        }
+        let on_disk = |name| -> u64 {
+            segments::paths(dir.path(), name)
+                .unwrap()
+                .iter()
+                .map(|p| std::fs::metadata(p).unwrap().len())
+                .sum()
+        };
+        let stored: Vec<u64> = segments::read_all(dir.path(), "results")
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<ResultLine>(l).unwrap().result.seq)
+            .collect();
+        assert!(stored.len() < 5000, "nothing was deleted");
+        assert!(
+            on_disk("results") <= cap.max_bytes + cap.segment_bytes(),
+            "{} bytes on disk",
+            on_disk("results")
+        );
+        // The newest are kept, in order, with no hole.
+        assert_eq!(*stored.last().unwrap(), 5000);
+        assert_eq!(stored, (stored[0]..=5000).collect::<Vec<_>>());
+        // A resend of results whose lines are gone is still a duplicate.
+        let p = bus
+            .publish_results(&agent(), &[result(1, "a"), result(5001, "a")])
+            .await
+            .unwrap();
+        assert_eq!(
+            p,
+            Published {
+                accepted: 1,
+                duplicates: 1
+            }
+        );
+        // After a restart the watermark comes from what is kept.
+        drop(bus);
+        let (bus, rec) = EmbeddedBus::open(dir.path(), cap).await.unwrap();
+        assert_eq!(rec.latest["fp"]["a"].seq, 5001);
+        assert_eq!(bus.last_seq(&agent()).await.unwrap(), 5001);
+    }
+
     #[tokio::test]
     async fn duplicates_are_dropped_across_reopen_and_torn_tail_is_repaired() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (bus, rec) = EmbeddedBus::open(dir.path()).await.unwrap();
+            let (bus, rec) = EmbeddedBus::open(dir.path(), KEEP).await.unwrap();
             assert_eq!(rec.results_on_disk, 0);
             let p = bus
                 .publish_results(&agent(), &[result(1, "a"), result(2, "b")])
@@ -389,7 +440,7 @@ mod tests {
             .unwrap();
         f.write_all(br#"{"tenant":"default","fingerp"#).unwrap();
         drop(f);
-        let (bus, rec) = EmbeddedBus::open(dir.path()).await.unwrap();
+        let (bus, rec) = EmbeddedBus::open(dir.path(), KEEP).await.unwrap();
         assert_eq!(rec.results_on_disk, 3);
         assert!(rec.torn_bytes_dropped > 0);
         assert_eq!(rec.latest["fp"]["a"].seq, 3);
@@ -404,7 +455,7 @@ mod tests {
                 duplicates: 1
             }
         );
-        let text = std::fs::read_to_string(&path).unwrap();
+        let text = segments::read_all(dir.path(), "results").unwrap();
         let seqs: Vec<u64> = text
             .lines()
             .map(|l| serde_json::from_str::<ResultLine>(l).unwrap().result.seq)

@@ -1,0 +1,456 @@
+//! An append-only log of JSON lines, kept as numbered segments in one directory so that
+//! retention can drop the oldest whole, as a JetStream stream does with `max_age` and
+//! `max_bytes`.
+//!
+//! `NAME.jsonl` is the segment being written; `NAME-<n>.jsonl` are sealed ones, oldest with
+//! the smallest `n`. Sealing is a rename. Opening the log seals what the last run left
+//! in `NAME.jsonl` (after cutting a torn last line), so every run starts a fresh segment
+//! and a segment's age is known from when it was opened.
+
+use std::collections::VecDeque;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+/// How much a log keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Sealed segments whose last line is older than this are deleted.
+    pub max_age: Duration,
+    /// Total bytes kept; the oldest sealed segments go first beyond it (0: no cap). The
+    /// segment being written is never deleted, so the log can exceed this by one segment.
+    pub max_bytes: u64,
+}
+
+impl Retention {
+    /// A segment is sealed at this size: an eighth of the cap, between 64 KiB and 64 MiB.
+    pub fn segment_bytes(&self) -> u64 {
+        const MIB: u64 = 1 << 20;
+        match self.max_bytes {
+            0 => 64 * MIB,
+            cap => (cap / 8).clamp(64 * 1024, 64 * MIB),
+        }
+    }
+
+    /// A non-empty segment is sealed at this age, so old lines become deletable: an eighth
+    /// of `max_age`, at most an hour.
+    pub fn segment_age(&self) -> Duration {
+        (self.max_age / 8).clamp(Duration::from_secs(1), Duration::from_secs(3600))
+    }
+}
+
+struct Sealed {
+    n: u64,
+    len: u64,
+    /// When its last line was written.
+    written: SystemTime,
+}
+
+pub struct Log {
+    dir: PathBuf,
+    name: &'static str,
+    retention: Retention,
+    active: File,
+    active_len: u64,
+    active_opened: Instant,
+    /// Oldest first.
+    sealed: VecDeque<Sealed>,
+}
+
+/// What opening a log found.
+pub struct Opened {
+    pub log: Log,
+    /// Bytes of a torn last line (a crash mid-append) that were cut off.
+    pub torn_bytes_dropped: u64,
+}
+
+fn active_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.jsonl"))
+}
+
+fn sealed_path(dir: &Path, name: &str, n: u64) -> PathBuf {
+    dir.join(format!("{name}-{n:06}.jsonl"))
+}
+
+/// The sealed segments of `name` in `dir`, oldest first, by number.
+fn list_sealed(dir: &Path, name: &str) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let prefix = format!("{name}-");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let file_name = entry.file_name();
+        let n = file_name
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|f| f.strip_suffix(".jsonl"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(n) = n {
+            found.push((n, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Every segment of the log `name` in `dir`, oldest first, the one being written last.
+/// For readers of the files (tests, tools); a missing log gives an empty list.
+pub fn paths(dir: &Path, name: &str) -> std::io::Result<Vec<PathBuf>> {
+    let mut paths = match list_sealed(dir, name) {
+        Ok(sealed) => sealed.into_iter().map(|(_, p)| p).collect::<Vec<_>>(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let active = active_path(dir, name);
+    if active.exists() {
+        paths.push(active);
+    }
+    Ok(paths)
+}
+
+/// The whole log `name` in `dir` as text, oldest line first. A segment deleted by
+/// retention while this reads is skipped.
+pub fn read_all(dir: &Path, name: &str) -> std::io::Result<String> {
+    let mut text = String::new();
+    for path in paths(dir, name)? {
+        match File::open(&path) {
+            Ok(mut f) => f.read_to_string(&mut text)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+    }
+    Ok(text)
+}
+
+/// Cut `path` back to its last complete line; returns how many bytes were cut.
+fn cut_torn_tail(path: &Path) -> std::io::Result<u64> {
+    let mut file = match OpenOptions::new().read(true).write(true).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    // Walk back from the end in blocks to the last newline.
+    let mut end = len;
+    let mut block = vec![0u8; 64 * 1024];
+    let good = loop {
+        if end == 0 {
+            break 0;
+        }
+        let start = end.saturating_sub(block.len() as u64);
+        let buf = &mut block[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(buf)?;
+        if let Some(i) = buf.iter().rposition(|b| *b == b'\n') {
+            break start + i as u64 + 1;
+        }
+        end = start;
+    };
+    if good < len {
+        file.set_len(good)?;
+        file.sync_all()?;
+    }
+    Ok(len - good)
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl Log {
+    /// Open (or create) the log `name` in `dir`: cut a torn last line, seal what the last
+    /// run wrote, and start a new segment.
+    pub fn open(dir: &Path, name: &'static str, retention: Retention) -> std::io::Result<Opened> {
+        std::fs::create_dir_all(dir)?;
+        let active = active_path(dir, name);
+        let torn_bytes_dropped = cut_torn_tail(&active)?;
+        let mut sealed: VecDeque<Sealed> = VecDeque::new();
+        for (n, path) in list_sealed(dir, name)? {
+            let meta = std::fs::metadata(&path)?;
+            sealed.push_back(Sealed {
+                n,
+                len: meta.len(),
+                written: meta.modified()?,
+            });
+        }
+        if let Ok(meta) = std::fs::metadata(&active) {
+            if meta.len() > 0 {
+                let n = sealed.back().map_or(1, |s| s.n + 1);
+                std::fs::rename(&active, sealed_path(dir, name, n))?;
+                sealed.push_back(Sealed {
+                    n,
+                    len: meta.len(),
+                    written: meta.modified()?,
+                });
+            }
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&active)?;
+        let active_len = file.metadata()?.len();
+        // The new file and any rename must survive a crash.
+        sync_dir(dir)?;
+        Ok(Opened {
+            log: Log {
+                dir: dir.to_path_buf(),
+                name,
+                retention,
+                active: file,
+                active_len,
+                active_opened: Instant::now(),
+                sealed,
+            },
+            torn_bytes_dropped,
+        })
+    }
+
+    /// Call `f` with every line of the sealed segments, oldest first (after `open` that is
+    /// the whole log). A segment that cannot be read is an error.
+    pub fn for_each_sealed_line(&self, mut f: impl FnMut(&[u8])) -> std::io::Result<()> {
+        let mut line = Vec::new();
+        for s in &self.sealed {
+            let path = sealed_path(&self.dir, self.name, s.n);
+            let mut reader = std::io::BufReader::new(File::open(&path)?);
+            loop {
+                line.clear();
+                if reader.read_until(b'\n', &mut line)? == 0 {
+                    break;
+                }
+                f(line.strip_suffix(b"\n").unwrap_or(&line));
+            }
+        }
+        Ok(())
+    }
+
+    /// Append `buf` (whole lines) and make it durable; on failure cut the segment back to
+    /// where it was, so a half-written line can never be glued to the next write.
+    pub fn append(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let start = self.active.seek(SeekFrom::End(0))?;
+        let written = self
+            .active
+            .write_all(buf)
+            .and_then(|_| self.active.sync_data());
+        match &written {
+            Ok(()) => self.active_len = start + buf.len() as u64,
+            Err(_) => {
+                let rolled_back = self
+                    .active
+                    .set_len(start)
+                    .and_then(|_| self.active.sync_data());
+                if let Err(e) = rolled_back {
+                    tracing::error!(log = self.name, error = %e, "cannot cut a failed bus write back; the next start drops the torn line");
+                }
+            }
+        }
+        written
+    }
+
+    /// Seal the segment being written once it is big or old enough, then delete the
+    /// sealed segments that retention no longer keeps. Returns the bytes deleted.
+    pub fn maintain(&mut self, now: SystemTime) -> std::io::Result<u64> {
+        let r = self.retention;
+        if self.active_len > 0
+            && (self.active_len >= r.segment_bytes()
+                || self.active_opened.elapsed() >= r.segment_age())
+        {
+            self.seal(now)?;
+        }
+        let mut total: u64 = self.active_len + self.sealed.iter().map(|s| s.len).sum::<u64>();
+        let mut deleted = 0;
+        while let Some(oldest) = self.sealed.front() {
+            let too_old = now
+                .duration_since(oldest.written)
+                .is_ok_and(|age| age > r.max_age);
+            let too_big = r.max_bytes > 0 && total > r.max_bytes;
+            if !(too_old || too_big) {
+                break;
+            }
+            let path = sealed_path(&self.dir, self.name, oldest.n);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            tracing::info!(
+                file = %path.display(),
+                bytes = oldest.len,
+                reason = if too_old { "max age" } else { "max bytes" },
+                "bus retention deleted a segment"
+            );
+            total -= oldest.len;
+            deleted += oldest.len;
+            self.sealed.pop_front();
+        }
+        if deleted > 0 {
+            sync_dir(&self.dir)?;
+        }
+        Ok(deleted)
+    }
+
+    fn seal(&mut self, now: SystemTime) -> std::io::Result<()> {
+        let n = self.sealed.back().map_or(1, |s| s.n + 1);
+        let active = active_path(&self.dir, self.name);
+        std::fs::rename(&active, sealed_path(&self.dir, self.name, n))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&active)?;
+        sync_dir(&self.dir)?;
+        self.sealed.push_back(Sealed {
+            n,
+            len: self.active_len,
+            written: now,
+        });
+        self.active = file;
+        self.active_len = 0;
+        self.active_opened = Instant::now();
+        Ok(())
+    }
+
+    /// Bytes on disk: every segment.
+    pub fn bytes(&self) -> u64 {
+        self.active_len + self.sealed.iter().map(|s| s.len).sum::<u64>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    fn lines(n: usize, tag: &str) -> Vec<u8> {
+        (0..n)
+            .flat_map(|i| format!("{{\"tag\":\"{tag}\",\"i\":{i}}}\n").into_bytes())
+            .collect()
+    }
+
+    fn all_lines(dir: &Path) -> Vec<String> {
+        read_all(dir, "t")
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_size_cap_drops_the_oldest_segments_and_keeps_the_newest_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            max_age: 7 * DAY,
+            max_bytes: 1 << 20,
+        };
+        assert_eq!(retention.segment_bytes(), 128 * 1024);
+        let mut log = Log::open(dir.path(), "t", retention).unwrap().log;
+        let mut written = 0u64;
+        for round in 0..100 {
+            let buf = lines(2000, &format!("r{round}"));
+            written += buf.len() as u64;
+            log.append(&buf).unwrap();
+            log.maintain(SystemTime::now()).unwrap();
+            // Never more than the cap plus the segment being written.
+            assert!(
+                log.bytes() <= retention.max_bytes + retention.segment_bytes(),
+                "{} bytes kept",
+                log.bytes()
+            );
+        }
+        assert!(
+            written > 4 * retention.max_bytes,
+            "the test wrote too little"
+        );
+        let on_disk: u64 = paths(dir.path(), "t")
+            .unwrap()
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum();
+        assert_eq!(on_disk, log.bytes());
+        let kept = all_lines(dir.path());
+        assert_eq!(kept.last().unwrap(), r#"{"tag":"r99","i":1999}"#);
+        assert!(
+            !kept.iter().any(|l| l.contains("\"r0\"")),
+            "the oldest stayed"
+        );
+        // What is kept is a contiguous tail, oldest first.
+        let first: serde_json::Value = serde_json::from_str(&kept[0]).unwrap();
+        let first_round: usize = first["tag"].as_str().unwrap()[1..].parse().unwrap();
+        let expected: Vec<String> = (first_round..100)
+            .flat_map(|r| {
+                String::from_utf8(lines(2000, &format!("r{r}")))
+                    .unwrap()
+                    .lines()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .skip_while(|l| l != &kept[0])
+            .collect();
+        assert_eq!(kept, expected);
+    }
+
+    #[test]
+    fn segments_older_than_the_max_age_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            max_age: DAY,
+            max_bytes: 0,
+        };
+        let mut log = Log::open(dir.path(), "t", retention).unwrap().log;
+        log.append(&lines(10, "old")).unwrap();
+        // Sealed at open by the next run.
+        drop(log);
+        let mut log = Log::open(dir.path(), "t", retention).unwrap().log;
+        log.append(&lines(10, "new")).unwrap();
+        assert_eq!(log.maintain(SystemTime::now()).unwrap(), 0);
+        assert_eq!(all_lines(dir.path()).len(), 20);
+        // A day and a bit later the old segment goes; the one being written stays.
+        let later = SystemTime::now() + DAY + Duration::from_secs(60);
+        assert!(log.maintain(later).unwrap() > 0);
+        let kept = all_lines(dir.path());
+        assert_eq!(kept.len(), 10);
+        assert!(kept.iter().all(|l| l.contains("\"new\"")), "{kept:?}");
+    }
+
+    #[test]
+    fn reopening_cuts_a_torn_line_and_seals_the_last_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let retention = Retention {
+            max_age: DAY,
+            max_bytes: 0,
+        };
+        let mut log = Log::open(dir.path(), "t", retention).unwrap().log;
+        log.append(&lines(3, "a")).unwrap();
+        drop(log);
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("t.jsonl"))
+            .unwrap();
+        f.write_all(br#"{"tag":"to"#).unwrap();
+        drop(f);
+        let opened = Log::open(dir.path(), "t", retention).unwrap();
+        assert_eq!(opened.torn_bytes_dropped, 10);
+        let mut seen = Vec::new();
+        opened
+            .log
+            .for_each_sealed_line(|l| seen.push(String::from_utf8(l.to_vec()).unwrap()))
+            .unwrap();
+        assert_eq!(seen, all_lines(dir.path()));
+        assert_eq!(seen.len(), 3);
+        assert_eq!(
+            paths(dir.path(), "t").unwrap(),
+            [
+                dir.path().join("t-000001.jsonl"),
+                dir.path().join("t.jsonl")
+            ]
+        );
+        // An empty run seals nothing.
+        drop(opened);
+        Log::open(dir.path(), "t", retention).unwrap();
+        assert_eq!(paths(dir.path(), "t").unwrap().len(), 2);
+    }
+}
