@@ -324,6 +324,10 @@ mod tests {
     use super::*;
 
     const DAY: Duration = Duration::from_secs(86_400);
+    const A_DAY: Retention = Retention {
+        max_age: DAY,
+        max_bytes: 0,
+    };
 
     fn lines(n: usize, tag: &str) -> Vec<u8> {
         (0..n)
@@ -396,10 +400,7 @@ mod tests {
     #[test]
     fn segments_older_than_the_max_age_are_deleted() {
         let dir = tempfile::tempdir().unwrap();
-        let retention = Retention {
-            max_age: DAY,
-            max_bytes: 0,
-        };
+        let retention = A_DAY;
         let mut log = Log::open(dir.path(), "t", retention).unwrap().log;
         log.append(&lines(10, "old")).unwrap();
         // Sealed at open by the next run.
@@ -419,10 +420,7 @@ mod tests {
     #[test]
     fn reopening_cuts_a_torn_line_and_seals_the_last_run() {
         let dir = tempfile::tempdir().unwrap();
-        let retention = Retention {
-            max_age: DAY,
-            max_bytes: 0,
-        };
+        let retention = A_DAY;
         let mut log = Log::open(dir.path(), "t", retention).unwrap().log;
         log.append(&lines(3, "a")).unwrap();
         drop(log);
