@@ -141,6 +141,9 @@ pub struct Registry {
     agents: Mutex<HashMap<String, AgentRecord>>,
     /// Live gateways by id (NATS), from their heartbeats.
     beats: Mutex<HashMap<String, Beat>>,
+    /// When each gateway process (`gateway/incarnation`) last beat, kept for an hour after
+    /// it stops: the last time it vouched for the agents it held.
+    last_beats: Mutex<HashMap<String, u64>>,
     /// Agents whose holder's gateway is gone, and when this gateway noticed.
     orphans: Mutex<HashMap<String, u64>>,
 }
@@ -221,6 +224,7 @@ impl Registry {
             store,
             agents: Mutex::new(agents),
             beats: Mutex::new(HashMap::new()),
+            last_beats: Mutex::new(HashMap::new()),
             orphans: Mutex::new(HashMap::new()),
         }
     }
@@ -305,7 +309,12 @@ impl Registry {
             if rec.holder.as_deref() != holder {
                 return false;
             }
-            end_hold(rec, presence, reason);
+            // Last seen: the last frame, when this gateway held it; when another gateway
+            // did, that gateway's last heartbeat (it dropped silent agents).
+            let vouched = holder
+                .filter(|h| !self.me.holds(h))
+                .and_then(|h| self.last_beat_of(h));
+            end_hold(rec, presence, reason, vouched);
             shared_view(rec)
         };
         lock(&self.orphans).remove(fingerprint);
@@ -411,11 +420,24 @@ impl Registry {
 
     /// Record a gateway's heartbeat (or its end, `None`).
     pub fn beat(&self, gateway_id: &str, beat: Option<Beat>) {
+        if let Some(b) = &beat {
+            let mut last = lock(&self.last_beats);
+            let forget_before = b.at_ms.saturating_sub(3_600_000);
+            last.retain(|_, at| *at >= forget_before);
+            last.insert(format!("{gateway_id}/{}", b.incarnation), b.at_ms);
+        }
         let mut beats = lock(&self.beats);
         match beat {
             Some(b) => beats.insert(gateway_id.to_string(), b),
             None => beats.remove(gateway_id),
         };
+    }
+
+    /// When the gateway process behind the connection `holder` last beat, if known.
+    fn last_beat_of(&self, holder: &str) -> Option<u64> {
+        let mut parts = holder.split('/');
+        let process = format!("{}/{}", parts.next()?, parts.next()?);
+        lock(&self.last_beats).get(&process).copied()
     }
 
     /// Whether the connection `holder` belongs to a gateway process that is alive.
@@ -559,11 +581,10 @@ impl Registry {
         res
     }
 
-    /// When the gateway holding an online agent was last heard of, for remote agents.
+    /// When the gateway process holding an online agent was last heard of, for remote
+    /// agents.
     pub fn holder_beat_ms(&self, rec: &AgentRecord) -> Option<u64> {
-        let holder = rec.holder.as_deref()?;
-        let gw = holder.split('/').next()?;
-        lock(&self.beats).get(gw).map(|b| b.at_ms)
+        self.last_beat_of(rec.holder.as_deref()?)
     }
 }
 
@@ -576,10 +597,10 @@ fn shared_view(rec: &AgentRecord) -> AgentRecord {
     }
 }
 
-fn end_hold(rec: &mut AgentRecord, presence: Presence, reason: &str) {
+fn end_hold(rec: &mut AgentRecord, presence: Presence, reason: &str, vouched: Option<u64>) {
     rec.presence = presence;
     rec.presence_reason = reason.to_string();
-    rec.last_seen_ms = now_ms();
+    rec.last_seen_ms = rec.last_seen_ms.max(vouched.unwrap_or(0));
     rec.connected_since_ms = None;
     rec.holder = None;
 }

@@ -249,6 +249,25 @@ fn assert_exactly_once(stored: &HashMap<String, Vec<u64>>, fps: &[String]) {
 }
 
 /// The agents the fleet registry shows, seen through `gw`: fingerprint → (presence, gateway).
+/// The agent's `last_seen_ms` as `gw` lists it, once `gw` shows it with `presence`.
+async fn last_seen_when(gw: &Gateway, fp: &str, presence: &str) -> u64 {
+    eventually(T, "the agent's presence in the registry", || async {
+        let a = gw.agent(fp).await?;
+        (a["presence"] == presence).then(|| a["last_seen_ms"].as_u64().unwrap())
+    })
+    .await
+}
+
+/// An agent that went silent at `silent_at` was last seen shortly before then: not at the
+/// moment it was declared lost (a grace or a sweep later).
+fn assert_last_seen_before(last_seen: u64, silent_at: u64, who: &str) {
+    assert!(
+        last_seen <= silent_at + 1_000 && last_seen + 30_000 >= silent_at,
+        "{who}: last seen at {last_seen}, silent from {silent_at} ({} ms after)",
+        last_seen as i64 - silent_at as i64
+    );
+}
+
 async fn fleet_view(gw: &Gateway) -> HashMap<String, (String, String)> {
     gw.api("/agents")
         .await
@@ -371,6 +390,7 @@ async fn a_killed_gateway_behind_haproxy_moves_its_agents_without_a_false_lost_o
     }
     let before = stored_results(&url).await;
     control.proc.signal(libc::SIGSTOP);
+    let victim_killed_at = now_ms();
     gws[victim].proc.signal(libc::SIGKILL);
     let survivor = (victim + 1) % 3;
 
@@ -392,6 +412,9 @@ async fn a_killed_gateway_behind_haproxy_moves_its_agents_without_a_false_lost_o
             .contains(&format!("its gateway ({victim_id}) stopped")),
         "{lost}"
     );
+    // Swept by a survivor: last seen when its dead gateway last vouched for it.
+    let seen = last_seen_when(&gws[survivor], &control.fingerprint, "lost").await;
+    assert_last_seen_before(seen, victim_killed_at, "the control agent");
     for fp in &fps {
         assert!(
             !presence.of(fp).contains(&"lost".to_string()),
@@ -585,6 +608,11 @@ async fn presence_for_bye_kill_9_network_loss_and_an_old_connection_outliving_it
         "{lost}"
     );
     assert_eq!(presence.of(&killed.fingerprint), ["online", "lost"]);
+    // Its last frame, on the gateway that held it and in the registry every gateway reads.
+    for gw in [&gw1, &gw2] {
+        let seen = last_seen_when(gw, &killed.fingerprint, "lost").await;
+        assert_last_seen_before(seen, killed_at, "the killed agent");
+    }
 
     // Network loss, and an old connection outliving the new one: `dark` loses its
     // network for good; `moved` loses its path to gw1 but reconnects through a new path to
@@ -951,6 +979,7 @@ async fn restart_keeps_returning_agents(nats: Option<&str>, dir: &Path) {
         eventually(T, "results", || gw.latest(&a.fingerprint, "tick")).await;
     }
     frozen.proc.signal(libc::SIGSTOP);
+    let killed_at = now_ms();
     gw.proc.signal(libc::SIGKILL);
     gw.proc.wait_exit(T).await;
     gw = start(&addr);
@@ -974,6 +1003,8 @@ async fn restart_keeps_returning_agents(nats: Option<&str>, dir: &Path) {
             .contains("its gateway (gw1) stopped and it did not reconnect"),
         "{lost}"
     );
+    let seen = last_seen_when(&gw, &frozen.fingerprint, "lost").await;
+    assert_last_seen_before(seen, killed_at, "the frozen agent");
     let back_events: Vec<Value> = events(&gw, &back.fingerprint);
     let kinds: Vec<&str> = back_events
         .iter()
