@@ -369,7 +369,7 @@ fn caveats(plan: &Plan) -> String {
 real: a gateway on loopback (embedded bus, fsync before each ack) and one agent connected \
 to it over TLS (the append rates drive the agent's `DiskOutbox` from this tool); checks are \
 given to the agent in its own `checks.d` (several files of at most 1,000 checks). A result \
-counts once it is durable on the gateway's bus (`bus/results.jsonl`), by its \
+counts once it is durable on the gateway's bus (`bus/results.jsonl` and its sealed segments), by its \
 `started_at_ms`.\n\
 - The gateway, the agent, the programs it runs and this tool share the machine's {cores} \
 cores. The raw baselines run with nothing else going on, so the agent/raw ratio also \

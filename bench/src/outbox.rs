@@ -263,7 +263,7 @@ no checks. The agent enrolled and was stopped (SIGTERM); this tool filled its ou
 (`outbox.redb` in its state directory, through `DiskOutbox`, which numbers above the \
 agent's `seq` file) with {checks} checks at {iv} s for {min} minutes, oldest first, the \
 result above; then the agent was started again and timed until the gateway's bus \
-(`bus/results.jsonl`, fsynced before each ack) held every one of them. The agent sends \
+(`bus/results.jsonl` and its sealed segments, fsynced before each ack) held every one of them. The agent sends \
 batches of up to 256 results and waits for each ack. The bus file is read every 10 ms.\n\n\
 | | |\n|---|---|\n\
 | backlog | {n} results: {checks} checks × {rounds} runs ({min} min at {iv} s) |\n\

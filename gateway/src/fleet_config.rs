@@ -152,46 +152,29 @@ pub async fn open(
     tenant: &str,
 ) -> anyhow::Result<(kv::Store, object_store::ObjectStore)> {
     let js = &nats.js;
-    let config = match js.get_key_value(CONFIG_BUCKET).await {
-        Ok(s) => s,
-        Err(_) => match js
-            .create_key_value(kv::Config {
-                bucket: CONFIG_BUCKET.into(),
-                description: "Outpost check files per tenant".into(),
-                history: 10,
-                storage: async_nats::jetstream::stream::StorageType::File,
-                num_replicas: nats.settings.replicas,
-                ..Default::default()
-            })
-            .await
-        {
-            Ok(s) => s,
-            Err(_) => js
-                .get_key_value(CONFIG_BUCKET)
-                .await
-                .context("cannot open the config bucket")?,
+    let config = crate::nats::ensure_bucket(
+        js,
+        kv::Config {
+            bucket: CONFIG_BUCKET.into(),
+            description: "Outpost check files per tenant".into(),
+            history: 10,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            num_replicas: nats.settings.replicas,
+            ..Default::default()
         },
-    };
-    let name = plugins_bucket(tenant);
-    let plugins = match js.get_object_store(&name).await {
-        Ok(s) => s,
-        Err(_) => match js
-            .create_object_store(object_store::Config {
-                bucket: name.clone(),
-                description: Some(format!("Outpost plugins of tenant {tenant}")),
-                storage: async_nats::jetstream::stream::StorageType::File,
-                num_replicas: nats.settings.replicas,
-                ..Default::default()
-            })
-            .await
-        {
-            Ok(s) => s,
-            Err(_) => js
-                .get_object_store(&name)
-                .await
-                .with_context(|| format!("cannot open the object store {name}"))?,
+    )
+    .await?;
+    let plugins = crate::nats::ensure_object_store(
+        js,
+        object_store::Config {
+            bucket: plugins_bucket(tenant),
+            description: Some(format!("Outpost plugins of tenant {tenant}")),
+            storage: async_nats::jetstream::stream::StorageType::File,
+            num_replicas: nats.settings.replicas,
+            ..Default::default()
         },
-    };
+    )
+    .await?;
     Ok((config, plugins))
 }
 

@@ -327,7 +327,12 @@ async fn ensure_stream(
     Ok(s)
 }
 
-async fn ensure_bucket(js: &jetstream::Context, config: kv::Config) -> anyhow::Result<kv::Store> {
+/// Open a KV bucket, creating it if it is missing (another gateway creating it at the same
+/// moment is fine).
+pub(crate) async fn ensure_bucket(
+    js: &jetstream::Context,
+    config: kv::Config,
+) -> anyhow::Result<kv::Store> {
     let name = config.bucket.clone();
     match js.get_key_value(&name).await {
         Ok(store) => Ok(store),
@@ -338,6 +343,24 @@ async fn ensure_bucket(js: &jetstream::Context, config: kv::Config) -> anyhow::R
                 .get_key_value(&name)
                 .await
                 .with_context(|| format!("cannot create or open the KV bucket {name}")),
+        },
+    }
+}
+
+/// Open an object store, creating it if it is missing, as [`ensure_bucket`] does.
+pub(crate) async fn ensure_object_store(
+    js: &jetstream::Context,
+    config: jetstream::object_store::Config,
+) -> anyhow::Result<jetstream::object_store::ObjectStore> {
+    let name = config.bucket.clone();
+    match js.get_object_store(&name).await {
+        Ok(store) => Ok(store),
+        Err(_) => match js.create_object_store(config).await {
+            Ok(store) => Ok(store),
+            Err(_) => js
+                .get_object_store(&name)
+                .await
+                .with_context(|| format!("cannot create or open the object store {name}")),
         },
     }
 }
