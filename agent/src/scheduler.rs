@@ -903,8 +903,10 @@ async fn check_loop(
         };
         drop(permit);
         drop(running);
-        tracing::debug!(check = %spec.name, status = result.status.as_str(), ms = result.duration_ms, "check ran");
-        inner.record(result);
+        // Logged once queued, with the sequence number it was given (the outbox logs the
+        // commit that makes it durable).
+        let result = inner.record(result);
+        tracing::debug!(check = %spec.name, status = result.status.as_str(), ms = result.duration_ms, seq = result.seq, "check ran");
     }
 }
 

@@ -25,9 +25,17 @@ async fn results_queued_during_an_outage_survive_kill_9_of_the_agent() {
     gw.proc.wait_exit(Duration::from_secs(10)).await;
     drop(gw);
     let outage_start = now_ms();
-    let ran_before = agent.proc.log().matches("check ran").count();
-    eventually(T, "three runs during the outage", || async {
-        (agent.proc.log().matches("check ran").count() >= ran_before + 3).then_some(())
+    let ran_before = logged(&agent.proc.log(), "check ran", "seq").len();
+    // Four runs logged from here: only the first can have started before the outage. And
+    // their commit to the outbox logged, since a result staged but not yet committed when
+    // the process dies is gone (by design: a check never waits for the disk).
+    eventually(T, "four runs during the outage, committed", || async {
+        let log = agent.proc.log();
+        let fourth = *logged(&log, "check ran", "seq").get(ran_before + 3)?;
+        let committed = logged(&log, "outbox committed", "through")
+            .into_iter()
+            .max()?;
+        (committed >= fourth).then_some(())
     })
     .await;
     // Then the agent dies too, without a chance to flush anything.
@@ -67,6 +75,19 @@ async fn results_queued_during_an_outage_survive_kill_9_of_the_agent() {
             "the only gap is at the restart: {seqs:?}"
         );
     }
+}
+
+/// The numbers `field=N` on the log lines containing `message`, in order.
+fn logged(log: &str, message: &str, field: &str) -> Vec<u64> {
+    let key = format!("{field}=");
+    log.lines()
+        .filter(|l| l.contains(message))
+        .filter_map(|l| {
+            let at = l.find(&key)? + key.len();
+            let digits = l[at..].split(|c: char| !c.is_ascii_digit()).next()?;
+            digits.parse().ok()
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -441,6 +441,13 @@ impl Shared {
             };
             let error = match self.commit(&batch) {
                 Ok(()) => {
+                    if let Some(last) = batch.last() {
+                        tracing::debug!(
+                            through = last.seq,
+                            results = batch.len(),
+                            "outbox committed"
+                        );
+                    }
                     retry = RETRY_MIN;
                     self.notify.notify_one();
                     self.changed.notify_all();
