@@ -112,6 +112,20 @@ impl NatsArgs {
         }
     }
 
+    /// Refuse, naming these options, what JetStream would refuse when the stream is made.
+    pub fn check(&self) -> anyhow::Result<()> {
+        let max_age = self.retention().max_age.as_secs();
+        if matches!(self.bus, BusChoice::Nats(_)) && self.dedup_window_secs > max_age {
+            anyhow::bail!(
+                "--dedup-window-secs {} is longer than --results-max-age-hours {} ({max_age} s): \
+                 JetStream cannot remember a result's id longer than it keeps the result",
+                self.dedup_window_secs,
+                max_age / 3600
+            );
+        }
+        Ok(())
+    }
+
     pub fn settings(&self) -> Option<NatsSettings> {
         let BusChoice::Nats(urls) = &self.bus else {
             return None;
@@ -244,7 +258,8 @@ impl Nats {
                 storage: stream::StorageType::File,
                 num_replicas: settings.replicas,
                 max_age: settings.results_max_age,
-                duplicate_window: Duration::from_secs(120),
+                // JetStream wants the window within the max age.
+                duplicate_window: Duration::from_secs(120).min(settings.results_max_age),
                 allow_direct: true,
                 ..Default::default()
             },
@@ -310,7 +325,12 @@ async fn ensure_stream(
     config: stream::Config,
 ) -> anyhow::Result<stream::Stream> {
     let name = config.name.clone();
-    let wanted = (config.num_replicas, config.max_age, config.duplicate_window);
+    let wanted = (
+        config.num_replicas,
+        config.max_age,
+        config.max_bytes,
+        config.duplicate_window,
+    );
     let mut s = js
         .get_or_create_stream(config)
         .await
@@ -319,10 +339,11 @@ async fn ensure_stream(
     let have = (
         info.config.num_replicas,
         info.config.max_age,
+        info.config.max_bytes,
         info.config.duplicate_window,
     );
     if have != wanted {
-        tracing::warn!(stream = %name, ?have, ?wanted, "stream exists with other settings (replicas, max age, duplicate window); keeping them — change them with the nats CLI");
+        tracing::warn!(stream = %name, ?have, ?wanted, "stream exists with other settings (replicas, max age, max bytes, duplicate window); keeping them — change them with the nats CLI");
     }
     Ok(s)
 }
@@ -368,6 +389,40 @@ pub(crate) async fn ensure_object_store(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dedup_window_longer_than_the_max_age_is_refused() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            nats: NatsArgs,
+        }
+        let args = |more: &[&str]| {
+            use clap::Parser;
+            Cli::parse_from(["gw"].iter().chain(more)).nats
+        };
+        let nats = ["--bus", "nats://a:4222", "--results-max-age-hours", "1"];
+        let err = args(&[&nats[..], &["--dedup-window-secs", "3601"]].concat())
+            .check()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--dedup-window-secs 3601 is longer than --results-max-age-hours 1"),
+            "{err}"
+        );
+        args(&[&nats[..], &["--dedup-window-secs", "3600"]].concat())
+            .check()
+            .unwrap();
+        // The embedded bus has no duplicate window to compare.
+        args(&[
+            "--results-max-age-hours",
+            "1",
+            "--dedup-window-secs",
+            "7200",
+        ])
+        .check()
+        .unwrap();
+    }
 
     #[test]
     fn bus_urls_are_checked() {

@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use outpost_e2e::nats::NatsServer;
 use outpost_e2e::tempdir;
@@ -202,6 +203,54 @@ async fn retention_contract(backend: &Backend, cap: u64) {
     assert_eq!((p.accepted, p.duplicates), (0, 1));
 }
 
+/// With a max age (`--results-max-age-hours`, here seconds), both buses drop results
+/// once they are older than it (the embedded bus a sealed segment at a time), keep the
+/// newer ones as an unbroken run, and still refuse a resend of a dropped one.
+async fn age_contract(backend: &Backend) {
+    use std::time::Instant;
+    let a = agent(5);
+    let bus = backend.open().await;
+    let (mut next, deadline) = (1u64, Instant::now() + Duration::from_secs(30));
+    let mut sent: Vec<(Instant, u64)> = Vec::new();
+    // Ten results every 200 ms until the first ones are gone from where the bus keeps them.
+    let (stored, read_at) = loop {
+        sent.push((Instant::now(), next));
+        let p = bus
+            .publish_results(&a, &results(next..=next + 9))
+            .await
+            .unwrap();
+        assert_eq!(p.accepted, 10);
+        next += 10;
+        let read_at = Instant::now();
+        let stored = backend.stored(&a).await;
+        if stored.first().is_some_and(|&first| first > 1) {
+            break (stored, read_at);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing aged out: {} stored",
+            stored.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(stored, (stored[0]..next).collect::<Vec<_>>());
+    // Nothing younger than the max age is dropped: everything sent in the last 2 s (of 3)
+    // before the read is there.
+    let young = sent
+        .iter()
+        .find(|(at, _)| read_at.duration_since(*at) < AGE - Duration::from_secs(1))
+        .map(|&(_, first)| first)
+        .unwrap();
+    assert!(
+        stored[0] <= young,
+        "{young} was dropped too young: {stored:?}"
+    );
+    let p = bus.publish_results(&a, &results(1..=10)).await.unwrap();
+    assert_eq!((p.accepted, p.duplicates), (0, 10));
+}
+
+const AGE: Duration = Duration::from_secs(3);
+
 const KEEP: Retention = Retention {
     max_age: std::time::Duration::from_secs(7 * 86_400),
     max_bytes: 0,
@@ -217,6 +266,11 @@ async fn the_embedded_bus_keeps_the_contract() {
         ..KEEP
     };
     retention_contract(&Backend::Embedded(dir.path().join("capped"), capped), cap).await;
+    let aged = Retention {
+        max_age: AGE,
+        ..KEEP
+    };
+    age_contract(&Backend::Embedded(dir.path().join("aged"), aged)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,6 +316,19 @@ async fn the_nats_bus_keeps_the_retention_contract() {
     let cap = 128 * 1024;
     let settings = nats_settings_with(&server.url(), &["--results-max-bytes", &cap.to_string()]);
     retention_contract(&Backend::Nats(settings), cap).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_bus_keeps_the_age_contract() {
+    let dir = tempdir();
+    let server = NatsServer::start(dir.path(), "n1");
+    // Seconds instead of the option's hours; JetStream's duplicate window must fit inside.
+    let settings = NatsSettings {
+        results_max_age: AGE,
+        dedup_window: Duration::from_secs(1),
+        ..nats_settings(&server.url())
+    };
+    age_contract(&Backend::Nats(settings)).await;
 }
 
 fn nats_settings(url: &str) -> NatsSettings {

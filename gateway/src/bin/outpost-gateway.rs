@@ -57,6 +57,7 @@ async fn config(cmd: Config) -> anyhow::Result<()> {
         tenant,
         nats,
     } = cmd;
+    nats.check()?;
     let Some(settings) = nats.settings() else {
         anyhow::bail!("config push needs the fleet's NATS: pass --bus nats://HOST:PORT");
     };
@@ -163,6 +164,7 @@ fn main() -> ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    args.nats.check()?;
     if args.nats.settings().is_some() && (args.checks_dir.is_some() || args.plugins_dir.is_some()) {
         anyhow::bail!("with --bus nats://… the checks and plugins come from NATS (mirrored under DATA_DIR/fleet): push a directory with `outpost-gateway config push DIR` instead of --checks-dir/--plugins-dir");
     }
