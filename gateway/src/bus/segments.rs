@@ -108,18 +108,26 @@ pub fn paths(dir: &Path, name: &str) -> std::io::Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-/// The whole log `name` in `dir` as text, oldest line first. A segment deleted by
-/// retention while this reads is skipped.
+/// The whole log `name` in `dir` as text, oldest line first, as it was at one moment
+/// while the bus may be writing: read again when a segment was sealed or deleted
+/// meanwhile (a seal between listing and reading would otherwise skip the new segment).
 pub fn read_all(dir: &Path, name: &str) -> std::io::Result<String> {
-    let mut text = String::new();
-    for path in paths(dir, name)? {
-        match File::open(&path) {
-            Ok(mut f) => f.read_to_string(&mut text)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
+    let mut listed = paths(dir, name)?;
+    loop {
+        let mut text = String::new();
+        for path in &listed {
+            match File::open(path) {
+                Ok(mut f) => f.read_to_string(&mut text)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+        }
+        let now = paths(dir, name)?;
+        if now == listed {
+            return Ok(text);
+        }
+        listed = now;
     }
-    Ok(text)
 }
 
 /// Cut `path` back to its last complete line; returns how many bytes were cut.
@@ -341,6 +349,44 @@ mod tests {
             .lines()
             .map(str::to_string)
             .collect()
+    }
+
+    #[test]
+    fn a_reader_never_misses_a_segment_sealed_while_it_reads() {
+        // In memory where there is a tmpfs: an fsync costs nothing there, so segments are
+        // sealed and refilled while a read is under way, not only between reads.
+        let dir = tempfile::tempdir_in("/dev/shm")
+            .or_else(|_| tempfile::tempdir())
+            .unwrap();
+        let retention = Retention {
+            max_age: 7 * DAY,
+            max_bytes: 512 * 1024,
+        };
+        let mut log = Log::open(dir.path(), "t", retention).unwrap().log;
+        let path = dir.path().to_path_buf();
+        let writer = std::thread::spawn(move || {
+            // One 100-byte line per append, so seals (every 64 KiB) land at many points of
+            // the reads.
+            for i in 0..40_000u64 {
+                log.append(format!("{i:099}\n").as_bytes()).unwrap();
+                log.maintain(SystemTime::now()).unwrap();
+            }
+        });
+        let mut reads = 0;
+        while !writer.is_finished() || reads == 0 {
+            let text = read_all(&path, "t").unwrap();
+            // The line being appended can be read half-written: the complete ones count.
+            let numbers: Vec<u64> = text
+                .split_inclusive('\n')
+                .filter_map(|l| l.strip_suffix('\n'))
+                .map(|l| l.parse().unwrap())
+                .collect();
+            let gap = numbers.windows(2).find(|w| w[1] != w[0] + 1);
+            assert_eq!(gap, None, "a read skipped lines");
+            reads += 1;
+        }
+        writer.join().unwrap();
+        assert!(reads > 10, "only {reads} reads overlapped the writes");
     }
 
     #[test]
