@@ -148,12 +148,40 @@ impl Drop for Proc {
 
 /// Start `cmd` with stderr to `log` and return it with the stdout lines that `want`
 /// accepts, read until it has seen `lines` of them.
+/// A copy of `cmd`: program, arguments and environment.
+fn clone_command(cmd: &Command) -> Command {
+    let mut copy = Command::new(cmd.get_program());
+    copy.args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => copy.env(k, v),
+            None => copy.env_remove(k),
+        };
+    }
+    if let Some(d) = cmd.get_current_dir() {
+        copy.current_dir(d);
+    }
+    copy
+}
+
 fn spawn_reading(
-    mut cmd: Command,
+    cmd: Command,
     log: &Path,
     lines: usize,
     want: impl Fn(&str) -> bool,
 ) -> (Proc, Vec<String>) {
+    try_spawn_reading(cmd, log, lines, want)
+        .unwrap_or_else(|log| panic!("process did not print its start lines; log:\n{log}"))
+}
+
+/// [`spawn_reading`], giving the log instead of panicking when the process does not print
+/// its start lines (exited, or silent for 20 s).
+fn try_spawn_reading(
+    mut cmd: Command,
+    log: &Path,
+    lines: usize,
+    want: impl Fn(&str) -> bool,
+) -> Result<(Proc, Vec<String>), String> {
     let stderr = std::fs::File::create(log).expect("log file");
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -181,13 +209,10 @@ fn spawn_reading(
         match rx.recv_timeout(left) {
             Ok(l) if want(&l) => got.push(l),
             Ok(_) => {}
-            Err(_) => panic!(
-                "process did not print its start lines; log:\n{}",
-                proc.log()
-            ),
+            Err(_) => return Err(proc.log()),
         }
     }
-    (proc, got)
+    Ok((proc, got))
 }
 
 pub struct Gateway {
@@ -224,11 +249,27 @@ impl Gateway {
         .arg(&data_dir)
         .args(extra_args)
         .env("RUST_LOG", "info,outpost_gateway=debug");
-        let (proc, lines) = spawn_reading(cmd, &dir.join("gateway.log"), 3, |l| {
-            l.starts_with("listening ")
-                || l.starts_with("pin_sha256 ")
-                || l.starts_with("curl_pin ")
-        });
+        let start = |cmd| {
+            try_spawn_reading(cmd, &dir.join("gateway.log"), 3, |l| {
+                l.starts_with("listening ")
+                    || l.starts_with("pin_sha256 ")
+                    || l.starts_with("curl_pin ")
+            })
+        };
+        // A gateway restarted on its old port: until then the port was free, and any
+        // connection of this machine may have been given it as its source port. Wait for
+        // it to be released.
+        let mut tries = 0;
+        let (proc, lines) = loop {
+            match start(clone_command(&cmd)) {
+                Ok(started) => break started,
+                Err(log) if log.contains("Address already in use") && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(log) => panic!("the gateway did not start; log:\n{log}"),
+            }
+        };
         let addr = lines[0]
             .trim_start_matches("listening https://")
             .to_string();

@@ -258,11 +258,12 @@ async fn schedule_survives(
         .map(|r| r["started_at_ms"].as_u64().unwrap())
         .collect();
     let gaps: Vec<u64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
-    // The first run is placed by the splay; from then on it is a 1 s grid. (With
+    // The first run is placed by the splay; from then on it is a 1 s grid: a run late by
+    // D makes gaps of 1 s + D and 1 s - D, and a missed slot a gap of 2 s. (With
     // max_concurrent_checks = 1 next to the hanging plugin this fails: gaps of 2.3 s.)
     for g in &gaps[1..] {
         assert!(
-            (500..=1_600).contains(g),
+            (200..=1_800).contains(g),
             "the good check lost its rhythm next to {bad_check}: gaps {gaps:?}"
         );
     }
@@ -318,11 +319,14 @@ async fn a_forking_plugin_never_delays_the_rest_nor_leaves_children() {
     let (gw, _agent, fp) = schedule_survives(dir.path(), &bad, "forks", 3).await;
     let forks = gw.latest(&fp, "forks").await.unwrap();
     assert_eq!(forks["status"], "ok");
-    assert_eq!(
-        count_processes(&["sleep", "313"]),
-        0,
-        "a forking plugin's children outlived it"
-    );
+    // The check still runs every second, so a run can be caught with its children alive
+    // for an instant; leaked children sleep 313 s, so with a leak the count never gets to 0.
+    eventually(
+        T,
+        "no child of the forking plugin left between runs",
+        || async { (count_processes(&["sleep", "313"]) == 0).then_some(()) },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

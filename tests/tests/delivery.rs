@@ -240,15 +240,20 @@ async fn sessions_rotate_without_the_agent_ever_looking_lost() {
         gw.agent(&fp).await.filter(|a| a["presence"] == "online")
     })
     .await;
+    // Sessions last 1 to 2 s: four new ones come in about 6 to 9 s, more on a busy machine.
     let connections = gw.metric("outpost_connections_total").await;
-    let until = std::time::Instant::now() + Duration::from_secs(9);
-    while std::time::Instant::now() < until {
+    let until = std::time::Instant::now() + T;
+    let mut rotations = 0;
+    while rotations < 4 {
         let a = gw.agent(&fp).await.unwrap();
         assert_eq!(a["presence"], "online", "{a}");
+        assert!(
+            std::time::Instant::now() < until,
+            "{rotations} new sessions in {T:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
+        rotations = gw.metric("outpost_connections_total").await - connections;
     }
-    let rotations = gw.metric("outpost_connections_total").await - connections;
-    assert!(rotations >= 4, "{rotations} new sessions in 9 s");
     let seqs = exactly_once_in_order(&gw.bus_all(&fp));
     assert_eq!(gaps(&seqs), []);
     // Nor on the bus, where a lost moment between two polls would still show.

@@ -656,6 +656,11 @@ async fn presence_for_bye_kill_9_network_loss_and_an_old_connection_outliving_it
     })
     .await;
     assert!(!old_end.contains("agent lost"), "{old_end}");
+    // gw2 publishes the move's online event after claiming the agent in the registry.
+    eventually(T, "the move's online event", || async {
+        (presence.of(&moved.fingerprint).len() >= 2).then_some(())
+    })
+    .await;
     assert_eq!(
         presence.of(&moved.fingerprint),
         ["online", "online"],

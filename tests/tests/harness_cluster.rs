@@ -1,6 +1,7 @@
 //! The fleet harness itself, with real processes: a JetStream server, a three-node
 //! JetStream cluster losing a node to SIGKILL, and the documented haproxy configuration
-//! in front of two real gateways, one of which dies.
+//! in front of two real gateways, one of which dies; and a gateway restarted on a port
+//! that something else holds for a moment.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -235,4 +236,19 @@ async fn haproxy_takes_a_killed_gateway_out_and_serves_through_the_other() {
         lb.log()
     );
     gateways.clear();
+}
+
+#[tokio::test]
+async fn a_gateway_restarted_on_a_port_held_for_a_moment_starts_once_it_is_free() {
+    let dir = tempdir();
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = holder.local_addr().unwrap().to_string();
+    let released = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        drop(holder);
+    });
+    let gw = Gateway::start_on(dir.path(), &listen, &[]);
+    released.join().unwrap();
+    assert_eq!(gw.addr, listen);
+    assert_eq!(gw.http("GET", "/healthz", None).await.0, 200);
 }
