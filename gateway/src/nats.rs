@@ -114,16 +114,21 @@ impl NatsArgs {
 
     /// Refuse, naming these options, what JetStream would refuse when the stream is made.
     pub fn check(&self) -> anyhow::Result<()> {
-        let max_age = self.retention().max_age.as_secs();
-        if matches!(self.bus, BusChoice::Nats(_)) && self.dedup_window_secs > max_age {
+        let (window, max_age) = (self.dedup_window(), self.retention().max_age);
+        if matches!(self.bus, BusChoice::Nats(_)) && window > max_age {
             anyhow::bail!(
-                "--dedup-window-secs {} is longer than --results-max-age-hours {} ({max_age} s): \
+                "--dedup-window-secs {} is longer than --results-max-age-hours {} ({} s): \
                  JetStream cannot remember a result's id longer than it keeps the result",
-                self.dedup_window_secs,
-                max_age / 3600
+                window.as_secs(),
+                max_age.as_secs() / 3600,
+                max_age.as_secs()
             );
         }
         Ok(())
+    }
+
+    fn dedup_window(&self) -> Duration {
+        Duration::from_secs(self.dedup_window_secs.clamp(1, 86_400))
     }
 
     pub fn settings(&self) -> Option<NatsSettings> {
@@ -147,7 +152,7 @@ impl NatsArgs {
                 0 => -1,
                 cap => cap.min(i64::MAX as u64) as i64,
             },
-            dedup_window: Duration::from_secs(self.dedup_window_secs.clamp(1, 86_400)),
+            dedup_window: self.dedup_window(),
         })
     }
 }
@@ -325,23 +330,14 @@ async fn ensure_stream(
     config: stream::Config,
 ) -> anyhow::Result<stream::Stream> {
     let name = config.name.clone();
-    let wanted = (
-        config.num_replicas,
-        config.max_age,
-        config.max_bytes,
-        config.duplicate_window,
-    );
+    let limits = |c: &stream::Config| (c.num_replicas, c.max_age, c.max_bytes, c.duplicate_window);
+    let wanted = limits(&config);
     let mut s = js
         .get_or_create_stream(config)
         .await
         .with_context(|| format!("cannot create or open the JetStream stream {name}"))?;
     let info = s.info().await.context("cannot read stream info")?;
-    let have = (
-        info.config.num_replicas,
-        info.config.max_age,
-        info.config.max_bytes,
-        info.config.duplicate_window,
-    );
+    let have = limits(&info.config);
     if have != wanted {
         tracing::warn!(stream = %name, ?have, ?wanted, "stream exists with other settings (replicas, max age, max bytes, duplicate window); keeping them — change them with the nats CLI");
     }
