@@ -552,6 +552,7 @@ pub fn tempdir() -> tempfile::TempDir {
         .tempdir()
         .unwrap()
 }
+pub mod debian;
 pub mod haproxy;
 pub mod nats;
 pub mod webdriver;

@@ -1067,58 +1067,6 @@ async fn public_url_is_the_scripts_default_gateway() {
 
 // ------------------------------------------------------------- Debian chroot, end to end
 
-/// A minimal Debian bookworm tree with curl, as a tarball cached across runs (building
-/// it takes minutes), unpacked into `into`.
-fn debian_chroot(into: &Path) {
-    let cache = PathBuf::from(
-        std::env::var_os("OUTPOST_TEST_CACHE").unwrap_or_else(|| "/var/cache/outpost-tests".into()),
-    );
-    let tarball = cache.join("debian-bookworm-minbase.tar");
-    if !tarball.exists() {
-        std::fs::create_dir_all(&cache).unwrap();
-        let build = cache.join(format!("bookworm.build.{}", std::process::id()));
-        let status = Command::new("timeout")
-            .args([
-                "1800",
-                "debootstrap",
-                "--variant=minbase",
-                "--include=curl,ca-certificates",
-                "bookworm",
-            ])
-            .arg(&build)
-            .arg("http://deb.debian.org/debian")
-            .status()
-            .expect("debootstrap (ci/setup installs it)");
-        assert!(status.success(), "debootstrap failed");
-        let tmp = cache.join(format!(
-            "debian-bookworm-minbase.tar.{}",
-            std::process::id()
-        ));
-        let status = Command::new("timeout")
-            .args(["600", "tar"])
-            .arg("-C")
-            .arg(&build)
-            .arg("-cf")
-            .arg(&tmp)
-            .arg(".")
-            .status()
-            .unwrap();
-        assert!(status.success());
-        std::fs::rename(&tmp, &tarball).unwrap();
-        std::fs::remove_dir_all(&build).unwrap();
-    }
-    std::fs::create_dir_all(into).unwrap();
-    let status = Command::new("timeout")
-        .args(["600", "tar"])
-        .arg("-C")
-        .arg(into)
-        .arg("-xf")
-        .arg(&tarball)
-        .status()
-        .unwrap();
-    assert!(status.success(), "cannot unpack {}", tarball.display());
-}
-
 /// A gateway on 127.0.0.1 with a CA-issued certificate for `localhost`, the dist
 /// directory published as its release, a check that runs everywhere, and a Debian chroot
 /// that trusts the CA (at /root/gateway-ca.pem) and resolves localhost.
@@ -1171,7 +1119,7 @@ impl Chroot {
             "[[check]]\nname = \"from-chroot\"\ncommand = [\"/bin/sh\", \"-c\", \"echo OK - debian $(cat /etc/debian_version)\"]\ninterval = 1\n",
         );
         let root = dir.path().join("debian");
-        debian_chroot(&root);
+        outpost_e2e::debian::unpack_chroot(&root);
         // The chroot shares the network namespace; the gateway's name is localhost.
         std::fs::write(root.join("etc/hosts"), "127.0.0.1 localhost\n").unwrap();
         std::fs::copy(&ca, root.join("root/gateway-ca.pem")).unwrap();
