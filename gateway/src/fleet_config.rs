@@ -52,6 +52,8 @@ pub struct Plugin {
     pub bytes: Vec<u8>,
 }
 
+/// Whether `name` may be a check file: `<letters, digits, '-', '_'>.toml`, so it is one
+/// plain path component (no `/`, no `..`, no leading dot).
 fn valid_file_name(name: &str) -> bool {
     name.strip_suffix(".toml").is_some_and(|stem| {
         !stem.is_empty()
@@ -60,6 +62,63 @@ fn valid_file_name(name: &str) -> bool {
                 .bytes()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-'))
     })
+}
+
+/// The one gate for every name read from NATS, by `sync_once`, `mirror` and `push` alike:
+/// a check file's KV key must be `<tenant>.checks.<valid file name>`, a plugin's object
+/// name a valid plugin name. Both rules allow exactly one plain path component, so a name
+/// from NATS can never reach outside the mirror directories. `Err` says why, for the log.
+fn check_file_of_key<'k>(key: &'k str, prefix: &str) -> Option<Result<&'k str, String>> {
+    let name = key.strip_prefix(prefix)?;
+    Some(if valid_file_name(name) {
+        Ok(name)
+    } else {
+        Err(format!(
+            "check file name {name:?} refused: names are letters, digits, '-' and '_' before .toml"
+        ))
+    })
+}
+
+fn plugin_of_object(name: &str) -> Result<&str, String> {
+    if valid_check_name(name) {
+        Ok(name)
+    } else {
+        Err(format!(
+            "plugin name {name:?} refused: names are 1-64 letters, digits, '-', '_' or '.'"
+        ))
+    }
+}
+
+/// Fetch one plugin's bytes, refusing it before allocating when NATS says it is larger
+/// than a plugin may be, reading no more than the limit whatever NATS says, and checking
+/// the content against the `sha256` in its metadata.
+async fn fetch_plugin(
+    store: &object_store::ObjectStore,
+    name: &str,
+    size: usize,
+    sha256: &str,
+) -> anyhow::Result<Vec<u8>> {
+    if size as u64 > MAX_PLUGIN_BYTES {
+        bail!("plugin {name:?} is {size} bytes, over the {MAX_PLUGIN_BYTES}-byte plugin limit");
+    }
+    let object = store
+        .get(name)
+        .await
+        .with_context(|| format!("cannot fetch plugin {name:?}"))?;
+    let mut bytes = Vec::with_capacity(size);
+    object
+        .take(MAX_PLUGIN_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .await
+        .with_context(|| format!("cannot read plugin {name:?}"))?;
+    if bytes.len() as u64 > MAX_PLUGIN_BYTES {
+        bail!("plugin {name:?} is over the {MAX_PLUGIN_BYTES}-byte plugin limit");
+    }
+    let got = hex::encode(Sha256::digest(&bytes));
+    if got != sha256 {
+        bail!("plugin {name:?} has sha256 {got}, but its metadata says {sha256:?}");
+    }
+    Ok(bytes)
 }
 
 /// Read and validate a config directory. Every problem is listed in the error, and
@@ -178,13 +237,15 @@ pub async fn open(
     Ok((config, plugins))
 }
 
-/// What NATS holds for the tenant now (plugins by digest only).
+/// What NATS holds for the tenant now (plugins by digest only), and the keys and objects
+/// whose names were refused (logged, never written anywhere; `push` removes them).
 pub async fn read_fleet(
     config: &kv::Store,
     plugins: &object_store::ObjectStore,
     tenant: &str,
-) -> anyhow::Result<Snapshot> {
+) -> anyhow::Result<(Snapshot, Refused)> {
     let mut snap = Snapshot::default();
+    let mut refused = Refused::default();
     let prefix = checks_prefix(tenant);
     let mut keys = config
         .keys()
@@ -192,8 +253,14 @@ pub async fn read_fleet(
         .context("cannot list the config bucket")?;
     while let Some(key) = keys.next().await {
         let key = key.context("cannot list the config bucket")?;
-        let Some(name) = key.strip_prefix(&prefix) else {
-            continue;
+        let name = match check_file_of_key(&key, &prefix) {
+            None => continue,
+            Some(Ok(name)) => name,
+            Some(Err(why)) => {
+                tracing::warn!(%why, "ignoring a check file in NATS");
+                refused.keys.push(key.clone());
+                continue;
+            }
         };
         if let Some(value) = config.get(&key).await.context("cannot read a check file")? {
             snap.checks.insert(
@@ -211,6 +278,11 @@ pub async fn read_fleet(
         if info.deleted {
             continue;
         }
+        if let Err(why) = plugin_of_object(&info.name) {
+            tracing::warn!(%why, "ignoring a plugin in NATS");
+            refused.objects.push(info.name.clone());
+            continue;
+        }
         snap.plugins.insert(
             info.name.clone(),
             Plugin {
@@ -220,7 +292,14 @@ pub async fn read_fleet(
             },
         );
     }
-    Ok(snap)
+    Ok((snap, refused))
+}
+
+/// KV keys and object names in NATS that no gateway will mirror (see [`read_fleet`]).
+#[derive(Debug, Default)]
+pub struct Refused {
+    pub keys: Vec<String>,
+    pub objects: Vec<String>,
 }
 
 /// A readable diff from `old` to `new`; empty when they hold the same.
@@ -299,8 +378,18 @@ pub struct Pushed {
 pub async fn push(nats: &Nats, tenant: &str, dir: &Path, dry_run: bool) -> anyhow::Result<Pushed> {
     let wanted = read_dir(dir)?;
     let (config, plugins) = open(nats, tenant).await?;
-    let current = read_fleet(&config, &plugins, tenant).await?;
-    let diff = diff(&current, &wanted);
+    let (current, refused) = read_fleet(&config, &plugins, tenant).await?;
+    let mut diff = diff(&current, &wanted);
+    // Names no gateway mirrors are not ours to keep: a push removes them.
+    for key in &refused.keys {
+        let _ = writeln!(diff, "- key {key:?} (not a valid check file name; removed)");
+    }
+    for name in &refused.objects {
+        let _ = writeln!(
+            diff,
+            "- plugin object {name:?} (not a valid plugin name; removed)"
+        );
+    }
     let changes = diff.lines().filter(|l| !l.starts_with("    ")).count();
     if dry_run || changes == 0 {
         return Ok(Pushed { diff, changes });
@@ -339,7 +428,13 @@ pub async fn push(nats: &Nats, tenant: &str, dir: &Path, dry_run: bool) -> anyho
             .await
             .with_context(|| format!("cannot remove {name}"))?;
     }
-    for name in absent(&current.plugins, &wanted.plugins) {
+    for key in &refused.keys {
+        config
+            .delete(key)
+            .await
+            .with_context(|| format!("cannot remove key {key:?}"))?;
+    }
+    for name in absent(&current.plugins, &wanted.plugins).chain(&refused.objects) {
         plugins
             .delete(name)
             .await
@@ -371,20 +466,19 @@ pub async fn sync_once(
     plugins_dir: &Path,
 ) -> anyhow::Result<()> {
     let (config, plugins) = open(nats, tenant).await?;
-    let fleet = read_fleet(&config, &plugins, tenant).await?;
+    let (fleet, _) = read_fleet(&config, &plugins, tenant).await?;
     prune(checks_dir, |n| fleet.checks.contains_key(n))?;
     prune(plugins_dir, |n| fleet.plugins.contains_key(n))?;
     for (name, text) in &fleet.checks {
         write_atomic(&checks_dir.join(name), text.as_bytes(), 0o644)?;
     }
-    for name in fleet.plugins.keys() {
-        let mut object = plugins
-            .get(name)
-            .await
-            .with_context(|| format!("cannot fetch plugin {name}"))?;
-        let mut bytes = Vec::new();
-        object.read_to_end(&mut bytes).await?;
-        write_atomic(&plugins_dir.join(name), &bytes, 0o755)?;
+    for (name, p) in &fleet.plugins {
+        // A plugin that is too large or does not match its digest is left out (and
+        // logged); the check store then reports the checks that name it.
+        match fetch_plugin(&plugins, name, p.size as usize, &p.sha256).await {
+            Ok(bytes) => write_atomic(&plugins_dir.join(name), &bytes, 0o755)?,
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "plugin not mirrored"),
+        }
     }
     tracing::info!(
         check_files = fleet.checks.len(),
@@ -393,6 +487,9 @@ pub async fn sync_once(
     );
     Ok(())
 }
+
+/// The mirror's name in [`crate::health::Health`].
+pub const MIRROR_TASK: &str = "fleet config mirror";
 
 /// Mirror the tenant's check files and plugins from NATS into the local directories the
 /// check store reads, until shutdown. Files not in NATS are removed at the start.
@@ -405,7 +502,7 @@ pub async fn mirror(gw: Arc<Gateway>, nats: Arc<Nats>) {
     loop {
         let run = async {
             let (config, plugins) = open(&nats, &tenant).await?;
-            let fleet = read_fleet(&config, &plugins, &tenant).await?;
+            let (fleet, _) = read_fleet(&config, &plugins, &tenant).await?;
             prune(&checks_dir, |n| fleet.checks.contains_key(n))?;
             prune(&plugins_dir, |n| fleet.plugins.contains_key(n))?;
             let prefix = checks_prefix(&tenant);
@@ -417,14 +514,19 @@ pub async fn mirror(gw: Arc<Gateway>, nats: Arc<Nats>) {
                 .watch_with_history()
                 .await
                 .context("cannot watch the plugin store")?;
+            gw.health.ok(MIRROR_TASK);
             loop {
                 tokio::select! {
                     e = checks.next() => {
                         let e = e.context("config watch ended")?.context("config watch")?;
-                        let Some(name) = e.key.strip_prefix(&prefix) else { continue };
-                        if !valid_file_name(name) {
-                            continue;
-                        }
+                        let name = match check_file_of_key(&e.key, &prefix) {
+                            None => continue,
+                            Some(Ok(name)) => name,
+                            Some(Err(why)) => {
+                                tracing::warn!(%why, "ignoring a check file in NATS");
+                                continue;
+                            }
+                        };
                         let path = checks_dir.join(name);
                         match e.operation {
                             kv::Operation::Put => write_atomic(&path, &e.value, 0o644)?,
@@ -434,17 +536,24 @@ pub async fn mirror(gw: Arc<Gateway>, nats: Arc<Nats>) {
                     }
                     info = objects.next() => {
                         let info = info.context("plugin watch ended")?.context("plugin watch")?;
-                        if !valid_check_name(&info.name) {
+                        if let Err(why) = plugin_of_object(&info.name) {
+                            tracing::warn!(%why, "ignoring a plugin in NATS");
                             continue;
                         }
                         let path = plugins_dir.join(&info.name);
                         if info.deleted {
                             remove(&path)?;
                         } else {
-                            let mut object = plugins.get(&info.name).await.context("cannot fetch a plugin")?;
-                            let mut bytes = Vec::with_capacity(info.size);
-                            object.read_to_end(&mut bytes).await?;
-                            write_atomic(&path, &bytes, 0o755)?;
+                            let sha = info.metadata.get("sha256").map(String::as_str).unwrap_or_default();
+                            match fetch_plugin(&plugins, &info.name, info.size, sha).await {
+                                Ok(bytes) => write_atomic(&path, &bytes, 0o755)?,
+                                Err(e) => {
+                                    // The old version, if any, must not stay as if current.
+                                    remove(&path)?;
+                                    tracing::error!(error = %format!("{e:#}"), "plugin not mirrored");
+                                    continue;
+                                }
+                            }
                         }
                         tracing::info!(plugin = %info.name, deleted = info.deleted, "fleet plugin changed");
                     }
@@ -455,7 +564,9 @@ pub async fn mirror(gw: Arc<Gateway>, nats: Arc<Nats>) {
         match run.await {
             Ok(()) => return,
             Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), "mirroring the fleet configuration failed; retrying");
+                let why = format!("{e:#}");
+                gw.health.failing(MIRROR_TASK, why.clone());
+                tracing::error!(error = %why, "mirroring the fleet configuration failed; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                     _ = gw.shutdown.cancelled() => return,

@@ -11,6 +11,7 @@ pub mod checks;
 pub mod console;
 pub mod credentials;
 pub mod fleet_config;
+pub mod health;
 pub mod hub;
 pub mod listener;
 pub mod metrics;
@@ -45,6 +46,8 @@ pub struct Gateway {
     pub hub: hub::Hub,
     pub metrics: metrics::Metrics,
     pub shutdown: CancellationToken,
+    /// Which background tasks are failing now (`/readyz` reports them).
+    pub health: Arc<health::Health>,
     /// The NATS connection when the gateway runs in a fleet (`--bus nats://…`).
     pub nats: Option<Arc<nats::Nats>>,
 }
@@ -113,6 +116,7 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
         hub: hub::Hub::default(),
         metrics: metrics::Metrics::default(),
         shutdown,
+        health: Arc::default(),
         nats,
     });
     Ok(Prepared { gateway, tls })
@@ -138,6 +142,22 @@ fn gateway_id(settings: &Settings) -> anyhow::Result<String> {
     }
 }
 
+/// Run `task` for the gateway's life under [`health::supervise`].
+fn background<F, Fut>(tracker: &TaskTracker, gw: &Arc<Gateway>, name: &'static str, task: F)
+where
+    F: Fn(Arc<Gateway>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let g = gw.clone();
+    health::supervise(
+        tracker,
+        gw.health.clone(),
+        gw.shutdown.clone(),
+        name,
+        move || task(g.clone()),
+    );
+}
+
 /// Run the gateway on `listener` until `gateway.shutdown` is cancelled, then stop
 /// accepting, close agent sessions with "going away", and wait up to `grace` for them.
 pub async fn serve(
@@ -147,12 +167,21 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let Prepared { gateway, tls } = prepared;
     let tracker = TaskTracker::new();
-    tracker.spawn(checks::watch(gateway.clone()));
-    tracker.spawn(registry::maintain(gateway.clone()));
+    background(&tracker, &gateway, "checks watch", checks::watch);
+    background(&tracker, &gateway, "registry", registry::maintain);
     if let Some(n) = &gateway.nats {
-        tracker.spawn(registry::heartbeat(gateway.clone(), n.clone()));
-        tracker.spawn(registry::follow(gateway.clone(), n.clone()));
-        tracker.spawn(fleet_config::mirror(gateway.clone(), n.clone()));
+        let n1 = n.clone();
+        background(&tracker, &gateway, "gateway heartbeat", move |gw| {
+            registry::heartbeat(gw, n1.clone())
+        });
+        let n2 = n.clone();
+        background(&tracker, &gateway, "registry follow", move |gw| {
+            registry::follow(gw, n2.clone())
+        });
+        let n3 = n.clone();
+        background(&tracker, &gateway, fleet_config::MIRROR_TASK, move |gw| {
+            fleet_config::mirror(gw, n3.clone())
+        });
     }
     let app = api::router(gateway.clone());
     listener::accept_loop(

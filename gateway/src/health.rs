@@ -1,0 +1,131 @@
+//! The gateway's background tasks and whether they are healthy: each runs under
+//! [`supervise`], which restarts it if it panics or returns before shutdown, and a task
+//! that cannot do its job reports why with [`Health::failing`]. `/readyz` answers 503
+//! with those reasons, so a load balancer sends agents elsewhere instead of to a gateway
+//! that has silently stopped, say, mirroring the fleet's checks.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::FutureExt as _;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Pause before a task that died is started again.
+const RESTART_DELAY: Duration = Duration::from_secs(2);
+
+/// Background tasks that are failing now, by name, with why.
+#[derive(Default)]
+pub struct Health {
+    failing: Mutex<BTreeMap<&'static str, String>>,
+}
+
+impl Health {
+    pub fn failing(&self, task: &'static str, why: impl Into<String>) {
+        lock(&self.failing).insert(task, why.into());
+    }
+
+    pub fn ok(&self, task: &'static str) {
+        lock(&self.failing).remove(task);
+    }
+
+    /// `None` when every task is healthy, else one line naming each failing task.
+    pub fn problems(&self) -> Option<String> {
+        let failing = lock(&self.failing);
+        (!failing.is_empty()).then(|| {
+            failing
+                .iter()
+                .map(|(task, why)| format!("{task}: {why}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Run `make()`'s future on `tracker` until `shutdown`, starting a new one whenever it
+/// panics or returns early; while it is down, `health` says so.
+pub fn supervise<F, Fut>(
+    tracker: &TaskTracker,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+    task: &'static str,
+    make: F,
+) where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    tracker.spawn(async move {
+        loop {
+            let why = match std::panic::AssertUnwindSafe(make()).catch_unwind().await {
+                Ok(()) if shutdown.is_cancelled() => return,
+                Ok(()) => "stopped before shutdown".to_string(),
+                Err(panic) => format!("panicked: {}", panic_message(&*panic)),
+            };
+            tracing::error!(task, %why, "background task died; restarting it");
+            health.failing(task, format!("{why}; restarting"));
+            tokio::select! {
+                _ = tokio::time::sleep(RESTART_DELAY) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            health.ok(task);
+        }
+    });
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A task that panics is started again, and health names it while it is down.
+    #[tokio::test(start_paused = true)]
+    async fn a_panicking_task_is_restarted_and_reported_meanwhile() {
+        let tracker = TaskTracker::new();
+        let health = Arc::new(Health::default());
+        let shutdown = CancellationToken::new();
+        let runs = Arc::new(AtomicU32::new(0));
+        let r = runs.clone();
+        supervise(
+            &tracker,
+            health.clone(),
+            shutdown.clone(),
+            "mirror",
+            move || {
+                let r = r.clone();
+                async move {
+                    if r.fetch_add(1, Ordering::SeqCst) == 0 {
+                        panic!("size 9223372036854775808");
+                    }
+                    std::future::pending::<()>().await
+                }
+            },
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let why = health.problems().expect("reported while down");
+        assert!(
+            why.contains("mirror: panicked: size 9223372036854775808"),
+            "{why}"
+        );
+        tokio::time::sleep(RESTART_DELAY * 2).await;
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        assert_eq!(health.problems(), None);
+        shutdown.cancel();
+        tracker.close();
+        // The second run never ends by itself: the tracker waits for the supervisor only.
+        drop(tracker);
+    }
+}
