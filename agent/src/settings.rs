@@ -6,6 +6,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use outpost_protocol::{
+    group_problem, hostname_problem, label_problem, MAX_GROUPS, MAX_HOSTNAME_BYTES, MAX_LABELS,
+};
 use serde::Deserialize;
 
 #[derive(Debug, Default, Deserialize)]
@@ -292,12 +295,16 @@ impl Settings {
             .enroll_key
             .filter(|k| !k.trim().is_empty())
             .map(|k| k.trim().to_string());
-        for (k, v) in &raw.labels {
-            if k.is_empty() || k.len() > 64 || v.len() > 256 {
-                problems.push(format!(
-                    "label {k:?}: keys are 1-64 bytes, values at most 256"
-                ));
-            }
+        // The gateway refuses a hello that breaks these rules: say so here, at start.
+        problems.extend(raw.labels.iter().filter_map(|(k, v)| label_problem(k, v)));
+        problems.extend(raw.groups.iter().filter_map(|g| group_problem(g)));
+        if raw.labels.len() > MAX_LABELS || raw.groups.len() > MAX_GROUPS {
+            problems.push(format!(
+                "at most {MAX_LABELS} labels and {MAX_GROUPS} groups"
+            ));
+        }
+        if let Some(problem) = raw.hostname.as_deref().and_then(hostname_problem) {
+            problems.push(problem);
         }
         for (ext, argv) in &raw.interpreters {
             if ext.trim_start_matches('.').is_empty() || argv.first().is_some_and(|p| p.is_empty())
@@ -341,7 +348,9 @@ impl Settings {
                 checks_dir: raw.checks_dir.unwrap_or_else(|| etc_dir.join("checks.d")),
                 state_dir,
             },
-            hostname: raw.hostname.unwrap_or_else(crate::util::hostname),
+            hostname: raw
+                .hostname
+                .unwrap_or_else(|| usable_hostname(&crate::util::hostname())),
             labels: raw.labels,
             groups: raw.groups,
             max_concurrent_checks,
@@ -353,6 +362,17 @@ impl Settings {
             interpreters: raw.interpreters,
         })
     }
+}
+
+/// The machine's own name made acceptable to the gateway: control characters dropped,
+/// cut to the longest hostname allowed, and `unknown` when nothing is left.
+fn usable_hostname(raw: &str) -> String {
+    let clean: String = raw.chars().filter(|c| !c.is_control()).collect();
+    let mut name = outpost_protocol::printable(&clean, MAX_HOSTNAME_BYTES);
+    if name.is_empty() {
+        name = "unknown".into();
+    }
+    name
 }
 
 #[cfg(test)]

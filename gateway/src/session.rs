@@ -173,14 +173,14 @@ pub async fn run(gw: Arc<Gateway>, mut socket: WebSocket, peer: SocketAddr) {
         Ok(a) => a,
         Err(e) => {
             Metrics::inc(&gw.metrics.auth_failures);
-            tracing::warn!(%peer, fingerprint = %hello.fingerprint, hostname = %hello.hostname, error = %e, "agent refused");
+            tracing::warn!(%peer, fingerprint = %hello.fingerprint, hostname = ?hello.hostname, error = %e, "agent refused");
             send_error(&mut socket, "unauthorized", &e.to_string()).await;
             close_now(&mut socket, close::UNAUTHORIZED, "unauthorized").await;
             return;
         }
     };
     let span =
-        tracing::info_span!("agent", fingerprint = %hello.fingerprint, hostname = %hello.hostname);
+        tracing::info_span!("agent", fingerprint = %hello.fingerprint, hostname = ?hello.hostname);
     authenticated(gw, socket, peer, hello, auth)
         .instrument(span)
         .await
@@ -234,20 +234,12 @@ fn validate_hello(h: &Hello) -> Result<(), String> {
             h.fingerprint
         ));
     }
-    for (field, value, max) in [
-        ("hostname", &h.hostname, 255),
-        ("os", &h.os, 64),
-        ("arch", &h.arch, 64),
-        ("agent_version", &h.agent_version, 64),
-    ] {
-        if value.len() > max {
-            return Err(format!("{field} is longer than {max} bytes"));
-        }
+    let problems = h.problems();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
     }
-    if h.labels.len() > 64 || h.groups.len() > 64 {
-        return Err("at most 64 labels and 64 groups".into());
-    }
-    Ok(())
 }
 
 fn validate_result(r: &CheckResult) -> Result<(), String> {
@@ -380,7 +372,7 @@ async fn authenticated(
     Box::pin(publish_presence(&gw, &agent, Presence::Online, "connected")).await;
     // Run-now calls from any gateway of the fleet reach this session through NATS.
     let _rpc = Box::pin(crate::rpc::serve_agent(&gw, &agent)).await;
-    tracing::info!(%peer, version = %hello.agent_version, enrolled = auth.new_secret.is_some(), "agent connected");
+    tracing::info!(%peer, version = ?hello.agent_version, enrolled = auth.new_secret.is_some(), "agent connected");
 
     let mut catalog_rx = gw.checks.subscribe();
     let config = AgentConfig::of(&gw.checks.current(), &hello);
@@ -411,7 +403,7 @@ async fn authenticated(
         .and_then(|r| r.version_for(&fp, &hello.groups).map(str::to_string))
         .filter(|v| *v != hello.agent_version)
     {
-        tracing::info!(%peer, from = %hello.agent_version, to = %version, "offering an agent update");
+        tracing::info!(%peer, from = ?hello.agent_version, to = %version, "offering an agent update");
         let offer = GatewayFrame::Update(outpost_protocol::UpdateOffer { version });
         let _ = tx.send(Outbound::frame(offer)).await;
     }
@@ -575,9 +567,11 @@ async fn authenticated(
             }
             AgentFrame::Bye(bye) => {
                 let _ = tx.send(Outbound::Close(1000, "bye".into())).await;
+                // Kept in the registry and in presence events: bounded and printable.
+                let reason = outpost_protocol::printable(&bye.reason, MAX_BYE_REASON_BYTES);
                 break match bye.back_within_secs {
-                    Some(secs) => End::Restarting(bye.reason, secs),
-                    None => End::Bye(bye.reason),
+                    Some(secs) => End::Restarting(reason, secs),
+                    None => End::Bye(reason),
                 };
             }
             AgentFrame::Hello(_) => {
@@ -693,17 +687,30 @@ async fn refuse(
     End::Lost(format!("refused: {why}"))
 }
 
+/// Longest `bye` reason kept, in bytes.
+const MAX_BYE_REASON_BYTES: usize = 256;
+
 /// The catalog plugin with content hash `sha256`, or an error frame saying why not.
 async fn plugin_frame(gw: &Gateway, sha256: &str) -> GatewayFrame {
     use base64::Engine;
     use sha2::Digest;
     let refuse = |code: &str, message: String| {
-        tracing::warn!(%sha256, %message, "plugin request refused");
+        tracing::warn!(?sha256, %message, "plugin request refused");
         GatewayFrame::Error(ErrorFrame {
             code: code.into(),
             message,
         })
     };
+    if sha256.len() != 64
+        || !sha256
+            .bytes()
+            .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return refuse(
+            "unknown_plugin",
+            "a plugin's sha256 is 64 lowercase hex digits".into(),
+        );
+    }
     let Some(entry) = gw.checks.current().plugin_by_hash(sha256).cloned() else {
         return refuse(
             "unknown_plugin",

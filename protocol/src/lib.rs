@@ -12,6 +12,7 @@
 mod check;
 pub mod checkfile;
 mod collector;
+mod fields;
 mod frame;
 mod limits;
 pub mod probe;
@@ -23,6 +24,10 @@ pub use check::{
 };
 pub use collector::{
     CollectdPlugin, CollectorKind, CollectorSpec, MAX_COLLECTORS, MAX_COLLECTOR_NAME,
+};
+pub use fields::{
+    group_problem, hostname_problem, label_problem, printable, MAX_CREDENTIAL_BYTES, MAX_GROUPS,
+    MAX_HOSTNAME_BYTES, MAX_LABELS, MAX_LABEL_KEY_BYTES, MAX_LABEL_VALUE_BYTES, MAX_PLATFORM_BYTES,
 };
 pub use frame::{
     decode_agent_frame, decode_gateway_frame, encode, Ack, AgentFrame, Bye, CheckResult,

@@ -496,6 +496,25 @@ impl Agent {
     }
 }
 
+/// A random lowercase UUID (v4 layout) without another dependency.
+pub fn uuid_v4() -> String {
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .unwrap();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
 /// Open a raw `outpost.v1` websocket to the gateway, for tests that misbehave on purpose.
 pub async fn raw_ws(
     gw: &Gateway,

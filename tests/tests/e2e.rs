@@ -676,25 +676,6 @@ async fn a_silent_agent_is_noticed_and_comes_back_on_its_own() {
     .await;
 }
 
-/// A random lowercase UUID (v4 layout) without another dependency.
-fn uuid_v4() -> String {
-    let mut b = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
-        .unwrap();
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
-}
-
 /// The next text frame from a raw websocket.
 async fn next_text<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> String
 where

@@ -132,3 +132,95 @@ async fn names_and_sizes_from_nats_never_write_outside_the_mirror_or_stop_it() {
     let x = store.info("../../../x").await;
     assert!(x.as_ref().map_or(true, |i| i.deleted), "{x:?}");
 }
+
+fn hello(fp: &str, key: &str, hostname: &str) -> outpost_protocol::AgentFrame {
+    outpost_protocol::AgentFrame::Hello(outpost_protocol::Hello {
+        protocol: outpost_protocol::PROTOCOL_VERSION,
+        fingerprint: fp.to_string(),
+        credential: outpost_protocol::Credential::EnrollKey { key: key.into() },
+        agent_version: "test".into(),
+        os: "linux".into(),
+        arch: "x86_64".into(),
+        hostname: hostname.into(),
+        labels: Default::default(),
+        groups: vec![],
+        config_hash: None,
+    })
+}
+
+/// Audit findings 8 (a hostname with `\n` and ESC forged a gateway log line before
+/// authentication) and 6's unbounded labels: control characters and oversized fields in
+/// hello are refused with a policy close, and what an agent sends is logged escaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_supplied_strings_can_neither_forge_log_lines_nor_grow_without_bound() {
+    use futures_util::SinkExt;
+    use outpost_e2e::{close_code, raw_ws};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempdir();
+    let gw = Gateway::start(dir.path(), &[]);
+    const FORGED: &str = "FORGED outpost_gateway: agent connected";
+    let send = |frame: outpost_protocol::AgentFrame| {
+        Message::Text(outpost_protocol::encode(&frame).into())
+    };
+
+    // Before authentication, with a wrong key and with the right one.
+    for key in ["wrong", gw.enroll_key.as_str()] {
+        let mut ws = raw_ws(&gw).await;
+        let fp = outpost_e2e::uuid_v4();
+        ws.send(send(hello(&fp, key, &format!("web\n{FORGED}\u{1b}[2J"))))
+            .await
+            .unwrap();
+        assert_eq!(
+            close_code(&mut ws, T).await,
+            Some(outpost_protocol::close::POLICY)
+        );
+    }
+    // A megabyte of labels, which the registry would keep and every GET /agents return.
+    let mut ws = raw_ws(&gw).await;
+    let fp = outpost_e2e::uuid_v4();
+    let mut big = hello(&fp, &gw.enroll_key, "web");
+    if let outpost_protocol::AgentFrame::Hello(h) = &mut big {
+        h.labels.insert("role".into(), "x".repeat(900_000));
+    }
+    ws.send(send(big)).await.unwrap();
+    assert_eq!(
+        close_code(&mut ws, T).await,
+        Some(outpost_protocol::close::POLICY)
+    );
+    assert!(gw.agent(&fp).await.is_none());
+
+    // After authentication: a bye whose reason tries the same is kept printable.
+    let mut ws = raw_ws(&gw).await;
+    let fp = outpost_e2e::uuid_v4();
+    ws.send(send(hello(&fp, &gw.enroll_key, "web")))
+        .await
+        .unwrap();
+    eventually(T, "online", || gw.agent(&fp)).await;
+    let bye = format!(
+        "{{\"type\":\"bye\",\"reason\":\"done\\n{FORGED}\\u001b[2J{}\"}}",
+        "r".repeat(10_000)
+    );
+    ws.send(Message::Text(bye.into())).await.unwrap();
+    let _ = close_code(&mut ws, T).await;
+    let reason = eventually(T, "deregistered", || async {
+        let a = gw.agent(&fp).await?;
+        (a["presence"] == "deregistered").then(|| a["reason"].as_str().unwrap_or("").to_string())
+    })
+    .await;
+    assert!(reason.len() <= 300, "{} bytes kept", reason.len());
+    assert!(
+        !reason.contains('\n') && !reason.contains('\u{1b}'),
+        "{reason:?}"
+    );
+
+    let log = gw.proc.log();
+    for line in log.lines() {
+        assert!(!line.starts_with(FORGED), "forged log line: {line:?}");
+    }
+    assert!(
+        !log.contains('\u{1b}'),
+        "an escape sequence reached the log"
+    );
+    assert!(log.contains("invalid hello"), "{log}");
+}
