@@ -269,7 +269,10 @@ impl Connection {
     fn hello(&self) -> Result<Hello, End> {
         let credential = match (self.identity.secret(), &self.settings.enroll_key) {
             (Some(secret), _) => Credential::Secret { secret },
-            (None, Some(key)) => Credential::EnrollKey { key: key.clone() },
+            (None, Some(key)) => Credential::EnrollKey {
+                key: key.clone(),
+                proof: self.identity.enroll_proof.clone(),
+            },
             (None, None) => {
                 return Err(End::Refused(
                     "this agent has no secret yet and no enroll_key is configured; set enroll_key (or OUTPOST_ENROLL_KEY)".into(),

@@ -16,12 +16,45 @@ use crate::util::write_atomic;
 struct FingerprintFile {
     fingerprint: String,
     machine_id: String,
+    /// Sent with the enrollment key (see `Credential::EnrollKey`): only this agent can
+    /// enroll its fingerprint again before it has confirmed its secret. Absent in files
+    /// written before proofs; one is added then.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    enroll_proof: String,
+}
+
+impl FingerprintFile {
+    /// Write it readable by the agent's user only: it holds the enrollment proof.
+    fn save(&self, path: &Path) -> anyhow::Result<()> {
+        write_atomic(path, &serde_json::to_vec_pretty(self)?, 0o600)
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+}
+
+fn new_proof() -> String {
+    uuid::Uuid::new_v4().simple().to_string() + &uuid::Uuid::new_v4().simple().to_string()
 }
 
 #[derive(Debug, Clone)]
 pub struct Identity {
     pub fingerprint: String,
+    /// The proof sent with the enrollment key.
+    pub enroll_proof: String,
     paths: Paths,
+}
+
+/// Whether only the owner may read `path` (always true where modes do not apply).
+fn owner_only(path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 == 0)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        true
+    }
 }
 
 fn read_machine_id(path: &Path) -> String {
@@ -59,14 +92,14 @@ impl Identity {
                     .with_context(|| format!("cannot read {}", paths.fingerprint_file.display()))
             }
         };
-        let fingerprint = match existing {
-            Some(f) if f.machine_id == machine_id => f.fingerprint,
+        let mut f = match existing {
+            Some(f) if f.machine_id == machine_id => f,
             // No machine id to compare (file missing or unreadable, e.g. early in boot):
             // keep the identity rather than throw it away on a guess.
             Some(f) if machine_id.is_empty() => {
                 tracing::warn!(file = %paths.machine_id_file.display(),
                     "cannot read the machine id; keeping the stored fingerprint");
-                f.fingerprint
+                f
             }
             other => {
                 if let Some(old) = other {
@@ -86,18 +119,23 @@ impl Identity {
                 let fresh = FingerprintFile {
                     fingerprint: uuid::Uuid::new_v4().to_string(),
                     machine_id,
+                    enroll_proof: new_proof(),
                 };
-                write_atomic(
-                    &paths.fingerprint_file,
-                    &serde_json::to_vec_pretty(&fresh)?,
-                    0o644,
-                )
-                .with_context(|| format!("cannot write {}", paths.fingerprint_file.display()))?;
-                fresh.fingerprint
+                fresh.save(&paths.fingerprint_file)?;
+                fresh
             }
         };
+        if f.enroll_proof.is_empty() || !owner_only(&paths.fingerprint_file) {
+            // A file from before proofs (or left readable by others): give it a proof
+            // and make it private. The proof matters only until the agent has a secret.
+            if f.enroll_proof.is_empty() {
+                f.enroll_proof = new_proof();
+            }
+            f.save(&paths.fingerprint_file)?;
+        }
         Ok(Identity {
-            fingerprint,
+            fingerprint: f.fingerprint,
+            enroll_proof: f.enroll_proof,
             paths: paths.clone(),
         })
     }
@@ -169,6 +207,39 @@ mod tests {
             cloned.secret(),
             None,
             "the old fingerprint's secret is discarded"
+        );
+    }
+
+    /// The fingerprint file holds the enrollment proof: private, and a file from before
+    /// proofs gets one (and its mode fixed) while keeping its fingerprint.
+    #[test]
+    fn the_fingerprint_file_is_private_and_carries_a_stable_proof() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = paths(dir.path());
+        std::fs::write(&p.machine_id_file, "machine-a\n").unwrap();
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        let a = Identity::load_or_create(&p).unwrap();
+        assert_eq!(mode(&p.fingerprint_file), 0o600);
+        assert!(a.enroll_proof.len() >= 32);
+        assert_eq!(
+            Identity::load_or_create(&p).unwrap().enroll_proof,
+            a.enroll_proof
+        );
+
+        let old = format!(
+            "{{\"fingerprint\":\"{}\",\"machine_id\":\"machine-a\"}}",
+            a.fingerprint
+        );
+        std::fs::write(&p.fingerprint_file, old).unwrap();
+        std::fs::set_permissions(&p.fingerprint_file, std::fs::Permissions::from_mode(0o644))
+            .unwrap();
+        let upgraded = Identity::load_or_create(&p).unwrap();
+        assert_eq!(upgraded.fingerprint, a.fingerprint);
+        assert!(!upgraded.enroll_proof.is_empty());
+        assert_eq!(mode(&p.fingerprint_file), 0o600);
+        assert_eq!(
+            Identity::load_or_create(&p).unwrap().enroll_proof,
+            upgraded.enroll_proof
         );
     }
 

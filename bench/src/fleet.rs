@@ -159,6 +159,7 @@ pub fn agents_enrolling(n: usize, key: &str) -> Vec<Identity> {
             fingerprint: loadgen::fingerprint(),
             credential: Credential::EnrollKey {
                 key: key.to_string(),
+                proof: loadgen::fingerprint(),
             },
         })
         .collect()

@@ -27,6 +27,10 @@ struct AgentCredential {
     /// the agent out.
     #[serde(default = "yes")]
     confirmed: bool,
+    /// sha256 of the `proof` the enrolling agent sent; while unconfirmed, only the same
+    /// proof may enroll the fingerprint again. `None` for agents that predate proofs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    enroll_proof_sha256: Option<String>,
 }
 
 fn yes() -> bool {
@@ -59,12 +63,60 @@ pub enum AuthError {
     BadEnrollKey,
     #[error("fingerprint {0} is already enrolled; connect with the secret it was given, or remove it from the gateway to enroll again")]
     AlreadyEnrolled(String),
+    #[error("fingerprint {0} is being enrolled by an agent with another enrollment proof; if this is the agent that enrolled it, it lost its fingerprint file: remove agent.finger to enroll as a new agent")]
+    OtherProof(String),
     #[error("fingerprint {0} is not enrolled here; configure enroll_key to enroll it")]
     UnknownAgent(String),
     #[error("secret refused for fingerprint {0}")]
     BadSecret(String),
     #[error("cannot store the new agent's secret: {0}")]
     Storage(String),
+}
+
+impl AuthError {
+    /// What the agent is told. A caller without a valid secret or key learns nothing
+    /// about which fingerprints are enrolled: an unknown fingerprint and a wrong secret
+    /// read the same (the gateway's log has the difference).
+    pub fn public_message(&self) -> String {
+        match self {
+            AuthError::UnknownAgent(fp) | AuthError::BadSecret(fp) => format!(
+                "secret refused for fingerprint {fp}: unknown here, or not its secret (an agent that lost its secret needs enroll_key to enroll again under a new fingerprint)"
+            ),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// Whether an enrollment with `proof` may (re-)enroll a fingerprint whose stored
+/// credential is `previous`: the one rule both stores apply. A confirmed agent is never
+/// enrolled again; an unconfirmed one only by the caller that holds its proof.
+fn may_enroll(
+    fingerprint: &str,
+    previous: Option<&AgentCredential>,
+    proof: &str,
+) -> Result<(), AuthError> {
+    let Some(previous) = previous else {
+        return Ok(());
+    };
+    if previous.confirmed {
+        return Err(AuthError::AlreadyEnrolled(fingerprint.to_string()));
+    }
+    match &previous.enroll_proof_sha256 {
+        Some(h) if !constant_time_eq(sha256_hex(proof).as_bytes(), h.as_bytes()) => {
+            Err(AuthError::OtherProof(fingerprint.to_string()))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn new_credential(tenant: &str, secret: &str, proof: &str) -> AgentCredential {
+    AgentCredential {
+        tenant: tenant.to_string(),
+        secret_sha256: sha256_hex(secret),
+        enrolled_at_ms: now_ms(),
+        confirmed: false,
+        enroll_proof_sha256: (!proof.is_empty()).then(|| sha256_hex(proof)),
+    }
 }
 
 /// A successful authentication.
@@ -252,21 +304,14 @@ impl Credentials {
                     new_secret: None,
                 })
             }
-            Credential::EnrollKey { key: given } => {
+            Credential::EnrollKey { key: given, proof } => {
                 if !constant_time_eq(given.as_bytes(), self.enroll_key.as_bytes()) {
                     return Err(AuthError::BadEnrollKey);
                 }
-                if known.as_ref().is_some_and(|k| k.confirmed) {
-                    return Err(AuthError::AlreadyEnrolled(fingerprint.to_string()));
-                }
+                may_enroll(fingerprint, known.as_ref(), proof)?;
                 let secret = random_token(32);
-                let value = serde_json::to_vec(&AgentCredential {
-                    tenant: self.tenant.clone(),
-                    secret_sha256: sha256_hex(&secret),
-                    enrolled_at_ms: now_ms(),
-                    confirmed: false,
-                })
-                .map_err(|e| storage(&e))?;
+                let value = serde_json::to_vec(&new_credential(&self.tenant, &secret, proof))
+                    .map_err(|e| storage(&e))?;
                 // Compare-and-set: two gateways enrolling the same fingerprint at once
                 // cannot both hand out a secret.
                 match entry.map(|e| e.revision) {
@@ -354,23 +399,16 @@ impl Credentials {
                     Err(AuthError::BadSecret(fingerprint.to_string()))
                 }
             }
-            Credential::EnrollKey { key } => {
+            Credential::EnrollKey { key, proof } => {
                 if !constant_time_eq(key.as_bytes(), self.enroll_key.as_bytes()) {
                     return Err(AuthError::BadEnrollKey);
                 }
                 let previous = agents.get(fingerprint).cloned();
-                if previous.as_ref().is_some_and(|p| p.confirmed) {
-                    return Err(AuthError::AlreadyEnrolled(fingerprint.to_string()));
-                }
+                may_enroll(fingerprint, previous.as_ref(), proof)?;
                 let secret = random_token(32);
                 agents.insert(
                     fingerprint.to_string(),
-                    AgentCredential {
-                        tenant: self.tenant.clone(),
-                        secret_sha256: sha256_hex(&secret),
-                        enrolled_at_ms: now_ms(),
-                        confirmed: false,
-                    },
+                    new_credential(&self.tenant, &secret, proof),
                 );
                 if let Err(e) = self.save(&agents) {
                     match previous {
@@ -419,20 +457,23 @@ mod tests {
 
     const FP: &str = "0f8fad5b-d9cb-469f-a165-70867728950e";
 
+    fn enroll(key: &str, proof: &str) -> Credential {
+        Credential::EnrollKey {
+            key: key.into(),
+            proof: proof.into(),
+        }
+    }
+
     #[test]
     fn enroll_then_secret_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let creds = Credentials::open(dir.path()).unwrap();
         let key = creds.enroll_key.clone();
-        let auth = creds
-            .authenticate(FP, &Credential::EnrollKey { key: key.clone() })
-            .unwrap();
+        let auth = creds.authenticate(FP, &enroll(&key, "mine")).unwrap();
         let lost = auth.new_secret.expect("enrollment issues a secret");
         // The agent never got (or never stored) that secret: enrolling again is allowed
         // until it confirms, and replaces the secret.
-        let again = creds
-            .authenticate(FP, &Credential::EnrollKey { key: key.clone() })
-            .unwrap();
+        let again = creds.authenticate(FP, &enroll(&key, "mine")).unwrap();
         let secret = again.new_secret.unwrap();
         assert_ne!(secret, lost);
         assert_eq!(
@@ -443,7 +484,7 @@ mod tests {
         );
         creds.confirm(FP);
         assert_eq!(
-            creds.authenticate(FP, &Credential::EnrollKey { key }).err(),
+            creds.authenticate(FP, &enroll(&key, "mine")).err(),
             Some(AuthError::AlreadyEnrolled(FP.into()))
         );
         drop(creds);
@@ -471,19 +512,37 @@ mod tests {
         assert!(!stored.contains(&secret), "secrets are stored hashed");
     }
 
+    /// Audit finding 7: someone who knows a fingerprint (agent.finger was 0644) and the
+    /// tenant's key could enroll it again before the agent confirmed, taking its identity.
+    /// Only the proof the first enrollment carried may enroll it again.
+    #[test]
+    fn an_unconfirmed_enrollment_is_taken_over_only_with_its_proof() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = Credentials::open(dir.path()).unwrap();
+        let key = creds.enroll_key.clone();
+        let first = creds.authenticate(FP, &enroll(&key, "victim")).unwrap();
+        for thief in ["", "guess"] {
+            assert_eq!(
+                creds.authenticate(FP, &enroll(&key, thief)).err(),
+                Some(AuthError::OtherProof(FP.into()))
+            );
+        }
+        let secret = first.new_secret.unwrap();
+        assert!(creds
+            .authenticate(FP, &Credential::Secret { secret })
+            .is_ok());
+        // An agent that predates proofs keeps the old rule (it can enroll again).
+        let old = "1f8fad5b-d9cb-469f-a165-70867728950e";
+        creds.authenticate(old, &enroll(&key, "")).unwrap();
+        creds.authenticate(old, &enroll(&key, "")).unwrap();
+    }
+
     #[test]
     fn wrong_key_and_unknown_agent_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let creds = Credentials::open(dir.path()).unwrap();
         assert_eq!(
-            creds
-                .authenticate(
-                    FP,
-                    &Credential::EnrollKey {
-                        key: "guess".into()
-                    }
-                )
-                .err(),
+            creds.authenticate(FP, &enroll("guess", "")).err(),
             Some(AuthError::BadEnrollKey)
         );
         assert_eq!(

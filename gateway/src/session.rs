@@ -174,7 +174,7 @@ pub async fn run(gw: Arc<Gateway>, mut socket: WebSocket, peer: SocketAddr) {
         Err(e) => {
             Metrics::inc(&gw.metrics.auth_failures);
             tracing::warn!(%peer, fingerprint = %hello.fingerprint, hostname = ?hello.hostname, error = %e, "agent refused");
-            send_error(&mut socket, "unauthorized", &e.to_string()).await;
+            send_error(&mut socket, "unauthorized", &e.public_message()).await;
             close_now(&mut socket, close::UNAUTHORIZED, "unauthorized").await;
             return;
         }

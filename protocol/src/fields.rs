@@ -94,7 +94,14 @@ impl Hello {
             problems.extend(text_problem(field, value, 0, MAX_PLATFORM_BYTES));
         }
         let credential = match &self.credential {
-            crate::Credential::EnrollKey { key } => key,
+            crate::Credential::EnrollKey { key, proof } => {
+                if proof.len() > MAX_CREDENTIAL_BYTES {
+                    problems.push(format!(
+                        "the enrollment proof is longer than {MAX_CREDENTIAL_BYTES} bytes"
+                    ));
+                }
+                key
+            }
             crate::Credential::Secret { secret } => secret,
         };
         if credential.len() > MAX_CREDENTIAL_BYTES {

@@ -43,7 +43,16 @@ pub enum GatewayFrame {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Credential {
     /// First connection: the tenant's enrollment key, traded for a per-agent secret.
-    EnrollKey { key: String },
+    /// `proof` is a random value the agent made with its fingerprint and keeps to itself
+    /// (mode 0600): while an enrollment is unconfirmed, only a hello with the same proof
+    /// may enroll that fingerprint again, so knowing a fingerprint and the tenant's key is
+    /// not enough to take over an agent that is just enrolling. Agents that predate it
+    /// send none.
+    EnrollKey {
+        key: String,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        proof: String,
+    },
     /// Every later connection: the secret the gateway issued at enrollment.
     Secret { secret: String },
 }

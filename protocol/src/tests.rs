@@ -5,7 +5,10 @@ fn hello() -> Hello {
     Hello {
         protocol: PROTOCOL_VERSION,
         fingerprint: "0f8fad5b-d9cb-469f-a165-70867728950e".into(),
-        credential: Credential::EnrollKey { key: "k".into() },
+        credential: Credential::EnrollKey {
+            key: "k".into(),
+            proof: "p".into(),
+        },
         agent_version: "0.1.0".into(),
         os: "linux".into(),
         arch: "x86_64".into(),

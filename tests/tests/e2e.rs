@@ -311,7 +311,10 @@ async fn bad_frames_close_only_their_connection() {
         ),
     ] {
         let key = gw.enroll_key.clone();
-        let credential = outpost_protocol::Credential::EnrollKey { key };
+        let credential = outpost_protocol::Credential::EnrollKey {
+            key,
+            proof: String::new(),
+        };
         let (mut ws, _) = raw_session(&gw, &uuid_v4(), credential).await;
         let _ = ws.send(Message::Text(bad.into())).await;
         assert_eq!(close_code(&mut ws, T).await, Some(code));
@@ -814,8 +817,15 @@ async fn a_restarting_agent_stays_online_for_its_window_and_is_lost_after_it() {
     let bye = r#"{"type":"bye","reason":"restarting for a test","back_within_secs":3}"#;
 
     let key = gw.enroll_key.clone();
-    let (mut ws, welcome) =
-        raw_session(&gw, &fp, outpost_protocol::Credential::EnrollKey { key }).await;
+    let (mut ws, welcome) = raw_session(
+        &gw,
+        &fp,
+        outpost_protocol::Credential::EnrollKey {
+            key,
+            proof: String::new(),
+        },
+    )
+    .await;
     let secret = welcome["agent_secret"].as_str().unwrap().to_string();
     ws.send(Message::Text(bye.into())).await.unwrap();
     assert_eq!(close_code(&mut ws, T).await, Some(1000));

@@ -134,10 +134,25 @@ async fn names_and_sizes_from_nats_never_write_outside_the_mirror_or_stop_it() {
 }
 
 fn hello(fp: &str, key: &str, hostname: &str) -> outpost_protocol::AgentFrame {
+    hello_with(
+        fp,
+        outpost_protocol::Credential::EnrollKey {
+            key: key.into(),
+            proof: String::new(),
+        },
+        hostname,
+    )
+}
+
+fn hello_with(
+    fp: &str,
+    credential: outpost_protocol::Credential,
+    hostname: &str,
+) -> outpost_protocol::AgentFrame {
     outpost_protocol::AgentFrame::Hello(outpost_protocol::Hello {
         protocol: outpost_protocol::PROTOCOL_VERSION,
         fingerprint: fp.to_string(),
-        credential: outpost_protocol::Credential::EnrollKey { key: key.into() },
+        credential,
         agent_version: "test".into(),
         os: "linux".into(),
         arch: "x86_64".into(),
@@ -223,4 +238,105 @@ async fn agent_supplied_strings_can_neither_forge_log_lines_nor_grow_without_bou
         "an escape sequence reached the log"
     );
     assert!(log.contains("invalid hello"), "{log}");
+}
+
+/// The first text frame the gateway sends, as JSON.
+async fn first_frame<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> serde_json::Value
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(T, ws.next())
+            .await
+            .expect("a frame in time")
+        {
+            Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
+            Some(Ok(_)) => continue,
+            other => panic!("connection ended: {other:?}"),
+        }
+    }
+}
+
+/// Audit finding 7: a second hello with the enrollment key for a fingerprint that is
+/// enrolling (before the agent's next frame) took its identity. Now only the proof the
+/// first hello carried can enroll it again; and whether a fingerprint is enrolled is not
+/// told to a caller without its secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrolling_agent_cannot_be_taken_over_with_the_key_and_its_fingerprint() {
+    use futures_util::SinkExt;
+    use outpost_e2e::{close_code, raw_ws};
+    use outpost_protocol::Credential;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempdir();
+    let gw = Gateway::start(dir.path(), &[]);
+    let key = gw.enroll_key.clone();
+    let send = |frame: outpost_protocol::AgentFrame| {
+        Message::Text(outpost_protocol::encode(&frame).into())
+    };
+    let enroll = |proof: &str| Credential::EnrollKey {
+        key: key.clone(),
+        proof: proof.into(),
+    };
+
+    // The victim enrolls and has not said anything since.
+    let fp = outpost_e2e::uuid_v4();
+    let mut victim = raw_ws(&gw).await;
+    victim
+        .send(send(hello_with(&fp, enroll("victim-proof"), "victim")))
+        .await
+        .unwrap();
+    let welcome = first_frame(&mut victim).await;
+    let secret = welcome["agent_secret"]
+        .as_str()
+        .expect("enrolled")
+        .to_string();
+
+    // The thief knows the fingerprint and the tenant's key, not the proof.
+    for proof in ["", "guessed"] {
+        let mut thief = raw_ws(&gw).await;
+        thief
+            .send(send(hello_with(&fp, enroll(proof), "thief")))
+            .await
+            .unwrap();
+        let answer = first_frame(&mut thief).await;
+        assert_eq!(answer["code"], "unauthorized", "{answer}");
+        assert_eq!(
+            close_code(&mut thief, T).await,
+            Some(outpost_protocol::close::UNAUTHORIZED)
+        );
+    }
+    // The victim's session and secret are untouched.
+    victim.send(Message::Ping(vec![1].into())).await.unwrap();
+    drop(victim);
+    let mut again = raw_ws(&gw).await;
+    again
+        .send(send(hello_with(
+            &fp,
+            Credential::Secret { secret },
+            "victim",
+        )))
+        .await
+        .unwrap();
+    let welcome = first_frame(&mut again).await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+
+    // An unknown fingerprint and a wrong secret for a known one read the same.
+    let refused = |fp: String| {
+        let gw = &gw;
+        async move {
+            let mut ws = raw_ws(gw).await;
+            let secret = Credential::Secret {
+                secret: "wrong".into(),
+            };
+            ws.send(send(hello_with(&fp, secret, "x"))).await.unwrap();
+            let answer = first_frame(&mut ws).await;
+            answer["message"].as_str().unwrap().replace(&fp, "FP")
+        }
+    };
+    assert_eq!(
+        refused(fp.clone()).await,
+        refused(outpost_e2e::uuid_v4()).await
+    );
 }
