@@ -375,17 +375,37 @@ impl NatsCluster {
         panic!("nats cluster: its ports were taken by others five times in a row");
     }
 
-    /// Poll until every running node names the same meta leader.
+    /// Poll until every running node names the same meta leader, and that leader sees
+    /// every other node as a current, online peer. Agreeing on a leader alone is not
+    /// enough: on a busy machine the leader may not have heard from every peer yet, and
+    /// creating an R3 stream then fails with "no suitable peers for placement".
     fn wait_meta_leader(&self, deadline: Instant) -> String {
         loop {
             let leaders: Vec<Option<String>> = self.nodes.iter().map(|n| n.meta_leader()).collect();
-            if let Some(Some(first)) = leaders.first() {
-                if leaders.iter().all(|l| l.as_ref() == Some(first)) {
-                    return first.clone();
+            let agreed = match leaders.first() {
+                Some(Some(first)) if leaders.iter().all(|l| l.as_ref() == Some(first)) => {
+                    Some(first.clone())
                 }
+                _ => None,
+            };
+            let peers = agreed
+                .as_ref()
+                .and_then(|l| self.nodes.iter().find(|n| &n.name == l))
+                .and_then(|leader| leader.monitor("/jsz"))
+                .map(|(_, jsz)| jsz["meta_cluster"]["replicas"].clone());
+            let all_current = self.nodes.len() == 1
+                || peers.as_ref().and_then(|r| r.as_array()).is_some_and(|r| {
+                    r.len() + 1 == self.nodes.len()
+                        && r.iter()
+                            .all(|p| p["current"] == true && p["offline"] != true)
+                });
+            if let (Some(leader), true) = (&agreed, all_current) {
+                return leader.clone();
             }
             if Instant::now() > deadline {
-                panic!("the nats cluster has no meta leader all nodes agree on: {leaders:?}");
+                panic!(
+                    "the nats cluster is not formed: leaders {leaders:?}, the leader's peers {peers:?}"
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
