@@ -11,16 +11,21 @@
 //! left stopped after 5 exits within 120 s (a crash loop) until its declaration changes,
 //! stopped with SIGTERM and then SIGKILL after 3 s.
 //!
-//! Files, under the work dir (`STATE_DIR/collectors`), one directory per collector
-//! (`NAME/`): its configuration (`collectd.conf`, `fluent.conf` or `collector.conf`,
-//! rewritten only when its content changes) and `pid` (`PID START`, the process's start
-//! time from `/proc`). A pid file whose process still runs when the agent starts belongs to
-//! a collector an earlier agent could not stop (kill -9): it is stopped before anything
-//! is started, so there are never two copies.
+//! Files, under the work dir (`STATE_DIR/collectors`, mode 0700), one directory per
+//! collector (`NAME/`): its configuration (`collectd.conf`, `fluent.conf` or
+//! `collector.conf`, mode 0600, rewritten only when its content changes) and `pid`
+//! (`PID START`, the process's start time from `/proc`). A pid file whose process still
+//! runs when the agent starts belongs to a collector an earlier agent could not stop
+//! (kill -9): it is stopped before anything is started, so there are never two copies.
 //!
 //! Listeners, one of each per agent on 127.0.0.1 and an ephemeral port ([`listen`]):
-//! Graphite plaintext over TCP, where a path starts with `NAME@` (collectd's `Prefix`), and
-//! HTTP, where fluentd posts JSON arrays of records to `/collector/NAME/TAG`.
+//! Graphite plaintext over TCP, where a path starts with `NAME@SECRET.` (collectd's
+//! `Prefix`), and HTTP, where fluentd posts JSON arrays of records to
+//! `/collector/NAME/TAG` as the user NAME with the password SECRET. SECRET is the
+//! collector's own random [`secret::Secret`], rendered into its configuration file: every
+//! local user can reach 127.0.0.1, only the collector (and the agent's user) can read the
+//! file. Lines and requests without it are refused, idle and slow connections are closed,
+//! and idle connections cannot crowd a collector out (see [`listen`]).
 //!
 //! Checks reported through the outbox:
 //! - `collector.NAME`, its health, on every change and every 60 s while it runs: OK
@@ -39,6 +44,7 @@ pub mod listen;
 pub mod pidfile;
 pub mod process;
 pub mod render;
+pub mod secret;
 #[cfg(all(test, unix))]
 mod tests;
 
@@ -59,6 +65,8 @@ use render::Rendered;
 
 /// How often the buffered data is looked at for collectors whose interval has come.
 const FLUSH_TICK: Duration = Duration::from_millis(500);
+/// Most often the listeners' refusals are summed up in the log.
+const REFUSALS_LOGGED_EVERY: Duration = Duration::from_secs(60);
 
 /// One collector the manager runs.
 struct Running {
@@ -116,7 +124,23 @@ impl Collectors {
         hostname: String,
         outbox: Arc<dyn Outbox>,
     ) -> std::io::Result<Arc<Collectors>> {
+        Self::start_with(work_dir, hostname, outbox, listen::Limits::default()).await
+    }
+
+    /// [`Collectors::start`] with the listeners' connection limits and timeouts.
+    pub async fn start_with(
+        work_dir: PathBuf,
+        hostname: String,
+        outbox: Arc<dyn Outbox>,
+        limits: listen::Limits,
+    ) -> std::io::Result<Arc<Collectors>> {
         std::fs::create_dir_all(&work_dir)?;
+        // The collectors' files hold their secrets: only the agent's user may look inside.
+        #[cfg(unix)]
+        std::fs::set_permissions(
+            &work_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )?;
         stop_leftovers(&work_dir).await;
         let graphite = TcpListener::bind((render::LISTEN_HOST, 0)).await?;
         let http = TcpListener::bind((render::LISTEN_HOST, 0)).await?;
@@ -139,9 +163,15 @@ impl Collectors {
         tokio::spawn(listen::graphite(
             graphite,
             sinks.clone(),
+            limits,
             background.clone(),
         ));
-        tokio::spawn(listen::http(http, sinks.clone(), background.clone()));
+        tokio::spawn(listen::http(
+            http,
+            sinks.clone(),
+            limits,
+            background.clone(),
+        ));
         tokio::spawn(flusher(sinks, outbox, background));
         let weak = Arc::downgrade(&c);
         tokio::spawn(async move {
@@ -185,11 +215,13 @@ impl Collectors {
 
     fn render(&self, spec: &CollectorSpec) -> Result<Rendered, String> {
         let dir = self.dir(&spec.name);
+        let secret = self.sinks.secret(&spec.name);
         let ctx = render::Context {
             hostname: &self.hostname,
             dir: &dir,
             graphite_port: self.graphite.port(),
             http_port: self.http.port(),
+            secret: secret.expose(),
         };
         render::render(spec, &ctx).map_err(|e| e.to_string())
     }
@@ -315,10 +347,12 @@ async fn stop_leftovers(work_dir: &Path) {
     .await;
 }
 
-/// Every [`FLUSH_TICK`], the data of collectors whose interval has come goes to the outbox.
+/// Every [`FLUSH_TICK`], the data of collectors whose interval has come goes to the outbox;
+/// at most every [`REFUSALS_LOGGED_EVERY`], what the listeners refused since is logged.
 async fn flusher(sinks: Arc<Sinks>, outbox: Arc<dyn Outbox>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(FLUSH_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut logged = (Instant::now(), data::Counts::default());
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -329,5 +363,28 @@ async fn flusher(sinks: Arc<Sinks>, outbox: Arc<dyn Outbox>, stop: CancellationT
                 tracing::error!(error = %e, "cannot queue a collector's metrics");
             }
         }
+        if logged.0.elapsed() >= REFUSALS_LOGGED_EVERY {
+            let now = sinks.counts();
+            log_refusals(&logged.1, &now);
+            logged = (Instant::now(), now);
+        }
+    }
+}
+
+/// A warning when the listeners refused anything between `before` and `now`: someone on
+/// this host is sending to them without a collector's secret, or holding connections.
+fn log_refusals(before: &data::Counts, now: &data::Counts) {
+    let unauthenticated = now.unauthenticated - before.unauthenticated;
+    let evicted = now.evicted - before.evicted;
+    let timed_out = now.timed_out - before.timed_out;
+    let over_capacity = now.over_capacity - before.over_capacity;
+    if unauthenticated + evicted + timed_out + over_capacity > 0 {
+        tracing::warn!(
+            unauthenticated,
+            evicted,
+            timed_out,
+            over_capacity,
+            "collector listeners refused lines or requests without a collector's secret, or closed idle or slow connections, in the last minute"
+        );
     }
 }

@@ -61,8 +61,9 @@ pub struct CollectorSpec {
     /// Seconds between readings (collectd's `Interval`) and between metric results.
     pub interval_secs: u64,
     /// fluentd: the `<source>` sections; program: the whole configuration file. Both may
-    /// use `{{graphite_host}}`, `{{graphite_port}}`, `{{http_url}}`, `{{hostname}}`,
-    /// `{{config_file}}` and `{{work_dir}}`.
+    /// use `{{graphite_host}}`, `{{graphite_port}}`, `{{graphite_prefix}}`, `{{http_url}}`,
+    /// `{{secret}}`, `{{hostname}}`, `{{config_file}}` and `{{work_dir}}` (the agent's
+    /// rendering; the three that hold the collector's secret are refused in `command`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
 }

@@ -2,10 +2,15 @@
 //! gateway and kept alive by the agent: its CPU and memory readings arrive at the gateway
 //! as metrics, a kill -9 of it is followed by a restart, a broken configuration becomes a
 //! crash-loop result, an agent restarted after a kill -9 does not start a second copy, and
-//! a stopped agent leaves no collectd behind.
+//! a stopped agent leaves no collectd behind. Another local user can neither lock collectd
+//! out of the agent's listeners with idle connections nor add values of their own.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 
 use outpost_e2e::*;
 
@@ -157,4 +162,115 @@ async fn the_agent_runs_collectd_from_the_gateway_and_keeps_it_alive() {
         Vec::<i32>::new(),
         "no collectd left behind"
     );
+}
+
+/// The agent's collector listeners (Graphite, HTTP), from its log line
+/// `collector listeners ready graphite=ADDR http=ADDR`.
+fn listeners(log: &str) -> (SocketAddr, SocketAddr) {
+    let line = log
+        .lines()
+        .find(|l| l.contains("collector listeners ready"))
+        .expect("the listeners' log line");
+    let field = |name: &str| -> SocketAddr {
+        let start = line.find(&format!("{name}=")).expect(name) + name.len() + 1;
+        let rest = &line[start..];
+        rest[..rest.find(' ').unwrap_or(rest.len())]
+            .parse()
+            .unwrap()
+    };
+    (field("graphite"), field("http"))
+}
+
+/// Every metric name in the collector's results on the bus.
+fn metric_names(gw: &Gateway, fp: &str) -> Vec<String> {
+    gw.bus_results(fp, "collector.collectd.metrics")
+        .iter()
+        .flat_map(|r| r["metrics"].as_array().cloned().unwrap_or_default())
+        .filter_map(|m| m["name"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collectd_gets_past_idle_connections_and_a_strangers_lines_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    assert!(
+        Path::new(COLLECTD).exists(),
+        "{COLLECTD} is missing: run ci/setup (it installs collectd-core)"
+    );
+    let dir = tempdir();
+    let gw = Gateway::start(dir.path(), &[]);
+    let _sweep = Sweep(dir.path().join("shared"));
+    let mut agent = Agent::start(dir.path(), "shared", &gw, "reconnect_max_secs = 1\n");
+    let fp = agent.fingerprint.clone();
+    agent
+        .proc
+        .wait_for_log("collector listeners ready", T)
+        .await;
+    let (graphite, http) = listeners(&agent.proc.log());
+
+    // Another local user, before collectd starts: 100 idle connections to each listener
+    // (64 were enough to lock collectd out).
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(TcpStream::connect(graphite).await.unwrap());
+        idle.push(TcpStream::connect(http).await.unwrap());
+    }
+    gw.write_checks("collectd.toml", &declaration(r#"["cpu", "memory"]"#));
+    health(&gw, &fp, "ok", "running").await;
+    eventually(T, "collectd's cpu and memory metrics", || async {
+        let names = metric_names(&gw, &fp);
+        (names.iter().any(|n| n.contains("cpu")) && names.iter().any(|n| n.contains("memory")))
+            .then_some(())
+    })
+    .await;
+
+    // The secret is in collectd's configuration, which only the agent's user can read, and
+    // nowhere in the agent's log.
+    let work = agent.state_dir.join("collectors");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&work), 0o700, "{}", work.display());
+    let conf_path = work.join("collectd/collectd.conf");
+    assert_eq!(mode(&conf_path), 0o600);
+    let conf = std::fs::read_to_string(&conf_path).unwrap();
+    let prefix = conf
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Prefix \"collectd@"))
+        .expect("a Prefix line");
+    let secret = prefix.trim_end_matches("\"").trim_end_matches('.');
+    assert!(
+        secret.len() >= 32 && secret.chars().all(|c| c.is_ascii_hexdigit()),
+        "{prefix}"
+    );
+    assert!(!agent.proc.log().contains(secret), "the secret was logged");
+
+    // A stranger's lines, with the collector's name and a guessed secret, are refused.
+    let now = now_ms() / 1000;
+    let zeros = "0".repeat(secret.len());
+    let mut stranger = TcpStream::connect(graphite).await.unwrap();
+    stranger
+        .write_all(
+            format!(
+                "collectd@shared.injected.a 666 {now}\ncollectd@{zeros}.shared.injected.b 666 {now}\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let seen = gw.bus_results(&fp, "collector.collectd.metrics").len();
+    eventually(T, "three more flushes of collectd's metrics", || async {
+        (gw.bus_results(&fp, "collector.collectd.metrics").len() >= seen + 3).then_some(())
+    })
+    .await;
+    let injected: Vec<String> = metric_names(&gw, &fp)
+        .into_iter()
+        .filter(|n| n.contains("injected"))
+        .collect();
+    assert!(
+        injected.is_empty(),
+        "a stranger's values were taken: {injected:?}"
+    );
+    drop(idle);
+
+    agent.proc.signal(libc::SIGTERM);
+    assert_eq!(agent.proc.wait_exit(T).await, Some(0));
 }

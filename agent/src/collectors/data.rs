@@ -3,10 +3,13 @@
 //! metric per collector, and turning them into results of `collector.NAME.metrics` once
 //! an interval.
 //!
-//! Attribution: a Graphite path starts with `NAME@` (collectd's `Prefix`), fluentd posts to
-//! `/collector/NAME/TAG`. Data for a name that is not a running collector is counted and
-//! dropped. Each collector keeps at most [`MAX_SERIES`] metric names between two flushes;
-//! values for further names are dropped and counted in the next result.
+//! Attribution and authentication: a Graphite path starts with `NAME@SECRET.` (collectd's
+//! `Prefix`), where SECRET is the collector's [`Secret`]; fluentd posts to
+//! `/collector/NAME/TAG` as the HTTP user NAME with the secret as its password (checked by
+//! [`Sinks::authorized`]). Anything without the secret of a running collector is refused
+//! and counted, never taken. Each collector keeps at most [`MAX_SERIES`] metric names
+//! between two flushes; values for further names are dropped and counted in the next
+//! result.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -14,47 +17,47 @@ use std::time::{Duration, Instant};
 
 use outpost_protocol::{CheckResult, CollectorKind, CollectorSpec, Metric, Status, MAX_METRICS};
 
+use super::secret::Secret;
 use crate::checks::outcome::MAX_METRIC_NAME_BYTES;
 use crate::util::{now_ms, truncate_utf8};
 
 /// Most distinct metric names a collector holds between two flushes.
 pub const MAX_SERIES: usize = 8 * MAX_METRICS;
 
-/// One Graphite plaintext line: `path value [timestamp]`.
+/// One Graphite plaintext line: `path value [timestamp]`. The value may be `nan` or
+/// infinite (collectd sends `nan` for a rate it cannot compute yet).
 #[derive(Debug, Clone, PartialEq)]
 pub struct GraphiteLine<'a> {
     pub path: &'a str,
     pub value: f64,
 }
 
-/// Why a Graphite line was not taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BadLine {
-    /// Not `path value [timestamp]`.
-    Malformed,
-    /// A value that is not a number (collectd sends `nan` for a rate it cannot compute yet).
-    NotANumber,
-}
-
-/// Parse one line (without its newline; a trailing `\r` is allowed).
-pub fn parse_graphite(line: &str) -> Result<GraphiteLine<'_>, BadLine> {
+/// Parse one line (without its newline; a trailing `\r` is allowed); `None` when it is not
+/// `path value [timestamp]`.
+pub fn parse_graphite(line: &str) -> Option<GraphiteLine<'_>> {
     let mut parts = line.split_ascii_whitespace();
-    let (Some(path), Some(value)) = (parts.next(), parts.next()) else {
-        return Err(BadLine::Malformed);
-    };
+    let (path, value) = (parts.next()?, parts.next()?);
     if let Some(ts) = parts.next() {
-        if ts.parse::<f64>().is_err() {
-            return Err(BadLine::Malformed);
-        }
+        ts.parse::<f64>().ok()?;
     }
     if parts.next().is_some() {
-        return Err(BadLine::Malformed);
+        return None;
     }
-    let value: f64 = value.parse().map_err(|_| BadLine::Malformed)?;
-    if !value.is_finite() {
-        return Err(BadLine::NotANumber);
-    }
-    Ok(GraphiteLine { path, value })
+    let value: f64 = value.parse().ok()?;
+    Some(GraphiteLine { path, value })
+}
+
+/// What became of one Graphite line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// A value for a collector.
+    Accepted,
+    /// From a collector (the secret was right), but not a number: dropped.
+    NotANumber,
+    /// Not `path value [timestamp]`, or nothing after a collector's prefix: dropped.
+    Malformed,
+    /// Without the secret of a running collector: refused.
+    Unauthenticated,
 }
 
 /// A host name as collectd's `write_graphite` writes it into a path: dots, white space
@@ -139,7 +142,8 @@ impl Sink {
     }
 }
 
-/// Counters of the data the listeners received, for status and tests.
+/// Counters of what the listeners received and could not take, and of the connections
+/// they closed, for status, tests and the agent's log.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counts {
     /// Values taken for a collector.
@@ -148,32 +152,77 @@ pub struct Counts {
     pub malformed: u64,
     /// Values that were not numbers (collectd's `nan`).
     pub not_a_number: u64,
-    pub unknown_collector: u64,
+    /// Lines and requests without the secret of a running collector.
+    pub unauthenticated: u64,
+    /// Connections that had not yet proved a secret, closed to make room for a new one.
+    pub evicted: u64,
+    /// Connections closed because they stayed silent, or sent a line or request too slowly.
+    pub timed_out: u64,
+    /// Connections that proved a secret while the most such connections were open.
+    pub over_capacity: u64,
 }
 
-/// Every running collector's buffered data.
+/// Every running collector's buffered data and secret.
 pub struct Sinks {
     host: String,
-    inner: Mutex<(HashMap<String, Sink>, Counts)>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    sinks: HashMap<String, Sink>,
+    /// Made by [`Sinks::secret`] (at rendering, before the collector is declared).
+    secrets: HashMap<String, Secret>,
+    counts: Counts,
 }
 
 impl Sinks {
     pub fn new(hostname: &str) -> Sinks {
         Sinks {
             host: graphite_escape(hostname),
-            inner: Mutex::new((HashMap::new(), Counts::default())),
+            inner: Mutex::new(Inner::default()),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (HashMap<String, Sink>, Counts)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The secret of the collector `name`, made the first time it is asked for and kept
+    /// until [`Sinks::remove`].
+    pub fn secret(&self, name: &str) -> Secret {
+        self.lock()
+            .secrets
+            .entry(name.to_string())
+            .or_insert_with(Secret::generate)
+            .clone()
+    }
+
+    /// Whether `password` is the secret of `name`, a running collector.
+    pub fn authorized(&self, name: &str, password: &[u8]) -> bool {
+        let g = self.lock();
+        g.sinks.contains_key(name) && g.secrets.get(name).is_some_and(|s| s.matches(password))
+    }
+
+    /// The longest interval of the running collectors (none: zero).
+    pub fn longest_interval(&self) -> Duration {
+        let g = self.lock();
+        g.sinks
+            .values()
+            .map(|s| s.interval)
+            .max()
+            .unwrap_or_default()
     }
 
     /// Take data for `spec` (or update its interval); its buffered values are kept.
     pub fn declare(&self, spec: &CollectorSpec) {
         let interval = Duration::from_secs(spec.interval_secs.max(1));
         let mut g = self.lock();
-        let sink = g.0.entry(spec.name.clone()).or_insert_with(|| Sink {
+        let g = &mut *g;
+        g.secrets
+            .entry(spec.name.clone())
+            .or_insert_with(Secret::generate);
+        let sink = g.sinks.entry(spec.name.clone()).or_insert_with(|| Sink {
             kind: spec.kind,
             check: spec.metrics_check(),
             interval,
@@ -190,51 +239,76 @@ impl Sinks {
         }
     }
 
-    /// Stop taking data for `name`; what it had buffered is dropped.
+    /// Stop taking data for `name`; what it had buffered is dropped, and so is its secret.
     pub fn remove(&self, name: &str) {
-        self.lock().0.remove(name);
+        let mut g = self.lock();
+        g.sinks.remove(name);
+        g.secrets.remove(name);
     }
 
     /// Every collector taking data.
     pub fn names(&self) -> Vec<String> {
-        self.lock().0.keys().cloned().collect()
+        self.lock().sinks.keys().cloned().collect()
     }
 
     /// Count a line or body that could not be read at all.
     pub fn bad_line(&self) {
-        self.lock().1.malformed += 1;
+        self.count(|c| c.malformed += 1);
+    }
+
+    /// Change the counters.
+    pub fn count(&self, change: impl FnOnce(&mut Counts)) {
+        change(&mut self.lock().counts);
     }
 
     pub fn counts(&self) -> Counts {
-        self.lock().1
+        self.lock().counts
     }
 
-    /// Take one Graphite line.
-    pub fn graphite(&self, line: &str) {
+    /// Take one Graphite line: its path must start with `NAME@SECRET.` of a running
+    /// collector.
+    pub fn graphite(&self, line: &str) -> Taken {
         let mut g = self.lock();
-        let (sinks, counts) = &mut *g;
-        let parsed = match parse_graphite(line) {
-            Ok(p) => p,
-            Err(BadLine::Malformed) => return counts.malformed += 1,
-            Err(BadLine::NotANumber) => return counts.not_a_number += 1,
+        let Inner {
+            sinks,
+            secrets,
+            counts,
+        } = &mut *g;
+        let Some(parsed) = parse_graphite(line) else {
+            counts.malformed += 1;
+            return Taken::Malformed;
         };
-        let Some((name, rest)) = parsed.path.split_once('@') else {
-            return counts.unknown_collector += 1;
+        let proved = parsed.path.split_once('@').and_then(|(name, rest)| {
+            let secret = secrets.get(name)?;
+            let tail = rest.as_bytes();
+            // The secret and the dot are ASCII: once they matched, what follows starts on a
+            // character boundary.
+            (secret.matches(tail.get(..Secret::LEN)?) && tail.get(Secret::LEN) == Some(&b'.'))
+                .then(|| (name, &rest[Secret::LEN + 1..]))
+        });
+        let sink = proved.and_then(|(name, rest)| Some((sinks.get_mut(name)?, rest)));
+        let Some((sink, rest)) = sink else {
+            counts.unauthenticated += 1;
+            return Taken::Unauthenticated;
         };
-        match sinks.get_mut(name) {
-            Some(sink) if !rest.is_empty() => {
-                let metric = sink.metric_name(rest);
-                sink.put(metric, parsed.value);
-                counts.accepted += 1;
-            }
-            Some(_) => counts.malformed += 1,
-            None => counts.unknown_collector += 1,
+        if !parsed.value.is_finite() {
+            counts.not_a_number += 1;
+            return Taken::NotANumber;
         }
+        if rest.is_empty() {
+            counts.malformed += 1;
+            return Taken::Malformed;
+        }
+        let metric = sink.metric_name(rest);
+        sink.put(metric, parsed.value);
+        counts.accepted += 1;
+        Taken::Accepted
     }
 
     /// Take fluentd's records for `tag` (empty when the URL had none): each numeric field
     /// becomes `TAG.FIELD`, and `TAG.records` counts the records since the last flush.
-    /// Returns false when `name` is not a running collector.
+    /// The caller has checked the sender with [`Sinks::authorized`]. Returns false when
+    /// `name` is not (or no longer) a running collector.
     pub fn records(
         &self,
         name: &str,
@@ -242,9 +316,9 @@ impl Sinks {
         records: &[serde_json::Map<String, serde_json::Value>],
     ) -> bool {
         let mut g = self.lock();
-        let (sinks, counts) = &mut *g;
+        let Inner { sinks, counts, .. } = &mut *g;
         let Some(sink) = sinks.get_mut(name) else {
-            counts.unknown_collector += 1;
+            counts.unauthenticated += 1;
             return false;
         };
         let prefix = if tag.is_empty() {
@@ -274,7 +348,7 @@ impl Sinks {
     pub fn flush_due(&self, now: Instant, all: bool) -> Vec<CheckResult> {
         let mut g = self.lock();
         let mut out = Vec::new();
-        for sink in g.0.values_mut() {
+        for sink in g.sinks.values_mut() {
             if !all && now < sink.next_flush {
                 continue;
             }
@@ -350,50 +424,106 @@ mod tests {
         }
     }
 
+    /// What `name`'s Graphite paths start with.
+    fn prefix(sinks: &Sinks, name: &str) -> String {
+        format!("{name}@{}.", sinks.secret(name).expose())
+    }
+
     #[test]
     fn graphite_lines_parse_and_bad_ones_are_said_apart() {
         assert_eq!(
             parse_graphite("sys@h.cpu-0.cpu-idle 98.5 1700000000\r"),
-            Ok(GraphiteLine {
+            Some(GraphiteLine {
                 path: "sys@h.cpu-0.cpu-idle",
                 value: 98.5
             })
         );
         assert_eq!(parse_graphite("a 1").unwrap().value, 1.0);
         assert_eq!(parse_graphite("a -2e3 17.5").unwrap().value, -2000.0);
-        assert_eq!(parse_graphite("a nan 1700000000"), Err(BadLine::NotANumber));
-        assert_eq!(parse_graphite("a inf 1"), Err(BadLine::NotANumber));
+        assert!(parse_graphite("a nan 1700000000").unwrap().value.is_nan());
+        assert_eq!(parse_graphite("a inf 1").unwrap().value, f64::INFINITY);
         for bad in ["", "a", "a b 1", "a 1 x", "a 1 2 3", "   "] {
-            assert_eq!(parse_graphite(bad), Err(BadLine::Malformed), "{bad:?}");
+            assert_eq!(parse_graphite(bad), None, "{bad:?}");
         }
     }
 
     #[test]
-    fn graphite_data_goes_to_its_collector_by_prefix() {
+    fn graphite_data_goes_to_its_collector_by_prefix_and_secret() {
         let sinks = Sinks::new("web-1.example.com");
         sinks.declare(&spec("sys", CollectorKind::Collectd));
         sinks.declare(&spec("sys.b", CollectorKind::Collectd));
         sinks.declare(&spec("prog", CollectorKind::Program));
-        for line in [
-            "sys@web-1_example_com.cpu-0.cpu-idle 98 1700000000",
-            "sys@web-1_example_com.cpu-0.cpu-idle 97 1700000001",
-            "sys@other_host.snmp.if_octets-rx 5 1700000001",
-            "sys.b@web-1_example_com.memory.memory-used 1024 1700000000",
-            "prog@queue.depth 3",
-            "nobody@x.y 1 1",
-            "noprefix 1 1",
-            "sys@web-1_example_com.load.load.shortterm nan 1",
-            "garbage",
+        let (sys, sys_b, prog) = (
+            prefix(&sinks, "sys"),
+            prefix(&sinks, "sys.b"),
+            prefix(&sinks, "prog"),
+        );
+        assert_ne!(sys, sys_b, "one secret per collector");
+        let zeros = "0".repeat(Secret::LEN);
+        for (line, taken) in [
+            (
+                format!("{sys}web-1_example_com.cpu-0.cpu-idle 98 1700000000"),
+                Taken::Accepted,
+            ),
+            (
+                format!("{sys}web-1_example_com.cpu-0.cpu-idle 97 1700000001"),
+                Taken::Accepted,
+            ),
+            (
+                format!("{sys}other_host.snmp.if_octets-rx 5 1700000001"),
+                Taken::Accepted,
+            ),
+            (
+                format!("{sys_b}web-1_example_com.memory.memory-used 1024 1700000000"),
+                Taken::Accepted,
+            ),
+            (format!("{prog}queue.depth 3"), Taken::Accepted),
+            (
+                format!("{sys}web-1_example_com.load.load.shortterm nan 1"),
+                Taken::NotANumber,
+            ),
+            (format!("{sys} 1 1"), Taken::Malformed),
+            ("garbage".into(), Taken::Malformed),
+            // Without the secret: the name alone, a wrong secret, another collector's
+            // secret, a secret cut short or run on, no dot after it, no collector.
+            (
+                "sys@web-1_example_com.cpu-0.cpu-idle 1 1".into(),
+                Taken::Unauthenticated,
+            ),
+            (
+                format!("sys@{zeros}.web-1_example_com.x 1 1"),
+                Taken::Unauthenticated,
+            ),
+            (format!("sys{}x 1 1", &prog[4..]), Taken::Unauthenticated),
+            (
+                format!("{}.x 1 1", &sys[..sys.len() - 2]),
+                Taken::Unauthenticated,
+            ),
+            (
+                format!("{}0.x 1 1", &sys[..sys.len() - 1]),
+                Taken::Unauthenticated,
+            ),
+            (
+                format!("{}x 1 1", &sys[..sys.len() - 1]),
+                Taken::Unauthenticated,
+            ),
+            ("nobody@x.y 1 1".into(), Taken::Unauthenticated),
+            ("noprefix 1 1".into(), Taken::Unauthenticated),
+            (
+                format!("{sys}x nan 1").replace("sys@", "nobody@"),
+                Taken::Unauthenticated,
+            ),
         ] {
-            sinks.graphite(line);
+            assert_eq!(sinks.graphite(&line), taken, "{line}");
         }
         assert_eq!(
             sinks.counts(),
             Counts {
                 accepted: 5,
-                malformed: 1,
+                malformed: 2,
                 not_a_number: 1,
-                unknown_collector: 2
+                unauthenticated: 9,
+                ..Counts::default()
             }
         );
         let mut got: Vec<_> = sinks
@@ -436,18 +566,26 @@ mod tests {
             sinks.flush_due(Instant::now(), true).is_empty(),
             "a flush empties the buffers; nothing new, no result"
         );
+        assert!(sinks.authorized("sys", sinks.secret("sys").expose().as_bytes()));
+        assert!(!sinks.authorized("sys", sinks.secret("prog").expose().as_bytes()));
         sinks.remove("sys");
-        sinks.graphite("sys@web-1_example_com.cpu-0.cpu-idle 1 1");
-        assert_eq!(sinks.counts().unknown_collector, 3);
+        assert_eq!(
+            sinks.graphite(&format!("{sys}web-1_example_com.cpu-0.cpu-idle 1 1")),
+            Taken::Unauthenticated,
+            "a removed collector's secret opens nothing"
+        );
+        assert!(!sinks.authorized("sys", &sys.as_bytes()[4..4 + Secret::LEN]));
+        assert_ne!(prefix(&sinks, "sys"), sys, "declared again, a new secret");
     }
 
     #[test]
     fn flush_splits_at_max_metrics_and_bounds_the_names() {
         let sinks = Sinks::new("h");
         sinks.declare(&spec("p", CollectorKind::Program));
+        let p = prefix(&sinks, "p");
         let n = MAX_METRICS * 2 + 5;
         for i in 0..n {
-            sinks.graphite(&format!("p@m{i:04} {i} 1"));
+            sinks.graphite(&format!("{p}m{i:04} {i} 1"));
         }
         let rs = sinks.flush_due(Instant::now(), true);
         assert_eq!(
@@ -469,9 +607,9 @@ mod tests {
         assert_eq!(names.len(), n, "every metric once");
         // Beyond MAX_SERIES names, new names are dropped and counted; known ones update.
         for i in 0..MAX_SERIES + 10 {
-            sinks.graphite(&format!("p@m{i:05} 1 1"));
+            sinks.graphite(&format!("{p}m{i:05} 1 1"));
         }
-        sinks.graphite("p@m00000 2 1");
+        sinks.graphite(&format!("{p}m00000 2 1"));
         let rs = sinks.flush_due(Instant::now(), true);
         assert_eq!(rs.len(), MAX_SERIES / MAX_METRICS);
         assert!(rs.iter().all(|r| r.metrics.len() <= MAX_METRICS));
@@ -481,7 +619,7 @@ mod tests {
             "{}",
             rs[0].long_output
         );
-        let long = format!("p@{} 1 1", "x".repeat(500));
+        let long = format!("{p}{} 1 1", "x".repeat(500));
         sinks.graphite(&long);
         let rs = sinks.flush_due(Instant::now(), true);
         assert_eq!(rs[0].metrics[0].name.len(), MAX_METRIC_NAME_BYTES);
@@ -493,11 +631,12 @@ mod tests {
         let mut s = spec("p", CollectorKind::Program);
         s.interval_secs = 10;
         sinks.declare(&s);
-        sinks.graphite("p@a 1");
+        let p = prefix(&sinks, "p");
+        sinks.graphite(&format!("{p}a 1"));
         let t = Instant::now();
         assert!(sinks.flush_due(t, false).is_empty());
         assert_eq!(sinks.flush_due(t + Duration::from_secs(11), false).len(), 1);
-        sinks.graphite("p@a 2");
+        sinks.graphite(&format!("{p}a 2"));
         assert!(sinks
             .flush_due(t + Duration::from_secs(12), false)
             .is_empty());

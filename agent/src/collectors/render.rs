@@ -3,15 +3,20 @@
 //!
 //! - collectd: `collectd.conf` with the declared plugins, `logfile` to stdout (loaded
 //!   first, so the agent's log gets every message) and `write_graphite` pointing at the
-//!   agent's Graphite listener with the prefix `NAME@`; run as `COMMAND -f -C FILE`.
+//!   agent's Graphite listener with the prefix `NAME@SECRET.`; run as `COMMAND -f -C FILE`.
 //! - fluentd: `fluent.conf` with the declared sources and a `<match **>` that posts the
-//!   records as JSON arrays to `http://127.0.0.1:PORT/collector/NAME/TAG`; run as
-//!   `COMMAND -c FILE`.
+//!   records as JSON arrays to `http://127.0.0.1:PORT/collector/NAME/TAG`, as the HTTP user
+//!   NAME with the password SECRET; run as `COMMAND -c FILE`.
 //! - program: the declared `config` (if any) becomes `collector.conf`; `command` runs as is.
 //!
-//! Placeholders `{{graphite_host}}`, `{{graphite_port}}`, `{{http_url}}`, `{{hostname}}`,
-//! `{{config_file}}` and `{{work_dir}}` are replaced in `config`, in `command`'s
-//! arguments and in `env`'s values; any other `{{…}}` is an error.
+//! SECRET is the collector's [`super::secret::Secret`]: it goes into the file (mode 0600)
+//! and the environment, never into the command line, which every local user can read.
+//!
+//! Placeholders `{{graphite_host}}`, `{{graphite_port}}`, `{{graphite_prefix}}`,
+//! `{{http_url}}`, `{{secret}}`, `{{hostname}}`, `{{config_file}}` and `{{work_dir}}` are
+//! replaced in `config` and in `env`'s values, and all but the three that hold the secret
+//! (`graphite_prefix`, `http_url`, `secret`) in `command`'s arguments; any other `{{…}}`
+//! is an error.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -39,6 +44,8 @@ pub struct Context<'a> {
     pub dir: &'a Path,
     pub graphite_port: u16,
     pub http_port: u16,
+    /// The collector's secret ([`super::secret::Secret::expose`]).
+    pub secret: &'a str,
 }
 
 /// What the supervisor runs. Two renderings that compare equal run the same way, so a
@@ -62,6 +69,8 @@ pub enum RenderError {
     UnknownPlaceholder { field: String, found: String },
     #[error("{field} has a {{{{ without its closing }}}}")]
     Unclosed { field: String },
+    #[error("{{{{{found}}}}} in {field} would show the collector's secret to every local user (in ps); use it in config or env instead")]
+    SecretInCommand { field: String, found: String },
     #[error("the <Plugin {plugin}> lines open or close more sections than they close or open; the block must stand on its own")]
     Unbalanced { plugin: String },
     #[error("collectd plugin {0} is listed twice")]
@@ -70,25 +79,30 @@ pub enum RenderError {
     TooLarge(usize),
 }
 
-const PLACEHOLDERS: [&str; 6] = [
+const PLACEHOLDERS: [&str; 8] = [
     "graphite_host",
     "graphite_port",
+    "graphite_prefix",
     "http_url",
+    "secret",
     "hostname",
     "config_file",
     "work_dir",
 ];
 
+/// The placeholders whose value holds the collector's secret.
+const SECRET_PLACEHOLDERS: [&str; 3] = ["graphite_prefix", "http_url", "secret"];
+
 fn known_list() -> String {
     PLACEHOLDERS.join(", ")
 }
 
-/// The start of every Graphite path a collector sends: its name and an `@`, which no
-/// collector name contains, so two collectors never mix. (Not `/`: collectd's
-/// `write_graphite` turns `/`, `:`, `!`, `(`, `)`, quotes and white space into its
-/// `EscapeCharacter`, in the prefix too.)
-pub fn graphite_prefix(name: &str) -> String {
-    format!("{name}@")
+/// The start of every Graphite path a collector sends: its name, an `@` (which no
+/// collector name contains, so two collectors never mix), its secret and a dot. (Not `/`:
+/// collectd's `write_graphite` turns `/`, `:`, `!`, `(`, `)`, quotes and white space into
+/// its `EscapeCharacter`, in the prefix too; the secret is hex.)
+pub fn graphite_prefix(name: &str, secret: &str) -> String {
+    format!("{name}@{secret}.")
 }
 
 /// The URL path under which the HTTP listener takes a collector's records.
@@ -112,23 +126,32 @@ pub fn render(spec: &CollectorSpec, ctx: &Context) -> Result<Rendered, RenderErr
     let vars = [
         ("graphite_host", LISTEN_HOST.to_string()),
         ("graphite_port", ctx.graphite_port.to_string()),
+        ("graphite_prefix", graphite_prefix(&spec.name, ctx.secret)),
         (
             "http_url",
             format!(
-                "http://{LISTEN_HOST}:{}{}",
+                "http://{}:{}@{LISTEN_HOST}:{}{}",
+                spec.name,
+                ctx.secret,
                 ctx.http_port,
                 http_path(&spec.name)
             ),
         ),
+        ("secret", ctx.secret.to_string()),
         ("hostname", ctx.hostname.to_string()),
         ("config_file", file.display().to_string()),
         ("work_dir", ctx.dir.display().to_string()),
     ];
+    let public: Vec<_> = vars
+        .iter()
+        .filter(|(k, _)| !SECRET_PLACEHOLDERS.contains(k))
+        .cloned()
+        .collect();
     let mut argv = spec
         .command
         .iter()
         .enumerate()
-        .map(|(i, a)| substitute(a, &vars, &format!("command argument {}", i + 1)))
+        .map(|(i, a)| substitute(a, &public, &format!("command argument {}", i + 1)))
         .collect::<Result<Vec<_>, _>>()?;
     let env = spec
         .env
@@ -187,6 +210,12 @@ fn substitute(text: &str, vars: &[(&str, String)], field: &str) -> Result<String
         let key = after[..close].trim();
         match vars.iter().find(|(k, _)| *k == key) {
             Some((_, v)) => out.push_str(v),
+            None if SECRET_PLACEHOLDERS.contains(&key) => {
+                return Err(RenderError::SecretInCommand {
+                    field: field.into(),
+                    found: key.into(),
+                })
+            }
             None => {
                 let mut found = key.to_string();
                 crate::util::truncate_utf8(&mut found, 64);
@@ -291,7 +320,7 @@ fn collectd_conf(spec: &CollectorSpec, ctx: &Context) -> Result<String, RenderEr
          SeparateInstances false\n    LogSendErrors true\n  </Node>\n</Plugin>\n",
         host = quote(LISTEN_HOST),
         port = ctx.graphite_port,
-        prefix = quote(&graphite_prefix(&spec.name)),
+        prefix = quote(&graphite_prefix(&spec.name, ctx.secret)),
     );
     Ok(c)
 }
@@ -313,11 +342,15 @@ fn fluent_conf(spec: &CollectorSpec, ctx: &Context, sources: &str) -> String {
          <label @FLUENT_LOG>\n  <match **>\n    @type null\n  </match>\n</label>\n\n\
          # Every record goes to the agent's HTTP listener, one JSON array per tag and flush.\n\
          <match **>\n  @type http\n  endpoint http://{LISTEN_HOST}:{port}{path}/${{tag}}\n  http_method post\n  \
-         open_timeout 2\n  read_timeout 10\n  json_array true\n  <format>\n    @type json\n  </format>\n  \
+         open_timeout 2\n  read_timeout 10\n  json_array true\n  \
+         <auth>\n    method basic\n    username {name}\n    password {secret}\n  </auth>\n  \
+         <format>\n    @type json\n  </format>\n  \
          <buffer tag>\n    flush_interval {interval}s\n    chunk_limit_size 1m\n    total_limit_size 16m\n    \
          retry_max_interval 30s\n  </buffer>\n</match>\n",
         port = ctx.http_port,
         path = http_path(&spec.name),
+        name = spec.name,
+        secret = ctx.secret,
         interval = spec.interval_secs,
     );
     c
@@ -334,8 +367,11 @@ mod tests {
             dir,
             graphite_port: 40001,
             http_port: 40002,
+            secret: SECRET,
         }
     }
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
     fn collectd(plugins: Vec<CollectdPlugin>) -> CollectorSpec {
         CollectorSpec {
@@ -389,7 +425,7 @@ mod tests {
             "  File STDOUT\n",
             "<Plugin df>\n  MountPoint \"/\"\n  IgnoreSelected false\n</Plugin>\n",
             "  FlushInterval 2\n",
-            "    Host \"127.0.0.1\"\n    Port \"40001\"\n    Protocol \"tcp\"\n    Prefix \"sys@\"\n",
+            "    Host \"127.0.0.1\"\n    Port \"40001\"\n    Protocol \"tcp\"\n    Prefix \"sys@0123456789abcdef0123456789abcdef.\"\n",
             "    StoreRates true\n",
             "    SeparateInstances false\n",
         ] {
@@ -495,11 +531,16 @@ mod tests {
             "<match **>\n  @type http\n",
             "endpoint http://127.0.0.1:40002/collector/logs/${tag}\n",
             "json_array true\n",
+            "<auth>\n    method basic\n    username logs\n    password 0123456789abcdef0123456789abcdef\n  </auth>\n",
             "<buffer tag>\n    flush_interval 10s\n",
         ] {
             assert!(text.contains(want), "{want:?} missing from\n{text}");
         }
         assert!(text.find("<source>").unwrap() < text.find("@type http").unwrap());
+        assert!(
+            !r.argv.iter().any(|a| a.contains(SECRET)),
+            "the secret is not on the command line"
+        );
         let default = CollectorSpec {
             command: vec![],
             config: None,
@@ -525,7 +566,7 @@ mod tests {
             plugins: vec![],
             interval_secs: 10,
             config: Some(
-                "graphite {{graphite_host}}:{{graphite_port}}\nhost {{hostname}}\ndir {{work_dir}}\n"
+                "graphite {{graphite_host}}:{{graphite_port}}\nprefix {{graphite_prefix}}\nsecret {{secret}}\nhost {{hostname}}\ndir {{work_dir}}\n"
                     .into(),
             ),
         };
@@ -538,16 +579,19 @@ mod tests {
                 "/s/shipper/collector.conf"
             ]
         );
-        assert_eq!(r.env["TARGET"], "http://127.0.0.1:40002/collector/shipper");
+        assert_eq!(
+            r.env["TARGET"],
+            format!("http://shipper:{SECRET}@127.0.0.1:40002/collector/shipper")
+        );
         assert_eq!(
             r.file,
             Some((
                 PathBuf::from("/s/shipper/collector.conf"),
-                "graphite 127.0.0.1:40001\nhost web-1.example.com\ndir /s/shipper\n".into()
+                format!("graphite 127.0.0.1:40001\nprefix shipper@{SECRET}.\nsecret {SECRET}\nhost web-1.example.com\ndir /s/shipper\n")
             ))
         );
         let unknown = CollectorSpec {
-            config: Some("x {{graphite_prefix}}".into()),
+            config: Some("x {{graphite_path}}".into()),
             ..spec.clone()
         };
         let e = render(&unknown, &ctx(Path::new("/s"))).unwrap_err();
@@ -555,11 +599,27 @@ mod tests {
             e,
             RenderError::UnknownPlaceholder {
                 field: "config".into(),
-                found: "graphite_prefix".into()
+                found: "graphite_path".into()
             }
         );
-        assert!(e.to_string().contains("{{graphite_prefix}}"), "{e}");
+        assert!(e.to_string().contains("{{graphite_path}}"), "{e}");
         assert!(e.to_string().contains("http_url"), "{e}");
+        // The secret never goes on the command line, where every local user can read it.
+        for secret in ["graphite_prefix", "http_url", "secret"] {
+            let in_argv = CollectorSpec {
+                command: vec!["/bin/x".into(), format!("--to={{{{{secret}}}}}")],
+                ..spec.clone()
+            };
+            let e = render(&in_argv, &ctx(Path::new("/s"))).unwrap_err();
+            assert_eq!(
+                e,
+                RenderError::SecretInCommand {
+                    field: "command argument 2".into(),
+                    found: secret.into()
+                }
+            );
+            assert!(e.to_string().contains("use it in config or env"), "{e}");
+        }
         let in_command = CollectorSpec {
             command: vec!["/bin/x".into(), "{{nope}}".into()],
             ..spec.clone()

@@ -20,12 +20,17 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
+    setup_with(listen::Limits::default()).await
+}
+
+async fn setup_with(limits: listen::Limits) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let work = dir.path().join("collectors");
     let outbox = Arc::new(MemoryOutbox::open(&dir.path().join("state"), 100_000).unwrap());
-    let collectors = Collectors::start(work.clone(), "test-host".into(), outbox.clone())
-        .await
-        .unwrap();
+    let collectors =
+        Collectors::start_with(work.clone(), "test-host".into(), outbox.clone(), limits)
+            .await
+            .unwrap();
     Setup {
         _dir: dir,
         outbox,
@@ -359,7 +364,7 @@ async fn config_errors_are_critical_and_a_fix_is_picked_up() {
         ..program("ship", "")
     };
     let placeholder = CollectorSpec {
-        config: Some("to {{graphite_prefix}}".into()),
+        config: Some("to {{graphite_path}}".into()),
         ..program("tmpl", "exec sleep 300")
     };
     s.collectors.apply(vec![missing, placeholder]).await;
@@ -377,7 +382,7 @@ async fn config_errors_are_critical_and_a_fix_is_picked_up() {
     assert!(
         got[0]
             .output
-            .contains("unknown placeholder {{graphite_prefix}} in config"),
+            .contains("unknown placeholder {{graphite_path}} in config"),
         "{}",
         got[0].output
     );
@@ -413,24 +418,12 @@ async fn the_environment_is_cleared_but_for_the_declared_env() {
     assert_eq!(
         lines(&seen)[0],
         format!(
-            "key=[] target=http://127.0.0.1:{}/collector/envy lc=C",
+            "key=[] target=http://envy:{}@127.0.0.1:{}/collector/envy lc=C",
+            s.collectors.sinks.secret("envy").expose(),
             s.collectors.http_addr().port()
         )
     );
     s.collectors.stop_all().await;
-}
-
-async fn post(addr: SocketAddr, path: &str, body: &[u8]) -> String {
-    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    c.write_all(head.as_bytes()).await.unwrap();
-    let _ = c.write_all(body).await;
-    let mut out = String::new();
-    let _ = c.read_to_string(&mut out).await;
-    out.lines().next().unwrap_or_default().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -456,42 +449,63 @@ async fn data_from_the_listeners_becomes_metrics_results() {
     s.collectors.apply(vec![collectd, fluent]).await;
     until(&s.outbox, "collector.sys", 10, |rs| running(rs) == 1).await;
     until(&s.outbox, "collector.logs", 10, |rs| running(rs) == 1).await;
-    let conf = std::fs::read_to_string(s.collectors.dir("sys").join("collectd.conf")).unwrap();
+    // The files hold the secrets: only the agent's user can read them.
+    let mode = |p: &Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions())
+            & 0o777
+    };
+    assert_eq!(mode(&s.collectors.work_dir), 0o700);
+    let conf_path = s.collectors.dir("sys").join("collectd.conf");
+    assert_eq!(mode(&conf_path), 0o600);
+    let conf = std::fs::read_to_string(&conf_path).unwrap();
+    let prefix = shim::prefix(&s.collectors, "sys");
     assert!(conf.contains(&format!("Port \"{}\"", s.collectors.graphite_addr().port())));
-    let fconf = std::fs::read_to_string(s.collectors.dir("logs").join("fluent.conf")).unwrap();
+    assert!(conf.contains(&format!("Prefix \"{prefix}\"")), "{conf}");
+    let fconf_path = s.collectors.dir("logs").join("fluent.conf");
+    assert_eq!(mode(&fconf_path), 0o600);
+    let fconf = std::fs::read_to_string(&fconf_path).unwrap();
     assert!(fconf.contains(&format!(
         "127.0.0.1:{}/collector/logs/",
         s.collectors.http_addr().port()
+    )));
+    assert!(fconf.contains(&format!(
+        "password {}\n",
+        s.collectors.sinks.secret("logs").expose()
     )));
 
     let mut g = tokio::net::TcpStream::connect(s.collectors.graphite_addr())
         .await
         .unwrap();
     g.write_all(
-        b"sys@test-host.cpu-0.cpu-idle 97.5 1700000000\r\nsys@test-host.memory.memory-used 1024 1700000000\r\nnot a line\nnobody@x 1 1\n",
+        format!("{prefix}test-host.cpu-0.cpu-idle 97.5 1700000000\r\n{prefix}test-host.memory.memory-used 1024 1700000000\r\nnot a line\n").as_bytes(),
     )
     .await
     .unwrap();
+    let auth = shim::basic(&s.collectors, "logs");
+    let http = s.collectors.http_addr();
+    let post = |path: &'static str, body: Vec<u8>| {
+        let auth = auth.clone();
+        async move { post_with(http, path, &auth, &body).await }
+    };
     assert_eq!(
         post(
-            s.collectors.http_addr(),
             "/collector/logs/app.access",
-            br#"[{"ms":12,"path":"/"},{"ms":30}]"#
+            br#"[{"ms":12,"path":"/"},{"ms":30}]"#.to_vec()
         )
         .await,
         "HTTP/1.1 200 OK"
     );
     assert_eq!(
-        post(s.collectors.http_addr(), "/collector/nobody/t", b"[]").await,
-        "HTTP/1.1 404 Not Found"
+        post("/collector/nobody/t", b"[]".to_vec()).await,
+        "HTTP/1.1 401 Unauthorized"
     );
     assert_eq!(
-        post(s.collectors.http_addr(), "/collector/logs/t", b"{not json").await,
+        post("/collector/logs/t", b"{not json".to_vec()).await,
         "HTTP/1.1 400 Bad Request"
     );
     let big = vec![b' '; listen::MAX_BODY + 1];
     assert_eq!(
-        post(s.collectors.http_addr(), "/collector/logs/t", &big).await,
+        post("/collector/logs/t", big).await,
         "HTTP/1.1 413 Payload Too Large"
     );
 
@@ -523,12 +537,12 @@ async fn data_from_the_listeners_becomes_metrics_results() {
     );
     eventually(5, "bad input counted", || {
         let r = s.collectors.counts();
-        r.malformed >= 2 && r.unknown_collector >= 2
+        r.malformed >= 2 && r.unauthenticated >= 1
     })
     .await;
     // Data buffered when the collectors stop is still sent.
     let taken = s.collectors.counts().accepted;
-    g.write_all(b"sys@test-host.cpu-0.cpu-idle 1 1700000001\n")
+    g.write_all(format!("{prefix}test-host.cpu-0.cpu-idle 1 1700000001\n").as_bytes())
         .await
         .unwrap();
     eventually(5, "the line was taken", || {
@@ -545,4 +559,350 @@ async fn data_from_the_listeners_becomes_metrics_results() {
         "{after:#?}"
     );
     assert!(after.len() <= n + 1);
+}
+
+// ---- The listeners as a local attacker sees them ------------------------------------
+
+/// A collectd-kind collector that only sleeps: these tests write its data themselves.
+fn collectd_stub(name: &str) -> CollectorSpec {
+    CollectorSpec {
+        name: name.into(),
+        kind: CollectorKind::Collectd,
+        command: vec!["/bin/sh".into(), "-c".into(), "exec sleep 300".into()],
+        plugins: vec![outpost_protocol::CollectdPlugin {
+            name: "cpu".into(),
+            config: None,
+        }],
+        ..program(name, "")
+    }
+}
+
+/// A fluentd-kind collector that only sleeps.
+fn fluentd_stub(name: &str) -> CollectorSpec {
+    CollectorSpec {
+        kind: CollectorKind::Fluentd,
+        plugins: vec![],
+        ..collectd_stub(name)
+    }
+}
+
+/// `POST path` with `headers` (each `Name: value\r\n`); the status line of the answer, or
+/// "" when the connection was closed without one.
+async fn post_with(addr: SocketAddr, path: &str, headers: &str, body: &[u8]) -> String {
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = c.write_all(head.as_bytes()).await;
+    let _ = c.write_all(body).await;
+    let mut out = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_string(&mut out)).await;
+    out.lines().next().unwrap_or_default().to_string()
+}
+
+/// Whether the agent closes `c` within `within` (a read gives end of file or an error).
+async fn closed(c: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    let mut b = [0u8; 256];
+    tokio::time::timeout(within, async {
+        loop {
+            match c.read(&mut b).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Every metric of `check` reported so far, the latest value of each.
+fn metrics_of(outbox: &MemoryOutbox, check: &str) -> BTreeMap<String, f64> {
+    of(outbox, check)
+        .iter()
+        .flat_map(|r| r.metrics.iter().map(|m| (m.name.clone(), m.value)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graphite_lines_without_the_collectors_secret_are_refused_and_their_connection_closed() {
+    let s = setup().await;
+    s.collectors.apply(vec![collectd_stub("sys")]).await;
+    until(&s.outbox, "collector.sys", 10, |rs| running(rs) == 1).await;
+    let addr = s.collectors.graphite_addr();
+    // A local user knows the collector's name (it is in ps) but not its secret.
+    let mut attackers = Vec::new();
+    for line in [
+        "sys@test-host.injected-a 666 1700000000\n".to_string(),
+        "sys@0123456789abcdef0123456789abcdef.test-host.injected-b 666 1700000000\n".into(),
+        format!(
+            "{}injected-c 666 1700000000\n",
+            shim::prefix(&s.collectors, "sys").replace(|c: char| c.is_ascii_hexdigit(), "0")
+        ),
+        "nobody@x.y 1 1\ngarbage\n".into(),
+    ] {
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(line.as_bytes()).await.unwrap();
+        attackers.push(c);
+    }
+    // The collector itself, with the prefix rendered into its configuration.
+    let prefix = shim::prefix(&s.collectors, "sys");
+    let mut real = tokio::net::TcpStream::connect(addr).await.unwrap();
+    real.write_all(format!("{prefix}test-host.cpu-0.cpu-idle 97.5 1700000000\n").as_bytes())
+        .await
+        .unwrap();
+    let got = until(&s.outbox, "collector.sys.metrics", 10, |rs| !rs.is_empty()).await;
+    // Give the attackers' lines every chance to arrive too.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let taken = metrics_of(&s.outbox, "collector.sys.metrics");
+    assert_eq!(
+        taken,
+        BTreeMap::from([("cpu-0.cpu-idle".to_string(), 97.5)]),
+        "only the collector's own line is taken: {got:#?}"
+    );
+    for (i, c) in attackers.iter_mut().enumerate() {
+        assert!(
+            closed(c, Duration::from_secs(5)).await,
+            "connection {i} sent a line without the secret and was left open"
+        );
+    }
+    assert!(
+        shim::refused(&s.collectors) >= 4,
+        "refused lines are counted: {:?}",
+        s.collectors.counts()
+    );
+    // The collector's own connection stays open and keeps working.
+    real.write_all(format!("{prefix}test-host.cpu-0.cpu-idle 1 1700000001\n").as_bytes())
+        .await
+        .unwrap();
+    until(&s.outbox, "collector.sys.metrics", 10, |rs| {
+        rs.iter().any(|r| r.metrics.iter().any(|m| m.value == 1.0))
+    })
+    .await;
+    s.collectors.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_posts_without_the_collectors_secret_are_refused() {
+    let s = setup().await;
+    s.collectors.apply(vec![fluentd_stub("logs")]).await;
+    until(&s.outbox, "collector.logs", 10, |rs| running(rs) == 1).await;
+    let addr = s.collectors.http_addr();
+    let body = br#"[{"injected":666}]"#;
+    let wrong = format!(
+        "Authorization: Basic {}\r\n",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            "logs:0123456789abcdef0123456789abcdef"
+        )
+    );
+    for (headers, what) in [("", "no credentials"), (wrong.as_str(), "a wrong secret")] {
+        assert_eq!(
+            post_with(addr, "/collector/logs/app", headers, body).await,
+            "HTTP/1.1 401 Unauthorized",
+            "a post with {what}"
+        );
+    }
+    assert_eq!(
+        post_with(
+            addr,
+            "/collector/nobody/app",
+            &shim::basic(&s.collectors, "logs"),
+            body
+        )
+        .await,
+        "HTTP/1.1 401 Unauthorized",
+        "one collector's secret does not open another's path"
+    );
+    assert_eq!(
+        post_with(
+            addr,
+            "/collector/logs/app",
+            &shim::basic(&s.collectors, "logs"),
+            br#"[{"ms":12}]"#
+        )
+        .await,
+        "HTTP/1.1 200 OK"
+    );
+    until(&s.outbox, "collector.logs.metrics", 10, |rs| !rs.is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        metrics_of(&s.outbox, "collector.logs.metrics"),
+        BTreeMap::from([
+            ("app.ms".to_string(), 12.0),
+            ("app.records".to_string(), 1.0)
+        ])
+    );
+    assert!(
+        shim::refused(&s.collectors) >= 3,
+        "{:?}",
+        s.collectors.counts()
+    );
+    s.collectors.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_do_not_lock_the_collectors_out() {
+    let s = setup().await;
+    s.collectors
+        .apply(vec![collectd_stub("sys"), fluentd_stub("logs")])
+        .await;
+    until(&s.outbox, "collector.sys", 10, |rs| running(rs) == 1).await;
+    until(&s.outbox, "collector.logs", 10, |rs| running(rs) == 1).await;
+    let (g_addr, h_addr) = (s.collectors.graphite_addr(), s.collectors.http_addr());
+    // A local user opens 100 connections to each listener and sends nothing.
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(tokio::net::TcpStream::connect(g_addr).await.unwrap());
+        idle.push(tokio::net::TcpStream::connect(h_addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The collectors still get through.
+    let prefix = shim::prefix(&s.collectors, "sys");
+    let mut g = tokio::net::TcpStream::connect(g_addr).await.unwrap();
+    g.write_all(format!("{prefix}test-host.load 0.5 1700000000\n").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(
+        post_with(
+            h_addr,
+            "/collector/logs/app",
+            &shim::basic(&s.collectors, "logs"),
+            br#"[{"ms":3}]"#
+        )
+        .await,
+        "HTTP/1.1 200 OK",
+        "fluentd's post got through 200 idle connections"
+    );
+    let got = until(&s.outbox, "collector.sys.metrics", 10, |rs| !rs.is_empty()).await;
+    assert_eq!(got[0].metrics[0].name, "load");
+    assert!(
+        s.collectors.counts().evicted >= 2 * (100 + 1 - 64),
+        "the oldest idle connections made room: {:?}",
+        s.collectors.counts()
+    );
+    until(&s.outbox, "collector.logs.metrics", 10, |rs| !rs.is_empty()).await;
+    // More idle connections later do not push out a collector that has spoken.
+    for _ in 0..100 {
+        idle.push(tokio::net::TcpStream::connect(g_addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    g.write_all(format!("{prefix}test-host.load 0.75 1700000001\n").as_bytes())
+        .await
+        .unwrap();
+    until(&s.outbox, "collector.sys.metrics", 10, |rs| {
+        rs.iter().any(|r| r.metrics.iter().any(|m| m.value == 0.75))
+    })
+    .await;
+    s.collectors.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_slow_and_idle_connections_are_closed() {
+    let s = shim::fast_setup().await;
+    s.collectors
+        .apply(vec![collectd_stub("sys"), fluentd_stub("logs")])
+        .await;
+    until(&s.outbox, "collector.sys", 10, |rs| running(rs) == 1).await;
+    until(&s.outbox, "collector.logs", 10, |rs| running(rs) == 1).await;
+    let (g_addr, h_addr) = (s.collectors.graphite_addr(), s.collectors.http_addr());
+    let connect = |a| tokio::net::TcpStream::connect(a);
+    let prefix = shim::prefix(&s.collectors, "sys");
+    // Graphite: silent from the start; a line begun and never finished; a collector's
+    // connection that goes quiet.
+    let mut silent = connect(g_addr).await.unwrap();
+    let mut slow = connect(g_addr).await.unwrap();
+    slow.write_all(prefix.as_bytes()).await.unwrap();
+    let mut quiet = connect(g_addr).await.unwrap();
+    quiet
+        .write_all(format!("{prefix}test-host.load 1 1700000000\n").as_bytes())
+        .await
+        .unwrap();
+    // HTTP: silent; authenticated headers, then a body that never comes.
+    let mut h_silent = connect(h_addr).await.unwrap();
+    let mut h_slow = connect(h_addr).await.unwrap();
+    h_slow
+        .write_all(
+            format!(
+                "POST /collector/logs/t HTTP/1.1\r\nHost: x\r\n{}Content-Length: 100\r\n\r\n[",
+                shim::basic(&s.collectors, "logs")
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let t = Instant::now();
+    // Read timeout 1 s; HTTP: 1 s for the request to arrive, then 2 s for the request;
+    // Graphite: silent for 2 intervals (1 s) + 1 s.
+    assert!(
+        closed(&mut slow, Duration::from_secs(3)).await,
+        "a line begun and never finished"
+    );
+    assert!(
+        closed(&mut h_silent, Duration::from_secs(3)).await,
+        "a silent HTTP connection"
+    );
+    assert!(
+        closed(&mut silent, Duration::from_secs(6)).await,
+        "a silent Graphite connection"
+    );
+    assert!(
+        closed(&mut quiet, Duration::from_secs(6)).await,
+        "a quiet Graphite connection"
+    );
+    assert!(
+        closed(&mut h_slow, Duration::from_secs(6)).await,
+        "a body that never comes"
+    );
+    assert!(t.elapsed() >= Duration::from_secs(1), "{:?}", t.elapsed());
+    assert!(
+        shim::timed_out(&s.collectors) >= 5,
+        "{:?}",
+        s.collectors.counts()
+    );
+    // The line the quiet connection sent was taken.
+    until(&s.outbox, "collector.sys.metrics", 10, |rs| !rs.is_empty()).await;
+    s.collectors.stop_all().await;
+}
+
+/// What these tests need of the secret and the counters, in one place.
+mod shim {
+    use super::*;
+
+    /// What a collector's Graphite paths start with.
+    pub fn prefix(c: &Collectors, name: &str) -> String {
+        render::graphite_prefix(name, c.sinks.secret(name).expose())
+    }
+
+    /// The `Authorization` header line of a collector's posts.
+    pub fn basic(c: &Collectors, name: &str) -> String {
+        let pair = format!("{name}:{}", c.sinks.secret(name).expose());
+        format!(
+            "Authorization: Basic {}\r\n",
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, pair)
+        )
+    }
+
+    /// Lines and requests refused for lack of the secret.
+    pub fn refused(c: &Collectors) -> u64 {
+        c.counts().unauthenticated
+    }
+
+    /// Connections closed for silence or slowness.
+    pub fn timed_out(c: &Collectors) -> u64 {
+        c.counts().timed_out
+    }
+
+    /// A manager whose listeners give up quickly: read timeout 1 s, HTTP requests 1 s to
+    /// arrive and 2 s to finish, Graphite silence of 2 intervals + 1 s.
+    pub async fn fast_setup() -> Setup {
+        let limits = listen::Limits {
+            graphite_quiet_margin: Duration::from_secs(1),
+            line_timeout: Duration::from_secs(1),
+            http_head_timeout: Duration::from_secs(1),
+            http_request_timeout: Duration::from_secs(2),
+            ..listen::Limits::default()
+        };
+        setup_with(limits).await
+    }
 }
