@@ -4,16 +4,25 @@
 #
 #   curl -fsSL https://GATEWAY/install.sh | sudo sh -s -- --key KEY
 #
-# Downloads the static agent from the gateway that served this script, verifies its
-# SHA-256 against the release's SHA256SUMS, installs it to /opt/outpost/bin, writes
-# /etc/outpost/agent.toml and starts the outpost-agent service (systemd, OpenRC or SysV
-# init). Run it again to upgrade; --uninstall removes it. `sh install.sh --help` and
+# Downloads the static agent from the gateway that served this script, checks the
+# release manifest's ed25519 signature with the Outpost release key built in below and
+# the agent's SHA-256 against that signed manifest, installs it to /opt/outpost/bin,
+# writes /etc/outpost/agent.toml and starts the outpost-agent service (systemd, OpenRC or
+# SysV init). Run it again to upgrade; --uninstall removes it. `sh install.sh --help` and
 # docs/INSTALL.md say the rest. POSIX sh; passes `shellcheck -s sh`.
 
 set -eu
 
-# The gateway that served this script writes its own address here.
+# The gateway that served this script writes its own address here, and the two pins of
+# its certificate: the SHA-256 of the certificate (what the agent pins) and curl's
+# sha256// pin of its public key (what the downloads below pin). They are as trustworthy
+# as the rest of this script, which is why it must be fetched over a verified connection.
 served_gateway=''
+served_pin=''
+served_pubkey_pin=''
+
+# The Outpost release verification key (installer/release-key.pub: ed25519, base64).
+release_key='JImr34MDINdI95HoRvju703XZPcc9d2m29ek6gzLkZ8='
 
 usage() {
 	cat <<'EOF'
@@ -26,9 +35,18 @@ Usage: install.sh [options]            (as root)
                      are accepted); default: the gateway that served this script,
                      else the one in an existing agent.toml
   --ca FILE          trust the gateway by this PEM CA file (env OUTPOST_CA)
-  --pin SHA256       trust the gateway by the SHA-256 of its certificate, as the
-                     gateway prints it ("pin_sha256 ...") (env OUTPOST_PIN)
-                     Neither: the system's root certificates.
+  --pin PIN          trust the gateway by a pin it prints at start: pin_sha256
+                     (hex, the certificate's SHA-256: what the agent checks) or
+                     curl_pin (sha256//BASE64, its public key: what the downloads
+                     check). One is enough when this script came from that gateway;
+                     else give both (--pin twice; env OUTPOST_PIN, space-separated)
+                     Neither --ca nor --pin: the system's root certificates.
+  --release-key FILE verify the release's signature with this ed25519 public key
+                     file instead of the Outpost key built in (env OUTPOST_RELEASE_KEY)
+  --no-verify-release
+                     do not check the release's signature (for hosts without
+                     OpenSSL 3): the agent is then only checked against the
+                     SHA256SUMS the gateway serves
   --version VERSION  install this agent version (env OUTPOST_VERSION); default latest
   --init SYSTEM      systemd, openrc, sysv or none (env OUTPOST_INIT); default: the
                      init system running here
@@ -74,7 +92,9 @@ parse_args() {
 	opt_key=${OUTPOST_KEY:-}
 	opt_gateway=${OUTPOST_GATEWAY:-}
 	opt_ca=${OUTPOST_CA:-}
-	opt_pin=${OUTPOST_PIN:-}
+	opt_pins=${OUTPOST_PIN:-}
+	opt_release_key=${OUTPOST_RELEASE_KEY:-}
+	no_verify=0
 	opt_version=${OUTPOST_VERSION:-}
 	opt_init=${OUTPOST_INIT:-}
 	uninstall=0
@@ -88,8 +108,11 @@ parse_args() {
 		--gateway=*) opt_gateway=${1#*=}; shift ;;
 		--ca) need_arg "$1" $#; opt_ca=$2; shift 2 ;;
 		--ca=*) opt_ca=${1#*=}; shift ;;
-		--pin) need_arg "$1" $#; opt_pin=$2; shift 2 ;;
-		--pin=*) opt_pin=${1#*=}; shift ;;
+		--pin) need_arg "$1" $#; opt_pins="$opt_pins $2"; shift 2 ;;
+		--pin=*) opt_pins="$opt_pins ${1#*=}"; shift ;;
+		--release-key) need_arg "$1" $#; opt_release_key=$2; shift 2 ;;
+		--release-key=*) opt_release_key=${1#*=}; shift ;;
+		--no-verify-release) no_verify=1; shift ;;
 		--version) need_arg "$1" $#; opt_version=$2; shift 2 ;;
 		--version=*) opt_version=${1#*=}; shift ;;
 		--init) need_arg "$1" $#; opt_init=$2; shift 2 ;;
@@ -368,57 +391,46 @@ sha256_of() {
 	fi
 }
 
-# The leaf certificate curl reported (-w %{certs}) must hash to the pin. The body is
-# only written to a temporary file and is thrown away when it does not.
-check_pin() {
-	# Whole lines only: the text fields before the PEM block are the server's to choose.
-	awk '/^-----BEGIN CERTIFICATE-----$/ { on = 1; next }
-		/^-----END CERTIFICATE-----$/ { if (on) exit }
-		on && /^[A-Za-z0-9+\/=]+$/ { print }' "$1" >"$tmp/leaf.b64"
-	[ -s "$tmp/leaf.b64" ] || die "curl did not report the gateway's certificate (it needs version 7.88 or newer for --pin); upgrade curl or trust the gateway with --ca FILE"
-	if have base64; then
-		base64 -d <"$tmp/leaf.b64" >"$tmp/leaf.der"
-	else
-		openssl base64 -d <"$tmp/leaf.b64" >"$tmp/leaf.der"
-	fi
-	got=$(sha256_of "$tmp/leaf.der")
-	[ "$got" = "$pin" ] || die "the gateway's certificate does not match the pin: expected $pin, got $got (nothing was installed)"
-}
-
-# fetch PATH DEST MAX: download $base/PATH into DEST (at most MAX bytes, with curl), with
-# the gateway trusted as decided.
+# fetch PATH DEST MAX [HINT]: download $base/PATH into DEST (at most MAX bytes, with
+# curl), with the gateway trusted as decided; HINT follows the message of a 404.
 fetch() {
 	path=$1
 	url=$base/$1
 	dest=$2
 	max=$3
+	hint=${4:-}
 	case $downloader in
 	curl)
-		set -- -gsS --proto =https --connect-timeout 15 --max-time 600 --retry 2 --max-filesize "$max" -o "$dest"
+		set -- -gsS --proto =https --connect-timeout 15 --max-time 600 --retry 2 --max-filesize "$max" -o "$dest" -w '%{http_code}\n'
 		rc=0
 		if [ -n "$pin" ]; then
-			# -k: the pin, checked below on the same connection's certificate, replaces
-			# chain validation, as it does in the agent.
-			curl "$@" -k -w '%{http_code}\n%{certs}' "$url" >"$tmp/curl.out" 2>"$tmp/curl.err" || rc=$?
+			# The pinned public key replaces chain and name validation, as the pin does in
+			# the agent: -k turns those off, --pinnedpubkey still makes curl refuse, in the
+			# handshake and before any data, a server whose certificate holds another key
+			# (curl documents this; every curl that takes sha256// pins, 7.44 or newer, does it).
+			curl "$@" -k --pinnedpubkey "$pubkey_pin" "$url" >"$tmp/curl.out" 2>"$tmp/curl.err" || rc=$?
 		elif [ -n "$ca" ]; then
-			curl "$@" -w '%{http_code}\n' --cacert "$ca" "$url" >"$tmp/curl.out" 2>"$tmp/curl.err" || rc=$?
+			curl "$@" --cacert "$ca" "$url" >"$tmp/curl.out" 2>"$tmp/curl.err" || rc=$?
 		else
-			curl "$@" -w '%{http_code}\n' "$url" >"$tmp/curl.out" 2>"$tmp/curl.err" || rc=$?
+			curl "$@" "$url" >"$tmp/curl.out" 2>"$tmp/curl.err" || rc=$?
 		fi
 		case $rc in
 		0) ;;
 		6) die "cannot resolve the gateway's name in $url: check --gateway" ;;
 		7 | 28) die "cannot reach the gateway at $url (is it running, and is its port open?): $(cat "$tmp/curl.err")" ;;
-		35 | 51 | 53 | 54 | 58 | 59 | 60 | 77 | 80 | 83 | 90 | 91)
-			die "cannot verify the gateway's certificate at $url: pass --ca FILE or --pin SHA256 (docs/INSTALL.md): $(cat "$tmp/curl.err")" ;;
+		90) die "the server at $url is not the pinned gateway: its public key does not match $pubkey_pin (nothing was installed)" ;;
+		2 | 4 | 48)
+			[ -z "$pin" ] || die "this curl cannot pin a public key (--pinnedpubkey sha256// needs curl 7.44 or newer, built with OpenSSL, GnuTLS, wolfSSL or mbedTLS): upgrade curl or trust the gateway with --ca FILE: $(cat "$tmp/curl.err")"
+			die "downloading $url failed (curl exit $rc): $(cat "$tmp/curl.err")" ;;
+		35 | 51 | 53 | 54 | 58 | 59 | 60 | 77 | 80 | 83 | 91)
+			die "cannot verify the gateway's certificate at $url: pass --ca FILE or --pin PIN (docs/INSTALL.md): $(cat "$tmp/curl.err")" ;;
 		63) die "$url is larger than the $max bytes it may have" ;;
 		*) die "downloading $url failed (curl exit $rc): $(cat "$tmp/curl.err")" ;;
 		esac
-		[ -z "$pin" ] || check_pin "$tmp/curl.out"
 		code=$(head -n 1 "$tmp/curl.out")
 		case $code in
 		200) ;;
-		404) die "the gateway has no $path ($url answered 404: $(head -c 300 "$dest"))" ;;
+		404) die "the gateway has no $path ($url answered 404: $(head -c 300 "$dest"))$hint" ;;
 		*) die "$url answered HTTP $code" ;;
 		esac
 		;;
@@ -433,11 +445,78 @@ fetch() {
 		0) ;;
 		4) die "cannot reach the gateway at $url: $(cat "$tmp/wget.err")" ;;
 		5) die "cannot verify the gateway's certificate at $url: pass --ca FILE (docs/INSTALL.md)" ;;
-		8) die "the gateway has no $path ($url answered an error)" ;;
+		8) die "the gateway has no $path ($url answered an error)$hint" ;;
 		*) die "downloading $url failed (wget exit $rc): $(cat "$tmp/wget.err")" ;;
 		esac
+		[ "$(wc -c <"$dest" | tr -d " ")" -le "$max" ] || die "$url is larger than the $max bytes it may have"
 		;;
 	esac
+}
+
+# Whether $1 is base64 of 32 bytes (a SHA-256, an ed25519 key): 43 characters and "=".
+is_b64_32() {
+	[ ${#1} = 44 ] || return 1
+	case $1 in
+	*[!A-Za-z0-9+/=]* | *=*=) return 1 ;;
+	*[A-Za-z0-9+/]=) return 0 ;;
+	*) return 1 ;;
+	esac
+}
+
+# The pins given (--pin, OUTPOST_PIN): at most one of each form, into opt_pin (hex
+# pin_sha256, lower case, no colons) and opt_pubkey_pin (sha256//BASE64).
+parse_pins() {
+	opt_pin=''
+	opt_pubkey_pin=''
+	pins=$(printf '%s' "$opt_pins" | tr ',' ' ')
+	set -f
+	# shellcheck disable=SC2086 # split on spaces and commas, without globbing
+	set -- $pins
+	set +f
+	for p in "$@"; do
+		case $p in
+		sha256//*)
+			is_b64_32 "${p#sha256//}" || die "--pin \"$p\" is not a public-key pin: curl_pin is sha256// and 44 base64 characters"
+			[ -z "$opt_pubkey_pin" ] || [ "$opt_pubkey_pin" = "$p" ] || die "two different public-key pins given (--pin): give one"
+			opt_pubkey_pin=$p
+			;;
+		*)
+			h=$(printf '%s' "$p" | tr -d ':' | tr 'A-F' 'a-f')
+			case $h in
+			*[!0-9a-f]*) h=x ;;
+			esac
+			[ ${#h} = 64 ] || die "--pin must be 64 hex digits (the gateway prints it as pin_sha256) or sha256//BASE64 (curl_pin), got \"$p\""
+			[ -z "$opt_pin" ] || [ "$opt_pin" = "$h" ] || die "two different certificate pins given (--pin): give one"
+			opt_pin=$h
+			;;
+		esac
+	done
+}
+
+# decide_pins PIN PUBKEY_PIN (either may be empty): both pins of the gateway to trust,
+# completed from this script's own gateway or agent.toml, into pin (the certificate's, what
+# the agent checks) and pubkey_pin (its public key's, what curl checks).
+decide_pins() {
+	pin=$1
+	pubkey_pin=$2
+	if [ -z "$pin" ]; then
+		if [ "$pubkey_pin" = "$served_pubkey_pin" ]; then
+			# The certificate of the gateway that served this script holds that key.
+			pin=$served_pin
+		else
+			pin=$(config_value pin_sha256)
+			[ -n "$pin" ] || die "the agent pins the gateway's certificate, not its key: pass its pin_sha256 as well (--pin HEX; the gateway prints both at start)"
+		fi
+	fi
+	if [ -z "$pubkey_pin" ]; then
+		[ "$pin" = "$served_pin" ] || die "certificate pin $pin is not the pin of the gateway that served this script, so the public key to pin the downloads to is unknown: pass that gateway's curl_pin as well (--pin sha256//BASE64; the gateway prints both at start); nothing was installed"
+		pubkey_pin=$served_pubkey_pin
+	fi
+	if [ -n "$served_pin" ] && { [ "$pin" = "$served_pin" ] || [ "$pubkey_pin" = "$served_pubkey_pin" ]; }; then
+		if [ "$pin" != "$served_pin" ] || [ "$pubkey_pin" != "$served_pubkey_pin" ]; then
+			die "the two pins given are not of one certificate: those of the gateway that served this script are $served_pin and $served_pubkey_pin"
+		fi
+	fi
 }
 
 # The build for this machine, the gateway, how to trust it, and how to download.
@@ -459,17 +538,11 @@ decide() {
 	*[!A-Za-z0-9.:\[\]-]* | [.:-]*) die "gateway \"$gateway\" is not a HOST[:PORT]" ;;
 	esac
 
-	[ -z "$opt_ca" ] || [ -z "$opt_pin" ] || die "give either --ca or --pin, not both"
+	parse_pins
+	[ -z "$opt_ca" ] || [ -z "$opt_pin$opt_pubkey_pin" ] || die "give either --ca or --pin, not both"
 	if [ -n "$opt_ca" ]; then
 		[ -r "$opt_ca" ] || die "cannot read the CA file \"$opt_ca\""
 		grep -q -- '-----BEGIN CERTIFICATE-----' "$opt_ca" || die "CA file \"$opt_ca\" holds no PEM certificate"
-	fi
-	if [ -n "$opt_pin" ]; then
-		opt_pin=$(printf '%s' "$opt_pin" | tr -d ':' | tr 'A-F' 'a-f')
-		case $opt_pin in
-		*[!0-9a-f]*) die "--pin must be 64 hex digits (the gateway prints it as pin_sha256), got \"$opt_pin\"" ;;
-		esac
-		[ ${#opt_pin} = 64 ] || die "--pin must be 64 hex digits (the gateway prints it as pin_sha256), got \"$opt_pin\""
 	fi
 	case $opt_key in
 	*[!A-Za-z0-9._-]*) die "the enrollment key may hold only letters, digits, '.', '_' and '-'" ;;
@@ -479,10 +552,16 @@ decide() {
 
 	# How downloads trust the gateway: the options, else what agent.toml says, else the system.
 	ca=$opt_ca
-	pin=$opt_pin
-	if [ -z "$ca$pin" ]; then
-		pin=$(config_value pin_sha256)
-		if [ -z "$pin" ] && [ -n "$(config_value ca_file)" ]; then
+	pin=''
+	pubkey_pin=''
+	if [ -n "$opt_pin$opt_pubkey_pin" ]; then
+		decide_pins "$opt_pin" "$opt_pubkey_pin"
+		# What agent.toml gets (the pin given, or the one found for the key given).
+		opt_pin=$pin
+	elif [ -z "$ca" ]; then
+		if [ -n "$(config_value pin_sha256)" ]; then
+			decide_pins "$(config_value pin_sha256)" ''
+		elif [ -n "$(config_value ca_file)" ]; then
 			ca=$(r "$(config_value ca_file)")
 		fi
 	fi
@@ -491,15 +570,180 @@ decide() {
 		downloader=curl
 	elif have wget; then
 		downloader=wget
-		[ -z "$pin" ] || die "--pin needs curl (7.88 or newer); install curl or trust the gateway with --ca FILE"
+		[ -z "$pin" ] || die "--pin needs curl (7.44 or newer; wget cannot pin a key here): install curl or trust the gateway with --ca FILE"
 	else
 		die "neither curl nor wget is installed; install one of them and run this again"
 	fi
 	base=https://$gateway
+
+	# How the release is verified: its signature, with the built-in key or --release-key.
+	if [ "$no_verify" = 0 ]; then
+		key=$release_key
+		if [ -n "$opt_release_key" ]; then
+			[ -r "$opt_release_key" ] || die "cannot read the release key file \"$opt_release_key\""
+			key=$(awk '/^[ \t\r]*(#|$)/ { next } { gsub(/[ \t\r]/, ""); print; exit }' "$opt_release_key")
+		fi
+		is_b64_32 "$key" || die "release key file \"$opt_release_key\" holds no ed25519 public key (one line of base64, as outpost-gateway release keygen writes it)"
+		have openssl || die "cannot check the release's signature: openssl (OpenSSL 3.0 or newer) is not installed. Install it (apt-get install openssl, dnf install openssl, apk add openssl) and run this again, or pass --no-verify-release to rely on the connection to the gateway and its SHA256SUMS alone (docs/INSTALL.md)"
+	fi
+}
+
+# openssl verifies the ed25519 signature $3 (64 bytes) of file $2 with the public key $1 (PEM).
+verify_ed25519() {
+	openssl pkeyutl -verify -pubin -inkey "$1" -rawin -in "$2" -sigfile "$3" >/dev/null 2>&1
+}
+
+# The release key as openssl reads it, and proof that this openssl can verify ed25519 at
+# all (a good signature from RFC 8032, test 2), so that a failure later means a bad one.
+prepare_verify() {
+	# A SubjectPublicKeyInfo for ed25519 is 12 fixed bytes (16 base64 characters) and the key.
+	printf '%s\n' '-----BEGIN PUBLIC KEY-----' "MCowBQYDK2VwAyEA$key" '-----END PUBLIC KEY-----' >"$tmp/release-key.pem"
+	printf '%s\n' '-----BEGIN PUBLIC KEY-----' 'MCowBQYDK2VwAyEAPUAXw+hDiVqStwqnTRt+vJyYLM8uxJaMwM1V8Sr0Zgw=' '-----END PUBLIC KEY-----' >"$tmp/rfc8032.pem"
+	printf r >"$tmp/rfc8032.msg"
+	printf '%s' 'kqAJqfDUyrhyDoILX2QlQKKye1QWUD+Ps3YiI+vbadoIWsHkPhWZbkWPNhPQ8R2MOHsurrQwKu6wDSkWErsMAA==' |
+		openssl base64 -d -A >"$tmp/rfc8032.sig" 2>/dev/null || true
+	verify_ed25519 "$tmp/rfc8032.pem" "$tmp/rfc8032.msg" "$tmp/rfc8032.sig" ||
+		die "this openssl ($(openssl version 2>&1 | head -n 1)) cannot verify ed25519 signatures: OpenSSL 3.0 or newer is needed. Upgrade it, or pass --no-verify-release to rely on the connection to the gateway and its SHA256SUMS alone (docs/INSTALL.md)"
+	openssl pkey -pubin -in "$tmp/release-key.pem" -noout >/dev/null 2>&1 ||
+		die "the release key ${opt_release_key:-built into this script} is not an ed25519 public key"
+}
+
+# The releases of a manifest, checked the way the agent checks them (protocol/src/update.rs),
+# for TARGET: "= VERSION FILE SIZE SHA256" of WANT (a version, or empty: the highest), else
+# "? VERSION..." listing what there is; "! REASON" when an entry is not valid. The manifest
+# is JSON ({"releases": [{"version", "target", "file", "size", "sha256"}, ...]}): this walks
+# its tokens, so it depends on neither layout nor order.
+manifest_select() {
+	awk -v target="$2" -v want="$3" '
+	function fail(why) { print "! " why; failed = 1; exit 1 }
+	function vkey(v,   p, n, k, i) {
+		n = split(v, p, ".")
+		k = ""
+		for (i = 1; i <= 4; i++) k = k sprintf("%09d", i <= n ? p[i] : 0)
+		return k
+	}
+	function field(name) {
+		if (!(name in f)) fail("a release has no \"" name "\"")
+		if ((name == "size") == isstr[name]) fail("a release has a \"" name "\" of the wrong type")
+		return f[name]
+	}
+	function release(   v, t, fl, sz, h, p, n, i) {
+		v = field("version"); t = field("target"); fl = field("file"); sz = field("size"); h = field("sha256")
+		n = split(v, p, ".")
+		if (v == "" || length(v) > 32 || n > 4 || v ~ /[^0-9.]/) fail("version \"" v "\" is not one to four numbers")
+		for (i = 1; i <= n; i++) if (p[i] == "" || length(p[i]) > 9) fail("version \"" v "\" is not one to four numbers")
+		if (t == "" || length(t) > 64 || t ~ /[^a-z0-9_-]/ || index(t, "-") == 0) fail("target \"" t "\" is not a target triple")
+		if (fl == "" || length(fl) > 128 || fl ~ /[^A-Za-z0-9._-]/ || substr(fl, 1, 1) == ".") fail("file name \"" fl "\" is not allowed")
+		if (sz !~ /^[0-9]+$/ || length(sz) > 10 || sz + 0 < 1 || sz + 0 > 268435456) fail("size " sz " is out of range")
+		if (length(h) != 64 || h ~ /[^0-9a-f]/) fail("sha256 \"" h "\" is not 64 lowercase hex digits")
+		if (t != target) return
+		have = have " " v
+		if (want != "") {
+			if (best == "" && vkey(v) == vkey(want)) { best = v; pick = v " " fl " " sz " " h }
+		} else if (best == "" || vkey(v) > vkey(best)) {
+			best = v; pick = v " " fl " " sz " " h
+		}
+	}
+	# JSON strings hold no line breaks, so the text is scanned a line at a time.
+	{
+		text = $0; n = length(text); i = 1
+		while (i <= n) {
+			c = substr(text, i, 1)
+			if (c == " " || c == "\t" || c == "\r" || c == ":") { i++; continue }
+			if (c == ",") { if (type[d] == "o") wantkey[d] = 1; i++; continue }
+			if (c == "{" || c == "[") {
+				d++; type[d] = c == "{" ? "o" : "a"; wantkey[d] = c == "{"; key[d] = ""
+				if (d == 3 && type[3] == "o" && type[2] == "a" && type[1] == "o" && key[1] == "releases") {
+					inrel = 1; split("", f); split("", isstr)
+				}
+				i++; continue
+			}
+			if (c == "}" || c == "]") {
+				if (d == 3 && inrel) { release(); inrel = 0 }
+				if (d == 0) fail("the manifest is not JSON")
+				d--; i++; continue
+			}
+			if (c == "\"") {
+				j = i + 1; s = ""
+				while (j <= n && (ch = substr(text, j, 1)) != "\"") {
+					if (ch == "\\") { s = s ch substr(text, j + 1, 1); j += 2 } else { s = s ch; j++ }
+				}
+				if (j > n) fail("the manifest is not JSON")
+				tok = s; str = 1; i = j + 1
+			} else {
+				j = i
+				while (j <= n && index(" \t\r,:]}", substr(text, j, 1)) == 0) j++
+				tok = substr(text, i, j - i); str = 0; i = j
+			}
+			if (d == 0) fail("the manifest is not JSON")
+			if (type[d] == "o" && wantkey[d]) { key[d] = tok; wantkey[d] = 0; continue }
+			if (d == 3 && inrel) { f[key[3]] = tok; isstr[key[3]] = str }
+		}
+	}
+	END {
+		if (failed) exit 1
+		if (d != 0) fail("the manifest is not JSON")
+		if (pick != "") print "= " pick
+		else print "?" have
+	}' "$1"
 }
 
 # Download the release into $tmp and verify it; nothing on the host changes here.
 download() {
+	if [ "$no_verify" = 1 ]; then
+		download_unverified
+		return
+	fi
+	prepare_verify
+	version=${opt_version:-}
+	case $version in
+	latest) version='' ;;
+	'') ;;
+	*[!0-9.]* | .* | *. | *..*) die "\"$version\" is not a version (one to four dot-separated numbers, e.g. 1.2.0)" ;;
+	esac
+
+	# Nothing in the manifest is read before its signature verifies.
+	publish_hint=': releases are published with outpost-gateway release publish (docs/UPDATES.md)'
+	fetch releases/manifest.json "$tmp/manifest.json" 1048576 "$publish_hint"
+	fetch releases/manifest.json.sig "$tmp/manifest.json.sig" 1024 "$publish_hint"
+	sig=$(tr -d ' \t\r\n' <"$tmp/manifest.json.sig")
+	case $sig in
+	'' | *[!A-Za-z0-9+/=]*) die "releases/manifest.json.sig is not a signature (base64); nothing was installed" ;;
+	esac
+	printf '%s' "$sig" | openssl base64 -d -A >"$tmp/manifest.sig" 2>/dev/null || true
+	[ "$(wc -c <"$tmp/manifest.sig" | tr -d ' ')" = 64 ] || die "releases/manifest.json.sig is not base64 of a 64-byte signature; nothing was installed"
+	verify_ed25519 "$tmp/release-key.pem" "$tmp/manifest.json" "$tmp/manifest.sig" ||
+		die "the release manifest's signature does not verify with ${opt_release_key:+the key in }${opt_release_key:-the Outpost release key} (releases/manifest.json is unsigned, tampered with, or signed with another key); nothing was installed"
+
+	found=$(manifest_select "$tmp/manifest.json" "$target" "$version") || true
+	case $found in
+	'= '*) ;;
+	'! '*) die "the signed release manifest is not valid: ${found#! }; nothing was installed" ;;
+	*)
+		listed=${found#\?}
+		die "the signed release manifest has no ${version:-release} for $target (it lists:${listed:- nothing}); nothing was installed"
+		;;
+	esac
+	# shellcheck disable=SC2086 # four words, each checked by manifest_select
+	set -- ${found#= }
+	version=$1
+	file=$2
+	size=$3
+	expected=$4
+
+	say "installing outpost-agent $version for $target from $base"
+	fetch "releases/$version/$file" "$tmp/$artifact" "$size"
+	got_size=$(wc -c <"$tmp/$artifact" | tr -d ' ')
+	got=$(sha256_of "$tmp/$artifact")
+	if [ "$got_size" != "$size" ] || [ "$got" != "$expected" ]; then
+		die "$file of release $version is not the one the signed release manifest lists (sha256 $expected, $size bytes): the download's is $got, $got_size bytes; nothing was installed"
+	fi
+	say "verified $file $version against the signed release manifest"
+}
+
+# --no-verify-release: the release's SHA256SUMS, from the same gateway, is all there is.
+download_unverified() {
+	warn "--no-verify-release: the release's signature is not checked; the agent is only compared with the SHA256SUMS the gateway serves"
 	version=${opt_version:-latest}
 	if [ "$version" = latest ]; then
 		fetch releases/latest/VERSION "$tmp/VERSION" 1024

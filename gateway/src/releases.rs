@@ -1,7 +1,8 @@
 //! The Linux installer and the agent release artifacts, served over the gateway's own
-//! HTTPS: `GET /install.sh` (installer/install.sh, with this gateway as its default) and
-//! `GET /releases/<version>/<file>` from the releases directory, one subdirectory per
-//! version, `latest` naming the highest version by semver.
+//! HTTPS: `GET /install.sh` (installer/install.sh, with this gateway's address and the
+//! pins of its certificate filled in) and `GET /releases/<version>/<file>` from the
+//! releases directory, one subdirectory per version, `latest` naming the highest version
+//! by semver.
 //!
 //! Only plain names inside the releases directory are served: no `..`, no hidden files,
 //! nothing a symlink leads to outside the directory. Files are streamed, never loaded
@@ -20,6 +21,7 @@ use axum::routing::get;
 use axum::Router;
 use tokio::io::AsyncReadExt;
 
+use crate::tls::Pins;
 use crate::Gateway;
 
 /// The installer's source; the gateway fills in its own address when serving it.
@@ -27,6 +29,11 @@ pub const INSTALL_SH: &str = include_str!("../../installer/install.sh");
 
 /// The line of install.sh that carries the default gateway (empty in the source).
 const GATEWAY_MARKER: &str = "served_gateway=''";
+/// The lines that carry this gateway's certificate pin and public-key pin (empty in the
+/// source): with them the script turns the `--pin` a user gives into the key that
+/// `curl --pinnedpubkey` checks.
+const PIN_MARKER: &str = "\nserved_pin=''\n";
+const PUBKEY_PIN_MARKER: &str = "\nserved_pubkey_pin=''\n";
 
 /// Bytes read from disk per chunk of a streamed file.
 const CHUNK: usize = 64 * 1024;
@@ -100,14 +107,61 @@ pub fn parse_public_url(url: &str) -> Result<String, String> {
     Ok(authority.to_string())
 }
 
+/// Whether `pins` can go into the script as they are: 64 lowercase hex digits, and
+/// `sha256//` with 44 base64 characters.
+fn valid_pins(pins: &Pins) -> bool {
+    let hex_ok = pins.pin_sha256.len() == 64
+        && pins
+            .pin_sha256
+            .bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c));
+    let key_ok = pins.curl_pin.strip_prefix("sha256//").is_some_and(|b| {
+        b.len() == 44
+            && b.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'='))
+    });
+    hex_ok && key_ok
+}
+
 /// The script with `authority` as its default gateway (empty: none, the user must pass
-/// `--gateway`).
-pub fn render_install_sh(authority: Option<&str>) -> String {
-    match authority {
+/// `--gateway`) and `pins`, those of this gateway's certificate (none: the user must give
+/// both pins to trust it by pin).
+pub fn render_install_sh(authority: Option<&str>, pins: Option<&Pins>) -> String {
+    let mut script = match authority {
         Some(a) if valid_authority(a) => {
             INSTALL_SH.replacen(GATEWAY_MARKER, &format!("served_gateway='{a}'"), 1)
         }
         _ => INSTALL_SH.to_string(),
+    };
+    if let Some(p) = pins.filter(|p| valid_pins(p)) {
+        script = script
+            .replacen(PIN_MARKER, &format!("\nserved_pin='{}'\n", p.pin_sha256), 1)
+            .replacen(
+                PUBKEY_PIN_MARKER,
+                &format!("\nserved_pubkey_pin='{}'\n", p.curl_pin),
+                1,
+            );
+    }
+    script
+}
+
+/// The pins of the certificate file this gateway serves, read now (the certificate is
+/// read once at start: replacing its file takes a restart, which is when both agree again).
+async fn served_pins(gw: &Gateway) -> Option<Pins> {
+    let path = crate::tls::cert_path(&gw.settings);
+    let pem = match tokio::fs::read(&path).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "install.sh served without the certificate's pins");
+            return None;
+        }
+    };
+    match crate::tls::pins_of_pem(&pem, &path) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "install.sh served without the certificate's pins");
+            None
+        }
     }
 }
 
@@ -120,12 +174,13 @@ async fn install_sh(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Respo
     if authority.is_none() {
         tracing::debug!("install.sh served without a default gateway: no --public-url and no usable Host header");
     }
+    let pins = served_pins(&gw).await;
     (
         [
             (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
             (header::CACHE_CONTROL, "no-store"),
         ],
-        render_install_sh(authority),
+        render_install_sh(authority, pins.as_ref()),
     )
         .into_response()
 }
@@ -355,13 +410,51 @@ mod tests {
             .contains("nothing after it"));
     }
 
+    fn pins() -> Pins {
+        Pins {
+            pin_sha256: "ab".repeat(32),
+            curl_pin: format!("sha256//{}=", "A".repeat(43)),
+        }
+    }
+
     #[test]
-    fn the_script_gets_the_gateway_once() {
-        assert_eq!(INSTALL_SH.matches(GATEWAY_MARKER).count(), 1);
-        let s = render_install_sh(Some("gw.example:8443"));
-        assert!(s.contains("served_gateway='gw.example:8443'"));
-        assert!(!s.contains(GATEWAY_MARKER));
-        assert_eq!(render_install_sh(Some("x'; rm -rf /")), INSTALL_SH);
+    fn the_script_gets_the_gateway_and_its_pins_once() {
+        for marker in [GATEWAY_MARKER, PIN_MARKER, PUBKEY_PIN_MARKER] {
+            assert_eq!(INSTALL_SH.matches(marker).count(), 1, "{marker}");
+        }
+        let s = render_install_sh(Some("gw.example:8443"), Some(&pins()));
+        assert!(s.contains("\nserved_gateway='gw.example:8443'\n"));
+        assert!(s.contains(&format!("\nserved_pin='{}'\n", "ab".repeat(32))));
+        assert!(s.contains(&format!(
+            "\nserved_pubkey_pin='sha256//{}='\n",
+            "A".repeat(43)
+        )));
+        for marker in [GATEWAY_MARKER, PIN_MARKER, PUBKEY_PIN_MARKER] {
+            assert!(!s.contains(marker), "{marker}");
+        }
+        assert_eq!(render_install_sh(Some("x'; rm -rf /"), None), INSTALL_SH);
+        let bad = Pins {
+            curl_pin: "sha256//x'; rm -rf /".into(),
+            ..pins()
+        };
+        assert_eq!(render_install_sh(None, Some(&bad)), INSTALL_SH);
+    }
+
+    #[test]
+    fn the_script_carries_the_release_key_agents_are_built_with() {
+        let key = include_str!("../../installer/release-key.pub")
+            .lines()
+            .find(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .unwrap()
+            .trim();
+        outpost_protocol::update::parse_public_key(key).unwrap();
+        assert_eq!(
+            INSTALL_SH
+                .matches(&format!("\nrelease_key='{key}'\n"))
+                .count(),
+            1,
+            "install.sh must carry installer/release-key.pub as release_key"
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The gateway's TLS identity: a given certificate and key, or a self-signed pair made on
-//! first start and kept in `DATA_DIR/tls/`. Agents trust it by CA or by its SHA-256 pin.
+//! first start and kept in `DATA_DIR/tls/`. Agents trust it by CA or by its SHA-256 pin;
+//! `curl --pinnedpubkey` (and so install.sh) by the SHA-256 of its public key.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
@@ -24,39 +25,73 @@ pub struct TlsIdentity {
     pub self_signed: bool,
 }
 
+/// The two pins of a certificate, as the gateway prints them at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pins {
+    /// Hex SHA-256 of the certificate (DER).
+    pub pin_sha256: String,
+    /// `sha256//` and the base64 SHA-256 of its public key (SPKI, DER).
+    pub curl_pin: String,
+}
+
+/// The certificate file the gateway serves: `--tls-cert`, else the generated one.
+pub fn cert_path(settings: &Settings) -> PathBuf {
+    match (&settings.tls_cert, &settings.tls_key) {
+        (Some(c), Some(_)) => c.clone(),
+        _ => settings.data_dir.join("tls").join("cert.pem"),
+    }
+}
+
+/// The certificates of a PEM file's text, leaf first.
+fn parse_certs(pem: &[u8], path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("certificate file {} is not valid PEM", path.display()))?;
+    if certs.is_empty() {
+        bail!("certificate file {} holds no certificate", path.display());
+    }
+    Ok(certs)
+}
+
+/// The pins of the leaf certificate in `pem` (the text of the file at `path`).
+pub fn pins_of_pem(pem: &[u8], path: &Path) -> anyhow::Result<Pins> {
+    let certs = parse_certs(pem, path)?;
+    pins_of(&certs[0], path)
+}
+
+fn pins_of(leaf: &CertificateDer<'_>, path: &Path) -> anyhow::Result<Pins> {
+    Ok(Pins {
+        pin_sha256: hex::encode(Sha256::digest(leaf.as_ref())),
+        curl_pin: curl_pin(leaf).with_context(|| {
+            format!(
+                "certificate file {} does not parse as X.509",
+                path.display()
+            )
+        })?,
+    })
+}
+
 impl TlsIdentity {
     pub fn load_or_generate(settings: &Settings) -> anyhow::Result<TlsIdentity> {
         let tls_dir = settings.data_dir.join("tls");
-        let (cert_path, key_path, self_signed) = match (&settings.tls_cert, &settings.tls_key) {
-            (Some(c), Some(k)) => (c.clone(), k.clone(), false),
+        let cert_path = cert_path(settings);
+        let (key_path, self_signed) = match (&settings.tls_cert, &settings.tls_key) {
+            (Some(_), Some(k)) => (k.clone(), false),
             _ => {
-                let cert = tls_dir.join("cert.pem");
                 let key = tls_dir.join("key.pem");
-                if !cert.exists() || !key.exists() {
+                if !cert_path.exists() || !key.exists() {
                     generate(&tls_dir, &settings.tls_sans)?;
                 }
-                (cert, key, true)
+                (key, true)
             }
         };
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
-            .with_context(|| format!("cannot read certificate {}", cert_path.display()))?
-            .collect::<Result<_, _>>()
-            .with_context(|| {
-                format!("certificate file {} is not valid PEM", cert_path.display())
-            })?;
-        let Some(leaf) = certs.first() else {
-            bail!(
-                "certificate file {} holds no certificate",
-                cert_path.display()
-            );
-        };
-        let pin_sha256 = hex::encode(Sha256::digest(leaf.as_ref()));
-        let curl_pin = curl_pin(leaf).with_context(|| {
-            format!(
-                "certificate file {} does not parse as X.509",
-                cert_path.display()
-            )
-        })?;
+        let pem = std::fs::read(&cert_path)
+            .with_context(|| format!("cannot read certificate {}", cert_path.display()))?;
+        let certs = parse_certs(&pem, &cert_path)?;
+        let Pins {
+            pin_sha256,
+            curl_pin,
+        } = pins_of(&certs[0], &cert_path)?;
         let key = PrivateKeyDer::from_pem_file(&key_path)
             .with_context(|| format!("cannot read private key {}", key_path.display()))?;
         let mut config =

@@ -1,8 +1,12 @@
 //! The Linux installer (installer/install.sh) as users run it: fetched from the real
 //! gateway over TLS with `curl --cacert` and piped into `sh`, installing into a temporary
 //! root (OUTPOST_ROOT) with fake init tools on PATH that record their calls; the gateway's
-//! /install.sh and /releases routes; and once end to end in a debootstrap'd Debian chroot
-//! with the static musl agent from the dist directory.
+//! /install.sh and /releases routes; what the script trusts (pins, the signed release
+//! manifest) against an attacker's server and tampered releases; and once end to end in a
+//! debootstrap'd Debian chroot with the static musl agent from the dist directory.
+//!
+//! Releases here are signed with a test key (the real one is not in the repository), which
+//! every run of the script is given with `OUTPOST_RELEASE_KEY`.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -12,6 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use outpost_e2e::*;
+use outpost_protocol::update::{key_file_text, parse_signing_key};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -84,7 +89,25 @@ fn sha256sum(path: &Path) -> String {
     String::from_utf8(out.stdout).unwrap()[..64].to_string()
 }
 
-/// Publish `files` as release `version` in `releases` (with VERSION and SHA256SUMS).
+/// The seed of the key these tests sign releases with, and of an attacker's.
+const TEST_SEED: [u8; 32] = [7; 32];
+const ATTACKER_SEED: [u8; 32] = [66; 32];
+
+/// (Re)write `releases`' manifest.json over every release present, signed with the key of
+/// `seed`, as `outpost-gateway release publish` does.
+fn sign(releases: &Path, seed: [u8; 32]) {
+    let key = parse_signing_key(&key_file_text("test release key", &seed)).unwrap();
+    outpost_gateway::releases_manifest::sign_releases(&key, releases).unwrap();
+}
+
+/// The public key file of `seed`'s key (what `release keygen` writes as PREFIX.pub).
+fn public_key_text(seed: [u8; 32]) -> String {
+    let key = parse_signing_key(&key_file_text("test release key", &seed)).unwrap();
+    key_file_text("test release key", &key.verifying_key().to_bytes())
+}
+
+/// Publish `files` as release `version` in `releases` (with VERSION and SHA256SUMS), and
+/// sign the manifest with the test key.
 fn publish(releases: &Path, version: &str, files: &[(&str, &[u8])]) {
     let dir = releases.join(version);
     std::fs::create_dir_all(&dir).unwrap();
@@ -95,6 +118,7 @@ fn publish(releases: &Path, version: &str, files: &[(&str, &[u8])]) {
     }
     std::fs::write(dir.join("SHA256SUMS"), sums).unwrap();
     std::fs::write(dir.join("VERSION"), format!("{version}\n")).unwrap();
+    sign(releases, TEST_SEED);
 }
 
 const X86: &str = "outpost-agent-x86_64-unknown-linux-musl";
@@ -257,8 +281,12 @@ fn run_sh(
             cmd.env_remove(k);
         }
     }
+    // The key the test releases are signed with, beside the root.
+    let key = root.with_extension("release-key.pub");
+    std::fs::write(&key, public_key_text(TEST_SEED)).unwrap();
     cmd.env("OUTPOST_ROOT", root)
         .env("OUTPOST_TEST_CALLS", calls)
+        .env("OUTPOST_RELEASE_KEY", &key)
         .envs(env.iter().copied());
     let mut child = cmd.spawn().unwrap();
     let mut stdin = child.stdin.take().unwrap();
@@ -635,38 +663,229 @@ async fn uninstall_keeps_identity_and_state_and_purge_removes_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_checksum_mismatch_installs_nothing() {
+async fn a_binary_the_signed_manifest_does_not_list_installs_nothing() {
     let s = setup(&[]);
     let ca = s.ca.display().to_string();
-    // 2.0.0's binary is not the one its SHA256SUMS describes.
+    let key = s.gw.enroll_key.clone();
+    // 2.0.0 as published and signed; then, on the gateway, its binary replaced and its
+    // SHA256SUMS rewritten to match, as whoever can write the gateway's files could.
     publish_fake(&s.releases, "2.0.0");
-    std::fs::write(
-        s.releases.join("2.0.0").join(X86),
-        fake_agent("2.0.0-tampered", "x86_64"),
-    )
-    .unwrap();
+    let dir = s.releases.join("2.0.0");
+    let signed_sums = read(&dir.join("SHA256SUMS"));
+    // Of the same size (a larger one is not even downloaded whole: see below).
+    std::fs::write(dir.join(X86), fake_agent("6.6.6", "x86_64")).unwrap();
+    let tampered_sums = format!("{}  {X86}\n", sha256sum(&dir.join(X86)));
+    std::fs::write(dir.join("SHA256SUMS"), &tampered_sums).unwrap();
     let root = empty_root(s.dir.path(), "root");
     let before = tree(&root);
     let run = s.install(
         &root,
-        &["--key", &s.gw.enroll_key, "--ca", &ca],
+        &["--key", &key, "--ca", &ca],
         &[("OUTPOST_INIT", "systemd")],
     );
     assert!(!run.ok, "{run}");
     assert!(
-        run.stderr
-            .contains("checksum mismatch for outpost-agent-x86_64-unknown-linux-musl"),
+        run.stderr.contains(&format!(
+            "{X86} of release 2.0.0 is not the one the signed release manifest lists"
+        )),
         "{run}"
     );
     assert!(run.stderr.contains("nothing was installed"), "{run}");
     assert_eq!(tree(&root), before);
     assert!(s.calls().is_empty());
 
-    // A SHA256SUMS without the artifact is refused the same way.
-    std::fs::write(s.releases.join("2.0.0/SHA256SUMS"), "").unwrap();
-    let run = s.install(&root, &["--key", &s.gw.enroll_key, "--ca", &ca], &[]);
+    // Its size is signed too: a shorter binary is refused the same way, a longer one as
+    // soon as its length is announced.
+    std::fs::write(dir.join(X86), b"#!").unwrap();
+    let run = s.install(&root, &["--key", &key, "--ca", &ca], &[]);
+    assert!(
+        !run.ok
+            && run
+                .stderr
+                .contains("is not the one the signed release manifest lists"),
+        "{run}"
+    );
+    let signed_len = fake_agent("2.0.0", "x86_64").len();
+    std::fs::write(dir.join(X86), fake_agent("2.0.0-tampered", "x86_64")).unwrap();
+    let run = s.install(&root, &["--key", &key, "--ca", &ca], &[]);
+    assert!(
+        !run.ok
+            && run.stderr.contains(&format!(
+                "releases/2.0.0/{X86} is larger than the {signed_len} bytes it may have"
+            )),
+        "{run}"
+    );
+    assert_eq!(tree(&root), before);
+
+    // --no-verify-release: SHA256SUMS, the gateway's own word, is all that is checked, so a
+    // binary that does not match it is refused, and so is one it does not list.
+    std::fs::write(dir.join(X86), fake_agent("2.0.0-tampered", "x86_64")).unwrap();
+    std::fs::write(dir.join("SHA256SUMS"), &signed_sums).unwrap();
+    let run = s.install(
+        &root,
+        &["--key", &key, "--ca", &ca, "--no-verify-release"],
+        &[],
+    );
+    assert!(!run.ok, "{run}");
+    assert!(
+        run.stderr.contains(&format!("checksum mismatch for {X86}")),
+        "{run}"
+    );
+    assert!(
+        run.stderr
+            .contains("--no-verify-release: the release's signature is not checked"),
+        "{run}"
+    );
+    std::fs::write(dir.join("SHA256SUMS"), "").unwrap();
+    let run = s.install(
+        &root,
+        &["--key", &key, "--ca", &ca, "--no-verify-release"],
+        &[],
+    );
     assert!(!run.ok && run.stderr.contains("has no entry for"), "{run}");
     assert_eq!(tree(&root), before);
+    assert!(s.calls().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_whose_signature_does_not_verify_installs_nothing() {
+    let s = setup(&[]);
+    let ca = s.ca.display().to_string();
+    let key = s.gw.enroll_key.clone();
+    // 2.0.0's binary replaced, and the manifest edited to list it: the signature is the
+    // one made over the manifest before.
+    publish_fake(&s.releases, "2.0.0");
+    let evil = fake_agent("2.0.0-tampered", "x86_64");
+    let bin = s.releases.join("2.0.0").join(X86);
+    std::fs::write(&bin, &evil).unwrap();
+    let manifest_path = s.releases.join("manifest.json");
+    let mut manifest: Value = serde_json::from_str(&read(&manifest_path)).unwrap();
+    for r in manifest["releases"].as_array_mut().unwrap() {
+        if r["version"] == "2.0.0" && r["file"] == X86 {
+            r["sha256"] = sha256sum(&bin).into();
+            r["size"] = evil.len().into();
+        }
+    }
+    std::fs::write(
+        &manifest_path,
+        serde_json::to_vec_pretty(&manifest).unwrap(),
+    )
+    .unwrap();
+    let sig_path = s.releases.join("manifest.json.sig");
+
+    let root = empty_root(s.dir.path(), "root");
+    let before = tree(&root);
+    let bad_key = s.dir.path().join("bad.pub");
+    std::fs::write(&bad_key, "# not a key\nnot base64!\n").unwrap();
+    let not_verified = "the release manifest's signature does not verify with the key in";
+    let check = |args: &[&str], env: &[(&str, &str)], message: &str| {
+        let mut all = vec!["--key", &key, "--ca", &ca];
+        all.extend_from_slice(args);
+        let run = s.install(&root, &all, env);
+        assert!(!run.ok, "{args:?} {env:?}: {run}");
+        assert!(
+            run.stderr.contains(message),
+            "{args:?} {env:?}: want {message:?}\n{run}"
+        );
+        assert_eq!(tree(&root), before, "{args:?} {env:?}");
+    };
+    check(&[], &[], not_verified);
+    // The script's own key, not the test key the releases are signed with.
+    check(
+        &[],
+        &[("OUTPOST_RELEASE_KEY", "")],
+        "does not verify with the Outpost release key",
+    );
+    check(
+        &["--release-key", bad_key.to_str().unwrap()],
+        &[],
+        "holds no ed25519 public key",
+    );
+
+    // The tampered manifest signed with another key (the attacker's).
+    sign(&s.releases, ATTACKER_SEED);
+    check(&[], &[], not_verified);
+    // No signature, or not one.
+    for (sig, message) in [
+        (
+            "not base64!\n",
+            "releases/manifest.json.sig is not a signature",
+        ),
+        ("AAAA\n", "is not base64 of a 64-byte signature"),
+    ] {
+        std::fs::write(&sig_path, sig).unwrap();
+        check(&[], &[], message);
+    }
+    std::fs::remove_file(&sig_path).unwrap();
+    check(&[], &[], "the gateway has no releases/manifest.json.sig");
+    assert!(s.calls().is_empty());
+
+    // Signed with the test key again: installs, with the script saying what it checked.
+    sign(&s.releases, TEST_SEED);
+    let run = s.install(&root, &["--key", &key, "--ca", &ca], &[]);
+    assert!(run.ok, "{run}");
+    assert!(
+        run.stdout.contains(&format!(
+            "verified {X86} 2.0.0 against the signed release manifest"
+        )),
+        "{run}"
+    );
+    assert_eq!(
+        std::fs::read(root.join("opt/outpost/bin/outpost-agent")).unwrap(),
+        evil
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_openssl_3_only_an_explicit_no_verify_release_installs() {
+    let s = setup(&[]);
+    let ca = s.ca.display().to_string();
+    let key = s.gw.enroll_key.clone();
+    let root = empty_root(s.dir.path(), "root");
+    let before = tree(&root);
+    let no_openssl = path_without(&s.dir.path().join("no-openssl"), &["openssl"]);
+    let old_openssl = s.dir.path().join("old-openssl");
+    std::fs::create_dir_all(&old_openssl).unwrap();
+    // An OpenSSL before 3.0 has no `pkeyutl -rawin`, so it cannot verify ed25519.
+    write_exec(
+        &old_openssl.join("openssl"),
+        "#!/bin/sh\ncase $1 in version) echo 'OpenSSL 1.1.1w  11 Sep 2023' ;; base64) exec /usr/bin/openssl \"$@\" ;; *) echo \"openssl: unknown option\" >&2; exit 1 ;; esac\n",
+    );
+    let fakes = s.fakes.display().to_string();
+    let args = ["--key", &key, "--ca", &ca];
+    for (path, message) in [
+        (
+            format!("{fakes}:{no_openssl}"),
+            "openssl (OpenSSL 3.0 or newer) is not installed",
+        ),
+        (
+            format!("{fakes}:{}:{no_openssl}", old_openssl.display()),
+            "this openssl (OpenSSL 1.1.1w  11 Sep 2023) cannot verify ed25519 signatures",
+        ),
+    ] {
+        let run = run_sh(&s.fetch_script(), &args, &root, &path, &s.calls, &[]);
+        assert!(!run.ok, "{run}");
+        assert!(run.stderr.contains(message), "want {message:?}\n{run}");
+        assert!(run.stderr.contains("--no-verify-release"), "{run}");
+        assert_eq!(tree(&root), before);
+    }
+    let path = format!("{fakes}:{no_openssl}");
+
+    // Chosen explicitly, the install goes ahead on SHA256SUMS, and says so.
+    let run = run_sh(
+        &s.fetch_script(),
+        &["--key", &key, "--ca", &ca, "--no-verify-release"],
+        &root,
+        &path,
+        &s.calls,
+        &[],
+    );
+    assert!(run.ok, "{run}");
+    assert!(run.stderr.contains("warning: --no-verify-release"), "{run}");
+    assert_eq!(
+        std::fs::read(root.join("opt/outpost/bin/outpost-agent")).unwrap(),
+        fake_agent("1.0.0", "x86_64")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -769,9 +988,9 @@ async fn wget_does_when_there_is_no_curl() {
     );
     assert!(
         !run.ok
-            && run
-                .stderr
-                .contains("the gateway has no releases/3.0.0/SHA256SUMS"),
+            && run.stderr.contains(
+                "the signed release manifest has no 3.0.0 for x86_64-unknown-linux-musl (it lists: 1.0.0)"
+            ),
         "{run}"
     );
     assert_eq!(tree(&root), before);
@@ -830,9 +1049,11 @@ async fn clear_errors_and_nothing_installed() {
         "{run}"
     );
 
-    // A release whose SHA256SUMS is far too large to be one.
+    // A release whose SHA256SUMS is far too large to be one (read only with
+    // --no-verify-release).
     publish_fake(&s.releases, "0.0.1");
     std::fs::write(s.releases.join("0.0.1/SHA256SUMS"), "0".repeat(70_000)).unwrap();
+    let other_key = format!("sha256//{}=", "B".repeat(43));
 
     // Each with the script as served, into the same untouched root.
     let cases: &[(&[&str], &str)] = &[
@@ -846,6 +1067,18 @@ async fn clear_errors_and_nothing_installed() {
             "--pin must be 64 hex digits",
         ),
         (
+            &["--key", &key, "--pin", "sha256//abc="],
+            "is not a public-key pin",
+        ),
+        (
+            &["--key", &key, "--pin", &"ab".repeat(32), "--pin", &"cd".repeat(32)],
+            "two different certificate pins given",
+        ),
+        (
+            &["--key", &key, "--pin", &s.gw.curl_pin, "--pin", &other_key],
+            "two different public-key pins given",
+        ),
+        (
             &["--key", &key, "--ca", &ca, "--pin", &"ab".repeat(32)],
             "either --ca or --pin",
         ),
@@ -855,11 +1088,15 @@ async fn clear_errors_and_nothing_installed() {
         ),
         (
             &["--key", &key, "--ca", &ca, "--version", "9.9.9"],
-            "the gateway has no releases/9.9.9/SHA256SUMS",
+            "the signed release manifest has no 9.9.9 for x86_64-unknown-linux-musl (it lists: 0.0.1 1.0.0)",
+        ),
+        (
+            &["--key", &key, "--ca", &ca, "--version", "1.0-rc1"],
+            "\"1.0-rc1\" is not a version (one to four dot-separated numbers",
         ),
         (&["--key", &key], "cannot verify the gateway's certificate"),
         (
-            &["--key", &key, "--ca", &ca, "--version", "0.0.1"],
+            &["--key", &key, "--ca", &ca, "--version", "0.0.1", "--no-verify-release"],
             "releases/0.0.1/SHA256SUMS is larger than the 65536 bytes it may have",
         ),
         (&["--bogus"], "unknown option \"--bogus\""),
@@ -925,29 +1162,282 @@ async fn a_pin_is_the_agents_pin_and_a_wrong_one_installs_nothing() {
         String::from_utf8_lossy(&refused.stderr)
     );
 
+    // The script as served knows this gateway's two pins: either one given is enough,
+    // and the downloads are pinned to its key. Wrong pins install nothing.
     let root = empty_root(s.dir.path(), "root");
     let before = tree(&root);
+    let key = s.gw.enroll_key.clone();
     let wrong = "0".repeat(64);
-    let run = s.install(&root, &["--key", &s.gw.enroll_key, "--pin", &wrong], &[]);
-    assert!(!run.ok, "{run}");
+    let wrong_key = format!("sha256//{}=", "A".repeat(43));
+    let (pin, curl_pin) = (s.gw.pin.clone(), s.gw.curl_pin.clone());
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--pin", &wrong],
+            "is not the pin of the gateway that served this script",
+        ),
+        (
+            &["--pin", &wrong_key],
+            "the agent pins the gateway's certificate, not its key: pass its pin_sha256 as well",
+        ),
+        (
+            &["--pin", &wrong, "--pin", &wrong_key],
+            &format!("is not the pinned gateway: its public key does not match {wrong_key}"),
+        ),
+        (
+            &["--pin", &pin, "--pin", &wrong_key],
+            "the two pins given are not of one certificate",
+        ),
+        (
+            &["--pin", &wrong, "--pin", &curl_pin],
+            "the two pins given are not of one certificate",
+        ),
+    ];
+    for (args, message) in cases {
+        let mut all = vec!["--key", &key];
+        all.extend_from_slice(args);
+        let run = s.install(&root, &all, &[]);
+        assert!(!run.ok, "{args:?}: {run}");
+        assert!(
+            run.stderr.contains(message),
+            "{args:?}: want {message:?}\n{run}"
+        );
+        assert_eq!(tree(&root), before, "{args:?}");
+    }
+
+    let pinned = |root: &Path| {
+        let config = read(&root.join("etc/outpost/agent.toml"));
+        let settings = outpost_agent::Settings::from_toml(&config, &BTreeMap::new()).unwrap();
+        assert_eq!(
+            settings.trust,
+            outpost_agent::settings::Trust::Pin(s.gw.pin.clone())
+        );
+    };
+    let upper = s.gw.pin.to_uppercase();
+    let run = s.install(&root, &["--key", &key, "--pin", &upper], &[]);
+    assert!(run.ok, "{run}");
+    pinned(&root);
+    // An upgrade takes the pin from agent.toml.
+    let run = s.install(&root, &[], &[]);
+    assert!(run.ok, "{run}");
     assert!(
-        run.stderr.contains(&format!(
-            "does not match the pin: expected {wrong}, got {}",
-            s.gw.pin
-        )),
+        run.stdout.contains("kept /etc/outpost/agent.toml as it is"),
+        "{run}"
+    );
+    // The public-key pin alone (curl_pin, as in the one-liner) gives agent.toml the same.
+    let root = empty_root(s.dir.path(), "root-curl-pin");
+    let run = s.install(&root, &["--key", &key, "--pin", &curl_pin], &[]);
+    assert!(run.ok, "{run}");
+    pinned(&root);
+
+    // The script from a file (not served, so without the pins): it needs both.
+    let script = read(&script_source());
+    let gateway = format!("localhost:{}", s.gw.port());
+    let path = format!("{}:{}", s.fakes.display(), std::env::var("PATH").unwrap());
+    let root = empty_root(s.dir.path(), "root-file");
+    let before = tree(&root);
+    let run = run_sh(
+        script.as_bytes(),
+        &["--key", &key, "--gateway", &gateway, "--pin", &pin],
+        &root,
+        &path,
+        &s.calls,
+        &[],
+    );
+    assert!(
+        !run.ok && run.stderr.contains("pass that gateway's curl_pin as well"),
         "{run}"
     );
     assert_eq!(tree(&root), before);
-
-    let upper = s.gw.pin.to_uppercase();
-    let run = s.install(&root, &["--key", &s.gw.enroll_key, "--pin", &upper], &[]);
-    assert!(run.ok, "{run}");
-    let config = read(&root.join("etc/outpost/agent.toml"));
-    let settings = outpost_agent::Settings::from_toml(&config, &BTreeMap::new()).unwrap();
-    assert_eq!(
-        settings.trust,
-        outpost_agent::settings::Trust::Pin(s.gw.pin.clone())
+    let run = run_sh(
+        script.as_bytes(),
+        &["--key", &key, "--gateway", &gateway],
+        &root,
+        &path,
+        &s.calls,
+        &[("OUTPOST_PIN", &format!("{pin} {curl_pin}"))],
     );
+    assert!(run.ok, "{run}");
+    pinned(&root);
+}
+
+/// An attacker's self-signed certificate for `localhost` whose Netscape Comment extension
+/// holds `comment` (the real gateway's cert.pem), as the security audit made it; made with
+/// openssl in `dir`, returns (certificate, key).
+fn cert_with_comment(dir: &Path, comment: &[u8]) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).unwrap();
+    // The extension's value in DER: an IA5String with a two-byte length.
+    assert!((256..65536).contains(&comment.len()), "{}", comment.len());
+    let len = u16::try_from(comment.len()).unwrap().to_be_bytes();
+    let der: String = [&[0x16, 0x82, len[0], len[1]][..], comment]
+        .concat()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::fs::write(
+        dir.join("evil.cnf"),
+        format!(
+            "[req]\ndistinguished_name = dn\n[dn]\n[v3]\nsubjectAltName = DNS:localhost\nnsComment = DER:{der}\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new("timeout")
+        .args(["60", "openssl", "req", "-x509", "-newkey", "ec"])
+        .args([
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+        ])
+        .args(["-subj", "/CN=localhost", "-extensions", "v3", "-config"])
+        .arg(dir.join("evil.cnf"))
+        .arg("-keyout")
+        .arg(dir.join("evil.key"))
+        .arg("-out")
+        .arg(dir.join("evil.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (dir.join("evil.pem"), dir.join("evil.key"))
+}
+
+/// The audit's attack on `--pin`: someone in the network path answers the connections the
+/// script makes with a certificate of their own that carries the gateway's real cert.pem in
+/// a Netscape Comment extension (curl prints extensions raw, before the certificate's own
+/// PEM block), and serves their own "agent". The script must refuse the connection, and
+/// install nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pin_is_not_fooled_by_the_real_certificate_inside_an_attackers() {
+    // The real gateway: self-signed, trusted by its pin.
+    let dir = tempdir();
+    let releases = dir.path().join("releases");
+    publish_fake(&releases, "1.0.0");
+    let rel = releases.display().to_string();
+    let gw = Gateway::start(dir.path(), &["--releases-dir", &rel]);
+    let real_pem = std::fs::read(gw.data_dir.join("tls/cert.pem")).unwrap();
+
+    // The attacker's server: a gateway of their own, with that certificate and their
+    // binary published (with matching SHA256SUMS, and a manifest signed with their key).
+    let evil_dir = dir.path().join("attacker");
+    // A line break first, so that curl prints the block on lines of its own.
+    let comment = [&b"\n"[..], &real_pem].concat();
+    let (cert, key) = cert_with_comment(&evil_dir.join("pki"), &comment);
+    let evil_releases = evil_dir.join("releases");
+    publish(
+        &evil_releases,
+        "6.6.6",
+        &[
+            (X86, b"#!/bin/sh\necho pwned\n"),
+            (ARM, b"#!/bin/sh\necho pwned\n"),
+        ],
+    );
+    sign(&evil_releases, ATTACKER_SEED);
+    let (cert_s, key_s, evil_rel) = (
+        cert.display().to_string(),
+        key.display().to_string(),
+        evil_releases.display().to_string(),
+    );
+    let evil = Gateway::start(
+        &evil_dir,
+        &[
+            "--tls-cert",
+            &cert_s,
+            "--tls-key",
+            &key_s,
+            "--releases-dir",
+            &evil_rel,
+        ],
+    );
+    assert_ne!(evil.pin, gw.pin);
+    assert_ne!(evil.curl_pin, gw.curl_pin);
+
+    // The premise: what curl reports of the attacker's certificate shows the real
+    // certificate's PEM block first.
+    let out = Command::new("timeout")
+        .args([
+            "30",
+            "curl",
+            "-gsS",
+            "-k",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{certs}",
+        ])
+        .arg(format!(
+            "https://localhost:{}/releases/latest/VERSION",
+            evil.port()
+        ))
+        .output()
+        .unwrap();
+    let certs = String::from_utf8_lossy(&out.stdout);
+    let real = String::from_utf8_lossy(&real_pem);
+    let first = certs
+        .find("-----BEGIN CERTIFICATE-----")
+        .expect("curl reports the certificate");
+    assert!(
+        certs[first..].starts_with(real.trim_end()) && certs[..first].ends_with('\n'),
+        "curl does not show the real certificate first, on lines of its own:\n{certs}"
+    );
+
+    // The script as the real gateway serves it, to a user whose traffic to the gateway
+    // the attacker answers: in the script, the gateway's address is the attacker's.
+    let s = Setup {
+        ca: gw.data_dir.join("tls/cert.pem"),
+        fakes: dir.path().to_path_buf(),
+        calls: dir.path().join("calls.log"),
+        releases,
+        gw,
+        dir,
+    };
+    let out = Command::new("timeout")
+        .args(["30", "curl", "-fsS", "--cacert"])
+        .arg(&s.ca)
+        .args(["-H", &format!("Host: localhost:{}", evil.port())])
+        .arg(format!("{}/install.sh", s.base()))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let script = out.stdout;
+    assert!(String::from_utf8_lossy(&script)
+        .contains(&format!("served_gateway='localhost:{}'", evil.port())));
+
+    // The pin refuses the attacker's server in the handshake, whichever form of the pin is
+    // given, and even when the release's signature is not checked.
+    let root = empty_root(s.dir.path(), "root");
+    let before = tree(&root);
+    let path = std::env::var("PATH").unwrap();
+    let key = s.gw.enroll_key.clone();
+    for args in [
+        vec!["--key", &key, "--pin", &s.gw.pin],
+        vec!["--key", &key, "--pin", &s.gw.curl_pin],
+        vec!["--key", &key, "--pin", &s.gw.pin, "--no-verify-release"],
+    ] {
+        let run = run_sh(&script, &args, &root, &path, &s.calls, &[]);
+        assert!(
+            !run.ok,
+            "the attacker's agent was installed: {args:?}: {run}"
+        );
+        assert_eq!(tree(&root), before, "{args:?}: {run}");
+        // The first download is refused: the manifest, or without it, VERSION.
+        let first = if args.contains(&"--no-verify-release") {
+            "releases/latest/VERSION"
+        } else {
+            "releases/manifest.json"
+        };
+        assert!(
+            run.stderr.contains(&format!(
+                "https://localhost:{}/{first} is not the pinned gateway: its public key does not match {}",
+                evil.port(),
+                s.gw.curl_pin
+            )),
+            "{args:?}: {run}"
+        );
+    }
 }
 
 /// `curl` with extra arguments against the gateway; returns (status, headers, body).
@@ -1020,20 +1510,36 @@ async fn the_gateway_serves_the_script_and_releases_and_nothing_else() {
         "no file nope in release 1.2.0 on this gateway\n"
     );
 
-    // The script names the gateway it came from, when the Host header is a plain name.
+    // The script names the gateway it came from, when the Host header is a plain name, and
+    // the two pins of its certificate; nothing else differs from the source.
     let (status, _, body) = curl(&s, &[], "/install.sh");
     assert_eq!(status, 200);
     let script = String::from_utf8(body).unwrap();
-    assert!(script.contains(&format!("served_gateway='localhost:{}'\n", s.gw.port())));
-    assert_eq!(
-        script.replace(
-            &format!("served_gateway='localhost:{}'", s.gw.port()),
-            "served_gateway=''"
+    let pins = [
+        (format!("served_pin='{}'\n", s.gw.pin), "served_pin=''\n"),
+        (
+            format!("served_pubkey_pin='{}'\n", s.gw.curl_pin),
+            "served_pubkey_pin=''\n",
         ),
+    ];
+    let unserve = |mut script: String| {
+        for (served, source) in &pins {
+            assert!(script.contains(served.as_str()), "{served}");
+            script = script.replace(served.as_str(), source);
+        }
+        script
+    };
+    let gateway = format!("served_gateway='localhost:{}'\n", s.gw.port());
+    assert!(script.contains(&gateway));
+    assert_eq!(
+        unserve(script).replace(&gateway, "served_gateway=''\n"),
         read(&script_source())
     );
     let (_, _, body) = curl(&s, &["-H", "Host: x';reboot;'"], "/install.sh");
-    assert_eq!(String::from_utf8(body).unwrap(), read(&script_source()));
+    assert_eq!(
+        unserve(String::from_utf8(body).unwrap()),
+        read(&script_source())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1118,11 +1624,18 @@ impl Chroot {
             "c.toml",
             "[[check]]\nname = \"from-chroot\"\ncommand = [\"/bin/sh\", \"-c\", \"echo OK - debian $(cat /etc/debian_version)\"]\ninterval = 1\n",
         );
+        // Signed with the test key, which the chroot gets beside the CA.
+        sign(&releases, TEST_SEED);
         let root = dir.path().join("debian");
         outpost_e2e::debian::unpack_chroot(&root);
         // The chroot shares the network namespace; the gateway's name is localhost.
         std::fs::write(root.join("etc/hosts"), "127.0.0.1 localhost\n").unwrap();
         std::fs::copy(&ca, root.join("root/gateway-ca.pem")).unwrap();
+        std::fs::write(
+            root.join("root/release-key.pub"),
+            public_key_text(TEST_SEED),
+        )
+        .unwrap();
         Chroot {
             dir,
             gw,
@@ -1153,10 +1666,11 @@ impl Chroot {
         )
     }
 
-    /// The one-liner, trusting the gateway by the CA, with `args` after `sh -s --`.
+    /// The one-liner, trusting the gateway by the CA, with `args` after `sh -s --` (and
+    /// the test release key: Debian's openssl, 3.0, checks the release's signature).
     fn curl_pipe_sh(&self, args: &str) -> (bool, String, String) {
         self.sh(&format!(
-            "curl -fsSL --cacert /root/gateway-ca.pem https://localhost:{}/install.sh | sh -s -- {args}",
+            "curl -fsSL --cacert /root/gateway-ca.pem https://localhost:{}/install.sh | sh -s -- {args} --release-key /root/release-key.pub",
             self.gw.port()
         ))
     }
@@ -1172,6 +1686,11 @@ async fn curl_pipe_sh_in_a_debian_chroot_installs_an_agent_that_reports() {
     ));
     assert!(ok, "install in the chroot:\n{said}\n{err}");
     assert!(said.contains("Start the agent yourself"), "{said}");
+    assert!(
+        said.contains(&format!("verified {X86}"))
+            && said.contains("against the signed release manifest"),
+        "{said}"
+    );
     let command = "/opt/outpost/bin/outpost-agent run --config /etc/outpost/agent.toml";
     assert!(said.contains(command), "{said}");
     assert_eq!(
