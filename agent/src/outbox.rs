@@ -101,7 +101,7 @@ impl SeqFile {
                 ));
             }
             let ceiling = self.next + SEQ_BLOCK;
-            write_atomic(&self.path, format!("{ceiling}\n").as_bytes(), 0o644)?;
+            write_atomic(&self.path, format!("{ceiling}\n").as_bytes(), 0o600)?;
             self.ceiling = ceiling;
         }
         Ok(())

@@ -45,6 +45,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .nest("/api/v1", api)
         .merge(crate::releases::routes())
         .merge(crate::releases_manifest::router())
+        .layer(middleware::map_response(crate::console::security_headers))
         .with_state(gw)
 }
 

@@ -60,12 +60,16 @@ pub struct Prepared {
 
 /// Open (or initialise) the data directory: TLS identity, keys, credentials, bus, checks.
 pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Prepared> {
-    std::fs::create_dir_all(&settings.data_dir).with_context(|| {
-        format!(
-            "cannot create data directory {}",
-            settings.data_dir.display()
-        )
-    })?;
+    // Made for the gateway's user only; an existing one is left as its operator set it
+    // (its secrets and the bus are private in any case).
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&settings.data_dir)
+        .with_context(|| {
+            format!(
+                "cannot create data directory {}",
+                settings.data_dir.display()
+            )
+        })?;
     let tls = tls::TlsIdentity::load_or_generate(&settings)?;
     let me = registry::Me {
         gateway_id: gateway_id(&settings)?,

@@ -340,3 +340,83 @@ async fn an_enrolling_agent_cannot_be_taken_over_with_the_key_and_its_fingerprin
         refused(outpost_e2e::uuid_v4()).await
     );
 }
+
+/// The mode bits of `path`.
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+/// Audit finding 10: the API token printed at every start (journald, container logs);
+/// the bus files 0644 in a 0755 directory and the agent's outbox.redb 0644; the console
+/// without Content-Security-Policy, X-Frame-Options or nosniff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_is_printed_private_files_stay_private_and_the_console_is_locked_down() {
+    let dir = tempdir();
+    // What a start prints, read whole.
+    let data = dir.path().join("printed");
+    let out = std::process::Command::new("timeout")
+        .args(["-s", "INT", "3"])
+        .arg(bin("outpost-gateway"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(printed.contains("api_token_file "), "{printed}");
+    for secret in ["api.token", "enroll.key"] {
+        let value = std::fs::read_to_string(data.join(secret)).unwrap();
+        assert!(
+            !printed.contains(value.trim()),
+            "{secret} was printed:\n{printed}"
+        );
+        assert_eq!(mode(&data.join(secret)), 0o600, "{secret}");
+    }
+    assert_eq!(mode(&data), 0o700);
+
+    let gw = Gateway::start(dir.path(), &[]);
+    gw.write_checks(
+        "c.toml",
+        "[[check]]\nname = \"c\"\ncommand = \"/bin/echo ok\"\ninterval = 1\n",
+    );
+    let agent = outpost_e2e::Agent::start(dir.path(), "a", &gw, "");
+    eventually(T, "a result", || gw.latest(&agent.fingerprint, "c")).await;
+    let bus = gw.data_dir.join("bus");
+    assert_eq!(mode(&bus), 0o700);
+    for f in std::fs::read_dir(&bus).unwrap() {
+        let path = f.unwrap().path();
+        if path.is_file() {
+            assert_eq!(mode(&path), 0o600, "{}", path.display());
+        }
+    }
+    for f in ["outbox.redb", "seq", "agent.finger", "agent.secret"] {
+        let path = agent.state_dir.join(f);
+        assert_eq!(mode(&path), 0o600, "{}", path.display());
+    }
+
+    // The console's headers, as a browser receives them.
+    let out = std::process::Command::new("curl")
+        .args(["-sk", "-D", "-", "-o", "/dev/null", "--max-time", "10"])
+        .arg(format!("https://{}/", gw.addr))
+        .output()
+        .unwrap();
+    let headers = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    for want in [
+        "content-security-policy: default-src 'none'; script-src 'sha256-",
+        "frame-ancestors 'none'",
+        "x-frame-options: deny",
+        "x-content-type-options: nosniff",
+        "referrer-policy: no-referrer",
+    ] {
+        assert!(headers.contains(want), "no {want:?} in:\n{headers}");
+    }
+    assert!(!headers.contains("unsafe-inline"), "{headers}");
+}

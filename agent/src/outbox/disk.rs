@@ -324,6 +324,9 @@ impl DiskOutbox {
                 }
             }
         };
+        // Check output is the host's business: the agent's user only (redb creates the
+        // file with the process's umask).
+        make_private(&path)?;
         // Never hand out a number at or below one already stored, even if the sequence
         // file was lost or restored from an old backup.
         seq.raise(loaded.last_seq)?;
@@ -683,6 +686,23 @@ impl Outbox for DiskOutbox {
             }
             st = shared.changed.wait(st).unwrap_or_else(|p| p.into_inner());
         }
+        Ok(())
+    }
+}
+
+/// Mode 0600 where modes apply.
+fn make_private(path: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
         Ok(())
     }
 }

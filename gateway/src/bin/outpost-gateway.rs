@@ -179,12 +179,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let prepared = outpost_gateway::prepare(settings, shutdown.clone()).await?;
     let gw = &prepared.gateway;
     // Machine-readable lines first (tests and scripts read them), then the human summary.
-    // Written without panicking: a closed stdout must not take the gateway down.
+    // Written without panicking: a closed stdout must not take the gateway down. No
+    // secret is printed (stdout ends up in journald and container logs): the token and
+    // the enrollment key are named by their files, readable by the gateway's user only.
     let banner = format!(
-        "listening https://{addr}\npin_sha256 {}\ncurl_pin {}\nconsole https://{addr}/#token={}\nenroll_key_file {}\napi_token_file {}\nchecks_dir {}\n",
+        "listening https://{addr}\npin_sha256 {}\ncurl_pin {}\nconsole https://{addr}/\nenroll_key_file {}\napi_token_file {}\nchecks_dir {}\n",
         prepared.tls.pin_sha256,
         prepared.tls.curl_pin,
-        gw.credentials.api_token,
         data_dir.join("enroll.key").display(),
         data_dir.join("api.token").display(),
         gw.settings.checks_dir.display()

@@ -10,6 +10,7 @@
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -165,11 +166,21 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// The bus holds every agent's results: the gateway's user only. An existing directory
+/// (from before this rule) is made private too, which covers the files already in it.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 impl Log {
     /// Open (or create) the log `name` in `dir`: cut a torn last line, seal what the last
     /// run wrote, and start a new segment.
     pub fn open(dir: &Path, name: &'static str, retention: Retention) -> std::io::Result<Opened> {
-        std::fs::create_dir_all(dir)?;
+        private_dir(dir)?;
         let active = active_path(dir, name);
         let torn_bytes_dropped = cut_torn_tail(&active)?;
         let mut sealed: VecDeque<Sealed> = VecDeque::new();
@@ -196,6 +207,7 @@ impl Log {
             .create(true)
             .read(true)
             .append(true)
+            .mode(0o600)
             .open(&active)?;
         let active_len = file.metadata()?.len();
         // The new file and any rename must survive a crash.
@@ -308,6 +320,7 @@ impl Log {
             .create(true)
             .read(true)
             .append(true)
+            .mode(0o600)
             .open(&active)?;
         sync_dir(&self.dir)?;
         self.sealed.push_back(Sealed {
