@@ -29,7 +29,9 @@ usage() {
 Usage: install.sh [options]            (as root)
 
   --key KEY          enrollment key of your tenant (env OUTPOST_KEY); needed the
-                     first time
+                     first time. On a shared host prefer --key-file or the
+                     environment: other users see command lines in ps
+  --key-file FILE    read the enrollment key from FILE (its first line)
   --gateway HOST[:PORT]
                      the gateway (env OUTPOST_GATEWAY; https:// or wss:// prefixes
                      are accepted); default: the gateway that served this script,
@@ -87,6 +89,14 @@ need_arg() {
 	[ "$2" -ge 2 ] || die "$1 needs a value (see --help)"
 }
 
+# The first line of FILE, without surrounding blanks: an enrollment key kept out of the
+# command line (which every local user can read in ps).
+read_key_file() {
+	[ -r "$1" ] || die "cannot read the key file \"$1\""
+	opt_key=$(awk 'NR == 1 { gsub(/^[ \t\r]+|[ \t\r]+$/, ""); print; exit }' "$1")
+	[ -n "$opt_key" ] || die "the key file \"$1\" is empty"
+}
+
 # Options from the command line, over the environment.
 parse_args() {
 	opt_key=${OUTPOST_KEY:-}
@@ -104,6 +114,8 @@ parse_args() {
 		case $1 in
 		--key) need_arg "$1" $#; opt_key=$2; shift 2 ;;
 		--key=*) opt_key=${1#*=}; shift ;;
+		--key-file) need_arg "$1" $#; read_key_file "$2"; shift 2 ;;
+		--key-file=*) read_key_file "${1#*=}"; shift ;;
 		--gateway) need_arg "$1" $#; opt_gateway=$2; shift 2 ;;
 		--gateway=*) opt_gateway=${1#*=}; shift ;;
 		--ca) need_arg "$1" $#; opt_ca=$2; shift 2 ;;

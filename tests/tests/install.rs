@@ -1010,6 +1010,57 @@ async fn wget_does_when_there_is_no_curl() {
     );
 }
 
+/// Audit finding 10: `--key` is visible to every local user in `ps` while the script
+/// runs. `--key-file` keeps it out of the command line; a missing or empty file is a
+/// clear error and installs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_can_come_from_a_file_and_a_bad_file_installs_nothing() {
+    let s = setup(&[]);
+    let ca = s.ca.display().to_string();
+    let path = std::env::var("PATH").unwrap();
+    let key_file = s.dir.path().join("enroll.key");
+    std::fs::write(&key_file, format!("  {}\n", s.gw.enroll_key)).unwrap();
+    let kf = key_file.display().to_string();
+
+    let root = empty_root(s.dir.path(), "bad");
+    let before = tree(&root);
+    let missing = s.dir.path().join("nope").display().to_string();
+    let empty = s.dir.path().join("empty.key");
+    std::fs::write(&empty, "\n").unwrap();
+    let empty = empty.display().to_string();
+    for (file, says) in [
+        (missing.as_str(), "cannot read the key file"),
+        (empty.as_str(), "is empty"),
+    ] {
+        let run = run_sh(
+            &s.fetch_script(),
+            &["--key-file", file, "--ca", &ca, "--init", "none"],
+            &root,
+            &path,
+            &s.calls,
+            &[],
+        );
+        assert!(!run.ok && run.stderr.contains(says), "{run}");
+        assert_eq!(tree(&root), before, "{file} changed the root");
+    }
+
+    let root = empty_root(s.dir.path(), "good");
+    let run = run_sh(
+        &s.fetch_script(),
+        &["--key-file", &kf, "--ca", &ca, "--init", "none"],
+        &root,
+        &path,
+        &s.calls,
+        &[],
+    );
+    assert!(run.ok, "{run}");
+    let config = read(&root.join("etc/outpost/agent.toml"));
+    assert!(
+        config.contains(&format!("enroll_key = \"{}\"\n", s.gw.enroll_key)),
+        "{config}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clear_errors_and_nothing_installed() {
     let s = setup(&[]);
