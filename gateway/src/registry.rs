@@ -73,6 +73,46 @@ pub struct AgentRecord {
 }
 
 impl AgentRecord {
+    /// Apply to a record read back from disk or from another gateway the bounds a live
+    /// agent is held to: at most [`MAX_LOCAL_CHECKS`] results beyond its configured
+    /// checks (configured ones first, then the newest), and labels, groups and hostname
+    /// by the hello rules (a record written before those rules may break them). What it
+    /// drops, it logs.
+    fn keep_within_bounds(&mut self) {
+        let max = self.checks.len() + MAX_LOCAL_CHECKS;
+        if self.latest.len() > max {
+            let mut names: Vec<(bool, u64, String)> = self
+                .latest
+                .iter()
+                .map(|(n, r)| (self.checks.iter().any(|c| &c.name == n), r.seq, n.clone()))
+                .collect();
+            names.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
+            let dropped = names.len() - max;
+            for (_, _, name) in names.into_iter().skip(max) {
+                self.latest.remove(&name);
+            }
+            tracing::warn!(fingerprint = %self.fingerprint, dropped, "results of more checks than an agent may have; the oldest are not kept");
+        }
+        let labels = self.labels.len();
+        self.labels
+            .retain(|k, v| outpost_protocol::label_problem(k, v).is_none());
+        self.labels = std::mem::take(&mut self.labels)
+            .into_iter()
+            .take(outpost_protocol::MAX_LABELS)
+            .collect();
+        let groups = self.groups.len();
+        self.groups
+            .retain(|g| outpost_protocol::group_problem(g).is_none());
+        self.groups.truncate(outpost_protocol::MAX_GROUPS);
+        if outpost_protocol::hostname_problem(&self.hostname).is_some() {
+            self.hostname =
+                outpost_protocol::printable(&self.hostname, outpost_protocol::MAX_HOSTNAME_BYTES);
+        }
+        if labels != self.labels.len() || groups != self.groups.len() {
+            tracing::warn!(fingerprint = %self.fingerprint, "labels or groups out of bounds dropped");
+        }
+    }
+
     /// An agent known only by its fingerprint and tenant so far.
     fn new(fingerprint: &str, tenant: &str, now: u64) -> AgentRecord {
         AgentRecord {
@@ -202,6 +242,9 @@ impl Registry {
             if let Some(rec) = agents.get_mut(&fp) {
                 rec.latest = latest;
             }
+        }
+        for rec in agents.values_mut() {
+            rec.keep_within_bounds();
         }
         Ok(Self::with_store(
             me,
@@ -396,6 +439,7 @@ impl Registry {
             }
         };
         incoming.revision = revision;
+        incoming.keep_within_bounds();
         let taken_over = incoming
             .holder
             .as_deref()
@@ -766,6 +810,50 @@ mod tests {
             gateway_id: "gw1".into(),
             incarnation: incarnation.into(),
         }
+    }
+
+    /// Audit finding 6: the per-agent cap on kept results was not applied when the
+    /// registry was recovered (2,048 names stored, 2,050 listed after a restart), and a
+    /// registry written before the hello rules kept megabytes of labels.
+    #[tokio::test]
+    async fn a_recovered_registry_is_held_to_the_same_bounds_as_live_agents() {
+        let dir = tempfile::tempdir().unwrap();
+        let fp = "0f8fad5b-d9cb-469f-a165-70867728950e";
+        std::fs::create_dir_all(dir.path().join("agents")).unwrap();
+        let mut rec = AgentRecord::new(fp, "default", 1);
+        rec.hostname = "h\nFORGED".into();
+        rec.labels.insert("role".into(), "x".repeat(1 << 20));
+        rec.labels.insert("ok".into(), "yes".into());
+        rec.groups = vec!["g\u{1b}".into(), "eu".into()];
+        let mut file = HashMap::new();
+        file.insert(fp.to_string(), rec);
+        std::fs::write(
+            dir.path().join("agents/registry.json"),
+            serde_json::to_vec(&file).unwrap(),
+        )
+        .unwrap();
+        let mut recovered = Recovered::default();
+        let latest = recovered.latest.entry(fp.to_string()).or_default();
+        for i in 0..(MAX_LOCAL_CHECKS as u64 + 40) {
+            let r: CheckResult = serde_json::from_value(serde_json::json!({
+                "seq": i + 1, "check": format!("c{i}"), "status": "ok", "output": "",
+                "started_at_ms": 0, "duration_ms": 0
+            }))
+            .unwrap();
+            latest.insert(r.check.clone(), r);
+        }
+        let reg = Registry::open(dir.path(), recovered, me("a")).unwrap();
+        let rec = reg.get(fp).unwrap();
+        assert_eq!(rec.latest.len(), MAX_LOCAL_CHECKS);
+        assert!(
+            rec.latest
+                .contains_key(&format!("c{}", MAX_LOCAL_CHECKS + 39)),
+            "the newest kept"
+        );
+        assert!(!rec.latest.contains_key("c0"), "the oldest dropped");
+        assert_eq!(rec.labels.len(), 1);
+        assert_eq!(rec.groups, vec!["eu".to_string()]);
+        assert!(!rec.hostname.contains('\n'), "{:?}", rec.hostname);
     }
 
     #[tokio::test]
