@@ -17,6 +17,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::hub::RpcFailure;
+use crate::listener::PreAuth;
 use crate::metrics::Metrics;
 use crate::registry::AgentRecord;
 use crate::util::now_ms;
@@ -90,13 +91,18 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
 async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        gw.metrics.render(gw.hub.connected()),
+        gw.metrics.render(crate::metrics::Gauges {
+            agents_connected: gw.hub.connected(),
+            unauthenticated: gw.admission.in_use(),
+            unauthenticated_limit: gw.admission.limits().global,
+        }),
     )
 }
 
 async fn upgrade(
     State(gw): State<Arc<Gateway>>,
     Extension(Peer(peer)): Extension<Peer>,
+    Extension(pre_auth): Extension<PreAuth>,
     ws: WebSocketUpgrade,
 ) -> Response {
     // tungstenite's read buffer defaults to 128 KiB per connection, allocated up front and
@@ -120,7 +126,9 @@ async fn upgrade(
     if gw.shutdown.is_cancelled() {
         return error(StatusCode::SERVICE_UNAVAILABLE, "gateway is shutting down");
     }
-    ws.on_upgrade(move |socket| crate::session::run(gw, socket, peer))
+    // The session holds the connection's slot among the unauthenticated ones until the
+    // agent's hello is accepted.
+    ws.on_upgrade(move |socket| crate::session::run(gw, socket, peer, pre_auth))
 }
 
 #[derive(Serialize)]

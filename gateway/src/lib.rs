@@ -45,6 +45,8 @@ pub struct Gateway {
     pub bus: Arc<dyn bus::Bus>,
     pub hub: hub::Hub,
     pub metrics: metrics::Metrics,
+    /// The pool of connections not yet authenticated (the listener takes from it).
+    pub admission: listener::Admission,
     pub shutdown: CancellationToken,
     /// Which background tasks are failing now (`/readyz` reports them).
     pub health: Arc<health::Health>,
@@ -111,6 +113,7 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
         .context("cannot load the fleet's checks and plugins from NATS")?;
     }
     let checks = checks::CheckStore::open(&settings.checks_dir, &settings.plugins_dir)?;
+    let admission = listener::admission(&settings);
     let gateway = Arc::new(Gateway {
         settings,
         credentials,
@@ -119,6 +122,7 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
         bus,
         hub: hub::Hub::default(),
         metrics: metrics::Metrics::default(),
+        admission,
         shutdown,
         health: Arc::default(),
         nats,

@@ -22,6 +22,21 @@ pub struct Metrics {
     pub configs_too_big: AtomicU64,
     pub check_file_errors: AtomicU64,
     pub overload_refusals: AtomicU64,
+    /// Connections closed before TLS because `--max-unauthenticated` were open.
+    pub refused_unauthenticated: AtomicU64,
+    /// Connections closed before TLS because their address held its share of the pool.
+    pub refused_per_address: AtomicU64,
+    /// Connections closed because the client took no data within the write deadline.
+    pub write_timeouts: AtomicU64,
+}
+
+/// Values read when `/metrics` is rendered rather than counted.
+pub struct Gauges {
+    pub agents_connected: usize,
+    /// Connections holding a slot of the pool of unauthenticated connections.
+    pub unauthenticated: usize,
+    /// `--max-unauthenticated` in force (0: no limit).
+    pub unauthenticated_limit: usize,
 }
 
 impl Metrics {
@@ -29,7 +44,7 @@ impl Metrics {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn render(&self, agents_connected: usize) -> String {
+    pub fn render(&self, gauges: Gauges) -> String {
         let mut out = String::new();
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut line = |name: &str, kind: &str, help: &str, labels: &str, v: u64| {
@@ -43,7 +58,21 @@ impl Metrics {
             "gauge",
             "Agents with a live session on this gateway.",
             "",
-            agents_connected as u64,
+            gauges.agents_connected as u64,
+        );
+        line(
+            "outpost_connections_unauthenticated",
+            "gauge",
+            "Connections not yet authenticated (each holds a slot of --max-unauthenticated).",
+            "",
+            gauges.unauthenticated as u64,
+        );
+        line(
+            "outpost_connections_unauthenticated_limit",
+            "gauge",
+            "The --max-unauthenticated in force (0: no limit).",
+            "",
+            gauges.unauthenticated_limit as u64,
         );
         line(
             "outpost_connections_total",
@@ -73,6 +102,24 @@ impl Metrics {
             "",
             g(&self.hello_timeouts),
         );
+        let mut refused = String::new();
+        for (reason, c) in [
+            (
+                crate::listener::admission::Refusal::Full.reason(),
+                &self.refused_unauthenticated,
+            ),
+            (
+                crate::listener::admission::Refusal::PerAddress.reason(),
+                &self.refused_per_address,
+            ),
+        ] {
+            let _ = writeln!(
+                refused,
+                "outpost_connections_refused_total{{reason=\"{reason}\"}} {}",
+                g(c)
+            );
+        }
+        let _ = write!(out, "# HELP outpost_connections_refused_total Connections closed before TLS by the limits on unauthenticated connections, by reason.\n# TYPE outpost_connections_refused_total counter\n{refused}");
         let mut rejected = String::new();
         for (reason, c) in [
             ("malformed", &self.frames_malformed),
@@ -93,6 +140,11 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
             );
         };
+        line(
+            "outpost_write_timeouts_total",
+            "Connections closed because the client took no data within --write-deadline-secs.",
+            g(&self.write_timeouts),
+        );
         line(
             "outpost_results_accepted_total",
             "Results made durable on the bus.",

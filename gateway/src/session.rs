@@ -25,6 +25,7 @@ use tracing::Instrument;
 
 use crate::bus::{AgentRef, Presence};
 use crate::hub::{Outbound, SessionHandle, OUTBOUND_QUEUE};
+use crate::listener::PreAuth;
 use crate::metrics::Metrics;
 use crate::registry::publish_presence;
 use crate::Gateway;
@@ -81,8 +82,9 @@ fn is_too_big(err: &axum::Error) -> bool {
     false
 }
 
-/// Run one agent connection to its end.
-pub async fn run(gw: Arc<Gateway>, mut socket: WebSocket, peer: SocketAddr) {
+/// Run one agent connection to its end. `pre_auth` is the connection's slot among the
+/// unauthenticated ones, given back once the agent is authenticated.
+pub async fn run(gw: Arc<Gateway>, mut socket: WebSocket, peer: SocketAddr, pre_auth: PreAuth) {
     Metrics::inc(&gw.metrics.connections);
     let hello = match tokio::time::timeout(gw.settings.hello_timeout, socket.recv()).await {
         Err(_) => {
@@ -179,6 +181,7 @@ pub async fn run(gw: Arc<Gateway>, mut socket: WebSocket, peer: SocketAddr) {
             return;
         }
     };
+    pre_auth.release();
     let span =
         tracing::info_span!("agent", fingerprint = %hello.fingerprint, hostname = ?hello.hostname);
     authenticated(gw, socket, peer, hello, auth)

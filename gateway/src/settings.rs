@@ -72,6 +72,20 @@ pub struct ServeArgs {
     /// between half of it and all of it).
     #[arg(long, default_value_t = 60)]
     pub overload_retry: u64,
+    /// Most connections not yet authenticated (every connection until it closes, or an
+    /// agent's until its hello is accepted): more are closed at once, before TLS.
+    /// Default: a quarter of the file descriptor limit (after the gateway raises its soft
+    /// limit to the hard one), between 64 and 16384. 0: no limit.
+    #[arg(long)]
+    pub max_unauthenticated: Option<usize>,
+    /// Most of those from one address (an IPv6 /64), counted only while at least half of
+    /// --max-unauthenticated are in use. 0: no limit.
+    #[arg(long, default_value_t = crate::listener::admission::DEFAULT_PER_ADDRESS)]
+    pub max_unauthenticated_per_address: usize,
+    /// Seconds a write to a client (a response body, a websocket frame) may make no
+    /// progress before the connection is closed. 0: no deadline.
+    #[arg(long, default_value_t = 30)]
+    pub write_deadline_secs: u64,
     /// Seconds a connection that ended without `bye` stays online before the agent is
     /// published as lost, so a quick reconnect (to this or another gateway) is no alarm.
     #[arg(long, env = "OUTPOST_PRESENCE_GRACE", default_value_t = 30)]
@@ -124,6 +138,11 @@ pub struct Settings {
     pub max_agents: usize,
     pub overload_retry: Duration,
     pub presence_grace: Duration,
+    /// `None`: derived from the file descriptor limit at start (see `listener::admission`).
+    pub max_unauthenticated: Option<usize>,
+    pub max_unauthenticated_per_address: usize,
+    /// `None`: writes wait for the peer as long as it takes.
+    pub write_deadline: Option<Duration>,
     pub tenant: String,
     pub gateway_id: Option<String>,
     /// `None`: the embedded bus.
@@ -171,6 +190,10 @@ impl From<ServeArgs> for Settings {
             max_agents: a.max_agents,
             overload_retry: Duration::from_secs(a.overload_retry.clamp(1, 86_400)),
             presence_grace: Duration::from_secs(a.presence_grace.min(86_400)),
+            max_unauthenticated: a.max_unauthenticated,
+            max_unauthenticated_per_address: a.max_unauthenticated_per_address,
+            write_deadline: (a.write_deadline_secs > 0)
+                .then(|| Duration::from_secs(a.write_deadline_secs.min(86_400))),
             tenant: a.tenant,
             gateway_id: a.gateway_id,
             nats,

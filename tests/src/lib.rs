@@ -234,10 +234,29 @@ impl Gateway {
     }
 
     pub fn start_on(dir: &Path, listen: &str, extra_args: &[&str]) -> Gateway {
+        Self::start_wrapped(dir, listen, &[], extra_args)
+    }
+
+    /// Like [`Gateway::start_on`], with the gateway's command line run by `wrapper` (e.g.
+    /// a shell that lowers its file descriptor limit first and then `exec`s it, so the pid
+    /// is the gateway's; the gateway's argv follows the wrapper's arguments).
+    pub fn start_wrapped(
+        dir: &Path,
+        listen: &str,
+        wrapper: &[&str],
+        extra_args: &[&str],
+    ) -> Gateway {
         let data_dir = dir.join("gateway");
         let checks_dir = data_dir.join("checks.d");
         std::fs::create_dir_all(&checks_dir).unwrap();
-        let mut cmd = Command::new(bin("outpost-gateway"));
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(bin("outpost-gateway"));
+                cmd
+            }
+            None => Command::new(bin("outpost-gateway")),
+        };
         cmd.args([
             "serve",
             "--listen",
