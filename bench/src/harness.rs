@@ -266,6 +266,17 @@ impl Gateway {
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(&data_dir)
             .args(args);
+        // The bench measures what a gateway can carry, not the per-agent rate policy
+        // (which would cap a few simulated agents far below it); a baseline binary that
+        // predates the options runs without them.
+        if Self::serve_help(bins).contains("--agent-max-results-per-sec") {
+            cmd.args([
+                "--agent-max-results-per-sec",
+                "0",
+                "--agent-max-bytes-per-sec",
+                "0",
+            ]);
+        }
         let (proc, lines) = spawn_reading(
             "outpost-gateway",
             cmd,

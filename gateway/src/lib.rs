@@ -16,6 +16,7 @@ pub mod hub;
 pub mod listener;
 pub mod metrics;
 pub mod nats;
+pub mod rate;
 pub mod registry;
 pub mod releases;
 pub mod releases_manifest;

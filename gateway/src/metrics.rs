@@ -22,6 +22,9 @@ pub struct Metrics {
     pub configs_too_big: AtomicU64,
     pub check_file_errors: AtomicU64,
     pub overload_refusals: AtomicU64,
+    /// Acks held because an agent was ahead of its rate, and for how long in all.
+    pub acks_held: AtomicU64,
+    pub ack_hold_ms: AtomicU64,
     /// Connections closed before TLS because `--max-unauthenticated` were open.
     pub refused_unauthenticated: AtomicU64,
     /// Connections closed before TLS because their address held its share of the pool.
@@ -87,6 +90,20 @@ impl Metrics {
             "Agents told to come back later because --max-agents were connected.",
             "",
             g(&self.overload_refusals),
+        );
+        line(
+            "outpost_acks_held_total",
+            "counter",
+            "Result acks held back because an agent sent faster than --agent-max-results-per-sec or --agent-max-bytes-per-sec.",
+            "",
+            g(&self.acks_held),
+        );
+        line(
+            "outpost_ack_hold_seconds_total",
+            "counter",
+            "Seconds result acks were held back in all.",
+            "",
+            g(&self.ack_hold_ms) / 1000,
         );
         line(
             "outpost_auth_failures_total",

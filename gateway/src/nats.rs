@@ -51,9 +51,12 @@ pub struct NatsArgs {
     #[arg(long, default_value_t = 168)]
     pub results_max_age_hours: u64,
     /// Bytes of results kept, in the NATS stream or the embedded bus files; the oldest go
-    /// first beyond it (0: no limit).
-    #[arg(long, default_value_t = 0)]
-    pub results_max_bytes: u64,
+    /// first beyond it (0: no limit). Default: on the embedded bus a quarter of the data
+    /// directory's filesystem (at least 256 MiB, at most 64 GiB); on NATS none of our own
+    /// (the server's `max_file_store` bounds JetStream, which then refuses writes, so
+    /// results wait on the agents instead of being dropped).
+    #[arg(long)]
+    pub results_max_bytes: Option<u64>,
     /// Seconds JetStream remembers a `Nats-Msg-Id` to drop a resent result.
     #[arg(long, default_value_t = 600)]
     pub dedup_window_secs: u64,
@@ -104,12 +107,26 @@ pub struct NatsSettings {
 }
 
 impl NatsArgs {
-    /// How much of the results the bus keeps, whichever bus it is.
+    /// How much of the results the bus keeps, as given (no byte cap when none was).
     pub fn retention(&self) -> crate::bus::segments::Retention {
         crate::bus::segments::Retention {
             max_age: Duration::from_secs(self.results_max_age_hours.max(1) * 3600),
-            max_bytes: self.results_max_bytes,
+            max_bytes: self.results_max_bytes.unwrap_or(0),
         }
+    }
+
+    /// [`Self::retention`] for the embedded bus under `data_dir`: without
+    /// `--results-max-bytes`, a quarter of that filesystem's size, so one agent sending
+    /// as fast as it is allowed cannot fill the gateway's disk.
+    pub fn embedded_retention(
+        &self,
+        data_dir: &std::path::Path,
+    ) -> crate::bus::segments::Retention {
+        let mut r = self.retention();
+        if self.results_max_bytes.is_none() {
+            r.max_bytes = default_embedded_max_bytes(filesystem_bytes(data_dir));
+        }
+        r
     }
 
     /// Refuse, naming these options, what JetStream would refuse when the stream is made.
@@ -155,6 +172,27 @@ impl NatsArgs {
             dedup_window: self.dedup_window(),
         })
     }
+}
+
+/// A quarter of a filesystem of `fs_bytes` (unknown: 0), between 256 MiB and 64 GiB.
+fn default_embedded_max_bytes(fs_bytes: u64) -> u64 {
+    (fs_bytes / 4).clamp(256 << 20, 64 << 30)
+}
+
+/// The size of the filesystem that holds `path` (or its nearest existing ancestor); 0 when
+/// it cannot be told.
+fn filesystem_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt as _;
+    let existing = path.ancestors().find(|p| p.exists()).unwrap_or(path);
+    let Ok(c) = std::ffi::CString::new(existing.as_os_str().as_bytes()) else {
+        return 0;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path; `st` is written by statvfs on success.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return 0;
+    }
+    (st.f_blocks as u64).saturating_mul(st.f_frsize as u64)
 }
 
 pub const RESULTS_STREAM: &str = "OUTPOST_RESULTS";
@@ -385,6 +423,47 @@ pub(crate) async fn ensure_object_store(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without `--results-max-bytes` the embedded bus is bounded by its disk's size; an
+    /// explicit value (0 included: no cap) is kept as given.
+    #[test]
+    fn the_embedded_bus_has_a_finite_default_and_an_explicit_cap_wins() {
+        assert_eq!(default_embedded_max_bytes(0), 256 << 20);
+        assert_eq!(default_embedded_max_bytes(40 << 30), 10 << 30);
+        assert_eq!(default_embedded_max_bytes(1 << 50), 64 << 30);
+        let dir = tempfile::tempdir().unwrap();
+        let fs = filesystem_bytes(&dir.path().join("not/yet/made"));
+        assert!(fs > 0, "the filesystem of a temporary directory has a size");
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            nats: NatsArgs,
+        }
+        let parse = |args: &[&str]| {
+            <Cli as clap::Parser>::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+                .unwrap()
+                .nats
+        };
+        let auto = parse(&[]).embedded_retention(dir.path());
+        assert_eq!(auto.max_bytes, default_embedded_max_bytes(fs));
+        assert_eq!(
+            parse(&["--results-max-bytes", "0"])
+                .embedded_retention(dir.path())
+                .max_bytes,
+            0
+        );
+        assert_eq!(
+            parse(&["--results-max-bytes", "4096"])
+                .embedded_retention(dir.path())
+                .max_bytes,
+            4096
+        );
+        assert_eq!(
+            parse(&[]).retention().max_bytes,
+            0,
+            "NATS: the server bounds it"
+        );
+    }
 
     #[test]
     fn a_dedup_window_longer_than_the_max_age_is_refused() {

@@ -414,6 +414,8 @@ async fn authenticated(
     // A silent peer for three heartbeats is gone (half-open connections included).
     let idle = gw.settings.heartbeat * 3;
     let mut last_acked = 0u64;
+    let mut limiter = crate::rate::Limiter::new(gw.settings.agent_rate, std::time::Instant::now());
+    let mut held_until: Option<tokio::time::Instant> = None;
     let end = loop {
         let msg = tokio::select! {
             m = tokio::time::timeout(idle, stream.next()) => m,
@@ -492,6 +494,17 @@ async fn authenticated(
                 if let Err(why) = validate_batch(&batch) {
                     break refuse(&tx, &gw.metrics.frames_malformed, close::MALFORMED, &why).await;
                 }
+                // An agent ahead of its rate has its ack held: it sends its next batch
+                // only after the ack, so what it makes meanwhile waits on its disk. One
+                // that sends again without waiting is read no further until then.
+                if let Some(until) = held_until.take() {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => {}
+                        _ = gw.shutdown.cancelled() => {}
+                    }
+                }
+                let hold =
+                    limiter.hold_for(batch.results.len(), text.len(), std::time::Instant::now());
                 let published = tokio::time::timeout(
                     BUS_DEADLINE,
                     gw.bus.publish_results(&agent, &batch.results),
@@ -513,12 +526,26 @@ async fn authenticated(
                             .fetch_add(p.duplicates as u64, std::sync::atomic::Ordering::Relaxed);
                         gw.registry.record_results(&fp, &batch.results);
                         last_acked = batch.results.last().map(|r| r.seq).unwrap_or(last_acked);
-                        if tx
-                            .send(Outbound::frame(GatewayFrame::Ack(Ack { seq: last_acked })))
-                            .await
-                            .is_err()
-                        {
-                            break End::Lost("writer ended".into());
+                        let ack = Outbound::frame(GatewayFrame::Ack(Ack { seq: last_acked }));
+                        if hold.is_zero() {
+                            if tx.send(ack).await.is_err() {
+                                break End::Lost("writer ended".into());
+                            }
+                        } else {
+                            // Held off the reader, which goes on answering pings and
+                            // run-now replies meanwhile. The results are durable already:
+                            // if the session ends first, the agent's resend is a duplicate.
+                            Metrics::inc(&gw.metrics.acks_held);
+                            gw.metrics.ack_hold_ms.fetch_add(
+                                hold.as_millis() as u64,
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
+                            held_until = Some(tokio::time::Instant::now() + hold);
+                            let tx = tx.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(hold).await;
+                                let _ = tx.send(ack).await;
+                            });
                         }
                     }
                     Err(e) => {

@@ -86,6 +86,14 @@ pub struct ServeArgs {
     /// progress before the connection is closed. 0: no deadline.
     #[arg(long, default_value_t = 30)]
     pub write_deadline_secs: u64,
+    /// Results per second one agent may hand to the bus; beyond it the gateway holds its
+    /// acks, so the rest waits in the agent's disk outbox (nothing is dropped). 0: no limit.
+    #[arg(long, default_value_t = 1000)]
+    pub agent_max_results_per_sec: u64,
+    /// Bytes of results per second one agent may hand to the bus (as the results frames'
+    /// size), held the same way. 0: no limit.
+    #[arg(long, default_value_t = 2 * 1024 * 1024)]
+    pub agent_max_bytes_per_sec: u64,
     /// Seconds a connection that ended without `bye` stays online before the agent is
     /// published as lost, so a quick reconnect (to this or another gateway) is no alarm.
     #[arg(long, env = "OUTPOST_PRESENCE_GRACE", default_value_t = 30)]
@@ -143,6 +151,8 @@ pub struct Settings {
     pub max_unauthenticated_per_address: usize,
     /// `None`: writes wait for the peer as long as it takes.
     pub write_deadline: Option<Duration>,
+    /// How fast one agent may hand results to the bus (see `rate`).
+    pub agent_rate: crate::rate::AgentRate,
     pub tenant: String,
     pub gateway_id: Option<String>,
     /// `None`: the embedded bus.
@@ -154,7 +164,7 @@ pub struct Settings {
 impl From<ServeArgs> for Settings {
     fn from(a: ServeArgs) -> Self {
         let nats = a.nats.settings();
-        let retention = a.nats.retention();
+        let retention = a.nats.embedded_retention(&a.data_dir);
         // In a fleet the checks and plugins come from NATS, mirrored here.
         let (fleet_checks, fleet_plugins) = crate::fleet_config::mirror_dirs(&a.data_dir);
         let clustered = nats.is_some();
@@ -194,6 +204,10 @@ impl From<ServeArgs> for Settings {
             max_unauthenticated_per_address: a.max_unauthenticated_per_address,
             write_deadline: (a.write_deadline_secs > 0)
                 .then(|| Duration::from_secs(a.write_deadline_secs.min(86_400))),
+            agent_rate: crate::rate::AgentRate {
+                results_per_sec: a.agent_max_results_per_sec,
+                bytes_per_sec: a.agent_max_bytes_per_sec,
+            },
             tenant: a.tenant,
             gateway_id: a.gateway_id,
             nats,

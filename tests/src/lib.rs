@@ -515,6 +515,20 @@ impl Agent {
     }
 }
 
+/// The numbers `field=N` on the complete log lines containing `message`, in order (the
+/// last line may still be being written).
+pub fn logged(log: &str, message: &str, field: &str) -> Vec<u64> {
+    let key = format!("{field}=");
+    log.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n') && l.contains(message))
+        .filter_map(|l| {
+            let at = l.find(&key)? + key.len();
+            let digits = l[at..].split(|c: char| !c.is_ascii_digit()).next()?;
+            digits.parse().ok()
+        })
+        .collect()
+}
+
 /// A random lowercase UUID (v4 layout) without another dependency.
 pub fn uuid_v4() -> String {
     let mut b = [0u8; 16];

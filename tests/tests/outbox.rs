@@ -77,20 +77,6 @@ async fn results_queued_during_an_outage_survive_kill_9_of_the_agent() {
     }
 }
 
-/// The numbers `field=N` on the complete log lines containing `message`, in order (the
-/// last line may still be being written).
-fn logged(log: &str, message: &str, field: &str) -> Vec<u64> {
-    let key = format!("{field}=");
-    log.split_inclusive('\n')
-        .filter(|l| l.ends_with('\n') && l.contains(message))
-        .filter_map(|l| {
-            let at = l.find(&key)? + key.len();
-            let digits = l[at..].split(|c: char| !c.is_ascii_digit()).next()?;
-            digits.parse().ok()
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_outbox_is_moved_aside_and_reported() {
     let dir = tempdir();

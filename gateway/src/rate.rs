@@ -1,0 +1,151 @@
+//! How fast one agent may hand results to the bus. A session takes a batch, publishes it,
+//! and then holds the batch's ack for as long as the agent is ahead of its rate: the agent
+//! sends its next batch only after an ack, so the results it makes meanwhile wait in its
+//! disk outbox. Nothing is dropped and nothing is refused; an agent that floods (a broken
+//! plugin, a stolen secret) is slowed to its share instead of filling the bus.
+//!
+//! Two token buckets, one for results and one for bytes of result JSON, each refilled at
+//! its rate per second and holding at most two seconds' worth, so a quiet agent's burst
+//! (a replay after an outage, a run of checks at the same second) goes through at once.
+
+use std::time::{Duration, Instant};
+
+/// What one agent may send per second; 0 switches a bound off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentRate {
+    pub results_per_sec: u64,
+    pub bytes_per_sec: u64,
+}
+
+impl AgentRate {
+    pub const UNLIMITED: AgentRate = AgentRate {
+        results_per_sec: 0,
+        bytes_per_sec: 0,
+    };
+}
+
+/// Seconds of rate a bucket holds: the largest burst an agent sends without waiting.
+const BURST_SECS: f64 = 2.0;
+/// Longest a single ack is held: well under the agent's 30 s ack deadline, after which it
+/// would reconnect. A larger debt is paid over the following batches; so a rate below one
+/// full frame per 20 s (12.8 results/s, 52 KB/s) cannot be held exactly.
+pub const MAX_HOLD: Duration = Duration::from_secs(20);
+
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    /// Tokens now; negative while the agent is in debt.
+    level: f64,
+}
+
+impl Bucket {
+    fn new(rate: u64) -> Bucket {
+        let rate = rate as f64;
+        Bucket {
+            rate,
+            level: rate * BURST_SECS,
+        }
+    }
+
+    fn refill(&mut self, elapsed: f64) {
+        self.level = (self.level + elapsed * self.rate).min(self.rate * BURST_SECS);
+    }
+
+    /// Take `n` tokens; how long until the level is back at zero (none when not in debt).
+    fn take(&mut self, n: f64) -> Duration {
+        self.level -= n;
+        if self.level >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.level / self.rate)
+        }
+    }
+}
+
+/// One agent's limiter, for the life of its session.
+#[derive(Debug)]
+pub struct Limiter {
+    results: Option<Bucket>,
+    bytes: Option<Bucket>,
+    last: Instant,
+}
+
+impl Limiter {
+    pub fn new(rate: AgentRate, now: Instant) -> Limiter {
+        let bucket = |r: u64| (r > 0).then(|| Bucket::new(r));
+        Limiter {
+            results: bucket(rate.results_per_sec),
+            bytes: bucket(rate.bytes_per_sec),
+            last: now,
+        }
+    }
+
+    /// Account for a batch of `results` results and `bytes` bytes taken at `now`; returns
+    /// how long to hold its ack (at most [`MAX_HOLD`]).
+    pub fn hold_for(&mut self, results: usize, bytes: usize, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        let mut hold = Duration::ZERO;
+        for (bucket, n) in [(&mut self.results, results), (&mut self.bytes, bytes)] {
+            if let Some(b) = bucket {
+                b.refill(elapsed);
+                hold = hold.max(b.take(n as f64));
+            }
+        }
+        hold.min(MAX_HOLD)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RATE: AgentRate = AgentRate {
+        results_per_sec: 100,
+        bytes_per_sec: 10_000,
+    };
+
+    /// An agent that always sends its next batch as soon as it is acked gets its rate,
+    /// within a batch, over a long run; a burst of two seconds' worth is not held.
+    #[test]
+    fn a_flooding_agent_is_held_to_its_rate_and_a_burst_is_not() {
+        let start = Instant::now();
+        let mut l = Limiter::new(RATE, start);
+        assert_eq!(l.hold_for(200, 100, start), Duration::ZERO, "the burst");
+        let mut now = start;
+        let mut sent = 200u64;
+        while now < start + Duration::from_secs(60) {
+            now += l.hold_for(50, 100, now);
+            sent += 50;
+        }
+        let rate = sent as f64 / now.duration_since(start).as_secs_f64();
+        assert!((95.0..=110.0).contains(&rate), "{rate} results/s");
+    }
+
+    #[test]
+    fn bytes_limit_on_their_own_and_holds_are_capped() {
+        let start = Instant::now();
+        let mut l = Limiter::new(RATE, start);
+        // 230 KB in one batch: 21 s of debt beyond the 20 KB burst, held 20 s at most.
+        assert_eq!(l.hold_for(1, 230_000, start), MAX_HOLD);
+        // The rest of the debt is held on the next batch.
+        let next = start + MAX_HOLD;
+        let hold = l.hold_for(1, 0, next);
+        assert!(
+            hold > Duration::from_millis(900) && hold <= Duration::from_millis(1000),
+            "{hold:?}"
+        );
+    }
+
+    #[test]
+    fn a_quiet_agent_is_never_held_and_unlimited_never_is() {
+        let start = Instant::now();
+        let mut l = Limiter::new(RATE, start);
+        let mut u = Limiter::new(AgentRate::UNLIMITED, start);
+        for i in 0..1000u64 {
+            let now = start + Duration::from_secs(i);
+            assert_eq!(l.hold_for(10, 1000, now), Duration::ZERO);
+            assert_eq!(u.hold_for(100_000, 1 << 30, now), Duration::ZERO);
+        }
+    }
+}
