@@ -8,8 +8,9 @@
 # release manifest's ed25519 signature with the Outpost release key built in below and
 # the agent's SHA-256 against that signed manifest, installs it to /opt/outpost/bin,
 # writes /etc/outpost/agent.toml and starts the outpost-agent service (systemd, OpenRC or
-# SysV init). Run it again to upgrade; --uninstall removes it. `sh install.sh --help` and
-# docs/INSTALL.md say the rest. POSIX sh; passes `shellcheck -s sh`.
+# SysV init) as the outpost system user, which it creates (--run-as root is the explicit
+# alternative). Run it again to upgrade; --uninstall removes it. `sh install.sh --help`
+# and docs/INSTALL.md say the rest. POSIX sh; passes `shellcheck -s sh`.
 
 set -eu
 
@@ -52,13 +53,18 @@ Usage: install.sh [options]            (as root)
   --version VERSION  install this agent version (env OUTPOST_VERSION); default latest
   --init SYSTEM      systemd, openrc, sysv or none (env OUTPOST_INIT); default: the
                      init system running here
+  --run-as USER      outpost or root (env OUTPOST_RUN_AS): who the agent and every
+                     plugin it runs are. Default: what the last run chose, else
+                     outpost, a system user this script creates. root hands root on
+                     this host to whoever controls its checks (docs/INSTALL.md)
   --uninstall        stop and remove the agent; keeps its identity (agent.finger,
                      agent.secret), its state and outbox, and checks.d
   --purge            with --uninstall: remove those too
   -h, --help         this text
 
 OUTPOST_ROOT=DIR installs under DIR instead of / (for packaging and tests); the files
-still name the real paths (/opt/outpost/..., /etc/outpost/...).
+still name the real paths (/opt/outpost/..., /etc/outpost/...), and the outpost user
+must exist in DIR/etc/passwd (no account is added to a directory tree).
 EOF
 }
 
@@ -80,6 +86,12 @@ CA_COPY=$ETC/ca.pem
 STATE=/opt/outpost/state
 PLUGINS=/opt/outpost/plugins
 LOGS=/var/log/outpost
+AGENT_LOG=$LOGS/agent.log
+# Who the agent runs as, as the last run of this script chose it (root's file).
+RUN_AS_FILE=$ETC/run-as
+# The new binary waits here, in a directory only root may write to, until it is renamed
+# into /opt/outpost/bin (which the agent's user owns: it updates itself).
+STAGED=/opt/outpost/.outpost-agent.new
 SYSTEMD_UNIT=/etc/systemd/system/outpost-agent.service
 INITD_SCRIPT=/etc/init.d/outpost-agent
 # ... and where they are on this filesystem.
@@ -107,6 +119,7 @@ parse_args() {
 	no_verify=0
 	opt_version=${OUTPOST_VERSION:-}
 	opt_init=${OUTPOST_INIT:-}
+	opt_run_as=${OUTPOST_RUN_AS:-}
 	uninstall=0
 	purge=0
 
@@ -129,6 +142,8 @@ parse_args() {
 		--version=*) opt_version=${1#*=}; shift ;;
 		--init) need_arg "$1" $#; opt_init=$2; shift 2 ;;
 		--init=*) opt_init=${1#*=}; shift ;;
+		--run-as) need_arg "$1" $#; opt_run_as=$2; shift 2 ;;
+		--run-as=*) opt_run_as=${1#*=}; shift ;;
 		--uninstall) uninstall=1; shift ;;
 		--purge) purge=1; shift ;;
 		-h | --help) usage; exit 0 ;;
@@ -187,6 +202,38 @@ Restart=always
 RestartSec=5
 # 78 (EX_CONFIG): agent.toml is wrong; restarting will not help.
 RestartPreventExitStatus=78
+LimitNOFILE=65536
+
+# Least privilege (docs/INSTALL.md): the agent and every plugin it runs are the outpost
+# user, with one capability, CAP_NET_RAW, for ICMP checks (ambient, so that plugins have
+# it too; packet capture stays out: no AF_PACKET sockets), no way to gain another
+# (setuid and file capabilities do nothing here), and a read-only system except for the
+# agent's own directories: /etc/outpost for its identity, /opt/outpost for its binary
+# (self-update), state, outbox and plugins. /home is read-only rather than hidden, so
+# that disk checks see the real file system there. System calls that only a capability
+# not granted here could use fail with EPERM. Loosen one setting with
+# `systemctl edit outpost-agent`; install.sh --run-as root replaces this paragraph.
+User=outpost
+Group=outpost
+AmbientCapabilities=CAP_NET_RAW
+CapabilityBoundingSet=CAP_NET_RAW
+NoNewPrivileges=yes
+RestrictSUIDSGID=yes
+ProtectSystem=strict
+ReadWritePaths=/etc/outpost /opt/outpost
+ProtectHome=read-only
+PrivateTmp=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectHostname=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+RestrictNamespaces=yes
+RestrictRealtime=yes
+LockPersonality=yes
+SystemCallFilter=~@module @mount @obsolete @raw-io @reboot @swap
+SystemCallErrorNumber=EPERM
 
 [Install]
 WantedBy=multi-user.target
@@ -203,6 +250,9 @@ write_openrc_script() {
 description="Outpost monitoring agent"
 command=/opt/outpost/bin/outpost-agent
 command_args="run --config /etc/outpost/agent.toml"
+# The agent and every plugin it runs are this user (docs/INSTALL.md); install.sh
+# --run-as root removes this line.
+command_user="outpost:outpost"
 supervisor=supervise-daemon
 respawn_delay=5
 output_log=/var/log/outpost/agent.log
@@ -212,6 +262,13 @@ retry="TERM/30/KILL/5"
 depend() {
 	need net
 	after firewall
+}
+
+start_pre() {
+	# supervise-daemon opens the log as command_user, in a directory only root may
+	# write to.
+	checkpath -d -m 0755 -o root:root /var/log/outpost
+	checkpath -f -m 0640 -o "${command_user:-root:root}" "$output_log"
 }
 EOF
 }
@@ -234,6 +291,9 @@ BIN=/opt/outpost/bin/outpost-agent
 CONFIG=/etc/outpost/agent.toml
 PIDFILE=/var/run/outpost-agent.pid
 LOG=/var/log/outpost/agent.log
+# Who the agent and every plugin it runs are (docs/INSTALL.md); install.sh --run-as
+# root makes it root.
+RUN_AS=outpost
 
 running() {
 	[ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null
@@ -244,8 +304,20 @@ start() {
 		echo "outpost-agent is already running"
 		return 0
 	fi
+	# Opened here, as root, in a directory only root may write to.
 	mkdir -p /var/log/outpost
-	nohup "$BIN" run --config "$CONFIG" >>"$LOG" 2>&1 </dev/null &
+	# Each way below runs the agent in the process started here (exec), so that $! is
+	# its pid.
+	if [ "$RUN_AS" = root ]; then
+		nohup "$BIN" run --config "$CONFIG" >>"$LOG" 2>&1 </dev/null &
+	elif command -v start-stop-daemon >/dev/null 2>&1; then
+		nohup start-stop-daemon --start --chuid "$RUN_AS" --exec "$BIN" -- run --config "$CONFIG" >>"$LOG" 2>&1 </dev/null &
+	elif command -v setpriv >/dev/null 2>&1; then
+		nohup setpriv --reuid="$RUN_AS" --regid="$(id -g "$RUN_AS")" --init-groups "$BIN" run --config "$CONFIG" >>"$LOG" 2>&1 </dev/null &
+	else
+		echo "cannot start outpost-agent as $RUN_AS: neither start-stop-daemon nor setpriv (util-linux) is installed"
+		return 1
+	fi
 	echo $! >"$PIDFILE"
 	echo "outpost-agent started"
 }
@@ -281,11 +353,28 @@ esac
 EOF
 }
 
+# The service files above, for the user chosen: as they are for outpost; for root (an
+# explicit --run-as root), without what makes the agent that user (and, under systemd,
+# without the sandbox, which would leave root nothing root is wanted for).
+as_run_as() {
+	if [ "$run_as" = outpost ]; then
+		cat
+		return
+	fi
+	note='# install.sh --run-as root: the agent and every plugin it runs are root (docs/INSTALL.md).'
+	awk -v note="$note" '
+		skip && (/^$/ || /^command_user=/) { skip = 0; if (!/^$/) next }
+		skip { next }
+		/^# Least privilege/ || /^# The agent and every plugin it runs are this user/ { skip = 1; print note; next }
+		/^RUN_AS=outpost$/ { print "RUN_AS=root"; next }
+		{ print }'
+}
+
 # Install the service files of INIT and (re)start the agent under it.
 start_service() {
 	case $1 in
 	systemd)
-		write_systemd_unit >"$(r "$SYSTEMD_UNIT")"
+		write_systemd_unit | as_run_as >"$(r "$SYSTEMD_UNIT")"
 		chmod 0644 "$(r "$SYSTEMD_UNIT")"
 		systemctl daemon-reload
 		systemctl enable outpost-agent.service
@@ -293,14 +382,14 @@ start_service() {
 		say "started the outpost-agent service (systemd); logs: journalctl -u outpost-agent"
 		;;
 	openrc)
-		write_openrc_script >"$(r "$INITD_SCRIPT")"
+		write_openrc_script | as_run_as >"$(r "$INITD_SCRIPT")"
 		chmod 0755 "$(r "$INITD_SCRIPT")"
 		rc-update add outpost-agent default
 		rc-service outpost-agent restart
 		say "started the outpost-agent service (OpenRC); logs: $LOGS/agent.log"
 		;;
 	sysv)
-		write_sysv_script >"$(r "$INITD_SCRIPT")"
+		write_sysv_script | as_run_as >"$(r "$INITD_SCRIPT")"
 		chmod 0755 "$(r "$INITD_SCRIPT")"
 		if have update-rc.d; then
 			update-rc.d outpost-agent defaults
@@ -318,9 +407,13 @@ start_service() {
 		;;
 	none)
 		say "no init system is running here (no systemd, OpenRC or SysV init found), so no service was set up."
-		say "Start the agent yourself, as root:"
-		printf '\n    %s run --config %s\n\n' "$BIN" "$CONFIG"
-		say "(it logs to stderr; e.g. append  >>$LOGS/agent.log 2>&1 &  to run it in the background)"
+		if [ "$run_as" = root ]; then
+			say "Start the agent yourself, as root:"
+		else
+			say "Start the agent yourself, as root (the command makes it the outpost user):"
+		fi
+		printf '\n    %s\n\n' "$(start_command)"
+		say "(it logs to stderr; e.g. append  >>$AGENT_LOG 2>&1 &  to run it in the background)"
 		;;
 	esac
 }
@@ -356,16 +449,158 @@ stop_service() {
 	rm -f "$(r "$INITD_SCRIPT")"
 }
 
+# ---------------------------------------------------------------- the agent's user
+
+# "UID GID" of account $1: from the root's /etc/passwd (a directory tree has nothing
+# else), else, on this host, from the name service; nothing if there is no such account.
+account() {
+	ids=$(awk -F: -v u="$1" '$1 == u { print $3 " " $4; exit }' "$(r /etc/passwd)" 2>/dev/null) || ids=''
+	if [ -z "$ids" ] && [ -z "$ROOT" ] && id -u "$1" >/dev/null 2>&1; then
+		ids="$(id -u "$1") $(id -g "$1")"
+	fi
+	printf '%s' "$ids"
+}
+
+# The name of group $1 (a number), else the number.
+group_name() {
+	name=$(awk -F: -v g="$1" '$3 == g { print $1; exit }' "$(r /etc/group)" 2>/dev/null) || name=''
+	printf '%s' "${name:-$1}"
+}
+
+group_exists() {
+	grep -q "^$1:" /etc/group 2>/dev/null || { have getent && getent group "$1" >/dev/null 2>&1; }
+}
+
+# Whether PATH is owned by uid $1 (not following a symbolic link).
+owned_by() {
+	[ -n "$(find "$2" -prune -user "$1" 2>/dev/null)" ]
+}
+
+# Who the agent runs as: --run-as, else the choice the last run recorded (in a file only
+# root can have written), else outpost. In a directory tree the account must exist there.
+decide_user() {
+	run_as=$opt_run_as
+	recorded=''
+	if [ -n "$(find "$(r "$RUN_AS_FILE")" -prune -type f -user 0 2>/dev/null)" ]; then
+		recorded=$(head -n 1 "$(r "$RUN_AS_FILE")")
+		case $recorded in
+		outpost | root) ;;
+		*) warn "ignoring $RUN_AS_FILE, which names neither outpost nor root"; recorded='' ;;
+		esac
+	fi
+	[ -n "$run_as" ] || run_as=${recorded:-outpost}
+	case $run_as in
+	outpost | root) ;;
+	*) die "--run-as must be outpost or root, got \"$run_as\"" ;;
+	esac
+	if [ "$run_as" = outpost ] && [ -n "$ROOT" ] && [ -z "$(account outpost)" ]; then
+		die "there is no outpost user in $ROOT/etc/passwd: installing into a directory tree (OUTPOST_ROOT) uses its accounts and adds none. Create it there first (e.g. useradd --root $ROOT --system --user-group --home-dir $STATE --no-create-home --shell /usr/sbin/nologin outpost), or pass --run-as root"
+	fi
+}
+
+# The outpost system user and group, made unless they exist: no password, no login
+# shell, its home the state directory (not created here).
+create_user() {
+	shell=/usr/sbin/nologin
+	[ -x "$shell" ] || shell=/sbin/nologin
+	[ -x "$shell" ] || shell=/bin/false
+	if have useradd; then
+		if group_exists outpost; then
+			set -- --gid outpost
+		else
+			set -- --user-group
+		fi
+		useradd --system "$@" --home-dir "$STATE" --no-create-home --shell "$shell" --comment 'Outpost monitoring agent' outpost ||
+			die "useradd could not create the outpost user; create a system user outpost yourself and run this again, or pass --run-as root"
+	elif have adduser; then
+		# BusyBox (Alpine); Debian's adduser is never reached, useradd is always there.
+		group_exists outpost || addgroup -S outpost ||
+			die "addgroup could not create the outpost group; create it yourself and run this again, or pass --run-as root"
+		adduser -S -D -H -h "$STATE" -s "$shell" -G outpost -g 'Outpost monitoring agent' outpost ||
+			die "adduser could not create the outpost user; create a system user outpost yourself and run this again, or pass --run-as root"
+	else
+		die "cannot create the outpost user: neither useradd nor adduser is installed. Create a system user outpost yourself and run this again, or pass --run-as root"
+	fi
+}
+
+# uid, gid and group name the agent runs as; makes the outpost user if there is none.
+ensure_user() {
+	if [ "$run_as" = root ]; then
+		uid=0
+		gid=0
+	else
+		ids=$(account outpost)
+		if [ -z "$ids" ]; then
+			create_user
+			ids=$(account outpost)
+			[ -n "$ids" ] || die "the outpost user was created but cannot be found; run this again"
+			say "created the system user outpost (uid ${ids% *}), which the agent and its plugins run as"
+		fi
+		uid=${ids% *}
+		gid=${ids#* }
+		case $uid$gid in
+		'' | *[!0-9]*) die "cannot tell the uid and gid of the outpost user (got \"$ids\")" ;;
+		esac
+		[ "$uid" != 0 ] || die "the outpost user has uid 0, which is root: give it a uid of its own, or pass --run-as root"
+	fi
+	group=$(group_name "$gid")
+}
+
+# The command that starts the agent as its user, for a host without an init system: one
+# that replaces itself with the agent (its pid is the agent's) where there is one.
+start_command() {
+	run="$BIN run --config $CONFIG"
+	if [ "$run_as" = root ]; then
+		printf '%s' "$run"
+	elif have setpriv; then
+		printf 'setpriv --reuid=%s --regid=%s --init-groups %s' outpost "$group" "$run"
+	elif have runuser; then
+		printf 'runuser -u %s -- %s' outpost "$run"
+	else
+		printf "su -s /bin/sh -c '%s' %s" "$run" outpost
+	fi
+}
+
+# Stop the agent, which still runs as its former user, before its files change hands
+# (what it writes after that would stay that user's).
+stop_for_handover() {
+	case $1 in
+	systemd) systemctl stop outpost-agent.service || true ;;
+	openrc) rc-service outpost-agent stop || true ;;
+	sysv)
+		if have service; then
+			service outpost-agent stop || true
+		elif [ -x "$(r "$INITD_SCRIPT")" ]; then
+			"$(r "$INITD_SCRIPT")" stop || true
+		fi
+		;;
+	none) warn "if you started the agent yourself, stop it now: it runs as its former user; start it again as shown below" ;;
+	esac
+}
+
+# A path root manages inside /etc/outpost, where the agent's user may add names: one the
+# agent planted as a symbolic link (say to /etc/shadow) must not be followed as root.
+refuse_links() {
+	for p in "$(r "$CONFIG")" "$(r "$CONFIG").old" "$(r "$CA_COPY")" "$(r "$RUN_AS_FILE")" "$(r "$ETC/checks.d")"; do
+		[ ! -L "$p" ] || die "$p is a symbolic link, which this script does not follow as root: remove it and run this again"
+	done
+}
+
 # ---------------------------------------------------------------- uninstall
 
 uninstall_agent() {
 	init=$(detect_init)
 	stop_service "$init"
-	rm -f "$(r "$BIN")" "$(r "$CONFIG")" "$(r "$CONFIG").old" "$(r "$CA_COPY")"
+	# What self-updates leave beside the binary goes with it.
+	rm -f "$(r "$BIN")" "$(r "$BIN").previous" "$(r /opt/outpost/bin/.outpost-agent.new)" "$(r "$STAGED")"
+	rm -f "$(r "$CONFIG")" "$(r "$CONFIG").old" "$(r "$CA_COPY")" "$(r "$RUN_AS_FILE")"
 	rm -rf "$(r "$PLUGINS")" "$(r "$LOGS")"
 	if [ "$purge" = 1 ]; then
 		rm -rf "$(r "$ETC")" "$(r /opt/outpost)"
 		say "removed the agent, its configuration, identity, state and outbox"
+		if [ -n "$(account outpost)" ]; then
+			say "kept the outpost user and group (files elsewhere may still be theirs); userdel outpost removes them"
+		fi
 	else
 		# What is left is what the agent made: identity, state, outbox, dropped-in checks.
 		for d in "$(r /opt/outpost/bin)" "$(r "$STATE")" "$(r "$ETC/checks.d")" "$(r "$ETC")" "$(r /opt/outpost)"; do
@@ -533,6 +768,7 @@ decide_pins() {
 
 # The build for this machine, the gateway, how to trust it, and how to download.
 decide() {
+	refuse_links
 	case $(uname -m) in
 	x86_64 | amd64) target=x86_64-unknown-linux-musl ;;
 	aarch64 | arm64) target=aarch64-unknown-linux-musl ;;
@@ -561,6 +797,7 @@ decide() {
 	esac
 	[ ${#opt_key} -le 256 ] || die "the enrollment key is longer than 256 characters"
 	[ -f "$(r "$CONFIG")" ] || [ -n "$opt_key" ] || die "the first install needs an enrollment key: pass --key KEY (or set OUTPOST_KEY)"
+	decide_user
 
 	# How downloads trust the gateway: the options, else what agent.toml says, else the system.
 	ca=$opt_ca
@@ -780,33 +1017,92 @@ download_unverified() {
 install_agent() {
 	init=$(detect_init)
 	umask 022
+	ensure_user
+	agent_owner=$uid:$gid
+	upgrade=0
+	[ -f "$(r "$BIN")" ] && upgrade=1
+
+	# Who had the agent's directories until now: another user (root, before this script
+	# made an outpost user) means they change hands, with the agent stopped first.
+	before=''
+	for d in "$(r /opt/outpost/bin)" "$(r "$STATE")" "$(r "$PLUGINS")"; do
+		if [ -d "$d" ] && ! owned_by "$uid" "$d"; then
+			# shellcheck disable=SC2012 # the owner's number, the third field of ls -n
+			before=$(ls -ldn "$d" | awk '{ print $3 }')
+			break
+		fi
+	done
+	if [ -n "$before" ]; then
+		stop_for_handover "$init"
+	fi
+
+	# Root's: /opt/outpost, the configuration, checks.d, the log directory. The agent's
+	# user's: what the agent writes (its binary's directory, for self-updates; state,
+	# outbox, plugins; its identity), recursively when they change hands (-h: a symbolic
+	# link is changed itself, never what it points to). /etc/outpost is root's and
+	# sticky: the agent may create files there (its identity) but not replace root's.
 	mkdir -p "$(r /opt/outpost/bin)" "$(r "$STATE")" "$(r "$PLUGINS")" "$(r "$LOGS")" "$(r "$ETC/checks.d")"
-	chmod 0755 "$(r /opt/outpost)" "$(r /opt/outpost/bin)" "$(r "$ETC")" "$(r "$ETC/checks.d")"
+	chown -h 0:0 "$(r /opt/outpost)" "$(r "$ETC/checks.d")" "$(r "$LOGS")"
+	chmod 0755 "$(r /opt/outpost)" "$(r "$ETC/checks.d")" "$(r "$LOGS")"
+	chown -h "0:$gid" "$(r "$ETC")"
+	if [ "$run_as" = root ]; then
+		chmod 0755 "$(r "$ETC")"
+	else
+		chmod 1770 "$(r "$ETC")"
+	fi
+	for d in "$(r /opt/outpost/bin)" "$(r "$STATE")" "$(r "$PLUGINS")"; do
+		owned_by "$uid" "$d" || chown -hR "$agent_owner" "$d"
+		chown -h "$agent_owner" "$d"
+	done
+	chmod 0755 "$(r /opt/outpost/bin)" "$(r "$PLUGINS")"
 	# The outbox and state are the agent's alone.
 	chmod 0700 "$(r "$STATE")"
+	if [ -n "$before" ] && [ "$run_as" = root ]; then
+		# What the former user could write and root would act on: the cached checks and
+		# collectors (run before the gateway is reached), the binary a rollback puts back.
+		# The agent fetches its checks again; plugins are checked against their sha256.
+		rm -rf "$(r "$STATE")/config.json" "$(r "$STATE")/collectors" "$(r "$BIN").previous" "$(r /opt/outpost/bin/.outpost-agent.new)"
+	fi
+	for f in "$(config_value fingerprint_file)" "$(config_value secret_file)" "$ETC/agent.finger" "$ETC/agent.secret"; do
+		if [ -n "$f" ] && { [ -e "$(r "$f")" ] || [ -L "$(r "$f")" ]; }; then
+			chown -h "$agent_owner" "$(r "$f")"
+		fi
+	done
+	# supervise-daemon (OpenRC) opens the log as the agent's user.
+	[ -e "$(r "$AGENT_LOG")" ] || : >>"$(r "$AGENT_LOG")"
+	chown -h "$agent_owner" "$(r "$AGENT_LOG")"
+	chmod 0640 "$(r "$AGENT_LOG")"
 	case $init in
 	systemd) mkdir -p "$(dirname "$(r "$SYSTEMD_UNIT")")" ;;
 	openrc | sysv) mkdir -p "$(dirname "$(r "$INITD_SCRIPT")")" ;;
 	esac
 
-	upgrade=0
-	[ -f "$(r "$BIN")" ] && upgrade=1
-	cp "$tmp/$artifact" "$(r "$BIN").new"
-	chmod 0755 "$(r "$BIN").new"
-	mv -f "$(r "$BIN").new" "$(r "$BIN")"
+	# The binary, ready in a directory only root may write to, then renamed into place.
+	[ ! -d "$(r "$BIN")" ] || die "$BIN is a directory: remove it and run this again"
+	cp "$tmp/$artifact" "$(r "$STAGED")"
+	chmod 0755 "$(r "$STAGED")"
+	chown "$agent_owner" "$(r "$STAGED")"
+	mv -f "$(r "$STAGED")" "$(r "$BIN")"
 
+	# Root's files in /etc/outpost are written as new temporary files (mktemp: a name the
+	# agent's user cannot have planted) and renamed into place.
 	if [ -n "$opt_ca" ]; then
-		cp "$opt_ca" "$(r "$CA_COPY").new"
-		chmod 0644 "$(r "$CA_COPY").new"
-		mv -f "$(r "$CA_COPY").new" "$(r "$CA_COPY")"
+		t=$(mktemp "$(r "$ETC")/.ca.pem.XXXXXX")
+		cp "$opt_ca" "$t"
+		chmod 0644 "$t"
+		mv -f "$t" "$(r "$CA_COPY")"
 	fi
+	t=$(mktemp "$(r "$ETC")/.run-as.XXXXXX")
+	printf '%s\n' "$run_as" >"$t"
+	chmod 0644 "$t"
+	mv -f "$t" "$(r "$RUN_AS_FILE")"
 
 	# agent.toml: written whole the first time; afterwards only the keys that options give
-	# a new value change, and everything else (labels, groups, edits) stays.
-	umask 077
-	new=$(r "$CONFIG").new
-	: >"$new"
-	chmod 0600 "$new"
+	# a new value change, and everything else (labels, groups, edits) stays. Readable by
+	# root and the agent's group: it holds the enrollment key.
+	new=$(mktemp "$(r "$ETC")/.agent.toml.XXXXXX")
+	chown "0:$gid" "$new"
+	chmod 0640 "$new"
 	if [ -f "$(r "$CONFIG")" ]; then
 		drop=''
 		set_gateway=''
@@ -842,11 +1138,18 @@ install_agent() {
 					!table { for (i = 1; i <= n; i++) if ($0 ~ "^[ \t]*" d[i] "[ \t]*=") next }
 					{ print }' "$(r "$CONFIG")"
 			} >"$new"
-			cp -p "$(r "$CONFIG")" "$(r "$CONFIG").old"
+			old=$(mktemp "$(r "$ETC")/.agent.toml.old.XXXXXX")
+			cp -p "$(r "$CONFIG")" "$old"
+			chown "0:$gid" "$old"
+			chmod 0640 "$old"
+			mv -f "$old" "$(r "$CONFIG").old"
 			mv -f "$new" "$(r "$CONFIG")"
 			say "updated$drop in $CONFIG (the previous file is $CONFIG.old)"
 		else
 			rm -f "$new"
+			# Root's, so not replaceable by the agent's user (see refuse_links).
+			chown "0:$gid" "$(r "$CONFIG")"
+			chmod 0640 "$(r "$CONFIG")"
 			say "kept $CONFIG as it is"
 		fi
 	else
@@ -866,14 +1169,20 @@ install_agent() {
 		mv -f "$new" "$(r "$CONFIG")"
 		say "wrote $CONFIG"
 	fi
-	chmod 0600 "$(r "$CONFIG")"
-	umask 022
 
+	if [ -n "$before" ] && [ "$run_as" = outpost ]; then
+		say "outpost-agent ran as uid $before until now; from now on it and its plugins run as the outpost user, which now owns $BIN, $STATE, $PLUGINS and the agent's identity in $ETC. A check that needs root stops working: see docs/INSTALL.md (--run-as root keeps root)"
+	elif [ -n "$before" ]; then
+		say "outpost-agent ran as uid $before until now; from now on it runs as root (--run-as root)"
+	fi
+	if [ "$run_as" = root ]; then
+		warn "--run-as root: the agent and every plugin it runs are root on this host, so whoever can change its checks (on the gateway, or in $ETC/checks.d) can do anything here (docs/INSTALL.md)"
+	fi
 	start_service "$init"
 	if [ "$upgrade" = 1 ]; then
-		say "upgraded outpost-agent to $version ($BIN); identity, state and outbox kept"
+		say "upgraded outpost-agent to $version ($BIN); identity, state and outbox kept; it runs as the $run_as user"
 	else
-		say "installed outpost-agent $version ($BIN)"
+		say "installed outpost-agent $version ($BIN); it runs as the $run_as user"
 	fi
 }
 

@@ -2,15 +2,18 @@
 //! gateway over TLS with `curl --cacert` and piped into `sh`, installing into a temporary
 //! root (OUTPOST_ROOT) with fake init tools on PATH that record their calls; the gateway's
 //! /install.sh and /releases routes; what the script trusts (pins, the signed release
-//! manifest) against an attacker's server and tampered releases; and once end to end in a
-//! debootstrap'd Debian chroot with the static musl agent from the dist directory.
+//! manifest) against an attacker's server and tampered releases; who the agent runs as
+//! (the `outpost` user, or root only when asked) and who owns what; and end to end in a
+//! debootstrap'd Debian chroot with the static musl agent from the dist directory, where
+//! the agent, its plugins and a self-update are shown to run as `outpost`.
 //!
 //! Releases here are signed with a test key (the real one is not in the repository), which
 //! every run of the script is given with `OUTPOST_RELEASE_KEY`.
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -44,7 +47,14 @@ fn mode(path: &Path) -> u32 {
         & 0o7777
 }
 
-/// Every path under `root` (relative), with its kind and mode: what a run left behind.
+/// The owner and group of `path` (not following a symbolic link).
+fn owner(path: &Path) -> (u32, u32) {
+    let m = std::fs::symlink_metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (m.uid(), m.gid())
+}
+
+/// Every path under `root` (relative), with its kind, mode and owner: what a run left
+/// behind.
 fn tree(root: &Path) -> BTreeMap<String, String> {
     fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
         let mut entries: Vec<_> = std::fs::read_dir(dir)
@@ -58,7 +68,12 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
             let kind = if meta.is_dir() { "dir" } else { "file" };
             out.insert(
                 rel,
-                format!("{kind} {:o}", meta.permissions().mode() & 0o7777),
+                format!(
+                    "{kind} {:o} {}:{}",
+                    meta.permissions().mode() & 0o7777,
+                    meta.uid(),
+                    meta.gid()
+                ),
             );
             if meta.is_dir() {
                 walk(root, &p, out);
@@ -70,13 +85,70 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
     out
 }
 
-/// A host's root as the installer finds it: the standard directories, nothing of ours.
+/// The uid and gid of the `outpost` account in the fake roots (any number will do: the
+/// installer takes them from the root's own /etc/passwd).
+const OUTPOST_ID: u32 = 991;
+
+/// A host's root as the installer finds it: the standard directories and accounts, with
+/// the `outpost` account already made (in a directory tree, the installer uses the
+/// account the tree has and never adds one: see the test of errors), nothing else of ours.
 fn empty_root(dir: &Path, name: &str) -> PathBuf {
     let root = dir.join(name);
     for d in ["etc/systemd/system", "etc/init.d", "opt", "var/log"] {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
+    std::fs::write(
+        root.join("etc/passwd"),
+        format!(
+            "root:x:0:0:root:/root:/bin/sh\n\
+             outpost:x:{OUTPOST_ID}:{OUTPOST_ID}:Outpost monitoring agent:/opt/outpost/state:/usr/sbin/nologin\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("etc/group"),
+        format!("root:x:0:\noutpost:x:{OUTPOST_ID}:\n"),
+    )
+    .unwrap();
     root
+}
+
+/// What the installer leaves on a host, with modes and owners, when the agent runs as
+/// `uid:gid` (the outpost account's, or 0:0 with --run-as root): root owns what only
+/// root may change (the configuration, checks.d, the log directory), the agent's user
+/// owns what the agent writes (its binary's directory for self-updates, state, plugins)
+/// and, under a sticky /etc/outpost it may add files to but not replace root's in, its
+/// identity.
+fn assert_layout(root: &Path, uid: u32, gid: u32, what: &str) {
+    let agent = (uid, gid);
+    let etc_mode = if uid == 0 { 0o755 } else { 0o1770 };
+    let want: &[(&str, u32, (u32, u32))] = &[
+        ("opt/outpost", 0o755, (0, 0)),
+        ("opt/outpost/bin", 0o755, agent),
+        ("opt/outpost/bin/outpost-agent", 0o755, agent),
+        ("opt/outpost/state", 0o700, agent),
+        ("opt/outpost/plugins", 0o755, agent),
+        ("etc/outpost", etc_mode, (0, gid)),
+        ("etc/outpost/agent.toml", 0o640, (0, gid)),
+        ("etc/outpost/checks.d", 0o755, (0, 0)),
+        ("etc/outpost/run-as", 0o644, (0, 0)),
+        ("var/log/outpost", 0o755, (0, 0)),
+        ("var/log/outpost/agent.log", 0o640, agent),
+    ];
+    for (path, m, o) in want {
+        let p = root.join(path);
+        assert_eq!(
+            (mode(&p), owner(&p)),
+            (*m, *o),
+            "{what}: mode and owner of {path}"
+        );
+    }
+    let user = if uid == 0 { "root" } else { "outpost" };
+    assert_eq!(
+        read(&root.join("etc/outpost/run-as")),
+        format!("{user}\n"),
+        "{what}"
+    );
 }
 
 fn sha256sum(path: &Path) -> String {
@@ -324,17 +396,17 @@ fn the_script_and_the_init_scripts_pass_shellcheck() {
     }
 }
 
-#[test]
-fn systemd_accepts_the_unit() {
-    // systemd-analyze verify, in a root holding the unit, its ExecStart and the system's
-    // own units (its dependencies); unknown keys only warn, so any output fails too.
+/// `systemd-analyze ARGS UNIT` in a root holding `unit` (as the installed unit file), its
+/// ExecStart and the system's own units (its dependencies); returns whether it succeeded
+/// and everything it said.
+fn systemd_analyze(unit: &str, args: &[&str]) -> (bool, String) {
     let dir = tempdir();
     let root = dir.path();
     std::fs::create_dir_all(root.join("opt/outpost/bin")).unwrap();
     write_exec(&root.join("opt/outpost/bin/outpost-agent"), "#!/bin/sh\n");
     std::fs::create_dir_all(root.join("etc/systemd/system")).unwrap();
-    let unit = root.join("etc/systemd/system/outpost-agent.service");
-    std::fs::copy(workspace().join("installer/outpost-agent.service"), &unit).unwrap();
+    let path = root.join("etc/systemd/system/outpost-agent.service");
+    std::fs::write(&path, unit).unwrap();
     std::fs::create_dir_all(root.join("usr/lib/systemd")).unwrap();
     let copied = Command::new("timeout")
         .args(["60", "cp"])
@@ -344,9 +416,10 @@ fn systemd_accepts_the_unit() {
         .unwrap();
     assert!(copied.success(), "cannot copy /usr/lib/systemd/system");
     let out = Command::new("timeout")
-        .args(["60", "systemd-analyze", "verify", "--man=no"])
+        .args(["60", "systemd-analyze"])
+        .args(args)
         .arg(format!("--root={}", root.display()))
-        .arg(&unit)
+        .arg(&path)
         .output()
         .expect("systemd-analyze (Debian package systemd)");
     let said = format!(
@@ -354,7 +427,43 @@ fn systemd_accepts_the_unit() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success() && said.trim().is_empty(), "{said}");
+    (out.status.success(), said)
+}
+
+/// systemd-analyze verify: unknown keys only warn, so any output fails too.
+fn assert_systemd_accepts(unit: &str) {
+    let (ok, said) = systemd_analyze(unit, &["verify", "--man=no"]);
+    assert!(ok && said.trim().is_empty(), "{said}");
+}
+
+#[test]
+fn systemd_accepts_the_unit() {
+    let unit = read(&workspace().join("installer/outpost-agent.service"));
+    assert_systemd_accepts(&unit);
+    // The sandbox as systemd scores it: an exposure of at most 4.0 of 10 ("OK"; the unit
+    // that ran the agent as root, with nothing of this, scored 9.6, "UNSAFE").
+    let (ok, said) = systemd_analyze(&unit, &["security", "--offline=yes", "--threshold=40"]);
+    assert!(ok, "exposure above 4.0:\n{said}");
+    let exposure = said
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_default()
+        .to_string();
+    eprintln!("{exposure}");
+    // The agent and its plugins: the outpost user, CAP_NET_RAW alone, nothing gained.
+    for line in [
+        "User=outpost",
+        "Group=outpost",
+        "AmbientCapabilities=CAP_NET_RAW",
+        "CapabilityBoundingSet=CAP_NET_RAW",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ReadWritePaths=/etc/outpost /opt/outpost",
+        "ProtectHome=read-only",
+        "PrivateTmp=yes",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "no {line}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -390,9 +499,10 @@ async fn installs_under_each_init_system_with_the_right_files_and_service_calls(
 
         let bin = root.join("opt/outpost/bin/outpost-agent");
         assert_eq!(std::fs::read(&bin).unwrap(), fake_agent("1.0.0", "x86_64"));
-        assert_eq!(mode(&bin), 0o755);
+        // The agent runs as outpost; agent.toml, which holds the enrollment key, is
+        // readable by root and the outpost group only.
+        assert_layout(&root, OUTPOST_ID, OUTPOST_ID, init);
         let config = root.join("etc/outpost/agent.toml");
-        assert_eq!(mode(&config), 0o600, "agent.toml holds the enrollment key");
         assert_eq!(
             read(&config),
             format!(
@@ -417,14 +527,12 @@ async fn installs_under_each_init_system_with_the_right_files_and_service_calls(
             outpost_agent::settings::Trust::CaFile("/etc/outpost/ca.pem".into())
         );
         assert_eq!(read(&root.join("etc/outpost/ca.pem")), read(&s.ca));
-        assert_eq!(mode(&root.join("opt/outpost/state")), 0o700);
-        for d in [
-            "opt/outpost/plugins",
-            "etc/outpost/checks.d",
-            "var/log/outpost",
-        ] {
-            assert!(root.join(d).is_dir(), "{init}: {d}");
-        }
+        let ca_copy = root.join("etc/outpost/ca.pem");
+        assert_eq!((mode(&ca_copy), owner(&ca_copy)), (0o644, (0, 0)));
+        assert!(
+            run.stdout.contains("runs as the outpost user"),
+            "{init}: {run}"
+        );
 
         let unit = root.join("etc/systemd/system/outpost-agent.service");
         let initd = root.join("etc/init.d/outpost-agent");
@@ -435,6 +543,7 @@ async fn installs_under_each_init_system_with_the_right_files_and_service_calls(
                     read(&unit),
                     read(&workspace().join("installer/outpost-agent.service"))
                 );
+                assert!(read(&unit).contains("\nUser=outpost\nGroup=outpost\n"));
                 assert_eq!(mode(&unit), 0o644);
                 assert!(!initd.exists());
                 assert_eq!(
@@ -451,6 +560,7 @@ async fn installs_under_each_init_system_with_the_right_files_and_service_calls(
                     read(&initd),
                     read(&workspace().join("installer/outpost-agent.openrc"))
                 );
+                assert!(read(&initd).contains("\ncommand_user=\"outpost:outpost\"\n"));
                 assert_eq!(mode(&initd), 0o755);
                 assert!(!unit.exists());
                 assert_eq!(
@@ -466,6 +576,7 @@ async fn installs_under_each_init_system_with_the_right_files_and_service_calls(
                     read(&initd),
                     read(&workspace().join("installer/outpost-agent.sysv"))
                 );
+                assert!(read(&initd).contains("\nRUN_AS=outpost\n"));
                 assert_eq!(mode(&initd), 0o755);
                 assert_eq!(
                     calls,
@@ -478,9 +589,11 @@ async fn installs_under_each_init_system_with_the_right_files_and_service_calls(
             _ => {
                 assert!(!unit.exists() && !initd.exists());
                 assert!(calls.is_empty(), "{calls:?}");
+                // As the outpost user (this host has util-linux's setpriv, which runs the
+                // agent in its own process).
                 assert!(
                     run.stdout.contains(
-                        "/opt/outpost/bin/outpost-agent run --config /etc/outpost/agent.toml"
+                        "setpriv --reuid=outpost --regid=outpost --init-groups /opt/outpost/bin/outpost-agent run --config /etc/outpost/agent.toml"
                     ) && run.stdout.contains("Start the agent yourself"),
                     "{run}"
                 );
@@ -556,9 +669,13 @@ async fn running_again_upgrades_in_place_and_keeps_identity_and_edits() {
     );
     let bin = root.join("opt/outpost/bin/outpost-agent");
     assert_eq!(std::fs::read(&bin).unwrap(), fake_agent("1.10.0", "x86_64"));
-    assert_eq!(mode(&bin), 0o755);
+    assert_layout(&root, OUTPOST_ID, OUTPOST_ID, "upgrade");
     assert_eq!(read(&config), edited);
     kept(&root);
+    // The identity is the agent's (the test wrote it as root).
+    for f in ["agent.finger", "agent.secret"] {
+        assert_eq!(owner(&etc.join(f)), (OUTPOST_ID, OUTPOST_ID), "{f}");
+    }
     let units: Vec<_> = tree(&root)
         .into_keys()
         .filter(|p| p.contains("outpost-agent.service") || p.contains("init.d/outpost"))
@@ -610,9 +727,10 @@ async fn running_again_upgrades_in_place_and_keeps_identity_and_edits() {
     assert!(!now.contains(&s.gw.enroll_key), "{now}");
     assert!(now.contains("[labels]\nrole = \"web\"\n"), "{now}");
     assert_eq!(now.matches("enroll_key").count(), 1, "{now}");
-    assert_eq!(mode(&config), 0o600);
+    assert_layout(&root, OUTPOST_ID, OUTPOST_ID, "new values");
     assert_eq!(read(&etc.join("agent.toml.old")), edited);
-    assert_eq!(mode(&etc.join("agent.toml.old")), 0o600);
+    let old = etc.join("agent.toml.old");
+    assert_eq!((mode(&old), owner(&old)), (0o640, (0, OUTPOST_ID)));
     outpost_agent::Settings::from_toml(&now, &BTreeMap::new()).unwrap();
     kept(&root);
 }
@@ -659,6 +777,203 @@ async fn uninstall_keeps_identity_and_state_and_purge_removes_them() {
 
     let run = s.install(&root, &["--uninstall", "--purge"], &rc);
     assert!(run.ok, "{run}");
+    assert_eq!(tree(&root), before);
+}
+
+/// `shipped` (a service file in installer/) as install.sh --run-as root writes it: the
+/// lines from `from` to `to` (or to the paragraph's end) replaced by one comment.
+fn as_root(shipped: &str, from: &str, to: Option<&str>) -> String {
+    let start = shipped.find(from).expect(from);
+    let end = match to {
+        Some(to) => start + shipped[start..].find(to).expect(to) + to.len() + 1,
+        None => start + shipped[start..].find("\n\n").unwrap() + 1,
+    };
+    format!(
+        "{}# install.sh --run-as root: the agent and every plugin it runs are root (docs/INSTALL.md).\n{}",
+        &shipped[..start],
+        &shipped[end..]
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_is_an_explicit_choice_and_an_install_that_ran_as_root_moves_to_outpost() {
+    let s = setup(&[]);
+    let ca = s.ca.display().to_string();
+    let key = s.gw.enroll_key.clone();
+    let sd = [("OUTPOST_INIT", "systemd")];
+    let root = empty_root(s.dir.path(), "root");
+    let unit = root.join("etc/systemd/system/outpost-agent.service");
+    let shipped = read(&workspace().join("installer/outpost-agent.service"));
+    let root_unit = as_root(&shipped, "# Least privilege", None);
+
+    // Chosen explicitly: everything is root's, the unit has neither the user nor the
+    // sandbox (which would leave root nothing), and the script says what that means.
+    let run = s.install(
+        &root,
+        &["--key", &key, "--ca", &ca, "--run-as", "root"],
+        &sd,
+    );
+    assert!(run.ok, "{run}");
+    assert!(
+        run.stderr
+            .contains("--run-as root: the agent and every plugin it runs are root on this host"),
+        "{run}"
+    );
+    assert_layout(&root, 0, 0, "--run-as root");
+    assert_eq!(read(&unit), root_unit);
+    assert!(!root_unit.contains("User=") && !root_unit.contains("NoNewPrivileges"));
+    assert_systemd_accepts(&root_unit);
+
+    // The choice is kept by the next run without the option.
+    let run = s.install(&root, &[], &sd);
+    assert!(run.ok, "{run}");
+    assert!(run.stdout.contains("it runs as the root user"), "{run}");
+    assert_layout(&root, 0, 0, "--run-as root kept");
+    assert_eq!(read(&unit), root_unit);
+
+    // An install from before the outpost user (no record of a choice, everything root's),
+    // with what its agent made as root since; and a link in its state to a file of root's.
+    std::fs::remove_file(root.join("etc/outpost/run-as")).unwrap();
+    let made = [
+        "etc/outpost/agent.finger",
+        "etc/outpost/agent.secret",
+        "opt/outpost/state/outbox.redb",
+        "opt/outpost/state/update/highest",
+        "opt/outpost/plugins/check_x",
+        "opt/outpost/bin/outpost-agent.previous",
+    ];
+    for f in made {
+        let p = root.join(f);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, f).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let link = root.join("opt/outpost/state/link");
+    std::os::unix::fs::symlink(root.join("etc/passwd"), &link).unwrap();
+    s.clear_calls();
+    let run = s.install(&root, &[], &sd);
+    assert!(run.ok, "{run}");
+    assert!(
+        run.stdout.contains(
+            "outpost-agent ran as uid 0 until now; from now on it and its plugins run as the outpost user"
+        ),
+        "{run}"
+    );
+    // Stopped before its files changed hands, then started as outpost.
+    assert_eq!(
+        s.calls(),
+        [
+            "systemctl stop outpost-agent.service",
+            "systemctl daemon-reload",
+            "systemctl enable outpost-agent.service",
+            "systemctl restart outpost-agent.service"
+        ]
+    );
+    assert_layout(&root, OUTPOST_ID, OUTPOST_ID, "moved to outpost");
+    assert_eq!(read(&unit), shipped);
+    for f in made {
+        let p = root.join(f);
+        assert_eq!(owner(&p), (OUTPOST_ID, OUTPOST_ID), "{f}");
+        assert_eq!(read(&p), f);
+    }
+    assert_eq!(owner(&link), (OUTPOST_ID, OUTPOST_ID));
+    assert_eq!(
+        owner(&root.join("etc/passwd")),
+        (0, 0),
+        "a link was followed"
+    );
+    assert_eq!(
+        owner(&root.join("opt/outpost/state/update")),
+        (OUTPOST_ID, OUTPOST_ID)
+    );
+
+    // And back to root, explicitly. What the outpost user could write and root would act
+    // on goes: the cached checks and collectors, the binary a rollback would put back.
+    let state = root.join("opt/outpost/state");
+    std::fs::write(state.join("config.json"), "{}").unwrap();
+    std::fs::create_dir_all(state.join("collectors/c")).unwrap();
+    let run = s.install(&root, &["--run-as", "root"], &sd);
+    assert!(run.ok, "{run}");
+    assert_layout(&root, 0, 0, "back to root");
+    assert_eq!(owner(&state.join("outbox.redb")), (0, 0));
+    assert_eq!(
+        read(&state.join("outbox.redb")),
+        "opt/outpost/state/outbox.redb"
+    );
+    for gone in [
+        "opt/outpost/state/config.json",
+        "opt/outpost/state/collectors",
+        "opt/outpost/bin/outpost-agent.previous",
+    ] {
+        assert!(!root.join(gone).exists(), "{gone} kept");
+    }
+    assert_eq!(read(&unit), root_unit);
+
+    // OpenRC and SysV scripts: as root, only the user differs.
+    for (init, file, want) in [
+        (
+            "openrc",
+            "installer/outpost-agent.openrc",
+            as_root(
+                &read(&workspace().join("installer/outpost-agent.openrc")),
+                "# The agent and every plugin it runs are this user",
+                Some("command_user=\"outpost:outpost\""),
+            ),
+        ),
+        (
+            "sysv",
+            "installer/outpost-agent.sysv",
+            read(&workspace().join("installer/outpost-agent.sysv"))
+                .replace("\nRUN_AS=outpost\n", "\nRUN_AS=root\n"),
+        ),
+    ] {
+        let r = empty_root(s.dir.path(), &format!("root-{init}"));
+        let run = s.install(
+            &r,
+            &["--key", &key, "--ca", &ca, "--run-as", "root"],
+            &[("OUTPOST_INIT", init)],
+        );
+        assert!(run.ok, "{init}: {run}");
+        let script = read(&r.join("etc/init.d/outpost-agent"));
+        assert_eq!(script, want, "{file} as root");
+        assert!(!script.contains("outpost:outpost") && !script.contains("RUN_AS=outpost"));
+    }
+}
+
+/// A name root writes in /etc/outpost (where the agent's user may create files), planted
+/// there as a symbolic link, is refused rather than followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_planted_in_etc_outpost_is_not_followed() {
+    let s = setup(&[]);
+    let ca = s.ca.display().to_string();
+    let root = empty_root(s.dir.path(), "root");
+    let run = s.install(
+        &root,
+        &["--key", &s.gw.enroll_key, "--ca", &ca],
+        &[("OUTPOST_INIT", "none")],
+    );
+    assert!(run.ok, "{run}");
+    let victim = s.dir.path().join("shadow");
+    std::fs::write(&victim, "root's secret\n").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let planted = root.join("etc/outpost/agent.toml.old");
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    let before = tree(&root);
+    // A new key would write agent.toml.old.
+    let run = s.install(
+        &root,
+        &["--key", "new-key", "--ca", &ca],
+        &[("OUTPOST_INIT", "none")],
+    );
+    assert!(!run.ok, "{run}");
+    assert!(
+        run.stderr.contains(
+            "agent.toml.old is a symbolic link, which this script does not follow as root"
+        ),
+        "{run}"
+    );
+    assert_eq!(read(&victim), "root's secret\n");
+    assert_eq!((mode(&victim), owner(&victim)), (0o600, (0, 0)));
     assert_eq!(tree(&root), before);
 }
 
@@ -1156,6 +1471,10 @@ async fn clear_errors_and_nothing_installed() {
             &["--key", &key, "--ca", &ca, "--init", "upstart"],
             "--init must be systemd, openrc, sysv or none",
         ),
+        (
+            &["--key", &key, "--ca", &ca, "--run-as", "nobody"],
+            "--run-as must be outpost or root, got \"nobody\"",
+        ),
     ];
     for (args, message) in cases {
         let run = s.install(&root, args, &[]);
@@ -1167,6 +1486,21 @@ async fn clear_errors_and_nothing_installed() {
     }
     assert_eq!(tree(&root), before);
     assert!(s.calls().is_empty());
+
+    // A directory tree without the outpost account: the script adds none to a tree (its
+    // tools would add it to this host), it says how to make one.
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    let before = tree(&root);
+    let run = s.install(&root, &["--key", &key, "--ca", &ca], &[]);
+    assert!(!run.ok, "{run}");
+    assert!(
+        run.stderr.contains(&format!(
+            "there is no outpost user in {}/etc/passwd",
+            root.display()
+        )) && run.stderr.contains("or pass --run-as root"),
+        "{run}"
+    );
+    assert_eq!(tree(&root), before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1624,18 +1958,31 @@ async fn public_url_is_the_scripts_default_gateway() {
 
 // ------------------------------------------------------------- Debian chroot, end to end
 
+impl Drop for Chroot {
+    fn drop(&mut self) {
+        // Before the tree is removed (lazily: a process of the test may still be there).
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.root.join("proc"))
+            .status();
+    }
+}
+
 /// A gateway on 127.0.0.1 with a CA-issued certificate for `localhost`, the dist
-/// directory published as its release, a check that runs everywhere, and a Debian chroot
-/// that trusts the CA (at /root/gateway-ca.pem) and resolves localhost.
+/// directory published as its release, a check that runs everywhere and says which user
+/// ran it, and a Debian chroot that trusts the CA (at /root/gateway-ca.pem) and resolves
+/// localhost.
 struct Chroot {
     dir: tempfile::TempDir,
     gw: Gateway,
     root: PathBuf,
     agent_bin: PathBuf,
+    releases: PathBuf,
+    version: String,
 }
 
 impl Chroot {
-    fn new() -> Chroot {
+    fn new(gateway_args: &[&str]) -> Chroot {
         let dist = dist_dir();
         let agent_bin = dist.join(X86);
         assert!(
@@ -1660,20 +2007,19 @@ impl Chroot {
             key.display().to_string(),
             releases.display().to_string(),
         );
-        let gw = Gateway::start(
-            dir.path(),
-            &[
-                "--tls-cert",
-                &cert,
-                "--tls-key",
-                &key,
-                "--releases-dir",
-                &rel,
-            ],
-        );
+        let mut args = vec![
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--releases-dir",
+            &rel,
+        ];
+        args.extend_from_slice(gateway_args);
+        let gw = Gateway::start(dir.path(), &args);
         gw.write_checks(
             "c.toml",
-            "[[check]]\nname = \"from-chroot\"\ncommand = [\"/bin/sh\", \"-c\", \"echo OK - debian $(cat /etc/debian_version)\"]\ninterval = 1\n",
+            "[[check]]\nname = \"from-chroot\"\ncommand = [\"/bin/sh\", \"-c\", \"echo OK - debian $(cat /etc/debian_version) as $(id -un)\"]\ninterval = 1\n",
         );
         // Signed with the test key, which the chroot gets beside the CA.
         sign(&releases, TEST_SEED);
@@ -1687,12 +2033,34 @@ impl Chroot {
             public_key_text(TEST_SEED),
         )
         .unwrap();
+        // /proc, as on a host: start-stop-daemon finds processes there, and the agent its
+        // own binary (/proc/self/exe) when it updates itself. Unmounted on drop.
+        let mounted = Command::new("timeout")
+            .args(["60", "mount", "-t", "proc", "proc"])
+            .arg(root.join("proc"))
+            .status()
+            .unwrap();
+        assert!(mounted.success(), "cannot mount /proc in the chroot");
         Chroot {
             dir,
             gw,
             root,
             agent_bin,
+            releases,
+            version,
         }
+    }
+
+    /// The uid and gid of `user` in the chroot.
+    fn account(&self, user: &str) -> (u32, u32) {
+        read(&self.root.join("etc/passwd"))
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split(':').collect();
+                (f.len() > 3 && f[0] == user)
+                    .then(|| (f[2].parse().unwrap(), f[3].parse().unwrap()))
+            })
+            .unwrap_or_else(|| panic!("no {user} in the chroot's /etc/passwd"))
     }
 
     /// Run `line` with /bin/sh inside the chroot; returns (success, stdout, stderr).
@@ -1727,9 +2095,44 @@ impl Chroot {
     }
 }
 
+/// The real, effective, saved and file-system uids and gids of process `pid`, and its
+/// effective capabilities (hex), from /proc.
+fn credentials(pid: i32) -> (Vec<u32>, Vec<u32>, String) {
+    let status = read(Path::new(&format!("/proc/{pid}/status")));
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+            .trim()
+            .to_string()
+    };
+    let ids = |name: &str| -> Vec<u32> {
+        field(name)
+            .split_whitespace()
+            .map(|n| n.parse().unwrap())
+            .collect()
+    };
+    (ids("Uid:"), ids("Gid:"), field("CapEff:"))
+}
+
+/// Kills a process group (the agent started in the chroot, and any trial child of a
+/// self-update it has), should the test end early.
+struct ProcessGroup(i32);
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // SAFETY: signalling a process group this test started.
+        unsafe {
+            libc::kill(-self.0, libc::SIGKILL);
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_pipe_sh_in_a_debian_chroot_installs_an_agent_that_reports() {
-    let c = Chroot::new();
+    // Short sessions, so that the agent hears of the release offered below within seconds.
+    let c = Chroot::new(&["--max-session", "4"]);
     let (gw, chroot, agent_bin, dir) = (&c.gw, &c.root, &c.agent_bin, &c.dir);
     let (ok, said, err) = c.curl_pipe_sh(&format!(
         "--key {} --ca /root/gateway-ca.pem",
@@ -1742,15 +2145,31 @@ async fn curl_pipe_sh_in_a_debian_chroot_installs_an_agent_that_reports() {
             && said.contains("against the signed release manifest"),
         "{said}"
     );
-    let command = "/opt/outpost/bin/outpost-agent run --config /etc/outpost/agent.toml";
+    // The command to run, as the script printed it: util-linux's setpriv makes the agent
+    // the outpost user in the same process.
+    let command = "setpriv --reuid=outpost --regid=outpost --init-groups /opt/outpost/bin/outpost-agent run --config /etc/outpost/agent.toml";
     assert!(said.contains(command), "{said}");
+    // Debian's useradd made the agent's user: a system account that cannot log in.
+    let (uid, gid) = c.account("outpost");
+    assert!(uid > 0 && uid < 1000, "outpost has uid {uid}");
+    assert!(
+        said.contains(&format!("created the system user outpost (uid {uid})")),
+        "{said}"
+    );
+    let passwd = read(&chroot.join("etc/passwd"));
+    assert!(
+        passwd.contains(&format!(
+            "outpost:x:{uid}:{gid}:Outpost monitoring agent:/opt/outpost/state:/usr/sbin/nologin\n"
+        )),
+        "{passwd}"
+    );
     assert_eq!(
         std::fs::read(chroot.join("opt/outpost/bin/outpost-agent")).unwrap(),
         std::fs::read(agent_bin).unwrap(),
         "the installed agent is the dist build"
     );
 
-    // Start the agent as the script said.
+    // Start the agent as the script said, in a process group of its own.
     let log = dir.path().join("chroot-agent.log");
     let stdout_path = dir.path().join("chroot-agent.out");
     let mut argv = vec![chroot.display().to_string()];
@@ -1763,12 +2182,14 @@ async fn curl_pipe_sh_in_a_debian_chroot_installs_an_agent_that_reports() {
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&stdout_path).unwrap())
         .stderr(std::fs::File::create(&log).unwrap())
+        .process_group(0)
         .spawn()
         .unwrap();
     let agent = Proc {
         child,
         stderr_path: log,
     };
+    let _group = ProcessGroup(agent.pid());
     let fingerprint = eventually(T, "the agent prints its fingerprint", || async {
         std::fs::read_to_string(&stdout_path)
             .ok()?
@@ -1783,16 +2204,88 @@ async fn curl_pipe_sh_in_a_debian_chroot_installs_an_agent_that_reports() {
     )
     .await;
     assert_eq!(result["status"], "ok", "{result}\n{}", agent.log());
+    // The plugin ran as outpost.
+    let output = result["output"].as_str().unwrap_or("").to_string();
     assert!(
-        result["output"]
-            .as_str()
-            .unwrap_or("")
-            .starts_with("OK - debian 12"),
+        output.starts_with("OK - debian 12") && output.ends_with(" as outpost"),
         "{result}"
     );
+    // So does the agent: every uid and gid is outpost's, and it holds no capability.
+    let (uids, gids, caps) = credentials(agent.pid());
+    eprintln!("agent: uids {uids:?}, gids {gids:?}, CapEff {caps}; its plugin said {output:?}");
+    assert_eq!(uids, [uid; 4], "the agent's uids");
+    assert_eq!(gids, [gid; 4], "the agent's gids");
+    assert_eq!(caps, "0000000000000000", "the agent's capabilities");
+    // Its identity is its own, in root's sticky /etc/outpost.
     let secret = chroot.join("etc/outpost/agent.secret");
-    assert_eq!(mode(&secret), 0o600);
-    assert!(chroot.join("etc/outpost/agent.finger").exists());
+    assert_eq!((mode(&secret), owner(&secret)), (0o600, (uid, gid)));
+    let finger = chroot.join("etc/outpost/agent.finger");
+    assert_eq!((mode(&finger), owner(&finger)), (0o600, (uid, gid)));
+    assert_layout(chroot, uid, gid, "debian");
+
+    // A self-update, run by that user: the release is offered, and the agent downloads
+    // and verifies it, writes it beside its binary, keeps the old one, tries the new one
+    // as a child and execs it. ci/dist builds one version, so version 99.0.0 here is the
+    // same build published under a higher number: every step of the update runs, only
+    // the code it ends up running is the same (tests/tests/update.rs updates to a build
+    // that is really another version, as root).
+    let next = c.releases.join("99.0.0");
+    std::fs::create_dir_all(&next).unwrap();
+    std::fs::copy(agent_bin, next.join(X86)).unwrap();
+    sign(&c.releases, TEST_SEED);
+    // The key the releases are signed with, installed by root where the agent looks.
+    let update_key = chroot.join("etc/outpost/update-key.pub");
+    std::fs::write(&update_key, public_key_text(TEST_SEED)).unwrap();
+    std::fs::set_permissions(&update_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let rollout = c.releases.join("rollout.toml");
+    std::fs::write(&rollout, "version = \"99.0.0\"\npercent = 100\n").unwrap();
+    let v = &c.version;
+    // The first `outpost.update` result that says `needle`, or one that is not OK (a
+    // refusal or a rollback, which fails the test at once with its reason).
+    let fp = &fingerprint;
+    let update_result = |needle: String| async move {
+        let all = gw.bus_results(fp, "outpost.update");
+        let found = all.iter().find(|r| r["status"] != "ok").or_else(|| {
+            all.iter()
+                .find(|r| r["output"].as_str().unwrap_or("").contains(&needle))
+        });
+        found.map(|r| r.to_string())
+    };
+    let trial = eventually(Duration::from_secs(60), "the new binary on trial", || {
+        update_result(format!("running {v} on trial (updating from {v})"))
+    })
+    .await;
+    assert!(trial.contains("on trial"), "{trial}\n{}", agent.log());
+    // Offered once: the binary that took over reports the same version, and would be
+    // offered 99.0.0 again.
+    std::fs::remove_file(&rollout).unwrap();
+    let updated = format!("updated from {v} to {v}");
+    let done = eventually(Duration::from_secs(120), "the update done", || {
+        update_result(updated.clone())
+    })
+    .await;
+    assert!(done.contains(&updated), "{done}\n{}", agent.log());
+    eprintln!("{trial}\n{done}");
+    // The same process (exec), still outpost; what the update wrote is outpost's.
+    assert_eq!(credentials(agent.pid()).0, [uid; 4]);
+    let bin = chroot.join("opt/outpost/bin");
+    for f in ["outpost-agent", "outpost-agent.previous"] {
+        assert_eq!(owner(&bin.join(f)), (uid, gid), "{f}");
+        assert_eq!(
+            std::fs::read(bin.join(f)).unwrap(),
+            std::fs::read(agent_bin).unwrap(),
+            "{f}"
+        );
+    }
+    let highest = chroot.join("opt/outpost/state/update/highest");
+    assert_eq!(owner(&highest), (uid, gid));
+    eventually(T, "results after the update", || async {
+        let latest = gw.latest(&fingerprint, "from-chroot").await?;
+        (latest["output"].as_str()?.ends_with(" as outpost")
+            && latest["started_at_ms"].as_u64()? > now_ms() - 5_000)
+            .then_some(())
+    })
+    .await;
 }
 
 /// Kills what the chroot's SysV script started, should the test end early.
@@ -1814,7 +2307,7 @@ impl Drop for PidFile {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sysv_script_runs_the_agent_in_a_debian_chroot_and_stops_it_with_a_bye() {
-    let c = Chroot::new();
+    let c = Chroot::new(&[]);
     let pidfile = PidFile(c.root.join("run/outpost-agent.pid"));
     let (ok, said, err) = c.curl_pipe_sh(&format!(
         "--key {} --ca /root/gateway-ca.pem --init sysv",
@@ -1842,12 +2335,27 @@ async fn the_sysv_script_runs_the_agent_in_a_debian_chroot_and_stops_it_with_a_b
             .find_map(|l| l.strip_prefix("fingerprint ").map(str::to_string))
     })
     .await;
-    eventually(Duration::from_secs(60), "a result from the service", || {
+    let result = eventually(Duration::from_secs(60), "a result from the service", || {
         c.gw.latest(&fingerprint, "from-chroot")
     })
     .await;
     let (ok, status, _) = c.sh("/etc/init.d/outpost-agent status");
     assert!(ok && status.contains("is running"), "{status}");
+    // Debian's start-stop-daemon made the agent the outpost user (the pid file is the
+    // agent's own pid), and its plugin ran as outpost.
+    let pid: i32 = read(&pidfile.0).trim().parse().unwrap();
+    let (uids, gids, caps) = credentials(pid);
+    let output = result["output"].as_str().unwrap_or("").to_string();
+    eprintln!("agent: uids {uids:?}, gids {gids:?}, CapEff {caps}; its plugin said {output:?}");
+    assert!(
+        uids[0] != 0 && output.ends_with(" as outpost"),
+        "the agent runs as uid {uids:?} (capabilities {caps}); its plugin said {output:?}"
+    );
+    let (uid, gid) = c.account("outpost");
+    assert_eq!(uids, [uid; 4], "the agent's uids");
+    assert_eq!(gids, [gid; 4], "the agent's gids");
+    assert_eq!(caps, "0000000000000000", "the agent's capabilities");
+    assert_layout(&c.root, uid, gid, "debian, sysv");
 
     // Uninstall stops it through the script: SIGTERM, and the agent says bye.
     let (ok, said, err) = c.curl_pipe_sh("--uninstall --init sysv");
