@@ -128,10 +128,19 @@ impl Identity {
         if f.enroll_proof.is_empty() || !owner_only(&paths.fingerprint_file) {
             // A file from before proofs (or left readable by others): give it a proof
             // and make it private. The proof matters only until the agent has a secret.
-            if f.enroll_proof.is_empty() {
+            let had_proof = !f.enroll_proof.is_empty();
+            if !had_proof {
                 f.enroll_proof = new_proof();
             }
-            f.save(&paths.fingerprint_file)?;
+            if let Err(e) = f.save(&paths.fingerprint_file) {
+                // Not fatal: the agent ran with this file before. A proof that is not on
+                // disk would not survive a restart, so without one saved the agent
+                // enrolls as agents before proofs did.
+                tracing::warn!(error = %format!("{e:#}"), "cannot rewrite the fingerprint file with an enrollment proof and mode 0600; going on without");
+                if !had_proof {
+                    f.enroll_proof.clear();
+                }
+            }
         }
         Ok(Identity {
             fingerprint: f.fingerprint,

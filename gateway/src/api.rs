@@ -71,12 +71,12 @@ async fn require_token(State(gw): State<Arc<Gateway>>, req: Request, next: Next)
 }
 
 /// For load balancers: 200 while this gateway takes agents, 503 (with the reason) while it
-/// drains for shutdown, cannot reach its bus or has a background task failing, so new connections go elsewhere.
+/// drains for shutdown or cannot reach its bus, so new connections go elsewhere.
 async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
     let why = if gw.shutdown.is_cancelled() {
         Some("draining: shutting down".to_string())
     } else {
-        gw.bus.unavailable().or_else(|| gw.health.problems())
+        gw.bus.unavailable()
     };
     match why {
         None => (StatusCode::OK, "ready\n").into_response(),
@@ -95,7 +95,7 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
             agents_connected: gw.hub.connected(),
             unauthenticated: gw.admission.in_use(),
             unauthenticated_limit: gw.admission.limits().global,
-        }),
+        }) + &gw.health.render(),
     )
 }
 

@@ -89,17 +89,27 @@ fn plugin_of_object(name: &str) -> Result<&str, String> {
     }
 }
 
+/// A plugin as fetched: its bytes, or why it is refused (which no retry changes).
+enum Fetched {
+    Bytes(Vec<u8>),
+    Refused(String),
+}
+
 /// Fetch one plugin's bytes, refusing it before allocating when NATS says it is larger
 /// than a plugin may be, reading no more than the limit whatever NATS says, and checking
-/// the content against the `sha256` in its metadata.
+/// the content against the `sha256` in its metadata. `Err` is a failure to talk to NATS,
+/// worth another try; a refusal is not.
 async fn fetch_plugin(
     store: &object_store::ObjectStore,
     name: &str,
     size: usize,
     sha256: &str,
-) -> anyhow::Result<Vec<u8>> {
+) -> anyhow::Result<Fetched> {
+    let refused = |why: String| Ok(Fetched::Refused(why));
     if size as u64 > MAX_PLUGIN_BYTES {
-        bail!("plugin {name:?} is {size} bytes, over the {MAX_PLUGIN_BYTES}-byte plugin limit");
+        return refused(format!(
+            "plugin {name:?} is {size} bytes, over the {MAX_PLUGIN_BYTES}-byte plugin limit"
+        ));
     }
     let object = store
         .get(name)
@@ -112,13 +122,17 @@ async fn fetch_plugin(
         .await
         .with_context(|| format!("cannot read plugin {name:?}"))?;
     if bytes.len() as u64 > MAX_PLUGIN_BYTES {
-        bail!("plugin {name:?} is over the {MAX_PLUGIN_BYTES}-byte plugin limit");
+        return refused(format!(
+            "plugin {name:?} is over the {MAX_PLUGIN_BYTES}-byte plugin limit"
+        ));
     }
     let got = hex::encode(Sha256::digest(&bytes));
     if got != sha256 {
-        bail!("plugin {name:?} has sha256 {got}, but its metadata says {sha256:?}");
+        return refused(format!(
+            "plugin {name:?} has sha256 {got}, but its metadata says {sha256:?}"
+        ));
     }
-    Ok(bytes)
+    Ok(Fetched::Bytes(bytes))
 }
 
 /// Read and validate a config directory. Every problem is listed in the error, and
@@ -348,7 +362,8 @@ pub fn diff(old: &Snapshot, new: &Snapshot) -> String {
             (Some(_), None) => {
                 let _ = writeln!(out, "- plugins/{name} (removed)");
             }
-            (Some(a), Some(b)) if a.sha256 != b.sha256 => {
+            // A size that differs with the same digest is a damaged object: pushed again.
+            (Some(a), Some(b)) if a.sha256 != b.sha256 || a.size != b.size => {
                 let _ = writeln!(
                     out,
                     "~ plugins/{name} (sha256 {} -> {}, {} -> {} bytes)",
@@ -399,7 +414,7 @@ pub async fn push(nats: &Nats, tenant: &str, dir: &Path, dry_run: bool) -> anyho
         if current
             .plugins
             .get(name)
-            .is_some_and(|c| c.sha256 == p.sha256)
+            .is_some_and(|c| c.sha256 == p.sha256 && c.size == p.size)
         {
             continue;
         }
@@ -475,9 +490,9 @@ pub async fn sync_once(
     for (name, p) in &fleet.plugins {
         // A plugin that is too large or does not match its digest is left out (and
         // logged); the check store then reports the checks that name it.
-        match fetch_plugin(&plugins, name, p.size as usize, &p.sha256).await {
-            Ok(bytes) => write_atomic(&plugins_dir.join(name), &bytes, 0o755)?,
-            Err(e) => tracing::error!(error = %format!("{e:#}"), "plugin not mirrored"),
+        match fetch_plugin(&plugins, name, p.size as usize, &p.sha256).await? {
+            Fetched::Bytes(bytes) => write_atomic(&plugins_dir.join(name), &bytes, 0o755)?,
+            Fetched::Refused(why) => tracing::error!(%why, "plugin not mirrored"),
         }
     }
     tracing::info!(
@@ -545,12 +560,14 @@ pub async fn mirror(gw: Arc<Gateway>, nats: Arc<Nats>) {
                             remove(&path)?;
                         } else {
                             let sha = info.metadata.get("sha256").map(String::as_str).unwrap_or_default();
-                            match fetch_plugin(&plugins, &info.name, info.size, sha).await {
-                                Ok(bytes) => write_atomic(&path, &bytes, 0o755)?,
-                                Err(e) => {
+                            // A NATS error ends this run (`?`): the next one fetches
+                            // everything again. A refusal is final for this version.
+                            match fetch_plugin(&plugins, &info.name, info.size, sha).await? {
+                                Fetched::Bytes(bytes) => write_atomic(&path, &bytes, 0o755)?,
+                                Fetched::Refused(why) => {
                                     // The old version, if any, must not stay as if current.
                                     remove(&path)?;
-                                    tracing::error!(error = %format!("{e:#}"), "plugin not mirrored");
+                                    tracing::error!(%why, "plugin not mirrored");
                                     continue;
                                 }
                             }

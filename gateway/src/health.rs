@@ -1,8 +1,11 @@
 //! The gateway's background tasks and whether they are healthy: each runs under
 //! [`supervise`], which restarts it if it panics or returns before shutdown, and a task
-//! that cannot do its job reports why with [`Health::failing`]. `/readyz` answers 503
-//! with those reasons, so a load balancer sends agents elsewhere instead of to a gateway
-//! that has silently stopped, say, mirroring the fleet's checks.
+//! that cannot do its job reports why with [`Health::failing`]. Both show in `/metrics`
+//! (`outpost_background_task_failing`, `outpost_background_task_restarts_total`) and
+//! in the log, so an operator is alerted. They do not make the gateway unready: a task
+//! such as the config mirror fails alike on every gateway of a fleet when what NATS holds
+//! is bad, and an unready fleet would turn every agent away while the last good copy
+//! could still serve them.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -20,6 +23,7 @@ const RESTART_DELAY: Duration = Duration::from_secs(2);
 #[derive(Default)]
 pub struct Health {
     failing: Mutex<BTreeMap<&'static str, String>>,
+    restarts: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Health {
@@ -29,6 +33,29 @@ impl Health {
 
     pub fn ok(&self, task: &'static str) {
         lock(&self.failing).remove(task);
+    }
+
+    fn restarted(&self, task: &'static str) {
+        *lock(&self.restarts).entry(task).or_default() += 1;
+    }
+
+    /// The Prometheus lines: each task failing now (1) and how often each was restarted.
+    pub fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::from(
+            "# HELP outpost_background_task_failing Background tasks failing now (the reason is in the log).\n# TYPE outpost_background_task_failing gauge\n",
+        );
+        for task in lock(&self.failing).keys() {
+            let _ = writeln!(out, "outpost_background_task_failing{{task=\"{task}\"}} 1");
+        }
+        out.push_str("# HELP outpost_background_task_restarts_total Background tasks restarted after a panic or an early end.\n# TYPE outpost_background_task_restarts_total counter\n");
+        for (task, n) in lock(&self.restarts).iter() {
+            let _ = writeln!(
+                out,
+                "outpost_background_task_restarts_total{{task=\"{task}\"}} {n}"
+            );
+        }
+        out
     }
 
     /// `None` when every task is healthy, else one line naming each failing task.
@@ -69,6 +96,7 @@ pub fn supervise<F, Fut>(
             };
             tracing::error!(task, %why, "background task died; restarting it");
             health.failing(task, format!("{why}; restarting"));
+            health.restarted(task);
             tokio::select! {
                 _ = tokio::time::sleep(RESTART_DELAY) => {}
                 _ = shutdown.cancelled() => return,
@@ -123,6 +151,11 @@ mod tests {
         tokio::time::sleep(RESTART_DELAY * 2).await;
         assert_eq!(runs.load(Ordering::SeqCst), 2);
         assert_eq!(health.problems(), None);
+        let metrics = health.render();
+        assert!(
+            metrics.contains("outpost_background_task_restarts_total{task=\"mirror\"} 1"),
+            "{metrics}"
+        );
         shutdown.cancel();
         tracker.close();
         // The second run never ends by itself: the tracker waits for the supervisor only.

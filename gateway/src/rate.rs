@@ -6,7 +6,8 @@
 //!
 //! Two token buckets, one for results and one for bytes of result JSON, each refilled at
 //! its rate per second and holding at most two seconds' worth, so a quiet agent's burst
-//! (a replay after an outage, a run of checks at the same second) goes through at once.
+//! (a run of checks at the same second) goes through at once. A session starts with empty
+//! buckets: reconnecting buys an agent no burst.
 
 use std::time::{Duration, Instant};
 
@@ -41,10 +42,7 @@ struct Bucket {
 impl Bucket {
     fn new(rate: u64) -> Bucket {
         let rate = rate as f64;
-        Bucket {
-            rate,
-            level: rate * BURST_SECS,
-        }
+        Bucket { rate, level: 0.0 }
     }
 
     fn refill(&mut self, elapsed: f64) {
@@ -110,8 +108,16 @@ mod tests {
     #[test]
     fn a_flooding_agent_is_held_to_its_rate_and_a_burst_is_not() {
         let start = Instant::now();
+        // A new session has no burst to spend: its first batch is held for its share.
+        let mut fresh = Limiter::new(RATE, start);
+        assert_eq!(fresh.hold_for(200, 100, start), Duration::from_secs(2));
         let mut l = Limiter::new(RATE, start);
-        assert_eq!(l.hold_for(200, 100, start), Duration::ZERO, "the burst");
+        let start = start + Duration::from_secs(2);
+        assert_eq!(
+            l.hold_for(200, 100, start),
+            Duration::ZERO,
+            "the burst after 2 quiet s"
+        );
         let mut now = start;
         let mut sent = 200u64;
         while now < start + Duration::from_secs(60) {
@@ -126,8 +132,8 @@ mod tests {
     fn bytes_limit_on_their_own_and_holds_are_capped() {
         let start = Instant::now();
         let mut l = Limiter::new(RATE, start);
-        // 230 KB in one batch: 21 s of debt beyond the 20 KB burst, held 20 s at most.
-        assert_eq!(l.hold_for(1, 230_000, start), MAX_HOLD);
+        // 210 KB in one batch of a new session: 21 s of debt, held 20 s at most.
+        assert_eq!(l.hold_for(1, 210_000, start), MAX_HOLD);
         // The rest of the debt is held on the next batch.
         let next = start + MAX_HOLD;
         let hold = l.hold_for(1, 0, next);
@@ -142,7 +148,7 @@ mod tests {
         let start = Instant::now();
         let mut l = Limiter::new(RATE, start);
         let mut u = Limiter::new(AgentRate::UNLIMITED, start);
-        for i in 0..1000u64 {
+        for i in 1..1000u64 {
             let now = start + Duration::from_secs(i);
             assert_eq!(l.hold_for(10, 1000, now), Duration::ZERO);
             assert_eq!(u.hold_for(100_000, 1 << 30, now), Duration::ZERO);

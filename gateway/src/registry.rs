@@ -76,9 +76,11 @@ impl AgentRecord {
     /// Apply to a record read back from disk or from another gateway the bounds a live
     /// agent is held to: at most [`MAX_LOCAL_CHECKS`] results beyond its configured
     /// checks (configured ones first, then the newest), and labels, groups and hostname
-    /// by the hello rules (a record written before those rules may break them). What it
-    /// drops, it logs.
-    fn keep_within_bounds(&mut self) {
+    /// by the hello rules (a record written before those rules may break them). Returns
+    /// what it dropped, if anything, for the caller to log (once per agent at start; a
+    /// record replicated from another gateway comes back with every update).
+    fn keep_within_bounds(&mut self) -> Option<String> {
+        let mut dropped = Vec::new();
         let max = self.checks.len() + MAX_LOCAL_CHECKS;
         if self.latest.len() > max {
             let mut names: Vec<(bool, u64, String)> = self
@@ -87,11 +89,11 @@ impl AgentRecord {
                 .map(|(n, r)| (self.checks.iter().any(|c| &c.name == n), r.seq, n.clone()))
                 .collect();
             names.sort_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
-            let dropped = names.len() - max;
+            let over = names.len() - max;
             for (_, _, name) in names.into_iter().skip(max) {
                 self.latest.remove(&name);
             }
-            tracing::warn!(fingerprint = %self.fingerprint, dropped, "results of more checks than an agent may have; the oldest are not kept");
+            dropped.push(format!("the results of {over} checks beyond the cap"));
         }
         let labels = self.labels.len();
         self.labels
@@ -109,8 +111,9 @@ impl AgentRecord {
                 outpost_protocol::printable(&self.hostname, outpost_protocol::MAX_HOSTNAME_BYTES);
         }
         if labels != self.labels.len() || groups != self.groups.len() {
-            tracing::warn!(fingerprint = %self.fingerprint, "labels or groups out of bounds dropped");
+            dropped.push("labels or groups out of bounds".into());
         }
+        (!dropped.is_empty()).then(|| dropped.join(", "))
     }
 
     /// An agent known only by its fingerprint and tenant so far.
@@ -244,7 +247,9 @@ impl Registry {
             }
         }
         for rec in agents.values_mut() {
-            rec.keep_within_bounds();
+            if let Some(dropped) = rec.keep_within_bounds() {
+                tracing::warn!(fingerprint = %rec.fingerprint, %dropped, "recovered agent record out of bounds; dropped");
+            }
         }
         Ok(Self::with_store(
             me,
@@ -439,7 +444,9 @@ impl Registry {
             }
         };
         incoming.revision = revision;
-        incoming.keep_within_bounds();
+        if let Some(dropped) = incoming.keep_within_bounds() {
+            tracing::debug!(%key, %dropped, "fleet registry entry out of bounds; dropped");
+        }
         let taken_over = incoming
             .holder
             .as_deref()

@@ -503,8 +503,10 @@ async fn authenticated(
                         _ = gw.shutdown.cancelled() => {}
                     }
                 }
-                let hold =
-                    limiter.hold_for(batch.results.len(), text.len(), std::time::Instant::now());
+                // The hold counts from when the batch was read, so publishing time is
+                // part of it and the ack still comes within MAX_HOLD of the agent's send.
+                let read_at = tokio::time::Instant::now();
+                let hold = limiter.hold_for(batch.results.len(), text.len(), read_at.into_std());
                 let published = tokio::time::timeout(
                     BUS_DEADLINE,
                     gw.bus.publish_results(&agent, &batch.results),
@@ -527,7 +529,8 @@ async fn authenticated(
                         gw.registry.record_results(&fp, &batch.results);
                         last_acked = batch.results.last().map(|r| r.seq).unwrap_or(last_acked);
                         let ack = Outbound::frame(GatewayFrame::Ack(Ack { seq: last_acked }));
-                        if hold.is_zero() {
+                        let release = read_at + hold;
+                        if release <= tokio::time::Instant::now() {
                             if tx.send(ack).await.is_err() {
                                 break End::Lost("writer ended".into());
                             }
@@ -540,10 +543,10 @@ async fn authenticated(
                                 hold.as_millis() as u64,
                                 std::sync::atomic::Ordering::Relaxed,
                             );
-                            held_until = Some(tokio::time::Instant::now() + hold);
+                            held_until = Some(release);
                             let tx = tx.clone();
                             tokio::spawn(async move {
-                                tokio::time::sleep(hold).await;
+                                tokio::time::sleep_until(release).await;
                                 let _ = tx.send(ack).await;
                             });
                         }

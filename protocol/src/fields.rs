@@ -20,36 +20,38 @@ pub const MAX_PLATFORM_BYTES: usize = 64;
 /// Longest credential (enrollment key or secret), in bytes.
 pub const MAX_CREDENTIAL_BYTES: usize = 256;
 
-/// Why `name` cannot be a hostname, if it cannot: 1-253 bytes, no control characters
-/// (any other Unicode is kept, as hosts are named in many scripts).
+// What is refused is only what can harm: length, and characters that forge or hide text
+// (controls, bidirectional overrides, zero-width and line separators). Any other text an
+// agent was configured with before these rules stays valid, so no agent in service is
+// locked out by an upgrade of its gateway.
+
+/// Why `name` cannot be a hostname, if it cannot: at most 253 bytes of visible text (any
+/// script; an empty one is what an agent sends when its host has no name).
 pub fn hostname_problem(name: &str) -> Option<String> {
-    text_problem("hostname", name, 1, MAX_HOSTNAME_BYTES)
+    text_problem("hostname", name, 0, MAX_HOSTNAME_BYTES)
 }
 
-/// Why `key = value` cannot be a label: the key 1-64 bytes of letters, digits, `_`, `-`,
-/// `.` and `/`; the value at most 256 bytes without control characters.
+/// Why `key = value` cannot be a label: the key 1-64 bytes, the value at most 256, both
+/// visible text.
 pub fn label_problem(key: &str, value: &str) -> Option<String> {
-    if !name_ok(key) {
-        return Some(format!(
-            "label key {key:?}: keys are 1-{MAX_LABEL_KEY_BYTES} letters, digits, '_', '-', '.' or '/'"
-        ));
-    }
-    text_problem(&format!("label {key:?}"), value, 0, MAX_LABEL_VALUE_BYTES)
+    text_problem("a label key", key, 1, MAX_LABEL_KEY_BYTES)
+        .or_else(|| text_problem(&format!("label {key:?}"), value, 0, MAX_LABEL_VALUE_BYTES))
 }
 
-/// Why `group` cannot be a group name: 1-64 letters, digits, `_`, `-`, `.` or `/`.
+/// Why `group` cannot be a group name: 1-64 bytes of visible text.
 pub fn group_problem(group: &str) -> Option<String> {
-    (!name_ok(group)).then(|| {
-        format!(
-            "group {group:?}: names are 1-{MAX_LABEL_KEY_BYTES} letters, digits, '_', '-', '.' or '/'"
-        )
-    })
+    text_problem("a group", group, 1, MAX_LABEL_KEY_BYTES)
 }
 
-fn name_ok(s: &str) -> bool {
-    (1..=MAX_LABEL_KEY_BYTES).contains(&s.len())
-        && s.bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.' | b'/'))
+/// Characters that forge or hide text: controls (`\n`, ESC, DEL, C1), bidirectional
+/// embeddings, overrides and isolates, zero-width characters, line and paragraph
+/// separators, and the byte-order mark.
+pub fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{200B}'..='\u{200F}' | '\u{2028}'..='\u{202E}' | '\u{2060}'..='\u{206F}' | '\u{FEFF}'
+        )
 }
 
 fn text_problem(what: &str, s: &str, min: usize, max: usize) -> Option<String> {
@@ -57,8 +59,8 @@ fn text_problem(what: &str, s: &str, min: usize, max: usize) -> Option<String> {
         return Some(format!("{what} must be {min}-{max} bytes, not {}", s.len()));
     }
     s.chars()
-        .any(char::is_control)
-        .then(|| format!("{what} {s:?} contains control characters"))
+        .any(hidden)
+        .then(|| format!("{what} {s:?} contains control, bidirectional or zero-width characters"))
 }
 
 /// `s` cut to at most `max` bytes (at a character boundary) with control characters
@@ -67,7 +69,7 @@ fn text_problem(what: &str, s: &str, min: usize, max: usize) -> Option<String> {
 pub fn printable(s: &str, max: usize) -> String {
     let mut out = String::with_capacity(s.len().min(max));
     for c in s.chars() {
-        let piece = if c.is_control() {
+        let piece = if hidden(c) {
             c.escape_unicode().to_string()
         } else {
             c.to_string()
@@ -136,21 +138,27 @@ mod tests {
     fn control_characters_and_oversized_fields_are_refused() {
         assert_eq!(hostname_problem("web-1.example.com"), None);
         assert_eq!(hostname_problem("Rechner-Müller"), None);
+        assert_eq!(hostname_problem(""), None, "a host without a name");
         for bad in [
             "web\nFAKE LOG LINE",
             "a\u{1b}[31mred",
             "x\u{7f}",
-            "",
+            "admin\u{202E}txt.exe",
+            "we\u{200B}b",
             &"h".repeat(254),
         ] {
             assert!(hostname_problem(bad).is_some(), "{bad:?}");
         }
         assert_eq!(label_problem("role", "web"), None);
         assert_eq!(label_problem("team/owner", ""), None);
+        // Labels and groups agents were configured with before these rules stay valid.
+        assert_eq!(label_problem("team name", "ops"), None);
+        assert_eq!(group_problem("EU West"), None);
+        assert_eq!(group_problem("Zürich"), None);
         assert!(label_problem("role", &"x".repeat(257)).is_some());
         assert!(label_problem("role", "a\nb").is_some());
-        assert!(label_problem("ro le", "web").is_some());
         assert!(label_problem("", "web").is_some());
+        assert!(label_problem(&"k".repeat(65), "web").is_some());
         assert_eq!(group_problem("eu-west.1"), None);
         assert!(group_problem(&"g".repeat(65)).is_some());
         assert!(group_problem("g\u{1b}").is_some());
