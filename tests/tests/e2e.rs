@@ -679,24 +679,6 @@ async fn a_silent_agent_is_noticed_and_comes_back_on_its_own() {
     .await;
 }
 
-/// The next text frame from a raw websocket.
-async fn next_text<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> String
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    use futures_util::StreamExt;
-    loop {
-        match tokio::time::timeout(T, ws.next())
-            .await
-            .expect("a frame in time")
-        {
-            Some(Ok(Message::Text(t))) => return t.to_string(),
-            Some(Ok(_)) => continue,
-            other => panic!("connection ended: {other:?}"),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_whose_sequence_file_was_lost_is_not_taken_for_a_resend() {
     let dir = tempdir();
@@ -779,18 +761,7 @@ async fn raw_session(
     Value,
 ) {
     let mut ws = raw_ws(gw).await;
-    let hello = outpost_protocol::AgentFrame::Hello(outpost_protocol::Hello {
-        protocol: outpost_protocol::PROTOCOL_VERSION,
-        fingerprint: fp.to_string(),
-        credential,
-        agent_version: "test".into(),
-        os: "linux".into(),
-        arch: "x86_64".into(),
-        hostname: "raw".into(),
-        labels: Default::default(),
-        groups: vec![],
-        config_hash: None,
-    });
+    let hello = raw_hello(fp, credential, "raw");
     ws.send(Message::Text(outpost_protocol::encode(&hello).into()))
         .await
         .unwrap();

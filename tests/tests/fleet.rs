@@ -95,19 +95,7 @@ fn one_agent_each(dir: &Path, gws: &[Gateway], pki: &Pki) -> Vec<Agent> {
 
 /// `outpost-gateway config push DIR`; returns its stdout.
 fn push(nats: &str, dir: &Path, extra: &[&str]) -> String {
-    let out = std::process::Command::new(bin("outpost-gateway"))
-        .args(["config", "push"])
-        .arg(dir)
-        .args(["--bus", nats])
-        .args(extra)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "config push failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    outpost_e2e::nats::config_push(nats, dir, extra)
 }
 
 fn write_config(dir: &Path, files: &[(&str, &str)]) -> PathBuf {

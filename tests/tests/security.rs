@@ -12,20 +12,8 @@ use outpost_e2e::{bin, eventually, tempdir, Gateway};
 
 const T: Duration = Duration::from_secs(30);
 
-/// `outpost-gateway config push DIR --bus URL`; returns its stdout.
 fn push(nats: &str, dir: &Path) -> String {
-    let out = std::process::Command::new(bin("outpost-gateway"))
-        .args(["config", "push"])
-        .arg(dir)
-        .args(["--bus", nats])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "config push failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    outpost_e2e::nats::config_push(nats, dir, &[])
 }
 
 /// The hex SHA-256 of `bytes`, by coreutils' sha256sum.
@@ -166,7 +154,7 @@ async fn names_and_sizes_from_nats_never_write_outside_the_mirror_or_stop_it() {
 }
 
 fn hello(fp: &str, key: &str, hostname: &str) -> outpost_protocol::AgentFrame {
-    hello_with(
+    outpost_e2e::raw_hello(
         fp,
         outpost_protocol::Credential::EnrollKey {
             key: key.into(),
@@ -174,25 +162,6 @@ fn hello(fp: &str, key: &str, hostname: &str) -> outpost_protocol::AgentFrame {
         },
         hostname,
     )
-}
-
-fn hello_with(
-    fp: &str,
-    credential: outpost_protocol::Credential,
-    hostname: &str,
-) -> outpost_protocol::AgentFrame {
-    outpost_protocol::AgentFrame::Hello(outpost_protocol::Hello {
-        protocol: outpost_protocol::PROTOCOL_VERSION,
-        fingerprint: fp.to_string(),
-        credential,
-        agent_version: "test".into(),
-        os: "linux".into(),
-        arch: "x86_64".into(),
-        hostname: hostname.into(),
-        labels: Default::default(),
-        groups: vec![],
-        config_hash: None,
-    })
 }
 
 /// Audit findings 8 (a hostname with `\n` and ESC forged a gateway log line before
@@ -272,24 +241,6 @@ async fn agent_supplied_strings_can_neither_forge_log_lines_nor_grow_without_bou
     assert!(log.contains("invalid hello"), "{log}");
 }
 
-/// The first text frame the gateway sends, as JSON.
-async fn first_frame<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> serde_json::Value
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    use tokio_tungstenite::tungstenite::Message;
-    loop {
-        match tokio::time::timeout(T, ws.next())
-            .await
-            .expect("a frame in time")
-        {
-            Some(Ok(Message::Text(t))) => return serde_json::from_str(&t).unwrap(),
-            Some(Ok(_)) => continue,
-            other => panic!("connection ended: {other:?}"),
-        }
-    }
-}
-
 /// Audit finding 7: a second hello with the enrollment key for a fingerprint that is
 /// enrolling (before the agent's next frame) took its identity. Now only the proof the
 /// first hello carried can enroll it again; and whether a fingerprint is enrolled is not
@@ -316,10 +267,14 @@ async fn an_enrolling_agent_cannot_be_taken_over_with_the_key_and_its_fingerprin
     let fp = outpost_e2e::uuid_v4();
     let mut victim = raw_ws(&gw).await;
     victim
-        .send(send(hello_with(&fp, enroll("victim-proof"), "victim")))
+        .send(send(outpost_e2e::raw_hello(
+            &fp,
+            enroll("victim-proof"),
+            "victim",
+        )))
         .await
         .unwrap();
-    let welcome = first_frame(&mut victim).await;
+    let welcome = outpost_e2e::next_json(&mut victim).await;
     let secret = welcome["agent_secret"]
         .as_str()
         .expect("enrolled")
@@ -329,10 +284,10 @@ async fn an_enrolling_agent_cannot_be_taken_over_with_the_key_and_its_fingerprin
     for proof in ["", "guessed"] {
         let mut thief = raw_ws(&gw).await;
         thief
-            .send(send(hello_with(&fp, enroll(proof), "thief")))
+            .send(send(outpost_e2e::raw_hello(&fp, enroll(proof), "thief")))
             .await
             .unwrap();
-        let answer = first_frame(&mut thief).await;
+        let answer = outpost_e2e::next_json(&mut thief).await;
         assert_eq!(answer["code"], "unauthorized", "{answer}");
         assert_eq!(
             close_code(&mut thief, T).await,
@@ -344,14 +299,14 @@ async fn an_enrolling_agent_cannot_be_taken_over_with_the_key_and_its_fingerprin
     drop(victim);
     let mut again = raw_ws(&gw).await;
     again
-        .send(send(hello_with(
+        .send(send(outpost_e2e::raw_hello(
             &fp,
             Credential::Secret { secret },
             "victim",
         )))
         .await
         .unwrap();
-    let welcome = first_frame(&mut again).await;
+    let welcome = outpost_e2e::next_json(&mut again).await;
     assert_eq!(welcome["type"], "welcome", "{welcome}");
 
     // An unknown fingerprint and a wrong secret for a known one read the same.
@@ -362,8 +317,10 @@ async fn an_enrolling_agent_cannot_be_taken_over_with_the_key_and_its_fingerprin
             let secret = Credential::Secret {
                 secret: "wrong".into(),
             };
-            ws.send(send(hello_with(&fp, secret, "x"))).await.unwrap();
-            let answer = first_frame(&mut ws).await;
+            ws.send(send(outpost_e2e::raw_hello(&fp, secret, "x")))
+                .await
+                .unwrap();
+            let answer = outpost_e2e::next_json(&mut ws).await;
             answer["message"].as_str().unwrap().replace(&fp, "FP")
         }
     };
