@@ -101,10 +101,17 @@ impl Backend {
                         continue;
                     };
                     if msg.subject.as_str() == subject {
-                        out.push(serde_json::from_slice(&msg.payload).unwrap());
+                        out.push((seq, serde_json::from_slice(&msg.payload).unwrap()));
                     }
                 }
-                out
+                // Messages are read one at a time while retention may drop the oldest:
+                // what went meanwhile is left out, so the result is the stream as it is
+                // at the end of the read (not older messages with a hole after them).
+                let first_now = stream.info().await.unwrap().state.first_sequence;
+                out.into_iter()
+                    .filter(|(seq, _)| *seq >= first_now)
+                    .map(|(_, v)| v)
+                    .collect()
             }
         }
     }
@@ -221,8 +228,9 @@ async fn age_contract(backend: &Backend) {
             .unwrap();
         assert_eq!(p.accepted, 10);
         next += 10;
-        let read_at = Instant::now();
         let stored = backend.stored(&a).await;
+        // What was read is what the bus held at the end of the read.
+        let read_at = Instant::now();
         if stored.first().is_some_and(|&first| first > 1) {
             break (stored, read_at);
         }
