@@ -87,26 +87,7 @@ impl FleetPlan {
 /// Raise this process's soft RLIMIT_NOFILE to its hard limit (the gateways and
 /// nats-server it starts inherit it); returns the limit now in force.
 pub fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit fill and read a plain struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 1024;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                lim = want;
-            }
-        }
-    }
-    lim.rlim_cur
+    outpost_gateway::listener::admission::raise_nofile().map_or(1024, |n| n.soft)
 }
 
 /// How many connections one process can hold under the file-descriptor limit: the
