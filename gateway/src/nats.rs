@@ -370,16 +370,49 @@ async fn ensure_stream(
     let name = config.name.clone();
     let limits = |c: &stream::Config| (c.num_replicas, c.max_age, c.max_bytes, c.duplicate_window);
     let wanted = limits(&config);
-    let mut s = js
-        .get_or_create_stream(config)
-        .await
-        .with_context(|| format!("cannot create or open the JetStream stream {name}"))?;
+    // A cluster that is still forming (or has just lost a node) refuses placement for a
+    // while; a gateway started beside it waits rather than exiting.
+    let deadline = tokio::time::Instant::now() + CLUSTER_FORMING_WAIT;
+    let mut s = loop {
+        match js.get_or_create_stream(config.clone()).await {
+            Ok(s) => break s,
+            Err(e) if cluster_forming(&e) && tokio::time::Instant::now() < deadline => {
+                tracing::warn!(stream = %name, error = %e, "the NATS cluster cannot place the stream yet; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("cannot create or open the JetStream stream {name}"));
+            }
+        }
+    };
     let info = s.info().await.context("cannot read stream info")?;
     let have = limits(&info.config);
     if have != wanted {
         tracing::warn!(stream = %name, ?have, ?wanted, "stream exists with other settings (replicas, max age, max bytes, duplicate window); keeping them — change them with the nats CLI");
     }
     Ok(s)
+}
+
+/// How long a starting gateway waits for a forming NATS cluster to place its streams.
+const CLUSTER_FORMING_WAIT: Duration = Duration::from_secs(60);
+
+/// Errors JetStream answers while its cluster is forming or electing: worth a retry.
+fn cluster_forming(e: &jetstream::context::CreateStreamError) -> bool {
+    use jetstream::context::CreateStreamErrorKind as K;
+    use jetstream::ErrorCode as C;
+    match e.kind() {
+        K::JetStreamUnavailable | K::TimedOut => true,
+        K::JetStream(e) => [
+            C::CLUSTER_NO_PEERS,
+            C::CLUSTER_NOT_AVAILABLE,
+            C::CLUSTER_INCOMPLETE,
+            C::CLUSTER_NOT_ACTIVE,
+            C::CLUSTER_NOT_LEADER,
+        ]
+        .contains(&e.error_code()),
+        _ => false,
+    }
 }
 
 /// Open a KV bucket, creating it if it is missing (another gateway creating it at the same

@@ -98,14 +98,29 @@ async fn nats_cluster_keeps_acked_messages_when_the_stream_leader_is_killed() {
         .await
         .unwrap();
     let js = jetstream::new(client);
-    js.create_stream(stream::Config {
-        name: "R3".into(),
-        subjects: vec!["results.r3".into()],
-        num_replicas: 3,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    // A cluster whose peers are all current may still refuse placement for a moment on a
+    // busy machine ("no suitable peers for placement"): retry that, as the gateway does.
+    let js_ref = &js;
+    eventually(
+        Duration::from_secs(60),
+        "the R3 stream placed on the cluster",
+        || async move {
+            let created = js_ref
+                .create_stream(stream::Config {
+                    name: "R3".into(),
+                    subjects: vec!["results.r3".into()],
+                    num_replicas: 3,
+                    ..Default::default()
+                })
+                .await;
+            match created {
+                Ok(_) => Some(()),
+                Err(e) if e.to_string().contains("no suitable peers") => None,
+                Err(e) => panic!("cannot create the R3 stream: {e}"),
+            }
+        },
+    )
+    .await;
 
     let mut acked = Vec::new();
     for i in 0..20 {

@@ -343,6 +343,7 @@ impl Log {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
 
     const DAY: Duration = Duration::from_secs(86_400);
     const A_DAY: Retention = Retention {
@@ -377,29 +378,54 @@ mod tests {
         };
         let mut log = Log::open(dir.path(), "t", retention).unwrap().log;
         let path = dir.path().to_path_buf();
-        let writer = std::thread::spawn(move || {
-            // One 100-byte line per append, so seals (every 64 KiB) land at many points of
-            // the reads.
-            for i in 0..40_000u64 {
-                log.append(format!("{i:099}\n").as_bytes()).unwrap();
-                log.maintain(SystemTime::now()).unwrap();
+        // The writer goes on until the reader has read often enough (or a minute has
+        // passed): on a busy machine a fixed number of lines can be written before the
+        // reader gets the processor at all.
+        let reads = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let writer = std::thread::spawn({
+            let reads = reads.clone();
+            move || {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut i = 0u64;
+                // One 100-byte line per append, so seals (every 64 KiB) land at many
+                // points of the reads.
+                while i < 20_000 || (reads.load(Ordering::SeqCst) < 20 && Instant::now() < deadline)
+                {
+                    log.append(format!("{i:099}\n").as_bytes()).unwrap();
+                    log.maintain(SystemTime::now()).unwrap();
+                    i += 1;
+                }
+                i
             }
         });
-        let mut reads = 0;
-        while !writer.is_finished() || reads == 0 {
+        while !writer.is_finished() {
             let text = read_all(&path, "t").unwrap();
             // The line being appended can be read half-written: the complete ones count.
             let numbers: Vec<u64> = text
                 .split_inclusive('\n')
                 .filter_map(|l| l.strip_suffix('\n'))
-                .map(|l| l.parse().unwrap())
+                .map(|l| {
+                    l.parse()
+                        .unwrap_or_else(|e| panic!("a read gave a broken line {l:?}: {e}"))
+                })
                 .collect();
             let gap = numbers.windows(2).find(|w| w[1] != w[0] + 1);
-            assert_eq!(gap, None, "a read skipped lines");
-            reads += 1;
+            assert_eq!(
+                gap,
+                None,
+                "a read of {} lines ({:?}..={:?}) skipped lines",
+                numbers.len(),
+                numbers.first(),
+                numbers.last()
+            );
+            reads.fetch_add(1, Ordering::SeqCst);
         }
-        writer.join().unwrap();
-        assert!(reads > 10, "only {reads} reads overlapped the writes");
+        let written = writer.join().unwrap();
+        let reads = reads.load(Ordering::SeqCst);
+        assert!(
+            reads >= 20,
+            "only {reads} reads overlapped the {written} appends"
+        );
     }
 
     #[test]
