@@ -292,6 +292,15 @@ pub async fn run_now_here(gw: &Gateway, fp: &str, check: &str) -> (StatusCode, s
             format!("check {check:?} is not configured on agent {fp}"),
         );
     };
+    if matches!(spec.probe, outpost_protocol::probe::Probe::Daemon(_)) {
+        // Known here: no need to ask the agent (nor to depend on how it would answer).
+        return fail(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "check {check:?} is a daemon: it reports on its own and cannot be run on demand"
+            ),
+        );
+    }
     let deadline = Duration::from_secs(spec.timeout_secs.saturating_add(5).min(120));
     let reply = gw
         .hub

@@ -289,17 +289,27 @@ impl Registry {
 
     /// Record an authenticated `hello` on connection `conn_id`: the agent is online and
     /// held here. With NATS the claim is in the shared registry before this returns.
+    ///
+    /// Returns whether the agent was already online (a reconnect within the presence grace
+    /// or a restart window, here or through another gateway, or a session rotation): then
+    /// its presence did not change and no event is due. With NATS the answer comes from
+    /// the shared record the claim replaced (compare-and-set), so it agrees with a lost
+    /// event another gateway may be publishing at the same moment: exactly one of "still
+    /// online" and "lost, then online again" happens.
     pub async fn connected(
         &self,
         tenant: &str,
         hello: &Hello,
         peer: &str,
         conn_id: u64,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<bool> {
         let now = now_ms();
         let holder = self.me.holder(conn_id);
-        let shared = {
+        let (shared, mut was_online) = {
             let mut agents = self.lock();
+            let was_online = agents
+                .get(&hello.fingerprint)
+                .is_some_and(|r| r.presence == Presence::Online);
             let rec = agents
                 .entry(hello.fingerprint.clone())
                 .or_insert_with(|| AgentRecord::new(&hello.fingerprint, tenant, now));
@@ -317,20 +327,20 @@ impl Registry {
             rec.peer = Some(peer.to_string());
             rec.gateway = self.me.gateway_id.clone();
             rec.holder = Some(holder);
-            shared_view(rec)
+            (shared_view(rec), was_online)
         };
         lock(&self.orphans).remove(&hello.fingerprint);
         self.mark_dirty();
         if let Store::Kv(nats) = &self.store {
             let key = agent_key(tenant, &hello.fingerprint);
-            let revision = nats
-                .agents
-                .put(&key, serde_json::to_vec(&shared)?.into())
+            let value: bytes::Bytes = serde_json::to_vec(&shared)?.into();
+            let (revision, before) = claim(nats, &key, value)
                 .await
                 .with_context(|| format!("cannot write {key} to the fleet registry"))?;
+            was_online = before;
             self.note_revision(&hello.fingerprint, revision);
         }
-        Ok(())
+        Ok(was_online)
     }
 
     fn note_revision(&self, fingerprint: &str, revision: u64) {
@@ -640,6 +650,45 @@ impl Registry {
 }
 
 /// What other gateways see of a record: no checks, no results.
+/// Write `value` (a claim by this gateway) over the shared record at `key` with a
+/// compare-and-set, so the presence it replaced is known exactly. Returns the new revision
+/// and whether the replaced record was online. After a few lost races (other gateways
+/// writing the same agent at once) the claim is written unconditionally: the newest
+/// connection holds the agent whatever happened meanwhile.
+async fn claim(nats: &Nats, key: &str, value: bytes::Bytes) -> anyhow::Result<(u64, bool)> {
+    for _ in 0..5 {
+        let entry = nats.agents.entry(key).await?;
+        let (revision, was_online) = match entry {
+            Some(e) if e.operation == async_nats::jetstream::kv::Operation::Put => (
+                e.revision,
+                serde_json::from_slice::<AgentRecord>(&e.value)
+                    .is_ok_and(|r| r.presence == Presence::Online),
+            ),
+            Some(e) => (e.revision, false),
+            None => (0, false),
+        };
+        let written = if revision == 0 {
+            nats.agents
+                .create(key, value.clone())
+                .await
+                .map_err(anyhow::Error::from)
+        } else {
+            nats.agents
+                .update(key, value.clone(), revision)
+                .await
+                .map_err(anyhow::Error::from)
+        };
+        match written {
+            Ok(rev) => return Ok((rev, was_online)),
+            Err(e) => {
+                tracing::debug!(%key, error = %e, "fleet registry changed meanwhile; rereading")
+            }
+        }
+    }
+    let revision = nats.agents.put(key, value).await?;
+    Ok((revision, true))
+}
+
 fn shared_view(rec: &AgentRecord) -> AgentRecord {
     AgentRecord {
         checks: Vec::new(),

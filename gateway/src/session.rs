@@ -13,11 +13,9 @@ use std::sync::Arc;
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use outpost_protocol::{
-    close, config_hash_with_collectors, decode_agent_frame, encode, valid_check_name,
-    valid_fingerprint, Ack, AgentFrame, CheckResult, CheckSpec, CollectorSpec, ConfigFrame,
-    ErrorFrame, FrameError, GatewayFrame, Hello, PluginFrame, Reconnect, Results, Welcome,
-    MAX_BATCH_RESULTS, MAX_FRAME_BYTES, MAX_LONG_OUTPUT_BYTES, MAX_METRICS, MAX_OUTPUT_BYTES,
-    PROTOCOL_VERSION,
+    close, config_hash_with_collectors, decode_agent_frame, encode, valid_fingerprint, Ack,
+    AgentFrame, CheckSpec, CollectorSpec, ConfigFrame, ErrorFrame, FrameError, GatewayFrame, Hello,
+    PluginFrame, Reconnect, Welcome, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -71,22 +69,50 @@ async fn close_now(socket: &mut WebSocket, code: u16, reason: &str) {
 }
 
 /// Whether a websocket read error was a frame over the size limit.
-fn is_too_big(err: &axum::Error) -> bool {
+/// A read error that is the peer's fault, with the close code that says so; other read
+/// errors are a lost connection.
+fn bad_read(err: &axum::Error) -> Option<(u16, &'static str)> {
     let mut src: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = src {
-        if let Some(t) = e.downcast_ref::<tungstenite::Error>() {
-            return matches!(t, tungstenite::Error::Capacity(_));
+        match e.downcast_ref::<tungstenite::Error>() {
+            Some(tungstenite::Error::Capacity(_)) => {
+                return Some((close::TOO_BIG, "frame exceeds 1 MiB"))
+            }
+            Some(tungstenite::Error::Utf8(_)) => {
+                return Some((close::MALFORMED, "text frame is not valid UTF-8"))
+            }
+            Some(_) => return None,
+            None => src = e.source(),
         }
-        src = e.source();
     }
-    false
+    None
+}
+
+/// Count a read error that is the peer's fault (see [`bad_read`]).
+fn count_bad_read(gw: &Gateway, code: u16) {
+    if code == close::TOO_BIG {
+        Metrics::inc(&gw.metrics.frames_too_big);
+    } else {
+        Metrics::inc(&gw.metrics.frames_malformed);
+    }
 }
 
 /// Run one agent connection to its end. `pre_auth` is the connection's slot among the
 /// unauthenticated ones, given back once the agent is authenticated.
 pub async fn run(gw: Arc<Gateway>, mut socket: WebSocket, peer: SocketAddr, pre_auth: PreAuth) {
     Metrics::inc(&gw.metrics.connections);
-    let hello = match tokio::time::timeout(gw.settings.hello_timeout, socket.recv()).await {
+    // Pings and pongs before hello are control frames, not part of the exchange: they are
+    // answered (by the websocket layer) and skipped, and the hello deadline keeps running.
+    let first = async {
+        loop {
+            match socket.recv().await {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => return other,
+            }
+        }
+    };
+    let first = tokio::time::timeout(gw.settings.hello_timeout, first).await;
+    let hello = match first {
         Err(_) => {
             Metrics::inc(&gw.metrics.hello_timeouts);
             tracing::warn!(%peer, "no hello within the deadline; closing");
@@ -100,10 +126,10 @@ pub async fn run(gw: Arc<Gateway>, mut socket: WebSocket, peer: SocketAddr, pre_
         }
         Ok(None) => return,
         Ok(Some(Err(e))) => {
-            if is_too_big(&e) {
-                Metrics::inc(&gw.metrics.frames_too_big);
-                tracing::warn!(%peer, "oversized frame before hello; closing");
-                close_now(&mut socket, close::TOO_BIG, "frame exceeds 1 MiB").await;
+            if let Some((code, why)) = bad_read(&e) {
+                count_bad_read(&gw, code);
+                tracing::warn!(%peer, error = why, "bad frame before hello; closing");
+                close_now(&mut socket, code, why).await;
             }
             return;
         }
@@ -113,6 +139,16 @@ pub async fn run(gw: Arc<Gateway>, mut socket: WebSocket, peer: SocketAddr, pre_
                 Metrics::inc(&gw.metrics.frames_out_of_order);
                 tracing::warn!(%peer, "frame before hello; closing");
                 close_now(&mut socket, close::POLICY, "the first frame must be hello").await;
+                return;
+            }
+            Err(FrameError::Malformed(e)) if is_hello(text.as_str()) => {
+                // A hello with a field missing or of the wrong type is answered like one
+                // that breaks a bound: the client is told which field.
+                let why = format!("hello does not decode: {e}");
+                Metrics::inc(&gw.metrics.frames_malformed);
+                tracing::warn!(%peer, error = %why, "invalid hello; closing");
+                send_error(&mut socket, "invalid_hello", &why).await;
+                close_now(&mut socket, close::POLICY, "invalid hello").await;
                 return;
             }
             Err(e) => {
@@ -210,6 +246,16 @@ async fn send_error(socket: &mut WebSocket, code: &str, message: &str) {
     let _ = socket.send(Message::Text(encode(&frame).into())).await;
 }
 
+/// Whether `text` is a JSON object whose `type` is `hello` (whatever else it holds).
+fn is_hello(text: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Tag<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
+    }
+    serde_json::from_str::<Tag>(text).is_ok_and(|t| t.kind == "hello")
+}
+
 /// Count a frame that failed to decode and pick the close code for it.
 fn rejected(gw: &Gateway, peer: SocketAddr, e: &FrameError) -> u16 {
     tracing::warn!(%peer, error = %e, "rejected frame; closing");
@@ -243,43 +289,6 @@ fn validate_hello(h: &Hello) -> Result<(), String> {
     } else {
         Err(problems.join("; "))
     }
-}
-
-fn validate_result(r: &CheckResult) -> Result<(), String> {
-    if !valid_check_name(&r.check) {
-        return Err(format!("invalid check name {:?}", r.check));
-    }
-    if r.output.len() > MAX_OUTPUT_BYTES
-        || r.long_output.len() > MAX_LONG_OUTPUT_BYTES
-        || r.metrics.len() > MAX_METRICS
-    {
-        return Err(format!(
-            "result for {} exceeds the output or metric limits",
-            r.check
-        ));
-    }
-    Ok(())
-}
-
-fn validate_batch(batch: &Results) -> Result<(), String> {
-    if batch.results.is_empty() || batch.results.len() > MAX_BATCH_RESULTS {
-        return Err(format!(
-            "a results batch holds 1 to {MAX_BATCH_RESULTS} results, not {}",
-            batch.results.len()
-        ));
-    }
-    let mut prev = 0;
-    for r in &batch.results {
-        if r.seq <= prev {
-            return Err(format!(
-                "sequence numbers must increase within a batch ({} after {prev})",
-                r.seq
-            ));
-        }
-        prev = r.seq;
-        validate_result(r)?;
-    }
-    Ok(())
 }
 
 /// Drain `rx` into the socket until a close frame was sent, the queue is empty after
@@ -357,22 +366,29 @@ async fn authenticated(
     let claimed = gw
         .registry
         .connected(&agent.tenant, &hello, &peer_text, handle.conn_id);
-    if let Err(e) = Box::pin(claimed).await {
-        Metrics::inc(&gw.metrics.bus_errors);
-        tracing::error!(error = %e, "cannot record the agent in the fleet registry; closing so it retries");
-        let _ = tx
-            .send(Outbound::Close(
-                close::GOING_AWAY,
-                "bus unavailable; retry later".into(),
-            ))
-            .await;
-        drop(tx);
-        writer_stop.cancel();
-        let _ = tokio::time::timeout(WRITE_DEADLINE, writer).await;
-        gw.hub.unregister(&fp, handle.conn_id);
-        return;
+    let was_online = match Box::pin(claimed).await {
+        Ok(was_online) => was_online,
+        Err(e) => {
+            Metrics::inc(&gw.metrics.bus_errors);
+            tracing::error!(error = %e, "cannot record the agent in the fleet registry; closing so it retries");
+            let _ = tx
+                .send(Outbound::Close(
+                    close::GOING_AWAY,
+                    "bus unavailable; retry later".into(),
+                ))
+                .await;
+            drop(tx);
+            writer_stop.cancel();
+            let _ = tokio::time::timeout(WRITE_DEADLINE, writer).await;
+            gw.hub.unregister(&fp, handle.conn_id);
+            return;
+        }
+    };
+    // An event is a change: an agent that was online (a reconnect within the grace, a
+    // session rotation, a move to this gateway) stays online without one.
+    if !was_online {
+        Box::pin(publish_presence(&gw, &agent, Presence::Online, "connected")).await;
     }
-    Box::pin(publish_presence(&gw, &agent, Presence::Online, "connected")).await;
     // Run-now calls from any gateway of the fleet reach this session through NATS.
     let _rpc = Box::pin(crate::rpc::serve_agent(&gw, &agent)).await;
     tracing::info!(%peer, version = ?hello.agent_version, enrolled = auth.new_secret.is_some(), "agent connected");
@@ -447,16 +463,11 @@ async fn authenticated(
             Err(_) => break End::Lost(format!("no frame or ping for {}s", idle.as_secs())),
             Ok(None) => break End::Lost("connection closed without bye".into()),
             Ok(Some(Err(e))) => {
-                if is_too_big(&e) {
-                    Metrics::inc(&gw.metrics.frames_too_big);
-                    tracing::warn!(%peer, "oversized frame; closing");
-                    let _ = tx
-                        .send(Outbound::Close(
-                            close::TOO_BIG,
-                            "frame exceeds 1 MiB".into(),
-                        ))
-                        .await;
-                    break End::Lost("sent an oversized frame".into());
+                if let Some((code, why)) = bad_read(&e) {
+                    count_bad_read(&gw, code);
+                    tracing::warn!(%peer, error = why, "bad frame; closing");
+                    let _ = tx.send(Outbound::Close(code, why.into())).await;
+                    break End::Lost(format!("refused: {why}"));
                 }
                 break End::Lost(format!("read error: {e}"));
             }
@@ -491,7 +502,7 @@ async fn authenticated(
         };
         match frame {
             AgentFrame::Results(batch) => {
-                if let Err(why) = validate_batch(&batch) {
+                if let Some(why) = batch.problem() {
                     break refuse(&tx, &gw.metrics.frames_malformed, close::MALFORMED, &why).await;
                 }
                 // An agent ahead of its rate has its ack held: it sends its next batch
@@ -573,7 +584,13 @@ async fn authenticated(
                 match waiter {
                     Some(w) => {
                         if let Some(result) = &reply.result {
-                            if let Err(why) = validate_result(result) {
+                            let problems = result.problems();
+                            if !problems.is_empty() {
+                                let why = format!(
+                                    "run-now result of {:?}: {}",
+                                    result.check,
+                                    problems.join("; ")
+                                );
                                 break refuse(
                                     &tx,
                                     &gw.metrics.frames_malformed,

@@ -45,16 +45,20 @@ pub struct ServeArgs {
     /// Extra DNS names or IPs for the generated certificate (repeatable).
     #[arg(long = "tls-san")]
     pub tls_san: Vec<String>,
-    /// Seconds an agent has to send `hello` after the websocket opens.
+    /// Seconds an agent has to send `hello` after the websocket opens (1-3600); it is closed
+    /// with 4408 otherwise.
     #[arg(long, default_value_t = outpost_protocol::HELLO_DEADLINE.as_secs())]
     pub hello_timeout: u64,
-    /// Seconds between websocket pings agents should send.
+    /// Seconds between websocket pings agents should send (told them in `welcome`, 1-3600);
+    /// an agent silent for three of them is disconnected.
     #[arg(long, default_value_t = 15)]
     pub heartbeat: u64,
-    /// Seconds between rescans of the checks directory.
+    /// Seconds between rescans of the checks directory (on NATS: of its mirror of the
+    /// fleet's checks), 1-3600.
     #[arg(long, default_value_t = 2)]
     pub checks_poll: u64,
-    /// Seconds to wait for sessions to end on shutdown.
+    /// Seconds to wait for sessions to end on shutdown; agents are asked to come back
+    /// after a random delay of up to half of it (at most 30 s).
     #[arg(long, default_value_t = 10)]
     pub grace: u64,
     /// Address (`ip:port`) agents may dial when this gateway's name does not resolve, e.g.
@@ -69,7 +73,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 0)]
     pub max_agents: usize,
     /// Seconds an agent refused for overload waits before it dials again (at random
-    /// between half of it and all of it).
+    /// between half of it and all of it), 1-86400.
     #[arg(long, default_value_t = 60)]
     pub overload_retry: u64,
     /// Most connections not yet authenticated (every connection until it closes, or an
@@ -83,7 +87,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = crate::listener::admission::DEFAULT_PER_ADDRESS)]
     pub max_unauthenticated_per_address: usize,
     /// Seconds a write to a client (a response body, a websocket frame) may make no
-    /// progress before the connection is closed. 0: no deadline.
+    /// progress before the connection is closed (at most 86400). 0: no deadline.
     #[arg(long, default_value_t = 30)]
     pub write_deadline_secs: u64,
     /// Results per second one agent may hand to the bus; beyond it the gateway holds its
@@ -95,7 +99,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 2 * 1024 * 1024)]
     pub agent_max_bytes_per_sec: u64,
     /// Seconds a connection that ended without `bye` stays online before the agent is
-    /// published as lost, so a quick reconnect (to this or another gateway) is no alarm.
+    /// published as lost, so a quick reconnect (to this or another gateway) is no alarm
+    /// (at most 86400).
     #[arg(long, env = "OUTPOST_PRESENCE_GRACE", default_value_t = 30)]
     pub presence_grace: u64,
     /// The tenant this gateway's agents and API token belong to: the first part of every

@@ -1,12 +1,16 @@
 //! What an agent is told to run and what a run produces.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::probe::Probe;
+use crate::schema as js;
 
 /// A check's state, with Nagios semantics (exit codes 0..=3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Ok,
@@ -43,17 +47,22 @@ impl Status {
 }
 
 /// One measured value, from Nagios perfdata or a built-in check.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Metric {
+    #[schemars(length(max = crate::limits::MAX_METRIC_NAME_BYTES))]
     pub name: String,
     pub value: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::limits::MAX_METRIC_FIELD_BYTES))]
     pub unit: Option<String>,
-    /// Warning range, as written by the plugin (e.g. `10`, `@10:20`, `~:5`).
+    /// Warning range, as written by the plugin (e.g. `10`, `@10:20`, `~:5`): a string,
+    /// never a number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::limits::MAX_METRIC_FIELD_BYTES))]
     pub warn: Option<String>,
-    /// Critical range, as written by the plugin.
+    /// Critical range, as written by the plugin: a string, never a number.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = crate::limits::MAX_METRIC_FIELD_BYTES))]
     pub crit: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min: Option<f64>,
@@ -77,7 +86,7 @@ impl Metric {
 }
 
 /// Why a check ran.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Origin {
     /// Its schedule came due.
@@ -89,13 +98,15 @@ pub enum Origin {
 
 /// A check as an agent receives it: already targeted and validated by the gateway (or
 /// read from the agent's own `checks.d`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct CheckSpec {
+    #[schemars(pattern(js::CHECK_NAME), extend("not" = js::not_dots()))]
     pub name: String,
     /// What runs.
     pub probe: Probe,
     /// Seconds between runs, on the agent's splayed grid. 0 when the check has a `cron`
     /// schedule or is a daemon (which runs continuously).
+    #[schemars(range(max = crate::checkfile::MAX_INTERVAL_SECS))]
     pub interval_secs: u64,
     /// A cron expression (5 fields, minute first, or 6 with seconds first) in the agent's
     /// local time; replaces the interval.
@@ -103,13 +114,16 @@ pub struct CheckSpec {
     pub cron: Option<String>,
     /// Seconds before the whole process group is killed and the result is UNKNOWN. For a
     /// daemon: the longest silence before an UNKNOWN result says it stopped reporting.
+    #[schemars(range(max = crate::checkfile::MAX_TIMEOUT_SECS))]
     pub timeout_secs: u64,
     /// Consecutive non-OK results before the state turns hard. 1 (the default) makes every
     /// state hard at once.
     #[serde(default = "one", skip_serializing_if = "is_one")]
+    #[schemars(range(min = 1, max = crate::checkfile::MAX_ATTEMPTS))]
     pub max_attempts: u32,
     /// Seconds between runs while a non-OK state is soft; the interval when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = crate::checkfile::MAX_INTERVAL_SECS))]
     pub retry_interval_secs: Option<u64>,
     /// Set when the command's program names a plugin from the gateway's catalog: the
     /// agent fetches it by hash, and runs it only while the file on disk still has this
@@ -148,7 +162,7 @@ impl CheckSpec {
 }
 
 /// Whether a state has been confirmed (hard) or may still be a passing glitch (soft).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum StateType {
     #[default]
@@ -158,21 +172,26 @@ pub enum StateType {
 
 /// One part of a check that failed on its own (a disk of several, a queue of many), as a
 /// JSON plugin reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Fault {
+    #[schemars(length(max = crate::limits::MAX_FAULT_NAME_BYTES))]
     pub name: String,
     pub status: Status,
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = crate::limits::MAX_FAULT_OUTPUT_BYTES))]
     pub output: String,
 }
 
 /// A plugin in the gateway's catalog, addressed by content.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub struct PluginRef {
     /// File name in the agent's plugin directory; a valid check name (no `/`, no `..`).
+    #[schemars(pattern(js::CHECK_NAME), extend("not" = js::not_dots()))]
     pub name: String,
     /// Hex SHA-256 of the file's content.
+    #[schemars(pattern(js::SHA256_HEX))]
     pub sha256: String,
+    #[schemars(range(max = crate::limits::MAX_PLUGIN_BYTES))]
     pub size: u64,
 }
 

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::check::valid_check_name;
@@ -18,7 +19,7 @@ pub const MAX_COLLECTOR_NAME: usize = 46;
 pub const MAX_COLLECTORS: usize = 16;
 
 /// Which built-in definition renders the collector's configuration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CollectorKind {
     /// collectd: `collectd.conf` with the listed plugins and `write_graphite` pointing at
@@ -33,18 +34,20 @@ pub enum CollectorKind {
 }
 
 /// A collectd plugin to load, with the lines of its `<Plugin>` block (if any).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CollectdPlugin {
+    #[schemars(pattern(crate::schema::COLLECTD_PLUGIN))]
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
 }
 
 /// One collector, as the gateway sends it in `config`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CollectorSpec {
+    #[schemars(pattern(crate::schema::COLLECTOR_NAME), extend("not" = crate::schema::not_dots()))]
     pub name: String,
     pub kind: CollectorKind,
     /// The program and its arguments. Empty for collectd and fluentd means the default
@@ -59,6 +62,7 @@ pub struct CollectorSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub plugins: Vec<CollectdPlugin>,
     /// Seconds between readings (collectd's `Interval`) and between metric results.
+    #[schemars(range(min = 1, max = 3600))]
     pub interval_secs: u64,
     /// fluentd: the `<source>` sections; program: the whole configuration file. Both may
     /// use `{{graphite_host}}`, `{{graphite_port}}`, `{{graphite_prefix}}`, `{{http_url}}`,

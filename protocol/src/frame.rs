@@ -2,13 +2,15 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::check::{CheckSpec, Fault, Metric, Origin, StateType, Status};
 use crate::limits::MAX_FRAME_BYTES;
+use crate::schema as js;
 
 /// Frames an agent sends.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum AgentFrame {
     Hello(Hello),
@@ -16,13 +18,15 @@ pub enum AgentFrame {
     RpcReply(RpcReply),
     PluginRequest(PluginRequest),
     Bye(Bye),
-    /// A `type` this side does not know; answered with an `error` frame.
+    /// A `type` this side does not know; answered with an `error` frame. Not in the
+    /// schema: no peer sends it, and it would make the schema accept any `type`.
     #[serde(other)]
+    #[schemars(skip)]
     Unknown,
 }
 
 /// Frames a gateway sends.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum GatewayFrame {
     Welcome(Welcome),
@@ -34,12 +38,14 @@ pub enum GatewayFrame {
     Reconnect(Reconnect),
     /// Run this agent version (self-update; see `docs/UPDATES.md`).
     Update(crate::update::UpdateOffer),
+    /// A `type` this side does not know; logged and ignored. Not in the schema.
     #[serde(other)]
+    #[schemars(skip)]
     Unknown,
 }
 
 /// How an agent proves who it is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Credential {
     /// First connection: the tenant's enrollment key, traded for a per-agent secret.
@@ -49,35 +55,51 @@ pub enum Credential {
     /// not enough to take over an agent that is just enrolling. Agents that predate it
     /// send none.
     EnrollKey {
+        #[schemars(length(max = crate::fields::MAX_CREDENTIAL_BYTES))]
         key: String,
         #[serde(default, skip_serializing_if = "String::is_empty")]
+        #[schemars(length(max = crate::fields::MAX_CREDENTIAL_BYTES))]
         proof: String,
     },
     /// Every later connection: the secret the gateway issued at enrollment.
-    Secret { secret: String },
+    Secret {
+        #[schemars(length(max = crate::fields::MAX_CREDENTIAL_BYTES))]
+        secret: String,
+    },
 }
 
 /// The first frame on every connection, and the only one accepted before authentication.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Hello {
     pub protocol: u32,
+    #[schemars(pattern(js::FINGERPRINT))]
     pub fingerprint: String,
     pub credential: Credential,
+    #[schemars(length(max = crate::fields::MAX_PLATFORM_BYTES), pattern(js::VISIBLE_TEXT))]
     pub agent_version: String,
+    #[schemars(length(max = crate::fields::MAX_PLATFORM_BYTES), pattern(js::VISIBLE_TEXT))]
     pub os: String,
+    #[schemars(length(max = crate::fields::MAX_PLATFORM_BYTES), pattern(js::VISIBLE_TEXT))]
     pub arch: String,
+    #[schemars(length(max = crate::fields::MAX_HOSTNAME_BYTES), pattern(js::VISIBLE_TEXT))]
     pub hostname: String,
     #[serde(default)]
+    #[schemars(transform = js::labels)]
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
+    #[schemars(
+        length(max = crate::fields::MAX_GROUPS),
+        inner(length(min = 1, max = crate::fields::MAX_LABEL_KEY_BYTES), pattern(js::VISIBLE_TEXT))
+    )]
     pub groups: Vec<String>,
     /// Hash of the configuration the agent is running, if any.
     #[serde(default)]
+    #[schemars(pattern(js::CONFIG_HASH))]
     pub config_hash: Option<String>,
 }
 
 /// The gateway's answer to an accepted `hello`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Welcome {
     pub protocol: u32,
     pub gateway_version: String,
@@ -93,6 +115,7 @@ pub struct Welcome {
     /// The highest sequence number the bus holds from this agent (0 if none): the agent
     /// numbers new results above it.
     #[serde(default)]
+    #[schemars(range(max = js::MAX_SAFE_INTEGER))]
     pub last_seq: u64,
     /// Addresses (`ip:port`) to dial when the gateway's name does not resolve: the agent
     /// keeps them on disk and tries them after the last address that worked. TLS still
@@ -106,27 +129,34 @@ pub struct Welcome {
 }
 
 /// The complete set of checks the agent should run; replaces what it had.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ConfigFrame {
     pub hash: String,
+    #[schemars(length(max = crate::limits::MAX_CHECKS))]
     pub checks: Vec<CheckSpec>,
     /// Collectors the agent keeps running (see `CollectorSpec`); absent means none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = crate::collector::MAX_COLLECTORS))]
     pub collectors: Vec<crate::CollectorSpec>,
 }
 
 /// The outcome of one check run, numbered by the agent.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct CheckResult {
     /// Per-agent sequence number, strictly increasing.
+    #[schemars(range(min = 1, max = js::MAX_SAFE_INTEGER))]
     pub seq: u64,
+    #[schemars(pattern(js::CHECK_NAME), extend("not" = js::not_dots()))]
     pub check: String,
     pub status: Status,
     /// The first line of output.
+    #[schemars(length(max = crate::limits::MAX_OUTPUT_BYTES))]
     pub output: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
+    #[schemars(length(max = crate::limits::MAX_LONG_OUTPUT_BYTES))]
     pub long_output: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = crate::limits::MAX_METRICS))]
     pub metrics: Vec<Metric>,
     /// Unix time in milliseconds when the run started.
     pub started_at_ms: u64,
@@ -140,11 +170,14 @@ pub struct CheckResult {
     pub state_type: StateType,
     /// Which consecutive non-OK result this is (1 for OK results).
     #[serde(default = "one")]
+    #[schemars(range(min = 1))]
     pub attempt: u32,
     #[serde(default = "one")]
+    #[schemars(range(min = 1))]
     pub max_attempts: u32,
     /// Parts that failed on their own, as a JSON plugin reported them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = js::FAULTS_PER_RESULT))]
     pub faults: Vec<Fault>,
 }
 
@@ -176,35 +209,40 @@ impl CheckResult {
 }
 
 /// A batch of results in increasing `seq` order.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Results {
+    #[schemars(length(min = 1, max = crate::limits::MAX_BATCH_RESULTS))]
     pub results: Vec<CheckResult>,
 }
 
 /// Cumulative acknowledgement: every result with `seq <= self.seq` is durable on the bus
 /// and may be deleted by the agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Ack {
+    #[schemars(range(min = 1, max = js::MAX_SAFE_INTEGER))]
     pub seq: u64,
 }
 
 /// A call from the gateway (on behalf of the API) to the agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct RpcRequest {
     pub id: u64,
     #[serde(flatten)]
     pub call: RpcCall,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "method", rename_all = "snake_case")]
 pub enum RpcCall {
     /// Run the named check now, out of schedule, and reply with its result.
-    RunCheck { check: String },
+    RunCheck {
+        #[schemars(pattern(js::CHECK_NAME), extend("not" = js::not_dots()))]
+        check: String,
+    },
 }
 
 /// The agent's answer to an `rpc_request` with the same `id`: a result or an error.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct RpcReply {
     pub id: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -213,7 +251,7 @@ pub struct RpcReply {
     pub error: Option<RpcError>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct RpcError {
     /// Machine-readable: `unknown_check`, `busy`, `stopping`.
     pub code: String,
@@ -221,21 +259,25 @@ pub struct RpcError {
 }
 
 /// Ask for a catalog plugin's content by its hash.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PluginRequest {
+    #[schemars(pattern(js::SHA256_HEX))]
     pub sha256: String,
 }
 
 /// A catalog plugin's content, base64-encoded. The agent checks the hash before writing.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PluginFrame {
+    #[schemars(pattern(js::CHECK_NAME), extend("not" = js::not_dots()))]
     pub name: String,
+    #[schemars(pattern(js::SHA256_HEX))]
     pub sha256: String,
+    #[schemars(length(max = js::MAX_PLUGIN_B64))]
     pub content_b64: String,
 }
 
 /// A graceful goodbye: the agent is stopping on purpose (deregistered, not lost).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Bye {
     pub reason: String,
     /// Set when the agent is restarting and will be back (into an updated binary): the
@@ -260,7 +302,7 @@ impl Bye {
 /// Come back later: the gateway is draining or overloaded. The agent closes the
 /// connection and dials again after a random delay in `[min_delay_ms, max_delay_ms]`,
 /// instead of its usual backoff. Sent instead of `welcome` or at any time after it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct Reconnect {
     pub reason: String,
     pub min_delay_ms: u64,
@@ -268,7 +310,7 @@ pub struct Reconnect {
 }
 
 /// A problem the gateway reports without closing the connection, or just before it does.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ErrorFrame {
     pub code: String,
     pub message: String,

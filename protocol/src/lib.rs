@@ -16,7 +16,9 @@ mod fields;
 mod frame;
 mod limits;
 pub mod probe;
+pub mod schema;
 pub mod update;
+mod validate;
 
 pub use check::{
     config_hash, config_hash_with_collectors, valid_check_name, CheckSpec, Fault, Metric, Origin,

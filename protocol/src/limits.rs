@@ -21,6 +21,20 @@ pub const MAX_OUTPUT_BYTES: usize = 4096;
 pub const MAX_LONG_OUTPUT_BYTES: usize = 16 * 1024;
 /// Most metrics in one result.
 pub const MAX_METRICS: usize = 256;
+/// Longest metric name, in bytes.
+pub const MAX_METRIC_NAME_BYTES: usize = 128;
+/// Longest metric `unit`, `warn` or `crit`, in bytes.
+pub const MAX_METRIC_FIELD_BYTES: usize = 32;
+/// Most faults in one result.
+pub const MAX_FAULTS: usize = 64;
+/// Longest fault name, in bytes.
+pub const MAX_FAULT_NAME_BYTES: usize = 128;
+/// Longest fault output, in bytes.
+pub const MAX_FAULT_OUTPUT_BYTES: usize = 512;
+/// Highest sequence number: the largest integer JSON carries exactly (2^53 - 1), so that
+/// every JSON reader, not only those with 64-bit integers, sees the same number. A result
+/// above it is refused: it would raise the agent's numbering for good.
+pub const MAX_SEQ: u64 = (1 << 53) - 1;
 /// Largest plugin the catalog serves, in bytes: base64 of it fits in one frame.
 pub const MAX_PLUGIN_BYTES: u64 = 512 * 1024;
 /// How long a gateway waits for `hello` after the websocket opens.

@@ -12,10 +12,11 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// What a check runs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Probe {
     /// A Nagios plugin: exit code 0..=3, first line, perfdata, long output.
@@ -50,8 +51,10 @@ pub enum Probe {
     /// A TCP or unix socket that answers with one JSON document (same format as a JSON
     /// plugin), for applications in containers.
     JsonSocket(JsonSocketProbe),
-    /// A kind this side does not know (sent by a newer peer): never run, reported.
+    /// A kind this side does not know (sent by a newer peer): never run, reported. Not in
+    /// the schema: no peer sends it, and it would make the schema accept any `kind`.
     #[serde(other)]
+    #[schemars(skip)]
     Unsupported,
 }
 
@@ -210,14 +213,15 @@ impl Probe {
 }
 
 /// A program and its arguments, run directly: never through a shell.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Command {
+    #[schemars(length(min = 1))]
     pub command: Vec<String>,
 }
 
 /// Upper thresholds: a value above `warn` is WARNING, above `crit` CRITICAL.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Thresholds {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -226,7 +230,7 @@ pub struct Thresholds {
     pub crit: Option<f64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskProbe {
     /// Any path on the filesystem to measure.
@@ -244,7 +248,7 @@ fn root_path() -> String {
     "/".into()
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkProbe {
     /// Only this interface (CRITICAL when it does not exist); all but loopback when unset.
@@ -252,7 +256,7 @@ pub struct NetworkProbe {
     pub interface: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProcessProbe {
     /// Process name as the kernel reports it (e.g. `sshd`), matched exactly.
@@ -269,10 +273,12 @@ fn one() -> u32 {
     1
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TcpProbe {
+    #[schemars(length(min = 1))]
     pub host: String,
+    #[schemars(range(min = 1))]
     pub port: u16,
     /// Connect with TLS (verified against `ca_file` or the system's roots).
     #[serde(default)]
@@ -305,10 +311,11 @@ pub struct TcpProbe {
     pub cert_crit_days: Option<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpProbe {
     /// `http://` or `https://` URL.
+    #[schemars(pattern(crate::schema::HTTP_URL))]
     pub url: String,
     #[serde(default = "get")]
     pub method: String,
@@ -316,6 +323,7 @@ pub struct HttpProbe {
     pub headers: BTreeMap<String, String>,
     /// Statuses that are OK; any 2xx or 3xx when empty.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(range(min = 100, max = 599)))]
     pub expect_status: Vec<u16>,
     /// The body must contain this text (CRITICAL otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -346,7 +354,7 @@ fn get() -> String {
     "GET".into()
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DnsProbe {
     /// The name to resolve.
@@ -373,10 +381,11 @@ fn record_a() -> String {
     "A".into()
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PrometheusProbe {
     /// `http://` or `https://` URL of the text exposition endpoint.
+    #[schemars(pattern(crate::schema::HTTP_URL))]
     pub url: String,
     /// Keep only samples whose metric name starts with one of these; all when empty.
     /// At most [`crate::MAX_METRICS`] samples are kept either way, and the result says
@@ -399,7 +408,7 @@ pub struct PrometheusProbe {
     pub cert_crit_days: Option<u32>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JsonSocketProbe {
     /// `tcp://HOST:PORT` or `unix:/PATH`.

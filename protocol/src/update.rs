@@ -292,8 +292,9 @@ pub fn verify_manifest(
 
 /// Gateway → agent, after `welcome`: run this version. The agent decides whether it can
 /// and may (see `docs/UPDATES.md`); agents that predate it ignore the frame.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct UpdateOffer {
+    #[schemars(length(max = 32), pattern(crate::schema::VERSION))]
     pub version: String,
 }
 

@@ -1,18 +1,17 @@
 //! What one run of any kind of check found, before it becomes a [`CheckResult`].
 
+// The bounds are the protocol's (`outpost_protocol::limits`), which the gateway enforces:
+// a result cut to them is never refused.
 use outpost_protocol::{
     CheckResult, CheckSpec, Fault, Metric, Origin, StateType, Status, MAX_LONG_OUTPUT_BYTES,
     MAX_METRICS, MAX_OUTPUT_BYTES,
 };
+pub use outpost_protocol::{
+    MAX_FAULTS, MAX_FAULT_NAME_BYTES, MAX_FAULT_OUTPUT_BYTES, MAX_METRIC_FIELD_BYTES,
+    MAX_METRIC_NAME_BYTES,
+};
 
 use crate::util::truncate_utf8;
-
-/// Most faults kept in one result.
-pub const MAX_FAULTS: usize = 64;
-/// Longest metric name kept.
-pub const MAX_METRIC_NAME_BYTES: usize = 128;
-/// Longest metric unit, warning or critical range kept.
-pub const MAX_METRIC_FIELD_BYTES: usize = 32;
 
 /// A check's findings: every kind of check produces one, and [`Outcome::into_result`]
 /// applies the protocol's size limits in one place.
@@ -109,8 +108,8 @@ impl Outcome {
             self.remark(format!("[{dropped} faults beyond {MAX_FAULTS} dropped]"));
         }
         for f in &mut self.faults {
-            truncate_utf8(&mut f.name, 128);
-            truncate_utf8(&mut f.output, 512);
+            truncate_utf8(&mut f.name, MAX_FAULT_NAME_BYTES);
+            truncate_utf8(&mut f.output, MAX_FAULT_OUTPUT_BYTES);
         }
         // Every string a plugin can fill is bounded, so one result always fits in a frame
         // (even with JSON escaping at its worst): see `result_fits_a_frame_at_worst`.
