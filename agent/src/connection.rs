@@ -358,6 +358,9 @@ impl Connection {
             .lock()
             .await
             .connected(addr, via, &welcome.fallback_addrs);
+        // A new session: whatever the outbox dropped while it was in flight on the last
+        // one and was never acked is lost, and counted in this report.
+        self.outbox.session_ended();
         self.report_drops();
         let heartbeat = Duration::from_secs(welcome.heartbeat_secs.clamp(1, 300));
         let rotate_at = (welcome.max_session_secs > 0).then(|| {
@@ -616,7 +619,7 @@ impl Connection {
     /// The oldest unacked results, as many as fit in one frame.
     fn next_batch(&self, acked: u64) -> Vec<CheckResult> {
         let mut batch =
-            crate::outbox::blocking(|| self.outbox.pending_after(acked, MAX_BATCH_RESULTS));
+            crate::outbox::blocking(|| self.outbox.next_to_send(acked, MAX_BATCH_RESULTS));
         let too_big = |b: &[CheckResult]| {
             encode(&AgentFrame::Results(Results {
                 results: b.to_vec(),
@@ -624,6 +627,19 @@ impl Connection {
             .len()
                 > MAX_FRAME_BYTES
         };
+        // Results are cut to the protocol's bounds where they are made; one that still
+        // breaks a bound would be refused by the gateway and block every result behind
+        // it, so it goes without its details instead.
+        for r in &mut batch {
+            let problems = r.problems();
+            if !problems.is_empty() {
+                tracing::error!(check = %r.check, seq = r.seq, problems = ?problems, "result breaks the protocol's bounds; sending it without its details");
+                *r = without_details(
+                    r,
+                    "result broke the protocol's bounds; its details were dropped",
+                );
+            }
+        }
         while batch.len() > 1 && too_big(&batch) {
             batch.truncate(batch.len() / 2);
         }
@@ -632,20 +648,21 @@ impl Connection {
             // result the gateway must refuse would block every result behind it.
             if let Some(r) = batch.first_mut() {
                 tracing::error!(check = %r.check, seq = r.seq, "result too large for a frame; sending it without its details");
-                *r = CheckResult {
-                    seq: r.seq,
-                    started_at_ms: r.started_at_ms,
-                    duration_ms: r.duration_ms,
-                    origin: r.origin,
-                    ..CheckResult::new(
-                        r.check.clone(),
-                        outpost_protocol::Status::Unknown,
-                        "result was too large to send; its details were dropped",
-                    )
-                };
+                *r = without_details(r, "result was too large to send; its details were dropped");
             }
         }
         batch
+    }
+}
+
+/// `r` as an UNKNOWN result saying `why`, with nothing of what it found.
+fn without_details(r: &CheckResult, why: &str) -> CheckResult {
+    CheckResult {
+        seq: r.seq,
+        started_at_ms: r.started_at_ms,
+        duration_ms: r.duration_ms,
+        origin: r.origin,
+        ..CheckResult::new(r.check.clone(), outpost_protocol::Status::Unknown, why)
     }
 }
 

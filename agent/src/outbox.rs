@@ -46,6 +46,16 @@ pub trait Outbox: Send + Sync {
     }
     /// Results dropped because the outbox was full.
     fn dropped(&self) -> u64;
+    /// The next results to send on the session: [`Outbox::pending_after`], and from now
+    /// on until [`Outbox::session_ended`] they count as in flight. A result the bound
+    /// drops while it is in flight is counted as dropped only if its ack never comes (it
+    /// usually reaches the gateway anyway), so the drop count is what was really lost.
+    fn next_to_send(&self, after: u64, max: usize) -> Vec<CheckResult> {
+        self.pending_after(after, max)
+    }
+    /// The session ended (or a new one starts): what was dropped in flight and not acked
+    /// is lost, and counted.
+    fn session_ended(&self) {}
     /// Woken after every append.
     fn notify(&self) -> &Notify;
     /// Make every sequence number handed out from now on greater than `floor`.

@@ -95,6 +95,13 @@ struct State {
     closing: bool,
     /// Someone waits in `flush`: commit now rather than after the gap.
     flush_wanted: bool,
+    /// Results up to this are in flight on the current session (0: none).
+    sending_through: u64,
+    /// The highest ack seen.
+    acked: u64,
+    /// Rows the bound dropped while they were in flight: counted as dropped only if the
+    /// session ends without their ack.
+    dropped_in_flight: std::collections::BTreeSet<u64>,
 }
 
 struct Staged {
@@ -347,6 +354,9 @@ impl DiskOutbox {
                 commits: 0,
                 closing: false,
                 flush_wanted: false,
+                sending_through: 0,
+                acked: 0,
+                dropped_in_flight: Default::default(),
             }),
             changed: Condvar::new(),
             write_lock: Mutex::new(()),
@@ -504,9 +514,9 @@ impl Shared {
     /// then `batch`) that fits the bound, and at least the newest result.
     fn commit(&self, batch: &[Staged]) -> Result<(), String> {
         let _w = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let (held, dropped_before) = {
+        let (held, dropped_before, sending_through) = {
             let st = self.lock();
-            (st.bytes, st.dropped)
+            (st.bytes, st.dropped, st.sending_through)
         };
         let Some(last) = batch.last() else {
             return Ok(());
@@ -518,13 +528,17 @@ impl Shared {
         let mut incoming: u64 = batch.iter().map(Staged::size).sum();
         let txn = self.db.begin_write().map_err(|e| e.to_string())?;
         let (mut popped, mut freed, mut skipped) = (0usize, 0u64, 0usize);
+        let mut popped_in_flight = Vec::new();
         {
             let mut table = txn.open_table(RESULTS).map_err(|e| e.to_string())?;
             while held - freed + incoming > self.max_bytes {
                 match table.pop_first().map_err(|e| e.to_string())? {
-                    Some((_, v)) => {
+                    Some((k, v)) => {
                         freed += v.value().len() as u64 + ROW_OVERHEAD;
                         popped += 1;
+                        if k.value() <= sending_through {
+                            popped_in_flight.push(k.value());
+                        }
                     }
                     None => break,
                 }
@@ -539,13 +553,13 @@ impl Shared {
                     .map_err(|e| e.to_string())?;
             }
             let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
-            let lost = (popped + skipped) as u64;
+            let lost = (popped - popped_in_flight.len() + skipped) as u64;
             meta.insert(DROPPED, dropped_before.saturating_add(lost))
                 .map_err(|e| e.to_string())?;
             meta.insert(LAST_SEQ, last.seq).map_err(|e| e.to_string())?;
         }
         txn.commit().map_err(|e| e.to_string())?;
-        let lost = (popped + skipped) as u64;
+        let lost = (popped - popped_in_flight.len() + skipped) as u64;
         if lost > 0 {
             tracing::warn!(
                 dropped = lost,
@@ -554,6 +568,9 @@ impl Shared {
             );
         }
         let mut st = self.lock();
+        let acked = st.acked;
+        st.dropped_in_flight
+            .extend(popped_in_flight.into_iter().filter(|k| *k > acked));
         st.len = st.len - popped + (batch.len() - skipped);
         st.bytes = held - freed + incoming;
         st.dropped = st.dropped.saturating_add(lost);
@@ -602,6 +619,12 @@ impl Shared {
                 freed += v.len() as u64 + ROW_OVERHEAD;
                 false
             })?;
+        }
+        {
+            // Rows dropped while in flight that this ack covers reached the gateway.
+            let mut st = self.lock();
+            st.acked = st.acked.max(seq);
+            st.dropped_in_flight.retain(|k| *k > seq);
         }
         if removed == 0 {
             txn.abort()?;
@@ -662,6 +685,37 @@ impl Outbox for DiskOutbox {
 
     fn dropped(&self) -> u64 {
         self.shared.lock().dropped
+    }
+
+    fn next_to_send(&self, after: u64, max: usize) -> Vec<CheckResult> {
+        // Under the write lock, so no commit is between its choice of what to drop and
+        // its count: a row read here is either gone already or counted as in flight.
+        let shared = &self.shared;
+        let _w = shared.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let batch = shared.try_pending_after(after, max).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cannot read the outbox");
+            Vec::new()
+        });
+        if let Some(last) = batch.last() {
+            let mut st = shared.lock();
+            st.sending_through = st.sending_through.max(last.seq);
+        }
+        batch
+    }
+
+    fn session_ended(&self) {
+        let mut st = self.shared.lock();
+        let lost_seqs = std::mem::take(&mut st.dropped_in_flight);
+        if !lost_seqs.is_empty() {
+            tracing::warn!(
+                first = lost_seqs.first(),
+                last = lost_seqs.last(),
+                count = lost_seqs.len(),
+                "results the full outbox dropped while they were in flight were never acked"
+            );
+        }
+        st.dropped = st.dropped.saturating_add(lost_seqs.len() as u64);
+        st.sending_through = 0;
     }
 
     fn notify(&self) -> &Notify {
