@@ -360,7 +360,7 @@ impl Connection {
             .connected(addr, via, &welcome.fallback_addrs);
         // A new session: whatever the outbox dropped while it was in flight on the last
         // one and was never acked is lost, and counted in this report.
-        self.outbox.session_ended();
+        self.outbox.session_ended(welcome.last_seq);
         self.report_drops();
         let heartbeat = Duration::from_secs(welcome.heartbeat_secs.clamp(1, 300));
         let rotate_at = (welcome.max_session_secs > 0).then(|| {
@@ -640,8 +640,12 @@ impl Connection {
                 );
             }
         }
+        let read = batch.len();
         while batch.len() > 1 && too_big(&batch) {
             batch.truncate(batch.len() / 2);
+        }
+        if let (true, Some(last)) = (batch.len() < read, batch.last()) {
+            self.outbox.not_sent_after(last.seq);
         }
         if too_big(&batch) {
             // Results are bounded field by field so this cannot happen; if it ever did, a

@@ -53,9 +53,12 @@ pub trait Outbox: Send + Sync {
     fn next_to_send(&self, after: u64, max: usize) -> Vec<CheckResult> {
         self.pending_after(after, max)
     }
-    /// The session ended (or a new one starts): what was dropped in flight and not acked
-    /// is lost, and counted.
-    fn session_ended(&self) {}
+    /// A new session starts (the last one ended): what was dropped in flight, not acked
+    /// and not among what the bus holds (`welcome.last_seq`) is lost, and counted.
+    fn session_ended(&self, _bus_holds_through: u64) {}
+    /// Of what [`Outbox::next_to_send`] gave, only results up to `last_sent` are sent
+    /// (the rest did not fit one frame): the others are no longer in flight.
+    fn not_sent_after(&self, _last_sent: u64) {}
     /// Woken after every append.
     fn notify(&self) -> &Notify;
     /// Make every sequence number handed out from now on greater than `floor`.

@@ -141,10 +141,23 @@ pub async fn run(gw: Arc<Gateway>, mut socket: WebSocket, peer: SocketAddr, pre_
                 close_now(&mut socket, close::POLICY, "the first frame must be hello").await;
                 return;
             }
-            Err(FrameError::Malformed(e)) if is_hello(text.as_str()) => {
+            Err(FrameError::Malformed(e)) if hello_revision(text.as_str()).is_some() => {
+                if matches!(hello_revision(text.as_str()), Some(Some(n)) if n != u64::from(PROTOCOL_VERSION))
+                {
+                    // Another revision's hello need not decode as ours: it is refused for
+                    // its revision, which the agent waits out instead of retrying.
+                    let why = format!(
+                        "agent speaks another protocol revision, this gateway speaks {PROTOCOL_VERSION}; upgrade the older side"
+                    );
+                    tracing::warn!(%peer, error = %why, "refusing agent");
+                    send_error(&mut socket, "unsupported_protocol", &why).await;
+                    close_now(&mut socket, close::UNSUPPORTED, &why).await;
+                    return;
+                }
                 // A hello with a field missing or of the wrong type is answered like one
-                // that breaks a bound: the client is told which field.
-                let why = format!("hello does not decode: {e}");
+                // that breaks a bound: the client is told which field (serde's message,
+                // bounded and printable: it may quote what the client sent).
+                let why = outpost_protocol::printable(&format!("hello does not decode: {e}"), 200);
                 Metrics::inc(&gw.metrics.frames_malformed);
                 tracing::warn!(%peer, error = %why, "invalid hello; closing");
                 send_error(&mut socket, "invalid_hello", &why).await;
@@ -246,14 +259,18 @@ async fn send_error(socket: &mut WebSocket, code: &str, message: &str) {
     let _ = socket.send(Message::Text(encode(&frame).into())).await;
 }
 
-/// Whether `text` is a JSON object whose `type` is `hello` (whatever else it holds).
-fn is_hello(text: &str) -> bool {
+/// For a JSON object whose `type` is `hello` (whatever else it holds): `Some` with its
+/// `protocol` when that is a number. `None` for anything else.
+fn hello_revision(text: &str) -> Option<Option<u64>> {
     #[derive(serde::Deserialize)]
     struct Tag<'a> {
         #[serde(rename = "type", borrow)]
         kind: std::borrow::Cow<'a, str>,
+        #[serde(default)]
+        protocol: Option<serde_json::Value>,
     }
-    serde_json::from_str::<Tag>(text).is_ok_and(|t| t.kind == "hello")
+    let tag = serde_json::from_str::<Tag>(text).ok()?;
+    (tag.kind == "hello").then(|| tag.protocol.and_then(|p| p.as_u64()))
 }
 
 /// Count a frame that failed to decode and pick the close code for it.
@@ -584,7 +601,7 @@ async fn authenticated(
                 match waiter {
                     Some(w) => {
                         if let Some(result) = &reply.result {
-                            let problems = result.problems();
+                            let problems = result.content_problems();
                             if !problems.is_empty() {
                                 let why = format!(
                                     "run-now result of {:?}: {}",

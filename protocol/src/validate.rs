@@ -10,6 +10,17 @@ impl CheckResult {
     /// Every documented bound this result breaks, each said in a few words; empty when it
     /// keeps them all.
     pub fn problems(&self) -> Vec<String> {
+        let mut out = self.content_problems();
+        if !(1..=MAX_SEQ).contains(&self.seq) {
+            out.push(format!("seq {} is outside 1..={MAX_SEQ}", self.seq));
+        }
+        out
+    }
+
+    /// [`CheckResult::problems`] but for `seq`: the bounds of a result in a run-now reply,
+    /// whose `seq` only says where the same result is queued (0 when the agent could not
+    /// queue it).
+    pub fn content_problems(&self) -> Vec<String> {
         let mut out = Vec::new();
         let mut over = |what: &str, len: usize, max: usize, unit: &str| {
             if len > max {
@@ -56,9 +67,6 @@ impl CheckResult {
                 "check name {:?} is not 1 to 64 of A-Z a-z 0-9 _ . -",
                 self.check
             ));
-        }
-        if !(1..=MAX_SEQ).contains(&self.seq) {
-            out.push(format!("seq {} is outside 1..={MAX_SEQ}", self.seq));
         }
         if self.attempt == 0 || self.max_attempts == 0 {
             out.push("attempt and max_attempts start at 1".into());

@@ -554,7 +554,10 @@ impl Shared {
             }
             let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
             let lost = (popped - popped_in_flight.len() + skipped) as u64;
-            meta.insert(DROPPED, dropped_before.saturating_add(lost))
+            // The count as it is now (`session_ended` may have added to it since the
+            // snapshot), plus this commit's.
+            let dropped_now = self.lock().dropped.max(dropped_before);
+            meta.insert(DROPPED, dropped_now.saturating_add(lost))
                 .map_err(|e| e.to_string())?;
             meta.insert(LAST_SEQ, last.seq).map_err(|e| e.to_string())?;
         }
@@ -606,6 +609,13 @@ impl Shared {
 
     fn try_ack(&self, seq: u64) -> Result<(), redb::Error> {
         let _w = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            // Rows dropped while in flight that this ack covers reached the gateway
+            // (recorded first: the ack holds even if deleting the rows fails).
+            let mut st = self.lock();
+            st.acked = st.acked.max(seq);
+            st.dropped_in_flight.retain(|k| *k > seq);
+        }
         let mut txn = self.db.begin_write()?;
         // An ack need not wait for the disk: if a crash undoes it, the results are sent
         // again and the bus drops them as duplicates. The next append's commit makes it
@@ -619,12 +629,6 @@ impl Shared {
                 freed += v.len() as u64 + ROW_OVERHEAD;
                 false
             })?;
-        }
-        {
-            // Rows dropped while in flight that this ack covers reached the gateway.
-            let mut st = self.lock();
-            st.acked = st.acked.max(seq);
-            st.dropped_in_flight.retain(|k| *k > seq);
         }
         if removed == 0 {
             txn.abort()?;
@@ -703,19 +707,42 @@ impl Outbox for DiskOutbox {
         batch
     }
 
-    fn session_ended(&self) {
+    fn session_ended(&self, bus_holds_through: u64) {
+        // Under the write lock, as `commit` counts: a commit in progress finishes first.
+        let _w = self
+            .shared
+            .write_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let mut st = self.shared.lock();
-        let lost_seqs = std::mem::take(&mut st.dropped_in_flight);
+        let mut lost_seqs = std::mem::take(&mut st.dropped_in_flight);
+        // What the bus holds reached it, acked or not.
+        lost_seqs.retain(|k| *k > bus_holds_through);
         if !lost_seqs.is_empty() {
             tracing::warn!(
                 first = lost_seqs.first(),
                 last = lost_seqs.last(),
                 count = lost_seqs.len(),
-                "results the full outbox dropped while they were in flight were never acked"
+                "results the full outbox dropped while they were in flight never reached the gateway"
             );
         }
         st.dropped = st.dropped.saturating_add(lost_seqs.len() as u64);
         st.sending_through = 0;
+    }
+
+    fn not_sent_after(&self, last_sent: u64) {
+        let _w = self
+            .shared
+            .write_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut st = self.shared.lock();
+        if st.sending_through > last_sent {
+            st.sending_through = last_sent;
+            // Dropped after they were read but before they could be sent: lost.
+            let unsent = st.dropped_in_flight.split_off(&(last_sent + 1));
+            st.dropped = st.dropped.saturating_add(unsent.len() as u64);
+        }
     }
 
     fn notify(&self) -> &Notify {
