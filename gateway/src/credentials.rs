@@ -38,8 +38,14 @@ fn yes() -> bool {
 }
 
 pub struct Credentials {
+    /// The enrollment key and API token in this data directory (`enroll.key`,
+    /// `api.token`); empty when they are not the tenant's (a gateway that joined a tenant
+    /// another gateway created: see [`Credentials::open_for`]).
     pub enroll_key: String,
     pub api_token: String,
+    /// What is checked: the tenant's key and token, as SHA-256.
+    enroll_key_sha256: String,
+    api_token_sha256: String,
     /// The tenant this gateway's agents and token belong to.
     pub tenant: String,
     path: PathBuf,
@@ -49,9 +55,21 @@ pub struct Credentials {
     shared: Option<Arc<Nats>>,
 }
 
-/// A tenant's enrollment key and API token, shared by every gateway of the fleet.
+/// A tenant's enrollment key and API token as the fleet keeps them in NATS: hashed, so
+/// that whoever can read the bucket (an operator, a backup, a NATS account that should not)
+/// cannot enroll agents or call the API with them.
 #[derive(Serialize, Deserialize)]
 struct TenantKeys {
+    enroll_key_sha256: String,
+    api_token_sha256: String,
+    /// The gateway whose data directory holds them in clear (it created them).
+    #[serde(default)]
+    created_by: String,
+}
+
+/// The record as gateways wrote it before it was hashed; read once, then rewritten hashed.
+#[derive(Deserialize)]
+struct PlainTenantKeys {
     enroll_key: String,
     api_token: String,
 }
@@ -119,6 +137,60 @@ fn new_credential(tenant: &str, secret: &str, proof: &str) -> AgentCredential {
     }
 }
 
+/// The tenant's keys as the bucket holds them. A record from before they were hashed is
+/// rewritten hashed (compare-and-set); its clear text, the tenant's, is written to this
+/// data directory as before, and a copy here that differs is replaced.
+async fn tenant_keys(
+    nats: &Nats,
+    key: &str,
+    data_dir: &Path,
+    creds: &mut Credentials,
+) -> anyhow::Result<TenantKeys> {
+    let entry = nats
+        .credentials
+        .entry(key)
+        .await
+        .context("cannot read the tenant's keys from NATS")?
+        .context("the tenant's keys vanished from NATS")?;
+    if let Ok(keys) = serde_json::from_slice::<TenantKeys>(&entry.value) {
+        return Ok(keys);
+    }
+    let plain: PlainTenantKeys =
+        serde_json::from_slice(&entry.value).context("the tenant's keys in NATS are corrupt")?;
+    let hashed = TenantKeys {
+        enroll_key_sha256: sha256_hex(&plain.enroll_key),
+        api_token_sha256: sha256_hex(&plain.api_token),
+        created_by: String::new(),
+    };
+    if plain.enroll_key != creds.enroll_key || plain.api_token != creds.api_token {
+        tracing::info!(tenant = %creds.tenant, "using the fleet's enrollment key and API token (saved to this data directory)");
+        write_atomic(
+            &data_dir.join("enroll.key"),
+            format!("{}\n", plain.enroll_key).as_bytes(),
+            0o600,
+        )?;
+        write_atomic(
+            &data_dir.join("api.token"),
+            format!("{}\n", plain.api_token).as_bytes(),
+            0o600,
+        )?;
+        creds.enroll_key = plain.enroll_key;
+        creds.api_token = plain.api_token;
+        creds.enroll_key_sha256 = hashed.enroll_key_sha256.clone();
+        creds.api_token_sha256 = hashed.api_token_sha256.clone();
+    }
+    match nats
+        .credentials
+        .update(key, serde_json::to_vec(&hashed)?.into(), entry.revision)
+        .await
+    {
+        Ok(_) => tracing::info!(tenant = %creds.tenant, "the tenant's keys in NATS are now hashed"),
+        // Another gateway rewrote it first: the same hashes.
+        Err(e) => tracing::debug!(error = %e, "the tenant's keys were rewritten meanwhile"),
+    }
+    Ok(hashed)
+}
+
 /// A successful authentication.
 pub struct Authenticated {
     pub tenant: String,
@@ -163,6 +235,8 @@ impl Credentials {
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
         Ok(Credentials {
+            enroll_key_sha256: sha256_hex(&enroll_key),
+            api_token_sha256: sha256_hex(&api_token),
             enroll_key,
             api_token,
             tenant: DEFAULT_TENANT.to_string(),
@@ -173,11 +247,15 @@ impl Credentials {
     }
 
     /// The gateway's credentials for `tenant`. With NATS, the tenant's enrollment key and
-    /// API token are the fleet's (the first gateway's, stored in the bucket; written to this
-    /// gateway's `enroll.key` and `api.token` too) and agent secrets live in the bucket.
+    /// API token are the fleet's: the first gateway of the tenant stores its own, hashed,
+    /// in the bucket (`<tenant>._tenant`), and every other gateway checks against those
+    /// hashes. A gateway whose own files are not the tenant's moves them aside (their
+    /// clear text is only where they were made: copy `enroll.key` and `api.token` from
+    /// there, or from your secret store). Agent secrets live in the bucket.
     pub async fn open_for(
         data_dir: &Path,
         tenant: &str,
+        gateway_id: &str,
         nats: Option<Arc<Nats>>,
     ) -> anyhow::Result<Credentials> {
         let mut creds = Credentials::open(data_dir)?;
@@ -186,43 +264,42 @@ impl Credentials {
             return Ok(creds);
         };
         let key = format!("{tenant}._tenant");
-        let mine = serde_json::to_vec(&TenantKeys {
-            enroll_key: creds.enroll_key.clone(),
-            api_token: creds.api_token.clone(),
-        })?;
-        let fleet: TenantKeys = match nats.credentials.create(&key, mine.into()).await {
+        let mine = TenantKeys {
+            enroll_key_sha256: creds.enroll_key_sha256.clone(),
+            api_token_sha256: creds.api_token_sha256.clone(),
+            created_by: gateway_id.to_string(),
+        };
+        let fleet = match nats
+            .credentials
+            .create(&key, serde_json::to_vec(&mine)?.into())
+            .await
+        {
             Ok(_) => {
-                tracing::info!(%tenant, "this gateway's enrollment key and API token are now the tenant's");
-                TenantKeys {
-                    enroll_key: creds.enroll_key.clone(),
-                    api_token: creds.api_token.clone(),
+                tracing::info!(%tenant, "this gateway's enrollment key and API token are now the tenant's (kept hashed in NATS)");
+                mine
+            }
+            Err(_) => tenant_keys(&nats, &key, data_dir, &mut creds).await?,
+        };
+        if fleet.enroll_key_sha256 != creds.enroll_key_sha256
+            || fleet.api_token_sha256 != creds.api_token_sha256
+        {
+            for file in ["enroll.key", "api.token"] {
+                let path = data_dir.join(file);
+                let aside = data_dir.join(format!("{file}.not-the-tenants"));
+                if let Err(e) = std::fs::rename(&path, &aside) {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot move aside a key that is not the tenant's");
                 }
             }
-            Err(_) => {
-                let bytes = nats
-                    .credentials
-                    .get(&key)
-                    .await
-                    .context("cannot read the tenant's keys from NATS")?
-                    .context("the tenant's keys vanished from NATS")?;
-                serde_json::from_slice(&bytes).context("the tenant's keys in NATS are corrupt")?
-            }
-        };
-        if fleet.enroll_key != creds.enroll_key || fleet.api_token != creds.api_token {
-            tracing::info!(%tenant, "using the fleet's enrollment key and API token (saved to this data directory)");
-            write_atomic(
-                &data_dir.join("enroll.key"),
-                format!("{}\n", fleet.enroll_key).as_bytes(),
-                0o600,
-            )?;
-            write_atomic(
-                &data_dir.join("api.token"),
-                format!("{}\n", fleet.api_token).as_bytes(),
-                0o600,
-            )?;
+            tracing::warn!(
+                %tenant,
+                created_by = %fleet.created_by,
+                "this gateway's enroll.key and api.token are not the tenant's and were moved aside (*.not-the-tenants); the tenant's are kept only as hashes in NATS: to have them here, copy them from the data directory of the gateway that created them (or from your secret store)"
+            );
+            creds.enroll_key.clear();
+            creds.api_token.clear();
         }
-        creds.enroll_key = fleet.enroll_key;
-        creds.api_token = fleet.api_token;
+        creds.enroll_key_sha256 = fleet.enroll_key_sha256;
+        creds.api_token_sha256 = fleet.api_token_sha256;
         // A gateway moving from its embedded bus to NATS brings its enrolled agents along:
         // each local secret not yet in the bucket is added (never overwriting one there).
         let local: Vec<(String, AgentCredential)> = creds
@@ -305,7 +382,7 @@ impl Credentials {
                 })
             }
             Credential::EnrollKey { key: given, proof } => {
-                if !constant_time_eq(given.as_bytes(), self.enroll_key.as_bytes()) {
+                if !self.enroll_key_ok(given) {
                     return Err(AuthError::BadEnrollKey);
                 }
                 may_enroll(fingerprint, known.as_ref(), proof)?;
@@ -400,7 +477,7 @@ impl Credentials {
                 }
             }
             Credential::EnrollKey { key, proof } => {
-                if !constant_time_eq(key.as_bytes(), self.enroll_key.as_bytes()) {
+                if !self.enroll_key_ok(key) {
                     return Err(AuthError::BadEnrollKey);
                 }
                 let previous = agents.get(fingerprint).cloned();
@@ -441,7 +518,18 @@ impl Credentials {
 
     /// Whether `token` is the admin API token.
     pub fn api_token_ok(&self, token: &str) -> bool {
-        constant_time_eq(token.as_bytes(), self.api_token.as_bytes())
+        constant_time_eq(
+            sha256_hex(token).as_bytes(),
+            self.api_token_sha256.as_bytes(),
+        )
+    }
+
+    /// Whether `key` is the tenant's enrollment key.
+    fn enroll_key_ok(&self, key: &str) -> bool {
+        constant_time_eq(
+            sha256_hex(key).as_bytes(),
+            self.enroll_key_sha256.as_bytes(),
+        )
     }
 
     fn save(&self, agents: &HashMap<String, AgentCredential>) -> std::io::Result<()> {

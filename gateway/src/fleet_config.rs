@@ -219,6 +219,55 @@ pub fn read_dir(dir: &Path) -> anyhow::Result<Snapshot> {
     Ok(snap)
 }
 
+/// The keys of `store` that start with `prefix` (which ends with `.`), deleted ones left
+/// out. Only those: a tenant's NATS user may read its own keys and no others (FLEET.md,
+/// *Permissions*), so the bucket is never listed whole.
+async fn keys_under(
+    client: &async_nats::Client,
+    store: &kv::Store,
+    prefix: &str,
+) -> anyhow::Result<Vec<String>> {
+    use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
+    let consumer = store
+        .stream
+        .create_consumer(push::OrderedConfig {
+            // Named, so the filter is in the request's subject (see `nats::watch_keys`).
+            name: Some(format!("outpost_{}", crate::util::random_token(8))),
+            deliver_subject: client.new_inbox(),
+            description: Some("outpost key listing".into()),
+            filter_subject: format!("{}{prefix}>", store.prefix),
+            headers_only: true,
+            replay_policy: ReplayPolicy::Instant,
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await?;
+    let mut keys = Vec::new();
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(keys);
+    }
+    let mut messages = consumer.messages().await?;
+    while let Some(message) = messages.next().await {
+        let message = message?;
+        let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let pending = info.pending;
+        let deleted = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("KV-Operation"))
+            .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+        if let Some(key) = message.subject.as_str().strip_prefix(store.prefix.as_str()) {
+            if !deleted {
+                keys.push(key.to_string());
+            }
+        }
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(keys)
+}
+
 /// Open (creating if needed) the config bucket and the tenant's plugin store.
 pub async fn open(
     nats: &Nats,
@@ -254,6 +303,7 @@ pub async fn open(
 /// What NATS holds for the tenant now (plugins by digest only), and the keys and objects
 /// whose names were refused (logged, never written anywhere; `push` removes them).
 pub async fn read_fleet(
+    client: &async_nats::Client,
     config: &kv::Store,
     plugins: &object_store::ObjectStore,
     tenant: &str,
@@ -261,12 +311,10 @@ pub async fn read_fleet(
     let mut snap = Snapshot::default();
     let mut refused = Refused::default();
     let prefix = checks_prefix(tenant);
-    let mut keys = config
-        .keys()
+    for key in keys_under(client, config, &prefix)
         .await
-        .context("cannot list the config bucket")?;
-    while let Some(key) = keys.next().await {
-        let key = key.context("cannot list the config bucket")?;
+        .context("cannot list the config bucket")?
+    {
         let name = match check_file_of_key(&key, &prefix) {
             None => continue,
             Some(Ok(name)) => name,
@@ -393,7 +441,7 @@ pub struct Pushed {
 pub async fn push(nats: &Nats, tenant: &str, dir: &Path, dry_run: bool) -> anyhow::Result<Pushed> {
     let wanted = read_dir(dir)?;
     let (config, plugins) = open(nats, tenant).await?;
-    let (current, refused) = read_fleet(&config, &plugins, tenant).await?;
+    let (current, refused) = read_fleet(&nats.client, &config, &plugins, tenant).await?;
     let mut diff = diff(&current, &wanted);
     // Names no gateway mirrors are not ours to keep: a push removes them.
     for key in &refused.keys {
@@ -481,7 +529,7 @@ pub async fn sync_once(
     plugins_dir: &Path,
 ) -> anyhow::Result<()> {
     let (config, plugins) = open(nats, tenant).await?;
-    let (fleet, _) = read_fleet(&config, &plugins, tenant).await?;
+    let (fleet, _) = read_fleet(&nats.client, &config, &plugins, tenant).await?;
     prune(checks_dir, |n| fleet.checks.contains_key(n))?;
     prune(plugins_dir, |n| fleet.plugins.contains_key(n))?;
     for (name, text) in &fleet.checks {
@@ -517,12 +565,11 @@ pub async fn mirror(gw: Arc<Gateway>, nats: Arc<Nats>) {
     loop {
         let run = async {
             let (config, plugins) = open(&nats, &tenant).await?;
-            let (fleet, _) = read_fleet(&config, &plugins, &tenant).await?;
+            let (fleet, _) = read_fleet(&nats.client, &config, &plugins, &tenant).await?;
             prune(&checks_dir, |n| fleet.checks.contains_key(n))?;
             prune(&plugins_dir, |n| fleet.plugins.contains_key(n))?;
             let prefix = checks_prefix(&tenant);
-            let mut checks = config
-                .watch_with_history(format!("{prefix}>"))
+            let mut checks = crate::nats::watch_keys(&nats.client, &config, &format!("{prefix}>"))
                 .await
                 .context("cannot watch the config bucket")?;
             let mut objects = plugins

@@ -84,9 +84,13 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
         )),
         None => None,
     };
-    let credentials =
-        credentials::Credentials::open_for(&settings.data_dir, &settings.tenant, nats.clone())
-            .await?;
+    let credentials = credentials::Credentials::open_for(
+        &settings.data_dir,
+        &settings.tenant,
+        &me.gateway_id,
+        nats.clone(),
+    )
+    .await?;
     let (bus, registry): (Arc<dyn bus::Bus>, _) = match &nats {
         Some(n) => (
             Arc::new(bus::nats::NatsBus::new(n.clone())),

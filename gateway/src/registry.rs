@@ -305,6 +305,7 @@ impl Registry {
     ) -> anyhow::Result<bool> {
         let now = now_ms();
         let holder = self.me.holder(conn_id);
+        let holder_of_claim = holder.clone();
         let (shared, mut was_online) = {
             let mut agents = self.lock();
             let was_online = agents
@@ -334,7 +335,7 @@ impl Registry {
         if let Store::Kv(nats) = &self.store {
             let key = agent_key(tenant, &hello.fingerprint);
             let value: bytes::Bytes = serde_json::to_vec(&shared)?.into();
-            let (revision, before) = claim(nats, &key, value)
+            let (revision, before) = claim(nats, &key, &holder_of_claim, value)
                 .await
                 .with_context(|| format!("cannot write {key} to the fleet registry"))?;
             was_online = before;
@@ -650,23 +651,41 @@ impl Registry {
 }
 
 /// What other gateways see of a record: no checks, no results.
-/// Write `value` (a claim by this gateway) over the shared record at `key` with a
-/// compare-and-set, so the presence it replaced is known exactly. Returns the new revision
-/// and whether the replaced record was online. After a few lost races (other gateways
-/// writing the same agent at once) the claim is written unconditionally: the newest
-/// connection holds the agent whatever happened meanwhile.
-async fn claim(nats: &Nats, key: &str, value: bytes::Bytes) -> anyhow::Result<(u64, bool)> {
+/// Write `value` (a claim by this gateway, as `holder`) over the shared record at `key`
+/// with a compare-and-set, so the presence it replaced is known exactly. Returns the new
+/// revision and whether the replaced record was online. After a few lost races (other
+/// gateways writing the same agent at once) the claim is written unconditionally: the
+/// newest connection holds the agent whatever happened meanwhile. When in doubt the answer
+/// is "was not online": an extra online event is harmless, a missing one leaves the agent
+/// looking lost to whoever follows the events.
+async fn claim(
+    nats: &Nats,
+    key: &str,
+    holder: &str,
+    value: bytes::Bytes,
+) -> anyhow::Result<(u64, bool)> {
+    // What the first read found: a write that landed although its answer was lost shows
+    // this claim on the next read, which says nothing about what it replaced.
+    let mut first_seen: Option<bool> = None;
     for _ in 0..5 {
         let entry = nats.agents.entry(key).await?;
-        let (revision, was_online) = match entry {
-            Some(e) if e.operation == async_nats::jetstream::kv::Operation::Put => (
-                e.revision,
-                serde_json::from_slice::<AgentRecord>(&e.value)
-                    .is_ok_and(|r| r.presence == Presence::Online),
-            ),
-            Some(e) => (e.revision, false),
-            None => (0, false),
+        let current = match &entry {
+            Some(e) if e.operation == async_nats::jetstream::kv::Operation::Put => {
+                serde_json::from_slice::<AgentRecord>(&e.value).ok()
+            }
+            _ => None,
         };
+        let revision = entry.as_ref().map_or(0, |e| e.revision);
+        let mine = current
+            .as_ref()
+            .is_some_and(|r| r.holder.as_deref() == Some(holder));
+        let online = current
+            .as_ref()
+            .is_some_and(|r| r.presence == Presence::Online);
+        if mine {
+            return Ok((revision, first_seen.unwrap_or(false)));
+        }
+        let was_online = *first_seen.get_or_insert(online) && online;
         let written = if revision == 0 {
             nats.agents
                 .create(key, value.clone())
@@ -686,7 +705,7 @@ async fn claim(nats: &Nats, key: &str, value: bytes::Bytes) -> anyhow::Result<(u
         }
     }
     let revision = nats.agents.put(key, value).await?;
-    Ok((revision, true))
+    Ok((revision, false))
 }
 
 fn shared_view(rec: &AgentRecord) -> AgentRecord {
@@ -772,8 +791,9 @@ pub async fn heartbeat(gw: Arc<Gateway>, nats: Arc<Nats>) {
             }
         }
     };
+    let watch_all = || crate::nats::watch_keys(&nats.client, &nats.gateways, ">");
     let mut watch = loop {
-        match nats.gateways.watch_with_history(">").await {
+        match watch_all().await {
             Ok(w) => break w,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch the gateways bucket; retrying");
@@ -805,7 +825,7 @@ pub async fn heartbeat(gw: Arc<Gateway>, nats: Arc<Nats>) {
                 Some(Err(e)) => tracing::warn!(error = %e, "gateways watch error"),
                 None => {
                     tracing::warn!("gateways watch ended; restarting it");
-                    if let Ok(w) = nats.gateways.watch_with_history(">").await {
+                    if let Ok(w) = watch_all().await {
                         watch = w;
                     }
                 }
@@ -823,7 +843,7 @@ pub async fn follow(gw: Arc<Gateway>, nats: Arc<Nats>) {
     use futures_util::StreamExt;
     let filter = format!("{}.*", gw.settings.tenant);
     loop {
-        let mut watch = match nats.agents.watch_with_history(&filter).await {
+        let mut watch = match crate::nats::watch_keys(&nats.client, &nats.agents, &filter).await {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch the fleet registry; retrying");

@@ -168,7 +168,7 @@ pub struct Settings {
 
 impl From<ServeArgs> for Settings {
     fn from(a: ServeArgs) -> Self {
-        let nats = a.nats.settings();
+        let nats = a.nats.settings().map(|n| n.for_tenant(&a.tenant));
         let retention = a.nats.embedded_retention(&a.data_dir);
         // In a fleet the checks and plugins come from NATS, mirrored here.
         let (fleet_checks, fleet_plugins) = crate::fleet_config::mirror_dirs(&a.data_dir);

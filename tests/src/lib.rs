@@ -294,11 +294,12 @@ impl Gateway {
             .to_string();
         let pin = lines[1].trim_start_matches("pin_sha256 ").to_string();
         let curl_pin = lines[2].trim_start_matches("curl_pin ").to_string();
+        // A gateway that joined a tenant another gateway created has no clear copy of the
+        // tenant's key and token unless it was given one: empty then.
         let read = |f: &str| {
             std::fs::read_to_string(data_dir.join(f))
-                .unwrap()
-                .trim()
-                .to_string()
+                .map(|s| s.trim().to_string())
+                .unwrap_or_default()
         };
         Gateway {
             proc,

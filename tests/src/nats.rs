@@ -144,11 +144,17 @@ impl NatsServer {
     /// Start a single JetStream server named `name` under `dir/name`, and wait until it
     /// is ready (`/healthz` answers 200).
     pub fn start(dir: &Path, name: &str) -> NatsServer {
+        Self::start_with(dir, name, "")
+    }
+
+    /// [`NatsServer::start`] with `extra` appended to its configuration (users and their
+    /// permissions, say).
+    pub fn start_with(dir: &Path, name: &str, extra: &str) -> NatsServer {
         for _ in 0..5 {
             let ports = Ports::pick(1)[0];
             // A fresh store: nothing left from an attempt that lost its ports.
             let _ = std::fs::remove_dir_all(dir.join(name));
-            let mut server = Self::spawn(dir, name, ports, None);
+            let mut server = Self::spawn(dir, name, ports, None, extra);
             match wait_ready(&mut [&mut server], Instant::now() + READY_TIMEOUT) {
                 Ok(()) => return server,
                 Err(PortInUse) => continue,
@@ -159,7 +165,13 @@ impl NatsServer {
 
     /// Write the config file (`routes`: the other nodes' cluster ports, `None` for a
     /// single server) and start the process.
-    fn spawn(dir: &Path, name: &str, ports: Ports, routes: Option<&[u16]>) -> NatsServer {
+    fn spawn(
+        dir: &Path,
+        name: &str,
+        ports: Ports,
+        routes: Option<&[u16]>,
+        extra: &str,
+    ) -> NatsServer {
         let home = dir.join(name);
         std::fs::create_dir_all(&home).unwrap();
         let config = home.join("nats.conf");
@@ -185,6 +197,7 @@ impl NatsServer {
                 routes.join(", ")
             ));
         }
+        text.push_str(extra);
         std::fs::write(&config, text).unwrap();
         let log_path = home.join("nats.log");
         let (proc, log_start) = launch(&config, &log_path);
@@ -377,7 +390,7 @@ impl NatsCluster {
                         .filter(|&j| j != i)
                         .map(|j| ports[j].cluster)
                         .collect();
-                    NatsServer::spawn(dir, &format!("nats-{i}"), ports[i], Some(&routes))
+                    NatsServer::spawn(dir, &format!("nats-{i}"), ports[i], Some(&routes), "")
                 })
                 .collect();
             let deadline = Instant::now() + READY_TIMEOUT;

@@ -66,7 +66,32 @@ fn gateway_on(
         args.extend_from_slice(&["--bus", url]);
     }
     args.extend_from_slice(extra);
-    Gateway::start_on(&dir.join(id), listen, &args)
+    // The tenant's enrollment key and API token exist in clear only where they were made
+    // (NATS keeps them hashed): as an operator would, give every further gateway of the
+    // tenant the first one's copy.
+    let tenant = extra
+        .iter()
+        .position(|a| *a == "--tenant")
+        .and_then(|i| extra.get(i + 1))
+        .copied()
+        .unwrap_or("default");
+    let keys = dir.join("tenant-keys").join(tenant);
+    let data_dir = dir.join(id).join("gateway");
+    const KEY_FILES: [&str; 2] = ["enroll.key", "api.token"];
+    if nats.is_some() && keys.exists() {
+        std::fs::create_dir_all(&data_dir).unwrap();
+        for f in KEY_FILES {
+            std::fs::copy(keys.join(f), data_dir.join(f)).unwrap();
+        }
+    }
+    let gw = Gateway::start_on(&dir.join(id), listen, &args);
+    if nats.is_some() && !keys.exists() {
+        std::fs::create_dir_all(&keys).unwrap();
+        for f in KEY_FILES {
+            std::fs::copy(data_dir.join(f), keys.join(f)).unwrap();
+        }
+    }
+    gw
 }
 
 /// A nats-server, its URL, the fleet's certificate, and the `tick` check pushed to it.
@@ -824,24 +849,70 @@ async fn run_now_on_bus(
         .await
 }
 
+/// Two tenants on one nats-server, each with the NATS user FLEET.md documents
+/// (`outpost_gateway::nats::tenant_permissions`): each tenant's gateway and `config push`
+/// work with only their own permissions (the server logs no violation for them), neither
+/// sees or reaches the other's agents, and with one tenant's NATS credentials the other's
+/// keys, check files, results and replies are refused by the server. The tenant's
+/// enrollment key and API token are kept hashed in NATS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_sharing_one_nats_never_see_or_reach_each_others_agents() {
+    use outpost_gateway::nats::tenant_permissions;
     let dir = tempdir();
-    let nats = NatsServer::start(dir.path(), "n1");
+    let user = |name: &str, gateway: &str| {
+        format!(
+            "    {{ user: {name:?}, password: \"{name}-pw\", {} }}\n",
+            tenant_permissions(name, &[gateway])
+        )
+    };
+    let nats = NatsServer::start_with(
+        dir.path(),
+        "n1",
+        &format!(
+            "authorization {{\n  users = [\n    {{ user: \"admin\", password: \"admin-pw\" }}\n{}{}  ]\n}}\n",
+            user("acme", "acme1"),
+            user("globex", "globex1")
+        ),
+    );
     let url = nats.url();
+    let as_user = |tenant: &'static str| -> Vec<String> {
+        [
+            "--tenant",
+            tenant,
+            "--nats-user",
+            tenant,
+            "--nats-password",
+            &format!("{tenant}-pw"),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    fn args(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let (acme_args, globex_args) = (as_user("acme"), as_user("globex"));
     let pki = pki(dir.path());
+    // The shared streams and buckets are made by a user with every JetStream right (here
+    // the admin's push for globex); a tenant's user then pushes its own tenant's files.
     push(
         &url,
         &write_config(dir.path(), &[("base.toml", TICK)]),
-        &["--tenant", "acme"],
+        &[
+            "--tenant",
+            "globex",
+            "--nats-user",
+            "admin",
+            "--nats-password",
+            "admin-pw",
+        ],
     );
     push(
         &url,
         &write_config(dir.path(), &[("base.toml", TICK)]),
-        &["--tenant", "globex"],
+        &args(&acme_args),
     );
-    let acme = gateway(dir.path(), "acme1", &url, &pki, &["--tenant", "acme"]);
-    let globex = gateway(dir.path(), "globex1", &url, &pki, &["--tenant", "globex"]);
+    let acme = gateway(dir.path(), "acme1", &url, &pki, &args(&acme_args));
+    let globex = gateway(dir.path(), "globex1", &url, &pki, &args(&globex_args));
     assert_ne!(
         acme.enroll_key, globex.enroll_key,
         "each tenant has its own keys"
@@ -856,7 +927,7 @@ async fn tenants_sharing_one_nats_never_see_or_reach_each_others_agents() {
         ))
     })
     .await;
-    // Each tenant's API lists only its own agent.
+    // Each tenant's API lists only its own agent, and run-now works within the tenant.
     assert_eq!(
         fleet_view(&acme).await.keys().collect::<Vec<_>>(),
         [&a.fingerprint]
@@ -865,12 +936,25 @@ async fn tenants_sharing_one_nats_never_see_or_reach_each_others_agents() {
         fleet_view(&globex).await.keys().collect::<Vec<_>>(),
         [&g.fingerprint]
     );
+    let (status, body) = run_now(&acme, &a.fingerprint, "tick").await;
+    assert_eq!(status, 200, "{body}");
     // acme asks for globex's agent: unknown to acme, and nothing reaches it.
     let (status, body) = run_now(&acme, &g.fingerprint, "tick").await;
     assert_eq!(status, 404, "{body}");
-    // Even a request put on the bus by hand, on acme's subject for globex's agent, finds
-    // no responder: globex's gateway listens only on globex's subjects.
-    let client = async_nats::connect(url.as_str()).await.unwrap();
+    // Everything so far ran within the tenants' permissions.
+    assert!(
+        !nats.log().contains("Violation"),
+        "a tenant's gateway or push needed more than its permissions:\n{}",
+        nats.log()
+    );
+
+    // Even a request put on the bus by hand (as the admin), on acme's subject for
+    // globex's agent, finds no responder: globex's gateway listens only on globex's.
+    let client =
+        async_nats::ConnectOptions::with_user_and_password("admin".into(), "admin-pw".into())
+            .connect(url.as_str())
+            .await
+            .unwrap();
     let err = run_now_on_bus(&client, "acme", &g.fingerprint)
         .await
         .unwrap_err();
@@ -888,6 +972,94 @@ async fn tenants_sharing_one_nats_never_see_or_reach_each_others_agents() {
         .unwrap();
     let answer: Value = serde_json::from_slice(&msg.payload).unwrap();
     assert_eq!(answer["status"], 200, "{answer}");
+
+    // The tenants' keys are in NATS only as hashes.
+    let admin_js = async_nats::jetstream::new(client.clone());
+    let creds = admin_js
+        .get_key_value(outpost_gateway::nats::CREDENTIALS_BUCKET)
+        .await
+        .unwrap();
+    for (tenant, gw) in [("acme", &acme), ("globex", &globex)] {
+        let record = creds
+            .get(format!("{tenant}._tenant"))
+            .await
+            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&record);
+        assert!(
+            !text.contains(&gw.enroll_key) && !text.contains(&gw.token),
+            "{text}"
+        );
+        assert!(text.contains(&sha256_hex(&gw.enroll_key)), "{text}");
+    }
+
+    // With acme's NATS credentials, globex is out of reach: the server refuses.
+    let acme_client =
+        async_nats::ConnectOptions::with_user_and_password("acme".into(), "acme-pw".into())
+            .custom_inbox_prefix("_INBOX_acme")
+            .connect(url.as_str())
+            .await
+            .unwrap();
+    let acme_js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(2))
+        .build(acme_client.clone());
+    let acme_creds = acme_js
+        .get_key_value(outpost_gateway::nats::CREDENTIALS_BUCKET)
+        .await
+        .unwrap();
+    assert!(
+        acme_creds.get("globex._tenant").await.is_err(),
+        "acme read globex's keys"
+    );
+    assert!(acme_creds.get("acme._tenant").await.unwrap().is_some());
+    let acme_config = acme_js
+        .get_key_value(outpost_gateway::fleet_config::CONFIG_BUCKET)
+        .await
+        .unwrap();
+    assert!(
+        acme_config
+            .put("globex.checks.evil.toml", "[[check]]".into())
+            .await
+            .is_err(),
+        "acme wrote a check file of globex's"
+    );
+    assert!(acme_js
+        .get_object_store("outpost_plugins_globex")
+        .await
+        .is_err());
+    let _results = acme_client.subscribe("outpost.globex.>").await.unwrap();
+    let _replies = acme_client.subscribe("_INBOX.>").await.unwrap();
+    acme_client.flush().await.unwrap();
+    // The server's own account of what it refused acme.
+    for refused in [
+        "Publish Violation - Subject \"$JS.API.DIRECT.GET.KV_outpost_credentials.$KV.outpost_credentials.globex._tenant\"",
+        "Publish Violation - Subject \"$KV.outpost_config.globex.checks.evil.toml\"",
+        "Publish Violation - Subject \"$JS.API.STREAM.INFO.OBJ_outpost_plugins_globex\"",
+        "Subscription Violation - Subject \"outpost.globex.>\"",
+        "Subscription Violation - Subject \"_INBOX.>\"",
+    ] {
+        eventually(T, refused, || async {
+            nats.log()
+                .lines()
+                .any(|l| l.contains("user:acme") && l.contains(refused))
+                .then_some(())
+        })
+        .await;
+    }
+    let config = admin_js
+        .get_key_value(outpost_gateway::fleet_config::CONFIG_BUCKET)
+        .await
+        .unwrap();
+    assert!(config
+        .get("globex.checks.evil.toml")
+        .await
+        .unwrap()
+        .is_none());
+}
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1002,7 +1174,8 @@ async fn restart_keeps_returning_agents(nats: Option<&str>, dir: &Path) {
         .iter()
         .map(|e| e["presence"].as_str().unwrap())
         .collect();
-    assert_eq!(kinds, ["online", "online"], "{back_events:?}");
+    // Back within the grace: it never stopped being online, so its return is no event.
+    assert_eq!(kinds, ["online"], "{back_events:?}");
     assert_eq!(
         gw.agent(&back.fingerprint).await.unwrap()["presence"],
         "online"

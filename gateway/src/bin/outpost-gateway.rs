@@ -58,7 +58,7 @@ async fn config(cmd: Config) -> anyhow::Result<()> {
         nats,
     } = cmd;
     nats.check()?;
-    let Some(settings) = nats.settings() else {
+    let Some(settings) = nats.settings().map(|n| n.for_tenant(&tenant)) else {
         anyhow::bail!("config push needs the fleet's NATS: pass --bus nats://HOST:PORT");
     };
     let nats =
