@@ -220,8 +220,8 @@ pub fn read_dir(dir: &Path) -> anyhow::Result<Snapshot> {
 }
 
 /// The keys of `store` that start with `prefix` (which ends with `.`), deleted ones left
-/// out. Only those: a tenant's NATS user may read its own keys and no others (FLEET.md,
-/// *Permissions*), so the bucket is never listed whole.
+/// out: one tenant's, never the whole bucket with every tenant's keys in it. Within 30 s
+/// (a key deleted while it is listed could otherwise leave the listing waiting).
 async fn keys_under(
     client: &async_nats::Client,
     store: &kv::Store,
@@ -247,7 +247,16 @@ async fn keys_under(
         return Ok(keys);
     }
     let mut messages = consumer.messages().await?;
-    while let Some(message) = messages.next().await {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let message = match tokio::time::timeout_at(deadline, messages.next()).await {
+            Ok(Some(m)) => m,
+            Ok(None) => break,
+            Err(_) => anyhow::bail!(
+                "listing {prefix}* in {} did not finish within 30 s",
+                store.name
+            ),
+        };
         let message = message?;
         let info = message.info().map_err(|e| anyhow::anyhow!("{e}"))?;
         let pending = info.pending;

@@ -104,10 +104,9 @@ pub struct NatsSettings {
     pub results_max_age: Duration,
     pub results_max_bytes: i64,
     pub dedup_window: Duration,
-    /// Where replies to this connection's requests arrive. Per tenant
-    /// (`_INBOX_<tenant>`), so a NATS user can be allowed the replies of its own tenant
-    /// only: with the shared `_INBOX.>` any tenant could read every other's answers
-    /// (registry entries, credentials, run-now results). See FLEET.md, *Permissions*.
+    /// Where replies to this connection's requests arrive: per tenant (`_INBOX_<tenant>`),
+    /// so a NATS user can be limited to its own tenant's replies. (Tenants are kept apart
+    /// by NATS accounts, not by permissions: FLEET.md, *Who may do what on NATS*.)
     pub inbox_prefix: String,
 }
 
@@ -234,81 +233,12 @@ pub fn rpc_subject(tenant: &str, fingerprint: &str) -> String {
     format!("outpost.{tenant}.rpc.{fingerprint}")
 }
 
-/// The NATS permissions of a user for `tenant`'s gateways (and `config push`), in
-/// nats-server configuration syntax: everything a gateway of the tenant does, and nothing
-/// of another tenant's. `gateway_ids` are the `--gateway-id`s the user may heartbeat as.
-/// The streams and buckets are shared by every tenant and must exist (made by a user
-/// allowed `$JS.API.>`, e.g. with `config push`): a tenant's user cannot create them.
-/// FLEET.md (*Permissions*) prints this for a tenant `acme`; a test checks it against a
-/// real nats-server.
-pub fn tenant_permissions(tenant: &str, gateway_ids: &[&str]) -> String {
-    let t = tenant;
-    let kv = |bucket: &str| {
-        [
-            format!("$KV.{bucket}.{t}.>"),
-            format!("$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{t}.>"),
-            format!("$JS.API.CONSUMER.CREATE.KV_{bucket}.*.$KV.{bucket}.{t}.>"),
-            format!("$JS.API.STREAM.INFO.KV_{bucket}"),
-        ]
-    };
-    let plugins = crate::fleet_config::plugins_bucket(t);
-    let mut publish = vec![
-        // Results, presence, run-now requests to the tenant's other gateways.
-        format!("outpost.{t}.>"),
-        "$JS.API.INFO".to_string(),
-        format!("$JS.API.STREAM.INFO.{RESULTS_STREAM}"),
-        format!("$JS.API.STREAM.INFO.{PRESENCE_STREAM}"),
-        format!("$JS.API.DIRECT.GET.{RESULTS_STREAM}.outpost.{t}.>"),
-    ];
-    for bucket in [
-        AGENTS_BUCKET,
-        CREDENTIALS_BUCKET,
-        crate::fleet_config::CONFIG_BUCKET,
-    ] {
-        publish.extend(kv(bucket));
-    }
-    // Every gateway's heartbeat is read (ids, listen addresses); only its own written.
-    publish.extend([
-        format!("$JS.API.STREAM.INFO.KV_{GATEWAYS_BUCKET}"),
-        format!("$JS.API.DIRECT.GET.KV_{GATEWAYS_BUCKET}.>"),
-        format!("$JS.API.CONSUMER.CREATE.KV_{GATEWAYS_BUCKET}.>"),
-    ]);
-    publish.extend(
-        gateway_ids
-            .iter()
-            .map(|id| format!("$KV.{GATEWAYS_BUCKET}.{id}")),
-    );
-    // The tenant's own plugin store, whole.
-    publish.extend([
-        format!("$O.{plugins}.>"),
-        format!("$JS.API.*.*.OBJ_{plugins}"),
-        format!("$JS.API.*.*.OBJ_{plugins}.>"),
-        format!("$JS.API.DIRECT.GET.OBJ_{plugins}.>"),
-    ]);
-    let subscribe = [
-        format!("outpost.{t}.rpc.>"),
-        format!("{}.>", inbox_prefix(t)),
-    ];
-    let list = |subjects: &[String]| {
-        subjects
-            .iter()
-            .map(|s| format!("      {s:?}"))
-            .collect::<Vec<_>>()
-            .join(",\n")
-    };
-    format!(
-        "permissions: {{\n  publish: {{\n    allow: [\n{}\n    ]\n  }}\n  subscribe: {{\n    allow: [\n{}\n    ]\n  }}\n  allow_responses: true\n}}\n",
-        list(&publish),
-        list(&subscribe)
-    )
-}
-
 /// A watch of the keys of `store` matching `filter` (`acme.>`, `acme.*`): each key's
 /// newest entry, then every change, as async-nats' `watch_with_history` gives them, but
 /// on a consumer with a name. With a name the filter is part of the request's subject
-/// (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`), so a NATS user can be allowed to
-/// watch its tenant's keys and no others (FLEET.md, *Permissions*); without one the
-/// filter is only in the request's body, where permissions cannot see it.
+/// (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`), so NATS permissions can limit a
+/// user to watching some keys; without one the filter is only in the request's body,
+/// where permissions cannot see it.
 pub async fn watch_keys(
     client: &async_nats::Client,
     store: &kv::Store,
@@ -613,26 +543,6 @@ pub(crate) async fn ensure_object_store(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// FLEET.md prints the permissions of tenant `acme` (gateways `acme1`, `acme2`) as
-    /// this function makes them, so the documented set is the tested set.
-    #[test]
-    fn fleet_md_shows_the_permissions_the_code_makes() {
-        let made = tenant_permissions("acme", &["acme1", "acme2"]);
-        if std::env::var_os("OUTPOST_PRINT_PERMISSIONS").is_some() {
-            print!("{made}");
-        }
-        let doc = std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/FLEET.md"),
-        )
-        .unwrap();
-        assert!(
-            doc.contains(&made),
-            "docs/FLEET.md (Who may do what on NATS) must show, verbatim:\n{made}\n\
-             (OUTPOST_PRINT_PERMISSIONS=1 cargo test -p outpost-gateway --lib \
-             fleet_md_shows -- --nocapture prints it)"
-        );
-    }
 
     /// Without `--results-max-bytes` the embedded bus is bounded by its disk's size; an
     /// explicit value (0 included: no cap) is kept as given.

@@ -601,7 +601,16 @@ async fn authenticated(
                 match waiter {
                     Some(w) => {
                         if let Some(result) = &reply.result {
-                            let problems = result.content_problems();
+                            // Its seq may be 0 (the agent could not queue it), not above
+                            // the bound.
+                            let mut problems = result.content_problems();
+                            if result.seq > outpost_protocol::MAX_SEQ {
+                                problems.push(format!(
+                                    "seq {} is above {}",
+                                    result.seq,
+                                    outpost_protocol::MAX_SEQ
+                                ));
+                            }
                             if !problems.is_empty() {
                                 let why = format!(
                                     "run-now result of {:?}: {}",

@@ -849,33 +849,23 @@ async fn run_now_on_bus(
         .await
 }
 
-/// Two tenants on one nats-server, each with the NATS user FLEET.md documents
-/// (`outpost_gateway::nats::tenant_permissions`): each tenant's gateway and `config push`
-/// work with only their own permissions (the server logs no violation for them), neither
-/// sees or reaches the other's agents, and with one tenant's NATS credentials the other's
-/// keys, check files, results and replies are refused by the server. The tenant's
-/// enrollment key and API token are kept hashed in NATS.
+/// Two tenants on one nats-server, each in its own NATS account as FLEET.md says: each
+/// tenant's gateway and `config push` work in their account, neither sees or reaches the
+/// other's agents, and with one tenant's NATS credentials nothing of the other's can be
+/// read or written, not even by the reply-subject injection that defeats subject
+/// permissions within one account (a request whose reply subject is the other tenant's
+/// key makes the server itself write the answer there). The tenant's enrollment key and
+/// API token are kept hashed in NATS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_sharing_one_nats_never_see_or_reach_each_others_agents() {
-    use outpost_gateway::nats::tenant_permissions;
     let dir = tempdir();
-    let user = |name: &str, gateway: &str| {
-        format!(
-            "    {{ user: {name:?}, password: \"{name}-pw\", {} }}\n",
-            tenant_permissions(name, &[gateway])
-        )
-    };
     let nats = NatsServer::start_with(
         dir.path(),
         "n1",
-        &format!(
-            "authorization {{\n  users = [\n    {{ user: \"admin\", password: \"admin-pw\" }}\n{}{}  ]\n}}\n",
-            user("acme", "acme1"),
-            user("globex", "globex1")
-        ),
+        "accounts {\n  ACME: { jetstream: enabled, users: [ { user: \"acme\", password: \"acme-pw\" } ] }\n  GLOBEX: { jetstream: enabled, users: [ { user: \"globex\", password: \"globex-pw\" } ] }\n}\n",
     );
     let url = nats.url();
-    let as_user = |tenant: &'static str| -> Vec<String> {
+    fn as_user(tenant: &str) -> Vec<String> {
         [
             "--tenant",
             tenant,
@@ -886,31 +876,19 @@ async fn tenants_sharing_one_nats_never_see_or_reach_each_others_agents() {
         ]
         .map(String::from)
         .to_vec()
-    };
+    }
     fn args(v: &[String]) -> Vec<&str> {
         v.iter().map(String::as_str).collect()
     }
     let (acme_args, globex_args) = (as_user("acme"), as_user("globex"));
     let pki = pki(dir.path());
-    // The shared streams and buckets are made by a user with every JetStream right (here
-    // the admin's push for globex); a tenant's user then pushes its own tenant's files.
-    push(
-        &url,
-        &write_config(dir.path(), &[("base.toml", TICK)]),
-        &[
-            "--tenant",
-            "globex",
-            "--nats-user",
-            "admin",
-            "--nats-password",
-            "admin-pw",
-        ],
-    );
-    push(
-        &url,
-        &write_config(dir.path(), &[("base.toml", TICK)]),
-        &args(&acme_args),
-    );
+    for a in [&acme_args, &globex_args] {
+        push(
+            &url,
+            &write_config(dir.path(), &[("base.toml", TICK)]),
+            &args(a),
+        );
+    }
     let acme = gateway(dir.path(), "acme1", &url, &pki, &args(&acme_args));
     let globex = gateway(dir.path(), "globex1", &url, &pki, &args(&globex_args));
     assert_ne!(
@@ -941,21 +919,23 @@ async fn tenants_sharing_one_nats_never_see_or_reach_each_others_agents() {
     // acme asks for globex's agent: unknown to acme, and nothing reaches it.
     let (status, body) = run_now(&acme, &g.fingerprint, "tick").await;
     assert_eq!(status, 404, "{body}");
-    // Everything so far ran within the tenants' permissions.
-    assert!(
-        !nats.log().contains("Violation"),
-        "a tenant's gateway or push needed more than its permissions:\n{}",
-        nats.log()
-    );
+    // A globex agent cannot log in to acme's gateway with globex's key.
+    let wrong = agent(dir.path(), "wrong", &acme.addr, &pki, &globex.enroll_key);
+    wrong.proc.wait_for_log("enrollment key refused", T).await;
 
-    // Even a request put on the bus by hand (as the admin), on acme's subject for
-    // globex's agent, finds no responder: globex's gateway listens only on globex's.
-    let client =
-        async_nats::ConnectOptions::with_user_and_password("admin".into(), "admin-pw".into())
-            .connect(url.as_str())
-            .await
-            .unwrap();
-    let err = run_now_on_bus(&client, "acme", &g.fingerprint)
+    let connect = |user: &'static str| {
+        let url = url.clone();
+        async move {
+            async_nats::ConnectOptions::with_user_and_password(user.into(), format!("{user}-pw"))
+                .connect(url.as_str())
+                .await
+                .unwrap()
+        }
+    };
+    let (acme_client, globex_client) = (connect("acme").await, connect("globex").await);
+    // Even a request put on the bus by hand, with acme's credentials, on globex's subject
+    // for globex's agent, finds no responder: acme's account has no such subscriber.
+    let err = run_now_on_bus(&acme_client, "globex", &g.fingerprint)
         .await
         .unwrap_err();
     assert_eq!(
@@ -963,24 +943,28 @@ async fn tenants_sharing_one_nats_never_see_or_reach_each_others_agents() {
         async_nats::client::RequestErrorKind::NoResponders,
         "{err}"
     );
-    // A globex agent cannot log in to acme's gateway with globex's key.
-    let wrong = agent(dir.path(), "wrong", &acme.addr, &pki, &globex.enroll_key);
-    wrong.proc.wait_for_log("enrollment key refused", T).await;
-    // The right subject does reach it.
-    let msg = run_now_on_bus(&client, "globex", &g.fingerprint)
+    // The right credentials do reach it.
+    let msg = run_now_on_bus(&globex_client, "globex", &g.fingerprint)
         .await
         .unwrap();
     let answer: Value = serde_json::from_slice(&msg.payload).unwrap();
     assert_eq!(answer["status"], 200, "{answer}");
 
+    let kv = |client: &async_nats::Client, bucket: &'static str| {
+        let js = async_nats::jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .build(client.clone());
+        async move { js.get_key_value(bucket).await.unwrap() }
+    };
+    use outpost_gateway::fleet_config::CONFIG_BUCKET;
+    use outpost_gateway::nats::CREDENTIALS_BUCKET;
     // The tenants' keys are in NATS only as hashes.
-    let admin_js = async_nats::jetstream::new(client.clone());
-    let creds = admin_js
-        .get_key_value(outpost_gateway::nats::CREDENTIALS_BUCKET)
-        .await
-        .unwrap();
-    for (tenant, gw) in [("acme", &acme), ("globex", &globex)] {
-        let record = creds
+    for (client, tenant, gw) in [
+        (&acme_client, "acme", &acme),
+        (&globex_client, "globex", &globex),
+    ] {
+        let record = kv(client, CREDENTIALS_BUCKET)
+            .await
             .get(format!("{tenant}._tenant"))
             .await
             .unwrap()
@@ -993,68 +977,79 @@ async fn tenants_sharing_one_nats_never_see_or_reach_each_others_agents() {
         assert!(text.contains(&sha256_hex(&gw.enroll_key)), "{text}");
     }
 
-    // With acme's NATS credentials, globex is out of reach: the server refuses.
-    let acme_client =
-        async_nats::ConnectOptions::with_user_and_password("acme".into(), "acme-pw".into())
-            .custom_inbox_prefix("_INBOX_acme")
-            .connect(url.as_str())
+    // With acme's credentials, globex's data is out of reach: acme's buckets are acme's.
+    let acme_creds = kv(&acme_client, CREDENTIALS_BUCKET).await;
+    assert!(acme_creds.get("globex._tenant").await.unwrap().is_none());
+    let acme_config = kv(&acme_client, CONFIG_BUCKET).await;
+    // The write a tenant's user may do, to its own config, and the injections that
+    // defeat subject permissions: a direct get of acme's own file and a results publish,
+    // each with globex's key as the reply subject (the server writes the answer there).
+    acme_config
+        .put(
+            "acme.checks.evil.toml",
+            "[[check]]\nname = \"evil\"\ncommand = \"/bin/true\"\n".into(),
+        )
+        .await
+        .unwrap();
+    for (subject, reply) in [
+        (
+            "$JS.API.DIRECT.GET.KV_outpost_config.$KV.outpost_config.acme.checks.evil.toml",
+            "$KV.outpost_config.globex.checks.a.toml",
+        ),
+        (
+            "outpost.acme.results.x",
+            "$KV.outpost_config.globex.checks.c.toml",
+        ),
+    ] {
+        acme_client
+            .publish_with_reply(subject, reply, "".into())
             .await
             .unwrap();
-    let acme_js = async_nats::jetstream::ContextBuilder::new()
-        .timeout(Duration::from_secs(2))
-        .build(acme_client.clone());
-    let acme_creds = acme_js
-        .get_key_value(outpost_gateway::nats::CREDENTIALS_BUCKET)
-        .await
-        .unwrap();
-    assert!(
-        acme_creds.get("globex._tenant").await.is_err(),
-        "acme read globex's keys"
-    );
-    assert!(acme_creds.get("acme._tenant").await.unwrap().is_some());
-    let acme_config = acme_js
-        .get_key_value(outpost_gateway::fleet_config::CONFIG_BUCKET)
-        .await
-        .unwrap();
-    assert!(
-        acme_config
-            .put("globex.checks.evil.toml", "[[check]]".into())
-            .await
-            .is_err(),
-        "acme wrote a check file of globex's"
-    );
-    assert!(acme_js
-        .get_object_store("outpost_plugins_globex")
-        .await
-        .is_err());
-    let _results = acme_client.subscribe("outpost.globex.>").await.unwrap();
-    let _replies = acme_client.subscribe("_INBOX.>").await.unwrap();
-    acme_client.flush().await.unwrap();
-    // The server's own account of what it refused acme.
-    for refused in [
-        "Publish Violation - Subject \"$JS.API.DIRECT.GET.KV_outpost_credentials.$KV.outpost_credentials.globex._tenant\"",
-        "Publish Violation - Subject \"$KV.outpost_config.globex.checks.evil.toml\"",
-        "Publish Violation - Subject \"$JS.API.STREAM.INFO.OBJ_outpost_plugins_globex\"",
-        "Subscription Violation - Subject \"outpost.globex.>\"",
-        "Subscription Violation - Subject \"_INBOX.>\"",
-    ] {
-        eventually(T, refused, || async {
-            nats.log()
-                .lines()
-                .any(|l| l.contains("user:acme") && l.contains(refused))
-                .then_some(())
-        })
-        .await;
     }
-    let config = admin_js
-        .get_key_value(outpost_gateway::fleet_config::CONFIG_BUCKET)
+    acme_config
+        .put("globex.checks.b.toml", "x".into())
         .await
         .unwrap();
-    assert!(config
-        .get("globex.checks.evil.toml")
-        .await
+    acme_client.flush().await.unwrap();
+    // Where acme's injections went: into acme's own bucket (its account's), as a marker
+    // that they ran, and never into globex's.
+    eventually(T, "the injections answered in acme's account", || async {
+        let mut found = 0;
+        for key in [
+            "globex.checks.a.toml",
+            "globex.checks.b.toml",
+            "globex.checks.c.toml",
+        ] {
+            if !acme_config.get(key).await.ok()??.is_empty() {
+                found += 1;
+            }
+        }
+        (found == 3).then_some(())
+    })
+    .await;
+    let globex_config = kv(&globex_client, CONFIG_BUCKET).await;
+    for key in [
+        "globex.checks.a.toml",
+        "globex.checks.b.toml",
+        "globex.checks.c.toml",
+    ] {
+        assert!(
+            globex_config.get(key).await.unwrap().is_none(),
+            "acme wrote {key} into globex's config"
+        );
+    }
+    // And globex's gateway runs only globex's check.
+    let checks = globex
+        .api(&format!("/agents/{}/checks", g.fingerprint))
+        .await;
+    let names: Vec<&str> = checks
+        .as_array()
         .unwrap()
-        .is_none());
+        .iter()
+        .filter(|c| c["configured"] == true)
+        .map(|c| c["check"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["tick"], "{checks}");
 }
 
 fn sha256_hex(s: &str) -> String {

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream::DirectGetErrorKind;
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use async_nats::HeaderMap;
 use async_trait::async_trait;
 use outpost_protocol::CheckResult;
@@ -67,20 +67,20 @@ impl NatsBus {
         *mark = (*mark).max(seq);
     }
 
-    /// The highest sequence number stored for `subject`, from the stream. A direct get
-    /// (`$JS.API.DIRECT.GET.<stream>.<subject>`): the subject is in the request's own
-    /// subject, so a tenant's NATS user can be allowed its own agents' last results and
-    /// no others (FLEET.md, *Permissions*). A replica may answer a moment behind the
-    /// leader; a resend it would let through is still dropped by the stream's duplicate
-    /// window (`Nats-Msg-Id`).
+    /// The highest sequence number stored for `subject`, from the stream.
     async fn stored_mark(&self, subject: &str) -> Result<u64, BusError> {
-        match self.nats.results.direct_get_last_for_subject(subject).await {
+        match self
+            .nats
+            .results
+            .get_last_raw_message_by_subject(subject)
+            .await
+        {
             Ok(msg) => Ok(msg
                 .headers
                 .get(SEQ_HEADER)
                 .and_then(|v| v.as_str().parse().ok())
                 .unwrap_or(0)),
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => Ok(0),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
             Err(e) => Err(unavailable("cannot read the agent's last result", e)),
         }
     }
