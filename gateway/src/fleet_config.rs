@@ -227,21 +227,7 @@ async fn keys_under(
     store: &kv::Store,
     prefix: &str,
 ) -> anyhow::Result<Vec<String>> {
-    use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
-    let consumer = store
-        .stream
-        .create_consumer(push::OrderedConfig {
-            // Named, so the filter is in the request's subject (see `nats::watch_keys`).
-            name: Some(format!("outpost_{}", crate::util::random_token(8))),
-            deliver_subject: client.new_inbox(),
-            description: Some("outpost key listing".into()),
-            filter_subject: format!("{}{prefix}>", store.prefix),
-            headers_only: true,
-            replay_policy: ReplayPolicy::Instant,
-            deliver_policy: DeliverPolicy::LastPerSubject,
-            ..Default::default()
-        })
-        .await?;
+    let consumer = crate::nats::key_consumer(client, store, &format!("{prefix}>"), true).await?;
     let mut keys = Vec::new();
     if consumer.cached_info().num_pending == 0 {
         return Ok(keys);

@@ -233,6 +233,33 @@ pub fn rpc_subject(tenant: &str, fingerprint: &str) -> String {
     format!("outpost.{tenant}.rpc.{fingerprint}")
 }
 
+/// An ordered consumer of each key of `store` matching `filter`, newest entry first, then
+/// every change; with a name (see [`watch_keys`]). `headers_only`: keys and operations,
+/// without values.
+pub(crate) async fn key_consumer(
+    client: &async_nats::Client,
+    store: &kv::Store,
+    filter: &str,
+    headers_only: bool,
+) -> anyhow::Result<
+    async_nats::jetstream::consumer::Consumer<async_nats::jetstream::consumer::push::OrderedConfig>,
+> {
+    use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
+    Ok(store
+        .stream
+        .create_consumer(push::OrderedConfig {
+            name: Some(format!("outpost_{}", crate::util::random_token(8))),
+            deliver_subject: client.new_inbox(),
+            description: Some("outpost keys".into()),
+            filter_subject: format!("{}{filter}", store.prefix),
+            headers_only,
+            replay_policy: ReplayPolicy::Instant,
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await?)
+}
+
 /// A watch of the keys of `store` matching `filter` (`acme.>`, `acme.*`): each key's
 /// newest entry, then every change, as async-nats' `watch_with_history` gives them, but
 /// on a consumer with a name. With a name the filter is part of the request's subject
@@ -244,19 +271,8 @@ pub async fn watch_keys(
     store: &kv::Store,
     filter: &str,
 ) -> anyhow::Result<impl futures_util::Stream<Item = anyhow::Result<kv::Entry>> + Unpin> {
-    use async_nats::jetstream::consumer::{push, DeliverPolicy, ReplayPolicy};
     use futures_util::StreamExt;
-    let consumer = store
-        .stream
-        .create_consumer(push::OrderedConfig {
-            name: Some(format!("outpost_{}", crate::util::random_token(8))),
-            deliver_subject: client.new_inbox(),
-            description: Some("outpost key watch".into()),
-            filter_subject: format!("{}{filter}", store.prefix),
-            replay_policy: ReplayPolicy::Instant,
-            deliver_policy: DeliverPolicy::LastPerSubject,
-            ..Default::default()
-        })
+    let consumer = key_consumer(client, store, filter, false)
         .await
         .with_context(|| format!("cannot watch {} in {}", filter, store.name))?;
     let (bucket, prefix) = (store.name.clone(), store.prefix.clone());
