@@ -73,7 +73,17 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
                 settings.data_dir.display()
             )
         })?;
-    let tls = tls::TlsIdentity::load_or_generate(&settings)?;
+    let tls = tls::TlsIdentity::load_or_generate(&settings).map_err(|e| {
+        if settings.tls_cert.is_some() {
+            // The operator's files: retrying will not help.
+            settings::ConfigError {
+                problems: vec![format!("--tls-cert/--tls-key: {e:#}")],
+            }
+            .into()
+        } else {
+            e
+        }
+    })?;
     let me = registry::Me {
         gateway_id: gateway_id(&settings)?,
         incarnation: util::random_token(6),

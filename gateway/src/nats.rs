@@ -17,6 +17,9 @@ use anyhow::Context as _;
 use async_nats::jetstream::{self, kv, stream};
 use clap::Args;
 
+/// The longest `--results-max-age-hours`: ten years.
+const MAX_RESULTS_AGE_HOURS: u64 = 10 * 366 * 24;
+
 /// `serve` options for the clustered bus.
 #[derive(Debug, Clone, Args)]
 pub struct NatsArgs {
@@ -46,8 +49,8 @@ pub struct NatsArgs {
     /// more servers are given, else 1. Three survive the loss of one server.
     #[arg(long, env = "OUTPOST_NATS_REPLICAS", value_parser = clap::value_parser!(u8).range(1..=5))]
     pub nats_replicas: Option<u8>,
-    /// Hours results are kept, in the NATS results stream or the embedded bus files (their
-    /// consumers must read them by then). Presence events on the embedded bus too.
+    /// Hours results are kept (1-87840), in the NATS results stream or the embedded bus
+    /// files (their consumers must read them by then). Presence events on the embedded bus too.
     #[arg(long, default_value_t = 168)]
     pub results_max_age_hours: u64,
     /// Bytes of results kept, in the NATS stream or the embedded bus files; the oldest go
@@ -57,7 +60,7 @@ pub struct NatsArgs {
     /// results wait on the agents instead of being dropped).
     #[arg(long)]
     pub results_max_bytes: Option<u64>,
-    /// Seconds JetStream remembers a `Nats-Msg-Id` to drop a resent result.
+    /// Seconds JetStream remembers a `Nats-Msg-Id` to drop a resent result (1-86400).
     #[arg(long, default_value_t = 600)]
     pub dedup_window_secs: u64,
 }
@@ -129,7 +132,7 @@ impl NatsArgs {
     /// How much of the results the bus keeps, as given (no byte cap when none was).
     pub fn retention(&self) -> crate::bus::segments::Retention {
         crate::bus::segments::Retention {
-            max_age: Duration::from_secs(self.results_max_age_hours.max(1) * 3600),
+            max_age: Duration::from_secs(self.results_max_age_hours.max(1).saturating_mul(3600)),
             max_bytes: self.results_max_bytes.unwrap_or(0),
         }
     }
@@ -148,23 +151,43 @@ impl NatsArgs {
         r
     }
 
-    /// Refuse, naming these options, what JetStream would refuse when the stream is made.
-    pub fn check(&self) -> anyhow::Result<()> {
+    /// What is wrong with these options, each problem naming its fix: values out of range,
+    /// and what JetStream would refuse when the stream is made.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if !(1..=86_400).contains(&self.dedup_window_secs) {
+            problems.push(format!(
+                "--dedup-window-secs {}: use 1..=86400 seconds",
+                self.dedup_window_secs
+            ));
+        }
+        if !(1..=MAX_RESULTS_AGE_HOURS).contains(&self.results_max_age_hours) {
+            problems.push(format!(
+                "--results-max-age-hours {}: use 1..={MAX_RESULTS_AGE_HOURS} hours",
+                self.results_max_age_hours
+            ));
+        }
+        if self.results_max_bytes.is_some_and(|b| b > i64::MAX as u64) {
+            problems.push(format!(
+                "--results-max-bytes: at most {} (0: no limit)",
+                i64::MAX
+            ));
+        }
         let (window, max_age) = (self.dedup_window(), self.retention().max_age);
-        if matches!(self.bus, BusChoice::Nats(_)) && window > max_age {
-            anyhow::bail!(
+        if matches!(self.bus, BusChoice::Nats(_)) && problems.is_empty() && window > max_age {
+            problems.push(format!(
                 "--dedup-window-secs {} is longer than --results-max-age-hours {} ({} s): \
                  JetStream cannot remember a result's id longer than it keeps the result",
                 window.as_secs(),
                 max_age.as_secs() / 3600,
                 max_age.as_secs()
-            );
+            ));
         }
-        Ok(())
+        problems
     }
 
     fn dedup_window(&self) -> Duration {
-        Duration::from_secs(self.dedup_window_secs.clamp(1, 86_400))
+        Duration::from_secs(self.dedup_window_secs)
     }
 
     pub fn settings(&self) -> Option<NatsSettings> {
@@ -186,7 +209,7 @@ impl NatsArgs {
             results_max_age: self.retention().max_age,
             results_max_bytes: match self.retention().max_bytes {
                 0 => -1,
-                cap => cap.min(i64::MAX as u64) as i64,
+                cap => i64::try_from(cap).unwrap_or(i64::MAX),
             },
             dedup_window: self.dedup_window(),
             inbox_prefix: inbox_prefix(crate::credentials::DEFAULT_TENANT),
@@ -614,25 +637,23 @@ mod tests {
         };
         let nats = ["--bus", "nats://a:4222", "--results-max-age-hours", "1"];
         let err = args(&[&nats[..], &["--dedup-window-secs", "3601"]].concat())
-            .check()
-            .unwrap_err()
-            .to_string();
+            .problems()
+            .join("\n");
         assert!(
             err.contains("--dedup-window-secs 3601 is longer than --results-max-age-hours 1"),
             "{err}"
         );
-        args(&[&nats[..], &["--dedup-window-secs", "3600"]].concat())
-            .check()
-            .unwrap();
+        let ok = args(&[&nats[..], &["--dedup-window-secs", "3600"]].concat()).problems();
+        assert_eq!(ok, Vec::<String>::new());
         // The embedded bus has no duplicate window to compare.
-        args(&[
+        let ok = args(&[
             "--results-max-age-hours",
             "1",
             "--dedup-window-secs",
             "7200",
         ])
-        .check()
-        .unwrap();
+        .problems();
+        assert_eq!(ok, Vec::<String>::new());
     }
 
     #[test]

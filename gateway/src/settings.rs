@@ -57,16 +57,16 @@ pub struct ServeArgs {
     /// fleet's checks), 1-3600.
     #[arg(long, default_value_t = 2)]
     pub checks_poll: u64,
-    /// Seconds to wait for sessions to end on shutdown; agents are asked to come back
-    /// after a random delay of up to half of it (at most 30 s).
+    /// Seconds to wait for sessions to end on shutdown (0-3600); agents are asked to come
+    /// back after a random delay of up to half of it (at most 30 s).
     #[arg(long, default_value_t = 10)]
     pub grace: u64,
     /// Address (`ip:port`) agents may dial when this gateway's name does not resolve, e.g.
     /// the load balancer's (repeatable). Sent in `welcome`; agents keep it on disk.
     #[arg(long = "fallback-addr")]
     pub fallback_addr: Vec<SocketAddr>,
-    /// Longest agent session in seconds (0: no limit); agents reconnect at a random point
-    /// between half of it and all of it, spreading load across gateways.
+    /// Longest agent session in seconds (at most 30 days; 0: no limit); agents reconnect at
+    /// a random point between half of it and all of it, spreading load across gateways.
     #[arg(long, default_value_t = 3600)]
     pub max_session: u64,
     /// Most agents connected at once (0: no limit); more are told to come back later.
@@ -166,14 +166,71 @@ pub struct Settings {
     pub retention: crate::bus::segments::Retention,
 }
 
-impl From<ServeArgs> for Settings {
-    fn from(a: ServeArgs) -> Self {
+/// What is wrong with the gateway's options: every problem at once, each naming its fix.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid gateway options:\n  - {}", .problems.join("\n  - "))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+/// `--NAME VALUE` must lie in `range`; the problem says which values are allowed.
+fn in_range(
+    problems: &mut Vec<String>,
+    name: &str,
+    value: u64,
+    range: std::ops::RangeInclusive<u64>,
+    unit: &str,
+) {
+    if !range.contains(&value) {
+        problems.push(format!(
+            "--{name} {value}: use {}..={} {unit}",
+            range.start(),
+            range.end()
+        ));
+    }
+}
+
+impl Settings {
+    /// Check `a` and resolve its defaults. Every value out of its documented range is a
+    /// problem (nothing is clamped behind the operator's back), and all problems are
+    /// reported together.
+    pub fn from_args(a: ServeArgs) -> Result<Settings, ConfigError> {
+        let mut problems = Vec::new();
+        let p = &mut problems;
+        in_range(p, "hello-timeout", a.hello_timeout, 1..=3600, "seconds");
+        in_range(p, "heartbeat", a.heartbeat, 1..=3600, "seconds");
+        in_range(p, "checks-poll", a.checks_poll, 1..=3600, "seconds");
+        in_range(p, "grace", a.grace, 0..=3600, "seconds");
+        in_range(p, "overload-retry", a.overload_retry, 1..=86_400, "seconds");
+        in_range(p, "presence-grace", a.presence_grace, 0..=86_400, "seconds");
+        in_range(
+            p,
+            "write-deadline-secs",
+            a.write_deadline_secs,
+            0..=86_400,
+            "seconds (0: no deadline)",
+        );
+        in_range(
+            p,
+            "max-session",
+            a.max_session,
+            0..=30 * 86_400,
+            "seconds (0: no limit)",
+        );
+        problems.extend(a.nats.problems());
+        let clustered = a.nats.settings().is_some();
+        if clustered && (a.checks_dir.is_some() || a.plugins_dir.is_some()) {
+            problems.push("--checks-dir/--plugins-dir: with --bus nats://… the checks and plugins come from NATS (mirrored under DATA_DIR/fleet); push a directory with `outpost-gateway config push DIR` instead".into());
+        }
+        if !problems.is_empty() {
+            return Err(ConfigError { problems });
+        }
         let nats = a.nats.settings().map(|n| n.for_tenant(&a.tenant));
         let retention = a.nats.embedded_retention(&a.data_dir);
         // In a fleet the checks and plugins come from NATS, mirrored here.
         let (fleet_checks, fleet_plugins) = crate::fleet_config::mirror_dirs(&a.data_dir);
-        let clustered = nats.is_some();
-        Settings {
+        let secs = Duration::from_secs;
+        Ok(Settings {
             checks_dir: a.checks_dir.unwrap_or_else(|| {
                 if clustered {
                     fleet_checks
@@ -196,19 +253,18 @@ impl From<ServeArgs> for Settings {
             tls_cert: a.tls_cert,
             tls_key: a.tls_key,
             tls_sans: a.tls_san,
-            hello_timeout: Duration::from_secs(a.hello_timeout.clamp(1, 3600)),
-            heartbeat: Duration::from_secs(a.heartbeat.clamp(1, 3600)),
-            checks_poll: Duration::from_secs(a.checks_poll.clamp(1, 3600)),
-            grace: Duration::from_secs(a.grace),
+            hello_timeout: secs(a.hello_timeout),
+            heartbeat: secs(a.heartbeat),
+            checks_poll: secs(a.checks_poll),
+            grace: secs(a.grace),
             fallback_addrs: a.fallback_addr,
-            max_session: Duration::from_secs(a.max_session),
+            max_session: secs(a.max_session),
             max_agents: a.max_agents,
-            overload_retry: Duration::from_secs(a.overload_retry.clamp(1, 86_400)),
-            presence_grace: Duration::from_secs(a.presence_grace.min(86_400)),
+            overload_retry: secs(a.overload_retry),
+            presence_grace: secs(a.presence_grace),
             max_unauthenticated: a.max_unauthenticated,
             max_unauthenticated_per_address: a.max_unauthenticated_per_address,
-            write_deadline: (a.write_deadline_secs > 0)
-                .then(|| Duration::from_secs(a.write_deadline_secs.min(86_400))),
+            write_deadline: (a.write_deadline_secs > 0).then(|| secs(a.write_deadline_secs)),
             agent_rate: crate::rate::AgentRate {
                 results_per_sec: a.agent_max_results_per_sec,
                 bytes_per_sec: a.agent_max_bytes_per_sec,
@@ -218,6 +274,6 @@ impl From<ServeArgs> for Settings {
             nats,
             retention,
             data_dir: a.data_dir,
-        }
+        })
     }
 }

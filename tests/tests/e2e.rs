@@ -271,6 +271,59 @@ async fn plain_ws_urls_and_bad_configs_are_refused_at_start() {
     }
 }
 
+#[test]
+fn gateway_options_out_of_range_are_all_named_and_exit_78() {
+    let dir = tempdir();
+    let run = |args: &[&str]| {
+        std::process::Command::new(bin("outpost-gateway"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir.path().join("gw"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // Three problems at once: each is named with its allowed range, none is clamped.
+    let out = run(&[
+        "--heartbeat",
+        "0",
+        "--hello-timeout",
+        "99999",
+        "--bus",
+        "nats://127.0.0.1:1",
+        "--dedup-window-secs",
+        "0",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "EX_CONFIG: {err}");
+    for says in [
+        "--heartbeat 0: use 1..=3600 seconds",
+        "--hello-timeout 99999: use 1..=3600 seconds",
+        "--dedup-window-secs 0: use 1..=86400 seconds",
+    ] {
+        assert!(err.contains(says), "{says:?} not in {err}");
+    }
+    // A certificate file that is not one: a configuration error too.
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    let out = run(&[
+        "--tls-cert",
+        junk.to_str().unwrap(),
+        "--tls-key",
+        junk.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("--tls-cert/--tls-key"), "{err}");
+    // An option that does not exist: a usage error.
+    let out = run(&["--no-such-option"]);
+    assert_eq!(out.status.code(), Some(64), "EX_USAGE");
+    // Its help is no error.
+    let out = run(&["--help"]);
+    assert_eq!(out.status.code(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_close_only_their_connection() {
     let dir = tempdir();

@@ -57,7 +57,10 @@ async fn config(cmd: Config) -> anyhow::Result<()> {
         tenant,
         nats,
     } = cmd;
-    nats.check()?;
+    let problems = nats.problems();
+    if !problems.is_empty() {
+        return Err(outpost_gateway::settings::ConfigError { problems }.into());
+    }
     let Some(settings) = nats.settings().map(|n| n.for_tenant(&tenant)) else {
         anyhow::bail!("config push needs the fleet's NATS: pass --bus nats://HOST:PORT");
     };
@@ -130,9 +133,34 @@ fn release(cmd: Release) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// sysexits.h codes: the command line cannot be parsed (EX_USAGE), the options or the
+/// files they name are wrong and retrying will not help (EX_CONFIG), anything else
+/// (EX_SOFTWARE; systemd restarts the gateway after it).
+const EX_USAGE: u8 = 64;
+const EX_SOFTWARE: u8 = 70;
+const EX_CONFIG: u8 = 78;
+
+/// The exit code for `e`: 78 when it is (or wraps) a configuration error.
+fn exit_code(e: &anyhow::Error) -> ExitCode {
+    let config = e
+        .chain()
+        .any(|c| c.is::<outpost_gateway::settings::ConfigError>());
+    ExitCode::from(if config { EX_CONFIG } else { EX_SOFTWARE })
+}
+
 fn main() -> ExitCode {
     outpost_sys::init_logging();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::SUCCESS // --help, --version
+            };
+        }
+    };
     if let Command::Release(cmd) = cli.command {
         return match release(cmd) {
             Ok(()) => ExitCode::SUCCESS,
@@ -146,7 +174,7 @@ fn main() -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(70);
+            return ExitCode::from(EX_SOFTWARE);
         }
     };
     let result = match cli.command {
@@ -158,17 +186,13 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            exit_code(&e)
         }
     }
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    args.nats.check()?;
-    if args.nats.settings().is_some() && (args.checks_dir.is_some() || args.plugins_dir.is_some()) {
-        anyhow::bail!("with --bus nats://… the checks and plugins come from NATS (mirrored under DATA_DIR/fleet): push a directory with `outpost-gateway config push DIR` instead of --checks-dir/--plugins-dir");
-    }
-    let settings = outpost_gateway::Settings::from(args);
+    let settings = outpost_gateway::Settings::from_args(args)?;
     let shutdown = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
