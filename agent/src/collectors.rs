@@ -48,6 +48,7 @@ pub mod secret;
 #[cfg(all(test, unix))]
 mod tests;
 
+use outpost_sys::lock;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -79,7 +80,7 @@ struct Running {
 
 impl Running {
     fn phase(&self) -> Phase {
-        *self.phase.lock().unwrap_or_else(|p| p.into_inner())
+        *lock(&self.phase)
     }
 
     async fn stop(self) {

@@ -13,6 +13,7 @@
 //! opens a new session before it lets the old one go, so the gateway sees a replaced
 //! connection, not a lost agent.
 
+use outpost_sys::lock;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -580,10 +581,7 @@ impl Connection {
     /// On each new session: a WARNING result of `outpost.outbox` when the outbox dropped
     /// results since the last report, and an OK one on the session after that.
     fn report_drops(&self) {
-        let mut reported = self
-            .drops_reported
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut reported = lock(&self.drops_reported);
         let (last, warned) = *reported;
         let now = self.outbox.dropped();
         let r = if now > last {

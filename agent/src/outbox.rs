@@ -7,6 +7,7 @@
 //! from [`SeqFile`], which does survive restarts, because the bus drops anything at or
 //! below the highest sequence it has seen from an agent.
 
+use outpost_sys::lock;
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -155,7 +156,7 @@ impl MemoryOutbox {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner)
     }
 }
 

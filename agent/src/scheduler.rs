@@ -34,6 +34,7 @@
 
 mod state;
 
+use outpost_sys::lock;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -247,7 +248,7 @@ impl Scheduler {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner.state)
     }
 
     /// Hash of the configuration being run, for `hello`.
@@ -451,11 +452,7 @@ impl Scheduler {
         for name in &d.removed {
             lock(&self.inner.states).remove(name);
             // A run still finishing holds its own reference to the lock.
-            self.inner
-                .run_locks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(name);
+            lock(&self.inner.run_locks).remove(name);
         }
         for name in d.added.iter().chain(&d.changed) {
             let spec = new[name].clone();
@@ -753,11 +750,6 @@ impl Inner {
             .or_default()
             .clone()
     }
-}
-
-/// Lock a mutex whose data stays consistent even if a holder panicked.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// When a check's task wakes next.

@@ -6,6 +6,7 @@
 //! ([`crate::collectors`]). Spawning in a process group and signalling the group live in
 //! [`crate::checks::exec`]; this module does not start anything itself.
 
+use outpost_sys::lock;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -256,7 +257,7 @@ impl OutputLog {
     /// Remember `line` (seen at `now`). Returns the lines dropped in a window that just
     /// ended, if any, and whether this line is to be logged.
     fn admit(&self, line: &str, now: Instant) -> (Option<u64>, bool) {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock(&self.state);
         let mut report = None;
         if now.duration_since(s.window) >= Duration::from_secs(60) {
             report = (s.dropped > 0).then_some(s.dropped);
@@ -279,7 +280,7 @@ impl OutputLog {
 
     /// The last lines seen, oldest first.
     pub fn tail(&self) -> Vec<String> {
-        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let s = lock(&self.state);
         s.tail.iter().cloned().collect()
     }
 }

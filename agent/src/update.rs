@@ -26,6 +26,7 @@ mod download;
 #[cfg(unix)]
 mod swap;
 
+use outpost_sys::lock;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -303,12 +304,12 @@ impl Updater {
 
     /// The staged update, once the agent stopped for it.
     pub fn take_staged(&self) -> Option<Staged> {
-        self.staged.lock().unwrap_or_else(|p| p.into_inner()).take()
+        lock(&self.staged).take()
     }
 
     /// The address of the gateway this session reached; downloads go there.
     pub fn connected_to(&self, addr: SocketAddr) {
-        *self.gateway.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
+        *lock(&self.gateway) = Some(addr);
     }
 
     /// The gateway acked up to `seq`. On trial, health is the ack of the first result this
@@ -351,17 +352,13 @@ impl Updater {
                 Ok(None) => {}
                 Ok(Some(staged)) => {
                     tracing::info!(from = %staged.from, to = %staged.to, "new binary in place; stopping to try it");
-                    *me.staged.lock().unwrap_or_else(|p| p.into_inner()) = Some(staged);
+                    *lock(&me.staged) = Some(staged);
                     me.handing_over.store(true, Ordering::SeqCst);
                     me.stop.cancel();
                     return;
                 }
                 Err(why) => {
-                    let first = me
-                        .told
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(format!("{version} {why}"));
+                    let first = lock(&me.told).insert(format!("{version} {why}"));
                     tracing::warn!(%version, error = %why, "update refused");
                     if first {
                         let r = result(
@@ -379,11 +376,7 @@ impl Updater {
     }
 
     async fn get(&self, path: &str, cap: u64, deadline: Duration) -> Result<Vec<u8>, String> {
-        let addr = self
-            .gateway
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .ok_or("not connected to a gateway")?;
+        let addr = lock(&self.gateway).ok_or("not connected to a gateway")?;
         download::get(self.tls.clone(), addr, &self.host, path, cap, deadline)
             .await
             .map_err(|e| e.to_string())

@@ -10,6 +10,7 @@
 //! whose name is a valid check name becomes a content-addressed plugin. A check that says
 //! `plugin = "NAME"` runs that plugin; agents fetch it by hash.
 
+use outpost_sys::lock;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -192,7 +193,7 @@ impl CheckStore {
             }
         };
         paths.sort();
-        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        let mut files = lock(&self.files);
         files.retain(|p, _| paths.contains(p));
         for path in &paths {
             let text = match std::fs::read_to_string(path) {

@@ -2,6 +2,7 @@
 //! token (`DATA_DIR/api.token`), and one secret per enrolled agent, kept only as a SHA-256
 //! hash in `DATA_DIR/agents/credentials.json`.
 
+use outpost_sys::lock;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -302,10 +303,7 @@ impl Credentials {
         creds.api_token_sha256 = fleet.api_token_sha256;
         // A gateway moving from its embedded bus to NATS brings its enrolled agents along:
         // each local secret not yet in the bucket is added (never overwriting one there).
-        let local: Vec<(String, AgentCredential)> = creds
-            .agents
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let local: Vec<(String, AgentCredential)> = lock(&creds.agents)
             .iter()
             .map(|(fp, c)| (fp.clone(), c.clone()))
             .collect();
@@ -453,7 +451,7 @@ impl Credentials {
         credential: &outpost_protocol::Credential,
     ) -> Result<Authenticated, AuthError> {
         use outpost_protocol::Credential;
-        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        let mut agents = lock(&self.agents);
         match credential {
             Credential::Secret { secret } => {
                 let Some(known) = agents.get(fingerprint) else {
@@ -505,7 +503,7 @@ impl Credentials {
     /// The agent has shown it holds its secret: the enrollment key can no longer enroll
     /// its fingerprint again.
     pub fn confirm(&self, fingerprint: &str) {
-        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        let mut agents = lock(&self.agents);
         match agents.get_mut(fingerprint) {
             Some(c) if !c.confirmed => c.confirmed = true,
             _ => return,

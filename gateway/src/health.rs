@@ -7,6 +7,7 @@
 //! is bad, and an unready fleet would turn every agent away while the last good copy
 //! could still serve them.
 
+use outpost_sys::lock;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -69,10 +70,6 @@ impl Health {
                 .join("; ")
         })
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Run `make()`'s future on `tracker` until `shutdown`, starting a new one whenever it

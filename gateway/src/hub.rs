@@ -1,5 +1,6 @@
 //! The live agent sessions on this gateway, by fingerprint, and run-now calls through them.
 
+use outpost_sys::lock;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -60,7 +61,7 @@ pub enum RpcFailure {
 
 impl Hub {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionHandle>> {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.sessions)
     }
 
     pub fn new_conn_id(&self) -> u64 {
@@ -123,18 +124,10 @@ impl Hub {
             .ok_or_else(|| RpcFailure::NotConnected(fingerprint.to_string()))?;
         let id = self.next_rpc.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = oneshot::channel();
-        handle
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, tx);
+        lock(&handle.pending).insert(id, tx);
         let frame = Outbound::frame(GatewayFrame::RpcRequest(RpcRequest { id, call }));
         let forget = || {
-            handle
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+            lock(&handle.pending).remove(&id);
         };
         match handle.tx.try_send(frame) {
             Ok(()) => {}

@@ -15,6 +15,7 @@
 //! heartbeat, or restarted) is swept to lost after the same grace unless the agent has been
 //! claimed again meanwhile.
 
+use outpost_sys::lock;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -189,10 +190,6 @@ pub struct Registry {
     last_beats: Mutex<HashMap<String, u64>>,
     /// Agents whose holder's gateway is gone, and when this gateway noticed.
     orphans: Mutex<HashMap<String, u64>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What one registry change means for this gateway.

@@ -7,6 +7,7 @@
 //! malformed or oversized frame closes only this connection, with a close code from
 //! [`outpost_protocol::close`] and a counter.
 
+use outpost_sys::lock;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -593,11 +594,7 @@ async fn authenticated(
                 }
             }
             AgentFrame::RpcReply(reply) => {
-                let waiter = handle
-                    .pending
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&reply.id);
+                let waiter = lock(&handle.pending).remove(&reply.id);
                 match waiter {
                     Some(w) => {
                         if let Some(result) = &reply.result {
@@ -677,11 +674,7 @@ async fn authenticated(
     writer_stop.cancel();
     let _ = tokio::time::timeout(WRITE_DEADLINE, writer).await;
     // Fail waiting run-now calls at once instead of letting them time out.
-    handle
-        .pending
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .clear();
+    lock(&handle.pending).clear();
     if !gw.hub.unregister(&fp, handle.conn_id) {
         tracing::info!("connection replaced by a newer one");
         return;

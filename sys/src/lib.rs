@@ -8,6 +8,13 @@ use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Unix time in milliseconds (0 if the clock is before 1970).
+/// Lock `m`, taking the data as it is when a thread panicked while holding it: every
+/// critical section in Outpost leaves its data consistent at each step (a panic there is a
+/// bug to fix, not a reason to stop every other thread).
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

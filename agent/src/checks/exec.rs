@@ -9,6 +9,7 @@
 #[cfg(windows)]
 mod job_windows;
 
+use outpost_sys::lock;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -154,7 +155,7 @@ async fn read_capped(r: Option<impl AsyncRead + Unpin>, cap: usize, into: Captur
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
-                let mut kept = into.lock().unwrap_or_else(|p| p.into_inner());
+                let mut kept = lock(&into);
                 let room = cap.saturating_sub(kept.0.len());
                 kept.0.extend_from_slice(&buf[..n.min(room)]);
                 kept.1 |= n > room;
@@ -164,7 +165,7 @@ async fn read_capped(r: Option<impl AsyncRead + Unpin>, cap: usize, into: Captur
 }
 
 fn take(c: &Captured) -> (Vec<u8>, bool) {
-    std::mem::take(&mut *c.lock().unwrap_or_else(|p| p.into_inner()))
+    std::mem::take(&mut *lock(c))
 }
 
 /// The program a check runs, ready to spawn: its own process group, stdin closed, stdout

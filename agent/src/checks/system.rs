@@ -66,8 +66,9 @@ mod disk;
 mod network;
 mod process;
 
+use outpost_sys::lock;
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use outpost_protocol::probe::{Probe, Thresholds};
 use outpost_protocol::{Metric, Status};
@@ -158,12 +159,6 @@ where
         Ok(Err(why)) => Err(Outcome::unknown(why)),
         Err(e) => Err(Outcome::unknown(format!("{kind} probe failed: {e}"))),
     }
-}
-
-/// Lock `m`, recovering the state a panicking holder left behind: every probe refreshes
-/// what it reads, so nothing stays inconsistent for long.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The [`System`] in `slot`, created (empty) on first use. The error says why not.

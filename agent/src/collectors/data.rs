@@ -11,6 +11,7 @@
 //! between two flushes; values for further names are dropped and counted in the next
 //! result.
 
+use outpost_sys::lock;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -185,7 +186,7 @@ impl Sinks {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner)
     }
 
     /// The secret of the collector `name`, made the first time it is asked for and kept

@@ -24,6 +24,7 @@
 //! Other bounds: Graphite lines of at most [`crate::supervise::MAX_LINE`] bytes (longer ones
 //! are skipped and counted), HTTP bodies of at most [`MAX_BODY`] bytes (larger ones get 413).
 
+use outpost_sys::lock;
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -101,7 +102,7 @@ struct GateState {
 
 impl Gate {
     fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// Take a new connection in as pending, closing the oldest pending one when there are

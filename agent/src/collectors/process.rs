@@ -3,6 +3,7 @@
 //! restart it with backoff when it exits, give up on a crash loop, stop it on request —
 //! and report each of these as a result of its health check `collector.NAME`.
 
+use outpost_sys::lock;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -84,7 +85,7 @@ struct Health {
 
 impl Health {
     fn report(&self, phase: Phase, status: Status, output: String, details: &[String]) {
-        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase;
+        *lock(&self.phase) = phase;
         let mut r = CheckResult::new(self.check.clone(), status, output);
         r.started_at_ms = now_ms();
         truncate_utf8(&mut r.output, MAX_OUTPUT_BYTES);
@@ -96,7 +97,7 @@ impl Health {
     }
 
     fn set(&self, phase: Phase) {
-        *self.phase.lock().unwrap_or_else(|p| p.into_inner()) = phase;
+        *lock(&self.phase) = phase;
     }
 }
 

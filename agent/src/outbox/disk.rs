@@ -25,6 +25,7 @@
 //! result. A row whose JSON does not decode is deleted on open and counted as dropped;
 //! nothing read from the file is unwrapped.
 
+use outpost_sys::lock;
 use std::collections::VecDeque;
 use std::ops::Bound;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -414,7 +415,7 @@ impl Drop for DiskOutbox {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     fn write_loop(&self) {
@@ -513,7 +514,7 @@ impl Shared {
     /// One durable transaction: the longest run of the newest results (committed rows,
     /// then `batch`) that fits the bound, and at least the newest result.
     fn commit(&self, batch: &[Staged]) -> Result<(), String> {
-        let _w = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _w = lock(&self.write_lock);
         let (held, dropped_before, sending_through) = {
             let st = self.lock();
             (st.bytes, st.dropped, st.sending_through)
@@ -608,7 +609,7 @@ impl Shared {
     }
 
     fn try_ack(&self, seq: u64) -> Result<(), redb::Error> {
-        let _w = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _w = lock(&self.write_lock);
         {
             // Rows dropped while in flight that this ack covers reached the gateway
             // (recorded first: the ack holds even if deleting the rows fails).
@@ -695,7 +696,7 @@ impl Outbox for DiskOutbox {
         // Under the write lock, so no commit is between its choice of what to drop and
         // its count: a row read here is either gone already or counted as in flight.
         let shared = &self.shared;
-        let _w = shared.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _w = lock(&shared.write_lock);
         let batch = shared.try_pending_after(after, max).unwrap_or_else(|e| {
             tracing::error!(error = %e, "cannot read the outbox");
             Vec::new()
@@ -709,11 +710,7 @@ impl Outbox for DiskOutbox {
 
     fn session_ended(&self, bus_holds_through: u64) {
         // Under the write lock, as `commit` counts: a commit in progress finishes first.
-        let _w = self
-            .shared
-            .write_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _w = lock(&self.shared.write_lock);
         let mut st = self.shared.lock();
         let mut lost_seqs = std::mem::take(&mut st.dropped_in_flight);
         // What the bus holds reached it, acked or not.
@@ -731,11 +728,7 @@ impl Outbox for DiskOutbox {
     }
 
     fn not_sent_after(&self, last_sent: u64) {
-        let _w = self
-            .shared
-            .write_lock
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _w = lock(&self.shared.write_lock);
         let mut st = self.shared.lock();
         if st.sending_through > last_sent {
             st.sending_through = last_sent;

@@ -12,6 +12,7 @@
 //! Connections come from many loopback source addresses (127.0.0.2 up to 127.0.0.251,
 //! spread by agent) so that one destination port never runs out of ephemeral ports.
 
+use outpost_sys::lock;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -82,17 +83,14 @@ pub struct Stats {
 impl Stats {
     fn fail(&self, what: String) {
         self.failures.fetch_add(1, Ordering::Relaxed);
-        let mut e = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
+        let mut e = lock(&self.first_error);
         if e.is_none() {
             *e = Some(what);
         }
     }
 
     pub fn first_error(&self) -> Option<String> {
-        self.first_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.first_error).clone()
     }
 
     pub fn online(&self) -> u64 {

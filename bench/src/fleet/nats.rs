@@ -3,6 +3,7 @@
 //! and the two clients that measure it without a gateway: idle NATS clients over TLS
 //! websocket, and pipelined JetStream publishing of the fleet's results.
 
+use outpost_sys::lock;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -133,17 +134,14 @@ pub struct WsStats {
 impl WsStats {
     fn fail(&self, e: String) {
         self.failures.fetch_add(1, Ordering::Relaxed);
-        let mut f = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
+        let mut f = lock(&self.first_error);
         if f.is_none() {
             *f = Some(e);
         }
     }
 
     pub fn first_error(&self) -> Option<String> {
-        self.first_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        lock(&self.first_error).clone()
     }
 }
 

@@ -10,6 +10,7 @@
 //! the bus keeps the highest durable sequence per agent and drops anything at or below it.
 //! Not here: consumers other than the gateway itself.
 
+use outpost_sys::lock;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -169,7 +170,7 @@ fn writer(
         // Watermarks move only once the write is durable; until then track them per group.
         let mut pending: HashMap<String, u64> = HashMap::new();
         {
-            let marks = watermarks.lock().unwrap_or_else(|p| p.into_inner());
+            let marks = lock(&watermarks);
             for job in &jobs {
                 match job {
                     Job::Results {
@@ -217,10 +218,7 @@ fn writer(
         let rio = results.append(&rbuf);
         let pio = presence.append(&pbuf);
         match &rio {
-            Ok(()) => watermarks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .extend(pending),
+            Ok(()) => lock(&watermarks).extend(pending),
             Err(e) => {
                 tracing::error!(error = %e, "embedded bus could not store results; their agents will resend")
             }
@@ -288,10 +286,7 @@ impl Bus for EmbeddedBus {
     }
 
     async fn last_seq(&self, agent: &AgentRef) -> Result<u64, BusError> {
-        Ok(self
-            .watermarks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        Ok(lock(&self.watermarks)
             .get(&agent.fingerprint)
             .copied()
             .unwrap_or(0))

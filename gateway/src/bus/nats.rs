@@ -12,6 +12,7 @@
 //! sequence numbers at or below the agent's highest stored one (read from the stream's last
 //! message for the agent's subject, then kept in memory), which holds beyond the window.
 
+use outpost_sys::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -54,15 +55,11 @@ impl NatsBus {
     }
 
     fn cached_mark(&self, subject: &str) -> Option<u64> {
-        self.watermarks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(subject)
-            .copied()
+        lock(&self.watermarks).get(subject).copied()
     }
 
     fn raise_mark(&self, subject: &str, seq: u64) {
-        let mut marks = self.watermarks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut marks = lock(&self.watermarks);
         let mark = marks.entry(subject.to_string()).or_insert(0);
         *mark = (*mark).max(seq);
     }

@@ -13,9 +13,10 @@
 //! What this is not: a limit on authenticated agents (that is `--max-agents`), nor a rate
 //! limit. A refused connection is closed by the listener before TLS.
 
+use outpost_sys::lock;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 /// The default global cap is the descriptor limit divided by this: a stalled download
 /// holds two descriptors (its socket and the file), and the rest stays for agents, the
@@ -71,10 +72,6 @@ struct State {
     in_use: usize,
     /// Slots held per address (see [`address_key`]); addresses holding none are removed.
     by_address: HashMap<IpAddr, usize>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The address a slot is counted under: an IPv4 address (also when it arrives mapped into

@@ -9,6 +9,7 @@
 //! the assignment, escapes the job. Closing a job kills what is in it, so a job handle
 //! the agent loses (the agent itself killed) still takes the plugins with it.
 
+use outpost_sys::lock;
 use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex};
 
@@ -37,7 +38,7 @@ impl Drop for Job {
 
 fn jobs() -> std::sync::MutexGuard<'static, HashMap<u32, Job>> {
     static JOBS: LazyLock<Mutex<HashMap<u32, Job>>> = LazyLock::new(Default::default);
-    JOBS.lock().unwrap_or_else(|p| p.into_inner())
+    lock(&JOBS)
 }
 
 fn create(process: HANDLE) -> std::io::Result<Job> {
