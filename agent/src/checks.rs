@@ -30,7 +30,7 @@ use crate::plugins::{PluginError, PluginStore};
 
 use crate::util::now_ms;
 /// Longest a check may run, and longest a daemon may stay silent.
-pub use outpost_protocol::checkfile::MAX_TIMEOUT_SECS;
+pub use outpost_protocol::MAX_TIMEOUT_SECS;
 
 /// What running checks needs from the agent: the plugin store, the interpreter map and
 /// the state kept between runs of the system probes.

@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use outpost_protocol::{
     close, decode_gateway_frame, encode, AgentFrame, Bye, CheckResult, Credential, GatewayFrame,
-    Hello, PluginRequest, Results, RpcCall, RpcError, RpcReply, MAX_BATCH_RESULTS, MAX_FRAME_BYTES,
-    PROTOCOL_VERSION, SUBPROTOCOL,
+    Hello, PluginRequest, Results, RpcCall, RpcError, RpcErrorCode, RpcReply, MAX_BATCH_RESULTS,
+    MAX_FRAME_BYTES, PROTOCOL_VERSION, SUBPROTOCOL,
 };
 use rand::Rng;
 use rustls::pki_types::ServerName;
@@ -40,7 +40,7 @@ use crate::identity::Identity;
 use crate::outbox::Outbox;
 use crate::scheduler::Scheduler;
 use crate::settings::Settings;
-use crate::AGENT_VERSION;
+use crate::version::AGENT_VERSION;
 
 const DIAL_DEADLINE: Duration = Duration::from_secs(10);
 const WELCOME_DEADLINE: Duration = Duration::from_secs(10);
@@ -479,10 +479,10 @@ impl Connection {
                         }
                         GatewayFrame::RpcRequest(req) => {
                             let Ok(slot) = rpc_slots.clone().try_acquire_owned() else {
-                                let busy = RpcReply { id: req.id, result: None, error: Some(RpcError {
-                                    code: "busy".into(),
-                                    message: format!("{MAX_RPCS_IN_FLIGHT} run-now calls are already running on this agent"),
-                                })};
+                                let busy = RpcReply { id: req.id, result: None, error: Some(RpcError::new(
+                                    RpcErrorCode::Busy,
+                                    format!("{MAX_RPCS_IN_FLIGHT} run-now calls are already running on this agent"),
+                                ))};
                                 if let Err(e) = send(&mut sink, Message::Text(encode(&AgentFrame::RpcReply(busy)).into())).await {
                                     return End::Retry(format!("cannot send rpc reply: {e}"));
                                 }
@@ -587,7 +587,7 @@ impl Connection {
         let r = if now > last {
             *reported = (now, true);
             CheckResult::new(
-                crate::OUTBOX_CHECK,
+                crate::outbox::OUTBOX_CHECK,
                 outpost_protocol::Status::Warning,
                 format!(
                     "the outbox was full while the gateway was out of reach: {} of the oldest results were dropped ({now} since the outbox was created); raise outbox_max_mb to keep more",
@@ -597,7 +597,7 @@ impl Connection {
         } else if warned {
             *reported = (now, false);
             CheckResult::new(
-                crate::OUTBOX_CHECK,
+                crate::outbox::OUTBOX_CHECK,
                 outpost_protocol::Status::Ok,
                 "no results dropped since the last report",
             )

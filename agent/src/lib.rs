@@ -19,10 +19,12 @@ pub mod scheduler;
 #[path = "service_windows.rs"]
 pub mod service;
 pub mod settings;
+pub mod spawn;
 pub mod supervise;
 pub mod tls;
 pub mod update;
 pub mod util;
+pub mod version;
 
 use std::sync::Arc;
 
@@ -31,16 +33,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use settings::Settings;
 
-/// This build's version: `OUTPOST_VERSION` at build time, else the crate's version.
-pub const AGENT_VERSION: &str = match option_env!("OUTPOST_VERSION") {
-    Some(v) => v,
-    None => env!("CARGO_PKG_VERSION"),
-};
-/// The Rust target this build is for; self-update fetches the release built for it.
-pub const AGENT_TARGET: &str = env!("OUTPOST_TARGET");
-
-/// The check under which the agent reports a problem with its own outbox.
-pub const OUTBOX_CHECK: &str = "outpost.outbox";
+pub use outbox::OUTBOX_CHECK;
+pub use version::{AGENT_TARGET, AGENT_VERSION};
 
 /// The agent's async runtime, however it was started (console or Windows service): two
 /// worker threads are plenty, since checks run as processes or on their own tasks.

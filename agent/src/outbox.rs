@@ -20,6 +20,9 @@ use crate::util::write_atomic;
 mod disk;
 pub use disk::DiskOutbox;
 
+/// The check under which the agent reports a problem with its own outbox.
+pub const OUTBOX_CHECK: &str = "outpost.outbox";
+
 /// Run `f`, which may wait for the disk, without stalling the other tasks of a
 /// multi-threaded runtime (they move to another worker meanwhile).
 pub fn blocking<T>(f: impl FnOnce() -> T) -> T {

@@ -43,7 +43,7 @@ use std::time::Duration;
 
 use outpost_protocol::probe::Probe;
 use outpost_protocol::{
-    CheckResult, CheckSpec, CollectorSpec, Origin, RpcError, StateType, Status,
+    CheckResult, CheckSpec, CollectorSpec, Origin, RpcError, RpcErrorCode, StateType, Status,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -504,27 +504,31 @@ impl Scheduler {
     /// Run a check now, out of schedule; its result goes to the outbox like any other and
     /// is returned.
     pub async fn run_now(&self, name: &str) -> Result<CheckResult, RpcError> {
-        let unknown = || RpcError {
-            code: "unknown_check".into(),
-            message: format!("check {name:?} is not configured on this agent"),
+        let unknown = || {
+            RpcError::new(
+                RpcErrorCode::UnknownCheck,
+                format!("check {name:?} is not configured on this agent"),
+            )
         };
         let spec = self.spec(name).ok_or_else(unknown)?;
         if matches!(spec.probe, Probe::Daemon(_)) {
-            return Err(RpcError {
-                code: "not_runnable".into(),
-                message: format!(
+            return Err(RpcError::new(
+                RpcErrorCode::NotRunnable,
+                format!(
                     "check {name:?} is a daemon: it reports on its own and cannot be run on demand"
                 ),
-            });
+            ));
         }
         // Wait briefly for a scheduled run of the same check and for a free slot; the
         // caller is waiting on the other side of the connection.
-        let busy = |what: &str| RpcError {
-            code: "busy".into(),
-            message: format!(
-                "check {name:?} could not start within {}s: {what}",
-                RUN_NOW_WAIT.as_secs()
-            ),
+        let busy = |what: &str| {
+            RpcError::new(
+                RpcErrorCode::Busy,
+                format!(
+                    "check {name:?} could not start within {}s: {what}",
+                    RUN_NOW_WAIT.as_secs()
+                ),
+            )
         };
         let lock = self.inner.run_lock(name);
         let _running = tokio::time::timeout(RUN_NOW_WAIT, lock.lock_owned())
@@ -537,12 +541,7 @@ impl Scheduler {
         .await
         {
             Err(_) => return Err(busy("the concurrency limit is reached")),
-            Ok(Err(_)) => {
-                return Err(RpcError {
-                    code: "stopping".into(),
-                    message: "agent is stopping".into(),
-                })
-            }
+            Ok(Err(_)) => return Err(RpcError::new(RpcErrorCode::Stopping, "agent is stopping")),
             Ok(Ok(p)) => p,
         };
         // The definition may have changed (or gone) while waiting.
@@ -656,7 +655,7 @@ fn validate(c: &CheckSpec) -> Result<(), String> {
     Ok(())
 }
 
-use outpost_protocol::checkfile::{MAX_INTERVAL_SECS, MAX_TIMEOUT_SECS};
+use outpost_protocol::{MAX_INTERVAL_SECS, MAX_TIMEOUT_SECS};
 
 impl Inner {
     /// Classify a result as soft or hard, queue it, and return it with its sequence

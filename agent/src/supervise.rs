@@ -4,7 +4,7 @@
 //!
 //! Shared by daemon checks ([`crate::checks::daemon`]) and collectors
 //! ([`crate::collectors`]). Spawning in a process group and signalling the group live in
-//! [`crate::checks::exec`]; this module does not start anything itself.
+//! [`crate::spawn`]; this module does not start anything itself.
 
 use outpost_sys::lock;
 use std::collections::VecDeque;
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Child;
 
-use crate::checks::exec;
+use crate::spawn;
 
 /// Exits within [`CRASH_WINDOW`] that make a crash loop.
 pub const CRASH_LIMIT: usize = 5;
@@ -76,7 +76,7 @@ impl Restarts {
 
 /// How a child ended, in words: "exited with code 3", "was killed by signal 9".
 pub fn describe_exit(s: std::process::ExitStatus) -> String {
-    match (s.code(), exec::signal_of(s)) {
+    match (s.code(), spawn::signal_of(s)) {
         (Some(c), _) => format!("exited with code {c}"),
         (None, Some(sig)) => format!("was killed by signal {sig}"),
         (None, None) => "ended".into(),
@@ -88,9 +88,9 @@ pub fn describe_exit(s: std::process::ExitStatus) -> String {
 /// child reaped, and up to [`GROUP_GONE_WAIT`] for the rest of the group to be gone.
 /// Returns whether the child exited on SIGTERM.
 pub async fn terminate(child: &mut Child, pgid: u32, grace: Duration) -> bool {
-    exec::signal_group(pgid, exec::SIGTERM);
+    spawn::signal_group(pgid, spawn::SIGTERM);
     let obeyed = matches!(tokio::time::timeout(grace, child.wait()).await, Ok(Ok(_)));
-    exec::kill_group(pgid);
+    spawn::kill_group(pgid);
     if !obeyed {
         let _ = child.wait().await;
     }
@@ -140,10 +140,10 @@ pub fn proc_stat(pid: u32) -> Option<ProcStat> {
     })
 }
 
-/// Whether a process is left in the job of `pgid` (see [`crate::checks::exec`]).
+/// Whether a process is left in the job of `pgid` (see [`crate::spawn`]).
 #[cfg(windows)]
 pub fn group_exists(pgid: u32) -> bool {
-    exec::group_alive(pgid)
+    spawn::group_alive(pgid)
 }
 
 /// Whether a live process (not a zombie) is left in the group `pgid`. Zombies are left

@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 pub use download::DownloadError;
 
 use crate::outbox::Outbox;
-use crate::{AGENT_TARGET, AGENT_VERSION};
+use crate::version::{AGENT_TARGET, AGENT_VERSION};
 
 /// The check under which the agent reports updates.
 pub const UPDATE_CHECK: &str = "outpost.update";

@@ -104,11 +104,10 @@ pub fn tokio_rate(program: &str, concurrency: usize, run_for: Duration) -> Resul
                 while Instant::now() < deadline {
                     let t = Instant::now();
                     // Exactly the agent's spawn settings.
-                    let child =
-                        outpost_agent::checks::exec::command(std::slice::from_ref(&program))
-                            .map_err(anyhow::Error::msg)?
-                            .spawn()
-                            .with_context(|| format!("cannot run {program}"))?;
+                    let child = outpost_agent::spawn::command(std::slice::from_ref(&program))
+                        .map_err(anyhow::Error::msg)?
+                        .spawn()
+                        .with_context(|| format!("cannot run {program}"))?;
                     let pid = child.id().unwrap_or(0);
                     let out = child
                         .wait_with_output()

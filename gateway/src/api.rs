@@ -1,9 +1,7 @@
 //! The HTTP side of the gateway: the agents' websocket endpoint, the JSON API (bearer
 //! token), `/healthz`, `/metrics` and the console page.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Path, Request, State};
@@ -12,25 +10,83 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use outpost_protocol::{CheckResult, CheckSpec, RpcCall, MAX_FRAME_BYTES, SUBPROTOCOL, WS_PATH};
+use outpost_protocol::{CheckResult, CheckSpec, MAX_FRAME_BYTES, SUBPROTOCOL, WS_PATH};
 use serde::Serialize;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::hub::RpcFailure;
-use crate::listener::PreAuth;
+use crate::bus::Bus;
+use crate::credentials::Credentials;
+use crate::errors::ErrorKind;
+use crate::health::Health;
+use crate::hub::Hub;
+use crate::listener::{Admission, Peer, PreAuth};
 use crate::metrics::Metrics;
-use crate::registry::AgentRecord;
+use crate::nats::Nats;
+use crate::registry::{AgentRecord, Registry};
+use crate::runnow::{self, RunNowError};
+use crate::session;
+use crate::settings::Settings;
 use crate::util::now_ms;
-use crate::Gateway;
 
 /// The websocket read buffer of each agent connection (see [`upgrade`]).
 const WS_READ_BUFFER: usize = 1024;
 
-/// The peer address of the connection a request came in on.
-#[derive(Clone, Copy)]
-pub struct Peer(pub SocketAddr);
+/// What the API uses, handed by the gateway at start.
+pub struct Services {
+    /// For the agents' websocket endpoint.
+    pub sessions: Arc<session::Services>,
+    pub registry: Arc<Registry>,
+    pub hub: Arc<Hub>,
+    pub credentials: Arc<Credentials>,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub admission: Admission,
+    pub bus: Arc<dyn Bus>,
+    pub runnow: runnow::Local,
+    /// In a fleet: run-now of agents other gateways hold.
+    pub nats: Option<Arc<Nats>>,
+    pub tenant: String,
+    pub shutdown: CancellationToken,
+    /// Agent sessions are tracked with the connections, so shutdown waits for them.
+    pub tracker: TaskTracker,
+}
 
-pub fn router(gw: Arc<Gateway>) -> Router {
+type Gw = Arc<Services>;
+
+/// An API failure: its kind gives the status (one table, [`ErrorKind::status`]), its
+/// message is the JSON body's `error`.
+pub struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> ApiError {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<RunNowError> for ApiError {
+    fn from(e: RunNowError) -> ApiError {
+        ApiError::new(e.kind(), e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(json!({ "error": self.message }))).into_response()
+    }
+}
+
+pub fn router(gw: Services, settings: &Arc<Settings>) -> Router {
+    let gw = Arc::new(gw);
     let api = Router::new()
         .route("/agents", get(list_agents))
         .route("/agents/{fingerprint}", get(get_agent))
@@ -44,17 +100,17 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/metrics", get(metrics))
         .route(WS_PATH, get(upgrade))
         .nest("/api/v1", api)
-        .merge(crate::releases::routes())
-        .merge(crate::releases_manifest::router())
+        .merge(crate::releases::routes(settings.clone()))
+        .merge(crate::releases_manifest::router(settings.clone()))
         .layer(middleware::map_response(crate::console::security_headers))
         .with_state(gw)
 }
 
-fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
+fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
+    ApiError::new(kind, message).into_response()
 }
 
-async fn require_token(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> Response {
+async fn require_token(State(gw): State<Gw>, req: Request, next: Next) -> Response {
     let token = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -62,9 +118,9 @@ async fn require_token(State(gw): State<Arc<Gateway>>, req: Request, next: Next)
         .and_then(|v| v.strip_prefix("Bearer "));
     match token {
         Some(t) if gw.credentials.api_token_ok(t.trim()) => next.run(req).await,
-        Some(_) => error(StatusCode::UNAUTHORIZED, "API token refused"),
+        Some(_) => error(ErrorKind::Unauthenticated, "API token refused"),
         None => error(
-            StatusCode::UNAUTHORIZED,
+            ErrorKind::Unauthenticated,
             "missing API token: send 'Authorization: Bearer TOKEN' (the token is in api.token in the gateway's data directory)",
         ),
     }
@@ -72,7 +128,7 @@ async fn require_token(State(gw): State<Arc<Gateway>>, req: Request, next: Next)
 
 /// For load balancers: 200 while this gateway takes agents, 503 (with the reason) while it
 /// drains for shutdown or cannot reach its bus, so new connections go elsewhere.
-async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+async fn readyz(State(gw): State<Gw>) -> Response {
     let why = if gw.shutdown.is_cancelled() {
         Some("draining: shutting down".to_string())
     } else {
@@ -88,7 +144,7 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
     }
 }
 
-async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
+async fn metrics(State(gw): State<Gw>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         gw.metrics.render(crate::metrics::Gauges {
@@ -100,7 +156,7 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
 }
 
 async fn upgrade(
-    State(gw): State<Arc<Gateway>>,
+    State(gw): State<Gw>,
     Extension(Peer(peer)): Extension<Peer>,
     Extension(pre_auth): Extension<PreAuth>,
     ws: WebSocketUpgrade,
@@ -119,16 +175,19 @@ async fn upgrade(
         .read_buffer_size(WS_READ_BUFFER);
     if ws.selected_protocol().is_none() {
         return error(
-            StatusCode::BAD_REQUEST,
+            ErrorKind::BadRequest,
             format!("websocket subprotocol {SUBPROTOCOL} is required"),
         );
     }
     if gw.shutdown.is_cancelled() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "gateway is shutting down");
+        return error(ErrorKind::Unavailable, "gateway is shutting down");
     }
     // The session holds the connection's slot among the unauthenticated ones until the
     // agent's hello is accepted.
-    ws.on_upgrade(move |socket| crate::session::run(gw, socket, peer, pre_auth))
+    let (services, tracker) = (gw.sessions.clone(), gw.tracker.clone());
+    ws.on_upgrade(move |socket| {
+        tracker.track_future(session::run(services, socket, peer, pre_auth))
+    })
 }
 
 #[derive(Serialize)]
@@ -151,7 +210,7 @@ struct AgentView {
     connected_since_ms: Option<u64>,
 }
 
-fn view(gw: &Gateway, r: &AgentRecord) -> AgentView {
+fn view(gw: &Services, r: &AgentRecord) -> AgentView {
     AgentView {
         fingerprint: r.fingerprint.clone(),
         hostname: r.hostname.clone(),
@@ -178,7 +237,7 @@ fn view(gw: &Gateway, r: &AgentRecord) -> AgentView {
 /// When the agent was last heard of: its last frame on this gateway; for an agent another
 /// gateway holds, that gateway's last heartbeat (it drops silent agents within three
 /// heartbeat intervals).
-fn last_seen(gw: &Gateway, r: &AgentRecord) -> u64 {
+fn last_seen(gw: &Services, r: &AgentRecord) -> u64 {
     let remote = r.presence == crate::bus::Presence::Online
         && r.holder
             .as_deref()
@@ -189,18 +248,15 @@ fn last_seen(gw: &Gateway, r: &AgentRecord) -> u64 {
     }
 }
 
-async fn list_agents(State(gw): State<Arc<Gateway>>) -> Json<Vec<AgentView>> {
+async fn list_agents(State(gw): State<Gw>) -> Json<Vec<AgentView>> {
     Json(gw.registry.list().iter().map(|r| view(&gw, r)).collect())
 }
 
 fn unknown_agent(fp: &str) -> Response {
-    error(
-        StatusCode::NOT_FOUND,
-        format!("no agent with fingerprint {fp} has enrolled here"),
-    )
+    ApiError::from(RunNowError::UnknownAgent(fp.to_string())).into_response()
 }
 
-async fn get_agent(State(gw): State<Arc<Gateway>>, Path(fp): Path<String>) -> Response {
+async fn get_agent(State(gw): State<Gw>, Path(fp): Path<String>) -> Response {
     match gw.registry.get(&fp) {
         Some(r) => Json(view(&gw, &r)).into_response(),
         None => unknown_agent(&fp),
@@ -217,7 +273,7 @@ struct CheckView {
     age_secs: Option<u64>,
 }
 
-async fn agent_checks(State(gw): State<Arc<Gateway>>, Path(fp): Path<String>) -> Response {
+async fn agent_checks(State(gw): State<Gw>, Path(fp): Path<String>) -> Response {
     let Some(rec) = gw.registry.get(&fp) else {
         return unknown_agent(&fp);
     };
@@ -253,91 +309,20 @@ async fn agent_checks(State(gw): State<Arc<Gateway>>, Path(fp): Path<String>) ->
     Json(out).into_response()
 }
 
-async fn run_now(
-    State(gw): State<Arc<Gateway>>,
-    Path((fp, check)): Path<(String, String)>,
-) -> Response {
+async fn run_now(State(gw): State<Gw>, Path((fp, check)): Path<(String, String)>) -> Response {
     Metrics::inc(&gw.metrics.rpc_calls);
-    let (status, body) = if gw.hub.has(&fp) || gw.nats.is_none() {
-        run_now_here(&gw, &fp, &check).await
-    } else if gw.registry.get(&fp).is_none() {
-        (StatusCode::NOT_FOUND, unknown_agent_body(&fp))
-    } else {
-        crate::rpc::call(&gw, &fp, &check).await
+    let outcome = match &gw.nats {
+        Some(nats) if !gw.hub.has(&fp) => match gw.registry.get(&fp) {
+            None => Err(RunNowError::UnknownAgent(fp.clone())),
+            Some(_) => crate::nats::rpc::call(nats, &gw.tenant, &fp, &check).await,
+        },
+        _ => gw.runnow.run(&fp, &check).await,
     };
-    if status != StatusCode::OK {
-        Metrics::inc(&gw.metrics.rpc_failures);
-    }
-    (status, Json(body)).into_response()
-}
-
-fn unknown_agent_body(fp: &str) -> serde_json::Value {
-    json!({ "error": format!("no agent with fingerprint {fp} has enrolled here") })
-}
-
-/// Run `check` on an agent connected to this gateway: the status and JSON body of the
-/// answer (the result, or `{"error"}`), the same for a call from the API here and one
-/// relayed from another gateway.
-pub async fn run_now_here(gw: &Gateway, fp: &str, check: &str) -> (StatusCode, serde_json::Value) {
-    let fail = |status, message: String| (status, json!({ "error": message }));
-    let Some(rec) = gw.registry.get(fp) else {
-        return (StatusCode::NOT_FOUND, unknown_agent_body(fp));
-    };
-    let Some(spec) = rec.checks.iter().find(|c| c.name == check) else {
-        if !gw.hub.has(fp) {
-            return fail(StatusCode::CONFLICT, format!("agent {fp} is not connected"));
-        }
-        return fail(
-            StatusCode::NOT_FOUND,
-            format!("check {check:?} is not configured on agent {fp}"),
-        );
-    };
-    if matches!(spec.probe, outpost_protocol::probe::Probe::Daemon(_)) {
-        // Known here: no need to ask the agent (nor to depend on how it would answer).
-        return fail(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            format!(
-                "check {check:?} is a daemon: it reports on its own and cannot be run on demand"
-            ),
-        );
-    }
-    let deadline = Duration::from_secs(spec.timeout_secs.saturating_add(5).min(120));
-    let reply = gw
-        .hub
-        .rpc(
-            fp,
-            RpcCall::RunCheck {
-                check: check.to_string(),
-            },
-            deadline,
-        )
-        .await;
-    let reply = match reply {
-        Ok(r) => r,
+    match outcome {
+        Ok(result) => Json(result).into_response(),
         Err(e) => {
-            let status = match e {
-                RpcFailure::NotConnected(_) => StatusCode::CONFLICT,
-                RpcFailure::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
-                RpcFailure::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
-                RpcFailure::Disconnected(_) => StatusCode::BAD_GATEWAY,
-            };
-            return fail(status, e.to_string());
+            Metrics::inc(&gw.metrics.rpc_failures);
+            ApiError::from(e).into_response()
         }
-    };
-    match (reply.result, reply.error) {
-        (Some(result), _) => (
-            StatusCode::OK,
-            serde_json::to_value(result).unwrap_or_default(),
-        ),
-        (None, Some(e)) => {
-            let status = match e.code.as_str() {
-                "unknown_check" => StatusCode::NOT_FOUND,
-                "busy" => StatusCode::TOO_MANY_REQUESTS,
-                "not_runnable" => StatusCode::UNPROCESSABLE_ENTITY,
-                _ => StatusCode::BAD_GATEWAY,
-            };
-            fail(status, format!("agent answered {}: {}", e.code, e.message))
-        }
-        (None, None) => fail(StatusCode::BAD_GATEWAY, "agent sent an empty reply".into()),
     }
 }

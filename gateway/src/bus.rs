@@ -3,7 +3,6 @@
 //! interchangeable; a session acks an agent's batch only after `publish_results` returns.
 
 pub mod embedded;
-pub mod nats;
 pub mod segments;
 
 use async_trait::async_trait;

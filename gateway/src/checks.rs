@@ -23,8 +23,9 @@ use outpost_protocol::{
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
-use crate::Gateway;
+use crate::metrics::Metrics;
 
 /// A plugin file in the catalog.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -298,15 +299,20 @@ impl CheckStore {
 }
 
 /// Rescan the checks directory on the configured period until shutdown.
-pub async fn watch(gw: Arc<Gateway>) {
-    let mut tick = tokio::time::interval(gw.settings.checks_poll);
+pub async fn watch(
+    store: Arc<CheckStore>,
+    metrics: Arc<Metrics>,
+    poll: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(poll);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = gw.shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return,
         }
-        let failures = gw.checks.rescan();
-        gw.metrics
+        let failures = store.rescan();
+        metrics
             .check_file_errors
             .store(failures as u64, std::sync::atomic::Ordering::Relaxed);
     }

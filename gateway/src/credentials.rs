@@ -14,8 +14,7 @@ use sha2::{Digest, Sha256};
 use crate::nats::{agent_key, Nats};
 use crate::util::{constant_time_eq, now_ms, random_token, write_atomic};
 
-/// The only tenant until multi-tenancy lands; every agent and token belongs to it.
-pub const DEFAULT_TENANT: &str = "default";
+use crate::tenant::DEFAULT_TENANT;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct AgentCredential {

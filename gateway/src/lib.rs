@@ -10,7 +10,7 @@ pub mod bus;
 pub mod checks;
 pub mod console;
 pub mod credentials;
-pub mod fleet_config;
+pub mod errors;
 pub mod health;
 pub mod hub;
 pub mod listener;
@@ -21,9 +21,10 @@ pub mod registry;
 pub mod releases;
 pub mod releases_manifest;
 pub mod rollout;
-pub mod rpc;
+pub mod runnow;
 pub mod session;
 pub mod settings;
+pub mod tenant;
 pub mod tls;
 pub mod util;
 
@@ -37,15 +38,16 @@ use tokio_util::task::TaskTracker;
 
 pub use settings::Settings;
 
-/// Everything a request handler or an agent session needs, shared behind an `Arc`.
+/// The gateway's parts, made once by [`prepare`] and wired together by [`serve`]. Only this
+/// file sees them all: every layer is handed the parts it uses.
 pub struct Gateway {
-    pub settings: Settings,
-    pub credentials: credentials::Credentials,
-    pub registry: registry::Registry,
-    pub checks: checks::CheckStore,
+    pub settings: Arc<Settings>,
+    pub credentials: Arc<credentials::Credentials>,
+    pub registry: Arc<registry::Registry>,
+    pub checks: Arc<checks::CheckStore>,
     pub bus: Arc<dyn bus::Bus>,
-    pub hub: hub::Hub,
-    pub metrics: metrics::Metrics,
+    pub hub: Arc<hub::Hub>,
+    pub metrics: Arc<metrics::Metrics>,
     /// The pool of connections not yet authenticated (the listener takes from it).
     pub admission: listener::Admission,
     pub shutdown: CancellationToken,
@@ -53,6 +55,63 @@ pub struct Gateway {
     pub health: Arc<health::Health>,
     /// The NATS connection when the gateway runs in a fleet (`--bus nats://…`).
     pub nats: Option<Arc<nats::Nats>>,
+}
+
+impl Gateway {
+    /// What the registry's upkeep and presence publishing use.
+    fn upkeep(&self) -> registry::Upkeep {
+        registry::Upkeep {
+            registry: self.registry.clone(),
+            bus: self.bus.clone(),
+            hub: self.hub.clone(),
+            metrics: self.metrics.clone(),
+            presence_grace: self.settings.presence_grace,
+            listen: self.settings.listen.to_string(),
+            tenant: self.settings.tenant.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    /// What agent sessions use.
+    fn sessions(&self) -> session::Services {
+        session::Services {
+            settings: self.settings.clone(),
+            credentials: self.credentials.clone(),
+            checks: self.checks.clone(),
+            registry: self.registry.clone(),
+            bus: self.bus.clone(),
+            hub: self.hub.clone(),
+            metrics: self.metrics.clone(),
+            shutdown: self.shutdown.clone(),
+            nats: self.nats.clone(),
+        }
+    }
+
+    fn runnow(&self) -> runnow::Local {
+        runnow::Local {
+            hub: self.hub.clone(),
+            agents: self.registry.clone(),
+        }
+    }
+
+    /// What the HTTP API uses.
+    fn api(&self, tracker: TaskTracker) -> api::Services {
+        api::Services {
+            sessions: Arc::new(self.sessions()),
+            registry: self.registry.clone(),
+            hub: self.hub.clone(),
+            credentials: self.credentials.clone(),
+            metrics: self.metrics.clone(),
+            health: self.health.clone(),
+            admission: self.admission.clone(),
+            bus: self.bus.clone(),
+            runnow: self.runnow(),
+            nats: self.nats.clone(),
+            tenant: self.settings.tenant.clone(),
+            shutdown: self.shutdown.clone(),
+            tracker,
+        }
+    }
 }
 
 /// What `prepare` found or created in the data directory, printed by the binary.
@@ -103,7 +162,7 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
     .await?;
     let (bus, registry): (Arc<dyn bus::Bus>, _) = match &nats {
         Some(n) => (
-            Arc::new(bus::nats::NatsBus::new(n.clone())),
+            Arc::new(nats::bus::NatsBus::new(n.clone())),
             registry::Registry::shared(n.clone(), me),
         ),
         None => {
@@ -118,7 +177,7 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
         }
     };
     if let Some(n) = &nats {
-        fleet_config::sync_once(
+        nats::fleet_config::sync_once(
             n,
             &settings.tenant,
             &settings.checks_dir,
@@ -130,13 +189,13 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
     let checks = checks::CheckStore::open(&settings.checks_dir, &settings.plugins_dir)?;
     let admission = listener::admission(&settings);
     let gateway = Arc::new(Gateway {
-        settings,
-        credentials,
-        registry,
-        checks,
+        settings: Arc::new(settings),
+        credentials: Arc::new(credentials),
+        registry: Arc::new(registry),
+        checks: Arc::new(checks),
         bus,
-        hub: hub::Hub::default(),
-        metrics: metrics::Metrics::default(),
+        hub: Arc::default(),
+        metrics: Arc::default(),
         admission,
         shutdown,
         health: Arc::default(),
@@ -153,7 +212,7 @@ fn gateway_id(settings: &Settings) -> anyhow::Result<String> {
     let path = settings.data_dir.join("gateway.id");
     match std::fs::read_to_string(&path) {
         Ok(s) => {
-            settings::parse_tenant(s.trim()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+            tenant::parse_name(s.trim()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let id = format!("gw-{}", util::random_token(4));
@@ -166,19 +225,12 @@ fn gateway_id(settings: &Settings) -> anyhow::Result<String> {
 }
 
 /// Run `task` for the gateway's life under [`health::supervise`].
-fn background<F, Fut>(tracker: &TaskTracker, gw: &Arc<Gateway>, name: &'static str, task: F)
+fn background<F, Fut>(tracker: &TaskTracker, gw: &Gateway, name: &'static str, task: F)
 where
-    F: Fn(Arc<Gateway>) -> Fut + Send + 'static,
+    F: Fn() -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let g = gw.clone();
-    health::supervise(
-        tracker,
-        gw.health.clone(),
-        gw.shutdown.clone(),
-        name,
-        move || task(g.clone()),
-    );
+    health::supervise(tracker, gw.health.clone(), gw.shutdown.clone(), name, task);
 }
 
 /// Run the gateway on `listener` until `gateway.shutdown` is cancelled, then stop
@@ -190,41 +242,60 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let Prepared { gateway, tls } = prepared;
     let tracker = TaskTracker::new();
-    background(&tracker, &gateway, "checks watch", checks::watch);
-    background(&tracker, &gateway, "registry", registry::maintain);
-    if let Some(n) = &gateway.nats {
-        let n1 = n.clone();
-        background(&tracker, &gateway, "gateway heartbeat", move |gw| {
-            registry::heartbeat(gw, n1.clone())
+    let gw = &gateway;
+    let (store, metrics, poll, stop) = (
+        gw.checks.clone(),
+        gw.metrics.clone(),
+        gw.settings.checks_poll,
+        gw.shutdown.clone(),
+    );
+    background(&tracker, gw, "checks watch", move || {
+        checks::watch(store.clone(), metrics.clone(), poll, stop.clone())
+    });
+    let upkeep = gw.upkeep();
+    background(&tracker, gw, "registry", move || {
+        registry::maintain(upkeep.clone())
+    });
+    if let Some(n) = &gw.nats {
+        let (up, n1) = (gw.upkeep(), n.clone());
+        background(&tracker, gw, "gateway heartbeat", move || {
+            registry::heartbeat(up.clone(), n1.clone())
         });
-        let n2 = n.clone();
-        background(&tracker, &gateway, "registry follow", move |gw| {
-            registry::follow(gw, n2.clone())
+        let (up, n2) = (gw.upkeep(), n.clone());
+        background(&tracker, gw, "registry follow", move || {
+            registry::follow(up.clone(), n2.clone())
         });
-        let n3 = n.clone();
-        background(&tracker, &gateway, fleet_config::MIRROR_TASK, move |gw| {
-            fleet_config::mirror(gw, n3.clone())
+        let mirror = nats::fleet_config::Mirror {
+            nats: n.clone(),
+            tenant: gw.settings.tenant.clone(),
+            checks_dir: gw.settings.checks_dir.clone(),
+            plugins_dir: gw.settings.plugins_dir.clone(),
+            health: gw.health.clone(),
+            shutdown: gw.shutdown.clone(),
+        };
+        background(&tracker, gw, nats::fleet_config::MIRROR_TASK, move || {
+            mirror.clone().run()
         });
     }
-    let app = api::router(gateway.clone());
+    let app = api::router(gw.api(tracker.clone()), &gw.settings);
+    let conns = listener::Connections {
+        admission: gw.admission.clone(),
+        metrics: gw.metrics.clone(),
+        write_deadline: gw.settings.write_deadline,
+        shutdown: gw.shutdown.clone(),
+    };
     listener::accept_loop(
         listener,
         tls.server_config.clone(),
         app,
-        gateway.clone(),
+        conns,
         tracker.clone(),
     )
     .await;
     tracker.close();
-    // Upgraded websocket sessions run outside the tracker; they watch the same token and
-    // leave the hub as they end.
-    let drained = async {
-        tracker.wait().await;
-        while gateway.hub.connected() > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    if tokio::time::timeout(grace, drained).await.is_err() {
+    // Every connection and agent session is a task of the tracker: waiting for it is
+    // waiting for them.
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::warn!(
             tasks = tracker.len(),
             sessions = gateway.hub.connected(),

@@ -17,15 +17,18 @@ use hyper_util::rt::TokioIo;
 use rustls::ServerConfig;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 pub use admission::{Admission, PreAuth};
 
-use crate::api::Peer;
 use crate::metrics::Metrics;
 use crate::settings::Settings;
-use crate::Gateway;
+
+/// The peer address of the connection a request came in on (a request extension).
+#[derive(Clone, Copy)]
+pub struct Peer(pub std::net::SocketAddr);
 
 /// A client that has not finished the TLS handshake by then is dropped.
 const TLS_HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
@@ -108,11 +111,20 @@ impl Throttled {
     }
 }
 
+/// What the accept loop uses.
+pub struct Connections {
+    pub admission: Admission,
+    pub metrics: Arc<Metrics>,
+    /// `--write-deadline-secs`; `None`: no deadline.
+    pub write_deadline: Option<Duration>,
+    pub shutdown: CancellationToken,
+}
+
 pub async fn accept_loop(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
     app: Router,
-    gw: Arc<Gateway>,
+    gw: Connections,
     tracker: TaskTracker,
 ) {
     let acceptor = TlsAcceptor::from(tls);
@@ -160,13 +172,13 @@ pub async fn accept_loop(
         let pre_auth = PreAuth::new(slot);
         let _ = tcp.set_nodelay(true);
         let on_expire: deadline::OnExpire = {
-            let gw = gw.clone();
+            let metrics = gw.metrics.clone();
             Box::new(move || {
-                Metrics::inc(&gw.metrics.write_timeouts);
+                Metrics::inc(&metrics.write_timeouts);
                 tracing::debug!(%peer, "the client took no data within the write deadline; closing");
             })
         };
-        let tcp = deadline::WriteDeadline::new(tcp, gw.settings.write_deadline, Some(on_expire));
+        let tcp = deadline::WriteDeadline::new(tcp, gw.write_deadline, Some(on_expire));
         let acceptor = acceptor.clone();
         let app = app.clone();
         let shutdown = gw.shutdown.clone();

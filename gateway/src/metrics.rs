@@ -4,6 +4,10 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// The `reason` labels of `outpost_connections_refused_total`.
+pub const REFUSED_UNAUTHENTICATED_LIMIT: &str = "unauthenticated_limit";
+pub const REFUSED_PER_ADDRESS_LIMIT: &str = "per_address_limit";
+
 #[derive(Default)]
 pub struct Metrics {
     pub connections: AtomicU64,
@@ -121,14 +125,8 @@ impl Metrics {
         );
         let mut refused = String::new();
         for (reason, c) in [
-            (
-                crate::listener::admission::Refusal::Full.reason(),
-                &self.refused_unauthenticated,
-            ),
-            (
-                crate::listener::admission::Refusal::PerAddress.reason(),
-                &self.refused_per_address,
-            ),
+            (REFUSED_UNAUTHENTICATED_LIMIT, &self.refused_unauthenticated),
+            (REFUSED_PER_ADDRESS_LIMIT, &self.refused_per_address),
         ] {
             let _ = writeln!(
                 refused,

@@ -25,12 +25,14 @@ use std::time::Duration;
 use anyhow::Context;
 use outpost_protocol::{CheckResult, CheckSpec, Hello};
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use crate::bus::embedded::Recovered;
-use crate::bus::{AgentRef, Presence, PresenceEvent};
+use crate::bus::{AgentRef, Bus, Presence, PresenceEvent};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::nats::{agent_key, Nats};
 use crate::util::{now_ms, write_atomic};
-use crate::Gateway;
 
 /// Checks per agent kept in the registry beyond those the gateway configured: what the
 /// agent runs from its own `checks.d` and its self-checks.
@@ -721,9 +723,24 @@ fn end_hold(rec: &mut AgentRecord, presence: Presence, reason: &str, vouched: Op
     rec.holder = None;
 }
 
+/// What the registry's background work and presence publishing use.
+#[derive(Clone)]
+pub struct Upkeep {
+    pub registry: Arc<Registry>,
+    pub bus: Arc<dyn Bus>,
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    /// `--presence-grace`.
+    pub presence_grace: Duration,
+    /// This gateway's listen address, shown to the other gateways.
+    pub listen: String,
+    pub tenant: String,
+    pub shutdown: CancellationToken,
+}
+
 /// Every two seconds until shutdown: save the registry when it changed (embedded), and
 /// publish as lost the agents whose gateway is gone for longer than the presence grace.
-pub async fn maintain(gw: Arc<Gateway>) {
+pub async fn maintain(gw: Upkeep) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
@@ -733,7 +750,7 @@ pub async fn maintain(gw: Arc<Gateway>) {
         if let Err(e) = gw.registry.flush() {
             tracing::error!(error = %e, "cannot save the agent registry; will retry");
         }
-        for (agent, holder, reason) in gw.registry.orphans_due(gw.settings.presence_grace) {
+        for (agent, holder, reason) in gw.registry.orphans_due(gw.presence_grace) {
             lose(&gw, &agent, holder.as_deref(), &reason).await;
         }
     }
@@ -741,28 +758,34 @@ pub async fn maintain(gw: Arc<Gateway>) {
 
 /// Make the agent lost if `holder` still holds it, and publish that; returns false (and
 /// changes nothing) when a newer connection holds it by now.
-pub async fn lose(gw: &Gateway, agent: &AgentRef, holder: Option<&str>, reason: &str) -> bool {
+pub async fn lose(gw: &Upkeep, agent: &AgentRef, holder: Option<&str>, reason: &str) -> bool {
     let lost = gw
         .registry
         .disconnected(&agent.fingerprint, holder, Presence::Lost, reason)
         .await;
     if lost {
         tracing::info!(fingerprint = %agent.fingerprint, %reason, "agent lost");
-        publish_presence(gw, agent, Presence::Lost, reason).await;
+        publish_presence(&*gw.bus, &gw.metrics, agent, Presence::Lost, reason).await;
     }
     lost
 }
 
 /// Publish a presence change on the bus (logged and counted when the bus refuses it).
-pub async fn publish_presence(gw: &Gateway, agent: &AgentRef, presence: Presence, reason: &str) {
+pub async fn publish_presence(
+    bus: &dyn Bus,
+    metrics: &Metrics,
+    agent: &AgentRef,
+    presence: Presence,
+    reason: &str,
+) {
     let event = PresenceEvent {
         agent: agent.clone(),
         presence,
         at_ms: now_ms(),
         reason: reason.to_string(),
     };
-    if let Err(e) = gw.bus.publish_presence(&event).await {
-        crate::metrics::Metrics::inc(&gw.metrics.bus_errors);
+    if let Err(e) = bus.publish_presence(&event).await {
+        Metrics::inc(&metrics.bus_errors);
         tracing::error!(error = %e, "cannot publish presence event");
     }
 }
@@ -770,14 +793,14 @@ pub async fn publish_presence(gw: &Gateway, agent: &AgentRef, presence: Presence
 /// Heartbeat this gateway into the `outpost_gateways` bucket every few seconds, and follow
 /// the other gateways' heartbeats; on shutdown, once its agents have left, remove ours so
 /// the others sweep what did not come back at once.
-pub async fn heartbeat(gw: Arc<Gateway>, nats: Arc<Nats>) {
+pub async fn heartbeat(gw: Upkeep, nats: Arc<Nats>) {
     use futures_util::StreamExt;
     let me = gw.registry.me.clone();
     let put = |at_ms| {
         let beat = Beat {
             incarnation: me.incarnation.clone(),
             at_ms,
-            listen: gw.settings.listen.to_string(),
+            listen: gw.listen.clone(),
         };
         let nats = nats.clone();
         let id = me.gateway_id.clone();
@@ -836,9 +859,9 @@ pub async fn heartbeat(gw: Arc<Gateway>, nats: Arc<Nats>) {
 
 /// Follow the shared registry (this tenant's keys) into the in-memory map, and end local
 /// sessions of agents that another gateway has taken over.
-pub async fn follow(gw: Arc<Gateway>, nats: Arc<Nats>) {
+pub async fn follow(gw: Upkeep, nats: Arc<Nats>) {
     use futures_util::StreamExt;
-    let filter = format!("{}.*", gw.settings.tenant);
+    let filter = format!("{}.*", gw.tenant);
     loop {
         let mut watch = match crate::nats::watch_keys(&nats.client, &nats.agents, &filter).await {
             Ok(w) => w,
@@ -871,6 +894,12 @@ pub async fn follow(gw: Arc<Gateway>, nats: Arc<Nats>) {
             }
         }
         tracing::warn!("fleet registry watch ended; restarting it");
+    }
+}
+
+impl crate::runnow::AgentChecks for Registry {
+    fn checks_of(&self, fingerprint: &str) -> Option<Vec<CheckSpec>> {
+        self.lock().get(fingerprint).map(|r| r.checks.clone())
     }
 }
 

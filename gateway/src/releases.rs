@@ -21,8 +21,8 @@ use axum::routing::get;
 use axum::Router;
 use tokio::io::AsyncReadExt;
 
+use crate::settings::Settings;
 use crate::tls::Pins;
-use crate::Gateway;
 
 /// The installer's source; the gateway fills in its own address when serving it.
 pub const INSTALL_SH: &str = include_str!("../../installer/install.sh");
@@ -38,10 +38,12 @@ const PUBKEY_PIN_MARKER: &str = "\nserved_pubkey_pin=''\n";
 /// Bytes read from disk per chunk of a streamed file.
 const CHUNK: usize = 64 * 1024;
 
-pub fn routes() -> Router<Arc<Gateway>> {
+/// These routes, for a router of any state (they keep the settings as their own).
+pub fn routes<S: Clone + Send + Sync + 'static>(settings: Arc<Settings>) -> Router<S> {
     Router::new()
         .route("/install.sh", get(install_sh))
         .route("/releases/{version}/{file}", get(artifact))
+        .with_state(settings)
 }
 
 fn not_found(message: String) -> Response {
@@ -51,60 +53,6 @@ fn not_found(message: String) -> Response {
         format!("{message}\n"),
     )
         .into_response()
-}
-
-/// Whether `s` is a `hostname[:port]`, `ipv4[:port]` or `[ipv6][:port]` and nothing else,
-/// so that it can go into a shell script and a URL as it is.
-pub fn valid_authority(s: &str) -> bool {
-    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
-        let Some((v6, after)) = rest.split_once(']') else {
-            return false;
-        };
-        if v6.is_empty()
-            || !v6
-                .bytes()
-                .all(|c| c.is_ascii_hexdigit() || c == b':' || c == b'.')
-        {
-            return false;
-        }
-        match after {
-            "" => return true,
-            p => match p.strip_prefix(':') {
-                Some(p) => ("x", p),
-                None => return false,
-            },
-        }
-    } else {
-        match s.split_once(':') {
-            Some((h, p)) => (h, p),
-            None => (s, "1"),
-        }
-    };
-    let host_ok = !host.is_empty()
-        && host.len() <= 253
-        && !host.starts_with(['-', '.'])
-        && host
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.');
-    let port_ok = !port.is_empty()
-        && port.len() <= 5
-        && port.bytes().all(|c| c.is_ascii_digit())
-        && port.parse::<u16>().is_ok_and(|p| p > 0);
-    host_ok && port_ok
-}
-
-/// `--public-url https://host[:port]` → `host[:port]`.
-pub fn parse_public_url(url: &str) -> Result<String, String> {
-    let authority = url
-        .strip_prefix("https://")
-        .ok_or_else(|| format!("--public-url {url:?} must start with https://"))?
-        .trim_end_matches('/');
-    if !valid_authority(authority) {
-        return Err(format!(
-            "--public-url {url:?} must be https://HOST[:PORT] with nothing after it (no path, user or query)"
-        ));
-    }
-    Ok(authority.to_string())
 }
 
 /// Whether `pins` can go into the script as they are: 64 lowercase hex digits, and
@@ -128,7 +76,7 @@ fn valid_pins(pins: &Pins) -> bool {
 /// both pins to trust it by pin).
 pub fn render_install_sh(authority: Option<&str>, pins: Option<&Pins>) -> String {
     let mut script = match authority {
-        Some(a) if valid_authority(a) => {
+        Some(a) if crate::settings::valid_authority(a) => {
             INSTALL_SH.replacen(GATEWAY_MARKER, &format!("served_gateway='{a}'"), 1)
         }
         _ => INSTALL_SH.to_string(),
@@ -147,8 +95,8 @@ pub fn render_install_sh(authority: Option<&str>, pins: Option<&Pins>) -> String
 
 /// The pins of the certificate file this gateway serves, read now (the certificate is
 /// read once at start: replacing its file takes a restart, which is when both agree again).
-async fn served_pins(gw: &Gateway) -> Option<Pins> {
-    let path = crate::tls::cert_path(&gw.settings);
+async fn served_pins(settings: &Settings) -> Option<Pins> {
+    let path = crate::tls::cert_path(settings);
     let pem = match tokio::fs::read(&path).await {
         Ok(p) => p,
         Err(e) => {
@@ -165,16 +113,16 @@ async fn served_pins(gw: &Gateway) -> Option<Pins> {
     }
 }
 
-async fn install_sh(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+async fn install_sh(State(settings): State<Arc<Settings>>, headers: HeaderMap) -> Response {
     let host = headers
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .filter(|h| valid_authority(h));
-    let authority = gw.settings.public_authority.as_deref().or(host);
+        .filter(|h| crate::settings::valid_authority(h));
+    let authority = settings.public_authority.as_deref().or(host);
     if authority.is_none() {
         tracing::debug!("install.sh served without a default gateway: no --public-url and no usable Host header");
     }
-    let pins = served_pins(&gw).await;
+    let pins = served_pins(&settings).await;
     (
         [
             (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
@@ -317,10 +265,10 @@ pub fn resolve(releases_dir: &Path, version: &str, file: &str) -> Result<PathBuf
 }
 
 async fn artifact(
-    State(gw): State<Arc<Gateway>>,
+    State(settings): State<Arc<Settings>>,
     UrlPath((version, file)): UrlPath<(String, String)>,
 ) -> Response {
-    match resolve(&gw.settings.releases_dir, &version, &file) {
+    match resolve(&settings.releases_dir, &version, &file) {
         Ok(path) => send_file(&path, &format!("{version}/{file}")).await,
         Err(e) => not_found(e),
     }
@@ -380,7 +328,7 @@ mod tests {
             "[::1]",
             "localhost",
         ] {
-            assert!(valid_authority(ok), "{ok}");
+            assert!(crate::settings::valid_authority(ok), "{ok}");
         }
         for bad in [
             "",
@@ -396,16 +344,16 @@ mod tests {
             "[zz]:1",
             "gw:1:2",
         ] {
-            assert!(!valid_authority(bad), "{bad}");
+            assert!(!crate::settings::valid_authority(bad), "{bad}");
         }
         assert_eq!(
-            parse_public_url("https://gw.example.com:8443/").unwrap(),
+            crate::settings::parse_public_url("https://gw.example.com:8443/").unwrap(),
             "gw.example.com:8443"
         );
-        assert!(parse_public_url("http://gw")
+        assert!(crate::settings::parse_public_url("http://gw")
             .unwrap_err()
             .contains("https://"));
-        assert!(parse_public_url("https://gw/path")
+        assert!(crate::settings::parse_public_url("https://gw/path")
             .unwrap_err()
             .contains("nothing after it"));
     }

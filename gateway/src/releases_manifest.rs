@@ -24,24 +24,26 @@ use outpost_protocol::update::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::Gateway;
+use crate::settings::Settings;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
 pub const SIG_FILE: &str = "manifest.json.sig";
 
 /// `/releases/manifest.json` and its signature.
-pub fn router() -> Router<Arc<Gateway>> {
+/// These routes, for a router of any state (they keep the settings as their own).
+pub fn router<S: Clone + Send + Sync + 'static>(settings: Arc<Settings>) -> Router<S> {
     Router::new()
         .route("/releases/manifest.json", get(manifest))
         .route("/releases/manifest.json.sig", get(signature))
+        .with_state(settings)
 }
 
-async fn manifest(State(gw): State<Arc<Gateway>>) -> Response {
-    serve(&gw.settings.releases_dir.join(MANIFEST_FILE), MANIFEST_FILE).await
+async fn manifest(State(settings): State<Arc<Settings>>) -> Response {
+    serve(&settings.releases_dir.join(MANIFEST_FILE), MANIFEST_FILE).await
 }
 
-async fn signature(State(gw): State<Arc<Gateway>>) -> Response {
-    serve(&gw.settings.releases_dir.join(SIG_FILE), SIG_FILE).await
+async fn signature(State(settings): State<Arc<Settings>>) -> Response {
+    serve(&settings.releases_dir.join(SIG_FILE), SIG_FILE).await
 }
 
 /// A regular file (never a symlink, directory or device), streamed with its length.

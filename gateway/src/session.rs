@@ -22,12 +22,54 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::bus::Bus;
 use crate::bus::{AgentRef, Presence};
+use crate::checks::CheckStore;
+use crate::credentials::Credentials;
+use crate::hub::Hub;
 use crate::hub::{Outbound, SessionHandle, OUTBOUND_QUEUE};
 use crate::listener::PreAuth;
 use crate::metrics::Metrics;
+use crate::nats::Nats;
 use crate::registry::publish_presence;
-use crate::Gateway;
+use crate::registry::{Registry, Upkeep};
+use crate::settings::Settings;
+
+/// What agent sessions use, handed by the gateway at start and shared by all of them.
+pub struct Services {
+    pub settings: Arc<Settings>,
+    pub credentials: Arc<Credentials>,
+    pub checks: Arc<CheckStore>,
+    pub registry: Arc<Registry>,
+    pub bus: Arc<dyn Bus>,
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: CancellationToken,
+    /// In a fleet: to answer run-now calls relayed from other gateways.
+    pub nats: Option<Arc<Nats>>,
+}
+
+impl Services {
+    fn upkeep(&self) -> Upkeep {
+        Upkeep {
+            registry: self.registry.clone(),
+            bus: self.bus.clone(),
+            hub: self.hub.clone(),
+            metrics: self.metrics.clone(),
+            presence_grace: self.settings.presence_grace,
+            listen: self.settings.listen.to_string(),
+            tenant: self.settings.tenant.clone(),
+            shutdown: self.shutdown.clone(),
+        }
+    }
+
+    fn runnow(&self) -> crate::runnow::Local {
+        crate::runnow::Local {
+            hub: self.hub.clone(),
+            agents: self.registry.clone(),
+        }
+    }
+}
 
 pub const GATEWAY_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -90,7 +132,7 @@ fn bad_read(err: &axum::Error) -> Option<(u16, &'static str)> {
 }
 
 /// Count a read error that is the peer's fault (see [`bad_read`]).
-fn count_bad_read(gw: &Gateway, code: u16) {
+fn count_bad_read(gw: &Services, code: u16) {
     if code == close::TOO_BIG {
         Metrics::inc(&gw.metrics.frames_too_big);
     } else {
@@ -100,7 +142,7 @@ fn count_bad_read(gw: &Gateway, code: u16) {
 
 /// Run one agent connection to its end. `pre_auth` is the connection's slot among the
 /// unauthenticated ones, given back once the agent is authenticated.
-pub async fn run(gw: Arc<Gateway>, mut socket: WebSocket, peer: SocketAddr, pre_auth: PreAuth) {
+pub async fn run(gw: Arc<Services>, mut socket: WebSocket, peer: SocketAddr, pre_auth: PreAuth) {
     Metrics::inc(&gw.metrics.connections);
     // Pings and pongs before hello are control frames, not part of the exchange: they are
     // answered (by the websocket layer) and skipped, and the hello deadline keeps running.
@@ -275,7 +317,7 @@ fn hello_revision(text: &str) -> Option<Option<u64>> {
 }
 
 /// Count a frame that failed to decode and pick the close code for it.
-fn rejected(gw: &Gateway, peer: SocketAddr, e: &FrameError) -> u16 {
+fn rejected(gw: &Services, peer: SocketAddr, e: &FrameError) -> u16 {
     tracing::warn!(%peer, error = %e, "rejected frame; closing");
     match e {
         FrameError::TooBig { .. } => {
@@ -289,7 +331,7 @@ fn rejected(gw: &Gateway, peer: SocketAddr, e: &FrameError) -> u16 {
     }
 }
 
-async fn reject_frame(gw: &Gateway, socket: &mut WebSocket, peer: SocketAddr, e: &FrameError) {
+async fn reject_frame(gw: &Services, socket: &mut WebSocket, peer: SocketAddr, e: &FrameError) {
     let code = rejected(gw, peer, e);
     close_now(socket, code, &e.to_string()).await;
 }
@@ -353,7 +395,7 @@ fn spawn_writer(
 }
 
 async fn authenticated(
-    gw: Arc<Gateway>,
+    gw: Arc<Services>,
     socket: WebSocket,
     peer: SocketAddr,
     hello: Hello,
@@ -405,10 +447,27 @@ async fn authenticated(
     // An event is a change: an agent that was online (a reconnect within the grace, a
     // session rotation, a move to this gateway) stays online without one.
     if !was_online {
-        Box::pin(publish_presence(&gw, &agent, Presence::Online, "connected")).await;
+        Box::pin(publish_presence(
+            &*gw.bus,
+            &gw.metrics,
+            &agent,
+            Presence::Online,
+            "connected",
+        ))
+        .await;
     }
     // Run-now calls from any gateway of the fleet reach this session through NATS.
-    let _rpc = Box::pin(crate::rpc::serve_agent(&gw, &agent)).await;
+    let _rpc = match &gw.nats {
+        Some(nats) => Some(
+            Box::pin(crate::nats::rpc::serve_agent(
+                nats.clone(),
+                &agent,
+                gw.runnow(),
+            ))
+            .await,
+        ),
+        None => None,
+    };
     tracing::info!(%peer, version = ?hello.agent_version, enrolled = auth.new_secret.is_some(), "agent connected");
 
     let mut catalog_rx = gw.checks.subscribe();
@@ -709,7 +768,8 @@ async fn authenticated(
                     .disconnected(&fp, Some(&holder), Presence::Deregistered, &reason);
             if Box::pin(ended).await {
                 Box::pin(publish_presence(
-                    &gw,
+                    &*gw.bus,
+                    &gw.metrics,
                     &agent,
                     Presence::Deregistered,
                     &reason,
@@ -728,7 +788,7 @@ async fn authenticated(
 /// Publish the agent lost after `after` unless `holder` no longer holds it by then (a new
 /// connection has claimed it, here or on another gateway).
 fn lost_unless_back(
-    gw: Arc<Gateway>,
+    gw: Arc<Services>,
     agent: AgentRef,
     holder: String,
     after: std::time::Duration,
@@ -736,7 +796,7 @@ fn lost_unless_back(
 ) {
     tokio::spawn(async move {
         tokio::time::sleep(after).await;
-        if !crate::registry::lose(&gw, &agent, Some(&holder), &reason).await {
+        if !crate::registry::lose(&gw.upkeep(), &agent, Some(&holder), &reason).await {
             tracing::info!(fingerprint = %agent.fingerprint, "grace over; a newer connection holds the agent, no change");
         }
     });
@@ -760,7 +820,7 @@ async fn refuse(
 const MAX_BYE_REASON_BYTES: usize = 256;
 
 /// The catalog plugin with content hash `sha256`, or an error frame saying why not.
-async fn plugin_frame(gw: &Gateway, sha256: &str) -> GatewayFrame {
+async fn plugin_frame(gw: &Services, sha256: &str) -> GatewayFrame {
     use base64::Engine;
     use sha2::Digest;
     let refuse = |code: &str, message: String| {
@@ -828,7 +888,7 @@ impl AgentConfig {
     }
 }
 
-async fn send_config(gw: &Gateway, tx: &mpsc::Sender<Outbound>, fp: &str, config: AgentConfig) {
+async fn send_config(gw: &Services, tx: &mpsc::Sender<Outbound>, fp: &str, config: AgentConfig) {
     let AgentConfig {
         checks,
         collectors,

@@ -1,10 +1,16 @@
-//! The gateway's settings, from the command line (and environment).
+//! The gateway's settings, from the command line (and environment): parsed by clap into
+//! [`ServeArgs`], then checked into [`Settings`] with every problem listed at once.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+
+pub mod bus;
+
+/// `--max-unauthenticated-per-address` when not given.
+pub const DEFAULT_PER_ADDRESS: usize = 64;
 
 /// `outpost-gateway serve` options.
 #[derive(Debug, Clone, Args)]
@@ -34,7 +40,7 @@ pub struct ServeArgs {
     /// The address agents and the installer use for this gateway (`https://host[:port]`),
     /// written into `/install.sh` as its default gateway. Without it, the request's Host
     /// header is used when it is a plain `hostname[:port]`.
-    #[arg(long, env = "OUTPOST_PUBLIC_URL", value_parser = crate::releases::parse_public_url)]
+    #[arg(long, env = "OUTPOST_PUBLIC_URL", value_parser = parse_public_url)]
     pub public_url: Option<String>,
     /// PEM certificate chain to serve instead of the generated self-signed one.
     #[arg(long, env = "OUTPOST_TLS_CERT", requires = "tls_key")]
@@ -84,7 +90,7 @@ pub struct ServeArgs {
     pub max_unauthenticated: Option<usize>,
     /// Most of those from one address (an IPv6 /64), counted only while at least half of
     /// --max-unauthenticated are in use. 0: no limit.
-    #[arg(long, default_value_t = crate::listener::admission::DEFAULT_PER_ADDRESS)]
+    #[arg(long, default_value_t = DEFAULT_PER_ADDRESS)]
     pub max_unauthenticated_per_address: usize,
     /// Seconds a write to a client (a response body, a websocket frame) may make no
     /// progress before the connection is closed (at most 86400). 0: no deadline.
@@ -105,28 +111,14 @@ pub struct ServeArgs {
     pub presence_grace: u64,
     /// The tenant this gateway's agents and API token belong to: the first part of every
     /// subject and key it uses on the bus, so tenants sharing a NATS never see each other.
-    #[arg(long, env = "OUTPOST_TENANT", default_value = crate::credentials::DEFAULT_TENANT, value_parser = parse_tenant)]
+    #[arg(long, env = "OUTPOST_TENANT", default_value = crate::tenant::DEFAULT_TENANT, value_parser = crate::tenant::parse_name)]
     pub tenant: String,
     /// This gateway's name in the fleet registry. Default: the one saved in DATA_DIR/gateway.id
     /// (generated on first start).
-    #[arg(long, env = "OUTPOST_GATEWAY_ID", value_parser = parse_tenant)]
+    #[arg(long, env = "OUTPOST_GATEWAY_ID", value_parser = crate::tenant::parse_name)]
     pub gateway_id: Option<String>,
     #[command(flatten)]
-    pub nats: crate::nats::NatsArgs,
-}
-
-/// Tenant names and gateway ids become NATS subject tokens and KV keys.
-pub fn parse_tenant(s: &str) -> Result<String, String> {
-    if (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-')
-    {
-        Ok(s.to_string())
-    } else {
-        Err(format!(
-            "{s:?}: use 1-64 letters, digits, '-' or '_' (it becomes a NATS subject token)"
-        ))
-    }
+    pub nats: bus::BusArgs,
 }
 
 /// Checked settings with every default resolved.
@@ -228,7 +220,7 @@ impl Settings {
         let nats = a.nats.settings().map(|n| n.for_tenant(&a.tenant));
         let retention = a.nats.embedded_retention(&a.data_dir);
         // In a fleet the checks and plugins come from NATS, mirrored here.
-        let (fleet_checks, fleet_plugins) = crate::fleet_config::mirror_dirs(&a.data_dir);
+        let (fleet_checks, fleet_plugins) = mirror_dirs(&a.data_dir);
         let secs = Duration::from_secs;
         Ok(Settings {
             checks_dir: a.checks_dir.unwrap_or_else(|| {
@@ -276,4 +268,64 @@ impl Settings {
             data_dir: a.data_dir,
         })
     }
+}
+
+/// Where a gateway mirrors the fleet's configuration.
+pub fn mirror_dirs(data_dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    let base = data_dir.join("fleet");
+    (base.join("checks.d"), base.join("plugins"))
+}
+
+/// Whether `s` is a `hostname[:port]`, `ipv4[:port]` or `[ipv6][:port]` and nothing else,
+/// so that it can go into a shell script and a URL as it is.
+pub fn valid_authority(s: &str) -> bool {
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let Some((v6, after)) = rest.split_once(']') else {
+            return false;
+        };
+        if v6.is_empty()
+            || !v6
+                .bytes()
+                .all(|c| c.is_ascii_hexdigit() || c == b':' || c == b'.')
+        {
+            return false;
+        }
+        match after {
+            "" => return true,
+            p => match p.strip_prefix(':') {
+                Some(p) => ("x", p),
+                None => return false,
+            },
+        }
+    } else {
+        match s.split_once(':') {
+            Some((h, p)) => (h, p),
+            None => (s, "1"),
+        }
+    };
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && !host.starts_with(['-', '.'])
+        && host
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.');
+    let port_ok = !port.is_empty()
+        && port.len() <= 5
+        && port.bytes().all(|c| c.is_ascii_digit())
+        && port.parse::<u16>().is_ok_and(|p| p > 0);
+    host_ok && port_ok
+}
+
+/// `--public-url https://host[:port]` → `host[:port]`.
+pub fn parse_public_url(url: &str) -> Result<String, String> {
+    let authority = url
+        .strip_prefix("https://")
+        .ok_or_else(|| format!("--public-url {url:?} must start with https://"))?
+        .trim_end_matches('/');
+    if !valid_authority(authority) {
+        return Err(format!(
+            "--public-url {url:?} must be https://HOST[:PORT] with nothing after it (no path, user or query)"
+        ));
+    }
+    Ok(authority.to_string())
 }

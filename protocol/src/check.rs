@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::probe::Probe;
-use crate::schema as js;
+use crate::schema_rules as js;
 
 /// A check's state, with Nagios semantics (exit codes 0..=3).
 #[derive(
@@ -106,7 +106,7 @@ pub struct CheckSpec {
     pub probe: Probe,
     /// Seconds between runs, on the agent's splayed grid. 0 when the check has a `cron`
     /// schedule or is a daemon (which runs continuously).
-    #[schemars(range(max = crate::checkfile::MAX_INTERVAL_SECS))]
+    #[schemars(range(max = crate::limits::MAX_INTERVAL_SECS))]
     pub interval_secs: u64,
     /// A cron expression (5 fields, minute first, or 6 with seconds first) in the agent's
     /// local time; replaces the interval.
@@ -114,16 +114,16 @@ pub struct CheckSpec {
     pub cron: Option<String>,
     /// Seconds before the whole process group is killed and the result is UNKNOWN. For a
     /// daemon: the longest silence before an UNKNOWN result says it stopped reporting.
-    #[schemars(range(max = crate::checkfile::MAX_TIMEOUT_SECS))]
+    #[schemars(range(max = crate::limits::MAX_TIMEOUT_SECS))]
     pub timeout_secs: u64,
     /// Consecutive non-OK results before the state turns hard. 1 (the default) makes every
     /// state hard at once.
     #[serde(default = "one", skip_serializing_if = "is_one")]
-    #[schemars(range(min = 1, max = crate::checkfile::MAX_ATTEMPTS))]
+    #[schemars(range(min = 1, max = crate::limits::MAX_ATTEMPTS))]
     pub max_attempts: u32,
     /// Seconds between runs while a non-OK state is soft; the interval when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = crate::checkfile::MAX_INTERVAL_SECS))]
+    #[schemars(range(min = 1, max = crate::limits::MAX_INTERVAL_SECS))]
     pub retry_interval_secs: Option<u64>,
     /// Set when the command's program names a plugin from the gateway's catalog: the
     /// agent fetches it by hash, and runs it only while the file on disk still has this
@@ -193,17 +193,6 @@ pub struct PluginRef {
     pub sha256: String,
     #[schemars(range(max = crate::limits::MAX_PLUGIN_BYTES))]
     pub size: u64,
-}
-
-/// Whether `name` is usable as a check name: 1 to 64 of `[A-Za-z0-9_.-]`, so it is safe in
-/// URLs, file names and bus subjects.
-pub fn valid_check_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && name
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'))
-        && name != "."
-        && name != ".."
 }
 
 /// The hash of a configuration with collectors: the checks' hash when there are none (so

@@ -33,8 +33,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::check::{valid_check_name, CheckSpec, PluginRef};
+use crate::check::{CheckSpec, PluginRef};
 use crate::collector::{CollectdPlugin, CollectorKind, CollectorSpec};
+use crate::limits::{MAX_ATTEMPTS, MAX_INTERVAL_SECS, MAX_TIMEOUT_SECS};
+use crate::names::valid_check_name;
 use crate::probe::*;
 
 /// Which agents a check is for. Empty means every agent.
@@ -167,12 +169,6 @@ enum RawDuration {
 
 /// Timeout when a check file does not give one.
 pub const DEFAULT_TIMEOUT_SECS: u64 = 10;
-/// Longest interval or retry interval.
-pub const MAX_INTERVAL_SECS: u64 = 7 * 24 * 3600;
-/// Longest timeout (and longest silence of a daemon).
-pub const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
-/// Most attempts before a state turns hard.
-pub const MAX_ATTEMPTS: u32 = 100;
 
 fn parse_duration(field: &str, raw: &RawDuration) -> Result<u64, String> {
     let secs = match raw {

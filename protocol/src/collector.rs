@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::check::valid_check_name;
+use crate::names::valid_check_name;
 
 /// Longest collector name: `collector.NAME.metrics` must stay a valid check name.
 pub const MAX_COLLECTOR_NAME: usize = 46;
@@ -37,7 +37,7 @@ pub enum CollectorKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CollectdPlugin {
-    #[schemars(pattern(crate::schema::COLLECTD_PLUGIN))]
+    #[schemars(pattern(crate::schema_rules::COLLECTD_PLUGIN))]
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
@@ -47,7 +47,7 @@ pub struct CollectdPlugin {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CollectorSpec {
-    #[schemars(pattern(crate::schema::COLLECTOR_NAME), extend("not" = crate::schema::not_dots()))]
+    #[schemars(pattern(crate::schema_rules::COLLECTOR_NAME), extend("not" = crate::schema_rules::not_dots()))]
     pub name: String,
     pub kind: CollectorKind,
     /// The program and its arguments. Empty for collectd and fluentd means the default

@@ -4,21 +4,8 @@
 //! agent-supplied string can never forge a log line or a terminal escape. The agent
 //! checks its own settings with the same functions before it dials.
 
+use crate::limits::*;
 use crate::Hello;
-
-/// Most labels, and most groups, one agent may have.
-pub const MAX_LABELS: usize = 64;
-pub const MAX_GROUPS: usize = 64;
-/// Longest label key or group name, in bytes.
-pub const MAX_LABEL_KEY_BYTES: usize = 64;
-/// Longest label value, in bytes.
-pub const MAX_LABEL_VALUE_BYTES: usize = 256;
-/// Longest hostname, in bytes (DNS allows 253).
-pub const MAX_HOSTNAME_BYTES: usize = 253;
-/// Longest `os`, `arch` and `agent_version`, in bytes.
-pub const MAX_PLATFORM_BYTES: usize = 64;
-/// Longest credential (enrollment key or secret), in bytes.
-pub const MAX_CREDENTIAL_BYTES: usize = 256;
 
 // What is refused is only what can harm: length, and characters that forge or hide text
 // (controls, bidirectional overrides, zero-width and line separators). Any other text an

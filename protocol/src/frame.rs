@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::check::{CheckSpec, Fault, Metric, Origin, StateType, Status};
 use crate::limits::MAX_FRAME_BYTES;
-use crate::schema as js;
+use crate::schema_rules as js;
 
 /// Frames an agent sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -55,15 +55,15 @@ pub enum Credential {
     /// not enough to take over an agent that is just enrolling. Agents that predate it
     /// send none.
     EnrollKey {
-        #[schemars(length(max = crate::fields::MAX_CREDENTIAL_BYTES))]
+        #[schemars(length(max = crate::limits::MAX_CREDENTIAL_BYTES))]
         key: String,
         #[serde(default, skip_serializing_if = "String::is_empty")]
-        #[schemars(length(max = crate::fields::MAX_CREDENTIAL_BYTES))]
+        #[schemars(length(max = crate::limits::MAX_CREDENTIAL_BYTES))]
         proof: String,
     },
     /// Every later connection: the secret the gateway issued at enrollment.
     Secret {
-        #[schemars(length(max = crate::fields::MAX_CREDENTIAL_BYTES))]
+        #[schemars(length(max = crate::limits::MAX_CREDENTIAL_BYTES))]
         secret: String,
     },
 }
@@ -75,21 +75,21 @@ pub struct Hello {
     #[schemars(pattern(js::FINGERPRINT))]
     pub fingerprint: String,
     pub credential: Credential,
-    #[schemars(length(max = crate::fields::MAX_PLATFORM_BYTES), pattern(js::VISIBLE_TEXT))]
+    #[schemars(length(max = crate::limits::MAX_PLATFORM_BYTES), pattern(js::VISIBLE_TEXT))]
     pub agent_version: String,
-    #[schemars(length(max = crate::fields::MAX_PLATFORM_BYTES), pattern(js::VISIBLE_TEXT))]
+    #[schemars(length(max = crate::limits::MAX_PLATFORM_BYTES), pattern(js::VISIBLE_TEXT))]
     pub os: String,
-    #[schemars(length(max = crate::fields::MAX_PLATFORM_BYTES), pattern(js::VISIBLE_TEXT))]
+    #[schemars(length(max = crate::limits::MAX_PLATFORM_BYTES), pattern(js::VISIBLE_TEXT))]
     pub arch: String,
-    #[schemars(length(max = crate::fields::MAX_HOSTNAME_BYTES), pattern(js::VISIBLE_TEXT))]
+    #[schemars(length(max = crate::limits::MAX_HOSTNAME_BYTES), pattern(js::VISIBLE_TEXT))]
     pub hostname: String,
     #[serde(default)]
     #[schemars(transform = js::labels)]
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     #[schemars(
-        length(max = crate::fields::MAX_GROUPS),
-        inner(length(min = 1, max = crate::fields::MAX_LABEL_KEY_BYTES), pattern(js::VISIBLE_TEXT))
+        length(max = crate::limits::MAX_GROUPS),
+        inner(length(min = 1, max = crate::limits::MAX_LABEL_KEY_BYTES), pattern(js::VISIBLE_TEXT))
     )]
     pub groups: Vec<String>,
     /// Hash of the configuration the agent is running, if any.
@@ -253,9 +253,57 @@ pub struct RpcReply {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct RpcError {
-    /// Machine-readable: `unknown_check`, `busy`, `stopping`.
+    /// Machine-readable: `unknown_check`, `not_runnable`, `busy` or `stopping`. A string,
+    /// not a closed set: a gateway treats a code it does not know as the agent failing.
     pub code: String,
     pub message: String,
+}
+
+/// Why an agent did not run a check on demand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RpcErrorCode {
+    /// The check is not in the agent's configuration.
+    UnknownCheck,
+    /// The check cannot be run on demand (a daemon reports on its own).
+    NotRunnable,
+    /// It is already running, or every run slot is taken: try again.
+    Busy,
+    /// The agent is shutting down.
+    Stopping,
+}
+
+impl RpcErrorCode {
+    pub const ALL: [RpcErrorCode; 4] = [
+        RpcErrorCode::UnknownCheck,
+        RpcErrorCode::NotRunnable,
+        RpcErrorCode::Busy,
+        RpcErrorCode::Stopping,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RpcErrorCode::UnknownCheck => "unknown_check",
+            RpcErrorCode::NotRunnable => "not_runnable",
+            RpcErrorCode::Busy => "busy",
+            RpcErrorCode::Stopping => "stopping",
+        }
+    }
+}
+
+impl RpcError {
+    pub fn new(code: RpcErrorCode, message: impl Into<String>) -> RpcError {
+        RpcError {
+            code: code.as_str().to_string(),
+            message: message.into(),
+        }
+    }
+
+    /// The code, when it is one this version knows.
+    pub fn kind(&self) -> Option<RpcErrorCode> {
+        RpcErrorCode::ALL
+            .into_iter()
+            .find(|c| c.as_str() == self.code)
+    }
 }
 
 /// Ask for a catalog plugin's content by its hash.

@@ -15,28 +15,29 @@ mod collector;
 mod fields;
 mod frame;
 mod limits;
+mod names;
 pub mod probe;
 pub mod schema;
+mod schema_rules;
 pub mod update;
 mod validate;
 
 pub use check::{
-    config_hash, config_hash_with_collectors, valid_check_name, CheckSpec, Fault, Metric, Origin,
-    PluginRef, StateType, Status,
+    config_hash, config_hash_with_collectors, CheckSpec, Fault, Metric, Origin, PluginRef,
+    StateType, Status,
 };
 pub use collector::{
     CollectdPlugin, CollectorKind, CollectorSpec, MAX_COLLECTORS, MAX_COLLECTOR_NAME,
 };
-pub use fields::{
-    group_problem, hostname_problem, label_problem, printable, MAX_CREDENTIAL_BYTES, MAX_GROUPS,
-    MAX_HOSTNAME_BYTES, MAX_LABELS, MAX_LABEL_KEY_BYTES, MAX_LABEL_VALUE_BYTES, MAX_PLATFORM_BYTES,
-};
+pub use fields::{group_problem, hostname_problem, label_problem, printable};
 pub use frame::{
     decode_agent_frame, decode_gateway_frame, encode, Ack, AgentFrame, Bye, CheckResult,
     ConfigFrame, Credential, ErrorFrame, FrameError, GatewayFrame, Hello, PluginFrame,
-    PluginRequest, Reconnect, Results, RpcCall, RpcError, RpcReply, RpcRequest, Welcome,
+    PluginRequest, Reconnect, Results, RpcCall, RpcError, RpcErrorCode, RpcReply, RpcRequest,
+    Welcome,
 };
 pub use limits::*;
+pub use names::valid_check_name;
 pub use update::UpdateOffer;
 
 /// Whether `s` is a fingerprint as agents make them: a lowercase hyphenated UUID.

@@ -43,6 +43,31 @@ pub const HELLO_DEADLINE: Duration = Duration::from_secs(10);
 /// while waiting for it to come back.
 pub const MAX_RESTART_WINDOW_SECS: u64 = 600;
 
+// What an agent says about itself in `hello` (the rules are in `fields`).
+
+/// Most labels, and most groups, one agent may have.
+pub const MAX_LABELS: usize = 64;
+pub const MAX_GROUPS: usize = 64;
+/// Longest label key or group name, in bytes.
+pub const MAX_LABEL_KEY_BYTES: usize = 64;
+/// Longest label value, in bytes.
+pub const MAX_LABEL_VALUE_BYTES: usize = 256;
+/// Longest hostname, in bytes (DNS allows 253).
+pub const MAX_HOSTNAME_BYTES: usize = 253;
+/// Longest `os`, `arch` and `agent_version`, in bytes.
+pub const MAX_PLATFORM_BYTES: usize = 64;
+/// Longest credential (enrollment key or secret), in bytes.
+pub const MAX_CREDENTIAL_BYTES: usize = 256;
+
+// Check rules (the check file parser and the schema both hold checks to them).
+
+/// Longest interval or retry interval.
+pub const MAX_INTERVAL_SECS: u64 = 7 * 24 * 3600;
+/// Longest timeout (and longest silence of a daemon).
+pub const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
+/// Most attempts before a state turns hard.
+pub const MAX_ATTEMPTS: u32 = 100;
+
 /// Websocket close codes the gateway uses, with the reason text it sends.
 pub mod close {
     /// A frame that is not valid JSON for this protocol (RFC 6455: invalid payload data).

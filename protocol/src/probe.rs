@@ -315,7 +315,7 @@ pub struct TcpProbe {
 #[serde(deny_unknown_fields)]
 pub struct HttpProbe {
     /// `http://` or `https://` URL.
-    #[schemars(pattern(crate::schema::HTTP_URL))]
+    #[schemars(pattern(crate::schema_rules::HTTP_URL))]
     pub url: String,
     #[serde(default = "get")]
     pub method: String,
@@ -385,7 +385,7 @@ fn record_a() -> String {
 #[serde(deny_unknown_fields)]
 pub struct PrometheusProbe {
     /// `http://` or `https://` URL of the text exposition endpoint.
-    #[schemars(pattern(crate::schema::HTTP_URL))]
+    #[schemars(pattern(crate::schema_rules::HTTP_URL))]
     pub url: String,
     /// Keep only samples whose metric name starts with one of these; all when empty.
     /// At most [`crate::MAX_METRICS`] samples are kept either way, and the result says

@@ -294,7 +294,7 @@ pub fn verify_manifest(
 /// and may (see `docs/UPDATES.md`); agents that predate it ignore the frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct UpdateOffer {
-    #[schemars(length(max = 32), pattern(crate::schema::VERSION))]
+    #[schemars(length(max = 32), pattern(crate::schema_rules::VERSION))]
     pub version: String,
 }
 

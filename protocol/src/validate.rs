@@ -2,9 +2,9 @@
 //! any of them (close 1007), and the agent cuts what it sends to fit them
 //! (`Outcome::into_result`), so a result it makes is never refused.
 
-use crate::check::valid_check_name;
 use crate::frame::{CheckResult, Results};
 use crate::limits::*;
+use crate::names::valid_check_name;
 
 impl CheckResult {
     /// Every documented bound this result breaks, each said in a few words; empty when it

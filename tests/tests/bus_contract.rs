@@ -10,9 +10,8 @@ use std::time::Duration;
 use outpost_e2e::nats::NatsServer;
 use outpost_e2e::tempdir;
 use outpost_gateway::bus::segments::{self, Retention};
-use outpost_gateway::bus::{
-    embedded::EmbeddedBus, nats::NatsBus, AgentRef, Bus, Presence, PresenceEvent,
-};
+use outpost_gateway::bus::{embedded::EmbeddedBus, AgentRef, Bus, Presence, PresenceEvent};
+use outpost_gateway::nats::bus::NatsBus;
 use outpost_gateway::nats::{presence_subject, results_subject, Nats, NatsSettings};
 use outpost_protocol::CheckResult;
 
@@ -348,7 +347,7 @@ fn nats_settings_with(url: &str, more: &[&str]) -> NatsSettings {
     #[derive(Parser)]
     struct Args {
         #[command(flatten)]
-        nats: outpost_gateway::nats::NatsArgs,
+        nats: outpost_gateway::settings::bus::BusArgs,
     }
     Args::parse_from(["test", "--bus", url].iter().chain(more))
         .nats

@@ -956,7 +956,7 @@ async fn tenants_sharing_one_nats_never_see_or_reach_each_others_agents() {
             .build(client.clone());
         async move { js.get_key_value(bucket).await.unwrap() }
     };
-    use outpost_gateway::fleet_config::CONFIG_BUCKET;
+    use outpost_gateway::nats::fleet_config::CONFIG_BUCKET;
     use outpost_gateway::nats::CREDENTIALS_BUCKET;
     // The tenants' keys are in NATS only as hashes.
     for (client, tenant, gw) in [

@@ -26,10 +26,10 @@ use outpost_protocol::{CheckResult, CheckSpec, Origin};
 use tokio::io::BufReader;
 use tokio_util::sync::CancellationToken;
 
-use super::exec::{self, GroupGuard};
 use super::json;
 use super::outcome::Outcome;
 use super::Runner;
+use crate::spawn::{self, GroupGuard};
 use crate::supervise::{self, read_line, Line, Logged, OutputLog, Restarts};
 pub use crate::supervise::{CRASH_LIMIT, CRASH_WINDOW, MAX_LINE, STOP_GRACE};
 use crate::util::now_ms;
@@ -92,7 +92,7 @@ async fn run_once(
     stop: &CancellationToken,
     emit: &impl Fn(CheckResult),
 ) -> Option<String> {
-    let mut cmd = match exec::command(argv) {
+    let mut cmd = match spawn::command(argv) {
         Ok(c) => c,
         Err(e) => return Some(e),
     };
@@ -100,7 +100,7 @@ async fn run_once(
         Ok(c) => c,
         Err(e) => return Some(format!("cannot run {}: {e}", argv[0])),
     };
-    let pgid = exec::adopt(&child);
+    let pgid = spawn::adopt(&child);
     let guard = GroupGuard(pgid);
     tracing::info!(check = %spec.name, pid = pgid, "daemon check started");
     let err_log = OutputLog::new(STDERR_LINES_PER_MINUTE, 1);

@@ -1,134 +1,28 @@
 //! Exec checks: run a plugin directly from its argv (never through a shell) in its own
 //! process group, with stdin closed, output capped, and a deadline after which the whole
 //! group is killed. When the plugin exits, anything it left running in its group is killed
-//! too, so a plugin's stray children cannot hold its output pipe open or pile up.
-//!
-//! On Windows a Job Object stands in for the process group ([`job_windows`]): the pid
-//! names the job, and every "signal" to the group terminates the job.
-
-#[cfg(windows)]
-mod job_windows;
+//! too, so a plugin's stray children cannot hold its output pipe open or pile up. Starting
+//! the program and killing its group is [`crate::spawn`]'s; this module reads what the
+//! program printed and makes a check outcome of it.
 
 use outpost_sys::lock;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::Duration;
 
 use outpost_protocol::Status;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::process::Command;
 
 use super::outcome::Outcome;
 use crate::checks::nagios;
+use crate::spawn::{adopt, command, kill_group, signal_of, GroupGuard};
 
 /// Most bytes of a plugin's stdout (and, separately, stderr) kept. The rest is read and
 /// discarded so the plugin never blocks on a full pipe, and the result says so.
 pub const OUTPUT_CAP: usize = 64 * 1024;
 
-#[cfg(unix)]
-pub(crate) const SIGTERM: i32 = libc::SIGTERM;
-#[cfg(unix)]
-pub(crate) const SIGKILL: i32 = libc::SIGKILL;
-#[cfg(windows)]
-pub(crate) const SIGTERM: i32 = 15;
-#[cfg(windows)]
-pub(crate) const SIGKILL: i32 = 9;
-
-/// The id that names the process group of a child just spawned by [`command`]: its pid,
-/// which leads its group (on Windows: the job it was just put in).
-pub(crate) fn adopt(child: &tokio::process::Child) -> u32 {
-    #[cfg(windows)]
-    return job_windows::adopt(child);
-    #[cfg(unix)]
-    child.id().unwrap_or(0)
-}
-
-/// Whether anything of the group `pgid` still runs (Windows; Unix asks `/proc`, see
-/// [`crate::supervise::group_exists`]).
-#[cfg(windows)]
-pub(crate) fn group_alive(pgid: u32) -> bool {
-    job_windows::alive(pgid)
-}
-
-/// How a program ended: the signal that killed it, if one did (never on Windows).
-pub fn signal_of(status: ExitStatus) -> Option<i32> {
-    #[cfg(unix)]
-    return std::os::unix::process::ExitStatusExt::signal(&status);
-    #[cfg(not(unix))]
-    {
-        let _ = status;
-        None
-    }
-}
-
-pub(crate) fn kill_group(pgid: u32) {
-    signal_group(pgid, SIGKILL);
-}
-
-/// Send `sig` to the plugin's process group. Windows has no signals for windowless
-/// programs: any `sig` terminates the job.
-#[cfg(windows)]
-pub(crate) fn signal_group(pgid: u32, _sig: i32) {
-    job_windows::kill(pgid);
-}
-
-/// Send `sig` to the plugin's process group.
-#[cfg(unix)]
-pub(crate) fn signal_group(pgid: u32, sig: i32) {
-    if pgid == 0 || pgid > i32::MAX as u32 {
-        return;
-    }
-    // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
-    // The group was created for this plugin (process_group(0)), so it holds nothing else.
-    unsafe {
-        libc::kill(-(pgid as i32), sig);
-    }
-}
-
-/// Kills the plugin's process group when dropped, however the run ends: finished,
-/// timed out, or abandoned because the agent is stopping.
-pub(crate) struct GroupGuard(pub(crate) u32);
-
-impl Drop for GroupGuard {
-    fn drop(&mut self) {
-        kill_group(self.0);
-    }
-}
-
 /// How long the output readers may run on after the plugin's group was killed: only
 /// something that escaped the group (setsid) can still hold the pipes open.
 const DRAIN_GRACE: Duration = Duration::from_millis(300);
-
-/// Environment variables a plugin may see; everything else (the agent's own settings,
-/// its enrollment key among them) is withheld.
-#[cfg(unix)]
-const PASSED_ENV: &[&str] = &["PATH", "HOME", "TZ", "USER", "LOGNAME", "TMPDIR", "LANG"];
-/// The same on Windows, where programs also need the system's location (`SystemRoot`,
-/// without which Winsock and PowerShell fail), `PATHEXT` and `COMSPEC` to run scripts, and
-/// the standard folders.
-#[cfg(windows)]
-const PASSED_ENV: &[&str] = &[
-    "PATH",
-    "PATHEXT",
-    "SystemRoot",
-    "SystemDrive",
-    "windir",
-    "COMSPEC",
-    "TEMP",
-    "TMP",
-    "ProgramData",
-    "ProgramFiles",
-    "ProgramFiles(x86)",
-    "ProgramW6432",
-    "CommonProgramFiles",
-    "ALLUSERSPROFILE",
-    "USERPROFILE",
-    "USERNAME",
-    "COMPUTERNAME",
-    "NUMBER_OF_PROCESSORS",
-    "PROCESSOR_ARCHITECTURE",
-    "PSModulePath",
-    "TZ",
-];
 
 /// Wait for a reader to reach the end of its pipe, briefly; returns whether it did.
 async fn join_reader(mut handle: tokio::task::JoinHandle<()>) -> bool {
@@ -166,44 +60,6 @@ async fn read_capped(r: Option<impl AsyncRead + Unpin>, cap: usize, into: Captur
 
 fn take(c: &Captured) -> (Vec<u8>, bool) {
     std::mem::take(&mut *lock(c))
-}
-
-/// The program a check runs, ready to spawn: its own process group, stdin closed, stdout
-/// and stderr piped, a cleared environment, killed if the handle is dropped.
-pub fn command(argv: &[String]) -> Result<Command, String> {
-    let Some((program, args)) = argv.split_first() else {
-        return Err("check has an empty command".into());
-    };
-    let mut cmd = Command::new(program);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    #[cfg(unix)]
-    cmd.process_group(0);
-    // A console Ctrl-C meant for the agent does not reach the plugin (a new group), and a
-    // plugin started by the service gets no console window.
-    #[cfg(windows)]
-    cmd.creation_flags(
-        windows_sys::Win32::System::Threading::CREATE_NEW_PROCESS_GROUP
-            | windows_sys::Win32::System::Threading::CREATE_NO_WINDOW,
-    );
-    cmd.env_clear()
-        .envs(
-            PASSED_ENV
-                .iter()
-                .filter_map(|k| std::env::var_os(k).map(|v| (*k, v))),
-        )
-        .env("LC_ALL", "C");
-    #[cfg(unix)]
-    if std::env::var_os("PATH").is_none() {
-        cmd.env(
-            "PATH",
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        );
-    }
-    Ok(cmd)
 }
 
 /// What a program did in one run.

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::checks::exec;
+use crate::spawn;
 use crate::supervise::proc_stat;
 
 /// The pid file's name in a collector's directory.
@@ -66,7 +66,7 @@ fn signal(pid: u32, sig: i32) {
     // Its whole group when it leads one (collectors are started as group leaders), else
     // only the process.
     match proc_stat(pid) {
-        Some(s) if s.pgrp == pid => exec::signal_group(pid, sig),
+        Some(s) if s.pgrp == pid => spawn::signal_group(pid, sig),
         Some(_) => {
             // SAFETY: kill(2) on a positive pid whose start time was just checked.
             unsafe {
@@ -135,11 +135,11 @@ pub async fn stop_stale(
     }
     for &(pid, _) in &victims {
         tracing::warn!(pid, dir = %dir.display(), "a collector left running by an earlier agent is being stopped");
-        signal(pid, exec::SIGTERM);
+        signal(pid, spawn::SIGTERM);
     }
     for &(pid, start) in &victims {
         if !gone_within(pid, start, grace).await {
-            signal(pid, exec::SIGKILL);
+            signal(pid, spawn::SIGKILL);
             if !gone_within(pid, start, Duration::from_secs(2)).await {
                 tracing::error!(pid, "a collector left by an earlier agent survived SIGKILL");
             }

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::pidfile;
 use super::render::Rendered;
-use crate::checks::exec::{self, GroupGuard};
 use crate::outbox::Outbox;
+use crate::spawn::{self, GroupGuard};
 use crate::supervise::{self, Logged, OutputLog, Restarts, CRASH_WINDOW, STOP_GRACE};
 use crate::util::{now_ms, truncate_utf8};
 
@@ -255,7 +255,7 @@ async fn run_once(
     h: &Health,
     stop: &CancellationToken,
 ) -> Ended {
-    let mut cmd = match exec::command(&rendered.argv) {
+    let mut cmd = match spawn::command(&rendered.argv) {
         Ok(c) => c,
         Err(e) => return Ended::CannotStart(e),
     };
@@ -266,7 +266,7 @@ async fn run_once(
             return Ended::CannotStart(format!("cannot run {}: {e}", rendered.argv[0]));
         }
     };
-    let pid = exec::adopt(&child);
+    let pid = spawn::adopt(&child);
     let guard = GroupGuard(pid);
     if let Err(e) = pidfile::write(pid_file, pid) {
         tracing::warn!(collector = %job.name, pid, error = %e, "cannot write the collector's pid file");

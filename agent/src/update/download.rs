@@ -76,7 +76,7 @@ where
         .header(hyper::header::HOST, host)
         .header(
             hyper::header::USER_AGENT,
-            format!("outpost-agent/{}", crate::AGENT_VERSION),
+            format!("outpost-agent/{}", crate::version::AGENT_VERSION),
         )
         .body(Empty::<Bytes>::new())
         .map_err(|e| http(&e))?;

@@ -42,11 +42,11 @@ enum Config {
         /// Show the diff and change nothing.
         #[arg(long)]
         dry_run: bool,
-        #[arg(long, env = "OUTPOST_TENANT", default_value = outpost_gateway::credentials::DEFAULT_TENANT,
-              value_parser = outpost_gateway::settings::parse_tenant)]
+        #[arg(long, env = "OUTPOST_TENANT", default_value = outpost_gateway::tenant::DEFAULT_TENANT,
+              value_parser = outpost_gateway::tenant::parse_name)]
         tenant: String,
         #[command(flatten)]
-        nats: outpost_gateway::nats::NatsArgs,
+        nats: outpost_gateway::settings::bus::BusArgs,
     },
 }
 
@@ -66,7 +66,7 @@ async fn config(cmd: Config) -> anyhow::Result<()> {
     };
     let nats =
         outpost_gateway::nats::Nats::connect_once(&settings, "outpost-gateway config push").await?;
-    let pushed = outpost_gateway::fleet_config::push(&nats, &tenant, &dir, dry_run).await?;
+    let pushed = outpost_gateway::nats::fleet_config::push(&nats, &tenant, &dir, dry_run).await?;
     print!("{}", pushed.diff);
     match (pushed.changes, dry_run) {
         (0, _) => println!(

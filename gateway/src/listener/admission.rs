@@ -50,8 +50,8 @@ pub enum Refusal {
 impl Refusal {
     pub fn reason(self) -> &'static str {
         match self {
-            Refusal::Full => "unauthenticated_limit",
-            Refusal::PerAddress => "per_address_limit",
+            Refusal::Full => crate::metrics::REFUSED_UNAUTHENTICATED_LIMIT,
+            Refusal::PerAddress => crate::metrics::REFUSED_PER_ADDRESS_LIMIT,
         }
     }
 }

@@ -23,8 +23,8 @@ use async_trait::async_trait;
 use outpost_protocol::CheckResult;
 use serde::Serialize;
 
-use super::{AgentRef, Bus, BusError, PresenceEvent, Published};
-use crate::nats::{presence_subject, results_subject, Nats};
+use super::{presence_subject, results_subject, Nats};
+use crate::bus::{AgentRef, Bus, BusError, PresenceEvent, Published};
 
 /// Header with the result's sequence number, so `last_seq` needs no body parsing.
 pub const SEQ_HEADER: &str = "Outpost-Seq";

@@ -23,9 +23,10 @@ use outpost_protocol::{valid_check_name, MAX_PLUGIN_BYTES};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
+use crate::health::Health;
 use crate::nats::Nats;
 use crate::util::write_atomic;
-use crate::Gateway;
+use tokio_util::sync::CancellationToken;
 
 pub const CONFIG_BUCKET: &str = "outpost_config";
 
@@ -509,12 +510,6 @@ fn absent<'a, V, W>(
     have.keys().filter(|n| !want.contains_key(*n))
 }
 
-/// Where a gateway mirrors the fleet's configuration.
-pub fn mirror_dirs(data_dir: &Path) -> (PathBuf, PathBuf) {
-    let base = data_dir.join("fleet");
-    (base.join("checks.d"), base.join("plugins"))
-}
-
 /// Write what NATS holds for the tenant into the mirror directories (and remove what it
 /// does not hold), before the check store first reads them.
 pub async fn sync_once(
@@ -549,14 +544,41 @@ pub async fn sync_once(
 /// The mirror's name in [`crate::health::Health`].
 pub const MIRROR_TASK: &str = "fleet config mirror";
 
-/// Mirror the tenant's check files and plugins from NATS into the local directories the
-/// check store reads, until shutdown. Files not in NATS are removed at the start.
-pub async fn mirror(gw: Arc<Gateway>, nats: Arc<Nats>) {
-    let tenant = gw.settings.tenant.clone();
-    let (checks_dir, plugins_dir) = (
-        gw.settings.checks_dir.clone(),
-        gw.settings.plugins_dir.clone(),
-    );
+/// The tenant's check files and plugins in NATS, mirrored into the local directories the
+/// check store reads.
+#[derive(Clone)]
+pub struct Mirror {
+    pub nats: Arc<Nats>,
+    pub tenant: String,
+    pub checks_dir: PathBuf,
+    pub plugins_dir: PathBuf,
+    pub health: Arc<Health>,
+    pub shutdown: CancellationToken,
+}
+
+impl Mirror {
+    /// Mirror until shutdown. Files not in NATS are removed at the start.
+    pub async fn run(self) {
+        let Mirror {
+            nats,
+            tenant,
+            checks_dir,
+            plugins_dir,
+            health,
+            shutdown,
+        } = self;
+        mirror(nats, tenant, checks_dir, plugins_dir, health, shutdown).await
+    }
+}
+
+async fn mirror(
+    nats: Arc<Nats>,
+    tenant: String,
+    checks_dir: PathBuf,
+    plugins_dir: PathBuf,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) {
     loop {
         let run = async {
             let (config, plugins) = open(&nats, &tenant).await?;
@@ -571,7 +593,7 @@ pub async fn mirror(gw: Arc<Gateway>, nats: Arc<Nats>) {
                 .watch_with_history()
                 .await
                 .context("cannot watch the plugin store")?;
-            gw.health.ok(MIRROR_TASK);
+            health.ok(MIRROR_TASK);
             loop {
                 tokio::select! {
                     e = checks.next() => {
@@ -616,7 +638,7 @@ pub async fn mirror(gw: Arc<Gateway>, nats: Arc<Nats>) {
                         }
                         tracing::info!(plugin = %info.name, deleted = info.deleted, "fleet plugin changed");
                     }
-                    _ = gw.shutdown.cancelled() => return Ok::<(), anyhow::Error>(()),
+                    _ = shutdown.cancelled() => return Ok::<(), anyhow::Error>(()),
                 }
             }
         };
@@ -624,11 +646,11 @@ pub async fn mirror(gw: Arc<Gateway>, nats: Arc<Nats>) {
             Ok(()) => return,
             Err(e) => {
                 let why = format!("{e:#}");
-                gw.health.failing(MIRROR_TASK, why.clone());
+                health.failing(MIRROR_TASK, why.clone());
                 tracing::error!(error = %why, "mirroring the fleet configuration failed; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = gw.shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return,
                 }
             }
         }
