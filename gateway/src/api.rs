@@ -184,9 +184,12 @@ async fn upgrade(
     }
     // The session holds the connection's slot among the unauthenticated ones until the
     // agent's hello is accepted.
-    let (services, tracker) = (gw.sessions.clone(), gw.tracker.clone());
-    ws.on_upgrade(move |socket| {
-        tracker.track_future(session::run(services, socket, peer, pre_auth))
+    // Counted by the shutdown machinery from now, not from when the upgrade completes
+    // (axum runs the callback on a task of its own), so a shutdown meanwhile waits for it.
+    let (services, tracked) = (gw.sessions.clone(), gw.tracker.token());
+    ws.on_upgrade(move |socket| async move {
+        session::run(services, socket, peer, pre_auth).await;
+        drop(tracked);
     })
 }
 
@@ -314,12 +317,20 @@ async fn run_now(State(gw): State<Gw>, Path((fp, check)): Path<(String, String)>
     let outcome = match &gw.nats {
         Some(nats) if !gw.hub.has(&fp) => match gw.registry.get(&fp) {
             None => Err(RunNowError::UnknownAgent(fp.clone())),
-            Some(_) => crate::nats::rpc::call(nats, &gw.tenant, &fp, &check).await,
+            Some(_) => crate::nats::rpc::call(nats, &gw.tenant, &fp, &check)
+                .await
+                .map(Json)
+                .map(IntoResponse::into_response),
         },
-        _ => gw.runnow.run(&fp, &check).await,
+        _ => gw
+            .runnow
+            .run(&fp, &check)
+            .await
+            .map(Json)
+            .map(IntoResponse::into_response),
     };
     match outcome {
-        Ok(result) => Json(result).into_response(),
+        Ok(answer) => answer,
         Err(e) => {
             Metrics::inc(&gw.metrics.rpc_failures);
             ApiError::from(e).into_response()

@@ -134,7 +134,14 @@ pub async fn run(gw: Arc<Services>, mut socket: WebSocket, peer: SocketAddr, pre
             }
         }
     };
-    let first = tokio::time::timeout(gw.settings.hello_timeout, first).await;
+    let first = tokio::select! {
+        first = tokio::time::timeout(gw.settings.hello_timeout, first) => first,
+        // A gateway stopping does not wait for a hello that may never come.
+        _ = gw.shutdown.cancelled() => {
+            close_now(&mut socket, close::GOING_AWAY, "gateway shutting down; reconnect later").await;
+            return;
+        }
+    };
     let hello = match first {
         Err(_) => {
             Metrics::inc(&gw.metrics.hello_timeouts);

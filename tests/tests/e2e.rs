@@ -1025,3 +1025,29 @@ async fn a_restarting_agent_stays_online_for_its_window_and_is_lost_after_it() {
     .await;
     assert_eq!(published, ["online", "lost"]);
 }
+
+/// Every connection is the shutdown's to wait for, and none makes it wait longer than it
+/// must: a websocket that has not sent hello yet is closed at once with 1001 (going away)
+/// instead of holding the gateway until its hello deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_gateway_does_not_wait_for_a_hello() {
+    let dir = tempdir();
+    let mut gw = Gateway::start(dir.path(), &["--hello-timeout", "300", "--grace", "300"]);
+    let mut silent = raw_ws(&gw).await;
+    gw.proc.signal(libc::SIGTERM);
+    assert_eq!(
+        close_code(&mut silent, Duration::from_secs(60)).await,
+        Some(outpost_protocol::close::GOING_AWAY),
+        "a connection waiting for hello is told the gateway is going away"
+    );
+    assert_eq!(
+        gw.proc.wait_exit(Duration::from_secs(60)).await,
+        Some(0),
+        "the gateway exits once that connection is closed, not after its hello deadline (300 s)"
+    );
+    assert!(
+        !gw.proc.log().contains("work still running"),
+        "{}",
+        gw.proc.log()
+    );
+}

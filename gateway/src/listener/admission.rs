@@ -25,9 +25,6 @@ const SHARE_OF_NOFILE: u64 = 4;
 /// Bounds of the default global cap.
 pub const DEFAULT_MIN: usize = 64;
 pub const DEFAULT_MAX: usize = 16_384;
-/// The default of `--max-unauthenticated-per-address`.
-pub const DEFAULT_PER_ADDRESS: usize = 64;
-
 /// The two caps; 0 means no limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
