@@ -1,41 +1,20 @@
 //! Who may connect: the tenant's enrollment key (`DATA_DIR/enroll.key`), the admin API
 //! token (`DATA_DIR/api.token`), and one secret per enrolled agent, kept only as a SHA-256
-//! hash in `DATA_DIR/agents/credentials.json`.
+//! hash in a [`SecretStore`] (`DATA_DIR/agents/credentials.json`, or NATS KV in a fleet).
+//! The rules for enrollment, login and confirmation are here, once, for both stores.
 
-use outpost_sys::lock;
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::nats::{agent_key, Nats};
-use crate::util::{constant_time_eq, now_ms, random_token, write_atomic};
-
+use crate::nats::secrets::NatsSecrets;
+use crate::nats::Nats;
+use crate::secrets::{AgentCredential, FileSecrets, SecretStore, StoreError};
 use crate::tenant::DEFAULT_TENANT;
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct AgentCredential {
-    tenant: String,
-    secret_sha256: String,
-    enrolled_at_ms: u64,
-    /// Whether the agent has shown it kept its secret (it spoke again after `welcome`, or
-    /// logged in with it). Until then the enrollment key may enroll the fingerprint again,
-    /// so a connection lost between `hello` and the agent storing its secret cannot lock
-    /// the agent out.
-    #[serde(default = "yes")]
-    confirmed: bool,
-    /// sha256 of the `proof` the enrolling agent sent; while unconfirmed, only the same
-    /// proof may enroll the fingerprint again. `None` for agents that predate proofs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    enroll_proof_sha256: Option<String>,
-}
-
-fn yes() -> bool {
-    true
-}
+use crate::util::{constant_time_eq, now_ms, random_token, write_atomic};
 
 pub struct Credentials {
     /// The enrollment key and API token in this data directory (`enroll.key`,
@@ -48,11 +27,10 @@ pub struct Credentials {
     api_token_sha256: String,
     /// The tenant this gateway's agents and token belong to.
     pub tenant: String,
-    path: PathBuf,
-    agents: Mutex<HashMap<String, AgentCredential>>,
-    /// With NATS: agent secrets live in the shared `outpost_credentials` bucket instead of
-    /// `credentials.json`, so an agent enrolled through one gateway logs in through any.
-    shared: Option<Arc<Nats>>,
+    /// Enrolled agents' secrets: in the data directory, or with NATS in the shared
+    /// `outpost_credentials` bucket, so an agent enrolled through one gateway logs in
+    /// through any.
+    secrets: Arc<dyn SecretStore>,
 }
 
 /// A tenant's enrollment key and API token as the fleet keeps them in NATS: hashed, so
@@ -87,7 +65,9 @@ pub enum AuthError {
     UnknownAgent(String),
     #[error("secret refused for fingerprint {0}")]
     BadSecret(String),
-    #[error("cannot store the new agent's secret: {0}")]
+    #[error("fingerprint {0} was enrolled by another connection at the same moment; retry")]
+    Concurrent(String),
+    #[error("cannot read or store the agent's credential: {0}")]
     Storage(String),
 }
 
@@ -220,29 +200,27 @@ fn read_or_create_token(path: &Path) -> anyhow::Result<String> {
 }
 
 impl Credentials {
+    /// The credentials in `data_dir`, for the default tenant, with agent secrets in the
+    /// data directory.
     pub fn open(data_dir: &Path) -> anyhow::Result<Credentials> {
+        let secrets = FileSecrets::open(data_dir, DEFAULT_TENANT)?;
+        Credentials::with_secrets(data_dir, DEFAULT_TENANT, Arc::new(secrets))
+    }
+
+    fn with_secrets(
+        data_dir: &Path,
+        tenant: &str,
+        secrets: Arc<dyn SecretStore>,
+    ) -> anyhow::Result<Credentials> {
         let enroll_key = read_or_create_token(&data_dir.join("enroll.key"))?;
         let api_token = read_or_create_token(&data_dir.join("api.token"))?;
-        let path = data_dir.join("agents").join("credentials.json");
-        let agents = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| {
-                format!(
-                    "agent credentials file {} is corrupt; restore it from a backup",
-                    path.display()
-                )
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
-            Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-        };
         Ok(Credentials {
             enroll_key_sha256: sha256_hex(&enroll_key),
             api_token_sha256: sha256_hex(&api_token),
             enroll_key,
             api_token,
-            tenant: DEFAULT_TENANT.to_string(),
-            path,
-            agents: Mutex::new(agents),
-            shared: None,
+            tenant: tenant.to_string(),
+            secrets,
         })
     }
 
@@ -258,11 +236,12 @@ impl Credentials {
         gateway_id: &str,
         nats: Option<Arc<Nats>>,
     ) -> anyhow::Result<Credentials> {
-        let mut creds = Credentials::open(data_dir)?;
-        creds.tenant = tenant.to_string();
+        let local = FileSecrets::open(data_dir, tenant)?;
         let Some(nats) = nats else {
-            return Ok(creds);
+            return Credentials::with_secrets(data_dir, tenant, Arc::new(local));
         };
+        let shared = NatsSecrets::new(nats.clone());
+        let mut creds = Credentials::with_secrets(data_dir, tenant, Arc::new(shared))?;
         let key = format!("{tenant}._tenant");
         let mine = TenantKeys {
             enroll_key_sha256: creds.enroll_key_sha256.clone(),
@@ -302,66 +281,43 @@ impl Credentials {
         creds.api_token_sha256 = fleet.api_token_sha256;
         // A gateway moving from its embedded bus to NATS brings its enrolled agents along:
         // each local secret not yet in the bucket is added (never overwriting one there).
-        let local: Vec<(String, AgentCredential)> = lock(&creds.agents)
-            .iter()
-            .map(|(fp, c)| (fp.clone(), c.clone()))
-            .collect();
         let mut imported = 0;
-        for (fp, cred) in local {
-            let value = serde_json::to_vec(&AgentCredential {
+        for (_, fp, cred) in local.all() {
+            let cred = AgentCredential {
                 tenant: tenant.to_string(),
                 ..cred
-            })?;
-            if nats
-                .credentials
-                .create(agent_key(tenant, &fp), value.into())
-                .await
-                .is_ok()
-            {
+            };
+            if creds.secrets.put(tenant, &fp, &cred, None).await.is_ok() {
                 imported += 1;
             }
         }
         if imported > 0 {
             tracing::info!(%tenant, agents = imported, "added this gateway's enrolled agents to the fleet's credentials");
         }
-        creds.shared = Some(nats);
         Ok(creds)
     }
 
     /// Check an agent's credential, enrolling it when it presents the enrollment key. A
-    /// new secret is stored (on disk, or in NATS) before this returns.
+    /// new secret is stored (on disk, or in NATS) before this returns, so a crash cannot
+    /// lose it; two enrollments of one fingerprint at once cannot both succeed.
     pub async fn check(
         &self,
         fingerprint: &str,
         credential: &outpost_protocol::Credential,
     ) -> Result<Authenticated, AuthError> {
-        match &self.shared {
-            None => self.authenticate(fingerprint, credential),
-            Some(nats) => self.check_shared(nats, fingerprint, credential).await,
-        }
-    }
-
-    async fn check_shared(
-        &self,
-        nats: &Nats,
-        fingerprint: &str,
-        credential: &outpost_protocol::Credential,
-    ) -> Result<Authenticated, AuthError> {
         use outpost_protocol::Credential;
-        let key = agent_key(&self.tenant, fingerprint);
-        let storage = |e: &dyn std::fmt::Display| AuthError::Storage(format!("NATS: {e}"));
-        let entry = nats
-            .credentials
-            .entry(&key)
+        let storage = |e: StoreError| match e {
+            StoreError::Conflict => AuthError::Concurrent(fingerprint.to_string()),
+            StoreError::Unavailable(e) => AuthError::Storage(e),
+        };
+        let known = self
+            .secrets
+            .get(&self.tenant, fingerprint)
             .await
-            .map_err(|e| storage(&e))?;
-        let known = entry
-            .as_ref()
-            .filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
-            .and_then(|e| serde_json::from_slice::<AgentCredential>(&e.value).ok());
+            .map_err(storage)?;
         match credential {
             Credential::Secret { secret } => {
-                let Some(known) = known else {
+                let Some((known, revision)) = known else {
                     return Err(AuthError::UnknownAgent(fingerprint.to_string()));
                 };
                 if !constant_time_eq(
@@ -371,126 +327,25 @@ impl Credentials {
                     return Err(AuthError::BadSecret(fingerprint.to_string()));
                 }
                 if !known.confirmed {
-                    self.confirm_shared(nats, fingerprint).await;
+                    self.confirm(fingerprint, known, revision).await;
                 }
                 Ok(Authenticated {
                     tenant: self.tenant.clone(),
                     new_secret: None,
                 })
             }
-            Credential::EnrollKey { key: given, proof } => {
-                if !self.enroll_key_ok(given) {
-                    return Err(AuthError::BadEnrollKey);
-                }
-                may_enroll(fingerprint, known.as_ref(), proof)?;
-                let secret = random_token(32);
-                let value = serde_json::to_vec(&new_credential(&self.tenant, &secret, proof))
-                    .map_err(|e| storage(&e))?;
-                // Compare-and-set: two gateways enrolling the same fingerprint at once
-                // cannot both hand out a secret.
-                match entry.map(|e| e.revision) {
-                    None => nats
-                        .credentials
-                        .create(&key, value.into())
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| storage(&e))?,
-                    Some(rev) => nats
-                        .credentials
-                        .update(&key, value.into(), rev)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| storage(&e))?,
-                }
-                Ok(Authenticated {
-                    tenant: self.tenant.clone(),
-                    new_secret: Some(secret),
-                })
-            }
-        }
-    }
-
-    async fn confirm_shared(&self, nats: &Nats, fingerprint: &str) {
-        let key = agent_key(&self.tenant, fingerprint);
-        let Ok(Some(entry)) = nats.credentials.entry(&key).await else {
-            return;
-        };
-        let Ok(mut cred) = serde_json::from_slice::<AgentCredential>(&entry.value) else {
-            return;
-        };
-        if cred.confirmed {
-            return;
-        }
-        cred.confirmed = true;
-        let Ok(value) = serde_json::to_vec(&cred) else {
-            return;
-        };
-        if let Err(e) = nats
-            .credentials
-            .update(&key, value.into(), entry.revision)
-            .await
-        {
-            tracing::warn!(%fingerprint, error = %e, "cannot record that the agent confirmed its secret");
-        }
-    }
-
-    /// The agent has shown it holds its secret (see [`Credentials::confirm`]).
-    pub async fn confirmed(&self, fingerprint: &str) {
-        match &self.shared {
-            None => self.confirm(fingerprint),
-            Some(nats) => self.confirm_shared(nats, fingerprint).await,
-        }
-    }
-
-    /// Check an agent's credential, enrolling it when it presents the enrollment key.
-    /// A new secret is on disk before this returns, so a crash cannot lose it.
-    pub fn authenticate(
-        &self,
-        fingerprint: &str,
-        credential: &outpost_protocol::Credential,
-    ) -> Result<Authenticated, AuthError> {
-        use outpost_protocol::Credential;
-        let mut agents = lock(&self.agents);
-        match credential {
-            Credential::Secret { secret } => {
-                let Some(known) = agents.get(fingerprint) else {
-                    return Err(AuthError::UnknownAgent(fingerprint.to_string()));
-                };
-                if constant_time_eq(
-                    sha256_hex(secret).as_bytes(),
-                    known.secret_sha256.as_bytes(),
-                ) {
-                    let tenant = self.tenant.clone();
-                    if !known.confirmed {
-                        drop(agents);
-                        self.confirm(fingerprint);
-                    }
-                    Ok(Authenticated {
-                        tenant,
-                        new_secret: None,
-                    })
-                } else {
-                    Err(AuthError::BadSecret(fingerprint.to_string()))
-                }
-            }
             Credential::EnrollKey { key, proof } => {
                 if !self.enroll_key_ok(key) {
                     return Err(AuthError::BadEnrollKey);
                 }
-                let previous = agents.get(fingerprint).cloned();
-                may_enroll(fingerprint, previous.as_ref(), proof)?;
+                may_enroll(fingerprint, known.as_ref().map(|(c, _)| c), proof)?;
                 let secret = random_token(32);
-                agents.insert(
-                    fingerprint.to_string(),
-                    new_credential(&self.tenant, &secret, proof),
-                );
-                if let Err(e) = self.save(&agents) {
-                    match previous {
-                        Some(p) => agents.insert(fingerprint.to_string(), p),
-                        None => agents.remove(fingerprint),
-                    };
-                    return Err(AuthError::Storage(e.to_string()));
-                }
+                let credential = new_credential(&self.tenant, &secret, proof);
+                let expected = known.map(|(_, revision)| revision);
+                self.secrets
+                    .put(&self.tenant, fingerprint, &credential, expected)
+                    .await
+                    .map_err(storage)?;
                 Ok(Authenticated {
                     tenant: self.tenant.clone(),
                     new_secret: Some(secret),
@@ -501,14 +356,28 @@ impl Credentials {
 
     /// The agent has shown it holds its secret: the enrollment key can no longer enroll
     /// its fingerprint again.
-    pub fn confirm(&self, fingerprint: &str) {
-        let mut agents = lock(&self.agents);
-        match agents.get_mut(fingerprint) {
-            Some(c) if !c.confirmed => c.confirmed = true,
-            _ => return,
+    pub async fn confirmed(&self, fingerprint: &str) {
+        match self.secrets.get(&self.tenant, fingerprint).await {
+            Ok(Some((known, revision))) if !known.confirmed => {
+                self.confirm(fingerprint, known, revision).await
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(%fingerprint, error = %e, "cannot record that the agent confirmed its secret")
+            }
         }
-        if let Err(e) = self.save(&agents) {
-            // Harmless: the agent stays re-enrollable until the next save.
+    }
+
+    async fn confirm(&self, fingerprint: &str, known: AgentCredential, revision: u64) {
+        let confirmed = AgentCredential {
+            confirmed: true,
+            ..known
+        };
+        let put = self
+            .secrets
+            .put(&self.tenant, fingerprint, &confirmed, Some(revision));
+        if let Err(e) = put.await {
+            // Harmless: the agent stays re-enrollable (with its proof) until the next try.
             tracing::warn!(%fingerprint, error = %e, "cannot record that the agent confirmed its secret");
         }
     }
@@ -528,11 +397,6 @@ impl Credentials {
             self.enroll_key_sha256.as_bytes(),
         )
     }
-
-    fn save(&self, agents: &HashMap<String, AgentCredential>) -> std::io::Result<()> {
-        let bytes = serde_json::to_vec_pretty(agents)?;
-        write_atomic(&self.path, &bytes, 0o600)
-    }
 }
 
 #[cfg(test)]
@@ -549,47 +413,50 @@ mod tests {
         }
     }
 
-    #[test]
-    fn enroll_then_secret_survives_reopen() {
+    #[tokio::test]
+    async fn enroll_then_secret_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let creds = Credentials::open(dir.path()).unwrap();
         let key = creds.enroll_key.clone();
-        let auth = creds.authenticate(FP, &enroll(&key, "mine")).unwrap();
+        let auth = creds.check(FP, &enroll(&key, "mine")).await.unwrap();
         let lost = auth.new_secret.expect("enrollment issues a secret");
         // The agent never got (or never stored) that secret: enrolling again is allowed
         // until it confirms, and replaces the secret.
-        let again = creds.authenticate(FP, &enroll(&key, "mine")).unwrap();
+        let again = creds.check(FP, &enroll(&key, "mine")).await.unwrap();
         let secret = again.new_secret.unwrap();
         assert_ne!(secret, lost);
         assert_eq!(
             creds
-                .authenticate(FP, &Credential::Secret { secret: lost })
+                .check(FP, &Credential::Secret { secret: lost })
+                .await
                 .err(),
             Some(AuthError::BadSecret(FP.into()))
         );
-        creds.confirm(FP);
+        creds.confirmed(FP).await;
         assert_eq!(
-            creds.authenticate(FP, &enroll(&key, "mine")).err(),
+            creds.check(FP, &enroll(&key, "mine")).await.err(),
             Some(AuthError::AlreadyEnrolled(FP.into()))
         );
         drop(creds);
         let creds = Credentials::open(dir.path()).unwrap();
         assert!(creds
-            .authenticate(
+            .check(
                 FP,
                 &Credential::Secret {
                     secret: secret.clone()
                 }
             )
+            .await
             .is_ok());
         assert_eq!(
             creds
-                .authenticate(
+                .check(
                     FP,
                     &Credential::Secret {
                         secret: "nope".into()
                     }
                 )
+                .await
                 .err(),
             Some(AuthError::BadSecret(FP.into()))
         );
@@ -600,39 +467,41 @@ mod tests {
     /// Audit finding 7: someone who knows a fingerprint (agent.finger was 0644) and the
     /// tenant's key could enroll it again before the agent confirmed, taking its identity.
     /// Only the proof the first enrollment carried may enroll it again.
-    #[test]
-    fn an_unconfirmed_enrollment_is_taken_over_only_with_its_proof() {
+    #[tokio::test]
+    async fn an_unconfirmed_enrollment_is_taken_over_only_with_its_proof() {
         let dir = tempfile::tempdir().unwrap();
         let creds = Credentials::open(dir.path()).unwrap();
         let key = creds.enroll_key.clone();
-        let first = creds.authenticate(FP, &enroll(&key, "victim")).unwrap();
+        let first = creds.check(FP, &enroll(&key, "victim")).await.unwrap();
         for thief in ["", "guess"] {
             assert_eq!(
-                creds.authenticate(FP, &enroll(&key, thief)).err(),
+                creds.check(FP, &enroll(&key, thief)).await.err(),
                 Some(AuthError::OtherProof(FP.into()))
             );
         }
         let secret = first.new_secret.unwrap();
         assert!(creds
-            .authenticate(FP, &Credential::Secret { secret })
+            .check(FP, &Credential::Secret { secret })
+            .await
             .is_ok());
         // An agent that predates proofs keeps the old rule (it can enroll again).
         let old = "1f8fad5b-d9cb-469f-a165-70867728950e";
-        creds.authenticate(old, &enroll(&key, "")).unwrap();
-        creds.authenticate(old, &enroll(&key, "")).unwrap();
+        creds.check(old, &enroll(&key, "")).await.unwrap();
+        creds.check(old, &enroll(&key, "")).await.unwrap();
     }
 
-    #[test]
-    fn wrong_key_and_unknown_agent_are_refused() {
+    #[tokio::test]
+    async fn wrong_key_and_unknown_agent_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let creds = Credentials::open(dir.path()).unwrap();
         assert_eq!(
-            creds.authenticate(FP, &enroll("guess", "")).err(),
+            creds.check(FP, &enroll("guess", "")).await.err(),
             Some(AuthError::BadEnrollKey)
         );
         assert_eq!(
             creds
-                .authenticate(FP, &Credential::Secret { secret: "s".into() })
+                .check(FP, &Credential::Secret { secret: "s".into() })
+                .await
                 .err(),
             Some(AuthError::UnknownAgent(FP.into()))
         );

@@ -22,6 +22,7 @@ pub mod releases;
 pub mod releases_manifest;
 pub mod rollout;
 pub mod runnow;
+pub mod secrets;
 pub mod session;
 pub mod settings;
 pub mod tenant;

@@ -15,6 +15,7 @@
 pub mod bus;
 pub mod fleet_config;
 pub mod rpc;
+pub mod secrets;
 
 use std::path::PathBuf;
 use std::time::Duration;
