@@ -164,7 +164,7 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
     let (bus, registry): (Arc<dyn bus::Bus>, _) = match &nats {
         Some(n) => (
             Arc::new(nats::bus::NatsBus::new(n.clone())),
-            registry::Registry::shared(n.clone(), me),
+            registry::Registry::shared(Arc::new(nats::registry::NatsRecords::new(n.clone())), me),
         ),
         None => {
             let (bus, recovered) = bus::embedded::EmbeddedBus::open(
@@ -260,11 +260,11 @@ pub async fn serve(
     if let Some(n) = &gw.nats {
         let (up, n1) = (gw.upkeep(), n.clone());
         background(&tracker, gw, "gateway heartbeat", move || {
-            registry::heartbeat(up.clone(), n1.clone())
+            nats::registry::heartbeat(up.clone(), n1.clone())
         });
         let (up, n2) = (gw.upkeep(), n.clone());
         background(&tracker, gw, "registry follow", move || {
-            registry::follow(up.clone(), n2.clone())
+            nats::registry::follow(up.clone(), n2.clone())
         });
         let mirror = nats::fleet_config::Mirror {
             nats: n.clone(),

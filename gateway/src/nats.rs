@@ -14,6 +14,7 @@
 
 pub mod bus;
 pub mod fleet_config;
+pub mod registry;
 pub mod rpc;
 pub mod secrets;
 
@@ -166,9 +167,6 @@ pub struct Nats {
     pub settings: NatsSettings,
 }
 
-/// A gateway's heartbeat in [`GATEWAYS_BUCKET`] older than this means it is gone.
-pub const GATEWAY_TTL: Duration = Duration::from_secs(15);
-
 impl Nats {
     /// Connect and make sure the streams and buckets exist. Later outages are ridden out by
     /// reconnecting; at start, a NATS that does not answer within the JetStream timeout
@@ -276,7 +274,7 @@ impl Nats {
                 GATEWAYS_BUCKET,
                 "Outpost gateways alive (heartbeats)",
                 1,
-                GATEWAY_TTL * 4,
+                crate::registry::GATEWAY_TTL * 4,
             ),
         )
         .await?;

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
+use async_trait::async_trait;
 use outpost_protocol::{CheckResult, CheckSpec, Hello};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -31,7 +32,6 @@ use crate::bus::embedded::Recovered;
 use crate::bus::{AgentRef, Bus, Presence, PresenceEvent};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::nats::{agent_key, Nats};
 use crate::util::{now_ms, write_atomic};
 
 /// Checks per agent kept in the registry beyond those the gateway configured: what the
@@ -176,9 +176,31 @@ pub struct Beat {
     pub listen: String,
 }
 
+/// A gateway's heartbeat older than this means it is gone.
+pub const GATEWAY_TTL: Duration = Duration::from_secs(15);
+
+/// The registry every gateway of a fleet shares ([`crate::nats::registry`]: NATS KV).
+/// Each record is what other gateways see of an agent (no checks, no results); a
+/// write names the holder it expects, so exactly one of two racing gateways decides a
+/// presence change.
+#[async_trait]
+pub trait SharedRecords: Send + Sync {
+    /// Write `record`, a claim by `holder`, over the agent's shared record. Returns the
+    /// new revision and whether the record it replaced was online (when in doubt: not).
+    async fn claim(&self, record: &AgentRecord, holder: &str) -> anyhow::Result<(u64, bool)>;
+
+    /// Write `record` (its hold ended) only while the shared record is still held by
+    /// `holder`: the new revision, or `None` when another connection holds it by now (or
+    /// the store could not be read or written: then nothing changed either).
+    async fn release(&self, record: &AgentRecord, holder: Option<&str>) -> Option<u64>;
+}
+
+/// Where the registry lives beyond this process.
 enum Store {
+    /// A single gateway's `registry.json`, saved when changed.
     File { path: PathBuf, dirty: AtomicBool },
-    Kv(Arc<Nats>),
+    /// The fleet's shared registry; this gateway's map follows it.
+    Shared(Arc<dyn SharedRecords>),
 }
 
 pub struct Registry {
@@ -260,9 +282,10 @@ impl Registry {
         ))
     }
 
-    /// The fleet registry in NATS KV; [`watch`] fills it.
-    pub fn shared(nats: Arc<Nats>, me: Me) -> Registry {
-        Self::with_store(me, Store::Kv(nats), HashMap::new())
+    /// The fleet's shared registry; following it ([`crate::nats::registry::follow`])
+    /// fills this gateway's map.
+    pub fn shared(records: Arc<dyn SharedRecords>, me: Me) -> Registry {
+        Self::with_store(me, Store::Shared(records), HashMap::new())
     }
 
     fn with_store(me: Me, store: Store, agents: HashMap<String, AgentRecord>) -> Registry {
@@ -331,12 +354,8 @@ impl Registry {
         };
         lock(&self.orphans).remove(&hello.fingerprint);
         self.mark_dirty();
-        if let Store::Kv(nats) = &self.store {
-            let key = agent_key(tenant, &hello.fingerprint);
-            let value: bytes::Bytes = serde_json::to_vec(&shared)?.into();
-            let (revision, before) = claim(nats, &key, &holder_of_claim, value)
-                .await
-                .with_context(|| format!("cannot write {key} to the fleet registry"))?;
+        if let Store::Shared(records) = &self.store {
+            let (revision, before) = records.claim(&shared, &holder_of_claim).await?;
             was_online = before;
             self.note_revision(&hello.fingerprint, revision);
         }
@@ -377,58 +396,17 @@ impl Registry {
         };
         lock(&self.orphans).remove(fingerprint);
         self.mark_dirty();
-        let Store::Kv(nats) = &self.store else {
+        let Store::Shared(records) = &self.store else {
             return true;
         };
         // Compare-and-set against the shared registry: a claim by another gateway wins.
-        let key = agent_key(&shared.tenant, fingerprint);
-        for _ in 0..5 {
-            let entry = match nats.agents.entry(&key).await {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::error!(%key, error = %e, "cannot read the fleet registry");
-                    return false;
-                }
-            };
-            let (current, revision) = match entry {
-                Some(e) => match serde_json::from_slice::<AgentRecord>(&e.value) {
-                    Ok(r) => (Some(r), e.revision),
-                    Err(_) => (None, e.revision),
-                },
-                None => (None, 0),
-            };
-            if current
-                .as_ref()
-                .is_some_and(|c| c.holder.as_deref() != holder)
-            {
-                return false;
+        match records.release(&shared, holder).await {
+            Some(revision) => {
+                self.note_revision(fingerprint, revision);
+                true
             }
-            let value = match serde_json::to_vec(&shared) {
-                Ok(v) => v,
-                Err(_) => return false,
-            };
-            let written = if revision == 0 {
-                nats.agents
-                    .create(&key, value.into())
-                    .await
-                    .map_err(|e| e.to_string())
-            } else {
-                nats.agents
-                    .update(&key, value.into(), revision)
-                    .await
-                    .map_err(|e| e.to_string())
-            };
-            match written {
-                Ok(rev) => {
-                    self.note_revision(fingerprint, rev);
-                    return true;
-                }
-                Err(e) => {
-                    tracing::debug!(%key, error = %e, "fleet registry changed meanwhile; rereading")
-                }
-            }
+            None => false,
         }
-        false
     }
 
     /// Apply a change read from the shared registry.
@@ -511,8 +489,7 @@ impl Registry {
             return false;
         };
         lock(&self.beats).get(gw).is_some_and(|b| {
-            b.incarnation == inc
-                && now.saturating_sub(b.at_ms) < crate::nats::GATEWAY_TTL.as_millis() as u64
+            b.incarnation == inc && now.saturating_sub(b.at_ms) < GATEWAY_TTL.as_millis() as u64
         })
     }
 
@@ -650,63 +627,6 @@ impl Registry {
 }
 
 /// What other gateways see of a record: no checks, no results.
-/// Write `value` (a claim by this gateway, as `holder`) over the shared record at `key`
-/// with a compare-and-set, so the presence it replaced is known exactly. Returns the new
-/// revision and whether the replaced record was online. After a few lost races (other
-/// gateways writing the same agent at once) the claim is written unconditionally: the
-/// newest connection holds the agent whatever happened meanwhile. When in doubt the answer
-/// is "was not online": an extra online event is harmless, a missing one leaves the agent
-/// looking lost to whoever follows the events.
-async fn claim(
-    nats: &Nats,
-    key: &str,
-    holder: &str,
-    value: bytes::Bytes,
-) -> anyhow::Result<(u64, bool)> {
-    // What the first read found: a write that landed although its answer was lost shows
-    // this claim on the next read, which says nothing about what it replaced.
-    let mut first_seen: Option<bool> = None;
-    for _ in 0..5 {
-        let entry = nats.agents.entry(key).await?;
-        let current = match &entry {
-            Some(e) if e.operation == async_nats::jetstream::kv::Operation::Put => {
-                serde_json::from_slice::<AgentRecord>(&e.value).ok()
-            }
-            _ => None,
-        };
-        let revision = entry.as_ref().map_or(0, |e| e.revision);
-        let mine = current
-            .as_ref()
-            .is_some_and(|r| r.holder.as_deref() == Some(holder));
-        let online = current
-            .as_ref()
-            .is_some_and(|r| r.presence == Presence::Online);
-        if mine {
-            return Ok((revision, first_seen.unwrap_or(false)));
-        }
-        let was_online = *first_seen.get_or_insert(online) && online;
-        let written = if revision == 0 {
-            nats.agents
-                .create(key, value.clone())
-                .await
-                .map_err(anyhow::Error::from)
-        } else {
-            nats.agents
-                .update(key, value.clone(), revision)
-                .await
-                .map_err(anyhow::Error::from)
-        };
-        match written {
-            Ok(rev) => return Ok((rev, was_online)),
-            Err(e) => {
-                tracing::debug!(%key, error = %e, "fleet registry changed meanwhile; rereading")
-            }
-        }
-    }
-    let revision = nats.agents.put(key, value).await?;
-    Ok((revision, false))
-}
-
 fn shared_view(rec: &AgentRecord) -> AgentRecord {
     AgentRecord {
         checks: Vec::new(),
@@ -787,113 +707,6 @@ pub async fn publish_presence(
     if let Err(e) = bus.publish_presence(&event).await {
         Metrics::inc(&metrics.bus_errors);
         tracing::error!(error = %e, "cannot publish presence event");
-    }
-}
-
-/// Heartbeat this gateway into the `outpost_gateways` bucket every few seconds, and follow
-/// the other gateways' heartbeats; on shutdown, once its agents have left, remove ours so
-/// the others sweep what did not come back at once.
-pub async fn heartbeat(gw: Upkeep, nats: Arc<Nats>) {
-    use futures_util::StreamExt;
-    let me = gw.registry.me.clone();
-    let put = |at_ms| {
-        let beat = Beat {
-            incarnation: me.incarnation.clone(),
-            at_ms,
-            listen: gw.listen.clone(),
-        };
-        let nats = nats.clone();
-        let id = me.gateway_id.clone();
-        async move {
-            let value = serde_json::to_vec(&beat).unwrap_or_default();
-            if let Err(e) = nats.gateways.put(&id, value.into()).await {
-                tracing::warn!(error = %e, "cannot write this gateway's heartbeat");
-            }
-        }
-    };
-    let watch_all = || crate::nats::watch_keys(&nats.client, &nats.gateways, ">");
-    let mut watch = loop {
-        match watch_all().await {
-            Ok(w) => break w,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the gateways bucket; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = gw.shutdown.cancelled() => return,
-                }
-            }
-        }
-    };
-    let mut tick = tokio::time::interval(crate::nats::GATEWAY_TTL / 3);
-    loop {
-        tokio::select! {
-            // Beat on while draining: the agents still here are not orphans yet.
-            _ = tick.tick() => put(now_ms()).await,
-            _ = tokio::time::sleep(Duration::from_millis(100)), if gw.shutdown.is_cancelled() => {
-                if gw.hub.connected() == 0 {
-                    break;
-                }
-            }
-            entry = watch.next() => match entry {
-                Some(Ok(e)) => {
-                    let beat = match e.operation {
-                        async_nats::jetstream::kv::Operation::Put => serde_json::from_slice(&e.value).ok(),
-                        _ => None,
-                    };
-                    gw.registry.beat(&e.key, beat);
-                }
-                Some(Err(e)) => tracing::warn!(error = %e, "gateways watch error"),
-                None => {
-                    tracing::warn!("gateways watch ended; restarting it");
-                    if let Ok(w) = watch_all().await {
-                        watch = w;
-                    }
-                }
-            },
-        }
-    }
-    if let Err(e) = nats.gateways.delete(&me.gateway_id).await {
-        tracing::warn!(error = %e, "cannot remove this gateway's heartbeat");
-    }
-}
-
-/// Follow the shared registry (this tenant's keys) into the in-memory map, and end local
-/// sessions of agents that another gateway has taken over.
-pub async fn follow(gw: Upkeep, nats: Arc<Nats>) {
-    use futures_util::StreamExt;
-    let filter = format!("{}.*", gw.tenant);
-    loop {
-        let mut watch = match crate::nats::watch_keys(&nats.client, &nats.agents, &filter).await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch the fleet registry; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    _ = gw.shutdown.cancelled() => return,
-                }
-            }
-        };
-        loop {
-            let entry = tokio::select! {
-                e = watch.next() => e,
-                _ = gw.shutdown.cancelled() => return,
-            };
-            match entry {
-                Some(Ok(e)) => {
-                    let value = match e.operation {
-                        async_nats::jetstream::kv::Operation::Put => Some(&e.value[..]),
-                        _ => None,
-                    };
-                    if let Applied::TakenOver(fp) = gw.registry.apply(e.revision, value, &e.key) {
-                        tracing::info!(fingerprint = %fp, "agent reconnected through another gateway; ending its old session here");
-                        gw.hub.take_over(&fp);
-                    }
-                }
-                Some(Err(e)) => tracing::warn!(error = %e, "fleet registry watch error"),
-                None => break,
-            }
-        }
-        tracing::warn!("fleet registry watch ended; restarting it");
     }
 }
 

@@ -1,16 +1,21 @@
 //! The stores the embedded gateway and a NATS fleet share in behaviour pass the same
-//! contract: agent secrets in a file (`FileSecrets`) and in NATS KV (`NatsSecrets`, on a
-//! real nats-server from the pinned PyPI package). What is checked is read back through a
-//! store opened afresh (a gateway restarted, or another gateway of the fleet), not from
-//! what the writing store said it did.
+//! contract: agent secrets in a file (`FileSecrets`) and in NATS KV (`NatsSecrets`), and
+//! the agent registry's presence rules on its file and on the fleet's KV bucket
+//! (`NatsRecords`), on a real nats-server from the pinned PyPI package. What is checked is
+//! read back through a store opened afresh (a gateway restarted, or another gateway of the
+//! fleet), not from what the writing store said it did.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use outpost_e2e::nats::NatsServer;
 use outpost_e2e::tempdir;
+use outpost_gateway::bus::embedded::Recovered;
+use outpost_gateway::bus::Presence;
+use outpost_gateway::nats::registry::NatsRecords;
 use outpost_gateway::nats::secrets::NatsSecrets;
 use outpost_gateway::nats::{Nats, NatsSettings};
+use outpost_gateway::registry::{Me, Registry};
 use outpost_gateway::secrets::{AgentCredential, FileSecrets, SecretStore, StoreError};
 
 const FP: &str = "0f8fad5b-d9cb-469f-a165-70867728950e";
@@ -166,4 +171,149 @@ fn nats_settings(url: &str) -> NatsSettings {
         .nats
         .settings()
         .unwrap()
+}
+
+fn hello(fp: &str) -> outpost_protocol::Hello {
+    match outpost_e2e::raw_hello(
+        fp,
+        outpost_protocol::Credential::Secret { secret: "s".into() },
+        "host-1",
+    ) {
+        outpost_protocol::AgentFrame::Hello(h) => h,
+        _ => unreachable!(),
+    }
+}
+
+fn me(gateway: &str, incarnation: &str) -> Me {
+    Me {
+        gateway_id: gateway.into(),
+        incarnation: incarnation.into(),
+    }
+}
+
+/// The presence rules every registry keeps, on one gateway: a claim says whether the
+/// agent was online before it (so exactly the changes become events), and only the
+/// connection holding the agent can end its hold.
+async fn registry_contract(reg: &Registry) {
+    let (c1, c2, c3) = (reg.me.holder(1), reg.me.holder(2), reg.me.holder(3));
+    let presence = || reg.get(FP).map(|r| (r.presence, r.holder));
+
+    assert!(
+        !reg.connected("default", &hello(FP), "peer", 1)
+            .await
+            .unwrap(),
+        "a new agent was not online"
+    );
+    assert_eq!(presence(), Some((Presence::Online, Some(c1.clone()))));
+    // A newer connection (a session rotation, a reconnect within the grace) takes over
+    // without a presence change.
+    assert!(
+        reg.connected("default", &hello(FP), "peer", 2)
+            .await
+            .unwrap(),
+        "it was online"
+    );
+    // The old connection ending late changes nothing.
+    assert!(
+        !reg.disconnected(FP, Some(&c1), Presence::Lost, "late")
+            .await
+    );
+    assert_eq!(presence(), Some((Presence::Online, Some(c2.clone()))));
+    // Its holder's end does.
+    assert!(
+        reg.disconnected(FP, Some(&c2), Presence::Deregistered, "bye")
+            .await
+    );
+    assert_eq!(presence(), Some((Presence::Deregistered, None)));
+    assert!(
+        !reg.disconnected(FP, Some(&c2), Presence::Lost, "twice")
+            .await,
+        "ended once"
+    );
+    assert!(
+        !reg.connected("default", &hello(FP), "peer", 3)
+            .await
+            .unwrap(),
+        "it had left"
+    );
+    assert_eq!(presence(), Some((Presence::Online, Some(c3))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_registry_keeps_the_contract() {
+    let dir = tempdir();
+    let recovered = || Recovered {
+        latest: Default::default(),
+        presence: Default::default(),
+        results_on_disk: 0,
+        torn_bytes_dropped: 0,
+    };
+    let reg = Registry::open(dir.path(), recovered(), me("gw1", "a")).unwrap();
+    registry_contract(&reg).await;
+    reg.flush().unwrap();
+    // Restarted: the agent is still online under the old process's connection (it is
+    // swept to lost after the grace unless it comes back), and only that holder ends it.
+    let again = Registry::open(dir.path(), recovered(), me("gw1", "b")).unwrap();
+    let old = me("gw1", "a").holder(3);
+    let rec = again.get(FP).unwrap();
+    assert_eq!(
+        (rec.presence, rec.holder.as_deref()),
+        (Presence::Online, Some(old.as_str()))
+    );
+    assert!(
+        !again
+            .disconnected(FP, Some(&again.me.holder(3)), Presence::Lost, "x")
+            .await
+    );
+    assert!(
+        again
+            .disconnected(FP, Some(&old), Presence::Lost, "gone")
+            .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_registry_keeps_the_contract_between_gateways() {
+    let dir = tempdir();
+    let server = NatsServer::start(dir.path(), "n1");
+    let settings = nats_settings(&server.url());
+    let open = |gateway: &'static str| {
+        let settings = settings.clone();
+        async move {
+            let nats = Nats::connect(&settings, gateway).await.unwrap();
+            let records = Arc::new(NatsRecords::new(Arc::new(nats)));
+            Registry::shared(records, me(gateway, "a"))
+        }
+    };
+    let one = open("gw1").await;
+    registry_contract(&one).await;
+    // Another gateway claims the agent: it learns from the shared record that the agent
+    // was online (no second online event), and the first gateway's connection, which
+    // still holds it in that gateway's own map, can no longer end it.
+    let two = open("gw2").await;
+    assert!(
+        two.connected("default", &hello(FP), "peer", 1)
+            .await
+            .unwrap(),
+        "online through gw1"
+    );
+    assert!(
+        !one.disconnected(FP, Some(&one.me.holder(3)), Presence::Lost, "late")
+            .await
+    );
+    assert!(
+        two.disconnected(FP, Some(&two.me.holder(1)), Presence::Lost, "lost")
+            .await
+    );
+    // Tenants apart: the same fingerprint in another tenant is another record.
+    assert!(!one
+        .connected("acme", &hello(OTHER_FP), "peer", 9)
+        .await
+        .unwrap());
+    assert!(
+        !two.connected("default", &hello(OTHER_FP), "peer", 9)
+            .await
+            .unwrap(),
+        "not online in default"
+    );
 }
