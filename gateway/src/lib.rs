@@ -56,6 +56,8 @@ pub struct Gateway {
     pub health: Arc<health::Health>,
     /// The NATS connection when the gateway runs in a fleet (`--bus nats://…`).
     pub nats: Option<Arc<nats::Nats>>,
+    /// Held for the process's life: no second gateway opens this data directory.
+    _data_dir_lock: std::fs::File,
 }
 
 impl Gateway {
@@ -133,6 +135,7 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
                 settings.data_dir.display()
             )
         })?;
+    let data_dir_lock = lock_data_dir(&settings.data_dir)?;
     let tls = tls::TlsIdentity::load_or_generate(&settings).map_err(|e| {
         if settings.tls_cert.is_some() {
             // The operator's files: retrying will not help.
@@ -201,8 +204,52 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
         shutdown,
         health: Arc::default(),
         nats,
+        _data_dir_lock: data_dir_lock,
     });
     Ok(Prepared { gateway, tls })
+}
+
+/// Take the data directory for this process (an exclusive lock on `DATA_DIR/gateway.lock`,
+/// released when the process ends however it ends). Its files (agent secrets, registry,
+/// embedded bus) each have one writer; a second gateway started on the same directory by
+/// mistake is refused, naming the one that holds it, instead of corrupting them.
+fn lock_data_dir(data_dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
+    use std::io::{Read, Seek, Write};
+    let path = data_dir.join("gateway.lock");
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = match holder.trim() {
+                "" => "another process".to_string(),
+                pid => format!("process {pid}"),
+            };
+            return Err(settings::ConfigError {
+                problems: vec![format!(
+                    "--data-dir {}: {holder} (an outpost-gateway) is using it; each gateway needs its own data directory",
+                    data_dir.display()
+                )],
+            }
+            .into());
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+    let pid = std::process::id().to_string();
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| file.write_all(pid.as_bytes()))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(file)
 }
 
 /// `--gateway-id`, or the id saved in `DATA_DIR/gateway.id` (made on first start).

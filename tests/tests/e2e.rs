@@ -1051,3 +1051,35 @@ async fn a_stopping_gateway_does_not_wait_for_a_hello() {
         gw.proc.log()
     );
 }
+
+/// A data directory has one gateway: a second one started on it by mistake is refused
+/// with a configuration error that names the running one, before it touches any file (the
+/// agent secrets, the registry and the embedded bus each assume one writer); the running
+/// gateway goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_gateway_on_the_same_data_directory_is_refused() {
+    let dir = tempdir();
+    let gw = Gateway::start(dir.path(), &[]);
+    let mut second = std::process::Command::new(bin("outpost-gateway"));
+    second
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(&gw.data_dir)
+        .args(["--listen", "127.0.0.1:0"]);
+    // Killed when dropped: without the lock it would start and serve.
+    let mut second = spawn_logged(second, &dir.path().join("second.log"));
+    let exited = eventually(
+        Duration::from_secs(30),
+        "the second gateway to exit",
+        || {
+            let status = second.child.try_wait().unwrap();
+            async move { status }
+        },
+    )
+    .await;
+    let err = second.log();
+    assert_eq!(exited.code(), Some(78), "EX_CONFIG: {err}");
+    let names = format!("process {} (an outpost-gateway) is using it", gw.proc.pid());
+    assert!(err.contains(&names), "{names:?} not in {err}");
+    assert_eq!(gw.http("GET", "/healthz", None).await.0, 200);
+}
