@@ -723,6 +723,9 @@ fn closed_by_gateway(c: Option<CloseFrame>) -> End {
     let why = format!("gateway closed the connection ({code}: {})", c.reason);
     match code {
         close::UNAUTHORIZED | close::UNSUPPORTED => End::Refused(why),
+        close::REVOKED => End::Refused(format!(
+            "{why}: this agent was revoked by an administrator; it cannot log in again (to bring this host back, delete agent.finger and agent.secret from its state directory so it enrolls as a new agent)"
+        )),
         _ => End::Retry(why),
     }
 }

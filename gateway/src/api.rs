@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::bus::Bus;
+use crate::bus::{AgentRef, Bus, Presence};
 use crate::credentials::Credentials;
 use crate::errors::ErrorKind;
 use crate::health::Health;
@@ -24,7 +24,7 @@ use crate::hub::Hub;
 use crate::listener::{Admission, Peer, PreAuth};
 use crate::metrics::Metrics;
 use crate::nats::Nats;
-use crate::registry::{AgentRecord, Registry};
+use crate::registry::{publish_presence, AgentRecord, Registry};
 use crate::runnow::{self, RunNowError};
 use crate::session;
 use crate::settings::Settings;
@@ -89,7 +89,8 @@ pub fn router(gw: Services, settings: &Arc<Settings>) -> Router {
     let gw = Arc::new(gw);
     let api = Router::new()
         .route("/agents", get(list_agents))
-        .route("/agents/{fingerprint}", get(get_agent))
+        .route("/agents/{fingerprint}", get(get_agent).delete(forget_agent))
+        .route("/agents/{fingerprint}/revoke", post(revoke_agent))
         .route("/agents/{fingerprint}/checks", get(agent_checks))
         .route("/agents/{fingerprint}/checks/{check}/run", post(run_now))
         .layer(middleware::from_fn_with_state(gw.clone(), require_token));
@@ -264,6 +265,79 @@ async fn get_agent(State(gw): State<Gw>, Path(fp): Path<String>) -> Response {
         Some(r) => Json(view(&gw, &r)).into_response(),
         None => unknown_agent(&fp),
     }
+}
+
+#[derive(Serialize)]
+struct Revoked {
+    fingerprint: String,
+    presence: &'static str,
+    revoked_at_ms: u64,
+}
+
+/// Revoke an agent: its secret is deleted, its connection (on whichever gateway of the
+/// fleet) is closed with 4403, it can never log in or enroll again, and its presence
+/// becomes `revoked`. Revoking it again answers the same.
+async fn revoke_agent(State(gw): State<Gw>, Path(fp): Path<String>) -> Response {
+    let revoked_at_ms = match gw.credentials.revoke(&fp).await {
+        Ok(Some(at)) => at,
+        Ok(None) => return unknown_agent(&fp),
+        Err(e) => {
+            let why = format!("cannot revoke agent {fp}: {e}; nothing was changed, retry");
+            return error(ErrorKind::Unavailable, why);
+        }
+    };
+    let reason = "revoked by an administrator";
+    if gw.registry.revoked(&fp, reason).await {
+        tracing::warn!(fingerprint = %fp, "agent revoked");
+        let agent = AgentRef {
+            tenant: gw.tenant.clone(),
+            fingerprint: fp.clone(),
+        };
+        publish_presence(&*gw.bus, &gw.metrics, &agent, Presence::Revoked, reason).await;
+    }
+    // Here at once; on another gateway of the fleet, when it reads the registry's change.
+    gw.hub.revoke(&fp);
+    Json(Revoked {
+        fingerprint: fp,
+        presence: Presence::Revoked.as_str(),
+        revoked_at_ms,
+    })
+    .into_response()
+}
+
+/// Forget a decommissioned agent: its credential and its registry record go, and its
+/// fingerprint may enroll again. A connected agent is revoked (or stopped) first.
+async fn forget_agent(State(gw): State<Gw>, Path(fp): Path<String>) -> Response {
+    let record = gw.registry.get(&fp);
+    if record
+        .as_ref()
+        .is_some_and(|r| r.presence == Presence::Online)
+    {
+        let why = format!("agent {fp} is online: revoke it first (POST /api/v1/agents/{fp}/revoke) or stop it, then forget it");
+        return error(ErrorKind::Conflict, why);
+    }
+    let known = match gw.credentials.known(&fp).await {
+        Ok(k) => k,
+        Err(e) => {
+            return error(
+                ErrorKind::Unavailable,
+                format!("cannot forget agent {fp}: {e}"),
+            )
+        }
+    };
+    if !known && record.is_none() {
+        return unknown_agent(&fp);
+    }
+    if let Err(e) = gw.credentials.forget(&fp).await {
+        let why = format!("cannot forget agent {fp}: {e}; nothing was changed, retry");
+        return error(ErrorKind::Unavailable, why);
+    }
+    if let Err(e) = gw.registry.forget(&fp).await {
+        let why = format!("agent {fp}'s credential is gone, but its registry record could not be removed: {e:#}; retry");
+        return error(ErrorKind::Unavailable, why);
+    }
+    tracing::info!(fingerprint = %fp, "agent forgotten");
+    StatusCode::NO_CONTENT.into_response()
 }
 
 #[derive(Serialize)]

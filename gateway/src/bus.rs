@@ -35,6 +35,8 @@ pub enum Presence {
     Lost,
     /// The agent said `bye`: stopped on purpose.
     Deregistered,
+    /// An administrator revoked the agent: it cannot log in again.
+    Revoked,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

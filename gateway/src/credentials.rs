@@ -65,6 +65,8 @@ pub enum AuthError {
     UnknownAgent(String),
     #[error("secret refused for fingerprint {0}")]
     BadSecret(String),
+    #[error("fingerprint {0} was revoked by an administrator: it cannot log in or enroll again; to bring the host back, delete the agent's agent.finger and agent.secret and enroll it as a new agent")]
+    Revoked(String),
     #[error("fingerprint {0} was enrolled by another connection at the same moment; retry")]
     Concurrent(String),
     #[error("cannot read or store the agent's credential: {0}")]
@@ -114,6 +116,7 @@ fn new_credential(tenant: &str, secret: &str, proof: &str) -> AgentCredential {
         enrolled_at_ms: now_ms(),
         confirmed: false,
         enroll_proof_sha256: (!proof.is_empty()).then(|| sha256_hex(proof)),
+        revoked_at_ms: None,
     }
 }
 
@@ -315,6 +318,12 @@ impl Credentials {
             .get(&self.tenant, fingerprint)
             .await
             .map_err(storage)?;
+        if known
+            .as_ref()
+            .is_some_and(|(c, _)| c.revoked_at_ms.is_some())
+        {
+            return Err(AuthError::Revoked(fingerprint.to_string()));
+        }
         match credential {
             Credential::Secret { secret } => {
                 let Some((known, revision)) = known else {
@@ -366,6 +375,48 @@ impl Credentials {
                 tracing::warn!(%fingerprint, error = %e, "cannot record that the agent confirmed its secret")
             }
         }
+    }
+
+    /// Revoke the agent: its secret is deleted and its fingerprint can never log in or
+    /// enroll again (until it is forgotten). `None` when it never enrolled here; otherwise
+    /// when it was revoked (by this call or an earlier one).
+    pub async fn revoke(&self, fingerprint: &str) -> Result<Option<u64>, StoreError> {
+        // Compare-and-set, so a confirmation landing meanwhile cannot undo it.
+        for _ in 0..5 {
+            let Some((known, revision)) = self.secrets.get(&self.tenant, fingerprint).await? else {
+                return Ok(None);
+            };
+            if let Some(at) = known.revoked_at_ms {
+                return Ok(Some(at));
+            }
+            let at = now_ms();
+            let revoked = AgentCredential {
+                secret_sha256: String::new(),
+                enroll_proof_sha256: None,
+                revoked_at_ms: Some(at),
+                ..known
+            };
+            let put = self
+                .secrets
+                .put(&self.tenant, fingerprint, &revoked, Some(revision));
+            match put.await {
+                Ok(_) => return Ok(Some(at)),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Conflict)
+    }
+
+    /// Forget the agent (decommissioned, or revoked and done with): its record goes, and
+    /// its fingerprint may enroll again with an enrollment key.
+    pub async fn forget(&self, fingerprint: &str) -> Result<(), StoreError> {
+        self.secrets.delete(&self.tenant, fingerprint).await
+    }
+
+    /// Whether the agent has a credential here (enrolled, or revoked and not forgotten).
+    pub async fn known(&self, fingerprint: &str) -> Result<bool, StoreError> {
+        Ok(self.secrets.get(&self.tenant, fingerprint).await?.is_some())
     }
 
     async fn confirm(&self, fingerprint: &str, known: AgentCredential, revision: u64) {

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use outpost_protocol::{GatewayFrame, RpcCall, RpcReply, RpcRequest};
+use outpost_protocol::{close, GatewayFrame, RpcCall, RpcReply, RpcRequest};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -95,6 +95,19 @@ impl Hub {
         if let Some(h) = self.lock().get(fingerprint) {
             h.replaced.cancel();
         }
+    }
+
+    /// Close the agent's session here with [`close::REVOKED`] (its queue full: as
+    /// replaced, and its next hello is refused as revoked). Returns whether it had one.
+    pub fn revoke(&self, fingerprint: &str) -> bool {
+        let Some(h) = self.lock().get(fingerprint).cloned() else {
+            return false;
+        };
+        let closing = Outbound::Close(close::REVOKED, "revoked by an administrator".into());
+        if h.tx.try_send(closing).is_err() {
+            h.replaced.cancel();
+        }
+        true
     }
 
     pub fn is_connected(&self, fingerprint: &str) -> bool {

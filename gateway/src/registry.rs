@@ -193,6 +193,13 @@ pub trait SharedRecords: Send + Sync {
     /// `holder`: the new revision, or `None` when another connection holds it by now (or
     /// the store could not be read or written: then nothing changed either).
     async fn release(&self, record: &AgentRecord, holder: Option<&str>) -> Option<u64>;
+
+    /// Write `record` (revoked) whoever holds the agent, unless it is revoked already:
+    /// the new revision, or `None` when it was (or the store failed).
+    async fn revoke(&self, record: &AgentRecord) -> Option<u64>;
+
+    /// Remove the agent's shared record (it is forgotten).
+    async fn remove(&self, tenant: &str, fingerprint: &str) -> anyhow::Result<()>;
 }
 
 /// Where the registry lives beyond this process.
@@ -223,6 +230,9 @@ pub enum Applied {
     /// Another connection (on another gateway) now holds an agent this gateway still has
     /// a session for: end that session.
     TakenOver(String),
+    /// An agent this gateway holds was revoked (through another gateway's API): close its
+    /// session.
+    Revoked(String),
 }
 
 impl Registry {
@@ -409,6 +419,45 @@ impl Registry {
         }
     }
 
+    /// Revoke the agent: presence `revoked` whoever holds it, so no holder's end changes
+    /// it afterwards. Returns whether this call revoked it (then its event is due).
+    pub async fn revoked(&self, fingerprint: &str, reason: &str) -> bool {
+        let shared = {
+            let mut agents = self.lock();
+            let Some(rec) = agents.get_mut(fingerprint) else {
+                return false;
+            };
+            if rec.presence == Presence::Revoked {
+                return false;
+            }
+            end_hold(rec, Presence::Revoked, reason, None);
+            shared_view(rec)
+        };
+        lock(&self.orphans).remove(fingerprint);
+        self.mark_dirty();
+        let Store::Shared(records) = &self.store else {
+            return true;
+        };
+        match records.revoke(&shared).await {
+            Some(revision) => {
+                self.note_revision(fingerprint, revision);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forget the agent: it leaves the registry (on NATS, the fleet's).
+    pub async fn forget(&self, fingerprint: &str) -> anyhow::Result<()> {
+        let removed = self.lock().remove(fingerprint);
+        lock(&self.orphans).remove(fingerprint);
+        self.mark_dirty();
+        if let (Store::Shared(records), Some(rec)) = (&self.store, removed) {
+            records.remove(&rec.tenant, fingerprint).await?;
+        }
+        Ok(())
+    }
+
     /// Apply a change read from the shared registry.
     pub fn apply(&self, revision: u64, value: Option<&[u8]>, key: &str) -> Applied {
         let Some(fingerprint) = key.split_once('.').map(|(_, fp)| fp.to_string()) else {
@@ -445,7 +494,11 @@ impl Registry {
                 let was_mine = rec.holder.as_deref().is_some_and(|h| self.me.holds(h));
                 incoming.checks = std::mem::take(&mut rec.checks);
                 incoming.latest = std::mem::take(&mut rec.latest);
+                let revoked = incoming.presence == Presence::Revoked;
                 *rec = incoming;
+                if was_mine && revoked {
+                    return Applied::Revoked(fingerprint);
+                }
                 if was_mine && taken_over {
                     return Applied::TakenOver(fingerprint);
                 }

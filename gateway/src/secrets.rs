@@ -33,6 +33,10 @@ pub struct AgentCredential {
     /// proof may enroll the fingerprint again. `None` for agents that predate proofs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enroll_proof_sha256: Option<String>,
+    /// When an administrator revoked the agent. The record stays (with no secret) so that
+    /// the fingerprint cannot enroll again; forgetting the agent removes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at_ms: Option<u64>,
 }
 
 fn yes() -> bool {
@@ -70,6 +74,10 @@ pub trait SecretStore: Send + Sync {
         credential: &AgentCredential,
         expected: Option<Revision>,
     ) -> Result<Revision, StoreError>;
+
+    /// Remove the agent's record, whatever it holds (the agent is forgotten). Durable
+    /// when this returns; removing what is not there is no error.
+    async fn delete(&self, tenant: &str, fingerprint: &str) -> Result<(), StoreError>;
 }
 
 /// Agent secrets in `DATA_DIR/agents/credentials.json`, rewritten atomically on each
@@ -201,6 +209,22 @@ impl SecretStore for FileSecrets {
         records.last = revision;
         Ok(revision)
     }
+
+    async fn delete(&self, tenant: &str, fingerprint: &str) -> Result<(), StoreError> {
+        let k = key(tenant, fingerprint);
+        let mut records = lock(&self.records);
+        let Some(previous) = records.by_key.remove(&k) else {
+            return Ok(());
+        };
+        if let Err(e) = self.save(&records) {
+            records.by_key.insert(k, previous);
+            return Err(StoreError::Unavailable(format!(
+                "cannot write {}: {e}",
+                self.path.display()
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -216,6 +240,7 @@ mod tests {
             enrolled_at_ms: 1,
             confirmed: true,
             enroll_proof_sha256: None,
+            revoked_at_ms: None,
         }
     }
 

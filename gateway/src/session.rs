@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::bus::Bus;
 use crate::checks::CheckStore;
-use crate::credentials::Credentials;
+use crate::credentials::{AuthError, Credentials};
 use crate::hub::Hub;
 use crate::listener::PreAuth;
 use crate::metrics::Metrics;
@@ -255,8 +255,12 @@ pub async fn run(gw: Arc<Services>, mut socket: WebSocket, peer: SocketAddr, pre
         Err(e) => {
             Metrics::inc(&gw.metrics.auth_failures);
             tracing::warn!(%peer, fingerprint = %hello.fingerprint, hostname = ?hello.hostname, error = %e, "agent refused");
-            send_error(&mut socket, "unauthorized", &e.public_message()).await;
-            close_now(&mut socket, close::UNAUTHORIZED, "unauthorized").await;
+            let (code, why) = match e {
+                AuthError::Revoked(_) => ("revoked", close::REVOKED),
+                _ => ("unauthorized", close::UNAUTHORIZED),
+            };
+            send_error(&mut socket, code, &e.public_message()).await;
+            close_now(&mut socket, why, code).await;
             return;
         }
     };

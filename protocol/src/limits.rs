@@ -83,6 +83,9 @@ pub mod close {
     pub const TRY_AGAIN_LATER: u16 = 1013;
     /// The credential in `hello` was refused.
     pub const UNAUTHORIZED: u16 = 4401;
+    /// An administrator revoked this agent: its secret no longer logs in, and its
+    /// fingerprint cannot enroll again.
+    pub const REVOKED: u16 = 4403;
     /// `hello` did not arrive within [`crate::HELLO_DEADLINE`].
     pub const HELLO_TIMEOUT: u16 = 4408;
     /// A newer connection for the same fingerprint replaced this one.

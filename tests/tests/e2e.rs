@@ -1083,3 +1083,98 @@ async fn a_second_gateway_on_the_same_data_directory_is_refused() {
     assert!(err.contains(&names), "{names:?} not in {err}");
     assert_eq!(gw.http("GET", "/healthz", None).await.0, 200);
 }
+
+/// Revoking an agent: its connection is closed with 4403, its secret never logs in again,
+/// its fingerprint cannot enroll again, and one presence event says `revoked`. Forgetting
+/// it afterwards removes it, and the fingerprint may enroll anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_agent_is_closed_refused_and_can_be_forgotten() {
+    let dir = tempdir();
+    let gw = Gateway::start(dir.path(), &[]);
+    let agent = Agent::start(dir.path(), "a", &gw, "");
+    let fp = agent.fingerprint.clone();
+    eventually(T, "agent online", || async {
+        let a = gw.agent(&fp).await?;
+        (a["presence"] == "online").then_some(())
+    })
+    .await;
+    let secret = std::fs::read_to_string(agent.state_dir.join("agent.secret")).unwrap();
+    let token = Some(gw.token.as_str());
+
+    let (status, body) = gw
+        .http("POST", &format!("/api/v1/agents/{fp}/revoke"), token)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["presence"], "revoked", "{body}");
+    agent
+        .proc
+        .wait_for_log("was revoked by an administrator", T)
+        .await;
+    let shown = gw.agent(&fp).await.unwrap();
+    assert_eq!(
+        (shown["presence"].as_str(), shown["connected"].as_bool()),
+        (Some("revoked"), Some(false)),
+        "{shown}"
+    );
+    // Again: the same answer, nothing new.
+    let (status, again) = gw
+        .http("POST", &format!("/api/v1/agents/{fp}/revoke"), token)
+        .await;
+    assert_eq!(
+        (status, &again["revoked_at_ms"]),
+        (200, &body["revoked_at_ms"])
+    );
+
+    // Its secret, and its fingerprint with the enrollment key, are refused with 4403.
+    for credential in [
+        outpost_protocol::Credential::Secret {
+            secret: secret.trim().to_string(),
+        },
+        outpost_protocol::Credential::EnrollKey {
+            key: gw.enroll_key.clone(),
+            proof: "p".into(),
+        },
+    ] {
+        let mut ws = raw_ws(&gw).await;
+        let hello = raw_hello(&fp, credential, "raw");
+        ws.send(Message::Text(outpost_protocol::encode(&hello).into()))
+            .await
+            .unwrap();
+        let refused: Value = serde_json::from_str(&next_text(&mut ws).await).unwrap();
+        assert_eq!(refused["code"], "revoked", "{refused}");
+        assert_eq!(
+            close_code(&mut ws, T).await,
+            Some(outpost_protocol::close::REVOKED)
+        );
+    }
+    drop(agent);
+    let presence: Vec<String> = gw
+        .bus_log("presence")
+        .iter()
+        .filter(|e| e["fingerprint"] == fp.as_str())
+        .map(|e| e["presence"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        presence,
+        ["online", "revoked"],
+        "one event, and no 'lost' after it"
+    );
+
+    // Forgotten: gone from the API, and the fingerprint may enroll anew.
+    let path = format!("/api/v1/agents/{fp}");
+    assert_eq!(gw.http("DELETE", &path, token).await.0, 204);
+    assert_eq!(gw.http("GET", &path, token).await.0, 404);
+    assert_eq!(gw.http("DELETE", &path, token).await.0, 404);
+    let enroll = outpost_protocol::Credential::EnrollKey {
+        key: gw.enroll_key.clone(),
+        proof: "p".into(),
+    };
+    let (_ws, welcome) = raw_session(&gw, &fp, enroll).await;
+    assert!(welcome["agent_secret"].is_string(), "{welcome}");
+    // An online agent is not forgotten behind its back.
+    let (status, body) = gw.http("DELETE", &path, token).await;
+    assert_eq!(status, 409, "{body}");
+    let unknown = "00000000-0000-4000-8000-000000000000";
+    let revoke_unknown = format!("/api/v1/agents/{unknown}/revoke");
+    assert_eq!(gw.http("POST", &revoke_unknown, token).await.0, 404);
+}

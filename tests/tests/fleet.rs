@@ -1247,3 +1247,84 @@ async fn a_gateway_moving_from_its_embedded_bus_to_nats_keeps_its_enrolled_agent
     })
     .await;
 }
+
+/// Revocation in a fleet of two: an agent connected to gateway 2 is revoked through
+/// gateway 1's API. Gateway 2 closes its connection with 4403 (it reads the revocation
+/// from the shared registry; the time it took is printed, the promise is a second), the
+/// agent cannot log in again on either gateway, and exactly one presence event says
+/// `revoked`, with no `lost` after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_revoked_through_one_gateway_is_closed_on_the_other_and_cannot_return() {
+    let dir = tempdir();
+    let (_nats, url, pki) = fleet_base(dir.path());
+    let gws = gateways(dir.path(), 2, &url, &pki);
+    let presence = Presence::follow(&url).await;
+    let agent = agent(dir.path(), "a", &gws[1].addr, &pki, &gws[1].enroll_key);
+    let fp = agent.fingerprint.clone();
+    presence.wait_for(&fp, "online").await;
+    eventually(T, "gateway 1 lists the agent on gateway 2", || async {
+        let view = fleet_view(&gws[0]).await;
+        (view.get(&fp) == Some(&("online".into(), "gw2".into()))).then_some(())
+    })
+    .await;
+
+    let asked = Instant::now();
+    let path = format!("/api/v1/agents/{fp}/revoke");
+    let (status, body) = gws[0].http("POST", &path, Some(&gws[0].token)).await;
+    assert_eq!(status, 200, "{body}");
+    agent
+        .proc
+        .wait_for_log("was revoked by an administrator", T)
+        .await;
+    println!(
+        "revoked through gateway 1; the agent on gateway 2 was told within {:?}",
+        asked.elapsed()
+    );
+    assert!(
+        gws[1]
+            .proc
+            .log()
+            .contains("agent revoked through another gateway"),
+        "gateway 2 closed it on the registry's change"
+    );
+    // Back again (its backoff is 2 s here): refused.
+    eventually(T, "a refused reconnect", || async {
+        (agent
+            .proc
+            .log()
+            .matches("was revoked by an administrator")
+            .count()
+            >= 2)
+            .then_some(())
+    })
+    .await;
+    // Its secret is refused by the gateway that revoked it too.
+    let secret = std::fs::read_to_string(agent.state_dir.join("agent.secret")).unwrap();
+    let mut ws = outpost_e2e::raw_ws(&gws[0]).await;
+    let hello = outpost_e2e::raw_hello(
+        &fp,
+        outpost_protocol::Credential::Secret {
+            secret: secret.trim().into(),
+        },
+        "raw",
+    );
+    futures_util::SinkExt::send(
+        &mut ws,
+        tokio_tungstenite::tungstenite::Message::Text(outpost_protocol::encode(&hello).into()),
+    )
+    .await
+    .unwrap();
+    let refused: Value = serde_json::from_str(&outpost_e2e::next_text(&mut ws).await).unwrap();
+    assert_eq!(refused["code"], "revoked", "{refused}");
+    assert_eq!(
+        outpost_e2e::close_code(&mut ws, T).await,
+        Some(outpost_protocol::close::REVOKED)
+    );
+    for g in &gws {
+        let shown = g.agent(&fp).await.unwrap();
+        assert_eq!(shown["presence"], "revoked", "{shown}");
+    }
+    // Long enough for a lost event to have come (the presence grace is 5 s).
+    tokio::time::sleep(Duration::from_secs(GRACE + 2)).await;
+    assert_eq!(presence.of(&fp), ["online", "revoked"]);
+}

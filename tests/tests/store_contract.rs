@@ -28,6 +28,7 @@ fn credential(tenant: &str, secret_sha256: &str) -> AgentCredential {
         enrolled_at_ms: 1_700_000_000_000,
         confirmed: false,
         enroll_proof_sha256: Some("proof".into()),
+        revoked_at_ms: None,
     }
 }
 
@@ -239,6 +240,26 @@ async fn registry_contract(reg: &Registry) {
     assert_eq!(presence(), Some((Presence::Online, Some(c3))));
 }
 
+/// Revocation: presence `revoked` whoever holds the agent, once, and its holder's end
+/// changes nothing afterwards; forgetting removes it.
+async fn revocation_contract(reg: &Registry) {
+    const REVOKED_FP: &str = "2f8fad5b-d9cb-469f-a165-70867728950e";
+    let holder = reg.me.holder(7);
+    reg.connected("default", &hello(REVOKED_FP), "peer", 7)
+        .await
+        .unwrap();
+    assert!(reg.revoked(REVOKED_FP, "revoked").await);
+    assert!(!reg.revoked(REVOKED_FP, "again").await, "revoked once");
+    assert!(
+        !reg.disconnected(REVOKED_FP, Some(&holder), Presence::Lost, "after")
+            .await
+    );
+    let rec = reg.get(REVOKED_FP).unwrap();
+    assert_eq!((rec.presence, rec.holder), (Presence::Revoked, None));
+    reg.forget(REVOKED_FP).await.unwrap();
+    assert!(reg.get(REVOKED_FP).is_none());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_file_registry_keeps_the_contract() {
     let dir = tempdir();
@@ -250,6 +271,7 @@ async fn the_file_registry_keeps_the_contract() {
     };
     let reg = Registry::open(dir.path(), recovered(), me("gw1", "a")).unwrap();
     registry_contract(&reg).await;
+    revocation_contract(&reg).await;
     reg.flush().unwrap();
     // Restarted: the agent is still online under the old process's connection (it is
     // swept to lost after the grace unless it comes back), and only that holder ends it.
@@ -287,6 +309,7 @@ async fn the_nats_registry_keeps_the_contract_between_gateways() {
     };
     let one = open("gw1").await;
     registry_contract(&one).await;
+    revocation_contract(&one).await;
     // Another gateway claims the agent: it learns from the shared record that the agent
     // was online (no second online event), and the first gateway's connection, which
     // still holds it in that gateway's own map, can no longer end it.

@@ -307,6 +307,7 @@ impl Presence {
             Presence::Online => "online",
             Presence::Lost => "lost",
             Presence::Deregistered => "deregistered",
+            Presence::Revoked => "revoked",
         }
     }
 }

@@ -81,6 +81,52 @@ impl SharedRecords for NatsRecords {
         }
         None
     }
+
+    async fn revoke(&self, record: &AgentRecord) -> Option<u64> {
+        let nats = &self.nats;
+        let key = agent_key(&record.tenant, &record.fingerprint);
+        let value: bytes::Bytes = serde_json::to_vec(record).ok()?.into();
+        for _ in 0..5 {
+            let entry = match nats.agents.entry(&key).await {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(%key, error = %e, "cannot read the fleet registry");
+                    return None;
+                }
+            };
+            let revision = entry.as_ref().map_or(0, |e| e.revision);
+            let current = entry
+                .filter(|e| e.operation == Operation::Put)
+                .and_then(|e| serde_json::from_slice::<AgentRecord>(&e.value).ok());
+            if current.is_some_and(|c| c.presence == Presence::Revoked) {
+                return None;
+            }
+            let written = if revision == 0 {
+                nats.agents
+                    .create(&key, value.clone())
+                    .await
+                    .map_err(|e| e.to_string())
+            } else {
+                nats.agents
+                    .update(&key, value.clone(), revision)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match written {
+                Ok(rev) => return Some(rev),
+                Err(e) => {
+                    tracing::debug!(%key, error = %e, "fleet registry changed meanwhile; rereading")
+                }
+            }
+        }
+        None
+    }
+
+    async fn remove(&self, tenant: &str, fingerprint: &str) -> anyhow::Result<()> {
+        let key = agent_key(tenant, fingerprint);
+        self.nats.agents.delete(&key).await?;
+        Ok(())
+    }
 }
 
 /// Write `value` (a claim by this gateway, as `holder`) over the shared record at `key`
@@ -234,9 +280,16 @@ pub async fn follow(gw: Upkeep, nats: Arc<Nats>) {
                         Operation::Put => Some(&e.value[..]),
                         _ => None,
                     };
-                    if let Applied::TakenOver(fp) = gw.registry.apply(e.revision, value, &e.key) {
-                        tracing::info!(fingerprint = %fp, "agent reconnected through another gateway; ending its old session here");
-                        gw.hub.take_over(&fp);
+                    match gw.registry.apply(e.revision, value, &e.key) {
+                        Applied::TakenOver(fp) => {
+                            tracing::info!(fingerprint = %fp, "agent reconnected through another gateway; ending its old session here");
+                            gw.hub.take_over(&fp);
+                        }
+                        Applied::Revoked(fp) => {
+                            tracing::info!(fingerprint = %fp, "agent revoked through another gateway; closing its session here");
+                            gw.hub.revoke(&fp);
+                        }
+                        Applied::Nothing => {}
                     }
                 }
                 Some(Err(e)) => tracing::warn!(error = %e, "fleet registry watch error"),

@@ -80,4 +80,13 @@ impl SecretStore for NatsSecrets {
                 }),
         }
     }
+
+    async fn delete(&self, tenant: &str, fingerprint: &str) -> Result<(), StoreError> {
+        let key = agent_key(tenant, fingerprint);
+        self.nats
+            .credentials
+            .delete(&key)
+            .await
+            .map_err(unavailable)
+    }
 }
