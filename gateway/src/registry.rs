@@ -176,6 +176,12 @@ pub struct Beat {
     pub listen: String,
 }
 
+/// A claim refused because the agent was revoked (its credential checked out just before
+/// the revocation landed): the session is closed as revoked, and nothing is recorded.
+#[derive(Debug, thiserror::Error)]
+#[error("agent {0} was revoked")]
+pub struct RevokedAgent(pub String);
+
 /// A gateway's heartbeat older than this means it is gone.
 pub const GATEWAY_TTL: Duration = Duration::from_secs(15);
 
@@ -340,6 +346,12 @@ impl Registry {
         let holder_of_claim = holder.clone();
         let (shared, mut was_online) = {
             let mut agents = self.lock();
+            if agents
+                .get(&hello.fingerprint)
+                .is_some_and(|r| r.presence == Presence::Revoked)
+            {
+                return Err(RevokedAgent(hello.fingerprint.clone()).into());
+            }
             let was_online = agents
                 .get(&hello.fingerprint)
                 .is_some_and(|r| r.presence == Presence::Online);

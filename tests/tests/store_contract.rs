@@ -15,7 +15,7 @@ use outpost_gateway::bus::Presence;
 use outpost_gateway::nats::registry::NatsRecords;
 use outpost_gateway::nats::secrets::NatsSecrets;
 use outpost_gateway::nats::{Nats, NatsSettings};
-use outpost_gateway::registry::{Me, Registry};
+use outpost_gateway::registry::{Me, Registry, RevokedAgent};
 use outpost_gateway::secrets::{AgentCredential, FileSecrets, SecretStore, StoreError};
 
 const FP: &str = "0f8fad5b-d9cb-469f-a165-70867728950e";
@@ -256,6 +256,14 @@ async fn revocation_contract(reg: &Registry) {
     );
     let rec = reg.get(REVOKED_FP).unwrap();
     assert_eq!((rec.presence, rec.holder), (Presence::Revoked, None));
+    // A login whose credential checked out just before the revocation cannot claim it.
+    let late = reg
+        .connected("default", &hello(REVOKED_FP), "peer", 8)
+        .await;
+    assert!(
+        late.as_ref().is_err_and(|e| e.is::<RevokedAgent>()),
+        "{late:?}"
+    );
     reg.forget(REVOKED_FP).await.unwrap();
     assert!(reg.get(REVOKED_FP).is_none());
 }
@@ -327,6 +335,17 @@ async fn the_nats_registry_keeps_the_contract_between_gateways() {
     assert!(
         two.disconnected(FP, Some(&two.me.holder(1)), Presence::Lost, "lost")
             .await
+    );
+    // Revoked through one gateway: a login racing it on the other cannot claim it.
+    const RACED: &str = "3f8fad5b-d9cb-469f-a165-70867728950e";
+    one.connected("default", &hello(RACED), "peer", 11)
+        .await
+        .unwrap();
+    assert!(one.revoked(RACED, "revoked").await);
+    let late = two.connected("default", &hello(RACED), "peer", 11).await;
+    assert!(
+        late.as_ref().is_err_and(|e| e.is::<RevokedAgent>()),
+        "{late:?}"
     );
     // Tenants apart: the same fingerprint in another tenant is another record.
     assert!(!one

@@ -11,7 +11,9 @@ use async_trait::async_trait;
 
 use super::{agent_key, Nats};
 use crate::bus::Presence;
-use crate::registry::{AgentRecord, Applied, Beat, SharedRecords, Upkeep, GATEWAY_TTL};
+use crate::registry::{
+    AgentRecord, Applied, Beat, RevokedAgent, SharedRecords, Upkeep, GATEWAY_TTL,
+};
 use crate::util::now_ms;
 
 /// [`SharedRecords`] in NATS KV.
@@ -162,6 +164,9 @@ async fn claim(
             .is_some_and(|r| r.presence == Presence::Online);
         if mine {
             return Ok((revision, first_seen.unwrap_or(false)));
+        }
+        if let Some(revoked) = current.filter(|r| r.presence == Presence::Revoked) {
+            return Err(RevokedAgent(revoked.fingerprint).into());
         }
         let was_online = *first_seen.get_or_insert(online) && online;
         let written = if revision == 0 {

@@ -32,7 +32,7 @@ use crate::credentials::Authenticated;
 use crate::hub::{Outbound, SessionHandle, OUTBOUND_QUEUE};
 use crate::metrics::Metrics;
 use crate::rate::Limiter;
-use crate::registry::publish_presence;
+use crate::registry::{publish_presence, RevokedAgent};
 
 /// A bus that has not made a batch durable by then is treated as failed (the agent resends).
 const BUS_DEADLINE: Duration = Duration::from_secs(20);
@@ -179,6 +179,13 @@ impl Session {
                 .connected(&self.agent.tenant, &self.hello, &peer, self.handle.conn_id);
         let was_online = match Box::pin(claimed).await {
             Ok(was_online) => was_online,
+            // Revoked between its credential check and now.
+            Err(e) if e.is::<RevokedAgent>() => {
+                tracing::warn!("agent revoked while it logged in; closing");
+                let reason = "revoked by an administrator";
+                let end = self.close(close::REVOKED, reason, End::Unclaimed).await;
+                return Flow::Break(end);
+            }
             Err(e) => {
                 Metrics::inc(&gw.metrics.bus_errors);
                 tracing::error!(error = %e, "cannot record the agent in the fleet registry; closing so it retries");
