@@ -287,7 +287,14 @@ async fn revoke_agent(State(gw): State<Gw>, Path(fp): Path<String>) -> Response 
         }
     };
     let reason = "revoked by an administrator";
-    if gw.registry.revoked(&fp, reason).await {
+    let revoked = match gw.registry.revoked(&gw.tenant, &fp, reason).await {
+        Ok(r) => r,
+        Err(e) => {
+            let why = format!("agent {fp}'s credential is revoked (it cannot log in), but its presence could not be recorded: {e:#}; retry to finish");
+            return error(ErrorKind::Unavailable, why);
+        }
+    };
+    if revoked {
         tracing::warn!(fingerprint = %fp, "agent revoked");
         let agent = AgentRef {
             tenant: gw.tenant.clone(),
@@ -305,35 +312,37 @@ async fn revoke_agent(State(gw): State<Gw>, Path(fp): Path<String>) -> Response 
     .into_response()
 }
 
-/// Forget a decommissioned agent: its credential and its registry record go, and its
-/// fingerprint may enroll again. A connected agent is revoked (or stopped) first.
+/// Forget a revoked agent (decommissioned, or compromised and done with): its credential
+/// and registry record go, and its fingerprint may enroll again. An agent is revoked
+/// first, so no connection of it can come back meanwhile.
 async fn forget_agent(State(gw): State<Gw>, Path(fp): Path<String>) -> Response {
-    let record = gw.registry.get(&fp);
-    if record
-        .as_ref()
-        .is_some_and(|r| r.presence == Presence::Online)
-    {
-        let why = format!("agent {fp} is online: revoke it first (POST /api/v1/agents/{fp}/revoke) or stop it, then forget it");
-        return error(ErrorKind::Conflict, why);
-    }
-    let known = match gw.credentials.known(&fp).await {
-        Ok(k) => k,
+    let revoke_first = || {
+        let why = format!("agent {fp} is not revoked: revoke it first (POST /api/v1/agents/{fp}/revoke), then forget it");
+        error(ErrorKind::Conflict, why)
+    };
+    match gw.credentials.revoked(&fp).await {
         Err(e) => {
             return error(
                 ErrorKind::Unavailable,
                 format!("cannot forget agent {fp}: {e}"),
             )
         }
-    };
-    if !known && record.is_none() {
-        return unknown_agent(&fp);
+        Ok(None) if gw.registry.get(&fp).is_none() => return unknown_agent(&fp),
+        Ok(Some(false)) => return revoke_first(),
+        Ok(_) => {}
+    }
+    // The registry first: should the credential's removal fail, the agent stays revoked
+    // (it cannot log in) and a retry finishes.
+    match gw.registry.forget(&gw.tenant, &fp).await {
+        Ok(true) => {}
+        Ok(false) => return revoke_first(),
+        Err(e) => {
+            let why = format!("cannot forget agent {fp}: {e:#}; nothing was changed, retry");
+            return error(ErrorKind::Unavailable, why);
+        }
     }
     if let Err(e) = gw.credentials.forget(&fp).await {
-        let why = format!("cannot forget agent {fp}: {e}; nothing was changed, retry");
-        return error(ErrorKind::Unavailable, why);
-    }
-    if let Err(e) = gw.registry.forget(&fp).await {
-        let why = format!("agent {fp}'s credential is gone, but its registry record could not be removed: {e:#}; retry");
+        let why = format!("agent {fp} left the registry, but its revoked credential could not be removed: {e}; retry to finish");
         return error(ErrorKind::Unavailable, why);
     }
     tracing::info!(fingerprint = %fp, "agent forgotten");

@@ -282,20 +282,28 @@ impl Credentials {
         }
         creds.enroll_key_sha256 = fleet.enroll_key_sha256;
         creds.api_token_sha256 = fleet.api_token_sha256;
-        // A gateway moving from its embedded bus to NATS brings its enrolled agents along:
-        // each local secret not yet in the bucket is added (never overwriting one there).
-        let mut imported = 0;
-        for (_, fp, cred) in local.all() {
-            let cred = AgentCredential {
-                tenant: tenant.to_string(),
-                ..cred
-            };
-            if creds.secrets.put(tenant, &fp, &cred, None).await.is_ok() {
-                imported += 1;
+        // A gateway moving from its embedded bus to NATS brings its enrolled agents along,
+        // once: each local secret of the tenant not yet in the bucket is added (never
+        // overwriting one there). Once only, so an agent forgotten in the fleet later is
+        // not brought back by a restart of a gateway that still has the old file.
+        let marker = data_dir.join("agents").join("credentials.imported");
+        if !marker.exists() {
+            let mut imported = 0;
+            for (_, fp, cred) in local.all().into_iter().filter(|(t, _, _)| t == tenant) {
+                let cred = AgentCredential {
+                    tenant: tenant.to_string(),
+                    ..cred
+                };
+                if creds.secrets.put(tenant, &fp, &cred, None).await.is_ok() {
+                    imported += 1;
+                }
             }
-        }
-        if imported > 0 {
-            tracing::info!(%tenant, agents = imported, "added this gateway's enrolled agents to the fleet's credentials");
+            if imported > 0 {
+                tracing::info!(%tenant, agents = imported, "added this gateway's enrolled agents to the fleet's credentials");
+            }
+            let note = format!("agent secrets of tenant {tenant} imported into NATS at {} ms; delete this file to import agents/credentials.json again\n", now_ms());
+            write_atomic(&marker, note.as_bytes(), 0o600)
+                .with_context(|| format!("cannot write {}", marker.display()))?;
         }
         Ok(creds)
     }
@@ -318,14 +326,15 @@ impl Credentials {
             .get(&self.tenant, fingerprint)
             .await
             .map_err(storage)?;
-        if known
+        let revoked = known
             .as_ref()
-            .is_some_and(|(c, _)| c.revoked_at_ms.is_some())
-        {
-            return Err(AuthError::Revoked(fingerprint.to_string()));
-        }
+            .is_some_and(|(c, _)| c.revoked_at_ms.is_some());
         match credential {
             Credential::Secret { secret } => {
+                // Its secret is gone: the agent is told why it will never log in again.
+                if revoked {
+                    return Err(AuthError::Revoked(fingerprint.to_string()));
+                }
                 let Some((known, revision)) = known else {
                     return Err(AuthError::UnknownAgent(fingerprint.to_string()));
                 };
@@ -346,6 +355,10 @@ impl Credentials {
             Credential::EnrollKey { key, proof } => {
                 if !self.enroll_key_ok(key) {
                     return Err(AuthError::BadEnrollKey);
+                }
+                // Only to a holder of the key: the fingerprint is taken, for good.
+                if revoked {
+                    return Err(AuthError::Revoked(fingerprint.to_string()));
                 }
                 may_enroll(fingerprint, known.as_ref().map(|(c, _)| c), proof)?;
                 let secret = random_token(32);
@@ -414,9 +427,11 @@ impl Credentials {
         self.secrets.delete(&self.tenant, fingerprint).await
     }
 
-    /// Whether the agent has a credential here (enrolled, or revoked and not forgotten).
-    pub async fn known(&self, fingerprint: &str) -> Result<bool, StoreError> {
-        Ok(self.secrets.get(&self.tenant, fingerprint).await?.is_some())
+    /// Whether the agent has a credential here (`None`: never enrolled, or forgotten),
+    /// and whether it is revoked.
+    pub async fn revoked(&self, fingerprint: &str) -> Result<Option<bool>, StoreError> {
+        let known = self.secrets.get(&self.tenant, fingerprint).await?;
+        Ok(known.map(|(c, _)| c.revoked_at_ms.is_some()))
     }
 
     async fn confirm(&self, fingerprint: &str, known: AgentCredential, revision: u64) {

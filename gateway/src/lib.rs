@@ -177,6 +177,11 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
             .await
             .context("cannot open the embedded bus")?;
             let registry = registry::Registry::open(&settings.data_dir, recovered, me)?;
+            for rec in registry.list() {
+                if let Ok(None) = credentials.revoked(&rec.fingerprint).await {
+                    registry.drop_unenrolled(&rec.fingerprint);
+                }
+            }
             (Arc::new(bus), registry)
         }
     };
@@ -209,6 +214,15 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
     Ok(Prepared { gateway, tls })
 }
 
+/// Another gateway holds the data directory: a start that may succeed later (an old
+/// process still draining on the same volume), so not a configuration error.
+#[derive(Debug, thiserror::Error)]
+#[error("--data-dir {dir}: {holder} (an outpost-gateway) is using it; each gateway needs its own data directory")]
+pub struct DataDirInUse {
+    pub dir: String,
+    pub holder: String,
+}
+
 /// Take the data directory for this process (an exclusive lock on `DATA_DIR/gateway.lock`,
 /// released when the process ends however it ends). Its files (agent secrets, registry,
 /// embedded bus) each have one writer; a second gateway started on the same directory by
@@ -232,11 +246,9 @@ fn lock_data_dir(data_dir: &std::path::Path) -> anyhow::Result<std::fs::File> {
                 "" => "another process".to_string(),
                 pid => format!("process {pid}"),
             };
-            return Err(settings::ConfigError {
-                problems: vec![format!(
-                    "--data-dir {}: {holder} (an outpost-gateway) is using it; each gateway needs its own data directory",
-                    data_dir.display()
-                )],
+            return Err(DataDirInUse {
+                dir: data_dir.display().to_string(),
+                holder,
             }
             .into());
         }

@@ -76,6 +76,11 @@ pub struct AgentRecord {
 }
 
 impl AgentRecord {
+    /// Revoked by an administrator: no holder, so no connection's end changes it.
+    pub fn revoke(&mut self, reason: &str) {
+        end_hold(self, Presence::Revoked, reason, None);
+    }
+
     /// Apply to a record read back from disk or from another gateway the bounds a live
     /// agent is held to: at most [`MAX_LOCAL_CHECKS`] results beyond its configured
     /// checks (configured ones first, then the newest), and labels, groups and hostname
@@ -200,12 +205,18 @@ pub trait SharedRecords: Send + Sync {
     /// the store could not be read or written: then nothing changed either).
     async fn release(&self, record: &AgentRecord, holder: Option<&str>) -> Option<u64>;
 
-    /// Write `record` (revoked) whoever holds the agent, unless it is revoked already:
-    /// the new revision, or `None` when it was (or the store failed).
-    async fn revoke(&self, record: &AgentRecord) -> Option<u64>;
+    /// Mark the agent's shared record revoked whoever holds it (read, changed and written
+    /// back with compare-and-set): the new revision and record, or `None` when there is no
+    /// record or it is revoked already. An error when the store failed: nothing changed.
+    async fn revoke(
+        &self,
+        tenant: &str,
+        fingerprint: &str,
+        reason: &str,
+    ) -> anyhow::Result<Option<(u64, AgentRecord)>>;
 
-    /// Remove the agent's shared record (it is forgotten).
-    async fn remove(&self, tenant: &str, fingerprint: &str) -> anyhow::Result<()>;
+    /// Remove the agent's shared record if it is (still) revoked; `false` when it is not.
+    async fn remove_revoked(&self, tenant: &str, fingerprint: &str) -> anyhow::Result<bool>;
 }
 
 /// Where the registry lives beyond this process.
@@ -432,42 +443,82 @@ impl Registry {
     }
 
     /// Revoke the agent: presence `revoked` whoever holds it, so no holder's end changes
-    /// it afterwards. Returns whether this call revoked it (then its event is due).
-    pub async fn revoked(&self, fingerprint: &str, reason: &str) -> bool {
-        let shared = {
+    /// it afterwards. Returns whether this call revoked it (then its event is due); on
+    /// NATS the shared record decides, whatever this gateway has seen of it so far, and a
+    /// store that fails is an error with nothing changed (retry).
+    pub async fn revoked(
+        &self,
+        tenant: &str,
+        fingerprint: &str,
+        reason: &str,
+    ) -> anyhow::Result<bool> {
+        let Store::Shared(records) = &self.store else {
             let mut agents = self.lock();
             let Some(rec) = agents.get_mut(fingerprint) else {
-                return false;
+                return Ok(false);
             };
             if rec.presence == Presence::Revoked {
-                return false;
+                return Ok(false);
             }
-            end_hold(rec, Presence::Revoked, reason, None);
-            shared_view(rec)
+            rec.revoke(reason);
+            drop(agents);
+            lock(&self.orphans).remove(fingerprint);
+            self.mark_dirty();
+            return Ok(true);
         };
-        lock(&self.orphans).remove(fingerprint);
-        self.mark_dirty();
-        let Store::Shared(records) = &self.store else {
-            return true;
+        let Some((revision, mut shared)) = records.revoke(tenant, fingerprint, reason).await?
+        else {
+            return Ok(false);
         };
-        match records.revoke(&shared).await {
-            Some(revision) => {
-                self.note_revision(fingerprint, revision);
-                true
+        shared.revision = revision;
+        let mut agents = self.lock();
+        match agents.get_mut(fingerprint) {
+            Some(rec) if rec.revision >= revision => {}
+            Some(rec) => {
+                shared.checks = std::mem::take(&mut rec.checks);
+                shared.latest = std::mem::take(&mut rec.latest);
+                *rec = shared;
             }
-            None => false,
+            None => {
+                agents.insert(fingerprint.to_string(), shared);
+            }
         }
+        drop(agents);
+        lock(&self.orphans).remove(fingerprint);
+        Ok(true)
     }
 
-    /// Forget the agent: it leaves the registry (on NATS, the fleet's).
-    pub async fn forget(&self, fingerprint: &str) -> anyhow::Result<()> {
-        let removed = self.lock().remove(fingerprint);
-        lock(&self.orphans).remove(fingerprint);
-        self.mark_dirty();
-        if let (Store::Shared(records), Some(rec)) = (&self.store, removed) {
-            records.remove(&rec.tenant, fingerprint).await?;
+    /// Forget a revoked agent: it leaves the registry (on NATS, the fleet's). `false` when
+    /// it is not revoked (here, or in the shared record): nothing changed.
+    pub async fn forget(&self, tenant: &str, fingerprint: &str) -> anyhow::Result<bool> {
+        let Store::Shared(records) = &self.store else {
+            let mut agents = self.lock();
+            if agents
+                .get(fingerprint)
+                .is_some_and(|r| r.presence != Presence::Revoked)
+            {
+                return Ok(false);
+            }
+            agents.remove(fingerprint);
+            drop(agents);
+            lock(&self.orphans).remove(fingerprint);
+            self.mark_dirty();
+            return Ok(true);
+        };
+        if !records.remove_revoked(tenant, fingerprint).await? {
+            return Ok(false);
         }
-        Ok(())
+        self.lock().remove(fingerprint);
+        lock(&self.orphans).remove(fingerprint);
+        Ok(true)
+    }
+
+    /// Drop the record of an agent that has no credential (forgotten while the gateway
+    /// ran: its presence events on the bus would otherwise bring it back at start).
+    pub fn drop_unenrolled(&self, fingerprint: &str) {
+        if self.lock().remove(fingerprint).is_some() {
+            self.mark_dirty();
+        }
     }
 
     /// Apply a change read from the shared registry.

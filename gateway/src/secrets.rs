@@ -121,11 +121,11 @@ impl FileSecrets {
         };
         let mut records = Records::default();
         for (k, credential) in stored {
-            // `<tenant>.<fingerprint>`, or a fingerprint alone: the record's own tenant
-            // (the single-tenant layout).
+            // `<tenant>.<fingerprint>`, or a fingerprint alone: the gateway's own tenant,
+            // as the single-tenant releases read it (whatever tenant the record names).
             let (tenant, fp) = match k.split_once('.') {
                 Some((tenant, fp)) => (tenant.to_string(), fp.to_string()),
-                None => (credential.tenant.clone(), k),
+                None => (home_tenant.to_string(), k),
             };
             records.last += 1;
             records
@@ -244,13 +244,14 @@ mod tests {
         }
     }
 
-    /// A file from before tenants were keys: keyed by fingerprint, each record carrying
-    /// the tenant it was enrolled in (`--tenant`), which is the tenant it stays in.
+    /// A file from before tenants were keys: keyed by fingerprint, read as the gateway's
+    /// own tenant, as the single-tenant releases did (whatever `tenant` a record names:
+    /// an agent enrolled before `--tenant` was given keeps logging in).
     #[tokio::test]
-    async fn the_single_tenant_layout_is_read_as_each_records_tenant() {
+    async fn the_single_tenant_layout_is_read_as_the_gateways_tenant() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("agents")).unwrap();
-        let legacy = serde_json::json!({ FP: credential("blue") });
+        let legacy = serde_json::json!({ FP: credential("default") });
         std::fs::write(
             dir.path().join("agents/credentials.json"),
             serde_json::to_vec(&legacy).unwrap(),
@@ -259,7 +260,7 @@ mod tests {
         let store = FileSecrets::open(dir.path(), "blue").unwrap();
         assert_eq!(
             store.get("blue", FP).await.unwrap().map(|(c, _)| c),
-            Some(credential("blue"))
+            Some(credential("default"))
         );
         assert!(store.get("default", FP).await.unwrap().is_none());
     }

@@ -1053,7 +1053,8 @@ async fn a_stopping_gateway_does_not_wait_for_a_hello() {
 }
 
 /// A data directory has one gateway: a second one started on it by mistake is refused
-/// with a configuration error that names the running one, before it touches any file (the
+/// (75, EX_TEMPFAIL: a supervisor retries, as for an old process still draining on the
+/// same volume) with an error that names the running one, before it touches any file (the
 /// agent secrets, the registry and the embedded bus each assume one writer); the running
 /// gateway goes on serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1078,7 +1079,7 @@ async fn a_second_gateway_on_the_same_data_directory_is_refused() {
     )
     .await;
     let err = second.log();
-    assert_eq!(exited.code(), Some(78), "EX_CONFIG: {err}");
+    assert_eq!(exited.code(), Some(75), "EX_TEMPFAIL: {err}");
     let names = format!("process {} (an outpost-gateway) is using it", gw.proc.pid());
     assert!(err.contains(&names), "{names:?} not in {err}");
     assert_eq!(gw.http("GET", "/healthz", None).await.0, 200);
@@ -1086,7 +1087,8 @@ async fn a_second_gateway_on_the_same_data_directory_is_refused() {
 
 /// Revoking an agent: its connection is closed with 4403, its secret never logs in again,
 /// its fingerprint cannot enroll again, and one presence event says `revoked`. Forgetting
-/// it afterwards removes it, and the fingerprint may enroll anew.
+/// it afterwards removes it for good (a restart does not bring it back from the bus's
+/// presence events), and the fingerprint may enroll anew.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_agent_is_closed_refused_and_can_be_forgotten() {
     let dir = tempdir();
@@ -1160,20 +1162,27 @@ async fn a_revoked_agent_is_closed_refused_and_can_be_forgotten() {
         "one event, and no 'lost' after it"
     );
 
-    // Forgotten: gone from the API, and the fingerprint may enroll anew.
+    // Forgotten: gone from the API, also after a restart (whose presence events on the
+    // bus still name it), and the fingerprint may enroll anew.
     let path = format!("/api/v1/agents/{fp}");
     assert_eq!(gw.http("DELETE", &path, token).await.0, 204);
     assert_eq!(gw.http("GET", &path, token).await.0, 404);
     assert_eq!(gw.http("DELETE", &path, token).await.0, 404);
+    let listen = gw.addr.clone();
+    drop(gw);
+    let gw = Gateway::start_on(dir.path(), &listen, &[]);
+    let token = Some(gw.token.as_str());
+    assert_eq!(gw.http("GET", &path, token).await.0, 404);
     let enroll = outpost_protocol::Credential::EnrollKey {
         key: gw.enroll_key.clone(),
         proof: "p".into(),
     };
     let (_ws, welcome) = raw_session(&gw, &fp, enroll).await;
     assert!(welcome["agent_secret"].is_string(), "{welcome}");
-    // An online agent is not forgotten behind its back.
+    // An agent is revoked before it is forgotten.
     let (status, body) = gw.http("DELETE", &path, token).await;
     assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("revoke it first"), "{body}");
     let unknown = "00000000-0000-4000-8000-000000000000";
     let revoke_unknown = format!("/api/v1/agents/{unknown}/revoke");
     assert_eq!(gw.http("POST", &revoke_unknown, token).await.0, 404);

@@ -248,8 +248,11 @@ async fn revocation_contract(reg: &Registry) {
     reg.connected("default", &hello(REVOKED_FP), "peer", 7)
         .await
         .unwrap();
-    assert!(reg.revoked(REVOKED_FP, "revoked").await);
-    assert!(!reg.revoked(REVOKED_FP, "again").await, "revoked once");
+    assert!(reg.revoked("default", REVOKED_FP, "revoked").await.unwrap());
+    assert!(
+        !reg.revoked("default", REVOKED_FP, "again").await.unwrap(),
+        "revoked once"
+    );
     assert!(
         !reg.disconnected(REVOKED_FP, Some(&holder), Presence::Lost, "after")
             .await
@@ -264,8 +267,15 @@ async fn revocation_contract(reg: &Registry) {
         late.as_ref().is_err_and(|e| e.is::<RevokedAgent>()),
         "{late:?}"
     );
-    reg.forget(REVOKED_FP).await.unwrap();
+    assert!(reg.forget("default", REVOKED_FP).await.unwrap());
     assert!(reg.get(REVOKED_FP).is_none());
+    // Only a revoked agent is forgotten.
+    let kept = "4f8fad5b-d9cb-469f-a165-70867728950e";
+    reg.connected("default", &hello(kept), "peer", 12)
+        .await
+        .unwrap();
+    assert!(!reg.forget("default", kept).await.unwrap());
+    assert!(reg.get(kept).is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,13 +346,17 @@ async fn the_nats_registry_keeps_the_contract_between_gateways() {
         two.disconnected(FP, Some(&two.me.holder(1)), Presence::Lost, "lost")
             .await
     );
-    // Revoked through one gateway: a login racing it on the other cannot claim it.
+    // Revoked through a gateway that has not seen the agent yet (it reads and writes the
+    // shared record): a login racing it on the gateway that holds the agent cannot claim
+    // it again.
     const RACED: &str = "3f8fad5b-d9cb-469f-a165-70867728950e";
     one.connected("default", &hello(RACED), "peer", 11)
         .await
         .unwrap();
-    assert!(one.revoked(RACED, "revoked").await);
-    let late = two.connected("default", &hello(RACED), "peer", 11).await;
+    assert!(two.get(RACED).is_none());
+    assert!(two.revoked("default", RACED, "revoked").await.unwrap());
+    assert_eq!(two.get(RACED).map(|r| r.presence), Some(Presence::Revoked));
+    let late = one.connected("default", &hello(RACED), "peer", 12).await;
     assert!(
         late.as_ref().is_err_and(|e| e.is::<RevokedAgent>()),
         "{late:?}"

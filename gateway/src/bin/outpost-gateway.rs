@@ -134,18 +134,25 @@ fn release(cmd: Release) -> anyhow::Result<()> {
 }
 
 /// sysexits.h codes: the command line cannot be parsed (EX_USAGE), the options or the
-/// files they name are wrong and retrying will not help (EX_CONFIG), anything else
-/// (EX_SOFTWARE; systemd restarts the gateway after it).
+/// files they name are wrong and retrying will not help (EX_CONFIG), the data directory is
+/// held by another gateway for now (EX_TEMPFAIL), anything else (EX_SOFTWARE; systemd
+/// restarts the gateway after it).
 const EX_USAGE: u8 = 64;
 const EX_SOFTWARE: u8 = 70;
+const EX_TEMPFAIL: u8 = 75;
 const EX_CONFIG: u8 = 78;
 
-/// The exit code for `e`: 78 when it is (or wraps) a configuration error.
+/// The exit code for `e`: 78 when it is (or wraps) a configuration error, 75 when the data
+/// directory is in use.
 fn exit_code(e: &anyhow::Error) -> ExitCode {
-    let config = e
-        .chain()
-        .any(|c| c.is::<outpost_gateway::settings::ConfigError>());
-    ExitCode::from(if config { EX_CONFIG } else { EX_SOFTWARE })
+    let is = |f: fn(&(dyn std::error::Error + 'static)) -> bool| e.chain().any(f);
+    if is(|c| c.is::<outpost_gateway::settings::ConfigError>()) {
+        ExitCode::from(EX_CONFIG)
+    } else if is(|c| c.is::<outpost_gateway::DataDirInUse>()) {
+        ExitCode::from(EX_TEMPFAIL)
+    } else {
+        ExitCode::from(EX_SOFTWARE)
+    }
 }
 
 fn main() -> ExitCode {

@@ -50,13 +50,10 @@ impl SharedRecords for NatsRecords {
                     return None;
                 }
             };
-            let (current, revision) = match entry {
-                Some(e) => match serde_json::from_slice::<AgentRecord>(&e.value) {
-                    Ok(r) => (Some(r), e.revision),
-                    Err(_) => (None, e.revision),
-                },
-                None => (None, 0),
-            };
+            // A record that is gone (the agent forgotten) is not brought back by a late end.
+            let entry = entry.filter(|e| e.operation == Operation::Put)?;
+            let revision = entry.revision;
+            let current = serde_json::from_slice::<AgentRecord>(&entry.value).ok();
             if current
                 .as_ref()
                 .is_some_and(|c| c.holder.as_deref() != holder)
@@ -84,50 +81,57 @@ impl SharedRecords for NatsRecords {
         None
     }
 
-    async fn revoke(&self, record: &AgentRecord) -> Option<u64> {
-        let nats = &self.nats;
-        let key = agent_key(&record.tenant, &record.fingerprint);
-        let value: bytes::Bytes = serde_json::to_vec(record).ok()?.into();
+    async fn revoke(
+        &self,
+        tenant: &str,
+        fingerprint: &str,
+        reason: &str,
+    ) -> anyhow::Result<Option<(u64, AgentRecord)>> {
+        let kv = &self.nats.agents;
+        let key = agent_key(tenant, fingerprint);
         for _ in 0..5 {
-            let entry = match nats.agents.entry(&key).await {
-                Ok(e) => e,
-                Err(e) => {
-                    tracing::error!(%key, error = %e, "cannot read the fleet registry");
-                    return None;
-                }
+            let Some(entry) = kv.entry(&key).await? else {
+                return Ok(None);
             };
-            let revision = entry.as_ref().map_or(0, |e| e.revision);
-            let current = entry
-                .filter(|e| e.operation == Operation::Put)
-                .and_then(|e| serde_json::from_slice::<AgentRecord>(&e.value).ok());
-            if current.is_some_and(|c| c.presence == Presence::Revoked) {
-                return None;
+            if entry.operation != Operation::Put {
+                return Ok(None);
             }
-            let written = if revision == 0 {
-                nats.agents
-                    .create(&key, value.clone())
-                    .await
-                    .map_err(|e| e.to_string())
-            } else {
-                nats.agents
-                    .update(&key, value.clone(), revision)
-                    .await
-                    .map_err(|e| e.to_string())
-            };
-            match written {
-                Ok(rev) => return Some(rev),
+            let mut record: AgentRecord = serde_json::from_slice(&entry.value)
+                .map_err(|e| anyhow::anyhow!("the fleet registry's {key} does not read: {e}"))?;
+            if record.presence == Presence::Revoked {
+                return Ok(None);
+            }
+            record.revoke(reason);
+            let value: bytes::Bytes = serde_json::to_vec(&record)?.into();
+            match kv.update(&key, value, entry.revision).await {
+                Ok(revision) => return Ok(Some((revision, record))),
                 Err(e) => {
                     tracing::debug!(%key, error = %e, "fleet registry changed meanwhile; rereading")
                 }
             }
         }
-        None
+        anyhow::bail!("the fleet registry's {key} kept changing; retry")
     }
 
-    async fn remove(&self, tenant: &str, fingerprint: &str) -> anyhow::Result<()> {
+    async fn remove_revoked(&self, tenant: &str, fingerprint: &str) -> anyhow::Result<bool> {
+        let kv = &self.nats.agents;
         let key = agent_key(tenant, fingerprint);
-        self.nats.agents.delete(&key).await?;
-        Ok(())
+        let Some(entry) = kv.entry(&key).await? else {
+            return Ok(true);
+        };
+        if entry.operation != Operation::Put {
+            return Ok(true);
+        }
+        let revoked = serde_json::from_slice::<AgentRecord>(&entry.value)
+            .is_ok_and(|r| r.presence == Presence::Revoked);
+        if !revoked {
+            return Ok(false);
+        }
+        // Only the record read: a change meanwhile fails the delete (and the caller
+        // retries).
+        kv.delete_expect_revision(&key, Some(entry.revision))
+            .await?;
+        Ok(true)
     }
 }
 
