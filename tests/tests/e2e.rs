@@ -1182,7 +1182,10 @@ async fn a_revoked_agent_is_closed_refused_and_can_be_forgotten() {
     // An agent is revoked before it is forgotten.
     let (status, body) = gw.http("DELETE", &path, token).await;
     assert_eq!(status, 409, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("revoke it first"), "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("revoke it first"),
+        "{body}"
+    );
     let unknown = "00000000-0000-4000-8000-000000000000";
     let revoke_unknown = format!("/api/v1/agents/{unknown}/revoke");
     assert_eq!(gw.http("POST", &revoke_unknown, token).await.0, 404);
