@@ -1,14 +1,20 @@
 //! The HTTP side of the gateway: the agents' websocket endpoint, the JSON API (bearer
-//! token), `/healthz`, `/metrics` and the console page.
+//! token, see [`access`]; tenants, keys and tokens in [`admin`]), `/healthz`, `/metrics`
+//! and the console page.
+
+pub mod access;
+pub mod admin;
 
 use std::sync::Arc;
 
 use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+
+use self::access::{Admin, Operate, Read, Tenant};
 use axum::{Extension, Json, Router};
 use outpost_protocol::{CheckResult, CheckSpec, MAX_FRAME_BYTES, SUBPROTOCOL, WS_PATH};
 use serde::Serialize;
@@ -47,13 +53,12 @@ pub struct Services {
     pub runnow: runnow::Local,
     /// In a fleet: run-now of agents other gateways hold.
     pub nats: Option<Arc<Nats>>,
-    pub tenant: String,
     pub shutdown: CancellationToken,
     /// Agent sessions are tracked with the connections, so shutdown waits for them.
     pub tracker: TaskTracker,
 }
 
-type Gw = Arc<Services>;
+pub(crate) type Gw = Arc<Services>;
 
 /// An API failure: its kind gives the status (one table, [`ErrorKind::status`]), its
 /// message is the JSON body's `error`.
@@ -93,7 +98,11 @@ pub fn router(gw: Services, settings: &Arc<Settings>) -> Router {
         .route("/agents/{fingerprint}/revoke", post(revoke_agent))
         .route("/agents/{fingerprint}/checks", get(agent_checks))
         .route("/agents/{fingerprint}/checks/{check}/run", post(run_now))
-        .layer(middleware::from_fn_with_state(gw.clone(), require_token));
+        .merge(admin::routes())
+        .layer(middleware::from_fn_with_state(
+            gw.clone(),
+            access::authenticate,
+        ));
     Router::new()
         .route("/", get(crate::console::page))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -109,22 +118,6 @@ pub fn router(gw: Services, settings: &Arc<Settings>) -> Router {
 
 fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
     ApiError::new(kind, message).into_response()
-}
-
-async fn require_token(State(gw): State<Gw>, req: Request, next: Next) -> Response {
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match token {
-        Some(t) if gw.credentials.api_token_ok(t.trim()) => next.run(req).await,
-        Some(_) => error(ErrorKind::Unauthenticated, "API token refused"),
-        None => error(
-            ErrorKind::Unauthenticated,
-            "missing API token: send 'Authorization: Bearer TOKEN' (the token is in api.token in the gateway's data directory)",
-        ),
-    }
 }
 
 /// For load balancers: 200 while this gateway takes agents, 503 (with the reason) while it
@@ -215,6 +208,7 @@ struct AgentView {
 }
 
 fn view(gw: &Services, r: &AgentRecord) -> AgentView {
+    let agent = AgentRef::new(&r.tenant, &r.fingerprint);
     AgentView {
         fingerprint: r.fingerprint.clone(),
         hostname: r.hostname.clone(),
@@ -225,7 +219,7 @@ fn view(gw: &Services, r: &AgentRecord) -> AgentView {
         groups: r.groups.clone(),
         presence: r.presence.as_str(),
         presence_reason: r.presence_reason.clone(),
-        connected: gw.hub.is_connected(&r.fingerprint)
+        connected: gw.hub.is_connected(&agent)
             || (r.presence == crate::bus::Presence::Online
                 && r.holder.is_some()
                 && !gw
@@ -252,16 +246,17 @@ fn last_seen(gw: &Services, r: &AgentRecord) -> u64 {
     }
 }
 
-async fn list_agents(State(gw): State<Gw>) -> Json<Vec<AgentView>> {
-    Json(gw.registry.list().iter().map(|r| view(&gw, r)).collect())
+async fn list_agents(State(gw): State<Gw>, t: Tenant<Read>) -> Json<Vec<AgentView>> {
+    let agents = gw.registry.list(&t.name);
+    Json(agents.iter().map(|r| view(&gw, r)).collect())
 }
 
 fn unknown_agent(fp: &str) -> Response {
     ApiError::from(RunNowError::UnknownAgent(fp.to_string())).into_response()
 }
 
-async fn get_agent(State(gw): State<Gw>, Path(fp): Path<String>) -> Response {
-    match gw.registry.get(&fp) {
+async fn get_agent(State(gw): State<Gw>, t: Tenant<Read>, Path(fp): Path<String>) -> Response {
+    match gw.registry.get(&AgentRef::new(&t.name, &fp)) {
         Some(r) => Json(view(&gw, &r)).into_response(),
         None => unknown_agent(&fp),
     }
@@ -277,76 +272,90 @@ struct Revoked {
 /// Revoke an agent: its secret is deleted, its connection (on whichever gateway of the
 /// fleet) is closed with 4403, it can never log in or enroll again, and its presence
 /// becomes `revoked`. Revoking it again answers the same.
-async fn revoke_agent(State(gw): State<Gw>, Path(fp): Path<String>) -> Response {
-    let revoked_at_ms = match gw.credentials.revoke(&fp).await {
+async fn revoke_agent(State(gw): State<Gw>, t: Tenant<Admin>, Path(fp): Path<String>) -> Response {
+    match revoke(&gw, &AgentRef::new(&t.name, &fp)).await {
+        Ok(revoked_at_ms) => Json(Revoked {
+            fingerprint: fp,
+            presence: Presence::Revoked.as_str(),
+            revoked_at_ms,
+        })
+        .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// See [`revoke_agent`]: when the agent was revoked (now, or before).
+pub(crate) async fn revoke(gw: &Services, agent: &AgentRef) -> Result<u64, ApiError> {
+    let fp = &agent.fingerprint;
+    let revoked_at_ms = match gw.credentials.revoke(&agent.tenant, fp).await {
         Ok(Some(at)) => at,
-        Ok(None) => return unknown_agent(&fp),
+        Ok(None) => return Err(RunNowError::UnknownAgent(fp.clone()).into()),
         Err(e) => {
             let why = format!("cannot revoke agent {fp}: {e}; nothing was changed, retry");
-            return error(ErrorKind::Unavailable, why);
+            return Err(ApiError::new(ErrorKind::Unavailable, why));
         }
     };
     let reason = "revoked by an administrator";
-    let revoked = match gw.registry.revoked(&gw.tenant, &fp, reason).await {
+    let revoked = match gw.registry.revoked(agent, reason).await {
         Ok(r) => r,
         Err(e) => {
             let why = format!("agent {fp}'s credential is revoked (it cannot log in), but its presence could not be recorded: {e:#}; retry to finish");
-            return error(ErrorKind::Unavailable, why);
+            return Err(ApiError::new(ErrorKind::Unavailable, why));
         }
     };
     if revoked {
-        tracing::warn!(fingerprint = %fp, "agent revoked");
-        let agent = AgentRef {
-            tenant: gw.tenant.clone(),
-            fingerprint: fp.clone(),
-        };
-        publish_presence(&*gw.bus, &gw.metrics, &agent, Presence::Revoked, reason).await;
+        tracing::warn!(tenant = %agent.tenant, fingerprint = %fp, "agent revoked");
+        publish_presence(&*gw.bus, &gw.metrics, agent, Presence::Revoked, reason).await;
     }
     // Here at once; on another gateway of the fleet, when it reads the registry's change.
-    gw.hub.revoke(&fp);
-    Json(Revoked {
-        fingerprint: fp,
-        presence: Presence::Revoked.as_str(),
-        revoked_at_ms,
-    })
-    .into_response()
+    gw.hub.revoke(agent);
+    Ok(revoked_at_ms)
 }
 
 /// Forget a revoked agent (decommissioned, or compromised and done with): its credential
 /// and registry record go, and its fingerprint may enroll again. An agent is revoked
 /// first, so no connection of it can come back meanwhile.
-async fn forget_agent(State(gw): State<Gw>, Path(fp): Path<String>) -> Response {
+async fn forget_agent(State(gw): State<Gw>, t: Tenant<Admin>, Path(fp): Path<String>) -> Response {
+    match forget(&gw, &AgentRef::new(&t.name, &fp)).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// See [`forget_agent`].
+pub(crate) async fn forget(gw: &Services, agent: &AgentRef) -> Result<(), ApiError> {
+    let fp = &agent.fingerprint;
     let revoke_first = || {
         let why = format!("agent {fp} is not revoked: revoke it first (POST /api/v1/agents/{fp}/revoke), then forget it");
-        error(ErrorKind::Conflict, why)
+        ApiError::new(ErrorKind::Conflict, why)
     };
-    match gw.credentials.revoked(&fp).await {
+    match gw.credentials.revoked(&agent.tenant, fp).await {
         Err(e) => {
-            return error(
-                ErrorKind::Unavailable,
-                format!("cannot forget agent {fp}: {e}"),
-            )
+            let why = format!("cannot forget agent {fp}: {e}");
+            return Err(ApiError::new(ErrorKind::Unavailable, why));
         }
-        Ok(None) if gw.registry.get(&fp).is_none() => return unknown_agent(&fp),
-        Ok(Some(false)) => return revoke_first(),
+        Ok(None) if gw.registry.get(agent).is_none() => {
+            return Err(RunNowError::UnknownAgent(fp.clone()).into())
+        }
+        Ok(Some(false)) => return Err(revoke_first()),
         Ok(_) => {}
     }
     // The registry first: should the credential's removal fail, the agent stays revoked
     // (it cannot log in) and a retry finishes.
-    match gw.registry.forget(&gw.tenant, &fp).await {
+    match gw.registry.forget(agent).await {
         Ok(true) => {}
-        Ok(false) => return revoke_first(),
+        Ok(false) => return Err(revoke_first()),
         Err(e) => {
             let why = format!("cannot forget agent {fp}: {e:#}; nothing was changed, retry");
-            return error(ErrorKind::Unavailable, why);
+            return Err(ApiError::new(ErrorKind::Unavailable, why));
         }
     }
-    if let Err(e) = gw.credentials.forget(&fp).await {
+    if let Err(e) = gw.credentials.forget(&agent.tenant, fp).await {
         let why = format!("agent {fp} left the registry, but its revoked credential could not be removed: {e}; retry to finish");
-        return error(ErrorKind::Unavailable, why);
+        return Err(ApiError::new(ErrorKind::Unavailable, why));
     }
-    tracing::info!(fingerprint = %fp, "agent forgotten");
-    StatusCode::NO_CONTENT.into_response()
+    tracing::info!(tenant = %agent.tenant, fingerprint = %fp, "agent forgotten");
+    Ok(())
 }
 
 #[derive(Serialize)]
@@ -359,8 +368,8 @@ struct CheckView {
     age_secs: Option<u64>,
 }
 
-async fn agent_checks(State(gw): State<Gw>, Path(fp): Path<String>) -> Response {
-    let Some(rec) = gw.registry.get(&fp) else {
+async fn agent_checks(State(gw): State<Gw>, t: Tenant<Read>, Path(fp): Path<String>) -> Response {
+    let Some(rec) = gw.registry.get(&AgentRef::new(&t.name, &fp)) else {
         return unknown_agent(&fp);
     };
     let now = now_ms();
@@ -395,19 +404,24 @@ async fn agent_checks(State(gw): State<Gw>, Path(fp): Path<String>) -> Response 
     Json(out).into_response()
 }
 
-async fn run_now(State(gw): State<Gw>, Path((fp, check)): Path<(String, String)>) -> Response {
+async fn run_now(
+    State(gw): State<Gw>,
+    t: Tenant<Operate>,
+    Path((fp, check)): Path<(String, String)>,
+) -> Response {
     Metrics::inc(&gw.metrics.rpc_calls);
+    let agent = AgentRef::new(&t.name, &fp);
     let outcome = match &gw.nats {
-        Some(nats) if !gw.hub.has(&fp) => match gw.registry.get(&fp) {
+        Some(nats) if !gw.hub.has(&agent) => match gw.registry.get(&agent) {
             None => Err(RunNowError::UnknownAgent(fp.clone())),
-            Some(_) => crate::nats::rpc::call(nats, &gw.tenant, &fp, &check)
+            Some(_) => crate::nats::rpc::call(nats, &agent.tenant, &fp, &check)
                 .await
                 .map(Json)
                 .map(IntoResponse::into_response),
         },
         _ => gw
             .runnow
-            .run(&fp, &check)
+            .run(&agent, &check)
             .await
             .map(Json)
             .map(IntoResponse::into_response),

@@ -16,6 +16,26 @@ pub struct AgentRef {
     pub fingerprint: String,
 }
 
+impl AgentRef {
+    pub fn new(tenant: &str, fingerprint: &str) -> AgentRef {
+        AgentRef {
+            tenant: tenant.to_string(),
+            fingerprint: fingerprint.to_string(),
+        }
+    }
+
+    /// `<tenant>.<fingerprint>`: the agent's key in every map and store that holds many
+    /// tenants' agents (a fingerprint has no dot, so no two agents share one).
+    pub fn key(&self) -> String {
+        agent_key(&self.tenant, &self.fingerprint)
+    }
+}
+
+/// See [`AgentRef::key`].
+pub fn agent_key(tenant: &str, fingerprint: &str) -> String {
+    format!("{tenant}.{fingerprint}")
+}
+
 /// What a publish did with the batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Published {

@@ -1,4 +1,4 @@
-//! Check definitions: a directory of TOML files, each with one or more `[[check]]` tables
+//! Check definitions, per tenant ([`TenantChecks`]): a directory of TOML files, each with one or more `[[check]]` tables
 //! (the format is `outpost_protocol::checkfile`, shared with the agent's `checks.d`),
 //! rescanned every few seconds. Agents get the checks whose target matches their labels and
 //! groups; a change that alters an agent's set is pushed to it at once.
@@ -162,14 +162,19 @@ impl CheckStore {
     pub fn open(dir: &Path, plugins_dir: &Path) -> anyhow::Result<CheckStore> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create checks directory {}", dir.display()))?;
-        let store = CheckStore {
+        let store = CheckStore::empty(dir, plugins_dir);
+        store.rescan();
+        Ok(store)
+    }
+
+    /// A store over `dir` that has not read it yet.
+    fn empty(dir: &Path, plugins_dir: &Path) -> CheckStore {
+        CheckStore {
             dir: dir.to_path_buf(),
             plugins_dir: plugins_dir.to_path_buf(),
             files: Mutex::new(HashMap::new()),
             tx: watch::channel(Arc::new(Catalog::default())).0,
-        };
-        store.rescan();
-        Ok(store)
+        }
     }
 
     pub fn current(&self) -> Arc<Catalog> {
@@ -298,9 +303,82 @@ impl CheckStore {
     }
 }
 
-/// Rescan the checks directory on the configured period until shutdown.
+/// Called once for each tenant's store when it is first made, with the tenant and its
+/// checks and plugins directories (a fleet starts mirroring that tenant's configuration
+/// from NATS into them).
+pub type OnNewTenant = Box<dyn Fn(&str, &Path, &Path) + Send + Sync>;
+
+/// Every tenant's checks and plugins. The home tenant's are the checks and plugins
+/// directories themselves (the single-tenant layout, read as before); any other tenant's
+/// are the folder named after it in each (`checks.d/acme/*.toml`, `plugins/acme/`). A
+/// tenant's store is made when its first agent connects, and rescanned with the others.
+pub struct TenantChecks {
+    home: String,
+    checks_dir: PathBuf,
+    plugins_dir: PathBuf,
+    stores: Mutex<HashMap<String, Arc<CheckStore>>>,
+    on_new: Mutex<Option<OnNewTenant>>,
+}
+
+impl TenantChecks {
+    /// The home tenant's store is opened now: a checks directory that cannot be made is an
+    /// error at start.
+    pub fn open(home: &str, checks_dir: &Path, plugins_dir: &Path) -> anyhow::Result<TenantChecks> {
+        let store = Arc::new(CheckStore::open(checks_dir, plugins_dir)?);
+        Ok(TenantChecks {
+            home: home.to_string(),
+            checks_dir: checks_dir.to_path_buf(),
+            plugins_dir: plugins_dir.to_path_buf(),
+            stores: Mutex::new(HashMap::from([(home.to_string(), store)])),
+            on_new: Mutex::new(None),
+        })
+    }
+
+    /// Set what happens when a tenant's store is first made.
+    pub fn on_new_tenant(&self, hook: OnNewTenant) {
+        *lock(&self.on_new) = Some(hook);
+    }
+
+    /// The checks and plugins directories of `tenant`.
+    pub fn dirs_of(&self, tenant: &str) -> (PathBuf, PathBuf) {
+        if tenant == self.home {
+            (self.checks_dir.clone(), self.plugins_dir.clone())
+        } else {
+            (self.checks_dir.join(tenant), self.plugins_dir.join(tenant))
+        }
+    }
+
+    /// `tenant`'s checks (made on first use; a directory that cannot be made is logged
+    /// and read as empty until it can).
+    pub fn of(&self, tenant: &str) -> Arc<CheckStore> {
+        let mut stores = lock(&self.stores);
+        if let Some(store) = stores.get(tenant) {
+            return store.clone();
+        }
+        let (checks, plugins) = self.dirs_of(tenant);
+        let store = CheckStore::open(&checks, &plugins).unwrap_or_else(|e| {
+            tracing::error!(%tenant, error = %e, "cannot open the tenant's checks; it has none until this is fixed");
+            CheckStore::empty(&checks, &plugins)
+        });
+        let store = Arc::new(store);
+        stores.insert(tenant.to_string(), store.clone());
+        drop(stores);
+        if let Some(hook) = lock(&self.on_new).as_ref() {
+            hook(tenant, &checks, &plugins);
+        }
+        store
+    }
+
+    /// Rescan every tenant's directory; the number of files that failed to parse.
+    pub fn rescan(&self) -> usize {
+        let stores: Vec<Arc<CheckStore>> = lock(&self.stores).values().cloned().collect();
+        stores.iter().map(|s| s.rescan()).sum()
+    }
+}
+
+/// Rescan the checks directories on the configured period until shutdown.
 pub async fn watch(
-    store: Arc<CheckStore>,
+    store: Arc<TenantChecks>,
     metrics: Arc<Metrics>,
     poll: std::time::Duration,
     shutdown: CancellationToken,

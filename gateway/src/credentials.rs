@@ -1,62 +1,47 @@
-//! Who may connect: the tenant's enrollment key (`DATA_DIR/enroll.key`), the admin API
-//! token (`DATA_DIR/api.token`), and one secret per enrolled agent, kept only as a SHA-256
-//! hash in a [`SecretStore`] (`DATA_DIR/agents/credentials.json`, or NATS KV in a fleet).
-//! The rules for enrollment, login and confirmation are here, once, for both stores.
+//! Who may connect: agents that present an enrollment key of a tenant (see
+//! [`crate::tenants`]), and enrolled agents with their secret, kept only as a SHA-256 hash
+//! in a [`SecretStore`] (`DATA_DIR/agents/credentials.json`, or NATS KV in a fleet). The
+//! rules for enrollment, login, confirmation and revocation are here, once, for both
+//! stores.
+//!
+//! A secret is `<tenant>.<random>`: the gateway knows the agent's tenant from it before it
+//! looks anything up. A secret from before tenants (no tenant part) is the gateway's home
+//! tenant's (`--tenant`, `default` when not given), as it was then.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use serde::Deserialize;
 
-use crate::nats::secrets::NatsSecrets;
 use crate::nats::Nats;
 use crate::secrets::{AgentCredential, FileSecrets, SecretStore, StoreError};
-use crate::tenant::DEFAULT_TENANT;
+use crate::tenants::{
+    legacy_id, sha256_hex, ApiToken, EnrollCount, EnrollKey, Limits, Record, Refusal, Role, Tenant,
+    Tenants,
+};
 use crate::util::{constant_time_eq, now_ms, random_token, write_atomic};
 
 pub struct Credentials {
-    /// The enrollment key and API token in this data directory (`enroll.key`,
-    /// `api.token`); empty when they are not the tenant's (a gateway that joined a tenant
-    /// another gateway created: see [`Credentials::open_for`]).
-    pub enroll_key: String,
-    pub api_token: String,
-    /// What is checked: the tenant's key and token, as SHA-256.
-    enroll_key_sha256: String,
-    api_token_sha256: String,
-    /// The tenant this gateway's agents and token belong to.
-    pub tenant: String,
     /// Enrolled agents' secrets: in the data directory, or with NATS in the shared
     /// `outpost_credentials` bucket, so an agent enrolled through one gateway logs in
     /// through any.
     secrets: Arc<dyn SecretStore>,
-}
-
-/// A tenant's enrollment key and API token as the fleet keeps them in NATS: hashed, so
-/// that whoever can read the bucket (an operator, a backup, a NATS account that should not)
-/// cannot enroll agents or call the API with them.
-#[derive(Serialize, Deserialize)]
-struct TenantKeys {
-    enroll_key_sha256: String,
-    api_token_sha256: String,
-    /// The gateway whose data directory holds them in clear (it created them).
-    #[serde(default)]
-    created_by: String,
-}
-
-/// The record as gateways wrote it before it was hashed; read once, then rewritten hashed.
-#[derive(Deserialize)]
-struct PlainTenantKeys {
-    enroll_key: String,
-    api_token: String,
+    pub tenants: Arc<Tenants>,
+    /// The tenant of a secret without a tenant part.
+    home: String,
+    /// How many agents `tenant` has enrolled (its limit is checked against it).
+    agents: Box<dyn Fn(&str) -> u64 + Send + Sync>,
 }
 
 /// Why an agent's credential was refused. The message is sent to the agent and logged.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
-    #[error("enrollment key refused: it does not match this gateway's key (see enroll.key in the gateway's data directory)")]
-    BadEnrollKey,
+    #[error("{0}")]
+    Refused(Refusal),
+    #[error("tenant {0} has enrolled its maximum of {1} agents: an administrator can forget decommissioned agents, or an operator can raise the limit")]
+    TooManyAgents(String, u64),
     #[error("fingerprint {0} is already enrolled; connect with the secret it was given, or remove it from the gateway to enroll again")]
     AlreadyEnrolled(String),
     #[error("fingerprint {0} is being enrolled by an agent with another enrollment proof; if this is the agent that enrolled it, it lost its fingerprint file: remove agent.finger to enroll as a new agent")]
@@ -85,6 +70,11 @@ impl AuthError {
             other => other.to_string(),
         }
     }
+
+    /// The tenant's limit refused it (counted apart from wrong credentials).
+    pub fn over_limit(&self) -> bool {
+        matches!(self, AuthError::TooManyAgents(..))
+    }
 }
 
 /// Whether an enrollment with `proof` may (re-)enroll a fingerprint whose stored
@@ -109,69 +99,17 @@ fn may_enroll(
     }
 }
 
-fn new_credential(tenant: &str, secret: &str, proof: &str) -> AgentCredential {
+fn new_credential(grant: &crate::tenants::Grant, secret: &str, proof: &str) -> AgentCredential {
     AgentCredential {
-        tenant: tenant.to_string(),
+        tenant: grant.tenant.clone(),
         secret_sha256: sha256_hex(secret),
         enrolled_at_ms: now_ms(),
         confirmed: false,
         enroll_proof_sha256: (!proof.is_empty()).then(|| sha256_hex(proof)),
         revoked_at_ms: None,
+        enroll_key_id: Some(grant.key_id.clone()),
+        labels: grant.labels.clone(),
     }
-}
-
-/// The tenant's keys as the bucket holds them. A record from before they were hashed is
-/// rewritten hashed (compare-and-set); its clear text, the tenant's, is written to this
-/// data directory as before, and a copy here that differs is replaced.
-async fn tenant_keys(
-    nats: &Nats,
-    key: &str,
-    data_dir: &Path,
-    creds: &mut Credentials,
-) -> anyhow::Result<TenantKeys> {
-    let entry = nats
-        .credentials
-        .entry(key)
-        .await
-        .context("cannot read the tenant's keys from NATS")?
-        .context("the tenant's keys vanished from NATS")?;
-    if let Ok(keys) = serde_json::from_slice::<TenantKeys>(&entry.value) {
-        return Ok(keys);
-    }
-    let plain: PlainTenantKeys =
-        serde_json::from_slice(&entry.value).context("the tenant's keys in NATS are corrupt")?;
-    let hashed = TenantKeys {
-        enroll_key_sha256: sha256_hex(&plain.enroll_key),
-        api_token_sha256: sha256_hex(&plain.api_token),
-        created_by: String::new(),
-    };
-    if plain.enroll_key != creds.enroll_key || plain.api_token != creds.api_token {
-        tracing::info!(tenant = %creds.tenant, "using the fleet's enrollment key and API token (saved to this data directory)");
-        write_atomic(
-            &data_dir.join("enroll.key"),
-            format!("{}\n", plain.enroll_key).as_bytes(),
-            0o600,
-        )?;
-        write_atomic(
-            &data_dir.join("api.token"),
-            format!("{}\n", plain.api_token).as_bytes(),
-            0o600,
-        )?;
-        creds.enroll_key = plain.enroll_key;
-        creds.api_token = plain.api_token;
-        creds.enroll_key_sha256 = hashed.enroll_key_sha256.clone();
-        creds.api_token_sha256 = hashed.api_token_sha256.clone();
-    }
-    match nats
-        .credentials
-        .update(key, serde_json::to_vec(&hashed)?.into(), entry.revision)
-        .await
-    {
-        Ok(_) => tracing::info!(tenant = %creds.tenant, "the tenant's keys in NATS are now hashed"),
-        // Another gateway rewrote it first: the same hashes.
-        Err(e) => tracing::debug!(error = %e, "the tenant's keys were rewritten meanwhile"),
-    }
-    Ok(hashed)
 }
 
 /// A successful authentication.
@@ -179,10 +117,8 @@ pub struct Authenticated {
     pub tenant: String,
     /// Set when this call enrolled the agent.
     pub new_secret: Option<String>,
-}
-
-fn sha256_hex(s: &str) -> String {
-    hex::encode(Sha256::digest(s.as_bytes()))
+    /// Labels its enrollment key gave it: they win over the agent's own.
+    pub labels: BTreeMap<String, String>,
 }
 
 fn read_or_create_token(path: &Path) -> anyhow::Result<String> {
@@ -202,115 +138,270 @@ fn read_or_create_token(path: &Path) -> anyhow::Result<String> {
     }
 }
 
-impl Credentials {
-    /// The credentials in `data_dir`, for the default tenant, with agent secrets in the
-    /// data directory.
-    pub fn open(data_dir: &Path) -> anyhow::Result<Credentials> {
-        let secrets = FileSecrets::open(data_dir, DEFAULT_TENANT)?;
-        Credentials::with_secrets(data_dir, DEFAULT_TENANT, Arc::new(secrets))
-    }
-
-    fn with_secrets(
-        data_dir: &Path,
-        tenant: &str,
-        secrets: Arc<dyn SecretStore>,
-    ) -> anyhow::Result<Credentials> {
-        let enroll_key = read_or_create_token(&data_dir.join("enroll.key"))?;
-        let api_token = read_or_create_token(&data_dir.join("api.token"))?;
-        Ok(Credentials {
-            enroll_key_sha256: sha256_hex(&enroll_key),
-            api_token_sha256: sha256_hex(&api_token),
-            enroll_key,
-            api_token,
-            tenant: tenant.to_string(),
-            secrets,
-        })
-    }
-
-    /// The gateway's credentials for `tenant`. With NATS, the tenant's enrollment key and
-    /// API token are the fleet's: the first gateway of the tenant stores its own, hashed,
-    /// in the bucket (`<tenant>._tenant`), and every other gateway checks against those
-    /// hashes. A gateway whose own files are not the tenant's moves them aside (their
-    /// clear text is only where they were made: copy `enroll.key` and `api.token` from
-    /// there, or from your secret store). Agent secrets live in the bucket.
-    pub async fn open_for(
-        data_dir: &Path,
-        tenant: &str,
-        gateway_id: &str,
-        nats: Option<Arc<Nats>>,
-    ) -> anyhow::Result<Credentials> {
-        let local = FileSecrets::open(data_dir, tenant)?;
-        let Some(nats) = nats else {
-            return Credentials::with_secrets(data_dir, tenant, Arc::new(local));
-        };
-        let shared = NatsSecrets::new(nats.clone());
-        let mut creds = Credentials::with_secrets(data_dir, tenant, Arc::new(shared))?;
-        let key = format!("{tenant}._tenant");
-        let mine = TenantKeys {
-            enroll_key_sha256: creds.enroll_key_sha256.clone(),
-            api_token_sha256: creds.api_token_sha256.clone(),
-            created_by: gateway_id.to_string(),
-        };
-        let fleet = match nats
-            .credentials
-            .create(&key, serde_json::to_vec(&mine)?.into())
-            .await
-        {
-            Ok(_) => {
-                tracing::info!(%tenant, "this gateway's enrollment key and API token are now the tenant's (kept hashed in NATS)");
-                mine
-            }
-            Err(_) => tenant_keys(&nats, &key, data_dir, &mut creds).await?,
-        };
-        if fleet.enroll_key_sha256 != creds.enroll_key_sha256
-            || fleet.api_token_sha256 != creds.api_token_sha256
-        {
-            for file in ["enroll.key", "api.token"] {
-                let path = data_dir.join(file);
-                let aside = data_dir.join(format!("{file}.not-the-tenants"));
-                if let Err(e) = std::fs::rename(&path, &aside) {
-                    tracing::warn!(file = %path.display(), error = %e, "cannot move aside a key that is not the tenant's");
-                }
-            }
-            tracing::warn!(
-                %tenant,
-                created_by = %fleet.created_by,
-                "this gateway's enroll.key and api.token are not the tenant's and were moved aside (*.not-the-tenants); the tenant's are kept only as hashes in NATS: to have them here, copy them from the data directory of the gateway that created them (or from your secret store)"
+/// The operator's token: the file given (it must exist), or `DATA_DIR/operator.token`,
+/// made at the first start.
+pub fn operator_token(data_dir: &Path, given: Option<&Path>) -> anyhow::Result<String> {
+    match given {
+        Some(path) => {
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the operator token {}", path.display()))?;
+            let token = token.trim();
+            anyhow::ensure!(
+                token.len() >= 16,
+                "the operator token in {} is shorter than 16 characters: use a long random one (e.g. `openssl rand -hex 24`)",
+                path.display()
             );
-            creds.enroll_key.clear();
-            creds.api_token.clear();
+            Ok(token.to_string())
         }
-        creds.enroll_key_sha256 = fleet.enroll_key_sha256;
-        creds.api_token_sha256 = fleet.api_token_sha256;
-        // A gateway moving from its embedded bus to NATS brings its enrolled agents along,
-        // once: each local secret of the tenant not yet in the bucket is added (never
-        // overwriting one there). Once only, so an agent forgotten in the fleet later is
-        // not brought back by a restart of a gateway that still has the old file.
-        let marker = data_dir.join("agents").join("credentials.imported");
-        if !marker.exists() {
-            let mut imported = 0;
-            for (_, fp, cred) in local.all().into_iter().filter(|(t, _, _)| t == tenant) {
-                let cred = AgentCredential {
-                    tenant: tenant.to_string(),
-                    ..cred
-                };
-                if creds.secrets.put(tenant, &fp, &cred, None).await.is_ok() {
-                    imported += 1;
-                }
-            }
-            if imported > 0 {
-                tracing::info!(%tenant, agents = imported, "added this gateway's enrolled agents to the fleet's credentials");
-            }
-            let note = format!("agent secrets of tenant {tenant} imported into NATS at {} ms; delete this file to import agents/credentials.json again\n", now_ms());
-            write_atomic(&marker, note.as_bytes(), 0o600)
-                .with_context(|| format!("cannot write {}", marker.display()))?;
+        None => read_or_create_token(&data_dir.join("operator.token")),
+    }
+}
+
+/// The tenant keys as gateways before this release kept them in NATS
+/// (`<tenant>._tenant` in `outpost_credentials`): hashed, or in clear in the oldest ones.
+#[derive(Deserialize)]
+struct LegacyTenantKeys {
+    #[serde(default)]
+    enroll_key_sha256: Option<String>,
+    #[serde(default)]
+    api_token_sha256: Option<String>,
+    #[serde(default)]
+    enroll_key: Option<String>,
+    #[serde(default)]
+    api_token: Option<String>,
+}
+
+impl LegacyTenantKeys {
+    fn hashes(&self) -> Option<(String, String)> {
+        let key = self
+            .enroll_key_sha256
+            .clone()
+            .or_else(|| self.enroll_key.as_deref().map(sha256_hex))?;
+        let token = self
+            .api_token_sha256
+            .clone()
+            .or_else(|| self.api_token.as_deref().map(sha256_hex))?;
+        Some((key, token))
+    }
+}
+
+/// Make sure the home tenant exists with the data directory's `enroll.key` and
+/// `api.token` (made at the first start) as its first enrollment key and admin token: an
+/// installation from before tenants keeps working unchanged, and a new one starts with a
+/// key and a token to use. In a fleet the first gateway's are the tenant's (or those the
+/// previous release kept in NATS); a gateway whose files differ moves them aside, as
+/// before.
+pub async fn adopt_home(
+    tenants: &Tenants,
+    data_dir: &Path,
+    home: &str,
+    nats: Option<&Nats>,
+) -> anyhow::Result<()> {
+    let store = tenants.store();
+    let fail = |e: StoreError| anyhow::anyhow!("cannot store the home tenant {home}: {e}");
+    let tenant = Record::Tenant(Tenant {
+        name: home.to_string(),
+        enabled: true,
+        limits: Limits::default(),
+        created_at_ms: now_ms(),
+    });
+    if store.get(&tenant.key()).await.map_err(fail)?.is_none() {
+        match store.put(&tenant, None).await {
+            Ok(_) | Err(StoreError::Conflict) => {}
+            Err(e) => return Err(fail(e)),
         }
-        Ok(creds)
+    }
+    let key_file = data_dir.join("enroll.key");
+    let token_file = data_dir.join("api.token");
+    let legacy = match nats {
+        Some(nats) => match nats.credentials.entry(format!("{home}._tenant")).await {
+            Ok(Some(e)) => serde_json::from_slice::<LegacyTenantKeys>(&e.value)
+                .ok()
+                .and_then(|k| k.hashes()),
+            Ok(None) => None,
+            Err(e) => anyhow::bail!("cannot read the tenant's keys from NATS: {e}"),
+        },
+        None => None,
+    };
+    let id = legacy_id(home);
+    let have_key = store
+        .get(&crate::tenants::enroll_key_key(&id))
+        .await
+        .map_err(fail)?;
+    let (key_hash, token_hash) = match (&have_key, &legacy) {
+        (Some((Record::EnrollKey(k), _)), _) => {
+            let token = store
+                .get(&crate::tenants::token_key(&id))
+                .await
+                .map_err(fail)?;
+            let token_hash = match token {
+                Some((Record::ApiToken(t), _)) => t.sha256,
+                _ => String::new(),
+            };
+            (k.sha256.clone(), token_hash)
+        }
+        (_, Some(hashes)) => hashes.clone(),
+        _ => {
+            let key = read_or_create_token(&key_file)?;
+            let token = read_or_create_token(&token_file)?;
+            (sha256_hex(&key), sha256_hex(&token))
+        }
+    };
+    let now = now_ms();
+    let records = [
+        Record::EnrollKey(EnrollKey {
+            id: id.clone(),
+            tenant: home.to_string(),
+            sha256: key_hash.clone(),
+            name: "enroll.key of the installation".into(),
+            created_at_ms: now,
+            expires_at_ms: None,
+            max_enrollments: None,
+            enrollments: 0,
+            labels: BTreeMap::new(),
+            revoked_at_ms: None,
+        }),
+        Record::ApiToken(ApiToken {
+            id: id.clone(),
+            tenant: home.to_string(),
+            sha256: token_hash.clone(),
+            role: Role::Admin,
+            name: "api.token of the installation".into(),
+            created_at_ms: now,
+            revoked_at_ms: None,
+        }),
+    ];
+    for record in records {
+        if store.get(&record.key()).await.map_err(fail)?.is_none() {
+            match store.put(&record, None).await {
+                Ok(_) | Err(StoreError::Conflict) => {}
+                Err(e) => return Err(fail(e)),
+            }
+        }
+    }
+    // This directory's files, if they are not the tenant's, are moved aside (their clear
+    // text is only where they were made).
+    let mut aside = false;
+    for (file, hash) in [(&key_file, &key_hash), (&token_file, &token_hash)] {
+        let mine = match std::fs::read_to_string(file) {
+            Ok(s) => s.trim().to_string(),
+            Err(_) => continue,
+        };
+        if !constant_time_eq(sha256_hex(&mine).as_bytes(), hash.as_bytes()) {
+            let to = file.with_extension(format!(
+                "{}.not-the-tenants",
+                file.extension()
+                    .and_then(|e| e.to_str())
+                    .unwrap_or_default()
+            ));
+            if let Err(e) = std::fs::rename(file, &to) {
+                tracing::warn!(file = %file.display(), error = %e, "cannot move aside a key that is not the tenant's");
+            }
+            aside = true;
+        }
+    }
+    if aside {
+        tracing::warn!(
+            tenant = %home,
+            "this gateway's enroll.key or api.token is not the tenant's and was moved aside (*.not-the-tenants); the tenant's are kept only as hashes: copy them from the data directory of the gateway that created them (or from your secret store), or create new ones through the API"
+        );
+    }
+    tenants.reload().await
+}
+
+/// The tenant a secret belongs to: its `<tenant>.` part, or `home` for a secret from
+/// before tenants.
+fn tenant_of<'a>(secret: &'a str, home: &'a str) -> &'a str {
+    match secret.split_once('.') {
+        Some((tenant, _)) => tenant,
+        None => home,
+    }
+}
+
+impl Credentials {
+    /// The credentials in `data_dir`, on files, with `home` as the tenant of secrets from
+    /// before tenants (for tests and single-gateway use).
+    pub async fn open(data_dir: &Path, home: &str) -> anyhow::Result<Credentials> {
+        let store = Arc::new(crate::tenants::FileTenants::open(data_dir)?);
+        let tenants = Tenants::open(store, &operator_token(data_dir, None)?).await?;
+        adopt_home(&tenants, data_dir, home, None).await?;
+        let secrets = FileSecrets::open(data_dir, home)?;
+        Ok(Credentials::new(
+            Arc::new(secrets),
+            Arc::new(tenants),
+            home,
+            Box::new(|_| 0),
+        ))
     }
 
-    /// Check an agent's credential, enrolling it when it presents the enrollment key. A
-    /// new secret is stored (on disk, or in NATS) before this returns, so a crash cannot
-    /// lose it; two enrollments of one fingerprint at once cannot both succeed.
+    pub fn new(
+        secrets: Arc<dyn SecretStore>,
+        tenants: Arc<Tenants>,
+        home: &str,
+        agents: Box<dyn Fn(&str) -> u64 + Send + Sync>,
+    ) -> Credentials {
+        Credentials {
+            secrets,
+            tenants,
+            home: home.to_string(),
+            agents,
+        }
+    }
+
+    /// Set how the number of a tenant's agents is counted (the registry knows).
+    pub fn count_agents_with(&mut self, agents: Box<dyn Fn(&str) -> u64 + Send + Sync>) {
+        self.agents = agents;
+    }
+
+    /// The home tenant: secrets from before tenants are its.
+    pub fn home(&self) -> &str {
+        &self.home
+    }
+
+    /// The tenant `credential` says it is of, before it is checked: its secret's, or the
+    /// home tenant for an enrollment key (whose agent is new in any case).
+    pub fn tenant_named_by<'a>(&'a self, credential: &'a outpost_protocol::Credential) -> &'a str {
+        match credential {
+            outpost_protocol::Credential::Secret { secret } => tenant_of(secret, &self.home),
+            outpost_protocol::Credential::EnrollKey { .. } => &self.home,
+        }
+    }
+
+    /// A gateway moving from its embedded bus to NATS brings its enrolled agents along,
+    /// once: each local secret not yet in the bucket is added (never overwriting one
+    /// there). Once only, so an agent forgotten in the fleet later is not brought back by
+    /// a restart of a gateway that still has the old file.
+    pub async fn import_local(&self, data_dir: &Path) -> anyhow::Result<()> {
+        let marker = data_dir.join("agents").join("credentials.imported");
+        if marker.exists() {
+            return Ok(());
+        }
+        let local = FileSecrets::open(data_dir, &self.home)?;
+        let mut imported = 0;
+        for (tenant, fp, cred) in local.all() {
+            let cred = AgentCredential {
+                tenant: tenant.clone(),
+                ..cred
+            };
+            if self.secrets.put(&tenant, &fp, &cred, None).await.is_ok() {
+                imported += 1;
+            }
+        }
+        if imported > 0 {
+            tracing::info!(
+                agents = imported,
+                "added this gateway's enrolled agents to the fleet's credentials"
+            );
+        }
+        let note = format!("agent secrets imported into NATS at {} ms; delete this file to import agents/credentials.json again\n", now_ms());
+        write_atomic(&marker, note.as_bytes(), 0o600)
+            .with_context(|| format!("cannot write {}", marker.display()))
+    }
+
+    /// Check an agent's credential, enrolling it when it presents an enrollment key (into
+    /// the key's tenant). A new secret is stored (on disk, or in NATS) before this returns,
+    /// so a crash cannot lose it; two enrollments of one fingerprint at once cannot both
+    /// succeed.
     pub async fn check(
         &self,
         fingerprint: &str,
@@ -321,56 +412,82 @@ impl Credentials {
             StoreError::Conflict => AuthError::Concurrent(fingerprint.to_string()),
             StoreError::Unavailable(e) => AuthError::Storage(e),
         };
-        let known = self
-            .secrets
-            .get(&self.tenant, fingerprint)
-            .await
-            .map_err(storage)?;
-        let revoked = known
-            .as_ref()
-            .is_some_and(|(c, _)| c.revoked_at_ms.is_some());
         match credential {
             Credential::Secret { secret } => {
-                // Its secret is gone: the agent is told why it will never log in again.
-                if revoked {
-                    return Err(AuthError::Revoked(fingerprint.to_string()));
+                let tenant = tenant_of(secret, &self.home);
+                // Not a tenant at all: the same answer as a wrong secret.
+                if crate::tenant::parse_name(tenant).is_err() {
+                    return Err(AuthError::BadSecret(fingerprint.to_string()));
                 }
+                let known = self
+                    .secrets
+                    .get(tenant, fingerprint)
+                    .await
+                    .map_err(storage)?;
                 let Some((known, revision)) = known else {
                     return Err(AuthError::UnknownAgent(fingerprint.to_string()));
                 };
+                // Its secret is gone: the agent is told why it will never log in again.
+                if known.revoked_at_ms.is_some() {
+                    return Err(AuthError::Revoked(fingerprint.to_string()));
+                }
                 if !constant_time_eq(
                     sha256_hex(secret).as_bytes(),
                     known.secret_sha256.as_bytes(),
                 ) {
                     return Err(AuthError::BadSecret(fingerprint.to_string()));
                 }
+                self.tenants.enabled(tenant).map_err(AuthError::Refused)?;
+                let labels = known.labels.clone();
                 if !known.confirmed {
-                    self.confirm(fingerprint, known, revision).await;
+                    self.confirm(tenant, fingerprint, known, revision).await;
                 }
                 Ok(Authenticated {
-                    tenant: self.tenant.clone(),
+                    tenant: tenant.to_string(),
                     new_secret: None,
+                    labels,
                 })
             }
             Credential::EnrollKey { key, proof } => {
-                if !self.enroll_key_ok(key) {
-                    return Err(AuthError::BadEnrollKey);
-                }
+                let grant = self.tenants.enrollment(key).map_err(AuthError::Refused)?;
+                let tenant = grant.tenant.as_str();
+                let known = self
+                    .secrets
+                    .get(tenant, fingerprint)
+                    .await
+                    .map_err(storage)?;
                 // Only to a holder of the key: the fingerprint is taken, for good.
-                if revoked {
+                if known
+                    .as_ref()
+                    .is_some_and(|(c, _)| c.revoked_at_ms.is_some())
+                {
                     return Err(AuthError::Revoked(fingerprint.to_string()));
                 }
                 may_enroll(fingerprint, known.as_ref().map(|(c, _)| c), proof)?;
-                let secret = random_token(32);
-                let credential = new_credential(&self.tenant, &secret, proof);
+                if known.is_none() {
+                    let limit = self.tenants.tenant(tenant).and_then(|t| t.limits.agents);
+                    if let Some(max) = limit.filter(|max| (self.agents)(tenant) >= *max) {
+                        return Err(AuthError::TooManyAgents(tenant.to_string(), max));
+                    }
+                    // Counted before the credential is stored: a failure between the two
+                    // over-counts by one, never lets a used-up key enroll one more.
+                    match self.tenants.count_enrollment(&grant.key_id).await {
+                        Ok(()) => {}
+                        Err(EnrollCount::Refused(r)) => return Err(AuthError::Refused(r)),
+                        Err(EnrollCount::Store(e)) => return Err(storage(e)),
+                    }
+                }
+                let secret = format!("{tenant}.{}", random_token(32));
+                let credential = new_credential(&grant, &secret, proof);
                 let expected = known.map(|(_, revision)| revision);
                 self.secrets
-                    .put(&self.tenant, fingerprint, &credential, expected)
+                    .put(tenant, fingerprint, &credential, expected)
                     .await
                     .map_err(storage)?;
                 Ok(Authenticated {
-                    tenant: self.tenant.clone(),
+                    tenant: tenant.to_string(),
                     new_secret: Some(secret),
+                    labels: grant.labels,
                 })
             }
         }
@@ -378,10 +495,10 @@ impl Credentials {
 
     /// The agent has shown it holds its secret: the enrollment key can no longer enroll
     /// its fingerprint again.
-    pub async fn confirmed(&self, fingerprint: &str) {
-        match self.secrets.get(&self.tenant, fingerprint).await {
+    pub async fn confirmed(&self, tenant: &str, fingerprint: &str) {
+        match self.secrets.get(tenant, fingerprint).await {
             Ok(Some((known, revision))) if !known.confirmed => {
-                self.confirm(fingerprint, known, revision).await
+                self.confirm(tenant, fingerprint, known, revision).await
             }
             Ok(_) => {}
             Err(e) => {
@@ -393,10 +510,10 @@ impl Credentials {
     /// Revoke the agent: its secret is deleted and its fingerprint can never log in or
     /// enroll again (until it is forgotten). `None` when it never enrolled here; otherwise
     /// when it was revoked (by this call or an earlier one).
-    pub async fn revoke(&self, fingerprint: &str) -> Result<Option<u64>, StoreError> {
+    pub async fn revoke(&self, tenant: &str, fingerprint: &str) -> Result<Option<u64>, StoreError> {
         // Compare-and-set, so a confirmation landing meanwhile cannot undo it.
         for _ in 0..5 {
-            let Some((known, revision)) = self.secrets.get(&self.tenant, fingerprint).await? else {
+            let Some((known, revision)) = self.secrets.get(tenant, fingerprint).await? else {
                 return Ok(None);
             };
             if let Some(at) = known.revoked_at_ms {
@@ -411,7 +528,7 @@ impl Credentials {
             };
             let put = self
                 .secrets
-                .put(&self.tenant, fingerprint, &revoked, Some(revision));
+                .put(tenant, fingerprint, &revoked, Some(revision));
             match put.await {
                 Ok(_) => return Ok(Some(at)),
                 Err(StoreError::Conflict) => continue,
@@ -423,51 +540,46 @@ impl Credentials {
 
     /// Forget the agent (decommissioned, or revoked and done with): its record goes, and
     /// its fingerprint may enroll again with an enrollment key.
-    pub async fn forget(&self, fingerprint: &str) -> Result<(), StoreError> {
-        self.secrets.delete(&self.tenant, fingerprint).await
+    pub async fn forget(&self, tenant: &str, fingerprint: &str) -> Result<(), StoreError> {
+        self.secrets.delete(tenant, fingerprint).await
     }
 
     /// Whether the agent has a credential here (`None`: never enrolled, or forgotten),
     /// and whether it is revoked.
-    pub async fn revoked(&self, fingerprint: &str) -> Result<Option<bool>, StoreError> {
-        let known = self.secrets.get(&self.tenant, fingerprint).await?;
+    pub async fn revoked(
+        &self,
+        tenant: &str,
+        fingerprint: &str,
+    ) -> Result<Option<bool>, StoreError> {
+        let known = self.secrets.get(tenant, fingerprint).await?;
         Ok(known.map(|(c, _)| c.revoked_at_ms.is_some()))
     }
 
-    async fn confirm(&self, fingerprint: &str, known: AgentCredential, revision: u64) {
+    async fn confirm(
+        &self,
+        tenant: &str,
+        fingerprint: &str,
+        known: AgentCredential,
+        revision: u64,
+    ) {
         let confirmed = AgentCredential {
             confirmed: true,
             ..known
         };
         let put = self
             .secrets
-            .put(&self.tenant, fingerprint, &confirmed, Some(revision));
+            .put(tenant, fingerprint, &confirmed, Some(revision));
         if let Err(e) = put.await {
             // Harmless: the agent stays re-enrollable (with its proof) until the next try.
             tracing::warn!(%fingerprint, error = %e, "cannot record that the agent confirmed its secret");
         }
-    }
-
-    /// Whether `token` is the admin API token.
-    pub fn api_token_ok(&self, token: &str) -> bool {
-        constant_time_eq(
-            sha256_hex(token).as_bytes(),
-            self.api_token_sha256.as_bytes(),
-        )
-    }
-
-    /// Whether `key` is the tenant's enrollment key.
-    fn enroll_key_ok(&self, key: &str) -> bool {
-        constant_time_eq(
-            sha256_hex(key).as_bytes(),
-            self.enroll_key_sha256.as_bytes(),
-        )
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tenants::NewKey;
     use outpost_protocol::Credential;
 
     const FP: &str = "0f8fad5b-d9cb-469f-a165-70867728950e";
@@ -479,55 +591,46 @@ mod tests {
         }
     }
 
+    fn secret(s: &str) -> Credential {
+        Credential::Secret { secret: s.into() }
+    }
+
+    async fn open(dir: &Path) -> (Credentials, String) {
+        let creds = Credentials::open(dir, "default").await.unwrap();
+        let key = std::fs::read_to_string(dir.join("enroll.key")).unwrap();
+        (creds, key.trim().to_string())
+    }
+
     #[tokio::test]
     async fn enroll_then_secret_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let creds = Credentials::open(dir.path()).unwrap();
-        let key = creds.enroll_key.clone();
+        let (creds, key) = open(dir.path()).await;
         let auth = creds.check(FP, &enroll(&key, "mine")).await.unwrap();
         let lost = auth.new_secret.expect("enrollment issues a secret");
+        assert!(lost.starts_with("default."), "{lost}");
         // The agent never got (or never stored) that secret: enrolling again is allowed
         // until it confirms, and replaces the secret.
         let again = creds.check(FP, &enroll(&key, "mine")).await.unwrap();
-        let secret = again.new_secret.unwrap();
-        assert_ne!(secret, lost);
+        let s = again.new_secret.unwrap();
+        assert_ne!(s, lost);
         assert_eq!(
-            creds
-                .check(FP, &Credential::Secret { secret: lost })
-                .await
-                .err(),
+            creds.check(FP, &secret(&lost)).await.err(),
             Some(AuthError::BadSecret(FP.into()))
         );
-        creds.confirmed(FP).await;
+        creds.confirmed("default", FP).await;
         assert_eq!(
             creds.check(FP, &enroll(&key, "mine")).await.err(),
             Some(AuthError::AlreadyEnrolled(FP.into()))
         );
         drop(creds);
-        let creds = Credentials::open(dir.path()).unwrap();
-        assert!(creds
-            .check(
-                FP,
-                &Credential::Secret {
-                    secret: secret.clone()
-                }
-            )
-            .await
-            .is_ok());
+        let (creds, _) = open(dir.path()).await;
+        assert!(creds.check(FP, &secret(&s)).await.is_ok());
         assert_eq!(
-            creds
-                .check(
-                    FP,
-                    &Credential::Secret {
-                        secret: "nope".into()
-                    }
-                )
-                .await
-                .err(),
+            creds.check(FP, &secret("default.nope")).await.err(),
             Some(AuthError::BadSecret(FP.into()))
         );
         let stored = std::fs::read_to_string(dir.path().join("agents/credentials.json")).unwrap();
-        assert!(!stored.contains(&secret), "secrets are stored hashed");
+        assert!(!stored.contains(&s), "secrets are stored hashed");
     }
 
     /// Audit finding 7: someone who knows a fingerprint (agent.finger was 0644) and the
@@ -536,8 +639,7 @@ mod tests {
     #[tokio::test]
     async fn an_unconfirmed_enrollment_is_taken_over_only_with_its_proof() {
         let dir = tempfile::tempdir().unwrap();
-        let creds = Credentials::open(dir.path()).unwrap();
-        let key = creds.enroll_key.clone();
+        let (creds, key) = open(dir.path()).await;
         let first = creds.check(FP, &enroll(&key, "victim")).await.unwrap();
         for thief in ["", "guess"] {
             assert_eq!(
@@ -545,11 +647,8 @@ mod tests {
                 Some(AuthError::OtherProof(FP.into()))
             );
         }
-        let secret = first.new_secret.unwrap();
-        assert!(creds
-            .check(FP, &Credential::Secret { secret })
-            .await
-            .is_ok());
+        let s = first.new_secret.unwrap();
+        assert!(creds.check(FP, &secret(&s)).await.is_ok());
         // An agent that predates proofs keeps the old rule (it can enroll again).
         let old = "1f8fad5b-d9cb-469f-a165-70867728950e";
         creds.check(old, &enroll(&key, "")).await.unwrap();
@@ -559,26 +658,162 @@ mod tests {
     #[tokio::test]
     async fn wrong_key_and_unknown_agent_are_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let creds = Credentials::open(dir.path()).unwrap();
+        let (creds, _) = open(dir.path()).await;
+        for key in ["guess", "ek.nope.nope", "ek..", ""] {
+            assert_eq!(
+                creds.check(FP, &enroll(key, "")).await.err(),
+                Some(AuthError::Refused(Refusal::BadEnrollKey)),
+                "{key}"
+            );
+        }
         assert_eq!(
-            creds.check(FP, &enroll("guess", "")).await.err(),
-            Some(AuthError::BadEnrollKey)
-        );
-        assert_eq!(
-            creds
-                .check(FP, &Credential::Secret { secret: "s".into() })
-                .await
-                .err(),
+            creds.check(FP, &secret("s")).await.err(),
             Some(AuthError::UnknownAgent(FP.into()))
+        );
+        // Not a tenant name: read as a wrong secret, not looked up.
+        assert_eq!(
+            creds.check(FP, &secret("a b.c")).await.err(),
+            Some(AuthError::BadSecret(FP.into()))
         );
     }
 
-    #[test]
-    fn corrupt_credentials_file_is_a_clear_error() {
+    /// A secret from before tenants (no tenant part) is the home tenant's.
+    #[tokio::test]
+    async fn a_secret_from_before_tenants_logs_in_as_the_home_tenant() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("agents")).unwrap();
+        let old = AgentCredential {
+            tenant: "default".into(),
+            secret_sha256: sha256_hex("0123abcd"),
+            enrolled_at_ms: 1,
+            confirmed: true,
+            enroll_proof_sha256: None,
+            revoked_at_ms: None,
+            enroll_key_id: None,
+            labels: BTreeMap::new(),
+        };
+        let file = serde_json::json!({ FP: old });
+        std::fs::write(
+            dir.path().join("agents/credentials.json"),
+            serde_json::to_vec(&file).unwrap(),
+        )
+        .unwrap();
+        let creds = Credentials::open(dir.path(), "blue").await.unwrap();
+        let auth = creds.check(FP, &secret("0123abcd")).await.unwrap();
+        assert_eq!(auth.tenant, "blue");
+    }
+
+    /// A key of another tenant enrolls into that tenant, with its labels; the same
+    /// fingerprint in two tenants is two agents; a revoked, expired or used-up key
+    /// refuses new agents, while agents it enrolled keep logging in; a disabled tenant's
+    /// agents are refused; a tenant at its agent limit enrolls no more.
+    #[tokio::test]
+    async fn keys_enroll_into_their_tenant_and_their_rules_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut creds, home_key) = open(dir.path()).await;
+        let tenants = creds.tenants.clone();
+        tenants
+            .create_tenant("acme", Limits::default())
+            .await
+            .unwrap();
+        let (k, acme_key) = tenants
+            .create_key(
+                "acme",
+                NewKey {
+                    max_enrollments: Some(2),
+                    labels: [("site".to_string(), "lyon".to_string())].into(),
+                    ..NewKey::default()
+                },
+            )
+            .await
+            .unwrap();
+        let a = creds.check(FP, &enroll(&acme_key, "p")).await.unwrap();
+        assert_eq!(a.tenant, "acme");
+        assert_eq!(a.labels.get("site").map(String::as_str), Some("lyon"));
+        let acme_secret = a.new_secret.unwrap();
+        assert!(acme_secret.starts_with("acme."));
+        // The same fingerprint in the home tenant: another agent.
+        let d = creds.check(FP, &enroll(&home_key, "q")).await.unwrap();
+        assert_eq!(d.tenant, "default");
+        let home_secret = d.new_secret.unwrap();
+        assert_eq!(
+            creds.check(FP, &secret(&acme_secret)).await.unwrap().tenant,
+            "acme"
+        );
+        assert_eq!(
+            creds.check(FP, &secret(&home_secret)).await.unwrap().tenant,
+            "default"
+        );
+        // A secret cannot be moved to another tenant by rewriting its prefix.
+        let forged = acme_secret.replacen("acme.", "default.", 1);
+        assert_eq!(
+            creds.check(FP, &secret(&forged)).await.err(),
+            Some(AuthError::BadSecret(FP.into()))
+        );
+
+        // Used up after two new agents.
+        let fp2 = "2f8fad5b-d9cb-469f-a165-70867728950e";
+        let fp3 = "3f8fad5b-d9cb-469f-a165-70867728950e";
+        creds.check(fp2, &enroll(&acme_key, "p")).await.unwrap();
+        assert_eq!(
+            creds.check(fp3, &enroll(&acme_key, "p")).await.err(),
+            Some(AuthError::Refused(Refusal::EnrollKeyUsedUp(k.id.clone())))
+        );
+        // Revoked: refuses new agents; the ones it enrolled still log in.
+        let (k2, key2) = tenants.create_key("acme", NewKey::default()).await.unwrap();
+        tenants.revoke_key("acme", &k2.id).await.unwrap();
+        assert_eq!(
+            creds.check(fp3, &enroll(&key2, "p")).await.err(),
+            Some(AuthError::Refused(Refusal::EnrollKeyRevoked(k2.id.clone())))
+        );
+        // Another tenant cannot revoke it (it does not exist for them).
+        let (k3, key3) = tenants.create_key("acme", NewKey::default()).await.unwrap();
+        assert!(tenants.revoke_key("default", &k3.id).await.is_err());
+        tenants.revoke_key("acme", &k.id).await.unwrap();
+        assert!(creds.check(FP, &secret(&acme_secret)).await.is_ok());
+
+        // At its agent limit: refused before anything is stored.
+        tenants
+            .update_tenant(
+                "acme",
+                None,
+                Some(Limits {
+                    agents: Some(2),
+                    ..Limits::default()
+                }),
+            )
+            .await
+            .unwrap();
+        creds.count_agents_with(Box::new(|t| if t == "acme" { 2 } else { 0 }));
+        assert_eq!(
+            creds.check(fp3, &enroll(&key3, "p")).await.err(),
+            Some(AuthError::TooManyAgents("acme".into(), 2))
+        );
+        // Disabled: its agents and keys are refused.
+        tenants
+            .update_tenant("acme", Some(false), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            creds.check(FP, &secret(&acme_secret)).await.err(),
+            Some(AuthError::Refused(Refusal::TenantDisabled("acme".into())))
+        );
+        assert_eq!(
+            creds.check(fp3, &enroll(&key3, "p")).await.err(),
+            Some(AuthError::Refused(Refusal::TenantDisabled("acme".into())))
+        );
+        assert!(creds.check(FP, &secret(&home_secret)).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn corrupt_credentials_file_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("agents")).unwrap();
         std::fs::write(dir.path().join("agents/credentials.json"), b"{garbage").unwrap();
-        let err = Credentials::open(dir.path()).err().unwrap();
+        let err = Credentials::open(dir.path(), "default")
+            .await
+            .err()
+            .unwrap();
         assert!(format!("{err:#}").contains("corrupt"), "{err:#}");
     }
 }

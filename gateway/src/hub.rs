@@ -1,4 +1,5 @@
-//! The live agent sessions on this gateway, by fingerprint, and run-now calls through them.
+//! The live agent sessions on this gateway, by tenant and fingerprint, and run-now calls
+//! through them.
 
 use outpost_sys::lock;
 use std::collections::HashMap;
@@ -9,6 +10,8 @@ use std::time::Duration;
 use outpost_protocol::{close, GatewayFrame, RpcCall, RpcReply, RpcRequest};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
+
+use crate::bus::AgentRef;
 
 /// What a session's writer task sends. Bounded: see [`OUTBOUND_QUEUE`].
 #[derive(Debug)]
@@ -42,7 +45,7 @@ pub struct SessionHandle {
 
 #[derive(Default)]
 pub struct Hub {
-    sessions: Mutex<HashMap<String, SessionHandle>>,
+    sessions: Mutex<HashMap<AgentRef, SessionHandle>>,
     next_conn: AtomicU64,
     next_rpc: AtomicU64,
 }
@@ -60,7 +63,7 @@ pub enum RpcFailure {
 }
 
 impl Hub {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionHandle>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<AgentRef, SessionHandle>> {
         lock(&self.sessions)
     }
 
@@ -69,21 +72,18 @@ impl Hub {
     }
 
     /// Make `handle` the agent's session, replacing (and cancelling) an older one.
-    pub fn register(&self, fingerprint: &str, handle: SessionHandle) {
-        if let Some(old) = self.lock().insert(fingerprint.to_string(), handle) {
+    pub fn register(&self, agent: &AgentRef, handle: SessionHandle) {
+        if let Some(old) = self.lock().insert(agent.clone(), handle) {
             old.replaced.cancel();
         }
     }
 
     /// Remove the agent's session if it is still `conn_id`. Returns whether it was: a
     /// replaced session must not mark the agent offline.
-    pub fn unregister(&self, fingerprint: &str, conn_id: u64) -> bool {
+    pub fn unregister(&self, agent: &AgentRef, conn_id: u64) -> bool {
         let mut sessions = self.lock();
-        if sessions
-            .get(fingerprint)
-            .is_some_and(|h| h.conn_id == conn_id)
-        {
-            sessions.remove(fingerprint);
+        if sessions.get(agent).is_some_and(|h| h.conn_id == conn_id) {
+            sessions.remove(agent);
             true
         } else {
             false
@@ -91,16 +91,16 @@ impl Hub {
     }
 
     /// End the agent's session here: it has connected through another gateway.
-    pub fn take_over(&self, fingerprint: &str) {
-        if let Some(h) = self.lock().get(fingerprint) {
+    pub fn take_over(&self, agent: &AgentRef) {
+        if let Some(h) = self.lock().get(agent) {
             h.replaced.cancel();
         }
     }
 
     /// Close the agent's session here with [`close::REVOKED`] (its queue full: as
     /// replaced, and its next hello is refused as revoked). Returns whether it had one.
-    pub fn revoke(&self, fingerprint: &str) -> bool {
-        let Some(h) = self.lock().get(fingerprint).cloned() else {
+    pub fn revoke(&self, agent: &AgentRef) -> bool {
+        let Some(h) = self.lock().get(agent).cloned() else {
             return false;
         };
         let closing = Outbound::Close(close::REVOKED, "revoked by an administrator".into());
@@ -110,8 +110,8 @@ impl Hub {
         true
     }
 
-    pub fn is_connected(&self, fingerprint: &str) -> bool {
-        self.lock().contains_key(fingerprint)
+    pub fn is_connected(&self, agent: &AgentRef) -> bool {
+        self.lock().contains_key(agent)
     }
 
     pub fn connected(&self) -> usize {
@@ -119,22 +119,22 @@ impl Hub {
     }
 
     /// Whether the agent has a live session here.
-    pub fn has(&self, fingerprint: &str) -> bool {
-        self.lock().contains_key(fingerprint)
+    pub fn has(&self, agent: &AgentRef) -> bool {
+        self.lock().contains_key(agent)
     }
 
     /// Send `call` to the agent and wait up to `deadline` for its reply.
     pub async fn rpc(
         &self,
-        fingerprint: &str,
+        agent: &AgentRef,
         call: RpcCall,
         deadline: Duration,
     ) -> Result<RpcReply, RpcFailure> {
         let handle = self
             .lock()
-            .get(fingerprint)
+            .get(agent)
             .cloned()
-            .ok_or_else(|| RpcFailure::NotConnected(fingerprint.to_string()))?;
+            .ok_or_else(|| RpcFailure::NotConnected(agent.fingerprint.clone()))?;
         let id = self.next_rpc.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = oneshot::channel();
         lock(&handle.pending).insert(id, tx);
@@ -146,19 +146,19 @@ impl Hub {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
                 forget();
-                return Err(RpcFailure::Busy(fingerprint.to_string()));
+                return Err(RpcFailure::Busy(agent.fingerprint.clone()));
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 forget();
-                return Err(RpcFailure::Disconnected(fingerprint.to_string()));
+                return Err(RpcFailure::Disconnected(agent.fingerprint.clone()));
             }
         }
         match tokio::time::timeout(deadline, rx).await {
             Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(_)) => Err(RpcFailure::Disconnected(fingerprint.to_string())),
+            Ok(Err(_)) => Err(RpcFailure::Disconnected(agent.fingerprint.clone())),
             Err(_) => {
                 forget();
-                Err(RpcFailure::Timeout(fingerprint.to_string(), deadline))
+                Err(RpcFailure::Timeout(agent.fingerprint.clone(), deadline))
             }
         }
     }

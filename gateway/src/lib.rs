@@ -26,6 +26,7 @@ pub mod secrets;
 pub mod session;
 pub mod settings;
 pub mod tenant;
+pub mod tenants;
 pub mod tls;
 pub mod util;
 
@@ -45,7 +46,7 @@ pub struct Gateway {
     pub settings: Arc<Settings>,
     pub credentials: Arc<credentials::Credentials>,
     pub registry: Arc<registry::Registry>,
-    pub checks: Arc<checks::CheckStore>,
+    pub checks: Arc<checks::TenantChecks>,
     pub bus: Arc<dyn bus::Bus>,
     pub hub: Arc<hub::Hub>,
     pub metrics: Arc<metrics::Metrics>,
@@ -70,7 +71,6 @@ impl Gateway {
             metrics: self.metrics.clone(),
             presence_grace: self.settings.presence_grace,
             listen: self.settings.listen.to_string(),
-            tenant: self.settings.tenant.clone(),
             shutdown: self.shutdown.clone(),
         }
     }
@@ -110,7 +110,6 @@ impl Gateway {
             bus: self.bus.clone(),
             runnow: self.runnow(),
             nats: self.nats.clone(),
-            tenant: self.settings.tenant.clone(),
             shutdown: self.shutdown.clone(),
             tracker,
         }
@@ -157,13 +156,43 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
         )),
         None => None,
     };
-    let credentials = credentials::Credentials::open_for(
+    let operator =
+        credentials::operator_token(&settings.data_dir, settings.operator_token_file.as_deref())
+            .map_err(|e| match settings.operator_token_file {
+                // The operator's file: retrying will not help.
+                Some(_) => settings::ConfigError {
+                    problems: vec![format!("--operator-token-file: {e:#}")],
+                }
+                .into(),
+                None => e,
+            })?;
+    let (tenant_store, secrets): (Arc<dyn tenants::TenantStore>, Arc<dyn secrets::SecretStore>) =
+        match &nats {
+            Some(n) => (
+                Arc::new(nats::tenants::NatsTenants::new(n.clone())),
+                Arc::new(nats::secrets::NatsSecrets::new(n.clone())),
+            ),
+            None => (
+                Arc::new(tenants::FileTenants::open(&settings.data_dir)?),
+                Arc::new(secrets::FileSecrets::open(
+                    &settings.data_dir,
+                    &settings.tenant,
+                )?),
+            ),
+        };
+    let tenants = Arc::new(tenants::Tenants::open(tenant_store, &operator).await?);
+    credentials::adopt_home(
+        &tenants,
         &settings.data_dir,
         &settings.tenant,
-        &me.gateway_id,
-        nats.clone(),
+        nats.as_deref(),
     )
     .await?;
+    let mut credentials =
+        credentials::Credentials::new(secrets, tenants, &settings.tenant, Box::new(|_| 0));
+    if nats.is_some() {
+        credentials.import_local(&settings.data_dir).await?;
+    }
     let (bus, registry): (Arc<dyn bus::Bus>, _) = match &nats {
         Some(n) => (
             Arc::new(nats::bus::NatsBus::new(n.clone())),
@@ -177,14 +206,17 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
             .await
             .context("cannot open the embedded bus")?;
             let registry = registry::Registry::open(&settings.data_dir, recovered, me)?;
-            for rec in registry.list() {
-                if let Ok(None) = credentials.revoked(&rec.fingerprint).await {
-                    registry.drop_unenrolled(&rec.fingerprint);
+            for rec in registry.list_all() {
+                if let Ok(None) = credentials.revoked(&rec.tenant, &rec.fingerprint).await {
+                    registry.drop_unenrolled(&rec.agent());
                 }
             }
             (Arc::new(bus), registry)
         }
     };
+    let registry = Arc::new(registry);
+    let counted = registry.clone();
+    credentials.count_agents_with(Box::new(move |tenant| counted.count(tenant)));
     if let Some(n) = &nats {
         nats::fleet_config::sync_once(
             n,
@@ -195,12 +227,16 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
         .await
         .context("cannot load the fleet's checks and plugins from NATS")?;
     }
-    let checks = checks::CheckStore::open(&settings.checks_dir, &settings.plugins_dir)?;
+    let checks = checks::TenantChecks::open(
+        &settings.tenant,
+        &settings.checks_dir,
+        &settings.plugins_dir,
+    )?;
     let admission = listener::admission(&settings);
     let gateway = Arc::new(Gateway {
         settings: Arc::new(settings),
         credentials: Arc::new(credentials),
-        registry: Arc::new(registry),
+        registry,
         checks: Arc::new(checks),
         bus,
         hub: Arc::default(),
@@ -321,11 +357,20 @@ pub async fn serve(
         background(&tracker, gw, "gateway heartbeat", move || {
             nats::registry::heartbeat(up.clone(), n1.clone())
         });
+        let (tenants, n3, stop) = (
+            gw.credentials.tenants.clone(),
+            n.clone(),
+            gw.shutdown.clone(),
+        );
+        background(&tracker, gw, "tenants follow", move || {
+            nats::tenants::follow(tenants.clone(), n3.clone(), stop.clone())
+        });
         let (up, n2) = (gw.upkeep(), n.clone());
         background(&tracker, gw, "registry follow", move || {
             nats::registry::follow(up.clone(), n2.clone())
         });
         let mirror = nats::fleet_config::Mirror {
+            task: nats::fleet_config::MIRROR_TASK,
             nats: n.clone(),
             tenant: gw.settings.tenant.clone(),
             checks_dir: gw.settings.checks_dir.clone(),
@@ -336,6 +381,32 @@ pub async fn serve(
         background(&tracker, gw, nats::fleet_config::MIRROR_TASK, move || {
             mirror.clone().run()
         });
+        // Every other tenant's configuration is mirrored from when its first agent
+        // connects here.
+        let (n4, health, stop, tasks) = (
+            n.clone(),
+            gw.health.clone(),
+            gw.shutdown.clone(),
+            tracker.clone(),
+        );
+        gw.checks
+            .on_new_tenant(Box::new(move |tenant, checks_dir, plugins_dir| {
+                // Named once per tenant for the process's life (a handful of tenants).
+                let task: &'static str =
+                    Box::leak(format!("fleet config mirror of {tenant}").into_boxed_str());
+                let mirror = nats::fleet_config::Mirror {
+                    task,
+                    nats: n4.clone(),
+                    tenant: tenant.to_string(),
+                    checks_dir: checks_dir.to_path_buf(),
+                    plugins_dir: plugins_dir.to_path_buf(),
+                    health: health.clone(),
+                    shutdown: stop.clone(),
+                };
+                health::supervise(&tasks, health.clone(), stop.clone(), task, move || {
+                    mirror.clone().run()
+                });
+            }));
     }
     let app = api::router(gw.api(tracker.clone()), &gw.settings);
     let conns = listener::Connections {

@@ -1,8 +1,11 @@
 //! Counters for everything accepted, rejected, dropped or retried, exported at `/metrics`
 //! in the Prometheus text format.
 
+use outpost_sys::lock;
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 /// The `reason` labels of `outpost_connections_refused_total`.
 pub const REFUSED_UNAUTHENTICATED_LIMIT: &str = "unauthenticated_limit";
@@ -35,6 +38,8 @@ pub struct Metrics {
     pub refused_per_address: AtomicU64,
     /// Connections closed because the client took no data within the write deadline.
     pub write_timeouts: AtomicU64,
+    /// Refused access per (tenant, reason): see [`Metrics::refused`].
+    refusals: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
 
 /// Values read when `/metrics` is rendered rather than counted.
@@ -49,6 +54,16 @@ pub struct Gauges {
 impl Metrics {
     pub fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Count a refused access of `tenant` (a tenant that exists, or "" when none is
+    /// known: a name taken from a refused credential would let anyone grow this map).
+    /// Reasons: `agent_credential`, `api_token`, `role`, `operator_only`, `agent_limit`,
+    /// `revoked`.
+    pub fn refused(&self, tenant: &str, reason: &'static str) {
+        *lock(&self.refusals)
+            .entry((tenant.to_string(), reason))
+            .or_default() += 1;
     }
 
     pub fn render(&self, gauges: Gauges) -> String {
@@ -200,6 +215,14 @@ impl Metrics {
             "Check files that failed to parse at the last scan.",
             g(&self.check_file_errors),
         );
+        let refusals = lock(&self.refusals);
+        if !refusals.is_empty() {
+            let name = "outpost_access_refused_total";
+            let _ = writeln!(out, "# HELP {name} Refused access by tenant (empty: not known) and reason (agent_credential, api_token, role, operator_only, agent_limit, revoked).\n# TYPE {name} counter");
+            for ((tenant, reason), n) in refusals.iter() {
+                let _ = writeln!(out, "{name}{{tenant=\"{tenant}\",reason=\"{reason}\"}} {n}");
+            }
+        }
         out
     }
 }

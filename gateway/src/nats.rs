@@ -17,6 +17,7 @@ pub mod fleet_config;
 pub mod registry;
 pub mod rpc;
 pub mod secrets;
+pub mod tenants;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -61,6 +62,7 @@ pub const PRESENCE_STREAM: &str = "OUTPOST_PRESENCE";
 pub const AGENTS_BUCKET: &str = "outpost_agents";
 pub const GATEWAYS_BUCKET: &str = "outpost_gateways";
 pub const CREDENTIALS_BUCKET: &str = "outpost_credentials";
+pub const TENANTS_BUCKET: &str = "outpost_tenants";
 
 pub fn results_subject(tenant: &str, fingerprint: &str) -> String {
     format!("outpost.{tenant}.results.{fingerprint}")
@@ -152,9 +154,7 @@ pub async fn watch_keys(
 }
 
 /// The registry and credentials key of an agent.
-pub fn agent_key(tenant: &str, fingerprint: &str) -> String {
-    format!("{tenant}.{fingerprint}")
-}
+pub use crate::bus::agent_key;
 
 /// A live NATS connection with everything the gateway uses on it.
 pub struct Nats {
@@ -164,6 +164,7 @@ pub struct Nats {
     pub agents: kv::Store,
     pub gateways: kv::Store,
     pub credentials: kv::Store,
+    pub tenants: kv::Store,
     pub settings: NatsSettings,
 }
 
@@ -288,6 +289,16 @@ impl Nats {
             ),
         )
         .await?;
+        let tenants = ensure_bucket(
+            &js,
+            bucket(
+                TENANTS_BUCKET,
+                "Outpost tenants, their enrollment keys and API tokens (SHA-256)",
+                1,
+                Duration::ZERO,
+            ),
+        )
+        .await?;
         Ok(Nats {
             client,
             js,
@@ -295,6 +306,7 @@ impl Nats {
             agents,
             gateways,
             credentials,
+            tenants,
             settings: settings.clone(),
         })
     }

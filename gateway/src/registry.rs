@@ -6,7 +6,8 @@
 //! (atomically, at most every couple of seconds and at shutdown); the newest results are
 //! rebuilt from the bus at start. With NATS, the registry is the KV bucket `outpost_agents`
 //! shared by every gateway: each gateway writes the agents it holds and watches the bucket,
-//! so its in-memory map (and `GET /api/v1/agents`) is the whole fleet of its tenant.
+//! so its in-memory map (and `GET /api/v1/agents`) is the whole fleet, every tenant's agents
+//! keyed `<tenant>.<fingerprint>`.
 //!
 //! Presence is decided by the *holder*: the connection (`gateway/incarnation/conn`) that
 //! last claimed the agent. Only the holder's end can change the agent's presence, so an old
@@ -29,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::embedded::Recovered;
-use crate::bus::{AgentRef, Bus, Presence, PresenceEvent};
+use crate::bus::{agent_key, AgentRef, Bus, Presence, PresenceEvent};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::util::{now_ms, write_atomic};
@@ -122,6 +123,11 @@ impl AgentRecord {
             dropped.push("labels or groups out of bounds".into());
         }
         (!dropped.is_empty()).then(|| dropped.join(", "))
+    }
+
+    /// Which agent this is.
+    pub fn agent(&self) -> AgentRef {
+        AgentRef::new(&self.tenant, &self.fingerprint)
     }
 
     /// An agent known only by its fingerprint and tenant so far.
@@ -246,17 +252,17 @@ pub enum Applied {
     Nothing,
     /// Another connection (on another gateway) now holds an agent this gateway still has
     /// a session for: end that session.
-    TakenOver(String),
+    TakenOver(AgentRef),
     /// An agent this gateway holds was revoked (through another gateway's API): close its
     /// session.
-    Revoked(String),
+    Revoked(AgentRef),
 }
 
 impl Registry {
     /// The file-backed registry of a single gateway (embedded bus).
     pub fn open(data_dir: &Path, recovered: Recovered, me: Me) -> anyhow::Result<Registry> {
         let path = data_dir.join("agents").join("registry.json");
-        let mut agents: HashMap<String, AgentRecord> = match std::fs::read(&path) {
+        let agents: HashMap<String, AgentRecord> = match std::fs::read(&path) {
             Ok(bytes) => match serde_json::from_slice(&bytes) {
                 Ok(a) => a,
                 Err(e) => {
@@ -271,12 +277,18 @@ impl Registry {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
+        // Keyed by tenant and fingerprint (files from before tenants: by fingerprint).
+        let mut agents: HashMap<String, AgentRecord> = agents
+            .into_values()
+            .map(|r| (agent_key(&r.tenant, &r.fingerprint), r))
+            .collect();
         // Agents online when the gateway stopped keep their old holder: they are swept to
         // lost after the grace unless they reconnect first. The presence events are durable
         // before the registry file is saved, so they decide each agent's presence.
-        for (fp, event) in recovered.presence {
-            let rec = agents.entry(fp.clone()).or_insert_with(|| {
-                let mut r = AgentRecord::new(&fp, &event.agent.tenant, event.at_ms);
+        for (key, event) in recovered.presence {
+            let rec = agents.entry(key).or_insert_with(|| {
+                let agent = &event.agent;
+                let mut r = AgentRecord::new(&agent.fingerprint, &agent.tenant, event.at_ms);
                 r.presence = event.presence;
                 r.gateway = me.gateway_id.clone();
                 r
@@ -289,8 +301,8 @@ impl Registry {
                 }
             }
         }
-        for (fp, latest) in recovered.latest {
-            if let Some(rec) = agents.get_mut(&fp) {
+        for (key, latest) in recovered.latest {
+            if let Some(rec) = agents.get_mut(&key) {
                 rec.latest = latest;
             }
         }
@@ -353,23 +365,23 @@ impl Registry {
         conn_id: u64,
     ) -> anyhow::Result<bool> {
         let now = now_ms();
+        let key = agent_key(tenant, &hello.fingerprint);
         let holder = self.me.holder(conn_id);
         let holder_of_claim = holder.clone();
         let (shared, mut was_online) = {
             let mut agents = self.lock();
             if agents
-                .get(&hello.fingerprint)
+                .get(&key)
                 .is_some_and(|r| r.presence == Presence::Revoked)
             {
                 return Err(RevokedAgent(hello.fingerprint.clone()).into());
             }
             let was_online = agents
-                .get(&hello.fingerprint)
+                .get(&key)
                 .is_some_and(|r| r.presence == Presence::Online);
             let rec = agents
-                .entry(hello.fingerprint.clone())
+                .entry(key.clone())
                 .or_insert_with(|| AgentRecord::new(&hello.fingerprint, tenant, now));
-            rec.tenant = tenant.to_string();
             rec.hostname = hello.hostname.clone();
             rec.os = hello.os.clone();
             rec.arch = hello.arch.clone();
@@ -385,18 +397,18 @@ impl Registry {
             rec.holder = Some(holder);
             (shared_view(rec), was_online)
         };
-        lock(&self.orphans).remove(&hello.fingerprint);
+        lock(&self.orphans).remove(&key);
         self.mark_dirty();
         if let Store::Shared(records) = &self.store {
             let (revision, before) = records.claim(&shared, &holder_of_claim).await?;
             was_online = before;
-            self.note_revision(&hello.fingerprint, revision);
+            self.note_revision(&key, revision);
         }
         Ok(was_online)
     }
 
-    fn note_revision(&self, fingerprint: &str, revision: u64) {
-        if let Some(rec) = self.lock().get_mut(fingerprint) {
+    fn note_revision(&self, key: &str, revision: u64) {
+        if let Some(rec) = self.lock().get_mut(key) {
             rec.revision = rec.revision.max(revision);
         }
     }
@@ -406,14 +418,15 @@ impl Registry {
     /// holds the agent by now: only the caller that gets true publishes the presence event.
     pub async fn disconnected(
         &self,
-        fingerprint: &str,
+        agent: &AgentRef,
         holder: Option<&str>,
         presence: Presence,
         reason: &str,
     ) -> bool {
+        let key = agent.key();
         let shared = {
             let mut agents = self.lock();
-            let Some(rec) = agents.get_mut(fingerprint) else {
+            let Some(rec) = agents.get_mut(&key) else {
                 return false;
             };
             if rec.holder.as_deref() != holder {
@@ -427,7 +440,7 @@ impl Registry {
             end_hold(rec, presence, reason, vouched);
             shared_view(rec)
         };
-        lock(&self.orphans).remove(fingerprint);
+        lock(&self.orphans).remove(&key);
         self.mark_dirty();
         let Store::Shared(records) = &self.store else {
             return true;
@@ -435,7 +448,7 @@ impl Registry {
         // Compare-and-set against the shared registry: a claim by another gateway wins.
         match records.release(&shared, holder).await {
             Some(revision) => {
-                self.note_revision(fingerprint, revision);
+                self.note_revision(&key, revision);
                 true
             }
             None => false,
@@ -446,15 +459,11 @@ impl Registry {
     /// it afterwards. Returns whether this call revoked it (then its event is due); on
     /// NATS the shared record decides, whatever this gateway has seen of it so far, and a
     /// store that fails is an error with nothing changed (retry).
-    pub async fn revoked(
-        &self,
-        tenant: &str,
-        fingerprint: &str,
-        reason: &str,
-    ) -> anyhow::Result<bool> {
+    pub async fn revoked(&self, agent: &AgentRef, reason: &str) -> anyhow::Result<bool> {
+        let key = agent.key();
         let Store::Shared(records) = &self.store else {
             let mut agents = self.lock();
-            let Some(rec) = agents.get_mut(fingerprint) else {
+            let Some(rec) = agents.get_mut(&key) else {
                 return Ok(false);
             };
             if rec.presence == Presence::Revoked {
@@ -462,17 +471,17 @@ impl Registry {
             }
             rec.revoke(reason);
             drop(agents);
-            lock(&self.orphans).remove(fingerprint);
+            lock(&self.orphans).remove(&key);
             self.mark_dirty();
             return Ok(true);
         };
-        let Some((revision, mut shared)) = records.revoke(tenant, fingerprint, reason).await?
-        else {
+        let revoke = records.revoke(&agent.tenant, &agent.fingerprint, reason);
+        let Some((revision, mut shared)) = revoke.await? else {
             return Ok(false);
         };
         shared.revision = revision;
         let mut agents = self.lock();
-        match agents.get_mut(fingerprint) {
+        match agents.get_mut(&key) {
             Some(rec) if rec.revision >= revision => {}
             Some(rec) => {
                 shared.checks = std::mem::take(&mut rec.checks);
@@ -480,59 +489,61 @@ impl Registry {
                 *rec = shared;
             }
             None => {
-                agents.insert(fingerprint.to_string(), shared);
+                agents.insert(key.clone(), shared);
             }
         }
         drop(agents);
-        lock(&self.orphans).remove(fingerprint);
+        lock(&self.orphans).remove(&key);
         Ok(true)
     }
 
     /// Forget a revoked agent: it leaves the registry (on NATS, the fleet's). `false` when
     /// it is not revoked (here, or in the shared record): nothing changed.
-    pub async fn forget(&self, tenant: &str, fingerprint: &str) -> anyhow::Result<bool> {
+    pub async fn forget(&self, agent: &AgentRef) -> anyhow::Result<bool> {
+        let key = agent.key();
         let Store::Shared(records) = &self.store else {
             let mut agents = self.lock();
             if agents
-                .get(fingerprint)
+                .get(&key)
                 .is_some_and(|r| r.presence != Presence::Revoked)
             {
                 return Ok(false);
             }
-            agents.remove(fingerprint);
+            agents.remove(&key);
             drop(agents);
-            lock(&self.orphans).remove(fingerprint);
+            lock(&self.orphans).remove(&key);
             self.mark_dirty();
             return Ok(true);
         };
-        if !records.remove_revoked(tenant, fingerprint).await? {
+        if !records
+            .remove_revoked(&agent.tenant, &agent.fingerprint)
+            .await?
+        {
             return Ok(false);
         }
-        self.lock().remove(fingerprint);
-        lock(&self.orphans).remove(fingerprint);
+        self.lock().remove(&key);
+        lock(&self.orphans).remove(&key);
         Ok(true)
     }
 
     /// Drop the record of an agent that has no credential (forgotten while the gateway
     /// ran: its presence events on the bus would otherwise bring it back at start).
-    pub fn drop_unenrolled(&self, fingerprint: &str) {
-        if self.lock().remove(fingerprint).is_some() {
+    pub fn drop_unenrolled(&self, agent: &AgentRef) {
+        if self.lock().remove(&agent.key()).is_some() {
             self.mark_dirty();
         }
     }
 
     /// Apply a change read from the shared registry.
     pub fn apply(&self, revision: u64, value: Option<&[u8]>, key: &str) -> Applied {
-        let Some(fingerprint) = key.split_once('.').map(|(_, fp)| fp.to_string()) else {
+        let Some((tenant, fingerprint)) = key.split_once('.') else {
             return Applied::Nothing;
         };
+        let agent = AgentRef::new(tenant, fingerprint);
         let mut agents = self.lock();
         let Some(bytes) = value else {
-            if agents
-                .get(&fingerprint)
-                .is_some_and(|r| r.revision < revision)
-            {
-                agents.remove(&fingerprint);
+            if agents.get(key).is_some_and(|r| r.revision < revision) {
+                agents.remove(key);
             }
             return Applied::Nothing;
         };
@@ -544,6 +555,9 @@ impl Registry {
             }
         };
         incoming.revision = revision;
+        // The key decides whose record it is.
+        incoming.tenant = agent.tenant.clone();
+        incoming.fingerprint = agent.fingerprint.clone();
         if let Some(dropped) = incoming.keep_within_bounds() {
             tracing::debug!(%key, %dropped, "fleet registry entry out of bounds; dropped");
         }
@@ -551,7 +565,7 @@ impl Registry {
             .holder
             .as_deref()
             .is_some_and(|h| !self.me.holds(h));
-        match agents.get_mut(&fingerprint) {
+        match agents.get_mut(key) {
             Some(rec) if rec.revision >= revision => return Applied::Nothing,
             Some(rec) => {
                 let was_mine = rec.holder.as_deref().is_some_and(|h| self.me.holds(h));
@@ -560,14 +574,14 @@ impl Registry {
                 let revoked = incoming.presence == Presence::Revoked;
                 *rec = incoming;
                 if was_mine && revoked {
-                    return Applied::Revoked(fingerprint);
+                    return Applied::Revoked(agent);
                 }
                 if was_mine && taken_over {
-                    return Applied::TakenOver(fingerprint);
+                    return Applied::TakenOver(agent);
                 }
             }
             None => {
-                agents.insert(fingerprint, incoming);
+                agents.insert(key.to_string(), incoming);
             }
         }
         Applied::Nothing
@@ -616,12 +630,12 @@ impl Registry {
         let mut orphans = lock(&self.orphans);
         let agents = self.lock();
         let mut due = Vec::new();
-        orphans.retain(|fp, _| {
+        orphans.retain(|key, _| {
             agents
-                .get(fp)
+                .get(key)
                 .is_some_and(|r| r.presence == Presence::Online)
         });
-        for rec in agents.values() {
+        for (key, rec) in agents.iter() {
             if rec.presence != Presence::Online {
                 continue;
             }
@@ -630,10 +644,10 @@ impl Registry {
                 .as_deref()
                 .is_some_and(|h| self.holder_alive(h, now))
             {
-                orphans.remove(&rec.fingerprint);
+                orphans.remove(key);
                 continue;
             }
-            let since = *orphans.entry(rec.fingerprint.clone()).or_insert(now);
+            let since = *orphans.entry(key.clone()).or_insert(now);
             if now.saturating_sub(since) >= grace.as_millis() as u64 {
                 let gw = if rec.gateway.is_empty() {
                     "an earlier gateway"
@@ -656,14 +670,14 @@ impl Registry {
         due
     }
 
-    pub fn seen(&self, fingerprint: &str) {
-        if let Some(rec) = self.lock().get_mut(fingerprint) {
+    pub fn seen(&self, agent: &AgentRef) {
+        if let Some(rec) = self.lock().get_mut(&agent.key()) {
             rec.last_seen_ms = now_ms();
         }
     }
 
-    pub fn set_checks(&self, fingerprint: &str, checks: Vec<CheckSpec>) {
-        if let Some(rec) = self.lock().get_mut(fingerprint) {
+    pub fn set_checks(&self, agent: &AgentRef, checks: Vec<CheckSpec>) {
+        if let Some(rec) = self.lock().get_mut(&agent.key()) {
             rec.checks = checks;
         }
         self.mark_dirty();
@@ -675,10 +689,10 @@ impl Registry {
     /// not kept here, so an agent cannot grow this map without bound.
     pub fn record_results<'a>(
         &self,
-        fingerprint: &str,
+        agent: &AgentRef,
         results: impl IntoIterator<Item = &'a CheckResult>,
     ) {
-        if let Some(rec) = self.lock().get_mut(fingerprint) {
+        if let Some(rec) = self.lock().get_mut(&agent.key()) {
             for r in results {
                 let configured = rec.checks.iter().any(|c| c.name == r.check);
                 if !configured
@@ -697,14 +711,30 @@ impl Registry {
         }
     }
 
-    pub fn get(&self, fingerprint: &str) -> Option<AgentRecord> {
-        self.lock().get(fingerprint).cloned()
+    pub fn get(&self, agent: &AgentRef) -> Option<AgentRecord> {
+        self.lock().get(&agent.key()).cloned()
     }
 
-    pub fn list(&self) -> Vec<AgentRecord> {
+    /// How many agents `tenant` has (revoked ones until they are forgotten).
+    pub fn count(&self, tenant: &str) -> u64 {
+        self.lock().values().filter(|r| r.tenant == tenant).count() as u64
+    }
+
+    /// `tenant`'s agents, without their checks and results, by hostname.
+    pub fn list(&self, tenant: &str) -> Vec<AgentRecord> {
+        self.list_where(|r| r.tenant == tenant)
+    }
+
+    /// Every tenant's agents, as [`Registry::list`].
+    pub fn list_all(&self) -> Vec<AgentRecord> {
+        self.list_where(|_| true)
+    }
+
+    fn list_where(&self, keep: impl Fn(&AgentRecord) -> bool) -> Vec<AgentRecord> {
         let mut all: Vec<AgentRecord> = self
             .lock()
             .values()
+            .filter(|r| keep(r))
             .map(|r| AgentRecord {
                 latest: HashMap::new(),
                 checks: Vec::new(),
@@ -712,9 +742,7 @@ impl Registry {
             })
             .collect();
         all.sort_by(|a, b| {
-            a.hostname
-                .cmp(&b.hostname)
-                .then(a.fingerprint.cmp(&b.fingerprint))
+            (&a.hostname, &a.fingerprint, &a.tenant).cmp(&(&b.hostname, &b.fingerprint, &b.tenant))
         });
         all
     }
@@ -770,7 +798,6 @@ pub struct Upkeep {
     pub presence_grace: Duration,
     /// This gateway's listen address, shown to the other gateways.
     pub listen: String,
-    pub tenant: String,
     pub shutdown: CancellationToken,
 }
 
@@ -797,7 +824,7 @@ pub async fn maintain(gw: Upkeep) {
 pub async fn lose(gw: &Upkeep, agent: &AgentRef, holder: Option<&str>, reason: &str) -> bool {
     let lost = gw
         .registry
-        .disconnected(&agent.fingerprint, holder, Presence::Lost, reason)
+        .disconnected(agent, holder, Presence::Lost, reason)
         .await;
     if lost {
         tracing::info!(fingerprint = %agent.fingerprint, %reason, "agent lost");
@@ -827,8 +854,8 @@ pub async fn publish_presence(
 }
 
 impl crate::runnow::AgentChecks for Registry {
-    fn checks_of(&self, fingerprint: &str) -> Option<Vec<CheckSpec>> {
-        self.lock().get(fingerprint).map(|r| r.checks.clone())
+    fn checks_of(&self, agent: &AgentRef) -> Option<Vec<CheckSpec>> {
+        self.lock().get(&agent.key()).map(|r| r.checks.clone())
     }
 }
 
@@ -864,7 +891,10 @@ mod tests {
         )
         .unwrap();
         let mut recovered = Recovered::default();
-        let latest = recovered.latest.entry(fp.to_string()).or_default();
+        let latest = recovered
+            .latest
+            .entry(agent_key("default", fp))
+            .or_default();
         for i in 0..(MAX_LOCAL_CHECKS as u64 + 40) {
             let r: CheckResult = serde_json::from_value(serde_json::json!({
                 "seq": i + 1, "check": format!("c{i}"), "status": "ok", "output": "",
@@ -874,7 +904,7 @@ mod tests {
             latest.insert(r.check.clone(), r);
         }
         let reg = Registry::open(dir.path(), recovered, me("a")).unwrap();
-        let rec = reg.get(fp).unwrap();
+        let rec = reg.get(&AgentRef::new("default", fp)).unwrap();
         assert_eq!(rec.latest.len(), MAX_LOCAL_CHECKS);
         assert!(
             rec.latest
@@ -894,7 +924,7 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("agents")).unwrap();
         std::fs::write(dir.path().join("agents/registry.json"), b"{torn").unwrap();
         let reg = Registry::open(dir.path(), Recovered::default(), me("a")).unwrap();
-        assert!(reg.list().is_empty());
+        assert!(reg.list_all().is_empty());
         assert!(dir.path().join("agents/registry.json.corrupt").exists());
 
         let hello: Hello = serde_json::from_value(serde_json::json!({
@@ -909,14 +939,14 @@ mod tests {
         let older = reg.me.holder(6);
         assert!(
             !reg.disconnected(
-                &hello.fingerprint,
+                &AgentRef::new("default", &hello.fingerprint),
                 Some(&older),
                 Presence::Lost,
                 "an older connection"
             )
             .await
         );
-        assert_eq!(reg.list()[0].presence, Presence::Online);
+        assert_eq!(reg.list("default")[0].presence, Presence::Online);
         assert!(
             reg.orphans_due(Duration::ZERO).is_empty(),
             "held by this process"
@@ -925,7 +955,7 @@ mod tests {
 
         // Restarted: still online (it may be reconnecting), lost once the grace is over.
         let reg = Registry::open(dir.path(), Recovered::default(), me("b")).unwrap();
-        assert_eq!(reg.list()[0].presence, Presence::Online);
+        assert_eq!(reg.list("default")[0].presence, Presence::Online);
         assert!(reg.orphans_due(Duration::from_secs(60)).is_empty());
         let due = reg.orphans_due(Duration::ZERO);
         assert_eq!(due.len(), 1);
@@ -936,15 +966,10 @@ mod tests {
             "{reason}"
         );
         assert!(
-            reg.disconnected(
-                &agent.fingerprint,
-                holder.as_deref(),
-                Presence::Lost,
-                reason
-            )
-            .await
+            reg.disconnected(agent, holder.as_deref(), Presence::Lost, reason)
+                .await
         );
-        assert_eq!(reg.list()[0].presence, Presence::Lost);
+        assert_eq!(reg.list("default")[0].presence, Presence::Lost);
         assert!(reg.orphans_due(Duration::ZERO).is_empty());
     }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use outpost_protocol::probe::Probe;
 use outpost_protocol::{CheckResult, CheckSpec, RpcCall, RpcError, RpcErrorCode};
 
+use crate::bus::AgentRef;
 use crate::errors::ErrorKind;
 use crate::hub::{Hub, RpcFailure};
 
@@ -63,8 +64,8 @@ impl RunNowError {
 /// needs nothing else of it, so it sits below the registry and the NATS modules that
 /// relay calls.
 pub trait AgentChecks: Send + Sync {
-    /// The checks configured on agent `fingerprint`, or `None` when it never enrolled.
-    fn checks_of(&self, fingerprint: &str) -> Option<Vec<CheckSpec>>;
+    /// The checks configured on the agent, or `None` when it never enrolled.
+    fn checks_of(&self, agent: &AgentRef) -> Option<Vec<CheckSpec>>;
 }
 
 /// Runs checks on the agents connected to this gateway.
@@ -75,15 +76,16 @@ pub struct Local {
 }
 
 impl Local {
-    /// Run `check` on agent `fp`, connected here. The same answer for a call from this
+    /// Run `check` on `agent`, connected here. The same answer for a call from this
     /// gateway's API and one relayed from another gateway.
-    pub async fn run(&self, fp: &str, check: &str) -> Result<CheckResult, RunNowError> {
+    pub async fn run(&self, agent: &AgentRef, check: &str) -> Result<CheckResult, RunNowError> {
+        let fp = &agent.fingerprint;
         let checks = self
             .agents
-            .checks_of(fp)
+            .checks_of(agent)
             .ok_or_else(|| RunNowError::UnknownAgent(fp.to_string()))?;
         let Some(spec) = checks.iter().find(|c| c.name == check) else {
-            if !self.hub.has(fp) {
+            if !self.hub.has(agent) {
                 return Err(RpcFailure::NotConnected(fp.to_string()).into());
             }
             return Err(RunNowError::UnknownCheck {
@@ -99,7 +101,7 @@ impl Local {
         let call = RpcCall::RunCheck {
             check: check.to_string(),
         };
-        let reply = self.hub.rpc(fp, call, deadline).await?;
+        let reply = self.hub.rpc(agent, call, deadline).await?;
         match (reply.result, reply.error) {
             (Some(result), _) => Ok(result),
             (None, Some(e)) => Err(RunNowError::Agent(e)),

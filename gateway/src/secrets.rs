@@ -37,6 +37,12 @@ pub struct AgentCredential {
     /// the fingerprint cannot enroll again; forgetting the agent removes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at_ms: Option<u64>,
+    /// The enrollment key it enrolled with (`None` before tenants).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enroll_key_id: Option<String>,
+    /// The labels that key gave it.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 fn yes() -> bool {
@@ -241,6 +247,8 @@ mod tests {
             confirmed: true,
             enroll_proof_sha256: None,
             revoked_at_ms: None,
+            enroll_key_id: None,
+            labels: Default::default(),
         }
     }
 

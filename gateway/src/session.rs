@@ -21,8 +21,8 @@ use outpost_protocol::{
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::bus::Bus;
-use crate::checks::CheckStore;
+use crate::bus::{AgentRef, Bus};
+use crate::checks::TenantChecks;
 use crate::credentials::{AuthError, Credentials};
 use crate::hub::Hub;
 use crate::listener::PreAuth;
@@ -35,7 +35,7 @@ use crate::settings::Settings;
 pub struct Services {
     pub settings: Arc<Settings>,
     pub credentials: Arc<Credentials>,
-    pub checks: Arc<CheckStore>,
+    pub checks: Arc<TenantChecks>,
     pub registry: Arc<Registry>,
     pub bus: Arc<dyn Bus>,
     pub hub: Arc<Hub>,
@@ -54,7 +54,6 @@ impl Services {
             metrics: self.metrics.clone(),
             presence_grace: self.settings.presence_grace,
             listen: self.settings.listen.to_string(),
-            tenant: self.settings.tenant.clone(),
             shutdown: self.shutdown.clone(),
         }
     }
@@ -229,7 +228,13 @@ pub async fn run(gw: Arc<Services>, mut socket: WebSocket, peer: SocketAddr, pre
         return;
     }
     let max = gw.settings.max_agents;
-    if max > 0 && gw.hub.connected() >= max && !gw.hub.has(&hello.fingerprint) {
+    // An agent replacing its own connection is let through (its tenant as its secret
+    // names it; checked below).
+    let replacing = || {
+        let tenant = gw.credentials.tenant_named_by(&hello.credential);
+        gw.hub.has(&AgentRef::new(tenant, &hello.fingerprint))
+    };
+    if max > 0 && gw.hub.connected() >= max && !replacing() {
         Metrics::inc(&gw.metrics.overload_refusals);
         tracing::warn!(%peer, fingerprint = %hello.fingerprint, max_agents = max, "overloaded; telling the agent to come back later");
         let retry = gw.settings.overload_retry;
@@ -254,6 +259,18 @@ pub async fn run(gw: Arc<Services>, mut socket: WebSocket, peer: SocketAddr, pre
         Ok(a) => a,
         Err(e) => {
             Metrics::inc(&gw.metrics.auth_failures);
+            // Labelled with the tenant only when it exists (see `Metrics::refused`).
+            let named = gw.credentials.tenant_named_by(&hello.credential);
+            let tenant = match gw.credentials.tenants.tenant(named) {
+                Some(_) => named,
+                None => "",
+            };
+            let reason = match &e {
+                AuthError::Revoked(_) => "revoked",
+                e if e.over_limit() => "agent_limit",
+                _ => "agent_credential",
+            };
+            gw.metrics.refused(tenant, reason);
             tracing::warn!(%peer, fingerprint = %hello.fingerprint, hostname = ?hello.hostname, error = %e, "agent refused");
             let (code, why) = match e {
                 AuthError::Revoked(_) => ("revoked", close::REVOKED),

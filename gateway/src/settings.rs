@@ -109,14 +109,20 @@ pub struct ServeArgs {
     /// (at most 86400).
     #[arg(long, env = "OUTPOST_PRESENCE_GRACE", default_value_t = 30)]
     pub presence_grace: u64,
-    /// The tenant this gateway's agents and API token belong to: the first part of every
-    /// subject and key it uses on the bus, so tenants sharing a NATS never see each other.
+    /// The home tenant: created at the first start with DATA_DIR/enroll.key as its first
+    /// enrollment key and DATA_DIR/api.token as its admin token, and the tenant of agent
+    /// secrets from before tenants. Other tenants are created through the operator API.
     #[arg(long, env = "OUTPOST_TENANT", default_value = crate::tenant::DEFAULT_TENANT, value_parser = crate::tenant::parse_name)]
     pub tenant: String,
     /// This gateway's name in the fleet registry. Default: the one saved in DATA_DIR/gateway.id
     /// (generated on first start).
     #[arg(long, env = "OUTPOST_GATEWAY_ID", value_parser = crate::tenant::parse_name)]
     pub gateway_id: Option<String>,
+    /// A file holding the fleet operator's token (manages tenants through the API; give
+    /// every gateway of a fleet the same). Default: DATA_DIR/operator.token, generated at
+    /// the first start.
+    #[arg(long, env = "OUTPOST_OPERATOR_TOKEN_FILE")]
+    pub operator_token_file: Option<PathBuf>,
     #[command(flatten)]
     pub nats: bus::BusArgs,
 }
@@ -152,6 +158,7 @@ pub struct Settings {
     pub agent_rate: crate::rate::AgentRate,
     pub tenant: String,
     pub gateway_id: Option<String>,
+    pub operator_token_file: Option<PathBuf>,
     /// `None`: the embedded bus.
     pub nats: Option<crate::nats::NatsSettings>,
     /// How much of the results the embedded bus keeps (the NATS stream's are in `nats`).
@@ -263,6 +270,7 @@ impl Settings {
             },
             tenant: a.tenant,
             gateway_id: a.gateway_id,
+            operator_token_file: a.operator_token_file,
             nats,
             retention,
             data_dir: a.data_dir,

@@ -346,6 +346,17 @@ impl Gateway {
 
     /// An HTTPS request; returns the status and the body parsed as JSON (or as a string).
     pub async fn http(&self, method: &str, path: &str, token: Option<&str>) -> (u16, Value) {
+        self.http_json(method, path, token, None).await
+    }
+
+    /// [`Gateway::http`] with a JSON request body.
+    pub async fn http_json(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> (u16, Value) {
         let io = hyper_util::rt::TokioIo::new(self.tls().await);
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
         tokio::spawn(conn);
@@ -356,8 +367,15 @@ impl Gateway {
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
+        let payload = match body {
+            Some(b) => {
+                req = req.header("content-type", "application/json");
+                Bytes::from(serde_json::to_vec(b).unwrap())
+            }
+            None => Bytes::new(),
+        };
         let resp = sender
-            .send_request(req.body(Full::new(Bytes::new())).unwrap())
+            .send_request(req.body(Full::new(payload)).unwrap())
             .await
             .unwrap();
         let status = resp.status().as_u16();

@@ -163,6 +163,29 @@ impl NatsServer {
         panic!("nats-server {name}: its ports were taken by others five times in a row");
     }
 
+    /// [`NatsServer::start`] on a copy of the JetStream store directory `store` (one that
+    /// an earlier server wrote: an upgrade fixture).
+    pub fn start_on_store(dir: &Path, name: &str, store: &Path) -> NatsServer {
+        for _ in 0..5 {
+            let ports = Ports::pick(1)[0];
+            let _ = std::fs::remove_dir_all(dir.join(name));
+            std::fs::create_dir_all(dir.join(name)).unwrap();
+            let copied = std::process::Command::new("cp")
+                .arg("-a")
+                .arg(store)
+                .arg(dir.join(name).join("store"))
+                .status()
+                .unwrap();
+            assert!(copied.success(), "cannot copy {}", store.display());
+            let mut server = Self::spawn(dir, name, ports, None, "");
+            match wait_ready(&mut [&mut server], Instant::now() + READY_TIMEOUT) {
+                Ok(()) => return server,
+                Err(PortInUse) => continue,
+            }
+        }
+        panic!("nats-server {name}: its ports were taken by others five times in a row");
+    }
+
     /// Write the config file (`routes`: the other nodes' cluster ports, `None` for a
     /// single server) and start the process.
     fn spawn(

@@ -957,15 +957,15 @@ async fn tenants_sharing_one_nats_never_see_or_reach_each_others_agents() {
         async move { js.get_key_value(bucket).await.unwrap() }
     };
     use outpost_gateway::nats::fleet_config::CONFIG_BUCKET;
-    use outpost_gateway::nats::CREDENTIALS_BUCKET;
+    use outpost_gateway::nats::TENANTS_BUCKET;
     // The tenants' keys are in NATS only as hashes.
     for (client, tenant, gw) in [
         (&acme_client, "acme", &acme),
         (&globex_client, "globex", &globex),
     ] {
-        let record = kv(client, CREDENTIALS_BUCKET)
+        let record = kv(client, TENANTS_BUCKET)
             .await
-            .get(format!("{tenant}._tenant"))
+            .get(format!("key.legacy-{tenant}"))
             .await
             .unwrap()
             .unwrap();
@@ -978,8 +978,12 @@ async fn tenants_sharing_one_nats_never_see_or_reach_each_others_agents() {
     }
 
     // With acme's credentials, globex's data is out of reach: acme's buckets are acme's.
-    let acme_creds = kv(&acme_client, CREDENTIALS_BUCKET).await;
-    assert!(acme_creds.get("globex._tenant").await.unwrap().is_none());
+    let acme_tenants = kv(&acme_client, TENANTS_BUCKET).await;
+    assert!(acme_tenants
+        .get("key.legacy-globex")
+        .await
+        .unwrap()
+        .is_none());
     let acme_config = kv(&acme_client, CONFIG_BUCKET).await;
     // The write a tenant's user may do, to its own config, and the injections that
     // defeat subject permissions: a direct get of acme's own file and a results publish,

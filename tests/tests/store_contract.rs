@@ -11,12 +11,16 @@ use std::sync::Arc;
 use outpost_e2e::nats::NatsServer;
 use outpost_e2e::tempdir;
 use outpost_gateway::bus::embedded::Recovered;
-use outpost_gateway::bus::Presence;
+use outpost_gateway::bus::{AgentRef, Presence};
 use outpost_gateway::nats::registry::NatsRecords;
 use outpost_gateway::nats::secrets::NatsSecrets;
+use outpost_gateway::nats::tenants::NatsTenants;
 use outpost_gateway::nats::{Nats, NatsSettings};
 use outpost_gateway::registry::{Me, Registry, RevokedAgent};
 use outpost_gateway::secrets::{AgentCredential, FileSecrets, SecretStore, StoreError};
+use outpost_gateway::tenants::{
+    ApiToken, FileTenants, Limits, NewKey, Record, Role, Tenant, TenantStore, Tenants,
+};
 
 const FP: &str = "0f8fad5b-d9cb-469f-a165-70867728950e";
 const OTHER_FP: &str = "1f8fad5b-d9cb-469f-a165-70867728950e";
@@ -29,7 +33,14 @@ fn credential(tenant: &str, secret_sha256: &str) -> AgentCredential {
         confirmed: false,
         enroll_proof_sha256: Some("proof".into()),
         revoked_at_ms: None,
+        enroll_key_id: None,
+        labels: Default::default(),
     }
+}
+
+/// An agent of the default tenant.
+fn a(fp: &str) -> AgentRef {
+    AgentRef::new("default", fp)
 }
 
 enum Backend {
@@ -161,6 +172,165 @@ async fn the_nats_secret_store_keeps_the_contract() {
     );
 }
 
+/// A tenant record store (`FileTenants`, `NatsTenants`): create only where nothing is,
+/// compare-and-set on the revision, delete, list; what is read back comes from a store
+/// opened afresh.
+async fn tenants_contract(
+    open: &(dyn Fn() -> futures_util::future::BoxFuture<'static, Arc<dyn TenantStore>> + Sync),
+) {
+    let store = open().await;
+    assert!(store.list().await.unwrap().is_empty());
+    let acme = Record::Tenant(Tenant {
+        name: "acme".into(),
+        enabled: true,
+        limits: Limits::default(),
+        created_at_ms: 1,
+    });
+    let r1 = store.put(&acme, None).await.unwrap();
+    assert!(matches!(
+        store.put(&acme, None).await,
+        Err(StoreError::Conflict)
+    ));
+    let disabled = match acme.clone() {
+        Record::Tenant(t) => Record::Tenant(Tenant {
+            enabled: false,
+            ..t
+        }),
+        _ => unreachable!(),
+    };
+    assert!(matches!(
+        store.put(&disabled, Some(r1 + 1000)).await,
+        Err(StoreError::Conflict)
+    ));
+    let r2 = store.put(&disabled, Some(r1)).await.unwrap();
+    assert!(
+        matches!(store.put(&acme, Some(r1)).await, Err(StoreError::Conflict)),
+        "a stale writer loses"
+    );
+    let token = Record::ApiToken(ApiToken {
+        id: "t1".into(),
+        tenant: "acme".into(),
+        sha256: "ab".into(),
+        role: Role::Read,
+        name: String::new(),
+        created_at_ms: 2,
+        revoked_at_ms: None,
+    });
+    store.put(&token, None).await.unwrap();
+    let again = open().await;
+    assert_eq!(
+        again.get("tenant.acme").await.unwrap().map(|(r, _)| r),
+        Some(disabled.clone())
+    );
+    let mut listed: Vec<Record> = again
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(r, _)| r)
+        .collect();
+    listed.sort_by_key(|r| r.key());
+    assert_eq!(listed, [disabled, token.clone()]);
+    again.delete("token.t1").await.unwrap();
+    again.delete("token.t1").await.unwrap();
+    assert!(open().await.get("token.t1").await.unwrap().is_none());
+    // Deleted, it may be created again (a token id is never reused, a tenant name may be).
+    again.put(&token, None).await.unwrap();
+    let _ = r2;
+
+    // The enrollment count is compare-and-set: two gateways enrolling with a key limited
+    // to 5 agents, 8 attempts each at once, enroll exactly 5.
+    let (one, two) = (
+        Arc::new(
+            Tenants::open(open().await, "operator-token-0123456789")
+                .await
+                .unwrap(),
+        ),
+        Arc::new(
+            Tenants::open(open().await, "operator-token-0123456789")
+                .await
+                .unwrap(),
+        ),
+    );
+    one.create_tenant("globex", Limits::default())
+        .await
+        .unwrap();
+    let (key, _) = one
+        .create_key(
+            "globex",
+            NewKey {
+                max_enrollments: Some(5),
+                ..NewKey::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut tries = Vec::new();
+    for i in 0..16 {
+        let t = if i % 2 == 0 { one.clone() } else { two.clone() };
+        let id = key.id.clone();
+        tries.push(tokio::spawn(async move {
+            t.count_enrollment(&id).await.is_ok()
+        }));
+    }
+    let mut counted = 0;
+    for t in tries {
+        counted += t.await.unwrap() as usize;
+    }
+    assert_eq!(counted, 5);
+    match open().await.get(&format!("key.{}", key.id)).await.unwrap() {
+        Some((Record::EnrollKey(k), _)) => assert_eq!(k.enrollments, 5),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_tenant_store_keeps_the_contract() {
+    let dir = tempdir();
+    let path = dir.path().to_path_buf();
+    let store: Arc<dyn TenantStore> = Arc::new(FileTenants::open(&path).unwrap());
+    // One gateway per data directory: every opener shares the process's store.
+    tenants_contract(&move || {
+        let store = store.clone();
+        Box::pin(async move { store })
+    })
+    .await;
+    // What a restart reads: the file.
+    let reopened = FileTenants::open(&path).unwrap();
+    assert!(reopened.get("tenant.acme").await.unwrap().is_some());
+    // A corrupt file is an error that names it, never an empty tenant list.
+    std::fs::write(path.join("tenants.json"), b"[{torn").unwrap();
+    let err = FileTenants::open(&path).err().unwrap();
+    assert!(format!("{err:#}").contains("tenants.json"), "{err:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_tenant_store_keeps_the_contract() {
+    let dir = tempdir();
+    let server = NatsServer::start(dir.path(), "n1");
+    let settings = nats_settings(&server.url());
+    let nats = Arc::new(Nats::connect(&settings, "contract").await.unwrap());
+    tenants_contract(&move || {
+        let settings = settings.clone();
+        Box::pin(async move {
+            let nats = Nats::connect(&settings, "contract").await.unwrap();
+            Arc::new(NatsTenants::new(Arc::new(nats))) as Arc<dyn TenantStore>
+        })
+    })
+    .await;
+    // A record that does not decode is an error naming it, not a missing record.
+    nats.tenants
+        .put("tenant.broken", "{torn".into())
+        .await
+        .unwrap();
+    let store = NatsTenants::new(nats.clone());
+    let read = store.get("tenant.broken").await;
+    assert!(
+        matches!(&read, Err(StoreError::Unavailable(e)) if e.contains("tenant.broken")),
+        "{read:?}"
+    );
+}
+
 fn nats_settings(url: &str) -> NatsSettings {
     use clap::Parser;
     #[derive(Parser)]
@@ -197,7 +367,7 @@ fn me(gateway: &str, incarnation: &str) -> Me {
 /// connection holding the agent can end its hold.
 async fn registry_contract(reg: &Registry) {
     let (c1, c2, c3) = (reg.me.holder(1), reg.me.holder(2), reg.me.holder(3));
-    let presence = || reg.get(FP).map(|r| (r.presence, r.holder));
+    let presence = || reg.get(&a(FP)).map(|r| (r.presence, r.holder));
 
     assert!(
         !reg.connected("default", &hello(FP), "peer", 1)
@@ -216,18 +386,18 @@ async fn registry_contract(reg: &Registry) {
     );
     // The old connection ending late changes nothing.
     assert!(
-        !reg.disconnected(FP, Some(&c1), Presence::Lost, "late")
+        !reg.disconnected(&a(FP), Some(&c1), Presence::Lost, "late")
             .await
     );
     assert_eq!(presence(), Some((Presence::Online, Some(c2.clone()))));
     // Its holder's end does.
     assert!(
-        reg.disconnected(FP, Some(&c2), Presence::Deregistered, "bye")
+        reg.disconnected(&a(FP), Some(&c2), Presence::Deregistered, "bye")
             .await
     );
     assert_eq!(presence(), Some((Presence::Deregistered, None)));
     assert!(
-        !reg.disconnected(FP, Some(&c2), Presence::Lost, "twice")
+        !reg.disconnected(&a(FP), Some(&c2), Presence::Lost, "twice")
             .await,
         "ended once"
     );
@@ -237,7 +407,30 @@ async fn registry_contract(reg: &Registry) {
             .unwrap(),
         "it had left"
     );
+    assert_eq!(presence(), Some((Presence::Online, Some(c3.clone()))));
+    // Tenants apart: the same fingerprint in another tenant is another agent, with its own
+    // presence and holder.
+    assert!(
+        !reg.connected("acme", &hello(FP), "peer", 4).await.unwrap(),
+        "new in acme"
+    );
+    assert!(
+        reg.disconnected(
+            &AgentRef::new("acme", FP),
+            Some(&reg.me.holder(4)),
+            Presence::Lost,
+            "x"
+        )
+        .await
+    );
     assert_eq!(presence(), Some((Presence::Online, Some(c3))));
+    assert_eq!(
+        reg.list("acme")
+            .iter()
+            .map(|r| r.presence)
+            .collect::<Vec<_>>(),
+        [Presence::Lost]
+    );
 }
 
 /// Revocation: presence `revoked` whoever holds the agent, once, and its holder's end
@@ -248,16 +441,16 @@ async fn revocation_contract(reg: &Registry) {
     reg.connected("default", &hello(REVOKED_FP), "peer", 7)
         .await
         .unwrap();
-    assert!(reg.revoked("default", REVOKED_FP, "revoked").await.unwrap());
+    assert!(reg.revoked(&a(REVOKED_FP), "revoked").await.unwrap());
     assert!(
-        !reg.revoked("default", REVOKED_FP, "again").await.unwrap(),
+        !reg.revoked(&a(REVOKED_FP), "again").await.unwrap(),
         "revoked once"
     );
     assert!(
-        !reg.disconnected(REVOKED_FP, Some(&holder), Presence::Lost, "after")
+        !reg.disconnected(&a(REVOKED_FP), Some(&holder), Presence::Lost, "after")
             .await
     );
-    let rec = reg.get(REVOKED_FP).unwrap();
+    let rec = reg.get(&a(REVOKED_FP)).unwrap();
     assert_eq!((rec.presence, rec.holder), (Presence::Revoked, None));
     // A login whose credential checked out just before the revocation cannot claim it.
     let late = reg
@@ -267,15 +460,15 @@ async fn revocation_contract(reg: &Registry) {
         late.as_ref().is_err_and(|e| e.is::<RevokedAgent>()),
         "{late:?}"
     );
-    assert!(reg.forget("default", REVOKED_FP).await.unwrap());
-    assert!(reg.get(REVOKED_FP).is_none());
+    assert!(reg.forget(&a(REVOKED_FP)).await.unwrap());
+    assert!(reg.get(&a(REVOKED_FP)).is_none());
     // Only a revoked agent is forgotten.
     let kept = "4f8fad5b-d9cb-469f-a165-70867728950e";
     reg.connected("default", &hello(kept), "peer", 12)
         .await
         .unwrap();
-    assert!(!reg.forget("default", kept).await.unwrap());
-    assert!(reg.get(kept).is_some());
+    assert!(!reg.forget(&a(kept)).await.unwrap());
+    assert!(reg.get(&a(kept)).is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,19 +488,19 @@ async fn the_file_registry_keeps_the_contract() {
     // swept to lost after the grace unless it comes back), and only that holder ends it.
     let again = Registry::open(dir.path(), recovered(), me("gw1", "b")).unwrap();
     let old = me("gw1", "a").holder(3);
-    let rec = again.get(FP).unwrap();
+    let rec = again.get(&a(FP)).unwrap();
     assert_eq!(
         (rec.presence, rec.holder.as_deref()),
         (Presence::Online, Some(old.as_str()))
     );
     assert!(
         !again
-            .disconnected(FP, Some(&again.me.holder(3)), Presence::Lost, "x")
+            .disconnected(&a(FP), Some(&again.me.holder(3)), Presence::Lost, "x")
             .await
     );
     assert!(
         again
-            .disconnected(FP, Some(&old), Presence::Lost, "gone")
+            .disconnected(&a(FP), Some(&old), Presence::Lost, "gone")
             .await
     );
 }
@@ -339,11 +532,11 @@ async fn the_nats_registry_keeps_the_contract_between_gateways() {
         "online through gw1"
     );
     assert!(
-        !one.disconnected(FP, Some(&one.me.holder(3)), Presence::Lost, "late")
+        !one.disconnected(&a(FP), Some(&one.me.holder(3)), Presence::Lost, "late")
             .await
     );
     assert!(
-        two.disconnected(FP, Some(&two.me.holder(1)), Presence::Lost, "lost")
+        two.disconnected(&a(FP), Some(&two.me.holder(1)), Presence::Lost, "lost")
             .await
     );
     // Revoked through a gateway that has not seen the agent yet (it reads and writes the
@@ -353,9 +546,12 @@ async fn the_nats_registry_keeps_the_contract_between_gateways() {
     one.connected("default", &hello(RACED), "peer", 11)
         .await
         .unwrap();
-    assert!(two.get(RACED).is_none());
-    assert!(two.revoked("default", RACED, "revoked").await.unwrap());
-    assert_eq!(two.get(RACED).map(|r| r.presence), Some(Presence::Revoked));
+    assert!(two.get(&a(RACED)).is_none());
+    assert!(two.revoked(&a(RACED), "revoked").await.unwrap());
+    assert_eq!(
+        two.get(&a(RACED)).map(|r| r.presence),
+        Some(Presence::Revoked)
+    );
     let late = one.connected("default", &hello(RACED), "peer", 12).await;
     assert!(
         late.as_ref().is_err_and(|e| e.is::<RevokedAgent>()),

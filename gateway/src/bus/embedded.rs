@@ -6,7 +6,7 @@
 //! `presence` holds presence events. Each is a [`super::segments::Log`]: `results.jsonl` is being
 //! written, `results-<n>.jsonl` are sealed, and retention deletes the oldest sealed
 //! segments by age and size, as the NATS results stream does with the same settings.
-//! Deduplication is by (fingerprint, seq): agents number results strictly increasingly, so
+//! Deduplication is by (tenant, fingerprint, seq): agents number results strictly increasingly, so
 //! the bus keeps the highest durable sequence per agent and drops anything at or below it.
 //! Not here: consumers other than the gateway itself.
 
@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::segments::{Log, Retention};
-use super::{AgentRef, Bus, BusError, Presence, PresenceEvent, Published};
+use super::{agent_key, AgentRef, Bus, BusError, Presence, PresenceEvent, Published};
 
 /// Jobs waiting for the writer. A full queue makes publishers wait (backpressure reaches
 /// the agents as slower acks), it never drops.
@@ -119,9 +119,10 @@ fn recover(log: &Log) -> std::io::Result<(HashMap<String, u64>, Recovered)> {
     log.for_each_sealed_line(|line| match serde_json::from_slice::<ResultLine>(line) {
         Ok(l) => {
             rec.results_on_disk += 1;
-            let w = watermarks.entry(l.fingerprint.clone()).or_default();
+            let key = agent_key(&l.tenant, &l.fingerprint);
+            let w = watermarks.entry(key.clone()).or_default();
             *w = (*w).max(l.result.seq);
-            let per_agent = rec.latest.entry(l.fingerprint).or_default();
+            let per_agent = rec.latest.entry(key).or_default();
             match per_agent.get(&l.result.check) {
                 Some(old) if old.seq >= l.result.seq => {}
                 _ => {
@@ -139,13 +140,13 @@ fn last_presence(log: &Log) -> std::io::Result<HashMap<String, PresenceEvent>> {
     let mut last = HashMap::new();
     log.for_each_sealed_line(|line| {
         if let Ok(event) = serde_json::from_slice::<PresenceEvent>(line) {
-            last.insert(event.agent.fingerprint.clone(), event);
+            last.insert(event.agent.key(), event);
         }
     })?;
     Ok(last)
 }
 
-/// Watermarks: the highest durable sequence number per fingerprint. Shared so sessions can
+/// Watermarks: the highest durable sequence number per agent (`<tenant>.<fingerprint>`). Shared so sessions can
 /// tell agents where to number from; only the writer changes them, after a durable write.
 type Watermarks = Arc<Mutex<HashMap<String, u64>>>;
 
@@ -178,11 +179,8 @@ fn writer(
                         results: batch,
                         ..
                     } => {
-                        let mut high = pending
-                            .get(&agent.fingerprint)
-                            .or(marks.get(&agent.fingerprint))
-                            .copied()
-                            .unwrap_or(0);
+                        let key = agent.key();
+                        let mut high = pending.get(&key).or(marks.get(&key)).copied().unwrap_or(0);
                         let mut p = Published::default();
                         for r in batch {
                             if r.seq <= high {
@@ -200,7 +198,7 @@ fn writer(
                                 rbuf.push(b'\n');
                             }
                         }
-                        pending.insert(agent.fingerprint.clone(), high);
+                        pending.insert(key, high);
                         outcomes.push(Some(p));
                     }
                     Job::Presence { event, .. } => {
@@ -287,7 +285,7 @@ impl Bus for EmbeddedBus {
 
     async fn last_seq(&self, agent: &AgentRef) -> Result<u64, BusError> {
         Ok(lock(&self.watermarks)
-            .get(&agent.fingerprint)
+            .get(&agent.key())
             .copied()
             .unwrap_or(0))
     }
@@ -389,7 +387,7 @@ mod tests {
         // After a restart the watermark comes from what is kept.
         drop(bus);
         let (bus, rec) = EmbeddedBus::open(dir.path(), cap).await.unwrap();
-        assert_eq!(rec.latest["fp"]["a"].seq, 5001);
+        assert_eq!(rec.latest["default.fp"]["a"].seq, 5001);
         assert_eq!(bus.last_seq(&agent()).await.unwrap(), 5001);
     }
 
@@ -421,7 +419,7 @@ mod tests {
         let (bus, rec) = EmbeddedBus::open(dir.path(), KEEP).await.unwrap();
         assert_eq!(rec.results_on_disk, 3);
         assert!(rec.torn_bytes_dropped > 0);
-        assert_eq!(rec.latest["fp"]["a"].seq, 3);
+        assert_eq!(rec.latest["default.fp"]["a"].seq, 3);
         let p = bus
             .publish_results(&agent(), &[result(3, "a"), result(4, "a")])
             .await

@@ -2,7 +2,7 @@
 //!
 //! Each result is one message on `outpost.<tenant>.results.<fingerprint>` in the
 //! `OUTPOST_RESULTS` stream, with the same JSON body as a line of the embedded bus
-//! (`{"tenant","fingerprint","result"}`) and `Nats-Msg-Id` = `<fingerprint>:<seq>`. A batch
+//! (`{"tenant","fingerprint","result"}`) and `Nats-Msg-Id` = `<tenant>.<fingerprint>:<seq>`. A batch
 //! is published pipelined (every message sent, then every ack awaited), and
 //! `publish_results` returns only when JetStream has acked all of them: only then does the
 //! session ack the agent.
@@ -119,7 +119,7 @@ impl Bus for NatsBus {
             let msg = PublishMessage::build()
                 .payload(body.into())
                 .headers(headers)
-                .message_id(format!("{}:{}", agent.fingerprint, r.seq));
+                .message_id(format!("{}:{}", agent.key(), r.seq));
             let ack = self
                 .nats
                 .js

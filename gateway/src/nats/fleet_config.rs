@@ -548,6 +548,8 @@ pub const MIRROR_TASK: &str = "fleet config mirror";
 /// check store reads.
 #[derive(Clone)]
 pub struct Mirror {
+    /// Its name in [`Health`]: [`MIRROR_TASK`] for the home tenant, one per tenant.
+    pub task: &'static str,
     pub nats: Arc<Nats>,
     pub tenant: String,
     pub checks_dir: PathBuf,
@@ -560,6 +562,7 @@ impl Mirror {
     /// Mirror until shutdown. Files not in NATS are removed at the start.
     pub async fn run(self) {
         let Mirror {
+            task,
             nats,
             tenant,
             checks_dir,
@@ -567,11 +570,21 @@ impl Mirror {
             health,
             shutdown,
         } = self;
-        mirror(nats, tenant, checks_dir, plugins_dir, health, shutdown).await
+        mirror(
+            task,
+            nats,
+            tenant,
+            checks_dir,
+            plugins_dir,
+            health,
+            shutdown,
+        )
+        .await
     }
 }
 
 async fn mirror(
+    task: &'static str,
     nats: Arc<Nats>,
     tenant: String,
     checks_dir: PathBuf,
@@ -593,7 +606,7 @@ async fn mirror(
                 .watch_with_history()
                 .await
                 .context("cannot watch the plugin store")?;
-            health.ok(MIRROR_TASK);
+            health.ok(task);
             loop {
                 tokio::select! {
                     e = checks.next() => {
@@ -646,7 +659,7 @@ async fn mirror(
             Ok(()) => return,
             Err(e) => {
                 let why = format!("{e:#}");
-                health.failing(MIRROR_TASK, why.clone());
+                health.failing(task, why.clone());
                 tracing::error!(error = %why, "mirroring the fleet configuration failed; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}

@@ -262,13 +262,13 @@ pub async fn heartbeat(gw: Upkeep, nats: Arc<Nats>) {
     }
 }
 
-/// Follow the shared registry (this tenant's keys) into the in-memory map, and end local
+/// Follow the shared registry (every tenant's agents) into the in-memory map, and end local
 /// sessions of agents that another gateway has taken over.
 pub async fn follow(gw: Upkeep, nats: Arc<Nats>) {
     use futures_util::StreamExt;
-    let filter = format!("{}.*", gw.tenant);
+    let filter = "*.*";
     loop {
-        let mut watch = match super::watch_keys(&nats.client, &nats.agents, &filter).await {
+        let mut watch = match super::watch_keys(&nats.client, &nats.agents, filter).await {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch the fleet registry; retrying");
@@ -290,13 +290,13 @@ pub async fn follow(gw: Upkeep, nats: Arc<Nats>) {
                         _ => None,
                     };
                     match gw.registry.apply(e.revision, value, &e.key) {
-                        Applied::TakenOver(fp) => {
-                            tracing::info!(fingerprint = %fp, "agent reconnected through another gateway; ending its old session here");
-                            gw.hub.take_over(&fp);
+                        Applied::TakenOver(agent) => {
+                            tracing::info!(tenant = %agent.tenant, fingerprint = %agent.fingerprint, "agent reconnected through another gateway; ending its old session here");
+                            gw.hub.take_over(&agent);
                         }
-                        Applied::Revoked(fp) => {
-                            tracing::info!(fingerprint = %fp, "agent revoked through another gateway; closing its session here");
-                            gw.hub.revoke(&fp);
+                        Applied::Revoked(agent) => {
+                            tracing::info!(tenant = %agent.tenant, fingerprint = %agent.fingerprint, "agent revoked through another gateway; closing its session here");
+                            gw.hub.revoke(&agent);
                         }
                         Applied::Nothing => {}
                     }

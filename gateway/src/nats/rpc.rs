@@ -112,7 +112,7 @@ pub async fn serve_agent(nats: Arc<Nats>, agent: &AgentRef, local: runnow::Local
                     Ok(req) if req.tenant != agent.tenant => {
                         Answer::of(Err(RunNowError::UnknownAgent(agent.fingerprint.clone())))
                     }
-                    Ok(req) => Answer::of(local.run(&agent.fingerprint, &req.check).await),
+                    Ok(req) => Answer::of(local.run(&agent, &req.check).await),
                     Err(e) => Answer::error(
                         ErrorKind::BadRequest,
                         format!("malformed run-now request: {e}"),

@@ -28,6 +28,7 @@ use super::{
     bad_read, close_reason, come_back_later, count_bad_read, rejected, Services, GATEWAY_VERSION,
 };
 use crate::bus::{AgentRef, BusError, Presence};
+use crate::checks::CheckStore;
 use crate::credentials::Authenticated;
 use crate::hub::{Outbound, SessionHandle, OUTBOUND_QUEUE};
 use crate::metrics::Metrics;
@@ -63,9 +64,11 @@ pub(super) async fn run(
     gw: Arc<Services>,
     socket: WebSocket,
     peer: SocketAddr,
-    hello: Hello,
+    mut hello: Hello,
     auth: Authenticated,
 ) {
+    // The labels its enrollment key gave it win over its own.
+    hello.labels.extend(auth.labels);
     let (sink, stream) = socket.split();
     let (tx, rx) = mpsc::channel::<Outbound>(OUTBOUND_QUEUE);
     let handle = SessionHandle {
@@ -79,12 +82,13 @@ pub(super) async fn run(
         tenant: auth.tenant.clone(),
         fingerprint: hello.fingerprint.clone(),
     };
-    gw.hub.register(&agent.fingerprint, handle.clone());
+    gw.hub.register(&agent, handle.clone());
     let holder = gw.registry.me.holder(handle.conn_id);
     let mut session = Session {
         // A newly enrolled agent stores its secret before it sends anything else, so its
         // next frame (or ping) confirms the enrollment.
         unconfirmed: auth.new_secret.is_some(),
+        checks: gw.checks.of(&agent.tenant),
         limiter: Limiter::new(gw.settings.agent_rate, std::time::Instant::now()),
         gw,
         agent,
@@ -103,7 +107,7 @@ pub(super) async fn run(
             let _relay = Box::pin(session.serve_relayed_calls()).await;
             // Subscribed before the configuration is computed, so a change made meanwhile
             // is not missed.
-            let catalog = session.gw.checks.subscribe();
+            let catalog = session.checks.subscribe();
             Box::pin(session.greet(auth.new_secret)).await;
             session.read(stream, catalog).await
         }
@@ -116,7 +120,7 @@ pub(super) async fn run(
     writer.finish().await;
     // Fail waiting run-now calls at once instead of letting them time out.
     lock(&handle.pending).clear();
-    if !gw.hub.unregister(&agent.fingerprint, handle.conn_id) {
+    if !gw.hub.unregister(&agent, handle.conn_id) {
         tracing::info!("connection replaced by a newer one");
         return;
     }
@@ -141,6 +145,8 @@ struct Session {
     held_until: Option<Instant>,
     /// Enrolled in this session, and the agent has not yet shown it kept its secret.
     unconfirmed: bool,
+    /// Its tenant's checks and plugins.
+    checks: Arc<CheckStore>,
 }
 
 impl Session {
@@ -220,7 +226,7 @@ impl Session {
     async fn greet(&mut self, new_secret: Option<String>) {
         let gw = self.gw.clone();
         tracing::info!(peer = %self.peer, version = ?self.hello.agent_version, enrolled = new_secret.is_some(), "agent connected");
-        let config = AgentConfig::of(&gw.checks.current(), &self.hello);
+        let config = AgentConfig::of(&self.checks.current(), &self.hello);
         self.sent_hash = config.hash.clone();
         let welcome = GatewayFrame::Welcome(Welcome {
             protocol: PROTOCOL_VERSION,
@@ -241,7 +247,7 @@ impl Session {
         if self.hello.config_hash.as_deref() != Some(self.sent_hash.as_str()) {
             Box::pin(self.send_config(config)).await;
         } else {
-            gw.registry.set_checks(self.fp(), config.checks);
+            gw.registry.set_checks(&self.agent, config.checks);
         }
         let rollout = Box::pin(crate::rollout::load(&gw.settings.releases_dir)).await;
         if let Some(version) = rollout
@@ -324,9 +330,9 @@ impl Session {
     }
 
     async fn on_message(&mut self, msg: Message) -> Flow {
-        self.gw.registry.seen(self.fp());
+        self.gw.registry.seen(&self.agent);
         if self.unconfirmed && !matches!(msg, Message::Close(_)) {
-            Box::pin(self.gw.credentials.confirmed(self.fp())).await;
+            Box::pin(self.gw.credentials.confirmed(&self.agent.tenant, self.fp())).await;
             self.unconfirmed = false;
         }
         match msg {
@@ -354,7 +360,7 @@ impl Session {
             AgentFrame::Results(batch) => self.on_results(batch, text.len()).await,
             AgentFrame::RpcReply(reply) => self.on_rpc_reply(reply).await,
             AgentFrame::PluginRequest(req) => {
-                let frame = Box::pin(plugin_frame(&self.gw, &req.sha256)).await;
+                let frame = Box::pin(plugin_frame(&self.checks, &req.sha256)).await;
                 self.send(frame).await
             }
             AgentFrame::Bye(bye) => self.on_bye(bye).await,
@@ -429,7 +435,7 @@ impl Session {
         gw.metrics
             .results_duplicate
             .fetch_add(p.duplicates as u64, relaxed);
-        gw.registry.record_results(self.fp(), &batch.results);
+        gw.registry.record_results(&self.agent, &batch.results);
         self.last_acked = batch.results.last().map_or(self.last_acked, |r| r.seq);
         let ack = Outbound::frame(GatewayFrame::Ack(Ack {
             seq: self.last_acked,
@@ -487,7 +493,7 @@ impl Session {
             }
             self.gw
                 .registry
-                .record_results(self.fp(), std::iter::once(result));
+                .record_results(&self.agent, std::iter::once(result));
         }
         let _ = waiter.send(reply);
         Flow::Continue(())
@@ -532,7 +538,7 @@ impl Session {
                 .await;
             return;
         }
-        self.gw.registry.set_checks(self.fp(), checks);
+        self.gw.registry.set_checks(&self.agent, checks);
         Metrics::inc(&self.gw.metrics.configs_sent);
         tracing::info!(checks = count, %hash, "sending config");
         let _ = self.send(frame).await;
@@ -560,12 +566,9 @@ async fn settle(gw: Arc<Services>, agent: AgentRef, holder: String, end: End) {
         End::Bye(r) => {
             let reason = format!("bye: {r}");
             tracing::info!(%reason, "agent deregistered");
-            let ended = gw.registry.disconnected(
-                &agent.fingerprint,
-                Some(&holder),
-                Presence::Deregistered,
-                &reason,
-            );
+            let ended =
+                gw.registry
+                    .disconnected(&agent, Some(&holder), Presence::Deregistered, &reason);
             if Box::pin(ended).await {
                 let event = publish_presence(
                     &*gw.bus,
@@ -660,7 +663,7 @@ impl Writer {
 }
 
 /// The catalog plugin with content hash `sha256`, or an error frame saying why not.
-async fn plugin_frame(gw: &Services, sha256: &str) -> GatewayFrame {
+async fn plugin_frame(checks: &CheckStore, sha256: &str) -> GatewayFrame {
     use base64::Engine;
     use sha2::Digest;
     let refuse = |code: &str, message: String| {
@@ -680,7 +683,7 @@ async fn plugin_frame(gw: &Services, sha256: &str) -> GatewayFrame {
             "a plugin's sha256 is 64 lowercase hex digits".into(),
         );
     }
-    let Some(entry) = gw.checks.current().plugin_by_hash(sha256).cloned() else {
+    let Some(entry) = checks.current().plugin_by_hash(sha256).cloned() else {
         return refuse(
             "unknown_plugin",
             format!("no plugin with sha256 {sha256} in the catalog"),

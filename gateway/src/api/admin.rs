@@ -1,0 +1,383 @@
+//! The admin API: a tenant's enrollment keys and API tokens (its admins), and the tenants
+//! themselves (the fleet operator). Keys and tokens are shown in clear once, in the answer
+//! that creates them; lists show their ids and settings, never a hash.
+
+use std::collections::BTreeMap;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use super::access::{Admin, FleetOperator, Tenant};
+use super::{ApiError, Gw};
+use crate::errors::ErrorKind;
+use crate::tenants::{AdminError, ApiToken, Caller, EnrollKey, Limits, NewKey, Role};
+
+pub fn routes() -> Router<Gw> {
+    Router::new()
+        .route("/whoami", get(whoami))
+        .route("/keys", get(list_keys).post(create_key))
+        .route("/keys/{id}/revoke", post(revoke_key))
+        .route("/tokens", get(list_tokens).post(create_token))
+        .route("/tokens/{id}/revoke", post(revoke_token))
+        .route("/tenants", get(list_tenants).post(create_tenant))
+        .route(
+            "/tenants/{name}",
+            get(get_tenant).patch(update_tenant).delete(delete_tenant),
+        )
+        .route("/tenants/{name}/tokens", post(create_tenant_token))
+}
+
+/// A JSON body, or a 400 that says what is wrong with it.
+fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let bytes = if bytes.is_empty() { b"{}" } else { bytes };
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::new(ErrorKind::BadRequest, format!("request body: {e}")))
+}
+
+impl From<AdminError> for ApiError {
+    fn from(e: AdminError) -> ApiError {
+        let kind = match &e {
+            AdminError::Exists(_) | AdminError::Conflict(_) => ErrorKind::Conflict,
+            AdminError::NotFound(_) => ErrorKind::NotFound,
+            AdminError::Store(_) => ErrorKind::Unavailable,
+        };
+        ApiError::new(kind, e.to_string())
+    }
+}
+
+#[derive(Serialize)]
+struct Whoami {
+    /// `operator`, or the tenant's token role.
+    role: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant: Option<String>,
+}
+
+/// Who the token is: any valid token may ask.
+async fn whoami(Extension(caller): Extension<Caller>) -> Json<Whoami> {
+    Json(match caller {
+        Caller::Operator => Whoami {
+            role: "operator",
+            tenant: None,
+        },
+        Caller::Tenant { tenant, role } => Whoami {
+            role: role.as_str(),
+            tenant: Some(tenant),
+        },
+    })
+}
+
+#[derive(Serialize)]
+struct KeyView {
+    id: String,
+    name: String,
+    created_at_ms: u64,
+    expires_at_ms: Option<u64>,
+    max_enrollments: Option<u64>,
+    enrollments: u64,
+    labels: BTreeMap<String, String>,
+    revoked_at_ms: Option<u64>,
+}
+
+impl From<EnrollKey> for KeyView {
+    fn from(k: EnrollKey) -> KeyView {
+        KeyView {
+            id: k.id,
+            name: k.name,
+            created_at_ms: k.created_at_ms,
+            expires_at_ms: k.expires_at_ms,
+            max_enrollments: k.max_enrollments,
+            enrollments: k.enrollments,
+            labels: k.labels,
+            revoked_at_ms: k.revoked_at_ms,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct TokenView {
+    id: String,
+    name: String,
+    role: Role,
+    created_at_ms: u64,
+    revoked_at_ms: Option<u64>,
+}
+
+impl From<ApiToken> for TokenView {
+    fn from(t: ApiToken) -> TokenView {
+        TokenView {
+            id: t.id,
+            name: t.name,
+            role: t.role,
+            created_at_ms: t.created_at_ms,
+            revoked_at_ms: t.revoked_at_ms,
+        }
+    }
+}
+
+async fn list_keys(State(gw): State<Gw>, t: Tenant<Admin>) -> Json<Vec<KeyView>> {
+    let keys = gw.credentials.tenants.list_keys(&t.name);
+    Json(keys.into_iter().map(KeyView::from).collect())
+}
+
+#[derive(Serialize)]
+struct CreatedKey {
+    #[serde(flatten)]
+    key: KeyView,
+    /// The key in clear: shown only here.
+    enroll_key: String,
+}
+
+async fn create_key(State(gw): State<Gw>, t: Tenant<Admin>, bytes: Bytes) -> Response {
+    let new: NewKey = match body(&bytes) {
+        Ok(n) => n,
+        Err(e) => return e.into_response(),
+    };
+    if let Some(problem) = crate::tenants::key_problems(&new) {
+        return ApiError::new(ErrorKind::BadRequest, problem).into_response();
+    }
+    match gw.credentials.tenants.create_key(&t.name, new).await {
+        Ok((key, clear)) => {
+            tracing::info!(tenant = %t.name, key = %key.id, "enrollment key created");
+            let created = CreatedKey {
+                key: key.into(),
+                enroll_key: clear,
+            };
+            (StatusCode::CREATED, Json(created)).into_response()
+        }
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+async fn revoke_key(State(gw): State<Gw>, t: Tenant<Admin>, Path(id): Path<String>) -> Response {
+    match gw.credentials.tenants.revoke_key(&t.name, &id).await {
+        Ok(key) => {
+            tracing::warn!(tenant = %t.name, key = %id, "enrollment key revoked");
+            Json(KeyView::from(key)).into_response()
+        }
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+async fn list_tokens(State(gw): State<Gw>, t: Tenant<Admin>) -> Json<Vec<TokenView>> {
+    let tokens = gw.credentials.tenants.list_tokens(&t.name);
+    Json(tokens.into_iter().map(TokenView::from).collect())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    role: Role,
+    #[serde(default)]
+    name: String,
+}
+
+#[derive(Serialize)]
+struct CreatedToken {
+    #[serde(flatten)]
+    token: TokenView,
+    /// The token in clear: shown only here.
+    api_token: String,
+}
+
+async fn issue_token(gw: &Gw, tenant: &str, bytes: &[u8]) -> Response {
+    let new: NewToken = match body(bytes) {
+        Ok(n) => n,
+        Err(e) => return e.into_response(),
+    };
+    if new.name.len() > 200 {
+        return ApiError::new(ErrorKind::BadRequest, "name: at most 200 bytes").into_response();
+    }
+    let created = gw
+        .credentials
+        .tenants
+        .create_token(tenant, new.role, &new.name);
+    match created.await {
+        Ok((token, clear)) => {
+            tracing::info!(%tenant, token = %token.id, role = token.role.as_str(), "API token created");
+            let created = CreatedToken {
+                token: token.into(),
+                api_token: clear,
+            };
+            (StatusCode::CREATED, Json(created)).into_response()
+        }
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+async fn create_token(State(gw): State<Gw>, t: Tenant<Admin>, bytes: Bytes) -> Response {
+    issue_token(&gw, &t.name, &bytes).await
+}
+
+async fn revoke_token(State(gw): State<Gw>, t: Tenant<Admin>, Path(id): Path<String>) -> Response {
+    match gw.credentials.tenants.revoke_token(&t.name, &id).await {
+        Ok(token) => {
+            tracing::warn!(tenant = %t.name, token = %id, "API token revoked");
+            Json(TokenView::from(token)).into_response()
+        }
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+#[derive(Serialize)]
+struct TenantView {
+    name: String,
+    enabled: bool,
+    limits: Limits,
+    created_at_ms: u64,
+    /// Agents enrolled (revoked ones until forgotten).
+    agents: u64,
+}
+
+fn tenant_view(gw: &Gw, t: crate::tenants::Tenant) -> TenantView {
+    TenantView {
+        agents: gw.registry.count(&t.name),
+        name: t.name,
+        enabled: t.enabled,
+        limits: t.limits,
+        created_at_ms: t.created_at_ms,
+    }
+}
+
+async fn list_tenants(State(gw): State<Gw>, _: FleetOperator) -> Json<Vec<TenantView>> {
+    let all = gw.credentials.tenants.list_tenants();
+    Json(all.into_iter().map(|t| tenant_view(&gw, t)).collect())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewTenant {
+    name: String,
+    #[serde(default)]
+    limits: Limits,
+}
+
+#[derive(Serialize)]
+struct CreatedTenant {
+    #[serde(flatten)]
+    tenant: TenantView,
+    /// The tenant's first admin token, in clear: shown only here.
+    admin_token: String,
+}
+
+async fn create_tenant(State(gw): State<Gw>, _: FleetOperator, bytes: Bytes) -> Response {
+    let new: NewTenant = match body(&bytes) {
+        Ok(n) => n,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(e) = crate::tenant::parse_name(&new.name) {
+        return ApiError::new(ErrorKind::BadRequest, format!("name: {e}")).into_response();
+    }
+    let tenants = &gw.credentials.tenants;
+    let tenant = match tenants.create_tenant(&new.name, new.limits).await {
+        Ok(t) => t,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let first = tenants.create_token(&tenant.name, Role::Admin, "first admin token");
+    match first.await {
+        Ok((_, clear)) => {
+            tracing::info!(tenant = %tenant.name, "tenant created");
+            let created = CreatedTenant {
+                tenant: tenant_view(&gw, tenant),
+                admin_token: clear,
+            };
+            (StatusCode::CREATED, Json(created)).into_response()
+        }
+        Err(e) => {
+            let why = format!("tenant {} was created, but its first admin token could not be: {e}; create one with POST /api/v1/tenants/{}/tokens", tenant.name, tenant.name);
+            ApiError::new(ErrorKind::Unavailable, why).into_response()
+        }
+    }
+}
+
+async fn get_tenant(State(gw): State<Gw>, _: FleetOperator, Path(name): Path<String>) -> Response {
+    match gw.credentials.tenants.tenant(&name) {
+        Some(t) => Json(tenant_view(&gw, t)).into_response(),
+        None => ApiError::from(AdminError::NotFound(format!("tenant {name}"))).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantChange {
+    enabled: Option<bool>,
+    limits: Option<Limits>,
+}
+
+async fn update_tenant(
+    State(gw): State<Gw>,
+    _: FleetOperator,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> Response {
+    let change: TenantChange = match body(&bytes) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let updated = gw
+        .credentials
+        .tenants
+        .update_tenant(&name, change.enabled, change.limits);
+    match updated.await {
+        Ok(t) => {
+            tracing::info!(tenant = %name, enabled = t.enabled, limits = ?t.limits, "tenant changed");
+            Json(tenant_view(&gw, t)).into_response()
+        }
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+async fn delete_tenant(
+    State(gw): State<Gw>,
+    _: FleetOperator,
+    Path(name): Path<String>,
+) -> Response {
+    if gw.credentials.home() == name {
+        let why = format!("tenant {name} is this gateway's home tenant (--tenant): it holds the agents enrolled before tenants and cannot be deleted");
+        return ApiError::new(ErrorKind::Conflict, why).into_response();
+    }
+    if gw
+        .credentials
+        .tenants
+        .tenant(&name)
+        .is_some_and(|t| t.enabled)
+    {
+        let why = format!("tenant {name} is enabled: disable it first (PATCH with {{\"enabled\": false}}), then delete it");
+        return ApiError::new(ErrorKind::Conflict, why).into_response();
+    }
+    // Its agents first (revoked, closed wherever they are, and forgotten), so nothing of
+    // the tenant comes back should a tenant of the same name be made later. A failure
+    // stops here: the tenant stays (disabled), and deleting it again finishes.
+    for rec in gw.registry.list(&name) {
+        let agent = rec.agent();
+        if let Err(e) = super::revoke(&gw, &agent).await {
+            return e.into_response();
+        }
+        if let Err(e) = super::forget(&gw, &agent).await {
+            return e.into_response();
+        }
+    }
+    match gw.credentials.tenants.delete_tenant(&name).await {
+        Ok(()) => {
+            tracing::warn!(tenant = %name, "tenant deleted");
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// A new token for a tenant, made by the operator (a tenant that lost its admin token).
+async fn create_tenant_token(
+    State(gw): State<Gw>,
+    _: FleetOperator,
+    Path(name): Path<String>,
+    bytes: Bytes,
+) -> Response {
+    issue_token(&gw, &name, &bytes).await
+}

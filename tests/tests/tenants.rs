@@ -1,0 +1,591 @@
+//! Tenants on one gateway fleet: two tenants, three roles each and the fleet operator,
+//! against every API route, the websocket and run-now, on the embedded bus and on a
+//! two-gateway NATS fleet (API calls through one gateway, agents on the other). Exactly the
+//! cells a role allows succeed; every other cell is 401, 403 or 404, and no answer to one
+//! tenant's token carries anything of the other tenant.
+
+use std::path::Path;
+use std::time::Duration;
+
+use outpost_e2e::nats::NatsServer;
+use outpost_e2e::{eventually, tempdir, test_pki, Agent, Gateway};
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(30);
+const PING: &str = "[[check]]\nname = \"ping\"\ncommand = \"/bin/echo pong\"\ninterval = 60\n";
+/// Only acme's agents run this (each tenant's checks are its own).
+const ACME_ONLY: &str =
+    "[[check]]\nname = \"acme_only\"\ncommand = \"/bin/echo acme\"\ninterval = 60\n";
+
+/// Each tenant's check files: acme has one more check than globex.
+fn tenant_checks(tenant: &str) -> Vec<(&'static str, &'static str)> {
+    match tenant {
+        "acme" => vec![("ping.toml", PING), ("acme.toml", ACME_ONLY)],
+        _ => vec![("ping.toml", PING)],
+    }
+}
+
+/// One tenant as the test sees it: its tokens by role, its agent, its key.
+struct Side {
+    name: &'static str,
+    admin: String,
+    operate: String,
+    read: String,
+    agent: Agent,
+    key_id: String,
+    token_ids: Vec<String>,
+}
+
+impl Side {
+    fn token(&self, role: &str) -> &str {
+        match role {
+            "admin" => &self.admin,
+            "operate" => &self.operate,
+            "read" => &self.read,
+            _ => unreachable!(),
+        }
+    }
+}
+
+async fn call(
+    gw: &Gateway,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    gw.http_json(
+        method,
+        &format!("/api/v1{path}"),
+        Some(token),
+        body.as_ref(),
+    )
+    .await
+}
+
+/// A tenant made by the operator, with a token of each role and an enrollment key
+/// (labelled), and one real agent enrolled with that key on `agents_gw`.
+async fn tenant(
+    api: &Gateway,
+    agents_gw: &Gateway,
+    dir: &Path,
+    operator: &str,
+    name: &'static str,
+    trust: &str,
+) -> Side {
+    let (status, created) = call(
+        api,
+        "POST",
+        "/tenants",
+        operator,
+        Some(json!({ "name": name })),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    assert_eq!(created["name"], name);
+    let admin = created["admin_token"].as_str().unwrap().to_string();
+    let mut token_ids = Vec::new();
+    let issue = |role: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let (status, t) = call(
+                api,
+                "POST",
+                "/tokens",
+                &admin,
+                Some(json!({ "role": role, "name": role })),
+            )
+            .await;
+            assert_eq!(status, 201, "{t}");
+            assert_eq!(t["role"], role);
+            (
+                t["id"].as_str().unwrap().to_string(),
+                t["api_token"].as_str().unwrap().to_string(),
+            )
+        }
+    };
+    let (operate_id, operate) = issue("operate").await;
+    let (read_id, read) = issue("read").await;
+    token_ids.extend([operate_id, read_id]);
+    let (status, key) = call(
+        api,
+        "POST",
+        "/keys",
+        &admin,
+        Some(json!({ "name": "matrix", "labels": { "customer": name } })),
+    )
+    .await;
+    assert_eq!(status, 201, "{key}");
+    let enroll_key = key["enroll_key"].as_str().unwrap();
+    assert!(key.get("sha256").is_none(), "{key}");
+    let port = agents_gw.addr.rsplit(':').next().unwrap();
+    let agent = Agent::start_with_config(
+        dir,
+        &format!("{name}-host"),
+        &format!(
+            "gateway_url = \"wss://localhost:{port}\"\nenroll_key = {enroll_key:?}\n{trust}\nhostname = \"{name}-host\"\nreconnect_max_secs = 2\n"
+        ),
+    );
+    Side {
+        name,
+        admin,
+        operate,
+        read,
+        key_id: key["id"].as_str().unwrap().to_string(),
+        token_ids,
+        agent,
+    }
+}
+
+/// What must not appear in an answer to `me`: anything that names `other` (but what the
+/// request itself named, which the answer may echo).
+fn assert_nothing_of(other: &Side, body: &Value, cell: &str) {
+    let text = body.to_string();
+    let text = match cell.rsplit_once(" naming ") {
+        Some((_, named)) => text.replace(named, "(named)"),
+        None => text,
+    };
+    for secret in [
+        other.name,
+        &format!("{}-host", other.name),
+        &other.key_id,
+        &other.admin,
+        &other.read,
+        &other.operate,
+    ] {
+        assert!(
+            !text.contains(secret),
+            "{cell}: {secret:?} leaked in {text}"
+        );
+    }
+    for id in &other.token_ids {
+        assert!(
+            !text.contains(id.as_str()),
+            "{cell}: token id leaked in {text}"
+        );
+    }
+}
+
+/// The matrix. API calls go to `api`; agents dial `agents_gw` (on NATS another gateway,
+/// so run-now and revocation cross gateways).
+async fn isolation_matrix(
+    api: &Gateway,
+    agents_gw: &Gateway,
+    dir: &Path,
+    operator: &str,
+    trust: &str,
+) {
+    let acme = tenant(api, agents_gw, dir, operator, "acme", trust).await;
+    let globex = tenant(api, agents_gw, dir, operator, "globex", trust).await;
+    for side in [&acme, &globex] {
+        let fp = side.agent.fingerprint.clone();
+        eventually(T, "the agent is online in its tenant", || async {
+            let (s, v) = call(api, "GET", &format!("/agents/{fp}"), &side.read, None).await;
+            (s == 200 && v["presence"] == "online").then_some(())
+        })
+        .await;
+    }
+    // Each runs its own tenant's checks.
+    for (side, want) in [(&acme, vec!["acme_only", "ping"]), (&globex, vec!["ping"])] {
+        let fp = side.agent.fingerprint.clone();
+        eventually(T, "each agent has its tenant's checks", || async {
+            // Asked of the gateway holding the agent (the others do not keep its checks).
+            let (_, v) = call(
+                agents_gw,
+                "GET",
+                &format!("/agents/{fp}/checks"),
+                &side.read,
+                None,
+            )
+            .await;
+            let names: Vec<&str> = v
+                .as_array()?
+                .iter()
+                .filter(|c| c["configured"] == true)
+                .map(|c| c["check"].as_str().unwrap())
+                .collect();
+            (names == want).then_some(())
+        })
+        .await;
+    }
+    // The key's labels were given to the agent.
+    let (_, a) = call(
+        api,
+        "GET",
+        &format!("/agents/{}", acme.agent.fingerprint),
+        &acme.read,
+        None,
+    )
+    .await;
+    assert_eq!(a["labels"]["customer"], "acme", "{a}");
+
+    const ROLES: [&str; 3] = ["read", "operate", "admin"];
+    let rank = |r: &str| ROLES.iter().position(|x| *x == r).unwrap();
+    for (me, other) in [(&acme, &globex), (&globex, &acme)] {
+        let (mine, theirs) = (&me.agent.fingerprint, &other.agent.fingerprint);
+        for role in ROLES {
+            let token = me.token(role);
+            let allowed = |needs: &str| rank(role) >= rank(needs);
+            let cell = |what: &str| format!("{} {role}: {what}", me.name);
+            let expect = |status: u16, body: &Value, want: u16, what: &str| {
+                assert_eq!(status, want, "{}: {body}", cell(what));
+                assert_nothing_of(other, body, &cell(what));
+            };
+
+            let (s, b) = call(api, "GET", "/whoami", token, None).await;
+            expect(s, &b, 200, "whoami");
+            assert_eq!(
+                (b["tenant"].as_str(), b["role"].as_str()),
+                (Some(me.name), Some(role))
+            );
+
+            // Agents: its own only.
+            let (s, b) = call(api, "GET", "/agents", token, None).await;
+            expect(s, &b, 200, "list agents");
+            let listed: Vec<&str> = b
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a["fingerprint"].as_str().unwrap())
+                .collect();
+            assert_eq!(listed, [mine.as_str()], "{}", cell("list agents"));
+            for path in [format!("/agents/{mine}"), format!("/agents/{mine}/checks")] {
+                let (s, b) = call(api, "GET", &path, token, None).await;
+                expect(s, &b, 200, &path);
+            }
+            for path in [
+                format!("/agents/{theirs}"),
+                format!("/agents/{theirs}/checks"),
+            ] {
+                let (s, b) = call(api, "GET", &path, token, None).await;
+                expect(s, &b, 404, &format!("the other tenant's {path}"));
+            }
+
+            // Run-now (operate): on its own agent, across gateways on NATS.
+            let (s, b) = call(
+                api,
+                "POST",
+                &format!("/agents/{mine}/checks/ping/run"),
+                token,
+                None,
+            )
+            .await;
+            if allowed("operate") {
+                expect(s, &b, 200, "run-now");
+                assert_eq!(b["output"].as_str().map(str::trim), Some("pong"), "{b}");
+            } else {
+                expect(s, &b, 403, "run-now");
+            }
+            let (s, b) = call(
+                api,
+                "POST",
+                &format!("/agents/{theirs}/checks/ping/run"),
+                token,
+                None,
+            )
+            .await;
+            expect(
+                s,
+                &b,
+                if allowed("operate") { 404 } else { 403 },
+                "run-now on the other tenant's agent",
+            );
+
+            // Admin routes.
+            let admin_only = if allowed("admin") { 200 } else { 403 };
+            for path in ["/keys", "/tokens"] {
+                let (s, b) = call(api, "GET", path, token, None).await;
+                expect(s, &b, admin_only, path);
+                if s == 200 {
+                    assert!(!b.to_string().contains("sha256"), "{b}");
+                }
+            }
+            let (s, b) = call(
+                api,
+                "POST",
+                &format!("/keys/{}/revoke", other.key_id),
+                token,
+                None,
+            )
+            .await;
+            expect(
+                s,
+                &b,
+                if allowed("admin") { 404 } else { 403 },
+                &format!("revoke the other tenant's key naming {}", other.key_id),
+            );
+            for id in &other.token_ids {
+                let (s, b) = call(api, "POST", &format!("/tokens/{id}/revoke"), token, None).await;
+                expect(
+                    s,
+                    &b,
+                    if allowed("admin") { 404 } else { 403 },
+                    &format!("revoke the other tenant's token naming {id}"),
+                );
+            }
+            let (s, b) = call(
+                api,
+                "POST",
+                &format!("/agents/{theirs}/revoke"),
+                token,
+                None,
+            )
+            .await;
+            expect(
+                s,
+                &b,
+                if allowed("admin") { 404 } else { 403 },
+                "revoke the other tenant's agent",
+            );
+            let (s, b) = call(api, "DELETE", &format!("/agents/{theirs}"), token, None).await;
+            expect(
+                s,
+                &b,
+                if allowed("admin") { 404 } else { 403 },
+                "forget the other tenant's agent",
+            );
+            // Its own agent is not revoked: forgetting it is refused (admin), or not allowed.
+            let (s, b) = call(api, "DELETE", &format!("/agents/{mine}"), token, None).await;
+            expect(
+                s,
+                &b,
+                if allowed("admin") { 409 } else { 403 },
+                "forget its own live agent",
+            );
+            if !allowed("admin") {
+                let (s, b) =
+                    call(api, "POST", &format!("/agents/{mine}/revoke"), token, None).await;
+                expect(s, &b, 403, "revoke its own agent");
+                let (s, b) = call(api, "POST", "/keys", token, Some(json!({}))).await;
+                expect(s, &b, 403, "create a key");
+                let (s, b) = call(
+                    api,
+                    "POST",
+                    "/tokens",
+                    token,
+                    Some(json!({ "role": "admin" })),
+                )
+                .await;
+                expect(s, &b, 403, "create a token");
+            }
+
+            // The operator's routes are not a tenant's.
+            for (method, path) in [
+                ("GET", "/tenants".to_string()),
+                ("POST", "/tenants".to_string()),
+                ("GET", format!("/tenants/{}", me.name)),
+                ("GET", format!("/tenants/{}", other.name)),
+                ("PATCH", format!("/tenants/{}", other.name)),
+                ("DELETE", format!("/tenants/{}", other.name)),
+                ("POST", format!("/tenants/{}/tokens", other.name)),
+            ] {
+                let body = json!({ "name": "evil", "role": "admin", "enabled": false });
+                let (s, b) = call(api, method, &path, token, Some(body)).await;
+                expect(s, &b, 403, &format!("{method} {path}"));
+            }
+        }
+    }
+
+    // The operator manages tenants and sees no tenant's agents.
+    let (s, b) = call(api, "GET", "/tenants", operator, None).await;
+    assert_eq!(s, 200, "{b}");
+    let names: Vec<&str> = b
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"acme") && names.contains(&"globex"), "{b}");
+    for path in [
+        "/agents".to_string(),
+        format!("/agents/{}", acme.agent.fingerprint),
+        "/keys".into(),
+        "/tokens".into(),
+    ] {
+        let (s, b) = call(api, "GET", &path, operator, None).await;
+        assert_eq!(s, 403, "operator {path}: {b}");
+    }
+    // No token, or a wrong one: 401, whatever the route.
+    for token in [None, Some("at.nope.nope"), Some("guess")] {
+        for path in ["/agents", "/tenants", "/keys", "/whoami"] {
+            let (s, b) = api.http("GET", &format!("/api/v1{path}"), token).await;
+            assert_eq!(s, 401, "{token:?} {path}: {b}");
+        }
+    }
+
+    // The websocket: an agent's secret names its tenant; moving it to another tenant's
+    // fingerprint or name is refused.
+    let acme_secret = std::fs::read_to_string(acme.agent.state_dir.join("agent.secret")).unwrap();
+    let acme_secret = acme_secret.trim();
+    assert!(acme_secret.starts_with("acme."), "{acme_secret}");
+    let forged = acme_secret.replacen("acme.", "globex.", 1);
+    for (fp, secret) in [
+        (&globex.agent.fingerprint, acme_secret),
+        (&acme.agent.fingerprint, forged.as_str()),
+    ] {
+        let mut ws = outpost_e2e::raw_ws(agents_gw).await;
+        use futures_util::SinkExt;
+        let hello = outpost_e2e::raw_hello(
+            fp,
+            outpost_protocol::Credential::Secret {
+                secret: secret.to_string(),
+            },
+            "intruder",
+        );
+        ws.send(tokio_tungstenite::tungstenite::Message::Text(
+            serde_json::to_string(&hello).unwrap().into(),
+        ))
+        .await
+        .unwrap();
+        let answer = outpost_e2e::next_json(&mut ws).await;
+        assert_eq!(answer["type"], "error", "{answer}");
+        assert_nothing_of(&globex, &answer, "websocket refusal");
+    }
+
+    // A revoked token is refused at once, on every gateway.
+    let (s, b) = call(
+        api,
+        "POST",
+        &format!("/tokens/{}/revoke", acme.token_ids[1]),
+        &acme.admin,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    for gw in [api, agents_gw] {
+        eventually(T, "the revoked token is refused everywhere", || async {
+            let (s, _) = call(gw, "GET", "/agents", &acme.read, None).await;
+            (s == 401).then_some(())
+        })
+        .await;
+    }
+
+    // A revoked enrollment key refuses a new agent; the agent it enrolled keeps reporting.
+    let (s, b) = call(
+        api,
+        "POST",
+        &format!("/keys/{}/revoke", acme.key_id),
+        &acme.admin,
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    assert!(b["revoked_at_ms"].as_u64().is_some(), "{b}");
+    let (s, b) = call(
+        api,
+        "POST",
+        &format!("/agents/{}/checks/ping/run", acme.agent.fingerprint),
+        &acme.operate,
+        None,
+    )
+    .await;
+    assert_eq!(
+        s, 200,
+        "the agent enrolled with the revoked key still works: {b}"
+    );
+    let port = agents_gw.addr.rsplit(':').next().unwrap();
+    let (_, keys) = call(api, "GET", "/keys", &acme.admin, None).await;
+    assert!(keys.to_string().contains(&acme.key_id));
+    let late = Agent::start_with_config(
+        dir,
+        "late",
+        &format!(
+            "gateway_url = \"wss://localhost:{port}\"\nenroll_key = \"ek.{}.0000\"\n{trust}\nhostname = \"late\"\nreconnect_max_secs = 2\n",
+            acme.key_id
+        ),
+    );
+    late.proc.wait_for_log("enrollment key refused", T).await;
+
+    // A disabled tenant: its tokens and agents are refused until it is enabled again; the
+    // other tenant is untouched.
+    let (s, b) = call(
+        api,
+        "PATCH",
+        "/tenants/globex",
+        operator,
+        Some(json!({ "enabled": false })),
+    )
+    .await;
+    assert_eq!((s, &b["enabled"]), (200, &json!(false)), "{b}");
+    eventually(T, "globex's tokens are refused", || async {
+        let (s, _) = call(agents_gw, "GET", "/agents", &globex.admin, None).await;
+        (s == 401).then_some(())
+    })
+    .await;
+    let (s, _) = call(api, "GET", "/agents", &acme.admin, None).await;
+    assert_eq!(s, 200);
+    let (s, b) = call(api, "DELETE", "/tenants/globex", operator, None).await;
+    assert_eq!(s, 204, "{b}");
+    let (s, _) = call(api, "GET", "/tenants/globex", operator, None).await;
+    assert_eq!(s, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tenants_on_the_embedded_bus_see_and_reach_only_their_own() {
+    let dir = tempdir();
+    let gw = Gateway::start(dir.path(), &[]);
+    for tenant in ["acme", "globex"] {
+        let folder = gw.checks_dir.join(tenant);
+        std::fs::create_dir_all(&folder).unwrap();
+        for (file, text) in tenant_checks(tenant) {
+            std::fs::write(folder.join(file), text).unwrap();
+        }
+    }
+    let operator = std::fs::read_to_string(gw.data_dir.join("operator.token")).unwrap();
+    let trust = format!("pin_sha256 = {:?}", gw.pin);
+    isolation_matrix(&gw, &gw, dir.path(), operator.trim(), &trust).await;
+    // The home tenant was never touched and its first token still works.
+    let (s, b) = gw.http("GET", "/api/v1/whoami", Some(&gw.token)).await;
+    assert_eq!((s, b["tenant"].as_str()), (200, Some("default")), "{b}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tenants_on_a_two_gateway_nats_fleet_see_and_reach_only_their_own() {
+    let dir = tempdir();
+    let nats = NatsServer::start(dir.path(), "n1");
+    let url = nats.url();
+    for tenant in ["acme", "globex"] {
+        let cfg = dir.path().join(format!("cfg-{tenant}"));
+        std::fs::create_dir_all(cfg.join("plugins")).unwrap();
+        for (file, text) in tenant_checks(tenant) {
+            std::fs::write(cfg.join(file), text).unwrap();
+        }
+        outpost_e2e::nats::config_push(&url, &cfg, &["--tenant", tenant]);
+    }
+    let (ca, cert, key) = test_pki(&dir.path().join("pki"), "localhost");
+    let operator_file = dir.path().join("operator.token");
+    std::fs::write(&operator_file, "the-fleet-operator-token-0123456789\n").unwrap();
+    let (cert, key, op) = (
+        cert.display().to_string(),
+        key.display().to_string(),
+        operator_file.display().to_string(),
+    );
+    let start = |id: &str| {
+        Gateway::start(
+            &dir.path().join(id),
+            &[
+                "--gateway-id",
+                id,
+                "--bus",
+                &url,
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+                "--operator-token-file",
+                &op,
+            ],
+        )
+    };
+    let gw1 = start("gw1");
+    let gw2 = start("gw2");
+    let trust = format!("ca_file = {:?}", ca.display().to_string());
+    isolation_matrix(
+        &gw1,
+        &gw2,
+        dir.path(),
+        "the-fleet-operator-token-0123456789",
+        &trust,
+    )
+    .await;
+}
