@@ -50,6 +50,8 @@ pub struct Gateway {
     pub bus: Arc<dyn bus::Bus>,
     pub hub: Arc<hub::Hub>,
     pub metrics: Arc<metrics::Metrics>,
+    /// Each tenant's result rate here (shared by every session of the tenant).
+    pub tenant_rates: Arc<rate::TenantRates>,
     /// The pool of connections not yet authenticated (the listener takes from it).
     pub admission: listener::Admission,
     pub shutdown: CancellationToken,
@@ -87,6 +89,7 @@ impl Gateway {
             metrics: self.metrics.clone(),
             shutdown: self.shutdown.clone(),
             nats: self.nats.clone(),
+            tenant_rates: self.tenant_rates.clone(),
         }
     }
 
@@ -241,6 +244,7 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
         bus,
         hub: Arc::default(),
         metrics: Arc::default(),
+        tenant_rates: Arc::default(),
         admission,
         shutdown,
         health: Arc::default(),

@@ -59,7 +59,7 @@ impl Metrics {
     /// Count a refused access of `tenant` (a tenant that exists, or "" when none is
     /// known: a name taken from a refused credential would let anyone grow this map).
     /// Reasons: `agent_credential`, `api_token`, `role`, `operator_only`, `agent_limit`,
-    /// `revoked`.
+    /// `revoked`, `results_rate` (an ack held for the tenant's rate).
     pub fn refused(&self, tenant: &str, reason: &'static str) {
         *lock(&self.refusals)
             .entry((tenant.to_string(), reason))
@@ -218,7 +218,7 @@ impl Metrics {
         let refusals = lock(&self.refusals);
         if !refusals.is_empty() {
             let name = "outpost_access_refused_total";
-            let _ = writeln!(out, "# HELP {name} Refused access by tenant (empty: not known) and reason (agent_credential, api_token, role, operator_only, agent_limit, revoked).\n# TYPE {name} counter");
+            let _ = writeln!(out, "# HELP {name} Refused access by tenant (empty: not known) and reason (agent_credential, api_token, role, operator_only, agent_limit, revoked, results_rate: an ack held for the tenant's rate).\n# TYPE {name} counter");
             for ((tenant, reason), n) in refusals.iter() {
                 let _ = writeln!(out, "{name}{{tenant=\"{tenant}\",reason=\"{reason}\"}} {n}");
             }

@@ -9,6 +9,9 @@
 //! (a run of checks at the same second) goes through at once. A session starts with empty
 //! buckets: reconnecting buys an agent no burst.
 
+use outpost_sys::lock;
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// What one agent may send per second; 0 switches a bound off.
@@ -94,6 +97,46 @@ impl Limiter {
     }
 }
 
+/// Each tenant's result rate on this gateway: one bucket per tenant, shared by all its
+/// sessions, so a tenant over its limit has every one of its agents' acks held (its
+/// results wait on their disks) while other tenants' buckets are untouched.
+#[derive(Default)]
+pub struct TenantRates {
+    buckets: Mutex<HashMap<String, (Bucket, Instant)>>,
+}
+
+impl TenantRates {
+    /// Account for `results` results of `tenant`, whose limit here is `per_sec` (`None`:
+    /// unlimited), taken at `now`; how long to hold their ack (at most [`MAX_HOLD`]).
+    pub fn hold_for(
+        &self,
+        tenant: &str,
+        per_sec: Option<u64>,
+        results: usize,
+        now: Instant,
+    ) -> Duration {
+        let mut buckets = lock(&self.buckets);
+        let Some(rate) = per_sec.filter(|r| *r > 0) else {
+            buckets.remove(tenant);
+            return Duration::ZERO;
+        };
+        let (bucket, last) = buckets
+            .entry(tenant.to_string())
+            .or_insert_with(|| (Bucket::new(rate), now));
+        if bucket.rate != rate as f64 {
+            // The limit changed: the new rate, and what was saved up is kept.
+            bucket.rate = rate as f64;
+        }
+        bucket.refill(now.saturating_duration_since(*last).as_secs_f64());
+        *last = now;
+        let hold = bucket.take(results as f64);
+        // Many agents each held MAX_HOLD at most: a debt beyond that much is not paid by
+        // anyone, so it is not kept (a flood that stopped is forgotten within MAX_HOLD).
+        bucket.level = bucket.level.max(-bucket.rate * MAX_HOLD.as_secs_f64());
+        hold.min(MAX_HOLD)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +184,35 @@ mod tests {
             hold > Duration::from_millis(900) && hold <= Duration::from_millis(1000),
             "{hold:?}"
         );
+    }
+
+    /// Many agents of one tenant together get the tenant's rate; another tenant's agents
+    /// are not held at all; a debt is forgotten within MAX_HOLD once the flood stops.
+    #[test]
+    fn a_tenant_over_its_rate_is_held_as_a_whole_and_no_one_else_is() {
+        let rates = TenantRates::default();
+        let start = Instant::now();
+        // Ten agents of acme, each sending 50 results as soon as its ack comes.
+        let mut next = [start; 10];
+        let mut sent = 0u64;
+        let end = start + Duration::from_secs(120);
+        loop {
+            let (i, at) = next.iter().enumerate().min_by_key(|(_, t)| **t).unwrap();
+            let at = *at;
+            if at >= end {
+                break;
+            }
+            next[i] = at + rates.hold_for("acme", Some(100), 50, at);
+            sent += 50;
+            // globex, unlimited and limited far above what it sends, is never held.
+            assert_eq!(rates.hold_for("globex", None, 1000, at), Duration::ZERO);
+        }
+        let rate = sent as f64 / 120.0;
+        // Ten agents held MAX_HOLD at most each can exceed the rate only by their last
+        // batches: within a few percent over two minutes.
+        assert!((95.0..=115.0).contains(&rate), "{rate} results/s");
+        let later = end + MAX_HOLD + Duration::from_secs(3);
+        assert_eq!(rates.hold_for("acme", Some(100), 50, later), Duration::ZERO);
     }
 
     #[test]

@@ -602,6 +602,18 @@ impl Registry {
         };
     }
 
+    /// How many gateways of the fleet are alive (this one included): a tenant's fleet-wide
+    /// rate is shared among them.
+    pub fn live_gateways(&self) -> usize {
+        let now = now_ms();
+        let ttl = GATEWAY_TTL.as_millis() as u64;
+        let others = lock(&self.beats)
+            .iter()
+            .filter(|(id, b)| **id != self.me.gateway_id && now.saturating_sub(b.at_ms) < ttl)
+            .count();
+        others + 1
+    }
+
     /// When the gateway process behind the connection `holder` last beat, if known.
     fn last_beat_of(&self, holder: &str) -> Option<u64> {
         let mut parts = holder.split('/');

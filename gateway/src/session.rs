@@ -43,6 +43,8 @@ pub struct Services {
     pub shutdown: CancellationToken,
     /// In a fleet: to answer run-now calls relayed from other gateways.
     pub nats: Option<Arc<Nats>>,
+    /// Each tenant's result rate on this gateway.
+    pub tenant_rates: Arc<crate::rate::TenantRates>,
 }
 
 impl Services {

@@ -53,16 +53,15 @@ impl Role {
 
 /// A tenant's limits; `None` is unlimited.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Enrolled agents (revoked ones count until they are forgotten).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agents: Option<u64>,
-    /// Results accepted per second, over all its agents.
+    /// Results accepted per second, over all its agents: the fleet's, shared by its live
+    /// gateways (each takes its share); beyond it their acks are held.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub results_per_sec: Option<u64>,
-    /// Bytes of its results kept on the bus.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bus_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -415,6 +414,15 @@ impl Tenants {
             Some(_) => Err(Refusal::TenantDisabled(name.to_string())),
             None => Err(Refusal::TenantDisabled(name.to_string())),
         }
+    }
+
+    /// `name`'s limits (none for a tenant that does not exist).
+    pub fn limits(&self, name: &str) -> Limits {
+        self.read()
+            .tenants
+            .get(name)
+            .map(|(t, _)| t.limits.clone())
+            .unwrap_or_default()
     }
 
     pub fn tenant(&self, name: &str) -> Option<Tenant> {

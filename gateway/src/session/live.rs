@@ -407,6 +407,21 @@ impl Session {
         let hold = self
             .limiter
             .hold_for(batch.results.len(), bytes, read_at.into_std());
+        // The tenant's limit, this gateway's share of it.
+        let tenant = &self.agent.tenant;
+        let share = gw
+            .credentials
+            .tenants
+            .limits(tenant)
+            .results_per_sec
+            .map(|r| r.div_ceil(gw.registry.live_gateways() as u64));
+        let tenant_hold =
+            gw.tenant_rates
+                .hold_for(tenant, share, batch.results.len(), read_at.into_std());
+        if tenant_hold > hold {
+            gw.metrics.refused(tenant, "results_rate");
+        }
+        let hold = hold.max(tenant_hold);
         let published = tokio::time::timeout(
             BUS_DEADLINE,
             gw.bus.publish_results(&self.agent, &batch.results),
