@@ -51,6 +51,8 @@ pub struct Services {
     pub admission: Admission,
     pub bus: Arc<dyn Bus>,
     pub runnow: runnow::Local,
+    /// Refused access: counted, and kept on the bus.
+    pub audit: Arc<crate::audit::Audit>,
     /// In a fleet: run-now of agents other gateways hold.
     pub nats: Option<Arc<Nats>>,
     pub shutdown: CancellationToken,

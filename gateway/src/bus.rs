@@ -69,6 +69,25 @@ pub struct PresenceEvent {
     pub reason: String,
 }
 
+/// A refused access, kept on the bus for the tenant's audit: who tried what and why it was
+/// refused. `tenant` is empty when the caller named no tenant that exists.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    pub tenant: String,
+    pub at_ms: u64,
+    /// `refused`.
+    pub action: String,
+    /// Why (the `reason` label of `outpost_access_refused_total`).
+    pub reason: String,
+    /// What was tried: `api GET /api/v1/agents`, `agent <fingerprint>`.
+    pub subject: String,
+    /// The address it came from, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// The gateway that refused it.
+    pub gateway: String,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("bus storage failed: {0}")]
@@ -94,6 +113,9 @@ pub trait Bus: Send + Sync {
 
     /// Publish a presence change.
     async fn publish_presence(&self, event: &PresenceEvent) -> Result<(), BusError>;
+
+    /// Keep an audit event.
+    async fn publish_audit(&self, event: &AuditEvent) -> Result<(), BusError>;
 
     /// Why the bus cannot take results right now, if it cannot (for `/readyz`).
     fn unavailable(&self) -> Option<String> {

@@ -6,6 +6,7 @@
 //! cancellation token, so tests run it on port 0 and shut it down cleanly.
 
 pub mod api;
+pub mod audit;
 pub mod bus;
 pub mod checks;
 pub mod console;
@@ -52,6 +53,8 @@ pub struct Gateway {
     pub metrics: Arc<metrics::Metrics>,
     /// Each tenant's result rate here (shared by every session of the tenant).
     pub tenant_rates: Arc<rate::TenantRates>,
+    /// Refused access: counted, and kept on the bus.
+    pub audit: Arc<audit::Audit>,
     /// The pool of connections not yet authenticated (the listener takes from it).
     pub admission: listener::Admission,
     pub shutdown: CancellationToken,
@@ -90,6 +93,7 @@ impl Gateway {
             shutdown: self.shutdown.clone(),
             nats: self.nats.clone(),
             tenant_rates: self.tenant_rates.clone(),
+            audit: self.audit.clone(),
         }
     }
 
@@ -112,6 +116,7 @@ impl Gateway {
             admission: self.admission.clone(),
             bus: self.bus.clone(),
             runnow: self.runnow(),
+            audit: self.audit.clone(),
             nats: self.nats.clone(),
             shutdown: self.shutdown.clone(),
             tracker,
@@ -236,6 +241,12 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
         &settings.plugins_dir,
     )?;
     let admission = listener::admission(&settings);
+    let metrics: Arc<metrics::Metrics> = Arc::default();
+    let audit = Arc::new(audit::Audit::new(
+        bus.clone(),
+        metrics.clone(),
+        &registry.me.gateway_id,
+    ));
     let gateway = Arc::new(Gateway {
         settings: Arc::new(settings),
         credentials: Arc::new(credentials),
@@ -243,8 +254,9 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
         checks: Arc::new(checks),
         bus,
         hub: Arc::default(),
-        metrics: Arc::default(),
+        metrics,
         tenant_rates: Arc::default(),
+        audit,
         admission,
         shutdown,
         health: Arc::default(),

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub refused_per_address: AtomicU64,
     /// Connections closed because the client took no data within the write deadline.
     pub write_timeouts: AtomicU64,
+    /// Audit events not published (over `audit::EVENTS_PER_SEC`).
+    pub audit_dropped: AtomicU64,
     /// Refused access per (tenant, reason): see [`Metrics::refused`].
     refusals: Mutex<BTreeMap<(String, &'static str), u64>>,
 }
@@ -214,6 +216,11 @@ impl Metrics {
             "outpost_check_file_errors",
             "Check files that failed to parse at the last scan.",
             g(&self.check_file_errors),
+        );
+        line(
+            "outpost_audit_events_dropped_total",
+            "Refusals counted but not kept on the bus: over 100 audit events a second for one tenant.",
+            g(&self.audit_dropped),
         );
         let refusals = lock(&self.refusals);
         if !refusals.is_empty() {

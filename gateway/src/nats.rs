@@ -59,6 +59,7 @@ pub fn inbox_prefix(tenant: &str) -> String {
 }
 pub const RESULTS_STREAM: &str = "OUTPOST_RESULTS";
 pub const PRESENCE_STREAM: &str = "OUTPOST_PRESENCE";
+pub const AUDIT_STREAM: &str = "OUTPOST_AUDIT";
 pub const AGENTS_BUCKET: &str = "outpost_agents";
 pub const GATEWAYS_BUCKET: &str = "outpost_gateways";
 pub const CREDENTIALS_BUCKET: &str = "outpost_credentials";
@@ -70,6 +71,12 @@ pub fn results_subject(tenant: &str, fingerprint: &str) -> String {
 
 pub fn presence_subject(tenant: &str, fingerprint: &str) -> String {
     format!("outpost.{tenant}.presence.{fingerprint}")
+}
+
+/// Audit events of `tenant` (`_` when the caller named no tenant that exists).
+pub fn audit_subject(tenant: &str) -> String {
+    let tenant = if tenant.is_empty() { "_" } else { tenant };
+    format!("outpost.{tenant}.audit")
 }
 
 pub fn rpc_subject(tenant: &str, fingerprint: &str) -> String {
@@ -244,6 +251,22 @@ impl Nats {
                 num_replicas: settings.replicas,
                 max_age: settings.results_max_age,
                 // JetStream wants the window within the max age.
+                duplicate_window: Duration::from_secs(120).min(settings.results_max_age),
+                allow_direct: true,
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure_stream(
+            &js,
+            stream::Config {
+                name: AUDIT_STREAM.into(),
+                description: Some("Outpost audit events: refused access per tenant".into()),
+                subjects: vec!["outpost.*.audit".into()],
+                storage: stream::StorageType::File,
+                max_bytes: -1,
+                num_replicas: settings.replicas,
+                max_age: settings.results_max_age,
                 duplicate_window: Duration::from_secs(120).min(settings.results_max_age),
                 allow_direct: true,
                 ..Default::default()

@@ -45,6 +45,7 @@ pub struct Services {
     pub nats: Option<Arc<Nats>>,
     /// Each tenant's result rate on this gateway.
     pub tenant_rates: Arc<crate::rate::TenantRates>,
+    pub audit: Arc<crate::audit::Audit>,
 }
 
 impl Services {
@@ -272,7 +273,9 @@ pub async fn run(gw: Arc<Services>, mut socket: WebSocket, peer: SocketAddr, pre
                 e if e.over_limit() => "agent_limit",
                 _ => "agent_credential",
             };
-            gw.metrics.refused(tenant, reason);
+            let subject = format!("agent {}", hello.fingerprint);
+            gw.audit
+                .refused(tenant, reason, subject, Some(peer.to_string()));
             tracing::warn!(%peer, fingerprint = %hello.fingerprint, hostname = ?hello.hostname, error = %e, "agent refused");
             let (code, why) = match e {
                 AuthError::Revoked(_) => ("revoked", close::REVOKED),

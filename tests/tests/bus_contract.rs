@@ -10,9 +10,11 @@ use std::time::Duration;
 use outpost_e2e::nats::NatsServer;
 use outpost_e2e::tempdir;
 use outpost_gateway::bus::segments::{self, Retention};
-use outpost_gateway::bus::{embedded::EmbeddedBus, AgentRef, Bus, Presence, PresenceEvent};
+use outpost_gateway::bus::{
+    embedded::EmbeddedBus, AgentRef, AuditEvent, Bus, Presence, PresenceEvent,
+};
 use outpost_gateway::nats::bus::NatsBus;
-use outpost_gateway::nats::{presence_subject, results_subject, Nats, NatsSettings};
+use outpost_gateway::nats::{audit_subject, presence_subject, results_subject, Nats, NatsSettings};
 use outpost_protocol::CheckResult;
 
 fn result(seq: u64) -> CheckResult {
@@ -87,10 +89,10 @@ impl Backend {
             Backend::Nats(s) => {
                 let client = async_nats::connect(s.urls[0].as_str()).await.unwrap();
                 let js = async_nats::jetstream::new(client);
-                let stream_name = if file == "results" {
-                    outpost_gateway::nats::RESULTS_STREAM
-                } else {
-                    outpost_gateway::nats::PRESENCE_STREAM
+                let stream_name = match file {
+                    "results" => outpost_gateway::nats::RESULTS_STREAM,
+                    "audit" => outpost_gateway::nats::AUDIT_STREAM,
+                    _ => outpost_gateway::nats::PRESENCE_STREAM,
                 };
                 let mut stream = js.get_stream(stream_name).await.unwrap();
                 let info = stream.info().await.unwrap().state.clone();
@@ -142,6 +144,20 @@ async fn contract(backend: &Backend) {
         .await
         .unwrap();
     }
+    // Audit events, of a tenant and of none.
+    for (tenant, reason) in [("acme", "role"), ("", "api_token")] {
+        bus.publish_audit(&AuditEvent {
+            tenant: tenant.into(),
+            at_ms: 2,
+            action: "refused".into(),
+            reason: reason.into(),
+            subject: "api GET /agents".into(),
+            peer: Some("127.0.0.1:1".into()),
+            gateway: "gw1".into(),
+        })
+        .await
+        .unwrap();
+    }
     drop(bus);
 
     // Another instance (a restarted gateway, or another gateway of the fleet) knows what
@@ -156,6 +172,25 @@ async fn contract(backend: &Backend) {
     assert_eq!(
         backend.presence(&a).await,
         ["online", "lost", "deregistered"]
+    );
+    let audit: Vec<(String, String)> = [
+        backend.read(&audit_subject("acme"), "audit").await,
+        backend.read(&audit_subject(""), "audit").await,
+    ]
+    .concat()
+    .iter()
+    .map(|v| {
+        (
+            v["tenant"].as_str().unwrap().into(),
+            v["reason"].as_str().unwrap().into(),
+        )
+    })
+    .collect();
+    // The embedded bus has one file for all (read twice): each event is there.
+    assert!(audit.contains(&("acme".into(), "role".into())), "{audit:?}");
+    assert!(
+        audit.contains(&("".into(), "api_token".into())),
+        "{audit:?}"
     );
     assert!(bus.unavailable().is_none());
 }

@@ -534,6 +534,22 @@ async fn two_tenants_on_the_embedded_bus_see_and_reach_only_their_own() {
     let operator = std::fs::read_to_string(gw.data_dir.join("operator.token")).unwrap();
     let trust = format!("pin_sha256 = {:?}", gw.pin);
     isolation_matrix(&gw, &gw, dir.path(), operator.trim(), &trust).await;
+    // Refusals are kept as audit events on the bus, with the tenant (when there is one).
+    eventually(T, "refusals kept as audit events", || async {
+        let audit = gw.bus_log("audit");
+        let has = |tenant: &str, reason: &str, subject: &str| {
+            audit.iter().any(|e| {
+                e["tenant"] == tenant
+                    && e["reason"] == reason
+                    && e["subject"].as_str().is_some_and(|s| s.contains(subject))
+            })
+        };
+        (has("acme", "role", "/checks/ping/run")
+            && has("globex", "operator_only", "/tenants")
+            && has("", "api_token", "/whoami"))
+        .then_some(())
+    })
+    .await;
     // The home tenant was never touched and its first token still works.
     let (s, b) = gw.http("GET", "/api/v1/whoami", Some(&gw.token)).await;
     assert_eq!((s, b["tenant"].as_str()), (200, Some("default")), "{b}");

@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::{ApiError, Services};
 use crate::errors::ErrorKind;
+use crate::listener::Peer;
 use crate::tenants::{Caller, Refusal, Role};
 
 /// Authenticate the bearer token; the handler's extractor decides what it may do.
@@ -35,6 +36,10 @@ pub async fn authenticate(
         )
         .into_response();
     };
+    let what = || {
+        let peer = req.extensions().get::<Peer>().map(|p| p.0.to_string());
+        (format!("api {} {}", req.method(), req.uri().path()), peer)
+    };
     match gw.credentials.tenants.authenticate(token.trim()) {
         Ok(caller) => {
             req.extensions_mut().insert(caller);
@@ -45,7 +50,8 @@ pub async fn authenticate(
                 Refusal::TenantDisabled(t) => t.as_str(),
                 _ => "",
             };
-            gw.metrics.refused(tenant, "api_token");
+            let (subject, peer) = what();
+            gw.audit.refused(tenant, "api_token", subject, peer);
             ApiError::new(ErrorKind::Unauthenticated, refusal.to_string()).into_response()
         }
     }
@@ -74,6 +80,12 @@ pub struct Tenant<N> {
     _needs: PhantomData<N>,
 }
 
+/// What a request tried, and from where, for the audit.
+fn what(parts: &Parts) -> (String, Option<String>) {
+    let peer = parts.extensions.get::<Peer>().map(|p| p.0.to_string());
+    (format!("api {} {}", parts.method, parts.uri.path()), peer)
+}
+
 fn caller(parts: &Parts) -> Result<&Caller, ApiError> {
     parts
         .extensions
@@ -94,7 +106,8 @@ impl<N: Needs> FromRequestParts<Arc<Services>> for Tenant<N> {
                 _needs: PhantomData,
             }),
             Caller::Tenant { tenant, role } => {
-                gw.metrics.refused(tenant, "role");
+                let (subject, peer) = what(parts);
+                gw.audit.refused(tenant, "role", subject, peer);
                 Err(ApiError::new(
                     ErrorKind::Forbidden,
                     format!(
@@ -127,7 +140,8 @@ impl FromRequestParts<Arc<Services>> for FleetOperator {
         match caller(parts).map_err(IntoResponse::into_response)? {
             Caller::Operator => Ok(FleetOperator),
             Caller::Tenant { tenant, .. } => {
-                gw.metrics.refused(tenant, "operator_only");
+                let (subject, peer) = what(parts);
+                gw.audit.refused(tenant, "operator_only", subject, peer);
                 Err(ApiError::new(
                     ErrorKind::Forbidden,
                     "only the fleet operator's token manages tenants",

@@ -3,7 +3,7 @@
 //! exactly as it means "in a JetStream stream" when clustered.
 //!
 //! `results` holds one line per result: `{"tenant","fingerprint","result":{..}}`.
-//! `presence` holds presence events. Each is a [`super::segments::Log`]: `results.jsonl` is being
+//! `presence` holds presence events, `audit` audit events (refused access). Each is a [`super::segments::Log`]: `results.jsonl` is being
 //! written, `results-<n>.jsonl` are sealed, and retention deletes the oldest sealed
 //! segments by age and size, as the NATS results stream does with the same settings.
 //! Deduplication is by (tenant, fingerprint, seq): agents number results strictly increasingly, so
@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::segments::{Log, Retention};
-use super::{agent_key, AgentRef, Bus, BusError, Presence, PresenceEvent, Published};
+use super::{agent_key, AgentRef, AuditEvent, Bus, BusError, Presence, PresenceEvent, Published};
 
 /// Jobs waiting for the writer. A full queue makes publishers wait (backpressure reaches
 /// the agents as slower acks), it never drops.
@@ -46,6 +46,10 @@ enum Job {
     },
     Presence {
         event: PresenceEvent,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    Audit {
+        event: AuditEvent,
         done: oneshot::Sender<Result<(), String>>,
     },
     /// Apply retention.
@@ -88,13 +92,14 @@ impl EmbeddedBus {
         };
         let presence = Log::open(dir, "presence", presence_retention)?.log;
         recovered.presence = last_presence(&presence)?;
+        let audit = Log::open(dir, "audit", presence_retention)?.log;
         let watermarks: Watermarks = Arc::new(Mutex::new(watermarks));
         let (tx, rx) = mpsc::channel(QUEUE);
         let marks = watermarks.clone();
         let results = opened.log;
         std::thread::Builder::new()
             .name("outpost-bus-writer".into())
-            .spawn(move || writer(rx, results, presence, marks))?;
+            .spawn(move || writer(rx, results, presence, audit, marks))?;
         // Retention also when nothing is written; ends with the bus.
         let weak = tx.downgrade();
         tokio::spawn(async move {
@@ -154,6 +159,7 @@ fn writer(
     mut rx: mpsc::Receiver<Job>,
     mut results: Log,
     mut presence: Log,
+    mut audit: Log,
     watermarks: Watermarks,
 ) {
     let mut jobs = Vec::new();
@@ -167,6 +173,7 @@ fn writer(
         }
         let mut rbuf = Vec::new();
         let mut pbuf = Vec::new();
+        let mut abuf = Vec::new();
         let mut outcomes = Vec::with_capacity(jobs.len());
         // Watermarks move only once the write is durable; until then track them per group.
         let mut pending: HashMap<String, u64> = HashMap::new();
@@ -207,6 +214,12 @@ fn writer(
                         }
                         outcomes.push(None);
                     }
+                    Job::Audit { event, .. } => {
+                        if serde_json::to_writer(&mut abuf, event).is_ok() {
+                            abuf.push(b'\n');
+                        }
+                        outcomes.push(None);
+                    }
                     Job::Maintain => outcomes.push(None),
                 }
             }
@@ -215,6 +228,7 @@ fn writer(
         // not make durable results look failed (they would be written twice).
         let rio = results.append(&rbuf);
         let pio = presence.append(&pbuf);
+        let aio = audit.append(&abuf);
         match &rio {
             Ok(()) => lock(&watermarks).extend(pending),
             Err(e) => {
@@ -224,10 +238,13 @@ fn writer(
         if let Err(e) = &pio {
             tracing::error!(error = %e, "embedded bus could not store presence events");
         }
+        if let Err(e) = &aio {
+            tracing::error!(error = %e, "embedded bus could not store audit events");
+        }
         // Before the replies, so nothing touches the files once the last publisher has
         // its answer.
         let now = SystemTime::now();
-        for log in [&mut results, &mut presence] {
+        for log in [&mut results, &mut presence, &mut audit] {
             if let Err(e) = log.maintain(now) {
                 tracing::error!(error = %e, "embedded bus retention failed; will retry");
             }
@@ -242,6 +259,9 @@ fn writer(
                 }
                 Job::Presence { done, .. } => {
                     let _ = done.send(pio.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                }
+                Job::Audit { done, .. } => {
+                    let _ = done.send(aio.as_ref().map(|_| ()).map_err(|e| e.to_string()));
                 }
                 Job::Maintain => {}
             }
@@ -292,6 +312,14 @@ impl Bus for EmbeddedBus {
 
     async fn publish_presence(&self, event: &PresenceEvent) -> Result<(), BusError> {
         self.submit(|done| Job::Presence {
+            event: event.clone(),
+            done,
+        })
+        .await
+    }
+
+    async fn publish_audit(&self, event: &AuditEvent) -> Result<(), BusError> {
+        self.submit(|done| Job::Audit {
             event: event.clone(),
             done,
         })

@@ -23,8 +23,8 @@ use async_trait::async_trait;
 use outpost_protocol::CheckResult;
 use serde::Serialize;
 
-use super::{presence_subject, results_subject, Nats};
-use crate::bus::{AgentRef, Bus, BusError, PresenceEvent, Published};
+use super::{audit_subject, presence_subject, results_subject, Nats};
+use crate::bus::{AgentRef, AuditEvent, Bus, BusError, PresenceEvent, Published};
 
 /// Header with the result's sequence number, so `last_seq` needs no body parsing.
 pub const SEQ_HEADER: &str = "Outpost-Seq";
@@ -162,6 +162,19 @@ impl Bus for NatsBus {
             .map_err(|e| unavailable("cannot publish presence", e))?
             .await
             .map_err(|e| unavailable("JetStream did not ack presence", e))?;
+        Ok(())
+    }
+
+    async fn publish_audit(&self, event: &AuditEvent) -> Result<(), BusError> {
+        let subject = audit_subject(&event.tenant);
+        let body = serde_json::to_vec(event).map_err(|e| unavailable("cannot encode", e))?;
+        self.nats
+            .js
+            .publish(subject, body.into())
+            .await
+            .map_err(|e| unavailable("cannot publish an audit event", e))?
+            .await
+            .map_err(|e| unavailable("JetStream did not ack an audit event", e))?;
         Ok(())
     }
 

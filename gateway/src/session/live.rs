@@ -419,7 +419,9 @@ impl Session {
             gw.tenant_rates
                 .hold_for(tenant, share, batch.results.len(), read_at.into_std());
         if tenant_hold > hold {
-            gw.metrics.refused(tenant, "results_rate");
+            let subject = format!("agent {} results", self.agent.fingerprint);
+            let peer = Some(self.peer.to_string());
+            gw.audit.refused(tenant, "results_rate", subject, peer);
         }
         let hold = hold.max(tenant_hold);
         let published = tokio::time::timeout(
