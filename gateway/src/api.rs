@@ -140,14 +140,23 @@ async fn readyz(State(gw): State<Gw>) -> Response {
     }
 }
 
-async fn metrics(State(gw): State<Gw>) -> impl IntoResponse {
+async fn metrics(State(gw): State<Gw>, headers: axum::http::HeaderMap) -> impl IntoResponse {
+    // Series per tenant only for the operator (tenants' names are the operator's).
+    let operator = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| gw.credentials.tenants.is_operator(t.trim()));
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        gw.metrics.render(crate::metrics::Gauges {
-            agents_connected: gw.hub.connected(),
-            unauthenticated: gw.admission.in_use(),
-            unauthenticated_limit: gw.admission.limits().global,
-        }) + &gw.health.render(),
+        gw.metrics.render(
+            crate::metrics::Gauges {
+                agents_connected: gw.hub.connected(),
+                unauthenticated: gw.admission.in_use(),
+                unauthenticated_limit: gw.admission.limits().global,
+            },
+            operator,
+        ) + &gw.health.render(),
     )
 }
 

@@ -310,8 +310,10 @@ pub type OnNewTenant = Box<dyn Fn(&str, &Path, &Path) + Send + Sync>;
 
 /// Every tenant's checks and plugins. The home tenant's are the checks and plugins
 /// directories themselves (the single-tenant layout, read as before); any other tenant's
-/// are the folder named after it in each (`checks.d/acme/*.toml`, `plugins/acme/`). A
-/// tenant's store is made when its first agent connects, and rescanned with the others.
+/// are the folder named after it in the checks directory, laid out as `config push` reads
+/// a directory: `checks.d/acme/*.toml` and `checks.d/acme/plugins/` (never in the plugins
+/// directory, where a tenant could share a name with a plugin). A tenant's store is made
+/// when its first agent connects, and rescanned with the others.
 pub struct TenantChecks {
     home: String,
     checks_dir: PathBuf,
@@ -344,7 +346,8 @@ impl TenantChecks {
         if tenant == self.home {
             (self.checks_dir.clone(), self.plugins_dir.clone())
         } else {
-            (self.checks_dir.join(tenant), self.plugins_dir.join(tenant))
+            let dir = self.checks_dir.join(tenant);
+            (dir.clone(), dir.join("plugins"))
         }
     }
 

@@ -107,6 +107,7 @@ fn new_credential(grant: &crate::tenants::Grant, secret: &str, proof: &str) -> A
         confirmed: false,
         enroll_proof_sha256: (!proof.is_empty()).then(|| sha256_hex(proof)),
         revoked_at_ms: None,
+        tenant_id: (!grant.tenant_id.is_empty()).then(|| grant.tenant_id.clone()),
         enroll_key_id: Some(grant.key_id.clone()),
         labels: grant.labels.clone(),
     }
@@ -197,22 +198,46 @@ pub async fn adopt_home(
     home: &str,
     nats: Option<&Nats>,
 ) -> anyhow::Result<()> {
+    use crate::tenants::{enroll_key_key, token_key};
     let store = tenants.store();
     let fail = |e: StoreError| anyhow::anyhow!("cannot store the home tenant {home}: {e}");
-    let tenant = Record::Tenant(Tenant {
-        name: home.to_string(),
-        enabled: true,
-        limits: Limits::default(),
-        created_at_ms: now_ms(),
-    });
-    if store.get(&tenant.key()).await.map_err(fail)?.is_none() {
-        match store.put(&tenant, None).await {
-            Ok(_) | Err(StoreError::Conflict) => {}
-            Err(e) => return Err(fail(e)),
+    // Made once (whoever comes first); marked as a home so it is never deleted.
+    let key = crate::tenants::tenant_key(home);
+    loop {
+        match store.get(&key).await.map_err(fail)? {
+            Some((Record::Tenant(t), _)) if t.home => break,
+            Some((Record::Tenant(t), rev)) => {
+                let marked = Record::Tenant(Tenant { home: true, ..t });
+                match store.put(&marked, Some(rev)).await {
+                    Ok(_) => break,
+                    Err(StoreError::Conflict) => continue,
+                    Err(e) => return Err(fail(e)),
+                }
+            }
+            Some(_) => anyhow::bail!("the record {key} is not a tenant"),
+            None => {
+                let tenant = Record::Tenant(Tenant {
+                    name: home.to_string(),
+                    id: String::new(),
+                    home: true,
+                    enabled: true,
+                    limits: Limits::default(),
+                    created_at_ms: now_ms(),
+                });
+                match store.put(&tenant, None).await {
+                    Ok(_) => break,
+                    Err(StoreError::Conflict) => continue,
+                    Err(e) => return Err(fail(e)),
+                }
+            }
         }
     }
     let key_file = data_dir.join("enroll.key");
     let token_file = data_dir.join("api.token");
+    let id = legacy_id(home);
+    // Each hash from, first found: the record stored (another gateway's, or this one's at
+    // an earlier start), the pair the release before tenants kept in NATS, this data
+    // directory's file (made now if missing).
     let legacy = match nats {
         Some(nats) => match nats.credentials.entry(format!("{home}._tenant")).await {
             Ok(Some(e)) => serde_json::from_slice::<LegacyTenantKeys>(&e.value)
@@ -223,36 +248,33 @@ pub async fn adopt_home(
         },
         None => None,
     };
-    let id = legacy_id(home);
-    let have_key = store
-        .get(&crate::tenants::enroll_key_key(&id))
-        .await
-        .map_err(fail)?;
-    let (key_hash, token_hash) = match (&have_key, &legacy) {
-        (Some((Record::EnrollKey(k), _)), _) => {
-            let token = store
-                .get(&crate::tenants::token_key(&id))
-                .await
-                .map_err(fail)?;
-            let token_hash = match token {
-                Some((Record::ApiToken(t), _)) => t.sha256,
-                _ => String::new(),
-            };
-            (k.sha256.clone(), token_hash)
+    let stored_hash = |key: String| async move {
+        match store.get(&key).await.map_err(fail)? {
+            Some((Record::EnrollKey(k), _)) => Ok::<_, anyhow::Error>(Some(k.sha256)),
+            Some((Record::ApiToken(t), _)) => Ok(Some(t.sha256)),
+            _ => Ok(None),
         }
-        (_, Some(hashes)) => hashes.clone(),
-        _ => {
-            let key = read_or_create_token(&key_file)?;
-            let token = read_or_create_token(&token_file)?;
-            (sha256_hex(&key), sha256_hex(&token))
-        }
+    };
+    let key_hash = match stored_hash(enroll_key_key(&id)).await? {
+        Some(h) => h,
+        None => match &legacy {
+            Some((k, _)) => k.clone(),
+            None => sha256_hex(&read_or_create_token(&key_file)?),
+        },
+    };
+    let token_hash = match stored_hash(token_key(&id)).await? {
+        Some(h) => h,
+        None => match &legacy {
+            Some((_, t)) => t.clone(),
+            None => sha256_hex(&read_or_create_token(&token_file)?),
+        },
     };
     let now = now_ms();
     let records = [
         Record::EnrollKey(EnrollKey {
             id: id.clone(),
             tenant: home.to_string(),
-            sha256: key_hash.clone(),
+            sha256: key_hash,
             name: "enroll.key of the installation".into(),
             created_at_ms: now,
             expires_at_ms: None,
@@ -264,7 +286,7 @@ pub async fn adopt_home(
         Record::ApiToken(ApiToken {
             id: id.clone(),
             tenant: home.to_string(),
-            sha256: token_hash.clone(),
+            sha256: token_hash,
             role: Role::Admin,
             name: "api.token of the installation".into(),
             created_at_ms: now,
@@ -272,15 +294,16 @@ pub async fn adopt_home(
         }),
     ];
     for record in records {
-        if store.get(&record.key()).await.map_err(fail)?.is_none() {
-            match store.put(&record, None).await {
-                Ok(_) | Err(StoreError::Conflict) => {}
-                Err(e) => return Err(fail(e)),
-            }
+        match store.put(&record, None).await {
+            Ok(_) | Err(StoreError::Conflict) => {}
+            Err(e) => return Err(fail(e)),
         }
     }
-    // This directory's files, if they are not the tenant's, are moved aside (their clear
-    // text is only where they were made).
+    // What the store holds now (this gateway's, or another's that came first) is the
+    // tenant's; this directory's files, if they differ, are moved aside (their clear text
+    // is only where they were made).
+    let key_hash = stored_hash(enroll_key_key(&id)).await?.unwrap_or_default();
+    let token_hash = stored_hash(token_key(&id)).await?.unwrap_or_default();
     let mut aside = false;
     for (file, hash) in [(&key_file, &key_hash), (&token_file, &token_hash)] {
         let mine = match std::fs::read_to_string(file) {
@@ -323,7 +346,7 @@ impl Credentials {
     /// before tenants (for tests and single-gateway use).
     pub async fn open(data_dir: &Path, home: &str) -> anyhow::Result<Credentials> {
         let store = Arc::new(crate::tenants::FileTenants::open(data_dir)?);
-        let tenants = Tenants::open(store, &operator_token(data_dir, None)?).await?;
+        let tenants = Tenants::open(store, &operator_token(data_dir, None)?, home).await?;
         adopt_home(&tenants, data_dir, home, None).await?;
         let secrets = FileSecrets::open(data_dir, home)?;
         Ok(Credentials::new(
@@ -438,6 +461,15 @@ impl Credentials {
                     return Err(AuthError::BadSecret(fingerprint.to_string()));
                 }
                 self.tenants.enabled(tenant).map_err(AuthError::Refused)?;
+                // Enrolled in a tenant of this name that was deleted since: not this one.
+                let current = self
+                    .tenants
+                    .tenant(tenant)
+                    .map(|t| t.id)
+                    .unwrap_or_default();
+                if known.tenant_id.as_ref().is_some_and(|id| *id != current) {
+                    return Err(AuthError::UnknownAgent(fingerprint.to_string()));
+                }
                 let labels = known.labels.clone();
                 if !known.confirmed {
                     self.confirm(tenant, fingerprint, known, revision).await;
@@ -464,17 +496,26 @@ impl Credentials {
                     return Err(AuthError::Revoked(fingerprint.to_string()));
                 }
                 may_enroll(fingerprint, known.as_ref().map(|(c, _)| c), proof)?;
-                if known.is_none() {
+                let new_agent = known.is_none();
+                if new_agent {
                     let limit = self.tenants.tenant(tenant).and_then(|t| t.limits.agents);
                     if let Some(max) = limit.filter(|max| (self.agents)(tenant) >= *max) {
                         return Err(AuthError::TooManyAgents(tenant.to_string(), max));
                     }
-                    // Counted before the credential is stored: a failure between the two
-                    // over-counts by one, never lets a used-up key enroll one more.
+                }
+                // A key with a maximum is counted before the credential is stored: a
+                // failure between the two over-counts by one, never lets a used-up key
+                // enroll one more. Other keys are counted after, and a count that fails
+                // fails nothing (it is for information).
+                if new_agent && grant.limited {
                     match self.tenants.count_enrollment(&grant.key_id).await {
                         Ok(()) => {}
                         Err(EnrollCount::Refused(r)) => return Err(AuthError::Refused(r)),
-                        Err(EnrollCount::Store(e)) => return Err(storage(e)),
+                        Err(EnrollCount::Store(e)) => {
+                            return Err(AuthError::Storage(format!(
+                                "cannot count the enrollment on its key: {e}; retry"
+                            )))
+                        }
                     }
                 }
                 let secret = format!("{tenant}.{}", random_token(32));
@@ -484,6 +525,11 @@ impl Credentials {
                     .put(tenant, fingerprint, &credential, expected)
                     .await
                     .map_err(storage)?;
+                if new_agent && !grant.limited {
+                    if let Err(e) = self.tenants.count_enrollment(&grant.key_id).await {
+                        tracing::debug!(key = %grant.key_id, error = %e, "enrollment not counted on its key");
+                    }
+                }
                 Ok(Authenticated {
                     tenant: tenant.to_string(),
                     new_secret: Some(secret),
@@ -689,6 +735,7 @@ mod tests {
             confirmed: true,
             enroll_proof_sha256: None,
             revoked_at_ms: None,
+            tenant_id: None,
             enroll_key_id: None,
             labels: BTreeMap::new(),
         };
@@ -803,6 +850,27 @@ mod tests {
             Some(AuthError::Refused(Refusal::TenantDisabled("acme".into())))
         );
         assert!(creds.check(FP, &secret(&home_secret)).await.is_ok());
+
+        // Deleted and made again under the same name: the old tenant's agents are not the
+        // new one's, even with their credential still stored.
+        tenants.delete_tenant("acme").await.unwrap();
+        tenants
+            .create_tenant("acme", Limits::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            creds.check(FP, &secret(&acme_secret)).await.err(),
+            Some(AuthError::UnknownAgent(FP.into()))
+        );
+        // A gateway's home tenant is never deleted.
+        tenants
+            .update_tenant("default", Some(false), None)
+            .await
+            .unwrap();
+        assert!(matches!(
+            tenants.delete_tenant("default").await,
+            Err(crate::tenants::AdminError::Conflict(_))
+        ));
     }
 
     #[tokio::test]

@@ -188,7 +188,8 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
                 )?),
             ),
         };
-    let tenants = Arc::new(tenants::Tenants::open(tenant_store, &operator).await?);
+    let tenants =
+        Arc::new(tenants::Tenants::open(tenant_store, &operator, &settings.tenant).await?);
     credentials::adopt_home(
         &tenants,
         &settings.data_dir,

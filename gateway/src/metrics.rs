@@ -68,7 +68,9 @@ impl Metrics {
             .or_default() += 1;
     }
 
-    pub fn render(&self, gauges: Gauges) -> String {
+    /// The Prometheus text. `per_tenant`: refusals by tenant (for the operator; tenants'
+    /// names are not for anyone who can reach the gateway), else by reason only.
+    pub fn render(&self, gauges: Gauges, per_tenant: bool) -> String {
         let mut out = String::new();
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut line = |name: &str, kind: &str, help: &str, labels: &str, v: u64| {
@@ -222,12 +224,22 @@ impl Metrics {
             "Refusals counted but not kept on the bus: over 100 audit events a second for one tenant.",
             g(&self.audit_dropped),
         );
-        let refusals = lock(&self.refusals);
+        let mut refusals = lock(&self.refusals).clone();
+        if !per_tenant {
+            let mut by_reason: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
+            for ((_, reason), n) in refusals {
+                *by_reason.entry((String::new(), reason)).or_default() += n;
+            }
+            refusals = by_reason;
+        }
         if !refusals.is_empty() {
             let name = "outpost_access_refused_total";
             let _ = writeln!(out, "# HELP {name} Refused access by tenant (empty: not known) and reason (agent_credential, api_token, role, operator_only, agent_limit, revoked, results_rate: an ack held for the tenant's rate).\n# TYPE {name} counter");
             for ((tenant, reason), n) in refusals.iter() {
-                let _ = writeln!(out, "{name}{{tenant=\"{tenant}\",reason=\"{reason}\"}} {n}");
+                let _ = match per_tenant {
+                    true => writeln!(out, "{name}{{tenant=\"{tenant}\",reason=\"{reason}\"}} {n}"),
+                    false => writeln!(out, "{name}{{reason=\"{reason}\"}} {n}"),
+                };
             }
         }
         out

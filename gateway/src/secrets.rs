@@ -37,6 +37,10 @@ pub struct AgentCredential {
     /// the fingerprint cannot enroll again; forgetting the agent removes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at_ms: Option<u64>,
+    /// The [`crate::tenants::Tenant::id`] of the tenant it enrolled in (`None` before
+    /// tenants, and in a home tenant adopted from then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_id: Option<String>,
     /// The enrollment key it enrolled with (`None` before tenants).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enroll_key_id: Option<String>,
@@ -247,6 +251,7 @@ mod tests {
             confirmed: true,
             enroll_proof_sha256: None,
             revoked_at_ms: None,
+            tenant_id: None,
             enroll_key_id: None,
             labels: Default::default(),
         }

@@ -67,6 +67,15 @@ pub struct Limits {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tenant {
     pub name: String,
+    /// Made at creation: an agent's credential names the tenant it enrolled in by this id,
+    /// so a tenant deleted and made again under the same name does not let the old one's
+    /// agents in. Empty for a home tenant adopted from before tenants.
+    #[serde(default)]
+    pub id: String,
+    /// A gateway's home tenant (`--tenant`): it cannot be deleted (the gateway would make
+    /// it again at its next start, with its old key and token).
+    #[serde(default)]
+    pub home: bool,
     pub enabled: bool,
     #[serde(default)]
     pub limits: Limits,
@@ -298,6 +307,10 @@ pub enum Refusal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
     pub tenant: String,
+    /// The tenant's [`Tenant::id`].
+    pub tenant_id: String,
+    /// Whether the key has a maximum number of enrollments.
+    pub limited: bool,
     pub key_id: String,
     pub labels: BTreeMap<String, String>,
 }
@@ -348,6 +361,9 @@ pub struct Tenants {
     store: Arc<dyn TenantStore>,
     snapshot: RwLock<Snapshot>,
     operator_sha256: String,
+    /// This gateway's home tenant: its key and token from before tenants win over another
+    /// tenant's with the same hash.
+    home: String,
 }
 
 impl Tenants {
@@ -356,11 +372,13 @@ impl Tenants {
     pub async fn open(
         store: Arc<dyn TenantStore>,
         operator_token: &str,
+        home: &str,
     ) -> anyhow::Result<Tenants> {
         let tenants = Tenants {
             store,
             snapshot: RwLock::default(),
             operator_sha256: sha256_hex(operator_token),
+            home: home.to_string(),
         };
         tenants.reload().await?;
         Ok(tenants)
@@ -464,6 +482,14 @@ impl Tenants {
         all
     }
 
+    /// Whether `token` is the fleet operator's.
+    pub fn is_operator(&self, token: &str) -> bool {
+        constant_time_eq(
+            sha256_hex(token).as_bytes(),
+            self.operator_sha256.as_bytes(),
+        )
+    }
+
     /// Who `token` is: the operator, a tenant's token with its role, or nobody.
     pub fn authenticate(&self, token: &str) -> Result<Caller, Refusal> {
         let hash = sha256_hex(token);
@@ -473,11 +499,11 @@ impl Tenants {
         let snapshot = self.read();
         let found = match split_secret("at", token) {
             Some((id, _)) => snapshot.tokens.get(id).map(|(t, _)| t),
-            // A token from before tenants (`api.token`): one per tenant at most.
-            None => snapshot.tokens.values().map(|(t, _)| t).find(|t| {
-                t.id.starts_with("legacy-")
-                    && constant_time_eq(t.sha256.as_bytes(), hash.as_bytes())
-            }),
+            // A token from before tenants (`api.token`).
+            None => self.legacy(
+                snapshot.tokens.values().map(|(t, _)| (&t.id, &t.sha256, t)),
+                &hash,
+            ),
         };
         let Some(found) = found else {
             return Err(Refusal::BadToken);
@@ -496,6 +522,35 @@ impl Tenants {
         }
     }
 
+    /// The key or token from before tenants whose hash is `hash`: the home tenant's if it
+    /// is one of them, else the only one; none when several tenants hold it (data
+    /// directories copied between gateways of different homes), which is logged.
+    fn legacy<'a, T>(
+        &self,
+        records: impl Iterator<Item = (&'a String, &'a String, &'a T)>,
+        hash: &str,
+    ) -> Option<&'a T> {
+        let home = legacy_id(&self.home);
+        let matching: Vec<(&String, &T)> = records
+            .filter(|(id, sha, _)| {
+                id.starts_with("legacy-") && constant_time_eq(sha.as_bytes(), hash.as_bytes())
+            })
+            .map(|(id, _, r)| (id, r))
+            .collect();
+        if let Some((_, r)) = matching.iter().find(|(id, _)| **id == home) {
+            return Some(r);
+        }
+        match matching.as_slice() {
+            [(_, r)] => Some(r),
+            [] => None,
+            several => {
+                let ids: Vec<&String> = several.iter().map(|(id, _)| *id).collect();
+                tracing::error!(?ids, "a key or token from before tenants is the same in several tenants; refused: give each gateway its own enroll.key and api.token, or use keys and tokens made through the API");
+                None
+            }
+        }
+    }
+
     /// Which tenant the enrollment key `key` enrolls into, if it may enroll one more agent
     /// now. Counting the enrollment is [`Tenants::count_enrollment`], once it happened.
     pub fn enrollment(&self, key: &str) -> Result<Grant, Refusal> {
@@ -503,10 +558,10 @@ impl Tenants {
         let snapshot = self.read();
         let found = match split_secret("ek", key) {
             Some((id, _)) => snapshot.keys.get(id).map(|(k, _)| k),
-            None => snapshot.keys.values().map(|(k, _)| k).find(|k| {
-                k.id.starts_with("legacy-")
-                    && constant_time_eq(k.sha256.as_bytes(), hash.as_bytes())
-            }),
+            None => self.legacy(
+                snapshot.keys.values().map(|(k, _)| (&k.id, &k.sha256, k)),
+                &hash,
+            ),
         };
         let Some(found) = found else {
             return Err(Refusal::BadEnrollKey);
@@ -529,6 +584,8 @@ impl Tenants {
         match snapshot.tenants.get(&found.tenant) {
             Some((t, _)) if t.enabled => Ok(Grant {
                 tenant: found.tenant.clone(),
+                tenant_id: t.id.clone(),
+                limited: found.max_enrollments.is_some(),
                 key_id: found.id.clone(),
                 labels: found.labels.clone(),
             }),
@@ -565,7 +622,7 @@ impl Tenants {
                     self.apply(&record.key(), Some((record, rev)));
                     return Ok(());
                 }
-                Err(StoreError::Conflict) => continue,
+                Err(StoreError::Conflict) => backoff().await,
                 Err(e) => return Err(EnrollCount::Store(e)),
             }
         }
@@ -583,6 +640,8 @@ impl Tenants {
     pub async fn create_tenant(&self, name: &str, limits: Limits) -> Result<Tenant, AdminError> {
         let tenant = Tenant {
             name: name.to_string(),
+            id: random_token(8),
+            home: false,
             enabled: true,
             limits,
             created_at_ms: now_ms(),
@@ -627,6 +686,11 @@ impl Tenants {
     pub async fn delete_tenant(&self, name: &str) -> Result<(), AdminError> {
         match self.tenant(name) {
             None => return Err(AdminError::NotFound(format!("tenant {name}"))),
+            Some(t) if t.home => {
+                return Err(AdminError::Conflict(format!(
+                    "tenant {name} is a gateway's home tenant (--tenant): it holds the agents, key and token from before tenants, and that gateway would make it again at its next start"
+                )))
+            }
             Some(t) if t.enabled => {
                 return Err(AdminError::Conflict(format!(
                     "tenant {name} is enabled: disable it first (PATCH with {{\"enabled\": false}}), then delete it"
@@ -803,13 +867,19 @@ pub fn key_problems(new: &NewKey) -> Option<String> {
         problems.push(format!("labels: at most {}", outpost_protocol::MAX_LABELS));
     }
     for (k, v) in &new.labels {
-        if k.is_empty() || k.len() > 64 || v.len() > 256 {
-            problems.push(format!(
-                "label {k:?}: a name of 1-64 bytes and a value of at most 256"
-            ));
+        if let Some(p) = outpost_protocol::label_problem(k, v) {
+            problems.push(p);
         }
     }
     (!problems.is_empty()).then(|| problems.join("; "))
+}
+
+/// A short random pause before retrying a compare-and-set that lost a race, so racers
+/// spread out.
+async fn backoff() {
+    use rand::Rng;
+    let ms = rand::thread_rng().gen_range(1..20);
+    tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
 }
 
 /// What a new enrollment key is given.

@@ -33,6 +33,7 @@ fn credential(tenant: &str, secret_sha256: &str) -> AgentCredential {
         confirmed: false,
         enroll_proof_sha256: Some("proof".into()),
         revoked_at_ms: None,
+        tenant_id: None,
         enroll_key_id: None,
         labels: Default::default(),
     }
@@ -182,6 +183,8 @@ async fn tenants_contract(
     assert!(store.list().await.unwrap().is_empty());
     let acme = Record::Tenant(Tenant {
         name: "acme".into(),
+        id: "t-1".into(),
+        home: false,
         enabled: true,
         limits: Limits::default(),
         created_at_ms: 1,
@@ -242,12 +245,12 @@ async fn tenants_contract(
     // to 5 agents, 8 attempts each at once, enroll exactly 5.
     let (one, two) = (
         Arc::new(
-            Tenants::open(open().await, "operator-token-0123456789")
+            Tenants::open(open().await, "operator-token-0123456789", "default")
                 .await
                 .unwrap(),
         ),
         Arc::new(
-            Tenants::open(open().await, "operator-token-0123456789")
+            Tenants::open(open().await, "operator-token-0123456789", "default")
                 .await
                 .unwrap(),
         ),

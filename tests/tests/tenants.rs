@@ -514,10 +514,37 @@ async fn isolation_matrix(
     .await;
     let (s, _) = call(api, "GET", "/agents", &acme.admin, None).await;
     assert_eq!(s, 200);
+    // Its live agent is closed too (at its next frame), on whichever gateway holds it.
+    globex
+        .agent
+        .proc
+        .wait_for_log("tenant globex is disabled", T)
+        .await;
     let (s, b) = call(api, "DELETE", "/tenants/globex", operator, None).await;
     assert_eq!(s, 204, "{b}");
     let (s, _) = call(api, "GET", "/tenants/globex", operator, None).await;
     assert_eq!(s, 404);
+    // A gateway's home tenant cannot be deleted, even disabled.
+    let (s, b) = call(
+        api,
+        "PATCH",
+        "/tenants/default",
+        operator,
+        Some(json!({ "enabled": false })),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = call(api, "DELETE", "/tenants/default", operator, None).await;
+    assert_eq!(s, 409, "{b}");
+    let (s, b) = call(
+        api,
+        "PATCH",
+        "/tenants/default",
+        operator,
+        Some(json!({ "enabled": true })),
+    )
+    .await;
+    assert_eq!(s, 200, "{b}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -667,10 +694,26 @@ async fn a_tenant_over_its_result_rate_is_slowed_and_loses_nothing() {
     )
     .await;
     let stored_then = gw.bus_all(&fp).len() as u64;
+    // Per tenant for the operator; without its token, by reason only (tenants' names are
+    // not for anyone who can reach the gateway).
+    let (_, metrics) = gw.http("GET", "/metrics", Some(operator)).await;
+    let metrics = metrics.as_str().unwrap().to_string();
+    let held_count: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with(held))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{held} not in:\n{metrics}"));
     assert!(
-        gw.metric(held).await >= 2,
-        "acks held for the tenant's rate"
+        held_count >= 2,
+        "acks held for the tenant's rate: {held_count}"
     );
+    let (_, public) = gw.http("GET", "/metrics", None).await;
+    let public = public.as_str().unwrap();
+    assert!(
+        public.contains("outpost_access_refused_total{reason=\"results_rate\"}"),
+        "{public}"
+    );
+    assert!(!public.contains("flood"), "{public}");
     // The calm tenant reports all along and is never held.
     let calm_admin = agents[1].1.clone();
     eventually(T, "the calm tenant reports", || async {
@@ -683,7 +726,7 @@ async fn a_tenant_over_its_result_rate_is_slowed_and_loses_nothing() {
             .then_some(())
     })
     .await;
-    let (_, metrics) = gw.http("GET", "/metrics", None).await;
+    let (_, metrics) = gw.http("GET", "/metrics", Some(operator)).await;
     assert!(
         !metrics.as_str().unwrap().contains("tenant=\"calm\""),
         "{metrics}"

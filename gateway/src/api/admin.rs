@@ -338,8 +338,9 @@ async fn delete_tenant(
     _: FleetOperator,
     Path(name): Path<String>,
 ) -> Response {
-    if gw.credentials.home() == name {
-        let why = format!("tenant {name} is this gateway's home tenant (--tenant): it holds the agents enrolled before tenants and cannot be deleted");
+    let home = gw.credentials.tenants.tenant(&name).is_some_and(|t| t.home);
+    if gw.credentials.home() == name || home {
+        let why = format!("tenant {name} is a gateway's home tenant (--tenant): it holds the agents, key and token from before tenants, and cannot be deleted");
         return ApiError::new(ErrorKind::Conflict, why).into_response();
     }
     if gw

@@ -114,7 +114,7 @@ impl TenantStore for NatsTenants {
 
 /// Follow the bucket into `tenants`' in-memory copy until `shutdown`: a key or token
 /// revoked through another gateway is refused here as soon as the change arrives. After a
-/// broken watch everything is read again.
+/// broken watch everything is read again (so a record removed meanwhile goes too).
 pub async fn follow(tenants: Arc<Tenants>, nats: Arc<Nats>, shutdown: CancellationToken) {
     use futures_util::StreamExt;
     loop {
@@ -128,6 +128,13 @@ pub async fn follow(tenants: Arc<Tenants>, nats: Arc<Nats>, shutdown: Cancellati
                 }
             }
         };
+        if let Err(e) = tenants.reload().await {
+            tracing::warn!(error = %e, "cannot read the tenants again; retrying");
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                _ = shutdown.cancelled() => return,
+            }
+        }
         loop {
             let entry = tokio::select! {
                 e = watch.next() => e,

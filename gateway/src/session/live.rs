@@ -331,6 +331,14 @@ impl Session {
 
     async fn on_message(&mut self, msg: Message) -> Flow {
         self.gw.registry.seen(&self.agent);
+        // A tenant disabled meanwhile (through any gateway): its agents are closed at their
+        // next frame (a ping at the latest) and refused until it is enabled again.
+        if let Err(refusal) = self.gw.credentials.tenants.enabled(&self.agent.tenant) {
+            let why = refusal.to_string();
+            tracing::warn!(error = %why, "closing the session of a disabled tenant");
+            let end = End::Lost(why.clone());
+            return Flow::Break(self.close(close::UNAUTHORIZED, &why, end).await);
+        }
         if self.unconfirmed && !matches!(msg, Message::Close(_)) {
             Box::pin(self.gw.credentials.confirmed(&self.agent.tenant, self.fp())).await;
             self.unconfirmed = false;
