@@ -5,6 +5,8 @@
 //! - [`results`]: acked results per second through a gateway on NATS JetStream, next to
 //!   raw pipelined JetStream publishing of the same results (and the embedded bus);
 //! - [`rpc`]: run-now latency through one gateway to an agent on another;
+//! - [`tenants`]: one tenant's ack and run-now latency, alone and while another tenant
+//!   floods at ten times its result rate on the same gateway;
 //! - [`storm`]: a gateway killed with SIGKILL and the time until all its agents are back
 //!   on the other one.
 //!
@@ -19,6 +21,7 @@ pub mod nats;
 mod results;
 mod rpc;
 mod storm;
+mod tenants;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,6 +38,7 @@ pub use idle::idle;
 pub use results::results;
 pub use rpc::rpc;
 pub use storm::storm;
+pub use tenants::tenants;
 
 /// The sizes and durations of the fleet parts.
 pub struct FleetPlan {
@@ -51,6 +55,19 @@ pub struct FleetPlan {
     pub rpc_agents: usize,
     pub rpc_sequential: usize,
     pub rpc_concurrent: (usize, usize),
+    /// The tenants part: agents of each tenant; the quiet tenant's batch and the pace of
+    /// every agent's batches; the flooding tenant's batch, its result-rate limit and how
+    /// many times that limit its agents offer; run-now calls per row; warm-up and
+    /// measuring window of each row.
+    pub tenants_agents: usize,
+    pub tenants_quiet_batch: usize,
+    pub tenants_quiet_pace: Duration,
+    pub tenants_noisy_batch: usize,
+    pub tenants_noisy_limit: u64,
+    pub tenants_flood_factor: u64,
+    pub tenants_runnow_calls: usize,
+    pub tenants_warmup: Duration,
+    pub tenants_window: Duration,
     /// Agents in the reconnect storm (embedded bus), and in the NATS storm (they enroll
     /// one by one first, so fewer).
     pub storm_agents: usize,
@@ -75,6 +92,15 @@ impl FleetPlan {
             rpc_agents: q(100, 10),
             rpc_sequential: q(2_000, 100),
             rpc_concurrent: (8, q(250, 20)),
+            tenants_agents: q(20, 10),
+            tenants_quiet_batch: 8,
+            tenants_quiet_pace: Duration::from_millis(100),
+            tenants_noisy_batch: 50,
+            tenants_noisy_limit: 1000,
+            tenants_flood_factor: 10,
+            tenants_runnow_calls: q(500, 100),
+            tenants_warmup: Duration::from_secs(q(5, 2) as u64),
+            tenants_window: Duration::from_secs(q(20, 4) as u64),
             storm_agents: q(10_000, 500),
             storm_nats_agents: q(2_000, 200),
             dial_concurrency: 64,
@@ -182,6 +208,15 @@ const RPC_CHECK: &str = "[[check]]\nname = \"ping\"\ncommand = [\"/bin/true\"]\n
 /// `dir` (embedded bus).
 pub fn write_rpc_check(dir: &Path) -> Result<()> {
     let checks = Gateway::data_dir_in(dir).join("checks.d");
+    std::fs::create_dir_all(&checks)?;
+    std::fs::write(checks.join("bench.toml"), RPC_CHECK)?;
+    Ok(())
+}
+
+/// Write [`RPC_CHECK`] into the checks of `tenant` (not the home tenant) of the gateway
+/// that will start under `dir` (embedded bus): `checks.d/<tenant>/`.
+pub fn write_tenant_rpc_check(dir: &Path, tenant: &str) -> Result<()> {
+    let checks = Gateway::data_dir_in(dir).join("checks.d").join(tenant);
     std::fs::create_dir_all(&checks)?;
     std::fs::write(checks.join("bench.toml"), RPC_CHECK)?;
     Ok(())

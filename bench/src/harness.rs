@@ -314,6 +314,16 @@ impl Gateway {
             .to_string())
     }
 
+    /// The fleet operator's token (`operator.token` in the data directory, made at the
+    /// gateway's first start): it creates tenants.
+    pub fn operator_token(&self) -> Result<String> {
+        let p = self.data_dir.join("operator.token");
+        Ok(std::fs::read_to_string(&p)
+            .with_context(|| format!("cannot read {} (a gateway without tenants?)", p.display()))?
+            .trim()
+            .to_string())
+    }
+
     /// The `serve` options this gateway binary knows (from `serve --help`).
     pub fn serve_help(bins: &Bins) -> String {
         Command::new(bins.path("outpost-gateway"))

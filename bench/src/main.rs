@@ -12,7 +12,8 @@
 //! 5. the fleet (issue 5, [`fleet`]): simulated agents from this tool's load generator —
 //!    idle agents and memory per connection next to nats-server's websocket listener,
 //!    acked results per second through a gateway on NATS JetStream next to raw JetStream
-//!    publishing, run-now latency across two gateways, and a reconnect storm.
+//!    publishing, run-now latency across two gateways, one tenant's latency while another
+//!    floods at ten times its result rate, and a reconnect storm.
 //!
 //! Checks reach the agent through its own `checks.d` (10,000 checks exceed the gateway's
 //! 1 MiB config frame; local check files have no such limit). Results are counted on the
@@ -51,6 +52,8 @@ enum Part {
     FleetResults,
     /// Run-now latency across two gateways.
     FleetRpc,
+    /// One tenant's ack and run-now latency while another floods at 10x its result rate.
+    FleetTenants,
     /// Reconnect storm: a gateway killed, its agents back on another.
     FleetStorm,
 }
@@ -292,6 +295,7 @@ fn run() -> Result<bool> {
             Part::FleetIdle,
             Part::FleetResults,
             Part::FleetRpc,
+            Part::FleetTenants,
             Part::FleetStorm,
         ]
     } else {
@@ -326,8 +330,12 @@ fn run() -> Result<bool> {
                 "7. Fleet: run-now latency across two gateways",
                 fleet::rpc(&bins, &work, &plan),
             ),
+            Part::FleetTenants => (
+                "8. Fleet: one tenant over its result rate next to another",
+                fleet::tenants(&bins, &work, &plan),
+            ),
             Part::FleetStorm => (
-                "8. Fleet: reconnect storm",
+                "9. Fleet: reconnect storm",
                 fleet::storm(&bins, &work, &plan),
             ),
         };
@@ -392,10 +400,11 @@ row where it still did is flagged.\n\
 check, interval)` (the agent's own function); each check's first result is left out (the \
 first run is spread over the first 10 s instead of on the grid). `started_at_ms` is taken \
 once the run has a concurrency slot, so waiting for a slot counts as lateness.\n\
-- The fleet parts (5 to 8) drive the release gateway with this tool's simulated agents (one \
+- The fleet parts (5 to 9) drive the release gateway with this tool's simulated agents (one \
 task and one TLS websocket each, from loopback source addresses 127.0.0.2 to 127.0.0.251) and \
-start nats-server themselves; they do not wait for a quiet machine, and their CPU columns \
-are the processes' own.\n\
+start nats-server themselves; their CPU columns are the processes' own. They do not wait for \
+a quiet machine, except part 8 (tenants), which compares latencies between its rows: it \
+waits, and is measured again when other work competed with any of its rows, as above.\n\
 - Durations: raw baselines {raw} s each, throughput window {window} s after a {warmup} s \
 warm-up, resource runs {rw} s after a {rwarm} s warm-up, outbox rates {ob} s each, a \
 {backlog}-minute outbox backlog.\n\n",

@@ -1,5 +1,6 @@
 //! A minimal HTTPS/1.1 client for the gateway's API: one kept-alive connection per
-//! [`Client`], trusting the gateway's certificate pin, with the bearer token.
+//! [`Client`], trusting the gateway's certificate pin, with the bearer token (and a JSON
+//! body when one is given).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -45,12 +46,38 @@ impl Client {
     }
 
     pub async fn call(&mut self, method: &str, path: &str) -> Result<Answer> {
-        let req = hyper::Request::builder()
+        self.send(method, path, None).await
+    }
+
+    /// [`Client::call`] with a JSON body.
+    pub async fn call_json(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> Result<Answer> {
+        self.send(method, path, Some(body)).await
+    }
+
+    async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<Answer> {
+        let mut req = hyper::Request::builder()
             .method(method)
             .uri(path)
             .header("host", "localhost")
-            .header("authorization", format!("Bearer {}", self.token))
-            .body(Full::new(Bytes::new()))?;
+            .header("authorization", format!("Bearer {}", self.token));
+        let body = match body {
+            Some(v) => {
+                req = req.header("content-type", "application/json");
+                Bytes::from(serde_json::to_vec(v)?)
+            }
+            None => Bytes::new(),
+        };
+        let req = req.body(Full::new(body))?;
         self.sender
             .ready()
             .await

@@ -142,6 +142,7 @@ fn gateway_ramp(
         addrs: vec![super::gateway_addr(&gw)?],
         pin: gw.pin.clone(),
         batch: 0,
+        pace: None,
         redial: false,
         redial_jitter: Duration::ZERO,
         dial_concurrency: fp.dial_concurrency,

@@ -1,8 +1,9 @@
 //! The load generator: many simulated agents in this process, each one task holding one
 //! TLS websocket to a gateway and speaking `outpost.v1` as the real agent does — `hello`
 //! (with the enrollment key or a secret), `welcome`, a websocket ping every heartbeat,
-//! optionally `results` batches one at a time (the next one once the previous is acked),
-//! and an `rpc_reply` with a result for every `rpc_request`, at once.
+//! optionally `results` batches one at a time (the next one once the previous is acked,
+//! and no sooner than a pace when one is given), and an `rpc_reply` with a result for
+//! every `rpc_request`, at once.
 //!
 //! What it is not: an agent. It runs no checks and keeps nothing on disk; an enrollment's
 //! secret lives in the task. Its own footprint is kept small (one task per agent, 4 KiB
@@ -14,7 +15,7 @@
 
 use outpost_sys::lock;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,6 +54,10 @@ pub struct Behaviour {
     pub pin: String,
     /// Results per `results` batch; 0 sends none (an idle agent).
     pub batch: usize,
+    /// The least time from sending one batch to sending the next (`None`: as soon as the
+    /// previous one is acked). The next batch still waits for the previous one's ack; the
+    /// first one goes out at a random point of the first pace, to spread the agents.
+    pub pace: Option<Duration>,
     /// Dial again after a lost connection or a failed dial, with the agent's backoff: a
     /// random delay up to `redial_jitter`, doubling after each failed dial (at most 30 s).
     pub redial: bool,
@@ -77,6 +82,10 @@ pub struct Stats {
     pub failures: AtomicU64,
     /// Sessions lost after their welcome.
     pub lost: AtomicU64,
+    /// While set, the time from sending each batch to its ack is kept (see
+    /// [`Stats::take_ack_latencies`]).
+    pub record_ack_latency: AtomicBool,
+    ack_latency_us: Mutex<Vec<u32>>,
     first_error: Mutex<Option<String>>,
 }
 
@@ -95,6 +104,18 @@ impl Stats {
 
     pub fn online(&self) -> u64 {
         self.online.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// The ack latencies kept so far, in µs (in the order the acks came), and forget them.
+    pub fn take_ack_latencies(&self) -> Vec<u32> {
+        std::mem::take(&mut *lock(&self.ack_latency_us))
+    }
+
+    fn ack_latency(&self, took: Duration) {
+        if self.record_ack_latency.load(Ordering::Relaxed) {
+            let us = u32::try_from(took.as_micros()).unwrap_or(u32::MAX);
+            lock(&self.ack_latency_us).push(us);
+        }
     }
 }
 
@@ -233,17 +254,28 @@ async fn session(
     stats: &Stats,
     stop: &CancellationToken,
 ) -> SessionEnd {
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    use tokio::time::Instant as TokioInstant;
+    let mut ping = tokio::time::interval_at(TokioInstant::now() + heartbeat, heartbeat);
     let mut next_seq = last_seq + 1;
-    let mut in_flight: Option<u64> = None;
+    // The batch awaiting its ack: its last sequence number and when it was sent.
+    let mut in_flight: Option<(u64, TokioInstant)> = None;
+    // When the next batch goes out, if it waits for its pace.
+    let mut due: Option<TokioInstant> = None;
     if b.batch > 0 {
-        let frame = batch_frame(next_seq, b.batch);
-        next_seq += b.batch as u64;
-        in_flight = Some(next_seq - 1);
-        if let Err(e) = ws.send(Message::Text(frame.into())).await {
-            return SessionEnd::Lost(format!("send failed: {e}"));
+        match b.pace {
+            Some(pace) => due = Some(TokioInstant::now() + pace.mul_f64(rand::random::<f64>())),
+            None => {
+                let frame = batch_frame(next_seq, b.batch);
+                next_seq += b.batch as u64;
+                in_flight = Some((next_seq - 1, TokioInstant::now()));
+                if let Err(e) = ws.send(Message::Text(frame.into())).await {
+                    return SessionEnd::Lost(format!("send failed: {e}"));
+                }
+            }
         }
     }
+    // Never fires: the pace branch is off while nothing is due.
+    let far = || TokioInstant::now() + Duration::from_secs(86_400);
     loop {
         let msg = tokio::select! {
             biased;
@@ -251,6 +283,16 @@ async fn session(
                 let bye = encode(&AgentFrame::Bye(outpost_protocol::Bye::stopping("load generator done")));
                 let _ = tokio::time::timeout(Duration::from_secs(2), ws.send(Message::Text(bye.into()))).await;
                 return SessionEnd::Stopped;
+            }
+            _ = tokio::time::sleep_until(due.unwrap_or_else(far)), if due.is_some() => {
+                due = None;
+                let frame = batch_frame(next_seq, b.batch);
+                next_seq += b.batch as u64;
+                in_flight = Some((next_seq - 1, TokioInstant::now()));
+                if let Err(e) = ws.send(Message::Text(frame.into())).await {
+                    return SessionEnd::Lost(format!("send failed: {e}"));
+                }
+                continue;
             }
             m = ws.next() => m,
             _ = ping.tick() => {
@@ -268,17 +310,23 @@ async fn session(
             Some(Ok(_)) => continue,
         };
         let reply = match decode_gateway_frame(text.as_str()) {
-            Ok(GatewayFrame::Ack(a)) => {
-                if in_flight.is_some_and(|s| a.seq >= s) {
+            Ok(GatewayFrame::Ack(a)) => match in_flight {
+                Some((last, sent_at)) if a.seq >= last => {
+                    let now = TokioInstant::now();
+                    stats.ack_latency(now.duration_since(sent_at));
                     stats.acked.fetch_add(b.batch as u64, Ordering::Relaxed);
+                    in_flight = None;
+                    if let Some(at) = b.pace.map(|p| sent_at + p).filter(|at| *at > now) {
+                        due = Some(at);
+                        continue;
+                    }
                     let frame = batch_frame(next_seq, b.batch);
                     next_seq += b.batch as u64;
-                    in_flight = Some(next_seq - 1);
+                    in_flight = Some((next_seq - 1, now));
                     frame
-                } else {
-                    continue;
                 }
-            }
+                _ => continue,
+            },
             Ok(GatewayFrame::RpcRequest(req)) => {
                 let outpost_protocol::RpcCall::RunCheck { check } = req.call;
                 stats.rpc_answered.fetch_add(1, Ordering::Relaxed);

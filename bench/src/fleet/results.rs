@@ -50,6 +50,7 @@ fn through_gateway(
             addrs: vec![super::gateway_addr(&gw)?],
             pin: gw.pin.clone(),
             batch: fp.results_batch,
+            pace: None,
             redial: false,
             redial_jitter: Duration::ZERO,
             dial_concurrency: fp.dial_concurrency,

@@ -144,6 +144,7 @@ fn fleet_on(
             addrs: vec![super::gateway_addr(gw)?],
             pin: gw.pin.clone(),
             batch: 0,
+            pace: None,
             redial: false,
             redial_jitter: Duration::ZERO,
             dial_concurrency,

@@ -71,6 +71,7 @@ fn storm_between(
             addrs: vec![super::gateway_addr(&a)?, super::gateway_addr(&b)?],
             pin: a.pin.clone(),
             batch: 0,
+            pace: None,
             redial: true,
             // The agent's first backoff step: a random delay up to 500 ms.
             redial_jitter: Duration::from_millis(500),
