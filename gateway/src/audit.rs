@@ -18,6 +18,9 @@ use crate::bus::{AuditEvent, Bus};
 use crate::metrics::Metrics;
 use crate::util::now_ms;
 
+/// How often a tenant held to its rate is kept on the bus while it lasts.
+pub const HELD_EVENT_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Audit events one gateway publishes per second and tenant at most.
 pub const EVENTS_PER_SEC: u64 = 100;
 
@@ -27,6 +30,8 @@ pub struct Audit {
     gateway: String,
     /// Per tenant: the current second and how many events it has published.
     windows: std::sync::Mutex<HashMap<String, (Instant, u64)>>,
+    /// Per tenant and reason, for [`Audit::held`]: when its last event was kept.
+    last_held: std::sync::Mutex<HashMap<String, Instant>>,
 }
 
 impl Audit {
@@ -36,6 +41,7 @@ impl Audit {
             metrics,
             gateway: gateway.to_string(),
             windows: Default::default(),
+            last_held: Default::default(),
         }
     }
 
@@ -69,6 +75,28 @@ impl Audit {
                 tracing::warn!(error = %e, "cannot keep an audit event");
             }
         });
+    }
+
+    /// A tenant slowed to its limit (an ack held for its result rate): counted every time,
+    /// kept on the bus once a minute at most while it lasts. (An event per held ack would
+    /// put an fsync of the audit log in front of every other tenant's acks.)
+    pub fn held(&self, tenant: &str, reason: &'static str, subject: String, peer: Option<String>) {
+        let now = Instant::now();
+        let due = {
+            let mut last = lock(&self.last_held);
+            match last.get(tenant) {
+                Some(at) if now.duration_since(*at) < HELD_EVENT_EVERY => false,
+                _ => {
+                    last.insert(tenant.to_string(), now);
+                    true
+                }
+            }
+        };
+        if due {
+            self.refused(tenant, reason, subject, peer);
+        } else {
+            self.metrics.refused(tenant, reason);
+        }
     }
 
     /// Whether `tenant` may publish one more event this second. (Its key is a tenant

@@ -429,7 +429,7 @@ impl Session {
         if tenant_hold > hold {
             let subject = format!("agent {} results", self.agent.fingerprint);
             let peer = Some(self.peer.to_string());
-            gw.audit.refused(tenant, "results_rate", subject, peer);
+            gw.audit.held(tenant, "results_rate", subject, peer);
         }
         let hold = hold.max(tenant_hold);
         let published = tokio::time::timeout(
