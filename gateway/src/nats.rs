@@ -238,41 +238,34 @@ impl Nats {
             },
         )
         .await?;
-        ensure_stream(
-            &js,
-            stream::Config {
-                name: PRESENCE_STREAM.into(),
-                description: Some("Outpost agent presence events".into()),
-                subjects: vec!["outpost.*.presence.*".into()],
-                storage: stream::StorageType::File,
-                // No byte cap (JetStream's -1; the default 0 reads back as -1 and made a
-                // spurious "other settings" warning at every start).
-                max_bytes: -1,
-                num_replicas: settings.replicas,
-                max_age: settings.results_max_age,
-                // JetStream wants the window within the max age.
-                duplicate_window: Duration::from_secs(120).min(settings.results_max_age),
-                allow_direct: true,
-                ..Default::default()
-            },
-        )
-        .await?;
-        ensure_stream(
-            &js,
-            stream::Config {
-                name: AUDIT_STREAM.into(),
-                description: Some("Outpost audit events: refused access per tenant".into()),
-                subjects: vec!["outpost.*.audit".into()],
-                storage: stream::StorageType::File,
-                max_bytes: -1,
-                num_replicas: settings.replicas,
-                max_age: settings.results_max_age,
-                duplicate_window: Duration::from_secs(120).min(settings.results_max_age),
-                allow_direct: true,
-                ..Default::default()
-            },
-        )
-        .await?;
+        // Event streams: kept as long as results, with no byte cap of their own.
+        let events = |name: &str, description: &str, subject: &str| stream::Config {
+            name: name.into(),
+            description: Some(description.into()),
+            subjects: vec![subject.into()],
+            storage: stream::StorageType::File,
+            // No byte cap (JetStream's -1; the default 0 reads back as -1 and made a
+            // spurious "other settings" warning at every start).
+            max_bytes: -1,
+            num_replicas: settings.replicas,
+            max_age: settings.results_max_age,
+            // JetStream wants the window within the max age.
+            duplicate_window: Duration::from_secs(120).min(settings.results_max_age),
+            allow_direct: true,
+            ..Default::default()
+        };
+        let presence = events(
+            PRESENCE_STREAM,
+            "Outpost agent presence events",
+            "outpost.*.presence.*",
+        );
+        ensure_stream(&js, presence).await?;
+        let audit = events(
+            AUDIT_STREAM,
+            "Outpost audit events: refused access per tenant",
+            "outpost.*.audit",
+        );
+        ensure_stream(&js, audit).await?;
         let bucket = |name: &str, description: &str, history: i64, max_age: Duration| kv::Config {
             bucket: name.into(),
             description: description.into(),
@@ -388,6 +381,36 @@ fn cluster_forming(e: &jetstream::context::CreateStreamError) -> bool {
         ]
         .contains(&e.error_code()),
         _ => false,
+    }
+}
+
+/// Write `value` at `key` if the key is still at revision `expected` (`None`: it must not
+/// exist, or be deleted): the compare-and-set every shared store is built on. A race lost
+/// is [`StoreError::Conflict`].
+pub(crate) async fn put_if(
+    kv: &kv::Store,
+    key: &str,
+    value: Vec<u8>,
+    expected: Option<crate::secrets::Revision>,
+) -> Result<crate::secrets::Revision, crate::secrets::StoreError> {
+    use crate::secrets::StoreError;
+    use kv::{CreateErrorKind, UpdateErrorKind};
+    let unavailable = |e: &dyn std::fmt::Display| StoreError::Unavailable(format!("NATS: {e}"));
+    match expected {
+        None => kv
+            .create(key, value.into())
+            .await
+            .map_err(|e| match e.kind() {
+                CreateErrorKind::AlreadyExists => StoreError::Conflict,
+                _ => unavailable(&e),
+            }),
+        Some(rev) => kv
+            .update(key, value.into(), rev)
+            .await
+            .map_err(|e| match e.kind() {
+                UpdateErrorKind::WrongLastRevision => StoreError::Conflict,
+                _ => unavailable(&e),
+            }),
     }
 }
 

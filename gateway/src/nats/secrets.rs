@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use async_nats::jetstream::kv::{CreateErrorKind, Operation, UpdateErrorKind};
+use async_nats::jetstream::kv::Operation;
 use async_trait::async_trait;
 
 use super::{agent_key, Nats};
@@ -61,24 +61,7 @@ impl SecretStore for NatsSecrets {
     ) -> Result<Revision, StoreError> {
         let key = agent_key(tenant, fingerprint);
         let value = serde_json::to_vec(credential).map_err(unavailable)?;
-        let kv = &self.nats.credentials;
-        match expected {
-            // Creates over a deleted record too.
-            None => kv
-                .create(&key, value.into())
-                .await
-                .map_err(|e| match e.kind() {
-                    CreateErrorKind::AlreadyExists => StoreError::Conflict,
-                    _ => unavailable(e),
-                }),
-            Some(rev) => kv
-                .update(&key, value.into(), rev)
-                .await
-                .map_err(|e| match e.kind() {
-                    UpdateErrorKind::WrongLastRevision => StoreError::Conflict,
-                    _ => unavailable(e),
-                }),
-        }
+        super::put_if(&self.nats.credentials, &key, value, expected).await
     }
 
     async fn delete(&self, tenant: &str, fingerprint: &str) -> Result<(), StoreError> {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::kv::{CreateErrorKind, Operation, UpdateErrorKind};
+use async_nats::jetstream::kv::Operation;
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
@@ -55,23 +55,7 @@ impl TenantStore for NatsTenants {
     ) -> Result<Revision, StoreError> {
         let key = record.key();
         let value = serde_json::to_vec(record).map_err(unavailable)?;
-        let kv = &self.nats.tenants;
-        match expected {
-            None => kv
-                .create(&key, value.into())
-                .await
-                .map_err(|e| match e.kind() {
-                    CreateErrorKind::AlreadyExists => StoreError::Conflict,
-                    _ => unavailable(e),
-                }),
-            Some(rev) => kv
-                .update(&key, value.into(), rev)
-                .await
-                .map_err(|e| match e.kind() {
-                    UpdateErrorKind::WrongLastRevision => StoreError::Conflict,
-                    _ => unavailable(e),
-                }),
-        }
+        super::put_if(&self.nats.tenants, &key, value, expected).await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
