@@ -117,6 +117,18 @@ pub trait Bus: Send + Sync {
     /// Keep an audit event.
     async fn publish_audit(&self, event: &AuditEvent) -> Result<(), BusError>;
 
+    /// Keep at most `max_bytes` of `tenant`'s results (`None`: no limit of the tenant's
+    /// own, only the bus's): beyond it the tenant's oldest results go, never another
+    /// tenant's. Applied to what is already kept, and remembered for later writes.
+    async fn keep_bytes(&self, tenant: &str, max_bytes: Option<u64>) -> Result<(), BusError>;
+
+    /// Delete every result of `tenant` (a deleted tenant: a tenant made later under the
+    /// same name must find nothing of it).
+    async fn drop_tenant(&self, tenant: &str) -> Result<(), BusError>;
+
+    /// The bytes `tenant`'s results take on the bus now.
+    async fn tenant_bytes(&self, tenant: &str) -> Result<u64, BusError>;
+
     /// Why the bus cannot take results right now, if it cannot (for `/readyz`).
     fn unavailable(&self) -> Option<String> {
         None

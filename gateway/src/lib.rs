@@ -211,6 +211,7 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
             let (bus, recovered) = bus::embedded::EmbeddedBus::open(
                 &settings.data_dir.join("bus"),
                 settings.retention,
+                &settings.tenant,
             )
             .await
             .context("cannot open the embedded bus")?;
@@ -337,6 +338,33 @@ fn gateway_id(settings: &Settings) -> anyhow::Result<String> {
     }
 }
 
+/// Give the bus every tenant's byte limit, at start and whenever a tenant changes (here
+/// or, on NATS, on another gateway). A limit the bus could not apply is tried again a
+/// little later.
+async fn keep_tenant_limits(
+    tenants: Arc<tenants::Tenants>,
+    bus: Arc<dyn bus::Bus>,
+    shutdown: CancellationToken,
+) {
+    const RETRY: Duration = Duration::from_secs(10);
+    let mut changes = tenants.watch();
+    loop {
+        changes.mark_unchanged();
+        let mut failed = false;
+        for t in tenants.list_tenants() {
+            if let Err(e) = bus.keep_bytes(&t.name, t.limits.bus_bytes).await {
+                tracing::warn!(tenant = %t.name, error = %e, "cannot bound the tenant's bytes on the bus yet; will retry");
+                failed = true;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(RETRY), if failed => {}
+        }
+    }
+}
+
 /// Run `task` for the gateway's life under [`health::supervise`].
 fn background<F, Fut>(tracker: &TaskTracker, gw: &Gateway, name: &'static str, task: F)
 where
@@ -364,6 +392,14 @@ pub async fn serve(
     );
     background(&tracker, gw, "checks watch", move || {
         checks::watch(store.clone(), metrics.clone(), poll, stop.clone())
+    });
+    let (tenants, bus, stop) = (
+        gw.credentials.tenants.clone(),
+        gw.bus.clone(),
+        gw.shutdown.clone(),
+    );
+    background(&tracker, gw, "tenant limits on the bus", move || {
+        keep_tenant_limits(tenants.clone(), bus.clone(), stop.clone())
     });
     let upkeep = gw.upkeep();
     background(&tracker, gw, "registry", move || {

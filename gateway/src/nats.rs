@@ -5,7 +5,7 @@
 //!
 //! | what | where |
 //! |---|---|
-//! | results | stream `OUTPOST_RESULTS`, subject `outpost.<tenant>.results.<fingerprint>`, `Nats-Msg-Id` = `<fingerprint>:<seq>` |
+//! | results | stream `OUTPOST_RESULTS_<tenant>` (`OUTPOST_RESULTS` for the fleet's home tenant), subject `outpost.<tenant>.results.<fingerprint>`, `Nats-Msg-Id` = `<tenant>.<fingerprint>:<seq>` |
 //! | presence events | stream `OUTPOST_PRESENCE`, subject `outpost.<tenant>.presence.<fingerprint>` |
 //! | fleet registry | KV `outpost_agents`, key `<tenant>.<fingerprint>` |
 //! | live gateways | KV `outpost_gateways`, key `<gateway id>` (heartbeat, expires) |
@@ -41,14 +41,42 @@ pub struct NatsSettings {
     /// so a NATS user can be limited to its own tenant's replies. (Tenants are kept apart
     /// by NATS accounts, not by permissions: FLEET.md, *Who may do what on NATS*.)
     pub inbox_prefix: String,
+    /// The gateway's home tenant (`--tenant`): its results stay in `OUTPOST_RESULTS`.
+    pub home: String,
 }
 
 impl NatsSettings {
-    /// These settings for a connection of `tenant`'s (its inbox prefix).
+    /// These settings for a connection of `tenant`'s (its inbox prefix, its home).
     pub fn for_tenant(self, tenant: &str) -> NatsSettings {
         NatsSettings {
             inbox_prefix: inbox_prefix(tenant),
+            home: tenant.to_string(),
             ..self
+        }
+    }
+
+    /// The results stream every tenant's stream is made like: `name` for `subject`s,
+    /// holding at most `max_bytes` (JetStream's -1: no cap).
+    pub fn results_stream_config(
+        &self,
+        name: &str,
+        tenant: &str,
+        max_bytes: i64,
+    ) -> stream::Config {
+        stream::Config {
+            name: name.into(),
+            description: Some(format!(
+                "Outpost check results and metrics of tenant {tenant}"
+            )),
+            subjects: vec![results_subject(tenant, "*")],
+            retention: stream::RetentionPolicy::Limits,
+            storage: stream::StorageType::File,
+            num_replicas: self.replicas,
+            max_age: self.results_max_age,
+            max_bytes,
+            duplicate_window: self.dedup_window,
+            allow_direct: true,
+            ..Default::default()
         }
     }
 }
@@ -57,7 +85,14 @@ impl NatsSettings {
 pub fn inbox_prefix(tenant: &str) -> String {
     format!("_INBOX_{tenant}")
 }
+/// The home tenant's results stream (every tenant's before tenants had streams of their
+/// own); any other tenant's is [`results_stream`].
 pub const RESULTS_STREAM: &str = "OUTPOST_RESULTS";
+
+/// The results stream of `tenant` when it is not the one `OUTPOST_RESULTS` holds.
+pub fn results_stream(tenant: &str) -> String {
+    format!("{RESULTS_STREAM}_{tenant}")
+}
 pub const PRESENCE_STREAM: &str = "OUTPOST_PRESENCE";
 pub const AUDIT_STREAM: &str = "OUTPOST_AUDIT";
 pub const AGENTS_BUCKET: &str = "outpost_agents";
@@ -167,7 +202,6 @@ pub use crate::bus::agent_key;
 pub struct Nats {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
-    pub results: stream::Stream,
     pub agents: kv::Store,
     pub gateways: kv::Store,
     pub credentials: kv::Store,
@@ -221,23 +255,7 @@ impl Nats {
         let js = jetstream::ContextBuilder::new()
             .timeout(Duration::from_secs(10))
             .build(client.clone());
-        let results = ensure_stream(
-            &js,
-            stream::Config {
-                name: RESULTS_STREAM.into(),
-                description: Some("Outpost check results and metrics".into()),
-                subjects: vec!["outpost.*.results.*".into()],
-                retention: stream::RetentionPolicy::Limits,
-                storage: stream::StorageType::File,
-                num_replicas: settings.replicas,
-                max_age: settings.results_max_age,
-                max_bytes: settings.results_max_bytes,
-                duplicate_window: settings.dedup_window,
-                allow_direct: true,
-                ..Default::default()
-            },
-        )
-        .await?;
+        home_results_stream(&js, settings).await?;
         // Event streams: kept as long as results, with no byte cap of their own.
         let events = |name: &str, description: &str, subject: &str| stream::Config {
             name: name.into(),
@@ -318,7 +336,6 @@ impl Nats {
         Ok(Nats {
             client,
             js,
-            results,
             agents,
             gateways,
             credentials,
@@ -330,6 +347,29 @@ impl Nats {
     pub fn connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
+}
+
+/// Make sure `OUTPOST_RESULTS` holds the home tenant's results, or another tenant's when
+/// a gateway of another home made it first (each other tenant has a stream of its own).
+/// A stream from before tenants had streams (`outpost.*.results.*`) is narrowed to the home
+/// tenant, so each other tenant's stream can be made beside it; what it holds of other
+/// tenants stays readable there until its age runs out.
+async fn home_results_stream(
+    js: &jetstream::Context,
+    settings: &NatsSettings,
+) -> anyhow::Result<()> {
+    let config =
+        settings.results_stream_config(RESULTS_STREAM, &settings.home, settings.results_max_bytes);
+    let stream = ensure_stream(js, config).await?;
+    let mut info = stream.cached_info().config.clone();
+    if info.subjects == [results_subject("*", "*")] {
+        info.subjects = vec![results_subject(&settings.home, "*")];
+        js.update_stream(&info)
+            .await
+            .context("cannot narrow the results stream OUTPOST_RESULTS to the home tenant")?;
+        tracing::info!(tenant = %settings.home, "OUTPOST_RESULTS now holds the home tenant's results; other tenants get streams of their own");
+    }
+    Ok(())
 }
 
 async fn ensure_stream(

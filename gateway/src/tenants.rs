@@ -62,6 +62,30 @@ pub struct Limits {
     /// gateways (each takes its share); beyond it their acks are held.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub results_per_sec: Option<u64>,
+    /// Bytes of its results the bus keeps (each embedded bus; the fleet's NATS stream of
+    /// the tenant): beyond it the tenant's oldest results are deleted, never another
+    /// tenant's, and new ones are always taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bus_bytes: Option<u64>,
+}
+
+/// The smallest `bus_bytes`: one segment of the embedded bus.
+pub const MIN_BUS_BYTES: u64 = 64 * 1024;
+
+impl Limits {
+    /// What is wrong with these limits, naming the fix.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.bus_bytes.is_some_and(|b| b < MIN_BUS_BYTES) {
+            problems.push(format!(
+                "limits.bus_bytes: at least {MIN_BUS_BYTES} (64 KiB)"
+            ));
+        }
+        if self.bus_bytes.is_some_and(|b| b > i64::MAX as u64) {
+            problems.push(format!("limits.bus_bytes: at most {}", i64::MAX));
+        }
+        problems
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -364,6 +388,8 @@ pub struct Tenants {
     /// This gateway's home tenant: its key and token from before tenants win over another
     /// tenant's with the same hash.
     home: String,
+    /// Bumped whenever a tenant record changes here or from another gateway.
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Tenants {
@@ -379,6 +405,7 @@ impl Tenants {
             snapshot: RwLock::default(),
             operator_sha256: sha256_hex(operator_token),
             home: home.to_string(),
+            changed: tokio::sync::watch::Sender::new(0),
         };
         tenants.reload().await?;
         Ok(tenants)
@@ -396,7 +423,13 @@ impl Tenants {
             fresh.apply(&record.key(), Some((record, rev)));
         }
         *self.snapshot.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        self.changed.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// Wakes whenever a tenant (not a key or token) is made, changed or deleted.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// A change another gateway made (`None`: the record was deleted).
@@ -415,6 +448,10 @@ impl Tenants {
             }
         }
         snapshot.apply(key, record);
+        drop(snapshot);
+        if key.starts_with("tenant.") {
+            self.changed.send_modify(|n| *n += 1);
+        }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Snapshot> {

@@ -426,13 +426,28 @@ impl Gateway {
             .filter(|l| !l.is_null())
     }
 
-    /// Every line of one of the embedded bus's logs (`results` or `presence`), across all
-    /// its segments, oldest first. A line still being written is left out.
+    /// Every line of one of the embedded bus's logs (`results`, `presence`, `audit`),
+    /// across all its segments, oldest first; for `results` the home tenant's log, then
+    /// every other tenant's (`bus/tenants/<tenant>/`). A line still being written is left
+    /// out.
     pub fn bus_log(&self, name: &str) -> Vec<Value> {
-        outpost_gateway::bus::segments::read_all(&self.data_dir.join("bus"), name)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        let bus = self.data_dir.join("bus");
+        let mut dirs = vec![bus.clone()];
+        if name == "results" {
+            if let Ok(tenants) = std::fs::read_dir(bus.join("tenants")) {
+                let mut more: Vec<PathBuf> = tenants.filter_map(|e| Some(e.ok()?.path())).collect();
+                more.sort();
+                dirs.extend(more);
+            }
+        }
+        dirs.iter()
+            .flat_map(|d| {
+                outpost_gateway::bus::segments::read_all(d, name)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 

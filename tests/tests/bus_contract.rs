@@ -29,6 +29,10 @@ fn results(seqs: std::ops::RangeInclusive<u64>) -> Vec<CheckResult> {
     seqs.map(result).collect()
 }
 
+/// The tenant whose results the embedded bus keeps in its own folder and NATS in
+/// `OUTPOST_RESULTS` (the settings' default `--tenant`).
+const HOME: &str = "default";
+
 fn agent(n: u8) -> AgentRef {
     AgentRef {
         tenant: "default".into(),
@@ -36,6 +40,7 @@ fn agent(n: u8) -> AgentRef {
     }
 }
 
+#[allow(clippy::large_enum_variant)] // a handful, made once per test
 enum Backend {
     Embedded(PathBuf, Retention),
     Nats(NatsSettings),
@@ -46,7 +51,7 @@ impl Backend {
     async fn open(&self) -> Arc<dyn Bus> {
         match self {
             Backend::Embedded(dir, retention) => {
-                Arc::new(EmbeddedBus::open(dir, *retention).await.unwrap().0)
+                Arc::new(EmbeddedBus::open(dir, *retention, HOME).await.unwrap().0)
             }
             Backend::Nats(s) => Arc::new(NatsBus::new(Arc::new(
                 Nats::connect(s, "bus contract test").await.unwrap(),
@@ -79,8 +84,29 @@ impl Backend {
         .collect()
     }
 
+    /// Where `tenant`'s results are kept: its folder of the embedded bus, its NATS stream.
+    fn results_of(&self, tenant: &str) -> (PathBuf, String) {
+        let dir = match self {
+            Backend::Embedded(dir, _) if tenant != HOME => dir.join("tenants").join(tenant),
+            Backend::Embedded(dir, _) => dir.clone(),
+            Backend::Nats(_) => PathBuf::new(),
+        };
+        let stream = match tenant {
+            HOME => outpost_gateway::nats::RESULTS_STREAM.to_string(),
+            t => outpost_gateway::nats::results_stream(t),
+        };
+        (dir, stream)
+    }
+
     async fn read(&self, subject: &str, file: &str) -> Vec<serde_json::Value> {
+        let tenant = subject.split('.').nth(1).unwrap_or(HOME);
+        let (results_dir, results_stream) = self.results_of(tenant);
         match self {
+            Backend::Embedded(_, _) if file == "results" => segments::read_all(&results_dir, file)
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect(),
             Backend::Embedded(dir, _) => segments::read_all(dir, file)
                 .unwrap()
                 .lines()
@@ -90,11 +116,13 @@ impl Backend {
                 let client = async_nats::connect(s.urls[0].as_str()).await.unwrap();
                 let js = async_nats::jetstream::new(client);
                 let stream_name = match file {
-                    "results" => outpost_gateway::nats::RESULTS_STREAM,
+                    "results" => results_stream.as_str(),
                     "audit" => outpost_gateway::nats::AUDIT_STREAM,
                     _ => outpost_gateway::nats::PRESENCE_STREAM,
                 };
-                let mut stream = js.get_stream(stream_name).await.unwrap();
+                let Ok(mut stream) = js.get_stream(stream_name).await else {
+                    return Vec::new();
+                };
                 let info = stream.info().await.unwrap().state.clone();
                 let mut out = Vec::new();
                 for seq in info.first_sequence..=info.last_sequence {
@@ -197,8 +225,14 @@ async fn contract(backend: &Backend) {
 
 /// Bytes of results the bus holds: its files, or the stream's own count.
 async fn bytes_stored(backend: &Backend) -> u64 {
+    tenant_bytes_stored(backend, HOME).await
+}
+
+/// Bytes of `tenant`'s results the bus holds: its files, or its stream's own count.
+async fn tenant_bytes_stored(backend: &Backend, tenant: &str) -> u64 {
+    let (dir, stream) = backend.results_of(tenant);
     match backend {
-        Backend::Embedded(dir, _) => segments::paths(dir, "results")
+        Backend::Embedded(_, _) => segments::paths(&dir, "results")
             .unwrap()
             .iter()
             .map(|p| std::fs::metadata(p).unwrap().len())
@@ -206,13 +240,98 @@ async fn bytes_stored(backend: &Backend) -> u64 {
         Backend::Nats(s) => {
             let client = async_nats::connect(s.urls[0].as_str()).await.unwrap();
             let js = async_nats::jetstream::new(client);
-            let mut stream = js
-                .get_stream(outpost_gateway::nats::RESULTS_STREAM)
-                .await
-                .unwrap();
-            stream.info().await.unwrap().state.bytes
+            match js.get_stream(stream).await {
+                Ok(mut stream) => stream.info().await.unwrap().state.bytes,
+                Err(_) => 0,
+            }
         }
     }
+}
+
+fn tenant_agent(tenant: &str) -> AgentRef {
+    AgentRef::new(tenant, "0f8fad5b-d9cb-469f-a165-708677289509")
+}
+
+/// Publish `n` batches of 50 results for `agent`, every one accepted.
+async fn publish_batches(bus: &Arc<dyn Bus>, agent: &AgentRef, n: u64) {
+    for batch in 0..n {
+        let p = bus
+            .publish_results(agent, &results(batch * 50 + 1..=batch * 50 + 50))
+            .await
+            .unwrap();
+        assert_eq!(p.accepted, 50, "{agent:?}");
+    }
+}
+
+/// The largest one segment can make a tenant exceed its limit by on the embedded bus
+/// (NATS keeps to it exactly).
+const SEGMENT_SLACK: u64 = 64 * 1024;
+
+/// Each tenant's byte limit (`limits.bus_bytes`): beyond it that tenant's oldest results
+/// go, leaving its newest as an unbroken run, and another tenant's never; a limit set on a
+/// tenant already over it trims what is kept; a resend of a dropped result is still
+/// refused; a deleted tenant's results are gone, the others' stay, and a tenant made again
+/// under the name starts empty.
+async fn tenant_bytes_contract(backend: &Backend) {
+    const LIMIT: u64 = 128 * 1024;
+    let bus = backend.open().await;
+    let (small, big, home) = (tenant_agent("small"), tenant_agent("big"), agent(6));
+    bus.keep_bytes("small", Some(LIMIT)).await.unwrap();
+    publish_batches(&bus, &small, 40).await;
+    let stored = backend.stored(&small).await;
+    assert!(
+        stored.len() < 2000,
+        "nothing of small was dropped: {} kept",
+        stored.len()
+    );
+    assert!(
+        stored.len() > 100,
+        "too much of small was dropped: {stored:?}"
+    );
+    assert_eq!(stored, (stored[0]..=2000).collect::<Vec<_>>());
+    publish_batches(&bus, &big, 40).await;
+    publish_batches(&bus, &home, 20).await;
+    assert_eq!(backend.stored(&big).await, (1..=2000).collect::<Vec<_>>());
+    assert_eq!(backend.stored(&home).await, (1..=1000).collect::<Vec<_>>());
+    let kept = tenant_bytes_stored(backend, "small").await;
+    assert!(
+        kept <= LIMIT + SEGMENT_SLACK,
+        "{kept} bytes of small kept under {LIMIT}"
+    );
+    assert_eq!(bus.tenant_bytes("small").await.unwrap(), kept);
+    let p = bus.publish_results(&small, &results(1..=1)).await.unwrap();
+    assert_eq!((p.accepted, p.duplicates), (0, 1));
+
+    // A limit given to a tenant already over it trims what it keeps, at once.
+    let before = tenant_bytes_stored(backend, "big").await;
+    assert!(before > 2 * LIMIT, "big keeps only {before} bytes");
+    bus.keep_bytes("big", Some(LIMIT)).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tenant_bytes_stored(backend, "big").await > LIMIT + SEGMENT_SLACK {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "big was not trimmed to {LIMIT}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stored = backend.stored(&big).await;
+    assert_eq!(stored, (stored[0]..=2000).collect::<Vec<_>>());
+    assert_eq!(backend.stored(&home).await.len(), 1000, "home lost results");
+
+    // Deleting a tenant's results leaves the others'.
+    bus.drop_tenant("small").await.unwrap();
+    assert_eq!(backend.stored(&small).await, Vec::<u64>::new());
+    assert_eq!(tenant_bytes_stored(backend, "small").await, 0);
+    assert_eq!(backend.stored(&home).await.len(), 1000, "home lost results");
+    assert!(!backend.stored(&big).await.is_empty(), "big lost results");
+    // Made again, it starts from nothing: its agents' results are new ones.
+    assert_eq!(bus.last_seq(&small).await.unwrap(), 0);
+    let p = bus.publish_results(&small, &results(1..=3)).await.unwrap();
+    assert_eq!((p.accepted, p.duplicates), (3, 0));
+    assert_eq!(backend.stored(&small).await, vec![1, 2, 3]);
+    // The home tenant's results are not the bus's to delete.
+    assert!(bus.drop_tenant(HOME).await.is_err());
+    assert_eq!(backend.stored(&home).await.len(), 1000, "home lost results");
 }
 
 /// With a size cap (`--results-max-bytes`), both buses drop the oldest results and keep
@@ -313,6 +432,14 @@ async fn the_embedded_bus_keeps_the_contract() {
         ..KEEP
     };
     age_contract(&Backend::Embedded(dir.path().join("aged"), aged)).await;
+    tenant_bytes_contract(&Backend::Embedded(dir.path().join("tenants"), KEEP)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_bus_keeps_the_tenant_bytes_contract() {
+    let dir = tempdir();
+    let server = NatsServer::start(dir.path(), "n1");
+    tenant_bytes_contract(&Backend::Nats(nats_settings(&server.url()))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -786,3 +786,148 @@ async fn a_tenant_over_its_result_rate_is_slowed_and_loses_nothing() {
         "every sequence number stored exactly once"
     );
 }
+
+/// A tenant over the bytes it may keep on the bus (`limits.bus_bytes`) keeps its newest
+/// results and loses its oldest, and is never refused a new one; another tenant on the
+/// same gateway loses nothing. The limit is given through the admin API (a bad one is a
+/// 400 naming the fix), the tenant's usage is reported there, and deleting the tenant
+/// deletes its results, leaving the other's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_over_its_bus_bytes_loses_its_oldest_results_and_no_one_elses() {
+    const LIMIT: u64 = 64 * 1024;
+    const SEGMENT: u64 = 64 * 1024;
+    let dir = tempdir();
+    let gw = Gateway::start(dir.path(), &[]);
+    let operator = std::fs::read_to_string(gw.data_dir.join("operator.token")).unwrap();
+    let operator = operator.trim();
+    let (s, b) = call(
+        &gw,
+        "POST",
+        "/tenants",
+        operator,
+        Some(json!({ "name": "big", "limits": { "bus_bytes": 1000 } })),
+    )
+    .await;
+    assert_eq!(s, 400, "{b}");
+    assert!(
+        b["error"].as_str().unwrap().contains("at least 65536"),
+        "{b}"
+    );
+    // About 100 KB a second: 100 checks of 900 bytes each.
+    let chatty: String = (0..100)
+        .map(|i| format!("[[check]]\nname = \"c{i}\"\ncommand = \"/usr/bin/printf %0900d {i}\"\ninterval = 1\n"))
+        .collect();
+    for (tenant, checks) in [("big", chatty), ("calm", PING.replace("60", "1"))] {
+        let folder = gw.checks_dir.join(tenant);
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::write(folder.join("checks.toml"), checks).unwrap();
+    }
+    let mut agents = Vec::new();
+    for name in ["big", "calm"] {
+        let (s, t) = call(
+            &gw,
+            "POST",
+            "/tenants",
+            operator,
+            Some(json!({ "name": name })),
+        )
+        .await;
+        assert_eq!(s, 201, "{t}");
+        let admin = t["admin_token"].as_str().unwrap().to_string();
+        let (s, k) = call(&gw, "POST", "/keys", &admin, Some(json!({}))).await;
+        assert_eq!(s, 201, "{k}");
+        let toml = format!(
+            "gateway_url = {:?}\nenroll_key = {:?}\npin_sha256 = {:?}\nhostname = \"{name}\"\nmax_concurrent_checks = 32\n",
+            gw.url(),
+            k["enroll_key"].as_str().unwrap(),
+            gw.pin
+        );
+        agents.push(Agent::start_with_config(dir.path(), name, &toml));
+    }
+    let (big, calm) = (&agents[0], &agents[1]);
+    let usage = |name: &'static str| {
+        let gw = &gw;
+        async move {
+            let (s, t) = call(gw, "GET", &format!("/tenants/{name}"), operator, None).await;
+            assert_eq!(s, 200, "{t}");
+            t["usage"]["bus_bytes"].as_u64().unwrap()
+        }
+    };
+    // Unlimited at first: it grows past four times the limit, everything kept.
+    eventually(
+        Duration::from_secs(60),
+        "big keeps 4× the limit",
+        || async { (usage("big").await > 4 * LIMIT).then_some(()) },
+    )
+    .await;
+    assert_eq!(gw.bus_all(&big.fingerprint)[0]["seq"], 1);
+    let (s, b) = call(
+        &gw,
+        "PATCH",
+        "/tenants/big",
+        operator,
+        Some(json!({ "limits": { "bus_bytes": 10 } })),
+    )
+    .await;
+    assert_eq!(s, 400, "{b}");
+    let (s, b) = call(
+        &gw,
+        "PATCH",
+        "/tenants/big",
+        operator,
+        Some(json!({ "limits": { "bus_bytes": LIMIT } })),
+    )
+    .await;
+    assert_eq!((s, &b["limits"]["bus_bytes"]), (200, &json!(LIMIT)), "{b}");
+    // Cut to the limit at once, then kept there while the agent goes on sending.
+    eventually(T, "big cut to its limit", || async {
+        (usage("big").await <= LIMIT + SEGMENT).then_some(())
+    })
+    .await;
+    let before = gw.bus_all(&big.fingerprint);
+    let newest_then = before.last().unwrap()["seq"].as_u64().unwrap();
+    eventually(T, "big goes on reporting", || async {
+        let kept = gw.bus_all(&big.fingerprint);
+        (kept.last()?["seq"].as_u64()? > newest_then + 300).then_some(())
+    })
+    .await;
+    let kept: Vec<u64> = gw
+        .bus_all(&big.fingerprint)
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert!(kept[0] > 1, "the oldest were kept: {:?}", &kept[..5]);
+    assert_eq!(
+        kept,
+        (kept[0]..=*kept.last().unwrap()).collect::<Vec<_>>(),
+        "what is kept is the newest, unbroken"
+    );
+    let now = usage("big").await;
+    assert!(now <= LIMIT + SEGMENT, "{now} bytes kept under {LIMIT}");
+    // The calm tenant lost nothing.
+    let calm_seqs: Vec<u64> = gw
+        .bus_all(&calm.fingerprint)
+        .iter()
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert!(calm_seqs.len() > 3, "{calm_seqs:?}");
+    assert_eq!(
+        calm_seqs,
+        (1..=*calm_seqs.last().unwrap()).collect::<Vec<_>>()
+    );
+
+    // Deleted, its results go with it; the calm tenant's stay.
+    for (method, body) in [
+        ("PATCH", Some(json!({ "enabled": false }))),
+        ("DELETE", None),
+    ] {
+        let (s, b) = call(&gw, method, "/tenants/big", operator, body).await;
+        assert!(s == 200 || s == 204, "{method}: {s} {b}");
+    }
+    assert!(!gw.data_dir.join("bus/tenants/big").exists());
+    assert!(gw.bus_all(&big.fingerprint).is_empty());
+    assert!(
+        gw.bus_all(&calm.fingerprint).len() >= calm_seqs.len(),
+        "calm lost results"
+    );
+}

@@ -233,6 +233,16 @@ struct TenantView {
     created_at_ms: u64,
     /// Agents enrolled (revoked ones until forgotten).
     agents: u64,
+    /// What the tenant takes now: only on `GET /api/v1/tenants/{name}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+}
+
+#[derive(Serialize)]
+struct Usage {
+    /// Bytes its results take on the bus (this gateway's embedded bus, or the fleet's
+    /// NATS stream of the tenant).
+    bus_bytes: u64,
 }
 
 fn tenant_view(gw: &Gw, t: crate::tenants::Tenant) -> TenantView {
@@ -242,7 +252,15 @@ fn tenant_view(gw: &Gw, t: crate::tenants::Tenant) -> TenantView {
         enabled: t.enabled,
         limits: t.limits,
         created_at_ms: t.created_at_ms,
+        usage: None,
     }
+}
+
+/// A 400 naming every problem of `limits`, if it has any.
+fn limits_problems(limits: &Limits) -> Option<Response> {
+    let problems = limits.problems();
+    (!problems.is_empty())
+        .then(|| ApiError::new(ErrorKind::BadRequest, problems.join("; ")).into_response())
 }
 
 async fn list_tenants(State(gw): State<Gw>, _: FleetOperator) -> Json<Vec<TenantView>> {
@@ -274,6 +292,9 @@ async fn create_tenant(State(gw): State<Gw>, _: FleetOperator, bytes: Bytes) -> 
     if let Err(e) = crate::tenant::parse_name(&new.name) {
         return ApiError::new(ErrorKind::BadRequest, format!("name: {e}")).into_response();
     }
+    if let Some(bad) = limits_problems(&new.limits) {
+        return bad;
+    }
     let tenants = &gw.credentials.tenants;
     let tenant = match tenants.create_tenant(&new.name, new.limits).await {
         Ok(t) => t,
@@ -298,7 +319,16 @@ async fn create_tenant(State(gw): State<Gw>, _: FleetOperator, bytes: Bytes) -> 
 
 async fn get_tenant(State(gw): State<Gw>, _: FleetOperator, Path(name): Path<String>) -> Response {
     match gw.credentials.tenants.tenant(&name) {
-        Some(t) => Json(tenant_view(&gw, t)).into_response(),
+        Some(t) => {
+            let mut view = tenant_view(&gw, t);
+            match gw.bus.tenant_bytes(&name).await {
+                Ok(bus_bytes) => view.usage = Some(Usage { bus_bytes }),
+                Err(e) => {
+                    tracing::warn!(tenant = %name, error = %e, "cannot tell what the tenant keeps on the bus")
+                }
+            }
+            Json(view).into_response()
+        }
         None => ApiError::from(AdminError::NotFound(format!("tenant {name}"))).into_response(),
     }
 }
@@ -320,6 +350,9 @@ async fn update_tenant(
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
+    if let Some(bad) = change.limits.as_ref().and_then(limits_problems) {
+        return bad;
+    }
     let updated = gw
         .credentials
         .tenants
@@ -362,6 +395,13 @@ async fn delete_tenant(
         }
         if let Err(e) = super::forget(&gw, &agent).await {
             return e.into_response();
+        }
+    }
+    // Then its results, while the tenant (disabled) still exists to delete again.
+    if gw.credentials.tenants.tenant(&name).is_some() {
+        if let Err(e) = gw.bus.drop_tenant(&name).await {
+            let why = format!("cannot delete tenant {name}'s results from the bus: {e}; the tenant stays (disabled): delete it again");
+            return ApiError::new(ErrorKind::Unavailable, why).into_response();
         }
     }
     match gw.credentials.tenants.delete_tenant(&name).await {

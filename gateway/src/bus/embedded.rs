@@ -2,17 +2,22 @@
 //! task that group-commits (one fsync for everything queued), so "durable" means on disk
 //! exactly as it means "in a JetStream stream" when clustered.
 //!
-//! `results` holds one line per result: `{"tenant","fingerprint","result":{..}}`.
-//! `presence` holds presence events, `audit` audit events (refused access). Each is a [`super::segments::Log`]: `results.jsonl` is being
-//! written, `results-<n>.jsonl` are sealed, and retention deletes the oldest sealed
-//! segments by age and size, as the NATS results stream does with the same settings.
+//! `results` holds one line per result: `{"tenant","fingerprint","result":{..}}`, one log
+//! per tenant: the home tenant's (`--tenant`) in `bus/` itself, where it always was, every
+//! other tenant's in `bus/tenants/<tenant>/`, so a tenant's bytes can be bounded by
+//! deleting its own oldest segments, never another tenant's (as each tenant's NATS results
+//! stream does). `presence` holds presence events, `audit` audit events (refused access).
+//! Each is a [`super::segments::Log`]: `results.jsonl` is being written,
+//! `results-<n>.jsonl` are sealed, and retention deletes the oldest sealed segments by age
+//! and size: a tenant's own limit on its log, and the bus's `max_bytes` over every
+//! tenant's logs together (the oldest segment of any tenant goes first).
 //! Deduplication is by (tenant, fingerprint, seq): agents number results strictly increasingly, so
 //! the bus keeps the highest durable sequence per agent and drops anything at or below it.
 //! Not here: consumers other than the gateway itself.
 
 use outpost_sys::lock;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -52,6 +57,21 @@ enum Job {
         event: AuditEvent,
         done: oneshot::Sender<Result<(), String>>,
     },
+    /// Bound a tenant's results to `max_bytes` (`None`: only the bus's own bound).
+    Limit {
+        tenant: String,
+        max_bytes: Option<u64>,
+    },
+    /// Delete a tenant's results (the tenant was deleted).
+    Drop {
+        tenant: String,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    /// The bytes a tenant's results take.
+    Usage {
+        tenant: String,
+        done: oneshot::Sender<Result<u64, String>>,
+    },
     /// Apply retention.
     Maintain,
 }
@@ -74,29 +94,26 @@ pub struct Recovered {
 }
 
 impl EmbeddedBus {
-    /// Open the bus in `dir`. `retention` bounds the results; presence events are kept
-    /// for the same age.
+    /// Open the bus in `dir`. `retention` bounds the results (its `max_bytes` all
+    /// tenants' together); presence events are kept for the same age. `home` is the
+    /// tenant whose results live in `dir` itself.
     pub async fn open(
         dir: &Path,
         retention: Retention,
+        home: &str,
     ) -> std::io::Result<(EmbeddedBus, Recovered)> {
-        let opened = Log::open(dir, "results", retention)?;
-        let (watermarks, mut recovered) = recover(&opened.log)?;
-        recovered.torn_bytes_dropped = opened.torn_bytes_dropped;
-        if opened.torn_bytes_dropped > 0 {
-            tracing::warn!(dir = %dir.display(), bytes = opened.torn_bytes_dropped, "dropped a torn last result line left by a crash");
-        }
+        let (results, watermarks, recovered) = ResultLogs::open(dir, retention, home)?;
         let presence_retention = Retention {
             max_bytes: 0,
             ..retention
         };
+        let mut recovered = recovered;
         let presence = Log::open(dir, "presence", presence_retention)?.log;
         recovered.presence = last_presence(&presence)?;
         let audit = Log::open(dir, "audit", presence_retention)?.log;
         let watermarks: Watermarks = Arc::new(Mutex::new(watermarks));
         let (tx, rx) = mpsc::channel(QUEUE);
         let marks = watermarks.clone();
-        let results = opened.log;
         std::thread::Builder::new()
             .name("outpost-bus-writer".into())
             .spawn(move || writer(rx, results, presence, audit, marks))?;
@@ -117,10 +134,175 @@ impl EmbeddedBus {
     }
 }
 
-/// Rebuild the per-agent watermarks and the latest result per check from the results log.
-fn recover(log: &Log) -> std::io::Result<(HashMap<String, u64>, Recovered)> {
-    let mut watermarks: HashMap<String, u64> = HashMap::new();
-    let mut rec = Recovered::default();
+/// Every tenant's results log, and the limits on them.
+struct ResultLogs {
+    dir: PathBuf,
+    home: String,
+    /// `max_age` for every log; `max_bytes` for all of them together.
+    retention: Retention,
+    logs: HashMap<String, Log>,
+    /// Per-tenant byte limits.
+    limits: HashMap<String, u64>,
+}
+
+/// A tenant's own folder of results (any tenant but the home one).
+fn tenant_dir(bus: &Path, tenant: &str) -> PathBuf {
+    bus.join("tenants").join(tenant)
+}
+
+impl ResultLogs {
+    /// Open every tenant's log found in `dir` and rebuild the watermarks from them.
+    fn open(
+        dir: &Path,
+        retention: Retention,
+        home: &str,
+    ) -> std::io::Result<(ResultLogs, HashMap<String, u64>, Recovered)> {
+        let mut logs = ResultLogs {
+            dir: dir.to_path_buf(),
+            home: home.to_string(),
+            retention,
+            logs: HashMap::new(),
+            limits: HashMap::new(),
+        };
+        let mut watermarks = HashMap::new();
+        let mut recovered = Recovered::default();
+        let mut tenants = vec![home.to_string()];
+        match std::fs::read_dir(dir.join("tenants")) {
+            Ok(entries) => {
+                for entry in entries {
+                    let name = entry?.file_name();
+                    match name.to_str() {
+                        Some(t) if crate::tenant::parse_name(t).is_ok() && t != home => {
+                            tenants.push(t.to_string())
+                        }
+                        _ => {
+                            tracing::warn!(dir = %dir.display(), entry = ?name, "ignoring an entry of bus/tenants that is not a tenant")
+                        }
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        for tenant in tenants {
+            let log_dir = logs.log_dir(&tenant);
+            let opened = Log::open(&log_dir, "results", logs.retention_of(&tenant))?;
+            if opened.torn_bytes_dropped > 0 {
+                tracing::warn!(dir = %log_dir.display(), bytes = opened.torn_bytes_dropped, "dropped a torn last result line left by a crash");
+            }
+            recovered.torn_bytes_dropped += opened.torn_bytes_dropped;
+            recover(&opened.log, &mut watermarks, &mut recovered)?;
+            logs.logs.insert(tenant, opened.log);
+        }
+        Ok((logs, watermarks, recovered))
+    }
+
+    fn log_dir(&self, tenant: &str) -> PathBuf {
+        if tenant == self.home {
+            self.dir.clone()
+        } else {
+            tenant_dir(&self.dir, tenant)
+        }
+    }
+
+    /// A tenant's log keeps the bus's age, and at most its own limit or the bus's bound,
+    /// whichever is smaller (segments are sized from it, so either can be kept to).
+    fn retention_of(&self, tenant: &str) -> Retention {
+        let own = self.limits.get(tenant).copied().unwrap_or(0);
+        let max_bytes = match (own, self.retention.max_bytes) {
+            (0, all) => all,
+            (own, 0) => own,
+            (own, all) => own.min(all),
+        };
+        Retention {
+            max_bytes,
+            ..self.retention
+        }
+    }
+
+    fn log(&mut self, tenant: &str) -> std::io::Result<&mut Log> {
+        if !self.logs.contains_key(tenant) {
+            let log = Log::open(&self.log_dir(tenant), "results", self.retention_of(tenant))?;
+            self.logs.insert(tenant.to_string(), log.log);
+        }
+        Ok(self.logs.get_mut(tenant).expect("just opened"))
+    }
+
+    fn set_limit(&mut self, tenant: &str, max_bytes: Option<u64>) {
+        match max_bytes {
+            Some(b) if b > 0 => self.limits.insert(tenant.to_string(), b),
+            _ => self.limits.remove(tenant),
+        };
+        let retention = self.retention_of(tenant);
+        if let Some(log) = self.logs.get_mut(tenant) {
+            log.set_retention(retention);
+        }
+    }
+
+    fn drop_tenant(&mut self, tenant: &str) -> std::io::Result<()> {
+        if tenant == self.home {
+            return Err(std::io::Error::other(format!(
+                "{tenant} is this gateway's home tenant: its results stay"
+            )));
+        }
+        self.logs.remove(tenant);
+        self.limits.remove(tenant);
+        match std::fs::remove_dir_all(tenant_dir(&self.dir, tenant)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Retention for `tenants`' logs (each by its own limit and age), then the bus's
+    /// bound over all of them: while they hold more, the oldest sealed segment of any
+    /// tenant goes.
+    fn maintain<'a>(&mut self, tenants: impl IntoIterator<Item = &'a String>, now: SystemTime) {
+        for tenant in tenants {
+            if let Some(log) = self.logs.get_mut(tenant) {
+                if let Err(e) = log.maintain(now) {
+                    tracing::error!(%tenant, error = %e, "embedded bus retention failed; will retry");
+                }
+            }
+        }
+        let cap = self.retention.max_bytes;
+        if cap == 0 {
+            return;
+        }
+        let mut total: u64 = self.logs.values().map(Log::bytes).sum();
+        let mut touched = Vec::new();
+        while total > cap {
+            let oldest = self
+                .logs
+                .iter()
+                .filter_map(|(t, l)| l.oldest_sealed().map(|w| (w, t.clone())))
+                .min();
+            let Some((_, tenant)) = oldest else { break };
+            let log = self.logs.get_mut(&tenant).expect("listed");
+            match log.delete_oldest("max bytes of the bus") {
+                Ok(bytes) => total -= bytes,
+                Err(e) => {
+                    tracing::error!(%tenant, error = %e, "embedded bus retention failed; will retry");
+                    break;
+                }
+            }
+            touched.push(tenant);
+        }
+        touched.sort();
+        touched.dedup();
+        for tenant in touched {
+            if let Some(Err(e)) = self.logs.get(&tenant).map(Log::sync) {
+                tracing::error!(%tenant, error = %e, "embedded bus retention failed; will retry");
+            }
+        }
+    }
+}
+
+/// Rebuild the per-agent watermarks and the latest result per check from a results log.
+fn recover(
+    log: &Log,
+    watermarks: &mut HashMap<String, u64>,
+    rec: &mut Recovered,
+) -> std::io::Result<()> {
     log.for_each_sealed_line(|line| match serde_json::from_slice::<ResultLine>(line) {
         Ok(l) => {
             rec.results_on_disk += 1;
@@ -136,8 +318,7 @@ fn recover(log: &Log) -> std::io::Result<(HashMap<String, u64>, Recovered)> {
             }
         }
         Err(e) => tracing::warn!(error = %e, "skipping unreadable bus line"),
-    })?;
-    Ok((watermarks, rec))
+    })
 }
 
 /// The last event per agent in the presence log (unreadable lines skipped).
@@ -157,7 +338,7 @@ type Watermarks = Arc<Mutex<HashMap<String, u64>>>;
 
 fn writer(
     mut rx: mpsc::Receiver<Job>,
-    mut results: Log,
+    mut results: ResultLogs,
     mut presence: Log,
     mut audit: Log,
     watermarks: Watermarks,
@@ -171,12 +352,14 @@ fn writer(
                 Err(_) => break,
             }
         }
-        let mut rbuf = Vec::new();
+        // One buffer and one fsync per tenant's log in this group.
+        let mut rbufs: HashMap<String, Vec<u8>> = HashMap::new();
         let mut pbuf = Vec::new();
         let mut abuf = Vec::new();
         let mut outcomes = Vec::with_capacity(jobs.len());
         // Watermarks move only once the write is durable; until then track them per group.
         let mut pending: HashMap<String, u64> = HashMap::new();
+        let mut maintain_all = false;
         {
             let marks = lock(&watermarks);
             for job in &jobs {
@@ -189,6 +372,7 @@ fn writer(
                         let key = agent.key();
                         let mut high = pending.get(&key).or(marks.get(&key)).copied().unwrap_or(0);
                         let mut p = Published::default();
+                        let rbuf = rbufs.entry(agent.tenant.clone()).or_default();
                         for r in batch {
                             if r.seq <= high {
                                 p.duplicates += 1;
@@ -201,7 +385,7 @@ fn writer(
                                 fingerprint: agent.fingerprint.clone(),
                                 result: r.clone(),
                             };
-                            if serde_json::to_writer(&mut rbuf, &line).is_ok() {
+                            if serde_json::to_writer(&mut *rbuf, &line).is_ok() {
                                 rbuf.push(b'\n');
                             }
                         }
@@ -220,41 +404,72 @@ fn writer(
                         }
                         outcomes.push(None);
                     }
-                    Job::Maintain => outcomes.push(None),
+                    Job::Limit { .. } | Job::Drop { .. } | Job::Usage { .. } => outcomes.push(None),
+                    Job::Maintain => {
+                        maintain_all = true;
+                        outcomes.push(None)
+                    }
                 }
             }
         }
-        // Results and presence succeed or fail on their own: a failed presence write must
-        // not make durable results look failed (they would be written twice).
-        let rio = results.append(&rbuf);
+        // Each tenant's results, presence and audit succeed or fail on their own: a failed
+        // write must not make durable results look failed (they would be written twice).
+        let mut rio: HashMap<String, Result<(), String>> = HashMap::new();
+        for (tenant, buf) in &rbufs {
+            let written = results.log(tenant).and_then(|log| log.append(buf));
+            match &written {
+                Ok(()) => {
+                    let prefix = format!("{tenant}.");
+                    lock(&watermarks).extend(
+                        pending
+                            .iter()
+                            .filter(|(k, _)| k.starts_with(&prefix))
+                            .map(|(k, v)| (k.clone(), *v)),
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(%tenant, error = %e, "embedded bus could not store results; their agents will resend")
+                }
+            }
+            rio.insert(tenant.clone(), written.map_err(|e| e.to_string()));
+        }
         let pio = presence.append(&pbuf);
         let aio = audit.append(&abuf);
-        match &rio {
-            Ok(()) => lock(&watermarks).extend(pending),
-            Err(e) => {
-                tracing::error!(error = %e, "embedded bus could not store results; their agents will resend")
-            }
-        }
         if let Err(e) = &pio {
             tracing::error!(error = %e, "embedded bus could not store presence events");
         }
         if let Err(e) = &aio {
             tracing::error!(error = %e, "embedded bus could not store audit events");
         }
+        // Limits, drops and usage in the order they came, after this group's writes.
+        for job in &jobs {
+            if let Job::Limit { tenant, max_bytes } = job {
+                results.set_limit(tenant, *max_bytes);
+                rbufs.entry(tenant.clone()).or_default();
+            }
+        }
         // Before the replies, so nothing touches the files once the last publisher has
         // its answer.
         let now = SystemTime::now();
-        for log in [&mut results, &mut presence, &mut audit] {
+        let all: Vec<String>;
+        let tenants: Vec<&String> = if maintain_all {
+            all = results.logs.keys().cloned().collect();
+            all.iter().collect()
+        } else {
+            rbufs.keys().collect()
+        };
+        results.maintain(tenants, now);
+        for log in [&mut presence, &mut audit] {
             if let Err(e) = log.maintain(now) {
                 tracing::error!(error = %e, "embedded bus retention failed; will retry");
             }
         }
         for (job, outcome) in jobs.drain(..).zip(outcomes) {
             match job {
-                Job::Results { done, .. } => {
-                    let _ = done.send(match &rio {
-                        Ok(()) => Ok(outcome.unwrap_or_default()),
-                        Err(e) => Err(e.to_string()),
+                Job::Results { agent, done, .. } => {
+                    let _ = done.send(match rio.get(&agent.tenant) {
+                        Some(Err(e)) => Err(e.clone()),
+                        _ => Ok(outcome.unwrap_or_default()),
                     });
                 }
                 Job::Presence { done, .. } => {
@@ -263,7 +478,18 @@ fn writer(
                 Job::Audit { done, .. } => {
                     let _ = done.send(aio.as_ref().map(|_| ()).map_err(|e| e.to_string()));
                 }
-                Job::Maintain => {}
+                Job::Drop { tenant, done } => {
+                    let dropped = results.drop_tenant(&tenant);
+                    if dropped.is_ok() {
+                        let prefix = format!("{tenant}.");
+                        lock(&watermarks).retain(|k, _| !k.starts_with(&prefix));
+                    }
+                    let _ = done.send(dropped.map_err(|e| e.to_string()));
+                }
+                Job::Usage { tenant, done } => {
+                    let _ = done.send(Ok(results.logs.get(&tenant).map_or(0, Log::bytes)));
+                }
+                Job::Limit { .. } | Job::Maintain => {}
             }
         }
     }
@@ -325,6 +551,30 @@ impl Bus for EmbeddedBus {
         })
         .await
     }
+
+    async fn keep_bytes(&self, tenant: &str, max_bytes: Option<u64>) -> Result<(), BusError> {
+        let job = Job::Limit {
+            tenant: tenant.to_string(),
+            max_bytes,
+        };
+        self.tx.send(job).await.map_err(|_| BusError::Closed)
+    }
+
+    async fn drop_tenant(&self, tenant: &str) -> Result<(), BusError> {
+        self.submit(|done| Job::Drop {
+            tenant: tenant.to_string(),
+            done,
+        })
+        .await
+    }
+
+    async fn tenant_bytes(&self, tenant: &str) -> Result<u64, BusError> {
+        self.submit(|done| Job::Usage {
+            tenant: tenant.to_string(),
+            done,
+        })
+        .await
+    }
 }
 
 impl Presence {
@@ -367,6 +617,70 @@ mod tests {
         max_bytes: 0,
     };
 
+    /// Bytes of every segment of `name` under `dir`, tenant folders included.
+    fn results_bytes(dir: &Path) -> u64 {
+        let mut dirs = vec![dir.to_path_buf()];
+        if let Ok(tenants) = std::fs::read_dir(dir.join("tenants")) {
+            dirs.extend(tenants.map(|e| e.unwrap().path()));
+        }
+        dirs.iter()
+            .flat_map(|d| segments::paths(d, "results").unwrap())
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum()
+    }
+
+    #[tokio::test]
+    async fn the_size_cap_bounds_every_tenant_together_and_its_oldest_go_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = Retention {
+            max_bytes: 512 * 1024,
+            ..KEEP
+        };
+        let (bus, _) = EmbeddedBus::open(dir.path(), cap, "default").await.unwrap();
+        let tenants = ["default", "acme", "globex"].map(|t| AgentRef::new(t, "fp"));
+        let mut seq = 0;
+        for _ in 0..40 {
+            for agent in &tenants {
+                let batch: Vec<CheckResult> =
+                    (seq + 1..=seq + 50).map(|s| result(s, "a")).collect();
+                bus.publish_results(agent, &batch).await.unwrap();
+            }
+            seq += 50;
+        }
+        // Three tenants' logs, each under the cap alone, more than it together.
+        let bytes = results_bytes(dir.path());
+        assert!(
+            bytes <= cap.max_bytes + 3 * cap.segment_bytes(),
+            "{bytes} bytes on disk"
+        );
+        for agent in &tenants {
+            // Each keeps its newest (the oldest segments of any tenant went first).
+            let log_dir = match agent.tenant.as_str() {
+                "default" => dir.path().to_path_buf(),
+                t => dir.path().join("tenants").join(t),
+            };
+            let stored: Vec<u64> = segments::read_all(&log_dir, "results")
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<ResultLine>(l).unwrap().result.seq)
+                .collect();
+            assert!(
+                stored.len() < 2000,
+                "nothing of {} was deleted",
+                agent.tenant
+            );
+            assert_eq!(stored.last(), Some(&2000), "{}", agent.tenant);
+            assert_eq!(bus.last_seq(agent).await.unwrap(), 2000);
+        }
+        // Reopened, every tenant's log is found again.
+        drop(bus);
+        let (bus, rec) = EmbeddedBus::open(dir.path(), cap, "default").await.unwrap();
+        for agent in &tenants {
+            assert_eq!(bus.last_seq(agent).await.unwrap(), 2000, "{}", agent.tenant);
+        }
+        assert!(rec.results_on_disk > 0);
+    }
+
     #[tokio::test]
     async fn a_size_cap_bounds_the_files_and_keeps_deduplicating() {
         let dir = tempfile::tempdir().unwrap();
@@ -374,7 +688,7 @@ mod tests {
             max_bytes: 512 * 1024,
             ..KEEP
         };
-        let (bus, _) = EmbeddedBus::open(dir.path(), cap).await.unwrap();
+        let (bus, _) = EmbeddedBus::open(dir.path(), cap, "default").await.unwrap();
         let mut seq = 0;
         for _ in 0..100 {
             let batch: Vec<CheckResult> = (0..50)
@@ -414,7 +728,7 @@ mod tests {
         assert_eq!((p.accepted, p.duplicates), (1, 1));
         // After a restart the watermark comes from what is kept.
         drop(bus);
-        let (bus, rec) = EmbeddedBus::open(dir.path(), cap).await.unwrap();
+        let (bus, rec) = EmbeddedBus::open(dir.path(), cap, "default").await.unwrap();
         assert_eq!(rec.latest["default.fp"]["a"].seq, 5001);
         assert_eq!(bus.last_seq(&agent()).await.unwrap(), 5001);
     }
@@ -423,7 +737,9 @@ mod tests {
     async fn duplicates_are_dropped_across_reopen_and_torn_tail_is_repaired() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (bus, rec) = EmbeddedBus::open(dir.path(), KEEP).await.unwrap();
+            let (bus, rec) = EmbeddedBus::open(dir.path(), KEEP, "default")
+                .await
+                .unwrap();
             assert_eq!(rec.results_on_disk, 0);
             let p = bus
                 .publish_results(&agent(), &[result(1, "a"), result(2, "b")])
@@ -444,7 +760,9 @@ mod tests {
             .unwrap();
         f.write_all(br#"{"tenant":"default","fingerp"#).unwrap();
         drop(f);
-        let (bus, rec) = EmbeddedBus::open(dir.path(), KEEP).await.unwrap();
+        let (bus, rec) = EmbeddedBus::open(dir.path(), KEEP, "default")
+            .await
+            .unwrap();
         assert_eq!(rec.results_on_disk, 3);
         assert!(rec.torn_bytes_dropped > 0);
         assert_eq!(rec.latest["default.fp"]["a"].seq, 3);

@@ -181,6 +181,15 @@ impl Log {
     /// run wrote, and start a new segment.
     pub fn open(dir: &Path, name: &'static str, retention: Retention) -> std::io::Result<Opened> {
         private_dir(dir)?;
+        // A cut a crash interrupted (see `cut_oldest_lines`): the segment itself is whole.
+        let cut_prefix = format!("{name}-");
+        for entry in std::fs::read_dir(dir)? {
+            let file_name = entry?.file_name();
+            let f = file_name.to_string_lossy();
+            if f.starts_with(&cut_prefix) && f.ends_with(".jsonl.cut") {
+                std::fs::remove_file(dir.join(&*f))?;
+            }
+        }
         let active = active_path(dir, name);
         let torn_bytes_dropped = cut_torn_tail(&active)?;
         let mut sealed: VecDeque<Sealed> = VecDeque::new();
@@ -280,7 +289,7 @@ impl Log {
         {
             self.seal(now)?;
         }
-        let mut total: u64 = self.active_len + self.sealed.iter().map(|s| s.len).sum::<u64>();
+        let mut total = self.bytes();
         let mut deleted = 0;
         while let Some(oldest) = self.sealed.front() {
             let too_old = now
@@ -290,26 +299,87 @@ impl Log {
             if !(too_old || too_big) {
                 break;
             }
-            let path = sealed_path(&self.dir, self.name, oldest.n);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+            let excess = total.saturating_sub(r.max_bytes);
+            if !too_old && oldest.len > r.segment_bytes() && excess < oldest.len {
+                // A segment written under a larger bound (the limit was lowered since):
+                // cut its oldest lines rather than lose its newest with it.
+                deleted += self.cut_oldest_lines(excess)?;
+                break;
             }
-            tracing::info!(
-                file = %path.display(),
-                bytes = oldest.len,
-                reason = if too_old { "max age" } else { "max bytes" },
-                "bus retention deleted a segment"
-            );
-            total -= oldest.len;
-            deleted += oldest.len;
-            self.sealed.pop_front();
+            let bytes = self.delete_oldest(if too_old { "max age" } else { "max bytes" })?;
+            total -= bytes;
+            deleted += bytes;
         }
         if deleted > 0 {
             sync_dir(&self.dir)?;
         }
         Ok(deleted)
+    }
+
+    /// When the oldest sealed segment's last line was written (`None`: nothing sealed, so
+    /// nothing retention could delete).
+    pub fn oldest_sealed(&self) -> Option<SystemTime> {
+        self.sealed.front().map(|s| s.written)
+    }
+
+    /// Delete the oldest sealed segment (for `reason`, logged); returns its bytes (0 when
+    /// nothing is sealed). The caller syncs the directory.
+    pub fn delete_oldest(&mut self, reason: &str) -> std::io::Result<u64> {
+        let Some(oldest) = self.sealed.front() else {
+            return Ok(0);
+        };
+        let path = sealed_path(&self.dir, self.name, oldest.n);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        tracing::info!(file = %path.display(), bytes = oldest.len, reason, "bus retention deleted a segment");
+        let bytes = oldest.len;
+        self.sealed.pop_front();
+        Ok(bytes)
+    }
+
+    /// Cut at least `bytes` of whole lines off the front of the oldest sealed segment (a
+    /// copy of the rest renamed over it, its time kept); returns the bytes cut.
+    fn cut_oldest_lines(&mut self, bytes: u64) -> std::io::Result<u64> {
+        let Some(oldest) = self.sealed.front_mut() else {
+            return Ok(0);
+        };
+        let path = sealed_path(&self.dir, self.name, oldest.n);
+        let mut reader = std::io::BufReader::new(File::open(&path)?);
+        reader.seek(SeekFrom::Start(bytes))?;
+        let mut rest_of_line = Vec::new();
+        let from = bytes + reader.read_until(b'\n', &mut rest_of_line)? as u64;
+        let tmp = path.with_extension("jsonl.cut");
+        let mut out = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let kept = std::io::copy(&mut reader, &mut out)?;
+        out.set_modified(oldest.written)?;
+        out.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        tracing::info!(file = %path.display(), bytes = from, "bus retention cut the oldest lines of a segment (max bytes)");
+        let cut = oldest.len - kept;
+        oldest.len = kept;
+        Ok(cut)
+    }
+
+    /// Make the directory's deletions durable (after [`Log::delete_oldest`]).
+    pub fn sync(&self) -> std::io::Result<()> {
+        sync_dir(&self.dir)
+    }
+
+    /// Keep what `retention` says from now on (applied at the next [`Log::maintain`]).
+    pub fn set_retention(&mut self, retention: Retention) {
+        self.retention = retention;
+    }
+
+    pub fn retention(&self) -> Retention {
+        self.retention
     }
 
     fn seal(&mut self, now: SystemTime) -> std::io::Result<()> {
@@ -480,6 +550,45 @@ mod tests {
             .skip_while(|l| l != &kept[0])
             .collect();
         assert_eq!(kept, expected);
+    }
+
+    #[test]
+    fn a_lowered_cap_cuts_the_oldest_lines_of_a_big_segment_and_keeps_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path(), "t", A_DAY).unwrap().log;
+        // One segment far bigger than the cap that comes later.
+        log.append(&lines(20_000, "x")).unwrap();
+        let before = log.bytes();
+        let cap = Retention {
+            max_bytes: 100 * 1024,
+            ..A_DAY
+        };
+        assert!(before > 4 * cap.max_bytes);
+        log.set_retention(cap);
+        log.maintain(SystemTime::now()).unwrap();
+        let kept = all_lines(dir.path());
+        assert!(log.bytes() <= cap.max_bytes, "{} bytes kept", log.bytes());
+        assert!(
+            log.bytes() > cap.max_bytes - 100,
+            "more than a line under the cap was cut: {} kept",
+            log.bytes()
+        );
+        // Whole lines, the newest, in order.
+        assert_eq!(kept.last().unwrap(), r#"{"tag":"x","i":19999}"#);
+        let first: serde_json::Value = serde_json::from_str(&kept[0]).unwrap();
+        let first = first["i"].as_u64().unwrap() as usize;
+        assert_eq!(kept.len(), 20_000 - first);
+        // What the log counts is what is on disk, and survives a reopen.
+        let on_disk: u64 = paths(dir.path(), "t")
+            .unwrap()
+            .iter()
+            .map(|p| std::fs::metadata(p).unwrap().len())
+            .sum();
+        assert_eq!(on_disk, log.bytes());
+        drop(log);
+        let log = Log::open(dir.path(), "t", cap).unwrap().log;
+        assert_eq!(log.bytes(), on_disk);
+        assert_eq!(all_lines(dir.path()), kept);
     }
 
     #[test]

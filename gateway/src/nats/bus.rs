@@ -1,7 +1,10 @@
 //! The bus on NATS JetStream, for a fleet of gateways.
 //!
-//! Each result is one message on `outpost.<tenant>.results.<fingerprint>` in the
-//! `OUTPOST_RESULTS` stream, with the same JSON body as a line of the embedded bus
+//! Each result is one message on `outpost.<tenant>.results.<fingerprint>` in the tenant's
+//! results stream (`OUTPOST_RESULTS_<tenant>`, or `OUTPOST_RESULTS` for the tenant it was
+//! narrowed to: see [`super::RESULTS_STREAM`]), made by the first gateway that needs it and
+//! bounded to the tenant's byte limit (JetStream drops the tenant's oldest results beyond
+//! it, never another tenant's), with the same JSON body as a line of the embedded bus
 //! (`{"tenant","fingerprint","result"}`) and `Nats-Msg-Id` = `<tenant>.<fingerprint>:<seq>`. A batch
 //! is published pipelined (every message sent, then every ack awaited), and
 //! `publish_results` returns only when JetStream has acked all of them: only then does the
@@ -16,14 +19,17 @@ use outpost_sys::lock;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::message::PublishMessage;
-use async_nats::jetstream::stream::LastRawMessageErrorKind;
+use async_nats::jetstream::stream::{self, LastRawMessageErrorKind};
 use async_nats::HeaderMap;
 use async_trait::async_trait;
 use outpost_protocol::CheckResult;
 use serde::Serialize;
 
-use super::{audit_subject, presence_subject, results_subject, Nats};
+use super::{
+    audit_subject, presence_subject, results_stream, results_subject, Nats, RESULTS_STREAM,
+};
 use crate::bus::{AgentRef, AuditEvent, Bus, BusError, PresenceEvent, Published};
 
 /// Header with the result's sequence number, so `last_seq` needs no body parsing.
@@ -33,6 +39,10 @@ pub struct NatsBus {
     nats: Arc<Nats>,
     /// Highest sequence number known durable per results subject.
     watermarks: Mutex<HashMap<String, u64>>,
+    /// Each tenant's results stream, once this gateway has opened it.
+    streams: Mutex<HashMap<String, stream::Stream>>,
+    /// Tenants' byte limits, as [`Bus::keep_bytes`] gave them.
+    limits: Mutex<HashMap<String, u64>>,
 }
 
 #[derive(Serialize)]
@@ -51,7 +61,88 @@ impl NatsBus {
         NatsBus {
             nats,
             watermarks: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
+            limits: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The stream's `max_bytes` for a tenant limit: the smaller of it and
+    /// `--results-max-bytes` (JetStream's -1: no cap).
+    fn max_bytes(&self, limit: Option<u64>) -> i64 {
+        let all = self.nats.settings.results_max_bytes;
+        match limit {
+            None => all,
+            Some(own) => {
+                let own = i64::try_from(own).unwrap_or(i64::MAX);
+                if all > 0 {
+                    own.min(all)
+                } else {
+                    own
+                }
+            }
+        }
+    }
+
+    /// `tenant`'s results stream: `OUTPOST_RESULTS` when it holds the tenant's subjects,
+    /// else the tenant's own, made now (bounded to the tenant's limit) if no gateway has.
+    async fn stream(&self, tenant: &str) -> Result<stream::Stream, BusError> {
+        if let Some(s) = lock(&self.streams).get(tenant) {
+            return Ok(s.clone());
+        }
+        let js = &self.nats.js;
+        let home = js
+            .get_stream(RESULTS_STREAM)
+            .await
+            .map_err(|e| unavailable("cannot open the results stream OUTPOST_RESULTS", e))?;
+        let limit = lock(&self.limits).get(tenant).copied();
+        let mut s = if home.cached_info().config.subjects == [results_subject(tenant, "*")] {
+            home
+        } else {
+            let name = results_stream(tenant);
+            let config =
+                self.nats
+                    .settings
+                    .results_stream_config(&name, tenant, self.max_bytes(limit));
+            js.get_or_create_stream(config)
+                .await
+                .map_err(|e| unavailable(&format!("cannot open the results stream {name}"), e))?
+        };
+        if limit.is_some() {
+            self.apply_max_bytes(&mut s, self.max_bytes(limit)).await?;
+        }
+        lock(&self.streams).insert(tenant.to_string(), s.clone());
+        Ok(s)
+    }
+
+    /// Make `s` keep at most `max_bytes` (JetStream drops its oldest messages beyond it).
+    async fn apply_max_bytes(
+        &self,
+        s: &mut stream::Stream,
+        max_bytes: i64,
+    ) -> Result<(), BusError> {
+        let info = s
+            .info()
+            .await
+            .map_err(|e| unavailable("cannot read the results stream", e))?;
+        if info.config.max_bytes == max_bytes {
+            return Ok(());
+        }
+        let mut config = info.config.clone();
+        config.max_bytes = max_bytes;
+        self.nats.js.update_stream(&config).await.map_err(|e| {
+            unavailable(
+                &format!("cannot bound the results stream {}", config.name),
+                e,
+            )
+        })?;
+        tracing::info!(stream = %config.name, max_bytes, "results stream bounded");
+        Ok(())
+    }
+
+    /// Forget `tenant`'s stream after a failed write: it may have been deleted (the tenant
+    /// was, perhaps made again), so the next write opens or makes it again.
+    fn forget_stream(&self, tenant: &str) {
+        lock(&self.streams).remove(tenant);
     }
 
     fn cached_mark(&self, subject: &str) -> Option<u64> {
@@ -64,14 +155,10 @@ impl NatsBus {
         *mark = (*mark).max(seq);
     }
 
-    /// The highest sequence number stored for `subject`, from the stream.
-    async fn stored_mark(&self, subject: &str) -> Result<u64, BusError> {
-        match self
-            .nats
-            .results
-            .get_last_raw_message_by_subject(subject)
-            .await
-        {
+    /// The highest sequence number stored for `subject` of `tenant`, from its stream.
+    async fn stored_mark(&self, tenant: &str, subject: &str) -> Result<u64, BusError> {
+        let stream = self.stream(tenant).await?;
+        match stream.get_last_raw_message_by_subject(subject).await {
             Ok(msg) => Ok(msg
                 .headers
                 .get(SEQ_HEADER)
@@ -82,11 +169,11 @@ impl NatsBus {
         }
     }
 
-    async fn watermark(&self, subject: &str) -> Result<u64, BusError> {
+    async fn watermark(&self, tenant: &str, subject: &str) -> Result<u64, BusError> {
         if let Some(mark) = self.cached_mark(subject) {
             return Ok(mark);
         }
-        let mark = self.stored_mark(subject).await?;
+        let mark = self.stored_mark(tenant, subject).await?;
         self.raise_mark(subject, mark);
         Ok(mark)
     }
@@ -100,55 +187,20 @@ impl Bus for NatsBus {
         results: &[CheckResult],
     ) -> Result<Published, BusError> {
         let subject = results_subject(&agent.tenant, &agent.fingerprint);
-        let mark = self.watermark(&subject).await?;
-        let mut published = Published::default();
-        let mut acks = Vec::with_capacity(results.len());
-        for r in results {
-            if r.seq <= mark {
-                published.duplicates += 1;
-                continue;
-            }
-            let body = serde_json::to_vec(&ResultBody {
-                tenant: &agent.tenant,
-                fingerprint: &agent.fingerprint,
-                result: r,
-            })
-            .map_err(|e| unavailable("cannot encode a result", e))?;
-            let mut headers = HeaderMap::new();
-            headers.insert(SEQ_HEADER, r.seq.to_string().as_str());
-            let msg = PublishMessage::build()
-                .payload(body.into())
-                .headers(headers)
-                .message_id(format!("{}:{}", agent.key(), r.seq));
-            let ack = self
-                .nats
-                .js
-                .send_publish(subject.clone(), msg)
-                .await
-                .map_err(|e| unavailable("cannot publish a result", e))?;
-            acks.push((r.seq, ack));
+        let mark = self.watermark(&agent.tenant, &subject).await?;
+        let published = self.publish(agent, &subject, mark, results).await;
+        if published.is_err() {
+            self.forget_stream(&agent.tenant);
         }
-        let mut highest = mark;
-        for (seq, ack) in acks {
-            let ack = ack
-                .await
-                .map_err(|e| unavailable("JetStream did not ack a result", e))?;
-            if ack.duplicate {
-                published.duplicates += 1;
-            } else {
-                published.accepted += 1;
-            }
-            highest = highest.max(seq);
-        }
-        self.raise_mark(&subject, highest);
-        Ok(published)
+        published
     }
 
     async fn last_seq(&self, agent: &AgentRef) -> Result<u64, BusError> {
         let subject = results_subject(&agent.tenant, &agent.fingerprint);
-        // Always from the stream: the agent may have delivered through another gateway.
-        let mark = self.stored_mark(&subject).await?;
-        self.raise_mark(&subject, mark);
+        // Always from the stream: the agent may have delivered through another gateway,
+        // and the stream is the truth (a tenant deleted and made again starts at 0).
+        let mark = self.stored_mark(&agent.tenant, &subject).await?;
+        lock(&self.watermarks).insert(subject, mark);
         Ok(mark)
     }
 
@@ -178,7 +230,119 @@ impl Bus for NatsBus {
         Ok(())
     }
 
+    async fn keep_bytes(&self, tenant: &str, max_bytes: Option<u64>) -> Result<(), BusError> {
+        let max_bytes = max_bytes.filter(|b| *b > 0);
+        let before = {
+            let mut limits = lock(&self.limits);
+            match max_bytes {
+                Some(b) => limits.insert(tenant.to_string(), b),
+                None => limits.remove(tenant),
+            }
+        };
+        if before == max_bytes {
+            return Ok(());
+        }
+        let mut s = self.stream(tenant).await?;
+        self.apply_max_bytes(&mut s, self.max_bytes(max_bytes))
+            .await
+    }
+
+    async fn drop_tenant(&self, tenant: &str) -> Result<(), BusError> {
+        lock(&self.limits).remove(tenant);
+        lock(&self.streams).remove(tenant);
+        let prefix = results_subject(tenant, "");
+        lock(&self.watermarks).retain(|subject, _| !subject.starts_with(&prefix));
+        let js = &self.nats.js;
+        let home = js
+            .get_stream(RESULTS_STREAM)
+            .await
+            .map_err(|e| unavailable("cannot open the results stream OUTPOST_RESULTS", e))?;
+        if home.cached_info().config.subjects == [results_subject(tenant, "*")] {
+            return Err(unavailable(
+                "cannot delete the tenant's results",
+                "OUTPOST_RESULTS holds them (the fleet's home tenant)",
+            ));
+        }
+        // What OUTPOST_RESULTS kept of the tenant from before tenants had streams.
+        home.purge()
+            .filter(results_subject(tenant, "*"))
+            .await
+            .map_err(|e| unavailable("cannot purge the tenant's results", e))?;
+        match js.delete_stream(results_stream(tenant)).await {
+            Ok(_) => Ok(()),
+            Err(e) if is_missing(&e) => Ok(()),
+            Err(e) => Err(unavailable("cannot delete the tenant's results stream", e)),
+        }
+    }
+
+    async fn tenant_bytes(&self, tenant: &str) -> Result<u64, BusError> {
+        let mut s = self.stream(tenant).await?;
+        let info = s
+            .info()
+            .await
+            .map_err(|e| unavailable("cannot read the results stream", e))?;
+        Ok(info.state.bytes)
+    }
+
     fn unavailable(&self) -> Option<String> {
         (!self.nats.connected()).then(|| "not connected to NATS".to_string())
+    }
+}
+
+/// JetStream's "stream not found".
+fn is_missing(e: &async_nats::jetstream::context::DeleteStreamError) -> bool {
+    matches!(e.kind(), GetStreamErrorKind::JetStream(e) if e.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
+impl NatsBus {
+    /// Publish `results` above `mark` on `subject`; see [`Bus::publish_results`].
+    async fn publish(
+        &self,
+        agent: &AgentRef,
+        subject: &str,
+        mark: u64,
+        results: &[CheckResult],
+    ) -> Result<Published, BusError> {
+        let mut published = Published::default();
+        let mut acks = Vec::with_capacity(results.len());
+        for r in results {
+            if r.seq <= mark {
+                published.duplicates += 1;
+                continue;
+            }
+            let body = serde_json::to_vec(&ResultBody {
+                tenant: &agent.tenant,
+                fingerprint: &agent.fingerprint,
+                result: r,
+            })
+            .map_err(|e| unavailable("cannot encode a result", e))?;
+            let mut headers = HeaderMap::new();
+            headers.insert(SEQ_HEADER, r.seq.to_string().as_str());
+            let msg = PublishMessage::build()
+                .payload(body.into())
+                .headers(headers)
+                .message_id(format!("{}:{}", agent.key(), r.seq));
+            let ack = self
+                .nats
+                .js
+                .send_publish(subject.to_string(), msg)
+                .await
+                .map_err(|e| unavailable("cannot publish a result", e))?;
+            acks.push((r.seq, ack));
+        }
+        let mut highest = mark;
+        for (seq, ack) in acks {
+            let ack = ack
+                .await
+                .map_err(|e| unavailable("JetStream did not ack a result", e))?;
+            if ack.duplicate {
+                published.duplicates += 1;
+            } else {
+                published.accepted += 1;
+            }
+            highest = highest.max(seq);
+        }
+        self.raise_mark(subject, highest);
+        Ok(published)
     }
 }

@@ -171,6 +171,7 @@ impl BusArgs {
             },
             dedup_window: self.dedup_window(),
             inbox_prefix: inbox_prefix(crate::tenant::DEFAULT_TENANT),
+            home: crate::tenant::DEFAULT_TENANT.to_string(),
         })
     }
 }
