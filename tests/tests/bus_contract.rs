@@ -516,3 +516,73 @@ fn nats_settings_with(url: &str, more: &[&str]) -> NatsSettings {
         .settings()
         .unwrap()
 }
+
+/// A NATS account written before tenants had streams of their own: `OUTPOST_RESULTS`
+/// takes `outpost.*.results.*`, with another tenant's results in it. A gateway of this
+/// release narrows it to its home tenant, makes the other tenant a stream of its own, and
+/// still drops a resend of what the old stream kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_results_stream_from_before_per_tenant_streams_is_narrowed_and_still_dedups() {
+    use async_nats::jetstream::stream;
+    let dir = tempdir();
+    let server = NatsServer::start(dir.path(), "n1");
+    let settings = nats_settings(&server.url());
+    let client = async_nats::connect(server.url().as_str()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let old = js
+        .create_stream(stream::Config {
+            name: outpost_gateway::nats::RESULTS_STREAM.into(),
+            subjects: vec!["outpost.*.results.*".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let acme = tenant_agent("acme");
+    let subject = results_subject(&acme.tenant, &acme.fingerprint);
+    for seq in 1..=5u64 {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            outpost_gateway::nats::bus::SEQ_HEADER,
+            seq.to_string().as_str(),
+        );
+        let body = serde_json::json!({"tenant": "acme", "fingerprint": acme.fingerprint, "result": result(seq)});
+        js.publish_with_headers(subject.clone(), headers, body.to_string().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    drop(old);
+
+    let bus = Backend::Nats(settings.clone()).open().await;
+    let mut narrowed = js
+        .get_stream(outpost_gateway::nats::RESULTS_STREAM)
+        .await
+        .unwrap();
+    assert_eq!(
+        narrowed.info().await.unwrap().config.subjects,
+        vec![results_subject(HOME, "*")]
+    );
+    assert_eq!(
+        bus.last_seq(&acme).await.unwrap(),
+        5,
+        "the old stream's mark"
+    );
+    let p = bus.publish_results(&acme, &results(1..=7)).await.unwrap();
+    assert_eq!((p.accepted, p.duplicates), (2, 5));
+    let backend = Backend::Nats(settings);
+    assert_eq!(
+        backend.stored(&acme).await,
+        vec![6, 7],
+        "in acme's own stream"
+    );
+    // The home tenant's results stay in OUTPOST_RESULTS.
+    let home = agent(7);
+    bus.publish_results(&home, &results(1..=3)).await.unwrap();
+    assert_eq!(backend.stored(&home).await, vec![1, 2, 3]);
+    // Deleting acme's results takes what the old stream kept of it too: made again, it
+    // starts from nothing.
+    bus.drop_tenant("acme").await.unwrap();
+    assert_eq!(bus.last_seq(&acme).await.unwrap(), 0);
+    assert_eq!(backend.stored(&home).await, vec![1, 2, 3]);
+}

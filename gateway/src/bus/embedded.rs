@@ -26,7 +26,7 @@ use outpost_protocol::CheckResult;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use super::segments::{Log, Retention};
+use super::segments::{self, Log, Retention};
 use super::{agent_key, AgentRef, AuditEvent, Bus, BusError, Presence, PresenceEvent, Published};
 
 /// Jobs waiting for the writer. A full queue makes publishers wait (backpressure reaches
@@ -222,7 +222,14 @@ impl ResultLogs {
 
     fn log(&mut self, tenant: &str) -> std::io::Result<&mut Log> {
         if !self.logs.contains_key(tenant) {
+            crate::tenant::parse_name(tenant).map_err(std::io::Error::other)?;
             let log = Log::open(&self.log_dir(tenant), "results", self.retention_of(tenant))?;
+            // The new folder (and `tenants/` itself, the first time) must survive a crash
+            // with the results acked from it.
+            if tenant != self.home {
+                segments::sync_dir(&self.dir.join("tenants"))?;
+                segments::sync_dir(&self.dir)?;
+            }
             self.logs.insert(tenant.to_string(), log.log);
         }
         Ok(self.logs.get_mut(tenant).expect("just opened"))
@@ -245,11 +252,13 @@ impl ResultLogs {
                 "{tenant} is this gateway's home tenant: its results stay"
             )));
         }
+        crate::tenant::parse_name(tenant).map_err(std::io::Error::other)?;
         self.logs.remove(tenant);
         self.limits.remove(tenant);
         match std::fs::remove_dir_all(tenant_dir(&self.dir, tenant)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+            Ok(()) => segments::sync_dir(&self.dir.join("tenants")),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
         }
     }
 
@@ -276,7 +285,22 @@ impl ResultLogs {
                 .iter()
                 .filter_map(|(t, l)| l.oldest_sealed().map(|w| (w, t.clone())))
                 .min();
-            let Some((_, tenant)) = oldest else { break };
+            let Some((_, tenant)) = oldest else {
+                // Nothing sealed: many tenants' segments being written hold it all. Seal
+                // the one started longest ago, so it can go next.
+                let writing = self
+                    .logs
+                    .iter()
+                    .filter_map(|(t, l)| l.writing_since().map(|at| (at, t.clone())))
+                    .min();
+                let Some((_, tenant)) = writing else { break };
+                let log = self.logs.get_mut(&tenant).expect("listed");
+                if let Err(e) = log.seal(now) {
+                    tracing::error!(%tenant, error = %e, "embedded bus retention failed; will retry");
+                    break;
+                }
+                continue;
+            };
             let log = self.logs.get_mut(&tenant).expect("listed");
             match log.delete_oldest("max bytes of the bus") {
                 Ok(bytes) => total -= bytes,
@@ -416,6 +440,10 @@ fn writer(
         // write must not make durable results look failed (they would be written twice).
         let mut rio: HashMap<String, Result<(), String>> = HashMap::new();
         for (tenant, buf) in &rbufs {
+            if buf.is_empty() {
+                // All duplicates: nothing to write (and no folder to make).
+                continue;
+            }
             let written = results.log(tenant).and_then(|log| log.append(buf));
             match &written {
                 Ok(()) => {
@@ -441,7 +469,7 @@ fn writer(
         if let Err(e) = &aio {
             tracing::error!(error = %e, "embedded bus could not store audit events");
         }
-        // Limits, drops and usage in the order they came, after this group's writes.
+        // This group's limits, after its writes (drops and usage are answered below).
         for job in &jobs {
             if let Job::Limit { tenant, max_bytes } = job {
                 results.set_limit(tenant, *max_bytes);
@@ -647,12 +675,10 @@ mod tests {
             }
             seq += 50;
         }
-        // Three tenants' logs, each under the cap alone, more than it together.
+        // Three tenants' logs, each under the cap alone, within it together (segments
+        // being written included: the oldest of them is sealed to be deleted).
         let bytes = results_bytes(dir.path());
-        assert!(
-            bytes <= cap.max_bytes + 3 * cap.segment_bytes(),
-            "{bytes} bytes on disk"
-        );
+        assert!(bytes <= cap.max_bytes, "{bytes} bytes on disk");
         for agent in &tenants {
             // Each keeps its newest (the oldest segments of any tenant went first).
             let log_dir = match agent.tenant.as_str() {
@@ -679,6 +705,35 @@ mod tests {
             assert_eq!(bus.last_seq(agent).await.unwrap(), 2000, "{}", agent.tenant);
         }
         assert!(rec.results_on_disk > 0);
+    }
+
+    #[tokio::test]
+    async fn the_size_cap_holds_when_many_tenants_segments_being_written_exceed_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = Retention {
+            max_bytes: 512 * 1024,
+            ..KEEP
+        };
+        let (bus, _) = EmbeddedBus::open(dir.path(), cap, "default").await.unwrap();
+        // Twelve tenants, each under one segment (64 KiB): nothing is sealed by size.
+        let tenants: Vec<AgentRef> = (0..12)
+            .map(|i| AgentRef::new(&format!("t{i}"), "fp"))
+            .collect();
+        for agent in &tenants {
+            let batch: Vec<CheckResult> = (1..=200).map(|s| result(s, "a")).collect();
+            bus.publish_results(agent, &batch).await.unwrap();
+        }
+        let bytes = results_bytes(dir.path());
+        assert!(bytes <= cap.max_bytes, "{bytes} bytes on disk");
+        // The first tenants' (written longest ago) went; the last one's stayed.
+        let last = dir.path().join("tenants").join("t11");
+        assert_eq!(
+            segments::read_all(&last, "results")
+                .unwrap()
+                .lines()
+                .count(),
+            200
+        );
     }
 
     #[tokio::test]

@@ -162,7 +162,8 @@ fn cut_torn_tail(path: &Path) -> std::io::Result<u64> {
     Ok(len - good)
 }
 
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
+/// Make `dir`'s entries (files made, renamed or deleted in it) durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
@@ -299,11 +300,13 @@ impl Log {
             if !(too_old || too_big) {
                 break;
             }
-            let excess = total.saturating_sub(r.max_bytes);
-            if !too_old && oldest.len > r.segment_bytes() && excess < oldest.len {
-                // A segment written under a larger bound (the limit was lowered since):
-                // cut its oldest lines rather than lose its newest with it.
-                deleted += self.cut_oldest_lines(excess)?;
+            // A segment written under a larger bound (the limit was lowered since: it is
+            // over twice today's segment size), whose deletion would leave less than the
+            // bound: cut its oldest lines instead of losing its newest with them. (In
+            // steady state segments are about one size, and a whole one goes.)
+            let without = total - oldest.len;
+            if !too_old && oldest.len > 2 * r.segment_bytes() && without < r.max_bytes {
+                deleted += self.cut_oldest_lines(total - r.max_bytes)?;
                 break;
             }
             let bytes = self.delete_oldest(if too_old { "max age" } else { "max bytes" })?;
@@ -348,9 +351,15 @@ impl Log {
         };
         let path = sealed_path(&self.dir, self.name, oldest.n);
         let mut reader = std::io::BufReader::new(File::open(&path)?);
-        reader.seek(SeekFrom::Start(bytes))?;
-        let mut rest_of_line = Vec::new();
-        let from = bytes + reader.read_until(b'\n', &mut rest_of_line)? as u64;
+        // From the byte before: a cut that falls at a line's start keeps that line.
+        let from = match bytes {
+            0 => 0,
+            b => {
+                reader.seek(SeekFrom::Start(b - 1))?;
+                let mut rest_of_line = Vec::new();
+                b - 1 + reader.read_until(b'\n', &mut rest_of_line)? as u64
+            }
+        };
         let tmp = path.with_extension("jsonl.cut");
         let mut out = OpenOptions::new()
             .create(true)
@@ -382,7 +391,13 @@ impl Log {
         self.retention
     }
 
-    fn seal(&mut self, now: SystemTime) -> std::io::Result<()> {
+    /// When the segment being written was started, if anything is in it.
+    pub fn writing_since(&self) -> Option<Instant> {
+        (self.active_len > 0).then_some(self.active_opened)
+    }
+
+    /// Seal the segment being written (so retention may delete it).
+    pub fn seal(&mut self, now: SystemTime) -> std::io::Result<()> {
         let n = self.sealed.back().map_or(1, |s| s.n + 1);
         let active = active_path(&self.dir, self.name);
         std::fs::rename(&active, sealed_path(&self.dir, self.name, n))?;

@@ -83,6 +83,37 @@ impl NatsBus {
         }
     }
 
+    /// `OUTPOST_RESULTS`: the home tenant's stream, and every tenant's before tenants had
+    /// streams of their own.
+    async fn legacy_stream(&self) -> Result<stream::Stream, BusError> {
+        self.nats
+            .js
+            .get_stream(RESULTS_STREAM)
+            .await
+            .map_err(|e| unavailable("cannot open the results stream OUTPOST_RESULTS", e))
+    }
+
+    /// Whether `s` is the stream that holds `tenant`'s subjects and no other's.
+    fn holds(s: &stream::Stream, tenant: &str) -> bool {
+        s.cached_info().config.subjects == [results_subject(tenant, "*")]
+    }
+
+    /// `tenant`'s results stream if it exists (none is made).
+    async fn existing_stream(&self, tenant: &str) -> Result<Option<stream::Stream>, BusError> {
+        if let Some(s) = lock(&self.streams).get(tenant) {
+            return Ok(Some(s.clone()));
+        }
+        let legacy = self.legacy_stream().await?;
+        if Self::holds(&legacy, tenant) {
+            return Ok(Some(legacy));
+        }
+        match self.nats.js.get_stream(results_stream(tenant)).await {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if is_missing(&e) => Ok(None),
+            Err(e) => Err(unavailable("cannot open the tenant's results stream", e)),
+        }
+    }
+
     /// `tenant`'s results stream: `OUTPOST_RESULTS` when it holds the tenant's subjects,
     /// else the tenant's own, made now (bounded to the tenant's limit) if no gateway has.
     async fn stream(&self, tenant: &str) -> Result<stream::Stream, BusError> {
@@ -90,12 +121,9 @@ impl NatsBus {
             return Ok(s.clone());
         }
         let js = &self.nats.js;
-        let home = js
-            .get_stream(RESULTS_STREAM)
-            .await
-            .map_err(|e| unavailable("cannot open the results stream OUTPOST_RESULTS", e))?;
+        let home = self.legacy_stream().await?;
         let limit = lock(&self.limits).get(tenant).copied();
-        let mut s = if home.cached_info().config.subjects == [results_subject(tenant, "*")] {
+        let mut s = if Self::holds(&home, tenant) {
             home
         } else {
             let name = results_stream(tenant);
@@ -139,10 +167,13 @@ impl NatsBus {
         Ok(())
     }
 
-    /// Forget `tenant`'s stream after a failed write: it may have been deleted (the tenant
-    /// was, perhaps made again), so the next write opens or makes it again.
+    /// Forget `tenant`'s stream and what was read from it after a failure: it may have
+    /// been deleted (the tenant was, perhaps made again), so the next write opens or makes
+    /// it again and reads its agents' marks from it again.
     fn forget_stream(&self, tenant: &str) {
         lock(&self.streams).remove(tenant);
+        let prefix = results_subject(tenant, "");
+        lock(&self.watermarks).retain(|subject, _| !subject.starts_with(&prefix));
     }
 
     fn cached_mark(&self, subject: &str) -> Option<u64> {
@@ -158,14 +189,14 @@ impl NatsBus {
     /// The highest sequence number stored for `subject` of `tenant`, from its stream.
     async fn stored_mark(&self, tenant: &str, subject: &str) -> Result<u64, BusError> {
         let stream = self.stream(tenant).await?;
-        match stream.get_last_raw_message_by_subject(subject).await {
-            Ok(msg) => Ok(msg
-                .headers
-                .get(SEQ_HEADER)
-                .and_then(|v| v.as_str().parse().ok())
+        match last_seq_in(&stream, subject).await? {
+            Some(seq) => Ok(seq),
+            None if stream.cached_info().config.name == RESULTS_STREAM => Ok(0),
+            // Nothing in the tenant's own stream: a release before tenants had streams of
+            // their own kept every tenant's results in OUTPOST_RESULTS.
+            None => Ok(last_seq_in(&self.legacy_stream().await?, subject)
+                .await?
                 .unwrap_or(0)),
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(0),
-            Err(e) => Err(unavailable("cannot read the agent's last result", e)),
         }
     }
 
@@ -232,19 +263,29 @@ impl Bus for NatsBus {
 
     async fn keep_bytes(&self, tenant: &str, max_bytes: Option<u64>) -> Result<(), BusError> {
         let max_bytes = max_bytes.filter(|b| *b > 0);
-        let before = {
+        let set = |limit: Option<u64>| {
             let mut limits = lock(&self.limits);
-            match max_bytes {
+            match limit {
                 Some(b) => limits.insert(tenant.to_string(), b),
                 None => limits.remove(tenant),
             }
         };
+        let before = set(max_bytes);
         if before == max_bytes {
             return Ok(());
         }
-        let mut s = self.stream(tenant).await?;
-        self.apply_max_bytes(&mut s, self.max_bytes(max_bytes))
-            .await
+        let applied = async {
+            let mut s = self.stream(tenant).await?;
+            self.apply_max_bytes(&mut s, self.max_bytes(max_bytes))
+                .await
+        };
+        if let Err(e) = applied.await {
+            // Not applied: the next call (the caller retries) must try again.
+            set(before);
+            self.forget_stream(tenant);
+            return Err(e);
+        }
+        Ok(())
     }
 
     async fn drop_tenant(&self, tenant: &str) -> Result<(), BusError> {
@@ -276,16 +317,34 @@ impl Bus for NatsBus {
     }
 
     async fn tenant_bytes(&self, tenant: &str) -> Result<u64, BusError> {
-        let mut s = self.stream(tenant).await?;
-        let info = s
-            .info()
-            .await
-            .map_err(|e| unavailable("cannot read the results stream", e))?;
-        Ok(info.state.bytes)
+        let Some(mut s) = self.existing_stream(tenant).await? else {
+            return Ok(0);
+        };
+        match s.info().await {
+            Ok(info) => Ok(info.state.bytes),
+            Err(e) => {
+                self.forget_stream(tenant);
+                Err(unavailable("cannot read the results stream", e))
+            }
+        }
     }
 
     fn unavailable(&self) -> Option<String> {
         (!self.nats.connected()).then(|| "not connected to NATS".to_string())
+    }
+}
+
+/// The `Outpost-Seq` of the last message on `subject` in `stream` (`None`: there is none).
+async fn last_seq_in(stream: &stream::Stream, subject: &str) -> Result<Option<u64>, BusError> {
+    match stream.get_last_raw_message_by_subject(subject).await {
+        Ok(msg) => Ok(Some(
+            msg.headers
+                .get(SEQ_HEADER)
+                .and_then(|v| v.as_str().parse().ok())
+                .unwrap_or(0),
+        )),
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(unavailable("cannot read the agent's last result", e)),
     }
 }
 
