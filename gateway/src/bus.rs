@@ -88,6 +88,19 @@ pub struct AuditEvent {
     pub gateway: String,
 }
 
+/// Results read from the bus (see [`Bus::read_results`]).
+#[derive(Debug, Default)]
+pub struct ResultsRead {
+    /// Each result, with its agent and the position just after it (to read on from, or
+    /// to name it, as an event id does).
+    pub results: Vec<(u64, AgentRef, CheckResult)>,
+    /// Where to read on from.
+    pub next: u64,
+    /// The position asked for is no longer kept (retention deleted what was there):
+    /// reading went on from the oldest result kept.
+    pub lost: bool,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("bus storage failed: {0}")]
@@ -128,6 +141,19 @@ pub trait Bus: Send + Sync {
 
     /// The bytes `tenant`'s results take on the bus now.
     async fn tenant_bytes(&self, tenant: &str) -> Result<u64, BusError>;
+
+    /// `tenant`'s results from position `from` on (0: the oldest kept; otherwise a
+    /// position this returned), at most `max`, in the order they were made durable. When
+    /// there are none yet, waits up to `wait` for one. A position is the embedded bus's
+    /// segment and offset or the JetStream stream sequence: opaque, growing, and the same
+    /// on every gateway of a fleet, so a consumer resumes exactly where it was.
+    async fn read_results(
+        &self,
+        tenant: &str,
+        from: u64,
+        max: usize,
+        wait: std::time::Duration,
+    ) -> Result<ResultsRead, BusError>;
 
     /// Why the bus cannot take results right now, if it cannot (for `/readyz`).
     fn unavailable(&self) -> Option<String> {

@@ -410,6 +410,134 @@ async fn age_contract(backend: &Backend) {
     assert_eq!((p.accepted, p.duplicates), (0, 10));
 }
 
+/// Read every result of `tenant` from `from` on, `max` at a time, as a consumer does;
+/// each read goes on from where the last ended. Returns the (agent, seq) read, the
+/// position to go on from, and whether a read said the position was lost.
+async fn read_all(
+    bus: &Arc<dyn Bus>,
+    tenant: &str,
+    from: u64,
+    max: usize,
+) -> (Vec<(String, u64)>, u64, bool) {
+    let (mut pos, mut got, mut lost) = (from, Vec::new(), false);
+    loop {
+        let read = bus
+            .read_results(tenant, pos, max, Duration::ZERO)
+            .await
+            .unwrap();
+        assert!(read.results.len() <= max);
+        lost |= read.lost;
+        let mut last = pos;
+        for (at, agent, result) in &read.results {
+            assert!(*at > last, "positions grow: {at} after {last}");
+            assert_eq!(agent.tenant, tenant);
+            last = *at;
+            got.push((agent.fingerprint.clone(), result.seq));
+        }
+        if read.results.is_empty() && read.next == pos {
+            return (got, pos, lost);
+        }
+        pos = read.next;
+    }
+}
+
+/// Reading a tenant's results back by position: every one once, in the order stored,
+/// only the tenant's; from any position exactly what came after it; a reader waiting for
+/// more wakes when it is stored; a position retention deleted is said to be lost and
+/// reading goes on from the oldest kept.
+async fn reader_contract(backend: &Backend, cap_dir_bus: Option<&Backend>) {
+    let bus = backend.open().await;
+    let (a, b, other) = (
+        AgentRef::new("readers", "0f8fad5b-d9cb-469f-a165-70867728950a"),
+        AgentRef::new("readers", "0f8fad5b-d9cb-469f-a165-70867728950b"),
+        tenant_agent("elsewhere"),
+    );
+    let mut expected = Vec::new();
+    for i in 0..10u64 {
+        for agent in [&a, &b] {
+            bus.publish_results(agent, &results(i * 20 + 1..=i * 20 + 20))
+                .await
+                .unwrap();
+            expected.extend((i * 20 + 1..=i * 20 + 20).map(|s| (agent.fingerprint.clone(), s)));
+        }
+        bus.publish_results(&other, &results(i + 1..=i + 1))
+            .await
+            .unwrap();
+    }
+    let (got, end, lost) = read_all(&bus, "readers", 0, 37).await;
+    assert!(!lost);
+    assert_eq!(
+        got, expected,
+        "every result once, in order, only the tenant's"
+    );
+    // From the middle: exactly the rest (on NATS through a second instance, as another
+    // gateway reads; the embedded bus is one process's, and its positions across restarts
+    // are the segments' unit tests').
+    let again = match backend {
+        Backend::Nats(_) => backend.open().await,
+        Backend::Embedded(..) => bus.clone(),
+    };
+    let first = again
+        .read_results("readers", 0, 150, Duration::ZERO)
+        .await
+        .unwrap();
+    let mid = first.results.last().unwrap().0;
+    let (rest, _, _) = read_all(&again, "readers", mid, 50).await;
+    assert_eq!(rest, expected[150..]);
+    // Nothing new: an empty read that stays where it was, after the wait.
+    let idle = bus
+        .read_results("readers", end, 10, Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert!(
+        idle.results.is_empty() && !idle.lost && idle.next == end,
+        "{idle:?} from {end}"
+    );
+    let end = idle.next;
+    // A reader waiting is woken by the next result stored.
+    let waiting = {
+        let bus = bus.clone();
+        tokio::spawn(async move {
+            bus.read_results("readers", end, 10, Duration::from_secs(20))
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    bus.publish_results(&a, &results(201..=201)).await.unwrap();
+    let woken = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("woken before its wait ran out")
+        .unwrap();
+    assert_eq!(woken.results.len(), 1);
+    assert_eq!(woken.results[0].2.seq, 201);
+
+    // Retention deletes what a slow reader had not read: it is told, and goes on from the
+    // oldest kept.
+    if let Some(capped) = cap_dir_bus {
+        let bus = capped.open().await;
+        let c = agent(8);
+        bus.publish_results(&c, &results(1..=50)).await.unwrap();
+        let early = bus
+            .read_results(HOME, 0, 1, Duration::ZERO)
+            .await
+            .unwrap()
+            .next;
+        for batch in 1..40u64 {
+            let p = bus
+                .publish_results(&c, &results(batch * 50 + 1..=batch * 50 + 50))
+                .await
+                .unwrap();
+            assert_eq!(p.accepted, 50);
+        }
+        let (got, _, lost) = read_all(&bus, HOME, early, 500).await;
+        assert!(lost, "the reader is told what it missed");
+        let seqs: Vec<u64> = got.iter().map(|(_, s)| *s).collect();
+        assert!(seqs[0] > 2, "{:?}", &seqs[..3]);
+        assert_eq!(seqs, (seqs[0]..=2000).collect::<Vec<_>>());
+    }
+}
+
 const AGE: Duration = Duration::from_secs(3);
 
 const KEEP: Retention = Retention {
@@ -433,6 +561,26 @@ async fn the_embedded_bus_keeps_the_contract() {
     };
     age_contract(&Backend::Embedded(dir.path().join("aged"), aged)).await;
     tenant_bytes_contract(&Backend::Embedded(dir.path().join("tenants"), KEEP)).await;
+    let capped = Backend::Embedded(dir.path().join("read-capped"), capped);
+    reader_contract(
+        &Backend::Embedded(dir.path().join("readers"), KEEP),
+        Some(&capped),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_bus_keeps_the_reader_contract() {
+    let dir = tempdir();
+    let server = NatsServer::start(dir.path(), "n1");
+    let cap = 128 * 1024;
+    let capped = Backend::Nats(nats_settings_with(
+        &server.url(),
+        &["--results-max-bytes", &cap.to_string()],
+    ));
+    let dir2 = tempdir();
+    let server2 = NatsServer::start(dir2.path(), "n2");
+    reader_contract(&Backend::Nats(nats_settings(&server2.url())), Some(&capped)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

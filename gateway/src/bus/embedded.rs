@@ -27,7 +27,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
 use super::segments::{self, Log, Retention};
-use super::{agent_key, AgentRef, AuditEvent, Bus, BusError, Presence, PresenceEvent, Published};
+use super::{
+    agent_key, AgentRef, AuditEvent, Bus, BusError, Presence, PresenceEvent, Published, ResultsRead,
+};
 
 /// Jobs waiting for the writer. A full queue makes publishers wait (backpressure reaches
 /// the agents as slower acks), it never drops.
@@ -79,6 +81,10 @@ enum Job {
 pub struct EmbeddedBus {
     tx: mpsc::Sender<Job>,
     watermarks: Watermarks,
+    dir: PathBuf,
+    home: String,
+    /// Bumped after every write of results, for readers waiting on more.
+    written: tokio::sync::watch::Sender<u64>,
 }
 
 /// What the bus held when it was opened: the newest result per agent and check, and each
@@ -114,9 +120,11 @@ impl EmbeddedBus {
         let watermarks: Watermarks = Arc::new(Mutex::new(watermarks));
         let (tx, rx) = mpsc::channel(QUEUE);
         let marks = watermarks.clone();
+        let written = tokio::sync::watch::Sender::new(0u64);
+        let wrote = written.clone();
         std::thread::Builder::new()
             .name("outpost-bus-writer".into())
-            .spawn(move || writer(rx, results, presence, audit, marks))?;
+            .spawn(move || writer(rx, results, presence, audit, marks, wrote))?;
         // Retention also when nothing is written; ends with the bus.
         let weak = tx.downgrade();
         tokio::spawn(async move {
@@ -130,7 +138,14 @@ impl EmbeddedBus {
                 }
             }
         });
-        Ok((EmbeddedBus { tx, watermarks }, recovered))
+        let bus = EmbeddedBus {
+            tx,
+            watermarks,
+            dir: dir.to_path_buf(),
+            home: home.to_string(),
+            written,
+        };
+        Ok((bus, recovered))
     }
 }
 
@@ -366,6 +381,7 @@ fn writer(
     mut presence: Log,
     mut audit: Log,
     watermarks: Watermarks,
+    written: tokio::sync::watch::Sender<u64>,
 ) {
     let mut jobs = Vec::new();
     while let Some(first) = rx.blocking_recv() {
@@ -460,6 +476,9 @@ fn writer(
                 }
             }
             rio.insert(tenant.clone(), written.map_err(|e| e.to_string()));
+        }
+        if rio.values().any(Result::is_ok) {
+            written.send_modify(|n| *n += 1);
         }
         let pio = presence.append(&pbuf);
         let aio = audit.append(&abuf);
@@ -602,6 +621,68 @@ impl Bus for EmbeddedBus {
             done,
         })
         .await
+    }
+
+    async fn read_results(
+        &self,
+        tenant: &str,
+        from: u64,
+        max: usize,
+        wait: Duration,
+    ) -> Result<ResultsRead, BusError> {
+        crate::tenant::parse_name(tenant).map_err(|e| BusError::Unavailable(e.to_string()))?;
+        let dir = if tenant == self.home {
+            self.dir.clone()
+        } else {
+            tenant_dir(&self.dir, tenant)
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut changed = self.written.subscribe();
+        loop {
+            changed.mark_unchanged();
+            let (d, max) = (dir.clone(), max.max(1));
+            let lines = tokio::task::spawn_blocking(move || {
+                // About a kilobyte a result: enough to fill `max` most of the time.
+                segments::read_lines(
+                    &d,
+                    "results",
+                    segments::Position::from_u64(from),
+                    max * 1024,
+                )
+            })
+            .await
+            .map_err(|e| BusError::Unavailable(format!("reading the bus failed: {e}")))??;
+            let mut read = ResultsRead {
+                next: lines.next.to_u64(),
+                lost: lines.lost,
+                ..ResultsRead::default()
+            };
+            for (at, line) in lines.lines {
+                if read.results.len() == max {
+                    break;
+                }
+                read.next = at.to_u64();
+                match serde_json::from_slice::<ResultLine>(&line) {
+                    // The home tenant's log may hold other tenants' results from a release
+                    // that kept one log for all: only the tenant's own are read.
+                    Ok(l) if l.tenant == tenant => {
+                        let agent = AgentRef::new(&l.tenant, &l.fingerprint);
+                        read.results.push((read.next, agent, l.result));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(%tenant, error = %e, "skipping an unreadable bus line")
+                    }
+                }
+            }
+            if !read.results.is_empty() || read.lost || read.next != from {
+                return Ok(read);
+            }
+            tokio::select! {
+                _ = changed.changed() => {}
+                _ = tokio::time::sleep_until(deadline) => return Ok(read),
+            }
+        }
     }
 }
 

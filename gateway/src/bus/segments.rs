@@ -43,6 +43,9 @@ impl Retention {
 
 struct Sealed {
     n: u64,
+    /// Bytes cut off its front by a lowered limit (`cut_oldest_lines`): positions in it
+    /// stay those of the segment as written.
+    base: u64,
     len: u64,
     /// When its last line was written.
     written: SystemTime,
@@ -55,6 +58,9 @@ pub struct Log {
     active: File,
     active_len: u64,
     active_opened: Instant,
+    /// The number the segment being written gets when it is sealed: numbers only grow,
+    /// also across restarts with every segment deleted (`NAME.next` keeps the floor).
+    active_n: u64,
     /// Oldest first.
     sealed: VecDeque<Sealed>,
 }
@@ -70,27 +76,251 @@ fn active_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.jsonl"))
 }
 
-fn sealed_path(dir: &Path, name: &str, n: u64) -> PathBuf {
-    dir.join(format!("{name}-{n:06}.jsonl"))
+fn sealed_path(dir: &Path, name: &str, n: u64, base: u64) -> PathBuf {
+    match base {
+        0 => dir.join(format!("{name}-{n:06}.jsonl")),
+        base => dir.join(format!("{name}-{n:06}@{base}.jsonl")),
+    }
 }
 
-/// The sealed segments of `name` in `dir`, oldest first, by number.
-fn list_sealed(dir: &Path, name: &str) -> std::io::Result<Vec<(u64, PathBuf)>> {
+/// The number of the segment being written, kept beside it (written before anything is
+/// appended to a new segment): readers learn from it which segment `NAME.jsonl` is, and
+/// numbering goes on from it after a restart with every segment deleted, so a position is
+/// never reused.
+fn next_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.next"))
+}
+
+fn write_next(dir: &Path, name: &str, n: u64) -> std::io::Result<()> {
+    crate::util::write_atomic(&next_path(dir, name), format!("{n}\n").as_bytes(), 0o600)
+}
+
+fn read_next(dir: &Path, name: &str) -> std::io::Result<Option<u64>> {
+    match std::fs::read_to_string(next_path(dir, name)) {
+        Ok(text) => Ok(text.trim().parse::<u64>().ok()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// A place in a log: a segment's number and a byte offset in it, as the segment was
+/// written (bytes a lowered limit cut off its front still count). Positions only grow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Position {
+    pub segment: u64,
+    pub offset: u64,
+}
+
+impl Position {
+    /// Before everything the log holds.
+    pub const START: Position = Position {
+        segment: 0,
+        offset: 0,
+    };
+
+    /// As one number: the segment in the high 24 bits, the offset in the low 40 (a
+    /// segment is at most 64 MiB, far below 2^40).
+    pub fn to_u64(self) -> u64 {
+        (self.segment << 40) | (self.offset & ((1 << 40) - 1))
+    }
+
+    pub fn from_u64(v: u64) -> Position {
+        Position {
+            segment: v >> 40,
+            offset: v & ((1 << 40) - 1),
+        }
+    }
+}
+
+/// What [`read_lines`] found.
+#[derive(Debug, Default)]
+pub struct Lines {
+    /// Whole lines (without their newline), each with the position just after it.
+    pub lines: Vec<(Position, Vec<u8>)>,
+    /// Where to read on from.
+    pub next: Position,
+    /// The position asked for is no longer kept (retention deleted it): reading went on
+    /// from the oldest line kept.
+    pub lost: bool,
+}
+
+/// Whole lines of the log `name` in `dir` from `from` on, about `max_bytes` of them at
+/// most (at least one line when there is one). Safe while the log is written, sealed, cut
+/// and deleted from: a segment is found by its number whatever it is called by then.
+pub fn read_lines(
+    dir: &Path,
+    name: &str,
+    from: Position,
+    max_bytes: usize,
+) -> std::io::Result<Lines> {
+    let mut out = Lines {
+        next: from,
+        ..Lines::default()
+    };
+    let mut budget = max_bytes.max(1);
+    // Each round reads one segment; a seal between listing and reading makes a round
+    // read nothing and the next find the segment under its sealed name.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        // The number first, then the list: a segment sealed in between is then listed
+        // (a list older than the number could miss the segment just sealed).
+        let Some(active_n) = read_next(dir, name)? else {
+            return Ok(out);
+        };
+        let sealed = match list_sealed(dir, name) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        let pos = &mut out.next;
+        if *pos == Position::START {
+            *pos = match sealed.first() {
+                Some(f) => Position {
+                    segment: f.n,
+                    offset: f.base,
+                },
+                None => Position {
+                    segment: active_n,
+                    offset: 0,
+                },
+            };
+        }
+        if let Some(f) = sealed.iter().rev().find(|f| f.n == pos.segment) {
+            if pos.offset < f.base {
+                out.lost = true;
+                pos.offset = f.base;
+            }
+            let file = match File::open(&f.path) {
+                Ok(file) => file,
+                // Cut or deleted meanwhile: look again.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            let at_end = read_segment_lines(file, f.base, &mut out, &mut budget)?;
+            if !at_end {
+                return Ok(out);
+            }
+            // A sealed segment read to its end: on to the next.
+            out.next = Position {
+                segment: f.n + 1,
+                offset: 0,
+            };
+            continue;
+        }
+        if pos.segment > active_n {
+            if sealed.last().is_some_and(|f| f.n >= active_n) {
+                // Seals since the number was read (or one in progress, between its rename
+                // and its number's fsync): read it again in a moment.
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
+            }
+            return Err(std::io::Error::other(format!(
+                "position {}:{} is beyond the log (its newest segment is {active_n})",
+                pos.segment, pos.offset
+            )));
+        }
+        if pos.segment == active_n {
+            let file = match File::open(active_path(dir, name)) {
+                Ok(file) => file,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+                Err(e) => return Err(e),
+            };
+            // Was the file opened segment `active_n`? A seal may have renamed it and made
+            // a new one since: after reading, it was if the number is unchanged (nothing is
+            // appended to a new segment before its number is written) or if the sealed
+            // segment is the very file read. Otherwise what was read is dropped.
+            let inode = std::os::unix::fs::MetadataExt::ino(&file.metadata()?);
+            let (lines_before, next_before, budget_before) = (out.lines.len(), out.next, budget);
+            read_segment_lines(file, 0, &mut out, &mut budget)?;
+            let same = read_next(dir, name)? == Some(active_n)
+                || std::fs::metadata(sealed_path(dir, name, active_n, 0))
+                    .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == inode);
+            if !same {
+                out.lines.truncate(lines_before);
+                out.next = next_before;
+                budget = budget_before;
+                continue;
+            }
+            return Ok(out);
+        }
+        // Deleted by retention (segments are never sealed empty): on from the oldest kept.
+        *pos = match sealed.iter().find(|f| f.n > pos.segment) {
+            Some(f) => Position {
+                segment: f.n,
+                offset: f.base,
+            },
+            None => Position {
+                segment: active_n,
+                offset: 0,
+            },
+        };
+        out.lost = true;
+    }
+    Err(std::io::Error::other(
+        "the log kept changing while it was read",
+    ))
+}
+
+/// Read whole lines of one segment from `out.next.offset` (a file whose first `base` bytes
+/// were cut off), within `budget`; returns whether the segment's end was reached.
+fn read_segment_lines(
+    file: File,
+    base: u64,
+    out: &mut Lines,
+    budget: &mut usize,
+) -> std::io::Result<bool> {
+    let mut reader = std::io::BufReader::new(file);
+    reader.seek(SeekFrom::Start(out.next.offset - base))?;
+    let mut line = Vec::new();
+    loop {
+        if *budget == 0 {
+            return Ok(false);
+        }
+        line.clear();
+        let n = reader.read_until(b'\n', &mut line)?;
+        if n == 0 || line.last() != Some(&b'\n') {
+            // The end, or a line still being written: it is read next time, whole.
+            return Ok(n == 0);
+        }
+        out.next.offset += n as u64;
+        line.pop();
+        *budget = budget.saturating_sub(n);
+        out.lines.push((out.next, std::mem::take(&mut line)));
+    }
+}
+
+/// A sealed segment's file: its number, the bytes cut off its front, its path.
+struct SealedFile {
+    n: u64,
+    base: u64,
+    path: PathBuf,
+}
+
+/// The sealed segments of `name` in `dir`, oldest first, by number (a segment whose cut a
+/// crash interrupted may be listed twice, with two bases: the larger is the one kept).
+fn list_sealed(dir: &Path, name: &str) -> std::io::Result<Vec<SealedFile>> {
     let prefix = format!("{name}-");
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let file_name = entry.file_name();
-        let n = file_name
+        let parsed = file_name
             .to_str()
             .and_then(|f| f.strip_prefix(&prefix))
             .and_then(|f| f.strip_suffix(".jsonl"))
-            .and_then(|n| n.parse::<u64>().ok());
-        if let Some(n) = n {
-            found.push((n, entry.path()));
+            .and_then(|f| match f.split_once('@') {
+                Some((n, base)) => Some((n.parse::<u64>().ok()?, base.parse::<u64>().ok()?)),
+                None => Some((f.parse::<u64>().ok()?, 0)),
+            });
+        if let Some((n, base)) = parsed {
+            found.push(SealedFile {
+                n,
+                base,
+                path: entry.path(),
+            });
         }
     }
-    found.sort();
+    found.sort_by_key(|f| (f.n, f.base));
     Ok(found)
 }
 
@@ -98,7 +328,7 @@ fn list_sealed(dir: &Path, name: &str) -> std::io::Result<Vec<(u64, PathBuf)>> {
 /// For readers of the files (tests, tools); a missing log gives an empty list.
 pub fn paths(dir: &Path, name: &str) -> std::io::Result<Vec<PathBuf>> {
     let mut paths = match list_sealed(dir, name) {
-        Ok(sealed) => sealed.into_iter().map(|(_, p)| p).collect::<Vec<_>>(),
+        Ok(sealed) => sealed.into_iter().map(|f| f.path).collect::<Vec<_>>(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
@@ -194,23 +424,38 @@ impl Log {
         let active = active_path(dir, name);
         let torn_bytes_dropped = cut_torn_tail(&active)?;
         let mut sealed: VecDeque<Sealed> = VecDeque::new();
-        for (n, path) in list_sealed(dir, name)? {
-            let meta = std::fs::metadata(&path)?;
+        for f in list_sealed(dir, name)? {
+            if sealed.back().is_some_and(|s| s.n == f.n) {
+                // The same segment before a cut that a crash interrupted: the cut one
+                // (larger base, listed last) is whole.
+                let old = sealed.pop_back().expect("checked");
+                std::fs::remove_file(sealed_path(dir, name, old.n, old.base))?;
+            }
+            let meta = std::fs::metadata(&f.path)?;
             sealed.push_back(Sealed {
-                n,
+                n: f.n,
+                base: f.base,
                 len: meta.len(),
                 written: meta.modified()?,
             });
         }
+        let floor = match std::fs::read_to_string(next_path(dir, name)) {
+            Ok(text) => text.trim().parse::<u64>().unwrap_or(1),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 1,
+            Err(e) => return Err(e),
+        };
+        let mut active_n = sealed.back().map_or(1, |s| s.n + 1).max(floor);
         if let Ok(meta) = std::fs::metadata(&active) {
             if meta.len() > 0 {
-                let n = sealed.back().map_or(1, |s| s.n + 1);
-                std::fs::rename(&active, sealed_path(dir, name, n))?;
+                let n = active_n;
+                std::fs::rename(&active, sealed_path(dir, name, n, 0))?;
                 sealed.push_back(Sealed {
                     n,
+                    base: 0,
                     len: meta.len(),
                     written: meta.modified()?,
                 });
+                active_n += 1;
             }
         }
         let file = OpenOptions::new()
@@ -222,6 +467,7 @@ impl Log {
         let active_len = file.metadata()?.len();
         // The new file and any rename must survive a crash.
         sync_dir(dir)?;
+        write_next(dir, name, active_n)?;
         Ok(Opened {
             log: Log {
                 dir: dir.to_path_buf(),
@@ -230,6 +476,7 @@ impl Log {
                 active: file,
                 active_len,
                 active_opened: Instant::now(),
+                active_n,
                 sealed,
             },
             torn_bytes_dropped,
@@ -241,7 +488,7 @@ impl Log {
     pub fn for_each_sealed_line(&self, mut f: impl FnMut(&[u8])) -> std::io::Result<()> {
         let mut line = Vec::new();
         for s in &self.sealed {
-            let path = sealed_path(&self.dir, self.name, s.n);
+            let path = sealed_path(&self.dir, self.name, s.n, s.base);
             let mut reader = std::io::BufReader::new(File::open(&path)?);
             loop {
                 line.clear();
@@ -331,7 +578,7 @@ impl Log {
         let Some(oldest) = self.sealed.front() else {
             return Ok(0);
         };
-        let path = sealed_path(&self.dir, self.name, oldest.n);
+        let path = sealed_path(&self.dir, self.name, oldest.n, oldest.base);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -349,7 +596,7 @@ impl Log {
         let Some(oldest) = self.sealed.front_mut() else {
             return Ok(0);
         };
-        let path = sealed_path(&self.dir, self.name, oldest.n);
+        let path = sealed_path(&self.dir, self.name, oldest.n, oldest.base);
         let mut reader = std::io::BufReader::new(File::open(&path)?);
         // From the byte before: a cut that falls at a line's start keeps that line.
         let from = match bytes {
@@ -370,10 +617,16 @@ impl Log {
         let kept = std::io::copy(&mut reader, &mut out)?;
         out.set_modified(oldest.written)?;
         out.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        tracing::info!(file = %path.display(), bytes = from, "bus retention cut the oldest lines of a segment (max bytes)");
+        // Under a new name that says how much was cut, so positions in it stay valid;
+        // then the old one goes (a crash between leaves both: `open` keeps the cut one).
+        let base = oldest.base + from;
+        let cut_path = sealed_path(&self.dir, self.name, oldest.n, base);
+        std::fs::rename(&tmp, &cut_path)?;
+        std::fs::remove_file(&path)?;
+        tracing::info!(file = %cut_path.display(), bytes = from, "bus retention cut the oldest lines of a segment (max bytes)");
         let cut = oldest.len - kept;
         oldest.len = kept;
+        oldest.base = base;
         Ok(cut)
     }
 
@@ -398,9 +651,9 @@ impl Log {
 
     /// Seal the segment being written (so retention may delete it).
     pub fn seal(&mut self, now: SystemTime) -> std::io::Result<()> {
-        let n = self.sealed.back().map_or(1, |s| s.n + 1);
+        let n = self.active_n;
         let active = active_path(&self.dir, self.name);
-        std::fs::rename(&active, sealed_path(&self.dir, self.name, n))?;
+        std::fs::rename(&active, sealed_path(&self.dir, self.name, n, 0))?;
         let file = OpenOptions::new()
             .create(true)
             .read(true)
@@ -410,9 +663,12 @@ impl Log {
         sync_dir(&self.dir)?;
         self.sealed.push_back(Sealed {
             n,
+            base: 0,
             len: self.active_len,
             written: now,
         });
+        self.active_n += 1;
+        write_next(&self.dir, self.name, self.active_n)?;
         self.active = file;
         self.active_len = 0;
         self.active_opened = Instant::now();
@@ -448,6 +704,177 @@ mod tests {
             .lines()
             .map(str::to_string)
             .collect()
+    }
+
+    /// Every line from `from` on, read `budget` bytes at a time as a consumer would,
+    /// each read going on from where the last one ended.
+    fn read_on(dir: &Path, from: Position, budget: usize) -> (Vec<String>, Position, bool) {
+        let (mut pos, mut all, mut lost) = (from, Vec::new(), false);
+        loop {
+            let got = read_lines(dir, "t", pos, budget).unwrap();
+            lost |= got.lost;
+            if got.lines.is_empty() {
+                return (all, got.next, lost);
+            }
+            for (at, line) in got.lines {
+                assert!(at > pos, "positions only grow: {at:?} after {pos:?}");
+                pos = at;
+                all.push(String::from_utf8(line).unwrap());
+            }
+            // The end of a sealed segment moves on to the next one's start.
+            assert!(got.next >= pos);
+            pos = got.next;
+        }
+    }
+
+    #[test]
+    fn positions_resume_exactly_across_segments_seals_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = Retention {
+            max_bytes: 512 * 1024,
+            ..A_DAY
+        };
+        let mut log = Log::open(dir.path(), "t", small).unwrap().log;
+        let mut written = Vec::new();
+        for round in 0..30 {
+            let buf = lines(500, &format!("r{round}"));
+            written.extend(
+                String::from_utf8(buf.clone())
+                    .unwrap()
+                    .lines()
+                    .map(str::to_string),
+            );
+            log.append(&buf).unwrap();
+            log.maintain(SystemTime::now()).unwrap();
+        }
+        assert!(log.sealed.len() > 2, "the test wants several segments");
+        // Nothing deleted yet: everything, in order, read in small steps.
+        let (all, end, lost) = read_on(dir.path(), Position::START, 3000);
+        assert!(!lost);
+        assert_eq!(all, written);
+        // From a position in the middle: exactly the rest.
+        let mid = read_lines(dir.path(), "t", Position::START, 400_000).unwrap();
+        let (at, _) = *mid.lines.last().unwrap();
+        let (rest, _, _) = read_on(dir.path(), at, 5000);
+        assert_eq!(rest, written[mid.lines.len()..]);
+        // Nothing new: nothing read, the position stays.
+        let idle = read_lines(dir.path(), "t", end, 5000).unwrap();
+        assert!(idle.lines.is_empty() && idle.next == end && !idle.lost);
+        // A restart seals the segment being written; reading on from `end` finds what
+        // comes after, and nothing twice.
+        drop(log);
+        let mut log = Log::open(dir.path(), "t", small).unwrap().log;
+        log.append(&lines(3, "after")).unwrap();
+        let (after, _, lost) = read_on(dir.path(), end, 5000);
+        assert!(!lost);
+        assert_eq!(after.len(), 3);
+        assert!(after.iter().all(|l| l.contains("after")), "{after:?}");
+    }
+
+    #[test]
+    fn a_position_retention_deleted_says_lost_and_goes_on_from_the_oldest_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path(), "t", A_DAY).unwrap().log;
+        log.append(&lines(100, "old")).unwrap();
+        let first = read_lines(dir.path(), "t", Position::START, 10).unwrap();
+        let (early, _) = first.lines[0];
+        drop(log);
+        let mut log = Log::open(dir.path(), "t", A_DAY).unwrap().log;
+        log.append(&lines(10, "new")).unwrap();
+        // A day later the old segment goes.
+        log.maintain(SystemTime::now() + DAY + Duration::from_secs(60))
+            .unwrap();
+        let (rest, _, lost) = read_on(dir.path(), early, 5000);
+        assert!(lost, "the reader is told");
+        assert_eq!(rest.len(), 10);
+        assert!(rest.iter().all(|l| l.contains("new")), "{rest:?}");
+        // Every segment gone and the log reopened with nothing: positions do not start
+        // over, so an old one is never taken for a new place.
+        drop(log);
+        let mut log = Log::open(dir.path(), "t", A_DAY).unwrap().log;
+        log.maintain(SystemTime::now() + DAY * 3).unwrap();
+        drop(log);
+        let mut log = Log::open(dir.path(), "t", A_DAY).unwrap().log;
+        log.append(&lines(1, "newest")).unwrap();
+        let newest = read_lines(dir.path(), "t", Position::START, 5000).unwrap();
+        assert!(
+            newest.lines[0].0 > early,
+            "{:?} not after {early:?}",
+            newest.lines[0].0
+        );
+    }
+
+    #[test]
+    fn a_cut_keeps_positions_after_it_and_says_lost_for_those_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path(), "t", A_DAY).unwrap().log;
+        log.append(&lines(20_000, "x")).unwrap();
+        let all = read_lines(dir.path(), "t", Position::START, usize::MAX).unwrap();
+        let early = all.lines[10].0;
+        let late = all.lines[19_000].0;
+        log.set_retention(Retention {
+            max_bytes: 100 * 1024,
+            ..A_DAY
+        });
+        log.maintain(SystemTime::now()).unwrap();
+        let (rest, _, lost) = read_on(dir.path(), late, 5000);
+        assert!(!lost);
+        assert_eq!(rest.len(), 999);
+        assert_eq!(rest[0], r#"{"tag":"x","i":19001}"#);
+        let (kept, _, lost) = read_on(dir.path(), early, 50_000);
+        assert!(lost);
+        assert_eq!(kept.last().unwrap(), r#"{"tag":"x","i":19999}"#);
+        // The cut segment, reopened, reads the same.
+        drop(log);
+        let _log = Log::open(dir.path(), "t", A_DAY).unwrap().log;
+        let (again, _, lost) = read_on(dir.path(), late, 5000);
+        assert!(!lost);
+        assert_eq!(again, rest);
+    }
+
+    #[test]
+    fn a_reader_racing_the_writer_sees_every_line_once_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        let mut log = Log::open(dir.path(), "t", A_DAY).unwrap().log;
+        let writer = std::thread::spawn(move || {
+            for round in 0..300 {
+                log.append(&lines(7, &format!("w{round}"))).unwrap();
+                if round % 3 == 0 {
+                    log.seal(SystemTime::now()).unwrap();
+                }
+            }
+            log
+        });
+        let (mut pos, mut seen) = (Position::START, Vec::new());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while seen.len() < 2100 {
+            assert!(Instant::now() < deadline, "{} of 2100 read", seen.len());
+            let got = read_lines(&path, "t", pos, 700).unwrap();
+            assert!(!got.lost);
+            seen.extend(
+                got.lines
+                    .into_iter()
+                    .map(|(_, l)| String::from_utf8(l).unwrap()),
+            );
+            pos = got.next;
+        }
+        let log = writer.join().unwrap();
+        assert!(
+            log.sealed.len() >= 99,
+            "{} segments sealed",
+            log.sealed.len()
+        );
+        let expected: Vec<String> = (0..300)
+            .flat_map(|r| {
+                String::from_utf8(lines(7, &format!("w{r}")))
+                    .unwrap()
+                    .lines()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(seen, expected);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream::context::GetStreamErrorKind;
 use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::DirectGetErrorKind;
 use async_nats::jetstream::stream::{self, LastRawMessageErrorKind};
 use async_nats::HeaderMap;
 use async_trait::async_trait;
@@ -30,7 +31,7 @@ use serde::Serialize;
 use super::{
     audit_subject, presence_subject, results_stream, results_subject, Nats, RESULTS_STREAM,
 };
-use crate::bus::{AgentRef, AuditEvent, Bus, BusError, PresenceEvent, Published};
+use crate::bus::{AgentRef, AuditEvent, Bus, BusError, PresenceEvent, Published, ResultsRead};
 
 /// Header with the result's sequence number, so `last_seq` needs no body parsing.
 pub const SEQ_HEADER: &str = "Outpost-Seq";
@@ -43,6 +44,14 @@ pub struct NatsBus {
     streams: Mutex<HashMap<String, stream::Stream>>,
     /// Tenants' byte limits, as [`Bus::keep_bytes`] gave them.
     limits: Mutex<HashMap<String, u64>>,
+}
+
+/// A result as read back from a stream (the body [`ResultBody`] writes).
+#[derive(serde::Deserialize)]
+struct ResultLine {
+    tenant: String,
+    fingerprint: String,
+    result: CheckResult,
 }
 
 #[derive(Serialize)]
@@ -326,6 +335,63 @@ impl Bus for NatsBus {
                 self.forget_stream(tenant);
                 Err(unavailable("cannot read the results stream", e))
             }
+        }
+    }
+
+    async fn read_results(
+        &self,
+        tenant: &str,
+        from: u64,
+        max: usize,
+        wait: std::time::Duration,
+    ) -> Result<ResultsRead, BusError> {
+        /// How often a reader with nothing to read looks again.
+        const POLL: std::time::Duration = std::time::Duration::from_millis(100);
+        let filter = results_subject(tenant, "*");
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut stream = self.stream(tenant).await?;
+        loop {
+            let mut read = ResultsRead {
+                next: from,
+                ..ResultsRead::default()
+            };
+            while read.results.len() < max.max(1) {
+                let at = read.next.max(1);
+                let msg = match stream.direct_get_next_for_subject(&filter, Some(at)).await {
+                    Ok(msg) => msg,
+                    Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
+                    Err(e) => {
+                        self.forget_stream(tenant);
+                        return Err(unavailable("cannot read the results stream", e));
+                    }
+                };
+                if msg.sequence > at && read.results.is_empty() && from > 0 {
+                    // A gap: deleted by retention, or other tenants' results in between.
+                    let first = stream
+                        .info()
+                        .await
+                        .map_err(|e| unavailable("cannot read the results stream", e))?
+                        .state
+                        .first_sequence;
+                    read.lost |= at < first;
+                }
+                read.next = msg.sequence + 1;
+                match serde_json::from_slice::<ResultLine>(&msg.payload) {
+                    Ok(l) if l.tenant == tenant => read.results.push((
+                        read.next,
+                        AgentRef::new(&l.tenant, &l.fingerprint),
+                        l.result,
+                    )),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(%tenant, seq = msg.sequence, error = %e, "skipping an unreadable result")
+                    }
+                }
+            }
+            if !read.results.is_empty() || read.lost || tokio::time::Instant::now() >= deadline {
+                return Ok(read);
+            }
+            tokio::time::sleep(POLL.min(deadline - tokio::time::Instant::now())).await;
         }
     }
 
