@@ -5,6 +5,7 @@
 //! It is a library with a thin binary: [`serve`] takes an already-bound listener and a
 //! cancellation token, so tests run it on port 0 and shut it down cleanly.
 
+pub mod alerts;
 pub mod api;
 pub mod audit;
 pub mod bus;

@@ -1,0 +1,368 @@
+//! Alerts: for every (agent, check) of one tenant, whether something is wrong that people
+//! must be told, and the notifications each change is due.
+//!
+//! This is the state machine alone: results go in ([`Alerts::apply`], in the order the bus
+//! stored them), time goes in ([`Alerts::tick`]), notifications come out. Reading the bus
+//! from a kept position, keeping this state, routing and delivering are layered on it, so
+//! every rule here is tested without a clock, a disk or a network.
+//!
+//! The rules: only a hard state notifies (a soft one is a check still retrying); a hard
+//! non-OK opens an incident, which notifies once it has lasted `for` (at once by default);
+//! a change of status within it (warning to critical) notifies again; `repeat` re-notifies
+//! a firing incident that long after the last notification; a hard OK closes it, and sends
+//! a resolve only if something was notified. Every notification has an id made from the
+//! incident (the sequence number of the result that opened it) and its place in it, so
+//! the same notification made again (after a restart that replays results) has the same
+//! id, and a receiver that dedupes drops it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use outpost_protocol::{CheckResult, StateType, Status};
+use serde::{Deserialize, Serialize};
+
+/// When to notify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// How long an incident must last before it notifies (`for`).
+    pub wait: Duration,
+    /// Notify a firing incident again this long after its last notification.
+    pub repeat: Option<Duration>,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            wait: Duration::ZERO,
+            repeat: None,
+        }
+    }
+}
+
+/// One (agent, check)'s state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alert {
+    /// The newest hard status (soft results do not move it).
+    pub status: Status,
+    /// The newest result taken (one read again is ignored).
+    pub seq: u64,
+    /// The open incident, if the status is not OK.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incident: Option<Incident>,
+    /// The newest hard result's first line of output.
+    pub output: String,
+}
+
+/// A hard non-OK state, from its first result until a hard OK.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Incident {
+    /// The sequence number of the result that opened it: with the agent and check, it
+    /// names the incident.
+    pub opened_by: u64,
+    /// When it began (that result's start).
+    pub since_ms: u64,
+    /// Notifications sent for it so far.
+    pub sent: u32,
+    /// The status last notified and when (`None`: nothing yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notified: Option<(Status, u64)>,
+}
+
+/// What a notification says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// The incident is (still) firing at `status`.
+    Firing,
+    /// The incident ended.
+    Resolved,
+}
+
+/// One notification due.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notification {
+    /// The same whenever this notification is made again: `<fingerprint>/<check>/<incident>/<n>`
+    /// (`r` for the resolve).
+    pub id: String,
+    pub fingerprint: String,
+    pub check: String,
+    pub kind: Kind,
+    /// The status it is about (the last firing one for a resolve).
+    pub status: Status,
+    /// The incident's start.
+    pub since_ms: u64,
+    /// When the notification was made: the result's start, or the tick's time.
+    pub at_ms: u64,
+    pub output: String,
+}
+
+/// A tenant's alerts, by agent fingerprint and check name.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alerts {
+    pub alerts: BTreeMap<String, BTreeMap<String, Alert>>,
+}
+
+impl Alerts {
+    /// Take one result of agent `fingerprint`, in stored order; returns what it makes due.
+    pub fn apply(
+        &mut self,
+        fingerprint: &str,
+        result: &CheckResult,
+        policy: &Policy,
+    ) -> Vec<Notification> {
+        let alert = self
+            .alerts
+            .entry(fingerprint.to_string())
+            .or_default()
+            .entry(result.check.clone())
+            .or_insert_with(|| Alert {
+                status: Status::Ok,
+                seq: 0,
+                incident: None,
+                output: String::new(),
+            });
+        if result.seq <= alert.seq {
+            return Vec::new();
+        }
+        alert.seq = result.seq;
+        if result.state_type == StateType::Soft {
+            return Vec::new();
+        }
+        alert.status = result.status;
+        alert.output = result.output.clone();
+        let mut due = Vec::new();
+        if result.status == Status::Ok {
+            if let Some(incident) = alert.incident.take() {
+                if let Some((status, _)) = incident.notified {
+                    due.push(Notification {
+                        id: format!("{fingerprint}/{}/{}/r", result.check, incident.opened_by),
+                        fingerprint: fingerprint.to_string(),
+                        check: result.check.clone(),
+                        kind: Kind::Resolved,
+                        status,
+                        since_ms: incident.since_ms,
+                        at_ms: result.started_at_ms,
+                        output: result.output.clone(),
+                    });
+                }
+            }
+            return due;
+        }
+        let incident = alert.incident.get_or_insert(Incident {
+            opened_by: result.seq,
+            since_ms: result.started_at_ms,
+            sent: 0,
+            notified: None,
+        });
+        if let Some(n) = due_now(
+            fingerprint,
+            &result.check,
+            alert.status,
+            &alert.output,
+            incident,
+            result.started_at_ms,
+            policy,
+        ) {
+            due.push(n);
+        }
+        due
+    }
+
+    /// The time is `now_ms`: what waiting (`for`) and repeating make due.
+    pub fn tick(&mut self, now_ms: u64, policy: &Policy) -> Vec<Notification> {
+        let mut due = Vec::new();
+        for (fingerprint, checks) in &mut self.alerts {
+            for (check, alert) in checks.iter_mut() {
+                let Some(incident) = alert.incident.as_mut() else {
+                    continue;
+                };
+                let n = due_now(
+                    fingerprint,
+                    check,
+                    alert.status,
+                    &alert.output,
+                    incident,
+                    now_ms,
+                    policy,
+                );
+                due.extend(n);
+            }
+        }
+        due
+    }
+
+    /// Forget an agent (forgotten or revoked): its incidents end without a word.
+    pub fn forget(&mut self, fingerprint: &str) {
+        self.alerts.remove(fingerprint);
+    }
+}
+
+/// Whether `incident` (at `status`) must notify at `now_ms`, and if so the notification,
+/// counted in the incident.
+fn due_now(
+    fingerprint: &str,
+    check: &str,
+    status: Status,
+    output: &str,
+    incident: &mut Incident,
+    now_ms: u64,
+    policy: &Policy,
+) -> Option<Notification> {
+    let waited = now_ms.saturating_sub(incident.since_ms) >= policy.wait.as_millis() as u64;
+    let due = match incident.notified {
+        None => waited,
+        // A new status within the incident is news.
+        Some((said, _)) if said != status => true,
+        Some((_, at)) => policy
+            .repeat
+            .is_some_and(|every| now_ms.saturating_sub(at) >= every.as_millis() as u64),
+    };
+    if !due {
+        return None;
+    }
+    let n = incident.sent;
+    incident.sent += 1;
+    incident.notified = Some((status, now_ms));
+    Some(Notification {
+        id: format!("{fingerprint}/{check}/{}/{n}", incident.opened_by),
+        fingerprint: fingerprint.to_string(),
+        check: check.to_string(),
+        kind: Kind::Firing,
+        status,
+        since_ms: incident.since_ms,
+        at_ms: now_ms,
+        output: output.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FP: &str = "0f8fad5b-d9cb-469f-a165-70867728950e";
+
+    fn result(seq: u64, status: Status, state_type: StateType) -> CheckResult {
+        CheckResult {
+            seq,
+            started_at_ms: seq * 1000,
+            state_type,
+            ..CheckResult::new("disk", status, format!("run {seq}"))
+        }
+    }
+
+    fn hard(seq: u64, status: Status) -> CheckResult {
+        result(seq, status, StateType::Hard)
+    }
+
+    fn kinds(n: &[Notification]) -> Vec<(Kind, Status, String)> {
+        n.iter().map(|n| (n.kind, n.status, n.id.clone())).collect()
+    }
+
+    #[test]
+    fn a_hard_failure_notifies_once_and_its_ok_resolves_once() {
+        let (mut a, p) = (Alerts::default(), Policy::default());
+        assert!(a.apply(FP, &hard(1, Status::Ok), &p).is_empty());
+        // Soft while the check retries: nothing.
+        assert!(a
+            .apply(FP, &result(2, Status::Critical, StateType::Soft), &p)
+            .is_empty());
+        let fired = a.apply(FP, &hard(3, Status::Critical), &p);
+        assert_eq!(
+            kinds(&fired),
+            [(Kind::Firing, Status::Critical, format!("{FP}/disk/3/0"))]
+        );
+        // Still critical: nothing more.
+        assert!(a.apply(FP, &hard(4, Status::Critical), &p).is_empty());
+        assert!(a.tick(10_000_000, &p).is_empty(), "no repeat configured");
+        let resolved = a.apply(FP, &hard(5, Status::Ok), &p);
+        assert_eq!(
+            kinds(&resolved),
+            [(Kind::Resolved, Status::Critical, format!("{FP}/disk/3/r"))]
+        );
+        assert!(a.apply(FP, &hard(6, Status::Ok), &p).is_empty());
+    }
+
+    #[test]
+    fn a_result_read_twice_changes_nothing() {
+        let (mut a, p) = (Alerts::default(), Policy::default());
+        assert_eq!(a.apply(FP, &hard(3, Status::Critical), &p).len(), 1);
+        assert!(a.apply(FP, &hard(3, Status::Critical), &p).is_empty());
+        assert!(a.apply(FP, &hard(2, Status::Ok), &p).is_empty(), "older");
+        assert_eq!(a.alerts[FP]["disk"].status, Status::Critical);
+    }
+
+    #[test]
+    fn an_incident_waits_for_its_for_and_one_shorter_never_notifies() {
+        let p = Policy {
+            wait: Duration::from_secs(60),
+            repeat: None,
+        };
+        let mut a = Alerts::default();
+        // Critical at 10 s, OK at 40 s: shorter than the wait, nobody told, no resolve.
+        assert!(a.apply(FP, &hard(10, Status::Critical), &p).is_empty());
+        assert!(a.tick(30_000, &p).is_empty());
+        assert!(a.apply(FP, &hard(40, Status::Ok), &p).is_empty());
+        assert!(a.tick(200_000, &p).is_empty());
+        // Critical at 100 s: due at 160 s, by a result or by the clock.
+        assert!(a.apply(FP, &hard(100, Status::Critical), &p).is_empty());
+        assert!(a.tick(159_999, &p).is_empty());
+        let fired = a.tick(160_000, &p);
+        assert_eq!(
+            kinds(&fired),
+            [(Kind::Firing, Status::Critical, format!("{FP}/disk/100/0"))]
+        );
+        assert!(a.apply(FP, &hard(170, Status::Critical), &p).is_empty());
+        assert_eq!(a.apply(FP, &hard(180, Status::Ok), &p).len(), 1);
+    }
+
+    #[test]
+    fn a_new_status_notifies_again_and_repeats_follow_the_last_notification() {
+        let p = Policy {
+            wait: Duration::ZERO,
+            repeat: Some(Duration::from_secs(3600)),
+        };
+        let mut a = Alerts::default();
+        assert_eq!(a.apply(FP, &hard(1, Status::Warning), &p).len(), 1);
+        let worse = a.apply(FP, &hard(2, Status::Critical), &p);
+        assert_eq!(
+            kinds(&worse),
+            [(Kind::Firing, Status::Critical, format!("{FP}/disk/1/1"))]
+        );
+        // An hour after the last notification (at 2 s), not after the first.
+        assert!(a.tick(3_601_000, &p).is_empty());
+        let again = a.tick(3_602_000, &p);
+        assert_eq!(
+            kinds(&again),
+            [(Kind::Firing, Status::Critical, format!("{FP}/disk/1/2"))]
+        );
+        assert!(a.tick(3_603_000, &p).is_empty());
+        let resolved = a.apply(FP, &hard(4000, Status::Ok), &p);
+        assert_eq!(
+            kinds(&resolved),
+            [(Kind::Resolved, Status::Critical, format!("{FP}/disk/1/r"))]
+        );
+    }
+
+    #[test]
+    fn replaying_the_same_results_from_the_same_state_makes_the_same_ids() {
+        let p = Policy::default();
+        let results = [
+            hard(1, Status::Critical),
+            hard(2, Status::Ok),
+            hard(3, Status::Warning),
+        ];
+        let run = |a: &mut Alerts| -> Vec<Notification> {
+            results.iter().flat_map(|r| a.apply(FP, r, &p)).collect()
+        };
+        let (mut first, mut second) = (Alerts::default(), Alerts::default());
+        let once = run(&mut first);
+        let saved = serde_json::to_string(&first).unwrap();
+        assert_eq!(run(&mut second), once);
+        // State read back from its JSON goes on the same way.
+        let mut back: Alerts = serde_json::from_str(&saved).unwrap();
+        assert_eq!(back, first);
+        let next = back.apply(FP, &hard(4, Status::Ok), &p);
+        assert_eq!(next, first.apply(FP, &hard(4, Status::Ok), &p));
+        assert_eq!(next[0].id, format!("{FP}/disk/3/r"));
+    }
+}
