@@ -85,6 +85,7 @@ pub struct EmbeddedBus {
     home: String,
     /// Bumped after every write of results, for readers waiting on more.
     written: tokio::sync::watch::Sender<u64>,
+    ends: DurableEnds,
 }
 
 /// What the bus held when it was opened: the newest result per agent and check, and each
@@ -109,6 +110,7 @@ impl EmbeddedBus {
         home: &str,
     ) -> std::io::Result<(EmbeddedBus, Recovered)> {
         let (results, watermarks, recovered) = ResultLogs::open(dir, retention, home)?;
+        let ends = results.ends.clone();
         let presence_retention = Retention {
             max_bytes: 0,
             ..retention
@@ -144,6 +146,7 @@ impl EmbeddedBus {
             dir: dir.to_path_buf(),
             home: home.to_string(),
             written,
+            ends,
         };
         Ok((bus, recovered))
     }
@@ -158,7 +161,12 @@ struct ResultLogs {
     logs: HashMap<String, Log>,
     /// Per-tenant byte limits.
     limits: HashMap<String, u64>,
+    /// Each tenant's durable end, shared with readers.
+    ends: DurableEnds,
 }
+
+/// The end of what is durable in each tenant's results log: readers read no further.
+type DurableEnds = Arc<Mutex<HashMap<String, segments::Position>>>;
 
 /// A tenant's own folder of results (any tenant but the home one).
 fn tenant_dir(bus: &Path, tenant: &str) -> PathBuf {
@@ -178,6 +186,7 @@ impl ResultLogs {
             retention,
             logs: HashMap::new(),
             limits: HashMap::new(),
+            ends: DurableEnds::default(),
         };
         let mut watermarks = HashMap::new();
         let mut recovered = Recovered::default();
@@ -207,6 +216,7 @@ impl ResultLogs {
             }
             recovered.torn_bytes_dropped += opened.torn_bytes_dropped;
             recover(&opened.log, &mut watermarks, &mut recovered)?;
+            lock(&logs.ends).insert(tenant.clone(), opened.log.durable_end());
             logs.logs.insert(tenant, opened.log);
         }
         Ok((logs, watermarks, recovered))
@@ -270,6 +280,7 @@ impl ResultLogs {
         crate::tenant::parse_name(tenant).map_err(std::io::Error::other)?;
         self.logs.remove(tenant);
         self.limits.remove(tenant);
+        lock(&self.ends).remove(tenant);
         match std::fs::remove_dir_all(tenant_dir(&self.dir, tenant)) {
             Ok(()) => segments::sync_dir(&self.dir.join("tenants")),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -477,9 +488,6 @@ fn writer(
             }
             rio.insert(tenant.clone(), written.map_err(|e| e.to_string()));
         }
-        if rio.values().any(Result::is_ok) {
-            written.send_modify(|n| *n += 1);
-        }
         let pio = presence.append(&pbuf);
         let aio = audit.append(&abuf);
         if let Err(e) = &pio {
@@ -506,6 +514,18 @@ fn writer(
             rbufs.keys().collect()
         };
         results.maintain(tenants, now);
+        // What readers may read: each written tenant's durable end, after the seals and
+        // cuts retention made.
+        if rio.values().any(Result::is_ok) {
+            let mut ends = lock(&results.ends);
+            for tenant in rio.keys() {
+                if let Some(log) = results.logs.get(tenant) {
+                    ends.insert(tenant.clone(), log.durable_end());
+                }
+            }
+            drop(ends);
+            written.send_modify(|n| *n += 1);
+        }
         for log in [&mut presence, &mut audit] {
             if let Err(e) = log.maintain(now) {
                 tracing::error!(error = %e, "embedded bus retention failed; will retry");
@@ -630,7 +650,7 @@ impl Bus for EmbeddedBus {
         max: usize,
         wait: Duration,
     ) -> Result<ResultsRead, BusError> {
-        crate::tenant::parse_name(tenant).map_err(|e| BusError::Unavailable(e.to_string()))?;
+        crate::tenant::parse_name(tenant).map_err(BusError::Unavailable)?;
         let dir = if tenant == self.home {
             self.dir.clone()
         } else {
@@ -638,8 +658,10 @@ impl Bus for EmbeddedBus {
         };
         let deadline = tokio::time::Instant::now() + wait;
         let mut changed = self.written.subscribe();
+        let mut from = from;
         loop {
             changed.mark_unchanged();
+            let durable = lock(&self.ends).get(tenant).copied();
             let (d, max) = (dir.clone(), max.max(1));
             let lines = tokio::task::spawn_blocking(move || {
                 // About a kilobyte a result: enough to fill `max` most of the time.
@@ -647,13 +669,19 @@ impl Bus for EmbeddedBus {
                     &d,
                     "results",
                     segments::Position::from_u64(from),
-                    max * 1024,
+                    max.saturating_mul(1024),
+                    durable,
                 )
             })
             .await
             .map_err(|e| BusError::Unavailable(format!("reading the bus failed: {e}")))??;
+            let position = |p: segments::Position| {
+                p.to_u64().ok_or_else(|| {
+                    BusError::Unavailable(format!("bus position {p:?} does not fit in 64 bits"))
+                })
+            };
             let mut read = ResultsRead {
-                next: lines.next.to_u64(),
+                next: position(lines.next)?,
                 lost: lines.lost,
                 ..ResultsRead::default()
             };
@@ -661,7 +689,7 @@ impl Bus for EmbeddedBus {
                 if read.results.len() == max {
                     break;
                 }
-                read.next = at.to_u64();
+                read.next = position(at)?;
                 match serde_json::from_slice::<ResultLine>(&line) {
                     // The home tenant's log may hold other tenants' results from a release
                     // that kept one log for all: only the tenant's own are read.
@@ -675,9 +703,12 @@ impl Bus for EmbeddedBus {
                     }
                 }
             }
-            if !read.results.is_empty() || read.lost || read.next != from {
+            if !read.results.is_empty() || read.lost {
                 return Ok(read);
             }
+            // Nothing yet (perhaps moved past other tenants' lines or a segment's end):
+            // wait from where this read ended.
+            from = read.next;
             tokio::select! {
                 _ = changed.changed() => {}
                 _ = tokio::time::sleep_until(deadline) => return Ok(read),

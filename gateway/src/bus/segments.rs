@@ -61,6 +61,8 @@ pub struct Log {
     /// The number the segment being written gets when it is sealed: numbers only grow,
     /// also across restarts with every segment deleted (`NAME.next` keeps the floor).
     active_n: u64,
+    /// A seal renamed the segment but could not yet make the new one (see `finish_seal`).
+    unfinished_seal: bool,
     /// Oldest first.
     sealed: VecDeque<Sealed>,
 }
@@ -95,6 +97,25 @@ fn write_next(dir: &Path, name: &str, n: u64) -> std::io::Result<()> {
     crate::util::write_atomic(&next_path(dir, name), format!("{n}\n").as_bytes(), 0o600)
 }
 
+/// The end of the last segment retention deleted (`<segment> <offset>`).
+fn gone_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.gone"))
+}
+
+fn read_gone(dir: &Path, name: &str) -> std::io::Result<Option<Position>> {
+    match std::fs::read_to_string(gone_path(dir, name)) {
+        Ok(text) => {
+            let mut parts = text.split_whitespace().map(|p| p.parse::<u64>().ok());
+            Ok(match (parts.next().flatten(), parts.next().flatten()) {
+                (Some(segment), Some(offset)) => Some(Position { segment, offset }),
+                _ => None,
+            })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 fn read_next(dir: &Path, name: &str) -> std::io::Result<Option<u64>> {
     match std::fs::read_to_string(next_path(dir, name)) {
         Ok(text) => Ok(text.trim().parse::<u64>().ok()),
@@ -118,16 +139,18 @@ impl Position {
         offset: 0,
     };
 
-    /// As one number: the segment in the high 24 bits, the offset in the low 40 (a
-    /// segment is at most 64 MiB, far below 2^40).
-    pub fn to_u64(self) -> u64 {
-        (self.segment << 40) | (self.offset & ((1 << 40) - 1))
+    /// As one number: the segment in the high 32 bits, the offset in the low 32 (a
+    /// segment holds at most a few hundred MiB, far below 4 GiB). `None` when it does not
+    /// fit.
+    pub fn to_u64(self) -> Option<u64> {
+        (self.segment <= u32::MAX as u64 && self.offset <= u32::MAX as u64)
+            .then_some((self.segment << 32) | self.offset)
     }
 
     pub fn from_u64(v: u64) -> Position {
         Position {
-            segment: v >> 40,
-            offset: v & ((1 << 40) - 1),
+            segment: v >> 32,
+            offset: v & u32::MAX as u64,
         }
     }
 }
@@ -145,13 +168,17 @@ pub struct Lines {
 }
 
 /// Whole lines of the log `name` in `dir` from `from` on, about `max_bytes` of them at
-/// most (at least one line when there is one). Safe while the log is written, sealed, cut
-/// and deleted from: a segment is found by its number whatever it is called by then.
+/// most (at least one line when there is one), and none past `durable` (the writer's
+/// [`Log::durable_end`]: bytes written but not yet on disk are not handed out). Safe while
+/// the log is written, sealed, cut and deleted from: a segment is found by its number
+/// whatever it is called by then. `lost` is only ever said of `from` itself: a gap found
+/// after some lines ends the read there, and the next read, from the gap, says it.
 pub fn read_lines(
     dir: &Path,
     name: &str,
     from: Position,
     max_bytes: usize,
+    durable: Option<Position>,
 ) -> std::io::Result<Lines> {
     let mut out = Lines {
         next: from,
@@ -172,23 +199,33 @@ pub fn read_lines(
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
             Err(e) => return Err(e),
         };
-        let pos = &mut out.next;
-        if *pos == Position::START {
-            *pos = match sealed.first() {
-                Some(f) => Position {
+        // The oldest kept line (of a segment listed twice mid-cut, the cut one).
+        let oldest = match sealed.first() {
+            Some(first) => {
+                let f = sealed.iter().rfind(|f| f.n == first.n).expect("listed");
+                Position {
                     segment: f.n,
                     offset: f.base,
-                },
-                None => Position {
-                    segment: active_n,
-                    offset: 0,
-                },
-            };
+                }
+            }
+            None => Position {
+                segment: active_n,
+                offset: 0,
+            },
+        };
+        let pos = out.next;
+        if pos == Position::START {
+            out.next = oldest;
+            continue;
         }
         if let Some(f) = sealed.iter().rev().find(|f| f.n == pos.segment) {
             if pos.offset < f.base {
-                out.lost = true;
-                pos.offset = f.base;
+                // Its oldest lines were cut.
+                if !out.lines.is_empty() {
+                    return Ok(out);
+                }
+                out.lost = from != Position::START;
+                out.next.offset = f.base;
             }
             let file = match File::open(&f.path) {
                 Ok(file) => file,
@@ -196,7 +233,7 @@ pub fn read_lines(
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             };
-            let at_end = read_segment_lines(file, f.base, &mut out, &mut budget)?;
+            let at_end = read_segment_lines(file, f.base, u64::MAX, true, &mut out, &mut budget)?;
             if !at_end {
                 return Ok(out);
             }
@@ -214,10 +251,14 @@ pub fn read_lines(
                 std::thread::sleep(Duration::from_millis(1));
                 continue;
             }
-            return Err(std::io::Error::other(format!(
-                "position {}:{} is beyond the log (its newest segment is {active_n})",
-                pos.segment, pos.offset
-            )));
+            // Beyond the log: a position of a log since deleted and made again (its
+            // numbers start over). What it pointed at is gone.
+            if !out.lines.is_empty() {
+                return Ok(out);
+            }
+            out.lost = true;
+            out.next = oldest;
+            continue;
         }
         if pos.segment == active_n {
             let file = match File::open(active_path(dir, name)) {
@@ -231,7 +272,12 @@ pub fn read_lines(
             // segment is the very file read. Otherwise what was read is dropped.
             let inode = std::os::unix::fs::MetadataExt::ino(&file.metadata()?);
             let (lines_before, next_before, budget_before) = (out.lines.len(), out.next, budget);
-            read_segment_lines(file, 0, &mut out, &mut budget)?;
+            let limit = match durable {
+                Some(d) if d.segment == active_n => d.offset,
+                Some(d) if d.segment < active_n => 0,
+                _ => u64::MAX,
+            };
+            read_segment_lines(file, 0, limit, false, &mut out, &mut budget)?;
             let same = read_next(dir, name)? == Some(active_n)
                 || std::fs::metadata(sealed_path(dir, name, active_n, 0))
                     .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == inode);
@@ -243,18 +289,15 @@ pub fn read_lines(
             }
             return Ok(out);
         }
-        // Deleted by retention (segments are never sealed empty): on from the oldest kept.
-        *pos = match sealed.iter().find(|f| f.n > pos.segment) {
-            Some(f) => Position {
-                segment: f.n,
-                offset: f.base,
-            },
-            None => Position {
-                segment: active_n,
-                offset: 0,
-            },
-        };
-        out.lost = true;
+        // Deleted by retention (segments are never sealed empty): on from the oldest
+        // kept. Nothing was missed if the position was the end of the segment deleted
+        // last, or the start of the oldest kept.
+        if !out.lines.is_empty() {
+            return Ok(out);
+        }
+        let at_an_end = read_gone(dir, name)?.is_some_and(|end| end == pos);
+        out.lost = from != Position::START && !at_an_end && pos != oldest;
+        out.next = oldest;
     }
     Err(std::io::Error::other(
         "the log kept changing while it was read",
@@ -262,15 +305,23 @@ pub fn read_lines(
 }
 
 /// Read whole lines of one segment from `out.next.offset` (a file whose first `base` bytes
-/// were cut off), within `budget`; returns whether the segment's end was reached.
+/// were cut off), up to offset `limit`, within `budget`; returns whether the segment's end
+/// was reached. In a sealed segment a last line without its newline (a write whose roll
+/// back failed) is its end; in the one being written it is a line still being written.
 fn read_segment_lines(
     file: File,
     base: u64,
+    limit: u64,
+    sealed: bool,
     out: &mut Lines,
     budget: &mut usize,
 ) -> std::io::Result<bool> {
+    if out.next.offset >= limit {
+        return Ok(false);
+    }
     let mut reader = std::io::BufReader::new(file);
     reader.seek(SeekFrom::Start(out.next.offset - base))?;
+    let mut reader = reader.take(limit.saturating_sub(out.next.offset));
     let mut line = Vec::new();
     loop {
         if *budget == 0 {
@@ -279,8 +330,8 @@ fn read_segment_lines(
         line.clear();
         let n = reader.read_until(b'\n', &mut line)?;
         if n == 0 || line.last() != Some(&b'\n') {
-            // The end, or a line still being written: it is read next time, whole.
-            return Ok(n == 0);
+            // The end, or a line not whole: read next time, whole.
+            return Ok(sealed || (n == 0 && limit == u64::MAX));
         }
         out.next.offset += n as u64;
         line.pop();
@@ -477,6 +528,7 @@ impl Log {
                 active_len,
                 active_opened: Instant::now(),
                 active_n,
+                unfinished_seal: false,
                 sealed,
             },
             torn_bytes_dropped,
@@ -507,6 +559,7 @@ impl Log {
         if buf.is_empty() {
             return Ok(());
         }
+        self.finish_seal()?;
         let start = self.active.seek(SeekFrom::End(0))?;
         let written = self
             .active
@@ -578,6 +631,16 @@ impl Log {
         let Some(oldest) = self.sealed.front() else {
             return Ok(0);
         };
+        // Where it ended, first: a reader whose position is that end missed nothing.
+        let end = Position {
+            segment: oldest.n,
+            offset: oldest.base + oldest.len,
+        };
+        crate::util::write_atomic(
+            &gone_path(&self.dir, self.name),
+            format!("{} {}\n", end.segment, end.offset).as_bytes(),
+            0o600,
+        )?;
         let path = sealed_path(&self.dir, self.name, oldest.n, oldest.base);
         match std::fs::remove_file(&path) {
             Ok(()) => {}
@@ -607,6 +670,9 @@ impl Log {
                 b - 1 + reader.read_until(b'\n', &mut rest_of_line)? as u64
             }
         };
+        if from == 0 {
+            return Ok(0);
+        }
         let tmp = path.with_extension("jsonl.cut");
         let mut out = OpenOptions::new()
             .create(true)
@@ -651,16 +717,12 @@ impl Log {
 
     /// Seal the segment being written (so retention may delete it).
     pub fn seal(&mut self, now: SystemTime) -> std::io::Result<()> {
+        self.finish_seal()?;
         let n = self.active_n;
         let active = active_path(&self.dir, self.name);
         std::fs::rename(&active, sealed_path(&self.dir, self.name, n, 0))?;
-        let file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .append(true)
-            .mode(0o600)
-            .open(&active)?;
-        sync_dir(&self.dir)?;
+        // Sealed from here, whatever fails next: nothing more is written to it, and
+        // nothing is appended until the new segment and its number are in place.
         self.sealed.push_back(Sealed {
             n,
             base: 0,
@@ -668,11 +730,37 @@ impl Log {
             written: now,
         });
         self.active_n += 1;
-        write_next(&self.dir, self.name, self.active_n)?;
-        self.active = file;
         self.active_len = 0;
         self.active_opened = Instant::now();
+        self.unfinished_seal = true;
+        self.finish_seal()
+    }
+
+    /// After a seal: the new segment's file, made durable, and its number written, before
+    /// anything is appended (readers tell by the number which segment the file is).
+    fn finish_seal(&mut self) -> std::io::Result<()> {
+        if !self.unfinished_seal {
+            return Ok(());
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .append(true)
+            .mode(0o600)
+            .open(active_path(&self.dir, self.name))?;
+        sync_dir(&self.dir)?;
+        write_next(&self.dir, self.name, self.active_n)?;
+        self.active = file;
+        self.unfinished_seal = false;
         Ok(())
+    }
+
+    /// The end of what is durable: the segment being written and its length.
+    pub fn durable_end(&self) -> Position {
+        Position {
+            segment: self.active_n,
+            offset: self.active_len,
+        }
     }
 
     /// Bytes on disk: every segment.
@@ -711,13 +799,17 @@ mod tests {
     fn read_on(dir: &Path, from: Position, budget: usize) -> (Vec<String>, Position, bool) {
         let (mut pos, mut all, mut lost) = (from, Vec::new(), false);
         loop {
-            let got = read_lines(dir, "t", pos, budget).unwrap();
+            let got = read_lines(dir, "t", pos, budget, None).unwrap();
             lost |= got.lost;
             if got.lines.is_empty() {
                 return (all, got.next, lost);
             }
             for (at, line) in got.lines {
-                assert!(at > pos, "positions only grow: {at:?} after {pos:?}");
+                // (After a loss reading starts over from the oldest kept.)
+                assert!(
+                    got.lost || at > pos,
+                    "positions only grow: {at:?} after {pos:?}"
+                );
                 pos = at;
                 all.push(String::from_utf8(line).unwrap());
             }
@@ -753,12 +845,12 @@ mod tests {
         assert!(!lost);
         assert_eq!(all, written);
         // From a position in the middle: exactly the rest.
-        let mid = read_lines(dir.path(), "t", Position::START, 400_000).unwrap();
+        let mid = read_lines(dir.path(), "t", Position::START, 400_000, None).unwrap();
         let (at, _) = *mid.lines.last().unwrap();
         let (rest, _, _) = read_on(dir.path(), at, 5000);
         assert_eq!(rest, written[mid.lines.len()..]);
         // Nothing new: nothing read, the position stays.
-        let idle = read_lines(dir.path(), "t", end, 5000).unwrap();
+        let idle = read_lines(dir.path(), "t", end, 5000, None).unwrap();
         assert!(idle.lines.is_empty() && idle.next == end && !idle.lost);
         // A restart seals the segment being written; reading on from `end` finds what
         // comes after, and nothing twice.
@@ -776,7 +868,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut log = Log::open(dir.path(), "t", A_DAY).unwrap().log;
         log.append(&lines(100, "old")).unwrap();
-        let first = read_lines(dir.path(), "t", Position::START, 10).unwrap();
+        let first = read_lines(dir.path(), "t", Position::START, 10, None).unwrap();
         let (early, _) = first.lines[0];
         drop(log);
         let mut log = Log::open(dir.path(), "t", A_DAY).unwrap().log;
@@ -796,7 +888,7 @@ mod tests {
         drop(log);
         let mut log = Log::open(dir.path(), "t", A_DAY).unwrap().log;
         log.append(&lines(1, "newest")).unwrap();
-        let newest = read_lines(dir.path(), "t", Position::START, 5000).unwrap();
+        let newest = read_lines(dir.path(), "t", Position::START, 5000, None).unwrap();
         assert!(
             newest.lines[0].0 > early,
             "{:?} not after {early:?}",
@@ -805,11 +897,60 @@ mod tests {
     }
 
     #[test]
+    fn nothing_past_the_durable_end_is_read_and_an_end_deleted_is_not_a_loss() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path(), "t", A_DAY).unwrap().log;
+        log.append(&lines(10, "a")).unwrap();
+        let all = read_lines(dir.path(), "t", Position::START, 5000, None).unwrap();
+        let fifth = all.lines[4].0;
+        // Bytes on the file but not (yet) durable are not handed out.
+        let capped = read_lines(dir.path(), "t", Position::START, 5000, Some(fifth)).unwrap();
+        assert_eq!(capped.lines.len(), 5);
+        assert_eq!(capped.next, fifth);
+        assert_eq!(log.durable_end(), all.lines[9].0);
+        // A reader that read everything of segment 1 and stopped at its very end...
+        let end = all.lines[9].0;
+        drop(log);
+        let mut log = Log::open(dir.path(), "t", A_DAY).unwrap().log;
+        log.append(&lines(3, "b")).unwrap();
+        log.maintain(SystemTime::now() + DAY + Duration::from_secs(60))
+            .unwrap();
+        // ...missed nothing when segment 1 goes; one in the middle of it did.
+        let (rest, _, lost) = read_on(dir.path(), end, 5000);
+        assert!(!lost, "the end of a deleted segment is no loss");
+        assert_eq!(rest.len(), 3);
+        let (_, _, lost) = read_on(dir.path(), fifth, 5000);
+        assert!(lost);
+    }
+
+    #[test]
+    fn a_position_beyond_the_log_is_lost_and_reading_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path(), "t", A_DAY).unwrap().log;
+        log.append(&lines(4, "new")).unwrap();
+        // A position of a log deleted and made again (numbers start over).
+        let stale = Position {
+            segment: 57,
+            offset: 120,
+        };
+        let (got, _, lost) = read_on(dir.path(), stale, 5000);
+        assert!(lost);
+        assert_eq!(got.len(), 4);
+        assert_eq!(Position::from_u64(stale.to_u64().unwrap()), stale);
+        assert!(Position {
+            segment: 1 << 33,
+            offset: 0
+        }
+        .to_u64()
+        .is_none());
+    }
+
+    #[test]
     fn a_cut_keeps_positions_after_it_and_says_lost_for_those_in_it() {
         let dir = tempfile::tempdir().unwrap();
         let mut log = Log::open(dir.path(), "t", A_DAY).unwrap().log;
         log.append(&lines(20_000, "x")).unwrap();
-        let all = read_lines(dir.path(), "t", Position::START, usize::MAX).unwrap();
+        let all = read_lines(dir.path(), "t", Position::START, usize::MAX, None).unwrap();
         let early = all.lines[10].0;
         let late = all.lines[19_000].0;
         log.set_retention(Retention {
@@ -850,7 +991,7 @@ mod tests {
         let deadline = Instant::now() + Duration::from_secs(30);
         while seen.len() < 2100 {
             assert!(Instant::now() < deadline, "{} of 2100 read", seen.len());
-            let got = read_lines(&path, "t", pos, 700).unwrap();
+            let got = read_lines(&path, "t", pos, 700, None).unwrap();
             assert!(!got.lost);
             seen.extend(
                 got.lines

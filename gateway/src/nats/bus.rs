@@ -347,50 +347,33 @@ impl Bus for NatsBus {
     ) -> Result<ResultsRead, BusError> {
         /// How often a reader with nothing to read looks again.
         const POLL: std::time::Duration = std::time::Duration::from_millis(100);
+        crate::tenant::parse_name(tenant).map_err(BusError::Unavailable)?;
         let filter = results_subject(tenant, "*");
         let deadline = tokio::time::Instant::now() + wait;
-        let mut stream = self.stream(tenant).await?;
+        let mut from = from;
         loop {
             let mut read = ResultsRead {
                 next: from,
                 ..ResultsRead::default()
             };
-            while read.results.len() < max.max(1) {
-                let at = read.next.max(1);
-                let msg = match stream.direct_get_next_for_subject(&filter, Some(at)).await {
-                    Ok(msg) => msg,
-                    Err(e) if e.kind() == DirectGetErrorKind::NotFound => break,
+            // Never made (or deleted with its tenant): nothing to read, and reading does
+            // not make it again.
+            if let Some(mut stream) = self.existing_stream(tenant).await? {
+                match self
+                    .read_stream(&mut stream, tenant, &filter, from, max.max(1), &mut read)
+                    .await
+                {
+                    Ok(()) => {}
                     Err(e) => {
                         self.forget_stream(tenant);
-                        return Err(unavailable("cannot read the results stream", e));
-                    }
-                };
-                if msg.sequence > at && read.results.is_empty() && from > 0 {
-                    // A gap: deleted by retention, or other tenants' results in between.
-                    let first = stream
-                        .info()
-                        .await
-                        .map_err(|e| unavailable("cannot read the results stream", e))?
-                        .state
-                        .first_sequence;
-                    read.lost |= at < first;
-                }
-                read.next = msg.sequence + 1;
-                match serde_json::from_slice::<ResultLine>(&msg.payload) {
-                    Ok(l) if l.tenant == tenant => read.results.push((
-                        read.next,
-                        AgentRef::new(&l.tenant, &l.fingerprint),
-                        l.result,
-                    )),
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(%tenant, seq = msg.sequence, error = %e, "skipping an unreadable result")
+                        return Err(e);
                     }
                 }
             }
             if !read.results.is_empty() || read.lost || tokio::time::Instant::now() >= deadline {
                 return Ok(read);
             }
+            from = read.next;
             tokio::time::sleep(POLL.min(deadline - tokio::time::Instant::now())).await;
         }
     }
@@ -420,6 +403,69 @@ fn is_missing(e: &async_nats::jetstream::context::DeleteStreamError) -> bool {
 }
 
 impl NatsBus {
+    /// Read `tenant`'s results from `stream` into `read`, from sequence `from` (0: the
+    /// first kept), at most `max`. A gap in the sequence is a loss only when retention
+    /// took it (it is before the stream's first sequence, or the position is beyond the
+    /// stream's last: a stream deleted and made again); a gap found after some results
+    /// ends the read there, so `lost` always speaks of where a read starts.
+    async fn read_stream(
+        &self,
+        stream: &mut stream::Stream,
+        tenant: &str,
+        filter: &str,
+        from: u64,
+        max: usize,
+        read: &mut ResultsRead,
+    ) -> Result<(), BusError> {
+        let info = |e| unavailable("cannot read the results stream", e);
+        let mut state = None;
+        while read.results.len() < max {
+            let at = read.next.max(1);
+            let msg = match stream.direct_get_next_for_subject(filter, Some(at)).await {
+                Ok(msg) => msg,
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
+                    if read.results.is_empty() && from > 0 && !read.lost {
+                        let s = stream.info().await.map_err(info)?.state.clone();
+                        if from > s.last_sequence + 1 {
+                            // Beyond the stream: made again since. Start over.
+                            read.lost = true;
+                            read.next = 0;
+                            continue;
+                        }
+                    }
+                    break;
+                }
+                Err(e) => return Err(unavailable("cannot read the results stream", e)),
+            };
+            if msg.sequence > at && from > 0 {
+                let s = match &state {
+                    Some(s) => s,
+                    None => &*state.insert(stream.info().await.map_err(info)?.state.clone()),
+                };
+                if at < s.first_sequence {
+                    // Retention deleted from `at` on.
+                    if !read.results.is_empty() {
+                        break;
+                    }
+                    read.lost = true;
+                }
+            }
+            read.next = msg.sequence + 1;
+            match serde_json::from_slice::<ResultLine>(&msg.payload) {
+                Ok(l) if l.tenant == tenant => read.results.push((
+                    read.next,
+                    AgentRef::new(&l.tenant, &l.fingerprint),
+                    l.result,
+                )),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(%tenant, seq = msg.sequence, error = %e, "skipping an unreadable result")
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Publish `results` above `mark` on `subject`; see [`Bus::publish_results`].
     async fn publish(
         &self,
