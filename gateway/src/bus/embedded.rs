@@ -661,7 +661,13 @@ impl Bus for EmbeddedBus {
         let mut from = from;
         loop {
             changed.mark_unchanged();
-            let durable = lock(&self.ends).get(tenant).copied();
+            // A tenant with nothing durable yet: nothing is read (`None` reads uncapped).
+            let durable = Some(
+                lock(&self.ends)
+                    .get(tenant)
+                    .copied()
+                    .unwrap_or(segments::Position::START),
+            );
             let (d, max) = (dir.clone(), max.max(1));
             let lines = tokio::task::spawn_blocking(move || {
                 // About a kilobyte a result: enough to fill `max` most of the time.
@@ -685,6 +691,7 @@ impl Bus for EmbeddedBus {
                 lost: lines.lost,
                 ..ResultsRead::default()
             };
+            let read_nothing = lines.lines.is_empty();
             for (at, line) in lines.lines {
                 if read.results.len() == max {
                     break;
@@ -706,9 +713,15 @@ impl Bus for EmbeddedBus {
             if !read.results.is_empty() || read.lost {
                 return Ok(read);
             }
-            // Nothing yet (perhaps moved past other tenants' lines or a segment's end):
-            // wait from where this read ended.
+            // Nothing for the tenant: on from where this read ended, at once if it read
+            // lines (other tenants' in an old shared log), else once more is written.
             from = read.next;
+            if !read_nothing {
+                if tokio::time::Instant::now() >= deadline {
+                    return Ok(read);
+                }
+                continue;
+            }
             tokio::select! {
                 _ = changed.changed() => {}
                 _ = tokio::time::sleep_until(deadline) => return Ok(read),

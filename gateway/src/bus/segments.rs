@@ -245,11 +245,11 @@ pub fn read_lines(
             continue;
         }
         if pos.segment > active_n {
-            if sealed.last().is_some_and(|f| f.n >= active_n) {
-                // Seals since the number was read (or one in progress, between its rename
-                // and its number's fsync): read it again in a moment.
-                std::thread::sleep(Duration::from_millis(1));
-                continue;
+            if sealed.last().is_some_and(|f| f.n + 1 >= pos.segment) {
+                // The segment after the newest sealed one, whose number is not written
+                // yet (a seal in progress, or one whose new segment could not be made):
+                // nothing to read there yet.
+                return Ok(out);
             }
             // Beyond the log: a position of a log since deleted and made again (its
             // numbers start over). What it pointed at is gone.
@@ -272,10 +272,12 @@ pub fn read_lines(
             // segment is the very file read. Otherwise what was read is dropped.
             let inode = std::os::unix::fs::MetadataExt::ino(&file.metadata()?);
             let (lines_before, next_before, budget_before) = (out.lines.len(), out.next, budget);
+            // Nothing known durable of this segment (a new log, a seal not yet followed
+            // by a write): nothing of it is read.
             let limit = match durable {
                 Some(d) if d.segment == active_n => d.offset,
-                Some(d) if d.segment < active_n => 0,
-                _ => u64::MAX,
+                Some(_) => 0,
+                None => u64::MAX,
             };
             read_segment_lines(file, 0, limit, false, &mut out, &mut budget)?;
             let same = read_next(dir, name)? == Some(active_n)
@@ -295,8 +297,15 @@ pub fn read_lines(
         if !out.lines.is_empty() {
             return Ok(out);
         }
-        let at_an_end = read_gone(dir, name)?.is_some_and(|end| end == pos);
-        out.lost = from != Position::START && !at_an_end && pos != oldest;
+        let at_an_end = read_gone(dir, name)?.is_some_and(|end| {
+            end == pos
+                && oldest
+                    == Position {
+                        segment: end.segment + 1,
+                        offset: 0,
+                    }
+        });
+        out.lost = from != Position::START && !at_an_end;
         out.next = oldest;
     }
     Err(std::io::Error::other(
@@ -583,6 +592,7 @@ impl Log {
     /// Seal the segment being written once it is big or old enough, then delete the
     /// sealed segments that retention no longer keeps. Returns the bytes deleted.
     pub fn maintain(&mut self, now: SystemTime) -> std::io::Result<u64> {
+        self.finish_seal()?;
         let r = self.retention;
         if self.active_len > 0
             && (self.active_len >= r.segment_bytes()
@@ -921,6 +931,27 @@ mod tests {
         assert_eq!(rest.len(), 3);
         let (_, _, lost) = read_on(dir.path(), fifth, 5000);
         assert!(lost);
+    }
+
+    #[test]
+    fn the_end_of_a_deleted_segment_is_a_loss_when_the_next_was_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = Log::open(dir.path(), "t", A_DAY).unwrap().log;
+        log.append(&lines(10, "first")).unwrap();
+        log.seal(SystemTime::now()).unwrap();
+        let all = read_lines(dir.path(), "t", Position::START, usize::MAX, None).unwrap();
+        let end_of_first = all.lines[9].0;
+        log.append(&lines(20_000, "second")).unwrap();
+        log.seal(SystemTime::now()).unwrap();
+        // One pass deletes the first segment and cuts the second's oldest lines.
+        log.set_retention(Retention {
+            max_bytes: 100 * 1024,
+            ..A_DAY
+        });
+        log.maintain(SystemTime::now()).unwrap();
+        let (rest, _, lost) = read_on(dir.path(), end_of_first, 50_000);
+        assert!(lost, "the second segment's cut lines were missed");
+        assert_eq!(rest.last().unwrap(), r#"{"tag":"second","i":19999}"#);
     }
 
     #[test]

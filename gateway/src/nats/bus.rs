@@ -117,7 +117,10 @@ impl NatsBus {
             return Ok(Some(legacy));
         }
         match self.nats.js.get_stream(results_stream(tenant)).await {
-            Ok(s) => Ok(Some(s)),
+            Ok(s) => {
+                lock(&self.streams).insert(tenant.to_string(), s.clone());
+                Ok(Some(s))
+            }
             Err(e) if is_missing(&e) => Ok(None),
             Err(e) => Err(unavailable("cannot open the tenant's results stream", e)),
         }
@@ -418,7 +421,6 @@ impl NatsBus {
         read: &mut ResultsRead,
     ) -> Result<(), BusError> {
         let info = |e| unavailable("cannot read the results stream", e);
-        let mut state = None;
         while read.results.len() < max {
             let at = read.next.max(1);
             let msg = match stream.direct_get_next_for_subject(filter, Some(at)).await {
@@ -432,16 +434,19 @@ impl NatsBus {
                             read.next = 0;
                             continue;
                         }
+                        if from < s.first_sequence {
+                            // Retention emptied the stream past the position.
+                            read.lost = true;
+                            read.next = s.first_sequence;
+                        }
                     }
                     break;
                 }
                 Err(e) => return Err(unavailable("cannot read the results stream", e)),
             };
             if msg.sequence > at && from > 0 {
-                let s = match &state {
-                    Some(s) => s,
-                    None => &*state.insert(stream.info().await.map_err(info)?.state.clone()),
-                };
+                // Read now: retention may have run since the last look.
+                let s = stream.info().await.map_err(info)?.state.clone();
                 if at < s.first_sequence {
                     // Retention deleted from `at` on.
                     if !read.results.is_empty() {
