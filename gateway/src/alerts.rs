@@ -15,6 +15,8 @@
 //! the same notification made again (after a restart that replays results) has the same
 //! id, and a receiver that dedupes drops it.
 
+pub mod webhook;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
