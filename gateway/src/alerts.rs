@@ -15,6 +15,7 @@
 //! the same notification made again (after a restart that replays results) has the same
 //! id, and a receiver that dedupes drops it.
 
+pub mod retry;
 pub mod webhook;
 
 use std::collections::BTreeMap;
