@@ -910,10 +910,17 @@ async fn run_now_of_a_daemon_is_refused_at_the_gateway_without_asking_the_agent(
         key,
         proof: String::new(),
     };
-    // A client that reads its config and then answers nothing.
+    // A client that reads its config and then answers nothing. The check file was
+    // written after the gateway started: the first config may come before the gateway's
+    // next scan of checks.d (every second here), a new one once it has the check.
     let (mut ws, _) = raw_session(&gw, &fp, credential).await;
-    let config = next_json(&mut ws).await;
-    assert_eq!(config["type"], "config", "{config}");
+    let config = loop {
+        let config = next_json(&mut ws).await;
+        assert_eq!(config["type"], "config", "{config}");
+        if config["checks"].as_array().is_some_and(|c| !c.is_empty()) {
+            break config;
+        }
+    };
     assert_eq!(config["checks"][0]["probe"]["kind"], "daemon", "{config}");
 
     let asked = std::time::Instant::now();
