@@ -633,6 +633,36 @@ async fn two_tenants_on_a_two_gateway_nats_fleet_see_and_reach_only_their_own() 
     .await;
 }
 
+/// A tenant the operator makes with `limits`, and a real agent enrolled in it through
+/// an enrollment key its admin makes; returns the agent and the admin token.
+async fn tenant_with_an_agent(
+    gw: &Gateway,
+    dir: &Path,
+    operator: &str,
+    name: &str,
+    limits: Value,
+) -> (Agent, String) {
+    let (s, t) = call(
+        gw,
+        "POST",
+        "/tenants",
+        operator,
+        Some(json!({ "name": name, "limits": limits })),
+    )
+    .await;
+    assert_eq!(s, 201, "{t}");
+    let admin = t["admin_token"].as_str().unwrap().to_string();
+    let (s, k) = call(gw, "POST", "/keys", &admin, Some(json!({}))).await;
+    assert_eq!(s, 201, "{k}");
+    let toml = format!(
+        "gateway_url = {:?}\nenroll_key = {:?}\npin_sha256 = {:?}\nhostname = \"{name}\"\nmax_concurrent_checks = 32\n",
+        gw.url(),
+        k["enroll_key"].as_str().unwrap(),
+        gw.pin
+    );
+    (Agent::start_with_config(dir, name, &toml), admin)
+}
+
 /// A tenant sending at ten times its result rate is slowed (its agents' acks are held, so
 /// their results wait on their disks) and loses nothing: once the limit is lifted every
 /// sequence number is stored exactly once. Another tenant on the same gateway is never
@@ -661,25 +691,7 @@ async fn a_tenant_over_its_result_rate_is_slowed_and_loses_nothing() {
         ("flood", json!({ "results_per_sec": 10 })),
         ("calm", json!({})),
     ] {
-        let (s, t) = call(
-            &gw,
-            "POST",
-            "/tenants",
-            operator,
-            Some(json!({ "name": name, "limits": limits })),
-        )
-        .await;
-        assert_eq!(s, 201, "{t}");
-        let admin = t["admin_token"].as_str().unwrap().to_string();
-        let (s, k) = call(&gw, "POST", "/keys", &admin, Some(json!({}))).await;
-        assert_eq!(s, 201, "{k}");
-        let toml = format!(
-            "gateway_url = {:?}\nenroll_key = {:?}\npin_sha256 = {:?}\nhostname = \"{name}\"\nmax_concurrent_checks = 32\n",
-            gw.url(),
-            k["enroll_key"].as_str().unwrap(),
-            gw.pin
-        );
-        agents.push((Agent::start_with_config(dir.path(), name, &toml), admin));
+        agents.push(tenant_with_an_agent(&gw, dir.path(), operator, name, limits).await);
     }
     let (flood_agent, flood_admin) = &agents[0];
     let calm_agent = &agents[1].0;
@@ -824,25 +836,8 @@ async fn a_tenant_over_its_bus_bytes_loses_its_oldest_results_and_no_one_elses()
     }
     let mut agents = Vec::new();
     for name in ["big", "calm"] {
-        let (s, t) = call(
-            &gw,
-            "POST",
-            "/tenants",
-            operator,
-            Some(json!({ "name": name })),
-        )
-        .await;
-        assert_eq!(s, 201, "{t}");
-        let admin = t["admin_token"].as_str().unwrap().to_string();
-        let (s, k) = call(&gw, "POST", "/keys", &admin, Some(json!({}))).await;
-        assert_eq!(s, 201, "{k}");
-        let toml = format!(
-            "gateway_url = {:?}\nenroll_key = {:?}\npin_sha256 = {:?}\nhostname = \"{name}\"\nmax_concurrent_checks = 32\n",
-            gw.url(),
-            k["enroll_key"].as_str().unwrap(),
-            gw.pin
-        );
-        agents.push(Agent::start_with_config(dir.path(), name, &toml));
+        let (agent, _) = tenant_with_an_agent(&gw, dir.path(), operator, name, json!({})).await;
+        agents.push(agent);
     }
     let (big, calm) = (&agents[0], &agents[1]);
     let usage = |name: &'static str| {
