@@ -15,32 +15,54 @@
 //! the same notification made again (after a restart that replays results) has the same
 //! id, and a receiver that dedupes drops it.
 
+pub mod config;
+pub mod deliver;
 pub mod retry;
+pub mod store;
 pub mod webhook;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use outpost_protocol::{CheckResult, StateType, Status};
 use serde::{Deserialize, Serialize};
 
-/// When to notify.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// When to notify, and whom: what the route of an alert says (see `config`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
     /// How long an incident must last before it notifies (`for`).
     pub wait: Duration,
     /// Notify a firing incident again this long after its last notification.
     pub repeat: Option<Duration>,
+    /// The receivers to tell. None: the alert is tracked, and notifies nobody (until a
+    /// route names someone).
+    pub receivers: Vec<String>,
 }
 
-impl Default for Policy {
-    fn default() -> Policy {
+impl Policy {
+    /// Tell `receivers` at once, never repeating.
+    pub fn to(receivers: &[&str]) -> Policy {
         Policy {
             wait: Duration::ZERO,
             repeat: None,
+            receivers: receivers.iter().map(|r| r.to_string()).collect(),
+        }
+    }
+
+    /// Notify nobody yet: what an evaluator that is catching up on history uses, so that
+    /// incidents open and close in its state without telling anyone about the past.
+    pub fn hold() -> Policy {
+        Policy {
+            wait: Duration::MAX,
+            repeat: None,
+            receivers: Vec::new(),
         }
     }
 }
+
+/// The policy of an alert: its route, given the agent's fingerprint, the check and the
+/// status it is at.
+pub type Route<'a> = &'a dyn Fn(&str, &str, Status) -> Policy;
 
 /// One (agent, check)'s state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +91,9 @@ pub struct Incident {
     /// The status last notified and when (`None`: nothing yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notified: Option<(Status, u64)>,
+    /// Every receiver told of it: each gets the resolve, once.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub told: BTreeSet<String>,
 }
 
 /// What a notification says.
@@ -79,6 +104,9 @@ pub enum Kind {
     Firing,
     /// The incident ended.
     Resolved,
+    /// Told to the fallback receiver: another receiver refused this notification for good
+    /// (`output` says which and why).
+    Undeliverable,
 }
 
 /// One notification due.
@@ -97,6 +125,8 @@ pub struct Notification {
     /// When the notification was made: the result's start, or the tick's time.
     pub at_ms: u64,
     pub output: String,
+    /// Whom to tell.
+    pub receivers: Vec<String>,
 }
 
 /// A tenant's alerts, by agent fingerprint and check name.
@@ -111,7 +141,7 @@ impl Alerts {
         &mut self,
         fingerprint: &str,
         result: &CheckResult,
-        policy: &Policy,
+        route: Route<'_>,
     ) -> Vec<Notification> {
         let alert = self
             .alerts
@@ -146,6 +176,7 @@ impl Alerts {
                         since_ms: incident.since_ms,
                         at_ms: result.started_at_ms,
                         output: result.output.clone(),
+                        receivers: incident.told.into_iter().collect(),
                     });
                 }
             }
@@ -156,7 +187,9 @@ impl Alerts {
             since_ms: result.started_at_ms,
             sent: 0,
             notified: None,
+            told: BTreeSet::new(),
         });
+        let policy = route(fingerprint, &result.check, alert.status);
         if let Some(n) = due_now(
             fingerprint,
             &result.check,
@@ -164,7 +197,7 @@ impl Alerts {
             &alert.output,
             incident,
             result.started_at_ms,
-            policy,
+            &policy,
         ) {
             due.push(n);
         }
@@ -172,13 +205,14 @@ impl Alerts {
     }
 
     /// The time is `now_ms`: what waiting (`for`) and repeating make due.
-    pub fn tick(&mut self, now_ms: u64, policy: &Policy) -> Vec<Notification> {
+    pub fn tick(&mut self, now_ms: u64, route: Route<'_>) -> Vec<Notification> {
         let mut due = Vec::new();
         for (fingerprint, checks) in &mut self.alerts {
             for (check, alert) in checks.iter_mut() {
                 let Some(incident) = alert.incident.as_mut() else {
                     continue;
                 };
+                let policy = route(fingerprint, check, alert.status);
                 let n = due_now(
                     fingerprint,
                     check,
@@ -186,7 +220,7 @@ impl Alerts {
                     &alert.output,
                     incident,
                     now_ms,
-                    policy,
+                    &policy,
                 );
                 due.extend(n);
             }
@@ -211,21 +245,22 @@ fn due_now(
     now_ms: u64,
     policy: &Policy,
 ) -> Option<Notification> {
-    let waited = now_ms.saturating_sub(incident.since_ms) >= policy.wait.as_millis() as u64;
+    let waited = now_ms.saturating_sub(incident.since_ms) >= millis(policy.wait);
     let due = match incident.notified {
         None => waited,
         // A new status within the incident is news.
         Some((said, _)) if said != status => true,
         Some((_, at)) => policy
             .repeat
-            .is_some_and(|every| now_ms.saturating_sub(at) >= every.as_millis() as u64),
+            .is_some_and(|every| now_ms.saturating_sub(at) >= millis(every)),
     };
-    if !due {
+    if !due || policy.receivers.is_empty() {
         return None;
     }
     let n = incident.sent;
     incident.sent += 1;
     incident.notified = Some((status, now_ms));
+    incident.told.extend(policy.receivers.iter().cloned());
     Some(Notification {
         id: format!("{fingerprint}/{check}/{}/{n}", incident.opened_by),
         fingerprint: fingerprint.to_string(),
@@ -235,7 +270,13 @@ fn due_now(
         since_ms: incident.since_ms,
         at_ms: now_ms,
         output: output.to_string(),
+        receivers: policy.receivers.clone(),
     })
+}
+
+/// `d` in milliseconds, `u64::MAX` for longer than that (as [`Policy::hold`]'s wait).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -257,40 +298,51 @@ mod tests {
         result(seq, status, StateType::Hard)
     }
 
+    /// Every alert routed by `p`.
+    fn r(p: &Policy) -> impl Fn(&str, &str, Status) -> Policy + '_ {
+        move |_, _, _| p.clone()
+    }
+
     fn kinds(n: &[Notification]) -> Vec<(Kind, Status, String)> {
         n.iter().map(|n| (n.kind, n.status, n.id.clone())).collect()
     }
 
     #[test]
     fn a_hard_failure_notifies_once_and_its_ok_resolves_once() {
-        let (mut a, p) = (Alerts::default(), Policy::default());
-        assert!(a.apply(FP, &hard(1, Status::Ok), &p).is_empty());
+        let (mut a, p) = (Alerts::default(), Policy::to(&["ops"]));
+        assert!(a.apply(FP, &hard(1, Status::Ok), &r(&p)).is_empty());
         // Soft while the check retries: nothing.
         assert!(a
-            .apply(FP, &result(2, Status::Critical, StateType::Soft), &p)
+            .apply(FP, &result(2, Status::Critical, StateType::Soft), &r(&p))
             .is_empty());
-        let fired = a.apply(FP, &hard(3, Status::Critical), &p);
+        let fired = a.apply(FP, &hard(3, Status::Critical), &r(&p));
         assert_eq!(
             kinds(&fired),
             [(Kind::Firing, Status::Critical, format!("{FP}/disk/3/0"))]
         );
         // Still critical: nothing more.
-        assert!(a.apply(FP, &hard(4, Status::Critical), &p).is_empty());
-        assert!(a.tick(10_000_000, &p).is_empty(), "no repeat configured");
-        let resolved = a.apply(FP, &hard(5, Status::Ok), &p);
+        assert!(a.apply(FP, &hard(4, Status::Critical), &r(&p)).is_empty());
+        assert!(
+            a.tick(10_000_000, &r(&p)).is_empty(),
+            "no repeat configured"
+        );
+        let resolved = a.apply(FP, &hard(5, Status::Ok), &r(&p));
         assert_eq!(
             kinds(&resolved),
             [(Kind::Resolved, Status::Critical, format!("{FP}/disk/3/r"))]
         );
-        assert!(a.apply(FP, &hard(6, Status::Ok), &p).is_empty());
+        assert!(a.apply(FP, &hard(6, Status::Ok), &r(&p)).is_empty());
     }
 
     #[test]
     fn a_result_read_twice_changes_nothing() {
-        let (mut a, p) = (Alerts::default(), Policy::default());
-        assert_eq!(a.apply(FP, &hard(3, Status::Critical), &p).len(), 1);
-        assert!(a.apply(FP, &hard(3, Status::Critical), &p).is_empty());
-        assert!(a.apply(FP, &hard(2, Status::Ok), &p).is_empty(), "older");
+        let (mut a, p) = (Alerts::default(), Policy::to(&["ops"]));
+        assert_eq!(a.apply(FP, &hard(3, Status::Critical), &r(&p)).len(), 1);
+        assert!(a.apply(FP, &hard(3, Status::Critical), &r(&p)).is_empty());
+        assert!(
+            a.apply(FP, &hard(2, Status::Ok), &r(&p)).is_empty(),
+            "older"
+        );
         assert_eq!(a.alerts[FP]["disk"].status, Status::Critical);
     }
 
@@ -299,23 +351,24 @@ mod tests {
         let p = Policy {
             wait: Duration::from_secs(60),
             repeat: None,
+            receivers: vec!["ops".into()],
         };
         let mut a = Alerts::default();
         // Critical at 10 s, OK at 40 s: shorter than the wait, nobody told, no resolve.
-        assert!(a.apply(FP, &hard(10, Status::Critical), &p).is_empty());
-        assert!(a.tick(30_000, &p).is_empty());
-        assert!(a.apply(FP, &hard(40, Status::Ok), &p).is_empty());
-        assert!(a.tick(200_000, &p).is_empty());
+        assert!(a.apply(FP, &hard(10, Status::Critical), &r(&p)).is_empty());
+        assert!(a.tick(30_000, &r(&p)).is_empty());
+        assert!(a.apply(FP, &hard(40, Status::Ok), &r(&p)).is_empty());
+        assert!(a.tick(200_000, &r(&p)).is_empty());
         // Critical at 100 s: due at 160 s, by a result or by the clock.
-        assert!(a.apply(FP, &hard(100, Status::Critical), &p).is_empty());
-        assert!(a.tick(159_999, &p).is_empty());
-        let fired = a.tick(160_000, &p);
+        assert!(a.apply(FP, &hard(100, Status::Critical), &r(&p)).is_empty());
+        assert!(a.tick(159_999, &r(&p)).is_empty());
+        let fired = a.tick(160_000, &r(&p));
         assert_eq!(
             kinds(&fired),
             [(Kind::Firing, Status::Critical, format!("{FP}/disk/100/0"))]
         );
-        assert!(a.apply(FP, &hard(170, Status::Critical), &p).is_empty());
-        assert_eq!(a.apply(FP, &hard(180, Status::Ok), &p).len(), 1);
+        assert!(a.apply(FP, &hard(170, Status::Critical), &r(&p)).is_empty());
+        assert_eq!(a.apply(FP, &hard(180, Status::Ok), &r(&p)).len(), 1);
     }
 
     #[test]
@@ -323,23 +376,24 @@ mod tests {
         let p = Policy {
             wait: Duration::ZERO,
             repeat: Some(Duration::from_secs(3600)),
+            receivers: vec!["ops".into()],
         };
         let mut a = Alerts::default();
-        assert_eq!(a.apply(FP, &hard(1, Status::Warning), &p).len(), 1);
-        let worse = a.apply(FP, &hard(2, Status::Critical), &p);
+        assert_eq!(a.apply(FP, &hard(1, Status::Warning), &r(&p)).len(), 1);
+        let worse = a.apply(FP, &hard(2, Status::Critical), &r(&p));
         assert_eq!(
             kinds(&worse),
             [(Kind::Firing, Status::Critical, format!("{FP}/disk/1/1"))]
         );
         // An hour after the last notification (at 2 s), not after the first.
-        assert!(a.tick(3_601_000, &p).is_empty());
-        let again = a.tick(3_602_000, &p);
+        assert!(a.tick(3_601_000, &r(&p)).is_empty());
+        let again = a.tick(3_602_000, &r(&p));
         assert_eq!(
             kinds(&again),
             [(Kind::Firing, Status::Critical, format!("{FP}/disk/1/2"))]
         );
-        assert!(a.tick(3_603_000, &p).is_empty());
-        let resolved = a.apply(FP, &hard(4000, Status::Ok), &p);
+        assert!(a.tick(3_603_000, &r(&p)).is_empty());
+        let resolved = a.apply(FP, &hard(4000, Status::Ok), &r(&p));
         assert_eq!(
             kinds(&resolved),
             [(Kind::Resolved, Status::Critical, format!("{FP}/disk/1/r"))]
@@ -348,14 +402,17 @@ mod tests {
 
     #[test]
     fn replaying_the_same_results_from_the_same_state_makes_the_same_ids() {
-        let p = Policy::default();
+        let p = Policy::to(&["ops"]);
         let results = [
             hard(1, Status::Critical),
             hard(2, Status::Ok),
             hard(3, Status::Warning),
         ];
         let run = |a: &mut Alerts| -> Vec<Notification> {
-            results.iter().flat_map(|r| a.apply(FP, r, &p)).collect()
+            results
+                .iter()
+                .flat_map(|x| a.apply(FP, x, &r(&p)))
+                .collect()
         };
         let (mut first, mut second) = (Alerts::default(), Alerts::default());
         let once = run(&mut first);
@@ -364,8 +421,8 @@ mod tests {
         // State read back from its JSON goes on the same way.
         let mut back: Alerts = serde_json::from_str(&saved).unwrap();
         assert_eq!(back, first);
-        let next = back.apply(FP, &hard(4, Status::Ok), &p);
-        assert_eq!(next, first.apply(FP, &hard(4, Status::Ok), &p));
+        let next = back.apply(FP, &hard(4, Status::Ok), &r(&p));
+        assert_eq!(next, first.apply(FP, &hard(4, Status::Ok), &r(&p)));
         assert_eq!(next[0].id, format!("{FP}/disk/3/r"));
     }
 }

@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::alerts::config::{self as alerting, AlertConfig, FileAlerting};
 use crate::metrics::Metrics;
 
 /// A plugin file in the catalog.
@@ -40,6 +41,8 @@ pub struct Catalog {
     pub checks: Vec<CheckDef>,
     pub collectors: Vec<CollectorDef>,
     pub plugins: BTreeMap<String, PluginEntry>,
+    /// The tenant's alerting (its files' `[alerting]`, `[[receiver]]`, `[[route]]`).
+    pub alerting: Arc<AlertConfig>,
 }
 
 impl Catalog {
@@ -149,6 +152,7 @@ struct FileState {
     digest: [u8; 32],
     good: Vec<CheckDef>,
     collectors: Vec<CollectorDef>,
+    alerting: FileAlerting,
 }
 
 pub struct CheckStore {
@@ -214,9 +218,15 @@ impl CheckStore {
             if files.get(path).is_some_and(|f| f.digest == digest) {
                 continue;
             }
-            let (good, collectors) = match parse_file_with_collectors(path, &text) {
+            let parsed =
+                parse_file_with_collectors(path, &text).and_then(|(checks, collectors)| {
+                    let alerting = alerting::parse_file(&text)?;
+                    Ok((checks, collectors, alerting))
+                });
+            let (good, collectors, alerting) = match parsed {
                 Ok(parsed) => {
-                    tracing::info!(file = %path.display(), checks = parsed.0.len(), collectors = parsed.1.len(), "loaded check file");
+                    tracing::info!(file = %path.display(), checks = parsed.0.len(), collectors = parsed.1.len(),
+                        receivers = parsed.2.receivers.len(), routes = parsed.2.routes.len(), "loaded check file");
                     parsed
                 }
                 Err(e) => {
@@ -226,7 +236,7 @@ impl CheckStore {
                         "check file is invalid; keeping its last good version");
                     files
                         .remove(path)
-                        .map(|f| (f.good, f.collectors))
+                        .map(|f| (f.good, f.collectors, f.alerting))
                         .unwrap_or_default()
                 }
             };
@@ -236,6 +246,7 @@ impl CheckStore {
                     digest,
                     good,
                     collectors,
+                    alerting,
                 },
             );
         }
@@ -285,11 +296,21 @@ impl CheckStore {
             }
             collectors.push(def.clone());
         }
+        let (alerting, problems) = AlertConfig::assemble(
+            paths
+                .iter()
+                .filter_map(|p| files.get(p).map(|f| (p.as_path(), &f.alerting))),
+        );
+        for problem in &problems {
+            tracing::error!(dir = %self.dir.display(), %problem, "alerting configuration problem");
+        }
+        failures += problems.len();
         drop(files);
         let catalog = Catalog {
             checks,
             collectors,
             plugins,
+            alerting: Arc::new(alerting),
         };
         self.tx.send_if_modified(|cur| {
             if **cur == catalog {
@@ -370,6 +391,14 @@ impl TenantChecks {
             hook(tenant, &checks, &plugins);
         }
         store
+    }
+
+    /// Every tenant whose store has been made, with it.
+    pub fn stores(&self) -> Vec<(String, Arc<CheckStore>)> {
+        lock(&self.stores)
+            .iter()
+            .map(|(t, s)| (t.clone(), s.clone()))
+            .collect()
     }
 
     /// Rescan every tenant's directory; the number of files that failed to parse.

@@ -5,6 +5,7 @@
 //! It is a library with a thin binary: [`serve`] takes an already-bound listener and a
 //! cancellation token, so tests run it on port 0 and shut it down cleanly.
 
+pub mod alerting;
 pub mod alerts;
 pub mod api;
 pub mod audit;
@@ -461,6 +462,27 @@ pub async fn serve(
                     mirror.clone().run()
                 });
             }));
+    }
+    if gw.nats.is_none() {
+        match alerts::deliver::Sender::new() {
+            Ok(sender) => {
+                let ctx = alerting::Context {
+                    dir: alerting::alerts_dir(&gw.settings.data_dir),
+                    bus: gw.bus.clone(),
+                    registry: gw.registry.clone(),
+                    checks: gw.checks.clone(),
+                    metrics: gw.metrics.clone(),
+                    sender: Arc::new(sender),
+                    shutdown: gw.shutdown.clone(),
+                    tracker: tracker.clone(),
+                    poll: gw.settings.checks_poll,
+                };
+                background(&tracker, gw, "alerting", move || alerting::run(ctx.clone()));
+            }
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "alerting cannot start"),
+        }
+    } else {
+        tracing::warn!("alerting runs on a single gateway with the embedded bus for now; in a NATS fleet it is not started (docs/ALERTING.md)");
     }
     let app = api::router(gw.api(tracker.clone()), &gw.settings);
     let conns = listener::Connections {

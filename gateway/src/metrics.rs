@@ -42,6 +42,24 @@ pub struct Metrics {
     pub audit_dropped: AtomicU64,
     /// Refused access per (tenant, reason): see [`Metrics::refused`].
     refusals: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Results the alert evaluators never read: retention deleted them first.
+    pub alert_results_lost: AtomicU64,
+    /// Failures to keep alert state or queued notifications (retried).
+    pub alert_store_errors: AtomicU64,
+    /// Notification delivery per (tenant, receiver): see [`Metrics::receiver`].
+    receivers: Mutex<BTreeMap<(String, String), ReceiverStats>>,
+}
+
+/// One receiver's deliveries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceiverStats {
+    pub delivered: u64,
+    /// Attempts that failed and will be retried.
+    pub failed_attempts: u64,
+    /// Notifications refused for good (each told to the fallback receiver, if any).
+    pub refused: u64,
+    /// Notifications waiting for it now.
+    pub queued: u64,
 }
 
 /// Values read when `/metrics` is rendered rather than counted.
@@ -66,6 +84,22 @@ impl Metrics {
         *lock(&self.refusals)
             .entry((tenant.to_string(), reason))
             .or_default() += 1;
+    }
+
+    /// Update the delivery figures of `tenant`'s `receiver`.
+    pub fn receiver(&self, tenant: &str, receiver: &str, f: impl FnOnce(&mut ReceiverStats)) {
+        let mut all = lock(&self.receivers);
+        f(all
+            .entry((tenant.to_string(), receiver.to_string()))
+            .or_default());
+    }
+
+    /// The delivery figures of `tenant`'s `receiver` so far.
+    pub fn receiver_stats(&self, tenant: &str, receiver: &str) -> ReceiverStats {
+        lock(&self.receivers)
+            .get(&(tenant.to_string(), receiver.to_string()))
+            .copied()
+            .unwrap_or_default()
     }
 
     /// The Prometheus text. `per_tenant`: refusals by tenant (for the operator; tenants'
@@ -224,6 +258,17 @@ impl Metrics {
             "Refusals counted but not kept on the bus: over 100 audit events a second for one tenant.",
             g(&self.audit_dropped),
         );
+        line(
+            "outpost_alert_results_lost_total",
+            "Results the alert evaluators never read: retention deleted them first.",
+            g(&self.alert_results_lost),
+        );
+        line(
+            "outpost_alert_store_errors_total",
+            "Failures to keep alert state or queued notifications (retried until they succeed).",
+            g(&self.alert_store_errors),
+        );
+        self.render_receivers(&mut out, per_tenant);
         let mut refusals = lock(&self.refusals).clone();
         if !per_tenant {
             let mut by_reason: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
@@ -243,5 +288,38 @@ impl Metrics {
             }
         }
         out
+    }
+
+    /// Delivery per receiver: by tenant and receiver for the operator; summed otherwise
+    /// (receivers' names are the tenants' own).
+    fn render_receivers(&self, out: &mut String, per_tenant: bool) {
+        let all = lock(&self.receivers).clone();
+        type Series = (
+            &'static str,
+            &'static str,
+            &'static str,
+            fn(&ReceiverStats) -> u64,
+        );
+        let series: [Series; 4] = [
+            ("outpost_alert_notifications_delivered_total", "counter", "Notifications a receiver took (2xx).", |s| s.delivered),
+            ("outpost_alert_delivery_failures_total", "counter", "Delivery attempts that failed and are retried (no answer, 408, 429, 5xx).", |s| s.failed_attempts),
+            ("outpost_alert_notifications_refused_total", "counter", "Notifications a receiver refused for good (other 4xx); each is told to the fallback receiver.", |s| s.refused),
+            ("outpost_alert_queue_depth", "gauge", "Notifications waiting for a receiver.", |s| s.queued),
+        ];
+        for (name, kind, help, value) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            if per_tenant {
+                for ((tenant, receiver), stats) in &all {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{tenant=\"{tenant}\",receiver=\"{receiver}\"}} {}",
+                        value(stats)
+                    );
+                }
+            } else {
+                let sum: u64 = all.values().map(value).sum();
+                let _ = writeln!(out, "{name} {sum}");
+            }
+        }
     }
 }

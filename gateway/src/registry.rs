@@ -39,6 +39,14 @@ use crate::util::{now_ms, write_atomic};
 /// agent runs from its own `checks.d` and its self-checks.
 pub const MAX_LOCAL_CHECKS: usize = 256;
 
+/// What names and places an agent: see [`Registry::identity`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub hostname: String,
+    pub labels: BTreeMap<String, String>,
+    pub groups: Vec<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentRecord {
     pub fingerprint: String,
@@ -725,6 +733,16 @@ impl Registry {
 
     pub fn get(&self, agent: &AgentRef) -> Option<AgentRecord> {
         self.lock().get(&agent.key()).cloned()
+    }
+
+    /// An agent's hostname, labels and groups (what alerts are routed and described by),
+    /// without copying its checks and results.
+    pub fn identity(&self, agent: &AgentRef) -> Option<Identity> {
+        self.lock().get(&agent.key()).map(|r| Identity {
+            hostname: r.hostname.clone(),
+            labels: r.labels.clone(),
+            groups: r.groups.clone(),
+        })
     }
 
     /// How many agents `tenant` has (revoked ones until they are forgotten).

@@ -18,7 +18,9 @@
 //! target = { labels = { role = "web" }, groups = ["eu"] }
 //! ```
 //!
-//! Gateway files may also declare collectors (agents' own `checks.d` may not):
+//! Gateway files may also declare collectors, and alerting (`[alerting]`, `[[receiver]]`,
+//! `[[route]]`: the gateway reads those, see docs/ALERTING.md); agents' own `checks.d` may
+//! declare neither:
 //!
 //! ```toml
 //! [[collector]]
@@ -75,6 +77,20 @@ struct RawFile {
     check: Vec<RawCheck>,
     #[serde(default)]
     collector: Vec<RawCollector>,
+    /// Alerting (`[alerting]`, `[[receiver]]`, `[[route]]`): the gateway reads these
+    /// tables itself; they are only let through here.
+    #[serde(default)]
+    alerting: Option<toml::Table>,
+    #[serde(default)]
+    receiver: Vec<toml::Table>,
+    #[serde(default)]
+    route: Vec<toml::Table>,
+}
+
+/// Whether a file declares alerting tables (gateway check files only).
+fn has_alerting(text: &str) -> bool {
+    toml::from_str::<RawFile>(text)
+        .is_ok_and(|f| f.alerting.is_some() || !f.receiver.is_empty() || !f.route.is_empty())
 }
 
 /// One collector as a file defines it.
@@ -169,6 +185,21 @@ enum RawDuration {
 
 /// Timeout when a check file does not give one.
 pub const DEFAULT_TIMEOUT_SECS: u64 = 10;
+
+/// A duration as check files write it (`30`, `"30s"`, `"5m"`, `"1h"`), 1 s to 7 days, in
+/// seconds; the gateway's alerting tables use the same form.
+pub fn duration_value(field: &str, value: &toml::Value) -> Result<u64, String> {
+    let raw = match value {
+        toml::Value::Integer(n) if *n >= 0 => RawDuration::Secs(*n as u64),
+        toml::Value::String(s) => RawDuration::Text(s.clone()),
+        other => {
+            return Err(format!(
+                "{field} {other} is not a duration; write e.g. 30, \"30s\", \"5m\" or \"1h\""
+            ))
+        }
+    };
+    parse_duration(field, &raw)
+}
 
 fn parse_duration(field: &str, raw: &RawDuration) -> Result<u64, String> {
     let secs = match raw {
@@ -287,6 +318,12 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<CheckDef>, String> {
     if !collectors.is_empty() {
         return Err(
             "collectors are declared in the gateway's check files, not in an agent's checks.d"
+                .into(),
+        );
+    }
+    if has_alerting(text) {
+        return Err(
+            "alerting ([alerting], [[receiver]], [[route]]) is declared in the gateway's check files, not in an agent's checks.d"
                 .into(),
         );
     }
@@ -607,6 +644,22 @@ interval = 5
         assert!(
             err.contains("kind \"perl\"") && err.contains("attempts must be"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn alerting_tables_pass_on_the_gateway_and_are_refused_in_checks_d() {
+        let text = "[[check]]\nname = \"a\"\ncommand = \"/bin/true\"\ninterval = 5\n[alerting]\nfallback = \"x\"\n[[receiver]]\nname = \"x\"\n[[route]]\nreceivers = [\"x\"]\n";
+        let (checks, _) = parse_file_with_collectors(Path::new("a.toml"), text).unwrap();
+        assert_eq!(checks.len(), 1);
+        let err = parse_file(Path::new("a.toml"), text).unwrap_err();
+        assert!(
+            err.contains("alerting") && err.contains("checks.d"),
+            "{err}"
+        );
+        assert!(
+            parse_file(Path::new("a.toml"), "[[rout]]\n").is_err(),
+            "other tables still refused"
         );
     }
 

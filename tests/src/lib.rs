@@ -689,6 +689,7 @@ pub fn tempdir() -> tempfile::TempDir {
 pub mod debian;
 pub mod haproxy;
 pub mod nats;
+pub mod receivers;
 pub mod webdriver;
 pub mod wine;
 

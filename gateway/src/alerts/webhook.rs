@@ -40,6 +40,13 @@ impl std::str::FromStr for Secret {
     }
 }
 
+impl Secret {
+    /// The key itself.
+    pub(crate) fn key(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 /// The three headers of one attempt to deliver `body` as message `id` at `timestamp`.
 pub fn headers(
     secret: &Secret,

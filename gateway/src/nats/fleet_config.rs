@@ -141,6 +141,7 @@ async fn fetch_plugin(
 pub fn read_dir(dir: &Path) -> anyhow::Result<Snapshot> {
     let mut snap = Snapshot::default();
     let mut problems = Vec::new();
+    let mut alerting_files = Vec::new();
     let entries =
         std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
     for entry in entries {
@@ -165,12 +166,24 @@ pub fn read_dir(dir: &Path) -> anyhow::Result<Snapshot> {
                 continue;
             }
         };
-        if let Err(e) = parse_file_with_collectors(&path, &text) {
-            problems.push(format!("{name}: {e}"));
-            continue;
-        }
+        let alerting = match parse_file_with_collectors(&path, &text)
+            .and_then(|_| crate::alerts::config::parse_file(&text))
+        {
+            Ok(a) => a,
+            Err(e) => {
+                problems.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        alerting_files.push((path.clone(), alerting));
         snap.checks.insert(name, text);
     }
+    // What only the files together can show: routes naming receivers no file declares.
+    alerting_files.sort_by(|a, b| a.0.cmp(&b.0));
+    let (_, across) = crate::alerts::config::AlertConfig::assemble(
+        alerting_files.iter().map(|(p, a)| (p.as_path(), a)),
+    );
+    problems.extend(across);
     let plugins_dir = dir.join("plugins");
     if plugins_dir.is_dir() {
         for entry in std::fs::read_dir(&plugins_dir)

@@ -1,0 +1,558 @@
+//! Alerting at work (the pieces are in `alerts`, below `checks`; this runs them): for
+//! each tenant with alerting configured, an evaluator that reads the
+//! tenant's results from the bus in stored order and keeps its [`Alerts`], and a delivery
+//! worker per receiver that sends what is due, in order, until the receiver took it.
+//!
+//! Nothing due is lost: a notification is in the journal ([`AlertStore`]) before anyone
+//! tries to send it, and the bus position moves on only after that. A restart reads the bus
+//! again from the last snapshot; what that makes due again has the same ids, and what was
+//! already queued (or sent) is not queued again.
+//!
+//! An evaluator that starts with no state at all reads the history the bus keeps without
+//! telling anyone (incidents long over are not news), and from the moment it has caught up
+//! notifies what is still firing.
+//!
+//! One gateway evaluates a tenant: the embedded bus's (in a NATS fleet, alerting is not
+//! started yet: see docs/ALERTING.md).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outpost_protocol::Status;
+use tokio::sync::{watch, Mutex};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::alerts::config::AlertConfig;
+use crate::alerts::deliver::Sender;
+use crate::alerts::retry::Outcome;
+use crate::alerts::store::{AlertStore, FileStore, Loaded, Queued, Record, Snapshot};
+use crate::alerts::{Alerts, Kind, Notification, Policy};
+use crate::bus::{AgentRef, Bus};
+use crate::checks::{Catalog, TenantChecks};
+use crate::metrics::Metrics;
+use crate::registry::{Identity, Registry};
+
+/// Results read from the bus at a time.
+const BATCH: usize = 512;
+/// How long a read waits for new results (and so how often the clock is looked at).
+const TICK: Duration = Duration::from_secs(1);
+/// How often the state is snapshotted while it changes (the most a restart reads again).
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
+/// Journal records after which a snapshot is taken sooner.
+const SNAPSHOT_RECORDS: usize = 10_000;
+/// The wait before a failed store write or bus read is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// What every tenant's alerting shares.
+#[derive(Clone)]
+pub struct Context {
+    /// `DATA_DIR/alerts`: a directory per tenant.
+    pub dir: PathBuf,
+    pub bus: Arc<dyn Bus>,
+    pub registry: Arc<Registry>,
+    pub checks: Arc<TenantChecks>,
+    pub metrics: Arc<Metrics>,
+    pub sender: Arc<Sender>,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+    /// How often tenants are looked at for alerting newly configured.
+    pub poll: Duration,
+}
+
+/// Start each tenant's alerting once it has any (receivers or routes in its files, or
+/// notifications still queued from before): looked at every `poll`, until shutdown.
+pub async fn run(ctx: Context) {
+    // Tenants with queued notifications or state: their configuration is loaded now, so
+    // what waits is delivered even before one of their agents connects.
+    if let Ok(entries) = std::fs::read_dir(&ctx.dir) {
+        for e in entries.filter_map(Result::ok) {
+            if let Some(t) = e.file_name().to_str() {
+                if crate::tenant::parse_name(t).is_ok() && e.path().is_dir() {
+                    ctx.checks.of(t);
+                }
+            }
+        }
+    }
+    let mut running = HashSet::new();
+    loop {
+        for (tenant, store) in ctx.checks.stores() {
+            if running.contains(&tenant) {
+                continue;
+            }
+            let dir = ctx.dir.join(&tenant);
+            let config = store.current().alerting.clone();
+            if config.receivers.is_empty() && config.routes.is_empty() && !dir.exists() {
+                continue;
+            }
+            running.insert(tenant.clone());
+            tracing::info!(%tenant, receivers = config.receivers.len(), routes = config.routes.len(), "alerting started");
+            let engine = Engine {
+                tenant: tenant.clone(),
+                ctx: ctx.clone(),
+                config: store.subscribe(),
+                store: Arc::new(FileStore::new(&dir)),
+            };
+            ctx.tracker.spawn(engine.run());
+        }
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(ctx.poll) => {}
+        }
+    }
+}
+
+/// One tenant's alerting.
+struct Engine {
+    tenant: String,
+    ctx: Context,
+    config: watch::Receiver<Arc<Catalog>>,
+    store: Arc<dyn AlertStore>,
+}
+
+/// The queue of notifications not yet delivered, shared by the evaluator and the
+/// receivers' workers. Its lock also orders every write to the store.
+struct Queue {
+    inner: Mutex<QueueInner>,
+    /// Bumped at every change, to wake the workers.
+    changed: watch::Sender<u64>,
+}
+
+struct QueueInner {
+    items: BTreeMap<u64, Queued>,
+    next_seq: u64,
+    /// (receiver, id) queued since the last snapshot: see `store::Loaded`.
+    queued_since: HashSet<(String, String)>,
+    /// Journal records since the last snapshot.
+    records: usize,
+}
+
+impl Queue {
+    fn new(loaded: &Loaded) -> Queue {
+        Queue {
+            inner: Mutex::new(QueueInner {
+                items: loaded
+                    .snapshot
+                    .queue
+                    .iter()
+                    .map(|q| (q.seq, q.clone()))
+                    .collect(),
+                next_seq: loaded.snapshot.next_seq,
+                queued_since: loaded.queued_since.clone(),
+                records: 0,
+            }),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    fn wake(&self) {
+        self.changed.send_modify(|n| *n += 1);
+    }
+}
+
+impl Engine {
+    async fn run(self) {
+        let loaded = loop {
+            match self.store.load().await {
+                Ok(l) => break l.unwrap_or_default(),
+                Err(e) => {
+                    crate::metrics::Metrics::inc(&self.ctx.metrics.alert_store_errors);
+                    tracing::error!(tenant = %self.tenant, error = %format!("{e:#}"), "cannot load the alert state; retrying");
+                    tokio::select! {
+                        _ = self.ctx.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(RETRY * 5) => {}
+                    }
+                }
+            }
+        };
+        let queue = Arc::new(Queue::new(&loaded));
+        let mut workers = HashSet::new();
+        self.start_workers(&queue, &mut workers).await;
+        let Snapshot {
+            mut position,
+            mut caught_up,
+            mut alerts,
+            ..
+        } = loaded.snapshot;
+        let mut last_snapshot = Instant::now();
+        let mut dirty = false;
+        let mut identities: HashMap<String, Identity> = HashMap::new();
+        loop {
+            if self.ctx.shutdown.is_cancelled() {
+                break;
+            }
+            let config = self.config.borrow().alerting.clone();
+            let wait = if caught_up { TICK } else { Duration::ZERO };
+            let read = tokio::select! {
+                _ = self.ctx.shutdown.cancelled() => break,
+                r = self.ctx.bus.read_results(&self.tenant, position, BATCH, wait) => r,
+            };
+            let read = match read {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(tenant = %self.tenant, error = %e, "alerting cannot read the bus; retrying");
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+            };
+            if read.lost {
+                crate::metrics::Metrics::inc(&self.ctx.metrics.alert_results_lost);
+                tracing::error!(tenant = %self.tenant, position,
+                    "results were deleted by retention before alerting read them; alerts may have missed changes");
+            }
+            if !caught_up && read.results.is_empty() {
+                caught_up = true;
+                dirty = true;
+                tracing::info!(tenant = %self.tenant, position, "alerting has read the bus's history; notifying from now on");
+            }
+            identities.clear();
+            for (_, agent, _) in &read.results {
+                if !identities.contains_key(&agent.fingerprint) {
+                    let id = self.ctx.registry.identity(agent).unwrap_or_default();
+                    identities.insert(agent.fingerprint.clone(), id);
+                }
+            }
+            let route = |fp: &str, check: &str, status: Status| -> Policy {
+                if !caught_up {
+                    return Policy::hold();
+                }
+                let id = match identities.get(fp) {
+                    Some(id) => id.clone(),
+                    None => self
+                        .ctx
+                        .registry
+                        .identity(&AgentRef::new(&self.tenant, fp))
+                        .unwrap_or_default(),
+                };
+                config.policy(check, &id.labels, &id.groups, status)
+            };
+            let mut due: Vec<Notification> = Vec::new();
+            for (_, agent, result) in &read.results {
+                due.extend(alerts.apply(&agent.fingerprint, result, &route));
+            }
+            dirty |= !read.results.is_empty() || read.next != position;
+            if caught_up {
+                due.extend(alerts.tick(crate::util::now_ms(), &route));
+            }
+            if !due.is_empty() {
+                dirty = true;
+                let queued = self.queued(&due, &identities);
+                // Durable before the position moves on: retried until the store takes it.
+                while let Err(e) = self.enqueue(&queue, queued.clone()).await {
+                    crate::metrics::Metrics::inc(&self.ctx.metrics.alert_store_errors);
+                    tracing::error!(tenant = %self.tenant, error = %format!("{e:#}"), "cannot queue notifications; retrying");
+                    tokio::select! {
+                        _ = self.ctx.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(RETRY) => {}
+                    }
+                }
+            }
+            // New receivers in the queue: from this batch, or a fallback told of a refusal.
+            self.start_workers(&queue, &mut workers).await;
+            position = read.next;
+            let records = queue.inner.lock().await.records;
+            if dirty && (last_snapshot.elapsed() >= SNAPSHOT_EVERY || records >= SNAPSHOT_RECORDS) {
+                match self.snapshot(&queue, position, caught_up, &alerts).await {
+                    Ok(()) => {
+                        dirty = false;
+                        last_snapshot = Instant::now();
+                    }
+                    Err(e) => {
+                        crate::metrics::Metrics::inc(&self.ctx.metrics.alert_store_errors);
+                        tracing::error!(tenant = %self.tenant, error = %format!("{e:#}"), "cannot save the alert state; will retry");
+                    }
+                }
+            }
+        }
+        if dirty {
+            if let Err(e) = self.snapshot(&queue, position, caught_up, &alerts).await {
+                tracing::warn!(tenant = %self.tenant, error = %format!("{e:#}"), "alert state not saved at shutdown; the bus is read again from the last snapshot");
+            }
+        }
+    }
+
+    /// `due` as queue entries, one per receiver (numbered when queued).
+    fn queued(&self, due: &[Notification], identities: &HashMap<String, Identity>) -> Vec<Queued> {
+        let mut out = Vec::new();
+        for n in due {
+            let id = identities
+                .get(&n.fingerprint)
+                .cloned()
+                .or_else(|| {
+                    self.ctx
+                        .registry
+                        .identity(&AgentRef::new(&self.tenant, &n.fingerprint))
+                })
+                .unwrap_or_default();
+            for r in &n.receivers {
+                out.push(Queued {
+                    seq: 0,
+                    receiver: r.clone(),
+                    notification: n.clone(),
+                    hostname: id.hostname.clone(),
+                    labels: id.labels.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Journal and queue `items` (those not queued since the snapshot already).
+    async fn enqueue(&self, queue: &Queue, items: Vec<Queued>) -> anyhow::Result<()> {
+        let mut inner = queue.inner.lock().await;
+        let mut next = inner.next_seq;
+        let mut records = Vec::new();
+        for mut q in items {
+            let key = (q.receiver.clone(), q.notification.id.clone());
+            if inner.queued_since.contains(&key) {
+                continue;
+            }
+            q.seq = next;
+            next += 1;
+            records.push(Record::Queued(Box::new(q)));
+        }
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.store.append(&records).await?;
+        inner.next_seq = next;
+        inner.records += records.len();
+        for r in records {
+            if let Record::Queued(q) = r {
+                inner
+                    .queued_since
+                    .insert((q.receiver.clone(), q.notification.id.clone()));
+                self.ctx
+                    .metrics
+                    .receiver(&self.tenant, &q.receiver, |s| s.queued += 1);
+                inner.items.insert(q.seq, *q);
+            }
+        }
+        drop(inner);
+        queue.wake();
+        Ok(())
+    }
+
+    async fn snapshot(
+        &self,
+        queue: &Queue,
+        position: u64,
+        caught_up: bool,
+        alerts: &Alerts,
+    ) -> anyhow::Result<()> {
+        let mut inner = queue.inner.lock().await;
+        let snapshot = Snapshot {
+            position,
+            caught_up,
+            alerts: alerts.clone(),
+            next_seq: inner.next_seq,
+            queue: inner.items.values().cloned().collect(),
+        };
+        self.store.snapshot(&snapshot).await?;
+        inner.queued_since.clear();
+        inner.records = 0;
+        Ok(())
+    }
+
+    /// A worker for every receiver that has something queued and none yet.
+    async fn start_workers(&self, queue: &Arc<Queue>, workers: &mut HashSet<String>) {
+        let wanted: Vec<String> = {
+            let inner = queue.inner.lock().await;
+            let mut names: Vec<String> = inner.items.values().map(|q| q.receiver.clone()).collect();
+            names.sort();
+            names.dedup();
+            names
+        };
+        for name in wanted {
+            if workers.insert(name.clone()) {
+                {
+                    let inner = queue.inner.lock().await;
+                    let n = inner.items.values().filter(|q| q.receiver == name).count() as u64;
+                    self.ctx
+                        .metrics
+                        .receiver(&self.tenant, &name, |s| s.queued = n);
+                }
+                let worker = Worker {
+                    tenant: self.tenant.clone(),
+                    receiver: name,
+                    ctx: self.ctx.clone(),
+                    config: self.config.clone(),
+                    store: self.store.clone(),
+                    queue: queue.clone(),
+                };
+                self.ctx.tracker.spawn(worker.run());
+            }
+        }
+    }
+}
+
+/// Delivers one receiver's notifications, oldest first, one at a time: the next waits
+/// until this one is delivered or refused, so a receiver sees them in order.
+struct Worker {
+    tenant: String,
+    receiver: String,
+    ctx: Context,
+    config: watch::Receiver<Arc<Catalog>>,
+    store: Arc<dyn AlertStore>,
+    queue: Arc<Queue>,
+}
+
+impl Worker {
+    async fn run(self) {
+        let mut changed = self.queue.changed.subscribe();
+        let mut attempt = 0u32;
+        let mut current: Option<u64> = None;
+        loop {
+            let next = {
+                let inner = self.queue.inner.lock().await;
+                inner
+                    .items
+                    .values()
+                    .find(|q| q.receiver == self.receiver)
+                    .cloned()
+            };
+            let Some(item) = next else {
+                changed.mark_unchanged();
+                tokio::select! {
+                    _ = self.ctx.shutdown.cancelled() => return,
+                    r = changed.changed() => if r.is_err() { return },
+                }
+                continue;
+            };
+            if current != Some(item.seq) {
+                current = Some(item.seq);
+                attempt = 0;
+            }
+            attempt += 1;
+            let config: Arc<AlertConfig> = self.config.borrow().alerting.clone();
+            let outcome = match config.receivers.get(&self.receiver) {
+                Some(receiver) => {
+                    tokio::select! {
+                        _ = self.ctx.shutdown.cancelled() => return,
+                        o = self.ctx.sender.send(&self.tenant, receiver, &item, attempt) => o,
+                    }
+                }
+                None => Outcome::Refused {
+                    why: format!("receiver {:?} is no longer configured", self.receiver),
+                },
+            };
+            match outcome {
+                Outcome::Delivered => {
+                    tracing::info!(tenant = %self.tenant, receiver = %self.receiver, id = %item.notification.id, attempt, "notification delivered");
+                    self.ctx
+                        .metrics
+                        .receiver(&self.tenant, &self.receiver, |s| s.delivered += 1);
+                    self.finish(&item, Vec::new()).await;
+                }
+                Outcome::Retry { after, why } => {
+                    tracing::warn!(tenant = %self.tenant, receiver = %self.receiver, id = %item.notification.id, attempt,
+                        retry_in_s = after.as_secs_f64(), %why, "notification not delivered; will retry");
+                    self.ctx
+                        .metrics
+                        .receiver(&self.tenant, &self.receiver, |s| s.failed_attempts += 1);
+                    tokio::select! {
+                        _ = self.ctx.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(after) => {}
+                    }
+                }
+                Outcome::Refused { why } => {
+                    tracing::error!(tenant = %self.tenant, receiver = %self.receiver, id = %item.notification.id, attempt,
+                        %why, "notification refused for good");
+                    self.ctx
+                        .metrics
+                        .receiver(&self.tenant, &self.receiver, |s| s.refused += 1);
+                    let told = undeliverable(&config, &item, &why);
+                    self.finish(&item, told.into_iter().collect()).await;
+                }
+            }
+        }
+    }
+
+    /// Take `item` out of the queue (durably), queueing `then` in the same write.
+    async fn finish(&self, item: &Queued, then: Vec<Queued>) {
+        loop {
+            let mut inner = self.queue.inner.lock().await;
+            let mut records = vec![Record::Done { seq: item.seq }];
+            let mut next = inner.next_seq;
+            for mut q in then.iter().cloned() {
+                q.seq = next;
+                next += 1;
+                records.push(Record::Queued(Box::new(q)));
+            }
+            match self.store.append(&records).await {
+                Ok(()) => {
+                    inner.items.remove(&item.seq);
+                    inner.next_seq = next;
+                    inner.records += records.len();
+                    self.ctx
+                        .metrics
+                        .receiver(&self.tenant, &self.receiver, |s| {
+                            s.queued = s.queued.saturating_sub(1)
+                        });
+                    let mut new_receivers = false;
+                    for r in records.into_iter().skip(1) {
+                        if let Record::Queued(q) = r {
+                            self.ctx
+                                .metrics
+                                .receiver(&self.tenant, &q.receiver, |s| s.queued += 1);
+                            new_receivers = true;
+                            inner.items.insert(q.seq, *q);
+                        }
+                    }
+                    drop(inner);
+                    if new_receivers {
+                        // The fallback's worker may not exist yet: the evaluator starts
+                        // one when it next looks (within a tick).
+                        self.queue.wake();
+                    }
+                    return;
+                }
+                Err(e) => {
+                    drop(inner);
+                    crate::metrics::Metrics::inc(&self.ctx.metrics.alert_store_errors);
+                    tracing::error!(tenant = %self.tenant, error = %format!("{e:#}"), "cannot record a delivery; retrying");
+                    tokio::select! {
+                        _ = self.ctx.shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(RETRY) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The notice to the fallback receiver that `item` was refused for good, if there is a
+/// fallback and `item` is not itself such a notice (or for the fallback).
+fn undeliverable(config: &AlertConfig, item: &Queued, why: &str) -> Option<Queued> {
+    let fallback = config.fallback.as_ref()?;
+    if item.notification.kind == Kind::Undeliverable || *fallback == item.receiver {
+        return None;
+    }
+    let n = &item.notification;
+    Some(Queued {
+        seq: 0,
+        receiver: fallback.clone(),
+        notification: Notification {
+            id: format!("{}/undeliverable/{}", n.id, item.receiver),
+            kind: Kind::Undeliverable,
+            output: format!(
+                "receiver {:?} refused notification {} ({:?} {}): {why}",
+                item.receiver,
+                n.id,
+                n.kind,
+                crate::alerts::deliver::status_name(n.status)
+            ),
+            receivers: vec![fallback.clone()],
+            ..n.clone()
+        },
+        hostname: item.hostname.clone(),
+        labels: item.labels.clone(),
+    })
+}
+
+/// `DATA_DIR/alerts`.
+pub fn alerts_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("alerts")
+}

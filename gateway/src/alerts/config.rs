@@ -1,0 +1,593 @@
+//! A tenant's alerting configuration: `[alerting]`, `[[receiver]]` and `[[route]]` tables
+//! in its check files (any file; they travel with the checks, `config push` included).
+//!
+//! ```toml
+//! [alerting]
+//! fallback = "ops-mail"          # told when a notification is refused for good
+//!
+//! [[receiver]]
+//! name = "ops-hook"
+//! timeout = "10s"
+//! webhook = { url = "https://hooks.example.com/outpost", secret = "whsec_…" }
+//!
+//! [[route]]                      # the first route that matches an alert decides
+//! checks = ["disk*", "load"]     # globs (`*`, `?`); none: every check
+//! labels = { role = "db" }       # every one must be on the agent
+//! groups = ["eu"]                # the agent is in one of them
+//! severity = ["critical"]        # warning, critical, unknown; none: any
+//! receivers = ["ops-hook"]
+//! for = "5m"                     # firing this long before anyone is told
+//! repeat = "4h"                  # told again while it fires
+//! ```
+//!
+//! Each file is parsed on its own (every problem in it listed, and a file with one keeps
+//! its last good version, as for checks); then the files are put together, which finds
+//! what only the whole can: a route naming a receiver no file declares, a name declared
+//! twice.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use outpost_protocol::checkfile::{duration_value, Target};
+use outpost_protocol::Status;
+use serde::Deserialize;
+
+use super::webhook::Secret;
+use super::Policy;
+
+/// How long a receiver is given to answer when its table does not say.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a receiver may be given.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A tenant's alerting, put together from all its files.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AlertConfig {
+    pub receivers: BTreeMap<String, Receiver>,
+    pub routes: Vec<RouteDef>,
+    /// The receiver told when a notification is refused for good.
+    pub fallback: Option<String>,
+}
+
+/// Where notifications go.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Receiver {
+    pub name: String,
+    pub timeout: Duration,
+    pub kind: ReceiverKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReceiverKind {
+    /// A generic webhook, signed per Standard Webhooks when it has a secret.
+    Webhook { url: String, secret: Option<Secret> },
+}
+
+impl PartialEq for Secret {
+    fn eq(&self, other: &Secret) -> bool {
+        self.key() == other.key()
+    }
+}
+
+/// Which alerts go where.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteDef {
+    /// Check name globs; empty: every check.
+    pub checks: Vec<String>,
+    /// The agents it is about (labels and groups, as a check's target).
+    pub target: Target,
+    /// Statuses it takes; empty: any that is not OK.
+    pub severity: Vec<Status>,
+    pub receivers: Vec<String>,
+    pub wait: Duration,
+    pub repeat: Option<Duration>,
+}
+
+impl RouteDef {
+    fn matches(
+        &self,
+        check: &str,
+        labels: &BTreeMap<String, String>,
+        groups: &[String],
+        status: Status,
+    ) -> bool {
+        (self.checks.is_empty() || self.checks.iter().any(|g| glob(g, check)))
+            && self.target.matches(labels, groups)
+            && (self.severity.is_empty() || self.severity.contains(&status))
+    }
+}
+
+impl AlertConfig {
+    /// The policy of an alert of `check` at `status`, on an agent with these labels and
+    /// groups: its first matching route's, or nobody told.
+    pub fn policy(
+        &self,
+        check: &str,
+        labels: &BTreeMap<String, String>,
+        groups: &[String],
+        status: Status,
+    ) -> Policy {
+        match self
+            .routes
+            .iter()
+            .find(|r| r.matches(check, labels, groups, status))
+        {
+            Some(r) => Policy {
+                wait: r.wait,
+                repeat: r.repeat,
+                receivers: r.receivers.clone(),
+            },
+            None => Policy {
+                wait: Duration::ZERO,
+                repeat: None,
+                receivers: Vec::new(),
+            },
+        }
+    }
+
+    /// Whether anything is routed anywhere (a tenant without routes needs no evaluator).
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+
+    /// Put the files' tables together, in file-name order. Returns the configuration and
+    /// the problems found across files (each one's part is left out, the rest kept).
+    pub fn assemble<'a>(
+        files: impl IntoIterator<Item = (&'a Path, &'a FileAlerting)>,
+    ) -> (AlertConfig, Vec<String>) {
+        let mut config = AlertConfig::default();
+        let mut problems = Vec::new();
+        let mut fallback_from: Option<String> = None;
+        let mut routes = Vec::new();
+        for (path, file) in files {
+            let name = path.display();
+            if let Some(fallback) = &file.fallback {
+                match &fallback_from {
+                    Some(first) => problems.push(format!(
+                        "{name}: [alerting] is also in {first}; the first file (by name) wins"
+                    )),
+                    None => {
+                        fallback_from = Some(name.to_string());
+                        config.fallback = Some(fallback.clone());
+                    }
+                }
+            }
+            for r in &file.receivers {
+                if config.receivers.contains_key(&r.name) {
+                    problems.push(format!(
+                        "{name}: receiver {:?} is declared twice; the first file (by name) wins",
+                        r.name
+                    ));
+                } else {
+                    config.receivers.insert(r.name.clone(), r.clone());
+                }
+            }
+            routes.extend(file.routes.iter().map(|r| (name.to_string(), r)));
+        }
+        for (i, (file, route)) in routes.into_iter().enumerate() {
+            let unknown: Vec<&String> = route
+                .receivers
+                .iter()
+                .filter(|r| !config.receivers.contains_key(*r))
+                .collect();
+            if unknown.is_empty() {
+                config.routes.push(route.clone());
+            } else {
+                problems.push(format!(
+                    "{file}: route #{} names receivers no file declares: {unknown:?}; the route is left out",
+                    i + 1
+                ));
+            }
+        }
+        if let Some(f) = &config.fallback {
+            if !config.receivers.contains_key(f) {
+                problems.push(format!(
+                    "[alerting] fallback {f:?} is not a declared receiver; refusals will only be counted and logged"
+                ));
+                config.fallback = None;
+            }
+        }
+        (config, problems)
+    }
+}
+
+/// The alerting tables of one file.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FileAlerting {
+    pub fallback: Option<String>,
+    pub receivers: Vec<Receiver>,
+    pub routes: Vec<RouteDef>,
+}
+
+#[derive(Deserialize)]
+struct RawFile {
+    #[serde(default)]
+    alerting: Option<RawAlerting>,
+    #[serde(default)]
+    receiver: Vec<toml::Table>,
+    #[serde(default)]
+    route: Vec<toml::Table>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlerting {
+    fallback: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReceiver {
+    name: String,
+    timeout: Option<toml::Value>,
+    webhook: Option<RawWebhook>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWebhook {
+    url: String,
+    secret: Option<String>,
+    secret_file: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    #[serde(default)]
+    checks: Vec<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    groups: Vec<String>,
+    #[serde(default)]
+    severity: Vec<String>,
+    #[serde(default)]
+    receivers: Vec<String>,
+    #[serde(rename = "for")]
+    wait: Option<toml::Value>,
+    repeat: Option<toml::Value>,
+}
+
+/// The alerting tables of one check file, with every problem in them listed.
+pub fn parse_file(text: &str) -> Result<FileAlerting, String> {
+    let raw: RawFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    let mut problems = Vec::new();
+    let mut out = FileAlerting {
+        fallback: raw.alerting.and_then(|a| a.fallback),
+        ..FileAlerting::default()
+    };
+    for (i, table) in raw.receiver.into_iter().enumerate() {
+        let at = format!(
+            "receiver #{} ({:?})",
+            i + 1,
+            table.get("name").and_then(|n| n.as_str()).unwrap_or("")
+        );
+        match receiver(table) {
+            Ok(r) => out.receivers.push(r),
+            Err(p) => problems.extend(p.into_iter().map(|p| format!("{at}: {p}"))),
+        }
+    }
+    for (i, table) in raw.route.into_iter().enumerate() {
+        match route(table) {
+            Ok(r) => out.routes.push(r),
+            Err(p) => problems.extend(p.into_iter().map(|p| format!("route #{}: {p}", i + 1))),
+        }
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+fn receiver(table: toml::Table) -> Result<Receiver, Vec<String>> {
+    let raw: RawReceiver = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| vec![e.message().to_string()])?;
+    let mut problems = Vec::new();
+    if let Err(e) = crate::tenant::parse_name(&raw.name) {
+        problems.push(format!("name {e}"));
+    }
+    let timeout = match &raw.timeout {
+        None => DEFAULT_TIMEOUT,
+        Some(v) => match duration_value("timeout", v).map(Duration::from_secs) {
+            Ok(t) if t <= MAX_TIMEOUT => t,
+            Ok(t) => {
+                problems.push(format!(
+                    "timeout {}s is over the {}s limit",
+                    t.as_secs(),
+                    MAX_TIMEOUT.as_secs()
+                ));
+                DEFAULT_TIMEOUT
+            }
+            Err(e) => {
+                problems.push(e);
+                DEFAULT_TIMEOUT
+            }
+        },
+    };
+    let kind = match raw.webhook {
+        Some(w) => {
+            if let Err(e) = http_url(&w.url) {
+                problems.push(format!("webhook url {e}"));
+            }
+            let secret = match (w.secret, w.secret_file) {
+                (Some(_), Some(_)) => {
+                    problems.push("give the webhook secret or secret_file, not both".into());
+                    None
+                }
+                (Some(s), None) => s
+                    .parse::<Secret>()
+                    .map_err(|e| problems.push(format!("webhook secret: {e}")))
+                    .ok(),
+                (None, Some(f)) => std::fs::read_to_string(&f)
+                    .map_err(|e| format!("cannot read it: {e}"))
+                    .and_then(|s| s.trim().parse::<Secret>())
+                    .map_err(|e| problems.push(format!("webhook secret_file {f}: {e}")))
+                    .ok(),
+                (None, None) => None,
+            };
+            Some(ReceiverKind::Webhook { url: w.url, secret })
+        }
+        None => {
+            problems
+                .push("say what kind of receiver it is: webhook = { url = \"https://…\" }".into());
+            None
+        }
+    };
+    match kind {
+        Some(kind) if problems.is_empty() => Ok(Receiver {
+            name: raw.name,
+            timeout,
+            kind,
+        }),
+        _ => Err(problems),
+    }
+}
+
+fn route(table: toml::Table) -> Result<RouteDef, Vec<String>> {
+    let raw: RawRoute = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| vec![e.message().to_string()])?;
+    let mut problems = Vec::new();
+    if raw.receivers.is_empty() {
+        problems.push("name its receivers: receivers = [\"…\"]".to_string());
+    }
+    let mut severity = Vec::new();
+    for s in &raw.severity {
+        match s.as_str() {
+            "warning" => severity.push(Status::Warning),
+            "critical" => severity.push(Status::Critical),
+            "unknown" => severity.push(Status::Unknown),
+            other => problems.push(format!(
+                "severity {other:?}: use warning, critical or unknown"
+            )),
+        }
+    }
+    for g in &raw.checks {
+        if g.is_empty() {
+            problems.push(
+                "an empty check pattern matches nothing; leave checks out for every check".into(),
+            );
+        }
+    }
+    let mut duration = |field: &str, v: &Option<toml::Value>| -> Option<Duration> {
+        v.as_ref().and_then(|v| {
+            duration_value(field, v)
+                .map(Duration::from_secs)
+                .map_err(|e| problems.push(e))
+                .ok()
+        })
+    };
+    let wait = duration("for", &raw.wait).unwrap_or(Duration::ZERO);
+    let repeat = duration("repeat", &raw.repeat);
+    if problems.is_empty() {
+        Ok(RouteDef {
+            checks: raw.checks,
+            target: Target {
+                labels: raw.labels,
+                groups: raw.groups,
+            },
+            severity,
+            receivers: raw.receivers,
+            wait,
+            repeat,
+        })
+    } else {
+        Err(problems)
+    }
+}
+
+/// `url` is an absolute http or https URL.
+fn http_url(url: &str) -> Result<(), String> {
+    match reqwest::Url::parse(url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
+        Ok(_) => Err(format!("{url:?} is not an http:// or https:// URL")),
+        Err(e) => Err(format!("{url:?}: {e}")),
+    }
+}
+
+/// Whether `name` matches `pattern`, where `*` is any run of characters and `?` any one.
+/// (Check names are short: the plain backtracking match is enough, and no crate is needed
+/// for two wildcards.)
+pub fn glob(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    let (mut pi, mut ni) = (0, 0);
+    // Where the last `*` was, and the name position it is matched up to.
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        match p.get(pi) {
+            Some('*') => {
+                star = Some((pi, ni));
+                pi += 1;
+            }
+            Some(c) if *c == '?' || *c == n[ni] => {
+                pi += 1;
+                ni += 1;
+            }
+            _ => match star {
+                Some((sp, sn)) => {
+                    pi = sp + 1;
+                    ni = sn + 1;
+                    star = Some((sp, sn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+    fn assemble(files: &[(&str, &str)]) -> (AlertConfig, Vec<String>) {
+        let parsed: Vec<(std::path::PathBuf, FileAlerting)> = files
+            .iter()
+            .map(|(n, t)| (n.into(), parse_file(t).unwrap()))
+            .collect();
+        AlertConfig::assemble(parsed.iter().map(|(p, f)| (p.as_path(), f)))
+    }
+
+    #[test]
+    fn globs_match_as_documented() {
+        for (p, n, want) in [
+            ("disk", "disk", true),
+            ("disk", "disks", false),
+            ("disk*", "disk_root", true),
+            ("*", "", true),
+            ("*_root", "disk_root", true),
+            ("d?sk", "disk", true),
+            ("d?sk", "dsk", false),
+            ("*a*b", "xaxxb", true),
+            ("*a*b", "xaxxbc", false),
+            ("a*a", "a", false),
+        ] {
+            assert_eq!(glob(p, n), want, "{p} ~ {n}");
+        }
+    }
+
+    #[test]
+    fn the_first_matching_route_decides_and_unrouted_alerts_tell_nobody() {
+        let (config, problems) = assemble(&[(
+            "a.toml",
+            &format!(
+                r#"
+[alerting]
+fallback = "hook"
+
+[[receiver]]
+name = "hook"
+webhook = {{ url = "http://127.0.0.1:9/x", secret = "{SECRET}" }}
+
+[[receiver]]
+name = "pager"
+timeout = "3s"
+webhook = {{ url = "https://pager.example/in" }}
+
+[[route]]
+checks = ["disk*"]
+labels = {{ role = "db" }}
+severity = ["critical"]
+receivers = ["hook", "pager"]
+for = "5m"
+
+[[route]]
+checks = ["disk*"]
+receivers = ["hook"]
+repeat = "1h"
+"#
+            ),
+        )]);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(config.fallback.as_deref(), Some("hook"));
+        assert_eq!(config.receivers["pager"].timeout, Duration::from_secs(3));
+        let db = BTreeMap::from([("role".to_string(), "db".to_string())]);
+        let p = config.policy("disk_root", &db, &[], Status::Critical);
+        assert_eq!(p.receivers, ["hook", "pager"]);
+        assert_eq!(p.wait, Duration::from_secs(300));
+        let p = config.policy("disk_root", &db, &[], Status::Warning);
+        assert_eq!(
+            (p.receivers, p.repeat),
+            (vec!["hook".to_string()], Some(Duration::from_secs(3600)))
+        );
+        let p = config.policy("disk_root", &BTreeMap::new(), &[], Status::Critical);
+        assert_eq!(p.receivers, ["hook"]);
+        assert!(config
+            .policy("load", &db, &[], Status::Critical)
+            .receivers
+            .is_empty());
+    }
+
+    #[test]
+    fn every_problem_of_a_file_is_listed() {
+        let err = parse_file(
+            r#"
+[[receiver]]
+name = "no kind"
+
+[[receiver]]
+name = "x"
+timeout = "5h"
+webhook = { url = "ftp://x", secret = "nope" }
+
+[[route]]
+severity = ["major"]
+for = "soon"
+checks = [""]
+"#,
+        )
+        .unwrap_err();
+        for want in [
+            "receiver #1",
+            "what kind of receiver",
+            "name \"no kind\"",
+            "receiver #2 (\"x\"): timeout",
+            "ftp://x",
+            "whsec_",
+            "route #1: name its receivers",
+            "severity \"major\"",
+            "for \"soon\"",
+            "empty check pattern",
+        ] {
+            assert!(err.contains(want), "{want:?} not in {err}");
+        }
+        assert!(parse_file("[[receiver]]\nname = \"a\"\nwebhok = {}\n")
+            .unwrap_err()
+            .contains("webhok"));
+    }
+
+    #[test]
+    fn across_files_unknown_receivers_and_doubles_are_found() {
+        let (config, problems) = assemble(&[
+            (
+                "a.toml",
+                "[[receiver]]\nname = \"hook\"\nwebhook = { url = \"http://a/\" }\n",
+            ),
+            (
+                "b.toml",
+                "[alerting]\nfallback = \"gone\"\n[[receiver]]\nname = \"hook\"\nwebhook = { url = \"http://b/\" }\n[[route]]\nreceivers = [\"hook\", \"nobody\"]\n[[route]]\nreceivers = [\"hook\"]\n",
+            ),
+        ]);
+        let all = problems.join("\n");
+        assert!(
+            all.contains("b.toml: receiver \"hook\" is declared twice"),
+            "{all}"
+        );
+        assert!(
+            all.contains("b.toml: route #1 names receivers no file declares: [\"nobody\"]"),
+            "{all}"
+        );
+        assert!(all.contains("fallback \"gone\""), "{all}");
+        assert_eq!(problems.len(), 3, "{all}");
+        assert_eq!(config.routes.len(), 1);
+        assert_eq!(config.fallback, None);
+        let ReceiverKind::Webhook { url, .. } = &config.receivers["hook"].kind;
+        assert_eq!(url, "http://a/");
+    }
+}
