@@ -25,15 +25,17 @@ use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::alerts::config::AlertConfig;
+use crate::alerts::config::{AlertConfig, ReceiverKind};
 use crate::alerts::deliver::Sender;
 use crate::alerts::retry::Outcome;
 use crate::alerts::store::{AlertStore, FileStore, Loaded, Queued, Record, Snapshot};
 use crate::alerts::{Alerts, Kind, Notification, Policy};
 use crate::bus::{AgentRef, Bus};
 use crate::checks::{Catalog, TenantChecks};
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::registry::{Identity, Registry};
+use crate::tenants::Tenants;
 
 /// Results read from the bus at a time.
 const BATCH: usize = 512;
@@ -45,6 +47,16 @@ const SNAPSHOT_EVERY: Duration = Duration::from_secs(5);
 const SNAPSHOT_RECORDS: usize = 10_000;
 /// The wait before a failed store write or bus read is tried again.
 const RETRY: Duration = Duration::from_secs(1);
+/// How often Alertmanager receivers are sent the alerts still firing again (well within
+/// `deliver::ALERTMANAGER_HOLD`, after which Alertmanager would end them).
+const ALERTMANAGER_REFRESH: Duration = Duration::from_secs(60);
+/// How often the evaluator looks again at what changes rarely: whether its tenant still
+/// exists, the agents' labels, agents forgotten.
+const HOUSEKEEPING: Duration = Duration::from_secs(30);
+/// How long notifications wait for a receiver that is not (or no longer) configured before
+/// they are refused to the fallback: a file broken at start, a receiver renamed by mistake
+/// and put back, are not reasons to give up at once.
+const MISSING_RECEIVER_GRACE: Duration = Duration::from_secs(600);
 
 /// What every tenant's alerting shares.
 #[derive(Clone)]
@@ -58,28 +70,39 @@ pub struct Context {
     pub sender: Arc<Sender>,
     pub shutdown: CancellationToken,
     pub tracker: TaskTracker,
+    pub health: Arc<Health>,
+    pub tenants: Arc<Tenants>,
     /// How often tenants are looked at for alerting newly configured.
     pub poll: Duration,
+    /// The tenants whose evaluator is started (here, so that `run` restarted by its
+    /// supervisor does not start a second one).
+    pub running: Arc<std::sync::Mutex<HashSet<String>>>,
 }
 
 /// Start each tenant's alerting once it has any (receivers or routes in its files, or
 /// notifications still queued from before): looked at every `poll`, until shutdown.
 pub async fn run(ctx: Context) {
     // Tenants with queued notifications or state: their configuration is loaded now, so
-    // what waits is delivered even before one of their agents connects.
+    // what waits is delivered even before one of their agents connects. A deleted
+    // tenant's are removed.
     if let Ok(entries) = std::fs::read_dir(&ctx.dir) {
         for e in entries.filter_map(Result::ok) {
-            if let Some(t) = e.file_name().to_str() {
-                if crate::tenant::parse_name(t).is_ok() && e.path().is_dir() {
-                    ctx.checks.of(t);
-                }
+            let Some(t) = e.file_name().to_str().map(str::to_string) else {
+                continue;
+            };
+            if crate::tenant::parse_name(&t).is_err() || !e.path().is_dir() {
+                continue;
+            }
+            if ctx.tenants.tenant(&t).is_some() {
+                ctx.checks.of(&t);
+            } else {
+                remove_state(&ctx.dir.join(&t), &t);
             }
         }
     }
-    let mut running = HashSet::new();
     loop {
         for (tenant, store) in ctx.checks.stores() {
-            if running.contains(&tenant) {
+            if outpost_sys::lock(&ctx.running).contains(&tenant) {
                 continue;
             }
             let dir = ctx.dir.join(&tenant);
@@ -87,19 +110,41 @@ pub async fn run(ctx: Context) {
             if config.receivers.is_empty() && config.routes.is_empty() && !dir.exists() {
                 continue;
             }
-            running.insert(tenant.clone());
+            outpost_sys::lock(&ctx.running).insert(tenant.clone());
             tracing::info!(%tenant, receivers = config.receivers.len(), routes = config.routes.len(), "alerting started");
-            let engine = Engine {
-                tenant: tenant.clone(),
-                ctx: ctx.clone(),
-                config: store.subscribe(),
-                store: Arc::new(FileStore::new(&dir)),
-            };
-            ctx.tracker.spawn(engine.run());
+            // Named once per tenant for the process's life (a handful of tenants).
+            let task: &'static str = Box::leak(format!("alerting of {tenant}").into_boxed_str());
+            let (ctx2, config) = (ctx.clone(), store.subscribe());
+            crate::health::supervise(
+                &ctx.tracker,
+                ctx.health.clone(),
+                ctx.shutdown.clone(),
+                task,
+                move || {
+                    Engine {
+                        tenant: tenant.clone(),
+                        ctx: ctx2.clone(),
+                        config: config.clone(),
+                        store: Arc::new(FileStore::new(&ctx2.dir.join(&tenant))),
+                    }
+                    .run()
+                },
+            );
         }
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
             _ = tokio::time::sleep(ctx.poll) => {}
+        }
+    }
+}
+
+/// Remove a deleted tenant's alert state.
+fn remove_state(dir: &Path, tenant: &str) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => tracing::info!(%tenant, "the tenant is deleted: its alert state is removed"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::error!(%tenant, dir = %dir.display(), error = %e, "cannot remove a deleted tenant's alert state")
         }
     }
 }
@@ -118,6 +163,9 @@ struct Queue {
     inner: Mutex<QueueInner>,
     /// Bumped at every change, to wake the workers.
     changed: watch::Sender<u64>,
+    /// For each Alertmanager receiver, the alerts it was told of that still fire (see
+    /// `Alerts::firing_told`), kept by the evaluator, sent again by the receiver's worker.
+    refresh: std::sync::Mutex<HashMap<String, Vec<Queued>>>,
 }
 
 struct QueueInner {
@@ -144,6 +192,7 @@ impl Queue {
                 records: 0,
             }),
             changed: watch::channel(0).0,
+            refresh: std::sync::Mutex::default(),
         }
     }
 
@@ -153,7 +202,29 @@ impl Queue {
 }
 
 impl Engine {
+    /// Evaluate the tenant until shutdown; while the tenant is deleted, wait for one of
+    /// its name to be made again (which starts from nothing).
     async fn run(self) {
+        loop {
+            self.evaluate().await;
+            while self.ctx.tenants.tenant(&self.tenant).is_none() {
+                tokio::select! {
+                    _ = self.ctx.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(HOUSEKEEPING) => {}
+                }
+            }
+            if self.ctx.shutdown.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    /// One life of the evaluator: until shutdown, or until the tenant is deleted (its state
+    /// is removed then).
+    async fn evaluate(&self) {
+        // The workers of this life end with it, however it ends.
+        let stop = self.ctx.shutdown.child_token();
+        let _workers_end = stop.clone().drop_guard();
         let loaded = loop {
             match self.store.load().await {
                 Ok(l) => break l.unwrap_or_default(),
@@ -168,8 +239,8 @@ impl Engine {
             }
         };
         let queue = Arc::new(Queue::new(&loaded));
-        let mut workers = HashSet::new();
-        self.start_workers(&queue, &mut workers).await;
+        let mut workers = HashMap::new();
+        self.start_workers(&queue, &mut workers, &stop).await;
         let Snapshot {
             mut position,
             mut caught_up,
@@ -177,11 +248,35 @@ impl Engine {
             ..
         } = loaded.snapshot;
         let mut last_snapshot = Instant::now();
+        let mut last_refresh = Instant::now() - ALERTMANAGER_REFRESH;
         let mut dirty = false;
+        // Agents' hostnames, labels and groups: looked up once per housekeeping period.
         let mut identities: HashMap<String, Identity> = HashMap::new();
+        let mut last_housekeeping = Instant::now();
         loop {
             if self.ctx.shutdown.is_cancelled() {
                 break;
+            }
+            if last_housekeeping.elapsed() >= HOUSEKEEPING {
+                last_housekeeping = Instant::now();
+                if self.ctx.tenants.tenant(&self.tenant).is_none() {
+                    tracing::info!(tenant = %self.tenant, "the tenant is deleted: its alerting stops");
+                    stop.cancel();
+                    remove_state(&self.ctx.dir.join(&self.tenant), &self.tenant);
+                    return;
+                }
+                identities.clear();
+                // Agents forgotten (or never known here): their incidents end silently.
+                let registry = &self.ctx.registry;
+                let before = alerts.alerts.len();
+                alerts.alerts.retain(|fp, _| {
+                    registry
+                        .identity(&AgentRef::new(&self.tenant, fp))
+                        .is_some()
+                });
+                if alerts.alerts.len() != before {
+                    dirty = true;
+                }
             }
             let config = self.config.borrow().alerting.clone();
             let wait = if caught_up { TICK } else { Duration::ZERO };
@@ -193,7 +288,10 @@ impl Engine {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(tenant = %self.tenant, error = %e, "alerting cannot read the bus; retrying");
-                    tokio::time::sleep(RETRY).await;
+                    tokio::select! {
+                        _ = self.ctx.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(RETRY) => {}
+                    }
                     continue;
                 }
             };
@@ -202,30 +300,41 @@ impl Engine {
                 tracing::error!(tenant = %self.tenant, position,
                     "results were deleted by retention before alerting read them; alerts may have missed changes");
             }
-            if !caught_up && read.results.is_empty() {
+            // Caught up: nothing more to read (a read that only stepped over other tenants'
+            // lines moves `next` on: not the end yet).
+            if !caught_up && read.results.is_empty() && read.next == position {
                 caught_up = true;
                 dirty = true;
                 tracing::info!(tenant = %self.tenant, position, "alerting has read the bus's history; notifying from now on");
             }
-            identities.clear();
-            for (_, agent, _) in &read.results {
-                if !identities.contains_key(&agent.fingerprint) {
-                    let id = self.ctx.registry.identity(agent).unwrap_or_default();
-                    identities.insert(agent.fingerprint.clone(), id);
+            // Every agent a route may be asked about: this batch's, and those with an
+            // incident (the clock's notifications).
+            let wanted = read
+                .results
+                .iter()
+                .map(|(_, agent, _)| agent.fingerprint.as_str())
+                .chain(
+                    alerts
+                        .alerts
+                        .iter()
+                        .filter(|(_, checks)| checks.values().any(|a| a.incident.is_some()))
+                        .map(|(fp, _)| fp.as_str()),
+                );
+            for fp in wanted {
+                if !identities.contains_key(fp) {
+                    let id = self
+                        .ctx
+                        .registry
+                        .identity(&AgentRef::new(&self.tenant, fp))
+                        .unwrap_or_default();
+                    identities.insert(fp.to_string(), id);
                 }
             }
             let route = |fp: &str, check: &str, status: Status| -> Policy {
                 if !caught_up {
                     return Policy::hold();
                 }
-                let id = match identities.get(fp) {
-                    Some(id) => id.clone(),
-                    None => self
-                        .ctx
-                        .registry
-                        .identity(&AgentRef::new(&self.tenant, fp))
-                        .unwrap_or_default(),
-                };
+                let id = identities.get(fp).cloned().unwrap_or_default();
                 config.policy(check, &id.labels, &id.groups, status)
             };
             let mut due: Vec<Notification> = Vec::new();
@@ -233,8 +342,48 @@ impl Engine {
                 due.extend(alerts.apply(&agent.fingerprint, result, &route));
             }
             dirty |= !read.results.is_empty() || read.next != position;
+            let mut by_the_clock = false;
             if caught_up {
-                due.extend(alerts.tick(crate::util::now_ms(), &route));
+                // Working through a backlog (a full batch), the time is that of the
+                // results read, not the wall clock's: an old incident shorter than its
+                // `for` must not notify because it is read late.
+                let now = match read.results.len() {
+                    BATCH => read
+                        .results
+                        .iter()
+                        .map(|(_, _, r)| r.started_at_ms)
+                        .max()
+                        .unwrap_or_default(),
+                    _ => crate::util::now_ms(),
+                };
+                let ticked = alerts.tick(now, &route);
+                by_the_clock = !ticked.is_empty();
+                due.extend(ticked);
+            }
+            // Alertmanager's lists of what still fires, made again before a change is
+            // queued (so no resolve is followed by a stale "still firing").
+            let alertmanagers: Vec<&String> = config
+                .receivers
+                .values()
+                .filter(|r| matches!(r.kind, ReceiverKind::Alertmanager { .. }))
+                .map(|r| &r.name)
+                .collect();
+            if !alertmanagers.is_empty()
+                && (last_refresh.elapsed() >= ALERTMANAGER_REFRESH
+                    || due
+                        .iter()
+                        .any(|n| n.receivers.iter().any(|r| alertmanagers.contains(&r))))
+            {
+                let now = crate::util::now_ms();
+                let lists: HashMap<String, Vec<Queued>> = alertmanagers
+                    .iter()
+                    .map(|name| {
+                        let firing = alerts.firing_told(name, now);
+                        (name.to_string(), self.queued(&firing, &identities))
+                    })
+                    .collect();
+                *outpost_sys::lock(&queue.refresh) = lists;
+                last_refresh = Instant::now();
             }
             if !due.is_empty() {
                 dirty = true;
@@ -250,10 +399,16 @@ impl Engine {
                 }
             }
             // New receivers in the queue: from this batch, or a fallback told of a refusal.
-            self.start_workers(&queue, &mut workers).await;
+            self.start_workers(&queue, &mut workers, &stop).await;
             position = read.next;
             let records = queue.inner.lock().await.records;
-            if dirty && (last_snapshot.elapsed() >= SNAPSHOT_EVERY || records >= SNAPSHOT_RECORDS) {
+            // What the clock made due cannot be made again the same way by reading the
+            // bus again: it is kept in the state at once.
+            if dirty
+                && (by_the_clock
+                    || last_snapshot.elapsed() >= SNAPSHOT_EVERY
+                    || records >= SNAPSHOT_RECORDS)
+            {
                 match self.snapshot(&queue, position, caught_up, &alerts).await {
                     Ok(()) => {
                         dirty = false;
@@ -304,9 +459,10 @@ impl Engine {
         let mut inner = queue.inner.lock().await;
         let mut next = inner.next_seq;
         let mut records = Vec::new();
+        let mut batch = HashSet::new();
         for mut q in items {
             let key = (q.receiver.clone(), q.notification.id.clone());
-            if inner.queued_since.contains(&key) {
+            if inner.queued_since.contains(&key) || !batch.insert(key) {
                 continue;
             }
             q.seq = next;
@@ -350,40 +506,58 @@ impl Engine {
             next_seq: inner.next_seq,
             queue: inner.items.values().cloned().collect(),
         };
-        self.store.snapshot(&snapshot).await?;
+        self.store.snapshot(snapshot).await?;
         inner.queued_since.clear();
         inner.records = 0;
         Ok(())
     }
 
-    /// A worker for every receiver that has something queued and none yet.
-    async fn start_workers(&self, queue: &Arc<Queue>, workers: &mut HashSet<String>) {
-        let wanted: Vec<String> = {
+    /// A worker for every receiver (configured, or with something queued) that has none
+    /// (or whose worker died: it is started again).
+    async fn start_workers(
+        &self,
+        queue: &Arc<Queue>,
+        workers: &mut HashMap<String, tokio::task::JoinHandle<()>>,
+        stop: &CancellationToken,
+    ) {
+        let wanted: Vec<(String, u64)> = {
             let inner = queue.inner.lock().await;
-            let mut names: Vec<String> = inner.items.values().map(|q| q.receiver.clone()).collect();
-            names.sort();
-            names.dedup();
-            names
-        };
-        for name in wanted {
-            if workers.insert(name.clone()) {
-                {
-                    let inner = queue.inner.lock().await;
-                    let n = inner.items.values().filter(|q| q.receiver == name).count() as u64;
-                    self.ctx
-                        .metrics
-                        .receiver(&self.tenant, &name, |s| s.queued = n);
-                }
-                let worker = Worker {
-                    tenant: self.tenant.clone(),
-                    receiver: name,
-                    ctx: self.ctx.clone(),
-                    config: self.config.clone(),
-                    store: self.store.clone(),
-                    queue: queue.clone(),
-                };
-                self.ctx.tracker.spawn(worker.run());
+            // Every configured receiver has one (an Alertmanager's sends what still fires
+            // again even with nothing queued), and any left in the queue from before.
+            let mut names: BTreeMap<String, u64> = self
+                .config
+                .borrow()
+                .alerting
+                .receivers
+                .keys()
+                .map(|r| (r.clone(), 0))
+                .collect();
+            for q in inner.items.values() {
+                *names.entry(q.receiver.clone()).or_default() += 1;
             }
+            names.into_iter().collect()
+        };
+        for (name, queued) in wanted {
+            match workers.get(&name) {
+                Some(w) if !w.is_finished() => continue,
+                Some(_) => {
+                    tracing::error!(tenant = %self.tenant, receiver = %name, "a delivery worker died; starting it again")
+                }
+                None => {}
+            }
+            self.ctx
+                .metrics
+                .receiver(&self.tenant, &name, |s| s.queued = queued);
+            let worker = Worker {
+                tenant: self.tenant.clone(),
+                receiver: name.clone(),
+                ctx: self.ctx.clone(),
+                config: self.config.clone(),
+                store: self.store.clone(),
+                queue: queue.clone(),
+                stop: stop.clone(),
+            };
+            workers.insert(name, self.ctx.tracker.spawn(worker.run()));
         }
     }
 }
@@ -397,6 +571,8 @@ struct Worker {
     config: watch::Receiver<Arc<Catalog>>,
     store: Arc<dyn AlertStore>,
     queue: Arc<Queue>,
+    /// The end of the evaluator's life this worker belongs to.
+    stop: CancellationToken,
 }
 
 impl Worker {
@@ -404,7 +580,11 @@ impl Worker {
         let mut changed = self.queue.changed.subscribe();
         let mut attempt = 0u32;
         let mut current: Option<u64> = None;
+        let mut last_refresh = Instant::now();
+        let mut missing_since: Option<Instant> = None;
         loop {
+            // Seen before looking, so a wake between the look and the wait is not lost.
+            changed.borrow_and_update();
             let next = {
                 let inner = self.queue.inner.lock().await;
                 inner
@@ -414,10 +594,23 @@ impl Worker {
                     .cloned()
             };
             let Some(item) = next else {
-                changed.mark_unchanged();
+                let config = self.config.borrow().alerting.clone();
+                let alertmanager = config
+                    .receivers
+                    .get(&self.receiver)
+                    .filter(|r| matches!(r.kind, ReceiverKind::Alertmanager { .. }));
+                if let Some(receiver) = alertmanager {
+                    if last_refresh.elapsed() >= ALERTMANAGER_REFRESH {
+                        last_refresh = Instant::now();
+                        self.refresh(receiver).await;
+                        continue;
+                    }
+                }
+                let next_refresh = ALERTMANAGER_REFRESH.saturating_sub(last_refresh.elapsed());
                 tokio::select! {
-                    _ = self.ctx.shutdown.cancelled() => return,
+                    _ = self.stop.cancelled() => return,
                     r = changed.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep(next_refresh), if alertmanager.is_some() => {}
                 }
                 continue;
             };
@@ -427,10 +620,29 @@ impl Worker {
             }
             attempt += 1;
             let config: Arc<AlertConfig> = self.config.borrow().alerting.clone();
-            let outcome = match config.receivers.get(&self.receiver) {
+            let receiver = config.receivers.get(&self.receiver);
+            if receiver.is_none() {
+                let since = *missing_since.get_or_insert_with(|| {
+                    tracing::warn!(tenant = %self.tenant, receiver = %self.receiver, grace_s = MISSING_RECEIVER_GRACE.as_secs(),
+                        "notifications wait for a receiver that is not configured; refused to the fallback after the grace");
+                    Instant::now()
+                });
+                if since.elapsed() < MISSING_RECEIVER_GRACE {
+                    let mut config = self.config.clone();
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = config.changed() => {}
+                        _ = tokio::time::sleep(MISSING_RECEIVER_GRACE - since.elapsed()) => {}
+                    }
+                    continue;
+                }
+            } else {
+                missing_since = None;
+            }
+            let outcome = match receiver {
                 Some(receiver) => {
                     tokio::select! {
-                        _ = self.ctx.shutdown.cancelled() => return,
+                        _ = self.stop.cancelled() => return,
                         o = self.ctx.sender.send(&self.tenant, receiver, &item, attempt) => o,
                     }
                 }
@@ -453,7 +665,7 @@ impl Worker {
                         .metrics
                         .receiver(&self.tenant, &self.receiver, |s| s.failed_attempts += 1);
                     tokio::select! {
-                        _ = self.ctx.shutdown.cancelled() => return,
+                        _ = self.stop.cancelled() => return,
                         _ = tokio::time::sleep(after) => {}
                     }
                 }
@@ -466,6 +678,33 @@ impl Worker {
                     let told = undeliverable(&config, &item, &why);
                     self.finish(&item, told.into_iter().collect()).await;
                 }
+            }
+        }
+    }
+
+    /// Send Alertmanager the alerts still firing that it was told of.
+    async fn refresh(&self, receiver: &crate::alerts::config::Receiver) {
+        let firing = outpost_sys::lock(&self.queue.refresh)
+            .get(&self.receiver)
+            .cloned()
+            .unwrap_or_default();
+        if firing.is_empty() {
+            return;
+        }
+        let sent = tokio::select! {
+            _ = self.stop.cancelled() => return,
+            r = self.ctx.sender.refresh_alertmanager(&self.tenant, receiver, &firing) => r,
+        };
+        match sent {
+            Ok(()) => {
+                tracing::debug!(tenant = %self.tenant, receiver = %self.receiver, alerts = firing.len(), "firing alerts sent to Alertmanager again")
+            }
+            Err(why) => {
+                self.ctx
+                    .metrics
+                    .receiver(&self.tenant, &self.receiver, |s| s.failed_attempts += 1);
+                tracing::warn!(tenant = %self.tenant, receiver = %self.receiver, %why,
+                    "cannot send Alertmanager the firing alerts again; will retry");
             }
         }
     }
@@ -514,7 +753,7 @@ impl Worker {
                     crate::metrics::Metrics::inc(&self.ctx.metrics.alert_store_errors);
                     tracing::error!(tenant = %self.tenant, error = %format!("{e:#}"), "cannot record a delivery; retrying");
                     tokio::select! {
-                        _ = self.ctx.shutdown.cancelled() => return,
+                        _ = self.stop.cancelled() => return,
                         _ = tokio::time::sleep(RETRY) => {}
                     }
                 }

@@ -228,6 +228,39 @@ impl Alerts {
         due
     }
 
+    /// A firing notification (as it would be made now, at `now_ms`) for every incident
+    /// that told `receiver` and still fires: what a receiver that forgets unrefreshed
+    /// alerts (Alertmanager) is sent again.
+    pub fn firing_told(&self, receiver: &str, now_ms: u64) -> Vec<Notification> {
+        let mut out = Vec::new();
+        for (fingerprint, checks) in &self.alerts {
+            for (check, alert) in checks {
+                let Some(incident) = &alert.incident else {
+                    continue;
+                };
+                if incident.notified.is_none() || !incident.told.contains(receiver) {
+                    continue;
+                }
+                out.push(Notification {
+                    id: format!(
+                        "{fingerprint}/{check}/{}/{}",
+                        incident.opened_by,
+                        incident.sent.saturating_sub(1)
+                    ),
+                    fingerprint: fingerprint.clone(),
+                    check: check.clone(),
+                    kind: Kind::Firing,
+                    status: alert.status,
+                    since_ms: incident.since_ms,
+                    at_ms: now_ms,
+                    output: alert.output.clone(),
+                    receivers: vec![receiver.to_string()],
+                });
+            }
+        }
+        out
+    }
+
     /// Forget an agent (forgotten or revoked): its incidents end without a word.
     pub fn forget(&mut self, fingerprint: &str) {
         self.alerts.remove(fingerprint);
@@ -424,5 +457,73 @@ mod tests {
         let next = back.apply(FP, &hard(4, Status::Ok), &r(&p));
         assert_eq!(next, first.apply(FP, &hard(4, Status::Ok), &r(&p)));
         assert_eq!(next[0].id, format!("{FP}/disk/3/r"));
+    }
+
+    #[test]
+    fn a_resolve_goes_once_to_everyone_told_whatever_route_told_them() {
+        // Warnings tell the channel; criticals tell the channel and the pager.
+        let route = |_: &str, _: &str, status: Status| match status {
+            Status::Warning => Policy::to(&["chat"]),
+            _ => Policy::to(&["chat", "pager"]),
+        };
+        let mut a = Alerts::default();
+        let w = a.apply(FP, &hard(1, Status::Warning), &route);
+        assert_eq!(w[0].receivers, ["chat"]);
+        let c = a.apply(FP, &hard(2, Status::Critical), &route);
+        assert_eq!(c[0].receivers, ["chat", "pager"]);
+        // Back to warning, then OK: the resolve is one notification for both.
+        assert_eq!(a.apply(FP, &hard(3, Status::Warning), &route).len(), 1);
+        let r = a.apply(FP, &hard(4, Status::Ok), &route);
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            (r[0].kind, r[0].receivers.clone()),
+            (
+                Kind::Resolved,
+                vec!["chat".to_string(), "pager".to_string()]
+            )
+        );
+    }
+
+    #[test]
+    fn held_incidents_tell_nobody_until_the_real_routes_apply() {
+        let mut a = Alerts::default();
+        let hold = |_: &str, _: &str, _: Status| Policy::hold();
+        // History: an incident that ended and one still open.
+        assert!(a.apply(FP, &hard(1, Status::Critical), &hold).is_empty());
+        assert!(a.apply(FP, &hard(2, Status::Ok), &hold).is_empty());
+        let other = CheckResult {
+            check: "load".into(),
+            ..hard(3, Status::Warning)
+        };
+        assert!(a.apply(FP, &other, &hold).is_empty());
+        assert!(a.tick(u64::MAX - 1, &hold).is_empty(), "held however late");
+        // Caught up: the open one notifies, the closed one never does.
+        let p = Policy::to(&["ops"]);
+        let due = a.tick(10_000, &r(&p));
+        assert_eq!(
+            kinds(&due),
+            [(Kind::Firing, Status::Warning, format!("{FP}/load/3/0"))]
+        );
+        // An unrouted alert is tracked and tells nobody; a route added later does.
+        let nobody = |_: &str, _: &str, _: Status| Policy::to(&[]);
+        assert!(a.apply(FP, &hard(5, Status::Critical), &nobody).is_empty());
+        assert_eq!(a.tick(20_000, &r(&p)).len(), 1);
+    }
+
+    #[test]
+    fn firing_told_lists_what_still_fires_for_that_receiver() {
+        let mut a = Alerts::default();
+        let p = Policy::to(&["am"]);
+        a.apply(FP, &hard(1, Status::Critical), &r(&p));
+        let load = CheckResult {
+            check: "load".into(),
+            ..hard(2, Status::Warning)
+        };
+        a.apply(FP, &load, &r(&Policy::to(&["chat"])));
+        let firing = a.firing_told("am", 99);
+        assert_eq!(firing.len(), 1);
+        assert_eq!((firing[0].check.as_str(), firing[0].at_ms), ("disk", 99));
+        a.apply(FP, &hard(3, Status::Ok), &r(&p));
+        assert!(a.firing_told("am", 100).is_empty());
     }
 }

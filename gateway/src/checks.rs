@@ -160,6 +160,8 @@ pub struct CheckStore {
     pub plugins_dir: PathBuf,
     files: Mutex<HashMap<PathBuf, FileState>>,
     tx: watch::Sender<Arc<Catalog>>,
+    /// The alerting problems found across files at the last scan.
+    alerting_problems: Mutex<Vec<String>>,
 }
 
 impl CheckStore {
@@ -178,6 +180,7 @@ impl CheckStore {
             plugins_dir: plugins_dir.to_path_buf(),
             files: Mutex::new(HashMap::new()),
             tx: watch::channel(Arc::new(Catalog::default())).0,
+            alerting_problems: Mutex::default(),
         }
     }
 
@@ -218,26 +221,39 @@ impl CheckStore {
             if files.get(path).is_some_and(|f| f.digest == digest) {
                 continue;
             }
-            let parsed =
-                parse_file_with_collectors(path, &text).and_then(|(checks, collectors)| {
-                    let alerting = alerting::parse_file(&text)?;
-                    Ok((checks, collectors, alerting))
-                });
-            let (good, collectors, alerting) = match parsed {
+            // Checks and alerting each keep their last good version on their own: a
+            // mistake in a receiver never takes a file's checks away, nor the reverse.
+            let old = files.remove(path);
+            let (good, collectors) = match parse_file_with_collectors(path, &text) {
                 Ok(parsed) => {
-                    tracing::info!(file = %path.display(), checks = parsed.0.len(), collectors = parsed.1.len(),
-                        receivers = parsed.2.receivers.len(), routes = parsed.2.routes.len(), "loaded check file");
+                    tracing::info!(file = %path.display(), checks = parsed.0.len(), collectors = parsed.1.len(), "loaded check file");
                     parsed
                 }
                 Err(e) => {
                     failures += 1;
-                    let kept = files.get(path).map(|f| f.good.len()).unwrap_or(0);
+                    let kept = old.as_ref().map(|f| f.good.len()).unwrap_or(0);
                     tracing::error!(file = %path.display(), error = %e, kept_checks = kept,
                         "check file is invalid; keeping its last good version");
-                    files
-                        .remove(path)
-                        .map(|f| (f.good, f.collectors, f.alerting))
+                    old.as_ref()
+                        .map(|f| (f.good.clone(), f.collectors.clone()))
                         .unwrap_or_default()
+                }
+            };
+            let alerting = match alerting::parse_file(&text) {
+                Ok(a) => {
+                    if !a.receivers.is_empty() || !a.routes.is_empty() || a.fallback.is_some() {
+                        tracing::info!(file = %path.display(), receivers = a.receivers.len(), routes = a.routes.len(), "loaded alerting");
+                    }
+                    a
+                }
+                Err(e) => {
+                    // Not TOML at all: counted and logged once, above.
+                    if toml::from_str::<toml::Table>(&text).is_ok() {
+                        failures += 1;
+                        tracing::error!(file = %path.display(), error = %e,
+                            "alerting in check file is invalid; keeping its last good version");
+                    }
+                    old.map(|f| f.alerting).unwrap_or_default()
                 }
             };
             files.insert(
@@ -301,9 +317,15 @@ impl CheckStore {
                 .iter()
                 .filter_map(|p| files.get(p).map(|f| (p.as_path(), &f.alerting))),
         );
-        for problem in &problems {
-            tracing::error!(dir = %self.dir.display(), %problem, "alerting configuration problem");
+        // Logged when they change, not at every rescan.
+        let mut last = lock(&self.alerting_problems);
+        if *last != problems {
+            for problem in &problems {
+                tracing::error!(dir = %self.dir.display(), %problem, "alerting configuration problem");
+            }
+            *last = problems.clone();
         }
+        drop(last);
         failures += problems.len();
         drop(files);
         let catalog = Catalog {
@@ -456,5 +478,40 @@ mod tests {
             .collect();
         assert_eq!(names, vec!["a", "b"], "duplicate name: first file wins");
         assert_eq!(store.current().checks[0].spec.interval_secs, 10);
+    }
+
+    #[test]
+    fn a_broken_receiver_keeps_the_files_checks_and_its_last_good_alerting() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a.toml");
+        let check = "[[check]]\nname='a'\ncommand='/bin/true'\ninterval=10\n";
+        std::fs::write(
+            &f,
+            format!("{check}[[receiver]]\nname='hook'\nwebhook={{url='http://h/'}}\n[[route]]\nreceivers=['hook']\n"),
+        )
+        .unwrap();
+        let store = CheckStore::open(dir.path(), dir.path()).unwrap();
+        assert_eq!(store.current().alerting.routes.len(), 1);
+        // A typo in the receiver: the checks change as written, the alerting is kept.
+        std::fs::write(
+            &f,
+            format!("{check}[[check]]\nname='b'\ncommand='/bin/true'\ninterval=10\n[[receiver]]\nname='hook'\nwebhok={{url='http://h/'}}\n"),
+        )
+        .unwrap();
+        assert_eq!(store.rescan(), 1);
+        let now = store.current();
+        assert_eq!(now.checks.len(), 2, "the checks are not held back");
+        assert_eq!(now.alerting.receivers.len(), 1, "last good alerting kept");
+        assert_eq!(now.alerting.routes.len(), 1);
+        // And a broken check leaves new alerting in force.
+        std::fs::write(
+            &f,
+            "[[check]]\nname='a'\ncommand='/bin/true'\ninterval=0\n[[receiver]]\nname='hook2'\nwebhook={url='http://h/'}\n",
+        )
+        .unwrap();
+        store.rescan();
+        let now = store.current();
+        assert_eq!(now.checks.len(), 2);
+        assert!(now.alerting.receivers.contains_key("hook2"));
     }
 }

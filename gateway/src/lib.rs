@@ -475,7 +475,10 @@ pub async fn serve(
                     sender: Arc::new(sender),
                     shutdown: gw.shutdown.clone(),
                     tracker: tracker.clone(),
+                    health: gw.health.clone(),
+                    tenants: gw.credentials.tenants.clone(),
                     poll: gw.settings.checks_poll,
+                    running: Arc::default(),
                 };
                 background(&tracker, gw, "alerting", move || alerting::run(ctx.clone()));
             }

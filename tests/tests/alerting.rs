@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use outpost_e2e::receivers::{WebhookReceiver, SECRET};
+use outpost_e2e::receivers::{Alertmanager, SmtpServer, WebhookReceiver, ROUTING_KEY, SECRET};
 use outpost_e2e::*;
 use serde_json::Value;
 
@@ -128,13 +128,20 @@ receivers = ["hook"]
         id.starts_with(&format!("{fp}/flip/")) && id.ends_with("/0"),
         "{id}"
     );
-    // The soft result before it did not notify: the firing came with the hard one.
+    // The soft result before it did not notify: the incident is the first hard one's.
     let results = gw.bus_results(&fp, "flip");
-    assert!(
+    let first = |state_type: &str| {
         results
             .iter()
-            .any(|r| r["status"] == "critical" && r["state_type"] == "soft"),
-        "attempts = 2 makes the first CRITICAL soft"
+            .find(|r| r["status"] == "critical" && r["state_type"] == state_type)
+            .map(|r| r["seq"].as_u64().unwrap())
+            .unwrap_or_else(|| panic!("a {state_type} CRITICAL on the bus: {results:?}"))
+    };
+    let (soft, hard) = (first("soft"), first("hard"));
+    assert!(soft < hard, "attempts = 2 makes the first CRITICAL soft");
+    assert!(
+        id.ends_with(&format!("/flip/{hard}/0")),
+        "{id} is not incident {hard}"
     );
 
     // Still critical: nothing more.
@@ -147,26 +154,28 @@ receivers = ["hook"]
 
     set_state(dir.path(), 0);
     let got = taken(&hook, 2).await;
+    // A crash (kill -9) just after the resolve: the snapshot (every 5 s) is most likely
+    // from before it, and the bus is read again from there; the notifications that makes
+    // again were queued already and are not sent twice. The state kept goes on (a new
+    // incident notifies once, with a new id).
+    let addr = gw.addr.clone();
+    gw.proc.signal(libc::SIGKILL);
     let resolved = &got[1];
     assert_eq!(resolved["verified"], true);
     assert_eq!(resolved["body"]["type"], "alert.resolved");
     let incident = id.strip_suffix("/0").unwrap();
     assert_eq!(resolved["headers"]["webhook-id"], format!("{incident}/r"));
-    hard_results(&gw, &fp, "ok", 3).await;
-    assert_eq!(hook.requests().len(), 2, "one resolve only");
-
-    // A crash (kill -9) loses what came after the last snapshot: the bus is read again
-    // from there, and nothing is sent twice; the state kept goes on (a new incident
-    // notifies once, with a new id).
-    let addr = gw.addr.clone();
-    gw.proc.signal(libc::SIGKILL);
     let mut gw = gw;
     gw.proc.wait_exit(T).await;
     assert!(!gw.proc.is_running());
     drop(gw);
     let gw = Gateway::start_on(dir.path(), &addr, &[]);
     hard_results(&gw, &fp, "ok", 3).await;
-    assert_eq!(hook.requests().len(), 2, "nothing resent after the restart");
+    assert_eq!(
+        hook.requests().len(),
+        2,
+        "one resolve only, and nothing resent after the restart"
+    );
     set_state(dir.path(), 2);
     let got = taken(&hook, 3).await;
     let again = got[2]["headers"]["webhook-id"].as_str().unwrap();
@@ -204,6 +213,7 @@ interval = 1
 [[receiver]]
 name = "flaky"
 timeout = "5s"
+retry_max = "2s"
 webhook = {{ url = "{flaky}", secret = "{SECRET}" }}
 
 [[receiver]]
@@ -231,11 +241,10 @@ receivers = ["flaky"]
         (gw.metric("outpost_alert_delivery_failures_total ").await >= 2).then_some(())
     })
     .await;
-    assert_eq!(
-        gw.metric("outpost_alert_queue_depth ").await,
-        4,
-        "all four wait"
-    );
+    eventually(T, "all four waiting", || async {
+        (gw.metric("outpost_alert_queue_depth ").await == 4).then_some(())
+    })
+    .await;
 
     // Back, but failing first: two 503s, then a 429 asking for 3 s.
     flaky.answer(&["503", "503", "429 3"]);
@@ -315,5 +324,163 @@ receivers = ["flaky"]
         1,
         "a refusal is not retried"
     );
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_receiver_gets_each_change_once_and_one_resolve_each() {
+    let dir = tempdir();
+    let plugin = flip_plugin(dir.path());
+    let ports = free_ports(4);
+    let mut slack = WebhookReceiver::of_kind("slack", dir.path(), "slack", ports[0], None);
+    let mut pagerduty = WebhookReceiver::of_kind("pagerduty", dir.path(), "pd", ports[1], None);
+    slack.start().await;
+    pagerduty.start().await;
+    let (ca, cert, key) = test_pki(&dir.path().join("pki"), "localhost");
+    let smtp = SmtpServer::start(dir.path(), ports[2], &cert, &key, "outpost", "s3cret").await;
+    let am = Alertmanager::start(dir.path(), ports[3]).await;
+    let gw = Gateway::start(dir.path(), &[]);
+    std::fs::write(dir.path().join("smtp.password"), "s3cret\n").unwrap();
+    gw.write_checks(
+        "flip.toml",
+        &format!(
+            r#"
+[[check]]
+name = "flip"
+command = [{plugin:?}]
+interval = 1
+
+[[receiver]]
+name = "chat"
+slack = {{ url = "{slack}" }}
+
+[[receiver]]
+name = "pager"
+pagerduty = {{ routing_key = "{ROUTING_KEY}", url = "{pd}" }}
+
+[[receiver]]
+name = "mail"
+email = {{ from = "Outpost <outpost@example.com>", to = ["ops@example.com", "db@example.com"], smtp = "localhost:{smtp}", tls = "starttls", username = "outpost", password_file = "{password}", ca_file = "{ca}" }}
+
+[[receiver]]
+name = "am"
+alertmanager = {{ url = "{am}" }}
+
+# The chat channel hears of warnings and of criticals: one resolve all the same.
+[[route]]
+severity = ["warning"]
+receivers = ["chat"]
+
+[[route]]
+severity = ["critical"]
+receivers = ["chat", "pager", "mail", "am"]
+"#,
+            slack = slack.url(),
+            pd = pagerduty.url(),
+            smtp = smtp.port,
+            password = dir.path().join("smtp.password").display(),
+            ca = ca.display(),
+            am = am.url(),
+        ),
+    );
+    let agent = Agent::start(dir.path(), "web-1", &gw, "");
+    let fp = agent.fingerprint.clone();
+    hard_results(&gw, &fp, "ok", 2).await;
+
+    set_state(dir.path(), 1);
+    let chat = taken(&slack, 1).await;
+    assert!(chat[0]["body"]["text"]
+        .as_str()
+        .unwrap()
+        .contains("WARNING: flip on web-1"));
+    hard_results(&gw, &fp, "warning", 2).await;
+    assert!(pagerduty.requests().is_empty() && smtp.messages().is_empty());
+
+    set_state(dir.path(), 2);
+    let chat = taken(&slack, 2).await;
+    assert!(chat[1]["body"]["text"]
+        .as_str()
+        .unwrap()
+        .contains("CRITICAL: flip on web-1"));
+    let events = taken(&pagerduty, 1).await;
+    let trigger = &events[0]["body"];
+    assert_eq!(trigger["event_action"], "trigger");
+    assert_eq!(trigger["routing_key"], ROUTING_KEY);
+    assert_eq!(trigger["payload"]["severity"], "critical");
+    assert_eq!(trigger["payload"]["source"], "web-1");
+    assert_eq!(trigger["payload"]["component"], "flip");
+    let dedup_key = trigger["dedup_key"].as_str().unwrap().to_string();
+    assert!(dedup_key.starts_with(&format!("{fp}/flip/")), "{dedup_key}");
+    let mail = eventually(T, "the email", || async {
+        let m = smtp.messages();
+        (!m.is_empty()).then_some(m)
+    })
+    .await;
+    assert_eq!(mail[0]["tls"], true, "STARTTLS");
+    assert_eq!(mail[0]["auth_user"], "outpost");
+    assert_eq!(mail[0]["mail_from"], "outpost@example.com");
+    assert_eq!(
+        mail[0]["rcpt_tos"],
+        serde_json::json!(["ops@example.com", "db@example.com"])
+    );
+    let data = mail[0]["data"].as_str().unwrap();
+    assert!(
+        data.contains("Subject: [Outpost] CRITICAL: flip on web-1"),
+        "{data}"
+    );
+    assert!(data.contains("flip is 2"), "{data}");
+    let firing = eventually(T, "the alert in Alertmanager", || async {
+        let a = am.alerts().await;
+        a.into_iter().find(|a| a["labels"]["alertname"] == "flip")
+    })
+    .await;
+    assert_eq!(firing["status"]["state"], "active", "{firing}");
+    assert_eq!(firing["labels"]["instance"], "web-1");
+    assert_eq!(firing["labels"]["fingerprint"], fp.as_str());
+    assert_eq!(firing["labels"]["tenant"], "default");
+    assert_eq!(firing["annotations"]["description"], "flip is 2");
+
+    // Still critical: nothing more anywhere.
+    hard_results(&gw, &fp, "critical", 3).await;
+    assert_eq!(slack.requests().len(), 2);
+    assert_eq!(pagerduty.requests().len(), 1);
+    assert_eq!(smtp.messages().len(), 1);
+
+    set_state(dir.path(), 0);
+    let chat = taken(&slack, 3).await;
+    assert!(chat[2]["body"]["text"]
+        .as_str()
+        .unwrap()
+        .contains("RESOLVED: flip on web-1"));
+    let events = taken(&pagerduty, 2).await;
+    assert_eq!(events[1]["body"]["event_action"], "resolve");
+    assert_eq!(events[1]["body"]["dedup_key"], dedup_key.as_str());
+    let mail = eventually(T, "the resolve email", || async {
+        let m = smtp.messages();
+        (m.len() >= 2).then_some(m)
+    })
+    .await;
+    assert!(mail[1]["data"]
+        .as_str()
+        .unwrap()
+        .contains("Subject: [Outpost] RESOLVED: flip on web-1"));
+    eventually(T, "the alert resolved in Alertmanager", || async {
+        let a = am.alerts().await;
+        a.iter()
+            .all(|a| a["labels"]["alertname"] != "flip")
+            .then_some(())
+    })
+    .await;
+    hard_results(&gw, &fp, "ok", 3).await;
+    assert_eq!(
+        slack.requests().len(),
+        3,
+        "one resolve for the channel told twice"
+    );
+    assert_eq!(pagerduty.requests().len(), 2);
+    assert_eq!(smtp.messages().len(), 2);
+    for r in slack.requests().iter().chain(&pagerduty.requests()) {
+        assert_eq!(r["problems"], serde_json::json!([]), "{r}");
+    }
     drop(agent);
 }

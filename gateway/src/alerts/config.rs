@@ -26,7 +26,7 @@
 //! twice.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use outpost_protocol::checkfile::{duration_value, Target};
@@ -55,13 +55,100 @@ pub struct AlertConfig {
 pub struct Receiver {
     pub name: String,
     pub timeout: Duration,
+    /// The longest our backoff between two attempts grows to (a `Retry-After` may ask for
+    /// more).
+    pub retry_max: Duration,
     pub kind: ReceiverKind,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReceiverKind {
     /// A generic webhook, signed per Standard Webhooks when it has a secret.
-    Webhook { url: String, secret: Option<Secret> },
+    Webhook {
+        url: String,
+        secret: Option<Secretive>,
+    },
+    /// A Slack incoming webhook.
+    Slack { url: String },
+    /// PagerDuty Events API v2.
+    PagerDuty { url: String, routing_key: Secretive },
+    /// Prometheus Alertmanager's v2 API (`url` is its base: `/api/v2/alerts` is added).
+    Alertmanager { url: String },
+    /// Email over SMTP.
+    Email(Email),
+}
+
+/// Where PagerDuty's Events API v2 takes events.
+pub const PAGERDUTY_URL: &str = "https://events.pagerduty.com/v2/enqueue";
+
+/// An email receiver.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Email {
+    pub from: String,
+    pub to: Vec<String>,
+    /// The server and its port.
+    pub host: String,
+    pub port: u16,
+    pub tls: SmtpTls,
+    /// User name and password, when the server wants them.
+    pub auth: Option<(String, Secretive)>,
+    /// A file of PEM certificates trusted besides the system's (a private CA), read at
+    /// each use.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A secret given in the check file, or the absolute path of a file on the gateway that
+/// holds it: read at each use, so a rotated secret is used from the next notification on,
+/// and a file that cannot be read delays notifications (retried) rather than losing them.
+#[derive(Clone, PartialEq)]
+pub enum Secretive {
+    Inline(String),
+    File(PathBuf),
+}
+
+impl std::fmt::Debug for Secretive {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Secretive::Inline(_) => f.write_str("Inline(…)"),
+            Secretive::File(p) => write!(f, "File({})", p.display()),
+        }
+    }
+}
+
+impl Secretive {
+    /// The secret (a file's content without surrounding white space).
+    pub fn read(&self) -> Result<String, String> {
+        match self {
+            Secretive::Inline(s) => Ok(s.clone()),
+            Secretive::File(p) => std::fs::read_to_string(p)
+                .map(|s| s.trim().to_string())
+                .map_err(|e| format!("cannot read {}: {e}", p.display())),
+        }
+    }
+}
+
+/// A PagerDuty routing key: the 32-character Integration Key of an Events API v2
+/// integration.
+pub fn routing_key(key: &str) -> Result<&str, String> {
+    if key.len() == 32 && key.bytes().all(|c| c.is_ascii_alphanumeric()) {
+        Ok(key)
+    } else {
+        Err(format!(
+            "the pagerduty routing_key is {} characters: it is the 32-character Integration Key of an Events API v2 integration",
+            key.len()
+        ))
+    }
+}
+
+/// How an SMTP connection is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpTls {
+    /// Plain, then `STARTTLS` (required: a server that does not offer it is an error).
+    StartTls,
+    /// TLS from the first byte (port 465).
+    Implicit,
+    /// None at all: only for a relay on the same host or network.
+    None,
 }
 
 impl PartialEq for Secret {
@@ -163,9 +250,14 @@ impl AlertConfig {
                     config.receivers.insert(r.name.clone(), r.clone());
                 }
             }
-            routes.extend(file.routes.iter().map(|r| (name.to_string(), r)));
+            routes.extend(
+                file.routes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, r)| (name.to_string(), i, r)),
+            );
         }
-        for (i, (file, route)) in routes.into_iter().enumerate() {
+        for (file, i, route) in routes {
             let unknown: Vec<&String> = route
                 .receivers
                 .iter()
@@ -221,7 +313,46 @@ struct RawAlerting {
 struct RawReceiver {
     name: String,
     timeout: Option<toml::Value>,
+    retry_max: Option<toml::Value>,
     webhook: Option<RawWebhook>,
+    slack: Option<RawSlack>,
+    pagerduty: Option<RawPagerDuty>,
+    alertmanager: Option<RawAlertmanager>,
+    email: Option<RawEmail>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSlack {
+    url: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPagerDuty {
+    routing_key: Option<String>,
+    routing_key_file: Option<String>,
+    url: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlertmanager {
+    url: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEmail {
+    from: String,
+    to: Vec<String>,
+    /// `host` or `host:port`.
+    smtp: String,
+    tls: Option<String>,
+    username: Option<String>,
+    password: Option<String>,
+    password_file: Option<String>,
+    ca_file: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -308,39 +439,97 @@ fn receiver(table: toml::Table) -> Result<Receiver, Vec<String>> {
             }
         },
     };
-    let kind = match raw.webhook {
-        Some(w) => {
-            if let Err(e) = http_url(&w.url) {
-                problems.push(format!("webhook url {e}"));
+    let retry_max = match &raw.retry_max {
+        None => super::retry::MAX_BACKOFF,
+        Some(v) => match duration_value("retry_max", v).map(Duration::from_secs) {
+            Ok(d) if d <= super::retry::MAX_WAIT => d,
+            Ok(d) => {
+                problems.push(format!(
+                    "retry_max {}s is over the {}s limit",
+                    d.as_secs(),
+                    super::retry::MAX_WAIT.as_secs()
+                ));
+                super::retry::MAX_BACKOFF
             }
-            let secret = match (w.secret, w.secret_file) {
-                (Some(_), Some(_)) => {
-                    problems.push("give the webhook secret or secret_file, not both".into());
-                    None
+            Err(e) => {
+                problems.push(e);
+                super::retry::MAX_BACKOFF
+            }
+        },
+    };
+    let kinds = [
+        raw.webhook.is_some(),
+        raw.slack.is_some(),
+        raw.pagerduty.is_some(),
+        raw.alertmanager.is_some(),
+        raw.email.is_some(),
+    ];
+    if kinds.iter().filter(|k| **k).count() > 1 {
+        problems.push("a receiver is one kind: give only one of webhook, slack, pagerduty, alertmanager, email".into());
+    }
+    let kind = if let Some(w) = raw.webhook {
+        if let Err(e) = http_url(&w.url) {
+            problems.push(format!("webhook url {e}"));
+        }
+        let secret = secret_of("webhook secret", w.secret, w.secret_file, &mut problems);
+        if let Some(Secretive::Inline(s)) = &secret {
+            if let Err(e) = s.parse::<Secret>() {
+                problems.push(format!("webhook secret: {e}"));
+            }
+        }
+        Some(ReceiverKind::Webhook { url: w.url, secret })
+    } else if let Some(s) = raw.slack {
+        if let Err(e) = http_url(&s.url) {
+            problems.push(format!("slack url {e}"));
+        }
+        Some(ReceiverKind::Slack { url: s.url })
+    } else if let Some(p) = raw.pagerduty {
+        let url = p.url.unwrap_or_else(|| PAGERDUTY_URL.to_string());
+        if let Err(e) = http_url(&url) {
+            problems.push(format!("pagerduty url {e}"));
+        }
+        match secret_of(
+            "pagerduty routing_key",
+            p.routing_key,
+            p.routing_key_file,
+            &mut problems,
+        ) {
+            Some(key) => {
+                if let Secretive::Inline(k) = &key {
+                    if let Err(e) = routing_key(k) {
+                        problems.push(e);
+                    }
                 }
-                (Some(s), None) => s
-                    .parse::<Secret>()
-                    .map_err(|e| problems.push(format!("webhook secret: {e}")))
-                    .ok(),
-                (None, Some(f)) => std::fs::read_to_string(&f)
-                    .map_err(|e| format!("cannot read it: {e}"))
-                    .and_then(|s| s.trim().parse::<Secret>())
-                    .map_err(|e| problems.push(format!("webhook secret_file {f}: {e}")))
-                    .ok(),
-                (None, None) => None,
-            };
-            Some(ReceiverKind::Webhook { url: w.url, secret })
+                Some(ReceiverKind::PagerDuty {
+                    url,
+                    routing_key: key,
+                })
+            }
+            None => {
+                problems.push("pagerduty needs routing_key (or routing_key_file)".into());
+                None
+            }
         }
-        None => {
-            problems
-                .push("say what kind of receiver it is: webhook = { url = \"https://…\" }".into());
-            None
+    } else if let Some(a) = raw.alertmanager {
+        if let Err(e) = http_url(&a.url) {
+            problems.push(format!("alertmanager url {e}"));
         }
+        Some(ReceiverKind::Alertmanager {
+            url: a.url.trim_end_matches('/').to_string(),
+        })
+    } else if let Some(e) = raw.email {
+        email(e, &mut problems).map(ReceiverKind::Email)
+    } else {
+        problems.push(
+            "say what kind of receiver it is: webhook, slack, pagerduty, alertmanager or email (e.g. webhook = { url = \"https://…\" })".into(),
+        );
+        None
     };
     match kind {
         Some(kind) if problems.is_empty() => Ok(Receiver {
             name: raw.name,
             timeout,
+            retry_max,
             kind,
         }),
         _ => Err(problems),
@@ -391,13 +580,128 @@ fn route(table: toml::Table) -> Result<RouteDef, Vec<String>> {
                 groups: raw.groups,
             },
             severity,
-            receivers: raw.receivers,
+            receivers: {
+                let mut seen = std::collections::BTreeSet::new();
+                raw.receivers
+                    .into_iter()
+                    .filter(|r| seen.insert(r.clone()))
+                    .collect()
+            },
             wait,
             repeat,
         })
     } else {
         Err(problems)
     }
+}
+
+/// A secret given inline or as the absolute path of a file (read at use), never both.
+fn secret_of(
+    what: &str,
+    inline: Option<String>,
+    file: Option<String>,
+    problems: &mut Vec<String>,
+) -> Option<Secretive> {
+    match (inline, file) {
+        (Some(_), Some(_)) => {
+            problems.push(format!("give the {what} or its _file, not both"));
+            None
+        }
+        (Some(s), None) => Some(Secretive::Inline(s)),
+        (None, Some(f)) => match absolute(what, &f) {
+            Ok(p) => Some(Secretive::File(p)),
+            Err(e) => {
+                problems.push(e);
+                None
+            }
+        },
+        (None, None) => None,
+    }
+}
+
+/// A file path that means the same on every gateway of a fleet, whatever its directory.
+fn absolute(what: &str, path: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(path);
+    if p.is_absolute() {
+        Ok(p)
+    } else {
+        Err(format!(
+            "{what} file {path:?}: give an absolute path (it is read on the gateway)"
+        ))
+    }
+}
+
+fn email(raw: RawEmail, problems: &mut Vec<String>) -> Option<Email> {
+    let before = problems.len();
+    for addr in std::iter::once(&raw.from).chain(&raw.to) {
+        if let Err(e) = addr.parse::<lettre::message::Mailbox>() {
+            problems.push(format!("email address {addr:?}: {e}"));
+        }
+    }
+    if raw.to.is_empty() {
+        problems.push("email needs at least one address in to".into());
+    }
+    let tls = match raw.tls.as_deref() {
+        None | Some("starttls") => SmtpTls::StartTls,
+        Some("implicit") => SmtpTls::Implicit,
+        Some("none") => SmtpTls::None,
+        Some(other) => {
+            problems.push(format!(
+                "email tls {other:?}: use starttls, implicit or none"
+            ));
+            SmtpTls::StartTls
+        }
+    };
+    let default_port = match tls {
+        SmtpTls::Implicit => 465,
+        SmtpTls::StartTls => 587,
+        SmtpTls::None => 25,
+    };
+    let (host, port) = match raw.smtp.rsplit_once(':') {
+        Some((h, p)) => match p.parse::<u16>() {
+            Ok(p) if p > 0 => (h.to_string(), p),
+            _ => {
+                problems.push(format!(
+                    "email smtp {:?}: the port is not a number",
+                    raw.smtp
+                ));
+                (h.to_string(), default_port)
+            }
+        },
+        None => (raw.smtp.clone(), default_port),
+    };
+    if host.is_empty() {
+        problems.push("email smtp names no host".into());
+    }
+    let password = secret_of("email password", raw.password, raw.password_file, problems);
+    let auth = match (raw.username, password) {
+        (Some(u), Some(p)) => Some((u, p)),
+        (None, None) => None,
+        _ => {
+            problems.push("email username and password go together".into());
+            None
+        }
+    };
+    if auth.is_some() && tls == SmtpTls::None {
+        problems.push(
+            "email with a password needs tls (starttls or implicit): it would be sent in the clear"
+                .into(),
+        );
+    }
+    let ca_file = raw.ca_file.and_then(|f| {
+        absolute("email ca_file", &f)
+            .map_err(|e| problems.push(e))
+            .ok()
+    });
+    (problems.len() == before).then_some(Email {
+        from: raw.from,
+        to: raw.to,
+        host,
+        port,
+        tls,
+        auth,
+        ca_file,
+    })
 }
 
 /// `url` is an absolute http or https URL.
@@ -587,7 +891,110 @@ checks = [""]
         assert_eq!(problems.len(), 3, "{all}");
         assert_eq!(config.routes.len(), 1);
         assert_eq!(config.fallback, None);
-        let ReceiverKind::Webhook { url, .. } = &config.receivers["hook"].kind;
+        let ReceiverKind::Webhook { url, .. } = &config.receivers["hook"].kind else {
+            panic!("a webhook");
+        };
         assert_eq!(url, "http://a/");
+    }
+
+    #[test]
+    fn every_kind_of_receiver_parses_and_secrets_in_files_are_read_at_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("pd.key");
+        std::fs::write(&key_file, "  R0UT1NGKEY0123456789abcdefABCDEF\n").unwrap();
+        let text = format!(
+            r#"
+[[receiver]]
+name = "chat"
+slack = {{ url = "https://hooks.slack.com/services/T/B/X" }}
+
+[[receiver]]
+name = "pager"
+retry_max = "30s"
+pagerduty = {{ routing_key_file = "{key}" }}
+
+[[receiver]]
+name = "am"
+alertmanager = {{ url = "http://am:9093/" }}
+
+[[receiver]]
+name = "mail"
+email = {{ from = "outpost@example.com", to = ["ops@example.com"], smtp = "smtp.example.com", username = "u", password = "p" }}
+
+[[route]]
+receivers = ["chat", "pager", "chat"]
+"#,
+            key = key_file.display()
+        );
+        let f = parse_file(&text).unwrap();
+        let by_name: BTreeMap<_, _> = f.receivers.iter().map(|r| (r.name.as_str(), r)).collect();
+        let ReceiverKind::PagerDuty {
+            url,
+            routing_key: key,
+        } = &by_name["pager"].kind
+        else {
+            panic!("pagerduty");
+        };
+        assert_eq!(url, PAGERDUTY_URL);
+        assert_eq!(key.read().unwrap(), "R0UT1NGKEY0123456789abcdefABCDEF");
+        assert_eq!(by_name["pager"].retry_max, Duration::from_secs(30));
+        assert_eq!(by_name["chat"].retry_max, super::super::retry::MAX_BACKOFF);
+        let ReceiverKind::Alertmanager { url } = &by_name["am"].kind else {
+            panic!("alertmanager");
+        };
+        assert_eq!(url, "http://am:9093", "the API path is added to it");
+        let ReceiverKind::Email(mail) = &by_name["mail"].kind else {
+            panic!("email");
+        };
+        assert_eq!(
+            (mail.host.as_str(), mail.port, mail.tls),
+            ("smtp.example.com", 587, SmtpTls::StartTls)
+        );
+        assert_eq!(
+            f.routes[0].receivers,
+            ["chat", "pager"],
+            "named twice, told once"
+        );
+        // A rotated key is read at the next use.
+        std::fs::write(&key_file, "ROTATED0123456789abcdefABCDEF012\n").unwrap();
+        assert_eq!(key.read().unwrap(), "ROTATED0123456789abcdefABCDEF012");
+        assert!(format!("{key:?}").contains("pd.key"));
+        assert!(!format!("{:?}", Secretive::Inline("hush".into())).contains("hush"));
+    }
+
+    #[test]
+    fn receiver_mistakes_are_named() {
+        let err = parse_file(
+            r#"
+[[receiver]]
+name = "two"
+slack = { url = "https://a/" }
+webhook = { url = "https://b/" }
+
+[[receiver]]
+name = "pd"
+pagerduty = { routing_key = "short" }
+
+[[receiver]]
+name = "file"
+webhook = { url = "https://b/", secret_file = "relative/secret" }
+
+[[receiver]]
+name = "mail"
+email = { from = "not an address", to = [], smtp = "host:port", tls = "none", username = "u", password = "p" }
+"#,
+        )
+        .unwrap_err();
+        for want in [
+            "only one of webhook, slack",
+            "32-character Integration Key",
+            "give an absolute path",
+            "email address \"not an address\"",
+            "at least one address in to",
+            "the port is not a number",
+            "sent in the clear",
+        ] {
+            assert!(err.contains(want), "{want:?} not in {err}");
+        }
     }
 }

@@ -7,7 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use serde_json::json;
 
-use super::config::{Receiver, ReceiverKind};
+use std::collections::BTreeMap;
+
+use super::config::{Email, Receiver, ReceiverKind, SmtpTls};
 use super::retry::{judge, Answer, Outcome};
 use super::store::Queued;
 use super::{webhook, Kind};
@@ -57,25 +59,54 @@ impl Sender {
         q: &Queued,
         attempt: u32,
     ) -> Outcome {
+        let post = |url: &str, body: Vec<u8>| {
+            self.client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+        };
+        let cap = receiver.retry_max;
+        // A secret kept in a file that cannot be read (or is wrong) is the gateway's
+        // problem, not the receiver's: tried again until it is fixed.
+        let unreadable = |why: String| judge(Answer::Failed(&why), attempt, SystemTime::now(), cap);
         let request = match &receiver.kind {
             ReceiverKind::Webhook { url, secret } => {
                 let body = webhook_body(tenant, q);
-                let mut req = self
-                    .client
-                    .post(url)
-                    .header("content-type", "application/json");
-                if let Some(secret) = secret {
-                    let now = SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .unwrap_or_default()
-                        .as_secs();
-                    for (name, value) in webhook::headers(secret, &q.notification.id, now, &body) {
-                        req = req.header(name, value);
+                match secret {
+                    Some(secret) => {
+                        let secret = match secret.read().and_then(|s| s.parse::<webhook::Secret>())
+                        {
+                            Ok(s) => s,
+                            Err(e) => return unreadable(format!("webhook secret: {e}")),
+                        };
+                        let mut req = post(url, body.clone());
+                        for (name, value) in
+                            webhook::headers(&secret, &q.notification.id, unix_now(), &body)
+                        {
+                            req = req.header(name, value);
+                        }
+                        req
                     }
-                } else {
-                    req = req.header("webhook-id", &q.notification.id);
+                    None => post(url, body).header("webhook-id", &q.notification.id),
                 }
-                req.body(body)
+            }
+            ReceiverKind::Slack { url } => post(url, slack_body(tenant, q)),
+            ReceiverKind::PagerDuty { url, routing_key } => {
+                let key = match routing_key.read().and_then(|k| {
+                    super::config::routing_key(&k)?;
+                    Ok(k)
+                }) {
+                    Ok(k) => k,
+                    Err(e) => return unreadable(format!("pagerduty routing_key: {e}")),
+                };
+                post(url, pagerduty_body(tenant, q, &key))
+            }
+            ReceiverKind::Alertmanager { url } => post(
+                &format!("{url}/api/v2/alerts"),
+                alertmanager_body(tenant, &[q], crate::util::now_ms()),
+            ),
+            ReceiverKind::Email(email) => {
+                return send_email(email, receiver, tenant, q, attempt).await
             }
         };
         let answer = request.timeout(receiver.timeout).send().await;
@@ -94,21 +125,70 @@ impl Sender {
                     },
                     attempt,
                     SystemTime::now(),
+                    cap,
                 )
             }
-            Err(e) => {
-                // The error's chain names the cause (refused, timed out, certificate).
-                let mut why = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    why = format!("{why}: {s}");
-                    source = s.source();
-                }
-                judge(Answer::Failed(&why), attempt, SystemTime::now())
-            }
+            Err(e) => judge(
+                Answer::Failed(&chain(&e.without_url())),
+                attempt,
+                SystemTime::now(),
+                cap,
+            ),
         }
     }
 }
+
+impl Sender {
+    /// Send Alertmanager `receiver` every alert still firing that it was told of (it
+    /// forgets a firing alert not sent again within [`ALERTMANAGER_HOLD`]).
+    pub async fn refresh_alertmanager(
+        &self,
+        tenant: &str,
+        receiver: &Receiver,
+        firing: &[Queued],
+    ) -> Result<(), String> {
+        let ReceiverKind::Alertmanager { url } = &receiver.kind else {
+            return Ok(());
+        };
+        let all: Vec<&Queued> = firing.iter().collect();
+        let body = alertmanager_body(tenant, &all, crate::util::now_ms());
+        let resp = self
+            .client
+            .post(format!("{url}/api/v2/alerts"))
+            .header("content-type", "application/json")
+            .body(body)
+            .timeout(receiver.timeout)
+            .send()
+            .await
+            .map_err(|e| chain(&e.without_url()))?;
+        match resp.status().as_u16() {
+            200..=299 => Ok(()),
+            code => Err(format!("answered {code}")),
+        }
+    }
+}
+
+/// An error with its causes (refused, timed out, certificate …).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut why = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        why = format!("{why}: {s}");
+        source = s.source();
+    }
+    why
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// How long an alert sent to Alertmanager stays firing there unless sent again (the
+/// evaluator sends firing alerts again well within it, as Prometheus does).
+pub const ALERTMANAGER_HOLD: Duration = Duration::from_secs(10 * 60);
 
 /// A status as receivers read it.
 pub fn status_name(s: Status) -> &'static str {
@@ -125,6 +205,316 @@ pub fn rfc3339(ms: u64) -> String {
     chrono::DateTime::<chrono::Utc>::from_timestamp_millis(ms as i64)
         .unwrap_or_default()
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// What a notification is about, in a line: `CRITICAL: disk on db-1`.
+fn headline(q: &Queued) -> String {
+    let n = &q.notification;
+    let on = if q.hostname.is_empty() {
+        &n.fingerprint
+    } else {
+        &q.hostname
+    };
+    match n.kind {
+        Kind::Firing => format!(
+            "{}: {} on {on}",
+            status_name(n.status).to_uppercase(),
+            n.check
+        ),
+        Kind::Resolved => format!(
+            "RESOLVED: {} on {on} (was {})",
+            n.check,
+            status_name(n.status)
+        ),
+        Kind::Undeliverable => format!("UNDELIVERABLE: a notification about {} on {on}", n.check),
+    }
+}
+
+/// The incident a notification belongs to (`<fingerprint>/<check>/<incident>`): what
+/// PagerDuty dedupes on, so a firing and its resolve are one incident there. A notice of
+/// a refusal is its own.
+pub fn incident_key(n: &super::Notification) -> &str {
+    match n.kind {
+        Kind::Firing | Kind::Resolved => n.id.rsplit_once('/').map_or(&n.id, |(k, _)| k),
+        Kind::Undeliverable => &n.id,
+    }
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary, marked when cut.
+fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max.saturating_sub(3);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// Slack's three control characters, escaped as its message formatting asks.
+fn slack_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A Slack incoming webhook message: `text` (the notification's line, shown in
+/// notifications and where blocks are not) and `blocks` (a section with the output, a
+/// context line with the tenant, agent, since and id).
+pub fn slack_body(tenant: &str, q: &Queued) -> Vec<u8> {
+    let n = &q.notification;
+    let headline = slack_escape(&headline(q));
+    let emoji = match (n.kind, n.status) {
+        (Kind::Resolved, _) => ":large_green_circle:",
+        (Kind::Undeliverable, _) => ":warning:",
+        (_, Status::Critical) => ":red_circle:",
+        (_, Status::Warning) => ":large_yellow_circle:",
+        _ => ":white_circle:",
+    };
+    let section = format!(
+        "{emoji} *{headline}*\n```{}```",
+        cut(&slack_escape(&n.output), 2800)
+    );
+    let context = slack_escape(&format!(
+        "tenant {tenant} · agent {} · since {} · id {}",
+        n.fingerprint,
+        rfc3339(n.since_ms),
+        n.id
+    ));
+    let body = json!({
+        "text": format!("{emoji} {headline}"),
+        "blocks": [
+            { "type": "section", "text": { "type": "mrkdwn", "text": section } },
+            { "type": "context", "elements": [ { "type": "mrkdwn", "text": cut(&context, 2900) } ] },
+        ],
+    });
+    serde_json::to_vec(&body).expect("a JSON value serializes")
+}
+
+/// A PagerDuty Events API v2 event: `trigger` for a firing notification (again with the
+/// same `dedup_key` for a change or a repeat: PagerDuty keeps one incident), `resolve` for
+/// its resolve.
+pub fn pagerduty_body(tenant: &str, q: &Queued, routing_key: &str) -> Vec<u8> {
+    let n = &q.notification;
+    let dedup_key = incident_key(n);
+    let body = if n.kind == Kind::Resolved {
+        json!({
+            "routing_key": routing_key,
+            "event_action": "resolve",
+            "dedup_key": dedup_key,
+        })
+    } else {
+        let severity = match (n.kind, n.status) {
+            (Kind::Undeliverable, _) => "error",
+            (_, Status::Critical) => "critical",
+            (_, Status::Warning) => "warning",
+            _ => "error",
+        };
+        let source = if q.hostname.is_empty() {
+            n.fingerprint.clone()
+        } else {
+            q.hostname.clone()
+        };
+        json!({
+            "routing_key": routing_key,
+            "event_action": "trigger",
+            "dedup_key": dedup_key,
+            "payload": {
+                "summary": cut(&format!("{}: {}", headline(q), n.output), 1024),
+                "source": source,
+                "severity": severity,
+                "timestamp": rfc3339(n.at_ms),
+                "component": n.check,
+                "group": tenant,
+                "class": "outpost check",
+                "custom_details": {
+                    "output": n.output,
+                    "fingerprint": n.fingerprint,
+                    "labels": q.labels,
+                    "since": rfc3339(n.since_ms),
+                    "notification": n.id,
+                },
+            },
+            "client": "Outpost",
+        })
+    };
+    serde_json::to_vec(&body).expect("a JSON value serializes")
+}
+
+/// A label name as Prometheus allows it (`[a-zA-Z_][a-zA-Z0-9_]*`).
+fn label_name(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if out.is_empty() || out.starts_with(|c: char| c.is_ascii_digit()) {
+        out.insert(0, '_');
+    }
+    out
+}
+
+/// The labels an alert has in Alertmanager: the agent's own labels, then Outpost's
+/// (which win): `alertname` (the check), `tenant`, `fingerprint`, `instance` (the
+/// hostname) and `severity`. The same for every notification of one (agent, check), so
+/// Alertmanager sees one alert.
+pub fn alertmanager_labels(tenant: &str, q: &Queued) -> BTreeMap<String, String> {
+    let n = &q.notification;
+    let mut labels: BTreeMap<String, String> = q
+        .labels
+        .iter()
+        .map(|(k, v)| (label_name(k), v.clone()))
+        .collect();
+    labels.insert("alertname".into(), n.check.clone());
+    labels.insert("tenant".into(), tenant.to_string());
+    labels.insert("fingerprint".into(), n.fingerprint.clone());
+    if !q.hostname.is_empty() {
+        labels.insert("instance".into(), q.hostname.clone());
+    }
+    if n.kind == Kind::Undeliverable {
+        labels.insert("alertname".into(), "OutpostUndeliverable".into());
+        labels.insert("check".into(), n.check.clone());
+        labels.insert("severity".into(), "warning".into());
+    }
+    labels
+}
+
+/// Alerts for Alertmanager's `POST /api/v2/alerts`, at `now_ms`: each firing one until
+/// [`ALERTMANAGER_HOLD`] from now, a resolved one ending at the resolve's time.
+pub fn alertmanager_body(tenant: &str, alerts: &[&Queued], now_ms: u64) -> Vec<u8> {
+    let list: Vec<serde_json::Value> = alerts
+        .iter()
+        .map(|q| {
+            let n = &q.notification;
+            let ends = match n.kind {
+                Kind::Resolved => n.at_ms,
+                _ => now_ms + ALERTMANAGER_HOLD.as_millis() as u64,
+            };
+            json!({
+                "labels": alertmanager_labels(tenant, q),
+                "annotations": {
+                    "summary": headline(q),
+                    "description": n.output,
+                    "status": status_name(n.status),
+                    "outpost_id": n.id,
+                },
+                "startsAt": rfc3339(n.since_ms),
+                "endsAt": rfc3339(ends),
+            })
+        })
+        .collect();
+    serde_json::to_vec(&list).expect("a JSON value serializes")
+}
+
+/// Send `q` as an email. An SMTP answer of 4xx (transient) or no answer is tried again;
+/// 5xx (permanent) is a refusal.
+async fn send_email(
+    email: &Email,
+    receiver: &Receiver,
+    tenant: &str,
+    q: &Queued,
+    attempt: u32,
+) -> Outcome {
+    let (timeout, cap) = (receiver.timeout, receiver.retry_max);
+    let retry = |why: &str| judge(Answer::Failed(why), attempt, SystemTime::now(), cap);
+    use lettre::transport::smtp::authentication::Credentials;
+    use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
+    use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
+
+    let n = &q.notification;
+    let message = match email_message(email, tenant, q) {
+        Ok(m) => m,
+        Err(why) => return Outcome::Refused { why },
+    };
+    let tls = || -> Result<TlsParameters, String> {
+        let mut b = TlsParameters::builder(email.host.clone());
+        if let Some(file) = &email.ca_file {
+            let pem = std::fs::read(file)
+                .map_err(|e| format!("ca_file: cannot read {}: {e}", file.display()))?;
+            let cert = Certificate::from_pem(&pem)
+                .map_err(|e| format!("ca_file {}: {e}", file.display()))?;
+            b = b.add_root_certificate(cert);
+        }
+        b.build_rustls()
+            .map_err(|e| format!("TLS setup: {}", chain(&e)))
+    };
+    let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&email.host)
+        .port(email.port)
+        .timeout(Some(timeout));
+    builder = match email.tls {
+        SmtpTls::None => builder,
+        SmtpTls::StartTls | SmtpTls::Implicit => match tls() {
+            Ok(p) if email.tls == SmtpTls::Implicit => builder.tls(Tls::Wrapper(p)),
+            Ok(p) => builder.tls(Tls::Required(p)),
+            Err(why) => return retry(&why),
+        },
+    };
+    if let Some((user, password)) = &email.auth {
+        let password = match password.read() {
+            Ok(p) => p,
+            Err(e) => return retry(&format!("email password: {e}")),
+        };
+        builder = builder.credentials(Credentials::new(user.clone(), password));
+    }
+    let transport = builder.build();
+    let sent = tokio::time::timeout(timeout * 3, transport.send(message)).await;
+    match sent {
+        Ok(Ok(_)) => Outcome::Delivered,
+        Ok(Err(e)) if e.is_permanent() => Outcome::Refused {
+            why: format!("the SMTP server refused {}: {}", n.id, chain(&e)),
+        },
+        Ok(Err(e)) => retry(&chain(&e)),
+        Err(_) => retry("the SMTP exchange did not finish in time"),
+    }
+}
+
+/// The email for `q`: the headline as its subject, the details as plain text; its
+/// Message-ID is made from the notification's id, the same on every retry.
+pub fn email_message(email: &Email, tenant: &str, q: &Queued) -> Result<lettre::Message, String> {
+    let n = &q.notification;
+    let mut b = lettre::Message::builder()
+        .from(email.from.parse().map_err(|e| format!("from: {e}"))?)
+        .subject(format!("[Outpost] {}", headline(q)))
+        .message_id(Some(format!("<{}@outpost>", message_id_part(&n.id))));
+    for to in &email.to {
+        b = b.to(to.parse().map_err(|e| format!("to {to}: {e}"))?);
+    }
+    let labels: Vec<String> = q.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let body = format!(
+        "{}\n\n{}\n\ntenant:      {tenant}\nagent:       {} ({})\nlabels:      {}\ncheck:       {}\nstatus:      {}\nsince:       {}\nnotified:    {}\nid:          {}\n",
+        headline(q),
+        n.output,
+        q.hostname,
+        n.fingerprint,
+        labels.join(", "),
+        n.check,
+        status_name(n.status),
+        rfc3339(n.since_ms),
+        rfc3339(n.at_ms),
+        n.id,
+    );
+    b.header(lettre::message::header::ContentType::TEXT_PLAIN)
+        .body(body)
+        .map_err(|e| format!("cannot make the email: {e}"))
+}
+
+/// `id` with anything a Message-ID may not hold made a `-`.
+fn message_id_part(id: &str) -> String {
+    id.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_./+=".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect()
 }
 
 /// The generic webhook's body: a Standard Webhooks payload (`type`, `timestamp`, `data`).

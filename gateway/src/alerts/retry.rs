@@ -40,14 +40,20 @@ pub enum Answer<'a> {
     Failed(&'a str),
 }
 
-/// Judge attempt number `attempt` (1 for the first) that got `answer` at `now`.
-pub fn judge(answer: Answer<'_>, attempt: u32, now: SystemTime) -> Outcome {
+/// Judge attempt number `attempt` (1 for the first) that got `answer` at `now`; our own
+/// backoff goes no higher than `cap` (the receiver's `retry_max`; a `Retry-After` may ask
+/// for longer). Never less than [`FIRST_BACKOFF`] (a `Retry-After` of 0 or a date past is
+/// not a reason to hammer a receiver).
+pub fn judge(answer: Answer<'_>, attempt: u32, now: SystemTime, cap: Duration) -> Outcome {
+    let backoff = |attempt| backoff(attempt).min(cap).max(FIRST_BACKOFF);
     match answer {
         Answer::Status { code, .. } if (200..300).contains(&code) => Outcome::Delivered,
         Answer::Status { code, retry_after } if code == 408 || code == 429 || code >= 500 => {
             let asked = retry_after.and_then(|v| retry_after_wait(v, now));
             Outcome::Retry {
-                after: asked.unwrap_or_else(|| backoff(attempt)).min(MAX_WAIT),
+                after: asked
+                    .unwrap_or_else(|| backoff(attempt))
+                    .clamp(FIRST_BACKOFF, MAX_WAIT),
                 why: match asked {
                     Some(d) => format!("answered {code}, Retry-After {}s", d.as_secs()),
                     None => format!("answered {code}"),
@@ -94,22 +100,34 @@ mod tests {
     #[test]
     fn each_answer_is_judged_as_documented() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_806_400);
-        assert_eq!(judge(status(200, None), 1, now), Outcome::Delivered);
-        assert_eq!(judge(status(204, None), 3, now), Outcome::Delivered);
+        assert_eq!(
+            judge(status(200, None), 1, now, MAX_BACKOFF),
+            Outcome::Delivered
+        );
+        assert_eq!(
+            judge(status(204, None), 3, now, MAX_BACKOFF),
+            Outcome::Delivered
+        );
         for code in [400, 401, 403, 404, 410, 413, 422] {
             assert!(
-                matches!(judge(status(code, None), 1, now), Outcome::Refused { .. }),
+                matches!(
+                    judge(status(code, None), 1, now, MAX_BACKOFF),
+                    Outcome::Refused { .. }
+                ),
                 "{code}"
             );
         }
         for code in [408, 429, 500, 502, 503, 504] {
             assert!(
-                matches!(judge(status(code, None), 1, now), Outcome::Retry { .. }),
+                matches!(
+                    judge(status(code, None), 1, now, MAX_BACKOFF),
+                    Outcome::Retry { .. }
+                ),
                 "{code}"
             );
         }
         assert!(matches!(
-            judge(Answer::Failed("connection refused"), 1, now),
+            judge(Answer::Failed("connection refused"), 1, now, MAX_BACKOFF),
             Outcome::Retry { .. }
         ));
     }
@@ -117,7 +135,7 @@ mod tests {
     #[test]
     fn retry_after_is_honoured_in_seconds_or_as_a_date_and_capped() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_806_400);
-        let after = |v: &str| match judge(status(429, Some(v)), 1, now) {
+        let after = |v: &str| match judge(status(429, Some(v)), 1, now, MAX_BACKOFF) {
             Outcome::Retry { after, .. } => after,
             other => panic!("{other:?}"),
         };
@@ -127,10 +145,26 @@ mod tests {
             after("Thu, 04 Dec 2025 00:00:30 GMT"),
             Duration::from_secs(30)
         );
-        assert_eq!(after("Wed, 03 Dec 2025 23:00:00 GMT"), Duration::ZERO);
+        // Now or in the past: not at once, after the first backoff.
+        assert_eq!(after("Wed, 03 Dec 2025 23:00:00 GMT"), FIRST_BACKOFF);
+        assert_eq!(after("0"), FIRST_BACKOFF);
         assert_eq!(after("86400"), MAX_WAIT);
         // Unreadable: our own backoff.
         assert_eq!(after("soon"), backoff(1));
+    }
+
+    #[test]
+    fn a_receivers_cap_bounds_our_backoff_and_not_its_retry_after() {
+        let now = SystemTime::UNIX_EPOCH;
+        let cap = Duration::from_secs(2);
+        let wait = |answer, attempt| match judge(answer, attempt, now, cap) {
+            Outcome::Retry { after, .. } => after,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(wait(status(503, None), 1), Duration::from_secs(1));
+        assert_eq!(wait(status(503, None), 9), cap);
+        assert_eq!(wait(Answer::Failed("refused"), 9), cap);
+        assert_eq!(wait(status(429, Some("30")), 9), Duration::from_secs(30));
     }
 
     #[test]

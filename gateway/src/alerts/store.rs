@@ -76,7 +76,7 @@ pub trait AlertStore: Send + Sync {
     /// Append `records`; returns once they are durable.
     async fn append(&self, records: &[Record]) -> anyhow::Result<()>;
     /// Replace the snapshot (and start a new journal after it).
-    async fn snapshot(&self, snapshot: &Snapshot) -> anyhow::Result<()>;
+    async fn snapshot(&self, snapshot: Snapshot) -> anyhow::Result<()>;
 }
 
 /// Apply journal `records` to `snapshot`.
@@ -137,11 +137,20 @@ impl FileStore {
 }
 
 fn open_journal(dir: &Path) -> anyhow::Result<std::fs::File> {
-    std::fs::OpenOptions::new()
+    let path = dir.join(JOURNAL);
+    let existed = path.exists();
+    let f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(dir.join(JOURNAL))
-        .with_context(|| format!("cannot open {}", dir.join(JOURNAL).display()))
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    if !existed {
+        // The new file's name must survive a power cut as its lines do.
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .with_context(|| format!("cannot sync {}", dir.display()))?;
+    }
+    Ok(f)
 }
 
 #[async_trait]
@@ -226,16 +235,28 @@ impl AlertStore for FileStore {
                 *journal = Some(open_journal(dir)?);
             }
             let f = journal.as_mut().expect("opened above");
-            f.write_all(&buf)
-                .and_then(|()| f.sync_data())
-                .with_context(|| format!("cannot write {}", dir.join(JOURNAL).display()))
+            let before = f.metadata()?.len();
+            let written = f.write_all(&buf).and_then(|()| f.sync_data());
+            if let Err(e) = written {
+                // Nothing half-written may stay: the next line would be glued to it, and
+                // a line that is not durable was not taken. Cut back; reopen next time.
+                let cut = f.set_len(before).and_then(|()| f.sync_data());
+                *journal = None;
+                if let Err(c) = cut {
+                    tracing::error!(file = %dir.join(JOURNAL).display(), error = %c,
+                        "cannot cut a failed write off the alert journal");
+                }
+                return Err(e)
+                    .with_context(|| format!("cannot write {}", dir.join(JOURNAL).display()));
+            }
+            Ok(())
         })
         .await
     }
 
-    async fn snapshot(&self, snapshot: &Snapshot) -> anyhow::Result<()> {
-        let bytes = serde_json::to_vec(snapshot)?;
+    async fn snapshot(&self, snapshot: Snapshot) -> anyhow::Result<()> {
         self.blocking(move |dir, journal| {
+            let bytes = serde_json::to_vec(&snapshot)?;
             let mut journal = lock(journal);
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -307,7 +328,7 @@ mod tests {
             queue: loaded.snapshot.queue.clone(),
             ..Snapshot::default()
         };
-        store.snapshot(&snap).await.unwrap();
+        store.snapshot(snap).await.unwrap();
         store
             .append(&[
                 Record::Queued(Box::new(queued(2, "a", "n/1"))),
