@@ -21,15 +21,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outpost_protocol::Status;
-use tokio::sync::{watch, Mutex};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::alerts::config::{AlertConfig, ReceiverKind};
 use crate::alerts::deliver::Sender;
 use crate::alerts::retry::Outcome;
+use crate::alerts::silence::{Silence, Silences};
 use crate::alerts::store::{AlertStore, FileStore, Loaded, Queued, Record, Snapshot};
-use crate::alerts::{Alerts, Kind, Notification, Policy};
+use crate::alerts::{Ack, Alerts, Kind, Notification, Policy};
 use crate::bus::{AgentRef, Bus};
 use crate::checks::{Catalog, TenantChecks};
 use crate::health::Health;
@@ -77,6 +79,8 @@ pub struct Context {
     /// The tenants whose evaluator is started (here, so that `run` restarted by its
     /// supervisor does not start a second one).
     pub running: Arc<std::sync::Mutex<HashSet<String>>>,
+    /// Where the API finds the evaluators.
+    pub hub: Arc<Hub>,
 }
 
 /// Start each tenant's alerting once it has any (receivers or routes in its files, or
@@ -245,8 +249,13 @@ impl Engine {
             mut position,
             mut caught_up,
             mut alerts,
+            mut silences,
             ..
         } = loaded.snapshot;
+        // Asked by the API: registered for this life.
+        let (commands_tx, mut commands) = tokio::sync::mpsc::channel(64);
+        self.ctx.hub.register(&self.tenant, commands_tx);
+        let _unregister = Unregister(&self.ctx.hub, &self.tenant);
         let mut last_snapshot = Instant::now();
         let mut last_refresh = Instant::now() - ALERTMANAGER_REFRESH;
         let mut dirty = false;
@@ -282,6 +291,21 @@ impl Engine {
             let wait = if caught_up { TICK } else { Duration::ZERO };
             let read = tokio::select! {
                 _ = self.ctx.shutdown.cancelled() => break,
+                Some(command) = commands.recv() => {
+                    let changed = self.command(command, &mut alerts, &mut silences, &config);
+                    if let Some(reply) = changed {
+                        // What was asked is kept before it is answered.
+                        let saved = self.snapshot(&queue, position, caught_up, &alerts, &silences).await;
+                        if saved.is_ok() {
+                            dirty = false;
+                            last_snapshot = Instant::now();
+                        } else {
+                            crate::metrics::Metrics::inc(&self.ctx.metrics.alert_store_errors);
+                        }
+                        reply(saved.map_err(|e| format!("cannot save the alert state: {e:#}; retry")));
+                    }
+                    continue;
+                }
                 r = self.ctx.bus.read_results(&self.tenant, position, BATCH, wait) => r,
             };
             let read = match read {
@@ -330,12 +354,17 @@ impl Engine {
                     identities.insert(fp.to_string(), id);
                 }
             }
+            let now_ms = crate::util::now_ms();
             let route = |fp: &str, check: &str, status: Status| -> Policy {
                 if !caught_up {
                     return Policy::hold();
                 }
                 let id = identities.get(fp).cloned().unwrap_or_default();
-                config.policy(check, &id.labels, &id.groups, status)
+                let mut policy = config.policy(check, &id.labels, &id.groups, status);
+                policy.muted = !silences
+                    .muting(now_ms, fp, &id.hostname, &id.labels, check)
+                    .is_empty();
+                policy
             };
             let mut due: Vec<Notification> = Vec::new();
             for (_, agent, result) in &read.results {
@@ -359,6 +388,14 @@ impl Engine {
                 let ticked = alerts.tick(now, &route);
                 by_the_clock = !ticked.is_empty();
                 due.extend(ticked);
+                // Silences: which silenced something firing, which ended with what they
+                // silenced, which are in force too long.
+                let forgotten =
+                    self.silence_upkeep(&alerts, &mut silences, &identities, &config, now_ms);
+                if !forgotten.is_empty() {
+                    by_the_clock = true;
+                    due.extend(forgotten);
+                }
             }
             // Alertmanager's lists of what still fires, made again before a change is
             // queued (so no resolve is followed by a stale "still firing").
@@ -409,7 +446,10 @@ impl Engine {
                     || last_snapshot.elapsed() >= SNAPSHOT_EVERY
                     || records >= SNAPSHOT_RECORDS)
             {
-                match self.snapshot(&queue, position, caught_up, &alerts).await {
+                match self
+                    .snapshot(&queue, position, caught_up, &alerts, &silences)
+                    .await
+                {
                     Ok(()) => {
                         dirty = false;
                         last_snapshot = Instant::now();
@@ -422,9 +462,202 @@ impl Engine {
             }
         }
         if dirty {
-            if let Err(e) = self.snapshot(&queue, position, caught_up, &alerts).await {
+            if let Err(e) = self
+                .snapshot(&queue, position, caught_up, &alerts, &silences)
+                .await
+            {
                 tracing::warn!(tenant = %self.tenant, error = %format!("{e:#}"), "alert state not saved at shutdown; the bus is read again from the last snapshot");
             }
+        }
+    }
+
+    /// Silences' upkeep (see `Silences::upkeep`); returns the "forgotten silence"
+    /// notifications due.
+    fn silence_upkeep(
+        &self,
+        alerts: &Alerts,
+        silences: &mut Silences,
+        identities: &HashMap<String, Identity>,
+        config: &AlertConfig,
+        now_ms: u64,
+    ) -> Vec<Notification> {
+        if silences.list.is_empty() {
+            return Vec::new();
+        }
+        let none = Identity::default();
+        let firing: Vec<(&str, &Identity, &str)> = alerts
+            .alerts
+            .iter()
+            .flat_map(|(fp, checks)| {
+                let id = identities.get(fp).unwrap_or(&none);
+                checks
+                    .iter()
+                    .filter(|(_, a)| a.incident.is_some())
+                    .map(move |(check, _)| (fp.as_str(), id, check.as_str()))
+            })
+            .collect();
+        for (fp, id, check) in &firing {
+            let muting = silences.muting(now_ms, fp, &id.hostname, &id.labels, check);
+            silences.note_silenced(&muting);
+        }
+        let forgotten = silences.upkeep(
+            now_ms,
+            Some(config.silence_max_age.as_millis() as u64),
+            |s| {
+                firing
+                    .iter()
+                    .any(|(fp, id, check)| s.matchers.matches(fp, &id.hostname, &id.labels, check))
+            },
+        );
+        forgotten
+            .into_iter()
+            .map(|s| {
+                let policy = config.policy(FORGOTTEN_SILENCE, &BTreeMap::new(), &[], Status::Warning);
+                if policy.receivers.is_empty() {
+                    tracing::warn!(tenant = %self.tenant, silence = %s.id,
+                        "a silence may be forgotten, and no route takes {FORGOTTEN_SILENCE}");
+                }
+                Notification {
+                    id: format!("silence/{}/forgotten", s.id),
+                    fingerprint: String::new(),
+                    check: FORGOTTEN_SILENCE.to_string(),
+                    kind: Kind::Firing,
+                    status: Status::Warning,
+                    since_ms: s.starts_ms,
+                    at_ms: now_ms,
+                    output: format!(
+                        "silence {} by {} ({:?}) has been in force since {}: if it is forgotten, expire it; if it is meant to stay, mark it permanent",
+                        s.id,
+                        s.creator,
+                        s.comment,
+                        crate::alerts::deliver::rfc3339(s.starts_ms)
+                    ),
+                    receivers: policy.receivers,
+                }
+            })
+            .collect()
+    }
+
+    /// Do what the API asked. For a change, returns how to answer once it is saved.
+    fn command(
+        &self,
+        command: Command,
+        alerts: &mut Alerts,
+        silences: &mut Silences,
+        config: &AlertConfig,
+    ) -> Option<Answer> {
+        let now_ms = crate::util::now_ms();
+        match command {
+            Command::List(reply) => {
+                let _ = reply.send(self.view(alerts, silences, config, now_ms));
+                None
+            }
+            Command::AddSilence(silence, reply) => {
+                silences.add(silence.clone());
+                Some(Box::new(move |saved| {
+                    let _ = reply.send(saved.map(|()| silence));
+                }))
+            }
+            Command::ExpireSilence(id, reply) => match silences.expire(&id, now_ms) {
+                Some(s) => Some(Box::new(move |saved| {
+                    let _ = reply.send(saved.map(|()| s));
+                })),
+                None => {
+                    let _ = reply.send(Err(format!("no silence {id}")));
+                    None
+                }
+            },
+            Command::Ack {
+                fingerprint,
+                check,
+                ack,
+                reply,
+            } => match alerts.ack(&fingerprint, &check, ack) {
+                Ok(()) => Some(Box::new(move |saved| {
+                    let _ = reply.send(saved);
+                })),
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    None
+                }
+            },
+        }
+    }
+
+    /// The tenant's alerts that are not OK, and its silences, as the API shows them.
+    fn view(
+        &self,
+        alerts: &Alerts,
+        silences: &Silences,
+        config: &AlertConfig,
+        now_ms: u64,
+    ) -> View {
+        let mut out = Vec::new();
+        for (fp, checks) in &alerts.alerts {
+            let id = self
+                .ctx
+                .registry
+                .identity(&AgentRef::new(&self.tenant, fp))
+                .unwrap_or_default();
+            for (check, alert) in checks {
+                let Some(incident) = &alert.incident else {
+                    continue;
+                };
+                let silenced_by = silences.muting(now_ms, fp, &id.hostname, &id.labels, check);
+                let policy = config.policy(check, &id.labels, &id.groups, alert.status);
+                let acked = incident.acked.clone().filter(|a| a.holds(now_ms));
+                let (state, why) = if !silenced_by.is_empty() {
+                    (
+                        "silenced",
+                        format!("silenced by {}", silenced_by.join(", ")),
+                    )
+                } else if let (Some(a), Some(_)) = (&acked, incident.notified) {
+                    (
+                        "acknowledged",
+                        format!("acknowledged by {}: {}", a.by, a.comment),
+                    )
+                } else if let Some((_, at)) = incident.notified {
+                    (
+                        "firing",
+                        format!(
+                            "told {} at {}",
+                            incident.told.iter().cloned().collect::<Vec<_>>().join(", "),
+                            crate::alerts::deliver::rfc3339(at)
+                        ),
+                    )
+                } else if policy.receivers.is_empty() {
+                    ("pending", "no route takes it: it tells nobody".to_string())
+                } else {
+                    (
+                        "pending",
+                        format!(
+                            "for {}s: notifies {} at {}",
+                            policy.wait.as_secs(),
+                            policy.receivers.join(", "),
+                            crate::alerts::deliver::rfc3339(
+                                incident.since_ms + policy.wait.as_millis() as u64
+                            )
+                        ),
+                    )
+                };
+                out.push(AlertView {
+                    fingerprint: fp.clone(),
+                    hostname: id.hostname.clone(),
+                    check: check.clone(),
+                    status: crate::alerts::deliver::status_name(alert.status),
+                    state,
+                    why,
+                    since: crate::alerts::deliver::rfc3339(incident.since_ms),
+                    output: alert.output.clone(),
+                    told: incident.told.iter().cloned().collect(),
+                    silenced_by,
+                    acknowledged: acked,
+                });
+            }
+        }
+        View {
+            alerts: out,
+            silences: silences.list.clone(),
         }
     }
 
@@ -497,12 +730,14 @@ impl Engine {
         position: u64,
         caught_up: bool,
         alerts: &Alerts,
+        silences: &Silences,
     ) -> anyhow::Result<()> {
         let mut inner = queue.inner.lock().await;
         let snapshot = Snapshot {
             position,
             caught_up,
             alerts: alerts.clone(),
+            silences: silences.clone(),
             next_seq: inner.next_seq,
             queue: inner.items.values().cloned().collect(),
         };
@@ -789,6 +1024,104 @@ fn undeliverable(config: &AlertConfig, item: &Queued, why: &str) -> Option<Queue
         hostname: item.hostname.clone(),
         labels: item.labels.clone(),
     })
+}
+
+/// The check name of the "forgotten silence" meta-alert (route it with
+/// `checks = ["outpost.*"]`).
+pub const FORGOTTEN_SILENCE: &str = "outpost.silence";
+
+/// How a change the API asked for is answered, once it is saved (or could not be).
+type Answer = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// What the API asks an evaluator.
+pub enum Command {
+    List(oneshot::Sender<View>),
+    AddSilence(Silence, oneshot::Sender<Result<Silence, String>>),
+    ExpireSilence(String, oneshot::Sender<Result<Silence, String>>),
+    Ack {
+        fingerprint: String,
+        check: String,
+        ack: Ack,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// A tenant's alerts and silences, as the API lists them.
+#[derive(Debug, Clone, Serialize)]
+pub struct View {
+    pub alerts: Vec<AlertView>,
+    pub silences: Vec<Silence>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AlertView {
+    pub fingerprint: String,
+    pub hostname: String,
+    pub check: String,
+    pub status: &'static str,
+    /// `firing` (told), `pending` (waiting for its `for`, or no route), `silenced`,
+    /// `acknowledged`.
+    pub state: &'static str,
+    pub why: String,
+    pub since: String,
+    pub output: String,
+    pub told: Vec<String>,
+    pub silenced_by: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acknowledged: Option<Ack>,
+}
+
+/// The running evaluators, for the API.
+#[derive(Default)]
+pub struct Hub {
+    engines: std::sync::Mutex<HashMap<String, mpsc::Sender<Command>>>,
+}
+
+/// Why the API could not ask.
+#[derive(Debug, thiserror::Error)]
+pub enum AskError {
+    #[error("alerting is not running for this tenant: declare receivers and routes in its check files (docs/ALERTING.md)")]
+    NotRunning,
+    #[error("alerting is busy or restarting; retry")]
+    Busy,
+}
+
+impl Hub {
+    fn register(&self, tenant: &str, tx: mpsc::Sender<Command>) {
+        outpost_sys::lock(&self.engines).insert(tenant.to_string(), tx);
+    }
+
+    /// Ask `tenant`'s evaluator: `make` builds the command around the answer's sender.
+    pub async fn ask<T>(
+        &self,
+        tenant: &str,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, AskError> {
+        let tx = outpost_sys::lock(&self.engines)
+            .get(tenant)
+            .cloned()
+            .ok_or(AskError::NotRunning)?;
+        let (reply, answer) = oneshot::channel();
+        tx.send(make(reply)).await.map_err(|_| AskError::Busy)?;
+        tokio::time::timeout(Duration::from_secs(30), answer)
+            .await
+            .map_err(|_| AskError::Busy)?
+            .map_err(|_| AskError::Busy)
+    }
+
+    /// Whether `tenant` has alerting running here.
+    pub fn running(&self, tenant: &str) -> bool {
+        outpost_sys::lock(&self.engines).contains_key(tenant)
+    }
+}
+
+/// Takes an evaluator off the hub when its life ends.
+struct Unregister<'a>(&'a Hub, &'a str);
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        outpost_sys::lock(&self.0.engines).remove(self.1);
+    }
 }
 
 /// `DATA_DIR/alerts`.

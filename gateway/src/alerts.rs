@@ -18,6 +18,7 @@
 pub mod config;
 pub mod deliver;
 pub mod retry;
+pub mod silence;
 pub mod store;
 pub mod webhook;
 
@@ -37,6 +38,8 @@ pub struct Policy {
     /// The receivers to tell. None: the alert is tracked, and notifies nobody (until a
     /// route names someone).
     pub receivers: Vec<String>,
+    /// Silenced now: nothing fires (a resolve still goes out).
+    pub muted: bool,
 }
 
 impl Policy {
@@ -46,6 +49,7 @@ impl Policy {
             wait: Duration::ZERO,
             repeat: None,
             receivers: receivers.iter().map(|r| r.to_string()).collect(),
+            muted: false,
         }
     }
 
@@ -56,6 +60,7 @@ impl Policy {
             wait: Duration::MAX,
             repeat: None,
             receivers: Vec::new(),
+            muted: false,
         }
     }
 }
@@ -94,6 +99,25 @@ pub struct Incident {
     /// Every receiver told of it: each gets the resolve, once.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub told: BTreeSet<String>,
+    /// Acknowledged: no repeats while it holds (a new status still notifies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked: Option<Ack>,
+}
+
+/// Someone is on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub by: String,
+    pub comment: String,
+    pub at_ms: u64,
+    /// `None`: until the incident resolves.
+    pub until_ms: Option<u64>,
+}
+
+impl Ack {
+    pub fn holds(&self, now_ms: u64) -> bool {
+        self.until_ms.is_none_or(|until| now_ms < until)
+    }
 }
 
 /// What a notification says.
@@ -188,6 +212,7 @@ impl Alerts {
             sent: 0,
             notified: None,
             told: BTreeSet::new(),
+            acked: None,
         });
         let policy = route(fingerprint, &result.check, alert.status);
         if let Some(n) = due_now(
@@ -261,6 +286,24 @@ impl Alerts {
         out
     }
 
+    /// Acknowledge the open incident of (`fingerprint`, `check`).
+    pub fn ack(&mut self, fingerprint: &str, check: &str, ack: Ack) -> Result<(), String> {
+        match self
+            .alerts
+            .get_mut(fingerprint)
+            .and_then(|c| c.get_mut(check))
+            .and_then(|a| a.incident.as_mut())
+        {
+            Some(incident) => {
+                incident.acked = Some(ack);
+                Ok(())
+            }
+            None => Err(format!(
+                "agent {fingerprint} has no open alert for check {check:?}: nothing to acknowledge"
+            )),
+        }
+    }
+
     /// Forget an agent (forgotten or revoked): its incidents end without a word.
     pub fn forget(&mut self, fingerprint: &str) {
         self.alerts.remove(fingerprint);
@@ -283,11 +326,12 @@ fn due_now(
         None => waited,
         // A new status within the incident is news.
         Some((said, _)) if said != status => true,
+        Some(_) if incident.acked.as_ref().is_some_and(|a| a.holds(now_ms)) => false,
         Some((_, at)) => policy
             .repeat
             .is_some_and(|every| now_ms.saturating_sub(at) >= millis(every)),
     };
-    if !due || policy.receivers.is_empty() {
+    if !due || policy.muted || policy.receivers.is_empty() {
         return None;
     }
     let n = incident.sent;
@@ -385,6 +429,7 @@ mod tests {
             wait: Duration::from_secs(60),
             repeat: None,
             receivers: vec!["ops".into()],
+            muted: false,
         };
         let mut a = Alerts::default();
         // Critical at 10 s, OK at 40 s: shorter than the wait, nobody told, no resolve.
@@ -410,6 +455,7 @@ mod tests {
             wait: Duration::ZERO,
             repeat: Some(Duration::from_secs(3600)),
             receivers: vec!["ops".into()],
+            muted: false,
         };
         let mut a = Alerts::default();
         assert_eq!(a.apply(FP, &hard(1, Status::Warning), &r(&p)).len(), 1);
@@ -525,5 +571,80 @@ mod tests {
         assert_eq!((firing[0].check.as_str(), firing[0].at_ms), ("disk", 99));
         a.apply(FP, &hard(3, Status::Ok), &r(&p));
         assert!(a.firing_told("am", 100).is_empty());
+    }
+
+    #[test]
+    fn a_silenced_alert_notifies_when_the_silence_ends_and_a_resolve_is_never_silenced() {
+        let (on, off) = (
+            Policy {
+                muted: true,
+                ..Policy::to(&["ops"])
+            },
+            Policy::to(&["ops"]),
+        );
+        let mut a = Alerts::default();
+        assert!(a.apply(FP, &hard(1, Status::Critical), &r(&on)).is_empty());
+        assert!(a.tick(5_000, &r(&on)).is_empty());
+        // The silence ends while it still fires: told then.
+        assert_eq!(
+            kinds(&a.tick(6_000, &r(&off))),
+            [(Kind::Firing, Status::Critical, format!("{FP}/disk/1/0"))]
+        );
+        // Silenced again, it resolves: the resolve goes out all the same.
+        let resolved = a.apply(FP, &hard(7, Status::Ok), &r(&on));
+        assert_eq!(
+            kinds(&resolved),
+            [(Kind::Resolved, Status::Critical, format!("{FP}/disk/1/r"))]
+        );
+        // One that never notified resolves silently under a silence.
+        assert!(a.apply(FP, &hard(8, Status::Warning), &r(&on)).is_empty());
+        assert!(a.apply(FP, &hard(9, Status::Ok), &r(&on)).is_empty());
+    }
+
+    #[test]
+    fn an_acknowledged_alert_does_not_repeat_until_it_resolves_or_the_ack_ends() {
+        let p = Policy {
+            repeat: Some(Duration::from_secs(60)),
+            ..Policy::to(&["ops"])
+        };
+        let mut a = Alerts::default();
+        assert_eq!(a.apply(FP, &hard(1, Status::Warning), &r(&p)).len(), 1);
+        let ack = Ack {
+            by: "ann".into(),
+            comment: "on it".into(),
+            at_ms: 2_000,
+            until_ms: Some(300_000),
+        };
+        a.ack(FP, "disk", ack).unwrap();
+        assert!(a
+            .ack(
+                FP,
+                "load",
+                Ack {
+                    by: "x".into(),
+                    comment: String::new(),
+                    at_ms: 0,
+                    until_ms: None
+                }
+            )
+            .is_err());
+        assert!(
+            a.tick(200_000, &r(&p)).is_empty(),
+            "no repeat while acknowledged"
+        );
+        // A new status is news even so.
+        assert_eq!(a.apply(FP, &hard(210, Status::Critical), &r(&p)).len(), 1);
+        assert!(a.tick(290_000, &r(&p)).is_empty());
+        // The acknowledgement ends: repeats again.
+        assert_eq!(a.tick(300_000, &r(&p)).len(), 1);
+        // Resolved: the next incident starts unacknowledged.
+        assert_eq!(a.apply(FP, &hard(400, Status::Ok), &r(&p)).len(), 1);
+        a.apply(FP, &hard(401, Status::Warning), &r(&p));
+        assert!(a.alerts[FP]["disk"]
+            .incident
+            .as_ref()
+            .unwrap()
+            .acked
+            .is_none());
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod alerts;
 
 use std::sync::Arc;
 
@@ -58,6 +59,8 @@ pub struct Services {
     pub shutdown: CancellationToken,
     /// Agent sessions are tracked with the connections, so shutdown waits for them.
     pub tracker: TaskTracker,
+    /// The tenants' alert evaluators.
+    pub alerting: Arc<crate::alerting::Hub>,
 }
 
 pub(crate) type Gw = Arc<Services>;
@@ -101,6 +104,7 @@ pub fn router(gw: Services, settings: &Arc<Settings>) -> Router {
         .route("/agents/{fingerprint}/checks", get(agent_checks))
         .route("/agents/{fingerprint}/checks/{check}/run", post(run_now))
         .merge(admin::routes())
+        .merge(alerts::routes())
         .layer(middleware::from_fn_with_state(
             gw.clone(),
             access::authenticate,

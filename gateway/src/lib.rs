@@ -50,6 +50,8 @@ pub struct Gateway {
     pub credentials: Arc<credentials::Credentials>,
     pub registry: Arc<registry::Registry>,
     pub checks: Arc<checks::TenantChecks>,
+    /// The tenants' alert evaluators, for the API.
+    pub alerting: Arc<alerting::Hub>,
     pub bus: Arc<dyn bus::Bus>,
     pub hub: Arc<hub::Hub>,
     pub metrics: Arc<metrics::Metrics>,
@@ -122,6 +124,7 @@ impl Gateway {
             nats: self.nats.clone(),
             shutdown: self.shutdown.clone(),
             tracker,
+            alerting: self.alerting.clone(),
         }
     }
 }
@@ -256,6 +259,7 @@ pub async fn prepare(settings: Settings, shutdown: CancellationToken) -> anyhow:
         credentials: Arc::new(credentials),
         registry,
         checks: Arc::new(checks),
+        alerting: Arc::default(),
         bus,
         hub: Arc::default(),
         metrics,
@@ -479,6 +483,7 @@ pub async fn serve(
                     tenants: gw.credentials.tenants.clone(),
                     poll: gw.settings.checks_poll,
                     running: Arc::default(),
+                    hub: gw.alerting.clone(),
                 };
                 background(&tracker, gw, "alerting", move || alerting::run(ctx.clone()));
             }

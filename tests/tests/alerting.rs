@@ -484,3 +484,241 @@ receivers = ["chat", "pager", "mail", "am"]
     }
     drop(agent);
 }
+
+/// The requests `hook` took about check `check`.
+fn about(hook: &WebhookReceiver, check: &str) -> Vec<Value> {
+    hook.taken()
+        .into_iter()
+        .filter(|r| r["body"]["data"]["check"] == check)
+        .collect()
+}
+
+async fn post(gw: &Gateway, path: &str, token: &str, body: Value) -> (u16, Value) {
+    gw.http_json("POST", &format!("/api/v1{path}"), Some(token), Some(&body))
+        .await
+}
+
+/// The alert of `check` as the API lists it.
+async fn alert_state(gw: &Gateway, check: &str) -> Option<Value> {
+    let list = gw.api("/alerts").await;
+    list["alerts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["check"] == check)
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silences_and_acknowledgements_hold_notifications_back_and_never_a_resolve() {
+    let dir = tempdir();
+    let plugin = flip_plugin(dir.path());
+    let mut hook = WebhookReceiver::new(dir.path(), "hook", free_ports(1)[0], Some(SECRET));
+    hook.start().await;
+    let gw = Gateway::start(dir.path(), &[]);
+    let checks = format!(
+        r#"
+[alerting]
+silence_max_age = "3s"
+
+[[check]]
+name = "flip"
+command = [{plugin:?}]
+interval = 1
+
+[[receiver]]
+name = "hook"
+webhook = {{ url = "{url}", secret = "{SECRET}" }}
+
+[[route]]
+checks = ["flip"]
+receivers = ["hook"]
+repeat = "2s"
+
+[[route]]
+checks = ["outpost.*"]
+receivers = ["hook"]
+"#,
+        url = hook.url()
+    );
+    gw.write_checks("flip.toml", &checks);
+    let agent = Agent::start(dir.path(), "db-1", &gw, "");
+    let fp = agent.fingerprint.clone();
+    hard_results(&gw, &fp, "ok", 2).await;
+    let admin = gw.token.clone();
+    let (status, reader) = post(
+        &gw,
+        "/tokens",
+        &admin,
+        serde_json::json!({"role": "read", "name": "viewer"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{reader}");
+    let reader = reader["api_token"].as_str().unwrap().to_string();
+
+    // Bad silences are refused with the fix; a read token may not silence.
+    let maintenance = serde_json::json!({
+        "matchers": {"agent": "db-1", "checks": ["fl*"]},
+        "ends_at": "1h", "permanent": true,
+        "creator": "ann", "comment": "disk swap"
+    });
+    let (status, body) = post(&gw, "/silences", &reader, maintenance.clone()).await;
+    assert_eq!(status, 403, "{body}");
+    for (bad, says) in [
+        (
+            serde_json::json!({"creator": "ann", "comment": "x"}),
+            "matchers",
+        ),
+        (
+            serde_json::json!({"matchers": {"checks": ["x"]}, "creator": "", "comment": "x"}),
+            "creator",
+        ),
+        (
+            serde_json::json!({"matchers": {"checks": ["x"]}, "creator": "a", "comment": "x", "ends_at": "soon"}),
+            "RFC 3339",
+        ),
+        (
+            serde_json::json!({"matchers": {"checks": ["x"]}, "creator": "a", "comment": "x", "end": "1h"}),
+            "unknown field",
+        ),
+    ] {
+        let (status, body) = post(&gw, "/silences", &admin, bad).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body["error"].as_str().unwrap().contains(says), "{body}");
+    }
+    let (status, silence) = post(&gw, "/silences", &admin, maintenance).await;
+    assert_eq!(status, 201, "{silence}");
+    let silence_id = silence["id"].as_str().unwrap().to_string();
+
+    // Kept across a restart.
+    let addr = gw.addr.clone();
+    gw.proc.signal(libc::SIGTERM);
+    let mut gw = gw;
+    gw.proc.wait_exit(T).await;
+    drop(gw);
+    let gw = Gateway::start_on(dir.path(), &addr, &[]);
+    let listed = eventually(T, "the silence after a restart", || async {
+        let (status, body) = gw.http("GET", "/api/v1/silences", Some(&reader)).await;
+        (status == 200 && body["silences"][0]["id"] == silence_id.as_str()).then_some(body)
+    })
+    .await;
+    assert_eq!(listed["silences"][0]["comment"], "disk swap");
+
+    // Silenced: tracked, nobody told.
+    set_state(dir.path(), 2);
+    hard_results(&gw, &fp, "critical", 3).await;
+    assert!(about(&hook, "flip").is_empty(), "silenced");
+    let a = alert_state(&gw, "flip").await.expect("the alert is listed");
+    assert_eq!(a["state"], "silenced", "{a}");
+    assert_eq!(a["silenced_by"], serde_json::json!([silence_id.clone()]));
+
+    // The silence ends while it fires: told then.
+    let (status, body) = gw
+        .http(
+            "DELETE",
+            &format!("/api/v1/silences/{silence_id}"),
+            Some(&admin),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = gw
+        .http("DELETE", "/api/v1/silences/nope", Some(&admin))
+        .await;
+    assert_eq!(status, 404);
+    let firing = eventually(T, "the firing after the silence", || async {
+        let f = about(&hook, "flip");
+        (!f.is_empty()).then_some(f)
+    })
+    .await;
+    assert_eq!(firing[0]["body"]["type"], "alert.firing");
+    // It repeats (every 2 s) until acknowledged.
+    eventually(T, "a repeat", || async {
+        (about(&hook, "flip").len() >= 2).then_some(())
+    })
+    .await;
+    let (status, body) = post(
+        &gw,
+        &format!("/alerts/{fp}/flip/ack"),
+        &admin,
+        serde_json::json!({"by": "ann", "comment": "replacing the disk"}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, _) = post(
+        &gw,
+        &format!("/alerts/{fp}/nope/ack"),
+        &admin,
+        serde_json::json!({"by": "ann"}),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let acked = about(&hook, "flip").len();
+    hard_results(&gw, &fp, "critical", 4).await;
+    assert_eq!(
+        about(&hook, "flip").len(),
+        acked,
+        "no repeats while acknowledged"
+    );
+    let a = alert_state(&gw, "flip").await.unwrap();
+    assert_eq!(a["state"], "acknowledged", "{a}");
+
+    // Silenced again, it resolves: the resolve is sent all the same, and a silence made to
+    // end on resolve ends.
+    let (status, s2) = post(
+        &gw,
+        "/silences",
+        &admin,
+        serde_json::json!({"matchers": {"checks": ["flip"]}, "expire_on_resolve": true, "permanent": true, "creator": "ann", "comment": "until fixed"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{s2}");
+    hard_results(&gw, &fp, "critical", 2).await;
+    set_state(dir.path(), 0);
+    let resolved = eventually(T, "the resolve under a silence", || async {
+        about(&hook, "flip")
+            .into_iter()
+            .find(|r| r["body"]["type"] == "alert.resolved")
+    })
+    .await;
+    assert!(resolved["headers"]["webhook-id"]
+        .as_str()
+        .unwrap()
+        .ends_with("/r"));
+    eventually(T, "the silence expired on resolve", || async {
+        let (_, body) = gw.http("GET", "/api/v1/silences", Some(&reader)).await;
+        body["silences"]
+            .as_array()?
+            .iter()
+            .find(|s| s["id"] == s2["id"] && !s["ends_ms"].is_null())
+            .map(|_| ())
+    })
+    .await;
+
+    // A silence left in force past silence_max_age (3 s) is reported once; a permanent
+    // one never.
+    let (status, forgotten) = post(
+        &gw,
+        "/silences",
+        &admin,
+        serde_json::json!({"matchers": {"checks": ["never-*"]}, "creator": "bob", "comment": "temporary"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{forgotten}");
+    let meta = eventually(T, "the forgotten-silence alert", || async {
+        let m = about(&hook, "outpost.silence");
+        (!m.is_empty()).then_some(m)
+    })
+    .await;
+    let output = meta[0]["body"]["data"]["output"].as_str().unwrap();
+    assert!(
+        output.contains(forgotten["id"].as_str().unwrap()) && output.contains("bob"),
+        "{output}"
+    );
+    hard_results(&gw, &fp, "ok", 4).await;
+    assert_eq!(
+        about(&hook, "outpost.silence").len(),
+        1,
+        "once, and never for permanent ones"
+    );
+    drop(agent);
+}

@@ -42,12 +42,28 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A tenant's alerting, put together from all its files.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AlertConfig {
     pub receivers: BTreeMap<String, Receiver>,
     pub routes: Vec<RouteDef>,
     /// The receiver told when a notification is refused for good.
     pub fallback: Option<String>,
+    /// A silence in force this long (and not permanent) is reported as maybe forgotten.
+    pub silence_max_age: Duration,
+}
+
+/// `silence_max_age` when `[alerting]` does not give one.
+pub const DEFAULT_SILENCE_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+impl Default for AlertConfig {
+    fn default() -> AlertConfig {
+        AlertConfig {
+            receivers: BTreeMap::new(),
+            routes: Vec::new(),
+            fallback: None,
+            silence_max_age: DEFAULT_SILENCE_MAX_AGE,
+        }
+    }
 }
 
 /// Where notifications go.
@@ -204,11 +220,13 @@ impl AlertConfig {
                 wait: r.wait,
                 repeat: r.repeat,
                 receivers: r.receivers.clone(),
+                muted: false,
             },
             None => Policy {
                 wait: Duration::ZERO,
                 repeat: None,
                 receivers: Vec::new(),
+                muted: false,
             },
         }
     }
@@ -229,14 +247,17 @@ impl AlertConfig {
         let mut routes = Vec::new();
         for (path, file) in files {
             let name = path.display();
-            if let Some(fallback) = &file.fallback {
+            if file.has_settings {
                 match &fallback_from {
                     Some(first) => problems.push(format!(
                         "{name}: [alerting] is also in {first}; the first file (by name) wins"
                     )),
                     None => {
                         fallback_from = Some(name.to_string());
-                        config.fallback = Some(fallback.clone());
+                        config.fallback = file.fallback.clone();
+                        if let Some(age) = file.silence_max_age {
+                            config.silence_max_age = age;
+                        }
                     }
                 }
             }
@@ -287,7 +308,10 @@ impl AlertConfig {
 /// The alerting tables of one file.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct FileAlerting {
+    /// Whether the file has an `[alerting]` table (one file may).
+    pub has_settings: bool,
     pub fallback: Option<String>,
+    pub silence_max_age: Option<Duration>,
     pub receivers: Vec<Receiver>,
     pub routes: Vec<RouteDef>,
 }
@@ -306,6 +330,7 @@ struct RawFile {
 #[serde(deny_unknown_fields)]
 struct RawAlerting {
     fallback: Option<String>,
+    silence_max_age: Option<toml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -385,10 +410,17 @@ struct RawRoute {
 pub fn parse_file(text: &str) -> Result<FileAlerting, String> {
     let raw: RawFile = toml::from_str(text).map_err(|e| e.to_string())?;
     let mut problems = Vec::new();
-    let mut out = FileAlerting {
-        fallback: raw.alerting.and_then(|a| a.fallback),
-        ..FileAlerting::default()
-    };
+    let mut out = FileAlerting::default();
+    if let Some(a) = raw.alerting {
+        out.has_settings = true;
+        out.fallback = a.fallback;
+        if let Some(v) = &a.silence_max_age {
+            match duration_value("silence_max_age", v) {
+                Ok(secs) => out.silence_max_age = Some(Duration::from_secs(secs)),
+                Err(e) => problems.push(format!("[alerting] {e}")),
+            }
+        }
+    }
     for (i, table) in raw.receiver.into_iter().enumerate() {
         let at = format!(
             "receiver #{} ({:?})",

@@ -55,6 +55,8 @@ pub struct Snapshot {
     /// started (until then it notifies nobody; see `alerting`).
     pub caught_up: bool,
     pub alerts: Alerts,
+    #[serde(default)]
+    pub silences: super::silence::Silences,
     /// The next queue sequence number.
     pub next_seq: u64,
     pub queue: Vec<Queued>,

@@ -1,0 +1,255 @@
+//! The alerting API of a tenant: its alerts (firing, pending, silenced, acknowledged, and
+//! why), its silences, acknowledgements. Reading needs the `read` role; silencing and
+//! acknowledging need `operate`. Each call is answered by the tenant's evaluator, and a
+//! change is saved before it is answered.
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::access::{Operate, Read, Tenant};
+use super::{ApiError, Gw};
+use crate::alerting::{AskError, Command};
+use crate::alerts::silence::{Matchers, Silence};
+use crate::alerts::Ack;
+use crate::errors::ErrorKind;
+use crate::util::now_ms;
+
+pub fn routes() -> Router<Gw> {
+    Router::new()
+        .route("/alerts", get(list_alerts))
+        .route("/alerts/{fingerprint}/{check}/ack", post(ack))
+        .route("/silences", get(list_silences).post(add_silence))
+        .route("/silences/{id}", delete(expire_silence))
+}
+
+/// The longest a silence or an acknowledgement may be set for at once (a silence can be
+/// open-ended instead; then `silence_max_age` reports it).
+const MAX_SPAN_MS: u64 = 366 * 24 * 3600 * 1000;
+
+fn ask_error(gw: &Gw, e: AskError) -> ApiError {
+    match e {
+        AskError::NotRunning if gw.nats.is_some() => ApiError::new(
+            ErrorKind::Unavailable,
+            "alerting does not run in a NATS fleet yet (docs/ALERTING.md)",
+        ),
+        AskError::NotRunning => ApiError::new(ErrorKind::NotFound, e.to_string()),
+        AskError::Busy => ApiError::new(ErrorKind::Unavailable, e.to_string()),
+    }
+}
+
+fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let bytes = if bytes.is_empty() { b"{}" } else { bytes };
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::new(ErrorKind::BadRequest, format!("request body: {e}")))
+}
+
+/// An RFC 3339 time, or a duration from now (`"90m"`), as milliseconds.
+fn when(field: &str, value: &str, from_ms: u64) -> Result<u64, ApiError> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(value) {
+        return u64::try_from(t.timestamp_millis())
+            .map_err(|_| ApiError::new(ErrorKind::BadRequest, format!("{field} is before 1970")));
+    }
+    outpost_protocol::checkfile::duration_value(field, &toml::Value::String(value.to_string()))
+        .map(|secs| from_ms + secs * 1000)
+        .map_err(|e| {
+            ApiError::new(
+                ErrorKind::BadRequest,
+                format!("{e} (or give an RFC 3339 time such as 2026-12-24T08:00:00Z)"),
+            )
+        })
+}
+
+async fn list_alerts(State(gw): State<Gw>, t: Tenant<Read>) -> Response {
+    if !gw.alerting.running(&t.name) {
+        return Json(json!({ "alerting": false, "alerts": [], "silences": [] })).into_response();
+    }
+    match gw.alerting.ask(&t.name, Command::List).await {
+        Ok(view) => Json(json!({ "alerting": true, "alerts": view.alerts })).into_response(),
+        Err(e) => ask_error(&gw, e).into_response(),
+    }
+}
+
+async fn list_silences(State(gw): State<Gw>, t: Tenant<Read>) -> Response {
+    if !gw.alerting.running(&t.name) {
+        return Json(json!({ "silences": [] })).into_response();
+    }
+    match gw.alerting.ask(&t.name, Command::List).await {
+        Ok(view) => Json(json!({ "silences": view.silences })).into_response(),
+        Err(e) => ask_error(&gw, e).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewSilence {
+    #[serde(default)]
+    matchers: Matchers,
+    /// RFC 3339; default now.
+    starts_at: Option<String>,
+    /// RFC 3339 or a duration from the start (`"2h"`); none: until expired.
+    ends_at: Option<String>,
+    #[serde(default)]
+    expire_on_resolve: bool,
+    #[serde(default)]
+    permanent: bool,
+    creator: String,
+    comment: String,
+}
+
+async fn add_silence(State(gw): State<Gw>, t: Tenant<Operate>, bytes: Bytes) -> Response {
+    let made = async {
+        let n: NewSilence = body(&bytes)?;
+        let now = now_ms();
+        let bad = |m: &str| ApiError::new(ErrorKind::BadRequest, m.to_string());
+        if n.creator.trim().is_empty() || n.comment.trim().is_empty() {
+            return Err(bad("say who silences (creator) and why (comment)"));
+        }
+        if n.matchers.is_empty() {
+            return Err(bad("a silence needs matchers (agent, labels or checks): this one would silence everything; use checks = [\"*\"] if that is meant"));
+        }
+        for g in &n.matchers.checks {
+            if g.is_empty() {
+                return Err(bad("an empty check pattern matches nothing"));
+            }
+        }
+        let starts_ms = match &n.starts_at {
+            Some(s) => when("starts_at", s, now)?,
+            None => now,
+        };
+        let ends_ms = match &n.ends_at {
+            Some(e) => Some(when("ends_at", e, starts_ms)?),
+            None => None,
+        };
+        if let Some(end) = ends_ms {
+            if end <= starts_ms || end <= now {
+                return Err(bad("ends_at must be after starts_at and in the future"));
+            }
+            if end - starts_ms > MAX_SPAN_MS {
+                return Err(bad("a silence is set for at most a year at once; leave ends_at out for one until expired"));
+            }
+        }
+        let silence = Silence {
+            id: uuid_like(),
+            matchers: n.matchers,
+            starts_ms,
+            ends_ms,
+            expire_on_resolve: n.expire_on_resolve,
+            permanent: n.permanent,
+            creator: n.creator,
+            comment: n.comment,
+            created_ms: now,
+            silenced_any: false,
+            reminded: false,
+        };
+        gw.alerting
+            .ask(&t.name, |reply| Command::AddSilence(silence, reply))
+            .await
+            .map_err(|e| ask_error(&gw, e))?
+            .map_err(|e| ApiError::new(ErrorKind::Unavailable, e))
+    };
+    match made.await {
+        Ok(s) => (StatusCode::CREATED, Json(s)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn expire_silence(
+    State(gw): State<Gw>,
+    t: Tenant<Operate>,
+    Path(id): Path<String>,
+) -> Response {
+    match gw
+        .alerting
+        .ask(&t.name, |reply| Command::ExpireSilence(id, reply))
+        .await
+    {
+        Ok(Ok(s)) => Json(s).into_response(),
+        Ok(Err(e)) if e.starts_with("no silence") => {
+            ApiError::new(ErrorKind::NotFound, e).into_response()
+        }
+        Ok(Err(e)) => ApiError::new(ErrorKind::Unavailable, e).into_response(),
+        Err(e) => ask_error(&gw, e).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewAck {
+    by: String,
+    #[serde(default)]
+    comment: String,
+    /// A duration (`"4h"`) or an RFC 3339 time; none: until the alert resolves.
+    until: Option<String>,
+}
+
+async fn ack(
+    State(gw): State<Gw>,
+    t: Tenant<Operate>,
+    Path((fingerprint, check)): Path<(String, String)>,
+    bytes: Bytes,
+) -> Response {
+    let done = async {
+        let n: NewAck = body(&bytes)?;
+        if n.by.trim().is_empty() {
+            return Err(ApiError::new(
+                ErrorKind::BadRequest,
+                "say who acknowledges (by)",
+            ));
+        }
+        let now = now_ms();
+        let until_ms = match &n.until {
+            Some(u) => {
+                let until = when("until", u, now)?;
+                if until <= now || until - now > MAX_SPAN_MS {
+                    return Err(ApiError::new(
+                        ErrorKind::BadRequest,
+                        "until must be in the future, within a year",
+                    ));
+                }
+                Some(until)
+            }
+            None => None,
+        };
+        let ack = Ack {
+            by: n.by,
+            comment: n.comment,
+            at_ms: now,
+            until_ms,
+        };
+        let (fp, chk) = (fingerprint.clone(), check.clone());
+        gw.alerting
+            .ask(&t.name, |reply| Command::Ack {
+                fingerprint: fp,
+                check: chk,
+                ack: ack.clone(),
+                reply,
+            })
+            .await
+            .map_err(|e| ask_error(&gw, e))?
+            .map_err(|e| {
+                let kind = if e.contains("nothing to acknowledge") {
+                    ErrorKind::NotFound
+                } else {
+                    ErrorKind::Unavailable
+                };
+                ApiError::new(kind, e)
+            })?;
+        Ok(ack)
+    };
+    match done.await {
+        Ok(ack) => Json(json!({ "fingerprint": fingerprint, "check": check, "acknowledged": ack }))
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A random id for a silence.
+fn uuid_like() -> String {
+    crate::util::random_token(12)
+}
