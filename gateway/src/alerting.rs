@@ -32,7 +32,7 @@ use crate::alerts::retry::Outcome;
 use crate::alerts::silence::{Silence, Silences};
 use crate::alerts::store::{AlertStore, FileStore, Loaded, Queued, Record, Snapshot};
 use crate::alerts::{Ack, Alerts, Kind, Notification, Policy};
-use crate::bus::{AgentRef, Bus};
+use crate::bus::{AgentRef, Bus, Presence};
 use crate::checks::{Catalog, TenantChecks};
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -140,6 +140,85 @@ pub async fn run(ctx: Context) {
             _ = tokio::time::sleep(ctx.poll) => {}
         }
     }
+}
+
+/// What the gateway sees of the tenant's agents now: each lost agent's `outpost.agent`
+/// alert fires (and resolves when it is back); an agent that said bye or was revoked
+/// never fires, and its incidents end (resolved where they were told); a check of an
+/// online agent that has sent nothing for [`STALE_INTERVALS`] intervals and its timeout
+/// turns UNKNOWN as stale.
+fn watch(
+    alerts: &mut Alerts,
+    watched: &[crate::registry::Watched],
+    last_result: &mut HashMap<(String, String), Instant>,
+    now_ms: u64,
+    route: crate::alerts::Route<'_>,
+) -> Vec<Notification> {
+    let mut due = Vec::new();
+    for w in watched {
+        let fp = &w.fingerprint;
+        let name = if w.hostname.is_empty() {
+            fp
+        } else {
+            &w.hostname
+        };
+        match w.presence {
+            Presence::Lost => {
+                let why = format!("agent {name} is lost: {}", w.reason);
+                due.extend(alerts.observe(
+                    fp,
+                    AGENT_CHECK,
+                    (Status::Critical, &why),
+                    now_ms,
+                    route,
+                ));
+            }
+            Presence::Online => {
+                let back = format!("agent {name} is online");
+                due.extend(alerts.observe(fp, AGENT_CHECK, (Status::Ok, &back), now_ms, route));
+                for (check, interval, timeout) in &w.checks {
+                    let ttl = Duration::from_secs(interval * STALE_INTERVALS + timeout);
+                    let seen = *last_result
+                        .entry((fp.clone(), check.clone()))
+                        .or_insert_with(Instant::now);
+                    if seen.elapsed() > ttl {
+                        let why = format!(
+                            "stale: no result for {}s (it runs every {interval}s)",
+                            seen.elapsed().as_secs()
+                        );
+                        due.extend(alerts.observe(
+                            fp,
+                            check,
+                            (Status::Unknown, &why),
+                            now_ms,
+                            route,
+                        ));
+                    }
+                }
+            }
+            Presence::Deregistered | Presence::Revoked => {
+                let why = match w.presence {
+                    Presence::Revoked => format!("agent {name} was revoked"),
+                    _ => format!("agent {name} stopped on purpose (deregistered)"),
+                };
+                let open: Vec<String> = alerts
+                    .alerts
+                    .get(fp)
+                    .map(|checks| {
+                        checks
+                            .iter()
+                            .filter(|(_, a)| a.incident.is_some())
+                            .map(|(c, _)| c.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for check in open {
+                    due.extend(alerts.observe(fp, &check, (Status::Ok, &why), now_ms, route));
+                }
+            }
+        }
+    }
+    due
 }
 
 /// Remove a deleted tenant's alert state.
@@ -262,6 +341,11 @@ impl Engine {
         // Agents' hostnames, labels and groups: looked up once per housekeeping period.
         let mut identities: HashMap<String, Identity> = HashMap::new();
         let mut last_housekeeping = Instant::now();
+        // Presence, and when each check's last result was read (for staleness; not kept:
+        // after a restart every check has its full TTL again).
+        let mut presence: HashMap<String, Presence> = HashMap::new();
+        let mut last_result: HashMap<(String, String), Instant> = HashMap::new();
+        let mut last_watch = Instant::now() - WATCH;
         loop {
             if self.ctx.shutdown.is_cancelled() {
                 break;
@@ -361,14 +445,21 @@ impl Engine {
                 }
                 let id = identities.get(fp).cloned().unwrap_or_default();
                 let mut policy = config.policy(check, &id.labels, &id.groups, status);
-                policy.muted = !silences
-                    .muting(now_ms, fp, &id.hostname, &id.labels, check)
-                    .is_empty();
+                // A lost agent's checks say nothing: its own alert does.
+                let lost = check != AGENT_CHECK && presence.get(fp) == Some(&Presence::Lost);
+                policy.muted = lost
+                    || !silences
+                        .muting(now_ms, fp, &id.hostname, &id.labels, check)
+                        .is_empty();
                 policy
             };
             let mut due: Vec<Notification> = Vec::new();
             for (_, agent, result) in &read.results {
                 due.extend(alerts.apply(&agent.fingerprint, result, &route));
+                last_result.insert(
+                    (agent.fingerprint.clone(), result.check.clone()),
+                    Instant::now(),
+                );
             }
             dirty |= !read.results.is_empty() || read.next != position;
             let mut by_the_clock = false;
@@ -385,7 +476,28 @@ impl Engine {
                         .unwrap_or_default(),
                     _ => crate::util::now_ms(),
                 };
-                let ticked = alerts.tick(now, &route);
+                let mut ticked = alerts.tick(now, &route);
+                if last_watch.elapsed() >= WATCH {
+                    last_watch = Instant::now();
+                    let watched = self.ctx.registry.watched(&self.tenant);
+                    ticked.extend(watch(
+                        &mut alerts,
+                        &watched,
+                        &mut last_result,
+                        now_ms,
+                        &route,
+                    ));
+                    // For the next routes: presence as it is now.
+                    let changed = watched
+                        .iter()
+                        .any(|w| presence.get(&w.fingerprint) != Some(&w.presence));
+                    if changed {
+                        presence = watched
+                            .iter()
+                            .map(|w| (w.fingerprint.clone(), w.presence))
+                            .collect();
+                    }
+                }
                 by_the_clock = !ticked.is_empty();
                 due.extend(ticked);
                 // Silences: which silenced something firing, which ended with what they
@@ -1025,6 +1137,15 @@ fn undeliverable(config: &AlertConfig, item: &Queued, why: &str) -> Option<Queue
         labels: item.labels.clone(),
     })
 }
+
+/// The check name of an agent's own alert: critical while the agent is lost.
+pub const AGENT_CHECK: &str = "outpost.agent";
+
+/// How often presence and stale checks are looked at.
+const WATCH: Duration = Duration::from_secs(2);
+
+/// A check is stale when no result came for this many intervals (plus its timeout).
+const STALE_INTERVALS: u64 = 3;
 
 /// The check name of the "forgotten silence" meta-alert (route it with
 /// `checks = ["outpost.*"]`).

@@ -81,6 +81,13 @@ pub struct Alert {
     pub incident: Option<Incident>,
     /// The newest hard result's first line of output.
     pub output: String,
+    /// Incidents the gateway opened itself (see [`Alerts::observe`]), to number them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub observed: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A hard non-OK state, from its first result until a hard OK.
@@ -89,6 +96,10 @@ pub struct Incident {
     /// The sequence number of the result that opened it: with the agent and check, it
     /// names the incident.
     pub opened_by: u64,
+    /// Opened by the gateway's own observation (the agent lost, the check stale), not by
+    /// a result: `opened_by` counts those, and the name is `o<n>`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub observed: bool,
     /// When it began (that result's start).
     pub since_ms: u64,
     /// Notifications sent for it so far.
@@ -160,6 +171,20 @@ pub struct Alerts {
 }
 
 impl Alerts {
+    fn entry(&mut self, fingerprint: &str, check: &str) -> &mut Alert {
+        self.alerts
+            .entry(fingerprint.to_string())
+            .or_default()
+            .entry(check.to_string())
+            .or_insert_with(|| Alert {
+                status: Status::Ok,
+                seq: 0,
+                incident: None,
+                output: String::new(),
+                observed: 0,
+            })
+    }
+
     /// Take one result of agent `fingerprint`, in stored order; returns what it makes due.
     pub fn apply(
         &mut self,
@@ -167,17 +192,7 @@ impl Alerts {
         result: &CheckResult,
         route: Route<'_>,
     ) -> Vec<Notification> {
-        let alert = self
-            .alerts
-            .entry(fingerprint.to_string())
-            .or_default()
-            .entry(result.check.clone())
-            .or_insert_with(|| Alert {
-                status: Status::Ok,
-                seq: 0,
-                incident: None,
-                output: String::new(),
-            });
+        let alert = self.entry(fingerprint, &result.check);
         if result.seq <= alert.seq {
             return Vec::new();
         }
@@ -185,48 +200,47 @@ impl Alerts {
         if result.state_type == StateType::Soft {
             return Vec::new();
         }
-        alert.status = result.status;
-        alert.output = result.output.clone();
-        let mut due = Vec::new();
-        if result.status == Status::Ok {
-            if let Some(incident) = alert.incident.take() {
-                if let Some((status, _)) = incident.notified {
-                    due.push(Notification {
-                        id: format!("{fingerprint}/{}/{}/r", result.check, incident.opened_by),
-                        fingerprint: fingerprint.to_string(),
-                        check: result.check.clone(),
-                        kind: Kind::Resolved,
-                        status,
-                        since_ms: incident.since_ms,
-                        at_ms: result.started_at_ms,
-                        output: result.output.clone(),
-                        receivers: incident.told.into_iter().collect(),
-                    });
-                }
-            }
-            return due;
-        }
-        let incident = alert.incident.get_or_insert(Incident {
-            opened_by: result.seq,
-            since_ms: result.started_at_ms,
-            sent: 0,
-            notified: None,
-            told: BTreeSet::new(),
-            acked: None,
-        });
-        let policy = route(fingerprint, &result.check, alert.status);
-        if let Some(n) = due_now(
+        change(
             fingerprint,
             &result.check,
-            alert.status,
-            &alert.output,
-            incident,
+            alert,
+            (result.status, &result.output),
             result.started_at_ms,
-            &policy,
-        ) {
-            due.push(n);
+            Some(result.seq),
+            route,
+        )
+    }
+
+    /// A state the gateway observed itself rather than read in a result: an agent lost or
+    /// back (its `outpost.agent` alert), a check that stopped reporting (stale) at
+    /// `at_ms`. Nothing happens unless the status changes; the next result of the check
+    /// (if it has any) goes on from it as usual.
+    pub fn observe(
+        &mut self,
+        fingerprint: &str,
+        check: &str,
+        (status, output): (Status, &str),
+        at_ms: u64,
+        route: Route<'_>,
+    ) -> Vec<Notification> {
+        let alert = self.entry(fingerprint, check);
+        if alert.status == status {
+            return Vec::new();
         }
-        due
+        change(
+            fingerprint,
+            check,
+            alert,
+            (status, output),
+            at_ms,
+            None,
+            route,
+        )
+    }
+
+    /// The status of (`fingerprint`, `check`), if it has one.
+    pub fn status(&self, fingerprint: &str, check: &str) -> Option<Status> {
+        self.alerts.get(fingerprint)?.get(check).map(|a| a.status)
     }
 
     /// The time is `now_ms`: what waiting (`for`) and repeating make due.
@@ -268,8 +282,8 @@ impl Alerts {
                 }
                 out.push(Notification {
                     id: format!(
-                        "{fingerprint}/{check}/{}/{}",
-                        incident.opened_by,
+                        "{}/{}",
+                        incident_name(fingerprint, check, incident),
                         incident.sent.saturating_sub(1)
                     ),
                     fingerprint: fingerprint.clone(),
@@ -310,6 +324,77 @@ impl Alerts {
     }
 }
 
+/// `alert` of (`fingerprint`, `check`) is now hard at `status` (from the result numbered
+/// `seq`, or observed by the gateway when `None`) at `at_ms`: what that makes due.
+fn change(
+    fingerprint: &str,
+    check: &str,
+    alert: &mut Alert,
+    (status, output): (Status, &str),
+    at_ms: u64,
+    seq: Option<u64>,
+    route: Route<'_>,
+) -> Vec<Notification> {
+    alert.status = status;
+    alert.output = output.to_string();
+    let mut due = Vec::new();
+    if status == Status::Ok {
+        if let Some(incident) = alert.incident.take() {
+            if let Some((said, _)) = incident.notified {
+                due.push(Notification {
+                    id: format!("{}/r", incident_name(fingerprint, check, &incident)),
+                    fingerprint: fingerprint.to_string(),
+                    check: check.to_string(),
+                    kind: Kind::Resolved,
+                    status: said,
+                    since_ms: incident.since_ms,
+                    at_ms,
+                    output: output.to_string(),
+                    receivers: incident.told.into_iter().collect(),
+                });
+            }
+        }
+        return due;
+    }
+    if alert.incident.is_none() {
+        let (opened_by, observed) = match seq {
+            Some(seq) => (seq, false),
+            None => {
+                alert.observed += 1;
+                (alert.observed, true)
+            }
+        };
+        alert.incident = Some(Incident {
+            opened_by,
+            observed,
+            since_ms: at_ms,
+            sent: 0,
+            notified: None,
+            told: BTreeSet::new(),
+            acked: None,
+        });
+    }
+    let incident = alert.incident.as_mut().expect("opened above");
+    let policy = route(fingerprint, check, status);
+    due.extend(due_now(
+        fingerprint,
+        check,
+        status,
+        &alert.output,
+        incident,
+        at_ms,
+        &policy,
+    ));
+    due
+}
+
+/// `<fingerprint>/<check>/<incident>`: what names an incident (and, with the number of a
+/// notification in it or `r`, each notification).
+pub fn incident_name(fingerprint: &str, check: &str, incident: &Incident) -> String {
+    let o = if incident.observed { "o" } else { "" };
+    format!("{fingerprint}/{check}/{o}{}", incident.opened_by)
+}
+
 /// Whether `incident` (at `status`) must notify at `now_ms`, and if so the notification,
 /// counted in the incident.
 fn due_now(
@@ -339,7 +424,7 @@ fn due_now(
     incident.notified = Some((status, now_ms));
     incident.told.extend(policy.receivers.iter().cloned());
     Some(Notification {
-        id: format!("{fingerprint}/{check}/{}/{n}", incident.opened_by),
+        id: format!("{}/{n}", incident_name(fingerprint, check, incident)),
         fingerprint: fingerprint.to_string(),
         check: check.to_string(),
         kind: Kind::Firing,

@@ -39,6 +39,16 @@ use crate::util::{now_ms, write_atomic};
 /// agent runs from its own `checks.d` and its self-checks.
 pub const MAX_LOCAL_CHECKS: usize = 256;
 
+/// See [`Registry::watched`].
+#[derive(Debug, Clone)]
+pub struct Watched {
+    pub fingerprint: String,
+    pub hostname: String,
+    pub presence: Presence,
+    pub reason: String,
+    pub checks: Vec<(String, u64, u64)>,
+}
+
 /// What names and places an agent: see [`Registry::identity`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Identity {
@@ -733,6 +743,27 @@ impl Registry {
 
     pub fn get(&self, agent: &AgentRef) -> Option<AgentRecord> {
         self.lock().get(&agent.key()).cloned()
+    }
+
+    /// What alerting watches of each of `tenant`'s agents: presence, and the checks it was
+    /// given that run on an interval (name, interval and timeout in seconds).
+    pub fn watched(&self, tenant: &str) -> Vec<Watched> {
+        self.lock()
+            .values()
+            .filter(|r| r.tenant == tenant)
+            .map(|r| Watched {
+                fingerprint: r.fingerprint.clone(),
+                hostname: r.hostname.clone(),
+                presence: r.presence,
+                reason: r.presence_reason.clone(),
+                checks: r
+                    .checks
+                    .iter()
+                    .filter(|c| c.interval_secs > 0)
+                    .map(|c| (c.name.clone(), c.interval_secs, c.timeout_secs))
+                    .collect(),
+            })
+            .collect()
     }
 
     /// An agent's hostname, labels and groups (what alerts are routed and described by),

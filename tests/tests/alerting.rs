@@ -722,3 +722,117 @@ receivers = ["hook"]
     );
     drop(agent);
 }
+
+/// The requests `hook` took about `check` of agent `fp`.
+fn about_agent(hook: &WebhookReceiver, fp: &str, check: &str) -> Vec<Value> {
+    about(hook, check)
+        .into_iter()
+        .filter(|r| r["body"]["data"]["agent"]["fingerprint"] == fp)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_agent_fires_once_a_bye_never_and_a_silent_check_goes_stale() {
+    let dir = tempdir();
+    let plugin = flip_plugin(dir.path());
+    let mut hook = WebhookReceiver::new(dir.path(), "hook", free_ports(1)[0], Some(SECRET));
+    hook.start().await;
+    let gw = Gateway::start(dir.path(), &["--presence-grace", "2"]);
+    gw.write_checks(
+        "flip.toml",
+        &format!(
+            r#"
+[[check]]
+name = "flip"
+command = [{plugin:?}]
+interval = 1
+timeout = 2
+
+[[receiver]]
+name = "hook"
+webhook = {{ url = "{url}", secret = "{SECRET}" }}
+
+[[route]]
+checks = ["outpost.agent", "flip"]
+receivers = ["hook"]
+"#,
+            url = hook.url()
+        ),
+    );
+    let killed = Agent::start(dir.path(), "killed", &gw, "");
+    let bye = Agent::start(dir.path(), "bye", &gw, "");
+    let stopped = Agent::start(dir.path(), "stopped", &gw, "");
+    let (k, b, s) = (
+        killed.fingerprint.clone(),
+        bye.fingerprint.clone(),
+        stopped.fingerprint.clone(),
+    );
+    for fp in [&k, &b, &s] {
+        hard_results(&gw, fp, "ok", 2).await;
+    }
+
+    // Stopped on purpose: deregistered, never an alert.
+    bye.proc.signal(libc::SIGTERM);
+    eventually(T, "the agent deregistered", || async {
+        let a = gw.agent(&b).await?;
+        (a["presence"] == "deregistered").then_some(())
+    })
+    .await;
+    // Killed: lost after the grace, then one alert.
+    killed.proc.signal(libc::SIGKILL);
+    let lost = eventually(T, "the lost agent's alert", || async {
+        let a = about_agent(&hook, &k, "outpost.agent");
+        (!a.is_empty()).then_some(a)
+    })
+    .await;
+    assert_eq!(lost[0]["body"]["type"], "alert.firing");
+    assert_eq!(lost[0]["body"]["data"]["status"], "critical");
+    let output = lost[0]["body"]["data"]["output"].as_str().unwrap();
+    assert!(
+        output.contains("killed") && output.contains("lost"),
+        "{output}"
+    );
+
+    // A hung agent (stopped, its connection still open): its check goes stale.
+    stopped.proc.signal(libc::SIGSTOP);
+    let stale = eventually(T, "the stale check", || async {
+        let a = about_agent(&hook, &s, "flip");
+        (!a.is_empty()).then_some(a)
+    })
+    .await;
+    assert_eq!(stale[0]["body"]["data"]["status"], "unknown");
+    let output = stale[0]["body"]["data"]["output"].as_str().unwrap();
+    assert!(output.starts_with("stale: no result for"), "{output}");
+    stopped.proc.signal(libc::SIGCONT);
+    let back = eventually(T, "the stale check resolved", || async {
+        let a = about_agent(&hook, &s, "flip");
+        (a.len() >= 2).then_some(a)
+    })
+    .await;
+    assert_eq!(back[1]["body"]["type"], "alert.resolved");
+
+    // Back: the lost agent's alert resolves; nothing ever about the one that said bye.
+    let killed = Agent::start(dir.path(), "killed", &gw, "");
+    assert_eq!(killed.fingerprint, k);
+    let resolved = eventually(T, "the agent's alert resolved", || async {
+        let a = about_agent(&hook, &k, "outpost.agent");
+        (a.len() >= 2).then_some(a)
+    })
+    .await;
+    assert_eq!(resolved[1]["body"]["type"], "alert.resolved");
+    hard_results(&gw, &s, "ok", 3).await;
+    assert!(
+        about_agent(&hook, &b, "outpost.agent").is_empty(),
+        "bye never fires"
+    );
+    assert_eq!(
+        about_agent(&hook, &k, "outpost.agent").len(),
+        2,
+        "one alert, one resolve"
+    );
+    assert!(
+        about_agent(&hook, &k, "flip").is_empty(),
+        "a lost agent's checks say nothing"
+    );
+    drop((killed, stopped));
+}
