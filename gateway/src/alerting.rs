@@ -373,26 +373,52 @@ impl Engine {
             }
             let config = self.config.borrow().alerting.clone();
             let wait = if caught_up { TICK } else { Duration::ZERO };
-            let read = tokio::select! {
-                _ = self.ctx.shutdown.cancelled() => break,
-                Some(command) = commands.recv() => {
-                    let changed = self.command(command, &mut alerts, &mut silences, &config);
-                    if let Some(reply) = changed {
-                        // What was asked is kept before it is answered.
-                        let saved = self.snapshot(&queue, position, caught_up, &alerts, &silences).await;
-                        if saved.is_ok() {
-                            dirty = false;
-                            last_snapshot = Instant::now();
-                        } else {
-                            crate::metrics::Metrics::inc(&self.ctx.metrics.alert_store_errors);
+            // The read waits up to a tick; the API is answered meanwhile, without cutting
+            // the wait short (the clock's work below must run every tick).
+            let read = {
+                let reading = self
+                    .ctx
+                    .bus
+                    .read_results(&self.tenant, position, BATCH, wait);
+                tokio::pin!(reading);
+                loop {
+                    tokio::select! {
+                        _ = self.ctx.shutdown.cancelled() => break None,
+                        Some(command) = commands.recv() => {
+                            let Some(change) = self.command(command, &alerts, &silences, &config) else {
+                                continue;
+                            };
+                            // What was asked is kept before it is answered, and is in force
+                            // only once kept.
+                            let saved = self
+                                .snapshot(
+                                    &queue,
+                                    position,
+                                    caught_up,
+                                    change.alerts.as_ref().unwrap_or(&alerts),
+                                    change.silences.as_ref().unwrap_or(&silences),
+                                )
+                                .await;
+                            match saved {
+                                Ok(()) => {
+                                    alerts = change.alerts.unwrap_or(alerts);
+                                    silences = change.silences.unwrap_or(silences);
+                                    dirty = false;
+                                    last_snapshot = Instant::now();
+                                    (change.answer)(Ok(()));
+                                }
+                                Err(e) => {
+                                    crate::metrics::Metrics::inc(&self.ctx.metrics.alert_store_errors);
+                                    (change.answer)(Err(format!("cannot save the alert state: {e:#}; nothing was changed, retry")));
+                                }
+                            }
                         }
-                        reply(saved.map_err(|e| format!("cannot save the alert state: {e:#}; retry")));
+                        r = &mut reading => break Some(r),
                     }
-                    continue;
                 }
-                r = self.ctx.bus.read_results(&self.tenant, position, BATCH, wait) => r,
             };
-            let read = match read {
+            let Some(read) = read else { break };
+            let mut read = match read {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(tenant = %self.tenant, error = %e, "alerting cannot read the bus; retrying");
@@ -453,6 +479,11 @@ impl Engine {
                         .is_empty();
                 policy
             };
+            // An agent's clock is not the gateway's: no result is taken as later than now
+            // (a clock far ahead would move every `for` and repeat of the tenant).
+            for (_, _, result) in &mut read.results {
+                result.started_at_ms = result.started_at_ms.min(now_ms);
+            }
             let mut due: Vec<Notification> = Vec::new();
             for (_, agent, result) in &read.results {
                 due.extend(alerts.apply(&agent.fingerprint, result, &route));
@@ -473,7 +504,8 @@ impl Engine {
                         .iter()
                         .map(|(_, _, r)| r.started_at_ms)
                         .max()
-                        .unwrap_or_default(),
+                        .unwrap_or_default()
+                        .min(now_ms),
                     _ => crate::util::now_ms(),
                 };
                 let mut ticked = alerts.tick(now, &route);
@@ -502,10 +534,14 @@ impl Engine {
                 due.extend(ticked);
                 // Silences: which silenced something firing, which ended with what they
                 // silenced, which are in force too long.
+                let before = silences.clone();
                 let forgotten =
                     self.silence_upkeep(&alerts, &mut silences, &identities, &config, now_ms);
-                if !forgotten.is_empty() {
+                if !forgotten.is_empty() || silences != before {
+                    // Kept at once: a silence that ended with what it silenced must not
+                    // come back after a crash.
                     by_the_clock = true;
+                    dirty = true;
                     due.extend(forgotten);
                 }
             }
@@ -650,49 +686,84 @@ impl Engine {
             .collect()
     }
 
-    /// Do what the API asked. For a change, returns how to answer once it is saved.
+    /// Do what the API asked. A change is made on copies, returned with how to answer once
+    /// they are saved (and swapped in).
     fn command(
         &self,
         command: Command,
-        alerts: &mut Alerts,
-        silences: &mut Silences,
+        alerts: &Alerts,
+        silences: &Silences,
         config: &AlertConfig,
-    ) -> Option<Answer> {
+    ) -> Option<Change> {
         let now_ms = crate::util::now_ms();
         match command {
             Command::List(reply) => {
-                let _ = reply.send(self.view(alerts, silences, config, now_ms));
+                if !reply.is_closed() {
+                    let _ = reply.send(self.view(alerts, silences, config, now_ms));
+                }
                 None
             }
-            Command::AddSilence(silence, reply) => {
-                silences.add(silence.clone());
-                Some(Box::new(move |saved| {
-                    let _ = reply.send(saved.map(|()| silence));
-                }))
+            // The caller gave up (timed out): nothing is done behind its back.
+            Command::AddSilence(_, reply) | Command::ExpireSilence(_, reply)
+                if reply.is_closed() =>
+            {
+                None
             }
-            Command::ExpireSilence(id, reply) => match silences.expire(&id, now_ms) {
-                Some(s) => Some(Box::new(move |saved| {
-                    let _ = reply.send(saved.map(|()| s));
-                })),
-                None => {
-                    let _ = reply.send(Err(format!("no silence {id}")));
-                    None
+            Command::Ack { reply, .. } if reply.is_closed() => None,
+            Command::AddSilence(silence, reply) => {
+                if silences.list.len() >= MAX_SILENCES {
+                    let _ = reply.send(Err(format!(
+                        "the tenant has {MAX_SILENCES} silences: expire some first"
+                    )));
+                    return None;
                 }
-            },
+                let mut changed = silences.clone();
+                changed.add(silence.clone());
+                Some(Change {
+                    alerts: None,
+                    silences: Some(changed),
+                    answer: Box::new(move |saved| {
+                        let _ = reply.send(saved.map(|()| silence));
+                    }),
+                })
+            }
+            Command::ExpireSilence(id, reply) => {
+                let mut changed = silences.clone();
+                match changed.expire(&id, now_ms) {
+                    Some(s) => Some(Change {
+                        alerts: None,
+                        silences: Some(changed),
+                        answer: Box::new(move |saved| {
+                            let _ = reply.send(saved.map(|()| s));
+                        }),
+                    }),
+                    None => {
+                        let _ = reply.send(Err(format!("no silence {id}")));
+                        None
+                    }
+                }
+            }
             Command::Ack {
                 fingerprint,
                 check,
                 ack,
                 reply,
-            } => match alerts.ack(&fingerprint, &check, ack) {
-                Ok(()) => Some(Box::new(move |saved| {
-                    let _ = reply.send(saved);
-                })),
-                Err(e) => {
-                    let _ = reply.send(Err(e));
-                    None
+            } => {
+                let mut changed = alerts.clone();
+                match changed.ack(&fingerprint, &check, ack) {
+                    Ok(()) => Some(Change {
+                        alerts: Some(changed),
+                        silences: None,
+                        answer: Box::new(move |saved| {
+                            let _ = reply.send(saved);
+                        }),
+                    }),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        None
+                    }
                 }
-            },
+            }
         }
     }
 
@@ -747,7 +818,9 @@ impl Engine {
                             policy.wait.as_secs(),
                             policy.receivers.join(", "),
                             crate::alerts::deliver::rfc3339(
-                                incident.since_ms + policy.wait.as_millis() as u64
+                                incident
+                                    .since_ms
+                                    .saturating_add(policy.wait.as_millis() as u64)
                             )
                         ),
                     )
@@ -925,13 +998,35 @@ struct Worker {
 impl Worker {
     async fn run(self) {
         let mut changed = self.queue.changed.subscribe();
+        // The worker's own view of the configuration: seen when looked at, so waiting for
+        // a change waits for a new one.
+        let mut config_rx = self.config.clone();
         let mut attempt = 0u32;
         let mut current: Option<u64> = None;
+        // The head item is not tried again before this (backoff, Retry-After).
+        let mut not_before = Instant::now();
         let mut last_refresh = Instant::now();
         let mut missing_since: Option<Instant> = None;
         loop {
             // Seen before looking, so a wake between the look and the wait is not lost.
             changed.borrow_and_update();
+            let config: Arc<AlertConfig> = config_rx.borrow_and_update().alerting.clone();
+            let receiver = config.receivers.get(&self.receiver);
+            let alertmanager =
+                receiver.filter(|r| matches!(r.kind, ReceiverKind::Alertmanager { .. }));
+            // Alertmanager is sent what still fires on time, whatever waits in the queue
+            // (its list is made before a resolve is queued: never a stale "firing").
+            if let Some(am) = alertmanager {
+                if last_refresh.elapsed() >= ALERTMANAGER_REFRESH {
+                    last_refresh = Instant::now();
+                    self.refresh(am).await;
+                    continue;
+                }
+            }
+            let refresh_in = match alertmanager {
+                Some(_) => ALERTMANAGER_REFRESH.saturating_sub(last_refresh.elapsed()),
+                None => Duration::MAX,
+            };
             let next = {
                 let inner = self.queue.inner.lock().await;
                 inner
@@ -941,51 +1036,45 @@ impl Worker {
                     .cloned()
             };
             let Some(item) = next else {
-                let config = self.config.borrow().alerting.clone();
-                let alertmanager = config
-                    .receivers
-                    .get(&self.receiver)
-                    .filter(|r| matches!(r.kind, ReceiverKind::Alertmanager { .. }));
-                if let Some(receiver) = alertmanager {
-                    if last_refresh.elapsed() >= ALERTMANAGER_REFRESH {
-                        last_refresh = Instant::now();
-                        self.refresh(receiver).await;
-                        continue;
-                    }
-                }
-                let next_refresh = ALERTMANAGER_REFRESH.saturating_sub(last_refresh.elapsed());
                 tokio::select! {
                     _ = self.stop.cancelled() => return,
                     r = changed.changed() => if r.is_err() { return },
-                    _ = tokio::time::sleep(next_refresh), if alertmanager.is_some() => {}
+                    _ = tokio::time::sleep(refresh_in), if alertmanager.is_some() => {}
                 }
                 continue;
             };
             if current != Some(item.seq) {
                 current = Some(item.seq);
                 attempt = 0;
+                not_before = Instant::now();
             }
-            attempt += 1;
-            let config: Arc<AlertConfig> = self.config.borrow().alerting.clone();
-            let receiver = config.receivers.get(&self.receiver);
+            let wait = not_before.saturating_duration_since(Instant::now());
+            if !wait.is_zero() {
+                tokio::select! {
+                    _ = self.stop.cancelled() => return,
+                    _ = tokio::time::sleep(wait.min(refresh_in)) => {}
+                }
+                continue;
+            }
             if receiver.is_none() {
                 let since = *missing_since.get_or_insert_with(|| {
                     tracing::warn!(tenant = %self.tenant, receiver = %self.receiver, grace_s = MISSING_RECEIVER_GRACE.as_secs(),
                         "notifications wait for a receiver that is not configured; refused to the fallback after the grace");
                     Instant::now()
                 });
-                if since.elapsed() < MISSING_RECEIVER_GRACE {
-                    let mut config = self.config.clone();
+                let left = MISSING_RECEIVER_GRACE.saturating_sub(since.elapsed());
+                if !left.is_zero() {
                     tokio::select! {
                         _ = self.stop.cancelled() => return,
-                        _ = config.changed() => {}
-                        _ = tokio::time::sleep(MISSING_RECEIVER_GRACE - since.elapsed()) => {}
+                        r = config_rx.changed() => if r.is_err() { return },
+                        _ = tokio::time::sleep(left) => {}
                     }
                     continue;
                 }
             } else {
                 missing_since = None;
             }
+            attempt += 1;
             let outcome = match receiver {
                 Some(receiver) => {
                     tokio::select! {
@@ -1011,10 +1100,7 @@ impl Worker {
                     self.ctx
                         .metrics
                         .receiver(&self.tenant, &self.receiver, |s| s.failed_attempts += 1);
-                    tokio::select! {
-                        _ = self.stop.cancelled() => return,
-                        _ = tokio::time::sleep(after) => {}
-                    }
+                    not_before = Instant::now() + after;
                 }
                 Outcome::Refused { why } => {
                     tracing::error!(tenant = %self.tenant, receiver = %self.receiver, id = %item.notification.id, attempt,
@@ -1154,6 +1240,16 @@ pub const FORGOTTEN_SILENCE: &str = "outpost.silence";
 /// How a change the API asked for is answered, once it is saved (or could not be).
 type Answer = Box<dyn FnOnce(Result<(), String>) + Send>;
 
+/// A change the API asked for: the state with it made, in force once saved.
+struct Change {
+    alerts: Option<Alerts>,
+    silences: Option<Silences>,
+    answer: Answer,
+}
+
+/// The most silences a tenant may have (in force, or ended within a day).
+pub const MAX_SILENCES: usize = 1000;
+
 /// What the API asks an evaluator.
 pub enum Command {
     List(oneshot::Sender<View>),
@@ -1223,7 +1319,9 @@ impl Hub {
             .cloned()
             .ok_or(AskError::NotRunning)?;
         let (reply, answer) = oneshot::channel();
-        tx.send(make(reply)).await.map_err(|_| AskError::Busy)?;
+        // A full queue of requests is an evaluator that is stuck (its store failing): the
+        // caller hears so at once.
+        tx.try_send(make(reply)).map_err(|_| AskError::Busy)?;
         tokio::time::timeout(Duration::from_secs(30), answer)
             .await
             .map_err(|_| AskError::Busy)?

@@ -210,11 +210,7 @@ pub fn rfc3339(ms: u64) -> String {
 /// What a notification is about, in a line: `CRITICAL: disk on db-1`.
 fn headline(q: &Queued) -> String {
     let n = &q.notification;
-    let on = if q.hostname.is_empty() {
-        &n.fingerprint
-    } else {
-        &q.hostname
-    };
+    let on = source(q);
     match n.kind {
         Kind::Firing => format!(
             "{}: {} on {on}",
@@ -227,6 +223,18 @@ fn headline(q: &Queued) -> String {
             status_name(n.status)
         ),
         Kind::Undeliverable => format!("UNDELIVERABLE: a notification about {} on {on}", n.check),
+    }
+}
+
+/// What a notification is about: the agent's hostname, its fingerprint, or (for the
+/// gateway's own alerts, such as a forgotten silence) `outpost`.
+fn source(q: &Queued) -> &str {
+    if !q.hostname.is_empty() {
+        &q.hostname
+    } else if !q.notification.fingerprint.is_empty() {
+        &q.notification.fingerprint
+    } else {
+        "outpost"
     }
 }
 
@@ -252,19 +260,34 @@ fn cut(s: &str, max: usize) -> String {
     format!("{}...", &s[..end])
 }
 
-/// Slack's three control characters, escaped as its message formatting asks.
-fn slack_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+/// `s` escaped for Slack, cut (never inside an entity) so it takes at most `max` bytes.
+fn slack_escape_cut(s: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in s.char_indices() {
+        let piece = match c {
+            '&' => "&amp;",
+            '<' => "&lt;",
+            '>' => "&gt;",
+            _ => &s[i..i + c.len_utf8()],
+        };
+        if out.len() + piece.len() > max.saturating_sub(3) {
+            out.push_str("...");
+            return out;
+        }
+        out.push_str(piece);
+    }
+    out
 }
+
+/// The most a Slack text object holds.
+const SLACK_TEXT_MAX: usize = 3000;
 
 /// A Slack incoming webhook message: `text` (the notification's line, shown in
 /// notifications and where blocks are not) and `blocks` (a section with the output, a
 /// context line with the tenant, agent, since and id).
 pub fn slack_body(tenant: &str, q: &Queued) -> Vec<u8> {
     let n = &q.notification;
-    let headline = slack_escape(&headline(q));
+    let headline = headline(q);
     let emoji = match (n.kind, n.status) {
         (Kind::Resolved, _) => ":large_green_circle:",
         (Kind::Undeliverable, _) => ":warning:",
@@ -272,21 +295,25 @@ pub fn slack_body(tenant: &str, q: &Queued) -> Vec<u8> {
         (_, Status::Warning) => ":large_yellow_circle:",
         _ => ":white_circle:",
     };
-    let section = format!(
-        "{emoji} *{headline}*\n```{}```",
-        cut(&slack_escape(&n.output), 2800)
+    // The headline and the output share the section's 3000 characters.
+    let headline = slack_escape_cut(&headline, 1000);
+    let frame = format!("{emoji} *{headline}*\n``````");
+    let output = slack_escape_cut(&n.output, SLACK_TEXT_MAX - frame.len());
+    let section = format!("{emoji} *{headline}*\n```{output}```");
+    let context = slack_escape_cut(
+        &format!(
+            "tenant {tenant} · agent {} · since {} · id {}",
+            source(q),
+            rfc3339(n.since_ms),
+            n.id
+        ),
+        SLACK_TEXT_MAX,
     );
-    let context = slack_escape(&format!(
-        "tenant {tenant} · agent {} · since {} · id {}",
-        n.fingerprint,
-        rfc3339(n.since_ms),
-        n.id
-    ));
     let body = json!({
         "text": format!("{emoji} {headline}"),
         "blocks": [
             { "type": "section", "text": { "type": "mrkdwn", "text": section } },
-            { "type": "context", "elements": [ { "type": "mrkdwn", "text": cut(&context, 2900) } ] },
+            { "type": "context", "elements": [ { "type": "mrkdwn", "text": context } ] },
         ],
     });
     serde_json::to_vec(&body).expect("a JSON value serializes")
@@ -311,11 +338,7 @@ pub fn pagerduty_body(tenant: &str, q: &Queued, routing_key: &str) -> Vec<u8> {
             (_, Status::Warning) => "warning",
             _ => "error",
         };
-        let source = if q.hostname.is_empty() {
-            n.fingerprint.clone()
-        } else {
-            q.hostname.clone()
-        };
+        let source = source(q).to_string();
         json!({
             "routing_key": routing_key,
             "event_action": "trigger",
@@ -393,7 +416,7 @@ pub fn alertmanager_body(tenant: &str, alerts: &[&Queued], now_ms: u64) -> Vec<u
         .map(|q| {
             let n = &q.notification;
             let ends = match n.kind {
-                Kind::Resolved => n.at_ms,
+                Kind::Resolved => n.at_ms.min(now_ms),
                 _ => now_ms + ALERTMANAGER_HOLD.as_millis() as u64,
             };
             json!({
@@ -432,9 +455,10 @@ async fn send_email(
         Ok(m) => m,
         Err(why) => return Outcome::Refused { why },
     };
-    let tls = || -> Result<TlsParameters, String> {
-        let mut b = TlsParameters::builder(email.host.clone());
-        if let Some(file) = &email.ca_file {
+    let (host, ca_file) = (email.host.clone(), email.ca_file.clone());
+    let tls = move || -> Result<TlsParameters, String> {
+        let mut b = TlsParameters::builder(host);
+        if let Some(file) = &ca_file {
             let pem = std::fs::read(file)
                 .map_err(|e| format!("ca_file: cannot read {}: {e}", file.display()))?;
             let cert = Certificate::from_pem(&pem)
@@ -449,7 +473,11 @@ async fn send_email(
         .timeout(Some(timeout));
     builder = match email.tls {
         SmtpTls::None => builder,
-        SmtpTls::StartTls | SmtpTls::Implicit => match tls() {
+        // Reading the system's and the CA files is blocking work: off the runtime.
+        SmtpTls::StartTls | SmtpTls::Implicit => match tokio::task::spawn_blocking(tls)
+            .await
+            .unwrap_or_else(|e| Err(format!("TLS setup failed: {e}")))
+        {
             Ok(p) if email.tls == SmtpTls::Implicit => builder.tls(Tls::Wrapper(p)),
             Ok(p) => builder.tls(Tls::Required(p)),
             Err(why) => return retry(&why),
@@ -543,4 +571,61 @@ pub fn webhook_body(tenant: &str, q: &Queued) -> Vec<u8> {
         }
     });
     serde_json::to_vec(&body).expect("a JSON value serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alerts::{Kind, Notification};
+
+    fn queued(output: &str, hostname: &str) -> Queued {
+        Queued {
+            seq: 0,
+            receiver: "r".into(),
+            notification: Notification {
+                id: "fp/disk/1/0".into(),
+                fingerprint: String::new(),
+                check: "disk".into(),
+                kind: Kind::Firing,
+                status: Status::Critical,
+                since_ms: 0,
+                at_ms: 0,
+                output: output.into(),
+                receivers: vec!["r".into()],
+            },
+            hostname: hostname.into(),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn slack_text_is_escaped_and_within_its_limits_whatever_the_output() {
+        let long = "a<b>&c ".repeat(2000) + "é";
+        let body: serde_json::Value =
+            serde_json::from_slice(&slack_body("t", &queued(&long, &"h&".repeat(300)))).unwrap();
+        let section = body["blocks"][0]["text"]["text"].as_str().unwrap();
+        assert!(section.len() <= SLACK_TEXT_MAX, "{}", section.len());
+        assert!(!section.contains('<') && !section.contains('>'));
+        // Never an entity cut in two.
+        let amp = regex_free_bare_amp(section);
+        assert!(amp.is_none(), "a bare & at {amp:?}");
+        assert!(body["text"].as_str().unwrap().len() <= 1100);
+    }
+
+    /// The position of an `&` that does not start `&amp;`, `&lt;` or `&gt;`.
+    fn regex_free_bare_amp(s: &str) -> Option<usize> {
+        s.match_indices('&').map(|(i, _)| i).find(|&i| {
+            !["&amp;", "&lt;", "&gt;"]
+                .iter()
+                .any(|e| s[i..].starts_with(e))
+        })
+    }
+
+    #[test]
+    fn the_gateways_own_alerts_have_a_source() {
+        let q = queued("silence x", "");
+        let pd: serde_json::Value = serde_json::from_slice(&pagerduty_body("t", &q, "k")).unwrap();
+        assert_eq!(pd["payload"]["source"], "outpost");
+        assert_eq!(headline(&q), "CRITICAL: disk on outpost");
+    }
 }

@@ -158,7 +158,10 @@ fn open_journal(dir: &Path) -> anyhow::Result<std::fs::File> {
 #[async_trait]
 impl AlertStore for FileStore {
     async fn load(&self) -> anyhow::Result<Option<Loaded>> {
-        self.blocking(|dir, _| {
+        self.blocking(|dir, journal| {
+            // A handle from an earlier life may name a file deleted since (a tenant
+            // deleted and made again): opened afresh.
+            *lock(journal) = None;
             let state = dir.join(STATE);
             let snapshot = match std::fs::read(&state) {
                 Ok(bytes) => match serde_json::from_slice::<Snapshot>(&bytes) {

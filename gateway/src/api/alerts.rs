@@ -32,6 +32,9 @@ pub fn routes() -> Router<Gw> {
 /// open-ended instead; then `silence_max_age` reports it).
 const MAX_SPAN_MS: u64 = 366 * 24 * 3600 * 1000;
 
+/// The longest creator, comment or name, in bytes.
+const MAX_TEXT: usize = 1000;
+
 fn ask_error(gw: &Gw, e: AskError) -> ApiError {
     match e {
         AskError::NotRunning if gw.nats.is_some() => ApiError::new(
@@ -110,6 +113,23 @@ async fn add_silence(State(gw): State<Gw>, t: Tenant<Operate>, bytes: Bytes) -> 
         if n.creator.trim().is_empty() || n.comment.trim().is_empty() {
             return Err(bad("say who silences (creator) and why (comment)"));
         }
+        if n.creator.len() > MAX_TEXT || n.comment.len() > MAX_TEXT {
+            return Err(bad("creator and comment: at most 1000 bytes each"));
+        }
+        if n.matchers
+            .agent
+            .as_deref()
+            .is_some_and(|a| a.trim().is_empty())
+        {
+            return Err(bad(
+                "matchers.agent is empty: give a fingerprint or hostname, or leave it out",
+            ));
+        }
+        if n.matchers.checks.len() > 100 || n.matchers.labels.len() > 100 {
+            return Err(bad(
+                "at most 100 check patterns and 100 labels in a silence",
+            ));
+        }
         if n.matchers.is_empty() {
             return Err(bad("a silence needs matchers (agent, labels or checks): this one would silence everything; use checks = [\"*\"] if that is meant"));
         }
@@ -151,7 +171,14 @@ async fn add_silence(State(gw): State<Gw>, t: Tenant<Operate>, bytes: Bytes) -> 
             .ask(&t.name, |reply| Command::AddSilence(silence, reply))
             .await
             .map_err(|e| ask_error(&gw, e))?
-            .map_err(|e| ApiError::new(ErrorKind::Unavailable, e))
+            .map_err(|e| {
+                let kind = if e.contains("silences: expire some first") {
+                    ErrorKind::Conflict
+                } else {
+                    ErrorKind::Unavailable
+                };
+                ApiError::new(kind, e)
+            })
     };
     match made.await {
         Ok(s) => (StatusCode::CREATED, Json(s)).into_response(),
@@ -196,6 +223,12 @@ async fn ack(
 ) -> Response {
     let done = async {
         let n: NewAck = body(&bytes)?;
+        if n.by.len() > MAX_TEXT || n.comment.len() > MAX_TEXT {
+            return Err(ApiError::new(
+                ErrorKind::BadRequest,
+                "by and comment: at most 1000 bytes each",
+            ));
+        }
         if n.by.trim().is_empty() {
             return Err(ApiError::new(
                 ErrorKind::BadRequest,
