@@ -470,7 +470,7 @@ impl Engine {
                     return Policy::hold();
                 }
                 let id = identities.get(fp).cloned().unwrap_or_default();
-                let mut policy = config.policy(check, &id.labels, &id.groups, status);
+                let mut policy = config.policy(check, &id.labels, &id.groups, status, now_ms);
                 // A lost agent's checks say nothing: its own alert does.
                 let lost = check != AGENT_CHECK && presence.get(fp) == Some(&Presence::Lost);
                 policy.muted = lost
@@ -660,7 +660,7 @@ impl Engine {
         forgotten
             .into_iter()
             .map(|s| {
-                let policy = config.policy(FORGOTTEN_SILENCE, &BTreeMap::new(), &[], Status::Warning);
+                let policy = config.policy(FORGOTTEN_SILENCE, &BTreeMap::new(), &[], Status::Warning, now_ms);
                 if policy.receivers.is_empty() {
                     tracing::warn!(tenant = %self.tenant, silence = %s.id,
                         "a silence may be forgotten, and no route takes {FORGOTTEN_SILENCE}");
@@ -787,7 +787,7 @@ impl Engine {
                     continue;
                 };
                 let silenced_by = silences.muting(now_ms, fp, &id.hostname, &id.labels, check);
-                let policy = config.policy(check, &id.labels, &id.groups, alert.status);
+                let policy = config.policy(check, &id.labels, &id.groups, alert.status, now_ms);
                 let acked = incident.acked.clone().filter(|a| a.holds(now_ms));
                 let (state, why) = if !silenced_by.is_empty() {
                     (

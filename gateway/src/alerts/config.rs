@@ -185,6 +185,8 @@ pub struct RouteDef {
     pub receivers: Vec<String>,
     pub wait: Duration,
     pub repeat: Option<Duration>,
+    /// When the route is in force (outside it, the next routes are tried).
+    pub active: Option<Window>,
 }
 
 impl RouteDef {
@@ -194,27 +196,126 @@ impl RouteDef {
         labels: &BTreeMap<String, String>,
         groups: &[String],
         status: Status,
+        now_ms: u64,
     ) -> bool {
         (self.checks.is_empty() || self.checks.iter().any(|g| glob(g, check)))
             && self.target.matches(labels, groups)
             && (self.severity.is_empty() || self.severity.contains(&status))
+            && self.active.as_ref().is_none_or(|w| w.contains(now_ms))
     }
+}
+
+/// Days of the week and a time of day in a time zone: `from` until `to` (an end before the
+/// start runs past midnight, into the next day; the days name the day it starts).
+#[derive(Debug, Clone)]
+pub struct Window {
+    /// Monday first.
+    pub days: [bool; 7],
+    /// Minutes after midnight.
+    pub from: u16,
+    pub to: u16,
+    pub timezone: String,
+    tz: jiff::tz::TimeZone,
+}
+
+impl PartialEq for Window {
+    fn eq(&self, other: &Window) -> bool {
+        (self.days, self.from, self.to, &self.timezone)
+            == (other.days, other.from, other.to, &other.timezone)
+    }
+}
+
+impl Window {
+    /// Whether `now_ms` falls in the window.
+    pub fn contains(&self, now_ms: u64) -> bool {
+        let Ok(ts) = jiff::Timestamp::from_millisecond(now_ms as i64) else {
+            return false;
+        };
+        let local = self.tz.to_datetime(ts);
+        let day = local.weekday().to_monday_zero_offset() as usize;
+        let minute = local.hour() as u16 * 60 + local.minute() as u16;
+        if self.from < self.to {
+            self.days[day] && (self.from..self.to).contains(&minute)
+        } else {
+            // Overnight: this day's evening, or the night after the day before.
+            (self.days[day] && minute >= self.from)
+                || (self.days[(day + 6) % 7] && minute < self.to)
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWindow {
+    #[serde(default)]
+    days: Vec<String>,
+    from: String,
+    to: String,
+    timezone: Option<String>,
+}
+
+fn window(raw: RawWindow, problems: &mut Vec<String>) -> Option<Window> {
+    const NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+    let before = problems.len();
+    let mut days = [raw.days.is_empty(); 7];
+    for d in &raw.days {
+        match NAMES.iter().position(|n| d.eq_ignore_ascii_case(n)) {
+            Some(i) => days[i] = true,
+            None => problems.push(format!(
+                "active days {d:?}: use mon, tue, wed, thu, fri, sat, sun"
+            )),
+        }
+    }
+    let mut minutes = |field: &str, v: &str| -> u16 {
+        let parsed = v.split_once(':').and_then(|(h, m)| {
+            let (h, m): (u16, u16) = (h.parse().ok()?, m.parse().ok()?);
+            (h <= 24 && m < 60 && h * 60 + m <= 24 * 60).then_some(h * 60 + m)
+        });
+        parsed.unwrap_or_else(|| {
+            problems.push(format!(
+                "active {field} {v:?}: write a time as HH:MM (00:00 to 24:00)"
+            ));
+            0
+        })
+    };
+    let (from, to) = (minutes("from", &raw.from), minutes("to", &raw.to));
+    if from == to && problems.len() == before {
+        problems.push("active from and to are the same time: the window would be empty".into());
+    }
+    let timezone = raw.timezone.unwrap_or_else(|| "UTC".to_string());
+    let tz = match jiff::tz::TimeZone::get(&timezone) {
+        Ok(tz) => tz,
+        Err(e) => {
+            problems.push(format!(
+                "active timezone {timezone:?}: {e} (use a tz database name such as Europe/Berlin)"
+            ));
+            jiff::tz::TimeZone::UTC
+        }
+    };
+    (problems.len() == before).then_some(Window {
+        days,
+        from,
+        to,
+        timezone,
+        tz,
+    })
 }
 
 impl AlertConfig {
     /// The policy of an alert of `check` at `status`, on an agent with these labels and
-    /// groups: its first matching route's, or nobody told.
+    /// groups, at `now_ms`: its first matching route's (in force then), or nobody told.
     pub fn policy(
         &self,
         check: &str,
         labels: &BTreeMap<String, String>,
         groups: &[String],
         status: Status,
+        now_ms: u64,
     ) -> Policy {
         match self
             .routes
             .iter()
-            .find(|r| r.matches(check, labels, groups, status))
+            .find(|r| r.matches(check, labels, groups, status, now_ms))
         {
             Some(r) => Policy {
                 wait: r.wait,
@@ -404,6 +505,7 @@ struct RawRoute {
     #[serde(rename = "for")]
     wait: Option<toml::Value>,
     repeat: Option<toml::Value>,
+    active: Option<RawWindow>,
 }
 
 /// The alerting tables of one check file, with every problem in them listed.
@@ -604,6 +706,7 @@ fn route(table: toml::Table) -> Result<RouteDef, Vec<String>> {
     };
     let wait = duration("for", &raw.wait).unwrap_or(Duration::ZERO);
     let repeat = duration("repeat", &raw.repeat);
+    let active = raw.active.and_then(|w| window(w, &mut problems));
     if problems.is_empty() {
         Ok(RouteDef {
             checks: raw.checks,
@@ -621,6 +724,7 @@ fn route(table: toml::Table) -> Result<RouteDef, Vec<String>> {
             },
             wait,
             repeat,
+            active,
         })
     } else {
         Err(problems)
@@ -844,18 +948,18 @@ repeat = "1h"
         assert_eq!(config.fallback.as_deref(), Some("hook"));
         assert_eq!(config.receivers["pager"].timeout, Duration::from_secs(3));
         let db = BTreeMap::from([("role".to_string(), "db".to_string())]);
-        let p = config.policy("disk_root", &db, &[], Status::Critical);
+        let p = config.policy("disk_root", &db, &[], Status::Critical, 0);
         assert_eq!(p.receivers, ["hook", "pager"]);
         assert_eq!(p.wait, Duration::from_secs(300));
-        let p = config.policy("disk_root", &db, &[], Status::Warning);
+        let p = config.policy("disk_root", &db, &[], Status::Warning, 0);
         assert_eq!(
             (p.receivers, p.repeat),
             (vec!["hook".to_string()], Some(Duration::from_secs(3600)))
         );
-        let p = config.policy("disk_root", &BTreeMap::new(), &[], Status::Critical);
+        let p = config.policy("disk_root", &BTreeMap::new(), &[], Status::Critical, 0);
         assert_eq!(p.receivers, ["hook"]);
         assert!(config
-            .policy("load", &db, &[], Status::Critical)
+            .policy("load", &db, &[], Status::Critical, 0)
             .receivers
             .is_empty());
     }
@@ -1026,6 +1130,66 @@ email = { from = "not an address", to = [], smtp = "host:port", tls = "none", us
             "the port is not a number",
             "sent in the clear",
         ] {
+            assert!(err.contains(want), "{want:?} not in {err}");
+        }
+    }
+
+    #[test]
+    fn a_time_window_holds_a_route_to_its_days_and_hours_in_its_time_zone() {
+        let f = parse_file(
+            r#"
+[[route]]
+severity = ["warning"]
+receivers = ["mail"]
+active = { days = ["mon", "tue", "wed", "thu", "fri"], from = "09:00", to = "18:00", timezone = "Europe/Berlin" }
+
+[[route]]
+checks = ["backup"]
+receivers = ["night"]
+active = { days = ["fri"], from = "22:00", to = "06:00" }
+"#,
+        )
+        .unwrap();
+        let ms = |s: &str| s.parse::<jiff::Timestamp>().unwrap().as_millisecond() as u64;
+        let office = f.routes[0].active.as_ref().unwrap();
+        // Thursday 2026-12-03: 09:00 in Berlin is 08:00 UTC.
+        assert!(!office.contains(ms("2026-12-03T07:59:00Z")));
+        assert!(office.contains(ms("2026-12-03T08:00:00Z")));
+        assert!(office.contains(ms("2026-12-03T16:59:00Z")));
+        assert!(!office.contains(ms("2026-12-03T17:00:00Z")));
+        assert!(!office.contains(ms("2026-12-05T10:00:00Z")), "Saturday");
+        // Summer time: 09:00 in Berlin is 07:00 UTC.
+        assert!(office.contains(ms("2026-07-02T07:00:00Z")));
+        let night = f.routes[1].active.as_ref().unwrap();
+        assert!(night.contains(ms("2026-12-04T23:00:00Z")), "Friday night");
+        assert!(
+            night.contains(ms("2026-12-05T05:59:00Z")),
+            "into Saturday morning"
+        );
+        assert!(!night.contains(ms("2026-12-05T06:00:00Z")));
+        assert!(
+            !night.contains(ms("2026-12-05T23:00:00Z")),
+            "Saturday night is not Friday's"
+        );
+        // Outside the window the next route (or nobody) takes the alert.
+        let config = AlertConfig {
+            routes: f.routes.clone(),
+            ..AlertConfig::default()
+        };
+        let none = BTreeMap::new();
+        let at = |t| {
+            config
+                .policy("disk", &none, &[], Status::Warning, ms(t))
+                .receivers
+        };
+        assert_eq!(at("2026-12-03T10:00:00Z"), ["mail"]);
+        assert!(at("2026-12-03T20:00:00Z").is_empty());
+
+        let err = parse_file(
+            "[[route]]\nreceivers = [\"x\"]\nactive = { days = [\"someday\"], from = \"25:00\", to = \"9\", timezone = \"Mars/Olympus\" }\n",
+        )
+        .unwrap_err();
+        for want in ["someday", "from \"25:00\"", "to \"9\"", "Mars/Olympus"] {
             assert!(err.contains(want), "{want:?} not in {err}");
         }
     }
