@@ -221,6 +221,90 @@ fn watch(
     due
 }
 
+/// What the evaluator sees of the agents, for the API's view.
+struct Seen<'a> {
+    presence: &'a HashMap<String, Presence>,
+    by_host: &'a HashMap<String, String>,
+}
+
+/// Each agent's checks that are parents of a dependency: status, and since when.
+type Down = HashMap<String, HashMap<String, (Status, u64)>>;
+
+/// The parent checks (any agent's) in `alerts`, with their status and since when.
+fn down_parents(config: &AlertConfig, alerts: &Alerts) -> Down {
+    let mut down = Down::new();
+    if config.dependencies.is_empty() {
+        return down;
+    }
+    let parents: HashSet<&str> = config
+        .dependencies
+        .iter()
+        .map(|d| d.on_check.as_str())
+        .collect();
+    for (fp, checks) in &alerts.alerts {
+        for check in &parents {
+            if let Some(a) = checks.get(*check) {
+                down.entry(fp.clone())
+                    .or_default()
+                    .insert(check.to_string(), (a.status, a.status_since_ms));
+            }
+        }
+    }
+    down
+}
+
+/// For check `check` of agent `fp` at `now_ms`: the longest `wait` of the dependencies it
+/// is a child of (none: it is no child), and the parent that holds it, if one is down (not
+/// OK, or its agent lost) or back for less than the dependency's `wait` (its children come
+/// back a little after it).
+fn dependency_of(
+    config: &AlertConfig,
+    down: &Down,
+    presence: &HashMap<String, Presence>,
+    by_host: &HashMap<String, String>,
+    (fp, id, check): (&str, &Identity, &str),
+    now_ms: u64,
+) -> (Option<Duration>, Option<String>) {
+    let mut wait: Option<Duration> = None;
+    let mut held = None;
+    for d in &config.dependencies {
+        if !d.has_child(fp, &id.hostname, &id.labels, &id.groups, check) {
+            continue;
+        }
+        wait = Some(wait.map_or(d.wait, |w| w.max(d.wait)));
+        let parent = match &d.on_agent {
+            None => fp,
+            Some(a) => by_host.get(a).map(String::as_str).unwrap_or(a),
+        };
+        let state = down.get(parent).and_then(|c| c.get(&d.on_check));
+        let name = d.on_agent.as_deref().unwrap_or("its own agent");
+        let why = match state {
+            _ if presence.get(parent) == Some(&Presence::Lost) => Some(format!(
+                "depends on {name}/{}, whose agent is lost",
+                d.on_check
+            )),
+            Some((Status::Ok, since))
+                if now_ms.saturating_sub(*since) < d.wait.as_millis() as u64 =>
+            {
+                Some(format!(
+                    "depends on {name}/{}, which is just back",
+                    d.on_check
+                ))
+            }
+            Some((Status::Ok, _)) | None => None,
+            Some((s, _)) => Some(format!(
+                "depends on {name}/{}, which is {}",
+                d.on_check,
+                crate::alerts::deliver::status_name(*s)
+            )),
+        };
+        if held.is_none() {
+            held = why;
+        }
+    }
+    (wait, held)
+}
+
 /// Remove a deleted tenant's alert state.
 fn remove_state(dir: &Path, tenant: &str) {
     match std::fs::remove_dir_all(dir) {
@@ -344,6 +428,8 @@ impl Engine {
         // Presence, and when each check's last result was read (for staleness; not kept:
         // after a restart every check has its full TTL again).
         let mut presence: HashMap<String, Presence> = HashMap::new();
+        // Agents by hostname, for dependencies that name their parent's agent so.
+        let mut by_host: HashMap<String, String> = HashMap::new();
         let mut last_result: HashMap<(String, String), Instant> = HashMap::new();
         let mut last_watch = Instant::now() - WATCH;
         loop {
@@ -385,7 +471,8 @@ impl Engine {
                     tokio::select! {
                         _ = self.ctx.shutdown.cancelled() => break None,
                         Some(command) = commands.recv() => {
-                            let Some(change) = self.command(command, &alerts, &silences, &config) else {
+                            let seen = Seen { presence: &presence, by_host: &by_host };
+                            let Some(change) = self.command(command, &alerts, &silences, &config, &seen) else {
                                 continue;
                             };
                             // What was asked is kept before it is answered, and is in force
@@ -465,6 +552,9 @@ impl Engine {
                 }
             }
             let now_ms = crate::util::now_ms();
+            // The parents of dependencies that are down now (taken before this batch:
+            // a child's wait covers a parent failing in the same batch or soon after).
+            let down = down_parents(&config, &alerts);
             let route = |fp: &str, check: &str, status: Status| -> Policy {
                 if !caught_up {
                     return Policy::hold();
@@ -473,7 +563,19 @@ impl Engine {
                 let mut policy = config.policy(check, &id.labels, &id.groups, status, now_ms);
                 // A lost agent's checks say nothing: its own alert does.
                 let lost = check != AGENT_CHECK && presence.get(fp) == Some(&Presence::Lost);
+                let (wait, held) = dependency_of(
+                    &config,
+                    &down,
+                    &presence,
+                    &by_host,
+                    (fp, &id, check),
+                    now_ms,
+                );
+                if let Some(wait) = wait {
+                    policy.wait = policy.wait.max(wait);
+                }
                 policy.muted = lost
+                    || held.is_some()
                     || !silences
                         .muting(now_ms, fp, &id.hostname, &id.labels, check)
                         .is_empty();
@@ -527,6 +629,13 @@ impl Engine {
                         presence = watched
                             .iter()
                             .map(|w| (w.fingerprint.clone(), w.presence))
+                            .collect();
+                    }
+                    if watched.len() != by_host.len() || changed {
+                        by_host = watched
+                            .iter()
+                            .filter(|w| !w.hostname.is_empty())
+                            .map(|w| (w.hostname.clone(), w.fingerprint.clone()))
                             .collect();
                     }
                 }
@@ -694,12 +803,13 @@ impl Engine {
         alerts: &Alerts,
         silences: &Silences,
         config: &AlertConfig,
+        seen: &Seen<'_>,
     ) -> Option<Change> {
         let now_ms = crate::util::now_ms();
         match command {
             Command::List(reply) => {
                 if !reply.is_closed() {
-                    let _ = reply.send(self.view(alerts, silences, config, now_ms));
+                    let _ = reply.send(self.view(alerts, silences, config, seen, now_ms));
                 }
                 None
             }
@@ -773,8 +883,10 @@ impl Engine {
         alerts: &Alerts,
         silences: &Silences,
         config: &AlertConfig,
+        seen: &Seen<'_>,
         now_ms: u64,
     ) -> View {
+        let down = down_parents(config, alerts);
         let mut out = Vec::new();
         for (fp, checks) in &alerts.alerts {
             let id = self
@@ -789,7 +901,24 @@ impl Engine {
                 let silenced_by = silences.muting(now_ms, fp, &id.hostname, &id.labels, check);
                 let policy = config.policy(check, &id.labels, &id.groups, alert.status, now_ms);
                 let acked = incident.acked.clone().filter(|a| a.holds(now_ms));
-                let (state, why) = if !silenced_by.is_empty() {
+                let (_, held) = dependency_of(
+                    config,
+                    &down,
+                    seen.presence,
+                    seen.by_host,
+                    (fp, &id, check),
+                    now_ms,
+                );
+                let lost =
+                    check != AGENT_CHECK && seen.presence.get(fp.as_str()) == Some(&Presence::Lost);
+                let (state, why) = if lost {
+                    (
+                        "held",
+                        "its agent is lost: its own alert says so".to_string(),
+                    )
+                } else if let Some(held) = held {
+                    ("held", held)
+                } else if !silenced_by.is_empty() {
                     (
                         "silenced",
                         format!("silenced by {}", silenced_by.join(", ")),
@@ -1277,7 +1406,7 @@ pub struct AlertView {
     pub check: String,
     pub status: &'static str,
     /// `firing` (told), `pending` (waiting for its `for`, or no route), `silenced`,
-    /// `acknowledged`.
+    /// `held` (by a parent that is down, or its agent lost), `acknowledged`.
     pub state: &'static str,
     pub why: String,
     pub since: String,

@@ -84,6 +84,10 @@ pub struct Alert {
     /// Incidents the gateway opened itself (see [`Alerts::observe`]), to number them.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub observed: u64,
+    /// When it turned to its status (for dependencies: a parent just back still holds
+    /// its children a while).
+    #[serde(default)]
+    pub status_since_ms: u64,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -182,6 +186,7 @@ impl Alerts {
                 incident: None,
                 output: String::new(),
                 observed: 0,
+                status_since_ms: 0,
             })
     }
 
@@ -335,6 +340,9 @@ fn change(
     seq: Option<u64>,
     route: Route<'_>,
 ) -> Vec<Notification> {
+    if alert.status != status {
+        alert.status_since_ms = at_ms;
+    }
     alert.status = status;
     alert.output = output.to_string();
     let mut due = Vec::new();

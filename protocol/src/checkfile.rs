@@ -85,12 +85,18 @@ struct RawFile {
     receiver: Vec<toml::Table>,
     #[serde(default)]
     route: Vec<toml::Table>,
+    #[serde(default)]
+    dependency: Vec<toml::Table>,
 }
 
 /// Whether a file declares alerting tables (gateway check files only).
 fn has_alerting(text: &str) -> bool {
-    toml::from_str::<RawFile>(text)
-        .is_ok_and(|f| f.alerting.is_some() || !f.receiver.is_empty() || !f.route.is_empty())
+    toml::from_str::<RawFile>(text).is_ok_and(|f| {
+        f.alerting.is_some()
+            || !f.receiver.is_empty()
+            || !f.route.is_empty()
+            || !f.dependency.is_empty()
+    })
 }
 
 /// One collector as a file defines it.
@@ -323,7 +329,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<CheckDef>, String> {
     }
     if has_alerting(text) {
         return Err(
-            "alerting ([alerting], [[receiver]], [[route]]) is declared in the gateway's check files, not in an agent's checks.d"
+            "alerting ([alerting], [[receiver]], [[route]], [[dependency]]) is declared in the gateway's check files, not in an agent's checks.d"
                 .into(),
         );
     }

@@ -841,3 +841,169 @@ receivers = ["hook"]
     );
     drop((killed, stopped));
 }
+
+/// A plugin whose status is the number in `DIR/<name>`.
+fn state_plugin(dir: &Path, name: &str) -> String {
+    std::fs::write(dir.join(name), "0\n").unwrap();
+    let path = dir.join(format!("check_{name}"));
+    let state = dir.join(name).display().to_string();
+    std::fs::write(
+        &path,
+        format!("#!/bin/sh\ns=$(cat {state:?})\necho \"{name} is $s\"\nexit $s\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.display().to_string()
+}
+
+fn set(dir: &Path, name: &str, code: u8) {
+    let tmp = dir.join(format!("{name}.tmp"));
+    std::fs::write(&tmp, format!("{code}\n")).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+fn hard_count(gw: &Gateway, fp: &str, check: &str, status: &str) -> usize {
+    gw.bus_results(fp, check)
+        .iter()
+        .filter(|r| r["status"] == status && r["state_type"] == "hard")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_and_its_200_dependent_checks_failing_in_either_order_notify_once() {
+    let dir = tempdir();
+    let router_plugin = state_plugin(dir.path(), "router");
+    let web_plugin = state_plugin(dir.path(), "web");
+    let mut hook = WebhookReceiver::new(dir.path(), "hook", free_ports(1)[0], Some(SECRET));
+    hook.start().await;
+    let gw = Gateway::start(dir.path(), &[]);
+    let mut checks = format!(
+        r#"
+[[check]]
+name = "ping"
+command = [{router_plugin:?}]
+interval = 1
+target = {{ labels = {{ role = "router" }} }}
+
+[[receiver]]
+name = "hook"
+webhook = {{ url = "{url}", secret = "{SECRET}" }}
+
+[[route]]
+receivers = ["hook"]
+
+[[dependency]]
+checks = ["http-*"]
+labels = {{ role = "web" }}
+on = {{ agent = "router-1", check = "ping" }}
+wait = "15s"
+"#,
+        url = hook.url()
+    );
+    for i in 0..100 {
+        checks.push_str(&format!(
+            "\n[[check]]\nname = \"http-{i:03}\"\ncommand = [{web_plugin:?}]\ninterval = 2\ntarget = {{ labels = {{ role = \"web\" }} }}\n"
+        ));
+    }
+    gw.write_checks("deps.toml", &checks);
+    let router = Agent::start(
+        dir.path(),
+        "router-1",
+        &gw,
+        "labels = { role = \"router\" }\n",
+    );
+    let webs = [
+        Agent::start(dir.path(), "web-1", &gw, "labels = { role = \"web\" }\n"),
+        Agent::start(dir.path(), "web-2", &gw, "labels = { role = \"web\" }\n"),
+    ];
+    let r = router.fingerprint.clone();
+    eventually(T, "every check reporting", || async {
+        let all = webs.iter().all(|w| {
+            (0..100).all(|i| hard_count(&gw, &w.fingerprint, &format!("http-{i:03}"), "ok") >= 1)
+        });
+        (all && hard_count(&gw, &r, "ping", "ok") >= 1).then_some(())
+    })
+    .await;
+    let about_web = |hook: &WebhookReceiver| {
+        hook.taken()
+            .into_iter()
+            .filter(|t| {
+                t["body"]["data"]["check"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with("http-"))
+            })
+            .count()
+    };
+
+    // The router first, then the 200 checks behind it.
+    set(dir.path(), "router", 2);
+    eventually(T, "the router's alert", || async {
+        (about(&hook, "ping").len() == 1).then_some(())
+    })
+    .await;
+    set(dir.path(), "web", 2);
+    let all_critical = |gw: &Gateway| {
+        webs.iter().all(|w| {
+            (0..100)
+                .all(|i| hard_count(gw, &w.fingerprint, &format!("http-{i:03}"), "critical") >= 2)
+        })
+    };
+    eventually(T, "200 checks critical", || async {
+        all_critical(&gw).then_some(())
+    })
+    .await;
+    // Past their wait (15 s), held by the router all along.
+    let since = hard_count(&gw, &r, "ping", "critical");
+    eventually(
+        Duration::from_secs(60),
+        "20 s of the router down",
+        || async { (hard_count(&gw, &r, "ping", "critical") >= since + 20).then_some(()) },
+    )
+    .await;
+    assert_eq!(about_web(&hook), 0, "held by the router");
+    let a = alert_state(&gw, "http-042").await.unwrap();
+    assert_eq!(a["state"], "held", "{a}");
+    assert!(a["why"].as_str().unwrap().contains("router-1/ping"), "{a}");
+    // Both back: the router's resolve, nothing about the others.
+    set(dir.path(), "web", 0);
+    set(dir.path(), "router", 0);
+    eventually(T, "the router's resolve", || async {
+        (about(&hook, "ping").len() == 2).then_some(())
+    })
+    .await;
+    assert_eq!(about_web(&hook), 0, "the dependent checks said nothing");
+
+    // The 200 checks first (their wait holds them), then the router.
+    let ok_before: Vec<usize> = webs
+        .iter()
+        .map(|w| hard_count(&gw, &w.fingerprint, "http-000", "ok"))
+        .collect();
+    eventually(T, "the checks OK again", || async {
+        webs.iter()
+            .zip(&ok_before)
+            .all(|(w, n)| hard_count(&gw, &w.fingerprint, "http-099", "ok") > *n)
+            .then_some(())
+    })
+    .await;
+    set(dir.path(), "web", 2);
+    eventually(T, "the first dependent check critical", || async {
+        (hard_count(&gw, &webs[0].fingerprint, "http-000", "critical") >= 3).then_some(())
+    })
+    .await;
+    set(dir.path(), "router", 2);
+    eventually(T, "the router's second alert", || async {
+        (about(&hook, "ping").len() == 3).then_some(())
+    })
+    .await;
+    // Past the dependent checks' wait: still nothing about them.
+    let since = hard_count(&gw, &r, "ping", "critical");
+    eventually(
+        Duration::from_secs(60),
+        "20 s of the router down",
+        || async { (hard_count(&gw, &r, "ping", "critical") >= since + 20).then_some(()) },
+    )
+    .await;
+    assert_eq!(about_web(&hook), 0, "one notification: the router's");
+    assert_eq!(about(&hook, "ping").len(), 3);
+    drop((router, webs));
+}

@@ -50,6 +50,118 @@ pub struct AlertConfig {
     pub fallback: Option<String>,
     /// A silence in force this long (and not permanent) is reported as maybe forgotten.
     pub silence_max_age: Duration,
+    pub dependencies: Vec<Dependency>,
+}
+
+/// Checks that depend on another: while the parent is down (not OK, or its agent lost),
+/// the children's alerts are held, and a failing child waits `wait` for its parent to be
+/// judged before it notifies, so which of them fails first does not matter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dependency {
+    /// The children: check globs (none: every check)…
+    pub checks: Vec<String>,
+    /// …of the agents with these labels and groups…
+    pub target: Target,
+    /// …or of this agent (fingerprint or hostname).
+    pub agent: Option<String>,
+    /// The parent: a check of this agent (none: the child's own agent).
+    pub on_agent: Option<String>,
+    pub on_check: String,
+    pub wait: Duration,
+}
+
+/// A dependency's `wait` when it does not give one.
+pub const DEFAULT_DEPENDENCY_WAIT: Duration = Duration::from_secs(30);
+
+impl Dependency {
+    /// Whether check `check` of the agent (`fingerprint`, `hostname`, labels, groups) is a
+    /// child of this dependency.
+    pub fn has_child(
+        &self,
+        fingerprint: &str,
+        hostname: &str,
+        labels: &BTreeMap<String, String>,
+        groups: &[String],
+        check: &str,
+    ) -> bool {
+        self.agent
+            .as_deref()
+            .is_none_or(|a| a == fingerprint || a == hostname)
+            && self.target.matches(labels, groups)
+            && (self.checks.is_empty() || self.checks.iter().any(|g| glob(g, check)))
+            // A check is never its own parent.
+            && !(self.on_check == check
+                && self
+                    .on_agent
+                    .as_deref()
+                    .is_none_or(|a| a == fingerprint || a == hostname))
+    }
+}
+
+/// Dependencies that form a cycle (a check that would, through others, depend on
+/// itself): the first one found, named by its place.
+fn dependency_cycle(deps: &[(String, usize, Dependency)]) -> Option<String> {
+    // Edge i -> j: i's parent may be one of j's children. Labels and groups are not known
+    // here, so they are taken to match: a cycle that could exist is refused.
+    let may_be_child = |parent: &Dependency, of: &Dependency| {
+        (of.checks.is_empty() || of.checks.iter().any(|g| glob(g, &parent.on_check)))
+            && match (&of.agent, &parent.on_agent) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    };
+    let n = deps.len();
+    // 0: not seen, 1: on the path, 2: done.
+    let mut mark = vec![0u8; n];
+    fn visit(
+        i: usize,
+        deps: &[(String, usize, Dependency)],
+        mark: &mut [u8],
+        path: &mut Vec<usize>,
+        edge: &dyn Fn(&Dependency, &Dependency) -> bool,
+    ) -> Option<Vec<usize>> {
+        mark[i] = 1;
+        path.push(i);
+        for j in 0..deps.len() {
+            // A parent is never a child of its own dependency (see `has_child`).
+            if j == i || !edge(&deps[i].2, &deps[j].2) {
+                continue;
+            }
+            if mark[j] == 1 {
+                let from = path.iter().position(|&k| k == j).unwrap_or(0);
+                return Some(path[from..].to_vec());
+            }
+            if mark[j] == 0 {
+                if let Some(c) = visit(j, deps, mark, path, edge) {
+                    return Some(c);
+                }
+            }
+        }
+        path.pop();
+        mark[i] = 2;
+        None
+    }
+    for i in 0..n {
+        if mark[i] == 0 {
+            let mut path = Vec::new();
+            if let Some(cycle) = visit(i, deps, &mut mark, &mut path, &may_be_child) {
+                let names: Vec<String> = cycle
+                    .iter()
+                    .map(|&k| {
+                        let (file, at, d) = &deps[k];
+                        format!(
+                            "{file} dependency #{} (on {}/{})",
+                            at + 1,
+                            d.on_agent.as_deref().unwrap_or("its own agent"),
+                            d.on_check
+                        )
+                    })
+                    .collect();
+                return Some(names.join(" -> "));
+            }
+        }
+    }
+    None
 }
 
 /// `silence_max_age` when `[alerting]` does not give one.
@@ -62,6 +174,7 @@ impl Default for AlertConfig {
             routes: Vec::new(),
             fallback: None,
             silence_max_age: DEFAULT_SILENCE_MAX_AGE,
+            dependencies: Vec::new(),
         }
     }
 }
@@ -346,6 +459,7 @@ impl AlertConfig {
         let mut problems = Vec::new();
         let mut fallback_from: Option<String> = None;
         let mut routes = Vec::new();
+        let mut deps: Vec<(String, usize, Dependency)> = Vec::new();
         for (path, file) in files {
             let name = path.display();
             if file.has_settings {
@@ -378,6 +492,20 @@ impl AlertConfig {
                     .enumerate()
                     .map(|(i, r)| (name.to_string(), i, r)),
             );
+            deps.extend(
+                file.dependencies
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| (name.to_string(), i, d.clone())),
+            );
+        }
+        // A cycle across files: every dependency is left out (which to drop is not ours to
+        // guess), and it is reported.
+        match dependency_cycle(&deps) {
+            Some(cycle) => problems.push(format!(
+                "dependencies form a cycle (a tree is needed): {cycle}; no dependency is in force until it is fixed"
+            )),
+            None => config.dependencies = deps.into_iter().map(|(_, _, d)| d).collect(),
         }
         for (file, i, route) in routes {
             let unknown: Vec<&String> = route
@@ -415,6 +543,7 @@ pub struct FileAlerting {
     pub silence_max_age: Option<Duration>,
     pub receivers: Vec<Receiver>,
     pub routes: Vec<RouteDef>,
+    pub dependencies: Vec<Dependency>,
 }
 
 #[derive(Deserialize)]
@@ -425,6 +554,72 @@ struct RawFile {
     receiver: Vec<toml::Table>,
     #[serde(default)]
     route: Vec<toml::Table>,
+    #[serde(default)]
+    dependency: Vec<toml::Table>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDependency {
+    #[serde(default)]
+    checks: Vec<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    groups: Vec<String>,
+    agent: Option<String>,
+    on: RawParent,
+    wait: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawParent {
+    agent: Option<String>,
+    check: String,
+}
+
+fn dependency(table: toml::Table) -> Result<Dependency, Vec<String>> {
+    let raw: RawDependency = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| vec![e.message().to_string()])?;
+    let mut problems = Vec::new();
+    if raw.on.check.is_empty() {
+        problems.push("on.check names no check".to_string());
+    }
+    if raw.checks.iter().any(String::is_empty) {
+        problems.push("an empty check pattern matches nothing".into());
+    }
+    if raw.agent.as_deref() == Some("") || raw.on.agent.as_deref() == Some("") {
+        problems.push(
+            "an empty agent names no agent: give a fingerprint or hostname, or leave it out".into(),
+        );
+    }
+    let wait = match &raw.wait {
+        None => DEFAULT_DEPENDENCY_WAIT,
+        Some(v) => match duration_value("wait", v) {
+            Ok(secs) => Duration::from_secs(secs),
+            Err(e) => {
+                problems.push(e);
+                DEFAULT_DEPENDENCY_WAIT
+            }
+        },
+    };
+    if problems.is_empty() {
+        Ok(Dependency {
+            checks: raw.checks,
+            target: Target {
+                labels: raw.labels,
+                groups: raw.groups,
+            },
+            agent: raw.agent,
+            on_agent: raw.on.agent,
+            on_check: raw.on.check,
+            wait,
+        })
+    } else {
+        Err(problems)
+    }
 }
 
 #[derive(Deserialize)]
@@ -539,6 +734,24 @@ pub fn parse_file(text: &str) -> Result<FileAlerting, String> {
             Ok(r) => out.routes.push(r),
             Err(p) => problems.extend(p.into_iter().map(|p| format!("route #{}: {p}", i + 1))),
         }
+    }
+    for (i, table) in raw.dependency.into_iter().enumerate() {
+        match dependency(table) {
+            Ok(d) => out.dependencies.push(d),
+            Err(p) => problems.extend(p.into_iter().map(|p| format!("dependency #{}: {p}", i + 1))),
+        }
+    }
+    // Within the file, a cycle is this file's problem (across files, `assemble` finds it).
+    let mine: Vec<(String, usize, Dependency)> = out
+        .dependencies
+        .iter()
+        .enumerate()
+        .map(|(i, d)| ("this file".to_string(), i, d.clone()))
+        .collect();
+    if let Some(cycle) = dependency_cycle(&mine) {
+        problems.push(format!(
+            "dependencies form a cycle (a tree is needed): {cycle}"
+        ));
     }
     if problems.is_empty() {
         Ok(out)
@@ -1192,5 +1405,70 @@ active = { days = ["fri"], from = "22:00", to = "06:00" }
         for want in ["someday", "from \"25:00\"", "to \"9\"", "Mars/Olympus"] {
             assert!(err.contains(want), "{want:?} not in {err}");
         }
+    }
+
+    #[test]
+    fn dependencies_parse_and_a_cycle_is_refused_with_its_path() {
+        let f = parse_file(
+            r#"
+[[dependency]]
+checks = ["http-*"]
+labels = { site = "dc1" }
+on = { agent = "router-1", check = "ping" }
+wait = "20s"
+
+[[dependency]]
+checks = ["disk*"]
+on = { check = "nfs" }
+"#,
+        )
+        .unwrap();
+        let (web, disk) = (&f.dependencies[0], &f.dependencies[1]);
+        assert_eq!(web.wait, Duration::from_secs(20));
+        assert_eq!(disk.wait, DEFAULT_DEPENDENCY_WAIT);
+        let dc1 = BTreeMap::from([("site".to_string(), "dc1".to_string())]);
+        assert!(web.has_child("fp", "web-1", &dc1, &[], "http-shop"));
+        assert!(!web.has_child("fp", "web-1", &BTreeMap::new(), &[], "http-shop"));
+        assert!(!web.has_child("fp", "web-1", &dc1, &[], "ping"));
+        assert!(disk.has_child("fp", "db-1", &dc1, &[], "disk_root"));
+
+        // ping depends on dns, dns on ping: refused, naming the path.
+        let err = parse_file(
+            r#"
+[[dependency]]
+checks = ["ping"]
+on = { agent = "core", check = "dns" }
+
+[[dependency]]
+checks = ["dns"]
+on = { agent = "core", check = "ping" }
+"#,
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("cycle") && err.contains("dependency #1") && err.contains("dependency #2"),
+            "{err}"
+        );
+        // A check that would depend on itself through a glob is no cycle: it is never its
+        // own child.
+        let f = parse_file("[[dependency]]\ncheck = 1\n");
+        assert!(f.unwrap_err().contains("check"));
+        let own = parse_file("[[dependency]]\non = { check = \"ping\" }\n").unwrap();
+        assert!(!own.dependencies[0].has_child("fp", "h", &BTreeMap::new(), &[], "ping"));
+        assert!(own.dependencies[0].has_child("fp", "h", &BTreeMap::new(), &[], "http"));
+
+        // Across files: nothing of the cycle is in force.
+        let (config, problems) = assemble(&[
+            (
+                "a.toml",
+                "[[dependency]]\nchecks = [\"a\"]\non = { agent = \"x\", check = \"b\" }\n",
+            ),
+            (
+                "b.toml",
+                "[[dependency]]\nchecks = [\"b\"]\non = { agent = \"x\", check = \"a\" }\n",
+            ),
+        ]);
+        assert!(problems.iter().any(|p| p.contains("cycle")), "{problems:?}");
+        assert!(config.dependencies.is_empty());
     }
 }
