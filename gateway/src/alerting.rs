@@ -267,6 +267,10 @@ fn dependency_of(
 ) -> (Option<Duration>, Option<String>) {
     let mut wait: Option<Duration> = None;
     let mut held = None;
+    // An agent's own alert depends on nothing: it is what says the agent is gone.
+    if check == AGENT_CHECK {
+        return (None, None);
+    }
     for d in &config.dependencies {
         if !d.has_child(fp, &id.hostname, &id.labels, &id.groups, check) {
             continue;
@@ -279,6 +283,9 @@ fn dependency_of(
         let state = down.get(parent).and_then(|c| c.get(&d.on_check));
         let name = d.on_agent.as_deref().unwrap_or("its own agent");
         let why = match state {
+            // A check of a lost agent is held as such already (and its agent's own alert
+            // speaks); a parent on the same agent adds nothing.
+            _ if parent == fp && presence.get(parent) == Some(&Presence::Lost) => None,
             _ if presence.get(parent) == Some(&Presence::Lost) => Some(format!(
                 "depends on {name}/{}, whose agent is lost",
                 d.on_check
@@ -528,6 +535,58 @@ impl Engine {
                 dirty = true;
                 tracing::info!(tenant = %self.tenant, position, "alerting has read the bus's history; notifying from now on");
             }
+            // What the registry says of the agents, every WATCH (before any routing, so
+            // the first routes after a start know who is lost and who is who).
+            let watched = (last_watch.elapsed() >= WATCH).then(|| {
+                last_watch = Instant::now();
+                self.ctx.registry.watched(&self.tenant)
+            });
+            if let Some(watched) = &watched {
+                for w in watched {
+                    let was = presence.insert(w.fingerprint.clone(), w.presence);
+                    // Back (or first seen): its checks get their full TTL from now, not
+                    // from their last result before it went away.
+                    if w.presence == Presence::Online && was != Some(Presence::Online) {
+                        let now = Instant::now();
+                        for (check, _, _) in &w.checks {
+                            last_result.insert((w.fingerprint.clone(), check.clone()), now);
+                        }
+                    }
+                    identities.insert(
+                        w.fingerprint.clone(),
+                        Identity {
+                            hostname: w.hostname.clone(),
+                            labels: w.labels.clone(),
+                            groups: w.groups.clone(),
+                        },
+                    );
+                }
+                // A hostname names the online agent that has it, or the one seen last.
+                let mut best: HashMap<&str, &crate::registry::Watched> = HashMap::new();
+                for w in watched.iter().filter(|w| !w.hostname.is_empty()) {
+                    let better = best.get(w.hostname.as_str()).is_none_or(|b| {
+                        (w.presence == Presence::Online, w.last_seen_ms)
+                            > (b.presence == Presence::Online, b.last_seen_ms)
+                    });
+                    if better {
+                        best.insert(&w.hostname, w);
+                    }
+                }
+                by_host = best
+                    .into_iter()
+                    .map(|(h, w)| (h.to_string(), w.fingerprint.clone()))
+                    .collect();
+                // Checks an agent no longer runs are not watched.
+                let running: HashSet<(&str, &str)> = watched
+                    .iter()
+                    .flat_map(|w| {
+                        w.checks
+                            .iter()
+                            .map(move |(c, _, _)| (w.fingerprint.as_str(), c.as_str()))
+                    })
+                    .collect();
+                last_result.retain(|(fp, c), _| running.contains(&(fp.as_str(), c.as_str())));
+            }
             // Every agent a route may be asked about: this batch's, and those with an
             // incident (the clock's notifications).
             let wanted = read
@@ -611,33 +670,14 @@ impl Engine {
                     _ => crate::util::now_ms(),
                 };
                 let mut ticked = alerts.tick(now, &route);
-                if last_watch.elapsed() >= WATCH {
-                    last_watch = Instant::now();
-                    let watched = self.ctx.registry.watched(&self.tenant);
+                if let Some(watched) = &watched {
                     ticked.extend(watch(
                         &mut alerts,
-                        &watched,
+                        watched,
                         &mut last_result,
                         now_ms,
                         &route,
                     ));
-                    // For the next routes: presence as it is now.
-                    let changed = watched
-                        .iter()
-                        .any(|w| presence.get(&w.fingerprint) != Some(&w.presence));
-                    if changed {
-                        presence = watched
-                            .iter()
-                            .map(|w| (w.fingerprint.clone(), w.presence))
-                            .collect();
-                    }
-                    if watched.len() != by_host.len() || changed {
-                        by_host = watched
-                            .iter()
-                            .filter(|w| !w.hostname.is_empty())
-                            .map(|w| (w.hostname.clone(), w.fingerprint.clone()))
-                            .collect();
-                    }
                 }
                 by_the_clock = !ticked.is_empty();
                 due.extend(ticked);

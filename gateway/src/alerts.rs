@@ -88,6 +88,59 @@ pub struct Alert {
     /// its children a while).
     #[serde(default)]
     pub status_since_ms: u64,
+    /// The statuses of its last results (soft ones too), oldest first: the flapping
+    /// measure's window.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub recent: Vec<Status>,
+    /// Flapping now: the episode, and who was told it began.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flapping: Option<Flapping>,
+    /// Flapping episodes so far (to name them).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub flaps: u64,
+    /// Hard OK results in a row: a told incident resolves on the second (see
+    /// [`RESOLVE_AFTER`]).
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub ok_streak: u32,
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
+}
+
+/// A flapping episode.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flapping {
+    pub episode: u64,
+    pub since_ms: u64,
+    #[serde(default)]
+    pub told: BTreeSet<String>,
+}
+
+/// The results the flapping measure looks at (as Nagios and Icinga: 21 results, so 20
+/// changes of state at most).
+pub const FLAP_WINDOW: usize = 21;
+/// Flapping begins at this share of state changes (weighted, newest most), in percent…
+pub const FLAP_START: f64 = 30.0;
+/// …and ends below this one (the gap is the hysteresis: no flapping about flapping).
+pub const FLAP_END: f64 = 25.0;
+/// A told incident resolves after this many hard OK results in a row: a check that
+/// blinks OK once between failures does not resolve and fire again (and a check that
+/// flaps is seen as flapping before it has paged twice).
+pub const RESOLVE_AFTER: u32 = 2;
+
+/// The weighted share of state changes in `recent` (oldest first), in percent: each change
+/// weighs from 0.8 (oldest of 20) to 1.2 (newest), over 20 possible changes.
+pub fn flap_percent(recent: &[Status]) -> f64 {
+    let changes = FLAP_WINDOW - 1;
+    let mut sum = 0.0;
+    // j: 0 for the newest change.
+    for (j, pair) in recent.windows(2).rev().enumerate().take(changes) {
+        if pair[0] != pair[1] {
+            sum += 1.2 - 0.4 * j as f64 / (changes - 1) as f64;
+        }
+    }
+    100.0 * sum / changes as f64
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -146,6 +199,11 @@ pub enum Kind {
     /// Told to the fallback receiver: another receiver refused this notification for good
     /// (`output` says which and why).
     Undeliverable,
+    /// The check changes state too often: nothing more is said of it until it settles.
+    Flapping,
+    /// It settled (its status is in the notification; a told incident that ended
+    /// meanwhile resolves with its own notification).
+    Settled,
 }
 
 /// One notification due.
@@ -187,6 +245,10 @@ impl Alerts {
                 output: String::new(),
                 observed: 0,
                 status_since_ms: 0,
+                recent: Vec::new(),
+                flapping: None,
+                flaps: 0,
+                ok_streak: 0,
             })
     }
 
@@ -202,10 +264,25 @@ impl Alerts {
             return Vec::new();
         }
         alert.seq = result.seq;
-        if result.state_type == StateType::Soft {
-            return Vec::new();
+        alert.recent.push(result.status);
+        if alert.recent.len() > FLAP_WINDOW {
+            alert.recent.remove(0);
         }
-        change(
+        let mut due = flap(
+            fingerprint,
+            &result.check,
+            alert,
+            result.started_at_ms,
+            route,
+        );
+        if result.state_type == StateType::Soft {
+            return due;
+        }
+        alert.ok_streak = match result.status {
+            Status::Ok => alert.ok_streak.saturating_add(1),
+            _ => 0,
+        };
+        due.extend(change(
             fingerprint,
             &result.check,
             alert,
@@ -213,7 +290,8 @@ impl Alerts {
             result.started_at_ms,
             Some(result.seq),
             route,
-        )
+        ));
+        due
     }
 
     /// A state the gateway observed itself rather than read in a result: an agent lost or
@@ -232,6 +310,12 @@ impl Alerts {
         if alert.status == status {
             return Vec::new();
         }
+        // What the gateway sees itself needs no confirmation.
+        alert.ok_streak = if status == Status::Ok {
+            RESOLVE_AFTER
+        } else {
+            0
+        };
         change(
             fingerprint,
             check,
@@ -256,6 +340,10 @@ impl Alerts {
                 let Some(incident) = alert.incident.as_mut() else {
                     continue;
                 };
+                // Flapping says nothing; an incident waiting to resolve has nothing new.
+                if alert.flapping.is_some() || alert.status == Status::Ok {
+                    continue;
+                }
                 let policy = route(fingerprint, check, alert.status);
                 let n = due_now(
                     fingerprint,
@@ -347,6 +435,15 @@ fn change(
     alert.output = output.to_string();
     let mut due = Vec::new();
     if status == Status::Ok {
+        let told = alert
+            .incident
+            .as_ref()
+            .is_some_and(|i| i.notified.is_some());
+        // A told incident waits for its confirmation (and for the end of flapping): it
+        // stays open, at OK.
+        if told && (alert.flapping.is_some() || alert.ok_streak < RESOLVE_AFTER) {
+            return due;
+        }
         if let Some(incident) = alert.incident.take() {
             if let Some((said, _)) = incident.notified {
                 due.push(Notification {
@@ -383,6 +480,9 @@ fn change(
         });
     }
     let incident = alert.incident.as_mut().expect("opened above");
+    if alert.flapping.is_some() {
+        return due;
+    }
     let policy = route(fingerprint, check, status);
     due.extend(due_now(
         fingerprint,
@@ -393,6 +493,78 @@ fn change(
         at_ms,
         &policy,
     ));
+    due
+}
+
+/// Update `alert`'s flapping from its recent results: the notification that it began or
+/// settled, if it did. When it settles at OK, a told incident held open meanwhile resolves.
+fn flap(
+    fingerprint: &str,
+    check: &str,
+    alert: &mut Alert,
+    at_ms: u64,
+    route: Route<'_>,
+) -> Vec<Notification> {
+    let percent = flap_percent(&alert.recent);
+    let mut due = Vec::new();
+    match &alert.flapping {
+        None if percent >= FLAP_START => {
+            alert.flaps += 1;
+            // Routed as its incident's status, or as a warning.
+            let status = match alert.status {
+                Status::Ok => Status::Warning,
+                s => s,
+            };
+            let policy = route(fingerprint, check, status);
+            let told: BTreeSet<String> = if policy.muted {
+                BTreeSet::new()
+            } else {
+                policy.receivers.iter().cloned().collect()
+            };
+            if !told.is_empty() {
+                due.push(Notification {
+                    id: format!("{fingerprint}/{check}/flap{}/start", alert.flaps),
+                    fingerprint: fingerprint.to_string(),
+                    check: check.to_string(),
+                    kind: Kind::Flapping,
+                    status,
+                    since_ms: at_ms,
+                    at_ms,
+                    output: format!(
+                        "{check} is flapping: it changed state in {percent:.0}% of its last {} results; nothing more is said of it until it settles",
+                        alert.recent.len()
+                    ),
+                    receivers: told.iter().cloned().collect(),
+                });
+            }
+            alert.flapping = Some(Flapping {
+                episode: alert.flaps,
+                since_ms: at_ms,
+                told,
+            });
+        }
+        Some(_) if percent < FLAP_END => {
+            let flapping = alert.flapping.take().expect("matched");
+            if !flapping.told.is_empty() {
+                due.push(Notification {
+                    id: format!("{fingerprint}/{check}/flap{}/end", flapping.episode),
+                    fingerprint: fingerprint.to_string(),
+                    check: check.to_string(),
+                    kind: Kind::Settled,
+                    status: alert.status,
+                    since_ms: flapping.since_ms,
+                    at_ms,
+                    output: format!(
+                        "{check} has settled at {}: {}",
+                        deliver::status_name(alert.status),
+                        alert.output
+                    ),
+                    receivers: flapping.told.into_iter().collect(),
+                });
+            }
+        }
+        _ => {}
+    }
     due
 }
 
@@ -496,12 +668,14 @@ mod tests {
             a.tick(10_000_000, &r(&p)).is_empty(),
             "no repeat configured"
         );
-        let resolved = a.apply(FP, &hard(5, Status::Ok), &r(&p));
+        // A told incident resolves on its second OK in a row.
+        assert!(a.apply(FP, &hard(5, Status::Ok), &r(&p)).is_empty());
+        let resolved = a.apply(FP, &hard(6, Status::Ok), &r(&p));
         assert_eq!(
             kinds(&resolved),
             [(Kind::Resolved, Status::Critical, format!("{FP}/disk/3/r"))]
         );
-        assert!(a.apply(FP, &hard(6, Status::Ok), &r(&p)).is_empty());
+        assert!(a.apply(FP, &hard(7, Status::Ok), &r(&p)).is_empty());
     }
 
     #[test]
@@ -539,7 +713,8 @@ mod tests {
             [(Kind::Firing, Status::Critical, format!("{FP}/disk/100/0"))]
         );
         assert!(a.apply(FP, &hard(170, Status::Critical), &r(&p)).is_empty());
-        assert_eq!(a.apply(FP, &hard(180, Status::Ok), &r(&p)).len(), 1);
+        assert!(a.apply(FP, &hard(180, Status::Ok), &r(&p)).is_empty());
+        assert_eq!(a.apply(FP, &hard(181, Status::Ok), &r(&p)).len(), 1);
     }
 
     #[test]
@@ -565,7 +740,8 @@ mod tests {
             [(Kind::Firing, Status::Critical, format!("{FP}/disk/1/2"))]
         );
         assert!(a.tick(3_603_000, &r(&p)).is_empty());
-        let resolved = a.apply(FP, &hard(4000, Status::Ok), &r(&p));
+        assert!(a.apply(FP, &hard(4000, Status::Ok), &r(&p)).is_empty());
+        let resolved = a.apply(FP, &hard(4001, Status::Ok), &r(&p));
         assert_eq!(
             kinds(&resolved),
             [(Kind::Resolved, Status::Critical, format!("{FP}/disk/1/r"))]
@@ -578,7 +754,8 @@ mod tests {
         let results = [
             hard(1, Status::Critical),
             hard(2, Status::Ok),
-            hard(3, Status::Warning),
+            hard(3, Status::Ok),
+            hard(4, Status::Warning),
         ];
         let run = |a: &mut Alerts| -> Vec<Notification> {
             results
@@ -593,9 +770,11 @@ mod tests {
         // State read back from its JSON goes on the same way.
         let mut back: Alerts = serde_json::from_str(&saved).unwrap();
         assert_eq!(back, first);
-        let next = back.apply(FP, &hard(4, Status::Ok), &r(&p));
-        assert_eq!(next, first.apply(FP, &hard(4, Status::Ok), &r(&p)));
-        assert_eq!(next[0].id, format!("{FP}/disk/3/r"));
+        back.apply(FP, &hard(5, Status::Ok), &r(&p));
+        first.apply(FP, &hard(5, Status::Ok), &r(&p));
+        let next = back.apply(FP, &hard(6, Status::Ok), &r(&p));
+        assert_eq!(next, first.apply(FP, &hard(6, Status::Ok), &r(&p)));
+        assert_eq!(next[0].id, format!("{FP}/disk/4/r"));
     }
 
     #[test]
@@ -612,7 +791,8 @@ mod tests {
         assert_eq!(c[0].receivers, ["chat", "pager"]);
         // Back to warning, then OK: the resolve is one notification for both.
         assert_eq!(a.apply(FP, &hard(3, Status::Warning), &route).len(), 1);
-        let r = a.apply(FP, &hard(4, Status::Ok), &route);
+        assert!(a.apply(FP, &hard(4, Status::Ok), &route).is_empty());
+        let r = a.apply(FP, &hard(5, Status::Ok), &route);
         assert_eq!(r.len(), 1);
         assert_eq!(
             (r[0].kind, r[0].receivers.clone()),
@@ -663,6 +843,7 @@ mod tests {
         assert_eq!(firing.len(), 1);
         assert_eq!((firing[0].check.as_str(), firing[0].at_ms), ("disk", 99));
         a.apply(FP, &hard(3, Status::Ok), &r(&p));
+        a.apply(FP, &hard(4, Status::Ok), &r(&p));
         assert!(a.firing_told("am", 100).is_empty());
     }
 
@@ -684,14 +865,15 @@ mod tests {
             [(Kind::Firing, Status::Critical, format!("{FP}/disk/1/0"))]
         );
         // Silenced again, it resolves: the resolve goes out all the same.
-        let resolved = a.apply(FP, &hard(7, Status::Ok), &r(&on));
+        assert!(a.apply(FP, &hard(7, Status::Ok), &r(&on)).is_empty());
+        let resolved = a.apply(FP, &hard(8, Status::Ok), &r(&on));
         assert_eq!(
             kinds(&resolved),
             [(Kind::Resolved, Status::Critical, format!("{FP}/disk/1/r"))]
         );
         // One that never notified resolves silently under a silence.
-        assert!(a.apply(FP, &hard(8, Status::Warning), &r(&on)).is_empty());
-        assert!(a.apply(FP, &hard(9, Status::Ok), &r(&on)).is_empty());
+        assert!(a.apply(FP, &hard(9, Status::Warning), &r(&on)).is_empty());
+        assert!(a.apply(FP, &hard(10, Status::Ok), &r(&on)).is_empty());
     }
 
     #[test]
@@ -731,13 +913,114 @@ mod tests {
         // The acknowledgement ends: repeats again.
         assert_eq!(a.tick(300_000, &r(&p)).len(), 1);
         // Resolved: the next incident starts unacknowledged.
-        assert_eq!(a.apply(FP, &hard(400, Status::Ok), &r(&p)).len(), 1);
-        a.apply(FP, &hard(401, Status::Warning), &r(&p));
+        a.apply(FP, &hard(400, Status::Ok), &r(&p));
+        assert_eq!(a.apply(FP, &hard(401, Status::Ok), &r(&p)).len(), 1);
+        a.apply(FP, &hard(402, Status::Warning), &r(&p));
         assert!(a.alerts[FP]["disk"]
             .incident
             .as_ref()
             .unwrap()
             .acked
             .is_none());
+    }
+
+    #[test]
+    fn the_flapping_measure_weighs_newer_changes_more() {
+        use Status::{Critical as C, Ok as O};
+        assert_eq!(flap_percent(&[O; 21]), 0.0);
+        let toggling: Vec<Status> = (0..21).map(|i| if i % 2 == 0 { O } else { C }).collect();
+        assert!((flap_percent(&toggling) - 100.0).abs() < 1e-9);
+        // One change, newest (1.2) or oldest (0.8) of twenty.
+        let mut newest = vec![O; 20];
+        newest.push(C);
+        assert!((flap_percent(&newest) - 6.0).abs() < 1e-9);
+        let mut oldest = vec![C];
+        oldest.extend([O; 20]);
+        assert!((flap_percent(&oldest) - 4.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_check_toggling_at_every_run_says_two_things_then_one_when_it_settles() {
+        let p = Policy::to(&["ops"]);
+        let mut a = Alerts::default();
+        let mut seq = 0;
+        let mut run = |a: &mut Alerts, status| {
+            seq += 1;
+            a.apply(FP, &hard(seq, status), &r(&p))
+        };
+        for _ in 0..30 {
+            assert!(run(&mut a, Status::Ok).is_empty());
+        }
+        // Ten minutes of a check every 10 s changing state at every run.
+        let mut said = Vec::new();
+        for i in 0..60 {
+            let status = if i % 2 == 0 {
+                Status::Critical
+            } else {
+                Status::Ok
+            };
+            said.extend(run(&mut a, status));
+        }
+        assert_eq!(
+            said.iter().map(|n| n.kind).collect::<Vec<_>>(),
+            [Kind::Firing, Kind::Flapping],
+            "{said:#?}"
+        );
+        // It settles at OK: one word that it settled, and the resolve of what was told.
+        let mut after = Vec::new();
+        for _ in 0..30 {
+            after.extend(run(&mut a, Status::Ok));
+        }
+        let kinds: Vec<Kind> = after.iter().map(|n| n.kind).collect();
+        assert_eq!(kinds, [Kind::Settled, Kind::Resolved], "{after:#?}");
+        assert_eq!(after[0].id, format!("{FP}/disk/flap1/end"));
+        assert!(a.alerts[FP]["disk"].incident.is_none());
+        // Settling at CRITICAL: the incident goes on, told as usual.
+        let mut b = Alerts::default();
+        let mut seq = 0;
+        let mut said = Vec::new();
+        for i in 0..40 {
+            seq += 1;
+            let status = if i % 2 == 0 {
+                Status::Critical
+            } else {
+                Status::Ok
+            };
+            said.extend(b.apply(FP, &hard(seq, status), &r(&p)));
+        }
+        for _ in 0..30 {
+            seq += 1;
+            said.extend(b.apply(FP, &hard(seq, Status::Critical), &r(&p)));
+        }
+        let kinds: Vec<Kind> = said.iter().map(|n| n.kind).collect();
+        assert_eq!(
+            kinds,
+            [Kind::Firing, Kind::Flapping, Kind::Settled],
+            "{said:#?}"
+        );
+    }
+
+    #[test]
+    fn a_blink_of_ok_between_failures_neither_resolves_nor_fires_again() {
+        let p = Policy::to(&["ops"]);
+        let mut a = Alerts::default();
+        assert_eq!(a.apply(FP, &hard(1, Status::Critical), &r(&p)).len(), 1);
+        assert!(a.apply(FP, &hard(2, Status::Ok), &r(&p)).is_empty());
+        assert!(
+            a.apply(FP, &hard(3, Status::Critical), &r(&p)).is_empty(),
+            "same incident"
+        );
+        assert!(a.tick(10_000, &r(&p)).is_empty());
+        // An OK that never told anyone closes at once.
+        let mut b = Alerts::default();
+        let wait = Policy {
+            wait: Duration::from_secs(60),
+            ..Policy::to(&["ops"])
+        };
+        assert!(b
+            .apply(FP, &hard(1, Status::Critical), &r(&wait))
+            .is_empty());
+        assert!(b.apply(FP, &hard(2, Status::Ok), &r(&wait)).is_empty());
+        assert!(b.alerts[FP]["disk"].incident.is_none());
     }
 }

@@ -44,6 +44,9 @@ pub const MAX_LOCAL_CHECKS: usize = 256;
 pub struct Watched {
     pub fingerprint: String,
     pub hostname: String,
+    pub labels: BTreeMap<String, String>,
+    pub groups: Vec<String>,
+    pub last_seen_ms: u64,
     pub presence: Presence,
     pub reason: String,
     pub checks: Vec<(String, u64, u64)>,
@@ -754,6 +757,9 @@ impl Registry {
             .map(|r| Watched {
                 fingerprint: r.fingerprint.clone(),
                 hostname: r.hostname.clone(),
+                labels: r.labels.clone(),
+                groups: r.groups.clone(),
+                last_seen_ms: r.last_seen_ms,
                 presence: r.presence,
                 reason: r.presence_reason.clone(),
                 checks: r

@@ -974,22 +974,40 @@ wait = "15s"
     assert_eq!(about_web(&hook), 0, "the dependent checks said nothing");
 
     // The 200 checks first (their wait holds them), then the router.
-    let ok_before: Vec<usize> = webs
+    // Every dependent check OK again (a result after the change, on each agent).
+    let ok_before: Vec<Vec<usize>> = webs
         .iter()
-        .map(|w| hard_count(&gw, &w.fingerprint, "http-000", "ok"))
+        .map(|w| {
+            (0..100)
+                .map(|i| hard_count(&gw, &w.fingerprint, &format!("http-{i:03}"), "ok"))
+                .collect()
+        })
         .collect();
     eventually(T, "the checks OK again", || async {
         webs.iter()
             .zip(&ok_before)
-            .all(|(w, n)| hard_count(&gw, &w.fingerprint, "http-099", "ok") > *n)
+            .all(|(w, before)| {
+                (0..100).all(|i| {
+                    hard_count(&gw, &w.fingerprint, &format!("http-{i:03}"), "ok") > before[i]
+                })
+            })
             .then_some(())
     })
     .await;
+    // The children fail first: each has a new hard CRITICAL before the router fails.
+    let crit_before: Vec<usize> = webs
+        .iter()
+        .map(|w| hard_count(&gw, &w.fingerprint, "http-000", "critical"))
+        .collect();
     set(dir.path(), "web", 2);
-    eventually(T, "the first dependent check critical", || async {
-        (hard_count(&gw, &webs[0].fingerprint, "http-000", "critical") >= 3).then_some(())
+    eventually(T, "the dependent checks critical first", || async {
+        webs.iter()
+            .zip(&crit_before)
+            .all(|(w, n)| hard_count(&gw, &w.fingerprint, "http-000", "critical") >= n + 2)
+            .then_some(())
     })
     .await;
+    assert_eq!(about(&hook, "ping").len(), 2, "the router is still OK");
     set(dir.path(), "router", 2);
     eventually(T, "the router's second alert", || async {
         (about(&hook, "ping").len() == 3).then_some(())
@@ -1006,4 +1024,98 @@ wait = "15s"
     assert_eq!(about_web(&hook), 0, "one notification: the router's");
     assert_eq!(about(&hook, "ping").len(), 3);
     drop((router, webs));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_toggling_at_every_run_notifies_twice_and_once_when_it_settles() {
+    let dir = tempdir();
+    // Toggles at every run while DIR/toggle exists; OK otherwise.
+    let flag = dir.path().join("toggle");
+    let last = dir.path().join("last");
+    std::fs::write(&last, "0\n").unwrap();
+    let plugin = dir.path().join("check_toggle");
+    std::fs::write(
+        &plugin,
+        format!(
+            "#!/bin/sh\nif [ -e {flag:?} ]; then\n  s=$(cat {last:?}); n=$((2 - s)); echo $n > {last:?}\n  echo \"toggle is $n\"; exit $n\nfi\necho ok; exit 0\n",
+            flag = flag.display().to_string(),
+            last = last.display().to_string()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&plugin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut hook = WebhookReceiver::new(dir.path(), "hook", free_ports(1)[0], Some(SECRET));
+    hook.start().await;
+    let gw = Gateway::start(dir.path(), &[]);
+    gw.write_checks(
+        "toggle.toml",
+        &format!(
+            r#"
+[[check]]
+name = "toggle"
+command = [{plugin:?}]
+interval = 1
+
+[[receiver]]
+name = "hook"
+webhook = {{ url = "{url}", secret = "{SECRET}" }}
+
+[[route]]
+receivers = ["hook"]
+"#,
+            plugin = plugin.display().to_string(),
+            url = hook.url()
+        ),
+    );
+    let agent = Agent::start(dir.path(), "app-1", &gw, "");
+    let fp = agent.fingerprint.clone();
+    let count = |status: &str| hard_count(&gw, &fp, "toggle", status);
+    eventually(T, "OK results", || async {
+        (count("ok") >= 3).then_some(())
+    })
+    .await;
+    std::fs::write(&flag, "").unwrap();
+    // Forty changes of state.
+    let (ok0, crit0) = (count("ok"), count("critical"));
+    eventually(Duration::from_secs(120), "40 runs toggling", || async {
+        (count("ok") >= ok0 + 20 && count("critical") >= crit0 + 20).then_some(())
+    })
+    .await;
+    let said: Vec<String> = hook
+        .taken()
+        .iter()
+        .map(|t| t["body"]["type"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        said,
+        ["alert.firing", "alert.flapping"],
+        "at most two while it flaps"
+    );
+    // It settles at OK: one word of it, and the resolve of what was told.
+    std::fs::remove_file(&flag).unwrap();
+    let settled = eventually(Duration::from_secs(90), "settled", || async {
+        let t = hook.taken();
+        (t.len() >= 4).then_some(t)
+    })
+    .await;
+    let kinds: Vec<&str> = settled
+        .iter()
+        .map(|t| t["body"]["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "alert.firing",
+            "alert.flapping",
+            "alert.settled",
+            "alert.resolved"
+        ]
+    );
+    let ok_now = count("ok");
+    eventually(T, "more OK results", || async {
+        (count("ok") >= ok_now + 3).then_some(())
+    })
+    .await;
+    assert_eq!(hook.taken().len(), 4);
+    drop(agent);
 }

@@ -101,13 +101,16 @@ impl Dependency {
 /// Dependencies that form a cycle (a check that would, through others, depend on
 /// itself): the first one found, named by its place.
 fn dependency_cycle(deps: &[(String, usize, Dependency)]) -> Option<String> {
-    // Edge i -> j: i's parent may be one of j's children. Labels and groups are not known
-    // here, so they are taken to match: a cycle that could exist is refused.
+    // Edge i -> j: i's parent is one of j's children, as far as the files show. Agents'
+    // labels and groups are not known here: a dependency that selects its children by them
+    // is taken not to hold another's parent (per-site dependencies must not be refused as
+    // a cycle); one naming its agent, or taking every agent, is compared.
     let may_be_child = |parent: &Dependency, of: &Dependency| {
         (of.checks.is_empty() || of.checks.iter().any(|g| glob(g, &parent.on_check)))
             && match (&of.agent, &parent.on_agent) {
                 (Some(a), Some(b)) => a == b,
-                _ => true,
+                (Some(_), None) => false,
+                (None, _) => of.target.labels.is_empty() && of.target.groups.is_empty(),
             }
     };
     let n = deps.len();
@@ -1470,5 +1473,23 @@ on = { agent = "core", check = "ping" }
         ]);
         assert!(problems.iter().any(|p| p.contains("cycle")), "{problems:?}");
         assert!(config.dependencies.is_empty());
+    }
+
+    #[test]
+    fn dependencies_per_site_are_no_cycle() {
+        let f = parse_file(
+            r#"
+[[dependency]]
+checks = ["*"]
+labels = { site = "dc1" }
+on = { agent = "router-1", check = "ping" }
+
+[[dependency]]
+checks = ["*"]
+labels = { site = "dc2" }
+on = { agent = "router-2", check = "ping" }
+"#,
+        );
+        assert!(f.is_ok(), "{f:?}");
     }
 }

@@ -223,6 +223,8 @@ fn headline(q: &Queued) -> String {
             status_name(n.status)
         ),
         Kind::Undeliverable => format!("UNDELIVERABLE: a notification about {} on {on}", n.check),
+        Kind::Flapping => format!("FLAPPING: {} on {on}", n.check),
+        Kind::Settled => format!("SETTLED: {} on {on} ({})", n.check, status_name(n.status)),
     }
 }
 
@@ -243,7 +245,9 @@ fn source(q: &Queued) -> &str {
 /// a refusal is its own.
 pub fn incident_key(n: &super::Notification) -> &str {
     match n.kind {
-        Kind::Firing | Kind::Resolved => n.id.rsplit_once('/').map_or(&n.id, |(k, _)| k),
+        Kind::Firing | Kind::Resolved | Kind::Flapping | Kind::Settled => {
+            n.id.rsplit_once('/').map_or(&n.id, |(k, _)| k)
+        }
         Kind::Undeliverable => &n.id,
     }
 }
@@ -290,7 +294,8 @@ pub fn slack_body(tenant: &str, q: &Queued) -> Vec<u8> {
     let headline = headline(q);
     let emoji = match (n.kind, n.status) {
         (Kind::Resolved, _) => ":large_green_circle:",
-        (Kind::Undeliverable, _) => ":warning:",
+        (Kind::Undeliverable | Kind::Flapping, _) => ":warning:",
+        (Kind::Settled, _) => ":large_blue_circle:",
         (_, Status::Critical) => ":red_circle:",
         (_, Status::Warning) => ":large_yellow_circle:",
         _ => ":white_circle:",
@@ -325,7 +330,7 @@ pub fn slack_body(tenant: &str, q: &Queued) -> Vec<u8> {
 pub fn pagerduty_body(tenant: &str, q: &Queued, routing_key: &str) -> Vec<u8> {
     let n = &q.notification;
     let dedup_key = incident_key(n);
-    let body = if n.kind == Kind::Resolved {
+    let body = if matches!(n.kind, Kind::Resolved | Kind::Settled) {
         json!({
             "routing_key": routing_key,
             "event_action": "resolve",
@@ -334,6 +339,7 @@ pub fn pagerduty_body(tenant: &str, q: &Queued, routing_key: &str) -> Vec<u8> {
     } else {
         let severity = match (n.kind, n.status) {
             (Kind::Undeliverable, _) => "error",
+            (Kind::Flapping, _) => "warning",
             (_, Status::Critical) => "critical",
             (_, Status::Warning) => "warning",
             _ => "error",
@@ -400,6 +406,11 @@ pub fn alertmanager_labels(tenant: &str, q: &Queued) -> BTreeMap<String, String>
     if !q.hostname.is_empty() {
         labels.insert("instance".into(), q.hostname.clone());
     }
+    if matches!(n.kind, Kind::Flapping | Kind::Settled) {
+        labels.insert("alertname".into(), "OutpostFlapping".into());
+        labels.insert("check".into(), n.check.clone());
+        labels.insert("severity".into(), "warning".into());
+    }
     if n.kind == Kind::Undeliverable {
         labels.insert("alertname".into(), "OutpostUndeliverable".into());
         labels.insert("check".into(), n.check.clone());
@@ -416,7 +427,7 @@ pub fn alertmanager_body(tenant: &str, alerts: &[&Queued], now_ms: u64) -> Vec<u
         .map(|q| {
             let n = &q.notification;
             let ends = match n.kind {
-                Kind::Resolved => n.at_ms.min(now_ms),
+                Kind::Resolved | Kind::Settled => n.at_ms.min(now_ms),
                 _ => now_ms + ALERTMANAGER_HOLD.as_millis() as u64,
             };
             json!({
@@ -552,6 +563,8 @@ pub fn webhook_body(tenant: &str, q: &Queued) -> Vec<u8> {
         Kind::Firing => "alert.firing",
         Kind::Resolved => "alert.resolved",
         Kind::Undeliverable => "alert.undeliverable",
+        Kind::Flapping => "alert.flapping",
+        Kind::Settled => "alert.settled",
     };
     let body = json!({
         "type": kind,
