@@ -771,42 +771,31 @@ fn receiver(table: toml::Table) -> Result<Receiver, Vec<String>> {
     if let Err(e) = crate::tenant::parse_name(&raw.name) {
         problems.push(format!("name {e}"));
     }
-    let timeout = match &raw.timeout {
-        None => DEFAULT_TIMEOUT,
-        Some(v) => match duration_value("timeout", v).map(Duration::from_secs) {
-            Ok(t) if t <= MAX_TIMEOUT => t,
-            Ok(t) => {
-                problems.push(format!(
-                    "timeout {}s is over the {}s limit",
-                    t.as_secs(),
-                    MAX_TIMEOUT.as_secs()
-                ));
-                DEFAULT_TIMEOUT
-            }
-            Err(e) => {
-                problems.push(e);
-                DEFAULT_TIMEOUT
-            }
-        },
-    };
-    let retry_max = match &raw.retry_max {
-        None => super::retry::MAX_BACKOFF,
-        Some(v) => match duration_value("retry_max", v).map(Duration::from_secs) {
-            Ok(d) if d <= super::retry::MAX_WAIT => d,
+    let mut bounded = |field: &str, v: &Option<toml::Value>, default: Duration, max: Duration| {
+        let Some(v) = v else { return default };
+        match duration_value(field, v).map(Duration::from_secs) {
+            Ok(d) if d <= max => d,
             Ok(d) => {
                 problems.push(format!(
-                    "retry_max {}s is over the {}s limit",
+                    "{field} {}s is over the {}s limit",
                     d.as_secs(),
-                    super::retry::MAX_WAIT.as_secs()
+                    max.as_secs()
                 ));
-                super::retry::MAX_BACKOFF
+                default
             }
             Err(e) => {
                 problems.push(e);
-                super::retry::MAX_BACKOFF
+                default
             }
-        },
+        }
     };
+    let timeout = bounded("timeout", &raw.timeout, DEFAULT_TIMEOUT, MAX_TIMEOUT);
+    let retry_max = bounded(
+        "retry_max",
+        &raw.retry_max,
+        super::retry::MAX_BACKOFF,
+        super::retry::MAX_WAIT,
+    );
     let kinds = [
         raw.webhook.is_some(),
         raw.slack.is_some(),
