@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outpost_protocol::Status;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -81,11 +81,18 @@ pub struct Context {
     pub running: Arc<std::sync::Mutex<HashSet<String>>>,
     /// Where the API finds the evaluators.
     pub hub: Arc<Hub>,
+    /// In a fleet: the NATS the tenants' state and leases are in.
+    pub nats: Option<Arc<crate::nats::Nats>>,
+    /// This gateway's id (the lease holder's name).
+    pub gateway_id: String,
 }
 
 /// Start each tenant's alerting once it has any (receivers or routes in its files, or
 /// notifications still queued from before): looked at every `poll`, until shutdown.
 pub async fn run(ctx: Context) {
+    if let Some(nats) = ctx.nats.clone() {
+        return run_fleet(ctx, nats).await;
+    }
     // Tenants with queued notifications or state: their configuration is loaded now, so
     // what waits is delivered even before one of their agents connects. A deleted
     // tenant's are removed.
@@ -139,6 +146,110 @@ pub async fn run(ctx: Context) {
             _ = ctx.shutdown.cancelled() => return,
             _ = tokio::time::sleep(ctx.poll) => {}
         }
+    }
+}
+
+/// [`run`] in a NATS fleet: every gateway contends for the lease of each tenant with
+/// alerting configured, and the holder evaluates and notifies for it (`nats::alerts`).
+async fn run_fleet(ctx: Context, nats: Arc<crate::nats::Nats>) {
+    ctx.hub.forward_over(nats.clone());
+    let leases = Arc::new(crate::nats::alerts::Leases {
+        nats: nats.clone(),
+        gateway: ctx.gateway_id.clone(),
+    });
+    loop {
+        // Every tenant's configuration is followed here (mirrored from the fleet), so any
+        // gateway can take over any tenant, even one with no agent connected to it.
+        for t in ctx.tenants.list_tenants() {
+            ctx.checks.of(&t.name);
+        }
+        for (tenant, store) in ctx.checks.stores() {
+            if outpost_sys::lock(&ctx.running).contains(&tenant) {
+                continue;
+            }
+            let config = store.current().alerting.clone();
+            if config.receivers.is_empty() && config.routes.is_empty() {
+                continue;
+            }
+            outpost_sys::lock(&ctx.running).insert(tenant.clone());
+            tracing::info!(%tenant, "alerting configured: contending for the tenant's lease");
+            let task: &'static str =
+                Box::leak(format!("alerting lease of {tenant}").into_boxed_str());
+            let (ctx2, leases2, config) = (ctx.clone(), leases.clone(), store.subscribe());
+            crate::health::supervise(
+                &ctx.tracker,
+                ctx.health.clone(),
+                ctx.shutdown.clone(),
+                task,
+                move || {
+                    contend(
+                        ctx2.clone(),
+                        leases2.clone(),
+                        tenant.clone(),
+                        config.clone(),
+                    )
+                },
+            );
+        }
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(ctx.poll) => {}
+        }
+    }
+}
+
+/// Hold `tenant`'s lease whenever this gateway can, and evaluate while it holds it.
+async fn contend(
+    ctx: Context,
+    leases: Arc<crate::nats::alerts::Leases>,
+    tenant: String,
+    config: watch::Receiver<Arc<Catalog>>,
+) {
+    let Some(nats) = ctx.nats.clone() else { return };
+    loop {
+        while ctx.tenants.tenant(&tenant).is_none() {
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(HOUSEKEEPING) => {}
+            }
+        }
+        let Some(held) = leases.acquire(&tenant, &ctx.shutdown).await else {
+            return;
+        };
+        ctx.metrics.lease(&tenant, true);
+        let store = crate::nats::alerts::NatsAlertStore::new(
+            nats.clone(),
+            &tenant,
+            &ctx.gateway_id,
+            held.token,
+            held.life.clone(),
+        );
+        let api = tokio::spawn(crate::nats::alerts::serve_api(
+            nats.clone(),
+            tenant.clone(),
+            ctx.hub.clone(),
+            held.life.clone(),
+        ));
+        // This life's evaluator and workers end with the lease.
+        let life = Context {
+            shutdown: held.life.clone(),
+            ..ctx.clone()
+        };
+        Engine {
+            tenant: tenant.clone(),
+            ctx: life,
+            config: config.clone(),
+            store: Arc::new(store),
+        }
+        .evaluate()
+        .await;
+        ctx.metrics.lease(&tenant, false);
+        held.release().await;
+        let _ = api.await;
+        if ctx.shutdown.is_cancelled() {
+            return;
+        }
+        tracing::warn!(%tenant, "this gateway no longer notifies for the tenant; contending for its lease again");
     }
 }
 
@@ -448,7 +559,14 @@ impl Engine {
                 if self.ctx.tenants.tenant(&self.tenant).is_none() {
                     tracing::info!(tenant = %self.tenant, "the tenant is deleted: its alerting stops");
                     stop.cancel();
-                    remove_state(&self.ctx.dir.join(&self.tenant), &self.tenant);
+                    match self.store.remove().await {
+                        Ok(()) => {
+                            tracing::info!(tenant = %self.tenant, "the tenant is deleted: its alert state is removed")
+                        }
+                        Err(e) => {
+                            tracing::error!(tenant = %self.tenant, error = %format!("{e:#}"), "cannot remove a deleted tenant's alert state")
+                        }
+                    }
                     return;
                 }
                 identities.clear();
@@ -998,8 +1116,8 @@ impl Engine {
                     fingerprint: fp.clone(),
                     hostname: id.hostname.clone(),
                     check: check.clone(),
-                    status: crate::alerts::deliver::status_name(alert.status),
-                    state,
+                    status: crate::alerts::deliver::status_name(alert.status).to_string(),
+                    state: state.to_string(),
                     why,
                     since: crate::alerts::deliver::rfc3339(incident.since_ms),
                     output: alert.output.clone(),
@@ -1433,21 +1551,21 @@ pub enum Command {
 }
 
 /// A tenant's alerts and silences, as the API lists them.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct View {
     pub alerts: Vec<AlertView>,
     pub silences: Vec<Silence>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AlertView {
     pub fingerprint: String,
     pub hostname: String,
     pub check: String,
-    pub status: &'static str,
+    pub status: String,
     /// `firing` (told), `pending` (waiting for its `for`, or no route), `silenced`,
     /// `held` (by a parent that is down, or its agent lost), `acknowledged`.
-    pub state: &'static str,
+    pub state: String,
     pub why: String,
     pub since: String,
     pub output: String,
@@ -1457,10 +1575,12 @@ pub struct AlertView {
     pub acknowledged: Option<Ack>,
 }
 
-/// The running evaluators, for the API.
+/// The running evaluators, for the API. In a NATS fleet a tenant's evaluator may run on
+/// another gateway: what is asked is forwarded there.
 #[derive(Default)]
 pub struct Hub {
     engines: std::sync::Mutex<HashMap<String, mpsc::Sender<Command>>>,
+    fleet: std::sync::OnceLock<Arc<crate::nats::Nats>>,
 }
 
 /// Why the API could not ask.
@@ -1468,6 +1588,8 @@ pub struct Hub {
 pub enum AskError {
     #[error("alerting is not running for this tenant: declare receivers and routes in its check files (docs/ALERTING.md)")]
     NotRunning,
+    #[error("no gateway of the fleet runs this tenant's alerting right now: it has no receivers and routes (docs/ALERTING.md), or a gateway is taking it over; retry in a few seconds")]
+    NoHolder,
     #[error("alerting is busy or restarting; retry")]
     Busy,
 }
@@ -1477,29 +1599,134 @@ impl Hub {
         outpost_sys::lock(&self.engines).insert(tenant.to_string(), tx);
     }
 
-    /// Ask `tenant`'s evaluator: `make` builds the command around the answer's sender.
+    /// Forward what is asked of a tenant whose evaluator is not here over `nats`.
+    pub fn forward_over(&self, nats: Arc<crate::nats::Nats>) {
+        let _ = self.fleet.set(nats);
+    }
+
+    /// Ask `tenant`'s evaluator, here or (in a fleet) on the gateway holding its lease:
+    /// `make` builds the command around the answer's sender.
     pub async fn ask<T>(
         &self,
         tenant: &str,
         make: impl FnOnce(oneshot::Sender<T>) -> Command,
     ) -> Result<T, AskError> {
-        let tx = outpost_sys::lock(&self.engines)
-            .get(tenant)
-            .cloned()
-            .ok_or(AskError::NotRunning)?;
+        let local = outpost_sys::lock(&self.engines).get(tenant).cloned();
         let (reply, answer) = oneshot::channel();
-        // A full queue of requests is an evaluator that is stuck (its store failing): the
-        // caller hears so at once.
-        tx.try_send(make(reply)).map_err(|_| AskError::Busy)?;
+        let command = make(reply);
+        match (local, self.fleet.get()) {
+            // A full queue of requests is an evaluator that is stuck (its store failing):
+            // the caller hears so at once.
+            (Some(tx), _) => tx.try_send(command).map_err(|_| AskError::Busy)?,
+            (None, Some(nats)) => {
+                let (request, finish) = command.remote();
+                match crate::nats::alerts::forward(nats, tenant, &request).await {
+                    crate::nats::alerts::Answer::NotRunning => return Err(AskError::NoHolder),
+                    crate::nats::alerts::Answer::Busy => return Err(AskError::Busy),
+                    a => finish(a).map_err(|_| AskError::Busy)?,
+                }
+            }
+            (None, None) => return Err(AskError::NotRunning),
+        }
         tokio::time::timeout(Duration::from_secs(30), answer)
             .await
             .map_err(|_| AskError::Busy)?
             .map_err(|_| AskError::Busy)
     }
 
+    /// Answer a request forwarded from another gateway with the evaluator here.
+    pub async fn answer_locally(
+        &self,
+        tenant: &str,
+        request: crate::nats::alerts::Request,
+    ) -> crate::nats::alerts::Answer {
+        use crate::nats::alerts::{Answer, Request};
+        if !self.running(tenant) {
+            return Answer::Busy;
+        }
+        fn to<T: Serialize>(r: Result<Result<T, String>, AskError>) -> Answer {
+            match r {
+                Ok(Ok(v)) => Answer::Ok(serde_json::to_value(v).unwrap_or_default()),
+                Ok(Err(why)) => Answer::Refused(why),
+                Err(_) => Answer::Busy,
+            }
+        }
+        match request {
+            Request::List => to(self.ask(tenant, Command::List).await.map(Ok)),
+            Request::AddSilence { silence } => {
+                to(self.ask(tenant, |r| Command::AddSilence(silence, r)).await)
+            }
+            Request::ExpireSilence { id } => {
+                to(self.ask(tenant, |r| Command::ExpireSilence(id, r)).await)
+            }
+            Request::Ack {
+                fingerprint,
+                check,
+                ack,
+            } => to(self
+                .ask(tenant, |reply| Command::Ack {
+                    fingerprint,
+                    check,
+                    ack,
+                    reply,
+                })
+                .await),
+        }
+    }
+
     /// Whether `tenant` has alerting running here.
     pub fn running(&self, tenant: &str) -> bool {
         outpost_sys::lock(&self.engines).contains_key(tenant)
+    }
+}
+
+/// Finishes a forwarded command with the holder's answer (`Err`: it did not read).
+type Finish = Box<dyn FnOnce(crate::nats::alerts::Answer) -> Result<(), ()> + Send>;
+
+impl Command {
+    /// The request to forward, and how to answer this command's caller with its answer.
+    fn remote(self) -> (crate::nats::alerts::Request, Finish) {
+        use crate::nats::alerts::{Answer, Request};
+        fn answer<T: serde::de::DeserializeOwned + Send + 'static>(
+            reply: oneshot::Sender<Result<T, String>>,
+        ) -> Finish {
+            Box::new(move |a| {
+                let r = match a {
+                    Answer::Ok(v) => Ok(serde_json::from_value(v).map_err(|_| ())?),
+                    Answer::Refused(why) => Err(why),
+                    _ => return Err(()),
+                };
+                let _ = reply.send(r);
+                Ok(())
+            })
+        }
+        match self {
+            Command::List(reply) => (
+                Request::List,
+                Box::new(move |a| match a {
+                    Answer::Ok(v) => {
+                        let _ = reply.send(serde_json::from_value(v).map_err(|_| ())?);
+                        Ok(())
+                    }
+                    _ => Err(()),
+                }),
+            ),
+            Command::AddSilence(silence, reply) => (Request::AddSilence { silence }, answer(reply)),
+            Command::ExpireSilence(id, reply) => (Request::ExpireSilence { id }, answer(reply)),
+            Command::Ack {
+                fingerprint,
+                check,
+                ack,
+                reply,
+            } => (
+                Request::Ack {
+                    fingerprint,
+                    check,
+                    ack,
+                },
+                answer(reply),
+            ),
+        }
     }
 }
 

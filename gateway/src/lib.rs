@@ -467,7 +467,7 @@ pub async fn serve(
                 });
             }));
     }
-    if gw.nats.is_none() {
+    {
         match alerts::deliver::Sender::new() {
             Ok(sender) => {
                 let ctx = alerting::Context {
@@ -484,13 +484,13 @@ pub async fn serve(
                     poll: gw.settings.checks_poll,
                     running: Arc::default(),
                     hub: gw.alerting.clone(),
+                    nats: gw.nats.clone(),
+                    gateway_id: gw.registry.me.gateway_id.clone(),
                 };
                 background(&tracker, gw, "alerting", move || alerting::run(ctx.clone()));
             }
             Err(e) => tracing::error!(error = %format!("{e:#}"), "alerting cannot start"),
         }
-    } else {
-        tracing::warn!("alerting runs on a single gateway with the embedded bus for now; in a NATS fleet it is not started (docs/ALERTING.md)");
     }
     let app = api::router(gw.api(tracker.clone()), &gw.settings);
     let conns = listener::Connections {

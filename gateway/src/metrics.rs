@@ -48,6 +48,8 @@ pub struct Metrics {
     pub alert_store_errors: AtomicU64,
     /// Notification delivery per (tenant, receiver): see [`Metrics::receiver`].
     receivers: Mutex<BTreeMap<(String, String), ReceiverStats>>,
+    /// In a fleet: the tenants whose alerting lease this gateway holds (true) or held.
+    leases: Mutex<BTreeMap<String, bool>>,
 }
 
 /// One receiver's deliveries.
@@ -92,6 +94,11 @@ impl Metrics {
         f(all
             .entry((tenant.to_string(), receiver.to_string()))
             .or_default());
+    }
+
+    /// Whether this gateway holds `tenant`'s alerting lease now.
+    pub fn lease(&self, tenant: &str, held: bool) {
+        lock(&self.leases).insert(tenant.to_string(), held);
     }
 
     /// The delivery figures of `tenant`'s `receiver` so far.
@@ -269,6 +276,18 @@ impl Metrics {
             g(&self.alert_store_errors),
         );
         self.render_receivers(&mut out, per_tenant);
+        let leases = lock(&self.leases).clone();
+        if !leases.is_empty() {
+            let name = "outpost_alerting_lease_held";
+            let _ = writeln!(out, "# HELP {name} In a NATS fleet: 1 while this gateway holds the tenant's alerting lease (it evaluates and notifies for it).\n# TYPE {name} gauge");
+            if per_tenant {
+                for (tenant, held) in &leases {
+                    let _ = writeln!(out, "{name}{{tenant=\"{tenant}\"}} {}", u8::from(*held));
+                }
+            } else {
+                let _ = writeln!(out, "{name} {}", leases.values().filter(|h| **h).count());
+            }
+        }
         let mut refusals = lock(&self.refusals).clone();
         if !per_tenant {
             let mut by_reason: BTreeMap<(String, &'static str), u64> = BTreeMap::new();

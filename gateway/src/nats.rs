@@ -11,7 +11,9 @@
 //! | live gateways | KV `outpost_gateways`, key `<gateway id>` (heartbeat, expires) |
 //! | agent credentials | KV `outpost_credentials`, key `<tenant>.<fingerprint>`; tenant keys under `<tenant>._tenant` |
 //! | run-now | request/reply on `outpost.<tenant>.rpc.<fingerprint>` |
+//! | alerting | stream `OUTPOST_ALERTS`, KV `outpost_alerts`, `outpost.<tenant>.alerts.*` ([`alerts`]) |
 
+pub mod alerts;
 pub mod bus;
 pub mod fleet_config;
 pub mod registry;
@@ -206,6 +208,8 @@ pub struct Nats {
     pub gateways: kv::Store,
     pub credentials: kv::Store,
     pub tenants: kv::Store,
+    /// Alerting's leases and snapshots' places ([`alerts`]).
+    pub alerts: kv::Store,
     pub settings: NatsSettings,
 }
 
@@ -333,6 +337,17 @@ impl Nats {
             ),
         )
         .await?;
+        ensure_stream(&js, alerts::stream_config(settings.replicas)).await?;
+        let alerts = ensure_bucket(
+            &js,
+            bucket(
+                alerts::ALERTS_BUCKET,
+                "Outpost alerting: each tenant's lease and where its state's snapshot is",
+                1,
+                Duration::ZERO,
+            ),
+        )
+        .await?;
         Ok(Nats {
             client,
             js,
@@ -340,6 +355,7 @@ impl Nats {
             gateways,
             credentials,
             tenants,
+            alerts,
             settings: settings.clone(),
         })
     }

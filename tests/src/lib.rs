@@ -687,6 +687,8 @@ pub fn tempdir() -> tempfile::TempDir {
         .unwrap()
 }
 pub mod debian;
+pub mod fleet;
+pub mod flip;
 pub mod haproxy;
 pub mod nats;
 pub mod receivers;

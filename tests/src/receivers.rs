@@ -33,6 +33,8 @@ pub struct WebhookReceiver {
     /// What to answer the next requests: one line each (`503`, `429 2`, `400`), then
     /// what the receiver it stands for would.
     pub answers: PathBuf,
+    /// How long it waits before answering each request, in seconds (see [`Self::slow`]).
+    delay: PathBuf,
     log: PathBuf,
     proc: Option<Proc>,
 }
@@ -57,6 +59,7 @@ impl WebhookReceiver {
             secret: secret.map(str::to_string),
             out: dir.join(format!("{name}.jsonl")),
             answers: dir.join(format!("{name}.answers")),
+            delay: dir.join(format!("{name}.delay")),
             log: dir.join(format!("{name}.log")),
             proc: None,
         }
@@ -78,7 +81,8 @@ impl WebhookReceiver {
             .arg(self.port.to_string())
             .arg(self.secret.as_deref().unwrap_or("-"))
             .arg(&self.out)
-            .arg(&self.answers);
+            .arg(&self.answers)
+            .arg(&self.delay);
         let proc = spawn_logged(cmd, &self.log);
         proc.wait_for_log(&format!("listening {}", self.port), Duration::from_secs(20))
             .await;
@@ -94,6 +98,13 @@ impl WebhookReceiver {
     pub fn answer(&self, answers: &[&str]) {
         let text: String = answers.iter().map(|a| format!("{a}\n")).collect();
         std::fs::write(&self.answers, text).unwrap();
+    }
+
+    /// Wait `each` before answering every request from now on (a receiver slow to answer,
+    /// so that a sender dying mid-delivery is likely to die with a request in flight);
+    /// `Duration::ZERO` answers at once again. The request is recorded before the wait.
+    pub fn slow(&self, each: Duration) {
+        std::fs::write(&self.delay, format!("{}\n", each.as_secs_f64())).unwrap();
     }
 
     /// Every request received so far, oldest first.
@@ -112,6 +123,14 @@ impl WebhookReceiver {
             })
             .collect()
     }
+}
+
+/// A webhook receiver named `hook` under `dir`, verifying signatures with [`SECRET`],
+/// listening.
+pub async fn signed_hook(dir: &Path) -> WebhookReceiver {
+    let mut hook = WebhookReceiver::new(dir, "hook", crate::free_ports(1)[0], Some(SECRET));
+    hook.start().await;
+    hook
 }
 
 fn read_lines(path: &Path) -> Vec<Value> {

@@ -7,34 +7,14 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use outpost_e2e::receivers::{Alertmanager, SmtpServer, WebhookReceiver, ROUTING_KEY, SECRET};
+use outpost_e2e::flip::{flip_plugin, set_state};
+use outpost_e2e::receivers::{
+    signed_hook, Alertmanager, SmtpServer, WebhookReceiver, ROUTING_KEY, SECRET,
+};
 use outpost_e2e::*;
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
-
-/// A plugin whose exit code (and so status) is the number in `DIR/state`.
-fn flip_plugin(dir: &Path) -> String {
-    let state = dir.join("state");
-    std::fs::write(&state, "0\n").unwrap();
-    let path = dir.join("check_flip");
-    std::fs::write(
-        &path,
-        format!(
-            "#!/bin/sh\ns=$(cat {state:?})\necho \"flip is $s\"\nexit $s\n",
-            state = state.display().to_string()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path.display().to_string()
-}
-
-fn set_state(dir: &Path, code: u8) {
-    let tmp = dir.join("state.tmp");
-    std::fs::write(&tmp, format!("{code}\n")).unwrap();
-    std::fs::rename(&tmp, dir.join("state")).unwrap();
-}
 
 /// Wait until the bus holds `n` more hard results of `check` with `status` than `after`.
 async fn hard_results(gw: &Gateway, fp: &str, status: &str, n: usize) {
@@ -62,13 +42,6 @@ fn ids(requests: &[Value]) -> Vec<String> {
                 .to_string()
         })
         .collect()
-}
-
-/// A webhook receiver named `hook`, verifying signatures with [`SECRET`], listening.
-async fn signed_hook(dir: &Path) -> WebhookReceiver {
-    let mut hook = WebhookReceiver::new(dir, "hook", free_ports(1)[0], Some(SECRET));
-    hook.start().await;
-    hook
 }
 
 /// Wait until `receiver` has taken `n` notifications; returns them.

@@ -6,93 +6,18 @@
 //! through each gateway's API.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use outpost_e2e::fleet::{agent, gateway, gateway_on, gateways, pki, write_config, Pki, GRACE};
 use outpost_e2e::haproxy::Haproxy;
 use outpost_e2e::nats::{NatsCluster, NatsServer};
-use outpost_e2e::{bin, eventually, now_ms, tempdir, test_pki, Agent, Gateway};
+use outpost_e2e::{bin, eventually, now_ms, tempdir, Agent, Gateway};
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
-/// The presence grace the fleet tests run with.
-const GRACE: u64 = 5;
-
-/// The shared certificate every gateway of a fleet serves.
-struct Pki {
-    ca: PathBuf,
-    cert: String,
-    key: String,
-}
-
-fn pki(dir: &Path) -> Pki {
-    let (ca, cert, key) = test_pki(&dir.join("pki"), "localhost");
-    Pki {
-        ca,
-        cert: cert.display().to_string(),
-        key: key.display().to_string(),
-    }
-}
-
-fn gateway(dir: &Path, id: &str, nats: &str, pki: &Pki, extra: &[&str]) -> Gateway {
-    gateway_on(dir, id, "127.0.0.1:0", Some(nats), pki, extra)
-}
-
-/// A gateway listening on `listen`, on NATS or (`None`) its embedded bus.
-fn gateway_on(
-    dir: &Path,
-    id: &str,
-    listen: &str,
-    nats: Option<&str>,
-    pki: &Pki,
-    extra: &[&str],
-) -> Gateway {
-    let grace = GRACE.to_string();
-    let mut args = vec![
-        "--gateway-id",
-        id,
-        "--tls-cert",
-        &pki.cert,
-        "--tls-key",
-        &pki.key,
-        "--presence-grace",
-        &grace,
-        "--grace",
-        "6",
-    ];
-    if let Some(url) = nats {
-        args.extend_from_slice(&["--bus", url]);
-    }
-    args.extend_from_slice(extra);
-    // The tenant's enrollment key and API token exist in clear only where they were made
-    // (NATS keeps them hashed): as an operator would, give every further gateway of the
-    // tenant the first one's copy.
-    let tenant = extra
-        .iter()
-        .position(|a| *a == "--tenant")
-        .and_then(|i| extra.get(i + 1))
-        .copied()
-        .unwrap_or("default");
-    let keys = dir.join("tenant-keys").join(tenant);
-    let data_dir = dir.join(id).join("gateway");
-    const KEY_FILES: [&str; 2] = ["enroll.key", "api.token"];
-    if nats.is_some() && keys.exists() {
-        std::fs::create_dir_all(&data_dir).unwrap();
-        for f in KEY_FILES {
-            std::fs::copy(keys.join(f), data_dir.join(f)).unwrap();
-        }
-    }
-    let gw = Gateway::start_on(&dir.join(id), listen, &args);
-    if nats.is_some() && !keys.exists() {
-        std::fs::create_dir_all(&keys).unwrap();
-        for f in KEY_FILES {
-            std::fs::copy(data_dir.join(f), keys.join(f)).unwrap();
-        }
-    }
-    gw
-}
 
 /// A nats-server, its URL, the fleet's certificate, and the `tick` check pushed to it.
 fn fleet_base(dir: &Path) -> (NatsServer, String, Pki) {
@@ -101,13 +26,6 @@ fn fleet_base(dir: &Path) -> (NatsServer, String, Pki) {
     let pki = pki(dir);
     push(&url, &write_config(dir, &[("base.toml", TICK)]), &[]);
     (nats, url, pki)
-}
-
-/// Gateways `gw1`..`gwN` on `nats`.
-fn gateways(dir: &Path, n: usize, nats: &str, pki: &Pki) -> Vec<Gateway> {
-    (1..=n)
-        .map(|i| gateway(dir, &format!("gw{i}"), nats, pki, &[]))
-        .collect()
 }
 
 /// One agent on each gateway, dialed directly, so each sits where the test says.
@@ -123,35 +41,7 @@ fn push(nats: &str, dir: &Path, extra: &[&str]) -> String {
     outpost_e2e::nats::config_push(nats, dir, extra)
 }
 
-fn write_config(dir: &Path, files: &[(&str, &str)]) -> PathBuf {
-    let cfg = dir.join("fleet-config");
-    let _ = std::fs::remove_dir_all(&cfg);
-    std::fs::create_dir_all(cfg.join("plugins")).unwrap();
-    for (name, text) in files {
-        let path = cfg.join(name);
-        std::fs::write(&path, text).unwrap();
-        if name.starts_with("plugins/") {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-    }
-    cfg
-}
-
 const TICK: &str = "[[check]]\nname = \"tick\"\ncommand = \"/bin/echo tick\"\ninterval = 1\n";
-
-/// An agent that trusts the fleet's CA and dials `addr` (a gateway or the load balancer).
-fn agent(dir: &Path, name: &str, addr: &str, pki: &Pki, key: &str) -> Agent {
-    let port = addr.rsplit(':').next().unwrap();
-    Agent::start_with_config(
-        dir,
-        name,
-        &format!(
-            "gateway_url = \"wss://localhost:{port}\"\nenroll_key = {key:?}\nca_file = {:?}\nhostname = {name:?}\nreconnect_max_secs = 2\n",
-            pki.ca.display().to_string()
-        ),
-    )
-}
 
 /// A client of any of the comma-separated servers.
 async fn connect(urls: &str) -> async_nats::Client {

@@ -7,9 +7,10 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use outpost_e2e::nats::NatsServer;
-use outpost_e2e::tempdir;
+use outpost_e2e::{eventually, tempdir};
 use outpost_gateway::bus::embedded::Recovered;
 use outpost_gateway::bus::{AgentRef, Presence};
 use outpost_gateway::nats::registry::NatsRecords;
@@ -571,4 +572,233 @@ async fn the_nats_registry_keeps_the_contract_between_gateways() {
             .unwrap(),
         "not online in default"
     );
+}
+
+// --- Alert state: `alerts::store` on files and in NATS --------------------------------
+
+use outpost_gateway::alerts::store::{AlertStore, FileStore, Queued, Record as AlertRecord};
+use outpost_gateway::alerts::{Kind, Notification};
+use outpost_gateway::nats::alerts::{Leases, NatsAlertStore, LEASE_TTL};
+use tokio_util::sync::CancellationToken;
+
+fn queued(seq: u64, id: &str, output_len: usize) -> Queued {
+    Queued {
+        seq,
+        receiver: "hook".into(),
+        notification: Notification {
+            id: id.into(),
+            fingerprint: FP.into(),
+            check: "disk".into(),
+            kind: Kind::Firing,
+            status: outpost_protocol::Status::Critical,
+            since_ms: 1,
+            at_ms: 2,
+            output: "x".repeat(output_len),
+            receivers: vec!["hook".into()],
+        },
+        hostname: "web-1".into(),
+        labels: Default::default(),
+    }
+}
+
+fn seqs(loaded: &outpost_gateway::alerts::store::Loaded) -> Vec<u64> {
+    loaded.snapshot.queue.iter().map(|q| q.seq).collect()
+}
+
+/// What every alert store does, each step read back through a store opened afresh (the
+/// gateway restarted, or another gateway taking over): `open` opens one.
+async fn alert_store_contract<F, Fut>(open: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Arc<dyn AlertStore>>,
+{
+    let store = open().await;
+    assert!(store.load().await.unwrap().is_none(), "nothing kept yet");
+
+    // The journal alone: queued, then one done.
+    let records: Vec<AlertRecord> = (0..3)
+        .map(|i| AlertRecord::Queued(Box::new(queued(i, &format!("n{i}"), 10))))
+        .chain([AlertRecord::Done { seq: 0 }])
+        .collect();
+    store.append(&records).await.unwrap();
+    let loaded = open().await.load().await.unwrap().expect("kept");
+    assert_eq!(seqs(&loaded), [1, 2]);
+    assert_eq!(loaded.snapshot.next_seq, 3);
+    assert_eq!(loaded.queued_since.len(), 3, "all three were queued since");
+
+    // A snapshot far above NATS's 1 MiB payload limit (3,000 notifications of 500 bytes),
+    // then more journal after it.
+    let store = open().await;
+    let mut loaded = store.load().await.unwrap().expect("kept");
+    loaded.snapshot.position = 4242;
+    loaded.snapshot.queue = (1..3001)
+        .map(|i| queued(i, &format!("n{i}"), 500))
+        .collect();
+    loaded.snapshot.next_seq = 3001;
+    store.snapshot(loaded.snapshot.clone()).await.unwrap();
+    store
+        .append(&[
+            AlertRecord::Done { seq: 1 },
+            AlertRecord::Queued(Box::new(queued(3001, "n3001", 10))),
+        ])
+        .await
+        .unwrap();
+    let again = open().await.load().await.unwrap().expect("kept");
+    assert_eq!(again.snapshot.position, 4242);
+    assert_eq!(again.snapshot.queue.len(), 3000);
+    assert_eq!(again.snapshot.queue[0].seq, 2, "the done one is out");
+    assert_eq!(
+        again.snapshot.queue.last().unwrap().notification.id,
+        "n3001"
+    );
+    assert_eq!(
+        again.snapshot.queue[10].notification.output.len(),
+        500,
+        "bodies whole"
+    );
+    assert_eq!(
+        again.queued_since.len(),
+        1,
+        "only what came after the snapshot"
+    );
+
+    // Removed (a deleted tenant): a store opened afresh finds nothing.
+    let store = open().await;
+    store.load().await.unwrap();
+    store.remove().await.unwrap();
+    assert!(open().await.load().await.unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_alert_store_keeps_the_contract() {
+    let dir = tempdir();
+    let path = dir.path().join("alerts").join("default");
+    alert_store_contract(|| {
+        let path = path.clone();
+        async move { Arc::new(FileStore::new(&path)) as Arc<dyn AlertStore> }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_alert_store_keeps_the_contract_and_fences_an_old_holder() {
+    let dir = tempdir();
+    let server = NatsServer::start(dir.path(), "n1");
+    let nats = Arc::new(
+        Nats::connect(&nats_settings(&server.url()), "contract")
+            .await
+            .unwrap(),
+    );
+    let token = std::sync::atomic::AtomicU64::new(1);
+    let open = |gateway: &str| {
+        let t = token.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let life = CancellationToken::new();
+        let store = NatsAlertStore::new(nats.clone(), "default", gateway, t, life.clone());
+        (Arc::new(store) as Arc<dyn AlertStore>, life)
+    };
+    alert_store_contract(|| {
+        let (store, _) = open("gw");
+        async move { store }
+    })
+    .await;
+
+    // Two holders: the one that loaded last fenced the other, whose writes are all refused
+    // from then on (and whose life ends), whatever it tries.
+    let (old, old_life) = open("old");
+    old.load().await.unwrap();
+    old.append(&[AlertRecord::Queued(Box::new(queued(0, "before", 10)))])
+        .await
+        .unwrap();
+    let (new, new_life) = open("new");
+    let taken = new.load().await.unwrap().expect("the old holder's record");
+    assert_eq!(seqs(&taken), [0]);
+    let refused = old
+        .append(&[AlertRecord::Queued(Box::new(queued(1, "late", 10)))])
+        .await
+        .unwrap_err();
+    assert!(
+        format!("{refused:#}").contains("another gateway took over"),
+        "{refused:#}"
+    );
+    assert!(old_life.is_cancelled(), "a fenced holder stops");
+    let mut snapshot = taken.snapshot.clone();
+    snapshot.position = 99;
+    assert!(old.snapshot(snapshot).await.is_err(), "nor snapshots");
+    new.append(&[AlertRecord::Done { seq: 0 }]).await.unwrap();
+    assert!(!new_life.is_cancelled());
+    let (reader, _) = open("reader");
+    let last = reader.load().await.unwrap().expect("kept");
+    assert!(last.snapshot.queue.is_empty(), "{:?}", last.snapshot.queue);
+    assert!(
+        !last.queued_since.iter().any(|(_, id)| id == "late"),
+        "the fenced write is not in the log"
+    );
+    assert_ne!(last.snapshot.position, 99, "nor its snapshot");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alerting_lease_is_held_while_renewed_moves_at_once_when_released_and_after_its_ttl_when_abandoned(
+) {
+    let dir = tempdir();
+    let server = NatsServer::start(dir.path(), "n1");
+    let settings = nats_settings(&server.url());
+    let leases = |gateway: &str| {
+        let settings = settings.clone();
+        let gateway = gateway.to_string();
+        async move {
+            Arc::new(Leases {
+                nats: Arc::new(Nats::connect(&settings, &gateway).await.unwrap()),
+                gateway,
+            })
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let (a, b) = (leases("gw-a").await, leases("gw-b").await);
+    let held_a = a.acquire("default", &shutdown).await.unwrap();
+    let waiting = {
+        let (b, shutdown) = (b.clone(), shutdown.clone());
+        tokio::spawn(async move { b.acquire("default", &shutdown).await })
+    };
+    // Renewed: nobody takes it, well past the TTL.
+    tokio::time::sleep(LEASE_TTL + Duration::from_secs(3)).await;
+    assert!(!waiting.is_finished(), "a renewed lease is not taken over");
+    assert!(!held_a.life.is_cancelled());
+    // Released (a gateway stopping): taken at once.
+    let released = Instant::now();
+    held_a.release().await;
+    let held_b = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("taken within seconds of the release")
+        .unwrap()
+        .unwrap();
+    assert!(released.elapsed() < LEASE_TTL);
+    assert!(held_b.token > 0);
+
+    // Abandoned: a holder that never renews again (as a gateway killed with -9). Written
+    // here as such a holder would have left it: gw-b's renewal now finds it changed and
+    // stops, and gw-c takes it over only after the TTL.
+    let c = leases("gw-c").await;
+    c.nats
+        .alerts
+        .put("default.lease", r#"{"gateway":"ghost"}"#.into())
+        .await
+        .unwrap();
+    let abandoned = Instant::now();
+    eventually(
+        Duration::from_secs(10),
+        "gw-b sees it lost the lease",
+        || async { held_b.life.is_cancelled().then_some(()) },
+    )
+    .await;
+    let held_c = tokio::time::timeout(Duration::from_secs(30), c.acquire("default", &shutdown))
+        .await
+        .expect("taken over after the TTL")
+        .unwrap();
+    assert!(
+        abandoned.elapsed() >= LEASE_TTL,
+        "taken after {:?}, before the TTL",
+        abandoned.elapsed()
+    );
+    assert!(held_c.token > held_b.token, "fencing tokens grow");
+    held_c.release().await;
 }

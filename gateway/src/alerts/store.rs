@@ -79,6 +79,9 @@ pub trait AlertStore: Send + Sync {
     async fn append(&self, records: &[Record]) -> anyhow::Result<()>;
     /// Replace the snapshot (and start a new journal after it).
     async fn snapshot(&self, snapshot: Snapshot) -> anyhow::Result<()>;
+    /// Remove everything kept (a deleted tenant's: a tenant made later under the same name
+    /// starts from nothing).
+    async fn remove(&self) -> anyhow::Result<()>;
 }
 
 /// Apply journal `records` to `snapshot`.
@@ -276,6 +279,18 @@ impl AlertStore for FileStore {
             f.sync_all()?;
             *journal = Some(open_journal(dir)?);
             Ok(())
+        })
+        .await
+    }
+
+    async fn remove(&self) -> anyhow::Result<()> {
+        self.blocking(|dir, journal| {
+            *lock(journal) = None;
+            match std::fs::remove_dir_all(dir) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(e).with_context(|| format!("cannot remove {}", dir.display())),
+            }
         })
         .await
     }

@@ -35,14 +35,24 @@ const MAX_SPAN_MS: u64 = 366 * 24 * 3600 * 1000;
 /// The longest creator, comment or name, in bytes.
 const MAX_TEXT: usize = 1000;
 
-fn ask_error(gw: &Gw, e: AskError) -> ApiError {
+fn ask_error(e: AskError) -> ApiError {
     match e {
-        AskError::NotRunning if gw.nats.is_some() => ApiError::new(
-            ErrorKind::Unavailable,
-            "alerting does not run in a NATS fleet yet (docs/ALERTING.md)",
-        ),
         AskError::NotRunning => ApiError::new(ErrorKind::NotFound, e.to_string()),
-        AskError::Busy => ApiError::new(ErrorKind::Unavailable, e.to_string()),
+        AskError::NoHolder | AskError::Busy => ApiError::new(ErrorKind::Unavailable, e.to_string()),
+    }
+}
+
+/// Whether `tenant` has alerting, given that asking it failed with `e`: not when it runs
+/// nowhere (here, or in a fleet with no holder, because the tenant declares no receivers
+/// and routes).
+fn configured(gw: &Gw, tenant: &str, e: &AskError) -> bool {
+    match e {
+        AskError::NotRunning => false,
+        AskError::NoHolder => {
+            let alerting = gw.sessions.checks.of(tenant).current().alerting.clone();
+            !(alerting.receivers.is_empty() && alerting.routes.is_empty())
+        }
+        AskError::Busy => true,
     }
 }
 
@@ -69,22 +79,20 @@ fn when(field: &str, value: &str, from_ms: u64) -> Result<u64, ApiError> {
 }
 
 async fn list_alerts(State(gw): State<Gw>, t: Tenant<Read>) -> Response {
-    if !gw.alerting.running(&t.name) {
-        return Json(json!({ "alerting": false, "alerts": [], "silences": [] })).into_response();
-    }
     match gw.alerting.ask(&t.name, Command::List).await {
         Ok(view) => Json(json!({ "alerting": true, "alerts": view.alerts })).into_response(),
-        Err(e) => ask_error(&gw, e).into_response(),
+        Err(e) if !configured(&gw, &t.name, &e) => {
+            Json(json!({ "alerting": false, "alerts": [], "silences": [] })).into_response()
+        }
+        Err(e) => ask_error(e).into_response(),
     }
 }
 
 async fn list_silences(State(gw): State<Gw>, t: Tenant<Read>) -> Response {
-    if !gw.alerting.running(&t.name) {
-        return Json(json!({ "silences": [] })).into_response();
-    }
     match gw.alerting.ask(&t.name, Command::List).await {
         Ok(view) => Json(json!({ "silences": view.silences })).into_response(),
-        Err(e) => ask_error(&gw, e).into_response(),
+        Err(e) if !configured(&gw, &t.name, &e) => Json(json!({ "silences": [] })).into_response(),
+        Err(e) => ask_error(e).into_response(),
     }
 }
 
@@ -170,7 +178,7 @@ async fn add_silence(State(gw): State<Gw>, t: Tenant<Operate>, bytes: Bytes) -> 
         gw.alerting
             .ask(&t.name, |reply| Command::AddSilence(silence, reply))
             .await
-            .map_err(|e| ask_error(&gw, e))?
+            .map_err(ask_error)?
             .map_err(|e| {
                 let kind = if e.contains("silences: expire some first") {
                     ErrorKind::Conflict
@@ -201,7 +209,7 @@ async fn expire_silence(
             ApiError::new(ErrorKind::NotFound, e).into_response()
         }
         Ok(Err(e)) => ApiError::new(ErrorKind::Unavailable, e).into_response(),
-        Err(e) => ask_error(&gw, e).into_response(),
+        Err(e) => ask_error(e).into_response(),
     }
 }
 
@@ -264,7 +272,7 @@ async fn ack(
                 reply,
             })
             .await
-            .map_err(|e| ask_error(&gw, e))?
+            .map_err(ask_error)?
             .map_err(|e| {
                 let kind = if e.contains("nothing to acknowledge") {
                     ErrorKind::NotFound
