@@ -460,6 +460,8 @@ struct QueueInner {
     queued_since: HashSet<(String, String)>,
     /// Journal records since the last snapshot.
     records: usize,
+    /// See `Snapshot::watchdog_slot`.
+    watchdog_slot: u64,
 }
 
 impl Queue {
@@ -475,6 +477,7 @@ impl Queue {
                 next_seq: loaded.snapshot.next_seq,
                 queued_since: loaded.queued_since.clone(),
                 records: 0,
+                watchdog_slot: loaded.snapshot.watchdog_slot,
             }),
             changed: watch::channel(0).0,
             refresh: std::sync::Mutex::default(),
@@ -773,6 +776,7 @@ impl Engine {
             }
             dirty |= !read.results.is_empty() || read.next != position;
             let mut by_the_clock = false;
+            let mut watchdog_slot = None;
             if caught_up {
                 // Working through a backlog (a full batch), the time is that of the
                 // results read, not the wall clock's: an old incident shorter than its
@@ -810,6 +814,11 @@ impl Engine {
                     by_the_clock = true;
                     dirty = true;
                     due.extend(forgotten);
+                }
+                if let Some(ping) = self.watchdog(&config, &queue, now_ms).await {
+                    watchdog_slot = Some(ping.since_ms);
+                    by_the_clock = true;
+                    due.push(ping);
                 }
             }
             // Alertmanager's lists of what still fires, made again before a change is
@@ -850,6 +859,10 @@ impl Engine {
                     }
                 }
             }
+            if let (Some(since), Some(w)) = (watchdog_slot, &config.watchdog) {
+                queue.inner.lock().await.watchdog_slot =
+                    since / (w.every.as_millis() as u64).max(1);
+            }
             // New receivers in the queue: from this batch, or a fallback told of a refusal.
             self.start_workers(&queue, &mut workers, &stop).await;
             position = read.next;
@@ -884,6 +897,37 @@ impl Engine {
                 tracing::warn!(tenant = %self.tenant, error = %format!("{e:#}"), "alert state not saved at shutdown; the bus is read again from the last snapshot");
             }
         }
+    }
+
+    /// The watchdog's ping, when one is due: one per `every`, numbered by its slot (so the
+    /// same ping made again after a restart has the same id and is not queued twice).
+    async fn watchdog(
+        &self,
+        config: &AlertConfig,
+        queue: &Queue,
+        now_ms: u64,
+    ) -> Option<Notification> {
+        let w = config.watchdog.as_ref()?;
+        let every = (w.every.as_millis() as u64).max(1);
+        let slot = now_ms / every;
+        if slot <= queue.inner.lock().await.watchdog_slot {
+            return None;
+        }
+        Some(Notification {
+            id: format!("watchdog/{slot}"),
+            fingerprint: String::new(),
+            check: WATCHDOG_CHECK.to_string(),
+            kind: Kind::Watchdog,
+            status: Status::Ok,
+            since_ms: slot * every,
+            at_ms: now_ms,
+            output: format!(
+                "Outpost alerting of tenant {} works: it says so every {}s",
+                self.tenant,
+                every / 1000
+            ),
+            receivers: vec![w.receiver.clone()],
+        })
     }
 
     /// Silences' upkeep (see `Silences::upkeep`); returns the "forgotten silence"
@@ -1211,6 +1255,7 @@ impl Engine {
             alerts: alerts.clone(),
             silences: silences.clone(),
             next_seq: inner.next_seq,
+            watchdog_slot: inner.watchdog_slot,
             queue: inner.items.values().cloned().collect(),
         };
         self.store.snapshot(snapshot).await?;
@@ -1314,14 +1359,23 @@ impl Worker {
                 Some(_) => ALERTMANAGER_REFRESH.saturating_sub(last_refresh.elapsed()),
                 None => Duration::MAX,
             };
-            let next = {
+            let (next, superseded) = {
                 let inner = self.queue.inner.lock().await;
-                inner
-                    .items
-                    .values()
-                    .find(|q| q.receiver == self.receiver)
-                    .cloned()
+                let mut mine = inner.items.values().filter(|q| q.receiver == self.receiver);
+                let next = mine.next().cloned();
+                // A watchdog's ping is only worth its freshest: one that waited behind a
+                // receiver outage is dropped when a newer one waits too.
+                let superseded = next.as_ref().is_some_and(|n| {
+                    n.notification.kind == Kind::Watchdog
+                        && mine.any(|q| q.notification.kind == Kind::Watchdog)
+                });
+                (next, superseded)
             };
+            if let (Some(item), true) = (&next, superseded) {
+                tracing::debug!(tenant = %self.tenant, receiver = %self.receiver, id = %item.notification.id, "a newer watchdog ping waits: this one is dropped");
+                self.finish(item, Vec::new()).await;
+                continue;
+            }
             let Some(item) = next else {
                 tokio::select! {
                     _ = self.stop.cancelled() => return,
@@ -1523,6 +1577,9 @@ const STALE_INTERVALS: u64 = 3;
 /// The check name of the "forgotten silence" meta-alert (route it with
 /// `checks = ["outpost.*"]`).
 pub const FORGOTTEN_SILENCE: &str = "outpost.silence";
+
+/// The check name the watchdog's pings carry.
+pub const WATCHDOG_CHECK: &str = "outpost.watchdog";
 
 /// How a change the API asked for is answered, once it is saved (or could not be).
 type Answer = Box<dyn FnOnce(Result<(), String>) + Send>;

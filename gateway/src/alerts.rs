@@ -204,6 +204,8 @@ pub enum Kind {
     /// It settled (its status is in the notification; a told incident that ended
     /// meanwhile resolves with its own notification).
     Settled,
+    /// `[alerting] watchdog`: alerting works (no agent or check: sent on a schedule).
+    Watchdog,
 }
 
 /// One notification due.

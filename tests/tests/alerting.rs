@@ -1090,3 +1090,66 @@ receivers = ["hook"]
     assert_eq!(hook.taken().len(), 4);
     drop(agent);
 }
+
+/// The watchdog's slot in a ping's id (`watchdog/<slot>`).
+fn watchdog_slot(request: &Value) -> u64 {
+    let id = request["headers"]["webhook-id"].as_str().unwrap_or("");
+    id.strip_prefix("watchdog/")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not a watchdog ping: {id}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_pings_on_schedule_and_after_an_outage_sends_its_freshest_ping_not_a_backlog()
+{
+    const EVERY_MS: u64 = 10_000;
+    let dir = tempdir();
+    let mut hook = signed_hook(dir.path()).await;
+    let gw = Gateway::start(dir.path(), &[]);
+    gw.write_checks(
+        "alerting.toml",
+        &format!(
+            r#"
+[alerting]
+watchdog = {{ receiver = "hook", every = "10s" }}
+
+[[receiver]]
+name = "hook"
+webhook = {{ url = "{url}", secret = "{SECRET}" }}
+"#,
+            url = hook.url()
+        ),
+    );
+    let got = taken(&hook, 2).await;
+    for ping in &got {
+        assert_eq!(ping["verified"], true, "{ping}");
+        assert_eq!(ping["body"]["type"], "alert.watchdog", "{ping}");
+        assert_eq!(ping["body"]["data"]["check"], "outpost.watchdog");
+    }
+    let (first, second) = (watchdog_slot(&got[0]), watchdog_slot(&got[1]));
+    assert_eq!(second, first + 1, "one ping per period");
+
+    // Down for three periods and more: the pings due meanwhile wait, and only the freshest
+    // is sent once it is back (a dead man's switch wants to know it works now).
+    hook.stop();
+    let down_at = now_ms() / EVERY_MS;
+    eventually(Duration::from_secs(60), "three periods pass", || async {
+        (now_ms() / EVERY_MS >= down_at + 4).then_some(())
+    })
+    .await;
+    let before = hook.requests().len();
+    hook.start().await;
+    let back_at = now_ms() / EVERY_MS;
+    let got = taken(&hook, before + 2).await;
+    let after: Vec<u64> = got[before..].iter().map(watchdog_slot).collect();
+    assert!(
+        after[0] >= back_at.saturating_sub(1) && after[0] > down_at + 2,
+        "the first ping after the outage is a fresh one: slot {} (down at {down_at}, back at {back_at}); {after:?}",
+        after[0]
+    );
+    assert!(after[1] > after[0], "{after:?}");
+    let all: Vec<u64> = hook.requests().iter().map(watchdog_slot).collect();
+    let mut unique = all.clone();
+    unique.dedup();
+    assert_eq!(unique, all, "no ping twice, none out of order");
+}

@@ -4,6 +4,7 @@
 //! ```toml
 //! [alerting]
 //! fallback = "ops-mail"          # told when a notification is refused for good
+//! watchdog = { receiver = "deadman", every = "1m" }   # "alerting works", on a schedule
 //!
 //! [[receiver]]
 //! name = "ops-hook"
@@ -51,7 +52,22 @@ pub struct AlertConfig {
     /// A silence in force this long (and not permanent) is reported as maybe forgotten.
     pub silence_max_age: Duration,
     pub dependencies: Vec<Dependency>,
+    /// A dead man's switch: told that alerting works, every so often.
+    pub watchdog: Option<Watchdog>,
 }
+
+/// `[alerting] watchdog`: `receiver` is told every `every` that alerting works, so that a
+/// dead man's switch there (Healthchecks, Dead Man's Snitch, Alertmanager's Watchdog
+/// routing) notices when it stops.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Watchdog {
+    pub receiver: String,
+    pub every: Duration,
+}
+
+/// `every` when the watchdog does not give one, and the least it may be.
+pub const DEFAULT_WATCHDOG_EVERY: Duration = Duration::from_secs(60);
+pub const MIN_WATCHDOG_EVERY: Duration = Duration::from_secs(10);
 
 /// Checks that depend on another: while the parent is down (not OK, or its agent lost),
 /// the children's alerts are held, and a failing child waits `wait` for its parent to be
@@ -178,6 +194,7 @@ impl Default for AlertConfig {
             fallback: None,
             silence_max_age: DEFAULT_SILENCE_MAX_AGE,
             dependencies: Vec::new(),
+            watchdog: None,
         }
     }
 }
@@ -473,6 +490,7 @@ impl AlertConfig {
                     None => {
                         fallback_from = Some(name.to_string());
                         config.fallback = file.fallback.clone();
+                        config.watchdog = file.watchdog.clone();
                         if let Some(age) = file.silence_max_age {
                             config.silence_max_age = age;
                         }
@@ -533,6 +551,25 @@ impl AlertConfig {
                 config.fallback = None;
             }
         }
+        if let Some(w) = &config.watchdog {
+            match config.receivers.get(&w.receiver).map(|r| &r.kind) {
+                None => {
+                    problems.push(format!(
+                        "[alerting] watchdog receiver {:?} is not a declared receiver; no watchdog until it is",
+                        w.receiver
+                    ));
+                    config.watchdog = None;
+                }
+                Some(ReceiverKind::PagerDuty { .. }) => {
+                    problems.push(format!(
+                        "[alerting] watchdog receiver {:?} is PagerDuty, where every ping would open an incident: give it a webhook (a dead man's switch service), email or Alertmanager receiver",
+                        w.receiver
+                    ));
+                    config.watchdog = None;
+                }
+                Some(_) => {}
+            }
+        }
         (config, problems)
     }
 }
@@ -544,6 +581,7 @@ pub struct FileAlerting {
     pub has_settings: bool,
     pub fallback: Option<String>,
     pub silence_max_age: Option<Duration>,
+    pub watchdog: Option<Watchdog>,
     pub receivers: Vec<Receiver>,
     pub routes: Vec<RouteDef>,
     pub dependencies: Vec<Dependency>,
@@ -630,6 +668,14 @@ fn dependency(table: toml::Table) -> Result<Dependency, Vec<String>> {
 struct RawAlerting {
     fallback: Option<String>,
     silence_max_age: Option<toml::Value>,
+    watchdog: Option<RawWatchdog>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWatchdog {
+    receiver: String,
+    every: Option<toml::Value>,
 }
 
 #[derive(Deserialize)]
@@ -717,6 +763,25 @@ pub fn parse_file(text: &str) -> Result<FileAlerting, String> {
         if let Some(v) = &a.silence_max_age {
             match duration_value("silence_max_age", v) {
                 Ok(secs) => out.silence_max_age = Some(Duration::from_secs(secs)),
+                Err(e) => problems.push(format!("[alerting] {e}")),
+            }
+        }
+        if let Some(w) = a.watchdog {
+            let every = match &w.every {
+                None => Ok(DEFAULT_WATCHDOG_EVERY),
+                Some(v) => duration_value("watchdog.every", v).map(Duration::from_secs),
+            };
+            match every {
+                Ok(every) if every >= MIN_WATCHDOG_EVERY => {
+                    out.watchdog = Some(Watchdog {
+                        receiver: w.receiver,
+                        every,
+                    })
+                }
+                Ok(_) => problems.push(format!(
+                    "[alerting] watchdog.every: at least {}s",
+                    MIN_WATCHDOG_EVERY.as_secs()
+                )),
                 Err(e) => problems.push(format!("[alerting] {e}")),
             }
         }
@@ -1205,6 +1270,45 @@ checks = [""]
         assert!(parse_file("[[receiver]]\nname = \"a\"\nwebhok = {}\n")
             .unwrap_err()
             .contains("webhok"));
+    }
+
+    #[test]
+    fn a_watchdog_needs_a_receiver_that_is_not_pagerduty_and_a_period_of_10s_at_least() {
+        let hook = "[[receiver]]\nname = \"hook\"\nwebhook = { url = \"http://a/\" }\n";
+        let (config, problems) = assemble(&[(
+            "a.toml",
+            &format!("[alerting]\nwatchdog = {{ receiver = \"hook\" }}\n{hook}"),
+        )]);
+        assert!(problems.is_empty(), "{problems:?}");
+        let w = config.watchdog.expect("a watchdog");
+        assert_eq!(
+            (w.receiver.as_str(), w.every),
+            ("hook", DEFAULT_WATCHDOG_EVERY)
+        );
+        let (config, problems) = assemble(&[(
+            "a.toml",
+            "[alerting]\nwatchdog = { receiver = \"nobody\", every = \"5m\" }\n",
+        )]);
+        assert!(config.watchdog.is_none());
+        assert!(
+            problems
+                .join("\n")
+                .contains("watchdog receiver \"nobody\" is not a declared receiver"),
+            "{problems:?}"
+        );
+        let (config, problems) = assemble(&[(
+            "a.toml",
+            "[alerting]\nwatchdog = { receiver = \"pd\" }\n[[receiver]]\nname = \"pd\"\npagerduty = { routing_key = \"0123456789abcdef0123456789abcdef\" }\n",
+        )]);
+        assert!(config.watchdog.is_none());
+        assert!(problems.join("\n").contains("is PagerDuty"), "{problems:?}");
+        let err = parse_file(&format!(
+            "[alerting]\nwatchdog = {{ receiver = \"hook\", every = \"5s\" }}\n{hook}"
+        ))
+        .unwrap_err();
+        assert!(err.contains("watchdog.every: at least 10s"), "{err}");
+        let err = parse_file("[alerting]\nwatchdog = { receivr = \"hook\" }\n").unwrap_err();
+        assert!(err.contains("receivr"), "{err}");
     }
 
     #[test]

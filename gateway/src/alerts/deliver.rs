@@ -225,6 +225,7 @@ fn headline(q: &Queued) -> String {
         Kind::Undeliverable => format!("UNDELIVERABLE: a notification about {} on {on}", n.check),
         Kind::Flapping => format!("FLAPPING: {} on {on}", n.check),
         Kind::Settled => format!("SETTLED: {} on {on} ({})", n.check, status_name(n.status)),
+        Kind::Watchdog => "WATCHDOG: Outpost alerting works".to_string(),
     }
 }
 
@@ -248,7 +249,7 @@ pub fn incident_key(n: &super::Notification) -> &str {
         Kind::Firing | Kind::Resolved | Kind::Flapping | Kind::Settled => {
             n.id.rsplit_once('/').map_or(&n.id, |(k, _)| k)
         }
-        Kind::Undeliverable => &n.id,
+        Kind::Undeliverable | Kind::Watchdog => &n.id,
     }
 }
 
@@ -296,6 +297,7 @@ pub fn slack_body(tenant: &str, q: &Queued) -> Vec<u8> {
         (Kind::Resolved, _) => ":large_green_circle:",
         (Kind::Undeliverable | Kind::Flapping, _) => ":warning:",
         (Kind::Settled, _) => ":large_blue_circle:",
+        (Kind::Watchdog, _) => ":heartbeat:",
         (_, Status::Critical) => ":red_circle:",
         (_, Status::Warning) => ":large_yellow_circle:",
         _ => ":white_circle:",
@@ -410,6 +412,12 @@ pub fn alertmanager_labels(tenant: &str, q: &Queued) -> BTreeMap<String, String>
         labels.insert("alertname".into(), "OutpostFlapping".into());
         labels.insert("check".into(), n.check.clone());
         labels.insert("severity".into(), "warning".into());
+    }
+    if n.kind == Kind::Watchdog {
+        // Alertmanager's convention for a dead man's switch: an alert always firing.
+        labels.insert("alertname".into(), "Watchdog".into());
+        labels.insert("severity".into(), "none".into());
+        labels.remove("fingerprint");
     }
     if n.kind == Kind::Undeliverable {
         labels.insert("alertname".into(), "OutpostUndeliverable".into());
@@ -565,6 +573,7 @@ pub fn webhook_body(tenant: &str, q: &Queued) -> Vec<u8> {
         Kind::Undeliverable => "alert.undeliverable",
         Kind::Flapping => "alert.flapping",
         Kind::Settled => "alert.settled",
+        Kind::Watchdog => "alert.watchdog",
     };
     let body = json!({
         "type": kind,

@@ -59,6 +59,9 @@ pub struct Snapshot {
     pub silences: super::silence::Silences,
     /// The next queue sequence number.
     pub next_seq: u64,
+    /// The watchdog's last ping queued: its slot (`now / every`).
+    #[serde(default)]
+    pub watchdog_slot: u64,
     pub queue: Vec<Queued>,
 }
 
