@@ -12,8 +12,8 @@
 //! telling anyone (incidents long over are not news), and from the moment it has caught up
 //! notifies what is still firing.
 //!
-//! One gateway evaluates a tenant: the embedded bus's (in a NATS fleet, alerting is not
-//! started yet: see docs/ALERTING.md).
+//! One gateway evaluates a tenant: the embedded bus's, or in a NATS fleet the holder of
+//! the tenant's lease (`nats::alerts`), whose state is in NATS.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -156,6 +156,7 @@ async fn run_fleet(ctx: Context, nats: Arc<crate::nats::Nats>) {
     let leases = Arc::new(crate::nats::alerts::Leases {
         nats: nats.clone(),
         gateway: ctx.gateway_id.clone(),
+        incarnation: ctx.registry.me.incarnation.clone(),
     });
     loop {
         // Every tenant's configuration is followed here (mirrored from the fleet), so any
@@ -216,23 +217,26 @@ async fn contend(
         let Some(held) = leases.acquire(&tenant, &ctx.shutdown).await else {
             return;
         };
+        let Some(tenant_id) = ctx.tenants.tenant(&tenant).map(|t| t.id) else {
+            held.release().await;
+            continue;
+        };
         ctx.metrics.lease(&tenant, true);
         let store = crate::nats::alerts::NatsAlertStore::new(
             nats.clone(),
-            &tenant,
+            (&tenant, &tenant_id),
             &ctx.gateway_id,
-            held.token,
-            held.life.clone(),
+            held.tenure.clone(),
         );
         let api = tokio::spawn(crate::nats::alerts::serve_api(
             nats.clone(),
             tenant.clone(),
             ctx.hub.clone(),
-            held.life.clone(),
+            held.tenure.life.clone(),
         ));
         // This life's evaluator and workers end with the lease.
         let life = Context {
-            shutdown: held.life.clone(),
+            shutdown: held.tenure.life.clone(),
             ..ctx.clone()
         };
         Engine {
@@ -1414,6 +1418,12 @@ impl Worker {
                 }
             } else {
                 missing_since = None;
+            }
+            // In a fleet: only while this gateway surely still holds the lease (a holder
+            // paused past it sends nothing when it runs again).
+            if !self.store.writable() {
+                tracing::warn!(tenant = %self.tenant, receiver = %self.receiver, "this gateway no longer holds the tenant's alerting lease: its worker stops");
+                return;
             }
             attempt += 1;
             let outcome = match receiver {

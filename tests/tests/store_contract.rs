@@ -578,7 +578,7 @@ async fn the_nats_registry_keeps_the_contract_between_gateways() {
 
 use outpost_gateway::alerts::store::{AlertStore, FileStore, Queued, Record as AlertRecord};
 use outpost_gateway::alerts::{Kind, Notification};
-use outpost_gateway::nats::alerts::{Leases, NatsAlertStore, LEASE_TTL};
+use outpost_gateway::nats::alerts::{Leases, NatsAlertStore, Tenure, LEASE_TTL};
 use tokio_util::sync::CancellationToken;
 
 fn queued(seq: u64, id: &str, output_len: usize) -> Queued {
@@ -690,12 +690,14 @@ async fn the_nats_alert_store_keeps_the_contract_and_fences_an_old_holder() {
             .unwrap(),
     );
     let token = std::sync::atomic::AtomicU64::new(1);
-    let open = |gateway: &str| {
+    let open_of = |gateway: &str, tenant_id: &str| {
         let t = token.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let life = CancellationToken::new();
-        let store = NatsAlertStore::new(nats.clone(), "default", gateway, t, life.clone());
+        let tenure = Tenure::new(t, life.clone());
+        let store = NatsAlertStore::new(nats.clone(), ("default", tenant_id), gateway, tenure);
         (Arc::new(store) as Arc<dyn AlertStore>, life)
     };
+    let open = |gateway: &str| open_of(gateway, "t1");
     alert_store_contract(|| {
         let (store, _) = open("gw");
         async move { store }
@@ -734,6 +736,80 @@ async fn the_nats_alert_store_keeps_the_contract_and_fences_an_old_holder() {
         "the fenced write is not in the log"
     );
     assert_ne!(last.snapshot.position, 99, "nor its snapshot");
+
+    // An old holder's snapshot racing a takeover: the new holder claims the snapshot's
+    // place before it reads, so the old one can neither move it nor purge the log under it.
+    let (old, old_life) = open("old");
+    let mut state = old.load().await.unwrap().expect("kept").snapshot;
+    state.position = 7;
+    old.snapshot(state.clone()).await.unwrap();
+    // The place as the old holder last wrote it: what its next snapshot would update.
+    let seen = nats
+        .alerts
+        .entry("default.snapshot")
+        .await
+        .unwrap()
+        .unwrap();
+    let (new, _) = open("new");
+    let taken = new.load().await.unwrap().expect("kept");
+    assert_eq!(taken.snapshot.position, 7);
+    assert!(
+        nats.alerts
+            .update("default.snapshot", seen.value.clone(), seen.revision)
+            .await
+            .is_err(),
+        "an update from before the takeover is refused"
+    );
+    state.position = 8;
+    assert!(old.snapshot(state).await.is_err());
+    assert!(old_life.is_cancelled());
+    let (reader, _) = open("reader");
+    assert_eq!(
+        reader
+            .load()
+            .await
+            .unwrap()
+            .expect("kept")
+            .snapshot
+            .position,
+        7
+    );
+
+    // The log lost the snapshot its place names (purged by hand): the state is rebuilt
+    // (after a moment's retries), not an error forever.
+    let (store, _) = open("gw");
+    store.load().await.unwrap();
+    let stream = nats
+        .js
+        .get_stream(outpost_gateway::nats::alerts::ALERTS_STREAM)
+        .await
+        .unwrap();
+    stream
+        .purge()
+        .filter("outpost.default.alerts.log")
+        .await
+        .unwrap();
+    let (store, _) = open("gw");
+    let rebuilt = store.load().await.unwrap();
+    assert!(
+        rebuilt.is_none(),
+        "{:?}",
+        rebuilt.map(|l| l.snapshot.position)
+    );
+
+    // A tenant deleted and made again under the same name (another id) starts from nothing.
+    let (store, _) = open_of("gw", "t1");
+    store.load().await.unwrap();
+    let state = outpost_gateway::alerts::store::Snapshot {
+        position: 5,
+        ..Default::default()
+    };
+    store.snapshot(state).await.unwrap();
+    let (store, _) = open_of("gw", "t2");
+    assert!(
+        store.load().await.unwrap().is_none(),
+        "the old tenant's state"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -742,27 +818,37 @@ async fn an_alerting_lease_is_held_while_renewed_moves_at_once_when_released_and
     let dir = tempdir();
     let server = NatsServer::start(dir.path(), "n1");
     let settings = nats_settings(&server.url());
-    let leases = |gateway: &str| {
+    let leases = |gateway: &str, incarnation: &str| {
         let settings = settings.clone();
-        let gateway = gateway.to_string();
+        let (gateway, incarnation) = (gateway.to_string(), incarnation.to_string());
         async move {
             Arc::new(Leases {
                 nats: Arc::new(Nats::connect(&settings, &gateway).await.unwrap()),
                 gateway,
+                incarnation,
             })
         }
     };
     let shutdown = CancellationToken::new();
-    let (a, b) = (leases("gw-a").await, leases("gw-b").await);
+    let (a, b) = (leases("gw-a", "1").await, leases("gw-b", "1").await);
+    // A process of the same gateway id (a second replica, a restart racing the old one)
+    // is another holder like any.
+    let a2 = leases("gw-a", "2").await;
     let held_a = a.acquire("default", &shutdown).await.unwrap();
     let waiting = {
         let (b, shutdown) = (b.clone(), shutdown.clone());
         tokio::spawn(async move { b.acquire("default", &shutdown).await })
     };
+    let twin = {
+        let (a2, shutdown) = (a2.clone(), shutdown.clone());
+        tokio::spawn(async move { a2.acquire("default", &shutdown).await })
+    };
     // Renewed: nobody takes it, well past the TTL.
     tokio::time::sleep(LEASE_TTL + Duration::from_secs(3)).await;
     assert!(!waiting.is_finished(), "a renewed lease is not taken over");
-    assert!(!held_a.life.is_cancelled());
+    assert!(!twin.is_finished(), "nor by a twin of the same gateway id");
+    twin.abort();
+    assert!(held_a.tenure.valid());
     // Released (a gateway stopping): taken at once.
     let released = Instant::now();
     held_a.release().await;
@@ -772,12 +858,12 @@ async fn an_alerting_lease_is_held_while_renewed_moves_at_once_when_released_and
         .unwrap()
         .unwrap();
     assert!(released.elapsed() < LEASE_TTL);
-    assert!(held_b.token > 0);
+    assert!(held_b.tenure.token > 0);
 
     // Abandoned: a holder that never renews again (as a gateway killed with -9). Written
     // here as such a holder would have left it: gw-b's renewal now finds it changed and
     // stops, and gw-c takes it over only after the TTL.
-    let c = leases("gw-c").await;
+    let c = leases("gw-c", "1").await;
     c.nats
         .alerts
         .put("default.lease", r#"{"gateway":"ghost"}"#.into())
@@ -787,7 +873,7 @@ async fn an_alerting_lease_is_held_while_renewed_moves_at_once_when_released_and
     eventually(
         Duration::from_secs(10),
         "gw-b sees it lost the lease",
-        || async { held_b.life.is_cancelled().then_some(()) },
+        || async { (!held_b.tenure.valid()).then_some(()) },
     )
     .await;
     let held_c = tokio::time::timeout(Duration::from_secs(30), c.acquire("default", &shutdown))
@@ -799,6 +885,9 @@ async fn an_alerting_lease_is_held_while_renewed_moves_at_once_when_released_and
         "taken after {:?}, before the TTL",
         abandoned.elapsed()
     );
-    assert!(held_c.token > held_b.token, "fencing tokens grow");
+    assert!(
+        held_c.tenure.token > held_b.tenure.token,
+        "fencing tokens grow"
+    );
     held_c.release().await;
 }

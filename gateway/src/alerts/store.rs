@@ -85,6 +85,11 @@ pub trait AlertStore: Send + Sync {
     /// Remove everything kept (a deleted tenant's: a tenant made later under the same name
     /// starts from nothing).
     async fn remove(&self) -> anyhow::Result<()>;
+    /// Whether this store's owner may still act on what it keeps (in a fleet: it still
+    /// holds the tenant's lease); asked before every send.
+    fn writable(&self) -> bool {
+        true
+    }
 }
 
 /// Apply journal `records` to `snapshot`.

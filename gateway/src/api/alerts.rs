@@ -35,11 +35,13 @@ const MAX_SPAN_MS: u64 = 366 * 24 * 3600 * 1000;
 /// The longest creator, comment or name, in bytes.
 const MAX_TEXT: usize = 1000;
 
-fn ask_error(e: AskError) -> ApiError {
-    match e {
-        AskError::NotRunning => ApiError::new(ErrorKind::NotFound, e.to_string()),
-        AskError::NoHolder | AskError::Busy => ApiError::new(ErrorKind::Unavailable, e.to_string()),
+/// `e` as the API answers it for `tenant`: 404 when alerting runs nowhere for it, 503
+/// (retry) while it is busy or being taken over.
+fn ask_error(gw: &Gw, tenant: &str, e: AskError) -> ApiError {
+    if !configured(gw, tenant, &e) {
+        return ApiError::new(ErrorKind::NotFound, AskError::NotRunning.to_string());
     }
+    ApiError::new(ErrorKind::Unavailable, e.to_string())
 }
 
 /// Whether `tenant` has alerting, given that asking it failed with `e`: not when it runs
@@ -84,7 +86,7 @@ async fn list_alerts(State(gw): State<Gw>, t: Tenant<Read>) -> Response {
         Err(e) if !configured(&gw, &t.name, &e) => {
             Json(json!({ "alerting": false, "alerts": [], "silences": [] })).into_response()
         }
-        Err(e) => ask_error(e).into_response(),
+        Err(e) => ask_error(&gw, &t.name, e).into_response(),
     }
 }
 
@@ -92,7 +94,7 @@ async fn list_silences(State(gw): State<Gw>, t: Tenant<Read>) -> Response {
     match gw.alerting.ask(&t.name, Command::List).await {
         Ok(view) => Json(json!({ "silences": view.silences })).into_response(),
         Err(e) if !configured(&gw, &t.name, &e) => Json(json!({ "silences": [] })).into_response(),
-        Err(e) => ask_error(e).into_response(),
+        Err(e) => ask_error(&gw, &t.name, e).into_response(),
     }
 }
 
@@ -178,7 +180,7 @@ async fn add_silence(State(gw): State<Gw>, t: Tenant<Operate>, bytes: Bytes) -> 
         gw.alerting
             .ask(&t.name, |reply| Command::AddSilence(silence, reply))
             .await
-            .map_err(ask_error)?
+            .map_err(|e| ask_error(&gw, &t.name, e))?
             .map_err(|e| {
                 let kind = if e.contains("silences: expire some first") {
                     ErrorKind::Conflict
@@ -209,7 +211,7 @@ async fn expire_silence(
             ApiError::new(ErrorKind::NotFound, e).into_response()
         }
         Ok(Err(e)) => ApiError::new(ErrorKind::Unavailable, e).into_response(),
-        Err(e) => ask_error(e).into_response(),
+        Err(e) => ask_error(&gw, &t.name, e).into_response(),
     }
 }
 
@@ -272,7 +274,7 @@ async fn ack(
                 reply,
             })
             .await
-            .map_err(ask_error)?
+            .map_err(|e| ask_error(&gw, &t.name, e))?
             .map_err(|e| {
                 let kind = if e.contains("nothing to acknowledge") {
                     ErrorKind::NotFound

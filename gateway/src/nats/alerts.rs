@@ -59,8 +59,10 @@ const SELF_FENCE: Duration = Duration::from_secs(5);
 const LOOK: Duration = Duration::from_secs(1);
 /// The most one log message carries (NATS refuses payloads above 1 MiB by default).
 const CHUNK: usize = 256 * 1024;
-/// How long a forwarded API request waits for the holder.
-const API_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a forwarded API request waits for the holder: longer than the holder waits
+/// for its evaluator (30 s), so a change the holder gave up on is not made behind the
+/// caller's back.
+const API_DEADLINE: Duration = Duration::from_secs(40);
 
 /// What a log message is (header [`KIND`]).
 const KIND: &str = "Outpost-Alerts";
@@ -102,41 +104,84 @@ pub fn stream_config(replicas: usize) -> stream::Config {
 #[derive(Debug, Serialize, Deserialize)]
 struct LeaseValue {
     gateway: String,
+    /// The holding process (`Me::incarnation`): a gateway restarted under the same id is
+    /// another holder, which waits out the lease like anyone.
+    #[serde(default)]
+    incarnation: String,
     /// Given up on purpose (a gateway shutting down): anyone may take it at once.
     #[serde(default)]
     released: bool,
 }
 
-/// Where the latest complete snapshot is in the log.
-#[derive(Debug, Serialize, Deserialize)]
+/// Where the latest complete snapshot is in the log (`first` 0: none yet).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Pointer {
     first: u64,
     last: u64,
+    /// The id of the tenant the state is of (`Tenant::id`): a tenant deleted and made again
+    /// under the same name starts from nothing.
+    #[serde(default)]
+    tenant_id: String,
+}
+
+/// A lease held, as its holder's evaluator, workers and store see it.
+pub struct Tenure {
+    /// The revision that won the lease: the fencing token.
+    pub token: u64,
+    /// Cancelled when the lease is lost, the store is fenced, or the gateway stops: the
+    /// tenant's evaluator and workers run under it.
+    pub life: CancellationToken,
+    /// When the last renewal that succeeded was sent.
+    renewed: std::sync::Mutex<Instant>,
+}
+
+impl Tenure {
+    pub fn new(token: u64, life: CancellationToken) -> Arc<Tenure> {
+        Arc::new(Tenure {
+            token,
+            life,
+            renewed: std::sync::Mutex::new(Instant::now()),
+        })
+    }
+
+    /// Whether the holder may still act: its life goes on, and its last renewal is recent
+    /// enough that nobody can have taken over (checked before every send, so a holder
+    /// that was paused past its lease sends nothing once it runs again).
+    pub fn valid(&self) -> bool {
+        !self.life.is_cancelled() && outpost_sys::lock(&self.renewed).elapsed() < SELF_FENCE
+    }
 }
 
 /// A lease this gateway holds on a tenant's alerting.
 pub struct Held {
-    /// The revision that won it: the fencing token.
-    pub token: u64,
-    /// Cancelled when the lease is lost (or the gateway stops): the tenant's evaluator and
-    /// workers run under it.
-    pub life: CancellationToken,
-    renewer: tokio::task::JoinHandle<()>,
+    pub tenure: Arc<Tenure>,
+    renewer: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Held {
     /// Stop renewing; give the lease up (if it is still this gateway's) so another gateway
     /// takes over at once rather than after [`LEASE_TTL`].
-    pub async fn release(self) {
-        self.life.cancel();
-        let _ = self.renewer.await;
+    pub async fn release(mut self) {
+        self.tenure.life.cancel();
+        if let Some(renewer) = self.renewer.take() {
+            let _ = renewer.await;
+        }
     }
 }
 
-/// The tenants' leases as one gateway contends for them.
+impl Drop for Held {
+    /// However the holder's work ends (a panic too), it stops renewing.
+    fn drop(&mut self) {
+        self.tenure.life.cancel();
+    }
+}
+
+/// The tenants' leases as one gateway process contends for them.
 pub struct Leases {
     pub nats: Arc<Nats>,
     pub gateway: String,
+    /// This process (`Me::incarnation`).
+    pub incarnation: String,
 }
 
 impl Leases {
@@ -167,9 +212,13 @@ impl Leases {
                             let free = match &value {
                                 // Unreadable: as good as released.
                                 None => true,
-                                // This gateway's own from before a restart: its holder is
-                                // this process's past, which is gone.
-                                Some(v) => v.released || v.gateway == self.gateway,
+                                // Released, or this very process's (its renewal failed for
+                                // a while, and nobody took it meanwhile).
+                                Some(v) => {
+                                    v.released
+                                        || (v.gateway == self.gateway
+                                            && v.incarnation == self.incarnation)
+                                }
                             };
                             let expired = match seen {
                                 Some((r, since)) if r == revision => since.elapsed() >= LEASE_TTL,
@@ -197,19 +246,16 @@ impl Leases {
             };
             if let Some(token) = taken {
                 tracing::info!(%tenant, token, gateway = %self.gateway, "this gateway now evaluates and notifies for the tenant");
-                let life = shutdown.child_token();
+                let tenure = Tenure::new(token, shutdown.child_token());
                 let renewer = tokio::spawn(renew(
                     self.nats.clone(),
                     key,
-                    self.value(false),
-                    self.value(true),
-                    token,
-                    life.clone(),
+                    (self.value(false), self.value(true)),
+                    tenure.clone(),
                 ));
                 return Some(Held {
-                    token,
-                    life,
-                    renewer,
+                    tenure,
+                    renewer: Some(renewer),
                 });
             }
             tokio::select! {
@@ -222,6 +268,7 @@ impl Leases {
     fn value(&self, released: bool) -> bytes::Bytes {
         serde_json::to_vec(&LeaseValue {
             gateway: self.gateway.clone(),
+            incarnation: self.incarnation.clone(),
             released,
         })
         .unwrap_or_default()
@@ -229,28 +276,36 @@ impl Leases {
     }
 }
 
-/// Renew the lease at `key` (won at `revision`) until `life` ends, then release it; end
-/// `life` when the lease is lost or cannot be renewed in time.
+/// Renew the lease at `key` (won at the tenure's token) until the tenure's life ends, then
+/// release it (`values`: held, released); end the life when the lease is lost or cannot be
+/// renewed in time.
 async fn renew(
     nats: Arc<Nats>,
     key: String,
-    mine: bytes::Bytes,
-    released: bytes::Bytes,
-    mut revision: u64,
-    life: CancellationToken,
+    (mine, released): (bytes::Bytes, bytes::Bytes),
+    tenure: Arc<Tenure>,
 ) {
-    let mut renewed = Instant::now();
+    let mut revision = tenure.token;
+    let life = &tenure.life;
     loop {
+        let renewed = *outpost_sys::lock(&tenure.renewed);
+        let left = SELF_FENCE.saturating_sub(renewed.elapsed());
+        if left.is_zero() {
+            tracing::error!(%key, "the alerting lease could not be renewed in time: this gateway stops notifying");
+            life.cancel();
+            return;
+        }
         tokio::select! {
             _ = life.cancelled() => break,
-            _ = tokio::time::sleep(LEASE_RENEW) => {}
+            _ = tokio::time::sleep(LEASE_RENEW.saturating_sub(renewed.elapsed()).min(left)) => {}
         }
-        let left = SELF_FENCE.saturating_sub(renewed.elapsed());
+        // Stamped before it is sent: the lease runs from the server's write, never later.
+        let sent = Instant::now();
         let update = nats.alerts.update(&key, mine.clone(), revision);
-        match tokio::time::timeout(left, update).await {
+        match tokio::time::timeout(SELF_FENCE.saturating_sub(renewed.elapsed()), update).await {
             Ok(Ok(r)) => {
                 revision = r;
-                renewed = Instant::now();
+                *outpost_sys::lock(&tenure.renewed) = sent;
             }
             Ok(Err(e))
                 if e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision =>
@@ -259,14 +314,14 @@ async fn renew(
                 life.cancel();
                 return;
             }
-            Ok(Err(e)) if renewed.elapsed() < SELF_FENCE => {
+            Ok(Err(e)) => {
                 tracing::warn!(%key, error = %e, "cannot renew the alerting lease; retrying");
+                tokio::select! {
+                    _ = life.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
             }
-            _ => {
-                tracing::error!(%key, "the alerting lease could not be renewed in time: this gateway stops notifying");
-                life.cancel();
-                return;
-            }
+            Err(_) => {}
         }
     }
     match nats.alerts.update(&key, released, revision).await {
@@ -277,39 +332,42 @@ async fn renew(
 
 /// Why a write to the log was refused.
 #[derive(Debug, thiserror::Error)]
-#[error("another gateway took over this tenant's alerting (a newer fence is on its log); this gateway stops notifying for it")]
+#[error("another gateway took over this tenant's alerting (a newer fence is on its log), or this one's lease ran out; this gateway stops notifying for it")]
 pub struct Fenced;
 
-/// A tenant's [`AlertStore`] in NATS, for the lease holder whose `token` it is; a write
-/// refused by the fence ends `life`.
+/// A tenant's [`AlertStore`] in NATS, for the lease holder whose [`Tenure`] it is; a
+/// write refused by the fence ends the tenure.
 pub struct NatsAlertStore {
     nats: Arc<Nats>,
     tenant: String,
+    /// `Tenant::id` of the tenant (see [`Pointer::tenant_id`]).
+    tenant_id: String,
     gateway: String,
-    token: u64,
-    life: CancellationToken,
+    tenure: Arc<Tenure>,
     /// The log's last message as this holder knows it: `None` until loaded (and fenced).
     last: tokio::sync::Mutex<Option<u64>>,
-    /// The snapshot key's revision as this holder knows it (0: none).
+    /// The snapshot key's revision as this holder knows it.
     pointer: tokio::sync::Mutex<u64>,
 }
 
+/// The header naming the holder (its token) that wrote a log message.
+const TOKEN_HEADER: &str = "Outpost-Token";
+
 impl NatsAlertStore {
-    /// The store of `gateway`, holding `tenant`'s lease with `token` (see [`Held`]) for as
-    /// long as `life` lasts.
+    /// The store of `gateway`, holding the lease of `tenant` (whose id is `tenant_id`)
+    /// under `tenure`.
     pub fn new(
         nats: Arc<Nats>,
-        tenant: &str,
+        (tenant, tenant_id): (&str, &str),
         gateway: &str,
-        token: u64,
-        life: CancellationToken,
+        tenure: Arc<Tenure>,
     ) -> NatsAlertStore {
         NatsAlertStore {
             nats,
             tenant: tenant.to_string(),
+            tenant_id: tenant_id.to_string(),
             gateway: gateway.to_string(),
-            token,
-            life,
+            tenure,
             last: tokio::sync::Mutex::new(None),
             pointer: tokio::sync::Mutex::new(0),
         }
@@ -323,16 +381,17 @@ impl NatsAlertStore {
             .context("cannot open the alert log stream")
     }
 
-    /// End this holder's life if `e` is a fence.
+    /// End this holder's tenure if `e` is a fence.
     fn fenced(&self, e: anyhow::Error) -> anyhow::Error {
         if e.is::<Fenced>() {
-            tracing::warn!(tenant = %self.tenant, token = self.token, "{Fenced}");
-            self.life.cancel();
+            tracing::warn!(tenant = %self.tenant, token = self.tenure.token, "{Fenced}");
+            self.tenure.life.cancel();
         }
         e
     }
 
-    /// Append one message after `last`, moving `last` on ([`Fenced`] if another is).
+    /// Append one message after `last`, moving `last` on ([`Fenced`] if another holder
+    /// wrote after it, or this one's lease ran out).
     async fn put(
         &self,
         last: &mut u64,
@@ -340,30 +399,101 @@ impl NatsAlertStore {
         chunk: Option<String>,
         payload: Vec<u8>,
     ) -> anyhow::Result<()> {
+        if !self.tenure.valid() {
+            return Err(Fenced.into());
+        }
         let mut headers = HeaderMap::new();
         headers.insert(KIND, kind);
+        headers.insert(TOKEN_HEADER, self.tenure.token.to_string().as_str());
         if let Some(c) = chunk {
             headers.insert(CHUNK_HEADER, c.as_str());
         }
-        let msg = PublishMessage::build()
-            .payload(payload.into())
-            .headers(headers)
-            .expected_last_subject_sequence(*last);
-        let ack = self
-            .nats
-            .js
-            .send_publish(log_subject(&self.tenant), msg)
-            .await
-            .context("cannot write the alert log")?
-            .await;
-        match ack {
-            Ok(ack) => {
-                *last = ack.sequence;
-                Ok(())
+        // Tried again once when the log's last message is this holder's own: a write whose
+        // ack was lost (a timeout) but which was stored.
+        for _ in 0..2 {
+            let msg = PublishMessage::build()
+                .payload(payload.clone().into())
+                .headers(headers.clone())
+                .expected_last_subject_sequence(*last);
+            let ack = self
+                .nats
+                .js
+                .send_publish(log_subject(&self.tenant), msg)
+                .await
+                .context("cannot write the alert log")?
+                .await;
+            match ack {
+                Ok(ack) => {
+                    *last = ack.sequence;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    match self.last_written().await? {
+                        Some((seq, token)) if token == self.tenure.token && seq > *last => {
+                            tracing::debug!(tenant = %self.tenant, seq, "the alert log holds a write of ours whose ack was lost");
+                            *last = seq;
+                        }
+                        _ => return Err(Fenced.into()),
+                    }
+                }
+                Err(e) => return Err(e).context("the alert log did not take a write"),
             }
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Err(Fenced.into()),
-            Err(e) => Err(e).context("the alert log did not take a write"),
         }
+        Err(Fenced.into())
+    }
+
+    /// The log's last message: its sequence and the token of the holder that wrote it.
+    async fn last_written(&self) -> anyhow::Result<Option<(u64, u64)>> {
+        let stream = self.stream().await?;
+        match stream
+            .get_last_raw_message_by_subject(&log_subject(&self.tenant))
+            .await
+        {
+            Ok(m) => Ok(Some((
+                m.sequence,
+                m.headers
+                    .get(TOKEN_HEADER)
+                    .and_then(|v| v.as_str().parse().ok())
+                    .unwrap_or(0),
+            ))),
+            Err(e) if e.kind() == stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+            Err(e) => Err(e).context("cannot read the alert log's last message"),
+        }
+    }
+
+    /// Take the snapshot key over (a compare-and-set of what it holds, or a first empty
+    /// pointer): an older holder can no longer move it, nor so purge the log under the
+    /// reader. Returns the pointer and its new revision; `None` when it moved meanwhile.
+    async fn claim_pointer(&self) -> anyhow::Result<Option<(Pointer, u64)>> {
+        let kv = &self.nats.alerts;
+        let key = snapshot_key(&self.tenant);
+        let entry = kv
+            .entry(&key)
+            .await
+            .context("cannot read the alert snapshot's place")?;
+        let empty = Pointer {
+            first: 0,
+            last: 0,
+            tenant_id: self.tenant_id.clone(),
+        };
+        let current = entry
+            .as_ref()
+            .filter(|e| e.operation == Operation::Put)
+            .map(|e| serde_json::from_slice::<Pointer>(&e.value));
+        let pointer = match current {
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                tracing::error!(tenant = %self.tenant, error = %e, "the alert snapshot's place is unreadable; alerts rebuilt from the bus");
+                empty.clone()
+            }
+            None => empty.clone(),
+        };
+        let value: bytes::Bytes = serde_json::to_vec(&pointer)?.into();
+        let written = match &entry {
+            Some(e) => kv.update(&key, value, e.revision).await.ok(),
+            None => kv.create(&key, value).await.ok(),
+        };
+        Ok(written.map(|rev| (pointer, rev)))
     }
 
     /// Read the log from `from` on: `(sequence, kind, chunk, payload)` of each message, and
@@ -420,49 +550,41 @@ const LOAD_RACES: usize = 10;
 impl AlertStore for NatsAlertStore {
     async fn load(&self) -> anyhow::Result<Option<Loaded>> {
         let mut last_guard = self.last.lock().await;
-        for _ in 0..LOAD_RACES {
-            let (pointer, pointer_rev) = match self
-                .nats
-                .alerts
-                .entry(snapshot_key(&self.tenant))
-                .await
-                .context("cannot read the alert snapshot's place")?
-            {
-                Some(e) if e.operation == Operation::Put => {
-                    (serde_json::from_slice::<Pointer>(&e.value).ok(), e.revision)
-                }
-                Some(e) => (None, e.revision),
-                None => (None, 0),
+        for attempt in 1..=LOAD_RACES {
+            let Some((pointer, pointer_rev)) = self.claim_pointer().await? else {
+                continue;
             };
-            let (messages, last) = self.read(pointer.as_ref().map_or(1, |p| p.first)).await?;
+            if !pointer.tenant_id.is_empty() && pointer.tenant_id != self.tenant_id {
+                tracing::warn!(tenant = %self.tenant, "the alert state in NATS is of a deleted tenant of the same name: removed");
+                self.remove().await?;
+                continue;
+            }
+            let (messages, last) = self.read(pointer.first.max(1)).await?;
             let mut snapshot: Option<Snapshot> = None;
             let mut bytes = Vec::new();
             let mut chunks = 0usize;
             let mut records = Vec::new();
             let mut written = false;
             for m in &messages {
-                match (m.kind.as_str(), &pointer) {
-                    ("chunk", Some(p)) if (p.first..=p.last).contains(&m.seq) => {
+                match m.kind.as_str() {
+                    "chunk"
+                        if pointer.first > 0 && (pointer.first..=pointer.last).contains(&m.seq) =>
+                    {
                         bytes.extend_from_slice(&m.payload);
                         chunks += 1;
-                        if m.seq == p.last {
-                            // Every chunk, in order (none purged or lost).
-                            let whole = m.chunk == format!("{chunks}/{chunks}");
+                        // Every chunk, in order (none purged or lost).
+                        if m.seq == pointer.last && m.chunk == format!("{chunks}/{chunks}") {
                             match serde_json::from_slice::<Snapshot>(&bytes) {
-                                Ok(_) if !whole => {
-                                    tracing::error!(tenant = %self.tenant, first = p.first, chunk = %m.chunk, read = chunks,
-                                    "the alert snapshot is incomplete; alerts rebuilt from the bus")
-                                }
                                 Ok(s) => snapshot = Some(s),
                                 Err(e) => {
-                                    tracing::error!(tenant = %self.tenant, first = p.first, error = %e,
+                                    tracing::error!(tenant = %self.tenant, first = pointer.first, error = %e,
                                     "the alert snapshot is unreadable; alerts rebuilt from the bus")
                                 }
                             }
                         }
                         written = true;
                     }
-                    ("records", _) => {
+                    "records" => {
                         match serde_json::from_slice::<Vec<Record>>(&m.payload) {
                             Ok(r) => records.extend(r),
                             Err(e) => {
@@ -475,10 +597,20 @@ impl AlertStore for NatsAlertStore {
                     _ => {}
                 }
             }
+            if pointer.first > 0 && snapshot.is_none() && bytes.is_empty() {
+                // The snapshot named is not in the log (yet, or any more): a race with an
+                // older holder's last writes is over in a moment; past that, the log lost it.
+                if attempt < LOAD_RACES {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                tracing::error!(tenant = %self.tenant, first = pointer.first, last = pointer.last,
+                    "the alert snapshot named is missing from the log; alerts rebuilt from the bus");
+            }
             // The fence: from here on only this holder's writes are taken.
             let fence = serde_json::to_vec(&Fence {
                 gateway: self.gateway.clone(),
-                token: self.token,
+                token: self.tenure.token,
             })?;
             let mut at = last;
             match self.put(&mut at, "fence", None, fence).await {
@@ -491,7 +623,7 @@ impl AlertStore for NatsAlertStore {
                     return Ok(Some(replay(snapshot.unwrap_or_default(), records)));
                 }
                 // The log moved while it was read (an old holder's last writes): again.
-                Err(e) if e.is::<Fenced>() => continue,
+                Err(e) if e.is::<Fenced>() && self.tenure.valid() => continue,
                 Err(e) => return Err(e),
             }
         }
@@ -546,29 +678,35 @@ impl AlertStore for NatsAlertStore {
                 first = *last;
             }
         }
-        let pointer: bytes::Bytes = serde_json::to_vec(&Pointer { first, last: *last })?.into();
+        let pointer = Pointer {
+            first,
+            last: *last,
+            tenant_id: self.tenant_id.clone(),
+        };
+        let value: bytes::Bytes = serde_json::to_vec(&pointer)?.into();
         let key = snapshot_key(&self.tenant);
         let mut rev = self.pointer.lock().await;
-        let written = match *rev {
-            0 => self
-                .nats
-                .alerts
-                .create(&key, pointer)
-                .await
-                .map_err(anyhow::Error::from),
-            r => self
-                .nats
-                .alerts
-                .update(&key, pointer, r)
-                .await
-                .map_err(anyhow::Error::from),
-        };
-        match written {
+        match self.nats.alerts.update(&key, value, *rev).await {
             Ok(r) => *rev = r,
             Err(e) => {
-                // Only another holder moves it: this one is fenced.
-                tracing::warn!(tenant = %self.tenant, error = %format!("{e:#}"), "the alert snapshot's place was moved by another gateway");
-                return Err(self.fenced(Fenced.into()));
+                // Stored all the same (an ack lost), not stored, or moved by a holder that
+                // took over (which claims it before anything else).
+                let now = self.nats.alerts.entry(&key).await.ok().flatten();
+                match now {
+                    Some(n)
+                        if serde_json::from_slice::<Pointer>(&n.value).ok() == Some(pointer) =>
+                    {
+                        *rev = n.revision
+                    }
+                    Some(n) if n.revision == *rev => {
+                        return Err(e).context("cannot write the alert snapshot's place");
+                    }
+                    None => return Err(e).context("cannot write the alert snapshot's place"),
+                    Some(_) => {
+                        tracing::warn!(tenant = %self.tenant, "the alert snapshot's place was moved by another gateway");
+                        return Err(self.fenced(Fenced.into()));
+                    }
+                }
             }
         }
         drop(rev);
@@ -589,6 +727,10 @@ impl AlertStore for NatsAlertStore {
             }
         }
         Ok(())
+    }
+
+    fn writable(&self) -> bool {
+        self.tenure.valid()
     }
 
     async fn remove(&self) -> anyhow::Result<()> {
@@ -681,14 +823,12 @@ pub async fn forward(nats: &Nats, tenant: &str, req: &Request) -> Answer {
         Ok(b) => b,
         Err(e) => return Answer::Refused(e.to_string()),
     };
-    let asked = tokio::time::timeout(
-        API_DEADLINE,
-        nats.client.request(api_subject(tenant), body.into()),
-    )
-    .await;
-    match asked {
-        Ok(Ok(msg)) => serde_json::from_slice(&msg.payload).unwrap_or(Answer::Busy),
-        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Answer::NotRunning,
-        _ => Answer::Busy,
+    let request = async_nats::client::Request::new()
+        .payload(body.into())
+        .timeout(Some(API_DEADLINE));
+    match nats.client.send_request(api_subject(tenant), request).await {
+        Ok(msg) => serde_json::from_slice(&msg.payload).unwrap_or(Answer::Busy),
+        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Answer::NotRunning,
+        Err(_) => Answer::Busy,
     }
 }
