@@ -279,7 +279,19 @@ fn watch(
         };
         match w.presence {
             Presence::Lost => {
-                let why = format!("agent {name} is lost: {}", w.reason);
+                // What it said last: DNS broken on its host is why it went, not a host down.
+                let dns = alerts
+                    .alerts
+                    .get(fp)
+                    .and_then(|checks| checks.get(DNS_CHECK))
+                    .filter(|a| a.status != Status::Ok);
+                let why = match dns {
+                    Some(dns) => format!(
+                        "DNS is broken on {name}, so its agent cannot reach the gateway: {}",
+                        dns.output
+                    ),
+                    None => format!("agent {name} is lost: {}", w.reason),
+                };
                 due.extend(alerts.observe(
                     fp,
                     AGENT_CHECK,
@@ -1577,6 +1589,10 @@ fn undeliverable(config: &AlertConfig, item: &Queued, why: &str) -> Option<Queue
 
 /// The check name of an agent's own alert: critical while the agent is lost.
 pub const AGENT_CHECK: &str = "outpost.agent";
+
+/// The check an agent reports how it found its gateway with (docs/PROTOCOL.md): not OK
+/// when DNS is broken on its host.
+pub const DNS_CHECK: &str = "outpost.dns";
 
 /// How often presence and stale checks are looked at.
 const WATCH: Duration = Duration::from_secs(2);

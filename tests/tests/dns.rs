@@ -47,75 +47,107 @@ async fn dns_result(gw: &Gateway, fp: &str, wanted: &str) -> Value {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_dns_broken_the_agent_connects_through_cached_addresses_and_says_so() {
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test needs root: it serves DNS on port 53 and bind-mounts resolv.conf in a mount namespace"
-    );
-    let dir = tempdir();
-    serve_dns("127.0.0.77:53", &[(NAME, [127, 0, 0, 1])])
-        .await
-        .expect("serve DNS on 127.0.0.77:53");
-    let good = dir.path().join("resolv.good");
-    std::fs::write(
-        &good,
-        "nameserver 127.0.0.77\noptions timeout:1 attempts:1\n",
-    )
-    .unwrap();
-    let broken = dir.path().join("resolv.broken");
-    std::fs::write(
-        &broken,
-        "nameserver 127.0.0.78\noptions timeout:1 attempts:1\n",
-    )
-    .unwrap();
+/// A gateway reached by [`NAME`], which a DNS server this test runs on `dns` resolves, and
+/// resolv.conf files for the agent: `good` (that server) and `broken` (none answers).
+struct Resolving {
+    dir: std::path::PathBuf,
+    gw: Gateway,
+    listen: String,
+    toml: String,
+    good: std::path::PathBuf,
+    broken: std::path::PathBuf,
+}
 
-    let (ca, cert, key) = test_pki(&dir.path().join("pki"), NAME);
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let gw = Gateway::start_on(
-        &dir.path().join("real"),
-        &listen,
-        &[
+impl Resolving {
+    async fn start(dir: &Path, dns: &str, gateway_args: &[&str]) -> Resolving {
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "this test needs root: it serves DNS on port 53 and bind-mounts resolv.conf in a mount namespace"
+        );
+        serve_dns(&format!("{dns}:53"), &[(NAME, [127, 0, 0, 1])])
+            .await
+            .unwrap_or_else(|e| panic!("serve DNS on {dns}:53: {e}"));
+        let good = dir.join("resolv.good");
+        std::fs::write(
+            &good,
+            format!("nameserver {dns}\noptions timeout:1 attempts:1\n"),
+        )
+        .unwrap();
+        // Nothing answers there.
+        let broken = dir.join("resolv.broken");
+        std::fs::write(
+            &broken,
+            "nameserver 127.0.0.78\noptions timeout:1 attempts:1\n",
+        )
+        .unwrap();
+        let (ca, cert, key) = test_pki(&dir.join("pki"), NAME);
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut args = vec![
             "--tls-cert",
             cert.to_str().unwrap(),
             "--tls-key",
             key.to_str().unwrap(),
             "--fallback-addr",
             &listen,
-        ],
-    );
+        ];
+        args.extend_from_slice(gateway_args);
+        let gw = Gateway::start_on(&dir.join("real"), &listen, &args);
+        let toml = format!(
+            "gateway_url = \"wss://{NAME}:{port}\"\nenroll_key = {:?}\nca_file = {:?}\nhostname = \"resolver\"\nreconnect_max_secs = 1\n",
+            gw.enroll_key,
+            ca.display().to_string()
+        );
+        Resolving {
+            dir: dir.to_path_buf(),
+            gw,
+            listen,
+            toml,
+            good,
+            broken,
+        }
+    }
+
+    /// The agent, with `resolv` as its resolv.conf.
+    fn agent(&self, resolv: &Path) -> Agent {
+        let w = wrapper(resolv);
+        let w: Vec<&str> = w.iter().map(String::as_str).collect();
+        Agent::start_wrapped(&self.dir, "resolver", &self.toml, &w)
+    }
+
+    /// The agent with DNS working, until it has cached the gateway's address; stopped.
+    async fn cache_the_address(&self) -> (String, std::path::PathBuf) {
+        let mut agent = self.agent(&self.good);
+        let fp = agent.fingerprint.clone();
+        let ok = dns_result(&self.gw, &fp, "resolves").await;
+        assert_eq!(ok["status"], "ok", "{ok}");
+        let cache = agent.state_dir.join("gateway-addrs.json");
+        eventually(T, "the address cached", || async {
+            std::fs::read_to_string(&cache)
+                .ok()
+                .filter(|c| c.contains(&self.listen))
+        })
+        .await;
+        agent.proc.signal(libc::SIGTERM);
+        assert_eq!(agent.proc.wait_exit(T).await, Some(0));
+        (fp, cache)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_dns_broken_the_agent_connects_through_cached_addresses_and_says_so() {
+    let dir = tempdir();
+    let r = Resolving::start(dir.path(), "127.0.0.77", &[]).await;
+    let (gw, listen, broken) = (&r.gw, r.listen.as_str(), &r.broken);
     gw.write_checks(
         "c.toml",
         "[[check]]\nname = \"tick\"\ncommand = \"/bin/echo tick\"\ninterval = 1\n",
     );
-    let toml = format!(
-        "gateway_url = \"wss://{NAME}:{port}\"\nenroll_key = {:?}\nca_file = {:?}\nhostname = \"resolver\"\nreconnect_max_secs = 1\n",
-        gw.enroll_key,
-        ca.display().to_string()
-    );
-    let start = |resolv: &Path| {
-        let w = wrapper(resolv);
-        let w: Vec<&str> = w.iter().map(String::as_str).collect();
-        Agent::start_wrapped(dir.path(), "resolver", &toml, &w)
-    };
+    let start = |resolv: &Path| r.agent(resolv);
 
     // DNS works: the agent connects by name, says so, and remembers the address.
-    let mut agent = start(&good);
-    let fp = agent.fingerprint.clone();
-    let ok = dns_result(&gw, &fp, "resolves").await;
-    assert_eq!(ok["status"], "ok", "{ok}");
-    let cache = agent.state_dir.join("gateway-addrs.json");
-    eventually(T, "the address cached", || async {
-        std::fs::read_to_string(&cache)
-            .ok()
-            .filter(|c| c.contains(&listen))
-    })
-    .await;
-    agent.proc.signal(libc::SIGTERM);
-    assert_eq!(agent.proc.wait_exit(T).await, Some(0));
-    drop(agent);
+    let (fp, cache) = r.cache_the_address().await;
 
     // DNS broken: the last address that worked.
     let mut agent = start(&broken);
@@ -159,4 +191,51 @@ async fn with_dns_broken_the_agent_connects_through_cached_addresses_and_says_so
         Some(0),
         "nothing enrolled with the impostor"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_lost_while_its_dns_is_broken_is_reported_as_dns_broken_not_as_down() {
+    use outpost_e2e::receivers::signed_hook;
+    let dir = tempdir();
+    // Another DNS address than the other test's: they run side by side.
+    let r = Resolving::start(dir.path(), "127.0.0.79", &["--presence-grace", "2"]).await;
+    let hook = signed_hook(dir.path()).await;
+    r.gw.write_checks(
+        "alerting.toml",
+        &format!(
+            r#"
+[[receiver]]
+name = "hook"
+webhook = {{ url = "{url}", secret = "{secret}" }}
+
+[[route]]
+checks = ["outpost.agent"]
+receivers = ["hook"]
+"#,
+            url = hook.url(),
+            secret = outpost_e2e::receivers::SECRET
+        ),
+    );
+    // Stopped with bye: nothing fires (the first notification below is the lost one).
+    let (fp, _) = r.cache_the_address().await;
+    let agent = r.agent(&r.broken);
+    let broken = dns_result(&r.gw, &fp, "DNS is broken").await;
+    assert_eq!(broken["status"], "critical", "{broken}");
+    // Then gone without a word (as when no address answers any more): its lost alert
+    // says what the gateway last heard from it, that DNS is broken there.
+    agent.proc.signal(libc::SIGKILL);
+    let got = eventually(T, "the agent's alert", || async {
+        let t = hook.taken();
+        (!t.is_empty()).then_some(t)
+    })
+    .await;
+    let data = &got[0]["body"]["data"];
+    assert_eq!(data["check"], "outpost.agent", "{data}");
+    assert_eq!(data["status"], "critical", "{data}");
+    let output = data["output"].as_str().unwrap_or("");
+    assert!(
+        output.starts_with("DNS is broken on resolver") && output.contains(NAME),
+        "reported as DNS broken: {output}"
+    );
+    assert!(!output.contains("is lost"), "{output}");
 }
