@@ -150,12 +150,12 @@ async fn with_dns_broken_the_agent_connects_through_cached_addresses_and_says_so
     let (fp, cache) = r.cache_the_address().await;
 
     // DNS broken: the last address that worked.
-    let mut agent = start(&broken);
-    let r = dns_result(&gw, &fp, "the last address that worked").await;
+    let mut agent = start(broken);
+    let r = dns_result(gw, &fp, "the last address that worked").await;
     assert_eq!(r["status"], "critical", "{r}");
     let text = r["output"].as_str().unwrap();
     assert!(
-        text.contains("DNS is broken") && text.contains(NAME) && text.contains(&listen),
+        text.contains("DNS is broken") && text.contains(NAME) && text.contains(listen),
         "{text}"
     );
     let restarted = r["started_at_ms"].as_u64().unwrap();
@@ -173,14 +173,14 @@ async fn with_dns_broken_the_agent_connects_through_cached_addresses_and_says_so
     // it by name, and the gateway's fallback address is used instead.
     let impostor = Gateway::start(&dir.path().join("impostor"), &[]);
     let cached = std::fs::read_to_string(&cache).unwrap();
-    std::fs::write(&cache, cached.replacen(&listen, &impostor.addr, 1)).unwrap();
+    std::fs::write(&cache, cached.replacen(listen, &impostor.addr, 1)).unwrap();
     assert!(std::fs::read_to_string(&cache)
         .unwrap()
         .contains(&impostor.addr));
-    let agent = start(&broken);
-    let r = dns_result(&gw, &fp, "a fallback address the gateway sent").await;
+    let agent = start(broken);
+    let r = dns_result(gw, &fp, "a fallback address the gateway sent").await;
     assert_eq!(r["status"], "critical", "{r}");
-    assert!(r["output"].as_str().unwrap().contains(&listen), "{r}");
+    assert!(r["output"].as_str().unwrap().contains(listen), "{r}");
     let log = agent.proc.log();
     assert!(
         log.contains(&impostor.addr) && log.contains("TLS handshake"),
