@@ -264,12 +264,12 @@ async fn contend(
 /// turns UNKNOWN as stale.
 fn watch(
     alerts: &mut Alerts,
-    watched: &[crate::registry::Watched],
+    (watched, gone): (&[crate::registry::Watched], &HashMap<String, String>),
     last_result: &mut HashMap<(String, String), Instant>,
     now_ms: u64,
     route: crate::alerts::Route<'_>,
 ) -> Vec<Notification> {
-    let mut due = Vec::new();
+    let mut due = gateways_gone(alerts, watched, gone, now_ms, route);
     for w in watched {
         let fp = &w.fingerprint;
         let name = if w.hostname.is_empty() {
@@ -344,6 +344,120 @@ fn watch(
                 }
             }
         }
+    }
+    due
+}
+
+/// A lost agent whose gateway is gone (not beating): its own alert is held, its gateway's
+/// speaks for it.
+#[derive(Debug, Clone)]
+struct Orphan {
+    gateway: String,
+    /// Since when its gateway beats again: its agents get [`RETURN_GRACE`] to reconnect
+    /// before they are lost on their own account.
+    back_since: Option<Instant>,
+}
+
+/// How long the agents lost with a gateway have to reconnect once it is back.
+const RETURN_GRACE: Duration = Duration::from_secs(60);
+
+/// The lost agents orphaned now (see [`Orphan`]), given those that were (`before`).
+fn orphaned(
+    watched: &[crate::registry::Watched],
+    registry: &Registry,
+    before: &HashMap<String, Orphan>,
+) -> HashMap<String, Orphan> {
+    let mut alive: HashMap<&str, bool> = HashMap::new();
+    let mut out = HashMap::new();
+    for w in watched {
+        if w.presence != Presence::Lost || w.gateway.is_empty() {
+            continue;
+        }
+        let up = *alive
+            .entry(w.gateway.as_str())
+            .or_insert_with(|| registry.gateway_alive(&w.gateway));
+        let orphan = match (before.get(&w.fingerprint), up) {
+            (_, false) => Some(Orphan {
+                gateway: w.gateway.clone(),
+                back_since: None,
+            }),
+            (Some(o), true) => {
+                let back = o.back_since.unwrap_or_else(Instant::now);
+                (back.elapsed() < RETURN_GRACE).then(|| Orphan {
+                    gateway: o.gateway.clone(),
+                    back_since: Some(back),
+                })
+            }
+            (None, true) => None,
+        };
+        if let Some(o) = orphan {
+            out.insert(w.fingerprint.clone(), o);
+        }
+    }
+    out
+}
+
+/// One alert per gateway that is gone with agents of the tenant lost with it
+/// (`gateway:<id>`, check [`GATEWAY_CHECK`]), resolved once none of them is lost any more
+/// (back through another gateway, or the gateway back).
+fn gateways_gone(
+    alerts: &mut Alerts,
+    watched: &[crate::registry::Watched],
+    gone: &HashMap<String, String>,
+    now_ms: u64,
+    route: crate::alerts::Route<'_>,
+) -> Vec<Notification> {
+    let mut lost_with: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for w in watched {
+        if let Some(gw) = gone.get(&w.fingerprint) {
+            let name = if w.hostname.is_empty() {
+                &w.fingerprint
+            } else {
+                &w.hostname
+            };
+            lost_with.entry(gw.as_str()).or_default().push(name);
+        }
+    }
+    let mut due = Vec::new();
+    for (gw, mut names) in lost_with.iter().map(|(g, n)| (*g, n.clone())) {
+        names.sort_unstable();
+        let n = names.len();
+        let shown = names
+            .iter()
+            .take(10)
+            .copied()
+            .collect::<Vec<_>>()
+            .join(", ");
+        let more = if n > 10 {
+            format!(" and {} more", n - 10)
+        } else {
+            String::new()
+        };
+        let why = format!("gateway {gw} is gone: {n} agent(s) lost with it ({shown}{more})");
+        due.extend(alerts.observe(
+            &format!("{GATEWAY_ENTITY}{gw}"),
+            GATEWAY_CHECK,
+            (Status::Critical, &why),
+            now_ms,
+            route,
+        ));
+    }
+    let over: Vec<String> = alerts
+        .alerts
+        .keys()
+        .filter_map(|k| k.strip_prefix(GATEWAY_ENTITY))
+        .filter(|gw| !lost_with.contains_key(gw))
+        .map(str::to_string)
+        .collect();
+    for gw in over {
+        let why = format!("gateway {gw} is back, or its agents reconnected through another");
+        due.extend(alerts.observe(
+            &format!("{GATEWAY_ENTITY}{gw}"),
+            GATEWAY_CHECK,
+            (Status::Ok, &why),
+            now_ms,
+            route,
+        ));
     }
     due
 }
@@ -565,6 +679,9 @@ impl Engine {
         // Presence, and when each check's last result was read (for staleness; not kept:
         // after a restart every check has its full TTL again).
         let mut presence: HashMap<String, Presence> = HashMap::new();
+        // Lost agents whose gateway is gone, with it (see `orphaned`).
+        let mut orphans: HashMap<String, Orphan> = HashMap::new();
+        let mut gone: HashMap<String, String> = HashMap::new();
         // Agents by hostname, for dependencies that name their parent's agent so.
         let mut by_host: HashMap<String, String> = HashMap::new();
         let mut last_result: HashMap<(String, String), Instant> = HashMap::new();
@@ -593,9 +710,10 @@ impl Engine {
                 let registry = &self.ctx.registry;
                 let before = alerts.alerts.len();
                 alerts.alerts.retain(|fp, _| {
-                    registry
-                        .identity(&AgentRef::new(&self.tenant, fp))
-                        .is_some()
+                    fp.starts_with(GATEWAY_ENTITY)
+                        || registry
+                            .identity(&AgentRef::new(&self.tenant, fp))
+                            .is_some()
                 });
                 if alerts.alerts.len() != before {
                     dirty = true;
@@ -723,6 +841,11 @@ impl Engine {
                     })
                     .collect();
                 last_result.retain(|(fp, c), _| running.contains(&(fp.as_str(), c.as_str())));
+                orphans = orphaned(watched, &self.ctx.registry, &orphans);
+                gone = orphans
+                    .iter()
+                    .map(|(fp, o)| (fp.clone(), o.gateway.clone()))
+                    .collect();
             }
             // Every agent a route may be asked about: this batch's, and those with an
             // incident (the clock's notifications).
@@ -757,8 +880,16 @@ impl Engine {
                 }
                 let id = identities.get(fp).cloned().unwrap_or_default();
                 let mut policy = config.policy(check, &id.labels, &id.groups, status, now_ms);
-                // A lost agent's checks say nothing: its own alert does.
-                let lost = check != AGENT_CHECK && presence.get(fp) == Some(&Presence::Lost);
+                // A lost agent's checks say nothing: its own alert does, or its gateway's
+                // when that is gone.
+                // (An agent back says nothing of having been lost: its incident resolves in
+                // this same pass, and must not fire first because the clock ticked.)
+                let lost = match check {
+                    AGENT_CHECK => {
+                        gone.contains_key(fp) || presence.get(fp) == Some(&Presence::Online)
+                    }
+                    _ => presence.get(fp) == Some(&Presence::Lost),
+                };
                 let (wait, held) = dependency_of(
                     &config,
                     &down,
@@ -811,7 +942,7 @@ impl Engine {
                 if let Some(watched) = &watched {
                     ticked.extend(watch(
                         &mut alerts,
-                        watched,
+                        (watched, &gone),
                         &mut last_result,
                         now_ms,
                         &route,
@@ -1206,12 +1337,17 @@ impl Engine {
                         .identity(&AgentRef::new(&self.tenant, &n.fingerprint))
                 })
                 .unwrap_or_default();
+            // A gateway's alert is about the gateway: named by its id.
+            let hostname = match n.fingerprint.strip_prefix(GATEWAY_ENTITY) {
+                Some(gateway) => gateway.to_string(),
+                None => id.hostname.clone(),
+            };
             for r in &n.receivers {
                 out.push(Queued {
                     seq: 0,
                     receiver: r.clone(),
                     notification: n.clone(),
-                    hostname: id.hostname.clone(),
+                    hostname: hostname.clone(),
                     labels: id.labels.clone(),
                 });
             }
@@ -1594,6 +1730,13 @@ pub const AGENT_CHECK: &str = "outpost.agent";
 /// when DNS is broken on its host.
 pub const DNS_CHECK: &str = "outpost.dns";
 
+/// The check name of a gateway's alert (fleet): critical while it is gone with agents
+/// lost with it.
+pub const GATEWAY_CHECK: &str = "outpost.gateway";
+
+/// What stands for the agent in a gateway's alert: `gateway:<gateway id>`.
+pub const GATEWAY_ENTITY: &str = "gateway:";
+
 /// How often presence and stale checks are looked at.
 const WATCH: Duration = Duration::from_secs(2);
 
@@ -1825,4 +1968,72 @@ impl Drop for Unregister<'_> {
 /// `DATA_DIR/alerts`.
 pub fn alerts_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("alerts")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alerts::Policy;
+    use crate::registry::Watched;
+
+    fn lost(fp: &str, host: &str, gateway: &str) -> Watched {
+        Watched {
+            fingerprint: fp.into(),
+            hostname: host.into(),
+            labels: BTreeMap::new(),
+            groups: Vec::new(),
+            last_seen_ms: 0,
+            presence: Presence::Lost,
+            reason: "its gateway stopped".into(),
+            checks: Vec::new(),
+            gateway: gateway.into(),
+        }
+    }
+
+    #[test]
+    fn a_gateway_gone_with_agents_is_one_alert_and_its_agents_are_held() {
+        let watched = vec![
+            lost("a", "web-1", "gw1"),
+            lost("b", "web-2", "gw1"),
+            lost("c", "db-1", "gw2"),
+        ];
+        // gw1 is gone; gw2 is alive (its agent c is lost on its own).
+        let gone: HashMap<String, String> = [("a", "gw1"), ("b", "gw1")]
+            .into_iter()
+            .map(|(f, g)| (f.to_string(), g.to_string()))
+            .collect();
+        let route = |fp: &str, check: &str, _: Status| Policy {
+            muted: check == AGENT_CHECK && gone.contains_key(fp),
+            ..Policy::to(&["hook"])
+        };
+        let mut alerts = Alerts::default();
+        let mut last = HashMap::new();
+        let due = watch(&mut alerts, (&watched, &gone), &mut last, 1_000, &route);
+        let told: Vec<(&str, &str)> = due
+            .iter()
+            .map(|n| (n.fingerprint.as_str(), n.check.as_str()))
+            .collect();
+        assert_eq!(
+            told,
+            [("gateway:gw1", GATEWAY_CHECK), ("c", AGENT_CHECK)],
+            "{due:?}"
+        );
+        assert!(
+            due[0]
+                .output
+                .contains("gw1 is gone: 2 agent(s) lost with it (web-1, web-2)"),
+            "{}",
+            due[0].output
+        );
+        // The same again: nothing new.
+        assert!(watch(&mut alerts, (&watched, &gone), &mut last, 2_000, &route).is_empty());
+        // Its agents back through another gateway: the gateway's alert resolves (on the
+        // gateway's own word, at once).
+        let back: Vec<Watched> = watched[2..].to_vec();
+        let none = HashMap::new();
+        let due = watch(&mut alerts, (&back, &none), &mut last, 3_000, &route);
+        assert_eq!(due.len(), 1, "{due:?}");
+        assert_eq!(due[0].fingerprint, "gateway:gw1");
+        assert_eq!(due[0].kind, Kind::Resolved);
+    }
 }

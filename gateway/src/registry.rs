@@ -50,6 +50,8 @@ pub struct Watched {
     pub presence: Presence,
     pub reason: String,
     pub checks: Vec<(String, u64, u64)>,
+    /// The gateway that holds (or last held) it.
+    pub gateway: String,
 }
 
 /// What names and places an agent: see [`Registry::identity`].
@@ -635,6 +637,14 @@ impl Registry {
         others + 1
     }
 
+    /// Whether the gateway `id` is alive: this one, or one whose heartbeat is recent.
+    pub fn gateway_alive(&self, id: &str) -> bool {
+        id == self.me.gateway_id
+            || lock(&self.beats)
+                .get(id)
+                .is_some_and(|b| now_ms().saturating_sub(b.at_ms) < GATEWAY_TTL.as_millis() as u64)
+    }
+
     /// When the gateway process behind the connection `holder` last beat, if known.
     fn last_beat_of(&self, holder: &str) -> Option<u64> {
         let mut parts = holder.split('/');
@@ -762,6 +772,7 @@ impl Registry {
                 last_seen_ms: r.last_seen_ms,
                 presence: r.presence,
                 reason: r.presence_reason.clone(),
+                gateway: r.gateway.clone(),
                 checks: r
                     .checks
                     .iter()

@@ -12,6 +12,13 @@
 //! firing id and one resolve id of the same incident, the firing first. A notification
 //! arrives twice only with the same `webhook-id`, at most once per kill (the one in flight
 //! when its sender died); the count is printed.
+//!
+//! A second test, on the same fleet with two agents of 20 checks, pauses the holder instead
+//! (SIGSTOP) while it delivers firings, half the checks under a silence made through
+//! another gateway: another gateway takes the lease, delivers the rest, and the paused one,
+//! let run again (SIGCONT), finds it no longer holds the lease and sends nothing: each unsilenced check gets exactly one firing and one resolve id, the
+//! silenced ones nothing, at most one notification twice (the one in flight at the pause).
+//! The silences API answers the same on every gateway, the holder or not.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -24,8 +31,8 @@ use outpost_e2e::flip::{flip_plugin, set_state};
 use outpost_e2e::haproxy::Haproxy;
 use outpost_e2e::nats::{config_push, NatsServer};
 use outpost_e2e::receivers::{signed_hook, WebhookReceiver, SECRET};
-use outpost_e2e::{eventually, tempdir, Agent, Gateway};
-use serde_json::Value;
+use outpost_e2e::{eventually, now_ms, tempdir, Agent, Gateway};
+use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(60);
 /// How long a killed holder's lease may take to move: at most ~8 s without renewal, plus
@@ -43,9 +50,9 @@ const SLOW: Duration = Duration::from_millis(50);
 /// with the operator's token).
 const LEASE: &str = "outpost_alerting_lease_held{tenant=\"default\"} ";
 
-/// The tenant's checks and its alerting: every check the same plugin, every result hard,
-/// every `flip-*` alert to the signed webhook.
-fn flip_checks(plugin: &str, hook: &WebhookReceiver) -> String {
+/// The tenant's checks and its alerting: `checks` checks `flip-00`, `flip-01`, ..., every
+/// one the same plugin, every result hard, every `flip-*` alert to the signed webhook.
+fn flip_checks(plugin: &str, hook: &WebhookReceiver, checks: usize) -> String {
     let mut text = format!(
         r#"
 [[receiver]]
@@ -59,7 +66,7 @@ receivers = ["hook"]
 "#,
         url = hook.url()
     );
-    for i in 0..CHECKS {
+    for i in 0..checks {
         text.push_str(&format!(
             "\n[[check]]\nname = \"flip-{i:02}\"\ncommand = [{plugin:?}]\ninterval = 1\nattempts = 1\n"
         ));
@@ -241,10 +248,11 @@ async fn wait_distinct(hook: &WebhookReceiver, suffix: &str, n: usize, within: D
 }
 
 /// Every request verified and answered 200; for each of `pairs`, exactly one firing id
-/// (`<fp>/<check>/<incident>/0`) and one resolve id (`…/<incident>/r`) of the same
-/// incident, every firing request before the first resolve, and no id about anything
-/// else. Returns the repeats: requests beyond the first with each id.
-fn tally(requests: &[Value], pairs: &[(String, String)]) -> usize {
+/// (`<fp>/<check>/<incident>/0`) and, when `resolved`, one resolve id (`…/<incident>/r`)
+/// of the same incident, every firing request before the first resolve (no resolve at all
+/// when not `resolved`), and no id about anything else. Returns the repeats: requests
+/// beyond the first with each id.
+fn tally(requests: &[Value], pairs: &[(String, String)], resolved: bool) -> usize {
     // (fp, check) → id → positions in the order the receiver took them.
     let mut by_pair: BTreeMap<(String, String), BTreeMap<String, Vec<usize>>> = BTreeMap::new();
     for (at, r) in requests.iter().enumerate() {
@@ -273,14 +281,23 @@ fn tally(requests: &[Value], pairs: &[(String, String)]) -> usize {
     }
     let expected: BTreeSet<&(String, String)> = pairs.iter().collect();
     let told: BTreeSet<&(String, String)> = by_pair.keys().collect();
-    assert_eq!(told, expected, "notified about exactly the 200 alerts");
+    assert_eq!(
+        told,
+        expected,
+        "notified about exactly the {} alerts",
+        pairs.len()
+    );
     for ((fp, check), ids) in &by_pair {
         let firing: Vec<&String> = ids.keys().filter(|id| id.ends_with("/0")).collect();
         let resolve: Vec<&String> = ids.keys().filter(|id| id.ends_with("/r")).collect();
         assert!(
-            firing.len() == 1 && resolve.len() == 1,
-            "{fp}/{check}: one firing and one resolve id, not {ids:?}"
+            firing.len() == 1 && resolve.len() == usize::from(resolved),
+            "{fp}/{check}: one firing id and {} resolve id, not {ids:?}",
+            if resolved { "one" } else { "no" }
         );
+        if !resolved {
+            continue;
+        }
         let incident = firing[0].strip_suffix("/0").unwrap();
         assert_eq!(
             resolve[0].as_str(),
@@ -316,22 +333,58 @@ async fn listed(gw: &Gateway) -> Option<BTreeMap<String, usize>> {
     Some(by_state)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_notifying_gateway_killed_twice_mid_delivery_loses_no_change_and_repeats_at_most_one_each(
-) {
+/// The silence `id` as `gw` lists it (`GET /api/v1/silences`, which a gateway that does
+/// not hold the lease forwards to the one that does).
+async fn silence_listed(gw: &Gateway, id: &str) -> Option<Value> {
+    let (status, body) = gw.http("GET", "/api/v1/silences", Some(&gw.token)).await;
+    assert_eq!(status, 200, "GET /api/v1/silences: {body}");
+    body["silences"]
+        .as_array()?
+        .iter()
+        .find(|s| s["id"] == id)
+        .cloned()
+}
+
+/// What both tests run: the tenant's checks pushed, three gateways on one NATS behind
+/// haproxy, agents dialing haproxy, every check reporting OK, one gateway holding the
+/// tenant's alerting lease, and nothing told yet.
+struct Setup {
+    // Dropped in this order: the agents first, the directory with everything's data last.
+    _agents: Vec<Agent>,
+    lb: Haproxy,
+    fleet: Fleet,
+    results: Results,
+    hook: WebhookReceiver,
+    _nats: NatsServer,
+    dir: tempfile::TempDir,
+    /// Every (agent fingerprint, check).
+    pairs: Vec<(String, String)>,
+    /// The gateway that holds the lease once all is OK.
+    holder: usize,
+}
+
+/// [`Setup`] with `agents` agents running `checks` checks each.
+async fn setup(agents: usize, checks: usize) -> Setup {
     let dir = tempdir();
+    eprintln!(
+        "test directory {} (kept with OUTPOST_E2E_KEEP=1)",
+        dir.path().display()
+    );
     let nats = NatsServer::start(dir.path(), "n1");
     let url = nats.url();
     let plugin = flip_plugin(dir.path());
     let hook = signed_hook(dir.path()).await;
     config_push(
         &url,
-        &write_config(dir.path(), &[("flip.toml", &flip_checks(&plugin, &hook))]),
+        &write_config(
+            dir.path(),
+            &[("flip.toml", &flip_checks(&plugin, &hook, checks))],
+        ),
         &[],
     );
     let results = Results::follow(&url).await;
     let pki = pki(dir.path());
-    let mut fleet = Fleet {
+    let fleet = Fleet {
         dir: dir.path().to_path_buf(),
         gws: gateways(dir.path(), 3, &url, &pki),
         url,
@@ -342,37 +395,85 @@ async fn the_notifying_gateway_killed_twice_mid_delivery_loses_no_change_and_rep
         &fleet.gws.iter().map(|g| g.addr.clone()).collect::<Vec<_>>(),
     );
     let key = fleet.gws[0].enroll_key.clone();
-    let agents: Vec<Agent> = (0..AGENTS)
+    let agents: Vec<Agent> = (0..agents)
         .map(|i| agent(dir.path(), &format!("a{i}"), lb.addr(), &fleet.pki, &key))
         .collect();
     let pairs: Vec<(String, String)> = agents
         .iter()
-        .flat_map(|a| (0..CHECKS).map(|c| (a.fingerprint.clone(), format!("flip-{c:02}"))))
+        .flat_map(|a| (0..checks).map(|c| (a.fingerprint.clone(), format!("flip-{c:02}"))))
         .collect();
 
     // All OK, reporting, and one gateway notifying for the tenant.
-    eventually(T, "200 checks reporting OK", || async {
-        results.all(&pairs, "ok")
-    })
-    .await;
-    fleet
+    let what = format!("{} checks reporting OK", pairs.len());
+    eventually(T, &what, || async { results.all(&pairs, "ok") }).await;
+    let holder = fleet
         .wait_holder("exactly one gateway holds the lease")
         .await;
     assert!(
         hook.requests().is_empty(),
         "nothing to tell while all is OK"
     );
+    Setup {
+        _agents: agents,
+        lb,
+        fleet,
+        results,
+        hook,
+        _nats: nats,
+        dir,
+        pairs,
+        holder,
+    }
+}
+
+impl Setup {
+    /// Settled: nothing waiting on the `holder`, nothing new after three more results of
+    /// every check, and no `flip-*` alert listed by any gateway.
+    async fn settle(&self, holder: usize) {
+        let queue_empty = || async {
+            (self.fleet.gws[holder]
+                .metric("outpost_alert_queue_depth ")
+                .await
+                == 0)
+                .then_some(())
+        };
+        eventually(T, "the holder's queue empty", queue_empty).await;
+        let before = self.results.counts(&self.pairs);
+        eventually(T, "three more results of every check", || async {
+            let now = self.results.counts(&self.pairs);
+            now.iter()
+                .zip(&before)
+                .all(|(n, b)| *n >= b + 3)
+                .then_some(())
+        })
+        .await;
+        eventually(T, "the holder's queue empty", queue_empty).await;
+        for (i, gw) in self.fleet.gws.iter().enumerate() {
+            let what = format!("gw{} lists no alert", i + 1);
+            eventually(T, &what, || async {
+                listed(gw).await?.is_empty().then_some(())
+            })
+            .await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_notifying_gateway_killed_twice_mid_delivery_loses_no_change_and_repeats_at_most_one_each(
+) {
+    let mut s = setup(AGENTS, CHECKS).await;
+    let n = s.pairs.len();
 
     // 200 firings; the holder is killed once some are taken.
-    hook.slow(SLOW);
-    set_state(dir.path(), 2);
-    fleet
-        .kill_the_holder_mid_delivery(&lb, &hook, "/0", pairs.len())
+    s.hook.slow(SLOW);
+    set_state(s.dir.path(), 2);
+    s.fleet
+        .kill_the_holder_mid_delivery(&s.lb, &s.hook, "/0", n)
         .await;
     // Any gateway lists the alerts, as the holder keeps them: all told.
-    for (i, gw) in fleet.gws.iter().enumerate() {
-        let what = format!("gw{} lists 200 firing alerts", i + 1);
-        let want = BTreeMap::from([("firing".to_string(), pairs.len())]);
+    for (i, gw) in s.fleet.gws.iter().enumerate() {
+        let what = format!("gw{} lists {n} firing alerts", i + 1);
+        let want = BTreeMap::from([("firing".to_string(), n)]);
         eventually(T, &what, || async {
             (listed(gw).await? == want).then_some(())
         })
@@ -380,54 +481,405 @@ async fn the_notifying_gateway_killed_twice_mid_delivery_loses_no_change_and_rep
     }
 
     // 200 resolves; whoever holds the lease now is killed once some are taken.
-    set_state(dir.path(), 0);
-    fleet
-        .kill_the_holder_mid_delivery(&lb, &hook, "/r", pairs.len())
+    set_state(s.dir.path(), 0);
+    s.fleet
+        .kill_the_holder_mid_delivery(&s.lb, &s.hook, "/r", n)
         .await;
 
     // Settled: nothing waiting, nothing new after more results, and still one holder.
-    let last = fleet
+    let last = s
+        .fleet
         .wait_holder("exactly one gateway holds the lease")
         .await;
-    let queue_empty = || async {
-        (fleet.gws[last].metric("outpost_alert_queue_depth ").await == 0).then_some(())
-    };
-    eventually(T, "the holder's queue empty", queue_empty).await;
-    let before = results.counts(&pairs);
-    eventually(T, "three more results of every check", || async {
-        let now = results.counts(&pairs);
-        now.iter()
-            .zip(&before)
-            .all(|(n, b)| *n >= b + 3)
-            .then_some(())
-    })
-    .await;
-    eventually(T, "the holder's queue empty", queue_empty).await;
-    for (i, gw) in fleet.gws.iter().enumerate() {
-        let what = format!("gw{} lists no alert", i + 1);
-        eventually(T, &what, || async {
-            listed(gw).await?.is_empty().then_some(())
-        })
-        .await;
-    }
+    s.settle(last).await;
 
     // The others say 0, or nothing: a gateway that never held the lease has no line.
     assert_eq!(
-        fleet.holder(None).await,
+        s.fleet.holder(None).await,
         Some(last),
         "exactly one gateway holds the lease, still the same"
     );
 
-    let requests = hook.requests();
-    let repeats = tally(&requests, &pairs);
+    let requests = s.hook.requests();
+    let repeats = tally(&requests, &s.pairs, true);
     eprintln!(
         "repeats: {repeats} of {} requests for {} changes, over 2 kills",
         requests.len(),
-        2 * pairs.len()
+        2 * n
     );
     assert!(
         repeats <= 2,
         "at most one repeat per kill (the notification in flight), not {repeats}"
     );
-    drop(agents);
+}
+
+/// Agents of the pause test.
+const PAUSE_AGENTS: usize = 2;
+/// Checks per agent of the pause test: `flip-00`..`flip-19`, 40 alerts in all.
+const PAUSE_CHECKS: usize = 20;
+/// The silence's check pattern: `flip-00`..`flip-09`, half the checks.
+const SILENCED: &str = "flip-0*";
+/// Firings taken before the holder is paused: some, far from all.
+const BEFORE_PAUSE: usize = 5;
+/// The receiver's delay in the pause test: the 20 firings it is told take 3 s and more, so
+/// the pause lands with some still to send, while the holder stays paused well short of
+/// the 15 s after which the other gateways take its agents' connections for gone.
+const PAUSE_SLOW: Duration = Duration::from_millis(150);
+/// What a holder logs when it finds it no longer holds the lease.
+const STOPPED: [&str; 3] = [
+    "the alerting lease was taken by another gateway",
+    "could not be renewed in time",
+    "no longer holds the tenant's alerting lease",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_paused_past_its_lease_sends_nothing_when_it_resumes_and_the_api_answers_on_every_gateway(
+) {
+    let s = setup(PAUSE_AGENTS, PAUSE_CHECKS).await;
+    let h = s.holder;
+    let gws = &s.fleet.gws;
+    let (muted, told): (Vec<_>, Vec<_>) = s
+        .pairs
+        .iter()
+        .cloned()
+        .partition(|(_, c)| c.starts_with("flip-0"));
+    assert_eq!(muted.len(), told.len(), "the silence takes half the checks");
+
+    // A silence made through a gateway that does not hold the lease: forwarded to the
+    // holder, saved before the answer, and listed by every gateway.
+    let other = (h + 1) % gws.len();
+    let (status, silence) = gws[other]
+        .http_json(
+            "POST",
+            "/api/v1/silences",
+            Some(&gws[other].token),
+            Some(&json!({
+                "matchers": {"checks": [SILENCED]},
+                "ends_at": "1h",
+                "creator": "ann",
+                "comment": "half the flips under maintenance"
+            })),
+        )
+        .await;
+    assert_eq!(
+        status,
+        201,
+        "POST /api/v1/silences on gw{}: {silence}",
+        other + 1
+    );
+    let id = silence["id"]
+        .as_str()
+        .expect("the silence's id")
+        .to_string();
+    for (i, gw) in gws.iter().enumerate() {
+        let listed = silence_listed(gw, &id).await;
+        let listed = listed.unwrap_or_else(|| panic!("gw{} lists the silence {id}", i + 1));
+        assert_eq!(
+            listed["matchers"],
+            json!({"checks": [SILENCED]}),
+            "gw{}",
+            i + 1
+        );
+        assert_eq!(listed["creator"], "ann", "gw{}: {listed}", i + 1);
+        assert_eq!(
+            listed["comment"],
+            "half the flips under maintenance",
+            "gw{}: {listed}",
+            i + 1
+        );
+    }
+
+    // CRITICAL everywhere, on the bus; the holder paused once some firings are taken.
+    s.hook.slow(PAUSE_SLOW);
+    set_state(s.dir.path(), 2);
+    eventually(T, "every check CRITICAL on the bus", || async {
+        s.results.all(&s.pairs, "critical")
+    })
+    .await;
+    wait_distinct(&s.hook, "/0", BEFORE_PAUSE, T).await;
+    assert_eq!(
+        s.fleet.holder(None).await,
+        Some(h),
+        "gw{} holds the lease",
+        h + 1
+    );
+    let paused_at = Instant::now();
+    gws[h].proc.signal(libc::SIGSTOP);
+    let taken = distinct(&s.hook, "/0");
+    assert!(
+        taken < told.len(),
+        "the pause lands mid-delivery: {taken} of {} firings taken",
+        told.len()
+    );
+    let what = format!("another gateway takes the lease of the paused gw{}", h + 1);
+    let next = eventually(TAKEOVER, &what, || s.fleet.holder(Some(h))).await;
+    eprintln!(
+        "gw{} paused with {taken} of {} firings taken; gw{} holds the lease {:?} later",
+        h + 1,
+        told.len(),
+        next + 1,
+        paused_at.elapsed()
+    );
+    wait_distinct(&s.hook, "/0", told.len(), T).await;
+    let log_at_resume = gws[h].proc.log().len();
+    gws[h].proc.signal(libc::SIGCONT);
+    eprintln!(
+        "all {} firings taken; gw{} resumed after {:?} paused",
+        told.len(),
+        h + 1,
+        paused_at.elapsed()
+    );
+
+    // Running again, it finds it no longer holds the lease, and stops.
+    let what = format!("gw{} stops acting as the holder once it runs again", h + 1);
+    let (lease, said) = eventually(Duration::from_secs(10), &what, || async {
+        let lease = s.fleet.holds_lease(h).await;
+        let log = gws[h].proc.log();
+        let since = log.get(log_at_resume..).unwrap_or_default();
+        let said: Vec<&str> = STOPPED
+            .iter()
+            .copied()
+            .filter(|m| since.contains(m))
+            .collect();
+        (lease == Some(false) || !said.is_empty()).then_some((lease, said))
+    })
+    .await;
+    eprintln!(
+        "gw{} resumed: lease metric {lease:?}, logged {said:?}",
+        h + 1
+    );
+
+    // Told: each unsilenced check once, the silenced ones never, and at most the one
+    // firing in flight at the pause twice.
+    let requests = s.hook.requests();
+    let repeats = tally(&requests, &told, false);
+    eprintln!(
+        "repeats after the pause: {repeats} of {} requests for {} firings",
+        requests.len(),
+        told.len()
+    );
+    assert!(
+        repeats <= 1,
+        "at most the notification in flight at the pause twice, not {repeats} repeats"
+    );
+    let at_resume = requests.len();
+    // Every gateway, the resumed one too, lists the alerts as the holder keeps them.
+    for (i, gw) in gws.iter().enumerate() {
+        let what = format!(
+            "gw{} lists {} firing and {} silenced alerts",
+            i + 1,
+            told.len(),
+            muted.len()
+        );
+        let want = BTreeMap::from([
+            ("firing".to_string(), told.len()),
+            ("silenced".to_string(), muted.len()),
+        ]);
+        eventually(T, &what, || async {
+            (listed(gw).await? == want).then_some(())
+        })
+        .await;
+    }
+
+    // OK again: a resolve for each told alert, nothing for the silenced ones, and nothing
+    // more from the gateway that was paused.
+    set_state(s.dir.path(), 0);
+    wait_distinct(&s.hook, "/r", told.len(), T).await;
+    let last = s
+        .fleet
+        .wait_holder("exactly one gateway holds the lease")
+        .await;
+    assert_eq!(last, next, "the lease stays where it went");
+    s.settle(last).await;
+    let requests = s.hook.requests();
+    let all_repeats = tally(&requests, &told, true);
+    eprintln!(
+        "repeats in all: {all_repeats} of {} requests for {} changes, over 1 pause",
+        requests.len(),
+        2 * told.len()
+    );
+    assert_eq!(
+        all_repeats, repeats,
+        "no notification twice since the paused holder stopped"
+    );
+    let late: Vec<&str> = requests[at_resume..]
+        .iter()
+        .map(id_of)
+        .filter(|id| !id.ends_with("/r"))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "nothing but resolves since the paused holder stopped: {late:?}"
+    );
+
+    // The silence expired through a gateway that does not hold the lease (the one that was
+    // paused): ended, as every gateway lists it (ended silences are listed for a day).
+    assert_ne!(last, h);
+    let (status, expired) = gws[h]
+        .http(
+            "DELETE",
+            &format!("/api/v1/silences/{id}"),
+            Some(&gws[h].token),
+        )
+        .await;
+    assert_eq!(
+        status,
+        200,
+        "DELETE /api/v1/silences/{id} on gw{}: {expired}",
+        h + 1
+    );
+    let now = now_ms();
+    for (i, gw) in gws.iter().enumerate() {
+        let listed = silence_listed(gw, &id).await;
+        let listed = listed.unwrap_or_else(|| panic!("gw{} lists the ended silence {id}", i + 1));
+        assert!(
+            listed["ends_ms"].as_u64().is_some_and(|end| end <= now),
+            "gw{}: the silence is no longer in force: {listed}",
+            i + 1
+        );
+        assert_eq!(listed["ends_ms"], expired["ends_ms"], "gw{}", i + 1);
+    }
+}
+
+/// The notifications about `check` taken so far, by `data.agent.fingerprint`.
+fn about(hook: &WebhookReceiver, check: &str) -> Vec<(String, String)> {
+    hook.taken()
+        .iter()
+        .filter(|r| r["body"]["data"]["check"] == check)
+        .map(|r| {
+            (
+                r["body"]["data"]["agent"]["fingerprint"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+                r["body"]["type"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_gone_with_its_agents_is_one_alert_not_one_per_agent() {
+    let Setup {
+        fleet,
+        hook,
+        dir,
+        holder,
+        results,
+        _nats,
+        lb: _lb,
+        ..
+    } = setup(0, 1).await;
+    let mut fleet = fleet;
+    // Agents' and gateways' own alerts routed to the hook too.
+    let plugin = flip_plugin(dir.path());
+    config_push(
+        &fleet.url,
+        &write_config(
+            dir.path(),
+            &[
+                ("flip.toml", &flip_checks(&plugin, &hook, 1)),
+                (
+                    "meta.toml",
+                    "[[route]]\nchecks = [\"outpost.agent\", \"outpost.gateway\"]\nreceivers = [\"hook\"]\n",
+                ),
+            ],
+        ),
+        &[],
+    );
+    // Three agents dialing one gateway that does not notify, directly (so they cannot
+    // reconnect through another when it goes), and a control agent on the third gateway.
+    let victim = (holder + 1) % 3;
+    let other = (holder + 2) % 3;
+    let key = fleet.gws[0].enroll_key.clone();
+    let on_victim: Vec<Agent> = (0..3)
+        .map(|i| {
+            let addr = fleet.gws[victim].addr.clone();
+            agent(dir.path(), &format!("v{i}"), &addr, &fleet.pki, &key)
+        })
+        .collect();
+    let control = agent(
+        dir.path(),
+        "control",
+        &fleet.gws[other].addr.clone(),
+        &fleet.pki,
+        &key,
+    );
+    let mut pairs: Vec<(String, String)> = on_victim
+        .iter()
+        .map(|a| (a.fingerprint.clone(), "flip-00".to_string()))
+        .collect();
+    pairs.push((control.fingerprint.clone(), "flip-00".to_string()));
+    eventually(T, "every agent reporting", || async {
+        results.all(&pairs, "ok")
+    })
+    .await;
+
+    // The control agent killed: its own alert fires (the route works).
+    control.proc.signal(libc::SIGKILL);
+    eventually(T, "the control agent's own alert", || async {
+        about(&hook, "outpost.agent")
+            .iter()
+            .any(|(fp, t)| *fp == control.fingerprint && t == "alert.firing")
+            .then_some(())
+    })
+    .await;
+
+    // The victim gateway killed: its agents cannot come back. One alert, about it.
+    let victim_id = format!("gw{}", victim + 1);
+    let addr = fleet.gws[victim].addr.clone();
+    fleet.gws[victim].proc.signal(libc::SIGKILL);
+    fleet.gws[victim].proc.wait_exit(T).await;
+    let entity = format!("gateway:{victim_id}");
+    let firing = eventually(T, "the gone gateway's alert", || async {
+        hook.taken()
+            .into_iter()
+            .find(|r| r["body"]["data"]["agent"]["fingerprint"] == entity.as_str())
+    })
+    .await;
+    let data = &firing["body"]["data"];
+    assert_eq!(data["check"], "outpost.gateway", "{data}");
+    assert_eq!(data["type"], Value::Null);
+    assert_eq!(firing["body"]["type"], "alert.firing");
+    assert_eq!(data["agent"]["hostname"], victim_id.as_str(), "{data}");
+    let output = data["output"].as_str().unwrap_or("");
+    assert!(
+        output.contains(&format!(
+            "gateway {victim_id} is gone: 3 agent(s) lost with it"
+        )),
+        "{output}"
+    );
+    for name in ["v0", "v1", "v2"] {
+        assert!(output.contains(name), "{name} not in {output}");
+    }
+    // The victim back: its agents reconnect, and the gateway's alert resolves.
+    fleet.gws[victim] = gateway_on(
+        &fleet.dir,
+        &victim_id,
+        &addr,
+        Some(&fleet.url),
+        &fleet.pki,
+        &[],
+    );
+    eventually(T, "the gateway's alert resolved", || async {
+        about(&hook, "outpost.gateway")
+            .iter()
+            .any(|(fp, t)| *fp == entity && t == "alert.resolved")
+            .then_some(())
+    })
+    .await;
+    let mine: Vec<(String, String)> = about(&hook, "outpost.agent")
+        .into_iter()
+        .filter(|(fp, _)| on_victim.iter().any(|a| a.fingerprint == *fp))
+        .collect();
+    assert!(
+        mine.is_empty(),
+        "no alert of their own for the agents lost with their gateway: {mine:?}"
+    );
+    assert_eq!(
+        about(&hook, "outpost.gateway").len(),
+        2,
+        "one firing and one resolve: {:?}",
+        about(&hook, "outpost.gateway")
+    );
 }
