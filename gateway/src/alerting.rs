@@ -1326,6 +1326,8 @@ impl Engine {
 
     /// `due` as queue entries, one per receiver (numbered when queued).
     fn queued(&self, due: &[Notification], identities: &HashMap<String, Identity>) -> Vec<Queued> {
+        let config = self.config.borrow().alerting.clone();
+        let now_ms = crate::util::now_ms();
         let mut out = Vec::new();
         for n in due {
             let id = identities
@@ -1342,6 +1344,21 @@ impl Engine {
                 Some(gateway) => gateway.to_string(),
                 None => id.hostname.clone(),
             };
+            // Firings and resolves go out with their group when their route groups.
+            let group = matches!(n.kind, Kind::Firing | Kind::Resolved)
+                .then(|| {
+                    config.grouping(
+                        &crate::alerts::config::GroupOf {
+                            fingerprint: &n.fingerprint,
+                            check: &n.check,
+                            labels: &id.labels,
+                            groups: &id.groups,
+                            status: n.status,
+                        },
+                        now_ms,
+                    )
+                })
+                .flatten();
             for r in &n.receivers {
                 out.push(Queued {
                     seq: 0,
@@ -1349,6 +1366,9 @@ impl Engine {
                     notification: n.clone(),
                     hostname: hostname.clone(),
                     labels: id.labels.clone(),
+                    group: group.as_ref().map(|(key, _)| key.clone()),
+                    group_wait_ms: group.as_ref().map_or(0, |(_, w)| w.as_millis() as u64),
+                    queued_ms: now_ms,
                 });
             }
         }
@@ -1525,7 +1545,7 @@ impl Worker {
             };
             if let (Some(item), true) = (&next, superseded) {
                 tracing::debug!(tenant = %self.tenant, receiver = %self.receiver, id = %item.notification.id, "a newer watchdog ping waits: this one is dropped");
-                self.finish(item, Vec::new()).await;
+                self.finish(std::slice::from_ref(item), Vec::new()).await;
                 continue;
             }
             let Some(item) = next else {
@@ -1573,8 +1593,41 @@ impl Worker {
                 tracing::warn!(tenant = %self.tenant, receiver = %self.receiver, "this gateway no longer holds the tenant's alerting lease: its worker stops");
                 return;
             }
+            // A group waits for its wait from its first notification, then goes out with
+            // everything of it queued by then (PagerDuty groups by itself: one by one).
+            let grouped = item.group.is_some()
+                && receiver.is_some_and(|r| !matches!(r.kind, ReceiverKind::PagerDuty { .. }));
+            if grouped {
+                let due = item.queued_ms.saturating_add(item.group_wait_ms);
+                let now = crate::util::now_ms();
+                if now < due {
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(due - now)) => {}
+                    }
+                    continue;
+                }
+            }
+            let members: Vec<Queued> = if grouped {
+                let inner = self.queue.inner.lock().await;
+                inner
+                    .items
+                    .values()
+                    .filter(|q| q.receiver == self.receiver && q.group == item.group)
+                    .take(MAX_GROUP)
+                    .cloned()
+                    .collect()
+            } else {
+                vec![item.clone()]
+            };
             attempt += 1;
             let outcome = match receiver {
+                Some(receiver) if grouped => {
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        o = self.ctx.sender.send_group(&self.tenant, receiver, &members, attempt) => o,
+                    }
+                }
                 Some(receiver) => {
                     tokio::select! {
                         _ = self.stop.cancelled() => return,
@@ -1587,11 +1640,13 @@ impl Worker {
             };
             match outcome {
                 Outcome::Delivered => {
-                    tracing::info!(tenant = %self.tenant, receiver = %self.receiver, id = %item.notification.id, attempt, "notification delivered");
+                    tracing::info!(tenant = %self.tenant, receiver = %self.receiver, id = %item.notification.id, notifications = members.len(), attempt, "notification delivered");
                     self.ctx
                         .metrics
-                        .receiver(&self.tenant, &self.receiver, |s| s.delivered += 1);
-                    self.finish(&item, Vec::new()).await;
+                        .receiver(&self.tenant, &self.receiver, |s| {
+                            s.delivered += members.len() as u64
+                        });
+                    self.finish(&members, Vec::new()).await;
                 }
                 Outcome::Retry { after, why } => {
                     tracing::warn!(tenant = %self.tenant, receiver = %self.receiver, id = %item.notification.id, attempt,
@@ -1606,9 +1661,14 @@ impl Worker {
                         %why, "notification refused for good");
                     self.ctx
                         .metrics
-                        .receiver(&self.tenant, &self.receiver, |s| s.refused += 1);
-                    let told = undeliverable(&config, &item, &why);
-                    self.finish(&item, told.into_iter().collect()).await;
+                        .receiver(&self.tenant, &self.receiver, |s| {
+                            s.refused += members.len() as u64
+                        });
+                    let told = members
+                        .iter()
+                        .filter_map(|m| undeliverable(&config, m, &why))
+                        .collect();
+                    self.finish(&members, told).await;
                 }
             }
         }
@@ -1641,11 +1701,12 @@ impl Worker {
         }
     }
 
-    /// Take `item` out of the queue (durably), queueing `then` in the same write.
-    async fn finish(&self, item: &Queued, then: Vec<Queued>) {
+    /// Take `items` out of the queue (durably), queueing `then` in the same write.
+    async fn finish(&self, items: &[Queued], then: Vec<Queued>) {
         loop {
             let mut inner = self.queue.inner.lock().await;
-            let mut records = vec![Record::Done { seq: item.seq }];
+            let mut records: Vec<Record> =
+                items.iter().map(|i| Record::Done { seq: i.seq }).collect();
             let mut next = inner.next_seq;
             for mut q in then.iter().cloned() {
                 q.seq = next;
@@ -1654,16 +1715,18 @@ impl Worker {
             }
             match self.store.append(&records).await {
                 Ok(()) => {
-                    inner.items.remove(&item.seq);
+                    for i in items {
+                        inner.items.remove(&i.seq);
+                    }
                     inner.next_seq = next;
                     inner.records += records.len();
                     self.ctx
                         .metrics
                         .receiver(&self.tenant, &self.receiver, |s| {
-                            s.queued = s.queued.saturating_sub(1)
+                            s.queued = s.queued.saturating_sub(items.len() as u64)
                         });
                     let mut new_receivers = false;
-                    for r in records.into_iter().skip(1) {
+                    for r in records.into_iter().skip(items.len()) {
                         if let Record::Queued(q) = r {
                             self.ctx
                                 .metrics
@@ -1720,8 +1783,14 @@ fn undeliverable(config: &AlertConfig, item: &Queued, why: &str) -> Option<Queue
         },
         hostname: item.hostname.clone(),
         labels: item.labels.clone(),
+        group: None,
+        group_wait_ms: 0,
+        queued_ms: crate::util::now_ms(),
     })
 }
+
+/// The most notifications one group's request carries (the rest go in the next).
+const MAX_GROUP: usize = 200;
 
 /// The check name of an agent's own alert: critical while the agent is lost.
 pub const AGENT_CHECK: &str = "outpost.agent";

@@ -1153,3 +1153,116 @@ webhook = {{ url = "{url}", secret = "{SECRET}" }}
     unique.dedup();
     assert_eq!(unique, all, "no ping twice, none out of order");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_of_one_group_go_out_in_one_notification_per_receiver() {
+    let dir = tempdir();
+    let plugin = flip_plugin(dir.path());
+    let hook = signed_hook(dir.path()).await;
+    let mut slack = WebhookReceiver::of_kind("slack", dir.path(), "slack", free_ports(1)[0], None);
+    slack.start().await;
+    let gw = Gateway::start(dir.path(), &[]);
+    let mut checks = String::new();
+    for c in ["flip-a", "flip-b", "flip-c", "flip-d", "flip-e"] {
+        checks.push_str(&format!(
+            "[[check]]\nname = \"{c}\"\ncommand = [{plugin:?}]\ninterval = 1\nattempts = 1\n\n"
+        ));
+    }
+    gw.write_checks(
+        "flip.toml",
+        &format!(
+            r#"{checks}
+[[receiver]]
+name = "hook"
+webhook = {{ url = "{url}", secret = "{SECRET}" }}
+
+[[receiver]]
+name = "slack"
+slack = {{ url = "{slack_url}" }}
+
+[[route]]
+checks = ["flip-*"]
+receivers = ["hook", "slack"]
+group_by = ["agent", "status"]
+group_wait = "3s"
+"#,
+            url = hook.url(),
+            slack_url = slack.url()
+        ),
+    );
+    let agent = Agent::start(dir.path(), "web-1", &gw, "");
+    let fp = agent.fingerprint.clone();
+    eventually(T, "every check reporting", || async {
+        let all = ["flip-a", "flip-b", "flip-c", "flip-d", "flip-e"];
+        let mut ok = true;
+        for c in all {
+            ok &= gw.latest(&fp, c).await.is_some();
+        }
+        ok.then_some(())
+    })
+    .await;
+
+    // Five turn CRITICAL within a run of each other: one notification with the five.
+    set_state(dir.path(), 2);
+    let got = taken(&hook, 1).await;
+    let group = &got[0];
+    assert_eq!(group["verified"], true, "{group}");
+    assert_eq!(group["body"]["type"], "alert.group", "{group}");
+    let id = group["headers"]["webhook-id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("group/"), "{id}");
+    assert_eq!(group["body"]["data"]["id"], id.as_str());
+    let alerts = group["body"]["data"]["alerts"].as_array().unwrap();
+    let mut names: Vec<&str> = alerts
+        .iter()
+        .map(|a| a["check"].as_str().unwrap())
+        .collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        ["flip-a", "flip-b", "flip-c", "flip-d", "flip-e"],
+        "{group}"
+    );
+    for a in alerts {
+        assert_eq!(a["type"], "alert.firing", "{a}");
+        assert_eq!(a["status"], "critical");
+        assert_eq!(a["agent"]["fingerprint"], fp.as_str());
+    }
+    let slack_got = eventually(T, "Slack's one message", || async {
+        let t = slack.taken();
+        (!t.is_empty()).then_some(t)
+    })
+    .await;
+    assert_eq!(
+        slack_got[0]["problems"],
+        serde_json::json!([]),
+        "{}",
+        slack_got[0]
+    );
+    let text = slack_got[0]["body"]["text"].as_str().unwrap_or("");
+    assert!(text.starts_with("5 notifications"), "{text}");
+
+    // And back: one group of five resolves.
+    set_state(dir.path(), 0);
+    let got = taken(&hook, 2).await;
+    let resolved = got[1]["body"]["data"]["alerts"].as_array().unwrap();
+    assert_eq!(resolved.len(), 5, "{}", got[1]);
+    assert!(
+        resolved.iter().all(|a| a["type"] == "alert.resolved"),
+        "{}",
+        got[1]
+    );
+    let oks = || {
+        gw.bus_results(&fp, "flip-a")
+            .iter()
+            .filter(|r| r["status"] == "ok")
+            .count()
+    };
+    let before = oks();
+    eventually(T, "three more OK results", || async {
+        (oks() >= before + 3).then_some(())
+    })
+    .await;
+    assert_eq!(hook.requests().len(), 2, "two notifications in all");
+    assert_eq!(slack.requests().len(), 2, "two Slack messages in all");
+    drop(agent);
+}

@@ -598,6 +598,9 @@ fn queued(seq: u64, id: &str, output_len: usize) -> Queued {
         },
         hostname: "web-1".into(),
         labels: Default::default(),
+        group: None,
+        group_wait_ms: 0,
+        queued_ms: 0,
     }
 }
 

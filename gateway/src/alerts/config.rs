@@ -19,6 +19,8 @@
 //! receivers = ["ops-hook"]
 //! for = "5m"                     # firing this long before anyone is told
 //! repeat = "4h"                  # told again while it fires
+//! group_by = ["check"]           # one notification for the alerts of a group…
+//! group_wait = "10s"             # …queued within this of the first
 //! ```
 //!
 //! Each file is parsed on its own (every problem in it listed, and a file with one keeps
@@ -320,6 +322,23 @@ pub struct RouteDef {
     pub repeat: Option<Duration>,
     /// When the route is in force (outside it, the next routes are tried).
     pub active: Option<Window>,
+    /// What puts its alerts in one notification: `check`, `agent`, `status`, or
+    /// `label:<name>`; empty: one notification per alert.
+    pub group_by: Vec<String>,
+    /// How long the first notification of a group waits for others.
+    pub group_wait: Duration,
+}
+
+/// `group_wait` when a route groups and does not say.
+pub const DEFAULT_GROUP_WAIT: Duration = Duration::from_secs(10);
+
+/// What an alert is grouped by: see [`RouteDef::group_by`].
+pub struct GroupOf<'a> {
+    pub fingerprint: &'a str,
+    pub check: &'a str,
+    pub labels: &'a BTreeMap<String, String>,
+    pub groups: &'a [String],
+    pub status: Status,
 }
 
 impl RouteDef {
@@ -463,6 +482,39 @@ impl AlertConfig {
                 muted: false,
             },
         }
+    }
+
+    /// The group an alert's notifications join (its key) and how long a group waits, when
+    /// the route that takes it groups.
+    pub fn grouping(&self, a: &GroupOf<'_>, now_ms: u64) -> Option<(String, Duration)> {
+        let (i, r) = self
+            .routes
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.matches(a.check, a.labels, a.groups, a.status, now_ms))?;
+        if r.group_by.is_empty() {
+            return None;
+        }
+        let parts: Vec<String> = r
+            .group_by
+            .iter()
+            .map(|by| match by.as_str() {
+                "check" => format!("check={}", a.check),
+                "agent" => format!("agent={}", a.fingerprint),
+                "status" => format!("status={}", super::deliver::status_name(a.status)),
+                label => {
+                    let name = label.strip_prefix("label:").unwrap_or(label);
+                    format!(
+                        "{name}={}",
+                        a.labels.get(name).map(String::as_str).unwrap_or("")
+                    )
+                }
+            })
+            .collect();
+        Some((
+            format!("route {}: {}", i + 1, parts.join(", ")),
+            r.group_wait,
+        ))
     }
 
     /// Whether anything is routed anywhere (a tenant without routes needs no evaluator).
@@ -750,6 +802,9 @@ struct RawRoute {
     wait: Option<toml::Value>,
     repeat: Option<toml::Value>,
     active: Option<RawWindow>,
+    #[serde(default)]
+    group_by: Vec<String>,
+    group_wait: Option<toml::Value>,
 }
 
 /// The alerting tables of one check file, with every problem in them listed.
@@ -976,7 +1031,19 @@ fn route(table: toml::Table) -> Result<RouteDef, Vec<String>> {
     };
     let wait = duration("for", &raw.wait).unwrap_or(Duration::ZERO);
     let repeat = duration("repeat", &raw.repeat);
+    let group_wait = duration("group_wait", &raw.group_wait);
     let active = raw.active.and_then(|w| window(w, &mut problems));
+    for by in &raw.group_by {
+        let label = by.strip_prefix("label:");
+        if !matches!(by.as_str(), "check" | "agent" | "status") && label.is_none_or(str::is_empty) {
+            problems.push(format!(
+                "group_by {by:?}: use check, agent, status or label:<name>"
+            ));
+        }
+    }
+    if group_wait.is_some() && raw.group_by.is_empty() {
+        problems.push("group_wait without group_by: say what groups alerts".to_string());
+    }
     if problems.is_empty() {
         Ok(RouteDef {
             checks: raw.checks,
@@ -995,6 +1062,8 @@ fn route(table: toml::Table) -> Result<RouteDef, Vec<String>> {
             wait,
             repeat,
             active,
+            group_by: raw.group_by,
+            group_wait: group_wait.unwrap_or(DEFAULT_GROUP_WAIT),
         })
     } else {
         Err(problems)
@@ -1309,6 +1378,35 @@ checks = [""]
         assert!(err.contains("watchdog.every: at least 10s"), "{err}");
         let err = parse_file("[alerting]\nwatchdog = { receivr = \"hook\" }\n").unwrap_err();
         assert!(err.contains("receivr"), "{err}");
+    }
+
+    #[test]
+    fn a_route_groups_by_check_agent_status_or_label_and_says_what_is_wrong() {
+        let hook = "[[receiver]]\nname = \"hook\"\nwebhook = { url = \"http://a/\" }\n";
+        let (config, problems) = assemble(&[(
+            "a.toml",
+            &format!("{hook}[[route]]\nreceivers = [\"hook\"]\ngroup_by = [\"check\", \"label:role\"]\n[[route]]\nreceivers = [\"hook\"]\n"),
+        )]);
+        assert!(problems.is_empty(), "{problems:?}");
+        let labels: BTreeMap<String, String> = [("role".to_string(), "db".to_string())].into();
+        let of = |check| GroupOf {
+            fingerprint: "fp",
+            check,
+            labels: &labels,
+            groups: &[],
+            status: Status::Critical,
+        };
+        let (key, wait) = config.grouping(&of("disk"), 0).expect("grouped");
+        assert_eq!(key, "route 1: check=disk, role=db");
+        assert_eq!(wait, DEFAULT_GROUP_WAIT);
+        assert_ne!(config.grouping(&of("load"), 0).unwrap().0, key, "by check");
+        let err = parse_file(&format!(
+            "{hook}[[route]]\nreceivers = [\"hook\"]\ngroup_by = [\"host\", \"label:\"]\n[[route]]\nreceivers = [\"hook\"]\ngroup_wait = \"5s\"\n"
+        ))
+        .unwrap_err();
+        assert!(err.contains("group_by \"host\""), "{err}");
+        assert!(err.contains("group_by \"label:\""), "{err}");
+        assert!(err.contains("group_wait without group_by"), "{err}");
     }
 
     #[test]

@@ -106,9 +106,24 @@ impl Sender {
                 alertmanager_body(tenant, &[q], crate::util::now_ms()),
             ),
             ReceiverKind::Email(email) => {
-                return send_email(email, receiver, tenant, q, attempt).await
+                let message = match email_message(email, tenant, q) {
+                    Ok(m) => m,
+                    Err(why) => return Outcome::Refused { why },
+                };
+                return send_email(email, receiver, message, &q.notification.id, attempt).await;
             }
         };
+        self.attempt(request, receiver, attempt).await
+    }
+
+    /// Send `request` to `receiver` and judge the answer.
+    async fn attempt(
+        &self,
+        request: reqwest::RequestBuilder,
+        receiver: &Receiver,
+        attempt: u32,
+    ) -> Outcome {
+        let cap = receiver.retry_max;
         let answer = request.timeout(receiver.timeout).send().await;
         match answer {
             Ok(resp) => {
@@ -139,6 +154,72 @@ impl Sender {
 }
 
 impl Sender {
+    /// One attempt to deliver a group's notifications (`members`, oldest first) to
+    /// `receiver` in one request. Its id ([`group_id`]) is made from the members' ids: the
+    /// same on a retry unless more joined meanwhile. A PagerDuty receiver is never sent a
+    /// group (it groups by itself): the caller sends those one by one.
+    pub async fn send_group(
+        &self,
+        tenant: &str,
+        receiver: &Receiver,
+        members: &[Queued],
+        attempt: u32,
+    ) -> Outcome {
+        let post = |url: &str, body: Vec<u8>| {
+            self.client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+        };
+        let cap = receiver.retry_max;
+        let unreadable = |why: String| judge(Answer::Failed(&why), attempt, SystemTime::now(), cap);
+        let id = group_id(members);
+        let request = match &receiver.kind {
+            ReceiverKind::Webhook { url, secret } => {
+                let body = group_webhook_body(tenant, &id, members);
+                match secret {
+                    Some(secret) => {
+                        let secret = match secret.read().and_then(|s| s.parse::<webhook::Secret>())
+                        {
+                            Ok(s) => s,
+                            Err(e) => return unreadable(format!("webhook secret: {e}")),
+                        };
+                        let mut req = post(url, body.clone());
+                        for (name, value) in webhook::headers(&secret, &id, unix_now(), &body) {
+                            req = req.header(name, value);
+                        }
+                        req
+                    }
+                    None => post(url, body).header("webhook-id", &id),
+                }
+            }
+            ReceiverKind::Slack { url } => post(url, group_slack_body(tenant, members)),
+            ReceiverKind::Alertmanager { url } => {
+                let all: Vec<&Queued> = members.iter().collect();
+                post(
+                    &format!("{url}/api/v2/alerts"),
+                    alertmanager_body(tenant, &all, crate::util::now_ms()),
+                )
+            }
+            ReceiverKind::Email(email) => {
+                let message = match group_email_message(email, tenant, &id, members) {
+                    Ok(m) => m,
+                    Err(why) => return Outcome::Refused { why },
+                };
+                return send_email(email, receiver, message, &id, attempt).await;
+            }
+            ReceiverKind::PagerDuty { .. } => match members {
+                [one] => return self.send(tenant, receiver, one, attempt).await,
+                _ => {
+                    return Outcome::Refused {
+                        why: "a PagerDuty receiver is not sent groups".into(),
+                    }
+                }
+            },
+        };
+        self.attempt(request, receiver, attempt).await
+    }
+
     /// Send Alertmanager `receiver` every alert still firing that it was told of (it
     /// forgets a firing alert not sent again within [`ALERTMANAGER_HOLD`]).
     pub async fn refresh_alertmanager(
@@ -459,8 +540,8 @@ pub fn alertmanager_body(tenant: &str, alerts: &[&Queued], now_ms: u64) -> Vec<u
 async fn send_email(
     email: &Email,
     receiver: &Receiver,
-    tenant: &str,
-    q: &Queued,
+    message: lettre::Message,
+    id: &str,
     attempt: u32,
 ) -> Outcome {
     let (timeout, cap) = (receiver.timeout, receiver.retry_max);
@@ -469,11 +550,6 @@ async fn send_email(
     use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
     use lettre::{AsyncSmtpTransport, AsyncTransport, Tokio1Executor};
 
-    let n = &q.notification;
-    let message = match email_message(email, tenant, q) {
-        Ok(m) => m,
-        Err(why) => return Outcome::Refused { why },
-    };
     let (host, ca_file) = (email.host.clone(), email.ca_file.clone());
     let tls = move || -> Result<TlsParameters, String> {
         let mut b = TlsParameters::builder(host);
@@ -514,7 +590,7 @@ async fn send_email(
     match sent {
         Ok(Ok(_)) => Outcome::Delivered,
         Ok(Err(e)) if e.is_permanent() => Outcome::Refused {
-            why: format!("the SMTP server refused {}: {}", n.id, chain(&e)),
+            why: format!("the SMTP server refused {id}: {}", chain(&e)),
         },
         Ok(Err(e)) => retry(&chain(&e)),
         Err(_) => retry("the SMTP exchange did not finish in time"),
@@ -551,6 +627,59 @@ pub fn email_message(email: &Email, tenant: &str, q: &Queued) -> Result<lettre::
         .map_err(|e| format!("cannot make the email: {e}"))
 }
 
+/// A group's id: `group/` and a digest of its members' ids.
+pub fn group_id(members: &[Queued]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for q in members {
+        h.update(q.notification.id.as_bytes());
+        h.update(b"\n");
+    }
+    format!("group/{}", &hex::encode(h.finalize())[..32])
+}
+
+/// The email for a group: `N alerts` and the first one's headline as its subject, each
+/// member's details in the body.
+pub fn group_email_message(
+    email: &Email,
+    tenant: &str,
+    id: &str,
+    members: &[Queued],
+) -> Result<lettre::Message, String> {
+    let first = members.first().ok_or("an empty group")?;
+    let mut b = lettre::Message::builder()
+        .from(email.from.parse().map_err(|e| format!("from: {e}"))?)
+        .subject(format!(
+            "[Outpost] {} notifications: {}{}",
+            members.len(),
+            headline(first),
+            if members.len() > 1 { " …" } else { "" }
+        ))
+        .message_id(Some(format!("<{}@outpost>", message_id_part(id))));
+    for to in &email.to {
+        b = b.to(to.parse().map_err(|e| format!("to {to}: {e}"))?);
+    }
+    let mut body = format!(
+        "{} notifications for tenant {tenant} ({id}):\n",
+        members.len()
+    );
+    for q in members {
+        let n = &q.notification;
+        body.push_str(&format!(
+            "\n{}\n  {}\n  agent {} ({}) · since {} · id {}\n",
+            headline(q),
+            n.output,
+            q.hostname,
+            n.fingerprint,
+            rfc3339(n.since_ms),
+            n.id
+        ));
+    }
+    b.header(lettre::message::header::ContentType::TEXT_PLAIN)
+        .body(body)
+        .map_err(|e| format!("cannot make the email: {e}"))
+}
+
 /// `id` with anything a Message-ID may not hold made a `-`.
 fn message_id_part(id: &str) -> String {
     id.chars()
@@ -566,19 +695,83 @@ fn message_id_part(id: &str) -> String {
 
 /// The generic webhook's body: a Standard Webhooks payload (`type`, `timestamp`, `data`).
 pub fn webhook_body(tenant: &str, q: &Queued) -> Vec<u8> {
-    let n = &q.notification;
-    let kind = match n.kind {
+    let body = json!({
+        "type": webhook_type(q),
+        "timestamp": rfc3339(q.notification.at_ms),
+        "data": webhook_data(tenant, q),
+    });
+    serde_json::to_vec(&body).expect("a JSON value serializes")
+}
+
+/// A group's webhook body: `alert.group`, its `data.alerts` each as one notification's
+/// `data` with its `type`.
+pub fn group_webhook_body(tenant: &str, id: &str, members: &[Queued]) -> Vec<u8> {
+    let at = members
+        .iter()
+        .map(|q| q.notification.at_ms)
+        .max()
+        .unwrap_or_default();
+    let alerts: Vec<serde_json::Value> = members
+        .iter()
+        .map(|q| {
+            let mut data = webhook_data(tenant, q);
+            data["type"] = json!(webhook_type(q));
+            data
+        })
+        .collect();
+    let body = json!({
+        "type": "alert.group",
+        "timestamp": rfc3339(at),
+        "data": {
+            "id": id,
+            "tenant": tenant,
+            "group": members.first().and_then(|q| q.group.clone()),
+            "alerts": alerts,
+        }
+    });
+    serde_json::to_vec(&body).expect("a JSON value serializes")
+}
+
+/// A group's Slack message: a line per notification (at most 45 shown, the rest counted).
+pub fn group_slack_body(tenant: &str, members: &[Queued]) -> Vec<u8> {
+    const SHOWN: usize = 45;
+    let text = format!(
+        "{} notifications for tenant {}",
+        members.len(),
+        slack_escape_cut(tenant, 100)
+    );
+    let mut blocks = vec![
+        json!({ "type": "header", "text": { "type": "plain_text", "text": cut(&text, 150) } }),
+    ];
+    for q in members.iter().take(SHOWN) {
+        let line = format!(
+            "*{}*\n{}",
+            slack_escape_cut(&headline(q), 500),
+            slack_escape_cut(&q.notification.output, 2000)
+        );
+        blocks.push(json!({ "type": "section", "text": { "type": "mrkdwn", "text": line } }));
+    }
+    if members.len() > SHOWN {
+        blocks.push(json!({ "type": "context", "elements": [ { "type": "mrkdwn", "text": format!("and {} more", members.len() - SHOWN) } ] }));
+    }
+    serde_json::to_vec(&json!({ "text": text, "blocks": blocks })).expect("a JSON value serializes")
+}
+
+fn webhook_type(q: &Queued) -> &'static str {
+    match q.notification.kind {
         Kind::Firing => "alert.firing",
         Kind::Resolved => "alert.resolved",
         Kind::Undeliverable => "alert.undeliverable",
         Kind::Flapping => "alert.flapping",
         Kind::Settled => "alert.settled",
         Kind::Watchdog => "alert.watchdog",
-    };
-    let body = json!({
-        "type": kind,
-        "timestamp": rfc3339(n.at_ms),
-        "data": {
+    }
+}
+
+/// What a webhook's `data` says of one notification.
+fn webhook_data(tenant: &str, q: &Queued) -> serde_json::Value {
+    let n = &q.notification;
+    json!({
             "id": n.id,
             "tenant": tenant,
             "agent": {
@@ -590,9 +783,7 @@ pub fn webhook_body(tenant: &str, q: &Queued) -> Vec<u8> {
             "status": status_name(n.status),
             "since": rfc3339(n.since_ms),
             "output": n.output,
-        }
-    });
-    serde_json::to_vec(&body).expect("a JSON value serializes")
+    })
 }
 
 #[cfg(test)]
@@ -617,6 +808,9 @@ mod tests {
             },
             hostname: hostname.into(),
             labels: BTreeMap::new(),
+            group: None,
+            group_wait_ms: 0,
+            queued_ms: 0,
         }
     }
 

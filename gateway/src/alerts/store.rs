@@ -33,6 +33,14 @@ pub struct Queued {
     pub hostname: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The group it is sent with, when its route groups (`RouteDef::group_by`), and how
+    /// long after it was queued (`queued_ms`) the group goes out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default)]
+    pub group_wait_ms: u64,
+    #[serde(default)]
+    pub queued_ms: u64,
 }
 
 /// One journal line.
@@ -327,6 +335,9 @@ mod tests {
             },
             hostname: "h".into(),
             labels: BTreeMap::new(),
+            group: None,
+            group_wait_ms: 0,
+            queued_ms: 0,
         }
     }
 
