@@ -370,7 +370,12 @@ fn orphaned(
     let mut alive: HashMap<&str, bool> = HashMap::new();
     let mut out = HashMap::new();
     for w in watched {
-        if w.presence != Presence::Lost || w.gateway.is_empty() {
+        // Lost because its gateway stopped (not lost long ago, under a gateway that has
+        // since stopped for its own reasons).
+        if w.presence != Presence::Lost
+            || w.gateway.is_empty()
+            || !w.reason.starts_with(crate::registry::ORPHANED)
+        {
             continue;
         }
         let up = *alive
@@ -590,8 +595,8 @@ struct QueueInner {
     queued_since: HashSet<(String, String)>,
     /// Journal records since the last snapshot.
     records: usize,
-    /// See `Snapshot::watchdog_slot`.
-    watchdog_slot: u64,
+    /// See `Snapshot::watchdog_ms`.
+    watchdog_ms: u64,
 }
 
 impl Queue {
@@ -607,7 +612,7 @@ impl Queue {
                 next_seq: loaded.snapshot.next_seq,
                 queued_since: loaded.queued_since.clone(),
                 records: 0,
-                watchdog_slot: loaded.snapshot.watchdog_slot,
+                watchdog_ms: loaded.snapshot.watchdog_ms,
             }),
             changed: watch::channel(0).0,
             refresh: std::sync::Mutex::default(),
@@ -874,6 +879,16 @@ impl Engine {
             // The parents of dependencies that are down now (taken before this batch:
             // a child's wait covers a parent failing in the same batch or soon after).
             let down = down_parents(&config, &alerts);
+            let gateway_told = !config
+                .policy(
+                    GATEWAY_CHECK,
+                    &BTreeMap::new(),
+                    &[],
+                    Status::Critical,
+                    now_ms,
+                )
+                .receivers
+                .is_empty();
             let route = |fp: &str, check: &str, status: Status| -> Policy {
                 if !caught_up {
                     return Policy::hold();
@@ -883,10 +898,12 @@ impl Engine {
                 // A lost agent's checks say nothing: its own alert does, or its gateway's
                 // when that is gone.
                 // (An agent back says nothing of having been lost: its incident resolves in
-                // this same pass, and must not fire first because the clock ticked.)
+                // this same pass, and must not fire first because the clock ticked.) Held
+                // for its gateway only when the gateway's alert goes to someone.
                 let lost = match check {
                     AGENT_CHECK => {
-                        gone.contains_key(fp) || presence.get(fp) == Some(&Presence::Online)
+                        (gateway_told && gone.contains_key(fp))
+                            || presence.get(fp) == Some(&Presence::Online)
                     }
                     _ => presence.get(fp) == Some(&Presence::Lost),
                 };
@@ -1006,9 +1023,8 @@ impl Engine {
                     }
                 }
             }
-            if let (Some(since), Some(w)) = (watchdog_slot, &config.watchdog) {
-                queue.inner.lock().await.watchdog_slot =
-                    since / (w.every.as_millis() as u64).max(1);
+            if let Some(since) = watchdog_slot {
+                queue.inner.lock().await.watchdog_ms = since;
             }
             // New receivers in the queue: from this batch, or a fallback told of a refusal.
             self.start_workers(&queue, &mut workers, &stop).await;
@@ -1057,7 +1073,7 @@ impl Engine {
         let w = config.watchdog.as_ref()?;
         let every = (w.every.as_millis() as u64).max(1);
         let slot = now_ms / every;
-        if slot <= queue.inner.lock().await.watchdog_slot {
+        if slot * every <= queue.inner.lock().await.watchdog_ms {
             return None;
         }
         Some(Notification {
@@ -1427,7 +1443,7 @@ impl Engine {
             alerts: alerts.clone(),
             silences: silences.clone(),
             next_seq: inner.next_seq,
-            watchdog_slot: inner.watchdog_slot,
+            watchdog_ms: inner.watchdog_ms,
             queue: inner.items.values().cloned().collect(),
         };
         self.store.snapshot(snapshot).await?;
@@ -1511,6 +1527,8 @@ impl Worker {
         let mut not_before = Instant::now();
         let mut last_refresh = Instant::now();
         let mut missing_since: Option<Instant> = None;
+        // Notifications of a group the receiver refused: sent alone from then on.
+        let mut ungrouped: HashSet<u64> = HashSet::new();
         loop {
             // Seen before looking, so a wake between the look and the wait is not lost.
             changed.borrow_and_update();
@@ -1595,28 +1613,45 @@ impl Worker {
             }
             // A group waits for its wait from its first notification, then goes out with
             // everything of it queued by then (PagerDuty groups by itself: one by one).
+            // (Those before the head are out of the queue.)
+            ungrouped.retain(|seq| *seq >= item.seq);
             let grouped = item.group.is_some()
+                && !ungrouped.contains(&item.seq)
                 && receiver.is_some_and(|r| !matches!(r.kind, ReceiverKind::PagerDuty { .. }));
             if grouped {
                 let due = item.queued_ms.saturating_add(item.group_wait_ms);
                 let now = crate::util::now_ms();
                 if now < due {
+                    let wait = Duration::from_millis(due - now).min(refresh_in);
                     tokio::select! {
                         _ = self.stop.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(due - now)) => {}
+                        _ = tokio::time::sleep(wait) => {}
                     }
                     continue;
                 }
             }
             let members: Vec<Queued> = if grouped {
+                // Never ahead of an earlier notification of the same alert that is not in
+                // the group (a firing of another status, an ungrouped one): each alert's
+                // changes stay in order.
                 let inner = self.queue.inner.lock().await;
-                inner
-                    .items
-                    .values()
-                    .filter(|q| q.receiver == self.receiver && q.group == item.group)
-                    .take(MAX_GROUP)
-                    .cloned()
-                    .collect()
+                let mut blocked: HashSet<(&str, &str)> = HashSet::new();
+                let mut members = Vec::new();
+                for q in inner.items.values().filter(|q| q.receiver == self.receiver) {
+                    let alert = (
+                        q.notification.fingerprint.as_str(),
+                        q.notification.check.as_str(),
+                    );
+                    if q.group == item.group && !blocked.contains(&alert) {
+                        members.push(q.clone());
+                        if members.len() == MAX_GROUP {
+                            break;
+                        }
+                    } else {
+                        blocked.insert(alert);
+                    }
+                }
+                members
             } else {
                 vec![item.clone()]
             };
@@ -1655,6 +1690,13 @@ impl Worker {
                         .metrics
                         .receiver(&self.tenant, &self.receiver, |s| s.failed_attempts += 1);
                     not_before = Instant::now() + after;
+                }
+                // A group refused (too big for the receiver, one member it will not take):
+                // its members are tried one by one, and only those refused alone are lost.
+                Outcome::Refused { why } if members.len() > 1 => {
+                    tracing::warn!(tenant = %self.tenant, receiver = %self.receiver, notifications = members.len(), attempt,
+                        %why, "a group was refused; its notifications are sent one by one");
+                    ungrouped.extend(members.iter().map(|m| m.seq));
                 }
                 Outcome::Refused { why } => {
                     tracing::error!(tenant = %self.tenant, receiver = %self.receiver, id = %item.notification.id, attempt,

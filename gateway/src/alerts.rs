@@ -310,6 +310,10 @@ impl Alerts {
     ) -> Vec<Notification> {
         let alert = self.entry(fingerprint, check);
         if alert.status == status {
+            // What is said of it may have changed (more agents lost with a gateway).
+            if alert.output != output {
+                alert.output = output.to_string();
+            }
             return Vec::new();
         }
         // What the gateway sees itself needs no confirmation.

@@ -39,6 +39,10 @@ use crate::util::{now_ms, write_atomic};
 /// agent runs from its own `checks.d` and its self-checks.
 pub const MAX_LOCAL_CHECKS: usize = 256;
 
+/// How the reason of an agent lost because its gateway stopped begins (see
+/// [`Registry::orphans_due`]).
+pub const ORPHANED: &str = "its gateway ";
+
 /// See [`Registry::watched`].
 #[derive(Debug, Clone)]
 pub struct Watched {
@@ -704,7 +708,7 @@ impl Registry {
                     },
                     rec.holder.clone(),
                     format!(
-                        "its gateway ({gw}) stopped and it did not reconnect within {}s",
+                        "{ORPHANED}({gw}) stopped and it did not reconnect within {}s",
                         grace.as_secs()
                     ),
                 ));

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use outpost_e2e::fleet::{agent, gateway_on, gateways, pki, write_config, Pki};
+use outpost_e2e::fleet::{agent, gateway_on, gateways, pki, write_config, Pki, GRACE};
 use outpost_e2e::flip::{flip_plugin, set_state};
 use outpost_e2e::haproxy::Haproxy;
 use outpost_e2e::nats::{config_push, NatsServer};
@@ -882,4 +882,132 @@ async fn a_gateway_gone_with_its_agents_is_one_alert_not_one_per_agent() {
         "one firing and one resolve: {:?}",
         about(&hook, "outpost.gateway")
     );
+}
+
+/// Agents of the fleet-wide restart test: real agent processes (500 take minutes to start
+/// on two cores; the 500 are a benchmark's simulated agents).
+const RESTART_AGENTS: usize = 100;
+
+/// How many of `gw`'s tenant's agents it lists online, connected since `since_ms`.
+async fn online(gw: &Gateway, since_ms: u64) -> usize {
+    gw.api("/agents")
+        .await
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|r| {
+                    r["presence"] == "online"
+                        && r["connected_since_ms"].as_u64().unwrap_or(0) >= since_ms
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_gateway_of_the_fleet_restarted_while_its_agents_reconnect_fires_nothing() {
+    let Setup {
+        fleet,
+        hook,
+        dir,
+        _nats,
+        lb,
+        ..
+    } = setup(0, 1).await;
+    let mut fleet = fleet;
+    let plugin = flip_plugin(dir.path());
+    config_push(
+        &fleet.url,
+        &write_config(
+            dir.path(),
+            &[
+                ("flip.toml", &flip_checks(&plugin, &hook, 1)),
+                (
+                    "meta.toml",
+                    "[[route]]\nchecks = [\"outpost.agent\", \"outpost.gateway\"]\nreceivers = [\"hook\"]\n",
+                ),
+            ],
+        ),
+        &[],
+    );
+    let key = fleet.gws[0].enroll_key.clone();
+    let started = Instant::now();
+    let agents: Vec<Agent> = (0..RESTART_AGENTS)
+        .map(|i| agent(dir.path(), &format!("r{i}"), lb.addr(), &fleet.pki, &key))
+        .collect();
+    let all = RESTART_AGENTS + 1;
+    let control = agent(dir.path(), "control", lb.addr(), &fleet.pki, &key);
+    eventually(Duration::from_secs(180), "every agent online", || async {
+        (online(&fleet.gws[0], 0).await == all).then_some(())
+    })
+    .await;
+    eprintln!("{all} agents online after {:?}", started.elapsed());
+    // The control agent killed: one alert (the route works).
+    control.proc.signal(libc::SIGKILL);
+    eventually(T, "the control agent's alert", || async {
+        (hook.requests().len() == 1).then_some(())
+    })
+    .await;
+
+    // Every gateway killed and started again at once, the agents reconnecting meanwhile.
+    let restarted = Instant::now();
+    let restarted_ms = now_ms();
+    for gw in &mut fleet.gws {
+        gw.proc.signal(libc::SIGKILL);
+    }
+    for i in 0..fleet.gws.len() {
+        fleet.gws[i].proc.wait_exit(T).await;
+        let (id, addr) = (format!("gw{}", i + 1), fleet.gws[i].addr.clone());
+        fleet.gws[i] = gateway_on(&fleet.dir, &id, &addr, Some(&fleet.url), &fleet.pki, &[]);
+    }
+    eventually(
+        Duration::from_secs(180),
+        "every agent back online",
+        || async { (online(&fleet.gws[0], restarted_ms).await == all - 1).then_some(()) },
+    )
+    .await;
+    eprintln!(
+        "all back online {:?} after the restart",
+        restarted.elapsed()
+    );
+    fleet.wait_holder("a gateway notifying again").await;
+    // "Nothing fires" needs a window: the longest a false loss could take to be declared is
+    // the old gateways' heartbeats running out (15 s) and the presence grace after that,
+    // counted from the restart, then a look of the evaluator (2 s). A second control agent
+    // killed at the end of it shows the evaluator at work by then.
+    let window = Duration::from_secs(15 + GRACE + 2 + 5);
+    let control2 = agent(dir.path(), "control2", lb.addr(), &fleet.pki, &key);
+    eventually(T, "the second control agent online", || async {
+        (online(&fleet.gws[0], restarted_ms).await == all).then_some(())
+    })
+    .await;
+    tokio::time::sleep(window.saturating_sub(restarted.elapsed())).await;
+    control2.proc.signal(libc::SIGKILL);
+    eventually(T, "the second control agent's alert", || async {
+        (hook.requests().len() >= 2).then_some(())
+    })
+    .await;
+    let requests = hook.requests();
+    let about: Vec<String> = requests
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {} {}",
+                r["body"]["type"].as_str().unwrap_or(""),
+                r["body"]["data"]["check"].as_str().unwrap_or(""),
+                r["body"]["data"]["agent"]["hostname"]
+                    .as_str()
+                    .unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(
+        about,
+        [
+            "alert.firing outpost.agent control",
+            "alert.firing outpost.agent control2"
+        ],
+        "nothing but the two control agents' losses"
+    );
+    drop(agents);
 }

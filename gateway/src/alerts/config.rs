@@ -329,8 +329,9 @@ pub struct RouteDef {
     pub group_wait: Duration,
 }
 
-/// `group_wait` when a route groups and does not say.
+/// `group_wait` when a route groups and does not say, and the most it may be.
 pub const DEFAULT_GROUP_WAIT: Duration = Duration::from_secs(10);
+pub const MAX_GROUP_WAIT: Duration = Duration::from_secs(300);
 
 /// What an alert is grouped by: see [`RouteDef::group_by`].
 pub struct GroupOf<'a> {
@@ -1040,6 +1041,12 @@ fn route(table: toml::Table) -> Result<RouteDef, Vec<String>> {
                 "group_by {by:?}: use check, agent, status or label:<name>"
             ));
         }
+    }
+    if group_wait.is_some_and(|w| w > MAX_GROUP_WAIT) {
+        problems.push(format!(
+            "group_wait: at most {}s (the receiver's later notifications wait behind a group)",
+            MAX_GROUP_WAIT.as_secs()
+        ));
     }
     if group_wait.is_some() && raw.group_by.is_empty() {
         problems.push("group_wait without group_by: say what groups alerts".to_string());

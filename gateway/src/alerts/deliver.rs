@@ -650,8 +650,9 @@ pub fn group_email_message(
     let mut b = lettre::Message::builder()
         .from(email.from.parse().map_err(|e| format!("from: {e}"))?)
         .subject(format!(
-            "[Outpost] {} notifications: {}{}",
+            "[Outpost] {} notification{}: {}{}",
             members.len(),
+            if members.len() == 1 { "" } else { "s" },
             headline(first),
             if members.len() > 1 { " …" } else { "" }
         ))
@@ -732,29 +733,38 @@ pub fn group_webhook_body(tenant: &str, id: &str, members: &[Queued]) -> Vec<u8>
     serde_json::to_vec(&body).expect("a JSON value serializes")
 }
 
-/// A group's Slack message: a line per notification (at most 45 shown, the rest counted).
+/// A group's Slack message: a section per notification, as many as Slack takes in one
+/// message (45 blocks, and about 12,000 characters in all: longer messages are refused
+/// as `msg_blocks_too_long`), the rest counted.
 pub fn group_slack_body(tenant: &str, members: &[Queued]) -> Vec<u8> {
     const SHOWN: usize = 45;
-    let text = format!(
-        "{} notifications for tenant {}",
-        members.len(),
-        slack_escape_cut(tenant, 100)
-    );
+    const TOTAL: usize = 11_000;
+    let text = format!("{} notifications for tenant {tenant}", members.len());
     let mut blocks = vec![
         json!({ "type": "header", "text": { "type": "plain_text", "text": cut(&text, 150) } }),
     ];
+    let mut total = 0;
+    let mut shown = 0;
     for q in members.iter().take(SHOWN) {
         let line = format!(
             "*{}*\n{}",
             slack_escape_cut(&headline(q), 500),
-            slack_escape_cut(&q.notification.output, 2000)
+            slack_escape_cut(&q.notification.output, 1000)
         );
+        total += line.chars().count();
+        if total > TOTAL {
+            break;
+        }
         blocks.push(json!({ "type": "section", "text": { "type": "mrkdwn", "text": line } }));
+        shown += 1;
     }
-    if members.len() > SHOWN {
-        blocks.push(json!({ "type": "context", "elements": [ { "type": "mrkdwn", "text": format!("and {} more", members.len() - SHOWN) } ] }));
+    if members.len() > shown {
+        let more = format!("and {} more", members.len() - shown);
+        blocks
+            .push(json!({ "type": "context", "elements": [ { "type": "mrkdwn", "text": more } ] }));
     }
-    serde_json::to_vec(&json!({ "text": text, "blocks": blocks })).expect("a JSON value serializes")
+    serde_json::to_vec(&json!({ "text": slack_escape_cut(&text, 500), "blocks": blocks }))
+        .expect("a JSON value serializes")
 }
 
 fn webhook_type(q: &Queued) -> &'static str {
@@ -843,5 +853,58 @@ mod tests {
         let pd: serde_json::Value = serde_json::from_slice(&pagerduty_body("t", &q, "k")).unwrap();
         assert_eq!(pd["payload"]["source"], "outpost");
         assert_eq!(headline(&q), "CRITICAL: disk on outpost");
+    }
+}
+
+#[cfg(test)]
+mod group_tests {
+    use super::*;
+    use crate::alerts::Notification;
+
+    #[test]
+    fn a_big_group_fits_one_slack_message_and_counts_what_it_leaves_out() {
+        let members: Vec<Queued> = (0..200)
+            .map(|i| Queued {
+                seq: i,
+                receiver: "slack".into(),
+                notification: Notification {
+                    id: format!("fp/disk{i}/1/0"),
+                    fingerprint: "fp".into(),
+                    check: format!("disk{i}"),
+                    kind: Kind::Firing,
+                    status: Status::Critical,
+                    since_ms: 0,
+                    at_ms: 0,
+                    output: "<&>".repeat(1000),
+                    receivers: vec!["slack".into()],
+                },
+                hostname: "db-1".into(),
+                labels: BTreeMap::new(),
+                group: Some("route 1: check".into()),
+                group_wait_ms: 0,
+                queued_ms: 0,
+            })
+            .collect();
+        let body: serde_json::Value =
+            serde_json::from_slice(&group_slack_body("acme & co", &members)).unwrap();
+        let blocks = body["blocks"].as_array().unwrap();
+        assert!(blocks.len() <= 50, "{} blocks", blocks.len());
+        let header = blocks[0]["text"]["text"].as_str().unwrap();
+        assert_eq!(
+            header, "200 notifications for tenant acme & co",
+            "plain text, unescaped"
+        );
+        let total: usize = blocks
+            .iter()
+            .filter_map(|b| b["text"]["text"].as_str())
+            .map(|t| t.chars().count())
+            .sum();
+        assert!(total <= 12_000, "{total} characters");
+        let shown = blocks.iter().filter(|b| b["type"] == "section").count();
+        let last = blocks.last().unwrap()["elements"][0]["text"]
+            .as_str()
+            .unwrap();
+        assert_eq!(last, format!("and {} more", 200 - shown));
+        assert!(shown >= 5, "{shown} shown");
     }
 }

@@ -67,9 +67,10 @@ pub struct Snapshot {
     pub silences: super::silence::Silences,
     /// The next queue sequence number.
     pub next_seq: u64,
-    /// The watchdog's last ping queued: its slot (`now / every`).
+    /// The watchdog's last ping queued: the start of its period, in ms (a time, so that
+    /// a change of `every` compares right).
     #[serde(default)]
-    pub watchdog_slot: u64,
+    pub watchdog_ms: u64,
     pub queue: Vec<Queued>,
 }
 
