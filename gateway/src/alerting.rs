@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::alerts::config::{AlertConfig, ReceiverKind};
+use crate::alerts::config::{AlertConfig, ReceiverKind, Stale};
 use crate::alerts::deliver::Sender;
 use crate::alerts::retry::Outcome;
 use crate::alerts::silence::{Silence, Silences};
@@ -264,6 +264,7 @@ async fn contend(
 /// turns UNKNOWN as stale.
 fn watch(
     alerts: &mut Alerts,
+    config: &AlertConfig,
     (watched, gone): (&[crate::registry::Watched], &HashMap<String, String>),
     last_result: &mut HashMap<(String, String), Instant>,
     now_ms: u64,
@@ -304,13 +305,17 @@ fn watch(
                 let back = format!("agent {name} is online");
                 due.extend(alerts.observe(fp, AGENT_CHECK, (Status::Ok, &back), now_ms, route));
                 for (check, interval, timeout) in &w.checks {
-                    let ttl = Duration::from_secs(interval * STALE_INTERVALS + timeout);
+                    let ttl = match config.stale_after(check) {
+                        Some(Stale::Never) => continue,
+                        Some(Stale::After(d)) => d,
+                        None => Duration::from_secs(interval * STALE_INTERVALS + timeout),
+                    };
                     let seen = *last_result
                         .entry((fp.clone(), check.clone()))
                         .or_insert_with(Instant::now);
                     if seen.elapsed() > ttl {
                         let why = format!(
-                            "stale: no result for {}s (it runs every {interval}s)",
+                            "{STALE}no result for {}s (it runs every {interval}s)",
                             seen.elapsed().as_secs()
                         );
                         due.extend(alerts.observe(
@@ -321,6 +326,28 @@ fn watch(
                             route,
                         ));
                     }
+                }
+                // A stale check the agent was told to stop running: nothing more will come
+                // of it, so its incident ends.
+                let dropped: Vec<String> = alerts
+                    .alerts
+                    .get(fp)
+                    .map(|checks| {
+                        checks
+                            .iter()
+                            .filter(|(c, a)| {
+                                a.incident.is_some()
+                                    && a.status == Status::Unknown
+                                    && a.output.starts_with(STALE)
+                                    && !w.checks.iter().any(|(n, _, _)| n == *c)
+                            })
+                            .map(|(c, _)| c.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for check in dropped {
+                    let why = format!("{check} is no longer run on {name}");
+                    due.extend(alerts.observe(fp, &check, (Status::Ok, &why), now_ms, route));
                 }
             }
             Presence::Deregistered | Presence::Revoked => {
@@ -959,6 +986,7 @@ impl Engine {
                 if let Some(watched) = &watched {
                     ticked.extend(watch(
                         &mut alerts,
+                        &config,
                         (watched, &gone),
                         &mut last_result,
                         now_ms,
@@ -1854,6 +1882,9 @@ const WATCH: Duration = Duration::from_secs(2);
 /// A check is stale when no result came for this many intervals (plus its timeout).
 const STALE_INTERVALS: u64 = 3;
 
+/// How a stale check's output begins.
+const STALE: &str = "stale: ";
+
 /// The check name of the "forgotten silence" meta-alert (route it with
 /// `checks = ["outpost.*"]`).
 pub const FORGOTTEN_SILENCE: &str = "outpost.silence";
@@ -2119,7 +2150,14 @@ mod tests {
         };
         let mut alerts = Alerts::default();
         let mut last = HashMap::new();
-        let due = watch(&mut alerts, (&watched, &gone), &mut last, 1_000, &route);
+        let due = watch(
+            &mut alerts,
+            &AlertConfig::default(),
+            (&watched, &gone),
+            &mut last,
+            1_000,
+            &route,
+        );
         let told: Vec<(&str, &str)> = due
             .iter()
             .map(|n| (n.fingerprint.as_str(), n.check.as_str()))
@@ -2137,14 +2175,114 @@ mod tests {
             due[0].output
         );
         // The same again: nothing new.
-        assert!(watch(&mut alerts, (&watched, &gone), &mut last, 2_000, &route).is_empty());
+        assert!(watch(
+            &mut alerts,
+            &AlertConfig::default(),
+            (&watched, &gone),
+            &mut last,
+            2_000,
+            &route
+        )
+        .is_empty());
         // Its agents back through another gateway: the gateway's alert resolves (on the
         // gateway's own word, at once).
         let back: Vec<Watched> = watched[2..].to_vec();
         let none = HashMap::new();
-        let due = watch(&mut alerts, (&back, &none), &mut last, 3_000, &route);
+        let due = watch(
+            &mut alerts,
+            &AlertConfig::default(),
+            (&back, &none),
+            &mut last,
+            3_000,
+            &route,
+        );
         assert_eq!(due.len(), 1, "{due:?}");
         assert_eq!(due[0].fingerprint, "gateway:gw1");
         assert_eq!(due[0].kind, Kind::Resolved);
+    }
+
+    #[test]
+    fn a_stale_check_no_longer_run_resolves() {
+        let mut w = lost("a", "web-1", "gw1");
+        w.presence = Presence::Online;
+        w.checks = vec![("disk".into(), 1, 1)];
+        let route = |_: &str, _: &str, _: Status| Policy::to(&["hook"]);
+        let mut alerts = Alerts::default();
+        // Its last result long ago: stale.
+        let mut last = HashMap::from([(
+            ("a".to_string(), "disk".to_string()),
+            Instant::now() - Duration::from_secs(10),
+        )]);
+        let none = HashMap::new();
+        let ws = vec![w.clone()];
+        let due = watch(
+            &mut alerts,
+            &AlertConfig::default(),
+            (&ws, &none),
+            &mut last,
+            1_000,
+            &route,
+        );
+        assert_eq!(due.len(), 1, "{due:?}");
+        assert!(due[0].output.starts_with(STALE), "{due:?}");
+        // The check taken off the agent: the incident ends (its resolve goes out).
+        w.checks.clear();
+        let ws = vec![w];
+        let due = watch(
+            &mut alerts,
+            &AlertConfig::default(),
+            (&ws, &none),
+            &mut last,
+            2_000,
+            &route,
+        );
+        assert_eq!(due.len(), 1, "{due:?}");
+        assert_eq!(
+            (due[0].check.as_str(), due[0].kind),
+            ("disk", Kind::Resolved)
+        );
+        assert!(watch(
+            &mut alerts,
+            &AlertConfig::default(),
+            (&ws, &none),
+            &mut last,
+            3_000,
+            &route
+        )
+        .is_empty());
+    }
+
+    #[test]
+    fn a_tuning_sets_when_a_check_turns_stale_or_that_it_never_does() {
+        let mut w = lost("a", "web-1", "gw1");
+        w.presence = Presence::Online;
+        w.checks = vec![("disk".into(), 60, 10), ("backup".into(), 1, 1)];
+        let route = |_: &str, _: &str, _: Status| Policy::to(&["hook"]);
+        let (config, problems) = AlertConfig::assemble([(
+            std::path::Path::new("t.toml"),
+            &crate::alerts::config::parse_file(
+                "[[tuning]]\nchecks = [\"disk\"]\nstale_after = \"1s\"\n[[tuning]]\nchecks = [\"backup\"]\nstale_after = \"never\"\n",
+            )
+            .unwrap(),
+        )]);
+        assert!(problems.is_empty(), "{problems:?}");
+        // Both silent for 5 s: by their intervals neither is stale yet (disk: 190 s) and
+        // backup would be (4 s); tuned, disk is and backup never is.
+        let ago = Instant::now() - Duration::from_secs(5);
+        let mut last = HashMap::from([
+            (("a".to_string(), "disk".to_string()), ago),
+            (("a".to_string(), "backup".to_string()), ago),
+        ]);
+        let none = HashMap::new();
+        let due = watch(
+            &mut Alerts::default(),
+            &config,
+            (&[w], &none),
+            &mut last,
+            1_000,
+            &route,
+        );
+        let checks: Vec<&str> = due.iter().map(|n| n.check.as_str()).collect();
+        assert_eq!(checks, ["disk"], "{due:?}");
     }
 }

@@ -29,7 +29,7 @@ use outpost_protocol::{CheckResult, StateType, Status};
 use serde::{Deserialize, Serialize};
 
 /// When to notify, and whom: what the route of an alert says (see `config`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     /// How long an incident must last before it notifies (`for`).
     pub wait: Duration,
@@ -40,6 +40,9 @@ pub struct Policy {
     pub receivers: Vec<String>,
     /// Silenced now: nothing fires (a resolve still goes out).
     pub muted: bool,
+    /// The flapping measure's thresholds: it starts at or above the first, ends below
+    /// the second (percent; see [`FLAP_START`]).
+    pub flap: (f64, f64),
 }
 
 impl Policy {
@@ -50,6 +53,7 @@ impl Policy {
             repeat: None,
             receivers: receivers.iter().map(|r| r.to_string()).collect(),
             muted: false,
+            flap: (FLAP_START, FLAP_END),
         }
     }
 
@@ -61,6 +65,7 @@ impl Policy {
             repeat: None,
             receivers: Vec::new(),
             muted: false,
+            flap: (FLAP_START, FLAP_END),
         }
     }
 }
@@ -512,9 +517,10 @@ fn flap(
     route: Route<'_>,
 ) -> Vec<Notification> {
     let percent = flap_percent(&alert.recent);
+    let (start, end) = route(fingerprint, check, alert.status).flap;
     let mut due = Vec::new();
     match &alert.flapping {
-        None if percent >= FLAP_START => {
+        None if percent >= start => {
             alert.flaps += 1;
             // Routed as its incident's status, or as a warning.
             let status = match alert.status {
@@ -549,7 +555,7 @@ fn flap(
                 told,
             });
         }
-        Some(_) if percent < FLAP_END => {
+        Some(_) if percent < end => {
             let flapping = alert.flapping.take().expect("matched");
             if !flapping.told.is_empty() {
                 due.push(Notification {
@@ -703,6 +709,7 @@ mod tests {
             repeat: None,
             receivers: vec!["ops".into()],
             muted: false,
+            flap: (FLAP_START, FLAP_END),
         };
         let mut a = Alerts::default();
         // Critical at 10 s, OK at 40 s: shorter than the wait, nobody told, no resolve.
@@ -730,6 +737,7 @@ mod tests {
             repeat: Some(Duration::from_secs(3600)),
             receivers: vec!["ops".into()],
             muted: false,
+            flap: (FLAP_START, FLAP_END),
         };
         let mut a = Alerts::default();
         assert_eq!(a.apply(FP, &hard(1, Status::Warning), &r(&p)).len(), 1);
@@ -943,6 +951,31 @@ mod tests {
         let mut oldest = vec![C];
         oldest.extend([O; 20]);
         assert!((flap_percent(&oldest) - 4.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_check_tuned_to_flap_later_is_told_each_change_until_it_does() {
+        // A change every third run: about 33% of changes, flapping by default (30%),
+        // not with a start of 50%.
+        let run = |p: &Policy| {
+            let mut a = Alerts::default();
+            let mut said = Vec::new();
+            for i in 0..60u64 {
+                let status = if (i / 3) % 2 == 0 {
+                    Status::Ok
+                } else {
+                    Status::Critical
+                };
+                said.extend(a.apply(FP, &hard(i + 1, status), &r(p)));
+            }
+            said.iter().filter(|n| n.kind == Kind::Flapping).count()
+        };
+        assert_eq!(run(&Policy::to(&["ops"])), 1);
+        let late = Policy {
+            flap: (50.0, 40.0),
+            ..Policy::to(&["ops"])
+        };
+        assert_eq!(run(&late), 0);
     }
 
     #[test]

@@ -87,6 +87,8 @@ struct RawFile {
     route: Vec<toml::Table>,
     #[serde(default)]
     dependency: Vec<toml::Table>,
+    #[serde(default)]
+    tuning: Vec<toml::Table>,
 }
 
 /// Whether a file declares alerting tables (gateway check files only).
@@ -96,6 +98,7 @@ fn has_alerting(text: &str) -> bool {
             || !f.receiver.is_empty()
             || !f.route.is_empty()
             || !f.dependency.is_empty()
+            || !f.tuning.is_empty()
     })
 }
 
@@ -329,7 +332,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<CheckDef>, String> {
     }
     if has_alerting(text) {
         return Err(
-            "alerting ([alerting], [[receiver]], [[route]], [[dependency]]) is declared in the gateway's check files, not in an agent's checks.d"
+            "alerting ([alerting], [[receiver]], [[route]], [[dependency]], [[tuning]]) is declared in the gateway's check files, not in an agent's checks.d"
                 .into(),
         );
     }

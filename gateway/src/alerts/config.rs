@@ -56,6 +56,25 @@ pub struct AlertConfig {
     pub dependencies: Vec<Dependency>,
     /// A dead man's switch: told that alerting works, every so often.
     pub watchdog: Option<Watchdog>,
+    /// How checks are judged, where the defaults do not fit (`[[tuning]]`, in file order).
+    pub tunings: Vec<Tuning>,
+}
+
+/// `[[tuning]]`: how the checks its globs match are judged. For each setting, the first
+/// tuning (by file name, then order in the file) that matches a check and sets it wins.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tuning {
+    pub checks: Vec<String>,
+    /// When a check of an online agent that sends nothing turns stale (UNKNOWN).
+    pub stale_after: Option<Stale>,
+    /// The flapping measure's start and end thresholds (percent).
+    pub flapping: Option<(f64, f64)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Stale {
+    After(Duration),
+    Never,
 }
 
 /// `[alerting] watchdog`: `receiver` is told every `every` that alerting works, so that a
@@ -197,6 +216,7 @@ impl Default for AlertConfig {
             silence_max_age: DEFAULT_SILENCE_MAX_AGE,
             dependencies: Vec::new(),
             watchdog: None,
+            tunings: Vec::new(),
         }
     }
 }
@@ -475,14 +495,33 @@ impl AlertConfig {
                 repeat: r.repeat,
                 receivers: r.receivers.clone(),
                 muted: false,
+                flap: self.flapping(check),
             },
             None => Policy {
                 wait: Duration::ZERO,
                 repeat: None,
                 receivers: Vec::new(),
                 muted: false,
+                flap: self.flapping(check),
             },
         }
+    }
+
+    /// `check`'s flapping thresholds (start, end; percent).
+    pub fn flapping(&self, check: &str) -> (f64, f64) {
+        self.tunings
+            .iter()
+            .filter(|t| t.checks.is_empty() || t.checks.iter().any(|g| glob(g, check)))
+            .find_map(|t| t.flapping)
+            .unwrap_or((super::FLAP_START, super::FLAP_END))
+    }
+
+    /// When `check` turns stale, if a tuning says (else: its intervals).
+    pub fn stale_after(&self, check: &str) -> Option<Stale> {
+        self.tunings
+            .iter()
+            .filter(|t| t.checks.is_empty() || t.checks.iter().any(|g| glob(g, check)))
+            .find_map(|t| t.stale_after)
     }
 
     /// The group an alert's notifications join (its key) and how long a group waits, when
@@ -566,6 +605,7 @@ impl AlertConfig {
                     .enumerate()
                     .map(|(i, r)| (name.to_string(), i, r)),
             );
+            config.tunings.extend(file.tunings.iter().cloned());
             deps.extend(
                 file.dependencies
                     .iter()
@@ -638,6 +678,7 @@ pub struct FileAlerting {
     pub receivers: Vec<Receiver>,
     pub routes: Vec<RouteDef>,
     pub dependencies: Vec<Dependency>,
+    pub tunings: Vec<Tuning>,
 }
 
 #[derive(Deserialize)]
@@ -650,6 +691,73 @@ struct RawFile {
     route: Vec<toml::Table>,
     #[serde(default)]
     dependency: Vec<toml::Table>,
+    #[serde(default)]
+    tuning: Vec<toml::Table>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTuning {
+    #[serde(default)]
+    checks: Vec<String>,
+    stale_after: Option<toml::Value>,
+    flapping: Option<RawFlapping>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFlapping {
+    start: f64,
+    end: f64,
+}
+
+fn tuning(table: toml::Table) -> Result<Tuning, Vec<String>> {
+    let raw: RawTuning = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| vec![e.message().to_string()])?;
+    let mut problems = Vec::new();
+    if raw.checks.iter().any(String::is_empty) {
+        problems.push(
+            "an empty check pattern matches nothing; leave checks out for every check".into(),
+        );
+    }
+    let stale_after = match &raw.stale_after {
+        None => None,
+        Some(toml::Value::String(s)) if s == "never" => Some(Stale::Never),
+        Some(v) => match duration_value("stale_after", v) {
+            Ok(0) => {
+                problems.push("stale_after: at least 1s (or \"never\")".into());
+                None
+            }
+            Ok(secs) => Some(Stale::After(Duration::from_secs(secs))),
+            Err(e) => {
+                problems.push(format!("{e} (or \"never\")"));
+                None
+            }
+        },
+    };
+    let flapping = raw.flapping.and_then(|f| {
+        let ok = f.end > 0.0 && f.end < f.start && f.start <= 100.0;
+        if !ok {
+            problems.push(format!(
+                "flapping: 0 < end < start <= 100 (percent of state changes over the last {} results), not start {} end {}",
+                super::FLAP_WINDOW, f.start, f.end
+            ));
+        }
+        ok.then_some((f.start, f.end))
+    });
+    if raw.stale_after.is_none() && flapping.is_none() && problems.is_empty() {
+        problems.push("say what it tunes: stale_after, flapping".into());
+    }
+    if problems.is_empty() {
+        Ok(Tuning {
+            checks: raw.checks,
+            stale_after,
+            flapping,
+        })
+    } else {
+        Err(problems)
+    }
 }
 
 #[derive(Deserialize)]
@@ -857,6 +965,12 @@ pub fn parse_file(text: &str) -> Result<FileAlerting, String> {
         match route(table) {
             Ok(r) => out.routes.push(r),
             Err(p) => problems.extend(p.into_iter().map(|p| format!("route #{}: {p}", i + 1))),
+        }
+    }
+    for (i, table) in raw.tuning.into_iter().enumerate() {
+        match tuning(table) {
+            Ok(t) => out.tunings.push(t),
+            Err(p) => problems.extend(p.into_iter().map(|p| format!("tuning #{}: {p}", i + 1))),
         }
     }
     for (i, table) in raw.dependency.into_iter().enumerate() {
@@ -1414,6 +1528,34 @@ checks = [""]
         assert!(err.contains("group_by \"host\""), "{err}");
         assert!(err.contains("group_by \"label:\""), "{err}");
         assert!(err.contains("group_wait without group_by"), "{err}");
+    }
+
+    #[test]
+    fn tunings_set_staleness_and_flapping_per_check_first_match_per_setting() {
+        let (config, problems) = assemble(&[(
+            "a.toml",
+            "[[tuning]]\nchecks = [\"backup*\"]\nstale_after = \"26h\"\n[[tuning]]\nchecks = [\"backup-db\"]\nstale_after = \"never\"\nflapping = { start = 60, end = 50 }\n[[tuning]]\nflapping = { start = 40, end = 35 }\n",
+        )]);
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            config.stale_after("backup-db"),
+            Some(Stale::After(Duration::from_secs(26 * 3600))),
+            "the first that sets it"
+        );
+        assert_eq!(config.flapping("backup-db"), (60.0, 50.0));
+        assert_eq!(config.flapping("disk"), (40.0, 35.0));
+        assert_eq!(config.stale_after("disk"), None);
+        let policy = config.policy("backup-db", &BTreeMap::new(), &[], Status::Critical, 0);
+        assert_eq!(policy.flap, (60.0, 50.0));
+        let err = parse_file("[[tuning]]\nchecks = [\"x\"]\n[[tuning]]\nstale_after = \"soon\"\n[[tuning]]\nflapping = { start = 20, end = 30 }\n[[tuning]]\nstale = \"1h\"\n").unwrap_err();
+        for want in [
+            "tuning #1: say what it tunes",
+            "tuning #2: stale_after",
+            "tuning #3: flapping: 0 < end < start",
+            "tuning #4",
+        ] {
+            assert!(err.contains(want), "{want:?} not in {err}");
+        }
     }
 
     #[test]
