@@ -231,7 +231,7 @@ async fn contend(
         let api = tokio::spawn(crate::nats::alerts::serve_api(
             nats.clone(),
             tenant.clone(),
-            ctx.hub.clone(),
+            ctx.hub.clone() as Arc<dyn crate::nats::alerts::Local>,
             held.tenure.life.clone(),
         ));
         // This life's evaluator and workers end with the lease.
@@ -2045,6 +2045,17 @@ impl Hub {
     /// Whether `tenant` has alerting running here.
     pub fn running(&self, tenant: &str) -> bool {
         outpost_sys::lock(&self.engines).contains_key(tenant)
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::nats::alerts::Local for Hub {
+    async fn answer(
+        &self,
+        tenant: &str,
+        request: crate::nats::alerts::Request,
+    ) -> crate::nats::alerts::Answer {
+        self.answer_locally(tenant, request).await
     }
 }
 

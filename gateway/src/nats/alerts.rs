@@ -750,7 +750,7 @@ impl AlertStore for NatsAlertStore {
     }
 }
 
-/// A request forwarded to the holder (see [`crate::alerting::Command`]).
+/// A request forwarded to the holder (what the alerting API asks an evaluator).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "ask")]
 pub enum Request {
@@ -778,12 +778,19 @@ pub enum Answer {
     NotRunning,
 }
 
-/// Answer forwarded API requests for `tenant` with the local evaluator (`hub`), until
-/// `life` ends.
+/// Who answers forwarded requests on the holder: its local evaluator (the alerting hub;
+/// a trait so that this layer does not reach up into alerting).
+#[async_trait]
+pub trait Local: Send + Sync {
+    async fn answer(&self, tenant: &str, request: Request) -> Answer;
+}
+
+/// Answer forwarded API requests for `tenant` with the local evaluator, until `life`
+/// ends.
 pub async fn serve_api(
     nats: Arc<Nats>,
     tenant: String,
-    hub: Arc<crate::alerting::Hub>,
+    local: Arc<dyn Local>,
     life: CancellationToken,
 ) {
     let subject = api_subject(&tenant);
@@ -802,10 +809,10 @@ pub async fn serve_api(
         let Some(reply) = msg.reply.clone() else {
             continue;
         };
-        let (nats, hub, tenant) = (nats.clone(), hub.clone(), tenant.clone());
+        let (nats, local, tenant) = (nats.clone(), local.clone(), tenant.clone());
         tokio::spawn(async move {
             let answer = match serde_json::from_slice::<Request>(&msg.payload) {
-                Ok(req) => hub.answer_locally(&tenant, req).await,
+                Ok(req) => local.answer(&tenant, req).await,
                 Err(e) => Answer::Refused(format!("malformed alerting request: {e}")),
             };
             let body = serde_json::to_vec(&answer).unwrap_or_default();
