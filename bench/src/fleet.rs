@@ -8,12 +8,16 @@
 //! - [`tenants`]: one tenant's ack and run-now latency, alone and while another tenant
 //!   floods at ten times its result rate on the same gateway;
 //! - [`storm`]: a gateway killed with SIGKILL and the time until all its agents are back
-//!   on the other one.
+//!   on the other one;
+//! - [`alerting`]: from a failing result to a webhook receiver's 2xx on one gateway and
+//!   on a NATS fleet, and notifications per second to one receiver next to Prometheus
+//!   Alertmanager.
 //!
 //! The agents are [`loadgen`]'s tasks in this process; the gateways and nats-server are
 //! child processes. Parts that need the gateway's NATS bus (`serve --bus nats://…`) say
 //! so in their rows when the binary has no such option.
 
+mod alerting;
 pub mod https;
 mod idle;
 pub mod loadgen;
@@ -34,6 +38,7 @@ use sha2::Digest;
 use crate::harness::{Bins, Gateway};
 use loadgen::Identity;
 
+pub use alerting::alerting;
 pub use idle::idle;
 pub use results::results;
 pub use rpc::rpc;
@@ -75,12 +80,30 @@ pub struct FleetPlan {
     /// Dials in progress at once while ramping up (the storm has its own).
     pub dial_concurrency: usize,
     pub storm_dial_concurrency: usize,
+    /// The alerting part: simulated agents each sending a result every `alerting_pace`,
+    /// how many of them turn CRITICAL, over what window; agents turning CRITICAL at once
+    /// for the notifications per second, and the longest their notifications are waited
+    /// for; dials in progress at once while ramping up.
+    pub alerting_agents: usize,
+    pub alerting_failing: usize,
+    pub alerting_pace: Duration,
+    pub alerting_spread: Duration,
+    pub alerting_burst: usize,
+    pub alerting_burst_limit: Duration,
+    pub alerting_dial_concurrency: usize,
     /// The nats-server binary (found on PATH when not given).
     pub nats_server: Option<PathBuf>,
+    /// Prometheus Alertmanager (found on PATH when not given).
+    pub alertmanager: Option<PathBuf>,
 }
 
 impl FleetPlan {
-    pub fn new(quick: bool, idle_agents: Option<usize>, nats_server: Option<PathBuf>) -> Self {
+    pub fn new(
+        quick: bool,
+        idle_agents: Option<usize>,
+        nats_server: Option<PathBuf>,
+        alertmanager: Option<PathBuf>,
+    ) -> Self {
         let q = |full: usize, quick_v: usize| if quick { quick_v } else { full };
         FleetPlan {
             idle_agents: idle_agents.unwrap_or(q(50_000, 2_000)),
@@ -105,7 +128,15 @@ impl FleetPlan {
             storm_nats_agents: q(2_000, 200),
             dial_concurrency: 64,
             storm_dial_concurrency: 1_000,
+            alerting_agents: q(10_000, 200),
+            alerting_failing: q(100, 10),
+            alerting_pace: Duration::from_secs(q(10, 1) as u64),
+            alerting_spread: Duration::from_secs(q(10, 1) as u64),
+            alerting_burst: q(1_000, 100),
+            alerting_burst_limit: Duration::from_secs(q(120, 30) as u64),
+            alerting_dial_concurrency: 256,
             nats_server: nats_server.filter(|p| !p.as_os_str().is_empty()),
+            alertmanager: alertmanager.filter(|p| !p.as_os_str().is_empty()),
         }
     }
 }

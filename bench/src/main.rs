@@ -13,7 +13,10 @@
 //!    idle agents and memory per connection next to nats-server's websocket listener,
 //!    acked results per second through a gateway on NATS JetStream next to raw JetStream
 //!    publishing, run-now latency across two gateways, one tenant's latency while another
-//!    floods at ten times its result rate, and a reconnect storm.
+//!    floods at ten times its result rate, and a reconnect storm;
+//! 6. alerting ([`fleet`]): from a failing result to a local webhook receiver's 2xx with
+//!    10,000 simulated agents, on one gateway and on a NATS fleet, and notifications per
+//!    second to one receiver next to Prometheus Alertmanager fed the same alerts.
 //!
 //! Checks reach the agent through its own `checks.d` (10,000 checks exceed the gateway's
 //! 1 MiB config frame; local check files have no such limit). Results are counted on the
@@ -56,6 +59,9 @@ enum Part {
     FleetTenants,
     /// Reconnect storm: a gateway killed, its agents back on another.
     FleetStorm,
+    /// Alerting: result to webhook latency (one gateway, NATS fleet), notifications/s next
+    /// to Prometheus Alertmanager.
+    FleetAlerting,
 }
 
 #[derive(Parser)]
@@ -141,6 +147,10 @@ struct Cli {
     /// The nats-server program for the fleet parts (default: the first on PATH).
     #[arg(long, env = "OUTPOST_NATS_SERVER")]
     nats_server: Option<PathBuf>,
+    /// Prometheus Alertmanager for the alerting part's baseline (default:
+    /// `prometheus-alertmanager`, Debian's name, or `alertmanager` on PATH).
+    #[arg(long, env = "OUTPOST_ALERTMANAGER")]
+    alertmanager: Option<PathBuf>,
 }
 
 /// The resolved parameters of this run.
@@ -201,7 +211,12 @@ impl Plan {
             outbox_secs: Duration::from_secs(pick(cli.outbox_secs, 5, 1).max(1)),
             outbox_producers: cli.outbox_producers.max(1),
             backlog_minutes: pick(cli.backlog_minutes, 60, 6).max(1),
-            fleet: fleet::FleetPlan::new(q, cli.fleet_idle_agents, cli.nats_server.clone()),
+            fleet: fleet::FleetPlan::new(
+                q,
+                cli.fleet_idle_agents,
+                cli.nats_server.clone(),
+                cli.alertmanager.clone(),
+            ),
         }
     }
 }
@@ -297,6 +312,7 @@ fn run() -> Result<bool> {
             Part::FleetRpc,
             Part::FleetTenants,
             Part::FleetStorm,
+            Part::FleetAlerting,
         ]
     } else {
         let mut p = cli.only.clone();
@@ -337,6 +353,10 @@ fn run() -> Result<bool> {
             Part::FleetStorm => (
                 "9. Fleet: reconnect storm",
                 fleet::storm(&bins, &work, &plan),
+            ),
+            Part::FleetAlerting => (
+                "10. Fleet: alerting latency and notifications per second",
+                fleet::alerting(&bins, &work, &plan),
             ),
         };
         let _ = writeln!(report, "### {title}\n");
@@ -400,11 +420,12 @@ row where it still did is flagged.\n\
 check, interval)` (the agent's own function); each check's first result is left out (the \
 first run is spread over the first 10 s instead of on the grid). `started_at_ms` is taken \
 once the run has a concurrency slot, so waiting for a slot counts as lateness.\n\
-- The fleet parts (5 to 9) drive the release gateway with this tool's simulated agents (one \
+- The fleet parts (5 to 10) drive the release gateway with this tool's simulated agents (one \
 task and one TLS websocket each, from loopback source addresses 127.0.0.2 to 127.0.0.251) and \
-start nats-server themselves; their CPU columns are the processes' own. They do not wait for \
-a quiet machine, except part 8 (tenants), which compares latencies between its rows: it \
-waits, and is measured again when other work competed with any of its rows, as above.\n\
+start nats-server (and part 10 Prometheus Alertmanager) themselves; their CPU columns are the \
+processes' own. They do not wait for a quiet machine, except parts 8 (tenants) and 10 \
+(alerting), which compare latencies between rows or with a baseline: they wait, and are \
+measured again when other work competed with a row, as above.\n\
 - Durations: raw baselines {raw} s each, throughput window {window} s after a {warmup} s \
 warm-up, resource runs {rw} s after a {rwarm} s warm-up, outbox rates {ob} s each, a \
 {backlog}-minute outbox backlog.\n\n",

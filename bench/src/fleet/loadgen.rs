@@ -5,6 +5,9 @@
 //! and no sooner than a pace when one is given), and an `rpc_reply` with a result for
 //! every `rpc_request`, at once.
 //!
+//! A [`Script`] decides what a fleet's results say (a status per agent, switched by the
+//! benchmark while the fleet runs) and can make every agent send its next batch at once.
+//!
 //! What it is not: an agent. It runs no checks and keeps nothing on disk; an enrollment's
 //! secret lives in the task. Its own footprint is kept small (one task per agent, 4 KiB
 //! websocket read buffers, no write buffering) so that it can hold tens of thousands of
@@ -26,7 +29,7 @@ use outpost_protocol::{
     Results, RpcReply, PROTOCOL_VERSION, SUBPROTOCOL, WS_PATH,
 };
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -64,6 +67,22 @@ pub struct Behaviour {
     pub redial_jitter: Duration,
     /// Most dials (TCP + TLS + websocket + hello/welcome) in progress at once.
     pub dial_concurrency: usize,
+}
+
+/// What a scripted fleet's agents send, instead of the bench's OK result of check `sim`.
+pub trait Batches: Send + Sync {
+    /// The results of agent number `agent`'s next batch, numbered from `first_seq`: made
+    /// just before the batch is sent (so the time it is made is the time it is sent).
+    fn batch(&self, agent: usize, fingerprint: &str, first_seq: u64, n: usize) -> Vec<CheckResult>;
+}
+
+/// A fleet's script: what its batches say and, with `kick`, when every agent sends its
+/// next batch out of its pace (each change of the value: at once if no batch awaits its
+/// ack, else as soon as it is acked).
+#[derive(Clone)]
+pub struct Script {
+    pub batches: Arc<dyn Batches>,
+    pub kick: Option<watch::Receiver<u64>>,
 }
 
 /// Counters shared by the fleet's tasks and read by the benchmark.
@@ -238,23 +257,54 @@ async fn handshake(
     }
 }
 
-fn batch_frame(first_seq: u64, n: usize) -> String {
-    let results = (0..n as u64)
-        .map(|i| result("sim", first_seq + i))
-        .collect();
-    encode(&AgentFrame::Results(Results { results }))
+/// Who is speaking, for a script: the agent's number (its place in its fleet plus the
+/// fleet's offset) and its fingerprint.
+struct Speaker<'a> {
+    agent: usize,
+    fingerprint: &'a str,
+    script: Option<&'a Script>,
+}
+
+impl Speaker<'_> {
+    fn batch_frame(&self, first_seq: u64, n: usize) -> String {
+        let results = match self.script {
+            Some(s) => s.batches.batch(self.agent, self.fingerprint, first_seq, n),
+            None => (0..n as u64)
+                .map(|i| result("sim", first_seq + i))
+                .collect(),
+        };
+        encode(&AgentFrame::Results(Results { results }))
+    }
+}
+
+/// The next kick of a script (never, without one; a script gone kicks no more).
+async fn kicked(kick: &mut Option<watch::Receiver<u64>>) {
+    let Some(k) = kick.as_mut() else {
+        return std::future::pending().await;
+    };
+    if k.changed().await.is_err() {
+        *kick = None;
+        std::future::pending::<()>().await;
+    }
 }
 
 /// One welcomed session, until it is lost or the fleet stops.
 async fn session(
     mut ws: Ws,
-    heartbeat: Duration,
-    last_seq: u64,
+    (heartbeat, last_seq): (Duration, u64),
+    me: &Speaker<'_>,
     b: &Behaviour,
     stats: &Stats,
     stop: &CancellationToken,
 ) -> SessionEnd {
     use tokio::time::Instant as TokioInstant;
+    let mut kick = me.script.and_then(|s| s.kick.clone());
+    if let Some(k) = kick.as_mut() {
+        // Only kicks from now on.
+        k.borrow_and_update();
+    }
+    // Kicked while a batch awaited its ack: the next goes out with the ack.
+    let mut kicked_in_flight = false;
     let mut ping = tokio::time::interval_at(TokioInstant::now() + heartbeat, heartbeat);
     let mut next_seq = last_seq + 1;
     // The batch awaiting its ack: its last sequence number and when it was sent.
@@ -265,7 +315,7 @@ async fn session(
         match b.pace {
             Some(pace) => due = Some(TokioInstant::now() + pace.mul_f64(rand::random::<f64>())),
             None => {
-                let frame = batch_frame(next_seq, b.batch);
+                let frame = me.batch_frame(next_seq, b.batch);
                 next_seq += b.batch as u64;
                 in_flight = Some((next_seq - 1, TokioInstant::now()));
                 if let Err(e) = ws.send(Message::Text(frame.into())).await {
@@ -284,9 +334,23 @@ async fn session(
                 let _ = tokio::time::timeout(Duration::from_secs(2), ws.send(Message::Text(bye.into()))).await;
                 return SessionEnd::Stopped;
             }
+            _ = kicked(&mut kick), if b.batch > 0 => {
+                if in_flight.is_some() {
+                    kicked_in_flight = true;
+                    continue;
+                }
+                due = None;
+                let frame = me.batch_frame(next_seq, b.batch);
+                next_seq += b.batch as u64;
+                in_flight = Some((next_seq - 1, TokioInstant::now()));
+                if let Err(e) = ws.send(Message::Text(frame.into())).await {
+                    return SessionEnd::Lost(format!("send failed: {e}"));
+                }
+                continue;
+            }
             _ = tokio::time::sleep_until(due.unwrap_or_else(far)), if due.is_some() => {
                 due = None;
-                let frame = batch_frame(next_seq, b.batch);
+                let frame = me.batch_frame(next_seq, b.batch);
                 next_seq += b.batch as u64;
                 in_flight = Some((next_seq - 1, TokioInstant::now()));
                 if let Err(e) = ws.send(Message::Text(frame.into())).await {
@@ -316,11 +380,14 @@ async fn session(
                     stats.ack_latency(now.duration_since(sent_at));
                     stats.acked.fetch_add(b.batch as u64, Ordering::Relaxed);
                     in_flight = None;
-                    if let Some(at) = b.pace.map(|p| sent_at + p).filter(|at| *at > now) {
+                    let pace_at = b.pace.map(|p| sent_at + p).filter(|at| *at > now);
+                    if let (Some(at), false) = (pace_at, kicked_in_flight) {
                         due = Some(at);
                         continue;
                     }
-                    let frame = batch_frame(next_seq, b.batch);
+                    kicked_in_flight = false;
+                    due = None;
+                    let frame = me.batch_frame(next_seq, b.batch);
                     next_seq += b.batch as u64;
                     in_flight = Some((next_seq - 1, now));
                     frame
@@ -348,17 +415,21 @@ async fn session(
     }
 }
 
-/// One simulated agent: dial (through the fleet's dial limit), run sessions until `stop`.
+/// Simulated agent number `i` of its fleet (connecting from [`source_addr`]`(i + offset)`):
+/// dial (through the fleet's dial limit), run sessions until `stop`.
+#[allow(clippy::too_many_arguments)]
 async fn agent(
     i: usize,
+    offset: usize,
     mut id: Identity,
     b: Arc<Behaviour>,
+    script: Option<Script>,
     tls: TlsConnector,
     dials: Arc<Semaphore>,
     stats: Arc<Stats>,
     stop: CancellationToken,
 ) {
-    let src = source_addr(i);
+    let src = source_addr(i + offset);
     let mut addr_index = 0usize;
     let mut welcomed_once = false;
     let mut failed_dials = 0u32;
@@ -382,7 +453,12 @@ async fn agent(
                     welcomed_once = true;
                     stats.ever_online.fetch_add(1, Ordering::Relaxed);
                 }
-                let end = session(ws, heartbeat, last_seq, &b, &stats, &stop).await;
+                let me = Speaker {
+                    agent: i + offset,
+                    fingerprint: &id.fingerprint,
+                    script: script.as_ref(),
+                };
+                let end = session(ws, (heartbeat, last_seq), &me, &b, &stats, &stop).await;
                 stats.online.fetch_sub(1, Ordering::Relaxed);
                 end
             }
@@ -435,6 +511,19 @@ impl Fleet {
         offset: usize,
         behaviour: Behaviour,
     ) -> Result<Fleet> {
+        Self::start_scripted(rt, ids, offset, behaviour, None)
+    }
+
+    /// [`Fleet::start`] with a script: the batches of the agent that connects from
+    /// [`source_addr`]`(n)` are `script`'s for agent `n` (its place in `ids` plus `offset`,
+    /// so that fleets started with distinct offsets number their agents apart).
+    pub fn start_scripted(
+        rt: &tokio::runtime::Handle,
+        ids: Vec<Identity>,
+        offset: usize,
+        behaviour: Behaviour,
+        script: Option<Script>,
+    ) -> Result<Fleet> {
         if behaviour.addrs.is_empty() {
             bail!("the fleet has no gateway address to dial");
         }
@@ -447,9 +536,11 @@ impl Fleet {
         for (i, id) in ids.into_iter().enumerate() {
             tasks.spawn_on(
                 agent(
-                    i + offset,
+                    i,
+                    offset,
                     id,
                     b.clone(),
+                    script.clone(),
                     tls.clone(),
                     dials.clone(),
                     stats.clone(),
