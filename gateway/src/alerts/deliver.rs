@@ -72,22 +72,9 @@ impl Sender {
         let request = match &receiver.kind {
             ReceiverKind::Webhook { url, secret } => {
                 let body = webhook_body(tenant, q);
-                match secret {
-                    Some(secret) => {
-                        let secret = match secret.read().and_then(|s| s.parse::<webhook::Secret>())
-                        {
-                            Ok(s) => s,
-                            Err(e) => return unreadable(format!("webhook secret: {e}")),
-                        };
-                        let mut req = post(url, body.clone());
-                        for (name, value) in
-                            webhook::headers(&secret, &q.notification.id, unix_now(), &body)
-                        {
-                            req = req.header(name, value);
-                        }
-                        req
-                    }
-                    None => post(url, body).header("webhook-id", &q.notification.id),
+                match self.webhook(url, secret.as_ref(), &q.notification.id, body) {
+                    Ok(req) => req,
+                    Err(why) => return unreadable(why),
                 }
             }
             ReceiverKind::Slack { url } => post(url, slack_body(tenant, q)),
@@ -114,6 +101,34 @@ impl Sender {
             }
         };
         self.attempt(request, receiver, attempt).await
+    }
+
+    /// A generic webhook's request for notification (or group) `id`: signed per Standard
+    /// Webhooks with `secret` when there is one (`Err`: the secret cannot be read).
+    fn webhook(
+        &self,
+        url: &str,
+        secret: Option<&super::config::Secretive>,
+        id: &str,
+        body: Vec<u8>,
+    ) -> Result<reqwest::RequestBuilder, String> {
+        let mut req = self
+            .client
+            .post(url)
+            .header("content-type", "application/json");
+        match secret {
+            Some(secret) => {
+                let secret = secret
+                    .read()
+                    .and_then(|s| s.parse::<webhook::Secret>())
+                    .map_err(|e| format!("webhook secret: {e}"))?;
+                for (name, value) in webhook::headers(&secret, id, unix_now(), &body) {
+                    req = req.header(name, value);
+                }
+            }
+            None => req = req.header("webhook-id", id),
+        }
+        Ok(req.body(body))
     }
 
     /// Send `request` to `receiver` and judge the answer.
@@ -177,20 +192,9 @@ impl Sender {
         let request = match &receiver.kind {
             ReceiverKind::Webhook { url, secret } => {
                 let body = group_webhook_body(tenant, &id, members);
-                match secret {
-                    Some(secret) => {
-                        let secret = match secret.read().and_then(|s| s.parse::<webhook::Secret>())
-                        {
-                            Ok(s) => s,
-                            Err(e) => return unreadable(format!("webhook secret: {e}")),
-                        };
-                        let mut req = post(url, body.clone());
-                        for (name, value) in webhook::headers(&secret, &id, unix_now(), &body) {
-                            req = req.header(name, value);
-                        }
-                        req
-                    }
-                    None => post(url, body).header("webhook-id", &id),
+                match self.webhook(url, secret.as_ref(), &id, body) {
+                    Ok(req) => req,
+                    Err(why) => return unreadable(why),
                 }
             }
             ReceiverKind::Slack { url } => post(url, group_slack_body(tenant, members)),
