@@ -91,6 +91,8 @@ pub struct FleetPlan {
     pub alerting_burst: usize,
     pub alerting_burst_limit: Duration,
     pub alerting_dial_concurrency: usize,
+    /// Simulated agents on the two-gateway fleet whose gateways are all restarted at once.
+    pub alerting_restart_agents: usize,
     /// The nats-server binary (found on PATH when not given).
     pub nats_server: Option<PathBuf>,
     /// Prometheus Alertmanager (found on PATH when not given).
@@ -135,6 +137,7 @@ impl FleetPlan {
             alerting_burst: q(1_000, 100),
             alerting_burst_limit: Duration::from_secs(q(120, 30) as u64),
             alerting_dial_concurrency: 256,
+            alerting_restart_agents: q(2_000, 200),
             nats_server: nats_server.filter(|p| !p.as_os_str().is_empty()),
             alertmanager: alertmanager.filter(|p| !p.as_os_str().is_empty()),
         }
@@ -284,6 +287,20 @@ pub fn start_nats_gateway(
     keys: (&str, &str),
     tls: &[String],
 ) -> Result<Gateway> {
+    start_nats_gateway_at(bins, dir, name, "127.0.0.1:0", nats_url, keys, tls)
+}
+
+/// [`start_nats_gateway`] listening on `listen`: with a gateway's former address, that
+/// gateway started again (same id, same data directory) where its agents dial.
+pub fn start_nats_gateway_at(
+    bins: &Bins,
+    dir: &Path,
+    name: &str,
+    listen: &str,
+    nats_url: &str,
+    keys: (&str, &str),
+    tls: &[String],
+) -> Result<Gateway> {
     let d = dir.join(name);
     prepare_gateway_dir(&d, None, Some(keys))?;
     let mut args = vec![
@@ -293,7 +310,7 @@ pub fn start_nats_gateway(
         format!("bench-{name}"),
     ];
     args.extend(tls.iter().cloned());
-    Gateway::start_with(bins, &d, &args)
+    Gateway::start_at(bins, &d, listen, &args)
 }
 
 /// Memory in decimal kilobytes, for per-connection figures.

@@ -259,11 +259,17 @@ impl Gateway {
 
     /// [`Gateway::start`] with more `serve` options (e.g. `--bus nats://…`).
     pub fn start_with(bins: &Bins, dir: &Path, args: &[String]) -> Result<Gateway> {
+        Self::start_at(bins, dir, "127.0.0.1:0", args)
+    }
+
+    /// [`Gateway::start_with`] listening on `listen` (a gateway's former address, to start
+    /// it again where its agents dial).
+    pub fn start_at(bins: &Bins, dir: &Path, listen: &str, args: &[String]) -> Result<Gateway> {
         let data_dir = Self::data_dir_in(dir);
         std::fs::create_dir_all(&data_dir)
             .with_context(|| format!("cannot create {}", data_dir.display()))?;
         let mut cmd = Command::new(bins.path("outpost-gateway"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        cmd.args(["serve", "--listen", listen, "--data-dir"])
             .arg(&data_dir)
             .args(args);
         // The bench measures what a gateway can carry, not the per-agent rate policy

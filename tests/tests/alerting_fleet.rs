@@ -527,8 +527,16 @@ fn explain(fleet: &Fleet, requests: &[Value]) -> String {
         out.push_str(&format!("  {id}: {times:?}\n"));
     }
     for (i, gw) in fleet.gws.iter().enumerate() {
-        out.push_str(&format!("gw{} log:\n", i + 1));
         let log = gw.proc.log();
+        // A receiver slower than the receiver's timeout makes every notification a retry
+        // (same id, as it should): these counts tell that from a lost state.
+        let count = |what: &str| log.lines().filter(|l| l.contains(what)).count();
+        out.push_str(&format!(
+            "gw{} log ({} delivered, {} attempts not delivered):\n",
+            i + 1,
+            count("notification delivered"),
+            count("notification not delivered")
+        ));
         let wanted = [
             "lease",
             "fence",

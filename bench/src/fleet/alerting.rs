@@ -20,6 +20,7 @@ mod alertmanager;
 mod burst;
 mod hook;
 mod latency;
+mod restart;
 
 use outpost_sys::lock;
 use std::collections::HashMap;
@@ -333,6 +334,13 @@ pub fn alerting(bins: &Bins, work: &Path, plan: &crate::Plan) -> Result<(String,
     let burst = crate::measured(plan, "fleet alerting, burst", |suffix| {
         burst::run(bins, &dir, rt.handle(), fp, &hook, suffix)
     });
+    // A correctness run, not a speed one: measured once, however busy the machine.
+    let restart = if !super::gateway_has_nats(bins) {
+        Err(anyhow::anyhow!(super::NO_NATS_BUS))
+    } else {
+        super::nats::find_server(fp.nats_server.as_deref())
+            .and_then(|_| restart::run(bins, &dir, rt.handle(), fp, &hook))
+    };
     drop(hook);
     rt.shutdown_timeout(Duration::from_secs(5));
 
@@ -363,6 +371,16 @@ pub fn alerting(bins: &Bins, work: &Path, plan: &crate::Plan) -> Result<(String,
         Err(e) => {
             progress(format!("fleet alerting, burst failed: {e:#}"));
             let _ = writeln!(notes, "- notifications per second: **failed:** {e:#}");
+        }
+    }
+    match restart {
+        Ok(r) => {
+            out.push_str(&restart::table(&r, &mut notes));
+            goals.push(restart::goal(&r));
+        }
+        Err(e) => {
+            progress(format!("fleet alerting, restart failed: {e:#}"));
+            let _ = writeln!(notes, "- every gateway restarted: **not run:** {e:#}");
         }
     }
     if !notes.is_empty() {

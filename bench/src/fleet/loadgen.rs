@@ -564,6 +564,13 @@ impl Fleet {
         self.stats.online() >= n
     }
 
+    /// End every agent at once, without a `bye`: their connections drop as a crashed
+    /// host's do, and the gateway finds them lost.
+    pub fn crash(mut self, rt: &tokio::runtime::Handle) {
+        self.tasks.abort_all();
+        rt.block_on(async { while self.tasks.join_next().await.is_some() {} });
+    }
+
     /// Say `bye` on every session and wait (up to `grace`) for the tasks to end.
     pub fn stop(mut self, rt: &tokio::runtime::Handle, grace: Duration) {
         self.stop.cancel();

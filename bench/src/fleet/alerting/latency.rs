@@ -98,7 +98,7 @@ fn single_rig(bins: &Bins, dir: &Path, n: usize, url: &str) -> Result<Rig> {
 }
 
 /// What `gw`'s `/metrics` says of this gateway's alerting leases: how many it holds.
-fn leases_held(rt: &tokio::runtime::Handle, gw: &Gateway) -> Result<u64> {
+pub(super) fn leases_held(rt: &tokio::runtime::Handle, gw: &Gateway) -> Result<u64> {
     let addr = crate::fleet::gateway_addr(gw)?;
     let token = gw.api_token()?;
     let text = rt.block_on(async {
