@@ -83,12 +83,6 @@ fn online_since(rt: &tokio::runtime::Handle, gw: &Gateway, since_ms: u64) -> Res
     })
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Poll `ready` every 200 ms until it says yes or `limit` passes; the time it took.
 fn poll(limit: Duration, mut ready: impl FnMut() -> Result<bool>) -> Result<Option<Duration>> {
     let t0 = Instant::now();
@@ -215,7 +209,7 @@ pub fn run(
             .map(|f| f.stats.failures.load(std::sync::atomic::Ordering::Relaxed))
             .sum();
         let restarted = Instant::now();
-        let restarted_ms = now_ms();
+        let restarted_ms = crate::now_ms();
         for gw in &mut gws {
             gw.proc.kill_now();
         }
