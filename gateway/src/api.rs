@@ -5,6 +5,7 @@
 pub mod access;
 pub mod admin;
 pub mod alerts;
+pub mod events;
 
 use std::sync::Arc;
 
@@ -105,6 +106,7 @@ pub fn router(gw: Services, settings: &Arc<Settings>) -> Router {
         .route("/agents/{fingerprint}/checks/{check}/run", post(run_now))
         .merge(admin::routes())
         .merge(alerts::routes())
+        .merge(events::routes())
         .layer(middleware::from_fn_with_state(
             gw.clone(),
             access::authenticate,

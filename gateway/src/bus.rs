@@ -101,6 +101,22 @@ pub struct ResultsRead {
     pub lost: bool,
 }
 
+/// Presence events read from the bus (see [`Bus::read_presence`]): as [`ResultsRead`].
+#[derive(Debug, Default)]
+pub struct PresenceRead {
+    pub events: Vec<(u64, PresenceEvent)>,
+    pub next: u64,
+    pub lost: bool,
+}
+
+/// Where a tenant's results and presence events end now: reading from these positions
+/// gets only what is published from now on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ends {
+    pub results: u64,
+    pub presence: u64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("bus storage failed: {0}")]
@@ -154,6 +170,19 @@ pub trait Bus: Send + Sync {
         max: usize,
         wait: std::time::Duration,
     ) -> Result<ResultsRead, BusError>;
+
+    /// `tenant`'s presence events from position `from` on, as [`Bus::read_results`] reads
+    /// results (positions of their own: the presence log's, or the presence stream's).
+    async fn read_presence(
+        &self,
+        tenant: &str,
+        from: u64,
+        max: usize,
+        wait: std::time::Duration,
+    ) -> Result<PresenceRead, BusError>;
+
+    /// Where `tenant`'s results and presence events end now.
+    async fn ends(&self, tenant: &str) -> Result<Ends, BusError>;
 
     /// Why the bus cannot take results right now, if it cannot (for `/readyz`).
     fn unavailable(&self) -> Option<String> {

@@ -14,6 +14,7 @@ pub mod checks;
 pub mod console;
 pub mod credentials;
 pub mod errors;
+pub mod events;
 pub mod health;
 pub mod hub;
 pub mod listener;

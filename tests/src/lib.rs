@@ -692,6 +692,7 @@ pub mod flip;
 pub mod haproxy;
 pub mod nats;
 pub mod receivers;
+pub mod sse;
 pub mod webdriver;
 pub mod wine;
 

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use outpost_e2e::nats::NatsServer;
+use outpost_e2e::sse::Follower;
 use outpost_e2e::{eventually, tempdir, test_pki, Agent, Gateway};
 use serde_json::{json, Value};
 
@@ -260,6 +261,24 @@ async fn isolation_matrix(
                 let (s, b) = call(api, "GET", &path, token, None).await;
                 expect(s, &b, 404, &format!("the other tenant's {path}"));
             }
+
+            // The event stream, from the oldest kept: its own agent's events, nothing of
+            // the other tenant's.
+            let f = Follower::start(api, "/api/v1/events", token, Some("0-0")).await;
+            assert_eq!(f.status, 200, "{}", cell("events"));
+            eventually(
+                T,
+                &cell("a result of its own agent on the stream"),
+                || async {
+                    f.events()
+                        .iter()
+                        .find(|e| e.kind == "result" && e.data["fingerprint"] == mine.as_str())
+                        .cloned()
+                },
+            )
+            .await;
+            let events: Vec<Value> = f.cut().into_iter().map(|e| e.data).collect();
+            expect(200, &Value::Array(events), 200, "events");
 
             // Run-now (operate): on its own agent, across gateways on NATS.
             let (s, b) = call(

@@ -28,7 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::segments::{self, Log, Retention};
 use super::{
-    agent_key, AgentRef, AuditEvent, Bus, BusError, Presence, PresenceEvent, Published, ResultsRead,
+    agent_key, AgentRef, AuditEvent, Bus, BusError, Ends, Presence, PresenceEvent, PresenceRead,
+    Published, ResultsRead,
 };
 
 /// Jobs waiting for the writer. A full queue makes publishers wait (backpressure reaches
@@ -86,6 +87,8 @@ pub struct EmbeddedBus {
     /// Bumped after every write of results, for readers waiting on more.
     written: tokio::sync::watch::Sender<u64>,
     ends: DurableEnds,
+    /// The presence log's durable end, for its readers.
+    presence_end: Arc<Mutex<segments::Position>>,
 }
 
 /// What the bus held when it was opened: the newest result per agent and check, and each
@@ -119,6 +122,8 @@ impl EmbeddedBus {
         let presence = Log::open(dir, "presence", presence_retention)?.log;
         recovered.presence = last_presence(&presence)?;
         let audit = Log::open(dir, "audit", presence_retention)?.log;
+        let presence_end = Arc::new(Mutex::new(presence.durable_end()));
+        let p_end = presence_end.clone();
         let watermarks: Watermarks = Arc::new(Mutex::new(watermarks));
         let (tx, rx) = mpsc::channel(QUEUE);
         let marks = watermarks.clone();
@@ -126,7 +131,7 @@ impl EmbeddedBus {
         let wrote = written.clone();
         std::thread::Builder::new()
             .name("outpost-bus-writer".into())
-            .spawn(move || writer(rx, results, presence, audit, marks, wrote))?;
+            .spawn(move || writer(rx, results, (presence, p_end), audit, marks, wrote))?;
         // Retention also when nothing is written; ends with the bus.
         let weak = tx.downgrade();
         tokio::spawn(async move {
@@ -147,6 +152,7 @@ impl EmbeddedBus {
             home: home.to_string(),
             written,
             ends,
+            presence_end,
         };
         Ok((bus, recovered))
     }
@@ -389,7 +395,7 @@ type Watermarks = Arc<Mutex<HashMap<String, u64>>>;
 fn writer(
     mut rx: mpsc::Receiver<Job>,
     mut results: ResultLogs,
-    mut presence: Log,
+    (mut presence, presence_end): (Log, Arc<Mutex<segments::Position>>),
     mut audit: Log,
     watermarks: Watermarks,
     written: tokio::sync::watch::Sender<u64>,
@@ -490,8 +496,13 @@ fn writer(
         }
         let pio = presence.append(&pbuf);
         let aio = audit.append(&abuf);
-        if let Err(e) = &pio {
-            tracing::error!(error = %e, "embedded bus could not store presence events");
+        match &pio {
+            Err(e) => tracing::error!(error = %e, "embedded bus could not store presence events"),
+            Ok(()) if !pbuf.is_empty() => {
+                *lock(&presence_end) = presence.durable_end();
+                written.send_modify(|n| *n += 1);
+            }
+            Ok(()) => {}
         }
         if let Err(e) = &aio {
             tracing::error!(error = %e, "embedded bus could not store audit events");
@@ -656,24 +667,119 @@ impl Bus for EmbeddedBus {
         } else {
             tenant_dir(&self.dir, tenant)
         };
+        let ends = self.ends.clone();
+        // A tenant with nothing durable yet: nothing is read (`None` reads uncapped).
+        let durable = move || {
+            lock(&ends)
+                .get(tenant)
+                .copied()
+                .unwrap_or(segments::Position::START)
+        };
+        let read = self
+            .read_log(&dir, "results", durable, (from, max, wait), |line| {
+                match serde_json::from_slice::<ResultLine>(line) {
+                    // The home tenant's log may hold other tenants' results from a release
+                    // that kept one log for all: only the tenant's own are read.
+                    Ok(l) if l.tenant == tenant => {
+                        Some((AgentRef::new(&l.tenant, &l.fingerprint), l.result))
+                    }
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::warn!(%tenant, error = %e, "skipping an unreadable bus line");
+                        None
+                    }
+                }
+            })
+            .await?;
+        Ok(ResultsRead {
+            results: read
+                .items
+                .into_iter()
+                .map(|(at, (agent, result))| (at, agent, result))
+                .collect(),
+            next: read.next,
+            lost: read.lost,
+        })
+    }
+
+    async fn read_presence(
+        &self,
+        tenant: &str,
+        from: u64,
+        max: usize,
+        wait: Duration,
+    ) -> Result<PresenceRead, BusError> {
+        crate::tenant::parse_name(tenant).map_err(BusError::Unavailable)?;
+        let end = self.presence_end.clone();
+        let read = self
+            .read_log(
+                &self.dir,
+                "presence",
+                move || *lock(&end),
+                (from, max, wait),
+                |line| match serde_json::from_slice::<PresenceEvent>(line) {
+                    Ok(e) if e.agent.tenant == tenant => Some(e),
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::warn!(%tenant, error = %e, "skipping an unreadable presence line");
+                        None
+                    }
+                },
+            )
+            .await?;
+        Ok(PresenceRead {
+            events: read.items,
+            next: read.next,
+            lost: read.lost,
+        })
+    }
+
+    async fn ends(&self, tenant: &str) -> Result<Ends, BusError> {
+        crate::tenant::parse_name(tenant).map_err(BusError::Unavailable)?;
+        let position = |p: segments::Position| {
+            p.to_u64().ok_or_else(|| {
+                BusError::Unavailable(format!("bus position {p:?} does not fit in 64 bits"))
+            })
+        };
+        let results = lock(&self.ends).get(tenant).copied();
+        Ok(Ends {
+            results: results.map(position).transpose()?.unwrap_or(0),
+            presence: position(*lock(&self.presence_end))?,
+        })
+    }
+}
+
+/// What [`EmbeddedBus::read_log`] read: each item with the position just after its line.
+struct LogRead<T> {
+    items: Vec<(u64, T)>,
+    next: u64,
+    lost: bool,
+}
+
+impl EmbeddedBus {
+    /// Read the log `name` in `dir` from `from` on: at most `max` items that `parse` makes
+    /// of its lines (lines it makes nothing of are stepped over), none past what
+    /// `durable` says is on disk. When there are none yet, waits up to `wait` for a write.
+    async fn read_log<T: Send + 'static>(
+        &self,
+        dir: &Path,
+        name: &'static str,
+        durable: impl Fn() -> segments::Position,
+        (from, max, wait): (u64, usize, Duration),
+        parse: impl Fn(&[u8]) -> Option<T>,
+    ) -> Result<LogRead<T>, BusError> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut changed = self.written.subscribe();
         let mut from = from;
         loop {
             changed.mark_unchanged();
-            // A tenant with nothing durable yet: nothing is read (`None` reads uncapped).
-            let durable = Some(
-                lock(&self.ends)
-                    .get(tenant)
-                    .copied()
-                    .unwrap_or(segments::Position::START),
-            );
-            let (d, max) = (dir.clone(), max.max(1));
+            let durable = Some(durable());
+            let (d, max) = (dir.to_path_buf(), max.max(1));
             let lines = tokio::task::spawn_blocking(move || {
-                // About a kilobyte a result: enough to fill `max` most of the time.
+                // About a kilobyte a line: enough to fill `max` most of the time.
                 segments::read_lines(
                     &d,
-                    "results",
+                    name,
                     segments::Position::from_u64(from),
                     max.saturating_mul(1024),
                     durable,
@@ -686,35 +792,26 @@ impl Bus for EmbeddedBus {
                     BusError::Unavailable(format!("bus position {p:?} does not fit in 64 bits"))
                 })
             };
-            let mut read = ResultsRead {
+            let mut read = LogRead {
+                items: Vec::new(),
                 next: position(lines.next)?,
                 lost: lines.lost,
-                ..ResultsRead::default()
             };
             let read_nothing = lines.lines.is_empty();
             for (at, line) in lines.lines {
-                if read.results.len() == max {
+                if read.items.len() == max {
                     break;
                 }
                 read.next = position(at)?;
-                match serde_json::from_slice::<ResultLine>(&line) {
-                    // The home tenant's log may hold other tenants' results from a release
-                    // that kept one log for all: only the tenant's own are read.
-                    Ok(l) if l.tenant == tenant => {
-                        let agent = AgentRef::new(&l.tenant, &l.fingerprint);
-                        read.results.push((read.next, agent, l.result));
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(%tenant, error = %e, "skipping an unreadable bus line")
-                    }
+                if let Some(item) = parse(&line) {
+                    read.items.push((read.next, item));
                 }
             }
-            if !read.results.is_empty() || read.lost {
+            if !read.items.is_empty() || read.lost {
                 return Ok(read);
             }
             // Nothing for the tenant: on from where this read ended, at once if it read
-            // lines (other tenants' in an old shared log), else once more is written.
+            // lines (other tenants'), else once more is written.
             from = read.next;
             if !read_nothing {
                 if tokio::time::Instant::now() >= deadline {

@@ -29,9 +29,12 @@ use outpost_protocol::CheckResult;
 use serde::Serialize;
 
 use super::{
-    audit_subject, presence_subject, results_stream, results_subject, Nats, RESULTS_STREAM,
+    audit_subject, presence_subject, results_stream, results_subject, Nats, PRESENCE_STREAM,
+    RESULTS_STREAM,
 };
-use crate::bus::{AgentRef, AuditEvent, Bus, BusError, PresenceEvent, Published, ResultsRead};
+use crate::bus::{
+    AgentRef, AuditEvent, Bus, BusError, Ends, PresenceEvent, PresenceRead, Published, ResultsRead,
+};
 
 /// Header with the result's sequence number, so `last_seq` needs no body parsing.
 pub const SEQ_HEADER: &str = "Outpost-Seq";
@@ -44,6 +47,15 @@ pub struct NatsBus {
     streams: Mutex<HashMap<String, stream::Stream>>,
     /// Tenants' byte limits, as [`Bus::keep_bytes`] gave them.
     limits: Mutex<HashMap<String, u64>>,
+    /// The presence stream, once opened.
+    presence: Mutex<Option<stream::Stream>>,
+}
+
+/// What [`NatsBus::read_subject`] read: each item with the sequence after it.
+struct Read<T> {
+    items: Vec<(u64, T)>,
+    next: u64,
+    lost: bool,
 }
 
 /// A result as read back from a stream (the body [`ResultBody`] writes).
@@ -72,6 +84,7 @@ impl NatsBus {
             watermarks: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             limits: Mutex::new(HashMap::new()),
+            presence: Mutex::new(None),
         }
     }
 
@@ -348,37 +361,84 @@ impl Bus for NatsBus {
         max: usize,
         wait: std::time::Duration,
     ) -> Result<ResultsRead, BusError> {
-        /// How often a reader with nothing to read looks again.
-        const POLL: std::time::Duration = std::time::Duration::from_millis(100);
         crate::tenant::parse_name(tenant).map_err(BusError::Unavailable)?;
         let filter = results_subject(tenant, "*");
-        let deadline = tokio::time::Instant::now() + wait;
-        let mut from = from;
-        loop {
-            let mut read = ResultsRead {
-                next: from,
-                ..ResultsRead::default()
-            };
-            // Never made (or deleted with its tenant): nothing to read, and reading does
-            // not make it again.
-            if let Some(mut stream) = self.existing_stream(tenant).await? {
-                match self
-                    .read_stream(&mut stream, tenant, &filter, from, max.max(1), &mut read)
-                    .await
-                {
-                    Ok(()) => {}
-                    Err(e) => {
-                        self.forget_stream(tenant);
-                        return Err(e);
-                    }
+        let parse = |msg: &async_nats::jetstream::message::StreamMessage| {
+            match serde_json::from_slice::<ResultLine>(&msg.payload) {
+                Ok(l) if l.tenant == tenant => {
+                    Some((AgentRef::new(&l.tenant, &l.fingerprint), l.result))
+                }
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(%tenant, seq = msg.sequence, error = %e, "skipping an unreadable result");
+                    None
                 }
             }
-            if !read.results.is_empty() || read.lost || tokio::time::Instant::now() >= deadline {
-                return Ok(read);
+        };
+        let read = self
+            .read_polled((tenant, false), &filter, (from, max, wait), parse)
+            .await?;
+        Ok(ResultsRead {
+            results: read
+                .items
+                .into_iter()
+                .map(|(at, (agent, result))| (at, agent, result))
+                .collect(),
+            next: read.next,
+            lost: read.lost,
+        })
+    }
+
+    async fn read_presence(
+        &self,
+        tenant: &str,
+        from: u64,
+        max: usize,
+        wait: std::time::Duration,
+    ) -> Result<PresenceRead, BusError> {
+        crate::tenant::parse_name(tenant).map_err(BusError::Unavailable)?;
+        let filter = presence_subject(tenant, "*");
+        let parse = |msg: &async_nats::jetstream::message::StreamMessage| {
+            match serde_json::from_slice::<PresenceEvent>(&msg.payload) {
+                Ok(e) if e.agent.tenant == tenant => Some(e),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(%tenant, seq = msg.sequence, error = %e, "skipping an unreadable presence event");
+                    None
+                }
             }
-            from = read.next;
-            tokio::time::sleep(POLL.min(deadline - tokio::time::Instant::now())).await;
-        }
+        };
+        let read = self
+            .read_polled((tenant, true), &filter, (from, max, wait), parse)
+            .await?;
+        Ok(PresenceRead {
+            events: read.items,
+            next: read.next,
+            lost: read.lost,
+        })
+    }
+
+    async fn ends(&self, tenant: &str) -> Result<Ends, BusError> {
+        crate::tenant::parse_name(tenant).map_err(BusError::Unavailable)?;
+        let results = match self.existing_stream(tenant).await? {
+            Some(mut s) => {
+                let info = s
+                    .info()
+                    .await
+                    .map_err(|e| unavailable("cannot read the results stream", e))?;
+                info.state.last_sequence + 1
+            }
+            None => 0,
+        };
+        let mut presence = self.presence_stream().await?;
+        let info = presence
+            .info()
+            .await
+            .map_err(|e| unavailable("cannot read the presence stream", e))?;
+        Ok(Ends {
+            results,
+            presence: info.state.last_sequence + 1,
+        })
     }
 
     fn unavailable(&self) -> Option<String> {
@@ -406,27 +466,30 @@ fn is_missing(e: &async_nats::jetstream::context::DeleteStreamError) -> bool {
 }
 
 impl NatsBus {
-    /// Read `tenant`'s results from `stream` into `read`, from sequence `from` (0: the
-    /// first kept), at most `max`. A gap in the sequence is a loss only when retention
-    /// took it (it is before the stream's first sequence, or the position is beyond the
-    /// stream's last: a stream deleted and made again); a gap found after some results
-    /// ends the read there, so `lost` always speaks of where a read starts.
-    async fn read_stream(
-        &self,
+    /// Read the messages on `filter` in `stream` from sequence `from` (0: the first kept),
+    /// at most `max` items that `parse` makes of them (each with the sequence after it). A
+    /// gap in the sequence is a loss only when retention took it (it is before the
+    /// stream's first sequence, or the position is beyond the stream's last: a stream
+    /// deleted and made again); a gap found after some items ends the read there, so
+    /// `lost` always speaks of where a read starts.
+    async fn read_subject<T>(
         stream: &mut stream::Stream,
-        tenant: &str,
         filter: &str,
-        from: u64,
-        max: usize,
-        read: &mut ResultsRead,
-    ) -> Result<(), BusError> {
-        let info = |e| unavailable("cannot read the results stream", e);
-        while read.results.len() < max {
+        (from, max): (u64, usize),
+        parse: impl Fn(&async_nats::jetstream::message::StreamMessage) -> Option<T>,
+    ) -> Result<Read<T>, BusError> {
+        let info = |e| unavailable("cannot read the stream", e);
+        let mut read = Read {
+            items: Vec::new(),
+            next: from,
+            lost: false,
+        };
+        while read.items.len() < max {
             let at = read.next.max(1);
             let msg = match stream.direct_get_next_for_subject(filter, Some(at)).await {
                 Ok(msg) => msg,
                 Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
-                    if read.results.is_empty() && from > 0 && !read.lost {
+                    if read.items.is_empty() && from > 0 && !read.lost {
                         let s = stream.info().await.map_err(info)?.state.clone();
                         if from > s.last_sequence + 1 {
                             // Beyond the stream: made again since. Start over.
@@ -442,33 +505,89 @@ impl NatsBus {
                     }
                     break;
                 }
-                Err(e) => return Err(unavailable("cannot read the results stream", e)),
+                Err(e) => return Err(unavailable("cannot read the stream", e)),
             };
             if msg.sequence > at && from > 0 {
                 // Read now: retention may have run since the last look.
                 let s = stream.info().await.map_err(info)?.state.clone();
                 if at < s.first_sequence {
                     // Retention deleted from `at` on.
-                    if !read.results.is_empty() {
+                    if !read.items.is_empty() {
                         break;
                     }
                     read.lost = true;
                 }
             }
             read.next = msg.sequence + 1;
-            match serde_json::from_slice::<ResultLine>(&msg.payload) {
-                Ok(l) if l.tenant == tenant => read.results.push((
-                    read.next,
-                    AgentRef::new(&l.tenant, &l.fingerprint),
-                    l.result,
-                )),
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(%tenant, seq = msg.sequence, error = %e, "skipping an unreadable result")
-                }
+            if let Some(item) = parse(&msg) {
+                read.items.push((read.next, item));
             }
         }
-        Ok(())
+        Ok(read)
+    }
+
+    /// [`NatsBus::read_subject`] on `tenant`'s results stream or the presence stream,
+    /// looked at again every 100 ms until it finds something, says something was lost, or
+    /// `wait` passes.
+    async fn read_polled<T>(
+        &self,
+        (tenant, presence): (&str, bool),
+        filter: &str,
+        (from, max, wait): (u64, usize, std::time::Duration),
+        parse: impl Fn(&async_nats::jetstream::message::StreamMessage) -> Option<T>,
+    ) -> Result<Read<T>, BusError> {
+        /// How often a reader with nothing to read looks again.
+        const POLL: std::time::Duration = std::time::Duration::from_millis(100);
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut from = from;
+        loop {
+            let stream = if presence {
+                Some(self.presence_stream().await?)
+            } else {
+                // Never made (or deleted with its tenant): nothing to read, and reading
+                // does not make it again.
+                self.existing_stream(tenant).await?
+            };
+            let read = match stream {
+                Some(mut stream) => {
+                    let read =
+                        Self::read_subject(&mut stream, filter, (from, max.max(1)), &parse).await;
+                    if read.is_err() {
+                        if presence {
+                            *lock(&self.presence) = None;
+                        } else {
+                            self.forget_stream(tenant);
+                        }
+                    }
+                    read?
+                }
+                None => Read {
+                    items: Vec::new(),
+                    next: from,
+                    lost: false,
+                },
+            };
+            if !read.items.is_empty() || read.lost || tokio::time::Instant::now() >= deadline {
+                return Ok(read);
+            }
+            from = read.next;
+            tokio::time::sleep(POLL.min(deadline - tokio::time::Instant::now())).await;
+        }
+    }
+
+    /// The presence stream (opened once).
+    async fn presence_stream(&self) -> Result<stream::Stream, BusError> {
+        if let Some(s) = lock(&self.presence).clone() {
+            return Ok(s);
+        }
+        let s = self
+            .nats
+            .js
+            .get_stream(PRESENCE_STREAM)
+            .await
+            .map_err(|e| unavailable("cannot open the presence stream", e))?;
+        *lock(&self.presence) = Some(s.clone());
+        Ok(s)
     }
 
     /// Publish `results` above `mark` on `subject`; see [`Bus::publish_results`].

@@ -1,0 +1,185 @@
+//! `GET /api/v1/events`: the tenant's event stream as Server-Sent Events (the `read`
+//! role). See [`crate::events`] for what it carries and how a client resumes.
+//!
+//! Query: `types` (`result,presence`; default both), `agent` (fingerprints, comma
+//! separated), `check` (a glob), `label` (`key=value`, comma separated: all must match),
+//! `problems` (`true`: non-OK results and lost agents only), `heartbeat` (seconds between
+//! keep-alive comments, 1 to 300; default 15), and `last_event_id` for clients that
+//! cannot set the `Last-Event-ID` header.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use futures_util::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::access::{Read, Tenant};
+use super::{ApiError, Gw};
+use crate::errors::ErrorKind;
+use crate::events::{self, Cursor, Filter, Follow, Item};
+
+pub fn routes() -> Router<Gw> {
+    Router::new().route("/events", get(stream))
+}
+
+/// Events waiting for one client, at most.
+const BUFFER: usize = 1024;
+/// How long a full buffer may stay full before its client is ended as too slow.
+const STALL: Duration = Duration::from_secs(10);
+const HEARTBEAT: Duration = Duration::from_secs(15);
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    types: Option<String>,
+    agent: Option<String>,
+    check: Option<String>,
+    label: Option<String>,
+    problems: Option<bool>,
+    heartbeat: Option<u64>,
+    last_event_id: Option<String>,
+}
+
+fn bad(message: String) -> ApiError {
+    ApiError::new(ErrorKind::BadRequest, message)
+}
+
+fn list(s: &Option<String>) -> impl Iterator<Item = &str> {
+    s.as_deref()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+}
+
+/// The filter the query asks for.
+fn filter(p: &Params) -> Result<Filter, ApiError> {
+    let mut f = Filter {
+        agents: list(&p.agent).map(str::to_string).collect(),
+        check: p.check.clone().filter(|c| !c.is_empty()),
+        problems: p.problems.unwrap_or(false),
+        ..Filter::default()
+    };
+    if p.types.is_none() {
+        (f.results, f.presence) = (true, true);
+    }
+    for t in list(&p.types) {
+        match t {
+            "result" | "results" => f.results = true,
+            "presence" => f.presence = true,
+            other => {
+                return Err(bad(format!(
+                    "unknown event type {other:?} in `types`: use result, presence"
+                )))
+            }
+        }
+    }
+    if !f.results && !f.presence {
+        return Err(bad(
+            "`types` names no event type: use result, presence".into()
+        ));
+    }
+    for l in list(&p.label) {
+        let (k, v) = l.split_once('=').ok_or_else(|| {
+            bad(format!(
+                "label filter {l:?} is not key=value (e.g. label=role=db)"
+            ))
+        })?;
+        f.labels.push((k.to_string(), v.to_string()));
+    }
+    Ok(f)
+}
+
+async fn stream(
+    State(gw): State<Gw>,
+    t: Tenant<Read>,
+    headers: HeaderMap,
+    params: Result<Query<Params>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let Query(p) = match params {
+        Ok(p) => p,
+        Err(e) => return bad(format!("bad query: {}", e.body_text())).into_response(),
+    };
+    let filter = match filter(&p) {
+        Ok(f) => f,
+        Err(e) => return e.into_response(),
+    };
+    let heartbeat = match p.heartbeat {
+        None => HEARTBEAT,
+        Some(s @ 1..=300) => Duration::from_secs(s),
+        Some(s) => {
+            return bad(format!("heartbeat {s} is out of range: 1 to 300 seconds")).into_response()
+        }
+    };
+    let last = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or(p.last_event_id.clone())
+        .filter(|s| !s.trim().is_empty());
+    let from = match last {
+        Some(id) => match Cursor::parse(&id) {
+            Ok(c) => c,
+            Err(e) => return bad(e).into_response(),
+        },
+        // From now on.
+        None => match gw.bus.ends(&t.name).await {
+            Ok(e) => Cursor::from_ends(e),
+            Err(e) => {
+                return ApiError::new(
+                    ErrorKind::Unavailable,
+                    format!("cannot read the bus to start the stream: {e}; retry"),
+                )
+                .into_response()
+            }
+        },
+    };
+    let rx = events::follow(Follow {
+        bus: gw.bus.clone(),
+        registry: gw.registry.clone(),
+        tenant: t.name.clone(),
+        from,
+        filter,
+        buffer: BUFFER,
+        stall: STALL,
+        stop: gw.shutdown.clone(),
+    });
+    Sse::new(sse(from, rx))
+        .keep_alive(KeepAlive::new().interval(heartbeat))
+        .into_response()
+}
+
+/// The SSE events: `hello` first (its id the place the stream starts from, so a client
+/// cut off before any event can resume), then the stream's; an `error` event last when
+/// the gateway ended the stream for a reason.
+fn sse(
+    from: Cursor,
+    rx: tokio::sync::mpsc::Receiver<Item>,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let hello = Event::default()
+        .id(from.id())
+        .event("hello")
+        .data(json!({ "from": from.id() }).to_string());
+    let rest = futures_util::stream::unfold(Some(rx), |rx| async move {
+        let mut rx = rx?;
+        match rx.recv().await? {
+            Item::Event { id, kind, data } => {
+                Some((Ok(Event::default().id(id).event(kind).data(data)), Some(rx)))
+            }
+            Item::End { reason } => Some((
+                Ok(Event::default()
+                    .event("error")
+                    .data(json!({ "error": reason }).to_string())),
+                None,
+            )),
+        }
+    });
+    futures_util::stream::once(async move { Ok(hello) }).chain(rest)
+}
