@@ -62,6 +62,8 @@ pub struct Services {
     pub tracker: TaskTracker,
     /// The tenants' alert evaluators.
     pub alerting: Arc<crate::alerting::Hub>,
+    /// The event stream's buffer and patience per client.
+    pub events: crate::events::Limits,
 }
 
 pub(crate) type Gw = Arc<Services>;

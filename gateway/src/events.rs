@@ -76,6 +76,14 @@ pub struct Filter {
     pub problems: bool,
 }
 
+/// Each client's buffer (events waiting for it, at most) and patience (how long a full
+/// buffer may wait before the client is ended as too slow).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub buffer: usize,
+    pub stall: Duration,
+}
+
 /// One thing a client is sent.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Item {
@@ -96,11 +104,10 @@ pub struct Follow {
     pub tenant: String,
     pub from: Cursor,
     pub filter: Filter,
-    /// Events waiting for the client, at most.
-    pub buffer: usize,
-    /// How long a full buffer may stay full before the client is ended as too slow.
-    pub stall: Duration,
+    pub limits: Limits,
     pub stop: CancellationToken,
+    /// Counted while the stream runs, and when it ends a client as too slow.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Start reading the bus for one client: its events come on the receiver, in bus order
@@ -108,13 +115,20 @@ pub struct Follow {
 /// stops, or the client falls behind by a full buffer for `stall` (then the last item is
 /// [`Item::End`] with the reason, and the task ends: the client resumes from its last id).
 pub fn follow(f: Follow) -> mpsc::Receiver<Item> {
-    let (tx, rx) = mpsc::channel(f.buffer.max(1));
+    let (tx, rx) = mpsc::channel(f.limits.buffer.max(1));
     tokio::spawn(async move {
         let stop = f.stop.clone();
+        let metrics = f.metrics.clone();
+        metrics
+            .event_streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::select! {
             _ = stop.cancelled() => {}
             _ = run(f, tx) => {}
         }
+        metrics
+            .event_streams
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     });
     rx
 }
@@ -129,7 +143,7 @@ enum Ended {
 
 /// Give the client `item`, waiting for room up to the stall limit.
 async fn send(f: &Follow, tx: &mpsc::Sender<Item>, item: Item) -> Result<(), Ended> {
-    match tx.send_timeout(item, f.stall).await {
+    match tx.send_timeout(item, f.limits.stall).await {
         Ok(()) => Ok(()),
         Err(mpsc::error::SendTimeoutError::Closed(_)) => Err(Ended::Gone),
         Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
@@ -138,9 +152,10 @@ async fn send(f: &Follow, tx: &mpsc::Sender<Item>, item: Item) -> Result<(), End
             let reason = format!(
                 "too slow: {} events waited for this client more than {} s; reconnect with \
                  Last-Event-ID to resume where it stopped",
-                f.buffer,
-                f.stall.as_secs()
+                f.limits.buffer,
+                f.limits.stall.as_secs()
             );
+            crate::metrics::Metrics::inc(&f.metrics.event_streams_too_slow);
             tracing::info!(tenant = %f.tenant, "an event stream client was too slow: ended");
             let end = Item::End { reason };
             // Room is made by the client's next read; the task waits for it no longer

@@ -126,6 +126,7 @@ impl Gateway {
             shutdown: self.shutdown.clone(),
             tracker,
             alerting: self.alerting.clone(),
+            events: self.settings.events,
         }
     }
 }

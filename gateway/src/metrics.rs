@@ -40,6 +40,10 @@ pub struct Metrics {
     pub write_timeouts: AtomicU64,
     /// Audit events not published (over `audit::EVENTS_PER_SEC`).
     pub audit_dropped: AtomicU64,
+    /// Event stream clients being served (their readers of the bus).
+    pub event_streams: AtomicU64,
+    /// Event stream clients ended because they left a full buffer waiting too long.
+    pub event_streams_too_slow: AtomicU64,
     /// Refused access per (tenant, reason): see [`Metrics::refused`].
     refusals: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// Results the alert evaluators never read: retention deleted them first.
@@ -209,6 +213,11 @@ impl Metrics {
             );
         }
         let _ = write!(out, "# HELP outpost_frames_rejected_total Frames refused, by reason.\n# TYPE outpost_frames_rejected_total counter\n{rejected}");
+        let _ = writeln!(
+            out,
+            "# HELP outpost_event_streams Event stream clients being served.\n# TYPE outpost_event_streams gauge\noutpost_event_streams {}",
+            g(&self.event_streams)
+        );
         let mut line = |name: &str, help: &str, v: u64| {
             let _ = writeln!(
                 out,
@@ -219,6 +228,11 @@ impl Metrics {
             "outpost_write_timeouts_total",
             "Connections closed because the client took no data within --write-deadline-secs.",
             g(&self.write_timeouts),
+        );
+        line(
+            "outpost_event_streams_too_slow_total",
+            "Event stream clients ended because they left a full buffer waiting longer than --events-stall-secs.",
+            g(&self.event_streams_too_slow),
         );
         line(
             "outpost_results_accepted_total",

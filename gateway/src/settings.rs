@@ -96,6 +96,14 @@ pub struct ServeArgs {
     /// progress before the connection is closed (at most 86400). 0: no deadline.
     #[arg(long, default_value_t = 30)]
     pub write_deadline_secs: u64,
+    /// Events one client of the event stream (`GET /api/v1/events`) may have waiting for
+    /// it (1 to 100000).
+    #[arg(long, default_value_t = 1024)]
+    pub events_buffer: u64,
+    /// Seconds a client of the event stream may leave a full buffer waiting before its
+    /// stream is ended with an `error` event (it resumes from its last id; 1 to 3600).
+    #[arg(long, default_value_t = 10)]
+    pub events_stall_secs: u64,
     /// Results per second one agent may hand to the bus; beyond it the gateway holds its
     /// acks, so the rest waits in the agent's disk outbox (nothing is dropped). 0: no limit.
     #[arg(long, default_value_t = 1000)]
@@ -154,6 +162,8 @@ pub struct Settings {
     pub max_unauthenticated_per_address: usize,
     /// `None`: writes wait for the peer as long as it takes.
     pub write_deadline: Option<Duration>,
+    /// Each event stream client's buffer and patience.
+    pub events: crate::events::Limits,
     /// How fast one agent may hand results to the bus (see `rate`).
     pub agent_rate: crate::rate::AgentRate,
     pub tenant: String,
@@ -208,6 +218,14 @@ impl Settings {
             a.write_deadline_secs,
             0..=86_400,
             "seconds (0: no deadline)",
+        );
+        in_range(p, "events-buffer", a.events_buffer, 1..=100_000, "events");
+        in_range(
+            p,
+            "events-stall-secs",
+            a.events_stall_secs,
+            1..=3600,
+            "seconds",
         );
         in_range(
             p,
@@ -264,6 +282,10 @@ impl Settings {
             max_unauthenticated: a.max_unauthenticated,
             max_unauthenticated_per_address: a.max_unauthenticated_per_address,
             write_deadline: (a.write_deadline_secs > 0).then(|| secs(a.write_deadline_secs)),
+            events: crate::events::Limits {
+                buffer: a.events_buffer as usize,
+                stall: secs(a.events_stall_secs),
+            },
             agent_rate: crate::rate::AgentRate {
                 results_per_sec: a.agent_max_results_per_sec,
                 bytes_per_sec: a.agent_max_bytes_per_sec,

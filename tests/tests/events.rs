@@ -9,6 +9,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use outpost_e2e::fleet::{agent, gateways, pki, write_config};
+use outpost_e2e::nats::{config_push, NatsServer};
 use outpost_e2e::sse::{Event, Follower};
 use outpost_e2e::*;
 
@@ -209,4 +211,251 @@ async fn a_position_no_longer_kept_is_a_reset_and_filters_and_heartbeats_hold() 
     // No token, no stream.
     let f = Follower::start(&gw, "/api/v1/events", "wrong", None).await;
     assert_eq!(f.status, 401);
+}
+
+/// What JetStream's `stream` holds on `filter` from sequence `from` up to (not including)
+/// `to`, read with a consumer of the test's own: each message's body.
+async fn on_the_bus(nats: &str, stream: &str, filter: &str, from: u64, to: u64) -> Vec<Value> {
+    use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+    use futures_util::StreamExt;
+    let js = async_nats::jetstream::new(async_nats::connect(nats).await.unwrap());
+    let stream = js.get_stream(stream).await.unwrap();
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: filter.to_string(),
+            deliver_policy: DeliverPolicy::ByStartSequence {
+                start_sequence: from.max(1),
+            },
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let mut out = Vec::new();
+    if to <= from.max(1) {
+        return out;
+    }
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(10), messages.next()).await
+    {
+        let seq = m.info().unwrap().stream_sequence;
+        if seq >= to {
+            break;
+        }
+        out.push(serde_json::from_slice(&m.payload).unwrap());
+        if seq + 1 == to {
+            break;
+        }
+    }
+    out
+}
+
+/// The (results, presence) positions of an event id.
+fn positions(id: &str) -> (u64, u64) {
+    let (r, p) = id.split_once('-').unwrap();
+    (r.parse().unwrap(), p.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_fleet_a_client_cut_off_from_one_gateway_resumes_on_another_exactly_as_the_bus_holds_it(
+) {
+    let dir = tempdir();
+    let nats = NatsServer::start(dir.path(), "n1");
+    let url = nats.url();
+    config_push(
+        &url,
+        &write_config(dir.path(), &[("checks.toml", CHECKS)]),
+        &[],
+    );
+    let pki = pki(dir.path());
+    let gws = gateways(dir.path(), 2, &url, &pki);
+    let (key, token) = (gws[0].enroll_key.clone(), gws[0].token.clone());
+    let _a1 = agent(dir.path(), "web-1", &gws[0].addr, &pki, &key);
+
+    // Followed through gateway 1, from now on.
+    let first = Follower::start(&gws[0], "/api/v1/events", &token, None).await;
+    assert_eq!(first.status, 200);
+    // An agent of gateway 2 comes online meanwhile.
+    let a2 = agent(dir.path(), "web-2", &gws[1].addr, &pki, &key);
+    eventually(T, "web-2 online, as an event through gateway 1", || async {
+        first
+            .events()
+            .iter()
+            .find(|e| e.kind == "presence" && e.data["fingerprint"] == a2.fingerprint.as_str())
+            .cloned()
+    })
+    .await;
+    results_at_least(&first, 10).await;
+    let before = first.cut();
+    let last = before.iter().rev().find_map(|e| e.id.clone()).unwrap();
+
+    // Cut off; results go on; back through gateway 2.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let second = Follower::start(&gws[1], "/api/v1/events", &token, Some(&last)).await;
+    assert_eq!(second.status, 200);
+    results_at_least(&second, 20).await;
+    let after = second.cut();
+    assert_eq!(after[0].id.as_deref(), Some(last.as_str()));
+
+    // Both halves together are what the bus holds between the first id and the last, in
+    // its order: no event missed, none twice.
+    let start = positions(before[0].id.as_deref().unwrap());
+    let end = positions(&after.iter().rev().find_map(|e| e.id.clone()).unwrap());
+    let all: Vec<&Event> = before.iter().chain(after.iter()).collect();
+    let got: Vec<(String, u64)> = all
+        .iter()
+        .filter(|e| e.kind == "result")
+        .map(|e| {
+            (
+                e.data["fingerprint"].as_str().unwrap().to_string(),
+                e.data["result"]["seq"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let held: Vec<(String, u64)> = on_the_bus(
+        &url,
+        "OUTPOST_RESULTS",
+        "outpost.default.results.*",
+        start.0,
+        end.0,
+    )
+    .await
+    .iter()
+    .map(|v| {
+        (
+            v["fingerprint"].as_str().unwrap().to_string(),
+            v["result"]["seq"].as_u64().unwrap(),
+        )
+    })
+    .collect();
+    assert!(got.len() >= 30, "{} results", got.len());
+    assert_eq!(
+        got, held,
+        "the results streamed are the bus's, in its order"
+    );
+    let got: Vec<(String, String)> = all
+        .iter()
+        .filter(|e| e.kind == "presence")
+        .map(|e| {
+            (
+                e.data["fingerprint"].to_string(),
+                e.data["presence"].to_string(),
+            )
+        })
+        .collect();
+    let held: Vec<(String, String)> = on_the_bus(
+        &url,
+        "OUTPOST_PRESENCE",
+        "outpost.default.presence.*",
+        start.1,
+        end.1,
+    )
+    .await
+    .iter()
+    .map(|v| (v["fingerprint"].to_string(), v["presence"].to_string()))
+    .collect();
+    assert!(!got.is_empty());
+    assert_eq!(got, held, "the presence events streamed are the bus's");
+}
+
+/// A TLS connection to `gw` whose receive buffer is small (4 KiB), so a client that does
+/// not read makes the gateway wait after a few events, not after megabytes.
+async fn small_window(gw: &Gateway) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let config =
+        outpost_agent::tls::client_config(&outpost_agent::settings::Trust::Pin(gw.pin.clone()))
+            .unwrap();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(gw.addr.parse().unwrap()).await.unwrap();
+    tokio_rustls::TlsConnector::from(config)
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_too_slow_is_ended_with_a_reason_while_others_and_the_agents_go_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempdir();
+    let gw = Gateway::start(
+        dir.path(),
+        &["--events-buffer", "8", "--events-stall-secs", "2"],
+    );
+    // Results of 3 KB each, so that megabytes of them (enough to fill every buffer between
+    // the gateway and a client that stops reading) pile up in seconds.
+    let checks: String = (0..20)
+        .map(|i| {
+            format!(
+                "[[check]]\nname = \"c{i:02}\"\ncommand = [\"/usr/bin/printf\", \"%03000d\", \"0\"]\ninterval = 1\n\n"
+            )
+        })
+        .collect();
+    gw.write_checks("checks.toml", &checks);
+    let _agents: Vec<Agent> = (0..3)
+        .map(|i| Agent::start(dir.path(), &format!("web-{i}"), &gw, ""))
+        .collect();
+    // History enough to fill a small window and the buffer many times over.
+    eventually(T, "2000 results on the bus", || async {
+        (gw.metric("outpost_results_accepted_total ").await >= 2000).then_some(())
+    })
+    .await;
+
+    // A client that asks for everything kept and then reads nothing for a while.
+    let mut slow = small_window(&gw).await;
+    let request = format!(
+        "GET /api/v1/events?types=result HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\nlast-event-id: 0-0\r\n\r\n",
+        gw.token
+    );
+    slow.write_all(request.as_bytes()).await.unwrap();
+    // A client that keeps up, from now on.
+    let normal = Follower::start(&gw, "/api/v1/events?types=result", &gw.token, None).await;
+    let accepted = gw.metric("outpost_results_accepted_total ").await;
+    eventually(T, "the slow client ended as too slow", || async {
+        (gw.metric("outpost_event_streams_too_slow_total ").await == 1).then_some(())
+    })
+    .await;
+    // Meanwhile the other client and the agents went on.
+    let seen = normal.events().len();
+    eventually(
+        T,
+        "more results for the normal client, and on the bus",
+        || async {
+            (normal.events().len() > seen + 20
+                && gw.metric("outpost_results_accepted_total ").await > accepted + 20)
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(!normal.ended(), "the normal client's stream goes on");
+
+    // The slow client reads at last: what was waiting, then the reason, then the end.
+    let mut text = String::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let deadline = std::time::Instant::now() + T;
+    while !text.contains("\r\n0\r\n\r\n") && std::time::Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(10), slow.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => text.push_str(&String::from_utf8_lossy(&buf[..n])),
+        }
+    }
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "{}",
+        &text[..text.len().min(300)]
+    );
+    let error = text.find("event: error").unwrap_or_else(|| {
+        panic!(
+            "no error event; the end: {}",
+            &text[text.len().saturating_sub(500)..]
+        )
+    });
+    assert!(text[error..].contains("too slow"), "{}", &text[error..]);
+    assert!(
+        text.ends_with("\r\n0\r\n\r\n"),
+        "the stream ends after the reason: {}",
+        &text[text.len().saturating_sub(300)..]
+    );
+    assert!(text[..error].contains("event: result"));
 }

@@ -29,10 +29,6 @@ pub fn routes() -> Router<Gw> {
     Router::new().route("/events", get(stream))
 }
 
-/// Events waiting for one client, at most.
-const BUFFER: usize = 1024;
-/// How long a full buffer may stay full before its client is ended as too slow.
-const STALL: Duration = Duration::from_secs(10);
 const HEARTBEAT: Duration = Duration::from_secs(15);
 
 #[derive(Deserialize, Default)]
@@ -147,9 +143,9 @@ async fn stream(
         tenant: t.name.clone(),
         from,
         filter,
-        buffer: BUFFER,
-        stall: STALL,
+        limits: gw.events,
         stop: gw.shutdown.clone(),
+        metrics: gw.metrics.clone(),
     });
     Sse::new(sse(from, rx))
         .keep_alive(KeepAlive::new().interval(heartbeat))
