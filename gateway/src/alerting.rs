@@ -718,6 +718,10 @@ impl Engine {
         let mut by_host: HashMap<String, String> = HashMap::new();
         let mut last_result: HashMap<(String, String), Instant> = HashMap::new();
         let mut last_watch = Instant::now() - WATCH;
+        // What the event stream was last told of the alerts and silences (`None`: nothing
+        // yet in this life: all of it is told once caught up, so a new holder's readers
+        // hear of what the last one may have changed without telling).
+        let mut told: Option<Told> = None;
         loop {
             if self.ctx.shutdown.is_cancelled() {
                 break;
@@ -1079,6 +1083,14 @@ impl Engine {
                     }
                 }
             }
+            if caught_up {
+                let seen = Seen {
+                    presence: &presence,
+                    by_host: &by_host,
+                };
+                let view = self.view(&alerts, &silences, &config, &seen, crate::util::now_ms());
+                self.tell_changes(&mut told, view).await;
+            }
         }
         if dirty {
             if let Err(e) = self
@@ -1086,6 +1098,32 @@ impl Engine {
                 .await
             {
                 tracing::warn!(tenant = %self.tenant, error = %format!("{e:#}"), "alert state not saved at shutdown; the bus is read again from the last snapshot");
+            }
+        }
+    }
+
+    /// Publish on the bus, for the event stream, what changed in the alerts and silences
+    /// since `told` (everything when `None`); `told` moves on only once it is published.
+    async fn tell_changes(&self, told: &mut Option<Told>, view: View) {
+        let now = Told::of(&view);
+        let changes = now.changes(told.as_ref(), &view);
+        if changes.is_empty() {
+            *told = Some(now);
+            return;
+        }
+        // Only while this gateway holds the tenant's alerting (in a fleet).
+        if !self.store.writable() {
+            return;
+        }
+        match self
+            .ctx
+            .bus
+            .publish_alert_events(&self.tenant, &changes)
+            .await
+        {
+            Ok(()) => *told = Some(now),
+            Err(e) => {
+                tracing::warn!(tenant = %self.tenant, error = %e, "cannot publish alert changes for the event stream; will retry")
             }
         }
     }
@@ -1941,6 +1979,82 @@ pub struct AlertView {
     pub silenced_by: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acknowledged: Option<Ack>,
+}
+
+/// The alerts and silences as the event stream was told of them: what identifies each,
+/// and what of it a change is (the API's view without the latest output, which every
+/// result changes and the results in the stream carry).
+#[derive(Default)]
+struct Told {
+    alerts: HashMap<(String, String), String>,
+    silences: HashMap<String, String>,
+}
+
+impl Told {
+    fn of(view: &View) -> Told {
+        Told {
+            alerts: view
+                .alerts
+                .iter()
+                .map(|a| {
+                    let mut v = serde_json::to_value(a).unwrap_or_default();
+                    v["output"] = serde_json::Value::Null;
+                    ((a.fingerprint.clone(), a.check.clone()), v.to_string())
+                })
+                .collect(),
+            silences: view
+                .silences
+                .iter()
+                .map(|s| {
+                    let v = serde_json::to_value(s).unwrap_or_default();
+                    (s.id.clone(), v.to_string())
+                })
+                .collect(),
+        }
+    }
+
+    /// The events that take `before` to `self` (`view` is what `self` was made of): each
+    /// alert or silence new or changed, in full; each gone, as `ok` or `gone`.
+    fn changes(&self, before: Option<&Told>, view: &View) -> Vec<serde_json::Value> {
+        let empty = Told::default();
+        let before = before.unwrap_or(&empty);
+        let mut out = Vec::new();
+        for a in &view.alerts {
+            let key = (a.fingerprint.clone(), a.check.clone());
+            if before.alerts.get(&key) != self.alerts.get(&key) {
+                let mut v = serde_json::to_value(a).unwrap_or_default();
+                v["type"] = "alert".into();
+                out.push(v);
+            }
+        }
+        for (fingerprint, check) in before
+            .alerts
+            .keys()
+            .filter(|k| !self.alerts.contains_key(*k))
+        {
+            out.push(serde_json::json!({
+                "type": "alert",
+                "fingerprint": fingerprint,
+                "check": check,
+                "state": "ok",
+            }));
+        }
+        for sil in &view.silences {
+            if before.silences.get(&sil.id) != self.silences.get(&sil.id) {
+                let mut v = serde_json::to_value(sil).unwrap_or_default();
+                v["type"] = "silence".into();
+                out.push(v);
+            }
+        }
+        for id in before
+            .silences
+            .keys()
+            .filter(|k| !self.silences.contains_key(*k))
+        {
+            out.push(serde_json::json!({ "type": "silence", "id": id, "state": "gone" }));
+        }
+        out
+    }
 }
 
 /// The running evaluators, for the API. In a NATS fleet a tenant's evaluator may run on

@@ -99,6 +99,9 @@ pub struct ResultsRead {
     /// The position asked for is no longer kept (retention deleted what was there):
     /// reading went on from the oldest result kept.
     pub lost: bool,
+    /// With `lost`: the position reading went on from (a real one, never 0, so a reader
+    /// that resumes there later still learns of what retention deletes meanwhile).
+    pub resumed: Option<u64>,
 }
 
 /// Presence events read from the bus (see [`Bus::read_presence`]): as [`ResultsRead`].
@@ -107,14 +110,27 @@ pub struct PresenceRead {
     pub events: Vec<(u64, PresenceEvent)>,
     pub next: u64,
     pub lost: bool,
+    pub resumed: Option<u64>,
+}
+
+/// Alert and silence changes read from the bus (see [`Bus::read_alert_events`]): each a
+/// JSON object with `tenant` and `type` (`alert` or `silence`), as [`ResultsRead`].
+#[derive(Debug, Default)]
+pub struct AlertEventsRead {
+    pub events: Vec<(u64, serde_json::Value)>,
+    pub next: u64,
+    pub lost: bool,
+    pub resumed: Option<u64>,
 }
 
 /// Where a tenant's results and presence events end now: reading from these positions
-/// gets only what is published from now on.
+/// gets only what is published from now on. Real positions (never 0, which reads from
+/// the oldest kept without telling of losses), also for a tenant with nothing yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Ends {
     pub results: u64,
     pub presence: u64,
+    pub alerts: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +196,24 @@ pub trait Bus: Send + Sync {
         max: usize,
         wait: std::time::Duration,
     ) -> Result<PresenceRead, BusError>;
+
+    /// Keep changes of `tenant`'s alerts and silences (made by whoever evaluates its
+    /// alerting), for the event stream; each a JSON object.
+    async fn publish_alert_events(
+        &self,
+        tenant: &str,
+        events: &[serde_json::Value],
+    ) -> Result<(), BusError>;
+
+    /// `tenant`'s alert and silence changes from position `from` on, as
+    /// [`Bus::read_results`] reads results.
+    async fn read_alert_events(
+        &self,
+        tenant: &str,
+        from: u64,
+        max: usize,
+        wait: std::time::Duration,
+    ) -> Result<AlertEventsRead, BusError>;
 
     /// Where `tenant`'s results and presence events end now.
     async fn ends(&self, tenant: &str) -> Result<Ends, BusError>;

@@ -3,7 +3,8 @@
 //! of a fleet streams the same events in the same places.
 //!
 //! An event's id is a [`Cursor`]: where the stream stands in each of the bus's feeds (the
-//! tenant's results, its presence events) just after the event. A client that comes back
+//! tenant's results, its presence events, its alert and silence changes) just after the
+//! event. A client that comes back
 //! with it (`Last-Event-ID`), on any gateway, reads on from exactly there: nothing missed,
 //! nothing twice. Events are never buffered beyond a bounded channel per client: a client
 //! reads at its own pace from the bus, so a slow one slows nobody else, and one that
@@ -30,33 +31,43 @@ const IDLE_WAIT: Duration = Duration::from_secs(5);
 pub struct Cursor {
     pub results: u64,
     pub presence: u64,
+    pub alerts: u64,
 }
 
 impl Cursor {
-    /// The event id that names this place: `<results>-<presence>`.
+    /// The event id that names this place: `<results>-<presence>-<alerts>`.
     pub fn id(&self) -> String {
-        format!("{}-{}", self.results, self.presence)
+        format!("{}-{}-{}", self.results, self.presence, self.alerts)
     }
 
     /// An event id read back.
     pub fn parse(id: &str) -> Result<Cursor, String> {
         let bad = || {
             format!(
-                "Last-Event-ID {id:?} is not an id this stream gave (two numbers joined by '-'); \
-                 reconnect without it to start from now"
+                "Last-Event-ID {id:?} is not an id this stream gave (three numbers joined by \
+                 '-'); reconnect without it to start from now"
             )
         };
-        let (r, p) = id.trim().split_once('-').ok_or_else(bad)?;
-        Ok(Cursor {
-            results: r.parse().map_err(|_| bad())?,
-            presence: p.parse().map_err(|_| bad())?,
-        })
+        let parts: Vec<u64> = id
+            .trim()
+            .split('-')
+            .map(|n| n.parse().map_err(|_| bad()))
+            .collect::<Result<_, _>>()?;
+        match parts[..] {
+            [results, presence, alerts] => Ok(Cursor {
+                results,
+                presence,
+                alerts,
+            }),
+            _ => Err(bad()),
+        }
     }
 
     pub fn from_ends(e: Ends) -> Cursor {
         Cursor {
             results: e.results,
             presence: e.presence,
+            alerts: e.alerts,
         }
     }
 }
@@ -66,6 +77,8 @@ impl Cursor {
 pub struct Filter {
     pub results: bool,
     pub presence: bool,
+    pub alerts: bool,
+    pub silences: bool,
     /// Only these agents (fingerprints); empty: all.
     pub agents: BTreeSet<String>,
     /// Only results of checks matching this glob (`*` and `?`).
@@ -108,7 +121,14 @@ pub struct Follow {
     pub stop: CancellationToken,
     /// Counted while the stream runs, and when it ends a client as too slow.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Whether the client may still read the tenant's events (its token not revoked, its
+    /// tenant not disabled, deleted or made again): asked every [`RECHECK`]; the reason
+    /// ends the stream when not.
+    pub allowed: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
 }
+
+/// How often a stream asks again whether its client may read on.
+const RECHECK: Duration = Duration::from_secs(5);
 
 /// Start reading the bus for one client: its events come on the receiver, in bus order
 /// within each feed, until the client goes away (the receiver is dropped), the gateway
@@ -171,24 +191,48 @@ async fn send(f: &Follow, tx: &mpsc::Sender<Item>, item: Item) -> Result<(), End
 
 async fn run(f: Follow, tx: mpsc::Sender<Item>) {
     let mut at = f.from;
+    let mut checked = tokio::time::Instant::now();
     loop {
+        if checked.elapsed() >= RECHECK {
+            checked = tokio::time::Instant::now();
+            if let Err(reason) = (f.allowed)() {
+                tracing::info!(tenant = %f.tenant, %reason, "an event stream's client may no longer read: ended");
+                let _ = send(&f, &tx, Item::End { reason }).await;
+                return;
+            }
+        }
         let wait = Duration::ZERO;
-        let (results, presence) = tokio::join!(
+        let (results, presence, alerts) = tokio::join!(
             read_results(&f, at.results, wait),
             read_presence(&f, at.presence, wait),
+            read_alerts(&f, at.alerts, wait),
         );
-        let (results, presence) = match (results, presence) {
-            (Ok(r), Ok(p)) if r.is_empty() && p.is_empty() => {
-                // Idle: wait on both feeds for whichever has something first.
-                tokio::select! {
-                    r = read_results(&f, at.results, IDLE_WAIT) => (r, Ok(Batch::at(at.presence))),
-                    p = read_presence(&f, at.presence, IDLE_WAIT) => (Ok(Batch::at(at.results)), p),
-                }
+        let idle = [&results, &presence, &alerts]
+            .iter()
+            .all(|b| b.as_ref().is_ok_and(Batch::is_empty));
+        let (results, presence, alerts) = if idle {
+            // Idle: wait on every feed for whichever has something first. (A feed the
+            // client did not ask for is not waited on: its read would be ready at once
+            // and the wait would spin.)
+            let (r, p, a) = (
+                Batch::at(at.results),
+                Batch::at(at.presence),
+                Batch::at(at.alerts),
+            );
+            tokio::select! {
+                r = read_results(&f, at.results, IDLE_WAIT), if f.filter.results => (r, Ok(p), Ok(a)),
+                p = read_presence(&f, at.presence, IDLE_WAIT), if f.filter.presence => (Ok(r), p, Ok(a)),
+                a = read_alerts(&f, at.alerts, IDLE_WAIT), if f.filter.alerts || f.filter.silences => (Ok(r), Ok(p), a),
             }
-            other => other,
+        } else {
+            (results, presence, alerts)
         };
         let mut failed = None;
-        for (batch, feed) in [(presence, Feed::Presence), (results, Feed::Results)] {
+        for (batch, feed) in [
+            (presence, Feed::Presence),
+            (alerts, Feed::Alerts),
+            (results, Feed::Results),
+        ] {
             let batch = match batch {
                 Ok(b) => b,
                 Err(e) => {
@@ -236,6 +280,7 @@ async fn run(f: Follow, tx: mpsc::Sender<Item>) {
 enum Feed {
     Results,
     Presence,
+    Alerts,
 }
 
 impl Feed {
@@ -243,6 +288,7 @@ impl Feed {
         match self {
             Feed::Results => "results",
             Feed::Presence => "presence",
+            Feed::Alerts => "alerts",
         }
     }
 
@@ -250,6 +296,7 @@ impl Feed {
         match self {
             Feed::Results => at.results = position,
             Feed::Presence => at.presence = position,
+            Feed::Alerts => at.alerts = position,
         }
     }
 }
@@ -316,8 +363,7 @@ async fn read_results(f: &Follow, from: u64, wait: Duration) -> Result<Batch, Bu
         ..Batch::default()
     };
     if read.lost {
-        // Where the read went on from: just before its first result, or where it ended.
-        let to = read.results.first().map_or(read.next, |_| 0);
+        let to = read.resumed.unwrap_or(read.next);
         batch.lost = Some((to, lost_reason("results", from, to)));
     }
     for (next, agent, result) in read.results {
@@ -355,7 +401,7 @@ async fn read_presence(f: &Follow, from: u64, wait: Duration) -> Result<Batch, B
         ..Batch::default()
     };
     if read.lost {
-        let to = read.events.first().map_or(read.next, |_| 0);
+        let to = read.resumed.unwrap_or(read.next);
         batch.lost = Some((to, lost_reason("presence events", from, to)));
     }
     for (next, event) in read.events {
@@ -381,4 +427,93 @@ async fn read_presence(f: &Follow, from: u64, wait: Duration) -> Result<Batch, B
         batch.events.push((next, "presence", data));
     }
     Ok(batch)
+}
+
+async fn read_alerts(f: &Follow, from: u64, wait: Duration) -> Result<Batch, BusError> {
+    if !f.filter.alerts && !f.filter.silences {
+        return Ok(Batch::at(from));
+    }
+    let read = f
+        .bus
+        .read_alert_events(&f.tenant, from, BATCH, wait)
+        .await?;
+    let mut batch = Batch {
+        next: read.next,
+        ..Batch::default()
+    };
+    if read.lost {
+        let to = read.resumed.unwrap_or(read.next);
+        batch.lost = Some((to, lost_reason("alert changes", from, to)));
+    }
+    for (next, mut event) in read.events {
+        let kind = match event["type"].as_str() {
+            Some("alert") => "alert",
+            Some("silence") => "silence",
+            _ => {
+                batch.events.push((next, "alert", None));
+                continue;
+            }
+        };
+        let data = (|| {
+            let filter = &f.filter;
+            if kind == "alert" {
+                if !filter.alerts {
+                    return None;
+                }
+                if let Some(glob) = &filter.check {
+                    if !crate::alerts::config::glob(glob, event["check"].as_str()?) {
+                        return None;
+                    }
+                }
+                let fingerprint = event["fingerprint"].as_str()?.to_string();
+                // An agent's alerts only (not a gateway's) pass an agent or label filter.
+                if !filter.agents.is_empty() || !filter.labels.is_empty() {
+                    agent_passes(f, &fingerprint)?;
+                }
+            } else if !filter.silences
+                || !filter.agents.is_empty()
+                || !filter.labels.is_empty()
+                || filter.check.is_some()
+            {
+                // A silence is about matchers, not one agent or check.
+                return None;
+            }
+            let obj = event.as_object_mut()?;
+            obj.remove("tenant");
+            obj.remove("type");
+            Some(event.to_string())
+        })();
+        batch.events.push((next, kind, data));
+    }
+    Ok(batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_id_names_its_place_and_reads_back_as_it() {
+        let c = Cursor {
+            results: 1 << 40,
+            presence: 7,
+            alerts: 3,
+        };
+        assert_eq!(c.id(), "1099511627776-7-3");
+        assert_eq!(Cursor::parse(&c.id()), Ok(c));
+        assert_eq!(Cursor::parse(" 0-0-0 "), Ok(Cursor::default()));
+        for bad in [
+            "",
+            "12",
+            "1-2",
+            "a-1-2",
+            "1--2",
+            "-1-2",
+            "1-2-3-4",
+            "18446744073709551616-0-0",
+        ] {
+            let e = Cursor::parse(bad).unwrap_err();
+            assert!(e.contains("Last-Event-ID"), "{bad}: {e}");
+        }
+    }
 }

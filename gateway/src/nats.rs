@@ -7,6 +7,7 @@
 //! |---|---|
 //! | results | stream `OUTPOST_RESULTS_<tenant>` (`OUTPOST_RESULTS` for the fleet's home tenant), subject `outpost.<tenant>.results.<fingerprint>`, `Nats-Msg-Id` = `<tenant>.<fingerprint>:<seq>` |
 //! | presence events | stream `OUTPOST_PRESENCE`, subject `outpost.<tenant>.presence.<fingerprint>` |
+//! | alert and silence changes | stream `OUTPOST_ALERT_EVENTS`, subject `outpost.<tenant>.alerts.events` |
 //! | fleet registry | KV `outpost_agents`, key `<tenant>.<fingerprint>` |
 //! | live gateways | KV `outpost_gateways`, key `<gateway id>` (heartbeat, expires) |
 //! | agent credentials | KV `outpost_credentials`, key `<tenant>.<fingerprint>`; tenant keys under `<tenant>._tenant` |
@@ -97,6 +98,8 @@ pub fn results_stream(tenant: &str) -> String {
 }
 pub const PRESENCE_STREAM: &str = "OUTPOST_PRESENCE";
 pub const AUDIT_STREAM: &str = "OUTPOST_AUDIT";
+/// Changes of the tenants' alerts and silences, for the event stream.
+pub const ALERT_EVENTS_STREAM: &str = "OUTPOST_ALERT_EVENTS";
 pub const AGENTS_BUCKET: &str = "outpost_agents";
 pub const GATEWAYS_BUCKET: &str = "outpost_gateways";
 pub const CREDENTIALS_BUCKET: &str = "outpost_credentials";
@@ -104,6 +107,11 @@ pub const TENANTS_BUCKET: &str = "outpost_tenants";
 
 pub fn results_subject(tenant: &str, fingerprint: &str) -> String {
     format!("outpost.{tenant}.results.{fingerprint}")
+}
+
+/// Changes of `tenant`'s alerts and silences.
+pub fn alert_events_subject(tenant: &str) -> String {
+    format!("outpost.{tenant}.alerts.events")
 }
 
 pub fn presence_subject(tenant: &str, fingerprint: &str) -> String {
@@ -288,6 +296,12 @@ impl Nats {
             "outpost.*.audit",
         );
         ensure_stream(&js, audit).await?;
+        let alert_events = events(
+            ALERT_EVENTS_STREAM,
+            "Outpost alert and silence changes per tenant, for the event stream",
+            &alert_events_subject("*"),
+        );
+        ensure_stream(&js, alert_events).await?;
         let bucket = |name: &str, description: &str, history: i64, max_age: Duration| kv::Config {
             bucket: name.into(),
             description: description.into(),

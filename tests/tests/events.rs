@@ -118,13 +118,14 @@ async fn a_client_cut_off_resumes_with_its_last_id_missing_nothing_and_repeating
     );
     // Every event has an id, and ids only grow in each feed.
     for pair in all.windows(2) {
-        let parts = |e: &Event| -> (u64, u64) {
-            let id = e.id.as_deref().unwrap();
-            let (r, p) = id.split_once('-').unwrap();
-            (r.parse().unwrap(), p.parse().unwrap())
-        };
-        let (x, y) = (parts(&pair[0]), parts(&pair[1]));
-        assert!(y.0 >= x.0 && y.1 >= x.1, "ids went back: {x:?} then {y:?}");
+        let (x, y) = (
+            positions(pair[0].id.as_deref().unwrap()),
+            positions(pair[1].id.as_deref().unwrap()),
+        );
+        assert!(
+            y.0 >= x.0 && y.1 >= x.1 && y.2 >= x.2,
+            "ids went back: {x:?} then {y:?}"
+        );
     }
 }
 
@@ -138,7 +139,7 @@ async fn a_position_no_longer_kept_is_a_reset_and_filters_and_heartbeats_hold() 
 
     // A position beyond the bus (a bus since deleted and made again): reset, then events
     // from the oldest kept.
-    let gone = format!("{}-0", 4000u64 << 32);
+    let gone = format!("{}-0-0", 4000u64 << 32);
     let f = Follower::start(&gw, "/api/v1/events?types=result", &gw.token, Some(&gone)).await;
     assert_eq!(f.status, 200);
     results_at_least(&f, 1).await;
@@ -161,7 +162,7 @@ async fn a_position_no_longer_kept_is_a_reset_and_filters_and_heartbeats_hold() 
         &gw,
         "/api/v1/events?types=result&check=to*&problems=true",
         &gw.token,
-        Some("0-0"),
+        Some("0-0-0"),
     )
     .await;
     results_at_least(&f, 3).await;
@@ -177,7 +178,7 @@ async fn a_position_no_longer_kept_is_a_reset_and_filters_and_heartbeats_hold() 
         &gw,
         "/api/v1/events?agent=nobody&heartbeat=1",
         &gw.token,
-        Some("0-0"),
+        Some("0-0-0"),
     )
     .await;
     eventually(T, "two heartbeat comments", || async {
@@ -192,7 +193,7 @@ async fn a_position_no_longer_kept_is_a_reset_and_filters_and_heartbeats_hold() 
 
     // Bad requests say what to fix.
     for (path, last, want) in [
-        ("/api/v1/events?types=alerts", None, "unknown event type"),
+        ("/api/v1/events?types=results", None, "unknown event type"),
         ("/api/v1/events?heartbeat=0", None, "out of range"),
         ("/api/v1/events?label=role", None, "key=value"),
         ("/api/v1/events?colour=red", None, "bad query"),
@@ -249,10 +250,10 @@ async fn on_the_bus(nats: &str, stream: &str, filter: &str, from: u64, to: u64) 
     out
 }
 
-/// The (results, presence) positions of an event id.
-fn positions(id: &str) -> (u64, u64) {
-    let (r, p) = id.split_once('-').unwrap();
-    (r.parse().unwrap(), p.parse().unwrap())
+/// The (results, presence, alerts) positions of an event id.
+fn positions(id: &str) -> (u64, u64, u64) {
+    let p: Vec<u64> = id.split('-').map(|n| n.parse().unwrap()).collect();
+    (p[0], p[1], p[2])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,9 +262,15 @@ async fn on_a_fleet_a_client_cut_off_from_one_gateway_resumes_on_another_exactly
     let dir = tempdir();
     let nats = NatsServer::start(dir.path(), "n1");
     let url = nats.url();
+    // The failing check fires an alert (its receiver is nowhere: it stays pending, and
+    // the holder of the tenant's alerting publishes its changes).
+    let alerting = format!(
+        "{CHECKS}\n[[receiver]]\nname = \"nowhere\"\nwebhook = {{ url = \"http://127.0.0.1:9/\" }}\n\n\
+         [[route]]\nchecks = [\"tock\"]\nreceivers = [\"nowhere\"]\n"
+    );
     config_push(
         &url,
-        &write_config(dir.path(), &[("checks.toml", CHECKS)]),
+        &write_config(dir.path(), &[("checks.toml", &alerting)]),
         &[],
     );
     let pki = pki(dir.path());
@@ -293,6 +300,11 @@ async fn on_a_fleet_a_client_cut_off_from_one_gateway_resumes_on_another_exactly
     let second = Follower::start(&gws[1], "/api/v1/events", &token, Some(&last)).await;
     assert_eq!(second.status, 200);
     results_at_least(&second, 20).await;
+    eventually(T, "an alert event", || async {
+        let seen = |e: &Event| e.kind == "alert";
+        (before.iter().any(seen) || second.events().iter().any(seen)).then_some(())
+    })
+    .await;
     let after = second.cut();
     assert_eq!(after[0].id.as_deref(), Some(last.as_str()));
 
@@ -355,6 +367,36 @@ async fn on_a_fleet_a_client_cut_off_from_one_gateway_resumes_on_another_exactly
     .collect();
     assert!(!got.is_empty());
     assert_eq!(got, held, "the presence events streamed are the bus's");
+    let got: Vec<(String, String, String)> = all
+        .iter()
+        .filter(|e| e.kind == "alert" || e.kind == "silence")
+        .map(|e| {
+            (
+                e.data["fingerprint"].to_string(),
+                e.data["check"].to_string(),
+                e.data["state"].to_string(),
+            )
+        })
+        .collect();
+    let held: Vec<(String, String, String)> = on_the_bus(
+        &url,
+        "OUTPOST_ALERT_EVENTS",
+        "outpost.default.alerts.events",
+        start.2,
+        end.2,
+    )
+    .await
+    .iter()
+    .map(|v| {
+        (
+            v["fingerprint"].to_string(),
+            v["check"].to_string(),
+            v["state"].to_string(),
+        )
+    })
+    .collect();
+    assert!(!got.is_empty());
+    assert_eq!(got, held, "the alert changes streamed are the bus's");
 }
 
 /// A TLS connection to `gw` whose receive buffer is small (4 KiB), so a client that does
@@ -405,7 +447,7 @@ async fn a_client_too_slow_is_ended_with_a_reason_while_others_and_the_agents_go
     // A client that asks for everything kept and then reads nothing for a while.
     let mut slow = small_window(&gw).await;
     let request = format!(
-        "GET /api/v1/events?types=result HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\nlast-event-id: 0-0\r\n\r\n",
+        "GET /api/v1/events?types=result HTTP/1.1\r\nhost: localhost\r\nauthorization: Bearer {}\r\nlast-event-id: 0-0-0\r\n\r\n",
         gw.token
     );
     slow.write_all(request.as_bytes()).await.unwrap();
@@ -458,4 +500,176 @@ async fn a_client_too_slow_is_ended_with_a_reason_while_others_and_the_agents_go
         &text[text.len().saturating_sub(300)..]
     );
     assert!(text[..error].contains("event: result"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_when_its_token_is_revoked_and_filters_pick_agents_and_feeds() {
+    let dir = tempdir();
+    let gw = Gateway::start(dir.path(), &[]);
+    gw.write_checks("checks.toml", CHECKS);
+    let a1 = Agent::start(dir.path(), "web-1", &gw, "");
+    let a2 = Agent::start(dir.path(), "web-2", &gw, "");
+
+    // One agent's events only, from the oldest kept.
+    let path = format!("/api/v1/events?agent={}", a2.fingerprint);
+    let f = Follower::start(&gw, &path, &gw.token, Some("0-0-0")).await;
+    results_at_least(&f, 5).await;
+    let events = f.cut();
+    assert!(events
+        .iter()
+        .filter(|e| e.kind == "result" || e.kind == "presence")
+        .all(|e| e.data["fingerprint"] == a2.fingerprint.as_str()));
+    assert!(events.iter().any(|e| e.kind == "presence"), "{events:?}");
+    // Presence only: web-1 stopping is told, and no result is.
+    let f = Follower::start(&gw, "/api/v1/events?types=presence", &gw.token, None).await;
+    eventually(T, "hello", || async {
+        f.events().first().filter(|e| e.kind == "hello").cloned()
+    })
+    .await;
+    let fp1 = a1.fingerprint.clone();
+    let mut a1 = a1;
+    a1.proc.signal(libc::SIGTERM);
+    a1.proc.wait_exit(T).await;
+    eventually(T, "web-1 deregistered, as an event", || async {
+        f.events()
+            .iter()
+            .find(|e| e.data["fingerprint"] == fp1.as_str() && e.data["presence"] == "deregistered")
+            .cloned()
+    })
+    .await;
+    assert!(f.cut().iter().all(|e| e.kind != "result"));
+
+    // A read token's stream ends once the token is revoked.
+    let (status, made) = gw
+        .http_json(
+            "POST",
+            "/api/v1/tokens",
+            Some(&gw.token),
+            Some(&serde_json::json!({"role": "read", "name": "dashboard"})),
+        )
+        .await;
+    assert_eq!(status, 201, "{made}");
+    let token = made["api_token"].as_str().unwrap();
+    let f = Follower::start(&gw, "/api/v1/events", token, None).await;
+    assert_eq!(f.status, 200);
+    results_at_least(&f, 2).await;
+    let (status, body) = gw
+        .http(
+            "POST",
+            &format!("/api/v1/tokens/{}/revoke", made["id"].as_str().unwrap()),
+            Some(&gw.token),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    eventually(T, "the stream ended, saying why", || async {
+        f.ended().then(|| f.events().last().cloned()).flatten()
+    })
+    .await;
+    let last = f.events().last().cloned().unwrap();
+    assert_eq!(last.kind, "error", "{last:?}");
+    assert!(
+        last.data["error"]
+            .as_str()
+            .unwrap()
+            .contains("no longer allowed"),
+        "{last:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alerts_and_silences_change_on_the_stream_as_the_api_shows_them() {
+    use outpost_e2e::flip::{flip_plugin, set_state};
+    use outpost_e2e::receivers::{signed_hook, SECRET};
+    let dir = tempdir();
+    let plugin = flip_plugin(dir.path());
+    let hook = signed_hook(dir.path()).await;
+    let gw = Gateway::start(dir.path(), &[]);
+    gw.write_checks(
+        "flip.toml",
+        &format!(
+            r#"
+[[check]]
+name = "flip"
+command = [{plugin:?}]
+interval = 1
+
+[[receiver]]
+name = "hook"
+webhook = {{ url = "{url}", secret = "{SECRET}" }}
+
+[[route]]
+checks = ["flip"]
+receivers = ["hook"]
+"#,
+            url = hook.url()
+        ),
+    );
+    let agent = Agent::start(dir.path(), "web-1", &gw, "");
+    let fp = agent.fingerprint.clone();
+    let f = Follower::start(&gw, "/api/v1/events?types=alert,silence", &gw.token, None).await;
+    assert_eq!(f.status, 200);
+    let alert_in = |state: &'static str| {
+        let f = &f;
+        let fp = fp.clone();
+        move || {
+            let fp = fp.clone();
+            async move {
+                f.events()
+                    .iter()
+                    .find(|e| {
+                        e.kind == "alert"
+                            && e.data["fingerprint"] == fp.as_str()
+                            && e.data["check"] == "flip"
+                            && e.data["state"] == state
+                    })
+                    .cloned()
+            }
+        }
+    };
+
+    // CRITICAL: the alert fires and is told, as the API lists it.
+    set_state(dir.path(), 2);
+    let firing = eventually(T, "the alert firing, on the stream", alert_in("firing")).await;
+    assert_eq!(firing.data["status"], "critical", "{:?}", firing.data);
+    let listed = gw.api("/alerts").await;
+    assert!(
+        listed
+            .to_string()
+            .contains(firing.data["why"].as_str().unwrap()),
+        "the stream's alert is the API's: {listed}"
+    );
+
+    // A silence made through the API is on the stream, and silences the alert.
+    let (status, silence) = gw
+        .http_json(
+            "POST",
+            "/api/v1/silences",
+            Some(&gw.token),
+            Some(&serde_json::json!({
+                "matchers": {"checks": ["flip"]},
+                "ends_at": "1h",
+                "creator": "ops",
+                "comment": "maintenance",
+            })),
+        )
+        .await;
+    assert_eq!(status, 201, "{silence}");
+    let id = silence["id"].as_str().unwrap().to_string();
+    eventually(T, "the silence, on the stream", || async {
+        f.events()
+            .iter()
+            .find(|e| e.kind == "silence" && e.data["id"] == id.as_str())
+            .cloned()
+    })
+    .await;
+    eventually(T, "the alert silenced, on the stream", alert_in("silenced")).await;
+
+    // OK again: the alert is gone from the API and `ok` on the stream.
+    set_state(dir.path(), 0);
+    eventually(T, "the alert ok, on the stream", alert_in("ok")).await;
+    // Nothing but alerts and silences on this stream.
+    assert!(f
+        .events()
+        .iter()
+        .all(|e| ["hello", "alert", "silence"].contains(&e.kind.as_str())));
 }

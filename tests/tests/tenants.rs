@@ -264,7 +264,7 @@ async fn isolation_matrix(
 
             // The event stream, from the oldest kept: its own agent's events, nothing of
             // the other tenant's.
-            let f = Follower::start(api, "/api/v1/events", token, Some("0-0")).await;
+            let f = Follower::start(api, "/api/v1/events", token, Some("0-0-0")).await;
             assert_eq!(f.status, 200, "{}", cell("events"));
             eventually(
                 T,
@@ -277,7 +277,19 @@ async fn isolation_matrix(
                 },
             )
             .await;
-            let events: Vec<Value> = f.cut().into_iter().map(|e| e.data).collect();
+            let events = f.cut();
+            for e in events
+                .iter()
+                .filter(|e| e.kind == "result" || e.kind == "presence")
+            {
+                assert_eq!(
+                    e.data["fingerprint"].as_str(),
+                    Some(mine.as_str()),
+                    "{}: {e:?}",
+                    cell("events of its own agent only")
+                );
+            }
+            let events: Vec<Value> = events.into_iter().map(|e| e.data).collect();
             expect(200, &Value::Array(events), 200, "events");
 
             // Run-now (operate): on its own agent, across gateways on NATS.

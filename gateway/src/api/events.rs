@@ -1,7 +1,7 @@
 //! `GET /api/v1/events`: the tenant's event stream as Server-Sent Events (the `read`
 //! role). See [`crate::events`] for what it carries and how a client resumes.
 //!
-//! Query: `types` (`result,presence`; default both), `agent` (fingerprints, comma
+//! Query: `types` (`result,presence,alert,silence`; default all), `agent` (fingerprints, comma
 //! separated), `check` (a glob), `label` (`key=value`, comma separated: all must match),
 //! `problems` (`true`: non-OK results and lost agents only), `heartbeat` (seconds between
 //! keep-alive comments, 1 to 300; default 15), and `last_event_id` for clients that
@@ -15,7 +15,7 @@ use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
+use axum::{Extension, Router};
 use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
@@ -24,6 +24,7 @@ use super::access::{Read, Tenant};
 use super::{ApiError, Gw};
 use crate::errors::ErrorKind;
 use crate::events::{self, Cursor, Filter, Follow, Item};
+use crate::listener::PreAuth;
 
 pub fn routes() -> Router<Gw> {
     Router::new().route("/events", get(stream))
@@ -64,22 +65,24 @@ fn filter(p: &Params) -> Result<Filter, ApiError> {
         ..Filter::default()
     };
     if p.types.is_none() {
-        (f.results, f.presence) = (true, true);
+        (f.results, f.presence, f.alerts, f.silences) = (true, true, true, true);
     }
     for t in list(&p.types) {
         match t {
-            "result" | "results" => f.results = true,
+            "result" => f.results = true,
             "presence" => f.presence = true,
+            "alert" => f.alerts = true,
+            "silence" => f.silences = true,
             other => {
                 return Err(bad(format!(
-                    "unknown event type {other:?} in `types`: use result, presence"
+                    "unknown event type {other:?} in `types`: use result, presence, alert, silence"
                 )))
             }
         }
     }
-    if !f.results && !f.presence {
+    if !(f.results || f.presence || f.alerts || f.silences) {
         return Err(bad(
-            "`types` names no event type: use result, presence".into()
+            "`types` names no event type: use result, presence, alert, silence".into(),
         ));
     }
     for l in list(&p.label) {
@@ -96,6 +99,7 @@ fn filter(p: &Params) -> Result<Filter, ApiError> {
 async fn stream(
     State(gw): State<Gw>,
     t: Tenant<Read>,
+    pre_auth: Option<Extension<PreAuth>>,
     headers: HeaderMap,
     params: Result<Query<Params>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
@@ -137,6 +141,33 @@ async fn stream(
             }
         },
     };
+    // Asked again while the stream runs: a token revoked, or a tenant disabled, deleted
+    // or made again under its name, ends it.
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let tenant_id = gw.credentials.tenants.tenant(&t.name).map(|x| x.id);
+    let (credentials, name) = (gw.credentials.clone(), t.name.clone());
+    let allowed = move || -> Result<(), String> {
+        let tenants = &credentials.tenants;
+        match tenants.authenticate(&token) {
+            Ok(crate::tenants::Caller::Tenant { tenant, .. })
+                if tenant == name && tenants.tenant(&name).map(|x| x.id) == tenant_id =>
+            {
+                Ok(())
+            }
+            Ok(_) => Err("the stream's tenant was deleted".to_string()),
+            Err(refusal) => Err(format!("no longer allowed: {refusal}")),
+        }
+    };
+    // The connection is authenticated: it no longer holds a place among those that are not.
+    if let Some(Extension(pre_auth)) = pre_auth {
+        pre_auth.release();
+    }
     let rx = events::follow(Follow {
         bus: gw.bus.clone(),
         registry: gw.registry.clone(),
@@ -146,6 +177,7 @@ async fn stream(
         limits: gw.events,
         stop: gw.shutdown.clone(),
         metrics: gw.metrics.clone(),
+        allowed: Box::new(allowed),
     });
     Sse::new(sse(from, rx))
         .keep_alive(KeepAlive::new().interval(heartbeat))

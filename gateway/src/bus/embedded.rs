@@ -28,8 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::segments::{self, Log, Retention};
 use super::{
-    agent_key, AgentRef, AuditEvent, Bus, BusError, Ends, Presence, PresenceEvent, PresenceRead,
-    Published, ResultsRead,
+    agent_key, AgentRef, AlertEventsRead, AuditEvent, Bus, BusError, Ends, Presence, PresenceEvent,
+    PresenceRead, Published, ResultsRead,
 };
 
 /// Jobs waiting for the writer. A full queue makes publishers wait (backpressure reaches
@@ -60,6 +60,10 @@ enum Job {
         event: AuditEvent,
         done: oneshot::Sender<Result<(), String>>,
     },
+    AlertEvents {
+        events: Vec<serde_json::Value>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
     /// Bound a tenant's results to `max_bytes` (`None`: only the bus's own bound).
     Limit {
         tenant: String,
@@ -87,8 +91,80 @@ pub struct EmbeddedBus {
     /// Bumped after every write of results, for readers waiting on more.
     written: tokio::sync::watch::Sender<u64>,
     ends: DurableEnds,
-    /// The presence log's durable end, for its readers.
-    presence_end: Arc<Mutex<segments::Position>>,
+    /// The logs all tenants share that the event stream reads.
+    presence: Shared,
+    alert_events: Shared,
+}
+
+/// What the readers of a log all tenants share (presence events, alert events) need.
+#[derive(Clone)]
+struct Shared {
+    /// Its durable end, and a bump after every write.
+    end: Arc<Mutex<segments::Position>>,
+    written: tokio::sync::watch::Sender<u64>,
+    /// Per deleted tenant, the position just after its deletion mark.
+    floors: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+impl Shared {
+    fn open(dir: &Path, log: &Log) -> std::io::Result<Shared> {
+        Ok(Shared {
+            end: Arc::new(Mutex::new(log.durable_end())),
+            written: tokio::sync::watch::Sender::new(0),
+            floors: Arc::new(Mutex::new(drop_marks(dir, log.name())?)),
+        })
+    }
+
+    /// After `log` was written.
+    fn wrote(&self, log: &Log) {
+        *lock(&self.end) = log.durable_end();
+        self.written.send_modify(|n| *n += 1);
+    }
+
+    /// Where a deleted tenant of this name's lines end (`None`: none was deleted).
+    fn floor(&self, tenant: &str) -> Option<u64> {
+        lock(&self.floors).get(tenant).copied()
+    }
+
+    /// Mark `tenant` deleted in `log`: readers of a tenant of the same name start after.
+    fn mark_dropped(&self, log: &mut Log, tenant: &str) -> std::io::Result<()> {
+        let mut line = serde_json::to_vec(&DropMark {
+            dropped_tenant: tenant.to_string(),
+        })?;
+        line.push(b'\n');
+        log.append(&line)?;
+        let end = log
+            .durable_end()
+            .to_u64()
+            .ok_or_else(|| std::io::Error::other("bus position beyond 64 bits"))?;
+        lock(&self.floors).insert(tenant.to_string(), end);
+        self.wrote(log);
+        Ok(())
+    }
+}
+
+/// The line that ends a deleted tenant's lines in a shared log.
+#[derive(Serialize, Deserialize)]
+struct DropMark {
+    dropped_tenant: String,
+}
+
+/// Every deletion mark in the log `name` in `dir`: tenant → the position after it.
+fn drop_marks(dir: &Path, name: &str) -> std::io::Result<HashMap<String, u64>> {
+    let mut marks = HashMap::new();
+    let mut from = segments::Position::START;
+    loop {
+        let lines = segments::read_lines(dir, name, from, 1 << 20, None)?;
+        if lines.lines.is_empty() {
+            return Ok(marks);
+        }
+        for (at, line) in &lines.lines {
+            if let (Ok(mark), Some(at)) = (serde_json::from_slice::<DropMark>(line), at.to_u64()) {
+                marks.insert(mark.dropped_tenant, at);
+            }
+        }
+        from = lines.next;
+    }
 }
 
 /// What the bus held when it was opened: the newest result per agent and check, and each
@@ -122,8 +198,15 @@ impl EmbeddedBus {
         let presence = Log::open(dir, "presence", presence_retention)?.log;
         recovered.presence = last_presence(&presence)?;
         let audit = Log::open(dir, "audit", presence_retention)?.log;
-        let presence_end = Arc::new(Mutex::new(presence.durable_end()));
-        let p_end = presence_end.clone();
+        let alert_events = Log::open(dir, "alert-events", presence_retention)?.log;
+        let shared = (
+            Shared::open(dir, &presence)?,
+            Shared::open(dir, &alert_events)?,
+        );
+        let logs = SharedLogs {
+            presence: (presence, shared.0.clone()),
+            alert_events: (alert_events, shared.1.clone()),
+        };
         let watermarks: Watermarks = Arc::new(Mutex::new(watermarks));
         let (tx, rx) = mpsc::channel(QUEUE);
         let marks = watermarks.clone();
@@ -131,7 +214,7 @@ impl EmbeddedBus {
         let wrote = written.clone();
         std::thread::Builder::new()
             .name("outpost-bus-writer".into())
-            .spawn(move || writer(rx, results, (presence, p_end), audit, marks, wrote))?;
+            .spawn(move || writer(rx, results, logs, audit, marks, wrote))?;
         // Retention also when nothing is written; ends with the bus.
         let weak = tx.downgrade();
         tokio::spawn(async move {
@@ -152,7 +235,8 @@ impl EmbeddedBus {
             home: home.to_string(),
             written,
             ends,
-            presence_end,
+            presence: shared.0,
+            alert_events: shared.1,
         };
         Ok((bus, recovered))
     }
@@ -377,6 +461,12 @@ fn recover(
     })
 }
 
+/// The shared logs the writer appends to, each with what its readers see of it.
+struct SharedLogs {
+    presence: (Log, Shared),
+    alert_events: (Log, Shared),
+}
+
 /// The last event per agent in the presence log (unreadable lines skipped).
 fn last_presence(log: &Log) -> std::io::Result<HashMap<String, PresenceEvent>> {
     let mut last = HashMap::new();
@@ -395,11 +485,15 @@ type Watermarks = Arc<Mutex<HashMap<String, u64>>>;
 fn writer(
     mut rx: mpsc::Receiver<Job>,
     mut results: ResultLogs,
-    (mut presence, presence_end): (Log, Arc<Mutex<segments::Position>>),
+    shared: SharedLogs,
     mut audit: Log,
     watermarks: Watermarks,
     written: tokio::sync::watch::Sender<u64>,
 ) {
+    let SharedLogs {
+        presence: (mut presence, presence_shared),
+        alert_events: (mut alert_log, alerts_shared),
+    } = shared;
     let mut jobs = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         jobs.push(first);
@@ -413,6 +507,7 @@ fn writer(
         let mut rbufs: HashMap<String, Vec<u8>> = HashMap::new();
         let mut pbuf = Vec::new();
         let mut abuf = Vec::new();
+        let mut ebuf = Vec::new();
         let mut outcomes = Vec::with_capacity(jobs.len());
         // Watermarks move only once the write is durable; until then track them per group.
         let mut pending: HashMap<String, u64> = HashMap::new();
@@ -461,6 +556,14 @@ fn writer(
                         }
                         outcomes.push(None);
                     }
+                    Job::AlertEvents { events, .. } => {
+                        for event in events {
+                            if serde_json::to_writer(&mut ebuf, event).is_ok() {
+                                ebuf.push(b'\n');
+                            }
+                        }
+                        outcomes.push(None);
+                    }
                     Job::Limit { .. } | Job::Drop { .. } | Job::Usage { .. } => outcomes.push(None),
                     Job::Maintain => {
                         maintain_all = true;
@@ -498,10 +601,13 @@ fn writer(
         let aio = audit.append(&abuf);
         match &pio {
             Err(e) => tracing::error!(error = %e, "embedded bus could not store presence events"),
-            Ok(()) if !pbuf.is_empty() => {
-                *lock(&presence_end) = presence.durable_end();
-                written.send_modify(|n| *n += 1);
-            }
+            Ok(()) if !pbuf.is_empty() => presence_shared.wrote(&presence),
+            Ok(()) => {}
+        }
+        let eio = alert_log.append(&ebuf);
+        match &eio {
+            Err(e) => tracing::error!(error = %e, "embedded bus could not store alert events"),
+            Ok(()) if !ebuf.is_empty() => alerts_shared.wrote(&alert_log),
             Ok(()) => {}
         }
         if let Err(e) = &aio {
@@ -537,7 +643,7 @@ fn writer(
             drop(ends);
             written.send_modify(|n| *n += 1);
         }
-        for log in [&mut presence, &mut audit] {
+        for log in [&mut presence, &mut audit, &mut alert_log] {
             if let Err(e) = log.maintain(now) {
                 tracing::error!(error = %e, "embedded bus retention failed; will retry");
             }
@@ -556,11 +662,20 @@ fn writer(
                 Job::Audit { done, .. } => {
                     let _ = done.send(aio.as_ref().map(|_| ()).map_err(|e| e.to_string()));
                 }
+                Job::AlertEvents { done, .. } => {
+                    let _ = done.send(eio.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+                }
                 Job::Drop { tenant, done } => {
-                    let dropped = results.drop_tenant(&tenant);
+                    let mut dropped = results.drop_tenant(&tenant);
                     if dropped.is_ok() {
                         let prefix = format!("{tenant}.");
                         lock(&watermarks).retain(|k, _| !k.starts_with(&prefix));
+                        // The tenant's presence and alert events stay in the shared logs: a
+                        // mark ends them, and readers of a tenant of the same name start
+                        // after it.
+                        dropped = presence_shared
+                            .mark_dropped(&mut presence, &tenant)
+                            .and_then(|()| alerts_shared.mark_dropped(&mut alert_log, &tenant));
                     }
                     let _ = done.send(dropped.map_err(|e| e.to_string()));
                 }
@@ -676,20 +791,26 @@ impl Bus for EmbeddedBus {
                 .unwrap_or(segments::Position::START)
         };
         let read = self
-            .read_log(&dir, "results", durable, (from, max, wait), |line| {
-                match serde_json::from_slice::<ResultLine>(line) {
-                    // The home tenant's log may hold other tenants' results from a release
-                    // that kept one log for all: only the tenant's own are read.
-                    Ok(l) if l.tenant == tenant => {
-                        Some((AgentRef::new(&l.tenant, &l.fingerprint), l.result))
+            .read_log(
+                &dir,
+                ("results", &self.written),
+                durable,
+                (from, max, wait),
+                |_, line| {
+                    match serde_json::from_slice::<ResultLine>(line) {
+                        // The home tenant's log may hold other tenants' results from a release
+                        // that kept one log for all: only the tenant's own are read.
+                        Ok(l) if l.tenant == tenant => {
+                            Some((AgentRef::new(&l.tenant, &l.fingerprint), l.result))
+                        }
+                        Ok(_) => None,
+                        Err(e) => {
+                            tracing::warn!(%tenant, error = %e, "skipping an unreadable bus line");
+                            None
+                        }
                     }
-                    Ok(_) => None,
-                    Err(e) => {
-                        tracing::warn!(%tenant, error = %e, "skipping an unreadable bus line");
-                        None
-                    }
-                }
-            })
+                },
+            )
             .await?;
         Ok(ResultsRead {
             results: read
@@ -699,6 +820,7 @@ impl Bus for EmbeddedBus {
                 .collect(),
             next: read.next,
             lost: read.lost,
+            resumed: read.resumed,
         })
     }
 
@@ -710,16 +832,20 @@ impl Bus for EmbeddedBus {
         wait: Duration,
     ) -> Result<PresenceRead, BusError> {
         crate::tenant::parse_name(tenant).map_err(BusError::Unavailable)?;
-        let end = self.presence_end.clone();
+        let end = self.presence.end.clone();
+        let floor = self.presence.floor(tenant);
         let read = self
             .read_log(
                 &self.dir,
-                "presence",
+                ("presence", &self.presence.written),
                 move || *lock(&end),
                 (from, max, wait),
-                |line| match serde_json::from_slice::<PresenceEvent>(line) {
-                    Ok(e) if e.agent.tenant == tenant => Some(e),
+                |at, line| match serde_json::from_slice::<PresenceEvent>(line) {
+                    // Not those of a deleted tenant of the same name (before its mark).
+                    Ok(e) if e.agent.tenant == tenant && floor.is_none_or(|f| at > f) => Some(e),
                     Ok(_) => None,
+                    // A deletion mark.
+                    Err(_) if serde_json::from_slice::<DropMark>(line).is_ok() => None,
                     Err(e) => {
                         tracing::warn!(%tenant, error = %e, "skipping an unreadable presence line");
                         None
@@ -731,6 +857,58 @@ impl Bus for EmbeddedBus {
             events: read.items,
             next: read.next,
             lost: read.lost,
+            resumed: read.resumed,
+        })
+    }
+
+    async fn publish_alert_events(
+        &self,
+        tenant: &str,
+        events: &[serde_json::Value],
+    ) -> Result<(), BusError> {
+        crate::tenant::parse_name(tenant).map_err(BusError::Unavailable)?;
+        let events = events
+            .iter()
+            .map(|e| {
+                let mut e = e.clone();
+                e["tenant"] = tenant.into();
+                e
+            })
+            .collect();
+        self.submit(|done| Job::AlertEvents { events, done }).await
+    }
+
+    async fn read_alert_events(
+        &self,
+        tenant: &str,
+        from: u64,
+        max: usize,
+        wait: Duration,
+    ) -> Result<AlertEventsRead, BusError> {
+        crate::tenant::parse_name(tenant).map_err(BusError::Unavailable)?;
+        let end = self.alert_events.end.clone();
+        let floor = self.alert_events.floor(tenant);
+        let read = self
+            .read_log(
+                &self.dir,
+                ("alert-events", &self.alert_events.written),
+                move || *lock(&end),
+                (from, max, wait),
+                |at, line| match serde_json::from_slice::<serde_json::Value>(line) {
+                    Ok(e) if e["tenant"] == tenant && floor.is_none_or(|f| at > f) => Some(e),
+                    Ok(_) => None,
+                    Err(e) => {
+                        tracing::warn!(%tenant, error = %e, "skipping an unreadable alert event line");
+                        None
+                    }
+                },
+            )
+            .await?;
+        Ok(AlertEventsRead {
+            events: read.items,
+            next: read.next,
+            lost: read.lost,
+            resumed: read.resumed,
         })
     }
 
@@ -741,10 +919,18 @@ impl Bus for EmbeddedBus {
                 BusError::Unavailable(format!("bus position {p:?} does not fit in 64 bits"))
             })
         };
-        let results = lock(&self.ends).get(tenant).copied();
+        // A tenant with no results yet: the start of the first segment its log will have.
+        let first = segments::Position {
+            segment: 1,
+            offset: 0,
+        };
+        let results = lock(&self.ends).get(tenant).copied().unwrap_or(first);
+        let presence = (*lock(&self.presence.end)).max(first);
+        let alerts = (*lock(&self.alert_events.end)).max(first);
         Ok(Ends {
-            results: results.map(position).transpose()?.unwrap_or(0),
-            presence: position(*lock(&self.presence_end))?,
+            results: position(results)?,
+            presence: position(presence)?,
+            alerts: position(alerts)?,
         })
     }
 }
@@ -754,6 +940,7 @@ struct LogRead<T> {
     items: Vec<(u64, T)>,
     next: u64,
     lost: bool,
+    resumed: Option<u64>,
 }
 
 impl EmbeddedBus {
@@ -763,13 +950,13 @@ impl EmbeddedBus {
     async fn read_log<T: Send + 'static>(
         &self,
         dir: &Path,
-        name: &'static str,
+        (name, written): (&'static str, &tokio::sync::watch::Sender<u64>),
         durable: impl Fn() -> segments::Position,
         (from, max, wait): (u64, usize, Duration),
-        parse: impl Fn(&[u8]) -> Option<T>,
+        parse: impl Fn(u64, &[u8]) -> Option<T>,
     ) -> Result<LogRead<T>, BusError> {
         let deadline = tokio::time::Instant::now() + wait;
-        let mut changed = self.written.subscribe();
+        let mut changed = written.subscribe();
         let mut from = from;
         loop {
             changed.mark_unchanged();
@@ -796,6 +983,7 @@ impl EmbeddedBus {
                 items: Vec::new(),
                 next: position(lines.next)?,
                 lost: lines.lost,
+                resumed: lines.resumed.map(position).transpose()?,
             };
             let read_nothing = lines.lines.is_empty();
             for (at, line) in lines.lines {
@@ -803,7 +991,7 @@ impl EmbeddedBus {
                     break;
                 }
                 read.next = position(at)?;
-                if let Some(item) = parse(&line) {
+                if let Some(item) = parse(read.next, &line) {
                     read.items.push((read.next, item));
                 }
             }

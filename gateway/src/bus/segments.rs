@@ -165,6 +165,8 @@ pub struct Lines {
     /// The position asked for is no longer kept (retention deleted it): reading went on
     /// from the oldest line kept.
     pub lost: bool,
+    /// With `lost`: the position reading went on from.
+    pub resumed: Option<Position>,
 }
 
 /// Whole lines of the log `name` in `dir` from `from` on, about `max_bytes` of them at
@@ -226,6 +228,7 @@ pub fn read_lines(
                 }
                 out.lost = from != Position::START;
                 out.next.offset = f.base;
+                out.resumed = out.lost.then_some(out.next);
             }
             let file = match File::open(&f.path) {
                 Ok(file) => file,
@@ -258,6 +261,7 @@ pub fn read_lines(
             }
             out.lost = true;
             out.next = oldest;
+            out.resumed = Some(oldest);
             continue;
         }
         if pos.segment == active_n {
@@ -307,6 +311,7 @@ pub fn read_lines(
         });
         out.lost = from != Position::START && !at_an_end;
         out.next = oldest;
+        out.resumed = out.lost.then_some(oldest);
     }
     Err(std::io::Error::other(
         "the log kept changing while it was read",
@@ -771,6 +776,11 @@ impl Log {
             segment: self.active_n,
             offset: self.active_len,
         }
+    }
+
+    /// The log's name (its files' stem).
+    pub fn name(&self) -> &'static str {
+        self.name
     }
 
     /// Bytes on disk: every segment.

@@ -29,11 +29,12 @@ use outpost_protocol::CheckResult;
 use serde::Serialize;
 
 use super::{
-    audit_subject, presence_subject, results_stream, results_subject, Nats, PRESENCE_STREAM,
-    RESULTS_STREAM,
+    alert_events_subject, audit_subject, presence_subject, results_stream, results_subject, Nats,
+    ALERT_EVENTS_STREAM, PRESENCE_STREAM, RESULTS_STREAM,
 };
 use crate::bus::{
-    AgentRef, AuditEvent, Bus, BusError, Ends, PresenceEvent, PresenceRead, Published, ResultsRead,
+    AgentRef, AlertEventsRead, AuditEvent, Bus, BusError, Ends, PresenceEvent, PresenceRead,
+    Published, ResultsRead,
 };
 
 /// Header with the result's sequence number, so `last_seq` needs no body parsing.
@@ -47,8 +48,17 @@ pub struct NatsBus {
     streams: Mutex<HashMap<String, stream::Stream>>,
     /// Tenants' byte limits, as [`Bus::keep_bytes`] gave them.
     limits: Mutex<HashMap<String, u64>>,
-    /// The presence stream, once opened.
-    presence: Mutex<Option<stream::Stream>>,
+    /// The streams all tenants share, once opened.
+    shared: Mutex<HashMap<&'static str, stream::Stream>>,
+}
+
+/// Where [`NatsBus::read_polled`] reads.
+#[derive(Clone, Copy)]
+enum Source {
+    /// The tenant's results stream.
+    Results,
+    /// A stream all tenants share (each on subjects of its own).
+    Shared(&'static str),
 }
 
 /// What [`NatsBus::read_subject`] read: each item with the sequence after it.
@@ -56,6 +66,7 @@ struct Read<T> {
     items: Vec<(u64, T)>,
     next: u64,
     lost: bool,
+    resumed: Option<u64>,
 }
 
 /// A result as read back from a stream (the body [`ResultBody`] writes).
@@ -84,7 +95,7 @@ impl NatsBus {
             watermarks: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             limits: Mutex::new(HashMap::new()),
-            presence: Mutex::new(None),
+            shared: Mutex::new(HashMap::new()),
         }
     }
 
@@ -329,6 +340,21 @@ impl Bus for NatsBus {
                 "OUTPOST_RESULTS holds them (the fleet's home tenant)",
             ));
         }
+        // Its presence events too, from the stream all tenants share: a tenant made later
+        // under the same name finds none of them.
+        for (name, subject) in [
+            (PRESENCE_STREAM, presence_subject(tenant, "*")),
+            (ALERT_EVENTS_STREAM, alert_events_subject(tenant)),
+        ] {
+            self.shared_stream(name)
+                .await?
+                .purge()
+                .filter(subject)
+                .await
+                .map_err(|e| {
+                    unavailable(&format!("cannot purge the tenant's events in {name}"), e)
+                })?;
+        }
         // What OUTPOST_RESULTS kept of the tenant from before tenants had streams.
         home.purge()
             .filter(results_subject(tenant, "*"))
@@ -376,7 +402,7 @@ impl Bus for NatsBus {
             }
         };
         let read = self
-            .read_polled((tenant, false), &filter, (from, max, wait), parse)
+            .read_polled((tenant, Source::Results), &filter, (from, max, wait), parse)
             .await?;
         Ok(ResultsRead {
             results: read
@@ -386,6 +412,7 @@ impl Bus for NatsBus {
                 .collect(),
             next: read.next,
             lost: read.lost,
+            resumed: read.resumed,
         })
     }
 
@@ -409,35 +436,102 @@ impl Bus for NatsBus {
             }
         };
         let read = self
-            .read_polled((tenant, true), &filter, (from, max, wait), parse)
+            .read_polled(
+                (tenant, Source::Shared(PRESENCE_STREAM)),
+                &filter,
+                (from, max, wait),
+                parse,
+            )
             .await?;
         Ok(PresenceRead {
             events: read.items,
             next: read.next,
             lost: read.lost,
+            resumed: read.resumed,
+        })
+    }
+
+    async fn publish_alert_events(
+        &self,
+        tenant: &str,
+        events: &[serde_json::Value],
+    ) -> Result<(), BusError> {
+        crate::tenant::parse_name(tenant).map_err(BusError::Unavailable)?;
+        let subject = alert_events_subject(tenant);
+        let mut acks = Vec::with_capacity(events.len());
+        for e in events {
+            let mut e = e.clone();
+            e["tenant"] = tenant.into();
+            let body = serde_json::to_vec(&e).map_err(|e| unavailable("cannot encode", e))?;
+            acks.push(
+                self.nats
+                    .js
+                    .publish(subject.clone(), body.into())
+                    .await
+                    .map_err(|e| unavailable("cannot publish an alert event", e))?,
+            );
+        }
+        for ack in acks {
+            ack.await
+                .map_err(|e| unavailable("JetStream did not ack an alert event", e))?;
+        }
+        Ok(())
+    }
+
+    async fn read_alert_events(
+        &self,
+        tenant: &str,
+        from: u64,
+        max: usize,
+        wait: std::time::Duration,
+    ) -> Result<AlertEventsRead, BusError> {
+        crate::tenant::parse_name(tenant).map_err(BusError::Unavailable)?;
+        let filter = alert_events_subject(tenant);
+        let parse = |msg: &async_nats::jetstream::message::StreamMessage| {
+            match serde_json::from_slice::<serde_json::Value>(&msg.payload) {
+                Ok(e) if e["tenant"] == tenant => Some(e),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(%tenant, seq = msg.sequence, error = %e, "skipping an unreadable alert event");
+                    None
+                }
+            }
+        };
+        let read = self
+            .read_polled(
+                (tenant, Source::Shared(ALERT_EVENTS_STREAM)),
+                &filter,
+                (from, max, wait),
+                parse,
+            )
+            .await?;
+        Ok(AlertEventsRead {
+            events: read.items,
+            next: read.next,
+            lost: read.lost,
+            resumed: read.resumed,
         })
     }
 
     async fn ends(&self, tenant: &str) -> Result<Ends, BusError> {
         crate::tenant::parse_name(tenant).map_err(BusError::Unavailable)?;
+        // A tenant with no results stream yet: the first sequence its stream will have.
         let results = match self.existing_stream(tenant).await? {
-            Some(mut s) => {
-                let info = s
-                    .info()
-                    .await
-                    .map_err(|e| unavailable("cannot read the results stream", e))?;
-                info.state.last_sequence + 1
-            }
-            None => 0,
+            Some(mut s) => match s.info().await {
+                Ok(info) => info.state.last_sequence + 1,
+                Err(e) => {
+                    self.forget_stream(tenant);
+                    return Err(unavailable("cannot read the results stream", e));
+                }
+            },
+            None => 1,
         };
-        let mut presence = self.presence_stream().await?;
-        let info = presence
-            .info()
-            .await
-            .map_err(|e| unavailable("cannot read the presence stream", e))?;
+        let presence = self.shared_end(PRESENCE_STREAM).await?;
+        let alerts = self.shared_end(ALERT_EVENTS_STREAM).await?;
         Ok(Ends {
             results,
-            presence: info.state.last_sequence + 1,
+            presence,
+            alerts,
         })
     }
 
@@ -471,51 +565,81 @@ impl NatsBus {
     /// gap in the sequence is a loss only when retention took it (it is before the
     /// stream's first sequence, or the position is beyond the stream's last: a stream
     /// deleted and made again); a gap found after some items ends the read there, so
-    /// `lost` always speaks of where a read starts.
+    /// `lost` always speaks of where a read starts. With `to_end`, when nothing more is on
+    /// the filter `next` moves to the stream's end, past other subjects' messages (the
+    /// presence stream, which all tenants share): a quiet reader's place keeps up, and
+    /// retention deleting what others wrote is no loss of its own. (Results are read
+    /// without: a reader that stepped over nothing is at the end, which the alert
+    /// evaluator waits for before it notifies.)
     async fn read_subject<T>(
         stream: &mut stream::Stream,
         filter: &str,
-        (from, max): (u64, usize),
+        (from, max, to_end): (u64, usize, bool),
         parse: impl Fn(&async_nats::jetstream::message::StreamMessage) -> Option<T>,
     ) -> Result<Read<T>, BusError> {
-        let info = |e| unavailable("cannot read the stream", e);
+        let name = stream.cached_info().config.name.clone();
+        let failed =
+            |e: &dyn std::fmt::Display| unavailable(&format!("cannot read the stream {name}"), e);
         let mut read = Read {
             items: Vec::new(),
             next: from,
             lost: false,
+            resumed: None,
         };
+        // The stream's state, looked at once (only when a gap or the end needs it) and
+        // before the direct get it is used with.
+        let mut state: Option<stream::State> = None;
         while read.items.len() < max {
             let at = read.next.max(1);
             let msg = match stream.direct_get_next_for_subject(filter, Some(at)).await {
                 Ok(msg) => msg,
                 Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
+                    let look = to_end || (read.items.is_empty() && from > 0 && !read.lost);
+                    if !look {
+                        break;
+                    }
+                    let Some(s) = state.clone() else {
+                        // Read the state, then look once more: a message on the filter
+                        // written before the state was read is found by the second look.
+                        state = Some(stream.info().await.map_err(|e| failed(&e))?.state.clone());
+                        continue;
+                    };
                     if read.items.is_empty() && from > 0 && !read.lost {
-                        let s = stream.info().await.map_err(info)?.state.clone();
                         if from > s.last_sequence + 1 {
                             // Beyond the stream: made again since. Start over.
                             read.lost = true;
                             read.next = 0;
+                            read.resumed = Some(s.first_sequence.max(1));
                             continue;
                         }
                         if from < s.first_sequence {
                             // Retention emptied the stream past the position.
                             read.lost = true;
-                            read.next = s.first_sequence;
+                            read.resumed = Some(s.first_sequence);
                         }
+                    }
+                    if to_end {
+                        // Nothing more on the filter up to the end the state saw.
+                        read.next = read.next.max(s.last_sequence + 1);
                     }
                     break;
                 }
-                Err(e) => return Err(unavailable("cannot read the stream", e)),
+                Err(e) => return Err(failed(&e)),
             };
-            if msg.sequence > at && from > 0 {
-                // Read now: retention may have run since the last look.
-                let s = stream.info().await.map_err(info)?.state.clone();
-                if at < s.first_sequence {
-                    // Retention deleted from `at` on.
-                    if !read.items.is_empty() {
-                        break;
+            if msg.sequence > at && from > 0 && read.items.is_empty() && !read.lost {
+                // A gap before the first message read: other subjects' messages, or
+                // retention's doing if `at` is before the stream's first sequence now.
+                let s = match state.clone() {
+                    Some(s) => s,
+                    None => {
+                        let s = stream.info().await.map_err(|e| failed(&e))?.state.clone();
+                        state = Some(s.clone());
+                        s
                     }
+                };
+                if at < s.first_sequence {
                     read.lost = true;
+                    read.resumed = Some(msg.sequence);
                 }
             }
             read.next = msg.sequence + 1;
@@ -531,7 +655,7 @@ impl NatsBus {
     /// `wait` passes.
     async fn read_polled<T>(
         &self,
-        (tenant, presence): (&str, bool),
+        (tenant, source): (&str, Source),
         filter: &str,
         (from, max, wait): (u64, usize, std::time::Duration),
         parse: impl Fn(&async_nats::jetstream::message::StreamMessage) -> Option<T>,
@@ -541,22 +665,24 @@ impl NatsBus {
         let deadline = tokio::time::Instant::now() + wait;
         let mut from = from;
         loop {
-            let stream = if presence {
-                Some(self.presence_stream().await?)
-            } else {
+            let stream = match source {
+                Source::Shared(name) => Some(self.shared_stream(name).await?),
                 // Never made (or deleted with its tenant): nothing to read, and reading
                 // does not make it again.
-                self.existing_stream(tenant).await?
+                Source::Results => self.existing_stream(tenant).await?,
             };
+            let shared = matches!(source, Source::Shared(_));
             let read = match stream {
                 Some(mut stream) => {
                     let read =
-                        Self::read_subject(&mut stream, filter, (from, max.max(1)), &parse).await;
+                        Self::read_subject(&mut stream, filter, (from, max.max(1), shared), &parse)
+                            .await;
                     if read.is_err() {
-                        if presence {
-                            *lock(&self.presence) = None;
-                        } else {
-                            self.forget_stream(tenant);
+                        match source {
+                            Source::Shared(name) => {
+                                lock(&self.shared).remove(name);
+                            }
+                            Source::Results => self.forget_stream(tenant),
                         }
                     }
                     read?
@@ -565,6 +691,7 @@ impl NatsBus {
                     items: Vec::new(),
                     next: from,
                     lost: false,
+                    resumed: None,
                 },
             };
             if !read.items.is_empty() || read.lost || tokio::time::Instant::now() >= deadline {
@@ -575,19 +702,31 @@ impl NatsBus {
         }
     }
 
-    /// The presence stream (opened once).
-    async fn presence_stream(&self) -> Result<stream::Stream, BusError> {
-        if let Some(s) = lock(&self.presence).clone() {
+    /// A stream all tenants share (opened once): presence or alert events.
+    async fn shared_stream(&self, name: &'static str) -> Result<stream::Stream, BusError> {
+        if let Some(s) = lock(&self.shared).get(name).cloned() {
             return Ok(s);
         }
         let s = self
             .nats
             .js
-            .get_stream(PRESENCE_STREAM)
+            .get_stream(name)
             .await
-            .map_err(|e| unavailable("cannot open the presence stream", e))?;
-        *lock(&self.presence) = Some(s.clone());
+            .map_err(|e| unavailable(&format!("cannot open the stream {name}"), e))?;
+        lock(&self.shared).insert(name, s.clone());
         Ok(s)
+    }
+
+    /// The next sequence `name` (a shared stream) will give.
+    async fn shared_end(&self, name: &'static str) -> Result<u64, BusError> {
+        let mut stream = self.shared_stream(name).await?;
+        match stream.info().await {
+            Ok(info) => Ok(info.state.last_sequence + 1),
+            Err(e) => {
+                lock(&self.shared).remove(name);
+                Err(unavailable(&format!("cannot read the stream {name}"), e))
+            }
+        }
     }
 
     /// Publish `results` above `mark` on `subject`; see [`Bus::publish_results`].

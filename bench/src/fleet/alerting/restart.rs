@@ -224,8 +224,9 @@ pub fn run(
                 &tls,
             )?;
         }
+        // (A gateway still starting may not answer yet: asked again.)
         let back = poll(Duration::from_secs(300), || {
-            Ok(online_since(rt, &gws[0], restarted_ms)? >= n)
+            Ok(online_since(rt, &gws[0], restarted_ms).is_ok_and(|k| k >= n))
         })?
         .map(|_| restarted.elapsed());
         progress(format!(
@@ -234,9 +235,16 @@ pub fn run(
         ));
         // The second control agent joins, and crashes once the window is over.
         controls.push(control(1)?);
-        poll(Duration::from_secs(60), || {
+        if poll(Duration::from_secs(60), || {
             Ok(controls[0].1.stats.online() >= 1)
-        })?;
+        })?
+        .is_none()
+        {
+            bail!(
+                "the second control agent did not come online within 60 s: {}",
+                controls[0].1.stats.first_error().unwrap_or_default()
+            );
+        }
         let window = HEARTBEAT_STALE + GRACE + LOOK_AND_MARGIN;
         std::thread::sleep(window.saturating_sub(restarted.elapsed()));
         let window = restarted.elapsed();
@@ -245,6 +253,9 @@ pub fn run(
         f.crash(rt);
         let control_after =
             alert_of(hook, path, &id2.fingerprint, CONTROL_LIMIT).then(|| crashed.elapsed());
+        // A false loss declared late (a gateway slow to start) would come after the
+        // window: some more time for it to show.
+        std::thread::sleep(LOOK_AND_MARGIN);
         let failures = fleets
             .iter()
             .map(|f| f.stats.failures.load(std::sync::atomic::Ordering::Relaxed))
