@@ -674,6 +674,8 @@ impl Engine {
     async fn evaluate(&self) {
         // The workers of this life end with it, however it ends.
         let stop = self.ctx.shutdown.child_token();
+        // The tenant this life is of: one deleted and made again under the name is another.
+        let tenant_id = self.ctx.tenants.tenant(&self.tenant).map(|t| t.id);
         let _workers_end = stop.clone().drop_guard();
         let loaded = loop {
             match self.store.load().await {
@@ -722,13 +724,14 @@ impl Engine {
         // yet in this life: all of it is told once caught up, so a new holder's readers
         // hear of what the last one may have changed without telling).
         let mut told: Option<Told> = None;
+        let mut last_told = Instant::now() - TELL_EVERY;
         loop {
             if self.ctx.shutdown.is_cancelled() {
                 break;
             }
             if last_housekeeping.elapsed() >= HOUSEKEEPING {
                 last_housekeeping = Instant::now();
-                if self.ctx.tenants.tenant(&self.tenant).is_none() {
+                if self.ctx.tenants.tenant(&self.tenant).map(|t| t.id) != tenant_id {
                     tracing::info!(tenant = %self.tenant, "the tenant is deleted: its alerting stops");
                     stop.cancel();
                     match self.store.remove().await {
@@ -1083,13 +1086,17 @@ impl Engine {
                     }
                 }
             }
-            if caught_up {
+            // Looked at no more often than every TELL_EVERY: a busy tenant's evaluator
+            // passes many times a second, and the view is made of every alert.
+            if caught_up && last_told.elapsed() >= TELL_EVERY {
+                last_told = Instant::now();
                 let seen = Seen {
                     presence: &presence,
                     by_host: &by_host,
                 };
                 let view = self.view(&alerts, &silences, &config, &seen, crate::util::now_ms());
-                self.tell_changes(&mut told, view).await;
+                self.tell_changes(&mut told, view, tenant_id.as_deref())
+                    .await;
             }
         }
         if dirty {
@@ -1104,26 +1111,28 @@ impl Engine {
 
     /// Publish on the bus, for the event stream, what changed in the alerts and silences
     /// since `told` (everything when `None`); `told` moves on only once it is published.
-    async fn tell_changes(&self, told: &mut Option<Told>, view: View) {
+    async fn tell_changes(&self, told: &mut Option<Told>, view: View, tenant_id: Option<&str>) {
         let now = Told::of(&view);
         let changes = now.changes(told.as_ref(), &view);
         if changes.is_empty() {
             *told = Some(now);
             return;
         }
-        // Only while this gateway holds the tenant's alerting (in a fleet).
-        if !self.store.writable() {
+        // Only while this gateway holds the tenant's alerting (in a fleet), and while the
+        // tenant is the one this life is of.
+        let same = self.ctx.tenants.tenant(&self.tenant).map(|t| t.id);
+        if !self.store.writable() || same.as_deref() != tenant_id {
             return;
         }
-        match self
-            .ctx
-            .bus
-            .publish_alert_events(&self.tenant, &changes)
-            .await
-        {
-            Ok(()) => *told = Some(now),
-            Err(e) => {
+        // Not long: the evaluator waits for it (and tells again what did not go).
+        let publish = self.ctx.bus.publish_alert_events(&self.tenant, &changes);
+        match tokio::time::timeout(PUBLISH_WAIT, publish).await {
+            Ok(Ok(())) => *told = Some(now),
+            Ok(Err(e)) => {
                 tracing::warn!(tenant = %self.tenant, error = %e, "cannot publish alert changes for the event stream; will retry")
+            }
+            Err(_) => {
+                tracing::warn!(tenant = %self.tenant, "publishing alert changes for the event stream took too long; will retry")
             }
         }
     }
@@ -2017,8 +2026,14 @@ impl Told {
     /// alert or silence new or changed, in full; each gone, as `ok` or `gone`.
     fn changes(&self, before: Option<&Told>, view: &View) -> Vec<serde_json::Value> {
         let empty = Told::default();
+        // Nothing told yet in this life: the whole set, between `sync` marks (a reader
+        // replaces what it holds with it: what a predecessor told and ended since is gone).
+        let sync = before.is_none();
         let before = before.unwrap_or(&empty);
         let mut out = Vec::new();
+        if sync {
+            out.push(serde_json::json!({ "type": "sync", "state": "begin" }));
+        }
         for a in &view.alerts {
             let key = (a.fingerprint.clone(), a.check.clone());
             if before.alerts.get(&key) != self.alerts.get(&key) {
@@ -2053,9 +2068,17 @@ impl Told {
         {
             out.push(serde_json::json!({ "type": "silence", "id": id, "state": "gone" }));
         }
+        if sync {
+            out.push(serde_json::json!({ "type": "sync", "state": "end" }));
+        }
         out
     }
 }
+
+/// How often the evaluator looks for alert and silence changes to tell the event stream,
+/// and how long it waits for them to be published.
+const TELL_EVERY: Duration = Duration::from_millis(250);
+const PUBLISH_WAIT: Duration = Duration::from_secs(2);
 
 /// The running evaluators, for the API. In a NATS fleet a tenant's evaluator may run on
 /// another gateway: what is asked is forwarded there.

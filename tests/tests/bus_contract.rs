@@ -580,6 +580,120 @@ const KEEP: Retention = Retention {
     max_bytes: 0,
 };
 
+/// The event stream's feeds: presence and alert events read by tenant and position, each
+/// tenant's only; the ends; a quiet tenant's place moves past others' events without a
+/// loss; a deleted tenant's events are gone for a new one of the same name (also once the
+/// bus is opened again).
+async fn events_contract(backend: &Backend) {
+    let bus = backend.open().await;
+    let wait = Duration::ZERO;
+    let online = |tenant: &str, fp: &str| PresenceEvent {
+        agent: AgentRef::new(tenant, fp),
+        presence: Presence::Online,
+        at_ms: 1,
+        reason: String::new(),
+    };
+    let alert =
+        |n: u64| serde_json::json!({"type": "alert", "fingerprint": "f", "check": "c", "n": n});
+    for (tenant, fp) in [("acme", "a1"), ("globex", "g1"), ("acme", "a2")] {
+        bus.publish_presence(&online(tenant, fp)).await.unwrap();
+    }
+    bus.publish_alert_events("acme", &[alert(1), alert(2)])
+        .await
+        .unwrap();
+    bus.publish_alert_events("globex", &[alert(3)])
+        .await
+        .unwrap();
+    let fps = |r: &outpost_gateway::bus::PresenceRead| -> Vec<String> {
+        r.events
+            .iter()
+            .map(|(_, e)| e.agent.fingerprint.clone())
+            .collect()
+    };
+    let ns = |r: &outpost_gateway::bus::AlertEventsRead| -> Vec<u64> {
+        r.events
+            .iter()
+            .map(|(_, e)| e["n"].as_u64().unwrap())
+            .collect()
+    };
+    let p = bus.read_presence("acme", 0, 100, wait).await.unwrap();
+    assert_eq!(fps(&p), ["a1", "a2"], "acme's presence only");
+    assert!(!p.lost);
+    let a = bus.read_alert_events("acme", 0, 100, wait).await.unwrap();
+    assert_eq!(ns(&a), [1, 2], "acme's alert events only");
+    assert!(a.events.iter().all(|(_, e)| e["tenant"] == "acme"));
+    let g = bus.read_alert_events("globex", 0, 100, wait).await.unwrap();
+    assert_eq!(ns(&g), [3]);
+
+    // From the ends: only what comes later.
+    let ends = bus.ends("acme").await.unwrap();
+    assert!(
+        ends.results > 0 && ends.presence > 0 && ends.alerts > 0,
+        "{ends:?}"
+    );
+    let p = bus
+        .read_presence("acme", ends.presence, 100, wait)
+        .await
+        .unwrap();
+    assert!(p.events.is_empty() && !p.lost, "{p:?}");
+    bus.publish_alert_events("acme", &[alert(4)]).await.unwrap();
+    let a = bus
+        .read_alert_events("acme", ends.alerts, 100, wait)
+        .await
+        .unwrap();
+    assert_eq!(ns(&a), [4]);
+    // One read waits for what comes.
+    let reading = bus.read_presence("acme", ends.presence, 100, Duration::from_secs(10));
+    let (p, ()) = tokio::join!(reading, async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        bus.publish_presence(&online("acme", "a3")).await.unwrap();
+    });
+    assert_eq!(fps(&p.unwrap()), ["a3"]);
+
+    // A quiet tenant's place goes past the others' events, and is no loss.
+    let at = bus.read_presence("acme", 0, 100, wait).await.unwrap().next;
+    for i in 0..20 {
+        bus.publish_presence(&online("globex", &format!("g{i}")))
+            .await
+            .unwrap();
+    }
+    let p = bus.read_presence("acme", at, 100, wait).await.unwrap();
+    assert!(p.events.is_empty() && !p.lost, "{p:?}");
+    assert!(
+        p.next > at,
+        "the place moved past globex's events: {} {at}",
+        p.next
+    );
+
+    // Deleted, then made again under the name: nothing of the old one.
+    bus.drop_tenant("acme").await.unwrap();
+    let p = bus.read_presence("acme", 0, 100, wait).await.unwrap();
+    assert!(p.events.is_empty(), "{p:?}");
+    let a = bus.read_alert_events("acme", 0, 100, wait).await.unwrap();
+    assert!(a.events.is_empty(), "{a:?}");
+    bus.publish_presence(&online("acme", "new")).await.unwrap();
+    bus.publish_alert_events("acme", &[alert(5)]).await.unwrap();
+    let check = |bus: Arc<dyn Bus>| async move {
+        let p = bus.read_presence("acme", 0, 100, wait).await.unwrap();
+        assert_eq!(fps(&p), ["new"]);
+        let a = bus.read_alert_events("acme", 0, 100, wait).await.unwrap();
+        assert_eq!(ns(&a), [5]);
+        // globex untouched.
+        let g = bus.read_alert_events("globex", 0, 100, wait).await.unwrap();
+        assert_eq!(ns(&g), [3]);
+    };
+    check(bus.clone()).await;
+    drop(bus);
+    check(backend.open().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_bus_keeps_the_events_contract() {
+    let dir = tempdir();
+    let server = NatsServer::start(dir.path(), "n1");
+    events_contract(&Backend::Nats(nats_settings(&server.url()))).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_bus_keeps_the_contract() {
     let dir = tempdir();
@@ -596,6 +710,7 @@ async fn the_embedded_bus_keeps_the_contract() {
     };
     age_contract(&Backend::Embedded(dir.path().join("aged"), aged)).await;
     tenant_bytes_contract(&Backend::Embedded(dir.path().join("tenants"), KEEP)).await;
+    events_contract(&Backend::Embedded(dir.path().join("events"), KEEP)).await;
     let capped = Backend::Embedded(dir.path().join("read-capped"), capped);
     reader_contract(
         &Backend::Embedded(dir.path().join("readers"), KEEP),

@@ -369,7 +369,7 @@ async fn on_a_fleet_a_client_cut_off_from_one_gateway_resumes_on_another_exactly
     assert_eq!(got, held, "the presence events streamed are the bus's");
     let got: Vec<(String, String, String)> = all
         .iter()
-        .filter(|e| e.kind == "alert" || e.kind == "silence")
+        .filter(|e| ["alert", "silence", "sync"].contains(&e.kind.as_str()))
         .map(|e| {
             (
                 e.data["fingerprint"].to_string(),
@@ -663,13 +663,56 @@ receivers = ["hook"]
     })
     .await;
     eventually(T, "the alert silenced, on the stream", alert_in("silenced")).await;
-
-    // OK again: the alert is gone from the API and `ok` on the stream.
-    set_state(dir.path(), 0);
-    eventually(T, "the alert ok, on the stream", alert_in("ok")).await;
     // Nothing but alerts and silences on this stream.
     assert!(f
         .events()
         .iter()
-        .all(|e| ["hello", "alert", "silence"].contains(&e.kind.as_str())));
+        .all(|e| ["hello", "alert", "silence", "sync"].contains(&e.kind.as_str())));
+    let last = f.cut().iter().rev().find_map(|e| e.id.clone()).unwrap();
+
+    // The gateway restarted: its evaluator's new life tells the whole set between `sync`
+    // marks, and the client resumed with its last id reads it.
+    let addr = gw.addr.clone();
+    drop(gw);
+    let gw = Gateway::start_on(dir.path(), &addr, &[]);
+    let f = Follower::start(
+        &gw,
+        "/api/v1/events?types=alert,silence",
+        &gw.token,
+        Some(&last),
+    )
+    .await;
+    let synced = eventually(T, "a whole set between sync marks", || async {
+        let events = f.events();
+        let begin = events
+            .iter()
+            .position(|e| e.kind == "sync" && e.data["state"] == "begin")?;
+        let end = events
+            .iter()
+            .position(|e| e.kind == "sync" && e.data["state"] == "end")?;
+        (end > begin).then(|| events[begin + 1..end].to_vec())
+    })
+    .await;
+    assert!(
+        synced.iter().any(|e| e.kind == "alert"
+            && e.data["check"] == "flip"
+            && e.data["state"] == "silenced"),
+        "{synced:?}"
+    );
+    assert!(
+        synced
+            .iter()
+            .any(|e| e.kind == "silence" && e.data["id"] == id.as_str()),
+        "{synced:?}"
+    );
+
+    // OK again: the alert is gone from the API and `ok` on the stream.
+    set_state(dir.path(), 0);
+    eventually(T, "the alert ok, on the stream", || async {
+        f.events()
+            .iter()
+            .find(|e| e.kind == "alert" && e.data["check"] == "flip" && e.data["state"] == "ok")
+            .cloned()
+    })
+    .await;
 }

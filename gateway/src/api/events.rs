@@ -125,6 +125,21 @@ async fn stream(
         .or(p.last_event_id.clone())
         .filter(|s| !s.trim().is_empty());
     let from = match last {
+        // An id of a release before alert events (`<results>-<presence>`): on from there,
+        // and from now on for alerts.
+        Some(id) if id.trim().split('-').count() == 2 => match gw.bus.ends(&t.name).await {
+            Ok(e) => match Cursor::parse(&format!("{}-{}", id.trim(), e.alerts)) {
+                Ok(c) => c,
+                Err(e) => return bad(e).into_response(),
+            },
+            Err(e) => {
+                return ApiError::new(
+                    ErrorKind::Unavailable,
+                    format!("cannot read the bus to start the stream: {e}; retry"),
+                )
+                .into_response()
+            }
+        },
         Some(id) => match Cursor::parse(&id) {
             Ok(c) => c,
             Err(e) => return bad(e).into_response(),

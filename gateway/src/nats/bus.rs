@@ -586,25 +586,31 @@ impl NatsBus {
             lost: false,
             resumed: None,
         };
-        // The stream's state, looked at once (only when a gap or the end needs it) and
-        // before the direct get it is used with.
+        // The stream's state, looked at once (only when a gap or the end needs it).
         let mut state: Option<stream::State> = None;
         while read.items.len() < max {
             let at = read.next.max(1);
-            let msg = match stream.direct_get_next_for_subject(filter, Some(at)).await {
-                Ok(msg) => msg,
-                Err(e) if e.kind() == DirectGetErrorKind::NotFound => {
-                    let look = to_end || (read.items.is_empty() && from > 0 && !read.lost);
-                    if !look {
+            let got = match stream.direct_get_next_for_subject(filter, Some(at)).await {
+                Ok(msg) => Some(msg),
+                Err(e) if e.kind() == DirectGetErrorKind::NotFound => None,
+                Err(e) => return Err(failed(&e)),
+            };
+            let msg = match got {
+                Some(msg) => msg,
+                None => {
+                    let first_read = read.items.is_empty() && from > 0 && !read.lost;
+                    if !to_end && !first_read {
                         break;
                     }
-                    let Some(s) = state.clone() else {
-                        // Read the state, then look once more: a message on the filter
-                        // written before the state was read is found by the second look.
-                        state = Some(stream.info().await.map_err(|e| failed(&e))?.state.clone());
-                        continue;
+                    let s = match state.clone() {
+                        Some(s) => s,
+                        None => {
+                            let s = stream.info().await.map_err(|e| failed(&e))?.state.clone();
+                            state = Some(s.clone());
+                            s
+                        }
                     };
-                    if read.items.is_empty() && from > 0 && !read.lost {
+                    if first_read {
                         if from > s.last_sequence + 1 {
                             // Beyond the stream: made again since. Start over.
                             read.lost = true;
@@ -616,15 +622,36 @@ impl NatsBus {
                             // Retention emptied the stream past the position.
                             read.lost = true;
                             read.resumed = Some(s.first_sequence);
+                            read.next = read.next.max(s.first_sequence);
                         }
                     }
-                    if to_end {
-                        // Nothing more on the filter up to the end the state saw.
-                        read.next = read.next.max(s.last_sequence + 1);
+                    if !to_end {
+                        break;
                     }
-                    break;
+                    // Before moving past other subjects' messages to the end the state saw,
+                    // ask the leader (whose state that is) whether anything of ours is
+                    // before it: a direct get may be answered by a replica that lags.
+                    let asked = stream
+                        .raw_message_builder()
+                        .sequence(at)
+                        .next_by_subject(filter.to_string())
+                        .send()
+                        .await;
+                    match asked {
+                        // Ours, not yet on the replica that answered: read from the leader.
+                        Ok(msg) if msg.sequence <= s.last_sequence => msg,
+                        Ok(_) => {
+                            read.next = read.next.max(s.last_sequence + 1);
+                            break;
+                        }
+                        Err(e) if e.kind() == stream::RawMessageErrorKind::NoMessageFound => {
+                            // Nothing more on the filter up to the end the state saw.
+                            read.next = read.next.max(s.last_sequence + 1);
+                            break;
+                        }
+                        Err(e) => return Err(failed(&e)),
+                    }
                 }
-                Err(e) => return Err(failed(&e)),
             };
             if msg.sequence > at && from > 0 && read.items.is_empty() && !read.lost {
                 // A gap before the first message read: other subjects' messages, or
