@@ -1,0 +1,739 @@
+//! `outpost`: the operator's command line. It speaks only the gateway's public API
+//! (docs/OPERATIONS.md), with contexts (gateway URL, token, CA or pin) kept in a file.
+//!
+//! Exit codes: 0 done; 1 the gateway refused (a bad argument, a token refused or too
+//! weak); 2 a usage or configuration problem; 3 the gateway unreachable or failing;
+//! 4 not found. Every error says what to do about it.
+
+mod api;
+mod config;
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+use api::{Api, Failure};
+
+#[derive(Parser)]
+#[command(
+    name = "outpost",
+    version,
+    about = "Operate an Outpost gateway through its API"
+)]
+struct Cli {
+    /// The contexts file (default: $XDG_CONFIG_HOME/outpost/config.toml).
+    #[arg(long, global = true, env = "OUTPOST_CONFIG")]
+    config: Option<PathBuf>,
+    /// The context to use (default: the current one).
+    #[arg(long, short = 'c', global = true, env = "OUTPOST_CONTEXT")]
+    context: Option<String>,
+    /// Tables for people, or JSON for scripts.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Gateways to talk to: add, choose, list.
+    #[command(subcommand)]
+    Context(ContextCmd),
+    /// The tenant's agents.
+    #[command(subcommand)]
+    Agents(AgentsCmd),
+    /// An agent's checks, their state and last result.
+    Checks {
+        #[command(subcommand)]
+        command: ChecksCmd,
+    },
+    /// Run an agent's check now and print the fresh result.
+    Run { agent: String, check: String },
+    /// The tenant's alerts that are not OK.
+    Alerts,
+    /// Silences: add, list, expire.
+    #[command(subcommand)]
+    Silence(SilenceCmd),
+    /// Acknowledge an alert (no repeats until it resolves or `--until` passes).
+    Ack {
+        agent: String,
+        check: String,
+        #[arg(long)]
+        comment: String,
+        #[arg(long, default_value = "")]
+        by: String,
+        /// How long, e.g. `4h` (default: until it resolves).
+        #[arg(long)]
+        until: Option<String>,
+    },
+    /// The event stream: results, presence, alerts and silences as they happen.
+    Events {
+        /// Keep following, reconnecting (with the last id) when the connection drops.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Start after this event id (`0-0-0`: from the oldest kept).
+        #[arg(long)]
+        from: Option<String>,
+        /// `result,presence,alert,silence` (default: all).
+        #[arg(long)]
+        types: Option<String>,
+        /// Only this agent's events.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only checks matching this glob.
+        #[arg(long)]
+        check: Option<String>,
+        /// Only non-OK results and lost agents.
+        #[arg(long)]
+        problems: bool,
+        /// Without --follow: stop after this many events.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Shell completions, to be sourced (bash, zsh, fish, …).
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+enum ContextCmd {
+    /// Add or change a context (and make it current when it is the first).
+    Set {
+        name: String,
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long)]
+        token: Option<String>,
+        /// The gateway certificate's SHA-256 (hex, as the gateway prints `pin_sha256`).
+        #[arg(long, conflicts_with = "ca")]
+        pin: Option<String>,
+        /// A CA certificate file (PEM).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
+    /// Make a context the current one.
+    Use { name: String },
+    /// The contexts (tokens are not shown).
+    List,
+}
+
+#[derive(Subcommand)]
+enum AgentsCmd {
+    /// Every agent of the tenant.
+    List,
+    /// One agent.
+    Show { agent: String },
+    /// Revoke an agent: closed at once, refused ever after.
+    Revoke { agent: String },
+}
+
+#[derive(Subcommand)]
+enum ChecksCmd {
+    /// An agent's checks.
+    List { agent: String },
+}
+
+#[derive(Subcommand)]
+enum SilenceCmd {
+    /// Silence alerts matching all of the given matchers.
+    Add {
+        /// Check name globs.
+        #[arg(long = "check")]
+        checks: Vec<String>,
+        /// An agent's hostname or fingerprint.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Labels `key=value` the agent must have.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// How long, e.g. `2h` (default: until expired).
+        #[arg(long = "for")]
+        duration: Option<String>,
+        #[arg(long)]
+        comment: String,
+        #[arg(long)]
+        creator: String,
+        /// End when the alerts it silences resolve.
+        #[arg(long)]
+        expire_on_resolve: bool,
+    },
+    /// The silences.
+    List,
+    /// End a silence now.
+    Expire { id: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outpost: cannot start: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("outpost: {}", f.message());
+            ExitCode::from(f.code())
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    let path = config::path(cli.config.clone())?;
+    let out = cli.output;
+    let api = || -> Result<Api, Failure> {
+        let cfg = config::load(&path)?;
+        let (name, ctx) = cfg.pick(cli.context.as_deref())?;
+        Api::new(&name, &ctx)
+    };
+    match cli.command {
+        Command::Context(cmd) => context(&path, cmd, out),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "outpost",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Command::Agents(AgentsCmd::List) => {
+            let v = api()?.call("GET", "/agents", None).await?;
+            print_rows(
+                out,
+                &v,
+                &[
+                    "fingerprint",
+                    "hostname",
+                    "presence",
+                    "gateway",
+                    "version",
+                    "os",
+                ],
+            );
+            Ok(())
+        }
+        Command::Agents(AgentsCmd::Show { agent }) => {
+            let v = api()?
+                .call("GET", &format!("/agents/{}", enc(&agent)), None)
+                .await?;
+            print_object(out, &v);
+            Ok(())
+        }
+        Command::Agents(AgentsCmd::Revoke { agent }) => {
+            let v = api()?
+                .call("POST", &format!("/agents/{}/revoke", enc(&agent)), None)
+                .await?;
+            print_object(out, &v);
+            Ok(())
+        }
+        Command::Checks {
+            command: ChecksCmd::List { agent },
+        } => {
+            let v = api()?
+                .call("GET", &format!("/agents/{}/checks", enc(&agent)), None)
+                .await?;
+            if out == Output::Json {
+                return print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|c| {
+                            vec![
+                                text(&c["check"]),
+                                text(&c["latest"]["status"]),
+                                text(&c["age_secs"]),
+                                first_line(&c["latest"]["output"]),
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            table(&["check", "status", "age (s)", "output"], &rows);
+            Ok(())
+        }
+        Command::Run { agent, check } => {
+            let v = api()?
+                .call(
+                    "POST",
+                    &format!("/agents/{}/checks/{}/run", enc(&agent), enc(&check)),
+                    None,
+                )
+                .await?;
+            if out == Output::Json {
+                return print_json(&v);
+            }
+            println!(
+                "{} {}: {}",
+                text(&v["check"]),
+                text(&v["status"]),
+                text(&v["output"]).trim_end()
+            );
+            Ok(())
+        }
+        Command::Alerts => {
+            let v = api()?.call("GET", "/alerts", None).await?;
+            let alerts = v.get("alerts").cloned().unwrap_or(v);
+            print_rows(
+                out,
+                &alerts,
+                &["hostname", "check", "status", "state", "why"],
+            );
+            Ok(())
+        }
+        Command::Silence(cmd) => silence(&api()?, cmd, out).await,
+        Command::Ack {
+            agent,
+            check,
+            comment,
+            by,
+            until,
+        } => {
+            let mut body = json!({"by": by, "comment": comment});
+            if let Some(u) = until {
+                body["until"] = u.into();
+            }
+            let v = api()?
+                .call(
+                    "POST",
+                    &format!("/alerts/{}/{}/ack", enc(&agent), enc(&check)),
+                    Some(&body),
+                )
+                .await?;
+            print_object(out, &v);
+            Ok(())
+        }
+        Command::Events {
+            follow,
+            from,
+            types,
+            agent,
+            check,
+            problems,
+            limit,
+        } => {
+            let mut query = Vec::new();
+            for (k, v) in [("types", types), ("agent", agent), ("check", check)] {
+                if let Some(v) = v {
+                    query.push(format!("{k}={}", enc(&v)));
+                }
+            }
+            if problems {
+                query.push("problems=true".into());
+            }
+            let path = if query.is_empty() {
+                "/events".to_string()
+            } else {
+                format!("/events?{}", query.join("&"))
+            };
+            events(&api()?, &path, from, follow, limit, out).await
+        }
+    }
+}
+
+fn context(path: &std::path::Path, cmd: ContextCmd, out: Output) -> Result<(), Failure> {
+    let mut cfg = config::load(path)?;
+    match cmd {
+        ContextCmd::Set {
+            name,
+            url,
+            token,
+            pin,
+            ca,
+        } => {
+            let old = cfg.contexts.get(&name).cloned();
+            let url = url.or(old.as_ref().map(|c| c.url.clone())).ok_or_else(|| {
+                Failure::Usage(format!(
+                    "context {name:?} is new: give --url https://GATEWAY:PORT"
+                ))
+            })?;
+            let token = token
+                .or(old.as_ref().map(|c| c.token.clone()))
+                .ok_or_else(|| {
+                    Failure::Usage(format!("context {name:?} is new: give --token TOKEN"))
+                })?;
+            let (pin, ca) = match (pin, ca) {
+                (None, None) => old.map(|c| (c.pin, c.ca)).unwrap_or_default(),
+                (p, c) => (p, c),
+            };
+            cfg.contexts.insert(
+                name.clone(),
+                config::Context {
+                    url,
+                    token,
+                    ca,
+                    pin,
+                },
+            );
+            if cfg.current.is_none() {
+                cfg.current = Some(name.clone());
+            }
+            config::save(path, &cfg)?;
+            eprintln!("context {name:?} saved in {}", path.display());
+            Ok(())
+        }
+        ContextCmd::Use { name } => {
+            if !cfg.contexts.contains_key(&name) {
+                return Err(Failure::NotFound(format!(
+                    "no context named {name:?}; add it with `outpost context set {name} --url … --token …`"
+                )));
+            }
+            cfg.current = Some(name);
+            config::save(path, &cfg)?;
+            Ok(())
+        }
+        ContextCmd::List => {
+            let list: Vec<Value> = cfg
+                .contexts
+                .iter()
+                .map(|(n, c)| {
+                    json!({
+                        "name": n,
+                        "current": cfg.current.as_deref() == Some(n),
+                        "url": c.url,
+                        "trust": match (&c.pin, &c.ca) {
+                            (Some(p), _) => format!("pin {p}"),
+                            (_, Some(ca)) => format!("ca {}", ca.display()),
+                            _ => "system roots".into(),
+                        },
+                    })
+                })
+                .collect();
+            print_rows(
+                out,
+                &Value::Array(list),
+                &["name", "current", "url", "trust"],
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn silence(api: &Api, cmd: SilenceCmd, out: Output) -> Result<(), Failure> {
+    match cmd {
+        SilenceCmd::Add {
+            checks,
+            agent,
+            labels,
+            duration,
+            comment,
+            creator,
+            expire_on_resolve,
+        } => {
+            let mut matchers = json!({});
+            if !checks.is_empty() {
+                matchers["checks"] = json!(checks);
+            }
+            if let Some(a) = agent {
+                matchers["agent"] = a.into();
+            }
+            if !labels.is_empty() {
+                let mut map = serde_json::Map::new();
+                for l in labels {
+                    let (k, v) = l.split_once('=').ok_or_else(|| {
+                        Failure::Usage(format!(
+                            "--label {l:?} is not key=value (e.g. --label role=db)"
+                        ))
+                    })?;
+                    map.insert(k.into(), v.into());
+                }
+                matchers["labels"] = Value::Object(map);
+            }
+            let mut body = json!({
+                "matchers": matchers,
+                "comment": comment,
+                "creator": creator,
+                "expire_on_resolve": expire_on_resolve,
+            });
+            if let Some(d) = duration {
+                body["ends_at"] = d.into();
+            }
+            let v = api.call("POST", "/silences", Some(&body)).await?;
+            if out == Output::Json {
+                return print_json(&v);
+            }
+            println!("{}", text(&v["id"]));
+            Ok(())
+        }
+        SilenceCmd::List => {
+            let v = api.call("GET", "/silences", None).await?;
+            let list = v.get("silences").cloned().unwrap_or(v);
+            print_rows(
+                out,
+                &list,
+                &["id", "creator", "comment", "matchers", "ends_ms"],
+            );
+            Ok(())
+        }
+        SilenceCmd::Expire { id } => {
+            let v = api
+                .call("DELETE", &format!("/silences/{}", enc(&id)), None)
+                .await?;
+            print_object(out, &v);
+            Ok(())
+        }
+    }
+}
+
+/// Print the stream's events, one line each; with `follow`, reconnect after a drop from
+/// the last id seen (nothing missed, nothing twice), waiting longer after each failure.
+async fn events(
+    api: &Api,
+    path: &str,
+    from: Option<String>,
+    follow: bool,
+    limit: usize,
+    out: Output,
+) -> Result<(), Failure> {
+    let mut last = from;
+    let mut printed = 0usize;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let headers: Vec<(&str, String)> = last
+            .iter()
+            .map(|id| ("last-event-id", id.clone()))
+            .collect();
+        let resp = match api.send("GET", path, None, &headers, None).await {
+            Ok(r) => r,
+            Err(f) if follow && f.code() == 3 => {
+                eprintln!("outpost: {}; reconnecting in {:?}", f.message(), backoff);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+            Err(f) => return Err(f),
+        };
+        let status = resp.status().as_u16();
+        if status != 200 {
+            let bytes = resp.bytes().await.unwrap_or_default();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let f = api.failure(status, &body);
+            if follow && f.code() == 3 {
+                eprintln!("outpost: {}; reconnecting in {:?}", f.message(), backoff);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+            return Err(f);
+        }
+        let mut body = resp.bytes_stream();
+        let mut buf = String::new();
+        let mut ended_by_gateway = None;
+        'read: while let Some(chunk) = body.next().await {
+            let Ok(chunk) = chunk else { break };
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let block: String = buf.drain(..end + 2).collect();
+                let Some((id, kind, data)) = parse_event(&block) else {
+                    continue;
+                };
+                backoff = Duration::from_millis(500);
+                if let Some(id) = id {
+                    last = Some(id);
+                }
+                if kind == "error" {
+                    ended_by_gateway = Some(data["error"].as_str().unwrap_or_default().to_string());
+                    break 'read;
+                }
+                if kind == "hello" {
+                    continue;
+                }
+                print_event(out, last.as_deref(), &kind, &data);
+                printed += 1;
+                if !follow && printed >= limit {
+                    return Ok(());
+                }
+            }
+        }
+        if let Some(why) = &ended_by_gateway {
+            eprintln!("outpost: the gateway ended the stream: {why}");
+            if why.starts_with("no longer allowed") {
+                return Err(Failure::Refused(format!(
+                    "{why}; set a valid token with `outpost context set NAME --token TOKEN`"
+                )));
+            }
+        }
+        if !follow {
+            return Ok(());
+        }
+        eprintln!(
+            "outpost: the stream dropped; resuming after {}",
+            last.as_deref().unwrap_or("the start")
+        );
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// One SSE block: its id, type and data (JSON); `None` for a comment or an empty one.
+fn parse_event(block: &str) -> Option<(Option<String>, String, Value)> {
+    let (mut id, mut kind, mut data) = (None, "message".to_string(), String::new());
+    for line in block.lines() {
+        if line.starts_with(':') {
+            continue;
+        }
+        let (name, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match name {
+            "id" => id = Some(value.to_string()),
+            "event" => kind = value.to_string(),
+            "data" => {
+                if !data.is_empty() {
+                    data.push('\n');
+                }
+                data.push_str(value);
+            }
+            _ => {}
+        }
+    }
+    if data.is_empty() {
+        return None;
+    }
+    let data = serde_json::from_str(&data).unwrap_or(Value::String(data));
+    Some((id, kind, data))
+}
+
+fn print_event(out: Output, id: Option<&str>, kind: &str, data: &Value) {
+    let mut stdout = std::io::stdout().lock();
+    if out == Output::Json {
+        let _ = writeln!(stdout, "{}", json!({"id": id, "type": kind, "data": data}));
+        return;
+    }
+    let who = data["hostname"]
+        .as_str()
+        .filter(|h| !h.is_empty())
+        .or(data["fingerprint"].as_str())
+        .unwrap_or("");
+    let line = match kind {
+        "result" => format!(
+            "result    {who} {} {}: {}",
+            text(&data["result"]["check"]),
+            text(&data["result"]["status"]),
+            first_line(&data["result"]["output"])
+        ),
+        "presence" => format!(
+            "presence  {who} {}: {}",
+            text(&data["presence"]),
+            text(&data["reason"])
+        ),
+        "alert" => format!(
+            "alert     {who} {} {}: {}",
+            text(&data["check"]),
+            text(&data["state"]),
+            text(&data["why"])
+        ),
+        "silence" => format!("silence   {} {}", text(&data["id"]), text(&data["comment"])),
+        other => format!("{other:<9} {data}"),
+    };
+    let _ = writeln!(stdout, "{line}");
+}
+
+/// A path segment, percent-encoded.
+fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(b as char)
+            }
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn first_line(v: &Value) -> String {
+    text(v).lines().next().unwrap_or_default().to_string()
+}
+
+fn print_json(v: &Value) -> Result<(), Failure> {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    Ok(())
+}
+
+fn print_object(out: Output, v: &Value) {
+    if out == Output::Json {
+        let _ = print_json(v);
+        return;
+    }
+    match v.as_object() {
+        Some(map) => {
+            let width = map.keys().map(String::len).max().unwrap_or(0);
+            for (k, val) in map {
+                println!("{k:<width$}  {}", text(val));
+            }
+        }
+        None => println!("{}", text(v)),
+    }
+}
+
+/// An array of objects as a table of `columns` (or as JSON).
+fn print_rows(out: Output, v: &Value, columns: &[&str]) {
+    if out == Output::Json {
+        let _ = print_json(v);
+        return;
+    }
+    let rows: Vec<Vec<String>> = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| columns.iter().map(|c| first_line(&r[*c])).collect())
+                .collect()
+        })
+        .unwrap_or_default();
+    table(columns, &rows);
+}
+
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut stdout = std::io::stdout().lock();
+    let line = |cells: Vec<String>| -> String {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let _ = writeln!(
+        stdout,
+        "{}",
+        line(header.iter().map(|h| h.to_uppercase()).collect())
+    );
+    for r in rows {
+        let _ = writeln!(stdout, "{}", line(r.clone()));
+    }
+}

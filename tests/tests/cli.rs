@@ -1,0 +1,254 @@
+//! The operator CLI (`outpost`) against a real gateway and agent: contexts, each command's
+//! output and exit code, errors that name the fix, and `events --follow` going on across a
+//! gateway restart without missing or repeating an event.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use outpost_e2e::*;
+
+const T: Duration = Duration::from_secs(60);
+
+const CHECKS: &str = r#"
+[[check]]
+name = "tick"
+command = ["/bin/echo", "tick done"]
+interval = 1
+
+[[receiver]]
+name = "nowhere"
+webhook = { url = "http://127.0.0.1:9/" }
+
+[[route]]
+checks = ["tick"]
+receivers = ["nowhere"]
+"#;
+
+/// `outpost ARGS` with the contexts file `config`: (exit code, stdout, stderr).
+fn outpost(config: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin("outpost"))
+        .args(args)
+        .env("OUTPOST_CONFIG", config)
+        .env_remove("OUTPOST_CONTEXT")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ok(config: &Path, args: &[&str]) -> String {
+    let (code, out, err) = outpost(config, args);
+    assert_eq!(code, 0, "outpost {args:?}: {err}");
+    out
+}
+
+fn context(config: &Path, name: &str, gw: &Gateway, token: &str) {
+    let url = format!("https://{}", gw.addr);
+    ok(
+        config,
+        &[
+            "context", "set", name, "--url", &url, "--token", token, "--pin", &gw.pin,
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_command_prints_what_the_api_says_and_exits_with_its_meaning() {
+    let dir = tempdir();
+    let config = dir.path().join("cli.toml");
+    // No context yet: a usage error naming the fix.
+    let (code, _, err) = outpost(&config, &["agents", "list"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("outpost context set"), "{err}");
+
+    let gw = Gateway::start(dir.path(), &[]);
+    gw.write_checks("checks.toml", CHECKS);
+    let agent = Agent::start(dir.path(), "web-1", &gw, "");
+    let fp = agent.fingerprint.clone();
+    context(&config, "local", &gw, &gw.token);
+    // The file holds a token: its owner's only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&config).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let list = ok(&config, &["context", "list"]);
+    assert!(list.contains("local") && list.contains(&gw.pin), "{list}");
+    assert!(!list.contains(&gw.token), "tokens are not shown: {list}");
+
+    eventually(T, "web-1 online in `agents list`", || async {
+        let out = ok(&config, &["agents", "list"]);
+        (out.contains("web-1") && out.contains("online")).then_some(out)
+    })
+    .await;
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&config, &["agents", "list", "-o", "json"])).unwrap();
+    assert_eq!(json[0]["fingerprint"], fp.as_str());
+    let show = ok(&config, &["agents", "show", &fp]);
+    assert!(
+        show.contains("hostname") && show.contains("web-1"),
+        "{show}"
+    );
+    let (code, _, err) = outpost(&config, &["agents", "show", "nobody"]);
+    assert_eq!(code, 4, "{err}");
+
+    eventually(T, "tick in `checks list`", || async {
+        let out = ok(&config, &["checks", "list", &fp]);
+        out.contains("tick done").then_some(out)
+    })
+    .await;
+    let run = ok(&config, &["run", &fp, "tick"]);
+    assert!(run.starts_with("tick ok: tick done"), "{run}");
+    let (code, _, err) = outpost(&config, &["run", &fp, "nope"]);
+    assert_eq!(code, 4, "{err}");
+
+    // Silences and acks (operate), alerts (read).
+    let id = ok(
+        &config,
+        &[
+            "silence",
+            "add",
+            "--check",
+            "ti*",
+            "--for",
+            "1h",
+            "--comment",
+            "maintenance",
+            "--creator",
+            "ops",
+        ],
+    );
+    let id = id.trim().to_string();
+    assert!(!id.is_empty());
+    let listed = ok(&config, &["silence", "list"]);
+    assert!(
+        listed.contains(&id) && listed.contains("maintenance"),
+        "{listed}"
+    );
+    ok(&config, &["silence", "expire", &id]);
+    let (code, _, err) = outpost(
+        &config,
+        &["silence", "add", "--comment", "x", "--creator", "y"],
+    );
+    assert_eq!(
+        code, 1,
+        "a silence that matches everything is refused: {err}"
+    );
+    assert!(err.contains("refused"), "{err}");
+    ok(&config, &["alerts"]);
+
+    // Events: from the oldest kept, a bounded number.
+    let events = ok(
+        &config,
+        &[
+            "events", "--from", "0-0-0", "--types", "result", "--limit", "5",
+        ],
+    );
+    assert_eq!(events.lines().count(), 5, "{events}");
+    assert!(events.lines().all(|l| l.starts_with("result")), "{events}");
+
+    // A token refused: exit 1, saying how to fix it.
+    context(&config, "bad", &gw, "at_nope_nope");
+    let (code, _, err) = outpost(&config, &["--context", "bad", "agents", "list"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--token"), "{err}");
+    // Nobody there: exit 3.
+    let url = "https://127.0.0.1:9";
+    ok(
+        &config,
+        &[
+            "context", "set", "gone", "--url", url, "--token", "t", "--pin", &gw.pin,
+        ],
+    );
+    let (code, _, err) = outpost(&config, &["--context", "gone", "agents", "list"]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("cannot reach"), "{err}");
+    // A wrong pin: exit 3, the TLS failure said.
+    ok(
+        &config,
+        &[
+            "context",
+            "set",
+            "pinned",
+            "--url",
+            &format!("https://{}", gw.addr),
+            "--token",
+            "t",
+            "--pin",
+            &"0".repeat(64),
+        ],
+    );
+    let (code, _, err) = outpost(&config, &["--context", "pinned", "agents", "list"]);
+    assert_eq!(code, 3, "{err}");
+
+    // Completions for a shell.
+    let bash = ok(&config, &["completions", "bash"]);
+    assert!(
+        bash.contains("outpost") && bash.contains("silence"),
+        "completions"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_follow_goes_on_across_a_gateway_restart_missing_nothing() {
+    let dir = tempdir();
+    let config = dir.path().join("cli.toml");
+    let gw = Gateway::start(dir.path(), &[]);
+    gw.write_checks("checks.toml", CHECKS);
+    let agent = Agent::start(dir.path(), "web-1", &gw, "");
+    context(&config, "local", &gw, &gw.token);
+    let out_path = dir.path().join("events.jsonl");
+    let mut follower = Command::new(bin("outpost"))
+        .args(["events", "--follow", "--types", "result", "-o", "json"])
+        .env("OUTPOST_CONFIG", &config)
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let seqs = || -> Vec<u64> {
+        std::fs::read_to_string(&out_path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["data"]["fingerprint"] == agent.fingerprint.as_str())
+            .map(|v| v["data"]["result"]["seq"].as_u64().unwrap())
+            .collect()
+    };
+    eventually(T, "5 results followed", || async {
+        (seqs().len() >= 5).then_some(())
+    })
+    .await;
+
+    // The gateway killed and started again where it was, while the CLI is held still so
+    // that it comes back only once more results are on the bus: it must resume from its
+    // last id, not from the moment it reconnects.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(follower.id() as i32, libc::SIGSTOP) };
+    let addr = gw.addr.clone();
+    drop(gw);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let gw = Gateway::start_on(dir.path(), &addr, &[]);
+    eventually(T, "more results on the bus after the restart", || async {
+        (gw.metric("outpost_results_accepted_total ").await >= 5).then_some(())
+    })
+    .await;
+    unsafe { libc::kill(follower.id() as i32, libc::SIGCONT) };
+    let before = seqs().len();
+    eventually(T, "10 more results followed after the restart", || async {
+        (seqs().len() >= before + 10).then_some(())
+    })
+    .await;
+    let _ = follower.kill();
+    let _ = follower.wait();
+    drop(gw);
+    let s = seqs();
+    let run: Vec<u64> = (s[0]..s[0] + s.len() as u64).collect();
+    let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
+    for x in &s {
+        *counts.entry(*x).or_default() += 1;
+    }
+    assert_eq!(s, run, "missed or repeated across the restart: {counts:?}");
+}
