@@ -25,7 +25,7 @@ command = ["/bin/sh", "-c", "date +%s%N"]
 interval = 1
 "#;
 
-/// The agent row for `arguments[0]`, read in one go (the page re-renders every 3 s).
+/// The agent row for `arguments[0]`, read in one go (the page re-renders as events come).
 const AGENT_ROW: &str = r#"
 const row = document.querySelector(`tr.agent[data-fingerprint="${CSS.escape(arguments[0])}"]`);
 if (!row) return null;
@@ -288,7 +288,7 @@ async fn console_in_a_real_browser_shows_agents_checks_run_now_and_bye() {
     }
 
     // The highlight is for the run-now result: as the schedule brings newer results (every
-    // second here, and the page refreshes every 3 s) the row shows them again, plainly.
+    // second here, each redrawing the page from its event) the row shows them again, plainly.
     if let Err(e) = try_wait(
         Duration::from_secs(10),
         "the clock row to show newer scheduled results again, not highlighted",
@@ -349,6 +349,31 @@ async fn console_in_a_real_browser_shows_agents_checks_run_now_and_bye() {
             .starts_with("1 agent, 0 online · updated "),
         "{shown}"
     );
+
+    // Live from the event stream: the status says so, and an agent that comes online is
+    // listed without a reload (its presence event redraws the page).
+    let status = "document.getElementById('status').textContent";
+    wait(T, "the status line to say the stream is live", || async {
+        let text = browser
+            .execute(&format!("return {status};"), vec![])
+            .await?;
+        Ok(if text.as_str().is_some_and(|t| t.ends_with(" · live")) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending(text.to_string())
+        })
+    })
+    .await;
+    let second = Agent::start(dir.path(), "web-2", &gw, "");
+    let second_row = format!(r#"tr.agent[data-fingerprint="{}"]"#, second.fingerprint);
+    wait(T, "the second agent listed without a reload", || async {
+        Ok(match browser.find(&second_row).await? {
+            Some(_) => Poll::Ready(()),
+            None => Poll::Pending("not listed".into()),
+        })
+    })
+    .await;
+    drop(second);
 
     // Without a token (a new page, its session storage cleared) the page asks for one and
     // shows nothing else.

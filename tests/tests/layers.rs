@@ -12,7 +12,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-const CRATES: &[&str] = &["protocol", "sys", "agent", "gateway", "cli", "bench", "tests"];
+const CRATES: &[&str] = &[
+    "protocol", "sys", "agent", "gateway", "cli", "bench", "tests",
+];
 const ROOT: &str = "crate root (lib.rs)";
 
 fn workspace() -> PathBuf {
