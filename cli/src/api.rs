@@ -140,12 +140,13 @@ impl Api {
                 .body(b.to_string());
         }
         req.send().await.map_err(|e| {
-            self.unreachable(&format!(
-                "cannot reach {url}: {}",
-                std::error::Error::source(&e)
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| e.to_string())
-            ))
+            if e.is_builder() {
+                return Failure::Usage(format!(
+                    "cannot make the request to {url}: {}; check the context's url and token",
+                    chain(&e)
+                ));
+            }
+            self.unreachable(&format!("cannot reach {url}: {}", chain(&e)))
         })
     }
 
@@ -172,8 +173,24 @@ impl Api {
                 self.context
             )),
             404 => Failure::NotFound(said),
+            429 => Failure::Unreachable(format!("busy (429): {said}; retry in a moment")),
             s if s >= 500 => Failure::Unreachable(format!("the gateway failed ({s}): {said}; retry")),
             s => Failure::Refused(format!("the gateway refused it ({s}): {said}")),
         }
     }
+}
+
+/// An error and every error under it, as one line (reqwest's own text says only "error
+/// sending request"; the cause, refused connection or certificate, is below it).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut at = e.source();
+    while let Some(cause) = at {
+        let text = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        at = cause.source();
+    }
+    parts.join(": ")
 }

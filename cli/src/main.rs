@@ -71,7 +71,8 @@ enum Command {
         check: String,
         #[arg(long)]
         comment: String,
-        #[arg(long, default_value = "")]
+        /// Who acknowledges.
+        #[arg(long)]
         by: String,
         /// How long, e.g. `4h` (default: until it resolves).
         #[arg(long)]
@@ -97,7 +98,8 @@ enum Command {
         /// Only non-OK results and lost agents.
         #[arg(long)]
         problems: bool,
-        /// Without --follow: stop after this many events.
+        /// Without --follow: stop after this many events (it also stops once it has read
+        /// everything there is).
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
@@ -112,7 +114,8 @@ enum ContextCmd {
         name: String,
         #[arg(long)]
         url: Option<String>,
-        #[arg(long)]
+        /// The API token (or `OUTPOST_TOKEN`, which keeps it out of the shell's history).
+        #[arg(long, env = "OUTPOST_TOKEN", hide_env_values = true)]
         token: Option<String>,
         /// The gateway certificate's SHA-256 (hex, as the gateway prints `pin_sha256`).
         #[arg(long, conflicts_with = "ca")]
@@ -195,6 +198,15 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    if let Command::Completions { shell } = &cli.command {
+        clap_complete::generate(
+            *shell,
+            &mut Cli::command(),
+            "outpost",
+            &mut std::io::stdout(),
+        );
+        return Ok(());
+    }
     let path = config::path(cli.config.clone())?;
     let out = cli.output;
     let api = || -> Result<Api, Failure> {
@@ -204,15 +216,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     };
     match cli.command {
         Command::Context(cmd) => context(&path, cmd, out),
-        Command::Completions { shell } => {
-            clap_complete::generate(
-                shell,
-                &mut Cli::command(),
-                "outpost",
-                &mut std::io::stdout(),
-            );
-            Ok(())
-        }
+        Command::Completions { .. } => Ok(()),
         Command::Agents(AgentsCmd::List) => {
             let v = api()?.call("GET", "/agents", None).await?;
             print_rows(
@@ -223,7 +227,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     "hostname",
                     "presence",
                     "gateway",
-                    "version",
+                    "agent_version",
                     "os",
                 ],
             );
@@ -281,7 +285,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             if out == Output::Json {
                 return print_json(&v);
             }
-            println!(
+            let _ = writeln!(
+                std::io::stdout().lock(),
                 "{} {}: {}",
                 text(&v["check"]),
                 text(&v["status"]),
@@ -370,9 +375,10 @@ fn context(path: &std::path::Path, cmd: ContextCmd, out: Output) -> Result<(), F
                 .ok_or_else(|| {
                     Failure::Usage(format!("context {name:?} is new: give --token TOKEN"))
                 })?;
+            let token = token.trim().to_string();
             let (pin, ca) = match (pin, ca) {
                 (None, None) => old.map(|c| (c.pin, c.ca)).unwrap_or_default(),
-                (p, c) => (p, c),
+                (p, c) => (p.map(|p| normal_pin(&p)).transpose()?, c),
             };
             cfg.contexts.insert(
                 name.clone(),
@@ -470,7 +476,7 @@ async fn silence(api: &Api, cmd: SilenceCmd, out: Output) -> Result<(), Failure>
             if out == Output::Json {
                 return print_json(&v);
             }
-            println!("{}", text(&v["id"]));
+            let _ = writeln!(std::io::stdout().lock(), "{}", text(&v["id"]));
             Ok(())
         }
         SilenceCmd::List => {
@@ -493,8 +499,11 @@ async fn silence(api: &Api, cmd: SilenceCmd, out: Output) -> Result<(), Failure>
     }
 }
 
-/// Print the stream's events, one line each; with `follow`, reconnect after a drop from
-/// the last id seen (nothing missed, nothing twice), waiting longer after each failure.
+/// Print the stream's events, one line each. With `follow`, reconnect after a drop from
+/// the last id received (nothing missed, nothing twice), waiting longer after each
+/// failure. Without, stop after `limit` events or once the stream is idle (everything
+/// there is has been read: the first heartbeat, asked for every second); a stream cut or
+/// ended by the gateway before that is a failure.
 async fn events(
     api: &Api,
     path: &str,
@@ -503,45 +512,56 @@ async fn events(
     limit: usize,
     out: Output,
 ) -> Result<(), Failure> {
+    let path = if follow {
+        path.to_string()
+    } else {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        format!("{path}{sep}heartbeat=1")
+    };
     let mut last = from;
     let mut printed = 0usize;
     let mut backoff = Duration::from_millis(500);
+    if !follow && limit == 0 {
+        return Ok(());
+    }
     loop {
         let headers: Vec<(&str, String)> = last
             .iter()
             .map(|id| ("last-event-id", id.clone()))
             .collect();
-        let resp = match api.send("GET", path, None, &headers, None).await {
-            Ok(r) => r,
+        let answer = match api.send("GET", &path, None, &headers, None).await {
+            Ok(resp) if resp.status().as_u16() == 200 => Ok(resp),
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let bytes = resp.bytes().await.unwrap_or_default();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                Err(api.failure(status, &body))
+            }
+            Err(f) => Err(f),
+        };
+        let resp = match answer {
+            Ok(resp) => resp,
             Err(f) if follow && f.code() == 3 => {
-                eprintln!("outpost: {}; reconnecting in {:?}", f.message(), backoff);
+                eprintln!("outpost: {}; reconnecting in {backoff:?}", f.message());
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
                 continue;
             }
             Err(f) => return Err(f),
         };
-        let status = resp.status().as_u16();
-        if status != 200 {
-            let bytes = resp.bytes().await.unwrap_or_default();
-            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            let f = api.failure(status, &body);
-            if follow && f.code() == 3 {
-                eprintln!("outpost: {}; reconnecting in {:?}", f.message(), backoff);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-                continue;
-            }
-            return Err(f);
-        }
         let mut body = resp.bytes_stream();
-        let mut buf = String::new();
+        let mut buf: Vec<u8> = Vec::new();
         let mut ended_by_gateway = None;
         'read: while let Some(chunk) = body.next().await {
             let Ok(chunk) = chunk else { break };
-            buf.push_str(&String::from_utf8_lossy(&chunk));
-            while let Some(end) = buf.find("\n\n") {
-                let block: String = buf.drain(..end + 2).collect();
+            buf.extend_from_slice(&chunk);
+            while let Some(end) = block_end(&buf) {
+                let block: Vec<u8> = buf.drain(..end).collect();
+                let block = String::from_utf8_lossy(&block).replace("\r\n", "\n");
+                if !follow && block.trim_start().starts_with(':') {
+                    // A heartbeat: the stream is idle, everything there is was read.
+                    return Ok(());
+                }
                 let Some((id, kind, data)) = parse_event(&block) else {
                     continue;
                 };
@@ -556,23 +576,32 @@ async fn events(
                 if kind == "hello" {
                     continue;
                 }
-                print_event(out, last.as_deref(), &kind, &data);
+                if !print_event(out, last.as_deref(), &kind, &data) {
+                    return Ok(());
+                }
                 printed += 1;
                 if !follow && printed >= limit {
                     return Ok(());
                 }
             }
         }
-        if let Some(why) = &ended_by_gateway {
-            eprintln!("outpost: the gateway ended the stream: {why}");
+        if let Some(why) = ended_by_gateway {
             if why.starts_with("no longer allowed") {
                 return Err(Failure::Refused(format!(
-                    "{why}; set a valid token with `outpost context set NAME --token TOKEN`"
+                    "the gateway ended the stream: {why}; set a valid token with `outpost context set NAME --token TOKEN`"
                 )));
             }
-        }
-        if !follow {
-            return Ok(());
+            if !follow {
+                return Err(Failure::Refused(format!(
+                    "the gateway ended the stream: {why}"
+                )));
+            }
+            eprintln!("outpost: the gateway ended the stream: {why}");
+        } else if !follow {
+            return Err(Failure::Unreachable(format!(
+                "the stream dropped after {printed} events; run again with --from {} to go on",
+                last.as_deref().unwrap_or("0-0-0")
+            )));
         }
         eprintln!(
             "outpost: the stream dropped; resuming after {}",
@@ -580,6 +609,16 @@ async fn events(
         );
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Where the first whole SSE block in `buf` ends (after its blank line), LF or CRLF.
+fn block_end(buf: &[u8]) -> Option<usize> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -611,39 +650,53 @@ fn parse_event(block: &str) -> Option<(Option<String>, String, Value)> {
     Some((id, kind, data))
 }
 
-fn print_event(out: Output, id: Option<&str>, kind: &str, data: &Value) {
+/// Print one event; false once the reader has gone away (`| head`).
+fn print_event(out: Output, id: Option<&str>, kind: &str, data: &Value) -> bool {
     let mut stdout = std::io::stdout().lock();
-    if out == Output::Json {
-        let _ = writeln!(stdout, "{}", json!({"id": id, "type": kind, "data": data}));
-        return;
-    }
-    let who = data["hostname"]
-        .as_str()
-        .filter(|h| !h.is_empty())
-        .or(data["fingerprint"].as_str())
-        .unwrap_or("");
-    let line = match kind {
-        "result" => format!(
-            "result    {who} {} {}: {}",
-            text(&data["result"]["check"]),
-            text(&data["result"]["status"]),
-            first_line(&data["result"]["output"])
-        ),
-        "presence" => format!(
-            "presence  {who} {}: {}",
-            text(&data["presence"]),
-            text(&data["reason"])
-        ),
-        "alert" => format!(
-            "alert     {who} {} {}: {}",
-            text(&data["check"]),
-            text(&data["state"]),
-            text(&data["why"])
-        ),
-        "silence" => format!("silence   {} {}", text(&data["id"]), text(&data["comment"])),
-        other => format!("{other:<9} {data}"),
+    let line = if out == Output::Json {
+        json!({"id": id, "type": kind, "data": data}).to_string()
+    } else {
+        let who = data["hostname"]
+            .as_str()
+            .filter(|h| !h.is_empty())
+            .or(data["fingerprint"].as_str())
+            .unwrap_or("");
+        match kind {
+            "result" => format!(
+                "result    {who} {} {}: {}",
+                text(&data["result"]["check"]),
+                text(&data["result"]["status"]),
+                first_line(&data["result"]["output"])
+            ),
+            "presence" => format!(
+                "presence  {who} {}: {}",
+                text(&data["presence"]),
+                text(&data["reason"])
+            ),
+            "alert" => format!(
+                "alert     {who} {} {}: {}",
+                text(&data["check"]),
+                text(&data["state"]),
+                text(&data["why"])
+            ),
+            "silence" => format!("silence   {} {}", text(&data["id"]), text(&data["comment"])),
+            other => format!("{other:<9} {data}"),
+        }
     };
-    let _ = writeln!(stdout, "{line}");
+    writeln!(stdout, "{line}")
+        .and_then(|()| stdout.flush())
+        .is_ok()
+}
+
+/// A pin as the gateway prints it (`pin_sha256`): 64 hex digits, any case, colons allowed.
+fn normal_pin(pin: &str) -> Result<String, Failure> {
+    let p = pin.trim().replace(':', "").to_lowercase();
+    if p.len() != 64 || !p.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(Failure::Usage(format!(
+            "--pin {pin:?} is not a SHA-256 (64 hex digits, as the gateway prints `pin_sha256`)"
+        )));
+    }
+    Ok(p)
 }
 
 /// A path segment, percent-encoded.
@@ -673,7 +726,12 @@ fn first_line(v: &Value) -> String {
 }
 
 fn print_json(v: &Value) -> Result<(), Failure> {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    // A reader that went away (`| head`) is not an error.
+    let _ = writeln!(
+        std::io::stdout().lock(),
+        "{}",
+        serde_json::to_string_pretty(v).unwrap_or_default()
+    );
     Ok(())
 }
 
@@ -686,10 +744,12 @@ fn print_object(out: Output, v: &Value) {
         Some(map) => {
             let width = map.keys().map(String::len).max().unwrap_or(0);
             for (k, val) in map {
-                println!("{k:<width$}  {}", text(val));
+                let _ = writeln!(std::io::stdout().lock(), "{k:<width$}  {}", text(val));
             }
         }
-        None => println!("{}", text(v)),
+        None => {
+            let _ = writeln!(std::io::stdout().lock(), "{}", text(v));
+        }
     }
 }
 

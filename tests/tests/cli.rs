@@ -28,7 +28,10 @@ receivers = ["nowhere"]
 
 /// `outpost ARGS` with the contexts file `config`: (exit code, stdout, stderr).
 fn outpost(config: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin("outpost"))
+    // Bounded: a command that hangs fails the test instead of holding it.
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(bin("outpost"))
         .args(args)
         .env("OUTPOST_CONFIG", config)
         .env_remove("OUTPOST_CONTEXT")
@@ -138,9 +141,32 @@ async fn each_command_prints_what_the_api_says_and_exits_with_its_meaning() {
         "a silence that matches everything is refused: {err}"
     );
     assert!(err.contains("refused"), "{err}");
-    ok(&config, &["alerts"]);
+    // `tick` is OK, so no alert is open: acknowledging it is "not found".
+    let alerts: serde_json::Value =
+        serde_json::from_str(&ok(&config, &["alerts", "-o", "json"])).unwrap();
+    assert!(alerts.is_object() || alerts.is_array(), "{alerts}");
+    let (code, _, err) = outpost(
+        &config,
+        &["ack", &fp, "tick", "--comment", "on it", "--by", "ops"],
+    );
+    assert_eq!(code, 4, "{err}");
+    let (code, _, err) = outpost(&config, &["ack", &fp, "tick", "--comment", "on it"]);
+    assert_eq!(code, 2, "--by is required: {err}");
+    // The VERSION column is filled.
+    let list = ok(&config, &["agents", "list"]);
+    let header = list.lines().next().unwrap();
+    assert!(header.contains("AGENT_VERSION"), "{list}");
+    let version = gw.agent(&fp).await.unwrap()["agent_version"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(!version.is_empty() && list.contains(&version), "{list}");
 
-    // Events: from the oldest kept, a bounded number.
+    // Events: from the oldest kept, a bounded number (once that many are kept).
+    eventually(T, "6 results on the bus", || async {
+        (gw.metric("outpost_results_accepted_total ").await >= 6).then_some(())
+    })
+    .await;
     let events = ok(
         &config,
         &[
@@ -149,6 +175,16 @@ async fn each_command_prints_what_the_api_says_and_exits_with_its_meaning() {
     );
     assert_eq!(events.lines().count(), 5, "{events}");
     assert!(events.lines().all(|l| l.starts_with("result")), "{events}");
+    // Without --follow and without a limit reached, it stops once it has read all there
+    // is (presence events of one agent: a few).
+    let events = ok(
+        &config,
+        &["events", "--from", "0-0-0", "--types", "presence"],
+    );
+    assert!(
+        (1..100).contains(&events.lines().count()) && events.contains("web-1"),
+        "{events}"
+    );
 
     // A token refused: exit 1, saying how to fix it.
     context(&config, "bad", &gw, "at_nope_nope");
@@ -183,6 +219,15 @@ async fn each_command_prints_what_the_api_says_and_exits_with_its_meaning() {
     );
     let (code, _, err) = outpost(&config, &["--context", "pinned", "agents", "list"]);
     assert_eq!(code, 3, "{err}");
+    assert!(err.contains("pin_sha256"), "the TLS failure is said: {err}");
+    // A pin that is not one is refused when the context is set.
+    let (code, _, err) = outpost(
+        &config,
+        &[
+            "context", "set", "x", "--url", url, "--token", "t", "--pin", "abc",
+        ],
+    );
+    assert_eq!(code, 2, "{err}");
 
     // Completions for a shell.
     let bash = ok(&config, &["completions", "bash"]);
