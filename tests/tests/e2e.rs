@@ -1107,7 +1107,11 @@ async fn a_revoked_agent_is_closed_refused_and_can_be_forgotten() {
         (a["presence"] == "online").then_some(())
     })
     .await;
-    let secret = std::fs::read_to_string(agent.state_dir.join("agent.secret")).unwrap();
+    // The agent stores its secret once welcomed, a moment after the gateway lists it.
+    let secret = eventually(T, "the agent's secret stored", || async {
+        std::fs::read_to_string(agent.state_dir.join("agent.secret")).ok()
+    })
+    .await;
     let token = Some(gw.token.as_str());
 
     let (status, body) = gw
