@@ -104,24 +104,35 @@ pub struct ResultsRead {
     pub resumed: Option<u64>,
 }
 
-/// Presence events read from the bus (see [`Bus::read_presence`]): as [`ResultsRead`].
-#[derive(Debug, Default)]
-pub struct PresenceRead {
-    pub events: Vec<(u64, PresenceEvent)>,
+/// What one read of a feed of the bus found (see [`Bus::read_presence`],
+/// [`Bus::read_alert_events`]): each item with the position just after it, where to read
+/// on from, and whether (and where from) reading jumped over what retention deleted, as
+/// [`ResultsRead`] says of results.
+#[derive(Debug)]
+pub struct FeedRead<T> {
+    pub items: Vec<(u64, T)>,
     pub next: u64,
     pub lost: bool,
     pub resumed: Option<u64>,
 }
 
-/// Alert and silence changes read from the bus (see [`Bus::read_alert_events`]): each a
-/// JSON object with `tenant` and `type` (`alert` or `silence`), as [`ResultsRead`].
-#[derive(Debug, Default)]
-pub struct AlertEventsRead {
-    pub events: Vec<(u64, serde_json::Value)>,
-    pub next: u64,
-    pub lost: bool,
-    pub resumed: Option<u64>,
+impl<T> FeedRead<T> {
+    /// Nothing read: still at `from`.
+    pub fn at(from: u64) -> FeedRead<T> {
+        FeedRead {
+            items: Vec::new(),
+            next: from,
+            lost: false,
+            resumed: None,
+        }
+    }
 }
+
+pub type PresenceRead = FeedRead<PresenceEvent>;
+
+/// Alert and silence changes read from the bus: each a JSON object with `tenant` and
+/// `type` (`alert`, `silence` or `sync`).
+pub type AlertEventsRead = FeedRead<serde_json::Value>;
 
 /// Where a tenant's results and presence events end now: reading from these positions
 /// gets only what is published from now on. Real positions (never 0, which reads from

@@ -405,7 +405,7 @@ async fn read_presence(f: &Follow, from: u64, wait: Duration) -> Result<Batch, B
         let to = read.resumed.unwrap_or(read.next);
         batch.lost = Some((to, lost_reason("presence events", from, to)));
     }
-    for (next, event) in read.events {
+    for (next, event) in read.items {
         let data = (|| {
             if f.filter.check.is_some() {
                 return None;
@@ -446,7 +446,7 @@ async fn read_alerts(f: &Follow, from: u64, wait: Duration) -> Result<Batch, Bus
         let to = read.resumed.unwrap_or(read.next);
         batch.lost = Some((to, lost_reason("alert changes", from, to)));
     }
-    for (next, mut event) in read.events {
+    for (next, mut event) in read.items {
         let kind = match event["type"].as_str() {
             Some("alert") => "alert",
             Some("silence") => "silence",

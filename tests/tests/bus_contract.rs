@@ -605,13 +605,13 @@ async fn events_contract(backend: &Backend) {
         .await
         .unwrap();
     let fps = |r: &outpost_gateway::bus::PresenceRead| -> Vec<String> {
-        r.events
+        r.items
             .iter()
             .map(|(_, e)| e.agent.fingerprint.clone())
             .collect()
     };
     let ns = |r: &outpost_gateway::bus::AlertEventsRead| -> Vec<u64> {
-        r.events
+        r.items
             .iter()
             .map(|(_, e)| e["n"].as_u64().unwrap())
             .collect()
@@ -621,7 +621,7 @@ async fn events_contract(backend: &Backend) {
     assert!(!p.lost);
     let a = bus.read_alert_events("acme", 0, 100, wait).await.unwrap();
     assert_eq!(ns(&a), [1, 2], "acme's alert events only");
-    assert!(a.events.iter().all(|(_, e)| e["tenant"] == "acme"));
+    assert!(a.items.iter().all(|(_, e)| e["tenant"] == "acme"));
     let g = bus.read_alert_events("globex", 0, 100, wait).await.unwrap();
     assert_eq!(ns(&g), [3]);
 
@@ -635,7 +635,7 @@ async fn events_contract(backend: &Backend) {
         .read_presence("acme", ends.presence, 100, wait)
         .await
         .unwrap();
-    assert!(p.events.is_empty() && !p.lost, "{p:?}");
+    assert!(p.items.is_empty() && !p.lost, "{p:?}");
     bus.publish_alert_events("acme", &[alert(4)]).await.unwrap();
     let a = bus
         .read_alert_events("acme", ends.alerts, 100, wait)
@@ -658,7 +658,7 @@ async fn events_contract(backend: &Backend) {
             .unwrap();
     }
     let p = bus.read_presence("acme", at, 100, wait).await.unwrap();
-    assert!(p.events.is_empty() && !p.lost, "{p:?}");
+    assert!(p.items.is_empty() && !p.lost, "{p:?}");
     assert!(
         p.next > at,
         "the place moved past globex's events: {} {at}",
@@ -668,9 +668,9 @@ async fn events_contract(backend: &Backend) {
     // Deleted, then made again under the name: nothing of the old one.
     bus.drop_tenant("acme").await.unwrap();
     let p = bus.read_presence("acme", 0, 100, wait).await.unwrap();
-    assert!(p.events.is_empty(), "{p:?}");
+    assert!(p.items.is_empty(), "{p:?}");
     let a = bus.read_alert_events("acme", 0, 100, wait).await.unwrap();
-    assert!(a.events.is_empty(), "{a:?}");
+    assert!(a.items.is_empty(), "{a:?}");
     bus.publish_presence(&online("acme", "new")).await.unwrap();
     bus.publish_alert_events("acme", &[alert(5)]).await.unwrap();
     let check = |bus: Arc<dyn Bus>| async move {

@@ -28,8 +28,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::segments::{self, Log, Retention};
 use super::{
-    agent_key, AgentRef, AlertEventsRead, AuditEvent, Bus, BusError, Ends, Presence, PresenceEvent,
-    PresenceRead, Published, ResultsRead,
+    agent_key, AgentRef, AlertEventsRead, AuditEvent, Bus, BusError, Ends, FeedRead, Presence,
+    PresenceEvent, PresenceRead, Published, ResultsRead,
 };
 
 /// Jobs waiting for the writer. A full queue makes publishers wait (backpressure reaches
@@ -853,12 +853,7 @@ impl Bus for EmbeddedBus {
                 },
             )
             .await?;
-        Ok(PresenceRead {
-            events: read.items,
-            next: read.next,
-            lost: read.lost,
-            resumed: read.resumed,
-        })
+        Ok(read)
     }
 
     async fn publish_alert_events(
@@ -904,12 +899,7 @@ impl Bus for EmbeddedBus {
                 },
             )
             .await?;
-        Ok(AlertEventsRead {
-            events: read.items,
-            next: read.next,
-            lost: read.lost,
-            resumed: read.resumed,
-        })
+        Ok(read)
     }
 
     async fn ends(&self, tenant: &str) -> Result<Ends, BusError> {
@@ -935,14 +925,6 @@ impl Bus for EmbeddedBus {
     }
 }
 
-/// What [`EmbeddedBus::read_log`] read: each item with the position just after its line.
-struct LogRead<T> {
-    items: Vec<(u64, T)>,
-    next: u64,
-    lost: bool,
-    resumed: Option<u64>,
-}
-
 impl EmbeddedBus {
     /// Read the log `name` in `dir` from `from` on: at most `max` items that `parse` makes
     /// of its lines (lines it makes nothing of are stepped over), none past what
@@ -954,7 +936,7 @@ impl EmbeddedBus {
         durable: impl Fn() -> segments::Position,
         (from, max, wait): (u64, usize, Duration),
         parse: impl Fn(u64, &[u8]) -> Option<T>,
-    ) -> Result<LogRead<T>, BusError> {
+    ) -> Result<FeedRead<T>, BusError> {
         let deadline = tokio::time::Instant::now() + wait;
         let mut changed = written.subscribe();
         let mut from = from;
@@ -979,7 +961,7 @@ impl EmbeddedBus {
                     BusError::Unavailable(format!("bus position {p:?} does not fit in 64 bits"))
                 })
             };
-            let mut read = LogRead {
+            let mut read = FeedRead {
                 items: Vec::new(),
                 next: position(lines.next)?,
                 lost: lines.lost,

@@ -33,8 +33,8 @@ use super::{
     ALERT_EVENTS_STREAM, PRESENCE_STREAM, RESULTS_STREAM,
 };
 use crate::bus::{
-    AgentRef, AlertEventsRead, AuditEvent, Bus, BusError, Ends, PresenceEvent, PresenceRead,
-    Published, ResultsRead,
+    AgentRef, AlertEventsRead, AuditEvent, Bus, BusError, Ends, FeedRead, PresenceEvent,
+    PresenceRead, Published, ResultsRead,
 };
 
 /// Header with the result's sequence number, so `last_seq` needs no body parsing.
@@ -59,14 +59,6 @@ enum Source {
     Results,
     /// A stream all tenants share (each on subjects of its own).
     Shared(&'static str),
-}
-
-/// What [`NatsBus::read_subject`] read: each item with the sequence after it.
-struct Read<T> {
-    items: Vec<(u64, T)>,
-    next: u64,
-    lost: bool,
-    resumed: Option<u64>,
 }
 
 /// A result as read back from a stream (the body [`ResultBody`] writes).
@@ -443,12 +435,7 @@ impl Bus for NatsBus {
                 parse,
             )
             .await?;
-        Ok(PresenceRead {
-            events: read.items,
-            next: read.next,
-            lost: read.lost,
-            resumed: read.resumed,
-        })
+        Ok(read)
     }
 
     async fn publish_alert_events(
@@ -505,12 +492,7 @@ impl Bus for NatsBus {
                 parse,
             )
             .await?;
-        Ok(AlertEventsRead {
-            events: read.items,
-            next: read.next,
-            lost: read.lost,
-            resumed: read.resumed,
-        })
+        Ok(read)
     }
 
     async fn ends(&self, tenant: &str) -> Result<Ends, BusError> {
@@ -576,16 +558,11 @@ impl NatsBus {
         filter: &str,
         (from, max, to_end): (u64, usize, bool),
         parse: impl Fn(&async_nats::jetstream::message::StreamMessage) -> Option<T>,
-    ) -> Result<Read<T>, BusError> {
+    ) -> Result<FeedRead<T>, BusError> {
         let name = stream.cached_info().config.name.clone();
         let failed =
             |e: &dyn std::fmt::Display| unavailable(&format!("cannot read the stream {name}"), e);
-        let mut read = Read {
-            items: Vec::new(),
-            next: from,
-            lost: false,
-            resumed: None,
-        };
+        let mut read = FeedRead::at(from);
         // The stream's state, looked at once (only when a gap or the end needs it).
         let mut state: Option<stream::State> = None;
         while read.items.len() < max {
@@ -686,7 +663,7 @@ impl NatsBus {
         filter: &str,
         (from, max, wait): (u64, usize, std::time::Duration),
         parse: impl Fn(&async_nats::jetstream::message::StreamMessage) -> Option<T>,
-    ) -> Result<Read<T>, BusError> {
+    ) -> Result<FeedRead<T>, BusError> {
         /// How often a reader with nothing to read looks again.
         const POLL: std::time::Duration = std::time::Duration::from_millis(100);
         let deadline = tokio::time::Instant::now() + wait;
@@ -714,12 +691,7 @@ impl NatsBus {
                     }
                     read?
                 }
-                None => Read {
-                    items: Vec::new(),
-                    next: from,
-                    lost: false,
-                    resumed: None,
-                },
+                None => FeedRead::at(from),
             };
             if !read.items.is_empty() || read.lost || tokio::time::Instant::now() >= deadline {
                 return Ok(read);
