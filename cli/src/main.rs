@@ -60,6 +60,17 @@ enum Command {
     },
     /// Run an agent's check now and print the fresh result.
     Run { agent: String, check: String },
+    /// A check's recent results, oldest first, from the bus.
+    History {
+        agent: String,
+        check: String,
+        /// How far back, e.g. `90m`, `24h`, `7d`.
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// The newest this many results of the range (1 to 100000).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
     /// The tenant's alerts that are not OK.
     Alerts,
     /// Silences: add, list, expire.
@@ -294,6 +305,62 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             );
             Ok(())
         }
+        Command::History {
+            agent,
+            check,
+            since,
+            limit,
+        } => {
+            let v = api()?
+                .call(
+                    "GET",
+                    &format!(
+                        "/agents/{}/checks/{}/history?since={}&limit={limit}",
+                        enc(&agent),
+                        enc(&check),
+                        enc(&since)
+                    ),
+                    None,
+                )
+                .await?;
+            if out == Output::Json {
+                return print_json(&v);
+            }
+            let rows: Vec<Vec<String>> = v["results"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|r| {
+                            let metrics = r["metrics"]
+                                .as_array()
+                                .map(|m| {
+                                    m.iter()
+                                        .map(|m| {
+                                            format!("{}={}", text(&m["name"]), text(&m["value"]))
+                                        })
+                                        .collect::<Vec<_>>()
+                                        .join(" ")
+                                })
+                                .unwrap_or_default();
+                            vec![
+                                when(r["started_at_ms"].as_u64()),
+                                text(&r["status"]),
+                                first_line(&r["output"]),
+                                metrics,
+                            ]
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            table(&["started", "status", "output", "metrics"], &rows);
+            if v["truncated"] == true {
+                eprintln!(
+                    "(the newest {} of the range; older ones left out: raise --limit or shorten --since)",
+                    rows.len()
+                );
+            }
+            Ok(())
+        }
         Command::Alerts => {
             let v = api()?.call("GET", "/alerts", None).await?;
             let alerts = v.get("alerts").cloned().unwrap_or(v);
@@ -351,6 +418,17 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             events(&api()?, &path, from, follow, limit, out).await
         }
+    }
+}
+
+/// A Unix time in ms as people read it (UTC, to the second).
+fn when(ms: Option<u64>) -> String {
+    match ms {
+        Some(ms) => humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+        )
+        .to_string(),
+        None => "-".into(),
     }
 }
 

@@ -6,6 +6,7 @@ pub mod access;
 pub mod admin;
 pub mod alerts;
 pub mod events;
+pub mod history;
 
 use std::sync::Arc;
 
@@ -70,6 +71,7 @@ pub(crate) type Gw = Arc<Services>;
 
 /// An API failure: its kind gives the status (one table, [`ErrorKind::status`]), its
 /// message is the JSON body's `error`.
+#[derive(Debug)]
 pub struct ApiError {
     pub kind: ErrorKind,
     pub message: String,
@@ -109,6 +111,7 @@ pub fn router(gw: Services, settings: &Arc<Settings>) -> Router {
         .merge(admin::routes())
         .merge(alerts::routes())
         .merge(events::routes())
+        .merge(history::routes())
         .layer(middleware::from_fn_with_state(
             gw.clone(),
             access::authenticate,
@@ -270,7 +273,7 @@ async fn list_agents(State(gw): State<Gw>, t: Tenant<Read>) -> Json<Vec<AgentVie
     Json(agents.iter().map(|r| view(&gw, r)).collect())
 }
 
-fn unknown_agent(fp: &str) -> Response {
+pub(crate) fn unknown_agent(fp: &str) -> Response {
     ApiError::from(RunNowError::UnknownAgent(fp.to_string())).into_response()
 }
 

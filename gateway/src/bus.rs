@@ -3,6 +3,7 @@
 //! interchangeable; a session acks an agent's batch only after `publish_results` returns.
 
 pub mod embedded;
+pub mod history;
 pub mod segments;
 
 use async_trait::async_trait;
@@ -144,6 +145,23 @@ pub struct Ends {
     pub alerts: u64,
 }
 
+/// Which results of one check a history read wants: those whose run started in
+/// `from_ms..=to_ms` (Unix ms), the newest `limit` of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryQuery {
+    pub from_ms: u64,
+    pub to_ms: u64,
+    pub limit: usize,
+}
+
+/// What a history read found: results in the order they were made durable (the agent's
+/// order), and whether older ones in the range were left out for the limit.
+#[derive(Debug, Default)]
+pub struct History {
+    pub results: Vec<CheckResult>,
+    pub truncated: bool,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("bus storage failed: {0}")]
@@ -228,6 +246,16 @@ pub trait Bus: Send + Sync {
 
     /// Where `tenant`'s results and presence events end now.
     async fn ends(&self, tenant: &str) -> Result<Ends, BusError>;
+
+    /// The results of `agent`'s check `check` that `query` asks for, read through an
+    /// index of where each check's results are (the embedded bus's per-segment index, the
+    /// JetStream subject per check), not by reading every agent's.
+    async fn read_history(
+        &self,
+        agent: &AgentRef,
+        check: &str,
+        query: HistoryQuery,
+    ) -> Result<History, BusError>;
 
     /// Why the bus cannot take results right now, if it cannot (for `/readyz`).
     fn unavailable(&self) -> Option<String> {

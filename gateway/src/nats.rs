@@ -71,7 +71,7 @@ impl NatsSettings {
             description: Some(format!(
                 "Outpost check results and metrics of tenant {tenant}"
             )),
-            subjects: vec![results_subject(tenant, "*")],
+            subjects: vec![results_filter(tenant)],
             retention: stream::RetentionPolicy::Limits,
             storage: stream::StorageType::File,
             num_replicas: self.replicas,
@@ -105,8 +105,25 @@ pub const GATEWAYS_BUCKET: &str = "outpost_gateways";
 pub const CREDENTIALS_BUCKET: &str = "outpost_credentials";
 pub const TENANTS_BUCKET: &str = "outpost_tenants";
 
+/// An agent's results: each check's on a subject of its own below this one
+/// ([`check_subject`]); releases before per-check subjects published on this one.
 pub fn results_subject(tenant: &str, fingerprint: &str) -> String {
     format!("outpost.{tenant}.results.{fingerprint}")
+}
+
+/// The subject of one check's results: the agent's subject and the check's name, whose
+/// dots (token separators in NATS) become `~` (no check name has one), so JetStream's
+/// per-subject index finds one check's results without reading any other's.
+pub fn check_subject(tenant: &str, fingerprint: &str, check: &str) -> String {
+    format!(
+        "outpost.{tenant}.results.{fingerprint}.{}",
+        check.replace('.', "~")
+    )
+}
+
+/// Every result of `tenant`: what its results stream holds.
+pub fn results_filter(tenant: &str) -> String {
+    format!("outpost.{tenant}.results.>")
 }
 
 /// Changes of `tenant`'s alerts and silences.
@@ -393,7 +410,7 @@ async fn home_results_stream(
     let stream = ensure_stream(js, config).await?;
     let mut info = stream.cached_info().config.clone();
     if info.subjects == [results_subject("*", "*")] {
-        info.subjects = vec![results_subject(&settings.home, "*")];
+        info.subjects = vec![results_filter(&settings.home)];
         js.update_stream(&info)
             .await
             .context("cannot narrow the results stream OUTPOST_RESULTS to the home tenant")?;

@@ -180,7 +180,7 @@ impl Results {
     async fn follow(nats: &str) -> Results {
         let results = Results::default();
         let client = async_nats::connect(nats).await.unwrap();
-        let subject = outpost_gateway::nats::results_subject("*", "*");
+        let subject = outpost_gateway::nats::results_filter("*");
         let mut sub = client.subscribe(subject).await.unwrap();
         client.flush().await.unwrap();
         let seen = results.0.clone();

@@ -11,7 +11,7 @@ use outpost_e2e::nats::NatsServer;
 use outpost_e2e::tempdir;
 use outpost_gateway::bus::segments::{self, Retention};
 use outpost_gateway::bus::{
-    embedded::EmbeddedBus, AgentRef, AuditEvent, Bus, Presence, PresenceEvent,
+    embedded::EmbeddedBus, AgentRef, AuditEvent, Bus, HistoryQuery, Presence, PresenceEvent,
 };
 use outpost_gateway::nats::bus::NatsBus;
 use outpost_gateway::nats::{audit_subject, presence_subject, results_subject, Nats, NatsSettings};
@@ -129,7 +129,13 @@ impl Backend {
                     let Ok(msg) = stream.get_raw_message(seq).await else {
                         continue;
                     };
-                    if msg.subject.as_str() == subject {
+                    // An agent's results are on a subject per check below its own.
+                    let below = msg
+                        .subject
+                        .as_str()
+                        .strip_prefix(subject)
+                        .is_some_and(|rest| rest.starts_with('.'));
+                    if msg.subject.as_str() == subject || below {
                         out.push((seq, serde_json::from_slice(&msg.payload).unwrap()));
                     }
                 }
@@ -687,6 +693,150 @@ async fn events_contract(backend: &Backend) {
     check(backend.open().await).await;
 }
 
+/// A result of `check` that ran at `started`.
+fn run_of(seq: u64, check: &str, started: u64) -> CheckResult {
+    serde_json::from_value(serde_json::json!({
+        "seq": seq, "check": check, "status": if seq.is_multiple_of(7) { "critical" } else { "ok" },
+        "output": format!("{check} run {seq}"), "metrics": [{"name": "v", "value": seq as f64}],
+        "started_at_ms": started, "duration_ms": 1
+    }))
+    .unwrap()
+}
+
+/// The history of one check: its results only (another check of the agent, with a dot
+/// in its name, and another agent's results interleaved), in a range, the newest `limit`
+/// oldest first; the same once the bus is opened again (the embedded bus: across sealed
+/// segments, through indexes written at close, and rebuilt when gone or damaged).
+async fn history_contract(backend: &Backend) {
+    let bus = backend.open().await;
+    let (a, b) = (agent(1), agent(2));
+    let t0 = 1_750_000_000_000u64;
+    // a: "disk" at seqs 1,3,5,..; "a.b" at 2,4,6,..; b: "disk". A run every 10 s.
+    let mut seq = 0u64;
+    for round in 0..150u64 {
+        let mut batch = Vec::new();
+        for _ in 0..10 {
+            seq += 1;
+            let check = if !seq.is_multiple_of(2) {
+                "disk"
+            } else {
+                "a.b"
+            };
+            batch.push(run_of(seq, check, t0 + seq * 10_000));
+        }
+        bus.publish_results(&a, &batch).await.unwrap();
+        let other = run_of(round + 1, "disk", t0 + seq * 10_000);
+        bus.publish_results(&b, &[other]).await.unwrap();
+    }
+    let all = HistoryQuery {
+        from_ms: 0,
+        to_ms: u64::MAX / 2,
+        limit: 100_000,
+    };
+    let seqs = |h: &outpost_gateway::bus::History| -> Vec<u64> {
+        h.results.iter().map(|r| r.seq).collect()
+    };
+    let odd: Vec<u64> = (1..=1500).step_by(2).collect();
+    let even: Vec<u64> = (2..=1500).step_by(2).collect();
+    let ask = |bus: Arc<dyn Bus>| {
+        let (a, b, odd, even) = (a.clone(), b.clone(), odd.clone(), even.clone());
+        async move {
+            let h = bus.read_history(&a, "disk", all).await.unwrap();
+            assert_eq!(seqs(&h), odd, "every disk result of a, in order");
+            assert!(!h.truncated);
+            assert!(h.results.iter().all(|r| r.check == "disk"));
+            let h = bus.read_history(&a, "a.b", all).await.unwrap();
+            assert_eq!(seqs(&h), even, "the check with a dot, apart from disk");
+            let h = bus.read_history(&b, "disk", all).await.unwrap();
+            assert_eq!(seqs(&h), (1..=150).collect::<Vec<_>>(), "b's own");
+            // A range over the runs' start times, inclusive at both ends.
+            let range = HistoryQuery {
+                from_ms: t0 + 101 * 10_000,
+                to_ms: t0 + 111 * 10_000,
+                limit: 100,
+            };
+            let h = bus.read_history(&a, "disk", range).await.unwrap();
+            assert_eq!(seqs(&h), [101, 103, 105, 107, 109, 111]);
+            // The newest `limit`, oldest first, and the truncation said.
+            let newest = HistoryQuery { limit: 4, ..all };
+            let h = bus.read_history(&a, "disk", newest).await.unwrap();
+            assert_eq!(seqs(&h), [1493, 1495, 1497, 1499]);
+            assert!(h.truncated);
+            let h = bus.read_history(&a, "nothing", all).await.unwrap();
+            assert!(h.results.is_empty() && !h.truncated);
+            let nobody = AgentRef::new(HOME, "no-such-agent");
+            assert!(bus
+                .read_history(&nobody, "disk", all)
+                .await
+                .unwrap()
+                .results
+                .is_empty());
+            let other_tenant = AgentRef::new("acme", &a.fingerprint);
+            assert!(bus
+                .read_history(&other_tenant, "disk", all)
+                .await
+                .unwrap()
+                .results
+                .is_empty());
+        }
+    };
+    ask(bus.clone()).await;
+    drop(bus);
+    ask(backend.open().await).await;
+    if let Backend::Nats(s) = backend {
+        // A subject per check: what makes one check's read skip every other result.
+        let client = async_nats::connect(s.urls[0].as_str()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let stream = js
+            .get_stream(outpost_gateway::nats::RESULTS_STREAM)
+            .await
+            .unwrap();
+        let agent_subject = results_subject(HOME, &a.fingerprint);
+        let mut info = stream
+            .info_with_subjects(format!("{agent_subject}.>"))
+            .await
+            .unwrap();
+        let mut subjects: Vec<(String, usize)> = Vec::new();
+        while let Some(s) = futures_util::StreamExt::next(&mut info).await {
+            subjects.push(s.unwrap());
+        }
+        subjects.sort();
+        assert_eq!(
+            subjects,
+            [
+                (format!("{agent_subject}.a~b"), 750),
+                (format!("{agent_subject}.disk"), 750)
+            ]
+        );
+    }
+    if let Backend::Embedded(dir, _) = backend {
+        let indexes = || {
+            std::fs::read_dir(dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "idx"))
+                .collect::<Vec<_>>()
+        };
+        let written = indexes();
+        assert!(
+            written.len() >= 3,
+            "an index per sealed segment: {written:?}"
+        );
+        // Damaged and missing indexes are rebuilt from the segments.
+        std::fs::write(&written[0], b"garbage").unwrap();
+        std::fs::remove_file(&written[1]).unwrap();
+        ask(backend.open().await).await;
+        assert!(indexes().len() >= written.len(), "rebuilt");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_bus_keeps_the_history_contract() {
+    let dir = tempdir();
+    let server = NatsServer::start(dir.path(), "n1");
+    history_contract(&Backend::Nats(nats_settings(&server.url()))).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_nats_bus_keeps_the_events_contract() {
     let dir = tempdir();
@@ -711,6 +861,16 @@ async fn the_embedded_bus_keeps_the_contract() {
     age_contract(&Backend::Embedded(dir.path().join("aged"), aged)).await;
     tenant_bytes_contract(&Backend::Embedded(dir.path().join("tenants"), KEEP)).await;
     events_contract(&Backend::Embedded(dir.path().join("events"), KEEP)).await;
+    // Segments of 128 KiB: the history spans several.
+    let small_segments = Retention {
+        max_bytes: 1 << 20,
+        ..KEEP
+    };
+    history_contract(&Backend::Embedded(
+        dir.path().join("history"),
+        small_segments,
+    ))
+    .await;
     let capped = Backend::Embedded(dir.path().join("read-capped"), capped);
     reader_contract(
         &Backend::Embedded(dir.path().join("readers"), KEEP),
@@ -859,7 +1019,7 @@ async fn a_nats_results_stream_from_before_per_tenant_streams_is_narrowed_and_st
         .unwrap();
     assert_eq!(
         narrowed.info().await.unwrap().config.subjects,
-        vec![results_subject(HOME, "*")]
+        vec![outpost_gateway::nats::results_filter(HOME)]
     );
     assert_eq!(
         bus.last_seq(&acme).await.unwrap(),

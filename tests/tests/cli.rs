@@ -167,6 +167,86 @@ async fn each_command_prints_what_the_api_says_and_exits_with_its_meaning() {
         (gw.metric("outpost_results_accepted_total ").await >= 6).then_some(())
     })
     .await;
+    // History: what the API answers is the check's results as the bus's own files hold
+    // them, in order (read the API first: the bus only grows meanwhile).
+    let h = gw
+        .api(&format!("/agents/{fp}/checks/tick/history?since=1h"))
+        .await;
+    let seqs = |v: &serde_json::Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["seq"].as_u64().unwrap())
+            .collect()
+    };
+    let got = seqs(&h["results"]);
+    let on_bus: Vec<u64> = gw
+        .bus_all(&fp)
+        .iter()
+        .filter(|r| r["check"] == "tick")
+        .map(|r| r["seq"].as_u64().unwrap())
+        .collect();
+    assert!(got.len() >= 6, "{h}");
+    assert_eq!(
+        &on_bus[..got.len()],
+        got.as_slice(),
+        "the bus's tick results"
+    );
+    assert_eq!(h["count"], got.len());
+    assert_eq!(h["states"].as_array().unwrap().len(), got.len());
+    assert_eq!(h["truncated"], false);
+    let newest = gw
+        .api(&format!(
+            "/agents/{fp}/checks/tick/history?since=1h&limit=2&results=false"
+        ))
+        .await;
+    assert!(newest.get("results").is_none(), "{newest}");
+    assert_eq!(newest["truncated"], true);
+    for (path, status, says) in [
+        (
+            format!("/agents/{fp}/checks/tick/history?since=yesterday"),
+            400,
+            "not a duration",
+        ),
+        (
+            format!("/agents/{fp}/checks/tick/history?limit=0"),
+            400,
+            "out of range",
+        ),
+        (
+            format!("/agents/{fp}/checks/tick/history?bogus=1"),
+            400,
+            "bogus",
+        ),
+        (
+            "/agents/nobody/checks/tick/history".to_string(),
+            404,
+            "nobody",
+        ),
+    ] {
+        let (code, body) = gw
+            .http("GET", &format!("/api/v1{path}"), Some(&gw.token))
+            .await;
+        assert_eq!(code, status, "{path}: {body}");
+        assert!(
+            body["error"].as_str().unwrap().contains(says),
+            "{path}: {body}"
+        );
+    }
+    let (code, table, err) = outpost(&config, &["history", &fp, "tick", "--limit", "3"]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<&str> = table.lines().skip(1).collect();
+    assert_eq!(rows.len(), 3, "{table}");
+    assert!(
+        rows.iter()
+            .all(|r| r.contains(" ok ") && r.contains("tick done")),
+        "{table}"
+    );
+    assert!(err.contains("newest 3"), "the truncation is said: {err}");
+    let (code, _, err) = outpost(&config, &["history", &fp, "tick", "--since", "soon"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("90m"), "the fix is named: {err}");
+
     let events = ok(
         &config,
         &[

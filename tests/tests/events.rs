@@ -326,7 +326,7 @@ async fn on_a_fleet_a_client_cut_off_from_one_gateway_resumes_on_another_exactly
     let held: Vec<(String, u64)> = on_the_bus(
         &url,
         "OUTPOST_RESULTS",
-        "outpost.default.results.*",
+        "outpost.default.results.>",
         start.0,
         end.0,
     )

@@ -26,10 +26,11 @@ use outpost_protocol::CheckResult;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use super::history::{self, Indexes};
 use super::segments::{self, Log, Retention};
 use super::{
-    agent_key, AgentRef, AlertEventsRead, AuditEvent, Bus, BusError, Ends, FeedRead, Presence,
-    PresenceEvent, PresenceRead, Published, ResultsRead,
+    agent_key, AgentRef, AlertEventsRead, AuditEvent, Bus, BusError, Ends, FeedRead, History,
+    HistoryQuery, Presence, PresenceEvent, PresenceRead, Published, ResultsRead,
 };
 
 /// Jobs waiting for the writer. A full queue makes publishers wait (backpressure reaches
@@ -94,6 +95,10 @@ pub struct EmbeddedBus {
     /// The logs all tenants share that the event stream reads.
     presence: Shared,
     alert_events: Shared,
+    /// Where each check's lines are in the segments being written (see [`history`]).
+    indexes: Indexes,
+    /// Held while a history reader indexes a segment that has no index yet.
+    indexing: Arc<Mutex<()>>,
 }
 
 /// What the readers of a log all tenants share (presence events, alert events) need.
@@ -212,9 +217,11 @@ impl EmbeddedBus {
         let marks = watermarks.clone();
         let written = tokio::sync::watch::Sender::new(0u64);
         let wrote = written.clone();
+        let indexes = Indexes::default();
+        let writer_indexes = indexes.clone();
         std::thread::Builder::new()
             .name("outpost-bus-writer".into())
-            .spawn(move || writer(rx, results, logs, audit, marks, wrote))?;
+            .spawn(move || writer(rx, results, logs, audit, marks, wrote, writer_indexes))?;
         // Retention also when nothing is written; ends with the bus.
         let weak = tx.downgrade();
         tokio::spawn(async move {
@@ -237,6 +244,8 @@ impl EmbeddedBus {
             ends,
             presence: shared.0,
             alert_events: shared.1,
+            indexes,
+            indexing: Arc::default(),
         };
         Ok((bus, recovered))
     }
@@ -489,6 +498,7 @@ fn writer(
     mut audit: Log,
     watermarks: Watermarks,
     written: tokio::sync::watch::Sender<u64>,
+    indexes: Indexes,
 ) {
     let SharedLogs {
         presence: (mut presence, presence_shared),
@@ -505,6 +515,8 @@ fn writer(
         }
         // One buffer and one fsync per tenant's log in this group.
         let mut rbufs: HashMap<String, Vec<u8>> = HashMap::new();
+        // Per tenant, each line's history key, offset in its buffer and run start.
+        let mut rplaces: HashMap<String, Vec<(String, u64, u64)>> = HashMap::new();
         let mut pbuf = Vec::new();
         let mut abuf = Vec::new();
         let mut ebuf = Vec::new();
@@ -525,6 +537,7 @@ fn writer(
                         let mut high = pending.get(&key).or(marks.get(&key)).copied().unwrap_or(0);
                         let mut p = Published::default();
                         let rbuf = rbufs.entry(agent.tenant.clone()).or_default();
+                        let places = rplaces.entry(agent.tenant.clone()).or_default();
                         for r in batch {
                             if r.seq <= high {
                                 p.duplicates += 1;
@@ -537,8 +550,16 @@ fn writer(
                                 fingerprint: agent.fingerprint.clone(),
                                 result: r.clone(),
                             };
+                            let at = rbuf.len();
                             if serde_json::to_writer(&mut *rbuf, &line).is_ok() {
                                 rbuf.push(b'\n');
+                                places.push((
+                                    history::key(&agent.fingerprint, &r.check),
+                                    at as u64,
+                                    r.started_at_ms,
+                                ));
+                            } else {
+                                rbuf.truncate(at);
                             }
                         }
                         pending.insert(key, high);
@@ -580,9 +601,23 @@ fn writer(
                 // All duplicates: nothing to write (and no folder to make).
                 continue;
             }
-            let written = results.log(tenant).and_then(|log| log.append(buf));
+            let written = results.log(tenant).and_then(|log| {
+                log.append(buf)?;
+                Ok(log.durable_end())
+            });
             match &written {
-                Ok(()) => {
+                Ok(end) => {
+                    // The lines' places, now that they are durable: the buffer ends at
+                    // the segment's end.
+                    let start = end.offset - buf.len() as u64;
+                    let places = rplaces.remove(tenant).unwrap_or_default();
+                    history::add(
+                        &indexes,
+                        &results.log_dir(tenant),
+                        tenant,
+                        end.segment,
+                        places.into_iter().map(|(k, at, t)| (k, start + at, t)),
+                    );
                     let prefix = format!("{tenant}.");
                     lock(&watermarks).extend(
                         pending
@@ -595,7 +630,10 @@ fn writer(
                     tracing::error!(%tenant, error = %e, "embedded bus could not store results; their agents will resend")
                 }
             }
-            rio.insert(tenant.clone(), written.map_err(|e| e.to_string()));
+            rio.insert(
+                tenant.clone(),
+                written.map(|_| ()).map_err(|e| e.to_string()),
+            );
         }
         let pio = presence.append(&pbuf);
         let aio = audit.append(&abuf);
@@ -668,6 +706,7 @@ fn writer(
                 Job::Drop { tenant, done } => {
                     let mut dropped = results.drop_tenant(&tenant);
                     if dropped.is_ok() {
+                        lock(&indexes).remove(&tenant);
                         let prefix = format!("{tenant}.");
                         lock(&watermarks).retain(|k, _| !k.starts_with(&prefix));
                         // The tenant's presence and alert events stay in the shared logs: a
@@ -685,6 +724,11 @@ fn writer(
                 Job::Limit { .. } | Job::Maintain => {}
             }
         }
+    }
+    // The bus is closed: the segments being written are sealed as they are when it opens
+    // next, so their indexes are written now (a crash leaves them to be rebuilt).
+    for (tenant, building) in lock(&indexes).iter() {
+        history::save(&results.log_dir(tenant), building);
     }
 }
 
@@ -922,6 +966,140 @@ impl Bus for EmbeddedBus {
             presence: position(presence)?,
             alerts: position(alerts)?,
         })
+    }
+
+    async fn read_history(
+        &self,
+        agent: &AgentRef,
+        check: &str,
+        query: HistoryQuery,
+    ) -> Result<History, BusError> {
+        crate::tenant::parse_name(&agent.tenant).map_err(BusError::Unavailable)?;
+        let dir = if agent.tenant == self.home {
+            self.dir.clone()
+        } else {
+            tenant_dir(&self.dir, &agent.tenant)
+        };
+        let reader = HistoryReader {
+            dir,
+            agent: agent.clone(),
+            check: check.to_string(),
+            indexes: self.indexes.clone(),
+            indexing: self.indexing.clone(),
+        };
+        tokio::task::spawn_blocking(move || reader.read(query))
+            .await
+            .map_err(|e| BusError::Unavailable(format!("history reader failed: {e}")))?
+            .map_err(BusError::Io)
+    }
+}
+
+/// One history read of the embedded bus (blocking: file reads).
+struct HistoryReader {
+    dir: PathBuf,
+    agent: AgentRef,
+    check: String,
+    indexes: Indexes,
+    indexing: Arc<Mutex<()>>,
+}
+
+impl HistoryReader {
+    /// Newest segment first, newest line first, until `limit` results are found: a day of
+    /// one check costs its own lines and a few reads of each segment's index.
+    fn read(&self, query: HistoryQuery) -> std::io::Result<History> {
+        let key = history::key(&self.agent.fingerprint, &self.check);
+        let listing = segments::list(&self.dir, "results")?;
+        let numbers = listing
+            .sealed
+            .iter()
+            .map(|(n, _)| *n)
+            .chain(listing.active)
+            .collect::<Vec<_>>();
+        let mut newest_first = Vec::new();
+        let mut truncated = false;
+        let mut line = Vec::new();
+        'segments: for n in numbers.into_iter().rev() {
+            let Some(places) = self.places(n, &key)? else {
+                continue;
+            };
+            let wanted = places
+                .iter()
+                .rev()
+                .filter(|(_, started)| (query.from_ms..=query.to_ms).contains(started));
+            let mut segment = None;
+            for &(at, _) in wanted {
+                if newest_first.len() >= query.limit {
+                    truncated = true;
+                    break 'segments;
+                }
+                if segment.is_none() {
+                    match segments::open_segment(&self.dir, "results", n)? {
+                        Some(s) => segment = Some(s),
+                        // Deleted by retention meanwhile.
+                        None => continue 'segments,
+                    }
+                }
+                let seg = segment.as_ref().expect("opened");
+                if !seg.line_at(at, &mut line)? {
+                    continue;
+                }
+                match serde_json::from_slice::<ResultLine>(&line) {
+                    Ok(l)
+                        if l.tenant == self.agent.tenant
+                            && l.fingerprint == self.agent.fingerprint
+                            && l.result.check == self.check =>
+                    {
+                        newest_first.push(l.result)
+                    }
+                    _ => {
+                        tracing::warn!(dir = %self.dir.display(), segment = n, at, "a history index points at a line of something else; skipped");
+                    }
+                }
+            }
+        }
+        newest_first.reverse();
+        Ok(History {
+            results: newest_first,
+            truncated,
+        })
+    }
+
+    /// `key`'s places in segment `n`: from the writer's index while it is the segment
+    /// being written (or just sealed), else from the segment's index file, made now if it
+    /// has none or a damaged one. `None`: the segment is gone.
+    fn places(&self, n: u64, key: &str) -> std::io::Result<Option<history::Places>> {
+        {
+            let indexes = lock(&self.indexes);
+            if let Some(b) = indexes.get(&self.agent.tenant).filter(|b| b.segment == n) {
+                return Ok(Some(b.keys.get(key).cloned().unwrap_or_default()));
+            }
+        }
+        let path = segments::sidecar_path(&self.dir, "results", n);
+        match history::lookup(&path, key) {
+            Ok(Some(places)) => return Ok(Some(places)),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "rebuilding a history index");
+            }
+        }
+        let _one_at_a_time = lock(&self.indexing);
+        // Another reader may have made it meanwhile.
+        if let Ok(Some(places)) = history::lookup(&path, key) {
+            return Ok(Some(places));
+        }
+        let Some(segment) = segments::open_segment(&self.dir, "results", n)? else {
+            return Ok(None);
+        };
+        if !segment.sealed {
+            // Being written, and the writer has not indexed it: nothing of it is durable
+            // yet (the writer indexes every line it has made durable).
+            return Ok(Some(Vec::new()));
+        }
+        let keys = history::build(&segment)?;
+        if let Err(e) = history::write(&path, &keys) {
+            tracing::warn!(file = %path.display(), error = %e, "cannot write a history index; it will be rebuilt when needed");
+        }
+        Ok(Some(keys.get(key).cloned().unwrap_or_default()))
     }
 }
 

@@ -389,6 +389,141 @@ fn list_sealed(dir: &Path, name: &str) -> std::io::Result<Vec<SealedFile>> {
     Ok(found)
 }
 
+/// A file kept beside sealed segment `n` (an index of it: see `bus::history`): deleted
+/// with the segment.
+pub fn sidecar_path(dir: &Path, name: &str, n: u64) -> PathBuf {
+    dir.join(format!("{name}-{n:06}.idx"))
+}
+
+/// The segments of a log as they are now, by number: each sealed one with the bytes cut
+/// off its front, oldest first, and the one being written (`None`: no log here).
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub sealed: Vec<(u64, u64)>,
+    pub active: Option<u64>,
+}
+
+/// What [`Listing`] says of the log `name` in `dir` (nothing for a log never made).
+pub fn list(dir: &Path, name: &str) -> std::io::Result<Listing> {
+    // The number first, then the list, as `read_lines` does.
+    let active = read_next(dir, name)?;
+    let sealed = match list_sealed(dir, name) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Listing::default()),
+        Err(e) => return Err(e),
+    };
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(sealed.len());
+    for f in sealed {
+        // A segment listed twice mid-cut: the cut one (listed last) is kept.
+        if out.last().is_some_and(|(n, _)| *n == f.n) {
+            out.pop();
+        }
+        out.push((f.n, f.base));
+    }
+    Ok(Listing {
+        sealed: out,
+        active,
+    })
+}
+
+/// One segment opened for reading lines at positions.
+pub struct Segment {
+    file: File,
+    /// Bytes cut off its front: positions below are gone.
+    pub base: u64,
+    /// Sealed: every line in it is whole and final.
+    pub sealed: bool,
+}
+
+/// Open segment `n` of the log `name` in `dir`, whatever it is called by now (`None`: it
+/// was deleted). The file opened is segment `n` for sure: one seal may rename the
+/// segment being written and make a new one under its name at any time.
+pub fn open_segment(dir: &Path, name: &str, n: u64) -> std::io::Result<Option<Segment>> {
+    for _ in 0..100 {
+        let listing = list(dir, name)?;
+        if let Some(&(_, base)) = listing.sealed.iter().find(|(s, _)| *s == n) {
+            match File::open(sealed_path(dir, name, n, base)) {
+                Ok(file) => {
+                    return Ok(Some(Segment {
+                        file,
+                        base,
+                        sealed: true,
+                    }))
+                }
+                // Cut or deleted meanwhile: look again.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if listing.active != Some(n) {
+            return Ok(None);
+        }
+        let file = match File::open(active_path(dir, name)) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        // Still segment `n` if its number is unchanged, or if the sealed `n` is this file.
+        let inode = std::os::unix::fs::MetadataExt::ino(&file.metadata()?);
+        let same = read_next(dir, name)? == Some(n)
+            || std::fs::metadata(sealed_path(dir, name, n, 0))
+                .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == inode);
+        if same {
+            return Ok(Some(Segment {
+                file,
+                base: 0,
+                sealed: false,
+            }));
+        }
+    }
+    Err(std::io::Error::other(
+        "the log kept changing while it was read",
+    ))
+}
+
+impl Segment {
+    /// The whole line that starts at `offset` (a position as the segment was written),
+    /// without its newline, into `line`; false when there is none there (cut off, or past
+    /// the end, or not whole yet).
+    pub fn line_at(&self, offset: u64, line: &mut Vec<u8>) -> std::io::Result<bool> {
+        use std::os::unix::fs::FileExt as _;
+        line.clear();
+        let Some(mut at) = offset.checked_sub(self.base) else {
+            return Ok(false);
+        };
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = self.file.read_at(&mut chunk, at)?;
+            if n == 0 {
+                return Ok(false);
+            }
+            if let Some(i) = chunk[..n].iter().position(|b| *b == b'\n') {
+                line.extend_from_slice(&chunk[..i]);
+                return Ok(true);
+            }
+            line.extend_from_slice(&chunk[..n]);
+            at += n as u64;
+        }
+    }
+
+    /// Every whole line from the start, each with the position it starts at.
+    pub fn for_each_line(&self, mut f: impl FnMut(u64, &[u8])) -> std::io::Result<()> {
+        let mut reader = std::io::BufReader::new(&self.file);
+        reader.seek(SeekFrom::Start(0))?;
+        let mut at = self.base;
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line)?;
+            if n == 0 || line.last() != Some(&b'\n') {
+                return Ok(());
+            }
+            f(at, &line[..n - 1]);
+            at += n as u64;
+        }
+    }
+}
+
 /// Every segment of the log `name` in `dir`, oldest first, the one being written last.
 /// For readers of the files (tests, tools); a missing log gives an empty list.
 pub fn paths(dir: &Path, name: &str) -> std::io::Result<Vec<PathBuf>> {
@@ -657,10 +792,14 @@ impl Log {
             0o600,
         )?;
         let path = sealed_path(&self.dir, self.name, oldest.n, oldest.base);
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+        // Its index first: a crash between leaves a segment without one (rebuilt when
+        // needed), never an index of nothing.
+        for path in [sidecar_path(&self.dir, self.name, oldest.n), path.clone()] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
         tracing::info!(file = %path.display(), bytes = oldest.len, reason, "bus retention deleted a segment");
         let bytes = oldest.len;

@@ -29,13 +29,20 @@ use outpost_protocol::CheckResult;
 use serde::Serialize;
 
 use super::{
-    alert_events_subject, audit_subject, presence_subject, results_stream, results_subject, Nats,
-    ALERT_EVENTS_STREAM, PRESENCE_STREAM, RESULTS_STREAM,
+    alert_events_subject, audit_subject, check_subject, presence_subject, results_filter,
+    results_stream, results_subject, Nats, ALERT_EVENTS_STREAM, PRESENCE_STREAM, RESULTS_STREAM,
 };
 use crate::bus::{
-    AgentRef, AlertEventsRead, AuditEvent, Bus, BusError, Ends, FeedRead, PresenceEvent,
-    PresenceRead, Published, ResultsRead,
+    AgentRef, AlertEventsRead, AuditEvent, Bus, BusError, Ends, FeedRead, History, HistoryQuery,
+    PresenceEvent, PresenceRead, Published, ResultsRead,
 };
+
+/// How far before a history's start its read begins, in the stream's time: an agent's
+/// clock ahead of the NATS servers' still has its results found.
+const HISTORY_SKEW_MS: u64 = 5 * 60 * 1000;
+
+/// Messages per fetch of a history read.
+const HISTORY_BATCH: usize = 1000;
 
 /// Header with the result's sequence number, so `last_seq` needs no body parsing.
 pub const SEQ_HEADER: &str = "Outpost-Seq";
@@ -118,9 +125,33 @@ impl NatsBus {
             .map_err(|e| unavailable("cannot open the results stream OUTPOST_RESULTS", e))
     }
 
-    /// Whether `s` is the stream that holds `tenant`'s subjects and no other's.
+    /// Whether `s` is the stream that holds `tenant`'s subjects and no other's (with a
+    /// subject per check, or per agent as releases before them made it).
     fn holds(s: &stream::Stream, tenant: &str) -> bool {
-        s.cached_info().config.subjects == [results_subject(tenant, "*")]
+        let subjects = &s.cached_info().config.subjects;
+        subjects == &[results_filter(tenant)] || subjects == &[results_subject(tenant, "*")]
+    }
+
+    /// `s` taking a subject per check: a stream made by a release before them (one
+    /// subject per agent) is widened, keeping what it holds.
+    async fn per_check(&self, s: stream::Stream, tenant: &str) -> Result<stream::Stream, BusError> {
+        if s.cached_info().config.subjects != [results_subject(tenant, "*")] {
+            return Ok(s);
+        }
+        let mut config = s.cached_info().config.clone();
+        config.subjects = vec![results_filter(tenant)];
+        self.nats.js.update_stream(&config).await.map_err(|e| {
+            unavailable(
+                &format!("cannot give {} a subject per check", config.name),
+                e,
+            )
+        })?;
+        tracing::info!(stream = %config.name, "results stream now takes a subject per check");
+        self.nats
+            .js
+            .get_stream(&config.name)
+            .await
+            .map_err(|e| unavailable("cannot open the results stream", e))
     }
 
     /// `tenant`'s results stream if it exists (none is made).
@@ -130,10 +161,11 @@ impl NatsBus {
         }
         let legacy = self.legacy_stream().await?;
         if Self::holds(&legacy, tenant) {
-            return Ok(Some(legacy));
+            return Ok(Some(self.per_check(legacy, tenant).await?));
         }
         match self.nats.js.get_stream(results_stream(tenant)).await {
             Ok(s) => {
+                let s = self.per_check(s, tenant).await?;
                 lock(&self.streams).insert(tenant.to_string(), s.clone());
                 Ok(Some(s))
             }
@@ -151,7 +183,7 @@ impl NatsBus {
         let js = &self.nats.js;
         let home = self.legacy_stream().await?;
         let limit = lock(&self.limits).get(tenant).copied();
-        let mut s = if Self::holds(&home, tenant) {
+        let s = if Self::holds(&home, tenant) {
             home
         } else {
             let name = results_stream(tenant);
@@ -163,6 +195,7 @@ impl NatsBus {
                 .await
                 .map_err(|e| unavailable(&format!("cannot open the results stream {name}"), e))?
         };
+        let mut s = self.per_check(s, tenant).await?;
         if limit.is_some() {
             self.apply_max_bytes(&mut s, self.max_bytes(limit)).await?;
         }
@@ -214,15 +247,16 @@ impl NatsBus {
         *mark = (*mark).max(seq);
     }
 
-    /// The highest sequence number stored for `subject` of `tenant`, from its stream.
+    /// The highest sequence number stored for the agent whose subject is `subject`, from
+    /// `tenant`'s stream.
     async fn stored_mark(&self, tenant: &str, subject: &str) -> Result<u64, BusError> {
         let stream = self.stream(tenant).await?;
-        match last_seq_in(&stream, subject).await? {
+        match last_seq_of_agent(&stream, subject).await? {
             Some(seq) => Ok(seq),
             None if stream.cached_info().config.name == RESULTS_STREAM => Ok(0),
             // Nothing in the tenant's own stream: a release before tenants had streams of
             // their own kept every tenant's results in OUTPOST_RESULTS.
-            None => Ok(last_seq_in(&self.legacy_stream().await?, subject)
+            None => Ok(last_seq_of_agent(&self.legacy_stream().await?, subject)
                 .await?
                 .unwrap_or(0)),
         }
@@ -326,7 +360,7 @@ impl Bus for NatsBus {
             .get_stream(RESULTS_STREAM)
             .await
             .map_err(|e| unavailable("cannot open the results stream OUTPOST_RESULTS", e))?;
-        if home.cached_info().config.subjects == [results_subject(tenant, "*")] {
+        if Self::holds(&home, tenant) {
             return Err(unavailable(
                 "cannot delete the tenant's results",
                 "OUTPOST_RESULTS holds them (the fleet's home tenant)",
@@ -349,7 +383,7 @@ impl Bus for NatsBus {
         }
         // What OUTPOST_RESULTS kept of the tenant from before tenants had streams.
         home.purge()
-            .filter(results_subject(tenant, "*"))
+            .filter(results_filter(tenant))
             .await
             .map_err(|e| unavailable("cannot purge the tenant's results", e))?;
         match js.delete_stream(results_stream(tenant)).await {
@@ -380,7 +414,7 @@ impl Bus for NatsBus {
         wait: std::time::Duration,
     ) -> Result<ResultsRead, BusError> {
         crate::tenant::parse_name(tenant).map_err(BusError::Unavailable)?;
-        let filter = results_subject(tenant, "*");
+        let filter = results_filter(tenant);
         let parse = |msg: &async_nats::jetstream::message::StreamMessage| {
             match serde_json::from_slice::<ResultLine>(&msg.payload) {
                 Ok(l) if l.tenant == tenant => {
@@ -517,9 +551,134 @@ impl Bus for NatsBus {
         })
     }
 
+    async fn read_history(
+        &self,
+        agent: &AgentRef,
+        check: &str,
+        query: HistoryQuery,
+    ) -> Result<History, BusError> {
+        crate::tenant::parse_name(&agent.tenant).map_err(BusError::Unavailable)?;
+        let Some(stream) = self.existing_stream(&agent.tenant).await? else {
+            return Ok(History::default());
+        };
+        let read = read_check(&stream, agent, check, query).await;
+        if read.is_err() {
+            self.forget_stream(&agent.tenant);
+        }
+        read
+    }
+
     fn unavailable(&self) -> Option<String> {
         (!self.nats.connected()).then(|| "not connected to NATS".to_string())
     }
+}
+
+/// The history `query` asks of `agent`'s `check` in its tenant's `stream`: an ephemeral
+/// consumer on the check's own subject (JetStream's per-subject index skips every other
+/// result), from the stream time of the query's start (less [`HISTORY_SKEW_MS`]) to the
+/// end of the subject, the newest `limit` in range kept. To the end, not to the query's
+/// end: results an agent kept through an outage arrive late, stamped with when they ran,
+/// and a range over the outage must find them. Also the agent's own subject, where
+/// releases before per-check subjects put every check's results.
+async fn read_check(
+    stream: &stream::Stream,
+    agent: &AgentRef,
+    check: &str,
+    query: HistoryQuery,
+) -> Result<History, BusError> {
+    use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+    use futures_util::StreamExt as _;
+    let start_ms = query.from_ms.saturating_sub(HISTORY_SKEW_MS);
+    let start_time =
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(start_ms) * 1_000_000)
+            .map_err(|e| BusError::Unavailable(format!("history start out of range: {e}")))?;
+    let config = pull::Config {
+        filter_subjects: vec![
+            check_subject(&agent.tenant, &agent.fingerprint, check),
+            results_subject(&agent.tenant, &agent.fingerprint),
+        ],
+        deliver_policy: DeliverPolicy::ByStartTime { start_time },
+        ack_policy: AckPolicy::None,
+        inactive_threshold: std::time::Duration::from_secs(30),
+        memory_storage: true,
+        num_replicas: 1,
+        ..Default::default()
+    };
+    let consumer = stream
+        .create_consumer(config)
+        .await
+        .map_err(|e| unavailable("cannot read the check's history", e))?;
+    let name = consumer.cached_info().name.clone();
+    let mut pending = consumer.cached_info().num_pending;
+    let mut newest = std::collections::VecDeque::new();
+    let mut truncated = false;
+    let read = async {
+        'fetch: while pending > 0 {
+            let mut batch = consumer
+                .fetch()
+                .max_messages(HISTORY_BATCH)
+                .messages()
+                .await
+                .map_err(|e| unavailable("cannot read the check's history", e))?;
+            let mut got = 0;
+            while let Some(msg) = batch.next().await {
+                let msg = msg.map_err(|e| unavailable("cannot read the check's history", e))?;
+                got += 1;
+                let info = msg
+                    .info()
+                    .map_err(|e| unavailable("unreadable history message", e))?;
+                pending = info.pending;
+                match serde_json::from_slice::<ResultLine>(&msg.payload) {
+                    Ok(l)
+                        if l.tenant == agent.tenant
+                            && l.fingerprint == agent.fingerprint
+                            && l.result.check == check
+                            && (query.from_ms..=query.to_ms).contains(&l.result.started_at_ms) =>
+                    {
+                        newest.push_back(l.result);
+                        if newest.len() > query.limit {
+                            newest.pop_front();
+                            truncated = true;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(subject = %msg.subject, error = %e, "skipping an unreadable result");
+                    }
+                }
+                if pending == 0 {
+                    break 'fetch;
+                }
+            }
+            if got == 0 {
+                break;
+            }
+        }
+        Ok::<_, BusError>(())
+    };
+    let outcome = read.await;
+    // Gone by itself after a while of no use; now is better.
+    let _ = stream.delete_consumer(&name).await;
+    outcome?;
+    Ok(History {
+        results: newest.into(),
+        truncated,
+    })
+}
+
+/// The `Outpost-Seq` of the agent's last result in `stream` (`None`: there is none):
+/// the last on any of its checks' subjects, or on its own subject where a release before
+/// per-check subjects put it. An agent's results are published in its order, so the last
+/// is the highest.
+async fn last_seq_of_agent(
+    stream: &stream::Stream,
+    agent_subject: &str,
+) -> Result<Option<u64>, BusError> {
+    let per_check = last_seq_in(stream, &format!("{agent_subject}.>")).await?;
+    if per_check.is_some() {
+        return Ok(per_check);
+    }
+    last_seq_in(stream, agent_subject).await
 }
 
 /// The `Outpost-Seq` of the last message on `subject` in `stream` (`None`: there is none).
@@ -758,7 +917,10 @@ impl NatsBus {
             let ack = self
                 .nats
                 .js
-                .send_publish(subject.to_string(), msg)
+                .send_publish(
+                    check_subject(&agent.tenant, &agent.fingerprint, &r.check),
+                    msg,
+                )
                 .await
                 .map_err(|e| unavailable("cannot publish a result", e))?;
             acks.push((r.seq, ack));
