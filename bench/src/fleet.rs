@@ -18,6 +18,7 @@
 //! so in their rows when the binary has no such option.
 
 mod alerting;
+mod history;
 pub mod https;
 mod idle;
 pub mod loadgen;
@@ -39,6 +40,7 @@ use crate::harness::{Bins, Gateway};
 use loadgen::Identity;
 
 pub use alerting::alerting;
+pub use history::history;
 pub use idle::idle;
 pub use results::results;
 pub use rpc::rpc;
@@ -93,6 +95,8 @@ pub struct FleetPlan {
     pub alerting_dial_concurrency: usize,
     /// Simulated agents on the two-gateway fleet whose gateways are all restarted at once.
     pub alerting_restart_agents: usize,
+    /// Agents whose day of results the bus holds in the history part.
+    pub history_agents: usize,
     /// The nats-server binary (found on PATH when not given).
     pub nats_server: Option<PathBuf>,
     /// Prometheus Alertmanager (found on PATH when not given).
@@ -138,6 +142,7 @@ impl FleetPlan {
             alerting_burst_limit: Duration::from_secs(q(120, 30) as u64),
             alerting_dial_concurrency: 256,
             alerting_restart_agents: q(2_000, 200),
+            history_agents: q(10_000, 200),
             nats_server: nats_server.filter(|p| !p.as_os_str().is_empty()),
             alertmanager: alertmanager.filter(|p| !p.as_os_str().is_empty()),
         }

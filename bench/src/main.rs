@@ -62,6 +62,8 @@ enum Part {
     /// Alerting: result to webhook latency (one gateway, NATS fleet), notifications/s next
     /// to Prometheus Alertmanager.
     FleetAlerting,
+    /// History of one check: a day of it among many agents' results, both buses.
+    FleetHistory,
 }
 
 #[derive(Parser)]
@@ -313,6 +315,7 @@ fn run() -> Result<bool> {
             Part::FleetTenants,
             Part::FleetStorm,
             Part::FleetAlerting,
+            Part::FleetHistory,
         ]
     } else {
         let mut p = cli.only.clone();
@@ -357,6 +360,10 @@ fn run() -> Result<bool> {
             Part::FleetAlerting => (
                 "10. Fleet: alerting latency and notifications per second",
                 fleet::alerting(&bins, &work, &plan),
+            ),
+            Part::FleetHistory => (
+                "11. Fleet: history of one check among 10,000 agents' results",
+                fleet::history(&bins, &work, &plan),
             ),
         };
         let _ = writeln!(report, "### {title}\n");

@@ -5,7 +5,7 @@
 //!
 //! | what | where |
 //! |---|---|
-//! | results | stream `OUTPOST_RESULTS_<tenant>` (`OUTPOST_RESULTS` for the fleet's home tenant), subject `outpost.<tenant>.results.<fingerprint>`, `Nats-Msg-Id` = `<tenant>.<fingerprint>:<seq>` |
+//! | results | stream `OUTPOST_RESULTS_<tenant>` (`OUTPOST_RESULTS` for the fleet's home tenant), subject `outpost.<tenant>.results.<fingerprint>.<check>` (the check's dots as `~`), `Nats-Msg-Id` = `<tenant>.<fingerprint>:<seq>` |
 //! | presence events | stream `OUTPOST_PRESENCE`, subject `outpost.<tenant>.presence.<fingerprint>` |
 //! | alert and silence changes | stream `OUTPOST_ALERT_EVENTS`, subject `outpost.<tenant>.alerts.events` |
 //! | fleet registry | KV `outpost_agents`, key `<tenant>.<fingerprint>` |

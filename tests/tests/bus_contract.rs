@@ -1010,6 +1010,25 @@ async fn a_nats_results_stream_from_before_per_tenant_streams_is_narrowed_and_st
             .await
             .unwrap();
     }
+    // The home tenant's agent too, on its own subject as that release published.
+    let home = agent(7);
+    for seq in 1..=3u64 {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            outpost_gateway::nats::bus::SEQ_HEADER,
+            seq.to_string().as_str(),
+        );
+        let body = serde_json::json!({"tenant": HOME, "fingerprint": home.fingerprint, "result": result(seq)});
+        js.publish_with_headers(
+            results_subject(HOME, &home.fingerprint),
+            headers,
+            body.to_string().into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
     drop(old);
 
     let bus = Backend::Nats(settings.clone()).open().await;
@@ -1034,13 +1053,22 @@ async fn a_nats_results_stream_from_before_per_tenant_streams_is_narrowed_and_st
         vec![6, 7],
         "in acme's own stream"
     );
-    // The home tenant's results stay in OUTPOST_RESULTS.
-    let home = agent(7);
-    bus.publish_results(&home, &results(1..=3)).await.unwrap();
-    assert_eq!(backend.stored(&home).await, vec![1, 2, 3]);
+    // The home tenant's results stay in OUTPOST_RESULTS: the old ones on the agent's own
+    // subject count for its mark and its history, new ones go on the check's subject.
+    let p = bus.publish_results(&home, &results(1..=5)).await.unwrap();
+    assert_eq!((p.accepted, p.duplicates), (2, 3));
+    assert_eq!(backend.stored(&home).await, vec![1, 2, 3, 4, 5]);
+    let all = HistoryQuery {
+        from_ms: 0,
+        to_ms: u64::MAX / 2,
+        limit: 100,
+    };
+    let h = bus.read_history(&home, "c", all).await.unwrap();
+    let seqs: Vec<u64> = h.results.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [1, 2, 3, 4, 5], "both layouts in one history");
     // Deleting acme's results takes what the old stream kept of it too: made again, it
     // starts from nothing.
     bus.drop_tenant("acme").await.unwrap();
     assert_eq!(bus.last_seq(&acme).await.unwrap(), 0);
-    assert_eq!(backend.stored(&home).await, vec![1, 2, 3]);
+    assert_eq!(backend.stored(&home).await, vec![1, 2, 3, 4, 5]);
 }

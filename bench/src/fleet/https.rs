@@ -15,10 +15,12 @@ pub struct Client {
     token: String,
 }
 
-/// One answer: status, body, and the time from sending the request to the whole body.
+/// One answer: status, body, and the time from sending the request to its head (the
+/// first byte) and to the whole body.
 pub struct Answer {
     pub status: u16,
     pub body: Bytes,
+    pub first_byte: Duration,
     pub took: Duration,
 }
 
@@ -88,6 +90,7 @@ impl Client {
             .send_request(req)
             .await
             .with_context(|| format!("{method} {path} failed"))?;
+        let first_byte = t0.elapsed();
         let status = resp.status().as_u16();
         let body = resp
             .into_body()
@@ -98,6 +101,7 @@ impl Client {
         Ok(Answer {
             status,
             body,
+            first_byte,
             took: t0.elapsed(),
         })
     }

@@ -247,6 +247,10 @@ impl EmbeddedBus {
             indexes,
             indexing: Arc::default(),
         };
+        let (dir, indexing) = (bus.dir.clone(), bus.indexing.clone());
+        std::thread::Builder::new()
+            .name("outpost-bus-index".into())
+            .spawn(move || index_missing(dir, indexing))?;
         Ok((bus, recovered))
     }
 }
@@ -1019,6 +1023,19 @@ impl HistoryReader {
         let mut truncated = false;
         let mut line = Vec::new();
         'segments: for n in numbers.into_iter().rev() {
+            // A segment last written before the range holds nothing of it (a result is
+            // written after its run starts; the margin is for agents' clocks running
+            // ahead), and every older one neither.
+            if let Some(&(_, base)) = listing.sealed.iter().find(|(s, _)| *s == n) {
+                if let Some(written) = segments::last_written(&self.dir, "results", n, base)? {
+                    let ms = written
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                    if ms.saturating_add(CLOCK_AHEAD_MS) < query.from_ms {
+                        break;
+                    }
+                }
+            }
             let Some(places) = self.places(n, &key)? else {
                 continue;
             };
@@ -1083,23 +1100,87 @@ impl HistoryReader {
             }
         }
         let _one_at_a_time = lock(&self.indexing);
-        // Another reader may have made it meanwhile.
+        // Another reader (or the indexer of segments left without one) may have made it
+        // meanwhile.
         if let Ok(Some(places)) = history::lookup(&path, key) {
             return Ok(Some(places));
         }
-        let Some(segment) = segments::open_segment(&self.dir, "results", n)? else {
-            return Ok(None);
-        };
-        if !segment.sealed {
+        match index_segment(&self.dir, n)? {
+            Indexed::Gone => Ok(None),
             // Being written, and the writer has not indexed it: nothing of it is durable
             // yet (the writer indexes every line it has made durable).
-            return Ok(Some(Vec::new()));
+            Indexed::NotSealed => Ok(Some(Vec::new())),
+            Indexed::Keys(keys) => Ok(Some(keys.get(key).cloned().unwrap_or_default())),
         }
-        let keys = history::build(&segment)?;
-        if let Err(e) = history::write(&path, &keys) {
-            tracing::warn!(file = %path.display(), error = %e, "cannot write a history index; it will be rebuilt when needed");
+    }
+}
+
+/// How far ahead of the gateway's an agent's clock may run for a history to still find
+/// its results by their run start.
+const CLOCK_AHEAD_MS: u64 = 5 * 60 * 1000;
+
+enum Indexed {
+    Gone,
+    NotSealed,
+    Keys(HashMap<String, history::Places>),
+}
+
+/// Index sealed segment `n` of the results log in `dir` by reading it, and write the
+/// index beside it if the segment is still there (retention may delete it meanwhile: an
+/// index of nothing is never left behind). The caller holds the bus's indexing lock.
+fn index_segment(dir: &Path, n: u64) -> std::io::Result<Indexed> {
+    let Some(segment) = segments::open_segment(dir, "results", n)? else {
+        return Ok(Indexed::Gone);
+    };
+    if !segment.sealed {
+        return Ok(Indexed::NotSealed);
+    }
+    let keys = history::build(&segment)?;
+    let listing = segments::list(dir, "results")?;
+    if !listing.sealed.iter().any(|(s, _)| *s == n) {
+        return Ok(Indexed::Gone);
+    }
+    let path = segments::sidecar_path(dir, "results", n);
+    if let Err(e) = history::write(&path, &keys) {
+        tracing::warn!(file = %path.display(), error = %e, "cannot write a history index; it will be rebuilt when needed");
+    }
+    Ok(Indexed::Keys(keys))
+}
+
+/// Index, in the background and newest first, every sealed segment of every tenant's
+/// results log in `bus` that has no usable index (left by a crash, or by a release before
+/// indexes), so the first histories asked after a start do not pay for it.
+fn index_missing(bus: PathBuf, indexing: Arc<Mutex<()>>) {
+    let mut dirs = vec![bus.clone()];
+    if let Ok(entries) = std::fs::read_dir(bus.join("tenants")) {
+        dirs.extend(entries.filter_map(|e| Some(e.ok()?.path())));
+    }
+    let mut done = 0u64;
+    for dir in dirs {
+        let Ok(listing) = segments::list(&dir, "results") else {
+            continue;
+        };
+        for &(n, _) in listing.sealed.iter().rev() {
+            let path = segments::sidecar_path(&dir, "results", n);
+            // Any key: a whole index answers, a missing or damaged one does not.
+            if matches!(history::lookup(&path, ""), Ok(Some(_))) {
+                continue;
+            }
+            let _one_at_a_time = lock(&indexing);
+            if matches!(history::lookup(&path, ""), Ok(Some(_))) {
+                continue;
+            }
+            match index_segment(&dir, n) {
+                Ok(Indexed::Keys(_)) => done += 1,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), segment = n, error = %e, "cannot index a bus segment for histories; it will be tried again when needed")
+                }
+            }
         }
-        Ok(Some(keys.get(key).cloned().unwrap_or_default()))
+    }
+    if done > 0 {
+        tracing::info!(segments = done, "indexed bus segments for check histories");
     }
 }
 

@@ -11,11 +11,15 @@
 //! line read through it is checked to be the agent's and the check's.
 //!
 //! The file, all integers little endian:
-//! `OPHIST01`, key count (u32), a directory of (FNV-1a hash of the key (u64), offset of
+//! `OPHIST02`, key count (u32), a directory of (FNV-1a hash of the key (u64), offset of
 //! its entry (u64)) sorted by hash, the entries (key length (u16), key, place count
-//! (u32), places as (position (u64), run start in ms (u64))), and `OPHISTOK` last (a
-//! file cut short is refused). A lookup reads the header, binary-searches the directory
-//! and reads one entry: a few small reads per segment, whatever the segment holds.
+//! (u32), places as (position (u64), run start in ms (u64)), FNV-1a of the entry's bytes
+//! before it (u64)), and `OPHISTOK` last. A lookup reads the header, binary-searches the
+//! directory and reads one entry: a few small reads per segment, whatever the segment
+//! holds. A file cut short, or an entry whose bytes do not match their checksum, is
+//! refused and the segment indexed again; a damaged hash in the directory can only make
+//! one key's lines of that segment missing from a history (checking the whole directory
+//! would mean reading it all on every lookup).
 //! (Hand-written: the format is twenty lines, and no crate offers an on-disk map that is
 //! written once, read by key with positional reads, and checked for truncation.)
 
@@ -28,7 +32,7 @@ use std::sync::{Arc, Mutex};
 
 use super::segments::Segment;
 
-const MAGIC: &[u8; 8] = b"OPHIST01";
+const MAGIC: &[u8; 8] = b"OPHIST02";
 const TRAILER: &[u8; 8] = b"OPHISTOK";
 const HEADER: u64 = 12;
 const DIR_ENTRY: u64 = 16;
@@ -53,10 +57,14 @@ pub struct Building {
 /// Each tenant's [`Building`], written by the bus writer, read by history readers.
 pub type Indexes = Arc<Mutex<HashMap<String, Building>>>;
 
-fn fnv1a(key: &str) -> u64 {
-    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+fn fnv1a_bytes(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+fn fnv1a(key: &str) -> u64 {
+    fnv1a_bytes(key.as_bytes())
 }
 
 /// Write the index `keys` of a segment to `path` (atomically: readers see all or none).
@@ -72,9 +80,10 @@ pub fn write(path: &Path, keys: &HashMap<String, Places>) -> std::io::Result<()>
     for (hash, key, places) in &sorted {
         out.extend_from_slice(&hash.to_le_bytes());
         out.extend_from_slice(&at.to_le_bytes());
-        at += 2 + key.len() as u64 + 4 + PLACE * places.len() as u64;
+        at += 2 + key.len() as u64 + 4 + PLACE * places.len() as u64 + 8;
     }
     for (_, key, places) in &sorted {
+        let entry_start = out.len();
         let len = u16::try_from(key.len()).map_err(std::io::Error::other)?;
         out.extend_from_slice(&len.to_le_bytes());
         out.extend_from_slice(key.as_bytes());
@@ -84,6 +93,8 @@ pub fn write(path: &Path, keys: &HashMap<String, Places>) -> std::io::Result<()>
             out.extend_from_slice(&offset.to_le_bytes());
             out.extend_from_slice(&started.to_le_bytes());
         }
+        let sum = fnv1a_bytes(&out[entry_start..]);
+        out.extend_from_slice(&sum.to_le_bytes());
     }
     out.write_all(TRAILER)?;
     crate::util::write_atomic(path, &out, 0o600)
@@ -160,12 +171,17 @@ pub fn lookup(path: &Path, key: &str) -> std::io::Result<Option<Places>> {
         file.read_exact_at(&mut n, at + 2 + key_len)?;
         let n = u64::from(u32::from_le_bytes(n));
         let from = at + 2 + key_len + 4;
-        if from + n * PLACE > end {
+        if from + n * PLACE + 8 > end {
             return Err(damaged(path, "places beyond the end"));
         }
-        let mut raw = vec![0u8; (n * PLACE) as usize];
-        file.read_exact_at(&mut raw, from)?;
-        let places = raw
+        // The whole entry, to check it against its sum.
+        let mut raw = vec![0u8; (from - at + n * PLACE + 8) as usize];
+        file.read_exact_at(&mut raw, at)?;
+        let (body, sum) = raw.split_at(raw.len() - 8);
+        if fnv1a_bytes(body) != u64::from_le_bytes(sum.try_into().expect("8 bytes")) {
+            return Err(damaged(path, "an entry does not match its checksum"));
+        }
+        let places = body[(from - at) as usize..]
             .chunks_exact(PLACE as usize)
             .map(|c| {
                 (
@@ -302,5 +318,16 @@ mod tests {
         }
         std::fs::write(&path, &bad).unwrap();
         assert!(lookup(&path, &key("fp010", "disk")).is_err());
+        // A place flipped inside an entry: refused by its sum.
+        let k = key("fp010", "disk");
+        let mut flipped = whole.clone();
+        let at = whole
+            .windows(k.len())
+            .position(|w| w == k.as_bytes())
+            .expect("the key is in the file");
+        flipped[at + k.len() + 4 + 3] ^= 0x40;
+        std::fs::write(&path, &flipped).unwrap();
+        let err = lookup(&path, &k).unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err}");
     }
 }

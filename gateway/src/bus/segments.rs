@@ -426,6 +426,20 @@ pub fn list(dir: &Path, name: &str) -> std::io::Result<Listing> {
     })
 }
 
+/// When sealed segment `n` (with `base` bytes cut) was last written (`None`: it is gone).
+pub fn last_written(
+    dir: &Path,
+    name: &str,
+    n: u64,
+    base: u64,
+) -> std::io::Result<Option<SystemTime>> {
+    match std::fs::metadata(sealed_path(dir, name, n, base)) {
+        Ok(m) => Ok(Some(m.modified()?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// One segment opened for reading lines at positions.
 pub struct Segment {
     file: File,
@@ -463,11 +477,20 @@ pub fn open_segment(dir: &Path, name: &str, n: u64) -> std::io::Result<Option<Se
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        // Still segment `n` if its number is unchanged, or if the sealed `n` is this file.
+        // Is the file opened segment `n`? A seal renames it first, then makes the new
+        // file, then writes the new number: once the sealed `n` exists, the file is `n`
+        // only if it is that very file (a new, empty one may be there already while the
+        // number still says `n`); before, the name was `n`'s when it was opened.
         let inode = std::os::unix::fs::MetadataExt::ino(&file.metadata()?);
-        let same = read_next(dir, name)? == Some(n)
-            || std::fs::metadata(sealed_path(dir, name, n, 0))
-                .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == inode);
+        let same = match std::fs::metadata(sealed_path(dir, name, n, 0)) {
+            Ok(m) => std::os::unix::fs::MetadataExt::ino(&m) == inode,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Not sealed under its plain name; cut already (then listed next round)
+                // or still being written.
+                !list(dir, name)?.sealed.iter().any(|(s, _)| *s == n)
+            }
+            Err(e) => return Err(e),
+        };
         if same {
             return Ok(Some(Segment {
                 file,
@@ -656,6 +679,21 @@ impl Log {
                     written: meta.modified()?,
                 });
                 active_n += 1;
+            }
+        }
+        // Indexes of segments no longer kept (a crash between deleting the two, or a
+        // reader that indexed a segment as retention deleted it).
+        let kept: Vec<u64> = sealed.iter().map(|s| s.n).collect();
+        let idx_prefix = format!("{name}-");
+        for entry in std::fs::read_dir(dir)? {
+            let file_name = entry?.file_name();
+            let f = file_name.to_string_lossy();
+            let n = f
+                .strip_prefix(&idx_prefix)
+                .and_then(|f| f.strip_suffix(".idx"))
+                .and_then(|n| n.parse::<u64>().ok());
+            if n.is_some_and(|n| !kept.contains(&n)) {
+                std::fs::remove_file(dir.join(&*f))?;
             }
         }
         let file = OpenOptions::new()
