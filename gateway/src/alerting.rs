@@ -1972,7 +1972,7 @@ pub struct View {
     pub silences: Vec<Silence>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AlertView {
     pub fingerprint: String,
     pub hostname: String,

@@ -178,7 +178,7 @@ pub struct Incident {
 }
 
 /// Someone is on it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Ack {
     pub by: String,
     pub comment: String,

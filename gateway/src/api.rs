@@ -7,6 +7,7 @@ pub mod admin;
 pub mod alerts;
 pub mod events;
 pub mod history;
+pub mod openapi;
 
 use std::sync::Arc;
 
@@ -15,15 +16,17 @@ use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 
 use self::access::{Admin, Operate, Read, Tenant};
 use axum::{Extension, Json, Router};
-use outpost_protocol::{CheckResult, CheckSpec, MAX_FRAME_BYTES, SUBPROTOCOL, WS_PATH};
+use outpost_protocol::{CheckResult, CheckSpec, MAX_FRAME_BYTES, SUBPROTOCOL};
 use serde::Serialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::bus::{AgentRef, Bus, Presence};
 use crate::credentials::Credentials;
@@ -100,14 +103,15 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Every route, each registered with its `#[utoipa::path]` (see [`openapi`]).
 pub fn router(gw: Services, settings: &Arc<Settings>) -> Router {
     let gw = Arc::new(gw);
-    let api = Router::new()
-        .route("/agents", get(list_agents))
-        .route("/agents/{fingerprint}", get(get_agent).delete(forget_agent))
-        .route("/agents/{fingerprint}/revoke", post(revoke_agent))
-        .route("/agents/{fingerprint}/checks", get(agent_checks))
-        .route("/agents/{fingerprint}/checks/{check}/run", post(run_now))
+    let api = OpenApiRouter::new()
+        .routes(routes!(list_agents))
+        .routes(routes!(get_agent, forget_agent))
+        .routes(routes!(revoke_agent))
+        .routes(routes!(agent_checks))
+        .routes(routes!(run_now))
         .merge(admin::routes())
         .merge(alerts::routes())
         .merge(events::routes())
@@ -116,17 +120,76 @@ pub fn router(gw: Services, settings: &Arc<Settings>) -> Router {
             gw.clone(),
             access::authenticate,
         ));
-    Router::new()
-        .route("/", get(crate::console::page))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route(WS_PATH, get(upgrade))
-        .nest("/api/v1", api)
-        .merge(crate::releases::routes(settings.clone()))
-        .merge(crate::releases_manifest::router(settings.clone()))
+    let (router, doc) =
+        OpenApiRouter::with_openapi(<openapi::ApiDoc as utoipa::OpenApi>::openapi())
+            .routes(routes!(crate::console::page))
+            .routes(routes!(healthz))
+            .routes(routes!(readyz))
+            .routes(routes!(metrics))
+            .routes(routes!(upgrade))
+            .routes(routes!(openapi::document))
+            .nest("/api/v1", api)
+            .merge(crate::releases::routes(settings.clone()))
+            .merge(crate::releases_manifest::router(settings.clone()))
+            .split_for_parts();
+    openapi::keep(&doc);
+    router
         .layer(middleware::map_response(crate::console::security_headers))
         .with_state(gw)
+}
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "gateway",
+    responses((status = 200, description = "`ok`", content_type = "text/plain", body = String)))]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+use openapi::ErrorBody;
+
+/// A JSON request body (none: `{}`), or a 400 that says what is wrong with it. An object
+/// only: serde would also read a struct from an array of its fields in order.
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let bad = |e: &dyn std::fmt::Display| {
+        ApiError::new(ErrorKind::BadRequest, format!("request body: {e}"))
+    };
+    let bytes = if bytes.is_empty() { b"{}" } else { bytes };
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| bad(&e))?;
+    if !value.is_object() {
+        return Err(bad(&"a JSON object is expected"));
+    }
+    serde_json::from_value(value).map_err(|e| bad(&e))
+}
+
+/// For a struct field of a request body: an object only (see [`json_body`]).
+pub(crate) fn object<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    use serde::de::Error as _;
+    let value = <serde_json::Value as serde::Deserialize>::deserialize(d)?;
+    if !value.is_object() {
+        return Err(D::Error::custom("a JSON object is expected"));
+    }
+    serde_json::from_value(value).map_err(D::Error::custom)
+}
+
+/// [`object`] for an optional field (`null`: none).
+pub(crate) fn object_or_null<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    use serde::de::Error as _;
+    let value = <serde_json::Value as serde::Deserialize>::deserialize(d)?;
+    match value {
+        serde_json::Value::Null => Ok(None),
+        serde_json::Value::Object(_) => serde_json::from_value(value)
+            .map(Some)
+            .map_err(D::Error::custom),
+        _ => Err(D::Error::custom("a JSON object is expected")),
+    }
 }
 
 fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
@@ -135,6 +198,10 @@ fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
 
 /// For load balancers: 200 while this gateway takes agents, 503 (with the reason) while it
 /// drains for shutdown or cannot reach its bus, so new connections go elsewhere.
+#[utoipa::path(get, path = "/readyz", tag = "gateway", responses(
+    (status = 200, description = "`ready`: taking agents", content_type = "text/plain", body = String),
+    (status = 503, description = "`not ready: WHY` (draining, or the bus unreachable)", content_type = "text/plain", body = String),
+))]
 async fn readyz(State(gw): State<Gw>) -> Response {
     let why = if gw.shutdown.is_cancelled() {
         Some("draining: shutting down".to_string())
@@ -151,6 +218,10 @@ async fn readyz(State(gw): State<Gw>) -> Response {
     }
 }
 
+/// Prometheus metrics (series per tenant with the operator's token only).
+#[utoipa::path(get, path = "/metrics", tag = "gateway", responses(
+    (status = 200, description = "Prometheus text exposition format", content_type = "text/plain", body = String),
+))]
 async fn metrics(State(gw): State<Gw>, headers: axum::http::HeaderMap) -> impl IntoResponse {
     // Series per tenant only for the operator (tenants' names are the operator's).
     let operator = headers
@@ -171,6 +242,17 @@ async fn metrics(State(gw): State<Gw>, headers: axum::http::HeaderMap) -> impl I
     )
 }
 
+/// The agents' endpoint: a TLS websocket with the `outpost.v1` subprotocol
+/// (PROTOCOL.md).
+#[utoipa::path(get, path = "/ws", tag = "gateway", responses(
+    (status = 101, description = "Switching to the websocket"),
+    (status = 400, description = "Not a websocket upgrade (text), or without the `outpost.v1` subprotocol (JSON)", content(
+        (ErrorBody = "application/json"),
+        (String = "text/plain"),
+    )),
+    (status = 405, description = "Not a GET"),
+    (status = 503, description = "The gateway is shutting down", body = ErrorBody),
+))]
 async fn upgrade(
     State(gw): State<Gw>,
     Extension(Peer(peer)): Extension<Peer>,
@@ -209,7 +291,7 @@ async fn upgrade(
     })
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct AgentView {
     fingerprint: String,
     hostname: String,
@@ -218,7 +300,8 @@ struct AgentView {
     agent_version: String,
     labels: std::collections::BTreeMap<String, String>,
     groups: Vec<String>,
-    /// `online`, `lost` or `deregistered`.
+    /// `online`, `lost`, `deregistered` or `revoked`.
+    #[schema(value_type = String)]
     presence: &'static str,
     presence_reason: String,
     /// Whether a gateway holds a live connection of the agent.
@@ -227,6 +310,10 @@ struct AgentView {
     gateway: String,
     last_seen_ms: u64,
     connected_since_ms: Option<u64>,
+    /// Each check's newest status (`ok`, `warning`, `critical`, `unknown`), for overviews
+    /// that count check states without asking for every agent's checks.
+    #[schema(value_type = std::collections::BTreeMap<String, String>)]
+    check_states: std::collections::BTreeMap<String, outpost_protocol::Status>,
 }
 
 fn view(gw: &Services, r: &AgentRecord) -> AgentView {
@@ -251,6 +338,11 @@ fn view(gw: &Services, r: &AgentRecord) -> AgentView {
         gateway: r.gateway.clone(),
         last_seen_ms: last_seen(gw, r),
         connected_since_ms: r.connected_since_ms,
+        check_states: r
+            .latest
+            .iter()
+            .map(|(check, result)| (check.clone(), result.status))
+            .collect(),
     }
 }
 
@@ -268,6 +360,12 @@ fn last_seen(gw: &Services, r: &AgentRecord) -> u64 {
     }
 }
 
+/// Every agent of the token's tenant (on NATS: of the whole fleet). Role: read.
+#[utoipa::path(get, path = "/agents", tag = "agents", security(("bearer" = [])), responses(
+    (status = 200, description = "The tenant's agents", body = Vec<AgentView>),
+    (status = 401, description = "No valid token", body = ErrorBody),
+    (status = 403, description = "The token's role is too low, or it is the operator's", body = ErrorBody),
+))]
 async fn list_agents(State(gw): State<Gw>, t: Tenant<Read>) -> Json<Vec<AgentView>> {
     let agents = gw.registry.list(&t.name);
     Json(agents.iter().map(|r| view(&gw, r)).collect())
@@ -277,6 +375,15 @@ pub(crate) fn unknown_agent(fp: &str) -> Response {
     ApiError::from(RunNowError::UnknownAgent(fp.to_string())).into_response()
 }
 
+/// One agent. Role: read.
+#[utoipa::path(get, path = "/agents/{fingerprint}", tag = "agents", security(("bearer" = [])),
+    params(("fingerprint" = String, Path, description = "The agent's fingerprint")),
+    responses(
+        (status = 200, description = "The agent", body = AgentView),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "The token's role is too low", body = ErrorBody),
+        (status = 404, description = "No such agent in the tenant", body = ErrorBody),
+))]
 async fn get_agent(State(gw): State<Gw>, t: Tenant<Read>, Path(fp): Path<String>) -> Response {
     match gw.registry.get(&AgentRef::new(&t.name, &fp)) {
         Some(r) => Json(view(&gw, &r)).into_response(),
@@ -284,9 +391,11 @@ async fn get_agent(State(gw): State<Gw>, t: Tenant<Read>, Path(fp): Path<String>
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Revoked {
     fingerprint: String,
+    /// `revoked`.
+    #[schema(value_type = String)]
     presence: &'static str,
     revoked_at_ms: u64,
 }
@@ -294,6 +403,16 @@ struct Revoked {
 /// Revoke an agent: its secret is deleted, its connection (on whichever gateway of the
 /// fleet) is closed with 4403, it can never log in or enroll again, and its presence
 /// becomes `revoked`. Revoking it again answers the same.
+#[utoipa::path(post, path = "/agents/{fingerprint}/revoke", tag = "agents", security(("bearer" = [])),
+    description = "Revoke an agent: its secret is deleted, its connection on any gateway closed with 4403, and it can never log in or enroll again. Revoking it again answers the same. Role: admin.",
+    params(("fingerprint" = String, Path, description = "The agent's fingerprint")),
+    responses(
+        (status = 200, description = "Revoked (now or before)", body = Revoked),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "The token's role is too low", body = ErrorBody),
+        (status = 404, description = "No such agent in the tenant", body = ErrorBody),
+        (status = 503, description = "A store could not be written: retry (revoking is idempotent)", body = ErrorBody),
+))]
 async fn revoke_agent(State(gw): State<Gw>, t: Tenant<Admin>, Path(fp): Path<String>) -> Response {
     match revoke(&gw, &AgentRef::new(&t.name, &fp)).await {
         Ok(revoked_at_ms) => Json(Revoked {
@@ -337,6 +456,17 @@ pub(crate) async fn revoke(gw: &Services, agent: &AgentRef) -> Result<u64, ApiEr
 /// Forget a revoked agent (decommissioned, or compromised and done with): its credential
 /// and registry record go, and its fingerprint may enroll again. An agent is revoked
 /// first, so no connection of it can come back meanwhile.
+#[utoipa::path(delete, path = "/agents/{fingerprint}", tag = "agents", security(("bearer" = [])),
+    description = "Forget a revoked agent: its credential and record go for good and its fingerprint may enroll again. Role: admin.",
+    params(("fingerprint" = String, Path, description = "The agent's fingerprint")),
+    responses(
+        (status = 204, description = "Forgotten"),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "The token's role is too low", body = ErrorBody),
+        (status = 404, description = "No such agent in the tenant", body = ErrorBody),
+        (status = 409, description = "The agent is not revoked: revoke it first", body = ErrorBody),
+        (status = 503, description = "A store could not be written: retry", body = ErrorBody),
+))]
 async fn forget_agent(State(gw): State<Gw>, t: Tenant<Admin>, Path(fp): Path<String>) -> Response {
     match forget(&gw, &AgentRef::new(&t.name, &fp)).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
@@ -380,16 +510,27 @@ pub(crate) async fn forget(gw: &Services, agent: &AgentRef) -> Result<(), ApiErr
     Ok(())
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct CheckView {
     check: String,
     /// Whether the check is in the agent's current configuration.
     configured: bool,
+    #[schema(value_type = Option<openapi::CheckSpecDoc>)]
     spec: Option<CheckSpec>,
+    #[schema(value_type = Option<openapi::CheckResultDoc>)]
     latest: Option<CheckResult>,
     age_secs: Option<u64>,
 }
 
+/// Each check of the agent with its spec, newest result and its age. Role: read.
+#[utoipa::path(get, path = "/agents/{fingerprint}/checks", tag = "agents", security(("bearer" = [])),
+    params(("fingerprint" = String, Path, description = "The agent's fingerprint")),
+    responses(
+        (status = 200, description = "The agent's checks, by name", body = Vec<CheckView>),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "The token's role is too low", body = ErrorBody),
+        (status = 404, description = "No such agent in the tenant", body = ErrorBody),
+))]
 async fn agent_checks(State(gw): State<Gw>, t: Tenant<Read>, Path(fp): Path<String>) -> Response {
     let Some(rec) = gw.registry.get(&AgentRef::new(&t.name, &fp)) else {
         return unknown_agent(&fp);
@@ -426,6 +567,24 @@ async fn agent_checks(State(gw): State<Gw>, t: Tenant<Read>, Path(fp): Path<Stri
     Json(out).into_response()
 }
 
+#[utoipa::path(post, path = "/agents/{fingerprint}/checks/{check}/run", tag = "agents", security(("bearer" = [])),
+    description = "Run the check now and answer its result (on NATS, through whichever gateway holds the agent). Role: operate.",
+    params(
+        ("fingerprint" = String, Path, description = "The agent's fingerprint"),
+        ("check" = String, Path, description = "The check's name"),
+    ),
+    responses(
+        (status = 200, description = "The fresh result", body = openapi::CheckResultDoc),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "The token's role is too low", body = ErrorBody),
+        (status = 404, description = "No such agent or check", body = ErrorBody),
+        (status = 409, description = "The agent is not connected", body = ErrorBody),
+        (status = 422, description = "The check is a daemon: it reports on its own", body = ErrorBody),
+        (status = 429, description = "The agent is busy: retry", body = ErrorBody),
+        (status = 502, description = "The agent answered with an error, or disconnected", body = ErrorBody),
+        (status = 503, description = "The fleet could not be asked: retry", body = ErrorBody),
+        (status = 504, description = "No answer within the check's timeout", body = ErrorBody),
+))]
 async fn run_now(
     State(gw): State<Gw>,
     t: Tenant<Operate>,
@@ -453,6 +612,47 @@ async fn run_now(
         Err(e) => {
             Metrics::inc(&gw.metrics.rpc_failures);
             ApiError::from(e).into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        a: Option<u64>,
+        b: Option<u64>,
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Outer {
+        #[serde(default, deserialize_with = "object")]
+        inner: Option<Inner>,
+        #[serde(default, deserialize_with = "object_or_null")]
+        maybe: Option<Inner>,
+    }
+
+    #[test]
+    fn request_bodies_are_objects_all_the_way_down() {
+        let ok = |b: &str| json_body::<Outer>(b.as_bytes()).map(|_| ());
+        assert!(ok("").is_ok(), "no body: {{}}");
+        assert!(ok(r#"{"inner": {"a": 1}, "maybe": null}"#).is_ok());
+        for bad in [
+            "[null, null]",
+            r#"{"inner": [1, 2]}"#,
+            r#"{"maybe": [1]}"#,
+            "3",
+            "{",
+        ] {
+            let e = ok(bad).expect_err(bad);
+            assert!(matches!(e.kind, ErrorKind::BadRequest), "{bad}");
+            assert!(e.message.starts_with("request body: "), "{}", e.message);
         }
     }
 }

@@ -14,6 +14,10 @@ use sha2::{Digest, Sha256};
 
 const PAGE: &str = include_str!("console.html");
 
+/// The console: one self-contained page (no external assets).
+#[utoipa::path(get, path = "/", tag = "gateway", responses(
+    (status = 200, description = "The page", content_type = "text/html", body = String),
+))]
 pub async fn page() -> Html<&'static str> {
     Html(PAGE)
 }

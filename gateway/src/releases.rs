@@ -17,8 +17,6 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Path as UrlPath, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 use tokio::io::AsyncReadExt;
 
 use crate::settings::Settings;
@@ -39,10 +37,12 @@ const PUBKEY_PIN_MARKER: &str = "\nserved_pubkey_pin=''\n";
 const CHUNK: usize = 64 * 1024;
 
 /// These routes, for a router of any state (they keep the settings as their own).
-pub fn routes<S: Clone + Send + Sync + 'static>(settings: Arc<Settings>) -> Router<S> {
-    Router::new()
-        .route("/install.sh", get(install_sh))
-        .route("/releases/{version}/{file}", get(artifact))
+pub fn routes<S: Clone + Send + Sync + 'static>(
+    settings: Arc<Settings>,
+) -> utoipa_axum::router::OpenApiRouter<S> {
+    utoipa_axum::router::OpenApiRouter::new()
+        .routes(utoipa_axum::routes!(install_sh))
+        .routes(utoipa_axum::routes!(artifact))
         .with_state(settings)
 }
 
@@ -113,6 +113,11 @@ async fn served_pins(settings: &Settings) -> Option<Pins> {
     }
 }
 
+/// The agent's install script, with this gateway's address and certificate pins filled
+/// in (INSTALL.md).
+#[utoipa::path(get, path = "/install.sh", tag = "releases", responses(
+    (status = 200, description = "The script", content_type = "text/plain", body = String),
+))]
 async fn install_sh(State(settings): State<Arc<Settings>>, headers: HeaderMap) -> Response {
     let host = headers
         .get(header::HOST)
@@ -264,6 +269,16 @@ pub fn resolve(releases_dir: &Path, version: &str, file: &str) -> Result<PathBuf
     Ok(real)
 }
 
+/// A file of an agent release (`latest`: the highest version).
+#[utoipa::path(get, path = "/releases/{version}/{file}", tag = "releases",
+    params(
+        ("version" = String, Path, description = "A version, or `latest`"),
+        ("file" = String, Path, description = "A file of that release"),
+    ),
+    responses(
+        (status = 200, description = "The file", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 404, description = "No such release or file", content_type = "text/plain", body = String),
+))]
 async fn artifact(
     State(settings): State<Arc<Settings>>,
     UrlPath((version, file)): UrlPath<(String, String)>,

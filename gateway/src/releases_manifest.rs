@@ -16,8 +16,6 @@ use anyhow::{bail, Context};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 use outpost_protocol::update::{
     key_file_text, parse_signing_key, sign_manifest, target_of_file_name, Manifest, Release,
     Version,
@@ -31,17 +29,29 @@ pub const SIG_FILE: &str = "manifest.json.sig";
 
 /// `/releases/manifest.json` and its signature.
 /// These routes, for a router of any state (they keep the settings as their own).
-pub fn router<S: Clone + Send + Sync + 'static>(settings: Arc<Settings>) -> Router<S> {
-    Router::new()
-        .route("/releases/manifest.json", get(manifest))
-        .route("/releases/manifest.json.sig", get(signature))
+pub fn router<S: Clone + Send + Sync + 'static>(
+    settings: Arc<Settings>,
+) -> utoipa_axum::router::OpenApiRouter<S> {
+    utoipa_axum::router::OpenApiRouter::new()
+        .routes(utoipa_axum::routes!(manifest))
+        .routes(utoipa_axum::routes!(signature))
         .with_state(settings)
 }
 
+/// The signed list of releases self-updating agents trust (UPDATES.md).
+#[utoipa::path(get, path = "/releases/manifest.json", tag = "releases", responses(
+    (status = 200, description = "The manifest", content_type = "application/octet-stream", body = Vec<u8>),
+    (status = 404, description = "No release published", content_type = "text/plain", body = String),
+))]
 async fn manifest(State(settings): State<Arc<Settings>>) -> Response {
     serve(&settings.releases_dir.join(MANIFEST_FILE), MANIFEST_FILE).await
 }
 
+/// The manifest's Ed25519 signature.
+#[utoipa::path(get, path = "/releases/manifest.json.sig", tag = "releases", responses(
+    (status = 200, description = "The signature", content_type = "application/octet-stream", body = Vec<u8>),
+    (status = 404, description = "No release published", content_type = "text/plain", body = String),
+))]
 async fn signature(State(settings): State<Arc<Settings>>) -> Response {
     serve(&settings.releases_dir.join(SIG_FILE), SIG_FILE).await
 }

@@ -30,7 +30,9 @@ use crate::secrets::{Revision, StoreError};
 use crate::util::{constant_time_eq, now_ms, random_token, write_atomic};
 
 /// What an API token may do. Each role includes the ones before it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Agents, their checks and results.
@@ -52,7 +54,7 @@ impl Role {
 }
 
 /// A tenant's limits; `None` is unlimited.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     /// Enrolled agents (revoked ones count until they are forgotten).
@@ -920,7 +922,7 @@ async fn backoff() {
 }
 
 /// What a new enrollment key is given.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewKey {
     #[serde(default)]

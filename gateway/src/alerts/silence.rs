@@ -16,7 +16,7 @@ use super::config::glob;
 pub const KEEP_ENDED_MS: u64 = 24 * 3600 * 1000;
 
 /// What a silence applies to: every part given must match.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Matchers {
     /// An agent's fingerprint or hostname.
@@ -51,7 +51,7 @@ impl Matchers {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Silence {
     pub id: String,
     pub matchers: Matchers,

@@ -8,37 +8,31 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Extension, Json, Router};
-use serde::de::DeserializeOwned;
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::access::{Admin, FleetOperator, Tenant};
+use super::openapi::ErrorBody;
 use super::{ApiError, Gw};
 use crate::errors::ErrorKind;
 use crate::tenants::{AdminError, ApiToken, Caller, EnrollKey, Limits, NewKey, Role};
 
-pub fn routes() -> Router<Gw> {
-    Router::new()
-        .route("/whoami", get(whoami))
-        .route("/keys", get(list_keys).post(create_key))
-        .route("/keys/{id}/revoke", post(revoke_key))
-        .route("/tokens", get(list_tokens).post(create_token))
-        .route("/tokens/{id}/revoke", post(revoke_token))
-        .route("/tenants", get(list_tenants).post(create_tenant))
-        .route(
-            "/tenants/{name}",
-            get(get_tenant).patch(update_tenant).delete(delete_tenant),
-        )
-        .route("/tenants/{name}/tokens", post(create_tenant_token))
+pub fn routes() -> OpenApiRouter<Gw> {
+    OpenApiRouter::new()
+        .routes(routes!(whoami))
+        .routes(routes!(list_keys, create_key))
+        .routes(routes!(revoke_key))
+        .routes(routes!(list_tokens, create_token))
+        .routes(routes!(revoke_token))
+        .routes(routes!(list_tenants, create_tenant))
+        .routes(routes!(get_tenant, update_tenant, delete_tenant))
+        .routes(routes!(create_tenant_token))
 }
 
-/// A JSON body, or a 400 that says what is wrong with it.
-fn body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let bytes = if bytes.is_empty() { b"{}" } else { bytes };
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::new(ErrorKind::BadRequest, format!("request body: {e}")))
-}
+use super::json_body as body;
 
 impl From<AdminError> for ApiError {
     fn from(e: AdminError) -> ApiError {
@@ -51,15 +45,20 @@ impl From<AdminError> for ApiError {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Whoami {
     /// `operator`, or the tenant's token role.
+    #[schema(value_type = String)]
     role: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     tenant: Option<String>,
 }
 
 /// Who the token is: any valid token may ask.
+#[utoipa::path(get, path = "/whoami", tag = "admin", security(("bearer" = [])), responses(
+    (status = 200, description = "The token's tenant and role", body = Whoami),
+    (status = 401, description = "No valid token", body = ErrorBody),
+))]
 async fn whoami(Extension(caller): Extension<Caller>) -> Json<Whoami> {
     Json(match caller {
         Caller::Operator => Whoami {
@@ -73,7 +72,7 @@ async fn whoami(Extension(caller): Extension<Caller>) -> Json<Whoami> {
     })
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct KeyView {
     id: String,
     name: String,
@@ -100,7 +99,7 @@ impl From<EnrollKey> for KeyView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct TokenView {
     id: String,
     name: String,
@@ -121,12 +120,17 @@ impl From<ApiToken> for TokenView {
     }
 }
 
+/// The tenant's enrollment keys (never the keys themselves). Role: admin.
+#[utoipa::path(get, path = "/keys", tag = "admin", security(("bearer" = [])), responses(
+    (status = 200, description = "The keys", body = Vec<KeyView>),
+    (status = 401, description = "No valid token", body = ErrorBody), (status = 403, description = "The token may not do this (role too low, or not the operator's)", body = ErrorBody),
+))]
 async fn list_keys(State(gw): State<Gw>, t: Tenant<Admin>) -> Json<Vec<KeyView>> {
     let keys = gw.credentials.tenants.list_keys(&t.name);
     Json(keys.into_iter().map(KeyView::from).collect())
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct CreatedKey {
     #[serde(flatten)]
     key: KeyView,
@@ -134,6 +138,15 @@ struct CreatedKey {
     enroll_key: String,
 }
 
+/// A new enrollment key, shown in clear in this answer only. Role: admin.
+#[utoipa::path(post, path = "/keys", tag = "admin", security(("bearer" = [])),
+    request_body(content = Option<crate::tenants::NewKey>, description = "Its settings (all optional; no body: none)"),
+    responses(
+        (status = 201, description = "Made", body = CreatedKey),
+        (status = 400, description = "A bad body", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody), (status = 403, description = "The token may not do this (role too low, or not the operator's)", body = ErrorBody),
+        (status = 503, description = "The change could not be stored: retry", body = ErrorBody),
+))]
 async fn create_key(State(gw): State<Gw>, t: Tenant<Admin>, bytes: Bytes) -> Response {
     let new: NewKey = match body(&bytes) {
         Ok(n) => n,
@@ -155,6 +168,16 @@ async fn create_key(State(gw): State<Gw>, t: Tenant<Admin>, bytes: Bytes) -> Res
     }
 }
 
+/// Revoke an enrollment key (enrolled agents keep working). Role: admin.
+#[utoipa::path(post, path = "/keys/{id}/revoke", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The key's id")),
+    responses(
+        (status = 200, description = "Revoked", body = KeyView),
+        (status = 401, description = "No valid token", body = ErrorBody), (status = 403, description = "The token may not do this (role too low, or not the operator's)", body = ErrorBody),
+        (status = 404, description = "No such key", body = ErrorBody),
+        (status = 409, description = "The change conflicts", body = ErrorBody),
+        (status = 503, description = "The change could not be stored: retry", body = ErrorBody),
+))]
 async fn revoke_key(State(gw): State<Gw>, t: Tenant<Admin>, Path(id): Path<String>) -> Response {
     match gw.credentials.tenants.revoke_key(&t.name, &id).await {
         Ok(key) => {
@@ -165,20 +188,26 @@ async fn revoke_key(State(gw): State<Gw>, t: Tenant<Admin>, Path(id): Path<Strin
     }
 }
 
+/// The tenant's API tokens (never the tokens themselves). Role: admin.
+#[utoipa::path(get, path = "/tokens", tag = "admin", security(("bearer" = [])), responses(
+    (status = 200, description = "The tokens", body = Vec<TokenView>),
+    (status = 401, description = "No valid token", body = ErrorBody), (status = 403, description = "The token may not do this (role too low, or not the operator's)", body = ErrorBody),
+))]
 async fn list_tokens(State(gw): State<Gw>, t: Tenant<Admin>) -> Json<Vec<TokenView>> {
     let tokens = gw.credentials.tenants.list_tokens(&t.name);
     Json(tokens.into_iter().map(TokenView::from).collect())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewToken {
     role: Role,
     #[serde(default)]
+    #[schema(max_length = 200)]
     name: String,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct CreatedToken {
     #[serde(flatten)]
     token: TokenView,
@@ -211,10 +240,30 @@ async fn issue_token(gw: &Gw, tenant: &str, bytes: &[u8]) -> Response {
     }
 }
 
+/// A new API token of the tenant, shown in clear in this answer only. Role: admin.
+#[utoipa::path(post, path = "/tokens", tag = "admin", security(("bearer" = [])),
+    request_body = NewToken,
+    responses(
+        (status = 201, description = "Made", body = CreatedToken),
+        (status = 400, description = "A bad body", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody), (status = 403, description = "The token may not do this (role too low, or not the operator's)", body = ErrorBody),
+        (status = 404, description = "No such tenant", body = ErrorBody),
+        (status = 503, description = "The change could not be stored: retry", body = ErrorBody),
+))]
 async fn create_token(State(gw): State<Gw>, t: Tenant<Admin>, bytes: Bytes) -> Response {
     issue_token(&gw, &t.name, &bytes).await
 }
 
+/// Revoke an API token. Role: admin.
+#[utoipa::path(post, path = "/tokens/{id}/revoke", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The token's id")),
+    responses(
+        (status = 200, description = "Revoked", body = TokenView),
+        (status = 401, description = "No valid token", body = ErrorBody), (status = 403, description = "The token may not do this (role too low, or not the operator's)", body = ErrorBody),
+        (status = 404, description = "No such token", body = ErrorBody),
+        (status = 409, description = "The change conflicts (the tenant's last admin token)", body = ErrorBody),
+        (status = 503, description = "The change could not be stored: retry", body = ErrorBody),
+))]
 async fn revoke_token(State(gw): State<Gw>, t: Tenant<Admin>, Path(id): Path<String>) -> Response {
     match gw.credentials.tenants.revoke_token(&t.name, &id).await {
         Ok(token) => {
@@ -225,7 +274,7 @@ async fn revoke_token(State(gw): State<Gw>, t: Tenant<Admin>, Path(id): Path<Str
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct TenantView {
     name: String,
     enabled: bool,
@@ -238,7 +287,7 @@ struct TenantView {
     usage: Option<Usage>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Usage {
     /// Bytes its results take on the bus (this gateway's embedded bus, or the fleet's
     /// NATS stream of the tenant).
@@ -263,20 +312,27 @@ fn limits_problems(limits: &Limits) -> Option<Response> {
         .then(|| ApiError::new(ErrorKind::BadRequest, problems.join("; ")).into_response())
 }
 
+/// Every tenant. The fleet operator only.
+#[utoipa::path(get, path = "/tenants", tag = "admin", security(("bearer" = [])), responses(
+    (status = 200, description = "The tenants", body = Vec<TenantView>),
+    (status = 401, description = "No valid token", body = ErrorBody), (status = 403, description = "The token may not do this (role too low, or not the operator's)", body = ErrorBody),
+))]
 async fn list_tenants(State(gw): State<Gw>, _: FleetOperator) -> Json<Vec<TenantView>> {
     let all = gw.credentials.tenants.list_tenants();
     Json(all.into_iter().map(|t| tenant_view(&gw, t)).collect())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewTenant {
+    /// Lowercase letters, digits and `-`, starting with a letter.
+    #[schema(pattern = "^[a-z][a-z0-9-]{0,62}$")]
     name: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::object")]
     limits: Limits,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct CreatedTenant {
     #[serde(flatten)]
     tenant: TenantView,
@@ -284,6 +340,17 @@ struct CreatedTenant {
     admin_token: String,
 }
 
+/// A new tenant, with its first admin token (in clear in this answer only). The fleet
+/// operator only.
+#[utoipa::path(post, path = "/tenants", tag = "admin", security(("bearer" = [])),
+    request_body = NewTenant,
+    responses(
+        (status = 201, description = "Made", body = CreatedTenant),
+        (status = 400, description = "A bad name, body or limit", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody), (status = 403, description = "The token may not do this (role too low, or not the operator's)", body = ErrorBody),
+        (status = 409, description = "A tenant of that name exists", body = ErrorBody),
+        (status = 503, description = "The change could not be stored: retry", body = ErrorBody),
+))]
 async fn create_tenant(State(gw): State<Gw>, _: FleetOperator, bytes: Bytes) -> Response {
     let new: NewTenant = match body(&bytes) {
         Ok(n) => n,
@@ -317,6 +384,14 @@ async fn create_tenant(State(gw): State<Gw>, _: FleetOperator, bytes: Bytes) -> 
     }
 }
 
+/// One tenant, with what it keeps on the bus. The fleet operator only.
+#[utoipa::path(get, path = "/tenants/{name}", tag = "admin", security(("bearer" = [])),
+    params(("name" = String, Path, description = "The tenant's name")),
+    responses(
+        (status = 200, description = "The tenant", body = TenantView),
+        (status = 401, description = "No valid token", body = ErrorBody), (status = 403, description = "The token may not do this (role too low, or not the operator's)", body = ErrorBody),
+        (status = 404, description = "No such tenant", body = ErrorBody),
+))]
 async fn get_tenant(State(gw): State<Gw>, _: FleetOperator, Path(name): Path<String>) -> Response {
     match gw.credentials.tenants.tenant(&name) {
         Some(t) => {
@@ -333,13 +408,26 @@ async fn get_tenant(State(gw): State<Gw>, _: FleetOperator, Path(name): Path<Str
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct TenantChange {
     enabled: Option<bool>,
+    #[serde(default, deserialize_with = "super::object_or_null")]
     limits: Option<Limits>,
 }
 
+/// Enable or disable a tenant, or change its limits. The fleet operator only.
+#[utoipa::path(patch, path = "/tenants/{name}", tag = "admin", security(("bearer" = [])),
+    params(("name" = String, Path, description = "The tenant's name")),
+    request_body(content = Option<TenantChange>, description = "What to change (no body: nothing)"),
+    responses(
+        (status = 200, description = "Changed", body = TenantView),
+        (status = 400, description = "A bad body or limit", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody), (status = 403, description = "The token may not do this (role too low, or not the operator's)", body = ErrorBody),
+        (status = 404, description = "No such tenant", body = ErrorBody),
+        (status = 409, description = "The change conflicts", body = ErrorBody),
+        (status = 503, description = "The change could not be stored: retry", body = ErrorBody),
+))]
 async fn update_tenant(
     State(gw): State<Gw>,
     _: FleetOperator,
@@ -366,6 +454,16 @@ async fn update_tenant(
     }
 }
 
+/// Delete a disabled tenant: its agents, keys, tokens and results. The fleet operator only.
+#[utoipa::path(delete, path = "/tenants/{name}", tag = "admin", security(("bearer" = [])),
+    params(("name" = String, Path, description = "The tenant's name")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "No valid token", body = ErrorBody), (status = 403, description = "The token may not do this (role too low, or not the operator's)", body = ErrorBody),
+        (status = 404, description = "No such tenant", body = ErrorBody),
+        (status = 409, description = "The tenant is enabled, or a gateway's home tenant", body = ErrorBody),
+        (status = 503, description = "Not all of it could be deleted: delete it again", body = ErrorBody),
+))]
 async fn delete_tenant(
     State(gw): State<Gw>,
     _: FleetOperator,
@@ -414,6 +512,16 @@ async fn delete_tenant(
 }
 
 /// A new token for a tenant, made by the operator (a tenant that lost its admin token).
+#[utoipa::path(post, path = "/tenants/{name}/tokens", tag = "admin", security(("bearer" = [])),
+    params(("name" = String, Path, description = "The tenant's name")),
+    request_body = NewToken,
+    responses(
+        (status = 201, description = "Made", body = CreatedToken),
+        (status = 400, description = "A bad body", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody), (status = 403, description = "The token may not do this (role too low, or not the operator's)", body = ErrorBody),
+        (status = 404, description = "No such tenant", body = ErrorBody),
+        (status = 503, description = "The change could not be stored: retry", body = ErrorBody),
+))]
 async fn create_tenant_token(
     State(gw): State<Gw>,
     _: FleetOperator,

@@ -7,12 +7,15 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::access::{Operate, Read, Tenant};
+use super::openapi::ErrorBody;
 use super::{ApiError, Gw};
 use crate::alerting::{AskError, Command};
 use crate::alerts::silence::{Matchers, Silence};
@@ -20,12 +23,38 @@ use crate::alerts::Ack;
 use crate::errors::ErrorKind;
 use crate::util::now_ms;
 
-pub fn routes() -> Router<Gw> {
-    Router::new()
-        .route("/alerts", get(list_alerts))
-        .route("/alerts/{fingerprint}/{check}/ack", post(ack))
-        .route("/silences", get(list_silences).post(add_silence))
-        .route("/silences/{id}", delete(expire_silence))
+pub fn routes() -> OpenApiRouter<Gw> {
+    OpenApiRouter::new()
+        .routes(routes!(list_alerts))
+        .routes(routes!(ack))
+        .routes(routes!(list_silences, add_silence))
+        .routes(routes!(expire_silence))
+}
+
+/// `GET /alerts`, for the document.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct AlertsAnswer {
+    /// Whether the tenant has alerting (receivers and routes).
+    alerting: bool,
+    /// The alerts that are not OK: state, why, acknowledgement, silences (ALERTING.md).
+    alerts: Vec<crate::alerting::AlertView>,
+}
+
+/// `GET /silences`, for the document.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct SilencesAnswer {
+    silences: Vec<Silence>,
+}
+
+/// `POST /alerts/{fingerprint}/{check}/ack`, for the document.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct Acknowledged {
+    fingerprint: String,
+    check: String,
+    acknowledged: Ack,
 }
 
 /// The longest a silence or an acknowledgement may be set for at once (a silence can be
@@ -58,11 +87,7 @@ fn configured(gw: &Gw, tenant: &str, e: &AskError) -> bool {
     }
 }
 
-fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let bytes = if bytes.is_empty() { b"{}" } else { bytes };
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::new(ErrorKind::BadRequest, format!("request body: {e}")))
-}
+use super::json_body as body;
 
 /// An RFC 3339 time, or a duration from now (`"90m"`), as milliseconds.
 fn when(field: &str, value: &str, from_ms: u64) -> Result<u64, ApiError> {
@@ -80,6 +105,12 @@ fn when(field: &str, value: &str, from_ms: u64) -> Result<u64, ApiError> {
         })
 }
 
+/// The tenant's alerts that are not OK. Role: read.
+#[utoipa::path(get, path = "/alerts", tag = "alerting", security(("bearer" = [])), responses(
+    (status = 200, description = "The alerts", body = AlertsAnswer),
+    (status = 401, description = "No valid token", body = ErrorBody), (status = 403, description = "The token's role is too low, or it is the operator's", body = ErrorBody),
+    (status = 503, description = "Alerting is busy or being taken over: retry", body = ErrorBody),
+))]
 async fn list_alerts(State(gw): State<Gw>, t: Tenant<Read>) -> Response {
     match gw.alerting.ask(&t.name, Command::List).await {
         Ok(view) => Json(json!({ "alerting": true, "alerts": view.alerts })).into_response(),
@@ -90,6 +121,12 @@ async fn list_alerts(State(gw): State<Gw>, t: Tenant<Read>) -> Response {
     }
 }
 
+/// The tenant's silences. Role: read.
+#[utoipa::path(get, path = "/silences", tag = "alerting", security(("bearer" = [])), responses(
+    (status = 200, description = "The silences", body = SilencesAnswer),
+    (status = 401, description = "No valid token", body = ErrorBody), (status = 403, description = "The token's role is too low, or it is the operator's", body = ErrorBody),
+    (status = 503, description = "Alerting is busy or being taken over: retry", body = ErrorBody),
+))]
 async fn list_silences(State(gw): State<Gw>, t: Tenant<Read>) -> Response {
     match gw.alerting.ask(&t.name, Command::List).await {
         Ok(view) => Json(json!({ "silences": view.silences })).into_response(),
@@ -98,10 +135,11 @@ async fn list_silences(State(gw): State<Gw>, t: Tenant<Read>) -> Response {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewSilence {
-    #[serde(default)]
+    /// At least one of agent, labels, checks.
+    #[serde(default, deserialize_with = "super::object")]
     matchers: Matchers,
     /// RFC 3339; default now.
     starts_at: Option<String>,
@@ -111,10 +149,25 @@ struct NewSilence {
     expire_on_resolve: bool,
     #[serde(default)]
     permanent: bool,
+    /// Who silences.
+    #[schema(max_length = 1000, pattern = "\\S")]
     creator: String,
+    /// Why.
+    #[schema(max_length = 1000, pattern = "\\S")]
     comment: String,
 }
 
+/// Silence alerts matching all of the matchers. Role: operate.
+#[utoipa::path(post, path = "/silences", tag = "alerting", security(("bearer" = [])),
+    request_body = NewSilence,
+    responses(
+        (status = 201, description = "Made", body = Silence),
+        (status = 400, description = "A bad body: no matchers, a bad time, text too long", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody), (status = 403, description = "The token's role is too low, or it is the operator's", body = ErrorBody),
+        (status = 404, description = "The tenant has no alerting", body = ErrorBody),
+        (status = 409, description = "Too many silences: expire some first", body = ErrorBody),
+        (status = 503, description = "Alerting is busy or being taken over: retry", body = ErrorBody),
+))]
 async fn add_silence(State(gw): State<Gw>, t: Tenant<Operate>, bytes: Bytes) -> Response {
     let made = async {
         let n: NewSilence = body(&bytes)?;
@@ -196,6 +249,15 @@ async fn add_silence(State(gw): State<Gw>, t: Tenant<Operate>, bytes: Bytes) -> 
     }
 }
 
+/// End a silence now. Role: operate.
+#[utoipa::path(delete, path = "/silences/{id}", tag = "alerting", security(("bearer" = [])),
+    params(("id" = String, Path, description = "The silence's id")),
+    responses(
+        (status = 200, description = "Expired", body = Silence),
+        (status = 401, description = "No valid token", body = ErrorBody), (status = 403, description = "The token's role is too low, or it is the operator's", body = ErrorBody),
+        (status = 404, description = "No such silence, or the tenant has no alerting", body = ErrorBody),
+        (status = 503, description = "Alerting is busy or being taken over: retry", body = ErrorBody),
+))]
 async fn expire_silence(
     State(gw): State<Gw>,
     t: Tenant<Operate>,
@@ -215,16 +277,33 @@ async fn expire_silence(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewAck {
+    /// Who acknowledges.
+    #[schema(max_length = 1000, pattern = "\\S")]
     by: String,
     #[serde(default)]
+    #[schema(max_length = 1000)]
     comment: String,
     /// A duration (`"4h"`) or an RFC 3339 time; none: until the alert resolves.
     until: Option<String>,
 }
 
+/// Acknowledge an alert: no repeats until it resolves or `until` passes. Role: operate.
+#[utoipa::path(post, path = "/alerts/{fingerprint}/{check}/ack", tag = "alerting", security(("bearer" = [])),
+    params(
+        ("fingerprint" = String, Path, description = "The agent's fingerprint"),
+        ("check" = String, Path, description = "The check's name"),
+    ),
+    request_body = NewAck,
+    responses(
+        (status = 200, description = "Acknowledged", body = Acknowledged),
+        (status = 400, description = "A bad body or time", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody), (status = 403, description = "The token's role is too low, or it is the operator's", body = ErrorBody),
+        (status = 404, description = "No alert to acknowledge, or the tenant has no alerting", body = ErrorBody),
+        (status = 503, description = "Alerting is busy or being taken over: retry", body = ErrorBody),
+))]
 async fn ack(
     State(gw): State<Gw>,
     t: Tenant<Operate>,

@@ -14,33 +14,44 @@ use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Extension, Router};
+use axum::Extension;
 use futures_util::{Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::access::{Read, Tenant};
+use super::openapi::ErrorBody;
 use super::{ApiError, Gw};
 use crate::errors::ErrorKind;
 use crate::events::{self, Cursor, Filter, Follow, Item};
 use crate::listener::PreAuth;
 
-pub fn routes() -> Router<Gw> {
-    Router::new().route("/events", get(stream))
+pub fn routes() -> OpenApiRouter<Gw> {
+    OpenApiRouter::new().routes(routes!(stream))
 }
 
 const HEARTBEAT: Duration = Duration::from_secs(15);
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct Params {
+    /// `result,presence,alert,silence` (comma separated; default all).
     types: Option<String>,
+    /// Only these agents' events (fingerprints, comma separated).
     agent: Option<String>,
+    /// Only checks matching this glob.
     check: Option<String>,
+    /// Only agents with these labels (`key=value`, comma separated; all must match).
     label: Option<String>,
+    /// Only non-OK results and lost agents.
     problems: Option<bool>,
+    /// Seconds between keep-alive comments.
+    #[param(minimum = 1, maximum = 300)]
     heartbeat: Option<u64>,
+    /// Where to resume, for clients that cannot send `Last-Event-ID`.
     last_event_id: Option<String>,
 }
 
@@ -96,6 +107,17 @@ fn filter(p: &Params) -> Result<Filter, ApiError> {
     Ok(f)
 }
 
+/// The tenant's events as Server-Sent Events: results, presence, alerts and silences,
+/// each with its position on the bus as its id. Role: read.
+#[utoipa::path(get, path = "/events", tag = "events", security(("bearer" = [])),
+    description = "Resume with `Last-Event-ID` on any gateway of the fleet: no gap, no repeat; a position no longer kept yields a `reset` event. See OPERATIONS.md, Event stream.",
+    params(Params, ("Last-Event-ID" = Option<String>, Header, description = "The id of the last event received")),
+    responses(
+        (status = 200, description = "The stream (`text/event-stream`), until the client leaves, the token is revoked, or the client reads too slowly", content_type = "text/event-stream", body = String),
+        (status = 400, description = "A bad filter, heartbeat or event id", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody), (status = 403, description = "The token's role is too low, or it is the operator's", body = ErrorBody),
+        (status = 503, description = "The bus cannot be read: retry", body = ErrorBody),
+))]
 async fn stream(
     State(gw): State<Gw>,
     t: Tenant<Read>,

@@ -13,19 +13,22 @@ use std::collections::BTreeMap;
 
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use outpost_protocol::{CheckResult, Status};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::access::{Read, Tenant};
+use super::openapi::ErrorBody;
 use super::{ApiError, Gw};
 use crate::bus::{AgentRef, HistoryQuery};
 use crate::errors::ErrorKind;
 use crate::util::now_ms;
 
-pub fn routes() -> Router<Gw> {
-    Router::new().route("/agents/{fingerprint}/checks/{check}/history", get(history))
+pub fn routes() -> OpenApiRouter<Gw> {
+    OpenApiRouter::new().routes(routes!(history))
 }
 
 /// The range when none is given.
@@ -33,26 +36,37 @@ const DEFAULT_SPAN_MS: u64 = 24 * 3600 * 1000;
 pub const DEFAULT_LIMIT: usize = 10_000;
 pub const MAX_LIMIT: usize = 100_000;
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct Params {
+    /// A duration back from now (`90m`, `24h`, `7d`); not with `from`/`to`.
     since: Option<String>,
+    /// Unix ms (default: a day before `to`).
+    #[param(maximum = 253402300799999_u64)]
     from: Option<u64>,
+    /// Unix ms (default: now).
+    #[param(maximum = 253402300799999_u64)]
     to: Option<u64>,
+    /// The newest this many results of the range.
+    #[param(minimum = 1, maximum = 100000)]
     limit: Option<usize>,
+    /// `false`: the series and states only.
     results: Option<bool>,
 }
 
 /// One metric over the range: `[started_at_ms, value]` per result that reported it.
-#[derive(Serialize, Deserialize, Debug, PartialEq)]
+#[derive(Serialize, Deserialize, Debug, PartialEq, ToSchema)]
 pub struct Series {
     pub metric: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unit: Option<String>,
+    /// `[started_at_ms, value]` per result that reported the metric.
+    #[schema(value_type = Vec<Vec<f64>>)]
     pub points: Vec<(u64, f64)>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Answer {
     fingerprint: String,
     check: String,
@@ -63,9 +77,12 @@ struct Answer {
     truncated: bool,
     count: usize,
     /// `[started_at_ms, status]` per result.
+    #[schema(value_type = Vec<Vec<serde_json::Value>>)]
     states: Vec<(u64, Status)>,
     series: Vec<Series>,
+    /// The results, in the order the agent made them (left out with `results=false`).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<super::openapi::CheckResultDoc>>)]
     results: Option<Vec<CheckResult>>,
 }
 
@@ -75,14 +92,16 @@ fn bad(message: String) -> ApiError {
 
 /// The range and limit `p` asks for, at `now`.
 fn query(p: &Params, now: u64) -> Result<HistoryQuery, ApiError> {
+    // `since=` with nothing: as if not given.
+    let since = p.since.as_deref().map(str::trim).filter(|s| !s.is_empty());
     let (from_ms, to_ms) =
-        match (&p.since, p.from, p.to) {
+        match (since, p.from, p.to) {
             (Some(_), Some(_), _) | (Some(_), _, Some(_)) => return Err(bad(
                 "give either `since` (a duration back from now) or `from`/`to` (Unix ms), not both"
                     .into(),
             )),
             (Some(since), None, None) => {
-                let span = humantime::parse_duration(since.trim()).map_err(|e| {
+                let span = humantime::parse_duration(since).map_err(|e| {
                     bad(format!(
                         "`since` {since:?} is not a duration ({e}): e.g. 90m, 24h, 7d"
                     ))
@@ -95,6 +114,13 @@ fn query(p: &Params, now: u64) -> Result<HistoryQuery, ApiError> {
                 (from.unwrap_or(to.saturating_sub(DEFAULT_SPAN_MS)), to)
             }
         };
+    // 9999-12-31T23:59:59.999Z: times beyond are no one's run start.
+    const LAST_MS: u64 = 253_402_300_799_999;
+    if from_ms > LAST_MS || to_ms > LAST_MS {
+        return Err(bad(format!(
+            "`from` and `to` are Unix milliseconds up to {LAST_MS} (the year 9999)"
+        )));
+    }
     if from_ms > to_ms {
         return Err(bad(format!(
             "`from` ({from_ms}) is after `to` ({to_ms}): the range is empty"
@@ -133,6 +159,21 @@ pub fn series(results: &[CheckResult]) -> Vec<Series> {
     by_name.into_values().collect()
 }
 
+/// A check's results over a time range, oldest first, and each metric as a series.
+/// Role: read.
+#[utoipa::path(get, path = "/agents/{fingerprint}/checks/{check}/history", tag = "agents", security(("bearer" = [])),
+    params(
+        ("fingerprint" = String, Path, description = "The agent's fingerprint"),
+        ("check" = String, Path, description = "The check's name"),
+        Params,
+    ),
+    responses(
+        (status = 200, description = "The history", body = Answer),
+        (status = 400, description = "A bad range, limit or check name", body = ErrorBody),
+        (status = 401, description = "No valid token", body = ErrorBody), (status = 403, description = "The token's role is too low, or it is the operator's", body = ErrorBody),
+        (status = 404, description = "No such agent in the tenant", body = ErrorBody),
+        (status = 503, description = "The bus cannot be read: retry", body = ErrorBody),
+))]
 async fn history(
     State(gw): State<Gw>,
     t: Tenant<Read>,
@@ -235,6 +276,14 @@ mod tests {
                     ..Params::default()
                 },
                 "after `to`",
+            ),
+            (
+                Params {
+                    from: Some(300_000_000_000_000),
+                    to: Some(300_000_000_000_001),
+                    ..Params::default()
+                },
+                "the year 9999",
             ),
             (
                 Params {
