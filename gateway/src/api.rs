@@ -316,7 +316,13 @@ struct AgentView {
     check_states: std::collections::BTreeMap<String, outpost_protocol::Status>,
 }
 
-fn view(gw: &Services, r: &AgentRecord) -> AgentView {
+/// `r` as the API shows it, with its checks' states (`r.latest` when `states` is `None`:
+/// records from [`Registry::list`] come without it).
+fn view(
+    gw: &Services,
+    r: &AgentRecord,
+    states: Option<std::collections::BTreeMap<String, outpost_protocol::Status>>,
+) -> AgentView {
     let agent = AgentRef::new(&r.tenant, &r.fingerprint);
     AgentView {
         fingerprint: r.fingerprint.clone(),
@@ -338,11 +344,7 @@ fn view(gw: &Services, r: &AgentRecord) -> AgentView {
         gateway: r.gateway.clone(),
         last_seen_ms: last_seen(gw, r),
         connected_since_ms: r.connected_since_ms,
-        check_states: r
-            .latest
-            .iter()
-            .map(|(check, result)| (check.clone(), result.status))
-            .collect(),
+        check_states: states.unwrap_or_else(|| crate::registry::states_of(r)),
     }
 }
 
@@ -368,7 +370,19 @@ fn last_seen(gw: &Services, r: &AgentRecord) -> u64 {
 ))]
 async fn list_agents(State(gw): State<Gw>, t: Tenant<Read>) -> Json<Vec<AgentView>> {
     let agents = gw.registry.list(&t.name);
-    Json(agents.iter().map(|r| view(&gw, r)).collect())
+    let mut states = gw.registry.check_states(&t.name);
+    Json(
+        agents
+            .iter()
+            .map(|r| {
+                view(
+                    &gw,
+                    r,
+                    Some(states.remove(&r.fingerprint).unwrap_or_default()),
+                )
+            })
+            .collect(),
+    )
 }
 
 pub(crate) fn unknown_agent(fp: &str) -> Response {
@@ -386,7 +400,7 @@ pub(crate) fn unknown_agent(fp: &str) -> Response {
 ))]
 async fn get_agent(State(gw): State<Gw>, t: Tenant<Read>, Path(fp): Path<String>) -> Response {
     match gw.registry.get(&AgentRef::new(&t.name, &fp)) {
-        Some(r) => Json(view(&gw, &r)).into_response(),
+        Some(r) => Json(view(&gw, &r, None)).into_response(),
         None => unknown_agent(&fp),
     }
 }

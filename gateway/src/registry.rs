@@ -103,6 +103,14 @@ pub struct AgentRecord {
     pub revision: u64,
 }
 
+/// Each check's newest status in `r`.
+pub fn states_of(r: &AgentRecord) -> std::collections::BTreeMap<String, outpost_protocol::Status> {
+    r.latest
+        .iter()
+        .map(|(check, result)| (check.clone(), result.status))
+        .collect()
+}
+
 impl AgentRecord {
     /// Revoked by an administrator: no holder, so no connection's end changes it.
     pub fn revoke(&mut self, reason: &str) {
@@ -805,6 +813,19 @@ impl Registry {
     /// `tenant`'s agents, without their checks and results, by hostname.
     pub fn list(&self, tenant: &str) -> Vec<AgentRecord> {
         self.list_where(|r| r.tenant == tenant)
+    }
+
+    /// The newest status of each check of each of `tenant`'s agents, by fingerprint (what
+    /// [`Registry::list`] leaves out of the records it copies).
+    pub fn check_states(
+        &self,
+        tenant: &str,
+    ) -> HashMap<String, std::collections::BTreeMap<String, outpost_protocol::Status>> {
+        self.lock()
+            .values()
+            .filter(|r| r.tenant == tenant)
+            .map(|r| (r.fingerprint.clone(), states_of(r)))
+            .collect()
     }
 
     /// Every tenant's agents, as [`Registry::list`].

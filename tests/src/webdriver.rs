@@ -376,6 +376,27 @@ impl Browser {
         .await
     }
 
+    /// Set the window's size in CSS pixels (screenshots are of the window).
+    pub async fn window_size(&self, width: u32, height: u32) -> anyhow::Result<()> {
+        self.cmd(
+            "POST",
+            "/window/rect",
+            Some(json!({ "width": width, "height": height })),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A PNG of what the window shows.
+    pub async fn screenshot(&self) -> anyhow::Result<Vec<u8>> {
+        use base64::Engine as _;
+        let v = self.cmd("GET", "/screenshot", None).await?;
+        let b64 = v
+            .as_str()
+            .ok_or_else(|| anyhow!("screenshot: not a string"))?;
+        Ok(base64::engine::general_purpose::STANDARD.decode(b64)?)
+    }
+
     /// Where this browser keeps its profile and chromedriver's log.
     pub fn profile_dir(&self) -> &Path {
         self.profile.path()
@@ -444,6 +465,14 @@ impl<'a> Element<'a> {
         let v = self.cmd("GET", "/displayed", None).await?;
         v.as_bool()
             .ok_or_else(|| anyhow!("displayed: not a boolean: {v}"))
+    }
+
+    /// Type `text` into it as a user would, with WebDriver's key codes for special keys
+    /// (`\u{E015}` is the down arrow, `\u{E007}` Enter).
+    pub async fn send_keys(&self, text: &str) -> anyhow::Result<()> {
+        self.cmd("POST", "/value", Some(json!({ "text": text })))
+            .await?;
+        Ok(())
     }
 
     /// Click it like a user would (scrolled into view, pointer events).
