@@ -26,6 +26,7 @@ pub mod nats;
 mod results;
 mod rpc;
 mod storm;
+mod stream;
 mod tenants;
 
 use std::collections::HashMap;
@@ -45,6 +46,7 @@ pub use idle::idle;
 pub use results::results;
 pub use rpc::rpc;
 pub use storm::storm;
+pub use stream::stream;
 pub use tenants::tenants;
 
 /// The sizes and durations of the fleet parts.
@@ -97,6 +99,11 @@ pub struct FleetPlan {
     pub alerting_restart_agents: usize,
     /// Agents whose day of results the bus holds in the history part.
     pub history_agents: usize,
+    /// The stream part: clients, results per second, warm-up and window.
+    pub stream_clients: usize,
+    pub stream_rate: usize,
+    pub stream_warmup: Duration,
+    pub stream_window: Duration,
     /// The nats-server binary (found on PATH when not given).
     pub nats_server: Option<PathBuf>,
     /// Prometheus Alertmanager (found on PATH when not given).
@@ -143,6 +150,10 @@ impl FleetPlan {
             alerting_dial_concurrency: 256,
             alerting_restart_agents: q(2_000, 200),
             history_agents: q(10_000, 200),
+            stream_clients: q(100, 10),
+            stream_rate: q(10_000, 1_000),
+            stream_warmup: Duration::from_secs(q(5, 2) as u64),
+            stream_window: Duration::from_secs(q(20, 4) as u64),
             nats_server: nats_server.filter(|p| !p.as_os_str().is_empty()),
             alertmanager: alertmanager.filter(|p| !p.as_os_str().is_empty()),
         }

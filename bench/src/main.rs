@@ -64,6 +64,8 @@ enum Part {
     FleetAlerting,
     /// History of one check: a day of it among many agents' results, both buses.
     FleetHistory,
+    /// Event stream clients under a steady result rate, next to JetStream consumers.
+    FleetStream,
 }
 
 #[derive(Parser)]
@@ -316,6 +318,7 @@ fn run() -> Result<bool> {
             Part::FleetStorm,
             Part::FleetAlerting,
             Part::FleetHistory,
+            Part::FleetStream,
         ]
     } else {
         let mut p = cli.only.clone();
@@ -364,6 +367,10 @@ fn run() -> Result<bool> {
             Part::FleetHistory => (
                 "11. Fleet: history of one check among 10,000 agents' results",
                 fleet::history(&bins, &work, &plan),
+            ),
+            Part::FleetStream => (
+                "12. Fleet: 100 event stream clients at 10,000 results per second",
+                fleet::stream(&bins, &work, &plan),
             ),
         };
         let _ = writeln!(report, "### {title}\n");

@@ -68,6 +68,8 @@ pub struct Services {
     pub alerting: Arc<crate::alerting::Hub>,
     /// The event stream's buffer and patience per client.
     pub events: crate::events::Limits,
+    /// The shared windows of the tenants' feeds the event streams read.
+    pub event_tails: Arc<crate::events::tails::AllTails>,
 }
 
 pub(crate) type Gw = Arc<Services>;

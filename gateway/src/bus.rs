@@ -257,6 +257,13 @@ pub trait Bus: Send + Sync {
         query: HistoryQuery,
     ) -> Result<History, BusError>;
 
+    /// How often a reader that must see new items soon should look again, when the bus's
+    /// own waits look only now and then (`None`: a wait here is woken by the write itself,
+    /// as the embedded bus's are). The event streams' shared readers use it.
+    fn poll_every(&self) -> Option<std::time::Duration> {
+        None
+    }
+
     /// Why the bus cannot take results right now, if it cannot (for `/readyz`).
     fn unavailable(&self) -> Option<String> {
         None

@@ -7,8 +7,11 @@
 //! event. A client that comes back
 //! with it (`Last-Event-ID`), on any gateway, reads on from exactly there: nothing missed,
 //! nothing twice. Events are never buffered beyond a bounded channel per client: a client
-//! reads at its own pace from the bus, so a slow one slows nobody else, and one that
-//! stops reading is ended with a reason (see [`follow`]).
+//! reads at its own pace, so a slow one slows nobody else, and one that stops reading is
+//! ended with a reason (see [`follow`]). Clients that have caught up read from one shared
+//! window per tenant and feed ([`tails`]); only a client that is behind reads the bus.
+
+pub mod tails;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -18,8 +21,9 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::bus::{Bus, BusError, Ends, Presence};
+use crate::bus::{AgentRef, Bus, BusError, Ends, FeedRead, Presence};
 use crate::registry::Registry;
+use tails::{AllTails, ReadFn, Shared};
 
 /// Results or presence events read from the bus at a time.
 const BATCH: usize = 256;
@@ -125,6 +129,216 @@ pub struct Follow {
     /// tenant not disabled, deleted or made again): asked every [`RECHECK`]; the reason
     /// ends the stream when not.
     pub allowed: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
+    /// The gateway's shared windows of the feeds, and the key of this tenant's.
+    pub tails: Arc<AllTails>,
+    pub window: String,
+}
+
+/// A result as every stream of the tenant sends it: what streams filter on, and its data
+/// (with the agent's host name) made once.
+pub struct ResultItem {
+    fingerprint: String,
+    check: String,
+    status: outpost_protocol::Status,
+    data: String,
+}
+
+/// A presence change, likewise.
+pub struct PresenceItem {
+    fingerprint: String,
+    presence: Presence,
+    data: String,
+}
+
+impl tails::Weigh for ResultItem {
+    fn weight(&self) -> usize {
+        self.data.len() + self.fingerprint.len() + self.check.len() + 64
+    }
+}
+
+impl tails::Weigh for PresenceItem {
+    fn weight(&self) -> usize {
+        self.data.len() + self.fingerprint.len() + 64
+    }
+}
+
+/// Alert and silence changes are few and small: counted at a fixed size.
+impl tails::Weigh for serde_json::Value {
+    fn weight(&self) -> usize {
+        1024
+    }
+}
+
+fn hostname(registry: &Registry, agent: &AgentRef) -> String {
+    registry
+        .identity(agent)
+        .map(|i| i.hostname)
+        .unwrap_or_default()
+}
+
+fn result_item(
+    registry: &Registry,
+    agent: AgentRef,
+    result: outpost_protocol::CheckResult,
+) -> ResultItem {
+    let data = json!({
+        "fingerprint": agent.fingerprint,
+        "hostname": hostname(registry, &agent),
+        "result": result,
+    })
+    .to_string();
+    ResultItem {
+        fingerprint: agent.fingerprint,
+        check: result.check,
+        status: result.status,
+        data,
+    }
+}
+
+fn presence_item(registry: &Registry, event: crate::bus::PresenceEvent) -> PresenceItem {
+    let data = json!({
+        "fingerprint": event.agent.fingerprint,
+        "hostname": hostname(registry, &event.agent),
+        "presence": event.presence,
+        "at_ms": event.at_ms,
+        "reason": event.reason,
+    })
+    .to_string();
+    PresenceItem {
+        fingerprint: event.agent.fingerprint,
+        presence: event.presence,
+        data,
+    }
+}
+
+/// How the shared windows (and streams behind them) read each feed.
+struct Readers {
+    results: ReadFn<ResultItem>,
+    presence: ReadFn<PresenceItem>,
+    alerts: ReadFn<serde_json::Value>,
+}
+
+impl Readers {
+    fn new(registry: &Arc<Registry>) -> Readers {
+        let r = registry.clone();
+        let results: ReadFn<ResultItem> =
+            Arc::new(move |bus: Arc<dyn Bus>, tenant, from, wait: bool| {
+                let registry = r.clone();
+                Box::pin(async move {
+                    let got = bus
+                        .read_results(
+                            &tenant,
+                            from,
+                            tails::READ,
+                            if wait {
+                                tails::READ_WAIT
+                            } else {
+                                Duration::ZERO
+                            },
+                        )
+                        .await?;
+                    Ok(FeedRead {
+                        items: got
+                            .results
+                            .into_iter()
+                            .map(|(at, agent, result)| {
+                                (at, Arc::new(result_item(&registry, agent, result)))
+                            })
+                            .collect(),
+                        next: got.next,
+                        lost: got.lost,
+                        resumed: got.resumed,
+                    })
+                })
+            });
+        let r = registry.clone();
+        let presence: ReadFn<PresenceItem> =
+            Arc::new(move |bus: Arc<dyn Bus>, tenant, from, wait: bool| {
+                let registry = r.clone();
+                Box::pin(async move {
+                    let got = bus
+                        .read_presence(
+                            &tenant,
+                            from,
+                            tails::READ,
+                            if wait {
+                                tails::READ_WAIT
+                            } else {
+                                Duration::ZERO
+                            },
+                        )
+                        .await?;
+                    Ok(FeedRead {
+                        items: got
+                            .items
+                            .into_iter()
+                            .map(|(at, e)| (at, Arc::new(presence_item(&registry, e))))
+                            .collect(),
+                        next: got.next,
+                        lost: got.lost,
+                        resumed: got.resumed,
+                    })
+                })
+            });
+        let alerts: ReadFn<serde_json::Value> =
+            Arc::new(move |bus: Arc<dyn Bus>, tenant, from, wait: bool| {
+                Box::pin(async move {
+                    let got = bus
+                        .read_alert_events(
+                            &tenant,
+                            from,
+                            tails::READ,
+                            if wait {
+                                tails::READ_WAIT
+                            } else {
+                                Duration::ZERO
+                            },
+                        )
+                        .await?;
+                    Ok(FeedRead {
+                        items: got
+                            .items
+                            .into_iter()
+                            .map(|(at, e)| (at, Arc::new(e)))
+                            .collect(),
+                        next: got.next,
+                        lost: got.lost,
+                        resumed: got.resumed,
+                    })
+                })
+            });
+        Readers {
+            results,
+            presence,
+            alerts,
+        }
+    }
+}
+
+/// `f`'s read of one feed: from the shared window when `from` is in it, else from the bus
+/// (`direct`, waiting up to `wait`, which also says what retention deleted).
+async fn shared_read<T: tails::Weigh + Send + Sync + 'static>(
+    f: &Follow,
+    tails: &tails::Tails<T>,
+    read: &ReadFn<T>,
+    (from, wait): (u64, Duration),
+    end: impl Fn(Ends) -> u64,
+    direct: impl std::future::Future<Output = Result<FeedRead<Shared<T>>, BusError>>,
+) -> Result<FeedRead<Shared<T>>, BusError> {
+    let end_now = async { Ok(end(f.bus.ends(&f.tenant).await?)) };
+    match tails
+        .read(
+            &f.bus,
+            read,
+            (&f.tenant, &f.window),
+            (from, BATCH, wait),
+            end_now,
+        )
+        .await?
+    {
+        Some(got) => Ok(got),
+        None => direct.await,
+    }
 }
 
 /// How often a stream asks again whether its client may read on.
@@ -190,6 +404,9 @@ async fn send(f: &Follow, tx: &mpsc::Sender<Item>, item: Item) -> Result<(), End
 }
 
 async fn run(f: Follow, tx: mpsc::Sender<Item>) {
+    let readers = Readers::new(&f.registry);
+    let f = &f;
+    let readers = &readers;
     let mut at = f.from;
     let mut checked = tokio::time::Instant::now();
     loop {
@@ -204,9 +421,9 @@ async fn run(f: Follow, tx: mpsc::Sender<Item>) {
         }
         let wait = Duration::ZERO;
         let (results, presence, alerts) = tokio::join!(
-            read_results(&f, at.results, wait),
-            read_presence(&f, at.presence, wait),
-            read_alerts(&f, at.alerts, wait),
+            read_results(f, readers, at.results, wait),
+            read_presence(f, readers, at.presence, wait),
+            read_alerts(f, readers, at.alerts, wait),
         );
         let idle = [&results, &presence, &alerts]
             .iter()
@@ -221,9 +438,9 @@ async fn run(f: Follow, tx: mpsc::Sender<Item>) {
                 Batch::at(at.alerts),
             );
             tokio::select! {
-                r = read_results(&f, at.results, IDLE_WAIT), if f.filter.results => (r, Ok(p), Ok(a)),
-                p = read_presence(&f, at.presence, IDLE_WAIT), if f.filter.presence => (Ok(r), p, Ok(a)),
-                a = read_alerts(&f, at.alerts, IDLE_WAIT), if f.filter.alerts || f.filter.silences => (Ok(r), Ok(p), a),
+                r = read_results(f, readers, at.results, IDLE_WAIT), if f.filter.results => (r, Ok(p), Ok(a)),
+                p = read_presence(f, readers, at.presence, IDLE_WAIT), if f.filter.presence => (Ok(r), p, Ok(a)),
+                a = read_alerts(f, readers, at.alerts, IDLE_WAIT), if f.filter.alerts || f.filter.silences => (Ok(r), Ok(p), a),
             }
         } else {
             (results, presence, alerts)
@@ -248,7 +465,7 @@ async fn run(f: Follow, tx: mpsc::Sender<Item>) {
                     kind: "reset",
                     data: json!({ "feed": feed.name(), "reason": reason }).to_string(),
                 };
-                if send(&f, &tx, item).await.is_err() {
+                if send(f, &tx, item).await.is_err() {
                     return;
                 }
             }
@@ -260,7 +477,7 @@ async fn run(f: Follow, tx: mpsc::Sender<Item>) {
                         kind,
                         data,
                     };
-                    if send(&f, &tx, item).await.is_err() {
+                    if send(f, &tx, item).await.is_err() {
                         return;
                     }
                 }
@@ -327,24 +544,24 @@ impl Batch {
 }
 
 /// Whether the agent passes the filter's agent and label conditions (and its hostname).
-fn agent_passes(f: &Follow, fingerprint: &str) -> Option<String> {
+/// Whether the agent passes the filter's agent and label conditions (the registry is
+/// asked only when there are labels to match: this runs for every event of every stream).
+fn agent_passes(f: &Follow, fingerprint: &str) -> Option<()> {
     let filter = &f.filter;
     if !filter.agents.is_empty() && !filter.agents.contains(fingerprint) {
         return None;
     }
+    if filter.labels.is_empty() {
+        return Some(());
+    }
     let identity = f
         .registry
-        .identity(&crate::bus::AgentRef::new(&f.tenant, fingerprint));
-    let hostname = identity
-        .as_ref()
-        .map(|i| i.hostname.clone())
-        .unwrap_or_default();
-    let labelled = filter.labels.iter().all(|(k, v)| {
-        identity
-            .as_ref()
-            .is_some_and(|i| i.labels.get(k).is_some_and(|x| x == v))
-    });
-    labelled.then_some(hostname)
+        .identity(&AgentRef::new(&f.tenant, fingerprint))?;
+    filter
+        .labels
+        .iter()
+        .all(|(k, v)| identity.labels.get(k).is_some_and(|x| x == v))
+        .then_some(())
 }
 
 fn lost_reason(feed: &str, from: u64, to: u64) -> String {
@@ -354,11 +571,37 @@ fn lost_reason(feed: &str, from: u64, to: u64) -> String {
     )
 }
 
-async fn read_results(f: &Follow, from: u64, wait: Duration) -> Result<Batch, BusError> {
+async fn read_results(
+    f: &Follow,
+    readers: &Readers,
+    from: u64,
+    wait: Duration,
+) -> Result<Batch, BusError> {
     if !f.filter.results {
         return Ok(Batch::at(from));
     }
-    let read = f.bus.read_results(&f.tenant, from, BATCH, wait).await?;
+    let direct = async {
+        let got = f.bus.read_results(&f.tenant, from, BATCH, wait).await?;
+        Ok(FeedRead {
+            items: got
+                .results
+                .into_iter()
+                .map(|(at, agent, result)| (at, Arc::new(result_item(&f.registry, agent, result))))
+                .collect(),
+            next: got.next,
+            lost: got.lost,
+            resumed: got.resumed,
+        })
+    };
+    let read = shared_read(
+        f,
+        &f.tails.results,
+        &readers.results,
+        (from, wait),
+        |e| e.results,
+        direct,
+    )
+    .await?;
     let mut batch = Batch {
         next: read.next,
         ..Batch::default()
@@ -367,36 +610,55 @@ async fn read_results(f: &Follow, from: u64, wait: Duration) -> Result<Batch, Bu
         let to = read.resumed.unwrap_or(read.next);
         batch.lost = Some((to, lost_reason("results", from, to)));
     }
-    for (next, agent, result) in read.results {
+    for (next, item) in read.items {
         let data = (|| {
             if let Some(glob) = &f.filter.check {
-                if !crate::alerts::config::glob(glob, &result.check) {
+                if !crate::alerts::config::glob(glob, &item.check) {
                     return None;
                 }
             }
-            if f.filter.problems && result.status == outpost_protocol::Status::Ok {
+            if f.filter.problems && item.status == outpost_protocol::Status::Ok {
                 return None;
             }
-            let hostname = agent_passes(f, &agent.fingerprint)?;
-            Some(
-                json!({
-                    "fingerprint": agent.fingerprint,
-                    "hostname": hostname,
-                    "result": result,
-                })
-                .to_string(),
-            )
+            agent_passes(f, &item.fingerprint)?;
+            Some(item.data.clone())
         })();
         batch.events.push((next, "result", data));
     }
     Ok(batch)
 }
 
-async fn read_presence(f: &Follow, from: u64, wait: Duration) -> Result<Batch, BusError> {
+async fn read_presence(
+    f: &Follow,
+    readers: &Readers,
+    from: u64,
+    wait: Duration,
+) -> Result<Batch, BusError> {
     if !f.filter.presence {
         return Ok(Batch::at(from));
     }
-    let read = f.bus.read_presence(&f.tenant, from, BATCH, wait).await?;
+    let direct = async {
+        let got = f.bus.read_presence(&f.tenant, from, BATCH, wait).await?;
+        Ok(FeedRead {
+            items: got
+                .items
+                .into_iter()
+                .map(|(at, e)| (at, Arc::new(presence_item(&f.registry, e))))
+                .collect(),
+            next: got.next,
+            lost: got.lost,
+            resumed: got.resumed,
+        })
+    };
+    let read = shared_read(
+        f,
+        &f.tails.presence,
+        &readers.presence,
+        (from, wait),
+        |e| e.presence,
+        direct,
+    )
+    .await?;
     let mut batch = Batch {
         next: read.next,
         ..Batch::default()
@@ -405,39 +667,56 @@ async fn read_presence(f: &Follow, from: u64, wait: Duration) -> Result<Batch, B
         let to = read.resumed.unwrap_or(read.next);
         batch.lost = Some((to, lost_reason("presence events", from, to)));
     }
-    for (next, event) in read.items {
+    for (next, item) in read.items {
         let data = (|| {
             if f.filter.check.is_some() {
                 return None;
             }
-            if f.filter.problems && event.presence != Presence::Lost {
+            if f.filter.problems && item.presence != Presence::Lost {
                 return None;
             }
-            let hostname = agent_passes(f, &event.agent.fingerprint)?;
-            Some(
-                json!({
-                    "fingerprint": event.agent.fingerprint,
-                    "hostname": hostname,
-                    "presence": event.presence,
-                    "at_ms": event.at_ms,
-                    "reason": event.reason,
-                })
-                .to_string(),
-            )
+            agent_passes(f, &item.fingerprint)?;
+            Some(item.data.clone())
         })();
         batch.events.push((next, "presence", data));
     }
     Ok(batch)
 }
 
-async fn read_alerts(f: &Follow, from: u64, wait: Duration) -> Result<Batch, BusError> {
+async fn read_alerts(
+    f: &Follow,
+    readers: &Readers,
+    from: u64,
+    wait: Duration,
+) -> Result<Batch, BusError> {
     if !f.filter.alerts && !f.filter.silences {
         return Ok(Batch::at(from));
     }
-    let read = f
-        .bus
-        .read_alert_events(&f.tenant, from, BATCH, wait)
-        .await?;
+    let direct = async {
+        let got = f
+            .bus
+            .read_alert_events(&f.tenant, from, BATCH, wait)
+            .await?;
+        Ok(FeedRead {
+            items: got
+                .items
+                .into_iter()
+                .map(|(at, e)| (at, Arc::new(e)))
+                .collect(),
+            next: got.next,
+            lost: got.lost,
+            resumed: got.resumed,
+        })
+    };
+    let read = shared_read(
+        f,
+        &f.tails.alerts,
+        &readers.alerts,
+        (from, wait),
+        |e| e.alerts,
+        direct,
+    )
+    .await?;
     let mut batch = Batch {
         next: read.next,
         ..Batch::default()
@@ -446,7 +725,8 @@ async fn read_alerts(f: &Follow, from: u64, wait: Duration) -> Result<Batch, Bus
         let to = read.resumed.unwrap_or(read.next);
         batch.lost = Some((to, lost_reason("alert changes", from, to)));
     }
-    for (next, mut event) in read.items {
+    for (next, shared) in read.items {
+        let mut event = (*shared).clone();
         let kind = match event["type"].as_str() {
             Some("alert") => "alert",
             Some("silence") => "silence",

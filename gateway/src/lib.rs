@@ -127,6 +127,7 @@ impl Gateway {
             tracker,
             alerting: self.alerting.clone(),
             events: self.settings.events,
+            event_tails: Arc::default(),
         }
     }
 }

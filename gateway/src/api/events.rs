@@ -188,6 +188,9 @@ async fn stream(
         .trim()
         .to_string();
     let tenant_id = gw.credentials.tenants.tenant(&t.name).map(|x| x.id);
+    // A tenant deleted and made again under its name is another tenant: its streams
+    // share no window with the old one's.
+    let window = format!("{}#{}", t.name, tenant_id.as_deref().unwrap_or("-"));
     let (credentials, name) = (gw.credentials.clone(), t.name.clone());
     let allowed = move || -> Result<(), String> {
         let tenants = &credentials.tenants;
@@ -215,6 +218,8 @@ async fn stream(
         stop: gw.shutdown.clone(),
         metrics: gw.metrics.clone(),
         allowed: Box::new(allowed),
+        tails: gw.event_tails.clone(),
+        window,
     });
     Sse::new(sse(from, rx))
         .keep_alive(KeepAlive::new().interval(heartbeat))

@@ -576,6 +576,12 @@ impl Bus for NatsBus {
     fn unavailable(&self) -> Option<String> {
         (!self.nats.connected()).then(|| "not connected to NATS".to_string())
     }
+
+    /// A read's wait looks at JetStream every 100 ms (cheap enough for every reader); the
+    /// event streams' one shared reader per tenant and feed looks every 10 ms instead.
+    fn poll_every(&self) -> Option<std::time::Duration> {
+        Some(std::time::Duration::from_millis(10))
+    }
 }
 
 /// The history `query` asks of `agent`'s `check` in its tenant's `stream`: an ephemeral
