@@ -114,6 +114,9 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+    /// The tenant's check files: compare a directory with them, or make them its.
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Shell completions, to be sourced (bash, zsh, fish, …).
     Completions { shell: clap_complete::Shell },
 }
@@ -155,6 +158,19 @@ enum AgentsCmd {
 enum ChecksCmd {
     /// An agent's checks.
     List { agent: String },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// What `push` would change: DIR's `*.toml` against the gateway's (validated there).
+    Diff { dir: PathBuf },
+    /// Make the tenant's check files exactly DIR's `*.toml` (others are removed).
+    Push {
+        dir: PathBuf,
+        /// Only say what would change.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -372,6 +388,36 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Silence(cmd) => silence(&api()?, cmd, out).await,
+        Command::Config(cmd) => {
+            let (dir, dry_run) = match &cmd {
+                ConfigCmd::Diff { dir } => (dir, true),
+                ConfigCmd::Push { dir, dry_run } => (dir, *dry_run),
+            };
+            let checks = read_check_dir(dir)?;
+            let v = api()?
+                .call(
+                    "PUT",
+                    &format!("/config/checks?dry_run={dry_run}"),
+                    Some(&json!({ "checks": checks })),
+                )
+                .await?;
+            if out == Output::Json {
+                return print_json(&v);
+            }
+            let mut stdout = std::io::stdout().lock();
+            let _ = write!(stdout, "{}", text(&v["diff"]));
+            let changes = v["changes"].as_u64().unwrap_or(0);
+            let _ = writeln!(
+                stdout,
+                "{}",
+                match (changes, v["applied"] == true) {
+                    (0, _) => "no changes".to_string(),
+                    (n, true) => format!("{n} change(s) made"),
+                    (n, false) => format!("{n} change(s) to push"),
+                }
+            );
+            Ok(())
+        }
         Command::Ack {
             agent,
             check,
@@ -419,6 +465,30 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             events(&api()?, &path, from, follow, limit, out).await
         }
     }
+}
+
+/// The `*.toml` files at the top of `dir`, by name.
+fn read_check_dir(
+    dir: &std::path::Path,
+) -> Result<std::collections::BTreeMap<String, String>, Failure> {
+    let unreadable = |e: std::io::Error| {
+        Failure::Usage(format!(
+            "cannot read the check files in {}: {e}",
+            dir.display()
+        ))
+    };
+    let mut checks = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(unreadable)? {
+        let path = entry.map_err(unreadable)?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if path.is_file() && name.ends_with(".toml") && !name.starts_with('.') {
+            checks.insert(name, std::fs::read_to_string(&path).map_err(unreadable)?);
+        }
+    }
+    Ok(checks)
 }
 
 /// A Unix time in ms as people read it (UTC, to the second).

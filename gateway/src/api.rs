@@ -5,6 +5,7 @@
 pub mod access;
 pub mod admin;
 pub mod alerts;
+pub mod config;
 pub mod events;
 pub mod history;
 pub mod openapi;
@@ -118,6 +119,7 @@ pub fn router(gw: Services, settings: &Arc<Settings>) -> Router {
         .merge(alerts::routes())
         .merge(events::routes())
         .merge(history::routes())
+        .merge(config::routes())
         .layer(middleware::from_fn_with_state(
             gw.clone(),
             access::authenticate,

@@ -247,6 +247,53 @@ async fn each_command_prints_what_the_api_says_and_exits_with_its_meaning() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("90m"), "the fix is named: {err}");
 
+    // Check files: diff and push a directory. It holds the gateway's file as it is and
+    // a new one: the diff names only the new one; pushed, the agent runs its check.
+    let conf = dir.path().join("conf");
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::write(conf.join("checks.toml"), CHECKS).unwrap();
+    std::fs::write(
+        conf.join("more.toml"),
+        "[[check]]\nname = \"added\"\ncommand = [\"/bin/echo\", \"added here\"]\ninterval = 1\n",
+    )
+    .unwrap();
+    let diff = ok(&config, &["config", "diff", conf.to_str().unwrap()]);
+    assert!(diff.contains("+ more.toml (new, 4 lines)"), "{diff}");
+    assert!(
+        !diff.contains("checks.toml"),
+        "unchanged files are not in the diff: {diff}"
+    );
+    assert!(diff.contains("1 change(s) to push"), "{diff}");
+    assert!(
+        !gw.checks_dir.join("more.toml").exists(),
+        "a diff changes nothing"
+    );
+    let pushed = ok(&config, &["config", "push", conf.to_str().unwrap()]);
+    assert!(pushed.contains("1 change(s) made"), "{pushed}");
+    eventually(T, "the pushed check run by the agent", || async {
+        gw.latest(&fp, "added")
+            .await
+            .filter(|l| l["output"] == "added here")
+    })
+    .await;
+    let again = ok(&config, &["config", "diff", conf.to_str().unwrap()]);
+    assert!(again.trim_end().ends_with("no changes"), "{again}");
+    // A file that does not validate: nothing is pushed, the file and the fault named.
+    std::fs::write(conf.join("bad.toml"), "[[check]]\nname = \"x\"\n").unwrap();
+    let (code, _, err) = outpost(&config, &["config", "push", conf.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("bad.toml") && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert!(!gw.checks_dir.join("bad.toml").exists());
+    std::fs::remove_file(conf.join("bad.toml")).unwrap();
+    // Removing a file from the directory removes it from the gateway.
+    std::fs::remove_file(conf.join("more.toml")).unwrap();
+    let pushed = ok(&config, &["config", "push", conf.to_str().unwrap()]);
+    assert!(pushed.contains("- more.toml (removed)"), "{pushed}");
+    assert!(!gw.checks_dir.join("more.toml").exists());
+
     let events = ok(
         &config,
         &[

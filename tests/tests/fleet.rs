@@ -716,6 +716,42 @@ async fn config_push_reaches_agents_on_every_gateway_within_seconds_and_removes_
     );
     std::fs::remove_file(cfg.join("bad.toml")).unwrap();
     assert!(push(&url, &cfg, &["--dry-run"]).starts_with("no changes"));
+
+    // The same through the API of either gateway (what `outpost config push` calls): the
+    // fleet's check files, read and replaced, every gateway's agents get them; plugins
+    // stay as they are.
+    let (status, have) = gws[1]
+        .http("GET", "/api/v1/config/checks", Some(&gws[1].token))
+        .await;
+    assert_eq!(status, 200, "{have}");
+    assert_eq!(have["checks"]["base.toml"], TICK, "{have}");
+    let api_check = "[[check]]\nname = \"viaapi\"\nplugin = \"say_hi\"\ninterval = 1\n";
+    let body = serde_json::json!({"checks": {"base.toml": TICK, "api.toml": api_check}});
+    let (status, pushed) = gws[1]
+        .http_json(
+            "PUT",
+            "/api/v1/config/checks",
+            Some(&gws[1].token),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(status, 200, "{pushed}");
+    assert_eq!(pushed["applied"], true, "{pushed}");
+    assert!(
+        pushed["diff"].as_str().unwrap().contains("+ api.toml"),
+        "{pushed}"
+    );
+    for (g, a) in gws.iter().zip(&agents) {
+        let r = eventually(T, "the API-pushed check's result", || {
+            g.latest(&a.fingerprint, "viaapi")
+        })
+        .await;
+        assert_eq!(r["output"], "OK hi from the fleet", "{r}");
+    }
+    assert!(
+        push(&url, &cfg, &["--dry-run"]).contains("- api.toml (removed)"),
+        "the API's push is in NATS"
+    );
 }
 
 /// `POST …/checks/CHECK/run` on `gw` with its token: the status and body.

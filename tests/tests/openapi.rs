@@ -54,6 +54,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/silences"),
     ("delete", "/api/v1/silences/{id}"),
     ("get", "/api/v1/whoami"),
+    ("get", "/api/v1/config/checks"),
+    ("put", "/api/v1/config/checks"),
     ("get", "/api/v1/keys"),
     ("post", "/api/v1/keys"),
     ("post", "/api/v1/keys/{id}/revoke"),

@@ -233,6 +233,88 @@ pub fn read_dir(dir: &Path) -> anyhow::Result<Snapshot> {
     Ok(snap)
 }
 
+/// What is wrong with these check files (name → TOML text), each problem naming its
+/// file: bad names, files that do not parse, and what only the files together show
+/// (routes naming receivers no file declares). Empty: they may be stored.
+pub fn check_problems(checks: &BTreeMap<String, String>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut alerting_files = Vec::new();
+    for (name, text) in checks {
+        if !valid_file_name(name) {
+            problems.push(format!(
+                "{name}: check file names are letters, digits, '-' and '_' before .toml"
+            ));
+            continue;
+        }
+        let path = PathBuf::from(name);
+        match parse_file_with_collectors(&path, text)
+            .and_then(|_| crate::alerts::config::parse_file(text))
+        {
+            Ok(a) => alerting_files.push((path, a)),
+            Err(e) => problems.push(format!("{name}: {e}")),
+        }
+    }
+    let (_, across) = crate::alerts::config::AlertConfig::assemble(
+        alerting_files.iter().map(|(p, a)| (p.as_path(), a)),
+    );
+    problems.extend(across);
+    problems
+}
+
+/// The check files NATS holds for `tenant`.
+pub async fn fleet_checks(nats: &Nats, tenant: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    let (config, plugins) = open(nats, tenant).await?;
+    Ok(read_fleet(&nats.client, &config, &plugins, tenant)
+        .await?
+        .0
+        .checks)
+}
+
+/// Make NATS hold exactly `checks` as `tenant`'s check files (its plugins as they are;
+/// nothing changes with `dry_run`). The caller has found no [`check_problems`].
+pub async fn push_checks(
+    nats: &Nats,
+    tenant: &str,
+    checks: &BTreeMap<String, String>,
+    dry_run: bool,
+) -> anyhow::Result<Pushed> {
+    let (config, plugins) = open(nats, tenant).await?;
+    let (current, refused) = read_fleet(&nats.client, &config, &plugins, tenant).await?;
+    let wanted = Snapshot {
+        checks: checks.clone(),
+        plugins: current.plugins.clone(),
+    };
+    let mut diff = diff(&current, &wanted);
+    for key in &refused.keys {
+        let _ = writeln!(diff, "- key {key:?} (not a valid check file name; removed)");
+    }
+    let changes = diff.lines().filter(|l| !l.starts_with("    ")).count();
+    if dry_run || changes == 0 {
+        return Ok(Pushed { diff, changes });
+    }
+    let prefix = checks_prefix(tenant);
+    for (name, text) in &wanted.checks {
+        if current.checks.get(name) != Some(text) {
+            config
+                .put(format!("{prefix}{name}"), text.clone().into_bytes().into())
+                .await
+                .with_context(|| format!("cannot store {name}"))?;
+        }
+    }
+    for name in absent(&current.checks, &wanted.checks).chain(&refused.keys) {
+        let key = if refused.keys.contains(name) {
+            name.clone()
+        } else {
+            format!("{prefix}{name}")
+        };
+        config
+            .delete(&key)
+            .await
+            .with_context(|| format!("cannot remove {key}"))?;
+    }
+    Ok(Pushed { diff, changes })
+}
+
 /// The keys of `store` that start with `prefix` (which ends with `.`), deleted ones left
 /// out: one tenant's, never the whole bucket with every tenant's keys in it. Within 30 s
 /// (a key deleted while it is listed could otherwise leave the listing waiting).
