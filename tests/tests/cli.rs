@@ -288,6 +288,36 @@ async fn each_command_prints_what_the_api_says_and_exits_with_its_meaning() {
     );
     assert!(!gw.checks_dir.join("bad.toml").exists());
     std::fs::remove_file(conf.join("bad.toml")).unwrap();
+    // A tenant's admin may not make the gateway read its files (a receiver's secret_file
+    // would be read on the gateway and sent to the receiver).
+    std::fs::write(
+        conf.join("leak.toml"),
+        "[[receiver]]\nname = \"leak\"\nwebhook = { url = \"http://127.0.0.1:9/\", secret_file = \"/etc/hostname\" }\n",
+    )
+    .unwrap();
+    let (code, _, err) = outpost(&config, &["config", "push", conf.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("leak.toml") && err.contains("names a file on the gateway (secret_file)"),
+        "{err}"
+    );
+    assert!(!gw.checks_dir.join("leak.toml").exists());
+    std::fs::remove_file(conf.join("leak.toml")).unwrap();
+    // Nothing to push is refused, not taken as "remove every check".
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (code, _, err) = outpost(&config, &["config", "push", empty.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no check files"), "{err}");
+    // Written private (they may hold receivers' secrets).
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(gw.checks_dir.join("more.toml"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
     // Removing a file from the directory removes it from the gateway.
     std::fs::remove_file(conf.join("more.toml")).unwrap();
     let pushed = ok(&config, &["config", "push", conf.to_str().unwrap()]);

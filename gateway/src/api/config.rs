@@ -5,6 +5,12 @@
 //! are the fleet's (`outpost_config`, what `outpost-gateway config push` writes, mirrored
 //! by every gateway); on the embedded bus, the tenant's checks directory, rescanned at
 //! once. Plugins are not part of it: they stay as they are.
+//!
+//! A tenant's admin is not the gateway's operator: files pushed here may not name files
+//! on the gateway (a receiver's `password_file`, `secret_file`, `routing_key_file`,
+//! `ca_file`), which the gateway would read and send wherever the receiver points. Those
+//! stay for check files the operator installs. Files are written 0600, one push at a
+//! time per gateway.
 
 use std::collections::BTreeMap;
 
@@ -50,6 +56,72 @@ struct PushParams {
     /// Only say what would change.
     dry_run: Option<bool>,
 }
+
+/// The most bytes of one check file, and of all of a push's: a NATS message holds 1 MiB.
+const MAX_FILE_BYTES: usize = 512 * 1024;
+const MAX_PUSH_BYTES: usize = 4 << 20;
+
+/// What a push through the API may not hold beyond what every check file may not: files
+/// named on the gateway, sizes over the limits, nothing at all.
+fn api_problems(checks: &BTreeMap<String, String>) -> Vec<String> {
+    let mut problems = Vec::new();
+    if checks.is_empty() {
+        problems.push(
+            "no check files: a push of none would remove every check of the tenant (give at least one file)"
+                .to_string(),
+        );
+    }
+    let total: usize = checks.values().map(String::len).sum();
+    if total > MAX_PUSH_BYTES {
+        problems.push(format!(
+            "{total} bytes of check files: at most {MAX_PUSH_BYTES} in one push"
+        ));
+    }
+    for (name, text) in checks {
+        if text.len() > MAX_FILE_BYTES {
+            problems.push(format!(
+                "{name}: {} bytes, over {MAX_FILE_BYTES} for one check file",
+                text.len()
+            ));
+            continue;
+        }
+        let Ok(doc) = text.parse::<toml::Table>() else {
+            continue; // said by the file's own validation
+        };
+        let receivers = doc.get("receiver").and_then(|r| r.as_array());
+        for r in receivers.into_iter().flatten() {
+            let rname = r.get("name").and_then(|n| n.as_str()).unwrap_or("?");
+            let mut found = Vec::new();
+            gateway_files(r, &mut found);
+            for key in found {
+                problems.push(format!(
+                    "{name}: receiver {rname:?} names a file on the gateway ({key}): not through the API; give the secret itself, or have the operator install this file on the gateway"
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// Every key ending in `_file` within `v`.
+fn gateway_files(v: &toml::Value, found: &mut Vec<String>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                if k.ends_with("_file") {
+                    found.push(k.clone());
+                }
+                gateway_files(v, found);
+            }
+        }
+        toml::Value::Array(a) => a.iter().for_each(|v| gateway_files(v, found)),
+        _ => {}
+    }
+}
+
+/// One push at a time: a push reads, compares and writes, and two at once would leave
+/// a mix of both.
+static PUSHING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn unavailable(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(
@@ -119,7 +191,7 @@ async fn get_checks(State(gw): State<Gw>, t: Tenant<Admin>) -> Response {
         (status = 400, description = "A bad body, or files that do not validate (each problem named)", body = ErrorBody),
         (status = 401, description = "No valid token", body = ErrorBody),
         (status = 403, description = "The token's role is too low, or it is the operator's", body = ErrorBody),
-        (status = 503, description = "The check files cannot be written: retry", body = ErrorBody),
+        (status = 503, description = "The check files cannot be written: retry (some may be written already: the retry finishes)", body = ErrorBody),
 ))]
 async fn put_checks(
     State(gw): State<Gw>,
@@ -135,7 +207,8 @@ async fn put_checks(
             )
         })?;
         let files: CheckFiles = super::json_body(&bytes)?;
-        let problems = fleet_config::check_problems(&files.checks);
+        let mut problems = api_problems(&files.checks);
+        problems.extend(fleet_config::check_problems(&files.checks));
         if !problems.is_empty() {
             return Err(ApiError::new(
                 ErrorKind::BadRequest,
@@ -146,6 +219,7 @@ async fn put_checks(
             ));
         }
         let dry_run = p.dry_run.unwrap_or(false);
+        let _one_at_a_time = PUSHING.lock().await;
         let pushed = match &gw.nats {
             Some(nats) => fleet_config::push_checks(nats, &t.name, &files.checks, dry_run)
                 .await
@@ -192,7 +266,8 @@ fn write_local(
     std::fs::create_dir_all(dir)?;
     for (name, text) in want {
         if have.get(name) != Some(text) {
-            crate::util::write_atomic(&dir.join(name), text.as_bytes(), 0o644)?;
+            // Private: they may hold receivers' secrets.
+            crate::util::write_atomic(&dir.join(name), text.as_bytes(), 0o600)?;
         }
     }
     for name in have.keys().filter(|n| !want.contains_key(*n)) {
