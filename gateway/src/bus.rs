@@ -216,6 +216,21 @@ pub trait Bus: Send + Sync {
         wait: std::time::Duration,
     ) -> Result<ResultsRead, BusError>;
 
+    /// [`Bus::read_results`] for a reader that reads on, read after read, from where its
+    /// last read ended (one per tenant and gateway: the event streams' shared reader): a
+    /// bus may keep what makes that cheap between reads (NATS: an ordered consumer that
+    /// JetStream pushes results through, instead of a request per result). Such a reader
+    /// waits: with no `wait`, results stored may come only in a later read (on their way).
+    async fn follow_results(
+        &self,
+        tenant: &str,
+        from: u64,
+        max: usize,
+        wait: std::time::Duration,
+    ) -> Result<ResultsRead, BusError> {
+        self.read_results(tenant, from, max, wait).await
+    }
+
     /// `tenant`'s presence events from position `from` on, as [`Bus::read_results`] reads
     /// results (positions of their own: the presence log's, or the presence stream's).
     async fn read_presence(

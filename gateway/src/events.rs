@@ -221,36 +221,28 @@ struct Readers {
 impl Readers {
     fn new(registry: &Arc<Registry>) -> Readers {
         let r = registry.clone();
-        let results: ReadFn<ResultItem> =
-            Arc::new(move |bus: Arc<dyn Bus>, tenant, from, wait: bool| {
-                let registry = r.clone();
-                Box::pin(async move {
-                    let got = bus
-                        .read_results(
-                            &tenant,
-                            from,
-                            tails::READ,
-                            if wait {
-                                tails::READ_WAIT
-                            } else {
-                                Duration::ZERO
-                            },
-                        )
-                        .await?;
-                    Ok(FeedRead {
-                        items: got
-                            .results
-                            .into_iter()
-                            .map(|(at, agent, result)| {
-                                (at, Arc::new(result_item(&registry, agent, result)))
-                            })
-                            .collect(),
-                        next: got.next,
-                        lost: got.lost,
-                        resumed: got.resumed,
-                    })
+        // (Always waiting: a bus's follower is woken by what comes, and one that polls
+        // polls at its reader's pace.)
+        let results: ReadFn<ResultItem> = Arc::new(move |bus: Arc<dyn Bus>, tenant, from, _| {
+            let registry = r.clone();
+            Box::pin(async move {
+                let got = bus
+                    .follow_results(&tenant, from, tails::READ, tails::READ_WAIT)
+                    .await?;
+                Ok(FeedRead {
+                    items: got
+                        .results
+                        .into_iter()
+                        .map(|(at, agent, result)| {
+                            (at, Arc::new(result_item(&registry, agent, result)))
+                        })
+                        .collect(),
+                    next: got.next,
+                    lost: got.lost,
+                    resumed: got.resumed,
                 })
-            });
+            })
+        });
         let r = registry.clone();
         let presence: ReadFn<PresenceItem> =
             Arc::new(move |bus: Arc<dyn Bus>, tenant, from, wait: bool| {

@@ -17,6 +17,7 @@
 pub mod alerts;
 pub mod bus;
 pub mod fleet_config;
+mod follow;
 pub mod registry;
 pub mod rpc;
 pub mod secrets;

@@ -459,12 +459,26 @@ async fn read_all(
     from: u64,
     max: usize,
 ) -> (Vec<(String, u64)>, u64, bool) {
+    read_all_as(bus, tenant, (from, max), false).await
+}
+
+/// [`read_all`], as a reader that follows (`Bus::follow_results`) when `follow`.
+async fn read_all_as(
+    bus: &Arc<dyn Bus>,
+    tenant: &str,
+    (from, max): (u64, usize),
+    follow: bool,
+) -> (Vec<(String, u64)>, u64, bool) {
     let (mut pos, mut got, mut lost) = (from, Vec::new(), false);
     loop {
-        let read = bus
-            .read_results(tenant, pos, max, Duration::ZERO)
-            .await
-            .unwrap();
+        // (A follower waits: what is stored may be on its way.)
+        let read = if follow {
+            bus.follow_results(tenant, pos, max, Duration::from_secs(1))
+                .await
+        } else {
+            bus.read_results(tenant, pos, max, Duration::ZERO).await
+        }
+        .unwrap();
         assert!(read.results.len() <= max);
         lost |= read.lost;
         let mut last = pos;
@@ -553,6 +567,8 @@ async fn reader_contract(backend: &Backend, cap_dir_bus: Option<&Backend>) {
     assert_eq!(woken.results.len(), 1);
     assert_eq!(woken.results[0].2.seq, 201);
 
+    follow_contract(&bus, &a).await;
+
     // Retention deletes what a slow reader had not read: it is told, and goes on from the
     // oldest kept.
     if let Some(capped) = cap_dir_bus {
@@ -571,12 +587,90 @@ async fn reader_contract(backend: &Backend, cap_dir_bus: Option<&Backend>) {
                 .unwrap();
             assert_eq!(p.accepted, 50);
         }
-        let (got, _, lost) = read_all(&bus, HOME, early, 500).await;
+        let (got, end, lost) = read_all(&bus, HOME, early, 500).await;
         assert!(lost, "the reader is told what it missed");
         let seqs: Vec<u64> = got.iter().map(|(_, s)| *s).collect();
         assert!(seqs[0] > 2, "{:?}", &seqs[..3]);
         assert_eq!(seqs, (seqs[0]..=2000).collect::<Vec<_>>());
+
+        // A reader that follows, left behind while retention deletes: what it reads is
+        // whole from where it goes on, and it is told if that is past what it missed.
+        let (_, end, _) = read_all_as(&bus, HOME, (end, 500), true).await;
+        for batch in 40..80u64 {
+            bus.publish_results(&c, &results(batch * 50 + 1..=batch * 50 + 50))
+                .await
+                .unwrap();
+        }
+        let (mut pos, mut last, mut gaps) = (end, 2000, 0);
+        loop {
+            let read = bus
+                .follow_results(HOME, pos, 500, Duration::from_secs(1))
+                .await
+                .unwrap();
+            if read.results.is_empty() && read.next == pos {
+                break;
+            }
+            for (i, (_, _, r)) in read.results.iter().enumerate() {
+                if r.seq != last + 1 {
+                    // Only the first of a read that says so.
+                    assert!(read.lost && i == 0, "{} after {last} unsaid", r.seq);
+                    gaps += 1;
+                }
+                last = r.seq;
+            }
+            pos = read.next;
+        }
+        assert_eq!(last, 4000, "read to the end");
+        assert!(
+            gaps > 0,
+            "retention deleted what the follower had not taken"
+        );
     }
+}
+
+/// A reader that follows (`Bus::follow_results`, the event streams' shared reader) reads
+/// what a reader by position reads: at the end, it is woken by what comes and reads all
+/// of it once, in order, whatever it takes at a time.
+async fn follow_contract(bus: &Arc<dyn Bus>, a: &AgentRef) {
+    let (_, end, _) = read_all_as(bus, "readers", (0, 1000), true).await;
+    let waiting = {
+        let bus = bus.clone();
+        tokio::spawn(async move {
+            bus.follow_results("readers", end, 10, Duration::from_secs(20))
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    bus.publish_results(a, &results(202..=202)).await.unwrap();
+    let woken = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("woken before its wait ran out")
+        .unwrap();
+    assert_eq!(woken.results.len(), 1);
+    assert_eq!(woken.results[0].2.seq, 202);
+    let mut pos = woken.next;
+    for i in 0..5u64 {
+        bus.publish_results(a, &results(203 + i * 100..=302 + i * 100))
+            .await
+            .unwrap();
+    }
+    let mut seqs = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while seqs.len() < 500 && tokio::time::Instant::now() < deadline {
+        let read = bus
+            .follow_results("readers", pos, 64, Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert!(!read.lost && read.results.len() <= 64, "{read:?}");
+        seqs.extend(read.results.iter().map(|(_, _, r)| r.seq));
+        pos = read.next;
+    }
+    assert_eq!(seqs, (203..=702).collect::<Vec<_>>());
+    // The same as a reader by position reads from where the follower started.
+    let (direct, _, _) = read_all(bus, "readers", end, 1000).await;
+    let direct: Vec<u64> = direct.iter().map(|(_, s)| *s).collect();
+    assert_eq!(direct, (202..=702).collect::<Vec<_>>());
 }
 
 const AGE: Duration = Duration::from_secs(3);

@@ -30,6 +30,7 @@ use async_trait::async_trait;
 use outpost_protocol::CheckResult;
 use serde::Serialize;
 
+use super::follow::Follower;
 use super::{
     alert_events_subject, audit_subject, check_subject, presence_subject, results_filter,
     results_stream, results_subject, Nats, ALERT_EVENTS_STREAM, PRESENCE_STREAM, RESULTS_STREAM,
@@ -62,6 +63,8 @@ pub struct NatsBus {
     limits: Mutex<HashMap<String, u64>>,
     /// The streams all tenants share, once opened.
     shared: Mutex<HashMap<&'static str, stream::Stream>>,
+    /// Each tenant's follower of its results (see [`Bus::follow_results`]).
+    followers: Mutex<HashMap<String, Follower>>,
 }
 
 /// Where [`NatsBus::read_polled`] reads.
@@ -100,6 +103,7 @@ impl NatsBus {
             streams: Mutex::new(HashMap::new()),
             limits: Mutex::new(HashMap::new()),
             shared: Mutex::new(HashMap::new()),
+            followers: Mutex::new(HashMap::new()),
         }
     }
 
@@ -238,6 +242,7 @@ impl NatsBus {
     /// it again and reads its agents' marks from it again.
     fn forget_stream(&self, tenant: &str) {
         lock(&self.streams).remove(tenant);
+        lock(&self.followers).remove(tenant);
         let prefix = results_subject(tenant, "");
         lock(&self.watermarks).retain(|subject, _| !subject.starts_with(&prefix));
     }
@@ -358,6 +363,7 @@ impl Bus for NatsBus {
     async fn drop_tenant(&self, tenant: &str) -> Result<(), BusError> {
         lock(&self.limits).remove(tenant);
         lock(&self.streams).remove(tenant);
+        lock(&self.followers).remove(tenant);
         let prefix = results_subject(tenant, "");
         lock(&self.watermarks).retain(|subject, _| !subject.starts_with(&prefix));
         let js = &self.nats.js;
@@ -420,31 +426,62 @@ impl Bus for NatsBus {
     ) -> Result<ResultsRead, BusError> {
         crate::tenant::parse_name(tenant).map_err(BusError::Unavailable)?;
         let filter = results_filter(tenant);
-        let parse = |msg: &async_nats::jetstream::message::StreamMessage| {
-            match serde_json::from_slice::<ResultLine>(&msg.payload) {
-                Ok(l) if l.tenant == tenant => {
-                    Some((AgentRef::new(&l.tenant, &l.fingerprint), l.result))
-                }
-                Ok(_) => None,
-                Err(e) => {
-                    tracing::warn!(%tenant, seq = msg.sequence, error = %e, "skipping an unreadable result");
-                    None
-                }
-            }
-        };
+        let parse = |seq: u64, payload: &[u8]| parse_result(tenant, seq, payload);
         let read = self
             .read_polled((tenant, Source::Results), &filter, (from, max, wait), parse)
             .await?;
-        Ok(ResultsRead {
-            results: read
-                .items
-                .into_iter()
-                .map(|(at, (agent, result))| (at, agent, result))
-                .collect(),
-            next: read.next,
-            lost: read.lost,
-            resumed: read.resumed,
-        })
+        Ok(results_read(read))
+    }
+
+    async fn follow_results(
+        &self,
+        tenant: &str,
+        from: u64,
+        max: usize,
+        wait: std::time::Duration,
+    ) -> Result<ResultsRead, BusError> {
+        crate::tenant::parse_name(tenant).map_err(BusError::Unavailable)?;
+        let parse = |seq: u64, payload: &[u8]| parse_result(tenant, seq, payload);
+        // Its follower, if it is where this read starts (taken out while it reads: one
+        // reader per tenant uses it).
+        let follower = lock(&self.followers)
+            .remove(tenant)
+            .filter(|f| f.next == from);
+        if let Some(mut f) = follower {
+            match f.read(max.max(1), wait, parse).await {
+                Ok(read) => {
+                    lock(&self.followers).insert(tenant.to_string(), f);
+                    return Ok(results_read(read));
+                }
+                Err(e) => {
+                    tracing::warn!(%tenant, error = %e, "reading the results directly again");
+                }
+            }
+        }
+        // A position still in the stream (a direct read of one tells, and tells what was
+        // lost if it is not): follow from it. Not from after what a direct read of many
+        // got: on a busy tenant, a reader by requests never reaches the end.
+        let probe = self
+            .read_results(tenant, from, 1, std::time::Duration::ZERO)
+            .await?;
+        if probe.lost || probe.results.is_empty() && probe.next != from {
+            return Ok(probe);
+        }
+        let Some(stream) = self.existing_stream(tenant).await? else {
+            return self.read_results(tenant, from, max, wait).await;
+        };
+        let mut f = match Follower::start(&stream, &results_filter(tenant), from).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(%tenant, error = %e, "cannot follow the results stream; reading it directly");
+                return self.read_results(tenant, from, max, wait).await;
+            }
+        };
+        let read = f.read(max.max(1), wait, parse).await;
+        if read.is_ok() {
+            lock(&self.followers).insert(tenant.to_string(), f);
+        }
+        read.map(results_read)
     }
 
     async fn read_presence(
@@ -456,14 +493,14 @@ impl Bus for NatsBus {
     ) -> Result<PresenceRead, BusError> {
         crate::tenant::parse_name(tenant).map_err(BusError::Unavailable)?;
         let filter = presence_subject(tenant, "*");
-        let parse = |msg: &async_nats::jetstream::message::StreamMessage| {
-            match serde_json::from_slice::<PresenceEvent>(&msg.payload) {
-                Ok(e) if e.agent.tenant == tenant => Some(e),
-                Ok(_) => None,
-                Err(e) => {
-                    tracing::warn!(%tenant, seq = msg.sequence, error = %e, "skipping an unreadable presence event");
-                    None
-                }
+        let parse = |seq: u64, payload: &[u8]| match serde_json::from_slice::<PresenceEvent>(
+            payload,
+        ) {
+            Ok(e) if e.agent.tenant == tenant => Some(e),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(%tenant, seq, error = %e, "skipping an unreadable presence event");
+                None
             }
         };
         let read = self
@@ -513,16 +550,15 @@ impl Bus for NatsBus {
     ) -> Result<AlertEventsRead, BusError> {
         crate::tenant::parse_name(tenant).map_err(BusError::Unavailable)?;
         let filter = alert_events_subject(tenant);
-        let parse = |msg: &async_nats::jetstream::message::StreamMessage| {
-            match serde_json::from_slice::<serde_json::Value>(&msg.payload) {
+        let parse =
+            |seq: u64, payload: &[u8]| match serde_json::from_slice::<serde_json::Value>(payload) {
                 Ok(e) if e["tenant"] == tenant => Some(e),
                 Ok(_) => None,
                 Err(e) => {
-                    tracing::warn!(%tenant, seq = msg.sequence, error = %e, "skipping an unreadable alert event");
+                    tracing::warn!(%tenant, seq, error = %e, "skipping an unreadable alert event");
                     None
                 }
-            }
-        };
+            };
         let read = self
             .read_polled(
                 (tenant, Source::Shared(ALERT_EVENTS_STREAM)),
@@ -581,6 +617,32 @@ impl Bus for NatsBus {
     /// event streams' one shared reader per tenant and feed looks every 10 ms instead.
     fn poll_every(&self) -> Option<std::time::Duration> {
         Some(std::time::Duration::from_millis(10))
+    }
+}
+
+/// A result of `tenant` as its stream keeps it (`None`, logged: unreadable, or another
+/// tenant's).
+fn parse_result(tenant: &str, seq: u64, payload: &[u8]) -> Option<(AgentRef, CheckResult)> {
+    match serde_json::from_slice::<ResultLine>(payload) {
+        Ok(l) if l.tenant == tenant => Some((AgentRef::new(&l.tenant, &l.fingerprint), l.result)),
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(%tenant, seq, error = %e, "skipping an unreadable result");
+            None
+        }
+    }
+}
+
+fn results_read(read: FeedRead<(AgentRef, CheckResult)>) -> ResultsRead {
+    ResultsRead {
+        results: read
+            .items
+            .into_iter()
+            .map(|(at, (agent, result))| (at, agent, result))
+            .collect(),
+        next: read.next,
+        lost: read.lost,
+        resumed: read.resumed,
     }
 }
 
@@ -745,7 +807,7 @@ impl NatsBus {
         stream: &mut stream::Stream,
         filter: &str,
         (from, max, to_end): (u64, usize, bool),
-        parse: impl Fn(&async_nats::jetstream::message::StreamMessage) -> Option<T>,
+        parse: impl Fn(u64, &[u8]) -> Option<T>,
     ) -> Result<FeedRead<T>, BusError> {
         let name = stream.cached_info().config.name.clone();
         let failed =
@@ -835,7 +897,7 @@ impl NatsBus {
                 }
             }
             read.next = msg.sequence + 1;
-            if let Some(item) = parse(&msg) {
+            if let Some(item) = parse(msg.sequence, &msg.payload) {
                 read.items.push((read.next, item));
             }
         }
@@ -850,7 +912,7 @@ impl NatsBus {
         (tenant, source): (&str, Source),
         filter: &str,
         (from, max, wait): (u64, usize, std::time::Duration),
-        parse: impl Fn(&async_nats::jetstream::message::StreamMessage) -> Option<T>,
+        parse: impl Fn(u64, &[u8]) -> Option<T>,
     ) -> Result<FeedRead<T>, BusError> {
         /// How often a reader with nothing to read looks again.
         const POLL: std::time::Duration = std::time::Duration::from_millis(100);
