@@ -231,6 +231,9 @@ pub trait Bus: Send + Sync {
         self.read_results(tenant, from, max, wait).await
     }
 
+    /// The reader that followed `tenant`'s results stopped: what kept its place goes.
+    fn stop_following(&self, _tenant: &str) {}
+
     /// `tenant`'s presence events from position `from` on, as [`Bus::read_results`] reads
     /// results (positions of their own: the presence log's, or the presence stream's).
     async fn read_presence(

@@ -203,7 +203,10 @@ impl<T: Weigh + Send + Sync + 'static> Tails<T> {
         let (me, tenant, key) = (tail.clone(), tenant.to_string(), key.to_string());
         let (which, all) = (self.which, self.tails.clone());
         tokio::spawn(async move {
-            follow(me.clone(), bus, read, &tenant, which).await;
+            follow(me.clone(), bus.clone(), read, &tenant, which).await;
+            if which == Which::Results {
+                bus.stop_following(&tenant);
+            }
             // Closed and forgotten together: a stream that still holds it reads the bus
             // once, then finds no window and makes a new one.
             let mut tails = lock(&all);

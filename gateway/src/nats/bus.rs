@@ -50,6 +50,10 @@ const HISTORY_BATCH: usize = 1000;
 /// The longest a history read may take before it fails (503, retry).
 const HISTORY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// A follower of a tenant's results nobody read for this long is dropped (with its
+/// consumer), should its reader not have said it stopped.
+const FOLLOWER_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Header with the result's sequence number, so `last_seq` needs no body parsing.
 pub const SEQ_HEADER: &str = "Outpost-Seq";
 
@@ -444,9 +448,11 @@ impl Bus for NatsBus {
         let parse = |seq: u64, payload: &[u8]| parse_result(tenant, seq, payload);
         // Its follower, if it is where this read starts (taken out while it reads: one
         // reader per tenant uses it).
-        let follower = lock(&self.followers)
-            .remove(tenant)
-            .filter(|f| f.next == from);
+        let follower = {
+            let mut followers = lock(&self.followers);
+            followers.retain(|_, f| f.used.elapsed() < FOLLOWER_IDLE);
+            followers.remove(tenant).filter(|f| f.next == from)
+        };
         if let Some(mut f) = follower {
             match f.read(max.max(1), wait, parse).await {
                 Ok(read) => {
@@ -482,6 +488,10 @@ impl Bus for NatsBus {
             lock(&self.followers).insert(tenant.to_string(), f);
         }
         read.map(results_read)
+    }
+
+    fn stop_following(&self, tenant: &str) {
+        lock(&self.followers).remove(tenant);
     }
 
     async fn read_presence(
