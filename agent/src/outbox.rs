@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use crate::util::write_atomic;
 
 mod disk;
-pub use disk::DiskOutbox;
+pub use disk::{DiskOutbox, FILE_NAME};
 
 /// The check under which the agent reports a problem with its own outbox.
 pub const OUTBOX_CHECK: &str = "outpost.outbox";

@@ -147,3 +147,25 @@ fn status_follows_nagios_exit_codes() {
         r#""warning""#
     );
 }
+
+/// Found by the frames fuzz target: a metric value read back must be the value written,
+/// through any number of hops (agent → gateway → bus → sinks each parse it), not one that
+/// differs in its last digit.
+#[test]
+fn a_metric_value_survives_every_hop_exactly() {
+    let text = include_str!("../../fuzz/regressions/frames/float-round-trip.json");
+    let frame = decode_agent_frame(text).unwrap();
+    let once = encode(&frame);
+    let twice = encode(&decode_agent_frame(&once).unwrap());
+    assert_eq!(once, twice);
+    for v in [
+        4.999_999_999_992e39,
+        0.1 + 0.2,
+        1e-310,
+        f64::MAX,
+        123_456.789_012_345_68,
+    ] {
+        let back: f64 = serde_json::from_str(&serde_json::to_string(&v).unwrap()).unwrap();
+        assert_eq!(back.to_bits(), v.to_bits(), "{v:e}");
+    }
+}

@@ -16,7 +16,7 @@ use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts,
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
-use hickory_resolver::proto::rr::{Name, RData, RecordType};
+use hickory_resolver::proto::rr::{Name, RData, Record, RecordType};
 use hickory_resolver::{Resolver, TokioResolver};
 use outpost_protocol::probe::DnsProbe;
 use outpost_protocol::Status;
@@ -42,7 +42,7 @@ const TYPES: &[(&str, RecordType)] = &[
     ("TXT", RecordType::TXT),
 ];
 
-fn record_type(name: &str) -> Result<RecordType, String> {
+pub fn record_type(name: &str) -> Result<RecordType, String> {
     let wanted = name.trim();
     TYPES
         .iter()
@@ -189,7 +189,6 @@ pub async fn run(p: &DnsProbe) -> Outcome {
         _ => resolver.lookup(name, rtype).await,
     };
     let elapsed = started.elapsed();
-    let mut r = Report::new("DNS");
     let lookup = match looked_up {
         Ok(l) => l,
         Err(e) => {
@@ -198,14 +197,26 @@ pub async fn run(p: &DnsProbe) -> Outcome {
             return o;
         }
     };
-    let answers: Vec<(String, Vec<String>)> = lookup
-        .answers()
+    judge(p, (rtype, &what), lookup.answers(), elapsed)
+}
+
+/// The outcome of a lookup of `rtype` (`what` names it) that got `records` in `elapsed`:
+/// the answers of the asked type shown, the expected values looked for among them, the
+/// time judged. Everything here comes from the DNS server's answer.
+pub fn judge(
+    p: &DnsProbe,
+    (rtype, what): (RecordType, &str),
+    records: &[Record],
+    elapsed: Duration,
+) -> Outcome {
+    let mut r = Report::new("DNS");
+    let answers: Vec<(String, Vec<String>)> = records
         .iter()
         .filter(|rec| rec.record_type() == rtype)
         .filter_map(|rec| answer(&rec.data))
         .collect();
     let values: Vec<&str> = answers.iter().map(|(shown, _)| shown.as_str()).collect();
-    for rec in lookup.answers() {
+    for rec in records {
         r.note(format!("{} {} {}", rec.name, rec.record_type(), rec.data));
     }
     if answers.is_empty() {
