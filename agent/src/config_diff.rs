@@ -46,9 +46,14 @@ fn field_changes(old: &CheckSpec, new: &CheckSpec) -> Vec<String> {
     ) else {
         return vec![];
     };
-    b.iter()
-        .filter(|(k, v)| a.get(*k) != Some(*v))
-        .map(|(k, v)| format!("{k}: {} -> {v}", a.get(k).cloned().unwrap_or_default()))
+    // Every field either has (one the new spec no longer sets, such as a cron taken
+    // away, is a change too: found by the model test below).
+    let fields: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let shown = |v: Option<&serde_json::Value>| v.cloned().unwrap_or_default();
+    fields
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| format!("{k}: {} -> {}", shown(a.get(k)), shown(b.get(k))))
         .collect()
 }
 
@@ -129,5 +134,160 @@ mod tests {
                 && text.contains("+  \"interval_secs\": 30,"),
             "{text}"
         );
+    }
+
+    /// One field of a spec set to a value it did not have; returns the field's JSON name.
+    fn change_one(spec: &mut CheckSpec, rng: &mut impl rand::Rng) -> &'static str {
+        use outpost_protocol::probe::{Command, Probe};
+        match rng.gen_range(0..7) {
+            0 => {
+                spec.interval_secs += rng.gen_range(1..100);
+                "interval_secs"
+            }
+            1 => {
+                spec.timeout_secs += rng.gen_range(1..100);
+                "timeout_secs"
+            }
+            2 => {
+                spec.max_attempts += rng.gen_range(1..5);
+                "max_attempts"
+            }
+            3 => {
+                spec.cron = match spec.cron {
+                    Some(_) => None,
+                    None => Some(format!("{} 3 * * *", rng.gen_range(0..60))),
+                };
+                "cron"
+            }
+            4 => {
+                spec.retry_interval_secs = Some(spec.retry_interval_secs.unwrap_or(0) + 1);
+                "retry_interval_secs"
+            }
+            5 => {
+                let argv = spec
+                    .probe
+                    .command()
+                    .map(<[String]>::to_vec)
+                    .unwrap_or_default();
+                let mut argv = argv;
+                argv.push(format!("-w{}", rng.gen_range(0..1000)));
+                spec.probe = match spec.probe {
+                    Probe::Json(_) => Probe::Json(Command { command: argv }),
+                    _ => Probe::Nagios(Command { command: argv }),
+                };
+                "probe"
+            }
+            _ => {
+                let argv = spec
+                    .probe
+                    .command()
+                    .map(<[String]>::to_vec)
+                    .unwrap_or_default();
+                spec.probe = match spec.probe {
+                    Probe::Json(_) => Probe::Daemon(Command { command: argv }),
+                    _ => Probe::Json(Command { command: argv }),
+                };
+                "probe"
+            }
+        }
+    }
+
+    /// Random running and new configurations, made by choices whose outcome is known (a
+    /// check kept, dropped, added, one field changed, or changed and changed back): the
+    /// diff gives exactly the checks each choice says, and the account names each change
+    /// and the field that changed, and nothing unchanged.
+    #[test]
+    fn a_random_old_and_new_config_give_exactly_the_changed_checks() {
+        use rand::{rngs::StdRng, Rng, SeedableRng};
+        let mut rng = StdRng::seed_from_u64(0xd1ff);
+        let mut counts = [0usize; 4];
+        for _ in 0..500 {
+            let (mut old, mut new) = (BTreeMap::new(), BTreeMap::new());
+            let mut want = Diff::default();
+            for i in 0..rng.gen_range(0..30) {
+                let (name, mut s) = spec(&format!("c{i}"), rng.gen_range(1..600));
+                s.timeout_secs = rng.gen_range(1..60);
+                if rng.gen_bool(0.3) {
+                    s.cron = Some("*/5 * * * *".into());
+                }
+                match rng.gen_range(0..5) {
+                    0 => {
+                        old.insert(name.clone(), s);
+                        want.removed.push(name);
+                    }
+                    1 => {
+                        new.insert(name.clone(), s);
+                        want.added.push(name);
+                    }
+                    2 => {
+                        let mut changed = s.clone();
+                        let field = change_one(&mut changed, &mut rng);
+                        old.insert(name.clone(), s);
+                        new.insert(name.clone(), changed);
+                        want.changed.push(format!("{name} {field}"));
+                    }
+                    3 => {
+                        // Changed, then changed back (through JSON, as a config frame
+                        // carries it): the same check.
+                        let mut back = s.clone();
+                        change_one(&mut back, &mut rng);
+                        let back: CheckSpec =
+                            serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+                        old.insert(name.clone(), s);
+                        new.insert(name.clone(), back);
+                        want.unchanged.push(name);
+                    }
+                    _ => {
+                        old.insert(name.clone(), s.clone());
+                        new.insert(name.clone(), s);
+                        want.unchanged.push(name);
+                    }
+                }
+            }
+            let d = diff(&old, &new);
+            let sorted = |mut v: Vec<String>| {
+                v.sort();
+                v
+            };
+            let changed_names: Vec<String> = want
+                .changed
+                .iter()
+                .map(|c| c.split(' ').next().unwrap().to_string())
+                .collect();
+            assert_eq!(sorted(d.added.clone()), sorted(want.added.clone()));
+            assert_eq!(sorted(d.removed.clone()), sorted(want.removed.clone()));
+            assert_eq!(sorted(d.changed.clone()), sorted(changed_names));
+            assert_eq!(sorted(d.unchanged.clone()), sorted(want.unchanged.clone()));
+            assert_eq!(
+                d.is_empty(),
+                want.added.is_empty() && want.removed.is_empty() && want.changed.is_empty()
+            );
+            let text = render(&d, &old, &new);
+            for n in &want.added {
+                assert!(text.contains(&format!("+ {n}: ")), "{text}");
+            }
+            for n in &want.removed {
+                assert!(text.lines().any(|l| l == format!("- {n}")), "{text}");
+            }
+            for c in &want.changed {
+                let (n, field) = c.split_once(' ').unwrap();
+                let line = text
+                    .lines()
+                    .find(|l| l.starts_with(&format!("~ {n}: ")))
+                    .unwrap_or_else(|| panic!("{n} changed: {text}"));
+                assert!(line.contains(&format!("{field}: ")), "{field} in {line}");
+            }
+            for n in &want.unchanged {
+                assert!(
+                    !text.contains(&format!(" {n}:")) && !text.contains(&format!("- {n}\n")),
+                    "{text}"
+                );
+            }
+            counts[0] += want.added.len();
+            counts[1] += want.removed.len();
+            counts[2] += want.changed.len();
+            counts[3] += want.unchanged.len();
+        }
+        assert!(counts.iter().all(|n| *n > 500), "{counts:?}");
     }
 }
