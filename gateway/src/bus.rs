@@ -127,6 +127,31 @@ impl<T> FeedRead<T> {
             resumed: None,
         }
     }
+
+    /// The same read, each item made into another.
+    pub fn map<U>(self, mut f: impl FnMut(T) -> U) -> FeedRead<U> {
+        FeedRead {
+            items: self.items.into_iter().map(|(at, t)| (at, f(t))).collect(),
+            next: self.next,
+            lost: self.lost,
+            resumed: self.resumed,
+        }
+    }
+}
+
+impl From<ResultsRead> for FeedRead<(AgentRef, CheckResult)> {
+    fn from(r: ResultsRead) -> Self {
+        FeedRead {
+            items: r
+                .results
+                .into_iter()
+                .map(|(at, agent, result)| (at, (agent, result)))
+                .collect(),
+            next: r.next,
+            lost: r.lost,
+            resumed: r.resumed,
+        }
+    }
 }
 
 pub type PresenceRead = FeedRead<PresenceEvent>;

@@ -211,11 +211,59 @@ fn presence_item(registry: &Registry, event: crate::bus::PresenceEvent) -> Prese
     }
 }
 
-/// How the shared windows (and streams behind them) read each feed.
+/// How a read of each feed is made into the items streams send: from the bus, `max` at
+/// most, waiting up to `wait`; `follow` for the one reader that reads on and on (the
+/// shared window's: [`Bus::follow_results`]).
+async fn results_of(
+    bus: &dyn Bus,
+    registry: &Registry,
+    tenant: &str,
+    (from, max, wait): (u64, usize, Duration),
+    follow: bool,
+) -> Result<FeedRead<Shared<ResultItem>>, BusError> {
+    let got = if follow {
+        bus.follow_results(tenant, from, max, wait).await?
+    } else {
+        bus.read_results(tenant, from, max, wait).await?
+    };
+    Ok(FeedRead::from(got).map(|(agent, result)| Arc::new(result_item(registry, agent, result))))
+}
+
+async fn presence_of(
+    bus: &dyn Bus,
+    registry: &Registry,
+    tenant: &str,
+    (from, max, wait): (u64, usize, Duration),
+) -> Result<FeedRead<Shared<PresenceItem>>, BusError> {
+    let got = bus.read_presence(tenant, from, max, wait).await?;
+    Ok(got.map(|e| Arc::new(presence_item(registry, e))))
+}
+
+async fn alerts_of(
+    bus: &dyn Bus,
+    tenant: &str,
+    (from, max, wait): (u64, usize, Duration),
+) -> Result<FeedRead<Shared<serde_json::Value>>, BusError> {
+    Ok(bus
+        .read_alert_events(tenant, from, max, wait)
+        .await?
+        .map(Arc::new))
+}
+
+/// How the shared windows read each feed.
 struct Readers {
     results: ReadFn<ResultItem>,
     presence: ReadFn<PresenceItem>,
     alerts: ReadFn<serde_json::Value>,
+}
+
+/// What a window's reader waits (see [`ReadFn`]).
+fn window_wait(wait: bool) -> Duration {
+    if wait {
+        tails::READ_WAIT
+    } else {
+        Duration::ZERO
+    }
 }
 
 impl Readers {
@@ -226,77 +274,23 @@ impl Readers {
         let results: ReadFn<ResultItem> = Arc::new(move |bus: Arc<dyn Bus>, tenant, from, _| {
             let registry = r.clone();
             Box::pin(async move {
-                let got = bus
-                    .follow_results(&tenant, from, tails::READ, tails::READ_WAIT)
-                    .await?;
-                Ok(FeedRead {
-                    items: got
-                        .results
-                        .into_iter()
-                        .map(|(at, agent, result)| {
-                            (at, Arc::new(result_item(&registry, agent, result)))
-                        })
-                        .collect(),
-                    next: got.next,
-                    lost: got.lost,
-                    resumed: got.resumed,
-                })
+                let how = (from, tails::READ, tails::READ_WAIT);
+                results_of(&*bus, &registry, &tenant, how, true).await
             })
         });
         let r = registry.clone();
         let presence: ReadFn<PresenceItem> =
-            Arc::new(move |bus: Arc<dyn Bus>, tenant, from, wait: bool| {
+            Arc::new(move |bus: Arc<dyn Bus>, tenant, from, wait| {
                 let registry = r.clone();
                 Box::pin(async move {
-                    let got = bus
-                        .read_presence(
-                            &tenant,
-                            from,
-                            tails::READ,
-                            if wait {
-                                tails::READ_WAIT
-                            } else {
-                                Duration::ZERO
-                            },
-                        )
-                        .await?;
-                    Ok(FeedRead {
-                        items: got
-                            .items
-                            .into_iter()
-                            .map(|(at, e)| (at, Arc::new(presence_item(&registry, e))))
-                            .collect(),
-                        next: got.next,
-                        lost: got.lost,
-                        resumed: got.resumed,
-                    })
+                    let how = (from, tails::READ, window_wait(wait));
+                    presence_of(&*bus, &registry, &tenant, how).await
                 })
             });
         let alerts: ReadFn<serde_json::Value> =
-            Arc::new(move |bus: Arc<dyn Bus>, tenant, from, wait: bool| {
+            Arc::new(move |bus: Arc<dyn Bus>, tenant, from, wait| {
                 Box::pin(async move {
-                    let got = bus
-                        .read_alert_events(
-                            &tenant,
-                            from,
-                            tails::READ,
-                            if wait {
-                                tails::READ_WAIT
-                            } else {
-                                Duration::ZERO
-                            },
-                        )
-                        .await?;
-                    Ok(FeedRead {
-                        items: got
-                            .items
-                            .into_iter()
-                            .map(|(at, e)| (at, Arc::new(e)))
-                            .collect(),
-                        next: got.next,
-                        lost: got.lost,
-                        resumed: got.resumed,
-                    })
+                    alerts_of(&*bus, &tenant, (from, tails::READ, window_wait(wait))).await
                 })
             });
         Readers {
@@ -572,19 +566,7 @@ async fn read_results(
     if !f.filter.results {
         return Ok(Batch::at(from));
     }
-    let direct = async {
-        let got = f.bus.read_results(&f.tenant, from, BATCH, wait).await?;
-        Ok(FeedRead {
-            items: got
-                .results
-                .into_iter()
-                .map(|(at, agent, result)| (at, Arc::new(result_item(&f.registry, agent, result))))
-                .collect(),
-            next: got.next,
-            lost: got.lost,
-            resumed: got.resumed,
-        })
-    };
+    let direct = results_of(&*f.bus, &f.registry, &f.tenant, (from, BATCH, wait), false);
     let read = shared_read(
         f,
         &f.tails.results,
@@ -629,19 +611,7 @@ async fn read_presence(
     if !f.filter.presence {
         return Ok(Batch::at(from));
     }
-    let direct = async {
-        let got = f.bus.read_presence(&f.tenant, from, BATCH, wait).await?;
-        Ok(FeedRead {
-            items: got
-                .items
-                .into_iter()
-                .map(|(at, e)| (at, Arc::new(presence_item(&f.registry, e))))
-                .collect(),
-            next: got.next,
-            lost: got.lost,
-            resumed: got.resumed,
-        })
-    };
+    let direct = presence_of(&*f.bus, &f.registry, &f.tenant, (from, BATCH, wait));
     let read = shared_read(
         f,
         &f.tails.presence,
@@ -684,22 +654,7 @@ async fn read_alerts(
     if !f.filter.alerts && !f.filter.silences {
         return Ok(Batch::at(from));
     }
-    let direct = async {
-        let got = f
-            .bus
-            .read_alert_events(&f.tenant, from, BATCH, wait)
-            .await?;
-        Ok(FeedRead {
-            items: got
-                .items
-                .into_iter()
-                .map(|(at, e)| (at, Arc::new(e)))
-                .collect(),
-            next: got.next,
-            lost: got.lost,
-            resumed: got.resumed,
-        })
-    };
+    let direct = alerts_of(&*f.bus, &f.tenant, (from, BATCH, wait));
     let read = shared_read(
         f,
         &f.tails.alerts,

@@ -1110,16 +1110,7 @@ fn nats_settings(url: &str) -> NatsSettings {
 }
 
 fn nats_settings_with(url: &str, more: &[&str]) -> NatsSettings {
-    use clap::Parser;
-    #[derive(Parser)]
-    struct Args {
-        #[command(flatten)]
-        nats: outpost_gateway::settings::bus::BusArgs,
-    }
-    Args::parse_from(["test", "--bus", url].iter().chain(more))
-        .nats
-        .settings()
-        .unwrap()
+    outpost_gateway::settings::bus::BusArgs::nats_from_flags(url, more).unwrap()
 }
 
 /// A NATS account written before tenants had streams of their own: `OUTPOST_RESULTS`

@@ -328,16 +328,8 @@ fn nats_rows(
     others: usize,
     server: &nats::Server,
 ) -> Result<Vec<Row>> {
-    use clap::Parser as _;
-    #[derive(clap::Parser)]
-    struct Args {
-        #[command(flatten)]
-        bus: outpost_gateway::settings::bus::BusArgs,
-    }
-    let settings = Args::parse_from(["bench", "--bus", &server.url()])
-        .bus
-        .settings()
-        .ok_or_else(|| anyhow!("no NATS settings for {}", server.url()))?;
+    let settings = outpost_gateway::settings::bus::BusArgs::nats_from_flags(&server.url(), &[])
+        .map_err(|e| anyhow!(e))?;
     let (ids, creds) = super::agents_with_secrets(1);
     let asked = ids[0].fingerprint.clone();
     let end = crate::now_ms();

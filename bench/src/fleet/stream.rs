@@ -268,16 +268,8 @@ pub fn stream(bins: &Bins, work: &Path, plan: &crate::Plan) -> Result<(String, V
     let mut gw =
         super::start_nats_gateway(bins, &dir, "a", &server.url(), (&keys.0, &keys.1), &[])?;
     let addr = super::gateway_addr(&gw)?;
-    use clap::Parser as _;
-    #[derive(clap::Parser)]
-    struct Args {
-        #[command(flatten)]
-        bus: outpost_gateway::settings::bus::BusArgs,
-    }
-    let settings = Args::parse_from(["bench", "--bus", &server.url()])
-        .bus
-        .settings()
-        .ok_or_else(|| anyhow!("no NATS settings"))?;
+    let settings = outpost_gateway::settings::bus::BusArgs::nats_from_flags(&server.url(), &[])
+        .map_err(|e| anyhow!(e))?;
     let bus: Arc<dyn Bus> = rt.block_on(async {
         let nats = outpost_gateway::nats::Nats::connect(&settings, "bench stream").await?;
         Ok::<_, anyhow::Error>(Arc::new(outpost_gateway::nats::bus::NatsBus::new(

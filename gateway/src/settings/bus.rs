@@ -148,6 +148,22 @@ impl BusArgs {
         Duration::from_secs(self.dedup_window_secs)
     }
 
+    /// The NATS settings a gateway started with `--bus URL` and the flags `more` would
+    /// use (for tools and tests that talk to the bus as a gateway does).
+    pub fn nats_from_flags(url: &str, more: &[&str]) -> Result<NatsSettings, String> {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            bus: BusArgs,
+        }
+        Flags::try_parse_from(["outpost-gateway", "--bus", url].iter().chain(more))
+            .map_err(|e| e.to_string())?
+            .bus
+            .settings()
+            .ok_or_else(|| format!("{url} is not a NATS URL"))
+    }
+
     pub fn settings(&self) -> Option<NatsSettings> {
         let BusChoice::Nats(urls) = &self.bus else {
             return None;
