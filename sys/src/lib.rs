@@ -115,8 +115,14 @@ fn restrict_to_owner_and_admins(path: &Path) -> std::io::Result<()> {
 }
 
 /// Log to stderr at the level `RUST_LOG` sets (default `info`), in colour only on a terminal.
+///
+/// A log line that cannot be written (stderr on a full disk, a closed pipe) is dropped:
+/// the subscriber's own report of it would be an `eprintln!`, which panics when stderr
+/// fails, in whatever thread logged (found by `tests/tests/chaos.rs`: the gateway's bus
+/// writer died that way with its disk full, and the gateway stored nothing again).
 pub fn init_logging() {
     tracing_subscriber::fmt()
+        .log_internal_errors(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
@@ -129,6 +135,7 @@ pub fn init_logging() {
 /// `info`), without colour.
 pub fn init_logging_to(file: std::fs::File) {
     tracing_subscriber::fmt()
+        .log_internal_errors(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )

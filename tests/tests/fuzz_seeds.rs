@@ -426,7 +426,7 @@ fn every_fuzz_target_has_seeds_that_its_decoder_accepts() {
             "seeds are made for the fuzz target {t}"
         );
     }
-    if std::env::var_os("OUTPOST_UPDATE_FUZZ_SEEDS").is_some() {
+    if std::env::var("OUTPOST_UPDATE_FUZZ_SEEDS").as_deref() == Ok("1") {
         for (target, files) in &seeds {
             let dir = corpus.join(target);
             let _ = std::fs::remove_dir_all(&dir);
@@ -436,20 +436,32 @@ fn every_fuzz_target_has_seeds_that_its_decoder_accepts() {
             }
         }
     }
+    // The committed seeds are exactly the ones made here (so they are inputs the decoders
+    // accept today, each checked above as it was made).
     for (target, files) in &seeds {
         let dir = corpus.join(target);
-        let committed = std::fs::read_dir(&dir)
+        let mut committed: Vec<String> = std::fs::read_dir(&dir)
             .unwrap_or_else(|e| {
                 panic!(
                     "{}: {e} (OUTPOST_UPDATE_FUZZ_SEEDS=1 makes it)",
                     dir.display()
                 )
             })
-            .count();
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        committed.sort();
+        let mut made: Vec<String> = files.iter().map(|(n, _)| n.clone()).collect();
+        made.sort();
         assert_eq!(
-            committed,
-            files.len(),
-            "{target}: the committed seeds are the ones made here"
+            committed, made,
+            "{target}: the committed seeds (OUTPOST_UPDATE_FUZZ_SEEDS=1)"
         );
+        for (name, bytes) in files {
+            let on_disk = std::fs::read(dir.join(name)).unwrap();
+            assert!(
+                on_disk == *bytes,
+                "{target}/{name} is not the seed made now (OUTPOST_UPDATE_FUZZ_SEEDS=1)"
+            );
+        }
     }
 }
