@@ -139,6 +139,21 @@ impl<T> FeedRead<T> {
     }
 }
 
+impl From<FeedRead<(AgentRef, CheckResult)>> for ResultsRead {
+    fn from(read: FeedRead<(AgentRef, CheckResult)>) -> Self {
+        ResultsRead {
+            results: read
+                .items
+                .into_iter()
+                .map(|(at, (agent, result))| (at, agent, result))
+                .collect(),
+            next: read.next,
+            lost: read.lost,
+            resumed: read.resumed,
+        }
+    }
+}
+
 impl From<ResultsRead> for FeedRead<(AgentRef, CheckResult)> {
     fn from(r: ResultsRead) -> Self {
         FeedRead {

@@ -860,16 +860,7 @@ impl Bus for EmbeddedBus {
                 },
             )
             .await?;
-        Ok(ResultsRead {
-            results: read
-                .items
-                .into_iter()
-                .map(|(at, (agent, result))| (at, agent, result))
-                .collect(),
-            next: read.next,
-            lost: read.lost,
-            resumed: read.resumed,
-        })
+        Ok(ResultsRead::from(read))
     }
 
     async fn read_presence(

@@ -434,7 +434,7 @@ impl Bus for NatsBus {
         let read = self
             .read_polled((tenant, Source::Results), &filter, (from, max, wait), parse)
             .await?;
-        Ok(results_read(read))
+        Ok(ResultsRead::from(read))
     }
 
     async fn follow_results(
@@ -457,7 +457,7 @@ impl Bus for NatsBus {
             match f.read(max.max(1), wait, parse).await {
                 Ok(read) => {
                     lock(&self.followers).insert(tenant.to_string(), f);
-                    return Ok(results_read(read));
+                    return Ok(ResultsRead::from(read));
                 }
                 Err(e) => {
                     tracing::warn!(%tenant, error = %e, "reading the results directly again");
@@ -487,7 +487,7 @@ impl Bus for NatsBus {
         if read.is_ok() {
             lock(&self.followers).insert(tenant.to_string(), f);
         }
-        read.map(results_read)
+        read.map(ResultsRead::from)
     }
 
     fn stop_following(&self, tenant: &str) {
@@ -640,19 +640,6 @@ fn parse_result(tenant: &str, seq: u64, payload: &[u8]) -> Option<(AgentRef, Che
             tracing::warn!(%tenant, seq, error = %e, "skipping an unreadable result");
             None
         }
-    }
-}
-
-fn results_read(read: FeedRead<(AgentRef, CheckResult)>) -> ResultsRead {
-    ResultsRead {
-        results: read
-            .items
-            .into_iter()
-            .map(|(at, (agent, result))| (at, agent, result))
-            .collect(),
-        next: read.next,
-        lost: read.lost,
-        resumed: read.resumed,
     }
 }
 
