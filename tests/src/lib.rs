@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 
 pub use serde_json::Value;
 
+pub mod chaos;
 mod dns;
 pub use dns::serve_dns;
 

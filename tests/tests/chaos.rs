@@ -8,55 +8,11 @@
 //! - The gateway's log unwritable (stderr on `/dev/full`): it goes on storing results.
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use outpost_e2e::chaos::Tmpfs;
 use outpost_e2e::{eventually, now_ms, tempdir, Agent, Gateway};
-
-/// A tmpfs of `mib` MiB mounted at `at`, unmounted when dropped.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(at: &Path, mib: u64) -> Tmpfs {
-        std::fs::create_dir_all(at).unwrap();
-        let status = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={mib}m,mode=0700"),
-                "tmpfs",
-            ])
-            .arg(at)
-            .status()
-            .expect("mount runs");
-        assert!(
-            status.success(),
-            "mount a tmpfs at {} (the tests run as root)",
-            at.display()
-        );
-        Tmpfs(at.to_path_buf())
-    }
-
-    /// Fill it with a file until the disk is full; returns the file.
-    fn fill(&self) -> PathBuf {
-        let path = self.0.join("filler");
-        let mut f = std::fs::File::create(&path).unwrap();
-        let chunk = vec![0u8; 16 * 1024];
-        while f.write_all(&chunk).is_ok() {}
-        // (Whatever fits of a last partial chunk was written too: nothing is left.)
-        let _ = f.sync_all();
-        path
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
 
 /// The agent's results on the bus: seq → how many times.
 fn audit(gw: &Gateway, fingerprint: &str) -> BTreeMap<u64, usize> {
@@ -188,4 +144,400 @@ async fn a_gateway_that_cannot_write_its_log_still_stores_results() {
         (gw.bus_results(&fp, "tick").len() >= 5).then_some(())
     })
     .await;
+}
+
+/// How long the combined runs inject faults: `OUTPOST_CHAOS_SECS` (the soak command sets
+/// it), 100 s by default.
+fn chaos_secs() -> u64 {
+    std::env::var("OUTPOST_CHAOS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100)
+}
+
+/// The schedule's seed: `OUTPOST_CHAOS_SEED` to repeat a run, else a new one (printed).
+fn chaos_seed() -> u64 {
+    let seed = std::env::var("OUTPOST_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| now_ms() ^ u64::from(std::process::id()) << 32);
+    println!("chaos seed {seed} (OUTPOST_CHAOS_SEED={seed} repeats this schedule)");
+    seed
+}
+
+/// Move `dir/name.log` aside before a process is started again under the same name (the
+/// harness starts each process with a fresh log).
+fn keep_log(dir: &std::path::Path, name: &str, life: usize) {
+    let _ = std::fs::rename(
+        dir.join(format!("{name}.log")),
+        dir.join(format!("{name}.log.{life}")),
+    );
+}
+
+/// Peak and latest resident memory (KiB) and file descriptors of one process across its
+/// lives, and its steady level (taken once the run had warmed up, before any fault).
+#[derive(Default, Debug)]
+struct Usage {
+    steady: Option<(u64, usize)>,
+    peak: (u64, usize),
+    last: (u64, usize),
+}
+
+impl Usage {
+    fn sample(&mut self, pid: i32) {
+        if let Some((rss, fds)) = outpost_e2e::chaos::usage(pid) {
+            self.peak = (self.peak.0.max(rss), self.peak.1.max(fds));
+            self.last = (rss, fds);
+        }
+    }
+
+    /// Back to its steady level: file descriptors within a few of it (sessions being
+    /// replaced), memory within half again or 32 MiB of it, whichever is more (allocator
+    /// caches); a leak of either grows past that over a run.
+    fn check(&self, who: &str) {
+        let (rss, fds) = self.steady.expect("a steady level was taken");
+        let (last_rss, last_fds) = self.last;
+        assert!(
+            last_fds <= fds + 6,
+            "{who}: {last_fds} file descriptors at the end, {fds} when steady"
+        );
+        let allowed = (rss * 3 / 2).max(rss + 32 * 1024);
+        assert!(
+            last_rss <= allowed,
+            "{who}: {last_rss} KiB resident at the end, {rss} KiB when steady"
+        );
+    }
+}
+
+/// The agents' side of a deployment, many faults at once, then an audit of every run.
+///
+/// A gateway (embedded bus) and two agents in a network namespace of their own, joined by
+/// a veth link; each agent runs two checks a second whose plugin writes every run to a
+/// ledger outside the system. For `OUTPOST_CHAOS_SECS`, rounds of one to four faults at
+/// once, drawn from a seeded schedule: the link impaired with netem (loss, delay,
+/// reordering, duplication), cut (link down) or black-holed (every packet lost); the
+/// first agent's disk full under its outbox; the second agent's wall clock jumped hours
+/// forward or back (libfaketime; its monotonic clock untouched, as under an NTP step);
+/// an agent or the gateway stopped (SIGSTOP, then SIGCONT) or killed (SIGKILL, then
+/// started again). Then every fault is healed and the audit must find each run in the
+/// ledger on the bus exactly once; the only runs allowed missing are those whose agent
+/// was killed with SIGKILL before it could write them down (in the second before the
+/// kill or while it was dead), and those are counted. Memory and file descriptors of
+/// every process must be back to their steady level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn combined_faults_on_the_agents_side_lose_nothing_and_double_nothing() {
+    use outpost_e2e::chaos::{ledger_plugin, read_ledger, uptime, FakeClock, Netns, Rng};
+
+    let secs = chaos_secs();
+    let mut rng = Rng::new(chaos_seed());
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let ns = Netns::create("a", 1);
+    let ledger = dir.join("ledger");
+    let plugin = ledger_plugin(dir, &ledger);
+    let listen = format!("{}:0", ns.host_ip);
+    let mut gw = Gateway::start_on(dir, &listen, &[]);
+    let listen = gw.addr.clone();
+    let clock = FakeClock::new(dir);
+    const NAMES: [&str; 2] = ["a1", "a2"];
+    const CHECKS: [&str; 2] = ["l1", "l2"];
+    // The first agent's state directory (its outbox) on a disk of its own.
+    let disk = Tmpfs::mount(&dir.join("a1"), 16);
+    let agent_toml = |gw: &Gateway, name: &str| {
+        let checks = dir.join(format!("{name}-checks.d"));
+        std::fs::create_dir_all(&checks).unwrap();
+        let mut file = String::new();
+        for c in CHECKS {
+            file += &format!(
+                "[[check]]\nname = {c:?}\ncommand = [{:?}, {name:?}, {c:?}]\ninterval = \"1s\"\n",
+                plugin.display().to_string()
+            );
+        }
+        std::fs::write(checks.join("ledger.toml"), file).unwrap();
+        format!(
+            "gateway_url = {:?}\nenroll_key = {:?}\npin_sha256 = {:?}\nhostname = {name:?}\n\
+             reconnect_max_secs = 2\nchecks_dir = {:?}\n",
+            gw.url(),
+            gw.enroll_key,
+            gw.pin,
+            checks.display().to_string()
+        )
+    };
+    let start_agent = |gw: &Gateway, i: usize| {
+        let mut wrapper = ns.wrapper();
+        if i == 1 {
+            wrapper.extend(clock.wrapper());
+        }
+        let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        Agent::start_wrapped(dir, NAMES[i], &agent_toml(gw, NAMES[i]), &wrapper)
+    };
+    let mut agents: Vec<Agent> = (0..2).map(|i| start_agent(&gw, i)).collect();
+    let fps: Vec<String> = agents.iter().map(|a| a.fingerprint.clone()).collect();
+    let mut lives = [1usize; 3];
+
+    // The ledger's runs on the bus: run id → how many times; and every result's seq per
+    // agent, to find any stored twice.
+    let on_bus = |gw: &Gateway| {
+        let mut runs: BTreeMap<String, usize> = BTreeMap::new();
+        let mut doubled_seqs = Vec::new();
+        for fp in &fps {
+            let mut seqs = BTreeMap::new();
+            for r in gw.bus_all(fp) {
+                *seqs.entry(r["seq"].as_u64().unwrap()).or_insert(0usize) += 1;
+                if let Some(id) = r["output"]
+                    .as_str()
+                    .and_then(|o| o.strip_prefix("OK - run "))
+                {
+                    *runs.entry(id.to_string()).or_insert(0) += 1;
+                }
+            }
+            doubled_seqs.extend(seqs.into_iter().filter(|(_, n)| *n > 1));
+        }
+        (runs, doubled_seqs)
+    };
+
+    // Warm up, then take the steady level of every process.
+    eventually(
+        Duration::from_secs(60),
+        "every agent's runs on the bus",
+        || async {
+            let (runs, _) = on_bus(&gw);
+            let ledger = read_ledger(&ledger);
+            NAMES
+                .iter()
+                .all(|n| {
+                    ledger
+                        .iter()
+                        .filter(|r| &r.agent == n && runs.contains_key(&r.id))
+                        .count()
+                        >= 10
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    let mut usage: [Usage; 3] = Default::default();
+    let pids = |gw: &Gateway, agents: &[Agent]| {
+        [gw.proc.pid(), agents[0].proc.pid(), agents[1].proc.pid()]
+    };
+    for _ in 0..5 {
+        for (u, pid) in usage.iter_mut().zip(pids(&gw, &agents)) {
+            u.sample(pid);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    for u in &mut usage {
+        u.steady = Some(u.last);
+    }
+
+    // The faults, round by round.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Fault {
+        Impair,
+        LinkDown,
+        Blackhole,
+        DiskFull,
+        ClockJump(i64),
+        StopAgent(usize),
+        KillAgent(usize),
+        StopGateway,
+        KillGateway,
+    }
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    // (agent, uptime at its kill, uptime once started again)
+    let mut kills: Vec<(&str, f64, f64)> = Vec::new();
+    let end = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut rounds = 0u64;
+    while tokio::time::Instant::now() < end {
+        let mut round = Vec::new();
+        // The first rounds each have one kind of fault for certain (whatever the seed,
+        // every kind is injected), the rest are drawn.
+        let this = rounds;
+        let sure = |kind: u64| this == kind;
+        rounds += 1;
+        match if sure(0) {
+            0
+        } else if sure(1) {
+            1
+        } else if sure(2) {
+            2
+        } else {
+            rng.range(0, 5)
+        } {
+            0 => round.push(Fault::Impair),
+            1 => round.push(Fault::LinkDown),
+            2 => round.push(Fault::Blackhole),
+            _ => {}
+        }
+        let disk_full = sure(3) || rng.range(0, 2) == 0;
+        if disk_full {
+            round.push(Fault::DiskFull);
+        }
+        if sure(4) || rng.range(0, 2) == 0 {
+            let hours = rng.range(1, 6) as i64 * 3600;
+            round.push(Fault::ClockJump(if rng.range(0, 1) == 0 {
+                hours
+            } else {
+                -hours
+            }));
+        }
+        match if sure(5) {
+            0
+        } else if sure(6) {
+            1
+        } else {
+            rng.range(0, 4)
+        } {
+            0 => round.push(Fault::StopAgent(rng.range(0, 1) as usize)),
+            // (Not the agent whose disk is full: what it holds in memory meanwhile dies
+            // with it, and that loss is no fault of the rest.)
+            1 => round.push(Fault::KillAgent(if disk_full {
+                1
+            } else {
+                rng.range(0, 1) as usize
+            })),
+            _ => {}
+        }
+        match if sure(7) {
+            0
+        } else if sure(8) {
+            1
+        } else {
+            rng.range(0, 5)
+        } {
+            0 => round.push(Fault::StopGateway),
+            1 => round.push(Fault::KillGateway),
+            _ => {}
+        }
+        if round.is_empty() {
+            round.push(Fault::Impair);
+        }
+        for f in &round {
+            let kind = format!("{f:?}");
+            let kind = kind.split('(').next().unwrap();
+            *counts.entry(kind.to_string()).or_insert(0) += 1;
+            match *f {
+                Fault::Impair => ns.impair(150, 50),
+                Fault::LinkDown => ns.link(false),
+                Fault::Blackhole => ns.blackhole(),
+                Fault::DiskFull => {
+                    disk.fill();
+                }
+                Fault::ClockJump(by) => clock.set(by),
+                Fault::StopAgent(i) => agents[i].proc.signal(libc::SIGSTOP),
+                Fault::KillAgent(i) => {
+                    agents[i].proc.signal(libc::SIGKILL);
+                    kills.push((NAMES[i], uptime(), f64::MAX));
+                }
+                Fault::StopGateway => gw.proc.signal(libc::SIGSTOP),
+                Fault::KillGateway => gw.proc.signal(libc::SIGKILL),
+            }
+        }
+        let hold = rng.range(3, 8);
+        for _ in 0..hold {
+            for (u, pid) in usage.iter_mut().zip(pids(&gw, &agents)) {
+                u.sample(pid);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        for f in &round {
+            match *f {
+                Fault::Impair | Fault::Blackhole => ns.clear(),
+                Fault::LinkDown => ns.link(true),
+                Fault::DiskFull => disk.free(),
+                Fault::ClockJump(_) => clock.set(0),
+                Fault::StopAgent(i) => agents[i].proc.signal(libc::SIGCONT),
+                Fault::KillAgent(i) => {
+                    let _ = agents[i].proc.wait_exit(Duration::from_secs(5)).await;
+                    keep_log(dir, NAMES[i], lives[i + 1]);
+                    lives[i + 1] += 1;
+                    agents[i] = start_agent(&gw, i);
+                    kills.last_mut().unwrap().2 = uptime();
+                }
+                Fault::StopGateway => gw.proc.signal(libc::SIGCONT),
+                Fault::KillGateway => {
+                    let _ = gw.proc.wait_exit(Duration::from_secs(5)).await;
+                    keep_log(dir, "gateway", lives[0]);
+                    lives[0] += 1;
+                    gw = Gateway::start_on(dir, &listen, &[]);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(rng.range(2, 4))).await;
+    }
+    println!("faults injected, by kind: {counts:?}");
+
+    // Healed: every run up to now must arrive (or be one a kill took).
+    let faults_ended = uptime();
+    let excused = |run: &outpost_e2e::chaos::Run| {
+        kills
+            .iter()
+            .any(|(agent, at, back)| *agent == run.agent && run.at >= at - 1.0 && run.at <= *back)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let (runs, ledger_runs) = loop {
+        let ledger_runs: Vec<_> = read_ledger(&ledger)
+            .into_iter()
+            .filter(|r| r.at <= faults_ended)
+            .collect();
+        let (runs, _) = on_bus(&gw);
+        let waiting = ledger_runs
+            .iter()
+            .filter(|r| !runs.contains_key(&r.id) && !excused(r))
+            .count();
+        if waiting == 0 {
+            break (runs, ledger_runs);
+        }
+        if tokio::time::Instant::now() > deadline {
+            let missing: Vec<_> = ledger_runs
+                .iter()
+                .filter(|r| !runs.contains_key(&r.id) && !excused(r))
+                .take(20)
+                .collect();
+            panic!(
+                "{waiting} runs never reached the bus (kills at {kills:?}), e.g. {missing:#?}\n\
+                 (logs in {}: kept with OUTPOST_E2E_KEEP=1)",
+                dir.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let lost_to_kills = ledger_runs
+        .iter()
+        .filter(|r| !runs.contains_key(&r.id))
+        .count();
+    let doubled: Vec<_> = runs.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(doubled.is_empty(), "runs stored twice: {doubled:?}");
+    let known: std::collections::BTreeSet<String> =
+        read_ledger(&ledger).into_iter().map(|r| r.id).collect();
+    let phantoms: Vec<_> = runs.keys().filter(|id| !known.contains(*id)).collect();
+    assert!(
+        phantoms.is_empty(),
+        "results of runs the ledger never saw: {phantoms:?}"
+    );
+    let (_, doubled_seqs) = on_bus(&gw);
+    assert!(
+        doubled_seqs.is_empty(),
+        "sequence numbers stored twice: {doubled_seqs:?}"
+    );
+    println!(
+        "audited {} runs: lost 0, duplicated 0, in flight at {} SIGKILLs of an agent {lost_to_kills}",
+        ledger_runs.len(),
+        kills.len()
+    );
+
+    // Back to steady.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    for (u, pid) in usage.iter_mut().zip(pids(&gw, &agents)) {
+        u.sample(pid);
+    }
+    for (u, who) in usage.iter().zip(["gateway", "a1", "a2"]) {
+        println!(
+            "{who}: steady {:?}, peak {:?}, end {:?} (KiB resident, file descriptors)",
+            u.steady.unwrap(),
+            u.peak,
+            u.last
+        );
+        u.check(who);
+    }
 }

@@ -30,7 +30,7 @@ use std::collections::VecDeque;
 use std::ops::Bound;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use outpost_protocol::CheckResult;
@@ -50,6 +50,8 @@ const LAST_SEQ: &str = "last_seq";
 const ROW_OVERHEAD: u64 = 8;
 /// redb's page cache; the outbox is read front to back, so a small one is enough.
 const CACHE_BYTES: usize = 8 * 1024 * 1024;
+/// What a commit says while the file is closed between an error and its reopening.
+const NOT_OPEN: &str = "the outbox file is closed after an error and not yet reopened";
 /// Compact on open when the file is this much bigger than the bound plus slack.
 const COMPACT_SLACK: u64 = 4 * 1024 * 1024;
 
@@ -59,7 +61,10 @@ pub struct DiskOutbox {
 }
 
 struct Shared {
-    db: Database,
+    /// The open file. redb refuses every use of a database after an I/O error (a full
+    /// disk), so the writer closes and reopens it after a failed commit: `None` between
+    /// the two, or while it cannot be reopened yet.
+    db: RwLock<Option<Database>>,
     state: Mutex<State>,
     /// Wakes the writer (something staged, or closing) and flushers (a commit ended).
     changed: Condvar,
@@ -339,7 +344,7 @@ impl DiskOutbox {
         // file was lost or restored from an old backup.
         seq.raise(loaded.last_seq)?;
         let shared = Arc::new(Shared {
-            db: loaded.db,
+            db: RwLock::new(Some(loaded.db)),
             state: Mutex::new(State {
                 seq,
                 staged: VecDeque::new(),
@@ -418,6 +423,34 @@ impl Shared {
         lock(&self.state)
     }
 
+    fn db(&self) -> RwLockReadGuard<'_, Option<Database>> {
+        self.db.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Close the file and open it again, recounting what it holds: after an I/O error
+    /// redb answers every call with "Previous I/O error occurred" until then. Commits
+    /// that failed left nothing behind; an ack's delete that the file lost comes back as
+    /// rows the gateway already has (sent again, dropped by the bus as duplicates).
+    fn reopen(&self) -> Result<(), String> {
+        let _w = lock(&self.write_lock);
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        // The old handle first: redb allows one open database per file.
+        *db = None;
+        let loaded = load(&self.path, self.max_bytes).map_err(|e| match e {
+            LoadError::Corrupt(why) => why,
+            LoadError::Other(e) => e.to_string(),
+        })?;
+        *db = Some(loaded.db);
+        let mut st = self.lock();
+        (st.len, st.bytes) = (loaded.len, loaded.bytes);
+        st.dropped = st.dropped.max(loaded.dropped);
+        tracing::info!(
+            results = loaded.len,
+            "reopened the outbox file after an error"
+        );
+        Ok(())
+    }
+
     fn write_loop(&self) {
         let mut retry = RETRY_MIN;
         let mut last_commit = Instant::now() - COMMIT_GAP;
@@ -493,6 +526,9 @@ impl Shared {
                     .wait_timeout(st, retry)
                     .unwrap_or_else(|p| p.into_inner()),
             );
+            if let Err(e) = self.reopen() {
+                tracing::debug!(error = %e, "cannot reopen the outbox file yet");
+            }
             retry = (retry * 2).min(RETRY_MAX);
         }
     }
@@ -527,7 +563,9 @@ impl Shared {
             return Err("commits fail in this test".into());
         }
         let mut incoming: u64 = batch.iter().map(Staged::size).sum();
-        let txn = self.db.begin_write().map_err(|e| e.to_string())?;
+        let db = self.db();
+        let db = db.as_ref().ok_or(NOT_OPEN)?;
+        let txn = db.begin_write().map_err(|e| e.to_string())?;
         let (mut popped, mut freed, mut skipped) = (0usize, 0u64, 0usize);
         let mut popped_in_flight = Vec::new();
         {
@@ -586,7 +624,8 @@ impl Shared {
     }
 
     fn try_pending_after(&self, after: u64, max: usize) -> Result<Vec<CheckResult>, redb::Error> {
-        let txn = self.db.begin_read()?;
+        let db = self.db();
+        let txn = db.as_ref().ok_or(redb::Error::PreviousIo)?.begin_read()?;
         let table = match txn.open_table(RESULTS) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -617,7 +656,8 @@ impl Shared {
             st.acked = st.acked.max(seq);
             st.dropped_in_flight.retain(|k| *k > seq);
         }
-        let mut txn = self.db.begin_write()?;
+        let db = self.db();
+        let mut txn = db.as_ref().ok_or(redb::Error::PreviousIo)?.begin_write()?;
         // An ack need not wait for the disk: if a crash undoes it, the results are sent
         // again and the bus drops them as duplicates. The next append's commit makes it
         // durable anyway.
