@@ -110,16 +110,23 @@ impl SeqFile {
         Ok(())
     }
 
+    /// Keep `next` under the ceiling on disk. The ceiling is moved up half a block before
+    /// it is reached, so a write the disk refuses (full) is retried at every number while
+    /// the rest of the block goes on being handed out: only a disk that refuses for half
+    /// a block of results stops the numbering.
     fn reserve(&mut self) -> std::io::Result<()> {
-        if self.next > self.ceiling {
+        if self.next.saturating_add(SEQ_BLOCK / 2) > self.ceiling {
             if self.next >= u64::MAX - SEQ_BLOCK {
                 return Err(std::io::Error::other(
                     "result sequence numbers are exhausted; the agent needs a new identity",
                 ));
             }
             let ceiling = self.next + SEQ_BLOCK;
-            write_atomic(&self.path, format!("{ceiling}\n").as_bytes(), 0o600)?;
-            self.ceiling = ceiling;
+            match write_atomic(&self.path, format!("{ceiling}\n").as_bytes(), 0o600) {
+                Ok(()) => self.ceiling = ceiling,
+                Err(e) if self.next > self.ceiling => return Err(e),
+                Err(e) => tracing::debug!(error = %e, "cannot move the sequence ceiling up yet"),
+            }
         }
         Ok(())
     }
@@ -221,6 +228,33 @@ mod tests {
 
     fn r(check: &str) -> CheckResult {
         CheckResult::new(check, Status::Ok, "")
+    }
+
+    /// A disk that refuses to write the sequence file (full) does not stop the numbering
+    /// at once: the ceiling was moved up half a block before it was reached.
+    #[test]
+    fn numbering_goes_on_for_half_a_block_when_the_sequence_file_cannot_be_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seq");
+        let mut seq = SeqFile::open(&path).unwrap();
+        let mut last = 0;
+        for _ in 0..SEQ_BLOCK / 2 + 100 {
+            last = seq.allocate().unwrap();
+        }
+        // From now on every write of the file fails (its place is a non-empty directory).
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir_all(path.join("x")).unwrap();
+        // (The first ceiling was 1 + a block; at number 2 + half a block it moved up by
+        // a block from there.)
+        let ceiling = SEQ_BLOCK / 2 + 2 + SEQ_BLOCK;
+        while last < ceiling {
+            let n = seq
+                .allocate()
+                .unwrap_or_else(|e| panic!("number {}: {e}", last + 1));
+            assert_eq!(n, last + 1);
+            last = n;
+        }
+        assert!(seq.allocate().is_err(), "no number past what is reserved");
     }
 
     #[test]

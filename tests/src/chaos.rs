@@ -297,9 +297,11 @@ pub fn uptime() -> f64 {
 }
 
 /// A check plugin that writes a line to the ledger for every run before it reports:
-/// `<run id> <agent> <check> <uptime at the end>`, and prints `OK - run <run id>`.
+/// `<run id> <agent> <check> <uptime at the end>`, and prints `OK - run <run id>`
+/// (and 16 KiB of long output while a file `big` is beside the ledger).
 pub fn ledger_plugin(dir: &Path, ledger: &Path) -> PathBuf {
     let path = dir.join("ledger-plugin");
+    let big = ledger.with_file_name("big");
     std::fs::write(
         &path,
         format!(
@@ -307,7 +309,9 @@ pub fn ledger_plugin(dir: &Path, ledger: &Path) -> PathBuf {
              id=$(cat /proc/sys/kernel/random/uuid)\n\
              # (One short line, appended: atomic among concurrent runs.)\n\
              echo \"$id $1 $2 $(cut -d' ' -f1 /proc/uptime)\" >> {ledger:?}\n\
-             echo \"OK - run $id\"\n"
+             echo \"OK - run $id\"\n\
+             # (While the file `big` is beside the ledger: 16 KiB more, as long output.)\n\
+             if [ -e {big:?} ]; then head -c 12000 /dev/zero | base64; fi\n"
         ),
     )
     .unwrap();

@@ -412,6 +412,12 @@ async fn combined_faults_on_the_agents_side_lose_nothing_and_double_nothing() {
         if round.is_empty() {
             round.push(Fault::Impair);
         }
+        // The round that fills the first agent's disk for certain fills it alone: its
+        // agent must go on delivering meanwhile (from memory), and say why.
+        if sure(3) {
+            round = vec![Fault::DiskFull];
+        }
+        let round_began = uptime();
         for f in &round {
             let kind = format!("{f:?}");
             let kind = kind.split('(').next().unwrap();
@@ -422,6 +428,8 @@ async fn combined_faults_on_the_agents_side_lose_nothing_and_double_nothing() {
                 Fault::Blackhole => ns.blackhole(),
                 Fault::DiskFull => {
                     disk.fill();
+                    // Results bigger than the outbox file's free pages can hold.
+                    std::fs::write(dir.join("big"), "").unwrap();
                 }
                 Fault::ClockJump(by) => clock.set(by),
                 Fault::StopAgent(i) => agents[i].proc.signal(libc::SIGSTOP),
@@ -440,11 +448,37 @@ async fn combined_faults_on_the_agents_side_lose_nothing_and_double_nothing() {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+        if sure(3) {
+            eventually(
+                Duration::from_secs(20),
+                "the agent whose disk is full delivers runs made since, and says why",
+                || async {
+                    let (runs, _) = on_bus(&gw);
+                    let since = read_ledger(&ledger)
+                        .into_iter()
+                        .filter(|r| r.agent == "a1" && r.at > round_began + 1.0)
+                        .filter(|r| runs.contains_key(&r.id))
+                        .count();
+                    let said = gw.bus_all(&fps[0]).iter().any(|r| {
+                        r["check"] == outpost_agent::OUTBOX_CHECK
+                            && r["status"] == "critical"
+                            && r["output"]
+                                .as_str()
+                                .is_some_and(|o| o.contains("No space left on device"))
+                    });
+                    (since >= 2 && said).then_some(())
+                },
+            )
+            .await;
+        }
         for f in &round {
             match *f {
                 Fault::Impair | Fault::Blackhole => ns.clear(),
                 Fault::LinkDown => ns.link(true),
-                Fault::DiskFull => disk.free(),
+                Fault::DiskFull => {
+                    disk.free();
+                    let _ = std::fs::remove_file(dir.join("big"));
+                }
                 Fault::ClockJump(_) => clock.set(0),
                 Fault::StopAgent(i) => agents[i].proc.signal(libc::SIGCONT),
                 Fault::KillAgent(i) => {
@@ -514,6 +548,17 @@ async fn combined_faults_on_the_agents_side_lose_nothing_and_double_nothing() {
     assert!(
         phantoms.is_empty(),
         "results of runs the ledger never saw: {phantoms:?}"
+    );
+    // The first agent said its outbox failed, and that it writes again.
+    let reports: Vec<String> = gw
+        .bus_all(&fps[0])
+        .iter()
+        .filter(|r| r["check"] == outpost_agent::OUTBOX_CHECK)
+        .map(|r| r["status"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        reports.iter().any(|s| s == "critical") && reports.last().is_some_and(|s| s == "ok"),
+        "the outbox's reports: {reports:?}"
     );
     let (_, doubled_seqs) = on_bus(&gw);
     assert!(

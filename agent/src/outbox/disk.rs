@@ -33,7 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
-use outpost_protocol::CheckResult;
+use outpost_protocol::{CheckResult, Status};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::Notify;
 
@@ -423,6 +423,45 @@ impl Shared {
         lock(&self.state)
     }
 
+    fn append(&self, mut result: CheckResult) -> std::io::Result<u64> {
+        let mut st = self.lock();
+        if st.closing {
+            return Err(io_err("the outbox is closing"));
+        }
+        let seq = st.seq.allocate()?;
+        result.seq = seq;
+        let json = serde_json::to_vec(&result).map_err(io_err)?;
+        let item = Staged { seq, json };
+        self.bound_staged(&mut st, item.size());
+        st.staged_bytes += item.size();
+        st.staged.push_back(item);
+        st.issued = seq;
+        // The writer needs waking only when it may be idle (nothing was staged) or when a
+        // group is full; otherwise it is already counting down to its next commit.
+        let wake = st.staged.len() == 1 || st.staged.len() >= GROUP_MAX;
+        // While the disk refuses commits the result is sent from memory: wake the sender.
+        let failing = st.failure.is_some();
+        drop(st);
+        if wake {
+            self.changed.notify_all();
+        }
+        if failing {
+            self.notify.notify_one();
+        }
+        Ok(seq)
+    }
+
+    /// A result of [`crate::outbox::OUTBOX_CHECK`] about the outbox itself, queued like any other.
+    fn report(&self, status: Status, output: String) {
+        let r = CheckResult {
+            started_at_ms: crate::util::now_ms(),
+            ..CheckResult::new(crate::outbox::OUTBOX_CHECK, status, output)
+        };
+        if let Err(e) = self.append(r) {
+            tracing::error!(error = %e, "cannot queue the outbox's report on itself");
+        }
+    }
+
     fn db(&self) -> RwLockReadGuard<'_, Option<Database>> {
         self.db.read().unwrap_or_else(|p| p.into_inner())
     }
@@ -486,6 +525,7 @@ impl Shared {
                 st.writing_len = st.staged.len();
                 st.staged.drain(..).collect()
             };
+            let failing = self.lock().failure.is_some();
             let error = match self.commit(&batch) {
                 Ok(()) => {
                     if let Some(last) = batch.last() {
@@ -498,13 +538,22 @@ impl Shared {
                     retry = RETRY_MIN;
                     self.notify.notify_one();
                     self.changed.notify_all();
+                    if failing {
+                        tracing::info!("the outbox writes to its file again");
+                        self.report(
+                            Status::Ok,
+                            format!("the outbox writes to {} again", self.path.display()),
+                        );
+                    }
                     continue;
                 }
                 Err(e) => e,
             };
             let mut st = self.lock();
             (st.writing_len, st.writing_bytes) = (0, 0);
-            for item in batch.into_iter().rev() {
+            // (Less what the gateway acked meanwhile: sent from memory, it has them.)
+            let acked = st.acked;
+            for item in batch.into_iter().rev().filter(|i| i.seq > acked) {
                 st.staged_bytes += item.size();
                 st.staged.push_front(item);
             }
@@ -512,8 +561,20 @@ impl Shared {
             if st.failure.as_deref() != Some(error.as_str()) {
                 tracing::error!(error = %error, staged = st.staged.len(), "cannot commit results to the outbox; keeping them in memory and retrying");
             }
+            let first = st.failure.is_none();
+            let report = format!(
+                "cannot write the outbox {} ({error}): results are kept in memory (up to outbox_max_mb) and sent to the gateway meanwhile, but an agent restarted now loses those not yet acked",
+                self.path.display()
+            );
             st.failure = Some(error);
             self.changed.notify_all();
+            if first && !st.closing {
+                drop(st);
+                // What waits in memory may be sent now (`next_to_send`).
+                self.notify.notify_one();
+                self.report(Status::Critical, report);
+                st = self.lock();
+            }
             if st.closing {
                 tracing::error!(
                     lost = st.staged.len(),
@@ -543,7 +604,16 @@ impl Shared {
                 break;
             };
             st.staged_bytes -= old.size();
-            st.dropped += 1;
+            // Already acked (sent from memory while the disk refused): not a loss. Sent
+            // and not yet acked: lost only if the ack never comes, as for rows the bound
+            // drops in flight.
+            if old.seq <= st.acked {
+                continue;
+            } else if old.seq <= st.sending_through {
+                st.dropped_in_flight.insert(old.seq);
+            } else {
+                st.dropped += 1;
+            }
         }
     }
 
@@ -655,6 +725,16 @@ impl Shared {
             let mut st = self.lock();
             st.acked = st.acked.max(seq);
             st.dropped_in_flight.retain(|k| *k > seq);
+            // Results sent from memory while the disk refused: the gateway has them, so
+            // they need no place on disk any more.
+            while let Some(item) = st.staged.front().filter(|i| i.seq <= seq) {
+                st.staged_bytes -= item.size();
+                st.staged.pop_front();
+            }
+            if st.staged.is_empty() && st.writing_len == 0 && st.settled < st.issued {
+                st.settled = st.issued;
+                self.changed.notify_all();
+            }
         }
         let db = self.db();
         let mut txn = db.as_ref().ok_or(redb::Error::PreviousIo)?.begin_write()?;
@@ -684,28 +764,8 @@ impl Shared {
 }
 
 impl Outbox for DiskOutbox {
-    fn append(&self, mut result: CheckResult) -> std::io::Result<u64> {
-        let shared = &self.shared;
-        let mut st = shared.lock();
-        if st.closing {
-            return Err(io_err("the outbox is closing"));
-        }
-        let seq = st.seq.allocate()?;
-        result.seq = seq;
-        let json = serde_json::to_vec(&result).map_err(io_err)?;
-        let item = Staged { seq, json };
-        shared.bound_staged(&mut st, item.size());
-        st.staged_bytes += item.size();
-        st.staged.push_back(item);
-        st.issued = seq;
-        // The writer needs waking only when it may be idle (nothing was staged) or when a
-        // group is full; otherwise it is already counting down to its next commit.
-        let wake = st.staged.len() == 1 || st.staged.len() >= GROUP_MAX;
-        drop(st);
-        if wake {
-            shared.changed.notify_all();
-        }
-        Ok(seq)
+    fn append(&self, result: CheckResult) -> std::io::Result<u64> {
+        self.shared.append(result)
     }
 
     fn pending_after(&self, after: u64, max: usize) -> Vec<CheckResult> {
@@ -737,14 +797,34 @@ impl Outbox for DiskOutbox {
         // its count: a row read here is either gone already or counted as in flight.
         let shared = &self.shared;
         let _w = lock(&shared.write_lock);
-        let batch = shared.try_pending_after(after, max).unwrap_or_else(|e| {
+        let mut batch = shared.try_pending_after(after, max).unwrap_or_else(|e| {
             tracing::error!(error = %e, "cannot read the outbox");
             Vec::new()
         });
+        let mut st = shared.lock();
+        // While the disk refuses commits, what waits in memory goes too, after every
+        // committed row (all read, and no batch between them being written: the bus keeps
+        // only numbers above the highest it holds, so none may be skipped).
+        if st.failure.is_some() && st.writing_len == 0 && batch.len() < max {
+            let from = batch.last().map_or(after, |r| r.seq.max(after));
+            for item in st.staged.iter().filter(|i| i.seq > from) {
+                if batch.len() >= max {
+                    break;
+                }
+                match decode(item.seq, &item.json) {
+                    Ok(r) => batch.push(r),
+                    Err(why) => {
+                        // (Never skip one: what follows would be acked past it.)
+                        tracing::error!(seq = item.seq, error = %why, "a staged result does not decode");
+                        break;
+                    }
+                }
+            }
+        }
         if let Some(last) = batch.last() {
-            let mut st = shared.lock();
             st.sending_through = st.sending_through.max(last.seq);
         }
+        drop(st);
         batch
     }
 
@@ -1280,6 +1360,19 @@ mod tests {
         assert_eq!(all(&o).iter().map(|r| r.seq).collect::<Vec<_>>(), seqs);
     }
 
+    /// Poll `f` for up to 10 s.
+    fn within(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "never: {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn is_report(r: &CheckResult, status: Status) -> bool {
+        r.check == crate::outbox::OUTBOX_CHECK && r.status == status
+    }
+
     #[test]
     fn failing_commits_keep_results_in_memory_under_the_bound_and_retry() {
         let dir = tempfile::tempdir().unwrap();
@@ -1290,43 +1383,117 @@ mod tests {
         let staged: Vec<u64> = (0..4).map(|_| o.append(r("c", 100)).unwrap()).collect();
         let err = o.flush().unwrap_err().to_string();
         assert!(err.contains("not yet on disk"), "{err}");
-        assert_eq!(o.len(), 5, "staged results are counted");
+        // The outbox says so with a result of its own, kept like the others.
+        within("the outbox's report is queued", || o.len() == 6);
         assert_eq!(
             all(&o).iter().map(|r| r.seq).collect::<Vec<_>>(),
             [before],
-            "only committed results are handed out"
+            "only committed results are read as kept"
         );
         // Far more than the bound while the disk refuses: the oldest staged go first.
         let last: Vec<u64> = (0..30).map(|_| o.append(r("c", 100)).unwrap()).collect();
         // The writer may hold a batch it is retrying; the bound applies when it is back.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while o.dropped() < 20 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{} dropped",
-                o.dropped()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        within("the bound drops the oldest", || o.dropped() >= 20);
         assert!(o.bytes() <= one * 21, "{} bytes held", o.bytes());
         o.shared.fail_commits.store(false, Ordering::SeqCst);
         // The writer retries on its own; flush waits for it.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while o.flush().is_err() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the writer never retried"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let stored: Vec<u64> = all(&o).iter().map(|r| r.seq).collect();
-        assert_eq!(stored.last(), last.last());
-        assert!(stored.len() <= 10 && stored.len() >= 9, "{stored:?}");
-        assert!(!stored.contains(&staged[0]));
+        within("the writer retried", || o.flush().is_ok());
+        let stored = all(&o);
+        let checks: Vec<u64> = stored
+            .iter()
+            .filter(|r| r.check == "c")
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(checks.last(), last.last());
+        assert!(checks.len() <= 10 && checks.len() >= 7, "{checks:?}");
+        assert!(!checks.contains(&staged[0]));
+        // And says when it writes again (its failure report was older than the bound).
+        assert!(
+            stored.iter().any(|r| is_report(r, Status::Ok)),
+            "{stored:?}"
+        );
         let dropped = o.dropped();
-        assert_eq!(dropped as usize + stored.len(), 35);
+        // 35 results and two reports: each kept or counted.
+        assert_eq!(dropped as usize + stored.len(), 37);
         drop(o);
         let o = open(dir.path(), one * 10);
         assert_eq!(o.dropped(), dropped, "the count survives a reopen");
+    }
+
+    /// While the disk refuses, what waits in memory is sent after the committed rows, in
+    /// order with nothing skipped; an ack takes it out of memory; one the bound drops
+    /// while in flight counts as lost only if its ack never comes.
+    #[test]
+    fn results_the_disk_refuses_are_sent_from_memory_and_their_ack_frees_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = size_of(&r("c", 100), 1);
+        let o = open(dir.path(), one * 8);
+        let committed = put(&o, r("c", 100));
+        // Before any failure, nothing staged is sent (a commit is moments away).
+        o.shared.fail_commits.store(true, Ordering::SeqCst);
+        let staged: Vec<u64> = (0..3).map(|_| o.append(r("c", 100)).unwrap()).collect();
+        within("the report is queued", || o.len() == 5);
+        // (Not while the writer holds them for a retry: polled.)
+        let want: Vec<u64> = (committed..committed + 5).collect();
+        let seqs = |b: &[CheckResult]| b.iter().map(|r| r.seq).collect::<Vec<_>>();
+        let mut sent = Vec::new();
+        within("everything is sent", || {
+            sent = o.next_to_send(0, 100);
+            seqs(&sent) == want
+        });
+        let checks: Vec<u64> = sent
+            .iter()
+            .filter(|r| r.check == "c")
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(checks, [&[committed][..], &staged].concat());
+        assert_eq!(
+            sent.iter()
+                .filter(|r| is_report(r, Status::Critical))
+                .count(),
+            1,
+            "{sent:?}"
+        );
+        let output = &sent.iter().find(|r| r.check != "c").unwrap().output;
+        assert!(output.contains("commits fail in this test"), "{output}");
+        // Only what follows `after` is sent, and at most `max`.
+        within("the two after the first staged one", || {
+            seqs(&o.next_to_send(staged[0], 2)) == [staged[1], staged[2]]
+        });
+        // The gateway acks two staged results: they leave memory.
+        o.ack(staged[1]);
+        assert_eq!(o.len(), 2, "the third staged result and the report remain");
+        // The rest is pushed out of memory by the bound while in flight, then the session
+        // ends: the result whose ack came is not lost; the one whose ack never came is.
+        let newer: Vec<u64> = (0..8).map(|_| o.append(r("c", 100)).unwrap()).collect();
+        within("the bound drops the in-flight ones", || {
+            let st = o.shared.lock();
+            !st.staged.iter().any(|i| i.seq <= staged[2] + 1)
+        });
+        let report = staged[2] + 1;
+        assert_eq!(
+            o.shared.lock().dropped_in_flight,
+            [staged[2], report].into(),
+            "in flight: not counted yet"
+        );
+        // (Newer ones the bound dropped, never sent: counted at once.)
+        let before = o.dropped();
+        o.ack(staged[2]);
+        o.session_ended(staged[2]);
+        assert_eq!(
+            o.dropped(),
+            before + 1,
+            "the report, sent and never acked, is lost"
+        );
+        // The disk is back: the newest results are written down, nothing acked is.
+        o.shared.fail_commits.store(false, Ordering::SeqCst);
+        within("the writer retried", || o.flush().is_ok());
+        let kept: Vec<u64> = all(&o)
+            .iter()
+            .filter(|r| r.check == "c")
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(kept.last(), newer.last());
+        assert!(kept.iter().all(|s| *s > staged[2]), "{kept:?}");
     }
 }
