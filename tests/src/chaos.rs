@@ -34,9 +34,11 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// `tag` (a few characters) names the namespace and its link; `subnet` is the third
-    /// octet of 10.203.x.0/30, distinct per namespace alive at once.
+    /// `tag` (a few characters) names the namespace and its link; `subnet` (0..4) picks
+    /// its 10.203.x.0/30 among this process's (each test process has its own four, by
+    /// pid, so two runs at once do not share addresses).
     pub fn create(tag: &str, subnet: u8) -> Netns {
+        let subnet = (std::process::id() % 60) as u8 * 4 + subnet % 4;
         let name = format!("outpost-{tag}-{}", std::process::id());
         // (Interface names are at most 15 bytes.)
         let host_if = format!("oc{tag}h{}", std::process::id() % 100_000);
@@ -125,32 +127,7 @@ impl Netns {
                 self.host_if,
                 rules.replace("{dev}", dev)
             );
-            let mut cmd = if inside {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", &self.name, "nft", "-f", "-"]);
-                c
-            } else {
-                let mut c = Command::new("nft");
-                c.args(["-f", "-"]);
-                c
-            };
-            let mut child = cmd
-                .stdin(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("nft (ci/setup installs nftables)");
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(script.as_bytes())
-                .unwrap();
-            let out = child.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "nft -f:\n{script}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            nft_script(inside.then_some(self.name.as_str()), &script);
         }
     }
 
@@ -232,6 +209,99 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
+}
+
+/// A process cut off from some TCP ports on loopback, both ways (a NATS node from its
+/// peers' routes, while its clients still reach it): the process is moved into a cgroup
+/// of its own and nftables drops what its sockets send to those ports or from `own`,
+/// and whatever anyone sends to `own`. Healed when dropped.
+pub struct Partition {
+    cgroup: PathBuf,
+    table: String,
+}
+
+impl Partition {
+    pub fn isolate(pid: i32, own: u16, peers: &[u16]) -> Partition {
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        let root = mounts
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+            })
+            .expect("a cgroup2 hierarchy is mounted");
+        let name = format!("outpost-chaos-{}-{pid}", std::process::id());
+        let cgroup = root.join(&name);
+        std::fs::create_dir_all(&cgroup).unwrap();
+        std::fs::write(cgroup.join("cgroup.procs"), pid.to_string()).unwrap();
+        // nft names a cgroup by its path under /sys/fs/cgroup; level 1 is a child of the
+        // hierarchy's root, wherever that is mounted.
+        let path = cgroup
+            .strip_prefix("/sys/fs/cgroup")
+            .expect("cgroup2 under /sys/fs/cgroup")
+            .display()
+            .to_string();
+        let table = format!("chaos_part_{}_{pid}", std::process::id());
+        let peers: Vec<String> = peers.iter().map(u16::to_string).collect();
+        let script = format!(
+            "table inet {table} {{\n chain out {{\n  type filter hook output priority 0;\n  \
+             socket cgroupv2 level 1 \"{path}\" tcp dport {{ {peers} }} drop\n  \
+             socket cgroupv2 level 1 \"{path}\" tcp sport {own} drop\n  \
+             tcp dport {own} drop\n }}\n}}\n",
+            peers = peers.join(", ")
+        );
+        nft_script(None, &script);
+        Partition { cgroup, table }
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        let _ = Command::new("nft")
+            .args(["delete", "table", "inet", &self.table])
+            .output();
+        // Back to the root cgroup, if it still runs, so the cgroup can go.
+        if let Ok(pids) = std::fs::read_to_string(self.cgroup.join("cgroup.procs")) {
+            let root = self.cgroup.parent().unwrap().join("cgroup.procs");
+            for pid in pids.lines() {
+                let _ = std::fs::write(&root, pid);
+            }
+        }
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
+}
+
+/// Load an nftables script, in network namespace `netns` or this one.
+fn nft_script(netns: Option<&str>, script: &str) {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "nft", "-f", "-"]);
+            c
+        }
+        None => {
+            let mut c = Command::new("nft");
+            c.args(["-f", "-"]);
+            c
+        }
+    };
+    let mut child = cmd
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("nft (ci/setup installs nftables)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(script.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "nft -f:\n{script}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// libfaketime (Debian's `faketime`), which the clock-jump fault preloads into an agent.

@@ -110,6 +110,8 @@ pub struct NatsServer {
     log_path: PathBuf,
     client_port: u16,
     http_port: u16,
+    /// In a cluster: the port other nodes' routes dial (0 for a single server).
+    cluster_port: u16,
     proc: Proc,
     /// Length of the log when the current process started: what it logged is after it.
     log_start: u64,
@@ -231,6 +233,7 @@ impl NatsServer {
             log_path,
             client_port: ports.client,
             http_port: ports.http,
+            cluster_port: if routes.is_some() { ports.cluster } else { 0 },
             proc,
             log_start,
         }
@@ -247,6 +250,11 @@ impl NatsServer {
     }
 
     /// Port of the HTTP monitoring endpoint (`/healthz`, `/jsz`, `/varz`).
+    /// The port other nodes' routes dial (0 for a single server).
+    pub fn cluster_port(&self) -> u16 {
+        self.cluster_port
+    }
+
     pub fn monitor_port(&self) -> u16 {
         self.http_port
     }

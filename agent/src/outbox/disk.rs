@@ -294,7 +294,7 @@ const GROUP_MAX: usize = 1024;
 
 /// The writer's wait after a failed commit doubles from this, up to [`RETRY_MAX`].
 const RETRY_MIN: Duration = Duration::from_millis(50);
-const RETRY_MAX: Duration = Duration::from_secs(5);
+const RETRY_MAX: Duration = Duration::from_secs(1);
 
 impl DiskOutbox {
     /// Open the outbox in `state_dir`, keeping at most `max_bytes` of results.
@@ -466,27 +466,27 @@ impl Shared {
         self.db.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Close the file and open it again, recounting what it holds: after an I/O error
-    /// redb answers every call with "Previous I/O error occurred" until then. Commits
-    /// that failed left nothing behind; an ack's delete that the file lost comes back as
-    /// rows the gateway already has (sent again, dropped by the bus as duplicates).
+    /// Close the file and open it again: after an I/O error redb answers every call
+    /// with "Previous I/O error occurred" until then. Commits that failed left nothing
+    /// behind; an ack's delete that the file lost comes back as rows the gateway already
+    /// has (sent again, dropped by the bus as duplicates, deleted by the next ack). No
+    /// integrity check and no recount (both read the whole file, holding up acks at
+    /// every retry): the counts stand. A file that cannot be opened stays closed and is
+    /// retried; nothing is sent from it meanwhile, and the next start of the agent deals
+    /// with it as with any file (moved aside if it is unreadable).
     fn reopen(&self) -> Result<(), String> {
         let _w = lock(&self.write_lock);
         let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
         // The old handle first: redb allows one open database per file.
         *db = None;
-        let loaded = load(&self.path, self.max_bytes).map_err(|e| match e {
-            LoadError::Corrupt(why) => why,
-            LoadError::Other(e) => e.to_string(),
-        })?;
-        *db = Some(loaded.db);
-        let mut st = self.lock();
-        (st.len, st.bytes) = (loaded.len, loaded.bytes);
-        st.dropped = st.dropped.max(loaded.dropped);
-        tracing::info!(
-            results = loaded.len,
-            "reopened the outbox file after an error"
-        );
+        let opened = catch_unwind(AssertUnwindSafe(|| {
+            Database::builder()
+                .set_cache_size(CACHE_BYTES)
+                .create(&self.path)
+        }))
+        .map_err(|_| "redb panicked opening the file".to_string())?;
+        *db = Some(opened.map_err(|e| e.to_string())?);
+        tracing::debug!("reopened the outbox file after an error");
         Ok(())
     }
 
@@ -556,6 +556,9 @@ impl Shared {
             for item in batch.into_iter().rev().filter(|i| i.seq > acked) {
                 st.staged_bytes += item.size();
                 st.staged.push_front(item);
+            }
+            if st.staged.is_empty() && st.settled < st.issued {
+                st.settled = st.issued;
             }
             self.bound_staged(&mut st, 0);
             if st.failure.as_deref() != Some(error.as_str()) {
@@ -797,15 +800,22 @@ impl Outbox for DiskOutbox {
         // its count: a row read here is either gone already or counted as in flight.
         let shared = &self.shared;
         let _w = lock(&shared.write_lock);
-        let mut batch = shared.try_pending_after(after, max).unwrap_or_else(|e| {
-            tracing::error!(error = %e, "cannot read the outbox");
-            Vec::new()
-        });
+        let (mut batch, read_all) = match shared.try_pending_after(after, max) {
+            Ok(b) => {
+                let all = b.len() < max;
+                (b, all)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the outbox");
+                (Vec::new(), false)
+            }
+        };
         let mut st = shared.lock();
         // While the disk refuses commits, what waits in memory goes too, after every
         // committed row (all read, and no batch between them being written: the bus keeps
-        // only numbers above the highest it holds, so none may be skipped).
-        if st.failure.is_some() && st.writing_len == 0 && batch.len() < max {
+        // only numbers above the highest it holds, so none may be skipped; a file that
+        // cannot be read now sends nothing).
+        if st.failure.is_some() && st.writing_len == 0 && read_all {
             let from = batch.last().map_or(after, |r| r.seq.max(after));
             for item in st.staged.iter().filter(|i| i.seq > from) {
                 if batch.len() >= max {
