@@ -382,6 +382,9 @@ pub fn legacy_id(tenant: &str) -> String {
     format!("legacy-{tenant}")
 }
 
+/// How long a gateway starting waits for its tenant store to answer.
+const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The tenants, keys and tokens, and the rules for using them.
 pub struct Tenants {
     store: Arc<dyn TenantStore>,
@@ -409,8 +412,21 @@ impl Tenants {
             home: home.to_string(),
             changed: tokio::sync::watch::Sender::new(0),
         };
-        tenants.reload().await?;
-        Ok(tenants)
+        // A store that cannot answer yet (a NATS cluster electing its leaders while this
+        // gateway starts) is asked again for a while rather than failing the start.
+        let deadline = std::time::Instant::now() + OPEN_PATIENCE;
+        let mut wait = std::time::Duration::from_millis(250);
+        loop {
+            match tenants.reload().await {
+                Ok(()) => return Ok(tenants),
+                Err(e) if std::time::Instant::now() + wait < deadline => {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot read the tenants yet; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(std::time::Duration::from_secs(4));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Read every record again (after a follow restarts, or to catch up).

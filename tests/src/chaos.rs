@@ -39,6 +39,7 @@ impl Netns {
     /// pid, so two runs at once do not share addresses).
     pub fn create(tag: &str, subnet: u8) -> Netns {
         let subnet = (std::process::id() % 60) as u8 * 4 + subnet % 4;
+        sweep_stale();
         let name = format!("outpost-{tag}-{}", std::process::id());
         // (Interface names are at most 15 bytes.)
         let host_if = format!("oc{tag}h{}", std::process::id() % 100_000);
@@ -165,6 +166,27 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["link", "del", &self.host_if])
             .output();
+    }
+}
+
+/// Namespaces (and their links) left by a test process that no longer runs (killed
+/// before its drops ran): named `outpost-<tag>-<pid>`.
+fn sweep_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let Some(pid) = name
+            .strip_prefix("outpost-")
+            .and_then(|rest| rest.rsplit('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
     }
 }
 
