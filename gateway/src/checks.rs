@@ -43,6 +43,8 @@ pub struct Catalog {
     pub plugins: BTreeMap<String, PluginEntry>,
     /// The tenant's alerting (its files' `[alerting]`, `[[receiver]]`, `[[route]]`).
     pub alerting: Arc<AlertConfig>,
+    /// The tenant's metric exports (its files' `[[export]]`).
+    pub export: Arc<crate::export::config::ExportConfig>,
 }
 
 impl Catalog {
@@ -153,6 +155,7 @@ struct FileState {
     good: Vec<CheckDef>,
     collectors: Vec<CollectorDef>,
     alerting: FileAlerting,
+    export: Vec<crate::export::config::Sink>,
 }
 
 pub struct CheckStore {
@@ -162,6 +165,8 @@ pub struct CheckStore {
     tx: watch::Sender<Arc<Catalog>>,
     /// The alerting problems found across files at the last scan.
     alerting_problems: Mutex<Vec<String>>,
+    /// The export problems found across files at the last scan.
+    export_problems: Mutex<Vec<String>>,
 }
 
 impl CheckStore {
@@ -181,6 +186,7 @@ impl CheckStore {
             files: Mutex::new(HashMap::new()),
             tx: watch::channel(Arc::new(Catalog::default())).0,
             alerting_problems: Mutex::default(),
+            export_problems: Mutex::default(),
         }
     }
 
@@ -239,6 +245,17 @@ impl CheckStore {
                         .unwrap_or_default()
                 }
             };
+            let export = match crate::export::config::parse_file(&text) {
+                Ok(sinks) => sinks,
+                Err(e) => {
+                    if toml::from_str::<toml::Table>(&text).is_ok() {
+                        failures += 1;
+                        tracing::error!(file = %path.display(), error = %e,
+                            "metric exports in check file are invalid; keeping their last good version");
+                    }
+                    old.as_ref().map(|f| f.export.clone()).unwrap_or_default()
+                }
+            };
             let alerting = match alerting::parse_file(&text) {
                 Ok(a) => {
                     if !a.receivers.is_empty() || !a.routes.is_empty() || a.fallback.is_some() {
@@ -263,6 +280,7 @@ impl CheckStore {
                     good,
                     collectors,
                     alerting,
+                    export,
                 },
             );
         }
@@ -327,12 +345,27 @@ impl CheckStore {
         }
         drop(last);
         failures += problems.len();
+        let (export, export_problems) = crate::export::config::assemble(
+            paths
+                .iter()
+                .filter_map(|p| files.get(p).map(|f| (p.as_path(), f.export.as_slice()))),
+        );
+        let mut last = lock(&self.export_problems);
+        if *last != export_problems {
+            for problem in &export_problems {
+                tracing::error!(dir = %self.dir.display(), %problem, "metric export configuration problem");
+            }
+            *last = export_problems.clone();
+        }
+        drop(last);
+        failures += export_problems.len();
         drop(files);
         let catalog = Catalog {
             checks,
             collectors,
             plugins,
             alerting: Arc::new(alerting),
+            export: Arc::new(export),
         };
         self.tx.send_if_modified(|cur| {
             if **cur == catalog {

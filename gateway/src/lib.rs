@@ -15,6 +15,7 @@ pub mod console;
 pub mod credentials;
 pub mod errors;
 pub mod events;
+pub mod export;
 pub mod health;
 pub mod hub;
 pub mod listener;
@@ -493,6 +494,33 @@ pub async fn serve(
                 background(&tracker, gw, "alerting", move || alerting::run(ctx.clone()));
             }
             Err(e) => tracing::error!(error = %format!("{e:#}"), "alerting cannot start"),
+        }
+    }
+    if gw.nats.is_some() {
+        // (A fleet's exports need one exporter per sink across gateways: not yet.)
+        tracing::warn!("metric export ([[export]]) runs on a gateway with its embedded bus only, for now; this fleet's sinks get nothing");
+    } else {
+        match alerts::deliver::http_client() {
+            Ok(client) => {
+                let ctx = export::Context {
+                    dir: export::export_dir(&gw.settings.data_dir),
+                    bus: gw.bus.clone(),
+                    registry: gw.registry.clone(),
+                    checks: gw.checks.clone(),
+                    metrics: gw.metrics.clone(),
+                    client,
+                    shutdown: gw.shutdown.clone(),
+                    tracker: tracker.clone(),
+                    health: gw.health.clone(),
+                    tenants: gw.credentials.tenants.clone(),
+                    poll: gw.settings.checks_poll,
+                    running: Arc::default(),
+                };
+                background(&tracker, gw, "metric export", move || {
+                    export::run(ctx.clone())
+                });
+            }
+            Err(e) => tracing::error!(error = %format!("{e:#}"), "metric export cannot start"),
         }
     }
     let app = api::router(gw.api(tracker.clone()), &gw.settings);

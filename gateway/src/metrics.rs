@@ -54,6 +54,24 @@ pub struct Metrics {
     receivers: Mutex<BTreeMap<(String, String), ReceiverStats>>,
     /// In a fleet: the tenants whose alerting lease this gateway holds (true) or held.
     leases: Mutex<BTreeMap<String, bool>>,
+    /// Metric export per (tenant, sink): see [`Metrics::export`].
+    exports: Mutex<BTreeMap<(String, String), ExportStats>>,
+}
+
+/// One metric export sink's figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExportStats {
+    /// Samples the sink took.
+    pub samples_sent: u64,
+    /// Samples the sink refused for good (another 4xx than 429), skipped.
+    pub samples_refused: u64,
+    /// Requests that failed and are retried (no answer, 429, 5xx).
+    pub failed_attempts: u64,
+    /// How far behind the sink is: the age of the oldest result read and not yet sent,
+    /// in ms (0 when caught up).
+    pub lag_ms: u64,
+    /// Times retention deleted results before the sink got them.
+    pub lost_gaps: u64,
 }
 
 /// One receiver's deliveries.
@@ -103,6 +121,27 @@ impl Metrics {
     /// Whether this gateway holds `tenant`'s alerting lease now.
     pub fn lease(&self, tenant: &str, held: bool) {
         lock(&self.leases).insert(tenant.to_string(), held);
+    }
+
+    /// Update the figures of `tenant`'s metric export `sink`.
+    pub fn export(&self, tenant: &str, sink: &str, f: impl FnOnce(&mut ExportStats)) {
+        let mut all = lock(&self.exports);
+        f(all
+            .entry((tenant.to_string(), sink.to_string()))
+            .or_default());
+    }
+
+    /// Forget a removed sink's figures (its lag would stand still otherwise).
+    pub fn export_forget(&self, tenant: &str, sink: &str) {
+        lock(&self.exports).remove(&(tenant.to_string(), sink.to_string()));
+    }
+
+    /// The figures of `tenant`'s metric export `sink` so far.
+    pub fn export_stats(&self, tenant: &str, sink: &str) -> ExportStats {
+        lock(&self.exports)
+            .get(&(tenant.to_string(), sink.to_string()))
+            .copied()
+            .unwrap_or_default()
     }
 
     /// The delivery figures of `tenant`'s `receiver` so far.
@@ -290,6 +329,7 @@ impl Metrics {
             g(&self.alert_store_errors),
         );
         self.render_receivers(&mut out, per_tenant);
+        self.render_exports(&mut out, per_tenant);
         let leases = lock(&self.leases).clone();
         if !leases.is_empty() {
             let name = "outpost_alerting_lease_held";
@@ -321,6 +361,68 @@ impl Metrics {
             }
         }
         out
+    }
+
+    /// Export per sink: by tenant and sink for the operator; summed (the lag: the
+    /// largest) otherwise.
+    fn render_exports(&self, out: &mut String, per_tenant: bool) {
+        let all = lock(&self.exports).clone();
+        type Series = (
+            &'static str,
+            &'static str,
+            &'static str,
+            fn(&ExportStats) -> u64,
+        );
+        let series: [Series; 5] = [
+            (
+                "outpost_export_samples_sent_total",
+                "counter",
+                "Samples a metric export sink took.",
+                |s| s.samples_sent,
+            ),
+            (
+                "outpost_export_samples_refused_total",
+                "counter",
+                "Samples a sink refused for good (4xx other than 429), skipped.",
+                |s| s.samples_refused,
+            ),
+            (
+                "outpost_export_failed_requests_total",
+                "counter",
+                "Export requests that failed and are retried (no answer, 429, 5xx).",
+                |s| s.failed_attempts,
+            ),
+            (
+                "outpost_export_gaps_total",
+                "counter",
+                "Times the bus's retention deleted results before a sink got them.",
+                |s| s.lost_gaps,
+            ),
+            (
+                "outpost_export_lag_seconds",
+                "gauge",
+                "Age of the oldest result read and not yet taken by the sink (0: caught up).",
+                |s| s.lag_ms / 1000,
+            ),
+        ];
+        for (name, kind, help, value) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            if per_tenant {
+                for ((tenant, sink), stats) in &all {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{tenant=\"{tenant}\",sink=\"{sink}\"}} {}",
+                        value(stats)
+                    );
+                }
+            } else if kind == "gauge" {
+                let max = all.values().map(value).max().unwrap_or(0);
+                let _ = writeln!(out, "{name} {max}");
+            } else {
+                let sum: u64 = all.values().map(value).sum();
+                let _ = writeln!(out, "{name} {sum}");
+            }
+        }
     }
 
     /// Delivery per receiver: by tenant and receiver for the operator; summed otherwise

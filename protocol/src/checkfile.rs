@@ -89,6 +89,9 @@ struct RawFile {
     dependency: Vec<toml::Table>,
     #[serde(default)]
     tuning: Vec<toml::Table>,
+    /// Metric exports (`[[export]]`): the gateway's, like alerting.
+    #[serde(default)]
+    export: Vec<toml::Table>,
 }
 
 /// Whether a file declares alerting tables (gateway check files only).
@@ -99,6 +102,7 @@ fn has_alerting(text: &str) -> bool {
             || !f.route.is_empty()
             || !f.dependency.is_empty()
             || !f.tuning.is_empty()
+            || !f.export.is_empty()
     })
 }
 
@@ -332,7 +336,7 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<CheckDef>, String> {
     }
     if has_alerting(text) {
         return Err(
-            "alerting ([alerting], [[receiver]], [[route]], [[dependency]], [[tuning]]) is declared in the gateway's check files, not in an agent's checks.d"
+            "alerting ([alerting], [[receiver]], [[route]], [[dependency]], [[tuning]]) and metric exports ([[export]]) are declared in the gateway's check files, not in an agent's checks.d"
                 .into(),
         );
     }

@@ -694,6 +694,7 @@ pub mod haproxy;
 pub mod nats;
 pub mod receivers;
 pub mod sse;
+pub mod tsdb;
 pub mod webdriver;
 pub mod wine;
 

@@ -15,40 +15,46 @@ use super::store::Queued;
 use super::{webhook, Kind};
 use outpost_protocol::Status;
 
+/// The HTTP client of everything the gateway sends out (notifications, metric exports):
+/// it trusts the system's roots (receivers are public services), does not follow
+/// redirects (a receiver that moved says so with an error, once) and speaks HTTP/1.1.
+pub fn http_client() -> anyhow::Result<reqwest::Client> {
+    let mut roots = rustls::RootCertStore::empty();
+    let found = rustls_native_certs::load_native_certs();
+    for e in &found.errors {
+        tracing::warn!(error = %e, "a system CA certificate could not be loaded");
+    }
+    let (added, _) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        tracing::warn!("no system CA certificates: https receivers will fail to verify");
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS setup")?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("outpost-gateway/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .context("cannot make the receivers' HTTP client")
+}
+
 /// The HTTP client every receiver shares.
 pub struct Sender {
     client: reqwest::Client,
 }
 
 impl Sender {
-    /// A client that trusts the system's roots (receivers are public services), does not
-    /// follow redirects (a receiver that moved says so with an error, once) and speaks
-    /// HTTP/1.1.
+    /// A sender with [`http_client`].
     pub fn new() -> anyhow::Result<Sender> {
-        let mut roots = rustls::RootCertStore::empty();
-        let found = rustls_native_certs::load_native_certs();
-        for e in &found.errors {
-            tracing::warn!(error = %e, "a system CA certificate could not be loaded");
-        }
-        let (added, _) = roots.add_parsable_certificates(found.certs);
-        if added == 0 {
-            tracing::warn!("no system CA certificates: https receivers will fail to verify");
-        }
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .context("TLS setup")?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        let client = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("outpost-gateway/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(10))
-            .build()
-            .context("cannot make the receivers' HTTP client")?;
-        Ok(Sender { client })
+        Ok(Sender {
+            client: http_client()?,
+        })
     }
 
     /// One attempt (number `attempt`, from 1) to deliver `q` of `tenant` to `receiver`.

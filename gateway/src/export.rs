@@ -1,0 +1,373 @@
+//! Metric export: each tenant's results, read from the bus, sent to the time-series
+//! databases its check files name (`[[export]]`, see [`config`]), each sink with a cursor
+//! of its own kept on disk, so a sink that is down for an hour gets the whole backlog
+//! when it returns, in order, and a gateway restarted goes on where it was.
+//!
+//! A sink's loop: read results from its cursor, map them to samples ([`mapping`]), send
+//! them in requests of at most `batch` samples ([`sinks`]), and move the cursor past the
+//! results a request carried once the sink took it (or refused it for good: counted and
+//! skipped). A sample is sent at least once; one sent twice (a crash between a request
+//! and the cursor's save) is the same series, timestamp and value, which both Prometheus
+//! and InfluxDB store once.
+
+pub mod config;
+pub mod mapping;
+pub mod sinks;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::bus::{AgentRef, Bus};
+use crate::checks::{Catalog, TenantChecks};
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::registry::{Identity, Registry};
+use crate::tenants::Tenants;
+use config::Sink;
+use sinks::Failure;
+
+/// Results read from the bus at a time.
+const READ_MAX: usize = 1000;
+/// How long a read waits for new results when caught up.
+const WAIT: Duration = Duration::from_secs(1);
+/// A failed request is tried again after this, doubling up to [`RETRY_MAX`].
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Agents' hostnames and labels are looked up again after this.
+const IDENTITIES: Duration = Duration::from_secs(30);
+
+/// What every tenant's exports share.
+#[derive(Clone)]
+pub struct Context {
+    /// `DATA_DIR/export`: a directory per tenant, a cursor file per sink.
+    pub dir: PathBuf,
+    pub bus: Arc<dyn Bus>,
+    pub registry: Arc<Registry>,
+    pub checks: Arc<TenantChecks>,
+    pub metrics: Arc<Metrics>,
+    pub client: reqwest::Client,
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+    pub health: Arc<Health>,
+    pub tenants: Arc<Tenants>,
+    /// How often tenants are looked at for exports newly configured.
+    pub poll: Duration,
+    /// The tenants whose exports are started.
+    pub running: Arc<std::sync::Mutex<HashSet<String>>>,
+}
+
+pub fn export_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("export")
+}
+
+/// Start each tenant's exports once it has any: looked at every `poll`, until shutdown.
+pub async fn run(ctx: Context) {
+    loop {
+        for (tenant, store) in ctx.checks.stores() {
+            if outpost_sys::lock(&ctx.running).contains(&tenant)
+                || store.current().export.sinks.is_empty()
+            {
+                continue;
+            }
+            outpost_sys::lock(&ctx.running).insert(tenant.clone());
+            tracing::info!(%tenant, "metric export started");
+            let task: &'static str =
+                Box::leak(format!("metric export of {tenant}").into_boxed_str());
+            let (ctx2, config) = (ctx.clone(), store.subscribe());
+            crate::health::supervise(
+                &ctx.tracker,
+                ctx.health.clone(),
+                ctx.shutdown.clone(),
+                task,
+                move || tenant_exports(ctx2.clone(), tenant.clone(), config.clone()),
+            );
+        }
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(ctx.poll) => {}
+        }
+    }
+}
+
+/// Keep one task per sink of `tenant` running as its configuration says: a sink added
+/// starts, one removed or changed stops (a changed one starts again, from its cursor).
+async fn tenant_exports(ctx: Context, tenant: String, mut config: watch::Receiver<Arc<Catalog>>) {
+    let mut running: BTreeMap<String, (Sink, CancellationToken, tokio::task::JoinHandle<()>)> =
+        BTreeMap::new();
+    loop {
+        let wanted = if ctx.tenants.tenant(&tenant).is_some() {
+            config.borrow_and_update().export.sinks.clone()
+        } else {
+            BTreeMap::new()
+        };
+        let mut stopped = Vec::new();
+        running.retain(|name, (sink, stop, task)| {
+            if task.is_finished() {
+                // Ended by itself: a panic (logged by the runtime). Started again below.
+                tracing::error!(%tenant, sink = %name, "metric export ended unexpectedly; starting it again from its cursor");
+                return false;
+            }
+            let keep = wanted.get(name) == Some(sink);
+            if !keep {
+                tracing::info!(%tenant, sink = %name, "metric export stopped (its [[export]] changed or went)");
+                stop.cancel();
+                stopped.push((name.clone(), std::mem::replace(task, tokio::spawn(async {}))));
+            }
+            keep
+        });
+        // A sink's old task ends before a new one starts from the same cursor (its
+        // request in flight is dropped at once: it stops at every wait).
+        for (name, task) in stopped {
+            let _ = task.await;
+            if !wanted.contains_key(&name) {
+                ctx.metrics.export_forget(&tenant, &name);
+            }
+        }
+        for (name, sink) in wanted {
+            if running.contains_key(&name) {
+                continue;
+            }
+            let stop = ctx.shutdown.child_token();
+            let exporter = Exporter {
+                ctx: ctx.clone(),
+                tenant: tenant.clone(),
+                cursor: Cursor(ctx.dir.join(&tenant).join(format!("{name}.json"))),
+                sink: sink.clone(),
+                stop: stop.clone(),
+            };
+            let task = ctx.tracker.spawn(exporter.run());
+            running.insert(name, (sink, stop, task));
+        }
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            r = config.changed() => if r.is_err() { return },
+            // (A tenant deleted is noticed here.)
+            _ = tokio::time::sleep(ctx.poll) => {}
+        }
+    }
+}
+
+/// Where a sink has exported up to: the bus position after the last result it sent.
+struct Cursor(PathBuf);
+
+#[derive(Serialize, Deserialize)]
+struct CursorFile {
+    position: u64,
+}
+
+impl Cursor {
+    fn load(&self) -> anyhow::Result<Option<u64>> {
+        match std::fs::read(&self.0) {
+            Ok(bytes) => Ok(Some(serde_json::from_slice::<CursorFile>(&bytes)?.position)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn save(&self, position: u64) -> std::io::Result<()> {
+        if let Some(dir) = self.0.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let bytes = serde_json::to_vec(&CursorFile { position }).expect("a cursor serializes");
+        outpost_sys::write_atomic(&self.0, &bytes, 0o600)
+    }
+}
+
+struct Exporter {
+    ctx: Context,
+    tenant: String,
+    cursor: Cursor,
+    sink: Sink,
+    stop: CancellationToken,
+}
+
+impl Exporter {
+    fn stats(&self, f: impl FnOnce(&mut crate::metrics::ExportStats)) {
+        self.ctx.metrics.export(&self.tenant, &self.sink.name, f);
+    }
+
+    async fn run(self) {
+        let name = &self.sink.name;
+        let tenant = &self.tenant;
+        let mut position = loop {
+            match self.start_position().await {
+                Ok(p) => break p,
+                Err(e) => {
+                    tracing::error!(%tenant, sink = %name, error = %format!("{e:#}"), "metric export cannot find where to start; retrying");
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = tokio::time::sleep(RETRY_MAX) => {}
+                    }
+                }
+            }
+        };
+        tracing::info!(%tenant, sink = %name, position, "metric export running");
+        let mut identities: HashMap<String, Identity> = HashMap::new();
+        let mut identities_at = Instant::now();
+        loop {
+            let read = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                r = self.ctx.bus.read_results(tenant, position, READ_MAX, WAIT) => r,
+            };
+            let read = match read {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(%tenant, sink = %name, error = %e, "metric export cannot read the bus; retrying");
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = tokio::time::sleep(RETRY_MIN) => {}
+                    }
+                    continue;
+                }
+            };
+            if read.lost {
+                tracing::error!(%tenant, sink = %name, position,
+                    "results were deleted by the bus's retention before this sink got them: its series have a gap");
+                self.stats(|s| s.lost_gaps += 1);
+            }
+            if read.results.is_empty() {
+                self.stats(|s| s.lag_ms = 0);
+                if read.next != position {
+                    position = read.next;
+                    self.save(position);
+                }
+                continue;
+            }
+            if identities_at.elapsed() > IDENTITIES {
+                identities.clear();
+                identities_at = Instant::now();
+            }
+            let oldest = read.results[0].2.started_at_ms;
+            self.stats(|s| s.lag_ms = outpost_sys::now_ms().saturating_sub(oldest));
+            // Requests of at most `batch` samples, each ending at a result's end, so the
+            // cursor can move past exactly what a sink took. (A result with more samples
+            // than `batch` goes alone.)
+            let mut samples = Vec::new();
+            let mut through = position;
+            for (i, (after, agent, result)) in read.results.iter().enumerate() {
+                // (An agent not known yet is looked up again at its next result: its
+                // labels are not cached as missing.)
+                if !identities.contains_key(&agent.fingerprint) {
+                    if let Some(id) = self
+                        .ctx
+                        .registry
+                        .identity(&AgentRef::new(tenant, &agent.fingerprint))
+                    {
+                        identities.insert(agent.fingerprint.clone(), id);
+                    }
+                }
+                let who = identities.get(&agent.fingerprint);
+                let more = mapping::samples(tenant, &agent.fingerprint, who, result);
+                if !samples.is_empty() && samples.len() + more.len() > self.sink.batch {
+                    if !self.deliver(&samples, oldest).await {
+                        return;
+                    }
+                    position = through;
+                    self.save(position);
+                    samples.clear();
+                }
+                samples.extend(more);
+                through = *after;
+                if i + 1 == read.results.len() {
+                    if !self.deliver(&samples, oldest).await {
+                        return;
+                    }
+                    position = read.next.max(through);
+                    self.save(position);
+                }
+            }
+        }
+    }
+
+    /// A cursor kept, else the bus's end (or its start, with `from = "start"`).
+    async fn start_position(&self) -> anyhow::Result<u64> {
+        if let Some(p) = self.cursor.load()? {
+            return Ok(p);
+        }
+        let position = if self.sink.from_start {
+            0
+        } else {
+            self.ctx.bus.ends(&self.tenant).await?.results
+        };
+        self.cursor.save(position)?;
+        Ok(position)
+    }
+
+    fn save(&self, position: u64) {
+        if let Err(e) = self.cursor.save(position) {
+            tracing::error!(tenant = %self.tenant, sink = %self.sink.name, error = %e,
+                "cannot save the metric export's cursor; a restart would send some samples again");
+        }
+    }
+
+    /// Send until the sink takes the samples, splitting what it refuses until what is
+    /// refused is single samples (Prometheus refuses a whole request for one sample out
+    /// of order or out of bounds), which are counted and skipped; false when stopped
+    /// first. `oldest`: when the oldest result not yet taken ran (for the lag).
+    async fn deliver(&self, samples: &[mapping::Sample], oldest: u64) -> bool {
+        // Parts still to send, the next one last.
+        let mut parts = vec![samples];
+        let mut wait = RETRY_MIN;
+        let mut told = None;
+        while let Some(part) = parts.pop() {
+            if part.is_empty() {
+                continue;
+            }
+            let sent = tokio::select! {
+                _ = self.stop.cancelled() => return false,
+                r = sinks::send(&self.ctx.client, &self.sink, part) => r,
+            };
+            match sent {
+                Ok(()) => {
+                    self.stats(|s| s.samples_sent += part.len() as u64);
+                    if told.take().is_some() {
+                        tracing::info!(tenant = %self.tenant, sink = %self.sink.name, "metric export: the sink takes samples again");
+                    }
+                    wait = RETRY_MIN;
+                    continue;
+                }
+                Err(Failure::Refused(why)) if part.len() > 1 => {
+                    tracing::debug!(tenant = %self.tenant, sink = %self.sink.name, samples = part.len(), %why,
+                        "the sink refused a request; sending it in halves");
+                    let (a, b) = part.split_at(part.len() / 2);
+                    parts.push(b);
+                    parts.push(a);
+                    continue;
+                }
+                Err(Failure::Refused(why)) => {
+                    self.stats(|s| s.samples_refused += 1);
+                    let s = &part[0];
+                    tracing::error!(tenant = %self.tenant, sink = %self.sink.name, series = s.name,
+                        labels = ?s.labels, ts_ms = s.ts_ms, %why,
+                        "the sink refused a sample for good; it is skipped");
+                    continue;
+                }
+                Err(Failure::Retry(why)) => {
+                    self.stats(|s| {
+                        s.failed_attempts += 1;
+                        s.lag_ms = outpost_sys::now_ms().saturating_sub(oldest);
+                    });
+                    if told.as_ref() != Some(&why) {
+                        tracing::warn!(tenant = %self.tenant, sink = %self.sink.name, %why,
+                            "the sink did not take samples; retrying with backoff");
+                        told = Some(why);
+                    }
+                    parts.push(part);
+                }
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return false,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(RETRY_MAX);
+        }
+        true
+    }
+}
