@@ -3,6 +3,12 @@
 //! of its own kept on disk, so a sink that is down for an hour gets the whole backlog
 //! when it returns, in order, and a gateway restarted goes on where it was.
 //!
+//! In a NATS fleet each sink is exported by one gateway at a time, under a lease of its
+//! own (`nats::alerts::Leases`, key `<tenant>.export.<sink>.lease`), with its cursor in
+//! NATS (key `<tenant>.export.<sink>.cursor`, written compare-and-set on the revision the
+//! holder last wrote, so a holder that lost the lease cannot move it): when the holder
+//! dies, another gateway takes the lease and goes on from the cursor.
+//!
 //! A sink's loop: read results from its cursor, map them to samples ([`mapping`]), send
 //! them in requests of at most `batch` samples ([`sinks`]), and move the cursor past the
 //! results a request carried once the sink took it (or refused it for good: counted and
@@ -61,6 +67,8 @@ pub struct Context {
     pub poll: Duration,
     /// The tenants whose exports are started.
     pub running: Arc<std::sync::Mutex<HashSet<String>>>,
+    /// In a fleet: the leases sinks are exported under, and the NATS their cursors are in.
+    pub fleet: Option<Arc<crate::nats::alerts::Leases>>,
 }
 
 pub fn export_dir(data_dir: &Path) -> PathBuf {
@@ -70,6 +78,13 @@ pub fn export_dir(data_dir: &Path) -> PathBuf {
 /// Start each tenant's exports once it has any: looked at every `poll`, until shutdown.
 pub async fn run(ctx: Context) {
     loop {
+        if ctx.fleet.is_some() {
+            // Every tenant's configuration is followed (mirrored from the fleet), so any
+            // gateway can take any sink over, even one of a tenant with no agent here.
+            for t in ctx.tenants.list_tenants() {
+                ctx.checks.of(&t.name);
+            }
+        }
         for (tenant, store) in ctx.checks.stores() {
             if outpost_sys::lock(&ctx.running).contains(&tenant)
                 || store.current().export.sinks.is_empty()
@@ -135,14 +150,26 @@ async fn tenant_exports(ctx: Context, tenant: String, mut config: watch::Receive
                 continue;
             }
             let stop = ctx.shutdown.child_token();
-            let exporter = Exporter {
-                ctx: ctx.clone(),
-                tenant: tenant.clone(),
-                cursor: Cursor(ctx.dir.join(&tenant).join(format!("{name}.json"))),
-                sink: sink.clone(),
-                stop: stop.clone(),
+            let task = match ctx.fleet.clone() {
+                None => {
+                    let exporter = Exporter {
+                        ctx: ctx.clone(),
+                        tenant: tenant.clone(),
+                        cursor: Cursor::File(ctx.dir.join(&tenant).join(format!("{name}.json"))),
+                        sink: sink.clone(),
+                        stop: stop.clone(),
+                        tenure: None,
+                    };
+                    ctx.tracker.spawn(exporter.run())
+                }
+                Some(leases) => ctx.tracker.spawn(contend(
+                    ctx.clone(),
+                    leases,
+                    tenant.clone(),
+                    sink.clone(),
+                    stop.clone(),
+                )),
             };
-            let task = ctx.tracker.spawn(exporter.run());
             running.insert(name, (sink, stop, task));
         }
         tokio::select! {
@@ -154,29 +181,142 @@ async fn tenant_exports(ctx: Context, tenant: String, mut config: watch::Receive
     }
 }
 
+/// In a fleet: export `tenant`'s `sink` whenever this gateway holds its lease, until
+/// `stop`.
+async fn contend(
+    ctx: Context,
+    leases: Arc<crate::nats::alerts::Leases>,
+    tenant: String,
+    sink: Sink,
+    stop: CancellationToken,
+) {
+    let key = |what: &str| format!("{tenant}.export.{}.{what}", sink.name);
+    loop {
+        let Some(held) = leases
+            .acquire_key(key("lease"), &tenant, "metric export", &stop)
+            .await
+        else {
+            return;
+        };
+        let exporter = Exporter {
+            ctx: ctx.clone(),
+            tenant: tenant.clone(),
+            cursor: Cursor::Kv {
+                nats: leases.nats.clone(),
+                key: key("cursor"),
+                revision: std::sync::Mutex::new(None),
+            },
+            sink: sink.clone(),
+            stop: held.tenure.life.clone(),
+            tenure: Some(held.tenure.clone()),
+        };
+        exporter.run().await;
+        held.release().await;
+        if stop.is_cancelled() {
+            return;
+        }
+        // (Lost the lease, or fenced: contend again after a breath.)
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(RETRY_MIN) => {}
+        }
+    }
+}
+
 /// Where a sink has exported up to: the bus position after the last result it sent.
-struct Cursor(PathBuf);
+enum Cursor {
+    /// A file of this gateway's (its embedded bus).
+    File(PathBuf),
+    /// A key in the fleet's alerting bucket, with the revision this holder last read or
+    /// wrote there.
+    Kv {
+        nats: Arc<crate::nats::Nats>,
+        key: String,
+        revision: std::sync::Mutex<Option<u64>>,
+    },
+}
 
 #[derive(Serialize, Deserialize)]
 struct CursorFile {
     position: u64,
 }
 
+/// Why a cursor was not saved.
+enum SaveError {
+    /// Another gateway wrote it since: this one no longer exports the sink.
+    Fenced,
+    Other(String),
+}
+
 impl Cursor {
-    fn load(&self) -> anyhow::Result<Option<u64>> {
-        match std::fs::read(&self.0) {
-            Ok(bytes) => Ok(Some(serde_json::from_slice::<CursorFile>(&bytes)?.position)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e.into()),
+    async fn load(&self) -> anyhow::Result<Option<u64>> {
+        match self {
+            Cursor::File(path) => match std::fs::read(path) {
+                Ok(bytes) => Ok(Some(serde_json::from_slice::<CursorFile>(&bytes)?.position)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e.into()),
+            },
+            Cursor::Kv {
+                nats,
+                key,
+                revision,
+            } => {
+                let entry = nats
+                    .alerts
+                    .entry(key)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot read the cursor {key}: {e}"))?;
+                let Some(entry) = entry else {
+                    return Ok(None);
+                };
+                *outpost_sys::lock(revision) = Some(entry.revision);
+                if entry.operation != async_nats::jetstream::kv::Operation::Put {
+                    return Ok(None);
+                }
+                Ok(Some(
+                    serde_json::from_slice::<CursorFile>(&entry.value)?.position,
+                ))
+            }
         }
     }
 
-    fn save(&self, position: u64) -> std::io::Result<()> {
-        if let Some(dir) = self.0.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
+    async fn save(&self, position: u64) -> Result<(), SaveError> {
         let bytes = serde_json::to_vec(&CursorFile { position }).expect("a cursor serializes");
-        outpost_sys::write_atomic(&self.0, &bytes, 0o600)
+        match self {
+            Cursor::File(path) => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| SaveError::Other(e.to_string()))?;
+                }
+                outpost_sys::write_atomic(path, &bytes, 0o600)
+                    .map_err(|e| SaveError::Other(e.to_string()))
+            }
+            Cursor::Kv {
+                nats,
+                key,
+                revision,
+            } => {
+                let last = *outpost_sys::lock(revision);
+                let written = match last {
+                    Some(r) => nats.alerts.update(key, bytes.into(), r).await.map_err(|e| {
+                        if e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision
+                        {
+                            SaveError::Fenced
+                        } else {
+                            SaveError::Other(e.to_string())
+                        }
+                    }),
+                    None => nats.alerts.create(key, bytes.into()).await.map_err(|e| {
+                        if e.kind() == async_nats::jetstream::kv::CreateErrorKind::AlreadyExists {
+                            SaveError::Fenced
+                        } else {
+                            SaveError::Other(e.to_string())
+                        }
+                    }),
+                }?;
+                *outpost_sys::lock(revision) = Some(written);
+                Ok(())
+            }
+        }
     }
 }
 
@@ -186,6 +326,8 @@ struct Exporter {
     cursor: Cursor,
     sink: Sink,
     stop: CancellationToken,
+    /// In a fleet: the lease it exports under (checked before every request).
+    tenure: Option<Arc<crate::nats::alerts::Tenure>>,
 }
 
 impl Exporter {
@@ -236,7 +378,9 @@ impl Exporter {
                 self.stats(|s| s.lag_ms = 0);
                 if read.next != position {
                     position = read.next;
-                    self.save(position);
+                    if !self.save(position).await {
+                        return;
+                    }
                 }
                 continue;
             }
@@ -270,7 +414,9 @@ impl Exporter {
                         return;
                     }
                     position = through;
-                    self.save(position);
+                    if !self.save(position).await {
+                        return;
+                    }
                     samples.clear();
                 }
                 samples.extend(more);
@@ -280,7 +426,9 @@ impl Exporter {
                         return;
                     }
                     position = read.next.max(through);
-                    self.save(position);
+                    if !self.save(position).await {
+                        return;
+                    }
                 }
             }
         }
@@ -288,7 +436,7 @@ impl Exporter {
 
     /// A cursor kept, else the bus's end (or its start, with `from = "start"`).
     async fn start_position(&self) -> anyhow::Result<u64> {
-        if let Some(p) = self.cursor.load()? {
+        if let Some(p) = self.cursor.load().await? {
             return Ok(p);
         }
         let position = if self.sink.from_start {
@@ -296,14 +444,28 @@ impl Exporter {
         } else {
             self.ctx.bus.ends(&self.tenant).await?.results
         };
-        self.cursor.save(position)?;
+        if !self.save(position).await {
+            anyhow::bail!("another gateway exports this sink");
+        }
         Ok(position)
     }
 
-    fn save(&self, position: u64) {
-        if let Err(e) = self.cursor.save(position) {
-            tracing::error!(tenant = %self.tenant, sink = %self.sink.name, error = %e,
-                "cannot save the metric export's cursor; a restart would send some samples again");
+    /// Keep the cursor at `position`; false when another gateway has taken the sink over
+    /// (this one stops).
+    async fn save(&self, position: u64) -> bool {
+        match self.cursor.save(position).await {
+            Ok(()) => true,
+            Err(SaveError::Fenced) => {
+                tracing::warn!(tenant = %self.tenant, sink = %self.sink.name,
+                    "another gateway moved this sink's cursor: it exports the sink now; this one stops");
+                self.stop.cancel();
+                false
+            }
+            Err(SaveError::Other(e)) => {
+                tracing::error!(tenant = %self.tenant, sink = %self.sink.name, error = %e,
+                    "cannot save the metric export's cursor; a restart would send some samples again");
+                true
+            }
         }
     }
 
@@ -319,6 +481,11 @@ impl Exporter {
         while let Some(part) = parts.pop() {
             if part.is_empty() {
                 continue;
+            }
+            // A holder paused past its lease sends nothing when it runs again.
+            if self.tenure.as_ref().is_some_and(|t| !t.valid()) {
+                self.stop.cancel();
+                return false;
             }
             let sent = tokio::select! {
                 _ = self.stop.cancelled() => return false,

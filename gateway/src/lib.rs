@@ -496,10 +496,7 @@ pub async fn serve(
             Err(e) => tracing::error!(error = %format!("{e:#}"), "alerting cannot start"),
         }
     }
-    if gw.nats.is_some() {
-        // (A fleet's exports need one exporter per sink across gateways: not yet.)
-        tracing::warn!("metric export ([[export]]) runs on a gateway with its embedded bus only, for now; this fleet's sinks get nothing");
-    } else {
+    {
         match alerts::deliver::http_client() {
             Ok(client) => {
                 let ctx = export::Context {
@@ -514,6 +511,13 @@ pub async fn serve(
                     health: gw.health.clone(),
                     tenants: gw.credentials.tenants.clone(),
                     poll: gw.settings.checks_poll,
+                    fleet: gw.nats.clone().map(|nats| {
+                        Arc::new(nats::alerts::Leases {
+                            nats,
+                            gateway: gw.registry.me.gateway_id.clone(),
+                            incarnation: gw.registry.me.incarnation.clone(),
+                        })
+                    }),
                     running: Arc::default(),
                 };
                 background(&tracker, gw, "metric export", move || {

@@ -525,3 +525,29 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
     Some((status, body.to_string()))
 }
+
+/// Every result the fleet's JetStream results stream holds (what each gateway stored:
+/// `{fingerprint, result}`), or `None` when the stream does not answer now. `urls`:
+/// comma-separated.
+pub async fn stream_results(urls: &str) -> Option<Vec<Value>> {
+    let client = async_nats::connect(urls.split(',').collect::<Vec<_>>())
+        .await
+        .ok()?;
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js
+        .get_stream(outpost_gateway::nats::RESULTS_STREAM)
+        .await
+        .ok()?;
+    let state = stream.info().await.ok()?.state.clone();
+    let mut out = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        match stream.get_raw_message(seq).await {
+            Ok(m) => out.push(serde_json::from_slice(&m.payload).ok()?),
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {}
+            Err(_) => return None,
+        }
+    }
+    Some(out)
+}

@@ -571,7 +571,7 @@ const BEFORE_PAUSE: usize = 5;
 const PAUSE_SLOW: Duration = Duration::from_millis(150);
 /// What a holder logs when it finds it no longer holds the lease.
 const STOPPED: [&str; 3] = [
-    "the alerting lease was taken by another gateway",
+    "a lease was taken by another gateway",
     "could not be renewed in time",
     "no longer holds the tenant's alerting lease",
 ];

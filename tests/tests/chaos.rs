@@ -599,31 +599,6 @@ async fn combined_faults_on_the_agents_side_lose_nothing_and_double_nothing() {
     }
 }
 
-/// Every result the fleet's JetStream results stream holds (what each gateway stored:
-/// `{fingerprint, result}`), or `None` when the stream does not answer now.
-async fn nats_results(urls: &str) -> Option<Vec<outpost_e2e::Value>> {
-    let client = async_nats::connect(urls.split(',').collect::<Vec<_>>())
-        .await
-        .ok()?;
-    let js = async_nats::jetstream::new(client);
-    let mut stream = js
-        .get_stream(outpost_gateway::nats::RESULTS_STREAM)
-        .await
-        .ok()?;
-    let state = stream.info().await.ok()?.state.clone();
-    let mut out = Vec::new();
-    for seq in state.first_sequence..=state.last_sequence {
-        match stream.get_raw_message(seq).await {
-            Ok(m) => out.push(serde_json::from_slice(&m.payload).ok()?),
-            Err(e)
-                if e.kind()
-                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => {}
-            Err(_) => return None,
-        }
-    }
-    Some(out)
-}
-
 /// The bus's side of a fleet, many faults at once, then an audit of every run.
 ///
 /// A JetStream cluster of three nats-servers, two gateways on it and an agent on each
@@ -713,7 +688,7 @@ async fn combined_faults_on_a_nats_fleet_lose_nothing_and_double_nothing() {
         Duration::from_secs(90),
         "every agent's runs on the bus",
         || async {
-            let all = nats_results(&urls).await?;
+            let all = outpost_e2e::nats::stream_results(&urls).await?;
             let (runs, _) = on_bus(&all);
             let ledger = read_ledger(&ledger);
             NAMES
@@ -882,7 +857,9 @@ async fn combined_faults_on_a_nats_fleet_lose_nothing_and_double_nothing() {
             .into_iter()
             .filter(|r| r.at <= faults_ended)
             .collect();
-        let all = nats_results(&urls).await.unwrap_or_default();
+        let all = outpost_e2e::nats::stream_results(&urls)
+            .await
+            .unwrap_or_default();
         let (runs, _) = on_bus(&all);
         let missing: Vec<_> = ledger_runs
             .iter()

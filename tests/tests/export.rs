@@ -222,3 +222,97 @@ async fn a_sink_down_for_a_while_gets_every_sample_of_the_gap_once_when_back() {
     let refused = gw.metric("outpost_export_samples_refused_total ").await;
     assert_eq!(refused, 0, "nothing of the backlog refused");
 }
+
+/// On a NATS fleet one gateway exports a sink at a time, under a lease; killed (SIGKILL)
+/// mid-export, another gateway takes the lease and goes on from the cursor in NATS:
+/// every result has its sample in Prometheus, before and after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleets_export_moves_to_another_gateway_when_its_holder_is_killed() {
+    use outpost_e2e::fleet;
+    use outpost_e2e::nats::{config_push, stream_results, NatsServer};
+
+    let dir = tempdir();
+    let nats = NatsServer::start(dir.path(), "nats");
+    let urls = nats.url();
+    let pki = fleet::pki(dir.path());
+    let prom = Prometheus::start(dir.path());
+    let export = format!(
+        "[[export]]\nname = \"prom\"\nremote_write = {{ url = \"{}\" }}\nfrom = \"start\"\n",
+        prom.write_url()
+    );
+    config_push(
+        &urls,
+        &fleet::write_config(dir.path(), &[("base.toml", &checks(&export))]),
+        &[],
+    );
+    let mut gws = fleet::gateways(dir.path(), 2, &urls, &pki);
+    const HOLDS: &str = "what=\"metric export\"";
+    let holder = eventually(
+        Duration::from_secs(60),
+        "a gateway exports the sink",
+        || async {
+            gws.iter().position(|g| {
+                g.proc
+                    .log()
+                    .lines()
+                    .any(|l| l.contains("now holds the tenant's lease") && l.contains(HOLDS))
+            })
+        },
+    )
+    .await;
+    let other = 1 - holder;
+    // The agent on the other gateway, which goes on storing its results throughout.
+    let agent = fleet::agent(dir.path(), "a1", &gws[other].addr, &pki, &gws[0].enroll_key);
+    let fp = agent.fingerprint.clone();
+    // Every result of `load` stored up to `until` (ms) has its sample in Prometheus.
+    let all_there = |until: i64| {
+        let (prom, fp, urls) = (&prom, &fp, &urls);
+        async move {
+            let stored: Vec<i64> = stream_results(urls)
+                .await?
+                .iter()
+                .filter(|l| l["fingerprint"] == fp.as_str() && l["result"]["check"] == "load")
+                .filter_map(|l| l["result"]["started_at_ms"].as_i64())
+                .filter(|t| *t <= until)
+                .collect();
+            let s = prom.samples("outpost_check_status{check=\"load\"}", 900, now_secs())?;
+            let got: Vec<i64> = s.first()?.1.iter().map(|(t, _)| *t).collect();
+            let covered: Vec<i64> = got
+                .into_iter()
+                .filter(|t| stored.first().is_some_and(|f| t >= f) && *t <= until)
+                .collect();
+            (stored.len() >= 5 && covered == stored).then_some(stored.len())
+        }
+    };
+    eventually(Duration::from_secs(60), "the results exported", || {
+        all_there(outpost_e2e::now_ms() as i64 - 2_000)
+    })
+    .await;
+    gws[holder].proc.signal(libc::SIGKILL);
+    let _ = gws[holder].proc.wait_exit(Duration::from_secs(10)).await;
+    let killed_at = outpost_e2e::now_ms() as i64;
+    // The lease runs out (8 s unrenewed) and the other gateway takes the sink over.
+    eventually(
+        Duration::from_secs(60),
+        "the other gateway exports the sink",
+        || async {
+            gws[other]
+                .proc
+                .log()
+                .lines()
+                .any(|l| l.contains("now holds the tenant's lease") && l.contains(HOLDS))
+                .then_some(())
+        },
+    )
+    .await;
+    let after = killed_at + 15_000;
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let n = eventually(
+        Duration::from_secs(60),
+        "every result, from before and after the kill, exported",
+        || all_there(after),
+    )
+    .await;
+    assert!(n >= 20, "{n} results audited");
+    drop(gws.remove(other));
+}

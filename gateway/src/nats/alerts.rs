@@ -185,9 +185,21 @@ pub struct Leases {
 }
 
 impl Leases {
-    /// Wait until this gateway holds `tenant`'s lease; `None` at shutdown.
+    /// Wait until this gateway holds `tenant`'s alerting lease; `None` at shutdown.
     pub async fn acquire(&self, tenant: &str, shutdown: &CancellationToken) -> Option<Held> {
-        let key = lease_key(tenant);
+        self.acquire_key(lease_key(tenant), tenant, "alerting", shutdown)
+            .await
+    }
+
+    /// Wait until this gateway holds the lease at `key` (in the alerting bucket) for
+    /// `tenant`'s `what` (named in the log); `None` at shutdown.
+    pub async fn acquire_key(
+        &self,
+        key: String,
+        tenant: &str,
+        what: &'static str,
+        shutdown: &CancellationToken,
+    ) -> Option<Held> {
         let kv = &self.nats.alerts;
         // The revision last seen, and since when (by this gateway's clock).
         let mut seen: Option<(u64, Instant)> = None;
@@ -230,7 +242,7 @@ impl Leases {
                             if free || expired {
                                 if expired {
                                     let holder = value.map(|v| v.gateway).unwrap_or_default();
-                                    tracing::warn!(%tenant, %holder, "the alerting lease was not renewed: taking it over");
+                                    tracing::warn!(%tenant, %holder, what, "a lease was not renewed: taking it over");
                                 }
                                 kv.update(&key, mine, revision).await.ok()
                             } else {
@@ -240,18 +252,19 @@ impl Leases {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(%tenant, error = %e, "cannot read the alerting lease; retrying");
+                    tracing::warn!(%tenant, error = %e, what, "cannot read a lease; retrying");
                     None
                 }
             };
             if let Some(token) = taken {
-                tracing::info!(%tenant, token, gateway = %self.gateway, "this gateway now evaluates and notifies for the tenant");
+                tracing::info!(%tenant, token, gateway = %self.gateway, what, "this gateway now holds the tenant's lease");
                 let tenure = Tenure::new(token, shutdown.child_token());
                 let renewer = tokio::spawn(renew(
                     self.nats.clone(),
                     key,
                     (self.value(false), self.value(true)),
                     tenure.clone(),
+                    what,
                 ));
                 return Some(Held {
                     tenure,
@@ -284,6 +297,7 @@ async fn renew(
     key: String,
     (mine, released): (bytes::Bytes, bytes::Bytes),
     tenure: Arc<Tenure>,
+    what: &'static str,
 ) {
     let mut revision = tenure.token;
     let life = &tenure.life;
@@ -291,7 +305,7 @@ async fn renew(
         let renewed = *outpost_sys::lock(&tenure.renewed);
         let left = SELF_FENCE.saturating_sub(renewed.elapsed());
         if left.is_zero() {
-            tracing::error!(%key, "the alerting lease could not be renewed in time: this gateway stops notifying");
+            tracing::error!(%key, what, "a lease could not be renewed in time: this gateway stops its work under it");
             life.cancel();
             return;
         }
@@ -310,12 +324,12 @@ async fn renew(
             Ok(Err(e))
                 if e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision =>
             {
-                tracing::warn!(%key, "the alerting lease was taken by another gateway: this one stops notifying");
+                tracing::warn!(%key, what, "a lease was taken by another gateway: this one stops its work under it");
                 life.cancel();
                 return;
             }
             Ok(Err(e)) => {
-                tracing::warn!(%key, error = %e, "cannot renew the alerting lease; retrying");
+                tracing::warn!(%key, what, error = %e, "cannot renew a lease; retrying");
                 tokio::select! {
                     _ = life.cancelled() => break,
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {}
@@ -325,8 +339,8 @@ async fn renew(
         }
     }
     match nats.alerts.update(&key, released, revision).await {
-        Ok(_) => tracing::info!(%key, "alerting lease released"),
-        Err(e) => tracing::debug!(%key, error = %e, "alerting lease not released (taken already)"),
+        Ok(_) => tracing::info!(%key, what, "lease released"),
+        Err(e) => tracing::debug!(%key, what, error = %e, "lease not released (taken already)"),
     }
 }
 
