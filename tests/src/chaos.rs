@@ -104,13 +104,45 @@ impl Netns {
     }
 
     /// Impair the link both ways: lose `loss` and duplicate `dup` per mille of the
-    /// packets, at random (replacing any impairment before). This kernel has no `netem`
-    /// (`CONFIG_NET_SCH_NETEM` is not set), so the rules are nftables' on each end's
-    /// egress: `numgen random` then `drop` or `dup to` the same device.
+    /// packets, at random, and delay a quarter of them behind a slow queue, which
+    /// reorders them too (replacing any impairment before). This kernel has no `netem`
+    /// (`CONFIG_NET_SCH_NETEM` is not set), so: loss and duplication are nftables rules
+    /// on each end's egress (`numgen random`, then `drop` or `dup to` the same device);
+    /// delay and reordering are an HTB qdisc whose classifier is a classic-BPF program
+    /// sending a random quarter of the packets (`ld rand`) to a class limited to
+    /// 256 kbit/s, so they wait behind each other (hundreds of ms under load) while the
+    /// rest pass them.
     pub fn impair(&self, loss: u32, dup: u32) {
         self.rules(&format!(
             "numgen random mod 1000 < {loss} drop\nnumgen random mod 1000 < {dup} dup to \"{{dev}}\""
         ));
+        for (dev, inside) in [(&self.host_if, false), (&self.ns_if, true)] {
+            // `tc` with `args` (words; `DEV` the device; `_` a space within one word).
+            let tc = |args: &str| {
+                let mut argv: Vec<String> = Vec::new();
+                if inside {
+                    argv.extend(["ip", "netns", "exec", &self.name].map(String::from));
+                }
+                argv.push("tc".into());
+                argv.extend(args.split_whitespace().map(|a| {
+                    if a == "DEV" {
+                        dev.clone()
+                    } else {
+                        a.replace('_', " ")
+                    }
+                }));
+                run(&argv.iter().map(String::as_str).collect::<Vec<_>>());
+            };
+            tc("qdisc replace dev DEV root handle 1: htb default 10");
+            tc("class replace dev DEV parent 1: classid 1:10 htb rate 10gbit");
+            tc("class replace dev DEV parent 1: classid 1:20 htb rate 256kbit ceil 256kbit");
+            tc("qdisc replace dev DEV parent 1:20 handle 20: pfifo limit 100");
+            // ld rand; jge #(3/4 of 2^32) → class 1:20 (0x10020), else 1:10 (0x10010).
+            tc(
+                "filter replace dev DEV parent 1: protocol all prio 1 handle 1 bpf bytecode \
+                4,32_0_0_4294963256,53_0_1_3221225472,6_0_0_65568,6_0_0_65552",
+            );
+        }
     }
 
     /// Every packet lost, both ways: a cut beyond the host (no carrier lost, no reset).
@@ -134,6 +166,13 @@ impl Netns {
 
     /// Take every impairment away.
     pub fn clear(&self) {
+        let _ = Command::new("tc")
+            .args(["qdisc", "del", "dev", &self.host_if, "root"])
+            .output();
+        let _ = Command::new("ip")
+            .args(["netns", "exec", &self.name, "tc", "qdisc", "del", "dev"])
+            .args([&self.ns_if, "root"])
+            .output();
         let _ = Command::new("nft")
             .args([
                 "delete",

@@ -214,9 +214,9 @@ impl Usage {
 /// A gateway (embedded bus) and two agents in a network namespace of their own, joined by
 /// a veth link; each agent runs two checks a second whose plugin writes every run to a
 /// ledger outside the system. For `OUTPOST_CHAOS_SECS`, rounds of one to four faults at
-/// once, drawn from a seeded schedule: the link impaired (packets lost and duplicated
-/// at random, with nftables: this kernel has no netem), cut (link down) or black-holed
-/// (every packet lost); the
+/// once, drawn from a seeded schedule: the link impaired (packets lost, duplicated,
+/// delayed and reordered at random, with nftables and an HTB qdisc: this kernel has no
+/// netem), cut (link down) or black-holed (every packet lost); the
 /// first agent's disk full under its outbox; the second agent's wall clock jumped hours
 /// forward or back (libfaketime; its monotonic clock untouched, as under an NTP step);
 /// an agent or the gateway stopped (SIGSTOP, then SIGCONT) or killed (SIGKILL, then
