@@ -8,7 +8,8 @@
 //!
 //! A tenant's admin is not the gateway's operator: files pushed here may not name files
 //! on the gateway (a receiver's `password_file`, `secret_file`, `routing_key_file`,
-//! `ca_file`), which the gateway would read and send wherever the receiver points. Those
+//! `ca_file`; a metric export's `bearer_token_file`, `password_file`, `token_file`),
+//! which the gateway would read and send wherever the receiver or sink points. Those
 //! stay for check files the operator installs. Files are written 0600, one push at a
 //! time per gateway.
 
@@ -88,15 +89,17 @@ fn api_problems(checks: &BTreeMap<String, String>) -> Vec<String> {
         let Ok(doc) = text.parse::<toml::Table>() else {
             continue; // said by the file's own validation
         };
-        let receivers = doc.get("receiver").and_then(|r| r.as_array());
-        for r in receivers.into_iter().flatten() {
-            let rname = r.get("name").and_then(|n| n.as_str()).unwrap_or("?");
-            let mut found = Vec::new();
-            gateway_files(r, &mut found);
-            for key in found {
-                problems.push(format!(
-                    "{name}: receiver {rname:?} names a file on the gateway ({key}): not through the API; give the secret itself, or have the operator install this file on the gateway"
-                ));
+        for (table, what) in [("receiver", "receiver"), ("export", "metric export")] {
+            let entries = doc.get(table).and_then(|r| r.as_array());
+            for r in entries.into_iter().flatten() {
+                let rname = r.get("name").and_then(|n| n.as_str()).unwrap_or("?");
+                let mut found = Vec::new();
+                gateway_files(r, &mut found);
+                for key in found {
+                    problems.push(format!(
+                        "{name}: {what} {rname:?} names a file on the gateway ({key}): not through the API; give the secret itself, or have the operator install this file on the gateway"
+                    ));
+                }
             }
         }
     }
@@ -278,4 +281,33 @@ fn write_local(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A tenant's push may not name a file on the gateway, in a receiver or in a metric
+    /// export (the gateway would read it and send it to the tenant's URL); the secret
+    /// itself is fine.
+    #[test]
+    fn a_push_naming_a_gateway_file_in_a_receiver_or_an_export_is_refused() {
+        let push = |text: &str| api_problems(&[("a.toml".to_string(), text.to_string())].into());
+        for (text, key) in [
+            ("[[receiver]]\nname = 'r'\nwebhook = { url = 'http://h/', secret_file = '/etc/shadow' }\n", "secret_file"),
+            ("[[export]]\nname = 'p'\nremote_write = { url = 'http://h/', bearer_token_file = '/etc/outpost/operator.token' }\n", "bearer_token_file"),
+            ("[[export]]\nname = 'i'\ninflux = { url = 'http://h', database = 'd', username = 'u', password_file = '/etc/shadow' }\n", "password_file"),
+            ("[[export]]\nname = 'i'\ninflux = { url = 'http://h', org = 'o', bucket = 'b', token_file = '/etc/shadow' }\n", "token_file"),
+        ] {
+            let problems = push(text);
+            assert!(
+                problems.iter().any(|p| p.contains(&format!("names a file on the gateway ({key})"))),
+                "{text}: {problems:?}"
+            );
+        }
+        assert!(push(
+            "[[export]]\nname = 'p'\nremote_write = { url = 'http://h/', bearer_token = 't' }\n"
+        )
+        .is_empty());
+    }
 }

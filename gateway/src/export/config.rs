@@ -16,6 +16,11 @@
 //! # influx = { url = "...", org = "ops", bucket = "outpost", token_file = "/etc/outpost/influx.token" }  # 2.x
 //! ```
 //!
+//! Each credential is given itself (`bearer_token`, `password`, `token`) or as the
+//! absolute path of a file on the gateway (`…_file`, read at every request); check files
+//! pushed by a tenant through the API may not name files (the gateway would send the
+//! file to the tenant's URL).
+//!
 //! A file whose exports are invalid keeps its last good ones (like alerting); a name
 //! declared twice is taken from the first file, by name.
 
@@ -62,11 +67,10 @@ pub struct Sink {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum SinkKind {
-    /// Prometheus remote-write 1.0 (protobuf, snappy), with a bearer token read from a
-    /// file if given.
+    /// Prometheus remote-write 1.0 (protobuf, snappy), with a bearer token if given.
     RemoteWrite {
         url: String,
-        bearer_token_file: Option<PathBuf>,
+        bearer_token: Option<Secret>,
     },
     /// InfluxDB line protocol: 1.x `/write?db=` or 2.x `/api/v2/write?org=&bucket=`.
     Influx(Influx),
@@ -77,16 +81,63 @@ pub enum Influx {
     V1 {
         url: String,
         database: String,
-        /// `u` and `p` for an InfluxDB with authentication on.
+        /// For an InfluxDB with authentication on (sent as HTTP Basic).
         username: Option<String>,
-        password_file: Option<PathBuf>,
+        password: Option<Secret>,
     },
     V2 {
         url: String,
         org: String,
         bucket: String,
-        token_file: PathBuf,
+        token: Secret,
     },
+}
+
+/// A credential: given in the check file, or the absolute path of a file on the gateway
+/// that holds it (read at every use, so it can be rotated in place).
+#[derive(Clone, PartialEq)]
+pub enum Secret {
+    Inline(String),
+    File(PathBuf),
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Secret::Inline(_) => f.write_str("Inline(…)"),
+            Secret::File(p) => write!(f, "File({})", p.display()),
+        }
+    }
+}
+
+impl Secret {
+    /// The credential, trimmed; why not when its file cannot be read.
+    pub fn read(&self) -> Result<String, String> {
+        match self {
+            Secret::Inline(s) => Ok(s.clone()),
+            Secret::File(p) => std::fs::read_to_string(p)
+                .map(|s| s.trim().to_string())
+                .map_err(|e| format!("cannot read {}: {e}", p.display())),
+        }
+    }
+}
+
+/// The secret given inline or by file (an absolute path), never both.
+fn secret(
+    what: &str,
+    inline: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<Option<Secret>, String> {
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(format!("give {what} or {what}_file, not both")),
+        (Some(s), None) => Ok(Some(Secret::Inline(s))),
+        (None, Some(f)) if f.is_absolute() => Ok(Some(Secret::File(f))),
+        (None, Some(f)) => Err(format!(
+            "{what}_file {:?}: give an absolute path (it is read on the gateway)",
+            f.display()
+        )),
+        (None, None) => Ok(None),
+    }
 }
 
 #[derive(Deserialize, Default)]
@@ -112,6 +163,7 @@ struct RawExport {
 #[serde(deny_unknown_fields)]
 struct RawRemoteWrite {
     url: String,
+    bearer_token: Option<String>,
     bearer_token_file: Option<PathBuf>,
 }
 
@@ -121,9 +173,11 @@ struct RawInflux {
     url: String,
     database: Option<String>,
     username: Option<String>,
+    password: Option<String>,
     password_file: Option<PathBuf>,
     org: Option<String>,
     bucket: Option<String>,
+    token: Option<String>,
     token_file: Option<PathBuf>,
 }
 
@@ -163,7 +217,8 @@ fn sink(r: RawExport) -> Result<Sink, String> {
             http_url(&rw.url).map_err(at)?;
             SinkKind::RemoteWrite {
                 url: rw.url,
-                bearer_token_file: rw.bearer_token_file,
+                bearer_token: secret("bearer_token", rw.bearer_token, rw.bearer_token_file)
+                    .map_err(at)?,
             }
         }
         (None, Some(i)) => {
@@ -175,25 +230,27 @@ fn sink(r: RawExport) -> Result<Sink, String> {
                 )));
             }
             let url = i.url.trim_end_matches('/').to_string();
-            match (i.database, i.org, i.bucket, i.token_file) {
+            let password = secret("password", i.password, i.password_file).map_err(at)?;
+            let token = secret("token", i.token, i.token_file).map_err(at)?;
+            match (i.database, i.org, i.bucket, token) {
                 (Some(database), None, None, None) => SinkKind::Influx(Influx::V1 {
                     url,
                     database,
                     username: i.username,
-                    password_file: i.password_file,
+                    password,
                 }),
-                (None, Some(org), Some(bucket), Some(token_file))
-                    if i.username.is_none() && i.password_file.is_none() =>
+                (None, Some(org), Some(bucket), Some(token))
+                    if i.username.is_none() && password.is_none() =>
                 {
                     SinkKind::Influx(Influx::V2 {
                         url,
                         org,
                         bucket,
-                        token_file,
+                        token,
                     })
                 }
                 _ => return Err(at(
-                    "influx takes `database` (1.x, with optional `username` and `password_file`) or `org`, `bucket` and `token_file` (2.x)".into(),
+                    "influx takes `database` (1.x, with optional `username` and `password` or `password_file`) or `org`, `bucket` and `token` or `token_file` (2.x)".into(),
                 )),
             }
         }
@@ -230,7 +287,7 @@ fn sink(r: RawExport) -> Result<Sink, String> {
         }
         if OWN_HEADERS.contains(&k.to_ascii_lowercase().as_str()) {
             return Err(at(format!(
-                "header {k:?} is the export's own (credentials: bearer_token_file, username and password_file, token_file)"
+                "header {k:?} is the export's own (credentials: bearer_token, username and password, token)"
             )));
         }
     }
@@ -291,7 +348,7 @@ mod tests {
             sinks[0].kind,
             SinkKind::RemoteWrite {
                 url: "http://p:9090/api/v1/write".into(),
-                bearer_token_file: None,
+                bearer_token: None,
             }
         );
         assert_eq!(
@@ -303,7 +360,7 @@ mod tests {
             matches!(&sinks[1].kind, SinkKind::Influx(Influx::V1 { url, database, .. }) if url == "http://i:8086" && database == "outpost")
         );
         assert!(
-            matches!(&sinks[2].kind, SinkKind::Influx(Influx::V2 { bucket, .. }) if bucket == "b")
+            matches!(&sinks[2].kind, SinkKind::Influx(Influx::V2 { bucket, token: Secret::File(_), .. }) if bucket == "b")
         );
         assert_eq!(
             (sinks[1].batch, sinks[1].timeout, sinks[1].from_start),
@@ -322,6 +379,8 @@ mod tests {
             ("name = 'x'\nremote_write = { url = 'http://h/' }\nretries = 3\n", "unknown field"),
             ("name = 'x'\nremote_write = { url = 'http://h/' }\nheaders = { Authorization = 'x' }\n", "own"),
             ("name = 'x'\ninflux = { url = 'http://h/?db=x', database = 'd' }\n", "without a query"),
+            ("name = 'x'\nremote_write = { url = 'http://h/', bearer_token_file = 'rel/t' }\n", "absolute"),
+            ("name = 'x'\nremote_write = { url = 'http://h/', bearer_token = 't', bearer_token_file = '/t' }\n", "not both"),
         ] {
             let err = parse_file(&format!("[[export]]\n{text}")).unwrap_err();
             assert!(err.contains(says), "{text}: {err}");
@@ -342,7 +401,7 @@ mod tests {
             config.sinks["p"].kind,
             SinkKind::RemoteWrite {
                 url: "http://a/".into(),
-                bearer_token_file: None,
+                bearer_token: None,
             }
         );
         assert_eq!(problems.len(), 1, "{problems:?}");

@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 
 use prost::Message as _;
 
-use super::config::{Influx, Sink, SinkKind};
+use super::config::{Influx, Secret, Sink, SinkKind};
 use super::mapping::Sample;
 
 /// Generated from `proto/remote_write.proto` (build.rs).
@@ -182,11 +182,9 @@ pub fn line_protocol(samples: &[Sample]) -> String {
     out
 }
 
-/// A secret kept in a file, trimmed.
-fn read_secret(path: &std::path::Path) -> Result<String, Failure> {
-    std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .map_err(|e| Failure::Retry(format!("cannot read {}: {e}", path.display())))
+/// A credential; one whose file cannot be read now is tried again later.
+fn read_secret(secret: &Secret) -> Result<String, Failure> {
+    secret.read().map_err(Failure::Retry)
 }
 
 /// `url` with `query` appended, encoded.
@@ -205,18 +203,15 @@ pub async fn send(
     samples: &[Sample],
 ) -> Result<(), Failure> {
     let mut req = match &sink.kind {
-        SinkKind::RemoteWrite {
-            url,
-            bearer_token_file,
-        } => {
+        SinkKind::RemoteWrite { url, bearer_token } => {
             let req = client
                 .post(url)
                 .header("content-type", "application/x-protobuf")
                 .header("content-encoding", "snappy")
                 .header("x-prometheus-remote-write-version", "0.1.0")
                 .body(remote_write_body(samples));
-            match bearer_token_file {
-                Some(f) => req.bearer_auth(read_secret(f)?),
+            match bearer_token {
+                Some(t) => req.bearer_auth(read_secret(t)?),
                 None => req,
             }
         }
@@ -224,7 +219,7 @@ pub async fn send(
             url,
             database,
             username,
-            password_file,
+            password,
         }) => {
             let query = [("db", database.clone()), ("precision", "ms".into())];
             let req = client
@@ -233,7 +228,7 @@ pub async fn send(
                 .body(line_protocol(samples));
             // (Basic authentication, which InfluxDB 1.x takes like `u` and `p`, keeps the
             // password out of URLs and so out of any error message.)
-            match (username, password_file) {
+            match (username, password) {
                 (Some(u), Some(p)) => req.basic_auth(u, Some(read_secret(p)?)),
                 (Some(u), None) => req.basic_auth(u, None::<&str>),
                 _ => req,
@@ -243,7 +238,7 @@ pub async fn send(
             url,
             org,
             bucket,
-            token_file,
+            token,
         }) => {
             let query = [
                 ("org", org.clone()),
@@ -252,10 +247,7 @@ pub async fn send(
             ];
             client
                 .post(with_query(&format!("{url}/api/v2/write"), &query)?)
-                .header(
-                    "authorization",
-                    format!("Token {}", read_secret(token_file)?),
-                )
+                .header("authorization", format!("Token {}", read_secret(token)?))
                 .header("content-type", "text/plain; charset=utf-8")
                 .body(line_protocol(samples))
         }
@@ -394,7 +386,7 @@ mod tests {
         let rw = |path: &str| {
             sink(SinkKind::RemoteWrite {
                 url: format!("http://{addr}{path}"),
-                bearer_token_file: None,
+                bearer_token: None,
             })
         };
         assert_eq!(send(&client, &rw("/api/v1/write"), &samples).await, Ok(()));
@@ -435,7 +427,7 @@ mod tests {
         drop(closed);
         let nobody = sink(SinkKind::RemoteWrite {
             url: format!("http://{gone}/api/v1/write"),
-            bearer_token_file: None,
+            bearer_token: None,
         });
         assert!(matches!(
             send(&client, &nobody, &samples).await,
@@ -455,7 +447,7 @@ mod tests {
             url: format!("http://{addr}"),
             database: "outpost".into(),
             username: Some("u1".into()),
-            password_file: Some(secret.clone()),
+            password: Some(Secret::File(secret.clone())),
         }));
         assert_eq!(send(&client, &v1, &samples).await, Ok(()));
         let (headers, uri, body) = rx.recv().await.unwrap();
@@ -471,7 +463,7 @@ mod tests {
             url: format!("http://{addr}"),
             org: "o".into(),
             bucket: "b".into(),
-            token_file: secret.clone(),
+            token: Secret::File(secret.clone()),
         }));
         assert_eq!(send(&client, &v2, &samples).await, Ok(()));
         let (headers, uri, _) = rx.recv().await.unwrap();
