@@ -20,6 +20,7 @@ pub mod scheduler;
 pub mod service;
 pub mod settings;
 pub mod spawn;
+pub mod statsd;
 pub mod supervise;
 pub mod tls;
 pub mod update;
@@ -113,6 +114,15 @@ pub async fn run_updating(
     .await
     .context("cannot start the collectors' listeners")?;
     collectors.apply(cached_collectors).await;
+    let statsd = match settings.statsd.clone() {
+        Some(s) => Some(
+            statsd::start(s, outbox.clone(), shutdown.clone())
+                .await
+                .context("cannot start the statsd listeners")?
+                .1,
+        ),
+        None => None,
+    };
     let local = local_checks::LocalChecks::new(
         &settings.paths.checks_dir,
         settings.labels.clone(),
@@ -145,6 +155,10 @@ pub async fn run_updating(
     let stopping_checks =
         scheduler.stop_all(checks::daemon::STOP_GRACE + std::time::Duration::from_secs(1));
     tokio::join!(stopping_checks, collectors.stop_all());
+    // The last interval's StatsD aggregates, into the outbox before it is flushed.
+    if let Some(flusher) = statsd {
+        let _ = flusher.await;
+    }
     if let Err(e) = outbox::blocking(|| outbox.flush()) {
         tracing::error!(error = %e, pending = outbox.len(), "stopping before every result reached the disk");
     }

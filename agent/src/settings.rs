@@ -35,6 +35,17 @@ struct Raw {
     checks_poll_secs: Option<u64>,
     #[serde(default)]
     interpreters: BTreeMap<String, Vec<String>>,
+    /// `[statsd]`: StatsD listeners for the host's applications (off without it).
+    statsd: Option<RawStatsd>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStatsd {
+    listen: Option<String>,
+    flush_secs: Option<u64>,
+    max_names: Option<usize>,
+    percentiles: Option<Vec<f64>>,
 }
 
 /// Where things are when the configuration does not say: on Linux `/etc/outpost` and
@@ -134,6 +145,8 @@ pub struct Settings {
     pub checks_poll: std::time::Duration,
     /// Plugin file extension → interpreter argv, on top of the platform's defaults.
     pub interpreters: BTreeMap<String, Vec<String>>,
+    /// StatsD listeners, when `[statsd]` is given.
+    pub statsd: Option<crate::statsd::StatsdSettings>,
 }
 
 /// Every problem found in a configuration, one per line.
@@ -295,6 +308,34 @@ impl Settings {
             .enroll_key
             .filter(|k| !k.trim().is_empty())
             .map(|k| k.trim().to_string());
+        let statsd = raw.statsd.map(|r| {
+            let listen = r.listen.as_deref().unwrap_or("127.0.0.1:8125");
+            let listen = listen.parse::<std::net::SocketAddr>().unwrap_or_else(|e| {
+                problems.push(format!(
+                    "[statsd] listen {listen:?}: {e} (an IP address and a port)"
+                ));
+                std::net::SocketAddr::from(([127, 0, 0, 1], 8125))
+            });
+            let flush_secs = r.flush_secs.unwrap_or(10);
+            if !(1..=3600).contains(&flush_secs) {
+                problems.push("[statsd] flush_secs: 1 to 3600".into());
+            }
+            let max_names = r.max_names.unwrap_or(10_000);
+            if !(1..=100_000).contains(&max_names) {
+                problems.push("[statsd] max_names: 1 to 100000".into());
+            }
+            let percentiles = r.percentiles.unwrap_or_else(|| vec![90.0, 95.0, 99.0]);
+            if percentiles.len() > 10 || percentiles.iter().any(|p| !(*p > 0.0 && *p <= 100.0)) {
+                problems
+                    .push("[statsd] percentiles: at most 10, each above 0 and at most 100".into());
+            }
+            crate::statsd::StatsdSettings {
+                listen,
+                flush: std::time::Duration::from_secs(flush_secs),
+                max_names,
+                percentiles,
+            }
+        });
         // The gateway refuses a hello that breaks these rules: say so here, at start.
         problems.extend(raw.labels.iter().filter_map(|(k, v)| label_problem(k, v)));
         problems.extend(raw.groups.iter().filter_map(|g| group_problem(g)));
@@ -360,6 +401,7 @@ impl Settings {
                 raw.checks_poll_secs.unwrap_or(5).clamp(1, 3600),
             ),
             interpreters: raw.interpreters,
+            statsd,
         })
     }
 }

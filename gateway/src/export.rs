@@ -212,6 +212,8 @@ async fn contend(
         };
         exporter.run().await;
         held.release().await;
+        // (Its figures are the next holder's to keep: a lag left here would stand still.)
+        ctx.metrics.export_forget(&tenant, &sink.name);
         if stop.is_cancelled() {
             return;
         }
@@ -437,17 +439,24 @@ impl Exporter {
     /// A cursor kept, else the bus's end (or its start, with `from = "start"`).
     async fn start_position(&self) -> anyhow::Result<u64> {
         if let Some(p) = self.cursor.load().await? {
-            return Ok(p);
+            // Written back at once (compare-and-set in a fleet): a stale read, or an
+            // old holder still saving, shows here, before anything is sent.
+            match self.cursor.save(p).await {
+                Ok(()) => return Ok(p),
+                Err(SaveError::Fenced) => anyhow::bail!("another gateway moved this sink's cursor"),
+                Err(SaveError::Other(e)) => anyhow::bail!("cannot write the cursor: {e}"),
+            }
         }
         let position = if self.sink.from_start {
             0
         } else {
             self.ctx.bus.ends(&self.tenant).await?.results
         };
-        if !self.save(position).await {
-            anyhow::bail!("another gateway exports this sink");
+        match self.cursor.save(position).await {
+            Ok(()) => Ok(position),
+            Err(SaveError::Fenced) => anyhow::bail!("another gateway moved this sink's cursor"),
+            Err(SaveError::Other(e)) => anyhow::bail!("cannot write the cursor: {e}"),
         }
-        Ok(position)
     }
 
     /// Keep the cursor at `position`; false when another gateway has taken the sink over

@@ -183,7 +183,7 @@ struct RawInflux {
 
 /// The `[[export]]` tables of one file, or what is wrong with them (all of it).
 pub fn parse_file(text: &str) -> Result<Vec<Sink>, String> {
-    let raw: RawFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    let raw: RawFile = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
     let mut sinks = Vec::new();
     let mut problems = Vec::new();
     for r in raw.export {
@@ -301,6 +301,20 @@ fn sink(r: RawExport) -> Result<Sink, String> {
     })
 }
 
+/// A TOML error as its message and where: never the line itself, which may hold a
+/// credential.
+pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {}", e.message())
+        }
+        None => e.message().to_string(),
+    }
+}
+
 fn http_url(url: &str) -> Result<(), String> {
     match reqwest::Url::parse(url) {
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(()),
@@ -385,6 +399,19 @@ mod tests {
             let err = parse_file(&format!("[[export]]\n{text}")).unwrap_err();
             assert!(err.contains(says), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn an_error_never_repeats_the_line_that_holds_a_secret() {
+        let err = parse_file(
+            "[[export]]\nname = 'p'\nremote_write = { url = 'http://h/', bearer_token = 's3cret', bearer_tokn_file = '/x' }\n",
+        )
+        .unwrap_err();
+        assert!(!err.contains("s3cret"), "{err}");
+        assert!(
+            err.contains("line 3") && err.contains("bearer_tokn_file"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -242,7 +242,7 @@ impl Leases {
                             if free || expired {
                                 if expired {
                                     let holder = value.map(|v| v.gateway).unwrap_or_default();
-                                    tracing::warn!(%tenant, %holder, what, "a lease was not renewed: taking it over");
+                                    tracing::warn!(%tenant, %holder, what, %key, "a lease was not renewed: taking it over");
                                 }
                                 kv.update(&key, mine, revision).await.ok()
                             } else {
@@ -257,7 +257,7 @@ impl Leases {
                 }
             };
             if let Some(token) = taken {
-                tracing::info!(%tenant, token, gateway = %self.gateway, what, "this gateway now holds the tenant's lease");
+                tracing::info!(%tenant, token, gateway = %self.gateway, what, %key, "this gateway now holds the tenant's lease");
                 let tenure = Tenure::new(token, shutdown.child_token());
                 let renewer = tokio::spawn(renew(
                     self.nats.clone(),

@@ -239,6 +239,7 @@ pub fn read_dir(dir: &Path) -> anyhow::Result<Snapshot> {
 pub fn check_problems(checks: &BTreeMap<String, String>) -> Vec<String> {
     let mut problems = Vec::new();
     let mut alerting_files = Vec::new();
+    let mut export_files = Vec::new();
     for (name, text) in checks {
         if !valid_file_name(name) {
             problems.push(format!(
@@ -249,13 +250,23 @@ pub fn check_problems(checks: &BTreeMap<String, String>) -> Vec<String> {
         let path = PathBuf::from(name);
         match parse_file_with_collectors(&path, text)
             .and_then(|_| crate::alerts::config::parse_file(text))
+            .and_then(|a| Ok((a, crate::export::config::parse_file(text)?)))
         {
-            Ok(a) => alerting_files.push((path, a)),
+            Ok((a, e)) => {
+                alerting_files.push((path.clone(), a));
+                export_files.push((path, e));
+            }
             Err(e) => problems.push(format!("{name}: {e}")),
         }
     }
     let (_, across) = crate::alerts::config::AlertConfig::assemble(
         alerting_files.iter().map(|(p, a)| (p.as_path(), a)),
+    );
+    problems.extend(across);
+    let (_, across) = crate::export::config::assemble(
+        export_files
+            .iter()
+            .map(|(p, e)| (p.as_path(), e.as_slice())),
     );
     problems.extend(across);
     problems
