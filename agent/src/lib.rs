@@ -114,15 +114,20 @@ pub async fn run_updating(
     .await
     .context("cannot start the collectors' listeners")?;
     collectors.apply(cached_collectors).await;
-    let statsd = match settings.statsd.clone() {
-        Some(s) => Some(
-            statsd::start(s, outbox.clone(), shutdown.clone())
-                .await
-                .context("cannot start the statsd listeners")?
-                .1,
-        ),
-        None => None,
-    };
+    // The host's applications' metrics (StatsD, Graphite), when asked for.
+    let mut intakes = Vec::new();
+    if let Some(s) = settings.statsd.clone() {
+        let (_, flusher) = statsd::start(s, outbox.clone(), shutdown.clone())
+            .await
+            .context("cannot start the statsd listeners")?;
+        intakes.push(flusher);
+    }
+    if let Some(s) = settings.graphite.clone() {
+        let (_, flusher) = statsd::start_graphite(s, outbox.clone(), shutdown.clone())
+            .await
+            .context("cannot start the graphite listeners")?;
+        intakes.push(flusher);
+    }
     let local = local_checks::LocalChecks::new(
         &settings.paths.checks_dir,
         settings.labels.clone(),
@@ -155,8 +160,9 @@ pub async fn run_updating(
     let stopping_checks =
         scheduler.stop_all(checks::daemon::STOP_GRACE + std::time::Duration::from_secs(1));
     tokio::join!(stopping_checks, collectors.stop_all());
-    // The last interval's StatsD aggregates, into the outbox before it is flushed.
-    if let Some(flusher) = statsd {
+    // The last interval's StatsD and Graphite metrics, into the outbox before it is
+    // flushed.
+    for flusher in intakes {
         let _ = flusher.await;
     }
     if let Err(e) = outbox::blocking(|| outbox.flush()) {

@@ -37,6 +37,16 @@ struct Raw {
     interpreters: BTreeMap<String, Vec<String>>,
     /// `[statsd]`: StatsD listeners for the host's applications (off without it).
     statsd: Option<RawStatsd>,
+    /// `[graphite]`: Graphite plaintext listeners likewise.
+    graphite: Option<RawGraphite>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGraphite {
+    listen: Option<String>,
+    flush_secs: Option<u64>,
+    max_names: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -147,6 +157,8 @@ pub struct Settings {
     pub interpreters: BTreeMap<String, Vec<String>>,
     /// StatsD listeners, when `[statsd]` is given.
     pub statsd: Option<crate::statsd::StatsdSettings>,
+    /// Graphite plaintext listeners, when `[graphite]` is given.
+    pub graphite: Option<crate::statsd::StatsdSettings>,
 }
 
 /// Every problem found in a configuration, one per line.
@@ -308,26 +320,31 @@ impl Settings {
             .enroll_key
             .filter(|k| !k.trim().is_empty())
             .map(|k| k.trim().to_string());
-        let statsd = raw.statsd.map(|r| {
-            let listen = r.listen.as_deref().unwrap_or("127.0.0.1:8125");
-            let listen = listen.parse::<std::net::SocketAddr>().unwrap_or_else(|e| {
+        let mut intake = |table: &str,
+                          listen: Option<String>,
+                          default_port: u16,
+                          flush_secs: Option<u64>,
+                          max_names: Option<usize>,
+                          percentiles: Vec<f64>| {
+            let given = listen.unwrap_or_else(|| format!("127.0.0.1:{default_port}"));
+            let listen = given.parse::<std::net::SocketAddr>().unwrap_or_else(|e| {
                 problems.push(format!(
-                    "[statsd] listen {listen:?}: {e} (an IP address and a port)"
+                    "[{table}] listen {given:?}: {e} (an IP address and a port)"
                 ));
-                std::net::SocketAddr::from(([127, 0, 0, 1], 8125))
+                std::net::SocketAddr::from(([127, 0, 0, 1], default_port))
             });
-            let flush_secs = r.flush_secs.unwrap_or(10);
+            let flush_secs = flush_secs.unwrap_or(10);
             if !(1..=3600).contains(&flush_secs) {
-                problems.push("[statsd] flush_secs: 1 to 3600".into());
+                problems.push(format!("[{table}] flush_secs: 1 to 3600"));
             }
-            let max_names = r.max_names.unwrap_or(10_000);
+            let max_names = max_names.unwrap_or(10_000);
             if !(1..=100_000).contains(&max_names) {
-                problems.push("[statsd] max_names: 1 to 100000".into());
+                problems.push(format!("[{table}] max_names: 1 to 100000"));
             }
-            let percentiles = r.percentiles.unwrap_or_else(|| vec![90.0, 95.0, 99.0]);
             if percentiles.len() > 10 || percentiles.iter().any(|p| !(*p > 0.0 && *p <= 100.0)) {
-                problems
-                    .push("[statsd] percentiles: at most 10, each above 0 and at most 100".into());
+                problems.push(format!(
+                    "[{table}] percentiles: at most 10, each above 0 and at most 100"
+                ));
             }
             crate::statsd::StatsdSettings {
                 listen,
@@ -335,6 +352,27 @@ impl Settings {
                 max_names,
                 percentiles,
             }
+        };
+        let statsd = raw.statsd.map(|r| {
+            let percentiles = r.percentiles.unwrap_or_else(|| vec![90.0, 95.0, 99.0]);
+            intake(
+                "statsd",
+                r.listen,
+                8125,
+                r.flush_secs,
+                r.max_names,
+                percentiles,
+            )
+        });
+        let graphite = raw.graphite.map(|r| {
+            intake(
+                "graphite",
+                r.listen,
+                2003,
+                r.flush_secs,
+                r.max_names,
+                Vec::new(),
+            )
         });
         // The gateway refuses a hello that breaks these rules: say so here, at start.
         problems.extend(raw.labels.iter().filter_map(|(k, v)| label_problem(k, v)));
@@ -402,6 +440,7 @@ impl Settings {
             ),
             interpreters: raw.interpreters,
             statsd,
+            graphite,
         })
     }
 }

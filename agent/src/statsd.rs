@@ -1,13 +1,14 @@
-//! StatsD on the agent (opt-in: `[statsd]` in its settings): applications on the host send
-//! metrics over UDP or TCP (one line per metric, see [`aggregate`]), aggregated per
-//! interval and flushed as results of the check `statsd` through the outbox, so they share
-//! its durability: a gateway out of reach loses none of them.
+//! Metrics from the host's applications (opt-in, each with a table in the agent's
+//! settings): StatsD (`[statsd]`, lines aggregated per interval, see [`aggregate`]) and
+//! Graphite plaintext (`[graphite]`, `path value [timestamp]`, the latest value of each
+//! path per interval), flushed as results of the check `statsd` or `graphite` through the
+//! outbox, so they share its durability: a gateway out of reach loses none of them.
 //!
-//! The listeners are on `listen` (127.0.0.1:8125 by default: only the host's own
-//! programs), UDP and TCP on the same port. At most `max_names` series between two
-//! flushes; values for further names are dropped and counted, and the result says so
-//! (WARNING). A result carries at most `MAX_METRICS` metrics; more are split over several
-//! results of the same flush.
+//! The listeners are on `listen` (127.0.0.1 by default: only the host's own programs),
+//! UDP and TCP on the same port. At most `max_names` series between two flushes; values
+//! for further names are dropped and counted, and the result says so (WARNING). A result
+//! carries at most `MAX_METRICS` metrics; more are split over several results of the same
+//! flush.
 
 pub mod aggregate;
 
@@ -25,20 +26,105 @@ use crate::checks::outcome::MAX_METRIC_NAME_BYTES;
 use crate::outbox::Outbox;
 use aggregate::Aggregator;
 
-/// The check the aggregates are reported under.
+/// The checks the aggregates are reported under.
 pub const STATSD_CHECK: &str = "statsd";
+pub const GRAPHITE_CHECK: &str = "graphite";
 /// Longest line taken over TCP (a UDP datagram is at most 64 KiB anyway).
 const MAX_TCP_LINE: usize = 64 * 1024;
 /// TCP connections served at once.
 const MAX_TCP_CONNECTIONS: usize = 64;
 
-/// `[statsd]` in the agent's settings.
+/// `[statsd]` (with `percentiles`) or `[graphite]` in the agent's settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StatsdSettings {
     pub listen: SocketAddr,
     pub flush: Duration,
     pub max_names: usize,
     pub percentiles: Vec<f64>,
+}
+
+/// What the listeners feed: lines in, an interval's metrics out.
+pub trait Intake: Send + 'static {
+    /// Take a datagram, or one line of a TCP stream.
+    fn take(&mut self, packet: &str);
+    /// The interval's metrics (name, value), and the lines taken, refused and values
+    /// dropped since the last flush; starts the next interval.
+    fn flush(&mut self, interval_secs: f64) -> Flushed;
+}
+
+pub struct Flushed {
+    pub metrics: Vec<(String, f64)>,
+    pub lines: u64,
+    pub refused: u64,
+    pub dropped: u64,
+}
+
+impl Intake for Aggregator {
+    fn take(&mut self, packet: &str) {
+        Aggregator::take(self, packet)
+    }
+
+    fn flush(&mut self, interval_secs: f64) -> Flushed {
+        let metrics = Aggregator::flush(self, interval_secs);
+        let f = Flushed {
+            metrics,
+            lines: self.lines,
+            refused: self.refused,
+            dropped: self.dropped,
+        };
+        (self.lines, self.refused, self.dropped) = (0, 0, 0);
+        f
+    }
+}
+
+/// Graphite plaintext from applications: the latest value of each path per interval.
+pub struct LatestValues {
+    values: std::collections::BTreeMap<String, f64>,
+    max_names: usize,
+    lines: u64,
+    refused: u64,
+    dropped: u64,
+}
+
+impl LatestValues {
+    pub fn new(max_names: usize) -> LatestValues {
+        LatestValues {
+            values: Default::default(),
+            max_names,
+            lines: 0,
+            refused: 0,
+            dropped: 0,
+        }
+    }
+}
+
+impl Intake for LatestValues {
+    fn take(&mut self, packet: &str) {
+        for line in packet.split('\n').filter(|l| !l.trim().is_empty()) {
+            self.lines += 1;
+            match crate::collectors::data::parse_graphite(line.trim_end_matches('\r')) {
+                Some(g) if g.value.is_finite() => {
+                    if !self.values.contains_key(g.path) && self.values.len() >= self.max_names {
+                        self.dropped += 1;
+                    } else {
+                        self.values.insert(g.path.to_string(), g.value);
+                    }
+                }
+                _ => self.refused += 1,
+            }
+        }
+    }
+
+    fn flush(&mut self, _interval_secs: f64) -> Flushed {
+        let f = Flushed {
+            metrics: std::mem::take(&mut self.values).into_iter().collect(),
+            lines: self.lines,
+            refused: self.refused,
+            dropped: self.dropped,
+        };
+        (self.lines, self.refused, self.dropped) = (0, 0, 0);
+        f
+    }
 }
 
 /// Bind the listeners on `settings.listen` and run until `shutdown`: the flush loop
@@ -50,14 +136,32 @@ pub async fn start(
     outbox: Arc<dyn Outbox>,
     shutdown: CancellationToken,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let agg = Aggregator::new(settings.max_names, &settings.percentiles);
+    listen(STATSD_CHECK, agg, &settings, outbox, shutdown).await
+}
+
+/// [`start`] for Graphite plaintext (`[graphite]`).
+pub async fn start_graphite(
+    settings: StatsdSettings,
+    outbox: Arc<dyn Outbox>,
+    shutdown: CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let latest = LatestValues::new(settings.max_names);
+    listen(GRAPHITE_CHECK, latest, &settings, outbox, shutdown).await
+}
+
+async fn listen(
+    check: &'static str,
+    intake: impl Intake,
+    settings: &StatsdSettings,
+    outbox: Arc<dyn Outbox>,
+    shutdown: CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let udp = UdpSocket::bind(settings.listen).await?;
     let addr = udp.local_addr()?;
     let tcp = TcpListener::bind(addr).await?;
-    let agg = Arc::new(Mutex::new(Aggregator::new(
-        settings.max_names,
-        &settings.percentiles,
-    )));
-    tracing::info!(%addr, "statsd listening (udp and tcp)");
+    let agg = Arc::new(Mutex::new(intake));
+    tracing::info!(%addr, check, "listening for the host's metrics (udp and tcp)");
     {
         let (agg, stop) = (agg.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -109,13 +213,14 @@ pub async fn start(
             }
         });
     }
-    let flusher = tokio::spawn(flush_loop(settings.flush, agg, outbox, shutdown));
+    let flusher = tokio::spawn(flush_loop(check, settings.flush, agg, outbox, shutdown));
     Ok((addr, flusher))
 }
 
 async fn flush_loop(
+    check: &'static str,
     every: Duration,
-    agg: Arc<Mutex<Aggregator>>,
+    agg: Arc<Mutex<impl Intake>>,
     outbox: Arc<dyn Outbox>,
     shutdown: CancellationToken,
 ) {
@@ -128,22 +233,21 @@ async fn flush_loop(
         };
         let secs = last.elapsed().as_secs_f64();
         last = Instant::now();
-        let (metrics, lines, refused, dropped) = {
-            let mut a = lock(&agg);
-            let m = a.flush(secs);
-            let counts = (a.lines, a.refused, a.dropped);
-            (a.lines, a.refused, a.dropped) = (0, 0, 0);
-            (m, counts.0, counts.1, counts.2)
-        };
+        let Flushed {
+            metrics,
+            lines,
+            refused,
+            dropped,
+        } = lock(&agg).flush(secs);
         if metrics.is_empty() && lines == 0 {
             if stopping {
                 return;
             }
             continue;
         }
-        for r in results(metrics, lines, refused, dropped) {
+        for r in results(check, metrics, lines, refused, dropped) {
             if let Err(e) = outbox.append(r) {
-                tracing::error!(error = %e, "cannot queue the statsd result");
+                tracing::error!(error = %e, check, "cannot queue the result of the host's metrics");
             }
         }
         if stopping {
@@ -154,6 +258,7 @@ async fn flush_loop(
 
 /// One flush as results: at most `MAX_METRICS` metrics each.
 fn results(
+    check: &'static str,
     metrics: Vec<(String, f64)>,
     lines: u64,
     refused: u64,
@@ -167,8 +272,13 @@ fn results(
     } else {
         (Status::Ok, String::new())
     };
+    let from = if check == STATSD_CHECK {
+        "StatsD"
+    } else {
+        "Graphite"
+    };
     let output = format!(
-        "{} metrics from StatsD ({lines} lines, {refused} refused){why}",
+        "{} metrics from {from} ({lines} lines, {refused} refused){why}",
         metrics.len()
     );
     let now = crate::util::now_ms();
@@ -192,7 +302,7 @@ fn results(
         .map(|chunk| CheckResult {
             metrics: chunk,
             started_at_ms: now,
-            ..CheckResult::new(STATSD_CHECK, status, output.clone())
+            ..CheckResult::new(check, status, output.clone())
         })
         .collect()
 }

@@ -36,7 +36,12 @@ fn send(port: u16, script: &str) {
 
 /// The metrics of every `statsd` result the agent stored, by name.
 fn statsd_metrics(gw: &Gateway, fp: &str) -> (BTreeMap<String, f64>, Vec<Value>) {
-    let results = gw.bus_results(fp, "statsd");
+    metrics_of(gw, fp, "statsd")
+}
+
+/// The metrics of every result of `check` the agent stored, by name.
+fn metrics_of(gw: &Gateway, fp: &str, check: &str) -> (BTreeMap<String, f64>, Vec<Value>) {
+    let results = gw.bus_results(fp, check);
     let mut m = BTreeMap::new();
     for r in &results {
         for x in r["metrics"].as_array().into_iter().flatten() {
@@ -49,13 +54,25 @@ fn statsd_metrics(gw: &Gateway, fp: &str) -> (BTreeMap<String, f64>, Vec<Value>)
     (m, results)
 }
 
+/// A port free now whose next one is free too (StatsD on it, Graphite on the next).
+fn two_ports() -> u16 {
+    loop {
+        let p = free_ports(1)[0];
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+}
+
 fn agent_toml(gw: &Gateway, name: &str, port: u16, max_names: usize) -> String {
     format!(
         "gateway_url = {:?}\nenroll_key = {:?}\npin_sha256 = {:?}\nhostname = {name:?}\n\
-         [statsd]\nlisten = \"127.0.0.1:{port}\"\nflush_secs = 3600\nmax_names = {max_names}\npercentiles = [90, 99.9]\n",
+         [statsd]\nlisten = \"127.0.0.1:{port}\"\nflush_secs = 3600\nmax_names = {max_names}\npercentiles = [90, 99.9]\n\
+         [graphite]\nlisten = \"127.0.0.1:{}\"\nflush_secs = 3600\nmax_names = {max_names}\n",
         gw.url(),
         gw.enroll_key,
-        gw.pin
+        gw.pin,
+        port + 1
     )
 }
 
@@ -75,13 +92,17 @@ async fn stop_and_start(agent: &mut Agent, dir: &std::path::Path, name: &str, to
 async fn a_known_mix_from_the_statsd_client_gives_the_exact_aggregates() {
     let dir = tempdir();
     let gw = Gateway::start(dir.path(), &[]);
-    let port = free_ports(1)[0];
+    let port = two_ports();
     let toml = agent_toml(&gw, "a1", port, 1000);
     let mut agent = Agent::start_with_config(dir.path(), "a1", &toml);
     let fp = agent.fingerprint.clone();
     // Wait for the listener (it logs once bound).
     eventually(Duration::from_secs(30), "statsd listening", || async {
-        agent.proc.log().contains("statsd listening").then_some(())
+        agent
+            .proc
+            .log()
+            .contains("listening for the host's metrics")
+            .then_some(())
     })
     .await;
     send(
@@ -137,12 +158,16 @@ async fn a_known_mix_from_the_statsd_client_gives_the_exact_aggregates() {
 async fn a_flood_of_names_stays_within_max_names_and_says_how_many_were_dropped() {
     let dir = tempdir();
     let gw = Gateway::start(dir.path(), &[]);
-    let port = free_ports(1)[0];
+    let port = two_ports();
     let toml = agent_toml(&gw, "a1", port, 100);
     let mut agent = Agent::start_with_config(dir.path(), "a1", &toml);
     let fp = agent.fingerprint.clone();
     eventually(Duration::from_secs(30), "statsd listening", || async {
-        agent.proc.log().contains("statsd listening").then_some(())
+        agent
+            .proc
+            .log()
+            .contains("listening for the host's metrics")
+            .then_some(())
     })
     .await;
     // 5,000 names over TCP (nothing lost on the way).
@@ -163,4 +188,54 @@ async fn a_flood_of_names_stays_within_max_names_and_says_how_many_were_dropped(
     let output = results[0]["output"].as_str().unwrap();
     assert!(output.contains("4900 values dropped"), "{output}");
     assert_eq!(results[0]["status"], "warning");
+}
+
+/// Graphite plaintext from an application, over TCP and UDP: the latest value of each
+/// path in the interval; a line that is not `path value [timestamp]` refused, counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graphite_lines_from_an_application_give_the_latest_value_of_each_path() {
+    let dir = tempdir();
+    let gw = Gateway::start(dir.path(), &[]);
+    let port = two_ports();
+    let toml = agent_toml(&gw, "a1", port, 1000);
+    let mut agent = Agent::start_with_config(dir.path(), "a1", &toml);
+    let fp = agent.fingerprint.clone();
+    eventually(Duration::from_secs(30), "graphite listening", || async {
+        (agent
+            .proc
+            .log()
+            .matches("listening for the host's metrics")
+            .count()
+            == 2)
+            .then_some(())
+    })
+    .await;
+    let graphite = port + 1;
+    send(
+        port,
+        &format!(
+            "g = socket.create_connection(('127.0.0.1', {graphite}))\n\
+             g.sendall(b'app.cpu 12.5 1700000000\\napp.cpu 13.5\\napp.mem 100\\nnot a graphite line\\n')\n\
+             g.close()\n\
+             s.sendto(b'app.udp 7', ('127.0.0.1', {graphite}))"
+        ),
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop_and_start(&mut agent, dir.path(), "a1", &toml).await;
+    let (m, results) = eventually(
+        Duration::from_secs(30),
+        "the graphite result stored",
+        || async {
+            let (m, r) = metrics_of(&gw, &fp, "graphite");
+            (!r.is_empty()).then_some((m, r))
+        },
+    )
+    .await;
+    assert_eq!(m.len(), 3, "{m:?}");
+    assert_eq!(
+        (m["app.cpu"], m["app.mem"], m["app.udp"]),
+        (13.5, 100.0, 7.0)
+    );
+    let output = results[0]["output"].as_str().unwrap();
+    assert_eq!(output, "3 metrics from Graphite (5 lines, 1 refused)");
 }
