@@ -11,7 +11,9 @@
 //! | `outpost_check_metric_min`, `_max` | the metric's bounds, when given |
 //!
 //! Labels: `tenant`, `agent` (the fingerprint), `hostname`, `check`, then the agent's own
-//! labels (a label of the agent named like one of these is left out: these win).
+//! labels (a label of the agent named like one of these is left out: these win). A
+//! metric named in Graphite's tagged form, `name;tag=value;…` (StatsD's tags), is the
+//! metric `name` with each tag a label.
 
 use std::collections::BTreeMap;
 
@@ -98,7 +100,18 @@ pub fn samples(
             continue;
         }
         let mut labels = base.clone();
-        labels.insert("metric".into(), m.name.clone());
+        // A Graphite-tagged name (`name;tag=value;…`, as the agent's StatsD gives
+        // DogStatsD's tags): the name is the metric, each tag a label (ours win).
+        let mut parts = m.name.split(';');
+        let name = parts.next().unwrap_or_default();
+        for tag in parts {
+            if let Some((k, v)) = tag.split_once('=') {
+                if !k.is_empty() && !OWN_LABELS.contains(&k) {
+                    labels.insert(k.to_string(), v.to_string());
+                }
+            }
+        }
+        labels.insert("metric".into(), name.to_string());
         labels.insert("unit".into(), m.unit.clone().unwrap_or_default());
         out.push(sample("outpost_check_metric", &labels, m.value));
         for (name, v) in [
@@ -119,6 +132,20 @@ pub fn samples(
 mod tests {
     use super::*;
     use outpost_protocol::Metric;
+
+    #[test]
+    fn a_tagged_metric_name_gives_the_name_and_a_label_per_tag() {
+        let mut r = CheckResult::new("statsd", Status::Ok, "");
+        r.metrics = vec![Metric::new("app.hits;az=b;check=x;env=prod", 5.0)];
+        let s = samples("t1", "fp1", None, &r);
+        let labels: BTreeMap<_, _> = s[2].labels.iter().cloned().collect();
+        assert_eq!(labels["metric"], "app.hits");
+        assert_eq!(
+            (labels["az"].as_str(), labels["env"].as_str()),
+            ("b", "prod")
+        );
+        assert_eq!(labels["check"], "statsd", "a tag never overrides ours");
+    }
 
     #[test]
     fn a_result_gives_its_state_duration_and_each_metric_with_thresholds() {
