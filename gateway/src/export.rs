@@ -238,9 +238,16 @@ enum Cursor {
     },
 }
 
-#[derive(Serialize, Deserialize)]
-struct CursorFile {
-    position: u64,
+/// Where a sink is on the bus: its results and its presence changes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct Place {
+    /// After the last result sent.
+    #[serde(rename = "position")]
+    results: u64,
+    /// After the last presence change sent (`None` in a cursor from before presence was
+    /// exported: it starts at the bus's end).
+    #[serde(default)]
+    presence: Option<u64>,
 }
 
 /// Why a cursor was not saved.
@@ -251,10 +258,10 @@ enum SaveError {
 }
 
 impl Cursor {
-    async fn load(&self) -> anyhow::Result<Option<u64>> {
+    async fn load(&self) -> anyhow::Result<Option<Place>> {
         match self {
             Cursor::File(path) => match std::fs::read(path) {
-                Ok(bytes) => Ok(Some(serde_json::from_slice::<CursorFile>(&bytes)?.position)),
+                Ok(bytes) => Ok(Some(serde_json::from_slice::<Place>(&bytes)?)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
                 Err(e) => Err(e.into()),
             },
@@ -275,15 +282,13 @@ impl Cursor {
                 if entry.operation != async_nats::jetstream::kv::Operation::Put {
                     return Ok(None);
                 }
-                Ok(Some(
-                    serde_json::from_slice::<CursorFile>(&entry.value)?.position,
-                ))
+                Ok(Some(serde_json::from_slice::<Place>(&entry.value)?))
             }
         }
     }
 
-    async fn save(&self, position: u64) -> Result<(), SaveError> {
-        let bytes = serde_json::to_vec(&CursorFile { position }).expect("a cursor serializes");
+    async fn save(&self, place: &Place) -> Result<(), SaveError> {
+        let bytes = serde_json::to_vec(place).expect("a cursor serializes");
         match self {
             Cursor::File(path) => {
                 if let Some(dir) = path.parent() {
@@ -340,8 +345,8 @@ impl Exporter {
     async fn run(self) {
         let name = &self.sink.name;
         let tenant = &self.tenant;
-        let mut position = loop {
-            match self.start_position().await {
+        let mut place = loop {
+            match self.start_place().await {
                 Ok(p) => break p,
                 Err(e) => {
                     tracing::error!(%tenant, sink = %name, error = %format!("{e:#}"), "metric export cannot find where to start; retrying");
@@ -352,10 +357,14 @@ impl Exporter {
                 }
             }
         };
-        tracing::info!(%tenant, sink = %name, position, "metric export running");
+        tracing::info!(%tenant, sink = %name, ?place, "metric export running");
         let mut identities: HashMap<String, Identity> = HashMap::new();
         let mut identities_at = Instant::now();
         loop {
+            if !self.presence(&mut place, &identities).await {
+                return;
+            }
+            let position = place.results;
             let read = tokio::select! {
                 _ = self.stop.cancelled() => return,
                 r = self.ctx.bus.read_results(tenant, position, READ_MAX, WAIT) => r,
@@ -379,8 +388,8 @@ impl Exporter {
             if read.results.is_empty() {
                 self.stats(|s| s.lag_ms = 0);
                 if read.next != position {
-                    position = read.next;
-                    if !self.save(position).await {
+                    place.results = read.next;
+                    if !self.save(&place).await {
                         return;
                     }
                 }
@@ -415,8 +424,8 @@ impl Exporter {
                     if !self.deliver(&samples, oldest).await {
                         return;
                     }
-                    position = through;
-                    if !self.save(position).await {
+                    place.results = through;
+                    if !self.save(&place).await {
                         return;
                     }
                     samples.clear();
@@ -427,8 +436,8 @@ impl Exporter {
                     if !self.deliver(&samples, oldest).await {
                         return;
                     }
-                    position = read.next.max(through);
-                    if !self.save(position).await {
+                    place.results = read.next.max(through);
+                    if !self.save(&place).await {
                         return;
                     }
                 }
@@ -436,33 +445,80 @@ impl Exporter {
         }
     }
 
-    /// A cursor kept, else the bus's end (or its start, with `from = "start"`).
-    async fn start_position(&self) -> anyhow::Result<u64> {
-        if let Some(p) = self.cursor.load().await? {
-            // Written back at once (compare-and-set in a fleet): a stale read, or an
-            // old holder still saving, shows here, before anything is sent.
-            match self.cursor.save(p).await {
-                Ok(()) => return Ok(p),
-                Err(SaveError::Fenced) => anyhow::bail!("another gateway moved this sink's cursor"),
-                Err(SaveError::Other(e)) => anyhow::bail!("cannot write the cursor: {e}"),
+    /// Send the presence changes since `place.presence` (a read that does not wait),
+    /// moving it on; false when stopped (or fenced) first.
+    async fn presence(&self, place: &mut Place, identities: &HashMap<String, Identity>) -> bool {
+        let Some(from) = place.presence else {
+            return true;
+        };
+        let read = match self
+            .ctx
+            .bus
+            .read_presence(&self.tenant, from, READ_MAX, Duration::ZERO)
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(tenant = %self.tenant, sink = %self.sink.name, error = %e, "metric export cannot read presence now");
+                return true;
+            }
+        };
+        if read.lost {
+            self.stats(|s| s.lost_gaps += 1);
+        }
+        if let Some((_, first)) = read.items.first() {
+            let samples: Vec<mapping::Sample> = read
+                .items
+                .iter()
+                .map(|(_, e)| {
+                    mapping::presence(&self.tenant, e, identities.get(&e.agent.fingerprint))
+                })
+                .collect();
+            for chunk in samples.chunks(self.sink.batch) {
+                if !self.deliver(chunk, first.at_ms).await {
+                    return false;
+                }
             }
         }
-        let position = if self.sink.from_start {
-            0
-        } else {
-            self.ctx.bus.ends(&self.tenant).await?.results
+        if read.next != from {
+            place.presence = Some(read.next);
+            return self.save(place).await;
+        }
+        true
+    }
+
+    /// A cursor kept, else the bus's ends (or its start, with `from = "start"`).
+    async fn start_place(&self) -> anyhow::Result<Place> {
+        let mut place = match self.cursor.load().await? {
+            Some(p) => p,
+            None if self.sink.from_start => Place {
+                results: 0,
+                presence: Some(0),
+            },
+            None => {
+                let ends = self.ctx.bus.ends(&self.tenant).await?;
+                Place {
+                    results: ends.results,
+                    presence: Some(ends.presence),
+                }
+            }
         };
-        match self.cursor.save(position).await {
-            Ok(()) => Ok(position),
+        if place.presence.is_none() {
+            place.presence = Some(self.ctx.bus.ends(&self.tenant).await?.presence);
+        }
+        // Written at once (compare-and-set in a fleet): a stale read, or an old holder
+        // still saving, shows here, before anything is sent.
+        match self.cursor.save(&place).await {
+            Ok(()) => Ok(place),
             Err(SaveError::Fenced) => anyhow::bail!("another gateway moved this sink's cursor"),
             Err(SaveError::Other(e)) => anyhow::bail!("cannot write the cursor: {e}"),
         }
     }
 
-    /// Keep the cursor at `position`; false when another gateway has taken the sink over
+    /// Keep the cursor at `place`; false when another gateway has taken the sink over
     /// (this one stops).
-    async fn save(&self, position: u64) -> bool {
-        match self.cursor.save(position).await {
+    async fn save(&self, place: &Place) -> bool {
+        match self.cursor.save(place).await {
             Ok(()) => true,
             Err(SaveError::Fenced) => {
                 tracing::warn!(tenant = %self.tenant, sink = %self.sink.name,

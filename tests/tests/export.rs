@@ -117,11 +117,18 @@ async fn nagios_perfdata_reaches_a_real_prometheus_by_remote_write_with_its_unit
         &agent.fingerprint,
     )
     .await;
-    // The state: load is OK (0).
+    // The state: load is OK (0); the agent is online (1).
     let status = prom
         .query("outpost_check_status{check=\"load\"}", now_secs())
         .unwrap();
     assert_eq!(status[0]["value"][1], "0");
+    let online = eventually(Duration::from_secs(30), "the agent's presence", || async {
+        prom.query("outpost_agent_online{hostname=\"a1\"}", now_secs())
+            .filter(|r| !r.is_empty())
+    })
+    .await;
+    assert_eq!(online[0]["value"][1], "1");
+    assert_eq!(online[0]["metric"]["agent"], agent.fingerprint.as_str());
     let sent = gw.metric("outpost_export_samples_sent_total ").await;
     assert!(sent > 0, "the gateway counts what it sent");
 }

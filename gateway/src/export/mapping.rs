@@ -10,6 +10,9 @@
 //! | `outpost_check_metric_warn`, `_crit` | the metric's thresholds, when each is a plain number (a range is not a sample) |
 //! | `outpost_check_metric_min`, `_max` | the metric's bounds, when given |
 //!
+//! And each presence change of an agent: `outpost_agent_online` 1 (connected) or 0 (lost,
+//! said bye, revoked), at the change's time.
+//!
 //! Labels: `tenant`, `agent` (the fingerprint), `hostname`, `check`, then the agent's own
 //! labels (a label of the agent named like one of these is left out: these win). A
 //! metric named in Graphite's tagged form, `name;tag=value;…` (StatsD's tags), is the
@@ -52,6 +55,28 @@ fn plain_threshold(t: &Option<String>) -> Option<f64> {
         .parse::<f64>()
         .ok()
         .filter(|v| v.is_finite())
+}
+
+/// The sample of a presence change: `outpost_agent_online` 1 when the agent connected,
+/// 0 when it was lost, said bye or was revoked.
+pub fn presence(tenant: &str, event: &crate::bus::PresenceEvent, who: Option<&Identity>) -> Sample {
+    let mut labels: BTreeMap<String, String> = BTreeMap::new();
+    if let Some(id) = who {
+        for (k, v) in &id.labels {
+            if !OWN_LABELS.contains(&k.as_str()) {
+                labels.insert(k.clone(), v.clone());
+            }
+        }
+        labels.insert("hostname".into(), id.hostname.clone());
+    }
+    labels.insert("tenant".into(), tenant.into());
+    labels.insert("agent".into(), event.agent.fingerprint.clone());
+    Sample {
+        name: "outpost_agent_online",
+        labels: labels.into_iter().filter(|(_, v)| !v.is_empty()).collect(),
+        value: f64::from(u8::from(event.presence == crate::bus::Presence::Online)),
+        ts_ms: i64::try_from(event.at_ms).unwrap_or(i64::MAX),
+    }
 }
 
 /// Every sample of one result of `fingerprint` (in `tenant`), whose agent is `who`.

@@ -123,6 +123,7 @@ fn help(family: &str) -> &'static str {
         "outpost_check_metric_crit" => "A metric's critical threshold, when a plain number.",
         "outpost_check_metric_min" => "A metric's minimum.",
         "outpost_check_metric_max" => "A metric's maximum.",
+        "outpost_agent_online" => "An agent's presence: 1 connected, 0 lost, stopped or revoked.",
         _ => "",
     }
 }
