@@ -116,17 +116,35 @@ pub async fn run_updating(
     collectors.apply(cached_collectors).await;
     // The host's applications' metrics (StatsD, Graphite), when asked for.
     let mut intakes = Vec::new();
+    // A port that cannot be had (another daemon on it) is said as a CRITICAL result of
+    // the check; the agent goes on with everything else.
+    let refused = |check: &str, listen: std::net::SocketAddr, e: std::io::Error| {
+        tracing::error!(check, %listen, error = %e, "cannot listen for the host's metrics");
+        let r = outpost_protocol::CheckResult {
+            started_at_ms: util::now_ms(),
+            ..outpost_protocol::CheckResult::new(
+                check,
+                outpost_protocol::Status::Critical,
+                format!("cannot listen on {listen}: {e}"),
+            )
+        };
+        if let Err(e) = outbox.append(r) {
+            tracing::error!(error = %e, "cannot queue the listener's error");
+        }
+    };
     if let Some(s) = settings.statsd.clone() {
-        let (_, flusher) = statsd::start(s, outbox.clone(), shutdown.clone())
-            .await
-            .context("cannot start the statsd listeners")?;
-        intakes.push(flusher);
+        let listen = s.listen;
+        match statsd::start(s, outbox.clone(), shutdown.clone()).await {
+            Ok((_, flusher)) => intakes.push(flusher),
+            Err(e) => refused(statsd::STATSD_CHECK, listen, e),
+        }
     }
     if let Some(s) = settings.graphite.clone() {
-        let (_, flusher) = statsd::start_graphite(s, outbox.clone(), shutdown.clone())
-            .await
-            .context("cannot start the graphite listeners")?;
-        intakes.push(flusher);
+        let listen = s.listen;
+        match statsd::start_graphite(s, outbox.clone(), shutdown.clone()).await {
+            Ok((_, flusher)) => intakes.push(flusher),
+            Err(e) => refused(statsd::GRAPHITE_CHECK, listen, e),
+        }
     }
     let local = local_checks::LocalChecks::new(
         &settings.paths.checks_dir,

@@ -374,6 +374,14 @@ impl Settings {
                 Vec::new(),
             )
         });
+        if let (Some(s), Some(g)) = (&statsd, &graphite) {
+            if s.listen.port() == g.listen.port() {
+                problems.push(format!(
+                    "[statsd] and [graphite] both listen on port {}: give them different ports",
+                    s.listen.port()
+                ));
+            }
+        }
         // The gateway refuses a hello that breaks these rules: say so here, at start.
         problems.extend(raw.labels.iter().filter_map(|(k, v)| label_problem(k, v)));
         problems.extend(raw.groups.iter().filter_map(|g| group_problem(g)));

@@ -187,7 +187,11 @@ async fn listen(
                     _ = stop.cancelled() => return,
                     a = tcp.accept() => a,
                 };
-                let Ok((stream, _)) = accepted else { continue };
+                let Ok((stream, _)) = accepted else {
+                    // (Out of descriptors, say: not a busy loop.)
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
                 let Ok(slot) = slots.clone().try_acquire_owned() else {
                     continue; // (dropped: too many at once)
                 };

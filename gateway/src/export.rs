@@ -471,7 +471,14 @@ impl Exporter {
                 .items
                 .iter()
                 .map(|(_, e)| {
-                    mapping::presence(&self.tenant, e, identities.get(&e.agent.fingerprint))
+                    // (From the registry when not cached: an agent lost may send nothing
+                    // more, but its 0 must be the same series as its 1.)
+                    let who = identities.get(&e.agent.fingerprint).cloned().or_else(|| {
+                        self.ctx
+                            .registry
+                            .identity(&AgentRef::new(&self.tenant, &e.agent.fingerprint))
+                    });
+                    mapping::presence(&self.tenant, e, who.as_ref())
                 })
                 .collect();
             for chunk in samples.chunks(self.sink.batch) {

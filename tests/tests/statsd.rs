@@ -58,7 +58,11 @@ fn metrics_of(gw: &Gateway, fp: &str, check: &str) -> (BTreeMap<String, f64>, Ve
 fn two_ports() -> u16 {
     loop {
         let p = free_ports(1)[0];
-        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+        let free = |q: u16| {
+            std::net::TcpListener::bind(("127.0.0.1", q)).is_ok()
+                && std::net::UdpSocket::bind(("127.0.0.1", q)).is_ok()
+        };
+        if p < u16::MAX && free(p) && free(p + 1) {
             return p;
         }
     }
@@ -80,7 +84,14 @@ fn agent_toml(gw: &Gateway, name: &str, port: u16, max_names: usize) -> String {
 /// with the same settings, so the result reaches the gateway.
 async fn stop_and_start(agent: &mut Agent, dir: &std::path::Path, name: &str, toml: &str) {
     agent.proc.signal(libc::SIGTERM);
-    agent.proc.wait_exit(Duration::from_secs(30)).await;
+    assert!(
+        agent
+            .proc
+            .wait_exit(Duration::from_secs(30))
+            .await
+            .is_some(),
+        "the agent stopped"
+    );
     let _ = std::fs::rename(
         dir.join(format!("{name}.log")),
         dir.join(format!("{name}.log.1")),

@@ -43,9 +43,13 @@ pub enum Value {
 /// Why a line was not taken.
 pub type Refusal = String;
 
+/// Longest series key (name and tags) taken: the flushed names add a suffix (`.median`,
+/// `.p99_9`, …) and must stay within what a result carries, so none is ever cut.
+pub const MAX_KEY_BYTES: usize = 100;
+
 /// Characters a name may not hold besides those that delimit a line.
 fn valid_name(name: &str) -> bool {
-    !name.is_empty() && name.len() <= 200 && !name.contains([';', ' ', '\t'])
+    !name.is_empty() && !name.contains([';', ' ', '\t'])
 }
 
 /// Parse one line; each of its values is one [`Line`].
@@ -69,7 +73,7 @@ pub fn parse(line: &str) -> Result<Vec<Line>, Refusal> {
             rate = r
                 .parse::<f64>()
                 .ok()
-                .filter(|r| *r > 0.0 && *r <= 1.0)
+                .filter(|r| *r >= 1e-6 && *r <= 1.0)
                 .ok_or_else(|| format!("bad sample rate {f:?}"))?;
         } else if let Some(t) = f.strip_prefix('#') {
             for tag in t.split(',').filter(|t| !t.is_empty()) {
@@ -89,6 +93,9 @@ pub fn parse(line: &str) -> Result<Vec<Line>, Refusal> {
     for t in &tags {
         key.push(';');
         key.push_str(t);
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(format!("name and tags over {MAX_KEY_BYTES} bytes"));
     }
     let mut out = Vec::new();
     for v in values.split(':') {
@@ -127,13 +134,15 @@ enum Agg {
         values: Vec<f64>,
         count: f64,
     },
-    Set(HashSet<String>),
+    /// Members by hash (their text is not kept).
+    Set(HashSet<u64>),
 }
 
-/// Most values a timer keeps between two flushes (its count goes on).
-pub const MAX_TIMER_VALUES: usize = 10_000;
-/// Most distinct members a set keeps between two flushes.
-pub const MAX_SET_MEMBERS: usize = 10_000;
+/// Most values all timers and sets together keep between two flushes (a timer's count
+/// goes on past it; its other aggregates are of the values kept): about 8 MB.
+pub const MAX_VALUES: usize = 1_000_000;
+/// Intervals a gauge is kept without an update before it is forgotten (its name freed).
+pub const GAUGE_INTERVALS: u32 = 10;
 
 /// The interval's aggregates.
 #[derive(Debug)]
@@ -141,7 +150,12 @@ pub struct Aggregator {
     series: BTreeMap<String, Agg>,
     max_names: usize,
     percentiles: Vec<f64>,
-    /// Lines refused and values dropped (over `max_names`) since the last flush.
+    /// Timer values and set members held now (bounded by [`MAX_VALUES`]).
+    values: usize,
+    /// Gauges' intervals without an update.
+    idle: BTreeMap<String, u32>,
+    /// Lines refused (or aggregates not finite when flushed) and values dropped (over
+    /// `max_names` or [`MAX_VALUES`]) since the last flush.
     pub refused: u64,
     pub dropped: u64,
     pub lines: u64,
@@ -153,6 +167,8 @@ impl Aggregator {
             series: BTreeMap::new(),
             max_names,
             percentiles: percentiles.to_vec(),
+            values: 0,
+            idle: BTreeMap::new(),
             refused: 0,
             dropped: 0,
             lines: 0,
@@ -179,6 +195,9 @@ impl Aggregator {
             self.dropped += 1;
             return;
         }
+        if matches!(line.value, Value::Gauge { .. }) {
+            self.idle.insert(line.key.clone(), 0);
+        }
         let entry = self.series.entry(line.key);
         match line.value {
             Value::Counter(v) => {
@@ -198,8 +217,11 @@ impl Aggregator {
                     count: 0.0,
                 });
                 if let Agg::Timer { values, count } = t {
-                    if values.len() < MAX_TIMER_VALUES {
+                    if self.values < MAX_VALUES {
                         values.push(v);
+                        self.values += 1;
+                    } else {
+                        self.dropped += 1;
                     }
                     *count += 1.0 / line.rate;
                 }
@@ -207,8 +229,17 @@ impl Aggregator {
             Value::Set(member) => {
                 let s = entry.or_insert_with(|| Agg::Set(HashSet::new()));
                 if let Agg::Set(s) = s {
-                    if s.len() < MAX_SET_MEMBERS {
-                        s.insert(member);
+                    use std::hash::{Hash, Hasher};
+                    let mut h = std::hash::DefaultHasher::new();
+                    member.hash(&mut h);
+                    let hash = h.finish();
+                    if !s.contains(&hash) {
+                        if self.values < MAX_VALUES {
+                            s.insert(hash);
+                            self.values += 1;
+                        } else {
+                            self.dropped += 1;
+                        }
                     }
                 }
             }
@@ -233,7 +264,15 @@ impl Aggregator {
                 }
                 Agg::Gauge(v) => {
                     out.push((key.clone(), v));
-                    kept.insert(key, Agg::Gauge(v));
+                    // Kept for the next interval, unless unchanged for long (or no
+                    // longer a number).
+                    let idle = self.idle.entry(key.clone()).or_insert(0);
+                    *idle += 1;
+                    if *idle < GAUGE_INTERVALS && v.is_finite() {
+                        kept.insert(key, Agg::Gauge(v));
+                    } else {
+                        self.idle.remove(&key);
+                    }
                 }
                 Agg::Timer { mut values, count } => {
                     values.sort_by(f64::total_cmp);
@@ -258,6 +297,11 @@ impl Aggregator {
             }
         }
         self.series = kept;
+        self.values = 0;
+        // Whatever overflowed to infinity is no sample (JSON has no infinity).
+        let before = out.len();
+        out.retain(|(_, v)| v.is_finite());
+        self.refused += (before - out.len()) as u64;
         out
     }
 }
@@ -350,6 +394,49 @@ mod tests {
         assert_eq!(m["level"], 12.0);
         assert_eq!(m["hits"], 1.0);
         assert!(!m.contains_key("lat.count"));
+    }
+
+    #[test]
+    fn overflow_and_long_names_are_refused_not_cut_and_gauges_expire() {
+        let mut a = Aggregator::new(100, &[]);
+        a.take("big:1e308|c\nbig:1e308|c\n");
+        a.take(&format!("{}:1|c", "n".repeat(MAX_KEY_BYTES + 1)));
+        a.take("x:1|c|@1e-320\n");
+        let m = flushed(&mut a);
+        assert!(
+            !m.contains_key("big") && !m.contains_key("big.rate"),
+            "{m:?}"
+        );
+        assert_eq!(
+            a.refused, 4,
+            "two sums at infinity, a long name, a tiny rate"
+        );
+        a.take("g:1|g");
+        for i in 0..GAUGE_INTERVALS {
+            let m = flushed(&mut a);
+            assert!(m.contains_key("g"), "kept while updated recently: {i}");
+        }
+        assert!(
+            !flushed(&mut a).contains_key("g"),
+            "forgotten after {GAUGE_INTERVALS} idle intervals"
+        );
+    }
+
+    #[test]
+    fn timers_and_sets_share_one_budget_of_values() {
+        let mut a = Aggregator::new(10, &[]);
+        let line = format!("t:1{}|ms", ":1".repeat(1000));
+        for _ in 0..(MAX_VALUES / 1001 + 10) {
+            a.take(&line);
+        }
+        assert!(a.values <= MAX_VALUES);
+        assert!(a.dropped > 0);
+        let m = flushed(&mut a);
+        assert_eq!(
+            m["t.count"],
+            ((MAX_VALUES / 1001 + 10) * 1001) as f64,
+            "the count goes on"
+        );
     }
 
     #[test]
