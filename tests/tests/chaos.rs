@@ -455,7 +455,8 @@ async fn combined_faults_on_the_agents_side_lose_nothing_and_double_nothing() {
         if sure(3) {
             eventually(
                 Duration::from_secs(20),
-                "the agent whose disk is full delivers runs made since, and says why",
+                "the agent whose disk is full delivers runs made since, and says why if it \
+                 could not write",
                 || async {
                     let (runs, _) = on_bus(&gw);
                     let since = read_ledger(&ledger)
@@ -463,6 +464,12 @@ async fn combined_faults_on_the_agents_side_lose_nothing_and_double_nothing() {
                         .filter(|r| r.agent == "a1" && r.at > round_began + 1.0)
                         .filter(|r| runs.contains_key(&r.id))
                         .count();
+                    // (Its outbox file may still have free pages: then it writes on, and
+                    // has nothing to say.)
+                    let failed = agents[0]
+                        .proc
+                        .log()
+                        .contains("cannot commit results to the outbox");
                     let said = gw.bus_all(&fps[0]).iter().any(|r| {
                         r["check"] == outpost_agent::OUTBOX_CHECK
                             && r["status"] == "critical"
@@ -470,7 +477,7 @@ async fn combined_faults_on_the_agents_side_lose_nothing_and_double_nothing() {
                                 .as_str()
                                 .is_some_and(|o| o.contains("No space left on device"))
                     });
-                    (since >= 2 && said).then_some(())
+                    (since >= 2 && (said || !failed)).then_some(())
                 },
             )
             .await;
@@ -562,12 +569,24 @@ async fn combined_faults_on_the_agents_side_lose_nothing_and_double_nothing() {
             .map(|r| r["status"].as_str().unwrap_or_default().to_string())
             .collect::<Vec<String>>()
     };
+    // (When its disk refused a commit at all: its file may have had room throughout.)
+    let failed = (1..=lives[1])
+        .map(|life| {
+            let name = if life == lives[1] {
+                "a1.log".to_string()
+            } else {
+                format!("a1.log.{life}")
+            };
+            std::fs::read_to_string(dir.join(name)).unwrap_or_default()
+        })
+        .any(|log| log.contains("cannot commit results to the outbox"));
     let said = eventually(
         Duration::from_secs(30),
         "the outbox's failure and then its recovery reported",
         || async {
             let r = reports();
-            (r.iter().any(|s| s == "critical") && r.last().is_some_and(|s| s == "ok")).then_some(r)
+            let told = r.iter().any(|s| s == "critical") && r.last().is_some_and(|s| s == "ok");
+            (told || (!failed && r.is_empty())).then_some(r)
         },
     )
     .await;
