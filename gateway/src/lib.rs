@@ -16,6 +16,7 @@ pub mod credentials;
 pub mod errors;
 pub mod events;
 pub mod export;
+pub mod exporting;
 pub mod health;
 pub mod hub;
 pub mod listener;
@@ -499,8 +500,8 @@ pub async fn serve(
     {
         match alerts::deliver::http_client() {
             Ok(client) => {
-                let ctx = export::Context {
-                    dir: export::export_dir(&gw.settings.data_dir),
+                let ctx = exporting::Context {
+                    dir: exporting::export_dir(&gw.settings.data_dir),
                     bus: gw.bus.clone(),
                     registry: gw.registry.clone(),
                     checks: gw.checks.clone(),
@@ -521,7 +522,7 @@ pub async fn serve(
                     running: Arc::default(),
                 };
                 background(&tracker, gw, "metric export", move || {
-                    export::run(ctx.clone())
+                    exporting::run(ctx.clone())
                 });
             }
             Err(e) => tracing::error!(error = %format!("{e:#}"), "metric export cannot start"),

@@ -918,8 +918,7 @@ struct RawRoute {
 
 /// The alerting tables of one check file, with every problem in them listed.
 pub fn parse_file(text: &str) -> Result<FileAlerting, String> {
-    let raw: RawFile =
-        toml::from_str(text).map_err(|e| crate::export::config::toml_error(text, &e))?;
+    let raw: RawFile = toml::from_str(text).map_err(|e| crate::util::toml_error(text, &e))?;
     let mut problems = Vec::new();
     let mut out = FileAlerting::default();
     if let Some(a) = raw.alerting {

@@ -183,7 +183,7 @@ struct RawInflux {
 
 /// The `[[export]]` tables of one file, or what is wrong with them (all of it).
 pub fn parse_file(text: &str) -> Result<Vec<Sink>, String> {
-    let raw: RawFile = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
+    let raw: RawFile = toml::from_str(text).map_err(|e| crate::util::toml_error(text, &e))?;
     let mut sinks = Vec::new();
     let mut problems = Vec::new();
     for r in raw.export {
@@ -299,20 +299,6 @@ fn sink(r: RawExport) -> Result<Sink, String> {
         timeout,
         from_start,
     })
-}
-
-/// A TOML error as its message and where: never the line itself, which may hold a
-/// credential.
-pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
-    match e.span() {
-        Some(span) => {
-            let before = &text[..span.start.min(text.len())];
-            let line = before.matches('\n').count() + 1;
-            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-            format!("line {line}, column {column}: {}", e.message())
-        }
-        None => e.message().to_string(),
-    }
 }
 
 fn http_url(url: &str) -> Result<(), String> {
