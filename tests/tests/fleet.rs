@@ -107,29 +107,11 @@ async fn stored_results(nats: &str) -> HashMap<String, Vec<u64>> {
 }
 
 async fn read_results(nats: &str) -> Option<HashMap<String, Vec<u64>>> {
-    let client = connect(nats).await;
-    let js = async_nats::jetstream::new(client);
-    let mut stream = js
-        .get_stream(outpost_gateway::nats::RESULTS_STREAM)
-        .await
-        .ok()?;
-    let state = stream.info().await.ok()?.state.clone();
     let mut out: HashMap<String, Vec<u64>> = HashMap::new();
-    for seq in state.first_sequence..=state.last_sequence {
-        let msg = match stream.get_raw_message(seq).await {
-            Ok(m) => m,
-            Err(e)
-                if e.kind()
-                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-            {
-                continue
-            }
-            Err(_) => return None,
-        };
-        let v: Value = serde_json::from_slice(&msg.payload).unwrap();
-        out.entry(v["fingerprint"].as_str().unwrap().to_string())
+    for v in outpost_e2e::nats::stream_results(nats).await? {
+        out.entry(v["fingerprint"].as_str()?.to_string())
             .or_default()
-            .push(v["result"]["seq"].as_u64().unwrap());
+            .push(v["result"]["seq"].as_u64()?);
     }
     Some(out)
 }

@@ -465,7 +465,7 @@ pub fn pagerduty_body(tenant: &str, q: &Queued, routing_key: &str) -> Vec<u8> {
 }
 
 /// A label name as Prometheus allows it (`[a-zA-Z_][a-zA-Z0-9_]*`).
-fn label_name(s: &str) -> String {
+pub(crate) fn label_name(s: &str) -> String {
     let mut out: String = s
         .chars()
         .map(|c| {

@@ -35,19 +35,7 @@ pub enum Failure {
 /// A Prometheus label name: `[a-zA-Z_][a-zA-Z0-9_]*`, other characters `_`, a leading
 /// digit prefixed with `_`; names starting `__` are reserved, so get a leading `x`.
 pub fn prom_label_name(name: &str) -> String {
-    let mut s: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    if s.is_empty() || s.starts_with(|c: char| c.is_ascii_digit()) {
-        s.insert(0, '_');
-    }
+    let mut s = crate::alerts::deliver::label_name(name);
     if s.starts_with("__") {
         s.insert(0, 'x');
     }
