@@ -31,6 +31,8 @@ pub const STATSD_CHECK: &str = "statsd";
 pub const GRAPHITE_CHECK: &str = "graphite";
 /// Longest line taken over TCP (a UDP datagram is at most 64 KiB anyway).
 const MAX_TCP_LINE: usize = 64 * 1024;
+/// Datagrams read from the socket's buffer at a stop, at most.
+const DRAIN_MAX: usize = 100_000;
 /// TCP connections served at once.
 const MAX_TCP_CONNECTIONS: usize = 64;
 
@@ -43,13 +45,20 @@ pub struct StatsdSettings {
     pub percentiles: Vec<f64>,
 }
 
-/// What the listeners feed: lines in, an interval's metrics out.
+/// What the listeners feed: lines in, an interval's metrics out. The listeners and the
+/// flush share it under a lock, so the flush only ends the interval under it
+/// ([`Intake::end_interval`], cheap) and makes the metrics after ([`Intake::finish`]):
+/// datagrams keep being read while a large interval is sorted and formatted.
 pub trait Intake: Send + 'static {
+    /// An ended interval, as taken out.
+    type Ended: Send + 'static;
     /// Take a datagram, or one line of a TCP stream.
     fn take(&mut self, packet: &str);
-    /// The interval's metrics (name, value), and the lines taken, refused and values
-    /// dropped since the last flush; starts the next interval.
-    fn flush(&mut self, interval_secs: f64) -> Flushed;
+    /// End the interval and start the next one.
+    fn end_interval(&mut self) -> Self::Ended;
+    /// The ended interval's metrics (name, value), and the lines taken, refused and values
+    /// dropped during it.
+    fn finish(ended: Self::Ended, interval_secs: f64) -> Flushed;
 }
 
 pub struct Flushed {
@@ -60,20 +69,27 @@ pub struct Flushed {
 }
 
 impl Intake for Aggregator {
+    /// The series, and the lines, refused and dropped counts.
+    type Ended = (aggregate::Interval, u64, u64, u64);
+
     fn take(&mut self, packet: &str) {
         Aggregator::take(self, packet)
     }
 
-    fn flush(&mut self, interval_secs: f64) -> Flushed {
-        let metrics = Aggregator::flush(self, interval_secs);
-        let f = Flushed {
-            metrics,
-            lines: self.lines,
-            refused: self.refused,
-            dropped: self.dropped,
-        };
+    fn end_interval(&mut self) -> Self::Ended {
+        let counts = (self.lines, self.refused, self.dropped);
         (self.lines, self.refused, self.dropped) = (0, 0, 0);
-        f
+        (Aggregator::end_interval(self), counts.0, counts.1, counts.2)
+    }
+
+    fn finish((interval, lines, refused, dropped): Self::Ended, interval_secs: f64) -> Flushed {
+        let (metrics, not_finite) = interval.metrics(interval_secs);
+        Flushed {
+            metrics,
+            lines,
+            refused: refused + not_finite,
+            dropped,
+        }
     }
 }
 
@@ -115,7 +131,9 @@ impl Intake for LatestValues {
         }
     }
 
-    fn flush(&mut self, _interval_secs: f64) -> Flushed {
+    type Ended = Flushed;
+
+    fn end_interval(&mut self) -> Flushed {
         let f = Flushed {
             metrics: std::mem::take(&mut self.values).into_iter().collect(),
             lines: self.lines,
@@ -124,6 +142,10 @@ impl Intake for LatestValues {
         };
         (self.lines, self.refused, self.dropped) = (0, 0, 0);
         f
+    }
+
+    fn finish(ended: Flushed, _interval_secs: f64) -> Flushed {
+        ended
     }
 }
 
@@ -162,13 +184,13 @@ async fn listen(
     let tcp = TcpListener::bind(addr).await?;
     let agg = Arc::new(Mutex::new(intake));
     tracing::info!(%addr, check, "listening for the host's metrics (udp and tcp)");
-    {
+    let datagrams = {
         let (agg, stop) = (agg.clone(), shutdown.clone());
         tokio::spawn(async move {
             let mut buf = vec![0u8; 65_536];
             loop {
                 tokio::select! {
-                    _ = stop.cancelled() => return,
+                    _ = stop.cancelled() => break,
                     r = udp.recv_from(&mut buf) => {
                         if let Ok((n, _)) = r {
                             lock(&agg).take(&String::from_utf8_lossy(&buf[..n]));
@@ -176,8 +198,20 @@ async fn listen(
                     }
                 }
             }
-        });
-    }
+            // Stopping: what already arrived goes into the last interval, not away with
+            // the socket (bounded: more than a socket buffer holds, and a flood does not
+            // keep the task reading).
+            // (Through the std socket: tokio's `try_recv_from` answers "would block"
+            // until its reactor has seen the socket readable, which it may not have yet.)
+            let Ok(udp) = udp.into_std() else { return };
+            for _ in 0..DRAIN_MAX {
+                let Ok((n, _)) = udp.recv_from(&mut buf) else {
+                    break; // (nothing more waiting: the socket is non-blocking)
+                };
+                lock(&agg).take(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
     {
         let (agg, stop) = (agg.clone(), shutdown.clone());
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CONNECTIONS));
@@ -217,16 +251,24 @@ async fn listen(
             }
         });
     }
-    let flusher = tokio::spawn(flush_loop(check, settings.flush, agg, outbox, shutdown));
+    let flusher = tokio::spawn(flush_loop(
+        check,
+        settings.flush,
+        agg,
+        outbox,
+        shutdown,
+        datagrams,
+    ));
     Ok((addr, flusher))
 }
 
-async fn flush_loop(
+async fn flush_loop<I: Intake>(
     check: &'static str,
     every: Duration,
-    agg: Arc<Mutex<impl Intake>>,
+    agg: Arc<Mutex<I>>,
     outbox: Arc<dyn Outbox>,
     shutdown: CancellationToken,
+    mut datagrams: tokio::task::JoinHandle<()>,
 ) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     let mut last = Instant::now();
@@ -235,14 +277,20 @@ async fn flush_loop(
             _ = shutdown.cancelled() => true,
             _ = tick.tick() => false,
         };
+        if stopping {
+            // The datagrams that arrived before the stop, read first (briefly: a flood
+            // does not hold the stop up).
+            let _ = tokio::time::timeout(Duration::from_secs(1), &mut datagrams).await;
+        }
         let secs = last.elapsed().as_secs_f64();
         last = Instant::now();
+        let ended = lock(&agg).end_interval();
         let Flushed {
             metrics,
             lines,
             refused,
             dropped,
-        } = lock(&agg).flush(secs);
+        } = I::finish(ended, secs);
         if metrics.is_empty() && lines == 0 {
             if stopping {
                 return;
@@ -309,4 +357,40 @@ fn results(
             ..CheckResult::new(check, status, output.clone())
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::MemoryOutbox;
+
+    /// Datagrams that reached the socket before the stop are in the last flush, not lost
+    /// with the socket. (On a current-thread runtime the listener reads nothing until the
+    /// test yields, so all of them are still in the socket's buffer at the stop.)
+    #[tokio::test]
+    async fn datagrams_waiting_at_a_stop_go_into_the_last_flush() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Arc::new(MemoryOutbox::open(dir.path(), 100).unwrap());
+        let stop = CancellationToken::new();
+        let settings = StatsdSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            flush: Duration::from_secs(3600),
+            max_names: 100,
+            percentiles: vec![],
+        };
+        let (addr, flusher) = start(settings, outbox.clone(), stop.clone()).await.unwrap();
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for _ in 0..100 {
+            sock.send_to(b"waiting:1|c", addr).unwrap();
+        }
+        stop.cancel();
+        flusher.await.unwrap();
+        let flushed = outbox.pending_after(0, 10);
+        let count = flushed
+            .iter()
+            .flat_map(|r| &r.metrics)
+            .find(|m| m.name == "waiting")
+            .map(|m| m.value);
+        assert_eq!(count, Some(100.0), "flushed: {flushed:?}");
+    }
 }

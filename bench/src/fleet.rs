@@ -17,8 +17,8 @@
 //! child processes. Parts that need the gateway's NATS bus (`serve --bus nats://…`) say
 //! so in their rows when the binary has no such option.
 
-mod alerting;
-mod history;
+pub mod alerting;
+pub mod history;
 pub mod https;
 mod idle;
 pub mod loadgen;

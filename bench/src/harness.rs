@@ -381,6 +381,19 @@ impl Agent {
         checks: &[String],
         max_concurrent: Option<usize>,
     ) -> Result<Agent> {
+        Self::start_with_settings(bins, dir, gw, checks, max_concurrent, "")
+    }
+
+    /// [`Agent::start`] with `settings` (TOML tables, e.g. `[statsd]`) at the end of its
+    /// configuration file.
+    pub fn start_with_settings(
+        bins: &Bins,
+        dir: &Path,
+        gw: &Gateway,
+        checks: &[String],
+        max_concurrent: Option<usize>,
+        settings: &str,
+    ) -> Result<Agent> {
         const PER_FILE: usize = 1000;
         let state_dir = dir.join("agent");
         let checks_dir = state_dir.join("checks.d");
@@ -407,6 +420,7 @@ impl Agent {
         if let Some(c) = max_concurrent {
             config.push_str(&format!("max_concurrent_checks = {c}\n"));
         }
+        config.push_str(settings);
         let config_path = state_dir.join("agent.toml");
         std::fs::write(&config_path, config)
             .with_context(|| format!("cannot write {}", config_path.display()))?;

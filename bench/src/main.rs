@@ -25,11 +25,13 @@
 //! `docs/BENCHMARKS.md`. This is a measuring tool, not a test: nothing here asserts a time.
 
 mod bus;
+mod export;
 mod fleet;
 mod harness;
 mod outbox;
 mod raw;
 mod sample;
+mod statsd;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -66,6 +68,10 @@ enum Part {
     FleetHistory,
     /// Event stream clients under a steady result rate, next to JetStream consumers.
     FleetStream,
+    /// Metric export: samples/s by remote-write to Prometheus, next to a raw client.
+    Export,
+    /// StatsD packets/s into the agent, next to Etsy's StatsD daemon (npm).
+    Statsd,
 }
 
 #[derive(Parser)]
@@ -319,6 +325,8 @@ fn run() -> Result<bool> {
             Part::FleetAlerting,
             Part::FleetHistory,
             Part::FleetStream,
+            Part::Export,
+            Part::Statsd,
         ]
     } else {
         let mut p = cli.only.clone();
@@ -371,6 +379,14 @@ fn run() -> Result<bool> {
             Part::FleetStream => (
                 "12. Fleet: 100 event stream clients at 10,000 results per second",
                 fleet::stream(&bins, &work, &plan),
+            ),
+            Part::Export => (
+                "13. Metric export: samples per second by remote-write",
+                export::export(&bins, &work, &plan),
+            ),
+            Part::Statsd => (
+                "14. StatsD: packets per second into the agent",
+                statsd::statsd(&bins, &work, &plan),
             ),
         };
         let _ = writeln!(report, "### {title}\n");

@@ -154,8 +154,10 @@ pub struct Aggregator {
     values: usize,
     /// Gauges' intervals without an update.
     idle: BTreeMap<String, u32>,
-    /// Lines refused (or aggregates not finite when flushed) and values dropped (over
-    /// `max_names` or [`MAX_VALUES`]) since the last flush.
+    /// Lines refused and values dropped (over `max_names` or [`MAX_VALUES`]) since the
+    /// last flush; [`Aggregator::flush`] adds the aggregates that were not finite (the
+    /// listeners, which end an interval and make its metrics apart, count those from
+    /// [`Interval::metrics`]).
     pub refused: u64,
     pub dropped: u64,
     pub lines: u64,
@@ -249,9 +251,50 @@ impl Aggregator {
     /// The interval's metrics as (name, value), and reset for the next one: counters,
     /// timers and sets start again; gauges keep their value (as StatsD's do).
     pub fn flush(&mut self, interval_secs: f64) -> Vec<(String, f64)> {
+        let (out, not_finite) = self.end_interval().metrics(interval_secs);
+        self.refused += not_finite;
+        out
+    }
+
+    /// End the interval: its series are taken out and the aggregator starts the next one,
+    /// keeping the gauges. Cheap (no sorting, no formatting: the gauges are copied), so a
+    /// listener sharing the aggregator under a lock is not held up by a flush; the
+    /// interval's metrics are made from what this returns ([`Interval::metrics`]).
+    pub fn end_interval(&mut self) -> Interval {
+        let series = std::mem::take(&mut self.series);
+        // Gauges are kept for the next interval, unless unchanged for long (or no longer
+        // a number): then forgotten, their name freed.
+        self.idle.retain(|key, idle| {
+            *idle += 1;
+            match series.get(key) {
+                Some(Agg::Gauge(v)) if *idle < GAUGE_INTERVALS && v.is_finite() => {
+                    self.series.insert(key.clone(), Agg::Gauge(*v));
+                    true
+                }
+                _ => false,
+            }
+        });
+        self.values = 0;
+        Interval {
+            series,
+            percentiles: self.percentiles.clone(),
+        }
+    }
+}
+
+/// One interval's series, taken out of the [`Aggregator`] by [`Aggregator::end_interval`].
+#[derive(Debug)]
+pub struct Interval {
+    series: BTreeMap<String, Agg>,
+    percentiles: Vec<f64>,
+}
+
+impl Interval {
+    /// The interval's metrics as (name, value), and how many aggregates were left out as
+    /// not finite (an overflow to infinity: JSON has no infinity).
+    pub fn metrics(self, interval_secs: f64) -> (Vec<(String, f64)>, u64) {
         let mut out = Vec::new();
-        let mut kept = BTreeMap::new();
-        for (key, agg) in std::mem::take(&mut self.series) {
+        for (key, agg) in self.series {
             // `name;tags` → `name.suffix;tags`
             let named = |suffix: &str| match key.split_once(';') {
                 Some((n, tags)) => format!("{n}.{suffix};{tags}"),
@@ -259,21 +302,10 @@ impl Aggregator {
             };
             match agg {
                 Agg::Counter(sum) => {
-                    out.push((key.clone(), sum));
                     out.push((named("rate"), sum / interval_secs.max(f64::MIN_POSITIVE)));
+                    out.push((key, sum));
                 }
-                Agg::Gauge(v) => {
-                    out.push((key.clone(), v));
-                    // Kept for the next interval, unless unchanged for long (or no
-                    // longer a number).
-                    let idle = self.idle.entry(key.clone()).or_insert(0);
-                    *idle += 1;
-                    if *idle < GAUGE_INTERVALS && v.is_finite() {
-                        kept.insert(key, Agg::Gauge(v));
-                    } else {
-                        self.idle.remove(&key);
-                    }
-                }
+                Agg::Gauge(v) => out.push((key, v)),
                 Agg::Timer { mut values, count } => {
                     values.sort_by(f64::total_cmp);
                     let n = values.len();
@@ -296,13 +328,10 @@ impl Aggregator {
                 Agg::Set(members) => out.push((named("count"), members.len() as f64)),
             }
         }
-        self.series = kept;
-        self.values = 0;
-        // Whatever overflowed to infinity is no sample (JSON has no infinity).
         let before = out.len();
         out.retain(|(_, v)| v.is_finite());
-        self.refused += (before - out.len()) as u64;
-        out
+        let not_finite = (before - out.len()) as u64;
+        (out, not_finite)
     }
 }
 

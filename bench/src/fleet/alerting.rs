@@ -16,7 +16,7 @@
 //! check files (`checks.d`, or `config push` in the fleet); nothing here reads their
 //! state: only what reaches the receiver counts.
 
-mod alertmanager;
+pub mod alertmanager;
 mod burst;
 mod hook;
 mod latency;

@@ -42,8 +42,9 @@ struct Row {
     total: Duration,
 }
 
-/// A result as the agent's load check makes it.
-fn load_result(seq: u64, check: &str, started: u64) -> CheckResult {
+/// A result as the agent's load check makes it: three metrics, each with a warning and a
+/// critical threshold and a minimum (14 samples when exported).
+pub fn load_result(seq: u64, check: &str, started: u64) -> CheckResult {
     let l = (seq % 100) as f64 / 50.0;
     let v = serde_json::json!({
         "seq": seq, "check": check, "status": "ok",

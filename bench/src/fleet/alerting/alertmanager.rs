@@ -84,25 +84,38 @@ impl Alertmanager {
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .arg("--cluster.listen-address=");
         let mut proc = spawn_logged("alertmanager", cmd, &dir.join("alertmanager.log"))?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok((200, _)) = rt.block_on(request(port, "GET", "/-/ready", None)) {
-                break;
-            }
-            proc.ensure_running()?;
-            if Instant::now() >= deadline {
-                bail!(
-                    "Alertmanager was not ready within 30 s; its log ends with:\n{}",
-                    proc.log_tail(20)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_ready(rt, &mut proc, port, "Alertmanager", Duration::from_secs(30))?;
         Ok(Alertmanager {
             proc,
             port,
             version,
         })
+    }
+}
+
+/// Wait until `proc` (`what`), on 127.0.0.1:`port`, answers 200 to `GET /-/ready` (as
+/// Prometheus and Alertmanager do), for at most `limit`.
+pub fn wait_ready(
+    rt: &tokio::runtime::Handle,
+    proc: &mut Proc,
+    port: u16,
+    what: &str,
+    limit: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok((200, _)) = rt.block_on(request(port, "GET", "/-/ready", None)) {
+            return Ok(());
+        }
+        proc.ensure_running()?;
+        if Instant::now() >= deadline {
+            bail!(
+                "{what} was not ready within {} s; its log ends with:\n{}",
+                limit.as_secs(),
+                proc.log_tail(20)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
