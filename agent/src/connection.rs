@@ -368,7 +368,10 @@ impl Connection {
             let max = Duration::from_secs(welcome.max_session_secs);
             Instant::now() + max.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
         });
-        self.connected(ws, heartbeat, rotate_at, shutdown).await
+        self.scheduler.set_in_touch(true);
+        let end = self.connected(ws, heartbeat, rotate_at, shutdown).await;
+        self.scheduler.set_in_touch(false);
+        end
     }
 
     async fn connected(

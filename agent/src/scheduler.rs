@@ -87,6 +87,9 @@ struct Inner {
     local_applied: AtomicBool,
     /// Set by `stop_all`: the state file is not written again.
     stopped: AtomicBool,
+    /// Whether a session with the gateway is up. Checks about entities run only then: an
+    /// agent out of touch may have lost them to another agent by now.
+    in_touch: AtomicBool,
     /// One write of the state file at a time (they share a temp file name).
     save_lock: Mutex<()>,
     /// The task writing the state file while it changes.
@@ -218,6 +221,12 @@ pub fn resume_at(now_ms: u64, due_after_prev: u64, spread_ms: u64) -> u64 {
 }
 
 impl Scheduler {
+    /// Say whether a session with the gateway is up (checks about entities run only
+    /// then).
+    pub fn set_in_touch(&self, up: bool) {
+        self.inner.in_touch.store(up, Ordering::Relaxed);
+    }
+
     pub fn new(
         fingerprint: String,
         outbox: Arc<dyn Outbox>,
@@ -241,6 +250,7 @@ impl Scheduler {
                 save_failing: AtomicBool::new(false),
                 local_applied: AtomicBool::new(false),
                 stopped: AtomicBool::new(false),
+                in_touch: AtomicBool::new(false),
                 save_lock: Mutex::new(()),
                 saver: Mutex::new(None),
             }),
@@ -753,7 +763,13 @@ impl Inner {
 
 /// When a check's task wakes next.
 enum Timing {
-    Grid { phase_ms: u64, interval_ms: u64 },
+    Grid {
+        phase_ms: u64,
+        interval_ms: u64,
+        /// A check about an entity (placed on this agent by the gateway): its first run
+        /// waits for its slot, which another agent may have just used.
+        slots_only: bool,
+    },
     Cron(Box<croner::Cron>),
 }
 
@@ -764,9 +780,15 @@ impl Timing {
                 .map(|c| Timing::Cron(Box::new(c)));
         }
         let interval_ms = spec.interval_secs.clamp(1, MAX_INTERVAL_SECS) * 1000;
+        // A check about an entity has the entity's phase, the same on every agent.
+        let key = match &spec.entity {
+            Some(entity) => format!("entity:{entity}"),
+            None => fingerprint.to_string(),
+        };
         Ok(Timing::Grid {
-            phase_ms: splay_ms(fingerprint, &spec.name, interval_ms),
+            phase_ms: splay_ms(&key, &spec.name, interval_ms),
             interval_ms,
+            slots_only: spec.entity.is_some(),
         })
     }
 
@@ -776,6 +798,12 @@ impl Timing {
             Timing::Grid {
                 phase_ms,
                 interval_ms,
+                slots_only: true,
+            } if last_start.is_none() => next_slot(now, *phase_ms, *interval_ms),
+            Timing::Grid {
+                phase_ms,
+                interval_ms,
+                ..
             } => next_run(now, last_start, *phase_ms, *interval_ms),
             Timing::Cron(cron) => next_cron(cron, now),
         }
@@ -794,6 +822,7 @@ impl Timing {
                 Timing::Grid {
                     phase_ms,
                     interval_ms,
+                    ..
                 },
             ) => (
                 next_run(prev, Some(prev), *phase_ms, *interval_ms),
@@ -861,6 +890,11 @@ async fn check_loop(
         .map(|r| r.clamp(1, MAX_INTERVAL_SECS) * 1000);
     let seed = splay_ms(&inner.fingerprint, &spec.name, FIRST_RUN_SPREAD_MS);
     let mut last_start: Option<u64> = None;
+    if spec.entity.is_some() {
+        // A slot missed while the agent was down may have been run by another agent
+        // since: a placed check resumes on its next slot, never at once.
+        resume_from = None;
+    }
     loop {
         // Soft after this loop's run or a run-now's: retry sooner than the next slot.
         let soft = inner.is_soft(&spec.name);
@@ -884,6 +918,12 @@ async fn check_loop(
             _ = stop.cancelled() => return,
         };
         last_start = Some(now_ms());
+        if spec.entity.is_some() && !inner.in_touch.load(Ordering::Relaxed) {
+            // Out of touch with the gateway: the slot is left to whichever agent has the
+            // check now (it moves to another once this one's session is gone).
+            tracing::debug!(check = %spec.name, "not run: about an entity, and out of touch with the gateway");
+            continue;
+        }
         // A check removed or changed mid-run is abandoned: dropping the run kills its
         // process group, and a result of the old definition is not kept.
         // Boxed: the run's future is as large as the largest probe's state, and an idle

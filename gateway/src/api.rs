@@ -6,6 +6,7 @@ pub mod access;
 pub mod admin;
 pub mod alerts;
 pub mod config;
+pub mod entities;
 pub mod events;
 pub mod history;
 pub mod openapi;
@@ -119,6 +120,7 @@ pub fn router(gw: Services, settings: &Arc<Settings>) -> Router {
         .merge(alerts::routes())
         .merge(events::routes())
         .merge(history::routes())
+        .merge(entities::routes())
         .merge(config::routes())
         .layer(middleware::from_fn_with_state(
             gw.clone(),

@@ -10,13 +10,18 @@
 //! whose name is a valid check name becomes a content-addressed plugin. A check that says
 //! `plugin = "NAME"` runs that plugin; agents fetch it by hash.
 
+pub mod placement;
+
 use outpost_sys::lock;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-pub use outpost_protocol::checkfile::{parse_file_with_collectors, CheckDef, CollectorDef, Target};
+pub use outpost_protocol::checkfile::{
+    parse_entities, parse_file_with_collectors, CheckDef, CollectorDef, EntityDef, Target,
+    MAX_ENTITIES,
+};
 use outpost_protocol::{
     valid_check_name, CheckSpec, CollectorSpec, PluginRef, MAX_CHECKS, MAX_COLLECTORS,
     MAX_PLUGIN_BYTES,
@@ -45,22 +50,31 @@ pub struct Catalog {
     pub alerting: Arc<AlertConfig>,
     /// The tenant's metric exports (its files' `[[export]]`).
     pub export: Arc<crate::export::config::ExportConfig>,
+    /// The tenant's proxy entities (its files' `[[entity]]`), in file-name order.
+    pub entities: Vec<EntityDef>,
 }
 
 impl Catalog {
-    /// The checks an agent with these labels and groups runs, sorted by name.
+    /// The checks an agent with these labels and groups runs, sorted by name; checks
+    /// about entities are not among them (they are placed: [`placement`]).
     pub fn for_agent(
         &self,
         labels: &BTreeMap<String, String>,
         groups: &[String],
     ) -> Vec<CheckSpec> {
-        targeted(
-            &self.checks,
-            labels,
-            groups,
-            |c| (&c.target, &c.spec),
-            |s| &s.name,
-        )
+        let mut v: Vec<CheckSpec> = self
+            .checks
+            .iter()
+            .filter(|c| c.placement.is_none() && c.target.matches(labels, groups))
+            .map(|c| c.spec.clone())
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// The entity named `name`.
+    pub fn entity(&self, name: &str) -> Option<&EntityDef> {
+        self.entities.iter().find(|e| e.name == name)
     }
 
     /// The collectors an agent with these labels and groups runs, sorted by name.
@@ -156,6 +170,7 @@ struct FileState {
     collectors: Vec<CollectorDef>,
     alerting: FileAlerting,
     export: Vec<crate::export::config::Sink>,
+    entities: Vec<EntityDef>,
 }
 
 pub struct CheckStore {
@@ -163,6 +178,8 @@ pub struct CheckStore {
     pub plugins_dir: PathBuf,
     files: Mutex<HashMap<PathBuf, FileState>>,
     tx: watch::Sender<Arc<Catalog>>,
+    /// Where the checks about entities run now (set by `crate::placing`).
+    placed: watch::Sender<Arc<placement::Placed>>,
     /// The alerting problems found across files at the last scan.
     alerting_problems: Mutex<Vec<String>>,
     /// The export problems found across files at the last scan.
@@ -185,6 +202,7 @@ impl CheckStore {
             plugins_dir: plugins_dir.to_path_buf(),
             files: Mutex::new(HashMap::new()),
             tx: watch::channel(Arc::new(Catalog::default())).0,
+            placed: watch::channel(Arc::new(placement::Placed::default())).0,
             alerting_problems: Mutex::default(),
             export_problems: Mutex::default(),
         }
@@ -196,6 +214,27 @@ impl CheckStore {
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<Catalog>> {
         self.tx.subscribe()
+    }
+
+    /// Where the checks about entities run now.
+    pub fn placed(&self) -> Arc<placement::Placed> {
+        self.placed.borrow().clone()
+    }
+
+    pub fn subscribe_placed(&self) -> watch::Receiver<Arc<placement::Placed>> {
+        self.placed.subscribe()
+    }
+
+    /// Place the checks about entities anew (sessions whose share changed are told).
+    pub fn set_placed(&self, placed: placement::Placed) {
+        self.placed.send_if_modified(|cur| {
+            if **cur == placed {
+                false
+            } else {
+                *cur = Arc::new(placed);
+                true
+            }
+        });
     }
 
     /// Reread the directory; returns the number of files that failed to parse.
@@ -256,6 +295,17 @@ impl CheckStore {
                     old.as_ref().map(|f| f.export.clone()).unwrap_or_default()
                 }
             };
+            let entities = match parse_entities(path, &text) {
+                Ok(e) => e,
+                Err(e) => {
+                    if toml::from_str::<toml::Table>(&text).is_ok() {
+                        failures += 1;
+                        tracing::error!(file = %path.display(), error = %e,
+                            "entities in check file are invalid; keeping their last good version");
+                    }
+                    old.as_ref().map(|f| f.entities.clone()).unwrap_or_default()
+                }
+            };
             let alerting = match alerting::parse_file(&text) {
                 Ok(a) => {
                     if !a.receivers.is_empty() || !a.routes.is_empty() || a.fallback.is_some() {
@@ -281,8 +331,27 @@ impl CheckStore {
                     collectors,
                     alerting,
                     export,
+                    entities,
                 },
             );
+        }
+        let mut entities: Vec<EntityDef> = Vec::new();
+        for def in paths
+            .iter()
+            .filter_map(|p| files.get(p))
+            .flat_map(|f| f.entities.iter())
+        {
+            if entities.iter().any(|e| e.name == def.name) {
+                failures += 1;
+                tracing::error!(file = %def.file.display(), entity = %def.name,
+                    "entity defined twice; the first file (by name) wins");
+                continue;
+            }
+            if entities.len() >= MAX_ENTITIES {
+                tracing::error!(limit = MAX_ENTITIES, "too many entities; ignoring the rest");
+                break;
+            }
+            entities.push(def.clone());
         }
         let plugins = scan_plugins(&self.plugins_dir);
         let mut seen = std::collections::HashSet::new();
@@ -303,6 +372,14 @@ impl CheckStore {
                                 dir = %self.plugins_dir.display(), "check uses a plugin that is not in the catalog; check skipped");
                             continue;
                         }
+                    }
+                }
+                if let Some(entity) = &def.spec.entity {
+                    if !entities.iter().any(|e| &e.name == entity) {
+                        failures += 1;
+                        tracing::error!(file = %path.display(), check = %def.spec.name, %entity,
+                            "check is about an entity no file declares ([[entity]]); check skipped");
+                        continue;
                     }
                 }
                 if !seen.insert(def.spec.name.clone()) {
@@ -366,6 +443,7 @@ impl CheckStore {
             plugins,
             alerting: Arc::new(alerting),
             export: Arc::new(export),
+            entities,
         };
         self.tx.send_if_modified(|cur| {
             if **cur == catalog {

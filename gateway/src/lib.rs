@@ -22,6 +22,7 @@ pub mod hub;
 pub mod listener;
 pub mod metrics;
 pub mod nats;
+pub mod placing;
 pub mod rate;
 pub mod registry;
 pub mod releases;
@@ -527,6 +528,17 @@ pub async fn serve(
             }
             Err(e) => tracing::error!(error = %format!("{e:#}"), "metric export cannot start"),
         }
+    }
+    {
+        let (checks, registry, hub, stop) = (
+            gw.checks.clone(),
+            gw.registry.clone(),
+            gw.hub.clone(),
+            gw.shutdown.clone(),
+        );
+        background(&tracker, gw, "placement", move || {
+            placing::run(checks.clone(), registry.clone(), hub.clone(), stop.clone())
+        });
     }
     let app = api::router(gw.api(tracker.clone()), &gw.settings);
     let conns = listener::Connections {

@@ -805,6 +805,51 @@ impl Registry {
         })
     }
 
+    /// `tenant`'s agents held by a connection of a live gateway (this one or another of
+    /// the fleet), as (fingerprint, labels, groups, held here), by fingerprint: where
+    /// checks about entities may be placed. A connection that ended without a bye still
+    /// holds its agent for the presence grace: for the agents held here, the hub says
+    /// whether their session is still up.
+    #[allow(clippy::type_complexity)]
+    pub fn held(&self, tenant: &str) -> Vec<(String, BTreeMap<String, String>, Vec<String>, bool)> {
+        let now = now_ms();
+        let mut held: Vec<_> = self
+            .lock()
+            .values()
+            .filter(|r| {
+                r.tenant == tenant
+                    && r.presence == Presence::Online
+                    && r.holder
+                        .as_deref()
+                        .is_some_and(|h| self.holder_alive(h, now))
+            })
+            .map(|r| {
+                let here = r.holder.as_deref().is_some_and(|h| self.me.holds(h));
+                (
+                    r.fingerprint.clone(),
+                    r.labels.clone(),
+                    r.groups.clone(),
+                    here,
+                )
+            })
+            .collect();
+        held.sort();
+        held
+    }
+
+    /// The newest result of `check` of each of `tenant`'s agents that has one here (on
+    /// NATS: of the agents this gateway holds or held), as (fingerprint, hostname, result).
+    pub fn latest_of(&self, tenant: &str, check: &str) -> Vec<(String, String, CheckResult)> {
+        self.lock()
+            .values()
+            .filter(|r| r.tenant == tenant)
+            .filter_map(|r| {
+                let result = r.latest.get(check)?;
+                Some((r.fingerprint.clone(), r.hostname.clone(), result.clone()))
+            })
+            .collect()
+    }
+
     /// How many agents `tenant` has (revoked ones until they are forgotten).
     pub fn count(&self, tenant: &str) -> u64 {
         self.lock().values().filter(|r| r.tenant == tenant).count() as u64

@@ -130,6 +130,14 @@ pub struct CheckSpec {
     /// hash.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plugin: Option<PluginRef>,
+    /// Set when the check is about a proxy entity and the gateway placed it on this agent
+    /// (`entity` in a gateway check file, docs/CHECKS.md): its slots are the entity's, the
+    /// same on whichever agent runs it (the phase comes from the entity and the check, not
+    /// the agent), and its first run waits for the next slot, so a check handed from one
+    /// agent to another is never run twice in one slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(js::CHECK_NAME), extend("not" = js::not_dots()))]
+    pub entity: Option<String>,
 }
 
 fn one() -> u32 {
@@ -157,6 +165,7 @@ impl CheckSpec {
             max_attempts: 1,
             retry_interval_secs: None,
             plugin: None,
+            entity: None,
         }
     }
 }

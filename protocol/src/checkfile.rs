@@ -65,10 +65,56 @@ impl Target {
 pub struct CheckDef {
     /// For a plugin check, the command's program is the plugin's name and `spec.plugin`
     /// names it with an empty hash; the gateway fills the hash in from its catalog.
+    /// `spec.entity` is set for a check about a proxy entity.
     pub spec: CheckSpec,
+    /// Which agents run it; for a check about an entity, which agents may (its placement
+    /// picks among them).
     pub target: Target,
+    /// Set (with `spec.entity`) for a check about a proxy entity.
+    pub placement: Option<Placement>,
     pub file: PathBuf,
 }
+
+/// A thing no agent runs on that checks are about (`[[entity]]`, gateway check files
+/// only): a router, a website, a partner's API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EntityDef {
+    pub name: String,
+    /// Where it is (a host name, an address or a URL), for people and for `same_label`'s
+    /// neighbours; checks name their own targets.
+    pub address: String,
+    pub labels: BTreeMap<String, String>,
+    pub file: PathBuf,
+}
+
+/// How a check about an entity is placed on the agents its `target` allows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    #[serde(default)]
+    pub mode: PlacementMode,
+    /// With `all`: the entity's state is non-OK only when at least this many vantage
+    /// points agree.
+    #[serde(default)]
+    pub quorum: Option<u32>,
+    /// Only agents whose label of this name has the entity's value (`"dc"`: from the
+    /// entity's own data center); any allowed agent when none of those is online.
+    #[serde(default)]
+    pub same_label: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PlacementMode {
+    /// One agent runs it each interval; the checks spread evenly over the agents.
+    #[default]
+    RoundRobin,
+    /// Every allowed agent runs it, each a vantage point.
+    All,
+}
+
+/// Most entities a tenant declares.
+pub const MAX_ENTITIES: usize = 10_000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -92,6 +138,19 @@ struct RawFile {
     /// Metric exports (`[[export]]`): the gateway's, like alerting.
     #[serde(default)]
     export: Vec<toml::Table>,
+    /// Proxy entities (`[[entity]]`): the gateway's.
+    #[serde(default)]
+    entity: Vec<RawEntity>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEntity {
+    name: String,
+    #[serde(default)]
+    address: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 /// Whether a file declares alerting tables (gateway check files only).
@@ -104,6 +163,47 @@ fn has_alerting(text: &str) -> bool {
             || !f.tuning.is_empty()
             || !f.export.is_empty()
     })
+}
+
+/// Whether a file declares entities, or checks about them (gateway check files only).
+fn has_entities(text: &str) -> bool {
+    toml::from_str::<RawFile>(text).is_ok_and(|f| {
+        !f.entity.is_empty()
+            || f.check
+                .iter()
+                .any(|c| c.entity.is_some() || c.placement.is_some())
+    })
+}
+
+/// The entities one of the gateway's check files declares, every problem at once.
+pub fn parse_entities(path: &Path, text: &str) -> Result<Vec<EntityDef>, String> {
+    let raw: RawFile = toml::from_str(text).map_err(|e| e.to_string())?;
+    let mut errors = Vec::new();
+    let mut out = Vec::new();
+    for (i, e) in raw.entity.into_iter().enumerate() {
+        let at = format!("entity #{} ({:?})", i + 1, e.name);
+        if !valid_check_name(&e.name) {
+            errors.push(format!(
+                "{at}: name must be 1-64 characters of A-Z a-z 0-9 _ - ."
+            ));
+            continue;
+        }
+        if e.address.len() > 1024 {
+            errors.push(format!("{at}: address is over 1024 bytes"));
+            continue;
+        }
+        out.push(EntityDef {
+            name: e.name,
+            address: e.address,
+            labels: e.labels,
+            file: path.to_path_buf(),
+        });
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors.join("; "))
+    }
 }
 
 /// One collector as a file defines it.
@@ -170,6 +270,9 @@ struct RawCheck {
     retry_interval: Option<RawDuration>,
     #[serde(default)]
     target: Target,
+    /// The proxy entity the check is about (gateway check files only).
+    entity: Option<String>,
+    placement: Option<Placement>,
 }
 
 #[derive(Deserialize)]
@@ -340,6 +443,12 @@ pub fn parse_file(path: &Path, text: &str) -> Result<Vec<CheckDef>, String> {
                 .into(),
         );
     }
+    if has_entities(text) {
+        return Err(
+            "proxy entities ([[entity]]) and checks about them (entity, placement) are declared in the gateway's check files, not in an agent's checks.d"
+                .into(),
+        );
+    }
     Ok(checks)
 }
 
@@ -446,6 +555,35 @@ pub fn parse_file_with_collectors(
                 "attempts must be between 1 and {MAX_ATTEMPTS}, not {max_attempts}"
             ));
         }
+        match (&c.entity, &c.placement) {
+            (None, Some(_)) => problems.push("placement goes with entity: the check must be about a proxy entity".into()),
+            (Some(e), _) if !valid_check_name(e) => {
+                problems.push(format!("entity {e:?} is not a valid entity name"))
+            }
+            (Some(_), _) if daemon => {
+                problems.push("a daemon check cannot be about an entity: it runs on its agent".into())
+            }
+            (Some(_), _) if c.cron.is_some() => problems.push(
+                "a check about an entity runs on an interval, not a cron schedule (its slots are the entity's)".into(),
+            ),
+            _ => {}
+        }
+        if let Some(p) = &c.placement {
+            match (p.mode, p.quorum) {
+                (PlacementMode::RoundRobin, Some(_)) => {
+                    problems.push("quorum goes with placement mode \"all\"".into())
+                }
+                (_, Some(0)) => problems.push("quorum must be at least 1".into()),
+                _ => {}
+            }
+            if p.same_label.as_deref() == Some("") {
+                problems.push("same_label names a label".into());
+            }
+        }
+        let placement = c
+            .entity
+            .as_ref()
+            .map(|_| c.placement.clone().unwrap_or_default());
         let retry_interval_secs = c
             .retry_interval
             .as_ref()
@@ -469,8 +607,10 @@ pub fn parse_file_with_collectors(
                         sha256: String::new(),
                         size: 0,
                     }),
+                    entity: c.entity,
                 },
                 target: c.target,
+                placement,
                 file: path.to_path_buf(),
             }),
             _ => errors.extend(problems.into_iter().map(|p| format!("{at}: {p}"))),
@@ -486,6 +626,83 @@ pub fn parse_file_with_collectors(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn entities_and_checks_about_them_are_the_gateways() {
+        let text = "[[entity]]\nname = \"site\"\naddress = \"www.example.com\"\nlabels = { dc = \"b\" }\n\
+                    [[check]]\nname = \"web\"\nhttp = { url = \"https://www.example.com/\" }\ninterval = 30\nentity = \"site\"\n\
+                    [[check]]\nname = \"ping\"\ntcp = { host = \"www.example.com\", port = 443 }\ninterval = 30\nentity = \"site\"\n\
+                    placement = { mode = \"all\", quorum = 2, same_label = \"dc\" }\n";
+        let (checks, _) = parse_file_with_collectors(Path::new("x.toml"), text).unwrap();
+        assert_eq!(checks[0].spec.entity.as_deref(), Some("site"));
+        assert_eq!(
+            checks[0].placement,
+            Some(Placement::default()),
+            "round_robin unless said"
+        );
+        assert_eq!(
+            checks[1].placement,
+            Some(Placement {
+                mode: PlacementMode::All,
+                quorum: Some(2),
+                same_label: Some("dc".into()),
+            })
+        );
+        let entities = parse_entities(Path::new("x.toml"), text).unwrap();
+        assert_eq!(
+            (entities[0].name.as_str(), entities[0].address.as_str()),
+            ("site", "www.example.com")
+        );
+        assert_eq!(entities[0].labels["dc"], "b");
+        // An agent's checks.d takes neither.
+        let e = parse_file(Path::new("x.toml"), text).unwrap_err();
+        assert!(e.contains("proxy entities"), "{e}");
+        let e = parse_file(
+            Path::new("x.toml"),
+            "[[check]]\nname = \"web\"\ncommand = \"/bin/true\"\ninterval = 30\nentity = \"site\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("proxy entities"), "{e}");
+    }
+
+    #[test]
+    fn a_placement_that_makes_no_sense_is_refused_with_why() {
+        let check = |extra: &str| {
+            parse_file_with_collectors(
+                Path::new("x.toml"),
+                &format!("[[check]]\nname = \"c\"\ncommand = \"/bin/true\"\n{extra}\n"),
+            )
+            .unwrap_err()
+        };
+        for (extra, why) in [
+            (
+                "interval = 30\nplacement = { mode = \"all\" }",
+                "placement goes with entity",
+            ),
+            (
+                "interval = 30\nentity = \"e\"\nplacement = { quorum = 2 }",
+                "quorum goes with",
+            ),
+            (
+                "interval = 30\nentity = \"e\"\nplacement = { mode = \"all\", quorum = 0 }",
+                "at least 1",
+            ),
+            ("cron = \"* * * * *\"\nentity = \"e\"", "not a cron"),
+            (
+                "interval = 30\nentity = \"e\"\nplacement = { mode = \"some\" }",
+                "unknown variant",
+            ),
+            (
+                "interval = 30\nentity = \"bad name\"",
+                "not a valid entity name",
+            ),
+        ] {
+            let e = check(extra);
+            assert!(e.contains(why), "{extra}: {e}");
+        }
+        let e = parse_entities(Path::new("x.toml"), "[[entity]]\nname = \"a b\"\n").unwrap_err();
+        assert!(e.contains("name must be"), "{e}");
+    }
 
     #[test]
     fn parses_argv_and_string_commands_with_durations() {

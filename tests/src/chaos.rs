@@ -189,6 +189,32 @@ impl Netns {
             .output();
     }
 
+    /// Route everything through the link (a default route via this side), so the
+    /// namespace reaches any address of this one, not only the link's.
+    pub fn route_default(&self) {
+        self.exec(&["ip", "route", "replace", "default", "via", &self.host_ip]);
+    }
+
+    /// Connections from inside the namespace to TCP port `port` refused at once (a
+    /// reset), as if whatever listens there were down from here only; `None`: allowed
+    /// again.
+    pub fn refuse_port(&self, port: Option<u16>) {
+        let _ = Command::new("ip")
+            .args([
+                "netns", "exec", &self.name, "nft", "delete", "table", "inet",
+            ])
+            .arg("refuse")
+            .output();
+        if let Some(port) = port {
+            nft_script(
+                Some(&self.name),
+                &format!(
+                    "table inet refuse {{\n chain out {{\n  type filter hook output priority 0;\n  tcp dport {port} reject with tcp reset\n }}\n}}\n"
+                ),
+            );
+        }
+    }
+
     /// The link down (`false`) or up again (`true`).
     pub fn link(&self, up: bool) {
         let state = if up { "up" } else { "down" };

@@ -47,6 +47,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/api/v1/agents/{fingerprint}/checks"),
     ("post", "/api/v1/agents/{fingerprint}/checks/{check}/run"),
     ("get", "/api/v1/agents/{fingerprint}/checks/{check}/history"),
+    ("get", "/api/v1/entities"),
     ("get", "/api/v1/events"),
     ("get", "/api/v1/alerts"),
     ("post", "/api/v1/alerts/{fingerprint}/{check}/ack"),

@@ -247,6 +247,7 @@ fn after_a_restart_a_missed_slot_runs_at_once_and_a_recent_run_waits() {
     let grid = Timing::Grid {
         phase_ms: 37_000,
         interval_ms: hour,
+        slots_only: false,
     };
     let now = 1_700_000_000_000;
     let seed = 4_321;
@@ -458,4 +459,22 @@ async fn run_now_unknown_check_is_an_error() {
     let outbox: Arc<dyn Outbox> = Arc::new(MemoryOutbox::open(dir.path(), 100).unwrap());
     let s = Scheduler::new("fp".into(), outbox, plugins(&dir), 4, dir.path());
     assert_eq!(s.run_now("nope").await.unwrap_err().code, "unknown_check");
+}
+
+#[test]
+fn a_check_about_an_entity_has_the_entitys_slots_on_every_agent() {
+    let mut s = spec("web", "/bin/true");
+    s.interval_secs = 60;
+    s.entity = Some("site".into());
+    let (a, b) = (
+        Timing::of("agent-a", &s).unwrap(),
+        Timing::of("agent-b", &s).unwrap(),
+    );
+    let now = 1_700_000_000_123;
+    // Its first run is its next slot on the entity's grid (not soon after the start, as
+    // another agent may just have used the current one), the same on every agent.
+    let slot = next_slot(now, splay_ms("entity:site", "web", 60_000), 60_000);
+    assert_eq!(a.next(now, None), slot);
+    assert_eq!(b.next(now, None), slot);
+    assert_eq!(a.next(slot + 1, Some(slot)), slot + 60_000);
 }

@@ -108,8 +108,9 @@ pub(super) async fn run(
             // Subscribed before the configuration is computed, so a change made meanwhile
             // is not missed.
             let catalog = session.checks.subscribe();
+            let placed = session.checks.subscribe_placed();
             Box::pin(session.greet(auth.new_secret)).await;
-            session.read(stream, catalog).await
+            session.read(stream, catalog, placed).await
         }
         ControlFlow::Break(end) => end,
     };
@@ -226,7 +227,12 @@ impl Session {
     async fn greet(&mut self, new_secret: Option<String>) {
         let gw = self.gw.clone();
         tracing::info!(peer = %self.peer, version = ?self.hello.agent_version, enrolled = new_secret.is_some(), "agent connected");
-        let config = AgentConfig::of(&self.checks.current(), &self.hello);
+        let config = AgentConfig::of(
+            &self.checks.current(),
+            &self.checks.placed(),
+            &self.hello,
+            &self.agent.fingerprint,
+        );
         self.sent_hash = config.hash.clone();
         let welcome = GatewayFrame::Welcome(Welcome {
             protocol: PROTOCOL_VERSION,
@@ -268,6 +274,7 @@ impl Session {
         &mut self,
         mut stream: SplitStream<WebSocket>,
         mut catalog_rx: tokio::sync::watch::Receiver<Arc<crate::checks::Catalog>>,
+        mut placed_rx: tokio::sync::watch::Receiver<Arc<crate::checks::placement::Placed>>,
     ) -> End {
         let gw = self.gw.clone();
         // A silent peer for three heartbeats is gone (half-open connections included).
@@ -280,13 +287,18 @@ impl Session {
                     return self.close(close::REPLACED, reason, End::Replaced).await;
                 }
                 _ = gw.shutdown.cancelled() => return self.drain().await,
+                // (A catalog or a placement changed: either may change what the agent runs.)
                 changed = catalog_rx.changed() => {
                     if changed.is_ok() {
-                        let config = AgentConfig::of(&catalog_rx.borrow_and_update(), &self.hello);
-                        if config.hash != self.sent_hash {
-                            self.sent_hash = config.hash.clone();
-                            Box::pin(self.send_config(config)).await;
-                        }
+                        catalog_rx.borrow_and_update();
+                        Box::pin(self.reconfigure()).await;
+                    }
+                    continue;
+                }
+                changed = placed_rx.changed() => {
+                    if changed.is_ok() {
+                        placed_rx.borrow_and_update();
+                        Box::pin(self.reconfigure()).await;
                     }
                     continue;
                 }
@@ -303,6 +315,20 @@ impl Session {
             if let ControlFlow::Break(end) = flow {
                 return end;
             }
+        }
+    }
+
+    /// Send the agent its configuration again if what it should run changed.
+    async fn reconfigure(&mut self) {
+        let config = AgentConfig::of(
+            &self.checks.current(),
+            &self.checks.placed(),
+            &self.hello,
+            &self.agent.fingerprint,
+        );
+        if config.hash != self.sent_hash {
+            self.sent_hash = config.hash.clone();
+            Box::pin(self.send_config(config)).await;
         }
     }
 
@@ -744,8 +770,19 @@ struct AgentConfig {
 }
 
 impl AgentConfig {
-    fn of(catalog: &crate::checks::Catalog, hello: &Hello) -> AgentConfig {
-        let checks = catalog.for_agent(&hello.labels, &hello.groups);
+    /// What the catalog targets at the agent, and the checks about entities placed on it.
+    fn of(
+        catalog: &crate::checks::Catalog,
+        placed: &crate::checks::placement::Placed,
+        hello: &Hello,
+        fingerprint: &str,
+    ) -> AgentConfig {
+        let mut checks = catalog.for_agent(&hello.labels, &hello.groups);
+        let mine = placed.of(fingerprint);
+        if !mine.is_empty() {
+            checks.extend(mine.iter().cloned());
+            checks.sort_by(|a, b| a.name.cmp(&b.name));
+        }
         let collectors = catalog.collectors_for_agent(&hello.labels, &hello.groups);
         let hash = config_hash_with_collectors(&checks, &collectors);
         AgentConfig {

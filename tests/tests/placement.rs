@@ -1,0 +1,529 @@
+//! Checks about proxy entities, placed on agents by a real gateway (docs/CHECKS.md,
+//! "Checks about what has no agent"): thirty HTTP and TCP checks of a local target that
+//! counts its hits, on three agents of a group. Each check runs once a slot, on one agent,
+//! ten checks each; an agent killed with SIGKILL hands its share to the others within an
+//! interval, no slot missed for longer than one interval and none run twice; the API
+//! lists the entity with its checks. And `all` with a quorum, `same_label` topology.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use outpost_e2e::{eventually, now_ms, tempdir, Agent, Gateway, Value};
+
+/// Seconds between runs of every placed check.
+const INTERVAL_S: u64 = 3;
+const INTERVAL_MS: u64 = INTERVAL_S * 1000;
+
+/// Hits at local targets, by target name: (Unix ms).
+#[derive(Clone, Default)]
+struct Hits(Arc<Mutex<BTreeMap<String, Vec<u64>>>>);
+
+impl Hits {
+    fn record(&self, target: &str) {
+        let mut hits = self.0.lock().unwrap();
+        hits.entry(target.to_string()).or_default().push(now_ms());
+    }
+
+    /// An HTTP server whose request path names the target hit; its port.
+    fn http(&self) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let hits = self.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let hits = hits.clone();
+                std::thread::spawn(move || {
+                    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head);
+                    let path = head.split_whitespace().nth(1).unwrap_or("/");
+                    hits.record(path.trim_start_matches('/'));
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                    );
+                });
+            }
+        });
+        port
+    }
+
+    /// A TCP port counting connections as hits of `target`.
+    fn tcp(&self, target: &str) -> u16 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (hits, target) = (self.clone(), target.to_string());
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stream.is_ok() {
+                    hits.record(&target);
+                }
+            }
+        });
+        port
+    }
+
+    fn of(&self, target: &str) -> Vec<u64> {
+        let mut v = self
+            .0
+            .lock()
+            .unwrap()
+            .get(target)
+            .cloned()
+            .unwrap_or_default();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// Thirty checks of the entity `site` for the group `pollers`: twenty HTTP, ten TCP.
+fn thirty_checks(hits: &Hits) -> (String, Vec<String>) {
+    let http = hits.http();
+    let mut toml = String::from(
+        "[[entity]]\nname = \"site\"\naddress = \"127.0.0.1\"\nlabels = { dc = \"b\" }\n",
+    );
+    let mut names = Vec::new();
+    for i in 0..30 {
+        let name = if i < 20 {
+            format!("h{i}")
+        } else {
+            format!("t{i}")
+        };
+        let probe = if i < 20 {
+            format!("http = {{ url = \"http://127.0.0.1:{http}/{name}\" }}")
+        } else {
+            format!(
+                "tcp = {{ host = \"127.0.0.1\", port = {} }}",
+                hits.tcp(&name)
+            )
+        };
+        toml.push_str(&format!(
+            "[[check]]\nname = \"{name}\"\n{probe}\ninterval = {INTERVAL_S}\nentity = \"site\"\ntarget = {{ groups = [\"pollers\"] }}\n"
+        ));
+        names.push(name);
+    }
+    (toml, names)
+}
+
+fn poller(dir: &std::path::Path, name: &str, gw: &Gateway, dc: &str) -> Agent {
+    Agent::start(
+        dir,
+        name,
+        gw,
+        &format!("groups = [\"pollers\"]\nlabels = {{ dc = \"{dc}\" }}\nreconnect_max_secs = 1\n"),
+    )
+}
+
+/// The entity `name` as `GET /api/v1/entities` shows it.
+async fn entity(gw: &Gateway, name: &str) -> Option<Value> {
+    gw.api("/entities")
+        .await
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)
+        .cloned()
+}
+
+/// How many of the entity's checks each agent has now.
+fn loads(e: &Value) -> BTreeMap<String, usize> {
+    let mut loads = BTreeMap::new();
+    for c in e["checks"].as_array().into_iter().flatten() {
+        for fp in c["placed_on"].as_array().into_iter().flatten() {
+            *loads
+                .entry(fp.as_str().unwrap_or_default().to_string())
+                .or_default() += 1;
+        }
+    }
+    loads
+}
+
+/// The slots (`(t - phase) / interval`, the phase the entity's and the check's, as the
+/// agents compute it) of each hit of check `name` in `[from, to]`, in order.
+fn slots(hits: &Hits, name: &str, from: u64, to: u64) -> Vec<u64> {
+    let phase = outpost_agent::scheduler::splay_ms("entity:site", name, INTERVAL_MS);
+    hits.of(name)
+        .into_iter()
+        .filter(|t| (from..=to).contains(t))
+        .map(|t| (t - phase) / INTERVAL_MS)
+        .collect()
+}
+
+/// Gaps between consecutive hits of each target in `[from, to]`: (smallest, largest).
+fn gaps(hits: &Hits, names: &[String], from: u64, to: u64) -> BTreeMap<String, (u64, u64)> {
+    names
+        .iter()
+        .map(|n| {
+            let at: Vec<u64> = hits
+                .of(n)
+                .into_iter()
+                .filter(|t| (from..=to).contains(t))
+                .collect();
+            let g: Vec<u64> = at.windows(2).map(|w| w[1] - w[0]).collect();
+            (
+                n.clone(),
+                (
+                    g.iter().copied().min().unwrap_or(0),
+                    g.iter().copied().max().unwrap_or(u64::MAX),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_spreads_checks_runs_each_once_a_slot_and_fails_over_when_an_agent_dies() {
+    let dir = tempdir();
+    let hits = Hits::default();
+    let (toml, names) = thirty_checks(&hits);
+    let gw = Gateway::start(dir.path(), &[]);
+    gw.write_checks("site.toml", &toml);
+    let mut agents: Vec<Agent> = ["p1", "p2", "p3"]
+        .iter()
+        .map(|n| poller(dir.path(), n, &gw, "a"))
+        .collect();
+    // Not a poller: never runs them.
+    let other = Agent::start(dir.path(), "web", &gw, "groups = [\"web\"]\n");
+    let e = eventually(
+        Duration::from_secs(30),
+        "thirty checks placed on three agents",
+        || async {
+            let e = entity(&gw, "site").await?;
+            (loads(&e).values().sum::<usize>() == 30 && loads(&e).len() == 3).then_some(e)
+        },
+    )
+    .await;
+    let before = loads(&e);
+    for (fp, n) in &before {
+        // Evenly: ten each (within ±20% as the issue asks; the placement gives exactly 10).
+        assert!((8..=12).contains(n), "{fp} has {n} of 30: {before:?}");
+        assert_ne!(
+            fp, &other.fingerprint,
+            "an agent outside the group got checks"
+        );
+    }
+    // Steady state: every check once a slot, at the target.
+    let from = now_ms() + 2 * INTERVAL_MS;
+    tokio::time::sleep(Duration::from_millis(5 * INTERVAL_MS + 2 * INTERVAL_MS)).await;
+    let to = now_ms();
+    for (n, (min, max)) in gaps(&hits, &names, from, to) {
+        assert!(
+            min >= INTERVAL_MS / 2 && max <= INTERVAL_MS + INTERVAL_MS / 2,
+            "{n}: runs {min} to {max} ms apart in steady state, not once every {INTERVAL_MS} ms: {:?}",
+            hits.of(&n)
+        );
+        let s = slots(&hits, &n, from, to);
+        assert!(
+            s.windows(2).all(|w| w[1] == w[0] + 1),
+            "{n}: not once in every slot: {s:?}"
+        );
+    }
+    // The results on the bus say which agent ran each check: only its placed agent.
+    let placed: BTreeMap<String, String> = e["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["check"].as_str().unwrap().to_string(),
+                c["placed_on"][0].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for a in &agents {
+        for n in &names {
+            let ran = gw
+                .bus_results(&a.fingerprint, n)
+                .iter()
+                .any(|r| r["started_at_ms"].as_u64().unwrap_or(0) >= from);
+            assert_eq!(
+                ran,
+                placed[n] == a.fingerprint,
+                "{n} placed on {} but run by {}",
+                placed[n],
+                a.fingerprint
+            );
+        }
+    }
+
+    // kill -9 one agent: its share moves to the other two.
+    let victim = agents.remove(0);
+    let mine: Vec<String> = placed
+        .iter()
+        .filter(|(_, fp)| **fp == victim.fingerprint)
+        .map(|(n, _)| n.clone())
+        .collect();
+    assert!(!mine.is_empty());
+    let killed_at = now_ms();
+    victim.proc.signal(libc::SIGKILL);
+    let e = eventually(
+        Duration::from_secs(INTERVAL_S * 2),
+        "the dead agent's share on the others",
+        || async {
+            let e = entity(&gw, "site").await?;
+            let l = loads(&e);
+            (l.len() == 2 && l.values().sum::<usize>() == 30).then_some(l)
+        },
+    )
+    .await;
+    assert!(!e.contains_key(&victim.fingerprint));
+    assert!(e.values().all(|n| *n == 15), "{e:?}");
+    let moved_within = now_ms() - killed_at;
+    tokio::time::sleep(Duration::from_millis(4 * INTERVAL_MS)).await;
+    let to = now_ms();
+    // Across the failover, slot by slot (the entity's slots, as the agents compute them):
+    // none ran twice in a slot, and none missed more than one slot in a row.
+    for n in &names {
+        let s = slots(&hits, n, killed_at - 2 * INTERVAL_MS, to);
+        let twice: Vec<&[u64]> = s.windows(2).filter(|w| w[0] == w[1]).collect();
+        assert!(
+            twice.is_empty(),
+            "{n} ran twice in slot(s) {twice:?} across the failover: slots {s:?}"
+        );
+        let missed = s.windows(2).map(|w| w[1] - w[0] - 1).max().unwrap_or(0);
+        assert!(
+            missed <= 1 && s.len() >= 4,
+            "{n} missed {missed} slots in a row across the failover (placed again within {moved_within} ms): slots {s:?}"
+        );
+    }
+    // The moved checks now run on the survivors.
+    for n in &mine {
+        let recent = hits
+            .of(n)
+            .into_iter()
+            .filter(|t| *t > killed_at + INTERVAL_MS)
+            .count();
+        assert!(
+            recent >= 2,
+            "{n} (the dead agent's) ran {recent} times since"
+        );
+    }
+    drop(other);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_with_a_quorum_and_same_label_topology() {
+    let dir = tempdir();
+    let hits = Hits::default();
+    let up = hits.tcp("up");
+    // A port nothing listens on: every vantage point sees it down.
+    let down = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let toml = format!(
+        "[[entity]]\nname = \"router\"\naddress = \"127.0.0.1\"\nlabels = {{ dc = \"b\" }}\n\
+         [[check]]\nname = \"ping\"\ntcp = {{ host = \"127.0.0.1\", port = {up} }}\ninterval = {INTERVAL_S}\nentity = \"router\"\n\
+         target = {{ groups = [\"pollers\"] }}\nplacement = {{ mode = \"all\", quorum = 2 }}\n\
+         [[check]]\nname = \"gone\"\ntcp = {{ host = \"127.0.0.1\", port = {down} }}\ninterval = {INTERVAL_S}\nentity = \"router\"\n\
+         target = {{ groups = [\"pollers\"] }}\nplacement = {{ mode = \"all\", quorum = 2 }}\n\
+         [[check]]\nname = \"snmp\"\ntcp = {{ host = \"127.0.0.1\", port = {up} }}\ninterval = {INTERVAL_S}\nentity = \"router\"\n\
+         target = {{ groups = [\"pollers\"] }}\nplacement = {{ same_label = \"dc\" }}\n"
+    );
+    let gw = Gateway::start(dir.path(), &[]);
+    gw.write_checks("router.toml", &toml);
+    let a1 = poller(dir.path(), "a1", &gw, "a");
+    let b1 = poller(dir.path(), "b1", &gw, "b");
+    let b2 = poller(dir.path(), "b2", &gw, "b");
+    let check = |e: &Value, name: &str| -> Value {
+        e["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == name)
+            .cloned()
+            .unwrap()
+    };
+    // `all`: every poller runs it, each a vantage point; three agree it is up, and
+    // three agree `gone` is down.
+    let e = eventually(
+        Duration::from_secs(30),
+        "three vantage points of each `all` check",
+        || async {
+            let e = entity(&gw, "router").await?;
+            let ready = ["ping", "gone"].iter().all(|n| {
+                let c = check(&e, n);
+                c["vantage_points"].as_array().map(Vec::len) == Some(3)
+                    && c["placed_on"].as_array().map(Vec::len) == Some(3)
+            });
+            ready.then_some(e)
+        },
+    )
+    .await;
+    assert_eq!(check(&e, "ping")["status"], "ok");
+    let gone = check(&e, "gone");
+    assert_eq!(gone["status"], "critical", "{gone}");
+    assert!(
+        gone["summary"].as_str().unwrap().contains("3 of 3"),
+        "{gone}"
+    );
+    assert_eq!(e["status"], "critical");
+    // `same_label = "dc"`: the router is in dc b, so only b1 or b2 runs it.
+    let snmp = check(&e, "snmp");
+    let runner = snmp["placed_on"][0].as_str().unwrap().to_string();
+    assert!(
+        runner == b1.fingerprint || runner == b2.fingerprint,
+        "snmp placed on {runner}, not a dc=b agent"
+    );
+    assert_eq!(snmp["fallen_back"], false);
+    let a1_ran_snmp = gw.bus_results(&a1.fingerprint, "snmp");
+    assert!(
+        a1_ran_snmp.is_empty(),
+        "a dc=a agent ran snmp: {a1_ran_snmp:?}"
+    );
+    // No dc=b agent left: it falls back to any poller (a1), and says so.
+    drop(b1);
+    drop(b2);
+    let snmp = eventually(
+        Duration::from_secs(INTERVAL_S * 3),
+        "snmp fallen back to a1",
+        || async {
+            let c = check(&entity(&gw, "router").await?, "snmp");
+            (c["placed_on"][0] == a1.fingerprint.as_str() && c["fallen_back"] == true).then_some(c)
+        },
+    )
+    .await;
+    let _ = snmp;
+    eventually(
+        Duration::from_secs(INTERVAL_S * 3),
+        "a1 running snmp",
+        || async { (!gw.bus_results(&a1.fingerprint, "snmp").is_empty()).then_some(()) },
+    )
+    .await;
+    // One vantage point left of the quorum's two: not enough to say anything.
+    let gone = eventually(
+        Duration::from_secs(INTERVAL_S * 3),
+        "gone judged by one vantage point",
+        || async {
+            let c = check(&entity(&gw, "router").await?, "gone");
+            (c["placed_on"].as_array()?.len() == 1).then_some(c)
+        },
+    )
+    .await;
+    assert_eq!(gone["status"], "unknown", "{gone}");
+}
+
+/// The check `ping` of the entity `router` as the API shows it.
+async fn router_ping(gw: &Gateway) -> Option<Value> {
+    entity(gw, "router").await?["checks"]
+        .as_array()?
+        .iter()
+        .find(|c| c["check"] == "ping")
+        .cloned()
+}
+
+/// Three agents, each in a network namespace of its own, check one target with `all`
+/// and a quorum of two: the target refused from one vantage point stays OK (with a note
+/// of who saw what), from two it turns CRITICAL, and healed it recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_of_vantage_points_decides_when_the_target_is_down_from_some() {
+    use outpost_e2e::chaos::Netns;
+    let dir = tempdir();
+    let spaces: Vec<Netns> = (0..3u8)
+        .map(|i| {
+            let ns = Netns::create(&format!("q{i}"), i);
+            ns.route_default();
+            ns
+        })
+        .collect();
+    // The target, on an address of this namespace every agent reaches through its link.
+    let target = TcpListener::bind("0.0.0.0:0").unwrap();
+    let port = target.local_addr().unwrap().port();
+    std::thread::spawn(move || for _ in target.incoming() {});
+    let host = spaces[0].host_ip.clone();
+    let gw = Gateway::start_on(dir.path(), "0.0.0.0:0", &[]);
+    gw.write_checks(
+        "router.toml",
+        &format!(
+            "[[entity]]\nname = \"router\"\naddress = {host:?}\n\
+             [[check]]\nname = \"ping\"\ntcp = {{ host = {host:?}, port = {port} }}\ninterval = {INTERVAL_S}\ntimeout = 2\n\
+             entity = \"router\"\ntarget = {{ groups = [\"pollers\"] }}\nplacement = {{ mode = \"all\", quorum = 2 }}\n"
+        ),
+    );
+    let _agents: Vec<Agent> = spaces
+        .iter()
+        .enumerate()
+        .map(|(i, ns)| {
+            let toml = format!(
+                "gateway_url = \"wss://{}:{}\"\nenroll_key = {:?}\npin_sha256 = {:?}\nhostname = \"v{i}\"\n\
+                 groups = [\"pollers\"]\nreconnect_max_secs = 1\n",
+                ns.host_ip,
+                gw.port(),
+                gw.enroll_key,
+                gw.pin
+            );
+            let wrapper = ns.wrapper();
+            let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+            Agent::start_wrapped(dir.path(), &format!("v{i}"), &toml, &wrapper)
+        })
+        .collect();
+    // Each vantage point's newest status, by hostname, once all three newer than `since`.
+    let seen_since = |c: &Value, since: u64| -> Option<BTreeMap<String, String>> {
+        let v: BTreeMap<String, String> = c["vantage_points"]
+            .as_array()?
+            .iter()
+            .filter(|v| v["started_at_ms"].as_u64().unwrap_or(0) > since)
+            .map(|v| {
+                (
+                    v["hostname"].as_str().unwrap_or_default().to_string(),
+                    v["status"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        (v.len() == 3).then_some(v)
+    };
+    let wait = |since: u64, want: &'static [(&'static str, &'static str)]| {
+        let gw = &gw;
+        async move {
+            eventually(
+                Duration::from_secs(30),
+                &format!("vantage points {want:?}"),
+                || async {
+                    let c = router_ping(gw).await?;
+                    let seen = seen_since(&c, since)?;
+                    want.iter()
+                        .all(|(h, s)| seen.get(*h).map(String::as_str) == Some(*s))
+                        .then_some(c)
+                },
+            )
+            .await
+        }
+    };
+    let c = wait(0, &[("v0", "ok"), ("v1", "ok"), ("v2", "ok")]).await;
+    assert_eq!(c["status"], "ok", "{c}");
+    // Down from one vantage point: not a quorum.
+    spaces[0].refuse_port(Some(port));
+    let c = wait(now_ms(), &[("v0", "critical"), ("v1", "ok"), ("v2", "ok")]).await;
+    assert_eq!(c["status"], "ok", "one of three is no quorum: {c}");
+    let summary = c["summary"].as_str().unwrap();
+    assert!(
+        summary.contains("1 CRITICAL, 2 OK") && summary.contains("fewer than 2"),
+        "{c}"
+    );
+    // Down from two: CRITICAL, saying who saw what.
+    spaces[1].refuse_port(Some(port));
+    let c = wait(
+        now_ms(),
+        &[("v0", "critical"), ("v1", "critical"), ("v2", "ok")],
+    )
+    .await;
+    assert_eq!(c["status"], "critical", "{c}");
+    assert!(c["summary"].as_str().unwrap().contains("2 of 3"), "{c}");
+    let e = entity(&gw, "router").await.unwrap();
+    assert_eq!(e["status"], "critical");
+    // Healed: it recovers.
+    spaces[0].refuse_port(None);
+    spaces[1].refuse_port(None);
+    let c = wait(now_ms(), &[("v0", "ok"), ("v1", "ok"), ("v2", "ok")]).await;
+    assert_eq!(c["status"], "ok", "{c}");
+}
