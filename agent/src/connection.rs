@@ -291,6 +291,7 @@ impl Connection {
             labels: self.settings.labels.clone(),
             groups: self.settings.groups.clone(),
             config_hash: self.scheduler.hash(),
+            features: vec![outpost_protocol::FEATURE_ENTITY_SLOTS.into()],
         })
     }
 
@@ -368,7 +369,11 @@ impl Connection {
             let max = Duration::from_secs(welcome.max_session_secs);
             Instant::now() + max.mul_f64(rand::thread_rng().gen_range(0.5..=1.0))
         });
-        self.scheduler.set_in_touch(true);
+        // Checks about entities run only once this agent runs what the gateway wants it
+        // to (now, or when the `config` that follows is applied): a check it had before
+        // may be another agent's by now.
+        let in_sync = self.scheduler.hash().as_deref() == Some(welcome.config_hash.as_str());
+        self.scheduler.set_in_touch(in_sync);
         let end = self.connected(ws, heartbeat, rotate_at, shutdown).await;
         self.scheduler.set_in_touch(false);
         end
@@ -463,7 +468,10 @@ impl Connection {
                             }
                         }
                         GatewayFrame::Config(c) => {
+                            let wanted = c.hash.clone();
                             self.scheduler.apply_config(c.hash, c.checks, c.collectors.clone());
+                            let in_sync = self.scheduler.hash().as_deref() == Some(wanted.as_str());
+                            self.scheduler.set_in_touch(in_sync);
                             self.collectors.apply_soon(c.collectors);
                             if let Err(e) = self.request_plugins(&mut sink, &mut requested).await {
                                 return End::Retry(e);

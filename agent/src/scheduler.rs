@@ -767,8 +767,10 @@ enum Timing {
         phase_ms: u64,
         interval_ms: u64,
         /// A check about an entity (placed on this agent by the gateway): its first run
-        /// waits for its slot, which another agent may have just used.
+        /// waits for its slot, which another agent may have just used, and for
+        /// `not_before_ms` (the gateway's handover fence; 0 for none).
         slots_only: bool,
+        not_before_ms: u64,
     },
     Cron(Box<croner::Cron>),
 }
@@ -789,6 +791,7 @@ impl Timing {
             phase_ms: splay_ms(&key, &spec.name, interval_ms),
             interval_ms,
             slots_only: spec.entity.is_some(),
+            not_before_ms: spec.not_before_ms.unwrap_or(0),
         })
     }
 
@@ -799,7 +802,12 @@ impl Timing {
                 phase_ms,
                 interval_ms,
                 slots_only: true,
-            } if last_start.is_none() => next_slot(now, *phase_ms, *interval_ms),
+                not_before_ms,
+            } if last_start.is_none() => next_slot(
+                now.max(not_before_ms.saturating_sub(1)),
+                *phase_ms,
+                *interval_ms,
+            ),
             Timing::Grid {
                 phase_ms,
                 interval_ms,

@@ -610,30 +610,35 @@ async fn run_now(
     t: Tenant<Operate>,
     Path((fp, check)): Path<(String, String)>,
 ) -> Response {
+    match run_check_now(&gw, &AgentRef::new(&t.name, &fp), &check).await {
+        Ok(answer) => Json(answer).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// Run `check` on `agent` now, wherever in the fleet it is connected: the fresh result.
+pub(crate) async fn run_check_now(
+    gw: &Services,
+    agent: &AgentRef,
+    check: &str,
+) -> Result<serde_json::Value, RunNowError> {
     Metrics::inc(&gw.metrics.rpc_calls);
-    let agent = AgentRef::new(&t.name, &fp);
+    let fp = &agent.fingerprint;
     let outcome = match &gw.nats {
-        Some(nats) if !gw.hub.has(&agent) => match gw.registry.get(&agent) {
+        Some(nats) if !gw.hub.has(agent) => match gw.registry.get(agent) {
             None => Err(RunNowError::UnknownAgent(fp.clone())),
-            Some(_) => crate::nats::rpc::call(nats, &agent.tenant, &fp, &check)
-                .await
-                .map(Json)
-                .map(IntoResponse::into_response),
+            Some(_) => crate::nats::rpc::call(nats, &agent.tenant, fp, check).await,
         },
         _ => gw
             .runnow
-            .run(&agent, &check)
+            .run(agent, check)
             .await
-            .map(Json)
-            .map(IntoResponse::into_response),
+            .map(|r| serde_json::to_value(r).unwrap_or_default()),
     };
-    match outcome {
-        Ok(answer) => answer,
-        Err(e) => {
-            Metrics::inc(&gw.metrics.rpc_failures);
-            ApiError::from(e).into_response()
-        }
+    if outcome.is_err() {
+        Metrics::inc(&gw.metrics.rpc_failures);
     }
+    outcome
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@
 //! (an entity's check has the entity's phase on every agent, and a new runner waits for
 //! the next slot), so a check handed over is not run twice in one slot.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,12 +21,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bus::AgentRef;
 use crate::checks::placement::{self, Candidate};
-use crate::checks::TenantChecks;
+use crate::checks::{Catalog, TenantChecks};
 use crate::hub::Hub;
 use crate::registry::Registry;
 
 /// How often placement looks at the agents held.
 pub const EVERY: Duration = Duration::from_millis(500);
+/// How long after a handover the new runner of a `round_robin` check may first run it:
+/// time for the agent that had it to get its new configuration (sent at the same moment
+/// by its own session) and stop.
+pub const HANDOVER: Duration = Duration::from_secs(2);
 
 /// Place every tenant's checks about entities until `shutdown`.
 pub async fn run(
@@ -36,6 +41,8 @@ pub async fn run(
 ) {
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // What each tenant was last placed from: nothing to do while it is the same.
+    let mut last: HashMap<String, (Arc<Catalog>, Vec<Candidate>)> = HashMap::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -61,8 +68,20 @@ pub async fn run(
                     groups,
                 })
                 .collect();
-            let placed = placement::place(&catalog, &online);
+            if last
+                .get(&tenant)
+                .is_some_and(|(c, o)| Arc::ptr_eq(c, &catalog) && *o == online)
+            {
+                continue;
+            }
+            let mut placed = placement::place(&catalog, &online);
             let before = store.placed();
+            placed.fence(
+                &catalog,
+                &before,
+                crate::util::now_ms(),
+                HANDOVER.as_millis() as u64,
+            );
             if *before != placed {
                 let moved = placed
                     .runners
@@ -74,6 +93,7 @@ pub async fn run(
                     fallen_back = placed.fallen_back.len(), "checks about entities placed");
                 store.set_placed(placed);
             }
+            last.insert(tenant, (catalog, online));
         }
     }
 }

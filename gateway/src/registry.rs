@@ -78,6 +78,9 @@ pub struct AgentRecord {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub groups: Vec<String>,
+    /// What its agent said it can do (`Hello::features`), at its last connection.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
     pub presence: Presence,
     /// Why presence last changed.
     #[serde(default)]
@@ -176,6 +179,7 @@ impl AgentRecord {
             agent_version: String::new(),
             labels: BTreeMap::new(),
             groups: Vec::new(),
+            features: Vec::new(),
             presence: Presence::Online,
             presence_reason: String::new(),
             last_seen_ms: now,
@@ -423,6 +427,7 @@ impl Registry {
             rec.agent_version = hello.agent_version.clone();
             rec.labels = hello.labels.clone();
             rec.groups = hello.groups.clone();
+            rec.features = hello.features.clone();
             rec.presence = Presence::Online;
             rec.presence_reason = "connected".into();
             rec.last_seen_ms = now;
@@ -806,8 +811,10 @@ impl Registry {
     }
 
     /// `tenant`'s agents held by a connection of a live gateway (this one or another of
-    /// the fleet), as (fingerprint, labels, groups, held here), by fingerprint: where
-    /// checks about entities may be placed. A connection that ended without a bye still
+    /// the fleet) that run checks about entities on the entity's slots
+    /// ([`outpost_protocol::FEATURE_ENTITY_SLOTS`]: an older agent would not), as
+    /// (fingerprint, labels, groups, held here), by fingerprint: where such checks may be
+    /// placed. A connection that ended without a bye still
     /// holds its agent for the presence grace: for the agents held here, the hub says
     /// whether their session is still up.
     #[allow(clippy::type_complexity)]
@@ -819,6 +826,9 @@ impl Registry {
             .filter(|r| {
                 r.tenant == tenant
                     && r.presence == Presence::Online
+                    && r.features
+                        .iter()
+                        .any(|f| f == outpost_protocol::FEATURE_ENTITY_SLOTS)
                     && r.holder
                         .as_deref()
                         .is_some_and(|h| self.holder_alive(h, now))
@@ -837,17 +847,28 @@ impl Registry {
         held
     }
 
-    /// The newest result of `check` of each of `tenant`'s agents that has one here (on
-    /// NATS: of the agents this gateway holds or held), as (fingerprint, hostname, result).
-    pub fn latest_of(&self, tenant: &str, check: &str) -> Vec<(String, String, CheckResult)> {
-        self.lock()
-            .values()
-            .filter(|r| r.tenant == tenant)
-            .filter_map(|r| {
-                let result = r.latest.get(check)?;
-                Some((r.fingerprint.clone(), r.hostname.clone(), result.clone()))
-            })
-            .collect()
+    /// The newest result of each of `checks` of each of `tenant`'s agents that has one
+    /// here (on NATS: of the agents this gateway holds or held), by check, as
+    /// (fingerprint, hostname, result); in one pass over the agents.
+    #[allow(clippy::type_complexity)]
+    pub fn latest_of(
+        &self,
+        tenant: &str,
+        checks: &std::collections::HashSet<&str>,
+    ) -> HashMap<String, Vec<(String, String, CheckResult)>> {
+        let mut out: HashMap<String, Vec<(String, String, CheckResult)>> = HashMap::new();
+        for r in self.lock().values().filter(|r| r.tenant == tenant) {
+            for (check, result) in &r.latest {
+                if checks.contains(check.as_str()) {
+                    out.entry(check.clone()).or_default().push((
+                        r.fingerprint.clone(),
+                        r.hostname.clone(),
+                        result.clone(),
+                    ));
+                }
+            }
+        }
+        out
     }
 
     /// How many agents `tenant` has (revoked ones until they are forgotten).

@@ -138,6 +138,12 @@ pub struct CheckSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(js::CHECK_NAME), extend("not" = js::not_dots()))]
     pub entity: Option<String>,
+    /// With `entity`: the first run is at the first slot at or after this Unix time in
+    /// milliseconds. The gateway sets it when it hands the check from one agent to
+    /// another, a little after the handover, so the agent that had it has stopped by then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = js::MAX_SAFE_INTEGER))]
+    pub not_before_ms: Option<u64>,
 }
 
 fn one() -> u32 {
@@ -166,6 +172,7 @@ impl CheckSpec {
             retry_interval_secs: None,
             plugin: None,
             entity: None,
+            not_before_ms: None,
         }
     }
 }

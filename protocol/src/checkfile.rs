@@ -608,6 +608,7 @@ pub fn parse_file_with_collectors(
                         size: 0,
                     }),
                     entity: c.entity,
+                    not_before_ms: None,
                 },
                 target: c.target,
                 placement,

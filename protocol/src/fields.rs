@@ -113,6 +113,14 @@ impl Hello {
         // One bad label or group is enough to say; a thousand would make a huge message.
         problems.extend(self.labels.iter().find_map(|(k, v)| label_problem(k, v)));
         problems.extend(self.groups.iter().find_map(|g| group_problem(g)));
+        if self.features.len() > 16 {
+            problems.push(format!("at most 16 features, not {}", self.features.len()));
+        }
+        problems.extend(
+            self.features
+                .iter()
+                .find_map(|f| text_problem("feature", f, 1, 64)),
+        );
         problems
     }
 }

@@ -96,7 +96,21 @@ pub struct Hello {
     #[serde(default)]
     #[schemars(pattern(js::CONFIG_HASH))]
     pub config_hash: Option<String>,
+    /// What this agent can do beyond the protocol revision (`entity_slots`: it runs
+    /// checks about entities on the entity's slots; [`crate::FEATURE_ENTITY_SLOTS`]).
+    /// Unknown ones are ignored.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 16),
+        inner(length(min = 1, max = 64), pattern(js::VISIBLE_TEXT))
+    )]
+    pub features: Vec<String>,
 }
+
+/// The agent runs checks about entities (`CheckSpec::entity`) on the entity's slots, not
+/// before its `not_before_ms`, and only while in touch with the gateway: the gateway places
+/// such checks only on agents that say so.
+pub const FEATURE_ENTITY_SLOTS: &str = "entity_slots";
 
 /// The gateway's answer to an accepted `hello`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

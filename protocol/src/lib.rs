@@ -34,7 +34,7 @@ pub use frame::{
     decode_agent_frame, decode_gateway_frame, encode, Ack, AgentFrame, Bye, CheckResult,
     ConfigFrame, Credential, ErrorFrame, FrameError, GatewayFrame, Hello, PluginFrame,
     PluginRequest, Reconnect, Results, RpcCall, RpcError, RpcErrorCode, RpcReply, RpcRequest,
-    Welcome,
+    Welcome, FEATURE_ENTITY_SLOTS,
 };
 pub use limits::*;
 pub use names::valid_check_name;

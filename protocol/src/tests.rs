@@ -16,6 +16,7 @@ fn hello() -> Hello {
         labels: [("role".to_string(), "web".to_string())].into(),
         groups: vec!["eu".into()],
         config_hash: None,
+        features: vec![],
     }
 }
 

@@ -600,6 +600,7 @@ pub fn raw_hello(
         labels: Default::default(),
         groups: vec![],
         config_hash: None,
+        features: vec![],
     })
 }
 

@@ -48,6 +48,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/v1/agents/{fingerprint}/checks/{check}/run"),
     ("get", "/api/v1/agents/{fingerprint}/checks/{check}/history"),
     ("get", "/api/v1/entities"),
+    ("post", "/api/v1/entities/{name}/checks/{check}/run"),
     ("get", "/api/v1/events"),
     ("get", "/api/v1/alerts"),
     ("post", "/api/v1/alerts/{fingerprint}/{check}/ack"),

@@ -3,7 +3,8 @@
 //! counts its hits, on three agents of a group. Each check runs once a slot, on one agent,
 //! ten checks each; an agent killed with SIGKILL hands its share to the others within an
 //! interval, no slot missed for longer than one interval and none run twice; the API
-//! lists the entity with its checks. And `all` with a quorum, `same_label` topology.
+//! lists the entity with its checks, and runs one now on its agent. And `all` with a
+//! quorum across network namespaces, `same_label` topology.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -193,6 +194,34 @@ async fn round_robin_spreads_checks_runs_each_once_a_slot_and_fails_over_when_an
         .collect();
     // Not a poller: never runs them.
     let other = Agent::start(dir.path(), "web", &gw, "groups = [\"web\"]\n");
+    // A poller of an older version (its hello does not say `entity_slots`: it would run
+    // them on its own phase): never given them either.
+    let old_fp = outpost_e2e::uuid_v4();
+    let mut hello = outpost_e2e::raw_hello(
+        &old_fp,
+        outpost_protocol::Credential::EnrollKey {
+            key: gw.enroll_key.clone(),
+            proof: String::new(),
+        },
+        "old",
+    );
+    if let outpost_protocol::AgentFrame::Hello(h) = &mut hello {
+        h.groups = vec!["pollers".into()];
+    }
+    let mut old = outpost_e2e::raw_ws(&gw).await;
+    {
+        use futures_util::SinkExt;
+        let text = outpost_protocol::encode(&hello);
+        old.send(tokio_tungstenite::tungstenite::Message::Text(text.into()))
+            .await
+            .unwrap();
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the older poller online",
+        || async { (gw.agent(&old_fp).await?["presence"] == "online").then_some(()) },
+    )
+    .await;
     let e = eventually(
         Duration::from_secs(30),
         "thirty checks placed on three agents",
@@ -210,6 +239,7 @@ async fn round_robin_spreads_checks_runs_each_once_a_slot_and_fails_over_when_an
             fp, &other.fingerprint,
             "an agent outside the group got checks"
         );
+        assert_ne!(fp, &old_fp, "an agent without entity_slots got checks");
     }
     // Steady state: every check once a slot, at the target.
     let from = now_ms() + 2 * INTERVAL_MS;
@@ -307,7 +337,42 @@ async fn round_robin_spreads_checks_runs_each_once_a_slot_and_fails_over_when_an
             "{n} (the dead agent's) ran {recent} times since"
         );
     }
+    // Run-now on a check about the entity: on the agent it is placed on, a fresh result
+    // (and a fresh hit at the target).
+    let now_on = entity(&gw, "site").await.unwrap()["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "h0")
+        .map(|c| c["placed_on"][0].clone())
+        .unwrap();
+    let hits_before = hits.of("h0").len();
+    let (status, run) = gw
+        .http(
+            "POST",
+            "/api/v1/entities/site/checks/h0/run",
+            Some(&gw.token),
+        )
+        .await;
+    assert_eq!(status, 200, "{run}");
+    assert_eq!(run["runs"].as_array().map(Vec::len), Some(1), "{run}");
+    assert_eq!(run["runs"][0]["agent"], now_on, "{run}");
+    assert_eq!(run["runs"][0]["result"]["status"], "ok", "{run}");
+    assert_eq!(run["runs"][0]["result"]["origin"], "run_now", "{run}");
+    assert!(
+        hits.of("h0").len() > hits_before,
+        "the target saw no run-now"
+    );
+    for (path, want) in [
+        ("/api/v1/entities/nowhere/checks/h0/run", 404),
+        ("/api/v1/entities/site/checks/nope/run", 404),
+    ] {
+        let (status, body) = gw.http("POST", path, Some(&gw.token)).await;
+        assert_eq!(status, want, "{path}: {body}");
+    }
+
     drop(other);
+    drop(old);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -501,6 +566,18 @@ async fn a_quorum_of_vantage_points_decides_when_the_target_is_down_from_some() 
     };
     let c = wait(0, &[("v0", "ok"), ("v1", "ok"), ("v2", "ok")]).await;
     assert_eq!(c["status"], "ok", "{c}");
+    // Run-now of an `all` check: every vantage point's fresh result.
+    let (status, run) = gw
+        .http(
+            "POST",
+            "/api/v1/entities/router/checks/ping/run",
+            Some(&gw.token),
+        )
+        .await;
+    assert_eq!(status, 200, "{run}");
+    let fresh: Vec<&Value> = run["runs"].as_array().unwrap().iter().collect();
+    assert_eq!(fresh.len(), 3, "{run}");
+    assert!(fresh.iter().all(|r| r["result"]["status"] == "ok"), "{run}");
     // Down from one vantage point: not a quorum.
     spaces[0].refuse_port(Some(port));
     let c = wait(now_ms(), &[("v0", "critical"), ("v1", "ok"), ("v2", "ok")]).await;

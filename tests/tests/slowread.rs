@@ -138,6 +138,7 @@ async fn enroll(
         labels: Default::default(),
         groups: vec![],
         config_hash: None,
+        features: vec![],
     });
     ws.send(Message::Text(outpost_protocol::encode(&hello).into()))
         .await

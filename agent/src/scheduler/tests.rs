@@ -248,6 +248,7 @@ fn after_a_restart_a_missed_slot_runs_at_once_and_a_recent_run_waits() {
         phase_ms: 37_000,
         interval_ms: hour,
         slots_only: false,
+        not_before_ms: 0,
     };
     let now = 1_700_000_000_000;
     let seed = 4_321;
@@ -477,4 +478,11 @@ fn a_check_about_an_entity_has_the_entitys_slots_on_every_agent() {
     assert_eq!(a.next(now, None), slot);
     assert_eq!(b.next(now, None), slot);
     assert_eq!(a.next(slot + 1, Some(slot)), slot + 60_000);
+    // Handed over with a fence: the first slot at or after it.
+    s.not_before_ms = Some(slot + 60_000);
+    let fenced = Timing::of("agent-c", &s).unwrap();
+    assert_eq!(fenced.next(now, None), slot + 60_000);
+    s.not_before_ms = Some(slot + 60_001);
+    let fenced = Timing::of("agent-c", &s).unwrap();
+    assert_eq!(fenced.next(now, None), slot + 120_000);
 }

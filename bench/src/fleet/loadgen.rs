@@ -204,6 +204,7 @@ fn hello(id: &Identity) -> String {
         labels: Default::default(),
         groups: Vec::new(),
         config_hash: None,
+        features: vec![],
     }))
 }
 

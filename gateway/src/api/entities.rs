@@ -5,7 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use outpost_protocol::checkfile::PlacementMode;
 use outpost_protocol::Status;
@@ -14,13 +15,17 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::access::{Read, Tenant};
-use super::openapi::ErrorBody;
-use super::Gw;
+use super::access::{Operate, Read, Tenant};
+use super::openapi::{CheckResultDoc, ErrorBody};
+use super::{ApiError, Gw};
+use crate::bus::AgentRef;
 use crate::checks::placement::{severity, verdict};
+use crate::errors::ErrorKind;
 
 pub fn routes() -> OpenApiRouter<Gw> {
-    OpenApiRouter::new().routes(routes!(list_entities))
+    OpenApiRouter::new()
+        .routes(routes!(list_entities))
+        .routes(routes!(run_entity_check))
 }
 
 #[derive(Serialize, ToSchema)]
@@ -78,6 +83,14 @@ struct VantagePoint {
 async fn list_entities(State(gw): State<Gw>, t: Tenant<Read>) -> Json<Vec<EntityView>> {
     let store = gw.sessions.checks.of(&t.name);
     let (catalog, placed) = (store.current(), store.placed());
+    let about: std::collections::HashSet<&str> = catalog
+        .checks
+        .iter()
+        .filter(|c| c.placement.is_some())
+        .map(|c| c.spec.name.as_str())
+        .collect();
+    let mut latest = gw.registry.latest_of(&t.name, &about);
+    let now = crate::util::now_ms();
     let views = catalog
         .entities
         .iter()
@@ -93,9 +106,9 @@ async fn list_entities(State(gw): State<Gw>, t: Tenant<Read>) -> Json<Vec<Entity
                         .get(&c.spec.name)
                         .cloned()
                         .unwrap_or_default();
-                    let mut vantage: Vec<VantagePoint> = gw
-                        .registry
-                        .latest_of(&t.name, &c.spec.name)
+                    let mut vantage: Vec<VantagePoint> = latest
+                        .remove(&c.spec.name)
+                        .unwrap_or_default()
                         .into_iter()
                         .map(|(agent, hostname, r)| VantagePoint {
                             placed: placed_on.contains(&agent),
@@ -107,24 +120,45 @@ async fn list_entities(State(gw): State<Gw>, t: Tenant<Read>) -> Json<Vec<Entity
                         })
                         .collect();
                     vantage.sort_by_key(|v| std::cmp::Reverse(v.started_at_ms));
-                    let (status, summary) = match placement.mode {
-                        PlacementMode::RoundRobin => match vantage.first() {
-                            Some(v) => (
-                                Some(v.status),
-                                format!("last run by {} ({})", v.hostname, v.agent),
-                            ),
-                            None => (None, "no result yet".to_string()),
-                        },
-                        PlacementMode::All => {
-                            // The vantage points it is placed on now, by their newest result.
-                            let seen: Vec<(String, Status)> = vantage
-                                .iter()
-                                .filter(|v| v.placed)
-                                .map(|v| (v.agent.clone(), v.status))
-                                .collect();
-                            if seen.is_empty() {
-                                (None, "no result yet".to_string())
-                            } else {
+                    // A result older than two intervals and a timeout says nothing
+                    // about now.
+                    let fresh_ms = (2 * c.spec.interval_secs + c.spec.timeout_secs) * 1000;
+                    let fresh = |v: &VantagePoint| now.saturating_sub(v.started_at_ms) <= fresh_ms;
+                    let (status, summary) = if vantage.is_empty() {
+                        (None, "no result yet".to_string())
+                    } else if placed_on.is_empty() {
+                        (
+                            Some(Status::Unknown),
+                            "placed on no agent: none it may run on is connected".to_string(),
+                        )
+                    } else {
+                        match placement.mode {
+                            PlacementMode::RoundRobin => {
+                                let v = &vantage[0];
+                                if fresh(v) {
+                                    (
+                                        Some(v.status),
+                                        format!("last run by {} ({})", v.hostname, v.agent),
+                                    )
+                                } else {
+                                    (
+                                        Some(Status::Unknown),
+                                        format!(
+                                            "no result for {} s (last by {})",
+                                            now.saturating_sub(v.started_at_ms) / 1000,
+                                            v.hostname
+                                        ),
+                                    )
+                                }
+                            }
+                            PlacementMode::All => {
+                                // The vantage points it is placed on now, by their newest
+                                // (fresh) result.
+                                let seen: Vec<(String, Status)> = vantage
+                                    .iter()
+                                    .filter(|v| v.placed && fresh(v))
+                                    .map(|v| (v.agent.clone(), v.status))
+                                    .collect();
                                 let (s, why) = verdict(placement.quorum.unwrap_or(1), &seen);
                                 (Some(s), why)
                             }
@@ -162,4 +196,116 @@ async fn list_entities(State(gw): State<Gw>, t: Tenant<Read>) -> Json<Vec<Entity
         })
         .collect();
     Json(views)
+}
+
+#[derive(Serialize, ToSchema)]
+struct EntityRun {
+    entity: String,
+    check: String,
+    /// One per agent the check is placed on (one for `round_robin`, every vantage point
+    /// for `all`).
+    runs: Vec<VantageRun>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct VantageRun {
+    agent: String,
+    /// The fresh result, when the agent ran it.
+    #[schema(value_type = Option<CheckResultDoc>)]
+    result: Option<serde_json::Value>,
+    /// Why it did not, otherwise.
+    error: Option<String>,
+}
+
+/// Run a check about an entity now, on the agents it is placed on (one for
+/// `round_robin`, each vantage point for `all`, at once): their fresh results. Role:
+/// operate.
+#[utoipa::path(post, path = "/entities/{name}/checks/{check}/run", tag = "agents", security(("bearer" = [])),
+    params(
+        ("name" = String, Path, description = "The entity's name"),
+        ("check" = String, Path, description = "A check about it"),
+    ),
+    responses(
+        (status = 200, description = "The fresh results, one per agent it is placed on (an agent that failed says why)", body = EntityRun),
+        (status = 401, description = "No valid token", body = ErrorBody),
+        (status = 403, description = "The token's role is too low", body = ErrorBody),
+        (status = 404, description = "No such entity, or no such check about it", body = ErrorBody),
+        (status = 409, description = "No agent it may run on is connected", body = ErrorBody),
+        (status = 429, description = "The agent is busy: retry", body = ErrorBody),
+        (status = 502, description = "The agent answered with an error, or disconnected", body = ErrorBody),
+        (status = 503, description = "The fleet could not be asked: retry", body = ErrorBody),
+        (status = 504, description = "No answer within the check's timeout", body = ErrorBody),
+))]
+async fn run_entity_check(
+    State(gw): State<Gw>,
+    t: Tenant<Operate>,
+    Path((name, check)): Path<(String, String)>,
+) -> Response {
+    let store = gw.sessions.checks.of(&t.name);
+    let catalog = store.current();
+    if catalog.entity(&name).is_none() {
+        return ApiError::new(
+            ErrorKind::NotFound,
+            format!("no entity {name:?} is declared"),
+        )
+        .into_response();
+    }
+    if !catalog
+        .checks
+        .iter()
+        .any(|c| c.spec.name == check && c.spec.entity.as_deref() == Some(name.as_str()))
+    {
+        return ApiError::new(
+            ErrorKind::NotFound,
+            format!("no check {check:?} is about entity {name:?}"),
+        )
+        .into_response();
+    }
+    let runners = store
+        .placed()
+        .runners
+        .get(&check)
+        .cloned()
+        .unwrap_or_default();
+    if runners.is_empty() {
+        return ApiError::new(
+            ErrorKind::Conflict,
+            format!("check {check:?} is placed on no agent: none it may run on is connected"),
+        )
+        .into_response();
+    }
+    let calls = runners.iter().map(|fp| {
+        let (gw, agent, check) = (gw.clone(), AgentRef::new(&t.name, fp), check.clone());
+        async move { super::run_check_now(&gw, &agent, &check).await }
+    });
+    let outcomes = futures_util::future::join_all(calls).await;
+    // One agent (round_robin), or every one failing: its error as the answer's status.
+    if outcomes.iter().all(Result::is_err) {
+        if let Some(e) = outcomes.into_iter().find_map(Result::err) {
+            return ApiError::from(e).into_response();
+        }
+        return ApiError::new(ErrorKind::Conflict, "no agent ran it").into_response();
+    }
+    let runs = runners
+        .into_iter()
+        .zip(outcomes)
+        .map(|(agent, outcome)| match outcome {
+            Ok(result) => VantageRun {
+                agent,
+                result: Some(result),
+                error: None,
+            },
+            Err(e) => VantageRun {
+                agent,
+                result: None,
+                error: Some(e.to_string()),
+            },
+        })
+        .collect();
+    Json(EntityRun {
+        entity: name,
+        check,
+        runs,
+    })
+    .into_response()
 }

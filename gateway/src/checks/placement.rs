@@ -32,19 +32,67 @@ pub struct Candidate {
 pub struct Placed {
     /// Each placed check's runners, sorted (none while no allowed agent is online).
     pub runners: BTreeMap<String, Vec<String>>,
-    /// The placed checks each agent runs, sorted by name.
-    pub by_agent: HashMap<String, Vec<CheckSpec>>,
+    /// The names of the placed checks each agent runs, sorted.
+    pub by_agent: HashMap<String, Vec<String>>,
     /// Checks with `same_label` placed on other agents, none of the entity's being online.
     pub fallen_back: BTreeSet<String>,
+    /// `round_robin` checks handed to their runner lately: not run there before this Unix
+    /// ms ([`Placed::fence`]), so that the agent that had it has stopped by then.
+    pub not_before: BTreeMap<String, u64>,
 }
 
 impl Placed {
-    /// The placed checks `fingerprint` runs.
-    pub fn of(&self, fingerprint: &str) -> &[CheckSpec] {
+    /// The names of the placed checks `fingerprint` runs.
+    pub fn of(&self, fingerprint: &str) -> &[String] {
         self.by_agent
             .get(fingerprint)
             .map(Vec::as_slice)
             .unwrap_or_default()
+    }
+
+    /// The specs of the checks `fingerprint` runs, from `catalog` (so a check changed or
+    /// no longer placed since this placement is sent as it is now, or not at all), each
+    /// with its handover fence.
+    pub fn specs_of(&self, catalog: &Catalog, fingerprint: &str) -> Vec<CheckSpec> {
+        self.of(fingerprint)
+            .iter()
+            .filter_map(|name| {
+                let def = catalog
+                    .checks
+                    .iter()
+                    .find(|d| d.spec.name == *name && d.placement.is_some())?;
+                let mut spec = def.spec.clone();
+                spec.not_before_ms = self.not_before.get(name).copied();
+                Some(spec)
+            })
+            .collect()
+    }
+
+    /// Fence the `round_robin` checks of `catalog` whose runner changed since `before`:
+    /// the new runner starts at the first slot at or after `now_ms + margin_ms`. A fence
+    /// stays as long as its runner does (the agent's configuration does not change
+    /// again).
+    pub fn fence(&mut self, catalog: &Catalog, before: &Placed, now_ms: u64, margin_ms: u64) {
+        for def in &catalog.checks {
+            let Some(p) = &def.placement else { continue };
+            if p.mode != PlacementMode::RoundRobin {
+                continue;
+            }
+            let name = &def.spec.name;
+            let Some(now) = self.runners.get(name).filter(|r| !r.is_empty()) else {
+                continue;
+            };
+            match before.runners.get(name) {
+                Some(was) if was == now => {
+                    if let Some(at) = before.not_before.get(name) {
+                        self.not_before.insert(name.clone(), *at);
+                    }
+                }
+                _ => {
+                    self.not_before.insert(name.clone(), now_ms + margin_ms);
+                }
+            }
+        }
     }
 }
 
@@ -130,20 +178,13 @@ pub fn place(catalog: &Catalog, online: &[Candidate]) -> Placed {
                 .insert(spec.name.clone(), vec![runner.to_string()]);
         }
     }
-    let specs: HashMap<&str, &CheckSpec> = catalog
-        .checks
-        .iter()
-        .map(|d| (d.spec.name.as_str(), &d.spec))
-        .collect();
     for (check, runners) in &placed.runners {
         for fp in runners {
-            if let Some(spec) = specs.get(check.as_str()) {
-                placed
-                    .by_agent
-                    .entry(fp.clone())
-                    .or_default()
-                    .push((*spec).clone());
-            }
+            placed
+                .by_agent
+                .entry(fp.clone())
+                .or_default()
+                .push(check.clone());
         }
     }
     // (`runners` is iterated in name order, so each agent's list is sorted.)
@@ -286,11 +327,27 @@ mod tests {
             [10, 10, 10],
             "three agents, ten each; none for the agent outside the group"
         );
-        assert!(p
-            .by_agent
-            .values()
-            .flatten()
-            .all(|s| s.entity.as_deref() == Some("site")));
+        let specs = p.specs_of(&c, "a");
+        assert_eq!(specs.len(), 10);
+        assert!(specs.iter().all(|s| s.entity.as_deref() == Some("site")));
+        // Handed over: the checks "a" had are fenced on their new runners; the others
+        // keep theirs, unfenced.
+        let mut p2 = place(&c, &pollers[1..]);
+        p2.fence(&c, &p, 1_000, 2_000);
+        for (check, runners) in &p.runners {
+            let fenced = p2.not_before.get(check);
+            if runners[0] == "a" {
+                assert_eq!(fenced, Some(&3_000), "{check}");
+            } else if p2.runners[check] == *runners {
+                assert_eq!(fenced, None, "{check}");
+            }
+        }
+        let mut p3 = place(&c, &pollers[1..]);
+        p3.fence(&c, &p2, 9_000, 2_000);
+        assert_eq!(
+            p3.not_before, p2.not_before,
+            "a fence stays with its runner"
+        );
         // "a" leaves: its ten go to the others, and theirs stay.
         let p2 = place(&c, &pollers[1..]);
         assert_eq!(loads(&p2).into_values().collect::<Vec<_>>(), [15, 15]);

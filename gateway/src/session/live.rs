@@ -778,9 +778,9 @@ impl AgentConfig {
         fingerprint: &str,
     ) -> AgentConfig {
         let mut checks = catalog.for_agent(&hello.labels, &hello.groups);
-        let mine = placed.of(fingerprint);
+        let mine = placed.specs_of(catalog, fingerprint);
         if !mine.is_empty() {
-            checks.extend(mine.iter().cloned());
+            checks.extend(mine);
             checks.sort_by(|a, b| a.name.cmp(&b.name));
         }
         let collectors = catalog.collectors_for_agent(&hello.labels, &hello.groups);
