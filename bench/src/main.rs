@@ -29,6 +29,7 @@ mod export;
 mod fleet;
 mod harness;
 mod outbox;
+mod placement;
 mod raw;
 mod sample;
 mod statsd;
@@ -72,6 +73,9 @@ enum Part {
     Export,
     /// StatsD packets/s into the agent, next to Etsy's StatsD daemon (npm).
     Statsd,
+    /// Checks about entities: placing 10,000 on 20 agents, rebalancing when 5 leave, and
+    /// a real agent's lateness running placed checks next to its own.
+    Placement,
 }
 
 #[derive(Parser)]
@@ -327,6 +331,7 @@ fn run() -> Result<bool> {
             Part::FleetStream,
             Part::Export,
             Part::Statsd,
+            Part::Placement,
         ]
     } else {
         let mut p = cli.only.clone();
@@ -387,6 +392,10 @@ fn run() -> Result<bool> {
             Part::Statsd => (
                 "14. StatsD: packets per second into the agent",
                 statsd::statsd(&bins, &work, &plan),
+            ),
+            Part::Placement => (
+                "15. Checks about entities: placement and lateness",
+                placement::placement(&bins, &work, &plan),
             ),
         };
         let _ = writeln!(report, "### {title}\n");

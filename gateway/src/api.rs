@@ -342,6 +342,7 @@ fn view(
         presence_reason: r.presence_reason.clone(),
         connected: gw.hub.is_connected(&agent)
             || (r.presence == crate::bus::Presence::Online
+                && r.connected_since_ms.is_some()
                 && r.holder.is_some()
                 && !gw
                     .registry

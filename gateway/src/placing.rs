@@ -7,9 +7,10 @@
 //! Placement is a function of the catalog and the agents held, so on a NATS fleet every
 //! gateway, seeing the same shared registry, places the same way and tells its own agents
 //! their share; while two gateways see the registry differently (for the moment a change
-//! takes to reach both), a check may be on two agents or none. An agent lost without a
-//! bye is still held by its connection for the presence grace: this gateway sees at once
-//! that the session of an agent it held ended, another gateway only after the grace. Each run stays in its slot
+//! takes to reach both), a check may be on two agents or none, each new runner fenced (it
+//! starts 2 s after the handover). A session that ends is written to the shared registry
+//! at once (`Registry::session_ended`), so every gateway moves its checks; an agent whose
+//! gateway died is dropped once that gateway's heartbeat runs out. Each run stays in its slot
 //! (an entity's check has the entity's phase on every agent, and a new runner waits for
 //! the next slot), so a check handed over is not run twice in one slot.
 

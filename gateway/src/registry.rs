@@ -495,6 +495,31 @@ impl Registry {
         }
     }
 
+    /// The session of `holder` ended without a bye: the agent stays online (and held)
+    /// for the presence grace, but is no longer connected (`connected_since_ms` none), in
+    /// the shared registry too, so every gateway of a fleet knows at once that it runs
+    /// nothing that needs a connection (its checks about entities go elsewhere).
+    pub async fn session_ended(&self, agent: &AgentRef, holder: &str) {
+        let key = agent.key();
+        let shared = {
+            let mut agents = self.lock();
+            let Some(rec) = agents.get_mut(&key) else {
+                return;
+            };
+            if rec.holder.as_deref() != Some(holder) || rec.connected_since_ms.is_none() {
+                return;
+            }
+            rec.connected_since_ms = None;
+            shared_view(rec)
+        };
+        self.mark_dirty();
+        if let Store::Shared(records) = &self.store {
+            if let Some(revision) = records.release(&shared, Some(holder)).await {
+                self.note_revision(&key, revision);
+            }
+        }
+    }
+
     /// Revoke the agent: presence `revoked` whoever holds it, so no holder's end changes
     /// it afterwards. Returns whether this call revoked it (then its event is due); on
     /// NATS the shared record decides, whatever this gateway has seen of it so far, and a
@@ -607,6 +632,11 @@ impl Registry {
             .is_some_and(|h| !self.me.holds(h));
         match agents.get_mut(key) {
             Some(rec) if rec.revision >= revision => return Applied::Nothing,
+            // This process's own write about an older connection of the agent, read back
+            // after a newer connection here claimed it (its claim not yet in KV): stale.
+            Some(rec) if self.older_of_mine(incoming.holder.as_deref(), rec.holder.as_deref()) => {
+                return Applied::Nothing
+            }
             Some(rec) => {
                 let was_mine = rec.holder.as_deref().is_some_and(|h| self.me.holds(h));
                 incoming.checks = std::mem::take(&mut rec.checks);
@@ -625,6 +655,16 @@ impl Registry {
             }
         }
         Applied::Nothing
+    }
+
+    /// Whether `incoming` and `local` are both connections of this process and
+    /// `incoming` is the older (connection ids grow).
+    fn older_of_mine(&self, incoming: Option<&str>, local: Option<&str>) -> bool {
+        let conn = |h: Option<&str>| {
+            h.filter(|h| self.me.holds(h))
+                .and_then(|h| h.rsplit('/').next()?.parse::<u64>().ok())
+        };
+        matches!((conn(incoming), conn(local)), (Some(i), Some(l)) if i < l)
     }
 
     /// Record a gateway's heartbeat (or its end, `None`).
@@ -810,8 +850,10 @@ impl Registry {
         })
     }
 
-    /// `tenant`'s agents held by a connection of a live gateway (this one or another of
-    /// the fleet) that run checks about entities on the entity's slots
+    /// `tenant`'s agents connected now to a live gateway (this one or another of the
+    /// fleet: a session that ended clears `connected_since_ms` at once, though the agent
+    /// stays held and online for the presence grace) that run checks about entities on
+    /// the entity's slots
     /// ([`outpost_protocol::FEATURE_ENTITY_SLOTS`]: an older agent would not), as
     /// (fingerprint, labels, groups, held here), by fingerprint: where such checks may be
     /// placed. A connection that ended without a bye still
@@ -826,6 +868,7 @@ impl Registry {
             .filter(|r| {
                 r.tenant == tenant
                     && r.presence == Presence::Online
+                    && r.connected_since_ms.is_some()
                     && r.features
                         .iter()
                         .any(|f| f == outpost_protocol::FEATURE_ENTITY_SLOTS)

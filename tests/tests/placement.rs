@@ -89,18 +89,23 @@ impl Hits {
 
 /// Thirty checks of the entity `site` for the group `pollers`: twenty HTTP, ten TCP.
 fn thirty_checks(hits: &Hits) -> (String, Vec<String>) {
+    site_checks(hits, 30)
+}
+
+/// `n` checks of the entity `site` for the group `pollers`: two thirds HTTP, the rest TCP.
+fn site_checks(hits: &Hits, n: usize) -> (String, Vec<String>) {
     let http = hits.http();
     let mut toml = String::from(
         "[[entity]]\nname = \"site\"\naddress = \"127.0.0.1\"\nlabels = { dc = \"b\" }\n",
     );
     let mut names = Vec::new();
-    for i in 0..30 {
-        let name = if i < 20 {
+    for i in 0..n {
+        let name = if i < n * 2 / 3 {
             format!("h{i}")
         } else {
             format!("t{i}")
         };
-        let probe = if i < 20 {
+        let probe = if i < n * 2 / 3 {
             format!("http = {{ url = \"http://127.0.0.1:{http}/{name}\" }}")
         } else {
             format!(
@@ -603,4 +608,150 @@ async fn a_quorum_of_vantage_points_decides_when_the_target_is_down_from_some() 
     spaces[1].refuse_port(None);
     let c = wait(now_ms(), &[("v0", "ok"), ("v1", "ok"), ("v2", "ok")]).await;
     assert_eq!(c["status"], "ok", "{c}");
+}
+
+/// The placement as a gateway's API shows it: check → its runners.
+async fn placement_of(gw: &Gateway) -> Option<BTreeMap<String, Vec<String>>> {
+    let e = entity(gw, "site").await?;
+    Some(
+        e["checks"]
+            .as_array()?
+            .iter()
+            .map(|c| {
+                let runners = c["placed_on"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|f| f.as_str().map(str::to_string))
+                    .collect();
+                (c["check"].as_str().unwrap_or_default().to_string(), runners)
+            })
+            .collect(),
+    )
+}
+
+/// How many checks each agent runs in a placement.
+fn shares(p: &BTreeMap<String, Vec<String>>) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for fp in p.values().flatten() {
+        *out.entry(fp.clone()).or_default() += 1;
+    }
+    out
+}
+
+/// The same placement on both gateways of a NATS fleet, the agents with `want` checks.
+async fn agreed(a: &Gateway, b: &Gateway, want: &[usize]) -> Option<BTreeMap<String, Vec<String>>> {
+    let first = placement_of(a).await?;
+    if placement_of(b).await? != first {
+        return None;
+    }
+    let mut counts: Vec<usize> = shares(&first).into_values().collect();
+    counts.sort_unstable();
+    (counts == want).then_some(first)
+}
+
+/// A two-gateway NATS fleet with the agents split between the gateways: every gateway
+/// places the same way (from the shared registry), an agent killed moves its share at
+/// once on both, and a gateway killed moves its agents' share once its heartbeat runs
+/// out; no slot is ever run twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_fleet_places_alike_on_every_gateway_and_fails_over_agents_and_gateways() {
+    use outpost_e2e::fleet::{gateway, pki, write_config};
+    use outpost_e2e::nats::{config_push, NatsServer};
+    let dir = tempdir();
+    let hits = Hits::default();
+    let (toml, names) = site_checks(&hits, 12);
+    let nats = NatsServer::start(dir.path(), "n1");
+    let url = nats.url();
+    let pki = pki(dir.path());
+    config_push(
+        &url,
+        &write_config(dir.path(), &[("site.toml", &toml)]),
+        &[],
+    );
+    let gw1 = gateway(dir.path(), "gw1", &url, &pki, &[]);
+    let gw2 = gateway(dir.path(), "gw2", &url, &pki, &[]);
+    let poller = |name: &str, gw: &Gateway| {
+        let port = gw.addr.rsplit(':').next().unwrap().to_string();
+        Agent::start_with_config(
+            dir.path(),
+            name,
+            &format!(
+                "gateway_url = \"wss://localhost:{port}\"\nenroll_key = {:?}\nca_file = {:?}\nhostname = {name:?}\n\
+                 reconnect_max_secs = 1\ngroups = [\"pollers\"]\n",
+                gw.enroll_key,
+                pki.ca.display().to_string()
+            ),
+        )
+    };
+    let p1 = poller("p1", &gw1);
+    let p2 = poller("p2", &gw1);
+    let p3 = poller("p3", &gw2);
+    let placed = eventually(
+        Duration::from_secs(60),
+        "both gateways placing 4, 4, 4",
+        || agreed(&gw1, &gw2, &[4, 4, 4]),
+    )
+    .await;
+    assert_eq!(shares(&placed).len(), 3);
+    // Steady: every check once a slot, by its runner, whichever gateway holds it.
+    let from = now_ms() + 2 * INTERVAL_MS;
+    tokio::time::sleep(Duration::from_millis(6 * INTERVAL_MS)).await;
+    for n in &names {
+        let s = slots(&hits, n, from, now_ms());
+        assert!(
+            s.len() >= 3 && s.windows(2).all(|w| w[1] == w[0] + 1),
+            "{n}: not once in every slot: {s:?}"
+        );
+    }
+    // An agent killed: its share moves at once, on both gateways alike.
+    let killed_at = now_ms();
+    p1.proc.signal(libc::SIGKILL);
+    let after = eventually(
+        Duration::from_secs(2 * INTERVAL_S),
+        "both gateways placing 6, 6",
+        || agreed(&gw1, &gw2, &[6, 6]),
+    )
+    .await;
+    assert!(!shares(&after).contains_key(&p1.fingerprint));
+    tokio::time::sleep(Duration::from_millis(4 * INTERVAL_MS)).await;
+    for n in &names {
+        let s = slots(&hits, n, killed_at - 2 * INTERVAL_MS, now_ms());
+        assert!(
+            s.windows(2).all(|w| w[0] != w[1]),
+            "{n} ran twice in a slot: {s:?}"
+        );
+        let missed = s.windows(2).map(|w| w[1] - w[0] - 1).max().unwrap_or(99);
+        assert!(missed <= 1, "{n} missed {missed} slots in a row: {s:?}");
+    }
+    // A gateway killed (p3's): p3 is cut off, and once gw2's heartbeat has run out gw1
+    // gives its share to p2. Nothing is run twice meanwhile (p3 runs nothing while out of
+    // touch).
+    let gw2_killed = now_ms();
+    gw2.proc.signal(libc::SIGKILL);
+    let last = eventually(
+        Duration::from_secs(40),
+        "gw1 placing all 12 on p2",
+        || async {
+            let p = placement_of(&gw1).await?;
+            (shares(&p).get(&p2.fingerprint) == Some(&12)).then_some(p)
+        },
+    )
+    .await;
+    assert_eq!(shares(&last).len(), 1);
+    let moved_after = now_ms() - gw2_killed;
+    tokio::time::sleep(Duration::from_millis(3 * INTERVAL_MS)).await;
+    for n in &names {
+        let s = slots(&hits, n, gw2_killed - 2 * INTERVAL_MS, now_ms());
+        assert!(
+            s.windows(2).all(|w| w[0] != w[1]),
+            "{n} ran twice in a slot after the gateway died (moved after {moved_after} ms): {s:?}"
+        );
+        assert!(
+            s.last()
+                .is_some_and(|l| *l >= (now_ms() - INTERVAL_MS * 2) / INTERVAL_MS - 1),
+            "{n} is not running again: {s:?}"
+        );
+    }
+    drop(p3);
 }

@@ -598,6 +598,9 @@ impl Session {
 
 /// Presence after the session ended, by how it ended.
 async fn settle(gw: Arc<Services>, agent: AgentRef, holder: String, end: End) {
+    if matches!(end, End::Restarting(..) | End::Lost(_)) {
+        Box::pin(gw.registry.session_ended(&agent, &holder)).await;
+    }
     match end {
         End::Restarting(reason, secs) => {
             // Still online: lost only if no new connection has come by the window's end.
