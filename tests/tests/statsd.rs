@@ -99,23 +99,35 @@ async fn stop_and_start(agent: &mut Agent, dir: &std::path::Path, name: &str, to
     *agent = Agent::start_with_config(dir, name, toml);
 }
 
+/// Agent `a1` of `gw` with StatsD on `port` and Graphite on `port + 1` (`max_names`
+/// each): its configuration, and the agent once both listeners are bound (each logs it).
+async fn listening(
+    dir: &std::path::Path,
+    gw: &Gateway,
+    port: u16,
+    max_names: usize,
+) -> (String, Agent) {
+    let toml = agent_toml(gw, "a1", port, max_names);
+    let agent = Agent::start_with_config(dir, "a1", &toml);
+    eventually(
+        Duration::from_secs(30),
+        "statsd and graphite listening",
+        || async {
+            let log = agent.proc.log();
+            (log.matches("listening for the host's metrics").count() == 2).then_some(())
+        },
+    )
+    .await;
+    (toml, agent)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_known_mix_from_the_statsd_client_gives_the_exact_aggregates() {
     let dir = tempdir();
     let gw = Gateway::start(dir.path(), &[]);
     let port = two_ports();
-    let toml = agent_toml(&gw, "a1", port, 1000);
-    let mut agent = Agent::start_with_config(dir.path(), "a1", &toml);
+    let (toml, mut agent) = listening(dir.path(), &gw, port, 1000).await;
     let fp = agent.fingerprint.clone();
-    // Wait for the listener (it logs once bound).
-    eventually(Duration::from_secs(30), "statsd listening", || async {
-        agent
-            .proc
-            .log()
-            .contains("listening for the host's metrics")
-            .then_some(())
-    })
-    .await;
     send(
         port,
         "c.incr('hits')\n\
@@ -170,17 +182,8 @@ async fn a_flood_of_names_stays_within_max_names_and_says_how_many_were_dropped(
     let dir = tempdir();
     let gw = Gateway::start(dir.path(), &[]);
     let port = two_ports();
-    let toml = agent_toml(&gw, "a1", port, 100);
-    let mut agent = Agent::start_with_config(dir.path(), "a1", &toml);
+    let (toml, mut agent) = listening(dir.path(), &gw, port, 100).await;
     let fp = agent.fingerprint.clone();
-    eventually(Duration::from_secs(30), "statsd listening", || async {
-        agent
-            .proc
-            .log()
-            .contains("listening for the host's metrics")
-            .then_some(())
-    })
-    .await;
     // 5,000 names over TCP (nothing lost on the way).
     send(port, "for i in range(5000): t.incr('n%d' % i)");
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -208,19 +211,8 @@ async fn graphite_lines_from_an_application_give_the_latest_value_of_each_path()
     let dir = tempdir();
     let gw = Gateway::start(dir.path(), &[]);
     let port = two_ports();
-    let toml = agent_toml(&gw, "a1", port, 1000);
-    let mut agent = Agent::start_with_config(dir.path(), "a1", &toml);
+    let (toml, mut agent) = listening(dir.path(), &gw, port, 1000).await;
     let fp = agent.fingerprint.clone();
-    eventually(Duration::from_secs(30), "graphite listening", || async {
-        (agent
-            .proc
-            .log()
-            .matches("listening for the host's metrics")
-            .count()
-            == 2)
-            .then_some(())
-    })
-    .await;
     let graphite = port + 1;
     send(
         port,

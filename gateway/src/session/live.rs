@@ -97,6 +97,7 @@ pub(super) async fn run(
         tx,
         handle,
         sent_hash: String::new(),
+        placed_share: Vec::new(),
         last_acked: 0,
         held_until: None,
     };
@@ -139,6 +140,10 @@ struct Session {
     handle: SessionHandle,
     /// The hash of the configuration last sent (or found already running).
     sent_hash: String,
+    /// The checks about entities placed on the agent when its configuration was last
+    /// made, with their fences: a new placement that leaves them alone changes nothing
+    /// here (most sessions of a tenant, whenever one agent comes or goes).
+    placed_share: Vec<(String, Option<u64>)>,
     last_acked: u64,
     /// The agent's result rate, enforced by holding acks back.
     limiter: Limiter,
@@ -227,9 +232,11 @@ impl Session {
     async fn greet(&mut self, new_secret: Option<String>) {
         let gw = self.gw.clone();
         tracing::info!(peer = %self.peer, version = ?self.hello.agent_version, enrolled = new_secret.is_some(), "agent connected");
+        let placed = self.checks.placed();
+        self.placed_share = share_of(&placed, self.fp());
         let config = AgentConfig::of(
             &self.checks.current(),
-            &self.checks.placed(),
+            &placed,
             &self.hello,
             &self.agent.fingerprint,
         );
@@ -297,8 +304,10 @@ impl Session {
                 }
                 changed = placed_rx.changed() => {
                     if changed.is_ok() {
-                        placed_rx.borrow_and_update();
-                        Box::pin(self.reconfigure()).await;
+                        let share = share_of(&placed_rx.borrow_and_update(), self.fp());
+                        if share != self.placed_share {
+                            Box::pin(self.reconfigure()).await;
+                        }
                     }
                     continue;
                 }
@@ -320,9 +329,11 @@ impl Session {
 
     /// Send the agent its configuration again if what it should run changed.
     async fn reconfigure(&mut self) {
+        let placed = self.checks.placed();
+        self.placed_share = share_of(&placed, self.fp());
         let config = AgentConfig::of(
             &self.checks.current(),
-            &self.checks.placed(),
+            &placed,
             &self.hello,
             &self.agent.fingerprint,
         );
@@ -763,6 +774,18 @@ async fn plugin_frame(checks: &CheckStore, sha256: &str) -> GatewayFrame {
             format!("cannot read plugin {}: {e}", entry.plugin.name),
         ),
     }
+}
+
+/// The checks about entities placed on `fingerprint`, with their fences.
+fn share_of(
+    placed: &crate::checks::placement::Placed,
+    fingerprint: &str,
+) -> Vec<(String, Option<u64>)> {
+    placed
+        .of(fingerprint)
+        .iter()
+        .map(|name| (name.clone(), placed.not_before.get(name).copied()))
+        .collect()
 }
 
 /// What one agent runs: the checks and collectors targeted at it, and their hash.
