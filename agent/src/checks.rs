@@ -16,6 +16,7 @@ pub mod json;
 pub mod nagios;
 pub mod net;
 pub mod outcome;
+pub mod requests;
 pub mod system;
 
 use std::sync::Arc;
@@ -38,6 +39,7 @@ pub struct Runner {
     pub plugins: Arc<PluginStore>,
     pub interpreters: interpreters::Interpreters,
     pub system: system::SystemProbes,
+    pub requests: requests::RequestDaemons,
 }
 
 impl Runner {
@@ -46,6 +48,7 @@ impl Runner {
             plugins,
             interpreters,
             system: system::SystemProbes::new(),
+            requests: Default::default(),
         }
     }
 
@@ -94,6 +97,10 @@ impl Runner {
             Probe::Daemon(_) => {
                 Outcome::unknown("a daemon check reports on its own; it cannot be run on demand")
             }
+            Probe::Request(_) => match self.argv(spec).await {
+                Ok(argv) => self.requests.ask(argv, spec, timeout).await,
+                Err(o) => o,
+            },
             builtin => {
                 let work = async {
                     match builtin {

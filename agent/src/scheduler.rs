@@ -464,6 +464,12 @@ impl Scheduler {
             // A run still finishing holds its own reference to the lock.
             lock(&self.inner.run_locks).remove(name);
         }
+        let requests: std::collections::HashSet<&str> = new
+            .values()
+            .filter(|c| matches!(c.probe, Probe::Request(_)))
+            .map(|c| c.name.as_str())
+            .collect();
+        self.inner.runner.requests.retain(&requests);
         for name in d.added.iter().chain(&d.changed) {
             let spec = new[name].clone();
             let spec_hash = state::spec_hash(&spec);
@@ -622,6 +628,15 @@ impl Scheduler {
         let all = futures_util::future::join_all(tasks);
         if tokio::time::timeout(grace, all).await.is_err() {
             tracing::warn!("some checks did not stop within {}s", grace.as_secs());
+        }
+        if tokio::time::timeout(grace, self.inner.runner.requests.stop_all())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "some request daemons did not stop within {}s",
+                grace.as_secs()
+            );
         }
         // A second call has nothing running left to save and must not empty the file.
         if first {

@@ -256,7 +256,7 @@ impl OutputLog {
 
     /// Remember `line` (seen at `now`). Returns the lines dropped in a window that just
     /// ended, if any, and whether this line is to be logged.
-    fn admit(&self, line: &str, now: Instant) -> (Option<u64>, bool) {
+    pub fn admit(&self, line: &str, now: Instant) -> (Option<u64>, bool) {
         let mut s = lock(&self.state);
         let mut report = None;
         if now.duration_since(s.window) >= Duration::from_secs(60) {

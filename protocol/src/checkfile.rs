@@ -249,8 +249,10 @@ struct RawCheck {
     plugin: Option<String>,
     /// Arguments for `plugin`.
     args: Option<RawCommand>,
-    /// How a command's output is read: nagios (the default), json or daemon.
+    /// How a command's output is read: nagios (the default), json, daemon or request.
     kind: Option<String>,
+    /// With `kind = "request"`: what each run asks the daemon.
+    request: Option<toml::Table>,
     cpu: Option<Thresholds>,
     memory: Option<Thresholds>,
     swap: Option<Thresholds>,
@@ -361,6 +363,9 @@ impl RawCheck {
     /// The probe this table describes: a command (or catalog plugin) read as `kind`, or
     /// exactly one built-in.
     fn probe(&mut self) -> Result<(Probe, Option<String>), String> {
+        if self.request.is_some() && self.kind.as_deref() != Some("request") {
+            return Err("request goes with kind = \"request\" and a command or plugin".into());
+        }
         let mut builtins: Vec<Probe> = Vec::new();
         macro_rules! take {
             ($($field:ident => $variant:ident),*) => {
@@ -390,7 +395,7 @@ impl RawCheck {
             (Some(_), None, Some(_)) => Err("args go with plugin; put them in command".to_string()),
             (None, None, _) => Err(format!(
                 "command, plugin or a built-in probe ({}) is required",
-                Probe::KINDS[3..].join(", ")
+                Probe::KINDS[4..].join(", ")
             )),
             (Some(cmd), None, None) => split(cmd)
                 .map_err(|e| format!("command cannot be split into arguments: {e}"))
@@ -417,9 +422,18 @@ impl RawCheck {
             "nagios" => Probe::Nagios(command),
             "json" => Probe::Json(command),
             "daemon" => Probe::Daemon(command),
+            "request" => Probe::Request(RequestProbe {
+                command: command.command,
+                request: match self.request.take().map(serde_json::to_value) {
+                    None => Default::default(),
+                    Some(Ok(serde_json::Value::Object(m))) => m,
+                    Some(Ok(other)) => return Err(format!("request must be a table, not {other}")),
+                    Some(Err(e)) => return Err(format!("request cannot be sent as JSON: {e}")),
+                },
+            }),
             other => {
                 return Err(format!(
-                    "kind {other:?} is not one of nagios, json, daemon (built-in probes are tables: http = {{ url = \"...\" }})"
+                    "kind {other:?} is not one of nagios, json, daemon, request (built-in probes are tables: http = {{ url = \"...\" }})"
                 ))
             }
         };
@@ -735,6 +749,70 @@ target = { labels = { role = "web" }, groups = ["eu", "us"] }
         assert!(defs[1].target.matches(&labels, &["us".into()]));
         assert!(!defs[1].target.matches(&labels, &["asia".into()]));
         assert!(!defs[1].target.matches(&BTreeMap::new(), &["eu".into()]));
+    }
+
+    #[test]
+    fn a_request_check_carries_its_request_and_nothing_else_takes_one() {
+        let defs = parse_file_with_collectors(
+            Path::new("x.toml"),
+            r#"
+[[check]]
+name = "ifaces"
+plugin = "snmp-poller"
+kind = "request"
+request = { oid = "1.3.6.1.2.1.2.2", walk = true, hosts = ["a", "b"], tuning = { retries = 2 } }
+interval = "30s"
+timeout = "5s"
+"#,
+        )
+        .unwrap()
+        .0;
+        let Probe::Request(r) = &defs[0].spec.probe else {
+            panic!("{:?}", defs[0].spec.probe)
+        };
+        assert_eq!(r.command, ["snmp-poller"]);
+        assert_eq!(
+            serde_json::Value::Object(r.request.clone()),
+            serde_json::json!({"oid": "1.3.6.1.2.1.2.2", "walk": true, "hosts": ["a", "b"], "tuning": {"retries": 2}})
+        );
+        assert_eq!(
+            (defs[0].spec.interval_secs, defs[0].spec.timeout_secs),
+            (30, 5)
+        );
+        let wire = serde_json::to_string(&defs[0].spec.probe).unwrap();
+        assert!(
+            wire.starts_with(r#"{"kind":"request","command":["snmp-poller"],"request":{"#),
+            "{wire}"
+        );
+        let big = "x".repeat(MAX_REQUEST_BYTES);
+        for (text, why) in [
+            (
+                "command = 'x'\nrequest = { a = 1 }\ninterval = 5".to_string(),
+                "request goes with kind = \"request\"",
+            ),
+            (
+                "http = { url = 'http://x/' }\nkind = 'request'\nrequest = { a = 1 }\ninterval = 5"
+                    .to_string(),
+                "kind and args go with command",
+            ),
+            (
+                format!(
+                    "command = 'x'\nkind = 'request'\nrequest = {{ a = '{big}' }}\ninterval = 5"
+                ),
+                "at most 16384",
+            ),
+            (
+                "command = 'x'\nkind = 'request'\n".to_string(),
+                "interval (or cron) is required",
+            ),
+        ] {
+            let err = parse_file(
+                Path::new("x.toml"),
+                &format!("[[check]]\nname = 'r'\n{text}"),
+            )
+            .unwrap_err();
+            assert!(err.contains(why), "{text}: {err}");
+        }
     }
 
     #[test]

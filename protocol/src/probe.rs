@@ -26,6 +26,11 @@ pub enum Probe {
     /// A long-running program that prints one JSON document per line; kept running and
     /// restarted with backoff when it exits.
     Daemon(Command),
+    /// A long-running program the agent sends one JSON request per line on stdin and that
+    /// answers each with one JSON document on stdout (a "remote daemon": one process
+    /// polls many targets, keeping its sessions warm); run on the check's schedule like
+    /// any check, each run one request with the check's timeout.
+    Request(RequestProbe),
     /// CPU busy percent since the previous run.
     Cpu(Thresholds),
     /// Memory used percent.
@@ -63,6 +68,7 @@ impl Probe {
     pub fn command(&self) -> Option<&[String]> {
         match self {
             Probe::Nagios(c) | Probe::Json(c) | Probe::Daemon(c) => Some(&c.command),
+            Probe::Request(r) => Some(&r.command),
             _ => None,
         }
     }
@@ -70,6 +76,7 @@ impl Probe {
     pub fn command_mut(&mut self) -> Option<&mut Vec<String>> {
         match self {
             Probe::Nagios(c) | Probe::Json(c) | Probe::Daemon(c) => Some(&mut c.command),
+            Probe::Request(r) => Some(&mut r.command),
             _ => None,
         }
     }
@@ -80,6 +87,7 @@ impl Probe {
             Probe::Nagios(_) => "nagios",
             Probe::Json(_) => "json",
             Probe::Daemon(_) => "daemon",
+            Probe::Request(_) => "request",
             Probe::Cpu(_) => "cpu",
             Probe::Memory(_) => "memory",
             Probe::Swap(_) => "swap",
@@ -120,6 +128,17 @@ impl Probe {
             Probe::Nagios(c) | Probe::Json(c) | Probe::Daemon(c) => {
                 if c.command.first().is_none_or(|p| p.is_empty()) {
                     return Err("command is empty".into());
+                }
+            }
+            Probe::Request(r) => {
+                if r.command.first().is_none_or(|p| p.is_empty()) {
+                    return Err("command is empty".into());
+                }
+                let size = serde_json::to_vec(&r.request).map_or(usize::MAX, |v| v.len());
+                if size > MAX_REQUEST_BYTES {
+                    return Err(format!(
+                        "request is {size} bytes as JSON; at most {MAX_REQUEST_BYTES}"
+                    ));
                 }
             }
             Probe::Cpu(t) | Probe::Memory(t) | Probe::Swap(t) | Probe::Load(t) => {
@@ -197,6 +216,7 @@ impl Probe {
         "nagios",
         "json",
         "daemon",
+        "request",
         "cpu",
         "memory",
         "swap",
@@ -219,6 +239,22 @@ pub struct Command {
     #[schemars(length(min = 1))]
     pub command: Vec<String>,
 }
+
+/// A request daemon and what each run asks it (see [`Probe::Request`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RequestProbe {
+    /// The daemon: every check with the same command (after the plugin is resolved) talks
+    /// to the same process.
+    #[schemars(length(min = 1))]
+    pub command: Vec<String>,
+    /// Sent as the request line's `request`, as written in the check file.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub request: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Largest `request` of a request check, as JSON.
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024;
 
 /// Upper thresholds: a value above `warn` is WARNING, above `crit` CRITICAL.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

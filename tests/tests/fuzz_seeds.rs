@@ -99,6 +99,13 @@ name = "app"
 json_socket = { address = "unix:/run/app/health.sock" }
 interval = "1m"
 
+[[check]]
+name = "poll"
+command = ["/opt/poller"]
+kind = "request"
+request = { host = "10.0.0.1", oids = ["1.3.6.1"], retries = 2 }
+interval = "1m"
+
 [[collector]]
 name = "collectd"
 kind = "collectd"

@@ -755,3 +755,180 @@ async fn a_nats_fleet_places_alike_on_every_gateway_and_fails_over_agents_and_ga
     }
     drop(p3);
 }
+
+/// A request daemon for the test below: answers each request with its pid and what was
+/// asked, and stops answering altogether while the file `hang_if` names exists.
+const POLLER: &str = r#"
+import json, os, sys, time
+for line in sys.stdin:
+    req = json.loads(line)
+    r = req["request"]
+    while r.get("hang_if") and os.path.exists(r["hang_if"]):
+        time.sleep(0.1)
+    text = "pid %d %s %s %s" % (os.getpid(), req["check"], req.get("entity"), r["host"])
+    sys.stdout.write(json.dumps({"id": req["id"], "status": "ok", "text": text, "metrics": {"up": 1}}) + "\n")
+    sys.stdout.flush()
+"#;
+
+/// The pid a request daemon answered with.
+fn daemon_pid(r: &Value) -> u32 {
+    r["output"].as_str().unwrap()["pid ".len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Checks about an entity served by request daemons on the agent they are placed on:
+/// every check of one daemon answered by one process; a daemon that stops answering has
+/// its request UNKNOWN, is killed and started again, and the other daemon's checks go on
+/// being answered, on every slot, by the same process as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_daemons_answer_and_one_that_hangs_is_restarted_alone() {
+    let dir = tempdir();
+    let script = dir.path().join("poller.py");
+    std::fs::write(&script, POLLER).unwrap();
+    let flag = dir.path().join("hang");
+    let daemon = |which: &str| {
+        format!(
+            "command = [\"python3\", \"-u\", \"{}\", \"{which}\"]\nkind = \"request\"",
+            script.display()
+        )
+    };
+    let check = |name: &str, which: &str, request: &str| {
+        format!(
+            "[[check]]\nname = \"{name}\"\n{}\nrequest = {request}\ninterval = 2\ntimeout = 1\nentity = \"router\"\ntarget = {{ groups = [\"pollers\"] }}\n",
+            daemon(which)
+        )
+    };
+    let toml = format!(
+        "[[entity]]\nname = \"router\"\naddress = \"10.0.0.1\"\n{}{}{}",
+        check("a-if", "a", "{ host = \"10.0.0.1\" }"),
+        check("a-cpu", "a", "{ host = \"10.0.0.1\", what = \"cpu\" }"),
+        check(
+            "b-if",
+            "b",
+            &format!(
+                "{{ host = \"10.0.0.1\", hang_if = \"{}\" }}",
+                flag.display()
+            )
+        ),
+    );
+    let gw = Gateway::start(dir.path(), &[]);
+    gw.write_checks("router.toml", &toml);
+    let agent = poller(dir.path(), "p1", &gw, "a");
+    let fp = agent.fingerprint.clone();
+    let ok_of = |check: &str| {
+        gw.bus_results(&fp, check)
+            .into_iter()
+            .rev()
+            .find(|r| r["status"] == "ok")
+    };
+    let (a_if, a_cpu, b_if) =
+        eventually(Duration::from_secs(30), "each check answered", || async {
+            Some((ok_of("a-if")?, ok_of("a-cpu")?, ok_of("b-if")?))
+        })
+        .await;
+    assert_eq!(
+        a_if["output"]
+            .as_str()
+            .unwrap()
+            .split_once(' ')
+            .unwrap()
+            .1
+            .split_once(' ')
+            .unwrap()
+            .1,
+        "a-if router 10.0.0.1"
+    );
+    let (a_pid, b_pid) = (daemon_pid(&a_if), daemon_pid(&b_if));
+    assert_eq!(
+        daemon_pid(&a_cpu),
+        a_pid,
+        "one process serves every check of a daemon"
+    );
+    assert_ne!(a_pid, b_pid, "another command is another process");
+    let ran = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    assert!(ran(a_pid) && ran(b_pid));
+
+    // Daemon b stops answering.
+    let hang_from = now_ms();
+    std::fs::write(&flag, "").unwrap();
+    let hung = eventually(
+        Duration::from_secs(20),
+        "b-if UNKNOWN: stopped answering",
+        || async {
+            gw.bus_results(&fp, "b-if")
+                .into_iter()
+                .find(|r| r["status"] == "unknown" && r["started_at_ms"].as_u64() > Some(hang_from))
+        },
+    )
+    .await;
+    assert!(
+        hung["output"]
+            .as_str()
+            .unwrap()
+            .contains("stopped answering (nothing within 1s); killed, and started again"),
+        "{hung}"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "the hung daemon's process gone",
+        || async { (!ran(b_pid)).then_some(()) },
+    )
+    .await;
+    std::fs::remove_file(&flag).unwrap();
+    let healed_from = now_ms();
+    let back = eventually(Duration::from_secs(20), "b-if answered again", || async {
+        gw.bus_results(&fp, "b-if")
+            .into_iter()
+            .find(|r| r["status"] == "ok" && r["started_at_ms"].as_u64() > Some(healed_from))
+    })
+    .await;
+    assert_ne!(daemon_pid(&back), b_pid, "started again");
+    // Daemon a never noticed: every run of its checks since b hung was answered, by the
+    // same process, on every slot.
+    let until = now_ms();
+    for check in ["a-if", "a-cpu"] {
+        let runs: Vec<Value> = gw
+            .bus_results(&fp, check)
+            .into_iter()
+            .filter(|r| {
+                r["started_at_ms"]
+                    .as_u64()
+                    .is_some_and(|t| t > hang_from && t < until)
+            })
+            .collect();
+        let expected = (until - hang_from) / 2_000;
+        assert!(
+            runs.len() as u64 >= expected.saturating_sub(1),
+            "{check}: {} runs in {} ms",
+            runs.len(),
+            until - hang_from
+        );
+        for r in &runs {
+            assert_eq!(r["status"], "ok", "{check}: {r}");
+            assert_eq!(daemon_pid(r), a_pid, "{check}: {r}");
+        }
+    }
+    // The entity's state by the check follows its newest result.
+    let e = eventually(Duration::from_secs(10), "b-if ok in the API", || async {
+        let e = entity(&gw, "router").await?;
+        let c = e["checks"]
+            .as_array()?
+            .iter()
+            .find(|c| c["check"] == "b-if")?
+            .clone();
+        (c["status"] == "ok").then_some(e)
+    })
+    .await;
+    assert_eq!(e["status"], "ok", "{e}");
+    drop(agent);
+    eventually(
+        Duration::from_secs(10),
+        "the daemons stop with the agent",
+        || async { (!ran(a_pid) && !ran(daemon_pid(&back))).then_some(()) },
+    )
+    .await;
+}

@@ -35,7 +35,12 @@ pub fn interpret(text: &str) -> Outcome {
             return o;
         }
     };
-    match from_value(&doc) {
+    document(&doc, text)
+}
+
+/// Read one document already parsed from `text` (quoted when it is refused).
+pub fn document(doc: &Value, text: &str) -> Outcome {
+    match from_value(doc) {
         Ok(o) => o,
         Err(why) => {
             let mut o = Outcome::unknown(format!("plugin output is not a check result: {why}"));
