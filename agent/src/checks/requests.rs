@@ -6,7 +6,7 @@
 //! The agent writes, one line per run:
 //!
 //! ```json
-//! {"id": 17, "check": "ifaces", "entity": "core-router", "timeout_ms": 5000, "request": {"oid": "1.3.6.1.2.1.2.2"}}
+//! {"id": 17, "check": "ifaces", "entity": "core-router", "timeout_ms": 4500, "request": {"oid": "1.3.6.1.2.1.2.2"}}
 //! ```
 //!
 //! and the daemon answers, in any order, with the JSON plugin document (see [`super::json`])
@@ -16,36 +16,43 @@
 //! {"id": 17, "status": "ok", "text": "24 interfaces up", "metrics": {"up": 24}}
 //! ```
 //!
-//! - A request not answered within the check's timeout is UNKNOWN ("did not answer"), and
-//!   its answer, if it comes later, is dropped. When nothing at all came from the daemon
-//!   since that request was written, the daemon has stopped answering: its process group
-//!   is killed, every request still waiting is UNKNOWN, and it is started again for the
-//!   next request, with the backoff and crash-loop limit of daemon checks
-//!   ([`crate::supervise::Restarts`]).
+//! - `timeout_ms` is nine tenths of the check's timeout: an answer given at the last moment
+//!   the daemon was allowed still arrives in time. A request not answered within the
+//!   check's timeout is UNKNOWN ("did not answer"), and its answer, if it comes later, is
+//!   dropped.
+//! - A daemon that printed nothing at all for [`HUNG_AFTER`] past the timeout of a request
+//!   written to it has stopped answering: its process group is killed, every request still
+//!   waiting is UNKNOWN, and it is started again for the next request, with the backoff
+//!   and crash-loop limit of daemon checks ([`crate::supervise::Restarts`]). Until it has
+//!   printed its first line it has [`STARTUP_GRACE`] to start.
 //! - An answer with a waiting `id` that is not a check result is that request's UNKNOWN,
 //!   with the reason. A line that names no waiting request (not JSON, no `id`, or one the
-//!   agent did not send) cannot be charged to a request: it is logged, and the requests
-//!   that then time out quote it.
-//! - A daemon that exits fails the requests waiting on it (UNKNOWN, with its exit code and
-//!   last stderr line) and is started again with backoff. After a crash loop its requests
-//!   are CRITICAL ("crash loop") for [`CRASH_HOLD`], then it is tried afresh.
+//!   agent did not send) cannot be charged to a request: it is logged, and a request that
+//!   then times out quotes the last such line printed after it was sent.
+//! - A daemon that exits, or closes its stdin, fails the requests waiting on it (UNKNOWN,
+//!   with its exit code and last stderr line) and is started again with backoff. After a
+//!   crash loop its requests are CRITICAL ("crash loop") for [`CRASH_HOLD`], then it is
+//!   tried afresh.
 //! - The process starts with its first request and stops (SIGTERM, then SIGKILL) when no
-//!   request came for three of its longest check intervals (at least [`MIN_IDLE`]), when
-//!   the agent stops, or when nothing refers to it any more.
+//!   request came for three intervals of the check that asked last (at least
+//!   [`MIN_IDLE`], at most [`MAX_IDLE`]), when no configured check uses it any more, or
+//!   when the agent stops.
 //!
 //! Requests do not wait on each other: several may be in flight, each bounded by its own
-//! timeout; a daemon that stops reading its stdin fills the pipe, and the requests that
-//! cannot be written time out like unanswered ones.
+//! timeout. Reading and writing are tasks of their own, so that a daemon that stops reading
+//! its stdin does not stop the agent from reading its answers, and a line is never cut by
+//! a request arriving while it is read.
 
 use outpost_sys::lock;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outpost_protocol::CheckSpec;
 use serde_json::{json, Value};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant as TokioInstant;
 use tokio_util::sync::CancellationToken;
 
 use super::json as plugin_json;
@@ -53,22 +60,30 @@ use super::outcome::Outcome;
 use crate::spawn::{self, GroupGuard};
 use crate::supervise::{self, read_line, Line, Logged, OutputLog, Restarts, MAX_LINE, STOP_GRACE};
 
-/// Shortest idle time before an unused daemon is stopped.
+/// Shortest idle time before an unused daemon is stopped…
 pub const MIN_IDLE: Duration = Duration::from_secs(300);
+/// …and the longest.
+pub const MAX_IDLE: Duration = Duration::from_secs(24 * 3600);
 /// How long a daemon in a crash loop is left alone before it is tried again.
 pub const CRASH_HOLD: Duration = Duration::from_secs(300);
 /// Requests waiting to be written to one daemon; more are refused at once.
 pub const MAX_WAITING: usize = 1024;
+/// Silence past a request's timeout after which the daemon is taken to hang.
+pub const HUNG_AFTER: Duration = Duration::from_secs(2);
+/// How long a new daemon may take to print its first line before it can be taken to hang.
+pub const STARTUP_GRACE: Duration = Duration::from_secs(10);
 /// How long a daemon that stopped answering gets between SIGTERM and SIGKILL.
-const HUNG_GRACE: Duration = Duration::from_secs(1);
+const KILL_GRACE: Duration = Duration::from_secs(1);
 const STDERR_LINES_PER_MINUTE: u32 = 20;
 /// Lines that answer nothing, logged per minute per daemon.
 const STRAY_LINES_PER_MINUTE: u32 = 10;
 
+type Daemons = Arc<Mutex<HashMap<Vec<String>, Handle>>>;
+
 /// The request daemons of one agent, by command.
 #[derive(Default)]
 pub struct RequestDaemons {
-    daemons: Mutex<HashMap<Vec<String>, Handle>>,
+    daemons: Daemons,
     stop: CancellationToken,
 }
 
@@ -112,11 +127,11 @@ impl RequestDaemons {
             }),
             reply,
         };
-        // The daemon's task ends when it has been idle long enough; a send that finds it
-        // gone starts a new one.
-        for _ in 0..2 {
-            let tx = {
-                let mut daemons = lock(&self.daemons);
+        {
+            // Under the lock a daemon's task takes to retire (see `retire`): a request is
+            // either queued to a task that will take it, or finds the task gone.
+            let mut daemons = lock(&self.daemons);
+            for attempt in 0..2 {
                 let live = daemons.get(&argv).is_some_and(|h| !h.tx.is_closed());
                 if !live {
                     daemons.insert(argv.clone(), self.start(argv.clone()));
@@ -125,21 +140,23 @@ impl RequestDaemons {
                 if !h.users.contains(&spec.name) {
                     h.users.insert(spec.name.clone());
                 }
-                h.tx.clone()
-            };
-            match tx.try_send(ask) {
-                Ok(()) => break,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    return Outcome::unknown(format!(
+                match h.tx.try_send(ask) {
+                    Ok(()) => break,
+                    Err(mpsc::error::TrySendError::Full(_)) => return Outcome::unknown(format!(
                         "the request daemon has {MAX_WAITING} requests waiting already; not sent"
-                    ))
+                    )),
+                    // Its task ended just now (stopped, or failed to start): a new one.
+                    Err(mpsc::error::TrySendError::Closed(a)) if attempt == 0 => ask = a,
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        return Outcome::unknown("the request daemon could not be started")
+                    }
                 }
-                Err(mpsc::error::TrySendError::Closed(a)) => ask = a,
             }
         }
-        // The daemon's task answers every request it took, at its timeout at the latest;
-        // this bound only guards against a bug there.
-        match tokio::time::timeout(timeout + Duration::from_secs(5), answer).await {
+        // The daemon's task answers every request it took, at its timeout at the latest
+        // (or as it stops, which takes a few seconds); this bound only guards against a
+        // bug there.
+        match tokio::time::timeout(timeout + Duration::from_secs(15), answer).await {
             Ok(Ok(o)) => o,
             Ok(Err(_)) => Outcome::unknown("the request daemon stopped before answering"),
             Err(_) => Outcome::unknown(format!(
@@ -151,7 +168,12 @@ impl RequestDaemons {
 
     fn start(&self, argv: Vec<String>) -> Handle {
         let (tx, rx) = mpsc::channel(MAX_WAITING);
-        let task = tokio::spawn(serve(argv, rx, self.stop.child_token()));
+        let task = tokio::spawn(serve(
+            argv,
+            rx,
+            self.daemons.clone(),
+            self.stop.child_token(),
+        ));
         Handle {
             tx,
             task,
@@ -162,8 +184,8 @@ impl RequestDaemons {
     /// Stop the daemons that none of the request checks configured now (`checks`, by
     /// name) has used. A daemon a check used before its command changed stops when idle.
     pub fn retain(&self, checks: &HashSet<&str>) {
-        // Dropping a daemon's sender ends its task once the requests in flight are
-        // answered (a request being sent holds a sender of its own for that long).
+        // Dropping a daemon's sender ends its task: the requests it still waits on are
+        // answered UNKNOWN ("stopped"; their checks are gone), and the process is stopped.
         lock(&self.daemons).retain(|_, h| h.users.iter().any(|u| checks.contains(u.as_str())));
     }
 
@@ -176,7 +198,7 @@ impl RequestDaemons {
         }
     }
 
-    /// How many daemons are running or waiting for a request (for tests).
+    /// How many daemons are running or waiting for a request.
     pub fn len(&self) -> usize {
         lock(&self.daemons)
             .values()
@@ -189,6 +211,21 @@ impl RequestDaemons {
     }
 }
 
+/// A daemon's task, idle, stops taking requests unless one is queued already: under the
+/// lock `ask` sends with, so no request is queued to a task that is going away. Returns
+/// whether it retired.
+fn retire(daemons: &Daemons, argv: &[String], rx: &mut mpsc::Receiver<Ask>) -> bool {
+    let mut daemons = lock(daemons);
+    if !rx.is_empty() {
+        return false;
+    }
+    rx.close();
+    if daemons.get(argv).is_some_and(|h| h.tx.is_closed()) {
+        daemons.remove(argv);
+    }
+    true
+}
+
 /// How one run of the process ended.
 enum Ended {
     /// Exited or stopped answering: restart for the next request.
@@ -197,12 +234,23 @@ enum Ended {
     Done,
 }
 
+/// The idle limit after a request of a check run every `interval`.
+fn idle_after(interval: Duration) -> Duration {
+    (interval * 3).clamp(MIN_IDLE, MAX_IDLE)
+}
+
 /// Keep the daemon `argv`: start it for the first request, restart it when it fails,
 /// stop it when idle or stopped.
-async fn serve(argv: Vec<String>, mut rx: mpsc::Receiver<Ask>, stop: CancellationToken) {
+async fn serve(
+    argv: Vec<String>,
+    mut rx: mpsc::Receiver<Ask>,
+    daemons: Daemons,
+    stop: CancellationToken,
+) {
     let mut restarts = Restarts::default();
     let mut idle = MIN_IDLE;
-    let mut refuse: Option<(tokio::time::Instant, Outcome)> = None;
+    let mut refuse: Option<(TokioInstant, Outcome)> = None;
+    let mut idle_since = TokioInstant::now();
     loop {
         // Wait for a request before starting (again); answer at once while held off.
         let first = tokio::select! {
@@ -210,12 +258,18 @@ async fn serve(argv: Vec<String>, mut rx: mpsc::Receiver<Ask>, stop: Cancellatio
                 Some(a) => a,
                 None => return,
             },
-            _ = tokio::time::sleep(idle) => return,
+            _ = tokio::time::sleep_until(idle_since + idle) => {
+                if retire(&daemons, &argv, &mut rx) {
+                    return;
+                }
+                continue;
+            }
             _ = stop.cancelled() => return,
         };
-        idle = idle.max(first.interval * 3);
+        idle = idle_after(first.interval);
+        idle_since = TokioInstant::now();
         if let Some((until, why)) = refuse.take() {
-            if tokio::time::Instant::now() < until {
+            if TokioInstant::now() < until {
                 let _ = first.reply.send(why.clone());
                 refuse = Some((until, why));
                 continue;
@@ -226,16 +280,17 @@ async fn serve(argv: Vec<String>, mut rx: mpsc::Receiver<Ask>, stop: Cancellatio
             }
         }
         let started = Instant::now();
-        let how = match run(&argv, first, &mut rx, &stop, &mut idle).await {
+        let how = match run(&argv, first, &mut rx, (&daemons, &stop), &mut idle).await {
             Ended::Done => return,
             Ended::Failed(how) => how,
         };
+        idle_since = TokioInstant::now();
         let name = argv.first().map(String::as_str).unwrap_or("");
         match restarts.exited(Instant::now(), started.elapsed()) {
             Some(delay) => {
                 tracing::warn!(daemon = name, reason = %how, retry_in_s = delay.as_secs(), "request daemon ended; restarting for the next request");
                 refuse = Some((
-                    tokio::time::Instant::now() + delay,
+                    TokioInstant::now() + delay,
                     Outcome::unknown(format!(
                         "request daemon {how}; restarting in {}s",
                         delay.as_secs()
@@ -250,10 +305,7 @@ async fn serve(argv: Vec<String>, mut rx: mpsc::Receiver<Ask>, stop: Cancellatio
                     CRASH_HOLD.as_secs()
                 );
                 tracing::error!(daemon = name, "{why}");
-                refuse = Some((
-                    tokio::time::Instant::now() + CRASH_HOLD,
-                    Outcome::critical(why),
-                ));
+                refuse = Some((TokioInstant::now() + CRASH_HOLD, Outcome::critical(why)));
             }
         }
     }
@@ -262,8 +314,8 @@ async fn serve(argv: Vec<String>, mut rx: mpsc::Receiver<Ask>, stop: Cancellatio
 /// A request written to the daemon, waiting for its answer.
 struct Waiting {
     reply: oneshot::Sender<Outcome>,
-    deadline: tokio::time::Instant,
-    sent: tokio::time::Instant,
+    deadline: TokioInstant,
+    sent: TokioInstant,
     timeout: Duration,
 }
 
@@ -272,6 +324,11 @@ struct Requests {
     wtx: mpsc::Sender<Vec<u8>>,
     next_id: u64,
     waiting: BTreeMap<u64, Waiting>,
+    /// When the daemon is taken to hang unless it prints something first: set by a
+    /// request written while it was silent, cleared by any line.
+    hang_at: Option<TokioInstant>,
+    /// Until its first line, a new daemon is not taken to hang before this.
+    starting_until: Option<TokioInstant>,
 }
 
 impl Requests {
@@ -280,7 +337,7 @@ impl Requests {
         let mut line = json!({
             "id": self.next_id,
             "check": ask.check,
-            "timeout_ms": ask.timeout.as_millis() as u64,
+            "timeout_ms": (ask.timeout.as_millis() * 9 / 10) as u64,
             "request": ask.request,
         });
         if let Some(e) = ask.entity {
@@ -294,7 +351,12 @@ impl Requests {
             ));
             return;
         }
-        let now = tokio::time::Instant::now();
+        let now = TokioInstant::now();
+        let mut hang_at = now + ask.timeout + HUNG_AFTER;
+        if let Some(t) = self.starting_until {
+            hang_at = hang_at.max(t);
+        }
+        self.hang_at = Some(self.hang_at.map_or(hang_at, |h| h.min(hang_at)));
         self.waiting.insert(
             self.next_id,
             Waiting {
@@ -305,6 +367,20 @@ impl Requests {
             },
         );
     }
+
+    /// Answer every waiting request with `why`.
+    fn fail_all(&mut self, why: &str) {
+        for (_, w) in std::mem::take(&mut self.waiting) {
+            let _ = w.reply.send(Outcome::unknown(why));
+        }
+    }
+}
+
+/// A line of the daemon's output, read whole by its reader task.
+enum Read {
+    Text(String),
+    TooLong,
+    Closed(Option<String>),
 }
 
 /// Run the process once, starting with `first`. Returns how it ended.
@@ -312,7 +388,7 @@ async fn run(
     argv: &[String],
     first: Ask,
     rx: &mut mpsc::Receiver<Ask>,
-    stop: &CancellationToken,
+    (daemons, stop): (&Daemons, &CancellationToken),
     idle: &mut Duration,
 ) -> Ended {
     let started = spawn::command(argv).and_then(|mut cmd| {
@@ -353,47 +429,57 @@ async fn run(
             .send(Outcome::unknown("the request daemon has no pipes"));
         return Ended::Failed("has no pipes".into());
     };
-    // Writing is a task of its own: a daemon that stops reading must not stop the agent
-    // from reading its answers (or noticing that it hangs).
+    // Writing and reading are tasks of their own: a daemon that stops reading must not
+    // stop the agent from reading its answers, and a line half read is never dropped
+    // because something else happened meanwhile.
     let (wtx, mut wrx) = mpsc::channel::<Vec<u8>>(MAX_WAITING);
-    let writer = tokio::spawn(async move {
+    let mut writer = Some(tokio::spawn(async move {
         while let Some(line) = wrx.recv().await {
             stdin.write_all(&line).await?;
             stdin.flush().await?;
         }
         Ok::<_, std::io::Error>(())
+    }));
+    let (ltx, mut lines) = mpsc::channel::<Read>(64);
+    let reader = tokio::spawn(async move {
+        let mut out = BufReader::new(stdout);
+        let mut buf = Vec::new();
+        loop {
+            let read = match read_line(&mut out, &mut buf).await {
+                Ok(Line::Text) => Read::Text(String::from_utf8_lossy(&buf).into_owned()),
+                Ok(Line::TooLong) => Read::TooLong,
+                Ok(Line::Eof) => Read::Closed(None),
+                Err(e) => Read::Closed(Some(format!("output could not be read: {e}"))),
+            };
+            let closed = matches!(read, Read::Closed(_));
+            if ltx.send(read).await.is_err() || closed {
+                return;
+            }
+        }
     });
-    let mut writer = Some(writer);
     let stray_log = OutputLog::new(STRAY_LINES_PER_MINUTE, 0);
     let mut reqs = Requests {
         wtx,
         next_id: 0,
         waiting: BTreeMap::new(),
+        hang_at: None,
+        starting_until: Some(TokioInstant::now() + STARTUP_GRACE),
     };
-    let mut last_line = tokio::time::Instant::now();
-    let mut last_ask = tokio::time::Instant::now();
-    let mut stray: Option<String> = None;
-    let mut out = BufReader::new(stdout);
-    let mut buf = Vec::new();
-    *idle = (*idle).max(first.interval * 3);
+    let mut last_ask = TokioInstant::now();
+    // The last line that answered nothing, and when it came.
+    let mut stray: Option<(TokioInstant, String)> = None;
+    *idle = idle_after(first.interval);
     reqs.send(first);
     let ended = loop {
         let next_deadline = reqs.waiting.values().map(|w| w.deadline).min();
         let idle_at = reqs.waiting.is_empty().then(|| last_ask + *idle);
         tokio::select! {
-            ask = rx.recv() => match ask {
-                Some(a) => {
-                    last_ask = tokio::time::Instant::now();
-                    *idle = (*idle).max(a.interval * 3);
-                    reqs.send(a);
-                }
-                None => break Ended::Done,
-            },
-            read = read_line(&mut out, &mut buf) => match read {
-                Ok(Line::Eof) => break Ended::Failed(String::new()),
-                Ok(Line::Text) => {
-                    last_line = tokio::time::Instant::now();
-                    let text = String::from_utf8_lossy(&buf);
+            // Output first: what the daemon already said counts before any deadline.
+            biased;
+            read = lines.recv() => match read {
+                Some(Read::Text(text)) => {
+                    reqs.hang_at = None;
+                    reqs.starting_until = None;
                     if text.trim().is_empty() {
                         continue;
                     }
@@ -407,101 +493,103 @@ async fn run(
                             let mut head = text.trim().to_string();
                             crate::util::truncate_utf8(&mut head, 200);
                             let why = match id {
-                                Some(id) if id <= reqs.next_id => format!("answer to request {id}, which is no longer waiting (timed out)"),
-                                Some(id) => format!("answer to request {id}, which was never sent"),
+                                Some(id) if id <= reqs.next_id => format!("an answer to request {id}, which is no longer waiting (timed out)"),
+                                Some(id) => format!("an answer to request {id}, which was never sent"),
                                 None => "a line that is not a JSON answer with an id".to_string(),
                             };
                             if stray_log.admit(&head, Instant::now()).1 {
                                 tracing::warn!(daemon = %name, line = %head, "request daemon printed {why}");
                             }
-                            stray = Some(format!("{why}: {head}"));
+                            stray = Some((TokioInstant::now(), format!("{why}: {head}")));
                         }
                     }
                 }
-                Ok(Line::TooLong) => {
-                    last_line = tokio::time::Instant::now();
-                    stray = Some(format!("a line longer than {MAX_LINE} bytes"));
+                Some(Read::TooLong) => {
+                    reqs.hang_at = None;
+                    reqs.starting_until = None;
+                    stray = Some((TokioInstant::now(), format!("a line longer than {MAX_LINE} bytes")));
                 }
-                Err(e) => break Ended::Failed(format!("output could not be read: {e}")),
+                Some(Read::Closed(why)) => break Ended::Failed(why.unwrap_or_default()),
+                None => break Ended::Failed(String::new()),
+            },
+            ask = rx.recv() => match ask {
+                Some(a) => {
+                    last_ask = TokioInstant::now();
+                    *idle = idle_after(a.interval);
+                    reqs.send(a);
+                }
+                None => break Ended::Done,
             },
             _ = sleep_until(next_deadline) => {
-                let now = tokio::time::Instant::now();
+                let now = TokioInstant::now();
                 let due: Vec<u64> = reqs.waiting.iter().filter(|(_, w)| w.deadline <= now).map(|(id, _)| *id).collect();
-                // Silent since a request that is now overdue was written: it hangs.
-                let hung = due.iter().any(|id| reqs.waiting[id].sent >= last_line);
                 for id in due {
                     let w = reqs.waiting.remove(&id).expect("due request is waiting");
-                    let mut o = Outcome::unknown(if hung {
-                        format!(
-                            "the request daemon stopped answering (nothing within {}); killed, and started again for the next request",
-                            secs(w.timeout)
-                        )
-                    } else {
-                        format!("the request daemon did not answer within {}", secs(w.timeout))
-                    });
-                    if let Some(s) = &stray {
+                    let mut o = Outcome::unknown(format!("the request daemon did not answer within {}", secs(w.timeout)));
+                    if let Some((_, s)) = stray.as_ref().filter(|(at, _)| *at >= w.sent) {
                         o.note(format!("it printed {s}"));
                     }
                     let _ = w.reply.send(o);
                 }
-                if hung {
-                    break Ended::Failed(format!(
-                        "stopped answering (nothing printed for {})",
-                        secs(last_line.elapsed())
-                    ));
+            }
+            _ = sleep_until(reqs.hang_at) => {
+                break Ended::Failed(format!(
+                    "stopped answering (nothing printed for {} after a request was due); killed",
+                    secs(HUNG_AFTER)
+                ));
+            }
+            _ = sleep_until(idle_at) => {
+                if retire(daemons, argv, rx) {
+                    break Ended::Done;
                 }
             }
-            _ = sleep_until(idle_at) => break Ended::Done,
             _ = stop.cancelled() => break Ended::Done,
             w = async { match writer.as_mut() {
                 Some(w) => w.await,
                 None => std::future::pending().await,
             } } => {
                 writer = None;
+                // Its stdin is gone: it exited (its output closing tells how) or closed
+                // it; either way no request can reach it any more.
                 if let Ok(Err(e)) = w {
                     tracing::debug!(daemon = %name, "request daemon's stdin closed: {e}");
                 }
-                // Its stdin is gone: it exited or closed it; its output tells which.
+                break Ended::Failed(String::new());
             }
         }
     };
-    // Stop it: gently when done, quickly when it hangs or its output closed.
-    let grace = match &ended {
-        Ended::Done => STOP_GRACE,
-        Ended::Failed(_) => HUNG_GRACE,
-    };
-    let Requests { wtx, waiting, .. } = reqs;
-    drop(wtx);
     if let Some(w) = writer.take() {
         w.abort();
     }
     let status = match &ended {
+        // Its stdin or stdout closed: it is exiting, or is killed if it does not.
         Ended::Failed(how) if how.is_empty() => {
             match tokio::time::timeout(STOP_GRACE, child.wait()).await {
                 Ok(Ok(s)) => supervise::describe_exit(s),
                 Ok(Err(e)) => format!("could not be waited for: {e}"),
                 Err(_) => {
-                    supervise::terminate(&mut child, pgid, HUNG_GRACE).await;
-                    "closed its output but kept running; killed".into()
+                    supervise::terminate(&mut child, pgid, KILL_GRACE).await;
+                    "closed its stdin or stdout but kept running; killed".into()
                 }
             }
         }
-        _ => {
-            if !supervise::terminate(&mut child, pgid, grace).await {
+        Ended::Failed(_) => {
+            supervise::terminate(&mut child, pgid, KILL_GRACE).await;
+            String::new()
+        }
+        Ended::Done => {
+            if !supervise::terminate(&mut child, pgid, STOP_GRACE).await {
                 tracing::warn!(daemon = %name, "request daemon ignored SIGTERM; killed it");
             }
             String::new()
         }
     };
     drop(guard);
-    let _ = tokio::time::timeout(Duration::from_millis(300), stderr).await;
+    reader.abort();
+    let _ = tokio::time::timeout(Duration::from_millis(500), stderr).await;
     let how = match ended {
         Ended::Done => {
-            for (_, w) in waiting {
-                let _ = w
-                    .reply
-                    .send(Outcome::unknown("the request daemon was stopped"));
-            }
+            reqs.fail_all("the request daemon was stopped");
             tracing::info!(daemon = %name, "request daemon stopped");
             return Ended::Done;
         }
@@ -512,11 +600,7 @@ async fn run(
     if let Some(err) = err_log.tail().pop() {
         how.push_str(&format!(" (stderr: {err})"));
     }
-    for (_, w) in waiting {
-        let _ = w.reply.send(Outcome::unknown(format!(
-            "the request daemon {how} before answering"
-        )));
-    }
+    reqs.fail_all(&format!("the request daemon {how} before answering"));
     Ended::Failed(how)
 }
 
@@ -538,7 +622,7 @@ fn secs(d: Duration) -> String {
     }
 }
 
-async fn sleep_until(t: Option<tokio::time::Instant>) {
+async fn sleep_until(t: Option<TokioInstant>) {
     match t {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
@@ -639,7 +723,7 @@ for line in sys.stdin:
                 .split_once(' ')
                 .unwrap()
                 .1,
-            "ifaces router 2000",
+            "ifaces router 1800", // nine tenths of the timeout
             "{a:?}"
         );
         assert_eq!(a.metrics[0].name, "n");
@@ -655,17 +739,17 @@ for line in sys.stdin:
         let f = fixture();
         let first = pid(&f.ask("a", json!({}), 2_000).await);
         let (slow, quick) = tokio::join!(
-            f.ask("slow", json!({"mode": "slow", "secs": 2}), 700),
+            f.ask("slow", json!({"mode": "slow", "secs": 2.5}), 1_000),
             async {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 f.ask("quick", json!({}), 2_000).await
             }
         );
         assert_eq!(slow.status, Status::Unknown, "{slow:?}");
-        assert_eq!(slow.output, "the request daemon did not answer within 0.7s");
+        assert_eq!(slow.output, "the request daemon did not answer within 1s");
         assert_eq!(pid(&quick), first, "the slow request did not restart it");
         // The late answer arrives and is dropped; the daemon carries on.
-        tokio::time::sleep(Duration::from_millis(1_600)).await;
+        tokio::time::sleep(Duration::from_millis(2_000)).await;
         assert_eq!(pid(&f.ask("a", json!({}), 2_000).await), first);
         f.pool.stop_all().await;
     }
@@ -677,7 +761,7 @@ for line in sys.stdin:
         let bad = f.ask("bad", json!({"mode": "bad"}), 2_000).await;
         assert_eq!(bad.status, Status::Unknown);
         assert!(bad.output.contains("not a check result"), "{bad:?}");
-        let stray = f.ask("stray", json!({"mode": "stray"}), 500).await;
+        let stray = f.ask("stray", json!({"mode": "stray"}), 1_500).await;
         assert_eq!(stray.status, Status::Unknown);
         assert!(
             stray
@@ -685,7 +769,10 @@ for line in sys.stdin:
                 .contains("a line that is not a JSON answer with an id: debug: thinking"),
             "{stray:?}"
         );
-        assert!(!stray.output.contains("killed"), "it printed: {stray:?}");
+        assert_eq!(
+            stray.output,
+            "the request daemon did not answer within 1.5s"
+        );
         assert_eq!(
             pid(&f.ask("a", json!({}), 2_000).await),
             first,
@@ -700,13 +787,17 @@ for line in sys.stdin:
         let first = pid(&f.ask("a", json!({}), 2_000).await);
         let (hung, other) = tokio::join!(f.ask("hang", json!({"mode": "hang"}), 800), async {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            f.ask("b", json!({}), 800).await
+            f.ask("b", json!({}), 5_000).await
         });
         assert_eq!(hung.status, Status::Unknown);
-        assert_eq!(hung.output, "the request daemon stopped answering (nothing within 0.8s); killed, and started again for the next request");
-        // The request behind it in the same process is failed with it, not left waiting.
+        assert_eq!(hung.output, "the request daemon did not answer within 0.8s");
+        // Silent for HUNG_AFTER past that: killed, and the request behind it in the same
+        // process is failed with it, not left waiting.
         assert_eq!(other.status, Status::Unknown, "{other:?}");
-        assert!(other.output.contains("before answering"), "{other:?}");
+        assert_eq!(
+            other.output,
+            "the request daemon stopped answering (nothing printed for 2s after a request was due); killed before answering"
+        );
         assert!(
             !supervise::group_exists(first),
             "the hung daemon's group is gone"
@@ -740,6 +831,9 @@ for line in sys.stdin:
             assert!(Instant::now() < deadline, "an unused daemon kept running");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert!(f.pool.is_empty());
+        assert_eq!(f.pool.len(), 0);
+        // A request now starts it again.
+        assert_ne!(pid(&f.ask("a", json!({}), 2_000).await), second);
+        f.pool.stop_all().await;
     }
 }
