@@ -15,6 +15,8 @@
 //! One gateway evaluates a tenant: the embedded bus's, or in a NATS fleet the holder of
 //! the tenant's lease (`nats::alerts`), whose state is in NATS.
 
+mod entities;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -265,7 +267,11 @@ async fn contend(
 fn watch(
     alerts: &mut Alerts,
     config: &AlertConfig,
-    (watched, gone): (&[crate::registry::Watched], &HashMap<String, String>),
+    (watched, gone, about_entities): (
+        &[crate::registry::Watched],
+        &HashMap<String, String>,
+        &HashSet<&str>,
+    ),
     last_result: &mut HashMap<(String, String), Instant>,
     now_ms: u64,
     route: crate::alerts::Route<'_>,
@@ -304,7 +310,11 @@ fn watch(
             Presence::Online => {
                 let back = format!("agent {name} is online");
                 due.extend(alerts.observe(fp, AGENT_CHECK, (Status::Ok, &back), now_ms, route));
+                // (Checks about entities go stale as the entity's: `entities::watch`.)
                 for (check, interval, timeout) in &w.checks {
+                    if about_entities.contains(check.as_str()) {
+                        continue;
+                    }
                     let ttl = match config.stale_after(check) {
                         Some(Stale::Never) => continue,
                         Some(Stale::After(d)) => d,
@@ -719,6 +729,9 @@ impl Engine {
         // Agents by hostname, for dependencies that name their parent's agent so.
         let mut by_host: HashMap<String, String> = HashMap::new();
         let mut last_result: HashMap<(String, String), Instant> = HashMap::new();
+        // When each check about an entity was first seen in this life (its stale time
+        // counts from then at the earliest).
+        let mut entity_first_seen: HashMap<(String, String), u64> = HashMap::new();
         let mut last_watch = Instant::now() - WATCH;
         // What the event stream was last told of the alerts and silences (`None`: nothing
         // yet in this life: all of it is told once caught up, so a new holder's readers
@@ -745,11 +758,14 @@ impl Engine {
                     return;
                 }
                 identities.clear();
+                identities.extend(entities::identities(&self.config.borrow()));
                 // Agents forgotten (or never known here): their incidents end silently.
                 let registry = &self.ctx.registry;
                 let before = alerts.alerts.len();
+                // (An entity's are ended by `entities::watch` when it is no longer declared.)
                 alerts.alerts.retain(|fp, _| {
                     fp.starts_with(GATEWAY_ENTITY)
+                        || fp.starts_with(ENTITY_PREFIX)
                         || registry
                             .identity(&AgentRef::new(&self.tenant, fp))
                             .is_some()
@@ -758,7 +774,9 @@ impl Engine {
                     dirty = true;
                 }
             }
-            let config = self.config.borrow().alerting.clone();
+            let catalog = self.config.borrow().clone();
+            let config = catalog.alerting.clone();
+            let placed = self.ctx.checks.of(&self.tenant).placed();
             let wait = if caught_up { TICK } else { Duration::ZERO };
             // The read waits up to a tick; the API is answered meanwhile, without cutting
             // the wait short (the clock's work below must run every tick).
@@ -888,10 +906,16 @@ impl Engine {
             }
             // Every agent a route may be asked about: this batch's, and those with an
             // incident (the clock's notifications).
+            let entity_keys: Vec<String> = read
+                .results
+                .iter()
+                .filter_map(|(_, _, r)| r.entity.as_deref().map(entities::key))
+                .collect();
             let wanted = read
                 .results
                 .iter()
                 .map(|(_, agent, _)| agent.fingerprint.as_str())
+                .chain(entity_keys.iter().map(String::as_str))
                 .chain(
                     alerts
                         .alerts
@@ -901,12 +925,7 @@ impl Engine {
                 );
             for fp in wanted {
                 if !identities.contains_key(fp) {
-                    let id = self
-                        .ctx
-                        .registry
-                        .identity(&AgentRef::new(&self.tenant, fp))
-                        .unwrap_or_default();
-                    identities.insert(fp.to_string(), id);
+                    identities.insert(fp.to_string(), self.identity(fp));
                 }
             }
             let now_ms = crate::util::now_ms();
@@ -965,7 +984,23 @@ impl Engine {
                 result.started_at_ms = result.started_at_ms.min(now_ms);
             }
             let mut due: Vec<Notification> = Vec::new();
-            for (_, agent, result) in &read.results {
+            for (at, agent, result) in &read.results {
+                if result.entity.is_some() {
+                    // About an entity: the entity's alert, not the agent's.
+                    let hostname = identities
+                        .get(&agent.fingerprint)
+                        .map_or("", |i| i.hostname.as_str());
+                    due.extend(entities::take(
+                        &mut alerts,
+                        (&catalog, &placed),
+                        (&agent.fingerprint, hostname),
+                        result,
+                        *at,
+                        now_ms,
+                        &route,
+                    ));
+                    continue;
+                }
                 due.extend(alerts.apply(&agent.fingerprint, result, &route));
                 last_result.insert(
                     (agent.fingerprint.clone(), result.check.clone()),
@@ -991,11 +1026,25 @@ impl Engine {
                 };
                 let mut ticked = alerts.tick(now, &route);
                 if let Some(watched) = &watched {
+                    let about_entities: HashSet<&str> = catalog
+                        .checks
+                        .iter()
+                        .filter(|d| d.placement.is_some())
+                        .map(|d| d.spec.name.as_str())
+                        .collect();
                     ticked.extend(watch(
                         &mut alerts,
                         &config,
-                        (watched, &gone),
+                        (watched, &gone, &about_entities),
                         &mut last_result,
+                        now_ms,
+                        &route,
+                    ));
+                    ticked.extend(entities::watch(
+                        &mut alerts,
+                        (&catalog, &placed, &config),
+                        &mut entity_first_seen,
+                        (STALE, STALE_INTERVALS),
                         now_ms,
                         &route,
                     ));
@@ -1317,6 +1366,21 @@ impl Engine {
         }
     }
 
+    /// Who alert key `fp` is about: an agent (from the registry), or a proxy entity (its
+    /// name as the host, its labels); nobody known, an empty identity.
+    fn identity(&self, fp: &str) -> Identity {
+        if fp.starts_with(ENTITY_PREFIX) {
+            return entities::identities(&self.config.borrow())
+                .find(|(k, _)| k == fp)
+                .map(|(_, id)| id)
+                .unwrap_or_default();
+        }
+        self.ctx
+            .registry
+            .identity(&AgentRef::new(&self.tenant, fp))
+            .unwrap_or_default()
+    }
+
     /// The tenant's alerts that are not OK, and its silences, as the API shows them.
     fn view(
         &self,
@@ -1329,11 +1393,7 @@ impl Engine {
         let down = down_parents(config, alerts);
         let mut out = Vec::new();
         for (fp, checks) in &alerts.alerts {
-            let id = self
-                .ctx
-                .registry
-                .identity(&AgentRef::new(&self.tenant, fp))
-                .unwrap_or_default();
+            let id = self.identity(fp);
             for (check, alert) in checks {
                 let Some(incident) = &alert.incident else {
                     continue;
@@ -1424,16 +1484,15 @@ impl Engine {
             let id = identities
                 .get(&n.fingerprint)
                 .cloned()
-                .or_else(|| {
-                    self.ctx
-                        .registry
-                        .identity(&AgentRef::new(&self.tenant, &n.fingerprint))
-                })
-                .unwrap_or_default();
+                .unwrap_or_else(|| self.identity(&n.fingerprint));
             // A gateway's alert is about the gateway: named by its id.
-            let hostname = match n.fingerprint.strip_prefix(GATEWAY_ENTITY) {
-                Some(gateway) => gateway.to_string(),
-                None => id.hostname.clone(),
+            let hostname = match (
+                n.fingerprint.strip_prefix(GATEWAY_ENTITY),
+                n.fingerprint.strip_prefix(ENTITY_PREFIX),
+            ) {
+                (Some(gateway), _) => gateway.to_string(),
+                (_, Some(entity)) => entity.to_string(),
+                _ => id.hostname.clone(),
             };
             // Firings and resolves go out with their group when their route groups.
             let group = matches!(n.kind, Kind::Firing | Kind::Resolved)
@@ -1922,6 +1981,7 @@ pub const GATEWAY_CHECK: &str = "outpost.gateway";
 
 /// What stands for the agent in a gateway's alert: `gateway:<gateway id>`.
 pub const GATEWAY_ENTITY: &str = "gateway:";
+pub use entities::ENTITY_PREFIX;
 
 /// How often presence and stale checks are looked at.
 const WATCH: Duration = Duration::from_secs(2);
@@ -2301,7 +2361,7 @@ mod tests {
         let due = watch(
             &mut alerts,
             &AlertConfig::default(),
-            (&watched, &gone),
+            (&watched, &gone, &HashSet::new()),
             &mut last,
             1_000,
             &route,
@@ -2326,7 +2386,7 @@ mod tests {
         assert!(watch(
             &mut alerts,
             &AlertConfig::default(),
-            (&watched, &gone),
+            (&watched, &gone, &HashSet::new()),
             &mut last,
             2_000,
             &route
@@ -2339,7 +2399,7 @@ mod tests {
         let due = watch(
             &mut alerts,
             &AlertConfig::default(),
-            (&back, &none),
+            (&back, &none, &HashSet::new()),
             &mut last,
             3_000,
             &route,
@@ -2366,7 +2426,7 @@ mod tests {
         let due = watch(
             &mut alerts,
             &AlertConfig::default(),
-            (&ws, &none),
+            (&ws, &none, &HashSet::new()),
             &mut last,
             1_000,
             &route,
@@ -2379,7 +2439,7 @@ mod tests {
         let due = watch(
             &mut alerts,
             &AlertConfig::default(),
-            (&ws, &none),
+            (&ws, &none, &HashSet::new()),
             &mut last,
             2_000,
             &route,
@@ -2392,7 +2452,7 @@ mod tests {
         assert!(watch(
             &mut alerts,
             &AlertConfig::default(),
-            (&ws, &none),
+            (&ws, &none, &HashSet::new()),
             &mut last,
             3_000,
             &route
@@ -2425,7 +2485,7 @@ mod tests {
         let due = watch(
             &mut Alerts::default(),
             &config,
-            (&[w], &none),
+            (&[w], &none, &HashSet::new()),
             &mut last,
             1_000,
             &route,

@@ -233,10 +233,25 @@ pub struct Notification {
     pub receivers: Vec<String>,
 }
 
-/// A tenant's alerts, by agent fingerprint and check name.
+/// A tenant's alerts, by agent fingerprint (or `entity:<name>` for a proxy entity's,
+/// `gateway:<id>` for a gateway's) and check name.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Alerts {
     pub alerts: BTreeMap<String, BTreeMap<String, Alert>>,
+    /// For the checks about proxy entities: each vantage point's newest hard state, by
+    /// entity key, check and agent fingerprint (what a quorum is decided from).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub vantage: BTreeMap<String, BTreeMap<String, BTreeMap<String, Vantage>>>,
+}
+
+/// What one vantage point last saw of a check about an entity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vantage {
+    pub status: Status,
+    pub output: String,
+    pub started_at_ms: u64,
+    /// The agent's hostname (its fingerprint when it has none), for what alerts say.
+    pub hostname: String,
 }
 
 impl Alerts {

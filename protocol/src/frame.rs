@@ -193,6 +193,12 @@ pub struct CheckResult {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = js::FAULTS_PER_RESULT))]
     pub faults: Vec<Fault>,
+    /// The proxy entity the result is about, when the check is one the gateway placed on
+    /// this agent (the check spec's `entity`); absent for a result about the agent's own
+    /// host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(js::CHECK_NAME), extend("not" = js::not_dots()))]
+    pub entity: Option<String>,
 }
 
 fn one() -> u32 {
@@ -218,6 +224,7 @@ impl CheckResult {
             attempt: 1,
             max_attempts: 1,
             faults: Vec::new(),
+            entity: None,
         }
     }
 }

@@ -68,6 +68,11 @@ impl CheckResult {
                 self.check
             ));
         }
+        if let Some(e) = self.entity.as_deref().filter(|e| !valid_check_name(e)) {
+            out.push(format!(
+                "entity name {e:?} is not 1 to 64 of A-Z a-z 0-9 _ . -"
+            ));
+        }
         if self.attempt == 0 || self.max_attempts == 0 {
             out.push("attempt and max_attempts start at 1".into());
         }
@@ -144,7 +149,7 @@ mod tests {
         assert_eq!(r.problems(), Vec::<String>::new());
 
         type Break = fn(&mut CheckResult);
-        let past: [(&str, Break); 9] = [
+        let past: [(&str, Break); 10] = [
             ("output", |r| r.output.push('x')),
             ("long_output", |r| r.long_output.push('x')),
             ("metrics", |r| r.metrics.push(Metric::new("m", 1.0))),
@@ -156,6 +161,7 @@ mod tests {
             ("a fault output", |r| r.faults[0].output.push('o')),
             ("seq", |r| r.seq = MAX_SEQ + 1),
             ("check name", |r| r.check = "a/b".into()),
+            ("entity name", |r| r.entity = Some("..".into())),
         ];
         for (what, break_it) in past {
             let mut bad = r.clone();

@@ -494,7 +494,8 @@ async fn router_ping(gw: &Gateway) -> Option<Value> {
 
 /// Three agents, each in a network namespace of its own, check one target with `all`
 /// and a quorum of two: the target refused from one vantage point stays OK (with a note
-/// of who saw what), from two it turns CRITICAL, and healed it recovers.
+/// of who saw what) and pages nobody, from two it turns CRITICAL and pages once, as the
+/// entity's alert, saying who saw what, and healed it recovers and resolves once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quorum_of_vantage_points_decides_when_the_target_is_down_from_some() {
     use outpost_e2e::chaos::Netns;
@@ -511,13 +512,18 @@ async fn a_quorum_of_vantage_points_decides_when_the_target_is_down_from_some() 
     let port = target.local_addr().unwrap().port();
     std::thread::spawn(move || for _ in target.incoming() {});
     let host = spaces[0].host_ip.clone();
+    let hook = outpost_e2e::receivers::signed_hook(dir.path()).await;
     let gw = Gateway::start_on(dir.path(), "0.0.0.0:0", &[]);
     gw.write_checks(
         "router.toml",
         &format!(
             "[[entity]]\nname = \"router\"\naddress = {host:?}\n\
              [[check]]\nname = \"ping\"\ntcp = {{ host = {host:?}, port = {port} }}\ninterval = {INTERVAL_S}\ntimeout = 2\n\
-             entity = \"router\"\ntarget = {{ groups = [\"pollers\"] }}\nplacement = {{ mode = \"all\", quorum = 2 }}\n"
+             entity = \"router\"\ntarget = {{ groups = [\"pollers\"] }}\nplacement = {{ mode = \"all\", quorum = 2 }}\n\
+             [[receiver]]\nname = \"hook\"\nwebhook = {{ url = \"{}\", secret = \"{}\" }}\n\
+             [[route]]\nchecks = [\"ping\"]\nreceivers = [\"hook\"]\n",
+            hook.url(),
+            outpost_e2e::receivers::SECRET
         ),
     );
     let _agents: Vec<Agent> = spaces
@@ -592,6 +598,14 @@ async fn a_quorum_of_vantage_points_decides_when_the_target_is_down_from_some() 
         summary.contains("1 CRITICAL, 2 OK") && summary.contains("fewer than 2"),
         "{c}"
     );
+    // Another round of the three, still one of three: nobody was paged, neither for
+    // the entity nor for the agent that saw it.
+    wait(now_ms(), &[("v0", "critical"), ("v1", "ok"), ("v2", "ok")]).await;
+    assert_eq!(
+        hook.requests(),
+        Vec::<Value>::new(),
+        "one vantage point paged"
+    );
     // Down from two: CRITICAL, saying who saw what.
     spaces[1].refuse_port(Some(port));
     let c = wait(
@@ -603,11 +617,66 @@ async fn a_quorum_of_vantage_points_decides_when_the_target_is_down_from_some() 
     assert!(c["summary"].as_str().unwrap().contains("2 of 3"), "{c}");
     let e = entity(&gw, "router").await.unwrap();
     assert_eq!(e["status"], "critical");
+    // Paged once, as the entity's alert, saying who saw what.
+    let paged = eventually(
+        Duration::from_secs(20),
+        "the entity's alert firing",
+        || async {
+            let got = hook.taken();
+            (!got.is_empty()).then_some(got)
+        },
+    )
+    .await;
+    let body = &paged[0]["body"];
+    assert_eq!(body["type"], "alert.firing", "{body}");
+    assert_eq!(
+        body["data"]["agent"]["fingerprint"], "entity:router",
+        "{body}"
+    );
+    assert_eq!(body["data"]["agent"]["hostname"], "router", "{body}");
+    assert_eq!(body["data"]["check"], "ping");
+    let said = body["data"]["output"].as_str().unwrap();
+    assert!(
+        said.starts_with("2 of 3 vantage points agree (2 CRITICAL, 1 OK; quorum 2)")
+            && said.contains("v0 CRITICAL")
+            && said.contains("v1 CRITICAL"),
+        "{said}"
+    );
     // Healed: it recovers.
     spaces[0].refuse_port(None);
     spaces[1].refuse_port(None);
     let c = wait(now_ms(), &[("v0", "ok"), ("v1", "ok"), ("v2", "ok")]).await;
     assert_eq!(c["status"], "ok", "{c}");
+    let told = eventually(
+        Duration::from_secs(30),
+        "the entity's alert resolved",
+        || async {
+            let got = hook.taken();
+            got.iter()
+                .any(|r| r["body"]["type"] == "alert.resolved")
+                .then_some(got)
+        },
+    )
+    .await;
+    let kinds: Vec<(&str, &str)> = told
+        .iter()
+        .map(|r| {
+            (
+                r["body"]["type"].as_str().unwrap_or_default(),
+                r["body"]["data"]["agent"]["fingerprint"]
+                    .as_str()
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("alert.firing", "entity:router"),
+            ("alert.resolved", "entity:router")
+        ],
+        "once each, and only the entity's"
+    );
 }
 
 /// The placement as a gateway's API shows it: check → its runners.

@@ -160,6 +160,7 @@ impl Outcome {
             attempt: 1,
             max_attempts: spec.max_attempts.max(1),
             faults: self.faults,
+            entity: spec.entity.clone(),
         }
     }
 }

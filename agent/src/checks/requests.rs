@@ -142,9 +142,11 @@ impl RequestDaemons {
                 }
                 match h.tx.try_send(ask) {
                     Ok(()) => break,
-                    Err(mpsc::error::TrySendError::Full(_)) => return Outcome::unknown(format!(
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        return Outcome::unknown(format!(
                         "the request daemon has {MAX_WAITING} requests waiting already; not sent"
-                    )),
+                    ))
+                    }
                     // Its task ended just now (stopped, or failed to start): a new one.
                     Err(mpsc::error::TrySendError::Closed(a)) if attempt == 0 => ask = a,
                     Err(mpsc::error::TrySendError::Closed(_)) => {
