@@ -732,6 +732,19 @@ impl Engine {
         // When each check about an entity was first seen in this life (its stale time
         // counts from then at the earliest).
         let mut entity_first_seen: HashMap<(String, String), u64> = HashMap::new();
+        // Whether agents' alerts of checks now about entities were ended (once a life).
+        let mut migrated = false;
+        // The vantage points' states kept count as seen now (as agents' checks get their
+        // full stale time after a start).
+        let started_ms = crate::util::now_ms();
+        for v in alerts
+            .vantage
+            .values_mut()
+            .flat_map(|c| c.values_mut())
+            .flat_map(|v| v.values_mut())
+        {
+            v.seen_ms = started_ms;
+        }
         let mut last_watch = Instant::now() - WATCH;
         // What the event stream was last told of the alerts and silences (`None`: nothing
         // yet in this life: all of it is told once caught up, so a new holder's readers
@@ -992,7 +1005,7 @@ impl Engine {
                         .map_or("", |i| i.hostname.as_str());
                     due.extend(entities::take(
                         &mut alerts,
-                        (&catalog, &placed),
+                        &catalog,
                         (&agent.fingerprint, hostname),
                         result,
                         *at,
@@ -1040,6 +1053,10 @@ impl Engine {
                         now_ms,
                         &route,
                     ));
+                    if !migrated {
+                        migrated = true;
+                        ticked.extend(entities::migrate(&mut alerts, &catalog, now_ms, &route));
+                    }
                     ticked.extend(entities::watch(
                         &mut alerts,
                         (&catalog, &placed, &config),

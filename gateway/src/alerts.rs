@@ -250,6 +250,10 @@ pub struct Vantage {
     pub status: Status,
     pub output: String,
     pub started_at_ms: u64,
+    /// When it reached the gateway (the gateway's clock; a restart sets it to the start):
+    /// what its age is counted from.
+    #[serde(default)]
+    pub seen_ms: u64,
     /// The agent's hostname (its fingerprint when it has none), for what alerts say.
     pub hostname: String,
 }

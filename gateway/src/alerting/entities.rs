@@ -1,15 +1,22 @@
 //! Alerts about proxy entities: a check about an entity (`entity` in a gateway check file)
 //! alerts as the entity's, keyed `entity:<name>`, never as the agent's that ran it.
 //!
-//! - `round_robin`: each hard result, whichever agent ran it, is the entity's result (its
+//! - `round_robin`: each result, whichever agent ran it, is the entity's result (its
 //!   output says from where). A check moving from one agent to another is one alert that
-//!   goes on, not one that ends and another that starts.
+//!   goes on, not one that ends and another that starts. A result that ran before one
+//!   another agent already reported is not taken (an agent cut off sends what it ran
+//!   meanwhile when it is back, after the agent that took over has reported).
 //! - `all`: the entity's state is the quorum's verdict ([`placement::verdict`]) over the
-//!   newest hard result of each vantage point it is placed on now and that answered
-//!   within two intervals and its timeout, taken again at each hard result; one vantage
-//!   point seeing a problem is not an incident unless the quorum agrees. While fewer
-//!   vantage points than the quorum have answered, nothing is decided from results (a
-//!   start, a vantage point coming back): [`watch`] turns it UNKNOWN if that lasts.
+//!   newest hard result of each vantage point that reached the gateway within two
+//!   intervals and its timeout, taken again at each hard result; one vantage point seeing
+//!   a problem is not an incident unless the quorum agrees. While fewer vantage points
+//!   than the quorum have answered, nothing is decided from results (a start, a vantage
+//!   point coming back): [`watch`] turns it UNKNOWN if that lasts. Vantage points no
+//!   longer placed are forgotten by [`watch`] once they are that old.
+//!
+//! How old a vantage point's state is counts by when it reached the gateway (`seen_ms`),
+//! not by its agent's clock, so an agent whose clock is off does not go stale; a restart
+//! counts the kept states as just seen, as it gives agents' checks their full stale time.
 //! - A check about an entity that no agent reports on for [`super::STALE_INTERVALS`]
 //!   intervals and its timeout (placed nowhere, its agents out of touch) turns UNKNOWN as
 //!   stale, as an agent's check does; for `all`, when fewer than the quorum answer that long.
@@ -34,6 +41,10 @@ use crate::registry::Identity;
 
 /// What an entity's alerts are keyed by, in place of an agent's fingerprint.
 pub const ENTITY_PREFIX: &str = "entity:";
+
+/// How long after the evaluator first sees a check about an entity it may first be stale,
+/// on top of its stale time: agents take a while to come back to a gateway that started.
+pub const START_GRACE_MS: u64 = 60_000;
 
 /// Longest list of what the vantage points saw, in an alert's output.
 const MAX_SEEN_BYTES: usize = 1024;
@@ -75,7 +86,7 @@ pub fn identities(catalog: &Catalog) -> impl Iterator<Item = (String, Identity)>
 #[allow(clippy::too_many_arguments)]
 pub fn take(
     alerts: &mut Alerts,
-    (catalog, placed): (&Catalog, &Placed),
+    catalog: &Catalog,
     (fingerprint, hostname): (&str, &str),
     result: &CheckResult,
     position: u64,
@@ -108,6 +119,7 @@ pub fn take(
                     status: result.status,
                     output: result.output.clone(),
                     started_at_ms: result.started_at_ms,
+                    seen_ms: now_ms,
                     hostname: seen_from.to_string(),
                 },
             );
@@ -116,6 +128,19 @@ pub fn take(
     taken.seq = position;
     match mode {
         PlacementMode::RoundRobin => {
+            // Ran before a result another agent already sent: delivered late (an agent
+            // back from being cut off), not news.
+            let overtaken = alerts
+                .vantage
+                .get(&key)
+                .and_then(|c| c.get(&result.check))
+                .is_some_and(|v| {
+                    v.iter()
+                        .any(|(fp, v)| fp != fingerprint && v.started_at_ms > result.started_at_ms)
+                });
+            if overtaken {
+                return Vec::new();
+            }
             taken.output = format!("{} (from {seen_from})", result.output);
             alerts.apply(&key, &taken, route)
         }
@@ -125,7 +150,7 @@ pub fn take(
                 return Vec::new();
             }
             let quorum = def.placement.as_ref().and_then(|p| p.quorum).unwrap_or(1);
-            let seen = fresh_vantage(alerts, &key, def, placed, now_ms);
+            let seen = fresh_vantage(alerts, &key, def, now_ms);
             if seen.len() < quorum.max(1) as usize {
                 return Vec::new();
             }
@@ -140,26 +165,23 @@ pub fn take(
     }
 }
 
-/// The vantage points of `def` that it is placed on now and that answered lately, with
-/// what they saw, worst first.
+/// The vantage points of `def` whose state reached the gateway lately, with what they
+/// saw, worst first. (Not filtered by where the check is placed now: after a restart the
+/// placement is empty until the agents are back, and results read again must decide as
+/// they did the first time.)
 fn fresh_vantage<'a>(
     alerts: &'a Alerts,
     key: &str,
     def: &CheckDef,
-    placed: &Placed,
     now_ms: u64,
 ) -> Vec<&'a Vantage> {
-    let runners = placed.runners.get(&def.spec.name);
     let mut seen: Vec<&Vantage> = alerts
         .vantage
         .get(key)
         .and_then(|checks| checks.get(&def.spec.name))
         .into_iter()
         .flatten()
-        .filter(|(fp, v)| {
-            runners.is_some_and(|r| r.contains(fp))
-                && now_ms.saturating_sub(v.started_at_ms) <= fresh_ms(def)
-        })
+        .filter(|(_, v)| now_ms.saturating_sub(v.seen_ms) <= fresh_ms(def))
         .map(|(_, v)| v)
         .collect();
     seen.sort_by(|a, b| {
@@ -227,18 +249,31 @@ pub fn watch(
         declared_now.entry(key.clone()).or_default().push(check);
         let since = *first_seen
             .entry((key.clone(), check.to_string()))
-            .or_insert(now_ms);
+            .or_insert(now_ms)
+            + START_GRACE_MS;
+        let default_ttl_ms =
+            (def.spec.interval_secs * stale_intervals + def.spec.timeout_secs) * 1000;
         let ttl_ms = match config.stale_after(check) {
-            Some(Stale::Never) => continue,
-            Some(Stale::After(d)) => d.as_millis() as u64,
-            None => (def.spec.interval_secs * stale_intervals + def.spec.timeout_secs) * 1000,
+            Some(Stale::Never) => None,
+            Some(Stale::After(d)) => Some(d.as_millis() as u64),
+            None => Some(default_ttl_ms),
         };
         let runners = placed.runners.get(check).map(Vec::as_slice).unwrap_or(&[]);
+        // Vantage points no longer placed and long silent are forgotten.
+        let forget_after = ttl_ms.unwrap_or(default_ttl_ms);
+        if let Some(v) = alerts.vantage.get_mut(&key).and_then(|c| c.get_mut(check)) {
+            v.retain(|fp, v| {
+                runners.contains(fp) || now_ms.saturating_sub(v.seen_ms) <= forget_after
+            });
+        }
+        let Some(ttl_ms) = ttl_ms else {
+            continue;
+        };
         let vantage = alerts.vantage.get(&key).and_then(|c| c.get(check));
         let newest = vantage
             .into_iter()
             .flatten()
-            .map(|(_, v)| v.started_at_ms)
+            .map(|(_, v)| v.seen_ms)
             .max()
             .unwrap_or(0)
             .max(since);
@@ -264,7 +299,7 @@ pub fn watch(
                     .flatten()
                     .filter(|(fp, v)| {
                         runners.contains(fp)
-                            && now_ms.saturating_sub(v.started_at_ms.max(since)) <= ttl_ms
+                            && now_ms.saturating_sub(v.seen_ms.max(since)) <= ttl_ms
                     })
                     .count();
                 (answering < quorum as usize && now_ms.saturating_sub(since) > ttl_ms).then(|| {
@@ -278,12 +313,6 @@ pub fn watch(
         };
         if let Some(why) = why {
             due.extend(alerts.observe(&key, check, (Status::Unknown, &why), now_ms, route));
-        }
-        // Vantage points no longer placed and long silent are forgotten.
-        if let Some(v) = alerts.vantage.get_mut(&key).and_then(|c| c.get_mut(check)) {
-            v.retain(|fp, v| {
-                runners.contains(fp) || now_ms.saturating_sub(v.started_at_ms) <= ttl_ms
-            });
         }
     }
     // No longer declared: its incident ends, and its state goes.
@@ -324,6 +353,46 @@ pub fn watch(
         });
         !checks.is_empty()
     });
+    due
+}
+
+/// Alerts an agent's key holds for checks that are about entities now (made before the
+/// results said which entity they were about, or when the check was an agent's own):
+/// their incidents end ("alerted as the entity's"), and they go. Done once per life of the
+/// evaluator, so that an agent's own check that happens to have such a name only loses
+/// its state once.
+pub fn migrate(
+    alerts: &mut Alerts,
+    catalog: &Catalog,
+    now_ms: u64,
+    route: Route<'_>,
+) -> Vec<Notification> {
+    let about: HashMap<&str, &str> = catalog
+        .checks
+        .iter()
+        .filter(|d| d.placement.is_some())
+        .filter_map(|d| Some((d.spec.name.as_str(), d.spec.entity.as_deref()?)))
+        .collect();
+    let stuck: Vec<(String, String, String)> = alerts
+        .alerts
+        .iter()
+        .filter(|(k, _)| !k.starts_with(ENTITY_PREFIX) && !k.starts_with(super::GATEWAY_ENTITY))
+        .flat_map(|(k, checks)| {
+            checks.keys().filter_map(|c| {
+                about
+                    .get(c.as_str())
+                    .map(|e| (k.clone(), c.clone(), e.to_string()))
+            })
+        })
+        .collect();
+    let mut due = Vec::new();
+    for (fp, check, entity) in stuck {
+        let why = format!("{check} is now alerted as {}", key(&entity));
+        due.extend(alerts.observe(&fp, &check, (Status::Ok, &why), now_ms, route));
+        if let Some(checks) = alerts.alerts.get_mut(&fp) {
+            checks.remove(&check);
+        }
+    }
     due
 }
 
@@ -434,7 +503,7 @@ entity = "router"
             let route = |_: &str, _: &str, _: Status| Policy::to(&["hook"]);
             let due = take(
                 &mut self.alerts,
-                (&self.catalog, &self.placed),
+                &self.catalog,
                 (fp, &format!("host-{fp}")),
                 &r,
                 self.position,
@@ -460,8 +529,6 @@ entity = "router"
         }
         assert_eq!(w.status("ping"), Some(Ok));
         assert!(w.sent.is_empty(), "one of three: {:?}", w.sent);
-        // The agents' own alerts are untouched: the results are the entity's.
-        assert!(w.alerts.alerts.keys().all(|k| k == "entity:router"));
         // A second vantage point agrees: one incident, saying who saw what.
         w.take("b", result("ping", Critical, "refused", 11));
         assert_eq!(w.status("ping"), Some(Critical));
@@ -493,7 +560,7 @@ entity = "router"
     }
 
     #[test]
-    fn a_soft_or_stale_or_unplaced_vantage_point_does_not_count() {
+    fn a_soft_or_stale_vantage_point_does_not_count() {
         let mut w = World::new(&["a", "b", "c"]);
         for fp in ["a", "b", "c"] {
             w.take(fp, result("ping", Ok, "open", 1));
@@ -504,17 +571,16 @@ entity = "router"
         w.take("a", result("ping", Critical, "refused", 11));
         w.take("b", soft);
         assert_eq!(w.status("ping"), Some(Ok));
-        // c's CRITICAL from long ago (older than two intervals and the timeout) is not
-        // a vote now, and x is not placed there: a alone is no quorum.
+        // c agrees: two of three.
         w.take("c", result("ping", Critical, "refused", 12));
-        w.take("x", result("ping", Critical, "refused", 13));
         assert_eq!(w.status("ping"), Some(Critical), "a and c agree");
+        // c's CRITICAL reached the gateway 40 s ago (a vote counts for two intervals and
+        // the timeout, 25 s): a alone is no quorum.
         let mut w = World::new(&["a", "b", "c"]);
         w.take("c", result("ping", Critical, "refused", 1));
         w.take("b", result("ping", Ok, "open", 40));
-        w.take("x", result("ping", Critical, "refused", 41));
         w.take("a", result("ping", Critical, "refused", 41));
-        // c's vote is 40 s old (fresh for 25 s): a alone of the placed agrees.
+        assert_eq!(w.status("ping"), Some(Ok));
         assert!(w.sent.is_empty(), "{:?}", w.sent);
     }
 
@@ -562,10 +628,12 @@ entity = "router"
             w.sent.extend(due);
         };
         watch_at(&mut w, 2);
+        // Within the stale time (35 s) and the start's grace (60 s): nothing.
         watch_at(&mut w, 20);
+        watch_at(&mut w, 90);
         assert!(w.sent.is_empty(), "fresh: {:?}", w.sent);
         // 3 intervals and the timeout (35 s) without a result: both stale.
-        watch_at(&mut w, 40);
+        watch_at(&mut w, 100);
         assert_eq!(w.status("ping"), Some(Unknown));
         assert_eq!(w.status("snmp"), Some(Unknown));
         let outputs: Vec<&str> = w.sent.iter().map(|n| n.output.as_str()).collect();
@@ -583,7 +651,7 @@ entity = "router"
         );
         // Placed nowhere: said so.
         w.placed = placed(&w.catalog, &[]);
-        watch_at(&mut w, 41);
+        watch_at(&mut w, 101);
         let snmp = &w.alerts.alerts["entity:router"]["snmp"];
         assert!(
             snmp.output
@@ -594,7 +662,7 @@ entity = "router"
         // The checks are no longer declared: their incidents end, their state goes.
         w.catalog = catalog("[[entity]]\nname = \"router\"\naddress = \"x\"\n");
         let before = w.sent.len();
-        watch_at(&mut w, 42);
+        watch_at(&mut w, 102);
         assert_eq!(
             w.sent[before..]
                 .iter()
@@ -603,5 +671,97 @@ entity = "router"
             2
         );
         assert!(w.alerts.alerts.is_empty() && w.alerts.vantage.is_empty());
+    }
+
+    #[test]
+    fn a_round_robin_result_delivered_after_a_newer_one_from_another_agent_is_not_taken() {
+        let mut w = World::new(&["a", "b"]);
+        w.take("a", result("snmp", Ok, "fine", 1));
+        // b took over and reported; a, back from being cut off, sends what it ran before.
+        w.take("b", result("snmp", Ok, "fine", 21));
+        w.take("a", result("snmp", Critical, "no answer", 11));
+        assert_eq!(w.status("snmp"), Some(Ok));
+        assert!(w.sent.is_empty(), "{:?}", w.sent);
+        // a's own newer results are taken again.
+        w.take("a", result("snmp", Critical, "no answer", 31));
+        assert_eq!(w.status("snmp"), Some(Critical));
+    }
+
+    #[test]
+    fn results_read_again_after_a_restart_make_the_same_notifications() {
+        let mut first = World::new(&["a", "b", "c"]);
+        for fp in ["a", "b", "c"] {
+            first.take(fp, result("ping", Ok, "open", 1));
+        }
+        let snapshot = first.alerts.clone();
+        let position = first.position;
+        for fp in ["a", "b"] {
+            first.take(fp, result("ping", Critical, "refused", 11));
+        }
+        assert_eq!(first.sent.len(), 1);
+        // A restart an hour later, with nothing placed yet, reads the same results again
+        // from the snapshot: the kept states count as seen at the start.
+        let mut again = World::new(&[]);
+        again.alerts = snapshot;
+        again.position = position;
+        let restart_ms = 3_600_000;
+        for v in again
+            .alerts
+            .vantage
+            .values_mut()
+            .flat_map(|c| c.values_mut())
+            .flat_map(|v| v.values_mut())
+        {
+            v.seen_ms = restart_ms;
+        }
+        for fp in ["a", "b"] {
+            let mut r = result("ping", Critical, "refused", 11);
+            r.started_at_ms = 11_000;
+            again.position += 1;
+            let route = |_: &str, _: &str, _: Status| Policy::to(&["hook"]);
+            let due = take(
+                &mut again.alerts,
+                &again.catalog,
+                (fp, &format!("host-{fp}")),
+                &r,
+                again.position,
+                restart_ms + 50,
+                &route,
+            );
+            again.sent.extend(due);
+        }
+        assert_eq!(
+            again.sent.iter().map(|n| &n.id).collect::<Vec<_>>(),
+            first.sent.iter().map(|n| &n.id).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn an_agents_alert_of_a_check_now_about_an_entity_ends_once() {
+        let mut w = World::new(&["a"]);
+        let route = |_: &str, _: &str, _: Status| Policy::to(&["hook"]);
+        let mut r = CheckResult::new("ping", Critical, "refused");
+        r.seq = 7;
+        assert_eq!(w.alerts.apply("a", &r, &route).len(), 1);
+        let mut own = CheckResult::new("disk", Critical, "full");
+        own.seq = 8;
+        w.alerts.apply("a", &own, &route);
+        let due = migrate(&mut w.alerts, &w.catalog, 1_000, &route);
+        assert_eq!(due.len(), 1, "{due:?}");
+        assert_eq!(
+            (due[0].kind, due[0].check.as_str()),
+            (Kind::Resolved, "ping")
+        );
+        assert!(
+            due[0].output.contains("now alerted as entity:router"),
+            "{:?}",
+            due[0]
+        );
+        assert_eq!(w.alerts.status("a", "ping"), None);
+        assert_eq!(
+            w.alerts.status("a", "disk"),
+            Some(Critical),
+            "its own checks stay"
+        );
     }
 }
