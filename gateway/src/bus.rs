@@ -315,6 +315,17 @@ pub trait Bus: Send + Sync {
         query: HistoryQuery,
     ) -> Result<History, BusError>;
 
+    /// The newest result of each of `checks` of each of `tenant`'s agents, when this bus
+    /// is where every gateway's agents' results are (`None`: the registry of this gateway
+    /// has them all, as with the embedded bus). For the entities' vantage points.
+    async fn latest_results(
+        &self,
+        _tenant: &str,
+        _checks: &[String],
+    ) -> Result<Option<Vec<(AgentRef, CheckResult)>>, BusError> {
+        Ok(None)
+    }
+
     /// How often a reader that must see new items soon should look again, when the bus's
     /// own waits look only now and then (`None`: a wait here is woken by the write itself,
     /// as the embedded bus's are). The event streams' shared readers use it.

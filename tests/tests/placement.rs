@@ -779,6 +779,18 @@ async fn a_nats_fleet_places_alike_on_every_gateway_and_fails_over_agents_and_ga
             "{n}: not once in every slot: {s:?}"
         );
     }
+    // Each gateway's API shows every check's results, whichever gateway's agent ran it
+    // (read from the fleet's results stream, not from its own agents alone).
+    for gw in [&gw1, &gw2] {
+        let e = entity(gw, "site").await.unwrap();
+        for c in e["checks"].as_array().unwrap() {
+            let runner = c["placed_on"][0].as_str().unwrap();
+            let v = &c["vantage_points"][0];
+            assert_eq!(v["agent"], runner, "{} on {}: {c}", c["check"], gw.addr);
+            assert_eq!(c["status"], "ok", "{c}");
+            assert!(!v["hostname"].as_str().unwrap().is_empty(), "{c}");
+        }
+    }
     // An agent killed: its share moves at once, on both gateways alike.
     let killed_at = now_ms();
     p1.proc.signal(libc::SIGKILL);

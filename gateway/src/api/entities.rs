@@ -74,13 +74,15 @@ struct VantagePoint {
 }
 
 /// The tenant's proxy entities and the checks about them. On a NATS fleet the vantage
-/// points are the agents this gateway holds or held. Role: read.
+/// points' results are read from the tenant's results stream (every gateway's agents),
+/// the newest of each check's subjects. Role: read.
 #[utoipa::path(get, path = "/entities", tag = "agents", security(("bearer" = [])), responses(
     (status = 200, description = "The tenant's proxy entities", body = Vec<EntityView>),
     (status = 401, description = "No valid token", body = ErrorBody),
     (status = 403, description = "The token's role is too low, or it is the operator's", body = ErrorBody),
+    (status = 503, description = "The fleet's results could not be read (NATS): retry", body = ErrorBody),
 ))]
-async fn list_entities(State(gw): State<Gw>, t: Tenant<Read>) -> Json<Vec<EntityView>> {
+async fn list_entities(State(gw): State<Gw>, t: Tenant<Read>) -> Response {
     let store = gw.sessions.checks.of(&t.name);
     let (catalog, placed) = (store.current(), store.placed());
     let about: std::collections::HashSet<&str> = catalog
@@ -89,7 +91,30 @@ async fn list_entities(State(gw): State<Gw>, t: Tenant<Read>) -> Json<Vec<Entity
         .filter(|c| c.placement.is_some())
         .map(|c| c.spec.name.as_str())
         .collect();
-    let mut latest = gw.registry.latest_of(&t.name, &about);
+    let wanted: Vec<String> = about.iter().map(|c| c.to_string()).collect();
+    let mut latest = match gw.bus.latest_results(&t.name, &wanted).await {
+        // Every gateway's agents' (a fleet): named from the shared registry.
+        Ok(Some(read)) => {
+            let mut by_check: std::collections::HashMap<String, Vec<_>> = Default::default();
+            for (agent, r) in read {
+                let hostname = gw
+                    .registry
+                    .identity(&agent)
+                    .map(|i| i.hostname)
+                    .unwrap_or_default();
+                by_check
+                    .entry(r.check.clone())
+                    .or_default()
+                    .push((agent.fingerprint, hostname, r));
+            }
+            by_check
+        }
+        Ok(None) => gw.registry.latest_of(&t.name, &about),
+        Err(e) => {
+            let why = format!("cannot read the vantage points' results: {e}; retry");
+            return ApiError::new(ErrorKind::Unavailable, why).into_response();
+        }
+    };
     let now = crate::util::now_ms();
     let views = catalog
         .entities
@@ -194,8 +219,8 @@ async fn list_entities(State(gw): State<Gw>, t: Tenant<Read>) -> Json<Vec<Entity
                 checks,
             }
         })
-        .collect();
-    Json(views)
+        .collect::<Vec<_>>();
+    Json(views).into_response()
 }
 
 #[derive(Serialize, ToSchema)]

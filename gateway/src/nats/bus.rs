@@ -619,6 +619,22 @@ impl Bus for NatsBus {
         read
     }
 
+    async fn latest_results(
+        &self,
+        tenant: &str,
+        checks: &[String],
+    ) -> Result<Option<Vec<(AgentRef, CheckResult)>>, BusError> {
+        crate::tenant::parse_name(tenant).map_err(BusError::Unavailable)?;
+        let Some(stream) = self.existing_stream(tenant).await? else {
+            return Ok(Some(Vec::new()));
+        };
+        let read = latest_in(&stream, tenant, checks).await;
+        if read.is_err() {
+            self.forget_stream(tenant);
+        }
+        read.map(Some)
+    }
+
     fn unavailable(&self) -> Option<String> {
         (!self.nats.connected()).then(|| "not connected to NATS".to_string())
     }
@@ -657,7 +673,6 @@ async fn read_check(
     query: HistoryQuery,
 ) -> Result<History, BusError> {
     use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
-    use futures_util::StreamExt as _;
     let start_ms = query.from_ms.saturating_sub(HISTORY_SKEW_MS);
     let start_time =
         time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(start_ms) * 1_000_000)
@@ -682,14 +697,54 @@ async fn read_check(
         num_replicas: 1,
         ..Default::default()
     };
+    let mut newest = std::collections::VecDeque::new();
+    let mut truncated = false;
+    read_consumer(
+        stream,
+        config,
+        "the check's history",
+        |msg| match serde_json::from_slice::<ResultLine>(&msg.payload) {
+            Ok(l)
+                if l.tenant == agent.tenant
+                    && l.fingerprint == agent.fingerprint
+                    && l.result.check == check
+                    && (query.from_ms..=query.to_ms).contains(&l.result.started_at_ms) =>
+            {
+                newest.push_back(l.result);
+                if newest.len() > query.limit {
+                    newest.pop_front();
+                    truncated = true;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(subject = %msg.subject, error = %e, "skipping an unreadable result");
+            }
+        },
+    )
+    .await?;
+    Ok(History {
+        results: newest.into(),
+        truncated,
+    })
+}
+
+/// Read every message an ephemeral consumer made with `config` on `stream` has for it, to
+/// the end it had when made, handing each to `each` (`what` names the read in errors);
+/// at most [`HISTORY_TIMEOUT`]. The consumer is deleted after.
+async fn read_consumer(
+    stream: &stream::Stream,
+    config: async_nats::jetstream::consumer::pull::Config,
+    what: &str,
+    mut each: impl FnMut(&async_nats::jetstream::Message),
+) -> Result<(), BusError> {
+    use futures_util::StreamExt as _;
     let consumer = stream
         .create_consumer(config)
         .await
-        .map_err(|e| unavailable("cannot read the check's history", e))?;
+        .map_err(|e| unavailable(&format!("cannot read {what}"), e))?;
     let name = consumer.cached_info().name.clone();
     let mut pending = consumer.cached_info().num_pending;
-    let mut newest = std::collections::VecDeque::new();
-    let mut truncated = false;
     let read = async {
         'fetch: while pending > 0 {
             let mut batch = consumer
@@ -698,41 +753,24 @@ async fn read_check(
                 .expires(std::time::Duration::from_secs(5))
                 .messages()
                 .await
-                .map_err(|e| unavailable("cannot read the check's history", e))?;
+                .map_err(|e| unavailable(&format!("cannot read {what}"), e))?;
             let mut got = 0;
             while let Some(msg) = batch.next().await {
-                let msg = msg.map_err(|e| unavailable("cannot read the check's history", e))?;
+                let msg = msg.map_err(|e| unavailable(&format!("cannot read {what}"), e))?;
                 got += 1;
                 let info = msg
                     .info()
-                    .map_err(|e| unavailable("unreadable history message", e))?;
+                    .map_err(|e| unavailable(&format!("unreadable message of {what}"), e))?;
                 pending = info.pending;
-                match serde_json::from_slice::<ResultLine>(&msg.payload) {
-                    Ok(l)
-                        if l.tenant == agent.tenant
-                            && l.fingerprint == agent.fingerprint
-                            && l.result.check == check
-                            && (query.from_ms..=query.to_ms).contains(&l.result.started_at_ms) =>
-                    {
-                        newest.push_back(l.result);
-                        if newest.len() > query.limit {
-                            newest.pop_front();
-                            truncated = true;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(subject = %msg.subject, error = %e, "skipping an unreadable result");
-                    }
-                }
+                each(&msg);
                 if pending == 0 {
                     break 'fetch;
                 }
             }
             if got == 0 {
-                // Pending, yet nothing came: not the whole history, and not said so.
+                // Pending, yet nothing came: not the whole of it, and not said so.
                 return Err(BusError::Unavailable(format!(
-                    "the check's history stopped with {pending} results still to read"
+                    "{what} stopped with {pending} messages still to read"
                 )));
             }
         }
@@ -741,17 +779,56 @@ async fn read_check(
     let outcome = match tokio::time::timeout(HISTORY_TIMEOUT, read).await {
         Ok(o) => o,
         Err(_) => Err(BusError::Unavailable(format!(
-            "the check's history was not read within {} s",
+            "{what} was not read within {} s",
             HISTORY_TIMEOUT.as_secs()
         ))),
     };
     // Gone by itself after a while of no use; now is better.
     let _ = stream.delete_consumer(&name).await;
-    outcome?;
-    Ok(History {
-        results: newest.into(),
-        truncated,
-    })
+    outcome
+}
+
+/// Checks whose newest results one consumer reads (its filter subjects).
+const LATEST_CHECKS_PER_READ: usize = 128;
+
+/// The newest result of each of `checks` of each of `tenant`'s agents in `stream`: a
+/// consumer delivering the last message of each check's subjects (one per agent that
+/// ran it: `outpost.<tenant>.results.*.<check>`), on [`LATEST_CHECKS_PER_READ`] checks
+/// at a time.
+async fn latest_in(
+    stream: &stream::Stream,
+    tenant: &str,
+    checks: &[String],
+) -> Result<Vec<(AgentRef, CheckResult)>, BusError> {
+    use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+    let mut out = Vec::new();
+    for chunk in checks.chunks(LATEST_CHECKS_PER_READ) {
+        let config = pull::Config {
+            filter_subjects: chunk
+                .iter()
+                .map(|c| check_subject(tenant, "*", c))
+                .collect(),
+            deliver_policy: DeliverPolicy::LastPerSubject,
+            ack_policy: AckPolicy::None,
+            inactive_threshold: std::time::Duration::from_secs(30),
+            memory_storage: true,
+            num_replicas: 1,
+            ..Default::default()
+        };
+        read_consumer(stream, config, "the newest results", |msg| {
+            match serde_json::from_slice::<ResultLine>(&msg.payload) {
+                Ok(l) if l.tenant == tenant && chunk.contains(&l.result.check) => {
+                    out.push((AgentRef::new(&l.tenant, &l.fingerprint), l.result));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(subject = %msg.subject, error = %e, "skipping an unreadable result");
+                }
+            }
+        })
+        .await?;
+    }
+    Ok(out)
 }
 
 /// The `Outpost-Seq` of the agent's last result in `stream` (`None`: there is none):
