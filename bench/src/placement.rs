@@ -1,9 +1,13 @@
 //! Part 15: checks about proxy entities. The gateway's placement of 10,000 checks on 20
 //! agents (the function a gateway runs whenever the catalog or the agents connected
 //! change): how long it takes, how evenly it shares, and how much it moves when 5 agents
-//! leave at once; and the scheduling lateness of a real agent running checks placed on it
-//! (on the entity's slots) next to the same number run as its own checks, in the same run.
+//! leave at once; the same on a real gateway with 20 simulated agents (the load
+//! generator's, saying `entity_slots`), timed until every agent holds its share in the
+//! configuration it was sent; and the scheduling lateness of a real agent running checks
+//! placed on it (on the entity's slots) next to the same number run as its own checks, in
+//! the same run.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -13,6 +17,7 @@ use outpost_gateway::checks::placement::{place, Candidate, Placed};
 use outpost_gateway::checks::{parse_entities, parse_file_with_collectors, Catalog};
 
 use crate::bus::Bus;
+use crate::fleet::loadgen::{self, Behaviour, Fleet};
 use crate::harness::{Agent, Bins, Gateway};
 use crate::{percentile, progress, Plan};
 
@@ -52,6 +57,150 @@ fn agents(n: usize) -> Vec<Candidate> {
             groups: vec!["pollers".into()],
         })
         .collect()
+}
+
+/// Each check's agent once the configurations the agents of `fleets` hold now share
+/// `checks` checks among them, each exactly once (every agent has one, none is
+/// left over); with when the last of those configurations came. `None` until then.
+fn covered(fleets: &[&Fleet], checks: usize) -> Option<(Instant, BTreeMap<String, String>)> {
+    let mut owner = BTreeMap::new();
+    let mut last = None::<Instant>;
+    let mut agents = 0;
+    for f in fleets {
+        let configs = f.stats.configs();
+        if configs.len() < f.agents() {
+            return None;
+        }
+        for (fp, (at, names)) in configs {
+            agents += 1;
+            last = Some(last.map_or(at, |l| l.max(at)));
+            for n in names {
+                if owner.insert(n, fp.clone()).is_some() {
+                    return None; // on two agents: not every share has arrived yet
+                }
+            }
+        }
+    }
+    (agents > 0 && owner.len() == checks).then(|| (last.unwrap_or_else(Instant::now), owner))
+}
+
+/// Wait (at most a minute) for [`covered`].
+fn wait_covered(fleets: &[&Fleet], checks: usize) -> Result<(Instant, BTreeMap<String, String>)> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(c) = covered(fleets, checks) {
+            return Ok(c);
+        }
+        if Instant::now() > deadline {
+            bail!("the agents' configurations did not share the {checks} checks within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Placement on a real gateway: `checks` checks about `entities` entities, `n_agents`
+/// simulated agents of the group connect at once; then `leaving` of them drop their
+/// connections at once.
+fn on_a_gateway(
+    bins: &Bins,
+    work: &Path,
+    plan: &Plan,
+    (checks, entities): (usize, usize),
+    (n_agents, leaving): (usize, usize),
+) -> Result<String> {
+    let dir = work.join("placement-gateway");
+    let checks_dir = Gateway::data_dir_in(&dir).join("checks.d");
+    std::fs::create_dir_all(&checks_dir)?;
+    std::fs::write(
+        checks_dir.join("placed.toml"),
+        catalog_text(checks, entities, true),
+    )?;
+    let gw = Gateway::start(bins, &dir)?;
+    crate::wait_for_quiet(plan.quiet_wait)?;
+    progress(format!(
+        "placement: {checks} checks, {n_agents} simulated agents on a gateway"
+    ));
+    let rt = loadgen::runtime()?;
+    let behaviour = Behaviour {
+        addrs: vec![crate::fleet::gateway_addr(&gw)?],
+        pin: gw.pin.clone(),
+        batch: 0,
+        pace: None,
+        redial: false,
+        redial_jitter: Duration::ZERO,
+        dial_concurrency: n_agents,
+        groups: vec!["pollers".into()],
+        features: vec![outpost_protocol::FEATURE_ENTITY_SLOTS.into()],
+    };
+    let stay_ids = crate::fleet::agents_enrolling(n_agents - leaving, &gw.enroll_key);
+    let leave_ids = crate::fleet::agents_enrolling(leaving, &gw.enroll_key);
+    let stay = Fleet::start(rt.handle(), stay_ids, 0, behaviour.clone())?;
+    let leavers = Fleet::start(rt.handle(), leave_ids, n_agents - leaving, behaviour)?;
+    let limit = Duration::from_secs(60);
+    if !stay.wait_online((n_agents - leaving) as u64, limit)
+        || !leavers.wait_online(leaving as u64, limit)
+    {
+        bail!(
+            "the simulated agents did not come online: {}",
+            stay.stats
+                .first_error()
+                .or(leavers.stats.first_error())
+                .unwrap_or_default()
+        );
+    }
+    let online_at = Instant::now();
+    let (placed_at, before) = wait_covered(&[&stay, &leavers], checks)?;
+    let place_ms = placed_at.saturating_duration_since(online_at).as_secs_f64() * 1e3;
+    let per_agent = |owner: &BTreeMap<String, String>| {
+        let mut n: BTreeMap<&str, usize> = BTreeMap::new();
+        for fp in owner.values() {
+            *n.entry(fp).or_default() += 1;
+        }
+        let v: Vec<usize> = n.into_values().collect();
+        (
+            v.iter().min().copied().unwrap_or(0),
+            v.iter().max().copied().unwrap_or(0),
+        )
+    };
+    let (lo, hi) = per_agent(&before);
+    let leaver_fps: std::collections::HashSet<String> =
+        leavers.stats.configs().into_keys().collect();
+    let left_at = Instant::now();
+    leavers.crash(rt.handle());
+    let (rebalanced_at, after) = wait_covered(&[&stay], checks)?;
+    let rebalance_ms = rebalanced_at
+        .saturating_duration_since(left_at)
+        .as_secs_f64()
+        * 1e3;
+    let theirs = before
+        .values()
+        .filter(|fp| leaver_fps.contains(*fp))
+        .count();
+    let moved = before
+        .iter()
+        .filter(|(c, fp)| after.get(*c) != Some(*fp))
+        .count();
+    let (lo2, hi2) = per_agent(&after);
+    stay.stop(rt.handle(), Duration::from_secs(5));
+    drop(gw);
+    let mut out = format!(
+        "The same on a real gateway (release binary, embedded bus): {n_agents} simulated agents \
+         (the load generator's, saying `entity_slots` in their hello) connect at once; the time \
+         from the last one's welcome until every agent holds its share in the configuration it \
+         was sent (each check on exactly one agent); then {leaving} of them drop their \
+         connections at once, and the time until the others hold the new shares:\n\n"
+    );
+    out.push_str("| step | time | checks per agent | checks moved |\n|---|---:|---|---:|\n");
+    let _ = writeln!(
+        out,
+        "| {n_agents} agents connect | {place_ms:.0} ms | {lo}–{hi} | – |"
+    );
+    let _ = writeln!(
+        out,
+        "| {leaving} agents' connections drop at once | {rebalance_ms:.0} ms | {lo2}–{hi2} | {moved} (the leavers had {theirs}) |"
+    );
+    out.push('\n');
+    Ok(out)
 }
 
 /// The median time of `runs` placements.
@@ -158,6 +307,13 @@ pub fn placement(bins: &Bins, work: &Path, plan: &Plan) -> Result<(String, Vec<S
         after_shares.iter().max().unwrap_or(&0)
     );
     out.push('\n');
+    out.push_str(&on_a_gateway(
+        bins,
+        work,
+        plan,
+        (checks, entities),
+        (n_agents, leaving),
+    )?);
 
     // Lateness: a real agent running checks placed on it, then one running as many of its
     // own, on the same gateway (the release binaries).

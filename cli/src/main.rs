@@ -60,6 +60,10 @@ enum Command {
     },
     /// Run an agent's check now and print the fresh result.
     Run { agent: String, check: String },
+    /// Proxy entities (what no agent runs on): their checks, where each is placed, and
+    /// their state.
+    #[command(subcommand)]
+    Entities(EntitiesCmd),
     /// A check's recent results, oldest first, from the bus.
     History {
         agent: String,
@@ -142,6 +146,16 @@ enum ContextCmd {
     Use { name: String },
     /// The contexts (tokens are not shown).
     List,
+}
+
+#[derive(Subcommand)]
+enum EntitiesCmd {
+    /// Every check about every entity: mode, the agents it is placed on, the entity's
+    /// state by it and why.
+    List,
+    /// Run a check about an entity now, on the agents it is placed on, and print each
+    /// fresh result.
+    Run { entity: String, check: String },
 }
 
 #[derive(Subcommand)]
@@ -319,6 +333,50 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 text(&v["status"]),
                 text(&v["output"]).trim_end()
             );
+            Ok(())
+        }
+        Command::Entities(EntitiesCmd::List) => {
+            let v = api()?.call("GET", "/entities", None).await?;
+            if out == Output::Json {
+                return print_json(&v);
+            }
+            table(
+                &["entity", "check", "mode", "placed_on", "status", "summary"],
+                &entity_rows(&v),
+            );
+            Ok(())
+        }
+        Command::Entities(EntitiesCmd::Run { entity, check }) => {
+            let v = api()?
+                .call(
+                    "POST",
+                    &format!("/entities/{}/checks/{}/run", enc(&entity), enc(&check)),
+                    None,
+                )
+                .await?;
+            if out == Output::Json {
+                return print_json(&v);
+            }
+            let mut stdout = std::io::stdout().lock();
+            for r in v["runs"].as_array().into_iter().flatten() {
+                let _ = match r["result"].is_object() {
+                    true => writeln!(
+                        stdout,
+                        "{} {} from {}: {}",
+                        text(&v["check"]),
+                        text(&r["result"]["status"]),
+                        text(&r["agent"]),
+                        text(&r["result"]["output"]).trim_end()
+                    ),
+                    false => writeln!(
+                        stdout,
+                        "{} failed on {}: {}",
+                        text(&v["check"]),
+                        text(&r["agent"]),
+                        text(&r["error"])
+                    ),
+                };
+            }
             Ok(())
         }
         Command::History {
@@ -902,6 +960,52 @@ fn print_object(out: Output, v: &Value) {
 }
 
 /// An array of objects as a table of `columns` (or as JSON).
+/// One row per check about an entity of `GET /entities`; the agents it is placed on by
+/// hostname where a result names them.
+fn entity_rows(v: &Value) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    for e in v.as_array().into_iter().flatten() {
+        for c in e["checks"].as_array().into_iter().flatten() {
+            let name_of = |fp: &Value| {
+                c["vantage_points"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|p| p["agent"] == *fp)
+                    .map(|p| text(&p["hostname"]))
+                    .filter(|h| !h.is_empty())
+                    .unwrap_or_else(|| text(fp))
+            };
+            let placed: Vec<String> = c["placed_on"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(name_of)
+                .collect();
+            let mode = match c["quorum"].as_u64() {
+                Some(q) => format!("{} (quorum {q})", text(&c["mode"])),
+                None => text(&c["mode"]),
+            };
+            rows.push(vec![
+                text(&e["name"]),
+                text(&c["check"]),
+                mode,
+                if placed.is_empty() {
+                    "-".into()
+                } else {
+                    placed.join(",")
+                },
+                match c["status"].is_null() {
+                    true => "-".into(),
+                    false => text(&c["status"]),
+                },
+                first_line(&c["summary"]),
+            ]);
+        }
+    }
+    rows
+}
+
 fn print_rows(out: Output, v: &Value, columns: &[&str]) {
     if out == Output::Json {
         let _ = print_json(v);

@@ -324,6 +324,34 @@ async fn each_command_prints_what_the_api_says_and_exits_with_its_meaning() {
     assert!(pushed.contains("- more.toml (removed)"), "{pushed}");
     assert!(!gw.checks_dir.join("more.toml").exists());
 
+    // Proxy entities: a check about one, placed on the only agent there is.
+    gw.write_checks(
+        "site.toml",
+        &format!(
+            "[[entity]]\nname = \"site\"\naddress = \"127.0.0.1\"\n\
+             [[check]]\nname = \"reach\"\ntcp = {{ host = \"127.0.0.1\", port = {} }}\ninterval = 2\nentity = \"site\"\n",
+            gw.port()
+        ),
+    );
+    eventually(T, "reach ok on web-1 in `entities list`", || async {
+        let out = ok(&config, &["entities", "list"]);
+        out.lines()
+            .any(|l| {
+                l.starts_with("site ")
+                    && l.contains(" reach ")
+                    && l.contains(" round_robin ")
+                    && l.contains(" web-1 ")
+                    && l.contains(" ok ")
+                    && l.contains("last run by web-1")
+            })
+            .then_some(out)
+    })
+    .await;
+    let ran = ok(&config, &["entities", "run", "site", "reach"]);
+    assert!(ran.starts_with(&format!("reach ok from {fp}: ")), "{ran}");
+    let (code, _, err) = outpost(&config, &["entities", "run", "site", "nope"]);
+    assert_eq!(code, 4, "{err}");
+
     let events = ok(
         &config,
         &[

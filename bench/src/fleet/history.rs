@@ -245,6 +245,8 @@ fn connect_asked(
             redial: false,
             redial_jitter: Duration::ZERO,
             dial_concurrency: 1,
+            groups: Vec::new(),
+            features: Vec::new(),
         },
     )?;
     if !fleet.wait_online(1, Duration::from_secs(60)) {

@@ -146,6 +146,8 @@ fn gateway_ramp(
         redial: false,
         redial_jitter: Duration::ZERO,
         dial_concurrency: fp.dial_concurrency,
+        groups: Vec::new(),
+        features: Vec::new(),
     };
     let mut fleet: Option<Fleet> = None;
     let mut ids = Some(ids);

@@ -17,6 +17,7 @@
 //! spread by agent) so that one destination port never runs out of ephemeral ports.
 
 use outpost_sys::lock;
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -67,6 +68,10 @@ pub struct Behaviour {
     pub redial_jitter: Duration,
     /// Most dials (TCP + TLS + websocket + hello/welcome) in progress at once.
     pub dial_concurrency: usize,
+    /// The groups and features the agents say they have in their hello (`entity_slots`:
+    /// the gateway may place checks about entities on them).
+    pub groups: Vec<String>,
+    pub features: Vec<String>,
 }
 
 /// What a scripted fleet's agents send, instead of the bench's OK result of check `sim`.
@@ -106,6 +111,8 @@ pub struct Stats {
     pub record_ack_latency: AtomicBool,
     ack_latency_us: Mutex<Vec<u32>>,
     first_error: Mutex<Option<String>>,
+    /// Each agent's newest configuration: when it came, and its checks' names.
+    configs: Mutex<HashMap<String, (Instant, Vec<String>)>>,
 }
 
 impl Stats {
@@ -119,6 +126,11 @@ impl Stats {
 
     pub fn first_error(&self) -> Option<String> {
         lock(&self.first_error).clone()
+    }
+
+    /// Each agent's newest configuration (when it came, its checks' names), by fingerprint.
+    pub fn configs(&self) -> HashMap<String, (Instant, Vec<String>)> {
+        lock(&self.configs).clone()
     }
 
     pub fn online(&self) -> u64 {
@@ -192,7 +204,7 @@ async fn open_ws(tls: &TlsConnector, src: IpAddr, dst: SocketAddr) -> Result<Ws>
     Ok(ws)
 }
 
-fn hello(id: &Identity) -> String {
+fn hello(id: &Identity, b: &Behaviour) -> String {
     encode(&AgentFrame::Hello(Hello {
         protocol: PROTOCOL_VERSION,
         fingerprint: id.fingerprint.clone(),
@@ -202,9 +214,9 @@ fn hello(id: &Identity) -> String {
         arch: std::env::consts::ARCH.into(),
         hostname: format!("sim-{}", &id.fingerprint[..8]),
         labels: Default::default(),
-        groups: Vec::new(),
+        groups: b.groups.clone(),
         config_hash: None,
-        features: vec![],
+        features: b.features.clone(),
     }))
 }
 
@@ -230,9 +242,10 @@ async fn handshake(
     src: IpAddr,
     dst: SocketAddr,
     id: &mut Identity,
+    b: &Behaviour,
 ) -> Result<(Ws, Duration, u64)> {
     let mut ws = open_ws(tls, src, dst).await?;
-    ws.send(Message::Text(hello(id).into())).await?;
+    ws.send(Message::Text(hello(id, b).into())).await?;
     loop {
         let msg = tokio::time::timeout(Duration::from_secs(60), ws.next())
             .await
@@ -407,6 +420,11 @@ async fn session(
             Ok(GatewayFrame::Reconnect(r)) => {
                 return SessionEnd::Lost(format!("told to reconnect: {}", r.reason))
             }
+            Ok(GatewayFrame::Config(c)) => {
+                let names = c.checks.into_iter().map(|c| c.name).collect();
+                lock(&stats.configs).insert(me.fingerprint.to_string(), (Instant::now(), names));
+                continue;
+            }
             Ok(_) => continue,
             Err(e) => return SessionEnd::Lost(format!("bad frame from the gateway: {e}")),
         };
@@ -442,7 +460,7 @@ async fn agent(
             };
             tokio::select! {
                 _ = stop.cancelled() => return,
-                r = handshake(&tls, src, dst, &mut id) => r,
+                r = handshake(&tls, src, dst, &mut id, &b) => r,
             }
         };
         let end = match dialled {
@@ -551,6 +569,11 @@ impl Fleet {
             );
         }
         Ok(Fleet { stats, stop, tasks })
+    }
+
+    /// How many agents it has.
+    pub fn agents(&self) -> usize {
+        self.tasks.len()
     }
 
     /// Wait until `n` agents are online, or `limit` passes; true if they are.

@@ -54,6 +54,8 @@ fn through_gateway(
             redial: false,
             redial_jitter: Duration::ZERO,
             dial_concurrency: fp.dial_concurrency,
+            groups: Vec::new(),
+            features: Vec::new(),
         },
     )?;
     let all = fp.results_agents as u64;

@@ -148,6 +148,8 @@ fn fleet_on(
             redial: false,
             redial_jitter: Duration::ZERO,
             dial_concurrency,
+            groups: Vec::new(),
+            features: Vec::new(),
         },
     )?;
     if !fleet.wait_online(n, Duration::from_secs(60)) {

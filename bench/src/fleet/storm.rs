@@ -76,6 +76,8 @@ fn storm_between(
             // The agent's first backoff step: a random delay up to 500 ms.
             redial_jitter: Duration::from_millis(500),
             dial_concurrency: plan.storm_dial_concurrency,
+            groups: Vec::new(),
+            features: Vec::new(),
         },
     )?;
     if !fleet.wait_online(n as u64, Duration::from_secs(300)) {

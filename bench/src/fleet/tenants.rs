@@ -145,6 +145,8 @@ fn tenant_fleet(
             redial: false,
             redial_jitter: Duration::ZERO,
             dial_concurrency: fp.dial_concurrency,
+            groups: Vec::new(),
+            features: Vec::new(),
         },
     )?;
     if !fleet.wait_online(n as u64, Duration::from_secs(60)) {

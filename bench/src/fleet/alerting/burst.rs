@@ -159,6 +159,8 @@ fn outpost_burst(
             redial: false,
             redial_jitter: Duration::ZERO,
             dial_concurrency: fp.alerting_dial_concurrency,
+            groups: Vec::new(),
+            features: Vec::new(),
         },
         Some(Script {
             batches: flips.clone(),

@@ -247,6 +247,8 @@ pub fn run(
                 redial: false,
                 redial_jitter: Duration::ZERO,
                 dial_concurrency: fp.alerting_dial_concurrency,
+                groups: Vec::new(),
+                features: Vec::new(),
             },
             Some(script.clone()),
         )?);

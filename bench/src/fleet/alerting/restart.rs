@@ -155,6 +155,8 @@ pub fn run(
             // The agent's own backoff: 0.5 s doubling, with full jitter.
             redial_jitter: Duration::from_millis(500),
             dial_concurrency: fp.alerting_dial_concurrency,
+            groups: Vec::new(),
+            features: Vec::new(),
         };
         let half = n / 2;
         let fleets = [
