@@ -55,6 +55,7 @@ fn agents(n: usize) -> Vec<Candidate> {
             fingerprint: format!("00000000-0000-4000-8000-{i:012}"),
             labels: Default::default(),
             groups: vec!["pollers".into()],
+            stalled: Default::default(),
         })
         .collect()
 }
@@ -72,6 +73,11 @@ fn covered(fleets: &[&Fleet], checks: usize) -> Option<(Instant, BTreeMap<String
             return None;
         }
         for (fp, (at, names)) in configs {
+            // Each agent holds a share (checks ≫ agents): one that has none yet was
+            // sent a configuration before the last placement.
+            if names.is_empty() {
+                return None;
+            }
             agents += 1;
             last = Some(last.map_or(at, |l| l.max(at)));
             for n in names {
@@ -188,7 +194,8 @@ fn on_a_gateway(
          (the load generator's, saying `entity_slots` in their hello) connect at once; the time \
          from the last one's welcome until every agent holds its share in the configuration it \
          was sent (each check on exactly one agent); then {leaving} of them drop their \
-         connections at once, and the time until the others hold the new shares:\n\n"
+         connections at once, and the time until the others hold the new shares (both include \
+         the wait for the gateway's next placement pass, every 500 ms):\n\n"
     );
     out.push_str("| step | time | checks per agent | checks moved |\n|---|---:|---|---:|\n");
     let _ = writeln!(

@@ -358,24 +358,33 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 return print_json(&v);
             }
             let mut stdout = std::io::stdout().lock();
-            for r in v["runs"].as_array().into_iter().flatten() {
-                let _ = match r["result"].is_object() {
-                    true => writeln!(
+            let runs = v["runs"].as_array().cloned().unwrap_or_default();
+            let mut failed = 0;
+            for r in &runs {
+                if r["result"].is_object() {
+                    let _ = writeln!(
                         stdout,
                         "{} {} from {}: {}",
                         text(&v["check"]),
                         text(&r["result"]["status"]),
                         text(&r["agent"]),
                         text(&r["result"]["output"]).trim_end()
-                    ),
-                    false => writeln!(
-                        stdout,
-                        "{} failed on {}: {}",
+                    );
+                } else {
+                    failed += 1;
+                    eprintln!(
+                        "{} could not run on {}: {}",
                         text(&v["check"]),
                         text(&r["agent"]),
                         text(&r["error"])
-                    ),
-                };
+                    );
+                }
+            }
+            if failed > 0 {
+                return Err(Failure::Unreachable(format!(
+                    "{failed} of the {} agents it is placed on could not run it",
+                    runs.len()
+                )));
             }
             Ok(())
         }
@@ -959,7 +968,6 @@ fn print_object(out: Output, v: &Value) {
     }
 }
 
-/// An array of objects as a table of `columns` (or as JSON).
 /// One row per check about an entity of `GET /entities`; the agents it is placed on by
 /// hostname where a result names them.
 fn entity_rows(v: &Value) -> Vec<Vec<String>> {
@@ -1006,6 +1014,7 @@ fn entity_rows(v: &Value) -> Vec<Vec<String>> {
     rows
 }
 
+/// An array of objects as a table of `columns` (or as JSON).
 fn print_rows(out: Output, v: &Value, columns: &[&str]) {
     if out == Output::Json {
         let _ = print_json(v);

@@ -13,6 +13,13 @@
 //! gateway died is dropped once that gateway's heartbeat runs out. Each run stays in its slot
 //! (an entity's check has the entity's phase on every agent, and a new runner waits for
 //! the next slot), so a check handed over is not run twice in one slot.
+//!
+//! A `round_robin` check whose agent, held here, has not sent a result of it for two
+//! intervals, its timeout and the handover's fence since it was given the check (the
+//! agent is busy past its concurrency limit, or out of touch with a configuration it
+//! cannot take) is *stalled* there: marked so in the registry for [`STALL_HOLD`], shared
+//! with the fleet; meanwhile the agent gets no `round_robin` check another agent of its
+//! group may run (it would not run those either). Looked at every [`STALL_EVERY`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,6 +35,11 @@ use crate::registry::Registry;
 
 /// How often placement looks at the agents held.
 pub const EVERY: Duration = Duration::from_millis(500);
+/// How long an agent that stalled on a check is passed over for it.
+pub const STALL_HOLD: Duration = Duration::from_secs(600);
+/// How often the runners held here are looked at for stalled checks.
+pub const STALL_EVERY: Duration = Duration::from_secs(2);
+
 /// How long after a handover the new runner of a `round_robin` check may first run it:
 /// time for the agent that had it to get its new configuration (sent at the same moment
 /// by its own session) and stop.
@@ -44,6 +56,9 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // What each tenant was last placed from: nothing to do while it is the same.
     let mut last: HashMap<String, (Arc<Catalog>, Vec<Candidate>)> = HashMap::new();
+    // Since when each (tenant, check)'s `round_robin` runner has had it, by this clock.
+    let mut given: HashMap<(String, String), (String, u64)> = HashMap::new();
+    let mut last_stall_look = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -62,11 +77,14 @@ pub async fn run(
             let online: Vec<Candidate> = registry
                 .held(&tenant)
                 .into_iter()
-                .filter(|(fp, _, _, here)| !here || hub.is_connected(&AgentRef::new(&tenant, fp)))
-                .map(|(fingerprint, labels, groups, _)| Candidate {
+                .filter(|(fp, _, _, here, _)| {
+                    !here || hub.is_connected(&AgentRef::new(&tenant, fp))
+                })
+                .map(|(fingerprint, labels, groups, _, stalled)| Candidate {
                     fingerprint,
                     labels,
                     groups,
+                    stalled,
                 })
                 .collect();
             if last
@@ -95,6 +113,74 @@ pub async fn run(
                 store.set_placed(placed);
             }
             last.insert(tenant, (catalog, online));
+        }
+        if last_stall_look.elapsed() >= STALL_EVERY {
+            last_stall_look = tokio::time::Instant::now();
+            for (tenant, store) in checks.stores() {
+                look_for_stalls(
+                    &tenant,
+                    &store.current(),
+                    &store.placed(),
+                    &registry,
+                    &hub,
+                    &mut given,
+                )
+                .await;
+            }
+        }
+    }
+}
+
+/// Mark the `round_robin` checks that runners held here have not run since they were
+/// given them, for two intervals, their timeout and the fence ([`STALL_HOLD`]).
+async fn look_for_stalls(
+    tenant: &str,
+    catalog: &Catalog,
+    placed: &placement::Placed,
+    registry: &Registry,
+    hub: &Hub,
+    given: &mut HashMap<(String, String), (String, u64)>,
+) {
+    let now = crate::util::now_ms();
+    given.retain(|(t, check), (runner, _)| {
+        t != tenant
+            || placed
+                .runners
+                .get(check)
+                .is_some_and(|r| r.len() == 1 && r[0] == *runner)
+    });
+    for def in &catalog.checks {
+        let Some(p) = &def.placement else { continue };
+        if p.mode != outpost_protocol::checkfile::PlacementMode::RoundRobin {
+            continue;
+        }
+        let name = &def.spec.name;
+        let Some([runner]) = placed.runners.get(name).map(Vec::as_slice) else {
+            continue;
+        };
+        let agent = AgentRef::new(tenant, runner);
+        if !hub.is_connected(&agent) {
+            continue; // not held here: its own gateway looks
+        }
+        let since = given
+            .entry((tenant.to_string(), name.clone()))
+            .or_insert_with(|| (runner.clone(), now))
+            .1;
+        let allowed_ms = (2 * def.spec.interval_secs + def.spec.timeout_secs) * 1000
+            + HANDOVER.as_millis() as u64;
+        if now.saturating_sub(since) <= allowed_ms {
+            continue;
+        }
+        let ran = registry
+            .latest_started(&agent, name)
+            .is_some_and(|t| now.saturating_sub(t) <= allowed_ms);
+        if !ran {
+            tracing::warn!(%tenant, check = %name, agent = %runner, silent_s = now.saturating_sub(since) / 1000,
+                "an agent did not run a check about an entity it was given; placing it elsewhere");
+            registry
+                .stalled(&agent, name, now + STALL_HOLD.as_millis() as u64)
+                .await;
+            given.remove(&(tenant.to_string(), name.clone()));
         }
     }
 }

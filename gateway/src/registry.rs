@@ -17,7 +17,7 @@
 //! claimed again meanwhile.
 
 use outpost_sys::lock;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -99,6 +99,11 @@ pub struct AgentRecord {
     /// The checks this agent was last given (by this gateway).
     #[serde(default)]
     pub checks: Vec<CheckSpec>,
+    /// Checks about entities it was given and did not run in time (busy past their
+    /// timeout, out of touch), until when (Unix ms): placed elsewhere meanwhile. Set by
+    /// its holder, shared, so every gateway of a fleet places alike.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub stalled: BTreeMap<String, u64>,
     #[serde(skip)]
     pub latest: HashMap<String, CheckResult>,
     /// The KV revision this record was read or written at (NATS only).
@@ -188,6 +193,7 @@ impl AgentRecord {
             gateway: String::new(),
             holder: None,
             checks: Vec::new(),
+            stalled: BTreeMap::new(),
             latest: HashMap::new(),
             revision: 0,
         }
@@ -518,6 +524,41 @@ impl Registry {
                 self.note_revision(&key, revision);
             }
         }
+    }
+
+    /// Agent `agent`, held here, did not run `check` in time: it is placed elsewhere until
+    /// `until_ms` (see [`AgentRecord::stalled`]), in the shared registry too. Expired
+    /// entries go at the same time.
+    pub async fn stalled(&self, agent: &AgentRef, check: &str, until_ms: u64) {
+        let key = agent.key();
+        let now = now_ms();
+        let (shared, holder) = {
+            let mut agents = self.lock();
+            let Some(rec) = agents.get_mut(&key) else {
+                return;
+            };
+            let Some(holder) = rec.holder.clone().filter(|h| self.me.holds(h)) else {
+                return;
+            };
+            rec.stalled.retain(|_, until| *until > now);
+            rec.stalled.insert(check.to_string(), until_ms);
+            (shared_view(rec), holder)
+        };
+        self.mark_dirty();
+        if let Store::Shared(records) = &self.store {
+            if let Some(revision) = records.release(&shared, Some(&holder)).await {
+                self.note_revision(&key, revision);
+            }
+        }
+    }
+
+    /// When the newest result of `check` that `agent` sent here started (Unix ms).
+    pub fn latest_started(&self, agent: &AgentRef, check: &str) -> Option<u64> {
+        self.lock()
+            .get(&agent.key())?
+            .latest
+            .get(check)
+            .map(|r| r.started_at_ms)
     }
 
     /// Revoke the agent: presence `revoked` whoever holds it, so no holder's end changes
@@ -860,7 +901,17 @@ impl Registry {
     /// holds its agent for the presence grace: for the agents held here, the hub says
     /// whether their session is still up.
     #[allow(clippy::type_complexity)]
-    pub fn held(&self, tenant: &str) -> Vec<(String, BTreeMap<String, String>, Vec<String>, bool)> {
+    #[allow(clippy::type_complexity)]
+    pub fn held(
+        &self,
+        tenant: &str,
+    ) -> Vec<(
+        String,
+        BTreeMap<String, String>,
+        Vec<String>,
+        bool,
+        BTreeSet<String>,
+    )> {
         let now = now_ms();
         let mut held: Vec<_> = self
             .lock()
@@ -878,11 +929,18 @@ impl Registry {
             })
             .map(|r| {
                 let here = r.holder.as_deref().is_some_and(|h| self.me.holds(h));
+                let stalled = r
+                    .stalled
+                    .iter()
+                    .filter(|(_, until)| **until > now)
+                    .map(|(c, _)| c.clone())
+                    .collect();
                 (
                     r.fingerprint.clone(),
                     r.labels.clone(),
                     r.groups.clone(),
                     here,
+                    stalled,
                 )
             })
             .collect();

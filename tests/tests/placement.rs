@@ -1035,3 +1035,82 @@ async fn request_daemons_answer_and_one_that_hangs_is_restarted_alone() {
         "request daemons outlived the agent: {left:?}"
     );
 }
+
+/// An agent too busy to run the checks about an entity it was given (its one concurrency
+/// slot held by a check of its own that never ends) has them marked stalled: the other
+/// agent of the group runs them, within two intervals, the timeout and the fence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_an_agent_is_too_busy_to_run_move_to_another() {
+    let dir = tempdir();
+    let hits = Hits::default();
+    let (toml, names) = site_checks(&hits, 6);
+    let gw = Gateway::start(dir.path(), &[]);
+    gw.write_checks("site.toml", &toml);
+    let local = dir.path().join("busy-checks.d");
+    std::fs::create_dir_all(&local).unwrap();
+    std::fs::write(
+        local.join("hog.toml"),
+        "[[check]]\nname = \"hog\"\ncommand = [\"/bin/sleep\", \"3600\"]\ninterval = \"1h\"\ntimeout = \"24h\"\n",
+    )
+    .unwrap();
+    let busy = Agent::start(
+        dir.path(),
+        "busy",
+        &gw,
+        &format!(
+            "groups = [\"pollers\"]\nreconnect_max_secs = 1\nmax_concurrent_checks = 1\nchecks_dir = {:?}\n",
+            local.display().to_string()
+        ),
+    );
+    let free = poller(dir.path(), "free", &gw, "a");
+    let e = eventually(Duration::from_secs(30), "3 and 3 placed", || async {
+        let e = entity(&gw, "site").await?;
+        (loads(&e).values().copied().collect::<Vec<_>>() == [3, 3]).then_some(e)
+    })
+    .await;
+    let busy_share: Vec<String> = e["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["placed_on"][0] == busy.fingerprint.as_str())
+        .map(|c| c["check"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(busy_share.len(), 3);
+    // The busy agent never gets to them: they move to the free one.
+    eventually(
+        Duration::from_secs(40),
+        "all six on the free agent",
+        || async {
+            let e = entity(&gw, "site").await?;
+            (loads(&e).get(&free.fingerprint) == Some(&6)).then_some(())
+        },
+    )
+    .await;
+    let moved_at = now_ms();
+    eventually(
+        Duration::from_secs(4 * INTERVAL_S),
+        "the free agent running the busy one's share",
+        || async {
+            busy_share
+                .iter()
+                .all(|c| {
+                    gw.bus_results(&free.fingerprint, c)
+                        .iter()
+                        .any(|r| r["started_at_ms"].as_u64() > Some(moved_at))
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    // And they are run once a slot from then on.
+    let from = now_ms() + INTERVAL_MS;
+    tokio::time::sleep(Duration::from_millis(4 * INTERVAL_MS)).await;
+    for n in &names {
+        let s = slots(&hits, n, from, now_ms());
+        assert!(
+            s.len() >= 3 && s.windows(2).all(|w| w[1] == w[0] + 1),
+            "{n}: not once in every slot: {s:?}"
+        );
+    }
+    drop(busy);
+}

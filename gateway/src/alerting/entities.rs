@@ -463,6 +463,7 @@ entity = "router"
                 fingerprint: fp.to_string(),
                 labels: Default::default(),
                 groups: Vec::new(),
+                stalled: Default::default(),
             })
             .collect();
         place(c, &online)

@@ -25,6 +25,10 @@ pub struct Candidate {
     pub fingerprint: String,
     pub labels: BTreeMap<String, String>,
     pub groups: Vec<String>,
+    /// `round_robin` checks it was given and did not run (busy past their time, out of
+    /// touch): while there are any, it gets no `round_robin` check another agent may run
+    /// (it would not run those either).
+    pub stalled: BTreeSet<String>,
 }
 
 /// Where every check about an entity runs.
@@ -104,6 +108,11 @@ pub fn place(catalog: &Catalog, online: &[Candidate]) -> Placed {
         .map(|e| (e.name.as_str(), e))
         .collect();
     let mut placed = Placed::default();
+    let stalled: BTreeSet<&str> = online
+        .iter()
+        .filter(|a| !a.stalled.is_empty())
+        .map(|a| a.fingerprint.as_str())
+        .collect();
     // Round-robin checks by the agents they may go to.
     let mut shared: BTreeMap<Vec<&str>, Vec<&CheckSpec>> = BTreeMap::new();
     for def in &catalog.checks {
@@ -141,6 +150,17 @@ pub fn place(catalog: &Catalog, online: &[Candidate]) -> Placed {
         let mut eligible = eligible;
         eligible.sort_unstable();
         eligible.dedup();
+        if placement.mode == PlacementMode::RoundRobin && !stalled.is_empty() {
+            // Not on an agent that stalls, unless no other may run it.
+            let running: Vec<&str> = eligible
+                .iter()
+                .copied()
+                .filter(|fp| !stalled.contains(fp))
+                .collect();
+            if !running.is_empty() {
+                eligible = running;
+            }
+        }
         match placement.mode {
             PlacementMode::All => {
                 placed.runners.insert(
@@ -284,6 +304,7 @@ mod tests {
 
     fn agent(fp: &str, labels: &[(&str, &str)], groups: &[&str]) -> Candidate {
         Candidate {
+            stalled: Default::default(),
             fingerprint: fp.into(),
             labels: labels
                 .iter()
@@ -309,6 +330,22 @@ mod tests {
             .iter()
             .map(|(fp, checks)| (fp.clone(), checks.len()))
             .collect()
+    }
+
+    #[test]
+    fn an_agent_that_stalls_gets_no_round_robin_check_another_may_run() {
+        let c = catalog(&thirty_checks());
+        let mut pollers: Vec<Candidate> = ["a", "b", "c"]
+            .iter()
+            .map(|fp| agent(fp, &[], &["pollers"]))
+            .collect();
+        pollers[1].stalled.insert("c7".into());
+        let p = place(&c, &pollers);
+        assert!(p.of("b").is_empty(), "{:?}", p.of("b"));
+        assert_eq!(loads(&p).into_values().collect::<Vec<_>>(), [15, 15]);
+        // The only agent there is runs them, stalled or not.
+        let p = place(&c, &pollers[1..2]);
+        assert_eq!(p.of("b").len(), 30);
     }
 
     #[test]

@@ -628,7 +628,15 @@ impl Bus for NatsBus {
         let Some(stream) = self.existing_stream(tenant).await? else {
             return Ok(Some(Vec::new()));
         };
-        let read = latest_in(&stream, tenant, checks).await;
+        // One bound for the whole read, however many consumers it takes.
+        let read = tokio::time::timeout(HISTORY_TIMEOUT, latest_in(&stream, tenant, checks))
+            .await
+            .unwrap_or_else(|_| {
+                Err(BusError::Unavailable(format!(
+                    "the newest results were not read within {} s",
+                    HISTORY_TIMEOUT.as_secs()
+                )))
+            });
         if read.is_err() {
             self.forget_stream(tenant);
         }
@@ -794,14 +802,15 @@ const LATEST_CHECKS_PER_READ: usize = 128;
 /// The newest result of each of `checks` of each of `tenant`'s agents in `stream`: a
 /// consumer delivering the last message of each check's subjects (one per agent that
 /// ran it: `outpost.<tenant>.results.*.<check>`), on [`LATEST_CHECKS_PER_READ`] checks
-/// at a time.
+/// at a time. (Such a consumer goes on with what is published while it is read: of an
+/// agent's check only the newest it delivered is kept.)
 async fn latest_in(
     stream: &stream::Stream,
     tenant: &str,
     checks: &[String],
 ) -> Result<Vec<(AgentRef, CheckResult)>, BusError> {
     use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
-    let mut out = Vec::new();
+    let mut newest: HashMap<(String, String), (AgentRef, CheckResult)> = HashMap::new();
     for chunk in checks.chunks(LATEST_CHECKS_PER_READ) {
         let config = pull::Config {
             filter_subjects: chunk
@@ -818,7 +827,13 @@ async fn latest_in(
         read_consumer(stream, config, "the newest results", |msg| {
             match serde_json::from_slice::<ResultLine>(&msg.payload) {
                 Ok(l) if l.tenant == tenant && chunk.contains(&l.result.check) => {
-                    out.push((AgentRef::new(&l.tenant, &l.fingerprint), l.result));
+                    let key = (l.fingerprint.clone(), l.result.check.clone());
+                    let newer = newest
+                        .get(&key)
+                        .is_none_or(|(_, r)| r.started_at_ms <= l.result.started_at_ms);
+                    if newer {
+                        newest.insert(key, (AgentRef::new(&l.tenant, &l.fingerprint), l.result));
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -828,7 +843,7 @@ async fn latest_in(
         })
         .await?;
     }
-    Ok(out)
+    Ok(newest.into_values().collect())
 }
 
 /// The `Outpost-Seq` of the agent's last result in `stream` (`None`: there is none):
