@@ -56,6 +56,7 @@ fn agents(n: usize) -> Vec<Candidate> {
             labels: Default::default(),
             groups: vec!["pollers".into()],
             stalled: Default::default(),
+            settled: true,
         })
         .collect()
 }

@@ -57,7 +57,7 @@ pub async fn run(
     // What each tenant was last placed from: nothing to do while it is the same.
     let mut last: HashMap<String, (Arc<Catalog>, Vec<Candidate>)> = HashMap::new();
     // Since when each (tenant, check)'s `round_robin` runner has had it, by this clock.
-    let mut given: HashMap<(String, String), (String, u64)> = HashMap::new();
+    let mut given: HashMap<(String, String), Given> = HashMap::new();
     let mut last_stall_look = tokio::time::Instant::now();
     loop {
         tokio::select! {
@@ -74,17 +74,18 @@ pub async fn run(
             }
             // (An agent held here whose session ended is not a candidate, though it stays
             // online for the presence grace.)
+            let now = crate::util::now_ms();
             let online: Vec<Candidate> = registry
                 .held(&tenant)
                 .into_iter()
-                .filter(|(fp, _, _, here, _)| {
-                    !here || hub.is_connected(&AgentRef::new(&tenant, fp))
-                })
-                .map(|(fingerprint, labels, groups, _, stalled)| Candidate {
-                    fingerprint,
-                    labels,
-                    groups,
-                    stalled,
+                .filter(|h| !h.here || hub.is_connected(&AgentRef::new(&tenant, &h.fingerprint)))
+                .map(|h| Candidate {
+                    settled: now.saturating_sub(h.connected_since_ms)
+                        >= placement::SETTLE.as_millis() as u64,
+                    fingerprint: h.fingerprint,
+                    labels: h.labels,
+                    groups: h.groups,
+                    stalled: h.stalled,
                 })
                 .collect();
             if last
@@ -131,24 +132,35 @@ pub async fn run(
     }
 }
 
-/// Mark the `round_robin` checks that runners held here have not run since they were
-/// given them, for two intervals, their timeout and the fence ([`STALL_HOLD`]).
+/// What [`look_for_stalls`] follows of a check's runner held here: who, since when it
+/// has the check, the newest result start seen of it, and when one last came (all but the
+/// start by this gateway's clock: an agent's clock is not the gateway's).
+struct Given {
+    runner: String,
+    last_start: Option<u64>,
+    progress_ms: u64,
+}
+
+/// Mark the `round_robin` checks that runners held here do not run: no new result of one
+/// reached the gateway for [`allowed_silence_ms`] since the runner had it, or since its
+/// last. One registry write per agent ([`STALL_HOLD`]).
 async fn look_for_stalls(
     tenant: &str,
     catalog: &Catalog,
     placed: &placement::Placed,
     registry: &Registry,
     hub: &Hub,
-    given: &mut HashMap<(String, String), (String, u64)>,
+    given: &mut HashMap<(String, String), Given>,
 ) {
     let now = crate::util::now_ms();
-    given.retain(|(t, check), (runner, _)| {
+    given.retain(|(t, check), g| {
         t != tenant
             || placed
                 .runners
                 .get(check)
-                .is_some_and(|r| r.len() == 1 && r[0] == *runner)
+                .is_some_and(|r| r.len() == 1 && r[0] == g.runner)
     });
+    let mut stalled: HashMap<&str, Vec<&str>> = HashMap::new();
     for def in &catalog.checks {
         let Some(p) = &def.placement else { continue };
         if p.mode != outpost_protocol::checkfile::PlacementMode::RoundRobin {
@@ -159,28 +171,54 @@ async fn look_for_stalls(
             continue;
         };
         let agent = AgentRef::new(tenant, runner);
+        let key = (tenant.to_string(), name.clone());
         if !hub.is_connected(&agent) {
-            continue; // not held here: its own gateway looks
-        }
-        let since = given
-            .entry((tenant.to_string(), name.clone()))
-            .or_insert_with(|| (runner.clone(), now))
-            .1;
-        let allowed_ms = (2 * def.spec.interval_secs + def.spec.timeout_secs) * 1000
-            + HANDOVER.as_millis() as u64;
-        if now.saturating_sub(since) <= allowed_ms {
+            // Not held here (its own gateway looks), or not now: followed afresh when it is.
+            given.remove(&key);
             continue;
         }
-        let ran = registry
-            .latest_started(&agent, name)
-            .is_some_and(|t| now.saturating_sub(t) <= allowed_ms);
-        if !ran {
-            tracing::warn!(%tenant, check = %name, agent = %runner, silent_s = now.saturating_sub(since) / 1000,
-                "an agent did not run a check about an entity it was given; placing it elsewhere");
-            registry
-                .stalled(&agent, name, now + STALL_HOLD.as_millis() as u64)
-                .await;
-            given.remove(&(tenant.to_string(), name.clone()));
+        let start = registry.latest_started(&agent, name);
+        let g = given.entry(key).or_insert_with(|| Given {
+            runner: runner.clone(),
+            last_start: start,
+            progress_ms: now,
+        });
+        if start != g.last_start {
+            g.last_start = start;
+            g.progress_ms = now;
+        }
+        let silent_ms = now.saturating_sub(g.progress_ms);
+        if silent_ms > allowed_silence_ms(&def.spec) {
+            tracing::warn!(%tenant, check = %name, agent = %runner, silent_s = silent_ms / 1000,
+                "an agent did not run a check about an entity it was given; placing its checks elsewhere");
+            stalled
+                .entry(runner.as_str())
+                .or_default()
+                .push(name.as_str());
         }
     }
+    for (runner, checks) in stalled {
+        registry
+            .stalled(
+                &AgentRef::new(tenant, runner),
+                &checks,
+                now + STALL_HOLD.as_millis() as u64,
+            )
+            .await;
+        for c in checks {
+            given.remove(&(tenant.to_string(), c.to_string()));
+        }
+    }
+}
+
+/// How long a runner may go without a new result of `spec` before it is taken not to run
+/// it: two of its longest gaps between runs (the interval, or a soft retry's), two
+/// timeouts (a run that overruns skips slots), the handover's fence and a margin.
+fn allowed_silence_ms(spec: &outpost_protocol::CheckSpec) -> u64 {
+    let gap = spec
+        .interval_secs
+        .max(spec.retry_interval_secs.unwrap_or(0));
+    (2 * gap + 2 * spec.timeout_secs) * 1000
+        + HANDOVER.as_millis() as u64
+        + STALL_EVERY.as_millis() as u64
 }

@@ -526,10 +526,10 @@ impl Registry {
         }
     }
 
-    /// Agent `agent`, held here, did not run `check` in time: it is placed elsewhere until
-    /// `until_ms` (see [`AgentRecord::stalled`]), in the shared registry too. Expired
-    /// entries go at the same time.
-    pub async fn stalled(&self, agent: &AgentRef, check: &str, until_ms: u64) {
+    /// Agent `agent`, held here, did not run `checks` in time: it is passed over until
+    /// `until_ms` (see [`AgentRecord::stalled`]), in the shared registry too (one write).
+    /// Expired entries go at the same time.
+    pub async fn stalled(&self, agent: &AgentRef, checks: &[&str], until_ms: u64) {
         let key = agent.key();
         let now = now_ms();
         let (shared, holder) = {
@@ -541,7 +541,9 @@ impl Registry {
                 return;
             };
             rec.stalled.retain(|_, until| *until > now);
-            rec.stalled.insert(check.to_string(), until_ms);
+            for check in checks {
+                rec.stalled.insert(check.to_string(), until_ms);
+            }
             (shared_view(rec), holder)
         };
         self.mark_dirty();
@@ -895,23 +897,11 @@ impl Registry {
     /// fleet: a session that ended clears `connected_since_ms` at once, though the agent
     /// stays held and online for the presence grace) that run checks about entities on
     /// the entity's slots
-    /// ([`outpost_protocol::FEATURE_ENTITY_SLOTS`]: an older agent would not), as
-    /// (fingerprint, labels, groups, held here), by fingerprint: where such checks may be
-    /// placed. A connection that ended without a bye still
-    /// holds its agent for the presence grace: for the agents held here, the hub says
-    /// whether their session is still up.
-    #[allow(clippy::type_complexity)]
-    #[allow(clippy::type_complexity)]
-    pub fn held(
-        &self,
-        tenant: &str,
-    ) -> Vec<(
-        String,
-        BTreeMap<String, String>,
-        Vec<String>,
-        bool,
-        BTreeSet<String>,
-    )> {
+    /// ([`outpost_protocol::FEATURE_ENTITY_SLOTS`]: an older agent would not), by
+    /// fingerprint: where such checks may be placed. A connection that ended without a
+    /// bye still holds its agent for the presence grace: for the agents held here, the
+    /// hub says whether their session is still up.
+    pub fn held(&self, tenant: &str) -> Vec<Held> {
         let now = now_ms();
         let mut held: Vec<_> = self
             .lock()
@@ -935,16 +925,17 @@ impl Registry {
                     .filter(|(_, until)| **until > now)
                     .map(|(c, _)| c.clone())
                     .collect();
-                (
-                    r.fingerprint.clone(),
-                    r.labels.clone(),
-                    r.groups.clone(),
+                Held {
+                    fingerprint: r.fingerprint.clone(),
+                    labels: r.labels.clone(),
+                    groups: r.groups.clone(),
                     here,
                     stalled,
-                )
+                    connected_since_ms: r.connected_since_ms.unwrap_or(now),
+                }
             })
             .collect();
-        held.sort();
+        held.sort_by(|a, b| a.fingerprint.cmp(&b.fingerprint));
         held
     }
 
@@ -1055,6 +1046,21 @@ fn end_hold(rec: &mut AgentRecord, presence: Presence, reason: &str, vouched: Op
     rec.last_seen_ms = rec.last_seen_ms.max(vouched.unwrap_or(0));
     rec.connected_since_ms = None;
     rec.holder = None;
+}
+
+/// An agent connected now that checks about entities may be placed on (see
+/// [`Registry::held`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub fingerprint: String,
+    pub labels: BTreeMap<String, String>,
+    pub groups: Vec<String>,
+    /// Held by this gateway.
+    pub here: bool,
+    /// The checks it stalled on, still passed over (see [`AgentRecord::stalled`]).
+    pub stalled: BTreeSet<String>,
+    /// Since when its session is up (its holder's clock).
+    pub connected_since_ms: u64,
 }
 
 /// What the registry's background work and presence publishing use.

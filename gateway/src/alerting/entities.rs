@@ -464,6 +464,7 @@ entity = "router"
                 labels: Default::default(),
                 groups: Vec::new(),
                 stalled: Default::default(),
+                settled: true,
             })
             .collect();
         place(c, &online)
