@@ -56,7 +56,6 @@ fn agents(n: usize) -> Vec<Candidate> {
             labels: Default::default(),
             groups: vec!["pollers".into()],
             stalled: Default::default(),
-            settled: true,
         })
         .collect()
 }

@@ -14,12 +14,14 @@
 //! (an entity's check has the entity's phase on every agent, and a new runner waits for
 //! the next slot), so a check handed over is not run twice in one slot.
 //!
-//! A `round_robin` check whose agent, held here, has not sent a result of it for two
-//! intervals, its timeout and the handover's fence since it was given the check (the
-//! agent is busy past its concurrency limit, or out of touch with a configuration it
-//! cannot take) is *stalled* there: marked so in the registry for [`STALL_HOLD`], shared
-//! with the fleet; meanwhile the agent gets no `round_robin` check another agent of its
-//! group may run (it would not run those either). Looked at every [`STALL_EVERY`].
+//! A `round_robin` check whose agent, held here, sends no new result of it for twice the
+//! longest gap between its runs and twice its timeout, plus the fence and a margin
+//! (`allowed_silence_ms`; judged by when results reach this gateway), since the agent had
+//! it or since its last result, is *stalled* there: the agent is busy past its
+//! concurrency limit, or out of touch with a configuration it cannot take. It is marked so
+//! in the registry for [`STALL_HOLD`], shared with the fleet; meanwhile the agent gets no
+//! `round_robin` check another agent of its group may run (it would not run those either).
+//! Looked at every [`STALL_EVERY`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -56,7 +58,7 @@ pub async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // What each tenant was last placed from: nothing to do while it is the same.
     let mut last: HashMap<String, (Arc<Catalog>, Vec<Candidate>)> = HashMap::new();
-    // Since when each (tenant, check)'s `round_robin` runner has had it, by this clock.
+    // What `look_for_stalls` follows of each (tenant, check)'s `round_robin` runner.
     let mut given: HashMap<(String, String), Given> = HashMap::new();
     let mut last_stall_look = tokio::time::Instant::now();
     loop {
@@ -74,14 +76,11 @@ pub async fn run(
             }
             // (An agent held here whose session ended is not a candidate, though it stays
             // online for the presence grace.)
-            let now = crate::util::now_ms();
             let online: Vec<Candidate> = registry
                 .held(&tenant)
                 .into_iter()
                 .filter(|h| !h.here || hub.is_connected(&AgentRef::new(&tenant, &h.fingerprint)))
                 .map(|h| Candidate {
-                    settled: now.saturating_sub(h.connected_since_ms)
-                        >= placement::SETTLE.as_millis() as u64,
                     fingerprint: h.fingerprint,
                     labels: h.labels,
                     groups: h.groups,

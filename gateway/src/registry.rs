@@ -931,7 +931,6 @@ impl Registry {
                     groups: r.groups.clone(),
                     here,
                     stalled,
-                    connected_since_ms: r.connected_since_ms.unwrap_or(now),
                 }
             })
             .collect();
@@ -1059,8 +1058,6 @@ pub struct Held {
     pub here: bool,
     /// The checks it stalled on, still passed over (see [`AgentRecord::stalled`]).
     pub stalled: BTreeSet<String>,
-    /// Since when its session is up (its holder's clock).
-    pub connected_since_ms: u64,
 }
 
 /// What the registry's background work and presence publishing use.

@@ -464,7 +464,6 @@ entity = "router"
                 labels: Default::default(),
                 groups: Vec::new(),
                 stalled: Default::default(),
-                settled: true,
             })
             .collect();
         place(c, &online)

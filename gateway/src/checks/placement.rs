@@ -29,15 +29,7 @@ pub struct Candidate {
     /// touch): while there are any, it gets no `round_robin` check another agent may run
     /// (it would not run those either).
     pub stalled: BTreeSet<String>,
-    /// Connected for [`SETTLE`] at least: an agent that just joined takes a share of
-    /// `round_robin` checks other agents run only then, so that one that comes and goes
-    /// does not move checks back and forth (checks no settled agent may run go to it at
-    /// once).
-    pub settled: bool,
 }
-
-/// How long an agent is connected before it takes a share of checks others run.
-pub const SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Where every check about an entity runs.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -116,16 +108,10 @@ pub fn place(catalog: &Catalog, online: &[Candidate]) -> Placed {
         .map(|e| (e.name.as_str(), e))
         .collect();
     let mut placed = Placed::default();
-    // Passed over for round_robin checks others may run: agents that stall, and agents
-    // that just joined.
+    // Passed over for round_robin checks others may run: agents that stall.
     let stalled: BTreeSet<&str> = online
         .iter()
         .filter(|a| !a.stalled.is_empty())
-        .map(|a| a.fingerprint.as_str())
-        .collect();
-    let joining: BTreeSet<&str> = online
-        .iter()
-        .filter(|a| !a.settled)
         .map(|a| a.fingerprint.as_str())
         .collect();
     // Round-robin checks by the agents they may go to.
@@ -165,21 +151,15 @@ pub fn place(catalog: &Catalog, online: &[Candidate]) -> Placed {
         let mut eligible = eligible;
         eligible.sort_unstable();
         eligible.dedup();
-        if placement.mode == PlacementMode::RoundRobin {
-            // Not on an agent that stalls, unless no other may run it; not on one that
-            // just joined, unless no settled one may.
-            for passed_over in [&stalled, &joining] {
-                if passed_over.is_empty() {
-                    continue;
-                }
-                let others: Vec<&str> = eligible
-                    .iter()
-                    .copied()
-                    .filter(|fp| !passed_over.contains(fp))
-                    .collect();
-                if !others.is_empty() {
-                    eligible = others;
-                }
+        if placement.mode == PlacementMode::RoundRobin && !stalled.is_empty() {
+            // Not on an agent that stalls, unless no other may run it.
+            let others: Vec<&str> = eligible
+                .iter()
+                .copied()
+                .filter(|fp| !stalled.contains(fp))
+                .collect();
+            if !others.is_empty() {
+                eligible = others;
             }
         }
         match placement.mode {
@@ -326,7 +306,6 @@ mod tests {
     fn agent(fp: &str, labels: &[(&str, &str)], groups: &[&str]) -> Candidate {
         Candidate {
             stalled: Default::default(),
-            settled: true,
             fingerprint: fp.into(),
             labels: labels
                 .iter()
@@ -368,39 +347,6 @@ mod tests {
         // The only agent there is runs them, stalled or not.
         let p = place(&c, &pollers[1..2]);
         assert_eq!(p.of("b").len(), 30);
-    }
-
-    #[test]
-    fn an_agent_that_just_joined_takes_a_share_only_once_settled() {
-        let c = catalog(&thirty_checks());
-        let mut pollers: Vec<Candidate> = ["a", "b", "c"]
-            .iter()
-            .map(|fp| agent(fp, &[], &["pollers"]))
-            .collect();
-        let before = place(&c, &pollers[..2]);
-        pollers[2].settled = false;
-        let joined = place(&c, &pollers);
-        assert_eq!(
-            joined, before,
-            "nothing moves for an agent that just joined"
-        );
-        pollers[2].settled = true;
-        assert_eq!(
-            loads(&place(&c, &pollers))
-                .into_values()
-                .collect::<Vec<_>>(),
-            [10, 10, 10]
-        );
-        // Agents that all just joined (a gateway that started) share at once.
-        for p in &mut pollers {
-            p.settled = false;
-        }
-        assert_eq!(
-            loads(&place(&c, &pollers))
-                .into_values()
-                .collect::<Vec<_>>(),
-            [10, 10, 10]
-        );
     }
 
     #[test]
