@@ -997,15 +997,20 @@ impl Engine {
                 result.started_at_ms = result.started_at_ms.min(now_ms);
             }
             let mut due: Vec<Notification> = Vec::new();
+            let about = read
+                .results
+                .iter()
+                .any(|(_, _, r)| r.entity.is_some())
+                .then(|| entities::Declared::of(&catalog));
             for (at, agent, result) in &read.results {
-                if result.entity.is_some() {
+                if let (Some(_), Some(about)) = (&result.entity, &about) {
                     // About an entity: the entity's alert, not the agent's.
                     let hostname = identities
                         .get(&agent.fingerprint)
                         .map_or("", |i| i.hostname.as_str());
                     due.extend(entities::take(
                         &mut alerts,
-                        &catalog,
+                        about,
                         (&agent.fingerprint, hostname),
                         result,
                         *at,

@@ -55,10 +55,29 @@ pub fn key(name: &str) -> String {
 }
 
 /// The check `check` about `entity`, as declared now.
-fn declared<'a>(catalog: &'a Catalog, entity: &str, check: &str) -> Option<&'a CheckDef> {
-    catalog.checks.iter().find(|d| {
-        d.spec.name == check && d.spec.entity.as_deref() == Some(entity) && d.placement.is_some()
-    })
+fn declared<'a>(about: &Declared<'a>, entity: &str, check: &str) -> Option<&'a CheckDef> {
+    about
+        .0
+        .get(check)
+        .copied()
+        .filter(|d| d.spec.entity.as_deref() == Some(entity))
+}
+
+/// The catalog's checks about entities by name: made once per batch of results that has
+/// any about an entity, so that taking one is a lookup, not a scan of the catalog.
+pub struct Declared<'a>(HashMap<&'a str, &'a CheckDef>);
+
+impl<'a> Declared<'a> {
+    pub fn of(catalog: &'a Catalog) -> Declared<'a> {
+        Declared(
+            catalog
+                .checks
+                .iter()
+                .filter(|d| d.placement.is_some() && d.spec.entity.is_some())
+                .map(|d| (d.spec.name.as_str(), d))
+                .collect(),
+        )
+    }
 }
 
 /// How old a vantage point's result may be and still count.
@@ -86,7 +105,7 @@ pub fn identities(catalog: &Catalog) -> impl Iterator<Item = (String, Identity)>
 #[allow(clippy::too_many_arguments)]
 pub fn take(
     alerts: &mut Alerts,
-    catalog: &Catalog,
+    about: &Declared<'_>,
     (fingerprint, hostname): (&str, &str),
     result: &CheckResult,
     position: u64,
@@ -96,7 +115,7 @@ pub fn take(
     let Some(entity) = result.entity.as_deref() else {
         return Vec::new();
     };
-    let Some(def) = declared(catalog, entity, &result.check) else {
+    let Some(def) = declared(about, entity, &result.check) else {
         return Vec::new(); // no longer declared: `watch` ends what is left of it
     };
     let key = key(entity);
@@ -421,8 +440,6 @@ mod tests {
     use super::*;
     use crate::alerts::{Kind, Policy};
     use crate::checks::placement::{place, Candidate};
-    use outpost_protocol::checkfile::{parse_entities, parse_file_with_collectors};
-    use std::path::Path;
     use Status::{Critical, Ok, Unknown};
 
     const TEXT: &str = r#"
@@ -448,12 +465,7 @@ entity = "router"
 "#;
 
     fn catalog(text: &str) -> Catalog {
-        let (checks, _) = parse_file_with_collectors(Path::new("x.toml"), text).unwrap();
-        Catalog {
-            checks,
-            entities: parse_entities(Path::new("x.toml"), text).unwrap(),
-            ..Default::default()
-        }
+        crate::checks::placement::test_catalog(text)
     }
 
     fn placed(c: &Catalog, agents: &[&str]) -> Placed {
@@ -504,7 +516,7 @@ entity = "router"
             let route = |_: &str, _: &str, _: Status| Policy::to(&["hook"]);
             let due = take(
                 &mut self.alerts,
-                &self.catalog,
+                &Declared::of(&self.catalog),
                 (fp, &format!("host-{fp}")),
                 &r,
                 self.position,
@@ -722,7 +734,7 @@ entity = "router"
             let route = |_: &str, _: &str, _: Status| Policy::to(&["hook"]);
             let due = take(
                 &mut again.alerts,
-                &again.catalog,
+                &Declared::of(&again.catalog),
                 (fp, &format!("host-{fp}")),
                 &r,
                 again.position,

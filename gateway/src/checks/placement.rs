@@ -288,19 +288,25 @@ fn weight(check: &str, agent: &str) -> u64 {
     u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
 }
 
+/// A catalog of the checks and entities of one check file's `text` (for tests).
+#[cfg(test)]
+pub(crate) fn test_catalog(text: &str) -> Catalog {
+    use outpost_protocol::checkfile::{parse_entities, parse_file_with_collectors};
+    let path = std::path::Path::new("x.toml");
+    Catalog {
+        checks: parse_file_with_collectors(path, text).unwrap().0,
+        entities: parse_entities(path, text).unwrap(),
+        ..Default::default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use outpost_protocol::checkfile::{parse_entities, parse_file_with_collectors, CheckDef};
-    use std::path::Path;
+    use outpost_protocol::checkfile::CheckDef;
 
     fn catalog(text: &str) -> Catalog {
-        let (checks, _) = parse_file_with_collectors(Path::new("x.toml"), text).unwrap();
-        Catalog {
-            checks,
-            entities: parse_entities(Path::new("x.toml"), text).unwrap(),
-            ..Default::default()
-        }
+        test_catalog(text)
     }
 
     fn agent(fp: &str, labels: &[(&str, &str)], groups: &[&str]) -> Candidate {
